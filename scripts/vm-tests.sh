@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs ktern's kTLS suite (tests/ktls_vm.rs) inside qemu on each kTLS kernel
+# (Debian 12's 6.1: no rekey; trixie-backports' 6.18: rekey), via
+# scripts/ktls-vm.sh. Usage: scripts/vm-tests.sh [6.1] [6.18] [-- TEST-ARGS]
+# Exit status: 0 only if every kernel's run passed.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+cd "$repo"
+
+kernels=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --) shift; break ;;
+    *) kernels+=("$1"); shift ;;
+  esac
+done
+[ ${#kernels[@]} -gt 0 ] || kernels=(6.1 6.18)
+
+# Build the ktern binary and the test binary; find the latter's path.
+cargo build --quiet --bin ktern
+test_bin=$(cargo test --quiet --no-run --test ktls_vm --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "ktls_vm":
+        print(m["executable"])')
+ktern_bin="$repo/target/debug/ktern"
+[ -x "$test_bin" ] || { echo "vm-tests: test binary not found" >&2; exit 1; }
+
+status=0
+for k in "${kernels[@]}"; do
+  echo "=== kTLS suite on kernel $k ==="
+  # The test spawns ktern by its absolute build path: copy it to the same path.
+  if "$here/ktls-vm.sh" --kernel "$k" --mem 1024 --timeout 1800 \
+      --file "$ktern_bin:$ktern_bin" -- "$test_bin" --test-threads=1 "$@"; then
+    echo "=== kernel $k: PASS ==="
+  else
+    rc=$?
+    echo "=== kernel $k: FAIL (exit $rc) ===" >&2
+    status=1
+  fi
+done
+exit $status

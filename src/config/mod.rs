@@ -1,0 +1,447 @@
+//! Typed, validated configuration.
+//!
+//! A TOML file is parsed into `raw` structs (serde, unknown fields rejected),
+//! then `validate` turns them into a [`Config`], collecting *every* problem
+//! (file, field, reason) instead of stopping at the first. Nothing starts until
+//! validation passes; shards get a read-only `Arc<Config>`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+mod raw;
+
+pub use raw::{Driver, KtlsMode};
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the offending field, e.g. `listener[0].address`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file the problems are in (`<embedded default>` for the built-in one).
+    pub file: String,
+    /// The problems, in the order found.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}: {}", self.file, p.field, p.reason)?;
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration every shard reads.
+#[derive(Debug)]
+pub struct Config {
+    /// Where it came from (a path, or `<embedded default>`).
+    pub source: String,
+    /// Process-wide settings.
+    pub runtime: Runtime,
+    /// Listening sockets and what is behind them.
+    pub listeners: Vec<Listener>,
+    /// Address of the plain-HTTP admin endpoint (`/metrics`), if any.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// CPUs to run one shard on each; empty means every CPU this process may use.
+    pub cpus: Vec<usize>,
+    /// Whether record crypto goes to the kernel.
+    pub ktls: KtlsMode,
+    /// How long a client has to finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// io_uring submission queue entries per shard.
+    pub uring_entries: u32,
+    /// monoio driver choice.
+    pub driver: Driver,
+}
+
+/// A listening address with its certificates and route.
+#[derive(Debug)]
+pub struct Listener {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// Address to bind (one `SO_REUSEPORT` socket per shard).
+    pub address: SocketAddr,
+    /// `listen(2)` backlog per shard socket.
+    pub backlog: u32,
+    /// Certificates; the first is the default when SNI matches none.
+    pub certificates: Vec<Certificate>,
+    /// TLS versions offered.
+    pub tls_versions: TlsVersions,
+    /// Where decrypted bytes go.
+    pub route: Route,
+}
+
+/// A certificate chain with its key, and the SNI names it answers for.
+#[derive(Debug, Clone)]
+pub struct Certificate {
+    /// Chain and signing key, already checked to match.
+    pub key: Arc<CertifiedKey>,
+    /// Exact server names (lower case) that select this certificate.
+    pub server_names: Vec<String>,
+}
+
+/// TLS protocol versions a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsVersions {
+    /// TLS 1.2 (RFC 5246).
+    pub tls12: bool,
+    /// TLS 1.3 (RFC 8446).
+    pub tls13: bool,
+}
+
+/// What a listener does with the decrypted stream.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// Layer 4: pipe bytes to a TCP backend both ways.
+    Tcp(TcpRoute),
+}
+
+/// A layer-4 route.
+#[derive(Debug, Clone)]
+pub struct TcpRoute {
+    /// Backends, tried round robin; a refused connect moves to the next one.
+    pub backends: Vec<SocketAddr>,
+    /// Time allowed for the TCP connect to one backend.
+    pub connect_timeout: Duration,
+    /// A connection with no bytes moving either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// The config `ktern run` uses when no file is given: 127.0.0.1:8443, a
+/// self-signed certificate made at start, in front of the built-in backend.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// Placeholder in [`EMBEDDED_DEFAULT`] replaced by the built-in backend's address.
+pub const BUILTIN_BACKEND_PLACEHOLDER: &str = "@builtin-backend@";
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                field: "(file)".into(),
+                reason: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::from_toml(&text, &file, &base, &[])
+    }
+
+    /// Parses and validates TOML text. Relative certificate paths resolve
+    /// against `base`. `inline_pems` maps pseudo-paths (`inline:NAME`) to PEM
+    /// text, used for the generated self-signed certificate of the default.
+    pub fn from_toml(
+        text: &str,
+        file: &str,
+        base: &Path,
+        inline_pems: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: file.to_string(),
+            problems,
+        };
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            fail(vec![Problem {
+                field: raw::toml_error_field(&e),
+                reason: e.message().to_string() + &raw::toml_error_position(text, &e),
+            }])
+        })?;
+        let mut v = Validator {
+            problems: Vec::new(),
+            base,
+            inline_pems,
+        };
+        let config = v.config(raw, file);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(v.problems))
+        }
+    }
+}
+
+struct Validator<'a> {
+    problems: Vec<Problem>,
+    base: &'a Path,
+    inline_pems: &'a [(String, String)],
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn config(&mut self, raw: raw::RawConfig, file: &str) -> Config {
+        let runtime = self.runtime(raw.runtime);
+        if raw.listener.is_empty() {
+            self.problem("listener", "at least one [[listener]] is required");
+        }
+        let listeners = raw
+            .listener
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, l)| self.listener(i, l))
+            .collect::<Vec<_>>();
+        for (i, a) in listeners.iter().enumerate() {
+            if listeners[..i].iter().any(|b| b.address == a.address) {
+                self.problem(
+                    format!("listener[{i}].address"),
+                    format!("{} is already used by another listener", a.address),
+                );
+            }
+        }
+        let admin = raw
+            .admin
+            .and_then(|a| self.addr("admin.address", &a.address));
+        Config {
+            source: file.to_string(),
+            runtime,
+            listeners,
+            admin,
+        }
+    }
+
+    fn runtime(&mut self, raw: raw::RuntimeSection) -> Runtime {
+        let available = core_affinity::get_core_ids()
+            .map(|ids| ids.into_iter().map(|c| c.id).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let cpus = raw.cpus.unwrap_or_default();
+        for (i, cpu) in cpus.iter().enumerate() {
+            if !available.is_empty() && !available.contains(cpu) {
+                self.problem(
+                    format!("runtime.cpus[{i}]"),
+                    format!("CPU {cpu} is not available to this process (allowed: {available:?})"),
+                );
+            }
+        }
+        let handshake_timeout = self
+            .duration("runtime.handshake_timeout", &raw.handshake_timeout)
+            .unwrap_or(Duration::from_secs(10));
+        if !(8..=32768).contains(&raw.uring_entries) || !raw.uring_entries.is_power_of_two() {
+            self.problem(
+                "runtime.uring_entries",
+                "must be a power of two between 8 and 32768",
+            );
+        }
+        Runtime {
+            cpus,
+            ktls: raw.ktls,
+            handshake_timeout,
+            uring_entries: raw.uring_entries,
+            driver: raw.driver,
+        }
+    }
+
+    fn listener(&mut self, i: usize, raw: raw::ListenerSection) -> Option<Listener> {
+        let at = format!("listener[{i}]");
+        let address = self.addr(&format!("{at}.address"), &raw.address);
+        if raw.backlog == 0 || raw.backlog > 65535 {
+            self.problem(format!("{at}.backlog"), "must be between 1 and 65535");
+        }
+        if raw.certificate.is_empty() {
+            self.problem(
+                format!("{at}.certificate"),
+                "at least one [[listener.certificate]] (cert + key) is required",
+            );
+        }
+        let certificates = raw
+            .certificate
+            .iter()
+            .enumerate()
+            .filter_map(|(j, c)| self.certificate(&format!("{at}.certificate[{j}]"), c))
+            .collect::<Vec<_>>();
+        let mut tls_versions = TlsVersions {
+            tls12: false,
+            tls13: false,
+        };
+        for (j, v) in raw.tls_versions.iter().enumerate() {
+            match v.as_str() {
+                "1.2" => tls_versions.tls12 = true,
+                "1.3" => tls_versions.tls13 = true,
+                other => self.problem(
+                    format!("{at}.tls_versions[{j}]"),
+                    format!("unknown TLS version {other:?} (use \"1.2\" or \"1.3\")"),
+                ),
+            }
+        }
+        if raw.tls_versions.is_empty() {
+            self.problem(
+                format!("{at}.tls_versions"),
+                "must name at least one version",
+            );
+        }
+        let route = match raw.route {
+            raw::RouteSection::Tcp(t) => self.tcp_route(&format!("{at}.route"), t),
+        };
+        Some(Listener {
+            name: raw.name.unwrap_or_else(|| format!("listener{i}")),
+            address: address?,
+            backlog: raw.backlog,
+            certificates,
+            tls_versions,
+            route: route?,
+        })
+    }
+
+    fn tcp_route(&mut self, at: &str, raw: raw::TcpRouteSection) -> Option<Route> {
+        if raw.backends.is_empty() {
+            self.problem(format!("{at}.backends"), "at least one backend is required");
+        }
+        let backends: Vec<_> = raw
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| self.addr(&format!("{at}.backends[{i}]"), b))
+            .collect();
+        let connect_timeout = self.duration(&format!("{at}.connect_timeout"), &raw.connect_timeout);
+        let idle_timeout = self.duration(&format!("{at}.idle_timeout"), &raw.idle_timeout);
+        Some(Route::Tcp(TcpRoute {
+            backends,
+            connect_timeout: connect_timeout?,
+            idle_timeout: idle_timeout?,
+        }))
+    }
+
+    fn certificate(&mut self, at: &str, raw: &raw::CertificateSection) -> Option<Certificate> {
+        let chain = self.read_pem(&format!("{at}.cert"), &raw.cert, |pem| {
+            CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("not a PEM certificate chain: {e}"))
+                .and_then(|c| {
+                    if c.is_empty() {
+                        Err("no CERTIFICATE block found".to_string())
+                    } else {
+                        Ok(c)
+                    }
+                })
+        });
+        let key = self.read_pem(&format!("{at}.key"), &raw.key, |pem| {
+            PrivateKeyDer::from_pem_slice(pem.as_bytes())
+                .map_err(|e| format!("no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"))
+        });
+        let (chain, key) = (chain?, key?);
+        let provider = crate::handshake::crypto_provider();
+        match CertifiedKey::from_der(chain, key, &provider) {
+            Ok(ck) => Some(Certificate {
+                key: Arc::new(ck),
+                server_names: raw
+                    .server_names
+                    .iter()
+                    .map(|n| n.to_ascii_lowercase())
+                    .collect(),
+            }),
+            Err(rustls::Error::InconsistentKeys(_)) => {
+                self.problem(
+                    format!("{at}.key"),
+                    format!(
+                        "key {:?} does not match certificate {:?}",
+                        raw.key, raw.cert
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                self.problem(format!("{at}.key"), format!("unusable key: {e}"));
+                None
+            }
+        }
+    }
+
+    fn read_pem<T>(
+        &mut self,
+        field: &str,
+        path: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let text = if let Some(name) = path.strip_prefix("inline:") {
+            self.inline_pems
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, pem)| Ok(pem.clone()))
+                .unwrap_or_else(|| Err(format!("no inline PEM named {name:?}")))
+        } else {
+            let full: PathBuf = self.base.join(path);
+            std::fs::read_to_string(&full)
+                .map_err(|e| format!("cannot read {}: {e}", full.display()))
+        };
+        match text.and_then(|t| parse(&t)) {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                self.problem(field, reason);
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, field: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    field,
+                    format!("{text:?} is not an IP:port address (e.g. 0.0.0.0:443 or [::]:443)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, field: &str, text: &str) -> Option<Duration> {
+        match parse_duration(text) {
+            Some(d) => Some(d),
+            None => {
+                self.problem(
+                    field,
+                    format!("{text:?} is not a duration (e.g. \"500ms\", \"10s\", \"5m\", \"1h\")"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! The config file as written: serde structs that mirror the TOML, with
+//! defaults and unknown fields rejected. `super::Validator` turns them into
+//! the typed [`super::Config`].
+
+use serde::Deserialize;
+
+/// `runtime.ktls`: where record encryption happens after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KtlsMode {
+    /// Use kTLS where the kernel supports the negotiated cipher, else rustls in
+    /// userspace (logged once).
+    #[default]
+    Auto,
+    /// Refuse to start on a kernel without kTLS.
+    Required,
+    /// Always encrypt in userspace.
+    Off,
+}
+
+/// `runtime.driver`: which monoio I/O driver the shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    /// io_uring when the kernel allows it, else the legacy driver.
+    #[default]
+    Auto,
+    /// io_uring only.
+    IoUring,
+    /// epoll (monoio's legacy driver).
+    Legacy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+    #[serde(default)]
+    pub listener: Vec<ListenerSection>,
+    pub admin: Option<AdminSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuntimeSection {
+    pub cpus: Option<Vec<usize>>,
+    #[serde(default)]
+    pub ktls: KtlsMode,
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: String,
+    #[serde(default = "default_uring_entries")]
+    pub uring_entries: u32,
+    #[serde(default)]
+    pub driver: Driver,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            cpus: None,
+            ktls: KtlsMode::Auto,
+            handshake_timeout: default_handshake_timeout(),
+            uring_entries: default_uring_entries(),
+            driver: Driver::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListenerSection {
+    pub name: Option<String>,
+    pub address: String,
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    #[serde(default)]
+    pub certificate: Vec<CertificateSection>,
+    #[serde(default = "default_tls_versions")]
+    pub tls_versions: Vec<String>,
+    pub route: RouteSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CertificateSection {
+    pub cert: String,
+    pub key: String,
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub(super) enum RouteSection {
+    Tcp(TcpRouteSection),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TcpRouteSection {
+    pub backends: Vec<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AdminSection {
+    pub address: String,
+}
+
+fn default_handshake_timeout() -> String {
+    "10s".into()
+}
+/// 1024 entries: enough for every shard's in-flight accepts, reads and writes
+/// in one submission batch without -EBUSY; memory is ~64 KiB per ring.
+fn default_uring_entries() -> u32 {
+    1024
+}
+/// Matches nginx's `listen ... backlog` default on Linux (net.core.somaxconn).
+fn default_backlog() -> u32 {
+    4096
+}
+fn default_tls_versions() -> Vec<String> {
+    vec!["1.2".into(), "1.3".into()]
+}
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+/// HAProxy's common `timeout tunnel` for L4 is minutes; 5 minutes here.
+fn default_idle_timeout() -> String {
+    "300s".into()
+}
+
+/// Names the field a TOML/serde error is about, from its span's key path when
+/// toml can tell (it cannot always: then the position is all we have).
+pub(super) fn toml_error_field(e: &toml::de::Error) -> String {
+    let msg = e.message();
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some(end) = rest.find('`') {
+            return rest[..end].to_string();
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        if let Some(end) = rest.find('`') {
+            return rest[..end].to_string();
+        }
+    }
+    "(syntax)".into()
+}
+
+/// " (line L, column C)" for a toml error with a span.
+pub(super) fn toml_error_position(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!(" (line {line}, column {col})")
+        }
+        None => String::new(),
+    }
+}

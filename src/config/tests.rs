@@ -1,0 +1,130 @@
+use std::path::Path;
+
+use super::*;
+
+fn pems() -> Vec<(String, String)> {
+    let (cert, key) = crate::builtin::self_signed(&["localhost"]).unwrap();
+    vec![("c".into(), cert), ("k".into(), key)]
+}
+
+const GOOD: &str = r#"
+[[listener]]
+address = "127.0.0.1:0"
+[[listener.certificate]]
+cert = "inline:c"
+key = "inline:k"
+[listener.route]
+kind = "tcp"
+backends = ["127.0.0.1:9"]
+"#;
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let c = Config::from_toml(GOOD, "t.toml", Path::new("."), &pems()).unwrap();
+    assert_eq!(c.runtime.ktls, KtlsMode::Auto);
+    assert_eq!(c.runtime.handshake_timeout, Duration::from_secs(10));
+    let l = &c.listeners[0];
+    assert_eq!(l.backlog, 4096);
+    assert_eq!(
+        l.tls_versions,
+        TlsVersions {
+            tls12: true,
+            tls13: true
+        }
+    );
+    let Route::Tcp(t) = &l.route;
+    assert_eq!(t.connect_timeout, Duration::from_secs(5));
+    assert_eq!(t.idle_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let text = EMBEDDED_DEFAULT.replace(BUILTIN_BACKEND_PLACEHOLDER, "127.0.0.1:1");
+    let pems = pems()
+        .into_iter()
+        .map(|(n, p)| {
+            (
+                if n == "c" {
+                    "self-signed-cert"
+                } else {
+                    "self-signed-key"
+                }
+                .to_string(),
+                p,
+            )
+        })
+        .collect::<Vec<_>>();
+    let c = Config::from_toml(&text, "<embedded default>", Path::new("."), &pems).unwrap();
+    assert_eq!(c.listeners[0].address.to_string(), "127.0.0.1:8443");
+}
+
+#[test]
+fn unknown_field_is_named_with_its_position() {
+    let text = GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nbakends = []");
+    let e = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("t.toml: bakends:"), "{msg}");
+    assert!(msg.contains("line "), "{msg}");
+}
+
+#[test]
+fn every_problem_is_reported_with_file_and_field() {
+    let dir = std::env::temp_dir().join(format!("ktern-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_a, _) = crate::builtin::self_signed(&["a"]).unwrap();
+    let (_, key_b) = crate::builtin::self_signed(&["b"]).unwrap();
+    std::fs::write(dir.join("a.pem"), cert_a).unwrap();
+    std::fs::write(dir.join("b.key"), key_b).unwrap();
+    let text = r#"
+[runtime]
+handshake_timeout = "ten seconds"
+[[listener]]
+address = "localhost:443"
+tls_versions = ["1.3", "1.1"]
+[[listener.certificate]]
+cert = "a.pem"
+key = "b.key"
+[[listener.certificate]]
+cert = "missing.pem"
+key = "b.key"
+[listener.route]
+kind = "tcp"
+backends = ["10.0.0.1"]
+idle_timeout = "5 fortnights"
+"#;
+    let e = Config::from_toml(text, "bad.toml", &dir, &[]).unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    for want in [
+        "runtime.handshake_timeout",
+        "listener[0].address",
+        "listener[0].tls_versions[1]",
+        "listener[0].certificate[0].key",
+        "listener[0].certificate[1].cert",
+        "listener[0].route.backends[0]",
+        "listener[0].route.idle_timeout",
+    ] {
+        assert!(fields.contains(&want), "missing {want} in {fields:?}");
+    }
+    let text = e.to_string();
+    assert!(text.contains("bad.toml: listener[0].certificate[0].key: key \"b.key\" does not match certificate \"a.pem\""), "{text}");
+    assert!(text.lines().all(|l| l.starts_with("bad.toml: ")));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn no_listener_is_a_problem() {
+    let e = Config::from_toml("", "empty.toml", Path::new("."), &[]).unwrap_err();
+    assert_eq!(e.problems[0].field, "listener");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+    assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+    assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+    assert_eq!(parse_duration("10"), None);
+    assert_eq!(parse_duration("s"), None);
+    assert_eq!(parse_duration("-1s"), None);
+    assert_eq!(parse_duration("99999999999999999999h"), None);
+}

@@ -1,0 +1,396 @@
+//! The TLS handshake: a sans-IO driver around rustls' unbuffered server
+//! connection ([`Handshake`]) and a thin monoio pump ([`pump::run`]).
+//!
+//! The driver takes ciphertext in and hands bytes to send out; it owns no
+//! socket and no clock (the pump owns the deadline). When it reports
+//! [`Step::Done`], every byte read from the socket has been consumed at a
+//! record boundary, so the next byte in the socket starts a record and the
+//! `ktls` stage can hand the socket to the kernel without losing or repeating
+//! application data.
+
+use std::sync::Arc;
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConnectionData};
+use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
+use rustls::ServerConfig;
+
+use crate::config;
+
+pub mod pump;
+
+/// The crypto provider ktern was built with: aws-lc-rs by default (its
+/// default key exchange groups put X25519MLKEM768 first), ring with
+/// `--no-default-features --features ring`.
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    #[cfg(feature = "aws-lc-rs")]
+    {
+        rustls::crypto::aws_lc_rs::default_provider()
+    }
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    {
+        rustls::crypto::ring::default_provider()
+    }
+}
+
+#[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+compile_error!("enable the `aws-lc-rs` (default) or `ring` feature");
+
+/// Largest TLS record on the wire: 5-byte header + 2^14 + 256 (RFC 8446 §5.2).
+pub const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+
+/// Handshake input buffer cap. A ClientHello may span records and rustls
+/// joins handshake messages in place, so allow a few records' worth (64 KiB,
+/// the largest handshake message we accept, plus one record).
+const MAX_INPUT: usize = (64 << 10) + MAX_RECORD;
+
+/// Picks a certificate by exact SNI match, else the listener's first one.
+#[derive(Debug)]
+struct SniResolver {
+    certs: Vec<config::Certificate>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let by_name = hello.server_name().and_then(|sni| {
+            self.certs
+                .iter()
+                .find(|c| c.server_names.iter().any(|n| n.eq_ignore_ascii_case(sni)))
+        });
+        by_name.or(self.certs.first()).map(|c| c.key.clone())
+    }
+}
+
+/// Builds the rustls server config for one listener. Each shard builds its
+/// own, so the session cache (and its lock) is never shared across threads.
+pub fn server_config(listener: &config::Listener) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
+    if listener.tls_versions.tls13 {
+        versions.push(&rustls::version::TLS13);
+    }
+    if listener.tls_versions.tls12 {
+        versions.push(&rustls::version::TLS12);
+    }
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(crypto_provider()))
+        .with_protocol_versions(&versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver {
+            certs: listener.certificates.clone(),
+        }));
+    // Needed for `dangerous_into_kernel_connection` (kTLS hand-over).
+    cfg.enable_secret_extraction = true;
+    // 0-RTT data would reach the backend before the handshake completes and is
+    // replayable (RFC 8446 §8); not offered.
+    cfg.max_early_data_size = 0;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    Ok(Arc::new(cfg))
+}
+
+/// Why a handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The client sent bytes rustls rejected (not TLS, bad record, failed
+    /// negotiation). An alert, if rustls produced one, is in the driver's output.
+    #[error("client sent invalid TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The client closed the TCP connection before the handshake finished.
+    #[error("client closed the connection during the handshake")]
+    Eof,
+    /// The client did not finish within the handshake deadline.
+    #[error("handshake deadline passed")]
+    Timeout,
+    /// A socket read or write failed.
+    #[error("socket error during the handshake: {0}")]
+    Io(#[from] std::io::Error),
+    /// A handshake message larger than we buffer.
+    #[error("handshake message larger than {MAX_INPUT} bytes")]
+    TooLarge,
+}
+
+/// What the driver wants next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send [`Handshake::pending_output`], then call [`Handshake::output_sent`].
+    Transmit,
+    /// Read from the socket and pass the bytes to [`Handshake::handle_input`].
+    /// With `Some(n)`, read at most `n` bytes: the handshake is over and only
+    /// the rest of a partly received record may be taken from the socket.
+    Read(Option<usize>),
+    /// Handshake complete; call [`Handshake::finish`].
+    Done,
+}
+
+/// The result of a completed handshake.
+pub struct Established {
+    /// The rustls connection, ready for `dangerous_into_kernel_connection` or
+    /// userspace record processing.
+    pub conn: UnbufferedServerConnection,
+    /// Application data that arrived with the client's last flight and was
+    /// decrypted in userspace; it must be delivered before anything read later.
+    pub early_plaintext: Vec<u8>,
+    /// The client already sent close_notify.
+    pub peer_closed: bool,
+}
+
+/// Sans-IO TLS server handshake.
+///
+/// Call order: loop on [`Handshake::poll`]; on `Transmit` send the output and
+/// call `output_sent`; on `Read` feed what the socket gave to `handle_input`
+/// (an empty slice means EOF); on `Done` call `finish`.
+pub struct Handshake {
+    conn: UnbufferedServerConnection,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    early_plaintext: Vec<u8>,
+    peer_closed: bool,
+    eof: bool,
+}
+
+impl Handshake {
+    /// Starts a server handshake with `config`.
+    pub fn new(config: Arc<ServerConfig>) -> Result<Handshake, rustls::Error> {
+        Ok(Handshake {
+            conn: UnbufferedServerConnection::new(config)?,
+            input: Vec::with_capacity(MAX_RECORD),
+            output: Vec::new(),
+            early_plaintext: Vec::new(),
+            peer_closed: false,
+            eof: false,
+        })
+    }
+
+    /// Feeds bytes read from the client. An empty slice means the client closed.
+    pub fn handle_input(&mut self, bytes: &[u8]) -> Result<(), HandshakeError> {
+        if bytes.is_empty() {
+            self.eof = true;
+            return Ok(());
+        }
+        if self.input.len() + bytes.len() > MAX_INPUT {
+            return Err(HandshakeError::TooLarge);
+        }
+        self.input.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Bytes that must be sent to the client now (handshake flights, alerts).
+    pub fn pending_output(&self) -> &[u8] {
+        &self.output
+    }
+
+    /// Takes the pending output buffer (for owned-buffer writes); give it back
+    /// with [`Handshake::output_sent`].
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    /// Marks the pending output as written, returning the buffer for reuse.
+    pub fn output_sent(&mut self, mut buf: Vec<u8>) {
+        buf.clear();
+        self.output = buf;
+    }
+
+    /// Advances the handshake as far as the buffered input allows.
+    ///
+    /// On error, [`Handshake::pending_output`] may hold an alert worth sending
+    /// (best effort) before closing.
+    pub fn poll(&mut self) -> Result<Step, HandshakeError> {
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.input);
+            let mut flush = false;
+            let mut blocked = false;
+            let mut done = false;
+            let result: Result<(), HandshakeError> = match state {
+                Err(e) => Err(e.into()),
+                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                    encode(&mut self.output, |out| enc.encode(out))
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    t.done();
+                    flush = true;
+                    Ok(())
+                }
+                Ok(ConnectionState::ReadTraffic(mut r)) => {
+                    let mut res = Ok(());
+                    while let Some(rec) = r.next_record() {
+                        match rec {
+                            Ok(rec) => self.early_plaintext.extend_from_slice(rec.payload),
+                            Err(e) => {
+                                res = Err(e.into());
+                                break;
+                            }
+                        }
+                    }
+                    res
+                }
+                Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                    self.peer_closed = true;
+                    // Before the handshake finishes a close_notify is an abort;
+                    // after it, the stream stage reports EOF.
+                    if self.conn.is_handshaking() {
+                        Err(HandshakeError::Eof)
+                    } else {
+                        done = true;
+                        Ok(())
+                    }
+                }
+                Ok(ConnectionState::WriteTraffic(_)) => {
+                    // A TLS 1.3 server may write once its own Finished is out,
+                    // before the client's Finished arrives: not done yet.
+                    if self.conn.is_handshaking() {
+                        blocked = true;
+                    } else {
+                        done = true;
+                    }
+                    Ok(())
+                }
+                Ok(ConnectionState::BlockedHandshake) => {
+                    blocked = true;
+                    Ok(())
+                }
+                Ok(_) => Err(HandshakeError::Tls(rustls::Error::General(
+                    "unexpected early data state".into(),
+                ))),
+            };
+            if discard > 0 {
+                self.input.drain(..discard);
+            }
+            if let Err(e) = result {
+                self.collect_alert();
+                return Err(e);
+            }
+            if flush && !self.output.is_empty() {
+                return Ok(Step::Transmit);
+            }
+            if blocked || done {
+                if !self.output.is_empty() {
+                    return Ok(Step::Transmit);
+                }
+                if done && self.peer_closed {
+                    // Records after close_notify are ignored (RFC 8446 §6.1).
+                    self.input.clear();
+                }
+                if done {
+                    return Ok(match partial_record_remaining(&self.input) {
+                        0 => Step::Done,
+                        _ if self.eof => return Err(HandshakeError::Eof),
+                        n => Step::Read(Some(n)),
+                    });
+                }
+                if self.eof {
+                    return Err(HandshakeError::Eof);
+                }
+                return Ok(Step::Read(None));
+            }
+        }
+    }
+
+    /// After a failure, rustls may have queued a fatal alert; move it to the output.
+    fn collect_alert(&mut self) {
+        for _ in 0..4 {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                    if encode(&mut self.output, |out| enc.encode(out)).is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Finishes a handshake that reported [`Step::Done`].
+    pub fn finish(self) -> Established {
+        debug_assert!(self.input.is_empty() && self.output.is_empty());
+        Established {
+            conn: self.conn,
+            early_plaintext: self.early_plaintext,
+            peer_closed: self.peer_closed,
+        }
+    }
+}
+
+/// Runs an `encode`/`encrypt` call against the end of `out`, growing it when
+/// rustls says the space is too small.
+pub(crate) fn encode<E>(
+    out: &mut Vec<u8>,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), HandshakeError>
+where
+    E: EncodeLike,
+{
+    let start = out.len();
+    let mut want = 1024;
+    loop {
+        out.resize(start + want, 0);
+        match f(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(e) => match e.required_size() {
+                Some(n) if n > want => want = n,
+                _ => {
+                    out.truncate(start);
+                    return Err(HandshakeError::Tls(rustls::Error::General(e.describe())));
+                }
+            },
+        }
+    }
+}
+
+/// The two rustls error types that can ask for a bigger buffer.
+pub(crate) trait EncodeLike {
+    fn required_size(&self) -> Option<usize>;
+    fn describe(&self) -> String;
+}
+
+impl EncodeLike for EncodeError {
+    fn required_size(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Some(*required_size)
+            }
+            _ => None,
+        }
+    }
+    fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl EncodeLike for rustls::unbuffered::EncryptError {
+    fn required_size(&self) -> Option<usize> {
+        match self {
+            rustls::unbuffered::EncryptError::InsufficientSize(InsufficientSizeError {
+                required_size,
+            }) => Some(*required_size),
+            _ => None,
+        }
+    }
+    fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// How many more bytes complete the record that starts `buf` (0 if `buf` is
+/// empty). rustls consumes every complete record, so whatever is left after
+/// the handshake is at most one partial record.
+pub fn partial_record_remaining(buf: &[u8]) -> usize {
+    match buf.len() {
+        0 => 0,
+        n if n < 5 => 5 - n,
+        n => {
+            let total = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+            total.saturating_sub(n)
+        }
+    }
+}
+
+/// Session data type the rest of the crate names.
+pub type ServerData = ServerConnectionData;
+
+#[cfg(test)]
+mod tests;

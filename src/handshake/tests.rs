@@ -1,0 +1,223 @@
+//! The sans-IO driver against an in-memory rustls client: no sockets.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::ClientConnection;
+
+use super::*;
+use crate::config::{Certificate, Listener, Route, TcpRoute, TlsVersions};
+
+fn listener(tls12: bool, tls13: bool) -> (Listener, CertificateDer<'static>) {
+    let (cert_pem, key_pem) = crate::builtin::self_signed(&["localhost"]).unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let ck = CertifiedKey::from_der(chain.clone(), key, &crypto_provider()).unwrap();
+    let l = Listener {
+        name: "t".into(),
+        address: "127.0.0.1:0".parse().unwrap(),
+        backlog: 16,
+        certificates: vec![Certificate {
+            key: Arc::new(ck),
+            server_names: vec![],
+        }],
+        tls_versions: TlsVersions { tls12, tls13 },
+        route: Route::Tcp(TcpRoute {
+            backends: vec![],
+            connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+        }),
+    };
+    (l, chain[0].clone())
+}
+
+fn client(root: CertificateDer<'static>, tls12_only: bool) -> ClientConnection {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()));
+    let builder = if tls12_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS12])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    };
+    let cfg = builder
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap()
+}
+
+/// Moves bytes between the client and the driver until the driver is done
+/// or wants input the client has not produced. Returns the last step.
+fn pump(c: &mut ClientConnection, hs: &mut Handshake, hold_back: usize) -> Step {
+    loop {
+        let mut to_server = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut to_server).unwrap();
+        }
+        let keep = to_server.len().saturating_sub(hold_back);
+        let (now, _) = to_server.split_at(if hold_back > 0 { keep } else { to_server.len() });
+        if !now.is_empty() {
+            hs.handle_input(now).unwrap();
+        }
+        let step = hs.poll().unwrap();
+        match step {
+            Step::Transmit => {
+                let out = hs.take_output();
+                let mut rd: &[u8] = &out;
+                while !rd.is_empty() {
+                    c.read_tls(&mut rd).unwrap();
+                }
+                c.process_new_packets().unwrap();
+                hs.output_sent(out);
+            }
+            other => {
+                if now.is_empty() || hold_back > 0 {
+                    return other;
+                }
+            }
+        }
+    }
+}
+
+fn complete(tls12_only: bool) {
+    let (l, root) = listener(true, true);
+    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut c = client(root, tls12_only);
+    let step = pump(&mut c, &mut hs, 0);
+    assert_eq!(step, Step::Done, "tls12_only={tls12_only}");
+    assert!(!c.is_handshaking());
+    let est = hs.finish();
+    assert!(est.early_plaintext.is_empty());
+    let want = if tls12_only {
+        rustls::ProtocolVersion::TLSv1_2
+    } else {
+        rustls::ProtocolVersion::TLSv1_3
+    };
+    assert_eq!(est.conn.protocol_version(), Some(want));
+    let (secrets, _kernel) = est.conn.dangerous_into_kernel_connection().unwrap();
+    // No application record was opened in userspace. In TLS 1.2 the
+    // client's Finished is the first record under the traffic key (seq 0);
+    // TLS 1.3 uses separate handshake keys, so its traffic seq starts at 0.
+    assert_eq!(secrets.rx.0, u64::from(tls12_only));
+}
+
+#[test]
+fn completes_tls13_and_hands_over_keys() {
+    complete(false);
+}
+
+#[test]
+fn completes_tls12_and_hands_over_keys() {
+    complete(true);
+}
+
+#[test]
+fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
+    let (l, root) = listener(true, true);
+    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut c = client(root, false);
+    // Run until the server waits for the client's Finished.
+    let mut step = hs.poll().unwrap();
+    loop {
+        match step {
+            Step::Transmit => {
+                let out = hs.take_output();
+                let mut rd: &[u8] = &out;
+                while !rd.is_empty() {
+                    c.read_tls(&mut rd).unwrap();
+                }
+                c.process_new_packets().unwrap();
+                hs.output_sent(out);
+            }
+            Step::Read(None) => {
+                if !c.is_handshaking() {
+                    break;
+                }
+                let mut buf = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut buf).unwrap();
+                }
+                hs.handle_input(&buf).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        step = hs.poll().unwrap();
+    }
+    // Client Finished plus two application records in one "segment", the
+    // last one cut short: the driver must ask for exactly the missing bytes.
+    c.writer().write_all(b"first record").unwrap();
+    let mut flight = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut flight).unwrap();
+    }
+    c.writer().write_all(b"second").unwrap();
+    let mut second = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut second).unwrap();
+    }
+    flight.extend_from_slice(&second[..7]);
+    hs.handle_input(&flight).unwrap();
+    let mut step = hs.poll().unwrap();
+    while step == Step::Transmit {
+        let out = hs.take_output();
+        hs.output_sent(out);
+        step = hs.poll().unwrap();
+    }
+    assert_eq!(step, Step::Read(Some(second.len() - 7)));
+    hs.handle_input(&second[7..]).unwrap();
+    assert_eq!(hs.poll().unwrap(), Step::Done);
+    let est = hs.finish();
+    assert_eq!(est.early_plaintext, b"first recordsecond");
+    let (secrets, _) = est.conn.dangerous_into_kernel_connection().unwrap();
+    // Two records were opened in userspace; the kernel must start at seq 2.
+    assert_eq!(secrets.rx.0, 2);
+    let _ = c.reader().read(&mut [0u8; 1]);
+}
+
+#[test]
+fn garbage_instead_of_client_hello_fails_with_an_alert() {
+    let (l, _) = listener(true, true);
+    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    hs.handle_input(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let err = hs.poll().unwrap_err();
+    assert!(matches!(err, HandshakeError::Tls(_)), "{err:?}");
+    let alert = hs.pending_output();
+    assert_eq!(
+        alert.first(),
+        Some(&21),
+        "a fatal alert record is queued: {alert:?}"
+    );
+}
+
+#[test]
+fn eof_mid_handshake_is_reported() {
+    let (l, _) = listener(true, true);
+    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    hs.handle_input(&[22, 3, 1, 0, 200, 1]).unwrap();
+    assert_eq!(hs.poll().unwrap(), Step::Read(None));
+    hs.handle_input(&[]).unwrap();
+    assert!(matches!(hs.poll(), Err(HandshakeError::Eof)));
+}
+
+#[test]
+fn oversized_input_is_refused() {
+    let (l, _) = listener(true, true);
+    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let big = vec![0u8; MAX_INPUT + 1];
+    assert!(matches!(
+        hs.handle_input(&big),
+        Err(HandshakeError::TooLarge)
+    ));
+}
+
+#[test]
+fn partial_record_arithmetic() {
+    assert_eq!(partial_record_remaining(&[]), 0);
+    assert_eq!(partial_record_remaining(&[23, 3]), 3);
+    assert_eq!(partial_record_remaining(&[23, 3, 3, 0, 10, 1, 2]), 8);
+    assert_eq!(partial_record_remaining(&[23, 3, 3, 0, 1, 9]), 0);
+}

@@ -1,0 +1,255 @@
+//! After the handshake: decide where record crypto happens, hand the keys to
+//! the kernel (kTLS) when it can do the negotiated cipher, and give the proxy
+//! stage one stream interface either way ([`stream::TlsReader`] /
+//! [`stream::TlsWriter`]).
+//!
+//! The proxy stage owns what happens to the plaintext next.
+
+use std::io;
+use std::os::fd::AsFd;
+
+use rustls::{CipherSuite, SupportedCipherSuite};
+
+use crate::config::KtlsMode;
+use crate::handshake::Established;
+use crate::sys::{self, KeyDirection};
+
+pub mod record;
+pub mod stream;
+
+pub use stream::{StreamError, TlsConn, TlsReader, TlsWriter};
+
+/// The ciphers kTLS handles, as the kernel names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelCipher {
+    /// TLS_CIPHER_AES_GCM_128.
+    AesGcm128,
+    /// TLS_CIPHER_AES_GCM_256.
+    AesGcm256,
+    /// TLS_CIPHER_CHACHA20_POLY1305 (Linux 5.11+).
+    Chacha20Poly1305,
+}
+
+impl KernelCipher {
+    const ALL: [KernelCipher; 3] = [
+        KernelCipher::AesGcm128,
+        KernelCipher::AesGcm256,
+        KernelCipher::Chacha20Poly1305,
+    ];
+
+    /// The kernel cipher a rustls suite uses, if kTLS has one.
+    pub fn of(suite: SupportedCipherSuite) -> Option<KernelCipher> {
+        use CipherSuite::*;
+        Some(match suite.suite() {
+            TLS13_AES_128_GCM_SHA256
+            | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => KernelCipher::AesGcm128,
+            TLS13_AES_256_GCM_SHA384
+            | TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => KernelCipher::AesGcm256,
+            TLS13_CHACHA20_POLY1305_SHA256
+            | TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            | TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => KernelCipher::Chacha20Poly1305,
+            _ => return None,
+        })
+    }
+}
+
+/// What this kernel's kTLS can do, found once at start by [`probe`].
+#[derive(Debug, Clone, Default)]
+pub struct Support {
+    /// `TCP_ULP "tls"` attaches (CONFIG_TLS present, module loaded).
+    pub ulp: bool,
+    /// (TLS 1.3?, cipher) pairs whose TX and RX keys the kernel accepted.
+    pub ciphers: Vec<(bool, KernelCipher)>,
+    /// TLS 1.3 keys can be replaced after a KeyUpdate (Linux 6.13+; older
+    /// kernels answer EBUSY on a second `TLS_RX`/`TLS_TX`).
+    pub rekey: bool,
+    /// Why the ULP probe failed, for the log.
+    pub ulp_error: Option<String>,
+}
+
+impl Support {
+    /// kTLS can carry a connection that negotiated `suite` (TLS 1.2 or 1.3).
+    pub fn covers(&self, suite: SupportedCipherSuite) -> bool {
+        let tls13 = matches!(suite, SupportedCipherSuite::Tls13(_));
+        KernelCipher::of(suite).is_some_and(|c| self.ciphers.contains(&(tls13, c)))
+    }
+
+    /// One line for the start-up log.
+    pub fn describe(&self) -> String {
+        if !self.ulp {
+            return format!(
+                "kTLS unavailable ({})",
+                self.ulp_error.as_deref().unwrap_or("TCP_ULP tls refused")
+            );
+        }
+        let list: Vec<String> = self
+            .ciphers
+            .iter()
+            .map(|(t13, c)| format!("{}:{c:?}", if *t13 { "1.3" } else { "1.2" }))
+            .collect();
+        format!("kTLS available: {} rekey={}", list.join(","), self.rekey)
+    }
+}
+
+/// Probes kTLS on loopback sockets: attaches the ULP, then installs all-zero
+/// TX and RX keys of each cipher for TLS 1.2 and 1.3, and tries a second TLS
+/// 1.3 TX key to learn whether rekey works. Blocking; run once at start.
+pub fn probe() -> Support {
+    let mut support = Support::default();
+    for tls13 in [true, false] {
+        for cipher in KernelCipher::ALL {
+            match probe_one(tls13, cipher) {
+                Ok(rekey) => {
+                    support.ulp = true;
+                    support.ciphers.push((tls13, cipher));
+                    if tls13 && cipher == KernelCipher::AesGcm128 {
+                        support.rekey = rekey;
+                    }
+                }
+                Err(ProbeError::Ulp(e)) => {
+                    support.ulp_error = Some(format!("setsockopt(TCP_ULP, \"tls\"): {e}"));
+                    return support;
+                }
+                Err(ProbeError::Cipher(_)) => {}
+            }
+        }
+    }
+    support
+}
+
+enum ProbeError {
+    Ulp(io::Error),
+    Cipher(#[allow(dead_code)] io::Error),
+}
+
+fn probe_one(tls13: bool, cipher: KernelCipher) -> Result<bool, ProbeError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(ProbeError::Ulp)?;
+    let client = std::net::TcpStream::connect(listener.local_addr().map_err(ProbeError::Ulp)?)
+        .map_err(ProbeError::Ulp)?;
+    let (_server, _) = listener.accept().map_err(ProbeError::Ulp)?;
+    sys::set_ulp_tls(client.as_fd()).map_err(ProbeError::Ulp)?;
+    let info = zero_crypto_info(tls13, cipher);
+    sys::set_crypto_info(client.as_fd(), KeyDirection::Transmit, &info)
+        .map_err(ProbeError::Cipher)?;
+    sys::set_crypto_info(client.as_fd(), KeyDirection::Receive, &info)
+        .map_err(ProbeError::Cipher)?;
+    Ok(tls13 && sys::set_crypto_info(client.as_fd(), KeyDirection::Transmit, &info).is_ok())
+}
+
+fn zero_crypto_info(tls13: bool, cipher: KernelCipher) -> ktls::CryptoInfo {
+    use ktls_sys::bindings as k;
+    let info = |cipher_type: u32| k::tls_crypto_info {
+        version: if tls13 { 0x0304 } else { 0x0303 },
+        cipher_type: cipher_type as u16,
+    };
+    match cipher {
+        KernelCipher::AesGcm128 => ktls::CryptoInfo::AesGcm128(k::tls12_crypto_info_aes_gcm_128 {
+            info: info(k::TLS_CIPHER_AES_GCM_128),
+            iv: [0; 8],
+            key: [0; 16],
+            salt: [0; 4],
+            rec_seq: [0; 8],
+        }),
+        KernelCipher::AesGcm256 => ktls::CryptoInfo::AesGcm256(k::tls12_crypto_info_aes_gcm_256 {
+            info: info(k::TLS_CIPHER_AES_GCM_256),
+            iv: [0; 8],
+            key: [0; 32],
+            salt: [0; 4],
+            rec_seq: [0; 8],
+        }),
+        KernelCipher::Chacha20Poly1305 => {
+            ktls::CryptoInfo::Chacha20Poly1305(k::tls12_crypto_info_chacha20_poly1305 {
+                info: info(k::TLS_CIPHER_CHACHA20_POLY1305),
+                iv: [0; 12],
+                key: [0; 32],
+                salt: k::__IncompleteArrayField::new(),
+                rec_seq: [0; 8],
+            })
+        }
+    }
+}
+
+/// Why a completed handshake could not become a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// rustls refused to export the secrets (internal: config or state bug).
+    #[error("rustls would not hand over the session keys: {0}")]
+    Extract(rustls::Error),
+    /// The kernel refused the ULP or a key (internal: probe said it would work).
+    #[error("kernel refused the kTLS {0}: {1}")]
+    Kernel(&'static str, io::Error),
+    /// `ktern` could not duplicate the socket fd (resource exhaustion).
+    #[error("socket setup failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Where a connection's records are sealed and opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The kernel (kTLS): plain reads, writes and splice on the socket.
+    Kernel,
+    /// rustls in userspace.
+    Userspace,
+}
+
+/// Decides the record path for a finished handshake and builds the stream.
+pub fn establish(
+    socket: monoio::net::TcpStream,
+    established: Established,
+    mode: KtlsMode,
+    support: &Support,
+) -> Result<TlsConn, OffloadError> {
+    let suite = established.conn.negotiated_cipher_suite();
+    let use_kernel = mode != KtlsMode::Off && suite.is_some_and(|s| support.covers(s));
+    if use_kernel {
+        stream::TlsConn::kernel(socket, established, support.rekey)
+    } else {
+        stream::TlsConn::userspace(socket, established)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rustls_aead_suite_maps_to_a_kernel_cipher() {
+        let provider = crate::handshake::crypto_provider();
+        for suite in provider.cipher_suites {
+            assert!(KernelCipher::of(suite).is_some(), "{:?}", suite.suite());
+        }
+    }
+
+    #[test]
+    fn covers_needs_the_exact_version_and_cipher() {
+        let provider = crate::handshake::crypto_provider();
+        let s13 = provider
+            .cipher_suites
+            .iter()
+            .copied()
+            .find(|s| s.suite() == CipherSuite::TLS13_AES_128_GCM_SHA256)
+            .unwrap();
+        let mut support = Support {
+            ulp: true,
+            ciphers: vec![(false, KernelCipher::AesGcm128)],
+            ..Support::default()
+        };
+        assert!(!support.covers(s13));
+        support.ciphers.push((true, KernelCipher::AesGcm128));
+        assert!(support.covers(s13));
+    }
+
+    #[test]
+    fn probe_never_panics_and_reports_consistently() {
+        let s = probe();
+        // Without the ULP no cipher can be listed; with it, the log says which.
+        if !s.ulp {
+            assert!(s.ciphers.is_empty() && s.ulp_error.is_some());
+            assert!(s.describe().starts_with("kTLS unavailable"));
+        } else {
+            assert!(s.describe().starts_with("kTLS available"));
+        }
+    }
+}

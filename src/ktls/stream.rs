@@ -1,0 +1,766 @@
+//! One stream interface over both record paths.
+//!
+//! A [`TlsConn`] splits into a [`TlsReader`] and a [`TlsWriter`] so the two
+//! directions of a proxy run concurrently. Each half owns its own `dup` of the
+//! socket fd (a monoio `TcpStream` needs `&mut` for I/O); both name the same
+//! TCP connection. What both directions must agree on — the rustls state in
+//! userspace, the `KernelConnection` and key schedule under kTLS — sits in an
+//! `Rc<RefCell<_>>` borrowed only between awaits (one shard thread, no lock).
+//!
+//! Rules that keep the record stream correct:
+//! - Only the writer writes application records. The reader queues what the
+//!   peer's messages require us to send (a KeyUpdate reply) and the writer
+//!   sends it before its next record, as RFC 8446 §4.6.3 allows.
+//! - Under kTLS the reader may send one alert record itself before failing;
+//!   the kernel seals each `sendmsg` as whole records, so it cannot split one
+//!   of the writer's records.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::AsFd;
+use std::rc::Rc;
+
+use monoio::buf::SliceMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use rustls::kernel::KernelConnection;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
+use rustls::ProtocolVersion;
+
+use super::record::{self, Control, RecordBudget};
+use super::{OffloadError, Path};
+use crate::handshake::{self, Established, ServerData, MAX_RECORD};
+use crate::sys::{self, KeyDirection, Pipe};
+
+/// Why a TLS stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The client's socket failed (reset, broken pipe, …).
+    #[error("client socket: {0}")]
+    Io(#[from] io::Error),
+    /// The client sent records rustls rejected (userspace path).
+    #[error("client sent invalid TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The client sent a fatal alert.
+    #[error("client sent alert {0}")]
+    PeerAlert(u8),
+    /// The client sent a post-handshake message we do not accept; an alert was sent.
+    #[error("client sent {0}")]
+    Unexpected(&'static str),
+    /// The client asked for a TLS 1.3 KeyUpdate and this kernel cannot install
+    /// new keys (Linux < 6.13 answers EBUSY); an alert was sent.
+    #[error("KeyUpdate not possible on this kernel: {0}")]
+    RekeyUnsupported(io::Error),
+    /// Our sending key reached the cipher's confidentiality limit and could
+    /// not be replaced; close_notify was sent.
+    #[error("confidentiality limit reached")]
+    ConfidentialityLimit,
+    /// The TCP connection ended inside a record.
+    #[error("connection closed mid-record")]
+    Truncated,
+}
+
+impl StreamError {
+    /// Short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StreamError::Io(_) => "io",
+            StreamError::Tls(_) => "tls",
+            StreamError::PeerAlert(_) => "peer_alert",
+            StreamError::Unexpected(_) => "unexpected_record",
+            StreamError::RekeyUnsupported(_) => "rekey_unsupported",
+            StreamError::ConfidentialityLimit => "confidentiality_limit",
+            StreamError::Truncated => "truncated",
+        }
+    }
+}
+
+/// Key-schedule state under kTLS.
+struct Kernel {
+    conn: KernelConnection<ServerData>,
+    tls13: bool,
+    /// The kernel accepts replacement keys (Linux 6.13+).
+    rekey: bool,
+    /// Records sealed with the current TX key.
+    tx_budget: RecordBudget,
+    /// The peer requested a KeyUpdate; the writer sends ours before its next record.
+    tx_update_pending: bool,
+    /// Counters the shard reads after the connection.
+    rx_rekeys: u64,
+    tx_rekeys: u64,
+}
+
+/// rustls state on the userspace path.
+struct User {
+    conn: UnbufferedServerConnection,
+    /// Ciphertext queued by either half; only the writer sends it.
+    tls_out: Vec<u8>,
+}
+
+// The kernel variant (~600 B, mostly rustls' KernelConnection) is stored
+// inline: it is the common case and the Engine already lives in one Rc
+// allocation per connection; only the rarer, larger userspace state is boxed.
+#[allow(clippy::large_enum_variant)]
+enum Engine {
+    Kernel(Kernel),
+    /// Boxed: rustls' connection is about 1 KiB, twice the kernel variant.
+    User(Box<User>),
+}
+
+type Shared = Rc<RefCell<Engine>>;
+
+/// A TLS connection after the handshake, before it is split.
+pub struct TlsConn {
+    reader: TlsReader,
+    writer: TlsWriter,
+}
+
+/// Per-connection facts for logs and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RekeyCounts {
+    /// RX keys replaced after the client's KeyUpdate.
+    pub rx: u64,
+    /// TX keys replaced (our KeyUpdate).
+    pub tx: u64,
+}
+
+fn crypto_info(
+    suite: rustls::SupportedCipherSuite,
+    secrets: (u64, rustls::ConnectionTrafficSecrets),
+) -> io::Result<ktls::CryptoInfo> {
+    ktls::CryptoInfo::from_rustls(suite, secrets)
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e.to_string()))
+}
+
+impl TlsConn {
+    /// Hands the session keys to the kernel and returns a kTLS stream.
+    pub(super) fn kernel(
+        socket: TcpStream,
+        est: Established,
+        rekey: bool,
+    ) -> Result<TlsConn, OffloadError> {
+        let Established {
+            conn,
+            early_plaintext,
+            peer_closed,
+        } = est;
+        let (secrets, kconn) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(OffloadError::Extract)?;
+        let suite = kconn.negotiated_cipher_suite();
+        let fd = sys::borrow_fd(&socket);
+        sys::set_ulp_tls(fd).map_err(|e| OffloadError::Kernel("ULP", e))?;
+        let tx =
+            crypto_info(suite, secrets.tx).map_err(|e| OffloadError::Kernel("TX cipher", e))?;
+        let rx =
+            crypto_info(suite, secrets.rx).map_err(|e| OffloadError::Kernel("RX cipher", e))?;
+        sys::set_crypto_info(fd, KeyDirection::Transmit, &tx)
+            .map_err(|e| OffloadError::Kernel("TX key", e))?;
+        sys::set_crypto_info(fd, KeyDirection::Receive, &rx)
+            .map_err(|e| OffloadError::Kernel("RX key", e))?;
+        let tls13 = kconn.protocol_version() == ProtocolVersion::TLSv1_3;
+        let limit = match suite {
+            rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+        };
+        let engine = Engine::Kernel(Kernel {
+            conn: kconn,
+            tls13,
+            rekey: rekey && tls13,
+            tx_budget: RecordBudget::new(limit),
+            tx_update_pending: false,
+            rx_rekeys: 0,
+            tx_rekeys: 0,
+        });
+        TlsConn::assemble(socket, engine, early_plaintext, peer_closed)
+    }
+
+    /// Keeps rustls sealing and opening records in userspace.
+    pub(super) fn userspace(socket: TcpStream, est: Established) -> Result<TlsConn, OffloadError> {
+        let engine = Engine::User(Box::new(User {
+            conn: est.conn,
+            tls_out: Vec::new(),
+        }));
+        TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
+    }
+
+    fn assemble(
+        socket: TcpStream,
+        engine: Engine,
+        early_plaintext: Vec<u8>,
+        peer_closed: bool,
+    ) -> Result<TlsConn, OffloadError> {
+        let writer_sock = sys::dup_stream(&socket)?;
+        let shared: Shared = Rc::new(RefCell::new(engine));
+        Ok(TlsConn {
+            reader: TlsReader {
+                sock: socket,
+                shared: shared.clone(),
+                pending: early_plaintext,
+                pending_at: 0,
+                inbuf: Vec::new(),
+                eof: peer_closed,
+            },
+            writer: TlsWriter {
+                sock: writer_sock,
+                shared,
+            },
+        })
+    }
+
+    /// Which record path this connection uses.
+    pub fn path(&self) -> Path {
+        self.reader.path()
+    }
+
+    /// The socket's upper-layer protocol (`"tls"` under kTLS), straight from
+    /// the kernel.
+    pub fn kernel_ulp(&self) -> io::Result<String> {
+        sys::tcp_ulp(sys::borrow_fd(&self.reader.sock))
+    }
+
+    /// Splits into the two directions.
+    pub fn split(self) -> (TlsReader, TlsWriter) {
+        (self.reader, self.writer)
+    }
+}
+
+/// What a kernel-path splice moved.
+#[derive(Debug)]
+pub enum Spliced {
+    /// This many plaintext bytes are now in the pipe.
+    Bytes(usize),
+    /// The client finished sending (close_notify, or FIN without it).
+    Eof,
+    /// Nothing to read now: wait with [`TlsReader::readable`].
+    WouldBlock,
+}
+
+/// The client-to-us direction.
+pub struct TlsReader {
+    sock: TcpStream,
+    shared: Shared,
+    /// Plaintext decrypted but not yet handed out (handshake over-read on
+    /// both paths; every record on the userspace path).
+    pending: Vec<u8>,
+    pending_at: usize,
+    /// Userspace path: ciphertext of a partly received record.
+    inbuf: Vec<u8>,
+    eof: bool,
+}
+
+impl TlsReader {
+    /// Which record path this connection uses.
+    pub fn path(&self) -> Path {
+        match &*self.shared.borrow() {
+            Engine::Kernel(_) => Path::Kernel,
+            Engine::User(_) => Path::Userspace,
+        }
+    }
+
+    /// Rekey counts so far (kTLS only; zero in userspace, where rustls rekeys).
+    pub fn rekeys(&self) -> RekeyCounts {
+        match &*self.shared.borrow() {
+            Engine::Kernel(k) => RekeyCounts {
+                rx: k.rx_rekeys,
+                tx: k.tx_rekeys,
+            },
+            Engine::User(_) => RekeyCounts::default(),
+        }
+    }
+
+    /// Takes plaintext already decrypted in userspace (must be forwarded
+    /// before anything spliced later).
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        let mut p = std::mem::take(&mut self.pending);
+        p.drain(..self.pending_at);
+        self.pending_at = 0;
+        p
+    }
+
+    fn copy_pending(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
+        if self.pending_at >= self.pending.len() {
+            return None;
+        }
+        let room = buf.capacity().max(1);
+        let n = room.min(self.pending.len() - self.pending_at);
+        buf.clear();
+        buf.extend_from_slice(&self.pending[self.pending_at..self.pending_at + n]);
+        self.pending_at += n;
+        if self.pending_at == self.pending.len() {
+            self.pending.clear();
+            self.pending_at = 0;
+        }
+        Some(n)
+    }
+
+    /// Reads plaintext into `buf` (replacing its contents, up to its
+    /// capacity). `Ok(0)` is the end of the client's stream.
+    pub async fn read(&mut self, mut buf: Vec<u8>) -> (Result<usize, StreamError>, Vec<u8>) {
+        loop {
+            if let Some(n) = self.copy_pending(&mut buf) {
+                return (Ok(n), buf);
+            }
+            if self.eof {
+                buf.clear();
+                return (Ok(0), buf);
+            }
+            let kernel = self.path() == Path::Kernel;
+            if kernel {
+                buf.clear();
+                let (res, b) = self.sock.read(buf).await;
+                buf = b;
+                match res {
+                    Ok(0) => {
+                        self.eof = true;
+                        return (Ok(0), buf);
+                    }
+                    Ok(n) => return (Ok(n), buf),
+                    // EIO: the next record is not application data
+                    // (tls_sw_recvmsg without a cmsg buffer).
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                        match self.control_record(&mut buf).await {
+                            Ok(Some(n)) => return (Ok(n), buf),
+                            Ok(None) => continue,
+                            Err(e) => return (Err(e), buf),
+                        }
+                    }
+                    Err(e) => return (Err(e.into()), buf),
+                }
+            } else if let Err(e) = self.fill_userspace().await {
+                return (Err(e), buf);
+            }
+        }
+    }
+
+    /// Waits until the client socket has something to read.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.sock.readable(false).await
+    }
+
+    /// Kernel path: moves up to `max` plaintext bytes from the socket into
+    /// `pipe` without copying them to userspace. Does not wait for data
+    /// (the caller holds a pooled pipe and should not keep it while idle).
+    pub async fn splice_to(&mut self, pipe: &Pipe, max: usize) -> Result<Spliced, StreamError> {
+        let mut scratch = Vec::new();
+        loop {
+            if self.eof {
+                return Ok(Spliced::Eof);
+            }
+            match sys::splice(sys::borrow_fd(&self.sock), pipe.tx.as_fd(), max) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(Spliced::Eof);
+                }
+                Ok(n) => return Ok(Spliced::Bytes(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Spliced::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // tls_sw_splice_read refuses non-data records (EINVAL; EIO on
+                // some versions): read that one record with recvmsg.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) => {
+                    if let Some(n) = self.control_record(&mut scratch).await? {
+                        // A data record after all: push it into the pipe so
+                        // order is kept.
+                        let mut at = 0;
+                        while at < n {
+                            match sys::write_fd(pipe.tx.as_fd(), &scratch[at..n]) {
+                                Ok(w) => at += w,
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        return Ok(Spliced::Bytes(n));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Kernel path: reads one record with its type. Returns `Some(n)` for
+    /// application data (in `buf`), `None` after handling a control record
+    /// that leaves the stream open (KeyUpdate) or ends it (close_notify → eof).
+    async fn control_record(&mut self, buf: &mut Vec<u8>) -> Result<Option<usize>, StreamError> {
+        buf.clear();
+        buf.resize(MAX_RECORD, 0);
+        let (rtype, n) = loop {
+            match sys::recv_record(sys::borrow_fd(&self.sock), buf) {
+                Ok(r) => break r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.sock.readable(false).await?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        buf.truncate(n);
+        if rtype == record::content::APPLICATION_DATA {
+            if n == 0 && rtype == record::content::APPLICATION_DATA {
+                // recvmsg returning 0 is the TCP FIN.
+                self.eof = true;
+            }
+            return Ok(Some(n));
+        }
+        let fd = sys::borrow_fd(&self.sock);
+        let mut shared = self.shared.borrow_mut();
+        let Engine::Kernel(k) = &mut *shared else {
+            return Err(StreamError::Unexpected(
+                "control record on the userspace path",
+            ));
+        };
+        match record::classify(rtype, buf, k.tls13) {
+            Control::CloseNotify => {
+                self.eof = true;
+                Ok(None)
+            }
+            Control::Alert(desc) => Err(StreamError::PeerAlert(desc)),
+            Control::Unexpected { alert, what } => {
+                let _ = sys::send_record(fd, record::content::ALERT, &record::fatal_alert(alert));
+                Err(StreamError::Unexpected(what))
+            }
+            Control::KeyUpdate { update_requested } => {
+                // Always ask the kernel: Linux < 6.13 answers EBUSY (no
+                // rekey), newer ones install the key and resume decrypting.
+                let installed = k
+                    .conn
+                    .update_rx_secret()
+                    .map_err(|e| io::Error::other(e.to_string()))
+                    .and_then(|s| crypto_info(k.conn.negotiated_cipher_suite(), s))
+                    .and_then(|info| sys::set_crypto_info(fd, KeyDirection::Receive, &info));
+                match installed {
+                    Ok(()) => {
+                        k.rx_rekeys += 1;
+                        k.tx_update_pending |= update_requested;
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        let alert = record::fatal_alert(record::alert::INTERNAL_ERROR);
+                        let _ = sys::send_record(fd, record::content::ALERT, &alert);
+                        Err(StreamError::RekeyUnsupported(e))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Userspace path: reads ciphertext and decrypts whatever complete
+    /// records arrived into `pending`.
+    async fn fill_userspace(&mut self) -> Result<(), StreamError> {
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        let start = inbuf.len();
+        if inbuf.capacity() < start + MAX_RECORD {
+            inbuf.reserve(start + MAX_RECORD - inbuf.len());
+        }
+        let end = start + MAX_RECORD;
+        let (res, slice) = self.sock.read(SliceMut::new(inbuf, start, end)).await;
+        let mut inbuf = slice.into_inner();
+        let n = res?;
+        if n == 0 {
+            self.eof = true;
+            self.inbuf = inbuf;
+            return if self.inbuf.is_empty() {
+                Ok(())
+            } else {
+                Err(StreamError::Truncated)
+            };
+        }
+        let result = {
+            let mut shared = self.shared.borrow_mut();
+            let Engine::User(u) = &mut *shared else {
+                return Err(StreamError::Unexpected("userspace read on kTLS"));
+            };
+            decrypt_available(u, &mut inbuf, &mut self.pending, &mut self.eof)
+        };
+        self.inbuf = inbuf;
+        result
+    }
+}
+
+/// Runs rustls over `inbuf` until it needs more bytes, collecting plaintext.
+fn decrypt_available(
+    u: &mut User,
+    inbuf: &mut Vec<u8>,
+    plain: &mut Vec<u8>,
+    eof: &mut bool,
+) -> Result<(), StreamError> {
+    loop {
+        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(inbuf);
+        let mut stop = false;
+        let res: Result<(), StreamError> = match state {
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                let mut res = Ok(());
+                while let Some(rec) = r.next_record() {
+                    match rec {
+                        Ok(rec) => plain.extend_from_slice(rec.payload),
+                        Err(e) => {
+                            res = Err(e.into());
+                            break;
+                        }
+                    }
+                }
+                res
+            }
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
+                    .map_err(|_| StreamError::Unexpected("encode"))
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                Ok(())
+            }
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                *eof = true;
+                stop = true;
+                Ok(())
+            }
+            Ok(_) => {
+                stop = true;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        };
+        if discard > 0 {
+            inbuf.drain(..discard);
+        }
+        if let Err(e) = res {
+            // rustls queued a fatal alert; the writer flushes it on abort.
+            collect_alert(u);
+            return Err(e);
+        }
+        if stop {
+            if *eof {
+                inbuf.clear();
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn collect_alert(u: &mut User) {
+    for _ in 0..4 {
+        let UnbufferedStatus { state, .. } = u.conn.process_tls_records(&mut []);
+        match state {
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                if handshake::encode(&mut u.tls_out, |o| enc.encode(o)).is_err() {
+                    return;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+            _ => return,
+        }
+    }
+}
+
+/// The us-to-client direction.
+pub struct TlsWriter {
+    sock: TcpStream,
+    shared: Shared,
+}
+
+impl TlsWriter {
+    /// Before sealing more records under kTLS: send the KeyUpdate the peer
+    /// asked for, or the one our record budget needs, and install the new TX
+    /// key. Without kernel rekey, a spent budget ends the stream.
+    async fn prepare_kernel_write(&mut self, bytes: usize) -> Result<(), StreamError> {
+        let (update, possible) = match &mut *self.shared.borrow_mut() {
+            Engine::Kernel(k) => {
+                k.tx_budget.charge(bytes);
+                (k.tx_update_pending || k.tx_budget.exhausted(), k.rekey)
+            }
+            Engine::User(_) => return Ok(()),
+        };
+        if !update {
+            return Ok(());
+        }
+        if !possible {
+            self.send_control(record::content::ALERT, &record::CLOSE_NOTIFY)
+                .await?;
+            return Err(StreamError::ConfidentialityLimit);
+        }
+        self.send_control(record::content::HANDSHAKE, &record::key_update(false))
+            .await?;
+        let fd = sys::borrow_fd(&self.sock);
+        let mut shared = self.shared.borrow_mut();
+        if let Engine::Kernel(k) = &mut *shared {
+            let info = k
+                .conn
+                .update_tx_secret()
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|s| crypto_info(k.conn.negotiated_cipher_suite(), s))?;
+            sys::set_crypto_info(fd, KeyDirection::Transmit, &info)
+                .map_err(StreamError::RekeyUnsupported)?;
+            k.tx_update_pending = false;
+            k.tx_budget.reset();
+            k.tx_budget.charge(bytes);
+            k.tx_rekeys += 1;
+        }
+        Ok(())
+    }
+
+    async fn send_control(&mut self, rtype: u8, body: &[u8]) -> io::Result<()> {
+        loop {
+            match sys::send_record(sys::borrow_fd(&self.sock), rtype, body) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.sock.writable(false).await?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends all of `buf` as application data.
+    pub async fn write_all(&mut self, buf: Vec<u8>) -> (Result<(), StreamError>, Vec<u8>) {
+        let kernel = matches!(&*self.shared.borrow(), Engine::Kernel(_));
+        if kernel {
+            if let Err(e) = self.prepare_kernel_write(buf.len()).await {
+                return (Err(e), buf);
+            }
+            let (res, buf) = self.sock.write_all(buf).await;
+            return (res.map(drop).map_err(Into::into), buf);
+        }
+        let out = {
+            let mut shared = self.shared.borrow_mut();
+            let Engine::User(u) = &mut *shared else {
+                return (Err(StreamError::Unexpected("engine changed")), buf);
+            };
+            if let Err(e) = seal_userspace(u, &buf) {
+                return (Err(e), buf);
+            }
+            std::mem::take(&mut u.tls_out)
+        };
+        let res = self.send_ciphertext(out).await;
+        (res, buf)
+    }
+
+    async fn send_ciphertext(&mut self, out: Vec<u8>) -> Result<(), StreamError> {
+        let (res, mut out) = self.sock.write_all(out).await;
+        out.clear();
+        if let Engine::User(u) = &mut *self.shared.borrow_mut() {
+            if u.tls_out.is_empty() {
+                u.tls_out = out;
+            }
+        }
+        res.map(drop).map_err(Into::into)
+    }
+
+    /// Kernel path: moves `n` bytes that are in `pipe` to the client; the
+    /// kernel seals them.
+    pub async fn splice_from(&mut self, pipe: &Pipe, n: usize) -> Result<(), StreamError> {
+        self.prepare_kernel_write(n).await?;
+        let mut left = n;
+        while left > 0 {
+            match sys::splice(pipe.rx.as_fd(), sys::borrow_fd(&self.sock), left) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.sock.writable(false).await?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends our direction cleanly: close_notify (RFC 8446 §6.1), then a TCP FIN.
+    pub async fn close(&mut self) -> Result<(), StreamError> {
+        match self.close_notify().await {
+            // A client that already closed both ways cannot take our
+            // close_notify; every byte before it was delivered.
+            Err(StreamError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Ok(())
+            }
+            r => r?,
+        }
+        match sys::shutdown_write(sys::borrow_fd(&self.sock)) {
+            // The client already closed both ways: nothing left to tell it.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            r => r.map_err(Into::into),
+        }
+    }
+
+    async fn close_notify(&mut self) -> Result<(), StreamError> {
+        let kernel = matches!(&*self.shared.borrow(), Engine::Kernel(_));
+        if kernel {
+            self.send_control(record::content::ALERT, &record::CLOSE_NOTIFY)
+                .await?;
+        } else {
+            let out = {
+                let mut shared = self.shared.borrow_mut();
+                let Engine::User(u) = &mut *shared else {
+                    return Ok(());
+                };
+                queue_close_notify(u)?;
+                std::mem::take(&mut u.tls_out)
+            };
+            self.send_ciphertext(out).await?;
+        }
+        Ok(())
+    }
+
+    /// After a failure: send whatever alert rustls queued (userspace path;
+    /// under kTLS the reader already sent it), without waiting long.
+    pub async fn abort(&mut self) {
+        let out = match &mut *self.shared.borrow_mut() {
+            Engine::User(u) if !u.tls_out.is_empty() => std::mem::take(&mut u.tls_out),
+            _ => return,
+        };
+        let _ = monoio::time::timeout(
+            std::time::Duration::from_millis(100),
+            self.sock.write_all(out),
+        )
+        .await;
+    }
+}
+
+/// Encrypts `plain` (after any handshake messages rustls has queued, e.g. a
+/// KeyUpdate reply) into `u.tls_out`.
+fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamError> {
+    loop {
+        let UnbufferedStatus { state, .. } = u.conn.process_tls_records(&mut []);
+        match state? {
+            ConnectionState::EncodeTlsData(mut enc) => {
+                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
+                    .map_err(|_| StreamError::Unexpected("encode"))?
+            }
+            ConnectionState::TransmitTlsData(t) => t.done(),
+            ConnectionState::WriteTraffic(mut wt) => {
+                return handshake::encode(&mut u.tls_out, |o| wt.encrypt(plain, o)).map_err(|e| {
+                    match e {
+                        handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
+                        _ => StreamError::ConfidentialityLimit,
+                    }
+                });
+            }
+            // Peer closed its side; we may still send (half-close).
+            ConnectionState::PeerClosed => {}
+            _ => return Err(StreamError::Unexpected("cannot write in this TLS state")),
+        }
+    }
+}
+
+fn queue_close_notify(u: &mut User) -> Result<(), StreamError> {
+    loop {
+        let UnbufferedStatus { state, .. } = u.conn.process_tls_records(&mut []);
+        match state? {
+            ConnectionState::EncodeTlsData(mut enc) => {
+                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
+                    .map_err(|_| StreamError::Unexpected("encode"))?
+            }
+            ConnectionState::TransmitTlsData(t) => t.done(),
+            ConnectionState::WriteTraffic(mut wt) => {
+                return handshake::encode(&mut u.tls_out, |o| wt.queue_close_notify(o))
+                    .map_err(|_| StreamError::Unexpected("close_notify"));
+            }
+            ConnectionState::PeerClosed => {}
+            _ => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! ktern: a per-core TLS terminator for Linux.
+//!
+//! The pipeline, in the order a connection meets it (see ARCHITECTURE.md):
+//! [`shard`] accepts → [`handshake`] runs rustls → [`ktls`] hands the keys to
+//! the kernel (or keeps rustls) → [`proxy`] moves the plaintext →
+//! [`upstream`] picks and connects the backend. [`config`], [`metrics`] and
+//! [`sys`] (the only module with `unsafe`) sit beside the pipeline.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod builtin;
+pub mod config;
+pub mod handshake;
+pub mod ktls;
+pub mod metrics;
+pub mod proxy;
+pub mod shard;
+pub mod sys;
+pub mod upstream;

@@ -1,0 +1,283 @@
+//! Every `unsafe` syscall wrapper in ktern lives here, behind safe functions.
+//!
+//! The rest of the crate is `#![deny(unsafe_code)]`. Each block below carries a
+//! `// SAFETY:` line naming who owns the fd or buffer and why the lengths the
+//! kernel sees are right. Callers pass borrowed fds (`BorrowedFd`), so an fd can
+//! never be closed while a call here uses it.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// `linux/tls.h`: `setsockopt(SOL_TLS, TLS_TX)` installs the transmit keys.
+const TLS_TX: libc::c_int = 1;
+/// `linux/tls.h`: `setsockopt(SOL_TLS, TLS_RX)` installs the receive keys.
+const TLS_RX: libc::c_int = 2;
+/// `linux/tls.h`: cmsg type carrying the record type to send (`sendmsg`).
+const TLS_SET_RECORD_TYPE: libc::c_int = 1;
+/// `linux/tls.h`: cmsg type carrying the record type received (`recvmsg`).
+const TLS_GET_RECORD_TYPE: libc::c_int = 2;
+
+/// Direction of a kTLS key installation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDirection {
+    /// Keys the kernel encrypts with (our writes).
+    Transmit,
+    /// Keys the kernel decrypts with (our reads).
+    Receive,
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Attaches the "tls" upper-layer protocol to a connected TCP socket
+/// (`setsockopt(SOL_TCP, TCP_ULP, "tls")`). ENOENT means the kernel has no kTLS.
+pub fn set_ulp_tls(fd: BorrowedFd<'_>) -> io::Result<()> {
+    const NAME: &[u8] = b"tls";
+    // SAFETY: `fd` is borrowed for the call, so it stays open; the kernel reads
+    // exactly NAME.len() bytes from a live static slice.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            NAME.as_ptr().cast(),
+            NAME.len() as libc::socklen_t,
+        )
+    };
+    cvt(ret).map(drop)
+}
+
+/// Reads the socket's upper-layer protocol name (`getsockopt(TCP_ULP)`):
+/// `"tls"` once kTLS is attached, empty otherwise. Tests use it as proof that
+/// the kernel, not userspace, holds the record layer.
+pub fn tcp_ulp(fd: BorrowedFd<'_>) -> io::Result<String> {
+    // TCP_ULP_NAME_MAX is 16 in include/net/tcp.h.
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: `fd` is borrowed and open; the kernel writes at most `len` bytes
+    // into `name`, which is exactly `len` bytes long, and updates `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    cvt(ret)?;
+    let len = (len as usize).min(name.len());
+    let end = name[..len].iter().position(|&b| b == 0).unwrap_or(len);
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// Installs record keys in the kernel (`setsockopt(SOL_TLS, TLS_TX|TLS_RX)`).
+/// Re-installing RX/TX after a TLS 1.3 KeyUpdate needs Linux 6.13+; older
+/// kernels answer EBUSY.
+pub fn set_crypto_info(
+    fd: BorrowedFd<'_>,
+    dir: KeyDirection,
+    info: &ktls::CryptoInfo,
+) -> io::Result<()> {
+    let name = match dir {
+        KeyDirection::Transmit => TLS_TX,
+        KeyDirection::Receive => TLS_RX,
+    };
+    // SAFETY: `fd` is borrowed and open; `info.as_ptr()` points at the
+    // `tls12_crypto_info_*` struct owned by `info`, which outlives the call, and
+    // `info.size()` is that struct's `size_of`, so the kernel reads within it.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TLS,
+            name,
+            info.as_ptr(),
+            info.size() as libc::socklen_t,
+        )
+    };
+    cvt(ret).map(drop)
+}
+
+/// Space for one `cmsghdr` carrying a one-byte record type, 8-byte aligned as
+/// `CMSG_SPACE` requires on 64-bit Linux (16-byte header + 1 byte, rounded to 24).
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 32]);
+
+/// Receives one record from a kTLS socket with `recvmsg`, returning the TLS
+/// record type (from the `TLS_GET_RECORD_TYPE` control message; 23 when none
+/// came, i.e. application data) and the number of plaintext bytes written to
+/// `buf`. Never blocks (`MSG_DONTWAIT`): EAGAIN means "wait for readable".
+pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(u8, usize)> {
+    let mut cmsg = CmsgBuf([0; 32]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg.0.len();
+    // SAFETY: `fd` is borrowed and open. The kernel writes at most `iov_len`
+    // bytes into `buf` (the iovec describes exactly `buf`) and at most
+    // `msg_controllen` bytes into `cmsg`, both live for the call.
+    let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) })?;
+    let mut record_type = 23u8;
+    // SAFETY: CMSG_FIRSTHDR/NXTHDR only walk inside `msg_control` using the
+    // `msg_controllen` the kernel set, which is <= the buffer we passed.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_TLS && (*c).cmsg_type == TLS_GET_RECORD_TYPE {
+                record_type = *libc::CMSG_DATA(c);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((record_type, n))
+}
+
+/// Sends `data` as one record of `record_type` on a kTLS socket (`sendmsg`
+/// with a `TLS_SET_RECORD_TYPE` control message): alerts (21), close_notify,
+/// and our own KeyUpdate (22). Never blocks (`MSG_DONTWAIT`).
+pub fn send_record(fd: BorrowedFd<'_>, record_type: u8, data: &[u8]) -> io::Result<usize> {
+    let mut cmsg = CmsgBuf([0; 32]);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE(1) is 24 on 64-bit Linux, within the 32-byte `cmsg`;
+    // CMSG_FIRSTHDR is non-null because msg_controllen >= sizeof(cmsghdr), and
+    // CMSG_DATA points inside the same buffer.
+    unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(1) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_TLS;
+        (*c).cmsg_type = TLS_SET_RECORD_TYPE;
+        (*c).cmsg_len = libc::CMSG_LEN(1) as usize;
+        *libc::CMSG_DATA(c) = record_type;
+    }
+    // SAFETY: `fd` is borrowed and open; the kernel only reads the iovec
+    // (exactly `data`) and the control buffer set up above.
+    cvt_size(unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// A non-blocking pipe used as the in-kernel buffer between two `splice` calls.
+#[derive(Debug)]
+pub struct Pipe {
+    /// Read end.
+    pub rx: OwnedFd,
+    /// Write end.
+    pub tx: OwnedFd,
+}
+
+impl Pipe {
+    /// Creates a pipe with `O_NONBLOCK | O_CLOEXEC`, sized to `size` bytes when
+    /// the kernel allows (`F_SETPIPE_SZ`; the default is 16 pages = 64 KiB).
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: the kernel writes two fds into `fds`, an array of two c_ints.
+        cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        if size > 0 {
+            // SAFETY: `tx` is an open pipe we own; F_SETPIPE_SZ takes an int.
+            // Failure (EPERM above /proc/sys/fs/pipe-max-size) keeps the default.
+            let _ = unsafe { libc::fcntl(tx.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        }
+        Ok(Pipe { rx, tx })
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to` inside the kernel. One side must
+/// be a pipe. Non-blocking on both ends (the sockets are polled by the runtime).
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are borrowed and open; null offsets mean "use the file
+    // position", which is what pipes and sockets require. No user memory is
+    // involved.
+    cvt_size(unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    })
+}
+
+/// Borrows the fd of an object that owns it but only implements `AsRawFd`
+/// (monoio's `TcpStream`).
+pub fn borrow_fd<T: AsRawFd>(owner: &T) -> BorrowedFd<'_> {
+    let fd: RawFd = owner.as_raw_fd();
+    // SAFETY: `owner` owns `fd` and closes it only when dropped; the returned
+    // BorrowedFd carries `owner`'s borrow lifetime, so it cannot outlive it.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// One non-blocking `write(2)` (used to push a stray plaintext record into a pipe).
+pub fn write_fd(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is borrowed and open; the kernel reads at most `data.len()`
+    // bytes from the live slice `data`.
+    cvt_size(unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) })
+}
+
+/// A second monoio `TcpStream` on a `dup` of `socket`'s fd: same TCP
+/// connection, independent `&mut` handle, so both directions can have I/O in
+/// flight at once. Closing one leaves the connection open until both close.
+pub fn dup_stream(socket: &monoio::net::TcpStream) -> io::Result<monoio::net::TcpStream> {
+    let owned = borrow_fd(socket).try_clone_to_owned()?;
+    let std = std::net::TcpStream::from(owned);
+    // The legacy (epoll) driver needs non-blocking fds; io_uring handles both.
+    std.set_nonblocking(true)?;
+    monoio::net::TcpStream::from_std(std)
+}
+
+/// Half-closes the write side of a socket (`shutdown(SHUT_WR)`): the peer reads EOF.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `fd` is borrowed and open; shutdown touches no user memory.
+    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
+}
+
+/// Resident set size of this process in bytes, from `/proc/self/statm`.
+pub fn rss_bytes() -> io::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad /proc/self/statm"))?;
+    // SAFETY: sysconf reads no user memory.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Ok(pages * page as u64)
+}
+
+const _: () = assert!(size_of::<libc::cmsghdr>() + 8 <= 32);

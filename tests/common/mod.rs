@@ -1,0 +1,305 @@
+//! Shared test support: a certificate, a test backend, a running ktern
+//! process, a rustls client, and the admin metrics.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConnection, StreamOwned};
+
+/// A scratch directory with a self-signed certificate for `localhost`.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub der: CertificateDer<'static>,
+}
+
+impl Pki {
+    pub fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("ktern-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = ktern::builtin::self_signed(&["localhost"]).unwrap();
+        std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+        std::fs::write(dir.join("key.pem"), &key).unwrap();
+        Pki {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            der: CertificateDer::from_pem_slice(cert.as_bytes()).unwrap(),
+            dir,
+        }
+    }
+}
+
+/// Deterministic test bytes (xorshift64*), so both ends can hash the same stream.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545F4914F6CDD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A backend speaking a tiny protocol, one command per connection:
+/// - `DOWN <n> <seed>\n`: sends `pattern(n, seed)` and closes.
+/// - `UP\n`: reads to EOF (the client's half-close), then replies with the
+///   byte count and sha256 of everything after the command, and closes.
+/// - `ECHO\n`: echoes until EOF, then closes.
+pub fn start_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = backend_conn(conn);
+            });
+        }
+    });
+    addr
+}
+
+fn backend_conn(conn: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["DOWN", n, seed] => {
+            let data = pattern(n.parse().unwrap(), seed.parse().unwrap());
+            out.write_all(&data)?;
+        }
+        ["UP"] => {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all)?;
+            writeln!(out, "{} {}", all.len(), sha256(&all))?;
+        }
+        ["ECHO"] => {
+            let mut buf = [0u8; 16384];
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all(&buf[..n])?;
+            }
+        }
+        _ => {}
+    }
+    out.shutdown(std::net::Shutdown::Write)?;
+    Ok(())
+}
+
+/// A running `ktern run -c` child process, killed on drop.
+pub struct Ktern {
+    pub child: Child,
+    pub addrs: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub stderr_path: PathBuf,
+}
+
+impl Ktern {
+    /// Starts ktern with `listeners` (TOML `[[listener]]` tables; `@CERT@` and
+    /// `@KEY@` are replaced) and an admin endpoint. `runtime` is the body of
+    /// the `[runtime]` table.
+    pub fn start(pki: &Pki, runtime: &str, listeners: &str) -> Ktern {
+        let config = format!(
+            "[runtime]\n{runtime}\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{}",
+            listeners
+                .replace("@CERT@", &pki.cert.display().to_string())
+                .replace("@KEY@", &pki.key.display().to_string())
+        );
+        let path = pki.dir.join(format!("ktern-{}.toml", unique()));
+        std::fs::write(&path, config).unwrap();
+        let stderr_path = pki.dir.join(format!("ktern-{}.log", unique()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ktern"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "ktern=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut addrs = Vec::new();
+        let mut admin = None;
+        for line in stdout.lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("listening ") {
+                addrs.push(rest.split_whitespace().nth(1).unwrap().parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("admin http://") {
+                admin = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+                break;
+            }
+        }
+        let Some(admin) = admin else {
+            let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            panic!("ktern did not start:\n{log}");
+        };
+        Ktern {
+            child,
+            addrs,
+            admin,
+            stderr_path,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// One counter or gauge from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no metric {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until `name` reaches at least `want` (counters move after the
+    /// connection's last byte, so give the shard a moment).
+    pub fn wait_metric(&self, name: &str, want: u64) -> u64 {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(name);
+            if v >= want || Instant::now() > until {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Ktern {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A listener table for a layer-4 route to `backend`.
+pub fn tcp_listener(backend: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n{extra}\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"tcp\"\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    ktern::handshake::crypto_provider()
+}
+
+/// Client options: protocol version and cipher suite to force.
+#[derive(Clone, Copy, Default)]
+pub struct ClientOpts {
+    pub tls12: bool,
+    pub suite: Option<rustls::CipherSuite>,
+}
+
+pub type Client = StreamOwned<ClientConnection, TcpStream>;
+
+/// A connected rustls client that trusts `pki`, handshake completed.
+pub fn connect(addr: SocketAddr, pki: &Pki, opts: ClientOpts) -> Client {
+    let mut provider = provider();
+    if let Some(suite) = opts.suite {
+        provider.cipher_suites.retain(|s| s.suite() == suite);
+        assert!(
+            !provider.cipher_suites.is_empty(),
+            "provider lacks {suite:?}"
+        );
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.der.clone()).unwrap();
+    let versions: &[&rustls::SupportedProtocolVersion] = if opts.tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn =
+        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut s = StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+/// Reads to the end of the TLS stream. Returns the bytes; panics unless the
+/// server ended with close_notify (rustls reports a bare FIN as an error).
+pub fn read_to_close_notify(c: &mut Client) -> Vec<u8> {
+    let mut all = Vec::new();
+    c.read_to_end(&mut all)
+        .expect("stream must end with close_notify");
+    all
+}
+
+/// Downloads `n` pattern bytes through ktern and checks them byte for byte.
+pub fn download(addr: SocketAddr, pki: &Pki, opts: ClientOpts, n: usize) {
+    let mut c = connect(addr, pki, opts);
+    let seed = n as u64 + 7;
+    writeln!(c, "DOWN {n} {seed}").unwrap();
+    c.flush().unwrap();
+    let got = read_to_close_notify(&mut c);
+    assert_eq!(got.len(), n, "download length");
+    assert_eq!(sha256(&got), sha256(&pattern(n, seed)), "download bytes");
+}
+
+/// Uploads `n` pattern bytes, half-closes (close_notify + FIN), and checks
+/// the backend's count and sha256 of what arrived.
+pub fn upload(addr: SocketAddr, pki: &Pki, opts: ClientOpts, n: usize) {
+    let mut c = connect(addr, pki, opts);
+    let data = pattern(n, 99);
+    c.write_all(b"UP\n").unwrap();
+    c.write_all(&data).unwrap();
+    c.conn.send_close_notify();
+    c.flush().unwrap();
+    while c.conn.wants_write() {
+        c.conn.write_tls(&mut c.sock).unwrap();
+    }
+    c.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let reply = String::from_utf8(read_to_close_notify(&mut c)).unwrap();
+    assert_eq!(reply, format!("{} {}\n", n, sha256(&data)), "upload digest");
+}

@@ -1,0 +1,259 @@
+//! kTLS tests. They need a kernel with kTLS, so `scripts/vm-tests.sh` runs
+//! this binary inside a qemu VM (scripts/ktls-vm.sh) on Debian's 6.1 and
+//! 6.18 kernels. Each test proves the kernel did the record crypto —
+//! `getsockopt(TCP_ULP)` reads "tls", `/proc/net/tls_stat` counters move —
+//! so a silent fallback to userspace fails it.
+//!
+//! Outside the VM (no `KTERN_IN_VM`) and without kTLS they are skipped with
+//! a message; with `KTERN_IN_VM` set, missing kTLS is a failure.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use common::*;
+use rustls::CipherSuite::*;
+
+fn tls_stat() -> HashMap<String, u64> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn delta(before: &HashMap<String, u64>, name: &str) -> u64 {
+    tls_stat().get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+}
+
+/// True when the tests should run; panics in the VM if kTLS is missing.
+fn ktls_here() -> bool {
+    let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"));
+    let in_vm = std::env::var_os("KTERN_IN_VM").is_some();
+    assert!(
+        available || !in_vm,
+        "KTERN_IN_VM is set but the kernel has no kTLS ULP"
+    );
+    if !available {
+        eprintln!("skipped: no kTLS in this kernel (run scripts/vm-tests.sh)");
+    }
+    available
+}
+
+fn kernel() -> String {
+    std::env::var("KTERN_VM_KERNEL").unwrap_or_default()
+}
+
+fn ktern(tag: &str, runtime: &str) -> (Pki, Ktern) {
+    let pki = Pki::new(tag);
+    let backend = start_backend();
+    let k = Ktern::start(&pki, runtime, &tcp_listener(backend, ""));
+    (pki, k)
+}
+
+#[test]
+fn every_version_and_cipher_is_sealed_by_the_kernel() {
+    if !ktls_here() {
+        return;
+    }
+    let (pki, k) = ktern("suites", "ktls = \"required\"");
+    let mut connections = 0;
+    for (tls12, suite) in [
+        (false, TLS13_AES_128_GCM_SHA256),
+        (false, TLS13_AES_256_GCM_SHA384),
+        (false, TLS13_CHACHA20_POLY1305_SHA256),
+        (true, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+        (true, TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+        (true, TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+    ] {
+        let before = tls_stat();
+        let opts = ClientOpts {
+            tls12,
+            suite: Some(suite),
+        };
+        // Both end with close_notify in both directions: the client's
+        // (upload) reaches the backend as a FIN; the server's is required by
+        // read_to_close_notify.
+        download(k.addr(), &pki, opts, 300_000);
+        upload(k.addr(), &pki, opts, 300_000);
+        connections += 2;
+        assert_eq!(
+            delta(&before, "TlsTxSw"),
+            2,
+            "{suite:?}: kernel TX contexts"
+        );
+        assert_eq!(
+            delta(&before, "TlsRxSw"),
+            2,
+            "{suite:?}: kernel RX contexts"
+        );
+        assert_eq!(
+            k.wait_metric("ktern_ktls_offloaded_total", connections),
+            connections,
+            "{suite:?}"
+        );
+    }
+    assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+}
+
+#[test]
+fn large_transfers_splice_through_the_kernel_byte_exact() {
+    if !ktls_here() {
+        return;
+    }
+    let (pki, k) = ktern("large", "ktls = \"required\"");
+    let before = tls_stat();
+    download(k.addr(), &pki, ClientOpts::default(), 16 << 20);
+    upload(k.addr(), &pki, ClientOpts::default(), 16 << 20);
+    assert_eq!(delta(&before, "TlsTxSw"), 2);
+    // The download, plus the upload's reply line "<count> <sha256 hex>\n".
+    let want = (16 << 20) + format!("{} {}\n", 16 << 20, "0".repeat(64)).len() as u64;
+    assert_eq!(
+        k.wait_metric("ktern_bytes_backend_to_client_total", want),
+        want
+    );
+}
+
+#[test]
+fn ktls_off_keeps_records_in_userspace() {
+    if !ktls_here() {
+        return;
+    }
+    let (pki, k) = ktern("off", "ktls = \"off\"");
+    let before = tls_stat();
+    download(k.addr(), &pki, ClientOpts::default(), 100_000);
+    assert_eq!(delta(&before, "TlsTxSw"), 0);
+    assert_eq!(k.wait_metric("ktern_ktls_userspace_total", 1), 1);
+    assert_eq!(k.metric("ktern_ktls_offloaded_total"), 0);
+}
+
+#[test]
+fn client_key_update_rekeys_or_closes_with_an_alert() {
+    if !ktls_here() {
+        return;
+    }
+    let (pki, k) = ktern("keyupdate", "ktls = \"required\"");
+    let before = tls_stat();
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let first = pattern(5000, 1);
+    c.write_all(b"ECHO\n").unwrap();
+    c.write_all(&first).unwrap();
+    let mut echoed = vec![0u8; first.len()];
+    c.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, first);
+    // KeyUpdate with update_requested (RFC 8446 §4.6.3), then more data.
+    c.conn.refresh_traffic_keys().unwrap();
+    let second = pattern(7000, 2);
+    let _ = c.write_all(&second);
+    let _ = c.flush();
+    let mut echoed = vec![0u8; second.len()];
+    let res = c.read_exact(&mut echoed);
+    let rekey_works = tls_stat().contains_key("TlsRxRekeyOk");
+    if rekey_works {
+        res.unwrap_or_else(|e| {
+            panic!(
+                "kernel {} supports rekey but the stream broke: {e}\n{}",
+                kernel(),
+                k.log()
+            )
+        });
+        assert_eq!(echoed, second, "data after the KeyUpdate");
+        c.conn.send_close_notify();
+        c.flush().unwrap();
+        let rest = read_to_close_notify(&mut c);
+        assert!(rest.is_empty());
+        assert_eq!(delta(&before, "TlsRxRekeyOk"), 1);
+        // The client asked for an update: ktern sent its own KeyUpdate and
+        // installed a new TX key before its next record.
+        assert_eq!(delta(&before, "TlsTxRekeyOk"), 1);
+        assert_eq!(k.wait_metric("ktern_ktls_rekey_rx_total", 1), 1);
+        assert_eq!(k.metric("ktern_ktls_rekey_tx_total"), 1);
+    } else {
+        let err = res.expect_err("no kernel rekey: ktern must close with an alert");
+        let text = format!("{err:?}");
+        assert!(
+            text.contains("InternalError"),
+            "expected an internal_error alert, got {text}"
+        );
+        assert_eq!(k.wait_metric("ktern_ktls_rekey_unsupported_total", 1), 1);
+    }
+    // Other connections are unaffected.
+    download(k.addr(), &pki, ClientOpts::default(), 1000);
+}
+
+#[test]
+fn the_socket_ulp_is_tls_after_the_handoff() {
+    if !ktls_here() {
+        return;
+    }
+    use ktern::handshake::{self, Handshake};
+    let pki = Pki::new("ulp");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = test_listener(&pki);
+    let server = std::thread::spawn(move || {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = monoio::net::TcpListener::from_std(listener).unwrap();
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let hs = Handshake::new(handshake::server_config(&cfg).unwrap()).unwrap();
+            let est = handshake::pump::run(&mut sock, hs, std::time::Duration::from_secs(30))
+                .await
+                .unwrap();
+            let support = ktern::ktls::probe();
+            let conn =
+                ktern::ktls::establish(sock, est, ktern::config::KtlsMode::Required, &support)
+                    .unwrap();
+            let ulp = conn.kernel_ulp().unwrap();
+            let path = conn.path();
+            let (mut rd, mut wr) = conn.split();
+            let (res, buf) = rd.read(Vec::with_capacity(64)).await;
+            let n = res.unwrap();
+            let (res, _) = wr.write_all(buf[..n].to_vec()).await;
+            res.unwrap();
+            wr.close().await.unwrap();
+            (ulp, path)
+        })
+    });
+    let mut c = connect(addr, &pki, ClientOpts::default());
+    c.write_all(b"hello kernel").unwrap();
+    let got = read_to_close_notify(&mut c);
+    assert_eq!(got, b"hello kernel");
+    let (ulp, path) = server.join().unwrap();
+    assert_eq!(ulp, "tls");
+    assert_eq!(path, ktern::ktls::Path::Kernel);
+}
+
+fn test_listener(pki: &Pki) -> ktern::config::Listener {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+    let ck = rustls::sign::CertifiedKey::from_der(vec![pki.der.clone()], key, &provider()).unwrap();
+    ktern::config::Listener {
+        name: "ulp".into(),
+        address: "127.0.0.1:0".parse().unwrap(),
+        backlog: 16,
+        certificates: vec![ktern::config::Certificate {
+            key: Arc::new(ck),
+            server_names: vec![],
+        }],
+        tls_versions: ktern::config::TlsVersions {
+            tls12: true,
+            tls13: true,
+        },
+        route: ktern::config::Route::Tcp(ktern::config::TcpRoute {
+            backends: vec![],
+            connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+        }),
+    }
+}

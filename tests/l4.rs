@@ -1,0 +1,236 @@
+//! End-to-end: a real ktern process, a real backend and a real rustls client
+//! over loopback. On a host without kTLS this exercises the userspace record
+//! path; `tests/ktls_vm.rs` runs the kernel path inside the VM.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn ktern_with_backend(tag: &str, runtime: &str) -> (Pki, Ktern) {
+    let pki = Pki::new(tag);
+    let backend = start_backend();
+    let k = Ktern::start(&pki, runtime, &tcp_listener(backend, ""));
+    (pki, k)
+}
+
+#[test]
+fn byte_exact_transfers_both_ways() {
+    let (pki, k) = ktern_with_backend("exact", "");
+    for n in [1, 16 << 10, 1 << 20, 64 << 20] {
+        download(k.addr(), &pki, ClientOpts::default(), n);
+        upload(k.addr(), &pki, ClientOpts::default(), n);
+    }
+    let total = (1 + (16 << 10) + (1 << 20) + (64 << 20)) as u64;
+    assert!(k.wait_metric("ktern_bytes_backend_to_client_total", total) >= total);
+}
+
+#[test]
+fn tls12_and_every_cipher_suite_work() {
+    use rustls::CipherSuite::*;
+    let (pki, k) = ktern_with_backend("suites", "");
+    for (tls12, suite) in [
+        (false, TLS13_AES_128_GCM_SHA256),
+        (false, TLS13_AES_256_GCM_SHA384),
+        (false, TLS13_CHACHA20_POLY1305_SHA256),
+        (true, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+        (true, TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+        (true, TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+    ] {
+        let opts = ClientOpts {
+            tls12,
+            suite: Some(suite),
+        };
+        let c = connect(k.addr(), &pki, opts);
+        assert_eq!(c.conn.negotiated_cipher_suite().unwrap().suite(), suite);
+        drop(c);
+        download(k.addr(), &pki, opts, 100_000);
+        upload(k.addr(), &pki, opts, 100_000);
+    }
+}
+
+#[test]
+fn legacy_driver_carries_the_same_traffic() {
+    let (pki, k) = ktern_with_backend("legacy", "driver = \"legacy\"");
+    download(k.addr(), &pki, ClientOpts::default(), 1 << 20);
+    upload(k.addr(), &pki, ClientOpts::default(), 1 << 20);
+    assert!(k.log().contains("legacy (epoll) driver"), "{}", k.log());
+}
+
+#[test]
+fn half_close_reaches_the_backend_and_the_reply_still_comes_back() {
+    let (pki, k) = ktern_with_backend("halfclose", "");
+    // The backend answers only after it reads EOF, so the reply proves the
+    // client's close_notify became a FIN while the other direction stayed open.
+    upload(k.addr(), &pki, ClientOpts::default(), 12345);
+    upload(
+        k.addr(),
+        &pki,
+        ClientOpts {
+            tls12: true,
+            suite: None,
+        },
+        54321,
+    );
+}
+
+#[test]
+fn garbage_instead_of_client_hello_is_closed_and_ktern_keeps_serving() {
+    let (pki, k) = ktern_with_backend("garbage", "");
+    let mut inputs: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+        pattern(4096, 3),
+        // A handshake record header claiming 65535 bytes (over the 2^14 limit).
+        vec![22, 3, 1, 0xff, 0xff, 1, 2, 3],
+        // A truncated ClientHello followed by a hang-up.
+        vec![22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3],
+    ];
+    inputs.push(vec![0; 1]);
+    for bytes in &inputs {
+        let mut s = TcpStream::connect(k.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(bytes).unwrap();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        // Either nothing or a TLS alert record (type 21) comes back, then EOF.
+        assert!(reply.is_empty() || reply[0] == 21, "{reply:?}");
+    }
+    let failures = k.wait_metric("ktern_handshake_failures_tls_total", 3)
+        + k.metric("ktern_handshake_failures_eof_total");
+    assert!(failures >= inputs.len() as u64, "failures={failures}");
+    download(k.addr(), &pki, ClientOpts::default(), 1000);
+    assert!(!k.log().contains("panicked"));
+}
+
+#[test]
+fn silent_client_is_closed_at_the_handshake_deadline() {
+    let (pki, k) = ktern_with_backend("timeout", "handshake_timeout = \"1s\"");
+    let start = Instant::now();
+    let mut s = TcpStream::connect(k.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let waited = start.elapsed();
+    assert_eq!(n, 0, "closed without data");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "not closed by the deadline: {waited:?}"
+    );
+    assert_eq!(
+        k.wait_metric("ktern_handshake_failures_timeout_total", 1),
+        1
+    );
+    download(k.addr(), &pki, ClientOpts::default(), 10);
+}
+
+#[test]
+fn refused_backend_closes_the_client_cleanly_and_is_counted() {
+    let pki = Pki::new("refused");
+    // A port with nothing listening: bind, note it, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let k = Ktern::start(&pki, "", &tcp_listener(dead, ""));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let _ = c.write_all(b"hello");
+    let got = read_to_close_notify(&mut c);
+    assert!(got.is_empty());
+    assert_eq!(k.wait_metric("ktern_upstream_connect_failures_total", 1), 1);
+}
+
+#[test]
+fn oversized_record_after_the_handshake_gets_an_alert() {
+    let (pki, k) = ktern_with_backend("oversize", "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    // An application-data record header announcing 2^14 + 257 bytes: one more
+    // than TLSCiphertext may carry (RFC 8446 §5.2).
+    let len: u16 = (1 << 14) + 257;
+    let mut rec = vec![23, 3, 3];
+    rec.extend_from_slice(&len.to_be_bytes());
+    rec.extend(std::iter::repeat(0).take(len as usize));
+    c.sock.write_all(&rec).unwrap();
+    let mut buf = [0u8; 64];
+    let res = c.read(&mut buf);
+    assert!(res.is_err(), "expected an alert, got {res:?}");
+    // The record may arrive with the client's Finished (counted as a failed
+    // handshake) or after it (a failed stream): either way, counted once.
+    let counted = || {
+        k.metric("ktern_downstream_errors_total") + k.metric("ktern_handshake_failures_tls_total")
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while counted() == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(counted(), 1, "{}", k.log());
+    download(k.addr(), &pki, ClientOpts::default(), 10);
+}
+
+#[test]
+fn curl_and_openssl_interoperate() {
+    let pki = Pki::new("curl");
+    let http = ktern::builtin::start().unwrap();
+    let k = Ktern::start(&pki, "", &tcp_listener(http, ""));
+    let port = k.addr().port();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let url = format!("https://localhost:{port}/");
+    match std::process::Command::new("curl")
+        .args(["-sS", "--resolve", &resolve, "--cacert"])
+        .arg(&pki.cert)
+        .arg(&url)
+        .output()
+    {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout), ktern::builtin::BODY);
+        }
+        Err(e) => eprintln!("curl not installed ({e}); skipped"),
+    }
+    for flag in ["-tls1_2", "-tls1_3"] {
+        let child = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "localhost",
+                "-ign_eof",
+                flag,
+                "-CAfile",
+            ])
+            .arg(&pki.cert)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let Ok(mut child) = child else {
+            eprintln!("openssl not installed; skipped");
+            break;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("Verify return code: 0 (ok)"),
+            "{flag}: {text}"
+        );
+        assert!(text.contains(ktern::builtin::BODY.trim()), "{flag}: {text}");
+    }
+}
