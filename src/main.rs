@@ -109,6 +109,10 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         ),
         (_, true) => tracing::info!("{}", support.describe()),
     }
+    match ktern::sys::raise_nofile_limit() {
+        Ok((soft, _)) => tracing::info!(open_files = soft, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let config = Arc::new(config);
     let (shards, bound) = ktern::shard::start(config.clone(), Arc::new(support))?;
     tracing::info!(

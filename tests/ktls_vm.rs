@@ -217,9 +217,8 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
             let ulp = conn.kernel_ulp().unwrap();
             let path = conn.path();
             let (mut rd, mut wr) = conn.split();
-            let (res, buf) = rd.read(Vec::with_capacity(64)).await;
-            let n = res.unwrap();
-            let (res, _) = wr.write_all(buf[..n].to_vec()).await;
+            let chunk = rd.read_chunk().await.unwrap().unwrap();
+            let (res, _) = wr.write_all(chunk).await;
             res.unwrap();
             wr.close().await.unwrap();
             (ulp, path)

@@ -234,3 +234,53 @@ fn curl_and_openssl_interoperate() {
         assert!(text.contains(ktern::builtin::BODY.trim()), "{flag}: {text}");
     }
 }
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let pki = Pki::new("idle");
+    let backend = start_backend();
+    let k = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(backend, "")
+            .replace("kind = \"tcp\"", "kind = \"tcp\"\nidle_timeout = \"1s\""),
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"ECHO\nping").unwrap();
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    let start = Instant::now();
+    // Silence both ways: ktern closes with close_notify once the timeout passes.
+    let rest = read_to_close_notify(&mut c);
+    let waited = start.elapsed();
+    assert!(rest.is_empty());
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed too late: {waited:?}"
+    );
+    assert_eq!(k.wait_metric("ktern_idle_timeouts_total", 1), 1);
+}
+
+#[test]
+fn backend_reset_aborts_the_client_instead_of_a_clean_close() {
+    let (pki, k) = ktern_with_backend("reset", "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"RESET\n").unwrap();
+    let mut all = Vec::new();
+    let res = c.read_to_end(&mut all);
+    // No close_notify may follow a backend failure: the client must see the
+    // stream as broken (rustls reports the bare end as UnexpectedEof).
+    assert!(res.is_err(), "clean close after a backend reset: {res:?}");
+    assert_eq!(
+        k.wait_metric("ktern_upstream_errors_total", 1),
+        1,
+        "{}",
+        k.log()
+    );
+    download(k.addr(), &pki, ClientOpts::default(), 100);
+}

@@ -34,6 +34,17 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     }
 }
 
+fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    #[cfg(feature = "aws-lc-rs")]
+    {
+        rustls::crypto::aws_lc_rs::Ticketer::new()
+    }
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    {
+        rustls::crypto::ring::Ticketer::new()
+    }
+}
+
 #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
 compile_error!("enable the `aws-lc-rs` (default) or `ring` feature");
 
@@ -83,8 +94,47 @@ pub fn server_config(listener: &config::Listener) -> Result<Arc<ServerConfig>, r
     // 0-RTT data would reach the backend before the handshake completes and is
     // replayable (RFC 8446 §8); not offered.
     cfg.max_early_data_size = 0;
-    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    // Stateless resumption tickets (RFC 8446 §4.6.1), keys rotated by
+    // rustls: no per-session server memory (a stateful cache costs ~0.4 KiB
+    // per connection until full), and nothing shared between shards. Each
+    // shard has its own ticket key, so a resumption that lands on another
+    // shard or host falls back to a full handshake.
+    cfg.ticketer = ticketer()?;
+    // TLS 1.2 clients without ticket support get a small session-id cache.
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     Ok(Arc::new(cfg))
+}
+
+/// A server config with a freshly generated self-signed certificate for
+/// `localhost` (ECDSA P-256), for fuzzing and tools that need a server
+/// without files.
+pub fn self_signed_config() -> Result<Arc<ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
+    use rustls_pki_types::pem::PemObject;
+    let (cert, key) = crate::builtin::self_signed(&["localhost"])?;
+    let chain = vec![rustls_pki_types::CertificateDer::from_pem_slice(
+        cert.as_bytes(),
+    )?];
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let ck = CertifiedKey::from_der(chain, key, &crypto_provider())?;
+    let listener = config::Listener {
+        name: "self-signed".into(),
+        address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        backlog: 1,
+        certificates: vec![config::Certificate {
+            key: Arc::new(ck),
+            server_names: Vec::new(),
+        }],
+        tls_versions: config::TlsVersions {
+            tls12: true,
+            tls13: true,
+        },
+        route: config::Route::Tcp(config::TcpRoute {
+            backends: Vec::new(),
+            connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+        }),
+    };
+    Ok(server_config(&listener)?)
 }
 
 /// Why a handshake did not complete.
@@ -286,18 +336,20 @@ impl Handshake {
         }
     }
 
-    /// After a failure, rustls may have queued a fatal alert; move it to the output.
+    /// After a failure, rustls may have queued a fatal alert; move it to the
+    /// output. The same input buffer must be passed: rustls may hold
+    /// progress into it (a partly joined handshake message), and an empty
+    /// slice would make it index out of bounds.
     fn collect_alert(&mut self) {
-        for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state {
-                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    if encode(&mut self.output, |out| enc.encode(out)).is_err() {
-                        return;
-                    }
-                }
-                _ => return,
-            }
+        // One call: a failed connection has queued at most one fatal alert,
+        // and popping it happens before rustls would deframe (and fail, and
+        // try to queue a second alert) again.
+        let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.input);
+        if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
+            let _ = encode(&mut self.output, |out| enc.encode(out));
+        }
+        if discard > 0 {
+            self.input.drain(..discard);
         }
     }
 

@@ -221,3 +221,39 @@ fn partial_record_arithmetic() {
     assert_eq!(partial_record_remaining(&[23, 3, 3, 0, 10, 1, 2]), 8);
     assert_eq!(partial_record_remaining(&[23, 3, 3, 0, 1, 9]), 0);
 }
+
+#[test]
+fn fuzz_regression_partial_handshake_message_then_garbage() {
+    // Found by fuzz/fuzz_targets/handshake.rs: a handshake record holding a
+    // partial message, then a bad record. rustls keeps progress into the
+    // input buffer; collecting the alert with any other buffer panicked
+    // inside rustls ("range start index 7 out of range").
+    let crash = [
+        0x16, 0x03, 0x00, 0x00, 0x02, 0x00, 0x00, 0xdb, 0xdb, 0xdb, 0xdb, 0xdb, 0xdb, 0xdb, 0x00,
+        0x00, 0x00, 0x00,
+    ];
+    for cut in 0..crash.len() {
+        let (l, _) = listener(true, true);
+        let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+        let mut failed = false;
+        for chunk in [&crash[..cut], &crash[cut..], &[][..]] {
+            if failed || hs.handle_input(chunk).is_err() {
+                break;
+            }
+            loop {
+                match hs.poll() {
+                    Ok(Step::Transmit) => {
+                        let out = hs.take_output();
+                        hs.output_sent(out);
+                    }
+                    Ok(_) => break,
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(failed, "cut {cut}: garbage must fail the handshake");
+    }
+}

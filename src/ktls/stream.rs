@@ -20,7 +20,6 @@ use std::io;
 use std::os::fd::AsFd;
 use std::rc::Rc;
 
-use monoio::buf::SliceMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use rustls::kernel::KernelConnection;
@@ -84,6 +83,12 @@ struct Kernel {
     rekey: bool,
     /// Records sealed with the current TX key.
     tx_budget: RecordBudget,
+    /// Records opened with the current RX key (estimated from bytes: the
+    /// kernel does not say how many records a read spanned).
+    rx_budget: RecordBudget,
+    /// Our next KeyUpdate should ask the peer to update its key too (our
+    /// RX budget is nearly spent).
+    request_peer_update: bool,
     /// The peer requested a KeyUpdate; the writer sends ours before its next record.
     tx_update_pending: bool,
     /// Counters the shard reads after the connection.
@@ -94,6 +99,12 @@ struct Kernel {
 /// rustls state on the userspace path.
 struct User {
     conn: UnbufferedServerConnection,
+    /// Ciphertext of a partly received record. Every `process_tls_records`
+    /// call, from either half, must pass this same buffer: rustls remembers
+    /// how far into it a fragmented handshake message was joined, and an
+    /// empty slice in its place makes it index out of bounds (found by the
+    /// `handshake` fuzz target).
+    inbuf: Vec<u8>,
     /// Ciphertext queued by either half; only the writer sends it.
     tls_out: Vec<u8>,
 }
@@ -169,6 +180,8 @@ impl TlsConn {
             tls13,
             rekey: rekey && tls13,
             tx_budget: RecordBudget::new(limit),
+            rx_budget: RecordBudget::new(limit),
+            request_peer_update: false,
             tx_update_pending: false,
             rx_rekeys: 0,
             tx_rekeys: 0,
@@ -180,6 +193,7 @@ impl TlsConn {
     pub(super) fn userspace(socket: TcpStream, est: Established) -> Result<TlsConn, OffloadError> {
         let engine = Engine::User(Box::new(User {
             conn: est.conn,
+            inbuf: Vec::new(),
             tls_out: Vec::new(),
         }));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
@@ -198,9 +212,8 @@ impl TlsConn {
                 sock: socket,
                 shared: shared.clone(),
                 pending: early_plaintext,
-                pending_at: 0,
-                inbuf: Vec::new(),
                 eof: peer_closed,
+                hot: false,
             },
             writer: TlsWriter {
                 sock: writer_sock,
@@ -244,11 +257,18 @@ pub struct TlsReader {
     /// Plaintext decrypted but not yet handed out (handshake over-read on
     /// both paths; every record on the userspace path).
     pending: Vec<u8>,
-    pending_at: usize,
-    /// Userspace path: ciphertext of a partly received record.
-    inbuf: Vec<u8>,
     eof: bool,
+    /// The last read filled its buffer, so more is probably waiting: read
+    /// again at once instead of first waiting for readiness.
+    hot: bool,
 }
+
+/// Plaintext chunk size per read: one full TLS record (2^14, RFC 8446 §5.1).
+const CHUNK: usize = 16 << 10;
+
+/// Userspace path: ciphertext read per call, four maximum-size records, so a
+/// bulk upload costs one read per ~64 KiB. Allocated only while bytes flow.
+const READ_AHEAD: usize = 4 * MAX_RECORD;
 
 impl TlsReader {
     /// Which record path this connection uses.
@@ -273,65 +293,81 @@ impl TlsReader {
     /// Takes plaintext already decrypted in userspace (must be forwarded
     /// before anything spliced later).
     pub fn take_pending(&mut self) -> Vec<u8> {
-        let mut p = std::mem::take(&mut self.pending);
-        p.drain(..self.pending_at);
-        self.pending_at = 0;
-        p
+        std::mem::take(&mut self.pending)
     }
 
-    fn copy_pending(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
-        if self.pending_at >= self.pending.len() {
-            return None;
+    /// Waits for input unless the last read suggests more is queued. Idle
+    /// connections thus hold no read buffer: one is allocated only once
+    /// bytes are there to fill it.
+    async fn wait_input(&mut self) -> io::Result<()> {
+        if !self.hot {
+            self.sock.readable(false).await?;
         }
-        let room = buf.capacity().max(1);
-        let n = room.min(self.pending.len() - self.pending_at);
-        buf.clear();
-        buf.extend_from_slice(&self.pending[self.pending_at..self.pending_at + n]);
-        self.pending_at += n;
-        if self.pending_at == self.pending.len() {
-            self.pending.clear();
-            self.pending_at = 0;
-        }
-        Some(n)
+        Ok(())
     }
 
-    /// Reads plaintext into `buf` (replacing its contents, up to its
-    /// capacity). `Ok(0)` is the end of the client's stream.
-    pub async fn read(&mut self, mut buf: Vec<u8>) -> (Result<usize, StreamError>, Vec<u8>) {
+    /// Reads the next chunk of plaintext; `None` is the end of the client's
+    /// stream (close_notify, or a FIN at a record boundary).
+    pub async fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, StreamError> {
         loop {
-            if let Some(n) = self.copy_pending(&mut buf) {
-                return (Ok(n), buf);
+            if !self.pending.is_empty() {
+                return Ok(Some(std::mem::take(&mut self.pending)));
             }
             if self.eof {
-                buf.clear();
-                return (Ok(0), buf);
+                return Ok(None);
             }
-            let kernel = self.path() == Path::Kernel;
-            if kernel {
-                buf.clear();
-                let (res, b) = self.sock.read(buf).await;
-                buf = b;
-                match res {
-                    Ok(0) => {
-                        self.eof = true;
-                        return (Ok(0), buf);
-                    }
-                    Ok(n) => return (Ok(n), buf),
-                    // EIO: the next record is not application data
-                    // (tls_sw_recvmsg without a cmsg buffer).
-                    Err(e) if e.raw_os_error() == Some(libc::EIO) => {
-                        match self.control_record(&mut buf).await {
-                            Ok(Some(n)) => return (Ok(n), buf),
-                            Ok(None) => continue,
-                            Err(e) => return (Err(e), buf),
+            if self.path() == Path::Userspace {
+                self.fill_userspace().await?;
+                continue;
+            }
+            self.wait_input().await?;
+            let (res, mut buf) = self.sock.read(Vec::with_capacity(CHUNK)).await;
+            match res {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    self.hot = n == CHUNK;
+                    self.charge_rx(n)?;
+                    return Ok(Some(buf));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.hot = false,
+                // EIO: the next record is not application data
+                // (tls_sw_recvmsg without a cmsg buffer).
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                    if let Some(n) = self.control_record(&mut buf).await? {
+                        if n > 0 {
+                            return Ok(Some(buf));
                         }
                     }
-                    Err(e) => return (Err(e.into()), buf),
                 }
-            } else if let Err(e) = self.fill_userspace().await {
-                return (Err(e), buf);
+                Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Charges `n` received bytes to the RX key. Near the cipher's limit, a
+    /// TLS 1.3 connection on a rekey-capable kernel asks the peer for a
+    /// KeyUpdate (through the writer's next KeyUpdate); otherwise it ends
+    /// with close_notify.
+    fn charge_rx(&mut self, n: usize) -> Result<(), StreamError> {
+        let mut shared = self.shared.borrow_mut();
+        let Engine::Kernel(k) = &mut *shared else {
+            return Ok(());
+        };
+        k.rx_budget.charge(n);
+        if !k.rx_budget.exhausted() || k.request_peer_update {
+            return Ok(());
+        }
+        if k.rekey {
+            k.request_peer_update = true;
+            k.tx_update_pending = true;
+            return Ok(());
+        }
+        let _ = sys::send_record(
+            sys::borrow_fd(&self.sock),
+            record::content::ALERT,
+            &record::CLOSE_NOTIFY,
+        );
+        Err(StreamError::ConfidentialityLimit)
     }
 
     /// Waits until the client socket has something to read.
@@ -353,13 +389,16 @@ impl TlsReader {
                     self.eof = true;
                     return Ok(Spliced::Eof);
                 }
-                Ok(n) => return Ok(Spliced::Bytes(n)),
+                Ok(n) => {
+                    self.charge_rx(n)?;
+                    return Ok(Spliced::Bytes(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Spliced::WouldBlock),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // tls_sw_splice_read refuses non-data records (EINVAL; EIO on
                 // some versions): read that one record with recvmsg.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) => {
-                    if let Some(n) = self.control_record(&mut scratch).await? {
+                    if let Some(n) = Box::pin(self.control_record(&mut scratch)).await? {
                         // A data record after all: push it into the pipe so
                         // order is kept.
                         let mut at = 0;
@@ -430,6 +469,7 @@ impl TlsReader {
                 match installed {
                     Ok(()) => {
                         k.rx_rekeys += 1;
+                        k.rx_budget.reset();
                         k.tx_update_pending |= update_requested;
                         Ok(None)
                     }
@@ -446,45 +486,59 @@ impl TlsReader {
     /// Userspace path: reads ciphertext and decrypts whatever complete
     /// records arrived into `pending`.
     async fn fill_userspace(&mut self) -> Result<(), StreamError> {
-        let mut inbuf = std::mem::take(&mut self.inbuf);
-        let start = inbuf.len();
-        if inbuf.capacity() < start + MAX_RECORD {
-            inbuf.reserve(start + MAX_RECORD - inbuf.len());
+        let partial = match &*self.shared.borrow() {
+            Engine::User(u) => !u.inbuf.is_empty(),
+            Engine::Kernel(_) => return Err(StreamError::Unexpected("userspace read on kTLS")),
+        };
+        if !partial {
+            self.wait_input().await?;
         }
-        let end = start + MAX_RECORD;
-        let (res, slice) = self.sock.read(SliceMut::new(inbuf, start, end)).await;
-        let mut inbuf = slice.into_inner();
-        let n = res?;
+        // Read into a fresh buffer: the shared `inbuf` stays in place for
+        // the writer's calls into rustls while this read is in flight.
+        let (res, buf) = self.sock.read(Vec::with_capacity(READ_AHEAD)).await;
+        let n = match res {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.hot = false;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.hot = n == READ_AHEAD;
+        let mut shared = self.shared.borrow_mut();
+        let Engine::User(u) = &mut *shared else {
+            return Err(StreamError::Unexpected("userspace read on kTLS"));
+        };
         if n == 0 {
             self.eof = true;
-            self.inbuf = inbuf;
-            return if self.inbuf.is_empty() {
+            return if u.inbuf.is_empty() {
                 Ok(())
             } else {
                 Err(StreamError::Truncated)
             };
         }
-        let result = {
-            let mut shared = self.shared.borrow_mut();
-            let Engine::User(u) = &mut *shared else {
-                return Err(StreamError::Unexpected("userspace read on kTLS"));
-            };
-            decrypt_available(u, &mut inbuf, &mut self.pending, &mut self.eof)
-        };
-        self.inbuf = inbuf;
+        if u.inbuf.is_empty() {
+            // Nothing buffered means rustls has no progress into it either:
+            // take the new bytes without copying.
+            u.inbuf = buf;
+        } else {
+            u.inbuf.extend_from_slice(&buf);
+        }
+        let result = decrypt_available(u, &mut self.pending, &mut self.eof);
+        // Keep a buffer only while a record is partly received.
+        if u.inbuf.is_empty() {
+            u.inbuf = Vec::new();
+        }
         result
     }
 }
 
-/// Runs rustls over `inbuf` until it needs more bytes, collecting plaintext.
-fn decrypt_available(
-    u: &mut User,
-    inbuf: &mut Vec<u8>,
-    plain: &mut Vec<u8>,
-    eof: &mut bool,
-) -> Result<(), StreamError> {
+/// Runs rustls over `u.inbuf` until it needs more bytes, collecting plaintext.
+fn decrypt_available(u: &mut User, plain: &mut Vec<u8>, eof: &mut bool) -> Result<(), StreamError> {
+    // Plaintext is never longer than the ciphertext holding it.
+    plain.reserve(u.inbuf.len());
     loop {
-        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(inbuf);
+        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
         let mut stop = false;
         let res: Result<(), StreamError> = match state {
             Ok(ConnectionState::ReadTraffic(mut r)) => {
@@ -520,7 +574,7 @@ fn decrypt_available(
             Err(e) => Err(e.into()),
         };
         if discard > 0 {
-            inbuf.drain(..discard);
+            u.inbuf.drain(..discard);
         }
         if let Err(e) = res {
             // rustls queued a fatal alert; the writer flushes it on abort.
@@ -529,7 +583,7 @@ fn decrypt_available(
         }
         if stop {
             if *eof {
-                inbuf.clear();
+                u.inbuf.clear();
             }
             return Ok(());
         }
@@ -537,17 +591,14 @@ fn decrypt_available(
 }
 
 fn collect_alert(u: &mut User) {
-    for _ in 0..4 {
-        let UnbufferedStatus { state, .. } = u.conn.process_tls_records(&mut []);
-        match state {
-            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                if handshake::encode(&mut u.tls_out, |o| enc.encode(o)).is_err() {
-                    return;
-                }
-            }
-            Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-            _ => return,
-        }
+    // One call: a failed connection has queued at most one fatal alert, and
+    // popping it happens before rustls would deframe (and fail) again.
+    let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
+    if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
+        let _ = handshake::encode(&mut u.tls_out, |o| enc.encode(o));
+    }
+    if discard > 0 {
+        u.inbuf.drain(..discard);
     }
 }
 
@@ -577,7 +628,11 @@ impl TlsWriter {
                 .await?;
             return Err(StreamError::ConfidentialityLimit);
         }
-        self.send_control(record::content::HANDSHAKE, &record::key_update(false))
+        let request = match &*self.shared.borrow() {
+            Engine::Kernel(k) => k.request_peer_update,
+            Engine::User(_) => false,
+        };
+        self.send_control(record::content::HANDSHAKE, &record::key_update(request))
             .await?;
         let fd = sys::borrow_fd(&self.sock);
         let mut shared = self.shared.borrow_mut();
@@ -590,6 +645,7 @@ impl TlsWriter {
             sys::set_crypto_info(fd, KeyDirection::Transmit, &info)
                 .map_err(StreamError::RekeyUnsupported)?;
             k.tx_update_pending = false;
+            k.request_peer_update = false;
             k.tx_budget.reset();
             k.tx_budget.charge(bytes);
             k.tx_rekeys += 1;
@@ -634,6 +690,8 @@ impl TlsWriter {
         (res, buf)
     }
 
+    /// Sends sealed records, keeping the buffer for the next write (see
+    /// [`TlsWriter::release_buffers`]).
     async fn send_ciphertext(&mut self, out: Vec<u8>) -> Result<(), StreamError> {
         let (res, mut out) = self.sock.write_all(out).await;
         out.clear();
@@ -643,6 +701,16 @@ impl TlsWriter {
             }
         }
         res.map(drop).map_err(Into::into)
+    }
+
+    /// Frees the userspace record buffer; call when the connection goes
+    /// idle so it holds no buffer while waiting.
+    pub fn release_buffers(&mut self) {
+        if let Engine::User(u) = &mut *self.shared.borrow_mut() {
+            if u.tls_out.is_empty() {
+                u.tls_out = Vec::new();
+            }
+        }
     }
 
     /// Kernel path: moves `n` bytes that are in `pipe` to the client; the
@@ -720,47 +788,71 @@ impl TlsWriter {
     }
 }
 
-/// Encrypts `plain` (after any handshake messages rustls has queued, e.g. a
-/// KeyUpdate reply) into `u.tls_out`.
-fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamError> {
+/// What one writer-side step of rustls asked for.
+enum WriteStep {
+    /// Handshake data was queued; ask again.
+    Again,
+    /// Done (the closure ran against `WriteTraffic`).
+    Done(Result<(), StreamError>),
+}
+
+/// Drives rustls until it offers `WriteTraffic`, encoding anything it
+/// queued first (e.g. a KeyUpdate reply), then runs `f` on it.
+fn with_write_traffic(
+    u: &mut User,
+    mut f: impl FnMut(
+        &mut rustls::unbuffered::WriteTraffic<'_, ServerData>,
+        &mut Vec<u8>,
+    ) -> Result<(), StreamError>,
+) -> Result<(), StreamError> {
     loop {
-        let UnbufferedStatus { state, .. } = u.conn.process_tls_records(&mut []);
-        match state? {
-            ConnectionState::EncodeTlsData(mut enc) => {
-                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
-                    .map_err(|_| StreamError::Unexpected("encode"))?
+        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
+        let step = match state {
+            Err(e) => WriteStep::Done(Err(e.into())),
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                match handshake::encode(&mut u.tls_out, |o| enc.encode(o)) {
+                    Ok(()) => WriteStep::Again,
+                    Err(_) => WriteStep::Done(Err(StreamError::Unexpected("encode"))),
+                }
             }
-            ConnectionState::TransmitTlsData(t) => t.done(),
-            ConnectionState::WriteTraffic(mut wt) => {
-                return handshake::encode(&mut u.tls_out, |o| wt.encrypt(plain, o)).map_err(|e| {
-                    match e {
-                        handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
-                        _ => StreamError::ConfidentialityLimit,
-                    }
-                });
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                WriteStep::Again
+            }
+            Ok(ConnectionState::WriteTraffic(mut wt)) => {
+                WriteStep::Done(f(&mut wt, &mut u.tls_out))
             }
             // Peer closed its side; we may still send (half-close).
-            ConnectionState::PeerClosed => {}
-            _ => return Err(StreamError::Unexpected("cannot write in this TLS state")),
+            Ok(ConnectionState::PeerClosed) => WriteStep::Again,
+            Ok(_) => WriteStep::Done(Err(StreamError::Unexpected(
+                "cannot write in this TLS state",
+            ))),
+        };
+        // The reader leaves no complete record in `inbuf`, so nothing is
+        // processed here; honour a discard anyway.
+        if discard > 0 {
+            u.inbuf.drain(..discard);
+        }
+        if let WriteStep::Done(r) = step {
+            return r;
         }
     }
 }
 
+/// Encrypts `plain` (after any handshake messages rustls has queued, e.g. a
+/// KeyUpdate reply) into `u.tls_out`.
+fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamError> {
+    with_write_traffic(u, |wt, out| {
+        handshake::encode(out, |o| wt.encrypt(plain, o)).map_err(|e| match e {
+            handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
+            _ => StreamError::ConfidentialityLimit,
+        })
+    })
+}
+
 fn queue_close_notify(u: &mut User) -> Result<(), StreamError> {
-    loop {
-        let UnbufferedStatus { state, .. } = u.conn.process_tls_records(&mut []);
-        match state? {
-            ConnectionState::EncodeTlsData(mut enc) => {
-                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
-                    .map_err(|_| StreamError::Unexpected("encode"))?
-            }
-            ConnectionState::TransmitTlsData(t) => t.done(),
-            ConnectionState::WriteTraffic(mut wt) => {
-                return handshake::encode(&mut u.tls_out, |o| wt.queue_close_notify(o))
-                    .map_err(|_| StreamError::Unexpected("close_notify"));
-            }
-            ConnectionState::PeerClosed => {}
-            _ => return Ok(()),
-        }
-    }
+    with_write_traffic(u, |wt, out| {
+        handshake::encode(out, |o| wt.queue_close_notify(o))
+            .map_err(|_| StreamError::Unexpected("close_notify"))
+    })
 }

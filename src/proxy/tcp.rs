@@ -6,6 +6,10 @@
 //! client. An error on either side aborts both. No bytes moving either way
 //! for `idle_timeout` closes the connection.
 //!
+//! Write-side awaits are boxed: they are short and busy, while the two
+//! direction futures live as long as the connection, and an idle connection
+//! should cost as little memory as possible (tuning.md, "Memory").
+//!
 //! Under kTLS the payload never enters userspace: socket → pipe → socket with
 //! `splice`, pipes reused from the shard's pool. On the userspace path it
 //! moves through one owned buffer per direction.
@@ -16,11 +20,12 @@ use std::io;
 use std::os::fd::AsFd;
 use std::pin::pin;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use super::idle::Idle;
 use crate::ktls::stream::Spliced;
 use crate::ktls::{Path, StreamError, TlsConn, TlsReader, TlsWriter};
 use crate::sys::{self, Pipe};
@@ -29,9 +34,10 @@ use crate::sys::{self, Pipe};
 /// call can fill an empty pipe.
 const SPLICE_CHUNK: usize = 64 << 10;
 
-/// Userspace copy buffer per direction. 16 KiB is one full TLS record of
-/// plaintext, so each read or write maps to whole records.
-const COPY_BUF: usize = 16 << 10;
+/// Userspace read size from the backend: four full TLS records of plaintext
+/// (4 × 2^14), so one backend read becomes one client write of whole
+/// records. Held only while bytes flow.
+const COPY_BUF: usize = 64 << 10;
 
 /// Why a proxied connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -86,53 +92,81 @@ impl PipePool {
     }
 }
 
-/// Runs the bidirectional pipe until both directions end, one fails, or the
-/// connection idles out. `moved` is updated as bytes go, so a caller sees
-/// partial progress even on error.
-pub async fn run(
-    conn: TlsConn,
-    backend: TcpStream,
-    idle_timeout: Duration,
-    pipes: &PipePool,
-    moved: &Cell<Moved>,
-) -> Result<(), ProxyError> {
-    let kernel = conn.path() == Path::Kernel;
-    let (mut reader, mut writer) = conn.split();
-    let mut backend_rd = backend;
-    let mut backend_wr = sys::dup_stream(&backend_rd).map_err(ProxyError::Upstream)?;
-    let activity = Cell::new(Instant::now());
-    let result = {
-        let up = pin!(client_to_backend(
-            &mut reader,
-            &mut backend_wr,
-            kernel,
-            pipes,
-            &activity,
-            moved
-        ));
-        let down = pin!(backend_to_client(
-            &mut backend_rd,
-            &mut writer,
-            kernel,
-            pipes,
-            &activity,
-            moved
-        ));
-        both_or_first_error(up, down, &activity, idle_timeout).await
-    };
-    if result.is_err() {
-        writer.abort().await;
-    }
-    let rekeys = reader.rekeys();
-    let mut m = moved.get();
-    m.rekey_rx = rekeys.rx;
-    m.rekey_tx = rekeys.tx;
-    moved.set(m);
-    result
+/// One proxied connection: the client's two halves and the backend's.
+///
+/// Built synchronously and kept as a local of the connection task; `run`
+/// borrows it, so no part is stored twice in the task's state (async fn
+/// arguments stay in the future for its whole life).
+pub struct Session {
+    reader: TlsReader,
+    writer: TlsWriter,
+    backend_rd: TcpStream,
+    backend_wr: TcpStream,
+    kernel: bool,
 }
 
-fn note(activity: &Cell<Instant>, moved: &Cell<Moved>, up: u64, down: u64) {
-    activity.set(Instant::now());
+impl Session {
+    /// Pairs an established client connection with a connected backend.
+    pub fn new(conn: TlsConn, backend: TcpStream) -> Result<Session, ProxyError> {
+        let kernel = conn.path() == Path::Kernel;
+        let backend_wr = sys::dup_stream(&backend).map_err(ProxyError::Upstream)?;
+        let (reader, writer) = conn.split();
+        Ok(Session {
+            reader,
+            writer,
+            backend_rd: backend,
+            backend_wr,
+            kernel,
+        })
+    }
+
+    /// Runs the bidirectional pipe until both directions end, one fails, or
+    /// the connection idles out. `moved` is updated as bytes go, so a caller
+    /// sees partial progress even on error.
+    pub async fn run(
+        &mut self,
+        idle: &Idle,
+        pipes: &PipePool,
+        moved: &Cell<Moved>,
+    ) -> Result<(), ProxyError> {
+        let result = {
+            let up = pin!(client_to_backend(
+                &mut self.reader,
+                &mut self.backend_wr,
+                self.kernel,
+                pipes,
+                idle,
+                moved
+            ));
+            let down = pin!(backend_to_client(
+                &mut self.backend_rd,
+                &mut self.writer,
+                self.kernel,
+                pipes,
+                idle,
+                moved
+            ));
+            both_or_first_error(up, down, idle).await
+        };
+        match &result {
+            // Our decision, nothing in flight: end politely with close_notify.
+            Err(ProxyError::Idle(_)) => {
+                let _ = Box::pin(self.writer.close()).await;
+            }
+            Err(_) => Box::pin(self.writer.abort()).await,
+            Ok(()) => {}
+        }
+        let rekeys = self.reader.rekeys();
+        let mut m = moved.get();
+        m.rekey_rx = rekeys.rx;
+        m.rekey_tx = rekeys.tx;
+        moved.set(m);
+        result
+    }
+}
+
+fn note(activity: &Idle, moved: &Cell<Moved>, up: u64, down: u64) {
+    activity.touch();
     let mut m = moved.get();
     m.up += up;
     m.down += down;
@@ -144,13 +178,13 @@ async fn client_to_backend(
     backend: &mut TcpStream,
     kernel: bool,
     pipes: &PipePool,
-    activity: &Cell<Instant>,
+    activity: &Idle,
     moved: &Cell<Moved>,
 ) -> Result<(), ProxyError> {
     let early = reader.take_pending();
     if !early.is_empty() {
         let n = early.len() as u64;
-        let (res, _) = backend.write_all(early).await;
+        let (res, _) = Box::pin(backend.write_all(early)).await;
         res.map_err(ProxyError::Upstream)?;
         note(activity, moved, n, 0);
     }
@@ -164,7 +198,7 @@ async fn client_to_backend(
             };
             match reader.splice_to(&pipe, SPLICE_CHUNK).await? {
                 Spliced::Bytes(n) => {
-                    drain_pipe(&pipe, backend, n)
+                    Box::pin(drain_pipe(&pipe, backend, n))
                         .await
                         .map_err(ProxyError::Upstream)?;
                     note(activity, moved, n as u64, 0);
@@ -181,17 +215,13 @@ async fn client_to_backend(
             }
         }
     } else {
-        let mut buf = Vec::with_capacity(COPY_BUF);
-        loop {
-            let (res, b) = reader.read(buf).await;
-            let n = res?;
-            if n == 0 {
-                break;
-            }
-            let (res, b) = backend.write_all(b).await;
-            buf = b;
+        // Boxed: only the userspace path needs this future; the kernel
+        // path's idle state should not pay for its size.
+        while let Some(chunk) = Box::pin(reader.read_chunk()).await? {
+            let n = chunk.len() as u64;
+            let (res, _) = Box::pin(backend.write_all(chunk)).await;
             res.map_err(ProxyError::Upstream)?;
-            note(activity, moved, n as u64, 0);
+            note(activity, moved, n, 0);
         }
     }
     // Half-close: the client is done sending; the backend's reply still comes back.
@@ -204,7 +234,7 @@ async fn backend_to_client(
     writer: &mut TlsWriter,
     kernel: bool,
     pipes: &PipePool,
-    activity: &Cell<Instant>,
+    activity: &Idle,
     moved: &Cell<Moved>,
 ) -> Result<(), ProxyError> {
     if kernel {
@@ -220,7 +250,7 @@ async fn backend_to_client(
                     break;
                 }
                 Ok(n) => {
-                    writer.splice_from(&pipe, n).await?;
+                    Box::pin(writer.splice_from(&pipe, n)).await?;
                     note(activity, moved, 0, n as u64);
                     held = Some(pipe);
                 }
@@ -236,23 +266,42 @@ async fn backend_to_client(
             }
         }
     } else {
-        let mut buf = Vec::with_capacity(COPY_BUF);
+        // No buffer while idle: wait for bytes, then allocate one, unless
+        // the last read filled its buffer (more is probably queued); keep it
+        // across reads while data streams.
+        let mut hot = false;
+        let mut spare: Option<Vec<u8>> = None;
         loop {
+            if !hot {
+                spare = None;
+                writer.release_buffers();
+                backend
+                    .readable(false)
+                    .await
+                    .map_err(ProxyError::Upstream)?;
+            }
+            let mut buf = spare.take().unwrap_or_else(|| Vec::with_capacity(COPY_BUF));
             buf.clear();
-            let (res, b) = backend.read(buf).await;
-            let n = res.map_err(ProxyError::Upstream)?;
+            let (res, buf) = backend.read(buf).await;
+            let n = match res {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    hot = false;
+                    continue;
+                }
+                Err(e) => return Err(ProxyError::Upstream(e)),
+            };
             if n == 0 {
-                buf = b;
                 break;
             }
-            let (res, b) = writer.write_all(b).await;
-            buf = b;
+            hot = n == COPY_BUF;
+            let (res, buf) = Box::pin(writer.write_all(buf)).await;
             res?;
+            spare = Some(buf);
             note(activity, moved, 0, n as u64);
         }
-        drop(buf);
     }
-    writer.close().await?;
+    Box::pin(writer.close()).await?;
     Ok(())
 }
 
@@ -271,12 +320,11 @@ async fn drain_pipe(pipe: &Pipe, to: &mut TcpStream, mut n: usize) -> io::Result
 }
 
 /// Polls both directions; finishes when both are done, at the first error,
-/// or when `activity` is older than `idle`.
+/// or when the shard's sweeper finds the connection idle.
 async fn both_or_first_error<A, B>(
     mut up: std::pin::Pin<&mut A>,
     mut down: std::pin::Pin<&mut B>,
-    activity: &Cell<Instant>,
-    idle: Duration,
+    idle: &Idle,
 ) -> Result<(), ProxyError>
 where
     A: Future<Output = Result<(), ProxyError>>,
@@ -284,36 +332,26 @@ where
 {
     let mut up_done = false;
     let mut down_done = false;
-    loop {
-        let deadline = activity.get() + idle;
-        let mut timer = pin!(monoio::time::sleep_until(monoio::time::Instant::from_std(
-            deadline
-        )));
-        let step = std::future::poll_fn(|cx| {
-            if !up_done {
-                if let Poll::Ready(r) = up.as_mut().poll(cx) {
-                    up_done = true;
-                    return Poll::Ready(Some(r));
-                }
+    std::future::poll_fn(|cx| {
+        if !up_done {
+            if let Poll::Ready(r) = up.as_mut().poll(cx) {
+                r?;
+                up_done = true;
             }
-            if !down_done {
-                if let Poll::Ready(r) = down.as_mut().poll(cx) {
-                    down_done = true;
-                    return Poll::Ready(Some(r));
-                }
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        match step {
-            Some(Err(e)) => return Err(e),
-            Some(Ok(())) if up_done && down_done => return Ok(()),
-            Some(Ok(())) => {}
-            None if activity.get().elapsed() >= idle => return Err(ProxyError::Idle(idle)),
-            None => {}
         }
-    }
+        if !down_done {
+            if let Poll::Ready(r) = down.as_mut().poll(cx) {
+                r?;
+                down_done = true;
+            }
+        }
+        if up_done && down_done {
+            return Poll::Ready(Ok(()));
+        }
+        if idle.poll_expired(cx).is_ready() {
+            return Poll::Ready(Err(ProxyError::Idle(idle.timeout())));
+        }
+        Poll::Pending
+    })
+    .await
 }

@@ -2,6 +2,7 @@
 //! connection's life — handshake → record path (kTLS or userspace) → route.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -10,27 +11,54 @@ use monoio::net::TcpStream;
 use super::Shard;
 use crate::config::Route;
 use crate::handshake::{self, HandshakeError};
-use crate::ktls::{self, Path, StreamError};
+use crate::ktls::{self, Path, StreamError, TlsConn};
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::tcp::{self, Moved, ProxyError};
 
 /// Serves one accepted connection to its end. Never panics on peer input:
 /// every failure becomes a log line and a counter.
-pub async fn serve(shard: Rc<Shard>, listener: usize, mut socket: TcpStream, peer: SocketAddr) {
+///
+/// Memory matters here: this future lives as long as the connection. The
+/// handshake stage (rustls' connection, buffers: several KiB) runs in its own
+/// boxed future, freed when it ends, and the proxy stage keeps its state in
+/// one local `Session` that `run` borrows (async fn arguments would otherwise
+/// stay stored for the connection's whole life).
+pub fn serve(
+    shard: Rc<Shard>,
+    listener: usize,
+    socket: TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> {
     let m = &shard.metrics;
     M::inc(&m.accepted);
     M::inc(&m.active);
+    let handshake = Box::pin(establish(shard.clone(), listener, socket, peer));
+    async move {
+        if let Some(conn) = handshake.await {
+            proxy(&shard, listener, conn, peer).await;
+        }
+        M::dec(&shard.metrics.active);
+    }
+}
+
+/// Handshake, then the record-path decision. `None` when the connection
+/// ended (already logged and counted).
+async fn establish(
+    shard: Rc<Shard>,
+    listener: usize,
+    mut socket: TcpStream,
+    peer: SocketAddr,
+) -> Option<TlsConn> {
+    let m = &shard.metrics;
     let _ = socket.set_nodelay(true);
-    let tls = shard.tls[listener].clone();
-    let deadline = shard.config.runtime.handshake_timeout;
-    let hs = match handshake::Handshake::new(tls) {
+    let hs = match handshake::Handshake::new(shard.tls[listener].clone()) {
         Ok(hs) => hs,
         Err(e) => {
             tracing::error!(%peer, error = %e, "internal: cannot start handshake");
-            M::dec(&m.active);
-            return;
+            return None;
         }
     };
+    let deadline = shard.config.runtime.handshake_timeout;
     let est = match handshake::pump::run(&mut socket, hs, deadline).await {
         Ok(est) => est,
         Err(e) => {
@@ -41,70 +69,95 @@ pub async fn serve(shard: Rc<Shard>, listener: usize, mut socket: TcpStream, pee
             };
             M::inc(counter);
             tracing::info!(%peer, error = %e, "handshake failed");
-            M::dec(&m.active);
-            return;
+            return None;
         }
     };
     M::inc(&m.handshakes);
     let version = est.conn.protocol_version();
     let suite = est.conn.negotiated_cipher_suite().map(|s| s.suite());
-    let conn = match ktls::establish(socket, est, shard.config.runtime.ktls, &shard.ktls) {
-        Ok(c) => c,
+    match ktls::establish(socket, est, shard.config.runtime.ktls, &shard.ktls) {
+        Ok(conn) => {
+            let path = conn.path();
+            M::inc(if path == Path::Kernel {
+                &m.ktls_offloaded
+            } else {
+                &m.ktls_userspace
+            });
+            tracing::debug!(%peer, ?version, ?suite, ?path, "handshake done");
+            Some(conn)
+        }
         Err(e) => {
             M::inc(&m.ktls_offload_errors);
             tracing::warn!(%peer, error = %e, "internal: record path setup failed");
-            M::dec(&m.active);
-            return;
+            None
         }
-    };
-    let path = conn.path();
-    M::inc(if path == Path::Kernel {
-        &m.ktls_offloaded
-    } else {
-        &m.ktls_userspace
-    });
-    tracing::debug!(%peer, ?version, ?suite, ?path, "handshake done");
+    }
+}
 
-    let moved = Cell::new(Moved::default());
-    let result = match &shard.config.listeners[listener].route {
-        Route::Tcp(route) => {
-            let balancer = &shard.balancers[listener];
-            match balancer.connect(route.connect_timeout).await {
-                Ok((backend, _addr)) => {
-                    tcp::run(conn, backend, route.idle_timeout, &shard.pipes, &moved).await
-                }
-                Err(e) => {
-                    M::inc(&m.upstream_connect_failures);
-                    tracing::warn!(%peer, error = %e, "upstream connect failed");
-                    // Tell the client we are closing; it gets no data.
-                    let (_, mut writer) = conn.split();
-                    let _ = writer.close().await;
-                    Ok(())
+/// Runs the listener's route for an established connection.
+fn proxy<'a>(
+    shard: &'a Shard,
+    listener: usize,
+    conn: TlsConn,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + 'a {
+    let path = conn.path();
+    // Boxed while the backend connect runs, so the long-lived future stores
+    // a pointer rather than the connection (async state keeps every
+    // captured value's slot for the future's whole life).
+    let mut conn = Some(Box::new(conn));
+    async move {
+        let m = &shard.metrics;
+        let moved = Cell::new(Moved::default());
+        let result = match &shard.config.listeners[listener].route {
+            Route::Tcp(route) => {
+                let balancer = &shard.balancers[listener];
+                // Boxed for the same reason as the handshake.
+                let connected = Box::pin(balancer.connect(route.connect_timeout)).await;
+                let Some(conn) = conn.take() else { return };
+                match connected {
+                    Ok((backend, _addr)) => match tcp::Session::new(*conn, backend) {
+                        Ok(mut session) => {
+                            let idle = shard.idle.register(route.idle_timeout);
+                            session.run(&idle, &shard.pipes, &moved).await
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => {
+                        M::inc(&m.upstream_connect_failures);
+                        tracing::warn!(%peer, error = %e, "upstream connect failed");
+                        // Tell the client we are closing; it gets no data.
+                        let (_, mut writer) = conn.split();
+                        let _ = Box::pin(writer.close()).await;
+                        Ok(())
+                    }
                 }
             }
-        }
-    };
-    let moved = moved.get();
-    M::add(&m.bytes_in, moved.up);
-    M::add(&m.bytes_out, moved.down);
-    M::add(&m.ktls_rekey_rx, moved.rekey_rx);
-    M::add(&m.ktls_rekey_tx, moved.rekey_tx);
-    if let Err(e) = result {
-        let counter = match &e {
-            ProxyError::Idle(_) => &m.idle_timeouts,
-            ProxyError::Upstream(_) => &m.upstream_errors,
-            ProxyError::Downstream(s) => match s {
-                StreamError::RekeyUnsupported(_) => &m.ktls_rekey_unsupported,
-                StreamError::Unexpected(_) => &m.tls_unexpected,
-                StreamError::PeerAlert(_) => &m.tls_peer_alerts,
-                StreamError::ConfidentialityLimit => &m.tls_limit_closes,
-                _ => &m.downstream_errors,
-            },
         };
-        M::inc(counter);
-        tracing::info!(%peer, ?path, up = moved.up, down = moved.down, error = %e, "connection ended with error");
-    } else {
-        tracing::debug!(%peer, ?path, up = moved.up, down = moved.down, "connection closed");
+        let moved = moved.get();
+        M::add(&m.bytes_in, moved.up);
+        M::add(&m.bytes_out, moved.down);
+        M::add(&m.ktls_rekey_rx, moved.rekey_rx);
+        M::add(&m.ktls_rekey_tx, moved.rekey_tx);
+        match result {
+            Err(e) => {
+                let counter = match &e {
+                    ProxyError::Idle(_) => &m.idle_timeouts,
+                    ProxyError::Upstream(_) => &m.upstream_errors,
+                    ProxyError::Downstream(s) => match s {
+                        StreamError::RekeyUnsupported(_) => &m.ktls_rekey_unsupported,
+                        StreamError::Unexpected(_) => &m.tls_unexpected,
+                        StreamError::PeerAlert(_) => &m.tls_peer_alerts,
+                        StreamError::ConfidentialityLimit => &m.tls_limit_closes,
+                        _ => &m.downstream_errors,
+                    },
+                };
+                M::inc(counter);
+                tracing::info!(%peer, ?path, up = moved.up, down = moved.down, error = %e, "connection ended with error");
+            }
+            Ok(()) => {
+                tracing::debug!(%peer, ?path, up = moved.up, down = moved.down, "connection closed")
+            }
+        }
     }
-    M::dec(&m.active);
 }

@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, Driver, Route};
 use crate::metrics::ShardMetrics;
+use crate::proxy::idle::{self, IdleSweeper};
 use crate::proxy::tcp::PipePool;
 use crate::upstream::Balancer;
 
@@ -36,6 +37,8 @@ pub struct Shard {
     pub metrics: Arc<ShardMetrics>,
     /// Pipes for splice, reused across connections.
     pub pipes: PipePool,
+    /// Idle-timeout entries, swept by one task per shard.
+    pub idle: Rc<IdleSweeper>,
 }
 
 /// A running shard.
@@ -168,7 +171,12 @@ async fn shard_main(
         ktls: support,
         metrics,
         pipes: PipePool::default(),
+        idle: Rc::new(IdleSweeper::default()),
     });
+    let period = idle::sweep_period(shard.config.listeners.iter().map(|l| match &l.route {
+        Route::Tcp(t) => t.idle_timeout,
+    }));
+    monoio::spawn(shard.idle.clone().run(period));
     let mut accept_loops = Vec::new();
     for (index, std_listener) in listeners.into_iter().enumerate() {
         let listener = match monoio::net::TcpListener::from_std(std_listener) {
@@ -190,7 +198,9 @@ async fn accept_loop(shard: Rc<Shard>, index: usize, listener: monoio::net::TcpL
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
-                monoio::spawn(driver::serve(shard.clone(), index, socket, peer));
+                let fut = driver::serve(shard.clone(), index, socket, peer);
+                tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
+                monoio::spawn(fut);
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning.

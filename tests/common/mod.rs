@@ -64,6 +64,7 @@ pub fn sha256(data: &[u8]) -> String {
 /// - `UP\n`: reads to EOF (the client's half-close), then replies with the
 ///   byte count and sha256 of everything after the command, and closes.
 /// - `ECHO\n`: echoes until EOF, then closes.
+/// - `RESET\n`: resets the connection (RST).
 pub fn start_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -92,6 +93,11 @@ fn backend_conn(conn: TcpStream) -> std::io::Result<()> {
             let mut all = Vec::new();
             reader.read_to_end(&mut all)?;
             writeln!(out, "{} {}", all.len(), sha256(&all))?;
+        }
+        ["RESET"] => {
+            // Abort: SO_LINGER 0 turns the close into a TCP RST.
+            socket2::SockRef::from(&out).set_linger(Some(std::time::Duration::ZERO))?;
+            return Ok(());
         }
         ["ECHO"] => {
             let mut buf = [0u8; 16384];

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: ktern vs nginx (Debian's package, stream module),
+# each pinned to CPU 1 and loaded from CPU 0 by the same client (ktern-load).
+# Reports server CPU per full TLS 1.3 handshake (ECDSA P-256, X25519), RSS per
+# idle TLS connection, and L4 bulk transfer per CPU-second, with ratios.
+# Every load is bounded in count and time. Usage:
+#   bench/compare.sh [--seconds 10] [--idle 10000] [--downloads 8]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds=10 idle=10000 downloads=8
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=$2; shift 2 ;;
+    --idle) idle=$2; shift 2 ;;
+    --downloads) downloads=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (server on 1, client on 0)" >&2; exit 1; }
+
+for p in nginx libnginx-mod-stream openssl; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
+    apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+done
+cargo build --release --quiet --bins
+bin=$PWD/target/release
+work=$(mktemp -d /tmp/ktern-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; }
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+
+openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
+openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+  -days 2 -out "$work/cert.pem" 2>/dev/null
+
+bytes=$((64 << 20))
+taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19001 --kind echo --seconds 3600 & pids+=($!)
+taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19002 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
+
+cat > "$work/ktern.toml" <<TOML
+[runtime]
+cpus = [1]
+ktls = "auto"
+[[listener]]
+address = "127.0.0.1:19443"
+[[listener.certificate]]
+cert = "cert.pem"
+key = "key.pem"
+[listener.route]
+kind = "tcp"
+backends = ["127.0.0.1:19001"]
+[[listener]]
+address = "127.0.0.1:19444"
+[[listener.certificate]]
+cert = "cert.pem"
+key = "key.pem"
+[listener.route]
+kind = "tcp"
+backends = ["127.0.0.1:19002"]
+TOML
+RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
+ktern_pid=$!
+
+cat > "$work/nginx.conf" <<CONF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_cpu_affinity 10;
+worker_rlimit_nofile 200000;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 60000; }
+stream {
+  ssl_certificate $work/cert.pem;
+  ssl_certificate_key $work/key.pem;
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_ecdh_curve X25519:prime256v1;
+  server { listen 127.0.0.1:19543 ssl; proxy_pass 127.0.0.1:19001; }
+  server { listen 127.0.0.1:19544 ssl; proxy_pass 127.0.0.1:19002; }
+}
+CONF
+taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
+sleep 1
+nginx_pids() { pgrep -f "nginx: (master|worker) process.*" | tr '\n' ' '; }
+nginx_workers() { pgrep -f "nginx: worker process" | tr '\n' ' '; }
+
+# utime + stime (clock ticks) summed over the given pids, all threads.
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+rss_kib() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $t; }
+hz=$(getconf CLK_TCK)
+
+declare -A res
+run_server() { # name port_echo port_source pids...
+  local name=$1 pe=$2 ps=$3; shift 3
+  local pids_=("$@")
+  # Warm up (page faults, first allocations).
+  taskset -c 0 "$bin/ktern-load" handshakes --addr "127.0.0.1:$pe" --threads 2 --seconds 1 > /dev/null
+  local t0 t1 out n
+  t0=$(ticks "${pids_[@]}")
+  out=$(taskset -c 0 "$bin/ktern-load" handshakes --addr "127.0.0.1:$pe" --threads 4 --seconds "$seconds")
+  t1=$(ticks "${pids_[@]}")
+  n=$(sed -E 's/.*handshakes=([0-9]+).*/\1/' <<<"$out")
+  res[$name.hs]=$(python3 -c "print(f'{($t1-$t0)/$hz/$n*1e6:.1f}')")
+  echo "$name handshakes: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.hs]} us/handshake"
+
+  local r0 r1
+  r0=$(rss_kib "${pids_[@]}")
+  taskset -c 0 "$bin/ktern-load" idle --addr "127.0.0.1:$pe" --conns "$idle" --hold 8 > "$work/idle-$name.out" &
+  local idle_pid=$!
+  for _ in $(seq 1 600); do grep -q '^open=' "$work/idle-$name.out" 2>/dev/null && break; sleep 0.5; done
+  sleep 2
+  r1=$(rss_kib "${pids_[@]}")
+  local opened; opened=$(sed -nE 's/^open=([0-9]+).*/\1/p' "$work/idle-$name.out")
+  wait $idle_pid || true
+  res[$name.rss]=$(python3 -c "print(f'{($r1-$r0)/$opened:.2f}')")
+  echo "$name idle: $opened connections, RSS $r0 -> $r1 KiB -> ${res[$name.rss]} KiB/connection"
+
+  t0=$(ticks "${pids_[@]}")
+  out=$(taskset -c 0 "$bin/ktern-load" download --addr "127.0.0.1:$ps" --times "$downloads" --bytes $bytes)
+  t1=$(ticks "${pids_[@]}")
+  res[$name.l4]=$(python3 -c "print(f'{$bytes*$downloads/1e6/max(($t1-$t0)/$hz,1e-9):.0f}')")
+  echo "$name L4 64 MiB x$downloads: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.l4]} MB per CPU-second"
+}
+
+echo "ktern: $(grep -m1 -o 'kTLS[^;]*' "$work/ktern.log" || echo 'see log')"
+run_server ktern 19443 19444 "$ktern_pid"
+# shellcheck disable=SC2046
+run_server nginx 19543 19544 $(nginx_pids)
+
+python3 - "${res[ktern.hs]}" "${res[nginx.hs]}" "${res[ktern.rss]}" "${res[nginx.rss]}" "${res[ktern.l4]}" "${res[nginx.l4]}" <<'PY'
+import sys
+k_hs, n_hs, k_rss, n_rss, k_l4, n_l4 = map(float, sys.argv[1:])
+rows = [
+    ("server CPU per TLS 1.3 handshake (us)", k_hs, n_hs, k_hs / n_hs, "<= 0.6"),
+    ("RSS per idle TLS connection (KiB)", k_rss, n_rss, k_rss / n_rss if n_rss else float("nan"), "ktern <= 10 (userspace), <= 4 (kTLS)"),
+    ("L4 64 MiB: MB per server CPU-second", k_l4, n_l4, k_l4 / n_l4, ">= 1.0"),
+]
+print(f"\n{'metric':40} {'ktern':>10} {'nginx':>10} {'ktern/nginx':>12}  target")
+for name, k, n, r, t in rows:
+    print(f"{name:40} {k:10.2f} {n:10.2f} {r:12.2f}  {t}")
+PY

@@ -1,0 +1,156 @@
+//! Idle timeouts without a timer per connection.
+//!
+//! monoio's `Sleep` is 640 bytes, more than the rest of an idle kTLS
+//! connection's task. Instead each connection registers a small [`Idle`]
+//! entry and one sweeper task per shard checks all entries a few times per
+//! timeout period, waking the connections whose timeout has passed (the
+//! coarse timer nginx and HAProxy also use for idle timeouts).
+
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// One connection's idle state.
+#[derive(Debug)]
+pub struct Idle {
+    last: Cell<Instant>,
+    timeout: Duration,
+    expired: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Idle {
+    /// Records that bytes moved now.
+    pub fn touch(&self) {
+        self.last.set(Instant::now());
+    }
+
+    /// Ready once the sweeper found the connection idle for its timeout.
+    pub fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.expired.get() {
+            return Poll::Ready(());
+        }
+        let mut slot = self.waker.borrow_mut();
+        match &*slot {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// The configured timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// A shard's idle entries.
+#[derive(Debug, Default)]
+pub struct IdleSweeper {
+    entries: RefCell<Vec<Weak<Idle>>>,
+}
+
+impl IdleSweeper {
+    /// Registers a connection; dropping the returned `Rc` unregisters it
+    /// (the sweeper drops dead entries on its next pass).
+    pub fn register(&self, timeout: Duration) -> Rc<Idle> {
+        let idle = Rc::new(Idle {
+            last: Cell::new(Instant::now()),
+            timeout,
+            expired: Cell::new(false),
+            waker: RefCell::new(None),
+        });
+        self.entries.borrow_mut().push(Rc::downgrade(&idle));
+        idle
+    }
+
+    /// One pass at time `now`: marks and wakes expired entries, forgets
+    /// finished connections. Returns how many were woken.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut woken = 0;
+        self.entries.borrow_mut().retain(|weak| {
+            let Some(idle) = weak.upgrade() else {
+                return false;
+            };
+            if now.saturating_duration_since(idle.last.get()) >= idle.timeout {
+                idle.expired.set(true);
+                if let Some(w) = idle.waker.borrow_mut().take() {
+                    w.wake();
+                }
+                woken += 1;
+                return false;
+            }
+            true
+        });
+        woken
+    }
+
+    /// Runs forever on the shard: sweeps every `period`.
+    pub async fn run(self: Rc<Self>, period: Duration) {
+        loop {
+            monoio::time::sleep(period).await;
+            self.sweep(Instant::now());
+        }
+    }
+}
+
+/// Sweep period for a set of idle timeouts: a quarter of the shortest, kept
+/// between 50 ms and 1 s, so a timeout fires at most 25% (or 1 s) late.
+pub fn sweep_period(timeouts: impl Iterator<Item = Duration>) -> Duration {
+    let shortest = timeouts.min().unwrap_or(Duration::from_secs(4));
+    (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn expires_only_after_the_timeout_and_wakes_the_connection() {
+        let sweeper = IdleSweeper::default();
+        let idle = sweeper.register(Duration::from_secs(10));
+        let flag = Arc::new(Flag(Default::default()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let t0 = Instant::now();
+        assert!(idle.poll_expired(&mut cx).is_pending());
+        assert_eq!(sweeper.sweep(t0 + Duration::from_secs(9)), 0);
+        idle.touch();
+        assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(9)), 0);
+        assert!(!flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(11)), 1);
+        assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(idle.poll_expired(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn finished_connections_are_forgotten() {
+        let sweeper = IdleSweeper::default();
+        drop(sweeper.register(Duration::from_secs(1)));
+        let _live = sweeper.register(Duration::from_secs(100));
+        sweeper.sweep(Instant::now());
+        assert_eq!(sweeper.entries.borrow().len(), 1);
+    }
+
+    #[test]
+    fn period_is_a_quarter_of_the_shortest_timeout_within_bounds() {
+        let d = Duration::from_secs;
+        assert_eq!(sweep_period([d(300), d(8)].into_iter()), d(1));
+        assert_eq!(sweep_period([d(2)].into_iter()), Duration::from_millis(500));
+        assert_eq!(
+            sweep_period([Duration::from_millis(10)].into_iter()),
+            Duration::from_millis(50)
+        );
+        assert_eq!(sweep_period(std::iter::empty()), d(1));
+    }
+}
