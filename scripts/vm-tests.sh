@@ -17,15 +17,19 @@ while [ $# -gt 0 ]; do
 done
 [ ${#kernels[@]} -gt 0 ] || kernels=(6.1 6.18)
 
-# Build the ktern binary and the test binary; find the latter's path.
-cargo build --quiet --bin ktern
-test_bin=$(cargo test --quiet --no-run --test ktls_vm --message-format=json 2>/dev/null |
+# Build the ktern binary and the test binary; find both paths from cargo
+# (they move with CARGO_TARGET_DIR).
+artifacts() {
   python3 -c 'import json,sys
+want = sys.argv[1]
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "ktls_vm":
-        print(m["executable"])')
-ktern_bin="$repo/target/debug/ktern"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == want:
+        print(m["executable"])' "$1"
+}
+ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts ktern)
+test_bin=$(cargo test --quiet --no-run --test ktls_vm --message-format=json 2>/dev/null | artifacts ktls_vm)
+[ -x "$ktern_bin" ] || { echo "vm-tests: ktern binary not found" >&2; exit 1; }
 [ -x "$test_bin" ] || { echo "vm-tests: test binary not found" >&2; exit 1; }
 
 status=0

@@ -1,0 +1,346 @@
+//! Sans-IO message-body framing (RFC 9112 §6, §7.1): finds where a body
+//! ends in a byte stream so the proxy can forward it unchanged, chunk
+//! framing and trailers included, without buffering it.
+//!
+//! The chunk-size line is parsed here, strictly, rather than with
+//! `httparse::parse_chunk_size`, which accepts any octet in chunk
+//! extensions and whitespace after the size: a proxy must refuse what a
+//! backend could read differently.
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Exactly this many bytes (0: no body).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (responses only).
+    UntilClose,
+}
+
+/// Why a body's framing is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// A malformed chunk-size line, chunk terminator or trailer.
+    #[error("bad chunked framing: {0}")]
+    Chunked(&'static str),
+    /// The stream ended before the body did.
+    #[error("body cut short")]
+    Truncated,
+}
+
+/// Longest chunk-size line (size and extensions) we accept.
+const MAX_SIZE_LINE: usize = 4096;
+/// Largest trailer section we accept (nginx drops trailers; we pass them).
+const MAX_TRAILERS: usize = 8192;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk-size line; bytes so far and whether a CR was seen.
+    Size {
+        len: usize,
+        digits: u8,
+        size: u64,
+        in_ext: bool,
+        cr: bool,
+    },
+    /// Inside chunk data.
+    Data { left: u64 },
+    /// Expecting the CRLF after chunk data (0 or 1 bytes of it seen).
+    DataEnd { cr: bool },
+    /// In the trailer section; bytes on the current line, total so far.
+    Trailer { line: usize, total: usize, cr: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+/// Tracks one body through the stream.
+///
+/// Call order: `scan` each new slice of input; the returned count of bytes
+/// belongs to the body (forward them); once [`BodyScanner::is_done`], the
+/// rest of the input is the next message. On end of input call
+/// [`BodyScanner::finish`].
+#[derive(Debug, Clone)]
+pub struct BodyScanner {
+    state: State,
+}
+
+impl BodyScanner {
+    /// A scanner for a body framed as `framing`.
+    pub fn new(framing: Framing) -> BodyScanner {
+        let state = match framing {
+            Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunk::Size {
+                len: 0,
+                digits: 0,
+                size: 0,
+                in_ext: false,
+                cr: false,
+            }),
+            Framing::UntilClose => State::UntilClose,
+        };
+        BodyScanner { state }
+    }
+
+    /// True once the whole body has been scanned.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes of the body still expected, when known (Content-Length).
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The input ended. Fine for a close-delimited body; otherwise the body
+    /// was truncated (and must not look complete to the next hop).
+    pub fn finish(&mut self) -> Result<(), BodyError> {
+        match self.state {
+            State::UntilClose | State::Done => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(BodyError::Truncated),
+        }
+    }
+
+    /// Scans `input`, returning how many leading bytes belong to the body.
+    pub fn scan(&mut self, input: &[u8]) -> Result<usize, BodyError> {
+        let mut used = 0;
+        while used < input.len() {
+            match &mut self.state {
+                State::Done => break,
+                State::UntilClose => return Ok(input.len()),
+                State::Length(left) => {
+                    let n = (*left).min((input.len() - used) as u64);
+                    *left -= n;
+                    used += n as usize;
+                    if *left == 0 {
+                        self.state = State::Done;
+                    }
+                }
+                State::Chunked(chunk) => {
+                    let (n, done) = scan_chunked(chunk, &input[used..])?;
+                    used += n;
+                    if done {
+                        self.state = State::Done;
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+}
+
+/// Advances the chunked state machine; returns (bytes used, body finished).
+fn scan_chunked(chunk: &mut Chunk, input: &[u8]) -> Result<(usize, bool), BodyError> {
+    let mut i = 0;
+    while i < input.len() {
+        match chunk {
+            Chunk::Data { left } => {
+                let n = (*left).min((input.len() - i) as u64);
+                *left -= n;
+                i += n as usize;
+                if *left == 0 {
+                    *chunk = Chunk::DataEnd { cr: false };
+                }
+            }
+            Chunk::DataEnd { cr } => {
+                let b = input[i];
+                i += 1;
+                match (*cr, b) {
+                    (false, b'\r') => *cr = true,
+                    (true, b'\n') => {
+                        *chunk = Chunk::Size {
+                            len: 0,
+                            digits: 0,
+                            size: 0,
+                            in_ext: false,
+                            cr: false,
+                        }
+                    }
+                    _ => return Err(BodyError::Chunked("chunk data not followed by CRLF")),
+                }
+            }
+            Chunk::Size {
+                len,
+                digits,
+                size,
+                in_ext,
+                cr,
+            } => {
+                let b = input[i];
+                i += 1;
+                *len += 1;
+                if *len > MAX_SIZE_LINE {
+                    return Err(BodyError::Chunked("chunk-size line too long"));
+                }
+                if *cr {
+                    if b != b'\n' {
+                        return Err(BodyError::Chunked("bare CR in chunk-size line"));
+                    }
+                    if *digits == 0 {
+                        return Err(BodyError::Chunked("missing chunk size"));
+                    }
+                    *chunk = if *size == 0 {
+                        Chunk::Trailer {
+                            line: 0,
+                            total: 0,
+                            cr: false,
+                        }
+                    } else {
+                        Chunk::Data { left: *size }
+                    };
+                    continue;
+                }
+                match b {
+                    b'\r' => *cr = true,
+                    b'\n' => return Err(BodyError::Chunked("bare LF in chunk-size line")),
+                    _ if *in_ext => {
+                        // chunk-ext: visible characters, SP and HTAB only.
+                        if !(b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b) || b >= 0x80) {
+                            return Err(BodyError::Chunked("control character in chunk extension"));
+                        }
+                    }
+                    b';' if *digits > 0 => *in_ext = true,
+                    _ => {
+                        let v = match b {
+                            b'0'..=b'9' => b - b'0',
+                            b'a'..=b'f' => b - b'a' + 10,
+                            b'A'..=b'F' => b - b'A' + 10,
+                            _ => return Err(BodyError::Chunked("invalid chunk size")),
+                        };
+                        // 16 hex digits fill a u64; one more would overflow.
+                        if *digits >= 16 {
+                            return Err(BodyError::Chunked("chunk size too large"));
+                        }
+                        *digits += 1;
+                        *size = (*size << 4) | u64::from(v);
+                    }
+                }
+            }
+            Chunk::Trailer { line, total, cr } => {
+                let b = input[i];
+                i += 1;
+                *total += 1;
+                if *total > MAX_TRAILERS {
+                    return Err(BodyError::Chunked("trailer section too large"));
+                }
+                if *cr {
+                    if b != b'\n' {
+                        return Err(BodyError::Chunked("bare CR in trailer"));
+                    }
+                    if *line == 0 {
+                        return Ok((i, true));
+                    }
+                    *line = 0;
+                    *cr = false;
+                    continue;
+                }
+                match b {
+                    b'\r' => *cr = true,
+                    b'\n' => return Err(BodyError::Chunked("bare LF in trailer")),
+                    0..=0x08 | 0x0a..=0x1f | 0x7f => {
+                        return Err(BodyError::Chunked("control character in trailer"))
+                    }
+                    _ => *line += 1,
+                }
+            }
+        }
+    }
+    Ok((i, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scans `input` split at every possible point; all splits must agree.
+    fn scan_all(framing: Framing, input: &[u8]) -> Result<(usize, bool), BodyError> {
+        let mut whole = BodyScanner::new(framing);
+        let expect = whole.scan(input).map(|n| (n, whole.is_done()));
+        for cut in 0..=input.len() {
+            let mut s = BodyScanner::new(framing);
+            let got = s.scan(&input[..cut]).and_then(|a| {
+                if s.is_done() {
+                    return Ok((a, true));
+                }
+                s.scan(&input[cut..]).map(|b| (a + b, s.is_done()))
+            });
+            assert_eq!(got, expect, "split at {cut}");
+        }
+        expect
+    }
+
+    #[test]
+    fn content_length_stops_at_the_boundary() {
+        assert_eq!(scan_all(Framing::Length(5), b"helloGET /"), Ok((5, true)));
+        assert_eq!(scan_all(Framing::Length(5), b"hel"), Ok((3, false)));
+        assert_eq!(scan_all(Framing::Length(0), b"GET"), Ok((0, true)));
+    }
+
+    #[test]
+    fn chunked_with_extensions_and_trailers() {
+        let body = b"5\r\nhello\r\nA;name=\"v\"\r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\nNEXT";
+        assert_eq!(scan_all(Framing::Chunked, body), Ok((body.len() - 4, true)));
+        let body = b"0\r\n\r\n";
+        assert_eq!(scan_all(Framing::Chunked, body), Ok((5, true)));
+        let mut s = BodyScanner::new(Framing::Chunked);
+        assert_eq!(s.scan(b"5\r\nhel"), Ok(6));
+        assert_eq!(s.finish(), Err(BodyError::Truncated));
+    }
+
+    #[test]
+    fn bad_chunk_framing_is_refused() {
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"\r\n",
+            b"-5\r\n",
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5;a\x01\r\n",
+            b"12345678901234567\r\n",
+            b"0\r\nX: a\nb\r\n\r\n",
+            b"0\r\nX: a\rb\r\n\r\n",
+            b"0x5\r\n",
+        ] {
+            let mut s = BodyScanner::new(Framing::Chunked);
+            assert!(
+                matches!(s.scan(bad), Err(BodyError::Chunked(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let big = format!("{}\r\n", "1".repeat(MAX_SIZE_LINE + 1));
+        assert!(BodyScanner::new(Framing::Chunked)
+            .scan(big.as_bytes())
+            .is_err());
+        // 16 hex digits is the largest size accepted.
+        assert!(BodyScanner::new(Framing::Chunked)
+            .scan(b"ffffffffffffffff\r\n")
+            .is_ok());
+    }
+
+    #[test]
+    fn until_close_takes_everything_and_ends_cleanly() {
+        let mut s = BodyScanner::new(Framing::UntilClose);
+        assert_eq!(s.scan(b"abc"), Ok(3));
+        assert_eq!(s.finish(), Ok(()));
+        assert!(s.is_done());
+        let mut s = BodyScanner::new(Framing::Length(3));
+        assert_eq!(s.scan(b"ab"), Ok(2));
+        assert_eq!(s.remaining(), Some(1));
+        assert_eq!(s.finish(), Err(BodyError::Truncated));
+    }
+}

@@ -1,0 +1,637 @@
+//! Sans-IO HTTP/1.1 message heads: bytes in, a validated head (or the status
+//! to answer with) out. Parsing is httparse's; the framing rules of RFC 9112
+//! §6 are ours, because a proxy must never pass on a message that the
+//! backend could frame differently (request smuggling).
+
+use super::body::Framing;
+
+/// Limits on a request head, with nginx-like defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest request line (method, target, version). nginx:
+    /// `large_client_header_buffers 4 8k` → 8 KiB. Over it: 414.
+    pub request_line: usize,
+    /// Longest single header line. Over it: 431.
+    pub header_line: usize,
+    /// Whole head, request line included. Over it: 431.
+    pub head: usize,
+    /// Most header fields. Over it: 431.
+    pub headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_line: 8 << 10,
+            header_line: 8 << 10,
+            head: 32 << 10,
+            headers: 100,
+        }
+    }
+}
+
+/// Why a head was refused, as the status code to answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// 400: malformed or ambiguous (RFC 9112 §2.2, §5, §6.3).
+    #[error("400 bad request: {0}")]
+    BadRequest(&'static str),
+    /// 414: request line (URI) too long.
+    #[error("414 URI too long")]
+    UriTooLong,
+    /// 431: a header line, all headers, or their count over the limit.
+    #[error("431 request header fields too large: {0}")]
+    HeadersTooLarge(&'static str),
+    /// 501: a transfer coding other than chunked (RFC 9112 §6.1).
+    #[error("501 not implemented: transfer coding")]
+    UnknownCoding,
+    /// 505: not HTTP/1.x.
+    #[error("505 HTTP version not supported")]
+    Version,
+}
+
+impl HeadError {
+    /// The status code to answer with.
+    pub fn status(self) -> u16 {
+        match self {
+            HeadError::BadRequest(_) => 400,
+            HeadError::UriTooLong => 414,
+            HeadError::HeadersTooLarge(_) => 431,
+            HeadError::UnknownCoding => 501,
+            HeadError::Version => 505,
+        }
+    }
+}
+
+/// One header field as received (name case kept for forwarding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    /// Field name, as sent.
+    pub name: String,
+    /// Field value, as sent (may hold obs-text bytes).
+    pub value: Vec<u8>,
+}
+
+/// A parsed, validated request head.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    /// Method token.
+    pub method: String,
+    /// Request target as sent.
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    /// Header fields in order.
+    pub fields: Vec<Field>,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// `Host` value, if any (lower-cased, port kept).
+    pub host: Option<String>,
+    /// The client wants the connection kept open after this exchange.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` was sent.
+    pub expect_continue: bool,
+    /// The client asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+    pub upgrade: bool,
+    /// Bytes the head took in the input.
+    pub len: usize,
+}
+
+impl RequestHead {
+    /// Values of every field named `name` (case-insensitive).
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.fields
+            .iter()
+            .filter(move |f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value.as_slice())
+    }
+}
+
+/// Parses a request head from the start of `buf`.
+///
+/// `Ok(None)`: incomplete, read more (the limits are already enforced on
+/// what is there, so a client cannot grow the buffer past them).
+pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
+    check_lines(buf, limits)?;
+    let mut storage = vec![httparse::EMPTY_HEADER; limits.headers];
+    let mut req = httparse::Request::new(&mut storage);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= limits.head {
+                return Err(HeadError::HeadersTooLarge("head over the limit"));
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::HeadersTooLarge("too many fields"))
+        }
+        Err(httparse::Error::Version) => return Err(HeadError::Version),
+        Err(httparse::Error::HeaderName) => {
+            return Err(HeadError::BadRequest("invalid field name"))
+        }
+        Err(httparse::Error::HeaderValue) => {
+            return Err(HeadError::BadRequest("invalid field value"))
+        }
+        Err(httparse::Error::NewLine) => return Err(HeadError::BadRequest("invalid line ending")),
+        Err(_) => return Err(HeadError::BadRequest("malformed request line")),
+    };
+    if len > limits.head {
+        return Err(HeadError::HeadersTooLarge("head over the limit"));
+    }
+    let head = &buf[..len];
+    // httparse accepts a bare LF as a line end (RFC 9112 §2.2 lets a
+    // recipient do so); a bare CR anywhere is invalid and must be refused.
+    if head.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n') {
+        return Err(HeadError::BadRequest("bare CR"));
+    }
+    let method = req.method.unwrap_or_default().to_string();
+    let target = req.path.unwrap_or_default().to_string();
+    let minor = req.version.unwrap_or(1);
+    let fields: Vec<Field> = req
+        .headers
+        .iter()
+        .map(|h| Field {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect();
+    let framing = request_framing(&fields)?;
+    let mut host = None;
+    let mut conn_close = minor == 0;
+    let mut conn_upgrade = false;
+    let mut expect_continue = false;
+    let mut has_upgrade = false;
+    for f in &fields {
+        if f.name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                // RFC 9112 §3.2: more than one Host is a 400.
+                return Err(HeadError::BadRequest("repeated Host"));
+            }
+            let v = std::str::from_utf8(&f.value)
+                .map_err(|_| HeadError::BadRequest("non-ASCII Host"))?;
+            host = Some(v.trim().to_ascii_lowercase());
+        } else if f.name.eq_ignore_ascii_case("connection") {
+            for token in list_tokens(&f.value) {
+                if token.eq_ignore_ascii_case("close") {
+                    conn_close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") && minor == 0 {
+                    conn_close = false;
+                } else if token.eq_ignore_ascii_case("upgrade") {
+                    conn_upgrade = true;
+                }
+            }
+        } else if f.name.eq_ignore_ascii_case("expect") {
+            expect_continue |= f.value.eq_ignore_ascii_case(b"100-continue");
+        } else if f.name.eq_ignore_ascii_case("upgrade") {
+            has_upgrade = true;
+        }
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
+    if minor == 1 && host.is_none() {
+        return Err(HeadError::BadRequest("missing Host"));
+    }
+    Ok(Some(RequestHead {
+        method,
+        target,
+        minor,
+        fields,
+        framing,
+        host,
+        keep_alive: !conn_close,
+        expect_continue,
+        upgrade: conn_upgrade && has_upgrade,
+        len,
+    }))
+}
+
+/// Enforces line-length limits on whatever part of the head has arrived.
+fn check_lines(buf: &[u8], limits: &Limits) -> Result<(), HeadError> {
+    let end = find_head_end(buf).unwrap_or(buf.len());
+    let head = &buf[..end];
+    let mut lines = head.split(|&b| b == b'\n');
+    let first = lines.next().unwrap_or_default();
+    if first.len() > limits.request_line {
+        return Err(HeadError::UriTooLong);
+    }
+    for line in lines {
+        if line.len() > limits.header_line {
+            return Err(HeadError::HeadersTooLarge("field line over the limit"));
+        }
+    }
+    Ok(())
+}
+
+/// Offset just past the blank line ending a head, if present.
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(p) = buf[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + p;
+        let next = &buf[nl + 1..];
+        if next.starts_with(b"\r\n") {
+            return Some(nl + 3);
+        }
+        if next.starts_with(b"\n") {
+            return Some(nl + 2);
+        }
+        i = nl + 1;
+    }
+    None
+}
+
+/// Comma-separated list elements (RFC 9110 §5.6.1), trimmed, empties dropped.
+pub fn list_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    value
+        .split(|&b| b == b',')
+        .filter_map(|t| std::str::from_utf8(t).ok())
+        .map(|t| t.trim_matches(|c| c == ' ' || c == '\t'))
+        .filter(|t| !t.is_empty())
+}
+
+/// RFC 9112 §6.3 for requests: Transfer-Encoding wins only when it is
+/// exactly a final `chunked`; Content-Length must be one valid number
+/// (repeats allowed only if identical); both together are refused.
+fn request_framing(fields: &[Field]) -> Result<Framing, HeadError> {
+    let mut te: Vec<String> = Vec::new();
+    let mut cl: Option<u64> = None;
+    for f in fields {
+        if f.name.eq_ignore_ascii_case("transfer-encoding") {
+            te.extend(list_tokens(&f.value).map(|t| t.to_ascii_lowercase()));
+            if list_tokens(&f.value).next().is_none() {
+                return Err(HeadError::BadRequest("empty Transfer-Encoding"));
+            }
+        } else if f.name.eq_ignore_ascii_case("content-length") {
+            for v in f.value.split(|&b| b == b',') {
+                let n = parse_content_length(v)
+                    .ok_or(HeadError::BadRequest("invalid Content-Length"))?;
+                match cl {
+                    Some(prev) if prev != n => {
+                        return Err(HeadError::BadRequest("conflicting Content-Length"))
+                    }
+                    _ => cl = Some(n),
+                }
+            }
+        }
+    }
+    if !te.is_empty() {
+        if cl.is_some() {
+            // §6.3 (3): a server MAY reject; a proxy forwarding it risks smuggling.
+            return Err(HeadError::BadRequest(
+                "Content-Length with Transfer-Encoding",
+            ));
+        }
+        return match te.as_slice() {
+            [only] if only == "chunked" => Ok(Framing::Chunked),
+            // chunked applied twice, or not last: §6.3 (4) → 400.
+            list if list.iter().any(|t| t == "chunked") => {
+                Err(HeadError::BadRequest("chunked is not the final coding"))
+            }
+            _ => Err(HeadError::UnknownCoding),
+        };
+    }
+    Ok(match cl {
+        Some(n) => Framing::Length(n),
+        None => Framing::Length(0),
+    })
+}
+
+/// `1*DIGIT` with optional surrounding whitespace, no sign, no overflow.
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    let v = std::str::from_utf8(v)
+        .ok()?
+        .trim_matches(|c| c == ' ' || c == '\t');
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// A parsed backend response head.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase as sent.
+    pub reason: String,
+    /// 0 or 1.
+    pub minor: u8,
+    /// Header fields in order.
+    pub fields: Vec<Field>,
+    /// How the body is delimited (given the request method).
+    pub framing: Framing,
+    /// The backend will keep the connection open afterwards.
+    pub keep_alive: bool,
+    /// Bytes the head took.
+    pub len: usize,
+}
+
+/// Why a backend response head is refused (the client gets 502).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    /// Not an HTTP/1.x response, or malformed.
+    #[error("malformed response head")]
+    Malformed,
+    /// Head larger than the limit.
+    #[error("response head too large")]
+    TooLarge,
+    /// Ambiguous framing (RFC 9112 §6.3).
+    #[error("ambiguous response framing: {0}")]
+    Framing(&'static str),
+}
+
+/// Parses a response head to a request with `method` (HEAD responses and
+/// 1xx/204/304 have no body, RFC 9112 §6.3 (1)).
+pub fn parse_response(
+    buf: &[u8],
+    method: &str,
+    max_head: usize,
+) -> Result<Option<ResponseHead>, ResponseError> {
+    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let mut res = httparse::Response::new(&mut storage);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+            return Err(ResponseError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooLarge),
+        Err(_) => return Err(ResponseError::Malformed),
+    };
+    if len > max_head {
+        return Err(ResponseError::TooLarge);
+    }
+    let status = res.code.unwrap_or(0);
+    let minor = res.version.unwrap_or(1);
+    let fields: Vec<Field> = res
+        .headers
+        .iter()
+        .map(|h| Field {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect();
+    let mut keep_alive = minor == 1;
+    let mut te: Vec<String> = Vec::new();
+    let mut cl: Option<u64> = None;
+    for f in &fields {
+        if f.name.eq_ignore_ascii_case("connection") {
+            for t in list_tokens(&f.value) {
+                if t.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if t.eq_ignore_ascii_case("keep-alive") && minor == 0 {
+                    keep_alive = true;
+                }
+            }
+        } else if f.name.eq_ignore_ascii_case("transfer-encoding") {
+            te.extend(list_tokens(&f.value).map(|t| t.to_ascii_lowercase()));
+        } else if f.name.eq_ignore_ascii_case("content-length") {
+            for v in f.value.split(|&b| b == b',') {
+                let n = parse_content_length(v)
+                    .ok_or(ResponseError::Framing("invalid Content-Length"))?;
+                match cl {
+                    Some(prev) if prev != n => {
+                        return Err(ResponseError::Framing("conflicting Content-Length"))
+                    }
+                    _ => cl = Some(n),
+                }
+            }
+        }
+    }
+    let bodiless = method.eq_ignore_ascii_case("HEAD")
+        || (100..200).contains(&status)
+        || status == 204
+        || status == 304;
+    let framing = if bodiless {
+        Framing::Length(0)
+    } else if !te.is_empty() {
+        if cl.is_some() {
+            return Err(ResponseError::Framing(
+                "Content-Length with Transfer-Encoding",
+            ));
+        }
+        match te.last().map(String::as_str) {
+            Some("chunked") if te.iter().filter(|t| *t == "chunked").count() == 1 => {
+                Framing::Chunked
+            }
+            // §6.3 (4): a response whose final coding is not chunked is
+            // delimited by the connection close.
+            Some(_) if !te.iter().any(|t| t == "chunked") => Framing::UntilClose,
+            _ => return Err(ResponseError::Framing("misplaced chunked")),
+        }
+    } else {
+        match cl {
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    if framing == Framing::UntilClose {
+        keep_alive = false;
+    }
+    Ok(Some(ResponseHead {
+        status,
+        reason: res.reason.unwrap_or_default().to_string(),
+        minor,
+        fields,
+        framing,
+        keep_alive,
+        len,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(text: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(text.as_bytes(), &Limits::default())
+    }
+
+    #[test]
+    fn simple_get_with_defaults() {
+        let h = req("GET /a?b=1 HTTP/1.1\r\nHost: Example.COM:443\r\nAccept: */*\r\n\r\nrest")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.method, "GET");
+        assert_eq!(h.target, "/a?b=1");
+        assert_eq!(h.host.as_deref(), Some("example.com:443"));
+        assert!(h.keep_alive);
+        assert_eq!(h.framing, Framing::Length(0));
+        assert_eq!(
+            h.len,
+            "GET /a?b=1 HTTP/1.1\r\nHost: Example.COM:443\r\nAccept: */*\r\n\r\n".len()
+        );
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more() {
+        assert!(req("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+        assert!(req("GET / HT").unwrap().is_none());
+    }
+
+    #[test]
+    fn connection_semantics() {
+        assert!(
+            !req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .unwrap()
+                .keep_alive
+        );
+        assert!(!req("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().keep_alive);
+        assert!(
+            req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .unwrap()
+                .unwrap()
+                .keep_alive
+        );
+        let up = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap().unwrap();
+        assert!(up.upgrade);
+        let e =
+            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(e.expect_continue);
+        assert_eq!(e.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let cases: &[(&str, u16)] = &[
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x3\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHo(st: a\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+        ];
+        for (text, status) in cases {
+            let got = req(text).map(|h| h.map(|h| h.framing));
+            match got {
+                Err(e) => assert_eq!(e.status(), *status, "{text:?}: {e}"),
+                Ok(h) => panic!("{text:?} accepted as {h:?}"),
+            }
+        }
+        // Identical repeats are allowed (RFC 9110 §8.6).
+        let h = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Length(3));
+        let h = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn limits_give_414_and_431_before_the_head_is_complete() {
+        let limits = Limits {
+            request_line: 64,
+            header_line: 64,
+            head: 256,
+            headers: 4,
+        };
+        let long_uri = format!("GET /{} HTTP/1.1\r\n", "a".repeat(100));
+        assert_eq!(
+            parse_request(long_uri.as_bytes(), &limits)
+                .unwrap_err()
+                .status(),
+            414
+        );
+        let long_field = format!("GET / HTTP/1.1\r\nX: {}", "b".repeat(100));
+        assert_eq!(
+            parse_request(long_field.as_bytes(), &limits)
+                .unwrap_err()
+                .status(),
+            431
+        );
+        let many = "GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\n\r\n";
+        assert_eq!(
+            parse_request(many.as_bytes(), &limits)
+                .unwrap_err()
+                .status(),
+            431
+        );
+        let big: String = std::iter::once("GET / HTTP/1.1\r\n".to_string())
+            .chain((0..10).map(|i| format!("X{i}: {}\r\n", "c".repeat(40))))
+            .collect();
+        assert_eq!(
+            parse_request(big.as_bytes(), &limits).unwrap_err().status(),
+            431
+        );
+    }
+
+    #[test]
+    fn response_framing() {
+        let r = |t: &str, m: &str| parse_response(t.as_bytes(), m, 8192);
+        let h = r("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "GET")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (h.status, h.framing, h.keep_alive),
+            (200, Framing::Length(5), true)
+        );
+        let h = r("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Length(0));
+        for status in ["204 No Content", "304 Not Modified", "100 Continue"] {
+            let h = r(
+                &format!("HTTP/1.1 {status}\r\nContent-Length: 5\r\n\r\n"),
+                "GET",
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(h.framing, Framing::Length(0), "{status}");
+        }
+        let h = r(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        let h = r("HTTP/1.1 200 OK\r\n\r\n", "GET").unwrap().unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
+        let h = r("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", "GET")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        assert!(matches!(
+            r(
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "GET"
+            ),
+            Err(ResponseError::Framing(_))
+        ));
+        assert!(matches!(
+            r(
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "GET"
+            ),
+            Err(ResponseError::Framing(_))
+        ));
+        assert!(matches!(
+            r("SSH-2.0-OpenSSH\r\n\r\n", "GET"),
+            Err(ResponseError::Malformed)
+        ));
+        assert!(matches!(
+            r(
+                &format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(9000)),
+                "GET"
+            ),
+            Err(ResponseError::TooLarge)
+        ));
+        assert!(r("HTTP/1.1 200 OK\r\nX: 1\r\n", "GET").unwrap().is_none());
+    }
+}

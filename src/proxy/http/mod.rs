@@ -1,0 +1,9 @@
+//! HTTP/1.1 (RFC 9112) sans-IO pieces for the `http` route: request and
+//! response heads ([`head`]), body framing ([`body`]) and forwarding
+//! rewrites ([`rewrite`]). They take bytes and hand back heads, byte counts
+//! and bytes to send; no sockets, no clocks. The forwarding loop that pumps
+//! them is not built yet (issue 3).
+
+pub mod body;
+pub mod head;
+pub mod rewrite;

@@ -1,0 +1,350 @@
+//! Sans-IO head rewriting for forwarding: hop-by-hop fields removed (RFC
+//! 9110 §7.6.1), forwarding information added (X-Forwarded-*, RFC 7239
+//! `Forwarded`), framing re-stated for the next hop.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::body::Framing;
+use super::head::{list_tokens, Field, RequestHead, ResponseHead};
+
+/// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1,
+/// plus the non-standard Proxy-Connection and Keep-Alive).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Forwarding fields a client could forge; dropped unless it is trusted.
+const FORWARDING: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+/// What to say about the client when forwarding.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The client is a trusted proxy: keep (and extend) its forwarding fields.
+    pub trusted: bool,
+    /// Add `X-Forwarded-For`, `-Proto`, `-Host`.
+    pub x_forwarded: bool,
+    /// Add RFC 7239 `Forwarded`.
+    pub forwarded: bool,
+}
+
+/// True if `name` must not be forwarded, given the `Connection` options.
+fn is_hop_by_hop(name: &str, connection_options: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || connection_options
+            .iter()
+            .any(|o| name.eq_ignore_ascii_case(o))
+}
+
+fn connection_options(fields: &[Field]) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|f| {
+            list_tokens(&f.value)
+                .map(str::to_ascii_lowercase)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// RFC 7239 §6: `for=` node; IPv6 in brackets, quoted.
+fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+/// RFC 7230 token characters; anything else in a Forwarded value is quoted.
+fn forwarded_value(v: &str) -> String {
+    let token = !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if token {
+        v.to_string()
+    } else {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// Writes the request head to send upstream (HTTP/1.1, keep-alive).
+pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let options = connection_options(&head.fields);
+    let mut prior_xff: Vec<&[u8]> = Vec::new();
+    let mut prior_forwarded: Vec<&[u8]> = Vec::new();
+    for f in &head.fields {
+        if is_hop_by_hop(&f.name, &options) {
+            continue;
+        }
+        if FORWARDING.iter().any(|h| f.name.eq_ignore_ascii_case(h)) {
+            if fwd.trusted {
+                if f.name.eq_ignore_ascii_case("x-forwarded-for") && fwd.x_forwarded {
+                    prior_xff.push(&f.value);
+                    continue;
+                }
+                if f.name.eq_ignore_ascii_case("forwarded") && fwd.forwarded {
+                    prior_forwarded.push(&f.value);
+                    continue;
+                }
+                push_field(out, &f.name, &f.value);
+            }
+            continue;
+        }
+        push_field(out, &f.name, &f.value);
+    }
+    if head.host.is_none() {
+        // We speak HTTP/1.1 upstream, which requires Host; an HTTP/1.0
+        // request without one has no authority, so it is empty (RFC 9112 §3.2).
+        push_field(out, "Host", b"");
+    }
+    if head.framing == Framing::Chunked {
+        push_field(out, "Transfer-Encoding", b"chunked");
+    }
+    if head.upgrade {
+        for f in head
+            .fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("upgrade"))
+        {
+            push_field(out, "Upgrade", &f.value);
+        }
+        push_field(out, "Connection", b"upgrade");
+    }
+    let ip = fwd.client.ip().to_canonical();
+    if fwd.x_forwarded {
+        let mut xff = prior_xff.join(&b", "[..]);
+        if !xff.is_empty() {
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(ip.to_string().as_bytes());
+        push_field(out, "X-Forwarded-For", &xff);
+        push_field(out, "X-Forwarded-Proto", b"https");
+        if let Some(host) = &head.host {
+            push_field(out, "X-Forwarded-Host", host.as_bytes());
+        }
+    }
+    if fwd.forwarded {
+        let mut value = prior_forwarded.join(&b", "[..]);
+        if !value.is_empty() {
+            value.extend_from_slice(b", ");
+        }
+        let mut element = format!("for={};proto=https", forwarded_node(ip));
+        if let Some(host) = &head.host {
+            element.push_str(&format!(";host={}", forwarded_value(host)));
+        }
+        value.extend_from_slice(element.as_bytes());
+        push_field(out, "Forwarded", &value);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the response head to send to the client. `close` says whether
+/// ktern will close the client connection after this response.
+pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", head.status, head.reason).as_bytes());
+    let options = connection_options(&head.fields);
+    let switching = head.status == 101;
+    for f in &head.fields {
+        // A 101 keeps Upgrade (and gets its own Connection below).
+        if switching && f.name.eq_ignore_ascii_case("upgrade") {
+            push_field(out, &f.name, &f.value);
+            continue;
+        }
+        if is_hop_by_hop(&f.name, &options) {
+            continue;
+        }
+        push_field(out, &f.name, &f.value);
+    }
+    if head.framing == Framing::Chunked {
+        push_field(out, "Transfer-Encoding", b"chunked");
+    }
+    for (name, value) in extra {
+        push_field(out, name, value);
+    }
+    if switching {
+        push_field(out, "Connection", b"upgrade");
+    } else if close {
+        push_field(out, "Connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A complete short response generated by ktern itself (errors, redirects).
+pub fn local_response(
+    status: u16,
+    reason: &str,
+    close: bool,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for (name, value) in extra {
+        push_field(&mut out, name, value.as_bytes());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::http::head::{parse_request, parse_response, Limits};
+
+    fn fwd(trusted: bool) -> Forwarding {
+        Forwarding {
+            client: "[::ffff:192.0.2.7]:5555".parse().unwrap(),
+            trusted,
+            x_forwarded: true,
+            forwarded: true,
+        }
+    }
+
+    fn rewrite(text: &str, trusted: bool) -> String {
+        let head = parse_request(text.as_bytes(), &Limits::default())
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        request(&head, &fwd(trusted), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_options_are_removed() {
+        let out = rewrite(
+            "POST /x HTTP/1.1\r\nHost: app.example\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Secret: 1\r\nTransfer-Encoding: chunked\r\nAccept: */*\r\n\r\n",
+            false,
+        );
+        assert!(out.starts_with("POST /x HTTP/1.1\r\nHost: app.example\r\nAccept: */*\r\nTransfer-Encoding: chunked\r\n"), "{out}");
+        for gone in ["Connection: keep", "Keep-Alive", "TE:", "X-Secret"] {
+            assert!(!out.contains(gone), "{gone} kept: {out}");
+        }
+        assert!(out.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn forwarding_fields_are_replaced_for_untrusted_clients() {
+        let out = rewrite(
+            "GET / HTTP/1.1\r\nHost: App.Example\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\n\r\n",
+            false,
+        );
+        assert!(!out.contains("6.6.6.6"), "{out}");
+        assert!(out.contains("X-Forwarded-For: 192.0.2.7\r\n"), "{out}");
+        assert!(out.contains("X-Forwarded-Proto: https\r\n"));
+        assert!(out.contains("X-Forwarded-Host: app.example\r\n"));
+        assert!(
+            out.contains("Forwarded: for=192.0.2.7;proto=https;host=app.example\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_extended_not_replaced() {
+        let out = rewrite(
+            "GET / HTTP/1.1\r\nHost: a:8443\r\nX-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\n\r\n",
+            true,
+        );
+        assert!(
+            out.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Forwarded: for=10.0.0.1, for=192.0.2.7;proto=https;host=\"a:8443\"\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn http10_without_host_gets_an_empty_host_upstream() {
+        let out = rewrite("GET / HTTP/1.0\r\n\r\n", false);
+        assert!(out.starts_with("GET / HTTP/1.1\r\nHost: \r\n"), "{out}");
+        let again = parse_request(out.as_bytes(), &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.host.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn ipv6_clients_are_quoted_in_forwarded() {
+        assert_eq!(
+            forwarded_node("2001:db8::1".parse().unwrap()),
+            "\"[2001:db8::1]\""
+        );
+    }
+
+    #[test]
+    fn upgrade_is_kept_for_websocket() {
+        let out = rewrite(
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n",
+            false,
+        );
+        assert!(
+            out.contains("Upgrade: websocket\r\nConnection: upgrade\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("Sec-WebSocket-Key: k\r\n"));
+    }
+
+    #[test]
+    fn response_heads_drop_hop_by_hop_and_state_framing() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-App: 1\r\n\r\n";
+        let head = parse_response(text.as_bytes(), "GET", 8192)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        response(
+            &head,
+            true,
+            &[("Strict-Transport-Security", b"max-age=63072000")],
+            &mut out,
+        );
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nX-App: 1\r\nTransfer-Encoding: chunked\r\nStrict-Transport-Security: max-age=63072000\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn local_responses_are_complete() {
+        let r = String::from_utf8(local_response(
+            400,
+            "Bad Request",
+            true,
+            &[],
+            "bad request\n",
+        ))
+        .unwrap();
+        assert_eq!(r, "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n");
+    }
+}
