@@ -60,6 +60,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Address of the plain-HTTP admin endpoint (`/metrics`), if any.
     pub admin: Option<SocketAddr>,
+    /// Upstream groups for `http` routes.
+    pub upstreams: Vec<Upstream>,
 }
 
 /// Process-wide settings.
@@ -117,6 +119,96 @@ pub struct TlsVersions {
 pub enum Route {
     /// Layer 4: pipe bytes to a TCP backend both ways.
     Tcp(TcpRoute),
+    /// HTTP/1.1 reverse proxy to upstream groups chosen by Host and path.
+    Http(HttpRoute),
+}
+
+impl Route {
+    /// The idle timeout for connections on this route.
+    pub fn idle_timeout(&self) -> Duration {
+        match self {
+            Route::Tcp(t) => t.idle_timeout,
+            Route::Http(h) => h.keepalive_timeout,
+        }
+    }
+}
+
+/// An `http` route.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    /// Routing rules, most specific first (exact host, then longest
+    /// wildcard, then any host; longest path prefix first within each).
+    pub rules: Vec<Rule>,
+    /// Largest request body (413 above it).
+    pub max_body: u64,
+    /// Time allowed for a request head to arrive once started (408).
+    pub head_timeout: Duration,
+    /// Idle time allowed between requests on a kept-alive connection.
+    pub keepalive_timeout: Duration,
+    /// Clients whose X-Forwarded-*/Forwarded fields are kept and extended.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Add X-Forwarded-For/-Proto/-Host.
+    pub x_forwarded: bool,
+    /// Add RFC 7239 Forwarded.
+    pub forwarded: bool,
+}
+
+/// Which hosts a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Exactly this name (lower case, no port).
+    Exact(String),
+    /// Any name ending in this suffix (`*.example.com` → `.example.com`).
+    Suffix(String),
+    /// Every host.
+    Any,
+}
+
+impl HostMatch {
+    /// Does `host` (lower case, port stripped) match?
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            HostMatch::Any => true,
+        }
+    }
+
+    fn rank(&self) -> (u8, usize) {
+        match self {
+            HostMatch::Exact(_) => (0, 0),
+            HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
+            HostMatch::Any => (2, 0),
+        }
+    }
+}
+
+/// One routing rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Host match.
+    pub host: HostMatch,
+    /// Path prefix.
+    pub path: String,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+}
+
+/// A named group of HTTP backends.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Name from the config.
+    pub name: String,
+    /// Backends, round robin.
+    pub backends: Vec<SocketAddr>,
+    /// Time allowed per TCP connect (502 after every backend failed).
+    pub connect_timeout: Duration,
+    /// Time allowed for the response head after the request went out (504).
+    pub response_timeout: Duration,
+    /// Idle connections kept per shard.
+    pub pool_size: usize,
+    /// Idle pooled connections older than this are closed, not reused.
+    pub pool_idle_timeout: Duration,
 }
 
 /// A layer-4 route.
@@ -201,6 +293,7 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: raw::RawConfig, file: &str) -> Config {
         let runtime = self.runtime(raw.runtime);
+        let upstreams = self.upstreams(raw.upstream);
         if raw.listener.is_empty() {
             self.problem("listener", "at least one [[listener]] is required");
         }
@@ -208,7 +301,7 @@ impl Validator<'_> {
             .listener
             .into_iter()
             .enumerate()
-            .filter_map(|(i, l)| self.listener(i, l))
+            .filter_map(|(i, l)| self.listener(i, l, &upstreams))
             .collect::<Vec<_>>();
         for (i, a) in listeners.iter().enumerate() {
             if listeners[..i].iter().any(|b| b.address == a.address) {
@@ -226,7 +319,146 @@ impl Validator<'_> {
             runtime,
             listeners,
             admin,
+            upstreams,
         }
+    }
+
+    fn upstreams(&mut self, table: toml::Table) -> Vec<Upstream> {
+        let mut out = Vec::new();
+        for (name, value) in table {
+            let at = format!("upstream.{name}");
+            let raw: raw::UpstreamSection = match value.try_into() {
+                Ok(r) => r,
+                Err(e) => {
+                    self.problem(at, e.message().to_string());
+                    continue;
+                }
+            };
+            if raw.backends.is_empty() {
+                self.problem(format!("{at}.backends"), "at least one backend is required");
+            }
+            let backends = raw
+                .backends
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| self.addr(&format!("{at}.backends[{i}]"), b))
+                .collect();
+            let connect_timeout =
+                self.duration(&format!("{at}.connect_timeout"), &raw.connect_timeout);
+            let response_timeout =
+                self.duration(&format!("{at}.response_timeout"), &raw.response_timeout);
+            let pool_idle_timeout =
+                self.duration(&format!("{at}.pool_idle_timeout"), &raw.pool_idle_timeout);
+            out.push(Upstream {
+                name,
+                backends,
+                connect_timeout: connect_timeout.unwrap_or_default(),
+                response_timeout: response_timeout.unwrap_or_default(),
+                pool_size: raw.pool_size,
+                pool_idle_timeout: pool_idle_timeout.unwrap_or_default(),
+            });
+        }
+        out
+    }
+
+    fn http_route(
+        &mut self,
+        at: &str,
+        raw: raw::HttpRouteSection,
+        upstreams: &[Upstream],
+    ) -> Option<Route> {
+        if raw.rule.is_empty() {
+            self.problem(
+                format!("{at}.rule"),
+                "at least one [[listener.route.rule]] is required",
+            );
+        }
+        let mut rules = Vec::new();
+        for (i, r) in raw.rule.iter().enumerate() {
+            let field = format!("{at}.rule[{i}]");
+            let host = match r.host.as_deref().map(str::to_ascii_lowercase) {
+                None => HostMatch::Any,
+                Some(h) if h == "*" => HostMatch::Any,
+                Some(h) => match h.strip_prefix('*') {
+                    Some(suffix) if suffix.starts_with('.') && !suffix[1..].contains('*') => {
+                        HostMatch::Suffix(suffix.to_string())
+                    }
+                    Some(_) => {
+                        self.problem(
+                            format!("{field}.host"),
+                            "wildcards must look like \"*.example.com\"",
+                        );
+                        continue;
+                    }
+                    None if h.contains('*') || h.contains(':') || h.is_empty() => {
+                        self.problem(
+                            format!("{field}.host"),
+                            "a host name without port or wildcards in the middle",
+                        );
+                        continue;
+                    }
+                    None => HostMatch::Exact(h),
+                },
+            };
+            if !r.path.starts_with('/') {
+                self.problem(format!("{field}.path"), "a path prefix must start with /");
+                continue;
+            }
+            let Some(upstream) = upstreams.iter().position(|u| u.name == r.upstream) else {
+                self.problem(
+                    format!("{field}.upstream"),
+                    format!("no [upstream.{}] is defined", r.upstream),
+                );
+                continue;
+            };
+            rules.push(Rule {
+                host,
+                path: r.path.clone(),
+                upstream,
+            });
+        }
+        // Most specific first: the first match wins at request time.
+        rules.sort_by(|a, b| {
+            a.host
+                .rank()
+                .cmp(&b.host.rank())
+                .then(b.path.len().cmp(&a.path.len()))
+        });
+        let max_body = match parse_size(&raw.max_body) {
+            Some(n) => n,
+            None => {
+                self.problem(
+                    format!("{at}.max_body"),
+                    format!(
+                        "{:?} is not a size (e.g. \"1m\", \"512k\", \"10485760\")",
+                        raw.max_body
+                    ),
+                );
+                0
+            }
+        };
+        let head_timeout = self.duration(&format!("{at}.head_timeout"), &raw.head_timeout);
+        let keepalive_timeout =
+            self.duration(&format!("{at}.keepalive_timeout"), &raw.keepalive_timeout);
+        let mut trusted = Vec::new();
+        for (i, t) in raw.trusted_proxies.iter().enumerate() {
+            match t.parse() {
+                Ok(ip) => trusted.push(ip),
+                Err(_) => self.problem(
+                    format!("{at}.trusted_proxies[{i}]"),
+                    format!("{t:?} is not an IP address"),
+                ),
+            }
+        }
+        Some(Route::Http(HttpRoute {
+            rules,
+            max_body,
+            head_timeout: head_timeout?,
+            keepalive_timeout: keepalive_timeout?,
+            trusted_proxies: trusted,
+            x_forwarded: raw.x_forwarded,
+            forwarded: raw.forwarded,
+        }))
     }
 
     fn runtime(&mut self, raw: raw::RuntimeSection) -> Runtime {
@@ -260,7 +492,12 @@ impl Validator<'_> {
         }
     }
 
-    fn listener(&mut self, i: usize, raw: raw::ListenerSection) -> Option<Listener> {
+    fn listener(
+        &mut self,
+        i: usize,
+        raw: raw::ListenerSection,
+        upstreams: &[Upstream],
+    ) -> Option<Listener> {
         let at = format!("listener[{i}]");
         let address = self.addr(&format!("{at}.address"), &raw.address);
         if raw.backlog == 0 || raw.backlog > 65535 {
@@ -300,6 +537,7 @@ impl Validator<'_> {
         }
         let route = match raw.route {
             raw::RouteSection::Tcp(t) => self.tcp_route(&format!("{at}.route"), t),
+            raw::RouteSection::Http(h) => self.http_route(&format!("{at}.route"), h, upstreams),
         };
         Some(Listener {
             name: raw.name.unwrap_or_else(|| format!("listener{i}")),
@@ -426,6 +664,21 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// Parses a byte size: `"1048576"`, `"512k"`, `"1m"`, `"2g"` (binary units).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim().to_ascii_lowercase();
+    let (num, mult) = match t.chars().last()? {
+        'k' => (&t[..t.len() - 1], 1u64 << 10),
+        'm' => (&t[..t.len() - 1], 1 << 20),
+        'g' => (&t[..t.len() - 1], 1 << 30),
+        _ => (t.as_str(), 1),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`.

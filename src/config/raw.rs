@@ -39,6 +39,9 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub listener: Vec<ListenerSection>,
     pub admin: Option<AdminSection>,
+    /// Named upstream groups for `http` routes, in file order.
+    #[serde(default)]
+    pub upstream: toml::Table,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +97,49 @@ pub(super) struct CertificateSection {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub(super) enum RouteSection {
     Tcp(TcpRouteSection),
+    Http(HttpRouteSection),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HttpRouteSection {
+    #[serde(default)]
+    pub rule: Vec<RuleSection>,
+    #[serde(default = "default_max_body")]
+    pub max_body: String,
+    #[serde(default = "default_head_timeout")]
+    pub head_timeout: String,
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout: String,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    #[serde(default = "yes")]
+    pub x_forwarded: bool,
+    #[serde(default = "yes")]
+    pub forwarded: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuleSection {
+    pub host: Option<String>,
+    #[serde(default = "default_path")]
+    pub path: String,
+    pub upstream: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpstreamSection {
+    pub backends: Vec<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout: String,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "default_pool_idle")]
+    pub pool_idle_timeout: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +156,39 @@ pub(super) struct TcpRouteSection {
 #[serde(deny_unknown_fields)]
 pub(super) struct AdminSection {
     pub address: String,
+}
+
+fn yes() -> bool {
+    true
+}
+/// nginx's `client_max_body_size` default.
+fn default_max_body() -> String {
+    "1m".into()
+}
+/// nginx's `client_header_timeout` default.
+fn default_head_timeout() -> String {
+    "60s".into()
+}
+/// nginx's `keepalive_timeout` default.
+fn default_keepalive_timeout() -> String {
+    "75s".into()
+}
+fn default_path() -> String {
+    "/".into()
+}
+/// nginx's `proxy_read_timeout` default: time to the response head.
+fn default_response_timeout() -> String {
+    "60s".into()
+}
+/// Idle backend connections kept per upstream per shard.
+fn default_pool_size() -> usize {
+    32
+}
+/// Shorter than common backend keep-alive timeouts (nginx 75 s, Node 5 s
+/// is the outlier: lower this for Node backends), so ktern drops an idle
+/// connection before the backend does.
+fn default_pool_idle() -> String {
+    "4s".into()
 }
 
 fn default_handshake_timeout() -> String {

@@ -32,7 +32,9 @@ fn minimal_config_gets_documented_defaults() {
             tls13: true
         }
     );
-    let Route::Tcp(t) = &l.route;
+    let Route::Tcp(t) = &l.route else {
+        panic!("tcp route expected")
+    };
     assert_eq!(t.connect_timeout, Duration::from_secs(5));
     assert_eq!(t.idle_timeout, Duration::from_secs(300));
 }
@@ -127,4 +129,96 @@ fn durations() {
     assert_eq!(parse_duration("s"), None);
     assert_eq!(parse_duration("-1s"), None);
     assert_eq!(parse_duration("99999999999999999999h"), None);
+}
+
+const HTTP: &str = r#"
+[[listener]]
+address = "127.0.0.1:0"
+[[listener.certificate]]
+cert = "inline:c"
+key = "inline:k"
+[listener.route]
+kind = "http"
+[[listener.route.rule]]
+upstream = "web"
+[[listener.route.rule]]
+host = "*.example.com"
+upstream = "api"
+[[listener.route.rule]]
+host = "www.example.com"
+path = "/api/"
+upstream = "api"
+[[listener.route.rule]]
+host = "www.example.com"
+upstream = "web"
+[upstream.web]
+backends = ["127.0.0.1:9001"]
+[upstream.api]
+backends = ["127.0.0.1:9002", "127.0.0.1:9003"]
+pool_size = 8
+"#;
+
+#[test]
+fn http_rules_are_ordered_most_specific_first() {
+    let c = Config::from_toml(HTTP, "t.toml", Path::new("."), &pems()).unwrap();
+    let Route::Http(h) = &c.listeners[0].route else {
+        panic!("http route expected")
+    };
+    assert_eq!(h.max_body, 1 << 20);
+    assert_eq!(h.keepalive_timeout, Duration::from_secs(75));
+    let order: Vec<(HostMatch, &str)> = h
+        .rules
+        .iter()
+        .map(|r| (r.host.clone(), r.path.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (HostMatch::Exact("www.example.com".into()), "/api/"),
+            (HostMatch::Exact("www.example.com".into()), "/"),
+            (HostMatch::Suffix(".example.com".into()), "/"),
+            (HostMatch::Any, "/"),
+        ]
+    );
+    let api = &c.upstreams[h.rules[0].upstream];
+    assert_eq!(
+        (api.name.as_str(), api.backends.len(), api.pool_size),
+        ("api", 2, 8)
+    );
+    assert!(HostMatch::Suffix(".example.com".into()).matches("a.example.com"));
+    assert!(!HostMatch::Suffix(".example.com".into()).matches("example.com"));
+}
+
+#[test]
+fn http_config_problems_are_named() {
+    let text = HTTP
+        .replace(
+            "upstream = \"web\"\n[[listener.route.rule]]\nhost = \"*.example.com\"",
+            "upstream = \"nope\"\n[[listener.route.rule]]\nhost = \"a*.example.com\"",
+        )
+        .replace(
+            "backends = [\"127.0.0.1:9001\"]",
+            "backends = [\"nowhere\"]\nretries = 3",
+        );
+    let e = Config::from_toml(&text, "h.toml", Path::new("."), &pems()).unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert!(
+        fields.contains(&"listener[0].route.rule[0].upstream"),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&"listener[0].route.rule[1].host"),
+        "{fields:?}"
+    );
+    assert!(fields.contains(&"upstream.web"), "{fields:?}");
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("1m"), Some(1 << 20));
+    assert_eq!(parse_size("512K"), Some(512 << 10));
+    assert_eq!(parse_size("10"), Some(10));
+    assert_eq!(parse_size("1.5m"), None);
+    assert_eq!(parse_size("m"), None);
+    assert_eq!(parse_size("99999999999g"), None);
 }

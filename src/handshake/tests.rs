@@ -257,3 +257,21 @@ fn fuzz_regression_partial_handshake_message_then_garbage() {
         assert!(failed, "cut {cut}: garbage must fail the handshake");
     }
 }
+
+#[cfg(feature = "aws-lc-rs")]
+#[test]
+fn default_provider_offers_x25519mlkem768_first_and_negotiates_it() {
+    let provider = crypto_provider();
+    assert_eq!(
+        provider.kx_groups[0].name(),
+        rustls::NamedGroup::X25519MLKEM768
+    );
+    let (l, root) = listener(true, true);
+    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut c = client(root, false);
+    assert_eq!(pump(&mut c, &mut hs, 0), Step::Done);
+    assert_eq!(
+        c.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+}

@@ -13,6 +13,7 @@ use crate::config::Route;
 use crate::handshake::{self, HandshakeError};
 use crate::ktls::{self, Path, StreamError, TlsConn};
 use crate::metrics::ShardMetrics as M;
+use crate::proxy::http;
 use crate::proxy::tcp::{self, Moved, ProxyError};
 
 /// Serves one accepted connection to its end. Never panics on peer input:
@@ -130,6 +131,26 @@ fn proxy<'a>(
                         let (_, mut writer) = conn.split();
                         let _ = Box::pin(writer.close()).await;
                         Ok(())
+                    }
+                }
+            }
+            Route::Http(route) => {
+                let Some(conn) = conn.take() else { return };
+                let (reader, writer) = conn.split();
+                let ctx = http::forward::Ctx {
+                    route,
+                    upstreams: &shard.config.upstreams,
+                    balancers: &shard.upstream_balancers,
+                    pool: &shard.pool,
+                    metrics: m,
+                    peer,
+                    moved: &moved,
+                };
+                match http::forward::serve(reader, writer, ctx).await {
+                    Ok(()) => Ok(()),
+                    Err(http::forward::HttpError::Downstream(e)) => Err(ProxyError::Downstream(e)),
+                    Err(e @ http::forward::HttpError::UpstreamAborted(_)) => {
+                        Err(ProxyError::Upstream(std::io::Error::other(e.to_string())))
                     }
                 }
             }

@@ -29,8 +29,12 @@ pub struct Shard {
     pub config: Arc<Config>,
     /// rustls server config per listener (own session cache per shard).
     pub tls: Vec<Arc<ServerConfig>>,
-    /// Backend choice per listener.
+    /// Backend choice per listener (`tcp` routes; empty for `http`).
     pub balancers: Vec<Balancer>,
+    /// Backend choice per upstream group (`http` routes).
+    pub upstream_balancers: Vec<Balancer>,
+    /// Idle keep-alive connections per upstream group.
+    pub pool: crate::upstream::pool::Pool,
     /// kTLS capabilities probed at start.
     pub ktls: Arc<crate::ktls::Support>,
     /// This shard's counters.
@@ -161,10 +165,19 @@ async fn shard_main(
         }
         balancers.push(match &l.route {
             Route::Tcp(t) => Balancer::new(t.backends.clone(), id),
+            Route::Http(_) => Balancer::new(Vec::new(), id),
         });
     }
+    let upstream_balancers = config
+        .upstreams
+        .iter()
+        .map(|u| Balancer::new(u.backends.clone(), id))
+        .collect();
+    let pool = crate::upstream::pool::Pool::new(config.upstreams.len());
     let shard = Rc::new(Shard {
         id,
+        upstream_balancers,
+        pool,
         config,
         tls,
         balancers,
@@ -173,9 +186,13 @@ async fn shard_main(
         pipes: PipePool::default(),
         idle: Rc::new(IdleSweeper::default()),
     });
-    let period = idle::sweep_period(shard.config.listeners.iter().map(|l| match &l.route {
-        Route::Tcp(t) => t.idle_timeout,
-    }));
+    let period = idle::sweep_period(
+        shard
+            .config
+            .listeners
+            .iter()
+            .map(|l| l.route.idle_timeout()),
+    );
     monoio::spawn(shard.idle.clone().run(period));
     let mut accept_loops = Vec::new();
     for (index, std_listener) in listeners.into_iter().enumerate() {

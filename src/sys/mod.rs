@@ -243,6 +243,24 @@ pub fn borrow_fd<T: AsRawFd>(owner: &T) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
+/// Whether an idle pooled connection is still usable: a non-blocking
+/// `recv(MSG_PEEK)` sees EAGAIN on a healthy idle socket, 0 once the peer
+/// closed, and data (an unsolicited response) when it must not be reused.
+pub fn idle_socket_usable(fd: BorrowedFd<'_>) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is borrowed and open; the kernel writes at most one byte
+    // into `byte`, and MSG_PEEK leaves it queued.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
 /// One non-blocking `write(2)` (used to push a stray plaintext record into a pipe).
 pub fn write_fd(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     // SAFETY: `fd` is borrowed and open; the kernel reads at most `data.len()`

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 
+pub mod pool;
+
 /// Why no backend connection could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {

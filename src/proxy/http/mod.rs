@@ -2,8 +2,9 @@
 //! response heads ([`head`]), body framing ([`body`]) and forwarding
 //! rewrites ([`rewrite`]). They take bytes and hand back heads, byte counts
 //! and bytes to send; no sockets, no clocks. The forwarding loop that pumps
-//! them is not built yet (issue 3).
+//! them is [`forward`].
 
 pub mod body;
+pub mod forward;
 pub mod head;
 pub mod rewrite;

@@ -1,0 +1,537 @@
+//! The `http` route's pump: reads request heads from the client, routes by
+//! Host and path, forwards each request (body streamed, never buffered
+//! whole) to a pooled or new backend connection, and relays the response.
+//! Requests on one connection are answered in order (pipelining).
+//!
+//! The parsing and framing decisions are the sans-IO modules' (`head`,
+//! `body`, `rewrite`); this file only moves bytes and keeps time.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::body::{BodyError, BodyScanner, Framing};
+use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
+use super::rewrite::{self, Forwarding};
+use crate::config::{HttpRoute, Upstream};
+use crate::ktls::{StreamError, TlsReader, TlsWriter};
+use crate::metrics::ShardMetrics as M;
+use crate::proxy::tcp::Moved;
+use crate::upstream::pool::Pool;
+use crate::upstream::Balancer;
+
+/// Largest backend response head accepted (502 above it).
+const MAX_RESPONSE_HEAD: usize = 64 << 10;
+
+/// Backend read size: four TLS records' worth of plaintext.
+const READ: usize = 64 << 10;
+
+/// What the pump needs from its shard.
+pub struct Ctx<'a> {
+    /// The listener's route.
+    pub route: &'a HttpRoute,
+    /// All upstream groups.
+    pub upstreams: &'a [Upstream],
+    /// One balancer per upstream group.
+    pub balancers: &'a [Balancer],
+    /// Idle backend connections.
+    pub pool: &'a Pool,
+    /// Counters.
+    pub metrics: &'a M,
+    /// The client.
+    pub peer: SocketAddr,
+    /// Bytes moved, for the connection's log line.
+    pub moved: &'a Cell<Moved>,
+}
+
+/// Why an HTTP connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The client side failed.
+    #[error("downstream: {0}")]
+    Downstream(#[from] StreamError),
+    /// The backend failed after the response started: the client
+    /// connection is aborted so a cut-short body never looks complete.
+    #[error("upstream failed mid-response: {0}")]
+    UpstreamAborted(String),
+}
+
+enum Next {
+    /// Serve the next request on this connection.
+    KeepAlive,
+    /// Close cleanly (close_notify).
+    Close,
+}
+
+/// Serves requests until the client closes, a timeout, or an error.
+pub async fn serve(
+    mut reader: TlsReader,
+    mut writer: TlsWriter,
+    ctx: Ctx<'_>,
+) -> Result<(), HttpError> {
+    let limits = Limits::default();
+    let mut inbuf = reader.take_pending();
+    let mut first = true;
+    loop {
+        let head = match read_head(&mut reader, &mut inbuf, &limits, ctx.route, first).await? {
+            HeadOutcome::Head(h) => h,
+            HeadOutcome::Closed => break,
+            HeadOutcome::Idle => break,
+            HeadOutcome::Refused(status, reason) => {
+                M::inc(&ctx.metrics.http_local_errors);
+                tracing::info!(peer = %ctx.peer, status, reason, "request refused");
+                let body = format!("{status} {reason}\n");
+                send(
+                    &mut writer,
+                    rewrite::local_response(status, reason, true, &[], &body),
+                    &ctx,
+                )
+                .await?;
+                break;
+            }
+        };
+        first = false;
+        M::inc(&ctx.metrics.http_requests);
+        let started = Instant::now();
+        inbuf.drain(..head.len);
+        match forward(&mut reader, &mut writer, &mut inbuf, head, &ctx, started).await? {
+            Next::KeepAlive => continue,
+            Next::Close => break,
+        }
+    }
+    let _ = Box::pin(writer.close()).await;
+    Ok(())
+}
+
+enum HeadOutcome {
+    Head(RequestHead),
+    /// The client closed between requests.
+    Closed,
+    /// Keep-alive timeout with nothing pending.
+    Idle,
+    /// Answer with this status and close.
+    Refused(u16, &'static str),
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    }
+}
+
+async fn read_head(
+    reader: &mut TlsReader,
+    inbuf: &mut Vec<u8>,
+    limits: &Limits,
+    route: &HttpRoute,
+    first: bool,
+) -> Result<HeadOutcome, HttpError> {
+    // Between requests the keep-alive timeout applies; once a head has
+    // started (or on a new connection), the head timeout (408).
+    let waiting = inbuf.is_empty() && !first;
+    let mut deadline = Instant::now()
+        + if waiting {
+            route.keepalive_timeout
+        } else {
+            route.head_timeout
+        };
+    loop {
+        match head::parse_request(inbuf, limits) {
+            Ok(Some(h)) => return Ok(HeadOutcome::Head(h)),
+            Ok(None) => {}
+            Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = match monoio::time::timeout(left, Box::pin(reader.read_chunk())).await {
+            Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
+            Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
+            Ok(r) => r?,
+        };
+        match chunk {
+            None if inbuf.is_empty() => return Ok(HeadOutcome::Closed),
+            None => return Ok(HeadOutcome::Refused(400, "Bad Request")),
+            Some(c) => {
+                if inbuf.is_empty() && !first {
+                    deadline = Instant::now() + route.head_timeout;
+                }
+                inbuf.extend_from_slice(&c);
+            }
+        }
+    }
+}
+
+fn refusal(e: HeadError) -> &'static str {
+    reason(e.status())
+}
+
+async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(), HttpError> {
+    let n = bytes.len() as u64;
+    let (res, _) = Box::pin(writer.write_all(bytes)).await;
+    res?;
+    let mut m = ctx.moved.get();
+    m.down += n;
+    ctx.moved.set(m);
+    Ok(())
+}
+
+/// The path part of a request target (origin-form, or absolute-form's path).
+fn target_path(target: &str) -> &str {
+    if target.starts_with('/') {
+        return target;
+    }
+    match target.find("://") {
+        Some(i) => target[i + 3..]
+            .find('/')
+            .map_or("/", |p| &target[i + 3 + p..]),
+        None => "/",
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |i| &host[..=i]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+async fn forward(
+    reader: &mut TlsReader,
+    writer: &mut TlsWriter,
+    inbuf: &mut Vec<u8>,
+    mut head: RequestHead,
+    ctx: &Ctx<'_>,
+    started: Instant,
+) -> Result<Next, HttpError> {
+    let host = head.host.clone().unwrap_or_default();
+    let path = target_path(&head.target).to_string();
+    let route = ctx.route;
+    let has_body = head.framing != Framing::Length(0);
+    // A local answer before the body was read leaves the body in the
+    // stream; closing afterwards keeps it from being read as a request.
+    let close_after_local = !head.keep_alive || has_body;
+    let Some(rule) = route
+        .rules
+        .iter()
+        .find(|r| r.host.matches(strip_port(&host)) && path.starts_with(&r.path))
+    else {
+        return local(writer, ctx, &head, 404, close_after_local).await;
+    };
+    if let Framing::Length(n) = head.framing {
+        if n > route.max_body {
+            return local(writer, ctx, &head, 413, true).await;
+        }
+    }
+    if head.upgrade {
+        // The two-way tunnel after a 101 is not built yet (issue 3).
+        return local(writer, ctx, &head, 501, true).await;
+    }
+    if head.expect_continue && has_body {
+        // Answer 100 ourselves and forward without Expect (RFC 9110 §10.1.1):
+        // the body then streams as it arrives.
+        send(writer, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), ctx).await?;
+    }
+    head.fields
+        .retain(|f| !f.name.eq_ignore_ascii_case("expect"));
+    let group = rule.upstream;
+    let upstream = &ctx.upstreams[group];
+    let fwd = Forwarding {
+        client: ctx.peer,
+        trusted: route
+            .trusted_proxies
+            .contains(&ctx.peer.ip().to_canonical()),
+        x_forwarded: route.x_forwarded,
+        forwarded: route.forwarded,
+    };
+    let mut out = Vec::with_capacity(head.len + 256);
+    rewrite::request(&head, &fwd, &mut out);
+
+    // A pooled connection may have been closed by the backend an instant
+    // ago; that is retried once on a fresh connection when nothing of the
+    // response came back and the request can safely be repeated.
+    let mut attempt = 0;
+    let (mut backend, addr, response) = loop {
+        attempt += 1;
+        let pooled = ctx.pool.take(group, upstream.pool_idle_timeout);
+        let reused = pooled.is_some();
+        let (mut backend, addr) = match pooled {
+            Some(c) => c,
+            None => match Box::pin(ctx.balancers[group].connect(upstream.connect_timeout)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    M::inc(&ctx.metrics.upstream_connect_failures);
+                    tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
+                    return local(writer, ctx, &head, 502, close_after_local).await;
+                }
+            },
+        };
+        let (res, _) = Box::pin(backend.write_all(out.clone())).await;
+        if let Err(e) = res {
+            if reused && attempt == 1 {
+                continue;
+            }
+            M::inc(&ctx.metrics.upstream_errors);
+            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+            return local(writer, ctx, &head, 502, true).await;
+        }
+        match send_body(
+            reader,
+            &mut backend,
+            inbuf,
+            &head,
+            route.max_body,
+            route.head_timeout,
+            ctx,
+        )
+        .await?
+        {
+            BodySent::Done => {}
+            BodySent::Refused(status) => {
+                return local(writer, ctx, &head, status, true).await;
+            }
+            BodySent::ClientGone => return Ok(Next::Close),
+            BodySent::BackendFailed => {
+                M::inc(&ctx.metrics.upstream_errors);
+                return local(writer, ctx, &head, 502, true).await;
+            }
+        }
+        match read_response(&mut backend, &head.method, upstream.response_timeout).await {
+            Ok(r) => break (backend, addr, r),
+            Err(UpstreamFault::NothingBack)
+                if reused && attempt == 1 && idempotent(&head.method) && !has_body =>
+            {
+                continue;
+            }
+            Err(fault) => {
+                M::inc(&ctx.metrics.upstream_errors);
+                let status = if matches!(fault, UpstreamFault::Timeout) {
+                    504
+                } else {
+                    502
+                };
+                tracing::warn!(peer = %ctx.peer, backend = %addr, fault = fault.describe(), "bad upstream response");
+                return local(writer, ctx, &head, status, true).await;
+            }
+        }
+    };
+    let (resp, mut rbuf) = response;
+    let close = !head.keep_alive || resp.framing == Framing::UntilClose;
+    let mut out = Vec::with_capacity(resp.len + 64);
+    rewrite::response(&resp, close, &[], &mut out);
+    send(writer, out, ctx).await?;
+    rbuf.drain(..resp.len);
+    let mut scanner = BodyScanner::new(resp.framing);
+    let mut body = 0u64;
+    loop {
+        if !rbuf.is_empty() {
+            let n = scanner
+                .scan(&rbuf)
+                .map_err(|e| HttpError::UpstreamAborted(e.to_string()))?;
+            if n > 0 {
+                body += n as u64;
+                let chunk: Vec<u8> = rbuf.drain(..n).collect();
+                send(writer, chunk, ctx).await?;
+            }
+        }
+        if scanner.is_done() {
+            break;
+        }
+        let (res, buf) = Box::pin(backend.read(Vec::with_capacity(READ))).await;
+        match res {
+            Ok(0) => {
+                scanner
+                    .finish()
+                    .map_err(|e: BodyError| HttpError::UpstreamAborted(e.to_string()))?;
+                break;
+            }
+            Ok(_) => rbuf = buf,
+            Err(e) => return Err(HttpError::UpstreamAborted(e.to_string())),
+        }
+    }
+    tracing::info!(
+        target: "ktern::access",
+        peer = %ctx.peer,
+        method = %head.method,
+        host = %host,
+        path = %path,
+        status = resp.status,
+        body_bytes = body,
+        upstream = %addr,
+        ms = started.elapsed().as_millis() as u64,
+    );
+    // Reuse only a connection whose response ended exactly at its framing.
+    if resp.keep_alive && rbuf.is_empty() && resp.framing != Framing::UntilClose {
+        ctx.pool.put(group, backend, addr, upstream.pool_size);
+    }
+    Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+/// Sends a response ktern generated itself.
+async fn local(
+    writer: &mut TlsWriter,
+    ctx: &Ctx<'_>,
+    head: &RequestHead,
+    status: u16,
+    close: bool,
+) -> Result<Next, HttpError> {
+    M::inc(&ctx.metrics.http_local_errors);
+    tracing::info!(target: "ktern::access", peer = %ctx.peer, method = %head.method, path = %head.target, status, "local response");
+    let body = format!("{status} {}\n", reason(status));
+    send(
+        writer,
+        rewrite::local_response(status, reason(status), close, &[], &body),
+        ctx,
+    )
+    .await?;
+    Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+enum BodySent {
+    Done,
+    Refused(u16),
+    ClientGone,
+    BackendFailed,
+}
+
+/// Streams the request body to the backend as it arrives.
+async fn send_body(
+    reader: &mut TlsReader,
+    backend: &mut TcpStream,
+    inbuf: &mut Vec<u8>,
+    head: &RequestHead,
+    max_body: u64,
+    timeout: Duration,
+    ctx: &Ctx<'_>,
+) -> Result<BodySent, HttpError> {
+    let mut scanner = BodyScanner::new(head.framing);
+    let mut total = 0u64;
+    while !scanner.is_done() {
+        if inbuf.is_empty() {
+            match monoio::time::timeout(timeout, Box::pin(reader.read_chunk())).await {
+                Err(_) => return Ok(BodySent::Refused(408)),
+                Ok(Ok(Some(c))) => inbuf.extend_from_slice(&c),
+                // The client vanished mid-body: this backend connection
+                // carries half a request and is dropped, never pooled.
+                Ok(Ok(None)) | Ok(Err(_)) => return Ok(BodySent::ClientGone),
+            }
+        }
+        let n = match scanner.scan(inbuf) {
+            Ok(n) => n,
+            Err(_) => return Ok(BodySent::Refused(400)),
+        };
+        total += n as u64;
+        if total > max_body {
+            return Ok(BodySent::Refused(413));
+        }
+        let chunk: Vec<u8> = inbuf.drain(..n).collect();
+        let mut m = ctx.moved.get();
+        m.up += chunk.len() as u64;
+        ctx.moved.set(m);
+        let (res, _) = Box::pin(backend.write_all(chunk)).await;
+        if res.is_err() {
+            return Ok(BodySent::BackendFailed);
+        }
+    }
+    Ok(BodySent::Done)
+}
+
+#[derive(Debug)]
+enum UpstreamFault {
+    /// The backend closed before sending anything.
+    NothingBack,
+    /// No complete response head within the response timeout.
+    Timeout,
+    /// Not HTTP/1.x, too large, ambiguous framing, or cut short.
+    Bad(&'static str),
+}
+
+impl UpstreamFault {
+    fn describe(&self) -> &'static str {
+        match self {
+            UpstreamFault::NothingBack => "closed without a response",
+            UpstreamFault::Timeout => "no response head in time",
+            UpstreamFault::Bad(why) => why,
+        }
+    }
+}
+
+type Response = (head::ResponseHead, Vec<u8>);
+
+/// Reads the final response head (1xx interim responses other than 101 are
+/// skipped: they were answered by our own 100 Continue).
+async fn read_response(
+    backend: &mut TcpStream,
+    method: &str,
+    timeout: Duration,
+) -> Result<Response, UpstreamFault> {
+    let deadline = Instant::now() + timeout;
+    let mut rbuf: Vec<u8> = Vec::new();
+    loop {
+        match head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD) {
+            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                rbuf.drain(..h.len);
+                continue;
+            }
+            Ok(Some(h)) => return Ok((h, rbuf)),
+            Ok(None) => {}
+            Err(ResponseError::TooLarge) => {
+                return Err(UpstreamFault::Bad("response head too large"))
+            }
+            Err(ResponseError::Malformed) => {
+                return Err(UpstreamFault::Bad("not an HTTP/1.x response"))
+            }
+            Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (res, buf) =
+            match monoio::time::timeout(left, Box::pin(backend.read(Vec::with_capacity(READ))))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return Err(UpstreamFault::Timeout),
+            };
+        match res {
+            Ok(0) if rbuf.is_empty() => return Err(UpstreamFault::NothingBack),
+            Ok(0) => return Err(UpstreamFault::Bad("closed mid-head")),
+            Ok(_) => rbuf.extend_from_slice(&buf),
+            Err(_) if rbuf.is_empty() => return Err(UpstreamFault::NothingBack),
+            Err(_) => return Err(UpstreamFault::Bad("reset mid-head")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_hosts() {
+        assert_eq!(target_path("/a/b?c"), "/a/b?c");
+        assert_eq!(target_path("http://x.example/a"), "/a");
+        assert_eq!(target_path("http://x.example"), "/");
+        assert_eq!(target_path("*"), "/");
+        assert_eq!(strip_port("a.example:8443"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:443"), "[::1]");
+        assert!(idempotent("GET") && !idempotent("POST"));
+    }
+}

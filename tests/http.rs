@@ -1,0 +1,467 @@
+//! The `http` route end to end: a real ktern, HTTP backends started here,
+//! a rustls client writing raw HTTP/1.1.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// A test backend named `name`; counts accepted connections.
+struct Backend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| std::io::Error::other("bad chunk size"))?;
+        if size == 0 {
+            // Trailers until the blank line.
+            loop {
+                line.clear();
+                r.read_line(&mut line)?;
+                if line == "\r\n" || line.is_empty() {
+                    return Ok(body);
+                }
+            }
+        }
+        let mut chunk = vec![0; size + 2];
+        r.read_exact(&mut chunk)?;
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
+
+fn start_http_backend(name: &'static str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = http_backend_conn(name, conn);
+            });
+        }
+    });
+    Backend { addr, accepted }
+}
+
+fn http_backend_conn(name: &str, conn: TcpStream) -> std::io::Result<()> {
+    let mut out = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let lower = head.to_ascii_lowercase();
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let body = if lower.contains("transfer-encoding: chunked") {
+            read_chunked(&mut r)?
+        } else if let Some(i) = lower.find("content-length: ") {
+            let n: usize = lower[i + 16..]
+                .lines()
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let mut b = vec![0; n];
+            r.read_exact(&mut b)?;
+            b
+        } else {
+            Vec::new()
+        };
+        let reply = |out: &mut TcpStream, body: &[u8]| -> std::io::Result<()> {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(body)
+        };
+        match path.as_str() {
+            "/head" => reply(&mut out, head.as_bytes())?,
+            "/sum" => reply(&mut out, format!("{} {}", body.len(), sha256(&body)).as_bytes())?,
+            "/chunked" => out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n")?,
+            "/close" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close")?;
+                return Ok(());
+            }
+            "/slow" => {
+                std::thread::sleep(Duration::from_secs(3));
+                reply(&mut out, b"late")?;
+            }
+            "/bad" => {
+                out.write_all(b"SSH-2.0-nope\r\n\r\n")?;
+                return Ok(());
+            }
+            "/cut" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
+                return Ok(());
+            }
+            _ => reply(&mut out, name.as_bytes())?,
+        }
+        if lower.contains("connection: close") {
+            return Ok(());
+        }
+    }
+}
+
+fn http_config(backends: &[(&str, SocketAddr)], rules: &str, extra: &str) -> String {
+    let mut s = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n{extra}\n{rules}\n"
+    );
+    for (name, addr) in backends {
+        s.push_str(&format!(
+            "[upstream.{name}]\nbackends = [\"{addr}\"]\nresponse_timeout = \"1s\"\n"
+        ));
+    }
+    s
+}
+
+/// One parsed response: status, headers (lower-case names), body.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response from a buffered TLS stream (Content-Length, chunked,
+/// or until close).
+fn read_response(r: &mut BufReader<&mut Client>, head_request: bool) -> std::io::Result<Resp> {
+    let mut status_line = String::new();
+    r.read_line(&mut status_line)?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {status_line:?}")))?
+        .parse()
+        .unwrap();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        if line == "\r\n" {
+            break;
+        }
+        let (n, v) = line.split_once(':').unwrap();
+        headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let mut resp = Resp {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if head_request || status == 100 || status == 204 || status == 304 {
+        return Ok(resp);
+    }
+    if resp.header("transfer-encoding") == Some("chunked") {
+        resp.body = read_chunked(r)?;
+    } else if let Some(n) = resp.header("content-length") {
+        let mut b = vec![0; n.parse().unwrap()];
+        r.read_exact(&mut b)?;
+        resp.body = b;
+    } else {
+        r.read_to_end(&mut resp.body)?;
+    }
+    Ok(resp)
+}
+
+fn exchange(c: &mut Client, request: &str) -> Resp {
+    c.write_all(request.as_bytes()).unwrap();
+    c.flush().unwrap();
+    let mut r = BufReader::new(c);
+    read_response(&mut r, request.starts_with("HEAD ")).unwrap()
+}
+
+fn setup(tag: &str, rules: &str, extra: &str) -> (Pki, Ktern, Backend, Backend) {
+    let pki = Pki::new(tag);
+    let a = start_http_backend("a");
+    let b = start_http_backend("b");
+    let k = Ktern::start(
+        &pki,
+        "",
+        &http_config(&[("a", a.addr), ("b", b.addr)], rules, extra),
+    );
+    (pki, k, a, b)
+}
+
+const ANY_TO_A: &str = "[[listener.route.rule]]\nupstream = \"a\"\n";
+
+#[test]
+fn keep_alive_reuses_the_client_and_the_backend_connection() {
+    let (pki, k, a, _) = setup("keepalive", ANY_TO_A, "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    for _ in 0..3 {
+        let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: app\r\n\r\n");
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"a"[..]));
+    }
+    assert_eq!(
+        a.accepted.load(Ordering::SeqCst),
+        1,
+        "backend connection pooled"
+    );
+    // A HEAD response has no body even with Content-Length.
+    let r = exchange(&mut c, "HEAD /x HTTP/1.1\r\nHost: app\r\n\r\n");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("1")));
+    let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: app\r\n\r\n");
+    assert_eq!(r.body, b"a");
+    assert_eq!(k.metric("ktern_http_requests_total"), 5);
+    if std::env::var_os("KTERN_IN_VM").is_some() {
+        // In the kTLS VM the same exchange must have run on kernel records.
+        assert_eq!(k.metric("ktern_ktls_offloaded_total"), 1);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+    }
+}
+
+#[test]
+fn routes_by_host_wildcard_and_path() {
+    let rules = "[[listener.route.rule]]\nhost = \"*.example.com\"\nupstream = \"b\"\n\
+                 [[listener.route.rule]]\nhost = \"exact.example.com\"\nupstream = \"a\"\n\
+                 [[listener.route.rule]]\nhost = \"api.example.com\"\npath = \"/v2/\"\nupstream = \"a\"\n";
+    let (pki, k, _, _) = setup("routing", rules, "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    for (host, path, want) in [
+        ("exact.example.com", "/", &b"a"[..]),
+        ("EXACT.example.com:443", "/", b"a"),
+        ("other.example.com", "/", b"b"),
+        ("api.example.com", "/v2/users", b"a"),
+        ("api.example.com", "/v1/users", b"b"),
+    ] {
+        let r = exchange(
+            &mut c,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        );
+        assert_eq!((r.status, r.body.as_slice()), (200, want), "{host}{path}");
+    }
+    let r = exchange(&mut c, "GET / HTTP/1.1\r\nHost: example.org\r\n\r\n");
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn bodies_stream_in_both_framings_and_chunked_responses_keep_trailers() {
+    let (pki, k, _, _) = setup("bodies", ANY_TO_A, "max_body = \"4m\"");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let data = pattern(3 << 20, 5);
+    c.write_all(
+        format!(
+            "POST /sum HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            data.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    c.write_all(&data).unwrap();
+    let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
+    assert_eq!(
+        String::from_utf8(r.body).unwrap(),
+        format!("{} {}", data.len(), sha256(&data))
+    );
+    // Chunked request body, in uneven chunks.
+    let mut req = b"POST /sum HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for part in data.chunks(70_001).take(10) {
+        req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        req.extend_from_slice(part);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\nX-Check: 1\r\n\r\n");
+    c.write_all(&req).unwrap();
+    let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
+    let sent: Vec<u8> = data.chunks(70_001).take(10).flatten().copied().collect();
+    assert_eq!(
+        String::from_utf8(r.body).unwrap(),
+        format!("{} {}", sent.len(), sha256(&sent))
+    );
+    let r = exchange(&mut c, "GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("transfer-encoding")),
+        (200, Some("chunked"))
+    );
+    assert_eq!(r.body, b"hello world");
+}
+
+#[test]
+fn expect_100_continue_and_pipelining() {
+    let (pki, k, _, _) = setup("continue", ANY_TO_A, "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(
+        b"POST /sum HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(&mut c);
+    let interim = read_response(&mut r, false).unwrap();
+    assert_eq!(interim.status, 100);
+    drop(r);
+    c.write_all(b"hello").unwrap();
+    let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
+    assert_eq!(
+        String::from_utf8(r.body).unwrap(),
+        format!("5 {}", sha256(b"hello"))
+    );
+    // Three requests in one write: answered in order.
+    c.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /head HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(&mut c);
+    let one = read_response(&mut r, false).unwrap();
+    let two = read_response(&mut r, false).unwrap();
+    let three = read_response(&mut r, false).unwrap();
+    assert_eq!(one.body, b"a");
+    assert!(String::from_utf8_lossy(&two.body).starts_with("GET /head HTTP/1.1\r\n"));
+    assert_eq!(three.body, b"a");
+}
+
+#[test]
+fn forwarding_headers_replace_the_clients_and_hop_by_hop_go() {
+    let (pki, k, _, _) = setup("fwd", ANY_TO_A, "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(
+        &mut c,
+        "GET /head HTTP/1.1\r\nHost: App.Example\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nKeep-Alive: 9\r\n\r\n",
+    );
+    let seen = String::from_utf8(r.body).unwrap();
+    assert!(seen.contains("X-Forwarded-For: 127.0.0.1\r\n"), "{seen}");
+    assert!(seen.contains("X-Forwarded-Proto: https\r\n"));
+    assert!(
+        seen.contains("Forwarded: for=127.0.0.1;proto=https;host=app.example\r\n"),
+        "{seen}"
+    );
+    for gone in ["6.6.6.6", "X-Drop", "Keep-Alive", "Connection:"] {
+        assert!(!seen.contains(gone), "{gone} reached the backend: {seen}");
+    }
+}
+
+/// Sends `request` on a fresh connection and returns the status ktern answers.
+fn status_of(k: &Ktern, pki: &Pki, request: &[u8]) -> u16 {
+    let mut c = connect(k.addr(), pki, ClientOpts::default());
+    c.write_all(request).unwrap();
+    let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
+    r.status
+}
+
+#[test]
+fn bad_requests_get_the_exact_status() {
+    let (pki, k, a, _) = setup(
+        "badreq",
+        ANY_TO_A,
+        "max_body = \"1k\"\nhead_timeout = \"1s\"",
+    );
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(9000));
+    let big_field = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "h".repeat(9000)
+    );
+    let many: String = std::iter::once("GET / HTTP/1.1\r\nHost: a\r\n".to_string())
+        .chain((0..120).map(|i| format!("X-{i}: 1\r\n")))
+        .chain(std::iter::once("\r\n".to_string()))
+        .collect();
+    let cases: Vec<(&[u8], u16)> = vec![
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        (long_uri.as_bytes(), 414),
+        (big_field.as_bytes(), 431),
+        (many.as_bytes(), 431),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n\r\n", 413),
+    ];
+    for (req, status) in &cases {
+        assert_eq!(
+            status_of(&k, &pki, req),
+            *status,
+            "{}",
+            String::from_utf8_lossy(&req[..req.len().min(80)])
+        );
+    }
+    // A slow head: 408 after head_timeout.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap();
+    let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
+    assert_eq!(r.status, 408);
+    // None of them reached the backend.
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
+    // A bad chunk size is only seen once the body streams: the backend got
+    // the head, then its connection is dropped mid-body (it can never read
+    // a complete, different request); the client gets 400.
+    let bad_chunk = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+    assert_eq!(status_of(&k, &pki, bad_chunk), 400);
+    assert!(!k.log().contains("panicked"));
+}
+
+#[test]
+fn backend_faults_map_to_502_504_and_aborts() {
+    let pki = Pki::new("faults");
+    let a = start_http_backend("a");
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let rules = "[[listener.route.rule]]\npath = \"/dead\"\nupstream = \"dead\"\n[[listener.route.rule]]\nupstream = \"a\"\n";
+    let k = Ktern::start(
+        &pki,
+        "",
+        &http_config(&[("a", a.addr), ("dead", dead)], rules, ""),
+    );
+    assert_eq!(
+        status_of(&k, &pki, b"GET /dead HTTP/1.1\r\nHost: a\r\n\r\n"),
+        502
+    );
+    assert_eq!(
+        status_of(&k, &pki, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"),
+        504
+    );
+    assert_eq!(
+        status_of(&k, &pki, b"GET /bad HTTP/1.1\r\nHost: a\r\n\r\n"),
+        502
+    );
+    // A response cut short: the client connection is aborted, never ended
+    // cleanly with a short body.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let mut all = Vec::new();
+    let res = c.read_to_end(&mut all);
+    assert!(
+        res.is_err(),
+        "cut-short body ended cleanly: {:?}",
+        String::from_utf8_lossy(&all)
+    );
+    // Until-close responses end the client connection after the body.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /close HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("connection")),
+        (200, &b"until close"[..], Some("close"))
+    );
+}
