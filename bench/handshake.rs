@@ -10,64 +10,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use ktern::handshake::{self, Handshake, Step};
 use rustls::pki_types::ServerName;
 
-fn client_config() -> Arc<rustls::ClientConfig> {
-    #[derive(Debug)]
-    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-    impl rustls::client::danger::ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-    let mut provider = handshake::crypto_provider();
-    provider
-        .kx_groups
-        .retain(|g| g.name() == rustls::NamedGroup::X25519);
-    let provider = Arc::new(provider);
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    cfg.resumption = rustls::client::Resumption::disabled();
-    Arc::new(cfg)
-}
+#[path = "../tools/anycert.rs"]
+mod anycert;
 
 /// One full handshake; returns the time spent inside the server driver.
 fn handshake(server: &Arc<rustls::ServerConfig>, client: &Arc<rustls::ClientConfig>) -> Duration {
@@ -115,7 +59,7 @@ fn handshake(server: &Arc<rustls::ServerConfig>, client: &Arc<rustls::ClientConf
 
 fn bench(cr: &mut Criterion) {
     let server = handshake::self_signed_config().unwrap();
-    let client = client_config();
+    let client = anycert::full_handshake_client();
     cr.bench_function("tls13_full_handshake_client_and_server", |b| {
         b.iter(|| handshake(&server, &client))
     });

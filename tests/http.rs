@@ -113,6 +113,18 @@ fn http_backend_conn(name: &str, conn: TcpStream) -> std::io::Result<()> {
                 out.write_all(b"SSH-2.0-nope\r\n\r\n")?;
                 return Ok(());
             }
+            "/ws" => {
+                out.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi")?;
+                // Echo the new protocol's bytes until the client half-closes.
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = r.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    out.write_all(&buf[..n])?;
+                }
+            }
             "/cut" => {
                 out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
                 return Ok(());
@@ -218,7 +230,7 @@ const ANY_TO_A: &str = "[[listener.route.rule]]\nupstream = \"a\"\n";
 
 #[test]
 fn keep_alive_reuses_the_client_and_the_backend_connection() {
-    let (pki, k, a, _) = setup("keepalive", ANY_TO_A, "");
+    let (pki, k, a, _) = setup("keepalive", ANY_TO_A, "hsts = \"max-age=63072000\"");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     for _ in 0..3 {
         let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: app\r\n\r\n");
@@ -234,6 +246,10 @@ fn keep_alive_reuses_the_client_and_the_backend_connection() {
     assert_eq!((r.status, r.header("content-length")), (200, Some("1")));
     let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: app\r\n\r\n");
     assert_eq!(r.body, b"a");
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some("max-age=63072000")
+    );
     assert_eq!(k.metric("ktern_http_requests_total"), 5);
     if std::env::var_os("KTERN_IN_VM").is_some() {
         // In the kTLS VM the same exchange must have run on kernel records.
@@ -464,4 +480,30 @@ fn backend_faults_map_to_502_504_and_aborts() {
         (r.status, r.body.as_slice(), r.header("connection")),
         (200, &b"until close"[..], Some("close"))
     );
+}
+
+#[test]
+fn websocket_upgrade_becomes_a_two_way_tunnel() {
+    let (pki, k, _, _) = setup("ws", ANY_TO_A, "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(&mut c);
+    let resp = read_response(&mut r, true).unwrap();
+    assert_eq!(resp.status, 101);
+    assert_eq!(resp.header("upgrade"), Some("websocket"));
+    let mut hi = [0u8; 2];
+    r.read_exact(&mut hi).unwrap();
+    assert_eq!(&hi, b"hi");
+    drop(r);
+    let data = pattern(200_000, 9);
+    c.write_all(&data).unwrap();
+    let mut echoed = vec![0u8; data.len()];
+    c.read_exact(&mut echoed).unwrap();
+    assert_eq!(sha256(&echoed), sha256(&data));
+    // Half-close: our close_notify reaches the backend as EOF, it closes,
+    // and ktern ends the tunnel with close_notify.
+    c.conn.send_close_notify();
+    c.flush().unwrap();
+    assert!(read_to_close_notify(&mut c).is_empty());
 }

@@ -151,6 +151,9 @@ pub struct HttpRoute {
     pub x_forwarded: bool,
     /// Add RFC 7239 Forwarded.
     pub forwarded: bool,
+    /// `Strict-Transport-Security` value added to every response, if set
+    /// (RFC 6797), e.g. `max-age=63072000; includeSubDomains`.
+    pub hsts: Option<String>,
 }
 
 /// Which hosts a rule matches.
@@ -458,6 +461,16 @@ impl Validator<'_> {
             trusted_proxies: trusted,
             x_forwarded: raw.x_forwarded,
             forwarded: raw.forwarded,
+            hsts: raw.hsts.filter(|h| {
+                let ok = h.starts_with("max-age=") && h.bytes().all(|b| (0x20..0x7f).contains(&b));
+                if !ok {
+                    self.problem(
+                        format!("{at}.hsts"),
+                        "must be a Strict-Transport-Security value starting with max-age=",
+                    );
+                }
+                ok
+            }),
         }))
     }
 

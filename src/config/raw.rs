@@ -117,6 +117,7 @@ pub(super) struct HttpRouteSection {
     pub x_forwarded: bool,
     #[serde(default = "yes")]
     pub forwarded: bool,
+    pub hsts: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -129,33 +129,17 @@ impl Session {
         pipes: &PipePool,
         moved: &Cell<Moved>,
     ) -> Result<(), ProxyError> {
-        let result = {
-            let up = pin!(client_to_backend(
-                &mut self.reader,
-                &mut self.backend_wr,
-                self.kernel,
-                pipes,
-                idle,
-                moved
-            ));
-            let down = pin!(backend_to_client(
-                &mut self.backend_rd,
-                &mut self.writer,
-                self.kernel,
-                pipes,
-                idle,
-                moved
-            ));
-            both_or_first_error(up, down, idle).await
-        };
-        match &result {
-            // Our decision, nothing in flight: end politely with close_notify.
-            Err(ProxyError::Idle(_)) => {
-                let _ = Box::pin(self.writer.close()).await;
-            }
-            Err(_) => Box::pin(self.writer.abort()).await,
-            Ok(()) => {}
-        }
+        let result = tunnel(
+            &mut self.reader,
+            &mut self.writer,
+            &mut self.backend_rd,
+            &mut self.backend_wr,
+            self.kernel,
+            idle,
+            pipes,
+            moved,
+        )
+        .await;
         let rekeys = self.reader.rekeys();
         let mut m = moved.get();
         m.rekey_rx = rekeys.rx;
@@ -163,6 +147,41 @@ impl Session {
         moved.set(m);
         result
     }
+}
+
+/// Pipes bytes both ways between an established client and a backend
+/// (`backend_rd` and `backend_wr` are the same socket, see
+/// `sys::dup_stream`), with half-close, until both directions end, one
+/// fails, or `idle` expires. Used by the `tcp` route and by HTTP upgrades.
+#[allow(clippy::too_many_arguments)]
+pub async fn tunnel(
+    reader: &mut TlsReader,
+    writer: &mut TlsWriter,
+    backend_rd: &mut TcpStream,
+    backend_wr: &mut TcpStream,
+    kernel: bool,
+    idle: &Idle,
+    pipes: &PipePool,
+    moved: &Cell<Moved>,
+) -> Result<(), ProxyError> {
+    let result = {
+        let up = pin!(client_to_backend(
+            reader, backend_wr, kernel, pipes, idle, moved
+        ));
+        let down = pin!(backend_to_client(
+            backend_rd, writer, kernel, pipes, idle, moved
+        ));
+        both_or_first_error(up, down, idle).await
+    };
+    match &result {
+        // Our decision, nothing in flight: end politely with close_notify.
+        Err(ProxyError::Idle(_)) => {
+            let _ = Box::pin(writer.close()).await;
+        }
+        Err(_) => Box::pin(writer.abort()).await,
+        Ok(()) => {}
+    }
+    result
 }
 
 fn note(activity: &Idle, moved: &Cell<Moved>, up: u64, down: u64) {

@@ -145,10 +145,13 @@ fn proxy<'a>(
                     metrics: m,
                     peer,
                     moved: &moved,
+                    idle: &shard.idle,
+                    pipes: &shard.pipes,
                 };
                 match http::forward::serve(reader, writer, ctx).await {
                     Ok(()) => Ok(()),
                     Err(http::forward::HttpError::Downstream(e)) => Err(ProxyError::Downstream(e)),
+                    Err(http::forward::HttpError::Tunnel(e)) => Err(e),
                     Err(e @ http::forward::HttpError::UpstreamAborted(_)) => {
                         Err(ProxyError::Upstream(std::io::Error::other(e.to_string())))
                     }

@@ -17,9 +17,11 @@ use super::body::{BodyError, BodyScanner, Framing};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
 use crate::config::{HttpRoute, Upstream};
+use crate::ktls::Path;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
 use crate::metrics::ShardMetrics as M;
-use crate::proxy::tcp::Moved;
+use crate::proxy::idle::IdleSweeper;
+use crate::proxy::tcp::{self, Moved, PipePool, ProxyError};
 use crate::upstream::pool::Pool;
 use crate::upstream::Balancer;
 
@@ -45,6 +47,10 @@ pub struct Ctx<'a> {
     pub peer: SocketAddr,
     /// Bytes moved, for the connection's log line.
     pub moved: &'a Cell<Moved>,
+    /// The shard's idle sweeper (for upgraded tunnels).
+    pub idle: &'a IdleSweeper,
+    /// The shard's pipes (for upgraded tunnels under kTLS).
+    pub pipes: &'a PipePool,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -57,6 +63,9 @@ pub enum HttpError {
     /// connection is aborted so a cut-short body never looks complete.
     #[error("upstream failed mid-response: {0}")]
     UpstreamAborted(String),
+    /// An upgraded (101) tunnel ended with an error.
+    #[error("upgraded tunnel: {0}")]
+    Tunnel(ProxyError),
 }
 
 enum Next {
@@ -64,6 +73,8 @@ enum Next {
     KeepAlive,
     /// Close cleanly (close_notify).
     Close,
+    /// The connection already ended (an upgraded tunnel closed it).
+    Ended,
 }
 
 /// Serves requests until the client closes, a timeout, or an error.
@@ -100,6 +111,7 @@ pub async fn serve(
         match forward(&mut reader, &mut writer, &mut inbuf, head, &ctx, started).await? {
             Next::KeepAlive => continue,
             Next::Close => break,
+            Next::Ended => return Ok(()),
         }
     }
     let _ = Box::pin(writer.close()).await;
@@ -241,10 +253,6 @@ async fn forward(
             return local(writer, ctx, &head, 413, true).await;
         }
     }
-    if head.upgrade {
-        // The two-way tunnel after a 101 is not built yet (issue 3).
-        return local(writer, ctx, &head, 501, true).await;
-    }
     if head.expect_continue && has_body {
         // Answer 100 ourselves and forward without Expect (RFC 9110 §10.1.1):
         // the body then streams as it arrives.
@@ -334,9 +342,16 @@ async fn forward(
         }
     };
     let (resp, mut rbuf) = response;
+    if resp.status == 101 && head.upgrade {
+        return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
+    }
     let close = !head.keep_alive || resp.framing == Framing::UntilClose;
     let mut out = Vec::with_capacity(resp.len + 64);
-    rewrite::response(&resp, close, &[], &mut out);
+    let hsts = route
+        .hsts
+        .as_deref()
+        .map(|v| ("Strict-Transport-Security", v.as_bytes()));
+    rewrite::response(&resp, close, hsts.as_slice(), &mut out);
     send(writer, out, ctx).await?;
     rbuf.drain(..resp.len);
     let mut scanner = BodyScanner::new(resp.framing);
@@ -383,6 +398,47 @@ async fn forward(
         ctx.pool.put(group, backend, addr, upstream.pool_size);
     }
     Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+/// After a 101 Switching Protocols (WebSocket and any other upgrade): relay
+/// the response head, then the bytes both ways until both sides close, as
+/// the `tcp` route does (splice under kTLS).
+async fn upgrade(
+    reader: &mut TlsReader,
+    writer: &mut TlsWriter,
+    inbuf: &mut Vec<u8>,
+    mut backend: TcpStream,
+    resp: head::ResponseHead,
+    mut rbuf: Vec<u8>,
+    ctx: &Ctx<'_>,
+) -> Result<Next, HttpError> {
+    let mut out = Vec::with_capacity(resp.len + 64);
+    rewrite::response(&resp, false, &[], &mut out);
+    // Bytes the backend sent after its 101 head belong to the new protocol.
+    out.extend(rbuf.drain(resp.len..));
+    send(writer, out, ctx).await?;
+    let tunnel_err = |e| HttpError::Tunnel(ProxyError::Upstream(e));
+    if !inbuf.is_empty() {
+        let early = std::mem::take(inbuf);
+        let (res, _) = Box::pin(backend.write_all(early)).await;
+        res.map_err(tunnel_err)?;
+    }
+    let mut backend_wr = crate::sys::dup_stream(&backend).map_err(tunnel_err)?;
+    let idle = ctx.idle.register(ctx.route.keepalive_timeout);
+    let kernel = reader.path() == Path::Kernel;
+    tcp::tunnel(
+        reader,
+        writer,
+        &mut backend,
+        &mut backend_wr,
+        kernel,
+        &idle,
+        ctx.pipes,
+        ctx.moved,
+    )
+    .await
+    .map_err(HttpError::Tunnel)?;
+    Ok(Next::Ended)
 }
 
 /// Sends a response ktern generated itself.

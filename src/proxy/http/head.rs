@@ -148,14 +148,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     let method = req.method.unwrap_or_default().to_string();
     let target = req.path.unwrap_or_default().to_string();
     let minor = req.version.unwrap_or(1);
-    let fields: Vec<Field> = req
-        .headers
-        .iter()
-        .map(|h| Field {
-            name: h.name.to_string(),
-            value: h.value.to_vec(),
-        })
-        .collect();
+    let fields = owned_fields(req.headers);
     let framing = request_framing(&fields)?;
     let mut host = None;
     let mut conn_close = minor == 0;
@@ -252,27 +245,7 @@ pub fn list_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
 /// exactly a final `chunked`; Content-Length must be one valid number
 /// (repeats allowed only if identical); both together are refused.
 fn request_framing(fields: &[Field]) -> Result<Framing, HeadError> {
-    let mut te: Vec<String> = Vec::new();
-    let mut cl: Option<u64> = None;
-    for f in fields {
-        if f.name.eq_ignore_ascii_case("transfer-encoding") {
-            te.extend(list_tokens(&f.value).map(|t| t.to_ascii_lowercase()));
-            if list_tokens(&f.value).next().is_none() {
-                return Err(HeadError::BadRequest("empty Transfer-Encoding"));
-            }
-        } else if f.name.eq_ignore_ascii_case("content-length") {
-            for v in f.value.split(|&b| b == b',') {
-                let n = parse_content_length(v)
-                    .ok_or(HeadError::BadRequest("invalid Content-Length"))?;
-                match cl {
-                    Some(prev) if prev != n => {
-                        return Err(HeadError::BadRequest("conflicting Content-Length"))
-                    }
-                    _ => cl = Some(n),
-                }
-            }
-        }
-    }
+    let (te, cl) = framing_fields(fields).map_err(HeadError::BadRequest)?;
     if !te.is_empty() {
         if cl.is_some() {
             // §6.3 (3): a server MAY reject; a proxy forwarding it risks smuggling.
@@ -289,10 +262,42 @@ fn request_framing(fields: &[Field]) -> Result<Framing, HeadError> {
             _ => Err(HeadError::UnknownCoding),
         };
     }
-    Ok(match cl {
-        Some(n) => Framing::Length(n),
-        None => Framing::Length(0),
-    })
+    Ok(Framing::Length(cl.unwrap_or(0)))
+}
+
+/// The framing fields of a message: every transfer coding (lower case, in
+/// order) and the Content-Length, which must be one valid number (repeats
+/// only if identical, RFC 9110 §8.6).
+fn framing_fields(fields: &[Field]) -> Result<(Vec<String>, Option<u64>), &'static str> {
+    let mut te: Vec<String> = Vec::new();
+    let mut cl: Option<u64> = None;
+    for f in fields {
+        if f.name.eq_ignore_ascii_case("transfer-encoding") {
+            if list_tokens(&f.value).next().is_none() {
+                return Err("empty Transfer-Encoding");
+            }
+            te.extend(list_tokens(&f.value).map(|t| t.to_ascii_lowercase()));
+        } else if f.name.eq_ignore_ascii_case("content-length") {
+            for v in f.value.split(|&b| b == b',') {
+                let n = parse_content_length(v).ok_or("invalid Content-Length")?;
+                match cl {
+                    Some(prev) if prev != n => return Err("conflicting Content-Length"),
+                    _ => cl = Some(n),
+                }
+            }
+        }
+    }
+    Ok((te, cl))
+}
+
+fn owned_fields(headers: &[httparse::Header<'_>]) -> Vec<Field> {
+    headers
+        .iter()
+        .map(|h| Field {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect()
 }
 
 /// `1*DIGIT` with optional surrounding whitespace, no sign, no overflow.
@@ -362,41 +367,21 @@ pub fn parse_response(
     }
     let status = res.code.unwrap_or(0);
     let minor = res.version.unwrap_or(1);
-    let fields: Vec<Field> = res
-        .headers
-        .iter()
-        .map(|h| Field {
-            name: h.name.to_string(),
-            value: h.value.to_vec(),
-        })
-        .collect();
+    let fields = owned_fields(res.headers);
     let mut keep_alive = minor == 1;
-    let mut te: Vec<String> = Vec::new();
-    let mut cl: Option<u64> = None;
-    for f in &fields {
-        if f.name.eq_ignore_ascii_case("connection") {
-            for t in list_tokens(&f.value) {
-                if t.eq_ignore_ascii_case("close") {
-                    keep_alive = false;
-                } else if t.eq_ignore_ascii_case("keep-alive") && minor == 0 {
-                    keep_alive = true;
-                }
-            }
-        } else if f.name.eq_ignore_ascii_case("transfer-encoding") {
-            te.extend(list_tokens(&f.value).map(|t| t.to_ascii_lowercase()));
-        } else if f.name.eq_ignore_ascii_case("content-length") {
-            for v in f.value.split(|&b| b == b',') {
-                let n = parse_content_length(v)
-                    .ok_or(ResponseError::Framing("invalid Content-Length"))?;
-                match cl {
-                    Some(prev) if prev != n => {
-                        return Err(ResponseError::Framing("conflicting Content-Length"))
-                    }
-                    _ => cl = Some(n),
-                }
+    for f in fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+    {
+        for t in list_tokens(&f.value) {
+            if t.eq_ignore_ascii_case("close") {
+                keep_alive = false;
+            } else if t.eq_ignore_ascii_case("keep-alive") && minor == 0 {
+                keep_alive = true;
             }
         }
     }
+    let (te, cl) = framing_fields(&fields).map_err(ResponseError::Framing)?;
     let bodiless = method.eq_ignore_ascii_case("HEAD")
         || (100..200).contains(&status)
         || status == 204
