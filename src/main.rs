@@ -123,6 +123,9 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     for (l, addr) in config.listeners.iter().zip(&bound) {
         println!("listening {} {}", l.name, addr);
     }
+    for addr in &bound[config.listeners.len()..] {
+        println!("redirecting {addr}");
+    }
     if let Some(admin) = config.admin {
         let metrics = shards.iter().map(|s| s.metrics.clone()).collect();
         let addr =

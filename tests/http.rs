@@ -507,3 +507,34 @@ fn websocket_upgrade_becomes_a_two_way_tunnel() {
     c.flush().unwrap();
     assert!(read_to_close_notify(&mut c).is_empty());
 }
+
+#[test]
+fn redirect_listener_answers_301_to_https() {
+    let pki = Pki::new("redirect");
+    let a = start_http_backend("a");
+    let cfg = format!(
+        "[[redirect]]\naddress = \"127.0.0.1:0\"\nhttps_port = 8443\n{}",
+        http_config(&[("a", a.addr)], ANY_TO_A, "")
+    );
+    let k = Ktern::start(&pki, "", &cfg);
+    let redirect = k.redirects[0];
+    let mut s = TcpStream::connect(redirect).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 301 Moved Permanently\r\n"),
+        "{reply}"
+    );
+    assert!(
+        reply.contains("location: https://www.example.com:8443/a?b=1\r\n"),
+        "{reply}"
+    );
+    let mut s = TcpStream::connect(redirect).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+}

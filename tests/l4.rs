@@ -236,6 +236,31 @@ fn curl_and_openssl_interoperate() {
 }
 
 #[test]
+fn connection_cap_refuses_new_connections_and_keeps_serving_the_others() {
+    // One shard, at most two connections.
+    let (pki, k) = ktern_with_backend("cap", "cpus = [0]\nmax_connections = 2");
+    let mut a = connect(k.addr(), &pki, ClientOpts::default());
+    let mut b = connect(k.addr(), &pki, ClientOpts::default());
+    a.write_all(b"ECHO\n").unwrap();
+    b.write_all(b"ECHO\n").unwrap();
+    let mut s = TcpStream::connect(k.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(&[22, 3, 1, 0, 1]);
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(s.read(&mut buf), Ok(0) | Err(_)),
+        "over-cap connection must be closed"
+    );
+    assert_eq!(k.wait_metric("ktern_connections_refused_total", 1), 1);
+    for c in [&mut a, &mut b] {
+        c.write_all(b"still here").unwrap();
+        let mut got = [0u8; 10];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still here");
+    }
+}
+
+#[test]
 fn idle_connections_are_closed_after_the_idle_timeout() {
     let pki = Pki::new("idle");
     let backend = start_backend();

@@ -62,6 +62,17 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Upstream groups for `http` routes.
     pub upstreams: Vec<Upstream>,
+    /// Plain-HTTP listeners that answer every request with a 301 to https.
+    pub redirects: Vec<Redirect>,
+}
+
+/// A plain-HTTP listener answering every request with 301 to `https://`.
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    /// Address to bind (one `SO_REUSEPORT` socket per shard).
+    pub address: SocketAddr,
+    /// Port for the `Location` (omitted when 443 or unset).
+    pub https_port: Option<u16>,
 }
 
 /// Process-wide settings.
@@ -77,6 +88,8 @@ pub struct Runtime {
     pub uring_entries: u32,
     /// monoio driver choice.
     pub driver: Driver,
+    /// Connections one shard serves at once; more are closed at accept.
+    pub max_connections: u64,
 }
 
 /// A listening address with its certificates and route.
@@ -317,12 +330,25 @@ impl Validator<'_> {
         let admin = raw
             .admin
             .and_then(|a| self.addr("admin.address", &a.address));
+        let redirects = raw
+            .redirect
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let address = self.addr(&format!("redirect[{i}].address"), &r.address)?;
+                Some(Redirect {
+                    address,
+                    https_port: r.https_port,
+                })
+            })
+            .collect();
         Config {
             source: file.to_string(),
             runtime,
             listeners,
             admin,
             upstreams,
+            redirects,
         }
     }
 
@@ -502,6 +528,7 @@ impl Validator<'_> {
             handshake_timeout,
             uring_entries: raw.uring_entries,
             driver: raw.driver,
+            max_connections: raw.max_connections,
         }
     }
 

@@ -39,6 +39,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub listener: Vec<ListenerSection>,
     pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub redirect: Vec<RedirectSection>,
     /// Named upstream groups for `http` routes, in file order.
     #[serde(default)]
     pub upstream: toml::Table,
@@ -56,6 +58,8 @@ pub(super) struct RuntimeSection {
     pub uring_entries: u32,
     #[serde(default)]
     pub driver: Driver,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u64,
 }
 
 impl Default for RuntimeSection {
@@ -66,6 +70,7 @@ impl Default for RuntimeSection {
             handshake_timeout: default_handshake_timeout(),
             uring_entries: default_uring_entries(),
             driver: Driver::Auto,
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -155,8 +160,21 @@ pub(super) struct TcpRouteSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RedirectSection {
+    pub address: String,
+    pub https_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct AdminSection {
     pub address: String,
+}
+
+/// Per shard. Each connection costs a few KiB of memory and four fds; the
+/// cap keeps a flood from exhausting either (HAProxy's `maxconn`).
+fn default_max_connections() -> u64 {
+    100_000
 }
 
 fn yes() -> bool {

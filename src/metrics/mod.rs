@@ -24,6 +24,7 @@ macro_rules! counters {
 counters! {
     accepted => "ktern_connections_accepted_total", "TCP connections accepted.";
     active => "ktern_connections_active", "Connections open now (gauge: accepted minus closed).";
+    refused_over_cap => "ktern_connections_refused_total", "Connections closed at accept: the shard was at runtime.max_connections.";
     handshakes => "ktern_handshakes_total", "TLS handshakes completed.";
     hs_fail_tls => "ktern_handshake_failures_tls_total", "Handshakes failed: client sent invalid TLS or negotiation failed (alert sent).";
     hs_fail_timeout => "ktern_handshake_failures_timeout_total", "Handshakes failed: deadline passed.";

@@ -89,7 +89,13 @@ pub fn start(
     support: Arc<crate::ktls::Support>,
 ) -> anyhow::Result<(Vec<ShardHandle>, Vec<SocketAddr>)> {
     let cpus = shard_cpus(&config);
-    let mut bound: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
+    // TLS listeners first, then the plain-HTTP redirect listeners.
+    let mut bound: Vec<SocketAddr> = config
+        .listeners
+        .iter()
+        .map(|l| l.address)
+        .chain(config.redirects.iter().map(|r| r.address))
+        .collect();
     let mut sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
     for _ in &cpus {
         let mut per_shard = Vec::new();
@@ -97,6 +103,12 @@ pub fn start(
             let s = bind(bound[i], l.backlog)
                 .with_context(|| format!("listener {:?}: cannot listen on {}", l.name, bound[i]))?;
             bound[i] = s.local_addr()?;
+            per_shard.push(s);
+        }
+        for addr in bound.iter_mut().skip(config.listeners.len()) {
+            let s =
+                bind(*addr, 4096).with_context(|| format!("redirect: cannot listen on {addr}"))?;
+            *addr = s.local_addr()?;
             per_shard.push(s);
         }
         sockets.push(per_shard);
@@ -204,7 +216,13 @@ async fn shard_main(
             }
         };
         let shard = shard.clone();
-        accept_loops.push(monoio::spawn(accept_loop(shard, index, listener)));
+        match index.checked_sub(shard.config.listeners.len()) {
+            None => accept_loops.push(monoio::spawn(accept_loop(shard, index, listener))),
+            Some(r) => {
+                let https_port = shard.config.redirects[r].https_port;
+                accept_loops.push(monoio::spawn(redirect_loop(listener, https_port)));
+            }
+        }
     }
     for h in accept_loops {
         h.await;
@@ -215,6 +233,18 @@ async fn accept_loop(shard: Rc<Shard>, index: usize, listener: monoio::net::TcpL
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
+                let active = shard
+                    .metrics
+                    .active
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if active >= shard.config.runtime.max_connections {
+                    // Refused fast: closed before any TLS work; served
+                    // connections are unaffected.
+                    crate::metrics::ShardMetrics::inc(&shard.metrics.refused_over_cap);
+                    tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
+                    drop(socket);
+                    continue;
+                }
                 let fut = driver::serve(shard.clone(), index, socket, peer);
                 tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
                 monoio::spawn(fut);
@@ -222,6 +252,20 @@ async fn accept_loop(shard: Rc<Shard>, index: usize, listener: monoio::net::TcpL
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning.
                 tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn redirect_loop(listener: monoio::net::TcpListener, https_port: Option<u16>) {
+    loop {
+        match listener.accept().await {
+            Ok((socket, _)) => {
+                monoio::spawn(crate::proxy::http::redirect::serve(socket, https_port));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redirect accept failed");
                 monoio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }

@@ -119,6 +119,7 @@ fn backend_conn(conn: TcpStream) -> std::io::Result<()> {
 pub struct Ktern {
     pub child: Child,
     pub addrs: Vec<SocketAddr>,
+    pub redirects: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub stderr_path: PathBuf,
 }
@@ -147,10 +148,13 @@ impl Ktern {
             .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut addrs = Vec::new();
+        let mut redirects = Vec::new();
         let mut admin = None;
         for line in stdout.lines() {
             let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("listening ") {
+            if let Some(rest) = line.strip_prefix("redirecting ") {
+                redirects.push(rest.trim().parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("listening ") {
                 addrs.push(rest.split_whitespace().nth(1).unwrap().parse().unwrap());
             } else if let Some(rest) = line.strip_prefix("admin http://") {
                 admin = Some(rest.trim_end_matches("/metrics").parse().unwrap());
@@ -164,6 +168,7 @@ impl Ktern {
         Ktern {
             child,
             addrs,
+            redirects,
             admin,
             stderr_path,
         }

@@ -7,4 +7,5 @@
 pub mod body;
 pub mod forward;
 pub mod head;
+pub mod redirect;
 pub mod rewrite;

@@ -1,0 +1,101 @@
+//! The plain-HTTP redirect listener: every request gets a 301 to the same
+//! host and target over https, then the connection closes (what nginx's
+//! `return 301 https://$host$request_uri;` server does).
+
+use std::time::Duration;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::head::{self, Limits};
+use super::rewrite;
+
+/// Time a client has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `Location` for a request to `host` (may carry a port) and `target`.
+/// `None` when the request names no usable host.
+pub fn location(host: &str, target: &str, https_port: Option<u16>) -> Option<String> {
+    let name = if host.starts_with('[') {
+        &host[..=host.find(']')?]
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    // A Host that could inject another header or URL part is refused.
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+    {
+        return None;
+    }
+    let port = match https_port {
+        Some(443) | None => String::new(),
+        Some(p) => format!(":{p}"),
+    };
+    let path = if target.starts_with('/') { target } else { "/" };
+    Some(format!("https://{name}{port}{path}"))
+}
+
+/// Answers one plain-HTTP connection.
+pub async fn serve(mut socket: TcpStream, https_port: Option<u16>) {
+    let limits = Limits::default();
+    let mut buf: Vec<u8> = Vec::new();
+    let response = loop {
+        match head::parse_request(&buf, &limits) {
+            Ok(Some(h)) => {
+                break match location(h.host.as_deref().unwrap_or(""), &h.target, https_port) {
+                    Some(loc) => rewrite::local_response(
+                        301,
+                        "Moved Permanently",
+                        true,
+                        &[("location", &loc)],
+                        "",
+                    ),
+                    None => {
+                        rewrite::local_response(400, "Bad Request", true, &[], "400 Bad Request\n")
+                    }
+                };
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let body = format!("{}\n", e);
+                break rewrite::local_response(e.status(), "Error", true, &[], &body);
+            }
+        }
+        let read = monoio::time::timeout(HEAD_TIMEOUT, socket.read(Vec::with_capacity(4096))).await;
+        match read {
+            Ok((Ok(n), chunk)) if n > 0 => buf.extend_from_slice(&chunk),
+            _ => return,
+        }
+    };
+    let _ = socket.write_all(response).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            location("example.com", "/a?b=1", None).as_deref(),
+            Some("https://example.com/a?b=1")
+        );
+        assert_eq!(
+            location("example.com:80", "/", Some(443)).as_deref(),
+            Some("https://example.com/")
+        );
+        assert_eq!(
+            location("example.com:80", "/x", Some(8443)).as_deref(),
+            Some("https://example.com:8443/x")
+        );
+        assert_eq!(
+            location("[::1]:80", "/", None).as_deref(),
+            Some("https://[::1]/")
+        );
+        assert_eq!(location("", "/", None), None);
+        assert_eq!(location("evil.com/x", "/", None), None);
+        assert_eq!(location("a b", "/", None), None);
+    }
+}
