@@ -363,7 +363,7 @@ async fn forward(
                 .map_err(|e| HttpError::UpstreamAborted(e.to_string()))?;
             if n > 0 {
                 body += n as u64;
-                let chunk: Vec<u8> = rbuf.drain(..n).collect();
+                let chunk = take_front(&mut rbuf, n);
                 send(writer, chunk, ctx).await?;
             }
         }
@@ -441,6 +441,16 @@ async fn upgrade(
     Ok(Next::Ended)
 }
 
+/// The first `n` bytes of `buf`, removed from it. In the common case (the
+/// whole buffer belongs to the body) the buffer itself moves out, no copy.
+fn take_front(buf: &mut Vec<u8>, n: usize) -> Vec<u8> {
+    if n == buf.len() {
+        std::mem::take(buf)
+    } else {
+        buf.drain(..n).collect()
+    }
+}
+
 /// Sends a response ktern generated itself.
 async fn local(
     writer: &mut TlsWriter,
@@ -498,7 +508,7 @@ async fn send_body(
         if total > max_body {
             return Ok(BodySent::Refused(413));
         }
-        let chunk: Vec<u8> = inbuf.drain(..n).collect();
+        let chunk = take_front(inbuf, n);
         let mut m = ctx.moved.get();
         m.up += chunk.len() as u64;
         ctx.moved.set(m);
@@ -578,6 +588,15 @@ async fn read_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_front_moves_or_splits() {
+        let mut b = b"abcdef".to_vec();
+        assert_eq!(take_front(&mut b, 2), b"ab");
+        assert_eq!(b, b"cdef");
+        assert_eq!(take_front(&mut b, 4), b"cdef");
+        assert!(b.is_empty());
+    }
 
     #[test]
     fn paths_and_hosts() {
