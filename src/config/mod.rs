@@ -225,6 +225,10 @@ pub struct Upstream {
     pub pool_size: usize,
     /// Idle pooled connections older than this are closed, not reused.
     pub pool_idle_timeout: Duration,
+    /// Consecutive failures that take a backend out of rotation (0: never).
+    pub max_fails: u32,
+    /// How long a failed backend stays out of rotation.
+    pub fail_timeout: Duration,
 }
 
 /// A layer-4 route.
@@ -378,6 +382,7 @@ impl Validator<'_> {
                 self.duration(&format!("{at}.response_timeout"), &raw.response_timeout);
             let pool_idle_timeout =
                 self.duration(&format!("{at}.pool_idle_timeout"), &raw.pool_idle_timeout);
+            let fail_timeout = self.duration(&format!("{at}.fail_timeout"), &raw.fail_timeout);
             out.push(Upstream {
                 name,
                 backends,
@@ -385,6 +390,8 @@ impl Validator<'_> {
                 response_timeout: response_timeout.unwrap_or_default(),
                 pool_size: raw.pool_size,
                 pool_idle_timeout: pool_idle_timeout.unwrap_or_default(),
+                max_fails: raw.max_fails,
+                fail_timeout: fail_timeout.unwrap_or_default(),
             });
         }
         out

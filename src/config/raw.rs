@@ -146,6 +146,10 @@ pub(super) struct UpstreamSection {
     pub pool_size: usize,
     #[serde(default = "default_pool_idle")]
     pub pool_idle_timeout: String,
+    #[serde(default = "default_max_fails")]
+    pub max_fails: u32,
+    #[serde(default = "default_fail_timeout")]
+    pub fail_timeout: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +179,15 @@ pub(super) struct AdminSection {
 /// cap keeps a flood from exhausting either (HAProxy's `maxconn`).
 fn default_max_connections() -> u64 {
     100_000
+}
+
+/// nginx's `max_fails` default.
+fn default_max_fails() -> u32 {
+    1
+}
+/// nginx's `fail_timeout` default.
+fn default_fail_timeout() -> String {
+    "10s".into()
 }
 
 fn yes() -> bool {

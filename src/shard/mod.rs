@@ -183,7 +183,7 @@ async fn shard_main(
     let upstream_balancers = config
         .upstreams
         .iter()
-        .map(|u| Balancer::new(u.backends.clone(), id))
+        .map(|u| Balancer::with_health(u.backends.clone(), id, u.max_fails, u.fail_timeout))
         .collect();
     let pool = crate::upstream::pool::Pool::new(config.upstreams.len());
     let shard = Rc::new(Shard {

@@ -297,6 +297,7 @@ async fn forward(
             if reused && attempt == 1 {
                 continue;
             }
+            ctx.balancers[group].failed(addr, Instant::now());
             M::inc(&ctx.metrics.upstream_errors);
             tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
             return local(writer, ctx, &head, 502, true).await;
@@ -330,6 +331,7 @@ async fn forward(
                 continue;
             }
             Err(fault) => {
+                ctx.balancers[group].failed(addr, Instant::now());
                 M::inc(&ctx.metrics.upstream_errors);
                 let status = if matches!(fault, UpstreamFault::Timeout) {
                     504
@@ -342,6 +344,7 @@ async fn forward(
         }
     };
     let (resp, mut rbuf) = response;
+    ctx.balancers[group].succeeded(addr);
     if resp.status == 101 && head.upgrade {
         return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
     }
