@@ -141,12 +141,21 @@ fn client_key_update_rekeys_or_closes_with_an_alert() {
     let (pki, k) = ktern("keyupdate", "ktls = \"required\"");
     let before = tls_stat();
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    // Whatever the kernel does with the KeyUpdate, this connection's records
+    // must be the kernel's: a userspace fallback would rekey in rustls and
+    // pass the 6.18 branch's data checks on its own.
     let first = pattern(5000, 1);
     c.write_all(b"ECHO\n").unwrap();
     c.write_all(&first).unwrap();
     let mut echoed = vec![0u8; first.len()];
     c.read_exact(&mut echoed).unwrap();
     assert_eq!(echoed, first);
+    assert_eq!(
+        delta(&before, "TlsRxSw"),
+        1,
+        "the connection was not offloaded"
+    );
+    assert_eq!(k.metric("ktern_ktls_offloaded_total"), 1);
     // KeyUpdate with update_requested (RFC 8446 §4.6.3), then more data.
     c.conn.refresh_traffic_keys().unwrap();
     let second = pattern(7000, 2);

@@ -292,7 +292,10 @@ async fn forward(
                 }
             },
         };
-        let (res, _) = Box::pin(backend.write_all(out.clone())).await;
+        // monoio hands the buffer back whatever the outcome, so a retry
+        // resends it without a copy per request.
+        let (res, sent) = Box::pin(backend.write_all(out)).await;
+        out = sent;
         if let Err(e) = res {
             if reused && attempt == 1 {
                 continue;
@@ -581,6 +584,8 @@ async fn read_response(
         match res {
             Ok(0) if rbuf.is_empty() => return Err(UpstreamFault::NothingBack),
             Ok(0) => return Err(UpstreamFault::Bad("closed mid-head")),
+            // Usually the whole head arrives in one read: keep that buffer.
+            Ok(_) if rbuf.is_empty() => rbuf = buf,
             Ok(_) => rbuf.extend_from_slice(&buf),
             Err(_) if rbuf.is_empty() => return Err(UpstreamFault::NothingBack),
             Err(_) => return Err(UpstreamFault::Bad("reset mid-head")),
