@@ -283,6 +283,100 @@ fn routes_by_host_wildcard_and_path() {
 }
 
 #[test]
+fn routes_by_sni_exact_and_wildcard() {
+    let rules = "[[listener.route.rule]]\nsni = \"a.sni.test\"\nupstream = \"a\"\n\
+                 [[listener.route.rule]]\nsni = \"*.wild.test\"\nupstream = \"b\"\n";
+    let (pki, k, _, _) = setup("sni", rules, "");
+    for (sni, want) in [
+        ("a.sni.test", 200),
+        ("x.wild.test", 200),
+        ("localhost", 404),
+    ] {
+        let opts = ClientOpts {
+            server_name: Some(sni),
+            ..ClientOpts::default()
+        };
+        let mut c = connect(k.addr(), &pki, opts);
+        // The Host header does not pick the rule here: the SNI does.
+        let r = exchange(&mut c, "GET / HTTP/1.1\r\nHost: other.example\r\n\r\n");
+        assert_eq!(r.status, want, "{sni}");
+        if sni == "x.wild.test" {
+            assert_eq!(r.body, b"b");
+        } else if want == 200 {
+            assert_eq!(r.body, b"a");
+        }
+    }
+}
+
+#[test]
+fn access_log_has_one_json_line_per_request_with_tls_facts() {
+    let pki = Pki::new("access");
+    let a = start_http_backend("a");
+    let log = pki.dir.join("access.log");
+    let runtime = format!(
+        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    let rules = "[[listener.route.rule]]\npath = \"/app/\"\nupstream = \"a\"\n";
+    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], rules, ""));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let post = "POST /app/sum HTTP/1.1\r\nHost: app.test\r\nUser-Agent: t/1\r\nContent-Length: 5\r\n\r\nhello";
+    assert_eq!(exchange(&mut c, post).status, 200);
+    assert_eq!(
+        exchange(&mut c, "GET /nope HTTP/1.1\r\nHost: app.test\r\n\r\n").status,
+        404
+    );
+    assert_eq!(exchange(&mut c, "GET /\"\x01 HTTP/1.1\r\n\r\n").status, 400);
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line")
+            })
+            .collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let kernel = std::env::var_os("KTERN_IN_VM").is_some();
+    for l in &lines {
+        assert_eq!(l["sni"], "localhost");
+        assert_eq!(l["tls_version"], "TLSv1.3");
+        assert!(l["cipher"].as_str().unwrap().starts_with("TLS13_"), "{l}");
+        assert_eq!(l["ktls"], kernel);
+        assert_eq!(l["client"], "127.0.0.1");
+        assert!(l["bytes_out"].as_u64().unwrap() > 0);
+    }
+    let ok = &lines[0];
+    assert_eq!(
+        (
+            ok["method"].as_str(),
+            ok["path"].as_str(),
+            ok["status"].as_u64()
+        ),
+        (Some("POST"), Some("/app/sum"), Some(200))
+    );
+    assert_eq!(ok["host"], "app.test");
+    assert_eq!(ok["user_agent"], "t/1");
+    assert_eq!(ok["bytes_in"], post.len() as u64);
+    assert_eq!(ok["upstream"], a.addr.to_string());
+    assert!(ok["upstream_ms"].as_f64().unwrap() <= ok["duration_ms"].as_f64().unwrap());
+    assert_eq!(
+        (lines[1]["status"].as_u64(), &lines[1]["upstream"]),
+        (Some(404), &serde_json::Value::Null)
+    );
+    // The unparsable request is still logged, with no request fields.
+    assert_eq!(
+        (lines[2]["status"].as_u64(), lines[2]["method"].as_str()),
+        (Some(400), Some("-"))
+    );
+}
+
+#[test]
 fn bodies_stream_in_both_framings_and_chunked_responses_keep_trailers() {
     let (pki, k, _, _) = setup("bodies", ANY_TO_A, "max_body = \"4m\"");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());

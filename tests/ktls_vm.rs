@@ -76,6 +76,7 @@ fn every_version_and_cipher_is_sealed_by_the_kernel() {
         let opts = ClientOpts {
             tls12,
             suite: Some(suite),
+            ..ClientOpts::default()
         };
         // Both end with close_notify in both directions: the client's
         // (upload) reaches the backend as a FIN; the server's is required by

@@ -43,6 +43,7 @@ fn tls12_and_every_cipher_suite_work() {
         let opts = ClientOpts {
             tls12,
             suite: Some(suite),
+            ..ClientOpts::default()
         };
         let c = connect(k.addr(), &pki, opts);
         assert_eq!(c.conn.negotiated_cipher_suite().unwrap().suite(), suite);
@@ -71,7 +72,7 @@ fn half_close_reaches_the_backend_and_the_reply_still_comes_back() {
         &pki,
         ClientOpts {
             tls12: true,
-            suite: None,
+            ..ClientOpts::default()
         },
         54321,
     );

@@ -64,6 +64,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Plain-HTTP listeners that answer every request with a 301 to https.
     pub redirects: Vec<Redirect>,
+    /// Where HTTP access lines go (none when not configured).
+    pub access_log: Option<crate::metrics::access::Sink>,
 }
 
 /// A plain-HTTP listener answering every request with 301 to `https://`.
@@ -190,6 +192,14 @@ impl HostMatch {
         }
     }
 
+    /// Does a connection's SNI match? Without SNI only `Any` does.
+    pub fn matches_sni(&self, sni: Option<&str>) -> bool {
+        match sni {
+            Some(name) => self.matches(name),
+            None => *self == HostMatch::Any,
+        }
+    }
+
     fn rank(&self) -> (u8, usize) {
         match self {
             HostMatch::Exact(_) => (0, 0),
@@ -202,8 +212,11 @@ impl HostMatch {
 /// One routing rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// Host match.
+    /// Host match (the request's Host, port stripped).
     pub host: HostMatch,
+    /// SNI match (the server name from the ClientHello; a connection
+    /// without SNI matches only `Any`).
+    pub sni: HostMatch,
     /// Path prefix.
     pub path: String,
     /// Index into [`Config::upstreams`].
@@ -346,6 +359,7 @@ impl Validator<'_> {
                 })
             })
             .collect();
+        let access_log = raw.access_log.and_then(|a| self.access_log(a));
         Config {
             source: file.to_string(),
             runtime,
@@ -353,6 +367,39 @@ impl Validator<'_> {
             admin,
             upstreams,
             redirects,
+            access_log,
+        }
+    }
+
+    /// Opens the access log now, so a path that cannot be written is a
+    /// config error rather than a silent loss of lines later.
+    fn access_log(&mut self, raw: raw::AccessLogSection) -> Option<crate::metrics::access::Sink> {
+        use crate::metrics::access::{Format, Sink};
+        let format = match raw.format.as_str() {
+            "combined" => Format::Combined,
+            "json" => Format::Json,
+            other => {
+                self.problem(
+                    "access_log.format",
+                    format!("{other:?} is not a format (\"combined\" or \"json\")"),
+                );
+                return None;
+            }
+        };
+        let path = if raw.path == "-" {
+            PathBuf::from("-")
+        } else {
+            self.base.join(&raw.path)
+        };
+        match Sink::open(&path, format) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.problem(
+                    "access_log.path",
+                    format!("cannot open {} for appending: {e}", path.display()),
+                );
+                None
+            }
         }
     }
 
@@ -397,6 +444,31 @@ impl Validator<'_> {
         out
     }
 
+    /// A rule's `host` or `sni` pattern: absent or `*` (any), an exact
+    /// name, or `*.example.com`.
+    fn host_match(&mut self, field: &str, raw: Option<&str>) -> Option<HostMatch> {
+        let Some(h) = raw.map(str::to_ascii_lowercase) else {
+            return Some(HostMatch::Any);
+        };
+        if h == "*" {
+            return Some(HostMatch::Any);
+        }
+        match h.strip_prefix('*') {
+            Some(suffix) if suffix.starts_with('.') && !suffix[1..].contains('*') => {
+                Some(HostMatch::Suffix(suffix.to_string()))
+            }
+            Some(_) => {
+                self.problem(field, "wildcards must look like \"*.example.com\"");
+                None
+            }
+            None if h.contains('*') || h.contains(':') || h.is_empty() => {
+                self.problem(field, "a host name without port or wildcards in the middle");
+                None
+            }
+            None => Some(HostMatch::Exact(h)),
+        }
+    }
+
     fn http_route(
         &mut self,
         at: &str,
@@ -412,29 +484,11 @@ impl Validator<'_> {
         let mut rules = Vec::new();
         for (i, r) in raw.rule.iter().enumerate() {
             let field = format!("{at}.rule[{i}]");
-            let host = match r.host.as_deref().map(str::to_ascii_lowercase) {
-                None => HostMatch::Any,
-                Some(h) if h == "*" => HostMatch::Any,
-                Some(h) => match h.strip_prefix('*') {
-                    Some(suffix) if suffix.starts_with('.') && !suffix[1..].contains('*') => {
-                        HostMatch::Suffix(suffix.to_string())
-                    }
-                    Some(_) => {
-                        self.problem(
-                            format!("{field}.host"),
-                            "wildcards must look like \"*.example.com\"",
-                        );
-                        continue;
-                    }
-                    None if h.contains('*') || h.contains(':') || h.is_empty() => {
-                        self.problem(
-                            format!("{field}.host"),
-                            "a host name without port or wildcards in the middle",
-                        );
-                        continue;
-                    }
-                    None => HostMatch::Exact(h),
-                },
+            let (Some(host), Some(sni)) = (
+                self.host_match(&format!("{field}.host"), r.host.as_deref()),
+                self.host_match(&format!("{field}.sni"), r.sni.as_deref()),
+            ) else {
+                continue;
             };
             if !r.path.starts_with('/') {
                 self.problem(format!("{field}.path"), "a path prefix must start with /");
@@ -449,15 +503,19 @@ impl Validator<'_> {
             };
             rules.push(Rule {
                 host,
+                sni,
                 path: r.path.clone(),
                 upstream,
             });
         }
-        // Most specific first: the first match wins at request time.
+        // Most specific first: the first match wins at request time. Host
+        // outranks SNI (the Host names the application, RFC 9110 §7.2),
+        // then the longest path prefix.
         rules.sort_by(|a, b| {
             a.host
                 .rank()
                 .cmp(&b.host.rank())
+                .then(a.sni.rank().cmp(&b.sni.rank()))
                 .then(b.path.len().cmp(&a.path.len()))
         });
         let max_body = match parse_size(&raw.max_body) {

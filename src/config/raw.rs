@@ -39,11 +39,24 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub listener: Vec<ListenerSection>,
     pub admin: Option<AdminSection>,
+    pub access_log: Option<AccessLogSection>,
     #[serde(default)]
     pub redirect: Vec<RedirectSection>,
     /// Named upstream groups for `http` routes, in file order.
     #[serde(default)]
     pub upstream: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AccessLogSection {
+    pub path: String,
+    #[serde(default = "default_access_format")]
+    pub format: String,
+}
+
+fn default_access_format() -> String {
+    "combined".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +142,7 @@ pub(super) struct HttpRouteSection {
 #[serde(deny_unknown_fields)]
 pub(super) struct RuleSection {
     pub host: Option<String>,
+    pub sni: Option<String>,
     #[serde(default = "default_path")]
     pub path: String,
     pub upstream: String,

@@ -222,3 +222,34 @@ fn sizes() {
     assert_eq!(parse_size("m"), None);
     assert_eq!(parse_size("99999999999g"), None);
 }
+
+#[test]
+fn sni_patterns_and_access_log_are_validated() {
+    let dir = std::env::temp_dir().join(format!("ktern-cfg-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!("{HTTP}\n[access_log]\npath = \"logs/access.log\"\nformat = \"xml\"\n")
+        .replace(
+            "[[listener.route.rule]]\nhost = \"*.example.com\"",
+            "[[listener.route.rule]]\nsni = \"x*.example.com\"\nhost = \"*.example.com\"",
+        );
+    let e = Config::from_toml(&text, "a.toml", &dir, &pems()).unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert!(fields.contains(&"access_log.format"), "{fields:?}");
+    assert!(
+        fields.contains(&"listener[0].route.rule[1].sni"),
+        "{fields:?}"
+    );
+    // A directory that does not exist is named with the path.
+    let text = format!("{HTTP}\n[access_log]\npath = \"logs/access.log\"\n");
+    let e = Config::from_toml(&text, "a.toml", &dir, &pems()).unwrap_err();
+    assert_eq!(e.problems[0].field, "access_log.path");
+    assert!(e.problems[0].reason.contains("logs/access.log"), "{e}");
+    // Relative to the config's directory, created when missing.
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let c = Config::from_toml(&text, "a.toml", &dir, &pems()).unwrap();
+    assert!(c.access_log.is_some());
+    assert!(dir.join("logs/access.log").exists());
+    assert!(HostMatch::Any.matches_sni(None));
+    assert!(!HostMatch::Exact("a".into()).matches_sni(None));
+    assert!(HostMatch::Suffix(".b".into()).matches_sni(Some("a.b")));
+}

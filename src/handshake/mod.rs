@@ -18,6 +18,7 @@ use rustls::ServerConfig;
 
 use crate::config;
 
+pub mod hello;
 pub mod pump;
 
 /// The crypto provider ktern was built with: aws-lc-rs by default (its
@@ -181,6 +182,39 @@ pub struct Established {
     pub early_plaintext: Vec<u8>,
     /// The client already sent close_notify.
     pub peer_closed: bool,
+    /// The server name the client asked for (SNI), lower case.
+    pub sni: Option<Box<str>>,
+}
+
+/// What the rest of a connection's life knows about its TLS session (for
+/// routing by SNI and for the access log). Small: it lives as long as the
+/// connection.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    /// The server name from the ClientHello, lower case.
+    pub sni: Option<Box<str>>,
+    /// Negotiated protocol version.
+    pub version: Option<rustls::ProtocolVersion>,
+    /// Negotiated cipher suite.
+    pub suite: Option<rustls::CipherSuite>,
+    /// The kernel carries the records (kTLS), not rustls in userspace.
+    pub kernel: bool,
+}
+
+impl TlsInfo {
+    /// `TLSv1.3`, `TLSv1.2` (nginx's `$ssl_protocol` spelling), or `-`.
+    pub fn version_name(&self) -> &'static str {
+        match self.version {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "-",
+        }
+    }
+
+    /// The IANA cipher suite name, or `-`.
+    pub fn cipher_name(&self) -> &'static str {
+        self.suite.and_then(|s| s.as_str()).unwrap_or("-")
+    }
 }
 
 /// Sans-IO TLS server handshake.
@@ -195,6 +229,11 @@ pub struct Handshake {
     early_plaintext: Vec<u8>,
     peer_closed: bool,
     eof: bool,
+    /// The connection's first bytes, kept only until the ClientHello peek
+    /// has an answer (and only when the hello spans reads).
+    hello_prefix: Vec<u8>,
+    hello_seen: bool,
+    sni: Option<Box<str>>,
 }
 
 impl Handshake {
@@ -207,6 +246,9 @@ impl Handshake {
             early_plaintext: Vec::new(),
             peer_closed: false,
             eof: false,
+            hello_prefix: Vec::new(),
+            hello_seen: false,
+            sni: None,
         })
     }
 
@@ -220,7 +262,39 @@ impl Handshake {
             return Err(HandshakeError::TooLarge);
         }
         self.input.extend_from_slice(bytes);
+        if !self.hello_seen {
+            self.peek_hello(bytes);
+        }
         Ok(())
+    }
+
+    /// Runs the ClientHello peek over the bytes seen so far. The common
+    /// case (the whole hello in the first read) copies nothing.
+    fn peek_hello(&mut self, bytes: &[u8]) {
+        let peeked = if self.hello_prefix.is_empty() {
+            match hello::peek(bytes) {
+                hello::Peeked::NeedMore => {
+                    self.hello_prefix.extend_from_slice(bytes);
+                    return;
+                }
+                p => p,
+            }
+        } else {
+            self.hello_prefix.extend_from_slice(bytes);
+            hello::peek(&self.hello_prefix)
+        };
+        match peeked {
+            hello::Peeked::NeedMore => return,
+            hello::Peeked::Hello(h) => self.sni = h.sni,
+            hello::Peeked::NotHello => {}
+        }
+        self.hello_seen = true;
+        self.hello_prefix = Vec::new();
+    }
+
+    /// The SNI from the ClientHello, once it has arrived.
+    pub fn sni(&self) -> Option<&str> {
+        self.sni.as_deref()
     }
 
     /// Bytes that must be sent to the client now (handshake flights, alerts).
@@ -360,6 +434,7 @@ impl Handshake {
             conn: self.conn,
             early_plaintext: self.early_plaintext,
             peer_closed: self.peer_closed,
+            sni: self.sni,
         }
     }
 }

@@ -89,8 +89,10 @@ fn complete(tls12_only: bool) {
     let step = pump(&mut c, &mut hs, 0);
     assert_eq!(step, Step::Done, "tls12_only={tls12_only}");
     assert!(!c.is_handshaking());
+    assert_eq!(hs.sni(), Some("localhost"));
     let est = hs.finish();
     assert!(est.early_plaintext.is_empty());
+    assert_eq!(est.sni.as_deref(), Some("localhost"));
     let want = if tls12_only {
         rustls::ProtocolVersion::TLSv1_2
     } else {
@@ -274,4 +276,19 @@ fn default_provider_offers_x25519mlkem768_first_and_negotiates_it() {
         c.negotiated_key_exchange_group().map(|g| g.name()),
         Some(rustls::NamedGroup::X25519MLKEM768)
     );
+}
+
+#[test]
+fn sni_is_read_when_the_hello_arrives_a_byte_at_a_time() {
+    let (l, root) = listener(true, true);
+    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut c = client(root, false);
+    let mut hello = Vec::new();
+    c.write_tls(&mut hello).unwrap();
+    for b in hello.chunks(1) {
+        assert_eq!(hs.sni(), None);
+        hs.handle_input(b).unwrap();
+    }
+    assert_eq!(hs.sni(), Some("localhost"));
+    assert_eq!(hs.poll().unwrap(), Step::Transmit);
 }

@@ -155,6 +155,7 @@ impl TlsConn {
             conn,
             early_plaintext,
             peer_closed,
+            sni: _,
         } = est;
         let (secrets, kconn) = conn
             .dangerous_into_kernel_connection()

@@ -2,6 +2,8 @@
 //! (relaxed atomics on a cache line nobody else writes); the admin endpoint
 //! sums all shards when scraped. Every metric name is in [`COUNTERS`].
 
+pub mod access;
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

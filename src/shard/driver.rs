@@ -10,7 +10,7 @@ use monoio::net::TcpStream;
 
 use super::Shard;
 use crate::config::Route;
-use crate::handshake::{self, HandshakeError};
+use crate::handshake::{self, HandshakeError, TlsInfo};
 use crate::ktls::{self, Path, StreamError, TlsConn};
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http;
@@ -35,8 +35,8 @@ pub fn serve(
     M::inc(&m.active);
     let handshake = Box::pin(establish(shard.clone(), listener, socket, peer));
     async move {
-        if let Some(conn) = handshake.await {
-            proxy(&shard, listener, conn, peer).await;
+        if let Some((conn, info)) = handshake.await {
+            proxy(&shard, listener, conn, info, peer).await;
         }
         M::dec(&shard.metrics.active);
     }
@@ -49,7 +49,7 @@ async fn establish(
     listener: usize,
     mut socket: TcpStream,
     peer: SocketAddr,
-) -> Option<TlsConn> {
+) -> Option<(TlsConn, TlsInfo)> {
     let m = &shard.metrics;
     let _ = socket.set_nodelay(true);
     let hs = match handshake::Handshake::new(shard.tls[listener].clone()) {
@@ -60,7 +60,7 @@ async fn establish(
         }
     };
     let deadline = shard.config.runtime.handshake_timeout;
-    let est = match handshake::pump::run(&mut socket, hs, deadline).await {
+    let mut est = match handshake::pump::run(&mut socket, hs, deadline).await {
         Ok(est) => est,
         Err(e) => {
             let counter = match &e {
@@ -74,18 +74,23 @@ async fn establish(
         }
     };
     M::inc(&m.handshakes);
-    let version = est.conn.protocol_version();
-    let suite = est.conn.negotiated_cipher_suite().map(|s| s.suite());
+    let mut info = TlsInfo {
+        sni: est.sni.take(),
+        version: est.conn.protocol_version(),
+        suite: est.conn.negotiated_cipher_suite().map(|s| s.suite()),
+        kernel: false,
+    };
     match ktls::establish(socket, est, shard.config.runtime.ktls, &shard.ktls) {
         Ok(conn) => {
             let path = conn.path();
-            M::inc(if path == Path::Kernel {
+            info.kernel = path == Path::Kernel;
+            M::inc(if info.kernel {
                 &m.ktls_offloaded
             } else {
                 &m.ktls_userspace
             });
-            tracing::debug!(%peer, ?version, ?suite, ?path, "handshake done");
-            Some(conn)
+            tracing::debug!(%peer, sni = info.sni.as_deref(), version = info.version_name(), cipher = info.cipher_name(), ?path, "handshake done");
+            Some((conn, info))
         }
         Err(e) => {
             M::inc(&m.ktls_offload_errors);
@@ -100,6 +105,7 @@ fn proxy<'a>(
     shard: &'a Shard,
     listener: usize,
     conn: TlsConn,
+    info: TlsInfo,
     peer: SocketAddr,
 ) -> impl Future<Output = ()> + 'a {
     let path = conn.path();
@@ -147,6 +153,8 @@ fn proxy<'a>(
                     moved: &moved,
                     idle: &shard.idle,
                     pipes: &shard.pipes,
+                    tls: &info,
+                    access: shard.config.access_log.as_ref(),
                 };
                 match http::forward::serve(reader, writer, ctx).await {
                     Ok(()) => Ok(()),

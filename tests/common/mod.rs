@@ -25,7 +25,9 @@ impl Pki {
     pub fn new(tag: &str) -> Pki {
         let dir = std::env::temp_dir().join(format!("ktern-test-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = ktern::builtin::self_signed(&["localhost"]).unwrap();
+        // Extra names for the SNI routing tests.
+        let (cert, key) =
+            ktern::builtin::self_signed(&["localhost", "a.sni.test", "*.wild.test"]).unwrap();
         std::fs::write(dir.join("cert.pem"), &cert).unwrap();
         std::fs::write(dir.join("key.pem"), &key).unwrap();
         Pki {
@@ -240,6 +242,8 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
 pub struct ClientOpts {
     pub tls12: bool,
     pub suite: Option<rustls::CipherSuite>,
+    /// SNI to send (default `localhost`).
+    pub server_name: Option<&'static str>,
 }
 
 pub type Client = StreamOwned<ClientConnection, TcpStream>;
@@ -266,8 +270,11 @@ pub fn connect(addr: SocketAddr, pki: &Pki, opts: ClientOpts) -> Client {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let conn =
-        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+    let conn = ClientConnection::new(
+        Arc::new(cfg),
+        ServerName::try_from(opts.server_name.unwrap_or("localhost")).unwrap(),
+    )
+    .unwrap();
     let sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();

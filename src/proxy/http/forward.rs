@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -17,8 +17,10 @@ use super::body::{BodyError, BodyScanner, Framing};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
 use crate::config::{HttpRoute, Upstream};
+use crate::handshake::TlsInfo;
 use crate::ktls::Path;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
+use crate::metrics::access::{self, Sink};
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::idle::IdleSweeper;
 use crate::proxy::tcp::{self, Moved, PipePool, ProxyError};
@@ -51,6 +53,21 @@ pub struct Ctx<'a> {
     pub idle: &'a IdleSweeper,
     /// The shard's pipes (for upgraded tunnels under kTLS).
     pub pipes: &'a PipePool,
+    /// The connection's TLS facts (SNI routing, access log).
+    pub tls: &'a TlsInfo,
+    /// Where access lines go, if anywhere.
+    pub access: Option<&'a Sink>,
+}
+
+/// What one request/response exchange did, for its access line.
+#[derive(Default)]
+struct Exchange {
+    /// Status sent to the client (0: none was sent).
+    status: u16,
+    /// The backend that answered.
+    upstream: Option<SocketAddr>,
+    /// Request head to backend response head.
+    upstream_time: Option<Duration>,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -95,20 +112,40 @@ pub async fn serve(
                 M::inc(&ctx.metrics.http_local_errors);
                 tracing::info!(peer = %ctx.peer, status, reason, "request refused");
                 let body = format!("{status} {reason}\n");
-                send(
+                let before = ctx.moved.get();
+                let sent = send(
                     &mut writer,
                     rewrite::local_response(status, reason, true, &[], &body),
                     &ctx,
                 )
-                .await?;
+                .await;
+                let ex = Exchange {
+                    status,
+                    ..Exchange::default()
+                };
+                log(&ctx, None, &ex, before, SystemTime::now(), Instant::now());
+                sent?;
                 break;
             }
         };
         first = false;
         M::inc(&ctx.metrics.http_requests);
-        let started = Instant::now();
+        let (started, wall) = (Instant::now(), SystemTime::now());
+        let before = ctx.moved.get();
         inbuf.drain(..head.len);
-        match forward(&mut reader, &mut writer, &mut inbuf, head, &ctx, started).await? {
+        let mut head = head;
+        let mut ex = Exchange::default();
+        let next = forward(
+            &mut reader,
+            &mut writer,
+            &mut inbuf,
+            &mut head,
+            &ctx,
+            &mut ex,
+        )
+        .await;
+        log(&ctx, Some(&head), &ex, before, wall, started);
+        match next? {
             Next::KeepAlive => continue,
             Next::Close => break,
             Next::Ended => return Ok(()),
@@ -116,6 +153,39 @@ pub async fn serve(
     }
     let _ = Box::pin(writer.close()).await;
     Ok(())
+}
+
+/// Writes the access line for one exchange (`head` is `None` for a
+/// request refused before its head could be parsed).
+fn log(
+    ctx: &Ctx<'_>,
+    head: Option<&RequestHead>,
+    ex: &Exchange,
+    before: Moved,
+    wall: SystemTime,
+    started: Instant,
+) {
+    let Some(sink) = ctx.access else { return };
+    let now = ctx.moved.get();
+    let first = |name| head.and_then(|h| h.values(name).next());
+    let record = access::Record {
+        time: wall,
+        client: ctx.peer,
+        tls: ctx.tls,
+        method: head.map_or("-", |h| h.method.as_str()),
+        host: head.and_then(|h| h.host.as_deref()).unwrap_or(""),
+        target: head.map_or("-", |h| h.target.as_str()),
+        minor: head.map_or(1, |h| h.minor),
+        status: ex.status,
+        bytes_in: head.map_or(0, |h| h.len as u64) + (now.up - before.up),
+        bytes_out: now.down - before.down,
+        referer: first("referer"),
+        user_agent: first("user-agent"),
+        upstream: ex.upstream,
+        total: started.elapsed(),
+        upstream_time: ex.upstream_time,
+    };
+    sink.write(&record, &mut String::with_capacity(256));
 }
 
 enum HeadOutcome {
@@ -230,27 +300,28 @@ async fn forward(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
     inbuf: &mut Vec<u8>,
-    mut head: RequestHead,
+    head: &mut RequestHead,
     ctx: &Ctx<'_>,
-    started: Instant,
+    ex: &mut Exchange,
 ) -> Result<Next, HttpError> {
-    let host = head.host.clone().unwrap_or_default();
-    let path = target_path(&head.target).to_string();
+    let started = Instant::now();
+    let host = head.host.as_deref().unwrap_or_default();
+    let path = target_path(&head.target);
     let route = ctx.route;
     let has_body = head.framing != Framing::Length(0);
     // A local answer before the body was read leaves the body in the
     // stream; closing afterwards keeps it from being read as a request.
     let close_after_local = !head.keep_alive || has_body;
-    let Some(rule) = route
-        .rules
-        .iter()
-        .find(|r| r.host.matches(strip_port(&host)) && path.starts_with(&r.path))
-    else {
-        return local(writer, ctx, &head, 404, close_after_local).await;
+    let Some(rule) = route.rules.iter().find(|r| {
+        r.host.matches(strip_port(host))
+            && r.sni.matches_sni(ctx.tls.sni.as_deref())
+            && path.starts_with(&r.path)
+    }) else {
+        return local(writer, ctx, ex, 404, close_after_local).await;
     };
     if let Framing::Length(n) = head.framing {
         if n > route.max_body {
-            return local(writer, ctx, &head, 413, true).await;
+            return local(writer, ctx, ex, 413, true).await;
         }
     }
     if head.expect_continue && has_body {
@@ -271,7 +342,7 @@ async fn forward(
         forwarded: route.forwarded,
     };
     let mut out = Vec::with_capacity(head.len + 256);
-    rewrite::request(&head, &fwd, &mut out);
+    rewrite::request(head, &fwd, &mut out);
 
     // A pooled connection may have been closed by the backend an instant
     // ago; that is retried once on a fresh connection when nothing of the
@@ -288,7 +359,7 @@ async fn forward(
                 Err(e) => {
                     M::inc(&ctx.metrics.upstream_connect_failures);
                     tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
-                    return local(writer, ctx, &head, 502, close_after_local).await;
+                    return local(writer, ctx, ex, 502, close_after_local).await;
                 }
             },
         };
@@ -303,13 +374,13 @@ async fn forward(
             ctx.balancers[group].failed(addr, Instant::now());
             M::inc(&ctx.metrics.upstream_errors);
             tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
-            return local(writer, ctx, &head, 502, true).await;
+            return local(writer, ctx, ex, 502, true).await;
         }
         match send_body(
             reader,
             &mut backend,
             inbuf,
-            &head,
+            head,
             route.max_body,
             route.head_timeout,
             ctx,
@@ -318,12 +389,12 @@ async fn forward(
         {
             BodySent::Done => {}
             BodySent::Refused(status) => {
-                return local(writer, ctx, &head, status, true).await;
+                return local(writer, ctx, ex, status, true).await;
             }
             BodySent::ClientGone => return Ok(Next::Close),
             BodySent::BackendFailed => {
                 M::inc(&ctx.metrics.upstream_errors);
-                return local(writer, ctx, &head, 502, true).await;
+                return local(writer, ctx, ex, 502, true).await;
             }
         }
         match read_response(&mut backend, &head.method, upstream.response_timeout).await {
@@ -342,12 +413,15 @@ async fn forward(
                     502
                 };
                 tracing::warn!(peer = %ctx.peer, backend = %addr, fault = fault.describe(), "bad upstream response");
-                return local(writer, ctx, &head, status, true).await;
+                return local(writer, ctx, ex, status, true).await;
             }
         }
     };
     let (resp, mut rbuf) = response;
     ctx.balancers[group].succeeded(addr);
+    ex.status = resp.status;
+    ex.upstream = Some(addr);
+    ex.upstream_time = Some(started.elapsed());
     if resp.status == 101 && head.upgrade {
         return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
     }
@@ -361,14 +435,12 @@ async fn forward(
     send(writer, out, ctx).await?;
     rbuf.drain(..resp.len);
     let mut scanner = BodyScanner::new(resp.framing);
-    let mut body = 0u64;
     loop {
         if !rbuf.is_empty() {
             let n = scanner
                 .scan(&rbuf)
                 .map_err(|e| HttpError::UpstreamAborted(e.to_string()))?;
             if n > 0 {
-                body += n as u64;
                 let chunk = take_front(&mut rbuf, n);
                 send(writer, chunk, ctx).await?;
             }
@@ -388,17 +460,6 @@ async fn forward(
             Err(e) => return Err(HttpError::UpstreamAborted(e.to_string())),
         }
     }
-    tracing::info!(
-        target: "ktern::access",
-        peer = %ctx.peer,
-        method = %head.method,
-        host = %host,
-        path = %path,
-        status = resp.status,
-        body_bytes = body,
-        upstream = %addr,
-        ms = started.elapsed().as_millis() as u64,
-    );
     // Reuse only a connection whose response ended exactly at its framing.
     if resp.keep_alive && rbuf.is_empty() && resp.framing != Framing::UntilClose {
         ctx.pool.put(group, backend, addr, upstream.pool_size);
@@ -461,12 +522,12 @@ fn take_front(buf: &mut Vec<u8>, n: usize) -> Vec<u8> {
 async fn local(
     writer: &mut TlsWriter,
     ctx: &Ctx<'_>,
-    head: &RequestHead,
+    ex: &mut Exchange,
     status: u16,
     close: bool,
 ) -> Result<Next, HttpError> {
     M::inc(&ctx.metrics.http_local_errors);
-    tracing::info!(target: "ktern::access", peer = %ctx.peer, method = %head.method, path = %head.target, status, "local response");
+    ex.status = status;
     let body = format!("{status} {}\n", reason(status));
     send(
         writer,

@@ -1,0 +1,280 @@
+//! ClientHello peek: reads the server name (SNI, RFC 6066 §3) and the ALPN
+//! list (RFC 7301 §3.1) from the first bytes a client sends, without
+//! answering it. Sans-IO: a pure function of the connection's first bytes.
+//!
+//! rustls' unbuffered server API does not expose the SNI after the
+//! handshake, and routing by SNI (and, later, passing TLS through by SNI
+//! without terminating it) needs it. rustls stays the authority on what is
+//! valid TLS: a hello this parser cannot read only means "no SNI known".
+
+use std::borrow::Cow;
+
+/// Largest ClientHello accepted (the handshake message, without record
+/// headers). Real hellos are 0.5–2 KiB; post-quantum key shares add ~1.2 KiB.
+pub const MAX_HELLO: usize = 64 << 10;
+
+/// TLS record content type `handshake` (RFC 8446 §5.1).
+const CONTENT_HANDSHAKE: u8 = 22;
+/// Handshake message type `client_hello` (RFC 8446 §4).
+const CLIENT_HELLO: u8 = 1;
+const EXT_SERVER_NAME: u16 = 0;
+const EXT_ALPN: u16 = 16;
+
+/// What the first bytes of a connection say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Peeked {
+    /// Not enough bytes yet to see the whole ClientHello.
+    NeedMore,
+    /// A complete ClientHello.
+    Hello(Hello),
+    /// Not a TLS ClientHello, malformed, or larger than [`MAX_HELLO`].
+    NotHello,
+}
+
+/// What ktern routes on, from a ClientHello.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Hello {
+    /// The host_name entry of server_name, lower case, trailing dot removed;
+    /// `None` when absent or not a DNS name (an IP literal, bad bytes).
+    pub sni: Option<Box<str>>,
+    /// The offered ALPN protocol names, in the client's order.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+/// Parses the ClientHello at the start of `input` (the connection's first
+/// bytes, record headers included). The hello may span several records.
+pub fn peek(input: &[u8]) -> Peeked {
+    let msg = match handshake_message(input) {
+        Ok(m) => m,
+        Err(p) => return p,
+    };
+    match parse_hello(&msg) {
+        Some(h) => Peeked::Hello(h),
+        None => Peeked::NotHello,
+    }
+}
+
+/// Joins the first handshake message from the records in `input`. Borrows
+/// when it fits in the first record (the common case), copies otherwise.
+fn handshake_message(input: &[u8]) -> Result<Cow<'_, [u8]>, Peeked> {
+    let mut joined: Cow<'_, [u8]> = Cow::Borrowed(&[]);
+    let mut rest = input;
+    loop {
+        if rest.len() < 5 {
+            return Err(Peeked::NeedMore);
+        }
+        // Record header: type, legacy version (major must be 3), length.
+        if rest[0] != CONTENT_HANDSHAKE || rest[1] != 3 {
+            return Err(Peeked::NotHello);
+        }
+        let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        // RFC 8446 §5.1: handshake records are never empty; plaintext is at
+        // most 2^14 bytes.
+        if len == 0 || len > 1 << 14 {
+            return Err(Peeked::NotHello);
+        }
+        let Some(fragment) = rest.get(5..5 + len) else {
+            return Err(Peeked::NeedMore);
+        };
+        joined = if joined.is_empty() {
+            Cow::Borrowed(fragment)
+        } else {
+            let mut v = joined.into_owned();
+            v.extend_from_slice(fragment);
+            Cow::Owned(v)
+        };
+        rest = &rest[5 + len..];
+        if joined.len() >= 4 {
+            if joined[0] != CLIENT_HELLO {
+                return Err(Peeked::NotHello);
+            }
+            let body = u32::from_be_bytes([0, joined[1], joined[2], joined[3]]) as usize;
+            if body > MAX_HELLO {
+                return Err(Peeked::NotHello);
+            }
+            if joined.len() >= 4 + body {
+                return Ok(match joined {
+                    Cow::Borrowed(b) => Cow::Borrowed(&b[4..4 + body]),
+                    Cow::Owned(mut v) => {
+                        v.truncate(4 + body);
+                        v.drain(..4);
+                        Cow::Owned(v)
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A forward-only reader over a byte slice; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    /// A vector with a `width`-byte length prefix (RFC 8446 §3.4).
+    fn vec(&mut self, width: usize) -> Option<Reader<'a>> {
+        let len = match width {
+            1 => self.u8()? as usize,
+            _ => self.u16()? as usize,
+        };
+        self.take(len).map(Reader)
+    }
+}
+
+/// ClientHello body (RFC 8446 §4.1.2; the TLS 1.2 layout is the same).
+fn parse_hello(msg: &[u8]) -> Option<Hello> {
+    let mut r = Reader(msg);
+    r.take(2 + 32)?; // legacy_version, random
+    r.vec(1)?; // legacy_session_id
+    r.vec(2)?; // cipher_suites
+    r.vec(1)?; // legacy_compression_methods
+    let mut hello = Hello::default();
+    if r.0.is_empty() {
+        // No extensions at all (old TLS 1.2 clients): no SNI.
+        return Some(hello);
+    }
+    let mut exts = r.vec(2)?;
+    while !exts.0.is_empty() {
+        let ty = exts.u16()?;
+        let mut body = exts.vec(2)?;
+        match ty {
+            EXT_SERVER_NAME => hello.sni = server_name(&mut body),
+            EXT_ALPN => {
+                let mut list = body.vec(2)?;
+                while !list.0.is_empty() {
+                    hello.alpn.push(list.vec(1)?.0.to_vec());
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(hello)
+}
+
+/// The first host_name in a ServerNameList, if it is a DNS name.
+fn server_name(body: &mut Reader<'_>) -> Option<Box<str>> {
+    let mut list = body.vec(2)?;
+    while !list.0.is_empty() {
+        let ty = list.u8()?;
+        let name = list.vec(2)?.0;
+        if ty == 0 {
+            return dns_name(name);
+        }
+    }
+    None
+}
+
+/// Lower-cased DNS name, or `None` for anything else (RFC 6066 §3: IP
+/// literals are not permitted; bytes outside letters, digits, `-`, `_`
+/// and `.` are not a host name ktern could route on).
+fn dns_name(name: &[u8]) -> Option<Box<str>> {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.iter().all(|b| b.is_ascii_digit() || *b == b'.');
+    if !ok {
+        return None;
+    }
+    let s = std::str::from_utf8(name).ok()?;
+    Some(s.to_ascii_lowercase().into_boxed_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ClientHello as a rustls client writes it, for `name` and `alpn`.
+    fn client_hello(name: &str, alpn: &[&[u8]]) -> Vec<u8> {
+        use std::sync::Arc;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            crate::handshake::crypto_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        let server = rustls_pki_types::ServerName::try_from(name.to_string()).expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(cfg), server).expect("client");
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).expect("hello");
+        out
+    }
+
+    #[test]
+    fn reads_sni_and_alpn_from_a_rustls_hello() {
+        let bytes = client_hello("App.Example.COM", &[b"h2", b"http/1.1"]);
+        let Peeked::Hello(h) = peek(&bytes) else {
+            panic!("not parsed");
+        };
+        assert_eq!(h.sni.as_deref(), Some("app.example.com"));
+        assert_eq!(h.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn every_prefix_needs_more() {
+        let bytes = client_hello("a.test", &[]);
+        for n in 0..bytes.len() {
+            assert_eq!(peek(&bytes[..n]), Peeked::NeedMore, "prefix {n}");
+        }
+        assert!(matches!(peek(&bytes), Peeked::Hello(_)));
+    }
+
+    #[test]
+    fn hello_split_across_records_is_joined() {
+        let bytes = client_hello("split.test", &[b"x"]);
+        let body = &bytes[5..];
+        // Re-frame the handshake message as 3-byte records.
+        let mut framed = Vec::new();
+        for part in body.chunks(3) {
+            framed.extend_from_slice(&[22, 3, 1, 0, part.len() as u8]);
+            framed.extend_from_slice(part);
+        }
+        let Peeked::Hello(h) = peek(&framed) else {
+            panic!("not parsed");
+        };
+        assert_eq!(h.sni.as_deref(), Some("split.test"));
+        assert_eq!(peek(&framed[..framed.len() - 1]), Peeked::NeedMore);
+    }
+
+    #[test]
+    fn ip_literal_and_no_sni_give_none() {
+        let bytes = client_hello("127.0.0.1", &[]);
+        let Peeked::Hello(h) = peek(&bytes) else {
+            panic!("not parsed");
+        };
+        assert_eq!(h.sni, None);
+        assert_eq!(dns_name(b"bad name"), None);
+        assert_eq!(dns_name(b"host.example."), Some("host.example".into()));
+    }
+
+    #[test]
+    fn not_tls_and_wrong_message_are_refused() {
+        assert_eq!(peek(b"GET / HTTP/1.1\r\n\r\n"), Peeked::NotHello);
+        // A handshake record holding a ServerHello (type 2).
+        assert_eq!(peek(&[22, 3, 3, 0, 4, 2, 0, 0, 0]), Peeked::NotHello);
+        // An empty record and an oversized one.
+        assert_eq!(peek(&[22, 3, 3, 0, 0]), Peeked::NotHello);
+        assert_eq!(peek(&[22, 3, 3, 0x50, 0]), Peeked::NotHello);
+        // A hello whose declared length exceeds the cap.
+        assert_eq!(peek(&[22, 3, 3, 0, 4, 1, 0xff, 0, 0]), Peeked::NotHello);
+        // A complete hello message with a truncated body.
+        assert_eq!(peek(&[22, 3, 3, 0, 6, 1, 0, 0, 2, 3, 3]), Peeked::NotHello);
+    }
+}
