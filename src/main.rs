@@ -114,20 +114,21 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let config = Arc::new(config);
-    let (shards, bound) = ktern::shard::start(config.clone(), Arc::new(support))?;
+    let started = ktern::shard::start(config.clone(), Arc::new(support))?;
+    let (shards, bound) = (&started.shards, &started.bound);
     tracing::info!(
         shards = shards.len(),
         "ktern {} started",
         env!("CARGO_PKG_VERSION")
     );
-    for (l, addr) in config.listeners.iter().zip(&bound) {
+    for (l, addr) in config.listeners.iter().zip(bound) {
         println!("listening {} {}", l.name, addr);
     }
     for addr in &bound[config.listeners.len()..] {
         println!("redirecting {addr}");
     }
     if let Some(admin) = config.admin {
-        let metrics = shards.iter().map(|s| s.metrics.clone()).collect();
+        let metrics = started.metrics.clone();
         let addr =
             ktern::metrics::serve(admin, metrics).context("cannot start the admin endpoint")?;
         println!("admin http://{addr}/metrics");

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,8 @@ use common::*;
 struct Backend {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// What `/healthz` answers: 200 while true, 503 while false.
+    healthy: Arc<AtomicBool>,
 }
 
 fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
@@ -44,19 +46,25 @@ fn start_http_backend(name: &'static str) -> Backend {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (count, health) = (accepted.clone(), healthy.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             count.fetch_add(1, Ordering::SeqCst);
+            let health = health.clone();
             std::thread::spawn(move || {
-                let _ = http_backend_conn(name, conn);
+                let _ = http_backend_conn(name, conn, &health);
             });
         }
     });
-    Backend { addr, accepted }
+    Backend {
+        addr,
+        accepted,
+        healthy,
+    }
 }
 
-fn http_backend_conn(name: &str, conn: TcpStream) -> std::io::Result<()> {
+fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     loop {
@@ -98,6 +106,9 @@ fn http_backend_conn(name: &str, conn: TcpStream) -> std::io::Result<()> {
             out.write_all(body)
         };
         match path.as_str() {
+            "/healthz" if !healthy.load(Ordering::SeqCst) => {
+                out.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")?
+            }
             "/head" => reply(&mut out, head.as_bytes())?,
             "/sum" => reply(&mut out, format!("{} {}", body.len(), sha256(&body)).as_bytes())?,
             "/chunked" => out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n")?,
@@ -306,6 +317,90 @@ fn routes_by_sni_exact_and_wildcard() {
             assert_eq!(r.body, b"a");
         }
     }
+}
+
+/// A listener routing everything to upstream `app` (`upstream` is the body
+/// of its table, after `backends`).
+fn app_config(backends: &[&Backend], upstream: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    format!(
+        "{}[upstream.app]\nbackends = [{}]\n{upstream}\n",
+        http_config(&[], ANY_TO_APP, ""),
+        list.join(", ")
+    )
+}
+
+const ANY_TO_APP: &str = "[[listener.route.rule]]\nupstream = \"app\"\n";
+
+/// Which backend answered each of `n` GETs on one connection.
+fn answers(c: &mut Client, n: usize, extra: &str) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|_| {
+            let r = exchange(c, &format!("GET / HTTP/1.1\r\nHost: app\r\n{extra}\r\n"));
+            assert_eq!(r.status, 200);
+            r.body
+        })
+        .collect()
+}
+
+#[test]
+fn weighted_round_robin_splits_by_weight() {
+    let pki = Pki::new("weights");
+    let (a, b) = (start_http_backend("a"), start_http_backend("b"));
+    let cfg = app_config(&[&a, &b], "").replace(
+        &format!("\"{}\"]", b.addr),
+        &format!("\"{} weight=3\"]", b.addr),
+    );
+    let k = Ktern::start(&pki, "", &cfg);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let got = answers(&mut c, 8, "");
+    let bs = got.iter().filter(|b| b.as_slice() == b"b").count();
+    assert_eq!(bs, 6, "weight 3 of 4: {got:?}");
+}
+
+#[test]
+fn hash_on_a_header_sticks_each_key_to_one_backend() {
+    let pki = Pki::new("hash");
+    let (a, b) = (start_http_backend("a"), start_http_backend("b"));
+    let cfg = app_config(
+        &[&a, &b],
+        "balance = \"hash\"\nhash_key = \"header:X-User\"",
+    );
+    let k = Ktern::start(&pki, "", &cfg);
+    let mut seen = std::collections::HashSet::new();
+    for user in 0..16 {
+        let header = format!("X-User: user-{user}\r\n");
+        // Two connections (possibly two shards): the same backend each time.
+        let mut c1 = connect(k.addr(), &pki, ClientOpts::default());
+        let mut c2 = connect(k.addr(), &pki, ClientOpts::default());
+        let mut got = answers(&mut c1, 3, &header);
+        got.extend(answers(&mut c2, 3, &header));
+        assert!(got.windows(2).all(|w| w[0] == w[1]), "user {user}: {got:?}");
+        seen.insert(got[0].clone());
+    }
+    assert_eq!(seen.len(), 2, "16 keys should reach both backends");
+}
+
+#[test]
+fn active_health_checks_take_a_backend_out_and_bring_it_back() {
+    let pki = Pki::new("health");
+    let (a, b) = (start_http_backend("a"), start_http_backend("b"));
+    let cfg = app_config(
+        &[&a, &b],
+        "[upstream.app.health]\npath = \"/healthz\"\ninterval = \"100ms\"\nrise = 2\nfall = 2",
+    );
+    let k = Ktern::start(&pki, "", &cfg);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert!(answers(&mut c, 4, "").iter().any(|b| b == b"a"));
+    a.healthy.store(false, Ordering::SeqCst);
+    assert_eq!(k.wait_metric("ktern_upstream_backends_down", 1), 1);
+    assert!(k.metric("ktern_health_check_failures_total") >= 2);
+    let got = answers(&mut c, 6, "");
+    assert!(got.iter().all(|b| b == b"b"), "a is down: {got:?}");
+    a.healthy.store(true, Ordering::SeqCst);
+    assert_eq!(k.wait_metric_down_to("ktern_upstream_backends_down", 0), 0);
+    assert!(answers(&mut c, 4, "").iter().any(|b| b == b"a"));
+    assert_eq!(k.metric("ktern_health_marked_down_total"), 1);
 }
 
 #[test]

@@ -8,8 +8,13 @@
 //! - `idle`: opens N TLS connections, completes each handshake, holds them
 //!   all open for a while (for RSS-per-connection measurements).
 //! - `download`: fetches everything a source backend sends, K times.
+//! - `http`: keep-alive HTTP/1.1 GETs over N TLS connections (one thread
+//!   each) for a fixed time: closed loop (as fast as possible), or open loop
+//!   at a fixed total rate with latency measured from each request's
+//!   scheduled send time (no coordinated omission).
 //! - `backend`: a plain TCP backend: `echo` echoes; `source` sends N bytes
-//!   to each connection and closes.
+//!   to each connection and closes; `http` answers every HTTP/1.1 request
+//!   head with 200 and a fixed-size body, keep-alive.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -77,15 +82,41 @@ enum Mode {
         #[arg(long, default_value_t = 10_000)]
         conns: usize,
     },
+    /// Keep-alive HTTP/1.1 GETs over `--conns` TLS connections for `--seconds`.
+    /// Closed loop, or open loop at `--rate` requests/s in total.
+    Http {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        conns: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Total requests per second across all connections (open loop).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Hard cap on requests, whatever the time.
+        #[arg(long, default_value_t = 10_000_000)]
+        max: u64,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// Expected body length of every response (checked if given).
+        #[arg(long)]
+        body_bytes: Option<u64>,
+    },
     /// A plain TCP backend for the benchmarks (runs for `--seconds`).
     Backend {
         #[arg(long)]
         listen: SocketAddr,
-        /// `echo`, or `source` (sends `--bytes` then closes).
+        /// `echo`, `source` (sends `--bytes` then closes), or `http`
+        /// (keep-alive, 200 with a `--body-bytes` body to every request).
         #[arg(long, default_value = "echo")]
         kind: String,
         #[arg(long, default_value_t = 0)]
         bytes: u64,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },
@@ -236,10 +267,275 @@ fn download(addr: SocketAddr, times: u32, bytes: u64) {
     );
 }
 
+/// Shared by the `http` connection threads.
+struct HttpLoad {
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    request: Vec<u8>,
+    body_bytes: Option<u64>,
+    /// Time between two sends on one connection (open loop), or none.
+    interval: Option<Duration>,
+    seconds: u64,
+    max: u64,
+    done: AtomicU64,
+    errors: AtomicU64,
+    reconnects: AtomicU64,
+    stop: AtomicBool,
+    reported: AtomicBool,
+}
+
+impl HttpLoad {
+    fn error(&self, what: &str, e: &std::io::Error) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if !self.reported.swap(true, Ordering::Relaxed) {
+            eprintln!("first error: {what}: {e}");
+        }
+    }
+}
+
+/// Reads one response from `tls` (bytes already received are in `buf`, and
+/// what follows the response stays there). Checks status 200 and the body
+/// length; returns whether the server asked to close the connection.
+fn read_response(
+    tls: &mut Tls,
+    buf: &mut Vec<u8>,
+    chunk: &mut [u8],
+    body_bytes: Option<u64>,
+) -> std::io::Result<bool> {
+    use std::io::{Error, ErrorKind};
+    let mut fill = |tls: &mut Tls, buf: &mut Vec<u8>| match tls.read(chunk) {
+        Ok(0) => Err(Error::new(ErrorKind::UnexpectedEof, "connection closed")),
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    let (head_len, status, length, close) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let mut length = None;
+                let mut close = false;
+                for h in resp.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        length = std::str::from_utf8(h.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse::<u64>().ok());
+                    } else if h.name.eq_ignore_ascii_case("connection") {
+                        close = h.value.eq_ignore_ascii_case(b"close");
+                    }
+                }
+                break (n, resp.code.unwrap_or(0), length, close);
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 16 << 10 => fill(tls, buf)?,
+            Ok(httparse::Status::Partial) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidData,
+                    "response head too large",
+                ))
+            }
+            Err(e) => return Err(Error::new(ErrorKind::InvalidData, e)),
+        }
+    };
+    if status != 200 {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("status {status}"),
+        ));
+    }
+    let Some(length) = length else {
+        return Err(Error::new(ErrorKind::InvalidData, "no Content-Length"));
+    };
+    if let Some(want) = body_bytes.filter(|&b| b != length) {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("body of {length} bytes, expected {want}"),
+        ));
+    }
+    let end = head_len + length as usize;
+    while buf.len() < end {
+        fill(tls, buf)?;
+    }
+    buf.drain(..end);
+    Ok(close)
+}
+
+/// One connection's loop: returns its latency histogram (microseconds).
+fn http_conn(
+    load: &HttpLoad,
+    index: usize,
+    conns: usize,
+    go: &std::sync::Barrier,
+) -> hdrhistogram::Histogram<u64> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("valid histogram");
+    let open = |load: &HttpLoad| {
+        connect(&load.cfg, load.addr).and_then(|tls| {
+            // Bounded: a stuck server cannot hold the run past its end for long.
+            tls.sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+            tls.sock.set_write_timeout(Some(Duration::from_secs(5)))?;
+            Ok(tls)
+        })
+    };
+    // Handshakes before the clock starts.
+    let mut tls = match open(load) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            load.error("connect", &e);
+            None
+        }
+    };
+    go.wait();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(load.seconds);
+    // Open loop: connections staggered evenly over one interval.
+    let mut next = load
+        .interval
+        .map(|i| start + i.mul_f64(index as f64 / conns as f64));
+    let mut buf = Vec::with_capacity(16 << 10);
+    let mut chunk = vec![0u8; 16 << 10];
+    let mut failed_connects = 0u32;
+    while !load.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let scheduled = match (next.as_mut(), load.interval) {
+            (Some(next), Some(interval)) => {
+                let at = *next;
+                if at >= deadline {
+                    break;
+                }
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                *next += interval;
+                at
+            }
+            _ => now,
+        };
+        if tls.is_none() {
+            match open(load) {
+                Ok(t) => {
+                    failed_connects = 0;
+                    buf.clear();
+                    load.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tls = Some(t);
+                }
+                Err(e) => {
+                    load.error("connect", &e);
+                    failed_connects += 1;
+                    if failed_connects >= 100 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            }
+        }
+        let conn = tls.as_mut().expect("connected above");
+        let res = conn
+            .write_all(&load.request)
+            .and_then(|_| conn.flush())
+            .and_then(|_| read_response(conn, &mut buf, &mut chunk, load.body_bytes));
+        match res {
+            Ok(close) => {
+                let us = scheduled.elapsed().as_micros() as u64;
+                let _ = hist.record(us);
+                if load.done.fetch_add(1, Ordering::Relaxed) + 1 >= load.max {
+                    load.stop.store(true, Ordering::Relaxed);
+                }
+                if close {
+                    tls = None;
+                }
+            }
+            Err(e) => {
+                load.error("request", &e);
+                tls = None;
+            }
+        }
+    }
+    if let Some(mut t) = tls {
+        t.conn.send_close_notify();
+        let _ = t.flush();
+    }
+    hist
+}
+
+#[allow(clippy::too_many_arguments)]
+fn http(
+    addr: SocketAddr,
+    conns: usize,
+    seconds: u64,
+    rate: Option<f64>,
+    max: u64,
+    path: String,
+    host: String,
+    body_bytes: Option<u64>,
+) {
+    let conns = conns.max(1);
+    let interval = match rate {
+        Some(r) if r > 0.0 => Some(Duration::from_secs_f64(conns as f64 / r)),
+        Some(_) => {
+            eprintln!("--rate must be positive");
+            std::process::exit(2);
+        }
+        None => None,
+    };
+    let load = Arc::new(HttpLoad {
+        addr,
+        cfg: client_config(),
+        request: format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes(),
+        body_bytes,
+        interval,
+        seconds,
+        max,
+        done: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        reported: AtomicBool::new(false),
+    });
+    let go = Arc::new(std::sync::Barrier::new(conns + 1));
+    let workers: Vec<_> = (0..conns)
+        .map(|i| {
+            let (load, go) = (load.clone(), go.clone());
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || http_conn(&load, i, conns, &go))
+                .expect("spawn connection thread")
+        })
+        .collect();
+    go.wait();
+    let start = Instant::now();
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("valid histogram");
+    for w in workers {
+        if let Ok(h) = w.join() {
+            let _ = hist.add(h);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = load.done.load(Ordering::Relaxed);
+    println!(
+        "requests={n} errors={} seconds={secs:.2} rps={:.0} p50_us={} p99_us={} max_us={} reconnects={}",
+        load.errors.load(Ordering::Relaxed),
+        n as f64 / secs,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.max(),
+        load.reconnects.load(Ordering::Relaxed),
+    );
+}
+
 /// One thread, one monoio runtime (epoll driver, so it runs anywhere), one
 /// task per connection: 10,000 idle connections cost little.
-fn backend(listen: SocketAddr, kind: String, bytes: u64, seconds: u64) {
+fn backend(listen: SocketAddr, kind: String, bytes: u64, body_bytes: usize, seconds: u64) {
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+    if !matches!(kind.as_str(), "echo" | "source" | "http") {
+        eprintln!("unknown backend kind {kind:?} (echo, source, http)");
+        std::process::exit(2);
+    }
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(seconds));
         std::process::exit(0);
@@ -251,12 +547,23 @@ fn backend(listen: SocketAddr, kind: String, bytes: u64, seconds: u64) {
     rt.block_on(async move {
         let listener = monoio::net::TcpListener::bind(listen).expect("bind backend");
         let payload: std::rc::Rc<Vec<u8>> = std::rc::Rc::new(vec![0x5a; 1 << 20]);
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {body_bytes}\r\n\
+             Content-Type: application/octet-stream\r\n\r\n"
+        )
+        .into_bytes();
+        response.resize(response.len() + body_bytes, 0x5a);
+        let response = std::rc::Rc::new(response);
         while let Ok((mut conn, _)) = listener.accept().await {
             let _ = conn.set_nodelay(true);
             let source = kind == "source";
+            let http = kind == "http";
             let payload = payload.clone();
+            let response = response.clone();
             monoio::spawn(async move {
-                if source {
+                if http {
+                    http_backend(&mut conn, &response).await;
+                } else if source {
                     let mut left = bytes;
                     while left > 0 {
                         let n = left.min(payload.len() as u64) as usize;
@@ -289,6 +596,70 @@ fn backend(listen: SocketAddr, kind: String, bytes: u64, seconds: u64) {
             });
         }
     });
+}
+
+/// The `http` backend's connection loop: answers every request head (up to
+/// the blank line; requests carry no body here) with `response`. Pipelined
+/// heads read together are answered together, in order; a head split over
+/// reads waits for the rest. Ends on EOF, error, a `Connection: close`
+/// request, or a head over 64 KiB.
+async fn http_backend(conn: &mut monoio::net::TcpStream, response: &[u8]) {
+    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+    let mut pending: Vec<u8> = Vec::with_capacity(16 << 10);
+    let mut scratch: Vec<u8> = Vec::with_capacity(16 << 10);
+    let mut out: Vec<u8> = Vec::with_capacity(response.len());
+    // Where the search for the next blank line resumes (no rescans).
+    let mut scanned = 0;
+    loop {
+        let mut consumed = 0;
+        let mut close = false;
+        while let Some(i) = pending[scanned..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let end = scanned + i + 4;
+            close |= wants_close(&pending[consumed..end]);
+            out.extend_from_slice(response);
+            consumed = end;
+            scanned = end;
+            if close {
+                break;
+            }
+        }
+        pending.drain(..consumed);
+        // A blank line may straddle this read and the next.
+        scanned = (scanned - consumed).max(pending.len().saturating_sub(3));
+        if !out.is_empty() {
+            let (res, b) = conn.write_all(out).await;
+            if res.is_err() {
+                return;
+            }
+            out = b;
+            out.clear();
+        }
+        if close || pending.len() > 64 << 10 {
+            return;
+        }
+        let (res, b) = conn.read(scratch).await;
+        scratch = b;
+        match res {
+            Ok(0) | Err(_) => return,
+            Ok(n) => pending.extend_from_slice(&scratch[..n]),
+        }
+    }
+}
+
+/// Whether a request head has `Connection: close` (HTTP/1.1 default is keep-alive).
+fn wants_close(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').skip(1).any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match line.iter().position(|&b| b == b':') {
+            Some(c) => {
+                line[..c].eq_ignore_ascii_case(b"connection")
+                    && line[c + 1..]
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            }
+            None => false,
+        }
+    })
 }
 
 fn rss(
@@ -387,11 +758,22 @@ fn main() {
         } => handshakes(addr, threads, seconds, max),
         Mode::Idle { addr, conns, hold } => idle(addr, conns, hold),
         Mode::Download { addr, times, bytes } => download(addr, times, bytes),
+        Mode::Http {
+            addr,
+            conns,
+            seconds,
+            rate,
+            max,
+            path,
+            host,
+            body_bytes,
+        } => http(addr, conns, seconds, rate, max, path, host, body_bytes),
         Mode::Backend {
             listen,
             kind,
             bytes,
+            body_bytes,
             seconds,
-        } => backend(listen, kind, bytes, seconds),
+        } => backend(listen, kind, bytes, body_bytes, seconds),
     }
 }

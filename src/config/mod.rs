@@ -223,13 +223,64 @@ pub struct Rule {
     pub upstream: usize,
 }
 
+/// A backend and its share of the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightedBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Relative weight (1 unless `weight=N`).
+    pub weight: u32,
+}
+
+/// How an upstream group picks a backend for each request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's).
+    RoundRobin,
+    /// Fewest in-flight requests per weight, on this shard.
+    LeastConn,
+    /// Consistent hashing: the same key goes to the same backend, on every
+    /// shard and every host with the same backend list.
+    Hash(HashKey),
+}
+
+/// What `balance = "hash"` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address.
+    ClientIp,
+    /// A request header's value (lower-case name); round robin without it.
+    Header(String),
+}
+
+/// Active health checks: `GET path` on every backend each `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Request path.
+    pub path: String,
+    /// Host header (default: the backend's address).
+    pub host: Option<String>,
+    /// Time between checks of one backend.
+    pub interval: Duration,
+    /// Time allowed for connect plus response head.
+    pub timeout: Duration,
+    /// Consecutive passes that bring a backend back.
+    pub rise: u32,
+    /// Consecutive failures that take it out.
+    pub fall: u32,
+}
+
 /// A named group of HTTP backends.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// Name from the config.
     pub name: String,
-    /// Backends, round robin.
-    pub backends: Vec<SocketAddr>,
+    /// Backends with their weights.
+    pub backends: Vec<WeightedBackend>,
+    /// How a backend is picked.
+    pub balance: Balance,
+    /// Active health checks, if configured.
+    pub health: Option<HealthCheck>,
     /// Time allowed per TCP connect (502 after every backend failed).
     pub connect_timeout: Duration,
     /// Time allowed for the response head after the request went out (504).
@@ -421,8 +472,12 @@ impl Validator<'_> {
                 .backends
                 .iter()
                 .enumerate()
-                .filter_map(|(i, b)| self.addr(&format!("{at}.backends[{i}]"), b))
+                .filter_map(|(i, b)| self.weighted(&format!("{at}.backends[{i}]"), b))
                 .collect();
+            let balance = self.balance(&at, &raw.balance, raw.hash_key.as_deref());
+            let health = raw
+                .health
+                .and_then(|h| self.health(&format!("{at}.health"), h));
             let connect_timeout =
                 self.duration(&format!("{at}.connect_timeout"), &raw.connect_timeout);
             let response_timeout =
@@ -439,9 +494,114 @@ impl Validator<'_> {
                 pool_idle_timeout: pool_idle_timeout.unwrap_or_default(),
                 max_fails: raw.max_fails,
                 fail_timeout: fail_timeout.unwrap_or_default(),
+                balance: balance.unwrap_or(Balance::RoundRobin),
+                health,
             });
         }
         out
+    }
+
+    /// `ip:port` or `ip:port weight=N` (nginx's spelling; 1..=1000).
+    fn weighted(&mut self, field: &str, raw: &str) -> Option<WeightedBackend> {
+        let mut parts = raw.split_whitespace();
+        let addr = self.addr(field, parts.next().unwrap_or(""))?;
+        let mut weight = 1;
+        for p in parts {
+            match p.strip_prefix("weight=").map(str::parse::<u32>) {
+                Some(Ok(w)) if (1..=1000).contains(&w) => weight = w,
+                _ => {
+                    self.problem(
+                        field,
+                        format!("{p:?}: expected \"weight=N\" with N from 1 to 1000"),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(WeightedBackend { addr, weight })
+    }
+
+    fn balance(&mut self, at: &str, raw: &str, key: Option<&str>) -> Option<Balance> {
+        let field = format!("{at}.balance");
+        let b = match raw {
+            "round_robin" => Balance::RoundRobin,
+            "least_conn" => Balance::LeastConn,
+            "hash" => {
+                let key = match key {
+                    None | Some("client_ip") => HashKey::ClientIp,
+                    Some(k) => match k.strip_prefix("header:") {
+                        Some(h)
+                            if !h.is_empty()
+                                && h.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
+                        {
+                            HashKey::Header(h.to_ascii_lowercase())
+                        }
+                        _ => {
+                            self.problem(
+                                format!("{at}.hash_key"),
+                                format!("{k:?}: expected \"client_ip\" or \"header:NAME\""),
+                            );
+                            return None;
+                        }
+                    },
+                };
+                Balance::Hash(key)
+            }
+            other => {
+                self.problem(
+                    field,
+                    format!("{other:?}: expected \"round_robin\", \"least_conn\" or \"hash\""),
+                );
+                return None;
+            }
+        };
+        if key.is_some() && !matches!(b, Balance::Hash(_)) {
+            self.problem(
+                format!("{at}.hash_key"),
+                "only used with balance = \"hash\"",
+            );
+        }
+        Some(b)
+    }
+
+    fn health(&mut self, at: &str, raw: raw::HealthSection) -> Option<HealthCheck> {
+        let interval = self.duration(&format!("{at}.interval"), &raw.interval);
+        let timeout = self.duration(&format!("{at}.timeout"), &raw.timeout);
+        if !raw.path.starts_with('/') || raw.path.bytes().any(|b| !b.is_ascii_graphic()) {
+            self.problem(
+                format!("{at}.path"),
+                "an origin-form path: starts with /, no spaces or control bytes",
+            );
+            return None;
+        }
+        if let Some(h) = &raw.host {
+            if h.is_empty() || h.bytes().any(|b| !b.is_ascii_graphic()) {
+                self.problem(
+                    format!("{at}.host"),
+                    "a host name without spaces or control bytes",
+                );
+                return None;
+            }
+        }
+        for (name, v) in [("rise", raw.rise), ("fall", raw.fall)] {
+            if v == 0 {
+                self.problem(format!("{at}.{name}"), "must be at least 1");
+                return None;
+            }
+        }
+        let (interval, timeout) = (interval?, timeout?);
+        if interval.is_zero() {
+            self.problem(format!("{at}.interval"), "must be more than 0");
+            return None;
+        }
+        Some(HealthCheck {
+            path: raw.path,
+            host: raw.host,
+            interval,
+            timeout,
+            rise: raw.rise,
+            fall: raw.fall,
+        })
     }
 
     /// A rule's `host` or `sni` pattern: absent or `*` (any), an exact

@@ -164,6 +164,53 @@ pub(super) struct UpstreamSection {
     pub max_fails: u32,
     #[serde(default = "default_fail_timeout")]
     pub fail_timeout: String,
+    #[serde(default = "default_balance")]
+    pub balance: String,
+    pub hash_key: Option<String>,
+    pub health: Option<HealthSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HealthSection {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    pub host: Option<String>,
+    #[serde(default = "default_health_interval")]
+    pub interval: String,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: String,
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_balance() -> String {
+    "round_robin".into()
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+
+/// HAProxy's `inter` default.
+fn default_health_interval() -> String {
+    "2s".into()
+}
+
+fn default_health_timeout() -> String {
+    "1s".into()
+}
+
+/// HAProxy's `rise` default.
+fn default_rise() -> u32 {
+    2
+}
+
+/// HAProxy's `fall` default.
+fn default_fall() -> u32 {
+    3
 }
 
 #[derive(Debug, Deserialize)]

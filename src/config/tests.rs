@@ -253,3 +253,63 @@ fn sni_patterns_and_access_log_are_validated() {
     assert!(!HostMatch::Exact("a".into()).matches_sni(None));
     assert!(HostMatch::Suffix(".b".into()).matches_sni(Some("a.b")));
 }
+
+#[test]
+fn balancing_weights_and_health_checks() {
+    let text = HTTP
+        .replace(
+            "backends = [\"127.0.0.1:9002\", \"127.0.0.1:9003\"]",
+            "backends = [\"127.0.0.1:9002 weight=5\", \"127.0.0.1:9003\"]\nbalance = \"hash\"\n\
+             hash_key = \"header:X-User\"",
+        )
+        .replace(
+            "pool_size = 8",
+            "pool_size = 8\n[upstream.api.health]\npath = \"/healthz\"\ninterval = \"5s\"",
+        );
+    let c = Config::from_toml(&text, "b.toml", Path::new("."), &pems()).unwrap();
+    let api = c.upstreams.iter().find(|u| u.name == "api").unwrap();
+    assert_eq!(
+        api.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+        vec![5, 1]
+    );
+    assert_eq!(api.balance, Balance::Hash(HashKey::Header("x-user".into())));
+    let h = api.health.as_ref().unwrap();
+    assert_eq!(
+        (h.path.as_str(), h.interval, h.timeout, h.rise, h.fall),
+        (
+            "/healthz",
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            2,
+            3
+        )
+    );
+    let web = c.upstreams.iter().find(|u| u.name == "web").unwrap();
+    assert_eq!(
+        (&web.balance, web.health.is_none()),
+        (&Balance::RoundRobin, true)
+    );
+
+    let bad = HTTP
+        .replace(
+            "backends = [\"127.0.0.1:9002\", \"127.0.0.1:9003\"]",
+            "backends = [\"127.0.0.1:9002 weight=0\", \"127.0.0.1:9003 heavy\"]\nbalance = \"random\"",
+        )
+        .replace(
+            "pool_size = 8",
+            "pool_size = 8\n[upstream.api.health]\npath = \"healthz\"\nrise = 0",
+        );
+    let e = Config::from_toml(&bad, "b.toml", Path::new("."), &pems()).unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    for want in [
+        "upstream.api.backends[0]",
+        "upstream.api.backends[1]",
+        "upstream.api.balance",
+        "upstream.api.health.path",
+    ] {
+        assert!(fields.contains(&want), "{want} missing from {fields:?}");
+    }
+    let bad = HTTP.replace("pool_size = 8", "pool_size = 8\nhash_key = \"client_ip\"");
+    let e = Config::from_toml(&bad, "b.toml", Path::new("."), &pems()).unwrap_err();
+    assert_eq!(e.problems[0].field, "upstream.api.hash_key");
+}

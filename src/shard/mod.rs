@@ -84,10 +84,7 @@ pub fn shard_cpus(config: &Config) -> Vec<usize> {
 /// thread starts), then starts the shards. Returns the handles and the bound
 /// address of each listener (port 0 in the config becomes a real port, the
 /// same for every shard).
-pub fn start(
-    config: Arc<Config>,
-    support: Arc<crate::ktls::Support>,
-) -> anyhow::Result<(Vec<ShardHandle>, Vec<SocketAddr>)> {
+pub fn start(config: Arc<Config>, support: Arc<crate::ktls::Support>) -> anyhow::Result<Started> {
     let cpus = shard_cpus(&config);
     // TLS listeners first, then the plain-HTTP redirect listeners.
     let mut bound: Vec<SocketAddr> = config
@@ -123,8 +120,12 @@ pub fn start(
             "io_uring unavailable or disabled: shards use monoio's legacy (epoll) driver"
         );
     }
+    let checks = crate::upstream::health::start(&config)
+        .context("cannot start the health checker thread")?;
+    let health = Arc::new(checks.states);
     let mut handles = Vec::new();
     for (id, (cpu, listeners)) in cpus.into_iter().zip(sockets).enumerate() {
+        let health = health.clone();
         let metrics = Arc::new(ShardMetrics::default());
         let shard_metrics = metrics.clone();
         let config = config.clone();
@@ -135,7 +136,14 @@ pub fn start(
                 if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
                     tracing::warn!(shard = id, cpu, "could not pin shard thread to its CPU");
                 }
-                let run = shard_main(id, config.clone(), support, shard_metrics, listeners);
+                let run = shard_main(
+                    id,
+                    config.clone(),
+                    support,
+                    shard_metrics,
+                    listeners,
+                    health,
+                );
                 let entries = config.runtime.uring_entries;
                 let res = if use_uring {
                     monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
@@ -155,7 +163,26 @@ pub fn start(
             })?;
         handles.push(ShardHandle { thread, metrics });
     }
-    Ok((handles, bound))
+    let metrics = handles
+        .iter()
+        .map(|h| h.metrics.clone())
+        .chain(checks.metrics)
+        .collect();
+    Ok(Started {
+        shards: handles,
+        bound,
+        metrics,
+    })
+}
+
+/// What [`start`] started.
+pub struct Started {
+    /// One per shard.
+    pub shards: Vec<ShardHandle>,
+    /// The bound address of each listener, then of each redirect listener.
+    pub bound: Vec<SocketAddr>,
+    /// Every counter set to sum on the admin endpoint (shards, health checker).
+    pub metrics: Vec<Arc<ShardMetrics>>,
 }
 
 async fn shard_main(
@@ -164,6 +191,7 @@ async fn shard_main(
     support: Arc<crate::ktls::Support>,
     metrics: Arc<ShardMetrics>,
     listeners: Vec<std::net::TcpListener>,
+    health: Arc<Vec<Option<Arc<crate::upstream::HealthState>>>>,
 ) {
     let mut tls = Vec::new();
     let mut balancers = Vec::new();
@@ -183,7 +211,8 @@ async fn shard_main(
     let upstream_balancers = config
         .upstreams
         .iter()
-        .map(|u| Balancer::with_health(u.backends.clone(), id, u.max_fails, u.fail_timeout))
+        .zip(health.iter())
+        .map(|(u, h)| Balancer::for_upstream(u, id, h.clone()))
         .collect();
     let pool = crate::upstream::pool::Pool::new(config.upstreams.len());
     let shard = Rc::new(Shard {

@@ -4,10 +4,15 @@
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
+use crate::config::{Balance, Upstream, WeightedBackend};
+
+pub mod health;
 pub mod pool;
 
 /// Why no backend connection could be made.
@@ -30,73 +35,270 @@ pub const DEFAULT_MAX_FAILS: u32 = 1;
 /// See [`DEFAULT_MAX_FAILS`].
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Ring points per unit of weight for consistent hashing: with 160 per
+/// backend (ketama's figure) the load spread is within a few percent, and a
+/// backend leaving moves only its own share of keys.
+const RING_POINTS: u32 = 160;
+
 #[derive(Debug)]
 struct Backend {
     addr: SocketAddr,
+    weight: u32,
     /// Consecutive failures.
     fails: Cell<u32>,
     /// Skipped until then (passive health).
     down_until: Cell<Option<Instant>>,
+    /// Requests or connections in flight on this shard (least_conn).
+    active: Cell<u32>,
+    /// Smooth weighted round robin state (nginx's `current_weight`).
+    current: Cell<i64>,
 }
 
-/// Round robin over a route's backends with passive health: a backend that
-/// failed `max_fails` times in a row is tried last for `fail_timeout`
-/// (still tried when every backend is down, rather than failing outright).
-/// A failed connect moves to the next backend.
+/// Picks backends for one upstream group or `tcp` route, per shard.
+///
+/// Policies: smooth weighted round robin (nginx's), least connections per
+/// weight, or consistent hashing on a key. Health: a backend that failed
+/// `max_fails` times in a row (passive), or that active checks marked
+/// down, is tried last: still tried when every backend is down, rather
+/// than failing outright. A failed connect moves to the next backend.
 #[derive(Debug)]
 pub struct Balancer {
     backends: Vec<Backend>,
+    balance: Balance,
+    /// Consistent-hash ring: (point, backend index), sorted by point.
+    ring: Vec<(u64, usize)>,
+    /// Rotation start (tie-breaks), different per shard so shards do not
+    /// all begin with the same backend.
     next: Cell<usize>,
     max_fails: u32,
     fail_timeout: Duration,
+    health: Option<Arc<HealthState>>,
+}
+
+/// Backends' active-health verdicts, written by the checker thread and
+/// read by every shard (one relaxed load per backend per pick).
+#[derive(Debug)]
+pub struct HealthState {
+    up: Box<[AtomicBool]>,
+}
+
+impl HealthState {
+    /// `n` backends, all up until checks say otherwise.
+    pub fn new(n: usize) -> HealthState {
+        HealthState {
+            up: (0..n).map(|_| AtomicBool::new(true)).collect(),
+        }
+    }
+
+    /// Is backend `i` up?
+    pub fn is_up(&self, i: usize) -> bool {
+        self.up.get(i).is_some_and(|u| u.load(Ordering::Relaxed))
+    }
+
+    /// Marks backend `i` up or down.
+    pub fn set(&self, i: usize, up: bool) {
+        if let Some(u) = self.up.get(i) {
+            u.store(up, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Holds one in-flight slot on a backend (least connections); released on drop.
+pub struct Lease<'a> {
+    backend: Option<&'a Backend>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend {
+            b.active.set(b.active.get().saturating_sub(1));
+        }
+    }
 }
 
 impl Balancer {
-    /// A balancer over `backends` with nginx's passive-health defaults.
+    /// Round robin over equally weighted `backends`, nginx's passive-health
+    /// defaults (for `tcp` routes).
     pub fn new(backends: Vec<SocketAddr>, start: usize) -> Balancer {
-        Balancer::with_health(backends, start, DEFAULT_MAX_FAILS, DEFAULT_FAIL_TIMEOUT)
+        let backends = backends
+            .into_iter()
+            .map(|addr| WeightedBackend { addr, weight: 1 })
+            .collect();
+        Balancer::with_policy(
+            backends,
+            start,
+            Balance::RoundRobin,
+            DEFAULT_MAX_FAILS,
+            DEFAULT_FAIL_TIMEOUT,
+            None,
+        )
     }
 
-    /// A balancer with explicit passive-health settings (`max_fails` 0
-    /// disables them).
-    pub fn with_health(
-        backends: Vec<SocketAddr>,
+    /// A balancer for an upstream group's settings.
+    pub fn for_upstream(u: &Upstream, start: usize, health: Option<Arc<HealthState>>) -> Balancer {
+        Balancer::with_policy(
+            u.backends.clone(),
+            start,
+            u.balance.clone(),
+            u.max_fails,
+            u.fail_timeout,
+            health,
+        )
+    }
+
+    /// A balancer with explicit settings (`max_fails` 0 disables passive
+    /// health).
+    pub fn with_policy(
+        backends: Vec<WeightedBackend>,
         start: usize,
+        balance: Balance,
         max_fails: u32,
         fail_timeout: Duration,
+        health: Option<Arc<HealthState>>,
     ) -> Balancer {
         let start = if backends.is_empty() {
             0
         } else {
             start % backends.len()
         };
+        let mut ring = Vec::new();
+        if matches!(balance, Balance::Hash(_)) {
+            for (i, b) in backends.iter().enumerate() {
+                // Points depend only on the address, so every shard and
+                // every host with the same list builds the same ring.
+                let name = b.addr.to_string();
+                for p in 0..RING_POINTS * b.weight {
+                    ring.push((hash(&[name.as_bytes(), &p.to_le_bytes()]), i));
+                }
+            }
+            ring.sort_unstable();
+        }
         Balancer {
             backends: backends
                 .into_iter()
-                .map(|addr| Backend {
-                    addr,
+                .map(|b| Backend {
+                    addr: b.addr,
+                    weight: b.weight,
                     fails: Cell::new(0),
                     down_until: Cell::new(None),
+                    active: Cell::new(0),
+                    current: Cell::new(0),
                 })
                 .collect(),
+            balance,
+            ring,
             next: Cell::new(start),
             max_fails,
             fail_timeout,
+            health,
         }
     }
 
-    /// The order to try backends for one connection, at time `now`:
-    /// round robin among healthy backends, then those marked down.
-    pub fn plan_at(&self, now: Instant) -> Vec<SocketAddr> {
+    /// The group's policy.
+    pub fn balance(&self) -> &Balance {
+        &self.balance
+    }
+
+    fn usable(&self, i: usize, now: Instant) -> bool {
+        let passive = self.backends[i].down_until.get().map_or(true, |t| now >= t);
+        passive && self.health.as_ref().map_or(true, |h| h.is_up(i))
+    }
+
+    /// Indices in rotation order from the current start; advances it.
+    fn rotation(&self) -> impl Iterator<Item = usize> {
         let n = self.backends.len();
         let first = self.next.get();
         if n > 0 {
             self.next.set((first + 1) % n);
         }
-        let rotated = (0..n).map(|i| &self.backends[(first + i) % n]);
-        let (up, down): (Vec<&Backend>, Vec<&Backend>) =
-            rotated.partition(|b| b.down_until.get().map_or(true, |t| now >= t));
-        up.into_iter().chain(down).map(|b| b.addr).collect()
+        (0..n).map(move |i| (first + i) % n)
+    }
+
+    /// The order to try backends for one request or connection, at time
+    /// `now`: the policy's choice first, then the other usable backends,
+    /// then those marked down. `key` is the hash key (`None`: no key, or
+    /// not hashing).
+    pub fn plan_at(&self, now: Instant, key: Option<&[u8]>) -> Vec<SocketAddr> {
+        let n = self.backends.len();
+        let order: Vec<usize> = match (&self.balance, key) {
+            (Balance::Hash(_), Some(key)) if !self.ring.is_empty() => {
+                let h = hash(&[key]);
+                let at = self.ring.partition_point(|&(p, _)| p < h);
+                let mut seen = vec![false; n];
+                let mut order = Vec::with_capacity(n);
+                for &(_, i) in self.ring[at..].iter().chain(&self.ring[..at]) {
+                    if !seen[i] {
+                        seen[i] = true;
+                        order.push(i);
+                        if order.len() == n {
+                            break;
+                        }
+                    }
+                }
+                order
+            }
+            (Balance::LeastConn, _) => {
+                let mut order: Vec<usize> = self.rotation().collect();
+                // Fewest in flight per unit of weight first (a/wa < b/wb
+                // compared as a*wb < b*wa); the sort is stable, so ties
+                // keep the rotation.
+                order.sort_by(|&a, &b| {
+                    let (a, b) = (&self.backends[a], &self.backends[b]);
+                    (u64::from(a.active.get()) * u64::from(b.weight))
+                        .cmp(&(u64::from(b.active.get()) * u64::from(a.weight)))
+                });
+                order
+            }
+            _ => {
+                let rotation: Vec<usize> = self.rotation().collect();
+                match self.smooth_weighted_pick(&rotation, now) {
+                    Some(pick) => std::iter::once(pick)
+                        .chain(rotation.into_iter().filter(|&i| i != pick))
+                        .collect(),
+                    None => rotation,
+                }
+            }
+        };
+        let (up, down): (Vec<usize>, Vec<usize>) =
+            order.into_iter().partition(|&i| self.usable(i, now));
+        up.into_iter()
+            .chain(down)
+            .map(|i| self.backends[i].addr)
+            .collect()
+    }
+
+    /// nginx's smooth weighted round robin over the usable backends: each
+    /// pick adds every weight to its backend's current value and takes the
+    /// largest, which then gives back the total. Weights 5,1,1 give
+    /// a a b a c a a, not a a a a a b c.
+    fn smooth_weighted_pick(&self, rotation: &[usize], now: Instant) -> Option<usize> {
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for &i in rotation {
+            if !self.usable(i, now) {
+                continue;
+            }
+            let b = &self.backends[i];
+            b.current.set(b.current.get() + i64::from(b.weight));
+            total += i64::from(b.weight);
+            if best.map_or(true, |j| b.current.get() > self.backends[j].current.get()) {
+                best = Some(i);
+            }
+        }
+        let pick = best?;
+        let b = &self.backends[pick];
+        b.current.set(b.current.get() - total);
+        Some(pick)
+    }
+
+    /// Counts a request (or connection) in flight on `addr` until the
+    /// lease drops (least connections).
+    pub fn lease(&self, addr: SocketAddr) -> Lease<'_> {
+        let backend = self.backends.iter().find(|b| b.addr == addr);
+        if let Some(b) = backend {
+            b.active.set(b.active.get().saturating_add(1));
+        }
+        Lease { backend }
     }
 
     /// Records a failure (connect refused or timed out, or a broken
@@ -124,9 +326,30 @@ impl Balancer {
         &self,
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        self.acquire(None, None, timeout, Duration::ZERO)
+            .await
+            .map(|(s, a, _)| (s, a))
+    }
+
+    /// A backend connection for one request: in plan order, an idle pooled
+    /// connection to that backend if `pool` has one (`(group, pool)`),
+    /// else a new connection. Returns the stream, the backend, and whether
+    /// it was pooled.
+    pub async fn acquire(
+        &self,
+        pool: Option<(usize, &pool::Pool)>,
+        key: Option<&[u8]>,
+        timeout: Duration,
+        pool_idle: Duration,
+    ) -> Result<(TcpStream, SocketAddr, bool), UpstreamError> {
         let mut last = None;
         let mut tried = 0;
-        for addr in self.plan_at(Instant::now()) {
+        for addr in self.plan_at(Instant::now(), key) {
+            if let Some((group, pool)) = pool {
+                if let Some(s) = pool.take_for(group, addr, pool_idle) {
+                    return Ok((s, addr, true));
+                }
+            }
             tried += 1;
             let res = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
                 Ok(r) => r,
@@ -138,7 +361,7 @@ impl Balancer {
                     // Nagle delay on top (nginx sets TCP_NODELAY likewise).
                     let _ = s.set_nodelay(true);
                     self.succeeded(addr);
-                    return Ok((s, addr));
+                    return Ok((s, addr, false));
                 }
                 Err(e) => {
                     tracing::debug!(backend = %addr, error = %e, "backend connect failed");
@@ -161,9 +384,28 @@ impl Balancer {
     }
 }
 
+/// 64-bit FNV-1a over `parts`, then splitmix64's finalizer (FNV alone
+/// clusters short, similar keys on the ring). Stable across processes and
+/// hosts, unlike std's randomly seeded hasher: a fleet must agree.
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HashKey;
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
         (1..=n)
@@ -171,33 +413,155 @@ mod tests {
             .collect()
     }
 
+    fn weighted(a: &[SocketAddr], w: &[u32]) -> Vec<WeightedBackend> {
+        a.iter()
+            .zip(w)
+            .map(|(&addr, &weight)| WeightedBackend { addr, weight })
+            .collect()
+    }
+
+    fn balancer(a: &[SocketAddr], w: &[u32], balance: Balance) -> Balancer {
+        Balancer::with_policy(weighted(a, w), 0, balance, 1, Duration::from_secs(10), None)
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_interleaves_by_weight() {
+        let a = addrs(3);
+        let b = balancer(&a, &[5, 1, 1], Balance::RoundRobin);
+        let now = Instant::now();
+        let picks: Vec<SocketAddr> = (0..14).map(|_| b.plan_at(now, None)[0]).collect();
+        let count = |x| picks.iter().filter(|p| **p == x).count();
+        assert_eq!((count(a[0]), count(a[1]), count(a[2])), (10, 2, 2));
+        // Smooth: the light backends are spread through each cycle of 7,
+        // never a run of five heavy picks.
+        assert!(
+            picks.windows(5).all(|w| w.iter().any(|p| *p != a[0])),
+            "{picks:?}"
+        );
+        // Every plan still lists every backend once (for connect retries).
+        let mut plan = b.plan_at(now, None);
+        plan.sort();
+        assert_eq!(plan, a);
+    }
+
+    #[test]
+    fn least_conn_prefers_fewest_in_flight_per_weight() {
+        let a = addrs(3);
+        let b = balancer(&a, &[1, 1, 2], Balance::LeastConn);
+        let now = Instant::now();
+        let l0 = b.lease(a[0]);
+        let _l2 = b.lease(a[2]);
+        // a1 has 0 in flight: first. a2 has 1 per weight 2 (0.5) before a0 (1).
+        assert_eq!(b.plan_at(now, None), vec![a[1], a[2], a[0]]);
+        let _l1 = b.lease(a[1]);
+        let _l1b = b.lease(a[1]);
+        assert_eq!(b.plan_at(now, None)[0], a[2]);
+        drop(l0);
+        assert_eq!(
+            b.plan_at(now, None)[0],
+            a[0],
+            "a released lease counts again"
+        );
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_moves_only_a_removed_backends_keys() {
+        let a = addrs(4);
+        let all = balancer(&a, &[1, 1, 1, 1], Balance::Hash(HashKey::ClientIp));
+        let three = balancer(&a[..3], &[1, 1, 1], Balance::Hash(HashKey::ClientIp));
+        let again = balancer(&a, &[1, 1, 1, 1], Balance::Hash(HashKey::ClientIp));
+        let now = Instant::now();
+        let mut per_backend = [0usize; 4];
+        let mut moved = 0;
+        for k in 0..4000u32 {
+            let key = k.to_be_bytes();
+            let first = all.plan_at(now, Some(&key))[0];
+            // Same list, another balancer (another shard or host): same pick.
+            assert_eq!(again.plan_at(now, Some(&key))[0], first);
+            per_backend[a.iter().position(|x| *x == first).unwrap()] += 1;
+            let without = three.plan_at(now, Some(&key))[0];
+            if first != a[3] {
+                assert_eq!(without, first, "key {k} moved although its backend stayed");
+            } else {
+                moved += 1;
+            }
+        }
+        assert_eq!(moved, per_backend[3]);
+        for n in per_backend {
+            assert!((700..1300).contains(&n), "uneven ring: {per_backend:?}");
+        }
+        // A down backend's keys go to the next backend on the ring, and
+        // only while it is down.
+        let key = 7u32.to_be_bytes();
+        let plan = all.plan_at(now, Some(&key));
+        all.failed(plan[0], now);
+        let later = all.plan_at(now, Some(&key));
+        assert_eq!((later[0], later[3]), (plan[1], plan[0]));
+        all.succeeded(plan[0]);
+        assert_eq!(all.plan_at(now, Some(&key))[0], plan[0]);
+    }
+
+    #[test]
+    fn active_health_verdicts_put_backends_last() {
+        let a = addrs(2);
+        let h = Arc::new(HealthState::new(2));
+        let b = Balancer::with_policy(
+            weighted(&a, &[1, 1]),
+            0,
+            Balance::RoundRobin,
+            0,
+            Duration::ZERO,
+            Some(h.clone()),
+        );
+        let now = Instant::now();
+        h.set(0, false);
+        for _ in 0..4 {
+            assert_eq!(b.plan_at(now, None), vec![a[1], a[0]]);
+        }
+        h.set(0, true);
+        assert!((0..4).any(|_| b.plan_at(now, None)[0] == a[0]));
+    }
+
     #[test]
     fn plan_rotates_and_covers_every_backend() {
         let a = addrs(3);
         let b = Balancer::new(a.clone(), 0);
         let now = Instant::now();
-        assert_eq!(b.plan_at(now), a);
-        assert_eq!(b.plan_at(now), vec![a[1], a[2], a[0]]);
+        assert_eq!(b.plan_at(now, None), a);
+        assert_eq!(b.plan_at(now, None), vec![a[1], a[2], a[0]]);
         let empty = Balancer::new(Vec::new(), 5);
-        assert!(empty.plan_at(now).is_empty());
+        assert!(empty.plan_at(now, None).is_empty());
     }
 
     #[test]
     fn failed_backends_go_last_until_their_timeout_then_return() {
         let a = addrs(3);
-        let b = Balancer::with_health(a.clone(), 0, 2, Duration::from_secs(10));
+        let b = Balancer::with_policy(
+            weighted(&a, &[1, 1, 1]),
+            0,
+            Balance::RoundRobin,
+            2,
+            Duration::from_secs(10),
+            None,
+        );
         let t0 = Instant::now();
         b.failed(a[0], t0);
-        assert_eq!(b.plan_at(t0)[0], a[0], "one failure is under max_fails = 2");
+        assert_eq!(
+            b.plan_at(t0, None)[0],
+            a[0],
+            "one failure is under max_fails = 2"
+        );
         b.failed(a[0], t0);
         for _ in 0..3 {
-            let plan = b.plan_at(t0 + Duration::from_secs(1));
+            let plan = b.plan_at(t0 + Duration::from_secs(1), None);
             assert_eq!(plan.len(), 3, "down backends are still tried, last");
             assert_eq!(plan[2], a[0]);
         }
-        assert!(b.plan_at(t0 + Duration::from_secs(11)).contains(&a[0]));
+        assert!(b
+            .plan_at(t0 + Duration::from_secs(11), None)
+            .contains(&a[0]));
         let plan: Vec<_> = (0..3)
-            .map(|_| b.plan_at(t0 + Duration::from_secs(11))[0])
+            .map(|_| b.plan_at(t0 + Duration::from_secs(11), None)[0])
             .collect();
         assert!(
             plan.contains(&a[0]),
@@ -207,7 +571,7 @@ mod tests {
         b.failed(a[1], t0);
         b.succeeded(a[1]);
         assert!(
-            (0..3).any(|_| b.plan_at(t0)[0] == a[1]),
+            (0..3).any(|_| b.plan_at(t0, None)[0] == a[1]),
             "a success clears the mark"
         );
     }

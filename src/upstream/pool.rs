@@ -30,14 +30,21 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection to `group` that is still
-    /// open and younger than `max_idle`; stale ones are closed on the way.
-    pub fn take(&self, group: usize, max_idle: Duration) -> Option<(TcpStream, SocketAddr)> {
+    /// The most recently used idle connection to backend `addr` of `group`
+    /// (the balancer picked the backend) that is still open and younger
+    /// than `max_idle`; stale ones are closed on the way.
+    pub fn take_for(
+        &self,
+        group: usize,
+        addr: SocketAddr,
+        max_idle: Duration,
+    ) -> Option<TcpStream> {
         let mut groups = self.groups.borrow_mut();
         let idle = groups.get_mut(group)?;
-        while let Some(c) = idle.pop() {
+        while let Some(i) = idle.iter().rposition(|c| c.addr == addr) {
+            let c = idle.remove(i);
             if c.since.elapsed() < max_idle && sys::idle_socket_usable(sys::borrow_fd(&c.stream)) {
-                return Some((c.stream, c.addr));
+                return Some(c.stream);
             }
         }
         None

@@ -208,6 +208,18 @@ impl Ktern {
         }
     }
 
+    /// Like [`Ktern::wait_metric`], for a gauge going down to `want`.
+    pub fn wait_metric_down_to(&self, name: &str, want: u64) -> u64 {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(name);
+            if v <= want || Instant::now() > until {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }

@@ -16,7 +16,7 @@ use monoio::net::TcpStream;
 use super::body::{BodyError, BodyScanner, Framing};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
-use crate::config::{HttpRoute, Upstream};
+use crate::config::{Balance, HashKey, HttpRoute, Upstream};
 use crate::handshake::TlsInfo;
 use crate::ktls::Path;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
@@ -347,22 +347,39 @@ async fn forward(
     // A pooled connection may have been closed by the backend an instant
     // ago; that is retried once on a fresh connection when nothing of the
     // response came back and the request can safely be repeated.
+    let balancer = &ctx.balancers[group];
+    // IPv4 clients hash as their IPv4-mapped IPv6 form: one key space.
+    let ip_key = match ctx.peer.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let key: Option<&[u8]> = match balancer.balance() {
+        Balance::Hash(HashKey::ClientIp) => Some(&ip_key),
+        // Without the header: round robin (HAProxy's `balance hdr()`).
+        Balance::Hash(HashKey::Header(name)) => head.values(name).next(),
+        _ => None,
+    };
     let mut attempt = 0;
-    let (mut backend, addr, response) = loop {
+    let (mut backend, addr, response, _lease) = loop {
         attempt += 1;
-        let pooled = ctx.pool.take(group, upstream.pool_idle_timeout);
-        let reused = pooled.is_some();
-        let (mut backend, addr) = match pooled {
-            Some(c) => c,
-            None => match Box::pin(ctx.balancers[group].connect(upstream.connect_timeout)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    M::inc(&ctx.metrics.upstream_connect_failures);
-                    tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
-                    return local(writer, ctx, ex, 502, close_after_local).await;
-                }
-            },
+        // The second attempt follows a stale pooled connection: new one.
+        let pool = (attempt == 1).then_some((group, ctx.pool));
+        let acquired = Box::pin(balancer.acquire(
+            pool,
+            key,
+            upstream.connect_timeout,
+            upstream.pool_idle_timeout,
+        ))
+        .await;
+        let (mut backend, addr, reused) = match acquired {
+            Ok(c) => c,
+            Err(e) => {
+                M::inc(&ctx.metrics.upstream_connect_failures);
+                tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
+                return local(writer, ctx, ex, 502, close_after_local).await;
+            }
         };
+        let lease = balancer.lease(addr);
         // monoio hands the buffer back whatever the outcome, so a retry
         // resends it without a copy per request.
         let (res, sent) = Box::pin(backend.write_all(out)).await;
@@ -371,7 +388,7 @@ async fn forward(
             if reused && attempt == 1 {
                 continue;
             }
-            ctx.balancers[group].failed(addr, Instant::now());
+            balancer.failed(addr, Instant::now());
             M::inc(&ctx.metrics.upstream_errors);
             tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
             return local(writer, ctx, ex, 502, true).await;
@@ -398,14 +415,14 @@ async fn forward(
             }
         }
         match read_response(&mut backend, &head.method, upstream.response_timeout).await {
-            Ok(r) => break (backend, addr, r),
+            Ok(r) => break (backend, addr, r, lease),
             Err(UpstreamFault::NothingBack)
                 if reused && attempt == 1 && idempotent(&head.method) && !has_body =>
             {
                 continue;
             }
             Err(fault) => {
-                ctx.balancers[group].failed(addr, Instant::now());
+                balancer.failed(addr, Instant::now());
                 M::inc(&ctx.metrics.upstream_errors);
                 let status = if matches!(fault, UpstreamFault::Timeout) {
                     504
@@ -418,7 +435,7 @@ async fn forward(
         }
     };
     let (resp, mut rbuf) = response;
-    ctx.balancers[group].succeeded(addr);
+    balancer.succeeded(addr);
     ex.status = resp.status;
     ex.upstream = Some(addr);
     ex.upstream_time = Some(started.elapsed());

@@ -1,0 +1,311 @@
+//! Active health checks: every `interval`, `GET path` on each backend of an
+//! upstream group that has `[upstream.NAME.health]`; `rise` passes in a row
+//! bring a backend back, `fall` failures in a row take it out (HAProxy's
+//! model). Verdicts go to a [`HealthState`] that every shard's balancer
+//! reads; a backend marked down is tried last, as with passive health.
+//!
+//! The decision logic ([`Tracker`], [`classify`]) is sans-IO; [`start`]
+//! runs the probes on one thread with its own monoio runtime (the legacy
+//! driver: a handful of sockets every few seconds needs no io_uring), so
+//! checks never compete with a shard's connections and are not multiplied
+//! by the number of shards.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::HealthState;
+use crate::config::{Config, HealthCheck};
+use crate::metrics::ShardMetrics as M;
+
+/// Largest response head read from a check (the body is ignored).
+const MAX_HEAD: usize = 16 << 10;
+
+/// One backend's pass/fail streaks.
+#[derive(Debug)]
+pub struct Tracker {
+    rise: u32,
+    fall: u32,
+    up: bool,
+    streak: u32,
+}
+
+/// A change of verdict.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// `rise` passes in a row.
+    Up,
+    /// `fall` failures in a row.
+    Down,
+}
+
+impl Tracker {
+    /// A backend considered up until `fall` checks fail.
+    pub fn new(rise: u32, fall: u32) -> Tracker {
+        Tracker {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            up: true,
+            streak: 0,
+        }
+    }
+
+    /// Records one check; returns the transition it caused, if any.
+    pub fn record(&mut self, pass: bool) -> Option<Transition> {
+        // The streak counts checks that disagree with the current verdict.
+        if pass == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let need = if self.up { self.fall } else { self.rise };
+        if self.streak < need {
+            return None;
+        }
+        self.up = pass;
+        self.streak = 0;
+        Some(if pass {
+            Transition::Up
+        } else {
+            Transition::Down
+        })
+    }
+
+    /// The current verdict.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+}
+
+/// What the bytes of a check response say so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The head is incomplete.
+    NeedMore,
+    /// A 2xx or 3xx status.
+    Pass,
+    /// Anything else: the reason, for the log.
+    Fail(String),
+}
+
+/// Classifies a check response from its first bytes.
+pub fn classify(buf: &[u8]) -> Probe {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Probe::NeedMore,
+        Ok(httparse::Status::Partial) => Probe::Fail("response head too large".into()),
+        Ok(httparse::Status::Complete(_)) => match resp.code {
+            Some(200..=399) => Probe::Pass,
+            Some(c) => Probe::Fail(format!("status {c}")),
+            None => Probe::Fail("no status".into()),
+        },
+        Err(e) => Probe::Fail(format!("not HTTP/1.x: {e}")),
+    }
+}
+
+/// The check request: HTTP/1.1 with `Connection: close`, so a backend
+/// never keeps a check connection open.
+pub fn request(check: &HealthCheck, addr: SocketAddr) -> Vec<u8> {
+    let host = check.host.clone().unwrap_or_else(|| addr.to_string());
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ktern-health\r\nConnection: close\r\n\r\n",
+        check.path
+    )
+    .into_bytes()
+}
+
+/// Per-upstream verdicts (`None` for groups without checks), and the
+/// checker thread when any group has checks.
+pub struct Checks {
+    /// Indexed like `Config::upstreams`.
+    pub states: Vec<Option<Arc<HealthState>>>,
+    /// The checker's counters (for the admin endpoint).
+    pub metrics: Option<Arc<M>>,
+}
+
+/// Starts the checker thread for every upstream group with `health`.
+pub fn start(config: &Config) -> std::io::Result<Checks> {
+    let states: Vec<Option<Arc<HealthState>>> = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            u.health
+                .as_ref()
+                .map(|_| Arc::new(HealthState::new(u.backends.len())))
+        })
+        .collect();
+    if states.iter().all(Option::is_none) {
+        return Ok(Checks {
+            states,
+            metrics: None,
+        });
+    }
+    let metrics = Arc::new(M::default());
+    let mut jobs = Vec::new();
+    for (u, state) in config.upstreams.iter().zip(&states) {
+        if let (Some(check), Some(state)) = (&u.health, state) {
+            for (i, b) in u.backends.iter().enumerate() {
+                jobs.push(Job {
+                    upstream: u.name.clone(),
+                    index: i,
+                    addr: b.addr,
+                    check: check.clone(),
+                    state: state.clone(),
+                });
+            }
+        }
+    }
+    let m = metrics.clone();
+    std::thread::Builder::new()
+        .name("ktern-health".into())
+        .spawn(move || {
+            let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build();
+            match rt {
+                Ok(mut rt) => rt.block_on(async move {
+                    let tasks: Vec<_> = jobs
+                        .into_iter()
+                        .map(|job| monoio::spawn(run(job, m.clone())))
+                        .collect();
+                    for t in tasks {
+                        t.await;
+                    }
+                }),
+                Err(e) => tracing::error!(error = %e, "internal: health checker did not start"),
+            }
+        })?;
+    Ok(Checks {
+        states,
+        metrics: Some(metrics),
+    })
+}
+
+struct Job {
+    upstream: String,
+    index: usize,
+    addr: SocketAddr,
+    check: HealthCheck,
+    state: Arc<HealthState>,
+}
+
+/// Checks one backend forever.
+async fn run(job: Job, metrics: Arc<M>) {
+    let mut tracker = Tracker::new(job.check.rise, job.check.fall);
+    let req = request(&job.check, job.addr);
+    loop {
+        let started = Instant::now();
+        let verdict = match monoio::time::timeout(job.check.timeout, probe(job.addr, &req)).await {
+            Ok(v) => v,
+            Err(_) => Probe::Fail(format!("no response within {:?}", job.check.timeout)),
+        };
+        M::inc(&metrics.health_checks);
+        let pass = verdict == Probe::Pass;
+        if !pass {
+            M::inc(&metrics.health_check_failures);
+            tracing::debug!(upstream = %job.upstream, backend = %job.addr, ?verdict, "health check failed");
+        }
+        match tracker.record(pass) {
+            Some(Transition::Down) => {
+                job.state.set(job.index, false);
+                M::inc(&metrics.health_marked_down);
+                M::inc(&metrics.backends_down);
+                tracing::warn!(upstream = %job.upstream, backend = %job.addr, ?verdict, fall = job.check.fall, "backend marked down by health checks");
+            }
+            Some(Transition::Up) => {
+                job.state.set(job.index, true);
+                M::dec(&metrics.backends_down);
+                tracing::info!(upstream = %job.upstream, backend = %job.addr, rise = job.check.rise, "backend back up by health checks");
+            }
+            None => {}
+        }
+        let next = job.check.interval.saturating_sub(started.elapsed());
+        monoio::time::sleep(next.max(Duration::from_millis(10))).await;
+    }
+}
+
+/// One check: connect, send, read until the status is known.
+async fn probe(addr: SocketAddr, req: &[u8]) -> Probe {
+    let mut stream = match TcpStream::connect_addr(addr).await {
+        Ok(s) => s,
+        Err(e) => return Probe::Fail(format!("connect: {e}")),
+    };
+    let (res, _) = stream.write_all(req.to_vec()).await;
+    if let Err(e) = res {
+        return Probe::Fail(format!("write: {e}"));
+    }
+    let mut head: Vec<u8> = Vec::new();
+    loop {
+        let (res, buf) = stream.read(Vec::with_capacity(4096)).await;
+        match res {
+            Ok(0) => return Probe::Fail("closed before a response head".into()),
+            Ok(_) => head.extend_from_slice(&buf),
+            Err(e) => return Probe::Fail(format!("read: {e}")),
+        }
+        match classify(&head) {
+            Probe::NeedMore => continue,
+            verdict => return verdict,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_and_rise_need_streaks() {
+        let mut t = Tracker::new(2, 3);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(true), None, "a pass resets the failure streak");
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), Some(Transition::Down));
+        assert!(!t.is_up());
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(true), None);
+        assert_eq!(t.record(false), None, "a failure resets the pass streak");
+        assert_eq!(t.record(true), None);
+        assert_eq!(t.record(true), Some(Transition::Up));
+        assert!(t.is_up());
+    }
+
+    #[test]
+    fn responses_are_classified_by_status() {
+        assert_eq!(classify(b"HTTP/1.1 200 OK\r\n\r\n"), Probe::Pass);
+        assert_eq!(
+            classify(b"HTTP/1.0 301 Moved\r\nLocation: /\r\n\r\n"),
+            Probe::Pass
+        );
+        assert_eq!(classify(b"HTTP/1.1 200 OK\r\nConte"), Probe::NeedMore);
+        assert_eq!(
+            classify(b"HTTP/1.1 503 Busy\r\n\r\n"),
+            Probe::Fail("status 503".into())
+        );
+        assert!(matches!(classify(b"SSH-2.0-OpenSSH\r\n"), Probe::Fail(_)));
+        let mut big = b"HTTP/1.1 200 OK\r\n".to_vec();
+        big.resize(MAX_HEAD + 1, b'a');
+        assert!(matches!(classify(&big), Probe::Fail(_)));
+    }
+
+    #[test]
+    fn request_names_path_and_host() {
+        let check = HealthCheck {
+            path: "/healthz".into(),
+            host: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 1,
+            fall: 1,
+        };
+        let addr: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let req = String::from_utf8(request(&check, addr)).unwrap();
+        assert!(req.starts_with("GET /healthz HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n"));
+        assert!(req.ends_with("Connection: close\r\n\r\n"));
+    }
+}
