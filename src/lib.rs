@@ -4,10 +4,12 @@
 //! [`shard`] accepts → [`handshake`] runs rustls → [`ktls`] hands the keys to
 //! the kernel (or keeps rustls) → [`proxy`] moves the plaintext →
 //! [`upstream`] picks and connects the backend. [`config`], [`metrics`] and
-//! [`sys`] (the only module with `unsafe`) sit beside the pipeline.
+//! [`sys`] (the only module with `unsafe`) sit beside the pipeline, with
+//! [`buffers`], the per-shard cache of large I/O buffers.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod buffers;
 pub mod builtin;
 pub mod config;
 pub mod handshake;

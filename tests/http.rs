@@ -116,6 +116,14 @@ fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> std::
                 out.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close")?;
                 return Ok(());
             }
+            "/close-big" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\n\r\n")?;
+                for part in pattern(300_000, 3).chunks(70_000) {
+                    out.write_all(part)?;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return Ok(());
+            }
             "/slow" => {
                 std::thread::sleep(Duration::from_secs(3));
                 reply(&mut out, b"late")?;
@@ -404,6 +412,87 @@ fn active_health_checks_take_a_backend_out_and_bring_it_back() {
 }
 
 #[test]
+fn static_files_with_ranges_conditionals_and_no_escape() {
+    let pki = Pki::new("static");
+    let www = pki.dir.join("www");
+    let files = www.join("files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    let big = pattern(3 << 20, 11);
+    std::fs::write(files.join("big.bin"), &big).unwrap();
+    std::fs::write(files.join("sub/index.html"), b"<p>index</p>").unwrap();
+    std::fs::write(files.join(".secret"), b"no").unwrap();
+    // A directory outside the root (not /etc: the kTLS VM has none).
+    std::fs::create_dir_all(pki.dir.join("outside")).unwrap();
+    std::fs::write(pki.dir.join("outside/passwd"), b"root").unwrap();
+    let _ = std::os::unix::fs::symlink(pki.dir.join("outside"), files.join("out"));
+    let rules = format!(
+        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n",
+        www.display()
+    );
+    let k = Ktern::start(&pki, "", &http_config(&[], &rules, ""));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let get = |c: &mut Client, path: &str, extra: &str| {
+        exchange(c, &format!("GET {path} HTTP/1.1\r\nHost: s\r\n{extra}\r\n"))
+    };
+    let r = get(&mut c, "/files/big.bin", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(sha256(&r.body), sha256(&big), "whole file, byte for byte");
+    assert!(r.header("date").is_some_and(|d| d.ends_with(" GMT")));
+    let last_modified = r.header("last-modified").unwrap().to_string();
+    let r = get(&mut c, "/files/big.bin", "Range: bytes=100-199\r\n");
+    assert_eq!(
+        (r.status, r.header("content-range")),
+        (206, Some(format!("bytes 100-199/{}", big.len()).as_str()))
+    );
+    assert_eq!(r.body, &big[100..200]);
+    let r = get(&mut c, "/files/big.bin", "Range: bytes=-10\r\n");
+    assert_eq!((r.status, r.body.as_slice()), (206, &big[big.len() - 10..]));
+    let r = get(&mut c, "/files/big.bin", "Range: bytes=99999999-\r\n");
+    assert_eq!(r.status, 416);
+    let ims = format!("If-Modified-Since: {last_modified}\r\n");
+    let r = get(&mut c, "/files/big.bin", &ims);
+    assert_eq!((r.status, r.body.len()), (304, 0));
+    let r = exchange(&mut c, "HEAD /files/big.bin HTTP/1.1\r\nHost: s\r\n\r\n");
+    let len = big.len().to_string();
+    assert_eq!(
+        (r.status, r.header("content-length")),
+        (200, Some(len.as_str()))
+    );
+    let r = get(&mut c, "/files/sub", "");
+    assert_eq!((r.status, r.header("location")), (301, Some("/files/sub/")));
+    let r = get(&mut c, "/files/sub/", "");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"<p>index</p>"[..]));
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(get(&mut c, "/files/missing", "").status, 404);
+    assert_eq!(
+        get(&mut c, "/files/out/passwd", "").status,
+        403,
+        "symlink out of the root"
+    );
+    assert_eq!(get(&mut c, "/files/.secret", "").status, 403);
+    assert_eq!(
+        get(&mut c, "/files/%2e%2e/%2e%2e/etc/passwd", "").status,
+        400
+    );
+    assert_eq!(get(&mut c, "/files/sub%2Findex.html", "").status, 400);
+    let r = exchange(
+        &mut c,
+        "POST /files/big.bin HTTP/1.1\r\nHost: s\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")));
+    // Still the same keep-alive connection after all of it.
+    assert_eq!(get(&mut c, "/files/sub/index.html", "").status, 200);
+    assert_eq!(k.metric("ktern_handshakes_total"), 1);
+    if std::env::var_os("KTERN_IN_VM").is_some() {
+        // In the kTLS VM the file bodies above went out with sendfile on
+        // a kernel-sealed connection.
+        assert_eq!(k.metric("ktern_ktls_offloaded_total"), 1);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+    }
+}
+
+#[test]
 fn access_log_has_one_json_line_per_request_with_tls_facts() {
     let pki = Pki::new("access");
     let a = start_http_backend("a");
@@ -662,9 +751,28 @@ fn backend_faults_map_to_502_504_and_aborts() {
         "cut-short body ended cleanly: {:?}",
         String::from_utf8_lossy(&all)
     );
-    // Until-close responses end the client connection after the body.
+    // Until-close responses reach a keep-alive HTTP/1.1 client re-framed
+    // as chunked, and its connection stays open.
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     let r = exchange(&mut c, "GET /close HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("transfer-encoding")),
+        (200, &b"until close"[..], Some("chunked"))
+    );
+    assert_eq!(r.header("connection"), None);
+    let r = exchange(&mut c, "GET /close-big HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(sha256(&r.body), sha256(&pattern(300_000, 3)));
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,
+        b"a"
+    );
+    // An HTTP/1.0 client cannot take chunked: the connection ends instead.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(
+        &mut c,
+        "GET /close HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    );
     assert_eq!(
         (r.status, r.body.as_slice(), r.header("connection")),
         (200, &b"until close"[..], Some("close"))

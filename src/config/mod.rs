@@ -219,8 +219,18 @@ pub struct Rule {
     pub sni: HostMatch,
     /// Path prefix.
     pub path: String,
-    /// Index into [`Config::upstreams`].
-    pub upstream: usize,
+    /// Where matching requests go.
+    pub target: Target,
+}
+
+/// What a rule does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Proxy to this upstream group (index into [`Config::upstreams`]).
+    Upstream(usize),
+    /// Serve files under this directory (canonical path); the whole
+    /// request path is looked up under it, as nginx's `root`.
+    Static(PathBuf),
 }
 
 /// A backend and its share of the traffic.
@@ -654,18 +664,51 @@ impl Validator<'_> {
                 self.problem(format!("{field}.path"), "a path prefix must start with /");
                 continue;
             }
-            let Some(upstream) = upstreams.iter().position(|u| u.name == r.upstream) else {
-                self.problem(
-                    format!("{field}.upstream"),
-                    format!("no [upstream.{}] is defined", r.upstream),
-                );
-                continue;
+            let target = match (&r.upstream, &r.static_root) {
+                (Some(name), None) => match upstreams.iter().position(|u| &u.name == name) {
+                    Some(i) => Target::Upstream(i),
+                    None => {
+                        self.problem(
+                            format!("{field}.upstream"),
+                            format!("no [upstream.{name}] is defined"),
+                        );
+                        continue;
+                    }
+                },
+                (None, Some(dir)) => {
+                    let full = self.base.join(dir);
+                    // Canonical, so the escape check compares real paths.
+                    match std::fs::canonicalize(&full) {
+                        Ok(root) if root.is_dir() => Target::Static(root),
+                        Ok(_) => {
+                            self.problem(
+                                format!("{field}.static"),
+                                format!("{} is not a directory", full.display()),
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            self.problem(
+                                format!("{field}.static"),
+                                format!("{}: {e}", full.display()),
+                            );
+                            continue;
+                        }
+                    }
+                }
+                _ => {
+                    self.problem(
+                        field,
+                        "a rule needs exactly one of upstream = \"NAME\" or static = \"DIR\"",
+                    );
+                    continue;
+                }
             };
             rules.push(Rule {
                 host,
                 sni,
                 path: r.path.clone(),
-                upstream,
+                target,
             });
         }
         // Most specific first: the first match wins at request time. Host

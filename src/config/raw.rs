@@ -145,7 +145,9 @@ pub(super) struct RuleSection {
     pub sni: Option<String>,
     #[serde(default = "default_path")]
     pub path: String,
-    pub upstream: String,
+    pub upstream: Option<String>,
+    #[serde(rename = "static")]
+    pub static_root: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

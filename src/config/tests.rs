@@ -180,7 +180,10 @@ fn http_rules_are_ordered_most_specific_first() {
             (HostMatch::Any, "/"),
         ]
     );
-    let api = &c.upstreams[h.rules[0].upstream];
+    let Target::Upstream(i) = h.rules[0].target else {
+        panic!("upstream rule expected")
+    };
+    let api = &c.upstreams[i];
     assert_eq!(
         (api.name.as_str(), api.backends.len(), api.pool_size),
         ("api", 2, 8)
@@ -312,4 +315,40 @@ fn balancing_weights_and_health_checks() {
     let bad = HTTP.replace("pool_size = 8", "pool_size = 8\nhash_key = \"client_ip\"");
     let e = Config::from_toml(&bad, "b.toml", Path::new("."), &pems()).unwrap_err();
     assert_eq!(e.problems[0].field, "upstream.api.hash_key");
+}
+
+#[test]
+fn static_rules_need_an_existing_directory() {
+    let dir = std::env::temp_dir().join(format!("ktern-cfg-static-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("file"), b"x").unwrap();
+    let text = HTTP.replace(
+        "host = \"www.example.com\"\nupstream = \"web\"",
+        "host = \"www.example.com\"\nstatic = \"www\"",
+    );
+    let c = Config::from_toml(&text, "s.toml", &dir, &pems()).unwrap();
+    let Route::Http(h) = &c.listeners[0].route else {
+        panic!("http route expected")
+    };
+    let root = std::fs::canonicalize(dir.join("www")).unwrap();
+    assert!(h
+        .rules
+        .iter()
+        .any(|r| r.target == Target::Static(root.clone())));
+    for (bad, why) in [
+        ("static = \"missing\"", "No such file"),
+        ("static = \"file\"", "not a directory"),
+        ("static = \"www\"\nupstream = \"web\"", "exactly one"),
+    ] {
+        let text = HTTP.replace(
+            "host = \"www.example.com\"\nupstream = \"web\"",
+            &format!("host = \"www.example.com\"\n{bad}"),
+        );
+        let e = Config::from_toml(&text, "s.toml", &dir, &pems()).unwrap_err();
+        assert!(
+            e.problems[0].field.starts_with("listener[0].route.rule["),
+            "{e}"
+        );
+        assert!(e.problems[0].reason.contains(why), "{e}");
+    }
 }

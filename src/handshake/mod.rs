@@ -443,13 +443,26 @@ impl Handshake {
 /// rustls says the space is too small.
 pub(crate) fn encode<E>(
     out: &mut Vec<u8>,
+    f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), HandshakeError>
+where
+    E: EncodeLike,
+{
+    encode_sized(out, 1024, f)
+}
+
+/// [`encode`] with a first guess of the space needed (e.g. the plaintext
+/// length plus record overhead), so the common case calls rustls once.
+pub(crate) fn encode_sized<E>(
+    out: &mut Vec<u8>,
+    guess: usize,
     mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
 ) -> Result<(), HandshakeError>
 where
     E: EncodeLike,
 {
     let start = out.len();
-    let mut want = 1024;
+    let mut want = guess.max(64);
     loop {
         out.resize(start + want, 0);
         match f(&mut out[start..]) {

@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::rc::Rc;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rustls::kernel::KernelConnection;
 use rustls::server::UnbufferedServerConnection;
@@ -322,8 +322,8 @@ impl TlsReader {
                 continue;
             }
             self.wait_input().await?;
-            let (res, mut buf) = self.sock.read(Vec::with_capacity(CHUNK)).await;
-            match res {
+            let mut buf = Vec::with_capacity(CHUNK);
+            match sys::recv_spare(sys::borrow_fd(&self.sock), &mut buf) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.hot = n == CHUNK;
@@ -494,16 +494,25 @@ impl TlsReader {
         if !partial {
             self.wait_input().await?;
         }
-        // Read into a fresh buffer: the shared `inbuf` stays in place for
-        // the writer's calls into rustls while this read is in flight.
-        let (res, buf) = self.sock.read(Vec::with_capacity(READ_AHEAD)).await;
-        let n = match res {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.hot = false;
-                return Ok(());
+        // Read into a separate buffer: the shared `inbuf` stays in place for
+        // the writer's calls into rustls. No buffer is held while waiting.
+        let (n, buf) = loop {
+            let mut buf = crate::buffers::take(READ_AHEAD);
+            match sys::recv_spare(sys::borrow_fd(&self.sock), &mut buf) {
+                Ok(n) => break (n, buf),
+                // Nothing yet (a partial record, or a stale readiness):
+                // wait, then read again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    crate::buffers::give(buf);
+                    self.hot = false;
+                    self.sock.readable(false).await?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => crate::buffers::give(buf),
+                Err(e) => {
+                    crate::buffers::give(buf);
+                    return Err(e.into());
+                }
             }
-            Err(e) => return Err(e.into()),
         };
         self.hot = n == READ_AHEAD;
         let mut shared = self.shared.borrow_mut();
@@ -524,11 +533,12 @@ impl TlsReader {
             u.inbuf = buf;
         } else {
             u.inbuf.extend_from_slice(&buf);
+            crate::buffers::give(buf);
         }
         let result = decrypt_available(u, &mut self.pending, &mut self.eof);
         // Keep a buffer only while a record is partly received.
         if u.inbuf.is_empty() {
-            u.inbuf = Vec::new();
+            crate::buffers::give(std::mem::take(&mut u.inbuf));
         }
         result
     }
@@ -733,6 +743,50 @@ impl TlsWriter {
         Ok(())
     }
 
+    /// Kernel path: sends `count` bytes of `file` from `offset` with
+    /// sendfile; the kernel reads the page cache and seals the records.
+    /// A file shorter than promised is an error (the client was told the
+    /// length).
+    pub async fn sendfile(
+        &mut self,
+        file: &std::fs::File,
+        mut offset: u64,
+        count: u64,
+    ) -> Result<(), StreamError> {
+        use std::os::fd::AsFd;
+        let mut left = count;
+        while left > 0 {
+            // Budget per step: at most 1 MiB charged against the key at once.
+            let step = left.min(1 << 20) as usize;
+            self.prepare_kernel_write(step).await?;
+            let mut sent_step = 0;
+            while sent_step < step {
+                match sys::sendfile(
+                    sys::borrow_fd(&self.sock),
+                    file.as_fd(),
+                    &mut offset,
+                    step - sent_step,
+                ) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "file shorter than its length",
+                        )
+                        .into())
+                    }
+                    Ok(m) => sent_step += m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.sock.writable(false).await?
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            left -= step as u64;
+        }
+        Ok(())
+    }
+
     /// Ends our direction cleanly: close_notify (RFC 8446 §6.1), then a TCP FIN.
     pub async fn close(&mut self) -> Result<(), StreamError> {
         match self.close_notify().await {
@@ -843,8 +897,11 @@ fn with_write_traffic(
 /// Encrypts `plain` (after any handshake messages rustls has queued, e.g. a
 /// KeyUpdate reply) into `u.tls_out`.
 fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamError> {
+    // Per record: 5-byte header, content type byte, 16-byte tag (RFC 8446
+    // §5.2); TLS 1.2 adds an 8-byte explicit nonce. 32 covers both.
+    let guess = plain.len() + 32 * (plain.len() / (16 << 10) + 1);
     with_write_traffic(u, |wt, out| {
-        handshake::encode(out, |o| wt.encrypt(plain, o)).map_err(|e| match e {
+        handshake::encode_sized(out, guess, |o| wt.encrypt(plain, o)).map_err(|e| match e {
             handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
             _ => StreamError::ConfidentialityLimit,
         })

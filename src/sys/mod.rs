@@ -153,6 +153,28 @@ pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(u8, usize)
     Ok((record_type, n))
 }
 
+/// One non-blocking `recv(2)` into the spare capacity of `buf`, extending
+/// its length by the bytes received. `WouldBlock` when nothing is queued.
+/// After a readiness wait this is one syscall, where an io_uring read
+/// would be one more trip through the ring and the scheduler.
+pub fn recv_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    // SAFETY: `fd` is borrowed and open. The kernel writes at most `spare`
+    // bytes starting at the end of `buf`'s initialised part, which is
+    // inside its allocation (capacity - len bytes are available).
+    let n = cvt_size(unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().add(buf.len()).cast(),
+            spare,
+            libc::MSG_DONTWAIT,
+        )
+    })?;
+    // SAFETY: the kernel initialised exactly `n <= spare` bytes after `len`.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Sends `data` as one record of `record_type` on a kTLS socket (`sendmsg`
 /// with a `TLS_SET_RECORD_TYPE` control message): alerts (21), close_notify,
 /// and our own KeyUpdate (22). Never blocks (`MSG_DONTWAIT`).
@@ -259,6 +281,27 @@ pub fn idle_socket_usable(fd: BorrowedFd<'_>) -> bool {
         )
     };
     n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+/// `sendfile(2)`: up to `count` bytes of `file` from `*offset` to `sock`,
+/// advancing `*offset`. On a kTLS socket the kernel seals the records
+/// (TLS_TX supports sendfile since Linux 4.13); the file bytes never enter
+/// userspace. The socket is non-blocking, so a full send buffer is
+/// `WouldBlock`.
+pub fn sendfile(
+    sock: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    offset: &mut u64,
+    count: usize,
+) -> io::Result<usize> {
+    let mut off =
+        libc::off_t::try_from(*offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: both fds are borrowed and open; `off` is a live local the
+    // kernel reads and updates; no user buffer is involved.
+    let n =
+        cvt_size(unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, count) })?;
+    *offset = off as u64;
+    Ok(n)
 }
 
 /// One non-blocking `write(2)` (used to push a stray plaintext record into a pipe).

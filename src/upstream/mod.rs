@@ -250,21 +250,19 @@ impl Balancer {
                 order
             }
             _ => {
-                let rotation: Vec<usize> = self.rotation().collect();
-                match self.smooth_weighted_pick(&rotation, now) {
-                    Some(pick) => std::iter::once(pick)
-                        .chain(rotation.into_iter().filter(|&i| i != pick))
-                        .collect(),
-                    None => rotation,
+                let mut rotation: Vec<usize> = self.rotation().collect();
+                if let Some(pick) = self.smooth_weighted_pick(&rotation, now) {
+                    if let Some(at) = rotation.iter().position(|&i| i == pick) {
+                        rotation[..=at].rotate_right(1);
+                    }
                 }
+                rotation
             }
         };
-        let (up, down): (Vec<usize>, Vec<usize>) =
-            order.into_iter().partition(|&i| self.usable(i, now));
-        up.into_iter()
-            .chain(down)
-            .map(|i| self.backends[i].addr)
-            .collect()
+        // Usable first; the sort is stable, so each part keeps its order.
+        let mut order = order;
+        order.sort_by_key(|&i| !self.usable(i, now));
+        order.into_iter().map(|i| self.backends[i].addr).collect()
     }
 
     /// nginx's smooth weighted round robin over the usable backends: each

@@ -14,9 +14,11 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use super::body::{BodyError, BodyScanner, Framing};
+use super::files::{self, FileError, Plan, Resolved};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
-use crate::config::{Balance, HashKey, HttpRoute, Upstream};
+use crate::buffers;
+use crate::config::{Balance, HashKey, HttpRoute, Target, Upstream};
 use crate::handshake::TlsInfo;
 use crate::ktls::Path;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
@@ -32,6 +34,10 @@ const MAX_RESPONSE_HEAD: usize = 64 << 10;
 
 /// Backend read size: four TLS records' worth of plaintext.
 const READ: usize = 64 << 10;
+
+/// Largest body prefix sent in the same write as the response head: one
+/// TLS record's plaintext (RFC 8446 §5.1), so the copy stays small.
+const COALESCE: usize = 16 << 10;
 
 /// What the pump needs from its shard.
 pub struct Ctx<'a> {
@@ -200,12 +206,16 @@ enum HeadOutcome {
 
 fn reason(status: u16) -> &'static str {
     match status {
+        301 => "Moved Permanently",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
+        405 => "Method Not Allowed",
         413 => "Content Too Large",
         414 => "URI Too Long",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         501 => "Not Implemented",
         502 => "Bad Gateway",
         504 => "Gateway Timeout",
@@ -249,7 +259,11 @@ async fn read_head(
                 if inbuf.is_empty() && !first {
                     deadline = Instant::now() + route.head_timeout;
                 }
-                inbuf.extend_from_slice(&c);
+                if inbuf.is_empty() {
+                    *inbuf = c;
+                } else {
+                    inbuf.extend_from_slice(&c);
+                }
             }
         }
     }
@@ -261,7 +275,8 @@ fn refusal(e: HeadError) -> &'static str {
 
 async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(), HttpError> {
     let n = bytes.len() as u64;
-    let (res, _) = Box::pin(writer.write_all(bytes)).await;
+    let (res, sent) = Box::pin(writer.write_all(bytes)).await;
+    buffers::give(sent);
     res?;
     let mut m = ctx.moved.get();
     m.down += n;
@@ -319,6 +334,12 @@ async fn forward(
     }) else {
         return local(writer, ctx, ex, 404, close_after_local).await;
     };
+    let group = match &rule.target {
+        Target::Upstream(g) => *g,
+        Target::Static(root) => {
+            return serve_file(reader, writer, head, root, ctx, ex, close_after_local).await
+        }
+    };
     if let Framing::Length(n) = head.framing {
         if n > route.max_body {
             return local(writer, ctx, ex, 413, true).await;
@@ -331,7 +352,6 @@ async fn forward(
     }
     head.fields
         .retain(|f| !f.name.eq_ignore_ascii_case("expect"));
-    let group = rule.upstream;
     let upstream = &ctx.upstreams[group];
     let fwd = Forwarding {
         client: ctx.peer,
@@ -356,7 +376,7 @@ async fn forward(
     let key: Option<&[u8]> = match balancer.balance() {
         Balance::Hash(HashKey::ClientIp) => Some(&ip_key),
         // Without the header: round robin (HAProxy's `balance hdr()`).
-        Balance::Hash(HashKey::Header(name)) => head.values(name).next(),
+        Balance::Hash(HashKey::Header(name)) => head.values(name.as_str()).next(),
         _ => None,
     };
     let mut attempt = 0;
@@ -442,44 +462,211 @@ async fn forward(
     if resp.status == 101 && head.upgrade {
         return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
     }
-    let close = !head.keep_alive || resp.framing == Framing::UntilClose;
+    // A body delimited by the backend closing would end the client's
+    // connection too; for a keep-alive HTTP/1.1 client it is re-framed as
+    // chunked instead (RFC 9112 §7.1), so the connection survives. A
+    // response with a transfer coding of its own is left alone.
+    let rechunk = resp.framing == Framing::UntilClose
+        && head.keep_alive
+        && head.minor == 1
+        && !resp
+            .fields
+            .iter()
+            .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
+    let close = !head.keep_alive || (resp.framing == Framing::UntilClose && !rechunk);
     let mut out = Vec::with_capacity(resp.len + 64);
-    let hsts = route
-        .hsts
-        .as_deref()
-        .map(|v| ("Strict-Transport-Security", v.as_bytes()));
-    rewrite::response(&resp, close, hsts.as_slice(), &mut out);
-    send(writer, out, ctx).await?;
+    let mut extra: Vec<(&str, &[u8])> = Vec::new();
+    if let Some(v) = route.hsts.as_deref() {
+        extra.push(("Strict-Transport-Security", v.as_bytes()));
+    }
+    if rechunk {
+        extra.push(("Transfer-Encoding", b"chunked"));
+    }
+    rewrite::response(&resp, close, &extra, &mut out);
     rbuf.drain(..resp.len);
     let mut scanner = BodyScanner::new(resp.framing);
+    let abort = |e: BodyError| HttpError::UpstreamAborted(e.to_string());
+    // Body bytes at the front of `rbuf` that the scanner has passed and
+    // that are not sent yet. (The scanner takes every byte it is given
+    // until the body ends, so anything after them is past the body.)
+    let mut ready = if rbuf.is_empty() {
+        0
+    } else {
+        scanner.scan(&rbuf).map_err(abort)?
+    };
+    // A small body that came with the head goes out in the same write: one
+    // TLS record and one TCP segment instead of two per response.
+    if ready <= COALESCE {
+        frame(&mut out, &rbuf[..ready], rechunk);
+        rbuf.drain(..ready);
+        ready = 0;
+    }
+    send(writer, out, ctx).await?;
     loop {
-        if !rbuf.is_empty() {
-            let n = scanner
-                .scan(&rbuf)
-                .map_err(|e| HttpError::UpstreamAborted(e.to_string()))?;
-            if n > 0 {
-                let chunk = take_front(&mut rbuf, n);
-                send(writer, chunk, ctx).await?;
-            }
+        if ready > 0 {
+            let chunk = if rechunk {
+                let mut framed = Vec::with_capacity(ready + 16);
+                frame(&mut framed, &rbuf[..ready], true);
+                rbuf.drain(..ready);
+                framed
+            } else {
+                take_front(&mut rbuf, ready)
+            };
+            send(writer, chunk, ctx).await?;
         }
         if scanner.is_done() {
             break;
         }
-        let (res, buf) = Box::pin(backend.read(Vec::with_capacity(READ))).await;
+        let (res, buf) = Box::pin(backend.read(buffers::take(READ))).await;
         match res {
             Ok(0) => {
-                scanner
-                    .finish()
-                    .map_err(|e: BodyError| HttpError::UpstreamAborted(e.to_string()))?;
+                buffers::give(buf);
+                scanner.finish().map_err(abort)?;
+                if rechunk {
+                    send(writer, b"0\r\n\r\n".to_vec(), ctx).await?;
+                }
                 break;
             }
-            Ok(_) => rbuf = buf,
+            Ok(_) => {
+                buffers::give(std::mem::replace(&mut rbuf, buf));
+                ready = scanner.scan(&rbuf).map_err(abort)?;
+            }
             Err(e) => return Err(HttpError::UpstreamAborted(e.to_string())),
         }
     }
     // Reuse only a connection whose response ended exactly at its framing.
     if resp.keep_alive && rbuf.is_empty() && resp.framing != Framing::UntilClose {
         ctx.pool.put(group, backend, addr, upstream.pool_size);
+    }
+    buffers::give(rbuf);
+    Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+/// A `static` rule: the file under `root` named by the request path, with
+/// conditional and range answers decided by the sans-IO `files` module.
+/// Under kTLS the body goes out with sendfile (the kernel reads the page
+/// cache and seals the records); otherwise it is read and sealed here.
+/// File reads are synchronous on the shard, as nginx's without `aio`:
+/// fine for files in the page cache.
+async fn serve_file(
+    reader: &TlsReader,
+    writer: &mut TlsWriter,
+    head: &RequestHead,
+    root: &std::path::Path,
+    ctx: &Ctx<'_>,
+    ex: &mut Exchange,
+    close: bool,
+) -> Result<Next, HttpError> {
+    let (path, content_type) = match files::resolve(root, &head.target) {
+        Ok(Resolved::File {
+            path, content_type, ..
+        }) => (path, content_type),
+        Ok(Resolved::Redirect(location)) => {
+            ex.status = 301;
+            let out = rewrite::local_response(
+                301,
+                reason(301),
+                close,
+                &[("location", location.as_str())],
+                "301 Moved Permanently\n",
+            );
+            send(writer, out, ctx).await?;
+            return Ok(if close { Next::Close } else { Next::KeepAlive });
+        }
+        Err(e) => return local(writer, ctx, ex, e.status(), close).await,
+    };
+    // The length and date sent are those of the file actually opened.
+    let opened = std::fs::File::open(&path).and_then(|f| {
+        let meta = f.metadata()?;
+        Ok((f, meta.len(), meta.modified()?))
+    });
+    let (file, len, modified) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            let status = FileError::from(e).status();
+            return local(writer, ctx, ex, status, close).await;
+        }
+    };
+    let once = |name| {
+        let mut v = head.values(name);
+        // A field sent twice is ignored rather than guessed at.
+        match (v.next(), v.next()) {
+            (Some(one), None) => Some(one),
+            _ => None,
+        }
+    };
+    // With If-None-Match, If-Modified-Since is ignored (RFC 9110 §13.1.3);
+    // ktern makes no ETags for it to match.
+    let ims = if head.values("if-none-match").next().is_some() {
+        None
+    } else {
+        once("if-modified-since")
+    };
+    let plan = files::plan(
+        &head.method,
+        ims,
+        once("range"),
+        once("if-range"),
+        len,
+        modified,
+    );
+    ex.status = match plan {
+        Plan::Full => 200,
+        Plan::Partial { .. } => 206,
+        Plan::NotModified => 304,
+        Plan::Unsatisfiable => 416,
+        Plan::MethodNotAllowed => 405,
+    };
+    // An origin server with a clock sends Date (RFC 9110 §6.6.1).
+    let date = httpdate::fmt_http_date(SystemTime::now());
+    let mut extra: Vec<(&str, &[u8])> = vec![("date", date.as_bytes())];
+    if let Some(v) = ctx.route.hsts.as_deref() {
+        extra.push(("strict-transport-security", v.as_bytes()));
+    }
+    let mut out = files::response_head(&plan, len, modified, content_type, !close, &extra);
+    let body = match head.method.as_str() {
+        "HEAD" => None,
+        _ => files::body_range(&plan, len),
+    };
+    let Some((mut offset, count)) = body else {
+        send(writer, out, ctx).await?;
+        return Ok(if close { Next::Close } else { Next::KeepAlive });
+    };
+    if reader.path() == Path::Kernel {
+        send(writer, out, ctx).await?;
+        writer.sendfile(&file, offset, count).await?;
+        let mut m = ctx.moved.get();
+        m.down += count;
+        ctx.moved.set(m);
+    } else {
+        use std::os::unix::fs::FileExt;
+        let mut left = count;
+        while left > 0 {
+            // The first piece rides with the head (one record for a small file).
+            let mut buf = if out.is_empty() {
+                buffers::take(READ)
+            } else {
+                std::mem::take(&mut out)
+            };
+            let start = buf.len();
+            buf.resize(start + (left as usize).min(READ), 0);
+            let n = match file.read_at(&mut buf[start..], offset) {
+                // Shorter than its length now: the client was promised
+                // `count` bytes, so the connection is aborted.
+                Ok(0) => {
+                    return Err(HttpError::UpstreamAborted(format!(
+                        "{} shrank while being sent",
+                        path.display()
+                    )))
+                }
+                Ok(n) => n,
+                Err(e) => return Err(HttpError::UpstreamAborted(e.to_string())),
+            };
+            buf.truncate(start + n);
+            offset += n as u64;
+            left -= n as u64;
+            send(writer, buf, ctx).await?;
+        }
     }
     Ok(if close { Next::Close } else { Next::KeepAlive })
 }
@@ -523,6 +710,20 @@ async fn upgrade(
     .await
     .map_err(HttpError::Tunnel)?;
     Ok(Next::Ended)
+}
+
+/// Appends `body` to `out`, as one chunk (RFC 9112 §7.1) when `chunked`.
+fn frame(out: &mut Vec<u8>, body: &[u8], chunked: bool) {
+    if body.is_empty() {
+        return;
+    }
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+        out.extend_from_slice(body);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(body);
+    }
 }
 
 /// The first `n` bytes of `buf`, removed from it. In the common case (the
@@ -653,9 +854,7 @@ async fn read_response(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let (res, buf) =
-            match monoio::time::timeout(left, Box::pin(backend.read(Vec::with_capacity(READ))))
-                .await
-            {
+            match monoio::time::timeout(left, Box::pin(backend.read(buffers::take(READ)))).await {
                 Ok(r) => r,
                 Err(_) => return Err(UpstreamFault::Timeout),
             };
@@ -664,7 +863,10 @@ async fn read_response(
             Ok(0) => return Err(UpstreamFault::Bad("closed mid-head")),
             // Usually the whole head arrives in one read: keep that buffer.
             Ok(_) if rbuf.is_empty() => rbuf = buf,
-            Ok(_) => rbuf.extend_from_slice(&buf),
+            Ok(_) => {
+                rbuf.extend_from_slice(&buf);
+                buffers::give(buf);
+            }
             Err(_) if rbuf.is_empty() => return Err(UpstreamFault::NothingBack),
             Err(_) => return Err(UpstreamFault::Bad("reset mid-head")),
         }

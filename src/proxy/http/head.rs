@@ -19,6 +19,9 @@ pub struct Limits {
     pub headers: usize,
 }
 
+/// Most header fields any [`Limits`] may allow.
+pub const MAX_FIELDS: usize = 128;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -113,8 +116,10 @@ impl RequestHead {
 /// what is there, so a client cannot grow the buffer past them).
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
     check_lines(buf, limits)?;
-    let mut storage = vec![httparse::EMPTY_HEADER; limits.headers];
-    let mut req = httparse::Request::new(&mut storage);
+    // On the stack (4 KiB): a heap allocation of this size per request
+    // showed in profiles (glibc consolidates its fast bins for it).
+    let mut storage = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut storage[..limits.headers.min(MAX_FIELDS)]);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {

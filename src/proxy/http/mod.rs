@@ -5,6 +5,7 @@
 //! them is [`forward`].
 
 pub mod body;
+pub mod files;
 pub mod forward;
 pub mod head;
 pub mod redirect;
