@@ -116,6 +116,10 @@ fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> std::
                 out.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close")?;
                 return Ok(());
             }
+            "/gzip-close" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nGZDATA")?;
+                return Ok(());
+            }
             "/close-big" => {
                 out.write_all(b"HTTP/1.1 200 OK\r\n\r\n")?;
                 for part in pattern(300_000, 3).chunks(70_000) {
@@ -421,6 +425,7 @@ fn static_files_with_ranges_conditionals_and_no_escape() {
     std::fs::write(files.join("big.bin"), &big).unwrap();
     std::fs::write(files.join("sub/index.html"), b"<p>index</p>").unwrap();
     std::fs::write(files.join(".secret"), b"no").unwrap();
+    std::fs::write(files.join("empty.txt"), b"").unwrap();
     // A directory outside the root (not /etc: the kTLS VM has none).
     std::fs::create_dir_all(pki.dir.join("outside")).unwrap();
     std::fs::write(pki.dir.join("outside/passwd"), b"root").unwrap();
@@ -481,6 +486,10 @@ fn static_files_with_ranges_conditionals_and_no_escape() {
         "POST /files/big.bin HTTP/1.1\r\nHost: s\r\nContent-Length: 0\r\n\r\n",
     );
     assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")));
+    // An empty file is a head with Content-Length: 0, and the next
+    // response on the connection still lines up.
+    let r = get(&mut c, "/files/empty.txt", "");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("0")));
     // Still the same keep-alive connection after all of it.
     assert_eq!(get(&mut c, "/files/sub/index.html", "").status, 200);
     assert_eq!(k.metric("ktern_handshakes_total"), 1);
@@ -767,6 +776,17 @@ fn backend_faults_map_to_502_504_and_aborts() {
         exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,
         b"a"
     );
+    // A transfer coding other than chunked is kept, and the body still
+    // ends at the close; an HTTP/1.0 client cannot take one at all.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /gzip-close HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("transfer-encoding"), r.body.as_slice()),
+        (200, Some("gzip"), &b"GZDATA"[..])
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /gzip-close HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 502);
     // An HTTP/1.0 client cannot take chunked: the connection ends instead.
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     let r = exchange(

@@ -478,12 +478,22 @@ impl Validator<'_> {
             if raw.backends.is_empty() {
                 self.problem(format!("{at}.backends"), "at least one backend is required");
             }
-            let backends = raw
+            let backends: Vec<WeightedBackend> = raw
                 .backends
                 .iter()
                 .enumerate()
                 .filter_map(|(i, b)| self.weighted(&format!("{at}.backends[{i}]"), b))
                 .collect();
+            for (i, b) in backends.iter().enumerate() {
+                // Health and in-flight counts are kept per address: a
+                // second entry would share nothing with the first.
+                if backends[..i].iter().any(|o| o.addr == b.addr) {
+                    self.problem(
+                        format!("{at}.backends"),
+                        format!("{} is listed twice (use weight=N instead)", b.addr),
+                    );
+                }
+            }
             let balance = self.balance(&at, &raw.balance, raw.hash_key.as_deref());
             let health = raw
                 .health
@@ -600,9 +610,11 @@ impl Validator<'_> {
             }
         }
         let (interval, timeout) = (interval?, timeout?);
-        if interval.is_zero() {
-            self.problem(format!("{at}.interval"), "must be more than 0");
-            return None;
+        for (name, d) in [("interval", interval), ("timeout", timeout)] {
+            if d.is_zero() {
+                self.problem(format!("{at}.{name}"), "must be more than 0");
+                return None;
+            }
         }
         Some(HealthCheck {
             path: raw.path,

@@ -312,6 +312,13 @@ fn balancing_weights_and_health_checks() {
     ] {
         assert!(fields.contains(&want), "{want} missing from {fields:?}");
     }
+    let bad = HTTP.replace(
+        "backends = [\"127.0.0.1:9002\", \"127.0.0.1:9003\"]",
+        "backends = [\"127.0.0.1:9002\", \"127.0.0.1:9002\"]",
+    );
+    let e = Config::from_toml(&bad, "b.toml", Path::new("."), &pems()).unwrap_err();
+    assert_eq!(e.problems[0].field, "upstream.api.backends");
+    assert!(e.problems[0].reason.contains("twice"), "{e}");
     let bad = HTTP.replace("pool_size = 8", "pool_size = 8\nhash_key = \"client_ip\"");
     let e = Config::from_toml(&bad, "b.toml", Path::new("."), &pems()).unwrap_err();
     assert_eq!(e.problems[0].field, "upstream.api.hash_key");

@@ -163,11 +163,12 @@ impl Balancer {
         };
         let mut ring = Vec::new();
         if matches!(balance, Balance::Hash(_)) {
-            for (i, b) in backends.iter().enumerate() {
-                // Points depend only on the address, so every shard and
-                // every host with the same list builds the same ring.
-                let name = b.addr.to_string();
-                for p in 0..RING_POINTS * b.weight {
+            for (i, points) in ring_points(&backends).into_iter().enumerate() {
+                // Points depend only on the address and the weights, so
+                // every shard and every host with the same list builds the
+                // same ring.
+                let name = backends[i].addr.to_string();
+                for p in 0..points {
                     ring.push((hash(&[name.as_bytes(), &p.to_le_bytes()]), i));
                 }
             }
@@ -326,26 +327,29 @@ impl Balancer {
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         self.acquire(None, None, timeout, Duration::ZERO)
             .await
-            .map(|(s, a, _)| (s, a))
+            .map(|(s, a, _, _)| (s, a))
     }
 
     /// A backend connection for one request: in plan order, an idle pooled
     /// connection to that backend if `pool` has one (`(group, pool)`),
-    /// else a new connection. Returns the stream, the backend, and whether
-    /// it was pooled.
+    /// else a new connection. Returns the stream, the backend, whether it
+    /// was pooled, and the in-flight lease on the backend (taken before
+    /// any wait, so a burst planned at once does not all pick one backend
+    /// under `least_conn`).
     pub async fn acquire(
         &self,
         pool: Option<(usize, &pool::Pool)>,
         key: Option<&[u8]>,
         timeout: Duration,
         pool_idle: Duration,
-    ) -> Result<(TcpStream, SocketAddr, bool), UpstreamError> {
+    ) -> Result<(TcpStream, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
         let mut tried = 0;
         for addr in self.plan_at(Instant::now(), key) {
+            let lease = self.lease(addr);
             if let Some((group, pool)) = pool {
                 if let Some(s) = pool.take_for(group, addr, pool_idle) {
-                    return Ok((s, addr, true));
+                    return Ok((s, addr, true, lease));
                 }
             }
             tried += 1;
@@ -359,7 +363,7 @@ impl Balancer {
                     // Nagle delay on top (nginx sets TCP_NODELAY likewise).
                     let _ = s.set_nodelay(true);
                     self.succeeded(addr);
-                    return Ok((s, addr, false));
+                    return Ok((s, addr, false, lease));
                 }
                 Err(e) => {
                     tracing::debug!(backend = %addr, error = %e, "backend connect failed");
@@ -380,6 +384,32 @@ impl Balancer {
             source,
         })
     }
+}
+
+/// Ring points per backend: [`RING_POINTS`] per unit of weight, weights
+/// first divided by their common divisor, and the whole ring capped at
+/// 4 × [`RING_POINTS`] per backend on average (a per-shard table of at most
+/// ~10 KiB per backend however large the configured weights).
+fn ring_points(backends: &[WeightedBackend]) -> Vec<u32> {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let g = backends.iter().fold(0, |g, b| gcd(g, b.weight)).max(1);
+    let units: Vec<u64> = backends.iter().map(|b| u64::from(b.weight / g)).collect();
+    let total: u64 = units.iter().sum::<u64>() * u64::from(RING_POINTS);
+    let cap = 4 * u64::from(RING_POINTS) * backends.len() as u64;
+    units
+        .iter()
+        .map(|&u| {
+            let p = u * u64::from(RING_POINTS);
+            let p = if total > cap { p * cap / total } else { p };
+            p.max(1) as u32
+        })
+        .collect()
 }
 
 /// 64-bit FNV-1a over `parts`, then splitmix64's finalizer (FNV alone
@@ -497,6 +527,24 @@ mod tests {
         assert_eq!((later[0], later[3]), (plan[1], plan[0]));
         all.succeeded(plan[0]);
         assert_eq!(all.plan_at(now, Some(&key))[0], plan[0]);
+    }
+
+    #[test]
+    fn ring_size_is_bounded_and_keeps_weight_ratios() {
+        let a = addrs(3);
+        assert_eq!(ring_points(&weighted(&a, &[1, 1, 1])), vec![160, 160, 160]);
+        // Common divisors do not inflate the ring.
+        assert_eq!(
+            ring_points(&weighted(&a, &[10, 10, 20])),
+            vec![160, 160, 320]
+        );
+        // Huge weights are scaled down to the cap, ratios kept.
+        let p = ring_points(&weighted(&a, &[1000, 999, 1]));
+        assert!(
+            p.iter().map(|&x| u64::from(x)).sum::<u64>() <= 4 * 160 * 3,
+            "{p:?}"
+        );
+        assert!(p[0] >= p[1] && p[1] > 100 * p[2] / 2 && p[2] >= 1, "{p:?}");
     }
 
     #[test]

@@ -139,6 +139,10 @@ pub async fn serve(
         let (started, wall) = (Instant::now(), SystemTime::now());
         let before = ctx.moved.get();
         inbuf.drain(..head.len);
+        if inbuf.is_empty() {
+            // Nothing pipelined: hold no read buffer while the client is idle.
+            buffers::give(std::mem::take(&mut inbuf));
+        }
         let mut head = head;
         let mut ex = Exchange::default();
         let next = forward(
@@ -391,7 +395,7 @@ async fn forward(
             upstream.pool_idle_timeout,
         ))
         .await;
-        let (mut backend, addr, reused) = match acquired {
+        let (mut backend, addr, reused, lease) = match acquired {
             Ok(c) => c,
             Err(e) => {
                 M::inc(&ctx.metrics.upstream_connect_failures);
@@ -399,7 +403,6 @@ async fn forward(
                 return local(writer, ctx, ex, 502, close_after_local).await;
             }
         };
-        let lease = balancer.lease(addr);
         // monoio hands the buffer back whatever the outcome, so a retry
         // resends it without a copy per request.
         let (res, sent) = Box::pin(backend.write_all(out)).await;
@@ -465,14 +468,21 @@ async fn forward(
     // A body delimited by the backend closing would end the client's
     // connection too; for a keep-alive HTTP/1.1 client it is re-framed as
     // chunked instead (RFC 9112 §7.1), so the connection survives. A
-    // response with a transfer coding of its own is left alone.
-    let rechunk = resp.framing == Framing::UntilClose
-        && head.keep_alive
-        && head.minor == 1
-        && !resp
-            .fields
-            .iter()
-            .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
+    // response with a transfer coding of its own keeps it and is relayed
+    // until close.
+    let coded = resp
+        .fields
+        .iter()
+        .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
+    // A transfer coding may only go to an HTTP/1.1 client (RFC 9112 §6.1);
+    // an HTTP/1.0 client could not decode the body, so it gets a 502.
+    if coded && resp.framing == Framing::UntilClose && head.minor == 0 {
+        M::inc(&ctx.metrics.upstream_errors);
+        tracing::warn!(peer = %ctx.peer, backend = %addr, "transfer-coded response for an HTTP/1.0 client");
+        return local(writer, ctx, ex, 502, true).await;
+    }
+    let rechunk =
+        resp.framing == Framing::UntilClose && head.keep_alive && head.minor == 1 && !coded;
     let close = !head.keep_alive || (resp.framing == Framing::UntilClose && !rechunk);
     let mut out = Vec::with_capacity(resp.len + 64);
     let mut extra: Vec<(&str, &[u8])> = Vec::new();
@@ -576,8 +586,21 @@ async fn serve_file(
         Err(e) => return local(writer, ctx, ex, e.status(), close).await,
     };
     // The length and date sent are those of the file actually opened.
-    let opened = std::fs::File::open(&path).and_then(|f| {
+    // O_NOFOLLOW: a last component swapped for a symlink since `resolve`
+    // checked it is refused; O_NONBLOCK: a FIFO there cannot block the
+    // shard in open(2). What was opened must be a regular file.
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+    }
+    .and_then(|f| {
         let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::from(std::io::ErrorKind::NotFound));
+        }
         Ok((f, meta.len(), meta.modified()?))
     });
     let (file, len, modified) = match opened {
@@ -628,7 +651,8 @@ async fn serve_file(
         "HEAD" => None,
         _ => files::body_range(&plan, len),
     };
-    let Some((mut offset, count)) = body else {
+    // An empty body (a 0-byte file) is just the head.
+    let Some((mut offset, count)) = body.filter(|&(_, count)| count > 0) else {
         send(writer, out, ctx).await?;
         return Ok(if close { Next::Close } else { Next::KeepAlive });
     };

@@ -173,6 +173,13 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
             push_field(out, &f.name, &f.value);
             continue;
         }
+        // A body read until close keeps its transfer codings (e.g. gzip
+        // without chunked, RFC 9112 §6.3): without them the client could
+        // not decode it. Only sent to HTTP/1.1 clients (the caller's check).
+        if head.framing == Framing::UntilClose && f.name.eq_ignore_ascii_case("transfer-encoding") {
+            push_field(out, &f.name, &f.value);
+            continue;
+        }
         if is_hop_by_hop(&f.name, &options) {
             continue;
         }
