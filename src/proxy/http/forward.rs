@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -136,7 +136,9 @@ pub async fn serve(
         };
         first = false;
         M::inc(&ctx.metrics.http_requests);
-        let (started, wall) = (Instant::now(), SystemTime::now());
+        let started = Instant::now();
+        // The wall clock is only read when a line will be written.
+        let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
         let before = ctx.moved.get();
         inbuf.drain(..head.len);
         if inbuf.is_empty() {

@@ -66,14 +66,6 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// RFC 7239 §6: `for=` node; IPv6 in brackets, quoted.
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    }
-}
-
 /// RFC 7230 token characters; anything else in a Forwarded value is quoted.
 fn forwarded_value(v: &str) -> String {
     let token = !v.is_empty()
@@ -133,30 +125,38 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         }
         push_field(out, "Connection", b"upgrade");
     }
+    // Written straight into `out`: no per-request strings for the
+    // address (this runs once per proxied request).
+    use std::io::Write as _;
     let ip = fwd.client.ip().to_canonical();
     if fwd.x_forwarded {
-        let mut xff = prior_xff.join(&b", "[..]);
-        if !xff.is_empty() {
-            xff.extend_from_slice(b", ");
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        for prior in &prior_xff {
+            out.extend_from_slice(prior);
+            out.extend_from_slice(b", ");
         }
-        xff.extend_from_slice(ip.to_string().as_bytes());
-        push_field(out, "X-Forwarded-For", &xff);
+        let _ = write!(out, "{ip}\r\n");
         push_field(out, "X-Forwarded-Proto", b"https");
         if let Some(host) = &head.host {
             push_field(out, "X-Forwarded-Host", host.as_bytes());
         }
     }
     if fwd.forwarded {
-        let mut value = prior_forwarded.join(&b", "[..]);
-        if !value.is_empty() {
-            value.extend_from_slice(b", ");
+        out.extend_from_slice(b"Forwarded: ");
+        for prior in &prior_forwarded {
+            out.extend_from_slice(prior);
+            out.extend_from_slice(b", ");
         }
-        let mut element = format!("for={};proto=https", forwarded_node(ip));
+        // RFC 7239 §6: IPv6 nodes in brackets, quoted.
+        let _ = match ip {
+            IpAddr::V4(v4) => write!(out, "for={v4};proto=https"),
+            IpAddr::V6(v6) => write!(out, "for=\"[{v6}]\";proto=https"),
+        };
         if let Some(host) = &head.host {
-            element.push_str(&format!(";host={}", forwarded_value(host)));
+            out.extend_from_slice(b";host=");
+            out.extend_from_slice(forwarded_value(host).as_bytes());
         }
-        value.extend_from_slice(element.as_bytes());
-        push_field(out, "Forwarded", &value);
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -164,7 +164,10 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
 /// Writes the response head to send to the client. `close` says whether
 /// ktern will close the client connection after this response.
 pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: &mut Vec<u8>) {
-    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", head.status, head.reason).as_bytes());
+    {
+        use std::io::Write as _;
+        let _ = write!(out, "HTTP/1.1 {} {}\r\n", head.status, head.reason);
+    }
     let options = connection_options(&head.fields);
     let switching = head.status == 101;
     for f in &head.fields {
@@ -303,9 +306,21 @@ mod tests {
 
     #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
-        assert_eq!(
-            forwarded_node("2001:db8::1".parse().unwrap()),
-            "\"[2001:db8::1]\""
+        let head = parse_request(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", &Limits::default())
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        let mut f = fwd(false);
+        f.client = "[2001:db8::1]:443".parse().unwrap();
+        request(&head, &f, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains("\r\nForwarded: for=\"[2001:db8::1]\";proto=https;host=\"a b\"\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\r\nX-Forwarded-For: 2001:db8::1\r\n"),
+            "{out}"
         );
     }
 
