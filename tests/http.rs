@@ -787,6 +787,19 @@ fn backend_faults_map_to_502_504_and_aborts() {
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     let r = exchange(&mut c, "GET /gzip-close HTTP/1.0\r\nHost: a\r\n\r\n");
     assert_eq!(r.status, 502);
+    // An HTTP/1.0 request goes upstream as HTTP/1.0, so the backend does
+    // not answer with chunked; one that does anyway gets the client a 502,
+    // never a body the client cannot read.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /head HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert!(
+        r.body.starts_with(b"GET /head HTTP/1.0\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /chunked HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 502);
     // An HTTP/1.0 client cannot take chunked: the connection ends instead.
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     let r = exchange(

@@ -304,6 +304,43 @@ pub fn sendfile(
     Ok(n)
 }
 
+/// `openat2(2)` with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`: opens the
+/// relative `path` under the directory `dir`, and fails (`EXDEV`) if any
+/// step of the resolution — `..`, an absolute or magic symlink, a symlink
+/// pointing outside — would leave it. The kernel does the check during the
+/// open itself, so nothing can be swapped in between (Linux 5.6+; `ENOSYS`
+/// before).
+pub fn open_beneath(
+    dir: BorrowedFd<'_>,
+    path: &std::path::Path,
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: open_how is plain old data; all-zero is "no mode, no resolve flags".
+    let mut how: libc::open_how = unsafe { MaybeUninit::zeroed().assume_init() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `dir` is borrowed and open; `c_path` is a NUL-terminated string
+    // and `how` a live open_how, both outliving the call, and the size passed
+    // is exactly `how`'s size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 succeeded, so `fd` is a new open descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// One non-blocking `write(2)` (used to push a stray plaintext record into a pipe).
 pub fn write_fd(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     // SAFETY: `fd` is borrowed and open; the kernel reads at most `data.len()`
@@ -382,3 +419,36 @@ pub fn rss_bytes() -> io::Result<u64> {
 }
 
 const _: () = assert!(size_of::<libc::cmsghdr>() + 8 <= 32);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::path::Path;
+
+    #[test]
+    fn open_beneath_refuses_every_way_out() {
+        let base = std::env::temp_dir().join(format!("ktern-beneath-{}", std::process::id()));
+        let root = base.join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a"), b"a").unwrap();
+        std::fs::write(base.join("outside"), b"secret").unwrap();
+        let _ = std::os::unix::fs::symlink(base.join("outside"), root.join("abs-link"));
+        let _ = std::os::unix::fs::symlink("../outside", root.join("rel-link"));
+        let _ = std::os::unix::fs::symlink("sub/a", root.join("inside-link"));
+        let dir = std::fs::File::open(&root).unwrap();
+        match open_beneath(dir.as_fd(), Path::new("sub/a"), libc::O_RDONLY) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                eprintln!("openat2 unavailable on this kernel; the O_NOFOLLOW fallback applies");
+                return;
+            }
+            r => assert!(r.is_ok(), "{r:?}"),
+        }
+        assert!(open_beneath(dir.as_fd(), Path::new("inside-link"), libc::O_RDONLY).is_ok());
+        for out in ["abs-link", "rel-link", "../outside", "sub/../../outside"] {
+            let e = open_beneath(dir.as_fd(), Path::new(out), libc::O_RDONLY).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{out}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

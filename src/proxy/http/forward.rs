@@ -476,11 +476,12 @@ async fn forward(
         .fields
         .iter()
         .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
-    // A transfer coding may only go to an HTTP/1.1 client (RFC 9112 §6.1);
-    // an HTTP/1.0 client could not decode the body, so it gets a 502.
-    if coded && resp.framing == Framing::UntilClose && head.minor == 0 {
+    // A transfer coding may only go to an HTTP/1.1 client (RFC 9112 §6.1).
+    // An HTTP/1.0 client's request went upstream as HTTP/1.0, so a backend
+    // answering it with one is broken: 502 rather than an unreadable body.
+    if head.minor == 0 && (resp.framing == Framing::Chunked || coded) {
         M::inc(&ctx.metrics.upstream_errors);
-        tracing::warn!(peer = %ctx.peer, backend = %addr, "transfer-coded response for an HTTP/1.0 client");
+        tracing::warn!(peer = %ctx.peer, backend = %addr, "transfer-coded response to an HTTP/1.0 request");
         return local(writer, ctx, ex, 502, true).await;
     }
     let rechunk =
@@ -588,17 +589,7 @@ async fn serve_file(
         Err(e) => return local(writer, ctx, ex, e.status(), close).await,
     };
     // The length and date sent are those of the file actually opened.
-    // O_NOFOLLOW: a last component swapped for a symlink since `resolve`
-    // checked it is refused; O_NONBLOCK: a FIFO there cannot block the
-    // shard in open(2). What was opened must be a regular file.
-    let opened = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-    }
-    .and_then(|f| {
+    let opened = open_static(root, &path).and_then(|f| {
         let meta = f.metadata()?;
         if !meta.is_file() {
             return Err(std::io::Error::from(std::io::ErrorKind::NotFound));
@@ -695,6 +686,33 @@ async fn serve_file(
         }
     }
     Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+/// Opens a file `files::resolve` found under `root`, so that nothing
+/// swapped in since can lead outside it: `openat2` with RESOLVE_BENEATH
+/// from the root (the kernel refuses any escape during the open itself),
+/// or on kernels before 5.6 a plain open with O_NOFOLLOW (a swapped last
+/// component is refused; a swapped directory is not). O_NONBLOCK: a FIFO
+/// cannot block the shard in open(2); the caller requires a regular file.
+fn open_static(root: &std::path::Path, path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    let escaped = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+    let rel = path.strip_prefix(root).map_err(|_| escaped())?;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(root)?;
+    match crate::sys::open_beneath(dir.as_fd(), rel, flags) {
+        Ok(fd) => Ok(std::fs::File::from(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Err(escaped()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path),
+        Err(e) => Err(e),
+    }
 }
 
 /// After a 101 Switching Protocols (WebSocket and any other upgrade): relay

@@ -155,6 +155,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     let minor = req.version.unwrap_or(1);
     let fields = owned_fields(req.headers);
     let framing = request_framing(&fields)?;
+    if minor == 0 && framing == Framing::Chunked {
+        // RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means
+        // faulty framing; forwarding it would invite a different reading.
+        return Err(HeadError::BadRequest("Transfer-Encoding in HTTP/1.0"));
+    }
     let mut host = None;
     let mut conn_close = minor == 0;
     let mut conn_upgrade = false;
@@ -494,6 +499,7 @@ mod tests {
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", 400),
             ("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),

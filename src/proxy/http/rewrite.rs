@@ -78,12 +78,18 @@ fn forwarded_value(v: &str) -> String {
     }
 }
 
-/// Writes the request head to send upstream (HTTP/1.1, keep-alive).
+/// Writes the request head to send upstream: HTTP/1.1 (keep-alive), or
+/// HTTP/1.0 for an HTTP/1.0 client, so the backend never answers it with
+/// a transfer coding the client could not read (RFC 9112 §6.1).
 pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(if head.minor == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     let options = connection_options(&head.fields);
     let mut prior_xff: Vec<&[u8]> = Vec::new();
     let mut prior_forwarded: Vec<&[u8]> = Vec::new();
@@ -108,8 +114,9 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         push_field(out, &f.name, &f.value);
     }
     if head.host.is_none() {
-        // We speak HTTP/1.1 upstream, which requires Host; an HTTP/1.0
-        // request without one has no authority, so it is empty (RFC 9112 §3.2).
+        // Upstream requests always carry Host (HTTP/1.1 requires it); an
+        // HTTP/1.0 request without one has no authority, so it is empty
+        // (RFC 9112 §3.2).
         push_field(out, "Host", b"");
     }
     if head.framing == Framing::Chunked {
@@ -297,7 +304,7 @@ mod tests {
     #[test]
     fn http10_without_host_gets_an_empty_host_upstream() {
         let out = rewrite("GET / HTTP/1.0\r\n\r\n", false);
-        assert!(out.starts_with("GET / HTTP/1.1\r\nHost: \r\n"), "{out}");
+        assert!(out.starts_with("GET / HTTP/1.0\r\nHost: \r\n"), "{out}");
         let again = parse_request(out.as_bytes(), &Limits::default())
             .unwrap()
             .unwrap();
