@@ -60,7 +60,7 @@ TOML
 # pool_size = 64 matches nginx's `keepalive 64` below. With ktern's default (32), below the
 # 50 client connections, one 5 s closed-loop run here opened and closed about 430 backend
 # connections/s and peaked about 10% lower.
-# RUST_LOG=warn: the access log (target ktern::access, info) is off, as in nginx.
+# No [access_log] section: ktern writes no access log, as nginx with access_log off.
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 

@@ -183,10 +183,13 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
             push_field(out, &f.name, &f.value);
             continue;
         }
-        // A body read until close keeps its transfer codings (e.g. gzip
-        // without chunked, RFC 9112 §6.3): without them the client could
-        // not decode it. Only sent to HTTP/1.1 clients (the caller's check).
-        if head.framing == Framing::UntilClose && f.name.eq_ignore_ascii_case("transfer-encoding") {
+        // The body is relayed byte for byte, so the backend's transfer
+        // codings still describe it: `gzip, chunked` stays that, and gzip
+        // without chunked (read until close, RFC 9112 §6.3) keeps its
+        // field. Only sent to HTTP/1.1 clients (the caller's check).
+        if matches!(head.framing, Framing::UntilClose | Framing::Chunked)
+            && f.name.eq_ignore_ascii_case("transfer-encoding")
+        {
             push_field(out, &f.name, &f.value);
             continue;
         }
@@ -194,9 +197,6 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
             continue;
         }
         push_field(out, &f.name, &f.value);
-    }
-    if head.framing == Framing::Chunked {
-        push_field(out, "Transfer-Encoding", b"chunked");
     }
     for (name, value) in extra {
         push_field(out, name, value);
@@ -312,6 +312,20 @@ mod tests {
     }
 
     #[test]
+    fn response_transfer_codings_are_kept_with_the_body_they_describe() {
+        let text = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        let head = parse_response(text.as_bytes(), "GET", 1 << 16)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        response(&head, false, &[], &mut out);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
         let head = parse_request(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", &Limits::default())
             .unwrap()
@@ -360,7 +374,7 @@ mod tests {
         let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out,
-            "HTTP/1.1 200 OK\r\nX-App: 1\r\nTransfer-Encoding: chunked\r\nStrict-Transport-Security: max-age=63072000\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-App: 1\r\nStrict-Transport-Security: max-age=63072000\r\nConnection: close\r\n\r\n"
         );
     }
 
