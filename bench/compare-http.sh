@@ -113,8 +113,12 @@ done
 nginx_master=$(cat "$work/nginx.pid")
 nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }
 
-# utime + stime (clock ticks) summed over the given pids, all threads.
-ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+# "utime stime" (clock ticks) summed over the given pids, all threads.
+ticks() {
+  local u=0 s=0 p a b
+  for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)) s=$((s + b)); done
+  echo "$u $s"
+}
 hz=$(getconf CLK_TCK)
 field() { sed -nE "s/.*(^| )$1=([0-9.]+).*/\2/p" <<<"$2"; }
 # The client's own bound is --seconds (plus 5 s read timeouts); this is a backstop.
@@ -123,16 +127,20 @@ load() { timeout -k 5 $((seconds + 60)) taskset -c 0 "$bin/ktern-load" http --co
 declare -A res
 measure() { # name addr label rate(0: closed loop) pids...
   local name=$1 addr=$2 label=$3 rate=$4; shift 4
-  local t0 t1 out n e args=()
+  local u0 s0 u1 s1 out n e args=()
   [ "$rate" = 0 ] || args=(--rate "$rate")
-  t0=$(ticks "$@")
+  read -r u0 s0 <<<"$(ticks "$@")"
   out=$(load --addr "$addr" --seconds "$seconds" "${args[@]}")
-  t1=$(ticks "$@")
+  read -r u1 s1 <<<"$(ticks "$@")"
   n=$(field requests "$out") e=$(field errors "$out")
   res[$name.$label.rps]=$(field rps "$out")
   res[$name.$label.p99]=$(field p99_us "$out")
-  res[$name.$label.cpu]=$(python3 -c "print(f'{($t1-$t0)/$hz/max($n,1)*1e6:.2f}')")
-  echo "$name $label: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.$label.cpu]} us/request"
+  per() { python3 -c "print(f'{($1)/$hz/max($n,1)*1e6:.2f}')"; }
+  res[$name.$label.cpu]=$(per "$u1+$s1-$u0-$s0")
+  res[$name.$label.user]=$(per "$u1-$u0")
+  res[$name.$label.sys]=$(per "$s1-$s0")
+  echo "$name $label: $out; server cpu $(( (u1+s1-u0-s0) * 1000 / hz )) ms -> ${res[$name.$label.cpu]} us/request" \
+    "(user ${res[$name.$label.user]}, kernel ${res[$name.$label.sys]})"
   [ "$e" = 0 ] || echo "  WARNING: $name $label had $e errors (see above)"
 }
 
@@ -155,13 +163,16 @@ sed 's/\x1b\[[0-9;]*m//g' "$work/ktern.log" | grep -E 'WARN|ERROR' | grep -v 'kT
   sed 's/^/ktern log: /' || true
 
 python3 - "$half" "${res[ktern.peak.cpu]}" "${res[nginx.peak.cpu]}" "${res[ktern.peak.rps]}" "${res[nginx.peak.rps]}" \
-  "${res[ktern.half.p99]}" "${res[nginx.half.p99]}" "${res[ktern.half.cpu]}" "${res[nginx.half.cpu]}" <<'PY'
+  "${res[ktern.half.p99]}" "${res[nginx.half.p99]}" "${res[ktern.half.cpu]}" "${res[nginx.half.cpu]}" \
+  "${res[ktern.peak.user]}" "${res[nginx.peak.user]}" "${res[ktern.peak.sys]}" "${res[nginx.peak.sys]}" <<'PY'
 import sys
 half = sys.argv[1]
-k_cpu, n_cpu, k_rps, n_rps, k_p99, n_p99, k_hcpu, n_hcpu = map(float, sys.argv[2:])
+k_cpu, n_cpu, k_rps, n_rps, k_p99, n_p99, k_hcpu, n_hcpu, k_u, n_u, k_s, n_s = map(float, sys.argv[2:])
 r = lambda a, b: a / b if b else float("nan")
 rows = [
     ("server CPU per request, peak (us)", k_cpu, n_cpu, r(k_cpu, n_cpu), "<= 0.6", 2),
+    ("  of which user (us)", k_u, n_u, r(k_u, n_u), "(info)", 2),
+    ("  of which kernel (us)", k_s, n_s, r(k_s, n_s), "(info)", 2),
     ("peak requests/s (closed loop)", k_rps, n_rps, r(k_rps, n_rps), "", 0),
     (f"p99 at {half}/s, half nginx peak (us)", k_p99, n_p99, r(k_p99, n_p99), "ktern <= nginx", 0),
     (f"server CPU per request at {half}/s (us)", k_hcpu, n_hcpu, r(k_hcpu, n_hcpu), "(info)", 2),

@@ -325,7 +325,7 @@ impl Balancer {
         &self,
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-        self.acquire(None, None, timeout, Duration::ZERO)
+        self.acquire(None, None, timeout, Duration::ZERO, Instant::now())
             .await
             .map(|(s, a, _, _)| (s, a))
     }
@@ -342,13 +342,14 @@ impl Balancer {
         key: Option<&[u8]>,
         timeout: Duration,
         pool_idle: Duration,
+        now: Instant,
     ) -> Result<(TcpStream, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
         let mut tried = 0;
-        for addr in self.plan_at(Instant::now(), key) {
+        for addr in self.plan_at(now, key) {
             let lease = self.lease(addr);
             if let Some((group, pool)) = pool {
-                if let Some(s) = pool.take_for(group, addr, pool_idle) {
+                if let Some(s) = pool.take_for(group, addr, pool_idle, now) {
                     return Ok((s, addr, true, lease));
                 }
             }

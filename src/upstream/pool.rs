@@ -31,27 +31,39 @@ impl Pool {
     }
 
     /// The most recently used idle connection to backend `addr` of `group`
-    /// (the balancer picked the backend) that is still open and younger
-    /// than `max_idle`; stale ones are closed on the way.
+    /// (the balancer picked the backend) that is still open and idle for
+    /// less than `max_idle` at `now`; stale ones are closed on the way.
     pub fn take_for(
         &self,
         group: usize,
         addr: SocketAddr,
         max_idle: Duration,
+        now: Instant,
     ) -> Option<TcpStream> {
         let mut groups = self.groups.borrow_mut();
         let idle = groups.get_mut(group)?;
         while let Some(i) = idle.iter().rposition(|c| c.addr == addr) {
             let c = idle.remove(i);
-            if c.since.elapsed() < max_idle && sys::idle_socket_usable(sys::borrow_fd(&c.stream)) {
+            if now.saturating_duration_since(c.since) < max_idle
+                && sys::idle_socket_usable(sys::borrow_fd(&c.stream))
+            {
                 return Some(c.stream);
             }
         }
         None
     }
 
-    /// Returns a connection whose last response ended cleanly.
-    pub fn put(&self, group: usize, stream: TcpStream, addr: SocketAddr, max: usize) {
+    /// Returns a connection whose last response ended cleanly. `since` is
+    /// when its last request began (the caller's clock reading, a little
+    /// early: the idle limit errs towards closing).
+    pub fn put(
+        &self,
+        group: usize,
+        stream: TcpStream,
+        addr: SocketAddr,
+        max: usize,
+        since: Instant,
+    ) {
         let mut groups = self.groups.borrow_mut();
         let Some(idle) = groups.get_mut(group) else {
             return;
@@ -64,7 +76,7 @@ impl Pool {
             idle.push(Idle {
                 stream,
                 addr,
-                since: Instant::now(),
+                since,
             });
         }
     }

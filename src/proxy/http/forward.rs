@@ -145,15 +145,15 @@ pub async fn serve(
             // Nothing pipelined: hold no read buffer while the client is idle.
             buffers::give(std::mem::take(&mut inbuf));
         }
-        let mut head = head;
         let mut ex = Exchange::default();
         let next = forward(
             &mut reader,
             &mut writer,
             &mut inbuf,
-            &mut head,
+            &head,
             &ctx,
             &mut ex,
+            started,
         )
         .await;
         log(&ctx, Some(&head), &ex, before, wall, started);
@@ -184,9 +184,9 @@ fn log(
         time: wall,
         client: ctx.peer,
         tls: ctx.tls,
-        method: head.map_or("-", |h| h.method.as_str()),
+        method: head.map_or("-", |h| h.method()),
         host: head.and_then(|h| h.host.as_deref()).unwrap_or(""),
-        target: head.map_or("-", |h| h.target.as_str()),
+        target: head.map_or("-", |h| h.target()),
         minor: head.map_or(1, |h| h.minor),
         status: ex.status,
         bytes_in: head.map_or(0, |h| h.len as u64) + (now.up - before.up),
@@ -240,7 +240,7 @@ async fn read_head(
     // Between requests the keep-alive timeout applies; once a head has
     // started (or on a new connection), the head timeout (408).
     let waiting = inbuf.is_empty() && !first;
-    let mut deadline = Instant::now()
+    let mut deadline = monoio::time::Instant::now()
         + if waiting {
             route.keepalive_timeout
         } else {
@@ -252,8 +252,7 @@ async fn read_head(
             Ok(None) => {}
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let chunk = match monoio::time::timeout(left, Box::pin(reader.read_chunk())).await {
+        let chunk = match monoio::time::timeout_at(deadline, Box::pin(reader.read_chunk())).await {
             Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
             Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
             Ok(r) => r?,
@@ -263,7 +262,7 @@ async fn read_head(
             None => return Ok(HeadOutcome::Refused(400, "Bad Request")),
             Some(c) => {
                 if inbuf.is_empty() && !first {
-                    deadline = Instant::now() + route.head_timeout;
+                    deadline = monoio::time::Instant::now() + route.head_timeout;
                 }
                 if inbuf.is_empty() {
                     *inbuf = c;
@@ -321,13 +320,13 @@ async fn forward(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
     inbuf: &mut Vec<u8>,
-    head: &mut RequestHead,
+    head: &RequestHead,
     ctx: &Ctx<'_>,
     ex: &mut Exchange,
+    started: Instant,
 ) -> Result<Next, HttpError> {
-    let started = Instant::now();
     let host = head.host.as_deref().unwrap_or_default();
-    let path = target_path(&head.target);
+    let path = target_path(head.target());
     let route = ctx.route;
     let has_body = head.framing != Framing::Length(0);
     // A local answer before the body was read leaves the body in the
@@ -352,12 +351,10 @@ async fn forward(
         }
     }
     if head.expect_continue && has_body {
-        // Answer 100 ourselves and forward without Expect (RFC 9110 §10.1.1):
-        // the body then streams as it arrives.
+        // Answer 100 ourselves; the rewrite forwards without Expect (RFC
+        // 9110 §10.1.1): the body then streams as it arrives.
         send(writer, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), ctx).await?;
     }
-    head.fields
-        .retain(|f| !f.name.eq_ignore_ascii_case("expect"));
     let upstream = &ctx.upstreams[group];
     let fwd = Forwarding {
         client: ctx.peer,
@@ -395,6 +392,7 @@ async fn forward(
             key,
             upstream.connect_timeout,
             upstream.pool_idle_timeout,
+            started,
         ))
         .await;
         let (mut backend, addr, reused, lease) = match acquired {
@@ -439,10 +437,10 @@ async fn forward(
                 return local(writer, ctx, ex, 502, true).await;
             }
         }
-        match read_response(&mut backend, &head.method, upstream.response_timeout).await {
+        match read_response(&mut backend, head.method(), upstream.response_timeout).await {
             Ok(r) => break (backend, addr, r, lease),
             Err(UpstreamFault::NothingBack)
-                if reused && attempt == 1 && idempotent(&head.method) && !has_body =>
+                if reused && attempt == 1 && idempotent(head.method()) && !has_body =>
             {
                 continue;
             }
@@ -463,7 +461,8 @@ async fn forward(
     balancer.succeeded(addr);
     ex.status = resp.status;
     ex.upstream = Some(addr);
-    ex.upstream_time = Some(started.elapsed());
+    // The clock is read again only when an access line will need it.
+    ex.upstream_time = ctx.access.map(|_| started.elapsed());
     if resp.status == 101 && head.upgrade {
         return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
     }
@@ -549,7 +548,8 @@ async fn forward(
     }
     // Reuse only a connection whose response ended exactly at its framing.
     if resp.keep_alive && rbuf.is_empty() && resp.framing != Framing::UntilClose {
-        ctx.pool.put(group, backend, addr, upstream.pool_size);
+        ctx.pool
+            .put(group, backend, addr, upstream.pool_size, started);
     }
     buffers::give(rbuf);
     Ok(if close { Next::Close } else { Next::KeepAlive })
@@ -570,7 +570,7 @@ async fn serve_file(
     ex: &mut Exchange,
     close: bool,
 ) -> Result<Next, HttpError> {
-    let (path, content_type) = match files::resolve(root, &head.target) {
+    let (path, content_type) = match files::resolve(root, head.target()) {
         Ok(Resolved::File {
             path, content_type, ..
         }) => (path, content_type),
@@ -619,7 +619,7 @@ async fn serve_file(
         once("if-modified-since")
     };
     let plan = files::plan(
-        &head.method,
+        head.method(),
         ims,
         once("range"),
         once("if-range"),
@@ -640,7 +640,7 @@ async fn serve_file(
         extra.push(("strict-transport-security", v.as_bytes()));
     }
     let mut out = files::response_head(&plan, len, modified, content_type, !close, &extra);
-    let body = match head.method.as_str() {
+    let body = match head.method() {
         "HEAD" => None,
         _ => files::body_range(&plan, len),
     };
@@ -878,7 +878,7 @@ async fn read_response(
     method: &str,
     timeout: Duration,
 ) -> Result<Response, UpstreamFault> {
-    let deadline = Instant::now() + timeout;
+    let deadline = monoio::time::Instant::now() + timeout;
     let mut rbuf: Vec<u8> = Vec::new();
     loop {
         match head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD) {
@@ -896,9 +896,10 @@ async fn read_response(
             }
             Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
         let (res, buf) =
-            match monoio::time::timeout(left, Box::pin(backend.read(buffers::take(READ)))).await {
+            match monoio::time::timeout_at(deadline, Box::pin(backend.read(buffers::take(READ))))
+                .await
+            {
                 Ok(r) => r,
                 Err(_) => return Err(UpstreamFault::Timeout),
             };

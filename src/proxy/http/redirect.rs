@@ -44,7 +44,7 @@ pub async fn serve(mut socket: TcpStream, https_port: Option<u16>) {
     let response = loop {
         match head::parse_request(&buf, &limits) {
             Ok(Some(h)) => {
-                break match location(h.host.as_deref().unwrap_or(""), &h.target, https_port) {
+                break match location(h.host.as_deref().unwrap_or(""), h.target(), https_port) {
                     Some(loc) => rewrite::local_response(
                         301,
                         "Moved Permanently",

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::body::Framing;
-use super::head::{list_tokens, Field, RequestHead, ResponseHead};
+use super::head::{list_tokens, Fields, RequestHead, ResponseHead};
 
 /// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1,
 /// plus the non-standard Proxy-Connection and Keep-Alive).
@@ -40,23 +40,16 @@ pub struct Forwarding {
 }
 
 /// True if `name` must not be forwarded, given the `Connection` options.
-fn is_hop_by_hop(name: &str, connection_options: &[String]) -> bool {
+fn is_hop_by_hop(name: &str, connection_options: &[&str]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || connection_options
             .iter()
             .any(|o| name.eq_ignore_ascii_case(o))
 }
 
-fn connection_options(fields: &[Field]) -> Vec<String> {
-    fields
-        .iter()
-        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|f| {
-            list_tokens(&f.value)
-                .map(str::to_ascii_lowercase)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+/// The `Connection` options, borrowed (compared case-insensitively).
+fn connection_options(fields: &Fields) -> Vec<&str> {
+    fields.values("connection").flat_map(list_tokens).collect()
 }
 
 fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -66,25 +59,33 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// RFC 7230 token characters; anything else in a Forwarded value is quoted.
-fn forwarded_value(v: &str) -> String {
+/// Appends `v` as a Forwarded value: as is if it is an RFC 9110 token,
+/// else as a quoted-string with `\` and `"` escaped (RFC 7239 §4).
+fn push_forwarded_value(out: &mut Vec<u8>, v: &str) {
     let token = !v.is_empty()
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if token {
-        v.to_string()
-    } else {
-        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        out.extend_from_slice(v.as_bytes());
+        return;
     }
+    out.push(b'"');
+    for b in v.bytes() {
+        if b == b'\\' || b == b'"' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
 }
 
 /// Writes the request head to send upstream: HTTP/1.1 (keep-alive), or
 /// HTTP/1.0 for an HTTP/1.0 client, so the backend never answers it with
 /// a transfer coding the client could not read (RFC 9112 §6.1).
 pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
-    out.extend_from_slice(head.method.as_bytes());
+    out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(head.target().as_bytes());
     out.extend_from_slice(if head.minor == 0 {
         b" HTTP/1.0\r\n"
     } else {
@@ -93,25 +94,27 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
     let options = connection_options(&head.fields);
     let mut prior_xff: Vec<&[u8]> = Vec::new();
     let mut prior_forwarded: Vec<&[u8]> = Vec::new();
-    for f in &head.fields {
-        if is_hop_by_hop(&f.name, &options) {
+    for f in head.fields.iter() {
+        // Expect is answered here (our own 100 Continue), never forwarded:
+        // the body streams as it arrives (RFC 9110 §10.1.1).
+        if is_hop_by_hop(f.name, &options) || f.name.eq_ignore_ascii_case("expect") {
             continue;
         }
         if FORWARDING.iter().any(|h| f.name.eq_ignore_ascii_case(h)) {
             if fwd.trusted {
                 if f.name.eq_ignore_ascii_case("x-forwarded-for") && fwd.x_forwarded {
-                    prior_xff.push(&f.value);
+                    prior_xff.push(f.value);
                     continue;
                 }
                 if f.name.eq_ignore_ascii_case("forwarded") && fwd.forwarded {
-                    prior_forwarded.push(&f.value);
+                    prior_forwarded.push(f.value);
                     continue;
                 }
-                push_field(out, &f.name, &f.value);
+                push_field(out, f.name, f.value);
             }
             continue;
         }
-        push_field(out, &f.name, &f.value);
+        push_field(out, f.name, f.value);
     }
     if head.host.is_none() {
         // Upstream requests always carry Host (HTTP/1.1 requires it); an
@@ -123,12 +126,8 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         push_field(out, "Transfer-Encoding", b"chunked");
     }
     if head.upgrade {
-        for f in head
-            .fields
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case("upgrade"))
-        {
-            push_field(out, "Upgrade", &f.value);
+        for value in head.fields.values("upgrade") {
+            push_field(out, "Upgrade", value);
         }
         push_field(out, "Connection", b"upgrade");
     }
@@ -161,7 +160,7 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         };
         if let Some(host) = &head.host {
             out.extend_from_slice(b";host=");
-            out.extend_from_slice(forwarded_value(host).as_bytes());
+            push_forwarded_value(out, host);
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -171,16 +170,23 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
 /// Writes the response head to send to the client. `close` says whether
 /// ktern will close the client connection after this response.
 pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: &mut Vec<u8>) {
-    {
-        use std::io::Write as _;
-        let _ = write!(out, "HTTP/1.1 {} {}\r\n", head.status, head.reason);
-    }
+    // httparse accepts exactly three status digits.
+    let s = head.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (s / 100 % 10) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+        b' ',
+    ]);
+    out.extend_from_slice(head.reason().as_bytes());
+    out.extend_from_slice(b"\r\n");
     let options = connection_options(&head.fields);
     let switching = head.status == 101;
-    for f in &head.fields {
+    for f in head.fields.iter() {
         // A 101 keeps Upgrade (and gets its own Connection below).
         if switching && f.name.eq_ignore_ascii_case("upgrade") {
-            push_field(out, &f.name, &f.value);
+            push_field(out, f.name, f.value);
             continue;
         }
         // The body is relayed byte for byte, so the backend's transfer
@@ -190,13 +196,13 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
         if matches!(head.framing, Framing::UntilClose | Framing::Chunked)
             && f.name.eq_ignore_ascii_case("transfer-encoding")
         {
-            push_field(out, &f.name, &f.value);
+            push_field(out, f.name, f.value);
             continue;
         }
-        if is_hop_by_hop(&f.name, &options) {
+        if is_hop_by_hop(f.name, &options) {
             continue;
         }
-        push_field(out, &f.name, &f.value);
+        push_field(out, f.name, f.value);
     }
     for (name, value) in extra {
         push_field(out, name, value);
@@ -309,6 +315,41 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(again.host.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn forwarded_values_are_tokens_or_escaped_quoted_strings() {
+        let quoted = |v: &str| {
+            let mut out = Vec::new();
+            push_forwarded_value(&mut out, v);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(quoted("example.com"), "example.com");
+        assert_eq!(quoted("a:443"), "\"a:443\"");
+        assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(quoted(""), "\"\"");
+    }
+
+    #[test]
+    fn expect_is_answered_here_never_forwarded() {
+        let text =
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n";
+        let head = parse_request(text.as_bytes(), &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert!(head.expect_continue);
+        let mut out = Vec::new();
+        let fwd = Forwarding {
+            client: SocketAddr::from(([192, 0, 2, 1], 1)),
+            trusted: false,
+            x_forwarded: false,
+            forwarded: false,
+        };
+        request(&head, &fwd, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n"
+        );
     }
 
     #[test]
