@@ -53,17 +53,8 @@ impl Pool {
         None
     }
 
-    /// Returns a connection whose last response ended cleanly. `since` is
-    /// when its last request began (the caller's clock reading, a little
-    /// early: the idle limit errs towards closing).
-    pub fn put(
-        &self,
-        group: usize,
-        stream: TcpStream,
-        addr: SocketAddr,
-        max: usize,
-        since: Instant,
-    ) {
+    /// Returns a connection whose last response ended cleanly.
+    pub fn put(&self, group: usize, stream: TcpStream, addr: SocketAddr, max: usize) {
         let mut groups = self.groups.borrow_mut();
         let Some(idle) = groups.get_mut(group) else {
             return;
@@ -76,7 +67,7 @@ impl Pool {
             idle.push(Idle {
                 stream,
                 addr,
-                since,
+                since: Instant::now(),
             });
         }
     }
@@ -84,5 +75,94 @@ impl Pool {
     /// Idle connections held for `group` (for tests and metrics).
     pub fn idle(&self, group: usize) -> usize {
         self.groups.borrow().get(group).map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_fresh_open_connections_to_the_picked_backend_are_reused() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let other = SocketAddr::from(([127, 0, 0, 2], addr.port()));
+            let pool = Pool::new(1);
+            let max_idle = Duration::from_secs(1);
+
+            let a = TcpStream::connect_addr(addr).await.unwrap();
+            let (_peer_a, _) = listener.accept().unwrap();
+            pool.put(0, a, addr, 4);
+            let now = Instant::now();
+            assert!(pool.take_for(0, other, max_idle, now).is_none());
+            assert_eq!(pool.idle(0), 1, "another backend's lookup leaves it");
+            let a = pool
+                .take_for(0, addr, max_idle, now)
+                .expect("fresh: reused");
+            pool.put(0, a, addr, 4);
+            // Idle longer than max_idle at the caller's `now`: closed.
+            assert!(pool
+                .take_for(0, addr, max_idle, now + 2 * max_idle)
+                .is_none());
+            assert_eq!(pool.idle(0), 0);
+
+            // Closed by the backend while idle: seen by the peek, closed.
+            let b = TcpStream::connect_addr(addr).await.unwrap();
+            let (peer_b, _) = listener.accept().unwrap();
+            pool.put(0, b, addr, 4);
+            drop(peer_b);
+            let mut seen_closed = false;
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(10));
+                let b = pool.take_for(0, addr, max_idle, Instant::now());
+                match b {
+                    Some(b) => pool.put(0, b, addr, 4),
+                    None => {
+                        seen_closed = true;
+                        break;
+                    }
+                }
+            }
+            assert!(seen_closed, "a closed idle connection was handed out");
+            assert_eq!(pool.idle(0), 0);
+        });
+    }
+
+    #[test]
+    fn the_oldest_idle_connection_makes_room() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let pool = Pool::new(1);
+            let mut peers = Vec::new();
+            let mut ports = Vec::new();
+            for _ in 0..3 {
+                let s = TcpStream::connect_addr(addr).await.unwrap();
+                ports.push(s.local_addr().unwrap().port());
+                peers.push(listener.accept().unwrap());
+                pool.put(0, s, addr, 2);
+            }
+            assert_eq!(pool.idle(0), 2);
+            // Newest first; the first connection was dropped for room.
+            let now = Instant::now();
+            let max_idle = Duration::from_secs(60);
+            let port = |s: TcpStream| s.local_addr().unwrap().port();
+            assert_eq!(
+                pool.take_for(0, addr, max_idle, now).map(port),
+                Some(ports[2])
+            );
+            assert_eq!(
+                pool.take_for(0, addr, max_idle, now).map(port),
+                Some(ports[1])
+            );
+            assert!(pool.take_for(0, addr, max_idle, now).is_none());
+        });
     }
 }

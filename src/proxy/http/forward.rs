@@ -548,8 +548,7 @@ async fn forward(
     }
     // Reuse only a connection whose response ended exactly at its framing.
     if resp.keep_alive && rbuf.is_empty() && resp.framing != Framing::UntilClose {
-        ctx.pool
-            .put(group, backend, addr, upstream.pool_size, started);
+        ctx.pool.put(group, backend, addr, upstream.pool_size);
     }
     buffers::give(rbuf);
     Ok(if close { Next::Close } else { Next::KeepAlive })
