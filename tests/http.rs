@@ -152,6 +152,11 @@ fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> std::
                 out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
                 return Ok(());
             }
+            "/stall" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
+                std::thread::sleep(Duration::from_secs(4));
+                return Ok(());
+            }
             _ => reply(&mut out, name.as_bytes())?,
         }
         if lower.contains("connection: close") {
@@ -659,6 +664,61 @@ fn forwarding_headers_replace_the_clients_and_hop_by_hop_go() {
     for gone in ["6.6.6.6", "X-Drop", "Keep-Alive", "Connection:"] {
         assert!(!seen.contains(gone), "{gone} reached the backend: {seen}");
     }
+    // A Connection option naming the framing or Host removes neither: a
+    // body must never reach the backend unframed (it would be read as
+    // the next request).
+    let r = exchange(
+        &mut c,
+        "POST /head HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, host, transfer-encoding\r\nContent-Length: 36\r\n\r\nGET /admin HTTP/1.1\r\nHost: inner\r\n\r\n",
+    );
+    let seen = String::from_utf8(r.body).unwrap();
+    assert!(seen.contains("Content-Length: 36\r\n"), "{seen}");
+    assert!(seen.contains("Host: a\r\n"), "{seen}");
+    // The connection is still in step: the next answer is the next one.
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,
+        b"a"
+    );
+    // HTTP/1.0 cannot take a 1xx: its Expect is ignored (RFC 9110 §10.1.1).
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(
+        &mut c,
+        "POST /sum HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.starts_with(b"5 "),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+#[test]
+fn backend_connections_after_http_1_0_requests_are_not_pooled() {
+    // One shard, so one pool sees every request.
+    let pki = Pki::new("pool10");
+    let a = start_http_backend("a");
+    let k = Ktern::start(
+        &pki,
+        "cpus = [0]",
+        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.0\r\nHost: a\r\n\r\n").body,
+        b"a"
+    );
+    // The 1.0 request went upstream without keep-alive, so the backend
+    // may close that connection: the next request opens a new one, which
+    // is then kept.
+    for _ in 0..2 {
+        let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        assert_eq!(
+            exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,
+            b"a"
+        );
+    }
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
 }
 
 /// Sends `request` on a fresh connection and returns the status ktern answers.
@@ -747,6 +807,26 @@ fn backend_faults_map_to_502_504_and_aborts() {
     assert_eq!(
         status_of(&k, &pki, b"GET /bad HTTP/1.1\r\nHost: a\r\n\r\n"),
         502
+    );
+    // A 101 the client did not ask for: 502, and that backend connection
+    // (now speaking another protocol) is not reused.
+    assert_eq!(
+        status_of(&k, &pki, b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n"),
+        502
+    );
+    // A backend that stops mid-body: after response_timeout (1 s here)
+    // the client connection is aborted, not held for ever.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"GET /stall HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut all = Vec::new();
+    let res = c.read_to_end(&mut all);
+    assert!(res.is_err(), "stalled body ended cleanly");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "aborted after {:?}, before the backend's own close",
+        started.elapsed()
     );
     // A response cut short: the client connection is aborted, never ended
     // cleanly with a short body.

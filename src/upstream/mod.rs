@@ -346,6 +346,9 @@ impl Balancer {
     ) -> Result<(TcpStream, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
         let mut tried = 0;
+        // Re-read after each failed connect, which may have waited up to
+        // `timeout`: pooled connections are aged against the real time.
+        let mut now = now;
         for addr in self.plan_at(now, key) {
             let lease = self.lease(addr);
             if let Some((group, pool)) = pool {
@@ -368,7 +371,8 @@ impl Balancer {
                 }
                 Err(e) => {
                     tracing::debug!(backend = %addr, error = %e, "backend connect failed");
-                    self.failed(addr, Instant::now());
+                    now = Instant::now();
+                    self.failed(addr, now);
                     last = Some((addr, e));
                 }
             }

@@ -59,17 +59,19 @@ impl Pool {
         let Some(idle) = groups.get_mut(group) else {
             return;
         };
+        if max == 0 {
+            // `pool_size = 0`: no pooling; the connection closes here.
+            return;
+        }
         if idle.len() >= max {
             // Oldest out: it is the likeliest to be closed by the backend.
             idle.remove(0);
         }
-        if max > 0 {
-            idle.push(Idle {
-                stream,
-                addr,
-                since: Instant::now(),
-            });
-        }
+        idle.push(Idle {
+            stream,
+            addr,
+            since: Instant::now(),
+        });
     }
 
     /// Idle connections held for `group` (for tests and metrics).
@@ -163,6 +165,11 @@ mod tests {
                 Some(ports[1])
             );
             assert!(pool.take_for(0, addr, max_idle, now).is_none());
+            // pool_size = 0: nothing is kept (and nothing breaks).
+            let s = TcpStream::connect_addr(addr).await.unwrap();
+            peers.push(listener.accept().unwrap());
+            pool.put(0, s, addr, 0);
+            assert_eq!(pool.idle(0), 0);
         });
     }
 }

@@ -350,7 +350,9 @@ async fn forward(
             return local(writer, ctx, ex, 413, true).await;
         }
     }
-    if head.expect_continue && has_body {
+    // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1): it
+    // cannot take a 1xx.
+    if head.expect_continue && has_body && head.minor == 1 {
         // Answer 100 ourselves; the rewrite forwards without Expect (RFC
         // 9110 §10.1.1): the body then streams as it arrives.
         send(writer, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), ctx).await?;
@@ -392,7 +394,11 @@ async fn forward(
             key,
             upstream.connect_timeout,
             upstream.pool_idle_timeout,
-            started,
+            if attempt == 1 {
+                started
+            } else {
+                Instant::now()
+            },
         ))
         .await;
         let (mut backend, addr, reused, lease) = match acquired {
@@ -422,7 +428,7 @@ async fn forward(
             inbuf,
             head,
             route.max_body,
-            route.head_timeout,
+            (route.head_timeout, upstream.response_timeout),
             ctx,
         )
         .await?
@@ -435,6 +441,11 @@ async fn forward(
             BodySent::BackendFailed => {
                 M::inc(&ctx.metrics.upstream_errors);
                 return local(writer, ctx, ex, 502, true).await;
+            }
+            BodySent::BackendStalled => {
+                M::inc(&ctx.metrics.upstream_errors);
+                tracing::warn!(peer = %ctx.peer, backend = %addr, "backend stopped reading the request body");
+                return local(writer, ctx, ex, 504, true).await;
             }
         }
         match read_response(&mut backend, head.method(), upstream.response_timeout).await {
@@ -463,8 +474,15 @@ async fn forward(
     ex.upstream = Some(addr);
     // The clock is read again only when an access line will need it.
     ex.upstream_time = ctx.access.map(|_| started.elapsed());
-    if resp.status == 101 && head.upgrade {
-        return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
+    if resp.status == 101 {
+        if head.upgrade {
+            return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
+        }
+        // A switch the client never asked for: the backend connection now
+        // speaks something else, so it is dropped, never pooled.
+        M::inc(&ctx.metrics.upstream_errors);
+        tracing::warn!(peer = %ctx.peer, backend = %addr, "101 to a request without Upgrade");
+        return local(writer, ctx, ex, 502, true).await;
     }
     // A body delimited by the backend closing would end the client's
     // connection too; for a keep-alive HTTP/1.1 client it is re-framed as
@@ -529,7 +547,16 @@ async fn forward(
         if scanner.is_done() {
             break;
         }
-        let (res, buf) = Box::pin(backend.read(buffers::take(READ))).await;
+        // `response_timeout` also bounds each wait for more of the body
+        // (nginx's proxy_read_timeout between reads): a stalled backend
+        // does not hold the client, the connection and a buffer forever.
+        let read = Box::pin(backend.read(buffers::take(READ)));
+        let Ok((res, buf)) = monoio::time::timeout(upstream.response_timeout, read).await else {
+            M::inc(&ctx.metrics.upstream_errors);
+            return Err(HttpError::UpstreamAborted(
+                "no response bytes within response_timeout".into(),
+            ));
+        };
         match res {
             Ok(0) => {
                 buffers::give(buf);
@@ -546,8 +573,11 @@ async fn forward(
             Err(e) => return Err(HttpError::UpstreamAborted(e.to_string())),
         }
     }
-    // Reuse only a connection whose response ended exactly at its framing.
-    if resp.keep_alive && rbuf.is_empty() && resp.framing != Framing::UntilClose {
+    // Reuse only a connection whose response ended exactly at its framing,
+    // and not after an HTTP/1.0 request: it went upstream without
+    // keep-alive, so the backend closes it whatever its answer says.
+    if resp.keep_alive && head.minor == 1 && rbuf.is_empty() && resp.framing != Framing::UntilClose
+    {
         ctx.pool.put(group, backend, addr, upstream.pool_size);
     }
     buffers::give(rbuf);
@@ -804,16 +834,19 @@ enum BodySent {
     Refused(u16),
     ClientGone,
     BackendFailed,
+    /// A write to the backend made no progress within `response_timeout`.
+    BackendStalled,
 }
 
-/// Streams the request body to the backend as it arrives.
+/// Streams the request body to the backend as it arrives. `timeouts` are
+/// the client's (per read, 408) and the backend's (per write, 504).
 async fn send_body(
     reader: &mut TlsReader,
     backend: &mut TcpStream,
     inbuf: &mut Vec<u8>,
     head: &RequestHead,
     max_body: u64,
-    timeout: Duration,
+    (timeout, backend_timeout): (Duration, Duration),
     ctx: &Ctx<'_>,
 ) -> Result<BodySent, HttpError> {
     let mut scanner = BodyScanner::new(head.framing);
@@ -840,9 +873,11 @@ async fn send_body(
         let mut m = ctx.moved.get();
         m.up += chunk.len() as u64;
         ctx.moved.set(m);
-        let (res, _) = Box::pin(backend.write_all(chunk)).await;
-        if res.is_err() {
-            return Ok(BodySent::BackendFailed);
+        let write = Box::pin(backend.write_all(chunk));
+        match monoio::time::timeout(backend_timeout, write).await {
+            Err(_) => return Ok(BodySent::BackendStalled),
+            Ok((Err(_), _)) => return Ok(BodySent::BackendFailed),
+            Ok((Ok(_), _)) => {}
         }
     }
     Ok(BodySent::Done)
@@ -879,10 +914,14 @@ async fn read_response(
 ) -> Result<Response, UpstreamFault> {
     let deadline = monoio::time::Instant::now() + timeout;
     let mut rbuf: Vec<u8> = Vec::new();
+    // Once an interim response came back, the backend has answered: a
+    // close after it is a fault, not a reason to retry elsewhere.
+    let mut interim = false;
     loop {
         match head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD) {
             Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                 rbuf.drain(..h.len);
+                interim = true;
                 continue;
             }
             Ok(Some(h)) => return Ok((h, rbuf)),
@@ -903,7 +942,7 @@ async fn read_response(
                 Err(_) => return Err(UpstreamFault::Timeout),
             };
         match res {
-            Ok(0) if rbuf.is_empty() => return Err(UpstreamFault::NothingBack),
+            Ok(0) if rbuf.is_empty() && !interim => return Err(UpstreamFault::NothingBack),
             Ok(0) => return Err(UpstreamFault::Bad("closed mid-head")),
             // Usually the whole head arrives in one read: keep that buffer.
             Ok(_) if rbuf.is_empty() => rbuf = buf,
@@ -911,7 +950,7 @@ async fn read_response(
                 rbuf.extend_from_slice(&buf);
                 buffers::give(buf);
             }
-            Err(_) if rbuf.is_empty() => return Err(UpstreamFault::NothingBack),
+            Err(_) if rbuf.is_empty() && !interim => return Err(UpstreamFault::NothingBack),
             Err(_) => return Err(UpstreamFault::Bad("reset mid-head")),
         }
     }

@@ -47,9 +47,20 @@ fn is_hop_by_hop(name: &str, connection_options: &[&str]) -> bool {
             .any(|o| name.eq_ignore_ascii_case(o))
 }
 
+/// Fields a `Connection` option cannot remove. RFC 9110 §7.6.1 has a
+/// proxy drop the fields its Connection lists, but dropping Content-Length
+/// would send the body on unframed, to be read as the next message
+/// (smuggling), and dropping Host would change the request's authority.
+/// Transfer-Encoding is re-stated from the framing anyway.
+const NOT_OPTIONS: &[&str] = &["content-length", "host", "transfer-encoding"];
+
 /// The `Connection` options, borrowed (compared case-insensitively).
 fn connection_options(fields: &Fields) -> Vec<&str> {
-    fields.values("connection").flat_map(list_tokens).collect()
+    fields
+        .values("connection")
+        .flat_map(list_tokens)
+        .filter(|o| !NOT_OPTIONS.iter().any(|n| o.eq_ignore_ascii_case(n)))
+        .collect()
 }
 
 fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -328,6 +339,33 @@ mod tests {
         assert_eq!(quoted("a:443"), "\"a:443\"");
         assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
         assert_eq!(quoted(""), "\"\"");
+    }
+
+    #[test]
+    fn connection_options_cannot_remove_framing_or_host() {
+        let text = "POST / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, HOST, x-drop\r\nX-Drop: 1\r\nContent-Length: 4\r\n\r\n";
+        let head = parse_request(text.as_bytes(), &Limits::default())
+            .unwrap()
+            .unwrap();
+        let fwd = Forwarding {
+            client: SocketAddr::from(([192, 0, 2, 1], 1)),
+            trusted: false,
+            x_forwarded: false,
+            forwarded: false,
+        };
+        let mut out = Vec::new();
+        request(&head, &fwd, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n"
+        );
+        let text = "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\n";
+        let head = parse_response(text.as_bytes(), "GET", 1 << 16)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        response(&head, false, &[], &mut out);
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n");
     }
 
     #[test]
