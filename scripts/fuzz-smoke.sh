@@ -13,7 +13,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for target in $(cargo fuzz list); do
   echo "=== fuzz $target for ${secs}s ==="
-  if ! cargo fuzz run -s none "$target" -- -max_total_time="$secs" >"$log" 2>&1; then
+  # A target's dictionary (fuzz/dicts/TARGET.dict), if it has one.
+  dict=()
+  [ -f "dicts/$target.dict" ] && dict=(-dict="$PWD/dicts/$target.dict")
+  if ! cargo fuzz run -s none "$target" -- -max_total_time="$secs" "${dict[@]}" >"$log" 2>&1; then
     tail -40 "$log" >&2
     echo "fuzz target $target failed (crash inputs, if any, are in fuzz/artifacts/$target/)" >&2
     exit 1
