@@ -160,6 +160,9 @@ pub struct HttpRoute {
     pub head_timeout: Duration,
     /// Idle time allowed between requests on a kept-alive connection.
     pub keepalive_timeout: Duration,
+    /// Time allowed for each write of response bytes to the client (a
+    /// client that stops reading is aborted after it).
+    pub send_timeout: Duration,
     /// Clients whose X-Forwarded-*/Forwarded fields are kept and extended.
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Add X-Forwarded-For/-Proto/-Host.
@@ -749,6 +752,7 @@ impl Validator<'_> {
         let head_timeout = self.duration(&format!("{at}.head_timeout"), &raw.head_timeout);
         let keepalive_timeout =
             self.duration(&format!("{at}.keepalive_timeout"), &raw.keepalive_timeout);
+        let send_timeout = self.duration(&format!("{at}.send_timeout"), &raw.send_timeout);
         let mut trusted = Vec::new();
         for (i, t) in raw.trusted_proxies.iter().enumerate() {
             match t.parse() {
@@ -764,6 +768,7 @@ impl Validator<'_> {
             max_body,
             head_timeout: head_timeout?,
             keepalive_timeout: keepalive_timeout?,
+            send_timeout: send_timeout?,
             trusted_proxies: trusted,
             x_forwarded: raw.x_forwarded,
             forwarded: raw.forwarded,

@@ -129,6 +129,8 @@ pub(super) struct HttpRouteSection {
     pub head_timeout: String,
     #[serde(default = "default_keepalive_timeout")]
     pub keepalive_timeout: String,
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: String,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     #[serde(default = "yes")]
@@ -267,6 +269,10 @@ fn default_head_timeout() -> String {
 /// nginx's `keepalive_timeout` default.
 fn default_keepalive_timeout() -> String {
     "75s".into()
+}
+/// nginx's `send_timeout` default.
+fn default_send_timeout() -> String {
+    "60s".into()
 }
 fn default_path() -> String {
     "/".into()

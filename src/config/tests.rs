@@ -166,6 +166,7 @@ fn http_rules_are_ordered_most_specific_first() {
     };
     assert_eq!(h.max_body, 1 << 20);
     assert_eq!(h.keepalive_timeout, Duration::from_secs(75));
+    assert_eq!(h.send_timeout, Duration::from_secs(60));
     let order: Vec<(HostMatch, &str)> = h
         .rules
         .iter()

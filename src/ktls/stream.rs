@@ -746,12 +746,14 @@ impl TlsWriter {
     /// Kernel path: sends `count` bytes of `file` from `offset` with
     /// sendfile; the kernel reads the page cache and seals the records.
     /// A file shorter than promised is an error (the client was told the
-    /// length).
+    /// length). A client that takes nothing for `stall` is an `Io` error of
+    /// kind `TimedOut`.
     pub async fn sendfile(
         &mut self,
         file: &std::fs::File,
         mut offset: u64,
         count: u64,
+        stall: std::time::Duration,
     ) -> Result<(), StreamError> {
         use std::os::fd::AsFd;
         let mut left = count;
@@ -776,7 +778,16 @@ impl TlsWriter {
                     }
                     Ok(m) => sent_step += m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.sock.writable(false).await?
+                        match monoio::time::timeout(stall, self.sock.writable(false)).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "client took nothing for send_timeout",
+                                )
+                                .into())
+                            }
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e.into()),

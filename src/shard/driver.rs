@@ -163,6 +163,11 @@ fn proxy<'a>(
                     Err(e @ http::forward::HttpError::UpstreamAborted(_)) => {
                         Err(ProxyError::Upstream(std::io::Error::other(e.to_string())))
                     }
+                    Err(e @ http::forward::HttpError::ClientStalled) => {
+                        Err(ProxyError::Downstream(StreamError::Io(
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string()),
+                        )))
+                    }
                 }
             }
         };

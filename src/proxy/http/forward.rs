@@ -74,6 +74,8 @@ struct Exchange {
     upstream: Option<SocketAddr>,
     /// Request head to backend response head.
     upstream_time: Option<Duration>,
+    /// The request was HEAD: ktern's own answers carry no body.
+    head_only: bool,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -89,6 +91,10 @@ pub enum HttpError {
     /// An upgraded (101) tunnel ended with an error.
     #[error("upgraded tunnel: {0}")]
     Tunnel(ProxyError),
+    /// The client took no response bytes within `send_timeout` (it
+    /// stopped reading); the connection is aborted.
+    #[error("client took no response bytes within send_timeout")]
+    ClientStalled,
 }
 
 enum Next {
@@ -121,7 +127,7 @@ pub async fn serve(
                 let before = ctx.moved.get();
                 let sent = send(
                     &mut writer,
-                    rewrite::local_response(status, reason, true, &[], &body),
+                    rewrite::local_response(status, reason, true, &[], &body, false),
                     &ctx,
                 )
                 .await;
@@ -145,7 +151,10 @@ pub async fn serve(
             // Nothing pipelined: hold no read buffer while the client is idle.
             buffers::give(std::mem::take(&mut inbuf));
         }
-        let mut ex = Exchange::default();
+        let mut ex = Exchange {
+            head_only: head.method() == "HEAD",
+            ..Exchange::default()
+        };
         let next = forward(
             &mut reader,
             &mut writer,
@@ -280,7 +289,14 @@ fn refusal(e: HeadError) -> &'static str {
 
 async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(), HttpError> {
     let n = bytes.len() as u64;
-    let (res, sent) = Box::pin(writer.write_all(bytes)).await;
+    // nginx's send_timeout: a client that stops reading would otherwise
+    // hold this connection, its backend connection and buffers for ever.
+    // A record may be half sent, so the connection cannot go on.
+    let write = Box::pin(writer.write_all(bytes));
+    let Ok((res, sent)) = monoio::time::timeout(ctx.route.send_timeout, write).await else {
+        M::inc(&ctx.metrics.http_send_timeouts);
+        return Err(HttpError::ClientStalled);
+    };
     buffers::give(sent);
     res?;
     let mut m = ctx.moved.get();
@@ -611,6 +627,7 @@ async fn serve_file(
                 close,
                 &[("location", location.as_str())],
                 "301 Moved Permanently\n",
+                ex.head_only,
             );
             send(writer, out, ctx).await?;
             return Ok(if close { Next::Close } else { Next::KeepAlive });
@@ -680,7 +697,16 @@ async fn serve_file(
     };
     if reader.path() == Path::Kernel {
         send(writer, out, ctx).await?;
-        writer.sendfile(&file, offset, count).await?;
+        match writer
+            .sendfile(&file, offset, count, ctx.route.send_timeout)
+            .await
+        {
+            Err(StreamError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                M::inc(&ctx.metrics.http_send_timeouts);
+                return Err(HttpError::ClientStalled);
+            }
+            r => r?,
+        }
         let mut m = ctx.moved.get();
         m.down += count;
         ctx.moved.set(m);
@@ -822,7 +848,7 @@ async fn local(
     let body = format!("{status} {}\n", reason(status));
     send(
         writer,
-        rewrite::local_response(status, reason(status), close, &[], &body),
+        rewrite::local_response(status, reason(status), close, &[], &body, ex.head_only),
         ctx,
     )
     .await?;

@@ -51,16 +51,22 @@ pub async fn serve(mut socket: TcpStream, https_port: Option<u16>) {
                         true,
                         &[("location", &loc)],
                         "",
+                        false,
                     ),
-                    None => {
-                        rewrite::local_response(400, "Bad Request", true, &[], "400 Bad Request\n")
-                    }
+                    None => rewrite::local_response(
+                        400,
+                        "Bad Request",
+                        true,
+                        &[],
+                        "400 Bad Request\n",
+                        false,
+                    ),
                 };
             }
             Ok(None) => {}
             Err(e) => {
                 let body = format!("{}\n", e);
-                break rewrite::local_response(e.status(), "Error", true, &[], &body);
+                break rewrite::local_response(e.status(), "Error", true, &[], &body, false);
             }
         }
         let read = monoio::time::timeout(HEAD_TIMEOUT, socket.read(Vec::with_capacity(4096))).await;
