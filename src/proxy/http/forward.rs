@@ -529,23 +529,27 @@ async fn forward(
         extra.push(("Transfer-Encoding", b"chunked"));
     }
     rewrite::response(&resp, close, &extra, &mut out);
-    rbuf.drain(..resp.len);
     let mut scanner = BodyScanner::new(resp.framing);
     let abort = |e: BodyError| HttpError::UpstreamAborted(e.to_string());
-    // Body bytes at the front of `rbuf` that the scanner has passed and
-    // that are not sent yet. (The scanner takes every byte it is given
-    // until the body ends, so anything after them is past the body.)
-    let mut ready = if rbuf.is_empty() {
+    // Body bytes after the head that the scanner has passed and that are
+    // not sent yet. (The scanner takes every byte it is given until the
+    // body ends, so anything after them is past the body.)
+    let body = rbuf.get(resp.len..).unwrap_or_default();
+    let mut ready = if body.is_empty() {
         0
     } else {
-        scanner.scan(&rbuf).map_err(abort)?
+        scanner.scan(body).map_err(abort)?
     };
     // A small body that came with the head goes out in the same write: one
-    // TLS record and one TCP segment instead of two per response.
+    // TLS record and one TCP segment instead of two per response. Head and
+    // body leave `rbuf` together, so a buffer holding nothing else is just
+    // emptied, not shifted.
     if ready <= COALESCE {
-        frame(&mut out, &rbuf[..ready], rechunk);
-        rbuf.drain(..ready);
+        frame(&mut out, &body[..ready], rechunk);
+        rbuf.drain(..resp.len + ready);
         ready = 0;
+    } else {
+        rbuf.drain(..resp.len);
     }
     send(writer, out, ctx).await?;
     loop {

@@ -70,6 +70,31 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends `ip` in its usual text form. IPv4, the common case, without
+/// `fmt` (which showed at about 1% of a proxied request's CPU).
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// Appends `v` as a Forwarded value: as is if it is an RFC 9110 token,
 /// else as a quoted-string with `\` and `"` escaped (RFC 7239 §4).
 fn push_forwarded_value(out: &mut Vec<u8>, v: &str) {
@@ -144,7 +169,6 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
     }
     // Written straight into `out`: no per-request strings for the
     // address (this runs once per proxied request).
-    use std::io::Write as _;
     let ip = fwd.client.ip().to_canonical();
     if fwd.x_forwarded {
         out.extend_from_slice(b"X-Forwarded-For: ");
@@ -152,7 +176,8 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
             out.extend_from_slice(prior);
             out.extend_from_slice(b", ");
         }
-        let _ = write!(out, "{ip}\r\n");
+        push_ip(out, ip);
+        out.extend_from_slice(b"\r\n");
         push_field(out, "X-Forwarded-Proto", b"https");
         if let Some(host) = &head.host {
             push_field(out, "X-Forwarded-Host", host.as_bytes());
@@ -165,10 +190,15 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
             out.extend_from_slice(b", ");
         }
         // RFC 7239 §6: IPv6 nodes in brackets, quoted.
-        let _ = match ip {
-            IpAddr::V4(v4) => write!(out, "for={v4};proto=https"),
-            IpAddr::V6(v6) => write!(out, "for=\"[{v6}]\";proto=https"),
-        };
+        if ip.is_ipv4() {
+            out.extend_from_slice(b"for=");
+            push_ip(out, ip);
+        } else {
+            out.extend_from_slice(b"for=\"[");
+            push_ip(out, ip);
+            out.extend_from_slice(b"]\"");
+        }
+        out.extend_from_slice(b";proto=https");
         if let Some(host) = &head.host {
             out.extend_from_slice(b";host=");
             push_forwarded_value(out, host);
@@ -372,6 +402,23 @@ mod tests {
         let mut out = Vec::new();
         response(&head, false, &[], &mut out);
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n");
+    }
+
+    #[test]
+    fn addresses_are_written_as_their_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "192.0.2.1",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            push_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
     }
 
     #[test]
