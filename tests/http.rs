@@ -160,6 +160,10 @@ fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> std::
                     out.write_all(&chunk)?;
                 }
             }
+            "/hint-close" => {
+                out.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")?;
+                return Ok(());
+            }
             "/stall" => {
                 out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
                 std::thread::sleep(Duration::from_secs(4));
@@ -789,6 +793,31 @@ fn backend_connections_after_http_1_0_requests_are_not_pooled() {
         );
     }
     assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_request_that_got_an_interim_answer_is_not_retried() {
+    let pki = Pki::new("interim");
+    let a = start_http_backend("a");
+    let k = Ktern::start(
+        &pki,
+        "cpus = [0]",
+        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,
+        b"a"
+    );
+    // On the pooled connection the backend answers 103, then closes:
+    // it did answer, so the GET is not sent again on a new connection.
+    let r = exchange(&mut c, "GET /hint-close HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        a.accepted.load(Ordering::SeqCst),
+        1,
+        "retried on a new connection"
+    );
 }
 
 /// Sends `request` on a fresh connection and returns the status ktern answers.
