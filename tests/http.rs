@@ -767,16 +767,22 @@ fn clients_that_stop_reading_are_aborted_after_send_timeout() {
     }
 }
 
-#[test]
-fn backend_connections_after_http_1_0_requests_are_not_pooled() {
-    // One shard, so one pool sees every request.
-    let pki = Pki::new("pool10");
+/// ktern on one shard (so one pool sees every request) in front of
+/// backend "a".
+fn one_shard(tag: &str) -> (Pki, Ktern, Backend) {
+    let pki = Pki::new(tag);
     let a = start_http_backend("a");
     let k = Ktern::start(
         &pki,
         "cpus = [0]",
         &http_config(&[("a", a.addr)], ANY_TO_A, ""),
     );
+    (pki, k, a)
+}
+
+#[test]
+fn backend_connections_after_http_1_0_requests_are_not_pooled() {
+    let (pki, k, a) = one_shard("pool10");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     assert_eq!(
         exchange(&mut c, "GET / HTTP/1.0\r\nHost: a\r\n\r\n").body,
@@ -797,13 +803,7 @@ fn backend_connections_after_http_1_0_requests_are_not_pooled() {
 
 #[test]
 fn a_request_that_got_an_interim_answer_is_not_retried() {
-    let pki = Pki::new("interim");
-    let a = start_http_backend("a");
-    let k = Ktern::start(
-        &pki,
-        "cpus = [0]",
-        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
-    );
+    let (pki, k, a) = one_shard("interim");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     assert_eq!(
         exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,

@@ -84,14 +84,22 @@ impl Pool {
 mod tests {
     use super::*;
 
+    fn runtime() -> monoio::Runtime<monoio::LegacyDriver> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap()
+    }
+
+    fn listen() -> (std::net::TcpListener, SocketAddr) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        (listener, addr)
+    }
+
     #[test]
     fn only_fresh_open_connections_to_the_picked_backend_are_reused() {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
+        runtime().block_on(async {
+            let (listener, addr) = listen();
             let other = SocketAddr::from(([127, 0, 0, 2], addr.port()));
             let pool = Pool::new(1);
             let max_idle = Duration::from_secs(1);
@@ -136,12 +144,8 @@ mod tests {
 
     #[test]
     fn the_oldest_idle_connection_makes_room() {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
+        runtime().block_on(async {
+            let (listener, addr) = listen();
             let pool = Pool::new(1);
             let mut peers = Vec::new();
             let mut ports = Vec::new();
