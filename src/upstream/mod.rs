@@ -335,7 +335,8 @@ impl Balancer {
     /// else a new connection. Returns the stream, the backend, whether it
     /// was pooled, and the in-flight lease on the backend (taken before
     /// any wait, so a burst planned at once does not all pick one backend
-    /// under `least_conn`).
+    /// under `least_conn`). `now` is the caller's clock reading for the
+    /// request (one per request; re-read here only after a failed connect).
     pub async fn acquire(
         &self,
         pool: Option<(usize, &pool::Pool)>,
