@@ -868,8 +868,9 @@ enum BodySent {
     BackendStalled,
 }
 
-/// Streams the request body to the backend as it arrives. `timeouts` are
-/// the client's (per read, 408) and the backend's (per write, 504).
+/// Streams the request body to the backend as it arrives. The two
+/// timeouts are the client's (per read, 408) and the backend's (per
+/// write, 504).
 async fn send_body(
     reader: &mut TlsReader,
     backend: &mut TcpStream,

@@ -8,7 +8,9 @@ use super::body::Framing;
 use super::head::{list_tokens, Fields, RequestHead, ResponseHead};
 
 /// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1,
-/// plus the non-standard Proxy-Connection and Keep-Alive).
+/// plus the non-standard Proxy-Connection and Keep-Alive). Expect too:
+/// ktern answers 100-continue itself on this hop and streams the body
+/// as it arrives (RFC 9110 §10.1.1).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "proxy-connection",
@@ -16,6 +18,7 @@ const HOP_BY_HOP: &[&str] = &[
     "te",
     "transfer-encoding",
     "upgrade",
+    "expect",
 ];
 
 /// Forwarding fields a client could forge; dropped unless it is trusted.
@@ -131,9 +134,7 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
     let mut prior_xff: Vec<&[u8]> = Vec::new();
     let mut prior_forwarded: Vec<&[u8]> = Vec::new();
     for f in head.fields.iter() {
-        // Expect is answered here (our own 100 Continue), never forwarded:
-        // the body streams as it arrives (RFC 9110 §10.1.1).
-        if is_hop_by_hop(f.name, &options) || f.name.eq_ignore_ascii_case("expect") {
+        if is_hop_by_hop(f.name, &options) {
             continue;
         }
         if FORWARDING.iter().any(|h| f.name.eq_ignore_ascii_case(h)) {
@@ -379,21 +380,14 @@ mod tests {
 
     #[test]
     fn connection_options_cannot_remove_framing_or_host() {
-        let text = "POST / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, HOST, x-drop\r\nX-Drop: 1\r\nContent-Length: 4\r\n\r\n";
-        let head = parse_request(text.as_bytes(), &Limits::default())
-            .unwrap()
-            .unwrap();
-        let fwd = Forwarding {
-            client: SocketAddr::from(([192, 0, 2, 1], 1)),
-            trusted: false,
-            x_forwarded: false,
-            forwarded: false,
-        };
-        let mut out = Vec::new();
-        request(&head, &fwd, &mut out);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n"
+        let out = rewrite(
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, HOST, x-drop\r\nX-Drop: 1\r\nContent-Length: 4\r\n\r\n",
+            false,
+        );
+        // Every received field that is forwarded comes before ktern's own.
+        assert!(
+            out.starts_with("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nX-Forwarded-For: "),
+            "{out}"
         );
         let text = "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\n";
         let head = parse_response(text.as_bytes(), "GET", 1 << 16)
@@ -429,17 +423,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(head.expect_continue);
-        let mut out = Vec::new();
-        let fwd = Forwarding {
-            client: SocketAddr::from(([192, 0, 2, 1], 1)),
-            trusted: false,
-            x_forwarded: false,
-            forwarded: false,
-        };
-        request(&head, &fwd, &mut out);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n"
+        let out = rewrite(text, false);
+        assert!(
+            out.starts_with("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nX-Forwarded-For: "),
+            "{out}"
         );
     }
 
