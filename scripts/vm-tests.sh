@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs ktern's kTLS suite (tests/ktls_vm.rs) and the HTTP suite
-# (tests/http.rs, over kTLS there) inside qemu on each kTLS kernel
-# (Debian 12's 6.1: no rekey; trixie-backports' 6.18: rekey), via
-# scripts/ktls-vm.sh. Usage: scripts/vm-tests.sh [6.1] [6.18] [-- TEST-ARGS]
+# Runs ktern's kTLS suite (tests/ktls_vm.rs), the HTTP suite (tests/http.rs,
+# over kTLS there) and the live-operations suite's reload and drain tests
+# (tests/live.rs) inside qemu on each kTLS kernel (Debian 12's 6.1: no rekey;
+# trixie-backports' 6.18: rekey), via scripts/ktls-vm.sh: one boot per kernel.
+# Usage: scripts/vm-tests.sh [6.1] [6.18] [-- TEST-ARGS]
 # Exit status: 0 only if every kernel's run passed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,7 +31,11 @@ for l in sys.stdin:
 }
 ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts ktern)
 [ -x "$ktern_bin" ] || { echo "vm-tests: ktern binary not found" >&2; exit 1; }
-suites=(ktls_vm http)
+# Suite and test filters (empty: every test). The live suite's reload and
+# drain tests run here so that offloaded connections are shown to survive a
+# reload and to be drained with close_notify.
+suites=(ktls_vm http live)
+declare -A filters=([live]="reload_under_load drain_ resumption")
 test_bins=()
 for t in "${suites[@]}"; do
   bin=$(cargo test --quiet --no-run --test "$t" --message-format=json 2>/dev/null | artifacts "$t")
@@ -38,20 +43,28 @@ for t in "${suites[@]}"; do
   test_bins+=("$bin")
 done
 
+# One boot per kernel runs every suite (scripts/vm-suites.sh in the guest).
 status=0
 for k in "${kernels[@]}"; do
-  for test_bin in "${test_bins[@]}"; do
-    name=$(basename "$test_bin")
-    echo "=== $name on kernel $k ==="
-    # The test spawns ktern by its absolute build path: copy it to the same path.
-    if "$here/ktls-vm.sh" --kernel "$k" --mem 1024 --timeout 1800 \
-        --file "$ktern_bin:$ktern_bin" -- "$test_bin" --test-threads=1 "$@"; then
-      echo "=== $name on kernel $k: PASS ==="
-    else
-      rc=$?
-      echo "=== $name on kernel $k: FAIL (exit $rc) ===" >&2
-      status=1
-    fi
+  files=(--file "$ktern_bin:$ktern_bin")
+  args=()
+  for i in "${!suites[@]}"; do
+    t=${suites[$i]}
+    bin=${test_bins[$i]}
+    # The tests spawn ktern by its absolute build path: same paths inside.
+    files+=(--file "$bin:$bin")
+    [ ${#args[@]} -eq 0 ] || args+=("::")
+    # shellcheck disable=SC2206 # filters are words
+    args+=("$bin" ${filters[$t]:-} "$@")
   done
+  echo "=== kTLS suites on kernel $k ==="
+  if "$here/ktls-vm.sh" --kernel "$k" --mem 1536 --timeout 2400 "${files[@]}" \
+      -- "$here/vm-suites.sh" "${args[@]}"; then
+    echo "=== kernel $k: PASS ==="
+  else
+    rc=$?
+    echo "=== kernel $k: FAIL (exit $rc) ===" >&2
+    status=1
+  fi
 done
 exit $status

@@ -5,13 +5,15 @@
 //! the kernel (or keeps rustls) → [`proxy`] moves the plaintext →
 //! [`upstream`] picks and connects the backend. [`config`], [`metrics`] and
 //! [`sys`] (the only module with `unsafe`) sit beside the pipeline, with
-//! [`buffers`], the per-shard cache of large I/O buffers.
+//! [`buffers`], the per-shard cache of large I/O buffers, and [`control`]:
+//! start-up, reload, drain and the admin endpoint, all off the shards.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod buffers;
 pub mod builtin;
 pub mod config;
+pub mod control;
 pub mod handshake;
 pub mod ktls;
 pub mod metrics;

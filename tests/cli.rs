@@ -153,3 +153,46 @@ fn embedded_default_serves_the_builtin_backend() {
         Err(e) => eprintln!("curl not installed ({e}); skipped the request"),
     }
 }
+
+/// The systemd unit in the repository is valid for the systemd on this
+/// machine (skipped, and said so, where systemd-analyze is missing).
+#[test]
+fn systemd_unit_verifies() {
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze not installed: unit not verified");
+        return;
+    };
+    assert!(out.status.success());
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/systemd/ktern.service"
+    ))
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("ktern-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ktern.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/ktern", env!("CARGO_BIN_EXE_ktern")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    for want in [
+        "Type=notify",
+        "ExecReload=",
+        "LimitNOFILE=",
+        "LimitMEMLOCK=",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(want), "unit lacks {want}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -216,7 +216,10 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
             listener.set_nonblocking(true).unwrap();
             let listener = monoio::net::TcpListener::from_std(listener).unwrap();
             let (mut sock, _) = listener.accept().await.unwrap();
-            let hs = Handshake::new(handshake::server_config(&cfg).unwrap()).unwrap();
+            let hs = Handshake::new(
+                handshake::server_config(&cfg, &handshake::ticketer().unwrap()).unwrap(),
+            )
+            .unwrap();
             let est = handshake::pump::run(&mut sock, hs, std::time::Duration::from_secs(30))
                 .await
                 .unwrap();
@@ -254,6 +257,7 @@ fn test_listener(pki: &Pki) -> ktern::config::Listener {
         certificates: vec![ktern::config::Certificate {
             key: Arc::new(ck),
             server_names: vec![],
+            info: ktern::config::CertInfo::default(),
         }],
         tls_versions: ktern::config::TlsVersions {
             tls12: true,

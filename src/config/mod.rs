@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 mod raw;
 
-pub use raw::{Driver, KtlsMode};
+pub use raw::{Driver, KtlsMode, LogFormat};
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +92,18 @@ pub struct Runtime {
     pub driver: Driver,
     /// Connections one shard serves at once; more are closed at accept.
     pub max_connections: u64,
+    /// After SIGTERM: how long listeners keep accepting while `/ready`
+    /// answers 503 (time for health checks to withdraw the host).
+    pub drain_delay: Duration,
+    /// After the listeners close: how long open connections (tunnels, slow
+    /// responses) get to finish before ktern exits.
+    pub drain_timeout: Duration,
+    /// User to switch to after binding, when started as root.
+    pub user: Option<String>,
+    /// Group to switch to after binding (default: the user's group).
+    pub group: Option<String>,
+    /// Log line format.
+    pub log_format: LogFormat,
 }
 
 /// A listening address with its certificates and route.
@@ -118,6 +130,89 @@ pub struct Certificate {
     pub key: Arc<CertifiedKey>,
     /// Exact server names (lower case) that select this certificate.
     pub server_names: Vec<String>,
+    /// Where it came from and what its leaf says (for `/certs` and the
+    /// expiry gauge).
+    pub info: CertInfo,
+}
+
+/// Facts about a certificate, read once when the config is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct CertInfo {
+    /// The certificate file as configured.
+    pub cert_file: String,
+    /// The key file as configured.
+    pub key_file: String,
+    /// Leaf subject (RFC 4514 string).
+    pub subject: String,
+    /// Leaf issuer.
+    pub issuer: String,
+    /// Leaf notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// DNS names and IP addresses from the subjectAltName extension.
+    pub names: Vec<String>,
+    /// The key's signature algorithm (`ECDSA`, `RSA`, `ED25519`).
+    pub key_type: String,
+    /// SHA-256 of the leaf certificate (hex), as clients see it.
+    pub sha256: String,
+}
+
+impl CertInfo {
+    /// Reads the facts from a DER leaf certificate.
+    pub fn from_leaf(der: &[u8]) -> Result<CertInfo, String> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("cannot parse the leaf certificate: {e}"))?;
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for n in &san.value.general_names {
+                match n {
+                    GeneralName::DNSName(d) => names.push(d.to_string()),
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => names.push(
+                            std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())
+                                .to_string(),
+                        ),
+                        16 => names.push(
+                            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())
+                                .to_string(),
+                        ),
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        let digest = sha256_hex(der);
+        Ok(CertInfo {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            not_after: cert.validity().not_after.timestamp(),
+            names,
+            sha256: digest,
+            ..CertInfo::default()
+        })
+    }
+}
+
+/// SHA-256 in hex, with the hash of the crypto provider ktern was built
+/// with (the one every TLS 1.3 provider has for its SHA-256 suites).
+fn sha256_hex(data: &[u8]) -> String {
+    let provider = crate::handshake::crypto_provider();
+    let hash = provider
+        .cipher_suites
+        .iter()
+        .filter_map(|s| s.tls13())
+        .map(|s| s.common.hash_provider)
+        .find(|h| h.output_len() == 32);
+    match hash {
+        Some(h) => h
+            .hash(data)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        None => String::new(),
+    }
 }
 
 /// TLS protocol versions a listener accepts.
@@ -801,6 +896,26 @@ impl Validator<'_> {
         let handshake_timeout = self
             .duration("runtime.handshake_timeout", &raw.handshake_timeout)
             .unwrap_or(Duration::from_secs(10));
+        let drain_delay = self
+            .duration("runtime.drain_delay", &raw.drain_delay)
+            .unwrap_or(Duration::from_secs(5));
+        let drain_timeout = self
+            .duration("runtime.drain_timeout", &raw.drain_timeout)
+            .unwrap_or(Duration::from_secs(30));
+        if let Some(user) = &raw.user {
+            if let Err(e) = crate::sys::lookup_user(user) {
+                self.problem("runtime.user", format!("{user:?}: {e}"));
+            }
+        }
+        match (&raw.group, &raw.user) {
+            (Some(_), None) => self.problem("runtime.group", "needs runtime.user"),
+            (Some(group), Some(_)) => {
+                if let Err(e) = crate::sys::lookup_group(group) {
+                    self.problem("runtime.group", format!("{group:?}: {e}"));
+                }
+            }
+            _ => {}
+        }
         if !(8..=32768).contains(&raw.uring_entries) || !raw.uring_entries.is_power_of_two() {
             self.problem(
                 "runtime.uring_entries",
@@ -814,6 +929,11 @@ impl Validator<'_> {
             uring_entries: raw.uring_entries,
             driver: raw.driver,
             max_connections: raw.max_connections,
+            drain_delay,
+            drain_timeout,
+            user: raw.user,
+            group: raw.group,
+            log_format: raw.log_format,
         }
     }
 
@@ -911,15 +1031,28 @@ impl Validator<'_> {
                 .map_err(|e| format!("no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"))
         });
         let (chain, key) = (chain?, key?);
+        let mut info = match CertInfo::from_leaf(chain[0].as_ref()) {
+            Ok(i) => i,
+            Err(reason) => {
+                self.problem(format!("{at}.cert"), reason);
+                return None;
+            }
+        };
         let provider = crate::handshake::crypto_provider();
         match CertifiedKey::from_der(chain, key, &provider) {
             Ok(ck) => Some(Certificate {
-                key: Arc::new(ck),
                 server_names: raw
                     .server_names
                     .iter()
                     .map(|n| n.to_ascii_lowercase())
                     .collect(),
+                info: {
+                    info.cert_file = raw.cert.clone();
+                    info.key_file = raw.key.clone();
+                    info.key_type = format!("{:?}", ck.key.algorithm());
+                    info
+                },
+                key: Arc::new(ck),
             }),
             Err(rustls::Error::InconsistentKeys(_)) => {
                 self.problem(

@@ -73,6 +73,35 @@ pub(super) struct RuntimeSection {
     pub driver: Driver,
     #[serde(default = "default_max_connections")]
     pub max_connections: u64,
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay: String,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: String,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+fn default_drain_delay() -> String {
+    "5s".into()
+}
+
+fn default_drain_timeout() -> String {
+    "30s".into()
+}
+
+/// How ktern writes its own log lines (not the access log).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, text otherwise.
+    #[default]
+    Auto,
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for RuntimeSection {
@@ -84,6 +113,11 @@ impl Default for RuntimeSection {
             uring_entries: default_uring_entries(),
             driver: Driver::Auto,
             max_connections: default_max_connections(),
+            drain_delay: default_drain_delay(),
+            drain_timeout: default_drain_timeout(),
+            user: None,
+            group: None,
+            log_format: LogFormat::Auto,
         }
     }
 }

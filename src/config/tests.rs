@@ -37,6 +37,39 @@ fn minimal_config_gets_documented_defaults() {
     };
     assert_eq!(t.connect_timeout, Duration::from_secs(5));
     assert_eq!(t.idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.runtime.drain_delay, Duration::from_secs(5));
+    assert_eq!(c.runtime.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.runtime.log_format, LogFormat::Auto);
+    assert_eq!(c.runtime.user, None);
+}
+
+#[test]
+fn runtime_user_group_and_drain_settings_are_checked() {
+    let text = format!(
+        "[runtime]\nuser = \"ktern-no-such-user\"\ngroup = \"ktern-no-such-group\"\ndrain_delay = \"soon\"\nlog_format = \"json\"\n{GOOD}"
+    );
+    let e = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap_err();
+    let fields: Vec<_> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["runtime.drain_delay", "runtime.user", "runtime.group"],
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("t.toml: runtime.user: \"ktern-no-such-user\": no user"),
+        "{e}"
+    );
+    let text = format!("[runtime]\ngroup = \"root\"\n{GOOD}");
+    let e = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap_err();
+    assert_eq!(e.problems[0].field, "runtime.group");
+    assert_eq!(e.problems[0].reason, "needs runtime.user");
+    let text =
+        format!("[runtime]\nuser = \"root\"\ndrain_delay = \"0s\"\nlog_format = \"text\"\n{GOOD}");
+    let c = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap();
+    assert_eq!(c.runtime.user.as_deref(), Some("root"));
+    assert_eq!(c.runtime.drain_delay, Duration::ZERO);
+    assert_eq!(c.runtime.log_format, LogFormat::Text);
 }
 
 #[test]

@@ -35,7 +35,15 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     }
 }
 
-fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+/// The process's resumption ticket keys: one rotating key set (rustls'
+/// `Ticketer`: a new key every 6 hours, the previous one still accepted)
+/// shared by every shard and every config generation. A ticket issued by one
+/// shard resumes on any other (the kernel's `SO_REUSEPORT` hash sends a
+/// client's next connection to any shard), and a reload does not turn every
+/// outstanding ticket into a full handshake. Made once at start and handed
+/// to each [`server_config`]; a fleet-wide secret can later replace what
+/// this returns without touching the shards.
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
     #[cfg(feature = "aws-lc-rs")]
     {
         rustls::crypto::aws_lc_rs::Ticketer::new()
@@ -74,9 +82,14 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Builds the rustls server config for one listener. Each shard builds its
-/// own, so the session cache (and its lock) is never shared across threads.
-pub fn server_config(listener: &config::Listener) -> Result<Arc<ServerConfig>, rustls::Error> {
+/// Builds the rustls server config for one listener. Each shard gets its
+/// own (built off the shards, at start and on reload), so the TLS 1.2
+/// session-id cache and its lock are never shared across threads; the
+/// ticket keys are (see [`ticketer`]).
+pub fn server_config(
+    listener: &config::Listener,
+    tickets: &Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
     if listener.tls_versions.tls13 {
         versions.push(&rustls::version::TLS13);
@@ -97,10 +110,9 @@ pub fn server_config(listener: &config::Listener) -> Result<Arc<ServerConfig>, r
     cfg.max_early_data_size = 0;
     // Stateless resumption tickets (RFC 8446 §4.6.1), keys rotated by
     // rustls: no per-session server memory (a stateful cache costs ~0.4 KiB
-    // per connection until full), and nothing shared between shards. Each
-    // shard has its own ticket key, so a resumption that lands on another
-    // shard or host falls back to a full handshake.
-    cfg.ticketer = ticketer()?;
+    // per connection until full). One key set per process, so a ticket
+    // resumes on whichever shard the client's next connection lands.
+    cfg.ticketer = tickets.clone();
     // TLS 1.2 clients without ticket support get a small session-id cache.
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     Ok(Arc::new(cfg))
@@ -124,6 +136,7 @@ pub fn self_signed_config() -> Result<Arc<ServerConfig>, Box<dyn std::error::Err
         certificates: vec![config::Certificate {
             key: Arc::new(ck),
             server_names: Vec::new(),
+            info: config::CertInfo::default(),
         }],
         tls_versions: config::TlsVersions {
             tls12: true,
@@ -135,7 +148,7 @@ pub fn self_signed_config() -> Result<Arc<ServerConfig>, Box<dyn std::error::Err
             idle_timeout: std::time::Duration::from_secs(1),
         }),
     };
-    Ok(server_config(&listener)?)
+    Ok(server_config(&listener, &ticketer()?)?)
 }
 
 /// Why a handshake did not complete.

@@ -22,6 +22,7 @@ fn listener(tls12: bool, tls13: bool) -> (Listener, CertificateDer<'static>) {
         certificates: vec![Certificate {
             key: Arc::new(ck),
             server_names: vec![],
+            info: crate::config::CertInfo::default(),
         }],
         tls_versions: TlsVersions { tls12, tls13 },
         route: Route::Tcp(TcpRoute {
@@ -84,7 +85,7 @@ fn pump(c: &mut ClientConnection, hs: &mut Handshake, hold_back: usize) -> Step 
 
 fn complete(tls12_only: bool) {
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
     let mut c = client(root, tls12_only);
     let step = pump(&mut c, &mut hs, 0);
     assert_eq!(step, Step::Done, "tls12_only={tls12_only}");
@@ -119,7 +120,7 @@ fn completes_tls12_and_hands_over_keys() {
 #[test]
 fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
     let mut c = client(root, false);
     // Run until the server waits for the client's Finished.
     let mut step = hs.poll().unwrap();
@@ -182,7 +183,7 @@ fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
 #[test]
 fn garbage_instead_of_client_hello_fails_with_an_alert() {
     let (l, _) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
     hs.handle_input(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let err = hs.poll().unwrap_err();
@@ -198,7 +199,7 @@ fn garbage_instead_of_client_hello_fails_with_an_alert() {
 #[test]
 fn eof_mid_handshake_is_reported() {
     let (l, _) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
     hs.handle_input(&[22, 3, 1, 0, 200, 1]).unwrap();
     assert_eq!(hs.poll().unwrap(), Step::Read(None));
     hs.handle_input(&[]).unwrap();
@@ -208,7 +209,7 @@ fn eof_mid_handshake_is_reported() {
 #[test]
 fn oversized_input_is_refused() {
     let (l, _) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
     let big = vec![0u8; MAX_INPUT + 1];
     assert!(matches!(
         hs.handle_input(&big),
@@ -236,7 +237,7 @@ fn fuzz_regression_partial_handshake_message_then_garbage() {
     ];
     for cut in 0..crash.len() {
         let (l, _) = listener(true, true);
-        let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+        let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
         let mut failed = false;
         for chunk in [&crash[..cut], &crash[cut..], &[][..]] {
             if failed || hs.handle_input(chunk).is_err() {
@@ -269,7 +270,7 @@ fn default_provider_offers_x25519mlkem768_first_and_negotiates_it() {
         rustls::NamedGroup::X25519MLKEM768
     );
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
     let mut c = client(root, false);
     assert_eq!(pump(&mut c, &mut hs, 0), Step::Done);
     assert_eq!(
@@ -281,7 +282,7 @@ fn default_provider_offers_x25519mlkem768_first_and_negotiates_it() {
 #[test]
 fn sni_is_read_when_the_hello_arrives_a_byte_at_a_time() {
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
     let mut c = client(root, false);
     let mut hello = Vec::new();
     c.write_tls(&mut hello).unwrap();

@@ -46,9 +46,20 @@ impl Idle {
 }
 
 /// A shard's idle entries.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IdleSweeper {
     entries: RefCell<Vec<Weak<Idle>>>,
+    /// Time between passes; a reload may change the timeouts and so this.
+    period: Cell<Duration>,
+}
+
+impl Default for IdleSweeper {
+    fn default() -> Self {
+        IdleSweeper {
+            entries: RefCell::default(),
+            period: Cell::new(Duration::from_secs(1)),
+        }
+    }
 }
 
 impl IdleSweeper {
@@ -86,10 +97,15 @@ impl IdleSweeper {
         woken
     }
 
-    /// Runs forever on the shard: sweeps every `period`.
-    pub async fn run(self: Rc<Self>, period: Duration) {
+    /// Sets the time between passes (see [`sweep_period`]).
+    pub fn set_period(&self, period: Duration) {
+        self.period.set(period);
+    }
+
+    /// Runs forever on the shard: sweeps every period.
+    pub async fn run(self: Rc<Self>) {
         loop {
-            monoio::time::sleep(period).await;
+            monoio::time::sleep(self.period.get()).await;
             self.sweep(Instant::now());
         }
     }

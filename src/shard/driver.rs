@@ -8,10 +8,11 @@ use std::rc::Rc;
 
 use monoio::net::TcpStream;
 
-use super::Shard;
+use super::{Shard, ShardGen};
 use crate::config::Route;
 use crate::handshake::{self, HandshakeError, TlsInfo};
 use crate::ktls::{self, Path, StreamError, TlsConn};
+use crate::metrics::family::UserspaceReason;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http;
 use crate::proxy::tcp::{self, Moved, ProxyError};
@@ -24,8 +25,12 @@ use crate::proxy::tcp::{self, Moved, ProxyError};
 /// boxed future, freed when it ends, and the proxy stage keeps its state in
 /// one local `Session` that `run` borrows (async fn arguments would otherwise
 /// stay stored for the connection's whole life).
+///
+/// `gen` is the config generation the connection started on: it keeps it
+/// to its end, whatever reloads happen meanwhile.
 pub fn serve(
     shard: Rc<Shard>,
+    gen: Rc<ShardGen>,
     listener: usize,
     socket: TcpStream,
     peer: SocketAddr,
@@ -33,12 +38,20 @@ pub fn serve(
     let m = &shard.metrics;
     M::inc(&m.accepted);
     M::inc(&m.active);
-    let handshake = Box::pin(establish(shard.clone(), listener, socket, peer));
+    M::inc(&gen.active[listener]);
+    let handshake = Box::pin(establish(
+        shard.clone(),
+        gen.clone(),
+        listener,
+        socket,
+        peer,
+    ));
     async move {
         if let Some((conn, info)) = handshake.await {
-            proxy(&shard, listener, conn, info, peer).await;
+            proxy(&shard, &gen, listener, conn, info, peer).await;
         }
         M::dec(&shard.metrics.active);
+        M::dec(&gen.active[listener]);
     }
 }
 
@@ -46,20 +59,22 @@ pub fn serve(
 /// ended (already logged and counted).
 async fn establish(
     shard: Rc<Shard>,
+    gen: Rc<ShardGen>,
     listener: usize,
     mut socket: TcpStream,
     peer: SocketAddr,
 ) -> Option<(TlsConn, TlsInfo)> {
     let m = &shard.metrics;
+    let accepted = std::time::Instant::now();
     let _ = socket.set_nodelay(true);
-    let hs = match handshake::Handshake::new(shard.tls[listener].clone()) {
+    let hs = match handshake::Handshake::new(gen.tls[listener].clone()) {
         Ok(hs) => hs,
         Err(e) => {
             tracing::error!(%peer, error = %e, "internal: cannot start handshake");
             return None;
         }
     };
-    let deadline = shard.config.runtime.handshake_timeout;
+    let deadline = gen.config().runtime.handshake_timeout;
     let mut est = match handshake::pump::run(&mut socket, hs, deadline).await {
         Ok(est) => est,
         Err(e) => {
@@ -74,22 +89,38 @@ async fn establish(
         }
     };
     M::inc(&m.handshakes);
+    let f = &m.families;
+    f.handshake_seconds.observe(accepted.elapsed());
     let mut info = TlsInfo {
         sni: est.sni.take(),
         version: est.conn.protocol_version(),
         suite: est.conn.negotiated_cipher_suite().map(|s| s.suite()),
         kernel: false,
     };
-    match ktls::establish(socket, est, shard.config.runtime.ktls, &shard.ktls) {
+    f.handshakes.record(
+        info.version,
+        info.suite,
+        est.conn.negotiated_key_exchange_group().map(|g| g.name()),
+        est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    );
+    let mode = gen.config().runtime.ktls;
+    match ktls::establish(socket, est, mode, &shard.ktls) {
         Ok(conn) => {
             let path = conn.path();
             info.kernel = path == Path::Kernel;
-            M::inc(if info.kernel {
-                &m.ktls_offloaded
+            if info.kernel {
+                M::inc(&m.ktls_offloaded);
             } else {
-                &m.ktls_userspace
-            });
-            tracing::debug!(%peer, sni = info.sni.as_deref(), version = info.version_name(), cipher = info.cipher_name(), ?path, "handshake done");
+                M::inc(&m.ktls_userspace);
+                f.userspace(if mode == crate::config::KtlsMode::Off {
+                    UserspaceReason::Config
+                } else if !shard.ktls.ulp {
+                    UserspaceReason::NoKernelTls
+                } else {
+                    UserspaceReason::Cipher
+                });
+            }
+            tracing::debug!(shard = shard.id, %peer, sni = info.sni.as_deref(), version = info.version_name(), cipher = info.cipher_name(), ?path, "handshake done");
             Some((conn, info))
         }
         Err(e) => {
@@ -103,6 +134,7 @@ async fn establish(
 /// Runs the listener's route for an established connection.
 fn proxy<'a>(
     shard: &'a Shard,
+    gen: &'a ShardGen,
     listener: usize,
     conn: TlsConn,
     info: TlsInfo,
@@ -116,9 +148,9 @@ fn proxy<'a>(
     async move {
         let m = &shard.metrics;
         let moved = Cell::new(Moved::default());
-        let result = match &shard.config.listeners[listener].route {
+        let result = match &gen.config().listeners[listener].route {
             Route::Tcp(route) => {
-                let balancer = &shard.balancers[listener];
+                let balancer = &gen.balancers[listener];
                 // Boxed for the same reason as the handshake.
                 let connected = Box::pin(balancer.connect(route.connect_timeout)).await;
                 let Some(conn) = conn.take() else { return };
@@ -145,16 +177,18 @@ fn proxy<'a>(
                 let (reader, writer) = conn.split();
                 let ctx = http::forward::Ctx {
                     route,
-                    upstreams: &shard.config.upstreams,
-                    balancers: &shard.upstream_balancers,
-                    pool: &shard.pool,
+                    upstreams: &gen.config().upstreams,
+                    balancers: &gen.upstream_balancers,
+                    pool: &gen.pool,
+                    drain: &shard.drain,
+                    responses: &gen.responses[listener],
                     metrics: m,
                     peer,
                     moved: &moved,
                     idle: &shard.idle,
                     pipes: &shard.pipes,
                     tls: &info,
-                    access: shard.config.access_log.as_ref(),
+                    access: gen.config().access_log.as_ref(),
                 };
                 match http::forward::serve(reader, writer, ctx).await {
                     Ok(()) => Ok(()),

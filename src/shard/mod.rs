@@ -2,39 +2,147 @@
 //! with its own monoio runtime (io_uring, or the legacy epoll driver) and its
 //! own `SO_REUSEPORT` socket per listener, so the kernel spreads connections
 //! over shards and nothing on the connection path is shared between threads.
+//!
+//! A shard serves config *generations*. The control thread (`control`)
+//! parses the config, loads keys, builds the rustls configs and binds the
+//! sockets, then sends the shard a [`Command::Update`]. The shard only swaps
+//! a pointer: new connections get the new generation, open ones keep the
+//! one they started with (each holds an `Rc<ShardGen>`), and an old
+//! generation is freed when its last connection ends.
 
+use std::cell::RefCell;
 use std::io;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use anyhow::Context as _;
 use rustls::ServerConfig;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{Config, Driver, Route};
+use crate::config::{Config, Route};
+use crate::metrics::family::{self, ClassCounters};
 use crate::metrics::ShardMetrics;
+use crate::proxy::drain::DrainSignal;
 use crate::proxy::idle::{self, IdleSweeper};
 use crate::proxy::tcp::PipePool;
-use crate::upstream::Balancer;
+use crate::upstream::pool::Pool;
+use crate::upstream::{Balancer, HealthState};
 
 pub mod driver;
 
-/// Everything one shard's connections read. Lives on the shard's thread.
-pub struct Shard {
-    /// Shard index (0-based).
-    pub id: usize,
+/// One config generation, built off the shards and shared by all of them.
+#[derive(Debug)]
+pub struct Generation {
+    /// Counts up from 1 at start; in logs, `/metrics` and `ktern reload`.
+    pub number: u64,
     /// The validated config.
     pub config: Arc<Config>,
-    /// rustls server config per listener (own session cache per shard).
+    /// rustls server configs, `[shard][listener]` (one per shard, so the
+    /// TLS 1.2 session cache and its lock stay on one thread).
+    pub tls: Vec<Vec<Arc<ServerConfig>>>,
+    /// Active-health verdicts per upstream group (`None`: no checks).
+    pub health: Vec<Option<Arc<HealthState>>>,
+    /// Which listening socket (by key) serves which listener.
+    pub slots: Vec<(u64, Slot)>,
+}
+
+impl Generation {
+    /// What the socket `key` serves in this generation.
+    pub fn slot(&self, key: u64) -> Option<Slot> {
+        self.slots.iter().find(|(k, _)| *k == key).map(|(_, s)| *s)
+    }
+}
+
+/// What a listening socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// TLS listener `i` of the config.
+    Tls(usize),
+    /// Plain-HTTP redirect listener `i`.
+    Redirect(usize),
+}
+
+/// A shard's view of one generation: the shared part, plus the per-shard
+/// state built from it (balancers, backend pool).
+pub struct ShardGen {
+    /// The shared generation.
+    pub gen: Arc<Generation>,
+    /// This shard's rustls config per listener.
     pub tls: Vec<Arc<ServerConfig>>,
     /// Backend choice per listener (`tcp` routes; empty for `http`).
     pub balancers: Vec<Balancer>,
     /// Backend choice per upstream group (`http` routes).
     pub upstream_balancers: Vec<Balancer>,
     /// Idle keep-alive connections per upstream group.
-    pub pool: crate::upstream::pool::Pool,
+    pub pool: Pool,
+    /// Open connections per listener (gauge).
+    pub active: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    /// HTTP responses per listener: one counter set per upstream group,
+    /// then static files, then ktern's own answers (last).
+    pub responses: Vec<Vec<Arc<ClassCounters>>>,
+}
+
+impl ShardGen {
+    fn new(id: usize, gen: Arc<Generation>, metrics: &ShardMetrics) -> ShardGen {
+        let config = &gen.config;
+        let families = &metrics.families;
+        let active = config
+            .listeners
+            .iter()
+            .map(|l| families.active_for(&l.name))
+            .collect();
+        let responses = config
+            .listeners
+            .iter()
+            .map(|l| {
+                config
+                    .upstreams
+                    .iter()
+                    .map(|u| u.name.as_str())
+                    .chain([family::STATIC, family::NONE])
+                    .map(|u| families.responses_for(&l.name, u))
+                    .collect()
+            })
+            .collect();
+        let balancers = config
+            .listeners
+            .iter()
+            .map(|l| match &l.route {
+                Route::Tcp(t) => Balancer::new(t.backends.clone(), id),
+                Route::Http(_) => Balancer::new(Vec::new(), id),
+            })
+            .collect();
+        let upstream_balancers = config
+            .upstreams
+            .iter()
+            .zip(gen.health.iter())
+            .map(|(u, h)| Balancer::for_upstream(u, id, h.clone()))
+            .collect();
+        ShardGen {
+            tls: gen.tls.get(id).cloned().unwrap_or_default(),
+            balancers,
+            upstream_balancers,
+            pool: Pool::new(config.upstreams.len()),
+            active,
+            responses,
+            gen,
+        }
+    }
+
+    /// The generation's config.
+    pub fn config(&self) -> &Config {
+        &self.gen.config
+    }
+}
+
+/// Everything one shard's connections share across generations. Lives on
+/// the shard's thread.
+pub struct Shard {
+    /// Shard index (0-based).
+    pub id: usize,
     /// kTLS capabilities probed at start.
     pub ktls: Arc<crate::ktls::Support>,
     /// This shard's counters.
@@ -43,14 +151,63 @@ pub struct Shard {
     pub pipes: PipePool,
     /// Idle-timeout entries, swept by one task per shard.
     pub idle: Rc<IdleSweeper>,
+    /// Set when the process drains.
+    pub drain: DrainSignal,
+    current: RefCell<Rc<ShardGen>>,
+    accepting: RefCell<Vec<(u64, Rc<AcceptStop>)>>,
 }
 
-/// A running shard.
-pub struct ShardHandle {
+impl Shard {
+    /// The generation new connections get.
+    pub fn current(&self) -> Rc<ShardGen> {
+        self.current.borrow().clone()
+    }
+}
+
+/// What the control thread asks of a shard.
+pub enum Command {
+    /// Serve generation `gen` from now on: start accepting on `sockets`
+    /// (newly bound), stop accepting on sockets `gen` no longer has (after
+    /// taking what their queues hold). Answers with the generation number.
+    Update {
+        /// The new generation.
+        gen: Arc<Generation>,
+        /// New listening sockets for this shard, by key.
+        sockets: Vec<(u64, std::net::TcpListener)>,
+        /// Acknowledgement.
+        done: mpsc::SyncSender<u64>,
+    },
+    /// Stop accepting (taking what the queues hold), then close idle
+    /// keep-alive connections and send `Connection: close` on the next
+    /// response of busy ones.
+    Drain {
+        /// Acknowledgement, once every listener is closed.
+        done: mpsc::SyncSender<u64>,
+    },
+}
+
+/// The control thread's end of a running shard.
+pub struct ShardLink {
     /// The shard's thread.
     pub thread: JoinHandle<()>,
     /// Its counters.
     pub metrics: Arc<ShardMetrics>,
+    tx: mpsc::Sender<Command>,
+    wake: std::os::unix::net::UnixStream,
+}
+
+impl ShardLink {
+    /// Queues a command and wakes the shard's control task.
+    pub fn send(&self, cmd: Command) -> io::Result<()> {
+        self.tx
+            .send(cmd)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "shard has stopped"))?;
+        match (&self.wake).write(&[1]) {
+            // A full socket buffer means a wake-up is already pending.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            r => r.map(drop),
+        }
+    }
 }
 
 /// Creates one listening socket: `SO_REUSEADDR` (restart while old
@@ -69,6 +226,22 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// Fails with `AddrInUse` when any other socket (another program, or
+/// another ktern) listens on `addr`. Binding with `SO_REUSEPORT` alone
+/// would silently join that socket's group and split its connections; a
+/// probe bound without `SO_REUSEPORT` cannot share a listening port.
+pub fn probe_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())
+}
+
 /// The CPUs to run shards on.
 pub fn shard_cpus(config: &Config) -> Vec<usize> {
     if !config.runtime.cpus.is_empty() {
@@ -80,204 +253,227 @@ pub fn shard_cpus(config: &Config) -> Vec<usize> {
     }
 }
 
-/// Binds every listener once per shard (so address errors surface before any
-/// thread starts), then starts the shards. Returns the handles and the bound
-/// address of each listener (port 0 in the config becomes a real port, the
-/// same for every shard).
-pub fn start(config: Arc<Config>, support: Arc<crate::ktls::Support>) -> anyhow::Result<Started> {
-    let cpus = shard_cpus(&config);
-    // TLS listeners first, then the plain-HTTP redirect listeners.
-    let mut bound: Vec<SocketAddr> = config
-        .listeners
-        .iter()
-        .map(|l| l.address)
-        .chain(config.redirects.iter().map(|r| r.address))
-        .collect();
-    let mut sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
-    for _ in &cpus {
-        let mut per_shard = Vec::new();
-        for (i, l) in config.listeners.iter().enumerate() {
-            let s = bind(bound[i], l.backlog)
-                .with_context(|| format!("listener {:?}: cannot listen on {}", l.name, bound[i]))?;
-            bound[i] = s.local_addr()?;
-            per_shard.push(s);
-        }
-        for addr in bound.iter_mut().skip(config.listeners.len()) {
-            let s =
-                bind(*addr, 4096).with_context(|| format!("redirect: cannot listen on {addr}"))?;
-            *addr = s.local_addr()?;
-            per_shard.push(s);
-        }
-        sockets.push(per_shard);
-    }
-    let use_uring = match config.runtime.driver {
-        Driver::Legacy => false,
-        Driver::IoUring => true,
-        Driver::Auto => monoio::utils::detect_uring(),
-    };
-    if !use_uring {
-        tracing::warn!(
-            "io_uring unavailable or disabled: shards use monoio's legacy (epoll) driver"
-        );
-    }
-    let checks = crate::upstream::health::start(&config)
-        .context("cannot start the health checker thread")?;
-    let health = Arc::new(checks.states);
-    let mut handles = Vec::new();
-    for (id, (cpu, listeners)) in cpus.into_iter().zip(sockets).enumerate() {
-        let health = health.clone();
-        let metrics = Arc::new(ShardMetrics::default());
-        let shard_metrics = metrics.clone();
-        let config = config.clone();
-        let support = support.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("ktern-shard-{id}"))
-            .spawn(move || {
-                if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-                    tracing::warn!(shard = id, cpu, "could not pin shard thread to its CPU");
-                }
-                let run = shard_main(
-                    id,
-                    config.clone(),
-                    support,
-                    shard_metrics,
-                    listeners,
-                    health,
-                );
-                let entries = config.runtime.uring_entries;
-                let res = if use_uring {
-                    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                        .with_entries(entries)
-                        .enable_timer()
-                        .build()
-                        .map(|mut rt| rt.block_on(run))
-                } else {
-                    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                        .enable_timer()
-                        .build()
-                        .map(|mut rt| rt.block_on(run))
-                };
-                if let Err(e) = res {
-                    tracing::error!(shard = id, error = %e, "shard runtime failed to start");
-                }
-            })?;
-        handles.push(ShardHandle { thread, metrics });
-    }
-    let metrics = handles
-        .iter()
-        .map(|h| h.metrics.clone())
-        .chain(checks.metrics)
-        .collect();
-    Ok(Started {
-        shards: handles,
-        bound,
-        metrics,
-    })
+/// How a shard's runtime is built.
+#[derive(Debug, Clone, Copy)]
+pub struct RuntimeKind {
+    /// io_uring (else monoio's legacy epoll driver).
+    pub uring: bool,
+    /// io_uring submission queue entries.
+    pub entries: u32,
 }
 
-/// What [`start`] started.
-pub struct Started {
-    /// One per shard.
-    pub shards: Vec<ShardHandle>,
-    /// The bound address of each listener, then of each redirect listener.
-    pub bound: Vec<SocketAddr>,
-    /// Every counter set to sum on the admin endpoint (shards, health checker).
-    pub metrics: Vec<Arc<ShardMetrics>>,
+/// Starts shard `id` pinned to `cpu`, serving `first` (an
+/// [`Command::Update`]) as soon as its runtime runs.
+pub fn spawn(
+    id: usize,
+    cpu: usize,
+    kind: RuntimeKind,
+    support: Arc<crate::ktls::Support>,
+    first: Command,
+) -> io::Result<ShardLink> {
+    let metrics = Arc::new(ShardMetrics::default());
+    let (tx, rx) = mpsc::channel();
+    let (wake, wake_rx) = std::os::unix::net::UnixStream::pair()?;
+    wake.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
+    let shard_metrics = metrics.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("ktern-shard-{id}"))
+        .spawn(move || {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                tracing::warn!(shard = id, cpu, "could not pin shard thread to its CPU");
+            }
+            let run = shard_main(id, support, shard_metrics, first, rx, wake_rx);
+            let res = if kind.uring {
+                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .with_entries(kind.entries)
+                    .enable_timer()
+                    .build()
+                    .map(|mut rt| rt.block_on(run))
+            } else {
+                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .map(|mut rt| rt.block_on(run))
+            };
+            if let Err(e) = res {
+                tracing::error!(shard = id, error = %e, "shard runtime failed to start");
+            }
+        })?;
+    Ok(ShardLink {
+        thread,
+        metrics,
+        tx,
+        wake,
+    })
 }
 
 async fn shard_main(
     id: usize,
-    config: Arc<Config>,
     support: Arc<crate::ktls::Support>,
     metrics: Arc<ShardMetrics>,
-    listeners: Vec<std::net::TcpListener>,
-    health: Arc<Vec<Option<Arc<crate::upstream::HealthState>>>>,
+    first: Command,
+    rx: mpsc::Receiver<Command>,
+    wake: std::os::unix::net::UnixStream,
 ) {
-    let mut tls = Vec::new();
-    let mut balancers = Vec::new();
-    for l in &config.listeners {
-        match crate::handshake::server_config(l) {
-            Ok(c) => tls.push(c),
-            Err(e) => {
-                tracing::error!(shard = id, listener = %l.name, error = %e, "internal: TLS config rejected");
-                return;
-            }
-        }
-        balancers.push(match &l.route {
-            Route::Tcp(t) => Balancer::new(t.backends.clone(), id),
-            Route::Http(_) => Balancer::new(Vec::new(), id),
-        });
-    }
-    let upstream_balancers = config
-        .upstreams
-        .iter()
-        .zip(health.iter())
-        .map(|(u, h)| Balancer::for_upstream(u, id, h.clone()))
-        .collect();
-    let pool = crate::upstream::pool::Pool::new(config.upstreams.len());
+    let Command::Update { gen, sockets, done } = first else {
+        tracing::error!(shard = id, "internal: a shard must start with a generation");
+        return;
+    };
     let shard = Rc::new(Shard {
         id,
-        upstream_balancers,
-        pool,
-        config,
-        tls,
-        balancers,
         ktls: support,
-        metrics,
+        metrics: metrics.clone(),
         pipes: PipePool::default(),
         idle: Rc::new(IdleSweeper::default()),
+        drain: DrainSignal::default(),
+        current: RefCell::new(Rc::new(ShardGen::new(id, gen.clone(), &metrics))),
+        accepting: RefCell::default(),
     });
-    let period = idle::sweep_period(
-        shard
-            .config
-            .listeners
-            .iter()
-            .map(|l| l.route.idle_timeout()),
-    );
-    monoio::spawn(shard.idle.clone().run(period));
-    let mut accept_loops = Vec::new();
-    for (index, std_listener) in listeners.into_iter().enumerate() {
-        let listener = match monoio::net::TcpListener::from_std(std_listener) {
-            Ok(l) => l,
+    monoio::spawn(shard.idle.clone().run());
+    update(&shard, gen, sockets, done);
+    let mut wake = match monoio::net::UnixStream::from_std(wake) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(shard = id, error = %e, "internal: cannot register the control socket");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 64];
+    loop {
+        use monoio::io::AsyncReadRent as _;
+        let (res, b) = wake.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) => return, // the control thread is gone: the process is exiting
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::error!(shard = id, error = %e, "cannot register listener");
+                tracing::error!(shard = id, error = %e, "internal: control socket failed");
                 return;
             }
-        };
-        let shard = shard.clone();
-        match index.checked_sub(shard.config.listeners.len()) {
-            None => accept_loops.push(monoio::spawn(accept_loop(shard, index, listener))),
-            Some(r) => {
-                let https_port = shard.config.redirects[r].https_port;
-                accept_loops.push(monoio::spawn(redirect_loop(listener, https_port)));
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            match cmd {
+                Command::Update { gen, sockets, done } => update(&shard, gen, sockets, done),
+                Command::Drain { done } => drain(&shard, done).await,
             }
         }
-    }
-    for h in accept_loops {
-        h.await;
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, index: usize, listener: monoio::net::TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((socket, peer)) => {
-                let active = shard
-                    .metrics
-                    .active
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if active >= shard.config.runtime.max_connections {
-                    // Refused fast: closed before any TLS work; served
-                    // connections are unaffected.
-                    crate::metrics::ShardMetrics::inc(&shard.metrics.refused_over_cap);
-                    tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
-                    drop(socket);
-                    continue;
-                }
-                let fut = driver::serve(shard.clone(), index, socket, peer);
-                tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
-                monoio::spawn(fut);
+/// Swaps in a generation (the shard's safe point: between two polls, so no
+/// connection sees half of it) and starts and stops accept loops to match.
+fn update(
+    shard: &Rc<Shard>,
+    gen: Arc<Generation>,
+    sockets: Vec<(u64, std::net::TcpListener)>,
+    done: mpsc::SyncSender<u64>,
+) {
+    let number = gen.number;
+    let next = Rc::new(ShardGen::new(shard.id, gen, &shard.metrics));
+    let config = next.config();
+    shard.idle.set_period(idle::sweep_period(
+        config.listeners.iter().map(|l| l.route.idle_timeout()),
+    ));
+    let old = shard.current.replace(next.clone());
+    if !Rc::ptr_eq(&old, &next) {
+        // Idle backend connections of the old generation close now; its
+        // connections still in use close when their exchange ends.
+        old.pool.retire();
+    }
+    drop(old);
+    shard.accepting.borrow_mut().retain(|(key, stop)| {
+        let keep = next.gen.slot(*key).is_some();
+        if !keep {
+            stop.stop();
+        }
+        keep
+    });
+    for (key, std_listener) in sockets {
+        match monoio::net::TcpListener::from_std(std_listener) {
+            Ok(listener) => {
+                let stop = Rc::new(AcceptStop::default());
+                shard.accepting.borrow_mut().push((key, stop.clone()));
+                monoio::spawn(accept_loop(shard.clone(), key, listener, stop));
             }
+            Err(e) => {
+                tracing::error!(shard = shard.id, error = %e, "internal: cannot register listener")
+            }
+        }
+    }
+    let _ = done.send(number);
+}
+
+async fn drain(shard: &Rc<Shard>, done: mpsc::SyncSender<u64>) {
+    let stops: Vec<_> = shard.accepting.borrow_mut().drain(..).collect();
+    for (_, stop) in &stops {
+        stop.stop();
+    }
+    // Wait for each accept loop to take its queue and close its socket.
+    for (_, stop) in stops {
+        stop.closed().await;
+    }
+    shard.drain.start();
+    let _ = done.send(shard.current().gen.number);
+}
+
+/// Stops one accept loop.
+#[derive(Default)]
+struct AcceptStop {
+    canceller: RefCell<Option<monoio::io::Canceller>>,
+    stopped: std::cell::Cell<bool>,
+    closed: std::cell::Cell<bool>,
+    waiter: RefCell<Option<std::task::Waker>>,
+}
+
+impl AcceptStop {
+    fn handle(&self) -> monoio::io::CancelHandle {
+        self.canceller
+            .borrow_mut()
+            .get_or_insert_with(monoio::io::Canceller::new)
+            .handle()
+    }
+
+    fn stop(&self) {
+        self.stopped.set(true);
+        if let Some(c) = self.canceller.borrow_mut().take() {
+            c.cancel();
+        }
+    }
+
+    fn set_closed(&self) {
+        self.closed.set(true);
+        if let Some(w) = self.waiter.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    async fn closed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.closed.get() {
+                return std::task::Poll::Ready(());
+            }
+            *self.waiter.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+async fn accept_loop(
+    shard: Rc<Shard>,
+    key: u64,
+    listener: monoio::net::TcpListener,
+    stop: Rc<AcceptStop>,
+) {
+    // The generation this socket last belonged to: a connection accepted
+    // while the socket is being retired is served with it.
+    let mut last: Option<(Rc<ShardGen>, Slot)> = None;
+    while !stop.stopped.get() {
+        match listener.cancelable_accept(stop.handle()).await {
+            Ok((socket, peer)) => dispatch(&shard, key, &mut last, socket, peer),
+            Err(_) if stop.stopped.get() => break,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning.
                 tracing::warn!(shard = shard.id, error = %e, "accept failed");
@@ -285,18 +481,75 @@ async fn accept_loop(shard: Rc<Shard>, index: usize, listener: monoio::net::TcpL
             }
         }
     }
+    // Closing a listening socket resets every connection in its accept
+    // queue, so take what is queued first.
+    let mut taken = 0u32;
+    loop {
+        match socket2::SockRef::from(&crate::sys::borrow_fd(&listener)).accept() {
+            Ok((socket, addr)) => {
+                let Some(peer) = addr.as_socket() else {
+                    continue;
+                };
+                let stream = std::net::TcpStream::from(socket);
+                let _ = stream.set_nonblocking(true);
+                match monoio::net::TcpStream::from_std(stream) {
+                    Ok(s) => {
+                        taken += 1;
+                        dispatch(&shard, key, &mut last, s, peer);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot register a queued connection"),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::warn!(shard = shard.id, error = %e, "accept failed while closing a listener");
+                break;
+            }
+        }
+    }
+    tracing::debug!(shard = shard.id, key, taken, "listener closed");
+    drop(listener);
+    stop.set_closed();
 }
 
-async fn redirect_loop(listener: monoio::net::TcpListener, https_port: Option<u16>) {
-    loop {
-        match listener.accept().await {
-            Ok((socket, _)) => {
-                monoio::spawn(crate::proxy::http::redirect::serve(socket, https_port));
+fn dispatch(
+    shard: &Rc<Shard>,
+    key: u64,
+    last: &mut Option<(Rc<ShardGen>, Slot)>,
+    socket: monoio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let current = shard.current();
+    if let Some(slot) = current.gen.slot(key) {
+        match last {
+            Some((g, s)) if Rc::ptr_eq(g, &current) && *s == slot => {}
+            _ => *last = Some((current, slot)),
+        }
+    }
+    let Some((gen, slot)) = last.as_ref() else {
+        return;
+    };
+    match *slot {
+        Slot::Tls(index) => {
+            let active = shard
+                .metrics
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if active >= gen.config().runtime.max_connections {
+                // Refused fast: closed before any TLS work; served
+                // connections are unaffected.
+                ShardMetrics::inc(&shard.metrics.refused_over_cap);
+                tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
+                return;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "redirect accept failed");
-                monoio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            let fut = driver::serve(shard.clone(), gen.clone(), index, socket, peer);
+            tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
+            monoio::spawn(fut);
+        }
+        Slot::Redirect(r) => {
+            let https_port = gen.config().redirects.get(r).and_then(|r| r.https_port);
+            monoio::spawn(crate::proxy::http::redirect::serve(socket, https_port));
         }
     }
 }

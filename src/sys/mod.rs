@@ -418,6 +418,219 @@ pub fn rss_bytes() -> io::Result<u64> {
     Ok(pages * page as u64)
 }
 
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd's
+/// `RELOADING=1`/`MONOTONIC_USEC=` notification is measured on (std's
+/// `Instant` does not expose its raw value).
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which we own;
+    // CLOCK_MONOTONIC always exists on Linux, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// Most fds sent in one `SCM_RIGHTS` message (the kernel's SCM_MAX_FD is
+/// 253).
+pub const MAX_FDS_PER_MESSAGE: usize = 250;
+
+/// Sends `data` with `fds` attached (`SCM_RIGHTS`) on a unix stream socket:
+/// the receiver gets its own descriptors for the same open sockets.
+pub fn send_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS_PER_MESSAGE || data.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad fd message"));
+    }
+    let payload = fds.len() * size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    // u64 elements keep the buffer aligned for cmsghdr.
+    let mut cmsg = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: `cmsg` holds CMSG_SPACE(payload) bytes, so the first
+        // header and its `payload` data bytes lie inside it; the fds are
+        // copied as plain ints (unaligned write: CMSG_DATA's alignment is
+        // that of the header, which is enough, but be safe).
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+            let data = libc::CMSG_DATA(c).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(fd.as_raw_fd());
+            }
+        }
+    }
+    // SAFETY: `sock` is borrowed and open; the kernel reads `data` (the
+    // iovec describes exactly it) and the control buffer built above, and
+    // duplicates the fds, which stay open (borrowed) for the call.
+    let n = cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })?;
+    if n != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short fd message"));
+    }
+    Ok(())
+}
+
+/// Receives one message into `buf` with up to `max` attached fds
+/// (`SCM_RIGHTS`), which the caller then owns (closed on drop). Blocks
+/// unless the socket is non-blocking.
+pub fn recv_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max: usize,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let max = max.min(MAX_FDS_PER_MESSAGE);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((max * size_of::<RawFd>()) as u32) } as usize;
+    let mut cmsg = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `sock` is borrowed and open; the kernel writes at most
+    // `buf.len()` bytes into `buf` and `space` bytes into `cmsg`.
+    // MSG_CMSG_CLOEXEC: the fds are not inherited by anything we exec.
+    let n = cvt_size(unsafe {
+        libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)
+    })?;
+    let mut fds = Vec::new();
+    // SAFETY: CMSG_FIRSTHDR/NXTHDR walk inside `msg_control` using the
+    // `msg_controllen` the kernel set; each SCM_RIGHTS payload holds
+    // (cmsg_len - CMSG_LEN(0)) / 4 fds that the kernel installed in this
+    // process for us, so taking ownership of each is sound.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                for i in 0..bytes / size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "fds truncated"));
+    }
+    Ok((n, fds))
+}
+
+/// Waits up to `timeout_ms` for `fd` to be readable (`poll(2)`); `false`
+/// on timeout.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own; `fd` is borrowed and open.
+    let n = cvt(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
+    Ok(n > 0)
+}
+
+/// Is this process running with effective uid 0?
+pub fn is_root() -> bool {
+    // SAFETY: geteuid reads no user memory and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// (uid, primary gid) of the user `name`, from the passwd database.
+pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in user name"))?;
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: passwd is plain data; all-zero is a valid (empty) value.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is to memory we own for the call's duration,
+    // and `buf.len()` is the buffer's real size; getpwnam_r writes strings
+    // into `buf` and the record into `pwd`, and sets `result` to `&pwd` or
+    // null.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if result.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no user {name:?}"),
+        ));
+    }
+    Ok((pwd.pw_uid, pwd.pw_gid))
+}
+
+/// The gid of the group `name`, from the group database.
+pub fn lookup_group(name: &str) -> io::Result<u32> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in group name"))?;
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: group is plain data; all-zero is a valid (empty) value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in `lookup_user`: our own memory, the buffer's real size.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if result.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no group {name:?}"),
+        ));
+    }
+    Ok(grp.gr_gid)
+}
+
+/// Drops root for good: supplementary groups to just `gid`, then gid, then
+/// uid (in that order: after setuid the others are no longer allowed).
+/// glibc applies each change to every thread of the process.
+pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups reads one gid from a local we own; setgid and
+    // setuid read no user memory.
+    unsafe {
+        cvt(libc::setgroups(1, &gid))?;
+        cvt(libc::setgid(gid))?;
+        cvt(libc::setuid(uid))?;
+    }
+    Ok(())
+}
+
 const _: () = assert!(size_of::<libc::cmsghdr>() + 8 <= 32);
 
 #[cfg(test)]

@@ -118,17 +118,26 @@ pub fn request(check: &HealthCheck, addr: SocketAddr) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Per-upstream verdicts (`None` for groups without checks), and the
-/// checker thread when any group has checks.
+/// Per-upstream verdicts (`None` for groups without checks), indexed like
+/// `Config::upstreams`.
 pub struct Checks {
     /// Indexed like `Config::upstreams`.
     pub states: Vec<Option<Arc<HealthState>>>,
-    /// The checker's counters (for the admin endpoint).
-    pub metrics: Option<Arc<M>>,
 }
 
-/// Starts the checker thread for every upstream group with `health`.
-pub fn start(config: &Config) -> std::io::Result<Checks> {
+impl Checks {
+    /// Stops this generation's probes (their thread ends when all have).
+    pub fn retire(&self) {
+        for s in self.states.iter().flatten() {
+            s.retire();
+        }
+    }
+}
+
+/// Starts a checker thread for every upstream group with `health` (one
+/// per config generation; [`Checks::retire`] stops it). `metrics` is the
+/// process's health counter set, shared across generations.
+pub fn start(config: &Config, metrics: Arc<M>) -> std::io::Result<Checks> {
     let states: Vec<Option<Arc<HealthState>>> = config
         .upstreams
         .iter()
@@ -139,12 +148,8 @@ pub fn start(config: &Config) -> std::io::Result<Checks> {
         })
         .collect();
     if states.iter().all(Option::is_none) {
-        return Ok(Checks {
-            states,
-            metrics: None,
-        });
+        return Ok(Checks { states });
     }
-    let metrics = Arc::new(M::default());
     let mut jobs = Vec::new();
     for (u, state) in config.upstreams.iter().zip(&states) {
         if let (Some(check), Some(state)) = (&u.health, state) {
@@ -179,10 +184,7 @@ pub fn start(config: &Config) -> std::io::Result<Checks> {
                 Err(e) => tracing::error!(error = %e, "internal: health checker did not start"),
             }
         })?;
-    Ok(Checks {
-        states,
-        metrics: Some(metrics),
-    })
+    Ok(Checks { states })
 }
 
 struct Job {
@@ -197,7 +199,16 @@ struct Job {
 async fn run(job: Job, metrics: Arc<M>) {
     let mut tracker = Tracker::new(job.check.rise, job.check.fall);
     let req = request(&job.check, job.addr);
+    let mut down = false;
     loop {
+        if job.state.is_retired() {
+            // A reload replaced this group's checks: this backend's
+            // verdict no longer counts in the down gauge.
+            if down {
+                M::dec(&metrics.backends_down);
+            }
+            return;
+        }
         let started = Instant::now();
         let verdict = match monoio::time::timeout(job.check.timeout, probe(job.addr, &req)).await {
             Ok(v) => v,
@@ -212,12 +223,14 @@ async fn run(job: Job, metrics: Arc<M>) {
         match tracker.record(pass) {
             Some(Transition::Down) => {
                 job.state.set(job.index, false);
+                down = true;
                 M::inc(&metrics.health_marked_down);
                 M::inc(&metrics.backends_down);
                 tracing::warn!(upstream = %job.upstream, backend = %job.addr, ?verdict, fall = job.check.fall, "backend marked down by health checks");
             }
             Some(Transition::Up) => {
                 job.state.set(job.index, true);
+                down = false;
                 M::dec(&metrics.backends_down);
                 tracing::info!(upstream = %job.upstream, backend = %job.addr, rise = job.check.rise, "backend back up by health checks");
             }

@@ -20,6 +20,9 @@ struct Idle {
 #[derive(Default)]
 pub struct Pool {
     groups: RefCell<Vec<Vec<Idle>>>,
+    /// Set when a reload replaced this pool's config generation: idle
+    /// connections are closed and no more are kept.
+    retired: std::cell::Cell<bool>,
 }
 
 impl Pool {
@@ -27,6 +30,17 @@ impl Pool {
     pub fn new(groups: usize) -> Pool {
         Pool {
             groups: RefCell::new((0..groups).map(|_| Vec::new()).collect()),
+            retired: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Closes every idle connection and keeps none from now on (the
+    /// generation that owns this pool was replaced; its connections still
+    /// in use close when their exchange ends).
+    pub fn retire(&self) {
+        self.retired.set(true);
+        for g in self.groups.borrow_mut().iter_mut() {
+            g.clear();
         }
     }
 
@@ -59,8 +73,9 @@ impl Pool {
         let Some(idle) = groups.get_mut(group) else {
             return;
         };
-        if max == 0 {
-            // `pool_size = 0`: no pooling; the connection closes here.
+        if max == 0 || self.retired.get() {
+            // `pool_size = 0`, or a retired generation: the connection
+            // closes here.
             return;
         }
         if idle.len() >= max {

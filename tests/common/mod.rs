@@ -13,6 +13,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConnection, StreamOwned};
 
+pub mod http;
+
 /// A scratch directory with a self-signed certificate for `localhost`.
 pub struct Pki {
     pub dir: PathBuf,
@@ -124,6 +126,8 @@ pub struct Ktern {
     pub redirects: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub stderr_path: PathBuf,
+    /// The config file it runs (rewrite it, then reload).
+    pub config_path: PathBuf,
 }
 
 impl Ktern {
@@ -131,19 +135,44 @@ impl Ktern {
     /// `@KEY@` are replaced) and an admin endpoint. `runtime` is the body of
     /// the `[runtime]` table.
     pub fn start(pki: &Pki, runtime: &str, listeners: &str) -> Ktern {
-        let config = format!(
-            "[runtime]\n{runtime}\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{}",
+        Ktern::start_env(pki, runtime, listeners, &[])
+    }
+
+    /// The config text [`Ktern::start`] would write (for rewriting it).
+    pub fn config_text(pki: &Pki, runtime: &str, listeners: &str) -> String {
+        let log = if runtime.contains("log_format") {
+            ""
+        } else {
+            "log_format = \"text\"\n"
+        };
+        format!(
+            "[runtime]\n{log}{runtime}\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{}",
             listeners
                 .replace("@CERT@", &pki.cert.display().to_string())
                 .replace("@KEY@", &pki.key.display().to_string())
-        );
+        )
+    }
+
+    /// Like [`Ktern::start`], with extra environment variables.
+    pub fn start_env(pki: &Pki, runtime: &str, listeners: &str, env: &[(&str, &str)]) -> Ktern {
+        let config = Ktern::config_text(pki, runtime, listeners);
         let path = pki.dir.join(format!("ktern-{}.toml", unique()));
         std::fs::write(&path, config).unwrap();
-        let stderr_path = pki.dir.join(format!("ktern-{}.log", unique()));
+        Ktern::start_file(&pki.dir, &path, env)
+    }
+
+    /// Starts `ktern run -c path`; its log goes to a file in `dir`.
+    pub fn start_file(
+        dir: &std::path::Path,
+        path: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Ktern {
+        let stderr_path = dir.join(format!("ktern-{}.log", unique()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_ktern"))
             .args(["run", "-c"])
-            .arg(&path)
+            .arg(path)
             .env("RUST_LOG", "ktern=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
@@ -173,7 +202,56 @@ impl Ktern {
             redirects,
             admin,
             stderr_path,
+            config_path: path.to_path_buf(),
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, …) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// One admin request: (status, body).
+    pub fn admin_request(&self, method: &str, path: &str) -> (u16, String) {
+        admin_request(self.admin, method, path)
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Threads of the process.
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .count()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -193,6 +271,17 @@ impl Ktern {
             .trim()
             .parse()
             .unwrap()
+    }
+
+    /// The sum of a labeled metric's series whose labels contain `labels`
+    /// (e.g. `class="2xx"`).
+    pub fn metric_labeled(&self, name: &str, labels: &str) -> u64 {
+        let (_, body) = self.admin_request("GET", "/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter(|l| l.contains(labels))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
     }
 
     /// Waits until `name` reaches at least `want` (counters move after the
@@ -232,7 +321,27 @@ impl Drop for Ktern {
     }
 }
 
-fn unique() -> u64 {
+/// One plain-HTTP request to an admin endpoint: (status, body).
+pub fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    (status, body.to_string())
+}
+
+pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)

@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -23,7 +24,9 @@ use crate::handshake::TlsInfo;
 use crate::ktls::Path;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
 use crate::metrics::access::{self, Sink};
+use crate::metrics::family::ClassCounters;
 use crate::metrics::ShardMetrics as M;
+use crate::proxy::drain::DrainSignal;
 use crate::proxy::idle::IdleSweeper;
 use crate::proxy::tcp::{self, Moved, PipePool, ProxyError};
 use crate::upstream::pool::Pool;
@@ -49,6 +52,11 @@ pub struct Ctx<'a> {
     pub balancers: &'a [Balancer],
     /// Idle backend connections.
     pub pool: &'a Pool,
+    /// The shard's drain flag: close instead of keeping alive.
+    pub drain: &'a DrainSignal,
+    /// This listener's response counters: one per upstream group, then
+    /// static files, then ktern's own answers.
+    pub responses: &'a [Arc<ClassCounters>],
     /// Counters.
     pub metrics: &'a M,
     /// The client.
@@ -76,6 +84,8 @@ struct Exchange {
     upstream_time: Option<Duration>,
     /// The request was HEAD: ktern's own answers carry no body.
     head_only: bool,
+    /// Index into `Ctx::responses` of who answered (none: ktern itself).
+    answered_by: Option<usize>,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -116,8 +126,14 @@ pub async fn serve(
     let mut inbuf = reader.take_pending();
     let mut first = true;
     loop {
-        let head = match read_head(&mut reader, &mut inbuf, &limits, ctx.route, first).await? {
-            HeadOutcome::Head(h) => h,
+        let head = match read_head(&mut reader, &mut inbuf, &limits, &ctx, first).await? {
+            HeadOutcome::Head(mut h) => {
+                if ctx.drain.is_on() {
+                    // Draining: this response says `Connection: close`.
+                    h.keep_alive = false;
+                }
+                h
+            }
             HeadOutcome::Closed => break,
             HeadOutcome::Idle => break,
             HeadOutcome::Refused(status, reason) => {
@@ -186,6 +202,18 @@ fn log(
     wall: SystemTime,
     started: Instant,
 ) {
+    let total = started.elapsed();
+    if ex.status != 0 {
+        let who = ex
+            .answered_by
+            .unwrap_or(ctx.responses.len().saturating_sub(1));
+        if let Some(c) = ctx.responses.get(who) {
+            c.record(ex.status);
+        }
+        if head.is_some() {
+            ctx.metrics.families.request_seconds.observe(total);
+        }
+    }
     let Some(sink) = ctx.access else { return };
     let now = ctx.moved.get();
     let first = |name| head.and_then(|h| h.values(name).next());
@@ -203,7 +231,7 @@ fn log(
         referer: first("referer"),
         user_agent: first("user-agent"),
         upstream: ex.upstream,
-        total: started.elapsed(),
+        total,
         upstream_time: ex.upstream_time,
     };
     sink.write(&record, &mut String::with_capacity(256));
@@ -243,9 +271,10 @@ async fn read_head(
     reader: &mut TlsReader,
     inbuf: &mut Vec<u8>,
     limits: &Limits,
-    route: &HttpRoute,
+    ctx: &Ctx<'_>,
     first: bool,
 ) -> Result<HeadOutcome, HttpError> {
+    let route = ctx.route;
     // Between requests the keep-alive timeout applies; once a head has
     // started (or on a new connection), the head timeout (408).
     let waiting = inbuf.is_empty() && !first;
@@ -261,10 +290,20 @@ async fn read_head(
             Ok(None) => {}
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
-        let chunk = match monoio::time::timeout_at(deadline, Box::pin(reader.read_chunk())).await {
-            Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
-            Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
-            Ok(r) => r?,
+        let read = Box::pin(reader.read_chunk());
+        let chunk = if inbuf.is_empty() && !first {
+            // Idle between requests: a drain closes the connection now
+            // (the read waits for readiness only, so nothing is lost).
+            match monoio::time::timeout_at(deadline, ctx.drain.or_drain(read)).await {
+                Err(_) | Ok(None) => return Ok(HeadOutcome::Idle),
+                Ok(Some(r)) => r?,
+            }
+        } else {
+            match monoio::time::timeout_at(deadline, read).await {
+                Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
+                Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
+                Ok(r) => r?,
+            }
         };
         match chunk {
             None if inbuf.is_empty() => return Ok(HeadOutcome::Closed),
@@ -358,9 +397,11 @@ async fn forward(
     let group = match &rule.target {
         Target::Upstream(g) => *g,
         Target::Static(root) => {
-            return serve_file(reader, writer, head, root, ctx, ex, close_after_local).await
+            ex.answered_by = Some(ctx.upstreams.len());
+            return serve_file(reader, writer, head, root, ctx, ex, close_after_local).await;
         }
     };
+    ex.answered_by = Some(group);
     if let Framing::Length(n) = head.framing {
         if n > route.max_body {
             return local(writer, ctx, ex, 413, true).await;
@@ -418,7 +459,14 @@ async fn forward(
         ))
         .await;
         let (mut backend, addr, reused, lease) = match acquired {
-            Ok(c) => c,
+            Ok(c) => {
+                M::inc(if c.2 {
+                    &ctx.metrics.pool_hits
+                } else {
+                    &ctx.metrics.pool_misses
+                });
+                c
+            }
             Err(e) => {
                 M::inc(&ctx.metrics.upstream_connect_failures);
                 tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
@@ -475,6 +523,7 @@ async fn forward(
                 balancer.failed(addr, Instant::now());
                 M::inc(&ctx.metrics.upstream_errors);
                 let status = if matches!(fault, UpstreamFault::Timeout) {
+                    M::inc(&ctx.metrics.upstream_timeouts);
                     504
                 } else {
                     502
@@ -488,8 +537,9 @@ async fn forward(
     balancer.succeeded(addr);
     ex.status = resp.status;
     ex.upstream = Some(addr);
-    // The clock is read again only when an access line will need it.
-    ex.upstream_time = ctx.access.map(|_| started.elapsed());
+    let ttfb = started.elapsed();
+    ctx.metrics.families.upstream_ttfb_seconds.observe(ttfb);
+    ex.upstream_time = Some(ttfb);
     if resp.status == 101 {
         if head.upgrade {
             return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
@@ -519,7 +569,10 @@ async fn forward(
     }
     let rechunk =
         resp.framing == Framing::UntilClose && head.keep_alive && head.minor == 1 && !coded;
-    let close = !head.keep_alive || (resp.framing == Framing::UntilClose && !rechunk);
+    // Draining: the connection ends after this response, whenever the
+    // drain started (the request may have been read before it).
+    let close =
+        !head.keep_alive || ctx.drain.is_on() || (resp.framing == Framing::UntilClose && !rechunk);
     let mut out = Vec::with_capacity(resp.len + 64);
     let mut extra: Vec<(&str, &[u8])> = Vec::new();
     if let Some(v) = route.hsts.as_deref() {

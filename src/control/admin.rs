@@ -1,0 +1,221 @@
+//! The admin endpoint: plain HTTP/1.1 on its own thread (loopback unless
+//! configured otherwise), never on a shard. A scrape reads the shards'
+//! atomics and takes no lock a shard holds; a reload runs on the admin
+//! connection's own thread, so scrapes keep answering while it builds.
+//!
+//! - `GET /metrics`: Prometheus text format, every shard summed.
+//! - `GET /healthz`: 200 while the process runs.
+//! - `GET /ready`: 200 when every shard listens; 503 while starting or
+//!   draining (load balancers withdraw the host on it).
+//! - `GET /certs`: the current generation's certificates as JSON.
+//! - `POST /reload`: re-read the config; 200 with the new generation, or
+//!   422/409/500 with every reason, as JSON.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Control, ReloadError};
+
+/// Admin connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 32;
+/// Largest request head read.
+const MAX_HEAD: usize = 8 << 10;
+
+/// Binds `addr` and serves it on a `ktern-admin` thread.
+pub fn serve(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    let busy = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("ktern-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if busy.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    busy.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+                let control = control.clone();
+                let busy_done = busy.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("ktern-admin-conn".into())
+                    .spawn(move || {
+                        handle(conn, &control);
+                        busy_done.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        })?;
+    Ok(bound)
+}
+
+/// A response: status, content type, body.
+struct Answer(u16, &'static str, String);
+
+fn handle(mut conn: TcpStream, control: &Control) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut buf = Vec::with_capacity(1024);
+    let answer = loop {
+        let mut chunk = [0u8; 1024];
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                break route(req.method.unwrap_or(""), req.path.unwrap_or(""), control)
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => break text(431, "request head too large\n"),
+            Err(e) => break text(400, &format!("bad request: {e}\n")),
+        }
+    };
+    let Answer(status, kind, body) = answer;
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+        reason(status),
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(body.as_bytes());
+}
+
+fn route(method: &str, target: &str, control: &Control) -> Answer {
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => Answer(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(control),
+        ),
+        ("GET", "/certs") => certs(control),
+        ("GET", "/healthz") => text(200, "ok\n"),
+        ("GET", "/ready") => {
+            if control.status.draining.load(Ordering::Relaxed) {
+                text(503, "draining\n")
+            } else if !control.status.ready.load(Ordering::Relaxed) {
+                text(503, "starting\n")
+            } else {
+                text(200, "ready\n")
+            }
+        }
+        ("POST", "/reload") => reload(control),
+        (_, "/metrics" | "/healthz" | "/ready" | "/reload") => text(405, "method not allowed\n"),
+        _ => text(
+            404,
+            "not found: try /metrics, /healthz, /ready, POST /reload\n",
+        ),
+    }
+}
+
+/// Every shard's counters summed, the kernel's kTLS counters and the
+/// current certificates' expiry.
+fn metrics(control: &Control) -> String {
+    let mut out = String::with_capacity(16 << 10);
+    crate::metrics::render_into(&mut out, &control.metric_sets());
+    // Absent without kTLS (or before Linux 5.6): nothing to mirror.
+    if let Ok(stat) = std::fs::read_to_string("/proc/net/tls_stat") {
+        crate::metrics::render_kernel_tls(&mut out, &stat);
+    }
+    crate::metrics::render_cert_expiry(&mut out, &control.current().config);
+    out
+}
+
+/// The certificates the current generation serves.
+fn certs(control: &Control) -> Answer {
+    let gen = control.current();
+    let mut list = Vec::new();
+    for l in &gen.config.listeners {
+        for (i, c) in l.certificates.iter().enumerate() {
+            let names = if c.server_names.is_empty() {
+                &c.info.names
+            } else {
+                &c.server_names
+            };
+            list.push(serde_json::json!({
+                "listener": l.name,
+                "default": i == 0,
+                "names": names,
+                "subject": c.info.subject,
+                "issuer": c.info.issuer,
+                "not_after": httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH + Duration::from_secs(c.info.not_after.max(0) as u64)
+                ),
+                "not_after_unix": c.info.not_after,
+                "key_type": c.info.key_type,
+                "sha256": c.info.sha256,
+                "cert_file": c.info.cert_file,
+                "key_file": c.info.key_file,
+                "generation": gen.number,
+            }));
+        }
+    }
+    json(200, serde_json::Value::Array(list))
+}
+
+fn reload(control: &Control) -> Answer {
+    match control.reload() {
+        Ok(r) => {
+            let listeners: Vec<_> = r
+                .listeners
+                .iter()
+                .map(|(name, addr)| serde_json::json!({"name": name, "address": addr.to_string()}))
+                .collect();
+            json(
+                200,
+                serde_json::json!({"status": "live", "generation": r.generation, "listeners": listeners}),
+            )
+        }
+        Err(e) => {
+            let generation = control.current().number;
+            let (status, errors) = match &e {
+                ReloadError::Config(c) => (
+                    422,
+                    c.problems
+                        .iter()
+                        .map(|p| serde_json::json!({"file": c.file, "field": p.field, "reason": p.reason}))
+                        .collect(),
+                ),
+                ReloadError::NoFile | ReloadError::Draining => {
+                    (409, vec![serde_json::json!({"reason": e.to_string()})])
+                }
+                _ => (500, vec![serde_json::json!({"reason": e.to_string()})]),
+            };
+            json(
+                status,
+                serde_json::json!({"status": "refused", "generation": generation, "errors": errors}),
+            )
+        }
+    }
+}
+
+fn text(status: u16, body: &str) -> Answer {
+    Answer(status, "text/plain; charset=utf-8", body.to_string())
+}
+
+fn json(status: u16, value: serde_json::Value) -> Answer {
+    Answer(status, "application/json", value.to_string() + "\n")
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        422 => "Unprocessable Content",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}

@@ -1,0 +1,275 @@
+//! HTTP test support shared by the suites: a scriptable HTTP/1.1 backend,
+//! a config builder for `http` routes, and a response reader.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{pattern, sha256, Client};
+
+/// A test backend named `name`; counts accepted connections.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    /// What `/healthz` answers: 200 while true, 503 while false.
+    pub healthy: Arc<AtomicBool>,
+}
+
+pub fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| std::io::Error::other("bad chunk size"))?;
+        if size == 0 {
+            // Trailers until the blank line.
+            loop {
+                line.clear();
+                r.read_line(&mut line)?;
+                if line == "\r\n" || line.is_empty() {
+                    return Ok(body);
+                }
+            }
+        }
+        let mut chunk = vec![0; size + 2];
+        r.read_exact(&mut chunk)?;
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
+
+pub fn start_http_backend(name: &'static str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (count, health) = (accepted.clone(), healthy.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            let health = health.clone();
+            std::thread::spawn(move || {
+                let _ = http_backend_conn(name, conn, &health);
+            });
+        }
+    });
+    Backend {
+        addr,
+        accepted,
+        healthy,
+    }
+}
+
+pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> std::io::Result<()> {
+    let mut out = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let lower = head.to_ascii_lowercase();
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let body = if lower.contains("transfer-encoding: chunked") {
+            read_chunked(&mut r)?
+        } else if let Some(i) = lower.find("content-length: ") {
+            let n: usize = lower[i + 16..]
+                .lines()
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let mut b = vec![0; n];
+            r.read_exact(&mut b)?;
+            b
+        } else {
+            Vec::new()
+        };
+        let reply = |out: &mut TcpStream, body: &[u8]| -> std::io::Result<()> {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(body)
+        };
+        match path.as_str() {
+            "/healthz" if !healthy.load(Ordering::SeqCst) => {
+                out.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")?
+            }
+            "/head" => reply(&mut out, head.as_bytes())?,
+            "/sum" => reply(&mut out, format!("{} {}", body.len(), sha256(&body)).as_bytes())?,
+            "/chunked" => out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n")?,
+            "/close" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close")?;
+                return Ok(());
+            }
+            "/gzip-close" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nGZDATA")?;
+                return Ok(());
+            }
+            "/close-big" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\n\r\n")?;
+                for part in pattern(300_000, 3).chunks(70_000) {
+                    out.write_all(part)?;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return Ok(());
+            }
+            p if p.starts_with("/wait/") => {
+                // /wait/MS: answers after MS milliseconds.
+                let ms = p["/wait/".len()..].parse().unwrap_or(0);
+                std::thread::sleep(Duration::from_millis(ms));
+                reply(&mut out, name.as_bytes())?;
+            }
+            "/slow" => {
+                std::thread::sleep(Duration::from_secs(3));
+                reply(&mut out, b"late")?;
+            }
+            "/bad" => {
+                out.write_all(b"SSH-2.0-nope\r\n\r\n")?;
+                return Ok(());
+            }
+            "/ws" => {
+                out.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi")?;
+                // Echo the new protocol's bytes until the client half-closes.
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = r.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    out.write_all(&buf[..n])?;
+                }
+            }
+            "/cut" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
+                return Ok(());
+            }
+            "/huge" => {
+                // More than the loopback socket buffers hold on both hops.
+                let chunk = vec![b'h'; 1 << 20];
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 64 << 20)?;
+                for _ in 0..64 {
+                    out.write_all(&chunk)?;
+                }
+            }
+            "/hint-close" => {
+                out.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")?;
+                return Ok(());
+            }
+            "/stall" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
+                std::thread::sleep(Duration::from_secs(4));
+                return Ok(());
+            }
+            _ => reply(&mut out, name.as_bytes())?,
+        }
+        if lower.contains("connection: close") {
+            return Ok(());
+        }
+    }
+}
+
+pub fn http_config(backends: &[(&str, SocketAddr)], rules: &str, extra: &str) -> String {
+    let mut s = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n{extra}\n{rules}\n"
+    );
+    for (name, addr) in backends {
+        s.push_str(&format!(
+            "[upstream.{name}]\nbackends = [\"{addr}\"]\nresponse_timeout = \"1s\"\n"
+        ));
+    }
+    s
+}
+
+/// One parsed response: status, headers (lower-case names), body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response from a buffered TLS stream (Content-Length, chunked,
+/// or until close).
+pub fn read_response(r: &mut BufReader<&mut Client>, head_request: bool) -> std::io::Result<Resp> {
+    let mut status_line = String::new();
+    r.read_line(&mut status_line)?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        if line == "\r\n" {
+            break;
+        }
+        let (n, v) = line
+            .split_once(':')
+            .ok_or_else(|| std::io::Error::other(format!("bad header line {line:?}")))?;
+        headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let mut resp = Resp {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if head_request || status == 100 || status == 204 || status == 304 {
+        return Ok(resp);
+    }
+    if resp.header("transfer-encoding") == Some("chunked") {
+        resp.body = read_chunked(r)?;
+    } else if let Some(n) = resp.header("content-length") {
+        let mut b = vec![0; n.parse().unwrap()];
+        r.read_exact(&mut b)?;
+        resp.body = b;
+    } else {
+        r.read_to_end(&mut resp.body)?;
+    }
+    Ok(resp)
+}
+
+pub fn exchange(c: &mut Client, request: &str) -> Resp {
+    try_exchange(c, request).unwrap()
+}
+
+/// One request and its response; errors instead of panicking (load tests
+/// count them).
+pub fn try_exchange(c: &mut Client, request: &str) -> std::io::Result<Resp> {
+    c.write_all(request.as_bytes())?;
+    c.flush()?;
+    let mut r = BufReader::new(c);
+    let resp = read_response(&mut r, request.starts_with("HEAD "))?;
+    // Bytes already read past the response would be lost with the reader:
+    // they can only be a body the framing did not announce.
+    if !r.buffer().is_empty() {
+        return Err(std::io::Error::other(format!(
+            "bytes after the response: {:?}",
+            String::from_utf8_lossy(r.buffer())
+        )));
+    }
+    Ok(resp)
+}
