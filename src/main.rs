@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -30,6 +30,11 @@ enum Command {
         /// Config file (TOML).
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Binary upgrade: take the listening sockets of the ktern serving
+        /// this upgrade socket (its `runtime.upgrade_socket`), then tell it
+        /// to drain.
+        #[arg(long, value_name = "SOCKET")]
+        upgrade_from: Option<PathBuf>,
     },
     /// Ask the running ktern to re-read its config: exit 0 when the new
     /// config is live, 1 with every reason when it was refused.
@@ -71,7 +76,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => match run(config) {
+        Command::Run {
+            config,
+            upgrade_from,
+        } => match run(config, upgrade_from) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ktern: {e:#}");
@@ -79,6 +87,16 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// A line on stdout for whoever started ktern (addresses, the curl to
+/// try). A closed or full stdout must not stop a running server: unlike
+/// `println!`, errors are ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 fn check(config: &std::path::Path) -> Result<Config, ktern::config::ConfigError> {
@@ -103,7 +121,7 @@ fn embedded_default() -> anyhow::Result<Config> {
     )?)
 }
 
-fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::Result<()> {
     let embedded = config_path.is_none();
     let (config, source) = match config_path {
         Some(p) => (Config::load(&p)?, Source::File(p)),
@@ -145,7 +163,26 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     ])
     .context("cannot install signal handlers")?;
     let admin = config.admin;
-    let control = Control::start(config, source, Arc::new(support))?;
+    let upgrade_socket = config.runtime.upgrade_socket.clone();
+    // Binary upgrade: the running ktern's sockets, before binding anything.
+    let mut inherited = match &upgrade_from {
+        Some(path) => {
+            let i = ktern::control::upgrade::take_over(path)?;
+            tracing::info!(
+                pid = i.pid,
+                sockets = i.sockets.len(),
+                "upgrade: took the listening sockets of the running ktern"
+            );
+            Some(i)
+        }
+        None => None,
+    };
+    let sockets = inherited
+        .as_mut()
+        .map(|i| std::mem::take(&mut i.sockets))
+        .unwrap_or_default();
+    let inherited_admin = inherited.as_mut().and_then(|i| i.admin.take());
+    let control = Control::start(config, source, Arc::new(support), sockets)?;
     let (listeners, redirects) = control.bound();
     tracing::info!(
         shards = control.metric_sets().len() - 2,
@@ -153,20 +190,44 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
     for (name, addr) in &listeners {
-        println!("listening {name} {addr}");
+        say!("listening {name} {addr}");
     }
     for addr in &redirects {
-        println!("redirecting {addr}");
+        say!("redirecting {addr}");
     }
     if let Some(admin) = admin {
-        let addr = ktern::control::admin::serve(admin, control.clone())
+        let listener = match inherited_admin {
+            // The same configured address: serve the socket the old binary
+            // served (a fresh bind would fail while it lives).
+            Some((configured, l)) if configured == admin => l,
+            _ => std::net::TcpListener::bind(admin)
+                .with_context(|| format!("admin.address: cannot listen on {admin}"))?,
+        };
+        let addr = ktern::control::admin::serve(admin, listener, control.clone())
             .context("cannot start the admin endpoint")?;
-        println!("admin http://{addr}/metrics");
+        say!("admin http://{addr}/metrics");
+    }
+    if let Some(path) = &upgrade_socket {
+        ktern::control::upgrade::serve(
+            path,
+            Arc::new(ktern::control::UpgradeOffer(control.clone())),
+        )
+        .with_context(|| {
+            format!(
+                "runtime.upgrade_socket: cannot listen on {}",
+                path.display()
+            )
+        })?;
+    }
+    if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
+        let pid = old.release(path)?;
+        tracing::info!(pid, "upgrade: the old ktern stopped accepting and drains");
+        say!("upgraded from pid {pid}");
     }
     drop_root(&control.current().config)?;
     if embedded {
         if let Some((_, addr)) = listeners.first() {
-            println!("try: curl -k https://localhost:{}/", addr.port());
+            say!("try: curl -k https://localhost:{}/", addr.port());
         }
     }
     use std::io::Write as _;
@@ -189,9 +250,10 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             }
             _ => {
                 let control = control.clone();
+                let delay = control.current().config.runtime.drain_delay;
                 std::thread::Builder::new()
                     .name("ktern-drain".into())
-                    .spawn(move || drain(&control))
+                    .spawn(move || control.drain(delay))
                     .context("cannot start the drain thread")?;
             }
         }
@@ -222,49 +284,6 @@ fn drop_root(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot switch to user {user:?} (uid {uid}, gid {gid})"))?;
     tracing::info!(user, uid, gid, "dropped root: running as {user}");
     Ok(())
-}
-
-/// SIGTERM/SIGINT: `/ready` answers 503 at once; listeners keep accepting
-/// for `runtime.drain_delay` (so health checks withdraw the host first),
-/// then close; keep-alive connections are closed as they go idle; open
-/// connections get `runtime.drain_timeout` to finish; then exit 0.
-fn drain(control: &Control) {
-    control.status.draining.store(true, Ordering::Relaxed);
-    control.notify.stopping();
-    let gen = control.current();
-    let (delay, timeout) = (
-        gen.config.runtime.drain_delay,
-        gen.config.runtime.drain_timeout,
-    );
-    drop(gen);
-    tracing::info!(
-        ?delay,
-        ?timeout,
-        "draining: /ready answers 503, still accepting for the drain delay"
-    );
-    std::thread::sleep(delay);
-    if let Err(e) = control.stop_accepting() {
-        tracing::error!(error = %e, "drain: a shard did not stop accepting");
-    }
-    let open = control.active_connections();
-    tracing::info!(
-        connections = open,
-        "drain: listeners closed, waiting for open connections"
-    );
-    let until = Instant::now() + timeout;
-    while control.active_connections() > 0 && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left = control.active_connections();
-    if left > 0 {
-        tracing::warn!(
-            connections = left,
-            "drain timeout: closing what is still open"
-        );
-    } else {
-        tracing::info!("drained: every connection finished");
-    }
-    std::process::exit(0);
 }
 
 /// `ktern reload`: asks the running ktern (through the admin endpoint named

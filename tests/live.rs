@@ -130,6 +130,8 @@ fn reload_via_admin(k: &Ktern) -> (u16, serde_json::Value) {
 #[derive(Default)]
 struct LoadReport {
     ok: AtomicU64,
+    /// Keep-alive connections the server ended with `Connection: close`.
+    closes: AtomicU64,
     errors: Mutex<Vec<String>>,
     names: Mutex<std::collections::BTreeSet<String>>,
 }
@@ -140,38 +142,50 @@ impl LoadReport {
     }
 }
 
-/// Keep-alive client: one connection, request after request. Its
-/// connection keeps the generation it started on, so every answer must
-/// come from the same backend.
+/// Keep-alive client: request after request on one connection until the
+/// server says `Connection: close` (after a reload or during a drain),
+/// then a new connection. Every answer on one connection must come from
+/// the same backend: a connection keeps the generation it started on.
 fn keep_alive_worker(
     addr: SocketAddr,
     cfg: Arc<ClientConfig>,
     stop: Arc<AtomicBool>,
     rep: Arc<LoadReport>,
 ) {
-    let mut c = match try_connect(addr, &cfg) {
-        Ok(c) => c,
-        Err(e) => return rep.error(format!("keep-alive connect: {e}")),
-    };
-    let mut first: Option<Vec<u8>> = None;
+    let mut conn: Option<(Client, Option<Vec<u8>>)> = None;
     while !stop.load(Ordering::Relaxed) {
-        match try_exchange(&mut c, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n") {
+        let (c, first) = match conn.as_mut() {
+            Some(c) => c,
+            None => match try_connect(addr, &cfg) {
+                Ok(c) => conn.insert((c, None)),
+                Err(e) => {
+                    rep.error(format!("connect: {e}"));
+                    continue;
+                }
+            },
+        };
+        match try_exchange(c, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n") {
             Ok(r) if r.status == 200 => {
                 rep.ok.fetch_add(1, Ordering::Relaxed);
-                match &first {
-                    None => first = Some(r.body.clone()),
-                    Some(f) if *f != r.body => {
-                        return rep.error(format!(
-                            "keep-alive connection moved from {:?} to {:?}",
-                            String::from_utf8_lossy(f),
-                            String::from_utf8_lossy(&r.body)
-                        ))
-                    }
+                match first {
+                    None => *first = Some(r.body.clone()),
+                    Some(f) if *f != r.body => rep.error(format!(
+                        "keep-alive connection moved from {:?} to {:?}",
+                        String::from_utf8_lossy(f),
+                        String::from_utf8_lossy(&r.body)
+                    )),
                     Some(_) => {}
                 }
+                if r.header("connection") == Some("close") {
+                    rep.closes.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                }
             }
-            Ok(r) => return rep.error(format!("keep-alive status {}", r.status)),
-            Err(e) => return rep.error(format!("keep-alive request: {e}")),
+            Ok(r) => rep.error(format!("keep-alive status {}", r.status)),
+            Err(e) => {
+                rep.error(format!("keep-alive request: {e}"));
+                conn = None;
+            }
         }
     }
 }
@@ -303,6 +317,9 @@ fn reload_under_load_changes_certificate_backend_and_route_with_no_failure() {
         &errors[..errors.len().min(10)]
     );
     assert!(ok > 100, "too little load ran: {ok} requests");
+    // Keep-alive connections of a replaced generation were closed politely
+    // (Connection: close), not kept on the old config for ever.
+    assert!(rep.closes.load(Ordering::Relaxed) > 0);
     let names = rep.names.lock().unwrap();
     assert!(
         names.len() >= 2,
@@ -686,7 +703,8 @@ fn listeners_are_added_and_removed_by_reload() {
     assert_eq!(v["listeners"][1]["address"], spare.to_string(), "{v}");
     download(first, &pki, ClientOpts::default(), 5000);
     download(spare, &pki, ClientOpts::default(), 5000);
-    // A connection open on the listener about to go keeps working after.
+    // A connection open on the listener about to go keeps working after
+    // (a tunnel runs on across reloads).
     let mut open = connect(first, &pki, ClientOpts::default());
     rewrite(&k, &pki, &rt, &second);
     let (status, v) = reload_via_admin(&k);
@@ -797,10 +815,19 @@ fn drain_answers_503_keeps_accepting_then_finishes_requests_and_exits_0() {
         assert!(Instant::now() < until, "/ready did not flip at once");
     }
     assert_eq!(k.admin_request("GET", "/healthz").0, 200);
-    // Still accepting during the drain delay, with keep-alive.
+    // The idle keep-alive connection is closed at once, cleanly
+    // (close_notify), so its client moves while the listeners still accept.
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest)
+        .expect("idle connection: close_notify");
+    assert!(rest.is_empty());
+    // Still accepting during the drain delay; each answer ends its
+    // connection (Connection: close, then close_notify).
     let mut late = try_connect(addr, &cfg).unwrap();
     let r = try_exchange(&mut late, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    assert_eq!(r.status, 200);
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    late.read_to_end(&mut rest)
+        .expect("close_notify after the answer");
     assert!(
         sent.elapsed() < delay * 9 / 10,
         "took too long to test the delay"
@@ -809,17 +836,20 @@ fn drain_answers_503_keeps_accepting_then_finishes_requests_and_exits_0() {
     let r = read_response(&mut std::io::BufReader::new(&mut inflight), false).unwrap();
     assert_eq!((r.status, r.body.as_slice()), (200, b"a".as_slice()));
     assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
-    let mut rest = Vec::new();
     inflight
         .read_to_end(&mut rest)
         .expect("close_notify after the last response");
     assert!(rest.is_empty());
-    // The idle keep-alive connections are closed cleanly (close_notify).
-    idle.read_to_end(&mut rest)
-        .expect("idle connection: close_notify");
-    late.read_to_end(&mut rest)
-        .expect("idle connection: close_notify");
-    assert!(sent.elapsed() >= delay, "closed before the drain delay");
+    assert!(sent.elapsed() >= delay, "answered before the drain delay");
+    // After the delay the listeners are closed.
+    let until = Instant::now() + Duration::from_secs(2) * slow();
+    while TcpStream::connect(addr).is_ok() {
+        assert!(
+            Instant::now() < until,
+            "still accepting after the drain delay"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let status = k
         .wait_exit(Duration::from_secs(5) * slow())
         .expect("ktern did not exit after draining");
@@ -1143,4 +1173,115 @@ fn json_logs_are_one_object_per_line() {
         }
     }
     assert!(seen_reload, "{log}");
+}
+
+#[test]
+fn binary_upgrade_under_load_fails_no_connection() {
+    let pki = Pki::new("live-upgrade");
+    let a = start_http_backend("a");
+    let (cert, key) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let sock = pki.dir.join("upgrade.sock");
+    let rt = runtime(&format!(
+        "upgrade_socket = \"{}\"\ndrain_timeout = \"5s\"",
+        sock.display()
+    ));
+    let mut old = Ktern::start(
+        &pki,
+        &rt,
+        &http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)]),
+    );
+    let addr = old.addr();
+    let cfg = client_config(&[&pki.der]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rep = Arc::new(LoadReport::default());
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        let (cfg, stop, rep) = (cfg.clone(), stop.clone(), rep.clone());
+        workers.push(std::thread::spawn(move || {
+            if i == 0 {
+                keep_alive_worker(addr, cfg, stop, rep)
+            } else {
+                new_conn_worker(addr, cfg, stop, rep)
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rep.ok.load(Ordering::Relaxed);
+    // The new binary (the same one here) takes the sockets over.
+    let new = Ktern::start_args(
+        &pki.dir,
+        &old.config_path,
+        &[],
+        &["--upgrade-from", sock.to_str().unwrap()],
+    );
+    assert_eq!(new.addr(), addr, "the new process serves the same sockets");
+    assert_eq!(new.admin, old.admin, "and the same admin socket");
+    let status = old
+        .wait_exit(Duration::from_secs(10) * slow())
+        .expect("the old process must drain and exit");
+    assert!(status.success(), "{status:?}");
+    let at_exit = rep.ok.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let errors = rep.errors.lock().unwrap();
+    let ok = rep.ok.load(Ordering::Relaxed);
+    assert!(
+        errors.is_empty(),
+        "{} failures out of {ok}: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(10)]
+    );
+    assert!(
+        before > 0 && at_exit > before && ok > at_exit,
+        "load ran before, during and after: {before} {at_exit} {ok}"
+    );
+    assert!(
+        old.log()
+            .contains("upgrade: a new process serves the listeners"),
+        "{}",
+        old.log()
+    );
+    assert!(
+        new.log().contains("upgrade: took the listening sockets"),
+        "{}",
+        new.log()
+    );
+    assert!(new.metric("ktern_connections_accepted_total") > 0);
+    assert_eq!(new.admin_request("GET", "/ready").0, 200);
+    // The new process serves the upgrade socket for the next upgrade.
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+}
+
+#[test]
+fn after_a_reload_old_keep_alive_connections_end_after_their_next_response() {
+    let pki = Pki::new("live-reload-idle");
+    let a = start_http_backend("a");
+    let (cert, key) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let k = Ktern::start(
+        &pki,
+        &runtime(""),
+        &http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)]),
+    );
+    let cfg = client_config(&[&pki.der]);
+    let mut idle = try_connect(k.addr(), &cfg).unwrap();
+    let r = try_exchange(&mut idle, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!((r.status, r.header("connection")), (200, None));
+    assert_eq!(reload_via_admin(&k).0, 200);
+    // Not closed under a request that may be on its way: the next request
+    // is answered (on the config it started with), then the connection ends.
+    let r = try_exchange(&mut idle, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).expect("close_notify");
+    assert!(rest.is_empty());
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
 }

@@ -104,6 +104,9 @@ pub struct Runtime {
     pub group: Option<String>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Unix socket a new binary takes the listening sockets from
+    /// (`ktern run --upgrade-from`).
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// A listening address with its certificates and route.
@@ -934,6 +937,7 @@ impl Validator<'_> {
             user: raw.user,
             group: raw.group,
             log_format: raw.log_format,
+            upgrade_socket: raw.upgrade_socket.map(|p| self.base.join(p)),
         }
     }
 

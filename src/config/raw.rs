@@ -81,6 +81,7 @@ pub(super) struct RuntimeSection {
     pub group: Option<String>,
     #[serde(default)]
     pub log_format: LogFormat,
+    pub upgrade_socket: Option<String>,
 }
 
 fn default_drain_delay() -> String {
@@ -118,6 +119,7 @@ impl Default for RuntimeSection {
             user: None,
             group: None,
             log_format: LogFormat::Auto,
+            upgrade_socket: None,
         }
     }
 }

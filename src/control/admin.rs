@@ -13,7 +13,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::AsFd as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,16 +25,49 @@ const MAX_CONNECTIONS: usize = 32;
 /// Largest request head read.
 const MAX_HEAD: usize = 8 << 10;
 
-/// Binds `addr` and serves it on a `ktern-admin` thread.
-pub fn serve(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+/// Serves `listener` (bound here, or handed over by the binary this one
+/// upgrades) on a `ktern-admin` thread, until a binary upgrade hands it on.
+/// `configured` is `admin.address` as written (port 0 stays 0), which a
+/// binary upgrade matches.
+pub fn serve(
+    configured: SocketAddr,
+    listener: TcpListener,
+    control: Arc<Control>,
+) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
+    // Non-blocking with a poll timeout, so the thread notices the stop flag
+    // (after an upgrade the socket stays open in the new process: closing
+    // our copy would not wake a blocked accept).
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    control.set_admin(configured, listener.try_clone()?, stop.clone());
     let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ktern-admin".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+            while !stop.load(Ordering::Relaxed) {
+                match crate::sys::wait_readable(listener.as_fd(), 200) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin: poll failed");
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                }
+                let conn = match listener.accept() {
+                    Ok((conn, _)) => conn,
+                    // Another process sharing the socket (upgrade) took it.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin: accept failed");
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                if conn.set_nonblocking(false).is_err() {
+                    continue;
+                }
                 if busy.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
                     busy.fetch_sub(1, Ordering::Relaxed);
                     continue;
@@ -50,6 +84,7 @@ pub fn serve(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketA
                     busy.fetch_sub(1, Ordering::Relaxed);
                 }
             }
+            tracing::info!("admin endpoint handed over");
         })?;
     Ok(bound)
 }
@@ -58,10 +93,16 @@ pub fn serve(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketA
 struct Answer(u16, &'static str, String);
 
 fn handle(mut conn: TcpStream, control: &Control) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    // One deadline for the whole request head: a client dripping a byte at
+    // a time cannot hold one of the few admin slots for long.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
     let mut buf = Vec::with_capacity(1024);
     let answer = loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
         let mut chunk = [0u8; 1024];
         match conn.read(&mut chunk) {
             Ok(0) | Err(_) => return,

@@ -21,6 +21,7 @@ use crate::upstream::health::{self, Checks};
 
 pub mod admin;
 pub mod notify;
+pub mod upgrade;
 
 /// How long a shard may take to confirm a command. Shards never block, so
 /// this only fires if one is wedged (a bug).
@@ -106,6 +107,8 @@ struct Inner {
 /// The running process, as the control side sees it.
 pub struct Control {
     inner: Mutex<Inner>,
+    /// `inner.current`, readable while a reload holds `inner`.
+    published: std::sync::RwLock<Arc<Generation>>,
     /// Ready/draining.
     pub status: Status,
     /// Process-level counters (reloads, generation), beside the shards'.
@@ -115,16 +118,23 @@ pub struct Control {
     source: Source,
     /// systemd notifications (no-op outside systemd).
     pub notify: notify::Notifier,
+    /// The admin endpoint's configured address, listener copy and stop flag.
+    admin: Mutex<Option<(SocketAddr, std::net::TcpListener, Arc<AtomicBool>)>>,
     tickets: Arc<dyn rustls::server::ProducesTickets>,
 }
 
 impl Control {
     /// Binds every listener, starts the health checker and one shard per
     /// CPU, and waits until every shard listens.
+    ///
+    /// `inherited` are the listening sockets a running ktern handed over
+    /// (binary upgrade): a listener whose configured address and kind match
+    /// one of them serves on it instead of binding.
     pub fn start(
         config: Config,
         source: Source,
         support: Arc<crate::ktls::Support>,
+        inherited: Vec<(upgrade::SocketMeta, Vec<std::net::TcpListener>)>,
     ) -> Result<Arc<Control>, ReloadError> {
         let cpus = shard::shard_cpus(&config);
         let uring = match config.runtime.driver {
@@ -144,12 +154,28 @@ impl Control {
         let tickets = crate::handshake::ticketer()?;
         let health_metrics = Arc::new(M::default());
         let mut next_key = 1;
-        let plan = plan_sockets(&[], &config, cpus.len(), &mut next_key)?;
-        let checks =
-            health::start(&config, health_metrics.clone()).map_err(|source| ReloadError::Io {
+        let inherited: Vec<Bound> = inherited
+            .into_iter()
+            .map(|(meta, fds)| {
+                let key = next_key;
+                next_key += 1;
+                Bound {
+                    key,
+                    configured: meta.configured,
+                    redirect: meta.redirect,
+                    backlog: meta.backlog,
+                    addr: meta.addr,
+                    fds,
+                }
+            })
+            .collect();
+        let plan = plan_sockets(&inherited, &config, cpus.len(), &mut next_key)?;
+        let checks = health::start(&config, health_metrics.clone(), None).map_err(|source| {
+            ReloadError::Io {
                 what: "cannot start the health checker thread",
                 source,
-            })?;
+            }
+        })?;
         let gen = Arc::new(Generation {
             number: 1,
             tls: tls_configs(&config, cpus.len(), &tickets)?,
@@ -161,7 +187,7 @@ impl Control {
         let mut acks = Vec::new();
         for (i, cpu) in cpus.iter().enumerate() {
             let (done, ack) = mpsc::sync_channel(1);
-            let sockets = fresh_for(&plan.picks, i)?;
+            let sockets = start_sockets(&plan.picks, &inherited, i, cpus.len())?;
             let first = Command::Update {
                 gen: gen.clone(),
                 sockets,
@@ -180,9 +206,10 @@ impl Control {
         let metrics = Arc::new(M::default());
         metrics.generation.store(1, Ordering::Relaxed);
         let control = Arc::new(Control {
+            published: std::sync::RwLock::new(gen.clone()),
             inner: Mutex::new(Inner {
                 current: gen,
-                sockets: commit(Vec::new(), plan.picks),
+                sockets: commit(inherited, plan.picks),
                 checks,
                 next_key,
             }),
@@ -193,15 +220,20 @@ impl Control {
             source,
             tickets,
             notify: notify::Notifier::from_env(),
+            admin: Mutex::new(None),
         });
         control.status.ready.store(true, Ordering::Relaxed);
         tracing::info!(generation = 1, shards = cpus.len(), "config live");
         Ok(control)
     }
 
-    /// The generation new connections get.
+    /// The generation new connections get. Never waits for a reload in
+    /// progress (a scrape or `/certs` must not stall on one).
     pub fn current(&self) -> Arc<Generation> {
-        self.lock().current.clone()
+        self.published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Bound address of each TLS listener (with its name), then of each
@@ -228,6 +260,17 @@ impl Control {
             .sum()
     }
 
+    /// Records the admin endpoint's listener (with its configured address),
+    /// so a binary upgrade can hand it over with the others.
+    pub fn set_admin(
+        &self,
+        addr: SocketAddr,
+        listener: std::net::TcpListener,
+        stop: Arc<AtomicBool>,
+    ) {
+        *self.admin.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, listener, stop));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave Inner half updated
         // (every update is a set of whole-field assignments at the end), so
@@ -235,21 +278,80 @@ impl Control {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The drain sequence (SIGTERM/SIGINT, or after handing the sockets to
+    /// a new binary with `delay` zero): `/ready` answers 503 at once, idle
+    /// keep-alive connections close and busy ones get `Connection: close`
+    /// on their next response, so clients move while the listeners keep
+    /// accepting for `delay` (time for health checks to withdraw the
+    /// host); then the listeners close; open connections get
+    /// `runtime.drain_timeout` to finish; then the process exits 0.
+    pub fn drain(&self, delay: Duration) -> ! {
+        self.status.draining.store(true, Ordering::Relaxed);
+        self.notify.stopping();
+        let timeout = self.current().config.runtime.drain_timeout;
+        tracing::info!(
+            ?delay,
+            ?timeout,
+            "draining: /ready answers 503, keep-alive ends, still accepting for the drain delay"
+        );
+        if let Err(e) = self.close_keep_alive() {
+            tracing::error!(error = %e, "drain: a shard did not answer");
+        }
+        std::thread::sleep(delay);
+        if let Err(e) = self.stop_accepting() {
+            tracing::error!(error = %e, "drain: a shard did not stop accepting");
+        }
+        let open = self.active_connections();
+        tracing::info!(
+            connections = open,
+            "drain: listeners closed, waiting for open connections"
+        );
+        let until = std::time::Instant::now() + timeout;
+        while self.active_connections() > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = self.active_connections();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "drain timeout: closing what is still open"
+            );
+        } else {
+            tracing::info!("drained: every connection finished");
+        }
+        std::process::exit(0)
+    }
+
     /// Drain, second step (after `runtime.drain_delay`): every shard takes
     /// what its listeners' queues hold, closes them, and from then on closes
     /// idle keep-alive connections and answers `Connection: close`.
     pub fn stop_accepting(&self) -> Result<(), ReloadError> {
-        let mut inner = self.lock();
+        // Our copies first, so that each shard's close, after it has taken
+        // its queue, is the last one.
+        self.lock().sockets.clear();
+        self.tell_all(|done| Command::StopAccepting { done })
+    }
+
+    /// Drain, first step: idle keep-alive connections close, busy ones
+    /// get `Connection: close` on their next response.
+    pub fn close_keep_alive(&self) -> Result<(), ReloadError> {
+        self.tell_all(|done| Command::Close { done })
+    }
+
+    /// Sends a command to every shard (even if one has failed) and waits
+    /// for every answer.
+    fn tell_all(&self, cmd: impl Fn(mpsc::SyncSender<u64>) -> Command) -> Result<(), ReloadError> {
         let mut acks = Vec::new();
+        let mut failed = None;
         for (i, link) in self.links.iter().enumerate() {
             let (done, ack) = mpsc::sync_channel(1);
-            link.send(Command::Drain { done })
-                .map_err(|_| ReloadError::Shard(i))?;
-            acks.push(ack);
+            match link.send(cmd(done)) {
+                Ok(()) => acks.push(ack),
+                Err(_) => failed = Some(i),
+            }
         }
-        let answered = wait_all(acks);
-        inner.sockets.clear();
-        answered
+        wait_all(acks)?;
+        failed.map_or(Ok(()), |i| Err(ReloadError::Shard(i)))
     }
 
     /// Re-reads the config file and every certificate and key; applies all
@@ -300,12 +402,16 @@ impl Control {
         for i in 0..shards {
             fresh.push(fresh_for(&plan.picks, i)?);
         }
-        let checks = health::start(&config, self.health_metrics.clone()).map_err(|source| {
-            ReloadError::Io {
-                what: "cannot start the health checker thread",
-                source,
-            }
-        })?;
+        // Verdicts of unchanged groups carry over: a backend known to be
+        // down does not get traffic again after every reload.
+        let previous = Some((&*inner.current.config, &inner.checks));
+        let checks =
+            health::start(&config, self.health_metrics.clone(), previous).map_err(|source| {
+                ReloadError::Io {
+                    what: "cannot start the health checker thread",
+                    source,
+                }
+            })?;
         // Nothing below can be refused: the generation goes live.
         let gen = Arc::new(Generation {
             number: inner.current.number + 1,
@@ -314,34 +420,44 @@ impl Control {
             slots: plan.slots,
             config: Arc::new(config),
         });
-        let mut acks = Vec::new();
-        for (i, (link, sockets)) in self.links.iter().zip(fresh).enumerate() {
-            let (done, ack) = mpsc::sync_channel(1);
-            link.send(Command::Update {
-                gen: gen.clone(),
-                sockets,
-                done,
-            })
-            .map_err(|_| ReloadError::Shard(i))?;
-            acks.push(ack);
-        }
-        let answered = wait_all(acks);
-        // Even if a shard failed to answer, the others serve the new
-        // generation: record it as current.
+        // The control side first: our copies of removed sockets close now,
+        // so that each shard's own close, after it has taken what its
+        // queue holds, is the last one (the last close resets the queue).
         inner.checks.retire();
         inner.checks = checks;
         inner.next_key = next_key;
-        // The shards closed their copies of removed sockets after taking
-        // what was queued; dropping ours lets the kernel free them.
         let old = std::mem::take(&mut inner.sockets);
         inner.sockets = commit(old, plan.picks);
-        inner.current = gen;
-        answered?;
+        inner.current = gen.clone();
+        self.publish(gen.clone());
+        // Every shard gets the generation, even if one has failed.
+        let mut acks = Vec::new();
+        let mut failed = None;
+        for (i, (link, sockets)) in self.links.iter().zip(fresh).enumerate() {
+            let (done, ack) = mpsc::sync_channel(1);
+            let update = Command::Update {
+                gen: gen.clone(),
+                sockets,
+                done,
+            };
+            match link.send(update) {
+                Ok(()) => acks.push(ack),
+                Err(_) => failed = Some(i),
+            }
+        }
+        wait_all(acks)?;
+        if let Some(i) = failed {
+            return Err(ReloadError::Shard(i));
+        }
         let (listeners, _) = bound_of(inner);
         Ok(Reloaded {
             generation: inner.current.number,
             listeners,
         })
+    }
+
+    fn publish(&self, gen: Arc<Generation>) {
+        *self.published.write().unwrap_or_else(|e| e.into_inner()) = gen;
     }
 }
 
@@ -383,6 +499,14 @@ fn unchangeable(old: &Config, new: &Config) -> Result<(), ConfigError> {
     check("runtime.user", old.runtime.user == new.runtime.user);
     check("runtime.group", old.runtime.group == new.runtime.group);
     check("admin.address", old.admin == new.admin);
+    check(
+        "runtime.log_format",
+        old.runtime.log_format == new.runtime.log_format,
+    );
+    check(
+        "runtime.upgrade_socket",
+        old.runtime.upgrade_socket == new.runtime.upgrade_socket,
+    );
     if problems.is_empty() {
         Ok(())
     } else {
@@ -422,7 +546,9 @@ fn wait_all(acks: Vec<mpsc::Receiver<u64>>) -> Result<(), ReloadError> {
 /// new one bound.
 #[derive(Debug)]
 enum Pick {
-    Keep(usize),
+    /// Keep old socket set `i`, plus sockets for shards it lacks, with
+    /// this backlog.
+    Keep(usize, Vec<std::net::TcpListener>, u32),
     New(Bound),
 }
 
@@ -474,16 +600,20 @@ fn plan_sockets(
             .position(|(i, b)| !used[i] && b.configured == configured && b.redirect == redirect);
         if let Some(i) = same {
             used[i] = true;
-            if old[i].backlog != backlog {
-                // listen(2) on a listening socket only resizes its queue.
-                for fd in &old[i].fds {
-                    if let Err(e) = socket2::SockRef::from(fd).listen(backlog as i32) {
-                        tracing::warn!(address = %old[i].addr, error = %e, "cannot change the backlog");
-                    }
+            // A socket set handed over by an older binary with fewer shards:
+            // the shards it lacks get their own SO_REUSEPORT sockets.
+            let mut extra = Vec::new();
+            for _ in old[i].fds.len()..shards {
+                match shard::bind(old[i].addr, backlog) {
+                    Ok(s) => extra.push(s),
+                    Err(e) => problems.push(Problem {
+                        field: field.clone(),
+                        reason: format!("cannot listen on {}: {e}", old[i].addr),
+                    }),
                 }
             }
             slots.push((old[i].key, slot));
-            picks.push(Pick::Keep(i));
+            picks.push(Pick::Keep(i, extra, backlog));
             continue;
         }
         // A new address: refuse one that another program listens on,
@@ -544,8 +674,8 @@ fn fresh_for(picks: &[Pick], i: usize) -> Result<Vec<(u64, std::net::TcpListener
     picks
         .iter()
         .filter_map(|p| match p {
-            Pick::New(b) => Some((b.key, &b.fds[i])),
-            Pick::Keep(_) => None,
+            Pick::New(b) => b.fds.get(i).map(|fd| (b.key, fd)),
+            Pick::Keep(..) => None,
         })
         .map(|(key, fd)| {
             fd.try_clone()
@@ -558,6 +688,48 @@ fn fresh_for(picks: &[Pick], i: usize) -> Result<Vec<(u64, std::net::TcpListener
         .collect()
 }
 
+/// At start every socket is new to the shards: shard `i` of `shards` gets
+/// its own sockets of each new set, and of each inherited set the fds
+/// `j` with `j % shards == i` (an older binary may have run more shards:
+/// every inherited socket is still accepted from) plus any extra one bound
+/// for it.
+fn start_sockets(
+    picks: &[Pick],
+    inherited: &[Bound],
+    i: usize,
+    shards: usize,
+) -> Result<Vec<(u64, std::net::TcpListener)>, ReloadError> {
+    let mut out = Vec::new();
+    for p in picks {
+        let (key, fds): (u64, Vec<&std::net::TcpListener>) = match p {
+            Pick::New(b) => (b.key, b.fds.get(i).into_iter().collect()),
+            Pick::Keep(j, extra, _) => {
+                let b = &inherited[*j];
+                let mut fds: Vec<_> = b
+                    .fds
+                    .iter()
+                    .enumerate()
+                    .filter(|(n, _)| n % shards == i)
+                    .map(|(_, fd)| fd)
+                    .collect();
+                let have = b.fds.len();
+                if i >= have {
+                    fds.extend(extra.get(i - have));
+                }
+                (b.key, fds)
+            }
+        };
+        for fd in fds {
+            let fd = fd.try_clone().map_err(|source| ReloadError::Io {
+                what: "cannot duplicate a listening socket",
+                source,
+            })?;
+            out.push((key, fd));
+        }
+    }
+    Ok(out)
+}
+
 /// The new socket table: kept sockets and new ones; the old sockets not
 /// kept are dropped here.
 fn commit(old: Vec<Bound>, picks: Vec<Pick>) -> Vec<Bound> {
@@ -565,8 +737,74 @@ fn commit(old: Vec<Bound>, picks: Vec<Pick>) -> Vec<Bound> {
     picks
         .into_iter()
         .filter_map(|pick| match pick {
-            Pick::Keep(i) => old.get_mut(i).and_then(Option::take),
+            Pick::Keep(i, extra, backlog) => old.get_mut(i).and_then(Option::take).map(|mut b| {
+                b.fds.extend(extra);
+                if b.backlog != backlog {
+                    // listen(2) on a listening socket only resizes its
+                    // queue (the config allows at most 65535).
+                    for fd in &b.fds {
+                        let n = backlog.min(i32::MAX as u32) as i32;
+                        if let Err(e) = socket2::SockRef::from(fd).listen(n) {
+                            tracing::warn!(address = %b.addr, error = %e, "cannot change the backlog");
+                        }
+                    }
+                    b.backlog = backlog;
+                }
+                b
+            }),
             Pick::New(b) => Some(b),
         })
         .collect()
+}
+
+/// The running process's side of a binary upgrade.
+pub struct UpgradeOffer(pub Arc<Control>);
+
+impl upgrade::Offerer for UpgradeOffer {
+    fn sockets(&self) -> Vec<(upgrade::SocketMeta, Vec<std::net::TcpListener>)> {
+        let inner = self.0.lock();
+        inner
+            .sockets
+            .iter()
+            .map(|b| {
+                let meta = upgrade::SocketMeta {
+                    configured: b.configured,
+                    redirect: b.redirect,
+                    backlog: b.backlog,
+                    addr: b.addr,
+                    fds: b.fds.len(),
+                };
+                (
+                    meta,
+                    b.fds.iter().filter_map(|f| f.try_clone().ok()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn admin(&self) -> Option<(SocketAddr, std::net::TcpListener)> {
+        let admin = self.0.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let (addr, listener, _) = admin.as_ref()?;
+        Some((*addr, listener.try_clone().ok()?))
+    }
+
+    fn hand_over(&self) {
+        // The new process serves the admin socket from now on.
+        if let Some((_, _, stop)) = &*self.0.admin.lock().unwrap_or_else(|e| e.into_inner()) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        self.0.status.draining.store(true, Ordering::Relaxed);
+        if let Err(e) = self.0.stop_accepting() {
+            tracing::error!(error = %e, "upgrade: a shard did not stop accepting");
+        }
+        tracing::info!("upgrade: a new process serves the listeners; draining");
+        let control = self.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ktern-drain".into())
+            .spawn(move || control.drain(Duration::ZERO));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the drain thread: exiting now");
+            std::process::exit(0);
+        }
+    }
 }

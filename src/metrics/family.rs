@@ -309,7 +309,7 @@ pub fn render(out: &mut String, all: &[&Families]) {
     let name = "ktern_http_responses_total";
     let _ = writeln!(
         out,
-        "# HELP {name} HTTP responses sent, by listener, upstream group (\"(static)\": files; \"(none)\": ktern's own answers) and status class.\n# TYPE {name} counter"
+        "# HELP {name} HTTP responses sent, by listener, the upstream group the request was routed to (also for ktern's own 413/502/504 answers; \"(static)\": files; \"(none)\": no rule matched or refused before routing) and status class.\n# TYPE {name} counter"
     );
     let mut sums: BTreeMap<(String, String), [u64; 5]> = BTreeMap::new();
     for f in all {
@@ -341,7 +341,7 @@ pub fn render(out: &mut String, all: &[&Families]) {
     render_histogram(
         out,
         "ktern_upstream_response_time_seconds",
-        "Time from sending a request to a backend to its response head (time to first byte).",
+        "Time from the request head's arrival to the backend's response head (includes the backend connect and the request body).",
         &all.iter()
             .map(|f| &f.upstream_ttfb_seconds)
             .collect::<Vec<_>>(),

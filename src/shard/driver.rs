@@ -181,6 +181,7 @@ fn proxy<'a>(
                     balancers: &gen.upstream_balancers,
                     pool: &gen.pool,
                     drain: &shard.drain,
+                    retired: &gen.retired,
                     responses: &gen.responses[listener],
                     metrics: m,
                     peer,

@@ -83,6 +83,12 @@ pub struct ShardGen {
     /// HTTP responses per listener: one counter set per upstream group,
     /// then static files, then ktern's own answers (last).
     pub responses: Vec<Vec<Arc<ClassCounters>>>,
+    /// Set when a newer generation replaces this one: its HTTP
+    /// connections answer their next request with `Connection: close`, so
+    /// none keeps an outdated route, pool or health view for long. An idle
+    /// one is not closed at once: a request may be on its way, and closing
+    /// under it would fail it. Tunnels run on.
+    pub retired: std::cell::Cell<bool>,
 }
 
 impl ShardGen {
@@ -128,6 +134,7 @@ impl ShardGen {
             pool: Pool::new(config.upstreams.len()),
             active,
             responses,
+            retired: std::cell::Cell::new(false),
             gen,
         }
     }
@@ -177,10 +184,18 @@ pub enum Command {
         /// Acknowledgement.
         done: mpsc::SyncSender<u64>,
     },
-    /// Stop accepting (taking what the queues hold), then close idle
-    /// keep-alive connections and send `Connection: close` on the next
-    /// response of busy ones.
-    Drain {
+    /// Drain, first step (at SIGTERM): close idle keep-alive connections
+    /// and send `Connection: close` on the next response of busy ones, so
+    /// that clients move their connections while the listeners still
+    /// accept (behind a stateless ECMP router a connection still open when
+    /// the route is withdrawn is reset).
+    Close {
+        /// Acknowledgement.
+        done: mpsc::SyncSender<u64>,
+    },
+    /// Drain, second step (after the drain delay), or a binary upgrade:
+    /// stop accepting, taking what the queues hold.
+    StopAccepting {
         /// Acknowledgement, once every listener is closed.
         done: mpsc::SyncSender<u64>,
     },
@@ -356,7 +371,11 @@ async fn shard_main(
         while let Ok(cmd) = rx.try_recv() {
             match cmd {
                 Command::Update { gen, sockets, done } => update(&shard, gen, sockets, done),
-                Command::Drain { done } => drain(&shard, done).await,
+                Command::Close { done } => {
+                    shard.drain.start();
+                    let _ = done.send(shard.current().gen.number);
+                }
+                Command::StopAccepting { done } => stop_accepting(&shard, done).await,
             }
         }
     }
@@ -379,17 +398,21 @@ fn update(
     let old = shard.current.replace(next.clone());
     if !Rc::ptr_eq(&old, &next) {
         // Idle backend connections of the old generation close now; its
-        // connections still in use close when their exchange ends.
+        // HTTP connections end after their next response.
         old.pool.retire();
+        old.retired.set(true);
     }
-    drop(old);
     shard.accepting.borrow_mut().retain(|(key, stop)| {
         let keep = next.gen.slot(*key).is_some();
         if !keep {
+            // Connections still queued on it are served with the
+            // generation that had it.
+            *stop.retired_gen.borrow_mut() = Some(old.clone());
             stop.stop();
         }
         keep
     });
+    drop(old);
     for (key, std_listener) in sockets {
         match monoio::net::TcpListener::from_std(std_listener) {
             Ok(listener) => {
@@ -405,7 +428,7 @@ fn update(
     let _ = done.send(number);
 }
 
-async fn drain(shard: &Rc<Shard>, done: mpsc::SyncSender<u64>) {
+async fn stop_accepting(shard: &Rc<Shard>, done: mpsc::SyncSender<u64>) {
     let stops: Vec<_> = shard.accepting.borrow_mut().drain(..).collect();
     for (_, stop) in &stops {
         stop.stop();
@@ -414,13 +437,15 @@ async fn drain(shard: &Rc<Shard>, done: mpsc::SyncSender<u64>) {
     for (_, stop) in stops {
         stop.closed().await;
     }
-    shard.drain.start();
     let _ = done.send(shard.current().gen.number);
 }
 
 /// Stops one accept loop.
 #[derive(Default)]
 struct AcceptStop {
+    /// The generation that last had this socket, once a newer one dropped
+    /// it (connections taken from its queue are served with it).
+    retired_gen: RefCell<Option<Rc<ShardGen>>>,
     canceller: RefCell<Option<monoio::io::Canceller>>,
     stopped: std::cell::Cell<bool>,
     closed: std::cell::Cell<bool>,
@@ -467,12 +492,9 @@ async fn accept_loop(
     listener: monoio::net::TcpListener,
     stop: Rc<AcceptStop>,
 ) {
-    // The generation this socket last belonged to: a connection accepted
-    // while the socket is being retired is served with it.
-    let mut last: Option<(Rc<ShardGen>, Slot)> = None;
     while !stop.stopped.get() {
         match listener.cancelable_accept(stop.handle()).await {
-            Ok((socket, peer)) => dispatch(&shard, key, &mut last, socket, peer),
+            Ok((socket, peer)) => dispatch(&shard, key, &stop, socket, peer),
             Err(_) if stop.stopped.get() => break,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning.
@@ -495,7 +517,7 @@ async fn accept_loop(
                 match monoio::net::TcpStream::from_std(stream) {
                     Ok(s) => {
                         taken += 1;
-                        dispatch(&shard, key, &mut last, s, peer);
+                        dispatch(&shard, key, &stop, s, peer);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot register a queued connection"),
                 }
@@ -510,27 +532,33 @@ async fn accept_loop(
     }
     tracing::debug!(shard = shard.id, key, taken, "listener closed");
     drop(listener);
+    stop.retired_gen.borrow_mut().take();
     stop.set_closed();
 }
 
 fn dispatch(
     shard: &Rc<Shard>,
     key: u64,
-    last: &mut Option<(Rc<ShardGen>, Slot)>,
+    stop: &AcceptStop,
     socket: monoio::net::TcpStream,
     peer: SocketAddr,
 ) {
+    // The current generation, or (for a socket being retired) the one
+    // that had it.
     let current = shard.current();
-    if let Some(slot) = current.gen.slot(key) {
-        match last {
-            Some((g, s)) if Rc::ptr_eq(g, &current) && *s == slot => {}
-            _ => *last = Some((current, slot)),
-        }
-    }
-    let Some((gen, slot)) = last.as_ref() else {
+    let found = match current.gen.slot(key) {
+        Some(slot) => Some((current, slot)),
+        None => stop
+            .retired_gen
+            .borrow()
+            .as_ref()
+            .and_then(|g| Some((g.clone(), g.gen.slot(key)?))),
+    };
+    let Some((gen, slot)) = found else {
+        tracing::warn!(shard = shard.id, %peer, "internal: connection on a socket no generation serves");
         return;
     };
-    match *slot {
+    match slot {
         Slot::Tls(index) => {
             let active = shard
                 .metrics
@@ -543,7 +571,7 @@ fn dispatch(
                 tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
                 return;
             }
-            let fut = driver::serve(shard.clone(), gen.clone(), index, socket, peer);
+            let fut = driver::serve(shard.clone(), gen, index, socket, peer);
             tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
             monoio::spawn(fut);
         }

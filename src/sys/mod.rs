@@ -440,7 +440,10 @@ pub const MAX_FDS_PER_MESSAGE: usize = 250;
 /// the receiver gets its own descriptors for the same open sockets.
 pub fn send_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if fds.len() > MAX_FDS_PER_MESSAGE || data.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad fd message"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad fd message",
+        ));
     }
     let payload = fds.len() * size_of::<RawFd>();
     // SAFETY: CMSG_SPACE only computes a size.
@@ -508,9 +511,7 @@ pub fn recv_fds(
     // SAFETY: `sock` is borrowed and open; the kernel writes at most
     // `buf.len()` bytes into `buf` and `space` bytes into `cmsg`.
     // MSG_CMSG_CLOEXEC: the fds are not inherited by anything we exec.
-    let n = cvt_size(unsafe {
-        libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)
-    })?;
+    let n = cvt_size(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) })?;
     let mut fds = Vec::new();
     // SAFETY: CMSG_FIRSTHDR/NXTHDR walk inside `msg_control` using the
     // `msg_controllen` the kernel set; each SCM_RIGHTS payload holds

@@ -53,6 +53,13 @@ impl Tracker {
         }
     }
 
+    /// Starts from "down" (a verdict carried over across a reload): `rise`
+    /// passes bring it back.
+    pub fn mark_down(&mut self) {
+        self.up = false;
+        self.streak = 0;
+    }
+
     /// Records one check; returns the transition it caused, if any.
     pub fn record(&mut self, pass: bool) -> Option<Transition> {
         // The streak counts checks that disagree with the current verdict.
@@ -137,14 +144,33 @@ impl Checks {
 /// Starts a checker thread for every upstream group with `health` (one
 /// per config generation; [`Checks::retire`] stops it). `metrics` is the
 /// process's health counter set, shared across generations.
-pub fn start(config: &Config, metrics: Arc<M>) -> std::io::Result<Checks> {
+///
+/// `previous` (the replaced generation's config and checks): a group with
+/// the same name, backends and checks starts from the old verdicts instead
+/// of "all up".
+pub fn start(
+    config: &Config,
+    metrics: Arc<M>,
+    previous: Option<(&Config, &Checks)>,
+) -> std::io::Result<Checks> {
     let states: Vec<Option<Arc<HealthState>>> = config
         .upstreams
         .iter()
         .map(|u| {
-            u.health
-                .as_ref()
-                .map(|_| Arc::new(HealthState::new(u.backends.len())))
+            let check = u.health.as_ref()?;
+            let state = HealthState::new(u.backends.len());
+            let old = previous.and_then(|(c, checks)| {
+                let i = c.upstreams.iter().position(|o| o.name == u.name)?;
+                let o = &c.upstreams[i];
+                let same = o.backends == u.backends && o.health.as_ref() == Some(check);
+                same.then(|| checks.states.get(i)?.clone()).flatten()
+            });
+            if let Some(old) = old {
+                for b in 0..u.backends.len() {
+                    state.set(b, old.is_up(b));
+                }
+            }
+            Some(Arc::new(state))
         })
         .collect();
     if states.iter().all(Option::is_none) {
@@ -199,7 +225,12 @@ struct Job {
 async fn run(job: Job, metrics: Arc<M>) {
     let mut tracker = Tracker::new(job.check.rise, job.check.fall);
     let req = request(&job.check, job.addr);
-    let mut down = false;
+    // A verdict carried over from the replaced generation.
+    let mut down = !job.state.is_up(job.index);
+    if down {
+        tracker.mark_down();
+        M::inc(&metrics.backends_down);
+    }
     loop {
         if job.state.is_retired() {
             // A reload replaced this group's checks: this backend's

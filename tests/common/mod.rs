@@ -167,10 +167,21 @@ impl Ktern {
         path: &std::path::Path,
         env: &[(&str, &str)],
     ) -> Ktern {
+        Ktern::start_args(dir, path, env, &[])
+    }
+
+    /// [`Ktern::start_file`] with extra `ktern run` arguments.
+    pub fn start_args(
+        dir: &std::path::Path,
+        path: &std::path::Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Ktern {
         let stderr_path = dir.join(format!("ktern-{}.log", unique()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_ktern"))
             .args(["run", "-c"])
             .arg(path)
+            .args(args)
             .env("RUST_LOG", "ktern=debug")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

@@ -42,6 +42,11 @@ const READ: usize = 64 << 10;
 /// TLS record's plaintext (RFC 8446 §5.1), so the copy stays small.
 const COALESCE: usize = 16 << 10;
 
+/// How long an idle connection may still deliver a request once the drain
+/// starts: bytes already on their way (a client that wrote just before
+/// the close would otherwise see its request fail).
+const DRAIN_GRACE: Duration = Duration::from_millis(50);
+
 /// What the pump needs from its shard.
 pub struct Ctx<'a> {
     /// The listener's route.
@@ -54,6 +59,9 @@ pub struct Ctx<'a> {
     pub pool: &'a Pool,
     /// The shard's drain flag: close instead of keeping alive.
     pub drain: &'a DrainSignal,
+    /// The connection's generation was replaced by a reload: the next
+    /// response says `Connection: close`.
+    pub retired: &'a Cell<bool>,
     /// This listener's response counters: one per upstream group, then
     /// static files, then ktern's own answers.
     pub responses: &'a [Arc<ClassCounters>],
@@ -71,6 +79,13 @@ pub struct Ctx<'a> {
     pub tls: &'a TlsInfo,
     /// Where access lines go, if anywhere.
     pub access: Option<&'a Sink>,
+}
+
+impl Ctx<'_> {
+    /// Draining or reloaded: keep-alive ends after the current response.
+    fn closing(&self) -> bool {
+        self.drain.is_on() || self.retired.get()
+    }
 }
 
 /// What one request/response exchange did, for its access line.
@@ -128,8 +143,9 @@ pub async fn serve(
     loop {
         let head = match read_head(&mut reader, &mut inbuf, &limits, &ctx, first).await? {
             HeadOutcome::Head(mut h) => {
-                if ctx.drain.is_on() {
-                    // Draining: this response says `Connection: close`.
+                if ctx.closing() {
+                    // Draining, or reloaded: this response says
+                    // `Connection: close`.
                     h.keep_alive = false;
                 }
                 h
@@ -290,15 +306,27 @@ async fn read_head(
             Ok(None) => {}
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
-        let read = Box::pin(reader.read_chunk());
         let chunk = if inbuf.is_empty() && !first {
-            // Idle between requests: a drain closes the connection now
-            // (the read waits for readiness only, so nothing is lost).
+            // Idle between requests: a drain closes the connection (the
+            // read waits for readiness only, so nothing is lost), after a
+            // short grace for a request already on its way, which is then
+            // answered with `Connection: close`. (A new connection's first
+            // request is awaited: it is on its way, and the drain timeout
+            // bounds the wait.)
+            let read = Box::pin(reader.read_chunk());
             match monoio::time::timeout_at(deadline, ctx.drain.or_drain(read)).await {
-                Err(_) | Ok(None) => return Ok(HeadOutcome::Idle),
+                Err(_) => return Ok(HeadOutcome::Idle),
                 Ok(Some(r)) => r?,
+                Ok(None) => {
+                    let read = Box::pin(reader.read_chunk());
+                    match monoio::time::timeout(DRAIN_GRACE, read).await {
+                        Err(_) => return Ok(HeadOutcome::Idle),
+                        Ok(r) => r?,
+                    }
+                }
             }
         } else {
+            let read = Box::pin(reader.read_chunk());
             match monoio::time::timeout_at(deadline, read).await {
                 Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
                 Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
@@ -459,14 +487,7 @@ async fn forward(
         ))
         .await;
         let (mut backend, addr, reused, lease) = match acquired {
-            Ok(c) => {
-                M::inc(if c.2 {
-                    &ctx.metrics.pool_hits
-                } else {
-                    &ctx.metrics.pool_misses
-                });
-                c
-            }
+            Ok(c) => c,
             Err(e) => {
                 M::inc(&ctx.metrics.upstream_connect_failures);
                 tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
@@ -513,7 +534,14 @@ async fn forward(
             }
         }
         match read_response(&mut backend, head.method(), upstream.response_timeout).await {
-            Ok(r) => break (backend, addr, r, lease),
+            Ok(r) => {
+                M::inc(if reused {
+                    &ctx.metrics.pool_hits
+                } else {
+                    &ctx.metrics.pool_misses
+                });
+                break (backend, addr, r, lease);
+            }
             Err(UpstreamFault::NothingBack)
                 if reused && attempt == 1 && idempotent(head.method()) && !has_body =>
             {
@@ -572,7 +600,7 @@ async fn forward(
     // Draining: the connection ends after this response, whenever the
     // drain started (the request may have been read before it).
     let close =
-        !head.keep_alive || ctx.drain.is_on() || (resp.framing == Framing::UntilClose && !rechunk);
+        !head.keep_alive || ctx.closing() || (resp.framing == Framing::UntilClose && !rechunk);
     let mut out = Vec::with_capacity(resp.len + 64);
     let mut extra: Vec<(&str, &[u8])> = Vec::new();
     if let Some(v) = route.hsts.as_deref() {
