@@ -35,7 +35,7 @@ ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts kt
 # drain tests run here so that offloaded connections are shown to survive a
 # reload and to be drained with close_notify.
 suites=(ktls_vm http live)
-declare -A filters=([live]="reload_under_load drain_ resumption")
+declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive")
 test_bins=()
 for t in "${suites[@]}"; do
   bin=$(cargo test --quiet --no-run --test "$t" --message-format=json 2>/dev/null | artifacts "$t")

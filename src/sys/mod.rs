@@ -549,6 +549,17 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
     Ok(n > 0)
 }
 
+/// Moves the calling thread into the network namespace `name` (made by
+/// `ip netns add`, so it is bound at /run/netns/NAME). Only this thread
+/// and the threads it starts afterwards see the namespace's network
+/// stack. For the fleet test, which runs clients and hosts in namespaces.
+pub fn enter_netns(name: &str) -> io::Result<()> {
+    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: `file` is an open namespace fd for the duration of the call;
+    // setns reads no user memory.
+    cvt(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
+}
+
 /// Is this process running with effective uid 0?
 pub fn is_root() -> bool {
     // SAFETY: geteuid reads no user memory and cannot fail.

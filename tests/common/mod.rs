@@ -177,8 +177,33 @@ impl Ktern {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Ktern {
+        Ktern::spawn(dir, path, env, args, &[])
+    }
+
+    /// Starts `ktern run -c path` in the network namespace `ns` (through
+    /// `ip netns exec`, which execs: the child's pid is ktern's).
+    pub fn start_in_netns(ns: &str, dir: &std::path::Path, path: &std::path::Path) -> Ktern {
+        Ktern::spawn(dir, path, &[], &[], &["ip", "netns", "exec", ns])
+    }
+
+    fn spawn(
+        dir: &std::path::Path,
+        path: &std::path::Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+        prefix: &[&str],
+    ) -> Ktern {
         let stderr_path = dir.join(format!("ktern-{}.log", unique()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ktern"))
+        let ktern = env!("CARGO_BIN_EXE_ktern");
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(ktern);
+                c
+            }
+            None => Command::new(ktern),
+        };
+        let mut child = cmd
             .args(["run", "-c"])
             .arg(path)
             .args(args)

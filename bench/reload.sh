@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Requests/s and p99 latency during continuous reloads (one per second,
+# `ktern reload` through the admin endpoint) against the same load with no
+# reloads, side by side in one run: ktern pinned to CPU 1, the client
+# (ktern-load http, open loop at a fixed rate, so latency includes any stall)
+# and the backend on CPU 0. Rounds alternate baseline and reloads, so drift
+# of the shared machine hits both. Bounded in count and time. Usage:
+#   bench/reload.sh [--seconds 10] [--rate 4000] [--conns 20] [--rounds 2]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds=10 rate=4000 conns=20 rounds=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --conns) conns=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (server on 1, client on 0)" >&2; exit 1; }
+dpkg-query -W -f='${Status}' openssl 2>/dev/null | grep -q "ok installed" ||
+  apt-get install -y -qq --no-install-recommends openssl >/dev/null
+cargo build --release --quiet --bins
+bin=$PWD/target/release
+work=$(mktemp -d /tmp/ktern-bench-reload.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+
+openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
+openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+  -days 2 -out "$work/cert.pem" 2>/dev/null
+
+backend=127.0.0.1:19013 addr=127.0.0.1:19455 admin=127.0.0.1:19456
+taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
+cat > "$work/ktern.toml" <<TOML
+[runtime]
+cpus = [1]
+log_format = "text"
+[admin]
+address = "$admin"
+[[listener]]
+address = "$addr"
+[[listener.certificate]]
+cert = "cert.pem"
+key = "key.pem"
+[listener.route]
+kind = "http"
+[[listener.route.rule]]
+upstream = "app"
+[upstream.app]
+backends = ["$backend"]
+pool_size = 64
+TOML
+RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
+for _ in $(seq 100); do grep -q '^admin ' "$work/ktern.out" 2>/dev/null && break; sleep 0.1; done
+
+run() { # $1: label; with $2 = reload, one reload per second during the run
+  local reloader=""
+  if [ "${2:-}" = reload ]; then
+    ( for _ in $(seq "$seconds"); do
+        sleep 1
+        taskset -c 0 "$bin/ktern" reload --admin "$admin" -c "$work/ktern.toml" >/dev/null
+      done ) &
+    reloader=$!
+  fi
+  local out
+  out=$(taskset -c 0 "$bin/ktern-load" http --addr "$addr" --conns "$conns" --seconds "$seconds" --rate "$rate")
+  [ -z "$reloader" ] || wait "$reloader"
+  echo "$1 $out"
+}
+
+gen() { "$bin/ktern" reload --admin "$admin" -c "$work/ktern.toml" | grep -o 'generation [0-9]*'; }
+echo "# ktern-load http --conns $conns --rate $rate --seconds $seconds, ${rounds} rounds; start: $(gen)"
+results=()
+for r in $(seq "$rounds"); do
+  results+=("$(run "round$r baseline")")
+  results+=("$(run "round$r reloads" reload)")
+done
+printf '%s\n' "${results[@]}"
+echo "# end: $(gen); reload failures: $(grep -c 'reload refused' "$work/ktern.log" || true)"
+# p99 ratio per round (reloads / baseline), and requests/s ratio.
+printf '%s\n' "${results[@]}" | awk '
+  { for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+    if ($2 == "baseline") { b99 = v["p99_us"]; brps = v["rps"]; berr = v["errors"] }
+    else printf "%s: p99 %d us vs %d us baseline = %.2fx; rps %.0f vs %.0f; errors %d / %d\n",
+                $1, v["p99_us"], b99, v["p99_us"] / b99, v["rps"], brps, v["errors"], berr }'

@@ -1,0 +1,298 @@
+//! Drain as a fleet sees it: two ktern hosts behind a real kernel ECMP
+//! router (network namespaces, scripts/ecmp-netns.sh), a client load on the
+//! shared VIP, one host drained with SIGTERM and its route withdrawn once
+//! its `/ready` has said 503 for a while (what a health checker does).
+//! Needs root and iproute2; skipped, and said so, without them.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+
+const PREFIX: &str = "ktfleet";
+const VIP: &str = "10.78.9.9:8443";
+
+fn script() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ecmp-netns.sh").to_string()
+}
+
+fn netns(cmd: &[&str]) -> bool {
+    Command::new(script())
+        .args(cmd)
+        .env("PREFIX", PREFIX)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Tears the namespaces down, whatever happened.
+struct Fleet;
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        netns(&["down"]);
+    }
+}
+
+/// Kills a helper process on drop.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ktern::sys::enter_netns(ns).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[derive(Default)]
+struct Load {
+    ok: AtomicU64,
+    connects: AtomicU64,
+    errors: Mutex<Vec<String>>,
+    stop: AtomicBool,
+    pause: AtomicBool,
+    idle: AtomicUsize,
+}
+
+type Client = StreamOwned<ClientConnection, std::net::TcpStream>;
+
+/// A client that honours `Connection: close` and, like curl or a browser,
+/// checks an idle connection before reusing it (a close_notify that came
+/// while it was idle means: open a new one).
+fn client(cfg: Arc<ClientConfig>, load: Arc<Load>) {
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let mut conn: Option<Client> = None;
+    while !load.stop.load(Ordering::Relaxed) {
+        if load.pause.load(Ordering::Relaxed) {
+            load.idle.fetch_add(1, Ordering::SeqCst);
+            while load.pause.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            load.idle.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(c) = conn.as_mut() {
+            c.sock.set_nonblocking(true).unwrap();
+            let mut probe = [0u8; 1];
+            let alive =
+                matches!(c.read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            c.sock.set_nonblocking(false).unwrap();
+            if !alive {
+                conn = None;
+            }
+        }
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => {
+                let sock = match std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(5))
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        load.errors.lock().unwrap().push(format!("connect: {e}"));
+                        continue;
+                    }
+                };
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let tls =
+                    ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap())
+                        .unwrap();
+                load.connects.fetch_add(1, Ordering::Relaxed);
+                conn.insert(StreamOwned::new(tls, sock))
+            }
+        };
+        let res = c
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .and_then(|_| c.flush())
+            .and_then(|_| {
+                let mut r = std::io::BufReader::new(&mut *c);
+                http::read_response(&mut r, false)
+            });
+        match res {
+            Ok(r) if r.status == 200 => {
+                load.ok.fetch_add(1, Ordering::Relaxed);
+                if r.header("connection") == Some("close") {
+                    conn = None;
+                }
+            }
+            Ok(r) => {
+                load.errors
+                    .lock()
+                    .unwrap()
+                    .push(format!("status {}", r.status));
+                conn = None;
+            }
+            Err(e) => {
+                load.errors.lock().unwrap().push(format!("request: {e}"));
+                conn = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn metric(k: &Ktern, ns: &str, name: &str) -> u64 {
+    in_ns(ns, || k.metric(name))
+}
+
+#[test]
+fn draining_host_behind_ecmp_loses_no_request_and_gets_no_new_connection_after_withdrawal() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !root || !netns(&["down"]) {
+        eprintln!("skipped: needs root and iproute2 (network namespaces)");
+        return;
+    }
+    assert!(netns(&["up"]), "scripts/ecmp-netns.sh up failed");
+    let _fleet = Fleet;
+    let pki = Pki::new("fleet");
+    let mut hosts = Vec::new();
+    let mut backends = Vec::new();
+    for h in ["h1", "h2"] {
+        let ns = format!("{PREFIX}-{h}");
+        backends.push(Reaper(
+            Command::new("ip")
+                .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_ktern-load")])
+                .args([
+                    "backend",
+                    "--listen",
+                    "127.0.0.1:18080",
+                    "--kind",
+                    "http",
+                    "--body-bytes",
+                    "16",
+                    "--seconds",
+                    "120",
+                ])
+                .spawn()
+                .unwrap(),
+        ));
+        let listeners = format!(
+            "[[listener]]\nname = \"vip\"\naddress = \"{VIP}\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n[[listener.route.rule]]\nupstream = \"app\"\n[upstream.app]\nbackends = [\"127.0.0.1:18080\"]\n"
+        );
+        let path = pki.dir.join(format!("{h}.toml"));
+        std::fs::write(
+            &path,
+            Ktern::config_text(
+                &pki,
+                "cpus = [0]\ndrain_delay = \"3s\"\ndrain_timeout = \"5s\"",
+                &listeners,
+            ),
+        )
+        .unwrap();
+        hosts.push((ns.clone(), Ktern::start_in_netns(&ns, &pki.dir, &path)));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.der.clone()).unwrap();
+    let cfg = Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let load = Arc::new(Load::default());
+    let clients = 6;
+    let client_ns = format!("{PREFIX}-c");
+    let (l, c) = (load.clone(), cfg.clone());
+    let driver = std::thread::spawn(move || {
+        ktern::sys::enter_netns(&client_ns).unwrap();
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let (l, c) = (l.clone(), c.clone());
+                std::thread::spawn(move || client(c, l))
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (ns1, h1) = &hosts[0];
+    let (ns2, h2) = &hosts[1];
+    assert!(
+        metric(h1, ns1, "ktern_connections_accepted_total") > 0,
+        "ECMP sent nothing to host 1"
+    );
+    assert!(
+        metric(h2, ns2, "ktern_connections_accepted_total") > 0,
+        "ECMP sent nothing to host 2"
+    );
+    // Host 1 drains. Its /ready turns 503 at once; the "health checker"
+    // withdraws the route after seeing 503 for a second (less than the
+    // drain delay, during which host 1 still accepts).
+    h1.signal("TERM");
+    let until = Instant::now() + Duration::from_secs(2);
+    while in_ns(ns1, || h1.admin_request("GET", "/ready").0) != 503 {
+        assert!(Instant::now() < until, "/ready did not flip");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // Withdraw between two requests of every client (a request in flight
+    // at that instant would be reset by the other host whatever ktern did).
+    load.pause.store(true, Ordering::SeqCst);
+    while load.idle.load(Ordering::SeqCst) < clients {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Host 1 has closed every client connection by now: idle ones at
+    // SIGTERM, busy ones after their answer (Connection: close).
+    assert_eq!(
+        in_ns(ns1, || h1
+            .wait_metric_down_to("ktern_connections_active", 0)),
+        0
+    );
+    assert!(netns(&["withdraw", "1"]), "withdraw failed");
+    let connects_at_withdrawal = load.connects.load(Ordering::SeqCst);
+    let host2_before = metric(h2, ns2, "ktern_connections_accepted_total");
+    let ok_at_withdrawal = load.ok.load(Ordering::SeqCst);
+    load.pause.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    load.stop.store(true, Ordering::SeqCst);
+    driver.join().unwrap();
+    let errors = load.errors.lock().unwrap();
+    let ok = load.ok.load(Ordering::SeqCst);
+    assert!(
+        errors.is_empty(),
+        "{} failed requests out of {ok}: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(10)]
+    );
+    assert!(ok > ok_at_withdrawal, "no load after the withdrawal");
+    // Every connection made after the withdrawal landed on host 2.
+    let new_connects = load.connects.load(Ordering::SeqCst) - connects_at_withdrawal;
+    let host2_after = metric(h2, ns2, "ktern_connections_accepted_total");
+    assert_eq!(host2_after - host2_before, new_connects);
+    // Host 1 exits 0 once its connections are gone.
+    let (_, mut h1) = hosts.remove(0);
+    let status = h1
+        .wait_exit(Duration::from_secs(10))
+        .expect("host 1 did not exit");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        h1.log().contains("drained: every connection finished"),
+        "{}",
+        h1.log()
+    );
+    drop(backends);
+}
