@@ -382,7 +382,7 @@ pub struct HealthCheck {
 }
 
 /// A named group of HTTP backends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     /// Name from the config.
     pub name: String,

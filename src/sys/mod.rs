@@ -566,22 +566,36 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// (uid, primary gid) of the user `name`, from the passwd database.
-pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
+/// One `get*nam_r(3)` lookup: the record for `name`, or `NotFound`. The
+/// record's string fields point into a buffer that is gone on return, so
+/// callers take only its numeric fields.
+fn nss_lookup<T>(
+    what: &str,
+    name: &str,
+    buf_len: usize,
+    call: unsafe extern "C" fn(
+        *const libc::c_char,
+        *mut T,
+        *mut libc::c_char,
+        libc::size_t,
+        *mut *mut T,
+    ) -> libc::c_int,
+) -> io::Result<T> {
     let cname = std::ffi::CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in user name"))?;
-    let mut buf = vec![0u8; 16 << 10];
-    // SAFETY: passwd is plain data; all-zero is a valid (empty) value.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in {what} name")))?;
+    let mut buf = vec![0u8; buf_len];
+    // SAFETY: passwd and group are plain data; all-zero is a valid (empty)
+    // value, and `call` overwrites it on success.
+    let mut record: T = unsafe { MaybeUninit::zeroed().assume_init() };
+    let mut result: *mut T = std::ptr::null_mut();
     // SAFETY: every pointer is to memory we own for the call's duration,
-    // and `buf.len()` is the buffer's real size; getpwnam_r writes strings
-    // into `buf` and the record into `pwd`, and sets `result` to `&pwd` or
-    // null.
+    // and `buf.len()` is the buffer's real size; the function writes
+    // strings into `buf`, the record into `record`, and sets `result` to
+    // `&record` or null.
     let rc = unsafe {
-        libc::getpwnam_r(
+        call(
             cname.as_ptr(),
-            &mut pwd,
+            &mut record,
             buf.as_mut_ptr().cast(),
             buf.len(),
             &mut result,
@@ -593,40 +607,22 @@ pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
     if result.is_null() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("no user {name:?}"),
+            format!("no {what} {name:?}"),
         ));
     }
+    Ok(record)
+}
+
+/// (uid, primary gid) of the user `name`, from the passwd database.
+pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
+    let pwd = nss_lookup("user", name, 16 << 10, libc::getpwnam_r)?;
     Ok((pwd.pw_uid, pwd.pw_gid))
 }
 
-/// The gid of the group `name`, from the group database.
+/// The gid of the group `name`, from the group database (a large group's
+/// member list needs a large buffer).
 pub fn lookup_group(name: &str) -> io::Result<u32> {
-    let cname = std::ffi::CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in group name"))?;
-    let mut buf = vec![0u8; 64 << 10];
-    // SAFETY: group is plain data; all-zero is a valid (empty) value.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: as in `lookup_user`: our own memory, the buffer's real size.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    if result.is_null() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no group {name:?}"),
-        ));
-    }
-    Ok(grp.gr_gid)
+    Ok(nss_lookup("group", name, 64 << 10, libc::getgrnam_r)?.gr_gid)
 }
 
 /// Drops root for good: supplementary groups to just `gid`, then gid, then

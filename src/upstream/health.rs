@@ -130,14 +130,15 @@ pub fn request(check: &HealthCheck, addr: SocketAddr) -> Vec<u8> {
 pub struct Checks {
     /// Indexed like `Config::upstreams`.
     pub states: Vec<Option<Arc<HealthState>>>,
+    /// Cleared to stop this generation's probes.
+    alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Checks {
     /// Stops this generation's probes (their thread ends when all have).
     pub fn retire(&self) {
-        for s in self.states.iter().flatten() {
-            s.retire();
-        }
+        self.alive
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -145,9 +146,9 @@ impl Checks {
 /// per config generation; [`Checks::retire`] stops it). `metrics` is the
 /// process's health counter set, shared across generations.
 ///
-/// `previous` (the replaced generation's config and checks): a group with
-/// the same name, backends and checks starts from the old verdicts instead
-/// of "all up".
+/// `previous` (the replaced generation's config and checks): an unchanged
+/// group keeps its verdicts (the same [`HealthState`], which the shards'
+/// carried-over balancers read), now written by this generation's probes.
 pub fn start(
     config: &Config,
     metrics: Arc<M>,
@@ -157,24 +158,17 @@ pub fn start(
         .upstreams
         .iter()
         .map(|u| {
-            let check = u.health.as_ref()?;
-            let state = HealthState::new(u.backends.len());
+            u.health.as_ref()?;
             let old = previous.and_then(|(c, checks)| {
-                let i = c.upstreams.iter().position(|o| o.name == u.name)?;
-                let o = &c.upstreams[i];
-                let same = o.backends == u.backends && o.health.as_ref() == Some(check);
-                same.then(|| checks.states.get(i)?.clone()).flatten()
+                let i = c.upstreams.iter().position(|o| o == u)?;
+                checks.states.get(i)?.clone()
             });
-            if let Some(old) = old {
-                for b in 0..u.backends.len() {
-                    state.set(b, old.is_up(b));
-                }
-            }
-            Some(Arc::new(state))
+            Some(old.unwrap_or_else(|| Arc::new(HealthState::new(u.backends.len()))))
         })
         .collect();
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if states.iter().all(Option::is_none) {
-        return Ok(Checks { states });
+        return Ok(Checks { states, alive });
     }
     let mut jobs = Vec::new();
     for (u, state) in config.upstreams.iter().zip(&states) {
@@ -186,6 +180,7 @@ pub fn start(
                     addr: b.addr,
                     check: check.clone(),
                     state: state.clone(),
+                    alive: alive.clone(),
                 });
             }
         }
@@ -210,7 +205,7 @@ pub fn start(
                 Err(e) => tracing::error!(error = %e, "internal: health checker did not start"),
             }
         })?;
-    Ok(Checks { states })
+    Ok(Checks { states, alive })
 }
 
 struct Job {
@@ -219,20 +214,22 @@ struct Job {
     addr: SocketAddr,
     check: HealthCheck,
     state: Arc<HealthState>,
+    alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Checks one backend forever.
 async fn run(job: Job, metrics: Arc<M>) {
     let mut tracker = Tracker::new(job.check.rise, job.check.fall);
     let req = request(&job.check, job.addr);
-    // A verdict carried over from the replaced generation.
+    // A verdict carried over from the replaced generation (its probe
+    // counted it in the gauge and takes it out when it stops).
     let mut down = !job.state.is_up(job.index);
     if down {
         tracker.mark_down();
         M::inc(&metrics.backends_down);
     }
     loop {
-        if job.state.is_retired() {
+        if !job.alive.load(std::sync::atomic::Ordering::Relaxed) {
             // A reload replaced this group's checks: this backend's
             // verdict no longer counts in the down gauge.
             if down {

@@ -80,9 +80,6 @@ pub struct Balancer {
 #[derive(Debug)]
 pub struct HealthState {
     up: Box<[AtomicBool]>,
-    /// Set when the config generation that owns these checks is replaced:
-    /// its probes stop.
-    retired: AtomicBool,
 }
 
 impl HealthState {
@@ -90,18 +87,7 @@ impl HealthState {
     pub fn new(n: usize) -> HealthState {
         HealthState {
             up: (0..n).map(|_| AtomicBool::new(true)).collect(),
-            retired: AtomicBool::new(false),
         }
-    }
-
-    /// Stops the probes writing this state (a reload replaced it).
-    pub fn retire(&self) {
-        self.retired.store(true, Ordering::Relaxed);
-    }
-
-    /// Has [`HealthState::retire`] been called?
-    pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
     }
 
     /// Is backend `i` up?

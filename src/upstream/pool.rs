@@ -34,9 +34,10 @@ impl Pool {
         }
     }
 
-    /// Closes every idle connection and keeps none from now on (the
-    /// generation that owns this pool was replaced; its connections still
-    /// in use close when their exchange ends).
+    /// A reload removed or changed this pool's upstream group: its idle
+    /// connections close now and none is kept from now on (the old
+    /// generation's connections still using the group close theirs when
+    /// their exchange ends).
     pub fn retire(&self) {
         self.retired.set(true);
         for g in self.groups.borrow_mut().iter_mut() {

@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,14 +55,14 @@ pub struct Ctx<'a> {
     /// All upstream groups.
     pub upstreams: &'a [Upstream],
     /// One balancer per upstream group.
-    pub balancers: &'a [Balancer],
-    /// Idle backend connections.
-    pub pool: &'a Pool,
+    pub balancers: &'a [Rc<Balancer>],
+    /// Idle backend connections, one pool per upstream group.
+    pub pools: &'a [Rc<Pool>],
     /// The shard's drain flag: close instead of keeping alive.
     pub drain: &'a DrainSignal,
-    /// The connection's generation was replaced by a reload: the next
-    /// response says `Connection: close`.
-    pub retired: &'a Cell<bool>,
+    /// When a reload replaced the connection's generation (see
+    /// `ShardGen::retired`).
+    pub retired: &'a Cell<Option<Instant>>,
     /// This listener's response counters: one per upstream group, then
     /// static files, then ktern's own answers.
     pub responses: &'a [Arc<ClassCounters>],
@@ -82,9 +83,14 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Draining or reloaded: keep-alive ends after the current response.
+    /// Draining, or the connection's config was replaced more than a
+    /// keep-alive timeout ago: keep-alive ends after the current response.
     fn closing(&self) -> bool {
-        self.drain.is_on() || self.retired.get()
+        self.drain.is_on()
+            || self
+                .retired
+                .get()
+                .is_some_and(|at| at.elapsed() >= self.route.keepalive_timeout)
     }
 }
 
@@ -473,7 +479,7 @@ async fn forward(
     let (mut backend, addr, response, _lease) = loop {
         attempt += 1;
         // The second attempt follows a stale pooled connection: new one.
-        let pool = (attempt == 1).then_some((group, ctx.pool));
+        let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
         let acquired = Box::pin(balancer.acquire(
             pool,
             key,
@@ -679,7 +685,7 @@ async fn forward(
     // keep-alive, so the backend closes it whatever its answer says.
     if resp.keep_alive && head.minor == 1 && rbuf.is_empty() && resp.framing != Framing::UntilClose
     {
-        ctx.pool.put(group, backend, addr, upstream.pool_size);
+        ctx.pools[group].put(0, backend, addr, upstream.pool_size);
     }
     buffers::give(rbuf);
     Ok(if close { Next::Close } else { Next::KeepAlive })
