@@ -182,6 +182,27 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         .map(|i| std::mem::take(&mut i.sockets))
         .unwrap_or_default();
     let inherited_admin = inherited.as_mut().and_then(|i| i.admin.take());
+    // Every socket of our own is bound before the shards start: a failure
+    // then refuses the start (or the upgrade) before a connection was taken.
+    let admin_listener = match admin {
+        None => None,
+        Some(admin) => Some(match inherited_admin {
+            // The same configured address: serve the socket the old binary
+            // served (a fresh bind would fail while it lives).
+            Some((configured, l)) if configured == admin => l,
+            _ => std::net::TcpListener::bind(admin)
+                .with_context(|| format!("admin.address: cannot listen on {admin}"))?,
+        }),
+    };
+    let upgrade_listening = match &upgrade_socket {
+        Some(path) => Some(ktern::control::upgrade::bind(path).with_context(|| {
+            format!(
+                "runtime.upgrade_socket: cannot listen on {}",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
     let control = Control::start(config, source, Arc::new(support), sockets)?;
     let (listeners, redirects) = control.bound();
     tracing::info!(
@@ -195,36 +216,30 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     for addr in &redirects {
         say!("redirecting {addr}");
     }
-    if let Some(admin) = admin {
-        let listener = match inherited_admin {
-            // The same configured address: serve the socket the old binary
-            // served (a fresh bind would fail while it lives).
-            Some((configured, l)) if configured == admin => l,
-            _ => std::net::TcpListener::bind(admin)
-                .with_context(|| format!("admin.address: cannot listen on {admin}"))?,
-        };
+    if let (Some(admin), Some(listener)) = (admin, admin_listener) {
         let addr = ktern::control::admin::serve(admin, listener, control.clone())
             .context("cannot start the admin endpoint")?;
         say!("admin http://{addr}/metrics");
     }
-    if let Some(path) = &upgrade_socket {
-        ktern::control::upgrade::serve(
-            path,
-            Arc::new(ktern::control::UpgradeOffer(control.clone())),
-        )
-        .with_context(|| {
-            format!(
-                "runtime.upgrade_socket: cannot listen on {}",
-                path.display()
-            )
-        })?;
-    }
-    if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
-        let pid = old.release(path)?;
-        tracing::info!(pid, "upgrade: the old ktern stopped accepting and drains");
-        say!("upgraded from pid {pid}");
-    }
     drop_root(&control.current().config)?;
+    if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
+        // From here on this process serves whatever happens: the old one
+        // may already have stopped accepting.
+        match old.release(path) {
+            Ok(pid) => {
+                tracing::info!(pid, "upgrade: the old ktern stopped accepting and drains");
+                say!("upgraded from pid {pid}");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade: no confirmation from the old ktern; serving anyway")
+            }
+        }
+    }
+    if let Some(listening) = upgrade_listening {
+        if let Err(e) = listening.serve(Arc::new(ktern::control::UpgradeOffer(control.clone()))) {
+            tracing::error!(error = %e, "runtime.upgrade_socket: cannot serve it; upgrades will not find this process");
+        }
+    }
     if embedded {
         if let Some((_, addr)) = listeners.first() {
             say!("try: curl -k https://localhost:{}/", addr.port());

@@ -1315,3 +1315,60 @@ fn after_a_reload_old_keep_alive_connections_run_on_for_a_keepalive_timeout_and_
         "a changed group starts a new pool"
     );
 }
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving_and_upgradable() {
+    let pki = Pki::new("live-upgrade-fail");
+    let backend = start_backend();
+    let sock = pki.dir.join("upgrade.sock");
+    let rt = runtime(&format!("upgrade_socket = \"{}\"", sock.display()));
+    let one = tcp_listener(backend, "");
+    let mut old = Ktern::start(&pki, &rt, &one);
+    // The new process's config wants an address another program holds:
+    // it takes the sockets, fails to start, and never says DRAIN.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = format!(
+        "{one}{}",
+        tcp_listener(backend, "").replace("127.0.0.1:0", &busy.local_addr().unwrap().to_string())
+    );
+    let bad_path = pki.dir.join("bad.toml");
+    std::fs::write(&bad_path, Ktern::config_text(&pki, &rt, &bad)).unwrap();
+    let out = ktern_cmd()
+        .args(["run", "-c"])
+        .arg(&bad_path)
+        .args(["--upgrade-from", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("listener[1].address") && stderr.contains("in use"),
+        "{stderr}"
+    );
+    // The old process still serves, and the path still reaches it.
+    download(old.addr(), &pki, ClientOpts::default(), 2000);
+    assert!(old.wait_exit(Duration::ZERO).is_none());
+    let new = Ktern::start_args(
+        &pki.dir,
+        &old.config_path,
+        &[],
+        &["--upgrade-from", sock.to_str().unwrap()],
+    );
+    assert_eq!(new.addr(), old.addr());
+    let status = old
+        .wait_exit(Duration::from_secs(10) * slow())
+        .expect("old process drains after the good upgrade");
+    assert!(status.success());
+    download(new.addr(), &pki, ClientOpts::default(), 2000);
+    // No private socket directory is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&pki.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".ktern-upgrade-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -55,6 +55,10 @@ pub fn serve(
                         continue;
                     }
                 }
+                // Handed over while we waited: the new process answers.
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let conn = match listener.accept() {
                     Ok((conn, _)) => conn,
                     // Another process sharing the socket (upgrade) took it.

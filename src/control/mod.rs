@@ -359,7 +359,10 @@ impl Control {
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let mut inner = self.lock();
         self.notify.reloading();
+        let started = std::time::Instant::now();
         let result = self.try_reload(&mut inner);
+        let took = started.elapsed();
+        self.metrics.families.reload_seconds.observe(took);
         self.notify.ready(inner.current.number);
         match &result {
             Ok(r) => {
@@ -367,7 +370,7 @@ impl Control {
                 self.metrics
                     .generation
                     .store(r.generation, Ordering::Relaxed);
-                tracing::info!(generation = r.generation, "reload: new config live");
+                tracing::info!(generation = r.generation, ?took, "reload: new config live");
             }
             Err(e) => {
                 M::inc(&self.metrics.reload_failures);

@@ -10,11 +10,11 @@
 //! a byte that carries fds would close them) and the old one sends the fds
 //! in batches (each message one byte of payload plus up to 250 fds). The new
 //! process starts its shards on those sockets (a listener whose configured
-//! address and kind match keeps its socket; others are bound fresh), takes
-//! over the upgrade socket's path, and sends `DRAIN`: the old process stops
-//! accepting at once (no drain delay: the sockets stay open in the new
+//! address and kind match keeps its socket; others are bound fresh) and
+//! sends `DRAIN`: the old process stops accepting at once (no drain delay: the sockets stay open in the new
 //! process, so nothing queued is lost), answers `OK <pid>`, then drains
-//! its open connections as on SIGTERM and exits.
+//! its open connections as on SIGTERM and exits. Only then does the new
+//! process put its own upgrade socket at the path (see [`Listening`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -186,29 +186,73 @@ pub trait Offerer: Send + Sync + 'static {
     fn hand_over(&self);
 }
 
-/// Old process: serves the upgrade socket at `path` (replacing whatever is
-/// there: a new process takes the path over the same way, by binding a
-/// temporary name and renaming it into place).
-pub fn serve(path: &Path, offerer: std::sync::Arc<dyn Offerer>) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
-    let path = path.to_path_buf();
-    std::thread::Builder::new()
-        .name("ktern-upgrade".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                match offer(conn, &*offerer) {
-                    Ok(true) => return,
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "upgrade: a new process failed to take over"),
+/// The upgrade socket, bound under a private name until [`Listening::serve`]
+/// puts it at its path. A new process binds it before it starts anything
+/// (a failure then changes nothing) and publishes it only once the old
+/// process has answered `DRAIN`: if the upgrade fails before that, the
+/// path still reaches the old process, which can be upgraded again.
+pub struct Listening {
+    listener: UnixListener,
+    /// A 0700 directory of ours holding the socket until it is published,
+    /// so nobody can connect to it or swap it meanwhile.
+    dir: PathBuf,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+/// Binds the upgrade socket for `path` (mode 0600), not yet reachable there.
+pub fn bind(path: &Path) -> std::io::Result<Listening> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let dir = parent.join(format!(".ktern-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("upgrade.sock");
+    let bound = UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map(|()| l)
+    });
+    match bound {
+        Ok(listener) => Ok(Listening {
+            listener,
+            dir,
+            tmp,
+            path: path.to_path_buf(),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+impl Listening {
+    /// Puts the socket at its path (an atomic rename over whatever is
+    /// there) and serves it on a `ktern-upgrade` thread.
+    pub fn serve(self, offerer: std::sync::Arc<dyn Offerer>) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        let (listener, path) = (self.listener.try_clone()?, self.path.clone());
+        drop(self);
+        std::thread::Builder::new()
+            .name("ktern-upgrade".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    match offer(conn, &*offerer) {
+                        Ok(true) => return,
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(path = %path.display(), error = %e, "upgrade: a new process failed to take over"),
+                    }
                 }
-            }
-        })?;
-    Ok(())
+            })?;
+        Ok(())
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        // Never published (a failed start): leave nothing behind.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// One new process: `Ok(true)` once it took over (this process drains).
@@ -272,6 +316,9 @@ fn offer(conn: UnixStream, offerer: &dyn Offerer) -> std::io::Result<bool> {
         )));
     }
     offerer.hand_over();
-    (&conn).write_all(format!("OK {}\n", std::process::id()).as_bytes())?;
+    // Draining now, whether or not the answer arrives: offer nothing more.
+    if let Err(e) = (&conn).write_all(format!("OK {}\n", std::process::id()).as_bytes()) {
+        tracing::warn!(error = %e, "upgrade: cannot confirm the hand-over (draining anyway)");
+    }
     Ok(true)
 }

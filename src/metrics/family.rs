@@ -254,6 +254,8 @@ pub struct Families {
     pub request_seconds: Histogram,
     /// HTTP request head sent to the backend's response head.
     pub upstream_ttfb_seconds: Histogram,
+    /// One reload, read to live (control side only).
+    pub reload_seconds: Histogram,
     userspace: [AtomicU64; 3],
     responses: Mutex<BTreeMap<(String, String), Arc<ClassCounters>>>,
     active: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
@@ -345,6 +347,12 @@ pub fn render(out: &mut String, all: &[&Families]) {
         &all.iter()
             .map(|f| &f.upstream_ttfb_seconds)
             .collect::<Vec<_>>(),
+    );
+    render_histogram(
+        out,
+        "ktern_reload_duration_seconds",
+        "Time a reload took: reading the config, certificates and keys, building the TLS configs and sockets, until every shard serves the new generation (or the refusal).",
+        &all.iter().map(|f| &f.reload_seconds).collect::<Vec<_>>(),
     );
     let name = "ktern_listener_connections_active";
     let _ = writeln!(

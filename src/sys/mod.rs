@@ -569,7 +569,11 @@ pub fn is_root() -> bool {
 /// One `get*nam_r(3)` lookup: the record for `name`, or `NotFound`. The
 /// record's string fields point into a buffer that is gone on return, so
 /// callers take only its numeric fields.
-fn nss_lookup<T>(
+///
+/// # Safety
+/// `T` must be the C record `call` fills (`passwd`, `group`): plain data
+/// for which all-zero bytes are a valid value.
+unsafe fn nss_lookup<T>(
     what: &str,
     name: &str,
     buf_len: usize,
@@ -584,8 +588,8 @@ fn nss_lookup<T>(
     let cname = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in {what} name")))?;
     let mut buf = vec![0u8; buf_len];
-    // SAFETY: passwd and group are plain data; all-zero is a valid (empty)
-    // value, and `call` overwrites it on success.
+    // SAFETY: the caller guarantees all-zero is a valid T (see above);
+    // `call` overwrites it on success.
     let mut record: T = unsafe { MaybeUninit::zeroed().assume_init() };
     let mut result: *mut T = std::ptr::null_mut();
     // SAFETY: every pointer is to memory we own for the call's duration,
@@ -615,14 +619,16 @@ fn nss_lookup<T>(
 
 /// (uid, primary gid) of the user `name`, from the passwd database.
 pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
-    let pwd = nss_lookup("user", name, 16 << 10, libc::getpwnam_r)?;
+    // SAFETY: passwd is the plain C record getpwnam_r fills.
+    let pwd = unsafe { nss_lookup("user", name, 16 << 10, libc::getpwnam_r)? };
     Ok((pwd.pw_uid, pwd.pw_gid))
 }
 
 /// The gid of the group `name`, from the group database (a large group's
 /// member list needs a large buffer).
 pub fn lookup_group(name: &str) -> io::Result<u32> {
-    Ok(nss_lookup("group", name, 64 << 10, libc::getgrnam_r)?.gr_gid)
+    // SAFETY: group is the plain C record getgrnam_r fills.
+    Ok(unsafe { nss_lookup("group", name, 64 << 10, libc::getgrnam_r)? }.gr_gid)
 }
 
 /// Drops root for good: supplementary groups to just `gid`, then gid, then

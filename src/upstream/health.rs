@@ -242,6 +242,11 @@ async fn run(job: Job, metrics: Arc<M>) {
             Ok(v) => v,
             Err(_) => Probe::Fail(format!("no response within {:?}", job.check.timeout)),
         };
+        // Replaced while probing: the new generation's probe owns the
+        // verdict now.
+        if !job.alive.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
         M::inc(&metrics.health_checks);
         let pass = verdict == Probe::Pass;
         if !pass {
@@ -264,6 +269,10 @@ async fn run(job: Job, metrics: Arc<M>) {
             }
             None => {}
         }
+        // Every check writes the verdict, not only a transition: an older
+        // generation's probe that finished a check after this one started
+        // cannot leave a stale verdict behind for long.
+        job.state.set(job.index, !down);
         let next = job.check.interval.saturating_sub(started.elapsed());
         monoio::time::sleep(next.max(Duration::from_millis(10))).await;
     }
