@@ -438,6 +438,73 @@ fn expect_100_continue_and_pipelining() {
 }
 
 #[test]
+fn an_exchange_the_client_abandons_is_logged_499_with_its_upstream() {
+    let pki = Pki::new("access-499");
+    let a = start_http_backend("a");
+    let log = pki.dir.join("access.log");
+    let runtime = format!(
+        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    // Half the announced body, then the client leaves.
+    c.write_all(b"POST /sum HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nhalf")
+        .unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    c.conn.send_close_notify();
+    c.flush().unwrap();
+    drop(c);
+    let mut line = None;
+    for _ in 0..100 {
+        if let Some(l) = std::fs::read_to_string(&log).unwrap().lines().next() {
+            line = Some(serde_json::from_str::<serde_json::Value>(l).unwrap());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let line = line.expect("an access line");
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["upstream"], a.addr.to_string(), "{line}");
+    assert_eq!(
+        k.metric_labeled("ktern_http_responses_total", "class=\"4xx\""),
+        1
+    );
+}
+
+#[test]
+fn a_content_length_list_reaches_the_backend_as_one_value() {
+    // RFC 9110 §8.6: `2, 2` (or the field twice) may be forwarded as one
+    // value, never as the list another parser could read differently.
+    let (pki, k, _, _) = setup("cl-list", ANY_TO_A, "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    for fields in [
+        "Content-Length: 2, 2\r\n",
+        "Content-Length: 2\r\nContent-Length: 2\r\n",
+    ] {
+        let r = exchange(
+            &mut c,
+            &format!("POST /head HTTP/1.1\r\nHost: a\r\n{fields}\r\nab"),
+        );
+        assert_eq!(r.status, 200);
+        let seen = String::from_utf8(r.body).unwrap();
+        assert_eq!(
+            seen.to_ascii_lowercase().matches("content-length").count(),
+            1,
+            "{seen}"
+        );
+        assert!(seen.contains("Content-Length: 2\r\n"), "{seen}");
+    }
+    // Members that differ are refused.
+    let r = exchange(
+        &mut c,
+        "POST /head HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 3\r\n\r\nab",
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
 fn forwarding_headers_replace_the_clients_and_hop_by_hop_go() {
     let (pki, k, _, _) = setup("fwd", ANY_TO_A, "");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());

@@ -310,3 +310,41 @@ fn backend_reset_aborts_the_client_instead_of_a_clean_close() {
     );
     download(k.addr(), &pki, ClientOpts::default(), 100);
 }
+
+#[test]
+fn running_out_of_fds_at_accept_backs_off_counts_and_logs_rarely() {
+    let pki = Pki::new("emfile");
+    let backend = start_backend();
+    // A hard limit ktern cannot raise; it needs about 20 fds to run.
+    let k = Ktern::start_prefixed(
+        &pki,
+        "cpus = [0, 0]",
+        &tcp_listener(backend, ""),
+        &["prlimit", "--nofile=48:48"],
+    );
+    let flood: Vec<_> = (0..80)
+        .filter_map(|_| std::net::TcpStream::connect(k.addr()).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(flood);
+    // The admin endpoint needs an fd too: wait until the held ones close.
+    std::thread::sleep(Duration::from_millis(300));
+    let errors = k.wait_metric("ktern_accept_errors_total", 1);
+    assert!(
+        errors >= 2,
+        "accepts should have failed repeatedly: {errors}"
+    );
+    assert_eq!(k.metric("ktern_local_resource_errors_total"), errors);
+    // Every failure counted, but at most one log line per shard per 10 s.
+    let lines = k
+        .log()
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} lines for {errors} failures"
+    );
+    // Still serving once fds are free again.
+    download(k.addr(), &pki, ClientOpts::default(), 1000);
+}

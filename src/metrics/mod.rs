@@ -47,6 +47,8 @@ counters! {
     tls_limit_closes => "ktern_tls_confidentiality_limit_closes_total", "Connections closed at the cipher's confidentiality limit.";
     downstream_errors => "ktern_downstream_errors_total", "Connections ended by a client-side error after the handshake.";
     upstream_connect_failures => "ktern_upstream_connect_failures_total", "Backend connects refused, failed or timed out.";
+    local_exhaustion => "ktern_local_resource_errors_total", "Accepts and backend connects that failed because ktern ran out of file descriptors, buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).";
+    accept_errors => "ktern_accept_errors_total", "Accepts that failed (every kind; the log says so at most once per 10 s per shard).";
     upstream_errors => "ktern_upstream_errors_total", "Connections ended by a backend-side error after connecting.";
     idle_timeouts => "ktern_idle_timeouts_total", "Connections closed after the idle timeout.";
     http_requests => "ktern_http_requests_total", "HTTP requests whose head was accepted.";

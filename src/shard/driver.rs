@@ -163,7 +163,10 @@ fn proxy<'a>(
                         Err(e) => Err(e),
                     },
                     Err(e) => {
-                        M::inc(&m.upstream_connect_failures);
+                        M::inc(match e {
+                            crate::upstream::UpstreamError::Local { .. } => &m.local_exhaustion,
+                            _ => &m.upstream_connect_failures,
+                        });
                         tracing::warn!(%peer, error = %e, "upstream connect failed");
                         // Tell the client we are closing; it gets no data.
                         let (_, mut writer) = conn.split();

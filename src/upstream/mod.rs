@@ -28,6 +28,24 @@ pub enum UpstreamError {
         /// Its error.
         source: io::Error,
     },
+    /// ktern itself is out of a resource (file descriptors, memory,
+    /// buffers): a local error, not the backend's; the backend is not
+    /// marked down for it.
+    #[error("local resources exhausted connecting to {addr}: {source}")]
+    Local {
+        /// The backend being connected to.
+        addr: SocketAddr,
+        /// The OS error (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+        source: io::Error,
+    },
+}
+
+/// Errors that say this process, not the peer, ran out of something.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// nginx's defaults: one failure takes a backend out for 10 s.
@@ -369,6 +387,11 @@ impl Balancer {
                     let _ = s.set_nodelay(true);
                     self.succeeded(addr);
                     return Ok((s, addr, false, lease));
+                }
+                Err(e) if is_local_exhaustion(&e) => {
+                    // Another backend would fail the same way: stop here,
+                    // and do not blame this one.
+                    return Err(UpstreamError::Local { addr, source: e });
                 }
                 Err(e) => {
                     tracing::debug!(backend = %addr, error = %e, "backend connect failed");

@@ -180,6 +180,13 @@ impl Ktern {
         Ktern::spawn(dir, path, env, args, &[])
     }
 
+    /// Like [`Ktern::start`], run under `prefix` (e.g. `prlimit --nofile=64`).
+    pub fn start_prefixed(pki: &Pki, runtime: &str, listeners: &str, prefix: &[&str]) -> Ktern {
+        let path = pki.dir.join(format!("ktern-{}.toml", unique()));
+        std::fs::write(&path, Ktern::config_text(pki, runtime, listeners)).unwrap();
+        Ktern::spawn(&pki.dir, &path, &[], &[], prefix)
+    }
+
     /// Starts `ktern run -c path` in the network namespace `ns` (through
     /// `ip netns exec`, which execs: the child's pid is ktern's).
     pub fn start_in_netns(ns: &str, dir: &std::path::Path, path: &std::path::Path) -> Ktern {

@@ -225,12 +225,18 @@ fn log(
     started: Instant,
 ) {
     let total = started.elapsed();
-    if ex.status != 0 {
+    // A parsed request that got no answer: the client went away first
+    // (nginx's 499, "client closed request").
+    let status = match (ex.status, head) {
+        (0, Some(_)) => 499,
+        (s, _) => s,
+    };
+    if status != 0 {
         let who = ex
             .answered_by
             .unwrap_or(ctx.responses.len().saturating_sub(1));
         if let Some(c) = ctx.responses.get(who) {
-            c.record(ex.status);
+            c.record(status);
         }
         if head.is_some() {
             ctx.metrics.families.request_seconds.observe(total);
@@ -247,7 +253,7 @@ fn log(
         host: head.and_then(|h| h.host.as_deref()).unwrap_or(""),
         target: head.map_or("-", |h| h.target()),
         minor: head.map_or(1, |h| h.minor),
-        status: ex.status,
+        status,
         bytes_in: head.map_or(0, |h| h.len as u64) + (now.up - before.up),
         bytes_out: now.down - before.down,
         referer: first("referer"),
@@ -493,9 +499,17 @@ async fn forward(
         ))
         .await;
         let (mut backend, addr, reused, lease) = match acquired {
-            Ok(c) => c,
+            Ok(c) => {
+                // From here on the exchange involves this backend, also in
+                // the access line of one the client abandons (499).
+                ex.upstream = Some(c.1);
+                c
+            }
             Err(e) => {
-                M::inc(&ctx.metrics.upstream_connect_failures);
+                M::inc(match e {
+                    crate::upstream::UpstreamError::Local { .. } => &ctx.metrics.local_exhaustion,
+                    _ => &ctx.metrics.upstream_connect_failures,
+                });
                 tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
                 return local(writer, ctx, ex, 502, close_after_local).await;
             }

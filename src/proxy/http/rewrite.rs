@@ -133,8 +133,12 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
     let options = connection_options(&head.fields);
     let mut prior_xff: Vec<&[u8]> = Vec::new();
     let mut prior_forwarded: Vec<&[u8]> = Vec::new();
+    let mut length_sent = false;
     for f in head.fields.iter() {
         if is_hop_by_hop(f.name, &options) {
+            continue;
+        }
+        if content_length_once(f.name, f.value, &mut length_sent, out) {
             continue;
         }
         if FORWARDING.iter().any(|h| f.name.eq_ignore_ascii_case(h)) {
@@ -209,6 +213,24 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Handles a Content-Length field: the first one goes on as its first
+/// member alone, the rest are dropped (returns true for any Content-Length
+/// field). The parser has refused a message whose members differ, so this
+/// is RFC 9110 §8.6's "forward one value when all are equal": a list such as
+/// `2, 2`, or the field repeated, never reaches the other side, which might
+/// read it differently.
+fn content_length_once(name: &str, value: &[u8], sent: &mut bool, out: &mut Vec<u8>) -> bool {
+    if !name.eq_ignore_ascii_case("content-length") {
+        return false;
+    }
+    if !*sent {
+        let first = value.split(|&b| b == b',').next().unwrap_or_default();
+        push_field(out, "Content-Length", first.trim_ascii());
+        *sent = true;
+    }
+    true
+}
+
 /// Writes the response head to send to the client. `close` says whether
 /// ktern will close the client connection after this response.
 pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: &mut Vec<u8>) {
@@ -225,6 +247,7 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
     out.extend_from_slice(b"\r\n");
     let options = connection_options(&head.fields);
     let switching = head.status == 101;
+    let mut length_sent = false;
     for f in head.fields.iter() {
         // A 101 keeps Upgrade (and gets its own Connection below).
         if switching && f.name.eq_ignore_ascii_case("upgrade") {
@@ -242,6 +265,9 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
             continue;
         }
         if is_hop_by_hop(f.name, &options) {
+            continue;
+        }
+        if content_length_once(f.name, f.value, &mut length_sent, out) {
             continue;
         }
         push_field(out, f.name, f.value);
@@ -321,6 +347,34 @@ mod tests {
             assert!(!out.contains(gone), "{gone} kept: {out}");
         }
         assert!(out.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_content_length_list_or_repeat_goes_on_as_one_value() {
+        for text in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\ncontent-length:  2 \r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2,2, 2\r\n\r\n",
+        ] {
+            let out = rewrite(text, false);
+            assert_eq!(out.matches("Content-Length: 2\r\n").count(), 1, "{out}");
+            assert_eq!(
+                out.to_ascii_lowercase().matches("content-length").count(),
+                1,
+                "{out}"
+            );
+        }
+        let head = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n",
+            "GET",
+            64 << 10,
+        )
+        .unwrap()
+        .unwrap();
+        let mut out = Vec::new();
+        response(&head, false, &[], &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
     }
 
     #[test]
