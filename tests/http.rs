@@ -869,3 +869,116 @@ fn redirect_listener_answers_301_to_https() {
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
 }
+
+/// Runs `openssl s_client` against `addr` with `args`, writes `input`, and
+/// returns once a stdout line contains `want` (Some(line)) or after `limit`
+/// (None). `None` also when openssl is not installed (said on stderr).
+fn s_client_until(
+    addr: std::net::SocketAddr,
+    args: &[&str],
+    input: &[u8],
+    want: &str,
+    limit: Duration,
+) -> Option<String> {
+    use std::io::BufRead as _;
+    let child = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-msg"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        eprintln!("openssl not installed; skipped");
+        return None;
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let until = std::time::Instant::now() + limit;
+    let mut found = None;
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(want) => {
+                found = Some(line);
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    found
+}
+
+#[test]
+fn a_renegotiation_request_is_refused_at_once_not_after_a_timeout() {
+    // TLS 1.2 on the userspace record path: rustls answers a renegotiation
+    // ClientHello with a no_renegotiation warning while reading; it must
+    // leave at once, not wait for a response the idle connection never has.
+    if std::env::var_os("KTERN_IN_VM").is_some() {
+        return; // the kernel path refuses renegotiation by closing (tested there)
+    }
+    let (pki, k, _, _) = setup("reneg", ANY_TO_A, "");
+    let _ = &pki;
+    let got = s_client_until(
+        k.addr(),
+        &["-tls1_2", "-servername", "localhost"],
+        b"R\n",
+        "no_renegotiation",
+        Duration::from_secs(3),
+    );
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok()
+    {
+        assert!(
+            got.is_some(),
+            "no no_renegotiation warning within 3 s (head timeout is 60 s)"
+        );
+    }
+}
+
+#[test]
+fn a_tls_error_after_the_handshake_on_the_http_route_sends_its_alert() {
+    let (pki, k, _, _) = setup("http-alert", ANY_TO_A, "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    // An application-data record one byte longer than TLSCiphertext may be
+    // (RFC 8446 §5.2).
+    let len: u16 = (1 << 14) + 257;
+    let mut rec = vec![23, 3, 3];
+    rec.extend_from_slice(&len.to_be_bytes());
+    rec.extend(std::iter::repeat(0).take(len as usize));
+    c.sock.write_all(&rec).unwrap();
+    let mut buf = [0u8; 64];
+    let err = c
+        .read(&mut buf)
+        .expect_err("an alert, not data or a clean close");
+    if std::env::var_os("KTERN_IN_VM").is_none() {
+        // Userspace records: rustls' fatal alert (bad_record_mac: the
+        // record cannot be opened) reaches the client, not a bare close.
+        assert!(
+            err.to_string()
+                .contains("received fatal alert: BadRecordMac"),
+            "{err}"
+        );
+    }
+}

@@ -348,3 +348,31 @@ fn running_out_of_fds_at_accept_backs_off_counts_and_logs_rarely() {
     // Still serving once fds are free again.
     download(k.addr(), &pki, ClientOpts::default(), 1000);
 }
+
+#[test]
+fn a_handshake_that_fails_on_signature_schemes_gets_handshake_failure() {
+    // The client accepts only ECDSA P-384 signatures; the key is P-256.
+    // TLS 1.3 fails after the ServerHello (every queued message, then the
+    // alert); TLS 1.2 fails before anything is sent and rustls queues no
+    // alert (ktern sends a plaintext one).
+    let (_pki, k) = ktern_with_backend("sigalgs", "");
+    for flag in ["-tls1_2", "-tls1_3"] {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &k.addr().to_string(), flag])
+            .args([
+                "-sigalgs",
+                "ecdsa_secp384r1_sha384",
+                "-servername",
+                "localhost",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output();
+        let Ok(out) = out else {
+            eprintln!("openssl not installed; skipped");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("alert handshake failure"), "{flag}: {text}");
+    }
+}

@@ -247,7 +247,14 @@ pub struct Handshake {
     hello_prefix: Vec<u8>,
     hello_seen: bool,
     sni: Option<Box<str>>,
+    /// Some of our handshake bytes went out (from then on records may be
+    /// protected, and only rustls can make an alert).
+    transmitted: bool,
 }
+
+/// A plaintext fatal `handshake_failure` alert record (RFC 8446 §6; the
+/// record version is the legacy 0x0303 in both TLS 1.2 and 1.3).
+const HANDSHAKE_FAILURE: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40];
 
 impl Handshake {
     /// Starts a server handshake with `config`.
@@ -262,6 +269,7 @@ impl Handshake {
             hello_prefix: Vec::new(),
             hello_seen: false,
             sni: None,
+            transmitted: false,
         })
     }
 
@@ -323,6 +331,7 @@ impl Handshake {
 
     /// Marks the pending output as written, returning the buffer for reuse.
     pub fn output_sent(&mut self, mut buf: Vec<u8>) {
+        self.transmitted |= !buf.is_empty();
         buf.clear();
         self.output = buf;
     }
@@ -395,6 +404,17 @@ impl Handshake {
             }
             if let Err(e) = result {
                 self.collect_alert();
+                // Some failures queue no alert (rustls' "incompatible
+                // signing key" when the client's signature schemes fit no
+                // key, in TLS 1.2): before anything of ours went out the
+                // client still gets a plaintext handshake_failure instead
+                // of a bare close.
+                if self.output.is_empty()
+                    && !self.transmitted
+                    && matches!(e, HandshakeError::Tls(_))
+                {
+                    self.output.extend_from_slice(&HANDSHAKE_FAILURE);
+                }
                 return Err(e);
             }
             if flush && !self.output.is_empty() {
@@ -428,15 +448,31 @@ impl Handshake {
     /// progress into it (a partly joined handshake message), and an empty
     /// slice would make it index out of bounds.
     fn collect_alert(&mut self) {
-        // One call: a failed connection has queued at most one fatal alert,
-        // and popping it happens before rustls would deframe (and fail, and
-        // try to queue a second alert) again.
-        let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.input);
-        if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
-            let _ = encode(&mut self.output, |out| enc.encode(out));
-        }
-        if discard > 0 {
-            self.input.drain(..discard);
+        // rustls may have queued several messages before it failed (a
+        // ServerHello and ChangeCipherSpec, then the alert, when the
+        // failure comes after the ServerHello): take every one, in order.
+        // Each call pops one queued message; once the queue is empty
+        // (`wants_write`) it must not be called again: it would deframe the
+        // same bad input and try to queue a second fatal alert (a rustls
+        // debug assertion). Bounded all the same.
+        for _ in 0..16 {
+            if !self.conn.wants_write() {
+                break;
+            }
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.input);
+            let more = match state {
+                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                    encode(&mut self.output, |out| enc.encode(out)).is_ok()
+                }
+                _ => false,
+            };
+            if discard > 0 {
+                self.input.drain(..discard);
+            }
+            if !more {
+                break;
+            }
         }
     }
 

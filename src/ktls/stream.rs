@@ -105,8 +105,14 @@ struct User {
     /// empty slice in its place makes it index out of bounds (found by the
     /// `handshake` fuzz target).
     inbuf: Vec<u8>,
-    /// Ciphertext queued by either half; only the writer sends it.
+    /// Ciphertext queued by either half. The writer sends it with its
+    /// records; the reader sends what rustls queued while reading (a
+    /// `no_renegotiation` warning, a KeyUpdate reply) itself, at once, when
+    /// no write is in flight.
     tls_out: Vec<u8>,
+    /// The writer has sealed records on their way out: the reader must not
+    /// send (its bytes would land inside the writer's).
+    writing: bool,
 }
 
 // The kernel variant (~600 B, mostly rustls' KernelConnection) is stored
@@ -196,6 +202,7 @@ impl TlsConn {
             conn: est.conn,
             inbuf: Vec::new(),
             tls_out: Vec::new(),
+            writing: false,
         }));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
     }
@@ -540,6 +547,19 @@ impl TlsReader {
         if u.inbuf.is_empty() {
             crate::buffers::give(std::mem::take(&mut u.inbuf));
         }
+        if result.is_ok() && !u.writing && !u.tls_out.is_empty() {
+            // rustls answered something while reading (a renegotiation
+            // refusal, a KeyUpdate reply): the client may be waiting for it
+            // and send nothing more, and the writer may have nothing to
+            // write for a long time. Send it now, if the socket takes it;
+            // what it does not take waits for the writer, in order.
+            let out = std::mem::take(&mut u.tls_out);
+            match sys::send_now(sys::borrow_fd(&self.sock), &out) {
+                Ok(n) if n < out.len() => u.tls_out = out[n..].to_vec(),
+                Ok(_) => {}
+                Err(_) => u.tls_out = out,
+            }
+        }
         result
     }
 }
@@ -703,15 +723,33 @@ impl TlsWriter {
 
     /// Sends sealed records, keeping the buffer for the next write (see
     /// [`TlsWriter::release_buffers`]).
-    async fn send_ciphertext(&mut self, out: Vec<u8>) -> Result<(), StreamError> {
-        let (res, mut out) = self.sock.write_all(out).await;
-        out.clear();
-        if let Engine::User(u) = &mut *self.shared.borrow_mut() {
-            if u.tls_out.is_empty() {
-                u.tls_out = out;
+    async fn send_ciphertext(&mut self, mut out: Vec<u8>) -> Result<(), StreamError> {
+        loop {
+            if let Engine::User(u) = &mut *self.shared.borrow_mut() {
+                u.writing = true;
+            }
+            let (res, mut sent) = self.sock.write_all(out).await;
+            sent.clear();
+            let more = match &mut *self.shared.borrow_mut() {
+                Engine::User(u) => {
+                    u.writing = false;
+                    if u.tls_out.is_empty() {
+                        u.tls_out = sent;
+                        None
+                    } else {
+                        // The reader queued something (an alert, a
+                        // KeyUpdate reply) while this write was in flight.
+                        Some(std::mem::take(&mut u.tls_out))
+                    }
+                }
+                Engine::Kernel(_) => None,
+            };
+            res.map_err(StreamError::from)?;
+            match more {
+                Some(next) => out = next,
+                None => return Ok(()),
             }
         }
-        res.map(drop).map_err(Into::into)
     }
 
     /// Frees the userspace record buffer; call when the connection goes

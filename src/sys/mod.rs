@@ -348,6 +348,21 @@ pub fn write_fd(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     cvt_size(unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) })
 }
 
+/// One non-blocking `send(2)` (`MSG_DONTWAIT | MSG_NOSIGNAL`): how much of
+/// `data` the socket buffer took, `WouldBlock` when none.
+pub fn send_now(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is borrowed and open; the kernel reads at most
+    // `data.len()` bytes from the live slice `data`.
+    cvt_size(unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
 /// A second monoio `TcpStream` on a `dup` of `socket`'s fd: same TCP
 /// connection, independent `&mut` handle, so both directions can have I/O in
 /// flight at once. Closing one leaves the connection open until both close.

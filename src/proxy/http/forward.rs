@@ -137,17 +137,31 @@ enum Next {
     Ended,
 }
 
-/// Serves requests until the client closes, a timeout, or an error.
+/// Serves requests until the client closes, a timeout, or an error. A
+/// connection that ends on the client's error (bad TLS after the handshake)
+/// sends the fatal alert rustls made first, as the `tcp` route does.
 pub async fn serve(
     mut reader: TlsReader,
     mut writer: TlsWriter,
+    ctx: Ctx<'_>,
+) -> Result<(), HttpError> {
+    let result = serve_requests(&mut reader, &mut writer, ctx).await;
+    if let Err(HttpError::Downstream(_)) = &result {
+        writer.abort().await;
+    }
+    result
+}
+
+async fn serve_requests(
+    reader: &mut TlsReader,
+    writer: &mut TlsWriter,
     ctx: Ctx<'_>,
 ) -> Result<(), HttpError> {
     let limits = Limits::default();
     let mut inbuf = reader.take_pending();
     let mut first = true;
     loop {
-        let head = match read_head(&mut reader, &mut inbuf, &limits, &ctx, first).await? {
+        let head = match read_head(reader, &mut inbuf, &limits, &ctx, first).await? {
             HeadOutcome::Head(mut h) => {
                 if ctx.closing() {
                     // Draining, or reloaded: this response says
@@ -164,7 +178,7 @@ pub async fn serve(
                 let body = format!("{status} {reason}\n");
                 let before = ctx.moved.get();
                 let sent = send(
-                    &mut writer,
+                    writer,
                     rewrite::local_response(status, reason, true, &[], &body, false),
                     &ctx,
                 )
@@ -193,16 +207,7 @@ pub async fn serve(
             head_only: head.method() == "HEAD",
             ..Exchange::default()
         };
-        let next = forward(
-            &mut reader,
-            &mut writer,
-            &mut inbuf,
-            &head,
-            &ctx,
-            &mut ex,
-            started,
-        )
-        .await;
+        let next = forward(reader, writer, &mut inbuf, &head, &ctx, &mut ex, started).await;
         log(&ctx, Some(&head), &ex, before, wall, started);
         match next? {
             Next::KeepAlive => continue,
