@@ -972,6 +972,29 @@ fn a_tls_error_after_the_handshake_on_the_http_route_sends_its_alert() {
     let err = c
         .read(&mut buf)
         .expect_err("an alert, not data or a clean close");
+    check_alert(&err);
+    // The same in the middle of a request body: the exchange ends with the
+    // alert too, and nothing calls rustls again after its failure (a second
+    // alert would trip a rustls debug assertion and take the shard down).
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"POST /sum HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nhalf")
+        .unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.sock.write_all(&rec).unwrap();
+    let err = c
+        .read(&mut buf)
+        .expect_err("an alert, not data or a clean close");
+    check_alert(&err);
+    // The shard is still there.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+}
+
+fn check_alert(err: &std::io::Error) {
     if std::env::var_os("KTERN_IN_VM").is_none() {
         // Userspace records: rustls' fatal alert (bad_record_mac: the
         // record cannot be opened) reaches the client, not a bare close.

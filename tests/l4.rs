@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -375,4 +376,50 @@ fn a_handshake_that_fails_on_signature_schemes_gets_handshake_failure() {
             + &String::from_utf8_lossy(&out.stderr);
         assert!(text.contains("alert handshake failure"), "{flag}: {text}");
     }
+}
+
+#[test]
+fn memory_freed_by_a_flood_goes_back_to_the_kernel() {
+    // glibc keeps what a flood freed in its arenas; runtime.memory_trim
+    // hands it back once the burst is over (a bound on memory, not time).
+    let pki = Pki::new("trim");
+    let backend = start_backend();
+    let k = Ktern::start(&pki, "cpus = [0]", &tcp_listener(backend, ""));
+    let rss = || ktern::sys::rss_of(k.pid()).unwrap();
+    let baseline = rss();
+    let cfg = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    );
+    // 1,500 half-open handshakes: a ClientHello each, then nothing.
+    let mut held = Vec::new();
+    for _ in 0..1500 {
+        let mut conn =
+            rustls::ClientConnection::new(cfg.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let mut s = TcpStream::connect(k.addr()).unwrap();
+        s.write_all(&hello).unwrap();
+        held.push(s);
+    }
+    k.wait_metric("ktern_connections_active", 1500);
+    let peak = rss();
+    drop(held);
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    assert!(
+        k.wait_metric("ktern_memory_trims_total", 1) >= 1,
+        "no trim after the flood"
+    );
+    let after = rss();
+    assert!(
+        peak > baseline + (8 << 20),
+        "the flood should have cost memory: {baseline} -> {peak}"
+    );
+    assert!(
+        after < baseline + (peak - baseline) / 4,
+        "RSS stayed up: baseline {baseline}, peak {peak}, after {after}"
+    );
 }

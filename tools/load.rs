@@ -12,6 +12,11 @@
 //!   each) for a fixed time: closed loop (as fast as possible), or open loop
 //!   at a fixed total rate with latency measured from each request's
 //!   scheduled send time (no coordinated omission).
+//! - `halfopen`: N connections that send a ClientHello and nothing more
+//!   (the server holds a handshake for each until its handshake timeout),
+//!   held for a while.
+//! - `slowread`: N TLS connections that each ask for `--path` and then read
+//!   nothing while held (a slow-reader flood), then close.
 //! - `backend`: a plain TCP backend: `echo` echoes; `source` sends N bytes
 //!   to each connection and closes; `http` answers every HTTP/1.1 request
 //!   head with 200 and a fixed-size body, keep-alive.
@@ -57,6 +62,30 @@ enum Mode {
         #[arg(long, default_value_t = 10_000)]
         conns: usize,
         #[arg(long, default_value_t = 10)]
+        hold: u64,
+        /// Only the handshake: no byte through an echo backend (for an
+        /// `http` route, where an idle client sends nothing).
+        #[arg(long)]
+        no_echo: bool,
+    },
+    /// `--conns` connections that send a ClientHello and stop, held `--hold` seconds.
+    Halfopen {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        conns: usize,
+        #[arg(long, default_value_t = 5)]
+        hold: u64,
+    },
+    /// `--conns` TLS connections that request `--path` and read nothing for `--hold` seconds.
+    Slowread {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 500)]
+        conns: usize,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 5)]
         hold: u64,
     },
     /// Read everything the (source) backend sends through the server, `--times` times.
@@ -202,7 +231,7 @@ fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64) {
     );
 }
 
-fn idle(addr: SocketAddr, conns: usize, hold: u64) {
+fn idle(addr: SocketAddr, conns: usize, hold: u64, echo: bool) {
     let cfg = client_config();
     let mut open = Vec::with_capacity(conns);
     let start = Instant::now();
@@ -210,7 +239,7 @@ fn idle(addr: SocketAddr, conns: usize, hold: u64) {
         match connect(&cfg, addr) {
             Ok(mut tls) => {
                 // Make the server finish the handshake and hand the keys over.
-                if tls.write_all(b"x").is_ok() && tls.read_exact(&mut [0u8; 1]).is_ok() {
+                if !echo || (tls.write_all(b"x").is_ok() && tls.read_exact(&mut [0u8; 1]).is_ok()) {
                     open.push(tls);
                 }
             }
@@ -225,6 +254,53 @@ fn idle(addr: SocketAddr, conns: usize, hold: u64) {
         open.len(),
         start.elapsed().as_secs_f64()
     );
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(hold));
+    println!("closing");
+}
+
+fn halfopen(addr: SocketAddr, conns: usize, hold: u64) {
+    let cfg = client_config();
+    let mut open = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let name = ServerName::try_from("localhost").expect("valid name");
+        let mut conn = ClientConnection::new(cfg.clone(), name).expect("client");
+        let mut hello = Vec::new();
+        let _ = conn.write_tls(&mut hello);
+        match TcpStream::connect(addr).and_then(|mut s| s.write_all(&hello).map(|()| s)) {
+            Ok(s) => open.push(s),
+            Err(e) => {
+                eprintln!("connection {i} failed: {e}");
+                break;
+            }
+        }
+    }
+    println!("open={}", open.len());
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(hold));
+    println!("closing");
+}
+
+fn slowread(addr: SocketAddr, conns: usize, path: &str, hold: u64) {
+    let cfg = client_config();
+    let mut open = Vec::with_capacity(conns);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    for i in 0..conns {
+        match connect(&cfg, addr).and_then(|mut tls| {
+            // A small receive buffer, as a slow client on a thin link has.
+            socket2::SockRef::from(&tls.sock).set_recv_buffer_size(4096)?;
+            tls.write_all(request.as_bytes())?;
+            tls.flush()?;
+            Ok(tls)
+        }) {
+            Ok(t) => open.push(t),
+            Err(e) => {
+                eprintln!("connection {i} failed: {e}");
+                break;
+            }
+        }
+    }
+    println!("open={}", open.len());
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(hold));
     println!("closing");
@@ -756,7 +832,19 @@ fn main() {
             seconds,
             max,
         } => handshakes(addr, threads, seconds, max),
-        Mode::Idle { addr, conns, hold } => idle(addr, conns, hold),
+        Mode::Idle {
+            addr,
+            conns,
+            hold,
+            no_echo,
+        } => idle(addr, conns, hold, !no_echo),
+        Mode::Halfopen { addr, conns, hold } => halfopen(addr, conns, hold),
+        Mode::Slowread {
+            addr,
+            conns,
+            path,
+            hold,
+        } => slowread(addr, conns, &path, hold),
         Mode::Download { addr, times, bytes } => download(addr, times, bytes),
         Mode::Http {
             addr,

@@ -107,6 +107,9 @@ pub struct Runtime {
     /// Unix socket a new binary takes the listening sockets from
     /// (`ktern run --upgrade-from`).
     pub upgrade_socket: Option<PathBuf>,
+    /// Give freed heap memory back to the kernel after a burst of
+    /// connections ends.
+    pub memory_trim: bool,
 }
 
 /// A listening address with its certificates and route.
@@ -938,6 +941,7 @@ impl Validator<'_> {
             group: raw.group,
             log_format: raw.log_format,
             upgrade_socket: raw.upgrade_socket.map(|p| self.base.join(p)),
+            memory_trim: raw.memory_trim,
         }
     }
 

@@ -82,6 +82,12 @@ pub(super) struct RuntimeSection {
     #[serde(default)]
     pub log_format: LogFormat,
     pub upgrade_socket: Option<String>,
+    #[serde(default = "default_true")]
+    pub memory_trim: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_drain_delay() -> String {
@@ -120,6 +126,7 @@ impl Default for RuntimeSection {
             group: None,
             log_format: LogFormat::Auto,
             upgrade_socket: None,
+            memory_trim: true,
         }
     }
 }

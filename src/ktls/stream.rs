@@ -113,6 +113,10 @@ struct User {
     /// The writer has sealed records on their way out: the reader must not
     /// send (its bytes would land inside the writer's).
     writing: bool,
+    /// rustls failed on the client's bytes and queued its fatal alert:
+    /// nothing may call rustls again (it would try to queue a second alert;
+    /// a debug assertion in rustls), only `abort` sends what is queued.
+    failed: bool,
 }
 
 // The kernel variant (~600 B, mostly rustls' KernelConnection) is stored
@@ -203,6 +207,7 @@ impl TlsConn {
             inbuf: Vec::new(),
             tls_out: Vec::new(),
             writing: false,
+            failed: false,
         }));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
     }
@@ -610,6 +615,7 @@ fn decrypt_available(u: &mut User, plain: &mut Vec<u8>, eof: &mut bool) -> Resul
         if let Err(e) = res {
             // rustls queued a fatal alert; the writer flushes it on abort.
             collect_alert(u);
+            u.failed = true;
             return Err(e);
         }
         if stop {
@@ -909,6 +915,9 @@ fn with_write_traffic(
         &mut Vec<u8>,
     ) -> Result<(), StreamError>,
 ) -> Result<(), StreamError> {
+    if u.failed {
+        return Err(StreamError::Unexpected("the connection failed"));
+    }
     loop {
         let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
         let step = match state {

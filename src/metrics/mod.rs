@@ -48,6 +48,7 @@ counters! {
     downstream_errors => "ktern_downstream_errors_total", "Connections ended by a client-side error after the handshake.";
     upstream_connect_failures => "ktern_upstream_connect_failures_total", "Backend connects refused, failed or timed out.";
     local_exhaustion => "ktern_local_resource_errors_total", "Accepts and backend connects that failed because ktern ran out of file descriptors, buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).";
+    memory_trims => "ktern_memory_trims_total", "Times a shard gave freed heap memory back to the kernel after a burst of connections ended (runtime.memory_trim).";
     accept_errors => "ktern_accept_errors_total", "Accepts that failed (every kind; the log says so at most once per 10 s per shard).";
     upstream_errors => "ktern_upstream_errors_total", "Connections ended by a backend-side error after connecting.";
     idle_timeouts => "ktern_idle_timeouts_total", "Connections closed after the idle timeout.";

@@ -575,6 +575,18 @@ pub fn enter_netns(name: &str) -> io::Result<()> {
     cvt(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
 }
 
+/// Returns freed heap memory to the kernel (glibc `malloc_trim(0)`: every
+/// arena, free pages released with `madvise`). glibc keeps what a flood of
+/// connections freed in its per-thread arenas otherwise. Process-wide; it
+/// locks each arena in turn while it works.
+pub fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointers; glibc serialises it with the
+    // arenas' own locks, so it is safe from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Is this process running with effective uid 0?
 pub fn is_root() -> bool {
     // SAFETY: geteuid reads no user memory and cannot fail.

@@ -96,6 +96,9 @@ pub enum Probe {
     Pass,
     /// Anything else: the reason, for the log.
     Fail(String),
+    /// The probe could not run: ktern is out of fds or memory (no verdict
+    /// on the backend).
+    Local(String),
 }
 
 /// Classifies a check response from its first bytes.
@@ -247,6 +250,12 @@ async fn run(job: Job, metrics: Arc<M>) {
         if !job.alive.load(std::sync::atomic::Ordering::Relaxed) {
             continue;
         }
+        // ktern itself out of fds or memory says nothing about the backend.
+        if let Probe::Local(e) = &verdict {
+            tracing::debug!(upstream = %job.upstream, backend = %job.addr, error = %e, "health check skipped: local resources exhausted");
+            monoio::time::sleep(job.check.interval).await;
+            continue;
+        }
         M::inc(&metrics.health_checks);
         let pass = verdict == Probe::Pass;
         if !pass {
@@ -282,6 +291,7 @@ async fn run(job: Job, metrics: Arc<M>) {
 async fn probe(addr: SocketAddr, req: &[u8]) -> Probe {
     let mut stream = match TcpStream::connect_addr(addr).await {
         Ok(s) => s,
+        Err(e) if crate::upstream::is_local_exhaustion(&e) => return Probe::Local(e.to_string()),
         Err(e) => return Probe::Fail(format!("connect: {e}")),
     };
     let (res, _) = stream.write_all(req.to_vec()).await;

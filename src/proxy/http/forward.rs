@@ -995,7 +995,10 @@ async fn send_body(
                 Ok(Ok(Some(c))) => inbuf.extend_from_slice(&c),
                 // The client vanished mid-body: this backend connection
                 // carries half a request and is dropped, never pooled.
-                Ok(Ok(None)) | Ok(Err(_)) => return Ok(BodySent::ClientGone),
+                Ok(Ok(None)) => return Ok(BodySent::ClientGone),
+                // Bad TLS mid-body: the connection ends with rustls' alert
+                // (the caller aborts); the exchange is logged 499.
+                Ok(Err(e)) => return Err(HttpError::Downstream(e)),
             }
         }
         let n = match scanner.scan(inbuf) {
