@@ -23,19 +23,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (server on 1, client on 0)" >&2; exit 1; }
-dpkg-query -W -f='${Status}' openssl 2>/dev/null | grep -q "ok installed" ||
-  apt-get install -y -qq --no-install-recommends openssl >/dev/null
-cargo build --release --quiet --bins
-bin=$PWD/target/release
-work=$(mktemp -d /tmp/ktern-bench-reload.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)"
-
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
-openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-  -days 2 -out "$work/cert.pem" 2>/dev/null
+bench_name=reload
+# shellcheck source=bench/common.sh
+. bench/common.sh
 
 backend=127.0.0.1:19013 addr=127.0.0.1:19455 admin=127.0.0.1:19456
 taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)

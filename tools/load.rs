@@ -259,51 +259,49 @@ fn idle(addr: SocketAddr, conns: usize, hold: u64, echo: bool) {
     println!("closing");
 }
 
-fn halfopen(addr: SocketAddr, conns: usize, hold: u64) {
-    let cfg = client_config();
-    let mut open = Vec::with_capacity(conns);
+/// Opens up to `conns` connections with `open` (stopping at the first
+/// failure), prints `open=N`, holds them `hold` seconds, then closes all.
+fn hold_open<T>(conns: usize, hold: u64, mut open: impl FnMut() -> std::io::Result<T>) {
+    let mut held = Vec::with_capacity(conns);
     for i in 0..conns {
-        let name = ServerName::try_from("localhost").expect("valid name");
-        let mut conn = ClientConnection::new(cfg.clone(), name).expect("client");
-        let mut hello = Vec::new();
-        let _ = conn.write_tls(&mut hello);
-        match TcpStream::connect(addr).and_then(|mut s| s.write_all(&hello).map(|()| s)) {
-            Ok(s) => open.push(s),
+        match open() {
+            Ok(c) => held.push(c),
             Err(e) => {
                 eprintln!("connection {i} failed: {e}");
                 break;
             }
         }
     }
-    println!("open={}", open.len());
+    println!("open={}", held.len());
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(hold));
     println!("closing");
 }
 
+fn halfopen(addr: SocketAddr, conns: usize, hold: u64) {
+    let cfg = client_config();
+    hold_open(conns, hold, || {
+        let name = ServerName::try_from("localhost").expect("valid name");
+        let mut conn = ClientConnection::new(cfg.clone(), name).map_err(std::io::Error::other)?;
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello)?;
+        let mut s = TcpStream::connect(addr)?;
+        s.write_all(&hello)?;
+        Ok(s)
+    });
+}
+
 fn slowread(addr: SocketAddr, conns: usize, path: &str, hold: u64) {
     let cfg = client_config();
-    let mut open = Vec::with_capacity(conns);
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    for i in 0..conns {
-        match connect(&cfg, addr).and_then(|mut tls| {
-            // A small receive buffer, as a slow client on a thin link has.
-            socket2::SockRef::from(&tls.sock).set_recv_buffer_size(4096)?;
-            tls.write_all(request.as_bytes())?;
-            tls.flush()?;
-            Ok(tls)
-        }) {
-            Ok(t) => open.push(t),
-            Err(e) => {
-                eprintln!("connection {i} failed: {e}");
-                break;
-            }
-        }
-    }
-    println!("open={}", open.len());
-    let _ = std::io::stdout().flush();
-    std::thread::sleep(Duration::from_secs(hold));
-    println!("closing");
+    hold_open(conns, hold, || {
+        let mut tls = connect(&cfg, addr)?;
+        // A small receive buffer, as a slow client on a thin link has.
+        socket2::SockRef::from(&tls.sock).set_recv_buffer_size(4096)?;
+        tls.write_all(request.as_bytes())?;
+        tls.flush()?;
+        Ok(tls)
+    });
 }
 
 fn download(addr: SocketAddr, times: u32, bytes: u64) {
