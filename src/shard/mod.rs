@@ -441,7 +441,8 @@ const TRIM_AFTER_CONNECTIONS: u64 = 1024;
 /// left RSS at 210 MB with nothing open. Once a burst has ended (at least
 /// [`TRIM_AFTER_CONNECTIONS`] accepted since the last trim, and open
 /// connections at most half their peak since then), the shard trims the
-/// heap, at most once per 5 s.
+/// heap, at most once per 5 s. The same once-a-second tick closes pooled
+/// backend connections past their idle timeout.
 async fn trim_loop(shard: Rc<Shard>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut since = shard.metrics.accepted.load(Relaxed);
@@ -449,6 +450,14 @@ async fn trim_loop(shard: Rc<Shard>) {
     let mut last = std::time::Instant::now();
     loop {
         monoio::time::sleep(std::time::Duration::from_secs(1)).await;
+        // Idle backend connections past their pool_idle_timeout close
+        // even in a group no request reaches any more.
+        let gen = shard.current();
+        let now = std::time::Instant::now();
+        for (pool, upstream) in gen.pools.iter().zip(&gen.config().upstreams) {
+            pool.evict_stale(upstream.pool_idle_timeout, now);
+        }
+        drop(gen);
         let active = shard.metrics.active.load(Relaxed);
         peak = peak.max(active);
         let accepted = shard.metrics.accepted.load(Relaxed);

@@ -90,6 +90,19 @@ impl Pool {
         });
     }
 
+    /// Closes the connections idle for `max_idle` or longer at `now`. A
+    /// lookup closes stale ones on its way too, but a group no request
+    /// reaches would otherwise hold its fds (and the backend's) for ever.
+    pub fn evict_stale(&self, max_idle: Duration, now: Instant) -> usize {
+        let mut closed = 0;
+        for idle in self.groups.borrow_mut().iter_mut() {
+            let before = idle.len();
+            idle.retain(|c| now.saturating_duration_since(c.since) < max_idle);
+            closed += before - idle.len();
+        }
+        closed
+    }
+
     /// Idle connections held for `group` (for tests and metrics).
     pub fn idle(&self, group: usize) -> usize {
         self.groups.borrow().get(group).map_or(0, Vec::len)
@@ -185,6 +198,13 @@ mod tests {
                 Some(ports[1])
             );
             assert!(pool.take_for(0, addr, max_idle, now).is_none());
+            // Stale ones are closed without a lookup too.
+            let s = TcpStream::connect_addr(addr).await.unwrap();
+            peers.push(listener.accept().unwrap());
+            pool.put(0, s, addr, 2);
+            assert_eq!(pool.evict_stale(max_idle, Instant::now()), 0);
+            assert_eq!(pool.evict_stale(max_idle, Instant::now() + max_idle), 1);
+            assert_eq!(pool.idle(0), 0);
             // pool_size = 0: nothing is kept (and nothing breaks).
             let s = TcpStream::connect_addr(addr).await.unwrap();
             peers.push(listener.accept().unwrap());
