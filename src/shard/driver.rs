@@ -194,7 +194,12 @@ fn proxy<'a>(
                     tls: &info,
                     access: gen.config().access_log.as_ref(),
                 };
-                match http::forward::serve(reader, writer, ctx).await {
+                // Boxed: the HTTP pump's state is large, and inline it would
+                // sit in every connection's task, `tcp` routes' too (issue
+                // 12's idle budget).
+                let serving = Box::pin(http::forward::serve(reader, writer, ctx));
+                tracing::trace!(bytes = std::mem::size_of_val(&*serving), "http task size");
+                match serving.await {
                     Ok(()) => Ok(()),
                     Err(http::forward::HttpError::Downstream(e)) => Err(ProxyError::Downstream(e)),
                     Err(http::forward::HttpError::Tunnel(e)) => Err(e),

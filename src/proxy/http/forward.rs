@@ -207,7 +207,13 @@ async fn serve_requests(
             head_only: head.method() == "HEAD",
             ..Exchange::default()
         };
-        let next = forward(reader, writer, &mut inbuf, &head, &ctx, &mut ex, started).await;
+        // Boxed: an exchange's state (backend connect, body and response
+        // streaming) exists only while one runs; between requests an idle
+        // keep-alive connection holds just the loop's own state.
+        let next = Box::pin(forward(
+            reader, writer, &mut inbuf, &head, &ctx, &mut ex, started,
+        ))
+        .await;
         log(&ctx, Some(&head), &ex, before, wall, started);
         match next? {
             Next::KeepAlive => continue,
