@@ -33,9 +33,10 @@ ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts kt
 [ -x "$ktern_bin" ] || { echo "vm-tests: ktern binary not found" >&2; exit 1; }
 # Suite and test filters (empty: every test). The live suite's reload and
 # drain tests run here so that offloaded connections are shown to survive a
-# reload and to be drained with close_notify.
-suites=(ktls_vm http live)
-declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive")
+# reload and to be drained with close_notify; l4's idle-memory test holds
+# offloaded connections to their 4 KiB budget.
+suites=(ktls_vm http live l4)
+declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive" [l4]="idle_connections_stay")
 test_bins=()
 for t in "${suites[@]}"; do
   bin=$(cargo test --quiet --no-run --test "$t" --message-format=json 2>/dev/null | artifacts "$t")
@@ -58,7 +59,7 @@ for k in "${kernels[@]}"; do
     args+=("$bin" ${filters[$t]:-} "$@")
   done
   echo "=== kTLS suites on kernel $k ==="
-  if "$here/ktls-vm.sh" --kernel "$k" --mem 1536 --timeout 2400 "${files[@]}" \
+  if "$here/ktls-vm.sh" --kernel "$k" --mem 3072 --timeout 2400 "${files[@]}" \
       -- "$here/vm-suites.sh" "${args[@]}"; then
     echo "=== kernel $k: PASS ==="
   else
