@@ -74,8 +74,6 @@ struct Load {
     idle: AtomicUsize,
 }
 
-type Client = StreamOwned<ClientConnection, std::net::TcpStream>;
-
 /// A client that honours `Connection: close` and, like curl or a browser,
 /// checks an idle connection before reusing it (a close_notify that came
 /// while it was idle means: open a new one).
@@ -211,15 +209,7 @@ fn draining_host_behind_ecmp_loses_no_request_and_gets_no_new_connection_after_w
         .unwrap();
         hosts.push((ns.clone(), Ktern::start_in_netns(&ns, &pki.dir, &path)));
     }
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.der.clone()).unwrap();
-    let cfg = Arc::new(
-        ClientConfig::builder_with_provider(Arc::new(provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let cfg = client_config(&[&pki.der]);
     let load = Arc::new(Load::default());
     let clients = 6;
     let client_ns = format!("{PREFIX}-c");

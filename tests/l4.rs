@@ -467,6 +467,7 @@ fn idle_connections_stay_within_their_memory_budget() {
     );
     if kernel {
         assert!(k.metric("ktern_ktls_offloaded_total") >= n as u64);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
     }
     drop(k);
 
@@ -491,6 +492,10 @@ fn idle_connections_stay_within_their_memory_budget() {
     // The kTLS target (4 KiB) is not met yet for an idle keep-alive HTTP
     // connection: 6.1-6.4 KiB in the VM (debug build), the request loop's
     // state. Until it is, the userspace budget guards it from growing.
+    if kernel {
+        assert!(k.metric("ktern_ktls_offloaded_total") >= n as u64);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+    }
     let http_budget = 10240.0;
     eprintln!("http route, idle keep-alive: {per:.0} bytes per connection (budget {http_budget})");
     assert!(

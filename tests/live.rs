@@ -13,35 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::http::*;
 use common::*;
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, StreamOwned};
-
-/// A TLS 1.3 client config trusting every certificate in `roots`.
-fn client_config(roots: &[&rustls::pki_types::CertificateDer<'static>]) -> Arc<ClientConfig> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add((*r).clone()).unwrap();
-    }
-    Arc::new(
-        ClientConfig::builder_with_provider(Arc::new(provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(store)
-            .with_no_client_auth(),
-    )
-}
-
-fn try_connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> std::io::Result<Client> {
-    let conn = ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap())
-        .map_err(std::io::Error::other)?;
-    let sock = TcpStream::connect(addr)?;
-    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let mut s = StreamOwned::new(conn, sock);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock)?;
-    }
-    Ok(s)
-}
+use rustls::ClientConfig;
 
 /// sha256 of the certificate the server presented.
 fn served_cert(c: &Client) -> String {
@@ -749,6 +721,7 @@ fn resumption_works_on_every_shard_and_across_reloads() {
     // Every connection after the first resumes, whichever of the two
     // shards the kernel hashed it to (both took some).
     assert_eq!(resumed, total - 1);
+    assert_offloaded_in_vm(&k);
     let log = k.log();
     for shard in ["shard=0", "shard=1"] {
         assert!(
@@ -1314,6 +1287,7 @@ fn after_a_reload_old_keep_alive_connections_run_on_for_a_keepalive_timeout_and_
         2,
         "a changed group starts a new pool"
     );
+    assert_offloaded_in_vm(&k);
 }
 
 #[test]

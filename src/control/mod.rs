@@ -338,9 +338,12 @@ impl Control {
         self.tell_all(|done| Command::Close { done })
     }
 
-    /// Sends a command to every shard (even if one has failed) and waits
-    /// for every answer.
-    fn tell_all(&self, cmd: impl Fn(mpsc::SyncSender<u64>) -> Command) -> Result<(), ReloadError> {
+    /// Sends a command to every shard, in shard order (even if one has
+    /// failed), and waits for every answer.
+    fn tell_all(
+        &self,
+        mut cmd: impl FnMut(mpsc::SyncSender<u64>) -> Command,
+    ) -> Result<(), ReloadError> {
         let mut acks = Vec::new();
         let mut failed = None;
         for (i, link) in self.links.iter().enumerate() {
@@ -434,24 +437,12 @@ impl Control {
         inner.current = gen.clone();
         self.publish(gen.clone());
         // Every shard gets the generation, even if one has failed.
-        let mut acks = Vec::new();
-        let mut failed = None;
-        for (i, (link, sockets)) in self.links.iter().zip(fresh).enumerate() {
-            let (done, ack) = mpsc::sync_channel(1);
-            let update = Command::Update {
-                gen: gen.clone(),
-                sockets,
-                done,
-            };
-            match link.send(update) {
-                Ok(()) => acks.push(ack),
-                Err(_) => failed = Some(i),
-            }
-        }
-        wait_all(acks)?;
-        if let Some(i) = failed {
-            return Err(ReloadError::Shard(i));
-        }
+        let mut fresh = fresh.into_iter();
+        self.tell_all(|done| Command::Update {
+            gen: gen.clone(),
+            sockets: fresh.next().unwrap_or_default(),
+            done,
+        })?;
         let (listeners, _) = bound_of(inner);
         Ok(Reloaded {
             generation: inner.current.number,

@@ -412,6 +412,37 @@ pub struct ClientOpts {
 
 pub type Client = StreamOwned<ClientConnection, TcpStream>;
 
+/// A TLS 1.3 client config (with its own resumption cache) trusting every certificate in `roots`.
+pub fn client_config(
+    roots: &[&rustls::pki_types::CertificateDer<'static>],
+) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add((*r).clone()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    )
+}
+
+/// Connects with `cfg` and completes the handshake; errors instead of
+/// panicking (load tests count them).
+pub fn try_connect(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> std::io::Result<Client> {
+    let conn = ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap())
+        .map_err(std::io::Error::other)?;
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut s = StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
+}
+
 /// A connected rustls client that trusts `pki`, handshake completed.
 pub fn connect(addr: SocketAddr, pki: &Pki, opts: ClientOpts) -> Client {
     let mut provider = provider();
