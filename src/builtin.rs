@@ -36,11 +36,9 @@ pub fn start() -> io::Result<SocketAddr> {
 /// Request bodies are not expected (GET/HEAD); the connection closes on EOF.
 fn serve(conn: TcpStream) {
     let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(60)));
-    let Ok(write_half) = conn.try_clone() else {
-        return;
-    };
-    let mut out = io::BufWriter::new(write_half);
-    let mut reader = BufReader::new(conn);
+    // `&TcpStream` reads and writes: one fd for both directions.
+    let mut out = io::BufWriter::new(&conn);
+    let mut reader = BufReader::new(&conn);
     let mut line = String::new();
     loop {
         // Read one request head (up to the blank line), capped at 64 KiB.

@@ -424,13 +424,16 @@ fn memory_freed_by_a_flood_goes_back_to_the_kernel() {
     );
 }
 
-/// Bytes of ktern's RSS per idle connection, over `n` connections opened
-/// with `open` (each returned when the server holds it idle).
-fn rss_per_idle_connection<T>(k: &Ktern, n: usize, mut open: impl FnMut() -> T) -> f64 {
-    // A first batch warms the allocator and the shard's caches.
+/// What `n` idle connections cost ktern: bytes of RSS and open fds, each
+/// per connection, over connections opened with `open` (each returned when
+/// the server holds it idle).
+fn cost_per_idle_connection<T>(k: &Ktern, n: usize, mut open: impl FnMut() -> T) -> (f64, f64) {
+    // A first batch warms the allocator and the shard's caches (pipes, the
+    // backend pool).
     drop((0..100).map(|_| open()).collect::<Vec<_>>());
     assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
     let before = ktern::sys::rss_of(k.pid()).unwrap();
+    let fds_before = k.fds();
     let held: Vec<T> = (0..n).map(|_| open()).collect();
     assert_eq!(
         k.wait_metric("ktern_connections_active", n as u64),
@@ -438,8 +441,12 @@ fn rss_per_idle_connection<T>(k: &Ktern, n: usize, mut open: impl FnMut() -> T) 
     );
     std::thread::sleep(Duration::from_millis(300));
     let after = ktern::sys::rss_of(k.pid()).unwrap();
+    let fds = k.fds().saturating_sub(fds_before);
     drop(held);
-    (after.saturating_sub(before)) as f64 / n as f64
+    (
+        (after.saturating_sub(before)) as f64 / n as f64,
+        fds as f64 / n as f64,
+    )
 }
 
 /// The idle-connection budget (core issue; issue 12 found it regressed):
@@ -459,12 +466,16 @@ fn idle_connections_stay_within_their_memory_budget() {
     let pki = Pki::new("idle-budget");
     let backend = start_backend();
     let k = Ktern::start(&pki, "cpus = [0]", &tcp_listener(backend, ""));
-    let per = rss_per_idle_connection(&k, n, || connect(k.addr(), &pki, ClientOpts::default()));
-    eprintln!("tcp route: {per:.0} bytes per idle connection (budget {budget})");
+    let (per, fds) =
+        cost_per_idle_connection(&k, n, || connect(k.addr(), &pki, ClientOpts::default()));
+    eprintln!("tcp route: {per:.0} bytes and {fds:.3} fds per idle connection (budget {budget})");
     assert!(
         per <= budget,
         "tcp route: {per:.0} bytes per idle connection > {budget}"
     );
+    // One fd per socket (issue 12): the client's and the backend's, no
+    // `dup` per direction.
+    assert!(fds <= 2.01, "tcp route: {fds:.3} fds per connection > 2");
     if kernel {
         assert!(k.metric("ktern_ktls_offloaded_total") >= n as u64);
         assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
@@ -476,7 +487,7 @@ fn idle_connections_stay_within_their_memory_budget() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n[[listener.route.rule]]\nupstream = \"b\"\n[upstream.b]\nbackends = [\"{http}\"]\n"
     );
     let k = Ktern::start(&pki, "cpus = [0]", &listener);
-    let per = rss_per_idle_connection(&k, n, || {
+    let (per, fds) = cost_per_idle_connection(&k, n, || {
         let mut c = connect(k.addr(), &pki, ClientOpts::default());
         c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         c.flush().unwrap();
@@ -489,15 +500,17 @@ fn idle_connections_stay_within_their_memory_budget() {
         }
         c
     });
-    // The kTLS target (4 KiB) is not met yet for an idle keep-alive HTTP
-    // connection: 6.1-6.4 KiB in the VM (debug build), the request loop's
-    // state. Until it is, the userspace budget guards it from growing.
     if kernel {
         assert!(k.metric("ktern_ktls_offloaded_total") >= n as u64);
         assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
     }
-    let http_budget = 10240.0;
-    eprintln!("http route, idle keep-alive: {per:.0} bytes per connection (budget {http_budget})");
+    let http_budget = budget;
+    eprintln!(
+        "http route, idle keep-alive: {per:.0} bytes and {fds:.3} fds per connection (budget {http_budget})"
+    );
+    // The client's socket only: its backend connection went back to the
+    // pool, which the next client reused.
+    assert!(fds <= 1.01, "http route: {fds:.3} fds per connection > 1");
     assert!(
         per <= http_budget,
         "http route: {per:.0} bytes per idle keep-alive connection > {http_budget}"

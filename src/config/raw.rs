@@ -283,7 +283,7 @@ pub(super) struct AdminSection {
     pub address: String,
 }
 
-/// Per shard. Each connection costs a few KiB of memory and four fds; the
+/// Per shard. Each connection costs a few KiB of memory and one or two fds; the
 /// cap keeps a flood from exhausting either (HAProxy's `maxconn`).
 fn default_max_connections() -> u64 {
     100_000

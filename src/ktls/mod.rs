@@ -180,7 +180,7 @@ pub enum OffloadError {
     /// The kernel refused the ULP or a key (internal: probe said it would work).
     #[error("kernel refused the kTLS {0}: {1}")]
     Kernel(&'static str, io::Error),
-    /// `ktern` could not duplicate the socket fd (resource exhaustion).
+    /// The socket could not be made non-blocking (internal).
     #[error("socket setup failed: {0}")]
     Io(#[from] io::Error),
 }

@@ -1,9 +1,8 @@
 //! One stream interface over both record paths.
 //!
 //! A [`TlsConn`] splits into a [`TlsReader`] and a [`TlsWriter`] so the two
-//! directions of a proxy run concurrently. Each half owns its own `dup` of the
-//! socket fd (a monoio `TcpStream` needs `&mut` for I/O); both name the same
-//! TCP connection. What both directions must agree on — the rustls state in
+//! directions of a proxy run concurrently. They share the socket through one
+//! fd (`sys::split_stream`: a read side and a write side). What both directions must agree on — the rustls state in
 //! userspace, the `KernelConnection` and key schedule under kTLS — sits in an
 //! `Rc<RefCell<_>>` borrowed only between awaits (one shard thread, no lock).
 //!
@@ -218,18 +217,18 @@ impl TlsConn {
         early_plaintext: Vec<u8>,
         peer_closed: bool,
     ) -> Result<TlsConn, OffloadError> {
-        let writer_sock = sys::dup_stream(&socket)?;
+        let (read_side, write_side) = sys::split_stream(socket)?;
         let shared: Shared = Rc::new(RefCell::new(engine));
         Ok(TlsConn {
             reader: TlsReader {
-                sock: socket,
+                sock: read_side,
                 shared: shared.clone(),
                 pending: early_plaintext,
                 eof: peer_closed,
                 hot: false,
             },
             writer: TlsWriter {
-                sock: writer_sock,
+                sock: write_side,
                 shared,
             },
         })
@@ -265,7 +264,7 @@ pub enum Spliced {
 
 /// The client-to-us direction.
 pub struct TlsReader {
-    sock: TcpStream,
+    sock: sys::ReadSide,
     shared: Shared,
     /// Plaintext decrypted but not yet handed out (handshake over-read on
     /// both paths; every record on the userspace path).
@@ -314,7 +313,7 @@ impl TlsReader {
     /// bytes are there to fill it.
     async fn wait_input(&mut self) -> io::Result<()> {
         if !self.hot {
-            self.sock.readable(false).await?;
+            self.sock.get().readable(false).await?;
         }
         Ok(())
     }
@@ -385,7 +384,24 @@ impl TlsReader {
 
     /// Waits until the client socket has something to read.
     pub async fn readable(&self) -> io::Result<()> {
-        self.sock.readable(false).await
+        self.sock.get().readable(false).await
+    }
+
+    /// Waits until a read would make progress: plaintext or a partial
+    /// record is already buffered, or the socket is readable. Holds no
+    /// buffer while waiting (an idle keep-alive connection's only wait).
+    /// The next read then goes straight to the socket, without a second
+    /// readiness round trip.
+    pub async fn input(&mut self) -> io::Result<()> {
+        let partial = match &*self.shared.borrow() {
+            Engine::User(u) => !u.inbuf.is_empty(),
+            Engine::Kernel(_) => false,
+        };
+        if self.pending.is_empty() && !self.eof && !partial && !self.hot {
+            self.sock.get().readable(false).await?;
+            self.hot = true;
+        }
+        Ok(())
     }
 
     /// Kernel path: moves up to `max` plaintext bytes from the socket into
@@ -439,7 +455,7 @@ impl TlsReader {
             match sys::recv_record(sys::borrow_fd(&self.sock), buf) {
                 Ok(r) => break r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.sock.readable(false).await?
+                    self.sock.get().readable(false).await?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -517,7 +533,7 @@ impl TlsReader {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     crate::buffers::give(buf);
                     self.hot = false;
-                    self.sock.readable(false).await?;
+                    self.sock.get().readable(false).await?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => crate::buffers::give(buf),
                 Err(e) => {
@@ -641,7 +657,7 @@ fn collect_alert(u: &mut User) {
 
 /// The us-to-client direction.
 pub struct TlsWriter {
-    sock: TcpStream,
+    sock: sys::WriteSide,
     shared: Shared,
 }
 
@@ -695,7 +711,7 @@ impl TlsWriter {
             match sys::send_record(sys::borrow_fd(&self.sock), rtype, body) {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.sock.writable(false).await?
+                    self.sock.get().writable(false).await?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -710,7 +726,7 @@ impl TlsWriter {
             if let Err(e) = self.prepare_kernel_write(buf.len()).await {
                 return (Err(e), buf);
             }
-            let (res, buf) = self.sock.write_all(buf).await;
+            let (res, buf) = self.sock.get_mut().write_all(buf).await;
             return (res.map(drop).map_err(Into::into), buf);
         }
         let out = {
@@ -734,7 +750,7 @@ impl TlsWriter {
             if let Engine::User(u) = &mut *self.shared.borrow_mut() {
                 u.writing = true;
             }
-            let (res, mut sent) = self.sock.write_all(out).await;
+            let (res, mut sent) = self.sock.get_mut().write_all(out).await;
             sent.clear();
             let more = match &mut *self.shared.borrow_mut() {
                 Engine::User(u) => {
@@ -778,7 +794,7 @@ impl TlsWriter {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.sock.writable(false).await?
+                    self.sock.get().writable(false).await?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -822,7 +838,7 @@ impl TlsWriter {
                     }
                     Ok(m) => sent_step += m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        match monoio::time::timeout(stall, self.sock.writable(false)).await {
+                        match monoio::time::timeout(stall, self.sock.get().writable(false)).await {
                             Ok(r) => r?,
                             Err(_) => {
                                 return Err(io::Error::new(
@@ -892,7 +908,7 @@ impl TlsWriter {
         };
         let _ = monoio::time::timeout(
             std::time::Duration::from_millis(100),
-            self.sock.write_all(out),
+            self.sock.get_mut().write_all(out),
         )
         .await;
     }

@@ -22,13 +22,13 @@ use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::idle::Idle;
 use crate::ktls::stream::Spliced;
 use crate::ktls::{Path, StreamError, TlsConn, TlsReader, TlsWriter};
-use crate::sys::{self, Pipe};
+use crate::sys::{self, Pipe, ReadSide, WriteSide};
 
 /// Bytes moved per splice call: the default pipe capacity (16 pages), so one
 /// call can fill an empty pipe.
@@ -100,8 +100,8 @@ impl PipePool {
 pub struct Session {
     reader: TlsReader,
     writer: TlsWriter,
-    backend_rd: TcpStream,
-    backend_wr: TcpStream,
+    backend_rd: ReadSide,
+    backend_wr: WriteSide,
     kernel: bool,
 }
 
@@ -109,12 +109,12 @@ impl Session {
     /// Pairs an established client connection with a connected backend.
     pub fn new(conn: TlsConn, backend: TcpStream) -> Result<Session, ProxyError> {
         let kernel = conn.path() == Path::Kernel;
-        let backend_wr = sys::dup_stream(&backend).map_err(ProxyError::Upstream)?;
+        let (backend_rd, backend_wr) = sys::split_stream(backend).map_err(ProxyError::Upstream)?;
         let (reader, writer) = conn.split();
         Ok(Session {
             reader,
             writer,
-            backend_rd: backend,
+            backend_rd,
             backend_wr,
             kernel,
         })
@@ -150,15 +150,15 @@ impl Session {
 }
 
 /// Pipes bytes both ways between an established client and a backend
-/// (`backend_rd` and `backend_wr` are the same socket, see
-/// `sys::dup_stream`), with half-close, until both directions end, one
+/// (`backend_rd` and `backend_wr` are the two sides of one socket, see
+/// `sys::split_stream`), with half-close, until both directions end, one
 /// fails, or `idle` expires. Used by the `tcp` route and by HTTP upgrades.
 #[allow(clippy::too_many_arguments)]
 pub async fn tunnel(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
-    backend_rd: &mut TcpStream,
-    backend_wr: &mut TcpStream,
+    backend_rd: &mut ReadSide,
+    backend_wr: &mut WriteSide,
     kernel: bool,
     idle: &Idle,
     pipes: &PipePool,
@@ -194,7 +194,7 @@ fn note(activity: &Idle, moved: &Cell<Moved>, up: u64, down: u64) {
 
 async fn client_to_backend(
     reader: &mut TlsReader,
-    backend: &mut TcpStream,
+    backend: &mut WriteSide,
     kernel: bool,
     pipes: &PipePool,
     activity: &Idle,
@@ -203,7 +203,7 @@ async fn client_to_backend(
     let early = reader.take_pending();
     if !early.is_empty() {
         let n = early.len() as u64;
-        let (res, _) = Box::pin(backend.write_all(early)).await;
+        let (res, _) = Box::pin(backend.get_mut().write_all(early)).await;
         res.map_err(ProxyError::Upstream)?;
         note(activity, moved, n, 0);
     }
@@ -238,7 +238,7 @@ async fn client_to_backend(
         // path's idle state should not pay for its size.
         while let Some(chunk) = Box::pin(reader.read_chunk()).await? {
             let n = chunk.len() as u64;
-            let (res, _) = Box::pin(backend.write_all(chunk)).await;
+            let (res, _) = Box::pin(backend.get_mut().write_all(chunk)).await;
             res.map_err(ProxyError::Upstream)?;
             note(activity, moved, n, 0);
         }
@@ -249,7 +249,7 @@ async fn client_to_backend(
 }
 
 async fn backend_to_client(
-    backend: &mut TcpStream,
+    backend: &mut ReadSide,
     writer: &mut TlsWriter,
     kernel: bool,
     pipes: &PipePool,
@@ -276,6 +276,7 @@ async fn backend_to_client(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     pipes.give(pipe);
                     backend
+                        .get()
                         .readable(false)
                         .await
                         .map_err(ProxyError::Upstream)?;
@@ -295,17 +296,24 @@ async fn backend_to_client(
                 spare = None;
                 writer.release_buffers();
                 backend
+                    .get()
                     .readable(false)
                     .await
                     .map_err(ProxyError::Upstream)?;
             }
             let mut buf = spare.take().unwrap_or_else(|| Vec::with_capacity(COPY_BUF));
             buf.clear();
-            let (res, buf) = backend.read(buf).await;
-            let n = match res {
+            // After readiness, one `recv` (the read side submits no
+            // io_uring operation of its own).
+            let n = match sys::recv_spare(sys::borrow_fd(backend), &mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     hot = false;
+                    spare = Some(buf);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    spare = Some(buf);
                     continue;
                 }
                 Err(e) => return Err(ProxyError::Upstream(e)),
@@ -325,12 +333,12 @@ async fn backend_to_client(
 }
 
 /// Splices exactly `n` bytes from the pipe into a plain socket.
-async fn drain_pipe(pipe: &Pipe, to: &mut TcpStream, mut n: usize) -> io::Result<()> {
+async fn drain_pipe(pipe: &Pipe, to: &mut WriteSide, mut n: usize) -> io::Result<()> {
     while n > 0 {
         match sys::splice(pipe.rx.as_fd(), sys::borrow_fd(to), n) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(m) => n -= m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable(false).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.get().writable(false).await?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

@@ -158,7 +158,10 @@ fn proxy<'a>(
                     Ok((backend, _addr)) => match tcp::Session::new(*conn, backend) {
                         Ok(mut session) => {
                             let idle = shard.idle.register(route.idle_timeout);
-                            session.run(&idle, &shard.pipes, &moved).await
+                            // Boxed: the tunnel's state is the `tcp` route's
+                            // alone; inline, every connection's task (an
+                            // idle HTTP one too) would carry its size.
+                            Box::pin(session.run(&idle, &shard.pipes, &moved)).await
                         }
                         Err(e) => Err(e),
                     },

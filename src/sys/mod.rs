@@ -363,15 +363,69 @@ pub fn send_now(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     })
 }
 
-/// A second monoio `TcpStream` on a `dup` of `socket`'s fd: same TCP
-/// connection, independent `&mut` handle, so both directions can have I/O in
-/// flight at once. Closing one leaves the connection open until both close.
-pub fn dup_stream(socket: &monoio::net::TcpStream) -> io::Result<monoio::net::TcpStream> {
-    let owned = borrow_fd(socket).try_clone_to_owned()?;
-    let std = std::net::TcpStream::from(owned);
-    // The legacy (epoll) driver needs non-blocking fds; io_uring handles both.
-    std.set_nonblocking(true)?;
-    monoio::net::TcpStream::from_std(std)
+/// One TCP connection used by its two directions at once through a single
+/// fd (issue 12: a `dup` per direction halved the connections an fd limit
+/// allows). The read side only waits for readiness and reads with
+/// `recv`; the write side submits io_uring sends. This is monoio's own
+/// split (`monoio::io::Splitable`), without the `shutdown(SHUT_WR)` its
+/// write half does when dropped: a side's drop only releases its share, and
+/// the socket closes with the last one, as a `dup` did.
+///
+/// The socket is made non-blocking: the sides' own syscalls (`splice`,
+/// kTLS control records) must never block the shard, and io_uring
+/// accepts and connects hand out blocking sockets.
+pub fn split_stream(stream: monoio::net::TcpStream) -> io::Result<(ReadSide, WriteSide)> {
+    socket2::SockRef::from(&borrow_fd(&stream)).set_nonblocking(true)?;
+    let shared = std::rc::Rc::new(std::cell::UnsafeCell::new(stream));
+    Ok((ReadSide(shared.clone()), WriteSide(shared)))
+}
+
+/// The reading direction of a [`split_stream`] socket: readiness and the fd.
+pub struct ReadSide(std::rc::Rc<std::cell::UnsafeCell<monoio::net::TcpStream>>);
+
+/// The writing direction of a [`split_stream`] socket.
+pub struct WriteSide(std::rc::Rc<std::cell::UnsafeCell<monoio::net::TcpStream>>);
+
+impl ReadSide {
+    /// The stream, for readiness waits (`readable`) and the fd.
+    pub fn get(&self) -> &monoio::net::TcpStream {
+        // SAFETY: both sides live on one thread (`Rc` is !Send) and neither
+        // moves, replaces or drops the stream while the other holds it. A
+        // `TcpStream`'s methods only clone its Rc'd fd handle when they
+        // submit an operation, so a readiness wait here and a send in flight
+        // on the write side never touch the same data mutably: the contract
+        // monoio states for `TcpStream` with `unsafe impl Split` and relies
+        // on in its own `into_split`.
+        unsafe { &*self.0.get() }
+    }
+}
+
+impl WriteSide {
+    /// The stream, for readiness waits (`writable`) and the fd.
+    pub fn get(&self) -> &monoio::net::TcpStream {
+        // SAFETY: as in `ReadSide::get`.
+        unsafe { &*self.0.get() }
+    }
+
+    /// The stream, for monoio's writes (which take `&mut`). Only the write
+    /// side writes, and there is one write side.
+    pub fn get_mut(&mut self) -> &mut monoio::net::TcpStream {
+        // SAFETY: as in `ReadSide::get`: the read side never writes, and a
+        // write only clones the stream's fd handle into its operation.
+        unsafe { &mut *self.0.get() }
+    }
+}
+
+impl AsRawFd for ReadSide {
+    fn as_raw_fd(&self) -> RawFd {
+        self.get().as_raw_fd()
+    }
+}
+
+impl AsRawFd for WriteSide {
+    fn as_raw_fd(&self) -> RawFd {
+        self.get().as_raw_fd()
+    }
 }
 
 /// Half-closes the write side of a socket (`shutdown(SHUT_WR)`): the peer reads EOF.
@@ -381,7 +435,7 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Raises this process's open-file soft limit to its hard limit (each
-/// proxied connection holds four fds, see tuning.md). Returns (soft, hard).
+/// proxied connection holds two fds, see tuning.md). Returns (soft, hard).
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

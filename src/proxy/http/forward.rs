@@ -7,9 +7,11 @@
 //! `body`, `rewrite`); this file only moves bytes and keeps time.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -145,9 +147,10 @@ pub async fn serve(
     mut writer: TlsWriter,
     ctx: Ctx<'_>,
 ) -> Result<(), HttpError> {
-    let result = serve_requests(&mut reader, &mut writer, ctx).await;
+    let result = serve_requests(&mut reader, &mut writer, &ctx).await;
     if let Err(HttpError::Downstream(_)) = &result {
-        writer.abort().await;
+        // Boxed: its timer (640 bytes) exists only while an alert goes out.
+        Box::pin(writer.abort()).await;
     }
     result
 }
@@ -155,74 +158,129 @@ pub async fn serve(
 async fn serve_requests(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
-    ctx: Ctx<'_>,
+    ctx: &Ctx<'_>,
 ) -> Result<(), HttpError> {
-    let limits = Limits::default();
     let mut inbuf = reader.take_pending();
     let mut first = true;
     loop {
-        let head = match read_head(reader, &mut inbuf, &limits, &ctx, first).await? {
-            HeadOutcome::Head(mut h) => {
-                if ctx.closing() {
-                    // Draining, or reloaded: this response says
-                    // `Connection: close`.
-                    h.keep_alive = false;
-                }
-                h
+        if inbuf.is_empty() && !first {
+            match next_request(reader, ctx).await? {
+                Wake::Input => {}
+                Wake::Idle => break,
             }
-            HeadOutcome::Closed => break,
-            HeadOutcome::Idle => break,
-            HeadOutcome::Refused(status, reason) => {
-                M::inc(&ctx.metrics.http_local_errors);
-                tracing::info!(peer = %ctx.peer, status, reason, "request refused");
-                let body = format!("{status} {reason}\n");
-                let before = ctx.moved.get();
-                let sent = send(
-                    writer,
-                    rewrite::local_response(status, reason, true, &[], &body, false),
-                    &ctx,
-                )
-                .await;
-                let ex = Exchange {
-                    status,
-                    ..Exchange::default()
-                };
-                log(&ctx, None, &ex, before, SystemTime::now(), Instant::now());
-                sent?;
-                break;
-            }
-        };
-        first = false;
-        M::inc(&ctx.metrics.http_requests);
-        let started = Instant::now();
-        // The wall clock is only read when a line will be written.
-        let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
-        let before = ctx.moved.get();
-        inbuf.drain(..head.len);
-        if inbuf.is_empty() {
-            // Nothing pipelined: hold no read buffer while the client is idle.
-            buffers::give(std::mem::take(&mut inbuf));
         }
-        let mut ex = Exchange {
-            head_only: head.method() == "HEAD",
-            ..Exchange::default()
-        };
-        // Boxed: an exchange's state (backend connect, body and response
-        // streaming) exists only while one runs; between requests an idle
-        // keep-alive connection holds just the loop's own state.
-        let next = Box::pin(forward(
-            reader, writer, &mut inbuf, &head, &ctx, &mut ex, started,
-        ))
-        .await;
-        log(&ctx, Some(&head), &ex, before, wall, started);
-        match next? {
-            Next::KeepAlive => continue,
+        // Boxed: a request's state (head parsing, backend connect, body
+        // and response streaming) exists only while one runs; between
+        // requests an idle keep-alive connection holds just this loop's
+        // state (issue 12's idle budget).
+        match Box::pin(exchange(reader, writer, &mut inbuf, ctx)).await? {
+            Next::KeepAlive => first = false,
             Next::Close => break,
             Next::Ended => return Ok(()),
         }
     }
     let _ = Box::pin(writer.close()).await;
     Ok(())
+}
+
+/// Why the wait between two requests ended.
+enum Wake {
+    /// Bytes arrived (or the client closed): read the next head.
+    Input,
+    /// Keep-alive timeout, or a drain with nothing on its way: close.
+    Idle,
+}
+
+/// Waits, between requests, for the next one. Holds only the socket's
+/// readiness wait, an idle-sweeper entry and a drain slot: no timer
+/// (monoio's `Sleep` is 640 bytes) and no buffer.
+///
+/// A drain ends the wait, after a short grace for a request already on its
+/// way, which is then answered with `Connection: close`. Nothing is lost:
+/// the wait is for readiness only, no bytes were read.
+async fn next_request(reader: &mut TlsReader, ctx: &Ctx<'_>) -> Result<Wake, HttpError> {
+    {
+        let idle = ctx.idle.register(ctx.route.keepalive_timeout);
+        let mut input = std::pin::pin!(reader.input());
+        let waited = ctx
+            .drain
+            .or_drain(std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = input.as_mut().poll(cx) {
+                    return Poll::Ready(r.map(|()| Wake::Input));
+                }
+                idle.poll_expired(cx).map(|()| Ok(Wake::Idle))
+            }))
+            .await;
+        if let Some(r) = waited {
+            return Ok(r.map_err(StreamError::from)?);
+        }
+    }
+    // Boxed: the grace timer exists only during a drain.
+    match Box::pin(monoio::time::timeout(DRAIN_GRACE, reader.input())).await {
+        Err(_) => Ok(Wake::Idle),
+        Ok(r) => {
+            r.map_err(StreamError::from)?;
+            Ok(Wake::Input)
+        }
+    }
+}
+
+/// One request: its head, its exchange with the backend (or a file, or
+/// ktern's own answer) and its access line.
+async fn exchange(
+    reader: &mut TlsReader,
+    writer: &mut TlsWriter,
+    inbuf: &mut Vec<u8>,
+    ctx: &Ctx<'_>,
+) -> Result<Next, HttpError> {
+    let limits = Limits::default();
+    let head = match read_head(reader, inbuf, &limits, ctx).await? {
+        HeadOutcome::Head(mut h) => {
+            if ctx.closing() {
+                // Draining, or reloaded: this response says
+                // `Connection: close`.
+                h.keep_alive = false;
+            }
+            h
+        }
+        HeadOutcome::Closed | HeadOutcome::Idle => return Ok(Next::Close),
+        HeadOutcome::Refused(status, reason) => {
+            M::inc(&ctx.metrics.http_local_errors);
+            tracing::info!(peer = %ctx.peer, status, reason, "request refused");
+            let body = format!("{status} {reason}\n");
+            let before = ctx.moved.get();
+            let sent = send(
+                writer,
+                rewrite::local_response(status, reason, true, &[], &body, false),
+                ctx,
+            )
+            .await;
+            let ex = Exchange {
+                status,
+                ..Exchange::default()
+            };
+            log(ctx, None, &ex, before, SystemTime::now(), Instant::now());
+            sent?;
+            return Ok(Next::Close);
+        }
+    };
+    M::inc(&ctx.metrics.http_requests);
+    let started = Instant::now();
+    // The wall clock is only read when a line will be written.
+    let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
+    let before = ctx.moved.get();
+    inbuf.drain(..head.len);
+    if inbuf.is_empty() {
+        // Nothing pipelined: hold no read buffer while the client is idle.
+        buffers::give(std::mem::take(inbuf));
+    }
+    let mut ex = Exchange {
+        head_only: head.method() == "HEAD",
+        ..Exchange::default()
+    };
+    let next = forward(reader, writer, inbuf, &head, ctx, &mut ex, started).await;
+    log(ctx, Some(&head), &ex, before, wall, started);
+    next
 }
 
 /// Writes the access line for one exchange (`head` is `None` for a
@@ -280,7 +338,8 @@ enum HeadOutcome {
     Head(RequestHead),
     /// The client closed between requests.
     Closed,
-    /// Keep-alive timeout with nothing pending.
+    /// Head timeout with nothing received (a new connection that sent
+    /// nothing, or readiness without data).
     Idle,
     /// Answer with this status and close.
     Refused(u16, &'static str),
@@ -311,64 +370,27 @@ async fn read_head(
     inbuf: &mut Vec<u8>,
     limits: &Limits,
     ctx: &Ctx<'_>,
-    first: bool,
 ) -> Result<HeadOutcome, HttpError> {
-    let route = ctx.route;
-    // Between requests the keep-alive timeout applies; once a head has
-    // started (or on a new connection), the head timeout (408).
-    let waiting = inbuf.is_empty() && !first;
-    let mut deadline = monoio::time::Instant::now()
-        + if waiting {
-            route.keepalive_timeout
-        } else {
-            route.head_timeout
-        };
+    // Called once input is there (or on a new connection): from here the
+    // head timeout applies (408 once a head has started).
+    let deadline = monoio::time::Instant::now() + ctx.route.head_timeout;
     loop {
         match head::parse_request(inbuf, limits) {
             Ok(Some(h)) => return Ok(HeadOutcome::Head(h)),
             Ok(None) => {}
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
-        let chunk = if inbuf.is_empty() && !first {
-            // Idle between requests: a drain closes the connection (the
-            // read waits for readiness only, so nothing is lost), after a
-            // short grace for a request already on its way, which is then
-            // answered with `Connection: close`. (A new connection's first
-            // request is awaited: it is on its way, and the drain timeout
-            // bounds the wait.)
-            let read = Box::pin(reader.read_chunk());
-            match monoio::time::timeout_at(deadline, ctx.drain.or_drain(read)).await {
-                Err(_) => return Ok(HeadOutcome::Idle),
-                Ok(Some(r)) => r?,
-                Ok(None) => {
-                    let read = Box::pin(reader.read_chunk());
-                    match monoio::time::timeout(DRAIN_GRACE, read).await {
-                        Err(_) => return Ok(HeadOutcome::Idle),
-                        Ok(r) => r?,
-                    }
-                }
-            }
-        } else {
-            let read = Box::pin(reader.read_chunk());
-            match monoio::time::timeout_at(deadline, read).await {
-                Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
-                Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
-                Ok(r) => r?,
-            }
+        let read = Box::pin(reader.read_chunk());
+        let chunk = match monoio::time::timeout_at(deadline, read).await {
+            Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
+            Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
+            Ok(r) => r?,
         };
         match chunk {
             None if inbuf.is_empty() => return Ok(HeadOutcome::Closed),
             None => return Ok(HeadOutcome::Refused(400, "Bad Request")),
-            Some(c) => {
-                if inbuf.is_empty() && !first {
-                    deadline = monoio::time::Instant::now() + route.head_timeout;
-                }
-                if inbuf.is_empty() {
-                    *inbuf = c;
-                } else {
-                    inbuf.extend_from_slice(&c);
-                }
-            }
+            Some(c) if inbuf.is_empty() => *inbuf = c,
+            Some(c) => inbuf.extend_from_slice(&c),
         }
     }
 }
@@ -909,13 +931,13 @@ async fn upgrade(
         let (res, _) = Box::pin(backend.write_all(early)).await;
         res.map_err(tunnel_err)?;
     }
-    let mut backend_wr = crate::sys::dup_stream(&backend).map_err(tunnel_err)?;
+    let (mut backend_rd, mut backend_wr) = crate::sys::split_stream(backend).map_err(tunnel_err)?;
     let idle = ctx.idle.register(ctx.route.keepalive_timeout);
     let kernel = reader.path() == Path::Kernel;
     tcp::tunnel(
         reader,
         writer,
-        &mut backend,
+        &mut backend_rd,
         &mut backend_wr,
         kernel,
         &idle,
