@@ -71,15 +71,6 @@ fn assert_offloaded_in_vm(k: &Ktern) {
     }
 }
 
-/// Under qemu's TCG everything is several times slower: timing margins grow.
-fn slow() -> u32 {
-    if std::env::var_os("KTERN_IN_VM").is_some() {
-        4
-    } else {
-        1
-    }
-}
-
 fn runtime(extra: &str) -> String {
     format!("cpus = [0]\n{extra}")
 }

@@ -513,6 +513,10 @@ where
     let start = out.len();
     let mut want = guess.max(64);
     loop {
+        // Exactly: amortized growth would double a 64 KiB batch's buffer
+        // to 128 KiB, and a slow reader's connection holds it for as long
+        // as the client takes (issue 12's slow readers).
+        out.reserve_exact((start + want).saturating_sub(out.len()));
         out.resize(start + want, 0);
         match f(&mut out[start..]) {
             Ok(n) => {

@@ -719,7 +719,11 @@ impl TlsWriter {
         }
     }
 
-    /// Sends all of `buf` as application data.
+    /// Sends all of `buf` as application data. Returns the buffer for
+    /// reuse, except on the userspace path, where it goes back to the
+    /// shard's cache as soon as it is sealed and an empty `Vec` comes back:
+    /// a client that reads slowly then holds only the ciphertext in flight,
+    /// not the plaintext too (issue 12's slow readers).
     pub async fn write_all(&mut self, buf: Vec<u8>) -> (Result<(), StreamError>, Vec<u8>) {
         let kernel = matches!(&*self.shared.borrow(), Engine::Kernel(_));
         if kernel {
@@ -739,8 +743,9 @@ impl TlsWriter {
             }
             std::mem::take(&mut u.tls_out)
         };
+        crate::buffers::give(buf);
         let res = self.send_ciphertext(out).await;
-        (res, buf)
+        (res, Vec::new())
     }
 
     /// Sends sealed records, keeping the buffer for the next write (see
@@ -774,12 +779,25 @@ impl TlsWriter {
         }
     }
 
+    /// About how many plaintext bytes a write would hand to the kernel now
+    /// without waiting (see `sys::send_room`; records add a little, which
+    /// the estimate's margin covers). On error, unlimited: the write
+    /// itself will report it.
+    pub fn send_room(&self) -> usize {
+        sys::send_room(sys::borrow_fd(&self.sock)).unwrap_or(usize::MAX)
+    }
+
+    /// Waits until the client's socket has room in its send buffer.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.sock.get().writable(false).await
+    }
+
     /// Frees the userspace record buffer; call when the connection goes
     /// idle so it holds no buffer while waiting.
     pub fn release_buffers(&mut self) {
         if let Engine::User(u) = &mut *self.shared.borrow_mut() {
             if u.tls_out.is_empty() {
-                u.tls_out = Vec::new();
+                crate::buffers::give(std::mem::take(&mut u.tls_out));
             }
         }
     }
@@ -974,6 +992,12 @@ fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamError> {
     // Per record: 5-byte header, content type byte, 16-byte tag (RFC 8446
     // §5.2); TLS 1.2 adds an 8-byte explicit nonce. 32 covers both.
     let guess = plain.len() + 32 * (plain.len() / (16 << 10) + 1);
+    if u.tls_out.is_empty() && u.tls_out.capacity() < guess && guess >= 16 << 10 {
+        // A large batch: seal into a buffer of the shard's one large size
+        // (see `buffers::CLASS`), not a fresh allocation of this size.
+        let small = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
+        crate::buffers::give(small);
+    }
     with_write_traffic(u, |wt, out| {
         handshake::encode_sized(out, guess, |o| wt.encrypt(plain, o)).map_err(|e| match e {
             handshake::HandshakeError::Tls(t) => StreamError::Tls(t),

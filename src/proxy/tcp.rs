@@ -293,7 +293,9 @@ async fn backend_to_client(
         let mut spare: Option<Vec<u8>> = None;
         loop {
             if !hot {
-                spare = None;
+                if let Some(b) = spare.take() {
+                    crate::buffers::give(b);
+                }
                 writer.release_buffers();
                 backend
                     .get()
@@ -301,7 +303,12 @@ async fn backend_to_client(
                     .await
                     .map_err(ProxyError::Upstream)?;
             }
-            let mut buf = spare.take().unwrap_or_else(|| Vec::with_capacity(COPY_BUF));
+            // The userspace writer hands back an empty buffer (it keeps
+            // none while a slow client drains): take a cached one then.
+            let mut buf = match spare.take() {
+                Some(b) if b.capacity() >= COPY_BUF => b,
+                _ => crate::buffers::take(COPY_BUF),
+            };
             buf.clear();
             // After readiness, one `recv` (the read side submits no
             // io_uring operation of its own).

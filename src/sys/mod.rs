@@ -428,6 +428,20 @@ impl AsRawFd for WriteSide {
     }
 }
 
+/// About how many bytes the socket's send buffer takes now without
+/// blocking: half of what `SO_SNDBUF` leaves beside the bytes queued
+/// (`SIOCOUTQ`, the same ioctl number as `TIOCOUTQ`). Half, because the
+/// kernel charges buffers by their true size (headers, skb overhead), more
+/// than the payload the queue count shows.
+pub fn send_room(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let sndbuf = socket2::SockRef::from(&fd).send_buffer_size()?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `fd` is borrowed and open; SIOCOUTQ writes one int into
+    // `queued`, which we own.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) })?;
+    Ok(sndbuf.saturating_sub(usize::try_from(queued).unwrap_or(0)) / 2)
+}
+
 /// Half-closes the write side of a socket (`shutdown(SHUT_WR)`): the peer reads EOF.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `fd` is borrowed and open; shutdown touches no user memory.

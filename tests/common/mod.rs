@@ -516,3 +516,12 @@ pub fn upload(addr: SocketAddr, pki: &Pki, opts: ClientOpts, n: usize) {
     let reply = String::from_utf8(read_to_close_notify(&mut c)).unwrap();
     assert_eq!(reply, format!("{} {}\n", n, sha256(&data)), "upload digest");
 }
+
+/// Under qemu's TCG everything is several times slower: timing margins grow.
+pub fn slow() -> u32 {
+    if std::env::var_os("KTERN_IN_VM").is_some() {
+        4
+    } else {
+        1
+    }
+}

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
@@ -44,6 +45,10 @@ const READ: usize = 64 << 10;
 /// Largest body prefix sent in the same write as the response head: one
 /// TLS record's plaintext (RFC 8446 §5.1), so the copy stays small.
 const COALESCE: usize = 16 << 10;
+
+/// Below this much room in the client's send buffer, a response body is
+/// not read further until the socket says it has room (see `client_room`).
+const MIN_ROOM: usize = 16 << 10;
 
 /// How long an idle connection may still deliver a request once the drain
 /// starts: bytes already on their way (a client that wrote just before
@@ -164,6 +169,9 @@ async fn serve_requests(
     let mut first = true;
     loop {
         if inbuf.is_empty() && !first {
+            // The userspace record buffer (as large as the last response's
+            // biggest write) is not kept while the client is idle.
+            writer.release_buffers();
             match next_request(reader, ctx).await? {
                 Wake::Input => {}
                 Wake::Idle => break,
@@ -415,6 +423,39 @@ async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(
     m.down += n;
     ctx.moved.set(m);
     Ok(())
+}
+
+/// How many body bytes to read (from a backend or a file) for the client
+/// now: no more than its socket takes without waiting, at most one read
+/// buffer. A client that stops reading thus leaves nothing in flight in
+/// ktern: the kernel's socket buffers hold what was sent, and the body
+/// waits at its source (issue 12: slow readers cost one read buffer each
+/// before; nginx and HAProxy likewise stop reading upstream when their
+/// buffers towards the client are full). Waits within `send_timeout`
+/// while the room is short.
+async fn client_room(writer: &TlsWriter, ctx: &Ctx<'_>) -> Result<usize, HttpError> {
+    let deadline = monoio::time::Instant::now() + ctx.route.send_timeout;
+    let mut woken = false;
+    loop {
+        let room = writer.send_room();
+        if room >= MIN_ROOM {
+            return Ok(room.min(READ));
+        }
+        if woken {
+            // The socket reported room, the estimate less: write a little
+            // rather than poll again at once.
+            return Ok(room.clamp(4 << 10, READ));
+        }
+        // Boxed: the timer exists only while a client is behind.
+        match Box::pin(monoio::time::timeout_at(deadline, writer.writable())).await {
+            Err(_) => {
+                M::inc(&ctx.metrics.http_send_timeouts);
+                return Err(HttpError::ClientStalled);
+            }
+            Ok(r) => r.map_err(StreamError::from)?,
+        }
+        woken = true;
+    }
 }
 
 /// The path part of a request target (origin-form, or absolute-form's path).
@@ -701,16 +742,19 @@ async fn forward(
         if scanner.is_done() {
             break;
         }
+        // Backpressure: read no more than the client's socket takes now.
+        let want = client_room(writer, ctx).await?;
         // `response_timeout` also bounds each wait for more of the body
         // (nginx's proxy_read_timeout between reads): a stalled backend
         // does not hold the client, the connection and a buffer forever.
-        let read = Box::pin(backend.read(buffers::take(READ)));
+        let read = Box::pin(backend.read(buffers::take(READ).slice_mut(..want)));
         let Ok((res, buf)) = monoio::time::timeout(upstream.response_timeout, read).await else {
             M::inc(&ctx.metrics.upstream_errors);
             return Err(HttpError::UpstreamAborted(
                 "no response bytes within response_timeout".into(),
             ));
         };
+        let buf = buf.into_inner();
         match res {
             Ok(0) => {
                 buffers::give(buf);
@@ -859,7 +903,8 @@ async fn serve_file(
                 std::mem::take(&mut out)
             };
             let start = buf.len();
-            buf.resize(start + (left as usize).min(READ), 0);
+            let want = client_room(writer, ctx).await?;
+            buf.resize(start + (left as usize).min(want), 0);
             let n = match file.read_at(&mut buf[start..], offset) {
                 // Shorter than its length now: the client was promised
                 // `count` bytes, so the connection is aborted.
