@@ -10,7 +10,7 @@
 # Usage: scripts/ecmp-netns.sh up|down|withdraw N|restore [PREFIX]
 #   withdraw N: route the VIP to the other host only (what a health
 #   checker or BGP withdrawal does); restore: both again.
-# Only addresses inside these namespaces are used. See ../shared/ecmp-netns.md.
+# Only addresses inside these namespaces are used. See scripts/README.md.
 set -euo pipefail
 cmd=${1:-}
 p=${PREFIX:-kt}

@@ -5,7 +5,7 @@
 # in a small VM: a Debian cloud kernel, a busybox initramfs with the tls/crypto modules,
 # the program and its shared libraries. The console is the only channel out; the guest
 # prints KTERN-VM-EXIT=<status> and this script exits with that status.
-# See scripts/README.md and ../shared/ktls-vm.md (beside the repository).
+# See scripts/README.md ("Why a VM, and what it needs").
 set -euo pipefail
 
 usage() {

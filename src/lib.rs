@@ -17,6 +17,7 @@ pub mod control;
 pub mod handshake;
 pub mod ktls;
 pub mod metrics;
+pub mod provider;
 pub mod proxy;
 pub mod shard;
 pub mod sys;

@@ -75,6 +75,50 @@ fn check_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
         "{err}"
     );
 
+    // The access log's place is checked, but `check` creates nothing.
+    let log = pki.dir.join("access.log");
+    let with_log = pki.dir.join("with-log.toml");
+    std::fs::write(
+        &with_log,
+        format!(
+            "{}\n[access_log]\npath = \"{}\"\n",
+            std::fs::read_to_string(&good).unwrap(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let out = ktern()
+        .args(["check", "-c"])
+        .arg(&with_log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!log.exists(), "ktern check created the access log");
+    let no_dir = pki.dir.join("no-dir.toml");
+    std::fs::write(
+        &no_dir,
+        format!(
+            "{}\n[access_log]\npath = \"{}/missing/access.log\"\n",
+            std::fs::read_to_string(&good).unwrap(),
+            pki.dir.display()
+        ),
+    )
+    .unwrap();
+    let out = ktern().args(["check", "-c"]).arg(&no_dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: access_log.path: cannot create ",
+            no_dir.display()
+        )),
+        "{err}"
+    );
+
     let out = ktern()
         .args(["check", "-c", "/nonexistent/ktern.toml"])
         .output()
@@ -195,4 +239,78 @@ fn systemd_unit_verifies() {
         assert!(unit.contains(want), "unit lacks {want}");
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The module graph has no cycles and `config` (data) imports no stage
+/// (ARCHITECTURE.md: "config is data"). Read from the sources: a `crate::X`
+/// path outside test code is an edge.
+#[test]
+fn module_graph_has_no_cycles_and_config_imports_no_stage() {
+    use std::collections::{BTreeMap, BTreeSet};
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in files {
+        let rel = f.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+        let top = rel
+            .split('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".rs")
+            .to_string();
+        if top == "lib" || top == "main" || rel.ends_with("tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Unit tests sit at the end of a file, after `#[cfg(test)]`.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        let deps = graph.entry(top.clone()).or_default();
+        for part in code.split("crate::").skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if !name.is_empty() && name != top {
+                deps.insert(name);
+            }
+        }
+    }
+    let stages = ["shard", "handshake", "ktls", "proxy", "upstream", "control"];
+    let config = &graph["config"];
+    for s in stages {
+        assert!(
+            !config.contains(s),
+            "config imports the {s} stage: {config:?}"
+        );
+    }
+    fn reaches(
+        g: &BTreeMap<String, BTreeSet<String>>,
+        from: &str,
+        to: &str,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        g.get(from)
+            .into_iter()
+            .flatten()
+            .any(|d| d == to || (seen.insert(d.clone()) && reaches(g, d, to, seen)))
+    }
+    for (m, deps) in &graph {
+        for d in deps {
+            assert!(
+                !reaches(&graph, d, m, &mut BTreeSet::new()),
+                "module cycle: {m} -> {d} -> ... -> {m}"
+            );
+        }
+    }
 }

@@ -64,8 +64,27 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Plain-HTTP listeners that answer every request with a 301 to https.
     pub redirects: Vec<Redirect>,
-    /// Where HTTP access lines go (none when not configured).
-    pub access_log: Option<crate::metrics::access::Sink>,
+    /// Where HTTP access lines go (none when not configured). Opened when
+    /// a generation starts, not by `ktern check`.
+    pub access_log: Option<AccessLog>,
+}
+
+/// The access log's destination and layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// A file (appended to, created if missing), or `-` for stdout.
+    pub path: PathBuf,
+    /// Line layout.
+    pub format: AccessFormat,
+}
+
+/// Access-log line layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessFormat {
+    /// nginx's `combined`, then `key=value` TLS and timing fields.
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A plain-HTTP listener answering every request with 301 to `https://`.
@@ -203,7 +222,7 @@ impl CertInfo {
 /// SHA-256 in hex, with the hash of the crypto provider ktern was built
 /// with (the one every TLS 1.3 provider has for its SHA-256 suites).
 fn sha256_hex(data: &[u8]) -> String {
-    let provider = crate::handshake::crypto_provider();
+    let provider = crate::provider::crypto_provider();
     let hash = provider
         .cipher_suites
         .iter()
@@ -536,13 +555,14 @@ impl Validator<'_> {
         }
     }
 
-    /// Opens the access log now, so a path that cannot be written is a
-    /// config error rather than a silent loss of lines later.
-    fn access_log(&mut self, raw: raw::AccessLogSection) -> Option<crate::metrics::access::Sink> {
-        use crate::metrics::access::{Format, Sink};
+    /// Checks the access log's place without creating anything (`ktern
+    /// check` must not leave a file behind): an existing file, or a
+    /// directory that exists for a new one. Opening it (and so a
+    /// permission problem) is the generation's start.
+    fn access_log(&mut self, raw: raw::AccessLogSection) -> Option<AccessLog> {
         let format = match raw.format.as_str() {
-            "combined" => Format::Combined,
-            "json" => Format::Json,
+            "combined" => AccessFormat::Combined,
+            "json" => AccessFormat::Json,
             other => {
                 self.problem(
                     "access_log.format",
@@ -556,15 +576,38 @@ impl Validator<'_> {
         } else {
             self.base.join(&raw.path)
         };
-        match Sink::open(&path, format) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                self.problem(
-                    "access_log.path",
-                    format!("cannot open {} for appending: {e}", path.display()),
-                );
+        if path.as_os_str() == "-" {
+            return Some(AccessLog { path, format });
+        }
+        let problem = match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => Some(format!("{} is a directory", path.display())),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    None => None,
+                    Some(dir) => match std::fs::metadata(dir) {
+                        Ok(m) if m.is_dir() => None,
+                        Ok(_) => Some(format!(
+                            "cannot create {}: {} is not a directory",
+                            path.display(),
+                            dir.display()
+                        )),
+                        Err(e) => Some(format!(
+                            "cannot create {}: directory {}: {e}",
+                            path.display(),
+                            dir.display()
+                        )),
+                    },
+                }
+            }
+            Err(e) => Some(format!("{}: {e}", path.display())),
+        };
+        match problem {
+            Some(reason) => {
+                self.problem("access_log.path", reason);
                 None
             }
+            None => Some(AccessLog { path, format }),
         }
     }
 
@@ -1046,7 +1089,7 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let provider = crate::handshake::crypto_provider();
+        let provider = crate::provider::crypto_provider();
         match CertifiedKey::from_der(chain, key, &provider) {
             Ok(ck) => Some(Certificate {
                 server_names: raw

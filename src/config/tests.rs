@@ -281,11 +281,14 @@ fn sni_patterns_and_access_log_are_validated() {
     let e = Config::from_toml(&text, "a.toml", &dir, &pems()).unwrap_err();
     assert_eq!(e.problems[0].field, "access_log.path");
     assert!(e.problems[0].reason.contains("logs/access.log"), "{e}");
-    // Relative to the config's directory, created when missing.
+    // Relative to the config's directory; validation creates nothing
+    // (the generation opens it).
     std::fs::create_dir_all(dir.join("logs")).unwrap();
     let c = Config::from_toml(&text, "a.toml", &dir, &pems()).unwrap();
-    assert!(c.access_log.is_some());
-    assert!(dir.join("logs/access.log").exists());
+    let log = c.access_log.expect("configured");
+    assert_eq!(log.path, dir.join("logs/access.log"));
+    assert_eq!(log.format, AccessFormat::Combined);
+    assert!(!dir.join("logs/access.log").exists());
     assert!(HostMatch::Any.matches_sni(None));
     assert!(!HostMatch::Exact("a".into()).matches_sni(None));
     assert!(HostMatch::Suffix(".b".into()).matches_sni(Some("a.b")));

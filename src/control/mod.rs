@@ -15,6 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, Problem};
+use crate::metrics::access::Sink;
 use crate::metrics::ShardMetrics as M;
 use crate::shard::{self, Command, Generation, ShardLink, Slot};
 use crate::upstream::health::{self, Checks};
@@ -63,6 +64,24 @@ pub enum ReloadError {
     /// A shard did not confirm the new generation (internal).
     #[error("internal: shard {0} did not answer")]
     Shard(usize),
+}
+
+/// Opens the access log for a new generation. The config check found its
+/// place; a file that cannot be opened for appending (permissions, a
+/// read-only filesystem) is still a config problem, reported the same way.
+fn open_access_log(config: &Config) -> Result<Option<Sink>, ReloadError> {
+    let Some(log) = &config.access_log else {
+        return Ok(None);
+    };
+    Sink::open(log).map(Some).map_err(|e| {
+        ReloadError::Config(ConfigError {
+            file: config.source.clone(),
+            problems: vec![Problem {
+                field: "access_log.path".into(),
+                reason: format!("cannot open {} for appending: {e}", log.path.display()),
+            }],
+        })
+    })
 }
 
 /// A reload that went live.
@@ -181,6 +200,7 @@ impl Control {
             tls: tls_configs(&config, cpus.len(), &tickets)?,
             health: checks.states.clone(),
             slots: plan.slots,
+            access: open_access_log(&config)?,
             config: Arc::new(config),
         });
         let mut links = Vec::new();
@@ -402,6 +422,7 @@ impl Control {
         unchangeable(&inner.current.config, &config)?;
         let shards = self.links.len();
         let tls = tls_configs(&config, shards, &self.tickets)?;
+        let access = open_access_log(&config)?;
         let mut next_key = inner.next_key;
         let plan = plan_sockets(&inner.sockets, &config, shards, &mut next_key)?;
         let mut fresh = Vec::new();
@@ -424,6 +445,7 @@ impl Control {
             tls,
             health: checks.states.clone(),
             slots: plan.slots,
+            access,
             config: Arc::new(config),
         });
         // The control side first: our copies of removed sockets close now,

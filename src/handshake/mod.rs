@@ -21,19 +21,7 @@ use crate::config;
 pub mod hello;
 pub mod pump;
 
-/// The crypto provider ktern was built with: aws-lc-rs by default (its
-/// default key exchange groups put X25519MLKEM768 first), ring with
-/// `--no-default-features --features ring`.
-pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
-    #[cfg(feature = "aws-lc-rs")]
-    {
-        rustls::crypto::aws_lc_rs::default_provider()
-    }
-    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
-    {
-        rustls::crypto::ring::default_provider()
-    }
-}
+pub use crate::provider::crypto_provider;
 
 /// The process's resumption ticket keys: one rotating key set (rustls'
 /// `Ticketer`: a new key every 6 hours, the previous one still accepted)

@@ -47,14 +47,7 @@ pub struct Record<'a> {
     pub upstream_time: Option<Duration>,
 }
 
-/// Line layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// nginx's `combined`, then `key=value` TLS and timing fields.
-    Combined,
-    /// One JSON object per line.
-    Json,
-}
+pub use crate::config::AccessFormat as Format;
 
 /// Where access lines go. Cheap to clone (one `Arc`).
 #[derive(Debug, Clone)]
@@ -70,8 +63,10 @@ enum Target {
 }
 
 impl Sink {
-    /// Opens `path` (append mode, created if missing); `-` is stdout.
-    pub fn open(path: &std::path::Path, format: Format) -> std::io::Result<Sink> {
+    /// Opens the configured log (append mode, created if missing; `-` is
+    /// stdout).
+    pub fn open(log: &crate::config::AccessLog) -> std::io::Result<Sink> {
+        let (path, format) = (&log.path, log.format);
         let target = if path.as_os_str() == "-" {
             Target::Stdout
         } else {

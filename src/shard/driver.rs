@@ -195,7 +195,7 @@ fn proxy<'a>(
                     idle: &shard.idle,
                     pipes: &shard.pipes,
                     tls: &info,
-                    access: gen.config().access_log.as_ref(),
+                    access: gen.gen.access.as_ref(),
                 };
                 // Boxed: the HTTP pump's state is large, and inline it would
                 // sit in every connection's task, `tcp` routes' too (issue

@@ -47,6 +47,9 @@ pub struct Generation {
     pub health: Vec<Option<Arc<HealthState>>>,
     /// Which listening socket (by key) serves which listener.
     pub slots: Vec<(u64, Slot)>,
+    /// The access log, opened for this generation (a reload reopens it,
+    /// so a rotated file is followed).
+    pub access: Option<crate::metrics::access::Sink>,
 }
 
 impl Generation {
