@@ -431,37 +431,8 @@ impl Handshake {
         }
     }
 
-    /// After a failure, rustls may have queued a fatal alert; move it to the
-    /// output. The same input buffer must be passed: rustls may hold
-    /// progress into it (a partly joined handshake message), and an empty
-    /// slice would make it index out of bounds.
     fn collect_alert(&mut self) {
-        // rustls may have queued several messages before it failed (a
-        // ServerHello and ChangeCipherSpec, then the alert, when the
-        // failure comes after the ServerHello): take every one, in order.
-        // Each call pops one queued message; once the queue is empty
-        // (`wants_write`) it must not be called again: it would deframe the
-        // same bad input and try to queue a second fatal alert (a rustls
-        // debug assertion). Bounded all the same.
-        for _ in 0..16 {
-            if !self.conn.wants_write() {
-                break;
-            }
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.input);
-            let more = match state {
-                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    encode(&mut self.output, |out| enc.encode(out)).is_ok()
-                }
-                _ => false,
-            };
-            if discard > 0 {
-                self.input.drain(..discard);
-            }
-            if !more {
-                break;
-            }
-        }
+        collect_alert(&mut self.conn, &mut self.input, &mut self.output);
     }
 
     /// Finishes a handshake that reported [`Step::Done`].
@@ -486,6 +457,42 @@ where
     E: EncodeLike,
 {
     encode_sized(out, 1024, f)
+}
+
+/// After rustls failed (in the handshake or later, on either record path),
+/// moves what it queued for the peer to `output`: the fatal alert, and
+/// anything queued before it (a ServerHello and ChangeCipherSpec, when the
+/// failure comes after the ServerHello), in order. `input` must be the
+/// buffer rustls was reading: it may hold progress into it (a partly joined
+/// handshake message), and an empty slice would make it index out of
+/// bounds.
+pub(crate) fn collect_alert(
+    conn: &mut UnbufferedServerConnection,
+    input: &mut Vec<u8>,
+    output: &mut Vec<u8>,
+) {
+    // Each call pops one queued message; once the queue is empty
+    // (`wants_write`) it must not be called again: it would deframe the
+    // same bad input and try to queue a second fatal alert (a rustls debug
+    // assertion). Bounded all the same.
+    for _ in 0..16 {
+        if !conn.wants_write() {
+            break;
+        }
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(input);
+        let more = match state {
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                encode(output, |out| enc.encode(out)).is_ok()
+            }
+            _ => false,
+        };
+        if discard > 0 {
+            input.drain(..discard);
+        }
+        if !more {
+            break;
+        }
+    }
 }
 
 /// [`encode`] with a first guess of the space needed (e.g. the plaintext

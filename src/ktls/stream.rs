@@ -630,7 +630,7 @@ fn decrypt_available(u: &mut User, plain: &mut Vec<u8>, eof: &mut bool) -> Resul
         }
         if let Err(e) = res {
             // rustls queued a fatal alert; the writer flushes it on abort.
-            collect_alert(u);
+            handshake::collect_alert(&mut u.conn, &mut u.inbuf, &mut u.tls_out);
             u.failed = true;
             return Err(e);
         }
@@ -643,17 +643,6 @@ fn decrypt_available(u: &mut User, plain: &mut Vec<u8>, eof: &mut bool) -> Resul
     }
 }
 
-fn collect_alert(u: &mut User) {
-    // One call: a failed connection has queued at most one fatal alert, and
-    // popping it happens before rustls would deframe (and fail) again.
-    let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
-    if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
-        let _ = handshake::encode(&mut u.tls_out, |o| enc.encode(o));
-    }
-    if discard > 0 {
-        u.inbuf.drain(..discard);
-    }
-}
 
 /// The us-to-client direction.
 pub struct TlsWriter {
