@@ -736,7 +736,9 @@ fn backend_faults_map_to_502_504_and_aborts() {
         502
     );
     // A backend that stops mid-body: after response_timeout (1 s here)
-    // the client connection is aborted, not held for ever.
+    // the client connection is aborted, not held for ever; counted once,
+    // as the backend's failure.
+    let errors = k.metric("ktern_upstream_errors_total");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     c.write_all(b"GET /stall HTTP/1.1\r\nHost: a\r\n\r\n")
         .unwrap();
@@ -748,6 +750,16 @@ fn backend_faults_map_to_502_504_and_aborts() {
         started.elapsed() < Duration::from_secs(3),
         "aborted after {:?}, before the backend's own close",
         started.elapsed()
+    );
+    assert_eq!(
+        k.wait_metric("ktern_upstream_errors_total", errors + 1),
+        errors + 1
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        k.metric("ktern_upstream_errors_total"),
+        errors + 1,
+        "counted twice"
     );
     // A response cut short: the client connection is aborted, never ended
     // cleanly with a short body.

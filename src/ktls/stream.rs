@@ -643,7 +643,6 @@ fn decrypt_available(u: &mut User, plain: &mut Vec<u8>, eof: &mut bool) -> Resul
     }
 }
 
-
 /// The us-to-client direction.
 pub struct TlsWriter {
     sock: sys::WriteSide,

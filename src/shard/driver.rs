@@ -14,7 +14,7 @@ use crate::handshake::{self, HandshakeError, TlsInfo};
 use crate::ktls::{self, Path, StreamError, TlsConn};
 use crate::metrics::family::UserspaceReason;
 use crate::metrics::ShardMetrics as M;
-use crate::proxy::http;
+use crate::proxy::http::{self, forward::HttpError};
 use crate::proxy::tcp::{self, Moved, ProxyError};
 
 /// Serves one accepted connection to its end. Never panics on peer input:
@@ -161,9 +161,11 @@ fn proxy<'a>(
                             // Boxed: the tunnel's state is the `tcp` route's
                             // alone; inline, every connection's task (an
                             // idle HTTP one too) would carry its size.
-                            Box::pin(session.run(&idle, &shard.pipes, &moved)).await
+                            Box::pin(session.run(&idle, &shard.pipes, &moved))
+                                .await
+                                .map_err(Failure::Tcp)
                         }
-                        Err(e) => Err(e),
+                        Err(e) => Err(Failure::Tcp(e)),
                     },
                     Err(e) => {
                         M::inc(match e {
@@ -202,19 +204,7 @@ fn proxy<'a>(
                 // 12's idle budget).
                 let serving = Box::pin(http::forward::serve(reader, writer, ctx));
                 tracing::trace!(bytes = std::mem::size_of_val(&*serving), "http task size");
-                match serving.await {
-                    Ok(()) => Ok(()),
-                    Err(http::forward::HttpError::Downstream(e)) => Err(ProxyError::Downstream(e)),
-                    Err(http::forward::HttpError::Tunnel(e)) => Err(e),
-                    Err(e @ http::forward::HttpError::UpstreamAborted(_)) => {
-                        Err(ProxyError::Upstream(std::io::Error::other(e.to_string())))
-                    }
-                    Err(e @ http::forward::HttpError::ClientStalled) => {
-                        Err(ProxyError::Downstream(StreamError::Io(
-                            std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string()),
-                        )))
-                    }
-                }
+                serving.await.map_err(Failure::Http)
             }
         };
         let moved = moved.get();
@@ -224,23 +214,67 @@ fn proxy<'a>(
         M::add(&m.ktls_rekey_tx, moved.rekey_tx);
         match result {
             Err(e) => {
-                let counter = match &e {
-                    ProxyError::Idle(_) => &m.idle_timeouts,
-                    ProxyError::Upstream(_) => &m.upstream_errors,
-                    ProxyError::Downstream(s) => match s {
-                        StreamError::RekeyUnsupported(_) => &m.ktls_rekey_unsupported,
-                        StreamError::Unexpected(_) => &m.tls_unexpected,
-                        StreamError::PeerAlert(_) => &m.tls_peer_alerts,
-                        StreamError::ConfidentialityLimit => &m.tls_limit_closes,
-                        _ => &m.downstream_errors,
-                    },
-                };
-                M::inc(counter);
-                tracing::info!(%peer, ?path, up = moved.up, down = moved.down, error = %e, "connection ended with error");
+                M::inc(e.counter(m));
+                tracing::info!(%peer, ?path, up = moved.up, down = moved.down, side = e.side(), error = %e, "connection ended with error");
             }
             Ok(()) => {
                 tracing::debug!(%peer, ?path, up = moved.up, down = moved.down, "connection closed")
             }
         }
+    }
+}
+
+/// Why a connection ended abnormally, as its route reported it. The one
+/// place that maps a failure to its counter and names the side that failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Tcp(#[from] ProxyError),
+    #[error("{0}")]
+    Http(HttpError),
+}
+
+impl Failure {
+    /// The counter this failure adds one to.
+    fn counter<'m>(&self, m: &'m M) -> &'m std::sync::atomic::AtomicU64 {
+        let proxy = |e: &ProxyError| match e {
+            ProxyError::Idle(_) => &m.idle_timeouts,
+            ProxyError::Upstream(_) => &m.upstream_errors,
+            ProxyError::Downstream(s) => stream_counter(m, s),
+        };
+        match self {
+            Failure::Tcp(e) | Failure::Http(HttpError::Tunnel(e)) => proxy(e),
+            Failure::Http(HttpError::Downstream(s)) => stream_counter(m, s),
+            Failure::Http(HttpError::ClientStalled) => &m.downstream_errors,
+            Failure::Http(HttpError::UpstreamAborted(_)) => &m.upstream_errors,
+            Failure::Http(HttpError::FileAborted(_)) => &m.internal_errors,
+        }
+    }
+
+    /// Who failed, for the log line: the client, the backend, ktern itself,
+    /// or nobody (an idle timeout is ktern's decision).
+    fn side(&self) -> &'static str {
+        let proxy = |e: &ProxyError| match e {
+            ProxyError::Idle(_) => "idle",
+            ProxyError::Upstream(_) => "upstream",
+            ProxyError::Downstream(_) => "downstream",
+        };
+        match self {
+            Failure::Tcp(e) | Failure::Http(HttpError::Tunnel(e)) => proxy(e),
+            Failure::Http(HttpError::Downstream(_) | HttpError::ClientStalled) => "downstream",
+            Failure::Http(HttpError::UpstreamAborted(_)) => "upstream",
+            Failure::Http(HttpError::FileAborted(_)) => "internal",
+        }
+    }
+}
+
+/// The counter for a client-side failure after the handshake.
+fn stream_counter<'m>(m: &'m M, s: &StreamError) -> &'m std::sync::atomic::AtomicU64 {
+    match s {
+        StreamError::RekeyUnsupported(_) => &m.ktls_rekey_unsupported,
+        StreamError::Unexpected(_) => &m.tls_unexpected,
+        StreamError::PeerAlert(_) => &m.tls_peer_alerts,
+        StreamError::ConfidentialityLimit => &m.tls_limit_closes,
+        _ => &m.downstream_errors,
     }
 }

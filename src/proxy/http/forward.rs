@@ -125,7 +125,11 @@ pub enum HttpError {
     /// The backend failed after the response started: the client
     /// connection is aborted so a cut-short body never looks complete.
     #[error("upstream failed mid-response: {0}")]
-    UpstreamAborted(String),
+    UpstreamAborted(#[from] UpstreamAbort),
+    /// A static file failed while its body was being sent (ktern's own
+    /// side: the filesystem); the client connection is aborted.
+    #[error("internal: static file failed mid-response: {0}")]
+    FileAborted(FileAbort),
     /// An upgraded (101) tunnel ended with an error.
     #[error("upgraded tunnel: {0}")]
     Tunnel(ProxyError),
@@ -133,6 +137,36 @@ pub enum HttpError {
     /// stopped reading); the connection is aborted.
     #[error("client took no response bytes within send_timeout")]
     ClientStalled,
+}
+
+/// How a backend failed after its response started.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamAbort {
+    /// Its body broke its own framing (chunked syntax, length).
+    #[error("response body: {0}")]
+    Framing(#[from] BodyError),
+    /// No body bytes within `response_timeout`.
+    #[error("no response bytes within response_timeout")]
+    Stalled,
+    /// The read failed (reset).
+    #[error("response read: {0}")]
+    Io(std::io::Error),
+}
+
+/// How a static file failed while being sent.
+#[derive(Debug, thiserror::Error)]
+pub enum FileAbort {
+    /// Shorter than its length when the head went out.
+    #[error("{0} shrank while being sent")]
+    Shrank(std::path::PathBuf),
+    /// A read failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 enum Next {
@@ -705,7 +739,7 @@ async fn forward(
     }
     rewrite::response(&resp, close, &extra, &mut out);
     let mut scanner = BodyScanner::new(resp.framing);
-    let abort = |e: BodyError| HttpError::UpstreamAborted(e.to_string());
+    let abort = |e: BodyError| HttpError::UpstreamAborted(e.into());
     // Body bytes after the head that the scanner has passed and that are
     // not sent yet. (The scanner takes every byte it is given until the
     // body ends, so anything after them is past the body.)
@@ -749,10 +783,7 @@ async fn forward(
         // does not hold the client, the connection and a buffer forever.
         let read = Box::pin(backend.read(buffers::take(READ).slice_mut(..want)));
         let Ok((res, buf)) = monoio::time::timeout(upstream.response_timeout, read).await else {
-            M::inc(&ctx.metrics.upstream_errors);
-            return Err(HttpError::UpstreamAborted(
-                "no response bytes within response_timeout".into(),
-            ));
+            return Err(UpstreamAbort::Stalled.into());
         };
         let buf = buf.into_inner();
         match res {
@@ -768,7 +799,7 @@ async fn forward(
                 buffers::give(std::mem::replace(&mut rbuf, buf));
                 ready = scanner.scan(&rbuf).map_err(abort)?;
             }
-            Err(e) => return Err(HttpError::UpstreamAborted(e.to_string())),
+            Err(e) => return Err(UpstreamAbort::Io(e).into()),
         }
     }
     // Reuse only a connection whose response ended exactly at its framing,
@@ -908,14 +939,9 @@ async fn serve_file(
             let n = match file.read_at(&mut buf[start..], offset) {
                 // Shorter than its length now: the client was promised
                 // `count` bytes, so the connection is aborted.
-                Ok(0) => {
-                    return Err(HttpError::UpstreamAborted(format!(
-                        "{} shrank while being sent",
-                        path.display()
-                    )))
-                }
+                Ok(0) => return Err(HttpError::FileAborted(FileAbort::Shrank(path))),
                 Ok(n) => n,
-                Err(e) => return Err(HttpError::UpstreamAborted(e.to_string())),
+                Err(source) => return Err(HttpError::FileAborted(FileAbort::Io { path, source })),
             };
             buf.truncate(start + n);
             offset += n as u64;
