@@ -11,7 +11,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::sync::Arc;
 
 use common::*;
 use rustls::CipherSuite::*;
@@ -247,26 +246,11 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
 }
 
 fn test_listener(pki: &Pki) -> ktern::config::Listener {
-    use rustls::pki_types::pem::PemObject;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.key).unwrap();
-    let ck = rustls::sign::CertifiedKey::from_der(vec![pki.der.clone()], key, &provider()).unwrap();
-    ktern::config::Listener {
-        name: "ulp".into(),
-        address: "127.0.0.1:0".parse().unwrap(),
-        backlog: 16,
-        certificates: vec![ktern::config::Certificate {
-            key: Arc::new(ck),
-            server_names: vec![],
-            info: ktern::config::CertInfo::default(),
-        }],
-        tls_versions: ktern::config::TlsVersions {
-            tls12: true,
-            tls13: true,
-        },
-        route: ktern::config::Route::Tcp(ktern::config::TcpRoute {
-            backends: vec![],
-            connect_timeout: std::time::Duration::from_secs(1),
-            idle_timeout: std::time::Duration::from_secs(1),
-        }),
-    }
+    let pem = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let cert = ktern::config::Certificate::from_pem(&pem(&pki.cert), &pem(&pki.key)).unwrap();
+    let both = ktern::config::TlsVersions {
+        tls12: true,
+        tls13: true,
+    };
+    ktern::config::Listener::standalone("ulp", cert, both)
 }

@@ -148,6 +148,26 @@ pub struct Listener {
     pub route: Route,
 }
 
+impl Listener {
+    /// A listener with one certificate and a `tcp` route to nowhere: what
+    /// the handshake needs from a config, for tools, fuzzing, benchmarks
+    /// and tests that build a server without a config file.
+    pub fn standalone(name: &str, certificate: Certificate, tls_versions: TlsVersions) -> Listener {
+        Listener {
+            name: name.into(),
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            backlog: 16,
+            certificates: vec![certificate],
+            tls_versions,
+            route: Route::Tcp(TcpRoute {
+                backends: Vec::new(),
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+            }),
+        }
+    }
+}
+
 /// A certificate chain with its key, and the SNI names it answers for.
 #[derive(Debug, Clone)]
 pub struct Certificate {
@@ -158,6 +178,24 @@ pub struct Certificate {
     /// Where it came from and what its leaf says (for `/certs` and the
     /// expiry gauge).
     pub info: CertInfo,
+}
+
+impl Certificate {
+    /// A certificate from PEM text (the chain, then its key), answering
+    /// for any name; the key must match the leaf.
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Certificate, rustls::Error> {
+        let bad = |what: &str| rustls::Error::General(format!("bad PEM {what}"));
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad("certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| bad("key"))?;
+        let key = CertifiedKey::from_der(chain, key, &crate::provider::crypto_provider())?;
+        Ok(Certificate {
+            key: Arc::new(key),
+            server_names: Vec::new(),
+            info: CertInfo::default(),
+        })
+    }
 }
 
 /// Facts about a certificate, read once when the config is loaded.

@@ -110,32 +110,16 @@ pub fn server_config(
 /// `localhost` (ECDSA P-256), for fuzzing and tools that need a server
 /// without files.
 pub fn self_signed_config() -> Result<Arc<ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
-    use rustls_pki_types::pem::PemObject;
     let (cert, key) = crate::builtin::self_signed(&["localhost"])?;
-    let chain = vec![rustls_pki_types::CertificateDer::from_pem_slice(
-        cert.as_bytes(),
-    )?];
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
-    let ck = CertifiedKey::from_der(chain, key, &crypto_provider())?;
-    let listener = config::Listener {
-        name: "self-signed".into(),
-        address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        backlog: 1,
-        certificates: vec![config::Certificate {
-            key: Arc::new(ck),
-            server_names: Vec::new(),
-            info: config::CertInfo::default(),
-        }],
-        tls_versions: config::TlsVersions {
-            tls12: true,
-            tls13: true,
-        },
-        route: config::Route::Tcp(config::TcpRoute {
-            backends: Vec::new(),
-            connect_timeout: std::time::Duration::from_secs(1),
-            idle_timeout: std::time::Duration::from_secs(1),
-        }),
+    let both = config::TlsVersions {
+        tls12: true,
+        tls13: true,
     };
+    let listener = config::Listener::standalone(
+        "self-signed",
+        config::Certificate::from_pem(&cert, &key)?,
+        both,
+    );
     Ok(server_config(&listener, &ticketer()?)?)
 }
 

@@ -3,35 +3,20 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::ClientConnection;
 
 use super::*;
-use crate::config::{Certificate, Listener, Route, TcpRoute, TlsVersions};
+use crate::config::{Certificate, Listener, TlsVersions};
 
 fn listener(tls12: bool, tls13: bool) -> (Listener, CertificateDer<'static>) {
     let (cert_pem, key_pem) = crate::builtin::self_signed(&["localhost"]).unwrap();
-    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let ck = CertifiedKey::from_der(chain.clone(), key, &crypto_provider()).unwrap();
-    let l = Listener {
-        name: "t".into(),
-        address: "127.0.0.1:0".parse().unwrap(),
-        backlog: 16,
-        certificates: vec![Certificate {
-            key: Arc::new(ck),
-            server_names: vec![],
-            info: crate::config::CertInfo::default(),
-        }],
-        tls_versions: TlsVersions { tls12, tls13 },
-        route: Route::Tcp(TcpRoute {
-            backends: vec![],
-            connect_timeout: std::time::Duration::from_secs(1),
-            idle_timeout: std::time::Duration::from_secs(1),
-        }),
-    };
-    (l, chain[0].clone())
+    let cert = Certificate::from_pem(&cert_pem, &key_pem).unwrap();
+    let root = cert.key.cert[0].clone();
+    (
+        Listener::standalone("t", cert, TlsVersions { tls12, tls13 }),
+        root,
+    )
 }
 
 fn client(root: CertificateDer<'static>, tls12_only: bool) -> ClientConnection {
