@@ -18,12 +18,13 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::body::{BodyError, BodyScanner, Framing};
+use super::body::{BodyError, BodyScanner};
+use super::exchange::{self, Relay, UpstreamFault, Verdict};
 use super::files::{self, FileError, Plan, Resolved};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
 use crate::buffers;
-use crate::config::{Balance, HashKey, HttpRoute, Target, Upstream};
+use crate::config::{Balance, HashKey, HttpRoute, Upstream};
 use crate::handshake::TlsInfo;
 use crate::ktls::Path;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
@@ -492,33 +493,6 @@ async fn client_room(writer: &TlsWriter, ctx: &Ctx<'_>) -> Result<usize, HttpErr
     }
 }
 
-/// The path part of a request target (origin-form, or absolute-form's path).
-fn target_path(target: &str) -> &str {
-    if target.starts_with('/') {
-        return target;
-    }
-    match target.find("://") {
-        Some(i) => target[i + 3..]
-            .find('/')
-            .map_or("/", |p| &target[i + 3 + p..]),
-        None => "/",
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.find(']').map_or(host, |i| &host[..=i]);
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
-}
-
-fn idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    )
-}
-
 async fn forward(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
@@ -528,40 +502,37 @@ async fn forward(
     ex: &mut Exchange,
     started: Instant,
 ) -> Result<Next, HttpError> {
-    let host = head.host.as_deref().unwrap_or_default();
-    let path = target_path(head.target());
     let route = ctx.route;
-    let has_body = head.framing != Framing::Length(0);
-    // A local answer before the body was read leaves the body in the
-    // stream; closing afterwards keeps it from being read as a request.
-    let close_after_local = !head.keep_alive || has_body;
-    let Some(rule) = route.rules.iter().find(|r| {
-        r.host.matches(strip_port(host))
-            && r.sni.matches_sni(ctx.tls.sni.as_deref())
-            && path.starts_with(&r.path)
-    }) else {
-        return local(writer, ctx, ex, 404, close_after_local).await;
-    };
-    let group = match &rule.target {
-        Target::Upstream(g) => *g,
-        Target::Static(root) => {
+    let (group, close_after_local) = match exchange::plan(route, head, ctx.tls.sni.as_deref()) {
+        exchange::Plan::Local {
+            status,
+            close,
+            group,
+        } => {
+            ex.answered_by = group;
+            return local(writer, ctx, ex, status, close).await;
+        }
+        exchange::Plan::Static {
+            root,
+            close_after_local,
+        } => {
             ex.answered_by = Some(ctx.upstreams.len());
             return serve_file(reader, writer, head, root, ctx, ex, close_after_local).await;
         }
-    };
-    ex.answered_by = Some(group);
-    if let Framing::Length(n) = head.framing {
-        if n > route.max_body {
-            return local(writer, ctx, ex, 413, true).await;
+        exchange::Plan::Upstream {
+            group,
+            send_continue,
+            close_after_local,
+        } => {
+            ex.answered_by = Some(group);
+            if send_continue {
+                // The rewrite forwards without Expect: the body then
+                // streams as it arrives.
+                send(writer, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), ctx).await?;
+            }
+            (group, close_after_local)
         }
-    }
-    // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1): it
-    // cannot take a 1xx.
-    if head.expect_continue && has_body && head.minor == 1 {
-        // Answer 100 ourselves; the rewrite forwards without Expect (RFC
-        // 9110 §10.1.1): the body then streams as it arrives.
-        send(writer, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), ctx).await?;
-    }
+    };
     let upstream = &ctx.upstreams[group];
     let fwd = Forwarding {
         client: ctx.peer,
@@ -627,13 +598,16 @@ async fn forward(
         let (res, sent) = Box::pin(backend.write_all(out)).await;
         out = sent;
         if let Err(e) = res {
-            if reused && attempt == 1 {
-                continue;
+            let fault = UpstreamFault::WriteFailed;
+            match exchange::after_fault(attempt, reused, head, fault) {
+                Verdict::Retry => continue,
+                Verdict::Answer(status) => {
+                    balancer.failed(addr, Instant::now());
+                    M::inc(&ctx.metrics.upstream_errors);
+                    tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+                    return local(writer, ctx, ex, status, true).await;
+                }
             }
-            balancer.failed(addr, Instant::now());
-            M::inc(&ctx.metrics.upstream_errors);
-            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
-            return local(writer, ctx, ex, 502, true).await;
         }
         match send_body(
             reader,
@@ -670,23 +644,18 @@ async fn forward(
                 });
                 break (backend, addr, r, lease);
             }
-            Err(UpstreamFault::NothingBack)
-                if reused && attempt == 1 && idempotent(head.method()) && !has_body =>
-            {
-                continue;
-            }
-            Err(fault) => {
-                balancer.failed(addr, Instant::now());
-                M::inc(&ctx.metrics.upstream_errors);
-                let status = if matches!(fault, UpstreamFault::Timeout) {
-                    M::inc(&ctx.metrics.upstream_timeouts);
-                    504
-                } else {
-                    502
-                };
-                tracing::warn!(peer = %ctx.peer, backend = %addr, fault = fault.describe(), "bad upstream response");
-                return local(writer, ctx, ex, status, true).await;
-            }
+            Err(fault) => match exchange::after_fault(attempt, reused, head, fault) {
+                Verdict::Retry => continue,
+                Verdict::Answer(status) => {
+                    balancer.failed(addr, Instant::now());
+                    M::inc(&ctx.metrics.upstream_errors);
+                    if fault == UpstreamFault::Timeout {
+                        M::inc(&ctx.metrics.upstream_timeouts);
+                    }
+                    tracing::warn!(peer = %ctx.peer, backend = %addr, fault = fault.describe(), "bad upstream response");
+                    return local(writer, ctx, ex, status, true).await;
+                }
+            },
         }
     };
     let (resp, mut rbuf) = response;
@@ -696,39 +665,18 @@ async fn forward(
     let ttfb = started.elapsed();
     ctx.metrics.families.upstream_ttfb_seconds.observe(ttfb);
     ex.upstream_time = Some(ttfb);
-    if resp.status == 101 {
-        if head.upgrade {
-            return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await;
-        }
-        // A switch the client never asked for: the backend connection now
-        // speaks something else, so it is dropped, never pooled.
-        M::inc(&ctx.metrics.upstream_errors);
-        tracing::warn!(peer = %ctx.peer, backend = %addr, "101 to a request without Upgrade");
-        return local(writer, ctx, ex, 502, true).await;
-    }
-    // A body delimited by the backend closing would end the client's
-    // connection too; for a keep-alive HTTP/1.1 client it is re-framed as
-    // chunked instead (RFC 9112 §7.1), so the connection survives. A
-    // response with a transfer coding of its own keeps it and is relayed
-    // until close.
-    let coded = resp
-        .fields
-        .iter()
-        .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
-    // A transfer coding may only go to an HTTP/1.1 client (RFC 9112 §6.1).
-    // An HTTP/1.0 client's request went upstream as HTTP/1.0, so a backend
-    // answering it with one is broken: 502 rather than an unreadable body.
-    if head.minor == 0 && (resp.framing == Framing::Chunked || coded) {
-        M::inc(&ctx.metrics.upstream_errors);
-        tracing::warn!(peer = %ctx.peer, backend = %addr, "transfer-coded response to an HTTP/1.0 request");
-        return local(writer, ctx, ex, 502, true).await;
-    }
-    let rechunk =
-        resp.framing == Framing::UntilClose && head.keep_alive && head.minor == 1 && !coded;
     // Draining: the connection ends after this response, whenever the
     // drain started (the request may have been read before it).
-    let close =
-        !head.keep_alive || ctx.closing() || (resp.framing == Framing::UntilClose && !rechunk);
+    let (rechunk, close) = match exchange::relay(head, &resp, ctx.closing()) {
+        Relay::Upgrade => return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await,
+        Relay::Refuse(why) => {
+            // The backend connection is dropped, never pooled.
+            M::inc(&ctx.metrics.upstream_errors);
+            tracing::warn!(peer = %ctx.peer, backend = %addr, why, "unusable upstream response");
+            return local(writer, ctx, ex, 502, true).await;
+        }
+        Relay::Body { rechunk, close } => (rechunk, close),
+    };
     let mut out = Vec::with_capacity(resp.len + 64);
     let mut extra: Vec<(&str, &[u8])> = Vec::new();
     if let Some(v) = route.hsts.as_deref() {
@@ -802,11 +750,7 @@ async fn forward(
             Err(e) => return Err(UpstreamAbort::Io(e).into()),
         }
     }
-    // Reuse only a connection whose response ended exactly at its framing,
-    // and not after an HTTP/1.0 request: it went upstream without
-    // keep-alive, so the backend closes it whatever its answer says.
-    if resp.keep_alive && head.minor == 1 && rbuf.is_empty() && resp.framing != Framing::UntilClose
-    {
+    if exchange::reusable(head, &resp, rbuf.len()) {
         ctx.pools[group].put(0, backend, addr, upstream.pool_size);
     }
     buffers::give(rbuf);
@@ -1122,26 +1066,6 @@ async fn send_body(
     Ok(BodySent::Done)
 }
 
-#[derive(Debug)]
-enum UpstreamFault {
-    /// The backend closed before sending anything.
-    NothingBack,
-    /// No complete response head within the response timeout.
-    Timeout,
-    /// Not HTTP/1.x, too large, ambiguous framing, or cut short.
-    Bad(&'static str),
-}
-
-impl UpstreamFault {
-    fn describe(&self) -> &'static str {
-        match self {
-            UpstreamFault::NothingBack => "closed without a response",
-            UpstreamFault::Timeout => "no response head in time",
-            UpstreamFault::Bad(why) => why,
-        }
-    }
-}
-
 type Response = (head::ResponseHead, Vec<u8>);
 
 /// Reads the final response head (1xx interim responses other than 101 are
@@ -1206,17 +1130,5 @@ mod tests {
         assert_eq!(b, b"cdef");
         assert_eq!(take_front(&mut b, 4), b"cdef");
         assert!(b.is_empty());
-    }
-
-    #[test]
-    fn paths_and_hosts() {
-        assert_eq!(target_path("/a/b?c"), "/a/b?c");
-        assert_eq!(target_path("http://x.example/a"), "/a");
-        assert_eq!(target_path("http://x.example"), "/");
-        assert_eq!(target_path("*"), "/");
-        assert_eq!(strip_port("a.example:8443"), "a.example");
-        assert_eq!(strip_port("a.example"), "a.example");
-        assert_eq!(strip_port("[::1]:443"), "[::1]");
-        assert!(idempotent("GET") && !idempotent("POST"));
     }
 }

@@ -1,0 +1,496 @@
+//! The request exchange's decisions, sans-IO: which route a request takes,
+//! what ktern answers itself, when a failed backend attempt is retried and
+//! what the client gets otherwise, how a backend response is framed towards
+//! the client, whether the client connection stays open and whether the
+//! backend connection goes back to the pool.
+//!
+//! Parsed heads and facts go in, a decision comes out; no socket, no clock.
+//! The HTTP/1.1 pump (`forward.rs`) asks at each step and does the I/O; an
+//! HTTP/2 stream task asks the same questions, so both protocols make one
+//! set of decisions.
+
+use std::path::Path;
+
+use super::body::Framing;
+use super::head::{RequestHead, ResponseHead};
+use crate::config::{HttpRoute, Rule, Target};
+
+/// What to do with a request whose head was accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan<'r> {
+    /// Answer with `status` ourselves; close the connection after it when
+    /// `close` (an unread request body would otherwise be read as the next
+    /// request).
+    Local {
+        /// The status.
+        status: u16,
+        /// Close after the answer.
+        close: bool,
+        /// The upstream group the matching rule named, if one did (its
+        /// response counters count the answer).
+        group: Option<usize>,
+    },
+    /// Serve a file under `root`.
+    Static {
+        /// The rule's directory.
+        root: &'r Path,
+        /// Close after a local answer (404, 416…) of the file stage.
+        close_after_local: bool,
+    },
+    /// Forward to upstream group `group`.
+    Upstream {
+        /// Index into `Config::upstreams`.
+        group: usize,
+        /// Answer `100 Continue` ourselves before streaming the body
+        /// (the request goes upstream without `Expect`, RFC 9110 §10.1.1).
+        send_continue: bool,
+        /// Close after a local answer (502, 504) before the body was read.
+        close_after_local: bool,
+    },
+}
+
+/// Plans a request: the first rule (most specific first) whose Host, SNI
+/// and path prefix match, or 404.
+pub fn plan<'r>(route: &'r HttpRoute, head: &RequestHead, sni: Option<&str>) -> Plan<'r> {
+    let has_body = head.framing != Framing::Length(0);
+    // A local answer before the body was read leaves the body in the
+    // stream; closing afterwards keeps it from being read as a request.
+    let close_after_local = !head.keep_alive || has_body;
+    let host = strip_port(head.host.as_deref().unwrap_or_default());
+    let Some(rule) = find_rule(&route.rules, host, sni, target_path(head.target())) else {
+        return Plan::Local {
+            status: 404,
+            close: close_after_local,
+            group: None,
+        };
+    };
+    match &rule.target {
+        Target::Static(root) => Plan::Static {
+            root,
+            close_after_local,
+        },
+        Target::Upstream(group) => {
+            if matches!(head.framing, Framing::Length(n) if n > route.max_body) {
+                return Plan::Local {
+                    status: 413,
+                    close: true,
+                    group: Some(*group),
+                };
+            }
+            Plan::Upstream {
+                group: *group,
+                // An HTTP/1.0 client cannot take a 1xx: its expectation is
+                // ignored (RFC 9110 §10.1.1).
+                send_continue: head.expect_continue && has_body && head.minor == 1,
+                close_after_local,
+            }
+        }
+    }
+}
+
+/// The first rule matching `host` (lower case, no port), `sni` and `path`.
+pub fn find_rule<'r>(
+    rules: &'r [Rule],
+    host: &str,
+    sni: Option<&str>,
+    path: &str,
+) -> Option<&'r Rule> {
+    rules
+        .iter()
+        .find(|r| r.host.matches(host) && r.sni.matches_sni(sni) && path.starts_with(&r.path))
+}
+
+/// The path part of a request target (origin-form, or absolute-form's path).
+pub fn target_path(target: &str) -> &str {
+    if target.starts_with('/') {
+        return target;
+    }
+    match target.find("://") {
+        Some(i) => target[i + 3..]
+            .find('/')
+            .map_or("/", |p| &target[i + 3 + p..]),
+        None => "/",
+    }
+}
+
+/// A Host value without its port (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |i| &host[..=i]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// Methods a client may repeat without changing the outcome (RFC 9110
+/// §9.2.2).
+pub fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// How one attempt at a backend failed before its response head arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFault {
+    /// Writing the request head failed (the connection was closed).
+    WriteFailed,
+    /// The backend closed before sending anything.
+    NothingBack,
+    /// No complete response head within the response timeout.
+    Timeout,
+    /// Not HTTP/1.x, too large, ambiguous framing, or cut short.
+    Bad(&'static str),
+}
+
+impl UpstreamFault {
+    /// For the log line.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            UpstreamFault::WriteFailed => "request write failed",
+            UpstreamFault::NothingBack => "closed without a response",
+            UpstreamFault::Timeout => "no response head in time",
+            UpstreamFault::Bad(why) => why,
+        }
+    }
+}
+
+/// What follows a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Once more, on a new connection.
+    Retry,
+    /// Give up: answer the client with `status` and close; the backend is
+    /// marked failed.
+    Answer(u16),
+}
+
+/// The retry rule. A pooled connection may have been closed by the
+/// backend an instant ago; that is retried once on a fresh connection:
+/// when the request head could not even be written, or when nothing of
+/// the response came back and the request can safely be repeated (an
+/// idempotent method without a body, so nothing was consumed). A fresh
+/// connection's failure is the backend's: 504 for a timeout, else 502.
+pub fn after_fault(
+    attempt: u32,
+    reused: bool,
+    head: &RequestHead,
+    fault: UpstreamFault,
+) -> Verdict {
+    let first_on_pooled = reused && attempt == 1;
+    let repeatable = idempotent(head.method()) && head.framing == Framing::Length(0);
+    match fault {
+        UpstreamFault::WriteFailed if first_on_pooled => Verdict::Retry,
+        UpstreamFault::NothingBack if first_on_pooled && repeatable => Verdict::Retry,
+        UpstreamFault::Timeout => Verdict::Answer(504),
+        _ => Verdict::Answer(502),
+    }
+}
+
+/// How a backend's response head is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    /// 101 to a request that asked to upgrade: relay the head, then tunnel.
+    Upgrade,
+    /// Unusable for this client: answer 502 and close (why, for the log).
+    Refuse(&'static str),
+    /// Relay head and body.
+    Body {
+        /// A body delimited by the backend's close goes to a keep-alive
+        /// HTTP/1.1 client re-framed as chunked (RFC 9112 §7.1), so its
+        /// connection survives.
+        rechunk: bool,
+        /// The client connection closes after this response (and the
+        /// response says `Connection: close`).
+        close: bool,
+    },
+}
+
+/// Decides how `resp` goes to the client of `head`. `closing`: draining,
+/// or the connection's config generation was replaced (keep-alive ends).
+pub fn relay(head: &RequestHead, resp: &ResponseHead, closing: bool) -> Relay {
+    if resp.status == 101 {
+        return if head.upgrade {
+            Relay::Upgrade
+        } else {
+            // The backend connection now speaks something else.
+            Relay::Refuse("101 to a request without Upgrade")
+        };
+    }
+    let coded = resp
+        .fields
+        .iter()
+        .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
+    // A transfer coding may only go to an HTTP/1.1 client (RFC 9112 §6.1).
+    // An HTTP/1.0 client's request went upstream as HTTP/1.0, so a backend
+    // answering it with one is broken: 502 rather than an unreadable body.
+    if head.minor == 0 && (resp.framing == Framing::Chunked || coded) {
+        return Relay::Refuse("transfer-coded response to an HTTP/1.0 request");
+    }
+    // A response with a transfer coding of its own keeps it and is relayed
+    // until close.
+    let rechunk =
+        resp.framing == Framing::UntilClose && head.keep_alive && head.minor == 1 && !coded;
+    let close = !head.keep_alive || closing || (resp.framing == Framing::UntilClose && !rechunk);
+    Relay::Body { rechunk, close }
+}
+
+/// Whether the backend connection goes back to the pool once the response
+/// was relayed: only one whose response ended exactly at its framing
+/// (`leftover` bytes past it: none), that said keep-alive, and not after
+/// an HTTP/1.0 request (it went upstream without keep-alive, so the
+/// backend closes it whatever its answer says).
+pub fn reusable(head: &RequestHead, resp: &ResponseHead, leftover: usize) -> bool {
+    resp.keep_alive && head.minor == 1 && leftover == 0 && resp.framing != Framing::UntilClose
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HostMatch;
+    use crate::proxy::http::head::{parse_request, parse_response, Limits};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn req(text: &str) -> RequestHead {
+        parse_request(text.as_bytes(), &Limits::default())
+            .unwrap()
+            .expect("complete head")
+    }
+
+    fn resp(text: &str, method: &str) -> ResponseHead {
+        parse_response(text.as_bytes(), method, 1 << 16)
+            .unwrap()
+            .expect("complete head")
+    }
+
+    fn rule(host: HostMatch, sni: HostMatch, path: &str, target: Target) -> Rule {
+        Rule {
+            host,
+            sni,
+            path: path.into(),
+            target,
+        }
+    }
+
+    fn route() -> HttpRoute {
+        HttpRoute {
+            rules: vec![
+                rule(
+                    HostMatch::Exact("api.example.com".into()),
+                    HostMatch::Any,
+                    "/v1/",
+                    Target::Upstream(1),
+                ),
+                rule(
+                    HostMatch::Suffix(".example.com".into()),
+                    HostMatch::Exact("secure.example.com".into()),
+                    "/",
+                    Target::Upstream(2),
+                ),
+                rule(
+                    HostMatch::Any,
+                    HostMatch::Any,
+                    "/files/",
+                    Target::Static(PathBuf::from("/srv/www")),
+                ),
+                rule(HostMatch::Any, HostMatch::Any, "/app/", Target::Upstream(0)),
+            ],
+            max_body: 1000,
+            head_timeout: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(1),
+            trusted_proxies: Vec::new(),
+            x_forwarded: true,
+            forwarded: false,
+            hsts: None,
+        }
+    }
+
+    #[test]
+    fn plans_follow_host_sni_and_path_in_rule_order() {
+        let r = route();
+        let get =
+            |host: &str, path: &str| req(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+        let upstream = |group| Plan::Upstream {
+            group,
+            send_continue: false,
+            close_after_local: false,
+        };
+        assert_eq!(
+            plan(&r, &get("api.example.com:8443", "/v1/x"), None),
+            upstream(1)
+        );
+        // The suffix rule needs its SNI; without it the request falls through.
+        assert_eq!(
+            plan(
+                &r,
+                &get("www.example.com", "/app/"),
+                Some("secure.example.com")
+            ),
+            upstream(2)
+        );
+        assert_eq!(
+            plan(&r, &get("www.example.com", "/app/"), None),
+            upstream(0)
+        );
+        assert_eq!(
+            plan(&r, &get("x", "/files/a.txt"), None),
+            Plan::Static {
+                root: Path::new("/srv/www"),
+                close_after_local: false
+            }
+        );
+        // Absolute-form targets route by their path.
+        assert_eq!(plan(&r, &get("x", "http://x/app/y"), None), upstream(0));
+        assert_eq!(
+            plan(&r, &get("x", "/nothing"), None),
+            Plan::Local {
+                status: 404,
+                close: false,
+                group: None
+            }
+        );
+    }
+
+    #[test]
+    fn bodies_limits_and_expectations() {
+        let r = route();
+        // A body that is not read before a local answer closes the connection.
+        let post = req("POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(
+            plan(&r, &post, None),
+            Plan::Local {
+                status: 404,
+                close: true,
+                group: None
+            }
+        );
+        let big = req("POST /app/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n");
+        assert_eq!(
+            plan(&r, &big, None),
+            Plan::Local {
+                status: 413,
+                close: true,
+                group: Some(0)
+            }
+        );
+        let expect =
+            "POST /app/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n";
+        assert_eq!(
+            plan(&r, &req(expect), None),
+            Plan::Upstream {
+                group: 0,
+                send_continue: true,
+                close_after_local: true
+            }
+        );
+        // HTTP/1.0 cannot take a 1xx; no body, nothing to wait for.
+        let old = expect.replace("HTTP/1.1", "HTTP/1.0");
+        assert!(matches!(
+            plan(&r, &req(&old), None),
+            Plan::Upstream {
+                send_continue: false,
+                ..
+            }
+        ));
+        let empty = "GET /app/ HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n";
+        assert!(matches!(
+            plan(&r, &req(empty), None),
+            Plan::Upstream {
+                send_continue: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn only_a_pooled_connections_first_failure_is_retried() {
+        use UpstreamFault::*;
+        let get = req("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let post = req("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        let delete = req("DELETE / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let patch = req("PATCH / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(after_fault(1, true, &get, NothingBack), Verdict::Retry);
+        assert_eq!(after_fault(1, true, &delete, NothingBack), Verdict::Retry);
+        // Not idempotent, or a body was consumed: the backend may have acted.
+        assert_eq!(
+            after_fault(1, true, &patch, NothingBack),
+            Verdict::Answer(502)
+        );
+        assert_eq!(
+            after_fault(1, true, &post, NothingBack),
+            Verdict::Answer(502)
+        );
+        // Nothing was delivered when the head could not be written.
+        assert_eq!(after_fault(1, true, &post, WriteFailed), Verdict::Retry);
+        // Once only, and never on a fresh connection.
+        assert_eq!(
+            after_fault(2, false, &get, NothingBack),
+            Verdict::Answer(502)
+        );
+        assert_eq!(
+            after_fault(1, false, &get, WriteFailed),
+            Verdict::Answer(502)
+        );
+        assert_eq!(after_fault(1, true, &get, Timeout), Verdict::Answer(504));
+        assert_eq!(after_fault(1, true, &get, Bad("x")), Verdict::Answer(502));
+    }
+
+    #[test]
+    fn responses_are_framed_for_their_client() {
+        let keep = req("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let closing = req("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let old = req("GET / HTTP/1.0\r\nHost: x\r\n\r\n");
+        let upgrade =
+            req("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        let sized = resp("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "GET");
+        let until_close = resp("HTTP/1.1 200 OK\r\n\r\n", "GET");
+        let chunked = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET",
+        );
+        let switching = resp(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET",
+        );
+        let body = |rechunk, close| Relay::Body { rechunk, close };
+        assert_eq!(relay(&keep, &sized, false), body(false, false));
+        assert_eq!(relay(&keep, &sized, true), body(false, true), "draining");
+        assert_eq!(relay(&closing, &sized, false), body(false, true));
+        assert_eq!(relay(&keep, &until_close, false), body(true, false));
+        assert_eq!(relay(&closing, &until_close, false), body(false, true));
+        assert_eq!(relay(&old, &until_close, false), body(false, true));
+        assert!(matches!(relay(&old, &chunked, false), Relay::Refuse(_)));
+        assert_eq!(relay(&upgrade, &switching, false), Relay::Upgrade);
+        assert!(matches!(relay(&keep, &switching, false), Relay::Refuse(_)));
+    }
+
+    #[test]
+    fn backend_connections_are_pooled_only_when_clean() {
+        let keep = req("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let old = req("GET / HTTP/1.0\r\nHost: x\r\n\r\n");
+        let sized = resp("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "GET");
+        let close = resp(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+            "GET",
+        );
+        let until_close = resp("HTTP/1.1 200 OK\r\n\r\n", "GET");
+        assert!(reusable(&keep, &sized, 0));
+        assert!(!reusable(&keep, &sized, 3), "bytes past the response");
+        assert!(!reusable(&keep, &close, 0));
+        assert!(!reusable(&keep, &until_close, 0));
+        assert!(!reusable(&old, &sized, 0));
+    }
+
+    #[test]
+    fn paths_and_hosts() {
+        assert_eq!(target_path("/a/b?c"), "/a/b?c");
+        assert_eq!(target_path("http://x.example/a"), "/a");
+        assert_eq!(target_path("http://x.example"), "/");
+        assert_eq!(target_path("*"), "/");
+        assert_eq!(strip_port("a.example:8443"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:443"), "[::1]");
+    }
+}
