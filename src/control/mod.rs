@@ -422,13 +422,15 @@ impl Control {
         unchangeable(&inner.current.config, &config)?;
         let shards = self.links.len();
         let tls = tls_configs(&config, shards, &self.tickets)?;
-        let access = open_access_log(&config)?;
         let mut next_key = inner.next_key;
         let plan = plan_sockets(&inner.sockets, &config, shards, &mut next_key)?;
         let mut fresh = Vec::new();
         for i in 0..shards {
             fresh.push(fresh_for(&plan.picks, i)?);
         }
+        // Opened (and created) last of what can refuse the reload, so a
+        // refused reload leaves no new file behind.
+        let access = open_access_log(&config)?;
         // Verdicts of unchanged groups carry over: a backend known to be
         // down does not get traffic again after every reload.
         let previous = Some((&*inner.current.config, &inner.checks));

@@ -14,8 +14,10 @@ use crate::config::KtlsMode;
 use crate::handshake::Established;
 use crate::sys::{self, KeyDirection};
 
+mod kernel;
 pub mod record;
 pub mod stream;
+mod user;
 
 pub use stream::{StreamError, TlsConn, TlsReader, TlsWriter};
 

@@ -21,15 +21,13 @@ use std::rc::Rc;
 
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
-use rustls::kernel::KernelConnection;
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
-use rustls::ProtocolVersion;
 
-use super::record::{self, Control, RecordBudget};
+use super::kernel::{Kernel, RxStep, TxStep};
+use super::record::{self, Control};
+use super::user::{decrypt_available, queue_close_notify, seal_userspace, User};
 use super::{OffloadError, Path};
-use crate::handshake::{self, Established, ServerData, MAX_RECORD};
-use crate::sys::{self, KeyDirection, Pipe};
+use crate::handshake::{Established, MAX_RECORD};
+use crate::sys::{self, Pipe};
 
 /// Why a TLS stream stopped.
 #[derive(Debug, thiserror::Error)]
@@ -74,50 +72,6 @@ impl StreamError {
     }
 }
 
-/// Key-schedule state under kTLS.
-struct Kernel {
-    conn: KernelConnection<ServerData>,
-    tls13: bool,
-    /// The kernel accepts replacement keys (Linux 6.13+).
-    rekey: bool,
-    /// Records sealed with the current TX key.
-    tx_budget: RecordBudget,
-    /// Records opened with the current RX key (estimated from bytes: the
-    /// kernel does not say how many records a read spanned).
-    rx_budget: RecordBudget,
-    /// Our next KeyUpdate should ask the peer to update its key too (our
-    /// RX budget is nearly spent).
-    request_peer_update: bool,
-    /// The peer requested a KeyUpdate; the writer sends ours before its next record.
-    tx_update_pending: bool,
-    /// Counters the shard reads after the connection.
-    rx_rekeys: u64,
-    tx_rekeys: u64,
-}
-
-/// rustls state on the userspace path.
-struct User {
-    conn: UnbufferedServerConnection,
-    /// Ciphertext of a partly received record. Every `process_tls_records`
-    /// call, from either half, must pass this same buffer: rustls remembers
-    /// how far into it a fragmented handshake message was joined, and an
-    /// empty slice in its place makes it index out of bounds (found by the
-    /// `handshake` fuzz target).
-    inbuf: Vec<u8>,
-    /// Ciphertext queued by either half. The writer sends it with its
-    /// records; the reader sends what rustls queued while reading (a
-    /// `no_renegotiation` warning, a KeyUpdate reply) itself, at once, when
-    /// no write is in flight.
-    tls_out: Vec<u8>,
-    /// The writer has sealed records on their way out: the reader must not
-    /// send (its bytes would land inside the writer's).
-    writing: bool,
-    /// rustls failed on the client's bytes and queued its fatal alert:
-    /// nothing may call rustls again (it would try to queue a second alert;
-    /// a debug assertion in rustls), only `abort` sends what is queued.
-    failed: bool,
-}
-
 // The kernel variant (~600 B, mostly rustls' KernelConnection) is stored
 // inline: it is the common case and the Engine already lives in one Rc
 // allocation per connection; only the rarer, larger userspace state is boxed.
@@ -145,14 +99,6 @@ pub struct RekeyCounts {
     pub tx: u64,
 }
 
-fn crypto_info(
-    suite: rustls::SupportedCipherSuite,
-    secrets: (u64, rustls::ConnectionTrafficSecrets),
-) -> io::Result<ktls::CryptoInfo> {
-    ktls::CryptoInfo::from_rustls(suite, secrets)
-        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e.to_string()))
-}
-
 impl TlsConn {
     /// Hands the session keys to the kernel and returns a kTLS stream.
     pub(super) fn kernel(
@@ -166,48 +112,13 @@ impl TlsConn {
             peer_closed,
             sni: _,
         } = est;
-        let (secrets, kconn) = conn
-            .dangerous_into_kernel_connection()
-            .map_err(OffloadError::Extract)?;
-        let suite = kconn.negotiated_cipher_suite();
-        let fd = sys::borrow_fd(&socket);
-        sys::set_ulp_tls(fd).map_err(|e| OffloadError::Kernel("ULP", e))?;
-        let tx =
-            crypto_info(suite, secrets.tx).map_err(|e| OffloadError::Kernel("TX cipher", e))?;
-        let rx =
-            crypto_info(suite, secrets.rx).map_err(|e| OffloadError::Kernel("RX cipher", e))?;
-        sys::set_crypto_info(fd, KeyDirection::Transmit, &tx)
-            .map_err(|e| OffloadError::Kernel("TX key", e))?;
-        sys::set_crypto_info(fd, KeyDirection::Receive, &rx)
-            .map_err(|e| OffloadError::Kernel("RX key", e))?;
-        let tls13 = kconn.protocol_version() == ProtocolVersion::TLSv1_3;
-        let limit = match suite {
-            rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
-            rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
-        };
-        let engine = Engine::Kernel(Kernel {
-            conn: kconn,
-            tls13,
-            rekey: rekey && tls13,
-            tx_budget: RecordBudget::new(limit),
-            rx_budget: RecordBudget::new(limit),
-            request_peer_update: false,
-            tx_update_pending: false,
-            rx_rekeys: 0,
-            tx_rekeys: 0,
-        });
-        TlsConn::assemble(socket, engine, early_plaintext, peer_closed)
+        let kernel = Kernel::offload(sys::borrow_fd(&socket), conn, rekey)?;
+        TlsConn::assemble(socket, Engine::Kernel(kernel), early_plaintext, peer_closed)
     }
 
     /// Keeps rustls sealing and opening records in userspace.
     pub(super) fn userspace(socket: TcpStream, est: Established) -> Result<TlsConn, OffloadError> {
-        let engine = Engine::User(Box::new(User {
-            conn: est.conn,
-            inbuf: Vec::new(),
-            tls_out: Vec::new(),
-            writing: false,
-            failed: false,
-        }));
+        let engine = Engine::User(Box::new(User::new(est.conn)));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
     }
 
@@ -365,13 +276,7 @@ impl TlsReader {
         let Engine::Kernel(k) = &mut *shared else {
             return Ok(());
         };
-        k.rx_budget.charge(n);
-        if !k.rx_budget.exhausted() || k.request_peer_update {
-            return Ok(());
-        }
-        if k.rekey {
-            k.request_peer_update = true;
-            k.tx_update_pending = true;
+        if let RxStep::Fine = k.charge_rx(n) {
             return Ok(());
         }
         let _ = sys::send_record(
@@ -397,10 +302,18 @@ impl TlsReader {
             Engine::User(u) => !u.inbuf.is_empty(),
             Engine::Kernel(_) => false,
         };
-        if self.pending.is_empty() && !self.eof && !partial && !self.hot {
-            self.sock.get().readable(false).await?;
-            self.hot = true;
+        if !self.pending.is_empty() || self.eof || partial {
+            return Ok(());
         }
+        // `hot` may be left over from the previous request's last read
+        // (it filled its buffer, and the client then had nothing more):
+        // check before skipping the wait, or an idle connection would leave
+        // its keep-alive wait with nothing to read.
+        if self.hot && sys::input_pending(sys::borrow_fd(&self.sock)) {
+            return Ok(());
+        }
+        self.sock.get().readable(false).await?;
+        self.hot = true;
         Ok(())
     }
 
@@ -487,27 +400,7 @@ impl TlsReader {
                 Err(StreamError::Unexpected(what))
             }
             Control::KeyUpdate { update_requested } => {
-                // Always ask the kernel: Linux < 6.13 answers EBUSY (no
-                // rekey), newer ones install the key and resume decrypting.
-                let installed = k
-                    .conn
-                    .update_rx_secret()
-                    .map_err(|e| io::Error::other(e.to_string()))
-                    .and_then(|s| crypto_info(k.conn.negotiated_cipher_suite(), s))
-                    .and_then(|info| sys::set_crypto_info(fd, KeyDirection::Receive, &info));
-                match installed {
-                    Ok(()) => {
-                        k.rx_rekeys += 1;
-                        k.rx_budget.reset();
-                        k.tx_update_pending |= update_requested;
-                        Ok(None)
-                    }
-                    Err(e) => {
-                        let alert = record::fatal_alert(record::alert::INTERNAL_ERROR);
-                        let _ = sys::send_record(fd, record::content::ALERT, &alert);
-                        Err(StreamError::RekeyUnsupported(e))
-                    }
-                }
+                k.install_rx(fd, update_requested).map(|()| None)
             }
         }
     }
@@ -526,7 +419,7 @@ impl TlsReader {
         // the writer's calls into rustls. No buffer is held while waiting.
         let (n, buf) = loop {
             let mut buf = crate::buffers::take(READ_AHEAD);
-            match sys::recv_spare(sys::borrow_fd(&self.sock), &mut buf) {
+            match sys::recv_upto(sys::borrow_fd(&self.sock), &mut buf, READ_AHEAD) {
                 Ok(n) => break (n, buf),
                 // Nothing yet (a partial record, or a stale readiness):
                 // wait, then read again.
@@ -585,64 +478,6 @@ impl TlsReader {
     }
 }
 
-/// Runs rustls over `u.inbuf` until it needs more bytes, collecting plaintext.
-fn decrypt_available(u: &mut User, plain: &mut Vec<u8>, eof: &mut bool) -> Result<(), StreamError> {
-    // Plaintext is never longer than the ciphertext holding it.
-    plain.reserve(u.inbuf.len());
-    loop {
-        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
-        let mut stop = false;
-        let res: Result<(), StreamError> = match state {
-            Ok(ConnectionState::ReadTraffic(mut r)) => {
-                let mut res = Ok(());
-                while let Some(rec) = r.next_record() {
-                    match rec {
-                        Ok(rec) => plain.extend_from_slice(rec.payload),
-                        Err(e) => {
-                            res = Err(e.into());
-                            break;
-                        }
-                    }
-                }
-                res
-            }
-            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
-                    .map_err(|_| StreamError::Unexpected("encode"))
-            }
-            Ok(ConnectionState::TransmitTlsData(t)) => {
-                t.done();
-                Ok(())
-            }
-            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
-                *eof = true;
-                stop = true;
-                Ok(())
-            }
-            Ok(_) => {
-                stop = true;
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        };
-        if discard > 0 {
-            u.inbuf.drain(..discard);
-        }
-        if let Err(e) = res {
-            // rustls queued a fatal alert; the writer flushes it on abort.
-            handshake::collect_alert(&mut u.conn, &mut u.inbuf, &mut u.tls_out);
-            u.failed = true;
-            return Err(e);
-        }
-        if stop {
-            if *eof {
-                u.inbuf.clear();
-            }
-            return Ok(());
-        }
-    }
-}
-
 /// The us-to-client direction.
 pub struct TlsWriter {
     sock: sys::WriteSide,
@@ -654,44 +489,27 @@ impl TlsWriter {
     /// asked for, or the one our record budget needs, and install the new TX
     /// key. Without kernel rekey, a spent budget ends the stream.
     async fn prepare_kernel_write(&mut self, bytes: usize) -> Result<(), StreamError> {
-        let (update, possible) = match &mut *self.shared.borrow_mut() {
-            Engine::Kernel(k) => {
-                k.tx_budget.charge(bytes);
-                (k.tx_update_pending || k.tx_budget.exhausted(), k.rekey)
-            }
+        let step = match &mut *self.shared.borrow_mut() {
+            Engine::Kernel(k) => k.charge_tx(bytes),
             Engine::User(_) => return Ok(()),
         };
-        if !update {
-            return Ok(());
+        match step {
+            TxStep::Write => Ok(()),
+            TxStep::Limit => {
+                self.send_control(record::content::ALERT, &record::CLOSE_NOTIFY)
+                    .await?;
+                Err(StreamError::ConfidentialityLimit)
+            }
+            TxStep::KeyUpdate { request } => {
+                self.send_control(record::content::HANDSHAKE, &record::key_update(request))
+                    .await?;
+                let fd = sys::borrow_fd(&self.sock);
+                match &mut *self.shared.borrow_mut() {
+                    Engine::Kernel(k) => k.install_tx(fd, bytes),
+                    Engine::User(_) => Ok(()),
+                }
+            }
         }
-        if !possible {
-            self.send_control(record::content::ALERT, &record::CLOSE_NOTIFY)
-                .await?;
-            return Err(StreamError::ConfidentialityLimit);
-        }
-        let request = match &*self.shared.borrow() {
-            Engine::Kernel(k) => k.request_peer_update,
-            Engine::User(_) => false,
-        };
-        self.send_control(record::content::HANDSHAKE, &record::key_update(request))
-            .await?;
-        let fd = sys::borrow_fd(&self.sock);
-        let mut shared = self.shared.borrow_mut();
-        if let Engine::Kernel(k) = &mut *shared {
-            let info = k
-                .conn
-                .update_tx_secret()
-                .map_err(|e| io::Error::other(e.to_string()))
-                .and_then(|s| crypto_info(k.conn.negotiated_cipher_suite(), s))?;
-            sys::set_crypto_info(fd, KeyDirection::Transmit, &info)
-                .map_err(StreamError::RekeyUnsupported)?;
-            k.tx_update_pending = false;
-            k.request_peer_update = false;
-            k.tx_budget.reset();
-            k.tx_budget.charge(bytes);
-            k.tx_rekeys += 1;
-        }
-        Ok(())
     }
 
     async fn send_control(&mut self, rtype: u8, body: &[u8]) -> io::Result<()> {
@@ -918,85 +736,4 @@ impl TlsWriter {
         )
         .await;
     }
-}
-
-/// What one writer-side step of rustls asked for.
-enum WriteStep {
-    /// Handshake data was queued; ask again.
-    Again,
-    /// Done (the closure ran against `WriteTraffic`).
-    Done(Result<(), StreamError>),
-}
-
-/// Drives rustls until it offers `WriteTraffic`, encoding anything it
-/// queued first (e.g. a KeyUpdate reply), then runs `f` on it.
-fn with_write_traffic(
-    u: &mut User,
-    mut f: impl FnMut(
-        &mut rustls::unbuffered::WriteTraffic<'_, ServerData>,
-        &mut Vec<u8>,
-    ) -> Result<(), StreamError>,
-) -> Result<(), StreamError> {
-    if u.failed {
-        return Err(StreamError::Unexpected("the connection failed"));
-    }
-    loop {
-        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
-        let step = match state {
-            Err(e) => WriteStep::Done(Err(e.into())),
-            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                match handshake::encode(&mut u.tls_out, |o| enc.encode(o)) {
-                    Ok(()) => WriteStep::Again,
-                    Err(_) => WriteStep::Done(Err(StreamError::Unexpected("encode"))),
-                }
-            }
-            Ok(ConnectionState::TransmitTlsData(t)) => {
-                t.done();
-                WriteStep::Again
-            }
-            Ok(ConnectionState::WriteTraffic(mut wt)) => {
-                WriteStep::Done(f(&mut wt, &mut u.tls_out))
-            }
-            // Peer closed its side; we may still send (half-close).
-            Ok(ConnectionState::PeerClosed) => WriteStep::Again,
-            Ok(_) => WriteStep::Done(Err(StreamError::Unexpected(
-                "cannot write in this TLS state",
-            ))),
-        };
-        // The reader leaves no complete record in `inbuf`, so nothing is
-        // processed here; honour a discard anyway.
-        if discard > 0 {
-            u.inbuf.drain(..discard);
-        }
-        if let WriteStep::Done(r) = step {
-            return r;
-        }
-    }
-}
-
-/// Encrypts `plain` (after any handshake messages rustls has queued, e.g. a
-/// KeyUpdate reply) into `u.tls_out`.
-fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamError> {
-    // Per record: 5-byte header, content type byte, 16-byte tag (RFC 8446
-    // §5.2); TLS 1.2 adds an 8-byte explicit nonce. 32 covers both.
-    let guess = plain.len() + 32 * (plain.len() / (16 << 10) + 1);
-    if u.tls_out.is_empty() && u.tls_out.capacity() < guess && guess >= 16 << 10 {
-        // A large batch: seal into a buffer of the shard's one large size
-        // (see `buffers::CLASS`), not a fresh allocation of this size.
-        let small = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
-        crate::buffers::give(small);
-    }
-    with_write_traffic(u, |wt, out| {
-        handshake::encode_sized(out, guess, |o| wt.encrypt(plain, o)).map_err(|e| match e {
-            handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
-            _ => StreamError::ConfidentialityLimit,
-        })
-    })
-}
-
-fn queue_close_notify(u: &mut User) -> Result<(), StreamError> {
-    with_write_traffic(u, |wt, out| {
-        handshake::encode(out, |o| wt.queue_close_notify(o))
-            .map_err(|_| StreamError::Unexpected("close_notify"))
-    })
 }

@@ -312,7 +312,7 @@ async fn backend_to_client(
             buf.clear();
             // After readiness, one `recv` (the read side submits no
             // io_uring operation of its own).
-            let n = match sys::recv_spare(sys::borrow_fd(backend), &mut buf) {
+            let n = match sys::recv_upto(sys::borrow_fd(backend), &mut buf, COPY_BUF) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     hot = false;

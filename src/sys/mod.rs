@@ -158,7 +158,13 @@ pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(u8, usize)
 /// After a readiness wait this is one syscall, where an io_uring read
 /// would be one more trip through the ring and the scheduler.
 pub fn recv_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buf.capacity() - buf.len();
+    recv_upto(fd, buf, usize::MAX)
+}
+
+/// [`recv_spare`], reading at most `max` bytes (a buffer may be larger
+/// than the read it is meant for: the buffer cache hands out one size).
+pub fn recv_upto(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let spare = (buf.capacity() - buf.len()).min(max);
     // SAFETY: `fd` is borrowed and open. The kernel writes at most `spare`
     // bytes starting at the end of `buf`'s initialised part, which is
     // inside its allocation (capacity - len bytes are available).
@@ -173,6 +179,24 @@ pub fn recv_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
     // SAFETY: the kernel initialised exactly `n <= spare` bytes after `len`.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
+}
+
+/// Whether a read would find something now (data, EOF or an error such as
+/// a kTLS control record's EIO), without consuming it: one non-blocking
+/// `recv(MSG_PEEK)` of one byte. `false` only on `EAGAIN`.
+pub fn input_pending(fd: BorrowedFd<'_>) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is borrowed and open; the kernel writes at most one
+    // byte into `byte`, which we own.
+    let r = cvt_size(unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    });
+    !matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Sends `data` as one record of `record_type` on a kTLS socket (`sendmsg`

@@ -872,11 +872,10 @@ async fn serve_file(
         let mut left = count;
         while left > 0 {
             // The first piece rides with the head (one record for a small file).
-            let mut buf = if out.is_empty() {
-                buffers::take(READ)
-            } else {
-                std::mem::take(&mut out)
-            };
+            // From the cache, so the buffer has its one large size (see
+            // `buffers::CLASS`); the head, if still here, goes first.
+            let mut buf = buffers::take(READ + out.len());
+            buf.append(&mut out);
             let start = buf.len();
             let want = client_room(writer, ctx).await?;
             buf.resize(start + (left as usize).min(want), 0);

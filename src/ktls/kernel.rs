@@ -1,0 +1,198 @@
+//! The kernel record path: after the handshake the session keys go to the
+//! kernel (kTLS), which seals and opens every record. What stays here is
+//! the key schedule: rustls' `KernelConnection` computes new secrets on a
+//! TLS 1.3 KeyUpdate, and ktern counts records against the cipher's
+//! confidentiality limit (the caller's job once the kernel encrypts, as
+//! `rustls::kernel` says) and rekeys where the kernel can (Linux 6.13+).
+//! The socket I/O (records, waits) is `stream.rs`'s.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+
+use rustls::kernel::KernelConnection;
+use rustls::server::UnbufferedServerConnection;
+use rustls::ProtocolVersion;
+
+use super::record::{self, RecordBudget};
+use super::stream::StreamError;
+use super::OffloadError;
+use crate::handshake::ServerData;
+use crate::sys::{self, KeyDirection};
+
+/// Key-schedule state under kTLS.
+pub(super) struct Kernel {
+    conn: KernelConnection<ServerData>,
+    /// TLS 1.3 (KeyUpdate exists; TLS 1.2 connections cannot rekey).
+    pub(super) tls13: bool,
+    /// The kernel accepts replacement keys (Linux 6.13+).
+    rekey: bool,
+    /// Records sealed with the current TX key.
+    tx_budget: RecordBudget,
+    /// Records opened with the current RX key (estimated from bytes: the
+    /// kernel does not say how many records a read spanned).
+    rx_budget: RecordBudget,
+    /// Our next KeyUpdate should ask the peer to update its key too (our
+    /// RX budget is nearly spent).
+    request_peer_update: bool,
+    /// The peer requested a KeyUpdate; the writer sends ours before its next record.
+    tx_update_pending: bool,
+    /// Counters the shard reads after the connection.
+    pub(super) rx_rekeys: u64,
+    pub(super) tx_rekeys: u64,
+}
+
+/// What a write must do first.
+pub(super) enum TxStep {
+    /// Nothing: write.
+    Write,
+    /// Send our KeyUpdate (asking the peer to update too if `request`),
+    /// then [`Kernel::install_tx`].
+    KeyUpdate { request: bool },
+    /// The TX key is spent and the kernel cannot take a new one: end with
+    /// close_notify.
+    Limit,
+}
+
+/// What `n` received bytes did to the RX key.
+pub(super) enum RxStep {
+    /// Within the limit, or a KeyUpdate asking the peer to rekey is now
+    /// queued for the writer.
+    Fine,
+    /// Spent and no rekey possible: end with close_notify.
+    Limit,
+}
+
+/// The kernel's TLS crypto info for one direction's secrets.
+pub(super) fn crypto_info(
+    suite: rustls::SupportedCipherSuite,
+    secrets: (u64, rustls::ConnectionTrafficSecrets),
+) -> io::Result<ktls::CryptoInfo> {
+    ktls::CryptoInfo::from_rustls(suite, secrets)
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e.to_string()))
+}
+
+impl Kernel {
+    /// Hands the session keys to the kernel on `fd`: the `tls` ULP, then
+    /// the TX and RX keys. `rekey`: the running kernel installs new keys.
+    pub(super) fn offload(
+        fd: BorrowedFd<'_>,
+        conn: UnbufferedServerConnection,
+        rekey: bool,
+    ) -> Result<Kernel, OffloadError> {
+        let (secrets, kconn) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(OffloadError::Extract)?;
+        let suite = kconn.negotiated_cipher_suite();
+        sys::set_ulp_tls(fd).map_err(|e| OffloadError::Kernel("ULP", e))?;
+        let tx =
+            crypto_info(suite, secrets.tx).map_err(|e| OffloadError::Kernel("TX cipher", e))?;
+        let rx =
+            crypto_info(suite, secrets.rx).map_err(|e| OffloadError::Kernel("RX cipher", e))?;
+        sys::set_crypto_info(fd, KeyDirection::Transmit, &tx)
+            .map_err(|e| OffloadError::Kernel("TX key", e))?;
+        sys::set_crypto_info(fd, KeyDirection::Receive, &rx)
+            .map_err(|e| OffloadError::Kernel("RX key", e))?;
+        let tls13 = kconn.protocol_version() == ProtocolVersion::TLSv1_3;
+        let limit = match suite {
+            rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+        };
+        Ok(Kernel {
+            conn: kconn,
+            tls13,
+            rekey: rekey && tls13,
+            tx_budget: RecordBudget::new(limit),
+            rx_budget: RecordBudget::new(limit),
+            request_peer_update: false,
+            tx_update_pending: false,
+            rx_rekeys: 0,
+            tx_rekeys: 0,
+        })
+    }
+
+    /// Charges `n` received bytes to the RX key. Near the cipher's limit, a
+    /// TLS 1.3 connection on a rekey-capable kernel asks the peer for a
+    /// KeyUpdate (through the writer's next KeyUpdate).
+    pub(super) fn charge_rx(&mut self, n: usize) -> RxStep {
+        self.rx_budget.charge(n);
+        if !self.rx_budget.exhausted() || self.request_peer_update {
+            return RxStep::Fine;
+        }
+        if self.rekey {
+            self.request_peer_update = true;
+            self.tx_update_pending = true;
+            return RxStep::Fine;
+        }
+        RxStep::Limit
+    }
+
+    /// Charges a write of `bytes` to the TX key and says what must go
+    /// first: the KeyUpdate the peer asked for, or the one our record
+    /// budget needs.
+    pub(super) fn charge_tx(&mut self, bytes: usize) -> TxStep {
+        self.tx_budget.charge(bytes);
+        if !self.tx_update_pending && !self.tx_budget.exhausted() {
+            return TxStep::Write;
+        }
+        if !self.rekey {
+            return TxStep::Limit;
+        }
+        TxStep::KeyUpdate {
+            request: self.request_peer_update,
+        }
+    }
+
+    /// After our KeyUpdate went out: installs the next TX key, and charges
+    /// the write of `bytes` that waited for it to the new key.
+    pub(super) fn install_tx(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bytes: usize,
+    ) -> Result<(), StreamError> {
+        let info = self
+            .conn
+            .update_tx_secret()
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|s| crypto_info(self.conn.negotiated_cipher_suite(), s))?;
+        sys::set_crypto_info(fd, KeyDirection::Transmit, &info)
+            .map_err(StreamError::RekeyUnsupported)?;
+        self.tx_update_pending = false;
+        self.request_peer_update = false;
+        self.tx_budget.reset();
+        self.tx_budget.charge(bytes);
+        self.tx_rekeys += 1;
+        Ok(())
+    }
+
+    /// The peer's KeyUpdate arrived: installs its next RX key. Linux < 6.13
+    /// answers EBUSY (no rekey); then the connection ends with an
+    /// `internal_error` alert (sent here: the kernel seals it under the
+    /// current TX key).
+    pub(super) fn install_rx(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        update_requested: bool,
+    ) -> Result<(), StreamError> {
+        // Always ask the kernel: Linux < 6.13 answers EBUSY (no rekey),
+        // newer ones install the key and resume decrypting.
+        let installed = self
+            .conn
+            .update_rx_secret()
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|s| crypto_info(self.conn.negotiated_cipher_suite(), s))
+            .and_then(|info| sys::set_crypto_info(fd, KeyDirection::Receive, &info));
+        match installed {
+            Ok(()) => {
+                self.rx_rekeys += 1;
+                self.rx_budget.reset();
+                self.tx_update_pending |= update_requested;
+                Ok(())
+            }
+            Err(e) => {
+                let alert = record::fatal_alert(record::alert::INTERNAL_ERROR);
+                let _ = sys::send_record(fd, record::content::ALERT, &alert);
+                Err(StreamError::RekeyUnsupported(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The userspace record path: rustls seals and opens every record after
+//! the handshake (no kTLS in the kernel, or a cipher it lacks). Sans-IO:
+//! ciphertext in, plaintext out and the reverse; `stream.rs` moves the
+//! bytes.
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
+
+use super::stream::StreamError;
+use crate::handshake::{self, ServerData};
+
+/// rustls state on the userspace path.
+pub(super) struct User {
+    pub(super) conn: UnbufferedServerConnection,
+    /// Ciphertext of a partly received record. Every `process_tls_records`
+    /// call, from either half, must pass this same buffer: rustls remembers
+    /// how far into it a fragmented handshake message was joined, and an
+    /// empty slice in its place makes it index out of bounds (found by the
+    /// `handshake` fuzz target).
+    pub(super) inbuf: Vec<u8>,
+    /// Ciphertext queued by either half. The writer sends it with its
+    /// records; the reader sends what rustls queued while reading (a
+    /// `no_renegotiation` warning, a KeyUpdate reply) itself, at once, when
+    /// no write is in flight.
+    pub(super) tls_out: Vec<u8>,
+    /// The writer has sealed records on their way out: the reader must not
+    /// send (its bytes would land inside the writer's).
+    pub(super) writing: bool,
+    /// rustls failed on the client's bytes and queued its fatal alert:
+    /// nothing may call rustls again (it would try to queue a second alert;
+    /// a debug assertion in rustls), only `abort` sends what is queued.
+    pub(super) failed: bool,
+}
+
+impl User {
+    /// The userspace path for a connection rustls finished the handshake on.
+    pub(super) fn new(conn: UnbufferedServerConnection) -> User {
+        User {
+            conn,
+            inbuf: Vec::new(),
+            tls_out: Vec::new(),
+            writing: false,
+            failed: false,
+        }
+    }
+}
+
+/// Runs rustls over `u.inbuf` until it needs more bytes, collecting plaintext.
+pub(super) fn decrypt_available(
+    u: &mut User,
+    plain: &mut Vec<u8>,
+    eof: &mut bool,
+) -> Result<(), StreamError> {
+    // Plaintext is never longer than the ciphertext holding it.
+    plain.reserve(u.inbuf.len());
+    loop {
+        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
+        let mut stop = false;
+        let res: Result<(), StreamError> = match state {
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                let mut res = Ok(());
+                while let Some(rec) = r.next_record() {
+                    match rec {
+                        Ok(rec) => plain.extend_from_slice(rec.payload),
+                        Err(e) => {
+                            res = Err(e.into());
+                            break;
+                        }
+                    }
+                }
+                res
+            }
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
+                    .map_err(|_| StreamError::Unexpected("encode"))
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                Ok(())
+            }
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                *eof = true;
+                stop = true;
+                Ok(())
+            }
+            Ok(_) => {
+                stop = true;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        };
+        if discard > 0 {
+            u.inbuf.drain(..discard);
+        }
+        if let Err(e) = res {
+            // rustls queued a fatal alert; the writer flushes it on abort.
+            handshake::collect_alert(&mut u.conn, &mut u.inbuf, &mut u.tls_out);
+            u.failed = true;
+            return Err(e);
+        }
+        if stop {
+            if *eof {
+                u.inbuf.clear();
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// What one writer-side step of rustls asked for.
+enum WriteStep {
+    /// Handshake data was queued; ask again.
+    Again,
+    /// Done (the closure ran against `WriteTraffic`).
+    Done(Result<(), StreamError>),
+}
+
+/// Drives rustls until it offers `WriteTraffic`, encoding anything it
+/// queued first (e.g. a KeyUpdate reply), then runs `f` on it.
+fn with_write_traffic(
+    u: &mut User,
+    mut f: impl FnMut(
+        &mut rustls::unbuffered::WriteTraffic<'_, ServerData>,
+        &mut Vec<u8>,
+    ) -> Result<(), StreamError>,
+) -> Result<(), StreamError> {
+    if u.failed {
+        return Err(StreamError::Unexpected("the connection failed"));
+    }
+    loop {
+        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
+        let step = match state {
+            Err(e) => WriteStep::Done(Err(e.into())),
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                match handshake::encode(&mut u.tls_out, |o| enc.encode(o)) {
+                    Ok(()) => WriteStep::Again,
+                    Err(_) => WriteStep::Done(Err(StreamError::Unexpected("encode"))),
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                WriteStep::Again
+            }
+            Ok(ConnectionState::WriteTraffic(mut wt)) => {
+                WriteStep::Done(f(&mut wt, &mut u.tls_out))
+            }
+            // Peer closed its side; we may still send (half-close).
+            Ok(ConnectionState::PeerClosed) => WriteStep::Again,
+            Ok(_) => WriteStep::Done(Err(StreamError::Unexpected(
+                "cannot write in this TLS state",
+            ))),
+        };
+        // The reader leaves no complete record in `inbuf`, so nothing is
+        // processed here; honour a discard anyway.
+        if discard > 0 {
+            u.inbuf.drain(..discard);
+        }
+        if let WriteStep::Done(r) = step {
+            return r;
+        }
+    }
+}
+
+/// Encrypts `plain` (after any handshake messages rustls has queued, e.g. a
+/// KeyUpdate reply) into `u.tls_out`.
+pub(super) fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamError> {
+    // Per record: 5-byte header, content type byte, 16-byte tag (RFC 8446
+    // §5.2); TLS 1.2 adds an 8-byte explicit nonce. 32 covers both.
+    let guess = plain.len() + 32 * (plain.len() / (16 << 10) + 1);
+    if u.tls_out.is_empty() && u.tls_out.capacity() < guess && guess >= 16 << 10 {
+        // A large batch: seal into a buffer of the shard's one large size
+        // (see `buffers::CLASS`), not a fresh allocation of this size.
+        let small = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
+        crate::buffers::give(small);
+    }
+    with_write_traffic(u, |wt, out| {
+        handshake::encode_sized(out, guess, |o| wt.encrypt(plain, o)).map_err(|e| match e {
+            handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
+            _ => StreamError::ConfidentialityLimit,
+        })
+    })
+}
+
+pub(super) fn queue_close_notify(u: &mut User) -> Result<(), StreamError> {
+    with_write_traffic(u, |wt, out| {
+        handshake::encode(out, |o| wt.queue_close_notify(o))
+            .map_err(|_| StreamError::Unexpected("close_notify"))
+    })
+}
