@@ -1072,3 +1072,48 @@ fn slow_readers_hold_at_most_a_read_buffer_and_a_record() {
         );
     }
 }
+
+/// ALPN (RFC 7301): an `http` route offers `http/1.1`; a client offering
+/// only protocols ktern does not speak gets `no_application_protocol`; a
+/// client offering none is served; a `tcp` route offers what its config
+/// names (nothing by default).
+#[test]
+fn alpn_offers_http11_on_http_routes_and_what_is_configured_on_tcp() {
+    let (pki, k, _a, _b) = setup("alpn", ANY_TO_A, "");
+    let offering = |protocols: &[&[u8]]| {
+        let mut cfg = (*client_config(&[&pki.der])).clone();
+        cfg.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        std::sync::Arc::new(cfg)
+    };
+    let mut c = try_connect(k.addr(), &offering(&[b"h2", b"http/1.1"])).unwrap();
+    assert_eq!(c.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let r = exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let err = match try_connect(k.addr(), &offering(&[b"h2"])) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a client offering only h2 was accepted"),
+    };
+    assert!(err.contains("NoApplicationProtocol"), "{err}");
+    let mut c = try_connect(k.addr(), &offering(&[])).unwrap();
+    assert_eq!(c.conn.alpn_protocol(), None);
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+
+    let backend = start_backend();
+    let tcp = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(backend, "alpn = [\"x-test\", \"http/1.1\"]"),
+    );
+    let c = try_connect(tcp.addr(), &offering(&[b"http/1.1", b"x-test"])).unwrap();
+    assert_eq!(
+        c.conn.alpn_protocol(),
+        Some(&b"x-test"[..]),
+        "the server's preference"
+    );
+    let plain = Ktern::start(&pki, "", &tcp_listener(backend, ""));
+    let c = try_connect(plain.addr(), &offering(&[b"h2"])).unwrap();
+    assert_eq!(c.conn.alpn_protocol(), None);
+}

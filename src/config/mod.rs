@@ -144,6 +144,9 @@ pub struct Listener {
     pub certificates: Vec<Certificate>,
     /// TLS versions offered.
     pub tls_versions: TlsVersions,
+    /// ALPN protocol names offered, most preferred first (RFC 7301); empty:
+    /// no ALPN (a client's offer is ignored).
+    pub alpn: Vec<String>,
     /// Where decrypted bytes go.
     pub route: Route,
 }
@@ -159,6 +162,7 @@ impl Listener {
             backlog: 16,
             certificates: vec![certificate],
             tls_versions,
+            alpn: Vec::new(),
             route: Route::Tcp(TcpRoute {
                 backends: Vec::new(),
                 connect_timeout: Duration::from_secs(1),
@@ -1069,6 +1073,8 @@ impl Validator<'_> {
                 "must name at least one version",
             );
         }
+        let http = matches!(raw.route, raw::RouteSection::Http(_));
+        let alpn = self.alpn(&format!("{at}.alpn"), raw.alpn, http);
         let route = match raw.route {
             raw::RouteSection::Tcp(t) => self.tcp_route(&format!("{at}.route"), t),
             raw::RouteSection::Http(h) => self.http_route(&format!("{at}.route"), h, upstreams),
@@ -1079,8 +1085,39 @@ impl Validator<'_> {
             backlog: raw.backlog,
             certificates,
             tls_versions,
+            alpn,
             route: route?,
         })
+    }
+
+    /// ALPN names (RFC 7301 §3.1: 1-255 bytes each). An `http` route
+    /// offers `http/1.1` unless told otherwise and may offer nothing it
+    /// does not speak; a `tcp` route passes bytes it does not read, so any
+    /// name its backends speak may be offered, and none is by default.
+    fn alpn(&mut self, at: &str, raw: Option<Vec<String>>, http: bool) -> Vec<String> {
+        let Some(names) = raw else {
+            return if http {
+                vec!["http/1.1".into()]
+            } else {
+                Vec::new()
+            };
+        };
+        let mut out = Vec::new();
+        for (j, name) in names.into_iter().enumerate() {
+            if name.is_empty() || name.len() > 255 {
+                self.problem(format!("{at}[{j}]"), "must be 1 to 255 bytes (RFC 7301)");
+            } else if http && name != "http/1.1" {
+                self.problem(
+                    format!("{at}[{j}]"),
+                    format!("{name:?}: an http route speaks http/1.1 only"),
+                );
+            } else if out.contains(&name) {
+                self.problem(format!("{at}[{j}]"), format!("{name:?} is listed twice"));
+            } else {
+                out.push(name);
+            }
+        }
+        out
     }
 
     fn tcp_route(&mut self, at: &str, raw: raw::TcpRouteSection) -> Option<Route> {

@@ -142,6 +142,9 @@ pub(super) struct ListenerSection {
     pub certificate: Vec<CertificateSection>,
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<String>,
+    /// ALPN protocols offered, most preferred first (default: `http/1.1`
+    /// on `http` routes, none on `tcp`).
+    pub alpn: Option<Vec<String>>,
     pub route: RouteSection,
 }
 

@@ -396,3 +396,38 @@ fn static_rules_need_an_existing_directory() {
         assert!(e.problems[0].reason.contains(why), "{e}");
     }
 }
+
+#[test]
+fn alpn_defaults_by_route_and_is_validated() {
+    let dir = std::env::temp_dir();
+    let c = Config::from_toml(HTTP, "a.toml", &dir, &pems()).unwrap();
+    assert_eq!(c.listeners[0].alpn, vec!["http/1.1".to_string()]);
+    let with = |alpn: &str| {
+        HTTP.replacen(
+            "[[listener.certificate]]",
+            &format!("alpn = {alpn}\n[[listener.certificate]]"),
+            1,
+        )
+    };
+    let e = Config::from_toml(
+        &with(r#"["h2", "", "http/1.1", "http/1.1"]"#),
+        "a.toml",
+        &dir,
+        &pems(),
+    )
+    .unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].alpn[0]",
+            "listener[0].alpn[1]",
+            "listener[0].alpn[3]"
+        ],
+        "{e}"
+    );
+    assert!(e.to_string().contains("speaks http/1.1 only"), "{e}");
+    // An empty list turns ALPN off.
+    let c = Config::from_toml(&with("[]"), "a.toml", &dir, &pems()).unwrap();
+    assert!(c.listeners[0].alpn.is_empty());
+}

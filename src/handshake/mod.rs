@@ -103,6 +103,14 @@ pub fn server_config(
     cfg.ticketer = tickets.clone();
     // TLS 1.2 clients without ticket support get a small session-id cache.
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+    // ALPN (RFC 7301): the listener's names, in its order of preference. A
+    // client that offers ALPN but none of these gets no_application_protocol
+    // (rustls); one that offers none is served as before.
+    cfg.alpn_protocols = listener
+        .alpn
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
     Ok(Arc::new(cfg))
 }
 

@@ -104,6 +104,11 @@ async fn establish(
         est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
     );
     let mode = gen.config().runtime.ktls;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        if let Some(p) = est.conn.alpn_protocol() {
+            tracing::debug!(%peer, alpn = %String::from_utf8_lossy(p), "ALPN");
+        }
+    }
     match ktls::establish(socket, est, mode, &shard.ktls) {
         Ok(conn) => {
             let path = conn.path();
