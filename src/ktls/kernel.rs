@@ -68,7 +68,7 @@ pub(super) fn crypto_info(
     secrets: (u64, rustls::ConnectionTrafficSecrets),
 ) -> io::Result<ktls::CryptoInfo> {
     ktls::CryptoInfo::from_rustls(suite, secrets)
-        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e.to_string()))
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))
 }
 
 impl Kernel {
@@ -142,6 +142,18 @@ impl Kernel {
         }
     }
 
+    /// Computes `dir`'s next traffic secret (RFC 8446 §7.2) and hands it
+    /// to the kernel.
+    fn next_key(&mut self, fd: BorrowedFd<'_>, dir: KeyDirection) -> io::Result<()> {
+        let secret = match dir {
+            KeyDirection::Transmit => self.conn.update_tx_secret(),
+            KeyDirection::Receive => self.conn.update_rx_secret(),
+        }
+        .map_err(io::Error::other)?;
+        let info = crypto_info(self.conn.negotiated_cipher_suite(), secret)?;
+        sys::set_crypto_info(fd, dir, &info)
+    }
+
     /// After our KeyUpdate went out: installs the next TX key, and charges
     /// the write of `bytes` that waited for it to the new key.
     pub(super) fn install_tx(
@@ -149,12 +161,7 @@ impl Kernel {
         fd: BorrowedFd<'_>,
         bytes: usize,
     ) -> Result<(), StreamError> {
-        let info = self
-            .conn
-            .update_tx_secret()
-            .map_err(|e| io::Error::other(e.to_string()))
-            .and_then(|s| crypto_info(self.conn.negotiated_cipher_suite(), s))?;
-        sys::set_crypto_info(fd, KeyDirection::Transmit, &info)
+        self.next_key(fd, KeyDirection::Transmit)
             .map_err(StreamError::RekeyUnsupported)?;
         self.tx_update_pending = false;
         self.request_peer_update = false;
@@ -175,13 +182,7 @@ impl Kernel {
     ) -> Result<(), StreamError> {
         // Always ask the kernel: Linux < 6.13 answers EBUSY (no rekey),
         // newer ones install the key and resume decrypting.
-        let installed = self
-            .conn
-            .update_rx_secret()
-            .map_err(|e| io::Error::other(e.to_string()))
-            .and_then(|s| crypto_info(self.conn.negotiated_cipher_suite(), s))
-            .and_then(|info| sys::set_crypto_info(fd, KeyDirection::Receive, &info));
-        match installed {
+        match self.next_key(fd, KeyDirection::Receive) {
             Ok(()) => {
                 self.rx_rekeys += 1;
                 self.rx_budget.reset();
