@@ -8,6 +8,8 @@
 # latency in an open-loop run at half of nginx's peak rate, with ratios.
 # Every load is bounded in count and time. Usage:
 #   bench/compare-http.sh [--seconds 10] [--conns 50]
+# KTERN_RUNTIME adds lines to ktern's [runtime] section (for example
+# 'uring_taskrun = "off"', to compare io_uring setups).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,14 @@ cargo build --release --quiet --bins
 bin=$PWD/target/release
 work=$(mktemp -d /tmp/ktern-bench-http.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; }
+# A second signal ends ktern's drain at once, so the next run can bind the
+# same address (ktern refuses to start on an address another process holds).
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.2
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true
+}
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
 
@@ -44,6 +53,7 @@ taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-by
 cat > "$work/ktern.toml" <<TOML
 [runtime]
 cpus = [1]
+${KTERN_RUNTIME:-}
 [[listener]]
 address = "$ktern_addr"
 [[listener.certificate]]

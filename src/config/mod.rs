@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 mod raw;
 
-pub use raw::{Driver, KtlsMode, LogFormat};
+pub use raw::{Driver, KtlsMode, LogFormat, TaskRun};
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +109,9 @@ pub struct Runtime {
     pub uring_entries: u32,
     /// monoio driver choice.
     pub driver: Driver,
+    /// io_uring setup flags for completion work (fall back to the
+    /// kernel's default where the kernel lacks them).
+    pub uring_taskrun: TaskRun,
     /// Connections one shard serves at once; more are closed at accept.
     pub max_connections: u64,
     /// After SIGTERM: how long listeners keep accepting while `/ready`
@@ -1019,6 +1022,7 @@ impl Validator<'_> {
             handshake_timeout,
             uring_entries: raw.uring_entries,
             driver: raw.driver,
+            uring_taskrun: raw.uring_taskrun,
             max_connections: raw.max_connections,
             drain_delay,
             drain_timeout,

@@ -18,6 +18,22 @@ pub enum KtlsMode {
     Off,
 }
 
+/// `runtime.uring_taskrun`: how each shard's io_uring runs completion work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskRun {
+    /// `IORING_SETUP_COOP_TASKRUN` with `SINGLE_ISSUER` (Linux 6.0+):
+    /// completions run when the shard next enters the kernel, with no
+    /// interrupt of the running shard to deliver them.
+    #[default]
+    Coop,
+    /// `DEFER_TASKRUN` with `SINGLE_ISSUER` (Linux 6.1+): completions run
+    /// only when the shard waits for them.
+    Defer,
+    /// The kernel's default (task work may interrupt the shard).
+    Off,
+}
+
 /// `runtime.driver`: which monoio I/O driver the shards use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -71,6 +87,8 @@ pub(super) struct RuntimeSection {
     pub uring_entries: u32,
     #[serde(default)]
     pub driver: Driver,
+    #[serde(default)]
+    pub uring_taskrun: TaskRun,
     #[serde(default = "default_max_connections")]
     pub max_connections: u64,
     #[serde(default = "default_drain_delay")]
@@ -119,6 +137,7 @@ impl Default for RuntimeSection {
             handshake_timeout: default_handshake_timeout(),
             uring_entries: default_uring_entries(),
             driver: Driver::Auto,
+            uring_taskrun: TaskRun::default(),
             max_connections: default_max_connections(),
             drain_delay: default_drain_delay(),
             drain_timeout: default_drain_timeout(),

@@ -431,3 +431,21 @@ fn alpn_defaults_by_route_and_is_validated() {
     let c = Config::from_toml(&with("[]"), "a.toml", &dir, &pems()).unwrap();
     assert!(c.listeners[0].alpn.is_empty());
 }
+
+#[test]
+fn uring_taskrun_defaults_to_coop_and_is_validated() {
+    let dir = std::env::temp_dir();
+    let c = Config::from_toml(HTTP, "a.toml", &dir, &pems()).unwrap();
+    assert_eq!(c.runtime.uring_taskrun, TaskRun::Coop);
+    let with = |v: &str| format!("[runtime]\nuring_taskrun = \"{v}\"\n{HTTP}");
+    for (v, want) in [
+        ("defer", TaskRun::Defer),
+        ("off", TaskRun::Off),
+        ("coop", TaskRun::Coop),
+    ] {
+        let c = Config::from_toml(&with(v), "a.toml", &dir, &pems()).unwrap();
+        assert_eq!(c.runtime.uring_taskrun, want);
+    }
+    let e = Config::from_toml(&with("sqpoll"), "a.toml", &dir, &pems()).unwrap_err();
+    assert!(e.to_string().contains("sqpoll"), "{e}");
+}

@@ -169,6 +169,7 @@ impl Control {
         let kind = shard::RuntimeKind {
             uring,
             entries: config.runtime.uring_entries,
+            taskrun: config.runtime.uring_taskrun,
         };
         let tickets = crate::handshake::ticketer()?;
         let health_metrics = Arc::new(M::default());

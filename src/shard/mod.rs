@@ -327,6 +327,53 @@ pub struct RuntimeKind {
     pub uring: bool,
     /// io_uring submission queue entries.
     pub entries: u32,
+    /// io_uring setup flags for completion work.
+    pub taskrun: crate::config::TaskRun,
+}
+
+/// Builds a shard's io_uring runtime with the wanted setup flags, falling
+/// back flag by flag on kernels that refuse them (EINVAL before 6.0/6.1).
+/// The ring is created on the shard's own thread, which alone submits to it
+/// (what `SINGLE_ISSUER` promises the kernel).
+fn uring_runtime(
+    kind: RuntimeKind,
+    shard: usize,
+) -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    use crate::config::TaskRun;
+    let wanted = match kind.taskrun {
+        TaskRun::Defer => vec![TaskRun::Defer, TaskRun::Coop, TaskRun::Off],
+        TaskRun::Coop => vec![TaskRun::Coop, TaskRun::Off],
+        TaskRun::Off => vec![TaskRun::Off],
+    };
+    let mut last = None;
+    for taskrun in wanted {
+        let mut urb = io_uring::IoUring::builder();
+        match taskrun {
+            TaskRun::Defer => {
+                urb.setup_single_issuer().setup_defer_taskrun();
+            }
+            TaskRun::Coop => {
+                urb.setup_single_issuer().setup_coop_taskrun();
+            }
+            TaskRun::Off => {}
+        }
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(kind.entries)
+            .uring_builder(urb)
+            .enable_timer()
+            .build()
+        {
+            Ok(rt) => {
+                if taskrun != kind.taskrun {
+                    tracing::warn!(shard, wanted = ?kind.taskrun, using = ?taskrun, "io_uring setup flags refused by the kernel: fell back");
+                }
+                return Ok(rt);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::Unsupported)))
 }
 
 /// Starts shard `id` pinned to `cpu`, serving `first` (an
@@ -352,11 +399,7 @@ pub fn spawn(
             }
             let run = shard_main(id, support, shard_metrics, first, rx, wake_rx);
             let res = if kind.uring {
-                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .with_entries(kind.entries)
-                    .enable_timer()
-                    .build()
-                    .map(|mut rt| rt.block_on(run))
+                uring_runtime(kind, id).map(|mut rt| rt.block_on(run))
             } else {
                 monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                     .enable_timer()
