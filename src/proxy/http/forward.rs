@@ -216,7 +216,7 @@ async fn serve_requests(
         // and response streaming) exists only while one runs; between
         // requests an idle keep-alive connection holds just this loop's
         // state (issue 12's idle budget).
-        match Box::pin(exchange(reader, writer, &mut inbuf, ctx)).await? {
+        match Box::pin(exchange(reader, writer, &mut inbuf, first, ctx)).await? {
             Next::KeepAlive => first = false,
             Next::Close => break,
             Next::Ended => return Ok(()),
@@ -274,10 +274,11 @@ async fn exchange(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
     inbuf: &mut Vec<u8>,
+    first: bool,
     ctx: &Ctx<'_>,
 ) -> Result<Next, HttpError> {
     let limits = Limits::default();
-    let head = match read_head(reader, inbuf, &limits, ctx).await? {
+    let head = match read_head(reader, inbuf, &limits, ctx, first).await? {
         HeadOutcome::Head(mut h) => {
             if ctx.closing() {
                 // Draining, or reloaded: this response says
@@ -413,10 +414,20 @@ async fn read_head(
     inbuf: &mut Vec<u8>,
     limits: &Limits,
     ctx: &Ctx<'_>,
+    first: bool,
 ) -> Result<HeadOutcome, HttpError> {
-    // Called once input is there (or on a new connection): from here the
-    // head timeout applies (408 once a head has started).
-    let deadline = monoio::time::Instant::now() + ctx.route.head_timeout;
+    // Called once input is there (or on a new connection). The input may
+    // still turn out to be no request byte (a kTLS control record such as
+    // a client KeyUpdate): until the first byte of a keep-alive request,
+    // the keep-alive timeout and the drain still apply; from the first
+    // byte on, the head timeout (408 once a head has started).
+    let mut waiting = inbuf.is_empty() && !first;
+    let mut deadline = monoio::time::Instant::now()
+        + if waiting {
+            ctx.route.keepalive_timeout
+        } else {
+            ctx.route.head_timeout
+        };
     loop {
         match head::parse_request(inbuf, limits) {
             Ok(Some(h)) => return Ok(HeadOutcome::Head(h)),
@@ -424,11 +435,22 @@ async fn read_head(
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
         let read = Box::pin(reader.read_chunk());
-        let chunk = match monoio::time::timeout_at(deadline, read).await {
-            Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
-            Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
-            Ok(r) => r?,
+        let chunk = if waiting {
+            match monoio::time::timeout_at(deadline, ctx.drain.or_drain(read)).await {
+                Err(_) | Ok(None) => return Ok(HeadOutcome::Idle),
+                Ok(Some(r)) => r?,
+            }
+        } else {
+            match monoio::time::timeout_at(deadline, read).await {
+                Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
+                Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
+                Ok(r) => r?,
+            }
         };
+        if waiting && chunk.as_ref().is_some_and(|c| !c.is_empty()) {
+            waiting = false;
+            deadline = monoio::time::Instant::now() + ctx.route.head_timeout;
+        }
         match chunk {
             None if inbuf.is_empty() => return Ok(HeadOutcome::Closed),
             None => return Ok(HeadOutcome::Refused(400, "Bad Request")),
