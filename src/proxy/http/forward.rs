@@ -419,8 +419,10 @@ async fn read_head(
     // Called once input is there (or on a new connection). The input may
     // still turn out to be no request byte (a kTLS control record such as
     // a client KeyUpdate): until the first byte of a keep-alive request,
-    // the keep-alive timeout and the drain still apply; from the first
-    // byte on, the head timeout (408 once a head has started).
+    // the keep-alive timeout still applies; from the first byte on, the
+    // head timeout (408 once a head has started). No drain race here: the
+    // input that woke us may be a request, which is answered (with
+    // `Connection: close` while draining), never dropped.
     let mut waiting = inbuf.is_empty() && !first;
     let mut deadline = monoio::time::Instant::now()
         + if waiting {
@@ -435,17 +437,10 @@ async fn read_head(
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
         let read = Box::pin(reader.read_chunk());
-        let chunk = if waiting {
-            match monoio::time::timeout_at(deadline, ctx.drain.or_drain(read)).await {
-                Err(_) | Ok(None) => return Ok(HeadOutcome::Idle),
-                Ok(Some(r)) => r?,
-            }
-        } else {
-            match monoio::time::timeout_at(deadline, read).await {
-                Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
-                Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
-                Ok(r) => r?,
-            }
+        let chunk = match monoio::time::timeout_at(deadline, read).await {
+            Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
+            Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
+            Ok(r) => r?,
         };
         if waiting && chunk.as_ref().is_some_and(|c| !c.is_empty()) {
             waiting = false;
