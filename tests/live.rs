@@ -62,15 +62,6 @@ fn http_listener(
     s
 }
 
-/// Inside the kTLS VM (scripts/vm-tests.sh): every connection must have
-/// been offloaded to the kernel, none kept in userspace.
-fn assert_offloaded_in_vm(k: &Ktern) {
-    if std::env::var_os("KTERN_IN_VM").is_some() {
-        assert!(k.wait_metric("ktern_ktls_offloaded_total", 1) > 0);
-        assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
-    }
-}
-
 fn runtime(extra: &str) -> String {
     format!("cpus = [0]\n{extra}")
 }

@@ -219,8 +219,9 @@ fn proxy<'a>(
         M::add(&m.ktls_rekey_tx, moved.rekey_tx);
         match result {
             Err(e) => {
-                M::inc(e.counter(m));
-                tracing::info!(%peer, ?path, up = moved.up, down = moved.down, side = e.side(), error = %e, "connection ended with error");
+                let (counter, side) = e.classify(m);
+                M::inc(counter);
+                tracing::info!(%peer, ?path, up = moved.up, down = moved.down, side, error = %e, "connection ended with error");
             }
             Ok(()) => {
                 tracing::debug!(%peer, ?path, up = moved.up, down = moved.down, "connection closed")
@@ -240,35 +241,20 @@ enum Failure {
 }
 
 impl Failure {
-    /// The counter this failure adds one to.
-    fn counter<'m>(&self, m: &'m M) -> &'m std::sync::atomic::AtomicU64 {
-        let proxy = |e: &ProxyError| match e {
-            ProxyError::Idle(_) => &m.idle_timeouts,
-            ProxyError::Upstream(_) => &m.upstream_errors,
-            ProxyError::Downstream(s) => stream_counter(m, s),
-        };
+    /// The counter this failure adds one to, and who failed (for the log
+    /// line): the client, the backend, ktern itself, or nobody (an idle
+    /// timeout is ktern's decision).
+    fn classify<'m>(&self, m: &'m M) -> (&'m std::sync::atomic::AtomicU64, &'static str) {
         match self {
-            Failure::Tcp(e) | Failure::Http(HttpError::Tunnel(e)) => proxy(e),
-            Failure::Http(HttpError::Downstream(s)) => stream_counter(m, s),
-            Failure::Http(HttpError::ClientStalled) => &m.downstream_errors,
-            Failure::Http(HttpError::UpstreamAborted(_)) => &m.upstream_errors,
-            Failure::Http(HttpError::FileAborted(_)) => &m.internal_errors,
-        }
-    }
-
-    /// Who failed, for the log line: the client, the backend, ktern itself,
-    /// or nobody (an idle timeout is ktern's decision).
-    fn side(&self) -> &'static str {
-        let proxy = |e: &ProxyError| match e {
-            ProxyError::Idle(_) => "idle",
-            ProxyError::Upstream(_) => "upstream",
-            ProxyError::Downstream(_) => "downstream",
-        };
-        match self {
-            Failure::Tcp(e) | Failure::Http(HttpError::Tunnel(e)) => proxy(e),
-            Failure::Http(HttpError::Downstream(_) | HttpError::ClientStalled) => "downstream",
-            Failure::Http(HttpError::UpstreamAborted(_)) => "upstream",
-            Failure::Http(HttpError::FileAborted(_)) => "internal",
+            Failure::Tcp(e) | Failure::Http(HttpError::Tunnel(e)) => match e {
+                ProxyError::Idle(_) => (&m.idle_timeouts, "idle"),
+                ProxyError::Upstream(_) => (&m.upstream_errors, "upstream"),
+                ProxyError::Downstream(s) => (stream_counter(m, s), "downstream"),
+            },
+            Failure::Http(HttpError::Downstream(s)) => (stream_counter(m, s), "downstream"),
+            Failure::Http(HttpError::ClientStalled) => (&m.downstream_errors, "downstream"),
+            Failure::Http(HttpError::UpstreamAborted(_)) => (&m.upstream_errors, "upstream"),
+            Failure::Http(HttpError::FileAborted(_)) => (&m.internal_errors, "internal"),
         }
     }
 }

@@ -525,3 +525,13 @@ pub fn slow() -> u32 {
         1
     }
 }
+
+/// In the kTLS VM, the connections so far were offloaded: at least one
+/// went to the kernel and none stayed on userspace records (a silent
+/// fallback fails the test). On the host, nothing to check.
+pub fn assert_offloaded_in_vm(k: &Ktern) {
+    if std::env::var_os("KTERN_IN_VM").is_some() {
+        assert!(k.wait_metric("ktern_ktls_offloaded_total", 1) > 0);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+    }
+}
