@@ -35,7 +35,7 @@ ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts kt
 # drain tests run here so that offloaded connections are shown to survive a
 # reload and to be drained with close_notify; l4's idle-memory test holds
 # offloaded connections to their 4 KiB budget.
-suites=(ktls_vm http live l4)
+suites=(ktls_vm http live l4 h2)
 declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive" [l4]="idle_connections_stay")
 test_bins=()
 for t in "${suites[@]}"; do

@@ -1083,10 +1083,10 @@ fn slow_readers_hold_at_most_a_read_buffer_and_a_record() {
     }
 }
 
-/// ALPN (RFC 7301): an `http` route offers `http/1.1`; a client offering
-/// only protocols ktern does not speak gets `no_application_protocol`; a
-/// client offering none is served; a `tcp` route offers what its config
-/// names (nothing by default).
+/// ALPN (RFC 7301): an `http` route offers `h2` and `http/1.1` (h2's side
+/// is tests/h2.rs); a client offering only protocols ktern does not speak
+/// gets `no_application_protocol`; a client offering none is served; a
+/// `tcp` route offers what its config names (nothing by default).
 #[test]
 fn alpn_offers_http11_on_http_routes_and_what_is_configured_on_tcp() {
     let (pki, k, _a, _b) = setup("alpn", ANY_TO_A, "");
@@ -1095,13 +1095,13 @@ fn alpn_offers_http11_on_http_routes_and_what_is_configured_on_tcp() {
         cfg.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
         std::sync::Arc::new(cfg)
     };
-    let mut c = try_connect(k.addr(), &offering(&[b"h2", b"http/1.1"])).unwrap();
+    let mut c = try_connect(k.addr(), &offering(&[b"spdy/3", b"http/1.1"])).unwrap();
     assert_eq!(c.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
     let r = exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(r.status, 200);
-    let err = match try_connect(k.addr(), &offering(&[b"h2"])) {
+    let err = match try_connect(k.addr(), &offering(&[b"spdy/3"])) {
         Err(e) => e.to_string(),
-        Ok(_) => panic!("a client offering only h2 was accepted"),
+        Ok(_) => panic!("a client offering only spdy/3 was accepted"),
     };
     assert!(err.contains("NoApplicationProtocol"), "{err}");
     let mut c = try_connect(k.addr(), &offering(&[])).unwrap();

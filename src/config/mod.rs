@@ -337,6 +337,48 @@ pub struct HttpRoute {
     /// `Strict-Transport-Security` value added to every response, if set
     /// (RFC 6797), e.g. `max-age=63072000; includeSubDomains`.
     pub hsts: Option<String>,
+    /// HTTP/2 limits.
+    pub http2: Http2,
+}
+
+/// HTTP/2 limits for one `http` route (RFC 9113 §6.5.2 settings and
+/// ktern's flood defences).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http2 {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE; larger header blocks (CONTINUATION
+    /// floods among them, CVE-2024-27316) end the connection.
+    pub max_header_list_size: u32,
+    /// SETTINGS_INITIAL_WINDOW_SIZE: request body bytes a stream may send
+    /// ahead of the backend.
+    pub stream_window: u32,
+    /// The connection's receive window.
+    pub connection_window: u32,
+    /// Response bytes buffered per stream for a client that does not read.
+    pub send_buffer: usize,
+    /// Streams the client may reset before they are accepted (rapid
+    /// reset, CVE-2023-44487); more is ENHANCE_YOUR_CALM.
+    pub max_pending_resets: usize,
+    /// Streams ktern may have to reset for the client's errors
+    /// ("MadeYouReset"); more is ENHANCE_YOUR_CALM.
+    pub max_error_resets: usize,
+    /// Control frames (SETTINGS, PING, RST_STREAM, empty DATA or HEADERS)
+    /// allowed per connection beyond ten per request; more is
+    /// ENHANCE_YOUR_CALM.
+    pub max_control_frames: u32,
+}
+
+impl Default for Http2 {
+    /// The defaults a config without `[listener.route.http2]` gets.
+    fn default() -> Self {
+        let mut v = Validator {
+            problems: Vec::new(),
+            base: Path::new(""),
+            inline_pems: &[],
+        };
+        v.http2("", &raw::Http2Section::default())
+    }
 }
 
 /// Which hosts a rule matches.
@@ -952,7 +994,9 @@ impl Validator<'_> {
                 ),
             }
         }
+        let http2 = self.http2(&format!("{at}.http2"), &raw.http2);
         Some(Route::Http(HttpRoute {
+            http2,
             rules,
             max_body,
             head_timeout: head_timeout?,
@@ -1081,7 +1125,7 @@ impl Validator<'_> {
         let alpn = self.alpn(&format!("{at}.alpn"), raw.alpn, http);
         let route = match raw.route {
             raw::RouteSection::Tcp(t) => self.tcp_route(&format!("{at}.route"), t),
-            raw::RouteSection::Http(h) => self.http_route(&format!("{at}.route"), h, upstreams),
+            raw::RouteSection::Http(h) => self.http_route(&format!("{at}.route"), *h, upstreams),
         };
         Some(Listener {
             name: raw.name.unwrap_or_else(|| format!("listener{i}")),
@@ -1094,14 +1138,64 @@ impl Validator<'_> {
         })
     }
 
+    /// The HTTP/2 limits, each checked against RFC 9113's range.
+    fn http2(&mut self, at: &str, raw: &raw::Http2Section) -> Http2 {
+        let size = |this: &mut Self, field: &str, text: &str, min: u64, max: u64| -> u64 {
+            match parse_size(text) {
+                Some(n) if (min..=max).contains(&n) => n,
+                _ => {
+                    this.problem(
+                        format!("{at}.{field}"),
+                        format!("{text:?} must be a size from {min} to {max} bytes"),
+                    );
+                    min
+                }
+            }
+        };
+        // RFC 9113 §6.9.1: windows are at most 2^31-1; the initial stream
+        // window at least what an empty body needs.
+        const WINDOW_MAX: u64 = (1 << 31) - 1;
+        let http2 = Http2 {
+            max_concurrent_streams: raw.max_concurrent_streams,
+            max_header_list_size: size(
+                self,
+                "max_header_list_size",
+                &raw.max_header_list_size,
+                1024,
+                1 << 20,
+            ) as u32,
+            stream_window: size(self, "stream_window", &raw.stream_window, 1024, WINDOW_MAX) as u32,
+            connection_window: size(
+                self,
+                "connection_window",
+                &raw.connection_window,
+                65_535,
+                WINDOW_MAX,
+            ) as u32,
+            send_buffer: size(self, "send_buffer", &raw.send_buffer, 1024, 16 << 20) as usize,
+            max_pending_resets: raw.max_pending_resets,
+            max_error_resets: raw.max_error_resets,
+            max_control_frames: raw.max_control_frames,
+        };
+        if !(1..=10_000).contains(&http2.max_concurrent_streams) {
+            self.problem(
+                format!("{at}.max_concurrent_streams"),
+                "must be from 1 to 10000",
+            );
+        }
+        http2
+    }
+
     /// ALPN names (RFC 7301 §3.1: 1-255 bytes each). An `http` route
     /// offers `http/1.1` unless told otherwise and may offer nothing it
     /// does not speak; a `tcp` route passes bytes it does not read, so any
     /// name its backends speak may be offered, and none is by default.
     fn alpn(&mut self, at: &str, raw: Option<Vec<String>>, http: bool) -> Vec<String> {
         let Some(names) = raw else {
+            // h2 first: a client offering both gets HTTP/2 (RFC 7301
+            // §3.2 lets the server pick; browsers list h2 first too).
             return if http {
-                vec!["http/1.1".into()]
+                vec!["h2".into(), "http/1.1".into()]
             } else {
                 Vec::new()
             };
@@ -1110,10 +1204,10 @@ impl Validator<'_> {
         for (j, name) in names.into_iter().enumerate() {
             if name.is_empty() || name.len() > 255 {
                 self.problem(format!("{at}[{j}]"), "must be 1 to 255 bytes (RFC 7301)");
-            } else if http && name != "http/1.1" {
+            } else if http && name != "http/1.1" && name != "h2" {
                 self.problem(
                     format!("{at}[{j}]"),
-                    format!("{name:?}: an http route speaks http/1.1 only"),
+                    format!("{name:?}: an http route speaks h2 and http/1.1 only"),
                 );
             } else if out.contains(&name) {
                 self.problem(format!("{at}[{j}]"), format!("{name:?} is listed twice"));

@@ -180,7 +180,9 @@ pub(super) struct CertificateSection {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub(super) enum RouteSection {
     Tcp(TcpRouteSection),
-    Http(HttpRouteSection),
+    // Boxed: parsed once per load, and the http section is four times the
+    // tcp one.
+    Http(Box<HttpRouteSection>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +205,83 @@ pub(super) struct HttpRouteSection {
     #[serde(default = "yes")]
     pub forwarded: bool,
     pub hsts: Option<String>,
+    #[serde(default)]
+    pub http2: Http2Section,
+}
+
+/// `[listener.route.http2]`: HTTP/2 limits (defaults in the README).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Http2Section {
+    #[serde(default = "default_h2_streams")]
+    pub max_concurrent_streams: u32,
+    #[serde(default = "default_h2_header_list")]
+    pub max_header_list_size: String,
+    #[serde(default = "default_h2_stream_window")]
+    pub stream_window: String,
+    #[serde(default = "default_h2_connection_window")]
+    pub connection_window: String,
+    #[serde(default = "default_h2_send_buffer")]
+    pub send_buffer: String,
+    #[serde(default = "default_h2_pending_resets")]
+    pub max_pending_resets: usize,
+    #[serde(default = "default_h2_error_resets")]
+    pub max_error_resets: usize,
+    #[serde(default = "default_h2_control_frames")]
+    pub max_control_frames: u32,
+}
+
+impl Default for Http2Section {
+    fn default() -> Self {
+        Http2Section {
+            max_concurrent_streams: default_h2_streams(),
+            max_header_list_size: default_h2_header_list(),
+            stream_window: default_h2_stream_window(),
+            connection_window: default_h2_connection_window(),
+            send_buffer: default_h2_send_buffer(),
+            max_pending_resets: default_h2_pending_resets(),
+            max_error_resets: default_h2_error_resets(),
+            max_control_frames: default_h2_control_frames(),
+        }
+    }
+}
+
+/// nginx's `http2_max_concurrent_streams`.
+fn default_h2_streams() -> u32 {
+    100
+}
+/// The HTTP/1.1 head limit (`head::Limits::head`): a request is no larger
+/// over HTTP/2 than over HTTP/1.1.
+fn default_h2_header_list() -> String {
+    "32k".into()
+}
+/// What a stream may send before the body is read: an upload runs at the
+/// backend's pace with at most this much per stream in ktern.
+fn default_h2_stream_window() -> String {
+    "64k".into()
+}
+fn default_h2_connection_window() -> String {
+    "1m".into()
+}
+/// Response bytes h2 buffers per stream for a client that has not opened
+/// its window (h2's default is 400 KiB).
+fn default_h2_send_buffer() -> String {
+    "64k".into()
+}
+/// h2's defence against rapid reset (CVE-2023-44487): streams reset by
+/// the client before they were accepted, at once.
+fn default_h2_pending_resets() -> usize {
+    20
+}
+/// h2's defence against "MadeYouReset" (CVE-2025-8671): streams the server
+/// had to reset for the client's errors.
+fn default_h2_error_resets() -> usize {
+    1024
+}
+/// SETTINGS, PING, RST_STREAM and empty DATA/HEADERS frames per
+/// connection, over every ten requests: more is a flood.
+fn default_h2_control_frames() -> u32 {
+    1000
 }
 
 #[derive(Debug, Deserialize)]

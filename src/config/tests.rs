@@ -401,7 +401,10 @@ fn static_rules_need_an_existing_directory() {
 fn alpn_defaults_by_route_and_is_validated() {
     let dir = std::env::temp_dir();
     let c = Config::from_toml(HTTP, "a.toml", &dir, &pems()).unwrap();
-    assert_eq!(c.listeners[0].alpn, vec!["http/1.1".to_string()]);
+    assert_eq!(
+        c.listeners[0].alpn,
+        vec!["h2".to_string(), "http/1.1".to_string()]
+    );
     let with = |alpn: &str| {
         HTTP.replacen(
             "[[listener.certificate]]",
@@ -410,7 +413,7 @@ fn alpn_defaults_by_route_and_is_validated() {
         )
     };
     let e = Config::from_toml(
-        &with(r#"["h2", "", "http/1.1", "http/1.1"]"#),
+        &with(r#"["h3", "", "http/1.1", "http/1.1"]"#),
         "a.toml",
         &dir,
         &pems(),
@@ -426,7 +429,7 @@ fn alpn_defaults_by_route_and_is_validated() {
         ],
         "{e}"
     );
-    assert!(e.to_string().contains("speaks http/1.1 only"), "{e}");
+    assert!(e.to_string().contains("speaks h2 and http/1.1 only"), "{e}");
     // An empty list turns ALPN off.
     let c = Config::from_toml(&with("[]"), "a.toml", &dir, &pems()).unwrap();
     assert!(c.listeners[0].alpn.is_empty());

@@ -192,6 +192,8 @@ pub struct TlsInfo {
     pub suite: Option<rustls::CipherSuite>,
     /// The kernel carries the records (kTLS), not rustls in userspace.
     pub kernel: bool,
+    /// ALPN chose `h2`: the connection speaks HTTP/2.
+    pub alpn_h2: bool,
 }
 
 impl TlsInfo {

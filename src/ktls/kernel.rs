@@ -142,6 +142,18 @@ impl Kernel {
         }
     }
 
+    /// Whether a write may go out now with no KeyUpdate or close first
+    /// (a non-blocking writer's check; it charges what was taken with
+    /// [`Kernel::charge_sent`]). The budget's reserve covers one write.
+    pub(super) fn tx_clear(&self) -> bool {
+        !self.tx_update_pending && !self.tx_budget.exhausted()
+    }
+
+    /// Charges `bytes` the kernel took after [`Kernel::tx_clear`].
+    pub(super) fn charge_sent(&mut self, bytes: usize) {
+        self.tx_budget.charge(bytes);
+    }
+
     /// Computes `dir`'s next traffic secret (RFC 8446 §7.2) and hands it
     /// to the kernel.
     fn next_key(&mut self, fd: BorrowedFd<'_>, dir: KeyDirection) -> io::Result<()> {

@@ -173,6 +173,19 @@ pub enum Spliced {
     WouldBlock,
 }
 
+/// What a non-blocking attempt did (the poll-based interface HTTP/2's
+/// framing layer needs; see `proxy::h2::io`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// This many bytes were read or written (0 read: end of stream).
+    Done(usize),
+    /// The socket has nothing (or no room) now: wait for readiness.
+    WouldBlock,
+    /// This step needs the async path (`read_chunk`, `write_all`): the
+    /// userspace record path, a kTLS control record, a KeyUpdate to send.
+    Slow,
+}
+
 /// The client-to-us direction.
 pub struct TlsReader {
     sock: sys::ReadSide,
@@ -315,6 +328,33 @@ impl TlsReader {
         self.sock.get().readable(false).await?;
         self.hot = true;
         Ok(())
+    }
+
+    /// Kernel path: one non-blocking read of plaintext straight into `buf`
+    /// (the kernel decrypts into the caller's buffer: no copy here).
+    pub fn try_read(&mut self, buf: &mut tokio::io::ReadBuf<'_>) -> Result<Attempt, StreamError> {
+        if !self.pending.is_empty() || self.eof || self.path() == Path::Userspace {
+            return Ok(Attempt::Slow);
+        }
+        match sys::recv_readbuf(sys::borrow_fd(&self.sock), buf) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(Attempt::Done(0))
+            }
+            Ok(n) => {
+                self.charge_rx(n)?;
+                Ok(Attempt::Done(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.hot = false;
+                Ok(Attempt::WouldBlock)
+            }
+            // EIO: a control record is next; `read_chunk` reads it with its
+            // type. EINTR: let the async path retry.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(Attempt::Slow),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Attempt::Slow),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Kernel path: moves up to `max` plaintext bytes from the socket into
@@ -582,6 +622,29 @@ impl TlsWriter {
                 Some(next) => out = next,
                 None => return Ok(()),
             }
+        }
+    }
+
+    /// Kernel path: one non-blocking gathering write of `bufs` as
+    /// application data, when no KeyUpdate has to go first. The kernel
+    /// seals straight from the caller's buffers.
+    pub fn try_write(&mut self, bufs: &[io::IoSlice<'_>]) -> Result<Attempt, StreamError> {
+        let fd = sys::borrow_fd(&self.sock);
+        let mut shared = self.shared.borrow_mut();
+        let Engine::Kernel(k) = &mut *shared else {
+            return Ok(Attempt::Slow);
+        };
+        if !k.tx_clear() {
+            return Ok(Attempt::Slow);
+        }
+        match sys::send_vectored_now(fd, bufs) {
+            Ok(n) => {
+                k.charge_sent(n);
+                Ok(Attempt::Done(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Attempt::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Attempt::Slow),
+            Err(e) => Err(e.into()),
         }
     }
 

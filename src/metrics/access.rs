@@ -27,8 +27,9 @@ pub struct Record<'a> {
     pub host: &'a str,
     /// Request target as sent.
     pub target: &'a str,
-    /// HTTP minor version (0 or 1).
-    pub minor: u8,
+    /// The request's protocol as logged: `HTTP/1.0`, `HTTP/1.1` or
+    /// `HTTP/2.0` (nginx's `$server_protocol`).
+    pub protocol: &'a str,
     /// Status sent to the client.
     pub status: u16,
     /// Bytes read from the client for this request (head and body).
@@ -113,7 +114,7 @@ fn combined(r: &Record<'_>, out: &mut String) {
     escape_text(r.method.as_bytes(), out);
     out.push(' ');
     escape_text(r.target.as_bytes(), out);
-    let _ = write!(out, " HTTP/1.{}\" {} {} \"", r.minor, r.status, r.bytes_out);
+    let _ = write!(out, " {}\" {} {} \"", r.protocol, r.status, r.bytes_out);
     escape_text(r.referer.unwrap_or(b"-"), out);
     out.push_str("\" \"");
     escape_text(r.user_agent.unwrap_or(b"-"), out);
@@ -170,7 +171,7 @@ fn json(r: &Record<'_>, out: &mut String) {
         "method": r.method,
         "host": r.host,
         "path": r.target,
-        "protocol": format!("HTTP/1.{}", r.minor),
+        "protocol": r.protocol,
         "status": r.status,
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
@@ -239,6 +240,7 @@ mod tests {
             version: Some(rustls::ProtocolVersion::TLSv1_3),
             suite: Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
             kernel: true,
+            alpn_h2: false,
         }
     }
 
@@ -251,7 +253,7 @@ mod tests {
             method: "GET",
             host: "app.test",
             target,
-            minor: 1,
+            protocol: "HTTP/1.1",
             status: 200,
             bytes_in: 80,
             bytes_out: 1100,

@@ -21,23 +21,6 @@ pub struct DrainSignal {
     free: RefCell<Vec<usize>>,
 }
 
-/// Frees a waiter's slot when its wait ends (or is dropped).
-struct Registration<'a> {
-    signal: &'a DrainSignal,
-    slot: Option<usize>,
-}
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        if let Some(i) = self.slot {
-            if let Some(w) = self.signal.slots.borrow_mut().get_mut(i) {
-                *w = None;
-            }
-            self.signal.free.borrow_mut().push(i);
-        }
-    }
-}
-
 impl DrainSignal {
     /// Has the drain started?
     pub fn is_on(&self) -> bool {
@@ -61,36 +44,65 @@ impl DrainSignal {
         if self.on.get() {
             return None;
         }
-        let mut reg = Registration {
-            signal: self,
-            slot: None,
-        };
-        // By reference: a `move` closure would capture only `reg.slot`
-        // (disjoint capture), and the slot would never be given back.
-        let reg = &mut reg;
+        let mut watch = self.watch();
         let mut fut = std::pin::pin!(fut);
         std::future::poll_fn(move |cx: &mut Context<'_>| {
             if let Poll::Ready(v) = Pin::new(&mut fut).poll(cx) {
                 return Poll::Ready(Some(v));
             }
-            if self.on.get() {
-                return Poll::Ready(None);
-            }
-            let i = *reg.slot.get_or_insert_with(|| {
-                self.free.borrow_mut().pop().unwrap_or_else(|| {
-                    let mut slots = self.slots.borrow_mut();
-                    slots.push(None);
-                    slots.len() - 1
-                })
-            });
-            let mut slots = self.slots.borrow_mut();
-            match &slots[i] {
-                Some(old) if old.will_wake(cx.waker()) => {}
-                _ => slots[i] = Some(cx.waker().clone()),
-            }
-            Poll::Pending
+            watch.poll_on(cx).map(|()| None)
         })
         .await
+    }
+
+    /// A registration to poll alongside other work (an HTTP/2 connection
+    /// keeps serving its streams and only starts its GOAWAY when the drain
+    /// starts). Its slot is given back when it is dropped.
+    pub fn watch(&self) -> Watch<'_> {
+        Watch {
+            signal: self,
+            slot: None,
+        }
+    }
+}
+
+/// See [`DrainSignal::watch`].
+pub struct Watch<'a> {
+    signal: &'a DrainSignal,
+    slot: Option<usize>,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if let Some(w) = self.signal.slots.borrow_mut().get_mut(i) {
+                *w = None;
+            }
+            self.signal.free.borrow_mut().push(i);
+        }
+    }
+}
+
+impl Watch<'_> {
+    /// Ready once the drain has started; otherwise wakes `cx` when it does.
+    pub fn poll_on(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let signal = self.signal;
+        if signal.on.get() {
+            return Poll::Ready(());
+        }
+        let i = *self.slot.get_or_insert_with(|| {
+            signal.free.borrow_mut().pop().unwrap_or_else(|| {
+                let mut slots = signal.slots.borrow_mut();
+                slots.push(None);
+                slots.len() - 1
+            })
+        });
+        let mut slots = signal.slots.borrow_mut();
+        match &slots[i] {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => slots[i] = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 

@@ -5,6 +5,7 @@
 //! shard's graceful-shutdown flag) are what routes wait on besides I/O.
 
 pub mod drain;
+pub mod h2;
 pub mod http;
 pub mod idle;
 pub mod tcp;

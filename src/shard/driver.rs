@@ -96,6 +96,7 @@ async fn establish(
         version: est.conn.protocol_version(),
         suite: est.conn.negotiated_cipher_suite().map(|s| s.suite()),
         kernel: false,
+        alpn_h2: est.conn.alpn_protocol() == Some(b"h2"),
     };
     f.handshakes.record(
         info.version,
@@ -207,9 +208,15 @@ fn proxy<'a>(
                 // Boxed: the HTTP pump's state is large, and inline it would
                 // sit in every connection's task, `tcp` routes' too (issue
                 // 12's idle budget).
-                let serving = Box::pin(http::forward::serve(reader, writer, ctx));
-                tracing::trace!(bytes = std::mem::size_of_val(&*serving), "http task size");
-                serving.await.map_err(Failure::Http)
+                if info.alpn_h2 {
+                    Box::pin(crate::proxy::h2::serve(reader, writer, ctx))
+                        .await
+                        .map_err(Failure::Http)
+                } else {
+                    let serving = Box::pin(http::forward::serve(reader, writer, ctx));
+                    tracing::trace!(bytes = std::mem::size_of_val(&*serving), "http task size");
+                    serving.await.map_err(Failure::Http)
+                }
             }
         };
         let moved = moved.get();
@@ -255,6 +262,10 @@ impl Failure {
             Failure::Http(HttpError::ClientStalled) => (&m.downstream_errors, "downstream"),
             Failure::Http(HttpError::UpstreamAborted(_)) => (&m.upstream_errors, "upstream"),
             Failure::Http(HttpError::FileAborted(_)) => (&m.internal_errors, "internal"),
+            Failure::Http(HttpError::H2(e)) => match e.reason() {
+                Some(h2::Reason::ENHANCE_YOUR_CALM) => (&m.h2_floods, "downstream"),
+                _ => (&m.h2_protocol_errors, "downstream"),
+            },
         }
     }
 }

@@ -181,6 +181,53 @@ pub fn recv_upto(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Resul
     Ok(n)
 }
 
+/// One non-blocking `recv(2)` straight into the unfilled part of a
+/// poll-based reader's buffer (the HTTP/2 connection's), advancing it by
+/// the bytes received: under kTLS the kernel decrypts into h2's own
+/// buffer, with no copy in between.
+pub fn recv_readbuf(fd: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> io::Result<usize> {
+    // SAFETY: the kernel only writes into the slice; nothing here reads
+    // the uninitialised bytes.
+    let spare = unsafe { buf.unfilled_mut() };
+    // SAFETY: `fd` is borrowed and open; the kernel writes at most
+    // `spare.len()` bytes into the live slice `spare`.
+    let n = cvt_size(unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    })?;
+    // SAFETY: the kernel initialised the first `n <= spare.len()` bytes.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(n)
+}
+
+/// One non-blocking gathering `sendmsg(2)` (`MSG_DONTWAIT |
+/// MSG_NOSIGNAL`): how much of `bufs` the socket took, `WouldBlock` when
+/// none. Under kTLS the kernel seals what it takes as records, so a frame
+/// head and its payload go out together without being copied together.
+pub fn send_vectored_now(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // Linux takes at most UIO_MAXIOV (1024) iovecs per call.
+    let bufs = &bufs[..bufs.len().min(1024)];
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is ABI-compatible with `struct iovec` (std guarantees it).
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len();
+    // SAFETY: `fd` is borrowed and open; the kernel only reads the
+    // iovecs, which point into live slices borrowed for this call.
+    cvt_size(unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
 /// Whether a read would find something now (data, EOF or an error such as
 /// a kTLS control record's EIO), without consuming it: one non-blocking
 /// `recv(MSG_PEEK)` of one byte. `false` only on `EAGAIN`.

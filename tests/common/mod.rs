@@ -13,6 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConnection, StreamOwned};
 
+pub mod h2;
 pub mod http;
 
 /// A scratch directory with a self-signed certificate for `localhost`.

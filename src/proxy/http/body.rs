@@ -117,13 +117,33 @@ impl BodyScanner {
 
     /// Scans `input`, returning how many leading bytes belong to the body.
     pub fn scan(&mut self, input: &[u8]) -> Result<usize, BodyError> {
+        self.advance(input, None)
+    }
+
+    /// As [`BodyScanner::scan`], also appending the body's content to
+    /// `out`: the payload without chunk framing, and the trailer section's
+    /// lines. For a peer that frames bodies its own way (HTTP/2 DATA
+    /// frames and trailing HEADERS).
+    pub fn decode(&mut self, input: &[u8], out: &mut Decoded) -> Result<usize, BodyError> {
+        self.advance(input, Some(out))
+    }
+
+    fn advance(&mut self, input: &[u8], mut out: Option<&mut Decoded>) -> Result<usize, BodyError> {
         let mut used = 0;
         while used < input.len() {
             match &mut self.state {
                 State::Done => break,
-                State::UntilClose => return Ok(input.len()),
+                State::UntilClose => {
+                    if let Some(o) = out.as_deref_mut() {
+                        o.data.extend_from_slice(&input[used..]);
+                    }
+                    return Ok(input.len());
+                }
                 State::Length(left) => {
                     let n = (*left).min((input.len() - used) as u64);
+                    if let Some(o) = out.as_deref_mut() {
+                        o.data.extend_from_slice(&input[used..used + n as usize]);
+                    }
                     *left -= n;
                     used += n as usize;
                     if *left == 0 {
@@ -131,7 +151,7 @@ impl BodyScanner {
                     }
                 }
                 State::Chunked(chunk) => {
-                    let (n, done) = scan_chunked(chunk, &input[used..])?;
+                    let (n, done) = scan_chunked(chunk, &input[used..], out.as_deref_mut())?;
                     used += n;
                     if done {
                         self.state = State::Done;
@@ -143,13 +163,30 @@ impl BodyScanner {
     }
 }
 
+/// A body's content as [`BodyScanner::decode`] found it.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// Payload bytes.
+    pub data: Vec<u8>,
+    /// The trailer section as received: field lines, each ending CRLF,
+    /// then the final CRLF (that CRLF alone when there are none).
+    pub trailers: Vec<u8>,
+}
+
 /// Advances the chunked state machine; returns (bytes used, body finished).
-fn scan_chunked(chunk: &mut Chunk, input: &[u8]) -> Result<(usize, bool), BodyError> {
+fn scan_chunked(
+    chunk: &mut Chunk,
+    input: &[u8],
+    mut out: Option<&mut Decoded>,
+) -> Result<(usize, bool), BodyError> {
     let mut i = 0;
     while i < input.len() {
         match chunk {
             Chunk::Data { left } => {
                 let n = (*left).min((input.len() - i) as u64);
+                if let Some(o) = out.as_deref_mut() {
+                    o.data.extend_from_slice(&input[i..i + n as usize]);
+                }
                 *left -= n;
                 i += n as usize;
                 if *left == 0 {
@@ -234,6 +271,9 @@ fn scan_chunked(chunk: &mut Chunk, input: &[u8]) -> Result<(usize, bool), BodyEr
                 let b = input[i];
                 i += 1;
                 *total += 1;
+                if let Some(o) = out.as_deref_mut() {
+                    o.trailers.push(b);
+                }
                 if *total > MAX_TRAILERS {
                     return Err(BodyError::Chunked("trailer section too large"));
                 }
@@ -265,6 +305,32 @@ fn scan_chunked(chunk: &mut Chunk, input: &[u8]) -> Result<(usize, bool), BodyEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_strips_chunk_framing_and_keeps_trailers() {
+        let input = b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nx-sum: 7\r\n\r\nNEXT";
+        for cut in 0..input.len() {
+            let mut s = BodyScanner::new(Framing::Chunked);
+            let mut out = Decoded::default();
+            let a = s.decode(&input[..cut], &mut out).unwrap();
+            let b = s.decode(&input[a..], &mut out).unwrap();
+            assert!(s.is_done());
+            assert_eq!(a + b, input.len() - 4, "cut {cut}");
+            assert_eq!(out.data, b"hello!");
+            assert_eq!(out.trailers, b"x-sum: 7\r\n\r\n");
+        }
+        let mut s = BodyScanner::new(Framing::Chunked);
+        let mut out = Decoded::default();
+        s.decode(b"2\r\nok\r\n0\r\n\r\n", &mut out).unwrap();
+        assert_eq!(
+            (out.data.as_slice(), out.trailers.as_slice()),
+            (&b"ok"[..], &b"\r\n"[..])
+        );
+        let mut s = BodyScanner::new(Framing::Length(3));
+        let mut out = Decoded::default();
+        assert_eq!(s.decode(b"abcdef", &mut out).unwrap(), 3);
+        assert_eq!(out.data, b"abc");
+    }
 
     /// Scans `input` split at every possible point; all splits must agree.
     fn scan_all(framing: Framing, input: &[u8]) -> Result<(usize, bool), BodyError> {

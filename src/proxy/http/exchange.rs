@@ -13,7 +13,7 @@ use std::path::Path;
 
 use super::body::Framing;
 use super::head::{RequestHead, ResponseHead};
-use crate::config::{HttpRoute, Rule, Target};
+use crate::config::{Balance, HashKey, HttpRoute, Rule, Target};
 
 /// What to do with a request whose head was accepted.
 #[derive(Debug, PartialEq, Eq)]
@@ -119,6 +119,29 @@ pub fn strip_port(host: &str) -> &str {
         return host.find(']').map_or(host, |i| &host[..=i]);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// A client address as a hash key: IPv4 clients hash as their
+/// IPv4-mapped IPv6 form, so both families share one key space.
+pub fn ip_key(peer: std::net::SocketAddr) -> [u8; 16] {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The key a hashing balancer places this request by, if it hashes.
+pub fn hash_key<'h>(
+    balance: &'h Balance,
+    head: &'h RequestHead,
+    ip_key: &'h [u8; 16],
+) -> Option<&'h [u8]> {
+    match balance {
+        Balance::Hash(HashKey::ClientIp) => Some(ip_key),
+        // Without the header: round robin (HAProxy's `balance hdr()`).
+        Balance::Hash(HashKey::Header(name)) => head.values(name.as_str()).next(),
+        _ => None,
+    }
 }
 
 /// Methods a client may repeat without changing the outcome (RFC 9110
@@ -297,6 +320,7 @@ mod tests {
                 rule(HostMatch::Any, HostMatch::Any, "/app/", Target::Upstream(0)),
             ],
             max_body: 1000,
+            http2: Default::default(),
             head_timeout: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(1),
             send_timeout: Duration::from_secs(1),

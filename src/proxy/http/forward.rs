@@ -24,7 +24,7 @@ use super::files::{self, FileError, Plan, Resolved};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
 use crate::buffers;
-use crate::config::{Balance, HashKey, HttpRoute, Upstream};
+use crate::config::{HttpRoute, Upstream};
 use crate::handshake::TlsInfo;
 use crate::ktls::Path;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
@@ -93,7 +93,7 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     /// Draining, or the connection's config was replaced more than a
     /// keep-alive timeout ago: keep-alive ends after the current response.
-    fn closing(&self) -> bool {
+    pub(crate) fn closing(&self) -> bool {
         self.drain.is_on()
             || self
                 .retired
@@ -104,17 +104,17 @@ impl Ctx<'_> {
 
 /// What one request/response exchange did, for its access line.
 #[derive(Default)]
-struct Exchange {
+pub(crate) struct Exchange {
     /// Status sent to the client (0: none was sent).
-    status: u16,
+    pub(crate) status: u16,
     /// The backend that answered.
-    upstream: Option<SocketAddr>,
+    pub(crate) upstream: Option<SocketAddr>,
     /// Request head to backend response head.
-    upstream_time: Option<Duration>,
+    pub(crate) upstream_time: Option<Duration>,
     /// The request was HEAD: ktern's own answers carry no body.
-    head_only: bool,
+    pub(crate) head_only: bool,
     /// Index into `Ctx::responses` of who answered (none: ktern itself).
-    answered_by: Option<usize>,
+    pub(crate) answered_by: Option<usize>,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -138,6 +138,11 @@ pub enum HttpError {
     /// stopped reading); the connection is aborted.
     #[error("client took no response bytes within send_timeout")]
     ClientStalled,
+    /// The client broke HTTP/2 (a connection error: bad frames, a header
+    /// list over the limit) or flooded it (ENHANCE_YOUR_CALM); GOAWAY was
+    /// sent with the code.
+    #[error("HTTP/2: {0}")]
+    H2(h2::Error),
 }
 
 /// How a backend failed after its response started.
@@ -337,6 +342,34 @@ fn log(
     wall: SystemTime,
     started: Instant,
 ) {
+    let now = ctx.moved.get();
+    let bytes_in = head.map_or(0, |h| h.len as u64) + (now.up - before.up);
+    let protocol = match head.map_or(1, |h| h.minor) {
+        0 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    record(
+        ctx,
+        head,
+        ex,
+        (bytes_in, now.down - before.down),
+        protocol,
+        wall,
+        started,
+    );
+}
+
+/// Counts one answered exchange (by status class, under who answered) and
+/// writes its access line: the one place both protocols record a request.
+pub(crate) fn record(
+    ctx: &Ctx<'_>,
+    head: Option<&RequestHead>,
+    ex: &Exchange,
+    (bytes_in, bytes_out): (u64, u64),
+    protocol: &str,
+    wall: SystemTime,
+    started: Instant,
+) {
     let total = started.elapsed();
     // A parsed request that got no answer: the client went away first
     // (nginx's 499, "client closed request").
@@ -356,7 +389,6 @@ fn log(
         }
     }
     let Some(sink) = ctx.access else { return };
-    let now = ctx.moved.get();
     let first = |name| head.and_then(|h| h.values(name).next());
     let record = access::Record {
         time: wall,
@@ -365,10 +397,10 @@ fn log(
         method: head.map_or("-", |h| h.method()),
         host: head.and_then(|h| h.host.as_deref()).unwrap_or(""),
         target: head.map_or("-", |h| h.target()),
-        minor: head.map_or(1, |h| h.minor),
+        protocol,
         status,
-        bytes_in: head.map_or(0, |h| h.len as u64) + (now.up - before.up),
-        bytes_out: now.down - before.down,
+        bytes_in,
+        bytes_out,
         referer: first("referer"),
         user_agent: first("user-agent"),
         upstream: ex.upstream,
@@ -389,7 +421,7 @@ enum HeadOutcome {
     Refused(u16, &'static str),
 }
 
-fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         301 => "Moved Permanently",
         400 => "Bad Request",
@@ -551,32 +583,15 @@ async fn forward(
         }
     };
     let upstream = &ctx.upstreams[group];
-    let fwd = Forwarding {
-        client: ctx.peer,
-        trusted: route
-            .trusted_proxies
-            .contains(&ctx.peer.ip().to_canonical()),
-        x_forwarded: route.x_forwarded,
-        forwarded: route.forwarded,
-    };
     let mut out = Vec::with_capacity(head.len + 256);
-    rewrite::request(head, &fwd, &mut out);
+    rewrite::request(head, &Forwarding::for_client(route, ctx.peer), &mut out);
 
     // A pooled connection may have been closed by the backend an instant
     // ago; that is retried once on a fresh connection when nothing of the
     // response came back and the request can safely be repeated.
     let balancer = &ctx.balancers[group];
-    // IPv4 clients hash as their IPv4-mapped IPv6 form: one key space.
-    let ip_key = match ctx.peer.ip() {
-        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        std::net::IpAddr::V6(v6) => v6.octets(),
-    };
-    let key: Option<&[u8]> = match balancer.balance() {
-        Balance::Hash(HashKey::ClientIp) => Some(&ip_key),
-        // Without the header: round robin (HAProxy's `balance hdr()`).
-        Balance::Hash(HashKey::Header(name)) => head.values(name.as_str()).next(),
-        _ => None,
-    };
+    let ip_key = exchange::ip_key(ctx.peer);
+    let key = exchange::hash_key(balancer.balance(), head, &ip_key);
     let mut attempt = 0;
     let (mut backend, addr, response, _lease) = loop {
         attempt += 1;
@@ -1082,11 +1097,11 @@ async fn send_body(
     Ok(BodySent::Done)
 }
 
-type Response = (head::ResponseHead, Vec<u8>);
+pub(crate) type Response = (head::ResponseHead, Vec<u8>);
 
 /// Reads the final response head (1xx interim responses other than 101 are
 /// skipped: they were answered by our own 100 Continue).
-async fn read_response(
+pub(crate) async fn read_response(
     backend: &mut TcpStream,
     method: &str,
     timeout: Duration,

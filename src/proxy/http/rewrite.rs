@@ -42,8 +42,20 @@ pub struct Forwarding {
     pub forwarded: bool,
 }
 
+impl Forwarding {
+    /// The forwarding facts for a request from `client` on `route`.
+    pub fn for_client(route: &crate::config::HttpRoute, client: SocketAddr) -> Forwarding {
+        Forwarding {
+            client,
+            trusted: route.trusted_proxies.contains(&client.ip().to_canonical()),
+            x_forwarded: route.x_forwarded,
+            forwarded: route.forwarded,
+        }
+    }
+}
+
 /// True if `name` must not be forwarded, given the `Connection` options.
-fn is_hop_by_hop(name: &str, connection_options: &[&str]) -> bool {
+pub(crate) fn is_hop_by_hop(name: &str, connection_options: &[&str]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || connection_options
             .iter()
@@ -58,7 +70,7 @@ fn is_hop_by_hop(name: &str, connection_options: &[&str]) -> bool {
 const NOT_OPTIONS: &[&str] = &["content-length", "host", "transfer-encoding"];
 
 /// The `Connection` options, borrowed (compared case-insensitively).
-fn connection_options(fields: &Fields) -> Vec<&str> {
+pub(crate) fn connection_options(fields: &Fields) -> Vec<&str> {
     fields
         .values("connection")
         .flat_map(list_tokens)

@@ -1,0 +1,311 @@
+//! Sans-IO translation between an HTTP/2 stream's messages and the
+//! HTTP/1.1 heads the shared exchange core and the backends read.
+//!
+//! A request is restated as the HTTP/1.1 head it stands for and parsed by
+//! the same parser as a client's HTTP/1.1 head, so routing, the forwarding
+//! fields, the retry rule and the framing checks are the ones HTTP/1.1
+//! requests get, and nothing reaches a backend that an HTTP/1.1 client
+//! could not have sent.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::proxy::http::body::Framing;
+use crate::proxy::http::head::{self, Limits, RequestHead, ResponseHead};
+use crate::proxy::http::rewrite;
+
+/// Why a stream's request is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Malformed (RFC 9113 §8.1.1): the stream is reset with
+    /// PROTOCOL_ERROR.
+    Malformed(&'static str),
+    /// Well-formed, but answered by ktern with this status.
+    Status(u16, &'static str),
+}
+
+/// Fields that are connection-specific in HTTP/2 (RFC 9113 §8.2.2); h2
+/// already refuses them, checked again here before anything is restated.
+const CONNECTION_SPECIFIC: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The HTTP/1.1 head `parts` stands for. `end_stream`: the request has no
+/// body (its HEADERS frame ended the stream).
+pub fn request_head(
+    parts: &http::request::Parts,
+    end_stream: bool,
+    limits: &Limits,
+) -> Result<RequestHead, Refusal> {
+    if parts.method == http::Method::CONNECT {
+        // Extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not
+        // offered; a plain CONNECT asks for a tunnel ktern does not open.
+        return Err(Refusal::Status(405, "CONNECT over HTTP/2"));
+    }
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        // RFC 9113 §8.3.1: without :authority, Host carries it.
+        None => match parts.headers.get(http::header::HOST) {
+            Some(h) => h
+                .to_str()
+                .map_err(|_| Refusal::Malformed("host is not text"))?,
+            None => return Err(Refusal::Malformed("no :authority and no host")),
+        },
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut cookies: Vec<&[u8]> = Vec::new();
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        if CONNECTION_SPECIFIC.contains(&n) || (n == "te" && value != "trailers") {
+            return Err(Refusal::Malformed("connection-specific field"));
+        }
+        match n {
+            "host" => continue,
+            // HTTP/2 may split cookies into several fields; HTTP/1.1 has
+            // one (RFC 9113 §8.2.3).
+            "cookie" => {
+                cookies.push(value.as_bytes());
+                continue;
+            }
+            // `te: trailers` means nothing to an HTTP/1.1 backend that is
+            // not hop-by-hop.
+            "te" => continue,
+            _ => {}
+        }
+        push(&mut out, n, value.as_bytes());
+    }
+    if !cookies.is_empty() {
+        out.extend_from_slice(b"cookie: ");
+        for (i, c) in cookies.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(c);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    // A body of unknown length goes upstream chunked.
+    if !end_stream && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    match head::parse_request(&out, limits) {
+        Ok(Some(h)) => Ok(h),
+        Ok(None) => Err(Refusal::Malformed("incomplete head")),
+        Err(e) if e.status() == 400 => Err(Refusal::Malformed("invalid field")),
+        Err(e) => Err(Refusal::Status(e.status(), "request head over limits")),
+    }
+}
+
+fn push(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The HTTP/2 response for a backend's response head: its status and its
+/// end-to-end fields (hop-by-hop ones and those its `Connection` names
+/// are dropped, RFC 9113 §8.2.2), plus `extra`.
+pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<()> {
+    let options = rewrite::connection_options(&resp.fields);
+    let mut headers = HeaderMap::with_capacity(resp.fields.iter().count() + extra.len());
+    let fields = resp.fields.iter().map(|f| (f.name, f.value));
+    for (name, value) in fields.chain(extra.iter().copied()) {
+        if rewrite::is_hop_by_hop(name, &options) {
+            continue;
+        }
+        // A backend field that is not a valid HTTP/2 field (the parser
+        // let through what HTTP/1.1 allows) is dropped rather than sent
+        // malformed.
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    let mut r = http::Response::new(());
+    *r.status_mut() =
+        http::StatusCode::from_u16(resp.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    *r.headers_mut() = headers;
+    r
+}
+
+/// Fields that may not appear as trailers (RFC 9110 §6.5.1: framing,
+/// routing, and HTTP/2's connection-specific fields).
+fn trailer_allowed(name: &str) -> bool {
+    !matches!(
+        name,
+        "content-length" | "host" | "te" | "trailer" | "content-encoding" | "content-type"
+    ) && !CONNECTION_SPECIFIC.contains(&name)
+}
+
+/// A chunked body's trailer section (as `body::Decoded` keeps it) as
+/// HTTP/2 trailers; `None` when there are none or they do not parse.
+pub fn trailers_from_h1(section: &[u8]) -> Option<HeaderMap> {
+    if section.len() <= 2 {
+        return None;
+    }
+    let mut raw = [httparse::EMPTY_HEADER; 32];
+    let httparse::Status::Complete((_, fields)) =
+        httparse::parse_headers(section, &mut raw).ok()?
+    else {
+        return None;
+    };
+    let mut map = HeaderMap::new();
+    for f in fields {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(f.name.as_bytes()),
+            HeaderValue::from_bytes(f.value),
+        ) {
+            if trailer_allowed(n.as_str()) {
+                map.append(n, v);
+            }
+        }
+    }
+    (!map.is_empty()).then_some(map)
+}
+
+/// A stream's trailers as the end of a chunked HTTP/1.1 body: the last
+/// chunk, the allowed trailer fields, the final CRLF.
+pub fn last_chunk(trailers: Option<&HeaderMap>) -> Vec<u8> {
+    let mut out = b"0\r\n".to_vec();
+    for (name, value) in trailers.into_iter().flatten() {
+        if trailer_allowed(name.as_str()) {
+            push(&mut out, name.as_str(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// How the request body goes upstream.
+pub fn upstream_chunked(head: &RequestHead) -> bool {
+    head.framing == Framing::Chunked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(req: http::Request<()>) -> http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn a_request_becomes_the_http11_head_it_stands_for() {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("https://App.example:8443/a/b?q=1")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("te", "trailers")
+            .header("x-id", "7")
+            .body(())
+            .unwrap();
+        let h = request_head(&parts(req), false, &Limits::default()).unwrap();
+        assert_eq!(h.method(), "POST");
+        assert_eq!(h.target(), "/a/b?q=1");
+        assert_eq!(h.host.as_deref(), Some("app.example:8443"));
+        assert_eq!(h.framing, Framing::Chunked);
+        assert_eq!(
+            h.values("cookie").collect::<Vec<_>>(),
+            vec![&b"a=1; b=2"[..]]
+        );
+        assert_eq!(h.values("te").count(), 0);
+        assert_eq!(h.values("x-id").next(), Some(&b"7"[..]));
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn a_declared_length_or_an_ended_stream_frames_the_body() {
+        let req = http::Request::builder()
+            .method("PUT")
+            .uri("https://a/")
+            .header("content-length", "5")
+            .body(())
+            .unwrap();
+        let h = request_head(&parts(req), false, &Limits::default()).unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+        let req = http::Request::get("https://a/").body(()).unwrap();
+        let h = request_head(&parts(req), true, &Limits::default()).unwrap();
+        assert_eq!(h.framing, Framing::Length(0));
+    }
+
+    #[test]
+    fn refusals() {
+        let with = |name: &str, value: &str| {
+            let req = http::Request::get("https://a/")
+                .header(name, value)
+                .body(())
+                .unwrap();
+            request_head(&parts(req), true, &Limits::default())
+        };
+        for (n, v) in [
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "5"),
+        ] {
+            assert!(matches!(with(n, v), Err(Refusal::Malformed(_))), "{n}");
+        }
+        // Two content-lengths that disagree: the HTTP/1.1 parser's check.
+        let req = http::Request::post("https://a/")
+            .header("content-length", "1")
+            .header("content-length", "2")
+            .body(())
+            .unwrap();
+        assert!(matches!(
+            request_head(&parts(req), false, &Limits::default()),
+            Err(Refusal::Malformed(_))
+        ));
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("a:443")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            request_head(&parts(req), true, &Limits::default()).err(),
+            Some(Refusal::Status(405, "CONNECT over HTTP/2"))
+        );
+        let req = http::Request::get("/x").body(()).unwrap();
+        assert!(matches!(
+            request_head(&parts(req), true, &Limits::default()),
+            Err(Refusal::Malformed("no :authority and no host"))
+        ));
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_fields() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nTransfer-Encoding: chunked\r\nX-End: 2\r\n\r\n";
+        let resp = head::parse_response(text.as_bytes(), "GET", 1 << 16)
+            .unwrap()
+            .unwrap();
+        let r = response(&resp, &[("strict-transport-security", b"max-age=1")]);
+        assert_eq!(r.status(), 200);
+        let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-end", "strict-transport-security"]);
+    }
+
+    #[test]
+    fn trailers_both_ways() {
+        let map = trailers_from_h1(b"x-sum: 7\r\ncontent-length: 3\r\n\r\n").unwrap();
+        assert_eq!(map.len(), 1);
+        assert_eq!(map["x-sum"], "7");
+        assert!(trailers_from_h1(b"\r\n").is_none());
+        assert_eq!(last_chunk(Some(&map)), b"0\r\nx-sum: 7\r\n\r\n");
+        assert_eq!(last_chunk(None), b"0\r\n\r\n");
+    }
+}

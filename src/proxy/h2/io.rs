@@ -1,0 +1,423 @@
+//! tokio's `AsyncRead`/`AsyncWrite` over ktern's TLS reader and writer,
+//! the interface the `h2` crate drives.
+//!
+//! Under kTLS the common steps are one non-blocking syscall each, straight
+//! between the kernel and h2's own buffers: `recv` into h2's read buffer
+//! (the kernel decrypts into it) and a gathering `sendmsg` of h2's frame
+//! heads and payloads (the kernel seals them as records). Everything else
+//! — a readiness wait, a kTLS control record (alert, KeyUpdate), a
+//! KeyUpdate to send first, and every step of the userspace record path —
+//! runs as the reader's or writer's own async method in a boxed future
+//! that owns the half and hands it back, so records are handled exactly
+//! as on HTTP/1.1.
+//!
+//! Writes on the slow path are staged: h2 writes its frames one by one
+//! and then flushes, so a flush seals and sends them as one batch.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::watch::{FrameWatch, OutWatch, Verdict};
+use crate::ktls::stream::Attempt;
+use crate::ktls::{StreamError, TlsReader, TlsWriter};
+
+/// What the transport tells the connection loop beside h2's view.
+#[derive(Default)]
+pub struct Signals {
+    /// The first client-side failure, kept typed for the connection's
+    /// counter and log line (h2 only sees an `io::Error`).
+    pub failed: RefCell<Option<StreamError>>,
+    /// The frame watch saw a flood of control frames.
+    pub flood: Cell<bool>,
+    /// Streams reset as malformed since the connection loop last looked.
+    pub malformed: Cell<u64>,
+}
+
+type Owned<T, R> = Pin<Box<dyn Future<Output = (T, R)>>>;
+
+enum ReadState {
+    Idle(TlsReader),
+    /// Waiting for readiness (no buffer held).
+    Waiting(Owned<TlsReader, io::Result<()>>),
+    /// The async path: a control record, or the userspace path.
+    Reading(Owned<TlsReader, Result<Option<Vec<u8>>, StreamError>>),
+    Gone,
+}
+
+enum WriteState {
+    Idle(TlsWriter),
+    Waiting(Owned<TlsWriter, io::Result<()>>),
+    Writing(Owned<TlsWriter, Result<(), StreamError>>),
+    /// close_notify and FIN on their way.
+    Closing(Owned<TlsWriter, Result<(), StreamError>>),
+    Closed,
+    Gone,
+}
+
+/// Most plaintext staged for one slow-path write: four records. Beyond
+/// it h2 waits for the write in flight (its own send buffer is the limit
+/// that matters: see `max_send_buffer_size`).
+const STAGE_MAX: usize = 64 << 10;
+
+/// How long a closing connection keeps reading what the client still
+/// sends, and how much of it (nginx's `lingering_close`): a client cut off
+/// mid-flood, or whose last frames crossed our GOAWAY, would otherwise get
+/// a TCP reset that can destroy the GOAWAY before it reads it.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Reads and drops the client's bytes until it closes, [`LINGER`] passes
+/// or [`LINGER_BYTES`] were read.
+async fn linger(mut reader: TlsReader) {
+    let deadline = monoio::time::Instant::now() + LINGER;
+    let mut taken = 0;
+    while taken < LINGER_BYTES {
+        match monoio::time::timeout_at(deadline, reader.read_chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                taken += chunk.len();
+                crate::buffers::give(chunk);
+            }
+            _ => return,
+        }
+    }
+}
+
+/// The HTTP/2 connection's transport.
+pub struct H2Io {
+    read: ReadState,
+    /// Plaintext the async read path returned that h2 has not taken yet.
+    spill: Vec<u8>,
+    spill_at: usize,
+    write: WriteState,
+    /// Plaintext accepted from h2 and not yet handed to the writer.
+    staged: Vec<u8>,
+    watch: FrameWatch,
+    sent: OutWatch,
+    signals: Rc<Signals>,
+}
+
+impl H2Io {
+    /// Wraps both halves of an established connection.
+    pub fn new(
+        reader: TlsReader,
+        writer: TlsWriter,
+        watch: FrameWatch,
+        signals: Rc<Signals>,
+    ) -> H2Io {
+        H2Io {
+            read: ReadState::Idle(reader),
+            spill: Vec::new(),
+            spill_at: 0,
+            write: WriteState::Idle(writer),
+            staged: Vec::new(),
+            watch,
+            sent: OutWatch::default(),
+            signals,
+        }
+    }
+
+    /// Keeps the first typed failure and gives h2 an `io::Error` of the
+    /// same kind.
+    fn fail(&self, e: StreamError) -> io::Error {
+        let kind = match &e {
+            StreamError::Io(io) => io.kind(),
+            StreamError::Truncated => io::ErrorKind::UnexpectedEof,
+            _ => io::ErrorKind::InvalidData,
+        };
+        let mut slot = self.signals.failed.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        io::Error::from(kind)
+    }
+
+    /// Drives the write in flight; starts the staged one when idle.
+    /// `Ready(Ok)` once nothing is in flight (staged bytes remain only if
+    /// `start` is false).
+    fn drive_write(&mut self, cx: &mut Context<'_>, start: bool) -> Poll<io::Result<()>> {
+        loop {
+            match std::mem::replace(&mut self.write, WriteState::Gone) {
+                WriteState::Idle(w) if start && !self.staged.is_empty() => {
+                    let out = std::mem::take(&mut self.staged);
+                    let mut w = w;
+                    self.write = WriteState::Writing(Box::pin(async move {
+                        let (r, buf) = w.write_all(out).await;
+                        crate::buffers::give(buf);
+                        (w, r)
+                    }));
+                }
+                s @ (WriteState::Idle(_) | WriteState::Closed) => {
+                    self.write = s;
+                    return Poll::Ready(Ok(()));
+                }
+                WriteState::Waiting(mut f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        self.write = WriteState::Waiting(f);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((w, r)) => {
+                        self.write = WriteState::Idle(w);
+                        r.map_err(|e| self.fail(e.into()))?;
+                    }
+                },
+                WriteState::Writing(mut f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        self.write = WriteState::Writing(f);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((w, r)) => {
+                        self.write = WriteState::Idle(w);
+                        r.map_err(|e| self.fail(e))?;
+                    }
+                },
+                WriteState::Closing(mut f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        self.write = WriteState::Closing(f);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((_, r)) => {
+                        self.write = WriteState::Closed;
+                        r.map_err(|e| self.fail(e))?;
+                    }
+                },
+                WriteState::Gone => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            }
+        }
+    }
+
+    /// Records `n` bytes of `bufs` as sent (or staged: they go out in
+    /// this order).
+    fn sent(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let mut malformed = 0;
+        for b in bufs {
+            if n == 0 {
+                break;
+            }
+            let k = b.len().min(n);
+            malformed += self.sent.feed(&b[..k]);
+            n -= k;
+        }
+        if malformed > 0 {
+            let m = &self.signals.malformed;
+            m.set(m.get() + malformed);
+        }
+    }
+
+    fn stage(&mut self, bufs: &[io::IoSlice<'_>]) -> usize {
+        if self.staged.capacity() == 0 {
+            self.staged = crate::buffers::take(STAGE_MAX);
+        }
+        let mut n = 0;
+        for b in bufs {
+            let take = b.len().min(STAGE_MAX.saturating_sub(self.staged.len()));
+            self.staged.extend_from_slice(&b[..take]);
+            n += take;
+            if take < b.len() {
+                break;
+            }
+        }
+        self.sent(bufs, n);
+        n
+    }
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = this.read_into(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            if this.watch.feed(&buf.filled()[before..]) == Verdict::Flood {
+                this.signals.flood.set(true);
+            }
+        }
+        polled
+    }
+}
+
+impl H2Io {
+    fn read_into(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
+        loop {
+            if this.spill_at < this.spill.len() {
+                let n = buf.remaining().min(this.spill.len() - this.spill_at);
+                buf.put_slice(&this.spill[this.spill_at..this.spill_at + n]);
+                this.spill_at += n;
+                if this.spill_at == this.spill.len() {
+                    crate::buffers::give(std::mem::take(&mut this.spill));
+                    this.spill_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match std::mem::replace(&mut this.read, ReadState::Gone) {
+                ReadState::Idle(mut r) => match r.try_read(buf) {
+                    Ok(Attempt::Done(_)) => {
+                        this.read = ReadState::Idle(r);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(Attempt::WouldBlock) => {
+                        this.read = ReadState::Waiting(Box::pin(async move {
+                            let res = r.input().await;
+                            (r, res)
+                        }))
+                    }
+                    Ok(Attempt::Slow) => {
+                        this.read = ReadState::Reading(Box::pin(async move {
+                            let res = r.read_chunk().await;
+                            (r, res)
+                        }))
+                    }
+                    Err(e) => {
+                        this.read = ReadState::Idle(r);
+                        return Poll::Ready(Err(this.fail(e)));
+                    }
+                },
+                ReadState::Waiting(mut f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.read = ReadState::Waiting(f);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((r, res)) => {
+                        this.read = ReadState::Idle(r);
+                        if let Err(e) = res {
+                            return Poll::Ready(Err(this.fail(e.into())));
+                        }
+                    }
+                },
+                ReadState::Reading(mut f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.read = ReadState::Reading(f);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((r, res)) => {
+                        this.read = ReadState::Idle(r);
+                        match res {
+                            Ok(Some(chunk)) => {
+                                this.spill = chunk;
+                                this.spill_at = 0;
+                            }
+                            // End of the client's stream: nothing added.
+                            Ok(None) => return Poll::Ready(Ok(())),
+                            Err(e) => return Poll::Ready(Err(this.fail(e))),
+                        }
+                    }
+                },
+                ReadState::Gone => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            // Order: what is staged or in flight goes first.
+            if !this.staged.is_empty() || !matches!(this.write, WriteState::Idle(_)) {
+                if let WriteState::Closed = this.write {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                }
+                if this.staged.len() < STAGE_MAX {
+                    // Still drive the write in flight, so progress does
+                    // not wait for h2's flush.
+                    let _ = this.drive_write(cx, false)?;
+                    return Poll::Ready(Ok(this.stage(bufs)));
+                }
+                std::task::ready!(this.drive_write(cx, true))?;
+                continue;
+            }
+            let WriteState::Idle(mut w) = std::mem::replace(&mut this.write, WriteState::Gone)
+            else {
+                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            };
+            match w.try_write(bufs) {
+                Ok(Attempt::Done(n)) => {
+                    this.write = WriteState::Idle(w);
+                    this.sent(bufs, n);
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Attempt::WouldBlock) => {
+                    this.write = WriteState::Waiting(Box::pin(async move {
+                        let res = w.writable().await;
+                        (w, res)
+                    }));
+                    std::task::ready!(this.drive_write(cx, false))?;
+                }
+                Ok(Attempt::Slow) => {
+                    this.write = WriteState::Idle(w);
+                    return Poll::Ready(Ok(this.stage(bufs)));
+                }
+                Err(e) => {
+                    this.write = WriteState::Idle(w);
+                    return Poll::Ready(Err(this.fail(e)));
+                }
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            std::task::ready!(this.drive_write(cx, true))?;
+            if this.staged.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(Pin::new(&mut *this).poll_flush(cx))?;
+        // After the flush the writer is idle or already closed.
+        if matches!(this.write, WriteState::Idle(_)) {
+            if let WriteState::Idle(mut w) = std::mem::replace(&mut this.write, WriteState::Gone) {
+                let reader = match std::mem::replace(&mut this.read, ReadState::Gone) {
+                    ReadState::Idle(r) => Some(r),
+                    other => {
+                        this.read = other;
+                        None
+                    }
+                };
+                // close_notify, then FIN (RFC 8446 §6.1), by the writer's
+                // own close; then a lingering read.
+                this.write = WriteState::Closing(Box::pin(async move {
+                    let r = w.close().await;
+                    if let (Ok(()), Some(reader)) = (&r, reader) {
+                        linger(reader).await;
+                    }
+                    (w, r)
+                }));
+            }
+        }
+        this.drive_write(cx, false)
+    }
+}

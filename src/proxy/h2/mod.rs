@@ -1,0 +1,140 @@
+//! HTTP/2 to clients (RFC 9113), served by hyperium's `h2` crate over
+//! ktern's TLS reader and writer (`io`), with HTTP/1.1 backends behind it
+//! as nginx has. A connection whose ALPN chose `h2` runs [`serve`]; each
+//! stream is one request exchange (`stream`), decided by the same core as
+//! HTTP/1.1.
+//!
+//! Defences, each closing the connection with GOAWAY and its code:
+//! h2's own limits (header list size, so CONTINUATION floods; streams
+//! reset before accept, so rapid reset; streams ktern had to reset, so
+//! "MadeYouReset"; bounded send buffers) and ktern's frame watch
+//! (`watch`: SETTINGS, PING, PRIORITY, RST_STREAM, empty-frame floods).
+
+pub mod convert;
+pub mod io;
+mod stream;
+pub mod watch;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::Reason;
+
+use self::io::{H2Io, Signals};
+use self::watch::FrameWatch;
+use crate::ktls::{StreamError, TlsReader, TlsWriter};
+use crate::metrics::ShardMetrics as M;
+use crate::proxy::http::forward::{Ctx, HttpError};
+
+/// Serves an HTTP/2 connection until the client closes it, it idles out,
+/// the drain or a reload ends it (GOAWAY; streams in flight finish), or a
+/// protocol error or flood closes it.
+pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result<(), HttpError> {
+    let route = ctx.route;
+    let lim = &route.http2;
+    M::inc(&ctx.metrics.h2_connections);
+    let signals = Rc::new(Signals::default());
+    let watch = FrameWatch::new(lim.max_control_frames);
+    let io = H2Io::new(reader, writer, watch, signals.clone());
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(lim.max_concurrent_streams)
+        .max_header_list_size(lim.max_header_list_size)
+        .initial_window_size(lim.stream_window)
+        .initial_connection_window_size(lim.connection_window)
+        .max_send_buffer_size(lim.send_buffer)
+        .max_pending_accept_reset_streams(lim.max_pending_resets)
+        .max_local_error_reset_streams(Some(lim.max_error_resets));
+    // The preface and first SETTINGS within the head timeout, as an
+    // HTTP/1.1 request head.
+    let handshake = builder.handshake::<_, Bytes>(io);
+    let mut conn = match monoio::time::timeout(route.head_timeout, handshake).await {
+        Err(_) => {
+            tracing::debug!(peer = %ctx.peer, "HTTP/2 preface not received in time");
+            return Ok(());
+        }
+        Ok(Err(e)) => return Err(failure(e, &signals)),
+        Ok(Ok(c)) => c,
+    };
+    let ctx = &ctx;
+    let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + '_>>> =
+        FuturesUnordered::new();
+    let mut drain = ctx.drain.watch();
+    let mut idle = None;
+    let mut going_away = false;
+    let mut accepting = true;
+    let mut flooded = false;
+    let ended = std::future::poll_fn(|cx| loop {
+        let malformed = signals.malformed.take();
+        if malformed > 0 {
+            M::add(&ctx.metrics.h2_malformed, malformed);
+        }
+        if signals.flood.get() && !flooded {
+            flooded = true;
+            tracing::info!(peer = %ctx.peer, "HTTP/2 control-frame flood: GOAWAY ENHANCE_YOUR_CALM");
+            conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+        }
+        // Drain, or a reload that retired this connection's config: GOAWAY
+        // (RFC 9113 §6.8), and the streams in flight finish.
+        if !going_away && (drain.poll_on(cx).is_ready() || ctx.closing()) {
+            going_away = true;
+            conn.graceful_shutdown();
+        }
+        // No stream open for the keep-alive timeout: GOAWAY too.
+        if streams.is_empty() {
+            let entry = idle.get_or_insert_with(|| ctx.idle.register(route.keepalive_timeout));
+            if !going_away && entry.poll_expired(cx).is_ready() {
+                going_away = true;
+                conn.graceful_shutdown();
+            }
+        } else {
+            idle = None;
+        }
+        let mut progressed = false;
+        if accepting {
+            match conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok((req, respond)))) => {
+                    M::inc(&ctx.metrics.h2_streams);
+                    streams.push(Box::pin(stream::exchange(req, respond, ctx)));
+                    progressed = true;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => accepting = false,
+                Poll::Pending => {}
+            }
+        }
+        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {
+            progressed = true;
+        }
+        if !accepting && streams.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if !progressed {
+            return Poll::Pending;
+        }
+    })
+    .await;
+    if flooded {
+        return Err(HttpError::H2(Reason::ENHANCE_YOUR_CALM.into()));
+    }
+    ended.map_err(|e| failure(e, &signals))
+}
+
+/// The connection's error, typed: the client's socket or TLS (as the
+/// transport recorded it), or HTTP/2 itself.
+fn failure(e: h2::Error, signals: &Signals) -> HttpError {
+    if let Some(s) = signals.failed.borrow_mut().take() {
+        return HttpError::Downstream(s);
+    }
+    if e.is_io() {
+        if let Some(io) = e.into_io() {
+            return HttpError::Downstream(StreamError::Io(io));
+        }
+        return HttpError::Downstream(StreamError::Truncated);
+    }
+    HttpError::H2(e)
+}

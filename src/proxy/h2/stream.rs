@@ -1,0 +1,453 @@
+//! One HTTP/2 stream: one request exchange, decided by the same sans-IO
+//! core as an HTTP/1.1 request (`proxy::http::exchange`) and forwarded to
+//! the same pools and balancers of HTTP/1.1 backends.
+//!
+//! Bodies stream both ways under HTTP/2 flow control: request DATA is
+//! acknowledged (its window released) only once the backend took it, and
+//! the backend's response is read no faster than the client's window and
+//! h2's per-stream send buffer allow, so neither a slow backend nor a slow
+//! client makes ktern hold a whole body.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::convert::{self, Refusal};
+use crate::buffers;
+use crate::metrics::ShardMetrics as M;
+use crate::proxy::http::body::{BodyScanner, Decoded, Framing};
+use crate::proxy::http::exchange::{self, Relay, UpstreamFault, Verdict};
+use crate::proxy::http::forward::{self, Ctx, Exchange, UpstreamAbort};
+use crate::proxy::http::head::{Limits, RequestHead};
+use crate::proxy::http::rewrite::{self, Forwarding};
+
+/// Logged as the request's protocol.
+const PROTOCOL: &str = "HTTP/2.0";
+
+/// Backend read size, as on HTTP/1.1: four TLS records of plaintext.
+const READ: usize = 64 << 10;
+
+/// Why a stream ended before its response did.
+#[derive(Debug)]
+enum Cut {
+    /// The client reset the stream, or the connection ended.
+    Client,
+    /// The client's window stayed shut for `send_timeout`.
+    Stalled,
+    /// The backend failed mid-response.
+    Upstream(UpstreamAbort),
+}
+
+/// Serves one stream to its end. Never panics and never fails the
+/// connection: every outcome is the stream's own.
+pub(super) async fn exchange(
+    req: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    ctx: &Ctx<'_>,
+) {
+    let started = Instant::now();
+    let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
+    let (parts, body) = req.into_parts();
+    let head = match convert::request_head(&parts, body.is_end_stream(), &Limits::default()) {
+        Ok(h) => h,
+        Err(Refusal::Malformed(why)) => {
+            // RFC 9113 §8.1.1: a malformed request is a stream error of
+            // type PROTOCOL_ERROR; nothing goes upstream. (Counted by
+            // the transport's watch on what is sent, with h2's own.)
+            tracing::info!(peer = %ctx.peer, why, "HTTP/2 request malformed: stream reset");
+            respond.send_reset(Reason::PROTOCOL_ERROR);
+            return;
+        }
+        Err(Refusal::Status(status, why)) => {
+            tracing::info!(peer = %ctx.peer, status, why, "HTTP/2 request refused");
+            let mut ex = Exchange::default();
+            let out = local(&mut respond, ctx, &mut ex, status);
+            forward::record(ctx, None, &ex, (0, out), PROTOCOL, wall, started);
+            return;
+        }
+    };
+    M::inc(&ctx.metrics.http_requests);
+    let mut ex = Exchange {
+        head_only: head.method() == "HEAD",
+        ..Exchange::default()
+    };
+    let mut moved = (head.len as u64, 0u64);
+    let result = forward(&head, body, &mut respond, ctx, &mut ex, &mut moved, started).await;
+    let mut m = ctx.moved.get();
+    m.up += moved.0 - head.len as u64;
+    m.down += moved.1;
+    ctx.moved.set(m);
+    match result {
+        Ok(()) => {}
+        Err(Cut::Client) => M::inc(&ctx.metrics.h2_stream_resets),
+        Err(Cut::Stalled) => {
+            M::inc(&ctx.metrics.http_send_timeouts);
+            tracing::info!(peer = %ctx.peer, "HTTP/2 stream: client window shut for send_timeout");
+        }
+        Err(Cut::Upstream(e)) => {
+            M::inc(&ctx.metrics.upstream_errors);
+            tracing::warn!(peer = %ctx.peer, backend = ?ex.upstream, error = %e, "upstream failed mid-response: stream reset");
+        }
+    }
+    forward::record(ctx, Some(&head), &ex, moved, PROTOCOL, wall, started);
+}
+
+/// ktern's own answer; returns the body bytes sent.
+fn local(respond: &mut SendResponse<Bytes>, ctx: &Ctx<'_>, ex: &mut Exchange, status: u16) -> u64 {
+    M::inc(&ctx.metrics.http_local_errors);
+    ex.status = status;
+    let body = format!("{status} {}\n", forward::reason(status));
+    let mut resp = http::Response::new(());
+    *resp.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    h.insert(http::header::CONTENT_LENGTH, body.len().into());
+    if let Some(v) = ctx.route.hsts.as_deref() {
+        if let Ok(v) = http::HeaderValue::from_str(v) {
+            h.insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+        }
+    }
+    match respond.send_response(resp, ex.head_only) {
+        Ok(mut s) if !ex.head_only => {
+            let n = body.len() as u64;
+            // Small: h2 buffers it within the stream's send buffer.
+            match s.send_data(Bytes::from(body), true) {
+                Ok(()) => n,
+                Err(_) => 0,
+            }
+        }
+        _ => 0,
+    }
+}
+
+enum BodySent {
+    Done,
+    Refused(u16),
+    ClientGone,
+    BackendFailed,
+    BackendStalled,
+}
+
+async fn forward(
+    head: &RequestHead,
+    mut body: RecvStream,
+    respond: &mut SendResponse<Bytes>,
+    ctx: &Ctx<'_>,
+    ex: &mut Exchange,
+    moved: &mut (u64, u64),
+    started: Instant,
+) -> Result<(), Cut> {
+    let route = ctx.route;
+    let group = match exchange::plan(route, head, ctx.tls.sni.as_deref()) {
+        exchange::Plan::Local { status, group, .. } => {
+            ex.answered_by = group;
+            moved.1 += local(respond, ctx, ex, status);
+            return Ok(());
+        }
+        exchange::Plan::Static { .. } => {
+            // Static files are served over HTTP/1.1 only for now.
+            ex.answered_by = Some(ctx.upstreams.len());
+            moved.1 += local(respond, ctx, ex, 501);
+            return Ok(());
+        }
+        exchange::Plan::Upstream {
+            group,
+            send_continue,
+            ..
+        } => {
+            ex.answered_by = Some(group);
+            if send_continue {
+                // RFC 9113 §8.1: an interim 100 before the final response.
+                let mut cont = http::Response::new(());
+                *cont.status_mut() = http::StatusCode::CONTINUE;
+                let _ = respond.send_informational(cont);
+            }
+            group
+        }
+    };
+    let upstream = &ctx.upstreams[group];
+    let mut out = Vec::with_capacity(head.len + 256);
+    rewrite::request(head, &Forwarding::for_client(route, ctx.peer), &mut out);
+    let balancer = &ctx.balancers[group];
+    let ip_key = exchange::ip_key(ctx.peer);
+    let key = exchange::hash_key(balancer.balance(), head, &ip_key);
+    let mut attempt = 0;
+    let (mut backend, addr, (resp, rbuf), _lease) = loop {
+        attempt += 1;
+        let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
+        let acquired = Box::pin(balancer.acquire(
+            pool,
+            key,
+            upstream.connect_timeout,
+            upstream.pool_idle_timeout,
+            if attempt == 1 {
+                started
+            } else {
+                Instant::now()
+            },
+        ))
+        .await;
+        let (mut backend, addr, reused, lease) = match acquired {
+            Ok(c) => {
+                ex.upstream = Some(c.1);
+                c
+            }
+            Err(e) => {
+                M::inc(match e {
+                    crate::upstream::UpstreamError::Local { .. } => &ctx.metrics.local_exhaustion,
+                    _ => &ctx.metrics.upstream_connect_failures,
+                });
+                tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
+                moved.1 += local(respond, ctx, ex, 502);
+                return Ok(());
+            }
+        };
+        let (res, sent) = Box::pin(backend.write_all(out)).await;
+        out = sent;
+        if let Err(e) = res {
+            match exchange::after_fault(attempt, reused, head, UpstreamFault::WriteFailed) {
+                Verdict::Retry => continue,
+                Verdict::Answer(status) => {
+                    balancer.failed(addr, Instant::now());
+                    M::inc(&ctx.metrics.upstream_errors);
+                    tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+                    moved.1 += local(respond, ctx, ex, status);
+                    return Ok(());
+                }
+            }
+        }
+        let sent = send_body(
+            &mut body,
+            &mut backend,
+            head,
+            ctx,
+            upstream.response_timeout,
+            moved,
+        );
+        match Box::pin(sent).await {
+            BodySent::Done => {}
+            BodySent::Refused(status) => {
+                moved.1 += local(respond, ctx, ex, status);
+                return Ok(());
+            }
+            BodySent::ClientGone => return Err(Cut::Client),
+            BodySent::BackendFailed => {
+                M::inc(&ctx.metrics.upstream_errors);
+                moved.1 += local(respond, ctx, ex, 502);
+                return Ok(());
+            }
+            BodySent::BackendStalled => {
+                M::inc(&ctx.metrics.upstream_errors);
+                tracing::warn!(peer = %ctx.peer, backend = %addr, "backend stopped reading the request body");
+                moved.1 += local(respond, ctx, ex, 504);
+                return Ok(());
+            }
+        }
+        let read = forward::read_response(&mut backend, head.method(), upstream.response_timeout);
+        match Box::pin(read).await {
+            Ok(r) => {
+                M::inc(if reused {
+                    &ctx.metrics.pool_hits
+                } else {
+                    &ctx.metrics.pool_misses
+                });
+                break (backend, addr, r, lease);
+            }
+            Err(fault) => match exchange::after_fault(attempt, reused, head, fault) {
+                Verdict::Retry => continue,
+                Verdict::Answer(status) => {
+                    balancer.failed(addr, Instant::now());
+                    M::inc(&ctx.metrics.upstream_errors);
+                    if fault == UpstreamFault::Timeout {
+                        M::inc(&ctx.metrics.upstream_timeouts);
+                    }
+                    tracing::warn!(peer = %ctx.peer, backend = %addr, fault = fault.describe(), "bad upstream response");
+                    moved.1 += local(respond, ctx, ex, status);
+                    return Ok(());
+                }
+            },
+        }
+    };
+    balancer.succeeded(addr);
+    ex.upstream = Some(addr);
+    let ttfb = started.elapsed();
+    ctx.metrics.families.upstream_ttfb_seconds.observe(ttfb);
+    ex.upstream_time = Some(ttfb);
+    let refused = match exchange::relay(head, &resp, false) {
+        Relay::Body { .. } => None,
+        Relay::Refuse(why) => Some(why),
+        // HTTP/2 has no Upgrade (RFC 9113 §8.6); the request carried none.
+        Relay::Upgrade => Some("101 to an HTTP/2 request"),
+    };
+    if let Some(why) = refused {
+        M::inc(&ctx.metrics.upstream_errors);
+        tracing::warn!(peer = %ctx.peer, backend = %addr, why, "unusable upstream response");
+        moved.1 += local(respond, ctx, ex, 502);
+        return Ok(());
+    }
+    let mut extra: Vec<(&str, &[u8])> = Vec::new();
+    if let Some(v) = route.hsts.as_deref() {
+        extra.push(("strict-transport-security", v.as_bytes()));
+    }
+    let no_body = ex.head_only || resp.framing == Framing::Length(0);
+    ex.status = resp.status;
+    let mut send = respond
+        .send_response(convert::response(&resp, &extra), no_body)
+        .map_err(|_| Cut::Client)?;
+    let mut scanner = BodyScanner::new(resp.framing);
+    let mut decoded = Decoded::default();
+    let after_head = rbuf.get(resp.len..).unwrap_or_default();
+    let used = scanner
+        .decode(after_head, &mut decoded)
+        .map_err(|e| abort(&mut send, e.into()))?;
+    let mut leftover = after_head.len() - used;
+    buffers::give(rbuf);
+    if !no_body {
+        loop {
+            if !decoded.data.is_empty() {
+                let data = Bytes::from(std::mem::take(&mut decoded.data));
+                moved.1 += data.len() as u64;
+                send.send_data(data, false).map_err(|_| Cut::Client)?;
+            }
+            if scanner.is_done() {
+                break;
+            }
+            // Backpressure: read no more than the client may take now.
+            let room = capacity(&mut send, route.send_timeout).await?;
+            let want = room.clamp(1, READ);
+            let read = Box::pin(backend.read(buffers::take(READ).slice_mut(..want)));
+            let Ok((res, buf)) = monoio::time::timeout(upstream.response_timeout, read).await
+            else {
+                return Err(abort(&mut send, UpstreamAbort::Stalled));
+            };
+            let buf = buf.into_inner();
+            match res {
+                Ok(0) => {
+                    buffers::give(buf);
+                    scanner.finish().map_err(|e| abort(&mut send, e.into()))?;
+                    break;
+                }
+                Ok(n) => {
+                    let used = scanner.decode(&buf[..n], &mut decoded);
+                    buffers::give(buf);
+                    let used = used.map_err(|e| abort(&mut send, e.into()))?;
+                    leftover += n - used;
+                }
+                Err(e) => {
+                    buffers::give(buf);
+                    return Err(abort(&mut send, UpstreamAbort::Io(e)));
+                }
+            }
+        }
+        match convert::trailers_from_h1(&decoded.trailers) {
+            Some(t) => send.send_trailers(t),
+            None => send.send_data(Bytes::new(), true),
+        }
+        .map_err(|_| Cut::Client)?;
+    }
+    if exchange::reusable(head, &resp, leftover) {
+        ctx.pools[group].put(0, backend, addr, upstream.pool_size);
+    }
+    Ok(())
+}
+
+/// A backend failure mid-response: the stream is reset (INTERNAL_ERROR),
+/// so the cut-short body never looks complete to the client.
+fn abort(send: &mut SendStream<Bytes>, e: UpstreamAbort) -> Cut {
+    send.send_reset(Reason::INTERNAL_ERROR);
+    Cut::Upstream(e)
+}
+
+/// Waits until the client's window and h2's send buffer have room for
+/// response bytes; returns how much. A window shut for `stall` ends the
+/// stream (nginx's `send_timeout`).
+async fn capacity(send: &mut SendStream<Bytes>, stall: Duration) -> Result<usize, Cut> {
+    send.reserve_capacity(READ);
+    if send.capacity() > 0 {
+        return Ok(send.capacity());
+    }
+    let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
+    match monoio::time::timeout(stall, wait).await {
+        Err(_) => {
+            send.send_reset(Reason::CANCEL);
+            Err(Cut::Stalled)
+        }
+        Ok(Some(Ok(n))) if n > 0 => Ok(n),
+        Ok(Some(Ok(_))) => Ok(send.capacity().max(1)),
+        Ok(_) => Err(Cut::Client),
+    }
+}
+
+/// Streams the request body to the backend as DATA arrives, releasing the
+/// client's window only for what the backend took.
+async fn send_body(
+    body: &mut RecvStream,
+    backend: &mut TcpStream,
+    head: &RequestHead,
+    ctx: &Ctx<'_>,
+    backend_timeout: Duration,
+    moved: &mut (u64, u64),
+) -> BodySent {
+    let chunked = head.framing == Framing::Chunked;
+    let mut total = 0u64;
+    while !body.is_end_stream() {
+        let data = match monoio::time::timeout(ctx.route.head_timeout, body.data()).await {
+            Err(_) => return BodySent::Refused(408),
+            Ok(None) => break,
+            // Reset by the client, a content-length that disagrees with
+            // the DATA sent (h2 resets it: PROTOCOL_ERROR), or the
+            // connection ended: this backend connection carries half a
+            // request and is dropped, never pooled.
+            Ok(Some(Err(_))) => return BodySent::ClientGone,
+            Ok(Some(Ok(d))) => d,
+        };
+        let n = data.len();
+        total += n as u64;
+        if total > ctx.route.max_body {
+            return BodySent::Refused(413);
+        }
+        if n == 0 {
+            continue;
+        }
+        let write = if chunked {
+            let mut framed = Vec::with_capacity(n + 12);
+            framed.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            framed.extend_from_slice(&data);
+            framed.extend_from_slice(b"\r\n");
+            Box::pin(backend.write_all(Bytes::from(framed)))
+        } else {
+            Box::pin(backend.write_all(data))
+        };
+        match monoio::time::timeout(backend_timeout, write).await {
+            Err(_) => return BodySent::BackendStalled,
+            Ok((Err(_), _)) => return BodySent::BackendFailed,
+            Ok((Ok(_), _)) => {}
+        }
+        moved.0 += n as u64;
+        // The backend took it: the client may send as much again.
+        let _ = body.flow_control().release_capacity(n);
+    }
+    if chunked {
+        let trailers = match monoio::time::timeout(ctx.route.head_timeout, body.trailers()).await {
+            Err(_) => return BodySent::Refused(408),
+            Ok(Err(_)) => return BodySent::ClientGone,
+            Ok(Ok(t)) => t,
+        };
+        let last = convert::last_chunk(trailers.as_ref());
+        match monoio::time::timeout(backend_timeout, backend.write_all(last)).await {
+            Err(_) => return BodySent::BackendStalled,
+            Ok((Err(_), _)) => return BodySent::BackendFailed,
+            Ok((Ok(_), _)) => {}
+        }
+    }
+    BodySent::Done
+}

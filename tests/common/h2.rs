@@ -1,0 +1,122 @@
+//! A Rust HTTP/2 client (h2 over tokio-rustls on a current-thread tokio
+//! runtime), for the HTTP/2 tests that also run in the kTLS VM, where
+//! there is no curl, nghttp or Python.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls::pki_types::ServerName;
+
+use super::Pki;
+
+/// A client config trusting `pki`, offering `alpn`.
+pub fn tls_config(pki: &Pki, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    store.add(pki.der.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(super::provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// A current-thread runtime for one test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Connects, negotiates `h2` and starts the connection task.
+pub async fn connect(addr: SocketAddr, pki: &Pki) -> SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls_config(pki, &[b"h2", b"http/1.1"]))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN");
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// One finished exchange.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+/// Sends `method path` with `body` in `chunk`-sized DATA frames (declaring
+/// its length when `declare`), reads the whole response.
+pub async fn request(
+    send: &mut SendRequest<Bytes>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    chunk: usize,
+    declare: bool,
+) -> Result<Reply, h2::Error> {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("https://localhost{path}"));
+    if declare {
+        req = req.header("content-length", body.len());
+    }
+    let req = req.body(()).unwrap();
+    let ready = send.clone().ready().await?;
+    *send = ready;
+    let (resp, mut stream) = send.send_request(req, body.is_empty())?;
+    if !body.is_empty() {
+        for part in body.chunks(chunk) {
+            stream.reserve_capacity(part.len());
+            while stream.capacity() < part.len() {
+                match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
+            }
+            stream.send_data(Bytes::copy_from_slice(part), false)?;
+        }
+        stream.send_data(Bytes::new(), true)?;
+    }
+    let resp = resp.await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let mut recv = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(d) = recv.data().await {
+        let d = d?;
+        recv.flow_control().release_capacity(d.len()).unwrap();
+        out.extend_from_slice(&d);
+    }
+    let trailers = recv.trailers().await?;
+    Ok(Reply {
+        status,
+        headers,
+        body: out,
+        trailers,
+    })
+}
+
+/// `request` with a deadline, for tests that must not hang.
+pub async fn get(send: &mut SendRequest<Bytes>, path: &str) -> Reply {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        request(send, "GET", path, b"", 1, false),
+    )
+    .await
+    .expect("response in time")
+    .expect("response")
+}

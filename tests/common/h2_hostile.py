@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Hostile HTTP/2 clients for tests/h2.rs, built from raw frames
+(hyperframe and hpack, which come with the `h2` package) so nothing on
+this side validates or repairs what is sent.
+
+Usage: h2_hostile.py HOST PORT CASE
+Prints one JSON object: what the server answered first that matters:
+{"event": "goaway", "code": N} | {"event": "reset", "code": N}
+| {"event": "response", "status": S} | {"event": "closed"} | {"event": "timeout"}
+"""
+import json
+import socket
+import ssl
+import sys
+import time
+
+import hpack
+from hyperframe.frame import (
+    ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame,
+    PriorityFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame,
+)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class Conn:
+    def __init__(self, host, port):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["h2"])
+        raw = socket.create_connection((host, port), timeout=10)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        assert self.sock.selected_alpn_protocol() == "h2", self.sock.selected_alpn_protocol()
+        self.enc = hpack.Encoder()
+        self.dec = hpack.Decoder()
+        self.buf = b""
+        self.sock.sendall(PREFACE + SettingsFrame(0).serialize())
+
+    def send(self, *frames):
+        data = b"".join(f if isinstance(f, bytes) else f.serialize() for f in frames)
+        try:
+            self.sock.sendall(data)
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError, OSError):
+            # The server closed mid-flood: what it said first is still
+            # to be read.
+            pass
+
+    def headers(self, sid, fields, end_stream=True, raw_block=None):
+        f = HeadersFrame(sid)
+        f.data = raw_block if raw_block is not None else self.enc.encode(fields)
+        f.flags.add("END_HEADERS")
+        if end_stream:
+            f.flags.add("END_STREAM")
+        return f
+
+    def read_frame(self, deadline):
+        while True:
+            if len(self.buf) >= 9:
+                f, length = Frame.parse_frame_header(memoryview(self.buf[:9]))
+                if len(self.buf) >= 9 + length:
+                    f.parse_body(memoryview(self.buf[9:9 + length]))
+                    self.buf = self.buf[9 + length:]
+                    return f
+            left = deadline - time.time()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return None
+            except (ConnectionResetError, ssl.SSLError, OSError):
+                return "closed"
+            if not chunk:
+                return "closed"
+            self.buf += chunk
+
+    def outcome(self, sid=None, seconds=10):
+        """The first GOAWAY, RST_STREAM on `sid`, or response on `sid`."""
+        deadline = time.time() + seconds
+        while True:
+            f = self.read_frame(deadline)
+            if f is None:
+                return {"event": "timeout"}
+            if f == "closed":
+                return {"event": "closed"}
+            if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                self.send(SettingsFrame(0, flags=["ACK"]))
+            if isinstance(f, GoAwayFrame):
+                return {"event": "goaway", "code": f.error_code,
+                        "debug": f.additional_data.decode("latin1")}
+            if isinstance(f, RstStreamFrame) and (sid is None or f.stream_id == sid):
+                return {"event": "reset", "code": f.error_code}
+            if isinstance(f, HeadersFrame) and (sid is None or f.stream_id == sid):
+                fields = dict(self.dec.decode(f.data))
+                status = int(fields[b":status"] if b":status" in fields else fields[":status"])
+                if status >= 200:
+                    return {"event": "response", "status": status}
+
+
+def req(path="/", method="GET", extra=()):
+    return [(":method", method), (":scheme", "https"), (":authority", "localhost"),
+            (":path", path)] + list(extra)
+
+
+def raw_block(fields):
+    """An HPACK block of literal fields without indexing (RFC 7541 §6.2.2)
+    with names and values as given: no lower-casing, no validation."""
+    out = b""
+    for name, value in fields:
+        n, v = name.encode("latin1"), value.encode("latin1")
+        assert len(n) < 127 and len(v) < 127
+        out += b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
+    return out
+
+
+def main():
+    host, port, case = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    c = Conn(host, port)
+    sid = 1
+    if case == "ok":
+        c.send(c.headers(sid, req("/ok")))
+    elif case == "uppercase":
+        c.send(c.headers(sid, None, raw_block=raw_block(req() + [("X-Upper", "1")])))
+    elif case == "connection_field":
+        c.send(c.headers(sid, req(extra=[("connection", "keep-alive")])))
+    elif case == "transfer_encoding":
+        c.send(c.headers(sid, req(method="POST", extra=[("transfer-encoding", "chunked")]), end_stream=False),
+               DataFrame(sid, b"5\r\nhello\r\n0\r\n\r\n", flags=["END_STREAM"]))
+    elif case == "crlf_value":
+        c.send(c.headers(sid, None, raw_block=raw_block(req() + [("x-a", "1\r\nx-injected: 1")])))
+    elif case == "nul_value":
+        c.send(c.headers(sid, None, raw_block=raw_block(req() + [("x-a", "1\x00")])))
+    elif case == "content_length_mismatch":
+        c.send(c.headers(sid, req("/sum", "POST", [("content-length", "10")]), end_stream=False),
+               DataFrame(sid, b"hello", flags=["END_STREAM"]))
+    elif case == "unknown_pseudo":
+        c.send(c.headers(sid, req(extra=[(":foo", "bar")])))
+    elif case == "missing_path":
+        c.send(c.headers(sid, [(":method", "GET"), (":scheme", "https"), (":authority", "localhost")]))
+    elif case == "data_on_stream_zero":
+        # RFC 9113 §6.1: DATA on stream 0 is a connection error.
+        c.send(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+        sid = None
+    elif case == "bad_settings_length":
+        c.send(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"\x00" * 5)
+    elif case == "rapid_reset":
+        frames = []
+        for i in range(1000):
+            s = 1 + 2 * i
+            frames += [c.headers(s, req("/wait/50")), RstStreamFrame(s, error_code=8)]
+        c.send(*frames)
+        sid = None
+    elif case == "continuation_flood":
+        first = HeadersFrame(sid)
+        first.data = c.enc.encode(req())
+        c.send(first)
+        cont = b"".join(ContinuationFrame(sid, data=c.enc.encode([("x-pad", "a" * 100)])).serialize()
+                        for _ in range(2000))
+        c.send(cont)
+    elif case == "settings_flood":
+        c.send(b"".join(SettingsFrame(0).serialize() for _ in range(5000)))
+        sid = None
+    elif case == "ping_flood":
+        c.send(b"".join(PingFrame(0, opaque_data=b"12345678").serialize() for _ in range(5000)))
+        sid = None
+    elif case == "priority_flood":
+        c.send(b"".join(PriorityFrame(3, depends_on=1, stream_weight=16).serialize() for _ in range(5000)))
+        sid = None
+    elif case == "empty_data_flood":
+        c.send(c.headers(sid, req("/sum", "POST"), end_stream=False))
+        c.send(b"".join(DataFrame(sid, b"").serialize() for _ in range(5000)))
+        sid = None
+    elif case == "never_reads":
+        # A 64 MiB response to a client whose windows stay at 65535 bytes
+        # (no WINDOW_UPDATE ever): the stream waits, then is cut.
+        c.send(c.headers(sid, req("/huge")))
+        while True:
+            f = c.read_frame(time.time() + 10)
+            if f is None or f == "closed":
+                print(json.dumps({"event": "timeout" if f is None else "closed"}))
+                return
+            if isinstance(f, RstStreamFrame) and f.stream_id == sid:
+                print(json.dumps({"event": "reset", "code": f.error_code}))
+                return
+            if isinstance(f, GoAwayFrame):
+                print(json.dumps({"event": "goaway", "code": f.error_code}))
+                return
+    else:
+        raise SystemExit(f"unknown case {case}")
+    print(json.dumps(c.outcome(sid)))
+
+
+if __name__ == "__main__":
+    main()

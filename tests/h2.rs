@@ -1,0 +1,331 @@
+//! HTTP/2 to clients end to end: ktern with HTTP/1.1 backends started
+//! here, driven by h2's Rust client (here and in the kTLS VM), curl,
+//! nghttp, h2load and a hostile Python client built from raw frames.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::h2 as h2c;
+use common::http::*;
+use common::*;
+
+const ANY_TO_A: &str = "[[listener.route.rule]]\nupstream = \"a\"\n";
+
+fn setup(tag: &str, extra: &str) -> (Pki, Ktern, Backend) {
+    let pki = Pki::new(tag);
+    let a = start_http_backend("a");
+    let k = Ktern::start(&pki, "", &http_config(&[("a", a.addr)], ANY_TO_A, extra));
+    (pki, k, a)
+}
+
+fn in_vm() -> bool {
+    std::env::var_os("KTERN_IN_VM").is_some()
+}
+
+#[test]
+fn requests_bodies_and_trailers_cross_http2_to_http11_backends() {
+    let (pki, k, _a) = setup("h2-basic", "hsts = \"max-age=600\"");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        // The backend sees an HTTP/1.1 request with Host from :authority
+        // and the forwarding fields.
+        let r = h2c::get(&mut c, "/head").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["x-backend"], "a");
+        assert_eq!(r.headers["strict-transport-security"], "max-age=600");
+        let head = String::from_utf8(r.body).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /head http/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nhost: localhost\r\n"), "{head}");
+        assert!(head.contains("x-forwarded-proto: https\r\n"), "{head}");
+        // A body of unknown length goes upstream chunked; one with a
+        // length as it is. Both arrive whole (the digest is the backend's).
+        for (declare, size) in [(false, 300_000), (true, 1 << 20), (true, 0)] {
+            let body = pattern(size, 7);
+            let r = h2c::request(&mut c, "POST", "/sum", &body, 16_000, declare)
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(
+                String::from_utf8(r.body).unwrap(),
+                format!("{} {}", size, sha256(&body)),
+                "declared {declare}"
+            );
+        }
+        // A chunked response loses its framing and keeps its trailers.
+        let r = h2c::get(&mut c, "/chunked").await;
+        assert_eq!(r.body, b"hello world");
+        assert_eq!(r.trailers.unwrap()["x-trailer"], "yes");
+        // A response delimited by the backend's close.
+        let r = h2c::get(&mut c, "/close").await;
+        assert_eq!(r.body, b"until close");
+        // Many streams at once on the one connection.
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = h2c::get(&mut c, &format!("/wait/{}", i % 7)).await;
+                (r.status, r.body)
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), (200, b"a".to_vec()));
+        }
+        // A bulk download: 64 MiB through flow control, intact.
+        let r = h2c::get(&mut c, "/huge").await;
+        assert_eq!(r.body.len(), 64 << 20);
+        assert!(r.body.iter().all(|&b| b == b'h'));
+    });
+    assert_eq!(k.metric("ktern_http2_connections_total"), 1);
+    assert!(k.metric("ktern_http2_streams_total") >= 70);
+    assert_eq!(k.metric("ktern_http2_malformed_requests_total"), 0);
+    assert_offloaded_in_vm(&k);
+    if in_vm() {
+        // The h2 connection's records were the kernel's: no userspace
+        // fallback on either path.
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+    }
+}
+
+#[test]
+fn backend_failures_and_local_answers_reach_the_stream_only() {
+    let (pki, k, _a) = setup("h2-faults", "");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        // Not an HTTP/1.x answer: 502, and the connection stays usable.
+        assert_eq!(h2c::get(&mut c, "/bad").await.status, 502);
+        // A body cut short by the backend: the stream is reset, never
+        // ended as if complete.
+        let cut = h2c::request(&mut c, "GET", "/cut", b"", 1, false).await;
+        let e = cut.expect_err("a cut-short body must not complete");
+        assert_eq!(e.reason(), Some(::h2::Reason::INTERNAL_ERROR), "{e}");
+        // The connection serves on.
+        assert_eq!(h2c::get(&mut c, "/x").await.body, b"a");
+    });
+    assert!(k.metric("ktern_upstream_errors_total") >= 2);
+}
+
+#[test]
+fn alpn_picks_h2_by_default_and_http11_when_configured() {
+    let (pki, k, a) = setup("h2-alpn", "");
+    let cfg = http_config(&[("a", a.addr)], ANY_TO_A, "").replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nalpn = [\"http/1.1\"]\n",
+        1,
+    );
+    let k2 = Ktern::start(&pki, "", &cfg);
+    let alpn_of = |addr| {
+        let cfg = h2c::tls_config(&pki, &[b"h2", b"http/1.1"]);
+        let c = try_connect(addr, &cfg).unwrap();
+        c.conn.alpn_protocol().map(|p| p.to_vec())
+    };
+    assert_eq!(alpn_of(k.addr()), Some(b"h2".to_vec()));
+    assert_eq!(alpn_of(k2.addr()), Some(b"http/1.1".to_vec()));
+}
+
+#[test]
+fn drain_sends_goaway_and_streams_in_flight_finish() {
+    let (pki, k, _a) = setup("h2-drain", "");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        assert_eq!(h2c::get(&mut c, "/x").await.status, 200);
+        let mut slow = c.clone();
+        // Within the backend's response_timeout (1 s).
+        let in_flight = tokio::spawn(async move { h2c::get(&mut slow, "/wait/800").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        k.signal("TERM");
+        // The stream that was running finishes with its whole response.
+        let r = in_flight.await.unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"a"[..]));
+        // After GOAWAY no new stream is taken on this connection.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let late = h2c::request(&mut c, "GET", "/x", b"", 1, false).await;
+        assert!(late.is_err(), "a stream after GOAWAY: {late:?}");
+    });
+}
+
+fn tool(name: &str) -> bool {
+    let found = Command::new(name).arg("--version").output().is_ok();
+    // The VM has none of these; CI's host has them all (.ci/run installs them).
+    assert!(found || in_vm(), "{name} is not installed");
+    found
+}
+
+#[test]
+fn curl_nghttp_and_h2load_speak_http2_through_ktern() {
+    if in_vm() {
+        return;
+    }
+    let (pki, k, _a) = setup("h2-tools", "");
+    let url = format!("https://localhost:{}/head", k.addr().port());
+    let resolve = format!("localhost:{}:127.0.0.1", k.addr().port());
+    let ca = pki.cert.display().to_string();
+    assert!(tool("curl"));
+    let out = Command::new("curl")
+        .args(["-sS", "--http2", "--cacert", &ca, "--resolve", &resolve])
+        .args(["-w", "\\n%{http_version} %{http_code}", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n2 200"),
+        "curl: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.to_ascii_lowercase().starts_with("get /head http/1.1"),
+        "{text}"
+    );
+    assert!(tool("nghttp"));
+    let out = Command::new("nghttp")
+        .args(["-n", "-s", "-m", "20"])
+        .arg(format!("https://127.0.0.1:{}/x", k.addr().port()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // One statistics line per request, each with its status.
+    assert_eq!(text.matches(" 200 ").count(), 20, "nghttp: {text}");
+    assert!(tool("h2load"));
+    let out = Command::new("h2load")
+        .args(["-n", "2000", "-c", "4", "-m", "10"])
+        .arg(format!("https://127.0.0.1:{}/x", k.addr().port()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed"),
+        "h2load: {text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "h2load: {text}");
+}
+
+/// Runs one case of `tests/common/h2_hostile.py`; its JSON outcome.
+fn hostile(k: &Ktern, case: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/h2_hostile.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg("127.0.0.1")
+        .arg(k.addr().port().to_string())
+        .arg(case)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
+    if in_vm() {
+        return;
+    }
+    let ok = Command::new("python3").args(["-c", "import h2"]).output();
+    assert!(
+        ok.is_ok_and(|o| o.status.success()),
+        "Python's h2 package is not installed (pip install h2)"
+    );
+    let (_pki, k, _a) = setup("h2-hostile", "send_timeout = \"1s\"");
+    // (case, outcome): RFC 9113 codes — 1 PROTOCOL_ERROR, 8 CANCEL,
+    // 11 ENHANCE_YOUR_CALM.
+    let malformed = [
+        // §8.2.2: connection-specific fields.
+        ("connection_field", r#"{"event": "reset", "code": 1}"#),
+        ("transfer_encoding", r#"{"event": "reset", "code": 1}"#),
+        // §8.1.1: content-length that disagrees with the DATA.
+        (
+            "content_length_mismatch",
+            r#"{"event": "reset", "code": 1}"#,
+        ),
+        // §8.3.1: a request without :path.
+        ("missing_path", r#"{"event": "reset", "code": 1}"#),
+    ];
+    // h2 treats invalid field names and values and unknown pseudo-fields
+    // as connection errors (stricter than §8.1.1's stream error).
+    let fatal = [
+        (
+            "uppercase",
+            r#"{"event": "goaway", "code": 1, "debug": ""}"#,
+        ),
+        (
+            "crlf_value",
+            r#"{"event": "goaway", "code": 1, "debug": ""}"#,
+        ),
+        (
+            "nul_value",
+            r#"{"event": "goaway", "code": 1, "debug": ""}"#,
+        ),
+        (
+            "unknown_pseudo",
+            r#"{"event": "goaway", "code": 1, "debug": ""}"#,
+        ),
+        // §6.1: DATA on stream 0.
+        (
+            "data_on_stream_zero",
+            r#"{"event": "goaway", "code": 1, "debug": ""}"#,
+        ),
+    ];
+    let floods = [
+        (
+            "rapid_reset",
+            r#"{"event": "goaway", "code": 11, "debug": "too_many_resets"}"#,
+        ),
+        (
+            "continuation_flood",
+            r#"{"event": "goaway", "code": 11, "debug": "too_many_continuations"}"#,
+        ),
+        (
+            "settings_flood",
+            r#"{"event": "goaway", "code": 11, "debug": ""}"#,
+        ),
+        (
+            "ping_flood",
+            r#"{"event": "goaway", "code": 11, "debug": ""}"#,
+        ),
+        (
+            "priority_flood",
+            r#"{"event": "goaway", "code": 11, "debug": ""}"#,
+        ),
+        (
+            "empty_data_flood",
+            r#"{"event": "goaway", "code": 11, "debug": "too_many_data_frames"}"#,
+        ),
+    ];
+    let upstream = |k: &Ktern| {
+        k.metric("ktern_upstream_pool_hits_total") + k.metric("ktern_upstream_pool_misses_total")
+    };
+    for (case, want) in malformed.iter().chain(&fatal) {
+        let before = upstream(&k);
+        assert_eq!(hostile(&k, case), *want, "{case}");
+        // Nothing of it reached a backend.
+        assert_eq!(upstream(&k), before, "{case} reached the backend");
+        // Every other connection is unaffected.
+        assert_eq!(hostile(&k, "ok"), r#"{"event": "response", "status": 200}"#);
+    }
+    for (case, want) in &floods {
+        assert_eq!(hostile(&k, case), *want, "{case}");
+        assert_eq!(hostile(&k, "ok"), r#"{"event": "response", "status": 200}"#);
+    }
+    assert_eq!(k.metric("ktern_http2_malformed_requests_total"), 4);
+    assert_eq!(
+        k.metric("ktern_http2_protocol_errors_total"),
+        fatal.len() as u64
+    );
+    assert_eq!(
+        k.metric("ktern_http2_flood_closes_total"),
+        floods.len() as u64
+    );
+    // A client that never opens its window: the stream is cut after
+    // send_timeout, with CANCEL, and counted.
+    assert_eq!(
+        hostile(&k, "never_reads"),
+        r#"{"event": "reset", "code": 8}"#
+    );
+    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 1);
+}
