@@ -22,8 +22,8 @@ use crate::buffers;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::body::{BodyScanner, Decoded, Framing};
 use crate::proxy::http::exchange::{self, Relay, UpstreamFault, Verdict};
-use crate::proxy::http::forward::{self, Ctx, Exchange, UpstreamAbort};
-use crate::proxy::http::head::{Limits, RequestHead};
+use crate::proxy::http::forward::{self, Ctx, Exchange, FileAbort, StaticAnswer, UpstreamAbort};
+use crate::proxy::http::head::{self, Limits, RequestHead};
 use crate::proxy::http::rewrite::{self, Forwarding};
 
 /// Logged as the request's protocol.
@@ -41,6 +41,8 @@ enum Cut {
     Stalled,
     /// The backend failed mid-response.
     Upstream(UpstreamAbort),
+    /// A static file failed mid-response (ktern's own side).
+    File(FileAbort),
 }
 
 /// Serves one stream to its end. Never panics and never fails the
@@ -88,6 +90,10 @@ pub(super) async fn exchange(
         Err(Cut::Stalled) => {
             M::inc(&ctx.metrics.http_send_timeouts);
             tracing::info!(peer = %ctx.peer, "HTTP/2 stream: client window shut for send_timeout");
+        }
+        Err(Cut::File(e)) => {
+            M::inc(&ctx.metrics.internal_errors);
+            tracing::warn!(peer = %ctx.peer, error = %e, "internal: static file failed mid-response: stream reset");
         }
         Err(Cut::Upstream(e)) => {
             M::inc(&ctx.metrics.upstream_errors);
@@ -153,11 +159,9 @@ async fn forward(
             moved.1 += local(respond, ctx, ex, status);
             return Ok(());
         }
-        exchange::Plan::Static { .. } => {
-            // Static files are served over HTTP/1.1 only for now.
+        exchange::Plan::Static { root, .. } => {
             ex.answered_by = Some(ctx.upstreams.len());
-            moved.1 += local(respond, ctx, ex, 501);
-            return Ok(());
+            return serve_file(head, root, respond, ctx, ex, moved).await;
         }
         exchange::Plan::Upstream {
             group,
@@ -450,4 +454,80 @@ async fn send_body(
         }
     }
     BodySent::Done
+}
+
+/// A `static` rule's answer, decided as for HTTP/1.1
+/// (`forward::static_answer`); the body read in pieces no larger than the
+/// client's window allows.
+async fn serve_file(
+    head: &RequestHead,
+    root: &std::path::Path,
+    respond: &mut SendResponse<Bytes>,
+    ctx: &Ctx<'_>,
+    ex: &mut Exchange,
+    moved: &mut (u64, u64),
+) -> Result<(), Cut> {
+    use std::os::unix::fs::FileExt;
+    let (bytes, body, file, path) = match forward::static_answer(head, root, ctx.route, true) {
+        StaticAnswer::Local(status) => {
+            moved.1 += local(respond, ctx, ex, status);
+            return Ok(());
+        }
+        StaticAnswer::Redirect(location) => {
+            ex.status = 301;
+            let mut resp = http::Response::new(());
+            *resp.status_mut() = http::StatusCode::MOVED_PERMANENTLY;
+            if let Ok(v) = http::HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(http::header::LOCATION, v);
+            }
+            respond.send_response(resp, true).map_err(|_| Cut::Client)?;
+            return Ok(());
+        }
+        StaticAnswer::File {
+            status,
+            head,
+            body,
+            file,
+            path,
+        } => {
+            ex.status = status;
+            (head, body, file, path)
+        }
+    };
+    let Ok(Some(resp)) = head::parse_response(&bytes, head.method(), bytes.len()) else {
+        // ktern's own head; unparsable would be a bug here, not the client's.
+        moved.1 += local(respond, ctx, ex, 500);
+        return Ok(());
+    };
+    let mut send = respond
+        .send_response(convert::response(&resp, &[]), body.is_none())
+        .map_err(|_| Cut::Client)?;
+    let Some((mut offset, count)) = body else {
+        return Ok(());
+    };
+    let mut left = count;
+    while left > 0 {
+        let room = capacity(&mut send, ctx.route.send_timeout).await?;
+        let want = (left as usize).min(room.clamp(1, READ));
+        let mut buf = vec![0; want];
+        let n = match file.read_at(&mut buf, offset) {
+            // Shorter than the length the head promised.
+            Ok(0) => {
+                send.send_reset(Reason::INTERNAL_ERROR);
+                return Err(Cut::File(FileAbort::Shrank(path)));
+            }
+            Ok(n) => n,
+            Err(source) => {
+                send.send_reset(Reason::INTERNAL_ERROR);
+                return Err(Cut::File(FileAbort::Io { path, source }));
+            }
+        };
+        buf.truncate(n);
+        offset += n as u64;
+        left -= n as u64;
+        moved.1 += n as u64;
+        send.send_data(Bytes::from(buf), left == 0)
+            .map_err(|_| Cut::Client)?;
+    }
+    Ok(())
 }

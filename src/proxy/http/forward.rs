@@ -789,39 +789,40 @@ async fn forward(
     Ok(if close { Next::Close } else { Next::KeepAlive })
 }
 
-/// A `static` rule: the file under `root` named by the request path, with
-/// conditional and range answers decided by the sans-IO `files` module.
-/// Under kTLS the body goes out with sendfile (the kernel reads the page
-/// cache and seals the records); otherwise it is read and sealed here.
-/// File reads are synchronous on the shard, as nginx's without `aio`:
-/// fine for files in the page cache.
-async fn serve_file(
-    reader: &TlsReader,
-    writer: &mut TlsWriter,
+/// What a `static` rule answers a request, decided (and the file opened)
+/// the same way for both protocols.
+pub(crate) enum StaticAnswer {
+    /// An error status (404, 403, 405…) from ktern itself.
+    Local(u16),
+    /// 301 to the directory's slash form.
+    Redirect(String),
+    /// The file: an HTTP/1.1 response head (`files::response_head`), the
+    /// byte range to send, if any, and the open file.
+    File {
+        status: u16,
+        head: Vec<u8>,
+        body: Option<(u64, u64)>,
+        file: std::fs::File,
+        path: std::path::PathBuf,
+    },
+}
+
+/// Resolves `head`'s target under `root`, opens the file and plans the
+/// answer (conditional and range requests, by the sans-IO `files`
+/// module). File reads are synchronous on the shard, as nginx's without
+/// `aio`: fine for files in the page cache.
+pub(crate) fn static_answer(
     head: &RequestHead,
     root: &std::path::Path,
-    ctx: &Ctx<'_>,
-    ex: &mut Exchange,
-    close: bool,
-) -> Result<Next, HttpError> {
+    route: &HttpRoute,
+    keep_alive: bool,
+) -> StaticAnswer {
     let (path, content_type) = match files::resolve(root, head.target()) {
         Ok(Resolved::File {
             path, content_type, ..
         }) => (path, content_type),
-        Ok(Resolved::Redirect(location)) => {
-            ex.status = 301;
-            let out = rewrite::local_response(
-                301,
-                reason(301),
-                close,
-                &[("location", location.as_str())],
-                "301 Moved Permanently\n",
-                ex.head_only,
-            );
-            send(writer, out, ctx).await?;
-            return Ok(if close { Next::Close } else { Next::KeepAlive });
-        }
-        Err(e) => return local(writer, ctx, ex, e.status(), close).await,
+        Ok(Resolved::Redirect(location)) => return StaticAnswer::Redirect(location),
+        Err(e) => return StaticAnswer::Local(e.status()),
     };
     // The length and date sent are those of the file actually opened.
     let opened = open_static(root, &path).and_then(|f| {
@@ -833,10 +834,7 @@ async fn serve_file(
     });
     let (file, len, modified) = match opened {
         Ok(o) => o,
-        Err(e) => {
-            let status = FileError::from(e).status();
-            return local(writer, ctx, ex, status, close).await;
-        }
+        Err(e) => return StaticAnswer::Local(FileError::from(e).status()),
     };
     let once = |name| {
         let mut v = head.values(name);
@@ -861,7 +859,7 @@ async fn serve_file(
         len,
         modified,
     );
-    ex.status = match plan {
+    let status = match plan {
         Plan::Full => 200,
         Plan::Partial { .. } => 206,
         Plan::NotModified => 304,
@@ -871,16 +869,63 @@ async fn serve_file(
     // An origin server with a clock sends Date (RFC 9110 §6.6.1).
     let date = httpdate::fmt_http_date(SystemTime::now());
     let mut extra: Vec<(&str, &[u8])> = vec![("date", date.as_bytes())];
-    if let Some(v) = ctx.route.hsts.as_deref() {
+    if let Some(v) = route.hsts.as_deref() {
         extra.push(("strict-transport-security", v.as_bytes()));
     }
-    let mut out = files::response_head(&plan, len, modified, content_type, !close, &extra);
+    let head_bytes = files::response_head(&plan, len, modified, content_type, keep_alive, &extra);
     let body = match head.method() {
         "HEAD" => None,
         _ => files::body_range(&plan, len),
     };
-    // An empty body (a 0-byte file) is just the head.
-    let Some((mut offset, count)) = body.filter(|&(_, count)| count > 0) else {
+    StaticAnswer::File {
+        status,
+        head: head_bytes,
+        // An empty body (a 0-byte file) is just the head.
+        body: body.filter(|&(_, count)| count > 0),
+        file,
+        path,
+    }
+}
+
+/// A `static` rule: the file under `root` named by the request path.
+/// Under kTLS the body goes out with sendfile (the kernel reads the page
+/// cache and seals the records); otherwise it is read and sealed here.
+async fn serve_file(
+    reader: &TlsReader,
+    writer: &mut TlsWriter,
+    head: &RequestHead,
+    root: &std::path::Path,
+    ctx: &Ctx<'_>,
+    ex: &mut Exchange,
+    close: bool,
+) -> Result<Next, HttpError> {
+    let (mut out, body, file, path) = match static_answer(head, root, ctx.route, !close) {
+        StaticAnswer::Local(status) => return local(writer, ctx, ex, status, close).await,
+        StaticAnswer::Redirect(location) => {
+            ex.status = 301;
+            let out = rewrite::local_response(
+                301,
+                reason(301),
+                close,
+                &[("location", location.as_str())],
+                "301 Moved Permanently\n",
+                ex.head_only,
+            );
+            send(writer, out, ctx).await?;
+            return Ok(if close { Next::Close } else { Next::KeepAlive });
+        }
+        StaticAnswer::File {
+            status,
+            head,
+            body,
+            file,
+            path,
+        } => {
+            ex.status = status;
+            (head, body, file, path)
+        }
+    };
+    let Some((mut offset, count)) = body else {
         send(writer, out, ctx).await?;
         return Ok(if close { Next::Close } else { Next::KeepAlive });
     };
