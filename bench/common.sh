@@ -14,3 +14,66 @@ ulimit -n "$(ulimit -Hn)"
 openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
 openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
   -days 2 -out "$work/cert.pem" 2>/dev/null
+
+# "utime stime" (clock ticks) summed over the given pids, all threads.
+ticks() {
+  local u=0 s=0 p a b
+  for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)) s=$((s + b)); done
+  echo "$u $s"
+}
+
+# Resident bytes of a pid.
+rss() { echo $(( $(awk '/VmRSS/ {print $2}' "/proc/$1/status") * 1024 )); }
+
+# Waits (bounded, no probe connections) until each address is listening.
+wait_listening() {
+  local addr i
+  for addr in "$@"; do
+    for i in $(seq 1 100); do
+      [ -n "$(ss -Hltn "sport = :${addr#*:}")" ] && break
+      [ "$i" -lt 100 ] || { echo "nothing listening on $addr" >&2; exit 1; }
+      sleep 0.1
+    done
+  done
+}
+
+# An nginx config for $work: one worker on CPU 1, TLS 1.3 on `listen $1`,
+# proxy_pass to the keep-alive upstream $2 keeping ${3:-64} idle
+# connections, no access log; keep-alive request limits lifted so neither
+# server does handshakes mid-run.
+nginx_conf() {
+  mkdir -p "$work/tmp"
+  cat <<CONF
+worker_processes 1;
+worker_cpu_affinity 10;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/tmp/body;
+  proxy_temp_path $work/tmp/proxy;
+  fastcgi_temp_path $work/tmp/fastcgi;
+  uwsgi_temp_path $work/tmp/uwsgi;
+  scgi_temp_path $work/tmp/scgi;
+  keepalive_requests 1000000;
+  upstream b {
+    server $2;
+    keepalive ${3:-64};
+    keepalive_requests 1000000;
+  }
+  server {
+    listen $1;
+    ssl_certificate $work/cert.pem;
+    ssl_certificate_key $work/key.pem;
+    ssl_protocols TLSv1.3;
+    ssl_ecdh_curve X25519:prime256v1;
+    location / {
+      proxy_pass http://b;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+}
