@@ -8,7 +8,15 @@ cargo build --release --quiet --bins
 bin=$PWD/target/release
 work=$(mktemp -d "/tmp/ktern-${bench_name:-bench}.XXXXXX")
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# A second signal ends ktern's drain at once, so the next run can bind the
+# same address (ktern refuses to start on an address another process
+# holds); an nginx started with $work's config is stopped.
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.2
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ ! -f "$work/nginx.conf" ] || nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true
+}
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
 openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"

@@ -57,7 +57,6 @@ RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern
 ktern_pid=$!
 nginx_conf "$nginx_addr ssl http2" "$backend" "$pool" > "$work/nginx.conf"
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
-trap 'cleanup; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true' EXIT
 wait_listening "$ktern_addr" "$nginx_addr" "$backend"
 nginx_master=$(cat "$work/nginx.pid")
 nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }

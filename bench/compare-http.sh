@@ -23,28 +23,10 @@ while [ $# -gt 0 ]; do
 done
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (server on 1, client on 0)" >&2; exit 1; }
 
-for p in nginx openssl; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
-    apt-get install -y -qq --no-install-recommends "$p" >/dev/null
-done
-cargo build --release --quiet --bins
-bin=$PWD/target/release
-work=$(mktemp -d /tmp/ktern-bench-http.XXXXXX)
-pids=()
-# A second signal ends ktern's drain at once, so the next run can bind the
-# same address (ktern refuses to start on an address another process holds).
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.2
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true
-}
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)"
-
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
-openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-  -days 2 -out "$work/cert.pem" 2>/dev/null
+dpkg-query -W -f='${Status}' nginx 2>/dev/null | grep -q "ok installed" ||
+  apt-get install -y -qq --no-install-recommends nginx >/dev/null
+bench_name=bench-http
+. bench/common.sh
 
 body=1024
 backend=127.0.0.1:19003 ktern_addr=127.0.0.1:19445 nginx_addr=127.0.0.1:19545
@@ -74,61 +56,13 @@ TOML
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 
-mkdir -p "$work/tmp"
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-worker_cpu_affinity 10;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/tmp/body;
-  proxy_temp_path $work/tmp/proxy;
-  fastcgi_temp_path $work/tmp/fastcgi;
-  uwsgi_temp_path $work/tmp/uwsgi;
-  scgi_temp_path $work/tmp/scgi;
-  # nginx closes a client connection after 1000 requests by default; ktern
-  # has no such limit. Lift it so neither server does handshakes mid-run.
-  keepalive_requests 1000000;
-  upstream b {
-    server $backend;
-    keepalive 64;
-    keepalive_requests 1000000;
-  }
-  server {
-    listen $nginx_addr ssl;
-    ssl_certificate $work/cert.pem;
-    ssl_certificate_key $work/key.pem;
-    ssl_protocols TLSv1.3;
-    ssl_ecdh_curve X25519:prime256v1;
-    location / {
-      proxy_pass http://b;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-CONF
+nginx_conf "$nginx_addr ssl" "$backend" > "$work/nginx.conf"
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
 
-# All three listening (bounded wait; no probe connections).
-for addr in "$ktern_addr" "$nginx_addr" "$backend"; do
-  for i in $(seq 1 100); do
-    [ -n "$(ss -Hltn "sport = :${addr#*:}")" ] && break
-    [ "$i" -lt 100 ] || { echo "nothing listening on $addr" >&2; cat "$work/ktern.log" "$work/nginx-error.log" >&2; exit 1; }
-    sleep 0.1
-  done
-done
+wait_listening "$ktern_addr" "$nginx_addr" "$backend"
 nginx_master=$(cat "$work/nginx.pid")
 nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }
 
-# "utime stime" (clock ticks) summed over the given pids, all threads.
-ticks() {
-  local u=0 s=0 p a b
-  for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)) s=$((s + b)); done
-  echo "$u $s"
-}
 hz=$(getconf CLK_TCK)
 field() { sed -nE "s/.*(^| )$1=([0-9.]+).*/\2/p" <<<"$2"; }
 # The client's own bound is --seconds (plus 5 s read timeouts); this is a backstop.

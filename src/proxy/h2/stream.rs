@@ -21,8 +21,10 @@ use super::convert::{self, Refusal};
 use crate::buffers;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::body::{BodyScanner, Decoded, Framing};
-use crate::proxy::http::exchange::{self, Relay, UpstreamFault, Verdict};
-use crate::proxy::http::forward::{self, Ctx, Exchange, FileAbort, StaticAnswer, UpstreamAbort};
+use crate::proxy::http::exchange::{self, Relay};
+use crate::proxy::http::forward::{
+    self, BodySent, Ctx, Exchange, FileAbort, StaticAnswer, Step, UpstreamAbort,
+};
 use crate::proxy::http::head::{self, Limits, RequestHead};
 use crate::proxy::http::rewrite::{self, Forwarding};
 
@@ -135,14 +137,6 @@ fn local(respond: &mut SendResponse<Bytes>, ctx: &Ctx<'_>, ex: &mut Exchange, st
     }
 }
 
-enum BodySent {
-    Done,
-    Refused(u16),
-    ClientGone,
-    BackendFailed,
-    BackendStalled,
-}
-
 async fn forward(
     head: &RequestHead,
     mut body: RecvStream,
@@ -187,98 +181,46 @@ async fn forward(
     let mut attempt = 0;
     let (mut backend, addr, (resp, rbuf), _lease) = loop {
         attempt += 1;
-        let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
-        let acquired = Box::pin(balancer.acquire(
-            pool,
-            key,
-            upstream.connect_timeout,
-            upstream.pool_idle_timeout,
-            if attempt == 1 {
-                started
-            } else {
-                Instant::now()
-            },
-        ))
-        .await;
-        let (mut backend, addr, reused, lease) = match acquired {
-            Ok(c) => {
-                ex.upstream = Some(c.1);
-                c
-            }
-            Err(e) => {
-                M::inc(match e {
-                    crate::upstream::UpstreamError::Local { .. } => &ctx.metrics.local_exhaustion,
-                    _ => &ctx.metrics.upstream_connect_failures,
-                });
-                tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
+        let begun = forward::begin_attempt(ctx, group, head, key, attempt, &mut out, started, ex);
+        let mut at = match begun.await {
+            Step::Go(at) => at,
+            Step::Retry => continue,
+            Step::NoBackend => {
                 moved.1 += local(respond, ctx, ex, 502);
                 return Ok(());
             }
-        };
-        let (res, sent) = Box::pin(backend.write_all(out)).await;
-        out = sent;
-        if let Err(e) = res {
-            match exchange::after_fault(attempt, reused, head, UpstreamFault::WriteFailed) {
-                Verdict::Retry => continue,
-                Verdict::Answer(status) => {
-                    balancer.failed(addr, Instant::now());
-                    M::inc(&ctx.metrics.upstream_errors);
-                    tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
-                    moved.1 += local(respond, ctx, ex, status);
-                    return Ok(());
-                }
+            Step::Answer(status) => {
+                moved.1 += local(respond, ctx, ex, status);
+                return Ok(());
             }
-        }
+        };
         let sent = send_body(
             &mut body,
-            &mut backend,
+            &mut at.backend,
             head,
             ctx,
             upstream.response_timeout,
             moved,
         );
-        match Box::pin(sent).await {
-            BodySent::Done => {}
-            BodySent::Refused(status) => {
-                moved.1 += local(respond, ctx, ex, status);
-                return Ok(());
-            }
-            BodySent::ClientGone => return Err(Cut::Client),
-            BodySent::BackendFailed => {
-                M::inc(&ctx.metrics.upstream_errors);
+        let sent = Box::pin(sent).await;
+        if let BodySent::ClientGone = sent {
+            return Err(Cut::Client);
+        }
+        if let Some(status) = forward::body_verdict(ctx, at.addr, &sent) {
+            moved.1 += local(respond, ctx, ex, status);
+            return Ok(());
+        }
+        match forward::finish_attempt(ctx, group, head, &mut at, attempt).await {
+            Step::Go(r) => break (at.backend, at.addr, r, at.lease),
+            Step::Retry => continue,
+            Step::NoBackend => {
                 moved.1 += local(respond, ctx, ex, 502);
                 return Ok(());
             }
-            BodySent::BackendStalled => {
-                M::inc(&ctx.metrics.upstream_errors);
-                tracing::warn!(peer = %ctx.peer, backend = %addr, "backend stopped reading the request body");
-                moved.1 += local(respond, ctx, ex, 504);
+            Step::Answer(status) => {
+                moved.1 += local(respond, ctx, ex, status);
                 return Ok(());
             }
-        }
-        let read = forward::read_response(&mut backend, head.method(), upstream.response_timeout);
-        match Box::pin(read).await {
-            Ok(r) => {
-                M::inc(if reused {
-                    &ctx.metrics.pool_hits
-                } else {
-                    &ctx.metrics.pool_misses
-                });
-                break (backend, addr, r, lease);
-            }
-            Err(fault) => match exchange::after_fault(attempt, reused, head, fault) {
-                Verdict::Retry => continue,
-                Verdict::Answer(status) => {
-                    balancer.failed(addr, Instant::now());
-                    M::inc(&ctx.metrics.upstream_errors);
-                    if fault == UpstreamFault::Timeout {
-                        M::inc(&ctx.metrics.upstream_timeouts);
-                    }
-                    tracing::warn!(peer = %ctx.peer, backend = %addr, fault = fault.describe(), "bad upstream response");
-                    moved.1 += local(respond, ctx, ex, status);
-                    return Ok(());
-                }
-            },
         }
     };
     balancer.succeeded(addr);

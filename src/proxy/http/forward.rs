@@ -595,99 +595,34 @@ async fn forward(
     let mut attempt = 0;
     let (mut backend, addr, response, _lease) = loop {
         attempt += 1;
-        // The second attempt follows a stale pooled connection: new one.
-        let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
-        let acquired = Box::pin(balancer.acquire(
-            pool,
-            key,
-            upstream.connect_timeout,
-            upstream.pool_idle_timeout,
-            if attempt == 1 {
-                started
-            } else {
-                Instant::now()
-            },
-        ))
-        .await;
-        let (mut backend, addr, reused, lease) = match acquired {
-            Ok(c) => {
-                // From here on the exchange involves this backend, also in
-                // the access line of one the client abandons (499).
-                ex.upstream = Some(c.1);
-                c
-            }
-            Err(e) => {
-                M::inc(match e {
-                    crate::upstream::UpstreamError::Local { .. } => &ctx.metrics.local_exhaustion,
-                    _ => &ctx.metrics.upstream_connect_failures,
-                });
-                tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
-                return local(writer, ctx, ex, 502, close_after_local).await;
-            }
-        };
-        // monoio hands the buffer back whatever the outcome, so a retry
-        // resends it without a copy per request.
-        let (res, sent) = Box::pin(backend.write_all(out)).await;
-        out = sent;
-        if let Err(e) = res {
-            let fault = UpstreamFault::WriteFailed;
-            match exchange::after_fault(attempt, reused, head, fault) {
-                Verdict::Retry => continue,
-                Verdict::Answer(status) => {
-                    balancer.failed(addr, Instant::now());
-                    M::inc(&ctx.metrics.upstream_errors);
-                    tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
-                    return local(writer, ctx, ex, status, true).await;
-                }
-            }
-        }
-        match send_body(
+        let mut at =
+            match begin_attempt(ctx, group, head, key, attempt, &mut out, started, ex).await {
+                Step::Go(at) => at,
+                Step::Retry => continue,
+                Step::NoBackend => return local(writer, ctx, ex, 502, close_after_local).await,
+                Step::Answer(status) => return local(writer, ctx, ex, status, true).await,
+            };
+        let sent = send_body(
             reader,
-            &mut backend,
+            &mut at.backend,
             inbuf,
             head,
             route.max_body,
             (route.head_timeout, upstream.response_timeout),
             ctx,
         )
-        .await?
-        {
-            BodySent::Done => {}
-            BodySent::Refused(status) => {
-                return local(writer, ctx, ex, status, true).await;
-            }
-            BodySent::ClientGone => return Ok(Next::Close),
-            BodySent::BackendFailed => {
-                M::inc(&ctx.metrics.upstream_errors);
-                return local(writer, ctx, ex, 502, true).await;
-            }
-            BodySent::BackendStalled => {
-                M::inc(&ctx.metrics.upstream_errors);
-                tracing::warn!(peer = %ctx.peer, backend = %addr, "backend stopped reading the request body");
-                return local(writer, ctx, ex, 504, true).await;
-            }
+        .await?;
+        if let BodySent::ClientGone = sent {
+            return Ok(Next::Close);
         }
-        match read_response(&mut backend, head.method(), upstream.response_timeout).await {
-            Ok(r) => {
-                M::inc(if reused {
-                    &ctx.metrics.pool_hits
-                } else {
-                    &ctx.metrics.pool_misses
-                });
-                break (backend, addr, r, lease);
-            }
-            Err(fault) => match exchange::after_fault(attempt, reused, head, fault) {
-                Verdict::Retry => continue,
-                Verdict::Answer(status) => {
-                    balancer.failed(addr, Instant::now());
-                    M::inc(&ctx.metrics.upstream_errors);
-                    if fault == UpstreamFault::Timeout {
-                        M::inc(&ctx.metrics.upstream_timeouts);
-                    }
-                    tracing::warn!(peer = %ctx.peer, backend = %addr, fault = fault.describe(), "bad upstream response");
-                    return local(writer, ctx, ex, status, true).await;
-                }
-            },
+        if let Some(status) = body_verdict(ctx, at.addr, &sent) {
+            return local(writer, ctx, ex, status, true).await;
+        }
+        match finish_attempt(ctx, group, head, &mut at, attempt).await {
+            Step::Go(r) => break (at.backend, at.addr, r, at.lease),
+            Step::Retry => continue,
+            Step::NoBackend => return local(writer, ctx, ex, 502, true).await,
+            Step::Answer(status) => return local(writer, ctx, ex, status, true).await,
         }
     };
     let (resp, mut rbuf) = response;
@@ -1084,13 +1019,159 @@ async fn local(
     Ok(if close { Next::Close } else { Next::KeepAlive })
 }
 
-enum BodySent {
+/// How sending a request body to the backend ended (both protocols).
+pub(crate) enum BodySent {
     Done,
+    /// Answer the client with this status (408, 413, 400).
     Refused(u16),
+    /// The client went away mid-body: nothing to answer.
     ClientGone,
     BackendFailed,
     /// A write to the backend made no progress within `response_timeout`.
     BackendStalled,
+}
+
+/// The status a failed body step answers the client with (counted and
+/// logged here); `None` when the body went through or the client left.
+pub(crate) fn body_verdict(ctx: &Ctx<'_>, addr: SocketAddr, sent: &BodySent) -> Option<u16> {
+    match sent {
+        BodySent::Done | BodySent::ClientGone => None,
+        BodySent::Refused(status) => Some(*status),
+        BodySent::BackendFailed => {
+            M::inc(&ctx.metrics.upstream_errors);
+            Some(502)
+        }
+        BodySent::BackendStalled => {
+            M::inc(&ctx.metrics.upstream_errors);
+            tracing::warn!(peer = %ctx.peer, backend = %addr, "backend stopped reading the request body");
+            Some(504)
+        }
+    }
+}
+
+/// What one step of an upstream attempt decided.
+pub(crate) enum Step<T> {
+    /// Carry on with this.
+    Go(T),
+    /// Once more, on a new connection (the retry rule).
+    Retry,
+    /// No backend could be connected: 502, before the request body was
+    /// read.
+    NoBackend,
+    /// Give up with this status; the backend was marked failed.
+    Answer(u16),
+}
+
+/// A backend connection an attempt runs on.
+pub(crate) struct Attempt<'b> {
+    pub(crate) backend: TcpStream,
+    pub(crate) addr: SocketAddr,
+    /// Taken from the pool (the retry rule treats it differently).
+    pub(crate) reused: bool,
+    /// Held while the exchange runs (least-connections counts it).
+    pub(crate) lease: crate::upstream::Lease<'b>,
+}
+
+/// Starts attempt number `attempt` of a request to upstream `group`: a
+/// backend connection (pooled on the first attempt; the second follows a
+/// stale pooled one and connects anew) and the request head `out` written
+/// to it. monoio hands `out` back whatever the outcome, so a retry resends
+/// it without a copy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn begin_attempt<'b>(
+    ctx: &'b Ctx<'_>,
+    group: usize,
+    head: &RequestHead,
+    key: Option<&[u8]>,
+    attempt: u32,
+    out: &mut Vec<u8>,
+    started: Instant,
+    ex: &mut Exchange,
+) -> Step<Attempt<'b>> {
+    let upstream = &ctx.upstreams[group];
+    let balancer = &ctx.balancers[group];
+    let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
+    let acquired = Box::pin(balancer.acquire(
+        pool,
+        key,
+        upstream.connect_timeout,
+        upstream.pool_idle_timeout,
+        if attempt == 1 {
+            started
+        } else {
+            Instant::now()
+        },
+    ))
+    .await;
+    let (mut backend, addr, reused, lease) = match acquired {
+        Ok(c) => {
+            // From here on the exchange involves this backend, also in the
+            // access line of one the client abandons (499).
+            ex.upstream = Some(c.1);
+            c
+        }
+        Err(e) => {
+            M::inc(match e {
+                crate::upstream::UpstreamError::Local { .. } => &ctx.metrics.local_exhaustion,
+                _ => &ctx.metrics.upstream_connect_failures,
+            });
+            tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
+            return Step::NoBackend;
+        }
+    };
+    let (res, sent) = Box::pin(backend.write_all(std::mem::take(out))).await;
+    *out = sent;
+    if let Err(e) = res {
+        match exchange::after_fault(attempt, reused, head, UpstreamFault::WriteFailed) {
+            Verdict::Retry => return Step::Retry,
+            Verdict::Answer(status) => {
+                balancer.failed(addr, Instant::now());
+                M::inc(&ctx.metrics.upstream_errors);
+                tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+                return Step::Answer(status);
+            }
+        }
+    }
+    Step::Go(Attempt {
+        backend,
+        addr,
+        reused,
+        lease,
+    })
+}
+
+/// Ends an attempt whose request went out: the response head, or the
+/// retry rule's verdict on the fault (counted and logged here).
+pub(crate) async fn finish_attempt(
+    ctx: &Ctx<'_>,
+    group: usize,
+    head: &RequestHead,
+    at: &mut Attempt<'_>,
+    attempt: u32,
+) -> Step<Response> {
+    let timeout = ctx.upstreams[group].response_timeout;
+    match Box::pin(read_response(&mut at.backend, head.method(), timeout)).await {
+        Ok(r) => {
+            M::inc(if at.reused {
+                &ctx.metrics.pool_hits
+            } else {
+                &ctx.metrics.pool_misses
+            });
+            Step::Go(r)
+        }
+        Err(fault) => match exchange::after_fault(attempt, at.reused, head, fault) {
+            Verdict::Retry => Step::Retry,
+            Verdict::Answer(status) => {
+                ctx.balancers[group].failed(at.addr, Instant::now());
+                M::inc(&ctx.metrics.upstream_errors);
+                if fault == UpstreamFault::Timeout {
+                    M::inc(&ctx.metrics.upstream_timeouts);
+                }
+                tracing::warn!(peer = %ctx.peer, backend = %at.addr, fault = fault.describe(), "bad upstream response");
+                Step::Answer(status)
+            }
+        },
+    }
 }
 
 /// Streams the request body to the backend as it arrives. The two
