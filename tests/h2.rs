@@ -452,3 +452,48 @@ fn idle_http2_connections_stay_within_their_memory_budget() {
         assert_offloaded_in_vm(&k);
     }
 }
+
+/// A client KeyUpdate on an offloaded HTTP/2 connection (kTLS VM only) is
+/// handled as on HTTP/1.1: a kernel that rekeys (6.13+) installs the new
+/// key and the streams go on; an older one ends the connection with an
+/// internal_error alert, counted.
+#[test]
+fn a_client_key_update_under_http2_rekeys_or_closes_with_an_alert() {
+    if !in_vm() {
+        return;
+    }
+    let (pki, k, _a) = setup("h2-keyupdate", "");
+    let rekey = std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .contains("TlsRxRekeyOk");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let (mut c, trigger) = h2c::connect_rekeying(k.addr(), &pki).await;
+        assert_eq!(h2c::get(&mut c, "/x").await.body, b"a");
+        trigger.store(true, std::sync::atomic::Ordering::SeqCst);
+        let after = tokio::time::timeout(
+            Duration::from_secs(30),
+            h2c::request(&mut c, "POST", "/sum", &pattern(50_000, 5), 8_000, true),
+        )
+        .await
+        .expect("an answer or an error in time");
+        if rekey {
+            let r = after.expect("the stream after the KeyUpdate");
+            assert_eq!(
+                String::from_utf8(r.body).unwrap(),
+                format!("50000 {}", sha256(&pattern(50_000, 5)))
+            );
+        } else {
+            assert!(after.is_err(), "no kernel rekey: the connection must end");
+        }
+        // Close: the connection's rekey counts are added when it ends.
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    if rekey {
+        assert_eq!(k.wait_metric("ktern_ktls_rekey_rx_total", 1), 1);
+    } else {
+        assert_eq!(k.wait_metric("ktern_ktls_rekey_unsupported_total", 1), 1);
+    }
+    assert_offloaded_in_vm(&k);
+}

@@ -156,9 +156,31 @@ impl TlsConn {
         sys::tcp_ulp(sys::borrow_fd(&self.reader.sock))
     }
 
+    /// A handle that reads the connection's rekey counts after its halves
+    /// went to a route that does not hand them back (the HTTP routes).
+    pub fn rekey_probe(&self) -> RekeyProbe {
+        RekeyProbe(self.reader.shared.clone())
+    }
+
     /// Splits into the two directions.
     pub fn split(self) -> (TlsReader, TlsWriter) {
         (self.reader, self.writer)
+    }
+}
+
+/// See [`TlsConn::rekey_probe`].
+pub struct RekeyProbe(Shared);
+
+impl RekeyProbe {
+    /// Rekey counts so far (kTLS only).
+    pub fn counts(&self) -> RekeyCounts {
+        match &*self.0.borrow() {
+            Engine::Kernel(k) => RekeyCounts {
+                rx: k.rx_rekeys,
+                tx: k.tx_rekeys,
+            },
+            Engine::User(_) => RekeyCounts::default(),
+        }
     }
 }
 
@@ -217,13 +239,7 @@ impl TlsReader {
 
     /// Rekey counts so far (kTLS only; zero in userspace, where rustls rekeys).
     pub fn rekeys(&self) -> RekeyCounts {
-        match &*self.shared.borrow() {
-            Engine::Kernel(k) => RekeyCounts {
-                rx: k.rx_rekeys,
-                tx: k.tx_rekeys,
-            },
-            Engine::User(_) => RekeyCounts::default(),
-        }
+        RekeyProbe(self.shared.clone()).counts()
     }
 
     /// Takes plaintext already decrypted in userspace (must be forwarded

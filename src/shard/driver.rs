@@ -188,6 +188,9 @@ fn proxy<'a>(
             }
             Route::Http(route) => {
                 let Some(conn) = conn.take() else { return };
+                // The HTTP routes keep the halves; the rekey counts are
+                // read through this after they end.
+                let probe = conn.rekey_probe();
                 let (reader, writer) = conn.split();
                 let ctx = http::forward::Ctx {
                     route,
@@ -208,15 +211,19 @@ fn proxy<'a>(
                 // Boxed: the HTTP pump's state is large, and inline it would
                 // sit in every connection's task, `tcp` routes' too (issue
                 // 12's idle budget).
-                if info.alpn_h2 {
-                    Box::pin(crate::proxy::h2::serve(reader, writer, ctx))
-                        .await
-                        .map_err(Failure::Http)
+                let served = if info.alpn_h2 {
+                    Box::pin(crate::proxy::h2::serve(reader, writer, ctx)).await
                 } else {
                     let serving = Box::pin(http::forward::serve(reader, writer, ctx));
                     tracing::trace!(bytes = std::mem::size_of_val(&*serving), "http task size");
-                    serving.await.map_err(Failure::Http)
-                }
+                    serving.await
+                };
+                let rekeys = probe.counts();
+                let mut m = moved.get();
+                m.rekey_rx = rekeys.rx;
+                m.rekey_tx = rekeys.tx;
+                moved.set(m);
+                served.map_err(Failure::Http)
             }
         };
         let moved = moved.get();

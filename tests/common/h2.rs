@@ -120,3 +120,73 @@ pub async fn get(send: &mut SendRequest<Bytes>, path: &str) -> Reply {
     .expect("response in time")
     .expect("response")
 }
+
+/// The TLS stream under an h2 client, able to send a TLS 1.3 KeyUpdate
+/// (with update_requested) before its next write.
+pub struct Rekeying {
+    inner: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    pub trigger: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Rekeying {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rekeying {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self
+            .trigger
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.inner.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// [`connect`] over a [`Rekeying`] stream; set the flag to send a
+/// KeyUpdate before the next request.
+pub async fn connect_rekeying(
+    addr: SocketAddr,
+    pki: &Pki,
+) -> (SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls_config(pki, &[b"h2"]))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let trigger = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = Rekeying {
+        inner: tls,
+        trigger: trigger.clone(),
+    };
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, trigger)
+}
