@@ -19,6 +19,7 @@ use rustls::ServerConfig;
 use crate::config;
 
 pub mod hello;
+pub mod memory;
 pub mod pump;
 
 pub use crate::provider::crypto_provider;

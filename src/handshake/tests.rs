@@ -35,37 +35,10 @@ fn client(root: CertificateDer<'static>, tls12_only: bool) -> ClientConnection {
     ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap()
 }
 
-/// Moves bytes between the client and the driver until the driver is done
-/// or wants input the client has not produced. Returns the last step.
+/// The shared in-memory pump, untimed.
 fn pump(c: &mut ClientConnection, hs: &mut Handshake, hold_back: usize) -> Step {
-    loop {
-        let mut to_server = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut to_server).unwrap();
-        }
-        let keep = to_server.len().saturating_sub(hold_back);
-        let (now, _) = to_server.split_at(if hold_back > 0 { keep } else { to_server.len() });
-        if !now.is_empty() {
-            hs.handle_input(now).unwrap();
-        }
-        let step = hs.poll().unwrap();
-        match step {
-            Step::Transmit => {
-                let out = hs.take_output();
-                let mut rd: &[u8] = &out;
-                while !rd.is_empty() {
-                    c.read_tls(&mut rd).unwrap();
-                }
-                c.process_new_packets().unwrap();
-                hs.output_sent(out);
-            }
-            other => {
-                if now.is_empty() || hold_back > 0 {
-                    return other;
-                }
-            }
-        }
-    }
+    let mut untimed = std::time::Duration::ZERO;
+    super::memory::pump(c, hs, hold_back, &mut untimed)
 }
 
 fn complete(tls12_only: bool) {

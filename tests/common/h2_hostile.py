@@ -176,16 +176,19 @@ def main():
         # A 64 MiB response to a client whose windows stay at 65535 bytes
         # (no WINDOW_UPDATE ever): the stream waits, then is cut.
         c.send(c.headers(sid, req("/huge")))
+        seen = []
         while True:
             f = c.read_frame(time.time() + 10)
             if f is None or f == "closed":
-                print(json.dumps({"event": "timeout" if f is None else "closed"}))
+                seen.append({"event": "timeout" if f is None else "closed"})
+                print(json.dumps(seen))
                 return
+            # The stream is reset and the connection closed: report both.
             if isinstance(f, RstStreamFrame) and f.stream_id == sid:
-                print(json.dumps({"event": "reset", "code": f.error_code}))
-                return
+                seen.append({"event": "reset", "code": f.error_code})
             if isinstance(f, GoAwayFrame):
-                print(json.dumps({"event": "goaway", "code": f.error_code}))
+                seen.append({"event": "goaway", "code": f.error_code})
+                print(json.dumps(seen))
                 return
     else:
         raise SystemExit(f"unknown case {case}")

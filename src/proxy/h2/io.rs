@@ -73,9 +73,25 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// Reads and drops the client's bytes until it closes, [`LINGER`] passes
-/// or [`LINGER_BYTES`] were read.
-async fn linger(mut reader: TlsReader) {
+/// or [`LINGER_BYTES`] were read. The read side may be mid-wait or
+/// mid-read: that finishes first, within the same deadline.
+async fn linger(read: ReadState) {
     let deadline = monoio::time::Instant::now() + LINGER;
+    let mut reader = match read {
+        ReadState::Idle(r) => r,
+        ReadState::Waiting(f) => match monoio::time::timeout_at(deadline, f).await {
+            Ok((r, Ok(()))) => r,
+            _ => return,
+        },
+        ReadState::Reading(f) => match monoio::time::timeout_at(deadline, f).await {
+            Ok((r, Ok(Some(chunk)))) => {
+                crate::buffers::give(chunk);
+                r
+            }
+            _ => return,
+        },
+        ReadState::Gone => return,
+    };
     let mut taken = 0;
     while taken < LINGER_BYTES {
         match monoio::time::timeout_at(deadline, reader.read_chunk()).await {
@@ -400,19 +416,14 @@ impl AsyncWrite for H2Io {
         // After the flush the writer is idle or already closed.
         if matches!(this.write, WriteState::Idle(_)) {
             if let WriteState::Idle(mut w) = std::mem::replace(&mut this.write, WriteState::Gone) {
-                let reader = match std::mem::replace(&mut this.read, ReadState::Gone) {
-                    ReadState::Idle(r) => Some(r),
-                    other => {
-                        this.read = other;
-                        None
-                    }
-                };
+                // h2 reads nothing more once it shuts down.
+                let read = std::mem::replace(&mut this.read, ReadState::Gone);
                 // close_notify, then FIN (RFC 8446 §6.1), by the writer's
                 // own close; then a lingering read.
                 this.write = WriteState::Closing(Box::pin(async move {
                     let r = w.close().await;
-                    if let (Ok(()), Some(reader)) = (&r, reader) {
-                        linger(reader).await;
+                    if r.is_ok() {
+                        linger(read).await;
                     }
                     (w, r)
                 }));

@@ -61,13 +61,14 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
         Ok(Ok(c)) => c,
     };
     let ctx = &ctx;
-    let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + '_>>> =
+    let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = stream::End> + '_>>> =
         FuturesUnordered::new();
     let mut drain = ctx.drain.watch();
     let mut idle = None;
     let mut going_away = false;
     let mut accepting = true;
     let mut flooded = false;
+    let mut stalled = false;
     let ended = std::future::poll_fn(|cx| loop {
         let malformed = signals.malformed.take();
         if malformed > 0 {
@@ -106,9 +107,22 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
                 Poll::Ready(None) => accepting = false,
                 Poll::Pending => {}
             }
+            // The frame watch may have flagged a flood during that poll's
+            // reads: act on it now, not at the next wake (which a client
+            // that sent its whole flood at once never causes).
+            if signals.flood.get() && !flooded {
+                progressed = true;
+            }
         }
-        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {
+        while let Poll::Ready(Some(end)) = streams.poll_next_unpin(cx) {
             progressed = true;
+            // A client that leaves a stream unread for send_timeout holds
+            // the connection's buffers: the connection ends, with GOAWAY
+            // ENHANCE_YOUR_CALM (its other streams are reset with it).
+            if end == stream::End::Stalled && !stalled && !flooded {
+                stalled = true;
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+            }
         }
         if !accepting && streams.is_empty() {
             return Poll::Ready(Ok(()));
@@ -120,6 +134,9 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
     .await;
     if flooded {
         return Err(HttpError::H2(Reason::ENHANCE_YOUR_CALM.into()));
+    }
+    if stalled {
+        return Err(HttpError::ClientStalled);
     }
     ended.map_err(|e| failure(e, &signals))
 }

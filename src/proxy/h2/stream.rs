@@ -47,13 +47,23 @@ enum Cut {
     File(FileAbort),
 }
 
+/// How a stream ended, for its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// Answered, refused, reset or abandoned: the stream's own business.
+    Done,
+    /// The client's window stayed shut for `send_timeout`: a client that
+    /// opens streams and does not read them; the connection ends.
+    Stalled,
+}
+
 /// Serves one stream to its end. Never panics and never fails the
-/// connection: every outcome is the stream's own.
+/// connection itself: it only reports a client that stopped reading.
 pub(super) async fn exchange(
     req: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     ctx: &Ctx<'_>,
-) {
+) -> End {
     let started = Instant::now();
     let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
     let (parts, body) = req.into_parts();
@@ -65,14 +75,14 @@ pub(super) async fn exchange(
             // the transport's watch on what is sent, with h2's own.)
             tracing::info!(peer = %ctx.peer, why, "HTTP/2 request malformed: stream reset");
             respond.send_reset(Reason::PROTOCOL_ERROR);
-            return;
+            return End::Done;
         }
         Err(Refusal::Status(status, why)) => {
             tracing::info!(peer = %ctx.peer, status, why, "HTTP/2 request refused");
             let mut ex = Exchange::default();
             let out = local(&mut respond, ctx, &mut ex, status);
             forward::record(ctx, None, &ex, (0, out), PROTOCOL, wall, started);
-            return;
+            return End::Done;
         }
     };
     M::inc(&ctx.metrics.http_requests);
@@ -86,6 +96,11 @@ pub(super) async fn exchange(
     m.up += moved.0 - head.len as u64;
     m.down += moved.1;
     ctx.moved.set(m);
+    let end = if let Err(Cut::Stalled) = result {
+        End::Stalled
+    } else {
+        End::Done
+    };
     match result {
         Ok(()) => {}
         Err(Cut::Client) => M::inc(&ctx.metrics.h2_stream_resets),
@@ -103,6 +118,7 @@ pub(super) async fn exchange(
         }
     }
     forward::record(ctx, Some(&head), &ex, moved, PROTOCOL, wall, started);
+    end
 }
 
 /// ktern's own answer; returns the body bytes sent.
