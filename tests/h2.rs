@@ -546,6 +546,37 @@ fn a_reload_ends_old_http2_connections_with_goaway_after_the_keepalive_timeout()
     });
 }
 
+/// Request trailers (HTTP/2 trailing HEADERS) reach the backend as the
+/// chunked body's trailer section; fields not allowed there are dropped.
+#[test]
+fn request_trailers_become_the_chunked_trailer_section() {
+    let (pki, k, _a) = setup("h2-trailers", "");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        let req = ::http::Request::post("https://localhost/trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut body) = c.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"data"), false)
+            .unwrap();
+        let mut t = ::http::HeaderMap::new();
+        t.insert("x-checksum", "abc".parse().unwrap());
+        t.insert("content-length", "9".parse().unwrap());
+        body.send_trailers(t).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut recv = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(d) = recv.data().await {
+            got.extend_from_slice(&d.unwrap());
+        }
+        assert_eq!(String::from_utf8(got).unwrap(), "x-checksum: abc\r\n");
+    });
+}
+
 /// `expect: 100-continue` over HTTP/2: the body streams to the backend,
 /// which gets the request without the expectation (ktern answered it).
 #[test]

@@ -18,6 +18,12 @@ pub struct Backend {
 }
 
 pub fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    read_chunked_trailers(r).map(|(body, _)| body)
+}
+
+/// A chunked body and its trailer section's lines, as received.
+pub fn read_chunked_trailers(r: &mut impl BufRead) -> std::io::Result<(Vec<u8>, String)> {
+    let mut trailers = String::new();
     let mut body = Vec::new();
     loop {
         let mut line = String::new();
@@ -30,8 +36,9 @@ pub fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
                 line.clear();
                 r.read_line(&mut line)?;
                 if line == "\r\n" || line.is_empty() {
-                    return Ok(body);
+                    return Ok((body, trailers));
                 }
+                trailers.push_str(&line);
             }
         }
         let mut chunk = vec![0; size + 2];
@@ -79,8 +86,11 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
         }
         let lower = head.to_ascii_lowercase();
         let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let mut trailers = String::new();
         let body = if lower.contains("transfer-encoding: chunked") {
-            read_chunked(&mut r)?
+            let (body, t) = read_chunked_trailers(&mut r)?;
+            trailers = t;
+            body
         } else if let Some(i) = lower.find("content-length: ") {
             let n: usize = lower[i + 16..]
                 .lines()
@@ -109,6 +119,8 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
             }
             "/head" => reply(&mut out, head.as_bytes())?,
             "/sum" => reply(&mut out, format!("{} {}", body.len(), sha256(&body)).as_bytes())?,
+            // The request's chunked trailer section, as received.
+            "/trailers" => reply(&mut out, trailers.as_bytes())?,
             "/chunked" => out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n")?,
             "/close" => {
                 out.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close")?;
