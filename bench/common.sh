@@ -85,3 +85,26 @@ http {
 }
 CONF
 }
+
+# A ktern config for $work: one shard on CPU 1, TLS on $1, an `http` route
+# to the upstream $2 keeping ${3:-64} idle backend connections, plus the
+# KTERN_RUNTIME lines in [runtime]. No [access_log]: off, as nginx's.
+ktern_http_conf() {
+  cat <<TOML
+[runtime]
+cpus = [1]
+${KTERN_RUNTIME:-}
+[[listener]]
+address = "$1"
+[[listener.certificate]]
+cert = "cert.pem"
+key = "key.pem"
+[listener.route]
+kind = "http"
+[[listener.route.rule]]
+upstream = "app"
+[upstream.app]
+backends = ["$2"]
+pool_size = ${3:-64}
+TOML
+}

@@ -36,23 +36,7 @@ body=1024
 pool=512
 backend=127.0.0.1:19013 ktern_addr=127.0.0.1:19455 nginx_addr=127.0.0.1:19555
 taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
-cat > "$work/ktern.toml" <<TOML
-[runtime]
-cpus = [1]
-${KTERN_RUNTIME:-}
-[[listener]]
-address = "$ktern_addr"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "http"
-[[listener.route.rule]]
-upstream = "app"
-[upstream.app]
-backends = ["$backend"]
-pool_size = $pool
-TOML
+ktern_http_conf "$ktern_addr" "$backend" "$pool" > "$work/ktern.toml"
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 nginx_conf "$nginx_addr ssl http2" "$backend" "$pool" > "$work/nginx.conf"

@@ -32,23 +32,7 @@ body=1024
 backend=127.0.0.1:19003 ktern_addr=127.0.0.1:19445 nginx_addr=127.0.0.1:19545
 taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
 
-cat > "$work/ktern.toml" <<TOML
-[runtime]
-cpus = [1]
-${KTERN_RUNTIME:-}
-[[listener]]
-address = "$ktern_addr"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "http"
-[[listener.route.rule]]
-upstream = "app"
-[upstream.app]
-backends = ["$backend"]
-pool_size = 64
-TOML
+ktern_http_conf "$ktern_addr" "$backend" 64 > "$work/ktern.toml"
 # pool_size = 64 matches nginx's `keepalive 64` below. With ktern's default (32), below the
 # 50 client connections, one 5 s closed-loop run here opened and closed about 430 backend
 # connections/s and peaked about 10% lower.

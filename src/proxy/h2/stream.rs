@@ -201,12 +201,8 @@ async fn forward(
         let mut at = match begun.await {
             Step::Go(at) => at,
             Step::Retry => continue,
-            Step::NoBackend => {
-                moved.1 += local(respond, ctx, ex, 502);
-                return Ok(());
-            }
-            Step::Answer(status) => {
-                moved.1 += local(respond, ctx, ex, status);
+            gave_up => {
+                moved.1 += local(respond, ctx, ex, gave_up.status());
                 return Ok(());
             }
         };
@@ -229,12 +225,8 @@ async fn forward(
         match forward::finish_attempt(ctx, group, head, &mut at, attempt).await {
             Step::Go(r) => break (at.backend, at.addr, r, at.lease),
             Step::Retry => continue,
-            Step::NoBackend => {
-                moved.1 += local(respond, ctx, ex, 502);
-                return Ok(());
-            }
-            Step::Answer(status) => {
-                moved.1 += local(respond, ctx, ex, status);
+            gave_up => {
+                moved.1 += local(respond, ctx, ex, gave_up.status());
                 return Ok(());
             }
         }
@@ -441,15 +433,9 @@ async fn serve_file(
             respond.send_response(resp, true).map_err(|_| Cut::Client)?;
             return Ok(());
         }
-        StaticAnswer::File {
-            status,
-            head,
-            body,
-            file,
-            path,
-        } => {
-            ex.status = status;
-            (head, body, file, path)
+        StaticAnswer::File(f) => {
+            ex.status = f.status;
+            (f.head, f.body, f.file, f.path)
         }
     };
     let Ok(Some(resp)) = head::parse_response(&bytes, head.method(), bytes.len()) else {

@@ -731,15 +731,18 @@ pub(crate) enum StaticAnswer {
     Local(u16),
     /// 301 to the directory's slash form.
     Redirect(String),
-    /// The file: an HTTP/1.1 response head (`files::response_head`), the
-    /// byte range to send, if any, and the open file.
-    File {
-        status: u16,
-        head: Vec<u8>,
-        body: Option<(u64, u64)>,
-        file: std::fs::File,
-        path: std::path::PathBuf,
-    },
+    /// The file.
+    File(StaticFile),
+}
+
+/// A file to send: an HTTP/1.1 response head (`files::response_head`),
+/// the byte range to send, if any, and the open file.
+pub(crate) struct StaticFile {
+    pub(crate) status: u16,
+    pub(crate) head: Vec<u8>,
+    pub(crate) body: Option<(u64, u64)>,
+    pub(crate) file: std::fs::File,
+    pub(crate) path: std::path::PathBuf,
 }
 
 /// Resolves `head`'s target under `root`, opens the file and plans the
@@ -812,14 +815,14 @@ pub(crate) fn static_answer(
         "HEAD" => None,
         _ => files::body_range(&plan, len),
     };
-    StaticAnswer::File {
+    StaticAnswer::File(StaticFile {
         status,
         head: head_bytes,
         // An empty body (a 0-byte file) is just the head.
         body: body.filter(|&(_, count)| count > 0),
         file,
         path,
-    }
+    })
 }
 
 /// A `static` rule: the file under `root` named by the request path.
@@ -849,15 +852,9 @@ async fn serve_file(
             send(writer, out, ctx).await?;
             return Ok(if close { Next::Close } else { Next::KeepAlive });
         }
-        StaticAnswer::File {
-            status,
-            head,
-            body,
-            file,
-            path,
-        } => {
-            ex.status = status;
-            (head, body, file, path)
+        StaticAnswer::File(f) => {
+            ex.status = f.status;
+            (f.head, f.body, f.file, f.path)
         }
     };
     let Some((mut offset, count)) = body else {
@@ -1060,6 +1057,16 @@ pub(crate) enum Step<T> {
     NoBackend,
     /// Give up with this status; the backend was marked failed.
     Answer(u16),
+}
+
+impl<T> Step<T> {
+    /// The status a step that gives up answers with.
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            Step::Answer(status) => *status,
+            _ => 502,
+        }
+    }
 }
 
 /// A backend connection an attempt runs on.
