@@ -5,15 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The HTTP/2 interop clients of tests/h2.rs: nghttp and h2load (Debian's
-# nghttp2-client) and Python's h2 (PyPI; Debian's python3-h2 serves the
-# system python only).
-if ! command -v h2load >/dev/null; then
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo -n"
-  $sudo_cmd apt-get install -y -qq --no-install-recommends nghttp2-client ||
-    { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends nghttp2-client; }
-fi
-python3 -c 'import h2' 2>/dev/null || python3 -m pip install -q h2
+# nghttp2-client) and Python's h2: from PyPI, or Debian's python3-h2 when
+# `python3` is the system one (whose pip refuses installs, PEP 668).
+sudo_cmd=""
+[ "$(id -u)" -eq 0 ] || sudo_cmd="sudo -n"
+apt_install() {
+  $sudo_cmd apt-get install -y -qq --no-install-recommends "$@" ||
+    { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends "$@"; }
+}
+command -v h2load >/dev/null || apt_install nghttp2-client
+python3 -c 'import h2' 2>/dev/null ||
+  python3 -m pip install -q h2 2>/dev/null ||
+  apt_install python3-h2 ||
+  echo "warning: could not install Python's h2; tests/h2.rs's hostile-client test will say so" >&2
 
 echo "=== cargo test (aws-lc-rs, the default provider) ==="
 cargo test --all-targets
