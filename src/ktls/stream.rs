@@ -174,13 +174,19 @@ pub struct RekeyProbe(Shared);
 impl RekeyProbe {
     /// Rekey counts so far (kTLS only).
     pub fn counts(&self) -> RekeyCounts {
-        match &*self.0.borrow() {
-            Engine::Kernel(k) => RekeyCounts {
-                rx: k.rx_rekeys,
-                tx: k.tx_rekeys,
-            },
-            Engine::User(_) => RekeyCounts::default(),
-        }
+        rekey_counts(&self.0.borrow())
+    }
+}
+
+/// Rekey counts of an engine: the kernel path's; zero in userspace, where
+/// rustls rekeys.
+fn rekey_counts(engine: &Engine) -> RekeyCounts {
+    match engine {
+        Engine::Kernel(k) => RekeyCounts {
+            rx: k.rx_rekeys,
+            tx: k.tx_rekeys,
+        },
+        Engine::User(_) => RekeyCounts::default(),
     }
 }
 
@@ -239,7 +245,7 @@ impl TlsReader {
 
     /// Rekey counts so far (kTLS only; zero in userspace, where rustls rekeys).
     pub fn rekeys(&self) -> RekeyCounts {
-        RekeyProbe(self.shared.clone()).counts()
+        rekey_counts(&self.shared.borrow())
     }
 
     /// Takes plaintext already decrypted in userspace (must be forwarded

@@ -82,7 +82,7 @@ pub fn request_head(
             "te" => continue,
             _ => {}
         }
-        push(&mut out, n, value.as_bytes());
+        rewrite::push_field(&mut out, n, value.as_bytes());
     }
     if !cookies.is_empty() {
         out.extend_from_slice(b"cookie: ");
@@ -99,19 +99,12 @@ pub fn request_head(
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    match head::parse_request(&out, limits) {
+    match head::parse_request_owned(out, limits) {
         Ok(Some(h)) => Ok(h),
         Ok(None) => Err(Refusal::Malformed("incomplete head")),
         Err(e) if e.status() == 400 => Err(Refusal::Malformed("invalid field")),
         Err(e) => Err(Refusal::Status(e.status(), "request head over limits")),
     }
-}
-
-fn push(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The HTTP/2 response for a backend's response head: its status and its
@@ -183,7 +176,7 @@ pub fn last_chunk(trailers: Option<&HeaderMap>) -> Vec<u8> {
     let mut out = b"0\r\n".to_vec();
     for (name, value) in trailers.into_iter().flatten() {
         if trailer_allowed(name.as_str()) {
-            push(&mut out, name.as_str(), value.as_bytes());
+            rewrite::push_field(&mut out, name.as_str(), value.as_bytes());
         }
     }
     out.extend_from_slice(b"\r\n");

@@ -43,19 +43,21 @@ type Owned<T, R> = Pin<Box<dyn Future<Output = (T, R)>>>;
 
 enum ReadState {
     Idle(TlsReader),
-    /// Waiting for readiness (no buffer held).
-    Waiting(Owned<TlsReader, io::Result<()>>),
-    /// The async path: a control record, or the userspace path.
-    Reading(Owned<TlsReader, Result<Option<Vec<u8>>, StreamError>>),
+    /// A readiness wait (no buffer held; it yields an empty chunk) or the
+    /// async read path (a control record, the userspace path); `None` is
+    /// the end of the client's stream.
+    Busy(Owned<TlsReader, Result<Option<Vec<u8>>, StreamError>>),
     Gone,
 }
 
 enum WriteState {
     Idle(TlsWriter),
-    Waiting(Owned<TlsWriter, io::Result<()>>),
-    Writing(Owned<TlsWriter, Result<(), StreamError>>),
-    /// close_notify and FIN on their way.
-    Closing(Owned<TlsWriter, Result<(), StreamError>>),
+    /// A readiness wait or a write; `closing`: close_notify and FIN, after
+    /// which the writer is done.
+    Busy {
+        fut: Owned<TlsWriter, Result<(), StreamError>>,
+        closing: bool,
+    },
     Closed,
     Gone,
 }
@@ -79,11 +81,7 @@ async fn linger(read: ReadState) {
     let deadline = monoio::time::Instant::now() + LINGER;
     let mut reader = match read {
         ReadState::Idle(r) => r,
-        ReadState::Waiting(f) => match monoio::time::timeout_at(deadline, f).await {
-            Ok((r, Ok(()))) => r,
-            _ => return,
-        },
-        ReadState::Reading(f) => match monoio::time::timeout_at(deadline, f).await {
+        ReadState::Busy(f) => match monoio::time::timeout_at(deadline, f).await {
             Ok((r, Ok(Some(chunk)))) => {
                 crate::buffers::give(chunk);
                 r
@@ -162,43 +160,30 @@ impl H2Io {
                 WriteState::Idle(w) if start && !self.staged.is_empty() => {
                     let out = std::mem::take(&mut self.staged);
                     let mut w = w;
-                    self.write = WriteState::Writing(Box::pin(async move {
-                        let (r, buf) = w.write_all(out).await;
-                        crate::buffers::give(buf);
-                        (w, r)
-                    }));
+                    self.write = WriteState::Busy {
+                        fut: Box::pin(async move {
+                            let (r, buf) = w.write_all(out).await;
+                            crate::buffers::give(buf);
+                            (w, r)
+                        }),
+                        closing: false,
+                    };
                 }
                 s @ (WriteState::Idle(_) | WriteState::Closed) => {
                     self.write = s;
                     return Poll::Ready(Ok(()));
                 }
-                WriteState::Waiting(mut f) => match f.as_mut().poll(cx) {
+                WriteState::Busy { mut fut, closing } => match fut.as_mut().poll(cx) {
                     Poll::Pending => {
-                        self.write = WriteState::Waiting(f);
+                        self.write = WriteState::Busy { fut, closing };
                         return Poll::Pending;
                     }
                     Poll::Ready((w, r)) => {
-                        self.write = WriteState::Idle(w);
-                        r.map_err(|e| self.fail(e.into()))?;
-                    }
-                },
-                WriteState::Writing(mut f) => match f.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        self.write = WriteState::Writing(f);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready((w, r)) => {
-                        self.write = WriteState::Idle(w);
-                        r.map_err(|e| self.fail(e))?;
-                    }
-                },
-                WriteState::Closing(mut f) => match f.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        self.write = WriteState::Closing(f);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready((_, r)) => {
-                        self.write = WriteState::Closed;
+                        self.write = if closing {
+                            WriteState::Closed
+                        } else {
+                            WriteState::Idle(w)
+                        };
                         r.map_err(|e| self.fail(e))?;
                     }
                 },
@@ -282,13 +267,13 @@ impl H2Io {
                         return Poll::Ready(Ok(()));
                     }
                     Ok(Attempt::WouldBlock) => {
-                        this.read = ReadState::Waiting(Box::pin(async move {
-                            let res = r.input().await;
-                            (r, res)
+                        this.read = ReadState::Busy(Box::pin(async move {
+                            let res = r.input().await.map(|()| Some(Vec::new()));
+                            (r, res.map_err(StreamError::from))
                         }))
                     }
                     Ok(Attempt::Slow) => {
-                        this.read = ReadState::Reading(Box::pin(async move {
+                        this.read = ReadState::Busy(Box::pin(async move {
                             let res = r.read_chunk().await;
                             (r, res)
                         }))
@@ -298,26 +283,15 @@ impl H2Io {
                         return Poll::Ready(Err(this.fail(e)));
                     }
                 },
-                ReadState::Waiting(mut f) => match f.as_mut().poll(cx) {
+                ReadState::Busy(mut f) => match f.as_mut().poll(cx) {
                     Poll::Pending => {
-                        this.read = ReadState::Waiting(f);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready((r, res)) => {
-                        this.read = ReadState::Idle(r);
-                        if let Err(e) = res {
-                            return Poll::Ready(Err(this.fail(e.into())));
-                        }
-                    }
-                },
-                ReadState::Reading(mut f) => match f.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        this.read = ReadState::Reading(f);
+                        this.read = ReadState::Busy(f);
                         return Poll::Pending;
                     }
                     Poll::Ready((r, res)) => {
                         this.read = ReadState::Idle(r);
                         match res {
+                            // Data to hand out, or (empty) readiness: try again.
                             Ok(Some(chunk)) => {
                                 this.spill = chunk;
                                 this.spill_at = 0;
@@ -378,10 +352,13 @@ impl AsyncWrite for H2Io {
                     return Poll::Ready(Ok(n));
                 }
                 Ok(Attempt::WouldBlock) => {
-                    this.write = WriteState::Waiting(Box::pin(async move {
-                        let res = w.writable().await;
-                        (w, res)
-                    }));
+                    this.write = WriteState::Busy {
+                        fut: Box::pin(async move {
+                            let res = w.writable().await.map_err(StreamError::from);
+                            (w, res)
+                        }),
+                        closing: false,
+                    };
                     std::task::ready!(this.drive_write(cx, false))?;
                 }
                 Ok(Attempt::Slow) => {
@@ -420,13 +397,16 @@ impl AsyncWrite for H2Io {
                 let read = std::mem::replace(&mut this.read, ReadState::Gone);
                 // close_notify, then FIN (RFC 8446 §6.1), by the writer's
                 // own close; then a lingering read.
-                this.write = WriteState::Closing(Box::pin(async move {
-                    let r = w.close().await;
-                    if r.is_ok() {
-                        linger(read).await;
-                    }
-                    (w, r)
-                }));
+                this.write = WriteState::Busy {
+                    fut: Box::pin(async move {
+                        let r = w.close().await;
+                        if r.is_ok() {
+                            linger(read).await;
+                        }
+                        (w, r)
+                    }),
+                    closing: true,
+                };
             }
         }
         this.drive_write(cx, false)

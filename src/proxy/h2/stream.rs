@@ -26,7 +26,6 @@ use crate::proxy::http::forward::{
     self, BodySent, Ctx, Exchange, FileAbort, StaticAnswer, Step, UpstreamAbort,
 };
 use crate::proxy::http::head::{self, Limits, RequestHead};
-use crate::proxy::http::rewrite::{self, Forwarding};
 
 /// Logged as the request's protocol.
 const PROTOCOL: &str = "HTTP/2.0";
@@ -135,11 +134,6 @@ fn local(respond: &mut SendResponse<Bytes>, ctx: &Ctx<'_>, ex: &mut Exchange, st
         http::HeaderValue::from_static("text/plain"),
     );
     h.insert(http::header::CONTENT_LENGTH, body.len().into());
-    if let Some(v) = ctx.route.hsts.as_deref() {
-        if let Ok(v) = http::HeaderValue::from_str(v) {
-            h.insert(http::header::STRICT_TRANSPORT_SECURITY, v);
-        }
-    }
     match respond.send_response(resp, ex.head_only) {
         Ok(mut s) if !ex.head_only => {
             let n = body.len() as u64;
@@ -189,15 +183,12 @@ async fn forward(
         }
     };
     let upstream = &ctx.upstreams[group];
-    let mut out = Vec::with_capacity(head.len + 256);
-    rewrite::request(head, &Forwarding::for_client(route, ctx.peer), &mut out);
     let balancer = &ctx.balancers[group];
-    let ip_key = exchange::ip_key(ctx.peer);
-    let key = exchange::hash_key(balancer.balance(), head, &ip_key);
+    let mut out = forward::upstream_head(ctx, head);
     let mut attempt = 0;
     let (mut backend, addr, (resp, rbuf), _lease) = loop {
         attempt += 1;
-        let begun = forward::begin_attempt(ctx, group, head, key, attempt, &mut out, started, ex);
+        let begun = forward::begin_attempt(ctx, group, head, attempt, &mut out, started, ex);
         let mut at = match begun.await {
             Step::Go(at) => at,
             Step::Retry => continue,

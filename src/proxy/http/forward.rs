@@ -583,25 +583,20 @@ async fn forward(
         }
     };
     let upstream = &ctx.upstreams[group];
-    let mut out = Vec::with_capacity(head.len + 256);
-    rewrite::request(head, &Forwarding::for_client(route, ctx.peer), &mut out);
-
+    let balancer = &ctx.balancers[group];
+    let mut out = upstream_head(ctx, head);
     // A pooled connection may have been closed by the backend an instant
     // ago; that is retried once on a fresh connection when nothing of the
     // response came back and the request can safely be repeated.
-    let balancer = &ctx.balancers[group];
-    let ip_key = exchange::ip_key(ctx.peer);
-    let key = exchange::hash_key(balancer.balance(), head, &ip_key);
     let mut attempt = 0;
     let (mut backend, addr, response, _lease) = loop {
         attempt += 1;
-        let mut at =
-            match begin_attempt(ctx, group, head, key, attempt, &mut out, started, ex).await {
-                Step::Go(at) => at,
-                Step::Retry => continue,
-                Step::NoBackend => return local(writer, ctx, ex, 502, close_after_local).await,
-                Step::Answer(status) => return local(writer, ctx, ex, status, true).await,
-            };
+        let mut at = match begin_attempt(ctx, group, head, attempt, &mut out, started, ex).await {
+            Step::Go(at) => at,
+            Step::Retry => continue,
+            Step::NoBackend => return local(writer, ctx, ex, 502, close_after_local).await,
+            Step::Answer(status) => return local(writer, ctx, ex, status, true).await,
+        };
         let sent = send_body(
             reader,
             &mut at.backend,
@@ -1046,6 +1041,14 @@ pub(crate) fn body_verdict(ctx: &Ctx<'_>, addr: SocketAddr, sent: &BodySent) -> 
     }
 }
 
+/// The request head as it goes to the backend: hop-by-hop fields out,
+/// the forwarding fields in.
+pub(crate) fn upstream_head(ctx: &Ctx<'_>, head: &RequestHead) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len + 256);
+    rewrite::request(head, &Forwarding::for_client(ctx.route, ctx.peer), &mut out);
+    out
+}
+
 /// What one step of an upstream attempt decided.
 pub(crate) enum Step<T> {
     /// Carry on with this.
@@ -1084,12 +1087,10 @@ pub(crate) struct Attempt<'b> {
 /// stale pooled one and connects anew) and the request head `out` written
 /// to it. monoio hands `out` back whatever the outcome, so a retry resends
 /// it without a copy.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn begin_attempt<'b>(
     ctx: &'b Ctx<'_>,
     group: usize,
     head: &RequestHead,
-    key: Option<&[u8]>,
     attempt: u32,
     out: &mut Vec<u8>,
     started: Instant,
@@ -1097,6 +1098,8 @@ pub(crate) async fn begin_attempt<'b>(
 ) -> Step<Attempt<'b>> {
     let upstream = &ctx.upstreams[group];
     let balancer = &ctx.balancers[group];
+    let ip_key = exchange::ip_key(ctx.peer);
+    let key = exchange::hash_key(balancer.balance(), head, &ip_key);
     let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
     let acquired = Box::pin(balancer.acquire(
         pool,

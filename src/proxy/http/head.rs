@@ -94,11 +94,16 @@ impl Fields {
     fn new(head: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
         Fields {
             raw: head.to_vec(),
-            spans: headers
-                .iter()
-                .map(|h| (span(head, h.name.as_bytes()), span(head, h.value)))
-                .collect(),
+            spans: Fields::spans(head, headers),
         }
+    }
+
+    /// Where each field lies in `head`.
+    fn spans(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<(Range<usize>, Range<usize>)> {
+        headers
+            .iter()
+            .map(|h| (span(head, h.name.as_bytes()), span(head, h.value)))
+            .collect()
     }
 
     /// The text at `r` (empty if it is not there or not UTF-8, which the
@@ -187,6 +192,23 @@ impl RequestHead {
 /// `Ok(None)`: incomplete, read more (the limits are already enforced on
 /// what is there, so a client cannot grow the buffer past them).
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
+    parse_request_from(std::borrow::Cow::Borrowed(buf), limits)
+}
+
+/// [`parse_request`] of a head ktern built itself (an HTTP/2 request
+/// restated): the head keeps `buf` instead of a copy of it.
+pub fn parse_request_owned(
+    buf: Vec<u8>,
+    limits: &Limits,
+) -> Result<Option<RequestHead>, HeadError> {
+    parse_request_from(std::borrow::Cow::Owned(buf), limits)
+}
+
+fn parse_request_from(
+    input: std::borrow::Cow<'_, [u8]>,
+    limits: &Limits,
+) -> Result<Option<RequestHead>, HeadError> {
+    let buf = &*input;
     check_lines(buf, limits)?;
     // On the stack (4 KiB): a heap allocation of this size per request
     // showed in profiles (glibc consolidates its fast bins for it).
@@ -225,7 +247,17 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     let method = span(head, req.method.unwrap_or_default().as_bytes());
     let target = span(head, req.path.unwrap_or_default().as_bytes());
     let minor = req.version.unwrap_or(1);
-    let fields = Fields::new(head, req.headers);
+    let spans = Fields::spans(head, req.headers);
+    let fields = Fields {
+        raw: match input {
+            std::borrow::Cow::Owned(mut raw) => {
+                raw.truncate(len);
+                raw
+            }
+            std::borrow::Cow::Borrowed(b) => b[..len].to_vec(),
+        },
+        spans,
+    };
     let framing = request_framing(&fields)?;
     if minor == 0 && framing == Framing::Chunked {
         // RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means

@@ -78,7 +78,7 @@ pub(crate) fn connection_options(fields: &Fields) -> Vec<&str> {
         .collect()
 }
 
-fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+pub(crate) fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
