@@ -29,25 +29,10 @@ bench_name=reload
 
 backend=127.0.0.1:19013 addr=127.0.0.1:19455 admin=127.0.0.1:19456
 taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
-cat > "$work/ktern.toml" <<TOML
-[runtime]
-cpus = [1]
-log_format = "text"
-[admin]
-address = "$admin"
-[[listener]]
-address = "$addr"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "http"
-[[listener.route.rule]]
-upstream = "app"
-[upstream.app]
-backends = ["$backend"]
-pool_size = 64
-TOML
+{
+  KTERN_RUNTIME='log_format = "text"' ktern_http_conf "$addr" "$backend" 64
+  printf '[admin]\naddress = "%s"\n' "$admin"
+} > "$work/ktern.toml"
 RUST_LOG=warn "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 for _ in $(seq 100); do grep -q '^admin ' "$work/ktern.out" 2>/dev/null && break; sleep 0.1; done

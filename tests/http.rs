@@ -23,8 +23,6 @@ fn setup(tag: &str, rules: &str, extra: &str) -> (Pki, Ktern, Backend, Backend) 
     (pki, k, a, b)
 }
 
-const ANY_TO_A: &str = "[[listener.route.rule]]\nupstream = \"a\"\n";
-
 #[test]
 fn keep_alive_reuses_the_client_and_the_backend_connection() {
     let (pki, k, a, _) = setup("keepalive", ANY_TO_A, "hsts = \"max-age=63072000\"");

@@ -12,15 +12,10 @@ use rustls::pki_types::ServerName;
 
 use super::Pki;
 
-/// A client config trusting `pki`, offering `alpn`.
+/// The shared test client config (TLS 1.3, trusting `pki`), offering
+/// `alpn`.
 pub fn tls_config(pki: &Pki, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let mut store = rustls::RootCertStore::empty();
-    store.add(pki.der.clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(super::provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(store)
-        .with_no_client_auth();
+    let mut cfg = (*super::client_config(&[&pki.der])).clone();
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Arc::new(cfg)
 }

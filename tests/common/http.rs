@@ -193,6 +193,9 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
     }
 }
 
+/// One rule sending every request to upstream `a`.
+pub const ANY_TO_A: &str = "[[listener.route.rule]]\nupstream = \"a\"\n";
+
 pub fn http_config(backends: &[(&str, SocketAddr)], rules: &str, extra: &str) -> String {
     let mut s = format!(
         "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n{extra}\n{rules}\n"

@@ -518,9 +518,14 @@ pub fn upload(addr: SocketAddr, pki: &Pki, opts: ClientOpts, n: usize) {
     assert_eq!(reply, format!("{} {}\n", n, sha256(&data)), "upload digest");
 }
 
+/// Running inside the kTLS VM (scripts/vm-tests.sh sets KTERN_IN_VM).
+pub fn in_vm() -> bool {
+    std::env::var_os("KTERN_IN_VM").is_some()
+}
+
 /// Under qemu's TCG everything is several times slower: timing margins grow.
 pub fn slow() -> u32 {
-    if std::env::var_os("KTERN_IN_VM").is_some() {
+    if in_vm() {
         4
     } else {
         1
@@ -531,7 +536,7 @@ pub fn slow() -> u32 {
 /// went to the kernel and none stayed on userspace records (a silent
 /// fallback fails the test). On the host, nothing to check.
 pub fn assert_offloaded_in_vm(k: &Ktern) {
-    if std::env::var_os("KTERN_IN_VM").is_some() {
+    if in_vm() {
         assert!(k.wait_metric("ktern_ktls_offloaded_total", 1) > 0);
         assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
     }
