@@ -184,6 +184,20 @@ fn alpn_picks_h2_by_default_and_http11_when_configured() {
     };
     assert_eq!(alpn_of(k.addr()), Some(b"h2".to_vec()));
     assert_eq!(alpn_of(k2.addr()), Some(b"http/1.1".to_vec()));
+    // A request on each protocol, so each server has a connection that
+    // lived past its handshake (those above close at once, and may be
+    // reset before the keys go to the kernel).
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        assert_eq!(h2c::get(&mut c, "/x").await.status, 200);
+    });
+    let cfg = h2c::tls_config(&pki, &[b"h2", b"http/1.1"]);
+    let mut c = try_connect(k2.addr(), &cfg).unwrap();
+    assert_eq!(
+        exchange(&mut c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
     assert_offloaded_in_vm(&k);
     assert_offloaded_in_vm(&k2);
 }
