@@ -14,12 +14,12 @@ use rustls::pki_types::ServerName;
 mod anycert;
 
 /// One full handshake; returns the time spent inside the server driver.
-fn handshake(server: &Arc<rustls::ServerConfig>, client: &Arc<rustls::ClientConfig>) -> Duration {
+fn handshake(server: &handshake::ServerTls, client: &Arc<rustls::ClientConfig>) -> Duration {
     let mut c =
         rustls::ClientConnection::new(client.clone(), ServerName::try_from("localhost").unwrap())
             .unwrap();
     let t = Instant::now();
-    let mut hs = Handshake::new(server.clone()).unwrap();
+    let mut hs = Handshake::new(server).unwrap();
     let mut server_time = t.elapsed();
     let step = handshake::memory::pump(&mut c, &mut hs, 0, &mut server_time);
     assert_eq!(step, Step::Done);

@@ -47,11 +47,17 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
-    /// Validate a config file: exit 0, or print every problem and exit 1.
+    /// Validate and lint a config file: every problem and every error
+    /// finding (expired certificate, broken chain, weak key) exits 1;
+    /// warnings (names not covered, expiry within 30 days, shadowed
+    /// names) are printed and exit 0.
     Check {
         /// Config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// A CA bundle (PEM) every certificate chain must verify to.
+        #[arg(long, value_name = "PEM")]
+        ca: Option<PathBuf>,
     },
 }
 
@@ -66,13 +72,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => match check(&config) {
-            Ok(c) => {
-                println!("{}: ok ({} listener(s))", c.source, c.listeners.len());
-                ExitCode::SUCCESS
-            }
+        Command::Check { config, ca } => match check(&config, ca.as_deref()) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -99,9 +103,59 @@ macro_rules! say {
     }};
 }
 
-fn check(config: &std::path::Path) -> Result<Config, ktern::config::ConfigError> {
+/// `ktern check`: whether the config loads and has no error finding.
+fn check(config: &std::path::Path, ca: Option<&std::path::Path>) -> anyhow::Result<bool> {
+    use ktern::config::lint;
+    use rustls_pki_types::pem::PemObject as _;
     init_logs(LogFormat::Text);
-    Config::load(config)
+    let roots = match ca {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--ca: cannot read {}", path.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for der in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let der = der.with_context(|| format!("--ca: {} is not PEM", path.display()))?;
+                roots.add(der).with_context(|| {
+                    format!("--ca: {}: unusable CA certificate", path.display())
+                })?;
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "--ca: no certificate in {}",
+                path.display()
+            );
+            Some(roots)
+        }
+    };
+    let c = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(false);
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let findings = lint::lint(&c, now, roots.as_ref());
+    for f in &findings {
+        eprintln!("{}: {f}", c.source);
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == lint::Severity::Error)
+        .count();
+    if errors > 0 {
+        return Ok(false);
+    }
+    println!(
+        "{}: ok ({} listener(s), {} warning(s))",
+        c.source,
+        c.listeners.len(),
+        findings.len()
+    );
+    Ok(true)
 }
 
 fn embedded_default() -> anyhow::Result<Config> {
@@ -147,6 +201,22 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
             support.describe()
         ),
         (_, true) => tracing::info!("{}", support.describe()),
+    }
+    if config.runtime.ktls == KtlsMode::Required {
+        // A suite the kernel cannot carry would make every connection that
+        // negotiates it fail after the handshake: refuse it now.
+        for (i, l) in config.listeners.iter().enumerate() {
+            let uncovered = support.uncovered(&ktern::handshake::listener_suites(l));
+            if !uncovered.is_empty() {
+                anyhow::bail!(
+                    "{}: listener[{i}].cipher_suites: runtime.ktls = \"required\" but this kernel \
+                     cannot offload {} ({}); list only suites it can, or set ktls = \"auto\"",
+                    config.source,
+                    uncovered.join(", "),
+                    support.describe()
+                );
+            }
+        }
     }
     match ktern::sys::raise_nofile_limit() {
         Ok((soft, _)) => tracing::info!(open_files = soft, "file descriptor limit"),

@@ -17,28 +17,94 @@ use common::*;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
-const PREFIX: &str = "ktfleet";
 const VIP: &str = "10.78.9.9:8443";
 
 fn script() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ecmp-netns.sh").to_string()
 }
 
-fn netns(cmd: &[&str]) -> bool {
-    Command::new(script())
-        .args(cmd)
-        .env("PREFIX", PREFIX)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+/// One fleet's namespaces: `PREFIX-c`, `-r`, `-h1`, `-h2` (each test has
+/// its own prefix, so the tests of this file run side by side). Torn
+/// down on drop, whatever happened.
+struct Fleet {
+    prefix: &'static str,
 }
 
-/// Tears the namespaces down, whatever happened.
-struct Fleet;
+impl Fleet {
+    /// Brings the namespaces up; `None` (and said so) without root or
+    /// iproute2.
+    fn up(prefix: &'static str) -> Option<Fleet> {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let fleet = Fleet { prefix };
+        if !root || !fleet.netns(&["down"]) {
+            eprintln!("skipped: needs root and iproute2 (network namespaces)");
+            return None;
+        }
+        assert!(fleet.netns(&["up"]), "scripts/ecmp-netns.sh up failed");
+        Some(fleet)
+    }
+
+    fn netns(&self, cmd: &[&str]) -> bool {
+        Command::new(script())
+            .args(cmd)
+            .env("PREFIX", self.prefix)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    /// Hosts `h1` and `h2`: each an HTTP backend (`ktern-load`) and a
+    /// ktern on the VIP in front of it; `extra[i]` goes into host i's
+    /// config before the listener, `runtime` is the `[runtime]` body.
+    fn hosts(
+        &self,
+        pki: &Pki,
+        runtime: &str,
+        extra: &[&str; 2],
+    ) -> (Vec<(String, Ktern)>, Vec<Reaper>) {
+        let mut hosts = Vec::new();
+        let mut backends = Vec::new();
+        for (h, extra) in ["h1", "h2"].iter().zip(extra) {
+            let ns = self.ns(h);
+            backends.push(Reaper(
+                Command::new("ip")
+                    .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_ktern-load")])
+                    .args([
+                        "backend",
+                        "--listen",
+                        "127.0.0.1:18080",
+                        "--kind",
+                        "http",
+                        "--body-bytes",
+                        "16",
+                        "--seconds",
+                        "120",
+                    ])
+                    .spawn()
+                    .unwrap(),
+            ));
+            let listeners = format!(
+                "{extra}\n[[listener]]\nname = \"vip\"\naddress = \"{VIP}\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n[[listener.route.rule]]\nupstream = \"app\"\n[upstream.app]\nbackends = [\"127.0.0.1:18080\"]\n"
+            );
+            let path = pki.dir.join(format!("{h}.toml"));
+            std::fs::write(&path, Ktern::config_text(pki, runtime, &listeners)).unwrap();
+            hosts.push((ns.clone(), Ktern::start_in_netns(&ns, &pki.dir, &path)));
+        }
+        (hosts, backends)
+    }
+}
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        netns(&["down"]);
+        self.netns(&["down"]);
     }
 }
 
@@ -161,58 +227,19 @@ fn metric(k: &Ktern, ns: &str, name: &str) -> u64 {
 
 #[test]
 fn draining_host_behind_ecmp_loses_no_request_and_gets_no_new_connection_after_withdrawal() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !root || !netns(&["down"]) {
-        eprintln!("skipped: needs root and iproute2 (network namespaces)");
+    let Some(fleet) = Fleet::up("ktfleet") else {
         return;
-    }
-    assert!(netns(&["up"]), "scripts/ecmp-netns.sh up failed");
-    let _fleet = Fleet;
+    };
     let pki = Pki::new("fleet");
-    let mut hosts = Vec::new();
-    let mut backends = Vec::new();
-    for h in ["h1", "h2"] {
-        let ns = format!("{PREFIX}-{h}");
-        backends.push(Reaper(
-            Command::new("ip")
-                .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_ktern-load")])
-                .args([
-                    "backend",
-                    "--listen",
-                    "127.0.0.1:18080",
-                    "--kind",
-                    "http",
-                    "--body-bytes",
-                    "16",
-                    "--seconds",
-                    "120",
-                ])
-                .spawn()
-                .unwrap(),
-        ));
-        let listeners = format!(
-            "[[listener]]\nname = \"vip\"\naddress = \"{VIP}\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n[[listener.route.rule]]\nupstream = \"app\"\n[upstream.app]\nbackends = [\"127.0.0.1:18080\"]\n"
-        );
-        let path = pki.dir.join(format!("{h}.toml"));
-        std::fs::write(
-            &path,
-            Ktern::config_text(
-                &pki,
-                "cpus = [0]\ndrain_delay = \"3s\"\ndrain_timeout = \"5s\"",
-                &listeners,
-            ),
-        )
-        .unwrap();
-        hosts.push((ns.clone(), Ktern::start_in_netns(&ns, &pki.dir, &path)));
-    }
+    let (mut hosts, backends) = fleet.hosts(
+        &pki,
+        "cpus = [0]\ndrain_delay = \"3s\"\ndrain_timeout = \"5s\"",
+        &["", ""],
+    );
     let cfg = client_config(&[&pki.der]);
     let load = Arc::new(Load::default());
     let clients = 6;
-    let client_ns = format!("{PREFIX}-c");
+    let client_ns = fleet.ns("c");
     let (l, c) = (load.clone(), cfg.clone());
     let driver = std::thread::spawn(move || {
         ktern::sys::enter_netns(&client_ns).unwrap();
@@ -260,7 +287,7 @@ fn draining_host_behind_ecmp_loses_no_request_and_gets_no_new_connection_after_w
             .wait_metric_down_to("ktern_connections_active", 0)),
         0
     );
-    assert!(netns(&["withdraw", "1"]), "withdraw failed");
+    assert!(fleet.netns(&["withdraw", "1"]), "withdraw failed");
     let connects_at_withdrawal = load.connects.load(Ordering::SeqCst);
     let host2_before = metric(h2, ns2, "ktern_connections_accepted_total");
     let ok_at_withdrawal = load.ok.load(Ordering::SeqCst);
@@ -292,5 +319,75 @@ fn draining_host_behind_ecmp_loses_no_request_and_gets_no_new_connection_after_w
         "{}",
         h1.log()
     );
+    drop(backends);
+}
+
+/// One request to the VIP on a new connection (call from the client
+/// namespace); whether its handshake resumed a session.
+fn vip_request(cfg: &Arc<ClientConfig>) -> bool {
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let sock = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(5)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tls =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut c = StreamOwned::new(tls, sock);
+    c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    c.flush().unwrap();
+    let r = http::read_response(&mut std::io::BufReader::new(&mut c), false).unwrap();
+    assert_eq!(r.status, 200);
+    c.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+#[test]
+fn sessions_resume_on_whichever_host_shares_the_ticket_secret() {
+    let Some(fleet) = Fleet::up("kttick") else {
+        return;
+    };
+    let pki = Pki::new("fleet-tickets");
+    let (one, two) = (pki.dir.join("one.key"), pki.dir.join("two.key"));
+    std::fs::write(&one, [3u8; 48]).unwrap();
+    std::fs::write(&two, [4u8; 48]).unwrap();
+    let tickets = format!("[tickets]\nsecret_file = \"{}\"", one.display());
+    let (hosts, backends) = fleet.hosts(&pki, "cpus = [0]", &[&tickets, &tickets]);
+    let accepted = |i: usize| {
+        let (ns, k) = &hosts[i];
+        metric(k, ns, "ktern_connections_accepted_total")
+    };
+    let cfg = client_config(&[&pki.der]);
+    let client = fleet.ns("c");
+    let request = || in_ns(&client, || vip_request(&cfg));
+    // The VIP routed to host 1 only, then to host 2 only.
+    assert!(fleet.netns(&["withdraw", "2"]));
+    assert!(!request(), "the first handshake is full");
+    assert!(fleet.netns(&["withdraw", "1"]));
+    assert!(request(), "host 2 resumes host 1's session");
+    assert_eq!((accepted(0), accepted(1)), (1, 1));
+    // Both routes: every new connection resumes wherever ECMP sends it.
+    assert!(fleet.netns(&["restore"]));
+    for i in 0..16 {
+        assert!(request(), "connection {i} was not resumed");
+    }
+    assert!(
+        accepted(0) > 1 && accepted(1) > 1,
+        "ECMP sent all 16 flows to one host: {} / {}",
+        accepted(0),
+        accepted(1)
+    );
+    // Host 2 reloads with another secret: neither host opens the other's
+    // tickets any more.
+    let (ns2, h2) = &hosts[1];
+    let text = std::fs::read_to_string(&h2.config_path).unwrap();
+    let text = text.replace(&one.display().to_string(), &two.display().to_string());
+    std::fs::write(&h2.config_path, text).unwrap();
+    h2.signal("HUP");
+    assert_eq!(
+        in_ns(ns2, || h2.wait_metric("ktern_config_generation", 2)),
+        2
+    );
+    assert!(fleet.netns(&["withdraw", "1"]));
+    assert!(!request(), "host 2 opened a ticket of the old secret");
+    assert!(fleet.netns(&["withdraw", "2"]));
+    assert!(!request(), "host 1 opened a ticket of host 2's new secret");
     drop(backends);
 }

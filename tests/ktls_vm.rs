@@ -215,10 +215,13 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
             listener.set_nonblocking(true).unwrap();
             let listener = monoio::net::TcpListener::from_std(listener).unwrap();
             let (mut sock, _) = listener.accept().await.unwrap();
-            let hs = Handshake::new(
-                handshake::server_config(&cfg, &handshake::ticketer().unwrap()).unwrap(),
+            let tls = handshake::server_config(
+                &cfg,
+                &handshake::cert_store(&cfg),
+                &handshake::ticketer().unwrap(),
             )
             .unwrap();
+            let hs = Handshake::new(&tls).unwrap();
             let est = handshake::pump::run(&mut sock, hs, std::time::Duration::from_secs(30))
                 .await
                 .unwrap();

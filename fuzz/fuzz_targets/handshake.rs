@@ -2,18 +2,18 @@
 //! points: it must never panic, whatever rustls makes of them.
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
-fn config() -> Arc<rustls::ServerConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+fn config() -> ktern::handshake::ServerTls {
+    static CONFIG: OnceLock<ktern::handshake::ServerTls> = OnceLock::new();
     CONFIG.get_or_init(|| ktern::handshake::self_signed_config().expect("config")).clone()
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else { return };
-    let mut hs = ktern::handshake::Handshake::new(config()).expect("config is valid");
+    let mut hs = ktern::handshake::Handshake::new(&config()).expect("config is valid");
     let cut = (split as usize * rest.len() / 256).min(rest.len());
     for chunk in [&rest[..cut], &rest[cut..], &[][..]] {
         if hs.handle_input(chunk).is_err() {

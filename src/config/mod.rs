@@ -15,6 +15,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+pub mod lint;
 mod raw;
 
 pub use raw::{Driver, KtlsMode, LogFormat, TaskRun};
@@ -67,6 +68,32 @@ pub struct Config {
     /// Where HTTP access lines go (none when not configured). Opened when
     /// a generation starts, not by `ktern check`.
     pub access_log: Option<AccessLog>,
+    /// Session ticket keys.
+    pub tickets: Tickets,
+}
+
+/// The shortest ticket secret accepted: 256 bits (RFC 5869 §3.3: the
+/// input keying material must carry the derived keys' full strength).
+pub const MIN_TICKET_SECRET: usize = 32;
+
+/// Session tickets: where their keys come from and how often they turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tickets {
+    /// The fleet's shared secret (`tickets.secret_file`); `None`: a random
+    /// secret of this process.
+    pub secret: Option<TicketSecret>,
+    /// Keys change every `rotation` (at the same moment on every host).
+    pub rotation: Duration,
+}
+
+/// Secret bytes, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TicketSecret(pub Vec<u8>);
+
+impl fmt::Debug for TicketSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TicketSecret({} bytes)", self.0.len())
+    }
 }
 
 /// The access log's destination and layout.
@@ -145,8 +172,17 @@ pub struct Listener {
     pub backlog: u32,
     /// Certificates; the first is the default when SNI matches none.
     pub certificates: Vec<Certificate>,
+    /// Refuse a hello whose SNI is missing or matches no certificate
+    /// (`unrecognized_name`) instead of serving the default.
+    pub strict_sni: bool,
     /// TLS versions offered.
     pub tls_versions: TlsVersions,
+    /// Cipher suites offered (every one of them in the build's provider);
+    /// empty: all of the provider's, in its order.
+    pub cipher_suites: Vec<rustls::CipherSuite>,
+    /// Key exchange groups, most preferred first; empty: the provider's
+    /// (X25519MLKEM768, X25519, P-256, P-384 with aws-lc-rs).
+    pub kx_groups: Vec<rustls::NamedGroup>,
     /// ALPN protocol names offered, most preferred first (RFC 7301); empty:
     /// no ALPN (a client's offer is ignored).
     pub alpn: Vec<String>,
@@ -164,7 +200,10 @@ impl Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
             backlog: 16,
             certificates: vec![certificate],
+            strict_sni: false,
             tls_versions,
+            cipher_suites: Vec::new(),
+            kx_groups: Vec::new(),
             alpn: Vec::new(),
             route: Route::Tcp(TcpRoute {
                 backends: Vec::new(),
@@ -180,7 +219,9 @@ impl Listener {
 pub struct Certificate {
     /// Chain and signing key, already checked to match.
     pub key: Arc<CertifiedKey>,
-    /// Exact server names (lower case) that select this certificate.
+    /// The names (lower case) that select this certificate: exact DNS
+    /// names and one-label `*.` wildcards, from `server_names` when given,
+    /// else from the certificate's subjectAltName (DNS and IP entries).
     pub server_names: Vec<String>,
     /// Where it came from and what its leaf says (for `/certs` and the
     /// expiry gauge).
@@ -631,6 +672,7 @@ impl Validator<'_> {
             })
             .collect();
         let access_log = raw.access_log.and_then(|a| self.access_log(a));
+        let tickets = self.tickets(raw.tickets);
         Config {
             source: file.to_string(),
             runtime,
@@ -639,7 +681,49 @@ impl Validator<'_> {
             upstreams,
             redirects,
             access_log,
+            tickets: tickets.unwrap_or(Tickets {
+                secret: None,
+                rotation: Duration::from_secs(43_200),
+            }),
         }
+    }
+
+    fn tickets(&mut self, raw: raw::TicketsSection) -> Option<Tickets> {
+        let rotation = self.duration("tickets.rotation", &raw.rotation)?;
+        // RFC 8446 §4.6.1 caps a ticket's lifetime at 7 days.
+        if rotation < Duration::from_secs(1) || rotation > Duration::from_secs(604_800) {
+            self.problem("tickets.rotation", "must be between 1s and 7 days (168h)");
+            return None;
+        }
+        let secret = match raw.secret_file {
+            None => None,
+            Some(file) => {
+                let path = self.base.join(&file);
+                match std::fs::read(&path) {
+                    Ok(bytes) if bytes.len() >= MIN_TICKET_SECRET => Some(TicketSecret(bytes)),
+                    Ok(bytes) => {
+                        self.problem(
+                            "tickets.secret_file",
+                            format!(
+                                "{} holds {} bytes; a ticket secret needs at least {MIN_TICKET_SECRET} \
+                                 (e.g. head -c 32 /dev/urandom)",
+                                path.display(),
+                                bytes.len()
+                            ),
+                        );
+                        return None;
+                    }
+                    Err(e) => {
+                        self.problem(
+                            "tickets.secret_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(Tickets { secret, rotation })
     }
 
     /// Checks the access log's place without creating anything (`ktern
@@ -1123,6 +1207,12 @@ impl Validator<'_> {
         }
         let http = matches!(raw.route, raw::RouteSection::Http(_));
         let alpn = self.alpn(&format!("{at}.alpn"), raw.alpn, http);
+        let cipher_suites = self.cipher_suites(
+            &format!("{at}.cipher_suites"),
+            raw.cipher_suites,
+            tls_versions,
+        );
+        let kx_groups = self.kx_groups(&format!("{at}.kx_groups"), raw.kx_groups);
         let route = match raw.route {
             raw::RouteSection::Tcp(t) => self.tcp_route(&format!("{at}.route"), t),
             raw::RouteSection::Http(h) => self.http_route(&format!("{at}.route"), *h, upstreams),
@@ -1132,7 +1222,10 @@ impl Validator<'_> {
             address: address?,
             backlog: raw.backlog,
             certificates,
+            strict_sni: raw.strict_sni,
             tls_versions,
+            cipher_suites,
+            kx_groups,
             alpn,
             route: route?,
         })
@@ -1218,6 +1311,105 @@ impl Validator<'_> {
         out
     }
 
+    /// Cipher suites by IANA name, each in this build's provider; every
+    /// enabled version needs one of its own (rustls' TLS 1.2 suites are
+    /// all ECDHE with AES-GCM or ChaCha20-Poly1305: forward secret).
+    fn cipher_suites(
+        &mut self,
+        at: &str,
+        raw: Option<Vec<String>>,
+        versions: TlsVersions,
+    ) -> Vec<rustls::CipherSuite> {
+        let Some(names) = raw else {
+            return Vec::new();
+        };
+        let provider = crate::provider::crypto_provider();
+        let mut out = Vec::new();
+        let (mut tls13, mut tls12) = (false, false);
+        for (j, name) in names.iter().enumerate() {
+            let found = provider.cipher_suites.iter().find(|s| {
+                s.suite()
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            });
+            match found {
+                Some(s) if out.contains(&s.suite()) => {
+                    self.problem(format!("{at}[{j}]"), format!("{name:?} is listed twice"))
+                }
+                Some(s) => {
+                    tls13 |= s.tls13().is_some();
+                    tls12 |= s.tls13().is_none();
+                    out.push(s.suite());
+                }
+                None => self.problem(
+                    format!("{at}[{j}]"),
+                    format!(
+                        "{name:?} is not a cipher suite of this build (it has: {})",
+                        provider
+                            .cipher_suites
+                            .iter()
+                            .filter_map(|s| s.suite().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+            }
+        }
+        if versions.tls13 && !tls13 && !out.is_empty() {
+            self.problem(at, "TLS 1.3 is enabled but no TLS13_* suite is listed");
+        }
+        if versions.tls12 && !tls12 && !out.is_empty() {
+            self.problem(
+                at,
+                "TLS 1.2 is enabled but no TLS 1.2 suite (TLS_ECDHE_*) is listed: \
+                 list one or set tls_versions = [\"1.3\"]",
+            );
+        }
+        if names.is_empty() {
+            self.problem(at, "must name at least one suite (or be left out)");
+        }
+        out
+    }
+
+    /// Key exchange groups by name (`X25519MLKEM768`, `X25519`, `P-256`
+    /// or `secp256r1`, `P-384` or `secp384r1`), each in this build's
+    /// provider, in the order given.
+    fn kx_groups(&mut self, at: &str, raw: Option<Vec<String>>) -> Vec<rustls::NamedGroup> {
+        use rustls::NamedGroup as G;
+        let Some(names) = raw else {
+            return Vec::new();
+        };
+        let provider = crate::provider::crypto_provider();
+        let mut out = Vec::new();
+        for (j, name) in names.iter().enumerate() {
+            let group = match name.to_ascii_uppercase().as_str() {
+                "X25519MLKEM768" => Some(G::X25519MLKEM768),
+                "X25519" => Some(G::X25519),
+                "P-256" | "SECP256R1" => Some(G::secp256r1),
+                "P-384" | "SECP384R1" => Some(G::secp384r1),
+                _ => None,
+            };
+            match group {
+                None => self.problem(
+                    format!("{at}[{j}]"),
+                    format!("{name:?} is not a key exchange group (X25519MLKEM768, X25519, P-256, P-384)"),
+                ),
+                Some(g) if !provider.kx_groups.iter().any(|k| k.name() == g) => self.problem(
+                    format!("{at}[{j}]"),
+                    format!("{name:?} is not offered by this build's crypto provider (X25519MLKEM768 needs aws-lc-rs)"),
+                ),
+                Some(g) if out.contains(&g) => {
+                    self.problem(format!("{at}[{j}]"), format!("{name:?} is listed twice"))
+                }
+                Some(g) => out.push(g),
+            }
+        }
+        if names.is_empty() {
+            self.problem(at, "must name at least one group (or be left out)");
+        }
+        out
+    }
+
     fn tcp_route(&mut self, at: &str, raw: raw::TcpRouteSection) -> Option<Route> {
         if raw.backends.is_empty() {
             self.problem(format!("{at}.backends"), "at least one backend is required");
@@ -1263,13 +1455,22 @@ impl Validator<'_> {
             }
         };
         let provider = crate::provider::crypto_provider();
+        let leaf = chain[0].clone();
+        let server_names = if raw.server_names.is_empty() {
+            info.names.iter().map(|n| n.to_ascii_lowercase()).collect()
+        } else {
+            let mut names = Vec::with_capacity(raw.server_names.len());
+            for (k, n) in raw.server_names.iter().enumerate() {
+                match check_server_name(n) {
+                    Ok(()) => names.push(n.to_ascii_lowercase()),
+                    Err(why) => self.problem(format!("{at}.server_names[{k}]"), why),
+                }
+            }
+            names
+        };
         match CertifiedKey::from_der(chain, key, &provider) {
             Ok(ck) => Some(Certificate {
-                server_names: raw
-                    .server_names
-                    .iter()
-                    .map(|n| n.to_ascii_lowercase())
-                    .collect(),
+                server_names,
                 info: {
                     info.cert_file = raw.cert.clone();
                     info.key_file = raw.key.clone();
@@ -1289,7 +1490,14 @@ impl Validator<'_> {
                 None
             }
             Err(e) => {
-                self.problem(format!("{at}.key"), format!("unusable key: {e}"));
+                let reason = match lint::rsa_bits(leaf.as_ref()) {
+                    Some(bits) if bits < lint::MIN_RSA_BITS => format!(
+                        "RSA key of {bits} bits: at least {} are needed (the crypto provider refuses smaller keys)",
+                        lint::MIN_RSA_BITS
+                    ),
+                    _ => format!("unusable key: {e}"),
+                };
+                self.problem(format!("{at}.key"), reason);
                 None
             }
         }
@@ -1346,6 +1554,37 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// A configured server name: a DNS name (RFC 1035 letters, digits,
+/// hyphens; labels up to 63 bytes, up to 253 in all) or `*.` followed by
+/// one (a one-label wildcard, RFC 6125 §6.4.3). IP addresses never arrive
+/// as SNI (RFC 6066 §3), so they cannot select a certificate.
+fn check_server_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "{name:?} is an IP address, which clients never send as SNI (RFC 6066 §3); \
+             IP clients get the listener's first certificate"
+        ));
+    }
+    let dns = name.strip_prefix("*.").unwrap_or(name);
+    let bad = dns.is_empty()
+        || dns.len() > 253
+        || dns.split('.').any(|label| {
+            label.is_empty()
+                || label.len() > 63
+                || label.starts_with('-')
+                || label.ends_with('-')
+                || !label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if bad {
+        return Err(format!(
+            "{name:?} is not a DNS name or a one-label wildcard such as \"*.example.com\""
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a byte size: `"1048576"`, `"512k"`, `"1m"`, `"2g"` (binary units).

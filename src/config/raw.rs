@@ -57,10 +57,33 @@ pub(super) struct RawConfig {
     pub admin: Option<AdminSection>,
     pub access_log: Option<AccessLogSection>,
     #[serde(default)]
+    pub tickets: TicketsSection,
+    #[serde(default)]
     pub redirect: Vec<RedirectSection>,
     /// Named upstream groups for `http` routes, in file order.
     #[serde(default)]
     pub upstream: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TicketsSection {
+    pub secret_file: Option<String>,
+    #[serde(default = "default_ticket_rotation")]
+    pub rotation: String,
+}
+
+impl Default for TicketsSection {
+    fn default() -> Self {
+        TicketsSection {
+            secret_file: None,
+            rotation: default_ticket_rotation(),
+        }
+    }
+}
+
+fn default_ticket_rotation() -> String {
+    "12h".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,11 +182,18 @@ pub(super) struct ListenerSection {
     pub backlog: u32,
     #[serde(default)]
     pub certificate: Vec<CertificateSection>,
+    #[serde(default)]
+    pub strict_sni: bool,
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<String>,
     /// ALPN protocols offered, most preferred first (default: `http/1.1`
     /// on `http` routes, none on `tcp`).
     pub alpn: Option<Vec<String>>,
+    /// IANA cipher suite names (default: the provider's, in its order).
+    pub cipher_suites: Option<Vec<String>>,
+    /// Key exchange groups, most preferred first (default: the
+    /// provider's).
+    pub kx_groups: Option<Vec<String>>,
     pub route: RouteSection,
 }
 

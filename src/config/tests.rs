@@ -452,3 +452,95 @@ fn uring_taskrun_defaults_to_coop_and_is_validated() {
     let e = Config::from_toml(&with("sqpoll"), "a.toml", &dir, &pems()).unwrap_err();
     assert!(e.to_string().contains("sqpoll"), "{e}");
 }
+
+#[test]
+fn certificate_names_come_from_the_san_unless_given_and_are_checked() {
+    let (cert, key) =
+        crate::builtin::self_signed(&["Www.Example.com", "*.api.example.com", "127.0.0.1"])
+            .unwrap();
+    let pems = vec![("c".to_string(), cert), ("k".to_string(), key)];
+    let c = Config::from_toml(GOOD, "t.toml", Path::new("."), &pems).unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(
+        l.certificates[0].server_names,
+        ["www.example.com", "*.api.example.com", "127.0.0.1"]
+    );
+    assert!(!l.strict_sni);
+    let given = GOOD.replace(
+        "key = \"inline:k\"",
+        "key = \"inline:k\"\nserver_names = [\"A.test\", \"*.b.test\"]",
+    );
+    let c = Config::from_toml(&given, "t.toml", Path::new("."), &pems).unwrap();
+    assert_eq!(
+        c.listeners[0].certificates[0].server_names,
+        ["a.test", "*.b.test"]
+    );
+    let bad = GOOD.replace(
+        "key = \"inline:k\"",
+        "key = \"inline:k\"\nserver_names = [\"ok.test\", \"10.0.0.1\", \"a.*.test\", \"-x.test\", \"x..test\"]",
+    ).replace("[[listener]]", "[[listener]]\nstrict_sni = true");
+    let e = Config::from_toml(&bad, "t.toml", Path::new("."), &pems).unwrap_err();
+    let fields: Vec<_> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].certificate[0].server_names[1]",
+            "listener[0].certificate[0].server_names[2]",
+            "listener[0].certificate[0].server_names[3]",
+            "listener[0].certificate[0].server_names[4]",
+        ],
+        "{e}"
+    );
+    assert!(e.to_string().contains("RFC 6066"), "{e}");
+}
+
+#[test]
+fn cipher_suites_and_groups_are_checked_against_the_build() {
+    let with = |extra: &str| GOOD.replace("[[listener]]", &format!("[[listener]]\n{extra}"));
+    let c = Config::from_toml(
+        &with("cipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"tls_ecdhe_ecdsa_with_aes_128_gcm_sha256\"]\nkx_groups = [\"P-384\", \"x25519\"]"),
+        "t.toml",
+        Path::new("."),
+        &pems(),
+    )
+    .unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(
+        l.cipher_suites,
+        [
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        ]
+    );
+    assert_eq!(
+        l.kx_groups,
+        [rustls::NamedGroup::secp384r1, rustls::NamedGroup::X25519]
+    );
+    let e = Config::from_toml(
+        &with("cipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"TLS_RSA_WITH_RC4_128_MD5\"]\nkx_groups = [\"X448\", \"X25519\", \"X25519\"]"),
+        "t.toml",
+        Path::new("."),
+        &pems(),
+    )
+    .unwrap_err();
+    let fields: Vec<_> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].cipher_suites[1]",
+            "listener[0].cipher_suites",
+            "listener[0].kx_groups[0]",
+            "listener[0].kx_groups[2]",
+        ],
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("TLS 1.2 is enabled but no TLS 1.2 suite"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("not a cipher suite of this build"),
+        "{e}"
+    );
+}

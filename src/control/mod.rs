@@ -21,6 +21,7 @@ use crate::shard::{self, Command, Generation, ShardLink, Slot};
 use crate::upstream::health::{self, Checks};
 
 pub mod admin;
+pub mod expiry;
 pub mod notify;
 pub mod upgrade;
 
@@ -53,6 +54,10 @@ pub enum ReloadError {
     /// rustls refused a config that validation passed (internal).
     #[error("internal: TLS config rejected: {0}")]
     Tls(#[from] rustls::Error),
+    /// The ticket keys could not be made (internal: the config check
+    /// already measured the secret).
+    #[error("internal: session ticket keys: {0}")]
+    Tickets(#[from] crate::handshake::tickets::TicketKeyError),
     /// A thread or socket could not be created (internal).
     #[error("internal: {what}: {source}")]
     Io {
@@ -139,7 +144,10 @@ pub struct Control {
     pub notify: notify::Notifier,
     /// The admin endpoint's configured address, listener copy and stop flag.
     admin: Mutex<Option<(SocketAddr, std::net::TcpListener, Arc<AtomicBool>)>>,
-    tickets: Arc<dyn rustls::server::ProducesTickets>,
+    /// The random ticket secret of this process, made once: without a
+    /// fleet secret every generation derives its ticket keys from it, so
+    /// a reload does not turn outstanding tickets into full handshakes.
+    own_secret: [u8; crate::config::MIN_TICKET_SECRET],
 }
 
 impl Control {
@@ -171,7 +179,7 @@ impl Control {
             entries: config.runtime.uring_entries,
             taskrun: config.runtime.uring_taskrun,
         };
-        let tickets = crate::handshake::ticketer()?;
+        let own_secret = crate::handshake::tickets::random_secret()?;
         let health_metrics = Arc::new(M::default());
         let mut next_key = 1;
         let inherited: Vec<Bound> = inherited
@@ -198,7 +206,7 @@ impl Control {
         })?;
         let gen = Arc::new(Generation {
             number: 1,
-            tls: tls_configs(&config, cpus.len(), &tickets)?,
+            tls: tls_configs(&config, cpus.len(), &own_secret)?,
             health: checks.states.clone(),
             slots: plan.slots,
             access: open_access_log(&config)?,
@@ -239,12 +247,15 @@ impl Control {
             health_metrics,
             links,
             source,
-            tickets,
+            own_secret,
             notify: notify::Notifier::from_env(),
             admin: Mutex::new(None),
         });
         control.status.ready.store(true, Ordering::Relaxed);
         tracing::info!(generation = 1, shards = cpus.len(), "config live");
+        if let Err(e) = expiry::spawn(Arc::downgrade(&control)) {
+            tracing::error!(error = %e, "cannot start the certificate expiry thread: no expiry warnings in the log");
+        }
         Ok(control)
     }
 
@@ -422,7 +433,7 @@ impl Control {
         let config = Config::load(path)?;
         unchangeable(&inner.current.config, &config)?;
         let shards = self.links.len();
-        let tls = tls_configs(&config, shards, &self.tickets)?;
+        let tls = tls_configs(&config, shards, &self.own_secret)?;
         let mut next_key = inner.next_key;
         let plan = plan_sockets(&inner.sockets, &config, shards, &mut next_key)?;
         let mut fresh = Vec::new();
@@ -536,21 +547,30 @@ fn unchangeable(old: &Config, new: &Config) -> Result<(), ConfigError> {
     }
 }
 
-/// One rustls config per shard per listener.
+/// One rustls config per shard per listener, all of a listener's sharing
+/// one certificate store.
 fn tls_configs(
     config: &Config,
     shards: usize,
-    tickets: &Arc<dyn rustls::server::ProducesTickets>,
-) -> Result<Vec<Vec<Arc<rustls::ServerConfig>>>, rustls::Error> {
+    own_secret: &[u8],
+) -> Result<Vec<Vec<crate::handshake::ServerTls>>, ReloadError> {
+    let tickets = crate::handshake::tickets::for_config(&config.tickets, own_secret)?;
+    let stores: Vec<_> = config
+        .listeners
+        .iter()
+        .map(crate::handshake::cert_store)
+        .collect();
     (0..shards)
         .map(|_| {
             config
                 .listeners
                 .iter()
-                .map(|l| crate::handshake::server_config(l, tickets))
-                .collect()
+                .zip(&stores)
+                .map(|(l, store)| crate::handshake::server_config(l, store, &tickets))
+                .collect::<Result<Vec<_>, _>>()
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map_err(ReloadError::from)
 }
 
 fn wait_all(acks: Vec<mpsc::Receiver<u64>>) -> Result<(), ReloadError> {

@@ -10,37 +10,28 @@
 
 use std::sync::Arc;
 
-use rustls::server::UnbufferedServerConnection;
-use rustls::server::{ClientHello, ResolvesServerCert, ServerConnectionData};
-use rustls::sign::CertifiedKey;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
 use rustls::ServerConfig;
 
 use crate::config;
 
+pub mod certs;
 pub mod hello;
 pub mod memory;
 pub mod pump;
+pub mod tickets;
 
 pub use crate::provider::crypto_provider;
 
-/// The process's resumption ticket keys: one rotating key set (rustls'
-/// `Ticketer`: a new key every 6 hours, the previous one still accepted)
-/// shared by every shard and every config generation. A ticket issued by one
-/// shard resumes on any other (the kernel's `SO_REUSEPORT` hash sends a
-/// client's next connection to any shard), and a reload does not turn every
-/// outstanding ticket into a full handshake. Made once at start and handed
-/// to each [`server_config`]; a fleet-wide secret can later replace what
-/// this returns without touching the shards.
-pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
-    #[cfg(feature = "aws-lc-rs")]
-    {
-        rustls::crypto::aws_lc_rs::Ticketer::new()
-    }
-    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
-    {
-        rustls::crypto::ring::Ticketer::new()
-    }
+/// Ticket keys from a random secret, rotating every 12 hours: for tools,
+/// benchmarks and tests that build a server without a config. A running
+/// ktern derives its keys per config generation ([`tickets::for_config`]),
+/// shared by every shard: a ticket issued by one shard resumes on any
+/// other (the kernel's `SO_REUSEPORT` hash sends a client's next
+/// connection to any shard), and with `[tickets] secret_file` on any host.
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, tickets::TicketKeyError> {
+    Ok(Arc::new(tickets::TicketKeys::random(43_200)?))
 }
 
 #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
@@ -54,31 +45,26 @@ pub const MAX_RECORD: usize = 5 + (1 << 14) + 256;
 /// the largest handshake message we accept, plus one record).
 const MAX_INPUT: usize = (64 << 10) + MAX_RECORD;
 
-/// Picks a certificate by exact SNI match, else the listener's first one.
-#[derive(Debug)]
-struct SniResolver {
-    certs: Vec<config::Certificate>,
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let by_name = hello.server_name().and_then(|sni| {
-            self.certs
-                .iter()
-                .find(|c| c.server_names.iter().any(|n| n.eq_ignore_ascii_case(sni)))
-        });
-        by_name.or(self.certs.first()).map(|c| c.key.clone())
-    }
+/// What a shard needs for one listener's handshakes: its rustls config,
+/// and the certificate store behind the config's resolver (the
+/// `strict_sni` refusal happens before rustls sees the hello).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The rustls server config.
+    pub config: Arc<ServerConfig>,
+    /// The listener's certificates by name.
+    pub certs: Arc<certs::CertStore>,
 }
 
 /// Builds the rustls server config for one listener. Each shard gets its
 /// own (built off the shards, at start and on reload), so the TLS 1.2
 /// session-id cache and its lock are never shared across threads; the
-/// ticket keys are (see [`ticketer`]).
+/// certificate store and the ticket keys (see [`ticketer`]) are shared.
 pub fn server_config(
     listener: &config::Listener,
+    certs: &Arc<certs::CertStore>,
     tickets: &Arc<dyn rustls::server::ProducesTickets>,
-) -> Result<Arc<ServerConfig>, rustls::Error> {
+) -> Result<ServerTls, rustls::Error> {
     let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
     if listener.tls_versions.tls13 {
         versions.push(&rustls::version::TLS13);
@@ -86,12 +72,10 @@ pub fn server_config(
     if listener.tls_versions.tls12 {
         versions.push(&rustls::version::TLS12);
     }
-    let mut cfg = ServerConfig::builder_with_provider(Arc::new(crypto_provider()))
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(listener_provider(listener)))
         .with_protocol_versions(&versions)?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver {
-            certs: listener.certificates.clone(),
-        }));
+        .with_cert_resolver(certs.clone());
     // Needed for `dangerous_into_kernel_connection` (kTLS hand-over).
     cfg.enable_secret_extraction = true;
     // 0-RTT data would reach the backend before the handshake completes and is
@@ -112,13 +96,66 @@ pub fn server_config(
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
-    Ok(Arc::new(cfg))
+    Ok(ServerTls {
+        config: Arc::new(cfg),
+        certs: certs.clone(),
+    })
+}
+
+/// The build's crypto provider narrowed to a listener's `cipher_suites`
+/// and `kx_groups`, in the listener's order (the config check made sure
+/// each is in the provider).
+pub fn listener_provider(listener: &config::Listener) -> rustls::crypto::CryptoProvider {
+    let mut p = crypto_provider();
+    if !listener.cipher_suites.is_empty() {
+        let all = std::mem::take(&mut p.cipher_suites);
+        p.cipher_suites = listener
+            .cipher_suites
+            .iter()
+            .filter_map(|c| all.iter().find(|s| s.suite() == *c).copied())
+            .collect();
+    }
+    if !listener.kx_groups.is_empty() {
+        let all = std::mem::take(&mut p.kx_groups);
+        p.kx_groups = listener
+            .kx_groups
+            .iter()
+            .filter_map(|g| all.iter().find(|k| k.name() == *g).copied())
+            .collect();
+    }
+    p
+}
+
+/// The suites a listener may negotiate (its versions' share of
+/// [`listener_provider`]).
+pub fn listener_suites(listener: &config::Listener) -> Vec<rustls::SupportedCipherSuite> {
+    let v = listener.tls_versions;
+    listener_provider(listener)
+        .cipher_suites
+        .into_iter()
+        .filter(|s| {
+            if s.tls13().is_some() {
+                v.tls13
+            } else {
+                v.tls12
+            }
+        })
+        .collect()
+}
+
+/// The certificate store of `listener` alone (one per listener per config
+/// generation; every shard's [`server_config`] shares it).
+pub fn cert_store(listener: &config::Listener) -> Arc<certs::CertStore> {
+    Arc::new(certs::CertStore::new(
+        &listener.certificates,
+        listener.strict_sni,
+    ))
 }
 
 /// A server config with a freshly generated self-signed certificate for
 /// `localhost` (ECDSA P-256), for fuzzing and tools that need a server
 /// without files.
-pub fn self_signed_config() -> Result<Arc<ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
+pub fn self_signed_config() -> Result<ServerTls, Box<dyn std::error::Error + Send + Sync>> {
     let (cert, key) = crate::builtin::self_signed(&["localhost"])?;
     let both = config::TlsVersions {
         tls12: true,
@@ -129,7 +166,11 @@ pub fn self_signed_config() -> Result<Arc<ServerConfig>, Box<dyn std::error::Err
         config::Certificate::from_pem(&cert, &key)?,
         both,
     );
-    Ok(server_config(&listener, &ticketer()?)?)
+    Ok(server_config(
+        &listener,
+        &cert_store(&listener),
+        &ticketer()?,
+    )?)
 }
 
 /// Why a handshake did not complete.
@@ -151,6 +192,10 @@ pub enum HandshakeError {
     /// A handshake message larger than we buffer.
     #[error("handshake message larger than {MAX_INPUT} bytes")]
     TooLarge,
+    /// `strict_sni`: the hello named no server this listener has a
+    /// certificate for (or none); `unrecognized_name` was queued.
+    #[error("unknown server name (strict_sni): {}", .0.as_deref().unwrap_or("none sent"))]
+    UnknownName(Option<Box<str>>),
 }
 
 /// What the driver wants next.
@@ -230,6 +275,8 @@ pub struct Handshake {
     hello_prefix: Vec<u8>,
     hello_seen: bool,
     sni: Option<Box<str>>,
+    /// The listener's certificates, for the `strict_sni` refusal.
+    certs: Arc<certs::CertStore>,
     /// Some of our handshake bytes went out (from then on records may be
     /// protected, and only rustls can make an alert).
     transmitted: bool,
@@ -239,11 +286,15 @@ pub struct Handshake {
 /// record version is the legacy 0x0303 in both TLS 1.2 and 1.3).
 const HANDSHAKE_FAILURE: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40];
 
+/// A plaintext fatal `unrecognized_name` alert (RFC 6066 §3: the server
+/// "MAY" refuse a name it does not recognize with this alert).
+const UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+
 impl Handshake {
-    /// Starts a server handshake with `config`.
-    pub fn new(config: Arc<ServerConfig>) -> Result<Handshake, rustls::Error> {
+    /// Starts a server handshake for a listener.
+    pub fn new(tls: &ServerTls) -> Result<Handshake, rustls::Error> {
         Ok(Handshake {
-            conn: UnbufferedServerConnection::new(config)?,
+            conn: UnbufferedServerConnection::new(tls.config.clone())?,
             input: Vec::with_capacity(MAX_RECORD),
             output: Vec::new(),
             early_plaintext: Vec::new(),
@@ -252,6 +303,7 @@ impl Handshake {
             hello_prefix: Vec::new(),
             hello_seen: false,
             sni: None,
+            certs: tls.certs.clone(),
             transmitted: false,
         })
     }
@@ -268,6 +320,13 @@ impl Handshake {
         self.input.extend_from_slice(bytes);
         if !self.hello_seen {
             self.peek_hello(bytes);
+            // A refused name is answered before rustls parses the hello
+            // (rustls' resolver can only fail with access_denied).
+            if self.hello_seen && self.certs.refuses(self.sni.as_deref()) {
+                self.output.clear();
+                self.output.extend_from_slice(&UNRECOGNIZED_NAME);
+                return Err(HandshakeError::UnknownName(self.sni.take()));
+            }
         }
         Ok(())
     }

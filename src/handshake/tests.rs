@@ -35,6 +35,39 @@ fn client(root: CertificateDer<'static>, tls12_only: bool) -> ClientConnection {
     ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap()
 }
 
+/// A handshake for `l` with a store of its own certificates.
+fn start(l: &Listener) -> Handshake {
+    Handshake::new(&server_config(l, &cert_store(l), &ticketer().unwrap()).unwrap()).unwrap()
+}
+
+/// The client's first flight (its ClientHello).
+fn client_hello(c: &mut ClientConnection) -> Vec<u8> {
+    let mut hello = Vec::new();
+    c.write_tls(&mut hello).unwrap();
+    hello
+}
+
+#[test]
+fn strict_sni_refuses_unknown_names_with_unrecognized_name() {
+    let (mut l, root) = listener(true, true);
+    l.strict_sni = true;
+    l.certificates[0].server_names = vec!["*.example.com".into()];
+    // `localhost` matches nothing: refused before rustls answers.
+    let mut hs = start(&l);
+    let hello = client_hello(&mut client(root.clone(), false));
+    let err = hs.handle_input(&hello).unwrap_err();
+    assert!(
+        matches!(&err, HandshakeError::UnknownName(Some(n)) if &**n == "localhost"),
+        "{err:?}"
+    );
+    assert_eq!(hs.pending_output(), &UNRECOGNIZED_NAME);
+    // The same hello is served once the name is known.
+    l.certificates[0].server_names.push("localhost".into());
+    let mut hs = start(&l);
+    let mut c = client(root, false);
+    assert_eq!(pump(&mut c, &mut hs, 0), Step::Done);
+}
+
 /// The shared in-memory pump, untimed.
 fn pump(c: &mut ClientConnection, hs: &mut Handshake, hold_back: usize) -> Step {
     let mut untimed = std::time::Duration::ZERO;
@@ -43,7 +76,7 @@ fn pump(c: &mut ClientConnection, hs: &mut Handshake, hold_back: usize) -> Step 
 
 fn complete(tls12_only: bool) {
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+    let mut hs = start(&l);
     let mut c = client(root, tls12_only);
     let step = pump(&mut c, &mut hs, 0);
     assert_eq!(step, Step::Done, "tls12_only={tls12_only}");
@@ -78,7 +111,7 @@ fn completes_tls12_and_hands_over_keys() {
 #[test]
 fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+    let mut hs = start(&l);
     let mut c = client(root, false);
     // Run until the server waits for the client's Finished.
     let mut step = hs.poll().unwrap();
@@ -141,7 +174,7 @@ fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
 #[test]
 fn garbage_instead_of_client_hello_fails_with_an_alert() {
     let (l, _) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+    let mut hs = start(&l);
     hs.handle_input(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let err = hs.poll().unwrap_err();
@@ -157,7 +190,7 @@ fn garbage_instead_of_client_hello_fails_with_an_alert() {
 #[test]
 fn eof_mid_handshake_is_reported() {
     let (l, _) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+    let mut hs = start(&l);
     hs.handle_input(&[22, 3, 1, 0, 200, 1]).unwrap();
     assert_eq!(hs.poll().unwrap(), Step::Read(None));
     hs.handle_input(&[]).unwrap();
@@ -167,7 +200,7 @@ fn eof_mid_handshake_is_reported() {
 #[test]
 fn oversized_input_is_refused() {
     let (l, _) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+    let mut hs = start(&l);
     let big = vec![0u8; MAX_INPUT + 1];
     assert!(matches!(
         hs.handle_input(&big),
@@ -195,7 +228,7 @@ fn fuzz_regression_partial_handshake_message_then_garbage() {
     ];
     for cut in 0..crash.len() {
         let (l, _) = listener(true, true);
-        let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+        let mut hs = start(&l);
         let mut failed = false;
         for chunk in [&crash[..cut], &crash[cut..], &[][..]] {
             if failed || hs.handle_input(chunk).is_err() {
@@ -228,7 +261,7 @@ fn default_provider_offers_x25519mlkem768_first_and_negotiates_it() {
         rustls::NamedGroup::X25519MLKEM768
     );
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+    let mut hs = start(&l);
     let mut c = client(root, false);
     assert_eq!(pump(&mut c, &mut hs, 0), Step::Done);
     assert_eq!(
@@ -240,7 +273,7 @@ fn default_provider_offers_x25519mlkem768_first_and_negotiates_it() {
 #[test]
 fn sni_is_read_when_the_hello_arrives_a_byte_at_a_time() {
     let (l, root) = listener(true, true);
-    let mut hs = Handshake::new(server_config(&l, &ticketer().unwrap()).unwrap()).unwrap();
+    let mut hs = start(&l);
     let mut c = client(root, false);
     let mut hello = Vec::new();
     c.write_tls(&mut hello).unwrap();

@@ -78,6 +78,15 @@ impl Support {
         KernelCipher::of(suite).is_some_and(|c| self.ciphers.contains(&(tls13, c)))
     }
 
+    /// The names of the `suites` kTLS cannot carry here.
+    pub fn uncovered(&self, suites: &[SupportedCipherSuite]) -> Vec<&'static str> {
+        suites
+            .iter()
+            .filter(|s| !self.covers(**s))
+            .filter_map(|s| s.suite().as_str())
+            .collect()
+    }
+
     /// One line for the start-up log.
     pub fn describe(&self) -> String {
         if !self.ulp {
@@ -241,6 +250,39 @@ mod tests {
         assert!(!support.covers(s13));
         support.ciphers.push((true, KernelCipher::AesGcm128));
         assert!(support.covers(s13));
+    }
+
+    #[test]
+    fn a_listener_suite_the_kernel_lacks_is_named() {
+        // A kernel before 5.11: AES-GCM only, no ChaCha20-Poly1305.
+        let support = Support {
+            ulp: true,
+            ciphers: [true, false]
+                .into_iter()
+                .flat_map(|v| [(v, KernelCipher::AesGcm128), (v, KernelCipher::AesGcm256)])
+                .collect(),
+            ..Support::default()
+        };
+        let (cert, key) = crate::builtin::self_signed(&["x.test"]).unwrap();
+        let both = crate::config::TlsVersions {
+            tls12: true,
+            tls13: true,
+        };
+        let mut l = crate::config::Listener::standalone(
+            "t",
+            crate::config::Certificate::from_pem(&cert, &key).unwrap(),
+            both,
+        );
+        let all = support.uncovered(&crate::handshake::listener_suites(&l));
+        assert!(all.contains(&"TLS13_CHACHA20_POLY1305_SHA256"), "{all:?}");
+        assert!(all.iter().all(|n| n.contains("CHACHA20")), "{all:?}");
+        l.cipher_suites = vec![
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ];
+        assert!(support
+            .uncovered(&crate::handshake::listener_suites(&l))
+            .is_empty());
     }
 
     #[test]

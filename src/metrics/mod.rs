@@ -34,6 +34,7 @@ counters! {
     refused_over_cap => "ktern_connections_refused_total", "Connections closed at accept: the shard was at runtime.max_connections.";
     handshakes => "ktern_handshakes_total", "TLS handshakes completed.";
     hs_fail_tls => "ktern_handshake_failures_tls_total", "Handshakes failed: client sent invalid TLS or negotiation failed (alert sent).";
+    hs_fail_sni => "ktern_handshake_failures_unknown_sni_total", "Handshakes refused: strict_sni and the SNI was missing or matched no certificate (unrecognized_name sent).";
     hs_fail_timeout => "ktern_handshake_failures_timeout_total", "Handshakes failed: deadline passed.";
     hs_fail_eof => "ktern_handshake_failures_eof_total", "Handshakes failed: client closed or reset mid-handshake.";
     ktls_offloaded => "ktern_ktls_offloaded_total", "Connections whose record crypto went to the kernel.";

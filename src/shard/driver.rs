@@ -67,7 +67,7 @@ async fn establish(
     let m = &shard.metrics;
     let accepted = std::time::Instant::now();
     let _ = socket.set_nodelay(true);
-    let hs = match handshake::Handshake::new(gen.tls[listener].clone()) {
+    let hs = match handshake::Handshake::new(&gen.tls[listener]) {
         Ok(hs) => hs,
         Err(e) => {
             tracing::error!(%peer, error = %e, "internal: cannot start handshake");
@@ -82,6 +82,7 @@ async fn establish(
                 HandshakeError::Timeout => &m.hs_fail_timeout,
                 HandshakeError::Eof | HandshakeError::Io(_) => &m.hs_fail_eof,
                 HandshakeError::Tls(_) | HandshakeError::TooLarge => &m.hs_fail_tls,
+                HandshakeError::UnknownName(_) => &m.hs_fail_sni,
             };
             M::inc(counter);
             tracing::info!(%peer, error = %e, "handshake failed");

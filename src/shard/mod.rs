@@ -19,7 +19,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use rustls::ServerConfig;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, Route};
@@ -42,7 +41,7 @@ pub struct Generation {
     pub config: Arc<Config>,
     /// rustls server configs, `[shard][listener]` (one per shard, so the
     /// TLS 1.2 session cache and its lock stay on one thread).
-    pub tls: Vec<Vec<Arc<ServerConfig>>>,
+    pub tls: Vec<Vec<crate::handshake::ServerTls>>,
     /// Active-health verdicts per upstream group (`None`: no checks).
     pub health: Vec<Option<Arc<HealthState>>>,
     /// Which listening socket (by key) serves which listener.
@@ -74,7 +73,7 @@ pub struct ShardGen {
     /// The shared generation.
     pub gen: Arc<Generation>,
     /// This shard's rustls config per listener.
-    pub tls: Vec<Arc<ServerConfig>>,
+    pub tls: Vec<crate::handshake::ServerTls>,
     /// Backend choice per listener (`tcp` routes; empty for `http`).
     pub balancers: Vec<Balancer>,
     /// Backend choice per upstream group (`http` routes).

@@ -42,6 +42,53 @@ impl Pki {
     }
 }
 
+/// The key algorithm of a test certificate.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KeyKind {
+    /// ECDSA P-256 (rcgen's default).
+    Ecdsa,
+    /// RSA 2048 (one key made with openssl, in `tests/fixtures`: rcgen
+    /// cannot make RSA keys with ring).
+    Rsa,
+}
+
+/// A self-signed certificate for `names` written to `dir/<tag>.{crt,key}`;
+/// returns the two paths and the leaf.
+pub fn write_cert(
+    dir: &std::path::Path,
+    tag: &str,
+    names: &[&str],
+    kind: KeyKind,
+) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let (cert, key) = match kind {
+        KeyKind::Ecdsa => {
+            let c = rcgen::generate_simple_self_signed(names).unwrap();
+            (c.cert.pem(), c.signing_key.serialize_pem())
+        }
+        KeyKind::Rsa => {
+            let pem = include_str!("../fixtures/rsa-2048.key");
+            let key = rcgen::KeyPair::from_pem(pem).unwrap();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (cert.pem(), pem.to_string())
+        }
+    };
+    let (c, k) = (
+        dir.join(format!("{tag}.crt")),
+        dir.join(format!("{tag}.key")),
+    );
+    std::fs::write(&c, &cert).unwrap();
+    std::fs::write(&k, &key).unwrap();
+    (
+        c,
+        k,
+        CertificateDer::from_pem_slice(cert.as_bytes()).unwrap(),
+    )
+}
+
 /// Deterministic test bytes (xorshift64*), so both ends can hash the same stream.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;

@@ -1,0 +1,299 @@
+//! `ktern check` as a lint: a config that loads can still be unsound
+//! (a certificate that does not cover its names, expires soon, has its
+//! chain out of order or a weak key; names that shadow each other). Each
+//! finding names its field; errors make `ktern check` exit 1, warnings
+//! are printed and leave it at 0. Data in, findings out: no clock (the
+//! caller passes `now`) and nothing written.
+
+use std::fmt;
+
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use x509_parser::prelude::*;
+
+use super::{Certificate, Config};
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Worth knowing; the config still serves.
+    Warning,
+    /// Clients will fail (an expired certificate, a weak key, a broken
+    /// chain): `ktern check` exits 1.
+    Error,
+}
+
+/// One finding, with the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Warning or error.
+    pub severity: Severity,
+    /// The config field, e.g. `listener[0].certificate[1].cert`.
+    pub field: String,
+    /// What is wrong, and what it does to clients.
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.severity {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        write!(f, "{}: {level}: {}", self.field, self.message)
+    }
+}
+
+/// Certificates expiring within this many days are reported.
+pub const EXPIRY_WARN_DAYS: i64 = 30;
+
+/// The smallest RSA modulus clients accept (CA/Browser Forum Baseline
+/// Requirements §6.1.5; NIST SP 800-131A).
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// Lints `config` at Unix time `now`. With `roots` (`ktern check --ca`),
+/// every chain must verify to them.
+pub fn lint(config: &Config, now: i64, roots: Option<&rustls::RootCertStore>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let verifier = roots.and_then(|r| {
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(r.clone()),
+            std::sync::Arc::new(crate::provider::crypto_provider()),
+        )
+        .build()
+        .ok()
+    });
+    for (i, l) in config.listeners.iter().enumerate() {
+        for (j, c) in l.certificates.iter().enumerate() {
+            let at = format!("listener[{i}].certificate[{j}]");
+            certificate(&at, c, now, &mut out);
+            if let Some(v) = &verifier {
+                verify(&at, c, now, v.as_ref(), &mut out);
+            }
+        }
+        names(i, &l.certificates, &mut out);
+    }
+    out
+}
+
+fn push(out: &mut Vec<Finding>, severity: Severity, field: String, message: String) {
+    out.push(Finding {
+        severity,
+        field,
+        message,
+    });
+}
+
+/// Whether a certificate name (`san`, maybe a wildcard) covers `name`
+/// (RFC 6125 §6.4.3: a wildcard covers one whole left-most label).
+pub fn covers(san: &str, name: &str) -> bool {
+    if san.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    match (san.strip_prefix("*."), name.split_once('.')) {
+        (Some(parent), Some((label, rest))) => {
+            label != "*" && !label.is_empty() && parent.eq_ignore_ascii_case(rest)
+        }
+        _ => false,
+    }
+}
+
+/// The modulus size of an RSA leaf certificate's key.
+pub fn rsa_bits(leaf: &[u8]) -> Option<usize> {
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    match cert.public_key().parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => Some(rsa.key_size()),
+        _ => None,
+    }
+}
+
+/// One certificate on its own: names, dates, key, chain order.
+fn certificate(at: &str, c: &Certificate, now: i64, out: &mut Vec<Finding>) {
+    let field = format!("{at}.cert");
+    for name in &c.server_names {
+        if !c.info.names.iter().any(|san| covers(san, name)) {
+            push(
+                out,
+                Severity::Warning,
+                format!("{at}.server_names"),
+                format!(
+                    "{:?} does not cover {name:?} (its names: {}): clients that check the name refuse it",
+                    c.info.cert_file,
+                    c.info.names.join(", ")
+                ),
+            );
+        }
+    }
+    let left = c.info.not_after - now;
+    if left <= 0 {
+        push(
+            out,
+            Severity::Error,
+            field.clone(),
+            format!(
+                "{:?} expired {} day(s) ago: clients refuse it",
+                c.info.cert_file,
+                -left / 86_400
+            ),
+        );
+    } else if left < EXPIRY_WARN_DAYS * 86_400 {
+        push(
+            out,
+            Severity::Warning,
+            field.clone(),
+            format!("{:?} expires in {} day(s)", c.info.cert_file, left / 86_400),
+        );
+    }
+    let parsed: Vec<_> = c
+        .key
+        .cert
+        .iter()
+        .map(|d| X509Certificate::from_der(d.as_ref()).map(|(_, x)| x))
+        .collect();
+    if let Some(bits) = c.key.cert.first().and_then(|d| rsa_bits(d)) {
+        if bits < MIN_RSA_BITS {
+            push(
+                out,
+                Severity::Error,
+                format!("{at}.key"),
+                format!("RSA key of {bits} bits: at least {MIN_RSA_BITS} are needed"),
+            );
+        }
+    }
+    for (k, pair) in parsed.windows(2).enumerate() {
+        let (Ok(child), Ok(parent)) = (&pair[0], &pair[1]) else {
+            push(
+                out,
+                Severity::Error,
+                field.clone(),
+                format!(
+                    "certificate {} or {} of the chain cannot be parsed",
+                    k,
+                    k + 1
+                ),
+            );
+            continue;
+        };
+        if child.issuer() != parent.subject() {
+            push(
+                out,
+                Severity::Error,
+                field.clone(),
+                format!(
+                    "chain out of order: certificate {k} was issued by {:?}, but certificate {} is {:?} \
+                     (the leaf comes first, then each issuer)",
+                    child.issuer().to_string(),
+                    k + 1,
+                    parent.subject().to_string()
+                ),
+            );
+        }
+    }
+}
+
+/// The chain verifies to the CA bundle (as a client would check it).
+fn verify(
+    at: &str,
+    c: &Certificate,
+    now: i64,
+    v: &dyn rustls::client::danger::ServerCertVerifier,
+    out: &mut Vec<Finding>,
+) {
+    let Some((leaf, rest)) = c.key.cert.split_first() else {
+        return;
+    };
+    // A name the certificate covers, so only the chain is judged here (a
+    // name it does not cover is reported above).
+    let name = c
+        .info
+        .names
+        .iter()
+        .map(|n| {
+            n.strip_prefix("*.")
+                .map_or(n.clone(), |p| format!("lint.{p}"))
+        })
+        .find_map(|n| ServerName::try_from(n).ok());
+    let Some(name) = name else {
+        return;
+    };
+    let when = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
+    let chain: Vec<CertificateDer<'_>> = rest.to_vec();
+    match v.verify_server_cert(leaf, &chain, &name, &[], when) {
+        Ok(_) => {}
+        // Expiry has its own finding.
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired))
+        | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+            ..
+        })) => {}
+        Err(e) => push(
+            out,
+            Severity::Error,
+            format!("{at}.cert"),
+            format!(
+                "{:?} does not verify to the CA bundle: {e}",
+                c.info.cert_file
+            ),
+        ),
+    }
+}
+
+/// Across one listener's certificates: a name listed twice for the same
+/// key type, and a wildcard that covers another certificate's exact name
+/// with a different key.
+fn names(i: usize, certs: &[Certificate], out: &mut Vec<Finding>) {
+    for (j, c) in certs.iter().enumerate() {
+        for name in &c.server_names {
+            if let Some(first) = certs[..j]
+                .iter()
+                .position(|o| o.info.key_type == c.info.key_type && o.server_names.contains(name))
+            {
+                push(
+                    out,
+                    Severity::Warning,
+                    format!("listener[{i}].certificate[{j}].server_names"),
+                    format!(
+                        "{name:?} ({} key) is also in certificate[{first}], which is listed first and wins",
+                        c.info.key_type
+                    ),
+                );
+            }
+            if !name.starts_with("*.") {
+                continue;
+            }
+            for (k, o) in certs.iter().enumerate() {
+                if k == j || o.key.key.public_key() == c.key.key.public_key() {
+                    continue;
+                }
+                for exact in o
+                    .server_names
+                    .iter()
+                    .filter(|n| !n.starts_with("*.") && covers(name, n))
+                {
+                    push(
+                        out,
+                        Severity::Warning,
+                        format!("listener[{i}].certificate[{j}].server_names"),
+                        format!(
+                            "{name:?} covers {exact:?}, which certificate[{k}] serves with another key \
+                             (exact names win; check that this is meant)"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_cover_one_label() {
+        assert!(covers("a.test", "A.test"));
+        assert!(covers("*.b.test", "x.b.test"));
+        assert!(!covers("*.b.test", "b.test"));
+        assert!(!covers("*.b.test", "x.y.b.test"));
+        assert!(covers("*.b.test", "*.b.test"));
+        assert!(!covers("a.test", "*.test"));
+    }
+}

@@ -1,0 +1,660 @@
+//! Certificates at scale (issue 9): the SNI store (exact, wildcard,
+//! default, strict), ECDSA and RSA chains for the same names, with real
+//! clients (rustls here and in the kTLS VM; openssl and curl on the host).
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConnection, SignatureScheme, StreamOwned};
+
+/// The certificates of the store test, written to the Pki directory.
+struct Chains {
+    default: CertificateDer<'static>,
+    wild_ecdsa: CertificateDer<'static>,
+    wild_rsa: CertificateDer<'static>,
+    exact: CertificateDer<'static>,
+    entries: String,
+}
+
+fn chains(pki: &Pki) -> Chains {
+    let mut entries = String::new();
+    let mut add = |tag: &str, names: &[&str], kind: KeyKind, extra: &str| {
+        let (c, k, der) = write_cert(&pki.dir, tag, names, kind);
+        entries += &format!(
+            "[[listener.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n{extra}\n",
+            c.display(),
+            k.display()
+        );
+        der
+    };
+    Chains {
+        default: add("default", &["default.test"], KeyKind::Ecdsa, ""),
+        // The RSA twin first: the client's schemes choose, not the order.
+        wild_rsa: add("wild-rsa", &["*.wild.example"], KeyKind::Rsa, ""),
+        wild_ecdsa: add("wild-ec", &["*.wild.example"], KeyKind::Ecdsa, ""),
+        // Names given in the config override the certificate's SAN.
+        exact: add(
+            "exact",
+            &["whatever.test"],
+            KeyKind::Ecdsa,
+            "server_names = [\"exact.wild.example\"]",
+        ),
+        entries,
+    }
+}
+
+fn listener(backend: SocketAddr, extra: &str, entries: &str) -> String {
+    format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n{extra}\n{entries}[listener.route]\nkind = \"tcp\"\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+/// A rustls client that accepts any certificate (the test compares the
+/// leaf itself) and offers only `schemes` when given.
+fn client(schemes: Option<&[SignatureScheme]>) -> Arc<rustls::ClientConfig> {
+    let mut provider = provider();
+    if let Some(want) = schemes {
+        let mapping: Vec<_> = provider
+            .signature_verification_algorithms
+            .mapping
+            .iter()
+            .filter(|(s, _)| want.contains(s))
+            .cloned()
+            .collect();
+        provider.signature_verification_algorithms.mapping = Box::leak(mapping.into_boxed_slice());
+    }
+    any_cert_client(provider)
+}
+
+/// A client with `provider` that accepts any certificate.
+fn any_cert_client(provider: rustls::crypto::CryptoProvider) -> Arc<rustls::ClientConfig> {
+    let verifier = Arc::new(AnyCert(provider.signature_verification_algorithms));
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth(),
+    )
+}
+
+/// Accepts every server certificate; checks the handshake signature with
+/// the offered algorithms (so a scheme the client did not offer fails).
+#[derive(Debug)]
+struct AnyCert(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// Handshakes with `sni` (none for `None`) and returns the leaf served
+/// (after a download through the route), or the error the client saw.
+fn leaf(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+    sni: Option<&str>,
+) -> Result<CertificateDer<'static>, rustls::Error> {
+    let mut cfg = (**cfg).clone();
+    let name = match sni {
+        Some(n) => ServerName::try_from(n.to_string()).unwrap(),
+        None => {
+            // rustls sends no SNI for an IP address (RFC 6066 §3).
+            cfg.enable_sni = false;
+            ServerName::try_from("127.0.0.1").unwrap()
+        }
+    };
+    let conn = ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut s = StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        if let Err(e) = s.conn.complete_io(&mut s.sock) {
+            return Err(
+                match e.into_inner().map(|i| i.downcast::<rustls::Error>()) {
+                    Some(Ok(tls)) => *tls,
+                    other => rustls::Error::General(format!("{other:?}")),
+                },
+            );
+        }
+    }
+    let served = s.conn.peer_certificates().unwrap()[0].clone().into_owned();
+    // A download through the `tcp` route: the connection carries data
+    // (and, in the kTLS VM, reaches the kernel) before it is judged.
+    use std::io::Write;
+    s.write_all(b"DOWN 16 1\n").unwrap();
+    s.flush().unwrap();
+    assert_eq!(read_to_close_notify(&mut s).len(), 16);
+    Ok(served)
+}
+
+const RSA_SCHEMES: &[SignatureScheme] = &[
+    SignatureScheme::RSA_PSS_SHA256,
+    SignatureScheme::RSA_PSS_SHA384,
+    SignatureScheme::RSA_PKCS1_SHA256,
+];
+
+#[test]
+fn sni_store_serves_exact_then_wildcard_then_default_by_key_type() {
+    let pki = Pki::new("sni-store");
+    let c = chains(&pki);
+    let backend = start_backend();
+    let k = Ktern::start(&pki, "", &listener(backend, "", &c.entries));
+    let modern = client(None);
+    let old = client(Some(RSA_SCHEMES));
+    let addr = k.addr();
+    assert_eq!(
+        leaf(addr, &modern, Some("a.wild.example")),
+        Ok(c.wild_ecdsa.clone())
+    );
+    assert_eq!(
+        leaf(addr, &old, Some("a.wild.example")),
+        Ok(c.wild_rsa.clone())
+    );
+    assert_eq!(
+        leaf(addr, &modern, Some("exact.wild.example")),
+        Ok(c.exact.clone())
+    );
+    // Case does not matter (RFC 4343); one label only for the wildcard.
+    assert_eq!(
+        leaf(addr, &modern, Some("B.Wild.Example")),
+        Ok(c.wild_ecdsa.clone())
+    );
+    assert_eq!(
+        leaf(addr, &modern, Some("x.y.wild.example")),
+        Ok(c.default.clone())
+    );
+    assert_eq!(
+        leaf(addr, &modern, Some("wild.example")),
+        Ok(c.default.clone())
+    );
+    assert_eq!(leaf(addr, &modern, None), Ok(c.default.clone()));
+    // The config's server_names replaced the SAN.
+    assert_eq!(
+        leaf(addr, &modern, Some("whatever.test")),
+        Ok(c.default.clone())
+    );
+    assert_eq!(k.metric("ktern_handshake_failures_unknown_sni_total"), 0);
+    assert_offloaded_in_vm(&k);
+}
+
+#[test]
+fn strict_sni_refuses_unknown_and_missing_names() {
+    let pki = Pki::new("sni-strict");
+    let c = chains(&pki);
+    let backend = start_backend();
+    let k = Ktern::start(
+        &pki,
+        "",
+        &listener(backend, "strict_sni = true", &c.entries),
+    );
+    let modern = client(None);
+    let addr = k.addr();
+    assert_eq!(
+        leaf(addr, &modern, Some("a.wild.example")),
+        Ok(c.wild_ecdsa.clone())
+    );
+    let refused = rustls::Error::AlertReceived(rustls::AlertDescription::UnrecognisedName);
+    assert_eq!(
+        leaf(addr, &modern, Some("nowhere.test")),
+        Err(refused.clone())
+    );
+    assert_eq!(leaf(addr, &modern, None), Err(refused));
+    assert_eq!(
+        k.wait_metric("ktern_handshake_failures_unknown_sni_total", 2),
+        2
+    );
+    assert!(k.log().contains("unknown server name"), "{}", k.log());
+    assert_offloaded_in_vm(&k);
+}
+
+/// Runs a command-line client, returning its stdout and stderr together.
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn openssl_and_curl_get_the_chain_their_name_and_sigalgs_select() {
+    if in_vm() {
+        return; // no openssl or curl in the VM; the rustls tests above run there
+    }
+    let pki = Pki::new("sni-openssl");
+    let c = chains(&pki);
+    let backend = http::start_http_backend("a");
+    let config = http::http_config(&[("a", backend.addr)], http::ANY_TO_A, "").replace(
+        "[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n",
+        &format!("strict_sni = true\n{}", c.entries),
+    );
+    let k = Ktern::start(&pki, "", &config);
+    let connect = k.addr().to_string();
+    let s_client = |name: &str, extra: &[&str]| {
+        let mut args = vec!["s_client", "-connect", &connect, "-servername", name];
+        args.extend_from_slice(extra);
+        run("openssl", &args)
+    };
+    let ecdsa = s_client("a.wild.example", &[]);
+    assert!(ecdsa.contains("Peer signature type: ECDSA"), "{ecdsa}");
+    // -sigalgs makes an RSA-only client: it gets the RSA twin.
+    let rsa = s_client("a.wild.example", &["-sigalgs", "RSA-PSS+SHA256:RSA+SHA256"]);
+    assert!(rsa.contains("Server public key is 2048 bit"), "{rsa}");
+    let refused = s_client("nowhere.test", &[]);
+    assert!(refused.contains("unrecognized name"), "{refused}");
+    // curl --resolve, verifying the wildcard chain for its name.
+    let port = k.addr().port();
+    let ca: PathBuf = pki.dir.join("wild-ec.crt");
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "-w",
+            "status=%{http_code}",
+            "--resolve",
+            &format!("b.wild.example:{port}:127.0.0.1"),
+            "--cacert",
+            &ca.display().to_string(),
+            &format!("https://b.wild.example:{port}/"),
+        ],
+    );
+    assert!(out.ends_with("status=200"), "{out}");
+    assert_eq!(k.metric("ktern_handshake_failures_unknown_sni_total"), 1);
+}
+
+#[test]
+fn a_certificate_near_expiry_is_logged_at_start() {
+    let pki = Pki::new("sni-expiry");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["soon.test".to_string()]).unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(80);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(5);
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (pki.dir.join("soon.crt"), pki.dir.join("soon.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let entries = format!(
+        "[[listener.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        c.display(),
+        k.display()
+    );
+    let k = Ktern::start(&pki, "", &listener(start_backend(), "", &entries));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !k.log().contains("certificate expires within 7 day(s)") {
+        assert!(std::time::Instant::now() < deadline, "{}", k.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(k.log().contains("soon.crt"), "{}", k.log());
+    assert!(!k.log().contains("within 30 day(s)"), "{}", k.log());
+}
+
+/// One connection through a `tcp` route: a 16-byte download, so the
+/// client has read the server's NewSessionTicket messages before the
+/// data. Whether the handshake resumed.
+fn resumed(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> bool {
+    use std::io::Write;
+    let conn =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut s = StreamOwned::new(conn, sock);
+    s.write_all(b"DOWN 16 1\n").unwrap();
+    s.flush().unwrap();
+    assert_eq!(read_to_close_notify(&mut s).len(), 16);
+    s.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+/// A client of one TLS version with its own session cache.
+fn resuming_client(pki: &Pki, tls12: bool) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.der.clone()).unwrap();
+    let version = if tls12 {
+        &rustls::version::TLS12
+    } else {
+        &rustls::version::TLS13
+    };
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A ktern with `[tickets]` settings in front of `backend`.
+fn ticket_host(pki: &Pki, backend: SocketAddr, tickets: &str) -> Ktern {
+    Ktern::start(
+        pki,
+        "",
+        &format!("[tickets]\n{tickets}\n{}", tcp_listener(backend, "")),
+    )
+}
+
+fn secret(pki: &Pki, name: &str, byte: u8) -> String {
+    let path = pki.dir.join(name);
+    std::fs::write(&path, [byte; 32]).unwrap();
+    format!("secret_file = \"{}\"", path.display())
+}
+
+#[test]
+fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
+    let pki = Pki::new("tickets-fleet");
+    let backend = start_backend();
+    let one = secret(&pki, "one.key", 1);
+    let (a, b) = (
+        ticket_host(&pki, backend, &one),
+        ticket_host(&pki, backend, &one),
+    );
+    let other = ticket_host(&pki, backend, &secret(&pki, "two.key", 2));
+    let lone = ticket_host(&pki, backend, "");
+    for tls12 in [false, true] {
+        let cfg = resuming_client(&pki, tls12);
+        assert!(!resumed(a.addr(), &cfg), "tls12={tls12}: the first is full");
+        // Each resumption lands on another host of the fleet.
+        assert!(resumed(b.addr(), &cfg), "tls12={tls12}: b opens a's ticket");
+        assert!(resumed(a.addr(), &cfg), "tls12={tls12}: a opens b's ticket");
+        // Another secret, or none (a random one of that process): full.
+        assert!(!resumed(other.addr(), &cfg), "tls12={tls12}: other secret");
+        assert!(!resumed(lone.addr(), &cfg), "tls12={tls12}: no secret");
+        // ...and that host's own tickets resume on it.
+        assert!(resumed(lone.addr(), &cfg), "tls12={tls12}: its own ticket");
+    }
+    for k in [&a, &b, &other, &lone] {
+        assert_offloaded_in_vm(k);
+    }
+}
+
+#[test]
+fn tickets_resume_across_a_rotation_boundary() {
+    let pki = Pki::new("tickets-epoch");
+    let backend = start_backend();
+    let one = secret(&pki, "one.key", 7);
+    // Four-second epochs; the lifetime hint is one rotation, so the
+    // ticket is issued mid-epoch and used early in the next one.
+    let tickets = format!("{one}\nrotation = \"4s\"");
+    let (a, b) = (
+        ticket_host(&pki, backend, &tickets),
+        ticket_host(&pki, backend, &tickets),
+    );
+    let offset = |d: Duration| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let into = Duration::from_millis((now.as_millis() % 4000) as u64);
+        std::thread::sleep(d.saturating_sub(into));
+    };
+    offset(Duration::from_millis(2000));
+    let cfg = resuming_client(&pki, false);
+    assert!(!resumed(a.addr(), &cfg));
+    let issued = std::time::Instant::now();
+    // Into the next epoch: wait past the boundary.
+    std::thread::sleep(Duration::from_millis(2000));
+    offset(Duration::from_millis(300));
+    assert!(issued.elapsed() < Duration::from_secs(4));
+    assert!(resumed(b.addr(), &cfg), "a ticket of the previous epoch");
+    assert_offloaded_in_vm(&a);
+}
+
+#[test]
+fn a_short_or_missing_ticket_secret_is_a_config_error() {
+    let pki = Pki::new("tickets-bad");
+    let short = pki.dir.join("short.key");
+    std::fs::write(&short, [9u8; 31]).unwrap();
+    for (tickets, want) in [
+        (
+            format!("secret_file = \"{}\"", short.display()),
+            "holds 31 bytes; a ticket secret needs at least 32",
+        ),
+        (
+            "secret_file = \"/nonexistent/ktern.key\"".to_string(),
+            "cannot read /nonexistent/ktern.key",
+        ),
+        (
+            "rotation = \"0s\"".to_string(),
+            "tickets.rotation: must be between",
+        ),
+    ] {
+        let path = pki.dir.join(format!("bad-{}.toml", unique()));
+        std::fs::write(
+            &path,
+            Ktern::config_text(
+                &pki,
+                "",
+                &format!(
+                    "[tickets]\n{tickets}\n{}",
+                    tcp_listener(start_backend(), "")
+                ),
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ktern"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{tickets}");
+        assert!(err.contains(want), "{tickets}: {err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+}
+
+#[test]
+fn clients_get_the_listeners_suites_and_groups_or_a_handshake_failure() {
+    use rustls::CipherSuite::*;
+    let pki = Pki::new("policy");
+    let c = chains(&pki);
+    let policy = "tls_versions = [\"1.3\"]\ncipher_suites = [\"TLS13_AES_256_GCM_SHA384\"]\nkx_groups = [\"P-384\"]";
+    let k = Ktern::start(&pki, "", &listener(start_backend(), policy, &c.entries));
+    let conn = ClientConnection::new(
+        client(None),
+        ServerName::try_from("a.wild.example").unwrap(),
+    )
+    .unwrap();
+    let mut s = StreamOwned::new(conn, TcpStream::connect(k.addr()).unwrap());
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    assert_eq!(
+        s.conn.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(TLS13_AES_256_GCM_SHA384)
+    );
+    // The client's first key share was not P-384: a HelloRetryRequest got it.
+    assert_eq!(
+        s.conn.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(rustls::NamedGroup::secp384r1)
+    );
+    // A client offering only suites the listener left out is refused.
+    let mut p = provider();
+    p.cipher_suites
+        .retain(|s| s.suite() == TLS13_AES_128_GCM_SHA256);
+    assert_eq!(
+        leaf(k.addr(), &any_cert_client(p), Some("a.wild.example")),
+        Err(rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure
+        ))
+    );
+    assert_offloaded_in_vm(&k);
+}
+
+/// `ktern check [--ca PEM] -c <listener with entries>`: (success, stderr, stdout).
+fn check(pki: &Pki, entries: &str, ca: Option<&std::path::Path>) -> (bool, String, String) {
+    let path = pki.dir.join(format!("lint-{}.toml", unique()));
+    std::fs::write(
+        &path,
+        Ktern::config_text(pki, "", &listener(start_backend(), "", entries)),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ktern"));
+    cmd.args(["check", "-c"]).arg(&path);
+    if let Some(ca) = ca {
+        cmd.arg("--ca").arg(ca);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+/// A certificate entry from PEM text written to `dir/tag.{crt,key}`.
+fn entry(dir: &std::path::Path, tag: &str, chain: &str, key: &str, extra: &str) -> String {
+    let (c, k) = (
+        dir.join(format!("{tag}.crt")),
+        dir.join(format!("{tag}.key")),
+    );
+    std::fs::write(&c, chain).unwrap();
+    std::fs::write(&k, key).unwrap();
+    format!(
+        "[[listener.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n{extra}\n",
+        c.display(),
+        k.display()
+    )
+}
+
+/// A self-signed certificate for `names` valid until `days` from now.
+fn dated(names: &[&str], days: i64) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(400);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+#[test]
+fn ktern_check_lints_names_dates_chains_and_shadowing() {
+    let pki = Pki::new("lint");
+    let dir = &pki.dir;
+    // A CA and a leaf it signed.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ktern lint test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["good.test".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let chain = leaf.pem() + &ca.pem();
+    let good = entry(dir, "good", &chain, &leaf_key.serialize_pem(), "");
+
+    // Sound: no finding, and the chain verifies to the CA.
+    let (ok, err, out) = check(&pki, &good, Some(&ca_path));
+    assert!(ok, "{err}");
+    assert!(out.contains("ok (1 listener(s), 0 warning(s))"), "{out}");
+
+    // Warnings only: exit 0, each finding named by its field.
+    let (soon_crt, soon_key) = dated(&["*.test"], 10);
+    let (dup_crt, dup_key) = dated(&["good.test"], 300);
+    let warned = entry(
+        dir,
+        "named",
+        &chain,
+        &leaf_key.serialize_pem(),
+        "server_names = [\"good.test\", \"other.test\"]",
+    ) + &entry(dir, "soon", &soon_crt, &soon_key, "")
+        + &entry(dir, "dup", &dup_crt, &dup_key, "");
+    let (ok, err, out) = check(&pki, &warned, None);
+    assert!(ok, "{err}");
+    // `*.test` covers good.test (certificates 0 and 2) and other.test.
+    assert!(out.contains("6 warning(s)"), "{out}\n{err}");
+    for want in [
+        "listener[0].certificate[0].server_names: warning: ",
+        "does not cover \"other.test\"",
+        "listener[0].certificate[1].cert: warning: ",
+        "soon.crt\" expires in ",
+        "listener[0].certificate[1].server_names: warning: \"*.test\" covers \"good.test\", which certificate[2]",
+        "listener[0].certificate[2].server_names: warning: \"good.test\" (ECDSA key) is also in certificate[0]",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+
+    // Errors: exit 1. A chain out of order (the leaf, then a certificate
+    // that did not issue it), an expired certificate, and, with --ca, a
+    // chain that does not lead to the CA.
+    let (other_crt, _) = dated(&["unrelated.test"], 300);
+    let (old_crt, old_key) = dated(&["old.test"], -2);
+    let broken = entry(
+        dir,
+        "disorder",
+        &(leaf.pem() + &other_crt),
+        &leaf_key.serialize_pem(),
+        "",
+    ) + &entry(dir, "old", &old_crt, &old_key, "")
+        + &entry(dir, "stranger", &dup_crt, &dup_key, "");
+    let (ok, err, _) = check(&pki, &broken, Some(&ca_path));
+    assert!(!ok, "{err}");
+    for want in [
+        "listener[0].certificate[0].cert: error: chain out of order: certificate 0 was issued by",
+        "listener[0].certificate[1].cert: error: ",
+        "expired 2 day(s) ago",
+        "listener[0].certificate[2].cert: error: ",
+        "stranger.crt\" does not verify to the CA bundle",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    // A 1024-bit RSA key (made once with openssl: neither provider loads
+    // one, so it is a load error naming the size).
+    let weak = entry(
+        dir,
+        "weak",
+        include_str!("fixtures/rsa-1024.crt"),
+        include_str!("fixtures/rsa-1024.key"),
+        "",
+    );
+    let (ok, err, _) = check(&pki, &weak, None);
+    assert!(!ok);
+    assert!(
+        err.contains("listener[0].certificate[0].key: RSA key of 1024 bits: at least 2048 are needed"),
+        "{err}"
+    );
+    // The disordered chain's leaf was signed by the CA: it verifies.
+    assert!(!err.contains("disorder.crt\" does not verify"), "{err}");
+}
