@@ -652,9 +652,135 @@ fn ktern_check_lints_names_dates_chains_and_shadowing() {
     let (ok, err, _) = check(&pki, &weak, None);
     assert!(!ok);
     assert!(
-        err.contains("listener[0].certificate[0].key: RSA key of 1024 bits: at least 2048 are needed"),
+        err.contains(
+            "listener[0].certificate[0].key: RSA key of 1024 bits: at least 2048 are needed"
+        ),
         "{err}"
     );
     // The disordered chain's leaf was signed by the CA: it verifies.
     assert!(!err.contains("disorder.crt\" does not verify"), "{err}");
+}
+
+/// A fresh OCSP response for `cert` (a file of tests/fixtures/ocsp),
+/// signed by the fixture CA with `openssl ocsp`, written to `out`.
+fn ocsp_response(dir: &std::path::Path, cert: &str, out: &str) -> PathBuf {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ocsp");
+    let req = dir.join(format!("{out}.req"));
+    let resp = dir.join(out);
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(fixtures)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (req_s, resp_s) = (req.display().to_string(), resp.display().to_string());
+    run(&[
+        "ocsp",
+        "-issuer",
+        "ca.pem",
+        "-cert",
+        cert,
+        "-no_nonce",
+        "-reqout",
+        &req_s,
+    ]);
+    run(&[
+        "ocsp",
+        "-index",
+        "index.txt",
+        "-rsigner",
+        "ca.pem",
+        "-rkey",
+        "ca.key",
+        "-CA",
+        "ca.pem",
+        "-reqin",
+        &req_s,
+        "-respout",
+        &resp_s,
+        "-ndays",
+        "1",
+    ]);
+    resp
+}
+
+#[test]
+fn ocsp_responses_are_stapled_when_they_match_and_reloaded_with_the_config() {
+    if in_vm() {
+        return; // openssl makes the responses and checks the staple; not in the VM
+    }
+    let pki = Pki::new("ocsp");
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ocsp");
+    let ca = std::fs::read_to_string(format!("{fixtures}/ca.pem")).unwrap();
+    let pem = |n: &str| std::fs::read_to_string(format!("{fixtures}/{n}")).unwrap();
+    let good = ocsp_response(&pki.dir, "leaf.pem", "leaf.der");
+    let others = ocsp_response(&pki.dir, "other.pem", "other.der");
+    // `other` gets leaf's response first: a mismatch, not stapled.
+    let entries = entry(
+        &pki.dir,
+        "leaf",
+        &(pem("leaf.pem") + &ca),
+        &pem("leaf.key"),
+        &format!("ocsp = \"{}\"", good.display()),
+    ) + &entry(
+        &pki.dir,
+        "other",
+        &(pem("other.pem") + &ca),
+        &pem("other.key"),
+        &format!("ocsp = \"{}\"", good.display()),
+    );
+    let k = Ktern::start(&pki, "", &listener(start_backend(), "", &entries));
+    let status = |name: &str| {
+        run(
+            "openssl",
+            &[
+                "s_client",
+                "-connect",
+                &k.addr().to_string(),
+                "-servername",
+                name,
+                "-status",
+            ],
+        )
+    };
+    let stapled = status("leaf.ocsp.test");
+    assert!(
+        stapled.contains("OCSP Response Status: successful"),
+        "{stapled}"
+    );
+    assert!(stapled.contains("Cert Status: good"), "{stapled}");
+    let refused = status("other.ocsp.test");
+    assert!(
+        refused.contains("OCSP response: no response sent"),
+        "{refused}"
+    );
+    assert!(
+        k.log()
+            .contains("OCSP response not stapled: the response is for another certificate"),
+        "{}",
+        k.log()
+    );
+    // Its own response, through a reload.
+    let text = std::fs::read_to_string(&k.config_path).unwrap();
+    let fixed = text.replacen(
+        &format!(
+            "key = \"{}\"\nocsp = \"{}\"",
+            pki.dir.join("other.key").display(),
+            good.display()
+        ),
+        &format!(
+            "key = \"{}\"\nocsp = \"{}\"",
+            pki.dir.join("other.key").display(),
+            others.display()
+        ),
+        1,
+    );
+    assert_ne!(fixed, text);
+    std::fs::write(&k.config_path, fixed).unwrap();
+    k.signal("HUP");
+    assert_eq!(k.wait_metric("ktern_config_generation", 2), 2);
+    let now_stapled = status("other.ocsp.test");
+    assert!(now_stapled.contains("Cert Status: good"), "{now_stapled}");
 }

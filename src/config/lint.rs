@@ -123,6 +123,14 @@ fn certificate(at: &str, c: &Certificate, now: i64, out: &mut Vec<Finding>) {
             );
         }
     }
+    if let (Some(file), Some(why)) = (&c.info.ocsp_file, &c.info.ocsp_problem) {
+        push(
+            out,
+            Severity::Warning,
+            format!("{at}.ocsp"),
+            format!("{file:?} will not be stapled: {why}"),
+        );
+    }
     let left = c.info.not_after - now;
     if left <= 0 {
         push(

@@ -16,6 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 pub mod lint;
+pub mod ocsp;
 mod raw;
 
 pub use raw::{Driver, KtlsMode, LogFormat, TaskRun};
@@ -265,6 +266,13 @@ pub struct CertInfo {
     pub key_type: String,
     /// SHA-256 of the leaf certificate (hex), as clients see it.
     pub sha256: String,
+    /// The OCSP response file as configured.
+    pub ocsp_file: Option<String>,
+    /// The stapled OCSP response's nextUpdate (Unix time): not stapled
+    /// from then on.
+    pub ocsp_until: Option<i64>,
+    /// Why the configured OCSP response is not stapled.
+    pub ocsp_problem: Option<String>,
 }
 
 impl CertInfo {
@@ -1468,13 +1476,43 @@ impl Validator<'_> {
             }
             names
         };
+        let ocsp = match &raw.ocsp {
+            None => None,
+            Some(file) => {
+                let full = self.base.join(file);
+                match std::fs::read(&full) {
+                    Ok(der) => Some(der),
+                    Err(e) => {
+                        self.problem(
+                            format!("{at}.ocsp"),
+                            format!("cannot read {}: {e}", full.display()),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        if let Some(der) = &ocsp {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let ders: Vec<&[u8]> = chain.iter().map(|c| c.as_ref()).collect();
+            info.ocsp_file = raw.ocsp.clone();
+            match ocsp::check(der, &ders, now) {
+                Ok(until) => info.ocsp_until = Some(until),
+                Err(why) => info.ocsp_problem = Some(why),
+            }
+        }
         match CertifiedKey::from_der(chain, key, &provider) {
-            Ok(ck) => Some(Certificate {
+            Ok(mut ck) => Some(Certificate {
                 server_names,
                 info: {
                     info.cert_file = raw.cert.clone();
                     info.key_file = raw.key.clone();
                     info.key_type = format!("{:?}", ck.key.algorithm());
+                    if info.ocsp_until.is_some() {
+                        ck.ocsp = ocsp;
+                    }
                     info
                 },
                 key: Arc::new(ck),

@@ -204,6 +204,8 @@ pub(super) struct CertificateSection {
     pub key: String,
     #[serde(default)]
     pub server_names: Vec<String>,
+    /// A DER OCSP response to staple.
+    pub ocsp: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -54,6 +54,17 @@ impl Warned {
 pub fn check(config: &Config, now: i64, warned: &mut Warned) {
     for l in &config.listeners {
         for c in &l.certificates {
+            if let Some(until) = c.info.ocsp_until {
+                // Stale from its nextUpdate: the store stops stapling it.
+                let key = format!("ocsp {}", c.info.sha256);
+                if now >= until && warned.0.insert(key, 0).is_none() {
+                    tracing::warn!(
+                        listener = %l.name, cert_file = %c.info.cert_file,
+                        ocsp = c.info.ocsp_file.as_deref().unwrap_or("-"),
+                        "OCSP response went stale (nextUpdate passed): no longer stapled; fetch a fresh one and reload"
+                    );
+                }
+            }
             let Some(st) = warned.due(&c.info.sha256, c.info.not_after, now) else {
                 continue;
             };

@@ -555,6 +555,16 @@ fn tls_configs(
     own_secret: &[u8],
 ) -> Result<Vec<Vec<crate::handshake::ServerTls>>, ReloadError> {
     let tickets = crate::handshake::tickets::for_config(&config.tickets, own_secret)?;
+    for l in &config.listeners {
+        for c in &l.certificates {
+            if let (Some(file), Some(why)) = (&c.info.ocsp_file, &c.info.ocsp_problem) {
+                tracing::warn!(
+                    listener = %l.name, cert_file = %c.info.cert_file, ocsp = %file,
+                    "OCSP response not stapled: {why}"
+                );
+            }
+        }
+    }
     let stores: Vec<_> = config
         .listeners
         .iter()

@@ -58,6 +58,10 @@ pub struct CertStore {
     default: Option<Slots>,
     /// Refuse unknown or missing SNI instead of serving the default.
     strict: bool,
+    /// Keys with a stapled OCSP response: its nextUpdate, and the same
+    /// key without the staple, served from then on (a stale staple makes
+    /// a checking client refuse the connection; none does not).
+    stapled: HashMap<u32, (i64, Arc<CertifiedKey>)>,
 }
 
 impl CertStore {
@@ -74,6 +78,11 @@ impl CertStore {
             let index = i as u32;
             let alg = c.key.key.algorithm();
             store.keys.push(c.key.clone());
+            if let (Some(until), Some(_)) = (c.info.ocsp_until, &c.key.ocsp) {
+                let mut bare = (*c.key).clone();
+                bare.ocsp = None;
+                store.stapled.insert(index, (until, Arc::new(bare)));
+            }
             for name in &c.server_names {
                 let (map, key) = match name.strip_prefix("*.") {
                     Some(rest) => (&mut store.wildcard, rest),
@@ -145,17 +154,27 @@ impl CertStore {
         schemes: &[SignatureScheme],
     ) -> Option<&Arc<CertifiedKey>> {
         let slots = self.lookup(sni)?;
-        let mut held = slots.0.iter().flatten().map(|&i| &self.keys[i as usize]);
+        let mut held = slots.0.iter().flatten().copied();
         let first = held.next()?;
         // One key (the usual case): no choice to make, and rustls reports
         // a client that cannot verify it.
-        if slots.0.iter().flatten().count() == 1 {
-            return Some(first);
+        let index = if slots.0.iter().flatten().count() == 1 {
+            first
+        } else {
+            std::iter::once(first)
+                .chain(held)
+                .find(|&i| self.keys[i as usize].key.choose_scheme(schemes).is_some())
+                .unwrap_or(first)
+        };
+        if let Some((until, bare)) = self.stapled.get(&index) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            if now >= *until {
+                return Some(bare);
+            }
         }
-        std::iter::once(first)
-            .chain(held)
-            .find(|k| k.key.choose_scheme(schemes).is_some())
-            .or(Some(first))
+        Some(&self.keys[index as usize])
     }
 
     /// Certificates indexed (for logs and the memory figure).
