@@ -784,3 +784,127 @@ fn ocsp_responses_are_stapled_when_they_match_and_reloaded_with_the_config() {
     let now_stapled = status("other.ocsp.test");
     assert!(now_stapled.contains("Cert Status: good"), "{now_stapled}");
 }
+
+/// A real ClientHello (rustls, SNI `a.wild.example`) with its server_name
+/// extension body replaced by `sni_body` (RFC 6066 §3 ServerNameList) and
+/// every enclosing length fixed.
+fn hello_with_sni(sni_body: &[u8]) -> Vec<u8> {
+    let mut c = ClientConnection::new(
+        client(None),
+        ServerName::try_from("a.wild.example").unwrap(),
+    )
+    .unwrap();
+    let mut rec = Vec::new();
+    c.write_tls(&mut rec).unwrap();
+    let msg = &rec[5..];
+    let body = &msg[4..];
+    // version, random, session id, suites, compression, then extensions.
+    let mut at = 2 + 32;
+    at += 1 + body[at] as usize;
+    at += 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize;
+    at += 1 + body[at] as usize;
+    let exts_end = at + 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize;
+    let mut exts = Vec::new();
+    let mut p = at + 2;
+    while p < exts_end {
+        let typ = u16::from_be_bytes([body[p], body[p + 1]]);
+        let len = u16::from_be_bytes([body[p + 2], body[p + 3]]) as usize;
+        if typ == 0 {
+            exts.extend_from_slice(&[0, 0]);
+            exts.extend_from_slice(&(sni_body.len() as u16).to_be_bytes());
+            exts.extend_from_slice(sni_body);
+        } else {
+            exts.extend_from_slice(&body[p..p + 4 + len]);
+        }
+        p += 4 + len;
+    }
+    let mut new_body = body[..at].to_vec();
+    new_body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    new_body.extend_from_slice(&exts);
+    let mut out = vec![22, 3, 1];
+    out.extend_from_slice(&((new_body.len() + 4) as u16).to_be_bytes());
+    out.push(1);
+    out.extend_from_slice(&(new_body.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&new_body);
+    out
+}
+
+/// ServerNameList with host_name entries.
+fn names(list: &[&[u8]]) -> Vec<u8> {
+    let mut entries = Vec::new();
+    for n in list {
+        entries.push(0);
+        entries.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        entries.extend_from_slice(n);
+    }
+    let mut out = (entries.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&entries);
+    out
+}
+
+/// Sends `hello` and returns the first record type ktern answers with
+/// (22: a ServerHello, 21: an alert; 0: closed without a byte).
+fn first_answer(addr: SocketAddr, hello: &[u8]) -> u8 {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(hello).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(1) => b[0],
+        _ => 0,
+    }
+}
+
+#[test]
+fn hostile_server_names_get_rfc6066_answers_and_never_a_crash() {
+    let pki = Pki::new("sni-hostile");
+    let c = chains(&pki);
+    let backend = start_backend();
+    for strict in [false, true] {
+        let extra = if strict { "strict_sni = true" } else { "" };
+        let k = Ktern::start(&pki, "", &listener(backend, extra, &c.entries));
+        let long = [b'a'; 255];
+        let label63 = format!("{}.wild.example", "b".repeat(63));
+        let cases: Vec<(&str, Vec<u8>, u8)> = vec![
+            // Case-insensitive (RFC 4343): served, strict or not.
+            ("uppercase", names(&[b"A.WILD.EXAMPLE"]), 22),
+            ("63-byte label", names(&[label63.as_bytes()]), 22),
+            // Longer than a DNS name may be (253, RFC 1035): rustls
+            // refuses the hello (illegal_parameter).
+            ("255 bytes", names(&[&long]), 21),
+            // An IP literal (RFC 6066 §3 forbids it): treated as no SNI,
+            // so the default serves; strict refuses (unrecognized_name).
+            (
+                "IP literal",
+                names(&[b"127.0.0.1"]),
+                if strict { 21 } else { 22 },
+            ),
+            // Two host_name entries (RFC 6066 §3 forbids): an alert.
+            (
+                "two names",
+                names(&[b"a.wild.example", b"b.wild.example"]),
+                21,
+            ),
+            ("empty list", vec![0, 0], 21),
+            ("bad lengths", vec![0, 9, 0, 0, 50, b'a'], 21),
+        ];
+        for (what, body, want) in &cases {
+            let got = first_answer(k.addr(), &hello_with_sni(body));
+            assert_eq!(got, *want, "strict={strict} {what}");
+        }
+        // Still serving, and the refusals were counted.
+        assert_eq!(
+            leaf(k.addr(), &client(None), Some("a.wild.example")),
+            Ok(c.wild_ecdsa.clone())
+        );
+        // Malformed lists get rustls' protocol alert, strict or not; only
+        // the IP literal meets strict_sni's unrecognized_name.
+        assert_eq!(k.wait_metric("ktern_handshake_failures_tls_total", 4), 4);
+        assert_eq!(
+            k.metric("ktern_handshake_failures_unknown_sni_total"),
+            u64::from(strict)
+        );
+        assert_offloaded_in_vm(&k);
+    }
+}

@@ -39,6 +39,11 @@ pub struct Hello {
     pub sni: Option<Box<str>>,
     /// The offered ALPN protocol names, in the client's order.
     pub alpn: Vec<Vec<u8>>,
+    /// The server_name extension is there but breaks RFC 6066 §3: bad
+    /// lengths, an empty list, two host_name entries, or a name that is
+    /// neither a DNS name nor an IP literal. rustls refuses such a hello
+    /// with its own alert.
+    pub sni_malformed: bool,
 }
 
 /// Parses the ClientHello at the start of `input` (the connection's first
@@ -151,7 +156,10 @@ fn parse_hello(msg: &[u8]) -> Option<Hello> {
         let ty = exts.u16()?;
         let mut body = exts.vec(2)?;
         match ty {
-            EXT_SERVER_NAME => hello.sni = server_name(&mut body),
+            EXT_SERVER_NAME => match server_name(&mut body) {
+                Ok(sni) => hello.sni = sni,
+                Err(Malformed) => hello.sni_malformed = true,
+            },
             EXT_ALPN => {
                 let mut list = body.vec(2)?;
                 while !list.0.is_empty() {
@@ -164,17 +172,37 @@ fn parse_hello(msg: &[u8]) -> Option<Hello> {
     Some(hello)
 }
 
-/// The first host_name in a ServerNameList, if it is a DNS name.
-fn server_name(body: &mut Reader<'_>) -> Option<Box<str>> {
-    let mut list = body.vec(2)?;
+/// A server_name extension that breaks RFC 6066 §3.
+struct Malformed;
+
+/// The host_name of a ServerNameList: `Some` for a DNS name, `None` for
+/// an IP literal (not permitted, so treated as no SNI, as rustls does).
+fn server_name(body: &mut Reader<'_>) -> Result<Option<Box<str>>, Malformed> {
+    let mut list = body.vec(2).ok_or(Malformed)?;
+    if list.0.is_empty() || !body.0.is_empty() {
+        return Err(Malformed);
+    }
+    let mut found = None;
     while !list.0.is_empty() {
-        let ty = list.u8()?;
-        let name = list.vec(2)?.0;
-        if ty == 0 {
-            return dns_name(name);
+        let ty = list.u8().ok_or(Malformed)?;
+        let name = list.vec(2).ok_or(Malformed)?.0;
+        // "MUST NOT contain more than one name of the same name_type."
+        if ty == 0 && found.replace(name).is_some() {
+            return Err(Malformed);
         }
     }
-    None
+    let Some(name) = found else {
+        return Ok(None);
+    };
+    match dns_name(name) {
+        Some(n) => Ok(Some(n)),
+        None if ip_literal(name) => Ok(None),
+        None => Err(Malformed),
+    }
+}
+
+fn ip_literal(name: &[u8]) -> bool {
+    std::str::from_utf8(name).is_ok_and(|s| s.parse::<std::net::IpAddr>().is_ok())
 }
 
 /// Lower-cased DNS name, or `None` for anything else (RFC 6066 §3: IP
@@ -262,6 +290,33 @@ mod tests {
         assert_eq!(h.sni, None);
         assert_eq!(dns_name(b"bad name"), None);
         assert_eq!(dns_name(b"host.example."), Some("host.example".into()));
+    }
+
+    #[test]
+    fn server_name_lists_that_break_rfc6066_are_flagged() {
+        let sni = |body: &[u8]| server_name(&mut Reader(body)).map_err(|_| ());
+        let entry = |n: &[u8]| {
+            let mut e = vec![0];
+            e.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            e.extend_from_slice(n);
+            e
+        };
+        let list = |entries: &[Vec<u8>]| {
+            let all: Vec<u8> = entries.concat();
+            let mut out = (all.len() as u16).to_be_bytes().to_vec();
+            out.extend_from_slice(&all);
+            out
+        };
+        assert_eq!(sni(&list(&[entry(b"A.test")])), Ok(Some("a.test".into())));
+        assert_eq!(sni(&list(&[entry(b"::1")])), Ok(None));
+        assert_eq!(sni(&list(&[entry(b"a.test"), entry(b"b.test")])), Err(()));
+        assert_eq!(sni(&list(&[])), Err(()));
+        assert_eq!(sni(&list(&[entry(&[b'a'; 255])])), Err(()));
+        assert_eq!(sni(&list(&[entry(b"bad name")])), Err(()));
+        assert_eq!(sni(&[0, 9, 0, 0, 50, b'a']), Err(()));
+        let mut trailing = list(&[entry(b"a.test")]);
+        trailing.push(0);
+        assert_eq!(sni(&trailing), Err(()));
     }
 
     #[test]

@@ -275,6 +275,9 @@ pub struct Handshake {
     hello_prefix: Vec<u8>,
     hello_seen: bool,
     sni: Option<Box<str>>,
+    /// The hello (or its server_name extension) is malformed: rustls
+    /// refuses it with the protocol's alert, not `strict_sni`.
+    sni_malformed: bool,
     /// The listener's certificates, for the `strict_sni` refusal.
     certs: Arc<certs::CertStore>,
     /// Some of our handshake bytes went out (from then on records may be
@@ -303,6 +306,7 @@ impl Handshake {
             hello_prefix: Vec::new(),
             hello_seen: false,
             sni: None,
+            sni_malformed: false,
             certs: tls.certs.clone(),
             transmitted: false,
         })
@@ -322,7 +326,7 @@ impl Handshake {
             self.peek_hello(bytes);
             // A refused name is answered before rustls parses the hello
             // (rustls' resolver can only fail with access_denied).
-            if self.hello_seen && self.certs.refuses(self.sni.as_deref()) {
+            if self.hello_seen && !self.sni_malformed && self.certs.refuses(self.sni.as_deref()) {
                 self.output.clear();
                 self.output.extend_from_slice(&UNRECOGNIZED_NAME);
                 return Err(HandshakeError::UnknownName(self.sni.take()));
@@ -348,8 +352,12 @@ impl Handshake {
         };
         match peeked {
             hello::Peeked::NeedMore => return,
-            hello::Peeked::Hello(h) => self.sni = h.sni,
-            hello::Peeked::NotHello => {}
+            hello::Peeked::Hello(h) => {
+                self.sni = h.sni;
+                self.sni_malformed = h.sni_malformed;
+            }
+            // rustls judges what the peek cannot read.
+            hello::Peeked::NotHello => self.sni_malformed = true,
         }
         self.hello_seen = true;
         self.hello_prefix = Vec::new();
