@@ -60,12 +60,8 @@ fn load(path: &std::path::Path) -> (ServerTls, Config, usize) {
     let before = rss();
     let config = Config::load(path).unwrap();
     let l = &config.listeners[0];
-    let tls = handshake::server_config(
-        l,
-        &handshake::cert_store(l),
-        &handshake::ticketer().unwrap(),
-    )
-    .unwrap();
+    let tls =
+        handshake::server_config(l, &handshake::cert_store(l), &handshake::ticketer()).unwrap();
     (tls, config, rss().saturating_sub(before))
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: ktern vs nginx (Debian's package, stream module),
 # each pinned to CPU 1 and loaded from CPU 0 by the same client (ktern-load).
-# Reports server CPU per full TLS 1.3 handshake (ECDSA P-256, X25519), RSS per
-# idle TLS connection, and L4 bulk transfer per CPU-second, with ratios.
+# Reports server CPU per full and per resumed TLS 1.3 handshake (ECDSA P-256,
+# X25519), RSS per idle TLS connection, and L4 bulk transfer per CPU-second,
+# with ratios.
 # Every load is bounded in count and time. Usage:
 #   bench/compare.sh [--seconds 10] [--idle 10000] [--downloads 8]
 set -euo pipefail
@@ -104,6 +105,17 @@ run_server() { # name port_echo port_source pids...
   res[$name.hs]=$(python3 -c "print(f'{($t1-$t0)/$hz/$n*1e6:.1f}')")
   echo "$name handshakes: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.hs]} us/handshake"
 
+  # Resumed TLS 1.3 handshakes (tickets; X25519, psk_dhe_ke as browsers
+  # do): each client thread's first handshake is full, every other one
+  # resumes (the output's resumed= says how many did).
+  taskset -c 0 "$bin/ktern-load" handshakes --resume --addr "127.0.0.1:$pe" --threads 2 --seconds 1 > /dev/null
+  t0=$(ticks "${pids_[@]}")
+  out=$(taskset -c 0 "$bin/ktern-load" handshakes --resume --addr "127.0.0.1:$pe" --threads 4 --seconds "$seconds")
+  t1=$(ticks "${pids_[@]}")
+  n=$(sed -E 's/.*handshakes=([0-9]+).*/\1/' <<<"$out")
+  res[$name.rs]=$(python3 -c "print(f'{($t1-$t0)/$hz/$n*1e6:.1f}')")
+  echo "$name resumed handshakes: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.rs]} us/handshake"
+
   local r0 r1
   r0=$(rss_kib "${pids_[@]}")
   taskset -c 0 "$bin/ktern-load" idle --addr "127.0.0.1:$pe" --conns "$idle" --hold 8 > "$work/idle-$name.out" &
@@ -128,11 +140,12 @@ run_server ktern 19443 19444 "$ktern_pid"
 # shellcheck disable=SC2046
 run_server nginx 19543 19544 $(nginx_pids)
 
-python3 - "${res[ktern.hs]}" "${res[nginx.hs]}" "${res[ktern.rss]}" "${res[nginx.rss]}" "${res[ktern.l4]}" "${res[nginx.l4]}" <<'PY'
+python3 - "${res[ktern.hs]}" "${res[nginx.hs]}" "${res[ktern.rss]}" "${res[nginx.rss]}" "${res[ktern.l4]}" "${res[nginx.l4]}" "${res[ktern.rs]}" "${res[nginx.rs]}" <<'PY'
 import sys
-k_hs, n_hs, k_rss, n_rss, k_l4, n_l4 = map(float, sys.argv[1:])
+k_hs, n_hs, k_rss, n_rss, k_l4, n_l4, k_rs, n_rs = map(float, sys.argv[1:])
 rows = [
     ("server CPU per TLS 1.3 handshake (us)", k_hs, n_hs, k_hs / n_hs, "<= 0.6"),
+    ("server CPU per resumed handshake (us)", k_rs, n_rs, k_rs / n_rs, "<= 0.5"),
     ("RSS per idle TLS connection (KiB)", k_rss, n_rss, k_rss / n_rss if n_rss else float("nan"), "ktern <= 10 (userspace), <= 4 (kTLS)"),
     ("L4 64 MiB: MB per server CPU-second", k_l4, n_l4, k_l4 / n_l4, ">= 1.0"),
 ]

@@ -135,10 +135,7 @@ fn check(config: &std::path::Path, ca: Option<&std::path::Path>) -> anyhow::Resu
             return Ok(false);
         }
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let findings = lint::lint(&c, now, roots.as_ref());
+    let findings = lint::lint(&c, ktern::clock::unix_now(), roots.as_ref());
     for f in &findings {
         eprintln!("{}: {f}", c.source);
     }
@@ -202,21 +199,13 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         ),
         (_, true) => tracing::info!("{}", support.describe()),
     }
-    if config.runtime.ktls == KtlsMode::Required {
-        // A suite the kernel cannot carry would make every connection that
-        // negotiates it fail after the handshake: refuse it now.
-        for (i, l) in config.listeners.iter().enumerate() {
-            let uncovered = support.uncovered(&ktern::handshake::listener_suites(l));
-            if !uncovered.is_empty() {
-                anyhow::bail!(
-                    "{}: listener[{i}].cipher_suites: runtime.ktls = \"required\" but this kernel \
-                     cannot offload {} ({}); list only suites it can, or set ktls = \"auto\"",
-                    config.source,
-                    uncovered.join(", "),
-                    support.describe()
-                );
-            }
+    let gaps = ktern::ktls::offload_gaps(&config, &support);
+    if !gaps.is_empty() {
+        return Err(ktern::config::ConfigError {
+            file: config.source.clone(),
+            problems: gaps,
         }
+        .into());
     }
     match ktern::sys::raise_nofile_limit() {
         Ok((soft, _)) => tracing::info!(open_files = soft, "file descriptor limit"),

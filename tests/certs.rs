@@ -386,19 +386,37 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
     );
     let other = ticket_host(&pki, backend, &secret(&pki, "two.key", 2));
     let lone = ticket_host(&pki, backend, "");
+    // The fleet's secret, but another listener: its tickets are its own.
+    let renamed = Ktern::start(
+        &pki,
+        "",
+        &format!(
+            "[tickets]\n{one}\n{}",
+            tcp_listener(backend, "name = \"other\"")
+        ),
+    );
     for tls12 in [false, true] {
         let cfg = resuming_client(&pki, tls12);
         assert!(!resumed(a.addr(), &cfg), "tls12={tls12}: the first is full");
         // Each resumption lands on another host of the fleet.
         assert!(resumed(b.addr(), &cfg), "tls12={tls12}: b opens a's ticket");
         assert!(resumed(a.addr(), &cfg), "tls12={tls12}: a opens b's ticket");
-        // Another secret, or none (a random one of that process): full.
-        assert!(!resumed(other.addr(), &cfg), "tls12={tls12}: other secret");
-        assert!(!resumed(lone.addr(), &cfg), "tls12={tls12}: no secret");
-        // ...and that host's own tickets resume on it.
-        assert!(resumed(lone.addr(), &cfg), "tls12={tls12}: its own ticket");
+        // A fleet ticket taken elsewhere (another secret; no secret, so
+        // that process's random keys; the fleet's secret on another
+        // listener) gets a full handshake, and that host's own tickets
+        // resume on it.
+        for (k, what) in [
+            (&other, "other secret"),
+            (&lone, "no secret"),
+            (&renamed, "other listener"),
+        ] {
+            let cfg = resuming_client(&pki, tls12);
+            assert!(!resumed(a.addr(), &cfg), "tls12={tls12}");
+            assert!(!resumed(k.addr(), &cfg), "tls12={tls12}: {what}");
+            assert!(resumed(k.addr(), &cfg), "tls12={tls12}: {what}: own ticket");
+        }
     }
-    for k in [&a, &b, &other, &lone] {
+    for k in [&a, &b, &other, &lone, &renamed] {
         assert_offloaded_in_vm(k);
     }
 }
@@ -408,37 +426,51 @@ fn tickets_resume_across_a_rotation_boundary() {
     let pki = Pki::new("tickets-epoch");
     let backend = start_backend();
     let one = secret(&pki, "one.key", 7);
-    // Four-second epochs; the lifetime hint is one rotation, so the
-    // ticket is issued mid-epoch and used early in the next one.
+    // Four-second epochs. The lifetime hint is one rotation, so each
+    // ticket is issued late in an epoch and used early in the next.
     let tickets = format!("{one}\nrotation = \"4s\"");
     let (a, b) = (
         ticket_host(&pki, backend, &tickets),
         ticket_host(&pki, backend, &tickets),
     );
-    let offset = |d: Duration| {
-        let now = std::time::SystemTime::now()
+    let ms = || {
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        let into = Duration::from_millis((now.as_millis() % 4000) as u64);
-        std::thread::sleep(d.saturating_sub(into));
+            .unwrap()
+            .as_millis() as u64
     };
-    offset(Duration::from_millis(2000));
-    let cfg = resuming_client(&pki, false);
-    assert!(!resumed(a.addr(), &cfg));
-    let issued = std::time::Instant::now();
-    // Into the next epoch: wait past the boundary.
-    std::thread::sleep(Duration::from_millis(2000));
-    offset(Duration::from_millis(300));
-    assert!(issued.elapsed() < Duration::from_secs(4));
-    assert!(resumed(b.addr(), &cfg), "a ticket of the previous epoch");
+    let wait_for = |from: u64, to: u64| {
+        while !(from..to).contains(&(ms() % 4000)) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    for tls12 in [false, true] {
+        let cfg = resuming_client(&pki, tls12);
+        // The full handshake inside one known epoch.
+        let epoch = loop {
+            wait_for(2000, 3000);
+            let before = ms() / 4000;
+            assert!(!resumed(a.addr(), &cfg), "tls12={tls12}");
+            if ms() / 4000 == before {
+                break before;
+            }
+        };
+        wait_for(300, 1000);
+        assert_eq!(ms() / 4000, epoch + 1, "tls12={tls12}: the next epoch");
+        assert!(
+            resumed(b.addr(), &cfg),
+            "tls12={tls12}: a ticket of the previous epoch"
+        );
+    }
     assert_offloaded_in_vm(&a);
 }
 
 #[test]
-fn a_short_or_missing_ticket_secret_is_a_config_error() {
+fn bad_ticket_settings_are_config_errors_and_a_loose_secret_a_warning() {
     let pki = Pki::new("tickets-bad");
     let short = pki.dir.join("short.key");
     std::fs::write(&short, [9u8; 31]).unwrap();
+    let backend = start_backend();
     for (tickets, want) in [
         (
             format!("secret_file = \"{}\"", short.display()),
@@ -449,33 +481,42 @@ fn a_short_or_missing_ticket_secret_is_a_config_error() {
             "cannot read /nonexistent/ktern.key",
         ),
         (
+            "secret_file = \"/dev/urandom\"".to_string(),
+            "/dev/urandom is not a regular file",
+        ),
+        (
             "rotation = \"0s\"".to_string(),
             "tickets.rotation: must be between",
         ),
+        (
+            "rotation = \"168h\"".to_string(),
+            "tickets.rotation: must be between 1s and 84h",
+        ),
     ] {
-        let path = pki.dir.join(format!("bad-{}.toml", unique()));
-        std::fs::write(
-            &path,
-            Ktern::config_text(
-                &pki,
-                "",
-                &format!(
-                    "[tickets]\n{tickets}\n{}",
-                    tcp_listener(start_backend(), "")
-                ),
-            ),
-        )
-        .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ktern"))
-            .args(["check", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{tickets}");
+        let tables = format!("[tickets]\n{tickets}\n{}", tcp_listener(backend, ""));
+        let (ok, err, _) = check_config(&pki, &tables, None);
+        assert!(!ok, "{tickets}");
         assert!(err.contains(want), "{tickets}: {err}");
-        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("lint-"), "the file is named: {err}");
     }
+    // A good secret that others can read: a warning, exit 0.
+    let loose = pki.dir.join("loose.key");
+    std::fs::write(&loose, [5u8; 32]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tables = format!(
+        "[tickets]\nsecret_file = \"{}\"\n{}",
+        loose.display(),
+        tcp_listener(backend, "")
+    );
+    let (ok, err, out) = check_config(&pki, &tables, None);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("tickets.secret_file: warning: ")
+            && err.contains("readable by others (mode 644)"),
+        "{err}"
+    );
+    assert!(out.contains("1 warning(s)"), "{out}");
 }
 
 #[test]
@@ -518,12 +559,13 @@ fn clients_get_the_listeners_suites_and_groups_or_a_handshake_failure() {
 
 /// `ktern check [--ca PEM] -c <listener with entries>`: (success, stderr, stdout).
 fn check(pki: &Pki, entries: &str, ca: Option<&std::path::Path>) -> (bool, String, String) {
+    check_config(pki, &listener(start_backend(), "", entries), ca)
+}
+
+/// `ktern check [--ca PEM]` on a config of `tables` (after `[admin]`).
+fn check_config(pki: &Pki, tables: &str, ca: Option<&std::path::Path>) -> (bool, String, String) {
     let path = pki.dir.join(format!("lint-{}.toml", unique()));
-    std::fs::write(
-        &path,
-        Ktern::config_text(pki, "", &listener(start_backend(), "", entries)),
-    )
-    .unwrap();
+    std::fs::write(&path, Ktern::config_text(pki, "", tables)).unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ktern"));
     cmd.args(["check", "-c"]).arg(&path);
     if let Some(ca) = ca {
@@ -640,6 +682,8 @@ fn ktern_check_lints_names_dates_chains_and_shadowing() {
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
+    // The disordered chain's leaf was signed by the CA: it verifies.
+    assert!(!err.contains("disorder.crt\" does not verify"), "{err}");
     // A 1024-bit RSA key (made once with openssl: neither provider loads
     // one, so it is a load error naming the size).
     let weak = entry(
@@ -657,8 +701,6 @@ fn ktern_check_lints_names_dates_chains_and_shadowing() {
         ),
         "{err}"
     );
-    // The disordered chain's leaf was signed by the CA: it verifies.
-    assert!(!err.contains("disorder.crt\" does not verify"), "{err}");
 }
 
 /// A fresh OCSP response for `cert` (a file of tests/fixtures/ocsp),

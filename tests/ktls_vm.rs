@@ -218,7 +218,7 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
             let tls = handshake::server_config(
                 &cfg,
                 &handshake::cert_store(&cfg),
-                &handshake::ticketer().unwrap(),
+                &handshake::ticketer(),
             )
             .unwrap();
             let hs = Handshake::new(&tls).unwrap();

@@ -56,17 +56,24 @@ impl ServerCertVerifier for AnyCert {
 
 /// TLS 1.3 only, X25519 only, no resumption: every connection is a full handshake.
 pub fn full_handshake_client() -> Arc<rustls::ClientConfig> {
+    let mut cfg = (*resuming_client()).clone();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Arc::new(cfg)
+}
+
+/// TLS 1.3 only, X25519 only, resuming with the server's tickets (one
+/// in-memory cache per config, shared by the threads that use it).
+pub fn resuming_client() -> Arc<rustls::ClientConfig> {
     let mut provider = ktern::handshake::crypto_provider();
     provider
         .kx_groups
         .retain(|g| g.name() == rustls::NamedGroup::X25519);
     let provider = Arc::new(provider);
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3 is supported")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
-    cfg.resumption = rustls::client::Resumption::disabled();
     Arc::new(cfg)
 }

@@ -2,9 +2,10 @@
 //!
 //! Every mode is bounded in count and time and stops by itself.
 //!
-//! - `handshakes`: full TLS 1.3 handshakes (no resumption, X25519 only) from
-//!   N threads for a fixed time; each connection sends one byte and waits
-//!   for it to come back, so the server has finished its side too.
+//! - `handshakes`: TLS 1.3 handshakes (X25519 only; full, or resumed with
+//!   `--resume`) from N threads for a fixed time; each connection sends one
+//!   byte and waits for it to come back, so the server has finished its
+//!   side too.
 //! - `idle`: opens N TLS connections, completes each handshake, holds them
 //!   all open for a while (for RSS-per-connection measurements).
 //! - `download`: fetches everything a source backend sends, K times.
@@ -54,6 +55,10 @@ enum Mode {
         /// Hard cap on handshakes, whatever the time.
         #[arg(long, default_value_t = 1_000_000)]
         max: u64,
+        /// Resume with the server's tickets (each thread's first handshake
+        /// is full); reports how many resumed.
+        #[arg(long)]
+        resume: bool,
     },
     /// Open `--conns` TLS connections and hold them for `--hold` seconds.
     Idle {
@@ -173,18 +178,25 @@ fn connect(cfg: &Arc<ClientConfig>, addr: SocketAddr) -> std::io::Result<Tls> {
     Ok(tls)
 }
 
-fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64) {
-    let cfg = client_config();
+fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64, resume: bool) {
     let done = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (cfg, done, failed, stop) =
-                (cfg.clone(), done.clone(), failed.clone(), stop.clone());
+            let (done, resumed, failed, stop) =
+                (done.clone(), resumed.clone(), failed.clone(), stop.clone());
             std::thread::spawn(move || {
+                // A cache per thread, so each thread resumes its own
+                // sessions.
+                let cfg = if resume {
+                    anycert::resuming_client()
+                } else {
+                    client_config()
+                };
                 let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("valid histogram");
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let t = Instant::now();
@@ -194,6 +206,9 @@ fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64) {
                         tls.write_all(b"x")?;
                         let mut b = [0u8; 1];
                         tls.read_exact(&mut b)?;
+                        if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                            resumed.fetch_add(1, Ordering::Relaxed);
+                        }
                         tls.conn.send_close_notify();
                         let _ = tls.flush();
                         Ok(())
@@ -223,7 +238,8 @@ fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64) {
     let secs = start.elapsed().as_secs_f64();
     let n = done.load(Ordering::Relaxed);
     println!(
-        "handshakes={n} failed={} seconds={secs:.2} rate={:.0}/s p50_us={} p99_us={}",
+        "handshakes={n} resumed={} failed={} seconds={secs:.2} rate={:.0}/s p50_us={} p99_us={}",
+        resumed.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         n as f64 / secs,
         hist.value_at_quantile(0.5),
@@ -829,7 +845,8 @@ fn main() {
             threads,
             seconds,
             max,
-        } => handshakes(addr, threads, seconds, max),
+            resume,
+        } => handshakes(addr, threads, seconds, max, resume),
         Mode::Idle {
             addr,
             conns,

@@ -72,6 +72,24 @@ pub fn lint(config: &Config, now: i64, roots: Option<&rustls::RootCertStore>) ->
         }
         names(i, &l.certificates, &mut out);
     }
+    if let Some(path) = &config.tickets.secret_file {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                push(
+                    &mut out,
+                    Severity::Warning,
+                    "tickets.secret_file".into(),
+                    format!(
+                        "{} is readable by others (mode {mode:o}): whoever reads it can open every \
+                         ticket sealed under it (chmod 600)",
+                        path.display()
+                    ),
+                );
+            }
+        }
+    }
     out
 }
 
@@ -83,19 +101,7 @@ fn push(out: &mut Vec<Finding>, severity: Severity, field: String, message: Stri
     });
 }
 
-/// Whether a certificate name (`san`, maybe a wildcard) covers `name`
-/// (RFC 6125 §6.4.3: a wildcard covers one whole left-most label).
-pub fn covers(san: &str, name: &str) -> bool {
-    if san.eq_ignore_ascii_case(name) {
-        return true;
-    }
-    match (san.strip_prefix("*."), name.split_once('.')) {
-        (Some(parent), Some((label, rest))) => {
-            label != "*" && !label.is_empty() && parent.eq_ignore_ascii_case(rest)
-        }
-        _ => false,
-    }
-}
+pub use super::names::covers;
 
 /// The modulus size of an RSA leaf certificate's key.
 pub fn rsa_bits(leaf: &[u8]) -> Option<usize> {
@@ -109,6 +115,21 @@ pub fn rsa_bits(leaf: &[u8]) -> Option<usize> {
 /// One certificate on its own: names, dates, key, chain order.
 fn certificate(at: &str, c: &Certificate, now: i64, out: &mut Vec<Finding>) {
     let field = format!("{at}.cert");
+    for name in c
+        .info
+        .names
+        .iter()
+        .filter(|n| n.parse::<std::net::IpAddr>().is_err())
+    {
+        if let Err(why) = super::names::check(name) {
+            push(
+                out,
+                Severity::Warning,
+                field.clone(),
+                format!("subjectAltName {why}: no SNI can select it"),
+            );
+        }
+    }
     for name in &c.server_names {
         if !c.info.names.iter().any(|san| covers(san, name)) {
             push(
@@ -143,7 +164,7 @@ fn certificate(at: &str, c: &Certificate, now: i64, out: &mut Vec<Finding>) {
                 -left / 86_400
             ),
         );
-    } else if left < EXPIRY_WARN_DAYS * 86_400 {
+    } else if left <= EXPIRY_WARN_DAYS * 86_400 {
         push(
             out,
             Severity::Warning,
@@ -157,14 +178,20 @@ fn certificate(at: &str, c: &Certificate, now: i64, out: &mut Vec<Finding>) {
         .iter()
         .map(|d| X509Certificate::from_der(d.as_ref()).map(|(_, x)| x))
         .collect();
-    if let Some(bits) = c.key.cert.first().and_then(|d| rsa_bits(d)) {
-        if bits < MIN_RSA_BITS {
-            push(
-                out,
-                Severity::Error,
-                format!("{at}.key"),
-                format!("RSA key of {bits} bits: at least {MIN_RSA_BITS} are needed"),
-            );
+    // (An RSA key under 2048 bits never gets here: loading refuses it.)
+    for (k, cert) in parsed.iter().enumerate().skip(1) {
+        if let Ok(cert) = cert {
+            if cert.validity().not_after.timestamp() <= now {
+                push(
+                    out,
+                    Severity::Error,
+                    field.clone(),
+                    format!(
+                        "certificate {k} of the chain ({}) has expired: clients refuse the chain",
+                        cert.subject()
+                    ),
+                );
+            }
         }
     }
     for (k, pair) in parsed.windows(2).enumerate() {
@@ -246,13 +273,20 @@ fn verify(
 
 /// Across one listener's certificates: a name listed twice for the same
 /// key type, and a wildcard that covers another certificate's exact name
-/// with a different key.
+/// with a different key. Indexed by name, so tens of thousands of
+/// certificates lint in linear time. IP names are never looked up by SNI,
+/// so they shadow nothing.
 fn names(i: usize, certs: &[Certificate], out: &mut Vec<Finding>) {
+    use std::collections::HashMap;
+    let dns = |n: &&String| n.parse::<std::net::IpAddr>().is_err();
+    // Name -> (certificate, key type) in config order.
+    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
     for (j, c) in certs.iter().enumerate() {
-        for name in &c.server_names {
-            if let Some(first) = certs[..j]
+        for name in c.server_names.iter().filter(dns) {
+            let holders = by_name.entry(name.as_str()).or_default();
+            if let Some(&first) = holders
                 .iter()
-                .position(|o| o.info.key_type == c.info.key_type && o.server_names.contains(name))
+                .find(|&&k| certs[k].info.key_type == c.info.key_type)
             {
                 push(
                     out,
@@ -264,44 +298,41 @@ fn names(i: usize, certs: &[Certificate], out: &mut Vec<Finding>) {
                     ),
                 );
             }
-            if !name.starts_with("*.") {
-                continue;
-            }
-            for (k, o) in certs.iter().enumerate() {
-                if k == j || o.key.key.public_key() == c.key.key.public_key() {
-                    continue;
-                }
-                for exact in o
-                    .server_names
-                    .iter()
-                    .filter(|n| !n.starts_with("*.") && covers(name, n))
-                {
-                    push(
-                        out,
-                        Severity::Warning,
-                        format!("listener[{i}].certificate[{j}].server_names"),
-                        format!(
-                            "{name:?} covers {exact:?}, which certificate[{k}] serves with another key \
-                             (exact names win; check that this is meant)"
-                        ),
-                    );
-                }
+            if !holders.contains(&j) {
+                holders.push(j);
             }
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcards_cover_one_label() {
-        assert!(covers("a.test", "A.test"));
-        assert!(covers("*.b.test", "x.b.test"));
-        assert!(!covers("*.b.test", "b.test"));
-        assert!(!covers("*.b.test", "x.y.b.test"));
-        assert!(covers("*.b.test", "*.b.test"));
-        assert!(!covers("a.test", "*.test"));
+    // Wildcard parent -> exact names under it.
+    let mut under: HashMap<&str, Vec<&str>> = HashMap::new();
+    for name in by_name.keys().filter(|n| !n.starts_with("*.")) {
+        if let Some(parent) = super::names::wildcard_parent(name) {
+            under.entry(parent).or_default().push(name);
+        }
+    }
+    for (j, c) in certs.iter().enumerate() {
+        let key = c.key.key.public_key();
+        for name in c.server_names.iter().filter(dns) {
+            let Some(parent) = name.strip_prefix("*.") else {
+                continue;
+            };
+            let mut exact: Vec<&str> = under.get(parent).cloned().unwrap_or_default();
+            exact.sort_unstable();
+            for e in exact {
+                for &k in &by_name[e] {
+                    if k != j && certs[k].key.key.public_key() != key {
+                        push(
+                            out,
+                            Severity::Warning,
+                            format!("listener[{i}].certificate[{j}].server_names"),
+                            format!(
+                                "{name:?} covers {e:?}, which certificate[{k}] serves with another key \
+                                 (exact names win; check that this is meant)"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
     }
 }

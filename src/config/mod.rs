@@ -16,6 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 pub mod lint;
+pub mod names;
 pub mod ocsp;
 mod raw;
 
@@ -80,11 +81,43 @@ pub const MIN_TICKET_SECRET: usize = 32;
 /// Session tickets: where their keys come from and how often they turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tickets {
-    /// The fleet's shared secret (`tickets.secret_file`); `None`: a random
-    /// secret of this process.
+    /// The fleet's shared secret (`tickets.secret_file`); `None`: random
+    /// keys of this process.
     pub secret: Option<TicketSecret>,
+    /// Where the secret came from (for the lint's permission check).
+    pub secret_file: Option<PathBuf>,
     /// Keys change every `rotation` (at the same moment on every host).
     pub rotation: Duration,
+}
+
+/// The longest `tickets.rotation`: 84 hours, so a ticket (open for up to
+/// two rotations) never outlives 7 days.
+pub const MAX_TICKET_ROTATION: u64 = 302_400;
+
+/// The largest secret file read (a secret is 32 bytes; a path to a device
+/// such as /dev/urandom must not be read forever).
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// Reads a secret file: a regular file of at most [`MAX_SECRET_FILE`] bytes.
+fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(format!(
+            "{} has {} bytes; a ticket secret file holds at most {MAX_SECRET_FILE}",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(bytes)
 }
 
 /// Secret bytes, never printed.
@@ -691,6 +724,7 @@ impl Validator<'_> {
             access_log,
             tickets: tickets.unwrap_or(Tickets {
                 secret: None,
+                secret_file: None,
                 rotation: Duration::from_secs(43_200),
             }),
         }
@@ -698,40 +732,48 @@ impl Validator<'_> {
 
     fn tickets(&mut self, raw: raw::TicketsSection) -> Option<Tickets> {
         let rotation = self.duration("tickets.rotation", &raw.rotation)?;
-        // RFC 8446 §4.6.1 caps a ticket's lifetime at 7 days.
-        if rotation < Duration::from_secs(1) || rotation > Duration::from_secs(604_800) {
-            self.problem("tickets.rotation", "must be between 1s and 7 days (168h)");
+        // A ticket opens for up to two rotations, and RFC 8446 §4.6.1 caps
+        // a ticket's lifetime at 7 days.
+        if rotation < Duration::from_secs(1) || rotation > Duration::from_secs(MAX_TICKET_ROTATION)
+        {
+            self.problem(
+                "tickets.rotation",
+                "must be between 1s and 84h (a ticket opens for up to two rotations, and at most 7 days: RFC 8446 §4.6.1)",
+            );
             return None;
         }
-        let secret = match raw.secret_file {
-            None => None,
-            Some(file) => {
-                let path = self.base.join(&file);
-                match std::fs::read(&path) {
-                    Ok(bytes) if bytes.len() >= MIN_TICKET_SECRET => Some(TicketSecret(bytes)),
-                    Ok(bytes) => {
-                        self.problem(
-                            "tickets.secret_file",
-                            format!(
-                                "{} holds {} bytes; a ticket secret needs at least {MIN_TICKET_SECRET} \
-                                 (e.g. head -c 32 /dev/urandom)",
-                                path.display(),
-                                bytes.len()
-                            ),
-                        );
-                        return None;
-                    }
-                    Err(e) => {
-                        self.problem(
-                            "tickets.secret_file",
-                            format!("cannot read {}: {e}", path.display()),
-                        );
-                        return None;
-                    }
-                }
-            }
+        let Some(file) = raw.secret_file else {
+            return Some(Tickets {
+                secret: None,
+                secret_file: None,
+                rotation,
+            });
         };
-        Some(Tickets { secret, rotation })
+        let path = self.base.join(&file);
+        match read_secret(&path) {
+            Ok(bytes) if bytes.len() >= MIN_TICKET_SECRET => Some(Tickets {
+                secret: Some(TicketSecret(bytes)),
+                secret_file: Some(path),
+                rotation,
+            }),
+            Ok(bytes) => {
+                self.problem(
+                    "tickets.secret_file",
+                    format!(
+                        "{} holds {} bytes; a ticket secret needs at least {MIN_TICKET_SECRET} \
+                         (e.g. head -c 32 /dev/urandom > {})",
+                        path.display(),
+                        bytes.len(),
+                        path.display()
+                    ),
+                );
+                None
+            }
+            Err(reason) => {
+                self.problem("tickets.secret_file", reason);
+                None
+            }
+        }
     }
 
     /// Checks the access log's place without creating anything (`ktern
@@ -1221,6 +1263,17 @@ impl Validator<'_> {
             tls_versions,
         );
         let kx_groups = self.kx_groups(&format!("{at}.kx_groups"), raw.kx_groups);
+        if tls_versions.tls12
+            && !kx_groups.is_empty()
+            && kx_groups
+                .iter()
+                .all(|g| *g == rustls::NamedGroup::X25519MLKEM768)
+        {
+            self.problem(
+                format!("{at}.kx_groups"),
+                "TLS 1.2 is enabled but X25519MLKEM768 is TLS 1.3 only: add X25519, P-256 or P-384, or set tls_versions = [\"1.3\"]",
+            );
+        }
         let route = match raw.route {
             raw::RouteSection::Tcp(t) => self.tcp_route(&format!("{at}.route"), t),
             raw::RouteSection::Http(h) => self.http_route(&format!("{at}.route"), *h, upstreams),
@@ -1469,7 +1522,7 @@ impl Validator<'_> {
         } else {
             let mut names = Vec::with_capacity(raw.server_names.len());
             for (k, n) in raw.server_names.iter().enumerate() {
-                match check_server_name(n) {
+                match names::check(n) {
                     Ok(()) => names.push(n.to_ascii_lowercase()),
                     Err(why) => self.problem(format!("{at}.server_names[{k}]"), why),
                 }
@@ -1493,9 +1546,7 @@ impl Validator<'_> {
             }
         };
         if let Some(der) = &ocsp {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
+            let now = crate::clock::unix_now();
             let ders: Vec<&[u8]> = chain.iter().map(|c| c.as_ref()).collect();
             info.ocsp_file = raw.ocsp.clone();
             match ocsp::check(der, &ders, now) {
@@ -1592,37 +1643,6 @@ impl Validator<'_> {
             }
         }
     }
-}
-
-/// A configured server name: a DNS name (RFC 1035 letters, digits,
-/// hyphens; labels up to 63 bytes, up to 253 in all) or `*.` followed by
-/// one (a one-label wildcard, RFC 6125 §6.4.3). IP addresses never arrive
-/// as SNI (RFC 6066 §3), so they cannot select a certificate.
-fn check_server_name(name: &str) -> Result<(), String> {
-    if name.parse::<std::net::IpAddr>().is_ok() {
-        return Err(format!(
-            "{name:?} is an IP address, which clients never send as SNI (RFC 6066 §3); \
-             IP clients get the listener's first certificate"
-        ));
-    }
-    let dns = name.strip_prefix("*.").unwrap_or(name);
-    let bad = dns.is_empty()
-        || dns.len() > 253
-        || dns.split('.').any(|label| {
-            label.is_empty()
-                || label.len() > 63
-                || label.starts_with('-')
-                || label.ends_with('-')
-                || !label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if bad {
-        return Err(format!(
-            "{name:?} is not a DNS name or a one-label wildcard such as \"*.example.com\""
-        ));
-    }
-    Ok(())
 }
 
 /// Parses a byte size: `"1048576"`, `"512k"`, `"1m"`, `"2g"` (binary units).

@@ -9,6 +9,8 @@
 //! check (it trusts the issuer, not ktern).
 
 use der::Decode;
+
+use crate::provider::prims::digest;
 use x509_ocsp::{BasicOcspResponse, CertStatus, OcspResponse, OcspResponseStatus};
 use x509_parser::prelude::*;
 
@@ -89,11 +91,11 @@ fn strip_zeros(b: &[u8]) -> &[u8] {
 /// responders use by default, or SHA-256).
 fn hashed(oid: &str, data: &[u8]) -> Option<Vec<u8>> {
     let alg = match oid {
-        "1.3.14.3.2.26" => &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
-        "2.16.840.1.101.3.4.2.1" => &ring::digest::SHA256,
+        "1.3.14.3.2.26" => &digest::SHA1_FOR_LEGACY_USE_ONLY,
+        "2.16.840.1.101.3.4.2.1" => &digest::SHA256,
         _ => return None,
     };
-    Some(ring::digest::digest(alg, data).as_ref().to_vec())
+    Some(digest::digest(alg, data).as_ref().to_vec())
 }
 
 #[cfg(test)]

@@ -1,13 +1,13 @@
 //! Certificate expiry warnings. Each certificate the current config serves
 //! is logged once as it comes within 30, 7 and 1 days of its notAfter, and
-//! once more when it has expired, by a control thread that looks every
-//! hour (and at start, and so right after a reload too within the hour).
+//! once more when it has expired, by a control thread that looks at start,
+//! after every reload, and every hour.
 //! Alerting should use the gauge `ktern_certificate_expiry_timestamp_seconds`;
 //! the log line is for operators who read logs.
 
 use std::collections::HashMap;
-use std::sync::Weak;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{mpsc, Weak};
+use std::time::Duration;
 
 use super::Control;
 use crate::config::Config;
@@ -31,41 +31,47 @@ pub fn stage(not_after: i64, now: i64) -> Option<i64> {
     WARN_DAYS.iter().rev().copied().find(|d| left <= d * DAY)
 }
 
-/// The stage each certificate (by SHA-256) was last warned at, so a line
-/// is logged once per stage, not once per look.
+/// The stage each certificate (by listener and SHA-256) was last warned
+/// at, so a line is logged once per stage, not once per look.
 #[derive(Debug, Default)]
 pub struct Warned(HashMap<String, i64>);
 
 impl Warned {
-    /// The stage to warn about now, if it is new for this certificate.
-    pub fn due(&mut self, sha256: &str, not_after: i64, now: i64) -> Option<i64> {
+    /// The stage to warn about now, if it is new for this key.
+    pub fn due(&mut self, key: &str, not_after: i64, now: i64) -> Option<i64> {
         let st = stage(not_after, now)?;
-        match self.0.get(sha256) {
+        match self.0.get(key) {
             Some(&prev) if prev <= st => None,
             _ => {
-                self.0.insert(sha256.to_string(), st);
+                self.0.insert(key.to_string(), st);
                 Some(st)
             }
         }
     }
 }
 
-/// Logs what is due for every certificate of `config`.
+/// Logs what is due for every certificate of `config`, and forgets the
+/// certificates it no longer has.
 pub fn check(config: &Config, now: i64, warned: &mut Warned) {
+    let mut seen = Vec::new();
     for l in &config.listeners {
         for c in &l.certificates {
+            let key = format!("{} {}", l.name, c.info.sha256);
             if let Some(until) = c.info.ocsp_until {
                 // Stale from its nextUpdate: the store stops stapling it.
-                let key = format!("ocsp {}", c.info.sha256);
-                if now >= until && warned.0.insert(key, 0).is_none() {
+                let ocsp = format!("ocsp {key}");
+                if now >= until && warned.0.insert(ocsp.clone(), 0).is_none() {
                     tracing::warn!(
                         listener = %l.name, cert_file = %c.info.cert_file,
                         ocsp = c.info.ocsp_file.as_deref().unwrap_or("-"),
                         "OCSP response went stale (nextUpdate passed): no longer stapled; fetch a fresh one and reload"
                     );
                 }
+                seen.push(ocsp);
             }
-            let Some(st) = warned.due(&c.info.sha256, c.info.not_after, now) else {
+            let due = warned.due(&key, c.info.not_after, now);
+            seen.push(key);
+            let Some(st) = due else {
                 continue;
             };
             let days_left = (c.info.not_after - now).div_euclid(DAY);
@@ -84,21 +90,22 @@ pub fn check(config: &Config, now: i64, warned: &mut Warned) {
             }
         }
     }
+    warned.0.retain(|k, _| seen.contains(k));
 }
 
-/// Starts the hourly look; the thread ends with the process's control.
-pub fn spawn(control: Weak<Control>) -> std::io::Result<()> {
+/// Starts the look: now, on each message on `nudge` (a reload went
+/// live), and hourly; the thread ends with the process's control.
+pub fn spawn(control: Weak<Control>, nudge: mpsc::Receiver<()>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ktern-cert-expiry".into())
         .spawn(move || {
             let mut warned = Warned::default();
             while let Some(c) = control.upgrade() {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                check(&c.current().config, now, &mut warned);
+                check(&c.current().config, crate::clock::unix_now(), &mut warned);
                 drop(c);
-                std::thread::sleep(PERIOD);
+                if let Err(mpsc::RecvTimeoutError::Disconnected) = nudge.recv_timeout(PERIOD) {
+                    return;
+                }
             }
         })
         .map(drop)

@@ -144,10 +144,16 @@ pub struct Control {
     pub notify: notify::Notifier,
     /// The admin endpoint's configured address, listener copy and stop flag.
     admin: Mutex<Option<(SocketAddr, std::net::TcpListener, Arc<AtomicBool>)>>,
-    /// The random ticket secret of this process, made once: without a
-    /// fleet secret every generation derives its ticket keys from it, so
-    /// a reload does not turn outstanding tickets into full handshakes.
-    own_secret: [u8; crate::config::MIN_TICKET_SECRET],
+    /// This process's random ticket keys (one per epoch, forgotten after
+    /// two): without a fleet secret every generation with the same
+    /// rotation uses them, so a reload does not turn outstanding tickets
+    /// into full handshakes.
+    own_tickets: Arc<crate::handshake::tickets::TicketKeys>,
+    /// What the kernel can offload (`ktls = "required"` checks each
+    /// reload's cipher suites against it).
+    support: Arc<crate::ktls::Support>,
+    /// Wakes the certificate expiry look after a reload.
+    expiry_nudge: mpsc::Sender<()>,
 }
 
 impl Control {
@@ -179,7 +185,10 @@ impl Control {
             entries: config.runtime.uring_entries,
             taskrun: config.runtime.uring_taskrun,
         };
-        let own_secret = crate::handshake::tickets::random_secret()?;
+        let own_tickets = Arc::new(crate::handshake::tickets::TicketKeys::random(
+            config.tickets.rotation.as_secs(),
+        ));
+        let (expiry_nudge, nudged) = mpsc::channel();
         let health_metrics = Arc::new(M::default());
         let mut next_key = 1;
         let inherited: Vec<Bound> = inherited
@@ -206,7 +215,7 @@ impl Control {
         })?;
         let gen = Arc::new(Generation {
             number: 1,
-            tls: tls_configs(&config, cpus.len(), &own_secret)?,
+            tls: tls_configs(&config, cpus.len(), &own_tickets)?,
             health: checks.states.clone(),
             slots: plan.slots,
             access: open_access_log(&config)?,
@@ -247,13 +256,15 @@ impl Control {
             health_metrics,
             links,
             source,
-            own_secret,
+            own_tickets,
+            support: support.clone(),
+            expiry_nudge,
             notify: notify::Notifier::from_env(),
             admin: Mutex::new(None),
         });
         control.status.ready.store(true, Ordering::Relaxed);
         tracing::info!(generation = 1, shards = cpus.len(), "config live");
-        if let Err(e) = expiry::spawn(Arc::downgrade(&control)) {
+        if let Err(e) = expiry::spawn(Arc::downgrade(&control), nudged) {
             tracing::error!(error = %e, "cannot start the certificate expiry thread: no expiry warnings in the log");
         }
         Ok(control)
@@ -406,6 +417,7 @@ impl Control {
                     .generation
                     .store(r.generation, Ordering::Relaxed);
                 tracing::info!(generation = r.generation, ?took, "reload: new config live");
+                let _ = self.expiry_nudge.send(());
             }
             Err(e) => {
                 M::inc(&self.metrics.reload_failures);
@@ -432,8 +444,15 @@ impl Control {
         };
         let config = Config::load(path)?;
         unchangeable(&inner.current.config, &config)?;
+        let gaps = crate::ktls::offload_gaps(&config, &self.support);
+        if !gaps.is_empty() {
+            return Err(ReloadError::Config(ConfigError {
+                file: config.source.clone(),
+                problems: gaps,
+            }));
+        }
         let shards = self.links.len();
-        let tls = tls_configs(&config, shards, &self.own_secret)?;
+        let tls = tls_configs(&config, shards, &self.own_tickets)?;
         let mut next_key = inner.next_key;
         let plan = plan_sockets(&inner.sockets, &config, shards, &mut next_key)?;
         let mut fresh = Vec::new();
@@ -552,9 +571,10 @@ fn unchangeable(old: &Config, new: &Config) -> Result<(), ConfigError> {
 fn tls_configs(
     config: &Config,
     shards: usize,
-    own_secret: &[u8],
+    own_tickets: &Arc<crate::handshake::tickets::TicketKeys>,
 ) -> Result<Vec<Vec<crate::handshake::ServerTls>>, ReloadError> {
-    let tickets = crate::handshake::tickets::for_config(&config.tickets, own_secret)?;
+    use crate::handshake::tickets::{for_config, ListenerTickets};
+    let keys = for_config(&config.tickets, own_tickets)?;
     for l in &config.listeners {
         for c in &l.certificates {
             if let (Some(file), Some(why)) = (&c.info.ocsp_file, &c.info.ocsp_problem) {
@@ -568,7 +588,12 @@ fn tls_configs(
     let stores: Vec<_> = config
         .listeners
         .iter()
-        .map(crate::handshake::cert_store)
+        .map(|l| {
+            (
+                crate::handshake::cert_store(l),
+                ListenerTickets::for_listener(&keys, &l.name),
+            )
+        })
         .collect();
     (0..shards)
         .map(|_| {
@@ -576,7 +601,7 @@ fn tls_configs(
                 .listeners
                 .iter()
                 .zip(&stores)
-                .map(|(l, store)| crate::handshake::server_config(l, store, &tickets))
+                .map(|(l, (store, tickets))| crate::handshake::server_config(l, store, tickets))
                 .collect::<Result<Vec<_>, _>>()
         })
         .collect::<Result<_, _>>()

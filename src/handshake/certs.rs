@@ -22,6 +22,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{SignatureAlgorithm, SignatureScheme};
 
 use crate::config;
+use crate::config::names;
 
 /// Up to one key per algorithm for a name, as indexes into
 /// [`CertStore::keys`]. Preference order: ECDSA (smaller, faster to sign),
@@ -102,25 +103,36 @@ impl CertStore {
             }
         }
         if let Some(first) = certificates.first() {
-            let mut slots = first
-                .server_names
-                .first()
-                .and_then(|n| store.find(n))
-                .unwrap_or_default();
-            // The first certificate itself always serves the default.
-            slots.0[Slots::slot(first.key.key.algorithm())] = Some(0);
+            // The first certificate, and for each other key type the first
+            // certificate that shares a name with it (IP names included:
+            // clients without SNI, the default's usual callers, connect by
+            // address).
+            let mut slots = Slots::default();
+            slots.offer(first.key.key.algorithm(), 0);
+            for (k, c) in certificates.iter().enumerate().skip(1) {
+                if c.server_names
+                    .iter()
+                    .any(|n| first.server_names.contains(n))
+                {
+                    slots.offer(c.key.key.algorithm(), k as u32);
+                }
+            }
             store.default = Some(slots);
         }
         store
     }
 
-    /// Exact, then wildcard; `name` is lower case.
+    /// Exact, then wildcard; `name` is lower case. An IP address is never
+    /// a name here (`10.0.0.1` must not find `*.0.0.1`), and a wildcard
+    /// covers one whole, non-empty label.
     fn find(&self, name: &str) -> Option<Slots> {
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            return None;
+        }
         if let Some(s) = self.exact.get(name) {
             return Some(*s);
         }
-        let (_, parent) = name.split_once('.')?;
-        self.wildcard.get(parent).copied()
+        self.wildcard.get(names::wildcard_parent(name)?).copied()
     }
 
     fn lookup(&self, sni: Option<&str>) -> Option<Slots> {
@@ -167,10 +179,7 @@ impl CertStore {
                 .unwrap_or(first)
         };
         if let Some((until, bare)) = self.stapled.get(&index) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            if now >= *until {
+            if crate::clock::unix_now() >= *until {
                 return Some(bare);
             }
         }
@@ -301,6 +310,26 @@ mod tests {
         assert_eq!(leaf(&store, Some("b.test"), MODERN), Some(1));
         assert!(store.refuses(Some("127.0.0.1")));
         assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn the_default_has_its_twin_by_any_shared_name_and_ips_match_no_wildcard() {
+        // The first certificate's first name is an IP: its RSA twin (same
+        // names) still serves RSA-only clients without SNI.
+        let store = CertStore::new(
+            &[
+                cert(&["10.0.0.1", "ip.test"], false),
+                cert(&["*.0.0.1"], false),
+                cert(&["10.0.0.1", "ip.test"], true),
+            ],
+            false,
+        );
+        assert_eq!(leaf(&store, None, MODERN), Some(0));
+        assert_eq!(leaf(&store, None, RSA_ONLY), Some(2));
+        // An IP never reaches the wildcard index; an empty label neither.
+        assert_eq!(leaf(&store, Some("10.0.0.1"), MODERN), Some(0));
+        assert_eq!(store.find(".0.0.1"), None);
+        assert!(store.find("x.0.0.1").is_some());
     }
 
     #[test]

@@ -205,22 +205,12 @@ fn ip_literal(name: &[u8]) -> bool {
     std::str::from_utf8(name).is_ok_and(|s| s.parse::<std::net::IpAddr>().is_ok())
 }
 
-/// Lower-cased DNS name, or `None` for anything else (RFC 6066 §3: IP
-/// literals are not permitted; bytes outside letters, digits, `-`, `_`
-/// and `.` are not a host name ktern could route on).
+/// Lower-cased DNS name (`config::names`' rules), or `None` for anything
+/// else (RFC 6066 §3: IP literals are not permitted).
 fn dns_name(name: &[u8]) -> Option<Box<str>> {
     let name = name.strip_suffix(b".").unwrap_or(name);
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !name.iter().all(|b| b.is_ascii_digit() || *b == b'.');
-    if !ok {
-        return None;
-    }
     let s = std::str::from_utf8(name).ok()?;
-    Some(s.to_ascii_lowercase().into_boxed_str())
+    crate::config::names::is_dns_name(s).then(|| s.to_ascii_lowercase().into_boxed_str())
 }
 
 #[cfg(test)]

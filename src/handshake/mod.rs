@@ -24,14 +24,18 @@ pub mod tickets;
 
 pub use crate::provider::crypto_provider;
 
-/// Ticket keys from a random secret, rotating every 12 hours: for tools,
-/// benchmarks and tests that build a server without a config. A running
-/// ktern derives its keys per config generation ([`tickets::for_config`]),
-/// shared by every shard: a ticket issued by one shard resumes on any
-/// other (the kernel's `SO_REUSEPORT` hash sends a client's next
-/// connection to any shard), and with `[tickets] secret_file` on any host.
-pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, tickets::TicketKeyError> {
-    Ok(Arc::new(tickets::TicketKeys::random(43_200)?))
+/// Random ticket keys rotating every 12 hours, for tools, benchmarks and
+/// tests that build a server without a config. A running ktern makes its
+/// keys per config generation ([`tickets::for_config`]) and binds them to
+/// each listener ([`tickets::ListenerTickets`]); every shard shares them,
+/// so a ticket issued by one shard resumes on any other (the kernel's
+/// `SO_REUSEPORT` hash sends a client's next connection to any shard),
+/// and with `[tickets] secret_file`, on any host.
+pub fn ticketer() -> Arc<dyn rustls::server::ProducesTickets> {
+    tickets::ListenerTickets::for_listener(
+        &Arc::new(tickets::TicketKeys::random(43_200)),
+        "standalone",
+    )
 }
 
 #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
@@ -81,10 +85,11 @@ pub fn server_config(
     // 0-RTT data would reach the backend before the handshake completes and is
     // replayable (RFC 8446 §8); not offered.
     cfg.max_early_data_size = 0;
-    // Stateless resumption tickets (RFC 8446 §4.6.1), keys rotated by
-    // rustls: no per-session server memory (a stateful cache costs ~0.4 KiB
-    // per connection until full). One key set per process, so a ticket
-    // resumes on whichever shard the client's next connection lands.
+    // Stateless resumption tickets (RFC 8446 §4.6.1; keys in
+    // `tickets.rs`): no per-session server memory (a stateful cache costs
+    // ~0.4 KiB per connection until full), and one key set for every
+    // shard, so a ticket resumes on whichever shard the client's next
+    // connection lands.
     cfg.ticketer = tickets.clone();
     // TLS 1.2 clients without ticket support get a small session-id cache.
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
@@ -169,7 +174,7 @@ pub fn self_signed_config() -> Result<ServerTls, Box<dyn std::error::Error + Sen
     Ok(server_config(
         &listener,
         &cert_store(&listener),
-        &ticketer()?,
+        &ticketer(),
     )?)
 }
 

@@ -37,7 +37,7 @@ fn client(root: CertificateDer<'static>, tls12_only: bool) -> ClientConnection {
 
 /// A handshake for `l` with a store of its own certificates.
 fn start(l: &Listener) -> Handshake {
-    Handshake::new(&server_config(l, &cert_store(l), &ticketer().unwrap()).unwrap()).unwrap()
+    Handshake::new(&server_config(l, &cert_store(l), &ticketer()).unwrap()).unwrap()
 }
 
 /// The client's first flight (its ClientHello).

@@ -1,33 +1,42 @@
-//! Session ticket keys (RFC 8446 §4.6.1, RFC 5077 for TLS 1.2) that a
-//! fleet shares with no coordination.
+//! Session ticket keys (RFC 8446 §4.6.1, RFC 5077 for TLS 1.2).
 //!
-//! Every key is derived from one secret and the time epoch
-//! (`unix time / rotation`), so every host holding the same secret issues
-//! and accepts the same tickets and rotates at the same moment; a ticket of
-//! the previous epoch is still accepted (and of the next, for hosts whose
-//! clocks run a little ahead at the boundary). Without a configured secret,
-//! the process makes a random one at start: every shard and every reload
-//! share it, as before, and nothing outside the process can open its
-//! tickets.
+//! Time is cut into epochs (`unix time / rotation`). A ticket is sealed
+//! under a key of its epoch and opens in that epoch and the next, so it
+//! lives between one and two rotations (the lifetime hint says one).
+//! Where the epoch keys come from:
+//! - **A fleet secret** (`[tickets] secret_file`): every epoch's key is
+//!   HKDF-derived from it, so every host holding the same secret issues
+//!   and accepts the same tickets and rotates at the same moment, with no
+//!   coordination (a host whose clock is a little ahead issues tickets of
+//!   the next epoch: those open too). Forward secrecy is then the secret
+//!   file's: whoever reads it later opens every ticket sealed under it.
+//! - **No secret**: a random key per epoch, made when the epoch begins and
+//!   forgotten after the next one, shared by every shard and every reload
+//!   of this process. A ticket cannot be opened, by anyone, two rotations
+//!   after it was issued.
+//!
+//! Every key also binds the listener's name, so a ticket issued on one
+//! listener never resumes on another (rustls checks only the suite and
+//! the SNI on resumption; another listener may front other backends).
 //!
 //! Ticket: `epoch (8, big-endian) | salt (16) | AES-256-GCM(state) | tag (16)`.
-//! Each ticket has its own key, HKDF-SHA256-expanded from the secret with
-//! the epoch and a random salt (RFC 5869), so the nonce can be fixed: a
+//! Each ticket has its own key, HKDF-SHA256-expanded (RFC 5869) with the
+//! epoch, the listener and a random salt, so the nonce can be fixed: a
 //! fleet issuing more than 2^32 tickets per epoch under one key would push
 //! random 96-bit GCM nonces past their collision bound (NIST SP 800-38D
 //! §8.3); per-ticket keys have no such limit. Costs one HMAC pair per
 //! ticket, noise beside the handshake's signature.
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
-use ring::hkdf;
-use ring::rand::{SecureRandom, SystemRandom};
+use crate::provider::prims::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use crate::provider::prims::hkdf;
+use crate::provider::prims::rand::{SecureRandom, SystemRandom};
 
 pub use crate::config::MIN_TICKET_SECRET as MIN_SECRET;
 
-/// RFC 8446 §4.6.1: a ticket lifetime is at most 7 days.
+/// RFC 8446 §4.6.1: a ticket lifetime is at most 7 days. A ticket opens
+/// for up to two rotations, so rotation is at most half of this.
 pub const MAX_LIFETIME: u32 = 604_800;
 
 const SALT_LEN: usize = 16;
@@ -38,9 +47,19 @@ const TAG: usize = 16;
 /// the same secret).
 const EXTRACT_SALT: &[u8] = b"ktern session tickets v1";
 
-/// The ticket keys of one secret and rotation period.
+/// Where epoch keys come from.
+enum Source {
+    /// One pseudorandom key for every epoch (the epoch is in each
+    /// ticket key's info).
+    Fleet(hkdf::Prk),
+    /// A random key per epoch: (epoch, key), the current and the previous.
+    Random(Mutex<Vec<(u64, hkdf::Prk)>>),
+}
+
+/// The ticket keys of one source and rotation period, shared by every
+/// listener (each through its [`ListenerTickets`]).
 pub struct TicketKeys {
-    prk: hkdf::Prk,
+    source: Source,
     rotation: u64,
     rng: SystemRandom,
 }
@@ -48,6 +67,7 @@ pub struct TicketKeys {
 impl std::fmt::Debug for TicketKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TicketKeys")
+            .field("fleet", &matches!(self.source, Source::Fleet(_)))
             .field("rotation", &self.rotation)
             .finish_non_exhaustive()
     }
@@ -59,55 +79,92 @@ pub enum TicketKeyError {
     /// The secret is shorter than [`MIN_SECRET`].
     #[error("the ticket secret has {0} bytes; at least {MIN_SECRET} are needed")]
     ShortSecret(usize),
-    /// No randomness for the process's own secret.
-    #[error("no randomness for the ticket secret")]
-    NoRandom,
+}
+
+fn extract(secret: &[u8]) -> hkdf::Prk {
+    hkdf::Salt::new(hkdf::HKDF_SHA256, EXTRACT_SALT).extract(secret)
 }
 
 impl TicketKeys {
-    /// Keys from `secret` rotating every `rotation_secs` (at least 1).
-    pub fn new(secret: &[u8], rotation_secs: u64) -> Result<TicketKeys, TicketKeyError> {
+    /// Keys derived from a fleet's `secret`, rotating every
+    /// `rotation_secs` (at least 1).
+    pub fn fleet(secret: &[u8], rotation_secs: u64) -> Result<TicketKeys, TicketKeyError> {
         if secret.len() < MIN_SECRET {
             return Err(TicketKeyError::ShortSecret(secret.len()));
         }
         Ok(TicketKeys {
-            prk: hkdf::Salt::new(hkdf::HKDF_SHA256, EXTRACT_SALT).extract(secret),
+            source: Source::Fleet(extract(secret)),
             rotation: rotation_secs.max(1),
             rng: SystemRandom::new(),
         })
     }
 
-    /// Keys from a fresh random secret: this process alone can open its
-    /// tickets.
-    pub fn random(rotation_secs: u64) -> Result<TicketKeys, TicketKeyError> {
-        TicketKeys::new(&random_secret()?, rotation_secs)
+    /// Random keys, a new one each epoch: this process alone can open its
+    /// tickets, and only for two rotations.
+    pub fn random(rotation_secs: u64) -> TicketKeys {
+        TicketKeys {
+            source: Source::Random(Mutex::new(Vec::with_capacity(3))),
+            rotation: rotation_secs.max(1),
+            rng: SystemRandom::new(),
+        }
+    }
+
+    /// The rotation period, seconds.
+    pub fn rotation(&self) -> u64 {
+        self.rotation
     }
 
     fn epoch(&self, unix_secs: u64) -> u64 {
         unix_secs / self.rotation
     }
 
-    /// The AES-256-GCM key of one ticket.
-    fn key(&self, epoch: u64, salt: &[u8]) -> Option<LessSafeKey> {
-        let epoch = epoch.to_be_bytes();
-        let info = [b"ticket key".as_slice(), &epoch, salt];
-        let okm = self.prk.expand(&info, &aead::AES_256_GCM).ok()?;
+    /// The AES-256-GCM key of one ticket: epoch key, then HKDF-Expand with
+    /// the rotation, the epoch, the listener and the ticket's salt.
+    /// `issue`: the epoch is the current one and may need a new random
+    /// key; otherwise a missing random key means "forgotten".
+    fn key(&self, epoch: u64, context: &[u8], salt: &[u8], issue: bool) -> Option<LessSafeKey> {
+        let (rotation, epoch_be) = (self.rotation.to_be_bytes(), epoch.to_be_bytes());
+        let info = [
+            b"ticket key".as_slice(),
+            &rotation,
+            &epoch_be,
+            &(context.len() as u16).to_be_bytes(),
+            context,
+            salt,
+        ];
         let mut bytes = [0u8; 32];
-        okm.fill(&mut bytes).ok()?;
+        let expand = |prk: &hkdf::Prk, out: &mut [u8; 32]| -> Option<()> {
+            prk.expand(&info, &aead::AES_256_GCM).ok()?.fill(out).ok()
+        };
+        match &self.source {
+            Source::Fleet(prk) => expand(prk, &mut bytes)?,
+            Source::Random(keys) => {
+                let mut keys = keys.lock().unwrap_or_else(|e| e.into_inner());
+                if issue && keys.last().map_or(true, |(e, _)| *e < epoch) {
+                    let mut fresh = [0u8; 32];
+                    self.rng.fill(&mut fresh).ok()?;
+                    keys.push((epoch, extract(&fresh)));
+                    // Forget all but this epoch's and the previous one's.
+                    keys.retain(|(e, _)| e.saturating_add(1) >= epoch);
+                }
+                let (_, prk) = keys.iter().find(|(e, _)| *e == epoch)?;
+                expand(prk, &mut bytes)?;
+            }
+        }
         Some(LessSafeKey::new(
             UnboundKey::new(&aead::AES_256_GCM, &bytes).ok()?,
         ))
     }
 
-    /// Seals `plain` as a ticket of the epoch of `now` (Unix seconds).
-    pub fn seal_at(&self, plain: &[u8], now: u64) -> Option<Vec<u8>> {
+    /// Seals `plain` for listener `context` at `now` (Unix seconds).
+    pub fn seal_at(&self, context: &[u8], plain: &[u8], now: u64) -> Option<Vec<u8>> {
         let epoch = self.epoch(now);
         let mut out = Vec::with_capacity(HEADER + plain.len() + TAG);
         out.extend_from_slice(&epoch.to_be_bytes());
         let mut salt = [0u8; SALT_LEN];
         self.rng.fill(&mut salt).ok()?;
         out.extend_from_slice(&salt);
-        let key = self.key(epoch, &salt)?;
+        let key = self.key(epoch, context, &salt, true)?;
         let mut body = plain.to_vec();
         // The key is used once, so a fixed nonce is safe; the header is
         // authenticated so an epoch cannot be moved.
@@ -121,10 +178,11 @@ impl TicketKeys {
         Some(out)
     }
 
-    /// Opens a ticket sealed in the previous, current or next epoch of
-    /// `now`; anything else (another secret, another epoch, altered bytes)
-    /// is `None`, and the client gets a full handshake.
-    pub fn open_at(&self, ticket: &[u8], now: u64) -> Option<Vec<u8>> {
+    /// Opens a ticket of listener `context` sealed in the previous,
+    /// current or next epoch of `now`; anything else (another secret,
+    /// listener or epoch, a forgotten key, altered bytes) is `None`, and
+    /// the client gets a full handshake.
+    pub fn open_at(&self, context: &[u8], ticket: &[u8], now: u64) -> Option<Vec<u8>> {
         if ticket.len() < HEADER + TAG {
             return None;
         }
@@ -134,7 +192,7 @@ impl TicketKeys {
         if epoch.saturating_add(1) < current || epoch > current.saturating_add(1) {
             return None;
         }
-        let key = self.key(epoch, &ticket[8..HEADER])?;
+        let key = self.key(epoch, context, &ticket[8..HEADER], false)?;
         let mut body = ticket[HEADER..].to_vec();
         let plain = key
             .open_in_place(
@@ -149,35 +207,42 @@ impl TicketKeys {
     }
 }
 
-/// A random secret for a process that has no fleet secret.
-pub fn random_secret() -> Result<[u8; MIN_SECRET], TicketKeyError> {
-    let mut secret = [0u8; MIN_SECRET];
-    SystemRandom::new()
-        .fill(&mut secret)
-        .map_err(|_| TicketKeyError::NoRandom)?;
-    Ok(secret)
-}
-
-/// The ticket keys a config generation uses: from the fleet secret when
-/// configured, else from `own` (the process's random secret).
+/// The ticket keys a config generation uses: the fleet secret's when
+/// configured, else `own` (the process's random keys, kept across
+/// reloads) unless the rotation changed.
 pub fn for_config(
     tickets: &crate::config::Tickets,
-    own: &[u8],
-) -> Result<Arc<dyn rustls::server::ProducesTickets>, TicketKeyError> {
-    let secret = tickets.secret.as_ref().map_or(own, |s| &s.0);
-    Ok(Arc::new(TicketKeys::new(
-        secret,
-        tickets.rotation.as_secs(),
-    )?))
+    own: &Arc<TicketKeys>,
+) -> Result<Arc<TicketKeys>, TicketKeyError> {
+    let rotation = tickets.rotation.as_secs();
+    Ok(match &tickets.secret {
+        Some(s) => Arc::new(TicketKeys::fleet(&s.0, rotation)?),
+        None if own.rotation == rotation => own.clone(),
+        None => Arc::new(TicketKeys::random(rotation)),
+    })
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// One listener's tickets: the shared keys, bound to the listener's name.
+#[derive(Debug)]
+pub struct ListenerTickets {
+    keys: Arc<TicketKeys>,
+    context: Box<[u8]>,
 }
 
-impl rustls::server::ProducesTickets for TicketKeys {
+impl ListenerTickets {
+    /// `keys` for the listener named `name`.
+    pub fn for_listener(
+        keys: &Arc<TicketKeys>,
+        name: &str,
+    ) -> Arc<dyn rustls::server::ProducesTickets> {
+        Arc::new(ListenerTickets {
+            keys: keys.clone(),
+            context: name.as_bytes().into(),
+        })
+    }
+}
+
+impl rustls::server::ProducesTickets for ListenerTickets {
     fn enabled(&self) -> bool {
         true
     }
@@ -185,15 +250,17 @@ impl rustls::server::ProducesTickets for TicketKeys {
     /// The lifetime hint: a ticket stays valid for at least one rotation
     /// (it is accepted through the next epoch).
     fn lifetime(&self) -> u32 {
-        self.rotation.min(MAX_LIFETIME as u64) as u32
+        self.keys.rotation.min(MAX_LIFETIME as u64) as u32
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        self.seal_at(plain, now())
+        self.keys
+            .seal_at(&self.context, plain, crate::clock::unix_now() as u64)
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        self.open_at(cipher, now())
+        self.keys
+            .open_at(&self.context, cipher, crate::clock::unix_now() as u64)
     }
 }
 
@@ -203,62 +270,92 @@ mod tests {
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
     const OTHER: &[u8] = b"0123456789abcdef0123456789abcdeF";
+    const L: &[u8] = b"public";
+    /// The start of an epoch of one hour.
+    const T0: u64 = 500_000 * 3600;
 
     #[test]
     fn hosts_with_one_secret_open_each_others_tickets_across_one_rotation() {
         let (a, b) = (
-            TicketKeys::new(SECRET, 3600).unwrap(),
-            TicketKeys::new(SECRET, 3600).unwrap(),
+            TicketKeys::fleet(SECRET, 3600).unwrap(),
+            TicketKeys::fleet(SECRET, 3600).unwrap(),
         );
-        let t0 = 500_000 * 3600; // the start of an epoch
-        let ticket = a.seal_at(b"session state", t0 + 10).unwrap();
+        let ticket = a.seal_at(L, b"session state", T0 + 10).unwrap();
         assert_eq!(
-            b.open_at(&ticket, t0 + 20).as_deref(),
+            b.open_at(L, &ticket, T0 + 20).as_deref(),
             Some(&b"session state"[..])
         );
         // The next epoch still accepts it; the one after does not.
-        assert!(b.open_at(&ticket, t0 + 3600 + 5).is_some());
-        assert!(b.open_at(&ticket, t0 + 7200 + 5).is_none());
+        assert!(b.open_at(L, &ticket, T0 + 3600 + 5).is_some());
+        assert!(b.open_at(L, &ticket, T0 + 7200 + 5).is_none());
         // A host whose clock is a little ahead issues next-epoch tickets.
-        let ahead = a.seal_at(b"x", t0 + 3600).unwrap();
-        assert!(b.open_at(&ahead, t0 + 3599).is_some());
-        // Two tickets never share a key.
-        assert_ne!(a.seal_at(b"x", t0).unwrap(), a.seal_at(b"x", t0).unwrap());
+        let ahead = a.seal_at(L, b"x", T0 + 3600).unwrap();
+        assert!(b.open_at(L, &ahead, T0 + 3599).is_some());
+        // Another listener's tickets do not open here.
+        assert!(b.open_at(b"admin", &ticket, T0 + 20).is_none());
+        // Nor with another rotation (its epochs mean other times).
+        let c = TicketKeys::fleet(SECRET, 1800).unwrap();
+        assert!(c.open_at(L, &ticket, T0 + 20).is_none());
+    }
+
+    #[test]
+    fn random_keys_are_this_processs_and_forgotten_after_two_rotations() {
+        let k = TicketKeys::random(3600);
+        let old = k.seal_at(L, b"s", T0 + 10).unwrap();
+        assert!(k.open_at(L, &old, T0 + 20).is_some());
+        // A new epoch's first ticket makes its key; the old one still opens.
+        let new = k.seal_at(L, b"s", T0 + 3600 + 10).unwrap();
+        assert!(k.open_at(L, &old, T0 + 3600 + 20).is_some());
+        // Two epochs on, the first key is gone: even a clock turned back
+        // cannot open its ticket.
+        let _ = k.seal_at(L, b"s", T0 + 7200 + 10).unwrap();
+        assert!(k.open_at(L, &old, T0 + 20).is_none());
+        assert!(k.open_at(L, &new, T0 + 7200 + 20).is_some());
+        // Another process (or a fleet) opens none of them.
+        let other = TicketKeys::random(3600);
+        assert!(other.open_at(L, &new, T0 + 7200 + 20).is_none());
+        // A ticket of an epoch that never had a key opens nothing.
+        let fleet = TicketKeys::fleet(SECRET, 3600).unwrap();
+        let foreign = fleet.seal_at(L, b"s", T0 + 7200).unwrap();
+        assert!(k.open_at(L, &foreign, T0 + 7200 + 20).is_none());
     }
 
     #[test]
     fn another_secret_or_altered_bytes_open_nothing() {
-        let a = TicketKeys::new(SECRET, 60).unwrap();
-        let other = TicketKeys::new(OTHER, 60).unwrap();
+        let a = TicketKeys::fleet(SECRET, 60).unwrap();
+        let other = TicketKeys::fleet(OTHER, 60).unwrap();
         let now = 1_800_000_000;
-        let ticket = a.seal_at(b"state", now).unwrap();
-        assert!(other.open_at(&ticket, now).is_none());
+        let ticket = a.seal_at(L, b"state", now).unwrap();
+        assert!(other.open_at(L, &ticket, now).is_none());
         for i in 0..ticket.len() {
             let mut bad = ticket.clone();
             bad[i] ^= 1;
-            assert!(a.open_at(&bad, now).is_none(), "byte {i}");
+            assert!(a.open_at(L, &bad, now).is_none(), "byte {i}");
         }
-        assert!(a.open_at(&ticket[..HEADER + TAG - 1], now).is_none());
-        assert!(a.open_at(&[], now).is_none());
+        assert!(a.open_at(L, &ticket[..HEADER + TAG - 1], now).is_none());
+        assert!(a.open_at(L, &[], now).is_none());
         // An epoch of u64::MAX (found by fuzz/fuzz_targets/session_ticket.rs).
         let mut far = ticket.clone();
         far[..8].copy_from_slice(&u64::MAX.to_be_bytes());
-        assert!(a.open_at(&far, now).is_none());
-        // A random secret is this process's alone.
-        let r = TicketKeys::random(60).unwrap();
-        assert!(a.open_at(&r.seal_at(b"s", now).unwrap(), now).is_none());
+        assert!(a.open_at(L, &far, now).is_none());
+        // Each ticket has its own salt, so its own key.
+        assert_ne!(
+            a.seal_at(L, b"x", now).unwrap()[8..HEADER],
+            a.seal_at(L, b"x", now).unwrap()[8..HEADER]
+        );
     }
 
     #[test]
     fn short_secrets_are_refused_and_lifetime_is_capped() {
         assert!(matches!(
-            TicketKeys::new(&SECRET[..31], 60),
+            TicketKeys::fleet(&SECRET[..31], 60),
             Err(TicketKeyError::ShortSecret(31))
         ));
-        use rustls::server::ProducesTickets;
-        assert_eq!(TicketKeys::new(SECRET, 43_200).unwrap().lifetime(), 43_200);
+        let keys = Arc::new(TicketKeys::fleet(SECRET, 43_200).unwrap());
+        assert_eq!(ListenerTickets::for_listener(&keys, "l").lifetime(), 43_200);
+        let long = Arc::new(TicketKeys::random(30 * 86_400));
         assert_eq!(
-            TicketKeys::new(SECRET, 30 * 86_400).unwrap().lifetime(),
+            ListenerTickets::for_listener(&long, "l").lifetime(),
             MAX_LIFETIME
         );
     }

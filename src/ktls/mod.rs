@@ -221,6 +221,37 @@ pub fn establish(
     }
 }
 
+/// With `ktls = "required"`: one problem per listener whose cipher suites
+/// include one the kernel cannot offload (ChaCha20-Poly1305 before Linux
+/// 5.11). Such a connection would be served on userspace records, which
+/// `required` promises never happens; so the start or the reload is
+/// refused instead, naming the suites.
+pub fn offload_gaps(
+    config: &crate::config::Config,
+    support: &Support,
+) -> Vec<crate::config::Problem> {
+    if config.runtime.ktls != crate::config::KtlsMode::Required {
+        return Vec::new();
+    }
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let gaps = support.uncovered(&crate::handshake::listener_suites(l));
+            (!gaps.is_empty()).then(|| crate::config::Problem {
+                field: format!("listener[{i}].cipher_suites"),
+                reason: format!(
+                    "runtime.ktls = \"required\" but this kernel cannot offload {} ({}); \
+                     list only suites it can, or set ktls = \"auto\"",
+                    gaps.join(", "),
+                    support.describe()
+                ),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +314,34 @@ mod tests {
         assert!(support
             .uncovered(&crate::handshake::listener_suites(&l))
             .is_empty());
+        // Start and reload: a problem naming the listener's field, under
+        // `required` only.
+        let pems = vec![("c".to_string(), cert), ("k".to_string(), key)];
+        let text = |mode: &str| {
+            format!(
+                "[runtime]\nktls = \"{mode}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+                 [[listener.certificate]]\ncert = \"inline:c\"\nkey = \"inline:k\"\n\
+                 [listener.route]\nkind = \"tcp\"\nbackends = [\"127.0.0.1:9\"]\n"
+            )
+        };
+        let load = |mode: &str| {
+            crate::config::Config::from_toml(
+                &text(mode),
+                "t.toml",
+                std::path::Path::new("."),
+                &pems,
+            )
+            .unwrap()
+        };
+        let gaps = offload_gaps(&load("required"), &support);
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(gaps[0].field, "listener[0].cipher_suites");
+        assert!(
+            gaps[0].reason.contains("TLS13_CHACHA20_POLY1305_SHA256"),
+            "{}",
+            gaps[0].reason
+        );
+        assert!(offload_gaps(&load("auto"), &support).is_empty());
     }
 
     #[test]

@@ -104,7 +104,8 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 pub fn sha256(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
+    use ktern::provider::prims::digest;
+    digest::digest(&digest::SHA256, data)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
