@@ -79,6 +79,8 @@ stream {
   ssl_ecdh_curve X25519:prime256v1;
   server { listen 127.0.0.1:19543 ssl; proxy_pass 127.0.0.1:19001; }
   server { listen 127.0.0.1:19544 ssl; proxy_pass 127.0.0.1:19002; }
+  # The floor: the same proxied connection and byte with no TLS at all.
+  server { listen 127.0.0.1:19545; proxy_pass 127.0.0.1:19001; }
 }
 CONF
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
@@ -140,9 +142,20 @@ run_server ktern 19443 19444 "$ktern_pid"
 # shellcheck disable=SC2046
 run_server nginx 19543 19544 $(nginx_pids)
 
-python3 - "${res[ktern.hs]}" "${res[nginx.hs]}" "${res[ktern.rss]}" "${res[nginx.rss]}" "${res[ktern.l4]}" "${res[nginx.l4]}" "${res[ktern.rs]}" "${res[nginx.rs]}" <<'PY'
+# The floor, in the same run: nginx proxying the same connection and byte
+# over plain TCP (accept, backend connect, one byte each way, two closes).
+# shellcheck disable=SC2046
+t0=$(ticks $(nginx_pids))
+out=$(taskset -c 0 "$bin/ktern-load" handshakes --plain --addr 127.0.0.1:19545 --threads 4 --seconds "$seconds")
+# shellcheck disable=SC2046
+t1=$(ticks $(nginx_pids))
+n=$(sed -E 's/.*handshakes=([0-9]+).*/\1/' <<<"$out")
+res[floor]=$(python3 -c "print(f'{($t1-$t0)/$hz/$n*1e6:.1f}')")
+echo "floor (nginx, plain TCP): $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[floor]} us/connection"
+
+python3 - "${res[ktern.hs]}" "${res[nginx.hs]}" "${res[ktern.rss]}" "${res[nginx.rss]}" "${res[ktern.l4]}" "${res[nginx.l4]}" "${res[ktern.rs]}" "${res[nginx.rs]}" "${res[floor]}" <<'PY'
 import sys
-k_hs, n_hs, k_rss, n_rss, k_l4, n_l4, k_rs, n_rs = map(float, sys.argv[1:])
+k_hs, n_hs, k_rss, n_rss, k_l4, n_l4, k_rs, n_rs, floor = map(float, sys.argv[1:])
 rows = [
     ("server CPU per TLS 1.3 handshake (us)", k_hs, n_hs, k_hs / n_hs, "<= 0.6"),
     ("server CPU per resumed handshake (us)", k_rs, n_rs, k_rs / n_rs, "<= 0.5"),
@@ -152,4 +165,7 @@ rows = [
 print(f"\n{'metric':40} {'ktern':>10} {'nginx':>10} {'ktern/nginx':>12}  target")
 for name, k, n, r, t in rows:
     print(f"{name:40} {k:10.2f} {n:10.2f} {r:12.2f}  {t}")
+print(f"\nfloor: a plain-TCP proxied connection costs nginx {floor:.1f} us; as multiples of it:")
+for name, k, n in [("full handshake", k_hs, n_hs), ("resumed handshake", k_rs, n_rs)]:
+    print(f"  {name:20} ktern {k / floor:5.2f}x   nginx {n / floor:5.2f}x")
 PY

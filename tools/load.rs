@@ -59,6 +59,10 @@ enum Mode {
         /// is full); reports how many resumed.
         #[arg(long)]
         resume: bool,
+        /// No TLS at all: the same connection and byte over plain TCP
+        /// (the floor a TLS handshake is measured against).
+        #[arg(long, conflicts_with = "resume")]
+        plain: bool,
     },
     /// Open `--conns` TLS connections and hold them for `--hold` seconds.
     Idle {
@@ -178,7 +182,7 @@ fn connect(cfg: &Arc<ClientConfig>, addr: SocketAddr) -> std::io::Result<Tls> {
     Ok(tls)
 }
 
-fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64, resume: bool) {
+fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64, resume: bool, plain: bool) {
     let done = Arc::new(AtomicU64::new(0));
     let resumed = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -200,19 +204,23 @@ fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64, resume: 
                 let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("valid histogram");
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let t = Instant::now();
-                    let ok = connect(&cfg, addr).and_then(|mut tls| {
-                        // One byte through the echo backend: the server has
-                        // finished its half of the handshake and proxied.
-                        tls.write_all(b"x")?;
-                        let mut b = [0u8; 1];
-                        tls.read_exact(&mut b)?;
-                        if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                            resumed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tls.conn.send_close_notify();
-                        let _ = tls.flush();
-                        Ok(())
-                    });
+                    let ok = if plain {
+                        plain_round_trip(addr)
+                    } else {
+                        connect(&cfg, addr).and_then(|mut tls| {
+                            // One byte through the echo backend: the server has
+                            // finished its half of the handshake and proxied.
+                            tls.write_all(b"x")?;
+                            let mut b = [0u8; 1];
+                            tls.read_exact(&mut b)?;
+                            if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                                resumed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            tls.conn.send_close_notify();
+                            let _ = tls.flush();
+                            Ok(())
+                        })
+                    };
                     match ok {
                         Ok(()) => {
                             let _ = hist.record(t.elapsed().as_micros() as u64);
@@ -245,6 +253,15 @@ fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64, resume: 
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99)
     );
+}
+
+/// One plain-TCP connection through an echo path: one byte there and back.
+fn plain_round_trip(addr: SocketAddr) -> std::io::Result<()> {
+    let mut sock = TcpStream::connect(addr)?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    sock.write_all(b"x")?;
+    sock.read_exact(&mut [0u8; 1])
 }
 
 fn idle(addr: SocketAddr, conns: usize, hold: u64, echo: bool) {
@@ -846,7 +863,8 @@ fn main() {
             seconds,
             max,
             resume,
-        } => handshakes(addr, threads, seconds, max, resume),
+            plain,
+        } => handshakes(addr, threads, seconds, max, resume, plain),
         Mode::Idle {
             addr,
             conns,
