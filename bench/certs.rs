@@ -9,13 +9,12 @@
 //! of this machine's speed falls on both alike; the summary line gives
 //! the ratio (the bound: within 5%).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ktern::config::Config;
-use ktern::handshake::{self, Handshake, ServerTls, Step};
-use rustls::pki_types::ServerName;
+use ktern::handshake::memory::timed_handshake as handshake;
+use ktern::handshake::{self, ServerTls};
 
 #[path = "../tools/anycert.rs"]
 mod anycert;
@@ -63,20 +62,6 @@ fn load(path: &std::path::Path) -> (ServerTls, Config, usize) {
     let tls =
         handshake::server_config(l, &handshake::cert_store(l), &handshake::ticketer()).unwrap();
     (tls, config, rss().saturating_sub(before))
-}
-
-/// One full handshake naming `sni`; the time spent in the server driver.
-fn handshake(server: &ServerTls, client: &Arc<rustls::ClientConfig>, sni: &str) -> Duration {
-    let name = ServerName::try_from(sni.to_string()).unwrap();
-    let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
-    let t = Instant::now();
-    let mut hs = Handshake::new(server).unwrap();
-    let mut server_time = t.elapsed();
-    let step = handshake::memory::pump(&mut c, &mut hs, 0, &mut server_time);
-    assert_eq!(step, Step::Done);
-    let t = Instant::now();
-    drop(std::hint::black_box(hs.finish()));
-    server_time + t.elapsed()
 }
 
 fn bench(cr: &mut Criterion) {

@@ -4,28 +4,17 @@
 //! the driver's calls. `cargo bench --bench handshake`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ktern::handshake::{self, Handshake, Step};
-use rustls::pki_types::ServerName;
+use ktern::handshake;
 
 #[path = "../tools/anycert.rs"]
 mod anycert;
 
 /// One full handshake; returns the time spent inside the server driver.
 fn handshake(server: &handshake::ServerTls, client: &Arc<rustls::ClientConfig>) -> Duration {
-    let mut c =
-        rustls::ClientConnection::new(client.clone(), ServerName::try_from("localhost").unwrap())
-            .unwrap();
-    let t = Instant::now();
-    let mut hs = Handshake::new(server).unwrap();
-    let mut server_time = t.elapsed();
-    let step = handshake::memory::pump(&mut c, &mut hs, 0, &mut server_time);
-    assert_eq!(step, Step::Done);
-    let t = Instant::now();
-    drop(std::hint::black_box(hs.finish()));
-    server_time + t.elapsed()
+    handshake::memory::timed_handshake(server, client, "localhost")
 }
 
 fn bench(cr: &mut Criterion) {

@@ -4,6 +4,13 @@
 
 mod common;
 
+/// The benchmarks' any-certificate verifier (it still checks the
+/// handshake signature with the offered algorithms, so a scheme the
+/// client did not offer fails).
+#[allow(dead_code)]
+#[path = "../tools/anycert.rs"]
+mod anycert;
+
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,52 +81,16 @@ fn client(schemes: Option<&[SignatureScheme]>) -> Arc<rustls::ClientConfig> {
 
 /// A client with `provider` that accepts any certificate.
 fn any_cert_client(provider: rustls::crypto::CryptoProvider) -> Arc<rustls::ClientConfig> {
-    let verifier = Arc::new(AnyCert(provider.signature_verification_algorithms));
+    let provider = Arc::new(provider);
+    let verifier = Arc::new(anycert::AnyCert(provider.clone()));
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth(),
     )
-}
-
-/// Accepts every server certificate; checks the handshake signature with
-/// the offered algorithms (so a scheme the client did not offer fails).
-#[derive(Debug)]
-struct AnyCert(rustls::crypto::WebPkiSupportedAlgorithms);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
 }
 
 /// Handshakes with `sni` (none for `None`) and returns the leaf served

@@ -48,3 +48,23 @@ pub fn pump(
         }
     }
 }
+
+/// One full handshake of `client` (naming `sni`) against a server for
+/// `server`, in memory; the time spent inside the server driver. The
+/// handshake benchmarks' unit of work.
+pub fn timed_handshake(
+    server: &super::ServerTls,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> Duration {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("a DNS name");
+    let mut c = ClientConnection::new(client.clone(), name).expect("client config");
+    let t = Instant::now();
+    let mut hs = Handshake::new(server).expect("server config");
+    let mut server_time = t.elapsed();
+    let step = pump(&mut c, &mut hs, 0, &mut server_time);
+    assert_eq!(step, Step::Done);
+    let t = Instant::now();
+    drop(std::hint::black_box(hs.finish()));
+    server_time + t.elapsed()
+}
