@@ -2,7 +2,8 @@
 # Runs ktern's kTLS suite (tests/ktls_vm.rs), the HTTP suite (tests/http.rs,
 # over kTLS there) and the live-operations suite's reload and drain tests
 # (tests/live.rs), and the HTTP/2 and certificate suites (tests/h2.rs,
-# tests/certs.rs: SNI store, fleet tickets) inside qemu on each kTLS kernel (Debian 12's 6.1: no rekey;
+# tests/certs.rs: SNI store, fleet tickets; tests/proxy_protocol.rs) inside
+# qemu on each kTLS kernel (Debian 12's 6.1: no rekey;
 # trixie-backports' 6.18: rekey), via scripts/ktls-vm.sh: one boot per kernel.
 # Usage: scripts/vm-tests.sh [6.1] [6.18] [-- TEST-ARGS]
 # Exit status: 0 only if every kernel's run passed.
@@ -36,7 +37,7 @@ ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts kt
 # drain tests run here so that offloaded connections are shown to survive a
 # reload and to be drained with close_notify; l4's idle-memory test holds
 # offloaded connections to their 4 KiB budget.
-suites=(ktls_vm http live l4 h2 certs)
+suites=(ktls_vm http live l4 h2 certs proxy_protocol)
 declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive" [l4]="idle_connections_stay")
 test_bins=()
 for t in "${suites[@]}"; do

@@ -209,6 +209,9 @@ pub struct Listener {
     /// Refuse a hello whose SNI is missing or matches no certificate
     /// (`unrecognized_name`) instead of serving the default.
     pub strict_sni: bool,
+    /// Connections start with a PROXY protocol header (v1 or v2) from a
+    /// load balancer in front; `None`: they do not.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// TLS versions offered.
     pub tls_versions: TlsVersions,
     /// Cipher suites offered (every one of them in the build's provider);
@@ -235,6 +238,7 @@ impl Listener {
             backlog: 16,
             certificates: vec![certificate],
             strict_sni: false,
+            proxy_protocol: None,
             tls_versions,
             cipher_suites: Vec::new(),
             kx_groups: Vec::new(),
@@ -244,6 +248,60 @@ impl Listener {
                 connect_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(1),
             }),
+        }
+    }
+}
+
+/// The PROXY protocol on a listener (HAProxy's spec, v1 and v2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    /// Who may send the header; connections from elsewhere are closed.
+    pub trusted: Vec<Cidr>,
+    /// The whole header must arrive within this.
+    pub timeout: Duration,
+}
+
+/// An address range: `10.0.0.0/8`, `2001:db8::/32`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR` or `ADDR/PREFIX`.
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (text.parse().ok()?, None),
+        };
+        let max = if matches!(addr, std::net::IpAddr::V4(_)) {
+            32
+        } else {
+            128
+        };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address, as a
+    /// dual-stack listener reports IPv4 peers, counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        match (self.addr, ip.to_canonical()) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
         }
     }
 }
@@ -1257,6 +1315,10 @@ impl Validator<'_> {
         }
         let http = matches!(raw.route, raw::RouteSection::Http(_));
         let alpn = self.alpn(&format!("{at}.alpn"), raw.alpn, http);
+        let proxy_protocol = match raw.proxy_protocol {
+            None => None,
+            Some(p) => self.proxy_protocol(&format!("{at}.proxy_protocol"), p),
+        };
         let cipher_suites = self.cipher_suites(
             &format!("{at}.cipher_suites"),
             raw.cipher_suites,
@@ -1284,6 +1346,7 @@ impl Validator<'_> {
             backlog: raw.backlog,
             certificates,
             strict_sni: raw.strict_sni,
+            proxy_protocol,
             tls_versions,
             cipher_suites,
             kx_groups,
@@ -1370,6 +1433,35 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    fn proxy_protocol(
+        &mut self,
+        at: &str,
+        raw: raw::ProxyProtocolSection,
+    ) -> Option<ProxyProtocol> {
+        let timeout = self.duration(&format!("{at}.timeout"), &raw.timeout);
+        if raw.trusted.is_empty() {
+            self.problem(
+                format!("{at}.trusted"),
+                "list the addresses of the load balancers that send the header (e.g. [\"10.0.0.0/8\"]); \
+                 a header from anyone else would let them pick their own address",
+            );
+        }
+        let mut trusted = Vec::new();
+        for (j, t) in raw.trusted.iter().enumerate() {
+            match Cidr::parse(t) {
+                Some(c) => trusted.push(c),
+                None => self.problem(
+                    format!("{at}.trusted[{j}]"),
+                    format!("{t:?} is not an address or CIDR range (e.g. \"10.0.0.0/8\", \"::1\")"),
+                ),
+            }
+        }
+        Some(ProxyProtocol {
+            trusted,
+            timeout: timeout?,
+        })
     }
 
     /// Cipher suites by IANA name, each in this build's provider; every

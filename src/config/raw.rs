@@ -67,6 +67,18 @@ pub(super) struct RawConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct ProxyProtocolSection {
+    pub trusted: Vec<String>,
+    #[serde(default = "default_proxy_timeout")]
+    pub timeout: String,
+}
+
+fn default_proxy_timeout() -> String {
+    "5s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct TicketsSection {
     pub secret_file: Option<String>,
     #[serde(default = "default_ticket_rotation")]
@@ -184,6 +196,7 @@ pub(super) struct ListenerSection {
     pub certificate: Vec<CertificateSection>,
     #[serde(default)]
     pub strict_sni: bool,
+    pub proxy_protocol: Option<ProxyProtocolSection>,
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<String>,
     /// ALPN protocols offered, most preferred first (default: `http/1.1`

@@ -544,3 +544,51 @@ fn cipher_suites_and_groups_are_checked_against_the_build() {
         "{e}"
     );
 }
+
+#[test]
+fn proxy_protocol_trusted_ranges_are_parsed_and_checked() {
+    let with = |extra: &str| GOOD.replace("[[listener]]", &format!("[[listener]]\n{extra}"));
+    let c = Config::from_toml(
+        &with("proxy_protocol = { trusted = [\"10.0.0.0/8\", \"::1\", \"192.0.2.7\"] }"),
+        "t.toml",
+        Path::new("."),
+        &pems(),
+    )
+    .unwrap();
+    let p = c.listeners[0].proxy_protocol.as_ref().unwrap();
+    assert_eq!(p.timeout, Duration::from_secs(5));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let ok = |s: &str| p.trusted.iter().any(|c| c.contains(ip(s)));
+    assert!(ok("10.200.0.1") && ok("::1") && ok("192.0.2.7"));
+    // A dual-stack listener reports IPv4 peers as mapped IPv6.
+    assert!(ok("::ffff:10.1.2.3"));
+    assert!(!ok("11.0.0.1") && !ok("192.0.2.8") && !ok("::2"));
+    assert!(Cidr::parse("0.0.0.0/0")
+        .unwrap()
+        .contains(ip("203.0.113.9")));
+    let e = Config::from_toml(
+        &with("proxy_protocol = { trusted = [\"10.0.0.0/33\", \"nope\"], timeout = \"soon\" }"),
+        "t.toml",
+        Path::new("."),
+        &pems(),
+    )
+    .unwrap_err();
+    let fields: Vec<_> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].proxy_protocol.timeout",
+            "listener[0].proxy_protocol.trusted[0]",
+            "listener[0].proxy_protocol.trusted[1]"
+        ],
+        "{e}"
+    );
+    let e = Config::from_toml(
+        &with("proxy_protocol = { trusted = [] }"),
+        "t.toml",
+        Path::new("."),
+        &pems(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("proxy_protocol.trusted"), "{e}");
+}

@@ -17,8 +17,19 @@ pub async fn run(
     hs: Handshake,
     deadline: Duration,
 ) -> Result<Established, HandshakeError> {
+    run_after(stream, hs, deadline, &[]).await
+}
+
+/// [`run`], with `first_bytes` of the TLS stream already read from
+/// `stream` (after a PROXY protocol header).
+pub async fn run_after(
+    stream: &mut TcpStream,
+    hs: Handshake,
+    deadline: Duration,
+    first_bytes: &[u8],
+) -> Result<Established, HandshakeError> {
     let mut hs = Some(hs);
-    let res = monoio::time::timeout(deadline, drive(stream, &mut hs)).await;
+    let res = monoio::time::timeout(deadline, drive(stream, &mut hs, first_bytes)).await;
     match res {
         Ok(Ok(())) => Ok(hs
             .take()
@@ -40,10 +51,17 @@ pub async fn run(
     }
 }
 
-async fn drive(stream: &mut TcpStream, slot: &mut Option<Handshake>) -> Result<(), HandshakeError> {
+async fn drive(
+    stream: &mut TcpStream,
+    slot: &mut Option<Handshake>,
+    first_bytes: &[u8],
+) -> Result<(), HandshakeError> {
     let Some(hs) = slot.as_mut() else {
         return Err(HandshakeError::Eof);
     };
+    if !first_bytes.is_empty() {
+        hs.handle_input(first_bytes)?;
+    }
     let mut buf = Vec::with_capacity(MAX_RECORD);
     loop {
         match hs.poll()? {

@@ -35,6 +35,10 @@ counters! {
     handshakes => "ktern_handshakes_total", "TLS handshakes completed.";
     hs_fail_tls => "ktern_handshake_failures_tls_total", "Handshakes failed: client sent invalid TLS or negotiation failed (alert sent).";
     hs_fail_sni => "ktern_handshake_failures_unknown_sni_total", "Handshakes refused: strict_sni and the SNI was missing or matched no certificate (unrecognized_name sent).";
+    pp_headers => "ktern_proxy_protocol_headers_total", "PROXY protocol headers accepted (the client address they carry is the connection's).";
+    pp_untrusted => "ktern_proxy_protocol_untrusted_total", "Connections closed on a PROXY protocol listener: the source is not in proxy_protocol.trusted.";
+    pp_invalid => "ktern_proxy_protocol_invalid_total", "Connections closed on a PROXY protocol listener: missing, malformed or oversized header.";
+    pp_timeout => "ktern_proxy_protocol_timeout_total", "Connections closed on a PROXY protocol listener: no complete header within proxy_protocol.timeout.";
     hs_fail_timeout => "ktern_handshake_failures_timeout_total", "Handshakes failed: deadline passed.";
     hs_fail_eof => "ktern_handshake_failures_eof_total", "Handshakes failed: client closed or reset mid-handshake.";
     ktls_offloaded => "ktern_ktls_offloaded_total", "Connections whose record crypto went to the kernel.";

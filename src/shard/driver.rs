@@ -47,7 +47,7 @@ pub fn serve(
         peer,
     ));
     async move {
-        if let Some((conn, info)) = handshake.await {
+        if let Some((conn, info, peer)) = handshake.await {
             proxy(&shard, &gen, listener, conn, info, peer).await;
         }
         M::dec(&shard.metrics.active);
@@ -55,18 +55,86 @@ pub fn serve(
     }
 }
 
-/// Handshake, then the record-path decision. `None` when the connection
-/// ended (already logged and counted).
+/// The PROXY protocol header, when the listener expects one: the client
+/// address it carries (or `peer` for LOCAL/UNKNOWN) and the bytes read
+/// after it, which begin the TLS stream. `None` when the connection was
+/// closed instead (untrusted source, bad or slow header: logged, counted).
+async fn read_proxy_header(
+    shard: &Shard,
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    config: &crate::config::ProxyProtocol,
+) -> Option<(SocketAddr, Vec<u8>)> {
+    use super::proxy_header::{self, Verdict, MAX_HEADER};
+    use monoio::buf::SliceMut;
+    use monoio::io::AsyncReadRent;
+    let m = &shard.metrics;
+    if !config.trusted.iter().any(|c| c.contains(peer.ip())) {
+        M::inc(&m.pp_untrusted);
+        tracing::info!(%peer, "PROXY protocol: connection from an untrusted address closed");
+        return None;
+    }
+    let read = async {
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            let have = buf.len();
+            if buf.capacity() == have {
+                buf.reserve(have.max(256));
+            }
+            let want = (MAX_HEADER - have).min(buf.capacity() - have);
+            let (res, b) = socket.read(SliceMut::new(buf, have, have + want)).await;
+            buf = b.into_inner();
+            match res {
+                Ok(0) => return Err("the client closed before the header ended".to_string()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+            match proxy_header::parse(&buf) {
+                Verdict::NeedMore => {}
+                Verdict::Done { source, len } => {
+                    buf.drain(..len);
+                    return Ok((source.unwrap_or(peer), buf));
+                }
+                Verdict::Bad(why) => return Err(why),
+            }
+        }
+    };
+    match monoio::time::timeout(config.timeout, read).await {
+        Ok(Ok((client, rest))) => {
+            M::inc(&m.pp_headers);
+            Some((client, rest))
+        }
+        Ok(Err(why)) => {
+            M::inc(&m.pp_invalid);
+            tracing::info!(%peer, "PROXY protocol: bad header, connection closed: {why}");
+            None
+        }
+        Err(_) => {
+            M::inc(&m.pp_timeout);
+            tracing::info!(%peer, timeout = ?config.timeout, "PROXY protocol: no complete header in time, connection closed");
+            None
+        }
+    }
+}
+
+/// The PROXY header (if the listener expects one), the handshake, then
+/// the record-path decision. `None` when the connection ended (already
+/// logged and counted); else the connection, its TLS facts and the client
+/// address (the header's, when there was one).
 async fn establish(
     shard: Rc<Shard>,
     gen: Rc<ShardGen>,
     listener: usize,
     mut socket: TcpStream,
     peer: SocketAddr,
-) -> Option<(TlsConn, TlsInfo)> {
+) -> Option<(TlsConn, TlsInfo, SocketAddr)> {
     let m = &shard.metrics;
     let accepted = std::time::Instant::now();
     let _ = socket.set_nodelay(true);
+    let (peer, first_bytes) = match &gen.config().listeners[listener].proxy_protocol {
+        None => (peer, Vec::new()),
+        Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
+    };
     let hs = match handshake::Handshake::new(&gen.tls[listener]) {
         Ok(hs) => hs,
         Err(e) => {
@@ -75,7 +143,7 @@ async fn establish(
         }
     };
     let deadline = gen.config().runtime.handshake_timeout;
-    let mut est = match handshake::pump::run(&mut socket, hs, deadline).await {
+    let mut est = match handshake::pump::run_after(&mut socket, hs, deadline, &first_bytes).await {
         Ok(est) => est,
         Err(e) => {
             let counter = match &e {
@@ -128,7 +196,7 @@ async fn establish(
                 });
             }
             tracing::debug!(shard = shard.id, %peer, sni = info.sni.as_deref(), version = info.version_name(), cipher = info.cipher_name(), ?path, "handshake done");
-            Some((conn, info))
+            Some((conn, info, peer))
         }
         Err(e) => {
             M::inc(&m.ktls_offload_errors);

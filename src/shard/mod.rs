@@ -31,6 +31,7 @@ use crate::upstream::pool::Pool;
 use crate::upstream::{Balancer, HealthState};
 
 pub mod driver;
+pub mod proxy_header;
 
 /// One config generation, built off the shards and shared by all of them.
 #[derive(Debug)]

@@ -1,0 +1,160 @@
+//! PROXY protocol in (issue 10): a load balancer's header carries the
+//! client address, trusted sources only; hostile or slow headers close the
+//! connection, counted, and other connections are unaffected.
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::http::{http_config, read_response, start_http_backend, ANY_TO_A};
+use common::*;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
+
+/// A ktern with an `http` route whose listener expects PROXY headers from
+/// `trusted`.
+fn ktern(tag: &str, trusted: &str) -> (Pki, Ktern) {
+    let pki = Pki::new(tag);
+    let backend = start_http_backend("a");
+    let config = http_config(&[("a", backend.addr)], ANY_TO_A, "").replacen(
+        "[[listener]]\n",
+        &format!("[[listener]]\nproxy_protocol = {{ trusted = [{trusted}], timeout = \"1s\" }}\n"),
+        1,
+    );
+    let k = Ktern::start(&pki, "", &config);
+    (pki, k)
+}
+
+/// `header`, then TLS on the same connection and `GET /head`: the request
+/// head the backend saw.
+fn request_after(k: &Ktern, pki: &Pki, header: &[u8]) -> String {
+    let mut sock = TcpStream::connect(k.addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    sock.write_all(header).unwrap();
+    let conn = ClientConnection::new(
+        client_config(&[&pki.der]),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut tls = StreamOwned::new(conn, sock);
+    tls.write_all(b"GET /head HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut BufReader::new(&mut tls), false).unwrap();
+    assert_eq!(resp.status, 200);
+    String::from_utf8(resp.body).unwrap()
+}
+
+/// A v2 header: PROXY, TCP over IPv4, from `src:sport`.
+fn v2(src: [u8; 4], sport: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&443u16.to_be_bytes());
+    h
+}
+
+/// Whether ktern closed the connection after `bytes` (and maybe a wait)
+/// without answering.
+fn closed_after(k: &Ktern, bytes: &[u8]) -> bool {
+    let mut sock = TcpStream::connect(k.addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = sock.write_all(bytes);
+    let mut b = [0u8; 1];
+    matches!(sock.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn the_headers_client_address_is_the_clients_everywhere() {
+    let (pki, k) = ktern("pp-ok", "\"127.0.0.0/8\"");
+    let seen = request_after(&k, &pki, b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n");
+    assert!(seen.contains("X-Forwarded-For: 192.0.2.7\r\n"), "{seen}");
+    let seen = request_after(&k, &pki, &v2([198, 51, 100, 9], 5555));
+    assert!(seen.contains("X-Forwarded-For: 198.51.100.9\r\n"), "{seen}");
+    // UNKNOWN (and LOCAL): the connection's own address stands.
+    let seen = request_after(&k, &pki, b"PROXY UNKNOWN\r\n");
+    assert!(seen.contains("X-Forwarded-For: 127.0.0.1\r\n"), "{seen}");
+    assert_eq!(k.wait_metric("ktern_proxy_protocol_headers_total", 3), 3);
+    assert_offloaded_in_vm(&k);
+}
+
+#[test]
+fn untrusted_sources_and_bad_or_slow_headers_are_closed_and_counted() {
+    let (_pki, k) = ktern("pp-untrusted", "\"10.9.9.0/24\"");
+    assert!(closed_after(
+        &k,
+        b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n"
+    ));
+    assert_eq!(k.wait_metric("ktern_proxy_protocol_untrusted_total", 1), 1);
+    assert_eq!(k.metric("ktern_proxy_protocol_headers_total"), 0);
+
+    let (pki, k) = ktern("pp-bad", "\"127.0.0.1\"");
+    let mut bad_signature = v2([1, 2, 3, 4], 1);
+    bad_signature[3] = b'X';
+    let mut wrong_length = v2([1, 2, 3, 4], 1);
+    wrong_length[15] = 4; // fewer bytes than TCP over IPv4 needs
+    let mut bad_version = v2([1, 2, 3, 4], 1);
+    bad_version[12] = 0x31;
+    for bad in [
+        &b"PROXY TCP4 banana 10.0.0.1 1 2\r\n"[..],
+        &bad_signature,
+        &wrong_length,
+        &bad_version,
+        // No header at all: a TLS ClientHello where it should be.
+        &[22, 3, 1, 0, 5, 1, 0, 0, 1, 0],
+    ] {
+        assert!(closed_after(&k, bad), "{bad:?}");
+    }
+    assert_eq!(k.wait_metric("ktern_proxy_protocol_invalid_total", 5), 5);
+    // Half a header, then nothing: closed at the 1 s timeout.
+    assert!(closed_after(&k, b"PROXY TCP4 192.0.2."));
+    assert_eq!(k.wait_metric("ktern_proxy_protocol_timeout_total", 1), 1);
+    // Trailing garbage after a good header is the TLS stream's problem:
+    // the handshake fails with an alert, not the header.
+    assert!(!closed_after(
+        &k,
+        b"PROXY TCP4 192.0.2.7 10.0.0.1 1 2\r\nGARBAGE!"
+    ));
+    assert_eq!(k.wait_metric("ktern_handshake_failures_tls_total", 1), 1);
+    // Other connections were never affected.
+    let seen = request_after(&k, &pki, b"PROXY TCP4 192.0.2.8 10.0.0.1 1 2\r\n");
+    assert!(seen.contains("X-Forwarded-For: 192.0.2.8\r\n"), "{seen}");
+    assert!(
+        k.log().contains("PROXY protocol: bad header"),
+        "{}",
+        k.log()
+    );
+    assert_offloaded_in_vm(&k);
+}
+
+#[test]
+fn the_access_log_uses_the_headers_address() {
+    let pki = Pki::new("pp-log");
+    let backend = start_http_backend("a");
+    let log = pki.dir.join("access.log");
+    let config = format!(
+        "[access_log]\npath = \"{}\"\n{}",
+        log.display(),
+        http_config(&[("a", backend.addr)], ANY_TO_A, "").replacen(
+            "[[listener]]\n",
+            "[[listener]]\nproxy_protocol = { trusted = [\"127.0.0.1\"] }\n",
+            1
+        )
+    );
+    let k = Ktern::start(&pki, "", &config);
+    request_after(&k, &pki, b"PROXY TCP6 2001:db8::5 2001:db8::1 7 443\r\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.starts_with("2001:db8::5 ") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "access log: {text:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
