@@ -7,6 +7,12 @@ fn pems() -> Vec<(String, String)> {
     vec![("c".into(), cert), ("k".into(), key)]
 }
 
+/// `GOOD` with `extra` lines in its listener table, loaded.
+fn load_with(extra: &str) -> Result<Config, ConfigError> {
+    let text = GOOD.replace("[[listener]]", &format!("[[listener]]\n{extra}"));
+    Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+}
+
 const GOOD: &str = r#"
 [[listener]]
 address = "127.0.0.1:0"
@@ -496,13 +502,7 @@ fn certificate_names_come_from_the_san_unless_given_and_are_checked() {
 
 #[test]
 fn cipher_suites_and_groups_are_checked_against_the_build() {
-    let with = |extra: &str| GOOD.replace("[[listener]]", &format!("[[listener]]\n{extra}"));
-    let c = Config::from_toml(
-        &with("cipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"tls_ecdhe_ecdsa_with_aes_128_gcm_sha256\"]\nkx_groups = [\"P-384\", \"x25519\"]"),
-        "t.toml",
-        Path::new("."),
-        &pems(),
-    )
+    let c = load_with("cipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"tls_ecdhe_ecdsa_with_aes_128_gcm_sha256\"]\nkx_groups = [\"P-384\", \"x25519\"]")
     .unwrap();
     let l = &c.listeners[0];
     assert_eq!(
@@ -516,12 +516,7 @@ fn cipher_suites_and_groups_are_checked_against_the_build() {
         l.kx_groups,
         [rustls::NamedGroup::secp384r1, rustls::NamedGroup::X25519]
     );
-    let e = Config::from_toml(
-        &with("cipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"TLS_RSA_WITH_RC4_128_MD5\"]\nkx_groups = [\"X448\", \"X25519\", \"X25519\"]"),
-        "t.toml",
-        Path::new("."),
-        &pems(),
-    )
+    let e = load_with("cipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"TLS_RSA_WITH_RC4_128_MD5\"]\nkx_groups = [\"X448\", \"X25519\", \"X25519\"]")
     .unwrap_err();
     let fields: Vec<_> = e.problems.iter().map(|p| p.field.as_str()).collect();
     assert_eq!(
@@ -547,14 +542,8 @@ fn cipher_suites_and_groups_are_checked_against_the_build() {
 
 #[test]
 fn proxy_protocol_trusted_ranges_are_parsed_and_checked() {
-    let with = |extra: &str| GOOD.replace("[[listener]]", &format!("[[listener]]\n{extra}"));
-    let c = Config::from_toml(
-        &with("proxy_protocol = { trusted = [\"10.0.0.0/8\", \"::1\", \"192.0.2.7\"] }"),
-        "t.toml",
-        Path::new("."),
-        &pems(),
-    )
-    .unwrap();
+    let c = load_with("proxy_protocol = { trusted = [\"10.0.0.0/8\", \"::1\", \"192.0.2.7\"] }")
+        .unwrap();
     let p = c.listeners[0].proxy_protocol.as_ref().unwrap();
     assert_eq!(p.timeout, Duration::from_secs(5));
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
@@ -566,13 +555,9 @@ fn proxy_protocol_trusted_ranges_are_parsed_and_checked() {
     assert!(Cidr::parse("0.0.0.0/0")
         .unwrap()
         .contains(ip("203.0.113.9")));
-    let e = Config::from_toml(
-        &with("proxy_protocol = { trusted = [\"10.0.0.0/33\", \"nope\"], timeout = \"soon\" }"),
-        "t.toml",
-        Path::new("."),
-        &pems(),
-    )
-    .unwrap_err();
+    let e =
+        load_with("proxy_protocol = { trusted = [\"10.0.0.0/33\", \"nope\"], timeout = \"soon\" }")
+            .unwrap_err();
     let fields: Vec<_> = e.problems.iter().map(|p| p.field.as_str()).collect();
     assert_eq!(
         fields,
@@ -583,12 +568,6 @@ fn proxy_protocol_trusted_ranges_are_parsed_and_checked() {
         ],
         "{e}"
     );
-    let e = Config::from_toml(
-        &with("proxy_protocol = { trusted = [] }"),
-        "t.toml",
-        Path::new("."),
-        &pems(),
-    )
-    .unwrap_err();
+    let e = load_with("proxy_protocol = { trusted = [] }").unwrap_err();
     assert!(e.to_string().contains("proxy_protocol.trusted"), "{e}");
 }
