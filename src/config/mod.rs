@@ -269,19 +269,35 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    /// Parses `ADDR` or `ADDR/PREFIX`.
+    /// Parses `ADDR` or `ADDR/PREFIX`. An IPv4-mapped IPv6 range
+    /// (`::ffff:10.0.0.0/104`) becomes the IPv4 range it names, as peers
+    /// are compared in IPv4 form; one wider than the mapped block (under
+    /// /96) is refused, as it could never match an IPv4 peer as written.
     pub fn parse(text: &str) -> Option<Cidr> {
+        use std::net::IpAddr::{V4, V6};
         let (addr, prefix) = match text.split_once('/') {
-            Some((a, p)) => (a.parse().ok()?, Some(p.parse::<u8>().ok()?)),
+            Some((a, p)) => (
+                a.parse::<std::net::IpAddr>().ok()?,
+                Some(p.parse::<u8>().ok()?),
+            ),
             None => (text.parse().ok()?, None),
         };
-        let max = if matches!(addr, std::net::IpAddr::V4(_)) {
-            32
-        } else {
-            128
-        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
-        (prefix <= max).then_some(Cidr { addr, prefix })
+        if prefix > max {
+            return None;
+        }
+        match addr {
+            V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if prefix >= 96 => Some(Cidr {
+                    addr: V4(v4),
+                    prefix: prefix - 96,
+                }),
+                Some(_) => None,
+                None => Some(Cidr { addr, prefix }),
+            },
+            V4(_) => Some(Cidr { addr, prefix }),
+        }
     }
 
     /// Whether `ip` is in the range (an IPv4-mapped IPv6 address, as a
@@ -1441,6 +1457,9 @@ impl Validator<'_> {
         raw: raw::ProxyProtocolSection,
     ) -> Option<ProxyProtocol> {
         let timeout = self.duration(&format!("{at}.timeout"), &raw.timeout);
+        if timeout == Some(Duration::ZERO) {
+            self.problem(format!("{at}.timeout"), "must be more than 0s");
+        }
         if raw.trusted.is_empty() {
             self.problem(
                 format!("{at}.trusted"),

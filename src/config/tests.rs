@@ -555,6 +555,17 @@ fn proxy_protocol_trusted_ranges_are_parsed_and_checked() {
     assert!(Cidr::parse("0.0.0.0/0")
         .unwrap()
         .contains(ip("203.0.113.9")));
+    // Mapped forms name the IPv4 range; wider than the mapped block, refused.
+    assert!(Cidr::parse("::ffff:10.0.0.0/104")
+        .unwrap()
+        .contains(ip("10.9.8.7")));
+    assert!(Cidr::parse("::ffff:10.1.2.3")
+        .unwrap()
+        .contains(ip("::ffff:10.1.2.3")));
+    assert_eq!(Cidr::parse("::ffff:0.0.0.0/95"), None);
+    assert!(
+        load_with("proxy_protocol = { trusted = [\"10.0.0.0/8\"], timeout = \"0s\" }").is_err()
+    );
     let e =
         load_with("proxy_protocol = { trusted = [\"10.0.0.0/33\", \"nope\"], timeout = \"soon\" }")
             .unwrap_err();

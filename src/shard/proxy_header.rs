@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use ppp::{v1, v2, HeaderResult, PartialResult};
+use ppp::{v1, v2, PartialResult};
 
 /// The largest header read. v1 is at most 107 bytes (spec §2.1); v2 is 16
 /// bytes plus addresses and TLVs, which load balancers keep small (AWS
@@ -37,56 +37,78 @@ pub enum Verdict {
 /// v1's longest line, CRLF included (spec §2.1).
 const MAX_V1: usize = 107;
 
-/// Judges the bytes read so far.
+/// v2's 12-byte signature (spec §2.2).
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Judges the bytes read so far. Each version is parsed on its own, so an
+/// error names the version the bytes claim to be.
 pub fn parse(input: &[u8]) -> Verdict {
-    // A v1 line is judged whole: cut inside a port, "443" reads as a
-    // complete "4" to the parser.
-    let head = &input[..input.len().min(5)];
-    if b"PROXY".starts_with(head) && !input.windows(2).any(|w| w == b"\r\n") {
+    let starts = |sig: &[u8]| sig.starts_with(&input[..input.len().min(sig.len())]);
+    if starts(b"PROXY") {
+        v1_verdict(input)
+    } else if starts(V2_SIGNATURE) {
+        v2_verdict(input)
+    } else {
+        Verdict::Bad("not a PROXY protocol header".into())
+    }
+}
+
+/// v1 is judged only as a whole line (cut inside a port, "443" would read
+/// as a complete "4"); once the CRLF is there, any error is final.
+fn v1_verdict(input: &[u8]) -> Verdict {
+    let window = &input[..input.len().min(MAX_V1)];
+    let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         return if input.len() < MAX_V1 {
             Verdict::NeedMore
         } else {
             Verdict::Bad(format!("v1: no CRLF within {MAX_V1} bytes"))
         };
-    }
-    let result = HeaderResult::parse(input);
-    if result.is_incomplete() {
-        return if input.len() >= MAX_HEADER {
-            Verdict::Bad(format!("no complete header in {MAX_HEADER} bytes"))
-        } else {
-            Verdict::NeedMore
-        };
-    }
-    match result {
-        HeaderResult::V1(Ok(h)) => Verdict::Done {
-            len: h.header.len(),
+    };
+    match v1::Header::try_from(&input[..end + 2]) {
+        Ok(h) => Verdict::Done {
+            len: end + 2,
             source: match h.addresses {
                 v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
                 v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
                 v1::Addresses::Unknown => None,
             },
         },
-        HeaderResult::V2(Ok(h)) => {
-            if h.len() > MAX_HEADER {
-                return Verdict::Bad(format!("v2 header of {} bytes", h.len()));
-            }
-            let source = match (h.command, h.addresses) {
-                (v2::Command::Local, _) => None,
-                (_, v2::Addresses::IPv4(a)) => {
+        Err(e) => Verdict::Bad(format!("v1: {e}")),
+    }
+}
+
+fn v2_verdict(input: &[u8]) -> Verdict {
+    // The length is known from byte 16: refuse an oversized header before
+    // waiting for it.
+    if input.len() >= 16 {
+        let announced = 16 + usize::from(u16::from_be_bytes([input[14], input[15]]));
+        if announced > MAX_HEADER {
+            return Verdict::Bad(format!(
+                "v2: header of {announced} bytes (at most {MAX_HEADER})"
+            ));
+        }
+    }
+    match v2::Header::try_from(input) {
+        Ok(h) => {
+            // Addresses are taken only from PROXY over TCP (family/protocol
+            // 0x11 or 0x21, as HAProxy does); LOCAL (a health check of the
+            // balancer itself), UNSPEC, UDP and UNIX keep the connection's.
+            let source = match (h.command, h.protocol, h.addresses) {
+                (v2::Command::Proxy, v2::Protocol::Stream, v2::Addresses::IPv4(a)) => {
                     Some(SocketAddr::from((a.source_address, a.source_port)))
                 }
-                (_, v2::Addresses::IPv6(a)) => {
+                (v2::Command::Proxy, v2::Protocol::Stream, v2::Addresses::IPv6(a)) => {
                     Some(SocketAddr::from((a.source_address, a.source_port)))
                 }
-                (_, v2::Addresses::Unspecified | v2::Addresses::Unix(_)) => None,
+                _ => None,
             };
             Verdict::Done {
                 source,
                 len: h.len(),
             }
         }
-        HeaderResult::V1(Err(e)) => Verdict::Bad(format!("v1: {e}")),
-        HeaderResult::V2(Err(e)) => Verdict::Bad(format!("v2: {e}")),
+        Err(e) if e.is_incomplete() => Verdict::NeedMore,
+        Err(e) => Verdict::Bad(format!("v2: {e}")),
     }
 }
 
@@ -167,6 +189,37 @@ mod tests {
         ] {
             assert!(matches!(parse(bad), Verdict::Bad(_)), "{bad:?}");
         }
+        // Lines that end but are cut short: bad at once, never a wait.
+        for cut in [
+            &b"PROXY TCP4 1.2.3.4\r\n"[..],
+            b"PROXY TCP4\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8\r\n",
+            b"PROXY UNKNOWN a b c d e f\r\n",
+        ] {
+            assert!(matches!(parse(cut), Verdict::Bad(_)), "{cut:?}");
+        }
+        // A v2 error names v2.
+        let mut bad_version = v2.clone();
+        bad_version[12] = 0x31;
+        assert!(matches!(parse(&bad_version), Verdict::Bad(w) if w.starts_with("v2:")));
+        // UNSPEC family (LOCAL or not) and UDP keep the connection's address.
+        let mut unspec = v2[..16].to_vec();
+        unspec[13] = 0x00;
+        unspec[14..16].copy_from_slice(&[0, 0]);
+        assert_eq!(
+            parse(&unspec),
+            Verdict::Done {
+                source: None,
+                len: 16
+            }
+        );
+        let mut udp = v2.clone();
+        udp[13] = 0x12;
+        assert!(matches!(parse(&udp), Verdict::Done { source: None, .. }));
+        // A v2 header announcing more than MAX_HEADER: refused at byte 16.
+        let mut early = v2[..16].to_vec();
+        early[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert!(matches!(parse(&early), Verdict::Bad(_)));
         // A v2 header announcing more than MAX_HEADER.
         let mut big = v2[..14].to_vec();
         big.extend_from_slice(&u16::MAX.to_be_bytes());
