@@ -420,25 +420,14 @@ impl CertInfo {
     }
 }
 
-/// SHA-256 in hex, with the hash of the crypto provider ktern was built
-/// with (the one every TLS 1.3 provider has for its SHA-256 suites).
+/// SHA-256 in hex, from the build's crypto library.
 fn sha256_hex(data: &[u8]) -> String {
-    let provider = crate::provider::crypto_provider();
-    let hash = provider
-        .cipher_suites
+    use crate::provider::prims::digest;
+    digest::digest(&digest::SHA256, data)
+        .as_ref()
         .iter()
-        .filter_map(|s| s.tls13())
-        .map(|s| s.common.hash_provider)
-        .find(|h| h.output_len() == 32);
-    match hash {
-        Some(h) => h
-            .hash(data)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-        None => String::new(),
-    }
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// TLS protocol versions a listener accepts.

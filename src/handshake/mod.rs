@@ -111,23 +111,19 @@ pub fn server_config(
 /// and `kx_groups`, in the listener's order (the config check made sure
 /// each is in the provider).
 pub fn listener_provider(listener: &config::Listener) -> rustls::crypto::CryptoProvider {
+    /// `all` narrowed to `wanted` (by `id`), in `wanted`'s order; all of
+    /// them when nothing is configured.
+    fn pick<T: Copy, K: PartialEq>(all: &mut Vec<T>, wanted: &[K], id: impl Fn(&T) -> K) {
+        if !wanted.is_empty() {
+            *all = wanted
+                .iter()
+                .filter_map(|w| all.iter().find(|t| id(t) == *w).copied())
+                .collect();
+        }
+    }
     let mut p = crypto_provider();
-    if !listener.cipher_suites.is_empty() {
-        let all = std::mem::take(&mut p.cipher_suites);
-        p.cipher_suites = listener
-            .cipher_suites
-            .iter()
-            .filter_map(|c| all.iter().find(|s| s.suite() == *c).copied())
-            .collect();
-    }
-    if !listener.kx_groups.is_empty() {
-        let all = std::mem::take(&mut p.kx_groups);
-        p.kx_groups = listener
-            .kx_groups
-            .iter()
-            .filter_map(|g| all.iter().find(|k| k.name() == *g).copied())
-            .collect();
-    }
+    pick(&mut p.cipher_suites, &listener.cipher_suites, |s| s.suite());
+    pick(&mut p.kx_groups, &listener.kx_groups, |k| k.name());
     p
 }
 

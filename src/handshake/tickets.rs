@@ -165,16 +165,19 @@ impl TicketKeys {
         self.rng.fill(&mut salt).ok()?;
         out.extend_from_slice(&salt);
         let key = self.key(epoch, context, &salt, true)?;
-        let mut body = plain.to_vec();
-        // The key is used once, so a fixed nonce is safe; the header is
-        // authenticated so an epoch cannot be moved.
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key([0; 12]),
-            Aad::from(&out[..HEADER]),
-            &mut body,
-        )
-        .ok()?;
-        out.extend_from_slice(&body);
+        out.extend_from_slice(plain);
+        // Sealed in place in the ticket (no second buffer). The key is
+        // used once, so a fixed nonce is safe; the header is authenticated
+        // so an epoch cannot be moved.
+        let (header, body) = out.split_at_mut(HEADER);
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key([0; 12]),
+                Aad::from(&*header),
+                body,
+            )
+            .ok()?;
+        out.extend_from_slice(tag.as_ref());
         Some(out)
     }
 
