@@ -298,6 +298,7 @@ fn sni_patterns_and_access_log_are_validated() {
     assert!(HostMatch::Any.matches_sni(None));
     assert!(!HostMatch::Exact("a".into()).matches_sni(None));
     assert!(HostMatch::Suffix(".b".into()).matches_sni(Some("a.b")));
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -401,6 +402,7 @@ fn static_rules_need_an_existing_directory() {
         );
         assert!(e.problems[0].reason.contains(why), "{e}");
     }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -42,6 +42,17 @@ impl Pki {
     }
 }
 
+/// The scratch directory goes with the test (some hold 48 MiB files; a
+/// suite run left thousands behind). `KTERN_KEEP_TEST_DIRS=1` keeps them
+/// for a post-mortem.
+impl Drop for Pki {
+    fn drop(&mut self) {
+        if std::env::var_os("KTERN_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// The key algorithm of a test certificate.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum KeyKind {
