@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -705,10 +705,7 @@ fn bad_requests_get_the_exact_status() {
 fn backend_faults_map_to_502_504_and_aborts() {
     let pki = Pki::new("faults");
     let a = start_http_backend("a");
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_held, dead) = refusing_port();
     let rules = "[[listener.route.rule]]\npath = \"/dead\"\nupstream = \"dead\"\n[[listener.route.rule]]\nupstream = \"a\"\n";
     let k = Ktern::start(
         &pki,

@@ -136,11 +136,7 @@ fn silent_client_is_closed_at_the_handshake_deadline() {
 #[test]
 fn refused_backend_closes_the_client_cleanly_and_is_counted() {
     let pki = Pki::new("refused");
-    // A port with nothing listening: bind, note it, close.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_held, dead) = refusing_port();
     let k = Ktern::start(&pki, "", &tcp_listener(dead, ""));
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     let _ = c.write_all(b"hello");

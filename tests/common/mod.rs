@@ -53,6 +53,18 @@ impl Drop for Pki {
     }
 }
 
+/// A loopback port that refuses connections, and the socket holding it:
+/// bound but not listening, so no other test can take the port while it
+/// lives (a port merely noted and closed was once reused by a concurrent
+/// test's backend, and the "refused" connection succeeded).
+pub fn refusing_port() -> (socket2::Socket, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    (s, addr)
+}
+
 /// The key algorithm of a test certificate.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum KeyKind {
