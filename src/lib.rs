@@ -12,6 +12,7 @@
 
 pub mod buffers;
 pub mod builtin;
+pub mod challenges;
 pub mod clock;
 pub mod config;
 pub mod control;

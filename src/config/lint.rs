@@ -114,6 +114,21 @@ pub fn rsa_bits(leaf: &[u8]) -> Option<usize> {
 
 /// One certificate on its own: names, dates, key, chain order.
 fn certificate(at: &str, c: &Certificate, now: i64, out: &mut Vec<Finding>) {
+    if let Some(a) = &c.acme {
+        if !a.issued {
+            push(
+                out,
+                Severity::Warning,
+                format!("{at}.acme"),
+                format!(
+                    "not obtained yet (nothing valid in {}): a self-signed stand-in serves {} until the first order succeeds",
+                    a.dir.display(),
+                    a.domains.join(", ")
+                ),
+            );
+            return;
+        }
+    }
     let field = format!("{at}.cert");
     for name in c
         .info

@@ -72,6 +72,51 @@ pub struct Config {
     pub access_log: Option<AccessLog>,
     /// Session ticket keys.
     pub tickets: Tickets,
+    /// Where ACME state lives and how failed orders are retried.
+    pub acme: AcmeSettings,
+}
+
+/// `[acme]`: process-wide ACME settings.
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    /// Account keys and obtained certificates, one directory per
+    /// certificate (files written then renamed).
+    pub state_dir: PathBuf,
+    /// The first retry's delay after a failed order; doubled per failure.
+    pub retry: Duration,
+    /// The longest delay between retries.
+    pub retry_max: Duration,
+}
+
+/// How the CA checks that ktern controls a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// RFC 8737: answered in the TLS handshake (ALPN `acme-tls/1`) on the
+    /// TLS listener, which must be the name's port 443.
+    TlsAlpn01,
+    /// RFC 8555 §8.3: answered on a `[[redirect]]` listener (port 80).
+    Http01,
+}
+
+/// A certificate ktern obtains and renews itself (`certificate[].acme`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeCert {
+    /// The names to order (DNS names, no wildcards: neither challenge can
+    /// prove one), the first naming the state directory.
+    pub domains: Vec<String>,
+    /// Account contact URLs (`mailto:...`).
+    pub contact: Vec<String>,
+    /// The CA's directory URL (`https://...`).
+    pub directory: String,
+    /// PEM roots for the directory's HTTPS; `None`: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// How the CA checks control of each name.
+    pub challenge: AcmeChallenge,
+    /// `state_dir/<first domain>`: `cert.pem` and `key.pem`.
+    pub dir: PathBuf,
+    /// Whether the certificate served now came from the CA (`false`: a
+    /// self-signed stand-in until the first order succeeds).
+    pub issued: bool,
 }
 
 /// The shortest ticket secret accepted: 256 bits (RFC 5869 §3.3: the
@@ -334,6 +379,8 @@ pub struct Certificate {
     /// Where it came from and what its leaf says (for `/certs` and the
     /// expiry gauge).
     pub info: CertInfo,
+    /// Set when ktern's ACME client obtains and renews this certificate.
+    pub acme: Option<Arc<AcmeCert>>,
 }
 
 impl Certificate {
@@ -345,13 +392,31 @@ impl Certificate {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| bad("certificate"))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| bad("key"))?;
+        let mut info = CertInfo::from_leaf(chain[0].as_ref()).unwrap_or_default();
         let key = CertifiedKey::from_der(chain, key, &crate::provider::crypto_provider())?;
+        info.key_type = format!("{:?}", key.key.algorithm());
         Ok(Certificate {
             key: Arc::new(key),
             server_names: Vec::new(),
-            info: CertInfo::default(),
+            info,
+            acme: None,
         })
     }
+}
+
+/// The certificate an ACME order left in `dir` (`cert.pem`, `key.pem`),
+/// if both are there, match and have not expired at `now`.
+pub fn held_certificate(dir: &Path, now: i64) -> Option<Certificate> {
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let chain = std::fs::read_to_string(&cert_file).ok()?;
+    let key = std::fs::read_to_string(&key_file).ok()?;
+    let mut c = Certificate::from_pem(&chain, &key).ok()?;
+    if c.info.not_after <= now {
+        return None;
+    }
+    c.info.cert_file = cert_file.display().to_string();
+    c.info.key_file = key_file.display().to_string();
+    Some(c)
 }
 
 /// Facts about a certificate, read once when the config is loaded.
@@ -365,6 +430,8 @@ pub struct CertInfo {
     pub subject: String,
     /// Leaf issuer.
     pub issuer: String,
+    /// Leaf notBefore, seconds since the Unix epoch.
+    pub not_before: i64,
     /// Leaf notAfter, seconds since the Unix epoch.
     pub not_after: i64,
     /// DNS names and IP addresses from the subjectAltName extension.
@@ -412,6 +479,7 @@ impl CertInfo {
         Ok(CertInfo {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             names,
             sha256: digest,
@@ -521,6 +589,7 @@ impl Default for Http2 {
             problems: Vec::new(),
             base: Path::new(""),
             inline_pems: &[],
+            acme: None,
         };
         v.http2("", &raw::Http2Section::default())
     }
@@ -716,6 +785,7 @@ impl Config {
             problems: Vec::new(),
             base,
             inline_pems,
+            acme: None,
         };
         let config = v.config(raw, file);
         if v.problems.is_empty() {
@@ -730,6 +800,9 @@ struct Validator<'a> {
     problems: Vec<Problem>,
     base: &'a Path,
     inline_pems: &'a [(String, String)],
+    /// `[acme]`, read before the listeners (their ACME certificates live
+    /// in its state directory).
+    acme: Option<AcmeSettings>,
 }
 
 impl Validator<'_> {
@@ -741,6 +814,7 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: raw::RawConfig, file: &str) -> Config {
+        self.acme = self.acme_settings(raw.acme);
         let runtime = self.runtime(raw.runtime);
         let upstreams = self.upstreams(raw.upstream);
         if raw.listener.is_empty() {
@@ -763,7 +837,7 @@ impl Validator<'_> {
         let admin = raw
             .admin
             .and_then(|a| self.addr("admin.address", &a.address));
-        let redirects = raw
+        let redirects: Vec<Redirect> = raw
             .redirect
             .iter()
             .enumerate()
@@ -775,6 +849,7 @@ impl Validator<'_> {
                 })
             })
             .collect();
+        self.acme_orders(&listeners, &redirects);
         let access_log = raw.access_log.and_then(|a| self.access_log(a));
         let tickets = self.tickets(raw.tickets);
         Config {
@@ -790,7 +865,195 @@ impl Validator<'_> {
                 secret_file: None,
                 rotation: Duration::from_secs(43_200),
             }),
+            acme: self.acme.clone().unwrap_or(AcmeSettings {
+                state_dir: PathBuf::from("/var/lib/ktern/acme"),
+                retry: Duration::from_secs(60),
+                retry_max: Duration::from_secs(6 * 3600),
+            }),
         }
+    }
+
+    /// Checks the ACME orders against each other and the listeners: an
+    /// HTTP-01 order needs a redirect listener to answer on, and two
+    /// orders sharing a state directory (their first name) must be the
+    /// same order.
+    fn acme_orders(&mut self, listeners: &[Listener], redirects: &[Redirect]) {
+        let mut seen: Vec<&AcmeCert> = Vec::new();
+        for (i, l) in listeners.iter().enumerate() {
+            for (j, c) in l.certificates.iter().enumerate() {
+                let Some(a) = &c.acme else { continue };
+                let at = format!("listener[{i}].certificate[{j}].acme");
+                if a.challenge == AcmeChallenge::Http01 && redirects.is_empty() {
+                    self.problem(
+                        format!("{at}.challenge"),
+                        "http-01 is answered on a [[redirect]] listener (port 80): add one, or use tls-alpn-01",
+                    );
+                }
+                match seen.iter().find(|s| s.dir == a.dir) {
+                    Some(s) if s.domains != a.domains || s.directory != a.directory => self.problem(
+                        format!("{at}.domains"),
+                        format!(
+                            "another acme certificate starts with {:?} (the state directory is named by the first domain); merge them or reorder the names",
+                            a.domains[0]
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => seen.push(a),
+                }
+            }
+        }
+    }
+
+    fn acme_settings(&mut self, raw: raw::AcmeSection) -> Option<AcmeSettings> {
+        let retry = self.duration("acme.retry", &raw.retry);
+        let retry_max = self.duration("acme.retry_max", &raw.retry_max);
+        let (retry, retry_max) = (retry?, retry_max?);
+        if retry.is_zero() || retry > retry_max {
+            self.problem(
+                "acme.retry",
+                "must be more than zero and at most acme.retry_max",
+            );
+            return None;
+        }
+        Some(AcmeSettings {
+            state_dir: self.base.join(raw.state_dir),
+            retry,
+            retry_max,
+        })
+    }
+
+    /// An ACME certificate entry: the order as data, and what to serve
+    /// now: the last certificate obtained (from the state directory) while
+    /// it is valid, else a self-signed stand-in for the names until the
+    /// first order succeeds. Nothing is created here (`ktern check` must
+    /// not); the ACME thread makes the directory.
+    fn acme_certificate(&mut self, at: &str, raw: &raw::AcmeCertSection) -> Option<Certificate> {
+        let field = format!("{at}.acme");
+        let mut ok = true;
+        if raw.domains.is_empty() {
+            self.problem(format!("{field}.domains"), "at least one name is required");
+            ok = false;
+        }
+        let mut domains = Vec::with_capacity(raw.domains.len());
+        for (k, d) in raw.domains.iter().enumerate() {
+            let d = d.to_ascii_lowercase();
+            if d.starts_with("*.") {
+                self.problem(
+                    format!("{field}.domains[{k}]"),
+                    "a wildcard cannot be proven by tls-alpn-01 or http-01 (RFC 8737 §3, RFC 8555 §8.3); list the names",
+                );
+                ok = false;
+            } else if let Err(why) = names::check(&d) {
+                self.problem(format!("{field}.domains[{k}]"), why);
+                ok = false;
+            } else if d.parse::<std::net::IpAddr>().is_ok() {
+                self.problem(
+                    format!("{field}.domains[{k}]"),
+                    "an IP address: ACME certificates here are for DNS names",
+                );
+                ok = false;
+            } else if domains.contains(&d) {
+                self.problem(
+                    format!("{field}.domains[{k}]"),
+                    format!("{d:?} is listed twice"),
+                );
+                ok = false;
+            } else {
+                domains.push(d);
+            }
+        }
+        for (k, c) in raw.contact.iter().enumerate() {
+            if !c.starts_with("mailto:") || c.len() <= "mailto:".len() {
+                self.problem(
+                    format!("{field}.contact[{k}]"),
+                    format!("{c:?} is not a mailto: URL (e.g. \"mailto:ops@example.com\")"),
+                );
+                ok = false;
+            }
+        }
+        if !raw.directory.starts_with("https://") || raw.directory.len() <= "https://".len() {
+            self.problem(
+                format!("{field}.directory"),
+                format!(
+                    "{:?} is not an https:// URL (RFC 8555 §6.1 requires HTTPS), e.g. \"https://acme-v02.api.letsencrypt.org/directory\"",
+                    raw.directory
+                ),
+            );
+            ok = false;
+        }
+        let challenge = match raw.challenge.as_str() {
+            "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+            "http-01" => AcmeChallenge::Http01,
+            other => {
+                self.problem(
+                    format!("{field}.challenge"),
+                    format!("{other:?} is not a challenge ktern answers (\"tls-alpn-01\" or \"http-01\")"),
+                );
+                ok = false;
+                AcmeChallenge::TlsAlpn01
+            }
+        };
+        let ca = match &raw.ca {
+            None => None,
+            Some(file) => {
+                let path = self.base.join(file);
+                let roots = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    .and_then(|pem| {
+                        match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+                            Ok(c) if !c.is_empty() => Ok(()),
+                            Ok(_) => Err(format!("{}: no CERTIFICATE block found", path.display())),
+                            Err(e) => Err(format!("{}: not PEM certificates: {e}", path.display())),
+                        }
+                    });
+                if let Err(why) = roots {
+                    self.problem(format!("{field}.ca"), why);
+                    ok = false;
+                }
+                Some(path)
+            }
+        };
+        let settings = self.acme.clone()?;
+        if !ok {
+            return None;
+        }
+        let dir = settings.state_dir.join(&domains[0]);
+        let (held, issued) = match held_certificate(&dir, crate::clock::unix_now()) {
+            Some(c) => (c, true),
+            None => {
+                let names: Vec<&str> = domains.iter().map(String::as_str).collect();
+                let stand_in = crate::builtin::self_signed(&names)
+                    .map_err(|e| format!("cannot make the stand-in certificate: {e}"))
+                    .and_then(|(c, k)| {
+                        Certificate::from_pem(&c, &k)
+                            .map_err(|e| format!("cannot load the stand-in certificate: {e}"))
+                    });
+                match stand_in {
+                    Ok(mut c) => {
+                        c.info.cert_file =
+                            format!("acme stand-in (self-signed until {} is issued)", domains[0]);
+                        (c, false)
+                    }
+                    Err(why) => {
+                        self.problem(field, why);
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(Certificate {
+            server_names: domains.clone(),
+            acme: Some(Arc::new(AcmeCert {
+                domains,
+                contact: raw.contact.clone(),
+                directory: raw.directory.clone(),
+                ca,
+                challenge,
+                dir,
+                issued,
+            })),
+            ..held
+        })
     }
 
     fn tickets(&mut self, raw: raw::TicketsSection) -> Option<Tickets> {
@@ -1591,7 +1854,38 @@ impl Validator<'_> {
     }
 
     fn certificate(&mut self, at: &str, raw: &raw::CertificateSection) -> Option<Certificate> {
-        let chain = self.read_pem(&format!("{at}.cert"), &raw.cert, |pem| {
+        let (cert_file, key_file) = match (&raw.cert, &raw.key, &raw.acme) {
+            (Some(c), Some(k), None) => (c, k),
+            (None, None, Some(acme)) => {
+                if !raw.server_names.is_empty() || raw.ocsp.is_some() {
+                    self.problem(
+                        at,
+                        "an acme certificate takes its names from acme.domains and staples no OCSP file; drop server_names and ocsp",
+                    );
+                    return None;
+                }
+                return self.acme_certificate(at, acme);
+            }
+            (_, _, Some(_)) => {
+                self.problem(
+                    at,
+                    "either cert and key, or acme: an acme certificate's files live in acme.state_dir",
+                );
+                return None;
+            }
+            (None, _, None) => {
+                self.problem(format!("{at}.cert"), "missing (or set acme = { ... })");
+                return None;
+            }
+            (Some(_), None, None) => {
+                self.problem(
+                    format!("{at}.key"),
+                    "missing: the certificate's private key file",
+                );
+                return None;
+            }
+        };
+        let chain = self.read_pem(&format!("{at}.cert"), cert_file, |pem| {
             CertificateDer::pem_slice_iter(pem.as_bytes())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("not a PEM certificate chain: {e}"))
@@ -1603,7 +1897,7 @@ impl Validator<'_> {
                     }
                 })
         });
-        let key = self.read_pem(&format!("{at}.key"), &raw.key, |pem| {
+        let key = self.read_pem(&format!("{at}.key"), key_file, |pem| {
             PrivateKeyDer::from_pem_slice(pem.as_bytes())
                 .map_err(|e| format!("no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"))
         });
@@ -1658,8 +1952,8 @@ impl Validator<'_> {
             Ok(mut ck) => Some(Certificate {
                 server_names,
                 info: {
-                    info.cert_file = raw.cert.clone();
-                    info.key_file = raw.key.clone();
+                    info.cert_file = cert_file.clone();
+                    info.key_file = key_file.clone();
                     info.key_type = format!("{:?}", ck.key.algorithm());
                     if info.ocsp_until.is_some() {
                         ck.ocsp = ocsp;
@@ -1667,14 +1961,12 @@ impl Validator<'_> {
                     info
                 },
                 key: Arc::new(ck),
+                acme: None,
             }),
             Err(rustls::Error::InconsistentKeys(_)) => {
                 self.problem(
                     format!("{at}.key"),
-                    format!(
-                        "key {:?} does not match certificate {:?}",
-                        raw.key, raw.cert
-                    ),
+                    format!("key {key_file:?} does not match certificate {cert_file:?}"),
                 );
                 None
             }

@@ -59,6 +59,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub tickets: TicketsSection,
     #[serde(default)]
+    pub acme: AcmeSection,
+    #[serde(default)]
     pub redirect: Vec<RedirectSection>,
     /// Named upstream groups for `http` routes, in file order.
     #[serde(default)]
@@ -213,12 +215,65 @@ pub(super) struct ListenerSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CertificateSection {
-    pub cert: String,
-    pub key: String,
+    /// Chain and key files; absent when `acme` obtains them.
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// Obtained and renewed by ktern's ACME client.
+    pub acme: Option<AcmeCertSection>,
     #[serde(default)]
     pub server_names: Vec<String>,
     /// A DER OCSP response to staple.
     pub ocsp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AcmeCertSection {
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub contact: Vec<String>,
+    pub directory: String,
+    /// PEM roots for the directory's HTTPS (else the system's).
+    pub ca: Option<String>,
+    #[serde(default = "default_acme_challenge")]
+    pub challenge: String,
+}
+
+fn default_acme_challenge() -> String {
+    "tls-alpn-01".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AcmeSection {
+    #[serde(default = "default_acme_state_dir")]
+    pub state_dir: String,
+    #[serde(default = "default_acme_retry")]
+    pub retry: String,
+    #[serde(default = "default_acme_retry_max")]
+    pub retry_max: String,
+}
+
+impl Default for AcmeSection {
+    fn default() -> Self {
+        AcmeSection {
+            state_dir: default_acme_state_dir(),
+            retry: default_acme_retry(),
+            retry_max: default_acme_retry_max(),
+        }
+    }
+}
+
+fn default_acme_state_dir() -> String {
+    "/var/lib/ktern/acme".into()
+}
+
+fn default_acme_retry() -> String {
+    "1m".into()
+}
+
+fn default_acme_retry_max() -> String {
+    "6h".into()
 }
 
 #[derive(Debug, Deserialize)]

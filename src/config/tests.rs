@@ -584,3 +584,124 @@ fn proxy_protocol_trusted_ranges_are_parsed_and_checked() {
     let e = load_with("proxy_protocol = { trusted = [] }").unwrap_err();
     assert!(e.to_string().contains("proxy_protocol.trusted"), "{e}");
 }
+
+#[test]
+fn acme_certificates_serve_a_stand_in_then_what_the_state_directory_holds() {
+    let dir = std::env::temp_dir().join(format!("ktern-cfg-acme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "[acme]\nstate_dir = \"state\"\nretry = \"5s\"\n{}",
+        GOOD.replace(
+            "cert = \"inline:c\"\nkey = \"inline:k\"",
+            "acme = { domains = [\"A.example\", \"b.example\"], contact = [\"mailto:ops@example\"], directory = \"https://ca.example/dir\" }",
+        )
+    );
+    let load = || Config::from_toml(&text, "a.toml", &dir, &pems()).unwrap();
+    let c = load();
+    assert_eq!(c.acme.state_dir, dir.join("state"));
+    assert_eq!(c.acme.retry, Duration::from_secs(5));
+    assert_eq!(c.acme.retry_max, Duration::from_secs(6 * 3600));
+    let cert = &c.listeners[0].certificates[0];
+    let a = cert.acme.as_ref().expect("acme order");
+    assert_eq!(a.domains, ["a.example", "b.example"]);
+    assert_eq!(a.dir, dir.join("state/a.example"));
+    assert_eq!(a.challenge, AcmeChallenge::TlsAlpn01);
+    assert!(!a.issued, "nothing obtained yet: a stand-in");
+    assert_eq!(cert.server_names, ["a.example", "b.example"]);
+    assert!(cert.info.cert_file.contains("stand-in"), "{:?}", cert.info);
+    // The stand-in is due at once.
+    let orders = crate::control::acme::orders(&c);
+    assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0].1, None);
+    // Nothing was created by loading.
+    assert!(!dir.join("state").exists());
+
+    // What an order left in the state directory serves from the next load.
+    let (pem, key) = crate::builtin::self_signed(&["a.example", "b.example"]).unwrap();
+    std::fs::create_dir_all(dir.join("state/a.example")).unwrap();
+    std::fs::write(dir.join("state/a.example/cert.pem"), &pem).unwrap();
+    std::fs::write(dir.join("state/a.example/key.pem"), &key).unwrap();
+    let c = load();
+    let cert = &c.listeners[0].certificates[0];
+    assert!(cert.acme.as_ref().unwrap().issued);
+    assert!(cert.info.cert_file.ends_with("state/a.example/cert.pem"));
+    let orders = crate::control::acme::orders(&c);
+    assert_eq!(
+        orders[0].1,
+        Some((cert.info.not_before, cert.info.not_after))
+    );
+    // Expired at `now` is as good as absent.
+    assert!(held_certificate(&dir.join("state/a.example"), i64::MAX).is_none());
+    assert!(held_certificate(&dir.join("state/a.example"), 0).is_some());
+    // A held certificate that misses a configured name is due at once.
+    let (pem, key) = crate::builtin::self_signed(&["a.example"]).unwrap();
+    std::fs::write(dir.join("state/a.example/cert.pem"), &pem).unwrap();
+    std::fs::write(dir.join("state/a.example/key.pem"), &key).unwrap();
+    assert_eq!(crate::control::acme::orders(&load())[0].1, None);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn acme_entries_are_checked() {
+    let acme = |fields: &str| {
+        GOOD.replace(
+            "cert = \"inline:c\"\nkey = \"inline:k\"",
+            &format!("acme = {{ {fields} }}"),
+        )
+    };
+    for (text, field, why) in [
+        (
+            acme("domains = [\"a.example\"], directory = \"https://ca/dir\"")
+                .replace("[listener.route]", "cert = \"inline:c\"\n[listener.route]"),
+            "listener[0].certificate[0]",
+            "either cert and key, or acme",
+        ),
+        (
+            acme("domains = [\"a.example\"], directory = \"https://ca/dir\"")
+                .replace("[listener.route]", "server_names = [\"x\"]\n[listener.route]"),
+            "listener[0].certificate[0]",
+            "acme.domains",
+        ),
+        (
+            acme("domains = [\"a.example\", \"A.example\"], directory = \"https://ca/dir\""),
+            "listener[0].certificate[0].acme.domains[1]",
+            "twice",
+        ),
+        (
+            acme("domains = [\"10.0.0.1\"], directory = \"https://ca/dir\""),
+            "listener[0].certificate[0].acme.domains[0]",
+            "IP address",
+        ),
+        (
+            format!(
+                "[acme]\nretry = \"1h\"\nretry_max = \"1m\"\n{}",
+                acme("domains = [\"a.example\"], directory = \"https://ca/dir\"")
+            ),
+            "acme.retry",
+            "at most acme.retry_max",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                acme("domains = [\"a.example\"], directory = \"https://ca/dir\""),
+                acme("domains = [\"a.example\", \"c.example\"], directory = \"https://ca/dir\"")
+                    .replace("127.0.0.1:0", "127.0.0.1:1")
+            ),
+            "listener[1].certificate[0].acme.domains",
+            "another acme certificate",
+        ),
+        (
+            acme("domains = [\"a.example\"], directory = \"https://ca/dir\", ca = \"/nonexistent/ca.pem\""),
+            "listener[0].certificate[0].acme.ca",
+            "/nonexistent/ca.pem",
+        ),
+    ] {
+        let e = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap_err();
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p.field == field && p.reason.contains(why)),
+            "{field}: {e}"
+        );
+    }
+}

@@ -74,6 +74,11 @@ pub fn check(config: &Config, now: i64, warned: &mut Warned) {
             let Some(st) = due else {
                 continue;
             };
+            // An ACME certificate is renewed with a third of its life left
+            // (30 days of 90): only a renewal that keeps failing is news.
+            if c.acme.is_some() && st == WARN_DAYS[0] {
+                continue;
+            }
             let days_left = (c.info.not_after - now).div_euclid(DAY);
             if st == 0 {
                 tracing::error!(

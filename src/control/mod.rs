@@ -20,6 +20,7 @@ use crate::metrics::ShardMetrics as M;
 use crate::shard::{self, Command, Generation, ShardLink, Slot};
 use crate::upstream::health::{self, Checks};
 
+pub mod acme;
 pub mod admin;
 pub mod expiry;
 pub mod notify;
@@ -154,6 +155,11 @@ pub struct Control {
     support: Arc<crate::ktls::Support>,
     /// Wakes the certificate expiry look after a reload.
     expiry_nudge: mpsc::Sender<()>,
+    /// Wakes the ACME thread after a reload (its orders may have changed).
+    acme_nudge: mpsc::Sender<()>,
+    /// ACME challenge answers, published by the ACME thread, served by the
+    /// shards (one table for the process: it outlives generations).
+    pub challenges: Arc<crate::challenges::Challenges>,
 }
 
 impl Control {
@@ -189,6 +195,7 @@ impl Control {
             config.tickets.rotation.as_secs(),
         ));
         let (expiry_nudge, nudged) = mpsc::channel();
+        let (acme_nudge, acme_nudged) = mpsc::channel();
         let health_metrics = Arc::new(M::default());
         let mut next_key = 1;
         let inherited: Vec<Bound> = inherited
@@ -213,12 +220,14 @@ impl Control {
                 source,
             }
         })?;
+        let challenges = Arc::new(crate::challenges::Challenges::default());
         let gen = Arc::new(Generation {
             number: 1,
-            tls: tls_configs(&config, cpus.len(), &own_tickets)?,
+            tls: tls_configs(&config, cpus.len(), &own_tickets, &challenges)?,
             health: checks.states.clone(),
             slots: plan.slots,
             access: open_access_log(&config)?,
+            challenges: challenges.clone(),
             config: Arc::new(config),
         });
         let mut links = Vec::new();
@@ -259,6 +268,8 @@ impl Control {
             own_tickets,
             support: support.clone(),
             expiry_nudge,
+            acme_nudge,
+            challenges,
             notify: notify::Notifier::from_env(),
             admin: Mutex::new(None),
         });
@@ -266,6 +277,9 @@ impl Control {
         tracing::info!(generation = 1, shards = cpus.len(), "config live");
         if let Err(e) = expiry::spawn(Arc::downgrade(&control), nudged) {
             tracing::error!(error = %e, "cannot start the certificate expiry thread: no expiry warnings in the log");
+        }
+        if let Err(e) = acme::spawn(Arc::downgrade(&control), acme_nudged) {
+            tracing::error!(error = %e, "cannot start the ACME thread: ACME certificates will not be obtained or renewed");
         }
         Ok(control)
     }
@@ -418,6 +432,7 @@ impl Control {
                     .store(r.generation, Ordering::Relaxed);
                 tracing::info!(generation = r.generation, ?took, "reload: new config live");
                 let _ = self.expiry_nudge.send(());
+                let _ = self.acme_nudge.send(());
             }
             Err(e) => {
                 M::inc(&self.metrics.reload_failures);
@@ -452,7 +467,7 @@ impl Control {
             }));
         }
         let shards = self.links.len();
-        let tls = tls_configs(&config, shards, &self.own_tickets)?;
+        let tls = tls_configs(&config, shards, &self.own_tickets, &self.challenges)?;
         let mut next_key = inner.next_key;
         let plan = plan_sockets(&inner.sockets, &config, shards, &mut next_key)?;
         let mut fresh = Vec::new();
@@ -479,6 +494,7 @@ impl Control {
             health: checks.states.clone(),
             slots: plan.slots,
             access,
+            challenges: self.challenges.clone(),
             config: Arc::new(config),
         });
         // The control side first: our copies of removed sockets close now,
@@ -572,6 +588,7 @@ fn tls_configs(
     config: &Config,
     shards: usize,
     own_tickets: &Arc<crate::handshake::tickets::TicketKeys>,
+    challenges: &Arc<crate::challenges::Challenges>,
 ) -> Result<Vec<Vec<crate::handshake::ServerTls>>, ReloadError> {
     use crate::handshake::tickets::{for_config, ListenerTickets};
     let keys = for_config(&config.tickets, own_tickets)?;
@@ -589,20 +606,28 @@ fn tls_configs(
         .listeners
         .iter()
         .map(|l| {
-            (
+            let acme = crate::handshake::answers_tls_alpn(l)
+                .then(|| crate::handshake::acme_config(l, challenges))
+                .transpose()?;
+            Ok((
                 crate::handshake::cert_store(l),
                 ListenerTickets::for_listener(&keys, &l.name),
-            )
+                acme,
+            ))
         })
-        .collect();
+        .collect::<Result<_, rustls::Error>>()?;
     (0..shards)
         .map(|_| {
             config
                 .listeners
                 .iter()
                 .zip(&stores)
-                .map(|(l, (store, tickets))| crate::handshake::server_config(l, store, tickets))
-                .collect::<Result<Vec<_>, _>>()
+                .map(|(l, (store, tickets, acme))| {
+                    let mut tls = crate::handshake::server_config(l, store, tickets)?;
+                    tls.acme = acme.clone();
+                    Ok(tls)
+                })
+                .collect::<Result<Vec<_>, rustls::Error>>()
         })
         .collect::<Result<_, _>>()
         .map_err(ReloadError::from)

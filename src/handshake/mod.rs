@@ -58,6 +58,9 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     /// The listener's certificates by name.
     pub certs: Arc<certs::CertStore>,
+    /// For hellos offering `acme-tls/1`, when the listener answers
+    /// TLS-ALPN-01 ([`acme_config`]).
+    pub acme: Option<Arc<ServerConfig>>,
 }
 
 /// Builds the rustls server config for one listener. Each shard gets its
@@ -104,7 +107,37 @@ pub fn server_config(
     Ok(ServerTls {
         config: Arc::new(cfg),
         certs: certs.clone(),
+        acme: None,
     })
+}
+
+/// The config a listener's TLS-ALPN-01 validations get (RFC 8737 §3): only
+/// `acme-tls/1`, and the challenge certificate for the hello's SNI. A
+/// separate config, picked per hello by [`Handshake`], so the listener's
+/// own ALPN list never carries `acme-tls/1` (with an empty list, adding
+/// it would make rustls refuse every client offering other protocols).
+pub fn acme_config(
+    listener: &config::Listener,
+    challenges: &Arc<crate::challenges::Challenges>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    #[derive(Debug)]
+    struct Answers(Arc<crate::challenges::Challenges>);
+    impl rustls::server::ResolvesServerCert for Answers {
+        fn resolve(
+            &self,
+            hello: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            self.0.tls_alpn(hello.server_name())
+        }
+    }
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(listener_provider(listener)))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Answers(challenges.clone())));
+    cfg.alpn_protocols = vec![crate::challenges::ACME_TLS_ALPN.to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
 }
 
 /// The build's crypto provider narrowed to a listener's `cipher_suites`
@@ -151,6 +184,16 @@ pub fn cert_store(listener: &config::Listener) -> Arc<certs::CertStore> {
         &listener.certificates,
         listener.strict_sni,
     ))
+}
+
+/// Whether a listener answers TLS-ALPN-01 (one of its certificates is
+/// ordered with that challenge).
+pub fn answers_tls_alpn(listener: &config::Listener) -> bool {
+    listener.certificates.iter().any(|c| {
+        c.acme
+            .as_ref()
+            .is_some_and(|a| a.challenge == config::AcmeChallenge::TlsAlpn01)
+    })
 }
 
 /// A server config with a freshly generated self-signed certificate for
@@ -284,6 +327,12 @@ pub struct Handshake {
     /// Some of our handshake bytes went out (from then on records may be
     /// protected, and only rustls can make an alert).
     transmitted: bool,
+    /// The listener's TLS-ALPN-01 config, if it answers validations.
+    acme: Option<Arc<ServerConfig>>,
+    /// The hello offers `acme-tls/1`.
+    acme_hello: bool,
+    /// rustls has taken input: its connection can no longer be swapped.
+    consumed: bool,
 }
 
 /// A plaintext fatal `handshake_failure` alert record (RFC 8446 §6; the
@@ -299,6 +348,9 @@ impl Handshake {
     pub fn new(tls: &ServerTls) -> Result<Handshake, rustls::Error> {
         Ok(Handshake {
             conn: UnbufferedServerConnection::new(tls.config.clone())?,
+            acme: tls.acme.clone(),
+            acme_hello: false,
+            consumed: false,
             input: Vec::with_capacity(MAX_RECORD),
             output: Vec::new(),
             early_plaintext: Vec::new(),
@@ -325,6 +377,16 @@ impl Handshake {
         self.input.extend_from_slice(bytes);
         if !self.hello_seen {
             self.peek_hello(bytes);
+            // A CA's TLS-ALPN-01 validation gets the challenge config, as
+            // long as rustls has seen nothing yet (a validator's hello is
+            // one record; a hello split over records that rustls started
+            // on stays with the listener's config, and fails there).
+            if self.hello_seen && self.acme_hello && !self.consumed {
+                if let Some(acme) = self.acme.take() {
+                    self.conn = UnbufferedServerConnection::new(acme)?;
+                    return Ok(());
+                }
+            }
             // A refused name is answered before rustls parses the hello
             // (rustls' resolver can only fail with access_denied).
             if self.hello_seen && !self.sni_malformed && self.certs.refuses(self.sni.as_deref()) {
@@ -356,6 +418,7 @@ impl Handshake {
             hello::Peeked::Hello(h) => {
                 self.sni = h.sni;
                 self.sni_malformed = h.sni_malformed;
+                self.acme_hello = h.alpn.iter().any(|p| p == crate::challenges::ACME_TLS_ALPN);
             }
             // rustls judges what the peek cannot read.
             hello::Peeked::NotHello => self.sni_malformed = true,
@@ -451,6 +514,7 @@ impl Handshake {
                 ))),
             };
             if discard > 0 {
+                self.consumed = true;
                 self.input.drain(..discard);
             }
             if let Err(e) = result {

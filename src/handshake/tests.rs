@@ -284,3 +284,51 @@ fn sni_is_read_when_the_hello_arrives_a_byte_at_a_time() {
     assert_eq!(hs.sni(), Some("localhost"));
     assert_eq!(hs.poll().unwrap(), Step::Transmit);
 }
+
+/// A client offering `alpn`, trusting `root`, naming `localhost`.
+fn client_alpn(root: CertificateDer<'static>, alpn: &[&[u8]]) -> ClientConnection {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap()
+}
+
+#[test]
+fn acme_tls_alpn_hellos_get_the_challenge_certificate_and_others_the_listeners() {
+    // The standalone listener offers no ALPN: acme-tls/1 must not leak
+    // into its list (clients offering h2 would get no_application_protocol).
+    let (l, root) = listener(true, true);
+    assert!(l.alpn.is_empty());
+    let challenges = Arc::new(crate::challenges::Challenges::default());
+    let (cpem, kpem) = crate::builtin::self_signed(&["localhost"]).unwrap();
+    let answer = Certificate::from_pem(&cpem, &kpem).unwrap().key;
+    challenges.put_tls_alpn("localhost", answer.clone());
+    let mut tls = server_config(&l, &cert_store(&l), &ticketer()).unwrap();
+    tls.acme = Some(acme_config(&l, &challenges).unwrap());
+
+    let mut v = client_alpn(answer.cert[0].clone(), &[b"acme-tls/1"]);
+    let mut hs = Handshake::new(&tls).unwrap();
+    assert_eq!(pump(&mut v, &mut hs, 0), Step::Done);
+    assert_eq!(v.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+    assert_eq!(v.peer_certificates().unwrap()[0], answer.cert[0]);
+
+    let mut c = client_alpn(root.clone(), &[b"h2", b"http/1.1"]);
+    let mut hs = Handshake::new(&tls).unwrap();
+    assert_eq!(pump(&mut c, &mut hs, 0), Step::Done);
+    assert_eq!(c.alpn_protocol(), None);
+    assert_eq!(c.peer_certificates().unwrap()[0], root);
+
+    // No answer published for the name: the validation fails.
+    challenges.remove("localhost", "-");
+    let mut v = client_alpn(answer.cert[0].clone(), &[b"acme-tls/1"]);
+    let mut hs = Handshake::new(&tls).unwrap();
+    let mut hello = Vec::new();
+    v.write_tls(&mut hello).unwrap();
+    hs.handle_input(&hello).unwrap();
+    assert!(hs.poll().is_err());
+}

@@ -79,6 +79,8 @@ counters! {
     reloads => "ktern_reloads_total", "Reloads that went live (SIGHUP, ktern reload, POST /reload).";
     reload_failures => "ktern_reload_failures_total", "Reloads refused (bad config, certificate, key or address); the running config stayed.";
     generation => "ktern_config_generation", "Config generation new connections get (gauge; 1 at start, +1 per reload).";
+    acme_issued => "ktern_acme_certificates_issued_total", "ACME orders that ended with a certificate (written to the state directory and swapped in by a reload).";
+    acme_failures => "ktern_acme_order_failures_total", "ACME orders that failed (CA unreachable or refusing, validation failed, state not writable); logged with the reason and retried with backoff.";
 }
 
 impl ShardMetrics {

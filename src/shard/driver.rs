@@ -157,6 +157,12 @@ async fn establish(
             return None;
         }
     };
+    if est.conn.alpn_protocol() == Some(crate::challenges::ACME_TLS_ALPN) {
+        // A CA's TLS-ALPN-01 validation: it has seen the certificate and
+        // closes now (RFC 8737 §3); nothing is routed.
+        tracing::info!(%peer, sni = est.sni.as_deref(), "ACME tls-alpn-01 validation answered");
+        return None;
+    }
     M::inc(&m.handshakes);
     let f = &m.families;
     f.handshake_seconds.observe(accepted.elapsed());

@@ -50,6 +50,9 @@ pub struct Generation {
     /// The access log, opened for this generation (a reload reopens it,
     /// so a rotated file is followed).
     pub access: Option<crate::metrics::access::Sink>,
+    /// ACME challenge answers (HTTP-01 here; TLS-ALPN-01 through the
+    /// certificate stores). One table for the process, in every generation.
+    pub challenges: Arc<crate::challenges::Challenges>,
 }
 
 impl Generation {
@@ -733,7 +736,11 @@ fn dispatch(
         }
         Slot::Redirect(r) => {
             let https_port = gen.config().redirects.get(r).and_then(|r| r.https_port);
-            monoio::spawn(crate::proxy::http::redirect::serve(socket, https_port));
+            monoio::spawn(crate::proxy::http::redirect::serve(
+                socket,
+                https_port,
+                gen.gen.challenges.clone(),
+            ));
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The plain-HTTP redirect listener: every request gets a 301 to the same
 //! host and target over https, then the connection closes (what nginx's
-//! `return 301 https://$host$request_uri;` server does).
+//! `return 301 https://$host$request_uri;` server does). The one
+//! exception is an ACME HTTP-01 challenge path, answered with the key
+//! authorization the ACME thread published (RFC 8555 §8.3), or 404.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -9,6 +12,7 @@ use monoio::net::TcpStream;
 
 use super::head::{self, Limits};
 use super::rewrite;
+use crate::challenges::Challenges;
 
 /// Time a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,31 +41,49 @@ pub fn location(host: &str, target: &str, https_port: Option<u16>) -> Option<Str
     Some(format!("https://{name}{port}{path}"))
 }
 
+/// The response to a request for `target` naming `host`.
+pub fn respond(
+    host: &str,
+    target: &str,
+    https_port: Option<u16>,
+    challenges: &Challenges,
+) -> Vec<u8> {
+    match challenges.http_answer(target) {
+        Some(Some(key_authorization)) => {
+            tracing::info!(target, "ACME http-01 validation answered");
+            return rewrite::local_response(200, "OK", true, &[], &key_authorization, false);
+        }
+        Some(None) => {
+            return rewrite::local_response(404, "Not Found", true, &[], "404 Not Found\n", false)
+        }
+        None => {}
+    }
+    match location(host, target, https_port) {
+        Some(loc) => rewrite::local_response(
+            301,
+            "Moved Permanently",
+            true,
+            &[("location", &loc)],
+            "",
+            false,
+        ),
+        None => rewrite::local_response(400, "Bad Request", true, &[], "400 Bad Request\n", false),
+    }
+}
+
 /// Answers one plain-HTTP connection.
-pub async fn serve(mut socket: TcpStream, https_port: Option<u16>) {
+pub async fn serve(mut socket: TcpStream, https_port: Option<u16>, challenges: Arc<Challenges>) {
     let limits = Limits::default();
     let mut buf: Vec<u8> = Vec::new();
     let response = loop {
         match head::parse_request(&buf, &limits) {
             Ok(Some(h)) => {
-                break match location(h.host.as_deref().unwrap_or(""), h.target(), https_port) {
-                    Some(loc) => rewrite::local_response(
-                        301,
-                        "Moved Permanently",
-                        true,
-                        &[("location", &loc)],
-                        "",
-                        false,
-                    ),
-                    None => rewrite::local_response(
-                        400,
-                        "Bad Request",
-                        true,
-                        &[],
-                        "400 Bad Request\n",
-                        false,
-                    ),
-                };
+                break respond(
+                    h.host.as_deref().unwrap_or(""),
+                    h.target(),
+                    https_port,
+                    &challenges,
+                );
             }
             Ok(None) => {}
             Err(e) => {
@@ -103,5 +125,33 @@ mod tests {
         assert_eq!(location("", "/", None), None);
         assert_eq!(location("evil.com/x", "/", None), None);
         assert_eq!(location("a b", "/", None), None);
+    }
+
+    #[test]
+    fn acme_challenge_paths_are_answered_before_the_redirect() {
+        let c = Challenges::default();
+        c.put_http("tok", "tok.thumb");
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        let hit = text(respond(
+            "a.example",
+            "/.well-known/acme-challenge/tok",
+            None,
+            &c,
+        ));
+        assert!(hit.starts_with("HTTP/1.1 200 "), "{hit}");
+        assert!(hit.ends_with("\r\n\r\ntok.thumb"), "{hit}");
+        let miss = text(respond(
+            "a.example",
+            "/.well-known/acme-challenge/other",
+            None,
+            &c,
+        ));
+        assert!(miss.starts_with("HTTP/1.1 404 "), "{miss}");
+        let other = text(respond("a.example", "/x", None, &c));
+        assert!(other.starts_with("HTTP/1.1 301 "), "{other}");
+        assert!(
+            other.contains("location: https://a.example/x\r\n"),
+            "{other}"
+        );
     }
 }

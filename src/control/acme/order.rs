@@ -1,0 +1,413 @@
+//! One ACME order, start to finish, on `instant-acme`: the account (kept
+//! in the state directory), the order, one challenge per authorization
+//! published to the shards while the CA validates, then the CSR for a key
+//! made here and the issued chain.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, HttpClient, Identifier,
+    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::{write_atomic, Issued};
+use crate::challenges::Challenges;
+use crate::config::{AcmeCert, AcmeChallenge, CertInfo, Certificate};
+
+/// Why an order failed; the CA's side (`Ca`) or ours (the rest).
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    /// The CA refused or could not be reached (its problem document, or
+    /// the transport error).
+    #[error("the CA ({step}): {source}")]
+    Ca {
+        /// What was being asked.
+        step: &'static str,
+        /// The CA's answer or the transport's error.
+        #[source]
+        source: instant_acme::Error,
+    },
+    /// A name failed validation (the CA's reason, when it gave one).
+    #[error("validation of {name} failed: {reason}")]
+    Validation {
+        /// The name being validated.
+        name: String,
+        /// The CA's problem document, or the authorization's status.
+        reason: String,
+    },
+    /// The CA offered no challenge of the configured type.
+    #[error("the CA offers no {challenge} challenge for {name}")]
+    NoChallenge {
+        /// The name being validated.
+        name: String,
+        /// The configured challenge type.
+        challenge: &'static str,
+    },
+    /// The order did not become ready or valid.
+    #[error("the order ended {status:?}{}", .problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default())]
+    Order {
+        /// The order's final status.
+        status: OrderStatus,
+        /// The CA's problem document, if it gave one.
+        problem: Option<instant_acme::Problem>,
+    },
+    /// The CA bundle for the directory's HTTPS.
+    #[error("the CA bundle {}: {reason}", .path.display())]
+    Roots {
+        /// The configured `acme.ca` file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Making a key, a CSR or a challenge certificate.
+    #[error("internal: {what}: {source}")]
+    Key {
+        /// What was being made.
+        what: &'static str,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// What the CA issued does not load (a chain that does not match the
+    /// key, or cannot be parsed).
+    #[error("the issued certificate does not load: {0}")]
+    Issued(String),
+    /// Reading or writing the state directory.
+    #[error("state file {}: {source}", .path.display())]
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The saved account does not parse.
+    #[error("account file {}: {source}", .path.display())]
+    Account {
+        /// The account file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The whole order took too long.
+    #[error("no certificate within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+fn ca(step: &'static str) -> impl FnOnce(instant_acme::Error) -> AcmeError {
+    move |source| AcmeError::Ca { step, source }
+}
+
+/// The HTTPS client for the directory: rustls with ktern's provider,
+/// trusting `ca` alone when given, else the system's roots.
+fn http_client(ca: Option<&Path>) -> Result<Box<dyn HttpClient>, AcmeError> {
+    let provider = Arc::new(crate::provider::crypto_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match ca {
+        Some(path) => {
+            let bad = |reason: String| AcmeError::Roots {
+                path: path.to_path_buf(),
+                reason,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+                roots
+                    .add(cert.map_err(|e| bad(e.to_string()))?)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            builder.with_tls_config(tls)
+        }
+        None => builder
+            .with_provider_and_native_roots(provider)
+            .map_err(|source| AcmeError::State {
+                path: PathBuf::from("(the system's CA certificates)"),
+                source,
+            })?,
+    };
+    let connector = builder.https_only().enable_http1().build();
+    let client: hyper_util::client::legacy::Client<_, instant_acme::BodyWrapper<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    Ok(Box::new(client))
+}
+
+/// The account for `order`'s directory: restored from the state
+/// directory, or registered (terms of service agreed, as every ACME
+/// client's non-interactive mode does) and saved there.
+async fn account(order: &AcmeCert, path: &Path) -> Result<Account, AcmeError> {
+    let path = path.to_path_buf();
+    let state_dir = path.parent().unwrap_or(Path::new("."));
+    let http = http_client(order.ca.as_deref())?;
+    match std::fs::read_to_string(&path) {
+        Ok(json) => {
+            let creds: AccountCredentials =
+                serde_json::from_str(&json).map_err(|source| AcmeError::Account {
+                    path: path.clone(),
+                    source,
+                })?;
+            Account::builder_with_http(http)
+                .from_credentials(creds)
+                .await
+                .map_err(ca("account"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let contact: Vec<&str> = order.contact.iter().map(String::as_str).collect();
+            let (account, creds) = Account::builder_with_http(http)
+                .create(
+                    &NewAccount {
+                        contact: &contact,
+                        terms_of_service_agreed: true,
+                        only_return_existing: false,
+                    },
+                    order.directory.clone(),
+                    None,
+                )
+                .await
+                .map_err(ca("new account"))?;
+            let json = serde_json::to_vec(&creds).map_err(|source| AcmeError::Account {
+                path: path.clone(),
+                source,
+            })?;
+            std::fs::create_dir_all(state_dir).map_err(|source| AcmeError::State {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+            // The account key: readable by ktern alone.
+            write_atomic(&path, &json, 0o600)?;
+            tracing::info!(directory = %order.directory, account = %account.id(), file = %path.display(), "ACME: account registered");
+            Ok(account)
+        }
+        Err(source) => Err(AcmeError::State { path, source }),
+    }
+}
+
+/// A file name for a directory URL: the first 16 hex digits of its
+/// SHA-256 (one account per CA, whatever the URL's characters).
+fn directory_id(url: &str) -> String {
+    use crate::provider::prims::digest;
+    digest::digest(&digest::SHA256, url.as_bytes()).as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What was published for one authorization, withdrawn when the order
+/// ends however it ends.
+struct Published<'a> {
+    challenges: &'a Challenges,
+    entries: Vec<(String, String)>,
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        for (name, token) in &self.entries {
+            self.challenges.remove(name, token);
+        }
+    }
+}
+
+/// The TLS-ALPN-01 certificate for `name` (RFC 8737 §3): self-signed,
+/// one dNSName, and the critical acmeIdentifier extension holding the
+/// SHA-256 of the key authorization.
+fn tls_alpn_certificate(
+    name: &str,
+    digest: &[u8],
+) -> Result<Arc<rustls::sign::CertifiedKey>, AcmeError> {
+    let key_err = |what| move |source| AcmeError::Key { what, source };
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
+        .map_err(key_err("challenge certificate"))?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(key_err("challenge key"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(key_err("challenge certificate"))?;
+    // Not `CertifiedKey::from_der`: its key check parses the leaf with
+    // webpki, which refuses the (deliberately) critical acmeIdentifier.
+    let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signer = crate::provider::crypto_provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| AcmeError::Issued(e.to_string()))?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(
+        vec![cert.der().clone()],
+        signer,
+    )))
+}
+
+/// Runs one order for `order.domains` and returns the issued chain with
+/// its key.
+pub async fn obtain(
+    order: &AcmeCert,
+    state_dir: &Path,
+    challenges: &Challenges,
+) -> Result<Issued, AcmeError> {
+    let account_file = state_dir
+        .join("accounts")
+        .join(format!("{}.json", directory_id(&order.directory)));
+    let account = account(order, &account_file).await?;
+    let ids: Vec<Identifier> = order
+        .domains
+        .iter()
+        .map(|d| Identifier::Dns(d.clone()))
+        .collect();
+    let mut new = match account.new_order(&NewOrder::new(&ids)).await {
+        Ok(o) => o,
+        Err(e) => {
+            // The CA no longer knows the saved account (a test CA's restart,
+            // a staging reset): forget it, and the retry registers anew.
+            if let instant_acme::Error::Api(p) = &e {
+                if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist") {
+                    tracing::warn!(file = %account_file.display(), "ACME: the CA does not know the saved account; it is removed and a new one is registered at the retry");
+                    let _ = std::fs::remove_file(&account_file);
+                }
+            }
+            return Err(ca("new order")(e));
+        }
+    };
+    let (kind, kind_name) = match order.challenge {
+        AcmeChallenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+        AcmeChallenge::Http01 => (ChallengeType::Http01, "http-01"),
+    };
+    let mut published = Published {
+        challenges,
+        entries: Vec::new(),
+    };
+    let mut authorizations = new.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz.map_err(ca("authorization"))?;
+        let name = authz.identifier().to_string();
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            // Validated earlier (CAs reuse authorizations for a while).
+            AuthorizationStatus::Valid => continue,
+            status => {
+                return Err(AcmeError::Validation {
+                    name,
+                    reason: format!("authorization is {status:?}"),
+                })
+            }
+        }
+        let Some(mut challenge) = authz.challenge(kind.clone()) else {
+            return Err(AcmeError::NoChallenge {
+                name,
+                challenge: kind_name,
+            });
+        };
+        let key_authorization = challenge.key_authorization();
+        let token = challenge.token.clone();
+        match order.challenge {
+            AcmeChallenge::TlsAlpn01 => challenges.put_tls_alpn(
+                &name,
+                tls_alpn_certificate(&name, key_authorization.digest().as_ref())?,
+            ),
+            AcmeChallenge::Http01 => challenges.put_http(&token, key_authorization.as_str()),
+        }
+        published.entries.push((name, token));
+        challenge.set_ready().await.map_err(ca("challenge ready"))?;
+    }
+    let status = new
+        .poll_ready(&RetryPolicy::default())
+        .await
+        .map_err(ca("waiting for validation"))?;
+    if status != OrderStatus::Ready {
+        return Err(why_not_ready(&mut new, status).await);
+    }
+    drop(published);
+    let key = rcgen::KeyPair::generate().map_err(|source| AcmeError::Key {
+        what: "certificate key",
+        source,
+    })?;
+    let mut params =
+        rcgen::CertificateParams::new(order.domains.clone()).map_err(|source| AcmeError::Key {
+            what: "CSR",
+            source,
+        })?;
+    // The CA takes the names from the SANs; an empty subject is what RFC
+    // 8555 §7.4 expects.
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|source| AcmeError::Key {
+            what: "CSR",
+            source,
+        })?;
+    new.finalize_csr(csr.der()).await.map_err(ca("finalize"))?;
+    let chain_pem = new
+        .poll_certificate(&RetryPolicy::default())
+        .await
+        .map_err(ca("certificate"))?;
+    let key_pem = key.serialize_pem();
+    // Loaded as the config will load it: a chain the key does not match is
+    // refused here, not at the reload.
+    let loaded = Certificate::from_pem(&chain_pem, &key_pem)
+        .map_err(|e| AcmeError::Issued(e.to_string()))?;
+    let info = CertInfo::from_leaf(loaded.key.cert[0].as_ref()).map_err(AcmeError::Issued)?;
+    Ok(Issued {
+        chain_pem,
+        key_pem,
+        validity: (info.not_before, info.not_after),
+    })
+}
+
+/// The CA's reason an order did not become ready: the first failed
+/// challenge's problem, else the order's.
+async fn why_not_ready(order: &mut instant_acme::Order, status: OrderStatus) -> AcmeError {
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(authz)) = authorizations.next().await {
+        let name = authz.identifier().to_string();
+        for c in &authz.challenges {
+            if let Some(problem) = &c.error {
+                return AcmeError::Validation {
+                    name,
+                    reason: problem.to_string(),
+                };
+            }
+        }
+    }
+    AcmeError::Order {
+        status,
+        problem: order.state().error.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_certificates_carry_the_acme_identifier() {
+        let digest = [7u8; 32];
+        let ck = tls_alpn_certificate("a.example", &digest).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(ck.cert[0].as_ref()).unwrap();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier");
+        assert!(ext.critical, "RFC 8737 §3: critical");
+        // An OCTET STRING of the 32-byte digest.
+        assert_eq!(ext.value, [&[0x04, 32][..], &digest].concat());
+        let info = CertInfo::from_leaf(ck.cert[0].as_ref()).unwrap();
+        assert_eq!(info.names, vec!["a.example".to_string()]);
+    }
+
+    #[test]
+    fn accounts_are_named_by_directory() {
+        let a = directory_id("https://127.0.0.1:14000/dir");
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, directory_id("https://127.0.0.1:14000/dir"));
+        assert_ne!(
+            a,
+            directory_id("https://acme-v02.api.letsencrypt.org/directory")
+        );
+    }
+}

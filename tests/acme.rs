@@ -1,0 +1,498 @@
+//! ACME end to end against Debian's pebble (a test CA), started here on
+//! loopback with its own HTTPS certificate, and pebble-challtestsrv as its
+//! DNS (every name resolves to 127.0.0.1). Pebble validates by connecting
+//! to ktern: TLS-ALPN-01 on ktern's TLS listener, HTTP-01 on its redirect
+//! listener. Its issuing root changes at every start and is fetched from
+//! its management port, so a handshake that verifies against it proves the
+//! certificate came from the CA.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use common::*;
+
+/// A loopback port free now (pebble and ktern's validated listeners need
+/// their ports known before either starts).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// pebble and its DNS, killed on drop.
+struct Pebble {
+    pebble: Child,
+    dns: Child,
+    dir: PathBuf,
+    /// Where pebble listens (the ACME directory) and its management API.
+    acme: SocketAddr,
+    management: SocketAddr,
+    /// The config, to start the same CA again after an outage.
+    config: PathBuf,
+    dns_port: u16,
+}
+
+impl Pebble {
+    /// Starts pebble validating TLS-ALPN-01 on `tls_port` and HTTP-01 on
+    /// `http_port`, issuing certificates valid for `validity` seconds.
+    fn start(dir: &Path, tls_port: u16, http_port: u16, validity: u64) -> Pebble {
+        for tool in ["pebble", "pebble-challtestsrv", "curl"] {
+            assert!(
+                Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success(),
+                "{tool} is needed (Debian: apt-get install pebble curl); .ci/run installs it"
+            );
+        }
+        // Pebble's own HTTPS certificate: a non-CA leaf for 127.0.0.1,
+        // which ktern's ACME client trusts through `acme.ca`.
+        let (cert, key) = ktern::builtin::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+        std::fs::write(dir.join("pebble.pem"), cert).unwrap();
+        std::fs::write(dir.join("pebble.key"), key).unwrap();
+        let acme: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.join("pebble.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"pebble": {{"listenAddress": "{acme}", "managementListenAddress": "{management}",
+  "certificate": "{d}/pebble.pem", "privateKey": "{d}/pebble.key",
+  "httpPort": {http_port}, "tlsPort": {tls_port}, "ocspResponderURL": "",
+  "externalAccountBindingRequired": false, "certificateValidityPeriod": {validity}}}}}"#,
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let dns_port = free_port();
+        let dns = Command::new("pebble-challtestsrv")
+            .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", &format!("127.0.0.1:{}", free_port())])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .stdout(log_file(dir, "challtestsrv"))
+            .stderr(log_file(dir, "challtestsrv"))
+            .spawn()
+            .unwrap();
+        let mut p = Pebble {
+            pebble: spawn_pebble(dir, &config, dns_port),
+            dns,
+            dir: dir.to_path_buf(),
+            acme,
+            management,
+            config,
+            dns_port,
+        };
+        p.wait_up();
+        p
+    }
+
+    fn wait_up(&mut self) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(self.acme).is_err() || TcpStream::connect(self.management).is_err()
+        {
+            assert!(
+                Instant::now() < until,
+                "pebble did not start: {}",
+                self.log()
+            );
+            assert!(
+                self.pebble.try_wait().unwrap().is_none(),
+                "pebble exited: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn directory(&self) -> String {
+        format!("https://{}/dir", self.acme)
+    }
+
+    /// The root it issues under now (a new one at every start).
+    fn root(&self) -> CertificateDer<'static> {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--cacert"])
+            .arg(self.dir.join("pebble.pem"))
+            .arg(format!("https://{}/roots/0", self.management))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        CertificateDer::from_pem_slice(&out.stdout).unwrap()
+    }
+
+    /// An outage: the CA goes away.
+    fn stop(&mut self) {
+        let _ = self.pebble.kill();
+        let _ = self.pebble.wait();
+    }
+
+    /// The CA back on the same address (with a new root and no memory of
+    /// accounts, as pebble keeps nothing).
+    fn restart(&mut self) {
+        self.pebble = spawn_pebble(&self.dir, &self.config, self.dns_port);
+        self.wait_up();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default()
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .unwrap()
+}
+
+fn spawn_pebble(dir: &Path, config: &Path, dns_port: u16) -> Child {
+    Command::new("pebble")
+        .arg("-config")
+        .arg(config)
+        .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+        // No random sleeps before validating, no refused nonces, and every
+        // order validated afresh (no reused authorizations).
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .env("PEBBLE_AUTHZREUSE", "0")
+        .stdout(log_file(dir, "pebble"))
+        .stderr(log_file(dir, "pebble"))
+        .spawn()
+        .unwrap()
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in [&mut self.pebble, &mut self.dns] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The leaf ktern serves for `name`, if it verifies against `roots` (so
+/// `Some` means: issued by that CA, for that name).
+fn served_leaf(
+    addr: SocketAddr,
+    name: &str,
+    roots: &[CertificateDer<'static>],
+) -> Option<CertificateDer<'static>> {
+    let refs: Vec<&CertificateDer<'static>> = roots.iter().collect();
+    let cfg = client_config(&refs);
+    let conn =
+        rustls::ClientConnection::new(cfg, ServerName::try_from(name.to_string()).unwrap()).ok()?;
+    let sock = TcpStream::connect(addr).ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).ok()?;
+    }
+    s.conn.peer_certificates()?.first().cloned()
+}
+
+/// Waits (up to `limit`) for a leaf for `name` that verifies against
+/// `roots` and is not `old`.
+fn wait_for_new_leaf(
+    k: &Ktern,
+    name: &str,
+    roots: &[CertificateDer<'static>],
+    old: Option<&CertificateDer<'static>>,
+    limit: Duration,
+) -> CertificateDer<'static> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(leaf) = served_leaf(k.addr(), name, roots) {
+            if Some(&leaf) != old {
+                return leaf;
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "no new certificate from the CA for {name} within {limit:?}; ktern log:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn acme_listener(
+    port: u16,
+    backend: SocketAddr,
+    pebble: &Pebble,
+    dir: &Path,
+    extra: &str,
+) -> String {
+    format!(
+        "[acme]\nstate_dir = \"{state}\"\nretry = \"1s\"\nretry_max = \"2s\"\n\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         [[listener.certificate]]\nacme = {{ domains = [\"a.acme.test\", \"b.acme.test\"], contact = [\"mailto:ops@acme.test\"], directory = \"{url}\", ca = \"{ca}\"{extra} }}\n\
+         [listener.route]\nkind = \"tcp\"\nbackends = [\"{backend}\"]\n",
+        state = dir.join("acme").display(),
+        url = pebble.directory(),
+        ca = dir.join("pebble.pem").display(),
+    )
+}
+
+/// An open connection through the tcp route's echo backend.
+fn echo_conn(k: &Ktern, roots: &[CertificateDer<'static>]) -> Client {
+    let refs: Vec<&CertificateDer<'static>> = roots.iter().collect();
+    let cfg = client_config(&refs);
+    let conn =
+        rustls::ClientConnection::new(cfg, ServerName::try_from("b.acme.test").unwrap()).unwrap();
+    let sock = TcpStream::connect(k.addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut c = rustls::StreamOwned::new(conn, sock);
+    c.write_all(b"ECHO\n").unwrap();
+    echo(&mut c, b"before");
+    c
+}
+
+fn echo(c: &mut Client, data: &[u8]) {
+    c.write_all(data).unwrap();
+    c.flush().unwrap();
+    let mut got = vec![0u8; data.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(got, data);
+}
+
+#[test]
+fn tls_alpn_01_issues_renews_and_rides_out_a_ca_outage() {
+    let pki = Pki::new("acme-alpn");
+    let port = free_port();
+    // 30 s certificates: renewal is due after 20 s (two thirds).
+    let mut pebble = Pebble::start(&pki.dir, port, free_port(), 30);
+    let backend = start_backend();
+    let config = acme_listener(port, backend, &pebble, &pki.dir, "");
+    let k = Ktern::start(&pki, "", &config);
+
+    // Issued: the leaf verifies against the CA's root, for both names.
+    let first_roots = [pebble.root()];
+    let first = wait_for_new_leaf(
+        &k,
+        "a.acme.test",
+        &first_roots,
+        None,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        served_leaf(k.addr(), "b.acme.test", &first_roots).as_ref(),
+        Some(&first)
+    );
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 1);
+    let state = pki.dir.join("acme");
+    let key_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(state.join("a.acme.test/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode, 0o600);
+    let on_disk = std::fs::read(state.join("a.acme.test/cert.pem")).unwrap();
+    assert_eq!(CertificateDer::from_pem_slice(&on_disk).unwrap(), first);
+    let accounts: Vec<_> = std::fs::read_dir(state.join("accounts")).unwrap().collect();
+    assert_eq!(accounts.len(), 1, "one account per directory");
+    // No temporary file is left behind.
+    for d in [state.join("a.acme.test"), state.join("accounts")] {
+        for e in std::fs::read_dir(d).unwrap() {
+            let name = e.unwrap().file_name();
+            assert!(!name.to_string_lossy().contains(".tmp"), "{name:?}");
+        }
+    }
+
+    // A connection open across everything below.
+    let mut open = echo_conn(&k, &first_roots);
+
+    // The CA goes away before the renewal is due: the order fails, is
+    // logged and counted, and the old certificate keeps serving.
+    pebble.stop();
+    let until = Instant::now() + Duration::from_secs(40);
+    while k.metric("ktern_acme_order_failures_total") == 0 {
+        assert!(
+            Instant::now() < until,
+            "no failed order counted; log:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(k.log().contains("ACME: order failed"), "{}", k.log());
+    assert_eq!(
+        served_leaf(k.addr(), "a.acme.test", &first_roots).as_ref(),
+        Some(&first),
+        "the old certificate serves during the outage"
+    );
+    echo(&mut open, b"during the outage");
+
+    // The CA is back: a retry renews (a new account, as pebble forgot the
+    // old one), and the new certificate is swapped in by a reload.
+    pebble.restart();
+    let second_root = pebble.root();
+    let second = wait_for_new_leaf(
+        &k,
+        "a.acme.test",
+        &[second_root],
+        Some(&first),
+        Duration::from_secs(30),
+    );
+    assert_ne!(second, first);
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 2);
+    assert!(k.metric("ktern_reloads_total") >= 2);
+    echo(&mut open, b"after the renewal");
+    assert!(
+        k.log().contains("ACME tls-alpn-01 validation answered"),
+        "{}",
+        k.log()
+    );
+}
+
+#[test]
+fn http_01_is_answered_on_the_redirect_listener() {
+    let pki = Pki::new("acme-http");
+    let (port, http_port) = (free_port(), free_port());
+    let pebble = Pebble::start(&pki.dir, port, http_port, 3600);
+    let backend = start_backend();
+    let config = format!(
+        "{}\n[[redirect]]\naddress = \"127.0.0.1:{http_port}\"\n",
+        acme_listener(
+            port,
+            backend,
+            &pebble,
+            &pki.dir,
+            ", challenge = \"http-01\""
+        )
+    );
+    let k = Ktern::start(&pki, "", &config);
+    let root = pebble.root();
+    let leaf = wait_for_new_leaf(&k, "b.acme.test", &[root], None, Duration::from_secs(30));
+    assert!(!leaf.is_empty());
+    assert!(
+        k.log().contains("ACME http-01 validation answered"),
+        "{}",
+        k.log()
+    );
+    // Other paths still redirect; unknown tokens are 404.
+    let get = |path: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: a.acme.test\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(get("/x").starts_with("HTTP/1.1 301 "));
+    assert!(get("/.well-known/acme-challenge/unknown").starts_with("HTTP/1.1 404 "));
+}
+
+#[test]
+fn before_the_first_order_a_stand_in_serves_and_bad_orders_are_config_errors() {
+    let pki = Pki::new("acme-config");
+    // No CA at this address: the order fails and is retried, while a
+    // self-signed stand-in serves the names.
+    let (_held, refusing) = refusing_port();
+    let port = free_port();
+    let config = format!(
+        "[acme]\nstate_dir = \"{}\"\nretry = \"1s\"\nretry_max = \"1s\"\n\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         [[listener.certificate]]\nacme = {{ domains = [\"c.acme.test\"], directory = \"https://{refusing}/dir\" }}\n\
+         [listener.route]\nkind = \"tcp\"\nbackends = [\"{}\"]\n",
+        pki.dir.join("acme").display(),
+        start_backend()
+    );
+    let k = Ktern::start(&pki, "", &config);
+    assert!(
+        k.wait_metric("ktern_acme_order_failures_total", 2) >= 2,
+        "{}",
+        k.log()
+    );
+    assert!(k.log().contains("ACME: order failed"), "{}", k.log());
+    let (_, body) = k.admin_request("GET", "/certs");
+    assert!(body.contains("acme stand-in"), "{body}");
+    assert!(body.contains("c.acme.test"), "{body}");
+
+    // `ktern check` says the certificate is a stand-in (a warning: exit 0).
+    let out = Command::new(env!("CARGO_BIN_EXE_ktern"))
+        .arg("check")
+        .arg("-c")
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("listener[0].certificate[0].acme") && text.contains("not obtained yet"),
+        "{text}"
+    );
+
+    // What the config check refuses, each naming its field.
+    for (acme, field, why) in [
+        (
+            "domains = [\"*.acme.test\"], directory = \"https://ca/dir\"",
+            "acme.domains[0]",
+            "wildcard",
+        ),
+        (
+            "domains = [\"a.acme.test\"], directory = \"http://ca/dir\"",
+            "acme.directory",
+            "https://",
+        ),
+        (
+            "domains = [\"a.acme.test\"], directory = \"https://ca/dir\", contact = [\"ops@x\"]",
+            "acme.contact[0]",
+            "mailto:",
+        ),
+        (
+            "domains = [\"a.acme.test\"], directory = \"https://ca/dir\", challenge = \"dns-01\"",
+            "acme.challenge",
+            "dns-01",
+        ),
+        (
+            "domains = [\"a.acme.test\"], directory = \"https://ca/dir\", challenge = \"http-01\"",
+            "acme.challenge",
+            "[[redirect]]",
+        ),
+        (
+            "domains = [], directory = \"https://ca/dir\"",
+            "acme.domains",
+            "at least one",
+        ),
+    ] {
+        let path = pki.dir.join(format!("bad-{}.toml", unique()));
+        std::fs::write(
+            &path,
+            format!(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\nacme = {{ {acme} }}\n[listener.route]\nkind = \"tcp\"\nbackends = [\"127.0.0.1:1\"]\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ktern"))
+            .arg("check")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{acme}: accepted");
+        assert!(err.contains(field) && err.contains(why), "{acme}: {err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+}
