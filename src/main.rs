@@ -281,6 +281,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         say!("admin http://{addr}/metrics");
     }
     drop_root(&control.current().config)?;
+    control.start_acme();
     if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
         // From here on this process serves whatever happens: the old one
         // may already have stopped accepting.

@@ -40,6 +40,9 @@ struct Pebble {
     /// The config, to start the same CA again after an outage.
     config: PathBuf,
     dns_port: u16,
+    /// Its port during an outage, bound (not listening) so that nothing
+    /// else takes it before the restart.
+    held: Option<socket2::Socket>,
 }
 
 impl Pebble {
@@ -94,6 +97,7 @@ impl Pebble {
             management,
             config,
             dns_port,
+            held: None,
         };
         p.wait_up();
         p
@@ -141,11 +145,17 @@ impl Pebble {
     fn stop(&mut self) {
         let _ = self.pebble.kill();
         let _ = self.pebble.wait();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Past pebble's connections in TIME_WAIT.
+        s.set_reuse_address(true).unwrap();
+        s.bind(&self.acme.into()).unwrap();
+        self.held = Some(s);
     }
 
     /// The CA back on the same address (with a new root and no memory of
     /// accounts, as pebble keeps nothing).
     fn restart(&mut self) {
+        self.held = None;
         self.pebble = spawn_pebble(&self.dir, &self.config, self.dns_port);
         self.wait_up();
     }
@@ -278,8 +288,9 @@ fn echo(c: &mut Client, data: &[u8]) {
 fn tls_alpn_01_issues_renews_and_rides_out_a_ca_outage() {
     let pki = Pki::new("acme-alpn");
     let port = free_port();
-    // 30 s certificates: renewal is due after 20 s (two thirds).
-    let mut pebble = Pebble::start(&pki.dir, port, free_port(), 30);
+    // 45 s certificates: renewal is due after 30 s (two thirds), and the
+    // first one still verifies for 15 s after the failed renewal.
+    let mut pebble = Pebble::start(&pki.dir, port, free_port(), 45);
     let backend = start_backend();
     let config = acme_listener(port, backend, &pebble, &pki.dir, "");
     let k = Ktern::start(&pki, "", &config);
@@ -299,21 +310,22 @@ fn tls_alpn_01_issues_renews_and_rides_out_a_ca_outage() {
     );
     assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 1);
     let state = pki.dir.join("acme");
-    let key_mode = {
+    let mode = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(state.join("a.acme.test/key.pem"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
     };
-    assert_eq!(key_mode, 0o600);
-    let on_disk = std::fs::read(state.join("a.acme.test/cert.pem")).unwrap();
+    let current = state.join("a.acme.test/current");
+    assert_eq!(mode(&current.join("key.pem")), 0o600);
+    let on_disk = std::fs::read(current.join("cert.pem")).unwrap();
     assert_eq!(CertificateDer::from_pem_slice(&on_disk).unwrap(), first);
-    let accounts: Vec<_> = std::fs::read_dir(state.join("accounts")).unwrap().collect();
-    assert_eq!(accounts.len(), 1, "one account per directory");
+    let accounts: Vec<_> = std::fs::read_dir(state.join("accounts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert_eq!(mode(&accounts[0]), 0o600, "the account key");
     // No temporary file is left behind.
-    for d in [state.join("a.acme.test"), state.join("accounts")] {
+    for d in [current, state.join("a.acme.test"), state.join("accounts")] {
         for e in std::fs::read_dir(d).unwrap() {
             let name = e.unwrap().file_name();
             assert!(!name.to_string_lossy().contains(".tmp"), "{name:?}");
@@ -383,8 +395,7 @@ fn http_01_is_answered_on_the_redirect_listener() {
     );
     let k = Ktern::start(&pki, "", &config);
     let root = pebble.root();
-    let leaf = wait_for_new_leaf(&k, "b.acme.test", &[root], None, Duration::from_secs(30));
-    assert!(!leaf.is_empty());
+    wait_for_new_leaf(&k, "b.acme.test", &[root], None, Duration::from_secs(30));
     assert!(
         k.log().contains("ACME http-01 validation answered"),
         "{}",
@@ -442,6 +453,11 @@ fn before_the_first_order_a_stand_in_serves_and_bad_orders_are_config_errors() {
         text.contains("listener[0].certificate[0].acme") && text.contains("not obtained yet"),
         "{text}"
     );
+    assert!(
+        text.contains("listener[0].certificate[0].acme.challenge")
+            && text.contains("validated on port 443"),
+        "{text}"
+    );
 
     // What the config check refuses, each naming its field.
     for (acme, field, why) in [
@@ -495,4 +511,113 @@ fn before_the_first_order_a_stand_in_serves_and_bad_orders_are_config_errors() {
         assert!(err.contains(field) && err.contains(why), "{acme}: {err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
     }
+}
+
+/// A child process killed on drop.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (up to 30 s) until `ktern_acme_order_failures_total` passes
+/// `past` and the log says `why`.
+fn wait_failure(k: &Ktern, past: u64, why: &str) -> u64 {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = k.metric("ktern_acme_order_failures_total");
+        if n > past && k.log().contains(why) {
+            return n;
+        }
+        assert!(
+            Instant::now() < until,
+            "no failure saying {why:?}; log:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn garbage_rate_limits_and_an_unwritable_state_are_logged_counted_and_retried() {
+    let pki = Pki::new("acme-hostile");
+    let (cert, key) = ktern::builtin::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(pki.dir.join("ca.pem"), cert).unwrap();
+    std::fs::write(pki.dir.join("ca.key"), key).unwrap();
+    let answer = pki.dir.join("answer");
+    std::fs::write(pki.dir.join("answer.dir"), "200\nthis is not JSON").unwrap();
+    std::fs::write(&answer, "500\n").unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/hostile_ca.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(pki.dir.join("ca.pem"))
+        .arg(pki.dir.join("ca.key"))
+        .arg(&answer)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let _ca = Reaped(child);
+    let port: u16 = port.trim().parse().unwrap();
+    // The state directory sits under a regular file: nothing can be
+    // written there until the test removes the file.
+    std::fs::write(pki.dir.join("blocked"), "a file").unwrap();
+    let config = format!(
+        "[acme]\nstate_dir = \"{}\"\nretry = \"1s\"\nretry_max = \"1s\"\n\n\
+         [[listener]]\naddress = \"127.0.0.1:{}\"\n\
+         [[listener.certificate]]\nacme = {{ domains = [\"d.acme.test\"], directory = \"https://127.0.0.1:{port}/dir\", ca = \"{}\" }}\n\
+         [listener.route]\nkind = \"tcp\"\nbackends = [\"{}\"]\n",
+        pki.dir.join("blocked/acme").display(),
+        free_port(),
+        pki.dir.join("ca.pem").display(),
+        start_backend()
+    );
+    let mut k = Ktern::start(&pki, "", &config);
+
+    // A state directory that cannot be made: an error naming the path,
+    // before the CA is asked anything.
+    let n = wait_failure(&k, 0, &pki.dir.join("blocked/acme").display().to_string());
+    std::fs::remove_file(pki.dir.join("blocked")).unwrap();
+    // A directory that is not JSON.
+    let n = wait_failure(&k, n, "failed to (de)serialize JSON");
+    // A CA that rate-limits new accounts (its problem document is logged).
+    std::fs::remove_file(pki.dir.join("answer.dir")).unwrap();
+    std::fs::write(
+        &answer,
+        "429\n{\"type\": \"urn:ietf:params:acme:error:rateLimited\", \"detail\": \"too many new accounts from 127.0.0.1\", \"status\": 429}",
+    )
+    .unwrap();
+    let n = wait_failure(&k, n, "too many new accounts from 127.0.0.1");
+    // A CA that accepts the account, then answers the order with
+    // something that is not an order: the account is kept (the key
+    // readable by ktern alone), the order fails.
+    std::fs::write(&answer, "201\n{\"status\": \"valid\"}").unwrap();
+    wait_failure(&k, n, "the CA (new order)");
+    let accounts: Vec<_> = std::fs::read_dir(pki.dir.join("blocked/acme/accounts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&accounts[0])
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Through all of it the stand-in serves, and ktern keeps serving.
+    let (_, body) = k.admin_request("GET", "/certs");
+    assert!(body.contains("acme stand-in"), "{body}");
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 0);
+    assert!(k.child.try_wait().unwrap().is_none(), "ktern exited");
 }

@@ -973,7 +973,7 @@ fn a_tls_error_after_the_handshake_on_the_http_route_sends_its_alert() {
     let len: u16 = (1 << 14) + 257;
     let mut rec = vec![23, 3, 3];
     rec.extend_from_slice(&len.to_be_bytes());
-    rec.extend(std::iter::repeat(0).take(len as usize));
+    rec.extend(std::iter::repeat_n(0, len as usize));
     c.sock.write_all(&rec).unwrap();
     let mut buf = [0u8; 64];
     let err = c

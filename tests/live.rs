@@ -208,12 +208,12 @@ fn reload_under_load_changes_certificate_backend_and_route_with_no_failure() {
     // Version i: certificate 1 or 2, route to "a" or "b", and group b's
     // backend is b or c.
     let version = |i: usize| {
-        let (cert, key) = if i % 2 == 0 {
+        let (cert, key) = if i.is_multiple_of(2) {
             (&cert1, &key1)
         } else {
             (&cert2, &key2)
         };
-        let upstream = if i % 3 == 0 { "a" } else { "b" };
+        let upstream = if i.is_multiple_of(3) { "a" } else { "b" };
         let b_backend = if i % 4 < 2 { b.addr } else { c.addr };
         http_listener(
             "127.0.0.1:0",

@@ -66,6 +66,9 @@ pub fn lint(config: &Config, now: i64, roots: Option<&rustls::RootCertStore>) ->
         for (j, c) in l.certificates.iter().enumerate() {
             let at = format!("listener[{i}].certificate[{j}]");
             certificate(&at, c, now, &mut out);
+            if let Some(a) = &c.acme {
+                acme_ports(&at, a, l.address.port(), config, &mut out);
+            }
             if let Some(v) = &verifier {
                 verify(&at, c, now, v.as_ref(), &mut out);
             }
@@ -91,6 +94,26 @@ pub fn lint(config: &Config, now: i64, roots: Option<&rustls::RootCertStore>) ->
         }
     }
     out
+}
+
+/// The CA validates on the standard ports (RFC 8737 §3: 443; RFC 8555
+/// §8.3: 80): a listener elsewhere works only behind a port forward.
+fn acme_ports(at: &str, a: &super::AcmeCert, port: u16, config: &Config, out: &mut Vec<Finding>) {
+    match a.challenge {
+        super::AcmeChallenge::TlsAlpn01 if port != 443 => push(
+            out,
+            Severity::Warning,
+            format!("{at}.acme.challenge"),
+            format!("tls-alpn-01 is validated on port 443, and this listener is on port {port}: it works only if port 443 reaches it"),
+        ),
+        super::AcmeChallenge::Http01 if !config.redirects.iter().any(|r| r.address.port() == 80) => push(
+            out,
+            Severity::Warning,
+            format!("{at}.acme.challenge"),
+            "http-01 is validated on port 80, and no [[redirect]] listener is on port 80: it works only if port 80 reaches one".into(),
+        ),
+        _ => {}
+    }
 }
 
 fn push(out: &mut Vec<Finding>, severity: Severity, field: String, message: String) {

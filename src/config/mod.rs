@@ -404,10 +404,16 @@ impl Certificate {
     }
 }
 
-/// The certificate an ACME order left in `dir` (`cert.pem`, `key.pem`),
-/// if both are there, match and have not expired at `now`.
+/// The symlink in an ACME order's directory naming the version served.
+pub const ACME_CURRENT: &str = "current";
+
+/// The certificate an ACME order left in `dir` (the version
+/// `dir/current` links to: its `cert.pem` and `key.pem`), if both are
+/// there, match and have not expired at `now`. The link is resolved once,
+/// so both files come from one version even while a new one is swapped in.
 pub fn held_certificate(dir: &Path, now: i64) -> Option<Certificate> {
-    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let version = dir.join(std::fs::read_link(dir.join(ACME_CURRENT)).ok()?);
+    let (cert_file, key_file) = (version.join("cert.pem"), version.join("key.pem"));
     let chain = std::fs::read_to_string(&cert_file).ok()?;
     let key = std::fs::read_to_string(&key_file).ok()?;
     let mut c = Certificate::from_pem(&chain, &key).ok()?;
@@ -867,7 +873,7 @@ impl Validator<'_> {
             }),
             acme: self.acme.clone().unwrap_or(AcmeSettings {
                 state_dir: PathBuf::from("/var/lib/ktern/acme"),
-                retry: Duration::from_secs(60),
+                retry: Duration::from_secs(600),
                 retry_max: Duration::from_secs(6 * 3600),
             }),
         }
@@ -890,13 +896,21 @@ impl Validator<'_> {
                     );
                 }
                 match seen.iter().find(|s| s.dir == a.dir) {
-                    Some(s) if s.domains != a.domains || s.directory != a.directory => self.problem(
-                        format!("{at}.domains"),
-                        format!(
-                            "another acme certificate starts with {:?} (the state directory is named by the first domain); merge them or reorder the names",
-                            a.domains[0]
-                        ),
-                    ),
+                    Some(s)
+                        if s.domains != a.domains
+                            || s.directory != a.directory
+                            || s.contact != a.contact
+                            || s.ca != a.ca
+                            || s.challenge != a.challenge =>
+                    {
+                        self.problem(
+                            format!("{at}.domains"),
+                            format!(
+                                "another acme certificate starts with {:?} but differs (the state directory is named by the first domain, so they are one order): make them identical, or start one with another name",
+                                a.domains[0]
+                            ),
+                        )
+                    }
                     Some(_) => {}
                     None => seen.push(a),
                 }
@@ -945,12 +959,6 @@ impl Validator<'_> {
                 ok = false;
             } else if let Err(why) = names::check(&d) {
                 self.problem(format!("{field}.domains[{k}]"), why);
-                ok = false;
-            } else if d.parse::<std::net::IpAddr>().is_ok() {
-                self.problem(
-                    format!("{field}.domains[{k}]"),
-                    "an IP address: ACME certificates here are for DNS names",
-                );
                 ok = false;
             } else if domains.contains(&d) {
                 self.problem(

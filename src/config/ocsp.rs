@@ -48,7 +48,7 @@ pub fn check(response: &[u8], chain: &[&[u8]], now: i64) -> Result<i64, String> 
                     leaf.issuer().as_raw(),
                 )
                 .is_some_and(|h| h == r.cert_id.issuer_name_hash.as_bytes())
-                && issuer.as_ref().map_or(true, |i| {
+                && issuer.as_ref().is_none_or(|i| {
                     hashed(
                         &r.cert_id.hash_algorithm.oid.to_string(),
                         &i.public_key().subject_public_key.data,

@@ -268,8 +268,10 @@ fn default_acme_state_dir() -> String {
     "/var/lib/ktern/acme".into()
 }
 
+/// Ten minutes, doubling: at most 3 failed validations of a name in the
+/// first hour, under Let's Encrypt's limit of 5 per name per hour.
 fn default_acme_retry() -> String {
-    "1m".into()
+    "10m".into()
 }
 
 fn default_acme_retry_max() -> String {

@@ -618,13 +618,22 @@ fn acme_certificates_serve_a_stand_in_then_what_the_state_directory_holds() {
 
     // What an order left in the state directory serves from the next load.
     let (pem, key) = crate::builtin::self_signed(&["a.example", "b.example"]).unwrap();
-    std::fs::create_dir_all(dir.join("state/a.example")).unwrap();
-    std::fs::write(dir.join("state/a.example/cert.pem"), &pem).unwrap();
-    std::fs::write(dir.join("state/a.example/key.pem"), &key).unwrap();
+    std::fs::create_dir_all(dir.join("state/a.example/v1")).unwrap();
+    std::fs::write(dir.join("state/a.example/v1/cert.pem"), &pem).unwrap();
+    std::fs::write(dir.join("state/a.example/v1/key.pem"), &key).unwrap();
+    // Not served until `current` names the version.
+    assert!(
+        !load().listeners[0].certificates[0]
+            .acme
+            .as_ref()
+            .unwrap()
+            .issued
+    );
+    std::os::unix::fs::symlink("v1", dir.join("state/a.example/current")).unwrap();
     let c = load();
     let cert = &c.listeners[0].certificates[0];
     assert!(cert.acme.as_ref().unwrap().issued);
-    assert!(cert.info.cert_file.ends_with("state/a.example/cert.pem"));
+    assert!(cert.info.cert_file.ends_with("state/a.example/v1/cert.pem"));
     let orders = crate::control::acme::orders(&c);
     assert_eq!(
         orders[0].1,
@@ -635,8 +644,8 @@ fn acme_certificates_serve_a_stand_in_then_what_the_state_directory_holds() {
     assert!(held_certificate(&dir.join("state/a.example"), 0).is_some());
     // A held certificate that misses a configured name is due at once.
     let (pem, key) = crate::builtin::self_signed(&["a.example"]).unwrap();
-    std::fs::write(dir.join("state/a.example/cert.pem"), &pem).unwrap();
-    std::fs::write(dir.join("state/a.example/key.pem"), &key).unwrap();
+    std::fs::write(dir.join("state/a.example/v1/cert.pem"), &pem).unwrap();
+    std::fs::write(dir.join("state/a.example/v1/key.pem"), &key).unwrap();
     assert_eq!(crate::control::acme::orders(&load())[0].1, None);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -688,7 +697,7 @@ fn acme_entries_are_checked() {
                     .replace("127.0.0.1:0", "127.0.0.1:1")
             ),
             "listener[1].certificate[0].acme.domains",
-            "another acme certificate",
+            "another acme certificate starts with",
         ),
         (
             acme("domains = [\"a.example\"], directory = \"https://ca/dir\", ca = \"/nonexistent/ca.pem\""),

@@ -75,8 +75,10 @@ pub fn check(config: &Config, now: i64, warned: &mut Warned) {
                 continue;
             };
             // An ACME certificate is renewed with a third of its life left
-            // (30 days of 90): only a renewal that keeps failing is news.
-            if c.acme.is_some() && st == WARN_DAYS[0] {
+            // (30 days of 90; 2 of 6 for short-lived ones): only a renewal
+            // that is overdue is news.
+            let renewal = super::acme::renew_at(Some((c.info.not_before, c.info.not_after)), now);
+            if c.acme.is_some() && now < renewal {
                 continue;
             }
             let days_left = (c.info.not_after - now).div_euclid(DAY);

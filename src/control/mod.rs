@@ -157,6 +157,8 @@ pub struct Control {
     expiry_nudge: mpsc::Sender<()>,
     /// Wakes the ACME thread after a reload (its orders may have changed).
     acme_nudge: mpsc::Sender<()>,
+    /// The ACME thread's end of `acme_nudge`, until [`Control::start_acme`].
+    acme_nudged: Mutex<Option<mpsc::Receiver<()>>>,
     /// ACME challenge answers, published by the ACME thread, served by the
     /// shards (one table for the process: it outlives generations).
     pub challenges: Arc<crate::challenges::Challenges>,
@@ -269,6 +271,7 @@ impl Control {
             support: support.clone(),
             expiry_nudge,
             acme_nudge,
+            acme_nudged: Mutex::new(Some(acme_nudged)),
             challenges,
             notify: notify::Notifier::from_env(),
             admin: Mutex::new(None),
@@ -278,10 +281,25 @@ impl Control {
         if let Err(e) = expiry::spawn(Arc::downgrade(&control), nudged) {
             tracing::error!(error = %e, "cannot start the certificate expiry thread: no expiry warnings in the log");
         }
-        if let Err(e) = acme::spawn(Arc::downgrade(&control), acme_nudged) {
-            tracing::error!(error = %e, "cannot start the ACME thread: ACME certificates will not be obtained or renewed");
-        }
+
         Ok(control)
+    }
+
+    /// Starts the ACME thread (once; later calls do nothing). Called after
+    /// the privilege drop: the state directory and the keys it writes must
+    /// belong to the user ktern runs as, or a reload (as that user) could
+    /// not read them.
+    pub fn start_acme(self: &Arc<Self>) {
+        let nudged = self
+            .acme_nudged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(nudged) = nudged {
+            if let Err(e) = acme::spawn(Arc::downgrade(self), nudged) {
+                tracing::error!(error = %e, "cannot start the ACME thread: ACME certificates will not be obtained or renewed");
+            }
+        }
     }
 
     /// The generation new connections get. Never waits for a reload in

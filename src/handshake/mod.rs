@@ -72,15 +72,8 @@ pub fn server_config(
     certs: &Arc<certs::CertStore>,
     tickets: &Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<ServerTls, rustls::Error> {
-    let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
-    if listener.tls_versions.tls13 {
-        versions.push(&rustls::version::TLS13);
-    }
-    if listener.tls_versions.tls12 {
-        versions.push(&rustls::version::TLS12);
-    }
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(listener_provider(listener)))
-        .with_protocol_versions(&versions)?
+        .with_protocol_versions(&listener_versions(listener))?
         .with_no_client_auth()
         .with_cert_resolver(certs.clone());
     // Needed for `dangerous_into_kernel_connection` (kTLS hand-over).
@@ -111,6 +104,20 @@ pub fn server_config(
     })
 }
 
+/// The TLS versions a listener offers, newest first.
+fn listener_versions(
+    listener: &config::Listener,
+) -> Vec<&'static rustls::SupportedProtocolVersion> {
+    let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
+    if listener.tls_versions.tls13 {
+        versions.push(&rustls::version::TLS13);
+    }
+    if listener.tls_versions.tls12 {
+        versions.push(&rustls::version::TLS12);
+    }
+    versions
+}
+
 /// The config a listener's TLS-ALPN-01 validations get (RFC 8737 §3): only
 /// `acme-tls/1`, and the challenge certificate for the hello's SNI. A
 /// separate config, picked per hello by [`Handshake`], so the listener's
@@ -131,7 +138,7 @@ pub fn acme_config(
         }
     }
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(listener_provider(listener)))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(&listener_versions(listener))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Answers(challenges.clone())));
     cfg.alpn_protocols = vec![crate::challenges::ACME_TLS_ALPN.to_vec()];
@@ -267,6 +274,9 @@ pub struct Established {
     pub peer_closed: bool,
     /// The server name the client asked for (SNI), lower case.
     pub sni: Option<Box<str>>,
+    /// A CA's TLS-ALPN-01 validation (the hello was switched to the
+    /// validation config): nothing may be routed; close it.
+    pub acme_validation: bool,
 }
 
 /// What the rest of a connection's life knows about its TLS session (for
@@ -331,8 +341,8 @@ pub struct Handshake {
     acme: Option<Arc<ServerConfig>>,
     /// The hello offers `acme-tls/1`.
     acme_hello: bool,
-    /// rustls has taken input: its connection can no longer be swapped.
-    consumed: bool,
+    /// Switched to the validation config.
+    acme_validation: bool,
 }
 
 /// A plaintext fatal `handshake_failure` alert record (RFC 8446 §6; the
@@ -350,7 +360,7 @@ impl Handshake {
             conn: UnbufferedServerConnection::new(tls.config.clone())?,
             acme: tls.acme.clone(),
             acme_hello: false,
-            consumed: false,
+            acme_validation: false,
             input: Vec::with_capacity(MAX_RECORD),
             output: Vec::new(),
             early_plaintext: Vec::new(),
@@ -377,13 +387,13 @@ impl Handshake {
         self.input.extend_from_slice(bytes);
         if !self.hello_seen {
             self.peek_hello(bytes);
-            // A CA's TLS-ALPN-01 validation gets the challenge config, as
-            // long as rustls has seen nothing yet (a validator's hello is
-            // one record; a hello split over records that rustls started
-            // on stays with the listener's config, and fails there).
-            if self.hello_seen && self.acme_hello && !self.consumed {
+            // A CA's TLS-ALPN-01 validation gets the challenge config. rustls
+            // has seen no byte yet: on such a listener `poll` waits for the
+            // whole hello (see there), however it is split.
+            if self.hello_seen && self.acme_hello {
                 if let Some(acme) = self.acme.take() {
                     self.conn = UnbufferedServerConnection::new(acme)?;
+                    self.acme_validation = true;
                     return Ok(());
                 }
             }
@@ -455,6 +465,17 @@ impl Handshake {
     /// On error, [`Handshake::pending_output`] may hold an alert worth sending
     /// (best effort) before closing.
     pub fn poll(&mut self) -> Result<Step, HandshakeError> {
+        // A listener answering TLS-ALPN-01 picks the rustls config from the
+        // whole hello, so rustls gets nothing before the peek has judged it
+        // (rustls reassembles a hello split over records inside its input
+        // buffer: a config swapped after it started would see half a hello).
+        if self.acme.is_some() && !self.hello_seen {
+            return if self.eof {
+                Err(HandshakeError::Eof)
+            } else {
+                Ok(Step::Read(None))
+            };
+        }
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.input);
@@ -514,7 +535,6 @@ impl Handshake {
                 ))),
             };
             if discard > 0 {
-                self.consumed = true;
                 self.input.drain(..discard);
             }
             if let Err(e) = result {
@@ -570,6 +590,7 @@ impl Handshake {
             early_plaintext: self.early_plaintext,
             peer_closed: self.peer_closed,
             sni: self.sni,
+            acme_validation: self.acme_validation,
         }
     }
 }

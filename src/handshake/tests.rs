@@ -323,6 +323,22 @@ fn acme_tls_alpn_hellos_get_the_challenge_certificate_and_others_the_listeners()
     assert_eq!(c.alpn_protocol(), None);
     assert_eq!(c.peer_certificates().unwrap()[0], root);
 
+    // The validator's hello a byte at a time (rustls gets none of it
+    // until the peek has the whole hello): still the challenge config.
+    let mut v = client_alpn(answer.cert[0].clone(), &[b"acme-tls/1"]);
+    let mut hs = Handshake::new(&tls).unwrap();
+    let mut hello = Vec::new();
+    v.write_tls(&mut hello).unwrap();
+    for b in &hello {
+        hs.handle_input(std::slice::from_ref(b)).unwrap();
+        if !matches!(hs.poll().unwrap(), Step::Read(_)) {
+            break;
+        }
+    }
+    assert_eq!(pump(&mut v, &mut hs, 0), Step::Done);
+    assert_eq!(v.peer_certificates().unwrap()[0], answer.cert[0]);
+    assert!(hs.finish().acme_validation);
+
     // No answer published for the name: the validation fails.
     challenges.remove("localhost", "-");
     let mut v = client_alpn(answer.cert[0].clone(), &[b"acme-tls/1"]);

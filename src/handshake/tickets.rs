@@ -140,7 +140,7 @@ impl TicketKeys {
             Source::Fleet(prk) => expand(prk, &mut bytes)?,
             Source::Random(keys) => {
                 let mut keys = keys.lock().unwrap_or_else(|e| e.into_inner());
-                if issue && keys.last().map_or(true, |(e, _)| *e < epoch) {
+                if issue && keys.last().is_none_or(|(e, _)| *e < epoch) {
                     let mut fresh = [0u8; 32];
                     self.rng.fill(&mut fresh).ok()?;
                     keys.push((epoch, extract(&fresh)));

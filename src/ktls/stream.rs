@@ -111,6 +111,7 @@ impl TlsConn {
             early_plaintext,
             peer_closed,
             sni: _,
+            acme_validation: _,
         } = est;
         let kernel = Kernel::offload(sys::borrow_fd(&socket), conn, rekey)?;
         TlsConn::assemble(socket, Engine::Kernel(kernel), early_plaintext, peer_closed)

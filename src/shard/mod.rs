@@ -50,8 +50,9 @@ pub struct Generation {
     /// The access log, opened for this generation (a reload reopens it,
     /// so a rotated file is followed).
     pub access: Option<crate::metrics::access::Sink>,
-    /// ACME challenge answers (HTTP-01 here; TLS-ALPN-01 through the
-    /// certificate stores). One table for the process, in every generation.
+    /// ACME challenge answers (HTTP-01 here; TLS-ALPN-01 through each
+    /// listener's validation config). One table for the process, in every
+    /// generation.
     pub challenges: Arc<crate::challenges::Challenges>,
 }
 

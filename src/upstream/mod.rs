@@ -219,8 +219,8 @@ impl Balancer {
     }
 
     fn usable(&self, i: usize, now: Instant) -> bool {
-        let passive = self.backends[i].down_until.get().map_or(true, |t| now >= t);
-        passive && self.health.as_ref().map_or(true, |h| h.is_up(i))
+        let passive = self.backends[i].down_until.get().is_none_or(|t| now >= t);
+        passive && self.health.as_ref().is_none_or(|h| h.is_up(i))
     }
 
     /// Indices in rotation order from the current start; advances it.
@@ -298,7 +298,7 @@ impl Balancer {
             let b = &self.backends[i];
             b.current.set(b.current.get() + i64::from(b.weight));
             total += i64::from(b.weight);
-            if best.map_or(true, |j| b.current.get() > self.backends[j].current.get()) {
+            if best.is_none_or(|j| b.current.get() > self.backends[j].current.get()) {
                 best = Some(i);
             }
         }

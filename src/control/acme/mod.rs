@@ -28,7 +28,7 @@ use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
 
 use super::Control;
-use crate::config::{AcmeCert, Config};
+use crate::config::{AcmeCert, AcmeSettings, Config};
 use crate::metrics::ShardMetrics as M;
 
 mod order;
@@ -93,31 +93,86 @@ pub fn orders(config: &Config) -> Vec<(Arc<AcmeCert>, Option<Validity>)> {
         if out.iter().any(|(o, _)| o.dir == a.dir) {
             continue;
         }
-        let covers = a
-            .domains
-            .iter()
-            .all(|d| c.info.names.iter().any(|n| n.eq_ignore_ascii_case(d)));
-        let held = (a.issued && covers).then_some((c.info.not_before, c.info.not_after));
+        let held = (a.issued && covers(&c.info, &a.domains))
+            .then_some((c.info.not_before, c.info.not_after));
         out.push((a.clone(), held));
     }
     out
 }
 
-/// What the thread knows about one order beyond the config.
-#[derive(Debug, Default)]
+/// Whether a certificate names every domain of its order.
+fn covers(info: &crate::config::CertInfo, domains: &[String]) -> bool {
+    domains
+        .iter()
+        .all(|d| info.names.iter().any(|n| n.eq_ignore_ascii_case(d)))
+}
+
+/// Whether two configs ask for the same order (the `issued` flag aside).
+fn same_order(a: &AcmeCert, b: &AcmeCert) -> bool {
+    a.domains == b.domains
+        && a.contact == b.contact
+        && a.directory == b.directory
+        && a.ca == b.ca
+        && a.challenge == b.challenge
+}
+
+/// What the thread knows about one order beyond the config; forgotten
+/// when the order changes (new names, another CA), so the changed order
+/// is judged afresh rather than waiting out an old backoff.
+#[derive(Debug)]
 struct Track {
+    /// The order this is about.
+    order: Arc<AcmeCert>,
     /// Failures since the last success.
     failures: u32,
-    /// No attempt before this (Unix seconds).
+    /// No order before this (Unix seconds).
     retry_at: i64,
-    /// The validity of the certificate this thread last obtained: the
-    /// schedule goes by it even while a reload to serve it is refused
-    /// (else a refused reload would order again and again).
-    obtained: Option<Validity>,
+    /// No reload (to serve a certificate on disk) before this.
+    reload_at: i64,
+}
+
+/// What to do about one order now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing before this time (Unix seconds).
+    Wait(i64),
+    /// The state directory holds a newer certificate than the one served
+    /// (a refused reload, or another ktern process ordered it): reload.
+    Reload,
+    /// Order a certificate.
+    Order,
+}
+
+/// The decision for one order (sans-IO): `live` is what the config
+/// serves, `on_disk` what the state directory holds, `retry_at` and
+/// `reload_at` the track's earliest times.
+pub fn next(
+    live: Option<Validity>,
+    on_disk: Option<Validity>,
+    retry_at: i64,
+    reload_at: i64,
+    now: i64,
+) -> Next {
+    let newer_on_disk = on_disk.filter(|d| live.is_none_or(|l| d.1 > l.1));
+    if newer_on_disk.is_some() && now >= reload_at {
+        return Next::Reload;
+    }
+    let best = newer_on_disk.or(live);
+    let due = renew_at(best, now).max(retry_at);
+    if due > now {
+        let wake = if newer_on_disk.is_some() {
+            due.min(reload_at)
+        } else {
+            due
+        };
+        return Next::Wait(wake);
+    }
+    Next::Order
 }
 
 /// Starts the thread. It ends when the control side goes away or the
-/// nudge channel closes.
+/// nudge channel closes. Called after the privilege drop, so the state
+/// directory and its files belong to the user ktern runs as.
 pub fn spawn(control: Weak<Control>, nudged: mpsc::Receiver<()>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ktern-acme".into())
@@ -134,19 +189,44 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
         let (metrics, challenges) = (c.metrics.clone(), c.challenges.clone());
         drop(c);
         let orders = orders(&config);
-        tracks.retain(|dir, _| orders.iter().any(|(o, _)| &o.dir == dir));
+        tracks.retain(|dir, t| {
+            orders
+                .iter()
+                .any(|(o, _)| &o.dir == dir && same_order(o, &t.order))
+        });
         let mut now = crate::clock::unix_now();
         let mut wake = now + PERIOD;
-        for (order, held) in orders {
-            let t = tracks.entry(order.dir.clone()).or_default();
-            let held = match (held, t.obtained) {
-                (Some(h), Some(o)) => Some(if o.1 > h.1 { o } else { h }),
-                (h, o) => h.or(o),
-            };
-            let due = renew_at(held, now).max(t.retry_at);
-            if due > now {
-                wake = wake.min(due);
-                continue;
+        let retry_secs = config.acme.retry.as_secs().max(1) as i64;
+        for (order, live) in orders {
+            let t = tracks.entry(order.dir.clone()).or_insert_with(|| Track {
+                order: order.clone(),
+                failures: 0,
+                retry_at: 0,
+                reload_at: 0,
+            });
+            let on_disk = crate::config::held_certificate(&order.dir, now)
+                .filter(|c| covers(&c.info, &order.domains))
+                .map(|c| (c.info.not_before, c.info.not_after));
+            match next(live, on_disk, t.retry_at, t.reload_at, now) {
+                Next::Wait(at) => {
+                    wake = wake.min(at);
+                    continue;
+                }
+                Next::Reload => {
+                    t.reload_at = now + retry_secs;
+                    wake = wake.min(t.reload_at);
+                    let Some(c) = control.upgrade() else { return };
+                    match c.reload() {
+                        Ok(_) => {
+                            tracing::info!(dir = %order.dir.display(), "ACME: serving the certificate the state directory holds")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, dir = %order.dir.display(), "ACME: a newer certificate is on disk but the reload to serve it was refused; retrying")
+                        }
+                    }
+                    continue;
+                }
+                Next::Order => {}
             }
             // The runtime is made on first need: a config without ACME
             // never starts one.
@@ -163,7 +243,22 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                     }
                 },
             };
-            tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if held.is_some() { "renewal due" } else { "no certificate from the CA yet" }, "ACME: ordering a certificate");
+            // One ordering process per state directory: during a binary
+            // upgrade the old and the new ktern both run this thread.
+            let lock = match lock_state(&config.acme.state_dir) {
+                Ok(Some(lock)) => lock,
+                Ok(None) => {
+                    tracing::info!(dir = %config.acme.state_dir.display(), "ACME: another ktern process is ordering (a binary upgrade?); looking again later");
+                    t.retry_at = now + retry_secs;
+                    wake = wake.min(t.retry_at);
+                    continue;
+                }
+                Err(e) => {
+                    wake = wake.min(failed(t, &e, &config.acme, &metrics, now));
+                    continue;
+                }
+            };
+            tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if live.is_some() { "renewal due" } else { "no certificate from the CA yet" }, "ACME: ordering a certificate");
             let result = rt
                 .block_on(async {
                     match tokio::time::timeout(
@@ -177,33 +272,22 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                     }
                 })
                 .and_then(|issued| keep(&order.dir, &issued).map(|()| issued));
+            drop(lock);
             now = crate::clock::unix_now();
             match result {
                 Ok(issued) => {
                     M::inc(&metrics.acme_issued);
                     t.failures = 0;
                     t.retry_at = 0;
-                    t.obtained = Some(issued.validity);
                     tracing::info!(domains = ?order.domains, dir = %order.dir.display(), not_after = issued.validity.1, "ACME: certificate obtained; reloading to serve it");
-                    wake = wake.min(renew_at(t.obtained, now));
                     let Some(c) = control.upgrade() else { return };
                     if let Err(e) = c.reload() {
-                        tracing::error!(error = %e, dir = %order.dir.display(), "ACME: the new certificate is on disk but the reload to serve it was refused; it goes live with the next successful reload");
+                        t.reload_at = now + retry_secs;
+                        wake = wake.min(t.reload_at);
+                        tracing::error!(error = %e, dir = %order.dir.display(), "ACME: the new certificate is on disk but the reload to serve it was refused; retrying");
                     }
                 }
-                Err(e) => {
-                    M::inc(&metrics.acme_failures);
-                    t.failures += 1;
-                    let delay = backoff(
-                        t.failures,
-                        config.acme.retry,
-                        config.acme.retry_max,
-                        jitter(),
-                    );
-                    t.retry_at = now + delay.as_secs().max(1) as i64;
-                    wake = wake.min(t.retry_at);
-                    tracing::error!(domains = ?order.domains, directory = %order.directory, error = %chain(&e), failures = t.failures, retry_in = ?delay, "ACME: order failed; the current certificate keeps serving");
-                }
+                Err(e) => wake = wake.min(failed(t, &e, &config.acme, &metrics, now)),
             }
         }
         let wait = Duration::from_secs((wake - now).clamp(1, PERIOD) as u64);
@@ -211,6 +295,40 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
+    }
+}
+
+/// Counts and logs a failed order and schedules its retry: `acme.retry`
+/// doubled per failure up to `acme.retry_max`, jittered. Returns the
+/// retry time.
+fn failed(t: &mut Track, e: &AcmeError, acme: &AcmeSettings, metrics: &M, now: i64) -> i64 {
+    M::inc(&metrics.acme_failures);
+    t.failures += 1;
+    let delay = backoff(t.failures, acme.retry, acme.retry_max, jitter());
+    t.retry_at = now + delay.as_secs().max(1) as i64;
+    tracing::error!(domains = ?t.order.domains, directory = %t.order.directory, error = %chain(e), failures = t.failures, retry_in = ?delay, "ACME: order failed; the current certificate keeps serving");
+    t.retry_at
+}
+
+/// Takes the state directory's lock (`.lock`, created with the
+/// directory): `None` when another process holds it.
+fn lock_state(state_dir: &Path) -> Result<Option<std::fs::File>, AcmeError> {
+    let state = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AcmeError::State { path, source }
+    };
+    std::fs::create_dir_all(state_dir).map_err(state(state_dir))?;
+    let path = state_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(state(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(state(&path)(e)),
     }
 }
 
@@ -242,16 +360,59 @@ pub struct Issued {
     pub validity: Validity,
 }
 
-/// Writes the key, then the chain, into `dir`, each atomically; the
-/// config loader takes the pair only if they match, so a crash between
-/// the two renames serves the old certificate until the next order.
+/// Keeps a certificate and its key as one version: both files go into a
+/// new directory `dir/v<notBefore>-<pid>`, then the symlink `dir/current`
+/// is swapped to it by a rename. A reader (the config load) resolves the
+/// link once and reads both files from the same version, so no crash or
+/// concurrent reload ever sees a key with another version's chain. The
+/// version it replaced stays (a load that resolved the link just before
+/// still finds its files); older ones are removed.
 fn keep(dir: &Path, issued: &Issued) -> Result<(), AcmeError> {
-    std::fs::create_dir_all(dir).map_err(|source| AcmeError::State {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    write_atomic(&dir.join("key.pem"), issued.key_pem.as_bytes(), 0o600)?;
-    write_atomic(&dir.join("cert.pem"), issued.chain_pem.as_bytes(), 0o644)
+    use std::os::unix::fs::DirBuilderExt;
+    let state = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AcmeError::State { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(state(dir))?;
+    let name = format!("v{}-{}", issued.validity.0, std::process::id());
+    let version = dir.join(&name);
+    if version.exists() {
+        std::fs::remove_dir_all(&version).map_err(state(&version))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&version)
+        .map_err(state(&version))?;
+    write_atomic(&version.join("key.pem"), issued.key_pem.as_bytes(), 0o600)?;
+    write_atomic(
+        &version.join("cert.pem"),
+        issued.chain_pem.as_bytes(),
+        0o644,
+    )?;
+    let current = dir.join(crate::config::ACME_CURRENT);
+    let previous = std::fs::read_link(&current).ok();
+    let link = dir.join(format!(".current.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&name, &link).map_err(state(&link))?;
+    std::fs::rename(&link, &current).map_err(state(&current))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(state(dir))?;
+    // Versions older than the one just replaced.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let keep = n == std::ffi::OsStr::new(&name)
+                || previous.as_deref() == Some(Path::new(&n))
+                || !n.to_string_lossy().starts_with('v');
+            if !keep && e.path().is_dir() {
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "ACME: cannot remove an old certificate version");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `path` by a synced temporary file renamed over it, then syncs
@@ -304,9 +465,10 @@ mod tests {
     fn backoff_doubles_up_to_the_cap_with_equal_jitter() {
         let (base, max) = (Duration::from_secs(60), Duration::from_secs(3600));
         assert_eq!(backoff(1, base, max, 0.0), Duration::from_secs(30));
-        assert_eq!(
-            backoff(1, base, max, 0.999_999),
-            Duration::from_secs(60) - Duration::from_micros(30)
+        let almost = backoff(1, base, max, 0.999_999);
+        assert!(
+            almost > Duration::from_millis(59_999) && almost < base,
+            "{almost:?}"
         );
         assert_eq!(backoff(2, base, max, 0.0), Duration::from_secs(60));
         assert_eq!(backoff(3, base, max, 0.5), Duration::from_secs(180));
@@ -315,6 +477,70 @@ mod tests {
         assert_eq!(backoff(u32::MAX, base, max, 0.0), Duration::from_secs(1800));
         let j = jitter();
         assert!((0.0..1.0).contains(&j), "{j}");
+    }
+
+    #[test]
+    fn the_next_step_weighs_the_served_and_the_kept_certificate() {
+        let now = 1_000;
+        // Nothing anywhere: order now (unless a retry waits).
+        assert_eq!(next(None, None, 0, 0, now), Next::Order);
+        assert_eq!(next(None, None, 1_500, 0, now), Next::Wait(1_500));
+        // Served and fresh: wait for two thirds of its life.
+        assert_eq!(next(Some((900, 1_200)), None, 0, 0, now), Next::Wait(1_100));
+        // Served, due: order.
+        assert_eq!(next(Some((0, 1_200)), None, 0, 0, now), Next::Order);
+        // Newer on disk than served (a refused reload, another process):
+        // reload, not order; and not before the reload retry time.
+        assert_eq!(
+            next(Some((0, 1_200)), Some((900, 1_500)), 0, 0, now),
+            Next::Reload
+        );
+        assert_eq!(next(None, Some((900, 1_500)), 0, 0, now), Next::Reload);
+        assert_eq!(
+            next(Some((0, 1_200)), Some((900, 1_500)), 0, 1_010, now),
+            Next::Wait(1_010)
+        );
+        // The same on disk as served: nothing to reload.
+        assert_eq!(
+            next(Some((900, 1_500)), Some((900, 1_500)), 0, 0, now),
+            Next::Wait(1_300)
+        );
+    }
+
+    #[test]
+    fn versions_are_swapped_by_one_link_and_old_ones_pruned() {
+        let dir = std::env::temp_dir().join(format!("ktern-acme-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let now = crate::clock::unix_now();
+        let (mut names, mut leaves) = (Vec::new(), Vec::new());
+        for i in 0..3 {
+            let (chain_pem, key_pem) = crate::builtin::self_signed(&["a.example"]).unwrap();
+            let issued = Issued {
+                chain_pem,
+                key_pem,
+                validity: (i, now + 100),
+            };
+            keep(&dir, &issued).unwrap();
+            names.push(format!("v{i}-{}", std::process::id()));
+            let held = crate::config::held_certificate(&dir, now).expect("served");
+            leaves.push(held.key.cert[0].clone());
+            assert!(held
+                .info
+                .cert_file
+                .ends_with(&format!("{}/cert.pem", names[i as usize])));
+        }
+        assert_ne!(leaves[1], leaves[2]);
+        // The current version and the one it replaced; the oldest is gone.
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec!["current".to_string(), names[1].clone(), names[2].clone()]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

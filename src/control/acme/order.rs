@@ -15,7 +15,7 @@ use rustls::pki_types::CertificateDer;
 
 use super::{write_atomic, Issued};
 use crate::challenges::Challenges;
-use crate::config::{AcmeCert, AcmeChallenge, CertInfo, Certificate};
+use crate::config::{AcmeCert, AcmeChallenge, Certificate};
 
 /// Why an order failed; the CA's side (`Ca`) or ours (the rest).
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +30,22 @@ pub enum AcmeError {
         #[source]
         source: instant_acme::Error,
     },
-    /// A name failed validation (the CA's reason, when it gave one).
-    #[error("validation of {name} failed: {reason}")]
+    /// A name failed validation: the CA's problem document.
+    #[error("validation of {name} failed: {problem}")]
     Validation {
         /// The name being validated.
         name: String,
-        /// The CA's problem document, or the authorization's status.
-        reason: String,
+        /// What the CA said.
+        problem: instant_acme::Problem,
+    },
+    /// An authorization the CA will not validate (deactivated, expired,
+    /// revoked, or failed earlier).
+    #[error("the authorization for {name} is {status:?}")]
+    Authorization {
+        /// The name.
+        name: String,
+        /// Its status.
+        status: AuthorizationStatus,
     },
     /// The CA offered no challenge of the configured type.
     #[error("the CA offers no {challenge} challenge for {name}")]
@@ -54,13 +63,14 @@ pub enum AcmeError {
         /// The CA's problem document, if it gave one.
         problem: Option<instant_acme::Problem>,
     },
-    /// The CA bundle for the directory's HTTPS.
-    #[error("the CA bundle {}: {reason}", .path.display())]
+    /// The roots for the directory's HTTPS.
+    #[error("the CA roots ({what})")]
     Roots {
-        /// The configured `acme.ca` file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
+        /// The configured `acme.ca` file, or the system's store.
+        what: String,
+        /// What is wrong with them.
+        #[source]
+        source: RootsError,
     },
     /// Making a key, a CSR or a challenge certificate.
     #[error("internal: {what}: {source}")]
@@ -73,8 +83,11 @@ pub enum AcmeError {
     },
     /// What the CA issued does not load (a chain that does not match the
     /// key, or cannot be parsed).
-    #[error("the issued certificate does not load: {0}")]
-    Issued(String),
+    #[error("the issued certificate does not load")]
+    Issued(#[source] rustls::Error),
+    /// The challenge certificate's key does not load (internal).
+    #[error("internal: the challenge key does not load")]
+    ChallengeKey(#[source] rustls::Error),
     /// Reading or writing the state directory.
     #[error("state file {}: {source}", .path.display())]
     State {
@@ -98,6 +111,20 @@ pub enum AcmeError {
     Timeout(std::time::Duration),
 }
 
+/// What is wrong with the roots for the directory's HTTPS.
+#[derive(Debug, thiserror::Error)]
+pub enum RootsError {
+    /// The file is not PEM certificates.
+    #[error("not PEM certificates: {0}")]
+    Pem(rustls::pki_types::pem::Error),
+    /// rustls refused a root or the config.
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// The system's store could not be read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 fn ca(step: &'static str) -> impl FnOnce(instant_acme::Error) -> AcmeError {
     move |source| AcmeError::Ca { step, source }
 }
@@ -109,28 +136,28 @@ fn http_client(ca: Option<&Path>) -> Result<Box<dyn HttpClient>, AcmeError> {
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
     let builder = match ca {
         Some(path) => {
-            let bad = |reason: String| AcmeError::Roots {
-                path: path.to_path_buf(),
-                reason,
+            let bad = |source: RootsError| AcmeError::Roots {
+                what: path.display().to_string(),
+                source,
             };
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(RootsError::Pem(e)))? {
                 roots
-                    .add(cert.map_err(|e| bad(e.to_string()))?)
-                    .map_err(|e| bad(e.to_string()))?;
+                    .add(cert.map_err(|e| bad(RootsError::Pem(e)))?)
+                    .map_err(|e| bad(e.into()))?;
             }
             let tls = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
-                .map_err(|e| bad(e.to_string()))?
+                .map_err(|e| bad(e.into()))?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
             builder.with_tls_config(tls)
         }
         None => builder
             .with_provider_and_native_roots(provider)
-            .map_err(|source| AcmeError::State {
-                path: PathBuf::from("(the system's CA certificates)"),
-                source,
+            .map_err(|e| AcmeError::Roots {
+                what: "the system's CA certificates".into(),
+                source: e.into(),
             })?,
     };
     let connector = builder.https_only().enable_http1().build();
@@ -236,7 +263,7 @@ fn tls_alpn_certificate(
     let signer = crate::provider::crypto_provider()
         .key_provider
         .load_private_key(der)
-        .map_err(|e| AcmeError::Issued(e.to_string()))?;
+        .map_err(AcmeError::ChallengeKey)?;
     Ok(Arc::new(rustls::sign::CertifiedKey::new(
         vec![cert.der().clone()],
         signer,
@@ -266,8 +293,14 @@ pub async fn obtain(
             // a staging reset): forget it, and the retry registers anew.
             if let instant_acme::Error::Api(p) = &e {
                 if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist") {
-                    tracing::warn!(file = %account_file.display(), "ACME: the CA does not know the saved account; it is removed and a new one is registered at the retry");
-                    let _ = std::fs::remove_file(&account_file);
+                    match std::fs::remove_file(&account_file) {
+                        Ok(()) => {
+                            tracing::warn!(file = %account_file.display(), "ACME: the CA does not know the saved account; it was removed and a new one is registered at the retry")
+                        }
+                        Err(e) => {
+                            tracing::error!(file = %account_file.display(), error = %e, "ACME: the CA does not know the saved account, and it cannot be removed; remove it by hand")
+                        }
+                    }
                 }
             }
             return Err(ca("new order")(e));
@@ -289,12 +322,7 @@ pub async fn obtain(
             AuthorizationStatus::Pending => {}
             // Validated earlier (CAs reuse authorizations for a while).
             AuthorizationStatus::Valid => continue,
-            status => {
-                return Err(AcmeError::Validation {
-                    name,
-                    reason: format!("authorization is {status:?}"),
-                })
-            }
+            status => return Err(AcmeError::Authorization { name, status }),
         }
         let Some(mut challenge) = authz.challenge(kind.clone()) else {
             return Err(AcmeError::NoChallenge {
@@ -348,29 +376,26 @@ pub async fn obtain(
     let key_pem = key.serialize_pem();
     // Loaded as the config will load it: a chain the key does not match is
     // refused here, not at the reload.
-    let loaded = Certificate::from_pem(&chain_pem, &key_pem)
-        .map_err(|e| AcmeError::Issued(e.to_string()))?;
-    let info = CertInfo::from_leaf(loaded.key.cert[0].as_ref()).map_err(AcmeError::Issued)?;
+    let loaded = Certificate::from_pem(&chain_pem, &key_pem).map_err(AcmeError::Issued)?;
     Ok(Issued {
         chain_pem,
         key_pem,
-        validity: (info.not_before, info.not_after),
+        validity: (loaded.info.not_before, loaded.info.not_after),
     })
 }
 
 /// The CA's reason an order did not become ready: the first failed
-/// challenge's problem, else the order's.
+/// challenge's problem (each authorization fetched afresh: the copies the
+/// order holds predate the validation), else the order's.
 async fn why_not_ready(order: &mut instant_acme::Order, status: OrderStatus) -> AcmeError {
     let mut authorizations = order.authorizations();
-    while let Some(Ok(authz)) = authorizations.next().await {
+    while let Some(Ok(mut authz)) = authorizations.next().await {
         let name = authz.identifier().to_string();
-        for c in &authz.challenges {
-            if let Some(problem) = &c.error {
-                return AcmeError::Validation {
-                    name,
-                    reason: problem.to_string(),
-                };
-            }
+        let Ok(state) = authz.refresh().await else {
+            continue;
+        };
+        if let Some(problem) = state.challenges.iter().find_map(|c| c.error.clone()) {
+            return AcmeError::Validation { name, problem };
         }
     }
     AcmeError::Order {
@@ -396,7 +421,7 @@ mod tests {
         assert!(ext.critical, "RFC 8737 §3: critical");
         // An OCTET STRING of the 32-byte digest.
         assert_eq!(ext.value, [&[0x04, 32][..], &digest].concat());
-        let info = CertInfo::from_leaf(ck.cert[0].as_ref()).unwrap();
+        let info = crate::config::CertInfo::from_leaf(ck.cert[0].as_ref()).unwrap();
         assert_eq!(info.names, vec!["a.example".to_string()]);
     }
 
