@@ -218,6 +218,23 @@ fn served_leaf(
     s.conn.peer_certificates()?.first().cloned()
 }
 
+/// Polls `probe` until it gives a value; fails after `limit` with `what`
+/// and ktern's log.
+fn wait_for<T>(k: &Ktern, limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what} within {limit:?}; ktern log:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits (up to `limit`) for a leaf for `name` that verifies against
 /// `roots` and is not `old`.
 fn wait_for_new_leaf(
@@ -227,20 +244,12 @@ fn wait_for_new_leaf(
     old: Option<&CertificateDer<'static>>,
     limit: Duration,
 ) -> CertificateDer<'static> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(leaf) = served_leaf(k.addr(), name, roots) {
-            if Some(&leaf) != old {
-                return leaf;
-            }
-        }
-        assert!(
-            Instant::now() < until,
-            "no new certificate from the CA for {name} within {limit:?}; ktern log:\n{}",
-            k.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        k,
+        limit,
+        &format!("no new certificate from the CA for {name}"),
+        || served_leaf(k.addr(), name, roots).filter(|leaf| Some(leaf) != old),
+    )
 }
 
 fn acme_listener(
@@ -338,15 +347,12 @@ fn tls_alpn_01_issues_renews_and_rides_out_a_ca_outage() {
     // The CA goes away before the renewal is due: the order fails, is
     // logged and counted, and the old certificate keeps serving.
     pebble.stop();
-    let until = Instant::now() + Duration::from_secs(40);
-    while k.metric("ktern_acme_order_failures_total") == 0 {
-        assert!(
-            Instant::now() < until,
-            "no failed order counted; log:\n{}",
-            k.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        &k,
+        Duration::from_secs(40),
+        "no failed order counted",
+        || (k.metric("ktern_acme_order_failures_total") > 0).then_some(()),
+    );
     assert!(k.log().contains("ACME: order failed"), "{}", k.log());
     assert_eq!(
         served_leaf(k.addr(), "a.acme.test", &first_roots).as_ref(),
@@ -526,19 +532,15 @@ impl Drop for Reaped {
 /// Waits (up to 30 s) until `ktern_acme_order_failures_total` passes
 /// `past` and the log says `why`.
 fn wait_failure(k: &Ktern, past: u64, why: &str) -> u64 {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = k.metric("ktern_acme_order_failures_total");
-        if n > past && k.log().contains(why) {
-            return n;
-        }
-        assert!(
-            Instant::now() < until,
-            "no failure saying {why:?}; log:\n{}",
-            k.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        k,
+        Duration::from_secs(30),
+        &format!("no failure saying {why:?}"),
+        || {
+            let n = k.metric("ktern_acme_order_failures_total");
+            (n > past && k.log().contains(why)).then_some(n)
+        },
+    )
 }
 
 #[test]

@@ -27,19 +27,26 @@ fn ktern(tag: &str, trusted: &str) -> (Pki, Ktern) {
     (pki, k)
 }
 
-/// `header`, then TLS on the same connection and `GET /head`: the request
-/// head the backend saw.
-fn request_after(k: &Ktern, pki: &Pki, header: &[u8]) -> String {
+/// A connection that sends `header`, then TLS; with the client's own
+/// address.
+fn tls_after(k: &Ktern, pki: &Pki, header: &[u8]) -> (Client, std::net::SocketAddr) {
     let mut sock = TcpStream::connect(k.addr()).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
+    let client = sock.local_addr().unwrap();
     sock.write_all(header).unwrap();
     let conn = ClientConnection::new(
         client_config(&[&pki.der]),
         ServerName::try_from("localhost").unwrap(),
     )
     .unwrap();
-    let mut tls = StreamOwned::new(conn, sock);
+    (StreamOwned::new(conn, sock), client)
+}
+
+/// `header`, then TLS on the same connection and `GET /head`: the request
+/// head the backend saw.
+fn request_after(k: &Ktern, pki: &Pki, header: &[u8]) -> String {
+    let (mut tls, _) = tls_after(k, pki, header);
     tls.write_all(b"GET /head HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .unwrap();
     let resp = read_response(&mut BufReader::new(&mut tls), false).unwrap();
@@ -169,4 +176,105 @@ fn the_access_log_uses_the_headers_address() {
         assert!(std::time::Instant::now() < deadline, "access log: {text:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A backend that reads a PROXY header (v1 to its CRLF, v2 by its length
+/// field), answers with the header's length on a line and the header, then
+/// echoes what follows.
+fn start_proxy_reading_backend() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut header = Vec::new();
+                let mut b = [0u8; 1];
+                // Byte by byte: the header's end, not a byte more.
+                while conn.read_exact(&mut b).is_ok() {
+                    header.push(b[0]);
+                    let v2_done = header.len() >= 16
+                        && header.starts_with(b"\r\n\r\n\0\r\nQUIT\n")
+                        && header.len()
+                            == 16 + u16::from_be_bytes([header[14], header[15]]) as usize;
+                    if header.ends_with(b"\r\n") && header.starts_with(b"PROXY") || v2_done {
+                        break;
+                    }
+                    if header.len() > 300 {
+                        return;
+                    }
+                }
+                let _ = conn.write_all(format!("{}\n", header.len()).as_bytes());
+                let _ = conn.write_all(&header);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What the backend saw: the PROXY header's source, and the bytes after
+/// it (`hello` echoed). `before`: bytes sent ahead of TLS (a PROXY-in
+/// header).
+fn through(
+    k: &Ktern,
+    pki: &Pki,
+    before: &[u8],
+) -> (Option<std::net::SocketAddr>, std::net::SocketAddr) {
+    let (mut tls, client) = tls_after(k, pki, before);
+    tls.write_all(b"hello").unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        tls.read_exact(&mut b).unwrap();
+        line.push(b[0]);
+    }
+    let len: usize = String::from_utf8_lossy(&line).trim().parse().unwrap();
+    let mut header = vec![0u8; len];
+    tls.read_exact(&mut header).unwrap();
+    let mut echo = [0u8; 5];
+    tls.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"hello");
+    let source = match ktern::shard::proxy_header::parse(&header) {
+        ktern::shard::proxy_header::Verdict::Done { source, len: n } => {
+            assert_eq!(n, len);
+            source
+        }
+        other => panic!("the backend got no PROXY header: {other:?} {header:?}"),
+    };
+    (source, client)
+}
+
+#[test]
+fn send_proxy_tells_the_backend_the_clients_address_in_v1_and_v2() {
+    let backend = start_proxy_reading_backend();
+    for (tag, version) in [("pp-out-v1", "v1"), ("pp-out-v2", "v2")] {
+        let pki = Pki::new(tag);
+        let k = Ktern::start(
+            &pki,
+            "",
+            &tcp_listener(backend, "").replace(
+                "kind = \"tcp\"\n",
+                &format!("kind = \"tcp\"\nsend_proxy = \"{version}\"\n"),
+            ),
+        );
+        let (source, client) = through(&k, &pki, b"");
+        assert_eq!(source, Some(client), "{version}");
+        assert_offloaded_in_vm(&k);
+    }
+    // Behind a balancer: the PROXY-in header's client goes on.
+    let pki = Pki::new("pp-in-out");
+    let k = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(backend, "proxy_protocol = { trusted = [\"127.0.0.0/8\"] }")
+            .replace("kind = \"tcp\"\n", "kind = \"tcp\"\nsend_proxy = \"v2\"\n"),
+    );
+    let (source, _) = through(&k, &pki, b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n");
+    assert_eq!(source, Some("192.0.2.7:4242".parse().unwrap()));
 }

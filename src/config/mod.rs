@@ -292,6 +292,7 @@ impl Listener {
                 backends: Vec::new(),
                 connect_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(1),
+                send_proxy: None,
             }),
         }
     }
@@ -744,6 +745,17 @@ pub struct TcpRoute {
     pub connect_timeout: Duration,
     /// A connection with no bytes moving either way for this long is closed.
     pub idle_timeout: Duration,
+    /// A PROXY protocol header sent first on each backend connection.
+    pub send_proxy: Option<ProxyVersion>,
+}
+
+/// The PROXY protocol version ktern sends (`send_proxy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    /// The text line (spec §2.1).
+    V1,
+    /// The binary header (spec §2.2).
+    V2,
 }
 
 /// The config `ktern run` uses when no file is given: 127.0.0.1:8443, a
@@ -1854,10 +1866,23 @@ impl Validator<'_> {
             .collect();
         let connect_timeout = self.duration(&format!("{at}.connect_timeout"), &raw.connect_timeout);
         let idle_timeout = self.duration(&format!("{at}.idle_timeout"), &raw.idle_timeout);
+        let send_proxy = match raw.send_proxy.as_deref() {
+            None => None,
+            Some("v1") => Some(ProxyVersion::V1),
+            Some("v2") => Some(ProxyVersion::V2),
+            Some(other) => {
+                self.problem(
+                    format!("{at}.send_proxy"),
+                    format!("{other:?} is not a PROXY protocol version (\"v1\" or \"v2\")"),
+                );
+                return None;
+            }
+        };
         Some(Route::Tcp(TcpRoute {
             backends,
             connect_timeout: connect_timeout?,
             idle_timeout: idle_timeout?,
+            send_proxy,
         }))
     }
 

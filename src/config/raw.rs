@@ -471,6 +471,8 @@ pub(super) struct TcpRouteSection {
     pub connect_timeout: String,
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: String,
+    /// `"v1"` or `"v2"`: a PROXY header first on each backend connection.
+    pub send_proxy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

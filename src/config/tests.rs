@@ -714,3 +714,21 @@ fn acme_entries_are_checked() {
         );
     }
 }
+
+#[test]
+fn send_proxy_takes_v1_or_v2() {
+    let with = |v: &str| {
+        let text = GOOD.replace(
+            "kind = \"tcp\"",
+            &format!("kind = \"tcp\"\nsend_proxy = \"{v}\""),
+        );
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    let Route::Tcp(t) = &with("v2").unwrap().listeners[0].route else {
+        panic!("tcp route expected")
+    };
+    assert_eq!(t.send_proxy, Some(ProxyVersion::V2));
+    let e = with("v3").unwrap_err();
+    assert_eq!(e.problems[0].field, "listener[0].route.send_proxy");
+    assert!(e.problems[0].reason.contains("\"v3\""), "{e}");
+}

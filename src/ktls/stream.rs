@@ -157,6 +157,14 @@ impl TlsConn {
         sys::tcp_ulp(sys::borrow_fd(&self.reader.sock))
     }
 
+    /// The address the client connected to (this end of the socket).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        socket2::SockRef::from(&sys::borrow_fd(&self.reader.sock))
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("not an IP socket"))
+    }
+
     /// A handle that reads the connection's rekey counts after its halves
     /// went to a route that does not hand them back (the HTTP routes).
     pub fn rekey_probe(&self) -> RekeyProbe {

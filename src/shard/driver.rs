@@ -212,6 +212,30 @@ async fn establish(
     }
 }
 
+/// Writes the PROXY header (`send_proxy`) first on a new backend
+/// connection: the client's address (the PROXY-in header's, when the
+/// listener takes one) and the address it connected to.
+async fn send_proxy(
+    mut backend: TcpStream,
+    addr: SocketAddr,
+    version: crate::config::ProxyVersion,
+    peer: SocketAddr,
+    conn: &TlsConn,
+) -> Result<(TcpStream, SocketAddr), crate::upstream::UpstreamError> {
+    use monoio::io::AsyncWriteRentExt;
+    let written = match conn
+        .local_addr()
+        .and_then(|local| crate::upstream::proxy_out::header(version, peer, local))
+    {
+        Ok(header) => backend.write_all(header).await.0.map(drop),
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(()) => Ok((backend, addr)),
+        Err(source) => Err(crate::upstream::UpstreamError::ProxyHeader { addr, source }),
+    }
+}
+
 /// Runs the listener's route for an established connection.
 fn proxy<'a>(
     shard: &'a Shard,
@@ -235,6 +259,12 @@ fn proxy<'a>(
                 // Boxed for the same reason as the handshake.
                 let connected = Box::pin(balancer.connect(route.connect_timeout)).await;
                 let Some(conn) = conn.take() else { return };
+                let connected = match (connected, route.send_proxy) {
+                    (Ok((backend, addr)), Some(version)) => {
+                        Box::pin(send_proxy(backend, addr, version, peer, &conn)).await
+                    }
+                    (c, _) => c,
+                };
                 match connected {
                     Ok((backend, _addr)) => match tcp::Session::new(*conn, backend) {
                         Ok(mut session) => {

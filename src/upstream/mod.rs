@@ -14,6 +14,7 @@ use crate::config::{Balance, Upstream, WeightedBackend};
 
 pub mod health;
 pub mod pool;
+pub mod proxy_out;
 
 /// Why no backend connection could be made.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,15 @@ pub enum UpstreamError {
         /// The backend being connected to.
         addr: SocketAddr,
         /// The OS error (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+        source: io::Error,
+    },
+    /// The PROXY header (`send_proxy`) could not be written to the new
+    /// backend connection.
+    #[error("cannot send the PROXY header to {addr}: {source}")]
+    ProxyHeader {
+        /// The backend.
+        addr: SocketAddr,
+        /// The write's error.
         source: io::Error,
     },
 }
