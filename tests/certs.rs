@@ -927,3 +927,231 @@ fn hostile_server_names_get_rfc6066_answers_and_never_a_crash() {
         assert_offloaded_in_vm(&k);
     }
 }
+
+/// A client certificate chain and its key.
+type Identity = (Vec<CertificateDer<'static>>, rcgen::KeyPair);
+
+/// A CA for client certificates: its issuer and PEM.
+fn client_ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = p.self_signed(&key).unwrap().pem();
+    (rcgen::Issuer::new(p, key), pem)
+}
+
+/// A client certificate for `cn` from `issuer` (expired when asked), with
+/// its key; `ca: true` makes it an intermediate CA instead.
+fn client_cert(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    cn: &str,
+    expired: bool,
+    ca: bool,
+) -> (
+    CertificateDer<'static>,
+    rcgen::KeyPair,
+    rcgen::CertificateParams,
+) {
+    let mut p = rcgen::CertificateParams::new(vec![format!("{cn}.client.test")]).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    if ca {
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    } else {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    }
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    (cert.der().clone(), key, p)
+}
+
+/// An echo through the tcp route with `identity` as the client
+/// certificate: `Ok` when it came back, else the error text (the alert
+/// ktern sent).
+fn mtls_echo(
+    k: &Ktern,
+    pki: &Pki,
+    identity: Option<(Vec<CertificateDer<'static>>, &rcgen::KeyPair)>,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.der.clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                chain,
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let conn =
+        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+    let sock = TcpStream::connect(k.addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut c = StreamOwned::new(conn, sock);
+    c.write_all(b"ECHO\nping")
+        .and_then(|()| {
+            let mut got = [0u8; 4];
+            c.read_exact(&mut got).map(|()| got)
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|got| (&got == b"ping").then_some(()).ok_or(format!("{got:?}")))
+}
+
+#[test]
+fn client_certificates_are_verified_with_the_right_alert_and_counted() {
+    let pki = Pki::new("mtls");
+    let (ca, ca_pem) = client_ca("ktern test client CA");
+    let (other, _) = client_ca("another CA");
+    std::fs::write(pki.dir.join("clients.pem"), &ca_pem).unwrap();
+    let backend = start_backend();
+    let listener = |mode: &str| {
+        tcp_listener(
+            backend,
+            &format!(
+                "client_auth = {{ ca = \"{}\", mode = \"{mode}\" }}",
+                pki.dir.join("clients.pem").display()
+            ),
+        )
+    };
+    let k = Ktern::start(&pki, "", &listener("required"));
+
+    let (good, good_key, _) = client_cert(&ca, "good", false, false);
+    assert_eq!(
+        mtls_echo(&k, &pki, Some((vec![good.clone()], &good_key))),
+        Ok(())
+    );
+    assert_offloaded_in_vm(&k);
+
+    let refused: [(&str, Option<Identity>, &str, &str); 5] = [
+        ("no certificate", None, "CertificateRequired", "missing"),
+        (
+            "another CA",
+            {
+                let (c, key, _) = client_cert(&other, "stranger", false, false);
+                Some((vec![c], key))
+            },
+            "UnknownCA",
+            "unknown_ca",
+        ),
+        (
+            "expired",
+            {
+                let (c, key, _) = client_cert(&ca, "old", true, false);
+                Some((vec![c], key))
+            },
+            "CertificateExpired",
+            "expired",
+        ),
+        (
+            "an intermediate (verify_depth 1)",
+            {
+                let (inter, inter_key, inter_params) =
+                    client_cert(&ca, "intermediate", false, true);
+                let inter_issuer = rcgen::Issuer::new(inter_params, inter_key);
+                let (c, key, _) = client_cert(&inter_issuer, "deep", false, false);
+                Some((vec![c, inter], key))
+            },
+            // rustls' alert for a refusal of ktern's own (its "other"
+            // certificate error): the chain itself may be fine.
+            "CertificateUnknown",
+            "bad",
+        ),
+        (
+            "a server-only certificate (wrong usage)",
+            {
+                let mut p =
+                    rcgen::CertificateParams::new(vec!["srv.client.test".to_string()]).unwrap();
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+                let key = rcgen::KeyPair::generate().unwrap();
+                Some((vec![p.signed_by(&key, &ca).unwrap().der().clone()], key))
+            },
+            // RFC 8446 §6.2; OpenSSL answers a wrong purpose the same way.
+            "UnsupportedCertificate",
+            "bad",
+        ),
+    ];
+    let mut counted = std::collections::HashMap::new();
+    for (what, identity, alert, reason) in refused {
+        let got = mtls_echo(&k, &pki, identity.as_ref().map(|(c, key)| (c.clone(), key)));
+        let err = got.expect_err(what);
+        assert!(err.contains(alert), "{what}: {err}");
+        let name = format!("ktern_client_cert_failures_{reason}_total");
+        let want = counted.entry(name.clone()).or_insert(0u64);
+        *want += 1;
+        assert_eq!(k.wait_metric(&name, *want), *want, "{what}");
+    }
+    // Other clients are unaffected.
+    assert_eq!(
+        mtls_echo(&k, &pki, Some((vec![good.clone()], &good_key))),
+        Ok(())
+    );
+
+    // A CRL revoking one certificate: that one is refused, others pass.
+    let mut p = rcgen::CertificateParams::new(vec!["gone.client.test".to_string()]).unwrap();
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.serial_number = Some(rcgen::SerialNumber::from(4242u64));
+    let gone_key = rcgen::KeyPair::generate().unwrap();
+    let gone = p.signed_by(&gone_key, &ca).unwrap().der().clone();
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2024, 1, 1),
+        next_update: rcgen::date_time_ymd(2100, 1, 1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from(4242u64),
+            revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca)
+    .unwrap();
+    std::fs::write(pki.dir.join("revoked.pem"), crl.pem().unwrap()).unwrap();
+    let k = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(
+            backend,
+            &format!(
+                "client_auth = {{ ca = \"{}\", crl = \"{}\" }}",
+                pki.dir.join("clients.pem").display(),
+                pki.dir.join("revoked.pem").display()
+            ),
+        ),
+    );
+    let err = mtls_echo(&k, &pki, Some((vec![gone], &gone_key))).unwrap_err();
+    assert!(err.contains("CertificateRevoked"), "{err}");
+    assert_eq!(
+        k.wait_metric("ktern_client_cert_failures_revoked_total", 1),
+        1
+    );
+    assert_eq!(
+        mtls_echo(&k, &pki, Some((vec![good.clone()], &good_key))),
+        Ok(())
+    );
+
+    // `optional`: no certificate is served; a bad one is still refused.
+    let k = Ktern::start(&pki, "", &listener("optional"));
+    assert_eq!(mtls_echo(&k, &pki, None), Ok(()));
+    let (c, key, _) = client_cert(&other, "stranger", false, false);
+    let err = mtls_echo(&k, &pki, Some((vec![c], &key))).unwrap_err();
+    assert!(err.contains("UnknownCA"), "{err}");
+}

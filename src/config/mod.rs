@@ -257,6 +257,8 @@ pub struct Listener {
     /// Connections start with a PROXY protocol header (v1 or v2) from a
     /// load balancer in front; `None`: they do not.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Client certificates asked for and verified (mTLS).
+    pub client_auth: Option<ClientAuth>,
     /// TLS versions offered.
     pub tls_versions: TlsVersions,
     /// Cipher suites offered (every one of them in the build's provider);
@@ -284,6 +286,7 @@ impl Listener {
             certificates: vec![certificate],
             strict_sni: false,
             proxy_protocol: None,
+            client_auth: None,
             tls_versions,
             cipher_suites: Vec::new(),
             kx_groups: Vec::new(),
@@ -747,6 +750,41 @@ pub struct TcpRoute {
     pub idle_timeout: Duration,
     /// A PROXY protocol header sent first on each backend connection.
     pub send_proxy: Option<ProxyVersion>,
+}
+
+/// Client certificate authentication on a listener (`client_auth`).
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// `required`: a client without a certificate is refused
+    /// (`certificate_required`); `optional`: it is served, unverified.
+    pub required: bool,
+    /// The longest chain, as nginx's `ssl_verify_depth`: 1 is a
+    /// certificate issued by a CA of the bundle; each more allows one
+    /// intermediate.
+    pub verify_depth: u8,
+    /// rustls' verifier for the bundle and CRLs, built at load (so a
+    /// bundle rustls refuses is a config error).
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+/// rustls' verifier for `roots` and `crls`.
+fn client_verifier(
+    roots: Vec<CertificateDer<'static>>,
+    crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    required: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::server::VerifierBuilderError>
+{
+    let mut store = rustls::RootCertStore::empty();
+    let (_added, _ignored) = store.add_parsable_certificates(roots);
+    let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(store),
+        Arc::new(crate::provider::crypto_provider()),
+    )
+    .with_crls(crls);
+    if !required {
+        builder = builder.allow_unauthenticated();
+    }
+    builder.build()
 }
 
 /// The PROXY protocol version ktern sends (`send_proxy`).
@@ -1607,6 +1645,10 @@ impl Validator<'_> {
             None => None,
             Some(p) => self.proxy_protocol(&format!("{at}.proxy_protocol"), p),
         };
+        let client_auth = match raw.client_auth {
+            None => None,
+            Some(c) => self.client_auth(&format!("{at}.client_auth"), c),
+        };
         let cipher_suites = self.cipher_suites(
             &format!("{at}.cipher_suites"),
             raw.cipher_suites,
@@ -1635,6 +1677,7 @@ impl Validator<'_> {
             certificates,
             strict_sni: raw.strict_sni,
             proxy_protocol,
+            client_auth,
             tls_versions,
             cipher_suites,
             kx_groups,
@@ -1721,6 +1764,67 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    fn client_auth(&mut self, at: &str, raw: raw::ClientAuthSection) -> Option<ClientAuth> {
+        let required = match raw.mode.as_str() {
+            "required" => true,
+            "optional" => false,
+            other => {
+                self.problem(
+                    format!("{at}.mode"),
+                    format!("{other:?} is not a mode (\"required\" or \"optional\")"),
+                );
+                return None;
+            }
+        };
+        if raw.verify_depth == 0 {
+            self.problem(
+                format!("{at}.verify_depth"),
+                "must be at least 1 (1: issued by a CA of the bundle)",
+            );
+        }
+        let roots =
+            self.read_pem(
+                &format!("{at}.ca"),
+                &raw.ca,
+                |pem| match CertificateDer::pem_slice_iter(pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(c) if !c.is_empty() => Ok(c),
+                    Ok(_) => Err("no CERTIFICATE block found".to_string()),
+                    Err(e) => Err(format!("not PEM certificates: {e}")),
+                },
+            );
+        let crls = match &raw.crl {
+            None => Some(Vec::new()),
+            Some(path) => self.read_pem(&format!("{at}.crl"), path, |pem| {
+                use rustls_pki_types::CertificateRevocationListDer as Crl;
+                match Crl::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>() {
+                    Ok(c) if !c.is_empty() => Ok(c),
+                    Ok(_) => Err("no X509 CRL block found".to_string()),
+                    Err(e) => Err(format!("not PEM CRLs: {e}")),
+                }
+            }),
+        };
+        let (roots, crls) = (roots?, crls?);
+        if raw.verify_depth == 0 {
+            return None;
+        }
+        match client_verifier(roots, crls, required) {
+            Ok(verifier) => Some(ClientAuth {
+                required,
+                verify_depth: raw.verify_depth,
+                verifier,
+            }),
+            Err(e) => {
+                self.problem(
+                    format!("{at}.ca"),
+                    format!("unusable CA bundle or CRL: {e}"),
+                );
+                None
+            }
+        }
     }
 
     fn proxy_protocol(

@@ -69,6 +69,27 @@ pub(super) struct RawConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct ClientAuthSection {
+    pub ca: String,
+    #[serde(default = "default_client_auth_mode")]
+    pub mode: String,
+    #[serde(default = "default_verify_depth")]
+    pub verify_depth: u8,
+    pub crl: Option<String>,
+}
+
+fn default_client_auth_mode() -> String {
+    "required".into()
+}
+
+/// nginx's `ssl_verify_depth` default: a client certificate issued by a
+/// CA of the bundle, or through one intermediate the client sends.
+fn default_verify_depth() -> u8 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ProxyProtocolSection {
     pub trusted: Vec<String>,
     #[serde(default = "default_proxy_timeout")]
@@ -199,6 +220,7 @@ pub(super) struct ListenerSection {
     #[serde(default)]
     pub strict_sni: bool,
     pub proxy_protocol: Option<ProxyProtocolSection>,
+    pub client_auth: Option<ClientAuthSection>,
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<String>,
     /// ALPN protocols offered, most preferred first (default: `http/1.1`

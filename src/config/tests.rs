@@ -732,3 +732,29 @@ fn send_proxy_takes_v1_or_v2() {
     assert_eq!(e.problems[0].field, "listener[0].route.send_proxy");
     assert!(e.problems[0].reason.contains("\"v3\""), "{e}");
 }
+
+#[test]
+fn client_auth_is_checked() {
+    let e = load_with(
+        "client_auth = { ca = \"/nonexistent/ca.pem\", mode = \"sometimes\", verify_depth = 0 }",
+    )
+    .unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(fields, ["listener[0].client_auth.mode"], "{e}");
+    let e =
+        load_with("client_auth = { ca = \"/nonexistent/ca.pem\", verify_depth = 0 }").unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].client_auth.verify_depth",
+            "listener[0].client_auth.ca"
+        ],
+        "{e}"
+    );
+    assert!(e.problems[1].reason.contains("/nonexistent/ca.pem"), "{e}");
+    let c = load_with("client_auth = { ca = \"inline:c\", mode = \"optional\" }").unwrap();
+    let auth = c.listeners[0].client_auth.as_ref().expect("client_auth");
+    assert!(!auth.required);
+    assert_eq!(auth.verify_depth, 1);
+}

@@ -17,6 +17,7 @@ use rustls::ServerConfig;
 use crate::config;
 
 pub mod certs;
+pub mod client_auth;
 pub mod hello;
 pub mod memory;
 pub mod pump;
@@ -72,10 +73,16 @@ pub fn server_config(
     certs: &Arc<certs::CertStore>,
     tickets: &Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<ServerTls, rustls::Error> {
-    let mut cfg = ServerConfig::builder_with_provider(Arc::new(listener_provider(listener)))
-        .with_protocol_versions(&listener_versions(listener))?
-        .with_no_client_auth()
-        .with_cert_resolver(certs.clone());
+    let builder = ServerConfig::builder_with_provider(Arc::new(listener_provider(listener)))
+        .with_protocol_versions(&listener_versions(listener))?;
+    let builder = match &listener.client_auth {
+        Some(auth) => builder.with_client_cert_verifier(Arc::new(client_auth::DepthLimited {
+            inner: auth.verifier.clone(),
+            depth: auth.verify_depth,
+        })),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(certs.clone());
     // Needed for `dangerous_into_kernel_connection` (kTLS hand-over).
     cfg.enable_secret_extraction = true;
     // 0-RTT data would reach the backend before the handshake completes and is

@@ -153,6 +153,18 @@ async fn establish(
                 HandshakeError::UnknownName(_) => &m.hs_fail_sni,
             };
             M::inc(counter);
+            if let HandshakeError::Tls(tls) = &e {
+                use handshake::client_auth::Refused;
+                if let Some(why) = handshake::client_auth::refused(tls) {
+                    M::inc(match why {
+                        Refused::Missing => &m.client_cert_missing,
+                        Refused::UnknownCa => &m.client_cert_unknown_ca,
+                        Refused::Expired => &m.client_cert_expired,
+                        Refused::Revoked => &m.client_cert_revoked,
+                        Refused::Bad => &m.client_cert_bad,
+                    });
+                }
+            }
             tracing::info!(%peer, error = %e, "handshake failed");
             return None;
         }
