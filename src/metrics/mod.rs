@@ -39,7 +39,7 @@ counters! {
     client_cert_unknown_ca => "ktern_client_cert_failures_unknown_ca_total", "Handshakes refused by client_auth: the client certificate is not from a CA of the bundle (unknown_ca).";
     client_cert_expired => "ktern_client_cert_failures_expired_total", "Handshakes refused by client_auth: the client certificate is expired or not yet valid (certificate_expired).";
     client_cert_revoked => "ktern_client_cert_failures_revoked_total", "Handshakes refused by client_auth: the client certificate is revoked by the CRL (certificate_revoked).";
-    client_cert_bad => "ktern_client_cert_failures_bad_total", "Handshakes refused by client_auth: a bad client certificate (wrong usage, bad signature, chain deeper than verify_depth; bad_certificate).";
+    client_cert_bad => "ktern_client_cert_failures_bad_total", "Handshakes refused by client_auth: wrong usage (unsupported_certificate), malformed (bad_certificate), chain deeper than verify_depth (certificate_unknown), bad signature.";
     pp_headers => "ktern_proxy_protocol_headers_total", "PROXY protocol headers accepted (the client address they carry is the connection's).";
     pp_untrusted => "ktern_proxy_protocol_untrusted_total", "Connections closed on a PROXY protocol listener: the source is not in proxy_protocol.trusted.";
     pp_invalid => "ktern_proxy_protocol_invalid_total", "Connections closed on a PROXY protocol listener: missing, malformed or oversized header.";
