@@ -98,6 +98,19 @@ pub enum AcmeChallenge {
     Http01,
 }
 
+impl AcmeCert {
+    /// Whether two entries ask for the same order (what is served now,
+    /// `issued`, aside): the config check and the ACME thread's tracks
+    /// both go by it.
+    pub fn same_order(&self, other: &AcmeCert) -> bool {
+        self.domains == other.domains
+            && self.contact == other.contact
+            && self.directory == other.directory
+            && self.ca == other.ca
+            && self.challenge == other.challenge
+    }
+}
+
 /// A certificate ktern obtains and renews itself (`certificate[].acme`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AcmeCert {
@@ -946,13 +959,7 @@ impl Validator<'_> {
                     );
                 }
                 match seen.iter().find(|s| s.dir == a.dir) {
-                    Some(s)
-                        if s.domains != a.domains
-                            || s.directory != a.directory
-                            || s.contact != a.contact
-                            || s.ca != a.ca
-                            || s.challenge != a.challenge =>
-                    {
+                    Some(s) if !s.same_order(a) => {
                         self.problem(
                             format!("{at}.domains"),
                             format!(

@@ -169,7 +169,7 @@ async fn establish(
             return None;
         }
     };
-    if est.acme_validation || est.conn.alpn_protocol() == Some(crate::challenges::ACME_TLS_ALPN) {
+    if est.acme_validation {
         // A CA's TLS-ALPN-01 validation: it has seen the certificate and
         // closes now (RFC 8737 §3); nothing is routed.
         tracing::info!(%peer, sni = est.sni.as_deref(), "ACME tls-alpn-01 validation answered");

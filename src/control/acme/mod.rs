@@ -102,18 +102,11 @@ pub fn orders(config: &Config) -> Vec<(Arc<AcmeCert>, Option<Validity>)> {
 
 /// Whether a certificate names every domain of its order.
 fn covers(info: &crate::config::CertInfo, domains: &[String]) -> bool {
-    domains
-        .iter()
-        .all(|d| info.names.iter().any(|n| n.eq_ignore_ascii_case(d)))
-}
-
-/// Whether two configs ask for the same order (the `issued` flag aside).
-fn same_order(a: &AcmeCert, b: &AcmeCert) -> bool {
-    a.domains == b.domains
-        && a.contact == b.contact
-        && a.directory == b.directory
-        && a.ca == b.ca
-        && a.challenge == b.challenge
+    domains.iter().all(|d| {
+        info.names
+            .iter()
+            .any(|n| crate::config::names::covers(n, d))
+    })
 }
 
 /// What the thread knows about one order beyond the config; forgotten
@@ -192,7 +185,7 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
         tracks.retain(|dir, t| {
             orders
                 .iter()
-                .any(|(o, _)| &o.dir == dir && same_order(o, &t.order))
+                .any(|(o, _)| &o.dir == dir && o.same_order(&t.order))
         });
         let mut now = crate::clock::unix_now();
         let mut wake = now + PERIOD;
