@@ -36,6 +36,7 @@ fn bench(c: &mut Criterion) {
         trusted: false,
         x_forwarded: true,
         forwarded: true,
+        client_cert: None,
     };
     let mut out = Vec::with_capacity(1024);
     g.bench_function("rewrite_request", |b| {

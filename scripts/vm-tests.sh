@@ -38,7 +38,7 @@ ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts kt
 # reload and to be drained with close_notify; l4's idle-memory test holds
 # offloaded connections to their 4 KiB budget.
 suites=(ktls_vm http live l4 h2 certs proxy_protocol)
-declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive" [l4]="idle_connections_stay")
+declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive" [l4]="idle_connections_stay passthrough upstream_tls")
 test_bins=()
 for t in "${suites[@]}"; do
   bin=$(cargo test --quiet --no-run --test "$t" --message-format=json 2>/dev/null | artifacts "$t")

@@ -269,17 +269,13 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         "ktern {} started",
         env!("CARGO_PKG_VERSION")
     );
-    for (name, addr) in &listeners {
-        say!("listening {name} {addr}");
-    }
-    for addr in &redirects {
-        say!("redirecting {addr}");
-    }
-    if let (Some(admin), Some(listener)) = (admin, admin_listener) {
-        let addr = ktern::control::admin::serve(admin, listener, control.clone())
-            .context("cannot start the admin endpoint")?;
-        say!("admin http://{addr}/metrics");
-    }
+    let admin_addr = match (admin, admin_listener) {
+        (Some(admin), Some(listener)) => Some(
+            ktern::control::admin::serve(admin, listener, control.clone())
+                .context("cannot start the admin endpoint")?,
+        ),
+        _ => None,
+    };
     drop_root(&control.current().config)?;
     control.start_acme();
     if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
@@ -299,6 +295,17 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         if let Err(e) = listening.serve(Arc::new(ktern::control::UpgradeOffer(control.clone()))) {
             tracing::error!(error = %e, "runtime.upgrade_socket: cannot serve it; upgrades will not find this process");
         }
+    }
+    // Said once everything is up, the upgrade socket included: whoever reads
+    // these lines (an operator, a script, the tests) may upgrade at once.
+    for (name, addr) in &listeners {
+        say!("listening {name} {addr}");
+    }
+    for addr in &redirects {
+        say!("redirecting {addr}");
+    }
+    if let Some(addr) = admin_addr {
+        say!("admin http://{addr}/metrics");
     }
     if embedded {
         if let Some((_, addr)) = listeners.first() {

@@ -430,10 +430,12 @@ fn idle_http2_connections_stay_within_their_memory_budget() {
     let _ = ktern::sys::raise_nofile_limit();
     let pki = Pki::new("h2-idle");
     let a = start_http_backend("a");
+    // Opening 1000 connections takes minutes under the VM's emulation: a
+    // keep-alive timeout longer than that, so none idles out meanwhile.
     let k = Ktern::start(
         &pki,
         "cpus = [0]",
-        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
+        &http_config(&[("a", a.addr)], ANY_TO_A, "keepalive_timeout = \"900s\""),
     );
     let rt = h2c::runtime();
     let open = |count: usize| {

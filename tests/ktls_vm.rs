@@ -15,17 +15,6 @@ use std::io::{Read, Write};
 use common::*;
 use rustls::CipherSuite::*;
 
-fn tls_stat() -> HashMap<String, u64> {
-    std::fs::read_to_string("/proc/net/tls_stat")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 fn delta(before: &HashMap<String, u64>, name: &str) -> u64 {
     tls_stat().get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
 }

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
 
 fn ktern_with_backend(tag: &str, runtime: &str) -> (Pki, Ktern) {
     let pki = Pki::new(tag);
@@ -510,5 +512,409 @@ fn idle_connections_stay_within_their_memory_budget() {
     assert!(
         per <= http_budget,
         "http route: {per:.0} bytes per idle keep-alive connection > {http_budget}"
+    );
+}
+
+/// A passthrough listener: `*.wild.test` to backend `wild`, `a.sni.test`
+/// to `a` (with ALPN h2 to `a2`), the rest to `fallback` when `default`.
+fn passthrough_config(pki: &Pki, default: bool, extra_route: &str) -> String {
+    let (a, a2, wild, fallback) = (
+        start_tls_backend("a", pki),
+        start_tls_backend("a2", pki),
+        start_tls_backend("wild", pki),
+        start_tls_backend("fallback", pki),
+    );
+    format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.route]\nkind = \"passthrough\"\n{}hello_timeout = \"1s\"\n{extra_route}\n\
+         [[listener.route.rule]]\nsni = \"*.wild.test\"\nupstream = \"wild\"\n\
+         [[listener.route.rule]]\nsni = \"a.sni.test\"\nupstream = \"a\"\n\
+         [[listener.route.rule]]\nsni = \"a.sni.test\"\nalpn = \"h2\"\nupstream = \"a2\"\n\
+         [upstream.a]\nbackends = [\"{a}\"]\n[upstream.a2]\nbackends = [\"{a2}\"]\n\
+         [upstream.wild]\nbackends = [\"{wild}\"]\n[upstream.fallback]\nbackends = [\"{fallback}\"]\n",
+        if default { "default = \"fallback\"\n" } else { "" },
+    )
+}
+
+/// A client trusting only the backends' certificate (`pki`'s), sending
+/// `sni` (`""`: no SNI, verifying the name `localhost`) and offering
+/// `alpn`.
+fn passthrough_client(pki: &Pki, sni: &str, alpn: &[&[u8]]) -> ClientConnection {
+    let mut cfg = (*client_config(&[&pki.der])).clone();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    cfg.enable_sni = !sni.is_empty();
+    let name = if sni.is_empty() { "localhost" } else { sni };
+    ClientConnection::new(
+        Arc::new(cfg),
+        ServerName::try_from(name.to_string()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The backend's greeting line through `k`, after an echo round trip.
+fn through_passthrough(k: &Ktern, conn: ClientConnection) -> std::io::Result<String> {
+    let sock = TcpStream::connect(k.addr())?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    s.write_all(b"ping")?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        s.read_exact(&mut b)?;
+        line.push(b[0]);
+    }
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo)?;
+    assert_eq!(&echo, b"ping");
+    Ok(String::from_utf8(line).unwrap().trim().to_string())
+}
+
+#[test]
+fn passthrough_routes_tls_by_sni_and_alpn_without_terminating_it() {
+    let pki = Pki::new("passthrough");
+    let k = Ktern::start(&pki, "", &passthrough_config(&pki, true, ""));
+    let cases: [(&str, &[&[u8]], &str); 5] = [
+        ("a.sni.test", &[], "a sni=a.sni.test alpn=-"),
+        (
+            "a.sni.test",
+            &[b"h2", b"http/1.1"],
+            "a2 sni=a.sni.test alpn=h2",
+        ),
+        (
+            "a.sni.test",
+            &[b"http/1.1"],
+            "a sni=a.sni.test alpn=http/1.1",
+        ),
+        ("x.wild.test", &[], "wild sni=x.wild.test alpn=-"),
+        // No SNI: the default.
+        ("", &[], "fallback sni=- alpn=-"),
+    ];
+    for (sni, alpn, want) in cases {
+        let got = through_passthrough(&k, passthrough_client(&pki, sni, alpn)).unwrap();
+        assert_eq!(got, want, "{sni} {alpn:?}");
+    }
+    // The client verified the backend's certificate end to end: ktern has
+    // none here, and did no handshake.
+    assert_eq!(k.metric("ktern_handshakes_total"), 0);
+    assert_eq!(k.metric("ktern_passthrough_connections_total"), 5);
+    // A large transfer goes through byte for byte.
+    let mut s = {
+        let sock = TcpStream::connect(k.addr()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        rustls::StreamOwned::new(passthrough_client(&pki, "a.sni.test", &[]), sock)
+    };
+    let data = pattern(4 << 20, 11);
+    let mut line = String::new();
+    {
+        let mut r = std::io::BufReader::new(&mut s);
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+    }
+    assert_eq!(line, "a sni=a.sni.test alpn=-\n");
+    let mut got = vec![0u8; data.len()];
+    for (chunk, back) in data.chunks(64 << 10).zip(got.chunks_mut(64 << 10)) {
+        s.write_all(chunk).unwrap();
+        s.read_exact(back).unwrap();
+    }
+    assert!(got == data, "the echo differs");
+    // Counted when the connection ends.
+    drop(s);
+    let moved = (4 << 20) as u64;
+    assert!(k.wait_metric("ktern_bytes_client_to_backend_total", moved) >= moved);
+}
+
+#[test]
+fn passthrough_takes_a_hello_split_into_one_byte_records() {
+    let pki = Pki::new("passthrough-split");
+    let k = Ktern::start(&pki, "", &passthrough_config(&pki, false, ""));
+    let mut conn = passthrough_client(&pki, "a.sni.test", &[b"h2"]);
+    let mut first = Vec::new();
+    conn.write_tls(&mut first).unwrap();
+    // The hello's record(s), re-cut into one-byte handshake records, each
+    // its own TCP segment.
+    let mut payload = Vec::new();
+    let mut rest = &first[..];
+    while rest.len() >= 5 {
+        let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        payload.extend_from_slice(&rest[5..5 + len]);
+        rest = &rest[5 + len..];
+    }
+    let mut sock = TcpStream::connect(k.addr()).unwrap();
+    sock.set_nodelay(true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    for (i, b) in payload.iter().enumerate() {
+        sock.write_all(&[22, 3, 1, 0, 1, *b]).unwrap();
+        if i % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    s.write_all(b"ping").unwrap();
+    let mut got = vec![0u8; "a2 sni=a.sni.test alpn=h2\nping".len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, b"a2 sni=a.sni.test alpn=h2\nping");
+}
+
+#[test]
+fn passthrough_closes_unknown_names_garbage_and_slow_hellos_and_counts_them() {
+    let pki = Pki::new("passthrough-refuse");
+    let k = Ktern::start(&pki, "", &passthrough_config(&pki, false, ""));
+    // No rule, no default: closed before any backend is asked.
+    for sni in ["other.test", ""] {
+        let err = through_passthrough(&k, passthrough_client(&pki, sni, &[])).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ),
+            "{sni}: {err}"
+        );
+    }
+    assert_eq!(k.wait_metric("ktern_passthrough_no_route_total", 2), 2);
+    // Not TLS at all.
+    let closed = |bytes: &[u8]| {
+        let mut sock = TcpStream::connect(k.addr()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = sock.write_all(bytes);
+        let mut b = [0u8; 1];
+        let started = Instant::now();
+        let gone = match sock.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        (gone, started.elapsed())
+    };
+    assert!(closed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").0);
+    // A hello that claims 16 MiB.
+    assert!(closed(&[22, 3, 1, 0, 4, 1, 0xff, 0xff, 0xff]).0);
+    assert_eq!(k.wait_metric("ktern_passthrough_bad_hello_total", 2), 2);
+    // Half a hello, then silence: closed at hello_timeout (1s).
+    let (gone, took) = closed(&[22, 3, 1, 0, 200, 1, 0, 0]);
+    assert!(gone && took < Duration::from_secs(8), "{took:?}");
+    assert_eq!(k.wait_metric("ktern_passthrough_hello_timeout_total", 1), 1);
+    // Others are unaffected.
+    assert_eq!(
+        through_passthrough(&k, passthrough_client(&pki, "x.wild.test", &[])).unwrap(),
+        "wild sni=x.wild.test alpn=-"
+    );
+}
+
+#[test]
+fn passthrough_sends_a_proxy_header_with_the_sni_then_the_hello_untouched() {
+    let pki = Pki::new("passthrough-proxy");
+    let backend = start_proxy_reading_backend();
+    let config = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.route]\nkind = \"passthrough\"\ndefault = \"pp\"\nsend_proxy = \"v2\"\n[upstream.pp]\nbackends = [\"{backend}\"]\n"
+    );
+    let k = Ktern::start(&pki, "", &config);
+    let mut conn = passthrough_client(&pki, "a.sni.test", &[]);
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let mut sock = TcpStream::connect(k.addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let client = sock.local_addr().unwrap();
+    sock.write_all(&hello).unwrap();
+    let header = read_proxy_header_echo(&mut sock);
+    let parsed = ppp::v2::Header::try_from(&header[..]).unwrap();
+    match parsed.addresses {
+        ppp::v2::Addresses::IPv4(a) => {
+            assert_eq!(
+                (a.source_address, a.source_port),
+                (
+                    match client.ip() {
+                        std::net::IpAddr::V4(v4) => v4,
+                        _ => unreachable!(),
+                    },
+                    client.port()
+                )
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let tlvs: Vec<_> = parsed.tlvs().map(|t| t.unwrap()).collect();
+    assert_eq!(
+        tlvs.len(),
+        1,
+        "the SNI alone: ktern saw no TLS it terminated"
+    );
+    assert_eq!((tlvs[0].kind, &*tlvs[0].value), (0x02, &b"a.sni.test"[..]));
+    let mut echoed = vec![0u8; hello.len()];
+    sock.read_exact(&mut echoed).unwrap();
+    assert!(echoed == hello, "the hello reached the backend changed");
+}
+
+/// A `tcp` route to `backend` speaking TLS to it with `tls` (the inside
+/// of the route's `tls = { ... }`).
+fn upstream_tls_listener(backend: std::net::SocketAddr, tls: &str) -> String {
+    format!("{}tls = {{ {tls} }}\n", tcp_listener(backend, ""))
+}
+
+/// Through ktern to a [`start_tls_backend`]: its greeting line, after an
+/// echo round trip; an error when ktern closed instead.
+fn through_upstream_tls(k: &Ktern, pki: &Pki) -> std::io::Result<String> {
+    let mut c = try_connect(k.addr(), &client_config(&[&pki.der]))?;
+    c.write_all(b"ping")?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        c.read_exact(&mut b)?;
+        line.push(b[0]);
+    }
+    let mut echo = [0u8; 4];
+    c.read_exact(&mut echo)?;
+    assert_eq!(&echo, b"ping");
+    Ok(String::from_utf8(line).unwrap().trim().to_string())
+}
+
+#[test]
+fn upstream_tls_verifies_the_backend_resumes_and_offloads_both_sides() {
+    let pki = Pki::new("upstream-tls");
+    let backend_pki = Pki::new("upstream-tls-backend");
+    let backend = start_tls_backend("b", &backend_pki);
+    let k = Ktern::start(
+        &pki,
+        "",
+        &upstream_tls_listener(
+            backend,
+            &format!(
+                "ca = \"{}\", server_name = \"localhost\"",
+                backend_pki.cert.display()
+            ),
+        ),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            through_upstream_tls(&k, &pki).unwrap(),
+            "b sni=localhost alpn=-"
+        );
+    }
+    assert_eq!(k.wait_metric("ktern_upstream_tls_handshakes_total", 3), 3);
+    // The backend's TLS 1.3 tickets were kept (read from the kernel's
+    // handshake records in the VM): later connections resumed.
+    assert!(k.metric("ktern_upstream_tls_resumed_total") >= 1);
+    // A 4 MiB echo, byte for byte, both directions through both records.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let data = pattern(4 << 20, 5);
+    let mut line = String::new();
+    {
+        let mut r = std::io::BufReader::new(&mut c);
+        c_line(&mut r, &mut line);
+    }
+    let mut got = vec![0u8; data.len()];
+    for (chunk, back) in data.chunks(64 << 10).zip(got.chunks_mut(64 << 10)) {
+        c.write_all(chunk).unwrap();
+        c.read_exact(back).unwrap();
+    }
+    assert!(got == data, "the echo differs");
+    drop(c);
+    if in_vm() {
+        // Both sides in the kernel: every client connection and every
+        // backend connection offloaded, the kernel's counters agreeing,
+        // and the route splicing kTLS to kTLS.
+        let n = k.wait_metric("ktern_upstream_ktls_offloaded_total", 4);
+        assert_eq!(n, 4);
+        assert_eq!(k.metric("ktern_ktls_offloaded_total"), 4);
+        let now = tls_stat();
+        for counter in ["TlsTxSw", "TlsRxSw"] {
+            let delta = now[counter] - k.tls_stat_at_start.get(counter).copied().unwrap_or(0);
+            assert!(
+                delta >= 8,
+                "{counter} moved by {delta}: both sides of 4 connections"
+            );
+        }
+        assert!(k.log().contains("paths=(Kernel, Kernel)"), "{}", k.log());
+    }
+}
+
+/// The first line through `r` (the backend's greeting).
+fn c_line(r: &mut impl std::io::BufRead, line: &mut String) {
+    r.read_line(line).unwrap();
+    assert!(line.ends_with('\n'), "{line:?}");
+}
+
+#[test]
+fn upstream_tls_refusals_close_the_client_and_are_counted() {
+    let pki = Pki::new("upstream-tls-bad");
+    let backend_pki = Pki::new("upstream-tls-bad-backend");
+    let tls_backend = start_tls_backend("b", &backend_pki);
+    let ca = backend_pki.cert.display().to_string();
+    // A backend whose (self-signed, trusted) certificate expired in 2001.
+    let expired_pki = {
+        let dir = pki.dir.join("expired");
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        Pki {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            der: cert.der().clone(),
+            dir,
+        }
+    };
+    let expired_backend = start_tls_backend("old", &expired_pki);
+    let cases = [
+        // Expired (the chain is otherwise fine).
+        (
+            expired_backend,
+            format!(
+                "ca = \"{}\", server_name = \"localhost\"",
+                expired_pki.cert.display()
+            ),
+        ),
+        // Another name than the certificate's.
+        (
+            tls_backend,
+            format!("ca = \"{ca}\", server_name = \"db.other.test\""),
+        ),
+        // A CA that did not issue it (ktern's own self-signed one).
+        (
+            tls_backend,
+            format!(
+                "ca = \"{}\", server_name = \"localhost\"",
+                pki.cert.display()
+            ),
+        ),
+        // The backend's IP address (the default name): not in its SANs.
+        (tls_backend, format!("ca = \"{ca}\"")),
+        // Plain TCP where TLS is configured (an echo server).
+        (
+            start_backend(),
+            format!("ca = \"{ca}\", server_name = \"localhost\""),
+        ),
+    ];
+    for (i, (backend, tls)) in cases.iter().enumerate() {
+        let k = Ktern::start(&pki, "", &upstream_tls_listener(*backend, tls));
+        let got = through_upstream_tls(&k, &pki);
+        assert!(got.is_err(), "case {i} ({tls}) went through: {got:?}");
+        assert_eq!(
+            k.wait_metric("ktern_upstream_tls_failures_total", 1),
+            1,
+            "case {i}"
+        );
+        assert!(
+            k.log().contains("upstream TLS handshake failed"),
+            "case {i}"
+        );
+    }
+    // verify_name = false: the other name is accepted (the chain still
+    // verified).
+    let k = Ktern::start(
+        &pki,
+        "",
+        &upstream_tls_listener(
+            tls_backend,
+            &format!("ca = \"{ca}\", server_name = \"db.other.test\", verify_name = false"),
+        ),
+    );
+    assert_eq!(
+        through_upstream_tls(&k, &pki).unwrap(),
+        "b sni=db.other.test alpn=-"
     );
 }

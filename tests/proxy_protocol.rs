@@ -178,46 +178,6 @@ fn the_access_log_uses_the_headers_address() {
     }
 }
 
-/// A backend that reads a PROXY header (v1 to its CRLF, v2 by its length
-/// field), answers with the header's length on a line and the header, then
-/// echoes what follows.
-fn start_proxy_reading_backend() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut conn = conn;
-                let mut header = Vec::new();
-                let mut b = [0u8; 1];
-                // Byte by byte: the header's end, not a byte more.
-                while conn.read_exact(&mut b).is_ok() {
-                    header.push(b[0]);
-                    let v2_done = header.len() >= 16
-                        && header.starts_with(b"\r\n\r\n\0\r\nQUIT\n")
-                        && header.len()
-                            == 16 + u16::from_be_bytes([header[14], header[15]]) as usize;
-                    if header.ends_with(b"\r\n") && header.starts_with(b"PROXY") || v2_done {
-                        break;
-                    }
-                    if header.len() > 300 {
-                        return;
-                    }
-                }
-                let _ = conn.write_all(format!("{}\n", header.len()).as_bytes());
-                let _ = conn.write_all(&header);
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// What the backend saw: the PROXY header's source, and the bytes after
 /// it (`hello` echoed). `before`: bytes sent ahead of TLS (a PROXY-in
 /// header).
@@ -228,15 +188,8 @@ fn through(
 ) -> (Option<std::net::SocketAddr>, std::net::SocketAddr) {
     let (mut tls, client) = tls_after(k, pki, before);
     tls.write_all(b"hello").unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while b[0] != b'\n' {
-        tls.read_exact(&mut b).unwrap();
-        line.push(b[0]);
-    }
-    let len: usize = String::from_utf8_lossy(&line).trim().parse().unwrap();
-    let mut header = vec![0u8; len];
-    tls.read_exact(&mut header).unwrap();
+    let header = read_proxy_header_echo(&mut tls);
+    let len = header.len();
     let mut echo = [0u8; 5];
     tls.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, b"hello");

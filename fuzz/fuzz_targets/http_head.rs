@@ -9,17 +9,30 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let limits = head::Limits::default();
     if let Ok(Some(req)) = head::parse_request(data, &limits) {
+        let id = ktern::handshake::client_auth::ClientIdentity {
+            subject: "CN=svc, O=Example".into(),
+            common_name: Some("svc".into()),
+            sans: "DNS:svc.example".into(),
+            fingerprint: "00".repeat(32).into(),
+        };
         let fwd = rewrite::Forwarding {
             client: std::net::SocketAddr::from(([192, 0, 2, 1], 1234)),
             trusted: data.len() % 2 == 0,
             x_forwarded: true,
             forwarded: true,
+            // The client-certificate fields: forged ones always dropped,
+            // ours added when the listener asks for a certificate.
+            client_cert: match data.len() % 3 {
+                0 => None,
+                1 => Some(("NONE", None)),
+                _ => Some(("SUCCESS", Some(&id))),
+            },
         };
         let mut out = Vec::new();
         rewrite::request(&req, &fwd, &mut out);
         // What we send upstream must be framed exactly as what we accepted.
-        // The rewrite adds up to five fields and some bytes; allow for them.
-        let relaxed = head::Limits { head: 1 << 20, headers: limits.headers + 8, ..limits };
+        // The rewrite adds up to nine fields and some bytes; allow for them.
+        let relaxed = head::Limits { head: 1 << 20, headers: limits.headers + 12, ..limits };
         match head::parse_request(&out, &relaxed) {
             Ok(Some(again)) => assert_eq!(again.framing, req.framing),
             other => panic!("rewritten head does not parse: {other:?}\n{}", String::from_utf8_lossy(&out)),

@@ -309,6 +309,7 @@ impl Listener {
                 connect_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(1),
                 send_proxy: None,
+                tls: None,
             }),
         }
     }
@@ -537,6 +538,9 @@ pub enum Route {
     Tcp(TcpRoute),
     /// HTTP/1.1 reverse proxy to upstream groups chosen by Host and path.
     Http(HttpRoute),
+    /// TLS not terminated: the ClientHello's SNI (and ALPN) picks an
+    /// upstream group, and the bytes go through untouched.
+    Passthrough(PassthroughRoute),
 }
 
 impl Route {
@@ -545,7 +549,50 @@ impl Route {
         match self {
             Route::Tcp(t) => t.idle_timeout,
             Route::Http(h) => h.keepalive_timeout,
+            Route::Passthrough(p) => p.idle_timeout,
         }
+    }
+}
+
+/// A `passthrough` route: routing by the ClientHello, bytes untouched.
+#[derive(Debug, Clone)]
+pub struct PassthroughRoute {
+    /// Rules, most specific first (exact names, then the longest
+    /// wildcard, then `*`); the first match wins.
+    pub rules: Vec<PassthroughRule>,
+    /// The upstream group (index into [`Config::upstreams`]) for a hello
+    /// no rule matches, one without SNI included; `None`: closed.
+    pub default: Option<usize>,
+    /// A connection with no bytes moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed for the whole ClientHello to arrive.
+    pub hello_timeout: Duration,
+    /// A PROXY protocol header sent first on each backend connection.
+    pub send_proxy: Option<ProxyVersion>,
+}
+
+/// One `passthrough` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassthroughRule {
+    /// The SNI it matches (a hello without SNI matches none).
+    pub sni: HostMatch,
+    /// Only hellos offering this ALPN protocol.
+    pub alpn: Option<Vec<u8>>,
+    /// The upstream group (index into [`Config::upstreams`]).
+    pub upstream: usize,
+}
+
+impl PassthroughRoute {
+    /// The upstream group for a hello with `sni` offering `alpn`.
+    pub fn pick(&self, sni: Option<&str>, alpn: &[Vec<u8>]) -> Option<usize> {
+        let Some(name) = sni else {
+            return self.default;
+        };
+        self.rules
+            .iter()
+            .find(|r| r.sni.matches(name) && r.alpn.as_ref().is_none_or(|a| alpn.contains(a)))
+            .map(|r| r.upstream)
+            .or(self.default)
     }
 }
 
@@ -763,6 +810,33 @@ pub struct TcpRoute {
     pub idle_timeout: Duration,
     /// A PROXY protocol header sent first on each backend connection.
     pub send_proxy: Option<ProxyVersion>,
+    /// TLS to the backends; `None`: plain TCP.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to a route's backends (`tls = { ... }`, nginx's `proxy_ssl_*`).
+/// The verifier is built at load, so a bundle rustls refuses is a config
+/// error; each shard builds its client configs from this.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// rustls' WebPKI verifier for the `ca` bundle.
+    pub verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    /// The longest chain, the backend certificate included (as
+    /// `client_auth.verify_depth`).
+    pub verify_depth: u8,
+    /// The name sent as SNI and verified; `None`: each backend's IP
+    /// address (verified against IP SANs; no SNI is sent for an address).
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// Check the certificate's names; off, a certificate for another name
+    /// is accepted (the chain, dates and usage are still checked).
+    pub verify_name: bool,
+    /// A client certificate for backends that ask for one.
+    pub client_cert: Option<Arc<CertifiedKey>>,
+    /// TLS versions offered.
+    pub versions: TlsVersions,
+    /// Resume sessions with each backend (tickets kept per shard and per
+    /// backend).
+    pub session_reuse: bool,
 }
 
 /// Client certificate authentication on a listener (`client_auth`).
@@ -1436,16 +1510,12 @@ impl Validator<'_> {
                 continue;
             }
             let target = match (&r.upstream, &r.static_root) {
-                (Some(name), None) => match upstreams.iter().position(|u| &u.name == name) {
-                    Some(i) => Target::Upstream(i),
-                    None => {
-                        self.problem(
-                            format!("{field}.upstream"),
-                            format!("no [upstream.{name}] is defined"),
-                        );
-                        continue;
+                (Some(name), None) => {
+                    match self.upstream_index(&format!("{field}.upstream"), name, upstreams) {
+                        Some(i) => Target::Upstream(i),
+                        None => continue,
                     }
-                },
+                }
                 (None, Some(dir)) => {
                     let full = self.base.join(dir);
                     // Canonical, so the escape check compares real paths.
@@ -1614,7 +1684,27 @@ impl Validator<'_> {
         if raw.backlog == 0 || raw.backlog > 65535 {
             self.problem(format!("{at}.backlog"), "must be between 1 and 65535");
         }
-        if raw.certificate.is_empty() {
+        let passthrough = matches!(raw.route, raw::RouteSection::Passthrough(_));
+        if passthrough {
+            // Nothing TLS is configured where TLS is not terminated: a
+            // setting here would silently do nothing.
+            let terminating = [
+                ("certificate", !raw.certificate.is_empty()),
+                ("client_auth", raw.client_auth.is_some()),
+                ("alpn", raw.alpn.is_some()),
+                ("cipher_suites", raw.cipher_suites.is_some()),
+                ("kx_groups", raw.kx_groups.is_some()),
+                ("strict_sni", raw.strict_sni),
+            ];
+            for (field, set) in terminating {
+                if set {
+                    self.problem(
+                        format!("{at}.{field}"),
+                        "a passthrough listener does not terminate TLS: its backends hold the certificates and TLS settings",
+                    );
+                }
+            }
+        } else if raw.certificate.is_empty() {
             self.problem(
                 format!("{at}.certificate"),
                 "at least one [[listener.certificate]] (cert + key) is required",
@@ -1676,6 +1766,9 @@ impl Validator<'_> {
         let route = match raw.route {
             raw::RouteSection::Tcp(t) => self.tcp_route(&format!("{at}.route"), t),
             raw::RouteSection::Http(h) => self.http_route(&format!("{at}.route"), *h, upstreams),
+            raw::RouteSection::Passthrough(p) => {
+                self.passthrough_route(&format!("{at}.route"), p, upstreams)
+            }
         };
         Some(Listener {
             name: raw.name.unwrap_or_else(|| format!("listener{i}")),
@@ -1791,18 +1884,7 @@ impl Validator<'_> {
                 "must be at least 1 (1: issued by a CA of the bundle)",
             );
         }
-        let roots =
-            self.read_pem(
-                &format!("{at}.ca"),
-                &raw.ca,
-                |pem| match CertificateDer::pem_slice_iter(pem.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(c) if !c.is_empty() => Ok(c),
-                    Ok(_) => Err("no CERTIFICATE block found".to_string()),
-                    Err(e) => Err(format!("not PEM certificates: {e}")),
-                },
-            );
+        let roots = self.ca_bundle(&format!("{at}.ca"), &raw.ca);
         let crls = match &raw.crl {
             None => Some(Vec::new()),
             Some(path) => self.read_pem(&format!("{at}.crl"), path, |pem| {
@@ -1977,22 +2059,189 @@ impl Validator<'_> {
             .collect();
         let connect_timeout = self.duration(&format!("{at}.connect_timeout"), &raw.connect_timeout);
         let idle_timeout = self.duration(&format!("{at}.idle_timeout"), &raw.idle_timeout);
-        let send_proxy = match raw.send_proxy.as_deref() {
+        let send_proxy = self.send_proxy(at, raw.send_proxy.as_deref()).ok()?;
+        let tls = match raw.tls {
             None => None,
-            Some("v1") => Some(ProxyVersion::V1),
-            Some("v2") => Some(ProxyVersion::V2),
-            Some(other) => {
-                self.problem(
-                    format!("{at}.send_proxy"),
-                    format!("{other:?} is not a PROXY protocol version (\"v1\" or \"v2\")"),
-                );
-                return None;
-            }
+            Some(t) => Some(self.upstream_tls(&format!("{at}.tls"), t)?),
         };
         Some(Route::Tcp(TcpRoute {
             backends,
             connect_timeout: connect_timeout?,
             idle_timeout: idle_timeout?,
+            send_proxy,
+            tls,
+        }))
+    }
+
+    fn upstream_tls(&mut self, at: &str, raw: raw::UpstreamTlsSection) -> Option<UpstreamTls> {
+        if raw.verify_depth == 0 {
+            self.problem(
+                format!("{at}.verify_depth"),
+                "must be at least 1 (1: issued by a CA of the bundle)",
+            );
+        }
+        let roots = self.ca_bundle(&format!("{at}.ca"), &raw.ca);
+        let server_name = match raw.server_name.as_deref() {
+            None => Some(None),
+            Some(name) => match rustls::pki_types::ServerName::try_from(name.to_string()) {
+                Ok(n) => Some(Some(n)),
+                Err(e) => {
+                    self.problem(format!("{at}.server_name"), format!("{name:?}: {e}"));
+                    None
+                }
+            },
+        };
+        let mut versions = TlsVersions {
+            tls12: false,
+            tls13: false,
+        };
+        for (j, v) in raw.versions.iter().enumerate() {
+            match v.as_str() {
+                "1.2" => versions.tls12 = true,
+                "1.3" => versions.tls13 = true,
+                other => self.problem(
+                    format!("{at}.versions[{j}]"),
+                    format!("unknown TLS version {other:?} (use \"1.2\" or \"1.3\")"),
+                ),
+            }
+        }
+        if raw.versions.is_empty() {
+            self.problem(format!("{at}.versions"), "must name at least one version");
+        }
+        let client_cert = match (&raw.client_cert, &raw.client_key) {
+            (None, None) => Some(None),
+            (Some(cert), Some(key)) => {
+                let pair = raw::CertificateSection {
+                    cert: Some(cert.clone()),
+                    key: Some(key.clone()),
+                    acme: None,
+                    server_names: Vec::new(),
+                    ocsp: None,
+                };
+                // The listener certificate loader: same PEM forms, the
+                // same key-match check, errors under `client_cert`.
+                self.certificate(&format!("{at}.client_cert"), &pair)
+                    .map(|c| Some(c.key))
+            }
+            _ => {
+                self.problem(
+                    at,
+                    "client_cert and client_key go together (a certificate and its key)",
+                );
+                None
+            }
+        };
+        let (roots, server_name, client_cert) = (roots?, server_name?, client_cert?);
+        if raw.verify_depth == 0 || !(versions.tls12 || versions.tls13) {
+            return None;
+        }
+        let mut store = rustls::RootCertStore::empty();
+        let (_added, _ignored) = store.add_parsable_certificates(roots);
+        match rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(store),
+            Arc::new(crate::provider::crypto_provider()),
+        )
+        .build()
+        {
+            Ok(verifier) => Some(UpstreamTls {
+                verifier,
+                verify_depth: raw.verify_depth,
+                server_name,
+                verify_name: raw.verify_name,
+                client_cert,
+                versions,
+                session_reuse: raw.session_reuse,
+            }),
+            Err(e) => {
+                self.problem(format!("{at}.ca"), format!("unusable CA bundle: {e}"));
+                None
+            }
+        }
+    }
+
+    fn send_proxy(&mut self, at: &str, raw: Option<&str>) -> Result<Option<ProxyVersion>, ()> {
+        match raw {
+            None => Ok(None),
+            Some("v1") => Ok(Some(ProxyVersion::V1)),
+            Some("v2") => Ok(Some(ProxyVersion::V2)),
+            Some(other) => {
+                self.problem(
+                    format!("{at}.send_proxy"),
+                    format!("{other:?} is not a PROXY protocol version (\"v1\" or \"v2\")"),
+                );
+                Err(())
+            }
+        }
+    }
+
+    /// The index of upstream group `name`, or a problem at `at`.
+    fn upstream_index(&mut self, at: &str, name: &str, upstreams: &[Upstream]) -> Option<usize> {
+        let i = upstreams.iter().position(|u| u.name == name);
+        if i.is_none() {
+            self.problem(at, format!("no [upstream.{name}] is defined"));
+        }
+        i
+    }
+
+    fn passthrough_route(
+        &mut self,
+        at: &str,
+        raw: raw::PassthroughRouteSection,
+        upstreams: &[Upstream],
+    ) -> Option<Route> {
+        if raw.rule.is_empty() && raw.default.is_none() {
+            self.problem(
+                at,
+                "at least one [[listener.route.rule]] (sni, upstream) or a default upstream is required",
+            );
+        }
+        let mut rules = Vec::new();
+        for (i, r) in raw.rule.iter().enumerate() {
+            let field = format!("{at}.rule[{i}]");
+            let sni = self.host_match(&format!("{field}.sni"), Some(&r.sni));
+            let upstream =
+                self.upstream_index(&format!("{field}.upstream"), &r.upstream, upstreams);
+            let alpn = match &r.alpn {
+                Some(a) if a.is_empty() || a.len() > 255 => {
+                    self.problem(format!("{field}.alpn"), "must be 1 to 255 bytes (RFC 7301)");
+                    continue;
+                }
+                a => a.as_ref().map(|a| a.as_bytes().to_vec()),
+            };
+            if let (Some(sni), Some(upstream)) = (sni, upstream) {
+                rules.push(PassthroughRule {
+                    sni,
+                    alpn,
+                    upstream,
+                });
+            }
+        }
+        // Most specific name first; within one name, rules with an ALPN
+        // condition before the one without (stable: config order after).
+        rules.sort_by(|a, b| {
+            a.sni
+                .rank()
+                .cmp(&b.sni.rank())
+                .then(b.alpn.is_some().cmp(&a.alpn.is_some()))
+        });
+        let default = raw
+            .default
+            .as_ref()
+            .map(|name| self.upstream_index(&format!("{at}.default"), name, upstreams));
+        let idle_timeout = self.duration(&format!("{at}.idle_timeout"), &raw.idle_timeout);
+        let hello_timeout = self.duration(&format!("{at}.hello_timeout"), &raw.hello_timeout);
+        if hello_timeout == Some(Duration::ZERO) {
+            self.problem(format!("{at}.hello_timeout"), "must be more than 0s");
+        }
+        let send_proxy = self.send_proxy(at, raw.send_proxy.as_deref()).ok()?;
+        Some(Route::Passthrough(PassthroughRoute {
+            rules,
+            default: match default {
+                None => None,
+                Some(found) => Some(found?),
+            },
+            idle_timeout: idle_timeout?,
+            hello_timeout: hello_timeout?,
             send_proxy,
         }))
     }
@@ -2126,6 +2375,17 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// A PEM bundle of CA certificates (at least one).
+    fn ca_bundle(&mut self, field: &str, path: &str) -> Option<Vec<CertificateDer<'static>>> {
+        self.read_pem(field, path, |pem| {
+            match CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>() {
+                Ok(c) if !c.is_empty() => Ok(c),
+                Ok(_) => Err("no CERTIFICATE block found".to_string()),
+                Err(e) => Err(format!("not PEM certificates: {e}")),
+            }
+        })
     }
 
     fn read_pem<T>(

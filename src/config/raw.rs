@@ -307,6 +307,40 @@ pub(super) enum RouteSection {
     // Boxed: parsed once per load, and the http section is four times the
     // tcp one.
     Http(Box<HttpRouteSection>),
+    Passthrough(PassthroughRouteSection),
+}
+
+/// `kind = "passthrough"`: TLS routed by its ClientHello, not terminated.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PassthroughRouteSection {
+    #[serde(default)]
+    pub rule: Vec<PassthroughRuleSection>,
+    /// The upstream group for a hello no rule matches (no SNI included);
+    /// absent: such connections are closed.
+    pub default: Option<String>,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: String,
+    /// How long a client has to send its whole ClientHello.
+    #[serde(default = "default_hello_timeout")]
+    pub hello_timeout: String,
+    pub send_proxy: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PassthroughRuleSection {
+    /// `app.example`, `*.example` or `*`.
+    pub sni: String,
+    /// Matches only hellos offering this ALPN protocol.
+    pub alpn: Option<String>,
+    pub upstream: String,
+}
+
+/// A ClientHello is one or two packets; seconds cover a slow mobile link,
+/// and a client that sends nothing is closed as a handshake would be.
+fn default_hello_timeout() -> String {
+    "10s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -495,6 +529,29 @@ pub(super) struct TcpRouteSection {
     pub idle_timeout: String,
     /// `"v1"` or `"v2"`: a PROXY header first on each backend connection.
     pub send_proxy: Option<String>,
+    /// TLS to the backends (nginx's `proxy_ssl_*`).
+    pub tls: Option<UpstreamTlsSection>,
+}
+
+/// `tls = { ... }` on a route: ktern speaks TLS to its backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpstreamTlsSection {
+    /// PEM bundle of the CAs a backend certificate must chain to.
+    pub ca: String,
+    #[serde(default = "default_verify_depth")]
+    pub verify_depth: u8,
+    /// The name sent as SNI and checked against the certificate (default:
+    /// the backend's IP address, checked against its IP SANs; no SNI).
+    pub server_name: Option<String>,
+    #[serde(default = "yes")]
+    pub verify_name: bool,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    #[serde(default = "default_tls_versions")]
+    pub versions: Vec<String>,
+    #[serde(default = "yes")]
+    pub session_reuse: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -758,3 +758,139 @@ fn client_auth_is_checked() {
     assert!(!auth.required);
     assert_eq!(auth.verify_depth, 1);
 }
+
+const PASSTHROUGH: &str = r#"
+[[listener]]
+address = "127.0.0.1:0"
+[listener.route]
+kind = "passthrough"
+default = "fallback"
+[[listener.route.rule]]
+sni = "*.example"
+upstream = "wild"
+[[listener.route.rule]]
+sni = "app.example"
+upstream = "app"
+[[listener.route.rule]]
+sni = "app.example"
+alpn = "h2"
+upstream = "app_h2"
+[upstream.wild]
+backends = ["127.0.0.1:9001"]
+[upstream.app]
+backends = ["127.0.0.1:9002"]
+[upstream.app_h2]
+backends = ["127.0.0.1:9003"]
+[upstream.fallback]
+backends = ["127.0.0.1:9004"]
+"#;
+
+#[test]
+fn passthrough_rules_pick_exact_then_alpn_then_wildcard_then_default() {
+    let c = Config::from_toml(PASSTHROUGH, "t.toml", Path::new("."), &[]).unwrap();
+    let Route::Passthrough(p) = &c.listeners[0].route else {
+        panic!("passthrough route expected")
+    };
+    assert_eq!(p.hello_timeout, Duration::from_secs(10));
+    let name = |i: Option<usize>| i.map(|i| c.upstreams[i].name.as_str());
+    let h2 = [b"h2".to_vec(), b"http/1.1".to_vec()];
+    assert_eq!(name(p.pick(Some("app.example"), &h2)), Some("app_h2"));
+    assert_eq!(name(p.pick(Some("app.example"), &[])), Some("app"));
+    assert_eq!(name(p.pick(Some("b.example"), &h2)), Some("wild"));
+    // One label only: the wildcard's suffix must follow a label.
+    assert_eq!(name(p.pick(Some("example"), &[])), Some("fallback"));
+    assert_eq!(name(p.pick(None, &h2)), Some("fallback"));
+    let closed = PASSTHROUGH.replace("default = \"fallback\"\n", "");
+    let c = Config::from_toml(&closed, "t.toml", Path::new("."), &[]).unwrap();
+    let Route::Passthrough(p) = &c.listeners[0].route else {
+        panic!("passthrough route expected")
+    };
+    assert_eq!(p.pick(Some("other.test"), &[]), None);
+    assert_eq!(p.pick(None, &[]), None);
+}
+
+#[test]
+fn passthrough_listeners_refuse_tls_settings_and_unknown_groups() {
+    let text = PASSTHROUGH
+        .replace(
+            "address = \"127.0.0.1:0\"\n",
+            "address = \"127.0.0.1:0\"\nalpn = [\"h2\"]\nclient_auth = { ca = \"inline:c\" }\n[[listener.certificate]]\ncert = \"inline:c\"\nkey = \"inline:k\"\n",
+        )
+        .replace("upstream = \"wild\"", "upstream = \"nowhere\"")
+        .replace("default = \"fallback\"", "default = \"gone\"\nhello_timeout = \"0s\"");
+    let e = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].certificate",
+            "listener[0].client_auth",
+            "listener[0].alpn",
+            "listener[0].route.rule[0].upstream",
+            "listener[0].route.default",
+            "listener[0].route.hello_timeout",
+        ],
+        "{e}"
+    );
+    assert!(
+        e.problems[0].reason.contains("does not terminate TLS"),
+        "{e}"
+    );
+    assert!(e.problems[3].reason.contains("[upstream.nowhere]"), "{e}");
+    let empty =
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.route]\nkind = \"passthrough\"\n";
+    let e = Config::from_toml(empty, "t.toml", Path::new("."), &[]).unwrap_err();
+    assert_eq!(e.problems[0].field, "listener[0].route", "{e}");
+}
+
+#[test]
+fn upstream_tls_is_checked_at_load() {
+    let with = |tls: &str| {
+        let text = GOOD.replace(
+            "backends = [\"127.0.0.1:9\"]",
+            &format!("backends = [\"127.0.0.1:9\"]\ntls = {{ {tls} }}"),
+        );
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    let c = with("ca = \"inline:c\", server_name = \"db.internal\"").unwrap();
+    let Route::Tcp(t) = &c.listeners[0].route else {
+        panic!("tcp route expected")
+    };
+    let tls = t.tls.as_ref().expect("tls");
+    assert_eq!(tls.verify_depth, 1);
+    assert!(tls.verify_name && tls.session_reuse && tls.client_cert.is_none());
+    assert_eq!(
+        tls.server_name,
+        Some(rustls::pki_types::ServerName::try_from("db.internal").unwrap())
+    );
+    let c =
+        with("ca = \"inline:c\", client_cert = \"inline:c\", client_key = \"inline:k\"").unwrap();
+    let Route::Tcp(t) = &c.listeners[0].route else {
+        panic!("tcp route expected")
+    };
+    assert!(t.tls.as_ref().unwrap().client_cert.is_some());
+    let e = with(
+        "ca = \"/nonexistent/ca.pem\", verify_depth = 0, server_name = \"bad name!\", versions = [\"1.1\"], client_cert = \"inline:c\"",
+    )
+    .unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].route.tls.verify_depth",
+            "listener[0].route.tls.ca",
+            "listener[0].route.tls.server_name",
+            "listener[0].route.tls.versions[0]",
+            "listener[0].route.tls",
+        ],
+        "{e}"
+    );
+    assert!(e.problems[1].reason.contains("/nonexistent/ca.pem"), "{e}");
+    assert!(e.problems[4].reason.contains("go together"), "{e}");
+    let e = with("ca = \"inline:c\", client_cert = \"inline:k\", client_key = \"inline:k\"")
+        .unwrap_err();
+    assert_eq!(
+        e.problems[0].field, "listener[0].route.tls.client_cert.cert",
+        "{e}"
+    );
+}

@@ -121,3 +121,134 @@ pub fn refused(e: &rustls::Error) -> Option<Refused> {
         _ => return None,
     })
 }
+
+/// What a verified client certificate says about the client, for the
+/// backends (request fields, PROXY v2 TLVs) and the access log. Read once
+/// per connection, after the handshake. Every text is printable ASCII:
+/// other bytes (a CR or LF in a subject included) are written `\xHH`, so a
+/// value can go into a header field or a log line as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The subject DN, RFC 4514 order as x509-parser prints it
+    /// (`CN=client, O=Example`).
+    pub subject: Box<str>,
+    /// The subject's first common name, if it has one.
+    pub common_name: Option<Box<str>>,
+    /// The subject alternative names: `DNS:a.example, IP:10.0.0.1,
+    /// URI:spiffe://…, email:…`; empty when it has none.
+    pub sans: Box<str>,
+    /// SHA-256 of the certificate's DER, lower-case hex.
+    pub fingerprint: Box<str>,
+}
+
+impl ClientIdentity {
+    /// The identity in `der` (the end-entity certificate rustls verified).
+    /// `None` if it does not parse, which cannot happen for a certificate
+    /// WebPKI accepted, but is not a reason to panic.
+    pub fn read(der: &[u8]) -> Option<ClientIdentity> {
+        use std::fmt::Write as _;
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(printable);
+        let mut sans = String::new();
+        if let Ok(Some(ext)) = cert.subject_alternative_name() {
+            for name in &ext.value.general_names {
+                let (kind, value) = match name {
+                    GeneralName::DNSName(d) => ("DNS", (*d).to_string()),
+                    GeneralName::URI(u) => ("URI", (*u).to_string()),
+                    GeneralName::RFC822Name(e) => ("email", (*e).to_string()),
+                    GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => (
+                            "IP",
+                            std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string(),
+                        ),
+                        16 => (
+                            "IP",
+                            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string(),
+                        ),
+                        _ => continue,
+                    },
+                    _ => continue,
+                };
+                if !sans.is_empty() {
+                    sans.push_str(", ");
+                }
+                let _ = write!(sans, "{kind}:{}", printable(&value));
+            }
+        }
+        let digest =
+            crate::provider::prims::digest::digest(&crate::provider::prims::digest::SHA256, der);
+        let mut fingerprint = String::with_capacity(64);
+        for b in digest.as_ref() {
+            let _ = write!(fingerprint, "{b:02x}");
+        }
+        Some(ClientIdentity {
+            subject: printable(&cert.subject().to_string()),
+            common_name,
+            sans: sans.into(),
+            fingerprint: fingerprint.into(),
+        })
+    }
+}
+
+/// `s` with every byte outside printable ASCII, and `\`, as `\xHH`.
+fn printable(s: &str) -> Box<str> {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "\\x{b:02X}");
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_reads_subject_names_and_fingerprint_and_escapes_controls() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["svc.example".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("10.0.0.9".parse().unwrap()));
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://example/svc".try_into().unwrap(),
+        ));
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "svc\r\nX-Evil: 1");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Example");
+        let cert = params.self_signed(&key).unwrap();
+        let id = ClientIdentity::read(cert.der()).unwrap();
+        assert_eq!(id.common_name.as_deref(), Some("svc\\x0D\\x0AX-Evil: 1"));
+        assert!(
+            id.subject.contains("CN=svc\\x0D\\x0AX-Evil: 1"),
+            "{}",
+            id.subject
+        );
+        assert!(id.subject.contains("O=Example"), "{}", id.subject);
+        assert_eq!(
+            &*id.sans,
+            "DNS:svc.example, IP:10.0.0.9, URI:spiffe://example/svc"
+        );
+        assert_eq!(id.fingerprint.len(), 64);
+        assert!(id
+            .fingerprint
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(ClientIdentity::read(b"not a certificate").is_none());
+    }
+}

@@ -17,6 +17,7 @@ use rustls::ServerConfig;
 use crate::config;
 
 pub mod certs;
+pub mod client;
 pub mod client_auth;
 pub mod hello;
 pub mod memory;
@@ -301,6 +302,14 @@ pub struct TlsInfo {
     pub kernel: bool,
     /// ALPN chose `h2`: the connection speaks HTTP/2.
     pub alpn_h2: bool,
+    /// The session was resumed (its client certificate, if any, was
+    /// presented on an earlier connection).
+    pub resumed: bool,
+    /// The listener asks for client certificates (`client_auth`).
+    pub client_auth: bool,
+    /// The verified client certificate's identity, when one was sent.
+    /// Boxed: most connections have none, and this lives as long as they.
+    pub client: Option<Box<client_auth::ClientIdentity>>,
 }
 
 impl TlsInfo {
@@ -310,6 +319,17 @@ impl TlsInfo {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "-",
+        }
+    }
+
+    /// nginx's `$ssl_client_verify`: `SUCCESS` for a verified client
+    /// certificate (a refused one ends the handshake), `NONE` when the
+    /// listener asks for one and none was sent, `None` when it asks not.
+    pub fn client_verify(&self) -> Option<&'static str> {
+        match (self.client_auth, &self.client) {
+            (false, _) => None,
+            (true, Some(_)) => Some("SUCCESS"),
+            (true, None) => Some("NONE"),
         }
     }
 
@@ -483,104 +503,32 @@ impl Handshake {
                 Ok(Step::Read(None))
             };
         }
-        loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.input);
-            let mut flush = false;
-            let mut blocked = false;
-            let mut done = false;
-            let result: Result<(), HandshakeError> = match state {
-                Err(e) => Err(e.into()),
-                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    encode(&mut self.output, |out| enc.encode(out))
-                }
-                Ok(ConnectionState::TransmitTlsData(t)) => {
-                    t.done();
-                    flush = true;
-                    Ok(())
-                }
-                Ok(ConnectionState::ReadTraffic(mut r)) => {
-                    let mut res = Ok(());
-                    while let Some(rec) = r.next_record() {
-                        match rec {
-                            Ok(rec) => self.early_plaintext.extend_from_slice(rec.payload),
-                            Err(e) => {
-                                res = Err(e.into());
-                                break;
-                            }
-                        }
-                    }
-                    res
-                }
-                Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
-                    self.peer_closed = true;
-                    // Before the handshake finishes a close_notify is an abort;
-                    // after it, the stream stage reports EOF.
-                    if self.conn.is_handshaking() {
-                        Err(HandshakeError::Eof)
-                    } else {
-                        done = true;
-                        Ok(())
-                    }
-                }
-                Ok(ConnectionState::WriteTraffic(_)) => {
-                    // A TLS 1.3 server may write once its own Finished is out,
-                    // before the client's Finished arrives: not done yet.
-                    if self.conn.is_handshaking() {
-                        blocked = true;
-                    } else {
-                        done = true;
-                    }
-                    Ok(())
-                }
-                Ok(ConnectionState::BlockedHandshake) => {
-                    blocked = true;
-                    Ok(())
-                }
-                Ok(_) => Err(HandshakeError::Tls(rustls::Error::General(
-                    "unexpected early data state".into(),
-                ))),
-            };
-            if discard > 0 {
-                self.input.drain(..discard);
+        let result = advance(
+            &mut self.conn,
+            &mut self.input,
+            &mut self.output,
+            &mut self.early_plaintext,
+            &mut self.peer_closed,
+            self.eof,
+        );
+        match result {
+            Ok(step) => Ok(step),
+            Err(Stalled::Eof) => Err(HandshakeError::Eof),
+            Err(Stalled::Closed) => {
+                self.collect_alert();
+                Err(HandshakeError::Eof)
             }
-            if let Err(e) = result {
+            Err(Stalled::Tls(e)) => {
                 self.collect_alert();
                 // Some failures queue no alert (rustls' "incompatible
                 // signing key" when the client's signature schemes fit no
                 // key, in TLS 1.2): before anything of ours went out the
                 // client still gets a plaintext handshake_failure instead
                 // of a bare close.
-                if self.output.is_empty()
-                    && !self.transmitted
-                    && matches!(e, HandshakeError::Tls(_))
-                {
+                if self.output.is_empty() && !self.transmitted {
                     self.output.extend_from_slice(&HANDSHAKE_FAILURE);
                 }
-                return Err(e);
-            }
-            if flush && !self.output.is_empty() {
-                return Ok(Step::Transmit);
-            }
-            if blocked || done {
-                if !self.output.is_empty() {
-                    return Ok(Step::Transmit);
-                }
-                if done && self.peer_closed {
-                    // Records after close_notify are ignored (RFC 8446 §6.1).
-                    self.input.clear();
-                }
-                if done {
-                    return Ok(match partial_record_remaining(&self.input) {
-                        0 => Step::Done,
-                        _ if self.eof => return Err(HandshakeError::Eof),
-                        n => Step::Read(Some(n)),
-                    });
-                }
-                if self.eof {
-                    return Err(HandshakeError::Eof);
-                }
-                return Ok(Step::Read(None));
+                Err(HandshakeError::Tls(e))
             }
         }
     }
@@ -621,8 +569,8 @@ where
 /// buffer rustls was reading: it may hold progress into it (a partly joined
 /// handshake message), and an empty slice would make it index out of
 /// bounds.
-pub(crate) fn collect_alert(
-    conn: &mut UnbufferedServerConnection,
+pub(crate) fn collect_alert<C: Unbuffered>(
+    conn: &mut C,
     input: &mut Vec<u8>,
     output: &mut Vec<u8>,
 ) {
@@ -634,7 +582,7 @@ pub(crate) fn collect_alert(
         if !conn.wants_write() {
             break;
         }
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(input);
+        let UnbufferedStatus { discard, state } = conn.process(input);
         let more = match state {
             Ok(ConnectionState::EncodeTlsData(mut enc)) => {
                 encode(output, |out| enc.encode(out)).is_ok()
@@ -647,6 +595,159 @@ pub(crate) fn collect_alert(
         if !more {
             break;
         }
+    }
+}
+
+/// Why [`advance`] stopped short of a step.
+pub(crate) enum Stalled {
+    /// rustls failed; its alert, if it made one, is still queued (take it
+    /// with [`collect_alert`]).
+    Tls(rustls::Error),
+    /// The peer sent close_notify before the handshake finished (an
+    /// abort).
+    Closed,
+    /// The peer closed the connection with the handshake unfinished.
+    Eof,
+}
+
+/// Runs rustls' handshake state machine, on either end, as far as `input`
+/// allows: the core of both drivers' `poll`. Queues what must be sent in
+/// `output`, application data that came with the last flight in `early`.
+pub(crate) fn advance<C: Unbuffered>(
+    conn: &mut C,
+    input: &mut Vec<u8>,
+    output: &mut Vec<u8>,
+    early: &mut Vec<u8>,
+    peer_closed: &mut bool,
+    eof: bool,
+) -> Result<Step, Stalled> {
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process(input);
+        let mut flush = false;
+        let mut blocked = false;
+        let mut done = false;
+        let result: Result<(), Stalled> = match state {
+            Err(e) => Err(Stalled::Tls(e)),
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => encode(output, |out| enc.encode(out))
+                .map_err(|e| match e {
+                    HandshakeError::Tls(t) => Stalled::Tls(t),
+                    _ => Stalled::Tls(rustls::Error::General("encode".into())),
+                }),
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                flush = true;
+                Ok(())
+            }
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                let mut res = Ok(());
+                while let Some(rec) = r.next_record() {
+                    match rec {
+                        Ok(rec) => early.extend_from_slice(rec.payload),
+                        Err(e) => {
+                            res = Err(Stalled::Tls(e));
+                            break;
+                        }
+                    }
+                }
+                res
+            }
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                *peer_closed = true;
+                // Before the handshake finishes a close_notify is an abort;
+                // after it, the stream stage reports EOF.
+                if conn.is_handshaking() {
+                    Err(Stalled::Closed)
+                } else {
+                    done = true;
+                    Ok(())
+                }
+            }
+            Ok(ConnectionState::WriteTraffic(_)) => {
+                // A TLS 1.3 server may write once its own Finished is out,
+                // before the client's Finished arrives: not done yet. (A
+                // client is done once its Finished is queued; the
+                // server's tickets come later, to the record path.)
+                if conn.is_handshaking() {
+                    blocked = true;
+                } else {
+                    done = true;
+                }
+                Ok(())
+            }
+            Ok(ConnectionState::BlockedHandshake) => {
+                blocked = true;
+                Ok(())
+            }
+            Ok(_) => Err(Stalled::Tls(rustls::Error::General(
+                "unexpected early data state".into(),
+            ))),
+        };
+        if discard > 0 {
+            input.drain(..discard);
+        }
+        result?;
+        if flush && !output.is_empty() {
+            return Ok(Step::Transmit);
+        }
+        if blocked || done {
+            if !output.is_empty() {
+                return Ok(Step::Transmit);
+            }
+            if done && *peer_closed {
+                // Records after close_notify are ignored (RFC 8446 §6.1).
+                input.clear();
+            }
+            if done {
+                return match partial_record_remaining(input) {
+                    0 => Ok(Step::Done),
+                    _ if eof => Err(Stalled::Eof),
+                    n => Ok(Step::Read(Some(n))),
+                };
+            }
+            if eof {
+                return Err(Stalled::Eof);
+            }
+            return Ok(Step::Read(None));
+        }
+    }
+}
+
+/// rustls' unbuffered connection on either end, as the record paths use
+/// it (rustls has one `process_tls_records` per end, not a shared trait).
+pub(crate) trait Unbuffered {
+    /// rustls' per-end connection data.
+    type Data;
+    /// `process_tls_records`.
+    fn process<'c, 'i>(&'c mut self, input: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    /// rustls has queued bytes for the peer.
+    fn wants_write(&self) -> bool;
+    /// The handshake is not over yet.
+    fn is_handshaking(&self) -> bool;
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(&'c mut self, input: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(input)
+    }
+    fn wants_write(&self) -> bool {
+        rustls::CommonState::wants_write(self)
+    }
+    fn is_handshaking(&self) -> bool {
+        rustls::CommonState::is_handshaking(self)
+    }
+}
+
+impl Unbuffered for rustls::client::UnbufferedClientConnection {
+    type Data = rustls::client::ClientConnectionData;
+    fn process<'c, 'i>(&'c mut self, input: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(input)
+    }
+    fn wants_write(&self) -> bool {
+        rustls::CommonState::wants_write(self)
+    }
+    fn is_handshaking(&self) -> bool {
+        rustls::CommonState::is_handshaking(self)
     }
 }
 

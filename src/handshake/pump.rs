@@ -1,5 +1,6 @@
-//! The monoio pump around [`super::Handshake`]: owned-buffer reads and writes
-//! on the accepted socket, bounded by the handshake deadline.
+//! The monoio pump around a sans-IO handshake ([`super::Handshake`] with a
+//! client, [`super::client::ClientHandshake`] with a backend): owned-buffer
+//! reads and writes on the socket, bounded by a deadline.
 
 use std::time::Duration;
 
@@ -9,37 +10,82 @@ use monoio::net::TcpStream;
 
 use super::{Established, Handshake, HandshakeError, Step, MAX_RECORD};
 
+/// What the pump needs of a sans-IO handshake.
+pub trait Driver: Sized {
+    /// The finished handshake.
+    type Done;
+    /// Why it failed.
+    type Error: From<std::io::Error>;
+    /// Feeds bytes read from the peer (empty: the peer closed).
+    fn handle_input(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
+    /// Advances; says what the pump must do next.
+    fn poll(&mut self) -> Result<Step, Self::Error>;
+    /// The bytes to send now (given back with `output_sent`).
+    fn take_output(&mut self) -> Vec<u8>;
+    /// The output went out; its buffer, for reuse.
+    fn output_sent(&mut self, buf: Vec<u8>);
+    /// After `Step::Done`.
+    fn finish(self) -> Self::Done;
+    /// The error for a handshake that vanished (no driver left).
+    fn eof() -> Self::Error;
+    /// The error for a passed deadline.
+    fn timeout() -> Self::Error;
+}
+
+impl Driver for Handshake {
+    type Done = Established;
+    type Error = HandshakeError;
+    fn handle_input(&mut self, bytes: &[u8]) -> Result<(), HandshakeError> {
+        Handshake::handle_input(self, bytes)
+    }
+    fn poll(&mut self) -> Result<Step, HandshakeError> {
+        Handshake::poll(self)
+    }
+    fn take_output(&mut self) -> Vec<u8> {
+        Handshake::take_output(self)
+    }
+    fn output_sent(&mut self, buf: Vec<u8>) {
+        Handshake::output_sent(self, buf)
+    }
+    fn finish(self) -> Established {
+        Handshake::finish(self)
+    }
+    fn eof() -> HandshakeError {
+        HandshakeError::Eof
+    }
+    fn timeout() -> HandshakeError {
+        HandshakeError::Timeout
+    }
+}
+
 /// Drives `hs` to completion on `stream`, or fails after `deadline`.
 ///
 /// On failure the best-effort alert rustls produced has already been sent.
-pub async fn run(
+pub async fn run<H: Driver>(
     stream: &mut TcpStream,
-    hs: Handshake,
+    hs: H,
     deadline: Duration,
-) -> Result<Established, HandshakeError> {
+) -> Result<H::Done, H::Error> {
     run_after(stream, hs, deadline, &[]).await
 }
 
 /// [`run`], with `first_bytes` of the TLS stream already read from
 /// `stream` (after a PROXY protocol header).
-pub async fn run_after(
+pub async fn run_after<H: Driver>(
     stream: &mut TcpStream,
-    hs: Handshake,
+    hs: H,
     deadline: Duration,
     first_bytes: &[u8],
-) -> Result<Established, HandshakeError> {
+) -> Result<H::Done, H::Error> {
     let mut hs = Some(hs);
     let res = monoio::time::timeout(deadline, drive(stream, &mut hs, first_bytes)).await;
     match res {
-        Ok(Ok(())) => Ok(hs
-            .take()
-            .map(Handshake::finish)
-            .ok_or(HandshakeError::Eof)?),
+        Ok(Ok(())) => hs.take().map(H::finish).ok_or_else(H::eof),
         Ok(Err(e)) => {
             if let Some(mut hs) = hs {
                 let alert = hs.take_output();
                 if !alert.is_empty() {
-                    // Best effort, bounded: the client may be gone already.
+                    // Best effort, bounded: the peer may be gone already.
                     let _ =
                         monoio::time::timeout(Duration::from_millis(100), stream.write_all(alert))
                             .await;
@@ -47,17 +93,17 @@ pub async fn run_after(
             }
             Err(e)
         }
-        Err(_) => Err(HandshakeError::Timeout),
+        Err(_) => Err(H::timeout()),
     }
 }
 
-async fn drive(
+async fn drive<H: Driver>(
     stream: &mut TcpStream,
-    slot: &mut Option<Handshake>,
+    slot: &mut Option<H>,
     first_bytes: &[u8],
-) -> Result<(), HandshakeError> {
+) -> Result<(), H::Error> {
     let Some(hs) = slot.as_mut() else {
-        return Err(HandshakeError::Eof);
+        return Err(H::eof());
     };
     if !first_bytes.is_empty() {
         hs.handle_input(first_bytes)?;

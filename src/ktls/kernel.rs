@@ -9,9 +9,9 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 
+use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
-use rustls::server::UnbufferedServerConnection;
-use rustls::ProtocolVersion;
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion, SupportedCipherSuite};
 
 use super::record::{self, RecordBudget};
 use super::stream::StreamError;
@@ -19,9 +19,45 @@ use super::OffloadError;
 use crate::handshake::ServerData;
 use crate::sys::{self, KeyDirection};
 
+/// rustls' key schedule after the handshake, for either end.
+pub(super) enum KernelConn {
+    /// ktern is the server: a client's connection.
+    Server(KernelConnection<ServerData>),
+    /// ktern is the client: a backend's connection (`tls` on a route).
+    Client(KernelConnection<ClientConnectionData>),
+}
+
+impl KernelConn {
+    fn suite(&self) -> SupportedCipherSuite {
+        match self {
+            KernelConn::Server(c) => c.negotiated_cipher_suite(),
+            KernelConn::Client(c) => c.negotiated_cipher_suite(),
+        }
+    }
+
+    fn version(&self) -> ProtocolVersion {
+        match self {
+            KernelConn::Server(c) => c.protocol_version(),
+            KernelConn::Client(c) => c.protocol_version(),
+        }
+    }
+
+    fn next_secret(
+        &mut self,
+        dir: KeyDirection,
+    ) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match (self, dir) {
+            (KernelConn::Server(c), KeyDirection::Transmit) => c.update_tx_secret(),
+            (KernelConn::Server(c), KeyDirection::Receive) => c.update_rx_secret(),
+            (KernelConn::Client(c), KeyDirection::Transmit) => c.update_tx_secret(),
+            (KernelConn::Client(c), KeyDirection::Receive) => c.update_rx_secret(),
+        }
+    }
+}
+
 /// Key-schedule state under kTLS.
 pub(super) struct Kernel {
-    conn: KernelConnection<ServerData>,
+    conn: KernelConn,
     /// TLS 1.3 (KeyUpdate exists; TLS 1.2 connections cannot rekey).
     pub(super) tls13: bool,
     /// The kernel accepts replacement keys (Linux 6.13+).
@@ -76,13 +112,11 @@ impl Kernel {
     /// the TX and RX keys. `rekey`: the running kernel installs new keys.
     pub(super) fn offload(
         fd: BorrowedFd<'_>,
-        conn: UnbufferedServerConnection,
+        secrets: ExtractedSecrets,
+        kconn: KernelConn,
         rekey: bool,
     ) -> Result<Kernel, OffloadError> {
-        let (secrets, kconn) = conn
-            .dangerous_into_kernel_connection()
-            .map_err(OffloadError::Extract)?;
-        let suite = kconn.negotiated_cipher_suite();
+        let suite = kconn.suite();
         sys::set_ulp_tls(fd).map_err(|e| OffloadError::Kernel("ULP", e))?;
         let tx =
             crypto_info(suite, secrets.tx).map_err(|e| OffloadError::Kernel("TX cipher", e))?;
@@ -92,7 +126,7 @@ impl Kernel {
             .map_err(|e| OffloadError::Kernel("TX key", e))?;
         sys::set_crypto_info(fd, KeyDirection::Receive, &rx)
             .map_err(|e| OffloadError::Kernel("RX key", e))?;
-        let tls13 = kconn.protocol_version() == ProtocolVersion::TLSv1_3;
+        let tls13 = kconn.version() == ProtocolVersion::TLSv1_3;
         let limit = match suite {
             rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
             rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
@@ -157,12 +191,8 @@ impl Kernel {
     /// Computes `dir`'s next traffic secret (RFC 8446 §7.2) and hands it
     /// to the kernel.
     fn next_key(&mut self, fd: BorrowedFd<'_>, dir: KeyDirection) -> io::Result<()> {
-        let secret = match dir {
-            KeyDirection::Transmit => self.conn.update_tx_secret(),
-            KeyDirection::Receive => self.conn.update_rx_secret(),
-        }
-        .map_err(io::Error::other)?;
-        let info = crypto_info(self.conn.negotiated_cipher_suite(), secret)?;
+        let secret = self.conn.next_secret(dir).map_err(io::Error::other)?;
+        let info = crypto_info(self.conn.suite(), secret)?;
         sys::set_crypto_info(fd, dir, &info)
     }
 
@@ -207,5 +237,31 @@ impl Kernel {
                 Err(StreamError::RekeyUnsupported(e))
             }
         }
+    }
+
+    /// This end is the client (the peer is a server, which may send
+    /// NewSessionTicket after the handshake).
+    pub(super) fn is_client(&self) -> bool {
+        matches!(self.conn, KernelConn::Client(_))
+    }
+
+    /// The server's NewSessionTicket messages (`body`: one handshake
+    /// record), given to rustls so later connections resume. They arrive
+    /// after the keys went to the kernel (a TLS 1.3 server sends them once
+    /// it has the client's Finished), so the kernel hands them over as
+    /// handshake records. A body that holds anything else is refused.
+    pub(super) fn session_tickets(&mut self, body: &[u8]) -> Result<(), StreamError> {
+        let KernelConn::Client(conn) = &mut self.conn else {
+            return Err(StreamError::Unexpected("a NewSessionTicket from a client"));
+        };
+        let Some(tickets) = record::session_tickets(body) else {
+            return Err(StreamError::Unexpected(
+                "a malformed NewSessionTicket record",
+            ));
+        };
+        for payload in tickets {
+            conn.handle_new_session_ticket(payload)?;
+        }
+        Ok(())
     }
 }

@@ -205,6 +205,12 @@ pub enum Path {
     Userspace,
 }
 
+/// The kernel takes a connection's records: kTLS is not off and this
+/// kernel can carry the negotiated suite.
+fn kernel_carries(mode: KtlsMode, suite: Option<SupportedCipherSuite>, support: &Support) -> bool {
+    mode != KtlsMode::Off && suite.is_some_and(|s| support.covers(s))
+}
+
 /// Decides the record path for a finished handshake and builds the stream.
 pub fn establish(
     socket: monoio::net::TcpStream,
@@ -212,12 +218,28 @@ pub fn establish(
     mode: KtlsMode,
     support: &Support,
 ) -> Result<TlsConn, OffloadError> {
-    let suite = established.conn.negotiated_cipher_suite();
-    let use_kernel = mode != KtlsMode::Off && suite.is_some_and(|s| support.covers(s));
-    if use_kernel {
+    if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support) {
         stream::TlsConn::kernel(socket, established, support.rekey)
     } else {
         stream::TlsConn::userspace(socket, established)
+    }
+}
+
+/// [`establish`] for a backend connection (ktern the client, `tls` on a
+/// route): its keys go to the kernel too when it can carry the suite the
+/// backend chose, so a `tcp` route splices kTLS socket to kTLS socket.
+/// (A backend's choice of a suite the kernel lacks keeps that side in
+/// userspace, whatever `ktls` says: ktern does not pick the backend's.)
+pub fn establish_client(
+    socket: monoio::net::TcpStream,
+    established: crate::handshake::client::ClientEstablished,
+    mode: KtlsMode,
+    support: &Support,
+) -> Result<TlsConn, OffloadError> {
+    if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support) {
+        stream::TlsConn::kernel_client(socket, established, support.rekey)
+    } else {
+        stream::TlsConn::userspace_client(socket, established)
     }
 }
 

@@ -52,6 +52,10 @@ pub enum Control {
         /// The peer asked us to update our sending key as well.
         update_requested: bool,
     },
+    /// TLS 1.3 NewSessionTicket messages from a server (we are its
+    /// client): the record's whole body, one or more messages (RFC 8446
+    /// §4.6.1), for [`session_tickets`] to split.
+    SessionTickets,
     /// Anything else: a post-handshake message we do not accept
     /// (renegotiation ClientHello, client NewSessionTicket, …), a malformed
     /// record, or an unknown content type. Answered with `alert` and a close.
@@ -65,8 +69,9 @@ pub enum Control {
 
 /// Classifies a record the kernel handed us with its content type.
 ///
-/// `tls13` matters because KeyUpdate only exists in TLS 1.3.
-pub fn classify(record_type: u8, body: &[u8], tls13: bool) -> Control {
+/// `tls13` matters because KeyUpdate only exists in TLS 1.3; `from_server`
+/// because only a server sends NewSessionTicket.
+pub fn classify(record_type: u8, body: &[u8], tls13: bool, from_server: bool) -> Control {
     match record_type {
         content::ALERT => match body {
             [_, alert::CLOSE_NOTIFY] => Control::CloseNotify,
@@ -87,6 +92,7 @@ pub fn classify(record_type: u8, body: &[u8], tls13: bool) -> Control {
                 alert: alert::DECODE_ERROR,
                 what: "malformed KeyUpdate",
             },
+            [4, ..] if tls13 && from_server => Control::SessionTickets,
             [1, ..] => Control::Unexpected {
                 alert: alert::UNEXPECTED_MESSAGE,
                 what: "renegotiation attempt (ClientHello after the handshake)",
@@ -101,6 +107,28 @@ pub fn classify(record_type: u8, body: &[u8], tls13: bool) -> Control {
             what: "unexpected record type",
         },
     }
+}
+
+/// The payloads of the NewSessionTicket messages in a handshake record's
+/// `body` (type 4, a 24-bit length, the payload; RFC 8446 §4), or `None`
+/// if it holds anything else or a message runs past the record (a ticket
+/// split over records is not worth joining: the session just is not
+/// resumed, and ktern closes).
+pub fn session_tickets(mut body: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let [4, a, b, c, rest @ ..] = body else {
+            return None;
+        };
+        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        if rest.len() < len {
+            return None;
+        }
+        let (payload, next) = rest.split_at(len);
+        out.push(payload);
+        body = next;
+    }
+    Some(out)
 }
 
 /// Counts records sealed under one key against the cipher's confidentiality
@@ -156,14 +184,14 @@ mod tests {
 
     #[test]
     fn alerts() {
-        assert_eq!(classify(21, &[1, 0], true), Control::CloseNotify);
-        assert_eq!(classify(21, &[2, 40], true), Control::Alert(40));
+        assert_eq!(classify(21, &[1, 0], true, false), Control::CloseNotify);
+        assert_eq!(classify(21, &[2, 40], true, false), Control::Alert(40));
         assert!(matches!(
-            classify(21, &[2], true),
+            classify(21, &[2], true, false),
             Control::Unexpected { .. }
         ));
         assert!(matches!(
-            classify(21, &[2, 40, 1], false),
+            classify(21, &[2, 40, 1], false, false),
             Control::Unexpected { .. }
         ));
     }
@@ -171,31 +199,31 @@ mod tests {
     #[test]
     fn key_update_only_in_tls13() {
         assert_eq!(
-            classify(22, &key_update(true), true),
+            classify(22, &key_update(true), true, false),
             Control::KeyUpdate {
                 update_requested: true
             }
         );
         assert_eq!(
-            classify(22, &key_update(false), true),
+            classify(22, &key_update(false), true, false),
             Control::KeyUpdate {
                 update_requested: false
             }
         );
         assert!(matches!(
-            classify(22, &key_update(true), false),
+            classify(22, &key_update(true), false, false),
             Control::Unexpected { .. }
         ));
         // update_requested must be 0 or 1; a trailing message is not allowed.
         assert!(matches!(
-            classify(22, &[24, 0, 0, 1, 2], true),
+            classify(22, &[24, 0, 0, 1, 2], true, false),
             Control::Unexpected {
                 alert: alert::DECODE_ERROR,
                 ..
             }
         ));
         assert!(matches!(
-            classify(22, &[24, 0, 0, 1, 0, 24], true),
+            classify(22, &[24, 0, 0, 1, 0, 24], true, false),
             Control::Unexpected {
                 alert: alert::DECODE_ERROR,
                 ..
@@ -206,28 +234,45 @@ mod tests {
     #[test]
     fn other_handshake_and_types_are_unexpected() {
         assert!(matches!(
-            classify(22, &[1, 0, 0, 4, 3, 3, 0, 0], true),
+            classify(22, &[1, 0, 0, 4, 3, 3, 0, 0], true, false),
             Control::Unexpected {
                 alert: alert::UNEXPECTED_MESSAGE,
                 ..
             }
         ));
         assert!(matches!(
-            classify(22, &[4, 0, 0, 0], true),
+            classify(22, &[4, 0, 0, 0], true, false),
             Control::Unexpected { .. }
         ));
         assert!(matches!(
-            classify(20, &[1], true),
+            classify(20, &[1], true, false),
             Control::Unexpected { .. }
         ));
         assert!(matches!(
-            classify(99, &[], true),
+            classify(99, &[], true, false),
             Control::Unexpected { .. }
         ));
         assert!(matches!(
-            classify(22, &[], true),
+            classify(22, &[], true, false),
             Control::Unexpected { .. }
         ));
+    }
+
+    #[test]
+    fn session_tickets_only_from_a_tls13_server_and_split_by_message() {
+        let two = [4, 0, 0, 2, 0xaa, 0xbb, 4, 0, 0, 1, 0xcc];
+        assert_eq!(classify(22, &two, true, true), Control::SessionTickets);
+        assert!(matches!(
+            classify(22, &two, false, true),
+            Control::Unexpected { .. }
+        ));
+        assert_eq!(
+            session_tickets(&two),
+            Some(vec![&[0xaa, 0xbb][..], &[0xcc][..]])
+        );
+        // Cut short, or another message after a ticket.
+        assert_eq!(session_tickets(&[4, 0, 0, 9, 1]), None);
+        assert_eq!(session_tickets(&[4, 0, 0, 1, 1, 24, 0, 0, 1, 0]), None);
     }
 
     #[test]

@@ -22,27 +22,30 @@ use std::rc::Rc;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::kernel::{Kernel, RxStep, TxStep};
+use super::kernel::{Kernel, KernelConn, RxStep, TxStep};
 use super::record::{self, Control};
-use super::user::{decrypt_available, queue_close_notify, seal_userspace, User};
+use super::user::{decrypt_available, queue_close_notify, seal_userspace, User, UserConn};
 use super::{OffloadError, Path};
+use crate::handshake::client::ClientEstablished;
 use crate::handshake::{Established, MAX_RECORD};
 use crate::sys::{self, Pipe};
 
 /// Why a TLS stream stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// The client's socket failed (reset, broken pipe, …).
-    #[error("client socket: {0}")]
+    /// The peer's socket failed (reset, broken pipe, …). (The peer is
+    /// the client, or a backend on a route with `tls`; the route's error
+    /// says which.)
+    #[error("socket: {0}")]
     Io(#[from] io::Error),
     /// The client sent records rustls rejected (userspace path).
-    #[error("client sent invalid TLS: {0}")]
+    #[error("peer sent invalid TLS: {0}")]
     Tls(#[from] rustls::Error),
     /// The client sent a fatal alert.
-    #[error("client sent alert {0}")]
+    #[error("peer sent alert {0}")]
     PeerAlert(u8),
     /// The client sent a post-handshake message we do not accept; an alert was sent.
-    #[error("client sent {0}")]
+    #[error("peer sent {0}")]
     Unexpected(&'static str),
     /// The client asked for a TLS 1.3 KeyUpdate and this kernel cannot install
     /// new keys (Linux < 6.13 answers EBUSY); an alert was sent.
@@ -113,13 +116,54 @@ impl TlsConn {
             sni: _,
             acme_validation: _,
         } = est;
-        let kernel = Kernel::offload(sys::borrow_fd(&socket), conn, rekey)?;
+        let (secrets, kconn) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(OffloadError::Extract)?;
+        let kernel = Kernel::offload(
+            sys::borrow_fd(&socket),
+            secrets,
+            KernelConn::Server(kconn),
+            rekey,
+        )?;
         TlsConn::assemble(socket, Engine::Kernel(kernel), early_plaintext, peer_closed)
     }
 
     /// Keeps rustls sealing and opening records in userspace.
     pub(super) fn userspace(socket: TcpStream, est: Established) -> Result<TlsConn, OffloadError> {
-        let engine = Engine::User(Box::new(User::new(est.conn)));
+        let engine = Engine::User(Box::new(User::new(UserConn::Server(est.conn))));
+        TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
+    }
+
+    /// A backend connection (ktern the client) with its keys in the kernel.
+    pub(super) fn kernel_client(
+        socket: TcpStream,
+        est: ClientEstablished,
+        rekey: bool,
+    ) -> Result<TlsConn, OffloadError> {
+        let (secrets, kconn) = est
+            .conn
+            .dangerous_into_kernel_connection()
+            .map_err(OffloadError::Extract)?;
+        let kernel = Kernel::offload(
+            sys::borrow_fd(&socket),
+            secrets,
+            KernelConn::Client(kconn),
+            rekey,
+        )?;
+        TlsConn::assemble(
+            socket,
+            Engine::Kernel(kernel),
+            est.early_plaintext,
+            est.peer_closed,
+        )
+    }
+
+    /// A backend connection (ktern the client) on userspace records.
+    pub(super) fn userspace_client(
+        socket: TcpStream,
+        est: ClientEstablished,
+    ) -> Result<TlsConn, OffloadError> {
+        let engine = Engine::User(Box::new(User::new(UserConn::Client(est.conn))));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
     }
 
@@ -460,7 +504,7 @@ impl TlsReader {
                 "control record on the userspace path",
             ));
         };
-        match record::classify(rtype, buf, k.tls13) {
+        match record::classify(rtype, buf, k.tls13, k.is_client()) {
             Control::CloseNotify => {
                 self.eof = true;
                 Ok(None)
@@ -473,6 +517,14 @@ impl TlsReader {
             Control::KeyUpdate { update_requested } => {
                 k.install_rx(fd, update_requested).map(|()| None)
             }
+            Control::SessionTickets => match k.session_tickets(buf) {
+                Ok(()) => Ok(None),
+                Err(e) => {
+                    let alert = record::fatal_alert(record::alert::UNEXPECTED_MESSAGE);
+                    let _ = sys::send_record(fd, record::content::ALERT, &alert);
+                    Err(e)
+                }
+            },
         }
     }
 
@@ -556,6 +608,14 @@ pub struct TlsWriter {
 }
 
 impl TlsWriter {
+    /// Which record path this connection uses.
+    pub fn path(&self) -> Path {
+        match &*self.shared.borrow() {
+            Engine::Kernel(_) => Path::Kernel,
+            Engine::User(_) => Path::Userspace,
+        }
+    }
+
     /// Before sealing more records under kTLS: send the KeyUpdate the peer
     /// asked for, or the one our record budget needs, and install the new TX
     /// key. Without kernel rekey, a spent budget ends the stream.

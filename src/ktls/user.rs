@@ -3,15 +3,24 @@
 //! ciphertext in, plaintext out and the reverse; `stream.rs` moves the
 //! bytes.
 
+use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 
 use super::stream::StreamError;
-use crate::handshake::{self, ServerData};
+use crate::handshake::{self, Unbuffered};
+
+/// rustls' connection on the userspace path, for either end.
+pub(super) enum UserConn {
+    /// ktern is the server: a client's connection.
+    Server(UnbufferedServerConnection),
+    /// ktern is the client: a backend's connection.
+    Client(UnbufferedClientConnection),
+}
 
 /// rustls state on the userspace path.
 pub(super) struct User {
-    pub(super) conn: UnbufferedServerConnection,
+    pub(super) conn: UserConn,
     /// Ciphertext of a partly received record. Every `process_tls_records`
     /// call, from either half, must pass this same buffer: rustls remembers
     /// how far into it a fragmented handshake message was joined, and an
@@ -34,7 +43,7 @@ pub(super) struct User {
 
 impl User {
     /// The userspace path for a connection rustls finished the handshake on.
-    pub(super) fn new(conn: UnbufferedServerConnection) -> User {
+    pub(super) fn new(conn: UserConn) -> User {
         User {
             conn,
             inbuf: Vec::new(),
@@ -51,10 +60,24 @@ pub(super) fn decrypt_available(
     plain: &mut Vec<u8>,
     eof: &mut bool,
 ) -> Result<(), StreamError> {
+    match &mut u.conn {
+        UserConn::Server(c) => decrypt(c, &mut u.inbuf, &mut u.tls_out, &mut u.failed, plain, eof),
+        UserConn::Client(c) => decrypt(c, &mut u.inbuf, &mut u.tls_out, &mut u.failed, plain, eof),
+    }
+}
+
+fn decrypt<C: Unbuffered>(
+    conn: &mut C,
+    inbuf: &mut Vec<u8>,
+    tls_out: &mut Vec<u8>,
+    failed: &mut bool,
+    plain: &mut Vec<u8>,
+    eof: &mut bool,
+) -> Result<(), StreamError> {
     // Plaintext is never longer than the ciphertext holding it.
-    plain.reserve(u.inbuf.len());
+    plain.reserve(inbuf.len());
     loop {
-        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
+        let UnbufferedStatus { discard, state } = conn.process(inbuf);
         let mut stop = false;
         let res: Result<(), StreamError> = match state {
             Ok(ConnectionState::ReadTraffic(mut r)) => {
@@ -71,7 +94,7 @@ pub(super) fn decrypt_available(
                 res
             }
             Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                handshake::encode(&mut u.tls_out, |o| enc.encode(o))
+                handshake::encode(tls_out, |o| enc.encode(o))
                     .map_err(|_| StreamError::Unexpected("encode"))
             }
             Ok(ConnectionState::TransmitTlsData(t)) => {
@@ -90,17 +113,17 @@ pub(super) fn decrypt_available(
             Err(e) => Err(e.into()),
         };
         if discard > 0 {
-            u.inbuf.drain(..discard);
+            inbuf.drain(..discard);
         }
         if let Err(e) = res {
             // rustls queued a fatal alert; the writer flushes it on abort.
-            handshake::collect_alert(&mut u.conn, &mut u.inbuf, &mut u.tls_out);
-            u.failed = true;
+            handshake::collect_alert(conn, inbuf, tls_out);
+            *failed = true;
             return Err(e);
         }
         if stop {
             if *eof {
-                u.inbuf.clear();
+                inbuf.clear();
             }
             return Ok(());
         }
@@ -115,24 +138,39 @@ enum WriteStep {
     Done(Result<(), StreamError>),
 }
 
+/// What the writer asks of rustls once it offers `WriteTraffic`.
+#[derive(Clone, Copy)]
+enum WriteOp<'a> {
+    /// Seal this plaintext (`guess`: the ciphertext size expected).
+    Encrypt(&'a [u8], usize),
+    /// Queue close_notify.
+    CloseNotify,
+}
+
 /// Drives rustls until it offers `WriteTraffic`, encoding anything it
-/// queued first (e.g. a KeyUpdate reply), then runs `f` on it.
-fn with_write_traffic(
-    u: &mut User,
-    mut f: impl FnMut(
-        &mut rustls::unbuffered::WriteTraffic<'_, ServerData>,
-        &mut Vec<u8>,
-    ) -> Result<(), StreamError>,
-) -> Result<(), StreamError> {
+/// queued first (e.g. a KeyUpdate reply), then does `op` on it.
+fn with_write_traffic(u: &mut User, op: WriteOp<'_>) -> Result<(), StreamError> {
     if u.failed {
         return Err(StreamError::Unexpected("the connection failed"));
     }
+    match &mut u.conn {
+        UserConn::Server(c) => write_traffic(c, &mut u.inbuf, &mut u.tls_out, op),
+        UserConn::Client(c) => write_traffic(c, &mut u.inbuf, &mut u.tls_out, op),
+    }
+}
+
+fn write_traffic<C: Unbuffered>(
+    conn: &mut C,
+    inbuf: &mut Vec<u8>,
+    tls_out: &mut Vec<u8>,
+    op: WriteOp<'_>,
+) -> Result<(), StreamError> {
     loop {
-        let UnbufferedStatus { discard, state } = u.conn.process_tls_records(&mut u.inbuf);
+        let UnbufferedStatus { discard, state } = conn.process(inbuf);
         let step = match state {
             Err(e) => WriteStep::Done(Err(e.into())),
             Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                match handshake::encode(&mut u.tls_out, |o| enc.encode(o)) {
+                match handshake::encode(tls_out, |o| enc.encode(o)) {
                     Ok(()) => WriteStep::Again,
                     Err(_) => WriteStep::Done(Err(StreamError::Unexpected("encode"))),
                 }
@@ -141,9 +179,17 @@ fn with_write_traffic(
                 t.done();
                 WriteStep::Again
             }
-            Ok(ConnectionState::WriteTraffic(mut wt)) => {
-                WriteStep::Done(f(&mut wt, &mut u.tls_out))
-            }
+            Ok(ConnectionState::WriteTraffic(mut wt)) => WriteStep::Done(match op {
+                WriteOp::Encrypt(plain, guess) => handshake::encode_sized(tls_out, guess, |o| {
+                    wt.encrypt(plain, o)
+                })
+                .map_err(|e| match e {
+                    handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
+                    _ => StreamError::ConfidentialityLimit,
+                }),
+                WriteOp::CloseNotify => handshake::encode(tls_out, |o| wt.queue_close_notify(o))
+                    .map_err(|_| StreamError::Unexpected("close_notify")),
+            }),
             // Peer closed its side; we may still send (half-close).
             Ok(ConnectionState::PeerClosed) => WriteStep::Again,
             Ok(_) => WriteStep::Done(Err(StreamError::Unexpected(
@@ -153,7 +199,7 @@ fn with_write_traffic(
         // The reader leaves no complete record in `inbuf`, so nothing is
         // processed here; honour a discard anyway.
         if discard > 0 {
-            u.inbuf.drain(..discard);
+            inbuf.drain(..discard);
         }
         if let WriteStep::Done(r) = step {
             return r;
@@ -173,17 +219,9 @@ pub(super) fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamErr
         let small = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
         crate::buffers::give(small);
     }
-    with_write_traffic(u, |wt, out| {
-        handshake::encode_sized(out, guess, |o| wt.encrypt(plain, o)).map_err(|e| match e {
-            handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
-            _ => StreamError::ConfidentialityLimit,
-        })
-    })
+    with_write_traffic(u, WriteOp::Encrypt(plain, guess))
 }
 
 pub(super) fn queue_close_notify(u: &mut User) -> Result<(), StreamError> {
-    with_write_traffic(u, |wt, out| {
-        handshake::encode(out, |o| wt.queue_close_notify(o))
-            .map_err(|_| StreamError::Unexpected("close_notify"))
-    })
+    with_write_traffic(u, WriteOp::CloseNotify)
 }

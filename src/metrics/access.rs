@@ -144,6 +144,15 @@ fn combined(r: &Record<'_>, out: &mut String) {
         }
         None => out.push('-'),
     }
+    // Only on listeners that ask for client certificates.
+    if let Some(verify) = r.tls.client_verify() {
+        let _ = write!(out, " client_verify={verify}");
+        if let Some(id) = &r.tls.client {
+            out.push_str(" client_dn=\"");
+            escape_text(id.subject.as_bytes(), out);
+            let _ = write!(out, "\" client_fp={}", id.fingerprint);
+        }
+    }
 }
 
 /// Bytes outside printable ASCII, `"` and `\` become `\xHH` (as nginx
@@ -168,6 +177,9 @@ fn json(r: &Record<'_>, out: &mut String) {
         "tls_version": r.tls.version_name(),
         "cipher": r.tls.cipher_name(),
         "ktls": r.tls.kernel,
+        "client_verify": r.tls.client_verify(),
+        "client_dn": r.tls.client.as_ref().map(|c| &*c.subject),
+        "client_fingerprint": r.tls.client.as_ref().map(|c| &*c.fingerprint),
         "method": r.method,
         "host": r.host,
         "path": r.target,
@@ -241,6 +253,9 @@ mod tests {
             suite: Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
             kernel: true,
             alpn_h2: false,
+            resumed: false,
+            client_auth: false,
+            client: None,
         }
     }
 
@@ -309,5 +324,37 @@ mod tests {
         assert_eq!(v["bytes_in"], 80);
         assert_eq!(v["upstream"], "127.0.0.1:9000");
         assert_eq!(v["referer"], serde_json::Value::Null);
+        assert_eq!(v["client_verify"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn client_certificate_fields_appear_where_the_listener_asks_for_one() {
+        use crate::handshake::client_auth::ClientIdentity;
+        let mut tls = info();
+        tls.client_auth = true;
+        let mut line = String::new();
+        combined(&record(&tls, "/"), &mut line);
+        assert!(line.ends_with(" urt=0.002 client_verify=NONE"), "{line}");
+        tls.client = Some(Box::new(ClientIdentity {
+            subject: "CN=svc \"x\", O=Example".into(),
+            common_name: Some("svc".into()),
+            sans: "DNS:svc.example".into(),
+            fingerprint: "ab".repeat(32).into(),
+        }));
+        line.clear();
+        combined(&record(&tls, "/"), &mut line);
+        assert!(
+            line.ends_with(&format!(
+                " client_verify=SUCCESS client_dn=\"CN=svc \\x22x\\x22, O=Example\" client_fp={}",
+                "ab".repeat(32)
+            )),
+            "{line}"
+        );
+        line.clear();
+        json(&record(&tls, "/"), &mut line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["client_verify"], "SUCCESS");
+        assert_eq!(v["client_dn"], "CN=svc \"x\", O=Example");
+        assert_eq!(v["client_fingerprint"], "ab".repeat(32));
     }
 }

@@ -44,6 +44,14 @@ counters! {
     pp_untrusted => "ktern_proxy_protocol_untrusted_total", "Connections closed on a PROXY protocol listener: the source is not in proxy_protocol.trusted.";
     pp_invalid => "ktern_proxy_protocol_invalid_total", "Connections closed on a PROXY protocol listener: missing, malformed or oversized header.";
     pp_timeout => "ktern_proxy_protocol_timeout_total", "Connections closed on a PROXY protocol listener: no complete header within proxy_protocol.timeout.";
+    upstream_tls_handshakes => "ktern_upstream_tls_handshakes_total", "TLS handshakes with backends completed (tcp routes with tls).";
+    upstream_tls_resumed => "ktern_upstream_tls_resumed_total", "Backend TLS handshakes that resumed a session (session_reuse).";
+    upstream_tls_failures => "ktern_upstream_tls_failures_total", "Backend TLS handshakes failed (certificate refused, backend alert or close, not TLS, timeout); the client was closed.";
+    upstream_ktls_offloaded => "ktern_upstream_ktls_offloaded_total", "Backend TLS connections whose record crypto went to the kernel.";
+    passthrough_routed => "ktern_passthrough_connections_total", "Passthrough connections routed by their ClientHello to an upstream group.";
+    passthrough_no_route => "ktern_passthrough_no_route_total", "Passthrough connections closed: no rule matched the SNI (or there was none) and no default is set.";
+    passthrough_bad_hello => "ktern_passthrough_bad_hello_total", "Passthrough connections closed: the first bytes were not a TLS ClientHello, or it was larger than 64 KiB.";
+    passthrough_hello_timeout => "ktern_passthrough_hello_timeout_total", "Passthrough connections closed: no whole ClientHello within hello_timeout.";
     hs_fail_timeout => "ktern_handshake_failures_timeout_total", "Handshakes failed: deadline passed.";
     hs_fail_eof => "ktern_handshake_failures_eof_total", "Handshakes failed: client closed or reset mid-handshake.";
     ktls_offloaded => "ktern_ktls_offloaded_total", "Connections whose record crypto went to the kernel.";

@@ -48,10 +48,16 @@ pub enum ProxyError {
     /// The backend side failed (reset, refused write).
     #[error("upstream: {0}")]
     Upstream(io::Error),
+    /// The backend's TLS failed after its handshake (`tls` on the route).
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(StreamError),
     /// No bytes moved for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
 }
+
+/// Which side an error of one direction's read or write is charged to.
+type Blame<E> = fn(E) -> ProxyError;
 
 /// Bytes moved by a finished connection.
 #[derive(Debug, Default, Clone, Copy)]
@@ -147,6 +153,244 @@ impl Session {
         moved.set(m);
         result
     }
+}
+
+/// A `tcp` route with `tls`: TLS on both sides. When both connections'
+/// keys are in the kernel the plaintext never enters userspace: kTLS
+/// socket → pipe → kTLS socket (the kernel decrypts on one side and
+/// encrypts on the other); otherwise it moves through rustls on the side
+/// that has it.
+pub struct TlsSession {
+    reader: TlsReader,
+    writer: TlsWriter,
+    backend_reader: TlsReader,
+    backend_writer: TlsWriter,
+}
+
+impl TlsSession {
+    /// Pairs an established client connection with an established
+    /// backend connection.
+    pub fn new(client: TlsConn, backend: TlsConn) -> TlsSession {
+        let (reader, writer) = client.split();
+        let (backend_reader, backend_writer) = backend.split();
+        TlsSession {
+            reader,
+            writer,
+            backend_reader,
+            backend_writer,
+        }
+    }
+
+    /// Both record paths: the client's, then the backend's.
+    pub fn paths(&self) -> (Path, Path) {
+        (self.reader.path(), self.backend_reader.path())
+    }
+
+    /// Moves bytes both ways (half-close: each side's close_notify/FIN
+    /// becomes close_notify + FIN on the other) until both directions end,
+    /// one fails, or the connection idles out.
+    pub async fn run(
+        &mut self,
+        idle: &Idle,
+        pipes: &PipePool,
+        moved: &Cell<Moved>,
+    ) -> Result<(), ProxyError> {
+        let result = {
+            let up = pin!(tls_through(
+                &mut self.reader,
+                &mut self.backend_writer,
+                pipes,
+                idle,
+                moved,
+                true
+            ));
+            let down = pin!(tls_through(
+                &mut self.backend_reader,
+                &mut self.writer,
+                pipes,
+                idle,
+                moved,
+                false
+            ));
+            both_or_first_error(up, down, idle).await
+        };
+        match &result {
+            Err(ProxyError::Idle(_)) => {
+                let _ = Box::pin(self.writer.close()).await;
+                let _ = Box::pin(self.backend_writer.close()).await;
+            }
+            Err(_) => {
+                Box::pin(self.writer.abort()).await;
+                Box::pin(self.backend_writer.abort()).await;
+            }
+            Ok(()) => {}
+        }
+        let rekeys = self.reader.rekeys();
+        let mut m = moved.get();
+        m.rekey_rx = rekeys.rx;
+        m.rekey_tx = rekeys.tx;
+        moved.set(m);
+        result
+    }
+}
+
+/// One direction of a [`TlsSession`]: `from`'s plaintext to `to` until
+/// `from` ends, then close_notify and FIN on `to`. `up`: client to backend
+/// (a read error is the client's, a write error the backend's).
+async fn tls_through(
+    from: &mut TlsReader,
+    to: &mut TlsWriter,
+    pipes: &PipePool,
+    activity: &Idle,
+    moved: &Cell<Moved>,
+    up: bool,
+) -> Result<(), ProxyError> {
+    let (reading, writing): (Blame<StreamError>, Blame<StreamError>) = if up {
+        (ProxyError::Downstream, ProxyError::UpstreamTls)
+    } else {
+        (ProxyError::UpstreamTls, ProxyError::Downstream)
+    };
+    let count = |n: usize| {
+        let (u, d) = if up { (n as u64, 0) } else { (0, n as u64) };
+        note(activity, moved, u, d);
+    };
+    let early = from.take_pending();
+    if !early.is_empty() {
+        let n = early.len();
+        let (res, _) = Box::pin(to.write_all(early)).await;
+        res.map_err(writing)?;
+        count(n);
+    }
+    if from.path() == Path::Kernel && to.path() == Path::Kernel {
+        let mut held: Option<Pipe> = None;
+        loop {
+            let pipe = match held.take() {
+                Some(p) => p,
+                None => pipes.take().map_err(ProxyError::Upstream)?,
+            };
+            match from.splice_to(&pipe, SPLICE_CHUNK).await.map_err(reading)? {
+                Spliced::Bytes(n) => {
+                    Box::pin(to.splice_from(&pipe, n)).await.map_err(writing)?;
+                    count(n);
+                    held = Some(pipe);
+                }
+                Spliced::WouldBlock => {
+                    pipes.give(pipe);
+                    from.readable()
+                        .await
+                        .map_err(|e| reading(StreamError::from(e)))?;
+                }
+                Spliced::Eof => {
+                    pipes.give(pipe);
+                    break;
+                }
+            }
+        }
+    } else {
+        while let Some(chunk) = Box::pin(from.read_chunk()).await.map_err(reading)? {
+            let n = chunk.len();
+            let (res, _) = Box::pin(to.write_all(chunk)).await;
+            res.map_err(writing)?;
+            count(n);
+        }
+    }
+    Box::pin(to.close()).await.map_err(writing)
+}
+
+/// A `passthrough` connection: the client's TLS bytes go to the backend
+/// and back untouched, socket → pipe → socket both ways (`splice`: the
+/// bytes never enter userspace), with half-close as [`tunnel`].
+pub struct Passthrough {
+    client_rd: ReadSide,
+    client_wr: WriteSide,
+    backend_rd: ReadSide,
+    backend_wr: WriteSide,
+}
+
+impl Passthrough {
+    /// Pairs a client (its ClientHello already forwarded) with a backend.
+    pub fn new(client: TcpStream, backend: TcpStream) -> Result<Passthrough, ProxyError> {
+        let (client_rd, client_wr) =
+            sys::split_stream(client).map_err(|e| ProxyError::Downstream(e.into()))?;
+        let (backend_rd, backend_wr) = sys::split_stream(backend).map_err(ProxyError::Upstream)?;
+        Ok(Passthrough {
+            client_rd,
+            client_wr,
+            backend_rd,
+            backend_wr,
+        })
+    }
+
+    /// Moves bytes both ways until both directions end, one fails, or the
+    /// connection idles out; `moved` counts them as they go.
+    pub async fn run(
+        &mut self,
+        idle: &Idle,
+        pipes: &PipePool,
+        moved: &Cell<Moved>,
+    ) -> Result<(), ProxyError> {
+        let up = pin!(splice_through(
+            &self.client_rd,
+            &mut self.backend_wr,
+            pipes,
+            idle,
+            moved,
+            true
+        ));
+        let down = pin!(splice_through(
+            &self.backend_rd,
+            &mut self.client_wr,
+            pipes,
+            idle,
+            moved,
+            false
+        ));
+        both_or_first_error(up, down, idle).await
+    }
+}
+
+/// One direction of a [`Passthrough`]: splices `from` into `to` until
+/// `from` ends, then half-closes `to`. `up`: client to backend (a read
+/// error is the client's, a write error the backend's), else the reverse.
+async fn splice_through(
+    from: &ReadSide,
+    to: &mut WriteSide,
+    pipes: &PipePool,
+    activity: &Idle,
+    moved: &Cell<Moved>,
+    up: bool,
+) -> Result<(), ProxyError> {
+    let (reading, writing): (Blame<io::Error>, Blame<io::Error>) = if up {
+        (|e| ProxyError::Downstream(e.into()), ProxyError::Upstream)
+    } else {
+        (ProxyError::Upstream, |e| ProxyError::Downstream(e.into()))
+    };
+    let mut held: Option<Pipe> = None;
+    loop {
+        let pipe = match held.take() {
+            Some(p) => p,
+            None => pipes.take().map_err(ProxyError::Upstream)?,
+        };
+        match sys::splice(sys::borrow_fd(from), pipe.tx.as_fd(), SPLICE_CHUNK) {
+            Ok(0) => {
+                pipes.give(pipe);
+                break;
+            }
+            Ok(n) => {
+                Box::pin(drain_pipe(&pipe, to, n)).await.map_err(writing)?;
+                let (u, d) = if up { (n as u64, 0) } else { (0, n as u64) };
+                note(activity, moved, u, d);
+                held = Some(pipe);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipes.give(pipe);
+                from.get().readable(false).await.map_err(reading)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => held = Some(pipe),
+            Err(e) => return Err(reading(e)),
+        }
+    }
+    sys::shutdown_write(sys::borrow_fd(to)).map_err(writing)
 }
 
 /// Pipes bytes both ways between an established client and a backend

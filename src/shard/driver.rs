@@ -39,15 +39,27 @@ pub fn serve(
     M::inc(&m.accepted);
     M::inc(&m.active);
     M::inc(&gen.active[listener]);
-    let handshake = Box::pin(establish(
-        shard.clone(),
-        gen.clone(),
-        listener,
-        socket,
-        peer,
-    ));
+    // A passthrough connection is served whole by its stage (it has no
+    // TLS of ours); the others hand an established connection on.
+    type First = std::pin::Pin<Box<dyn Future<Output = Option<(TlsConn, TlsInfo, SocketAddr)>>>>;
+    let first: First = match &gen.config().listeners[listener].route {
+        Route::Passthrough(_) => Box::pin(passthrough(
+            shard.clone(),
+            gen.clone(),
+            listener,
+            socket,
+            peer,
+        )),
+        _ => Box::pin(establish(
+            shard.clone(),
+            gen.clone(),
+            listener,
+            socket,
+            peer,
+        )),
+    };
     async move {
-        if let Some((conn, info, peer)) = handshake.await {
+        if let Some((conn, info, peer)) = first.await {
             proxy(&shard, &gen, listener, conn, info, peer).await;
         }
         M::dec(&shard.metrics.active);
@@ -117,6 +129,183 @@ async fn read_proxy_header(
     }
 }
 
+/// The most a passthrough connection's first bytes may hold before its
+/// ClientHello ends: the largest hello ktern reads ([`MAX_HELLO`]), with
+/// room for its record headers when a client splits it into small
+/// records (5 bytes each).
+///
+/// [`MAX_HELLO`]: handshake::hello::MAX_HELLO
+const PASSTHROUGH_PEEK_MAX: usize = 2 * handshake::hello::MAX_HELLO;
+
+/// Reads a connection's first bytes onto `buf` until they hold a whole
+/// ClientHello (returned), or are not one (`Err`, the reason).
+async fn read_hello(
+    socket: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<handshake::hello::Hello, &'static str> {
+    use handshake::hello::{peek, Peeked};
+    use monoio::buf::SliceMut;
+    use monoio::io::AsyncReadRent;
+    loop {
+        if !buf.is_empty() {
+            match peek(buf) {
+                Peeked::Hello(h) => return Ok(h),
+                Peeked::NotHello => return Err("not a TLS ClientHello"),
+                Peeked::NeedMore => {}
+            }
+        }
+        let have = buf.len();
+        if have >= PASSTHROUGH_PEEK_MAX {
+            return Err("no whole ClientHello in the first 128 KiB");
+        }
+        if buf.capacity() == have {
+            buf.reserve(have.clamp(2048, PASSTHROUGH_PEEK_MAX - have));
+        }
+        let want = (PASSTHROUGH_PEEK_MAX - have).min(buf.capacity() - have);
+        let (res, b) = socket
+            .read(SliceMut::new(std::mem::take(buf), have, have + want))
+            .await;
+        *buf = b.into_inner();
+        match res {
+            Ok(0) => return Err("the client closed before its ClientHello ended"),
+            Ok(_) => {}
+            Err(_) => return Err("the client's socket failed before its ClientHello ended"),
+        }
+    }
+}
+
+/// A `passthrough` connection, whole: the PROXY header (if the listener
+/// expects one), the ClientHello read but not answered, an upstream group
+/// picked by its SNI and ALPN, then the bytes read and all that follow
+/// spliced to the backend untouched, and back. Always `None`: nothing is
+/// left for the proxy stage.
+async fn passthrough(
+    shard: Rc<Shard>,
+    gen: Rc<ShardGen>,
+    listener: usize,
+    mut socket: TcpStream,
+    peer: SocketAddr,
+) -> Option<(TlsConn, TlsInfo, SocketAddr)> {
+    use monoio::io::AsyncWriteRentExt;
+    let config = &gen.config().listeners[listener];
+    let Route::Passthrough(route) = &config.route else {
+        return None;
+    };
+    let m = &shard.metrics;
+    let _ = socket.set_nodelay(true);
+    let (peer, mut first) = match &config.proxy_protocol {
+        None => (peer, Vec::new()),
+        Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
+    };
+    let hello = match monoio::time::timeout(
+        route.hello_timeout,
+        read_hello(&mut socket, &mut first),
+    )
+    .await
+    {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(why)) => {
+            M::inc(&m.passthrough_bad_hello);
+            tracing::info!(%peer, "passthrough: connection closed: {why}");
+            return None;
+        }
+        Err(_) => {
+            M::inc(&m.passthrough_hello_timeout);
+            tracing::info!(%peer, timeout = ?route.hello_timeout, "passthrough: no whole ClientHello in time, connection closed");
+            return None;
+        }
+    };
+    let Some(group) = route.pick(hello.sni.as_deref(), &hello.alpn) else {
+        M::inc(&m.passthrough_no_route);
+        tracing::info!(%peer, sni = hello.sni.as_deref(), "passthrough: no rule for this server name and no default; connection closed");
+        return None;
+    };
+    M::inc(&m.passthrough_routed);
+    let upstream = &gen.config().upstreams[group];
+    let balancer = &gen.upstream_balancers[group];
+    // `balance = "hash"` places a client by its address (a header-keyed
+    // hash has no request here: round robin).
+    let ip_key = crate::proxy::http::exchange::ip_key(peer);
+    let key = matches!(
+        balancer.balance(),
+        crate::config::Balance::Hash(crate::config::HashKey::ClientIp)
+    )
+    .then_some(&ip_key[..]);
+    let connected = Box::pin(balancer.acquire(
+        None,
+        key,
+        upstream.connect_timeout,
+        std::time::Duration::ZERO,
+        std::time::Instant::now(),
+    ))
+    .await;
+    // The lease is held for the connection's life (`least_conn` counts it).
+    let (mut backend, addr, _lease) = match connected {
+        Ok((backend, addr, _, lease)) => (backend, addr, lease),
+        Err(e) => {
+            M::inc(match e {
+                crate::upstream::UpstreamError::Local { .. } => &m.local_exhaustion,
+                _ => &m.upstream_connect_failures,
+            });
+            tracing::warn!(%peer, upstream = %upstream.name, error = %e, "passthrough: upstream connect failed");
+            return None;
+        }
+    };
+    // The PROXY header, then the bytes read so far (the hello), in one
+    // write: the backend's TLS stack sees the hello where it expects it.
+    let mut out = match route.send_proxy {
+        None => Vec::new(),
+        Some(version) => match socket.local_addr().and_then(|local| {
+            crate::upstream::proxy_out::header(version, peer, local, hello.sni.as_deref(), None)
+        }) {
+            Ok(h) => h,
+            Err(e) => {
+                M::inc(&m.upstream_errors);
+                tracing::warn!(%peer, backend = %addr, error = %e, "passthrough: cannot build the PROXY header");
+                return None;
+            }
+        },
+    };
+    let hello_len = first.len() as u64;
+    out.extend_from_slice(&first);
+    // Freed now, not at the connection's end: this state lives as long as
+    // the tunnel (as does only the hello's server name below).
+    drop(first);
+    let sni = hello.sni;
+    drop(hello.alpn);
+    if let Err(e) = Box::pin(backend.write_all(out)).await.0 {
+        M::inc(&m.upstream_errors);
+        tracing::warn!(%peer, backend = %addr, error = %e, "passthrough: backend write failed");
+        return None;
+    }
+    let moved = Cell::new(Moved {
+        up: hello_len,
+        ..Moved::default()
+    });
+    let result = match tcp::Passthrough::new(socket, backend) {
+        Ok(mut session) => {
+            let idle = shard.idle.register(route.idle_timeout);
+            Box::pin(session.run(&idle, &shard.pipes, &moved)).await
+        }
+        Err(e) => Err(e),
+    };
+    let moved = moved.get();
+    M::add(&m.bytes_in, moved.up);
+    M::add(&m.bytes_out, moved.down);
+    match result {
+        Err(e) => {
+            let failure = Failure::Tcp(e);
+            let (counter, side) = failure.classify(m);
+            M::inc(counter);
+            tracing::info!(%peer, sni = sni.as_deref(), backend = %addr, up = moved.up, down = moved.down, side, error = %failure, "passthrough connection ended with error");
+        }
+        Ok(()) => {
+            tracing::debug!(%peer, sni = sni.as_deref(), backend = %addr, up = moved.up, down = moved.down, "passthrough connection closed")
+        }
+    }
+    None
+}
+
 /// The PROXY header (if the listener expects one), the handshake, then
 /// the record-path decision. `None` when the connection ended (already
 /// logged and counted); else the connection, its TLS facts and the client
@@ -184,12 +373,20 @@ async fn establish(
         suite: est.conn.negotiated_cipher_suite().map(|s| s.suite()),
         kernel: false,
         alpn_h2: est.conn.alpn_protocol() == Some(b"h2"),
+        resumed: est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        client_auth: gen.config().listeners[listener].client_auth.is_some(),
+        client: est
+            .conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|der| handshake::client_auth::ClientIdentity::read(der))
+            .map(Box::new),
     };
     f.handshakes.record(
         info.version,
         info.suite,
         est.conn.negotiated_key_exchange_group().map(|g| g.name()),
-        est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        info.resumed,
     );
     let mode = gen.config().runtime.ktls;
     if tracing::enabled!(tracing::Level::DEBUG) {
@@ -226,25 +423,90 @@ async fn establish(
 
 /// Writes the PROXY header (`send_proxy`) first on a new backend
 /// connection: the client's address (the PROXY-in header's, when the
-/// listener takes one) and the address it connected to.
+/// listener takes one), the address it connected to, and (v2) the TLS
+/// facts with the client certificate's common name.
 async fn send_proxy(
     mut backend: TcpStream,
     addr: SocketAddr,
     version: crate::config::ProxyVersion,
     peer: SocketAddr,
     conn: &TlsConn,
+    tls: &TlsInfo,
 ) -> Result<(TcpStream, SocketAddr), crate::upstream::UpstreamError> {
     use monoio::io::AsyncWriteRentExt;
-    let written = match conn
-        .local_addr()
-        .and_then(|local| crate::upstream::proxy_out::header(version, peer, local))
-    {
+    let written = match conn.local_addr().and_then(|local| {
+        crate::upstream::proxy_out::header(version, peer, local, tls.sni.as_deref(), Some(tls))
+    }) {
         Ok(header) => backend.write_all(header).await.0.map(drop),
         Err(e) => Err(e),
     };
     match written {
         Ok(()) => Ok((backend, addr)),
         Err(source) => Err(crate::upstream::UpstreamError::ProxyHeader { addr, source }),
+    }
+}
+
+/// TLS to a `tcp` route's backend (`tls`): the client handshake (within
+/// the route's connect timeout), then the record path, kTLS when the
+/// kernel can carry the suite. `None` when it failed (logged, counted).
+async fn backend_tls(
+    shard: &Shard,
+    gen: &ShardGen,
+    listener: usize,
+    route: &crate::config::TcpRoute,
+    mut backend: TcpStream,
+    addr: SocketAddr,
+    peer: SocketAddr,
+) -> Option<TlsConn> {
+    use handshake::client::ClientHandshake;
+    let m = &shard.metrics;
+    let tls = route.tls.as_ref()?;
+    let config = route
+        .backends
+        .iter()
+        .position(|b| *b == addr)
+        .and_then(|i| gen.upstream_tls[listener].get(i));
+    let Some(config) = config else {
+        M::inc(&m.internal_errors);
+        tracing::error!(%peer, backend = %addr, "internal: no TLS config for this backend");
+        return None;
+    };
+    let name = tls
+        .server_name
+        .clone()
+        .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+    let hs = match ClientHandshake::new(config.clone(), name) {
+        Ok(hs) => hs,
+        Err(e) => {
+            M::inc(&m.internal_errors);
+            tracing::error!(%peer, backend = %addr, error = %e, "internal: cannot start the backend TLS handshake");
+            return None;
+        }
+    };
+    let est = match handshake::pump::run(&mut backend, hs, route.connect_timeout).await {
+        Ok(est) => est,
+        Err(e) => {
+            M::inc(&m.upstream_tls_failures);
+            tracing::warn!(%peer, backend = %addr, error = %e, "upstream TLS handshake failed");
+            return None;
+        }
+    };
+    M::inc(&m.upstream_tls_handshakes);
+    if est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        M::inc(&m.upstream_tls_resumed);
+    }
+    match ktls::establish_client(backend, est, gen.config().runtime.ktls, &shard.ktls) {
+        Ok(conn) => {
+            if conn.path() == Path::Kernel {
+                M::inc(&m.upstream_ktls_offloaded);
+            }
+            Some(conn)
+        }
+        Err(e) => {
+            M::inc(&m.ktls_offload_errors);
+            tracing::warn!(%peer, backend = %addr, error = %e, "internal: backend record path setup failed");
+            None
+        }
     }
 }
 
@@ -273,11 +535,34 @@ fn proxy<'a>(
                 let Some(conn) = conn.take() else { return };
                 let connected = match (connected, route.send_proxy) {
                     (Ok((backend, addr)), Some(version)) => {
-                        Box::pin(send_proxy(backend, addr, version, peer, &conn)).await
+                        Box::pin(send_proxy(backend, addr, version, peer, &conn, &info)).await
                     }
                     (c, _) => c,
                 };
                 match connected {
+                    Ok((backend, addr)) if route.tls.is_some() => {
+                        match Box::pin(backend_tls(
+                            shard, gen, listener, route, backend, addr, peer,
+                        ))
+                        .await
+                        {
+                            Some(backend) => {
+                                let mut session = tcp::TlsSession::new(*conn, backend);
+                                let idle = shard.idle.register(route.idle_timeout);
+                                tracing::debug!(%peer, backend = %addr, paths = ?session.paths(), "tcp route over TLS both ways");
+                                Box::pin(session.run(&idle, &shard.pipes, &moved))
+                                    .await
+                                    .map_err(Failure::Tcp)
+                            }
+                            None => {
+                                // Logged and counted; the client gets a
+                                // close_notify and no data.
+                                let (_, mut writer) = conn.split();
+                                let _ = Box::pin(writer.close()).await;
+                                Ok(())
+                            }
+                        }
+                    }
                     Ok((backend, _addr)) => match tcp::Session::new(*conn, backend) {
                         Ok(mut session) => {
                             let idle = shard.idle.register(route.idle_timeout);
@@ -303,6 +588,8 @@ fn proxy<'a>(
                     }
                 }
             }
+            // Served whole by `passthrough`, never established here.
+            Route::Passthrough(_) => return,
             Route::Http(route) => {
                 let Some(conn) = conn.take() else { return };
                 // The HTTP routes keep the halves; the rekey counts are
@@ -379,7 +666,9 @@ impl Failure {
         match self {
             Failure::Tcp(e) | Failure::Http(HttpError::Tunnel(e)) => match e {
                 ProxyError::Idle(_) => (&m.idle_timeouts, "idle"),
-                ProxyError::Upstream(_) => (&m.upstream_errors, "upstream"),
+                ProxyError::Upstream(_) | ProxyError::UpstreamTls(_) => {
+                    (&m.upstream_errors, "upstream")
+                }
                 ProxyError::Downstream(s) => (stream_counter(m, s), "downstream"),
             },
             Failure::Http(HttpError::Downstream(s)) => (stream_counter(m, s), "downstream"),

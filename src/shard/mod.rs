@@ -81,6 +81,10 @@ pub struct ShardGen {
     pub tls: Vec<crate::handshake::ServerTls>,
     /// Backend choice per listener (`tcp` routes; empty for `http`).
     pub balancers: Vec<Balancer>,
+    /// rustls client configs per listener, one per backend in the
+    /// route's order (`tcp` routes with `tls`; empty otherwise): each has
+    /// its own session store, so tickets stay per shard and per backend.
+    pub upstream_tls: Vec<Vec<Arc<rustls::ClientConfig>>>,
     /// Backend choice per upstream group (`http` routes).
     pub upstream_balancers: Vec<Rc<Balancer>>,
     /// Idle keep-alive connections per upstream group (each pool holds one
@@ -138,7 +142,32 @@ impl ShardGen {
             .iter()
             .map(|l| match &l.route {
                 Route::Tcp(t) => Balancer::new(t.backends.clone(), id),
-                Route::Http(_) => Balancer::new(Vec::new(), id),
+                Route::Http(_) | Route::Passthrough(_) => Balancer::new(Vec::new(), id),
+            })
+            .collect();
+        let upstream_tls = config
+            .listeners
+            .iter()
+            .map(|l| match &l.route {
+                Route::Tcp(t) => match &t.tls {
+                    Some(tls) => match t
+                        .backends
+                        .iter()
+                        .map(|_| crate::handshake::client::client_config(tls))
+                        .collect::<Result<Vec<_>, _>>()
+                    {
+                        Ok(configs) => configs,
+                        Err(e) => {
+                            // Both providers do TLS 1.2 and 1.3: not
+                            // expected. The route then has no configs and
+                            // closes its clients (logged each time).
+                            tracing::error!(listener = %l.name, error = %e, "internal: cannot build the backend TLS config");
+                            Vec::new()
+                        }
+                    },
+                    None => Vec::new(),
+                },
+                _ => Vec::new(),
             })
             .collect();
         let (upstream_balancers, pools) = config
@@ -161,6 +190,7 @@ impl ShardGen {
         ShardGen {
             tls: gen.tls.get(id).cloned().unwrap_or_default(),
             balancers,
+            upstream_tls,
             upstream_balancers,
             pools,
             active,

@@ -6,6 +6,7 @@
 use std::net::{SocketAddr, SocketAddrV6};
 
 use crate::config::ProxyVersion;
+use crate::handshake::TlsInfo;
 
 /// Both addresses in one family, as the header has one: a mixed pair (an
 /// IPv4 client on a dual-stack listener) goes as IPv6 with the IPv4
@@ -26,28 +27,165 @@ fn one_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, Socke
 }
 
 /// The header announcing a TCP connection from `source` (the client) to
-/// `destination` (the address it connected to).
+/// `destination` (the address it connected to) for a client that asked
+/// for `sni`, over TLS that ktern terminated as `tls` says (`None`: passed
+/// through, unread). v1 has addresses only; v2 also carries the SNI
+/// (`PP2_TYPE_AUTHORITY`) and for terminated TLS its facts
+/// (`PP2_TYPE_SSL`, below). Receivers skip TLV types they do not know
+/// (the spec's §2.2), so these never break a backend.
 pub fn header(
     version: ProxyVersion,
     source: SocketAddr,
     destination: SocketAddr,
+    sni: Option<&str>,
+    tls: Option<&TlsInfo>,
 ) -> std::io::Result<Vec<u8>> {
+    use ppp::v2::Type;
     let addresses = one_family(source, destination);
     match version {
         ProxyVersion::V1 => Ok(ppp::v1::Addresses::from(addresses).to_string().into_bytes()),
-        ProxyVersion::V2 => ppp::v2::Builder::with_addresses(
-            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-            ppp::v2::Protocol::Stream,
-            addresses,
-        )
-        .build(),
+        ProxyVersion::V2 => {
+            let mut b = ppp::v2::Builder::with_addresses(
+                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+                ppp::v2::Protocol::Stream,
+                addresses,
+            );
+            if let Some(sni) = sni {
+                b = b.write_tlv(Type::Authority, sni.as_bytes())?;
+            }
+            if let Some(tls) = tls {
+                b = b.write_tlv(Type::SSL, &ssl_tlv(tls))?;
+            }
+            b.build()
+        }
     }
+}
+
+/// `PP2_CLIENT_*` bits of `PP2_TYPE_SSL` (HAProxy's PROXY protocol spec,
+/// §2.2.5): the client spoke TLS; sent a certificate on this connection;
+/// sent one in the session this connection resumed (or on it).
+const PP2_CLIENT_SSL: u8 = 0x01;
+const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+const PP2_CLIENT_CERT_SESS: u8 = 0x04;
+
+/// The value of `PP2_TYPE_SSL`: the client bits, `verify` (0 only for a
+/// verified client certificate), then the version, common name (when a
+/// certificate names one) and cipher sub-TLVs.
+fn ssl_tlv(tls: &TlsInfo) -> Vec<u8> {
+    use ppp::v2::Type;
+    let mut client = PP2_CLIENT_SSL;
+    if tls.client.is_some() {
+        client |= PP2_CLIENT_CERT_SESS;
+        if !tls.resumed {
+            client |= PP2_CLIENT_CERT_CONN;
+        }
+    }
+    let verify: u32 = if tls.client.is_some() { 0 } else { 1 };
+    let mut out = vec![client];
+    out.extend_from_slice(&verify.to_be_bytes());
+    let mut sub = |kind: Type, value: &[u8]| {
+        // A sub-TLV's length is 16 bits; a name longer than that is cut
+        // (a CN is at most 64 characters by RFC 5280's upper bound).
+        let value = &value[..value.len().min(usize::from(u16::MAX))];
+        out.push(kind as u8);
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        out.extend_from_slice(value);
+    };
+    sub(Type::SSLVersion, tls.version_name().as_bytes());
+    if let Some(cn) = tls.client.as_ref().and_then(|c| c.common_name.as_deref()) {
+        sub(Type::SSLCommonName, cn.as_bytes());
+    }
+    sub(Type::SSLCipher, tls.cipher_name().as_bytes());
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::shard::proxy_header::{parse, Verdict};
+
+    fn tls() -> TlsInfo {
+        TlsInfo {
+            sni: Some("app.example".into()),
+            version: Some(rustls::ProtocolVersion::TLSv1_3),
+            suite: Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
+            kernel: false,
+            alpn_h2: false,
+            resumed: false,
+            client_auth: true,
+            client: None,
+        }
+    }
+
+    /// The TLVs of a v2 header, as ppp reads them: (type, value).
+    fn tlvs(h: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let parsed = ppp::v2::Header::try_from(h).unwrap();
+        parsed
+            .tlvs()
+            .map(|t| {
+                let t = t.unwrap();
+                (t.kind, t.value.to_vec())
+            })
+            .collect()
+    }
+
+    /// The sub-TLVs of a `PP2_TYPE_SSL` value, after its 5 fixed bytes.
+    fn sub_tlvs(mut v: &[u8]) -> Vec<(u8, String)> {
+        let mut out = Vec::new();
+        while !v.is_empty() {
+            let len = usize::from(u16::from_be_bytes([v[1], v[2]]));
+            out.push((v[0], String::from_utf8(v[3..3 + len].to_vec()).unwrap()));
+            v = &v[3 + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn v2_carries_the_sni_and_the_tls_facts_with_the_certificates_name() {
+        use crate::handshake::client_auth::ClientIdentity;
+        let src: SocketAddr = "192.0.2.7:51000".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let mut info = tls();
+        // No certificate: TLS, verify non-zero, no CN.
+        let t =
+            tlvs(&header(ProxyVersion::V2, src, dst, info.sni.as_deref(), Some(&info)).unwrap());
+        assert_eq!(t[0], (0x02, b"app.example".to_vec()));
+        assert_eq!(t[1].0, 0x20);
+        assert_eq!(&t[1].1[..5], &[0x01, 0, 0, 0, 1]);
+        assert_eq!(
+            sub_tlvs(&t[1].1[5..]),
+            [
+                (0x21, "TLSv1.3".to_string()),
+                (0x23, "TLS13_AES_256_GCM_SHA384".to_string())
+            ]
+        );
+        // A verified certificate, on this connection then on a resumed one.
+        info.client = Some(Box::new(ClientIdentity {
+            subject: "CN=svc.internal, O=Example".into(),
+            common_name: Some("svc.internal".into()),
+            sans: "".into(),
+            fingerprint: "00".repeat(32).into(),
+        }));
+        for (resumed, bits) in [(false, 0x07), (true, 0x05)] {
+            info.resumed = resumed;
+            let t = tlvs(
+                &header(ProxyVersion::V2, src, dst, info.sni.as_deref(), Some(&info)).unwrap(),
+            );
+            assert_eq!(&t[1].1[..5], &[bits, 0, 0, 0, 0]);
+            assert_eq!(
+                sub_tlvs(&t[1].1[5..])[1],
+                (0x22, "svc.internal".to_string())
+            );
+        }
+        // Passed-through TLS: the SNI, no TLS facts.
+        let t = tlvs(&header(ProxyVersion::V2, src, dst, Some("app.example"), None).unwrap());
+        assert_eq!(t, [(0x02, b"app.example".to_vec())]);
+        // Still read back by ktern's own PROXY-in parser.
+        let h = header(ProxyVersion::V2, src, dst, info.sni.as_deref(), Some(&info)).unwrap();
+        assert!(
+            matches!(parse(&h), Verdict::Done { len, source: Some(s) } if len == h.len() && s == src)
+        );
+    }
 
     #[test]
     fn headers_carry_the_client_and_read_back() {
@@ -60,7 +198,7 @@ mod tests {
             let dst6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
             let dst = if src.is_ipv4() { dst } else { dst6 };
             for v in [ProxyVersion::V1, ProxyVersion::V2] {
-                let h = header(v, src, dst).unwrap();
+                let h = header(v, src, dst, None, Some(&tls())).unwrap();
                 match parse(&h) {
                     Verdict::Done { source, len } => {
                         assert_eq!(len, h.len(), "{v:?}");
@@ -74,6 +212,8 @@ mod tests {
             ProxyVersion::V1,
             "192.0.2.7:51000".parse().unwrap(),
             "10.0.0.1:443".parse().unwrap(),
+            None,
+            None,
         )
         .unwrap();
         assert_eq!(v1, b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n");
@@ -85,6 +225,8 @@ mod tests {
             ProxyVersion::V1,
             "192.0.2.7:51000".parse().unwrap(),
             "[2001:db8::1]:443".parse().unwrap(),
+            None,
+            None,
         )
         .unwrap();
         assert_eq!(

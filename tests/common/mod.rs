@@ -200,6 +200,8 @@ pub struct Ktern {
     pub stderr_path: PathBuf,
     /// The config file it runs (rewrite it, then reload).
     pub config_path: PathBuf,
+    /// The kernel's kTLS counters when it started (empty outside the VM).
+    pub tls_stat_at_start: std::collections::HashMap<String, u64>,
 }
 
 impl Ktern {
@@ -282,6 +284,7 @@ impl Ktern {
             }
             None => Command::new(ktern),
         };
+        let tls_stat_at_start = tls_stat();
         let mut child = cmd
             .args(["run", "-c"])
             .arg(path)
@@ -318,6 +321,7 @@ impl Ktern {
             admin,
             stderr_path,
             config_path: path.to_path_buf(),
+            tls_stat_at_start,
         }
     }
 
@@ -603,12 +607,173 @@ pub fn slow() -> u32 {
     }
 }
 
+/// The kernel's kTLS counters (`/proc/net/tls_stat`; empty without kTLS).
+pub fn tls_stat() -> std::collections::HashMap<String, u64> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
 /// In the kTLS VM, the connections so far were offloaded: at least one
-/// went to the kernel and none stayed on userspace records (a silent
-/// fallback fails the test). On the host, nothing to check.
+/// went to the kernel, none stayed on userspace records (a silent
+/// fallback fails the test), and the kernel's own counters agree: since
+/// `k` started, it set up software TX and RX crypto for at least as many
+/// sockets as `k` says it offloaded (the VM suites run one test at a
+/// time, so no other test's sockets count; another ktern of the same test
+/// can only add). On the host, nothing to check.
 pub fn assert_offloaded_in_vm(k: &Ktern) {
     if in_vm() {
-        assert!(k.wait_metric("ktern_ktls_offloaded_total", 1) > 0);
+        let offloaded = k.wait_metric("ktern_ktls_offloaded_total", 1);
+        assert!(offloaded > 0);
         assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+        let now = tls_stat();
+        for counter in ["TlsTxSw", "TlsRxSw"] {
+            let delta = now.get(counter).copied().unwrap_or(0)
+                - k.tls_stat_at_start.get(counter).copied().unwrap_or(0);
+            assert!(
+                delta >= offloaded,
+                "/proc/net/tls_stat {counter} moved by {delta} since ktern started; it says it offloaded {offloaded}"
+            );
+        }
     }
+}
+
+/// A backend that reads a PROXY header (v1 to its CRLF, v2 by its length
+/// field), answers with the header's length on a line and the header, then
+/// echoes what follows (read back with [`read_proxy_header_echo`]).
+pub fn start_proxy_reading_backend() -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut header = Vec::new();
+                let mut b = [0u8; 1];
+                // Byte by byte: the header's end, not a byte more.
+                while conn.read_exact(&mut b).is_ok() {
+                    header.push(b[0]);
+                    let v2_done = header.len() >= 16
+                        && header.starts_with(b"\r\n\r\n\0\r\nQUIT\n")
+                        && header.len()
+                            == 16 + u16::from_be_bytes([header[14], header[15]]) as usize;
+                    if header.ends_with(b"\r\n") && header.starts_with(b"PROXY") || v2_done {
+                        break;
+                    }
+                    if header.len() > 600 {
+                        return;
+                    }
+                }
+                let _ = conn.write_all(format!("{}\n", header.len()).as_bytes());
+                let _ = conn.write_all(&header);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The PROXY header a [`start_proxy_reading_backend`] backend received,
+/// read from its answer on `c` (the bytes echoed after it stay unread).
+pub fn read_proxy_header_echo(c: &mut impl std::io::Read) -> Vec<u8> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        c.read_exact(&mut b).unwrap();
+        line.push(b[0]);
+    }
+    let len: usize = String::from_utf8_lossy(&line).trim().parse().unwrap();
+    let mut header = vec![0u8; len];
+    c.read_exact(&mut header).unwrap();
+    header
+}
+
+/// A TLS backend (rustls, `pki`'s certificate, ALPN h2 and http/1.1) for
+/// passthrough tests: after its handshake it says
+/// `NAME sni=SNI alpn=ALPN` on a line, then echoes until the client ends.
+pub fn start_tls_backend(name: &'static str, pki: &Pki) -> SocketAddr {
+    start_tls_backend_with(name, pki, None)
+}
+
+/// [`start_tls_backend`] that requires a client certificate issued by a
+/// CA in `client_cas`, when given.
+pub fn start_tls_backend_with(
+    name: &'static str,
+    pki: &Pki,
+    client_cas: Option<&[CertificateDer<'static>]>,
+) -> SocketAddr {
+    use rustls::pki_types::PrivateKeyDer;
+    let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_cas {
+        None => builder.with_no_client_auth(),
+        Some(cas) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in cas {
+                roots.add(ca.clone()).unwrap();
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::new(provider()),
+                )
+                .build()
+                .unwrap(),
+            )
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(vec![pki.der.clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let cfg = Arc::new(cfg);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let _ = sock.set_read_timeout(Some(Duration::from_secs(20)));
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = StreamOwned::new(conn, sock);
+                while s.conn.is_handshaking() {
+                    if s.conn.complete_io(&mut s.sock).is_err() {
+                        return;
+                    }
+                }
+                let hello = format!(
+                    "{name} sni={} alpn={}\n",
+                    s.conn.server_name().unwrap_or("-"),
+                    s.conn
+                        .alpn_protocol()
+                        .map_or("-".into(), |a| String::from_utf8_lossy(a).into_owned())
+                );
+                if s.write_all(hello.as_bytes()).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 16 << 10];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                s.conn.send_close_notify();
+                let _ = s.conn.complete_io(&mut s.sock);
+            });
+        }
+    });
+    addr
 }

@@ -1045,7 +1045,11 @@ pub(crate) fn body_verdict(ctx: &Ctx<'_>, addr: SocketAddr, sent: &BodySent) -> 
 /// the forwarding fields in.
 pub(crate) fn upstream_head(ctx: &Ctx<'_>, head: &RequestHead) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len + 256);
-    rewrite::request(head, &Forwarding::for_client(ctx.route, ctx.peer), &mut out);
+    rewrite::request(
+        head,
+        &Forwarding::for_client(ctx.route, ctx.peer, ctx.tls),
+        &mut out,
+    );
     out
 }
 

@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::body::Framing;
 use super::head::{list_tokens, Fields, RequestHead, ResponseHead};
+use crate::handshake::client_auth::ClientIdentity;
+use crate::handshake::TlsInfo;
 
 /// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1,
 /// plus the non-standard Proxy-Connection and Keep-Alive). Expect too:
@@ -29,9 +31,14 @@ const FORWARDING: &[&str] = &[
     "forwarded",
 ];
 
+/// The prefix of the client-certificate fields ktern adds: any field of
+/// a client's that starts with it is dropped, always, so a backend that
+/// trusts them never reads a forged one.
+const CLIENT_CERT_PREFIX: &str = "x-client-cert-";
+
 /// What to say about the client when forwarding.
 #[derive(Debug, Clone, Copy)]
-pub struct Forwarding {
+pub struct Forwarding<'a> {
     /// The client's address.
     pub client: SocketAddr,
     /// The client is a trusted proxy: keep (and extend) its forwarding fields.
@@ -40,18 +47,36 @@ pub struct Forwarding {
     pub x_forwarded: bool,
     /// Add RFC 7239 `Forwarded`.
     pub forwarded: bool,
+    /// The client certificate facts, where the listener asks for one:
+    /// `X-Client-Cert-Verify` (and the identity's fields when verified).
+    pub client_cert: Option<(&'static str, Option<&'a ClientIdentity>)>,
 }
 
-impl Forwarding {
-    /// The forwarding facts for a request from `client` on `route`.
-    pub fn for_client(route: &crate::config::HttpRoute, client: SocketAddr) -> Forwarding {
+impl<'a> Forwarding<'a> {
+    /// The forwarding facts for a request from `client` on `route`, over
+    /// the TLS connection `tls`.
+    pub fn for_client(
+        route: &crate::config::HttpRoute,
+        client: SocketAddr,
+        tls: &'a TlsInfo,
+    ) -> Forwarding<'a> {
         Forwarding {
             client,
             trusted: route.trusted_proxies.contains(&client.ip().to_canonical()),
             x_forwarded: route.x_forwarded,
             forwarded: route.forwarded,
+            client_cert: tls
+                .client_verify()
+                .map(|verify| (verify, tls.client.as_deref())),
         }
     }
+}
+
+/// True for a field named `X-Client-Cert-*`.
+fn is_client_cert_field(name: &str) -> bool {
+    name.len() >= CLIENT_CERT_PREFIX.len()
+        && name.as_bytes()[..CLIENT_CERT_PREFIX.len()]
+            .eq_ignore_ascii_case(CLIENT_CERT_PREFIX.as_bytes())
 }
 
 /// True if `name` must not be forwarded, given the `Connection` options.
@@ -153,6 +178,9 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         if content_length_once(f.name, f.value, &mut length_sent, out) {
             continue;
         }
+        if is_client_cert_field(f.name) {
+            continue;
+        }
         if FORWARDING.iter().any(|h| f.name.eq_ignore_ascii_case(h)) {
             if fwd.trusted {
                 if f.name.eq_ignore_ascii_case("x-forwarded-for") && fwd.x_forwarded {
@@ -221,6 +249,16 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
             push_forwarded_value(out, host);
         }
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some((verify, identity)) = fwd.client_cert {
+        push_field(out, "X-Client-Cert-Verify", verify.as_bytes());
+        if let Some(id) = identity {
+            push_field(out, "X-Client-Cert-Subject", id.subject.as_bytes());
+            if !id.sans.is_empty() {
+                push_field(out, "X-Client-Cert-SAN", id.sans.as_bytes());
+            }
+            push_field(out, "X-Client-Cert-Fingerprint", id.fingerprint.as_bytes());
+        }
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -330,8 +368,9 @@ mod tests {
     use super::*;
     use crate::proxy::http::head::{parse_request, parse_response, Limits};
 
-    fn fwd(trusted: bool) -> Forwarding {
+    fn fwd(trusted: bool) -> Forwarding<'static> {
         Forwarding {
+            client_cert: None,
             client: "[::ffff:192.0.2.7]:5555".parse().unwrap(),
             trusted,
             x_forwarded: true,
@@ -346,6 +385,53 @@ mod tests {
         let mut out = Vec::new();
         request(&head, &fwd(trusted), &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn client_certificate_fields_are_the_handshakes_never_the_clients() {
+        let text = "GET / HTTP/1.1\r\nHost: a\r\nX-Client-Cert-Verify: SUCCESS\r\nx-client-cert-subject: CN=admin\r\nX-Client-Certainly: kept\r\n\r\n";
+        // A listener without client_auth: forged fields go, none is added.
+        let out = rewrite(text, true);
+        assert!(
+            !out.to_ascii_lowercase().contains("x-client-cert-"),
+            "{out}"
+        );
+        assert!(out.contains("X-Client-Certainly: kept\r\n"), "{out}");
+        let head = parse_request(text.as_bytes(), &Limits::default())
+            .unwrap()
+            .unwrap();
+        // Asked, none sent.
+        let mut f = fwd(false);
+        f.client_cert = Some(("NONE", None));
+        let mut out = Vec::new();
+        request(&head, &f, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out.to_ascii_lowercase().matches("x-client-cert-").count(),
+            1,
+            "{out}"
+        );
+        assert!(out.ends_with("X-Client-Cert-Verify: NONE\r\n\r\n"), "{out}");
+        // Verified.
+        let id = ClientIdentity {
+            subject: "CN=svc, O=Example".into(),
+            common_name: Some("svc".into()),
+            sans: "DNS:svc.example".into(),
+            fingerprint: "0f".repeat(32).into(),
+        };
+        f.client_cert = Some(("SUCCESS", Some(&id)));
+        let mut out = Vec::new();
+        request(&head, &f, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.ends_with(&format!(
+                "X-Client-Cert-Verify: SUCCESS\r\nX-Client-Cert-Subject: CN=svc, O=Example\r\n\
+                 X-Client-Cert-SAN: DNS:svc.example\r\nX-Client-Cert-Fingerprint: {}\r\n\r\n",
+                "0f".repeat(32)
+            )),
+            "{out}"
+        );
+        assert!(!out.contains("CN=admin"), "{out}");
     }
 
     #[test]
