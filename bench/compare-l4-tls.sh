@@ -29,6 +29,15 @@ bench_name=l4-tls
 . bench/common.sh
 hz=$(getconf CLK_TCK)
 bytes=$((64 << 20))
+# The TLS backend's certificate, from a CA of its own (WebPKI refuses a
+# self-signed CA certificate as a server's, as common.sh's is).
+openssl ecparam -name prime256v1 -genkey -noout -out "$work/ca.key"
+openssl req -x509 -new -key "$work/ca.key" -subj /CN=bench-ca -days 2 -out "$work/ca.pem" 2>/dev/null
+openssl ecparam -name prime256v1 -genkey -noout -out "$work/backend.key"
+openssl req -new -key "$work/backend.key" -subj /CN=localhost -out "$work/backend.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$work/backend.ext"
+openssl x509 -req -in "$work/backend.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+  -days 2 -extfile "$work/backend.ext" -out "$work/backend.pem" 2>/dev/null
 
 taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19702 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
 # The TLS backend both servers talk to: ktern terminating TLS on CPU 0.
@@ -38,8 +47,8 @@ cpus = [0]
 [[listener]]
 address = "127.0.0.1:19700"
 [[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
+cert = "backend.pem"
+key = "backend.key"
 [listener.route]
 kind = "tcp"
 backends = ["127.0.0.1:19702"]
@@ -57,7 +66,7 @@ key = "key.pem"
 [listener.route]
 kind = "tcp"
 backends = ["127.0.0.1:19700"]
-tls = { ca = "cert.pem", server_name = "localhost" }
+tls = { ca = "ca.pem", server_name = "localhost" }
 TOML
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > /dev/null 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
@@ -78,7 +87,7 @@ stream {
     proxy_pass 127.0.0.1:19700;
     proxy_ssl on;
     proxy_ssl_verify on;
-    proxy_ssl_trusted_certificate $work/cert.pem;
+    proxy_ssl_trusted_certificate $work/ca.pem;
     proxy_ssl_name localhost;
     proxy_ssl_server_name on;
     proxy_ssl_session_reuse on;
@@ -87,7 +96,8 @@ stream {
 CONF
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
 wait_listening 127.0.0.1:19700 127.0.0.1:19443 127.0.0.1:19543
-nginx_pids() { pgrep -f "nginx: (master|worker) process.*$work" | tr '\n' ' '; }
+# The master (its pid file) and its workers.
+nginx_pids() { local m; m=$(cat "$work/nginx.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')"; }
 total() { local u s; read -r u s < <(ticks "$@"); echo $((u + s)); }
 
 declare -A res

@@ -22,7 +22,16 @@ trap 'rm -rf "$work"' EXIT
 openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
 openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
   -days 2 -out "$work/cert.pem" 2>/dev/null
-listener() { # port ktls backend extra
+# The TLS backend's certificate, from a CA of its own (WebPKI refuses a
+# self-signed CA certificate as a server's).
+openssl ecparam -name prime256v1 -genkey -noout -out "$work/ca.key"
+openssl req -x509 -new -key "$work/ca.key" -subj /CN=bench-ca -days 2 -out "$work/ca.pem" 2>/dev/null
+openssl ecparam -name prime256v1 -genkey -noout -out "$work/backend.key"
+openssl req -new -key "$work/backend.key" -subj /CN=localhost -out "$work/backend.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$work/backend.ext"
+openssl x509 -req -in "$work/backend.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+  -days 2 -extfile "$work/backend.ext" -out "$work/backend.pem" 2>/dev/null
+listener() { # port ktls backend extra [cert key]
   cat <<TOML
 [runtime]
 ktls = "$2"
@@ -30,16 +39,16 @@ cpus = [0]
 [[listener]]
 address = "127.0.0.1:$1"
 [[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
+cert = "${5:-cert.pem}"
+key = "${6:-key.pem}"
 [listener.route]
 kind = "tcp"
 backends = ["$3"]
 $4
 TOML
 }
-listener 19700 auto 127.0.0.1:19702 "" > "$work/backend.toml"
-tls='tls = { ca = "cert.pem", server_name = "localhost" }'
+listener 19700 auto 127.0.0.1:19702 "" backend.pem backend.key > "$work/backend.toml"
+tls='tls = { ca = "ca.pem", server_name = "localhost" }'
 listener 19443 required 127.0.0.1:19700 "$tls" > "$work/ktern-required.toml"
 listener 19444 off 127.0.0.1:19700 "$tls" > "$work/ktern-off.toml"
 bin=$PWD/target/release
