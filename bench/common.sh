@@ -23,6 +23,19 @@ openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
 openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
   -days 2 -out "$work/cert.pem" 2>/dev/null
 
+# A TLS backend's certificate for localhost, issued by a CA of its own:
+# $work/backend.pem and backend.key, trusted through $work/ca.pem (WebPKI
+# refuses a self-signed CA certificate such as cert.pem as a server's).
+ca_issued_cert() {
+  openssl ecparam -name prime256v1 -genkey -noout -out "$work/ca.key"
+  openssl req -x509 -new -key "$work/ca.key" -subj /CN=bench-ca -days 2 -out "$work/ca.pem" 2>/dev/null
+  openssl ecparam -name prime256v1 -genkey -noout -out "$work/backend.key"
+  openssl req -new -key "$work/backend.key" -subj /CN=localhost -out "$work/backend.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$work/backend.ext"
+  openssl x509 -req -in "$work/backend.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -days 2 -extfile "$work/backend.ext" -out "$work/backend.pem" 2>/dev/null
+}
+
 # "utime stime" (clock ticks) summed over the given pids, all threads.
 ticks() {
   local u=0 s=0 p a b

@@ -29,15 +29,7 @@ bench_name=l4-tls
 . bench/common.sh
 hz=$(getconf CLK_TCK)
 bytes=$((64 << 20))
-# The TLS backend's certificate, from a CA of its own (WebPKI refuses a
-# self-signed CA certificate as a server's, as common.sh's is).
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/ca.key"
-openssl req -x509 -new -key "$work/ca.key" -subj /CN=bench-ca -days 2 -out "$work/ca.pem" 2>/dev/null
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/backend.key"
-openssl req -new -key "$work/backend.key" -subj /CN=localhost -out "$work/backend.csr" 2>/dev/null
-printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$work/backend.ext"
-openssl x509 -req -in "$work/backend.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
-  -days 2 -extfile "$work/backend.ext" -out "$work/backend.pem" 2>/dev/null
+ca_issued_cert
 
 taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19702 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
 # The TLS backend both servers talk to: ktern terminating TLS on CPU 0.

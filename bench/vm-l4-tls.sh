@@ -16,21 +16,10 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-cargo build --release --quiet --bins
-work=$(mktemp -d /tmp/ktern-vml4.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
-openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-  -days 2 -out "$work/cert.pem" 2>/dev/null
-# The TLS backend's certificate, from a CA of its own (WebPKI refuses a
-# self-signed CA certificate as a server's).
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/ca.key"
-openssl req -x509 -new -key "$work/ca.key" -subj /CN=bench-ca -days 2 -out "$work/ca.pem" 2>/dev/null
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/backend.key"
-openssl req -new -key "$work/backend.key" -subj /CN=localhost -out "$work/backend.csr" 2>/dev/null
-printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$work/backend.ext"
-openssl x509 -req -in "$work/backend.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
-  -days 2 -extfile "$work/backend.ext" -out "$work/backend.pem" 2>/dev/null
+bench_name=vm-l4-tls
+# shellcheck source=bench/common.sh
+. bench/common.sh
+ca_issued_cert
 listener() { # port ktls backend extra [cert key]
   cat <<TOML
 [runtime]
@@ -51,7 +40,6 @@ listener 19700 auto 127.0.0.1:19702 "" backend.pem backend.key > "$work/backend.
 tls='tls = { ca = "ca.pem", server_name = "localhost" }'
 listener 19443 required 127.0.0.1:19700 "$tls" > "$work/ktern-required.toml"
 listener 19444 off 127.0.0.1:19700 "$tls" > "$work/ktern-off.toml"
-bin=$PWD/target/release
 bytes=$((mib << 20))
 out=$(KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel" --mem 2048 --timeout 3000 \
   --file "$bin/ktern:/opt/ktern" --file "$bin/ktern-load:/opt/ktern-load" --file "$work:/tmp/b" \
