@@ -554,7 +554,12 @@ fn passthrough_client(pki: &Pki, sni: &str, alpn: &[&[u8]]) -> ClientConnection 
 fn through_passthrough(k: &Ktern, conn: ClientConnection) -> std::io::Result<String> {
     let sock = TcpStream::connect(k.addr())?;
     sock.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let mut s = rustls::StreamOwned::new(conn, sock);
+    greeting_after_echo(&mut rustls::StreamOwned::new(conn, sock))
+}
+
+/// Sends `ping` on `s`, reads a [`start_tls_backend`]'s greeting line and
+/// the echo: the greeting (an error when the connection ended instead).
+fn greeting_after_echo(s: &mut (impl Read + Write)) -> std::io::Result<String> {
     s.write_all(b"ping")?;
     let mut line = Vec::new();
     let mut b = [0u8; 1];
@@ -754,18 +759,7 @@ fn upstream_tls_listener(backend: std::net::SocketAddr, tls: &str) -> String {
 /// Through ktern to a [`start_tls_backend`]: its greeting line, after an
 /// echo round trip; an error when ktern closed instead.
 fn through_upstream_tls(k: &Ktern, pki: &Pki) -> std::io::Result<String> {
-    let mut c = try_connect(k.addr(), &client_config(&[&pki.der]))?;
-    c.write_all(b"ping")?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while b[0] != b'\n' {
-        c.read_exact(&mut b)?;
-        line.push(b[0]);
-    }
-    let mut echo = [0u8; 4];
-    c.read_exact(&mut echo)?;
-    assert_eq!(&echo, b"ping");
-    Ok(String::from_utf8(line).unwrap().trim().to_string())
+    greeting_after_echo(&mut try_connect(k.addr(), &client_config(&[&pki.der]))?)
 }
 
 #[test]
