@@ -482,8 +482,11 @@ fn idle_connections_stay_within_their_memory_budget() {
 
     let http = ktern::builtin::start().unwrap();
     let listener = format!(
-        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n[[listener.route.rule]]\nupstream = \"b\"\n[upstream.b]\nbackends = [\"{http}\"]\n"
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\nkeepalive_timeout = \"900s\"\n[[listener.route.rule]]\nupstream = \"b\"\n[upstream.b]\nbackends = [\"{http}\"]\n"
     );
+    // The keep-alive timeout outlasts opening 1500 connections under the
+    // VM's emulation (minutes; with the default 75 s the first ones idled
+    // out before the last opened).
     let k = Ktern::start(&pki, "cpus = [0]", &listener);
     let (per, fds) = cost_per_idle_connection(&k, n, || {
         let mut c = connect(k.addr(), &pki, ClientOpts::default());
