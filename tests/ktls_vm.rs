@@ -88,7 +88,7 @@ fn every_version_and_cipher_is_sealed_by_the_kernel() {
             "{suite:?}"
         );
     }
-    assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+    assert_eq!(userspace_while_open(&k), 0);
 }
 
 #[test]

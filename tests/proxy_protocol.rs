@@ -8,7 +8,7 @@ use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::http::{http_config, read_response, start_http_backend, ANY_TO_A};
+use common::http::{exchange, http_config, read_response, start_http_backend, ANY_TO_A};
 use common::*;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
@@ -230,4 +230,103 @@ fn send_proxy_tells_the_backend_the_clients_address_in_v1_and_v2() {
     );
     let (source, _) = through(&k, &pki, b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n");
     assert_eq!(source, Some("192.0.2.7:4242".parse().unwrap()));
+}
+
+/// `send_proxy` on an `http` upstream group, with nginx as the backend
+/// (`listen … proxy_protocol`, answering and logging
+/// `$proxy_protocol_addr`): each client's requests reach nginx on backend
+/// connections that carry that client's address, reused across its
+/// keep-alive requests and never by another client; behind a trusted
+/// balancer, its PROXY-in header's client goes on; health checks send a
+/// header naming no client. Then the same nginx behind a `tcp` route.
+#[test]
+fn http_upstreams_send_each_clients_address_to_nginx() {
+    let Some(nginx) = NginxProxyBackend::start("pp-http") else {
+        return;
+    };
+    let answer = |c: &mut Client| -> (String, String) {
+        let r = exchange(c, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        assert_eq!(r.status, 200, "{r:?}");
+        let body = String::from_utf8(r.body).unwrap();
+        let (pp, conn) = body.trim().split_once(' ').unwrap();
+        (pp.to_string(), conn.to_string())
+    };
+    for (version, proxy_in) in [("v1", false), ("v2", true)] {
+        let pki = Pki::new(&format!("pp-http-{version}"));
+        let mut config = http_config(&[("a", nginx.addr)], ANY_TO_A, "").replace(
+            "response_timeout = \"1s\"\n",
+            &format!(
+                "response_timeout = \"1s\"\nsend_proxy = \"{version}\"\n\
+                 health = {{ interval = \"100ms\", rise = 1, fall = 1 }}\n"
+            ),
+        );
+        if proxy_in {
+            config = config.replacen(
+                "[[listener]]\n",
+                "[[listener]]\nproxy_protocol = { trusted = [\"127.0.0.0/8\"] }\n",
+                1,
+            );
+        }
+        let k = Ktern::start(&pki, "cpus = [0]", &config);
+        // A check passes only if nginx takes its header.
+        assert!(k.wait_metric("ktern_health_checks_total", 2) >= 2);
+        assert_eq!(
+            k.metric("ktern_health_check_failures_total"),
+            0,
+            "{version}: {}",
+            k.log()
+        );
+        // Client `n` and the address nginx must report for it.
+        let client = |n: u16| -> (Client, String) {
+            if proxy_in {
+                let header = format!("PROXY TCP4 192.0.2.{n} 10.0.0.1 {} 443\r\n", 4000 + n);
+                let (tls, _) = tls_after(&k, &pki, header.as_bytes());
+                (tls, format!("pp=192.0.2.{n}:{}", 4000 + n))
+            } else {
+                let (tls, addr) = tls_after(&k, &pki, b"");
+                (tls, format!("pp={}:{}", addr.ip(), addr.port()))
+            }
+        };
+        let (mut a, a_want) = client(1);
+        let (mut b, b_want) = client(2);
+        let (a_pp, a_conn) = answer(&mut a);
+        assert_eq!(a_pp, a_want, "{version}");
+        let (b_pp, b_conn) = answer(&mut b);
+        assert_eq!(b_pp, b_want, "{version}");
+        assert_ne!(
+            a_conn, b_conn,
+            "{version}: two clients on one backend connection"
+        );
+        // Keep-alive: the same backend connection, still saying `a`.
+        for _ in 0..3 {
+            assert_eq!(answer(&mut a), (a_pp.clone(), a_conn.clone()), "{version}");
+        }
+        assert_eq!(answer(&mut b), (b_pp, b_conn.clone()), "{version}");
+        drop(b);
+        // A new client gets a backend connection of its own, not `b`'s.
+        let (mut c, c_want) = client(3);
+        let (c_pp, c_conn) = answer(&mut c);
+        assert_eq!(c_pp, c_want, "{version}");
+        assert_ne!(
+            c_conn, b_conn,
+            "{version}: a closed client's backend connection reused"
+        );
+        let log = std::fs::read_to_string(&nginx.access_log).unwrap();
+        assert!(
+            log.contains(&a_want) && log.contains(&c_want),
+            "{version}: {log}"
+        );
+        assert_offloaded_in_vm(&k);
+    }
+    // A `tcp` route: the client's HTTP goes through unread, after the header.
+    let pki = Pki::new("pp-tcp-nginx");
+    let k = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(nginx.addr, "")
+            .replace("kind = \"tcp\"\n", "kind = \"tcp\"\nsend_proxy = \"v1\"\n"),
+    );
+    let (mut tls, addr) = tls_after(&k, &pki, b"");
+    let (pp, _) = answer(&mut tls);
+    assert_eq!(pp, format!("pp={}:{}", addr.ip(), addr.port()));
 }

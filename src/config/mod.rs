@@ -797,6 +797,11 @@ pub struct Upstream {
     pub max_fails: u32,
     /// How long a failed backend stays out of rotation.
     pub fail_timeout: Duration,
+    /// A PROXY protocol header first on each new backend connection. Such
+    /// a connection speaks for one client, so it is reused only by that
+    /// client's connection (HAProxy's "private" connections), never pooled
+    /// for others.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// A layer-4 route.
@@ -1338,6 +1343,10 @@ impl Validator<'_> {
             let pool_idle_timeout =
                 self.duration(&format!("{at}.pool_idle_timeout"), &raw.pool_idle_timeout);
             let fail_timeout = self.duration(&format!("{at}.fail_timeout"), &raw.fail_timeout);
+            let send_proxy = self
+                .send_proxy(&at, raw.send_proxy.as_deref())
+                .ok()
+                .flatten();
             out.push(Upstream {
                 name,
                 backends,
@@ -1349,6 +1358,7 @@ impl Validator<'_> {
                 fail_timeout: fail_timeout.unwrap_or_default(),
                 balance: balance.unwrap_or(Balance::RoundRobin),
                 health,
+                send_proxy,
             });
         }
         out

@@ -474,6 +474,7 @@ pub(super) struct UpstreamSection {
     pub balance: String,
     pub hash_key: Option<String>,
     pub health: Option<HealthSection>,
+    pub send_proxy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -734,6 +734,23 @@ fn send_proxy_takes_v1_or_v2() {
 }
 
 #[test]
+fn upstream_groups_take_send_proxy_too() {
+    let with = |v: &str| {
+        let text = HTTP.replace(
+            "pool_size = 8",
+            &format!("pool_size = 8\nsend_proxy = \"{v}\""),
+        );
+        Config::from_toml(&text, "u.toml", Path::new("."), &pems())
+    };
+    let c = with("v1").unwrap();
+    let api = c.upstreams.iter().find(|u| u.name == "api").unwrap();
+    assert_eq!(api.send_proxy, Some(ProxyVersion::V1));
+    let e = with("2").unwrap_err();
+    assert_eq!(e.problems[0].field, "upstream.api.send_proxy");
+    assert!(e.problems[0].reason.contains("\"2\""), "{e}");
+}
+
+#[test]
 fn client_auth_is_checked() {
     let e = load_with(
         "client_auth = { ca = \"/nonexistent/ca.pem\", mode = \"sometimes\", verify_depth = 0 }",

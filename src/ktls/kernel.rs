@@ -108,8 +108,9 @@ pub(super) fn crypto_info(
 }
 
 impl Kernel {
-    /// Hands the session keys to the kernel on `fd`: the `tls` ULP, then
-    /// the TX and RX keys. `rekey`: the running kernel installs new keys.
+    /// Hands the session keys to the kernel on `fd`, whose `tls` ULP is
+    /// attached (`super::attach_ulp`): the TX and RX keys. `rekey`: the
+    /// running kernel installs new keys.
     pub(super) fn offload(
         fd: BorrowedFd<'_>,
         secrets: ExtractedSecrets,
@@ -117,7 +118,6 @@ impl Kernel {
         rekey: bool,
     ) -> Result<Kernel, OffloadError> {
         let suite = kconn.suite();
-        sys::set_ulp_tls(fd).map_err(|e| OffloadError::Kernel("ULP", e))?;
         let tx =
             crypto_info(suite, secrets.tx).map_err(|e| OffloadError::Kernel("TX cipher", e))?;
         let rx =

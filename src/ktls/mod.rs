@@ -207,8 +207,28 @@ pub enum Path {
 
 /// The kernel takes a connection's records: kTLS is not off and this
 /// kernel can carry the negotiated suite.
-fn kernel_carries(mode: KtlsMode, suite: Option<SupportedCipherSuite>, support: &Support) -> bool {
+pub fn kernel_carries(
+    mode: KtlsMode,
+    suite: Option<SupportedCipherSuite>,
+    support: &Support,
+) -> bool {
     mode != KtlsMode::Off && suite.is_some_and(|s| support.covers(s))
+}
+
+/// Attaches the `tls` ULP while rustls still holds the keys, so that a
+/// refusal can still fall back. Linux attaches it only to an ESTABLISHED
+/// socket (`tls_init` in net/tls/tls_main.c returns ENOTCONN otherwise): a
+/// peer that sent its last flight and its FIN (a backend's
+/// `certificate_required` alert and close, a client's request and
+/// shutdown) has moved the socket to CLOSE_WAIT before the handshake
+/// returns. `false` for that case: the connection stays on userspace
+/// records, where its last records and the close are read as on any other.
+fn attach_ulp(socket: &monoio::net::TcpStream) -> Result<bool, OffloadError> {
+    match sys::set_ulp_tls(sys::borrow_fd(socket)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+        Err(e) => Err(OffloadError::Kernel("ULP", e)),
+    }
 }
 
 /// Decides the record path for a finished handshake and builds the stream.
@@ -218,7 +238,9 @@ pub fn establish(
     mode: KtlsMode,
     support: &Support,
 ) -> Result<TlsConn, OffloadError> {
-    if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support) {
+    if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support)
+        && attach_ulp(&socket)?
+    {
         stream::TlsConn::kernel(socket, established, support.rekey)
     } else {
         stream::TlsConn::userspace(socket, established)
@@ -236,7 +258,9 @@ pub fn establish_client(
     mode: KtlsMode,
     support: &Support,
 ) -> Result<TlsConn, OffloadError> {
-    if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support) {
+    if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support)
+        && attach_ulp(&socket)?
+    {
         stream::TlsConn::kernel_client(socket, established, support.rekey)
     } else {
         stream::TlsConn::userspace_client(socket, established)

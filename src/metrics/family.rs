@@ -213,13 +213,17 @@ pub enum UserspaceReason {
     NoKernelTls,
     /// The kernel cannot do the negotiated version and cipher.
     Cipher,
+    /// The peer closed (or reset) during the handshake, before the keys
+    /// could go to the kernel, which takes only an established socket.
+    PeerClosed,
 }
 
 impl UserspaceReason {
-    const ALL: [(UserspaceReason, &'static str); 3] = [
+    const ALL: [(UserspaceReason, &'static str); 4] = [
         (UserspaceReason::Config, "config"),
         (UserspaceReason::NoKernelTls, "no_kernel_tls"),
         (UserspaceReason::Cipher, "cipher"),
+        (UserspaceReason::PeerClosed, "peer_closed"),
     ];
 }
 
@@ -256,7 +260,7 @@ pub struct Families {
     pub upstream_ttfb_seconds: Histogram,
     /// One reload, read to live (control side only).
     pub reload_seconds: Histogram,
-    userspace: [AtomicU64; 3],
+    userspace: [AtomicU64; 4],
     responses: Mutex<BTreeMap<(String, String), Arc<ClassCounters>>>,
     active: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }

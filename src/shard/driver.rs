@@ -394,6 +394,7 @@ async fn establish(
             tracing::debug!(%peer, alpn = %String::from_utf8_lossy(p), "ALPN");
         }
     }
+    let carried = ktls::kernel_carries(mode, est.conn.negotiated_cipher_suite(), &shard.ktls);
     match ktls::establish(socket, est, mode, &shard.ktls) {
         Ok(conn) => {
             let path = conn.path();
@@ -406,6 +407,8 @@ async fn establish(
                     UserspaceReason::Config
                 } else if !shard.ktls.ulp {
                     UserspaceReason::NoKernelTls
+                } else if carried {
+                    UserspaceReason::PeerClosed
                 } else {
                     UserspaceReason::Cipher
                 });
@@ -595,17 +598,39 @@ fn proxy<'a>(
                 // The HTTP routes keep the halves; the rekey counts are
                 // read through this after they end.
                 let probe = conn.rekey_probe();
+                // A group with `send_proxy` pools its connections for this
+                // client alone: each carries this client's header.
+                let upstreams = &gen.config().upstreams;
+                let proxied = upstreams.iter().any(|u| u.send_proxy.is_some());
+                let private: Vec<Rc<crate::upstream::pool::Pool>> = if proxied {
+                    upstreams
+                        .iter()
+                        .zip(&gen.pools)
+                        .map(|(u, shared)| match u.send_proxy {
+                            Some(_) => Rc::new(crate::upstream::pool::Pool::new(1)),
+                            None => shared.clone(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let local = if proxied {
+                    conn.local_addr().ok()
+                } else {
+                    None
+                };
                 let (reader, writer) = conn.split();
                 let ctx = http::forward::Ctx {
                     route,
-                    upstreams: &gen.config().upstreams,
+                    upstreams,
                     balancers: &gen.upstream_balancers,
-                    pools: &gen.pools,
+                    pools: if proxied { &private } else { &gen.pools },
                     drain: &shard.drain,
                     retired: &gen.retired,
                     responses: &gen.responses[listener],
                     metrics: m,
                     peer,
+                    local,
                     moved: &moved,
                     idle: &shard.idle,
                     pipes: &shard.pipes,

@@ -118,14 +118,24 @@ pub fn classify(buf: &[u8]) -> Probe {
 }
 
 /// The check request: HTTP/1.1 with `Connection: close`, so a backend
-/// never keeps a check connection open.
-pub fn request(check: &HealthCheck, addr: SocketAddr) -> Vec<u8> {
+/// never keeps a check connection open. With `send_proxy`, a PROXY header
+/// naming no client goes first (the backend expects one on every
+/// connection; HAProxy's `check-send-proxy`).
+pub fn request(
+    check: &HealthCheck,
+    addr: SocketAddr,
+    send_proxy: Option<crate::config::ProxyVersion>,
+) -> Vec<u8> {
     let host = check.host.clone().unwrap_or_else(|| addr.to_string());
-    format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ktern-health\r\nConnection: close\r\n\r\n",
-        check.path
-    )
-    .into_bytes()
+    let mut out = send_proxy.map(super::proxy_out::local).unwrap_or_default();
+    out.extend_from_slice(
+        format!(
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ktern-health\r\nConnection: close\r\n\r\n",
+            check.path
+        )
+        .as_bytes(),
+    );
+    out
 }
 
 /// Per-upstream verdicts (`None` for groups without checks), indexed like
@@ -182,6 +192,7 @@ pub fn start(
                     index: i,
                     addr: b.addr,
                     check: check.clone(),
+                    send_proxy: u.send_proxy,
                     state: state.clone(),
                     alive: alive.clone(),
                 });
@@ -216,6 +227,7 @@ struct Job {
     index: usize,
     addr: SocketAddr,
     check: HealthCheck,
+    send_proxy: Option<crate::config::ProxyVersion>,
     state: Arc<HealthState>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -223,7 +235,7 @@ struct Job {
 /// Checks one backend forever.
 async fn run(job: Job, metrics: Arc<M>) {
     let mut tracker = Tracker::new(job.check.rise, job.check.fall);
-    let req = request(&job.check, job.addr);
+    let req = request(&job.check, job.addr, job.send_proxy);
     // A verdict carried over from the replaced generation (its probe
     // counted it in the gauge and takes it out when it stops).
     let mut down = !job.state.is_up(job.index);
@@ -364,8 +376,14 @@ mod tests {
             fall: 1,
         };
         let addr: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-        let req = String::from_utf8(request(&check, addr)).unwrap();
+        let req = String::from_utf8(request(&check, addr, None)).unwrap();
         assert!(req.starts_with("GET /healthz HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n"));
         assert!(req.ends_with("Connection: close\r\n\r\n"));
+        // Behind send_proxy: the header first, naming no client.
+        let v1 = request(&check, addr, Some(crate::config::ProxyVersion::V1));
+        assert_eq!(&v1[..15], b"PROXY UNKNOWN\r\n");
+        assert_eq!(&v1[15..], req.as_bytes());
+        let v2 = request(&check, addr, Some(crate::config::ProxyVersion::V2));
+        assert_eq!(&v2[16..], req.as_bytes());
     }
 }

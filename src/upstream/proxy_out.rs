@@ -61,6 +61,24 @@ pub fn header(
     }
 }
 
+/// The header of a connection ktern makes on its own behalf (a health
+/// check): v1 `UNKNOWN`, v2 the `LOCAL` command, both meaning "use the
+/// connection's own addresses" (the spec's §2.1 and §2.2), so a backend
+/// that requires the header still answers the check.
+pub fn local(version: ProxyVersion) -> Vec<u8> {
+    match version {
+        ProxyVersion::V1 => ppp::v1::Addresses::Unknown.to_string().into_bytes(),
+        // 16 fixed bytes and no addresses: nothing in it can fail.
+        ProxyVersion::V2 => ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Local,
+            ppp::v2::Protocol::Unspecified,
+            ppp::v2::Addresses::Unspecified,
+        )
+        .build()
+        .unwrap_or_default(),
+    }
+}
+
 /// `PP2_CLIENT_*` bits of `PP2_TYPE_SSL` (HAProxy's PROXY protocol spec,
 /// §2.2.5): the client spoke TLS; sent a certificate on this connection;
 /// sent one in the session this connection resumed (or on it).
@@ -217,6 +235,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v1, b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n");
+    }
+
+    #[test]
+    fn local_headers_name_no_client_and_read_back() {
+        assert_eq!(local(ProxyVersion::V1), b"PROXY UNKNOWN\r\n");
+        for v in [ProxyVersion::V1, ProxyVersion::V2] {
+            let h = local(v);
+            assert!(
+                matches!(parse(&h), Verdict::Done { len, source: None } if len == h.len()),
+                "{v:?}: {:?}",
+                parse(&h)
+            );
+        }
+        assert_eq!(local(ProxyVersion::V2).len(), 16);
     }
 
     #[test]

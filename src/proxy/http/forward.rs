@@ -64,7 +64,8 @@ pub struct Ctx<'a> {
     pub upstreams: &'a [Upstream],
     /// One balancer per upstream group.
     pub balancers: &'a [Rc<Balancer>],
-    /// Idle backend connections, one pool per upstream group.
+    /// Idle backend connections, one pool per upstream group: the shard's,
+    /// or for a `send_proxy` group this client connection's own.
     pub pools: &'a [Rc<Pool>],
     /// The shard's drain flag: close instead of keeping alive.
     pub drain: &'a DrainSignal,
@@ -78,6 +79,9 @@ pub struct Ctx<'a> {
     pub metrics: &'a M,
     /// The client.
     pub peer: SocketAddr,
+    /// The address the client connected to, when an upstream group sends
+    /// PROXY headers (read only then: one `getsockname` per connection).
+    pub local: Option<SocketAddr>,
     /// Bytes moved, for the connection's log line.
     pub moved: &'a Cell<Moved>,
     /// The shard's idle sweeper (for upgraded tunnels).
@@ -1133,6 +1137,15 @@ pub(crate) async fn begin_attempt<'b>(
             return Step::NoBackend;
         }
     };
+    if let (Some(version), false) = (upstream.send_proxy, reused) {
+        if let Err(e) = Box::pin(send_proxy(&mut backend, version, ctx)).await {
+            // A new connection: nothing to retry on.
+            balancer.failed(addr, Instant::now());
+            M::inc(&ctx.metrics.upstream_errors);
+            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+            return Step::Answer(502);
+        }
+    }
     let (res, sent) = Box::pin(backend.write_all(std::mem::take(out))).await;
     *out = sent;
     if let Err(e) = res {
@@ -1152,6 +1165,28 @@ pub(crate) async fn begin_attempt<'b>(
         reused,
         lease,
     })
+}
+
+/// Writes the PROXY header (the group's `send_proxy`) on a new backend
+/// connection: the client's address (the PROXY-in header's, when the
+/// listener takes one), the address it connected to, and in v2 the SNI and
+/// the TLS facts, as on a `tcp` route.
+async fn send_proxy(
+    backend: &mut TcpStream,
+    version: crate::config::ProxyVersion,
+    ctx: &Ctx<'_>,
+) -> std::io::Result<()> {
+    let local = ctx
+        .local
+        .ok_or_else(|| std::io::Error::other("the client connection's local address is unknown"))?;
+    let header = crate::upstream::proxy_out::header(
+        version,
+        ctx.peer,
+        local,
+        ctx.tls.sni.as_deref(),
+        Some(ctx.tls),
+    )?;
+    backend.write_all(header).await.0.map(drop)
 }
 
 /// Ends an attempt whose request went out: the response head, or the
