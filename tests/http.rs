@@ -1122,3 +1122,136 @@ fn alpn_offers_http11_on_http_routes_and_what_is_configured_on_tcp() {
     let c = try_connect(plain.addr(), &offering(&[b"h2"])).unwrap();
     assert_eq!(c.conn.alpn_protocol(), None);
 }
+
+/// `tls` on an upstream group (nginx's `proxy_ssl_*` for `proxy_pass`):
+/// the backend here is a second ktern terminating TLS in front of the test
+/// backend. Requests and bodies both ways, keep-alive over one pooled TLS
+/// connection, resumption on new ones, a WebSocket upgrade, HTTP/2
+/// clients, health checks over TLS, a wrong name refused with 502 and
+/// counted; in the kTLS VM both of the front's legs in the kernel.
+#[test]
+fn upstream_groups_speak_tls_to_their_backends() {
+    let a = start_http_backend("a");
+    let back_pki = Pki::new("up-tls-back");
+    let back = Ktern::start(
+        &back_pki,
+        "cpus = [0]",
+        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
+    );
+    let pki = Pki::new("up-tls-front");
+    let tls = |name: &str| {
+        format!(
+            "tls = {{ ca = \"{}\", server_name = \"{name}\" }}\n",
+            back_pki.cert.display()
+        )
+    };
+    let config = format!(
+        "{}[upstream.b]\nbackends = [\"{b}\"]\npool_size = 4\n{}\
+         health = {{ interval = \"100ms\", rise = 1, fall = 1 }}\n\
+         [upstream.fresh]\nbackends = [\"{b}\"]\npool_size = 0\n{}\
+         [upstream.wrong]\nbackends = [\"{b}\"]\n{}",
+        http_config(
+            &[],
+            "[[listener.route.rule]]\npath = \"/fresh/\"\nupstream = \"fresh\"\n\
+             [[listener.route.rule]]\npath = \"/wrong/\"\nupstream = \"wrong\"\n\
+             [[listener.route.rule]]\nupstream = \"b\"\n",
+            ""
+        ),
+        tls("localhost"),
+        tls("localhost"),
+        tls("wrong.example"),
+        b = back.addr(),
+    );
+    let k = Ktern::start(&pki, "cpus = [0]", &config);
+    // Checks over TLS pass (plain HTTP to a TLS port would fail them).
+    assert!(k.wait_metric("ktern_health_checks_total", 2) >= 2);
+    assert_eq!(
+        k.metric("ktern_health_check_failures_total"),
+        0,
+        "{}",
+        k.log()
+    );
+
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    for _ in 0..3 {
+        let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: app\r\n\r\n");
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"a"[..]),
+            "{}",
+            k.log()
+        );
+    }
+    let body = pattern(900 << 10, 5);
+    let mut req = format!(
+        "POST /sum HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    c.write_all(&req).unwrap();
+    let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
+    assert_eq!(
+        String::from_utf8(r.body).unwrap(),
+        format!("{} {}", body.len(), sha256(&body))
+    );
+    let r = exchange(&mut c, "GET /close-big HTTP/1.1\r\nHost: app\r\n\r\n");
+    assert_eq!(sha256(&r.body), sha256(&pattern(300_000, 3)));
+    // One TLS connection to the back carried all of that, pooled between
+    // requests (the checks make their own, not counted here).
+    assert_eq!(k.metric("ktern_upstream_tls_handshakes_total"), 1);
+    assert_eq!(k.metric("ktern_upstream_pool_hits_total"), 4);
+    assert!(back.metric("ktern_connections_accepted_total") > 1);
+    // A group that pools nothing: a new connection per request, resumed.
+    for _ in 0..2 {
+        let r = exchange(&mut c, "GET /fresh/x HTTP/1.1\r\nHost: app\r\n\r\n");
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        k.metric("ktern_upstream_tls_resumed_total") >= 1,
+        "{}",
+        k.log()
+    );
+    // The back's certificate does not name wrong.example: 502, counted.
+    let failures = k.metric("ktern_upstream_tls_failures_total");
+    let r = exchange(&mut c, "GET /wrong/x HTTP/1.1\r\nHost: app\r\n\r\n");
+    assert_eq!(r.status, 502);
+    assert_eq!(k.metric("ktern_upstream_tls_failures_total"), failures + 1);
+    assert!(
+        k.log().contains("upstream TLS handshake failed"),
+        "{}",
+        k.log()
+    );
+    drop(c);
+
+    // An upgrade runs as a tunnel over the TLS backend connection.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(&mut c);
+    assert_eq!(read_response(&mut r, true).unwrap().status, 101);
+    let mut hi = [0u8; 2];
+    r.read_exact(&mut hi).unwrap();
+    assert_eq!(&hi, b"hi");
+    drop(r);
+    let data = pattern(200_000, 9);
+    c.write_all(&data).unwrap();
+    let mut echoed = vec![0u8; data.len()];
+    c.read_exact(&mut echoed).unwrap();
+    assert_eq!(sha256(&echoed), sha256(&data));
+    c.conn.send_close_notify();
+    c.flush().unwrap();
+    assert!(read_to_close_notify(&mut c).is_empty());
+
+    // HTTP/2 clients reach the same TLS backends.
+    let rt = common::h2::runtime();
+    rt.block_on(async {
+        let mut h = common::h2::connect(k.addr(), &pki).await;
+        let r = common::h2::get(&mut h, "/x").await;
+        assert_eq!(r.status, 200);
+    });
+    if in_vm() {
+        assert!(k.metric("ktern_upstream_ktls_offloaded_total") >= 1);
+    }
+    assert_offloaded_in_vm(&k);
+}

@@ -802,6 +802,9 @@ pub struct Upstream {
     /// client's connection (HAProxy's "private" connections), never pooled
     /// for others.
     pub send_proxy: Option<ProxyVersion>,
+    /// TLS to the backends (after the PROXY header, if any); `None`: plain
+    /// HTTP.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// A layer-4 route.
@@ -819,9 +822,15 @@ pub struct TcpRoute {
     pub tls: Option<UpstreamTls>,
 }
 
-/// TLS to a route's backends (`tls = { ... }`, nginx's `proxy_ssl_*`).
-/// The verifier is built at load, so a bundle rustls refuses is a config
-/// error; each shard builds its client configs from this.
+/// TLS to a route's or an upstream group's backends (`tls = { ... }`,
+/// nginx's `proxy_ssl_*`). The verifier is built at load, so a bundle
+/// rustls refuses is a config error; each shard builds its client configs
+/// from this.
+///
+/// Equal only to itself (the same load): the `ca` and `client_cert`
+/// files are read again at each reload, so an upstream group with `tls`
+/// counts as changed then and gets new client configs with what the files
+/// hold now.
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     /// rustls' WebPKI verifier for the `ca` bundle.
@@ -842,6 +851,12 @@ pub struct UpstreamTls {
     /// Resume sessions with each backend (tickets kept per shard and per
     /// backend).
     pub session_reuse: bool,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &UpstreamTls) -> bool {
+        Arc::ptr_eq(&self.verifier, &other.verifier)
+    }
 }
 
 /// Client certificate authentication on a listener (`client_auth`).
@@ -1347,6 +1362,9 @@ impl Validator<'_> {
                 .send_proxy(&at, raw.send_proxy.as_deref())
                 .ok()
                 .flatten();
+            let tls = raw
+                .tls
+                .and_then(|t| self.upstream_tls(&format!("{at}.tls"), t));
             out.push(Upstream {
                 name,
                 backends,
@@ -1359,6 +1377,7 @@ impl Validator<'_> {
                 balance: balance.unwrap_or(Balance::RoundRobin),
                 health,
                 send_proxy,
+                tls,
             });
         }
         out
@@ -2193,6 +2212,32 @@ impl Validator<'_> {
         i
     }
 
+    /// [`Self::upstream_index`] for a passthrough route, whose groups carry
+    /// the client's own TLS unread: a group's `tls` would wrap it in a
+    /// second layer, and its `send_proxy` is the route's to set.
+    fn passthrough_upstream(
+        &mut self,
+        at: &str,
+        name: &str,
+        upstreams: &[Upstream],
+    ) -> Option<usize> {
+        let i = self.upstream_index(at, name, upstreams)?;
+        let u = &upstreams[i];
+        if u.tls.is_some() {
+            self.problem(
+                at,
+                format!("[upstream.{name}] has tls, but a passthrough route sends the client's own TLS unread; use a group without tls"),
+            );
+        }
+        if u.send_proxy.is_some() {
+            self.problem(
+                at,
+                format!("[upstream.{name}] has send_proxy; on a passthrough listener set send_proxy on the route"),
+            );
+        }
+        Some(i)
+    }
+
     fn passthrough_route(
         &mut self,
         at: &str,
@@ -2210,7 +2255,7 @@ impl Validator<'_> {
             let field = format!("{at}.rule[{i}]");
             let sni = self.host_match(&format!("{field}.sni"), Some(&r.sni));
             let upstream =
-                self.upstream_index(&format!("{field}.upstream"), &r.upstream, upstreams);
+                self.passthrough_upstream(&format!("{field}.upstream"), &r.upstream, upstreams);
             let alpn = match &r.alpn {
                 Some(a) if a.is_empty() || a.len() > 255 => {
                     self.problem(format!("{field}.alpn"), "must be 1 to 255 bytes (RFC 7301)");
@@ -2237,7 +2282,7 @@ impl Validator<'_> {
         let default = raw
             .default
             .as_ref()
-            .map(|name| self.upstream_index(&format!("{at}.default"), name, upstreams));
+            .map(|name| self.passthrough_upstream(&format!("{at}.default"), name, upstreams));
         let idle_timeout = self.duration(&format!("{at}.idle_timeout"), &raw.idle_timeout);
         let hello_timeout = self.duration(&format!("{at}.hello_timeout"), &raw.hello_timeout);
         if hello_timeout == Some(Duration::ZERO) {

@@ -475,6 +475,7 @@ pub(super) struct UpstreamSection {
     pub hash_key: Option<String>,
     pub health: Option<HealthSection>,
     pub send_proxy: Option<String>,
+    pub tls: Option<UpstreamTlsSection>,
 }
 
 #[derive(Debug, Deserialize)]

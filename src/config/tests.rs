@@ -861,6 +861,51 @@ fn passthrough_listeners_refuse_tls_settings_and_unknown_groups() {
 }
 
 #[test]
+fn upstream_groups_take_tls_except_under_passthrough() {
+    let text = HTTP.replace(
+        "pool_size = 8",
+        "pool_size = 8\ntls = { ca = \"inline:c\", server_name = \"api.internal\" }",
+    );
+    let c = Config::from_toml(&text, "u.toml", Path::new("."), &pems()).unwrap();
+    let api = c.upstreams.iter().find(|u| u.name == "api").unwrap();
+    let tls = api.tls.as_ref().expect("tls");
+    assert_eq!(
+        tls.server_name,
+        Some(rustls::pki_types::ServerName::try_from("api.internal").unwrap())
+    );
+    // Loaded again, the group counts as changed (its files are re-read).
+    let again = Config::from_toml(&text, "u.toml", Path::new("."), &pems()).unwrap();
+    assert!(again.upstreams.iter().all(|u| u.name != "api" || u != api));
+    let bad = HTTP.replace(
+        "pool_size = 8",
+        "pool_size = 8\ntls = { ca = \"/nonexistent/ca.pem\" }",
+    );
+    let e = Config::from_toml(&bad, "u.toml", Path::new("."), &pems()).unwrap_err();
+    assert_eq!(e.problems[0].field, "upstream.api.tls.ca", "{e}");
+    let e = Config::from_toml(
+        &PASSTHROUGH.replace(
+            "[upstream.app]\nbackends = [\"127.0.0.1:9002\"]",
+            "[upstream.app]\nbackends = [\"127.0.0.1:9002\"]\ntls = { ca = \"inline:c\" }\nsend_proxy = \"v1\"",
+        ),
+        "p.toml",
+        Path::new("."),
+        &pems(),
+    )
+    .unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "listener[0].route.rule[1].upstream",
+            "listener[0].route.rule[1].upstream"
+        ],
+        "{e}"
+    );
+    assert!(e.problems[0].reason.contains("has tls"), "{e}");
+    assert!(e.problems[1].reason.contains("send_proxy"), "{e}");
+}
+
+#[test]
 fn upstream_tls_is_checked_at_load() {
     let with = |tls: &str| {
         let text = GOOD.replace(

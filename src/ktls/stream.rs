@@ -301,6 +301,11 @@ impl TlsReader {
         rekey_counts(&self.shared.borrow())
     }
 
+    /// The socket (for a pooled backend connection's liveness check).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        sys::borrow_fd(&self.sock)
+    }
+
     /// Takes plaintext already decrypted in userspace (must be forwarded
     /// before anything spliced later).
     pub fn take_pending(&mut self) -> Vec<u8> {

@@ -195,36 +195,14 @@ impl TlsSession {
         pipes: &PipePool,
         moved: &Cell<Moved>,
     ) -> Result<(), ProxyError> {
-        let result = {
-            let up = pin!(tls_through(
-                &mut self.reader,
-                &mut self.backend_writer,
-                pipes,
-                idle,
-                moved,
-                true
-            ));
-            let down = pin!(tls_through(
-                &mut self.backend_reader,
-                &mut self.writer,
-                pipes,
-                idle,
-                moved,
-                false
-            ));
-            both_or_first_error(up, down, idle).await
-        };
-        match &result {
-            Err(ProxyError::Idle(_)) => {
-                let _ = Box::pin(self.writer.close()).await;
-                let _ = Box::pin(self.backend_writer.close()).await;
-            }
-            Err(_) => {
-                Box::pin(self.writer.abort()).await;
-                Box::pin(self.backend_writer.abort()).await;
-            }
-            Ok(()) => {}
-        }
+        let result = tls_tunnel(
+            (&mut self.reader, &mut self.writer),
+            (&mut self.backend_reader, &mut self.backend_writer),
+            idle,
+            pipes,
+            moved,
+        )
+        .await;
         let rekeys = self.reader.rekeys();
         let mut m = moved.get();
         m.rekey_rx = rekeys.rx;
@@ -234,7 +212,51 @@ impl TlsSession {
     }
 }
 
-/// One direction of a [`TlsSession`]: `from`'s plaintext to `to` until
+/// [`tunnel`] for a backend on TLS too (a `tcp` route with `tls`, an
+/// upgrade from an upstream group with `tls`): each direction splices
+/// kTLS socket to kTLS socket when both ends are in the kernel, else
+/// moves through rustls on the side that has it.
+pub async fn tls_tunnel(
+    (reader, writer): (&mut TlsReader, &mut TlsWriter),
+    (backend_reader, backend_writer): (&mut TlsReader, &mut TlsWriter),
+    idle: &Idle,
+    pipes: &PipePool,
+    moved: &Cell<Moved>,
+) -> Result<(), ProxyError> {
+    let result = {
+        let up = pin!(tls_through(
+            reader,
+            backend_writer,
+            pipes,
+            idle,
+            moved,
+            true
+        ));
+        let down = pin!(tls_through(
+            backend_reader,
+            writer,
+            pipes,
+            idle,
+            moved,
+            false
+        ));
+        both_or_first_error(up, down, idle).await
+    };
+    match &result {
+        Err(ProxyError::Idle(_)) => {
+            let _ = Box::pin(writer.close()).await;
+            let _ = Box::pin(backend_writer.close()).await;
+        }
+        Err(_) => {
+            Box::pin(writer.abort()).await;
+            Box::pin(backend_writer.abort()).await;
+        }
+        Ok(()) => {}
+    }
+    result
+}
+
+/// One direction of a [`tls_tunnel`]: `from`'s plaintext to `to` until
 /// `from` ends, then close_notify and FIN on `to`. `up`: client to backend
 /// (a read error is the client's, a write error the backend's).
 async fn tls_through(

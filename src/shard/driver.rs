@@ -231,17 +231,10 @@ async fn passthrough(
         crate::config::Balance::Hash(crate::config::HashKey::ClientIp)
     )
     .then_some(&ip_key[..]);
-    let connected = Box::pin(balancer.acquire(
-        None,
-        key,
-        upstream.connect_timeout,
-        std::time::Duration::ZERO,
-        std::time::Instant::now(),
-    ))
-    .await;
+    let connected = Box::pin(balancer.connect_keyed(key, upstream.connect_timeout)).await;
     // The lease is held for the connection's life (`least_conn` counts it).
     let (mut backend, addr, _lease) = match connected {
-        Ok((backend, addr, _, lease)) => (backend, addr, lease),
+        Ok(c) => c,
         Err(e) => {
             M::inc(match e {
                 crate::upstream::UpstreamError::Local { .. } => &m.local_exhaustion,
@@ -457,11 +450,10 @@ async fn backend_tls(
     gen: &ShardGen,
     listener: usize,
     route: &crate::config::TcpRoute,
-    mut backend: TcpStream,
+    backend: TcpStream,
     addr: SocketAddr,
     peer: SocketAddr,
 ) -> Option<TlsConn> {
-    use handshake::client::ClientHandshake;
     let m = &shard.metrics;
     let tls = route.tls.as_ref()?;
     let config = route
@@ -474,40 +466,29 @@ async fn backend_tls(
         tracing::error!(%peer, backend = %addr, "internal: no TLS config for this backend");
         return None;
     };
-    let name = tls
-        .server_name
-        .clone()
-        .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
-    let hs = match ClientHandshake::new(config.clone(), name) {
-        Ok(hs) => hs,
-        Err(e) => {
-            M::inc(&m.internal_errors);
-            tracing::error!(%peer, backend = %addr, error = %e, "internal: cannot start the backend TLS handshake");
-            return None;
-        }
-    };
-    let est = match handshake::pump::run(&mut backend, hs, route.connect_timeout).await {
-        Ok(est) => est,
-        Err(e) => {
-            M::inc(&m.upstream_tls_failures);
-            tracing::warn!(%peer, backend = %addr, error = %e, "upstream TLS handshake failed");
-            return None;
-        }
-    };
-    M::inc(&m.upstream_tls_handshakes);
-    if est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-        M::inc(&m.upstream_tls_resumed);
-    }
-    match ktls::establish_client(backend, est, gen.config().runtime.ktls, &shard.ktls) {
-        Ok(conn) => {
-            if conn.path() == Path::Kernel {
+    let started = crate::upstream::conn::start_tls(
+        backend,
+        config.clone(),
+        tls,
+        addr,
+        route.connect_timeout,
+        (gen.config().runtime.ktls, &shard.ktls),
+    )
+    .await;
+    match started {
+        Ok(s) => {
+            M::inc(&m.upstream_tls_handshakes);
+            if s.resumed {
+                M::inc(&m.upstream_tls_resumed);
+            }
+            if s.conn.path() == Path::Kernel {
                 M::inc(&m.upstream_ktls_offloaded);
             }
-            Some(conn)
+            Some(s.conn)
         }
         Err(e) => {
-            M::inc(&m.ktls_offload_errors);
-            tracing::warn!(%peer, backend = %addr, error = %e, "internal: backend record path setup failed");
+            M::inc(e.counter(m));
+            tracing::warn!(%peer, backend = %addr, error = %e, "upstream TLS handshake failed");
             None
         }
     }
@@ -624,6 +605,8 @@ fn proxy<'a>(
                     route,
                     upstreams,
                     balancers: &gen.upstream_balancers,
+                    group_tls: &gen.group_tls,
+                    ktls: (gen.config().runtime.ktls, &shard.ktls),
                     pools: if proxied { &private } else { &gen.pools },
                     drain: &shard.drain,
                     retired: &gen.retired,

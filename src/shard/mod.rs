@@ -85,6 +85,9 @@ pub struct ShardGen {
     /// route's order (`tcp` routes with `tls`; empty otherwise): each has
     /// its own session store, so tickets stay per shard and per backend.
     pub upstream_tls: Vec<Vec<Arc<rustls::ClientConfig>>>,
+    /// The same per upstream group with `tls` (`http` routes), one per
+    /// backend in the group's order.
+    pub group_tls: Vec<Vec<Arc<rustls::ClientConfig>>>,
     /// Backend choice per upstream group (`http` routes).
     pub upstream_balancers: Vec<Rc<Balancer>>,
     /// Idle keep-alive connections per upstream group (each pool holds one
@@ -145,30 +148,37 @@ impl ShardGen {
                 Route::Http(_) | Route::Passthrough(_) => Balancer::new(Vec::new(), id),
             })
             .collect();
+        // One client config per backend, each with its own session store.
+        let configs = |tls: Option<&crate::config::UpstreamTls>, n: usize, whose: &str| {
+            let Some(tls) = tls else {
+                return Vec::new();
+            };
+            match (0..n)
+                .map(|_| crate::handshake::client::client_config(tls))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(configs) => configs,
+                Err(e) => {
+                    // Both providers do TLS 1.2 and 1.3: not expected.
+                    // The route or group then has no configs and fails
+                    // each connection (logged each time).
+                    tracing::error!(whose, error = %e, "internal: cannot build the backend TLS config");
+                    Vec::new()
+                }
+            }
+        };
         let upstream_tls = config
             .listeners
             .iter()
             .map(|l| match &l.route {
-                Route::Tcp(t) => match &t.tls {
-                    Some(tls) => match t
-                        .backends
-                        .iter()
-                        .map(|_| crate::handshake::client::client_config(tls))
-                        .collect::<Result<Vec<_>, _>>()
-                    {
-                        Ok(configs) => configs,
-                        Err(e) => {
-                            // Both providers do TLS 1.2 and 1.3: not
-                            // expected. The route then has no configs and
-                            // closes its clients (logged each time).
-                            tracing::error!(listener = %l.name, error = %e, "internal: cannot build the backend TLS config");
-                            Vec::new()
-                        }
-                    },
-                    None => Vec::new(),
-                },
+                Route::Tcp(t) => configs(t.tls.as_ref(), t.backends.len(), &l.name),
                 _ => Vec::new(),
             })
+            .collect();
+        let group_tls = config
+            .upstreams
+            .iter()
+            .map(|u| configs(u.tls.as_ref(), u.backends.len(), &u.name))
             .collect();
         let (upstream_balancers, pools) = config
             .upstreams
@@ -191,6 +201,7 @@ impl ShardGen {
             tls: gen.tls.get(id).cloned().unwrap_or_default(),
             balancers,
             upstream_tls,
+            group_tls,
             upstream_balancers,
             pools,
             active,

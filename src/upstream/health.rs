@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::HealthState;
@@ -118,24 +118,27 @@ pub fn classify(buf: &[u8]) -> Probe {
 }
 
 /// The check request: HTTP/1.1 with `Connection: close`, so a backend
-/// never keeps a check connection open. With `send_proxy`, a PROXY header
-/// naming no client goes first (the backend expects one on every
-/// connection; HAProxy's `check-send-proxy`).
-pub fn request(
-    check: &HealthCheck,
-    addr: SocketAddr,
-    send_proxy: Option<crate::config::ProxyVersion>,
-) -> Vec<u8> {
+/// never keeps a check connection open.
+pub fn request(check: &HealthCheck, addr: SocketAddr) -> Vec<u8> {
     let host = check.host.clone().unwrap_or_else(|| addr.to_string());
-    let mut out = send_proxy.map(super::proxy_out::local).unwrap_or_default();
-    out.extend_from_slice(
-        format!(
-            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ktern-health\r\nConnection: close\r\n\r\n",
-            check.path
-        )
-        .as_bytes(),
-    );
-    out
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ktern-health\r\nConnection: close\r\n\r\n",
+        check.path
+    )
+    .into_bytes()
+}
+
+/// How a check reaches its backend: what the group's requests go
+/// through too, so a check passes only where requests can.
+struct Way {
+    /// With `send_proxy`: a PROXY header naming no client, first (the
+    /// backend expects one on every connection; HAProxy's
+    /// `check-send-proxy`).
+    preface: Vec<u8>,
+    /// With `tls`: the group's TLS settings and a client config of the
+    /// check's own (records in userspace: a check moves a few hundred
+    /// bytes).
+    tls: Option<(crate::config::UpstreamTls, Arc<rustls::ClientConfig>)>,
 }
 
 /// Per-upstream verdicts (`None` for groups without checks), indexed like
@@ -192,7 +195,7 @@ pub fn start(
                     index: i,
                     addr: b.addr,
                     check: check.clone(),
-                    send_proxy: u.send_proxy,
+                    way: way(u),
                     state: state.clone(),
                     alive: alive.clone(),
                 });
@@ -227,7 +230,7 @@ struct Job {
     index: usize,
     addr: SocketAddr,
     check: HealthCheck,
-    send_proxy: Option<crate::config::ProxyVersion>,
+    way: Way,
     state: Arc<HealthState>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -235,7 +238,7 @@ struct Job {
 /// Checks one backend forever.
 async fn run(job: Job, metrics: Arc<M>) {
     let mut tracker = Tracker::new(job.check.rise, job.check.fall);
-    let req = request(&job.check, job.addr, job.send_proxy);
+    let req = request(&job.check, job.addr);
     // A verdict carried over from the replaced generation (its probe
     // counted it in the gauge and takes it out when it stops).
     let mut down = !job.state.is_up(job.index);
@@ -253,7 +256,8 @@ async fn run(job: Job, metrics: Arc<M>) {
             return;
         }
         let started = Instant::now();
-        let verdict = match monoio::time::timeout(job.check.timeout, probe(job.addr, &req)).await {
+        let probe = probe(job.addr, &job.way, &req, job.check.timeout);
+        let verdict = match monoio::time::timeout(job.check.timeout, probe).await {
             Ok(v) => v,
             Err(_) => Probe::Fail(format!("no response within {:?}", job.check.timeout)),
         };
@@ -299,23 +303,66 @@ async fn run(job: Job, metrics: Arc<M>) {
     }
 }
 
-/// One check: connect, send, read until the status is known.
-async fn probe(addr: SocketAddr, req: &[u8]) -> Probe {
+/// The way to `u`'s backends.
+fn way(u: &crate::config::Upstream) -> Way {
+    let tls = u.tls.as_ref().and_then(|t| {
+        match crate::handshake::client::client_config(t) {
+            Ok(c) => Some((t.clone(), c)),
+            Err(e) => {
+                // Not expected (both providers do TLS 1.2 and 1.3); the
+                // checks then go without TLS and fail, which shows.
+                tracing::error!(upstream = %u.name, error = %e, "internal: cannot build the health check TLS config");
+                None
+            }
+        }
+    });
+    Way {
+        preface: u
+            .send_proxy
+            .map(super::proxy_out::local)
+            .unwrap_or_default(),
+        tls,
+    }
+}
+
+/// One check: connect, the PROXY header and TLS when the group has them,
+/// send, read until the status is known.
+async fn probe(addr: SocketAddr, way: &Way, req: &[u8], timeout: Duration) -> Probe {
+    use super::conn::BackendConn;
     let mut stream = match TcpStream::connect_addr(addr).await {
         Ok(s) => s,
         Err(e) if crate::upstream::is_local_exhaustion(&e) => return Probe::Local(e.to_string()),
         Err(e) => return Probe::Fail(format!("connect: {e}")),
     };
-    let (res, _) = stream.write_all(req.to_vec()).await;
+    if !way.preface.is_empty() {
+        if let Err(e) = stream.write_all(way.preface.clone()).await.0 {
+            return Probe::Fail(format!("PROXY header: {e}"));
+        }
+    }
+    let mut conn = match &way.tls {
+        None => BackendConn::Plain(stream),
+        Some((tls, config)) => {
+            let off = (
+                crate::config::KtlsMode::Off,
+                &crate::ktls::Support::default(),
+            );
+            match super::conn::start_tls(stream, config.clone(), tls, addr, timeout, off).await {
+                Ok(s) => s.conn.into(),
+                Err(e) => return Probe::Fail(e.to_string()),
+            }
+        }
+    };
+    let (res, _) = conn.write_all(req.to_vec()).await;
     if let Err(e) = res {
         return Probe::Fail(format!("write: {e}"));
     }
     let mut head: Vec<u8> = Vec::new();
     loop {
-        let (res, buf) = stream.read(Vec::with_capacity(4096)).await;
-        match res {
-            Ok(0) => return Probe::Fail("closed before a response head".into()),
-            Ok(_) => head.extend_from_slice(&buf),
+        match conn.read_some(4096).await {
+            Ok(buf) if buf.is_empty() => {
+                return Probe::Fail("closed before a response head".into())
+            }
+            Ok(buf) => head.extend_from_slice(&buf),
             Err(e) => return Probe::Fail(format!("read: {e}")),
         }
         match classify(&head) {
@@ -376,14 +423,8 @@ mod tests {
             fall: 1,
         };
         let addr: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-        let req = String::from_utf8(request(&check, addr, None)).unwrap();
+        let req = String::from_utf8(request(&check, addr)).unwrap();
         assert!(req.starts_with("GET /healthz HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n"));
         assert!(req.ends_with("Connection: close\r\n\r\n"));
-        // Behind send_proxy: the header first, naming no client.
-        let v1 = request(&check, addr, Some(crate::config::ProxyVersion::V1));
-        assert_eq!(&v1[..15], b"PROXY UNKNOWN\r\n");
-        assert_eq!(&v1[15..], req.as_bytes());
-        let v2 = request(&check, addr, Some(crate::config::ProxyVersion::V2));
-        assert_eq!(&v2[16..], req.as_bytes());
     }
 }

@@ -12,6 +12,7 @@ use monoio::net::TcpStream;
 
 use crate::config::{Balance, Upstream, WeightedBackend};
 
+pub mod conn;
 pub mod health;
 pub mod pool;
 pub mod proxy_out;
@@ -353,9 +354,21 @@ impl Balancer {
         &self,
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-        self.acquire(None, None, timeout, Duration::ZERO, Instant::now())
+        self.acquire_from(|_, _| None, None, timeout, Instant::now())
             .await
             .map(|(s, a, _, _)| (s, a))
+    }
+
+    /// A new connection in plan order for `key` (`balance = "hash"`), with
+    /// its lease (held for the connection's life: `least_conn` counts it).
+    pub async fn connect_keyed(
+        &self,
+        key: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(TcpStream, SocketAddr, Lease<'_>), UpstreamError> {
+        self.acquire_from(|_, _| None, key, timeout, Instant::now())
+            .await
+            .map(|(s, a, _, lease)| (s, a, lease))
     }
 
     /// A backend connection for one request: in plan order, an idle pooled
@@ -372,7 +385,20 @@ impl Balancer {
         timeout: Duration,
         pool_idle: Duration,
         now: Instant,
-    ) -> Result<(TcpStream, SocketAddr, bool, Lease<'_>), UpstreamError> {
+    ) -> Result<(conn::BackendConn, SocketAddr, bool, Lease<'_>), UpstreamError> {
+        let take = |addr, now| pool.and_then(|(group, p)| p.take_for(group, addr, pool_idle, now));
+        self.acquire_from(take, key, timeout, now).await
+    }
+
+    /// [`Balancer::acquire`] with `take` for the pool lookup: `T` is what
+    /// the caller's pool holds (nothing, for [`Balancer::connect`]).
+    async fn acquire_from<T: From<TcpStream>>(
+        &self,
+        mut take: impl FnMut(SocketAddr, Instant) -> Option<T>,
+        key: Option<&[u8]>,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<(T, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
         let mut tried = 0;
         // Re-read after each failed connect, which may have waited up to
@@ -380,10 +406,8 @@ impl Balancer {
         let mut now = now;
         for addr in self.plan_at(now, key) {
             let lease = self.lease(addr);
-            if let Some((group, pool)) = pool {
-                if let Some(s) = pool.take_for(group, addr, pool_idle, now) {
-                    return Ok((s, addr, true, lease));
-                }
+            if let Some(s) = take(addr, now) {
+                return Ok((s, addr, true, lease));
             }
             tried += 1;
             let res = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
@@ -396,7 +420,7 @@ impl Balancer {
                     // Nagle delay on top (nginx sets TCP_NODELAY likewise).
                     let _ = s.set_nodelay(true);
                     self.succeeded(addr);
-                    return Ok((s, addr, false, lease));
+                    return Ok((s.into(), addr, false, lease));
                 }
                 Err(e) if is_local_exhaustion(&e) => {
                     // Another backend would fail the same way: stop here,

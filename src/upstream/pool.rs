@@ -1,17 +1,16 @@
-//! Per-shard pools of idle keep-alive connections to HTTP backends. Never
-//! shared between shards; a connection the backend closed while idle is
-//! detected before reuse (`sys::idle_socket_usable`) and dropped.
+//! Per-shard pools of idle keep-alive connections to HTTP backends (plain
+//! or TLS). Never shared between shards; a connection the backend closed
+//! while idle is detected before reuse (`sys::idle_socket_usable`) and
+//! dropped.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use monoio::net::TcpStream;
-
-use crate::sys;
+use super::conn::BackendConn;
 
 struct Idle {
-    stream: TcpStream,
+    stream: BackendConn,
     addr: SocketAddr,
     since: Instant,
 }
@@ -54,14 +53,12 @@ impl Pool {
         addr: SocketAddr,
         max_idle: Duration,
         now: Instant,
-    ) -> Option<TcpStream> {
+    ) -> Option<BackendConn> {
         let mut groups = self.groups.borrow_mut();
         let idle = groups.get_mut(group)?;
         while let Some(i) = idle.iter().rposition(|c| c.addr == addr) {
             let c = idle.remove(i);
-            if now.saturating_duration_since(c.since) < max_idle
-                && sys::idle_socket_usable(sys::borrow_fd(&c.stream))
-            {
+            if now.saturating_duration_since(c.since) < max_idle && c.stream.usable_when_idle() {
                 return Some(c.stream);
             }
         }
@@ -69,7 +66,8 @@ impl Pool {
     }
 
     /// Returns a connection whose last response ended cleanly.
-    pub fn put(&self, group: usize, stream: TcpStream, addr: SocketAddr, max: usize) {
+    pub fn put(&self, group: usize, stream: impl Into<BackendConn>, addr: SocketAddr, max: usize) {
+        let stream = stream.into();
         let mut groups = self.groups.borrow_mut();
         let Some(idle) = groups.get_mut(group) else {
             return;
@@ -112,6 +110,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use monoio::net::TcpStream;
 
     fn runtime() -> monoio::Runtime<monoio::LegacyDriver> {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -188,7 +187,10 @@ mod tests {
             // Newest first; the first connection was dropped for room.
             let now = Instant::now();
             let max_idle = Duration::from_secs(60);
-            let port = |s: TcpStream| s.local_addr().unwrap().port();
+            let port = |s: BackendConn| match s {
+                BackendConn::Plain(s) => s.local_addr().unwrap().port(),
+                BackendConn::Tls(_) => unreachable!("plain connections only"),
+            };
             assert_eq!(
                 pool.take_for(0, addr, max_idle, now).map(port),
                 Some(ports[2])

@@ -10,12 +10,10 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::upstream::conn::BackendConn;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
 
 use super::convert::{self, Refusal};
 use crate::buffers;
@@ -269,28 +267,24 @@ async fn forward(
             // Backpressure: read no more than the client may take now.
             let room = capacity(&mut send, route.send_timeout).await?;
             let want = room.clamp(1, READ);
-            let read = Box::pin(backend.read(buffers::take(READ).slice_mut(..want)));
-            let Ok((res, buf)) = monoio::time::timeout(upstream.response_timeout, read).await
-            else {
+            let read = Box::pin(backend.read_some(want));
+            let Ok(res) = monoio::time::timeout(upstream.response_timeout, read).await else {
                 return Err(abort(&mut send, UpstreamAbort::Stalled));
             };
-            let buf = buf.into_inner();
             match res {
-                Ok(0) => {
+                Ok(buf) if buf.is_empty() => {
                     buffers::give(buf);
                     scanner.finish().map_err(|e| abort(&mut send, e.into()))?;
                     break;
                 }
-                Ok(n) => {
-                    let used = scanner.decode(&buf[..n], &mut decoded);
+                Ok(buf) => {
+                    let used = scanner.decode(&buf, &mut decoded);
+                    let n = buf.len();
                     buffers::give(buf);
                     let used = used.map_err(|e| abort(&mut send, e.into()))?;
                     leftover += n - used;
                 }
-                Err(e) => {
-                    buffers::give(buf);
-                    return Err(abort(&mut send, UpstreamAbort::Io(e)));
-                }
+                Err(e) => return Err(abort(&mut send, UpstreamAbort::Io(e))),
             }
         }
         match convert::trailers_from_h1(&decoded.trailers) {
@@ -336,7 +330,7 @@ async fn capacity(send: &mut SendStream<Bytes>, stall: Duration) -> Result<usize
 /// client's window only for what the backend took.
 async fn send_body(
     body: &mut RecvStream,
-    backend: &mut TcpStream,
+    backend: &mut BackendConn,
     head: &RequestHead,
     ctx: &Ctx<'_>,
     backend_timeout: Duration,
@@ -368,14 +362,14 @@ async fn send_body(
             framed.extend_from_slice(format!("{n:x}\r\n").as_bytes());
             framed.extend_from_slice(&data);
             framed.extend_from_slice(b"\r\n");
-            Box::pin(backend.write_all(Bytes::from(framed)))
+            Box::pin(backend.write_bytes(Bytes::from(framed)))
         } else {
-            Box::pin(backend.write_all(data))
+            Box::pin(backend.write_bytes(data))
         };
         match monoio::time::timeout(backend_timeout, write).await {
             Err(_) => return BodySent::BackendStalled,
-            Ok((Err(_), _)) => return BodySent::BackendFailed,
-            Ok((Ok(_), _)) => {}
+            Ok(Err(_)) => return BodySent::BackendFailed,
+            Ok(Ok(())) => {}
         }
         moved.0 += n as u64;
         // The backend took it: the client may send as much again.
@@ -388,10 +382,10 @@ async fn send_body(
             Ok(Ok(t)) => t,
         };
         let last = convert::last_chunk(trailers.as_ref());
-        match monoio::time::timeout(backend_timeout, backend.write_all(last)).await {
+        match monoio::time::timeout(backend_timeout, backend.write_bytes(last.into())).await {
             Err(_) => return BodySent::BackendStalled,
-            Ok((Err(_), _)) => return BodySent::BackendFailed,
-            Ok((Ok(_), _)) => {}
+            Ok(Err(_)) => return BodySent::BackendFailed,
+            Ok(Ok(())) => {}
         }
     }
     BodySent::Done

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::body::{BodyError, BodyScanner};
@@ -34,6 +33,7 @@ use crate::metrics::ShardMetrics as M;
 use crate::proxy::drain::DrainSignal;
 use crate::proxy::idle::IdleSweeper;
 use crate::proxy::tcp::{self, Moved, PipePool, ProxyError};
+use crate::upstream::conn::BackendConn;
 use crate::upstream::pool::Pool;
 use crate::upstream::Balancer;
 
@@ -64,6 +64,11 @@ pub struct Ctx<'a> {
     pub upstreams: &'a [Upstream],
     /// One balancer per upstream group.
     pub balancers: &'a [Rc<Balancer>],
+    /// rustls client configs per upstream group with `tls`, one per
+    /// backend (`ShardGen::group_tls`).
+    pub group_tls: &'a [Vec<Arc<rustls::ClientConfig>>],
+    /// `runtime.ktls` and what this kernel offloads (backend TLS).
+    pub ktls: (crate::config::KtlsMode, &'a crate::ktls::Support),
     /// Idle backend connections, one pool per upstream group: the shard's,
     /// or for a `send_proxy` group this client connection's own.
     pub pools: &'a [Rc<Pool>],
@@ -695,13 +700,12 @@ async fn forward(
         // `response_timeout` also bounds each wait for more of the body
         // (nginx's proxy_read_timeout between reads): a stalled backend
         // does not hold the client, the connection and a buffer forever.
-        let read = Box::pin(backend.read(buffers::take(READ).slice_mut(..want)));
-        let Ok((res, buf)) = monoio::time::timeout(upstream.response_timeout, read).await else {
+        let read = Box::pin(backend.read_some(want));
+        let Ok(res) = monoio::time::timeout(upstream.response_timeout, read).await else {
             return Err(UpstreamAbort::Stalled.into());
         };
-        let buf = buf.into_inner();
         match res {
-            Ok(0) => {
+            Ok(buf) if buf.is_empty() => {
                 buffers::give(buf);
                 scanner.finish().map_err(abort)?;
                 if rechunk {
@@ -709,7 +713,7 @@ async fn forward(
                 }
                 break;
             }
-            Ok(_) => {
+            Ok(buf) => {
                 buffers::give(std::mem::replace(&mut rbuf, buf));
                 ready = scanner.scan(&rbuf).map_err(abort)?;
             }
@@ -937,7 +941,7 @@ async fn upgrade(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
     inbuf: &mut Vec<u8>,
-    mut backend: TcpStream,
+    mut backend: BackendConn,
     resp: head::ResponseHead,
     mut rbuf: Vec<u8>,
     ctx: &Ctx<'_>,
@@ -953,8 +957,23 @@ async fn upgrade(
         let (res, _) = Box::pin(backend.write_all(early)).await;
         res.map_err(tunnel_err)?;
     }
-    let (mut backend_rd, mut backend_wr) = crate::sys::split_stream(backend).map_err(tunnel_err)?;
     let idle = ctx.idle.register(ctx.route.keepalive_timeout);
+    let backend = match backend {
+        BackendConn::Plain(s) => s,
+        BackendConn::Tls(b) => {
+            let (mut br, mut bw) = *b;
+            let tunnel = tcp::tls_tunnel(
+                (reader, writer),
+                (&mut br, &mut bw),
+                &idle,
+                ctx.pipes,
+                ctx.moved,
+            );
+            Box::pin(tunnel).await.map_err(HttpError::Tunnel)?;
+            return Ok(Next::Ended);
+        }
+    };
+    let (mut backend_rd, mut backend_wr) = crate::sys::split_stream(backend).map_err(tunnel_err)?;
     let kernel = reader.path() == Path::Kernel;
     tcp::tunnel(
         reader,
@@ -1082,7 +1101,7 @@ impl<T> Step<T> {
 
 /// A backend connection an attempt runs on.
 pub(crate) struct Attempt<'b> {
-    pub(crate) backend: TcpStream,
+    pub(crate) backend: BackendConn,
     pub(crate) addr: SocketAddr,
     /// Taken from the pool (the retry rule treats it differently).
     pub(crate) reused: bool,
@@ -1137,14 +1156,16 @@ pub(crate) async fn begin_attempt<'b>(
             return Step::NoBackend;
         }
     };
-    if let (Some(version), false) = (upstream.send_proxy, reused) {
-        if let Err(e) = Box::pin(send_proxy(&mut backend, version, ctx)).await {
-            // A new connection: nothing to retry on.
-            balancer.failed(addr, Instant::now());
-            M::inc(&ctx.metrics.upstream_errors);
-            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
-            return Step::Answer(502);
-        }
+    if !reused {
+        backend = match Box::pin(set_up(ctx, group, backend, addr)).await {
+            Ok(b) => b,
+            Err(()) => {
+                // Logged and counted. A new connection: nothing to retry
+                // on.
+                balancer.failed(addr, Instant::now());
+                return Step::Answer(502);
+            }
+        };
     }
     let (res, sent) = Box::pin(backend.write_all(std::mem::take(out))).await;
     *out = sent;
@@ -1165,6 +1186,67 @@ pub(crate) async fn begin_attempt<'b>(
         reused,
         lease,
     })
+}
+
+/// A new backend connection's set-up: the PROXY header (`send_proxy`),
+/// then TLS (`tls`: the handshake within `connect_timeout`, then kTLS when
+/// the kernel carries the suite). Failures are logged and counted here.
+async fn set_up(
+    ctx: &Ctx<'_>,
+    group: usize,
+    conn: BackendConn,
+    addr: SocketAddr,
+) -> Result<BackendConn, ()> {
+    let upstream = &ctx.upstreams[group];
+    let BackendConn::Plain(mut stream) = conn else {
+        return Ok(conn);
+    };
+    if let Some(version) = upstream.send_proxy {
+        if let Err(e) = Box::pin(send_proxy(&mut stream, version, ctx)).await {
+            M::inc(&ctx.metrics.upstream_errors);
+            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+            return Err(());
+        }
+    }
+    let Some(tls) = &upstream.tls else {
+        return Ok(BackendConn::Plain(stream));
+    };
+    let m = ctx.metrics;
+    let config = upstream
+        .backends
+        .iter()
+        .position(|b| b.addr == addr)
+        .and_then(|i| ctx.group_tls.get(group)?.get(i));
+    let Some(config) = config else {
+        M::inc(&m.internal_errors);
+        tracing::error!(peer = %ctx.peer, backend = %addr, "internal: no TLS config for this backend");
+        return Err(());
+    };
+    let started = crate::upstream::conn::start_tls(
+        stream,
+        config.clone(),
+        tls,
+        addr,
+        upstream.connect_timeout,
+        ctx.ktls,
+    );
+    match Box::pin(started).await {
+        Ok(s) => {
+            M::inc(&m.upstream_tls_handshakes);
+            if s.resumed {
+                M::inc(&m.upstream_tls_resumed);
+            }
+            if s.conn.path() == Path::Kernel {
+                M::inc(&m.upstream_ktls_offloaded);
+            }
+            Ok(s.conn.into())
+        }
+        Err(e) => {
+            M::inc(e.counter(m));
+            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream TLS handshake failed");
+            Err(())
+        }
+    }
 }
 
 /// Writes the PROXY header (the group's `send_proxy`) on a new backend
@@ -1228,7 +1310,7 @@ pub(crate) async fn finish_attempt(
 /// write, 504).
 async fn send_body(
     reader: &mut TlsReader,
-    backend: &mut TcpStream,
+    backend: &mut BackendConn,
     inbuf: &mut Vec<u8>,
     head: &RequestHead,
     max_body: u64,
@@ -1277,7 +1359,7 @@ pub(crate) type Response = (head::ResponseHead, Vec<u8>);
 /// Reads the final response head (1xx interim responses other than 101 are
 /// skipped: they were answered by our own 100 Continue).
 pub(crate) async fn read_response(
-    backend: &mut TcpStream,
+    backend: &mut BackendConn,
     method: &str,
     timeout: Duration,
 ) -> Result<Response, UpstreamFault> {
@@ -1303,19 +1385,19 @@ pub(crate) async fn read_response(
             }
             Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
         }
-        let (res, buf) =
-            match monoio::time::timeout_at(deadline, Box::pin(backend.read(buffers::take(READ))))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => return Err(UpstreamFault::Timeout),
-            };
+        let res = match monoio::time::timeout_at(deadline, Box::pin(backend.read_some(READ))).await
+        {
+            Ok(r) => r,
+            Err(_) => return Err(UpstreamFault::Timeout),
+        };
         match res {
-            Ok(0) if rbuf.is_empty() && !interim => return Err(UpstreamFault::NothingBack),
-            Ok(0) => return Err(UpstreamFault::Bad("closed mid-head")),
+            Ok(buf) if buf.is_empty() && rbuf.is_empty() && !interim => {
+                return Err(UpstreamFault::NothingBack)
+            }
+            Ok(buf) if buf.is_empty() => return Err(UpstreamFault::Bad("closed mid-head")),
             // Usually the whole head arrives in one read: keep that buffer.
-            Ok(_) if rbuf.is_empty() => rbuf = buf,
-            Ok(_) => {
+            Ok(buf) if rbuf.is_empty() => rbuf = buf,
+            Ok(buf) => {
                 rbuf.extend_from_slice(&buf);
                 buffers::give(buf);
             }

@@ -1,0 +1,169 @@
+//! A connection to a backend: plain TCP, or TLS when the route or the
+//! upstream group has `tls` (nginx's `proxy_ssl_*`), its records in the
+//! kernel when it can carry the suite the backend chose, else in rustls.
+//! The HTTP pumps and the pool read and write through [`BackendConn`]
+//! without knowing which.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::config::{KtlsMode, UpstreamTls};
+use crate::handshake::client::{BackendTlsError, ClientHandshake};
+use crate::ktls::{OffloadError, Support, TlsConn, TlsReader, TlsWriter};
+use crate::{buffers, sys};
+
+/// Largest plain read: four TLS records' worth, as the client side reads.
+const READ: usize = 64 << 10;
+
+/// Why TLS to a backend did not come up: the backend's doing (its
+/// certificate, alert, silence or plain TCP), or ktern's own.
+#[derive(Debug, thiserror::Error)]
+pub enum StartTlsError {
+    /// The handshake failed on the backend's side.
+    #[error(transparent)]
+    Handshake(#[from] BackendTlsError),
+    /// rustls refused to start a handshake with this config (internal).
+    #[error("internal: cannot start the backend TLS handshake: {0}")]
+    Start(rustls::Error),
+    /// The record path could not be set up (internal).
+    #[error("internal: backend record path setup failed: {0}")]
+    Offload(#[from] OffloadError),
+}
+
+impl StartTlsError {
+    /// Its counter: the backend's failures, or ktern's own.
+    pub fn counter<'m>(
+        &self,
+        m: &'m crate::metrics::ShardMetrics,
+    ) -> &'m std::sync::atomic::AtomicU64 {
+        match self {
+            StartTlsError::Handshake(_) => &m.upstream_tls_failures,
+            StartTlsError::Offload(_) => &m.ktls_offload_errors,
+            StartTlsError::Start(_) => &m.internal_errors,
+        }
+    }
+}
+
+/// A backend connection with TLS up.
+pub struct Started {
+    /// The record path, kTLS when the kernel carries the suite.
+    pub conn: TlsConn,
+    /// The backend resumed a session (`session_reuse`).
+    pub resumed: bool,
+}
+
+/// The client handshake with a backend on `stream` (within `timeout`),
+/// then its record path: the kernel when `mode` allows and the kernel can
+/// carry the suite the backend chose.
+pub async fn start_tls(
+    mut stream: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    tls: &UpstreamTls,
+    addr: SocketAddr,
+    timeout: Duration,
+    (mode, support): (KtlsMode, &Support),
+) -> Result<Started, StartTlsError> {
+    // Without a configured name, the backend's address, checked against
+    // its IP SANs (rustls sends no SNI for an address, RFC 6066 §3).
+    let name = tls
+        .server_name
+        .clone()
+        .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+    let hs = ClientHandshake::new(config, name).map_err(StartTlsError::Start)?;
+    let est = crate::handshake::pump::run(&mut stream, hs, timeout).await?;
+    let resumed = est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let conn = crate::ktls::establish_client(stream, est, mode, support)?;
+    Ok(Started { conn, resumed })
+}
+
+/// A connection to an HTTP backend.
+pub enum BackendConn {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS (boxed: two halves and their shared record engine).
+    Tls(Box<(TlsReader, TlsWriter)>),
+}
+
+impl From<TcpStream> for BackendConn {
+    fn from(stream: TcpStream) -> BackendConn {
+        BackendConn::Plain(stream)
+    }
+}
+
+impl From<TlsConn> for BackendConn {
+    fn from(conn: TlsConn) -> BackendConn {
+        BackendConn::Tls(Box::new(conn.split()))
+    }
+}
+
+impl BackendConn {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            BackendConn::Plain(s) => sys::borrow_fd(s),
+            BackendConn::Tls(t) => t.0.fd(),
+        }
+    }
+
+    /// Still usable after idling in the pool: no byte, no close and no
+    /// record (a close_notify, which kTLS reports as a non-data record)
+    /// waiting on the socket.
+    pub fn usable_when_idle(&self) -> bool {
+        sys::idle_socket_usable(self.fd())
+    }
+
+    /// Writes all of `buf`, which comes back whatever the outcome (a
+    /// retried request is resent without a copy).
+    pub async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            BackendConn::Plain(s) => {
+                let (res, buf) = s.write_all(buf).await;
+                (res.map(drop), buf)
+            }
+            BackendConn::Tls(t) => {
+                let (res, buf) = t.1.write_all(buf).await;
+                (res.map_err(io::Error::other), buf)
+            }
+        }
+    }
+
+    /// Writes all of `buf` (HTTP/2 DATA, already in a `Bytes`).
+    pub async fn write_bytes(&mut self, buf: bytes::Bytes) -> io::Result<()> {
+        match self {
+            BackendConn::Plain(s) => s.write_all(buf).await.0.map(drop),
+            BackendConn::Tls(t) => t.1.write_all(buf.into()).await.0.map_err(io::Error::other),
+        }
+    }
+
+    /// Reads what is there, at most `max` bytes on plain TCP (on TLS one
+    /// chunk of plaintext, at most a record's worth on the userspace
+    /// path). Empty at the end of the backend's stream. The buffer may
+    /// go back to [`buffers::give`].
+    pub async fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        match self {
+            BackendConn::Plain(s) => {
+                let max = max.clamp(1, READ);
+                let (res, buf) = s.read(buffers::take(READ).slice_mut(..max)).await;
+                let buf = buf.into_inner();
+                match res {
+                    Ok(_) => Ok(buf),
+                    Err(e) => {
+                        buffers::give(buf);
+                        Err(e)
+                    }
+                }
+            }
+            BackendConn::Tls(t) => match t.0.read_chunk().await {
+                Ok(Some(chunk)) => Ok(chunk),
+                Ok(None) => Ok(Vec::new()),
+                Err(e) => Err(io::Error::other(e)),
+            },
+        }
+    }
+}
