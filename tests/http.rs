@@ -1147,7 +1147,7 @@ fn upstream_groups_speak_tls_to_their_backends() {
     };
     let config = format!(
         "{}[upstream.b]\nbackends = [\"{b}\"]\npool_size = 4\n{}\
-         health = {{ interval = \"100ms\", rise = 1, fall = 1 }}\n\
+         health = {{ interval = \"100ms\", timeout = \"30s\", rise = 1, fall = 1 }}\n\
          [upstream.fresh]\nbackends = [\"{b}\"]\npool_size = 0\n{}\
          [upstream.wrong]\nbackends = [\"{b}\"]\n{}",
         http_config(

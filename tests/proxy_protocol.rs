@@ -257,7 +257,7 @@ fn http_upstreams_send_each_clients_address_to_nginx() {
             "response_timeout = \"1s\"\n",
             &format!(
                 "response_timeout = \"1s\"\nsend_proxy = \"{version}\"\n\
-                 health = {{ interval = \"100ms\", rise = 1, fall = 1 }}\n"
+                 health = {{ interval = \"100ms\", timeout = \"30s\", rise = 1, fall = 1 }}\n"
             ),
         );
         if proxy_in {

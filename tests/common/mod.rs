@@ -406,7 +406,7 @@ impl Ktern {
     /// Waits until `name` reaches at least `want` (counters move after the
     /// connection's last byte, so give the shard a moment).
     pub fn wait_metric(&self, name: &str, want: u64) -> u64 {
-        let until = Instant::now() + Duration::from_secs(10);
+        let until = Instant::now() + Duration::from_secs(10) * slow();
         loop {
             let v = self.metric(name);
             if v >= want || Instant::now() > until {
@@ -418,7 +418,7 @@ impl Ktern {
 
     /// Like [`Ktern::wait_metric`], for a gauge going down to `want`.
     pub fn wait_metric_down_to(&self, name: &str, want: u64) -> u64 {
-        let until = Instant::now() + Duration::from_secs(10);
+        let until = Instant::now() + Duration::from_secs(10) * slow();
         loop {
             let v = self.metric(name);
             if v <= want || Instant::now() > until {
