@@ -1,10 +1,11 @@
 //! Hostile bytes through the ClientHello peek: never a panic; a parsed
 //! hello is unchanged by bytes after it, and a prefix of it either needs
 //! more input or already holds the same whole hello; and the hello cut
-//! into other records reads the same (the passthrough peek's case).
+//! into other records reads the same (the passthrough peek's case), also
+//! when the incremental peek is fed it a piece at a time.
 #![no_main]
 
-use ktern::handshake::hello::{peek, Peeked};
+use ktern::handshake::hello::{peek, HelloPeek, Peeked};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -41,5 +42,15 @@ fuzz_target!(|data: &[u8]| {
             resplit.extend_from_slice(part);
         }
         assert_eq!(peek(&resplit), whole);
+        // Fed in pieces of `size` bytes, as reads would bring them.
+        let mut fed = HelloPeek::default();
+        let mut last = Peeked::NeedMore;
+        for end in (size..resplit.len()).step_by(size).chain([resplit.len()]) {
+            last = fed.feed(&resplit[..end]);
+            if last != Peeked::NeedMore {
+                break;
+            }
+        }
+        assert_eq!(last, whole);
     }
 });

@@ -354,6 +354,8 @@ pub struct Handshake {
     /// The connection's first bytes, kept only until the ClientHello peek
     /// has an answer (and only when the hello spans reads).
     hello_prefix: Vec<u8>,
+    /// The peek's progress through `hello_prefix` (records already read).
+    hello_peek: hello::HelloPeek,
     hello_seen: bool,
     sni: Option<Box<str>>,
     /// The hello (or its server_name extension) is malformed: rustls
@@ -394,6 +396,7 @@ impl Handshake {
             peer_closed: false,
             eof: false,
             hello_prefix: Vec::new(),
+            hello_peek: hello::HelloPeek::default(),
             hello_seen: false,
             sni: None,
             sni_malformed: false,
@@ -448,7 +451,7 @@ impl Handshake {
             }
         } else {
             self.hello_prefix.extend_from_slice(bytes);
-            hello::peek(&self.hello_prefix)
+            self.hello_peek.feed(&self.hello_prefix)
         };
         match peeked {
             hello::Peeked::NeedMore => return,
@@ -462,6 +465,7 @@ impl Handshake {
         }
         self.hello_seen = true;
         self.hello_prefix = Vec::new();
+        self.hello_peek = hello::HelloPeek::default();
     }
 
     /// The SNI from the ClientHello, once it has arrived.

@@ -143,12 +143,13 @@ async fn read_hello(
     socket: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> Result<handshake::hello::Hello, &'static str> {
-    use handshake::hello::{peek, Peeked};
+    use handshake::hello::{HelloPeek, Peeked};
     use monoio::buf::SliceMut;
     use monoio::io::AsyncReadRent;
+    let mut peek = HelloPeek::default();
     loop {
         if !buf.is_empty() {
-            match peek(buf) {
+            match peek.feed(buf) {
                 Peeked::Hello(h) => return Ok(h),
                 Peeked::NotHello => return Err("not a TLS ClientHello"),
                 Peeked::NeedMore => {}
