@@ -288,6 +288,29 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_split_into_two_records_at_every_offset_reads_the_same() {
+        let bytes = client_hello("cut.test", &[b"h2", b"http/1.1"]);
+        let whole = peek(&bytes);
+        assert!(matches!(&whole, Peeked::Hello(h) if h.sni.as_deref() == Some("cut.test")));
+        let body = &bytes[5..];
+        for k in 1..body.len() {
+            let mut framed = Vec::new();
+            for part in [&body[..k], &body[k..]] {
+                framed.extend_from_slice(&[22, 3, 1]);
+                framed.extend_from_slice(&(part.len() as u16).to_be_bytes());
+                framed.extend_from_slice(part);
+            }
+            assert_eq!(peek(&framed), whole, "split at {k}");
+            // And the same bytes arriving in two reads cut at the same
+            // place, into one incremental peek.
+            let mut p = HelloPeek::default();
+            let first = p.feed(&framed[..5 + k]);
+            assert_eq!(first, Peeked::NeedMore, "split at {k}");
+            assert_eq!(p.feed(&framed), whole, "split at {k}");
+        }
+    }
+
+    #[test]
     fn fed_a_byte_at_a_time_each_record_is_read_once() {
         let bytes = client_hello("drip.test", &[b"h2"]);
         let mut framed = Vec::new();
