@@ -823,7 +823,15 @@ fn backend_faults_map_to_502_504_and_aborts() {
 #[test]
 fn websocket_upgrade_becomes_a_two_way_tunnel() {
     let (pki, k, _, _) = setup("ws", ANY_TO_A, "");
-    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    websocket_round_trip(&k, &pki);
+}
+
+/// A WebSocket upgrade to the test backend's `/ws` (it says `hi`, then
+/// echoes): 200 000 bytes there and back through the tunnel, then the
+/// half-close: our close_notify reaches the backend as EOF, it closes, and
+/// ktern ends the tunnel with close_notify.
+fn websocket_round_trip(k: &Ktern, pki: &Pki) {
+    let mut c = connect(k.addr(), pki, ClientOpts::default());
     c.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .unwrap();
     let mut r = BufReader::new(&mut c);
@@ -839,8 +847,6 @@ fn websocket_upgrade_becomes_a_two_way_tunnel() {
     let mut echoed = vec![0u8; data.len()];
     c.read_exact(&mut echoed).unwrap();
     assert_eq!(sha256(&echoed), sha256(&data));
-    // Half-close: our close_notify reaches the backend as EOF, it closes,
-    // and ktern ends the tunnel with close_notify.
     c.conn.send_close_notify();
     c.flush().unwrap();
     assert!(read_to_close_notify(&mut c).is_empty());
@@ -1164,13 +1170,7 @@ fn upstream_groups_speak_tls_to_their_backends() {
     );
     let k = Ktern::start(&pki, "cpus = [0]", &config);
     // Checks over TLS pass (plain HTTP to a TLS port would fail them).
-    assert!(k.wait_metric("ktern_health_checks_total", 2) >= 2);
-    assert_eq!(
-        k.metric("ktern_health_check_failures_total"),
-        0,
-        "{}",
-        k.log()
-    );
+    assert_health_checks_pass(&k);
 
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     for _ in 0..3 {
@@ -1225,23 +1225,7 @@ fn upstream_groups_speak_tls_to_their_backends() {
     drop(c);
 
     // An upgrade runs as a tunnel over the TLS backend connection.
-    let mut c = connect(k.addr(), &pki, ClientOpts::default());
-    c.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        .unwrap();
-    let mut r = BufReader::new(&mut c);
-    assert_eq!(read_response(&mut r, true).unwrap().status, 101);
-    let mut hi = [0u8; 2];
-    r.read_exact(&mut hi).unwrap();
-    assert_eq!(&hi, b"hi");
-    drop(r);
-    let data = pattern(200_000, 9);
-    c.write_all(&data).unwrap();
-    let mut echoed = vec![0u8; data.len()];
-    c.read_exact(&mut echoed).unwrap();
-    assert_eq!(sha256(&echoed), sha256(&data));
-    c.conn.send_close_notify();
-    c.flush().unwrap();
-    assert!(read_to_close_notify(&mut c).is_empty());
+    websocket_round_trip(&k, &pki);
 
     // HTTP/2 clients reach the same TLS backends.
     let rt = common::h2::runtime();

@@ -269,13 +269,7 @@ fn http_upstreams_send_each_clients_address_to_nginx() {
         }
         let k = Ktern::start(&pki, "cpus = [0]", &config);
         // A check passes only if nginx takes its header.
-        assert!(k.wait_metric("ktern_health_checks_total", 2) >= 2);
-        assert_eq!(
-            k.metric("ktern_health_check_failures_total"),
-            0,
-            "{version}: {}",
-            k.log()
-        );
+        assert_health_checks_pass(&k);
         // Client `n` and the address nginx must report for it.
         let client = |n: u16| -> (Client, String) {
             if proxy_in {

@@ -478,13 +478,7 @@ async fn backend_tls(
     .await;
     match started {
         Ok(s) => {
-            M::inc(&m.upstream_tls_handshakes);
-            if s.resumed {
-                M::inc(&m.upstream_tls_resumed);
-            }
-            if s.conn.path() == Path::Kernel {
-                M::inc(&m.upstream_ktls_offloaded);
-            }
+            s.count(m);
             Some(s.conn)
         }
         Err(e) => {

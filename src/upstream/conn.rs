@@ -59,6 +59,20 @@ pub struct Started {
     pub resumed: bool,
 }
 
+impl Started {
+    /// Counts this start: the handshake, a resumption, a kernel record path.
+    pub fn count(&self, m: &crate::metrics::ShardMetrics) {
+        use crate::metrics::ShardMetrics as M;
+        M::inc(&m.upstream_tls_handshakes);
+        if self.resumed {
+            M::inc(&m.upstream_tls_resumed);
+        }
+        if self.conn.path() == crate::ktls::Path::Kernel {
+            M::inc(&m.upstream_ktls_offloaded);
+        }
+    }
+}
+
 /// The client handshake with a backend on `stream` (within `timeout`),
 /// then its record path: the kernel when `mode` allows and the kernel can
 /// carry the suite the backend chose.

@@ -619,6 +619,21 @@ pub fn tls_stat() -> std::collections::HashMap<String, u64> {
         .collect()
 }
 
+/// Two active health checks ran, and none failed.
+pub fn assert_health_checks_pass(k: &Ktern) {
+    assert!(
+        k.wait_metric("ktern_health_checks_total", 2) >= 2,
+        "{}",
+        k.log()
+    );
+    assert_eq!(
+        k.metric("ktern_health_check_failures_total"),
+        0,
+        "{}",
+        k.log()
+    );
+}
+
 /// Connections served on userspace records other than those whose client
 /// closed before the keys could go to the kernel (the last of a warm-up
 /// batch, dropped right after its handshake, can be one).

@@ -1232,13 +1232,7 @@ async fn set_up(
     );
     match Box::pin(started).await {
         Ok(s) => {
-            M::inc(&m.upstream_tls_handshakes);
-            if s.resumed {
-                M::inc(&m.upstream_tls_resumed);
-            }
-            if s.conn.path() == Path::Kernel {
-                M::inc(&m.upstream_ktls_offloaded);
-            }
+            s.count(m);
             Ok(s.conn.into())
         }
         Err(e) => {
