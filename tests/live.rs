@@ -1212,11 +1212,18 @@ fn after_a_reload_old_keep_alive_connections_run_on_for_a_keepalive_timeout_and_
         pki.key.display().to_string(),
     );
     let rt = runtime("");
+    // Long enough that the steps between the reload and the first check
+    // below fit in half of it under the VM's emulation (a 1 s timeout
+    // failed there: 6.18, CI).
+    let keepalive = Duration::from_secs(2) * slow();
     let version = |timeout: &str| {
         http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)])
             .replace(
                 "kind = \"http\"\n",
-                "kind = \"http\"\nkeepalive_timeout = \"1s\"\n",
+                &format!(
+                    "kind = \"http\"\nkeepalive_timeout = \"{}ms\"\n",
+                    keepalive.as_millis()
+                ),
             )
             .replace(
                 "response_timeout = \"10s\"",
@@ -1231,6 +1238,7 @@ fn after_a_reload_old_keep_alive_connections_run_on_for_a_keepalive_timeout_and_
     assert_eq!((r.status, r.header("connection")), (200, None));
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     assert_eq!(reload_via_admin(&k).0, 200);
+    let reloaded = Instant::now();
     // The old connection runs on (closing it under a request that may be
     // on its way would fail that request, and frequent reloads would make
     // every client reconnect each time).
@@ -1246,14 +1254,22 @@ fn after_a_reload_old_keep_alive_connections_run_on_for_a_keepalive_timeout_and_
         "the backend pool survives an unchanged reload"
     );
     drop(new);
-    // Once replaced for longer than the keep-alive timeout, the old
-    // connection's next answer ends it.
-    std::thread::sleep(Duration::from_millis(600));
+    // Within the keep-alive timeout of the reload it still runs on; once
+    // replaced for longer, the old connection's next answer ends it. (Each
+    // wait is shorter than the timeout, so it never idles out instead.)
+    std::thread::sleep((reloaded + keepalive / 2).saturating_duration_since(Instant::now()));
+    assert!(
+        reloaded.elapsed() < keepalive * 3 / 4,
+        "the steps since the reload took {:?}",
+        reloaded.elapsed()
+    );
     assert_eq!(
         try_exchange(&mut old, get).unwrap().header("connection"),
         None
     );
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(
+        (reloaded + keepalive + keepalive / 4).saturating_duration_since(Instant::now()),
+    );
     let r = try_exchange(&mut old, get).unwrap();
     assert_eq!((r.status, r.header("connection")), (200, Some("close")));
     let mut rest = Vec::new();
