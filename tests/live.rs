@@ -1225,9 +1225,14 @@ fn after_a_reload_old_keep_alive_connections_run_on_for_a_keepalive_timeout_and_
                     keepalive.as_millis()
                 ),
             )
+            // The pooled backend connection outlives the waits below (the
+            // 4 s default did not, with the VM's longer keep-alive).
             .replace(
                 "response_timeout = \"10s\"",
-                &format!("response_timeout = \"{timeout}\""),
+                &format!(
+                    "response_timeout = \"{timeout}\"\npool_idle_timeout = \"{}ms\"",
+                    (keepalive * 4).as_millis()
+                ),
             )
     };
     let k = Ktern::start(&pki, &rt, &version("10s"));
