@@ -430,11 +430,10 @@ async fn send_proxy(
     conn: &TlsConn,
     tls: &TlsInfo,
 ) -> Result<(TcpStream, SocketAddr), crate::upstream::UpstreamError> {
-    use monoio::io::AsyncWriteRentExt;
-    let written = match conn.local_addr().and_then(|local| {
-        crate::upstream::proxy_out::header(version, peer, local, tls.sni.as_deref(), Some(tls))
-    }) {
-        Ok(header) => backend.write_all(header).await.0.map(drop),
+    let written = match conn.local_addr() {
+        Ok(local) => {
+            crate::upstream::conn::send_proxy(&mut backend, version, (peer, local), tls).await
+        }
         Err(e) => Err(e),
     };
     match written {

@@ -97,6 +97,20 @@ pub async fn start_tls(
     Ok(Started { conn, resumed })
 }
 
+/// Writes the PROXY header ([`super::proxy_out::header`]) first on a new
+/// backend connection, for a client at `source` that connected to
+/// `destination` over TLS ktern terminated (`tls`).
+pub async fn send_proxy(
+    stream: &mut TcpStream,
+    version: crate::config::ProxyVersion,
+    (source, destination): (SocketAddr, SocketAddr),
+    tls: &crate::handshake::TlsInfo,
+) -> io::Result<()> {
+    let header =
+        super::proxy_out::header(version, source, destination, tls.sni.as_deref(), Some(tls))?;
+    stream.write_all(header).await.0.map(drop)
+}
+
 /// A connection to an HTTP backend.
 pub enum BackendConn {
     /// Plain TCP.

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::body::{BodyError, BodyScanner};
@@ -1255,14 +1254,7 @@ async fn send_proxy(
     let local = ctx
         .local
         .ok_or_else(|| std::io::Error::other("the client connection's local address is unknown"))?;
-    let header = crate::upstream::proxy_out::header(
-        version,
-        ctx.peer,
-        local,
-        ctx.tls.sni.as_deref(),
-        Some(ctx.tls),
-    )?;
-    backend.write_all(header).await.0.map(drop)
+    crate::upstream::conn::send_proxy(backend, version, (ctx.peer, local), ctx.tls).await
 }
 
 /// Ends an attempt whose request went out: the response head, or the
