@@ -1,11 +1,18 @@
-# Shared set-up for the benchmark scripts that source it: a release build,
-# a scratch directory ($work) with an ECDSA P-256 certificate for localhost
-# (cert.pem, key.pem), $bin for the binaries, and a $pids list killed on exit.
+# Shared set-up for the benchmark scripts that source it: a release build
+# (or $KTERN_BENCH_BIN's binaries), a scratch directory ($work) with an ECDSA
+# P-256 certificate for localhost (cert.pem, key.pem), $bin for the binaries,
+# and a $pids list killed on exit.
 # Sourced from the repository root.
 dpkg-query -W -f='${Status}' openssl 2>/dev/null | grep -q "ok installed" ||
   apt-get install -y -qq --no-install-recommends openssl >/dev/null
-cargo build --release --quiet --bins
-bin=$PWD/target/release
+# KTERN_BENCH_BIN names a directory of prebuilt binaries (ktern, ktern-load)
+# to use instead of building, e.g. while another build holds the machine.
+if [ -n "${KTERN_BENCH_BIN:-}" ]; then
+  bin=$KTERN_BENCH_BIN
+else
+  cargo build --release --quiet --bins
+  bin=$PWD/target/release
+fi
 work=$(mktemp -d "/tmp/ktern-${bench_name:-bench}.XXXXXX")
 pids=()
 # A second signal ends ktern's drain at once, so the next run can bind the

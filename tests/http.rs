@@ -1256,3 +1256,131 @@ fn upstream_groups_speak_tls_to_their_backends() {
     }
     assert_offloaded_in_vm(&k);
 }
+
+/// `runtime.ktls_after` (the default hand-over, here at 64 KiB): an
+/// HTTP/1.1 connection's records stay on rustls while it exchanges small
+/// messages, and its keys go to the kernel, mid-connection, at its first
+/// response of 64 KiB or more: a proxied body with a length, a chunked
+/// one once 64 KiB went out, or a static file (then sent with
+/// sendfile). Every byte before and after arrives intact, both ways, on
+/// TLS 1.3 and 1.2; in the kTLS VM the kernel's own counters show the
+/// hand-over and the access log says which records carried each request.
+#[test]
+fn connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
+    let pki = Pki::new("ktlsafter");
+    let a = start_http_backend("a");
+    let www = pki.dir.join("www");
+    std::fs::create_dir_all(www.join("files")).unwrap();
+    let file = pattern(200_000, 7);
+    std::fs::write(www.join("files/f.bin"), &file).unwrap();
+    let log = pki.dir.join("access.log");
+    let runtime = format!(
+        "ktls_after = \"64k\"\n\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    let rules = format!(
+        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
+        www.display()
+    );
+    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], &rules, ""));
+    let vm = in_vm();
+    // Kernel TLS sessions set up since ktern is listening (its start-up
+    // probe of the kernel's ciphers sets up some of its own before).
+    let base = tls_stat();
+    let sw = || {
+        let now = tls_stat();
+        ["TlsTxSw", "TlsRxSw"]
+            .map(|c| now.get(c).copied().unwrap_or(0) - base.get(c).copied().unwrap_or(0))
+    };
+    let small = |c: &mut Client| {
+        let r = exchange(c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"a"[..]));
+    };
+    let cases: [(&str, bool, usize); 4] = [
+        ("/bytes/200000", false, 200_000),
+        ("/chunked-bytes/300000", false, 300_000),
+        ("/files/f.bin", false, 200_000),
+        ("/bytes/200000", true, 200_000),
+    ];
+    for (i, (path, tls12, len)) in cases.into_iter().enumerate() {
+        let opts = ClientOpts {
+            tls12,
+            ..ClientOpts::default()
+        };
+        let mut c = connect(k.addr(), &pki, opts);
+        for _ in 0..3 {
+            small(&mut c);
+        }
+        // A body just under the threshold stays on rustls.
+        let r = exchange(&mut c, "GET /bytes/60000 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.body, pattern(60_000, 60_000));
+        if vm {
+            assert_eq!(k.metric("ktern_ktls_deferred_total"), i as u64 + 1);
+            assert_eq!(k.metric("ktern_ktls_promoted_total"), i as u64, "{path}");
+            assert_eq!(sw(), [i as u64; 2], "{path}: nothing in the kernel yet");
+        }
+        let r = exchange(&mut c, &format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        let want = if path.starts_with("/files/") {
+            file.clone()
+        } else {
+            pattern(len, len as u64)
+        };
+        assert_eq!((r.status, r.body.len()), (200, len), "{path}");
+        assert!(r.body == want, "{path}: body differs");
+        // The same connection goes on, both directions, on the new path.
+        small(&mut c);
+        let body = pattern(100_000, 9);
+        let mut req = format!(
+            "POST /sum HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        c.write_all(&req).unwrap();
+        let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
+        assert_eq!(
+            String::from_utf8(r.body).unwrap(),
+            format!("100000 {}", sha256(&body)),
+            "{path}: upload after the hand-over"
+        );
+        small(&mut c);
+        if vm {
+            assert_eq!(
+                k.metric("ktern_ktls_promoted_total"),
+                i as u64 + 1,
+                "{path}"
+            );
+            assert_eq!(k.metric("ktern_ktls_offloaded_total"), i as u64 + 1);
+            assert_eq!(sw(), [i as u64 + 1; 2], "{path}: the kernel took both keys");
+            assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+        }
+    }
+    if !vm {
+        // No kTLS here: every connection stayed on rustls, nothing deferred.
+        assert_eq!(k.metric("ktern_ktls_deferred_total"), 0);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 4);
+    }
+    // The access log says which records carried each request: rustls's
+    // until the bulk response, the kernel's from it on (the first
+    // connection: 3 small, the 60 KB one, then the bulk one).
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect();
+        if lines.len() >= 4 * 8 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lines.len(), 4 * 8);
+    let ktls: Vec<bool> = lines[..8].iter().map(|l| l["ktls"] == true).collect();
+    assert_eq!(
+        ktls,
+        [false, false, false, false, vm, vm, vm, vm],
+        "{:?}",
+        &lines[..8]
+    );
+}

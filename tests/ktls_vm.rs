@@ -215,9 +215,13 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
                 .await
                 .unwrap();
             let support = ktern::ktls::probe();
-            let conn =
-                ktern::ktls::establish(sock, est, ktern::config::KtlsMode::Required, &support)
-                    .unwrap();
+            let conn = ktern::ktls::establish(
+                sock,
+                est,
+                (ktern::config::KtlsMode::Required, &support),
+                None,
+            )
+            .unwrap();
             let ulp = conn.kernel_ulp().unwrap();
             let path = conn.path();
             let (mut rd, mut wr) = conn.split();
@@ -245,4 +249,117 @@ fn test_listener(pki: &Pki) -> ktern::config::Listener {
         tls13: true,
     };
     ktern::config::Listener::standalone("ulp", cert, both)
+}
+
+/// A deferred connection (`runtime.ktls_after`) hands its keys to the
+/// kernel only at a record boundary: not below its threshold, not while a
+/// record is partly received (those bytes are rustls'), and then at once;
+/// the kernel carries on with rustls' sequence numbers both ways.
+#[test]
+fn a_deferred_connection_hands_over_only_at_a_record_boundary() {
+    if !ktls_here() {
+        return;
+    }
+    use ktern::handshake::{self, Handshake};
+    use std::sync::mpsc;
+    let pki = Pki::new("deferred");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = test_listener(&pki);
+    // Server → client: a step is done; client → server: the rest is sent.
+    let (step_tx, step_rx) = mpsc::channel::<&'static str>();
+    let (rest_tx, rest_rx) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = monoio::net::TcpListener::from_std(listener).unwrap();
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let tls = handshake::server_config(
+                &cfg,
+                &handshake::cert_store(&cfg),
+                &handshake::ticketer(),
+            )
+            .unwrap();
+            let hs = Handshake::new(&tls).unwrap();
+            let est = handshake::pump::run(&mut sock, hs, std::time::Duration::from_secs(30))
+                .await
+                .unwrap();
+            let support = ktern::ktls::probe();
+            let mode = (ktern::config::KtlsMode::Auto, &support);
+            let conn = ktern::ktls::establish(sock, est, mode, Some(1000)).unwrap();
+            assert_eq!(conn.path(), ktern::ktls::Path::Userspace);
+            assert_eq!(
+                conn.kernel_ulp().unwrap(),
+                "",
+                "no ULP before the hand-over"
+            );
+            let (mut rd, mut wr) = conn.split();
+            let mut got = Vec::new();
+            while got.len() < 4 {
+                got.extend(rd.read_chunk().await.unwrap().unwrap());
+            }
+            assert_eq!(got, b"ping");
+            assert!(!wr.bulk_ahead(999).unwrap(), "below the threshold");
+            let (res, _) = wr.write_all(b"pong".to_vec()).await;
+            res.unwrap();
+            step_tx.send("pong").unwrap();
+            // The client sent half a record: read it into rustls' buffer
+            // (the read waits for the rest, and is given up).
+            let partial =
+                monoio::time::timeout(std::time::Duration::from_secs(2), rd.read_chunk()).await;
+            assert!(partial.is_err(), "half a record gave plaintext");
+            assert!(!wr.bulk_ahead(1 << 20).unwrap(), "moved mid-record");
+            assert_eq!(wr.path(), ktern::ktls::Path::Userspace);
+            step_tx.send("held").unwrap();
+            rest_rx.recv().unwrap();
+            let mut got = Vec::new();
+            while got.len() < 5 {
+                got.extend(rd.read_chunk().await.unwrap().unwrap());
+            }
+            assert_eq!(got, b"split");
+            assert!(wr.bulk_ahead(1 << 20).unwrap(), "at a record boundary");
+            assert_eq!(wr.path(), ktern::ktls::Path::Kernel);
+            assert_eq!(rd.path(), ktern::ktls::Path::Kernel);
+            // Bulk out, then the client's records in, on the kernel's keys.
+            let (res, _) = wr.write_all(pattern(300_000, 5)).await;
+            res.unwrap();
+            let mut got = Vec::new();
+            while got.len() < 100_000 {
+                got.extend(rd.read_chunk().await.unwrap().unwrap());
+            }
+            assert_eq!(got, pattern(100_000, 6));
+            wr.close().await.unwrap();
+        })
+    });
+    let mut c = connect(addr, &pki, ClientOpts::default());
+    c.write_all(b"ping").unwrap();
+    assert_eq!(step_rx.recv().unwrap(), "pong");
+    // After the server's probe of the kernel's ciphers (its own sessions).
+    let before = tls_stat();
+    let mut pong = [0u8; 4];
+    c.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong");
+    // One record, sent in two halves.
+    c.conn.writer().write_all(b"split").unwrap();
+    let mut record = Vec::new();
+    while c.conn.wants_write() {
+        c.conn.write_tls(&mut record).unwrap();
+    }
+    let half = record.len() / 2;
+    c.sock.write_all(&record[..half]).unwrap();
+    assert_eq!(step_rx.recv().unwrap(), "held");
+    assert_eq!(delta(&before, "TlsTxSw"), 0, "nothing in the kernel yet");
+    c.sock.write_all(&record[half..]).unwrap();
+    rest_tx.send(()).unwrap();
+    let mut bulk = vec![0u8; 300_000];
+    c.read_exact(&mut bulk).unwrap();
+    assert!(bulk == pattern(300_000, 5), "bulk bytes differ");
+    c.write_all(&pattern(100_000, 6)).unwrap();
+    assert!(read_to_close_notify(&mut c).is_empty());
+    server.join().unwrap();
+    assert!(delta(&before, "TlsTxSw") >= 1 && delta(&before, "TlsRxSw") >= 1);
 }

@@ -222,6 +222,13 @@ pub struct Runtime {
     pub cpus: Vec<usize>,
     /// Whether record crypto goes to the kernel.
     pub ktls: KtlsMode,
+    /// With `ktls = "auto"`, an HTTP/1.1 connection's records stay in
+    /// userspace until its first response body of at least this many bytes
+    /// (then its keys go to the kernel for good); 0: at the handshake. For
+    /// small records the kernel's record path costs more instructions than
+    /// rustls' (bench/vm-http.sh); for bulk it costs less and allows
+    /// sendfile and splice.
+    pub ktls_after: u64,
     /// How long a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
     /// io_uring submission queue entries per shard.
@@ -1684,9 +1691,20 @@ impl Validator<'_> {
                 "must be a power of two between 8 and 32768",
             );
         }
+        let ktls_after = parse_size(&raw.ktls_after).unwrap_or_else(|| {
+            self.problem(
+                "runtime.ktls_after",
+                format!(
+                    "{:?} is not a size (e.g. \"64k\", \"1m\", \"0\")",
+                    raw.ktls_after
+                ),
+            );
+            0
+        });
         Runtime {
             cpus,
             ktls: raw.ktls,
+            ktls_after,
             handshake_timeout,
             uring_entries: raw.uring_entries,
             driver: raw.driver,

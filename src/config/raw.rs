@@ -139,6 +139,8 @@ pub(super) struct RuntimeSection {
     pub cpus: Option<Vec<usize>>,
     #[serde(default)]
     pub ktls: KtlsMode,
+    #[serde(default = "default_ktls_after")]
+    pub ktls_after: String,
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: String,
     #[serde(default = "default_uring_entries")]
@@ -160,6 +162,11 @@ pub(super) struct RuntimeSection {
     pub upgrade_socket: Option<String>,
     #[serde(default = "default_true")]
     pub memory_trim: bool,
+}
+
+/// 64 KiB: see `Runtime::ktls_after` for the measurements behind it.
+fn default_ktls_after() -> String {
+    "64k".into()
 }
 
 fn default_true() -> bool {
@@ -192,6 +199,7 @@ impl Default for RuntimeSection {
         RuntimeSection {
             cpus: None,
             ktls: KtlsMode::Auto,
+            ktls_after: default_ktls_after(),
             handshake_timeout: default_handshake_timeout(),
             uring_entries: default_uring_entries(),
             driver: Driver::Auto,

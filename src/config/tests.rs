@@ -47,6 +47,20 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.runtime.drain_timeout, Duration::from_secs(30));
     assert_eq!(c.runtime.log_format, LogFormat::Auto);
     assert_eq!(c.runtime.user, None);
+    assert_eq!(c.runtime.ktls_after, 64 << 10);
+}
+
+#[test]
+fn ktls_after_is_a_size() {
+    let load = |v: &str| {
+        let text = format!("[runtime]\nktls_after = \"{v}\"\n{GOOD}");
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    assert_eq!(load("0").unwrap().runtime.ktls_after, 0);
+    assert_eq!(load("1m").unwrap().runtime.ktls_after, 1 << 20);
+    let e = load("lots").unwrap_err();
+    assert_eq!(e.problems[0].field, "runtime.ktls_after");
+    assert!(e.problems[0].reason.contains("not a size"), "{e}");
 }
 
 #[test]

@@ -118,6 +118,9 @@ impl Kernel {
         rekey: bool,
     ) -> Result<Kernel, OffloadError> {
         let suite = kconn.suite();
+        // Records the current keys already took (non-zero when rustls
+        // carried the connection first): counted against their limits.
+        let (tx_seq, rx_seq) = (secrets.tx.0, secrets.rx.0);
         let tx =
             crypto_info(suite, secrets.tx).map_err(|e| OffloadError::Kernel("TX cipher", e))?;
         let rx =
@@ -135,8 +138,8 @@ impl Kernel {
             conn: kconn,
             tls13,
             rekey: rekey && tls13,
-            tx_budget: RecordBudget::new(limit),
-            rx_budget: RecordBudget::new(limit),
+            tx_budget: RecordBudget::starting_at(limit, tx_seq),
+            rx_budget: RecordBudget::starting_at(limit, rx_seq),
             request_peer_update: false,
             tx_update_pending: false,
             rx_rekeys: 0,

@@ -232,15 +232,22 @@ fn attach_ulp(socket: &monoio::net::TcpStream) -> Result<bool, OffloadError> {
 }
 
 /// Decides the record path for a finished handshake and builds the stream.
+/// `defer`: where the kernel could take the keys, rustls keeps the records
+/// until the connection is about to send that many bytes in one response
+/// (`runtime.ktls_after`; see `TlsWriter::bulk_ahead`).
 pub fn establish(
     socket: monoio::net::TcpStream,
     established: Established,
-    mode: KtlsMode,
-    support: &Support,
+    (mode, support): (KtlsMode, &Support),
+    defer: Option<u64>,
 ) -> Result<TlsConn, OffloadError> {
-    if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support)
-        && attach_ulp(&socket)?
-    {
+    if !kernel_carries(mode, established.conn.negotiated_cipher_suite(), support) {
+        return stream::TlsConn::userspace(socket, established);
+    }
+    if let Some(after) = defer {
+        return stream::TlsConn::deferred(socket, established, after, support.rekey);
+    }
+    if attach_ulp(&socket)? {
         stream::TlsConn::kernel(socket, established, support.rekey)
     } else {
         stream::TlsConn::userspace(socket, established)

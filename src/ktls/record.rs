@@ -156,6 +156,13 @@ impl RecordBudget {
         RecordBudget { limit, used: 0 }
     }
 
+    /// A key that already sealed or opened `used` records (its sequence
+    /// number when it is handed to the kernel: a connection whose records
+    /// went through rustls first, `ktls_after`).
+    pub fn starting_at(limit: u64, used: u64) -> RecordBudget {
+        RecordBudget { limit, used }
+    }
+
     /// Charges one write of `bytes` plaintext bytes.
     pub fn charge(&mut self, bytes: usize) {
         self.used = self.used.saturating_add(1 + bytes as u64 / MAX_FRAGMENT);

@@ -24,7 +24,9 @@ use monoio::net::TcpStream;
 
 use super::kernel::{Kernel, KernelConn, RxStep, TxStep};
 use super::record::{self, Control};
-use super::user::{decrypt_available, queue_close_notify, seal_userspace, User, UserConn};
+use super::user::{
+    decrypt_available, queue_close_notify, seal_userspace, Deferral, User, UserConn,
+};
 use super::{OffloadError, Path};
 use crate::handshake::client::ClientEstablished;
 use crate::handshake::{Established, MAX_RECORD};
@@ -58,6 +60,10 @@ pub enum StreamError {
     /// The TCP connection ended inside a record.
     #[error("connection closed mid-record")]
     Truncated,
+    /// The keys could not go to the kernel mid-connection (internal: the
+    /// probe said it would work).
+    #[error("{0}")]
+    Offload(#[from] OffloadError),
 }
 
 impl StreamError {
@@ -71,6 +77,7 @@ impl StreamError {
             StreamError::RekeyUnsupported(_) => "rekey_unsupported",
             StreamError::ConfidentialityLimit => "confidentiality_limit",
             StreamError::Truncated => "truncated",
+            StreamError::Offload(_) => "offload",
         }
     }
 }
@@ -83,6 +90,9 @@ enum Engine {
     Kernel(Kernel),
     /// Boxed: rustls' connection is about 1 KiB, twice the kernel variant.
     User(Box<User>),
+    /// A hand-over to the kernel failed after rustls gave up the keys:
+    /// every further read and write fails.
+    Lost,
 }
 
 type Shared = Rc<RefCell<Engine>>;
@@ -131,6 +141,21 @@ impl TlsConn {
     /// Keeps rustls sealing and opening records in userspace.
     pub(super) fn userspace(socket: TcpStream, est: Established) -> Result<TlsConn, OffloadError> {
         let engine = Engine::User(Box::new(User::new(UserConn::Server(est.conn))));
+        TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
+    }
+
+    /// Keeps rustls on the records until the connection starts a bulk
+    /// transfer of `after` bytes ([`TlsWriter::bulk_ahead`]), then hands
+    /// the keys to the kernel (`rekey`: it installs new keys).
+    pub(super) fn deferred(
+        socket: TcpStream,
+        est: Established,
+        after: u64,
+        rekey: bool,
+    ) -> Result<TlsConn, OffloadError> {
+        let mut user = User::new(UserConn::Server(est.conn));
+        user.defer = Some(Deferral { after, rekey });
+        let engine = Engine::User(Box::new(user));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
     }
 
@@ -239,7 +264,7 @@ fn rekey_counts(engine: &Engine) -> RekeyCounts {
             rx: k.rx_rekeys,
             tx: k.tx_rekeys,
         },
-        Engine::User(_) => RekeyCounts::default(),
+        Engine::User(_) | Engine::Lost => RekeyCounts::default(),
     }
 }
 
@@ -292,7 +317,7 @@ impl TlsReader {
     pub fn path(&self) -> Path {
         match &*self.shared.borrow() {
             Engine::Kernel(_) => Path::Kernel,
-            Engine::User(_) => Path::Userspace,
+            Engine::User(_) | Engine::Lost => Path::Userspace,
         }
     }
 
@@ -393,7 +418,7 @@ impl TlsReader {
     pub async fn input(&mut self) -> io::Result<()> {
         let partial = match &*self.shared.borrow() {
             Engine::User(u) => !u.inbuf.is_empty(),
-            Engine::Kernel(_) => false,
+            Engine::Kernel(_) | Engine::Lost => false,
         };
         if !self.pending.is_empty() || self.eof || partial {
             return Ok(());
@@ -539,6 +564,7 @@ impl TlsReader {
         let partial = match &*self.shared.borrow() {
             Engine::User(u) => !u.inbuf.is_empty(),
             Engine::Kernel(_) => return Err(StreamError::Unexpected("userspace read on kTLS")),
+            Engine::Lost => return Err(StreamError::Unexpected("keys lost")),
         };
         if !partial {
             self.wait_input().await?;
@@ -546,6 +572,14 @@ impl TlsReader {
         // Read into a separate buffer: the shared `inbuf` stays in place for
         // the writer's calls into rustls. No buffer is held while waiting.
         let (n, buf) = loop {
+            // The writer may have handed the keys to the kernel while this
+            // waited (`bulk_ahead`, with nothing partly received): the
+            // caller then reads from the kernel.
+            match &*self.shared.borrow() {
+                Engine::User(_) => {}
+                Engine::Kernel(_) => return Ok(()),
+                Engine::Lost => return Err(StreamError::Unexpected("keys lost")),
+            }
             let mut buf = crate::buffers::take(READ_AHEAD);
             match sys::recv_upto(sys::borrow_fd(&self.sock), &mut buf, READ_AHEAD) {
                 Ok(n) => break (n, buf),
@@ -617,7 +651,7 @@ impl TlsWriter {
     pub fn path(&self) -> Path {
         match &*self.shared.borrow() {
             Engine::Kernel(_) => Path::Kernel,
-            Engine::User(_) => Path::Userspace,
+            Engine::User(_) | Engine::Lost => Path::Userspace,
         }
     }
 
@@ -627,7 +661,7 @@ impl TlsWriter {
     async fn prepare_kernel_write(&mut self, bytes: usize) -> Result<(), StreamError> {
         let step = match &mut *self.shared.borrow_mut() {
             Engine::Kernel(k) => k.charge_tx(bytes),
-            Engine::User(_) => return Ok(()),
+            Engine::User(_) | Engine::Lost => return Ok(()),
         };
         match step {
             TxStep::Write => Ok(()),
@@ -642,7 +676,7 @@ impl TlsWriter {
                 let fd = sys::borrow_fd(&self.sock);
                 match &mut *self.shared.borrow_mut() {
                     Engine::Kernel(k) => k.install_tx(fd, bytes),
-                    Engine::User(_) => Ok(()),
+                    Engine::User(_) | Engine::Lost => Ok(()),
                 }
             }
         }
@@ -711,7 +745,7 @@ impl TlsWriter {
                         Some(std::mem::take(&mut u.tls_out))
                     }
                 }
-                Engine::Kernel(_) => None,
+                Engine::Kernel(_) | Engine::Lost => None,
             };
             res.map_err(StreamError::from)?;
             match more {
@@ -742,6 +776,65 @@ impl TlsWriter {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Attempt::Slow),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A connection carried by rustls until a bulk transfer
+    /// (`runtime.ktls_after`) is about to send `bytes` in one response:
+    /// from that size on, its keys go to the kernel now, with rustls'
+    /// current sequence numbers, and stay there. `Ok(true)` when this call
+    /// moved them. They move only at a record boundary both ways: not while
+    /// sealed records wait to go out or a record is partly received
+    /// (those bytes belong to rustls' record stream; a later call tries
+    /// again). The reader's reads are non-blocking `recv`s after readiness,
+    /// so no read is in flight with a buffer here.
+    pub fn bulk_ahead(&mut self, bytes: u64) -> Result<bool, StreamError> {
+        let fd = sys::borrow_fd(&self.sock);
+        let mut shared = self.shared.borrow_mut();
+        let rekey = match &mut *shared {
+            Engine::User(u) => match u.defer {
+                Some(d)
+                    if bytes >= d.after
+                        && !u.writing
+                        && !u.failed
+                        && u.tls_out.is_empty()
+                        && u.inbuf.is_empty() =>
+                {
+                    d.rekey
+                }
+                _ => return Ok(false),
+            },
+            Engine::Kernel(_) | Engine::Lost => return Ok(false),
+        };
+        // While rustls still holds the keys, so that a refusal leaves the
+        // connection on userspace records: Linux attaches the ULP only to
+        // an ESTABLISHED socket (ENOTCONN once the client sent its FIN).
+        if let Err(e) = sys::set_ulp_tls(fd) {
+            if let Engine::User(u) = &mut *shared {
+                u.defer = None;
+            }
+            return match e.raw_os_error() {
+                Some(libc::ENOTCONN) => Ok(false),
+                _ => Err(OffloadError::Kernel("ULP", e).into()),
+            };
+        }
+        let user = match std::mem::replace(&mut *shared, Engine::Lost) {
+            Engine::User(u) => u,
+            other => {
+                *shared = other;
+                return Ok(false);
+            }
+        };
+        let (secrets, kconn) = match user.conn {
+            UserConn::Server(c) => c
+                .dangerous_into_kernel_connection()
+                .map(|(s, k)| (s, KernelConn::Server(k))),
+            UserConn::Client(c) => c
+                .dangerous_into_kernel_connection()
+                .map(|(s, k)| (s, KernelConn::Client(k))),
+        }
+        .map_err(OffloadError::Extract)?;
+        *shared = Engine::Kernel(Kernel::offload(fd, secrets, kconn, rekey)?);
+        Ok(true)
     }
 
     /// About how many plaintext bytes a write would hand to the kernel now

@@ -39,6 +39,18 @@ pub(super) struct User {
     /// nothing may call rustls again (it would try to queue a second alert;
     /// a debug assertion in rustls), only `abort` sends what is queued.
     pub(super) failed: bool,
+    /// The keys may still go to the kernel (`runtime.ktls_after`).
+    pub(super) defer: Option<Deferral>,
+}
+
+/// A connection carried by rustls for now whose keys go to the kernel
+/// when it starts a bulk transfer (`TlsWriter::bulk_ahead`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Deferral {
+    /// Bytes in one response from which the kernel takes over.
+    pub(super) after: u64,
+    /// The running kernel installs new keys (KeyUpdate, Linux 6.13+).
+    pub(super) rekey: bool,
 }
 
 impl User {
@@ -50,6 +62,7 @@ impl User {
             tls_out: Vec::new(),
             writing: false,
             failed: false,
+            defer: None,
         }
     }
 }

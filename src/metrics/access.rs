@@ -18,9 +18,12 @@ pub struct Record<'a> {
     pub time: SystemTime,
     /// The client address.
     pub client: SocketAddr,
-    /// SNI, TLS version and cipher of the connection, and whether the
-    /// kernel carried its records.
+    /// SNI, TLS version and cipher of the connection.
     pub tls: &'a TlsInfo,
+    /// The kernel carried the connection's records when this request
+    /// ended (a connection rustls carried at first moves at its first bulk
+    /// response, `runtime.ktls_after`).
+    pub kernel: bool,
     /// Request method.
     pub method: &'a str,
     /// Host header (as sent, port kept), or empty.
@@ -127,7 +130,7 @@ fn combined(r: &Record<'_>, out: &mut String) {
         " tls={} cipher={} ktls={} in={} out={} upstream=",
         r.tls.version_name(),
         r.tls.cipher_name(),
-        u8::from(r.tls.kernel),
+        u8::from(r.kernel),
         r.bytes_in,
         r.bytes_out
     );
@@ -176,7 +179,7 @@ fn json(r: &Record<'_>, out: &mut String) {
         "sni": r.tls.sni.as_deref(),
         "tls_version": r.tls.version_name(),
         "cipher": r.tls.cipher_name(),
-        "ktls": r.tls.kernel,
+        "ktls": r.kernel,
         "client_verify": r.tls.client_verify(),
         "client_dn": r.tls.client.as_ref().map(|c| &*c.subject),
         "client_fingerprint": r.tls.client.as_ref().map(|c| &*c.fingerprint),
@@ -265,6 +268,7 @@ mod tests {
             time: UNIX_EPOCH + Duration::from_millis(1_795_429_230_456),
             client: "192.0.2.7:5555".parse().unwrap(),
             tls,
+            kernel: tls.kernel,
             method: "GET",
             host: "app.test",
             target,

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 
 use super::{Shard, ShardGen};
-use crate::config::Route;
+use crate::config::{KtlsMode, Route};
 use crate::handshake::{self, HandshakeError, TlsInfo};
 use crate::ktls::{self, Path, StreamError, TlsConn};
 use crate::metrics::family::UserspaceReason;
@@ -389,15 +389,29 @@ async fn establish(
         }
     }
     let carried = ktls::kernel_carries(mode, est.conn.negotiated_cipher_suite(), &shard.ktls);
-    match ktls::establish(socket, est, mode, &shard.ktls) {
+    // HTTP/1.1 under `auto`: rustls keeps the records until the first bulk
+    // response (`runtime.ktls_after`); small exchanges cost fewer
+    // instructions on its records than on the kernel's. HTTP/2 multiplexes
+    // one connection's streams and `tcp` routes splice, so those go to the
+    // kernel at once.
+    let runtime = &gen.config().runtime;
+    let defer = match &gen.config().listeners[listener].route {
+        Route::Http(_) if !info.alpn_h2 && mode == KtlsMode::Auto && runtime.ktls_after > 0 => {
+            Some(runtime.ktls_after)
+        }
+        _ => None,
+    };
+    match ktls::establish(socket, est, (mode, &shard.ktls), defer) {
         Ok(conn) => {
             let path = conn.path();
             info.kernel = path == Path::Kernel;
             if info.kernel {
                 M::inc(&m.ktls_offloaded);
+            } else if carried && defer.is_some() {
+                M::inc(&m.ktls_deferred);
             } else {
                 M::inc(&m.ktls_userspace);
-                f.userspace(if mode == crate::config::KtlsMode::Off {
+                f.userspace(if mode == KtlsMode::Off {
                     UserspaceReason::Config
                 } else if !shard.ktls.ulp {
                     UserspaceReason::NoKernelTls
@@ -673,6 +687,10 @@ impl Failure {
                 }
                 ProxyError::Downstream(s) => (stream_counter(m, s), "downstream"),
             },
+            // A deferred connection's hand-over to the kernel failed.
+            Failure::Http(HttpError::Downstream(StreamError::Offload(_))) => {
+                (&m.ktls_offload_errors, "internal")
+            }
             Failure::Http(HttpError::Downstream(s)) => (stream_counter(m, s), "downstream"),
             Failure::Http(HttpError::ClientStalled) => (&m.downstream_errors, "downstream"),
             Failure::Http(HttpError::UpstreamAborted(_)) => (&m.upstream_errors, "upstream"),

@@ -138,6 +138,22 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
                 }
                 return Ok(());
             }
+            p if p.starts_with("/bytes/") => {
+                // /bytes/N: N bytes of `pattern(N, N)` with a Content-Length.
+                let n = p["/bytes/".len()..].parse().unwrap_or(0);
+                reply(&mut out, &pattern(n, n as u64))?;
+            }
+            p if p.starts_with("/chunked-bytes/") => {
+                // /chunked-bytes/N: the same bytes, chunked (16 KiB chunks).
+                let n = p["/chunked-bytes/".len()..].parse().unwrap_or(0);
+                out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+                for part in pattern(n, n as u64).chunks(16 << 10) {
+                    write!(out, "{:x}\r\n", part.len())?;
+                    out.write_all(part)?;
+                    out.write_all(b"\r\n")?;
+                }
+                out.write_all(b"0\r\n\r\n")?;
+            }
             p if p.starts_with("/wait/") => {
                 // /wait/MS: answers after MS milliseconds.
                 let ms = p["/wait/".len()..].parse().unwrap_or(0);

@@ -219,8 +219,16 @@ impl Ktern {
         } else {
             "log_format = \"text\"\n"
         };
+        // The suites check the kernel's record path from a connection's
+        // first byte (ktls_after = 0); the default hand-over at the first
+        // bulk response has its own tests (tests/http.rs, `ktls_after`).
+        let after = if runtime.contains("ktls_after") {
+            ""
+        } else {
+            "ktls_after = \"0\"\n"
+        };
         format!(
-            "[runtime]\n{log}{runtime}\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{}",
+            "[runtime]\n{log}{after}{runtime}\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{}",
             listeners
                 .replace("@CERT@", &pki.cert.display().to_string())
                 .replace("@KEY@", &pki.key.display().to_string())

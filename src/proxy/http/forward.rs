@@ -123,6 +123,9 @@ pub(crate) struct Exchange {
     pub(crate) head_only: bool,
     /// Index into `Ctx::responses` of who answered (none: ktern itself).
     pub(crate) answered_by: Option<usize>,
+    /// The kernel carried the records at the end (none: as at the
+    /// handshake, `TlsInfo::kernel`).
+    pub(crate) kernel: Option<bool>,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -336,6 +339,7 @@ async fn exchange(
         ..Exchange::default()
     };
     let next = forward(reader, writer, inbuf, &head, ctx, &mut ex, started).await;
+    ex.kernel = Some(writer.path() == Path::Kernel);
     log(ctx, Some(&head), &ex, before, wall, started);
     next
 }
@@ -402,6 +406,7 @@ pub(crate) fn record(
         time: wall,
         client: ctx.peer,
         tls: ctx.tls,
+        kernel: ex.kernel.unwrap_or(ctx.tls.kernel),
         method: head.map_or("-", |h| h.method()),
         host: head.and_then(|h| h.host.as_deref()).unwrap_or(""),
         target: head.map_or("-", |h| h.target()),
@@ -514,6 +519,18 @@ async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(
     let mut m = ctx.moved.get();
     m.down += n;
     ctx.moved.set(m);
+    Ok(())
+}
+
+/// A connection that rustls carries until its first bulk response
+/// (`runtime.ktls_after`) is about to send `bytes` in this one: its keys
+/// go to the kernel now if that is enough (counted and logged).
+fn bulk_ahead(writer: &mut TlsWriter, bytes: u64, ctx: &Ctx<'_>) -> Result<(), HttpError> {
+    if writer.bulk_ahead(bytes)? {
+        M::inc(&ctx.metrics.ktls_offloaded);
+        M::inc(&ctx.metrics.ktls_promoted);
+        tracing::debug!(peer = %ctx.peer, bytes, "keys to the kernel for a bulk response");
+    }
     Ok(())
 }
 
@@ -656,6 +673,9 @@ async fn forward(
         extra.push(("Transfer-Encoding", b"chunked"));
     }
     rewrite::response(&resp, close, &extra, &mut out);
+    if let crate::proxy::http::body::Framing::Length(n) = resp.framing {
+        bulk_ahead(writer, n, ctx)?;
+    }
     let mut scanner = BodyScanner::new(resp.framing);
     let abort = |e: BodyError| HttpError::UpstreamAborted(e.into());
     // Body bytes after the head that the scanner has passed and that are
@@ -679,8 +699,13 @@ async fn forward(
         rbuf.drain(..resp.len);
     }
     send(writer, out, ctx).await?;
+    // Body bytes sent so far: a body of unknown length becomes a bulk
+    // transfer once it reaches `ktls_after`.
+    let mut streamed = 0u64;
     loop {
         if ready > 0 {
+            streamed += ready as u64;
+            bulk_ahead(writer, streamed, ctx)?;
             let chunk = if rechunk {
                 let mut framed = Vec::with_capacity(ready + 16);
                 frame(&mut framed, &rbuf[..ready], true);
@@ -863,6 +888,7 @@ async fn serve_file(
         send(writer, out, ctx).await?;
         return Ok(if close { Next::Close } else { Next::KeepAlive });
     };
+    bulk_ahead(writer, count, ctx)?;
     if reader.path() == Path::Kernel {
         send(writer, out, ctx).await?;
         match writer

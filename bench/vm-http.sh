@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Instructions per keep-alive proxied HTTPS request inside the kTLS VM under
+# `-icount shift=0` (guest time counts instructions, so the figures have no
+# noise beyond the 10 ms tick): one vCPU runs the client, one HTTP backend
+# and the servers under test, all TLS 1.3 with the same ECDSA P-256
+# certificate, proxying to that backend over keep-alive connections: nginx
+# (the host's, copied in), then ktern with ktls = "off", "auto", "required".
+# Each server takes two closed-loop runs of --requests/4 and --requests
+# requests on 20 connections; the difference of its CPU ticks over the
+# difference of the counts cancels the handshakes and connection set-up.
+# /proc/net/tls_stat is read around each server's runs: its counters show
+# which servers had the kernel do the record crypto.
+# The whole guest's non-idle ticks over the same requests are shown too: they
+# include work the kernel defers to its own threads.
+# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kernel=6.18 requests=20000 body=1024
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --kernel) kernel=$2; shift 2 ;;
+    --requests) requests=$2; shift 2 ;;
+    --body) body=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ "$requests" -ge 8 ] || { echo "--requests must be at least 8" >&2; exit 2; }
+command -v nginx > /dev/null ||
+  apt-get install -y -qq --no-install-recommends nginx > /dev/null
+bench_name=vm-http
+# shellcheck source=bench/common.sh
+. bench/common.sh
+conns=20
+backend=127.0.0.1:19702
+
+# nginx for the guest, files under $1 (/tmp/b there): one process (no master,
+# so one pid's ticks are all of nginx's), root (the guest has no other user),
+# the settings of common.sh's nginx_conf. Named nginx-vm.conf: common.sh's
+# cleanup would run `nginx -s stop` on the host against an nginx.conf.
+nginx_vm_conf() {
+  cat <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+user root root;
+pid $1/nginx.pid;
+error_log $1/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $1/tmp/body;
+  proxy_temp_path $1/tmp/proxy;
+  fastcgi_temp_path $1/tmp/fastcgi;
+  uwsgi_temp_path $1/tmp/uwsgi;
+  scgi_temp_path $1/tmp/scgi;
+  keepalive_requests 1000000;
+  upstream b {
+    server $backend;
+    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:19440 ssl;
+    ssl_certificate $1/cert.pem;
+    ssl_certificate_key $1/key.pem;
+    ssl_protocols TLSv1.3;
+    location / {
+      proxy_pass http://b;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+}
+mkdir -p "$work/tmp"
+nginx_vm_conf "$work" > "$work/nginx-check.conf"
+nginx -t -q -p "$work" -c "$work/nginx-check.conf" -e "$work/nginx-check.log" ||
+  { cat "$work/nginx-check.log" >&2; exit 1; }
+nginx_vm_conf /tmp/b > "$work/nginx-vm.conf"
+
+# ktern on the guest's one CPU: an `http` route to the backend. pool_size 64
+# as nginx's `keepalive 64`; pool_idle_timeout as nginx's upstream
+# keepalive_timeout (60s), so no pooled connection closes between runs.
+ktern_vm_conf() { # port ktls
+  cat <<TOML
+[runtime]
+ktls = "$2"
+cpus = [0]
+[[listener]]
+address = "127.0.0.1:$1"
+[[listener.certificate]]
+cert = "cert.pem"
+key = "key.pem"
+[listener.route]
+kind = "http"
+[[listener.route.rule]]
+upstream = "app"
+[upstream.app]
+backends = ["$backend"]
+pool_size = 64
+pool_idle_timeout = "60s"
+TOML
+}
+ktern_vm_conf 19441 off > "$work/ktern-off.toml"
+ktern_vm_conf 19442 auto > "$work/ktern-auto.toml"
+ktern_vm_conf 19443 required > "$work/ktern-required.toml"
+for f in off auto required; do
+  "$bin/ktern" check -c "$work/ktern-$f.toml" > "$work/check-$f.log" 2>&1 ||
+    { echo "ktern check $f:" >&2; cat "$work/check-$f.log" >&2; exit 1; }
+done
+
+n1=$((requests / 4)) n2=$requests
+start=$(date +%s)
+KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel" --mem 2048 --timeout 3000 \
+  --file "$bin/ktern:/opt/ktern" --file "$bin/ktern-load:/opt/ktern-load" --file /usr/sbin/nginx:/opt/nginx \
+  --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" > "$work/guest.log" ||
+  { grep -v '^\[' "$work/guest.log" | tail -40 >&2; exit 1; }
+echo "VM run: $(($(date +%s) - start)) s (guest log: $work/guest.log)"
+grep -E '^(http|tlsstat|ktls) |KTERN-VM-EXIT' "$work/guest.log"
+python3 - "$work/guest.log" "$conns" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+conns = int(sys.argv[2])
+runs = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+        for m in re.finditer(r"^http (\S+) (.*)$", text, re.M)}
+# -icount shift=0: one instruction per ns of guest time; a tick is 10 ms.
+tick = 1e7
+print(f"\n{'server':14} {'instr/request':>13} {'vs nginx':>9} {'from ticks':>11} {'one run':>9}"
+      f" {'per connection':>14} {'whole guest':>12}")
+base = None
+for name, r in runs.items():
+    n1, n2 = r["n1"], r["n2"]
+    steady = (r["ns2"] - r["ns1"]) / (n2 - n1)
+    base = base or steady
+    ticks = (r["ticks2"] - r["ticks1"]) * tick / (n2 - n1)
+    fixed = (r["ns2"] - steady * n2) / conns
+    guest = (r["busy2"] - r["busy1"]) * tick / (n2 - n1)
+    print(f"{name:14} {steady / 1e3:11.1f} k {steady / base:8.2f}x {ticks / 1e3:9.1f} k"
+          f" {r['ns2'] / n2 / 1e3:7.1f} k {fixed / 1e6:12.2f} M {guest / 1e3:10.1f} k")
+if runs:
+    r = next(iter(runs.values()))
+    n1, n2 = r["n1"], r["n2"]
+    print(f"instr/request: the server's run time (all threads, schedstat) over the {n2} - {n1} requests"
+          f" between its two runs, so handshakes cancel; from ticks: the same from utime + stime,"
+          f" ±{2 * tick / (n2 - n1) / 1e3:.1f} k (a tick per reading); one run: the {n2}-request run with"
+          f" its {conns} handshakes, per request; per connection: that run's instructions beyond"
+          f" instr/request, per connection (handshake, accept, close; rough: instr/request's error"
+          f" times {n2}); whole guest: all non-idle ticks over the same difference (client, backend,"
+          f" kernel threads)")
+stats = {}
+for m in re.finditer(r"^tlsstat (\S+) (before|after) (.*)$", text, re.M):
+    stats.setdefault(m.group(1), {})[m.group(2)] = dict(kv.split("=") for kv in m.group(3).split())
+for name, s in stats.items():
+    b, a = s.get("before", {}), s.get("after", {})
+    moved = [f"{k} +{int(a[k]) - int(b.get(k, 0))}" for k in a if int(a[k]) != int(b.get(k, 0))]
+    print(f"tls_stat {name:14} {', '.join(moved) or 'unchanged'}")
+PY
