@@ -30,6 +30,7 @@ use crate::metrics::access::{self, Sink};
 use crate::metrics::family::ClassCounters;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::drain::DrainSignal;
+use crate::proxy::idle::Idle;
 use crate::proxy::idle::IdleSweeper;
 use crate::proxy::tcp::{self, Moved, PipePool, ProxyError};
 use crate::upstream::conn::BackendConn;
@@ -218,12 +219,22 @@ async fn serve_requests(
 ) -> Result<(), HttpError> {
     let mut inbuf = reader.take_pending();
     let mut first = true;
+    // The keep-alive clock, registered at the first wait and re-armed for
+    // each one after.
+    let mut idle: Option<Rc<Idle>> = None;
     loop {
         if inbuf.is_empty() && !first {
             // The userspace record buffer (as large as the last response's
             // biggest write) is not kept while the client is idle.
             writer.release_buffers();
-            match next_request(reader, ctx).await? {
+            let idle = match &idle {
+                Some(i) => {
+                    ctx.idle.rearm(i);
+                    i
+                }
+                None => idle.insert(ctx.idle.register(ctx.route.keepalive_timeout)),
+            };
+            match next_request(reader, idle, ctx).await? {
                 Wake::Input => {}
                 Wake::Idle => break,
             }
@@ -257,9 +268,12 @@ enum Wake {
 /// A drain ends the wait, after a short grace for a request already on its
 /// way, which is then answered with `Connection: close`. Nothing is lost:
 /// the wait is for readiness only, no bytes were read.
-async fn next_request(reader: &mut TlsReader, ctx: &Ctx<'_>) -> Result<Wake, HttpError> {
+async fn next_request(
+    reader: &mut TlsReader,
+    idle: &Idle,
+    ctx: &Ctx<'_>,
+) -> Result<Wake, HttpError> {
     {
-        let idle = ctx.idle.register(ctx.route.keepalive_timeout);
         let mut input = std::pin::pin!(reader.input());
         let waited = ctx
             .drain
