@@ -1355,10 +1355,18 @@ fn connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
             assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
         }
     }
-    if !vm {
+    let spliced = k.metric("ktern_http_spliced_bytes_total");
+    if vm {
+        // The two 200 KB bodies with a length went backend socket to kTLS
+        // socket by splice, beyond what came with their heads (a read of
+        // at most 64 KiB); the chunked one and the file did not.
+        assert!(spliced >= 2 * (200_000 - 65_536), "spliced {spliced}");
+        assert!(spliced <= 2 * 200_000, "spliced {spliced}");
+    } else {
         // No kTLS here: every connection stayed on rustls, nothing deferred.
         assert_eq!(k.metric("ktern_ktls_deferred_total"), 0);
         assert_eq!(k.metric("ktern_ktls_userspace_total"), 4);
+        assert_eq!(spliced, 0);
     }
     // The access log says which records carried each request: rustls's
     // until the bulk response, the kernel's from it on (the first

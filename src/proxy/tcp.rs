@@ -32,7 +32,7 @@ use crate::sys::{self, Pipe, ReadSide, WriteSide};
 
 /// Bytes moved per splice call: the default pipe capacity (16 pages), so one
 /// call can fill an empty pipe.
-const SPLICE_CHUNK: usize = 64 << 10;
+pub(crate) const SPLICE_CHUNK: usize = 64 << 10;
 
 /// Userspace read size from the backend: four full TLS records of plaintext
 /// (4 × 2^14), so one backend read becomes one client write of whole
@@ -82,7 +82,7 @@ pub struct PipePool {
 const POOL_MAX: usize = 256;
 
 impl PipePool {
-    fn take(&self) -> io::Result<Pipe> {
+    pub(crate) fn take(&self) -> io::Result<Pipe> {
         match self.idle.borrow_mut().pop() {
             Some(p) => Ok(p),
             None => Pipe::new(0),
@@ -90,7 +90,7 @@ impl PipePool {
     }
 
     /// Returns a pipe that is known to be empty.
-    fn give(&self, pipe: Pipe) {
+    pub(crate) fn give(&self, pipe: Pipe) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() < POOL_MAX {
             idle.push(pipe);

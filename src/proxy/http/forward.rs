@@ -536,6 +536,67 @@ async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(
     Ok(())
 }
 
+/// Bytes of a response body left from which it is spliced (under kTLS,
+/// from a plain backend) instead of read and written: a pipe and two
+/// splices per 64 KiB beat a read and a write only when there are many.
+const SPLICE_MIN: u64 = 64 << 10;
+
+/// Why [`splice_body`] stopped short.
+enum Spliced {
+    /// The backend closed before the body's length.
+    Ended,
+    /// A read, a write or a wait failed.
+    Failed(HttpError),
+}
+
+/// Moves the last `left` bytes of a response body from the backend's
+/// socket to the client's kTLS socket through `pipe` (`splice`; the
+/// kernel seals the records). The same limits as the buffered loop:
+/// `stall` for each wait on the backend, `send_timeout` for the client.
+/// On success the pipe is empty again; on error it is dropped.
+async fn splice_body(
+    sock: &TcpStream,
+    pipe: &crate::sys::Pipe,
+    writer: &mut TlsWriter,
+    mut left: u64,
+    ctx: &Ctx<'_>,
+    stall: Duration,
+) -> Result<(), Spliced> {
+    use std::os::fd::AsFd;
+    let fail = |e: HttpError| Spliced::Failed(e);
+    while left > 0 {
+        let want = left.min(tcp::SPLICE_CHUNK as u64) as usize;
+        match crate::sys::splice(crate::sys::borrow_fd(sock), pipe.tx.as_fd(), want) {
+            Ok(0) => return Err(Spliced::Ended),
+            Ok(n) => {
+                let write = Box::pin(writer.splice_from(pipe, n));
+                match monoio::time::timeout(ctx.route.send_timeout, write).await {
+                    Err(_) => {
+                        M::inc(&ctx.metrics.http_send_timeouts);
+                        return Err(fail(HttpError::ClientStalled));
+                    }
+                    Ok(r) => r.map_err(|e| fail(e.into()))?,
+                }
+                left -= n as u64;
+                let mut m = ctx.moved.get();
+                m.down += n as u64;
+                ctx.moved.set(m);
+                M::add(&ctx.metrics.http_spliced_bytes, n as u64);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let wait = Box::pin(sock.readable(false));
+                match monoio::time::timeout(stall, wait).await {
+                    Err(_) => return Err(fail(UpstreamAbort::Stalled.into())),
+                    Ok(r) => r.map_err(|e| fail(UpstreamAbort::Io(e).into()))?,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(UpstreamAbort::Io(e).into())),
+        }
+    }
+    Ok(())
+}
+
 /// A connection that rustls carries until its first bulk response
 /// (`runtime.ktls_after`) is about to send `bytes` in this one: its keys
 /// go to the kernel now if that is enough (counted and logged).
@@ -732,6 +793,25 @@ async fn forward(
         }
         if scanner.is_done() {
             break;
+        }
+        // The rest of a long body of known length, under kTLS from a plain
+        // backend: socket to socket through a pipe, never copied to
+        // userspace (the kernel seals it as it goes, as on the `tcp` route).
+        if let (Some(left), BackendConn::Plain(sock)) = (scanner.remaining(), &backend) {
+            if left >= SPLICE_MIN && !rechunk && rbuf.is_empty() && writer.path() == Path::Kernel {
+                if let Ok(pipe) = ctx.pipes.take() {
+                    splice_body(sock, &pipe, writer, left, ctx, upstream.response_timeout)
+                        .await
+                        .map_err(|e| match e {
+                            Spliced::Ended => HttpError::from(UpstreamAbort::Framing(
+                                scanner.finish().err().unwrap_or(BodyError::Truncated),
+                            )),
+                            Spliced::Failed(e) => e,
+                        })?;
+                    ctx.pipes.give(pipe);
+                    break;
+                }
+            }
         }
         // Backpressure: read no more than the client's socket takes now.
         let want = client_room(writer, ctx).await?;
