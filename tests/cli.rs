@@ -314,3 +314,57 @@ fn module_graph_has_no_cycles_and_config_imports_no_stage() {
         }
     }
 }
+
+/// `ktern-load --json` prints each summary as one JSON object whose
+/// numbers are numbers (for scripts that collect results), the same
+/// fields as the `key=value` line.
+#[test]
+fn ktern_load_reports_json_with_the_same_fields() {
+    let load = env!("CARGO_BIN_EXE_ktern-load");
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut backend = std::process::Command::new(load)
+        .args(["backend", "--listen", &addr.to_string(), "--kind", "echo"])
+        .args(["--seconds", "30"])
+        .spawn()
+        .unwrap();
+    let run = |json: bool| {
+        let mut c = std::process::Command::new(load);
+        if json {
+            c.arg("--json");
+        }
+        let out = c
+            .args(["handshakes", "--addr", &addr.to_string(), "--plain"])
+            .args(["--threads", "1", "--seconds", "5", "--max", "20"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The backend may take a moment to listen: the first run retries.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = run(true);
+        if text.contains("\"handshakes\":2") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect(&text);
+    assert!(v["handshakes"].as_u64().unwrap() >= 20, "{v}");
+    assert_eq!(v["failed"].as_u64(), Some(0), "{v}");
+    assert!(v["rate"].is_number() && v["p99_us"].is_number(), "{v}");
+    let line = run(false);
+    let keys: Vec<&str> = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+        .collect();
+    let mut json_keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    json_keys.sort_unstable();
+    let mut keys = keys;
+    keys.sort_unstable();
+    assert_eq!(keys, json_keys);
+    let _ = backend.kill();
+    let _ = backend.wait();
+}

@@ -38,8 +38,38 @@ use rustls::{ClientConfig, ClientConnection};
     about = "Bounded load generator for ktern benchmarks"
 )]
 struct Cli {
+    /// Print each summary as one JSON object (numbers as numbers) instead
+    /// of `key=value` pairs.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     mode: Mode,
+}
+
+/// Set from `--json` before any mode runs.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Prints a summary line of `key=value` pairs, or the same as one JSON
+/// object with `--json` (a value with a unit, `123/s`, loses the unit).
+fn report(line: &str) {
+    if !JSON.load(Ordering::Relaxed) {
+        println!("{line}");
+        return;
+    }
+    let fields: serde_json::Map<String, serde_json::Value> = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            let number = v.trim_end_matches("/s");
+            let value = match (number.parse::<u64>(), number.parse::<f64>()) {
+                (Ok(n), _) => serde_json::Value::from(n),
+                (_, Ok(x)) => serde_json::Value::from(x),
+                _ => serde_json::Value::from(v),
+            };
+            (k.to_string(), value)
+        })
+        .collect();
+    println!("{}", serde_json::Value::Object(fields));
 }
 
 #[derive(Subcommand)]
@@ -245,14 +275,14 @@ fn handshakes(addr: SocketAddr, threads: usize, seconds: u64, max: u64, resume: 
     }
     let secs = start.elapsed().as_secs_f64();
     let n = done.load(Ordering::Relaxed);
-    println!(
+    report(&format!(
         "handshakes={n} resumed={} failed={} seconds={secs:.2} rate={:.0}/s p50_us={} p99_us={}",
         resumed.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         n as f64 / secs,
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99)
-    );
+    ));
 }
 
 /// One plain-TCP connection through an echo path: one byte there and back.
@@ -282,11 +312,11 @@ fn idle(addr: SocketAddr, conns: usize, hold: u64, echo: bool) {
             }
         }
     }
-    println!(
+    report(&format!(
         "open={} seconds={:.1}",
         open.len(),
         start.elapsed().as_secs_f64()
-    );
+    ));
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(hold));
     println!("closing");
@@ -305,7 +335,7 @@ fn hold_open<T>(conns: usize, hold: u64, mut open: impl FnMut() -> std::io::Resu
             }
         }
     }
-    println!("open={}", held.len());
+    report(&format!("open={}", held.len()));
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(hold));
     println!("closing");
@@ -367,11 +397,11 @@ fn download(addr: SocketAddr, times: u32, bytes: u64) {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    println!(
+    report(&format!(
         "downloads={times} bytes={} seconds={secs:.2} MBps={:.1}",
         bytes * times as u64,
         (bytes * times as u64) as f64 / secs / 1e6
-    );
+    ));
 }
 
 /// Shared by the `http` connection threads.
@@ -624,7 +654,7 @@ fn http(
     }
     let secs = start.elapsed().as_secs_f64();
     let n = load.done.load(Ordering::Relaxed);
-    println!(
+    report(&format!(
         "requests={n} errors={} seconds={secs:.2} rps={:.0} p50_us={} p99_us={} max_us={} reconnects={}",
         load.errors.load(Ordering::Relaxed),
         n as f64 / secs,
@@ -632,7 +662,7 @@ fn http(
         hist.value_at_quantile(0.99),
         hist.max(),
         load.reconnects.load(Ordering::Relaxed),
-    );
+    ));
 }
 
 /// One thread, one monoio runtime (epoll driver, so it runs anywhere), one
@@ -834,14 +864,14 @@ fn rss(
     std::thread::sleep(Duration::from_millis(500));
     let after = ktern::sys::rss_of(server.id()).expect("rss");
     let n = open.len().max(1) as f64;
-    println!(
+    report(&format!(
         "idle_connections={} open_seconds={:.1} rss_before_kib={} rss_after_kib={} rss_per_connection_kib={:.2}",
         open.len(),
         start.elapsed().as_secs_f64(),
         before / 1024,
         after / 1024,
         (after.saturating_sub(before)) as f64 / 1024.0 / n
-    );
+    ));
     drop(open);
     let _ = server.kill();
     let _ = backend.kill();
@@ -850,7 +880,9 @@ fn rss(
 }
 
 fn main() {
-    match Cli::parse().mode {
+    let cli = Cli::parse();
+    JSON.store(cli.json, Ordering::Relaxed);
+    match cli.mode {
         Mode::Rss {
             ktern,
             config,
