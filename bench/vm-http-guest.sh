@@ -20,7 +20,8 @@ $bb mkdir -p /tmp/b/tmp
 /opt/nginx -p /tmp/b -c /tmp/b/nginx-vm.conf -e /tmp/b/nginx-error.log &
 nginx=$!
 for k in off auto required; do
-  /opt/ktern run -c "ktern-$k.toml" > /dev/null 2> "$k.log" &
+  # shellcheck disable=SC2046 # one NAME=VALUE word per line
+  $bb env $($bb cat ktern.env) /opt/ktern run -c "ktern-$k.toml" > /dev/null 2> "$k.log" &
   eval "ktern_$k=\$!"
 done
 
@@ -43,12 +44,12 @@ done
 
 fail=0
 ticks() { $bb awk '{print $14 + $15}' "/proc/$1/stat"; }
-# Run time in ns summed over the pid's threads (schedstat's first field, the
-# scheduler's sum_exec_runtime, which /proc/PID/stat rounds down to ticks).
 # Non-idle ticks of the whole guest (user nice system irq softirq steal):
 # client, backend and kernel threads too, such as kTLS work deferred to
 # kworkers, which the server's own figures miss.
 busy() { $bb awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+# Run time in ns summed over the pid's threads (schedstat's first field, the
+# scheduler's sum_exec_runtime, which /proc/PID/stat rounds down to ticks).
 ns() { $bb cat /proc/"$1"/task/*/schedstat | $bb awk '{ s += $1 } END { printf "%.0f", s }'; }
 tlsstat() { echo "tlsstat $1 $2 $($bb awk '{printf "%s=%s ", $1, $2}' /proc/net/tls_stat)"; }
 # One client run of --max $2 requests; prints ktern-load's summary line.
@@ -63,8 +64,8 @@ for run in nginx:19440:$nginx ktern-off:19441:$ktern_off ktern-auto:19442:$ktern
   name=${run%%:*} rest=${run#*:}
   port=${rest%%:*} pid=${rest#*:}
   tlsstat "$name" before
-  # Warm-up: first allocations, the backend pool.
-  load "$port" 200 > /dev/null
+  # Warm-up: first allocations, the backend pool (fewer for bulk bodies).
+  load "$port" $((n1 < 200 ? n1 : 200)) > /dev/null
   t0=$(ticks "$pid") s0=$(ns "$pid") b0=$(busy)
   out1=$(load "$port" "$n1")
   t1=$(ticks "$pid") s1=$(ns "$pid") b1=$(busy)

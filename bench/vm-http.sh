@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
 # Instructions per keep-alive proxied HTTPS request inside the kTLS VM under
-# `-icount shift=0` (guest time counts instructions, so the figures have no
-# noise beyond the 10 ms tick): one vCPU runs the client, one HTTP backend
-# and the servers under test, all TLS 1.3 with the same ECDSA P-256
-# certificate, proxying to that backend over keep-alive connections: nginx
-# (the host's, copied in), then ktern with ktls = "off", "auto", "required".
+# `-icount shift=0` (guest time counts instructions): one vCPU runs the
+# client, one HTTP backend and the servers under test, all TLS 1.3 with the
+# same ECDSA P-256 certificate, proxying to that backend over keep-alive
+# connections: nginx (the host's, copied in), then ktern with ktls = "off",
+# "auto", "required".
 # Each server takes two closed-loop runs of --requests/4 and --requests
-# requests on 20 connections; the difference of its CPU ticks over the
-# difference of the counts cancels the handshakes and connection set-up.
+# requests on 20 connections; the difference of its run time (schedstat, in
+# ns; utime + stime ticks as a check) over the difference of the counts
+# cancels the handshakes and connection set-up. Not noise-free: the kTLS
+# figures moved by up to 8% between boots at 4000 requests, 2% at 20000.
 # /proc/net/tls_stat is read around each server's runs: its counters show
 # which servers had the kernel do the record crypto.
 # The whole guest's non-idle ticks over the same requests are shown too: they
 # include work the kernel defers to its own threads.
-# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024]
+# --ktern-env NAME=VALUE (repeatable) sets a variable for the three ktern
+# only (for example an allocator experiment: LD_PRELOAD, GLIBC_TUNABLES).
+# Bulk: --body 33554432 --requests 8 --conns 2 (32 MiB responses; under
+# kTLS ktern splices them from the backend, see ktern_http_spliced_bytes_total).
+# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024] [--conns 20] [--ktern-env N=V]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kernel=6.18 requests=20000 body=1024
+kernel=6.18 requests=20000 body=1024 conns=20 ktern_env=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --kernel) kernel=$2; shift 2 ;;
     --requests) requests=$2; shift 2 ;;
     --body) body=$2; shift 2 ;;
+    --conns) conns=$2; shift 2 ;;
+    --ktern-env) ktern_env+=("$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -30,7 +38,6 @@ command -v nginx > /dev/null ||
 bench_name=vm-http
 # shellcheck source=bench/common.sh
 . bench/common.sh
-conns=20
 backend=127.0.0.1:19702
 
 # nginx for the guest, files under $1 (/tmp/b there): one process (no master,
@@ -110,11 +117,16 @@ for f in off auto required; do
     { echo "ktern check $f:" >&2; cat "$work/check-$f.log" >&2; exit 1; }
 done
 
+printf '%s\n' "${ktern_env[@]}" > "$work/ktern.env"
+preload=()
+for e in "${ktern_env[@]}"; do
+  case "$e" in LD_PRELOAD=*) preload=(--file "${e#LD_PRELOAD=}:${e#LD_PRELOAD=}") ;; esac
+done
 n1=$((requests / 4)) n2=$requests
 start=$(date +%s)
 KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel" --mem 2048 --timeout 3000 \
   --file "$bin/ktern:/opt/ktern" --file "$bin/ktern-load:/opt/ktern-load" --file /usr/sbin/nginx:/opt/nginx \
-  --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" > "$work/guest.log" ||
+  "${preload[@]}" --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" > "$work/guest.log" ||
   { grep -v '^\[' "$work/guest.log" | tail -40 >&2; exit 1; }
 echo "VM run: $(($(date +%s) - start)) s (guest log: $work/guest.log)"
 grep -E '^(http|tlsstat|ktls) |KTERN-VM-EXIT' "$work/guest.log"

@@ -526,7 +526,10 @@ chmod 755 "$ROOT/init"
 
 # ---------------------------------------------------------------------------
 # 4. Boot. Console -> sed (strip CR) -> tee (stdout + log), streamed as it comes.
+# The exit status is read from this run's own log (two runs on one kernel at
+# once must not read each other's); last-KERNEL.log gets a copy at the end.
 LOG=$CACHE_ROOT/last-$KERNEL.log
+RUN_LOG=$RUN/console.log
 EXTRA_QEMU=()
 if [[ -n ${KTERN_VM_QEMU_ARGS:-} ]]; then
 	read -r -a EXTRA_QEMU <<<"$KTERN_VM_QEMU_ARGS"
@@ -535,7 +538,7 @@ note "booting $(cat "$KDIR/package") (kernel $RELEASE, ${MEM} MiB, timeout ${TIM
 
 mkfifo "$RUN/console"
 # Also drop the terminal escapes SeaBIOS prints (screen clears).
-sed -u -e 's/\r//g' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' <"$RUN/console" | tee "$LOG" &
+sed -u -e 's/\r//g' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' <"$RUN/console" | tee "$RUN_LOG" &
 READER_PID=$!
 start=$(date +%s.%N)
 timeout --foreground -k 10 "$TIMEOUT" \
@@ -550,8 +553,9 @@ VM_PID=""
 wait "$READER_PID" || true
 end=$(date +%s.%N)
 elapsed=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+cp "$RUN_LOG" "$LOG"
 
-status=$(grep -a -E '^KTERN-VM-EXIT=[0-9]+$' "$LOG" | tail -n 1 | cut -d= -f2 || true)
+status=$(grep -a -E '^KTERN-VM-EXIT=[0-9]+$' "$RUN_LOG" | tail -n 1 | cut -d= -f2 || true)
 if [[ -z $status ]]; then
 	if ((vm_rc == 124 || vm_rc == 137)); then
 		note "FAILED: VM timed out after ${TIMEOUT}s with no KTERN-VM-EXIT marker (log: $LOG)"
