@@ -1,4 +1,4 @@
-//! A per-thread (so per-shard) cache of I/O buffers, in two sizes.
+//! A per-thread (so per-shard) cache of large I/O buffers.
 //!
 //! The proxy reads into 16–66 KiB buffers and frees them a moment later,
 //! once per request or record batch. glibc's `free` of a chunk of 64 KiB or
@@ -6,13 +6,6 @@
 //! percent of a keep-alive request's CPU. Reusing a few buffers per shard
 //! avoids that, and costs nothing while connections are idle: a buffer is
 //! only held between `take` and `give`.
-//!
-//! Small buffers (a response head with a small body, its sealed records,
-//! the head sent upstream) come from a second list of one size, `SMALL`:
-//! glibc's thread cache takes chunks up to 1,032 bytes only, and every
-//! allocation above that goes through its bins, consolidating the fast
-//! bins first (`malloc_consolidate` was 1.8% of a 1 KiB keep-alive
-//! request's samples, malloc and free 15% in all).
 
 use std::cell::RefCell;
 
@@ -33,24 +26,12 @@ const MAX: usize = 128 << 10;
 /// use, issue 12).
 pub const CLASS: usize = 68 << 10;
 
-/// The one size of small buffers: a head and a body of a few KiB.
-pub const SMALL: usize = 4 << 10;
-
-/// Small buffers kept per thread (64 × 4 KiB = 256 KiB).
-const KEEP_SMALL: usize = 64;
-
 thread_local! {
     static CACHE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    static SMALLS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// An empty buffer with at least `cap` bytes of capacity.
 pub fn take(cap: usize) -> Vec<u8> {
-    if cap <= SMALL {
-        return SMALLS
-            .with(|c| c.borrow_mut().pop())
-            .unwrap_or_else(|| Vec::with_capacity(SMALL));
-    }
     let cached = CACHE.with(|c| {
         let mut c = c.borrow_mut();
         let i = c.iter().rposition(|b| b.capacity() >= cap)?;
@@ -65,19 +46,8 @@ pub fn take(cap: usize) -> Vec<u8> {
     })
 }
 
-/// Returns a buffer for reuse (dropped if of neither size, or the cache
-/// is full).
+/// Returns a buffer for reuse (dropped if small, huge, or the cache is full).
 pub fn give(mut buf: Vec<u8>) {
-    if buf.capacity() == SMALL {
-        buf.clear();
-        SMALLS.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.len() < KEEP_SMALL {
-                c.push(buf);
-            }
-        });
-        return;
-    }
     if !(MIN..=MAX).contains(&buf.capacity()) {
         return;
     }
@@ -93,22 +63,6 @@ pub fn give(mut buf: Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn small_buffers_have_one_size_and_their_own_list() {
-        let mut b = take(1200);
-        assert_eq!(b.capacity(), SMALL);
-        b.extend_from_slice(b"head");
-        let ptr = b.as_ptr();
-        give(b);
-        let again = take(100);
-        assert_eq!((again.as_ptr(), again.len()), (ptr, 0), "reused, empty");
-        // A small request never takes a large buffer (a slow reader would
-        // hold 68 KiB for a few bytes), nor a large one a small buffer.
-        give(take(64 << 10));
-        assert_eq!(take(10).capacity(), SMALL);
-        assert!(take(SMALL + 1).capacity() > SMALL);
-    }
 
     #[test]
     fn buffers_come_back_empty_and_big_enough() {

@@ -737,13 +737,7 @@ impl TlsWriter {
                 Engine::User(u) => {
                     u.writing = false;
                     if u.tls_out.is_empty() {
-                        if sent.capacity() == crate::buffers::SMALL {
-                            // Back to the shard at once: a connection that
-                            // then idles (HTTP/2 never releases) holds none.
-                            crate::buffers::give(sent);
-                        } else {
-                            u.tls_out = sent;
-                        }
+                        u.tls_out = sent;
                         None
                     } else {
                         // The reader queued something (an alert, a

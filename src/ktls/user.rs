@@ -235,9 +235,9 @@ pub(super) fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamErr
     // Per record: 5-byte header, content type byte, 16-byte tag (RFC 8446
     // §5.2); TLS 1.2 adds an 8-byte explicit nonce. 32 covers both.
     let guess = plain.len() + 32 * (plain.len() / (16 << 10) + 1);
-    if u.tls_out.is_empty() && u.tls_out.capacity() < guess {
-        // Seal into a buffer of one of the shard's two sizes (see
-        // `buffers`), not a fresh allocation of this size.
+    if u.tls_out.is_empty() && u.tls_out.capacity() < guess && guess >= 16 << 10 {
+        // A large batch: seal into a buffer of the shard's one large size
+        // (see `buffers::CLASS`), not a fresh allocation of this size.
         let small = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
         crate::buffers::give(small);
     }

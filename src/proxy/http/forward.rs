@@ -721,8 +721,6 @@ async fn forward(
         }
     };
     let (resp, mut rbuf) = response;
-    // The head sent upstream (kept until now for a retry).
-    buffers::give(out);
     balancer.succeeded(addr);
     ex.status = resp.status;
     ex.upstream = Some(addr);
@@ -741,8 +739,7 @@ async fn forward(
         }
         Relay::Body { rechunk, close } => (rechunk, close),
     };
-    // Head and a small body together: most responses fit a small buffer.
-    let mut out = buffers::take(resp.len + 64 + rbuf.len().min(COALESCE));
+    let mut out = Vec::with_capacity(resp.len + 64);
     let mut extra: Vec<(&str, &[u8])> = Vec::new();
     if let Some(v) = route.hsts.as_deref() {
         extra.push(("Strict-Transport-Security", v.as_bytes()));
@@ -1189,7 +1186,7 @@ pub(crate) fn body_verdict(ctx: &Ctx<'_>, addr: SocketAddr, sent: &BodySent) -> 
 /// The request head as it goes to the backend: hop-by-hop fields out,
 /// the forwarding fields in.
 pub(crate) fn upstream_head(ctx: &Ctx<'_>, head: &RequestHead) -> Vec<u8> {
-    let mut out = buffers::take(head.len + 256);
+    let mut out = Vec::with_capacity(head.len + 256);
     rewrite::request(
         head,
         &Forwarding::for_client(ctx.route, ctx.peer, ctx.tls),
