@@ -314,20 +314,7 @@ fn access_log_has_one_json_line_per_request_with_tls_facts() {
         404
     );
     assert_eq!(exchange(&mut c, "GET /\"\x01 HTTP/1.1\r\n\r\n").status, 400);
-    let mut lines = Vec::new();
-    for _ in 0..100 {
-        lines = std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line")
-            })
-            .collect();
-        if lines.len() >= 3 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let lines = json_log_lines(&log, 3);
     assert_eq!(lines.len(), 3, "{lines:?}");
     let kernel = std::env::var_os("KTERN_IN_VM").is_some();
     for l in &lines {
@@ -1182,19 +1169,7 @@ fn upstream_groups_speak_tls_to_their_backends() {
             k.log()
         );
     }
-    let body = pattern(900 << 10, 5);
-    let mut req = format!(
-        "POST /sum HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(&body);
-    c.write_all(&req).unwrap();
-    let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
-    assert_eq!(
-        String::from_utf8(r.body).unwrap(),
-        format!("{} {}", body.len(), sha256(&body))
-    );
+    upload_checked(&mut c, "app", &pattern(900 << 10, 5));
     let r = exchange(&mut c, "GET /close-big HTTP/1.1\r\nHost: app\r\n\r\n");
     assert_eq!(sha256(&r.body), sha256(&pattern(300_000, 3)));
     // One TLS connection to the back carried all of that, pooled between
@@ -1329,20 +1304,7 @@ fn connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
         assert!(r.body == want, "{path}: body differs");
         // The same connection goes on, both directions, on the new path.
         small(&mut c);
-        let body = pattern(100_000, 9);
-        let mut req = format!(
-            "POST /sum HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(&body);
-        c.write_all(&req).unwrap();
-        let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
-        assert_eq!(
-            String::from_utf8(r.body).unwrap(),
-            format!("100000 {}", sha256(&body)),
-            "{path}: upload after the hand-over"
-        );
+        upload_checked(&mut c, "a", &pattern(100_000, 9));
         small(&mut c);
         if vm {
             assert_eq!(
@@ -1371,18 +1333,7 @@ fn connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
     // The access log says which records carried each request: rustls's
     // until the bulk response, the kernel's from it on (the first
     // connection: 3 small, the 60 KB one, then the bulk one).
-    let mut lines = Vec::new();
-    for _ in 0..100 {
-        lines = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .collect();
-        if lines.len() >= 4 * 8 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let lines = json_log_lines(&log, 4 * 8);
     assert_eq!(lines.len(), 4 * 8);
     let ktls: Vec<bool> = lines[..8].iter().map(|l| l["ktls"] == true).collect();
     assert_eq!(

@@ -190,11 +190,52 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
     if !ktls_here() {
         return;
     }
-    use ktern::handshake::{self, Handshake};
     let pki = Pki::new("ulp");
+    let (addr, server) = serve_one(&pki, |sock, est| async move {
+        {
+            let support = ktern::ktls::probe();
+            let conn = ktern::ktls::establish(
+                sock,
+                est,
+                (ktern::config::KtlsMode::Required, &support),
+                None,
+            )
+            .unwrap();
+            let ulp = conn.kernel_ulp().unwrap();
+            let path = conn.path();
+            let (mut rd, mut wr) = conn.split();
+            let chunk = rd.read_chunk().await.unwrap().unwrap();
+            let (res, _) = wr.write_all(chunk).await;
+            res.unwrap();
+            wr.close().await.unwrap();
+            (ulp, path)
+        }
+    });
+    let mut c = connect(addr, &pki, ClientOpts::default());
+    c.write_all(b"hello kernel").unwrap();
+    let got = read_to_close_notify(&mut c);
+    assert_eq!(got, b"hello kernel");
+    let (ulp, path) = server.join().unwrap();
+    assert_eq!(ulp, "tls");
+    assert_eq!(path, ktern::ktls::Path::Kernel);
+}
+
+/// Accepts one connection on a new thread's monoio runtime, runs ktern's
+/// handshake on it (`test_listener`'s config), then `then` with the socket
+/// and the finished handshake; returns the address to connect to and the
+/// thread (joined for `then`'s result).
+fn serve_one<T, F>(
+    pki: &Pki,
+    then: impl FnOnce(monoio::net::TcpStream, ktern::handshake::Established) -> F + Send + 'static,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<T>)
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    use ktern::handshake::{self, Handshake};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let cfg = test_listener(&pki);
+    let cfg = test_listener(pki);
     let server = std::thread::spawn(move || {
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
@@ -214,31 +255,10 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
             let est = handshake::pump::run(&mut sock, hs, std::time::Duration::from_secs(30))
                 .await
                 .unwrap();
-            let support = ktern::ktls::probe();
-            let conn = ktern::ktls::establish(
-                sock,
-                est,
-                (ktern::config::KtlsMode::Required, &support),
-                None,
-            )
-            .unwrap();
-            let ulp = conn.kernel_ulp().unwrap();
-            let path = conn.path();
-            let (mut rd, mut wr) = conn.split();
-            let chunk = rd.read_chunk().await.unwrap().unwrap();
-            let (res, _) = wr.write_all(chunk).await;
-            res.unwrap();
-            wr.close().await.unwrap();
-            (ulp, path)
+            then(sock, est).await
         })
     });
-    let mut c = connect(addr, &pki, ClientOpts::default());
-    c.write_all(b"hello kernel").unwrap();
-    let got = read_to_close_notify(&mut c);
-    assert_eq!(got, b"hello kernel");
-    let (ulp, path) = server.join().unwrap();
-    assert_eq!(ulp, "tls");
-    assert_eq!(path, ktern::ktls::Path::Kernel);
+    (addr, server)
 }
 
 fn test_listener(pki: &Pki) -> ktern::config::Listener {
@@ -260,34 +280,13 @@ fn a_deferred_connection_hands_over_only_at_a_record_boundary() {
     if !ktls_here() {
         return;
     }
-    use ktern::handshake::{self, Handshake};
     use std::sync::mpsc;
     let pki = Pki::new("deferred");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cfg = test_listener(&pki);
     // Server → client: a step is done; client → server: the rest is sent.
     let (step_tx, step_rx) = mpsc::channel::<&'static str>();
     let (rest_tx, rest_rx) = mpsc::channel::<()>();
-    let server = std::thread::spawn(move || {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            listener.set_nonblocking(true).unwrap();
-            let listener = monoio::net::TcpListener::from_std(listener).unwrap();
-            let (mut sock, _) = listener.accept().await.unwrap();
-            let tls = handshake::server_config(
-                &cfg,
-                &handshake::cert_store(&cfg),
-                &handshake::ticketer(),
-            )
-            .unwrap();
-            let hs = Handshake::new(&tls).unwrap();
-            let est = handshake::pump::run(&mut sock, hs, std::time::Duration::from_secs(30))
-                .await
-                .unwrap();
+    let (addr, server) = serve_one(&pki, move |sock, est| async move {
+        {
             let support = ktern::ktls::probe();
             let mode = (ktern::config::KtlsMode::Auto, &support);
             let conn = ktern::ktls::establish(sock, est, mode, Some(1000)).unwrap();
@@ -333,7 +332,7 @@ fn a_deferred_connection_hands_over_only_at_a_record_boundary() {
             }
             assert_eq!(got, pattern(100_000, 6));
             wr.close().await.unwrap();
-        })
+        }
     });
     let mut c = connect(addr, &pki, ClientOpts::default());
     c.write_all(b"ping").unwrap();

@@ -287,6 +287,43 @@ pub fn exchange(c: &mut Client, request: &str) -> Resp {
     try_exchange(c, request).unwrap()
 }
 
+/// POSTs `body` to the backend's `/sum` on `c` and checks its answer (the
+/// length and SHA-256 of what arrived).
+pub fn upload_checked(c: &mut Client, host: &str, body: &[u8]) {
+    let mut req = format!(
+        "POST /sum HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    c.write_all(&req).unwrap();
+    let r = read_response(&mut BufReader::new(c), false).unwrap();
+    assert_eq!(
+        String::from_utf8(r.body).unwrap(),
+        format!("{} {}", body.len(), sha256(body)),
+        "upload of {} bytes",
+        body.len()
+    );
+}
+
+/// The JSON access log at `path` once it has `n` lines (waits up to 5 s;
+/// the lines are written after each response), one object per line.
+pub fn json_log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect();
+        if lines.len() >= n {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lines
+}
+
 /// One request and its response; errors instead of panicking (load tests
 /// count them).
 pub fn try_exchange(c: &mut Client, request: &str) -> std::io::Result<Resp> {
