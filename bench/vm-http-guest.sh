@@ -77,6 +77,24 @@ for run in nginx:19440:$nginx ktern-off:19441:$ktern_off ktern-auto:19442:$ktern
   echo "  $out1"
   echo "  $out2"
   case "$out1 $out2" in *" errors=0 "*" errors=0 "*) ;; *) echo "client errors on $name"; fail=1 ;; esac
+  if [ -x /opt/perf ]; then
+    # A third, profiled run (after the measured ones, which perf would
+    # disturb): cpu-clock samples, which under icount track instructions;
+    # the share of AES-GCM (the kernel's aes_gcm_*/aesni, aws-lc's
+    # aesni/ghash/gcm_/aes_hw) and the top symbols.
+    echo 0 > /proc/sys/kernel/kptr_restrict
+    /opt/perf record -e cpu-clock -F 1000 -p "$pid" -o "/tmp/perf-$name.data" > /dev/null 2>&1 &
+    perf=$!
+    $bb sleep 1
+    load "$port" "$n1" > /dev/null
+    kill -INT "$perf"
+    $bb sleep 2
+    /opt/perf report -i "/tmp/perf-$name.data" --no-children --sort symbol --stdio 2>/dev/null |
+      $bb awk -v n="$name" '/^ +[0-9.]+%/ { p = $1 + 0; s = $NF == "-" ? $(NF-2) : $NF;
+          if (s ~ /aes_gcm|aesni|ghash|gcm_|aes_hw/) c += p;
+          if (++i <= 8) top = top sprintf(" %s %.1f%%", s, p) }
+        END { printf "perf %s crypto=%.1f top:%s\n", n, c, top }'
+  fi
 done
 if [ -s /tmp/b/nginx-error.log ]; then
   echo "nginx error log:"

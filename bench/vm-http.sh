@@ -18,10 +18,12 @@
 # only (for example an allocator experiment: LD_PRELOAD, GLIBC_TUNABLES).
 # Bulk: --body 33554432 --requests 8 --conns 2 (32 MiB responses; under
 # kTLS ktern splices them from the backend, see ktern_http_spliced_bytes_total).
-# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024] [--conns 20] [--ktern-env N=V]
+# --perf profiles a third run of each server in the guest with the host's perf
+# (the AES-GCM share: the record crypto floor, and the top symbols).
+# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024] [--conns 20] [--ktern-env N=V] [--perf]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kernel=6.18 requests=20000 body=1024 conns=20 ktern_env=()
+kernel=6.18 requests=20000 body=1024 conns=20 ktern_env=() perf=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --kernel) kernel=$2; shift 2 ;;
@@ -29,6 +31,7 @@ while [ $# -gt 0 ]; do
     --body) body=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
     --ktern-env) ktern_env+=("$2"); shift 2 ;;
+    --perf) perf=(--file /usr/bin/perf:/opt/perf); shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -126,10 +129,10 @@ n1=$((requests / 4)) n2=$requests
 start=$(date +%s)
 KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel" --mem 2048 --timeout 3000 \
   --file "$bin/ktern:/opt/ktern" --file "$bin/ktern-load:/opt/ktern-load" --file /usr/sbin/nginx:/opt/nginx \
-  "${preload[@]}" --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" > "$work/guest.log" ||
+  "${preload[@]}" "${perf[@]}" --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" > "$work/guest.log" ||
   { grep -v '^\[' "$work/guest.log" | tail -40 >&2; exit 1; }
 echo "VM run: $(($(date +%s) - start)) s (guest log: $work/guest.log)"
-grep -E '^(http|tlsstat|ktls) |KTERN-VM-EXIT' "$work/guest.log"
+grep -E '^(http|tlsstat|ktls|perf) |KTERN-VM-EXIT' "$work/guest.log"
 python3 - "$work/guest.log" "$conns" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
