@@ -15,6 +15,7 @@ use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion, Suppor
 
 use super::record::{self, RecordBudget};
 use super::stream::StreamError;
+use super::user::UserConn;
 use super::OffloadError;
 use crate::handshake::ServerData;
 use crate::sys::{self, KeyDirection};
@@ -108,10 +109,30 @@ pub(super) fn crypto_info(
 }
 
 impl Kernel {
+    /// Takes the keys out of rustls' connection, with its sequence numbers,
+    /// and hands them to the kernel on `fd` (its ULP attached): after the
+    /// handshake, or mid-connection (`TlsWriter::bulk_ahead`).
+    pub(super) fn take_over(
+        fd: BorrowedFd<'_>,
+        conn: UserConn,
+        rekey: bool,
+    ) -> Result<Kernel, OffloadError> {
+        let (secrets, kconn) = match conn {
+            UserConn::Server(c) => c
+                .dangerous_into_kernel_connection()
+                .map(|(s, k)| (s, KernelConn::Server(k))),
+            UserConn::Client(c) => c
+                .dangerous_into_kernel_connection()
+                .map(|(s, k)| (s, KernelConn::Client(k))),
+        }
+        .map_err(OffloadError::Extract)?;
+        Kernel::offload(fd, secrets, kconn, rekey)
+    }
+
     /// Hands the session keys to the kernel on `fd`, whose `tls` ULP is
     /// attached (`super::attach_ulp`): the TX and RX keys. `rekey`: the
     /// running kernel installs new keys.
-    pub(super) fn offload(
+    fn offload(
         fd: BorrowedFd<'_>,
         secrets: ExtractedSecrets,
         kconn: KernelConn,

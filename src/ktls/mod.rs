@@ -223,8 +223,8 @@ pub fn kernel_carries(
 /// shutdown) has moved the socket to CLOSE_WAIT before the handshake
 /// returns. `false` for that case: the connection stays on userspace
 /// records, where its last records and the close are read as on any other.
-fn attach_ulp(socket: &monoio::net::TcpStream) -> Result<bool, OffloadError> {
-    match sys::set_ulp_tls(sys::borrow_fd(socket)) {
+fn attach_ulp(socket: std::os::fd::BorrowedFd<'_>) -> Result<bool, OffloadError> {
+    match sys::set_ulp_tls(socket) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
         Err(e) => Err(OffloadError::Kernel("ULP", e)),
@@ -247,7 +247,7 @@ pub fn establish(
     if let Some(after) = defer {
         return stream::TlsConn::deferred(socket, established, after, support.rekey);
     }
-    if attach_ulp(&socket)? {
+    if attach_ulp(sys::borrow_fd(&socket))? {
         stream::TlsConn::kernel(socket, established, support.rekey)
     } else {
         stream::TlsConn::userspace(socket, established)
@@ -266,7 +266,7 @@ pub fn establish_client(
     support: &Support,
 ) -> Result<TlsConn, OffloadError> {
     if kernel_carries(mode, established.conn.negotiated_cipher_suite(), support)
-        && attach_ulp(&socket)?
+        && attach_ulp(sys::borrow_fd(&socket))?
     {
         stream::TlsConn::kernel_client(socket, established, support.rekey)
     } else {

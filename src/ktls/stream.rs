@@ -22,7 +22,7 @@ use std::rc::Rc;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::kernel::{Kernel, KernelConn, RxStep, TxStep};
+use super::kernel::{Kernel, RxStep, TxStep};
 use super::record::{self, Control};
 use super::user::{
     decrypt_available, queue_close_notify, seal_userspace, Deferral, User, UserConn,
@@ -126,15 +126,7 @@ impl TlsConn {
             sni: _,
             acme_validation: _,
         } = est;
-        let (secrets, kconn) = conn
-            .dangerous_into_kernel_connection()
-            .map_err(OffloadError::Extract)?;
-        let kernel = Kernel::offload(
-            sys::borrow_fd(&socket),
-            secrets,
-            KernelConn::Server(kconn),
-            rekey,
-        )?;
+        let kernel = Kernel::take_over(sys::borrow_fd(&socket), UserConn::Server(conn), rekey)?;
         TlsConn::assemble(socket, Engine::Kernel(kernel), early_plaintext, peer_closed)
     }
 
@@ -165,16 +157,7 @@ impl TlsConn {
         est: ClientEstablished,
         rekey: bool,
     ) -> Result<TlsConn, OffloadError> {
-        let (secrets, kconn) = est
-            .conn
-            .dangerous_into_kernel_connection()
-            .map_err(OffloadError::Extract)?;
-        let kernel = Kernel::offload(
-            sys::borrow_fd(&socket),
-            secrets,
-            KernelConn::Client(kconn),
-            rekey,
-        )?;
+        let kernel = Kernel::take_over(sys::borrow_fd(&socket), UserConn::Client(est.conn), rekey)?;
         TlsConn::assemble(
             socket,
             Engine::Kernel(kernel),
@@ -805,17 +788,15 @@ impl TlsWriter {
             },
             Engine::Kernel(_) | Engine::Lost => return Ok(false),
         };
-        // While rustls still holds the keys, so that a refusal leaves the
-        // connection on userspace records: Linux attaches the ULP only to
-        // an ESTABLISHED socket (ENOTCONN once the client sent its FIN).
-        if let Err(e) = sys::set_ulp_tls(fd) {
+        // While rustls still holds the keys, as at the handshake
+        // (`attach_ulp`): a client that already sent its FIN keeps its
+        // connection on userspace records, and is not asked again.
+        let attached = super::attach_ulp(fd);
+        if !matches!(attached, Ok(true)) {
             if let Engine::User(u) = &mut *shared {
                 u.defer = None;
             }
-            return match e.raw_os_error() {
-                Some(libc::ENOTCONN) => Ok(false),
-                _ => Err(OffloadError::Kernel("ULP", e).into()),
-            };
+            return attached.map_err(Into::into);
         }
         let user = match std::mem::replace(&mut *shared, Engine::Lost) {
             Engine::User(u) => u,
@@ -824,16 +805,7 @@ impl TlsWriter {
                 return Ok(false);
             }
         };
-        let (secrets, kconn) = match user.conn {
-            UserConn::Server(c) => c
-                .dangerous_into_kernel_connection()
-                .map(|(s, k)| (s, KernelConn::Server(k))),
-            UserConn::Client(c) => c
-                .dangerous_into_kernel_connection()
-                .map(|(s, k)| (s, KernelConn::Client(k))),
-        }
-        .map_err(OffloadError::Extract)?;
-        *shared = Engine::Kernel(Kernel::offload(fd, secrets, kconn, rekey)?);
+        *shared = Engine::Kernel(Kernel::take_over(fd, user.conn, rekey)?);
         Ok(true)
     }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use monoio::net::TcpStream;
 
-use super::body::{BodyError, BodyScanner};
+use super::body::{BodyError, BodyScanner, Framing};
 use super::exchange::{self, Relay, UpstreamFault, Verdict};
 use super::files::{self, FileError, Plan, Resolved};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
@@ -748,7 +748,7 @@ async fn forward(
         extra.push(("Transfer-Encoding", b"chunked"));
     }
     rewrite::response(&resp, close, &extra, &mut out);
-    if let crate::proxy::http::body::Framing::Length(n) = resp.framing {
+    if let Framing::Length(n) = resp.framing {
         bulk_ahead(writer, n, ctx)?;
     }
     let mut scanner = BodyScanner::new(resp.framing);
