@@ -106,13 +106,14 @@ http {
 CONF
 }
 
-# A ktern config for $work: one shard on CPU 1, TLS on $1, an `http` route
-# to the upstream $2 keeping ${3:-64} idle backend connections, plus the
-# KTERN_RUNTIME lines in [runtime]. No [access_log]: off, as nginx's.
+# A ktern config for $work: one shard on CPU ${KTERN_CPU:-1}, TLS on $1, an
+# `http` route to the upstream $2 keeping ${3:-64} idle backend connections
+# and the lines $4 in its table, plus the KTERN_RUNTIME lines in [runtime].
+# No [access_log]: off, as nginx's.
 ktern_http_conf() {
   cat <<TOML
 [runtime]
-cpus = [1]
+cpus = [${KTERN_CPU:-1}]
 ${KTERN_RUNTIME:-}
 [[listener]]
 address = "$1"
@@ -126,5 +127,6 @@ upstream = "app"
 [upstream.app]
 backends = ["$2"]
 pool_size = ${3:-64}
+${4:-}
 TOML
 }

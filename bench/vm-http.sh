@@ -92,29 +92,10 @@ nginx_vm_conf /tmp/b > "$work/nginx-vm.conf"
 # ktern on the guest's one CPU: an `http` route to the backend. pool_size 64
 # as nginx's `keepalive 64`; pool_idle_timeout as nginx's upstream
 # keepalive_timeout (60s), so no pooled connection closes between runs.
-ktern_vm_conf() { # port ktls
-  cat <<TOML
-[runtime]
-ktls = "$2"
-cpus = [0]
-[[listener]]
-address = "127.0.0.1:$1"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "http"
-[[listener.route.rule]]
-upstream = "app"
-[upstream.app]
-backends = ["$backend"]
-pool_size = 64
-pool_idle_timeout = "60s"
-TOML
-}
-ktern_vm_conf 19441 off > "$work/ktern-off.toml"
-ktern_vm_conf 19442 auto > "$work/ktern-auto.toml"
-ktern_vm_conf 19443 required > "$work/ktern-required.toml"
+for k in off:19441 auto:19442 required:19443; do
+  KTERN_CPU=0 KTERN_RUNTIME="ktls = \"${k%%:*}\"" \
+    ktern_http_conf "127.0.0.1:${k#*:}" "$backend" 64 'pool_idle_timeout = "60s"' > "$work/ktern-${k%%:*}.toml"
+done
 for f in off auto required; do
   "$bin/ktern" check -c "$work/ktern-$f.toml" > "$work/check-$f.log" 2>&1 ||
     { echo "ktern check $f:" >&2; cat "$work/check-$f.log" >&2; exit 1; }

@@ -1219,10 +1219,8 @@ fn upstream_groups_speak_tls_to_their_backends() {
         let sockets = k.metric("ktern_ktls_offloaded_total")
             + upstream
             + back.metric("ktern_ktls_offloaded_total");
-        let now = tls_stat();
         for counter in ["TlsTxSw", "TlsRxSw"] {
-            let delta = now.get(counter).copied().unwrap_or(0)
-                - k.tls_stat_at_start.get(counter).copied().unwrap_or(0);
+            let delta = tls_stat_since(&k.tls_stat_at_start, counter);
             assert!(
                 delta >= sockets,
                 "{counter} moved by {delta}, {sockets} offloaded"
@@ -1262,11 +1260,7 @@ fn connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
     // Kernel TLS sessions set up since ktern is listening (its start-up
     // probe of the kernel's ciphers sets up some of its own before).
     let base = tls_stat();
-    let sw = || {
-        let now = tls_stat();
-        ["TlsTxSw", "TlsRxSw"]
-            .map(|c| now.get(c).copied().unwrap_or(0) - base.get(c).copied().unwrap_or(0))
-    };
+    let sw = || ["TlsTxSw", "TlsRxSw"].map(|c| tls_stat_since(&base, c));
     let small = |c: &mut Client| {
         let r = exchange(c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!((r.status, r.body.as_slice()), (200, &b"a"[..]));

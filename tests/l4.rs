@@ -865,9 +865,8 @@ fn upstream_tls_verifies_the_backend_resumes_and_offloads_both_sides() {
         let n = k.wait_metric("ktern_upstream_ktls_offloaded_total", 4);
         assert_eq!(n, 4);
         assert_eq!(k.metric("ktern_ktls_offloaded_total"), 4);
-        let now = tls_stat();
         for counter in ["TlsTxSw", "TlsRxSw"] {
-            let delta = now[counter] - k.tls_stat_at_start.get(counter).copied().unwrap_or(0);
+            let delta = tls_stat_since(&k.tls_stat_at_start, counter);
             assert!(
                 delta >= 8,
                 "{counter} moved by {delta}: both sides of 4 connections"

@@ -627,6 +627,12 @@ pub fn tls_stat() -> std::collections::HashMap<String, u64> {
         .collect()
 }
 
+/// How far `/proc/net/tls_stat`'s `counter` moved since `before` (a
+/// [`tls_stat`] snapshot).
+pub fn tls_stat_since(before: &std::collections::HashMap<String, u64>, counter: &str) -> u64 {
+    tls_stat().get(counter).copied().unwrap_or(0) - before.get(counter).copied().unwrap_or(0)
+}
+
 /// Two active health checks ran, and none failed.
 pub fn assert_health_checks_pass(k: &Ktern) {
     assert!(
@@ -665,10 +671,8 @@ pub fn assert_offloaded_in_vm(k: &Ktern) {
         let offloaded = k.wait_metric("ktern_ktls_offloaded_total", 1);
         assert!(offloaded > 0);
         assert_eq!(userspace_while_open(k), 0);
-        let now = tls_stat();
         for counter in ["TlsTxSw", "TlsRxSw"] {
-            let delta = now.get(counter).copied().unwrap_or(0)
-                - k.tls_stat_at_start.get(counter).copied().unwrap_or(0);
+            let delta = tls_stat_since(&k.tls_stat_at_start, counter);
             assert!(
                 delta >= offloaded,
                 "/proc/net/tls_stat {counter} moved by {delta} since ktern started; it says it offloaded {offloaded}"
