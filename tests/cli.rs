@@ -342,15 +342,17 @@ fn ktern_load_reports_json_with_the_same_fields() {
             .unwrap();
         String::from_utf8(out.stdout).unwrap()
     };
-    // The backend may take a moment to listen: the first run retries.
-    let mut text = String::new();
-    for _ in 0..50 {
-        text = run(true);
-        if text.contains("\"handshakes\":2") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    // Runs only once the backend listens: connections refused before that
+    // count as failed handshakes (a retry loop on the output raced it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let text = run(true);
     let v: serde_json::Value = serde_json::from_str(text.trim()).expect(&text);
     assert!(v["handshakes"].as_u64().unwrap() >= 20, "{v}");
     assert_eq!(v["failed"].as_u64(), Some(0), "{v}");
