@@ -14,6 +14,8 @@ apt_install() {
     { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends "$@"; }
 }
 command -v h2load >/dev/null || apt_install nghttp2-client
+# strace: tests/http.rs counts the syscalls of a keep-alive request with it.
+command -v strace >/dev/null || apt_install strace
 # nginx: the PROXY-protocol backend of tests/proxy_protocol.rs.
 [ -x /usr/sbin/nginx ] || apt_install nginx
 python3 -c 'import h2' 2>/dev/null ||
