@@ -1403,11 +1403,15 @@ fn a_keep_alive_request_costs_a_bounded_number_of_syscalls() {
     k.wait_exit(Duration::from_secs(10))
         .expect("strace exits with ktern");
     let mut calls = std::collections::BTreeMap::<String, u64>::new();
-    for line in std::fs::read_to_string(&trace).unwrap().lines() {
-        // "<tid> <secs.micros> <name>(..." ; a call split by another
-        // thread's shows again as "<... name resumed>": count it once.
-        let mut f = line.splitn(3, ' ');
-        let (Some(_), Some(t), Some(rest)) = (f.next(), f.next(), f.next()) else {
+    let text = std::fs::read_to_string(&trace).unwrap();
+    for line in text.lines() {
+        // "<tid> <secs.micros> <name>(..." (strace pads the tid when tids
+        // differ in length); a call split by another thread's shows again
+        // as "<... name resumed>": count it once.
+        let Some((_, after_tid)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((t, rest)) = after_tid.trim_start().split_once(' ') else {
             continue;
         };
         let Ok(t) = t.parse::<f64>() else { continue };
@@ -1435,10 +1439,11 @@ fn a_keep_alive_request_costs_a_bounded_number_of_syscalls() {
     // (kept: nginx instead watches idle upstream connections for reads, and
     // the check is what keeps a backend's stray bytes from being read as the
     // next client's response). The slack is for the control thread's timer
-    // (`poll` every 200 ms), independent of the request count.
+    // (`poll` every 200 ms) and the window's edges (a wait already under
+    // way when it opens), independent of the request count.
     let enters = calls.get("io_uring_enter").copied().unwrap_or(0);
     assert!(
-        enters <= 4 * requests && total <= 6 * requests + 25,
+        enters <= 4 * requests + 5 && total <= 6 * requests + 25,
         "{per_request:.2} syscalls per request, {enters} io_uring_enter: {calls:?}"
     );
     assert!(
