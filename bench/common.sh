@@ -28,19 +28,19 @@ trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
 openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
 openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-  -days 2 -out "$work/cert.pem" 2>/dev/null
+  -days 90 -out "$work/cert.pem" 2>/dev/null
 
 # A TLS backend's certificate for localhost, issued by a CA of its own:
 # $work/backend.pem and backend.key, trusted through $work/ca.pem (WebPKI
 # refuses a self-signed CA certificate such as cert.pem as a server's).
 ca_issued_cert() {
   openssl ecparam -name prime256v1 -genkey -noout -out "$work/ca.key"
-  openssl req -x509 -new -key "$work/ca.key" -subj /CN=bench-ca -days 2 -out "$work/ca.pem" 2>/dev/null
+  openssl req -x509 -new -key "$work/ca.key" -subj /CN=bench-ca -days 90 -out "$work/ca.pem" 2>/dev/null
   openssl ecparam -name prime256v1 -genkey -noout -out "$work/backend.key"
   openssl req -new -key "$work/backend.key" -subj /CN=localhost -out "$work/backend.csr" 2>/dev/null
   printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$work/backend.ext"
   openssl x509 -req -in "$work/backend.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
-    -days 2 -extfile "$work/backend.ext" -out "$work/backend.pem" 2>/dev/null
+    -days 90 -extfile "$work/backend.ext" -out "$work/backend.pem" 2>/dev/null
 }
 
 # "utime stime" (clock ticks) summed over the given pids, all threads.
@@ -129,4 +129,53 @@ backends = ["$2"]
 pool_size = ${3:-64}
 ${4:-}
 TOML
+}
+
+# HAProxy (Debian's package) for the side-by-side runs: installed if
+# missing; `haproxy_conf MODE` prints a config head (one thread on CPU 1, as
+# nginx's one worker; `mode MODE`; long timeouts) and `haproxy_start`
+# runs $work/haproxy.cfg in the foreground on CPU 1 (pid in $haproxy_pid).
+# HAProxy reads the certificate and key from one file: $work/haproxy.pem.
+haproxy_conf() {
+  dpkg-query -W -f='${Status}' haproxy 2>/dev/null | grep -q "ok installed" ||
+    apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+  cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
+  # Two fds per proxied connection, within the hard limit (HAProxy
+  # refuses to start if it cannot raise its own to fit maxconn).
+  local maxconn=$(( $(ulimit -Hn) / 2 - 100 ))
+  cat <<CONF
+global
+  nbthread 1
+  cpu-map 1/1 1
+  maxconn $maxconn
+  ssl-default-bind-options ssl-min-ver TLSv1.3
+  tune.ssl.cachesize 100000
+defaults
+  mode $1
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+  maxconn $maxconn
+CONF
+}
+haproxy_start() {
+  taskset -c 1 haproxy -f "$work/haproxy.cfg" -db > "$work/haproxy.log" 2>&1 & pids+=($!)
+  haproxy_pid=$!
+}
+
+# With `--json FILE`, a script writes its results (the `res` array: keys
+# like ktern.peak.cpu) as one JSON object, for bench/run.sh.
+res_json() {
+  [ -n "${1:-}" ] || return 0
+  for k in "${!res[@]}"; do printf '%s\t%s\n' "$k" "${res[$k]}"; done | python3 -c '
+import json, sys
+out = {}
+for line in sys.stdin:
+    k, v = line.rstrip("\n").split("\t")
+    try:
+        out[k] = float(v)
+    except ValueError:
+        out[k] = v
+json.dump(out, open(sys.argv[1], "w"), indent=1, sort_keys=True)' "$1"
 }

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Side-by-side HTTP/2 benchmark: ktern's `http` route vs nginx (`listen ...
-# ssl http2`, proxy_pass to a keep-alive upstream), each pinned to CPU 1 and
+# ssl http2`, proxy_pass to a keep-alive upstream) and HAProxy (`alpn h2`,
+# `http-reuse always`), each pinned to CPU 1 and
 # loaded from CPU 0 by the same client: h2load -c 50 -m 10 (TLS 1.3, ALPN
 # h2), 1 KiB responses from the same HTTP/1.1 backend (ktern-load backend).
 # Reports server CPU per request and peak requests/s (closed loop), p99 in
 # an open-loop run at half of nginx's peak (h2load --rps per client), and
 # the memory one idle HTTP/2 connection costs each server. Bounded in count
-# and time. Usage: bench/compare-h2.sh [--seconds 10] [--conns 50] [--idle 500]
+# and time. Usage: bench/compare-h2.sh [--seconds 10] [--conns 50] [--idle 500] [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=10 conns=50 idle=500
+seconds=10 conns=50 idle=500 json=
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
     --idle) idle=$2; shift 2 ;;
+    --json) json=$(realpath "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -34,14 +36,25 @@ body=1024
 # open and close hundreds of backend connections per second (with 64, about
 # 20% of ktern's CPU went to connect()'s port search past TIME_WAITs).
 pool=512
-backend=127.0.0.1:19013 ktern_addr=127.0.0.1:19455 nginx_addr=127.0.0.1:19555
+backend=127.0.0.1:19013 ktern_addr=127.0.0.1:19455 nginx_addr=127.0.0.1:19555 haproxy_addr=127.0.0.1:19655
 taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
 ktern_http_conf "$ktern_addr" "$backend" "$pool" > "$work/ktern.toml"
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 nginx_conf "$nginx_addr ssl http2" "$backend" "$pool" > "$work/nginx.conf"
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
-wait_listening "$ktern_addr" "$nginx_addr" "$backend"
+{ haproxy_conf http
+  cat <<CONF
+frontend fe
+  bind $haproxy_addr ssl crt $work/haproxy.pem alpn h2,http/1.1
+  default_backend be
+backend be
+  http-reuse always
+  server s1 $backend pool-max-conn $pool
+CONF
+} > "$work/haproxy.cfg"
+haproxy_start
+wait_listening "$ktern_addr" "$nginx_addr" "$haproxy_addr" "$backend"
 nginx_master=$(cat "$work/nginx.pid")
 nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }
 
@@ -89,36 +102,38 @@ idle_cost() { # addr pid
 res[ktern.idle]=$(idle_cost "$ktern_addr" "$ktern_pid")
 nginx_worker=$(pgrep -P "$nginx_master" | head -1)
 res[nginx.idle]=$(idle_cost "$nginx_addr" "$nginx_worker")
+res[haproxy.idle]=$(idle_cost "$haproxy_addr" "$haproxy_pid")
 
 echo "ktern: $(grep -m1 -o 'kTLS[^;]*' "$work/ktern.log" || echo 'kTLS in use')"
 measure ktern "$ktern_addr" peak 0 "$ktern_pid"
 # shellcheck disable=SC2046
 measure nginx "$nginx_addr" peak 0 $(nginx_pids)
+measure haproxy "$haproxy_addr" peak 0 "$haproxy_pid"
 half=$(python3 -c "print(f'{${res[nginx.peak.rps]}/2:.0f}')")
 echo "open loop at half of nginx's peak: $half requests/s"
 measure ktern "$ktern_addr" half "$half" "$ktern_pid"
 # shellcheck disable=SC2046
 measure nginx "$nginx_addr" half "$half" $(nginx_pids)
+measure haproxy "$haproxy_addr" half "$half" "$haproxy_pid"
+res[half.rate]=$half
 
-python3 - "$half" "${res[ktern.peak.cpu]}" "${res[nginx.peak.cpu]}" "${res[ktern.peak.rps]}" "${res[nginx.peak.rps]}" \
-  "${res[ktern.half.p99]}" "${res[nginx.half.p99]}" "${res[ktern.half.cpu]}" "${res[nginx.half.cpu]}" \
-  "${res[ktern.peak.user]}" "${res[nginx.peak.user]}" "${res[ktern.peak.sys]}" "${res[nginx.peak.sys]}" \
-  "${res[ktern.idle]}" "${res[nginx.idle]}" <<'PY'
+res_json "$json"
+args=()
+for m in peak.cpu peak.user peak.sys peak.rps half.p99 half.cpu idle; do
+  args+=("${res[ktern.$m]}" "${res[nginx.$m]}" "${res[haproxy.$m]}")
+done
+python3 - "$half" "${args[@]}" <<'PY'
 import sys
 half = sys.argv[1]
-(k_cpu, n_cpu, k_rps, n_rps, k_p99, n_p99, k_hcpu, n_hcpu, k_u, n_u, k_s, n_s,
- k_idle, n_idle) = map(float, sys.argv[2:])
+v = list(map(float, sys.argv[2:]))
+rows = [v[i:i + 3] for i in range(0, len(v), 3)]
+labels = [("server CPU per request, peak (us)", "<= 0.8", 2), ("  of which user (us)", "(info)", 2),
+          ("  of which kernel (us)", "(info)", 2), ("peak requests/s (closed loop)", "", 0),
+          (f"p99 at {half}/s, half nginx peak (us)", "ktern <= nginx", 0),
+          (f"server CPU per request at {half}/s (us)", "(info)", 2),
+          ("memory per idle h2 connection (bytes)", "ktern <= nginx", 0)]
 r = lambda a, b: a / b if b else float("nan")
-rows = [
-    ("server CPU per request, peak (us)", k_cpu, n_cpu, "<= 0.8", 2),
-    ("  of which user (us)", k_u, n_u, "(info)", 2),
-    ("  of which kernel (us)", k_s, n_s, "(info)", 2),
-    ("peak requests/s (closed loop)", k_rps, n_rps, "", 0),
-    (f"p99 at {half}/s, half nginx peak (us)", k_p99, n_p99, "ktern <= nginx", 0),
-    (f"server CPU per request at {half}/s (us)", k_hcpu, n_hcpu, "(info)", 2),
-    ("memory per idle h2 connection (bytes)", k_idle, n_idle, "ktern <= nginx", 0),
-]
-print(f"\n{'metric':44} {'ktern':>10} {'nginx':>10} {'ktern/nginx':>12}  target")
-for name, k, n, t, d in rows:
-    print(f"{name:44} {k:10.{d}f} {n:10.{d}f} {r(k, n):12.2f}  {t}")
+print(f"\n{'metric':44} {'ktern':>10} {'nginx':>10} {'haproxy':>10} {'ktern/nginx':>12} {'ktern/haproxy':>14}  target (ktern/nginx)")
+for (name, t, d), (k, n, h) in zip(labels, rows):
+    print(f"{name:44} {k:10.{d}f} {n:10.{d}f} {h:10.{d}f} {r(k, n):12.2f} {r(k, h):14.2f}  {t}")
 PY

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Side-by-side keep-alive HTTP benchmark: ktern's `http` route vs nginx
-# (Debian's package, http module, `proxy_pass` to a keep-alive upstream), each
+# (Debian's package, http module, `proxy_pass` to a keep-alive upstream) and
+# HAProxy (Debian's, mode http, `http-reuse always`), each
 # pinned to CPU 1 and loaded from CPU 0 by the same client (ktern-load http,
 # TLS 1.3, X25519, `--conns` keep-alive connections). Both proxy to the same
 # HTTP/1.1 backend (ktern-load backend --kind http), 1 KiB response bodies.
 # Reports server CPU per request and peak requests/s (closed loop), and p99
 # latency in an open-loop run at half of nginx's peak rate, with ratios.
 # Every load is bounded in count and time. Usage:
-#   bench/compare-http.sh [--seconds 10] [--conns 50]
+#   bench/compare-http.sh [--seconds 10] [--conns 50] [--json FILE]
 # KTERN_RUNTIME adds lines to ktern's [runtime] section (for example
 # 'uring_taskrun = "off"', to compare io_uring setups).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=10 conns=50
+seconds=10 conns=50 json=
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
+    --json) json=$(realpath "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -29,7 +31,7 @@ bench_name=bench-http
 . bench/common.sh
 
 body=1024
-backend=127.0.0.1:19003 ktern_addr=127.0.0.1:19445 nginx_addr=127.0.0.1:19545
+backend=127.0.0.1:19003 ktern_addr=127.0.0.1:19445 nginx_addr=127.0.0.1:19545 haproxy_addr=127.0.0.1:19645
 taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
 
 ktern_http_conf "$ktern_addr" "$backend" 64 > "$work/ktern.toml"
@@ -43,7 +45,22 @@ ktern_pid=$!
 nginx_conf "$nginx_addr ssl" "$backend" > "$work/nginx.conf"
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
 
-wait_listening "$ktern_addr" "$nginx_addr" "$backend"
+# HAProxy keeps up to 64 idle backend connections too, and shares them
+# between client connections (`http-reuse always`, as ktern's pool and
+# nginx's upstream keepalive do).
+{ haproxy_conf http
+  cat <<CONF
+frontend fe
+  bind $haproxy_addr ssl crt $work/haproxy.pem
+  default_backend be
+backend be
+  http-reuse always
+  server s1 $backend pool-max-conn 64
+CONF
+} > "$work/haproxy.cfg"
+haproxy_start
+
+wait_listening "$ktern_addr" "$nginx_addr" "$haproxy_addr" "$backend"
 nginx_master=$(cat "$work/nginx.pid")
 nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }
 
@@ -79,33 +96,37 @@ measure ktern "$ktern_addr" peak 0 "$ktern_pid"
 load --addr "$nginx_addr" --seconds 1 > /dev/null
 # shellcheck disable=SC2046
 measure nginx "$nginx_addr" peak 0 $(nginx_pids)
+load --addr "$haproxy_addr" --seconds 1 > /dev/null
+measure haproxy "$haproxy_addr" peak 0 "$haproxy_pid"
 
 half=$(python3 -c "print(f'{${res[nginx.peak.rps]}/2:.0f}')")
 echo "open loop at half of nginx's peak: $half requests/s"
 measure ktern "$ktern_addr" half "$half" "$ktern_pid"
 # shellcheck disable=SC2046
 measure nginx "$nginx_addr" half "$half" $(nginx_pids)
+measure haproxy "$haproxy_addr" half "$half" "$haproxy_pid"
+res[half.rate]=$half
 
 [ -s "$work/nginx-error.log" ] && { echo "nginx error log:"; tail -5 "$work/nginx-error.log"; }
 sed 's/\x1b\[[0-9;]*m//g' "$work/ktern.log" | grep -E 'WARN|ERROR' | grep -v 'kTLS unavailable' | tail -5 |
   sed 's/^/ktern log: /' || true
 
-python3 - "$half" "${res[ktern.peak.cpu]}" "${res[nginx.peak.cpu]}" "${res[ktern.peak.rps]}" "${res[nginx.peak.rps]}" \
-  "${res[ktern.half.p99]}" "${res[nginx.half.p99]}" "${res[ktern.half.cpu]}" "${res[nginx.half.cpu]}" \
-  "${res[ktern.peak.user]}" "${res[nginx.peak.user]}" "${res[ktern.peak.sys]}" "${res[nginx.peak.sys]}" <<'PY'
+res_json "$json"
+args=()
+for m in peak.cpu peak.user peak.sys peak.rps half.p99 half.cpu; do
+  args+=("${res[ktern.$m]}" "${res[nginx.$m]}" "${res[haproxy.$m]}")
+done
+python3 - "$half" "${args[@]}" <<'PY'
 import sys
 half = sys.argv[1]
-k_cpu, n_cpu, k_rps, n_rps, k_p99, n_p99, k_hcpu, n_hcpu, k_u, n_u, k_s, n_s = map(float, sys.argv[2:])
+v = list(map(float, sys.argv[2:]))
+rows = [v[i:i + 3] for i in range(0, len(v), 3)]
+labels = [("server CPU per request, peak (us)", "<= 0.75", 2), ("  of which user (us)", "<= 0.5", 2),
+          ("  of which kernel (us)", "<= 0.9", 2), ("peak requests/s (closed loop)", "", 0),
+          (f"p99 at {half}/s, half nginx peak (us)", "ktern <= nginx", 0),
+          (f"server CPU per request at {half}/s (us)", "(info)", 2)]
 r = lambda a, b: a / b if b else float("nan")
-rows = [
-    ("server CPU per request, peak (us)", k_cpu, n_cpu, r(k_cpu, n_cpu), "<= 0.6", 2),
-    ("  of which user (us)", k_u, n_u, r(k_u, n_u), "(info)", 2),
-    ("  of which kernel (us)", k_s, n_s, r(k_s, n_s), "(info)", 2),
-    ("peak requests/s (closed loop)", k_rps, n_rps, r(k_rps, n_rps), "", 0),
-    (f"p99 at {half}/s, half nginx peak (us)", k_p99, n_p99, r(k_p99, n_p99), "ktern <= nginx", 0),
-    (f"server CPU per request at {half}/s (us)", k_hcpu, n_hcpu, r(k_hcpu, n_hcpu), "(info)", 2),
-]
-print(f"\n{'metric':44} {'ktern':>10} {'nginx':>10} {'ktern/nginx':>12}  target")
-for name, k, n, ratio, t, d in rows:
-    print(f"{name:44} {k:10.{d}f} {n:10.{d}f} {ratio:12.2f}  {t}")
+print(f"\n{'metric':44} {'ktern':>10} {'nginx':>10} {'haproxy':>10} {'ktern/nginx':>12} {'ktern/haproxy':>14}  target (ktern/nginx)")
+for (name, t, d), (k, n, h) in zip(labels, rows):
+    print(f"{name:44} {k:10.{d}f} {n:10.{d}f} {h:10.{d}f} {r(k, n):12.2f} {r(k, h):14.2f}  {t}")
 PY

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: ktern vs nginx (Debian's package, stream module),
-# each pinned to CPU 1 and loaded from CPU 0 by the same client (ktern-load).
+# Side-by-side benchmark: ktern vs nginx (Debian's package, stream module)
+# and HAProxy (Debian's, mode tcp), each pinned to CPU 1 and loaded from CPU
+# 0 by the same client (ktern-load).
 # Reports server CPU per full and per resumed TLS 1.3 handshake (ECDSA P-256,
 # X25519), RSS per idle TLS connection, and L4 bulk transfer per CPU-second,
 # with ratios.
 # Every load is bounded in count and time. Usage:
-#   bench/compare.sh [--seconds 10] [--idle 10000] [--downloads 8]
+#   bench/compare.sh [--seconds 10] [--idle 10000] [--downloads 8] [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=10 idle=10000 downloads=8
+seconds=10 idle=10000 downloads=8 json=
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --idle) idle=$2; shift 2 ;;
     --downloads) downloads=$2; shift 2 ;;
+    --json) json=$(realpath "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -24,17 +26,7 @@ for p in nginx libnginx-mod-stream openssl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
     apt-get install -y -qq --no-install-recommends "$p" >/dev/null
 done
-cargo build --release --quiet --bins
-bin=$PWD/target/release
-work=$(mktemp -d /tmp/ktern-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; }
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)"
-
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem"
-openssl req -x509 -new -key "$work/key.pem" -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-  -days 2 -out "$work/cert.pem" 2>/dev/null
+. bench/common.sh
 
 bytes=$((64 << 20))
 taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19001 --kind echo --seconds 3600 & pids+=($!)
@@ -84,12 +76,28 @@ stream {
 }
 CONF
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
-sleep 1
+
+{ haproxy_conf tcp
+  cat <<CONF
+frontend hs
+  bind 127.0.0.1:19643 ssl crt $work/haproxy.pem
+  default_backend echo
+backend echo
+  server e 127.0.0.1:19001
+frontend l4
+  bind 127.0.0.1:19644 ssl crt $work/haproxy.pem
+  default_backend source
+backend source
+  server s 127.0.0.1:19002
+CONF
+} > "$work/haproxy.cfg"
+haproxy_start
+wait_listening 127.0.0.1:19443 127.0.0.1:19543 127.0.0.1:19643 127.0.0.1:19001 127.0.0.1:19002
 nginx_pids() { pgrep -f "nginx: (master|worker) process.*" | tr '\n' ' '; }
 nginx_workers() { pgrep -f "nginx: worker process" | tr '\n' ' '; }
 
 # utime + stime (clock ticks) summed over the given pids, all threads.
-ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+cpu_ticks() { local u s; read -r u s <<<"$(ticks "$@")"; echo $((u + s)); }
 rss_kib() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $t; }
 hz=$(getconf CLK_TCK)
 
@@ -100,9 +108,9 @@ run_server() { # name port_echo port_source pids...
   # Warm up (page faults, first allocations).
   taskset -c 0 "$bin/ktern-load" handshakes --addr "127.0.0.1:$pe" --threads 2 --seconds 1 > /dev/null
   local t0 t1 out n
-  t0=$(ticks "${pids_[@]}")
+  t0=$(cpu_ticks "${pids_[@]}")
   out=$(taskset -c 0 "$bin/ktern-load" handshakes --addr "127.0.0.1:$pe" --threads 4 --seconds "$seconds")
-  t1=$(ticks "${pids_[@]}")
+  t1=$(cpu_ticks "${pids_[@]}")
   n=$(sed -E 's/.*handshakes=([0-9]+).*/\1/' <<<"$out")
   res[$name.hs]=$(python3 -c "print(f'{($t1-$t0)/$hz/$n*1e6:.1f}')")
   echo "$name handshakes: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.hs]} us/handshake"
@@ -111,9 +119,9 @@ run_server() { # name port_echo port_source pids...
   # do): each client thread's first handshake is full, every other one
   # resumes (the output's resumed= says how many did).
   taskset -c 0 "$bin/ktern-load" handshakes --resume --addr "127.0.0.1:$pe" --threads 2 --seconds 1 > /dev/null
-  t0=$(ticks "${pids_[@]}")
+  t0=$(cpu_ticks "${pids_[@]}")
   out=$(taskset -c 0 "$bin/ktern-load" handshakes --resume --addr "127.0.0.1:$pe" --threads 4 --seconds "$seconds")
-  t1=$(ticks "${pids_[@]}")
+  t1=$(cpu_ticks "${pids_[@]}")
   n=$(sed -E 's/.*handshakes=([0-9]+).*/\1/' <<<"$out")
   res[$name.rs]=$(python3 -c "print(f'{($t1-$t0)/$hz/$n*1e6:.1f}')")
   echo "$name resumed handshakes: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.rs]} us/handshake"
@@ -130,9 +138,9 @@ run_server() { # name port_echo port_source pids...
   res[$name.rss]=$(python3 -c "print(f'{($r1-$r0)/$opened:.2f}')")
   echo "$name idle: $opened connections, RSS $r0 -> $r1 KiB -> ${res[$name.rss]} KiB/connection"
 
-  t0=$(ticks "${pids_[@]}")
+  t0=$(cpu_ticks "${pids_[@]}")
   out=$(taskset -c 0 "$bin/ktern-load" download --addr "127.0.0.1:$ps" --times "$downloads" --bytes $bytes)
-  t1=$(ticks "${pids_[@]}")
+  t1=$(cpu_ticks "${pids_[@]}")
   res[$name.l4]=$(python3 -c "print(f'{$bytes*$downloads/1e6/max(($t1-$t0)/$hz,1e-9):.0f}')")
   echo "$name L4 64 MiB x$downloads: $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[$name.l4]} MB per CPU-second"
 }
@@ -141,31 +149,33 @@ echo "ktern: $(grep -m1 -o 'kTLS[^;]*' "$work/ktern.log" || echo 'see log')"
 run_server ktern 19443 19444 "$ktern_pid"
 # shellcheck disable=SC2046
 run_server nginx 19543 19544 $(nginx_pids)
+run_server haproxy 19643 19644 "$haproxy_pid"
 
 # The floor, in the same run: nginx proxying the same connection and byte
 # over plain TCP (accept, backend connect, one byte each way, two closes).
 # shellcheck disable=SC2046
-t0=$(ticks $(nginx_pids))
+t0=$(cpu_ticks $(nginx_pids))
 out=$(taskset -c 0 "$bin/ktern-load" handshakes --plain --addr 127.0.0.1:19545 --threads 4 --seconds "$seconds")
 # shellcheck disable=SC2046
-t1=$(ticks $(nginx_pids))
+t1=$(cpu_ticks $(nginx_pids))
 n=$(sed -E 's/.*handshakes=([0-9]+).*/\1/' <<<"$out")
 res[floor]=$(python3 -c "print(f'{($t1-$t0)/$hz/$n*1e6:.1f}')")
 echo "floor (nginx, plain TCP): $out; server cpu $(( (t1-t0) * 1000 / hz )) ms -> ${res[floor]} us/connection"
 
-python3 - "${res[ktern.hs]}" "${res[nginx.hs]}" "${res[ktern.rss]}" "${res[nginx.rss]}" "${res[ktern.l4]}" "${res[nginx.l4]}" "${res[ktern.rs]}" "${res[nginx.rs]}" "${res[floor]}" <<'PY'
+res_json "$json"
+python3 - "${res[floor]}" "${res[ktern.hs]}" "${res[nginx.hs]}" "${res[haproxy.hs]}" "${res[ktern.rs]}" "${res[nginx.rs]}" "${res[haproxy.rs]}" \
+  "${res[ktern.rss]}" "${res[nginx.rss]}" "${res[haproxy.rss]}" "${res[ktern.l4]}" "${res[nginx.l4]}" "${res[haproxy.l4]}" <<'PY'
 import sys
-k_hs, n_hs, k_rss, n_rss, k_l4, n_l4, k_rs, n_rs, floor = map(float, sys.argv[1:])
-rows = [
-    ("server CPU per TLS 1.3 handshake (us)", k_hs, n_hs, k_hs / n_hs, "<= 0.6"),
-    ("server CPU per resumed handshake (us)", k_rs, n_rs, k_rs / n_rs, "<= 0.5"),
-    ("RSS per idle TLS connection (KiB)", k_rss, n_rss, k_rss / n_rss if n_rss else float("nan"), "ktern <= 10 (userspace), <= 4 (kTLS)"),
-    ("L4 64 MiB: MB per server CPU-second", k_l4, n_l4, k_l4 / n_l4, ">= 1.0"),
-]
-print(f"\n{'metric':40} {'ktern':>10} {'nginx':>10} {'ktern/nginx':>12}  target")
-for name, k, n, r, t in rows:
-    print(f"{name:40} {k:10.2f} {n:10.2f} {r:12.2f}  {t}")
+v = list(map(float, sys.argv[1:]))
+floor, rows = v[0], [v[i:i + 3] for i in range(1, len(v), 3)]
+names = ["server CPU per TLS 1.3 handshake (us)", "server CPU per resumed handshake (us)",
+         "RSS per idle TLS connection (KiB)", "L4 64 MiB: MB per server CPU-second"]
+targets = ["<= 0.45", "<= 0.5", "ktern <= 10 (userspace), <= 4 (kTLS)", ">= 1.0"]
+r = lambda a, b: a / b if b else float("nan")
+print(f"\n{'metric':40} {'ktern':>10} {'nginx':>10} {'haproxy':>10} {'ktern/nginx':>12} {'ktern/haproxy':>14}  target (ktern/nginx)")
+for name, (k, n, h), t in zip(names, rows, targets):
+    print(f"{name:40} {k:10.2f} {n:10.2f} {h:10.2f} {r(k, n):12.2f} {r(k, h):14.2f}  {t}")
 print(f"\nfloor: a plain-TCP proxied connection costs nginx {floor:.1f} us; as multiples of it:")
-for name, k, n in [("full handshake", k_hs, n_hs), ("resumed handshake", k_rs, n_rs)]:
-    print(f"  {name:20} ktern {k / floor:5.2f}x   nginx {n / floor:5.2f}x")
+for name, (k, n, h) in zip(["full handshake", "resumed handshake"], rows):
+    print(f"  {name:20} ktern {k / floor:5.2f}x   nginx {n / floor:5.2f}x   haproxy {h / floor:5.2f}x")
 PY

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Side-by-side static files over TLS: ktern's `static` rule vs nginx's
+# `root` (Debian's package), each pinned to CPU 1 and loaded from CPU 0 by
+# the same client (ktern-load http, TLS 1.3, AES-128-GCM as browsers
+# prefer). Reports server CPU-seconds per GB for 1 MiB and 64 MiB files, and
+# the AES-128-GCM floor of this CPU (`openssl speed`, one core), so every
+# figure also reads as a multiple of the record crypto alone. HAProxy serves
+# no files, so it has no column here. On a kernel without kTLS both servers
+# seal records in userspace. Bounded in count and time. Usage:
+#   bench/compare-files.sh [--small 200] [--large 6] [--json FILE]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+small=200 large=6 json=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --small) small=$2; shift 2 ;;
+    --large) large=$2; shift 2 ;;
+    --json) json=$(realpath "$2"); shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (server on 1, client on 0)" >&2; exit 1; }
+dpkg-query -W -f='${Status}' nginx 2>/dev/null | grep -q "ok installed" ||
+  apt-get install -y -qq --no-install-recommends nginx >/dev/null
+bench_name=bench-files
+. bench/common.sh
+
+# nginx's workers run as www-data: the files must be readable by it.
+chmod 755 "$work"
+mkdir -p "$work/www/files"
+head -c $((1 << 20)) /dev/urandom > "$work/www/files/1m.bin"
+head -c $((64 << 20)) /dev/urandom > "$work/www/files/64m.bin"
+chmod -R a+rX "$work/www"
+
+ktern_addr=127.0.0.1:19446 nginx_addr=127.0.0.1:19546
+cat > "$work/ktern.toml" <<TOML
+[runtime]
+cpus = [1]
+${KTERN_RUNTIME:-}
+[[listener]]
+address = "$ktern_addr"
+[[listener.certificate]]
+cert = "cert.pem"
+key = "key.pem"
+[listener.route]
+kind = "http"
+[[listener.route.rule]]
+path = "/files/"
+static = "$work/www"
+TOML
+RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
+ktern_pid=$!
+
+mkdir -p "$work/tmp"
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+worker_cpu_affinity 10;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/tmp/body;
+  proxy_temp_path $work/tmp/proxy;
+  fastcgi_temp_path $work/tmp/fastcgi;
+  uwsgi_temp_path $work/tmp/uwsgi;
+  scgi_temp_path $work/tmp/scgi;
+  keepalive_requests 1000000;
+  sendfile on;
+  server {
+    listen $nginx_addr ssl;
+    ssl_certificate $work/cert.pem;
+    ssl_certificate_key $work/key.pem;
+    ssl_protocols TLSv1.3;
+    location /files/ { root $work/www; }
+  }
+}
+CONF
+taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
+wait_listening "$ktern_addr" "$nginx_addr"
+nginx_master=$(cat "$work/nginx.pid")
+nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }
+hz=$(getconf CLK_TCK)
+field() { sed -nE "s/.*(^| )$1=([0-9.]+).*/\2/p" <<<"$2"; }
+
+declare -A res
+measure() { # name addr file bytes count pids...
+  local name=$1 addr=$2 file=$3 bytes=$4 count=$5; shift 5
+  local u0 s0 u1 s1 out n e
+  # Warm-up: the page cache and the first allocations.
+  taskset -c 0 "$bin/ktern-load" http --addr "$addr" --conns 1 --seconds 30 --max 2 --path "/files/$file" \
+    --body-bytes "$bytes" > /dev/null
+  read -r u0 s0 <<<"$(ticks "$@")"
+  out=$(timeout -k 5 300 taskset -c 0 "$bin/ktern-load" http --addr "$addr" --conns 2 --seconds 240 --max "$count" \
+    --path "/files/$file" --body-bytes "$bytes")
+  read -r u1 s1 <<<"$(ticks "$@")"
+  n=$(field requests "$out") e=$(field errors "$out")
+  res[$name.$file]=$(python3 -c "print(f'{($u1+$s1-$u0-$s0)/$hz/max($n*$bytes/1e9,1e-12):.3f}')")
+  echo "$name /files/$file: $out; server cpu $(( (u1+s1-u0-s0) * 1000 / hz )) ms -> ${res[$name.$file]} s/GB"
+  [ "$e" = 0 ] || echo "  WARNING: $name $file had $e errors"
+}
+
+echo "ktern: $(grep -m1 -o 'kTLS[^;]*' "$work/ktern.log" || echo 'kTLS in use')"
+for f in "1m.bin $((1 << 20)) $small" "64m.bin $((64 << 20)) $large"; do
+  read -r file bytes count <<<"$f"
+  measure ktern "$ktern_addr" "$file" "$bytes" "$count" "$ktern_pid"
+  # shellcheck disable=SC2046
+  measure nginx "$nginx_addr" "$file" "$bytes" "$count" $(nginx_pids)
+done
+
+# The floor: AES-128-GCM over 16 KiB records on one core (a TLS record's
+# size), in seconds per GB.
+res[floor]=$(taskset -c 1 openssl speed -seconds 2 -bytes 16384 -evp aes-128-gcm 2>/dev/null |
+  awk 'tolower($1) == "aes-128-gcm" {v=$NF; sub(/k$/, "", v); printf "%.3f", 1e9 / (v * 1000)}')
+echo "floor: AES-128-GCM alone on one core: ${res[floor]} s/GB"
+res_json "$json"
+python3 - "${res[floor]}" "${res[ktern.1m.bin]}" "${res[nginx.1m.bin]}" "${res[ktern.64m.bin]}" "${res[nginx.64m.bin]}" <<'PY'
+import sys
+floor, k1, n1, k64, n64 = map(float, sys.argv[1:])
+print(f"\n{'server CPU-seconds per GB':32} {'ktern':>8} {'nginx':>8} {'ktern/nginx':>12} {'ktern/floor':>12} {'nginx/floor':>12}  target")
+for name, k, n in [("1 MiB files", k1, n1), ("64 MiB files", k64, n64)]:
+    print(f"{name:32} {k:8.3f} {n:8.3f} {k / n:12.2f} {k / floor:12.2f} {n / floor:12.2f}  <= 0.55 nginx, <= 2.5 floor")
+print(f"floor (AES-128-GCM, one core): {floor:.3f} s/GB")
+PY
