@@ -65,11 +65,10 @@ wait_listening() {
   done
 }
 
-# An nginx config for $work: one worker on CPU 1, TLS 1.3 on `listen $1`,
-# proxy_pass to the keep-alive upstream $2 keeping ${3:-64} idle
-# connections, no access log; keep-alive request limits lifted so neither
-# server does handshakes mid-run.
-nginx_conf() {
+# The start of an nginx config for $work: one worker on CPU 1, no access
+# log, temp files under $work, keep-alive request limits lifted so no
+# client has to reconnect mid-run. The caller closes the http block.
+nginx_head() {
   mkdir -p "$work/tmp"
   cat <<CONF
 worker_processes 1;
@@ -85,6 +84,16 @@ http {
   uwsgi_temp_path $work/tmp/uwsgi;
   scgi_temp_path $work/tmp/scgi;
   keepalive_requests 1000000;
+CONF
+}
+
+# An nginx config for $work (nginx_head): TLS 1.3 on `listen $1`,
+# proxy_pass to the keep-alive upstream $2 keeping ${3:-64} idle
+# connections; upstream keep-alive request limits lifted too, so neither
+# server does handshakes mid-run.
+nginx_conf() {
+  nginx_head
+  cat <<CONF
   upstream b {
     server $2;
     keepalive ${3:-64};
