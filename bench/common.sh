@@ -117,7 +117,8 @@ CONF
 
 # A ktern config for $work: one shard on CPU ${KTERN_CPU:-1}, TLS on $1, an
 # `http` route to the upstream $2 keeping ${3:-64} idle backend connections
-# and the lines $4 in its table, plus the KTERN_RUNTIME lines in [runtime].
+# and the lines $4 in its table, plus the KTERN_RUNTIME lines in [runtime]
+# and the KTERN_RULES rules before the catch-all one.
 # No [access_log]: off, as nginx's.
 ktern_http_conf() {
   cat <<TOML
@@ -131,6 +132,7 @@ cert = "cert.pem"
 key = "key.pem"
 [listener.route]
 kind = "http"
+${KTERN_RULES:-}
 [[listener.route.rule]]
 upstream = "app"
 [upstream.app]

@@ -7,11 +7,11 @@
 # figure also reads as a multiple of the record crypto alone. HAProxy serves
 # no files, so it has no column here. On a kernel without kTLS both servers
 # seal records in userspace. Bounded in count and time. Usage:
-#   bench/compare-files.sh [--small 200] [--large 6] [--json FILE]
+#   bench/compare-files.sh [--small 2000] [--large 32] [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-small=200 large=6 json=
+small=2000 large=32 json=
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) small=$2; shift 2 ;;
@@ -34,21 +34,9 @@ head -c $((64 << 20)) /dev/urandom > "$work/www/files/64m.bin"
 chmod -R a+rX "$work/www"
 
 ktern_addr=127.0.0.1:19446 nginx_addr=127.0.0.1:19546
-cat > "$work/ktern.toml" <<TOML
-[runtime]
-cpus = [1]
-${KTERN_RUNTIME:-}
-[[listener]]
-address = "$ktern_addr"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "http"
-[[listener.route.rule]]
-path = "/files/"
-static = "$work/www"
-TOML
+# Only /files/ is requested: the catch-all rule's upstream is never used.
+KTERN_RULES=$(printf '[[listener.route.rule]]\npath = "/files/"\nstatic = "%s"' "$work/www") \
+  ktern_http_conf "$ktern_addr" 127.0.0.1:9 0 > "$work/ktern.toml"
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 

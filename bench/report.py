@@ -175,7 +175,7 @@ out.append(f"\nThe floor measured by that script in the same rounds: {fmt(files_
 out.append("## Targets\n")
 out.append("| target | ktern | bound | |\n|---|---|---|---|")
 for label, v, bound, met in verdicts:
-    out.append(f"| {label.strip()} | {v:.2f} | {bound} | {'met' if met else '**not met**'} |")
+    out.append(f"| {label.strip()} | {v:.3f} | {bound} | {'met' if met else '**not met**'} |")
 out.append("")
 
 for name, title in [("vm-http.txt", "kTLS VM: keep-alive requests (`bench/vm-http.sh`)"),

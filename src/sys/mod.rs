@@ -354,6 +354,36 @@ pub fn idle_socket_usable(fd: BorrowedFd<'_>) -> bool {
     n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
+/// `pread(2)` of up to `max` bytes of `file` at `offset`, appended to
+/// `buf` without zeroing the room first (a `resize` before a read zeroed
+/// every byte of a static file once more: 3.4% of ktern's CPU serving 1 MiB
+/// files). Returns the bytes read; 0 at the end of the file.
+pub fn pread_append(
+    file: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    offset: u64,
+    max: usize,
+) -> io::Result<usize> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    buf.reserve(max);
+    let room = buf.spare_capacity_mut();
+    let want = max.min(room.len());
+    // SAFETY: `file` is borrowed and open; `room` is `buf`'s spare capacity,
+    // at least `want` bytes long, and the kernel writes at most `want` bytes
+    // into it (through a raw pointer: no reference to the uninitialised
+    // bytes is made).
+    let n = unsafe { libc::pread(file.as_raw_fd(), room.as_mut_ptr().cast(), want, off) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` (<= `want`) bytes of the
+    // spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// `sendfile(2)`: up to `count` bytes of `file` from `*offset` to `sock`,
 /// advancing `*offset`. On a kTLS socket the kernel seals the records
 /// (TLS_TX supports sendfile since Linux 4.13); the file bytes never enter

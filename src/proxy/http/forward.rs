@@ -999,7 +999,7 @@ async fn serve_file(
         m.down += count;
         ctx.moved.set(m);
     } else {
-        use std::os::unix::fs::FileExt;
+        use std::os::fd::AsFd;
         let mut left = count;
         while left > 0 {
             // The first piece rides with the head (one record for a small file).
@@ -1007,17 +1007,19 @@ async fn serve_file(
             // `buffers::CLASS`); the head, if still here, goes first.
             let mut buf = buffers::take(READ + out.len());
             buf.append(&mut out);
-            let start = buf.len();
             let want = client_room(writer, ctx).await?;
-            buf.resize(start + (left as usize).min(want), 0);
-            let n = match file.read_at(&mut buf[start..], offset) {
+            let n = match crate::sys::pread_append(
+                file.as_fd(),
+                &mut buf,
+                offset,
+                (left as usize).min(want),
+            ) {
                 // Shorter than its length now: the client was promised
                 // `count` bytes, so the connection is aborted.
                 Ok(0) => return Err(HttpError::FileAborted(FileAbort::Shrank(path))),
                 Ok(n) => n,
                 Err(source) => return Err(HttpError::FileAborted(FileAbort::Io { path, source })),
             };
-            buf.truncate(start + n);
             offset += n as u64;
             left -= n as u64;
             send(writer, buf, ctx).await?;
