@@ -17,6 +17,8 @@ const CONTENT_HANDSHAKE: u8 = 22;
 const CLIENT_HELLO: u8 = 1;
 const EXT_SERVER_NAME: u16 = 0;
 const EXT_ALPN: u16 = 16;
+/// pre_shared_key (RFC 8446 §4.2.11): the client offers to resume.
+const EXT_PRE_SHARED_KEY: u16 = 41;
 
 /// What the first bytes of a connection say.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,6 +44,8 @@ pub struct Hello {
     /// neither a DNS name nor an IP literal. rustls refuses such a hello
     /// with its own alert.
     pub sni_malformed: bool,
+    /// The hello offers a TLS 1.3 PSK (a ticket): it asks to resume.
+    pub psk: bool,
 }
 
 /// Parses the ClientHello at the start of `input` (the connection's first
@@ -182,6 +186,7 @@ fn parse_hello(msg: &[u8]) -> Option<Hello> {
                     hello.alpn.push(list.vec(1)?.0.to_vec());
                 }
             }
+            EXT_PRE_SHARED_KEY => hello.psk = true,
             _ => {}
         }
     }

@@ -63,6 +63,9 @@ pub struct ServerTls {
     /// For hellos offering `acme-tls/1`, when the listener answers
     /// TLS-ALPN-01 ([`acme_config`]).
     pub acme: Option<Arc<ServerConfig>>,
+    /// For hellos offering a ticket: `config` issuing one new ticket
+    /// instead of two.
+    pub resumption: Arc<ServerConfig>,
 }
 
 /// Builds the rustls server config for one listener. Each shard gets its
@@ -105,10 +108,17 @@ pub fn server_config(
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
+    // A resuming client already holds tickets: it gets one new ticket (for
+    // its next connection) where a full handshake gets rustls' two (one
+    // spare for a parallel connection), as OpenSSL does. Each ticket costs
+    // a key derivation, a seal and a record.
+    let mut resumption = cfg.clone();
+    resumption.send_tls13_tickets = 1;
     Ok(ServerTls {
         config: Arc::new(cfg),
         certs: certs.clone(),
         acme: None,
+        resumption: Arc::new(resumption),
     })
 }
 
@@ -372,6 +382,10 @@ pub struct Handshake {
     acme_hello: bool,
     /// Switched to the validation config.
     acme_validation: bool,
+    /// The listener's config for resuming hellos ([`ServerTls::resumption`]).
+    resumption: Option<Arc<ServerConfig>>,
+    /// The hello offers a ticket.
+    psk_hello: bool,
 }
 
 /// A plaintext fatal `handshake_failure` alert record (RFC 8446 §6; the
@@ -390,6 +404,8 @@ impl Handshake {
             acme: tls.acme.clone(),
             acme_hello: false,
             acme_validation: false,
+            resumption: Some(tls.resumption.clone()),
+            psk_hello: false,
             input: Vec::with_capacity(MAX_RECORD),
             output: Vec::new(),
             early_plaintext: Vec::new(),
@@ -427,6 +443,11 @@ impl Handshake {
                     return Ok(());
                 }
             }
+            if self.hello_seen && self.psk_hello {
+                if let Some(resumption) = self.resumption.take() {
+                    self.conn = UnbufferedServerConnection::new(resumption)?;
+                }
+            }
             // A refused name is answered before rustls parses the hello
             // (rustls' resolver can only fail with access_denied).
             if self.hello_seen && !self.sni_malformed && self.certs.refuses(self.sni.as_deref()) {
@@ -459,6 +480,7 @@ impl Handshake {
                 self.sni = h.sni;
                 self.sni_malformed = h.sni_malformed;
                 self.acme_hello = h.alpn.iter().any(|p| p == crate::challenges::ACME_TLS_ALPN);
+                self.psk_hello = h.psk;
             }
             // rustls judges what the peek cannot read.
             hello::Peeked::NotHello => self.sni_malformed = true,
@@ -496,11 +518,12 @@ impl Handshake {
     /// On error, [`Handshake::pending_output`] may hold an alert worth sending
     /// (best effort) before closing.
     pub fn poll(&mut self) -> Result<Step, HandshakeError> {
-        // A listener answering TLS-ALPN-01 picks the rustls config from the
-        // whole hello, so rustls gets nothing before the peek has judged it
-        // (rustls reassembles a hello split over records inside its input
-        // buffer: a config swapped after it started would see half a hello).
-        if self.acme.is_some() && !self.hello_seen {
+        // The rustls config is picked from the whole hello (TLS-ALPN-01
+        // validations, resuming clients), so rustls gets nothing before the
+        // peek has judged it (rustls reassembles a hello split over records
+        // inside its input buffer: a config swapped after it started would
+        // see half a hello). rustls cannot answer a partial hello anyway.
+        if !self.hello_seen {
             return if self.eof {
                 Err(HandshakeError::Eof)
             } else {

@@ -348,3 +348,99 @@ fn acme_tls_alpn_hellos_get_the_challenge_certificate_and_others_the_listeners()
     hs.handle_input(&hello).unwrap();
     assert!(hs.poll().is_err());
 }
+
+/// A client ticket store that counts the TLS 1.3 tickets it is given.
+#[derive(Debug)]
+struct CountingStore {
+    inner: rustls::client::ClientSessionMemoryCache,
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingStore {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+    fn set_tls12_session(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(name, value)
+    }
+    fn tls12_session(
+        &self,
+        name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.tickets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
+#[test]
+fn a_resuming_client_gets_one_new_ticket_and_a_full_handshake_two() {
+    let (l, root) = listener(false, true);
+    let tls = server_config(&l, &cert_store(&l), &ticketer()).unwrap();
+    let store = Arc::new(CountingStore {
+        inner: rustls::client::ClientSessionMemoryCache::new(8),
+        tickets: Default::default(),
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::store(store.clone());
+    let cfg = Arc::new(cfg);
+    let tickets = || store.tickets.load(std::sync::atomic::Ordering::SeqCst);
+    let mut kinds = Vec::new();
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = ClientConnection::new(cfg.clone(), name).unwrap();
+        // The peek sees the offered ticket (pre_shared_key) from the
+        // second hello on.
+        let hello = client_hello(&mut c);
+        let offered = match hello::peek(&hello) {
+            hello::Peeked::Hello(h) => h.psk,
+            p => panic!("{p:?}"),
+        };
+        let mut hs = Handshake::new(&tls).unwrap();
+        hs.handle_input(&hello).unwrap();
+        assert_eq!(pump(&mut c, &mut hs, 0), Step::Done);
+        let server = hs.finish().conn.handshake_kind();
+        kinds.push((offered, c.handshake_kind(), server));
+        counts.push(tickets());
+    }
+    use rustls::HandshakeKind::{Full, Resumed};
+    assert_eq!(
+        kinds,
+        [
+            (false, Some(Full), Some(Full)),
+            (true, Some(Resumed), Some(Resumed)),
+            (true, Some(Resumed), Some(Resumed))
+        ]
+    );
+    assert_eq!(counts, [2, 3, 4], "tickets received after each handshake");
+}
