@@ -1349,37 +1349,24 @@ fn a_keep_alive_request_costs_a_bounded_number_of_syscalls() {
         eprintln!("skipped in the VM: no strace there; the host run is the guard");
         return;
     }
-    assert!(
-        Command::new("strace").arg("-V").output().is_ok(),
-        "strace is not installed (scripts/test.sh installs it)"
-    );
     let pki = Pki::new("syscalls");
     let a = start_http_backend("a");
-    let trace = pki.dir.join("strace.out");
-    let trace_arg = trace.display().to_string();
-    let k = Ktern::start_prefixed(
+    let traced = Traced::start(
         &pki,
         "cpus = [0]",
         &http_config(&[("a", a.addr)], ANY_TO_A, ""),
-        &["strace", "-f", "-qq", "-ttt", "-o", &trace_arg],
     );
-    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let mut c = connect(traced.ktern.addr(), &pki, ClientOpts::default());
     let request = "GET /x HTTP/1.1\r\nHost: app\r\n\r\n";
     for _ in 0..20 {
         assert_eq!(exchange(&mut c, request).body, b"a");
     }
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
     let requests: u64 = 500;
-    let (from, to) = (now(), {
+    let (from, to) = (Traced::now(), {
         for _ in 0..requests {
             assert_eq!(exchange(&mut c, request).body, b"a");
         }
-        now()
+        Traced::now()
     });
     assert_eq!(
         a.accepted.load(Ordering::SeqCst),
@@ -1387,49 +1374,11 @@ fn a_keep_alive_request_costs_a_bounded_number_of_syscalls() {
         "one pooled backend connection"
     );
     drop(c);
-    // strace writes the last lines when its tracee is gone: stop ktern (the
-    // child of strace) and wait for strace to exit.
-    let mut k = k;
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", k.pid())).unwrap();
-    let ktern_pid = children
-        .split_whitespace()
-        .next()
-        .expect("ktern under strace");
-    Command::new("kill")
-        .args(["-KILL", ktern_pid])
-        .status()
-        .unwrap();
-    k.wait_exit(Duration::from_secs(10))
-        .expect("strace exits with ktern");
-    let mut calls = std::collections::BTreeMap::<String, u64>::new();
-    let text = std::fs::read_to_string(&trace).unwrap();
-    for line in text.lines() {
-        // "<tid> <secs.micros> <name>(..." (strace pads the tid when tids
-        // differ in length); a call split by another thread's shows again
-        // as "<... name resumed>": count it once.
-        let Some((_, after_tid)) = line.trim_start().split_once(' ') else {
-            continue;
-        };
-        let Some((t, rest)) = after_tid.trim_start().split_once(' ') else {
-            continue;
-        };
-        let Ok(t) = t.parse::<f64>() else { continue };
-        if t < from
-            || t > to
-            || rest.starts_with("<...")
-            || rest.starts_with("+++")
-            || rest.starts_with("---")
-        {
-            continue;
-        }
-        let name = rest.split('(').next().unwrap_or(rest).to_string();
-        *calls.entry(name).or_default() += 1;
-    }
+    let calls = traced.calls_between(from, to);
     let total: u64 = calls.values().sum();
-    let per_request = total as f64 / requests as f64;
     eprintln!(
-        "{requests} keep-alive requests: {total} syscalls, {per_request:.2} per request: {calls:?}"
+        "{requests} keep-alive requests: {total} syscalls, {:.2} per request: {calls:?}",
+        total as f64 / requests as f64
     );
     // Measured 2026-12-01 (userspace records, `ktls = "auto"`): exactly 6
     // per request: 4 `io_uring_enter` (one per ring operation: the request
@@ -1444,7 +1393,7 @@ fn a_keep_alive_request_costs_a_bounded_number_of_syscalls() {
     let enters = calls.get("io_uring_enter").copied().unwrap_or(0);
     assert!(
         enters <= 4 * requests + 5 && total <= 6 * requests + 25,
-        "{per_request:.2} syscalls per request, {enters} io_uring_enter: {calls:?}"
+        "{total} syscalls for {requests} requests, {enters} io_uring_enter: {calls:?}"
     );
     assert!(
         enters >= requests,

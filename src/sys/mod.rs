@@ -476,9 +476,20 @@ pub fn send_now(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
 /// kTLS control records) must never block the shard, and io_uring
 /// accepts and connects hand out blocking sockets.
 pub fn split_stream(stream: monoio::net::TcpStream) -> io::Result<(ReadSide, WriteSide)> {
-    socket2::SockRef::from(&borrow_fd(&stream)).set_nonblocking(true)?;
+    set_nonblocking(borrow_fd(&stream))?;
     let shared = std::rc::Rc::new(std::cell::UnsafeCell::new(stream));
     Ok((ReadSide(shared.clone()), WriteSide(shared)))
+}
+
+/// Sets O_NONBLOCK with one `ioctl(FIONBIO)`: `fcntl` would take two
+/// calls (F_GETFL, then F_SETFL), and every proxied connection sets it on
+/// two sockets.
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut on: libc::c_int = 1;
+    // SAFETY: `fd` is borrowed and open; FIONBIO reads one `int` from `on`,
+    // a live local.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONBIO, &mut on) })?;
+    Ok(())
 }
 
 /// The reading direction of a [`split_stream`] socket: readiness and the fd.

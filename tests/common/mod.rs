@@ -474,6 +474,86 @@ pub fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// ktern under `strace -f -ttt` for the syscall guards (issue 13: a bound
+/// on what does not jitter). strace starts ktern, so no ptrace-attach
+/// rights are needed.
+pub struct Traced {
+    pub ktern: Ktern,
+    trace: PathBuf,
+}
+
+impl Traced {
+    /// Like [`Ktern::start`], traced. Panics without strace (scripts/test.sh
+    /// and .ci/run install it).
+    pub fn start(pki: &Pki, runtime: &str, listeners: &str) -> Traced {
+        assert!(
+            Command::new("strace").arg("-V").output().is_ok(),
+            "strace is not installed (scripts/test.sh installs it)"
+        );
+        let trace = pki.dir.join(format!("strace-{}.out", unique()));
+        let arg = trace.display().to_string();
+        let ktern = Ktern::start_prefixed(
+            pki,
+            runtime,
+            listeners,
+            &["strace", "-f", "-qq", "-ttt", "-o", &arg],
+        );
+        Traced { ktern, trace }
+    }
+
+    /// Now, in the trace's clock (Unix seconds).
+    pub fn now() -> f64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    }
+
+    /// Stops ktern (strace writes its last lines when its tracee is gone)
+    /// and counts, by name, the syscalls ktern's threads entered between
+    /// `from` and `to`.
+    pub fn calls_between(self, from: f64, to: f64) -> std::collections::BTreeMap<String, u64> {
+        let Traced { mut ktern, trace } = self;
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", ktern.pid())).unwrap();
+        let pid = children
+            .split_whitespace()
+            .next()
+            .expect("ktern under strace");
+        Command::new("kill").args(["-KILL", pid]).status().unwrap();
+        ktern
+            .wait_exit(Duration::from_secs(10))
+            .expect("strace exits with ktern");
+        let mut calls = std::collections::BTreeMap::new();
+        for line in std::fs::read_to_string(&trace).unwrap().lines() {
+            // "<tid> <secs.micros> <name>(..." (strace pads the tid when tids
+            // differ in length); a call split by another thread's shows again
+            // as "<... name resumed>": count it once.
+            let Some((_, after_tid)) = line.trim_start().split_once(' ') else {
+                continue;
+            };
+            let Some((t, rest)) = after_tid.trim_start().split_once(' ') else {
+                continue;
+            };
+            let Ok(t) = t.parse::<f64>() else { continue };
+            // Log lines (stderr; the tests run ktern at debug level) are
+            // not the data path.
+            if t < from
+                || t > to
+                || rest.starts_with("write(2,")
+                || rest.starts_with("<...")
+                || rest.starts_with("+++")
+                || rest.starts_with("---")
+            {
+                continue;
+            }
+            let name = rest.split('(').next().unwrap_or(rest).to_string();
+            *calls.entry(name).or_default() += 1;
+        }
+        calls
+    }
+}
+
 /// A listener table for a layer-4 route to `backend`.
 pub fn tcp_listener(backend: SocketAddr, extra: &str) -> String {
     format!(
