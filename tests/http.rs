@@ -1362,19 +1362,16 @@ fn a_keep_alive_request_costs_a_bounded_number_of_syscalls() {
         assert_eq!(exchange(&mut c, request).body, b"a");
     }
     let requests: u64 = 500;
-    let (from, to) = (Traced::now(), {
+    let calls = traced.count(|| {
         for _ in 0..requests {
             assert_eq!(exchange(&mut c, request).body, b"a");
         }
-        Traced::now()
     });
     assert_eq!(
         a.accepted.load(Ordering::SeqCst),
         1,
         "one pooled backend connection"
     );
-    drop(c);
-    let calls = traced.calls_between(from, to);
     let total: u64 = calls.values().sum();
     eprintln!(
         "{requests} keep-alive requests: {total} syscalls, {:.2} per request: {calls:?}",

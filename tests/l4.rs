@@ -1000,13 +1000,11 @@ fn a_proxied_connection_costs_a_bounded_number_of_syscalls() {
         one();
     }
     let conns: u64 = 200;
-    let (from, to) = (Traced::now(), {
+    let calls = traced.count(|| {
         for _ in 0..conns {
             one();
         }
-        Traced::now()
     });
-    let calls = traced.calls_between(from, to);
     let total: u64 = calls.values().sum();
     eprintln!(
         "{conns} proxied connections: {total} syscalls, {:.2} per connection: {calls:?}",
@@ -1016,9 +1014,10 @@ fn a_proxied_connection_costs_a_bounded_number_of_syscalls() {
     // (2 `ioctl(FIONBIO)`, one per socket, where socket2's `fcntl` pair
     // took 4; 4 `recvfrom`: the readiness-driven reads of each side's
     // bytes and ends; 2 `setsockopt(TCP_NODELAY)`; 2 `shutdown`; the
-    // backend's `socket`) and 10.3-11.3 `io_uring_enter` (accept, the
+    // backend's `socket`) and 10.3-11.9 `io_uring_enter` (accept, the
     // handshake's flights, connect, the echo, the closes: how many wait
-    // together depends on timing, hence the margin). The slack covers the
+    // together depends on timing and on what else runs, hence the margin;
+    // the exact count outside the ring is the sharp half of this guard). The slack covers the
     // control thread's timer and the window's edges. The `ring` build adds
     // 9 `getrandom` per connection (ring's SystemRandom asks the kernel for
     // every random value of the handshake; aws-lc draws from its own DRBG:
@@ -1027,7 +1026,7 @@ fn a_proxied_connection_costs_a_bounded_number_of_syscalls() {
     let random = calls.get("getrandom").copied().unwrap_or(0);
     let others = total - enters - random;
     assert!(
-        others <= 11 * conns + 20 && enters <= 14 * conns && random <= 9 * conns + 5,
+        others <= 11 * conns + 20 && enters <= 16 * conns && random <= 9 * conns + 5,
         "{total} syscalls for {conns} connections, {enters} io_uring_enter: {calls:?}"
     );
     assert!(

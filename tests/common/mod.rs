@@ -501,8 +501,17 @@ impl Traced {
         Traced { ktern, trace }
     }
 
+    /// Runs `work`, then stops ktern and counts, by name, the syscalls
+    /// its threads entered while `work` ran.
+    pub fn count(self, work: impl FnOnce()) -> std::collections::BTreeMap<String, u64> {
+        let from = Traced::now();
+        work();
+        let to = Traced::now();
+        self.calls_between(from, to)
+    }
+
     /// Now, in the trace's clock (Unix seconds).
-    pub fn now() -> f64 {
+    fn now() -> f64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -512,7 +521,7 @@ impl Traced {
     /// Stops ktern (strace writes its last lines when its tracee is gone)
     /// and counts, by name, the syscalls ktern's threads entered between
     /// `from` and `to`.
-    pub fn calls_between(self, from: f64, to: f64) -> std::collections::BTreeMap<String, u64> {
+    fn calls_between(self, from: f64, to: f64) -> std::collections::BTreeMap<String, u64> {
         let Traced { mut ktern, trace } = self;
         let children =
             std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", ktern.pid())).unwrap();
