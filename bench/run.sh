@@ -39,9 +39,12 @@ fi
 python3 -c 'import h2' 2>/dev/null || python3 -m pip install -q h2 2>/dev/null ||
   apt-get install -y -qq --no-install-recommends python3-h2 >/dev/null
 
-# One build for every script.
-cargo build --release --quiet --bins
-export KTERN_BENCH_BIN=$PWD/target/release
+# One build for every script (or the prebuilt binaries KTERN_BENCH_BIN
+# names, as bench/common.sh takes them).
+if [ -z "${KTERN_BENCH_BIN:-}" ]; then
+  cargo build --release --quiet --bins
+  export KTERN_BENCH_BIN=$PWD/target/release
+fi
 data=$(mktemp -d /tmp/ktern-run.XXXXXX)
 echo "raw results in $data"
 

@@ -288,7 +288,7 @@ fn hostile(k: &Ktern, case: &str) -> String {
         .arg(script)
         .arg("127.0.0.1")
         .arg(k.addr().port().to_string())
-        .arg(case)
+        .args(case.split(' '))
         .output()
         .unwrap();
     assert!(
@@ -297,6 +297,24 @@ fn hostile(k: &Ktern, case: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A response's last DATA frame carries END_STREAM itself, as nginx
+/// sends it, with no empty DATA frame after it; only trailers, or a body
+/// whose end the backend's close tells, end the stream after the data.
+#[test]
+fn a_response_ends_on_its_last_data_frame() {
+    if in_vm() {
+        return;
+    }
+    let (_pki, k, _a) = setup("h2-frames", "");
+    let frames = |path: &str| hostile(&k, &format!("response_frames {path}"));
+    assert_eq!(frames("/bytes/1000"), r#"["HEADERS", "DATA 1000+END"]"#);
+    assert_eq!(
+        frames("/chunked"),
+        r#"["HEADERS", "DATA 11", "HEADERS+END"]"#
+    );
+    assert_eq!(frames("/close"), r#"["HEADERS", "DATA 11", "DATA 0+END"]"#);
 }
 
 #[test]

@@ -190,6 +190,27 @@ def main():
                 seen.append({"event": "goaway", "code": f.error_code})
                 print(json.dumps(seen))
                 return
+    elif case == "response_frames":
+        # Not hostile: the frames of one response to GET argv[4], as "HEADERS" or
+        # "DATA <length>", with "+END" on the one that ends the stream.
+        c.send(c.headers(sid, req(sys.argv[4])))
+        seen = []
+        while True:
+            f = c.read_frame(time.time() + 10)
+            if f is None or f == "closed":
+                seen.append("timeout" if f is None else "closed")
+                break
+            if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                c.send(SettingsFrame(0, flags=["ACK"]))
+            if f.stream_id != sid:
+                continue
+            name = "HEADERS" if isinstance(f, HeadersFrame) else f"DATA {len(f.data)}" \
+                if isinstance(f, DataFrame) else type(f).__name__
+            seen.append(name + ("+END" if "END_STREAM" in f.flags else ""))
+            if "END_STREAM" in f.flags:
+                break
+        print(json.dumps(seen))
+        return
     else:
         raise SystemExit(f"unknown case {case}")
     print(json.dumps(c.outcome(sid)))

@@ -144,10 +144,16 @@ fn trailer_allowed(name: &str) -> bool {
     ) && !CONNECTION_SPECIFIC.contains(&name)
 }
 
+/// Whether an HTTP/1.1 trailer section (as the body decoder keeps it)
+/// holds any field: more than its final CRLF.
+pub fn has_trailers(section: &[u8]) -> bool {
+    section.len() > 2
+}
+
 /// A chunked body's trailer section (as `body::Decoded` keeps it) as
 /// HTTP/2 trailers; `None` when there are none or they do not parse.
 pub fn trailers_from_h1(section: &[u8]) -> Option<HeaderMap> {
-    if section.len() <= 2 {
+    if !has_trailers(section) {
         return None;
     }
     let mut raw = [httparse::EMPTY_HEADER; 32];

@@ -195,15 +195,21 @@ async fn forward(
                 return Ok(());
             }
         };
-        let sent = send_body(
-            &mut body,
-            &mut at.backend,
-            head,
-            ctx,
-            upstream.response_timeout,
-            moved,
-        );
-        let sent = Box::pin(sent).await;
+        // A request without a body (END_STREAM on its HEADERS, as every
+        // GET) has nothing to send: no body future is built for it.
+        let sent = if body.is_end_stream() && head.framing != Framing::Chunked {
+            BodySent::Done
+        } else {
+            let sent = send_body(
+                &mut body,
+                &mut at.backend,
+                head,
+                ctx,
+                upstream.response_timeout,
+                moved,
+            );
+            Box::pin(sent).await
+        };
         if let BodySent::ClientGone = sent {
             return Err(Cut::Client);
         }
@@ -255,11 +261,16 @@ async fn forward(
     let mut leftover = after_head.len() - used;
     buffers::give(rbuf);
     if !no_body {
+        // The last DATA frame carries END_STREAM itself when no trailers
+        // follow (RFC 9113 §8.1), as nginx sends it: no empty frame after
+        // it.
+        let mut ended = false;
         loop {
             if !decoded.data.is_empty() {
                 let data = Bytes::from(std::mem::take(&mut decoded.data));
                 moved.1 += data.len() as u64;
-                send.send_data(data, false).map_err(|_| Cut::Client)?;
+                ended = scanner.is_done() && !convert::has_trailers(&decoded.trailers);
+                send.send_data(data, ended).map_err(|_| Cut::Client)?;
             }
             if scanner.is_done() {
                 break;
@@ -287,11 +298,13 @@ async fn forward(
                 Err(e) => return Err(abort(&mut send, UpstreamAbort::Io(e))),
             }
         }
-        match convert::trailers_from_h1(&decoded.trailers) {
-            Some(t) => send.send_trailers(t),
-            None => send.send_data(Bytes::new(), true),
+        if !ended {
+            match convert::trailers_from_h1(&decoded.trailers) {
+                Some(t) => send.send_trailers(t),
+                None => send.send_data(Bytes::new(), true),
+            }
+            .map_err(|_| Cut::Client)?;
         }
-        .map_err(|_| Cut::Client)?;
     }
     if exchange::reusable(head, &resp, leftover) {
         ctx.pools[group].put(0, backend, addr, upstream.pool_size);
