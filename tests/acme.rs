@@ -383,6 +383,91 @@ fn tls_alpn_01_issues_renews_and_rides_out_a_ca_outage() {
     );
 }
 
+/// ACME Renewal Information (RFC 9773): the CA's suggested window moves
+/// a renewal sooner than two thirds of the lifetime. pebble 2.4 has no
+/// ARI, so tests/common/ari_ca.py adds it in front of pebble: a window
+/// that has passed for the certificates the test lists, one 30 days
+/// ahead for the others.
+#[test]
+fn renewal_information_from_the_ca_brings_renewal_forward() {
+    let pki = Pki::new("acme-ari");
+    let port = free_port();
+    // Hour-long certificates: the lifetime rule alone would not renew
+    // within the test.
+    let pebble = Pebble::start(&pki.dir, port, free_port(), 3600);
+    let state = pki.dir.join("ari");
+    let (cert, key) = (pki.dir.join("pebble.pem"), pki.dir.join("pebble.key"));
+    let directory = pebble.directory();
+    let (_ari, ari_port) = python_ca(
+        "ari_ca.py",
+        &[
+            cert.as_os_str(),
+            key.as_os_str(),
+            directory.as_ref(),
+            state.as_os_str(),
+        ],
+    );
+    let backend = start_backend();
+    let config = acme_listener(port, backend, &pebble, &pki.dir, "")
+        .replace(&directory, &format!("https://127.0.0.1:{ari_port}/dir"));
+    let k = Ktern::start(&pki, "", &config);
+    let roots = [pebble.root()];
+    let first = wait_for_new_leaf(&k, "a.acme.test", &roots, None, Duration::from_secs(30));
+    let asked = |id: &str| {
+        std::fs::read_to_string(state.with_extension("asked"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == id)
+    };
+    // ktern asks about the certificate it was given, by its identifier
+    // (the authority key identifier and the serial, RFC 9773 §4.1), and
+    // the window 30 days ahead leaves it be.
+    let first_id = ktern::control::acme::certificate_id(&first)
+        .unwrap()
+        .to_string();
+    wait_for(
+        &k,
+        Duration::from_secs(20),
+        "no ARI question for the certificate",
+        || asked(&first_id).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 1);
+
+    // The CA moves the window into the past: ktern renews at once. Its
+    // order names the certificate it replaces (RFC 9773 §5); pebble 2.4
+    // does not echo that field back, which instant-acme refuses, so that
+    // order fails (logged and counted) and the retry orders without it.
+    std::fs::write(state.with_extension("now"), &first_id).unwrap();
+    let second = wait_for_new_leaf(
+        &k,
+        "a.acme.test",
+        &roots,
+        Some(&first),
+        Duration::from_secs(30),
+    );
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 2);
+    let log = k.log();
+    assert!(log.contains("the CA's renewal information"), "{log}");
+    assert!(log.contains(&format!("replaces=\"{first_id}\"")), "{log}");
+    assert!(log.contains("replaces field mismatch"), "{log}");
+    assert_eq!(k.metric("ktern_acme_order_failures_total"), 1);
+    // The new certificate is asked about in turn, and left be.
+    let second_id = ktern::control::acme::certificate_id(&second)
+        .unwrap()
+        .to_string();
+    assert_ne!(second_id, first_id);
+    wait_for(
+        &k,
+        Duration::from_secs(20),
+        "no ARI question for the new certificate",
+        || asked(&second_id).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 2);
+    assert_eq!(k.metric("ktern_acme_order_failures_total"), 1);
+}
+
 #[test]
 fn http_01_is_answered_on_the_redirect_listener() {
     let pki = Pki::new("acme-http");
@@ -529,6 +614,28 @@ impl Drop for Reaped {
     }
 }
 
+/// Starts one of the test CAs in tests/common (Python, HTTPS on
+/// 127.0.0.1) with `args`; returns it (killed on drop) and its port.
+fn python_ca(script: &str, args: &[&std::ffi::OsStr]) -> (Reaped, u16) {
+    let mut child = Command::new("python3")
+        .arg(format!(
+            "{}/tests/common/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let reaped = Reaped(child);
+    (reaped, port.trim().parse().unwrap())
+}
+
 /// Waits (up to 30 s) until `ktern_acme_order_failures_total` passes
 /// `past` and the log says `why`.
 fn wait_failure(k: &Ktern, past: u64, why: &str) -> u64 {
@@ -552,23 +659,11 @@ fn garbage_rate_limits_and_an_unwritable_state_are_logged_counted_and_retried() 
     let answer = pki.dir.join("answer");
     std::fs::write(pki.dir.join("answer.dir"), "200\nthis is not JSON").unwrap();
     std::fs::write(&answer, "500\n").unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/hostile_ca.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg(pki.dir.join("ca.pem"))
-        .arg(pki.dir.join("ca.key"))
-        .arg(&answer)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut port = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut port,
-    )
-    .unwrap();
-    let _ca = Reaped(child);
-    let port: u16 = port.trim().parse().unwrap();
+    let (ca_pem, ca_key) = (pki.dir.join("ca.pem"), pki.dir.join("ca.key"));
+    let (_ca, port) = python_ca(
+        "hostile_ca.py",
+        &[ca_pem.as_os_str(), ca_key.as_os_str(), answer.as_os_str()],
+    );
     // The state directory sits under a regular file: nothing can be
     // written there until the test removes the file.
     std::fs::write(pki.dir.join("blocked"), "a file").unwrap();

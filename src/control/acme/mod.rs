@@ -13,13 +13,14 @@
 //! When: at two thirds of the served certificate's lifetime (Let's
 //! Encrypt's advice for 90-day certificates: renew with 30 days left), at
 //! once when there is none yet (a self-signed stand-in serves the names
-//! meanwhile) or it no longer covers the configured names. A failure is
-//! logged and counted and retried after `acme.retry`, doubling up to
-//! `acme.retry_max`, each delay jittered so a fleet does not retry in step.
-//! The old certificate keeps serving throughout.
-//!
-//! Not done: ACME Renewal Information (RFC 9773). The CA used in the tests
-//! (Debian's pebble 2.4.0) does not offer it, so it could not be tested.
+//! meanwhile) or it no longer covers the configured names. A CA that
+//! offers ACME Renewal Information (RFC 9773) may ask for it sooner: its
+//! suggested window for the certificate is fetched again after each
+//! Retry-After, and renewal happens at a random time within it (now, if
+//! that has passed), and the order names the certificate it replaces. A
+//! failure is logged and counted and retried after `acme.retry`, doubling
+//! up to `acme.retry_max`, each delay jittered so a fleet does not retry
+//! in step. The old certificate keeps serving throughout.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -33,7 +34,7 @@ use crate::metrics::ShardMetrics as M;
 
 mod order;
 
-pub use order::AcmeError;
+pub use order::{certificate_id, AcmeError};
 
 /// The longest a whole order may take (account, validations, issuance)
 /// before it counts as failed. Pebble answers in seconds; Let's Encrypt
@@ -122,6 +123,43 @@ struct Track {
     retry_at: i64,
     /// No reload (to serve a certificate on disk) before this.
     reload_at: i64,
+    /// What the CA's renewal information says.
+    ari: Ari,
+    /// An order that named the certificate it replaces failed.
+    replaces_failed: bool,
+}
+
+/// ACME Renewal Information (RFC 9773) about one order's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ari {
+    /// Not asked yet (or asked about another certificate).
+    Unknown,
+    /// The CA's directory offers none.
+    Unsupported,
+    /// For the certificate `id`: renew at `due`; ask again at `ask_at`.
+    Known {
+        id: instant_acme::CertificateIdentifier<'static>,
+        due: Option<i64>,
+        ask_at: i64,
+    },
+}
+
+/// The renewal time within the CA's suggested window (RFC 9773 §4.2): a
+/// uniformly random point, `r` in [0, 1), so a fleet does not renew in
+/// step; a window that has passed means at once, as does a time in the
+/// past.
+pub fn ari_due(start: i64, end: i64, r: f64) -> i64 {
+    if end <= start {
+        return start;
+    }
+    start + ((end - start) as f64 * r.clamp(0.0, 1.0)) as i64
+}
+
+/// How long until renewal information is asked again: the CA's
+/// Retry-After, no sooner than `acme.retry` and no later than six hours
+/// (RFC 9773 §4.3.2 asks clients to bound it).
+fn ask_again(retry_after: Duration, min: i64) -> i64 {
+    (retry_after.as_secs() as i64).clamp(min, 6 * 3600)
 }
 
 /// What to do about one order now.
@@ -138,12 +176,15 @@ pub enum Next {
 
 /// The decision for one order (sans-IO): `live` is what the config
 /// serves, `on_disk` what the state directory holds, `retry_at` and
-/// `reload_at` the track's earliest times.
+/// `reload_at` the track's earliest times, `ari_due` when the CA's
+/// renewal information asks for renewal (never later than two thirds of
+/// the lifetime: a CA may only move it sooner here).
 pub fn next(
     live: Option<Validity>,
     on_disk: Option<Validity>,
     retry_at: i64,
     reload_at: i64,
+    ari_due: Option<i64>,
     now: i64,
 ) -> Next {
     let newer_on_disk = on_disk.filter(|d| live.is_none_or(|l| d.1 > l.1));
@@ -151,7 +192,8 @@ pub fn next(
         return Next::Reload;
     }
     let best = newer_on_disk.or(live);
-    let due = renew_at(best, now).max(retry_at);
+    let planned = renew_at(best, now);
+    let due = ari_due.map_or(planned, |a| a.min(planned)).max(retry_at);
     if due > now {
         let wake = if newer_on_disk.is_some() {
             due.min(reload_at)
@@ -196,11 +238,70 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                 failures: 0,
                 retry_at: 0,
                 reload_at: 0,
+                ari: Ari::Unknown,
+                replaces_failed: false,
             });
-            let on_disk = crate::config::held_certificate(&order.dir, now)
-                .filter(|c| covers(&c.info, &order.domains))
-                .map(|c| (c.info.not_before, c.info.not_after));
-            match next(live, on_disk, t.retry_at, t.reload_at, now) {
+            let held = crate::config::held_certificate(&order.dir, now)
+                .filter(|c| covers(&c.info, &order.domains));
+            let on_disk = held.as_ref().map(|c| (c.info.not_before, c.info.not_after));
+            // The certificate the CA gave (the one in the state directory),
+            // as renewal information names it.
+            let held_id = held
+                .as_ref()
+                .and_then(|c| c.key.cert.first())
+                .and_then(order::certificate_id);
+            let ask = match (&held_id, &t.ari) {
+                (None, _) | (_, Ari::Unsupported) => false,
+                (
+                    Some(id),
+                    Ari::Known {
+                        id: known, ask_at, ..
+                    },
+                ) => id != known || now >= *ask_at,
+                (Some(_), Ari::Unknown) => true,
+            };
+            let rt = if ask { runtime_for(&mut runtime) } else { None };
+            if let (Some(id), Some(rt)) = (&held_id, rt) {
+                let asked = rt.block_on(async {
+                    tokio::time::timeout(
+                        ORDER_TIMEOUT,
+                        order::renewal_window(&order, &config.acme.state_dir, id),
+                    )
+                    .await
+                    .unwrap_or(Err(AcmeError::Timeout(ORDER_TIMEOUT)))
+                });
+                now = crate::clock::unix_now();
+                t.ari = match asked {
+                    Ok(None) => Ari::Unsupported,
+                    Ok(Some(w)) => {
+                        let due = ari_due(w.start, w.end, jitter());
+                        tracing::info!(domains = ?order.domains, window_start = w.start, window_end = w.end, renew_at = due, "ACME: the CA's renewal information");
+                        Ari::Known {
+                            id: id.clone(),
+                            due: Some(due),
+                            ask_at: now + ask_again(w.ask_again, retry_secs),
+                        }
+                    }
+                    // Not an order failure: the lifetime rule still holds,
+                    // and the question is asked again later.
+                    Err(e) => {
+                        tracing::warn!(domains = ?order.domains, error = %chain(&e), "ACME: no renewal information from the CA; asking again later");
+                        Ari::Known {
+                            id: id.clone(),
+                            due: None,
+                            ask_at: now + ask_again(Duration::ZERO, retry_secs),
+                        }
+                    }
+                };
+            }
+            let ari = match &t.ari {
+                Ari::Known { id, due, ask_at } if Some(id) == held_id.as_ref() => {
+                    wake = wake.min(*ask_at);
+                    *due
+                }
+                _ => None,
+            };
+            match next(live, on_disk, t.retry_at, t.reload_at, ari, now) {
                 Next::Wait(at) => {
                     wake = wake.min(at);
                     continue;
@@ -221,20 +322,8 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                 }
                 Next::Order => {}
             }
-            // The runtime is made on first need: a config without ACME
-            // never starts one.
-            let rt = match &mut runtime {
-                Some(rt) => rt,
-                None => match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => runtime.insert(rt),
-                    Err(e) => {
-                        tracing::error!(error = %e, "internal: cannot start the ACME thread's runtime; ACME certificates will not be obtained");
-                        return;
-                    }
-                },
+            let Some(rt) = runtime_for(&mut runtime) else {
+                return;
             };
             // One ordering process per state directory: during a binary
             // upgrade the old and the new ktern both run this thread.
@@ -251,12 +340,25 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                     continue;
                 }
             };
-            tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if live.is_some() { "renewal due" } else { "no certificate from the CA yet" }, "ACME: ordering a certificate");
+            // The certificate this one replaces, told to a CA that gave
+            // renewal information for it (RFC 9773 §5). Not after an
+            // order naming it failed: the CA may refuse it (already
+            // replaced, or it does not echo the field back), and the
+            // retry orders without it.
+            let replaces = held_id
+                .clone()
+                .filter(|_| !t.replaces_failed && matches!(t.ari, Ari::Known { due: Some(_), .. }));
+            tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if live.is_some() { "renewal due" } else { "no certificate from the CA yet" }, replaces = replaces.as_ref().map(|r| r.to_string()), "ACME: ordering a certificate");
             let result = rt
                 .block_on(async {
                     match tokio::time::timeout(
                         ORDER_TIMEOUT,
-                        order::obtain(&order, &config.acme.state_dir, &challenges),
+                        order::obtain(
+                            &order,
+                            &config.acme.state_dir,
+                            &challenges,
+                            replaces.clone(),
+                        ),
                     )
                     .await
                     {
@@ -271,6 +373,7 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                 Ok(issued) => {
                     M::inc(&metrics.acme_issued);
                     t.failures = 0;
+                    t.replaces_failed = false;
                     t.retry_at = 0;
                     tracing::info!(domains = ?order.domains, dir = %order.dir.display(), not_after = issued.validity.1, "ACME: certificate obtained; reloading to serve it");
                     let Some(c) = control.upgrade() else { return };
@@ -280,7 +383,10 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                         tracing::error!(error = %e, dir = %order.dir.display(), "ACME: the new certificate is on disk but the reload to serve it was refused; retrying");
                     }
                 }
-                Err(e) => wake = wake.min(failed(t, &e, &config.acme, &metrics, now)),
+                Err(e) => {
+                    t.replaces_failed |= replaces.is_some();
+                    wake = wake.min(failed(t, &e, &config.acme, &metrics, now));
+                }
             }
         }
         let wait = Duration::from_secs((wake - now).clamp(1, PERIOD) as u64);
@@ -289,6 +395,26 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// The ACME thread's runtime, made on first need: a config without ACME
+/// never starts one. `None` (logged) if it cannot be made.
+fn runtime_for(
+    runtime: &mut Option<tokio::runtime::Runtime>,
+) -> Option<&mut tokio::runtime::Runtime> {
+    if runtime.is_none() {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => *runtime = Some(rt),
+            Err(e) => {
+                tracing::error!(error = %e, "internal: cannot start the ACME thread's runtime; ACME certificates will not be obtained");
+                return None;
+            }
+        }
+    }
+    runtime.as_mut()
 }
 
 /// Counts and logs a failed order and schedules its retry: `acme.retry`
@@ -476,28 +602,67 @@ mod tests {
     fn the_next_step_weighs_the_served_and_the_kept_certificate() {
         let now = 1_000;
         // Nothing anywhere: order now (unless a retry waits).
-        assert_eq!(next(None, None, 0, 0, now), Next::Order);
-        assert_eq!(next(None, None, 1_500, 0, now), Next::Wait(1_500));
+        assert_eq!(next(None, None, 0, 0, None, now), Next::Order);
+        assert_eq!(next(None, None, 1_500, 0, None, now), Next::Wait(1_500));
         // Served and fresh: wait for two thirds of its life.
-        assert_eq!(next(Some((900, 1_200)), None, 0, 0, now), Next::Wait(1_100));
+        assert_eq!(
+            next(Some((900, 1_200)), None, 0, 0, None, now),
+            Next::Wait(1_100)
+        );
         // Served, due: order.
-        assert_eq!(next(Some((0, 1_200)), None, 0, 0, now), Next::Order);
+        assert_eq!(next(Some((0, 1_200)), None, 0, 0, None, now), Next::Order);
         // Newer on disk than served (a refused reload, another process):
         // reload, not order; and not before the reload retry time.
         assert_eq!(
-            next(Some((0, 1_200)), Some((900, 1_500)), 0, 0, now),
+            next(Some((0, 1_200)), Some((900, 1_500)), 0, 0, None, now),
             Next::Reload
         );
-        assert_eq!(next(None, Some((900, 1_500)), 0, 0, now), Next::Reload);
         assert_eq!(
-            next(Some((0, 1_200)), Some((900, 1_500)), 0, 1_010, now),
+            next(None, Some((900, 1_500)), 0, 0, None, now),
+            Next::Reload
+        );
+        assert_eq!(
+            next(Some((0, 1_200)), Some((900, 1_500)), 0, 1_010, None, now),
             Next::Wait(1_010)
         );
         // The same on disk as served: nothing to reload.
         assert_eq!(
-            next(Some((900, 1_500)), Some((900, 1_500)), 0, 0, now),
+            next(Some((900, 1_500)), Some((900, 1_500)), 0, 0, None, now),
             Next::Wait(1_300)
         );
+        // The CA's renewal information moves renewal sooner, never later
+        // than two thirds of the lifetime; a retry still waits.
+        assert_eq!(
+            next(Some((900, 1_200)), None, 0, 0, Some(1_050), now),
+            Next::Wait(1_050)
+        );
+        assert_eq!(
+            next(Some((900, 1_200)), None, 0, 0, Some(990), now),
+            Next::Order
+        );
+        assert_eq!(
+            next(Some((900, 1_200)), None, 0, 0, Some(5_000), now),
+            Next::Wait(1_100)
+        );
+        assert_eq!(
+            next(Some((900, 1_200)), None, 1_020, 0, Some(990), now),
+            Next::Wait(1_020)
+        );
+    }
+
+    #[test]
+    fn renewal_information_picks_a_time_in_its_window() {
+        assert_eq!(ari_due(1_000, 2_000, 0.0), 1_000);
+        assert_eq!(ari_due(1_000, 2_000, 0.5), 1_500);
+        assert!(ari_due(1_000, 2_000, 0.999_999) < 2_000);
+        // An empty or inverted window: its start.
+        assert_eq!(ari_due(1_000, 1_000, 0.7), 1_000);
+        assert_eq!(ari_due(1_000, 900, 0.7), 1_000);
+        // Retry-After is bounded: not sooner than acme.retry, not later
+        // than six hours.
+        assert_eq!(ask_again(Duration::from_secs(0), 60), 60);
+        assert_eq!(ask_again(Duration::from_secs(600), 60), 600);
+        assert_eq!(ask_again(Duration::from_secs(86_400 * 7), 60), 6 * 3600);
     }
 
     #[test]

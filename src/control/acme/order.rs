@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, HttpClient, Identifier,
-    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType,
+    HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, Der};
 
 use super::{write_atomic, Issued};
 use crate::challenges::Challenges;
@@ -272,21 +272,81 @@ fn tls_alpn_certificate(
 
 /// Runs one order for `order.domains` and returns the issued chain with
 /// its key.
+/// The account file of `order`'s CA in the state directory.
+fn account_file(order: &AcmeCert, state_dir: &Path) -> PathBuf {
+    state_dir
+        .join("accounts")
+        .join(format!("{}.json", directory_id(&order.directory)))
+}
+
+/// A certificate's identifier for ACME Renewal Information (RFC 9773
+/// §4.1): its Authority Key Identifier's keyIdentifier and its serial
+/// number, each as the bytes of the DER value; `None` for a certificate
+/// without that identifier.
+pub fn certificate_id(leaf: &CertificateDer<'_>) -> Option<CertificateIdentifier<'static>> {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let aki = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref(),
+            _ => None,
+        })?;
+    let serial = cert.tbs_certificate.raw_serial();
+    Some(CertificateIdentifier::new(Der::from_slice(aki.0), Der::from_slice(serial)).into_owned())
+}
+
+/// The CA's suggested renewal window for a certificate (RFC 9773 §4.2),
+/// in Unix seconds, and how long until it may be asked again (its
+/// Retry-After).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: i64,
+    pub end: i64,
+    pub ask_again: std::time::Duration,
+}
+
+/// Asks `order`'s CA for the renewal window of the certificate `id`;
+/// `None` when its directory offers no renewal information.
+pub async fn renewal_window(
+    order: &AcmeCert,
+    state_dir: &Path,
+    id: &CertificateIdentifier<'_>,
+) -> Result<Option<Window>, AcmeError> {
+    let account = account(order, &account_file(order, state_dir)).await?;
+    match account.renewal_info(id).await {
+        Ok((info, ask_again)) => Ok(Some(Window {
+            start: info.suggested_window.start.unix_timestamp(),
+            end: info.suggested_window.end.unix_timestamp(),
+            ask_again,
+        })),
+        Err(instant_acme::Error::Unsupported(_)) => Ok(None),
+        Err(e) => Err(ca("renewal information")(e)),
+    }
+}
+
+/// Orders a certificate for `order`'s names; `replaces`: the certificate
+/// it renews, told to a CA that offers renewal information (RFC 9773
+/// §5), which may then exempt the order from its rate limits.
 pub async fn obtain(
     order: &AcmeCert,
     state_dir: &Path,
     challenges: &Challenges,
+    replaces: Option<CertificateIdentifier<'static>>,
 ) -> Result<Issued, AcmeError> {
-    let account_file = state_dir
-        .join("accounts")
-        .join(format!("{}.json", directory_id(&order.directory)));
+    let account_file = account_file(order, state_dir);
     let account = account(order, &account_file).await?;
     let ids: Vec<Identifier> = order
         .domains
         .iter()
         .map(|d| Identifier::Dns(d.clone()))
         .collect();
-    let mut new = match account.new_order(&NewOrder::new(&ids)).await {
+    let mut new_order = NewOrder::new(&ids);
+    if let Some(id) = replaces {
+        new_order = new_order.replaces(id);
+    }
+    let mut new = match account.new_order(&new_order).await {
         Ok(o) => o,
         Err(e) => {
             // The CA no longer knows the saved account (a test CA's restart,
@@ -407,6 +467,31 @@ async fn why_not_ready(order: &mut instant_acme::Order, status: OrderStatus) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_ids_are_the_authority_key_id_and_the_serial() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(vec![0xAB; 20]);
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        leaf.use_authority_key_identifier_extension = true;
+        // A serial whose top bit is set: its DER value keeps a leading
+        // zero byte, which the identifier keeps too (RFC 9773 §4.1).
+        leaf.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x87, 0x65, 0x43, 0x21]));
+        let der = leaf.signed_by(&key, &issuer).unwrap().der().clone();
+        let id = certificate_id(&der).unwrap();
+        // base64url without padding of 20 x 0xAB, and of 00 87 65 43 21.
+        assert_eq!(id.to_string(), "q6urq6urq6urq6urq6urq6urq6s.AIdlQyE");
+        // A self-signed certificate carries no authority key identifier.
+        let own = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert!(certificate_id(own.der()).is_none());
+    }
 
     #[test]
     fn challenge_certificates_carry_the_acme_identifier() {
