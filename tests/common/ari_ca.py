@@ -19,6 +19,8 @@ import ssl
 import sys
 import urllib.request
 
+import test_https
+
 cert, key, pebble_directory, state = sys.argv[1:5]
 
 
@@ -66,9 +68,4 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(cert, key)
-server.socket = ctx.wrap_socket(server.socket, server_side=True)
-print(server.server_address[1], flush=True)
-server.serve_forever()
+test_https.serve(Handler, cert, key)

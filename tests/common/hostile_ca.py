@@ -12,8 +12,9 @@ Prints the port it listens on, then serves until killed.
 
 import http.server
 import os
-import ssl
 import sys
+
+import test_https
 
 cert, key, answer = sys.argv[1:4]
 
@@ -56,9 +57,4 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(cert, key)
-server.socket = ctx.wrap_socket(server.socket, server_side=True)
-print(server.server_address[1], flush=True)
-server.serve_forever()
+test_https.serve(Handler, cert, key)
