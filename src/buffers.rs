@@ -1,12 +1,11 @@
 //! A per-thread (so per-shard) cache of large I/O buffers.
 //!
 //! The proxy reads into 16–66 KiB buffers and frees them a moment later,
-//! once per request or record batch. Under glibc's malloc (before ktern
-//! used mimalloc) a `free` of a chunk of 64 KiB or more ran
-//! `malloc_consolidate` every time, several percent of a keep-alive
-//! request's CPU. Reusing a few buffers per shard skips the allocator for
-//! them, and costs nothing while connections are idle: a buffer is only
-//! held between `take` and `give`.
+//! once per request or record batch. glibc's `free` of a chunk of 64 KiB or
+//! more runs `malloc_consolidate` every time, which showed as several
+//! percent of a keep-alive request's CPU. Reusing a few buffers per shard
+//! avoids that, and costs nothing while connections are idle: a buffer is
+//! only held between `take` and `give`.
 
 use std::cell::RefCell;
 

@@ -61,16 +61,6 @@ enum Command {
     },
 }
 
-/// mimalloc, not glibc's malloc: a shard allocates and frees on its own
-/// thread, which mimalloc's per-thread pages serve without locks, and
-/// every future holding a monoio timer is 128-byte aligned (its
-/// `CachePadded` entry), which glibc serves through its slow
-/// `posix_memalign`. Under `h2load -c 50 -m 10` glibc's malloc, free and
-/// memalign were 16% of ktern's CPU; with mimalloc, user CPU per request
-/// fell from 33 to 19-26 us (bench/RESULTS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
