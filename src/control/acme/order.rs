@@ -270,8 +270,6 @@ fn tls_alpn_certificate(
     )))
 }
 
-/// Runs one order for `order.domains` and returns the issued chain with
-/// its key.
 /// The account file of `order`'s CA in the state directory.
 fn account_file(order: &AcmeCert, state_dir: &Path) -> PathBuf {
     state_dir
@@ -326,8 +324,8 @@ pub async fn renewal_window(
     }
 }
 
-/// Orders a certificate for `order`'s names; `replaces`: the certificate
-/// it renews, told to a CA that offers renewal information (RFC 9773
+/// Runs one order for `order.domains` and returns the issued chain with
+/// its key; `replaces`: the certificate it renews, told to a CA that offers renewal information (RFC 9773
 /// §5), which may then exempt the order from its rate limits.
 pub async fn obtain(
     order: &AcmeCert,
