@@ -392,6 +392,74 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
     }
 }
 
+/// A TLS 1.3 client whose first bytes ride with its Finished gets its
+/// tickets with ktern's first record, not on their own (a segment and its
+/// ACK less per connection), and they are good: the next connection
+/// resumes. One that sends its Finished alone gets them at once (they
+/// carry the ACK a Nagle client's next write waits for). Under kTLS (the
+/// VM) they go out before the kernel takes the keys.
+#[test]
+fn tickets_ride_with_the_first_record_when_the_clients_bytes_came_with_its_finished() {
+    use std::io::{Read, Write};
+    let pki = Pki::new("tickets-held");
+    let k = ticket_host(&pki, start_backend(), "");
+    let cfg = resuming_client(&pki, false);
+    let quiet_for = |sock: &TcpStream, ms: u64| {
+        sock.set_read_timeout(Some(Duration::from_millis(ms)))
+            .unwrap();
+        let quiet = matches!(sock.peek(&mut [0u8; 1]), Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        quiet
+    };
+    // Drives the handshake with `first` queued: rustls writes it with the
+    // Finished in one `writev`, so ktern reads both at once.
+    let handshake = |first: &[u8]| {
+        let mut conn =
+            ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+        conn.writer().write_all(first).unwrap();
+        let mut sock = TcpStream::connect(k.addr()).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).unwrap();
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut sock).unwrap();
+        }
+        StreamOwned::new(conn, sock)
+    };
+    for round in 0..2 {
+        // "ECHO\n" with the Finished: the backend answers nothing until
+        // more comes, so neither does ktern; the tickets wait.
+        let mut s = handshake(b"ECHO\n");
+        assert_eq!(
+            s.conn.handshake_kind(),
+            Some(if round == 0 {
+                rustls::HandshakeKind::Full
+            } else {
+                rustls::HandshakeKind::Resumed
+            })
+        );
+        // Where the kernel takes the records (the kTLS VM), rustls'
+        // sealed tickets must precede them on the wire: they go first.
+        assert_eq!(
+            quiet_for(&s.sock, 500),
+            !in_vm(),
+            "round {round}: tickets held on rustls' records, sent first under kTLS"
+        );
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+    }
+    // The Finished alone: the tickets come at once, before any request.
+    let s = handshake(b"");
+    assert!(
+        !quiet_for(&s.sock, 5_000),
+        "the tickets were held from a client that sent nothing"
+    );
+    assert_offloaded_in_vm(&k);
+}
+
 #[test]
 fn tickets_resume_across_a_rotation_boundary() {
     let pki = Pki::new("tickets-epoch");

@@ -288,6 +288,15 @@ pub struct Established {
     /// Application data that arrived with the client's last flight and was
     /// decrypted in userspace; it must be delivered before anything read later.
     pub early_plaintext: Vec<u8>,
+    /// Sealed records the client must get before anything else ktern
+    /// sends on the connection, but is not waiting for: TLS 1.3
+    /// NewSessionTickets (RFC 8446 §4.6.1), which rustls seals once the
+    /// client's Finished is in, held when the client's first bytes came
+    /// with it (see `advance`). They go out with ktern's first record, in
+    /// the same `send` (two segments less per connection, the ticket's and
+    /// its ACK, and a resumed handshake's kernel work is mostly segments),
+    /// or first of all where the kernel takes the records.
+    pub unsent: Vec<u8>,
     /// The client already sent close_notify.
     pub peer_closed: bool,
     /// The server name the client asked for (SNI), lower case.
@@ -566,10 +575,11 @@ impl Handshake {
 
     /// Finishes a handshake that reported [`Step::Done`].
     pub fn finish(self) -> Established {
-        debug_assert!(self.input.is_empty() && self.output.is_empty());
+        debug_assert!(self.input.is_empty());
         Established {
             conn: self.conn,
             early_plaintext: self.early_plaintext,
+            unsent: self.output,
             peer_closed: self.peer_closed,
             sni: self.sni,
             acme_validation: self.acme_validation,
@@ -713,11 +723,22 @@ pub(crate) fn advance<C: Unbuffered>(
             input.drain(..discard);
         }
         result?;
-        if flush && !output.is_empty() {
+        // What rustls sealed after the handshake (TLS 1.3 tickets) waits
+        // for the connection's first record only when that record is on its
+        // way: the client's first bytes came with its Finished, so ktern
+        // answers soon, and that answer acknowledges them. A client that
+        // sent its Finished alone gets the tickets at once: they carry the
+        // ACK its next write may wait for (Nagle's algorithm held a Python
+        // client's request for the 40 ms of a delayed ACK when they waited).
+        // Records after the tickets are read first, to know which case
+        // this is. See `Established::unsent`.
+        let may_wait = conn.output_may_wait();
+        if flush && !output.is_empty() && !may_wait {
             return Ok(Step::Transmit);
         }
         if blocked || done {
-            if !output.is_empty() {
+            let held = done && may_wait && !early.is_empty();
+            if !output.is_empty() && !held {
                 return Ok(Step::Transmit);
             }
             if done && *peer_closed {
@@ -750,6 +771,14 @@ pub(crate) trait Unbuffered {
     fn wants_write(&self) -> bool;
     /// The handshake is not over yet.
     fn is_handshaking(&self) -> bool;
+    /// What rustls queues now need not go out before the handshake
+    /// returns: a TLS 1.3 server's NewSessionTickets, sealed after the
+    /// client's Finished (RFC 8446 §4.6.1), which the client does not wait
+    /// for. Not TLS 1.2's last server flight (CCS and Finished), nor
+    /// anything a client sends.
+    fn output_may_wait(&self) -> bool {
+        false
+    }
 }
 
 impl Unbuffered for UnbufferedServerConnection {
@@ -762,6 +791,9 @@ impl Unbuffered for UnbufferedServerConnection {
     }
     fn is_handshaking(&self) -> bool {
         rustls::CommonState::is_handshaking(self)
+    }
+    fn output_may_wait(&self) -> bool {
+        !self.is_handshaking() && self.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
     }
 }
 

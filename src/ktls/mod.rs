@@ -194,6 +194,10 @@ pub enum OffloadError {
     /// The socket could not be made non-blocking (internal).
     #[error("socket setup failed: {0}")]
     Io(#[from] io::Error),
+    /// Records sealed by rustls still wait to go out, so the kernel cannot
+    /// take the keys (internal: the driver sends them first).
+    #[error("handshake records still unsent")]
+    Unsent,
 }
 
 /// Where a connection's records are sealed and opened.

@@ -122,17 +122,25 @@ impl TlsConn {
         let Established {
             conn,
             early_plaintext,
+            unsent,
             peer_closed,
             sni: _,
             acme_validation: _,
         } = est;
+        // The kernel's first record would go out before them, with the
+        // next sequence number: the driver sends them first.
+        if !unsent.is_empty() {
+            return Err(OffloadError::Unsent);
+        }
         let kernel = Kernel::take_over(sys::borrow_fd(&socket), UserConn::Server(conn), rekey)?;
         TlsConn::assemble(socket, Engine::Kernel(kernel), early_plaintext, peer_closed)
     }
 
     /// Keeps rustls sealing and opening records in userspace.
     pub(super) fn userspace(socket: TcpStream, est: Established) -> Result<TlsConn, OffloadError> {
-        let engine = Engine::User(Box::new(User::new(UserConn::Server(est.conn))));
+        let mut user = User::new(UserConn::Server(est.conn));
+        user.hold(est.unsent);
+        let engine = Engine::User(Box::new(user));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
     }
 
@@ -146,6 +154,7 @@ impl TlsConn {
         rekey: bool,
     ) -> Result<TlsConn, OffloadError> {
         let mut user = User::new(UserConn::Server(est.conn));
+        user.hold(est.unsent);
         user.defer = Some(Deferral { after, rekey });
         let engine = Engine::User(Box::new(user));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
@@ -606,13 +615,13 @@ impl TlsReader {
         if u.inbuf.is_empty() {
             crate::buffers::give(std::mem::take(&mut u.inbuf));
         }
-        if result.is_ok() && !u.writing && !u.tls_out.is_empty() {
+        if result.is_ok() && !u.writing && u.tls_out.len() > u.lazy {
             // rustls answered something while reading (a renegotiation
             // refusal, a KeyUpdate reply): the client may be waiting for it
             // and send nothing more, and the writer may have nothing to
             // write for a long time. Send it now, if the socket takes it;
             // what it does not take waits for the writer, in order.
-            let out = std::mem::take(&mut u.tls_out);
+            let out = u.take_out();
             match sys::send_now(sys::borrow_fd(&self.sock), &out) {
                 Ok(n) if n < out.len() => u.tls_out = out[n..].to_vec(),
                 Ok(_) => {}
@@ -700,7 +709,7 @@ impl TlsWriter {
             if let Err(e) = seal_userspace(u, &buf) {
                 return (Err(e), buf);
             }
-            std::mem::take(&mut u.tls_out)
+            u.take_out()
         };
         crate::buffers::give(buf);
         let res = self.send_ciphertext(out).await;
@@ -725,7 +734,7 @@ impl TlsWriter {
                     } else {
                         // The reader queued something (an alert, a
                         // KeyUpdate reply) while this write was in flight.
-                        Some(std::mem::take(&mut u.tls_out))
+                        Some(u.take_out())
                     }
                 }
                 Engine::Kernel(_) | Engine::Lost => None,
@@ -775,13 +784,25 @@ impl TlsWriter {
         let mut shared = self.shared.borrow_mut();
         let rekey = match &mut *shared {
             Engine::User(u) => match u.defer {
-                Some(d)
-                    if bytes >= d.after
-                        && !u.writing
-                        && !u.failed
-                        && u.tls_out.is_empty()
-                        && u.inbuf.is_empty() =>
-                {
+                Some(d) if bytes >= d.after && !u.writing && !u.failed && u.inbuf.is_empty() => {
+                    // Held tickets (`Established::unsent`) go out first, if
+                    // the socket takes them whole (a new connection's send
+                    // buffer does): the kernel's records follow them.
+                    if !u.tls_out.is_empty() && u.tls_out.len() == u.lazy {
+                        match sys::send_now(fd, &u.tls_out) {
+                            Ok(n) if n == u.tls_out.len() => {
+                                u.take_out();
+                            }
+                            Ok(n) => {
+                                u.tls_out.drain(..n);
+                                u.lazy = 0;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    if !u.tls_out.is_empty() {
+                        return Ok(false);
+                    }
                     d.rekey
                 }
                 _ => return Ok(false),
@@ -827,7 +848,7 @@ impl TlsWriter {
     pub fn release_buffers(&mut self) {
         if let Engine::User(u) = &mut *self.shared.borrow_mut() {
             if u.tls_out.is_empty() {
-                crate::buffers::give(std::mem::take(&mut u.tls_out));
+                crate::buffers::give(u.take_out());
             }
         }
     }
@@ -940,7 +961,7 @@ impl TlsWriter {
                     return Ok(());
                 };
                 queue_close_notify(u)?;
-                std::mem::take(&mut u.tls_out)
+                u.take_out()
             };
             self.send_ciphertext(out).await?;
         }
@@ -951,7 +972,7 @@ impl TlsWriter {
     /// under kTLS the reader already sent it), without waiting long.
     pub async fn abort(&mut self) {
         let out = match &mut *self.shared.borrow_mut() {
-            Engine::User(u) if !u.tls_out.is_empty() => std::mem::take(&mut u.tls_out),
+            Engine::User(u) if !u.tls_out.is_empty() => u.take_out(),
             _ => return,
         };
         let _ = monoio::time::timeout(

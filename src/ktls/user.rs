@@ -32,6 +32,11 @@ pub(super) struct User {
     /// `no_renegotiation` warning, a KeyUpdate reply) itself, at once, when
     /// no write is in flight.
     pub(super) tls_out: Vec<u8>,
+    /// How many bytes at the start of `tls_out` may wait for the writer's
+    /// first records: the handshake's held tickets (see
+    /// `Established::unsent`). The reader sends `tls_out` itself only when
+    /// there is more than these.
+    pub(super) lazy: usize,
     /// The writer has sealed records on their way out: the reader must not
     /// send (its bytes would land inside the writer's).
     pub(super) writing: bool,
@@ -60,10 +65,26 @@ impl User {
             conn,
             inbuf: Vec::new(),
             tls_out: Vec::new(),
+            lazy: 0,
             writing: false,
             failed: false,
             defer: None,
         }
+    }
+
+    /// Queues records the handshake sealed but held back, to go out with
+    /// the first records the writer sends.
+    pub(super) fn hold(&mut self, sealed: Vec<u8>) {
+        if !sealed.is_empty() {
+            self.lazy = sealed.len();
+            self.tls_out = sealed;
+        }
+    }
+
+    /// Takes the queued ciphertext to send it.
+    pub(super) fn take_out(&mut self) -> Vec<u8> {
+        self.lazy = 0;
+        std::mem::take(&mut self.tls_out)
     }
 }
 

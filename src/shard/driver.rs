@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::{Shard, ShardGen};
@@ -401,6 +402,16 @@ async fn establish(
         }
         _ => None,
     };
+    // Held tickets (`Established::unsent`) ride with the first record on
+    // rustls' path; where the kernel takes the records now, they go first.
+    if carried && defer.is_none() && !est.unsent.is_empty() {
+        let (res, _) = socket.write_all(std::mem::take(&mut est.unsent)).await;
+        if let Err(e) = res {
+            M::inc(&m.hs_fail_eof);
+            tracing::info!(%peer, error = %e, "handshake failed");
+            return None;
+        }
+    }
     match ktls::establish(socket, est, (mode, &shard.ktls), defer) {
         Ok(conn) => {
             let path = conn.path();
