@@ -81,8 +81,14 @@ pub enum TicketKeyError {
     ShortSecret(usize),
 }
 
+/// HKDF-Extract (RFC 5869 §2.2: PRK = HMAC-Hash(salt, IKM)), done here
+/// rather than by `Salt::extract`: aws-lc-rs's extracted key keeps the
+/// secret and reruns the extract in every expansion, twice per resumed
+/// handshake (one ticket opened, one sealed).
 fn extract(secret: &[u8]) -> hkdf::Prk {
-    hkdf::Salt::new(hkdf::HKDF_SHA256, EXTRACT_SALT).extract(secret)
+    use crate::provider::prims::hmac;
+    let prk = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, EXTRACT_SALT), secret);
+    hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, prk.as_ref())
 }
 
 impl TicketKeys {
@@ -276,6 +282,25 @@ mod tests {
     const L: &[u8] = b"public";
     /// The start of an epoch of one hour.
     const T0: u64 = 500_000 * 3600;
+
+    /// The explicit extract derives what `Salt::extract` does, so hosts
+    /// of a fleet running the releases before and after it share tickets.
+    #[test]
+    fn the_extract_is_hkdfs() {
+        let (mut ours, mut theirs) = ([0u8; 32], [0u8; 32]);
+        extract(SECRET)
+            .expand(&[b"x"], &aead::AES_256_GCM)
+            .unwrap()
+            .fill(&mut ours)
+            .unwrap();
+        hkdf::Salt::new(hkdf::HKDF_SHA256, EXTRACT_SALT)
+            .extract(SECRET)
+            .expand(&[b"x"], &aead::AES_256_GCM)
+            .unwrap()
+            .fill(&mut theirs)
+            .unwrap();
+        assert_eq!(ours, theirs);
+    }
 
     #[test]
     fn hosts_with_one_secret_open_each_others_tickets_across_one_rotation() {
