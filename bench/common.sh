@@ -115,6 +115,38 @@ nginx_conf() {
 CONF
 }
 
+# The main context of an nginx config for the kTLS VM's guest, files under
+# $1 (/tmp/b there): one process (no master, so one pid's ticks are all of
+# nginx's), root (the guest has no other user). Callers name the file
+# nginx-vm.conf: the cleanup above would run `nginx -s stop` on the host
+# against an nginx.conf.
+nginx_vm_head() {
+  cat <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+user root root;
+pid $1/nginx.pid;
+error_log $1/nginx-error.log warn;
+events { worker_connections 1024; }
+CONF
+}
+
+# One ktern listener with TLS on $1 (cert.pem, key.pem under $work) and a
+# `tcp` route to the backend $2.
+ktern_tcp_listener() {
+  cat <<TOML
+[[listener]]
+address = "$1"
+[[listener.certificate]]
+cert = "cert.pem"
+key = "key.pem"
+[listener.route]
+kind = "tcp"
+backends = ["$2"]
+TOML
+}
+
 # A ktern config for $work: one shard on CPU ${KTERN_CPU:-1}, TLS on $1, an
 # `http` route to the upstream $2 keeping ${3:-64} idle backend connections
 # and the lines $4 in its table, plus the KTERN_RUNTIME lines in [runtime]

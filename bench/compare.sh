@@ -32,27 +32,10 @@ bytes=$((64 << 20))
 taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19001 --kind echo --seconds 3600 & pids+=($!)
 taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19002 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
 
-cat > "$work/ktern.toml" <<TOML
-[runtime]
-cpus = [1]
-ktls = "auto"
-[[listener]]
-address = "127.0.0.1:19443"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "tcp"
-backends = ["127.0.0.1:19001"]
-[[listener]]
-address = "127.0.0.1:19444"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "tcp"
-backends = ["127.0.0.1:19002"]
-TOML
+{ printf '[runtime]\ncpus = [1]\nktls = "auto"\n'
+  ktern_tcp_listener 127.0.0.1:19443 127.0.0.1:19001
+  ktern_tcp_listener 127.0.0.1:19444 127.0.0.1:19002
+} > "$work/ktern.toml"
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 

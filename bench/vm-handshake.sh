@@ -38,20 +38,12 @@ bench_name=vm-handshake
 # shellcheck source=bench/common.sh
 . bench/common.sh
 
-# nginx for the guest, files under $1 (/tmp/b there): one process (no
-# master, so one pid's ticks are all of nginx's), root (the guest has no
-# other user). Named nginx-vm.conf: common.sh's cleanup would run
-# `nginx -s stop` on the host against an nginx.conf.
+# nginx for the guest, files under $1 (/tmp/b there), with the stream
+# module $2: common.sh's nginx_vm_head, and compare.sh's stream servers.
 nginx_vm_conf() {
+  echo "load_module $2;"
+  nginx_vm_head "$1"
   cat <<CONF
-load_module $2;
-daemon off;
-master_process off;
-worker_processes 1;
-user root root;
-pid $1/nginx.pid;
-error_log $1/nginx-error.log warn;
-events { worker_connections 1024; }
 stream {
   ssl_certificate $1/cert.pem;
   ssl_certificate_key $1/key.pem;
@@ -68,19 +60,9 @@ nginx -t -q -p "$work" -c "$work/nginx-check.conf" -e "$work/nginx-check.log" ||
   { cat "$work/nginx-check.log" >&2; exit 1; }
 nginx_vm_conf /tmp/b /opt/ngx_stream_module.so > "$work/nginx-vm.conf"
 for k in auto:19542 off:19543; do
-  cat > "$work/ktern-${k%%:*}.toml" <<TOML
-[runtime]
-cpus = [0]
-ktls = "${k%%:*}"
-[[listener]]
-address = "127.0.0.1:${k#*:}"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "tcp"
-backends = ["127.0.0.1:19001"]
-TOML
+  { printf '[runtime]\ncpus = [0]\nktls = "%s"\n' "${k%%:*}"
+    ktern_tcp_listener "127.0.0.1:${k#*:}" 127.0.0.1:19001
+  } > "$work/ktern-${k%%:*}.toml"
   "$bin/ktern" check -c "$work/ktern-${k%%:*}.toml" > "$work/check.log" 2>&1 ||
     { cat "$work/check.log" >&2; exit 1; }
 done

@@ -43,19 +43,11 @@ bench_name=vm-http
 . bench/common.sh
 backend=127.0.0.1:19702
 
-# nginx for the guest, files under $1 (/tmp/b there): one process (no master,
-# so one pid's ticks are all of nginx's), root (the guest has no other user),
-# the settings of common.sh's nginx_conf. Named nginx-vm.conf: common.sh's
-# cleanup would run `nginx -s stop` on the host against an nginx.conf.
+# nginx for the guest, files under $1 (/tmp/b there): common.sh's
+# nginx_vm_head, with the settings of its nginx_conf.
 nginx_vm_conf() {
+  nginx_vm_head "$1"
   cat <<CONF
-daemon off;
-master_process off;
-worker_processes 1;
-user root root;
-pid $1/nginx.pid;
-error_log $1/nginx-error.log warn;
-events { worker_connections 1024; }
 http {
   access_log off;
   client_body_temp_path $1/tmp/body;
