@@ -171,6 +171,30 @@ fn ktls_required_refuses_to_start_without_ktls() {
     }
 }
 
+/// An address another program holds: ktern refuses to start, naming the
+/// file, the field and the problem once.
+#[test]
+fn an_address_in_use_is_refused_once_with_its_file_and_field() {
+    let pki = Pki::new("inuse");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let cfg = pki.dir.join("inuse.toml");
+    let text = tcp_listener("127.0.0.1:9".parse().unwrap(), "")
+        .replace("@CERT@", "cert.pem")
+        .replace("@KEY@", "key.pem")
+        .replace("127.0.0.1:0", &addr.to_string());
+    std::fs::write(&cfg, text).unwrap();
+    let out = ktern().args(["run", "-c"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let problem = format!("listener[0].address: cannot listen on {addr}");
+    assert_eq!(err.matches(&problem).count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("{}: {problem}", cfg.display())),
+        "{err}"
+    );
+}
+
 #[test]
 fn embedded_default_serves_the_builtin_backend() {
     let mut child = ktern()

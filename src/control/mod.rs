@@ -43,8 +43,10 @@ pub enum Source {
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     /// The config file, a certificate or key, or a listener address is
-    /// wrong: every problem with its file and field.
-    #[error("{0}")]
+    /// wrong: every problem with its file and field. Transparent: with
+    /// `{0}` and `#[from]` the error was its own source too, and `main`'s
+    /// `{:#}` printed every problem twice.
+    #[error(transparent)]
     Config(#[from] ConfigError),
     /// Started with the embedded default: there is no file to re-read.
     #[error("ktern runs the embedded default config: there is no file to reload")]
