@@ -359,6 +359,33 @@ async fn establish(
         tracing::info!(%peer, sni = est.sni.as_deref(), "ACME tls-alpn-01 validation answered");
         return None;
     }
+    let mode = gen.config().runtime.ktls;
+    let carried = ktls::kernel_carries(mode, est.conn.negotiated_cipher_suite(), &shard.ktls);
+    let alpn_h2 = est.conn.alpn_protocol() == Some(b"h2");
+    // HTTP/1.1 under `auto`: rustls keeps the records until the first bulk
+    // response (`runtime.ktls_after`); small exchanges cost fewer
+    // instructions on its records than on the kernel's. HTTP/2 multiplexes
+    // one connection's streams and `tcp` routes splice, so those go to the
+    // kernel at once.
+    let runtime = &gen.config().runtime;
+    let defer = match &gen.config().listeners[listener].route {
+        Route::Http(_) if !alpn_h2 && mode == KtlsMode::Auto && runtime.ktls_after > 0 => {
+            Some(runtime.ktls_after)
+        }
+        _ => None,
+    };
+    // Held tickets (`Established::unsent`) ride with the first record on
+    // rustls' path; where the kernel takes the records now, they go first,
+    // still part of the handshake (a failed write is a failed handshake,
+    // as when the pump wrote them).
+    if carried && defer.is_none() && !est.unsent.is_empty() {
+        let (res, _) = socket.write_all(std::mem::take(&mut est.unsent)).await;
+        if let Err(e) = res {
+            M::inc(&m.hs_fail_eof);
+            tracing::info!(%peer, error = %e, "handshake failed");
+            return None;
+        }
+    }
     M::inc(&m.handshakes);
     let f = &m.families;
     f.handshake_seconds.observe(accepted.elapsed());
@@ -367,7 +394,7 @@ async fn establish(
         version: est.conn.protocol_version(),
         suite: est.conn.negotiated_cipher_suite().map(|s| s.suite()),
         kernel: false,
-        alpn_h2: est.conn.alpn_protocol() == Some(b"h2"),
+        alpn_h2,
         resumed: est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         client_auth: gen.config().listeners[listener].client_auth.is_some(),
         client: est
@@ -383,33 +410,9 @@ async fn establish(
         est.conn.negotiated_key_exchange_group().map(|g| g.name()),
         info.resumed,
     );
-    let mode = gen.config().runtime.ktls;
     if tracing::enabled!(tracing::Level::DEBUG) {
         if let Some(p) = est.conn.alpn_protocol() {
             tracing::debug!(%peer, alpn = %String::from_utf8_lossy(p), "ALPN");
-        }
-    }
-    let carried = ktls::kernel_carries(mode, est.conn.negotiated_cipher_suite(), &shard.ktls);
-    // HTTP/1.1 under `auto`: rustls keeps the records until the first bulk
-    // response (`runtime.ktls_after`); small exchanges cost fewer
-    // instructions on its records than on the kernel's. HTTP/2 multiplexes
-    // one connection's streams and `tcp` routes splice, so those go to the
-    // kernel at once.
-    let runtime = &gen.config().runtime;
-    let defer = match &gen.config().listeners[listener].route {
-        Route::Http(_) if !info.alpn_h2 && mode == KtlsMode::Auto && runtime.ktls_after > 0 => {
-            Some(runtime.ktls_after)
-        }
-        _ => None,
-    };
-    // Held tickets (`Established::unsent`) ride with the first record on
-    // rustls' path; where the kernel takes the records now, they go first.
-    if carried && defer.is_none() && !est.unsent.is_empty() {
-        let (res, _) = socket.write_all(std::mem::take(&mut est.unsent)).await;
-        if let Err(e) = res {
-            M::inc(&m.hs_fail_eof);
-            tracing::info!(%peer, error = %e, "handshake failed");
-            return None;
         }
     }
     match ktls::establish(socket, est, (mode, &shard.ktls), defer) {
