@@ -177,6 +177,13 @@ mod hkdf {
                         "{:?} kept rustls' HKDF",
                         ours.suite()
                     );
+                    // And the HKDF it carries is one of ours.
+                    let carried = o.hkdf_provider as *const dyn Hkdf as *const u8;
+                    let mine = [
+                        &super::HKDF_SHA256 as *const _ as *const u8,
+                        &super::HKDF_SHA384 as *const _ as *const u8,
+                    ];
+                    assert!(mine.contains(&carried), "{:?}", ours.suite());
                 }
             }
         }
