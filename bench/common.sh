@@ -132,9 +132,9 @@ events { worker_connections 1024; }
 CONF
 }
 
-# One ktern listener with TLS on $1 (cert.pem, key.pem under $work) and a
-# `tcp` route to the backend $2.
-ktern_tcp_listener() {
+# A ktern listener with TLS on $1 (cert.pem, key.pem under $work), up to
+# its route's kind $2.
+ktern_listener_head() {
   cat <<TOML
 [[listener]]
 address = "$1"
@@ -142,9 +142,14 @@ address = "$1"
 cert = "cert.pem"
 key = "key.pem"
 [listener.route]
-kind = "tcp"
-backends = ["$2"]
+kind = "$2"
 TOML
+}
+
+# One ktern listener with TLS on $1 and a `tcp` route to the backend $2.
+ktern_tcp_listener() {
+  ktern_listener_head "$1" tcp
+  echo "backends = [\"$2\"]"
 }
 
 # A ktern config for $work: one shard on CPU ${KTERN_CPU:-1}, TLS on $1, an
@@ -153,17 +158,9 @@ TOML
 # and the KTERN_RULES rules before the catch-all one.
 # No [access_log]: off, as nginx's.
 ktern_http_conf() {
+  printf '[runtime]\ncpus = [%s]\n%s\n' "${KTERN_CPU:-1}" "${KTERN_RUNTIME:-}"
+  ktern_listener_head "$1" http
   cat <<TOML
-[runtime]
-cpus = [${KTERN_CPU:-1}]
-${KTERN_RUNTIME:-}
-[[listener]]
-address = "$1"
-[[listener.certificate]]
-cert = "cert.pem"
-key = "key.pem"
-[listener.route]
-kind = "http"
 ${KTERN_RULES:-}
 [[listener.route.rule]]
 upstream = "app"
