@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # Guest half of bench/vm-handshake.sh (runs inside the kTLS VM): an echo
 # backend, nginx (stream module: TLS and the plain-TCP floor) and ktern
-# (`tcp` routes, ktls = "auto" and "off"), each measured in turn by two
+# (`tcp` routes: ktls = "auto", "off", and auto with the keys to the kernel
+# at the handshake, "kernel"), each measured in turn by two
 # closed-loop runs of N1 and N2 connections from one client thread: full
 # TLS 1.3 handshakes, then resumed ones (every connection of a run but the
 # first resumes), then plain TCP on the floor listener. Each connection
@@ -23,6 +24,8 @@ nginx=$!
 ktern_auto=$!
 /opt/ktern run -c ktern-off.toml > /dev/null 2> off.log &
 ktern_off=$!
+/opt/ktern run -c ktern-kernel.toml > /dev/null 2> kernel.log &
+ktern_kernel=$!
 
 # Waits (bounded) until PORT is listening: /proc/net/tcp, state 0A.
 listening() {
@@ -34,7 +37,7 @@ listening() {
     $bb sleep 0.1
   done
 }
-for p in 19001 19540 19541 19542 19543; do
+for p in 19001 19540 19541 19542 19543 19544; do
   listening "$p" || { $bb tail -5 /tmp/b/nginx-error.log *.log; exit 1; }
 done
 echo "ktls auto: $($bb grep -m1 -o 'kTLS[^;]*' auto.log)"
@@ -53,7 +56,7 @@ count() { echo "$1" | $bb sed -n 's/^handshakes=\([0-9]*\) .*/\1/p'; }
 fail=0
 for run in nginx:19540:$nginx:full nginx:19540:$nginx:resumed ktern-auto:19542:$ktern_auto:full \
   ktern-auto:19542:$ktern_auto:resumed ktern-off:19543:$ktern_off:full ktern-off:19543:$ktern_off:resumed \
-  floor:19541:$nginx:plain; do
+  ktern-kernel:19544:$ktern_kernel:full ktern-kernel:19544:$ktern_kernel:resumed floor:19541:$nginx:plain; do
   name=${run%%:*} rest=${run#*:}
   port=${rest%%:*} rest=${rest#*:}
   pid=${rest%%:*} kind=${rest#*:}

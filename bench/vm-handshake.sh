@@ -4,8 +4,10 @@
 # have no noise): one vCPU runs the client (`ktern-load handshakes`, one
 # thread, X25519, browsers' suite order), an echo backend and the servers
 # under test: nginx (the host's, stream module: `ssl` + `proxy_pass`) and
-# ktern (`tcp` routes, ktls = "auto", which hands the keys to the kernel at
-# once on a `tcp` route, and "off"), the same ECDSA P-256 certificate.
+# ktern (`tcp` routes: ktls = "auto", whose connections of one byte stay on
+# rustls' records, `ktls_after`; "kernel", auto with ktls_after = "0", which
+# hands the keys to the kernel at the handshake; and "off"), the same ECDSA
+# P-256 certificate.
 # Each connection sends one byte through the echo backend and waits for it,
 # as in bench/compare.sh. The floor: nginx proxying the same connection and
 # byte over plain TCP. Each row takes two runs of --conns/4 and --conns
@@ -59,8 +61,12 @@ nginx_vm_conf "$work" "$module" > "$work/nginx-check.conf"
 nginx -t -q -p "$work" -c "$work/nginx-check.conf" -e "$work/nginx-check.log" ||
   { cat "$work/nginx-check.log" >&2; exit 1; }
 nginx_vm_conf /tmp/b /opt/ngx_stream_module.so > "$work/nginx-vm.conf"
-for k in auto:19542 off:19543; do
-  { printf '[runtime]\ncpus = [0]\nktls = "%s"\n' "${k%%:*}"
+for k in auto:19542 off:19543 kernel:19544; do
+  case ${k%%:*} in
+    kernel) runtime='ktls = "auto"\nktls_after = "0"' ;;
+    *) runtime="ktls = \"${k%%:*}\"" ;;
+  esac
+  { printf '[runtime]\ncpus = [0]\n%b\n' "$runtime"
     ktern_tcp_listener "127.0.0.1:${k#*:}" 127.0.0.1:19001
   } > "$work/ktern-${k%%:*}.toml"
   "$bin/ktern" check -c "$work/ktern-${k%%:*}.toml" > "$work/check.log" 2>&1 ||

@@ -40,7 +40,7 @@ ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts kt
 # KTERN_VM_SUITES narrows the run to some suites (a quicker loop while
 # working on one; CI runs them all).
 read -r -a suites <<< "${KTERN_VM_SUITES:-ktls_vm http live l4 h2 certs proxy_protocol}"
-declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive" [l4]="idle_connections_stay passthrough upstream_tls")
+declare -A filters=([live]="reload_under_load drain_ resumption metrics_ old_keep_alive" [l4]="idle_connections_stay passthrough upstream_tls tcp_connection_moves")
 test_bins=()
 for t in "${suites[@]}"; do
   bin=$(cargo test --quiet --no-run --test "$t" --message-format=json 2>/dev/null | artifacts "$t")

@@ -499,10 +499,11 @@ fn before_the_first_order_a_stand_in_serves_and_bad_orders_are_config_errors() {
     // No CA at this address: the order fails and is retried, while a
     // self-signed stand-in serves the names.
     let (_held, refusing) = refusing_port();
-    let port = free_port();
+    // Port 0: nothing here needs to know it ahead (a port picked by
+    // `free_port` can be taken by a parallel test before ktern binds it).
     let config = format!(
         "[acme]\nstate_dir = \"{}\"\nretry = \"1s\"\nretry_max = \"1s\"\n\n\
-         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\n\
          [[listener.certificate]]\nacme = {{ domains = [\"c.acme.test\"], directory = \"https://{refusing}/dir\" }}\n\
          [listener.route]\nkind = \"tcp\"\nbackends = [\"{}\"]\n",
         pki.dir.join("acme").display(),

@@ -570,6 +570,82 @@ fn idle_connections_stay_within_their_memory_budget() {
     );
 }
 
+/// `runtime.ktls_after` on a `tcp` route (the default hand-over, here at
+/// 64 KiB): a connection's records stay on rustls while it exchanges small
+/// messages, however many bytes those add up to, and its keys go to the
+/// kernel, mid-connection, once the backend sends 64 KiB with nothing from
+/// the client in between (a bulk download). Every byte before and after
+/// arrives intact, both ways, on TLS 1.3 and 1.2; in the kTLS VM the
+/// kernel's own counters show the hand-over and when it happened.
+#[test]
+fn a_tcp_connection_moves_its_keys_to_the_kernel_at_the_backends_first_bulk_burst() {
+    use std::io::BufRead;
+    let pki = Pki::new("tcpafter");
+    let backend = start_backend();
+    let k = Ktern::start(&pki, "ktls_after = \"64k\"\n", &tcp_listener(backend, ""));
+    let vm = in_vm();
+    // Kernel TLS sessions set up since ktern is listening (its start-up
+    // probe of the kernel's ciphers sets up some of its own before).
+    let base = tls_stat();
+    let sw = || ["TlsTxSw", "TlsRxSw"].map(|c| tls_stat_since(&base, c));
+    for (i, tls12) in [false, true].into_iter().enumerate() {
+        let i = i as u64;
+        let opts = ClientOpts {
+            tls12,
+            ..ClientOpts::default()
+        };
+        let mut c = std::io::BufReader::new(connect(k.addr(), &pki, opts));
+        c.get_mut().write_all(b"LINES\n").unwrap();
+        let echo = |c: &mut std::io::BufReader<Client>, what: &str| {
+            writeln!(c.get_mut(), "{what}").unwrap();
+            let mut line = String::new();
+            c.read_line(&mut line).unwrap();
+            assert_eq!(line, format!("{what}\n"));
+        };
+        let down = |c: &mut std::io::BufReader<Client>, n: usize, seed: u64| {
+            writeln!(c.get_mut(), "DOWN {n} {seed}").unwrap();
+            let mut got = vec![0; n];
+            c.read_exact(&mut got).unwrap();
+            assert!(got == pattern(n, seed), "download of {n} differs");
+        };
+        for j in 0..5 {
+            echo(&mut c, &format!("small {j}"));
+        }
+        // Two replies just under the threshold, with a request between
+        // them: 120 KB in all, but no burst of 64 KiB.
+        down(&mut c, 60_000, 1);
+        echo(&mut c, "between");
+        down(&mut c, 60_000, 2);
+        if vm {
+            assert_eq!(k.metric("ktern_ktls_deferred_total"), i + 1);
+            assert_eq!(k.metric("ktern_ktls_promoted_total"), i);
+            assert_eq!(sw(), [i; 2], "nothing in the kernel yet");
+        }
+        down(&mut c, 300_000, 3);
+        // The same connection goes on, both directions, on the new path.
+        echo(&mut c, "after");
+        let data = pattern(100_000, 4);
+        writeln!(c.get_mut(), "UP {}", data.len()).unwrap();
+        c.get_mut().write_all(&data).unwrap();
+        let mut line = String::new();
+        c.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{} {}\n", data.len(), sha256(&data)));
+        echo(&mut c, "last");
+        if vm {
+            assert_eq!(k.metric("ktern_ktls_promoted_total"), i + 1);
+            assert_eq!(k.metric("ktern_ktls_offloaded_total"), i + 1);
+            assert_eq!(sw(), [i + 1; 2], "the kernel took both keys");
+            assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+        }
+    }
+    if !vm {
+        // No kTLS here: both connections stayed on rustls, nothing deferred.
+        assert_eq!(k.metric("ktern_ktls_deferred_total"), 0);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 2);
+        assert_eq!(k.metric("ktern_ktls_promoted_total"), 0);
+    }
+}
+
 /// A passthrough listener: `*.wild.test` to backend `wild`, `a.sni.test`
 /// to `a` (with ALPN h2 to `a2`), the rest to `fallback` when `default`.
 fn passthrough_config(pki: &Pki, default: bool, extra_route: &str) -> String {

@@ -222,9 +222,11 @@ pub struct Runtime {
     pub cpus: Vec<usize>,
     /// Whether record crypto goes to the kernel.
     pub ktls: KtlsMode,
-    /// With `ktls = "auto"`, an HTTP/1.1 connection's records stay in
-    /// userspace until its first response body of at least this many bytes
-    /// (then its keys go to the kernel for good); 0: at the handshake. For
+    /// With `ktls = "auto"`, a connection's records stay in userspace until
+    /// its first bulk transfer of at least this many bytes (HTTP/1.1: a
+    /// response body; a `tcp` route: the backend's bytes with nothing from
+    /// the client between), then its keys go to the kernel for good; 0: at
+    /// the handshake. For
     /// small records the kernel's record path costs more instructions than
     /// rustls' (bench/vm-http.sh); for bulk it costs less and allows
     /// sendfile and splice.

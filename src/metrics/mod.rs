@@ -56,7 +56,7 @@ counters! {
     hs_fail_eof => "ktern_handshake_failures_eof_total", "Handshakes failed: client closed or reset mid-handshake.";
     ktls_offloaded => "ktern_ktls_offloaded_total", "Connections whose record crypto went to the kernel.";
     ktls_userspace => "ktern_ktls_userspace_total", "Connections kept on userspace rustls records.";
-    ktls_deferred => "ktern_ktls_deferred_total", "HTTP/1.1 connections started on userspace records, their keys to go to the kernel at the first response of `ktls_after` bytes.";
+    ktls_deferred => "ktern_ktls_deferred_total", "Connections started on userspace records under ktls auto, their keys to go to the kernel at their first bulk transfer of `ktls_after` bytes.";
     http_spliced_bytes => "ktern_http_spliced_bytes_total", "Response body bytes an HTTP/1.1 connection moved from a plain backend to its kTLS socket by splice, never copied to userspace (bodies of known length from 64 KiB).";
     ktls_promoted => "ktern_ktls_promoted_total", "Deferred connections whose keys went to the kernel mid-connection (also counted in ktern_ktls_offloaded_total).";
     ktls_offload_errors => "ktern_ktls_offload_errors_total", "Connections closed because the kernel refused the keys.";

@@ -13,6 +13,11 @@
 //! Under kTLS the payload never enters userspace: socket → pipe → socket with
 //! `splice`, pipes reused from the shard's pool. On the userspace path it
 //! moves through one owned buffer per direction.
+//!
+//! A deferred connection (`runtime.ktls_after`) starts on the userspace
+//! path and moves to the kernel's once the backend sends a burst of that
+//! many bytes with nothing from the client in between (a bulk download);
+//! each direction then switches to `splice` at its next step.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -28,6 +33,7 @@ use monoio::net::TcpStream;
 use super::idle::Idle;
 use crate::ktls::stream::Spliced;
 use crate::ktls::{Path, StreamError, TlsConn, TlsReader, TlsWriter};
+use crate::metrics::ShardMetrics as M;
 use crate::sys::{self, Pipe, ReadSide, WriteSide};
 
 /// Bytes moved per splice call: the default pipe capacity (16 pages), so one
@@ -108,13 +114,11 @@ pub struct Session {
     writer: TlsWriter,
     backend_rd: ReadSide,
     backend_wr: WriteSide,
-    kernel: bool,
 }
 
 impl Session {
     /// Pairs an established client connection with a connected backend.
     pub fn new(conn: TlsConn, backend: TcpStream) -> Result<Session, ProxyError> {
-        let kernel = conn.path() == Path::Kernel;
         let (backend_rd, backend_wr) = sys::split_stream(backend).map_err(ProxyError::Upstream)?;
         let (reader, writer) = conn.split();
         Ok(Session {
@@ -122,7 +126,6 @@ impl Session {
             writer,
             backend_rd,
             backend_wr,
-            kernel,
         })
     }
 
@@ -134,16 +137,17 @@ impl Session {
         idle: &Idle,
         pipes: &PipePool,
         moved: &Cell<Moved>,
+        metrics: &M,
     ) -> Result<(), ProxyError> {
         let result = tunnel(
             &mut self.reader,
             &mut self.writer,
             &mut self.backend_rd,
             &mut self.backend_wr,
-            self.kernel,
             idle,
             pipes,
             moved,
+            metrics,
         )
         .await;
         let rekeys = self.reader.rekeys();
@@ -425,17 +429,20 @@ pub async fn tunnel(
     writer: &mut TlsWriter,
     backend_rd: &mut ReadSide,
     backend_wr: &mut WriteSide,
-    kernel: bool,
     idle: &Idle,
     pipes: &PipePool,
     moved: &Cell<Moved>,
+    metrics: &M,
 ) -> Result<(), ProxyError> {
+    // Bytes from the backend since the client last sent some: the measure
+    // of a bulk download for a deferred connection's hand-over.
+    let burst = Cell::new(0u64);
     let result = {
         let up = pin!(client_to_backend(
-            reader, backend_wr, kernel, pipes, idle, moved
+            reader, backend_wr, pipes, idle, moved, &burst
         ));
         let down = pin!(backend_to_client(
-            backend_rd, writer, kernel, pipes, idle, moved
+            backend_rd, writer, pipes, idle, moved, &burst, metrics
         ));
         both_or_first_error(up, down, idle).await
     };
@@ -461,19 +468,34 @@ fn note(activity: &Idle, moved: &Cell<Moved>, up: u64, down: u64) {
 async fn client_to_backend(
     reader: &mut TlsReader,
     backend: &mut WriteSide,
-    kernel: bool,
     pipes: &PipePool,
     activity: &Idle,
     moved: &Cell<Moved>,
+    burst: &Cell<u64>,
 ) -> Result<(), ProxyError> {
-    let early = reader.take_pending();
-    if !early.is_empty() {
-        let n = early.len() as u64;
-        let (res, _) = Box::pin(backend.get_mut().write_all(early)).await;
+    // Userspace records, until the other direction hands the keys to the
+    // kernel (a read waiting then goes on with the kernel's records).
+    // Boxed: only the userspace path needs this future; the kernel path's
+    // idle state should not pay for its size.
+    while reader.path() == Path::Userspace {
+        let Some(chunk) = Box::pin(reader.read_chunk()).await? else {
+            break;
+        };
+        burst.set(0);
+        let n = chunk.len() as u64;
+        let (res, _) = Box::pin(backend.get_mut().write_all(chunk)).await;
         res.map_err(ProxyError::Upstream)?;
         note(activity, moved, n, 0);
     }
-    if kernel {
+    if reader.path() == Path::Kernel {
+        // Plaintext rustls decrypted before the hand-over goes first.
+        let early = reader.take_pending();
+        if !early.is_empty() {
+            let n = early.len() as u64;
+            let (res, _) = Box::pin(backend.get_mut().write_all(early)).await;
+            res.map_err(ProxyError::Upstream)?;
+            note(activity, moved, n, 0);
+        }
         // A pipe is held only while bytes flow; an idle connection has none.
         let mut held: Option<Pipe> = None;
         loop {
@@ -499,15 +521,6 @@ async fn client_to_backend(
                 }
             }
         }
-    } else {
-        // Boxed: only the userspace path needs this future; the kernel
-        // path's idle state should not pay for its size.
-        while let Some(chunk) = Box::pin(reader.read_chunk()).await? {
-            let n = chunk.len() as u64;
-            let (res, _) = Box::pin(backend.get_mut().write_all(chunk)).await;
-            res.map_err(ProxyError::Upstream)?;
-            note(activity, moved, n, 0);
-        }
     }
     // Half-close: the client is done sending; the backend's reply still comes back.
     sys::shutdown_write(sys::borrow_fd(backend)).map_err(ProxyError::Upstream)?;
@@ -517,92 +530,128 @@ async fn client_to_backend(
 async fn backend_to_client(
     backend: &mut ReadSide,
     writer: &mut TlsWriter,
-    kernel: bool,
     pipes: &PipePool,
     activity: &Idle,
     moved: &Cell<Moved>,
+    burst: &Cell<u64>,
+    metrics: &M,
 ) -> Result<(), ProxyError> {
-    if kernel {
-        let mut held: Option<Pipe> = None;
-        loop {
-            let pipe = match held.take() {
-                Some(p) => p,
-                None => pipes.take().map_err(ProxyError::Upstream)?,
-            };
-            match sys::splice(sys::borrow_fd(backend), pipe.tx.as_fd(), SPLICE_CHUNK) {
-                Ok(0) => {
-                    pipes.give(pipe);
-                    break;
-                }
-                Ok(n) => {
-                    Box::pin(writer.splice_from(&pipe, n)).await?;
-                    note(activity, moved, 0, n as u64);
-                    held = Some(pipe);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    pipes.give(pipe);
-                    backend
-                        .get()
-                        .readable(false)
-                        .await
-                        .map_err(ProxyError::Upstream)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => held = Some(pipe),
-                Err(e) => return Err(ProxyError::Upstream(e)),
-            }
+    if writer.path() == Path::Userspace {
+        if !Box::pin(copy_to_client(backend, writer, activity, moved, burst)).await? {
+            Box::pin(writer.close()).await?;
+            return Ok(());
         }
-    } else {
-        // No buffer while idle: wait for bytes, then allocate one, unless
-        // the last read filled its buffer (more is probably queued); keep it
-        // across reads while data streams.
-        let mut hot = false;
-        let mut spare: Option<Vec<u8>> = None;
-        loop {
-            if !hot {
-                if let Some(b) = spare.take() {
-                    crate::buffers::give(b);
-                }
-                writer.release_buffers();
+        M::inc(&metrics.ktls_offloaded);
+        M::inc(&metrics.ktls_promoted);
+        tracing::debug!(
+            burst = burst.get(),
+            "keys to the kernel for a bulk download"
+        );
+    }
+    let mut held: Option<Pipe> = None;
+    loop {
+        let pipe = match held.take() {
+            Some(p) => p,
+            None => pipes.take().map_err(ProxyError::Upstream)?,
+        };
+        match sys::splice(sys::borrow_fd(backend), pipe.tx.as_fd(), SPLICE_CHUNK) {
+            Ok(0) => {
+                pipes.give(pipe);
+                break;
+            }
+            Ok(n) => {
+                Box::pin(writer.splice_from(&pipe, n)).await?;
+                note(activity, moved, 0, n as u64);
+                held = Some(pipe);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipes.give(pipe);
                 backend
                     .get()
                     .readable(false)
                     .await
                     .map_err(ProxyError::Upstream)?;
             }
-            // The userspace writer hands back an empty buffer (it keeps
-            // none while a slow client drains): take a cached one then.
-            let mut buf = match spare.take() {
-                Some(b) if b.capacity() >= COPY_BUF => b,
-                _ => crate::buffers::take(COPY_BUF),
-            };
-            buf.clear();
-            // After readiness, one `recv` (the read side submits no
-            // io_uring operation of its own).
-            let n = match sys::recv_upto(sys::borrow_fd(backend), &mut buf, COPY_BUF) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    hot = false;
-                    spare = Some(buf);
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    spare = Some(buf);
-                    continue;
-                }
-                Err(e) => return Err(ProxyError::Upstream(e)),
-            };
-            if n == 0 {
-                break;
-            }
-            hot = n == COPY_BUF;
-            let (res, buf) = Box::pin(writer.write_all(buf)).await;
-            res?;
-            spare = Some(buf);
-            note(activity, moved, 0, n as u64);
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => held = Some(pipe),
+            Err(e) => return Err(ProxyError::Upstream(e)),
         }
     }
     Box::pin(writer.close()).await?;
     Ok(())
+}
+
+/// The userspace path of [`backend_to_client`]: rustls seals what the
+/// backend sends. `Ok(true)` when the keys went to the kernel (a deferred
+/// connection's burst reached its threshold) and the caller carries on
+/// with `splice`; `Ok(false)` at the backend's end of stream.
+async fn copy_to_client(
+    backend: &mut ReadSide,
+    writer: &mut TlsWriter,
+    activity: &Idle,
+    moved: &Cell<Moved>,
+    burst: &Cell<u64>,
+) -> Result<bool, ProxyError> {
+    // No buffer while idle: wait for bytes, then allocate one, unless
+    // the last read filled its buffer (more is probably queued); keep it
+    // across reads while data streams.
+    let mut hot = false;
+    let mut spare: Option<Vec<u8>> = None;
+    let promoted = loop {
+        if !hot {
+            if let Some(b) = spare.take() {
+                crate::buffers::give(b);
+            }
+            writer.release_buffers();
+            backend
+                .get()
+                .readable(false)
+                .await
+                .map_err(ProxyError::Upstream)?;
+        }
+        // The userspace writer hands back an empty buffer (it keeps
+        // none while a slow client drains): take a cached one then.
+        let mut buf = match spare.take() {
+            Some(b) if b.capacity() >= COPY_BUF => b,
+            _ => crate::buffers::take(COPY_BUF),
+        };
+        buf.clear();
+        // After readiness, one `recv` (the read side submits no
+        // io_uring operation of its own).
+        let n = match sys::recv_upto(sys::borrow_fd(backend), &mut buf, COPY_BUF) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                hot = false;
+                spare = Some(buf);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                spare = Some(buf);
+                continue;
+            }
+            Err(e) => return Err(ProxyError::Upstream(e)),
+        };
+        if n == 0 {
+            break false;
+        }
+        hot = n == COPY_BUF;
+        burst.set(burst.get() + n as u64);
+        // A bulk download: these bytes are the kernel's first records.
+        // Not at a record boundary (a client record partly received), the
+        // next read tries again.
+        let promoted = writer.bulk_ahead(burst.get())?;
+        let (res, buf) = Box::pin(writer.write_all(buf)).await;
+        res?;
+        note(activity, moved, 0, n as u64);
+        if promoted {
+            crate::buffers::give(buf);
+            break true;
+        }
+        spare = Some(buf);
+    };
+    if let Some(b) = spare {
+        crate::buffers::give(b);
+    }
+    Ok(promoted)
 }
 
 /// Splices exactly `n` bytes from the pipe into a plain socket.

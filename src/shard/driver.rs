@@ -362,16 +362,19 @@ async fn establish(
     let mode = gen.config().runtime.ktls;
     let carried = ktls::kernel_carries(mode, est.conn.negotiated_cipher_suite(), &shard.ktls);
     let alpn_h2 = est.conn.alpn_protocol() == Some(b"h2");
-    // HTTP/1.1 under `auto`: rustls keeps the records until the first bulk
-    // response (`runtime.ktls_after`); small exchanges cost fewer
-    // instructions on its records than on the kernel's. HTTP/2 multiplexes
-    // one connection's streams and `tcp` routes splice, so those go to the
-    // kernel at once.
+    // Under `auto`, rustls keeps the records until the first bulk transfer
+    // (`runtime.ktls_after`): small exchanges cost fewer instructions on
+    // its records than on the kernel's (bench/vm-http.sh), and a
+    // connection that moves only a few bytes saves the kernel's set-up
+    // (bench/vm-handshake.sh). HTTP/1.1 hands over at its first bulk
+    // response, a `tcp` route at the backend's first bulk burst. HTTP/2
+    // multiplexes one connection's streams, and a `tcp` route with `tls`
+    // splices kTLS to kTLS: those go to the kernel at once.
     let runtime = &gen.config().runtime;
+    let after = (mode == KtlsMode::Auto && runtime.ktls_after > 0).then_some(runtime.ktls_after);
     let defer = match &gen.config().listeners[listener].route {
-        Route::Http(_) if !alpn_h2 && mode == KtlsMode::Auto && runtime.ktls_after > 0 => {
-            Some(runtime.ktls_after)
-        }
+        Route::Http(_) if !alpn_h2 => after,
+        Route::Tcp(route) if route.tls.is_none() => after,
         _ => None,
     };
     // Held tickets (`Established::unsent`) ride with the first record on
@@ -575,7 +578,7 @@ fn proxy<'a>(
                             // Boxed: the tunnel's state is the `tcp` route's
                             // alone; inline, every connection's task (an
                             // idle HTTP one too) would carry its size.
-                            Box::pin(session.run(&idle, &shard.pipes, &moved))
+                            Box::pin(session.run(&idle, &shard.pipes, &moved, m))
                                 .await
                                 .map_err(Failure::Tcp)
                         }
@@ -696,6 +699,10 @@ impl Failure {
         match self {
             Failure::Tcp(e) | Failure::Http(HttpError::Tunnel(e)) => match e {
                 ProxyError::Idle(_) => (&m.idle_timeouts, "idle"),
+                // A deferred connection's hand-over to the kernel failed.
+                ProxyError::Downstream(StreamError::Offload(_)) => {
+                    (&m.ktls_offload_errors, "internal")
+                }
                 ProxyError::Upstream(_) | ProxyError::UpstreamTls(_) => {
                     (&m.upstream_errors, "upstream")
                 }

@@ -175,6 +175,29 @@ fn backend_conn(conn: TcpStream) -> std::io::Result<()> {
             socket2::SockRef::from(&out).set_linger(Some(std::time::Duration::ZERO))?;
             return Ok(());
         }
+        ["LINES"] => {
+            // Many exchanges on one connection: `DOWN n seed` sends n
+            // pattern bytes, `UP n` reads n bytes and answers their length
+            // and sha256; any other line comes back as it came.
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    break;
+                }
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["DOWN", n, seed] => {
+                        out.write_all(&pattern(n.parse().unwrap(), seed.parse().unwrap()))?
+                    }
+                    ["UP", n] => {
+                        let mut all = vec![0; n.parse().unwrap()];
+                        reader.read_exact(&mut all)?;
+                        writeln!(out, "{} {}", all.len(), sha256(&all))?;
+                    }
+                    _ => out.write_all(line.as_bytes())?,
+                }
+            }
+        }
         ["ECHO"] => {
             let mut buf = [0u8; 16384];
             loop {

@@ -1095,16 +1095,15 @@ async fn upgrade(
         }
     };
     let (mut backend_rd, mut backend_wr) = crate::sys::split_stream(backend).map_err(tunnel_err)?;
-    let kernel = reader.path() == Path::Kernel;
     tcp::tunnel(
         reader,
         writer,
         &mut backend_rd,
         &mut backend_wr,
-        kernel,
         &idle,
         ctx.pipes,
         ctx.moved,
+        ctx.metrics,
     )
     .await
     .map_err(HttpError::Tunnel)?;
