@@ -6,7 +6,7 @@ Usage: report.py DATA_DIR ROUNDS > RESULTS.md
 DATA_DIR holds machine.txt (key=value) and, per round N, the JSON objects of
 compare.sh (l4.N.json), compare-http.sh (http.N.json), compare-h2.sh
 (h2.N.json) and compare-files.sh (files.N.json); optionally the kTLS VM's
-outputs (vm-http.txt, vm-bulk.txt, vm-l4.txt). Every figure in the tables is
+outputs (vm-http.txt, vm-bulk.txt, vm-l4.txt, vm-handshake.txt). Every figure in the tables is
 the median over the rounds; the per-round figures follow them, so the spread
 is on the page too.
 """
@@ -180,10 +180,15 @@ out.append("")
 
 for name, title in [("vm-http.txt", "kTLS VM: keep-alive requests (`bench/vm-http.sh`)"),
                     ("vm-bulk.txt", "kTLS VM: 32 MiB proxied downloads (`bench/vm-http.sh --body 33554432`)"),
-                    ("vm-l4.txt", "kTLS VM: L4 with TLS both ways (`bench/vm-l4-tls.sh`)")]:
+                    ("vm-l4.txt", "kTLS VM: L4 with TLS both ways (`bench/vm-l4-tls.sh`)"),
+                    ("vm-handshake.txt", "kTLS VM: full and resumed handshakes (`bench/vm-handshake.sh`)")]:
     path = os.path.join(data, name)
     if os.path.exists(path):
         lines = open(path).read().splitlines()
+        # vm-handshake.sh prints its guest's raw lines first: its table.
+        heads = [i for i, l in enumerate(lines) if l.startswith("server ")]
+        if heads:
+            lines = lines[heads[-1]:]
         out.append(f"## {title}\n\n```\n" + "\n".join(lines[-25:]) + "\n```\n")
 
 out.append("## Every round\n")

@@ -10,8 +10,9 @@
 # CPU 0, so the machine needs 2 CPUs; every load is bounded in count and time.
 # Usage:
 #   bench/run.sh [--rounds 3] [--seconds 10] [--idle 2000] [--vm] [--out bench/RESULTS.md]
-# --vm adds the kTLS VM's instruction counts (bench/vm-http.sh and
-# bench/vm-l4-tls.sh under qemu -icount; needs scripts/ktls-vm.sh's kernels).
+# --vm adds the kTLS VM's instruction counts (bench/vm-http.sh,
+# bench/vm-l4-tls.sh and bench/vm-handshake.sh under qemu -icount; needs
+# scripts/ktls-vm.sh's kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,6 +82,7 @@ if [ "$vm" = 1 ]; then
   bench/vm-http.sh --requests 20000 | tee "$data/vm-http.txt"
   bench/vm-http.sh --requests 8 --body 33554432 --conns 2 | tee "$data/vm-bulk.txt"
   bench/vm-l4-tls.sh --downloads 2 --mib 32 | tee "$data/vm-l4.txt"
+  bench/vm-handshake.sh | tee "$data/vm-handshake.txt"
 fi
 python3 bench/report.py "$data" "$rounds" > "$out"
 echo "wrote $out"
