@@ -186,9 +186,9 @@ for name, title in [("vm-http.txt", "kTLS VM: keep-alive requests (`bench/vm-htt
     if os.path.exists(path):
         lines = open(path).read().splitlines()
         # vm-handshake.sh prints its guest's raw lines first: its table.
-        heads = [i for i, l in enumerate(lines) if l.startswith("server ")]
+        heads = [i for i, l in enumerate(lines) if l.startswith(("crypto per", "server "))]
         if heads:
-            lines = lines[heads[-1]:]
+            lines = lines[heads[0]:]
         out.append(f"## {title}\n\n```\n" + "\n".join(lines[-25:]) + "\n```\n")
 
 out.append("## Every round\n")

@@ -88,6 +88,12 @@ for run in nginx:19540:$nginx:full nginx:19540:$nginx:resumed ktern-auto:19542:$
       $bb awk -v n="$name" '/^ +[0-9.]+%/ { if (++i <= 40) print "perf " n " " $0 }'
   fi
 done
+# The crypto floor: a full handshake's server-side crypto (X25519 share and
+# agreement, an ECDSA P-256 signature) in one thread, n1 then n2 times.
+c1=$(/opt/ktern-load crypto --count "$n1")
+c2=$(/opt/ktern-load crypto --count "$n2")
+echo "crypto n1=$n1 $(echo "$c1" | $bb sed 's/handshakes=[0-9]* //; s/_ns=/_ns1=/g')" \
+  "n2=$n2 $(echo "$c2" | $bb sed 's/handshakes=[0-9]* //; s/_ns=/_ns2=/g')"
 if [ -s /tmp/b/nginx-error.log ]; then
   echo "nginx error log:"
   $bb tail -5 /tmp/b/nginx-error.log

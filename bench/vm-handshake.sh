@@ -81,7 +81,7 @@ KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel" --mem
   -- "$PWD/bench/vm-handshake-guest.sh" "$n1" "$n2" > "$work/guest.log" ||
   { grep -v '^\[' "$work/guest.log" | tail -40 >&2; exit 1; }
 echo "VM run: $(($(date +%s) - start)) s (guest log: $work/guest.log)"
-grep -E '^(hs|ktls|tlsstat|perf) |KTERN-VM-EXIT' "$work/guest.log"
+grep -E '^(hs|ktls|tlsstat|perf|crypto) |KTERN-VM-EXIT' "$work/guest.log"
 python3 - "$work/guest.log" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
@@ -90,13 +90,26 @@ for m in re.finditer(r"^hs (\S+) (\S+) (.*)$", text, re.M):
     r = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(3))}
     rows[(m.group(1), m.group(2))] = (r["ns2"] - r["ns1"]) / (r["n2"] - r["n1"])
 floor = rows.get(("floor", "plain"))
-print(f"\n{'server':12} {'kind':8} {'instr/conn':>11} {'vs nginx':>9} {'vs floor':>9}")
+# The crypto a handshake cannot avoid, per handshake: the key exchange
+# (full and resumed, psk_dhe_ke) and the signature (full only).
+crypto = {}
+m = re.search(r"^crypto (.*)$", text, re.M)
+if m:
+    c = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+    kx = (c["kx_ns2"] - c["kx_ns1"]) / (c["n2"] - c["n1"])
+    sign = (c["sign_ns2"] - c["sign_ns1"]) / (c["n2"] - c["n1"])
+    crypto = {"full": kx + sign, "resumed": kx}
+    print(f"\ncrypto per handshake: X25519 share and agreement {kx / 1e3:.1f} k,"
+          f" ECDSA P-256 signature {sign / 1e3:.1f} k instructions")
+print(f"\n{'server':12} {'kind':8} {'instr/conn':>11} {'vs nginx':>9} {'vs floor':>9} {'vs floor+crypto':>16}")
 for (name, kind), v in rows.items():
     base = rows.get(("nginx", kind))
     vs = f"{v / base:8.2f}x" if base else f"{'':>9}"
     fl = f"{v / floor:8.2f}x" if floor else f"{'':>9}"
-    print(f"{name:12} {kind:8} {v / 1e3:9.1f} k {vs} {fl}")
+    fc = f"{v / (floor + crypto[kind]):15.2f}x" if floor and kind in crypto else ""
+    print(f"{name:12} {kind:8} {v / 1e3:9.1f} k {vs} {fl} {fc}")
 print("instr/conn: the server's run time (schedstat, ns = instructions under icount) over the"
       " difference of two runs' connections; floor: nginx proxying the same connection and byte"
-      " over plain TCP")
+      " over plain TCP; floor+crypto: that plus the handshake's own crypto (ktern-load crypto:"
+      " X25519 share and agreement, and for a full handshake an ECDSA P-256 signature)")
 PY

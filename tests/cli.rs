@@ -339,6 +339,25 @@ fn module_graph_has_no_cycles_and_config_imports_no_stage() {
     }
 }
 
+/// `ktern-load crypto` (bench/vm-handshake.sh's crypto floor) does the
+/// server's handshake crypto the given number of times and reports the
+/// CPU time of each part.
+#[test]
+fn ktern_load_measures_the_handshake_crypto_floor() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ktern-load"))
+        .args(["--json", "crypto", "--count", "20"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect(&text);
+    assert_eq!(v["handshakes"].as_u64(), Some(20), "{v}");
+    // 20 X25519 agreements and 20 P-256 signatures take well over a
+    // microsecond each, whatever the machine.
+    assert!(v["kx_ns"].as_u64().unwrap() >= 20_000, "{v}");
+    assert!(v["sign_ns"].as_u64().unwrap() >= 20_000, "{v}");
+}
+
 /// `ktern-load --json` prints each summary as one JSON object whose
 /// numbers are numbers (for scripts that collect results), the same
 /// fields as the `key=value` line.

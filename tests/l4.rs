@@ -572,9 +572,10 @@ fn idle_connections_stay_within_their_memory_budget() {
 
 /// `runtime.ktls_after` on a `tcp` route (the default hand-over, here at
 /// 64 KiB): a connection's records stay on rustls while it exchanges small
-/// messages, however many bytes those add up to, and its keys go to the
-/// kernel, mid-connection, once the backend sends 64 KiB with nothing from
-/// the client in between (a bulk download). Every byte before and after
+/// messages, however many bytes those add up to (replies with requests
+/// between them, or a backend pushing small messages), and its keys go to
+/// the kernel, mid-connection, once the backend sends 64 KiB in full
+/// records with nothing from the client in between (a bulk download). Every byte before and after
 /// arrives intact, both ways, on TLS 1.3 and 1.2; in the kTLS VM the
 /// kernel's own counters show the hand-over and when it happened.
 #[test]
@@ -616,6 +617,11 @@ fn a_tcp_connection_moves_its_keys_to_the_kernel_at_the_backends_first_bulk_burs
         down(&mut c, 60_000, 1);
         echo(&mut c, "between");
         down(&mut c, 60_000, 2);
+        // 80 KB pushed in 1 KB messages: no full record among them.
+        writeln!(c.get_mut(), "DRIP 80000 1000 5").unwrap();
+        let mut got = vec![0; 80_000];
+        c.read_exact(&mut got).unwrap();
+        assert!(got == pattern(80_000, 5), "the drip differs");
         if vm {
             assert_eq!(k.metric("ktern_ktls_deferred_total"), i + 1);
             assert_eq!(k.metric("ktern_ktls_promoted_total"), i);

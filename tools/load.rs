@@ -74,6 +74,16 @@ fn report(line: &str) {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// The server's crypto in one full TLS 1.3 handshake, `--count` times
+    /// in this thread through ktern's provider: an X25519 key share, its
+    /// agreement, and an ECDSA P-256 CertificateVerify signature (the
+    /// floor a full handshake's CPU is measured against, with a plain-TCP
+    /// connection's; a resumed one does the key exchange only). Reports
+    /// this thread's CPU time for each part, in all.
+    Crypto {
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+    },
     /// Full TLS 1.3 handshakes for `--seconds` from `--threads` threads.
     Handshakes {
         #[arg(long)]
@@ -879,10 +889,56 @@ fn rss(
     let _ = backend.wait();
 }
 
+/// This thread's time on a CPU so far, in ns (under qemu's `-icount
+/// shift=0` a ns is one guest instruction).
+fn thread_cpu_ns() -> u64 {
+    ktern::sys::thread_cpu_time().as_nanos() as u64
+}
+
+fn crypto(count: u64) {
+    let provider = ktern::handshake::crypto_provider();
+    let x25519 = provider
+        .kx_groups
+        .iter()
+        .find(|g| g.name() == rustls::NamedGroup::X25519)
+        .expect("the provider has X25519");
+    let peer = x25519.start().unwrap().pub_key().to_vec();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signing = provider.key_provider.load_private_key(der).unwrap();
+    let signer = signing
+        .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+        .expect("a P-256 signer");
+    // What a TLS 1.3 server signs (RFC 8446 §4.4.3): 64 spaces, the
+    // context string, a zero byte and the SHA-256 transcript hash.
+    let message = [0x20u8; 64 + 33 + 1 + 32];
+    let cpu0 = thread_cpu_ns();
+    for _ in 0..count {
+        let share = x25519.start().unwrap();
+        std::hint::black_box(share.pub_key());
+        let secret = share.complete(&peer).unwrap();
+        std::hint::black_box(secret.secret_bytes());
+    }
+    let cpu1 = thread_cpu_ns();
+    for _ in 0..count {
+        std::hint::black_box(signer.sign(&message).unwrap());
+    }
+    let cpu2 = thread_cpu_ns();
+    let per = |ns: u64| ns / count.max(1);
+    report(&format!(
+        "handshakes={count} kx_ns={} sign_ns={} kx_ns_each={} sign_ns_each={}",
+        cpu1 - cpu0,
+        cpu2 - cpu1,
+        per(cpu1 - cpu0),
+        per(cpu2 - cpu1)
+    ));
+}
+
 fn main() {
     let cli = Cli::parse();
     JSON.store(cli.json, Ordering::Relaxed);
     match cli.mode {
+        Mode::Crypto { count } => crypto(count),
         Mode::Rss {
             ktern,
             config,

@@ -237,8 +237,9 @@ fn attach_ulp(socket: std::os::fd::BorrowedFd<'_>) -> Result<bool, OffloadError>
 
 /// Decides the record path for a finished handshake and builds the stream.
 /// `defer`: where the kernel could take the keys, rustls keeps the records
-/// until the connection is about to send that many bytes in one response
-/// (`runtime.ktls_after`; see `TlsWriter::bulk_ahead`).
+/// until the connection starts a bulk transfer of that many bytes (an
+/// HTTP/1.1 response, a tunnel's burst from its backend;
+/// `runtime.ktls_after`; see `TlsWriter::bulk_ahead`).
 pub fn establish(
     socket: monoio::net::TcpStream,
     established: Established,

@@ -771,8 +771,8 @@ impl TlsWriter {
     }
 
     /// A connection carried by rustls until a bulk transfer
-    /// (`runtime.ktls_after`) is about to send `bytes` in one response:
-    /// from that size on, its keys go to the kernel now, with rustls'
+    /// (`runtime.ktls_after`) is about to send `bytes` (in one HTTP/1.1
+    /// response, or one burst of a tunnel's backend): from that size on, its keys go to the kernel now, with rustls'
     /// current sequence numbers, and stay there. `Ok(true)` when this call
     /// moved them. They move only at a record boundary both ways: not while
     /// sealed records wait to go out or a record is partly received

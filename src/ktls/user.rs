@@ -52,7 +52,8 @@ pub(super) struct User {
 /// when it starts a bulk transfer (`TlsWriter::bulk_ahead`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Deferral {
-    /// Bytes in one response from which the kernel takes over.
+    /// Bytes of one bulk transfer (an HTTP/1.1 response, a tunnel's burst)
+    /// from which the kernel takes over.
     pub(super) after: u64,
     /// The running kernel installs new keys (KeyUpdate, Linux 6.13+).
     pub(super) rekey: bool,

@@ -16,8 +16,9 @@
 //!
 //! A deferred connection (`runtime.ktls_after`) starts on the userspace
 //! path and moves to the kernel's once the backend sends a burst of that
-//! many bytes with nothing from the client in between (a bulk download);
-//! each direction then switches to `splice` at its next step.
+//! many bytes, in reads of at least a full record, with nothing from the
+//! client in between (a bulk download); each direction then switches to
+//! `splice` at its next step.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -44,6 +45,13 @@ pub(crate) const SPLICE_CHUNK: usize = 64 << 10;
 /// (4 × 2^14), so one backend read becomes one client write of whole
 /// records. Held only while bytes flow.
 const COPY_BUF: usize = 64 << 10;
+
+/// A backend read this large is sealed as at least one full record (2^14
+/// bytes of plaintext, RFC 8446 §5.1), where the kernel's record path
+/// costs less than rustls' (bench/vm-http.sh); smaller reads, a backend
+/// pushing small messages, stay on rustls' and do not count towards a
+/// deferred connection's burst.
+const FULL_RECORD: usize = 16 << 10;
 
 /// Why a proxied connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -536,17 +544,14 @@ async fn backend_to_client(
     burst: &Cell<u64>,
     metrics: &M,
 ) -> Result<(), ProxyError> {
-    if writer.path() == Path::Userspace {
-        if !Box::pin(copy_to_client(backend, writer, activity, moved, burst)).await? {
-            Box::pin(writer.close()).await?;
-            return Ok(());
-        }
-        M::inc(&metrics.ktls_offloaded);
-        M::inc(&metrics.ktls_promoted);
-        tracing::debug!(
-            burst = burst.get(),
-            "keys to the kernel for a bulk download"
-        );
+    if writer.path() == Path::Userspace
+        && !Box::pin(copy_to_client(
+            backend, writer, activity, moved, burst, metrics,
+        ))
+        .await?
+    {
+        Box::pin(writer.close()).await?;
+        return Ok(());
     }
     let mut held: Option<Pipe> = None;
     loop {
@@ -590,6 +595,7 @@ async fn copy_to_client(
     activity: &Idle,
     moved: &Cell<Moved>,
     burst: &Cell<u64>,
+    metrics: &M,
 ) -> Result<bool, ProxyError> {
     // No buffer while idle: wait for bytes, then allocate one, unless
     // the last read filled its buffer (more is probably queued); keep it
@@ -634,11 +640,22 @@ async fn copy_to_client(
             break false;
         }
         hot = n == COPY_BUF;
-        burst.set(burst.get() + n as u64);
         // A bulk download: these bytes are the kernel's first records.
         // Not at a record boundary (a client record partly received), the
         // next read tries again.
-        let promoted = writer.bulk_ahead(burst.get())?;
+        let mut promoted = false;
+        if n >= FULL_RECORD {
+            burst.set(burst.get() + n as u64);
+            promoted = writer.bulk_ahead(burst.get())?;
+            if promoted {
+                M::inc(&metrics.ktls_offloaded);
+                M::inc(&metrics.ktls_promoted);
+                tracing::debug!(
+                    burst = burst.get(),
+                    "keys to the kernel for a bulk download"
+                );
+            }
+        }
         let (res, buf) = Box::pin(writer.write_all(buf)).await;
         res?;
         note(activity, moved, 0, n as u64);

@@ -177,8 +177,10 @@ fn backend_conn(conn: TcpStream) -> std::io::Result<()> {
         }
         ["LINES"] => {
             // Many exchanges on one connection: `DOWN n seed` sends n
-            // pattern bytes, `UP n` reads n bytes and answers their length
-            // and sha256; any other line comes back as it came.
+            // pattern bytes, `DRIP n size seed` the same in writes of
+            // `size` bytes 5 ms apart (a backend pushing small messages),
+            // `UP n` reads n bytes and answers their length and sha256;
+            // any other line comes back as it came.
             loop {
                 line.clear();
                 if reader.read_line(&mut line)? == 0 {
@@ -188,6 +190,13 @@ fn backend_conn(conn: TcpStream) -> std::io::Result<()> {
                 match words.as_slice() {
                     ["DOWN", n, seed] => {
                         out.write_all(&pattern(n.parse().unwrap(), seed.parse().unwrap()))?
+                    }
+                    ["DRIP", n, size, seed] => {
+                        let data = pattern(n.parse().unwrap(), seed.parse().unwrap());
+                        for piece in data.chunks(size.parse().unwrap()) {
+                            out.write_all(piece)?;
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
                     }
                     ["UP", n] => {
                         let mut all = vec![0; n.parse().unwrap()];
