@@ -395,9 +395,11 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
 /// A TLS 1.3 client whose first bytes ride with its Finished gets its
 /// tickets with ktern's first record, not on their own (a segment and its
 /// ACK less per connection), and they are good: the next connection
-/// resumes. One that sends its Finished alone gets them at once (they
-/// carry the ACK a Nagle client's next write waits for). Under kTLS (the
-/// VM) they go out before the kernel takes the keys.
+/// resumes. Held tickets go as soon as the client sends more (it is not
+/// just waiting for the answer: an upload). One that sends its Finished
+/// alone gets them at once (they carry the ACK a Nagle client's next write
+/// waits for). Under kTLS (the VM) they go out before the kernel takes the
+/// keys.
 #[test]
 fn tickets_ride_with_the_first_record_when_the_clients_bytes_came_with_its_finished() {
     use std::io::{Read, Write};
@@ -451,6 +453,22 @@ fn tickets_ride_with_the_first_record_when_the_clients_bytes_came_with_its_finis
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"x");
     }
+    // "UP\n" with the Finished: the backend answers only at the end of
+    // the upload. The client's next bytes show it is not just waiting for
+    // that answer: the held tickets go then, before any answer.
+    let mut s = handshake(b"UP\n");
+    assert_eq!(
+        quiet_for(&s.sock, 500),
+        !in_vm(),
+        "upload: tickets held on rustls' records, sent first under kTLS"
+    );
+    s.write_all(b"more of the upload").unwrap();
+    s.flush().unwrap();
+    assert!(
+        !quiet_for(&s.sock, 5_000),
+        "the tickets stayed held while the client kept sending"
+    );
+    drop(s);
     // The Finished alone: the tickets come at once, before any request.
     let s = handshake(b"");
     assert!(

@@ -610,12 +610,19 @@ impl TlsReader {
             u.inbuf.extend_from_slice(&buf);
             crate::buffers::give(buf);
         }
+        let before = self.pending.len();
         let result = decrypt_available(u, &mut self.pending, &mut self.eof);
         // Keep a buffer only while a record is partly received.
         if u.inbuf.is_empty() {
             crate::buffers::give(std::mem::take(&mut u.inbuf));
         }
-        if result.is_ok() && !u.writing && u.tls_out.len() > u.lazy {
+        // Held tickets (`Established::unsent`) wait for ktern's answer to
+        // the bytes that came with the client's Finished. More bytes from
+        // the client mean it is not just waiting for that answer (an
+        // upload; a backend that answers at the end): they go now, so the
+        // client can resume other connections meanwhile.
+        let more = u.lazy > 0 && self.pending.len() > before;
+        if result.is_ok() && !u.writing && (u.tls_out.len() > u.lazy || more) {
             // rustls answered something while reading (a renegotiation
             // refusal, a KeyUpdate reply): the client may be waiting for it
             // and send nothing more, and the writer may have nothing to
