@@ -454,21 +454,34 @@ fn tickets_ride_with_the_first_record_when_the_clients_bytes_came_with_its_finis
         assert_eq!(&b, b"x");
     }
     // "UP\n" with the Finished: the backend answers only at the end of
-    // the upload. The client's next bytes show it is not just waiting for
-    // that answer: the held tickets go then, before any answer.
-    let mut s = handshake(b"UP\n");
-    assert_eq!(
-        quiet_for(&s.sock, 500),
-        !in_vm(),
-        "upload: tickets held on rustls' records, sent first under kTLS"
-    );
-    s.write_all(b"more of the upload").unwrap();
-    s.flush().unwrap();
-    assert!(
-        !quiet_for(&s.sock, 5_000),
-        "the tickets stayed held while the client kept sending"
-    );
-    drop(s);
+    // the upload. The client's next bytes show it is uploading: the held
+    // tickets go then, before any answer. (In the VM the suites hand the
+    // keys over at the handshake, and the tickets went before.)
+    if !in_vm() {
+        let mut s = handshake(b"UP\n");
+        assert!(quiet_for(&s.sock, 500), "upload: tickets not held");
+        let body = b"more of the upload";
+        s.write_all(body).unwrap();
+        s.flush().unwrap();
+        assert!(
+            !quiet_for(&s.sock, 5_000),
+            "the tickets stayed held while the client kept uploading"
+        );
+        // What came is the tickets: rustls takes them, no plaintext.
+        s.conn.read_tls(&mut s.sock).unwrap();
+        let state = s.conn.process_new_packets().unwrap();
+        assert_eq!(state.plaintext_bytes_to_read(), 0);
+        assert!(!state.peer_has_closed());
+        // The upload goes on and arrives whole.
+        s.conn.send_close_notify();
+        while s.conn.wants_write() {
+            s.conn.write_tls(&mut s.sock).unwrap();
+        }
+        s.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, format!("{} {}\n", body.len(), sha256(body)));
+    }
     // The Finished alone: the tickets come at once, before any request.
     let s = handshake(b"");
     assert!(

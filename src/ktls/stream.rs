@@ -397,6 +397,24 @@ impl TlsReader {
         Err(StreamError::ConfidentialityLimit)
     }
 
+    /// Sends held tickets (`Established::unsent`) now rather than with the
+    /// first record: for a tunnel whose client keeps sending before any
+    /// answer (an upload), so it is not left without them. What the socket
+    /// does not take goes with the next write or read, ahead of anything
+    /// else. No-op when none are held or a write is in flight (its records
+    /// then carry them).
+    pub fn release_held(&mut self) {
+        let fd = sys::borrow_fd(&self.sock);
+        if let Engine::User(u) = &mut *self.shared.borrow_mut() {
+            if u.lazy > 0 && !u.writing && u.tls_out.len() == u.lazy {
+                if let Ok(n) = sys::send_now(fd, &u.tls_out) {
+                    u.tls_out.drain(..n);
+                    u.lazy = 0;
+                }
+            }
+        }
+    }
+
     /// Waits until the client socket has something to read.
     pub async fn readable(&self) -> io::Result<()> {
         self.sock.get().readable(false).await
@@ -610,19 +628,12 @@ impl TlsReader {
             u.inbuf.extend_from_slice(&buf);
             crate::buffers::give(buf);
         }
-        let before = self.pending.len();
         let result = decrypt_available(u, &mut self.pending, &mut self.eof);
         // Keep a buffer only while a record is partly received.
         if u.inbuf.is_empty() {
             crate::buffers::give(std::mem::take(&mut u.inbuf));
         }
-        // Held tickets (`Established::unsent`) wait for ktern's answer to
-        // the bytes that came with the client's Finished. More bytes from
-        // the client mean it is not just waiting for that answer (an
-        // upload; a backend that answers at the end): they go now, so the
-        // client can resume other connections meanwhile.
-        let more = u.lazy > 0 && self.pending.len() > before;
-        if result.is_ok() && !u.writing && (u.tls_out.len() > u.lazy || more) {
+        if result.is_ok() && !u.writing && u.tls_out.len() > u.lazy {
             // rustls answered something while reading (a renegotiation
             // refusal, a KeyUpdate reply): the client may be waiting for it
             // and send nothing more, and the writer may have nothing to

@@ -35,7 +35,8 @@ pub(super) struct User {
     /// How many bytes at the start of `tls_out` may wait for the writer's
     /// first records: the handshake's held tickets (see
     /// `Established::unsent`). The reader sends `tls_out` itself only when
-    /// there is more than these.
+    /// there is more than these, or when a tunnel's client sends more
+    /// before any answer (`TlsReader::release_held`).
     pub(super) lazy: usize,
     /// The writer has sealed records on their way out: the reader must not
     /// send (its bytes would land inside the writer's).

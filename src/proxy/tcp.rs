@@ -485,10 +485,16 @@ async fn client_to_backend(
     // kernel (a read waiting then goes on with the kernel's records).
     // Boxed: only the userspace path needs this future; the kernel path's
     // idle state should not pay for its size.
+    let mut first = true;
     while reader.path() == Path::Userspace {
         let Some(chunk) = Box::pin(reader.read_chunk()).await? else {
             break;
         };
+        // Held tickets wait for the answer to the client's first bytes;
+        // a client that sends more first is uploading: they go now.
+        if !std::mem::replace(&mut first, false) {
+            reader.release_held();
+        }
         burst.set(0);
         let n = chunk.len() as u64;
         let (res, _) = Box::pin(backend.get_mut().write_all(chunk)).await;
