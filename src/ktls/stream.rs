@@ -406,11 +406,8 @@ impl TlsReader {
     pub fn release_held(&mut self) {
         let fd = sys::borrow_fd(&self.sock);
         if let Engine::User(u) = &mut *self.shared.borrow_mut() {
-            if u.lazy > 0 && !u.writing && u.tls_out.len() == u.lazy {
-                if let Ok(n) = sys::send_now(fd, &u.tls_out) {
-                    u.tls_out.drain(..n);
-                    u.lazy = 0;
-                }
+            if !u.writing {
+                send_held(u, fd);
             }
         }
     }
@@ -650,6 +647,25 @@ impl TlsReader {
     }
 }
 
+/// Sends the held tickets (`User::lazy`, all that `tls_out` holds), if
+/// any, with one non-blocking `send`. What the socket does not take stays
+/// at the head of `tls_out`, no longer held: it goes before anything else.
+fn send_held(u: &mut User, fd: std::os::fd::BorrowedFd<'_>) {
+    if u.lazy == 0 || u.tls_out.len() != u.lazy {
+        return;
+    }
+    match sys::send_now(fd, &u.tls_out) {
+        Ok(n) if n == u.tls_out.len() => {
+            u.take_out();
+        }
+        Ok(n) => {
+            u.tls_out.drain(..n);
+            u.lazy = 0;
+        }
+        Err(_) => {}
+    }
+}
+
 /// The us-to-client direction.
 pub struct TlsWriter {
     sock: sys::WriteSide,
@@ -790,8 +806,9 @@ impl TlsWriter {
 
     /// A connection carried by rustls until a bulk transfer
     /// (`runtime.ktls_after`) is about to send `bytes` (in one HTTP/1.1
-    /// response, or one burst of a tunnel's backend): from that size on, its keys go to the kernel now, with rustls'
-    /// current sequence numbers, and stay there. `Ok(true)` when this call
+    /// response, or one burst of a tunnel's backend): from that size on,
+    /// its keys go to the kernel now, with rustls' current sequence
+    /// numbers, and stay there. `Ok(true)` when this call
     /// moved them. They move only at a record boundary both ways: not while
     /// sealed records wait to go out or a record is partly received
     /// (those bytes belong to rustls' record stream; a later call tries
@@ -806,18 +823,7 @@ impl TlsWriter {
                     // Held tickets (`Established::unsent`) go out first, if
                     // the socket takes them whole (a new connection's send
                     // buffer does): the kernel's records follow them.
-                    if !u.tls_out.is_empty() && u.tls_out.len() == u.lazy {
-                        match sys::send_now(fd, &u.tls_out) {
-                            Ok(n) if n == u.tls_out.len() => {
-                                u.take_out();
-                            }
-                            Ok(n) => {
-                                u.tls_out.drain(..n);
-                                u.lazy = 0;
-                            }
-                            Err(_) => {}
-                        }
-                    }
+                    send_held(u, fd);
                     if !u.tls_out.is_empty() {
                         return Ok(false);
                     }

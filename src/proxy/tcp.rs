@@ -442,8 +442,9 @@ pub async fn tunnel(
     moved: &Cell<Moved>,
     metrics: &M,
 ) -> Result<(), ProxyError> {
-    // Bytes from the backend since the client last sent some: the measure
-    // of a bulk download for a deferred connection's hand-over.
+    // Bytes the backend sent in full-record reads since the client last
+    // sent some: the measure of a bulk download for a deferred
+    // connection's hand-over.
     let burst = Cell::new(0u64);
     let result = {
         let up = pin!(client_to_backend(
