@@ -32,6 +32,7 @@ bench_name=bench-http
 
 body=1024
 backend=127.0.0.1:19003 ktern_addr=127.0.0.1:19445 nginx_addr=127.0.0.1:19545 haproxy_addr=127.0.0.1:19645
+floor_addr=127.0.0.1:19546
 taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
 
 ktern_http_conf "$ktern_addr" "$backend" 64 > "$work/ktern.toml"
@@ -42,7 +43,10 @@ ktern_http_conf "$ktern_addr" "$backend" 64 > "$work/ktern.toml"
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
 
-nginx_conf "$nginx_addr ssl" "$backend" > "$work/nginx.conf"
+# nginx's server also listens without TLS on $floor_addr: the floor, the same
+# proxied request over plain TCP (the exchange's TCP work and nginx's HTTP
+# work, which no TLS terminator can shed).
+nginx_conf "$nginx_addr ssl; listen $floor_addr" "$backend" > "$work/nginx.conf"
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
 
 # HAProxy keeps up to 64 idle backend connections too, and shares them
@@ -60,7 +64,7 @@ CONF
 } > "$work/haproxy.cfg"
 haproxy_start
 
-wait_listening "$ktern_addr" "$nginx_addr" "$haproxy_addr" "$backend"
+wait_listening "$ktern_addr" "$nginx_addr" "$haproxy_addr" "$floor_addr" "$backend"
 nginx_master=$(cat "$work/nginx.pid")
 nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }
 
@@ -74,6 +78,7 @@ measure() { # name addr label rate(0: closed loop) pids...
   local name=$1 addr=$2 label=$3 rate=$4; shift 4
   local u0 s0 u1 s1 out n e args=()
   [ "$rate" = 0 ] || args=(--rate "$rate")
+  [ "$name" != floor ] || args+=(--plain)
   read -r u0 s0 <<<"$(ticks "$@")"
   out=$(load --addr "$addr" --seconds "$seconds" "${args[@]}")
   read -r u1 s1 <<<"$(ticks "$@")"
@@ -98,6 +103,9 @@ load --addr "$nginx_addr" --seconds 1 > /dev/null
 measure nginx "$nginx_addr" peak 0 $(nginx_pids)
 load --addr "$haproxy_addr" --seconds 1 > /dev/null
 measure haproxy "$haproxy_addr" peak 0 "$haproxy_pid"
+load --addr "$floor_addr" --seconds 1 --plain > /dev/null
+# shellcheck disable=SC2046
+measure floor "$floor_addr" peak 0 $(nginx_pids)
 
 half=$(python3 -c "print(f'{${res[nginx.peak.rps]}/2:.0f}')")
 echo "open loop at half of nginx's peak: $half requests/s"
@@ -116,10 +124,11 @@ args=()
 for m in peak.cpu peak.user peak.sys peak.rps half.p99 half.cpu; do
   args+=("${res[ktern.$m]}" "${res[nginx.$m]}" "${res[haproxy.$m]}")
 done
-python3 - "$half" "${args[@]}" <<'PY'
+python3 - "$half" "${res[floor.peak.cpu]}" "${res[floor.peak.user]}" "${res[floor.peak.sys]}" "${args[@]}" <<'PY'
 import sys
 half = sys.argv[1]
-v = list(map(float, sys.argv[2:]))
+floor = list(map(float, sys.argv[2:5]))
+v = list(map(float, sys.argv[5:]))
 rows = [v[i:i + 3] for i in range(0, len(v), 3)]
 labels = [("server CPU per request, peak (us)", "<= 0.75", 2), ("  of which user (us)", "<= 0.5", 2),
           ("  of which kernel (us)", "<= 0.9", 2), ("peak requests/s (closed loop)", "", 0),
@@ -129,4 +138,7 @@ r = lambda a, b: a / b if b else float("nan")
 print(f"\n{'metric':44} {'ktern':>10} {'nginx':>10} {'haproxy':>10} {'ktern/nginx':>12} {'ktern/haproxy':>14}  target (ktern/nginx)")
 for (name, t, d), (k, n, h) in zip(labels, rows):
     print(f"{name:44} {k:10.{d}f} {n:10.{d}f} {h:10.{d}f} {r(k, n):12.2f} {r(k, h):14.2f}  {t}")
+print(f"\nfloor (nginx proxying the same requests over plain TCP): {floor[0]:.2f} us per request"
+      f" (user {floor[1]:.2f}, kernel {floor[2]:.2f}); ktern {r(rows[0][0], floor[0]):.2f}x the floor"
+      f" (kernel {r(rows[2][0], floor[2]):.2f}x), nginx {r(rows[0][1], floor[0]):.2f}x (kernel {r(rows[2][1], floor[2]):.2f}x)")
 PY

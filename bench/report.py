@@ -146,6 +146,15 @@ out.append(
     f"(target ≥ 1.3). p99 at half of nginx's peak no worse than nginx's in {won} of {len(runs['http'])} rounds "
     f"(target: 4 of 5).\n"
 )
+floor_http = {m: med("http", f"floor.peak.{m}") for m in ("cpu", "user", "sys")}
+if floor_http["cpu"] == floor_http["cpu"]:
+    out.append(
+        f"The floor, measured in the same rounds: nginx proxying the same requests over plain TCP (no TLS on "
+        f"either side) costs {fmt(floor_http['cpu'], 2)} µs per request (user {fmt(floor_http['user'], 2)}, "
+        f"kernel {fmt(floor_http['sys'], 2)}). As multiples of it: ktern {ratio(med('http', 'ktern.peak.cpu'), floor_http['cpu']):.2f}x "
+        f"(kernel {ratio(med('http', 'ktern.peak.sys'), floor_http['sys']):.2f}x), nginx "
+        f"{ratio(med('http', 'nginx.peak.cpu'), floor_http['cpu']):.2f}x (kernel {ratio(med('http', 'nginx.peak.sys'), floor_http['sys']):.2f}x).\n"
+    )
 if per_cpu["ktern"] == per_cpu["ktern"]:
     v = ratio(per_cpu["ktern"], per_cpu["nginx"])
     verdicts.append(("keep-alive requests per CPU-second", v, 1.3, v >= 1.3))

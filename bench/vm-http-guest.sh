@@ -2,7 +2,7 @@
 # Guest half of bench/vm-http.sh (runs inside the kTLS VM): one HTTP backend
 # and four servers proxying to it (nginx, ktern with ktls off, auto,
 # required), each measured in turn by two closed-loop runs of the same
-# client. Prints each server's CPU ticks and run time in ns for both runs
+# client, then the floor: nginx proxying the same requests over plain TCP. Prints each server's CPU ticks and run time in ns for both runs
 # and their requests (ktern-load's count: up to CONNS-1 past --max), and
 # /proc/net/tls_stat before and after each server's runs; under `-icount
 # shift=0` a ns is one guest instruction, a tick 10^7.
@@ -35,7 +35,7 @@ listening() {
     $bb sleep 0.1
   done
 }
-for p in 19702 19440 19441 19442 19443; do
+for p in 19702 19440 19441 19442 19443 19444; do
   listening "$p" || { $bb tail -5 /tmp/b/nginx-error.log *.log; exit 1; }
 done
 for k in off auto required; do
@@ -44,6 +44,8 @@ done
 
 fail=0
 ticks() { $bb awk '{print $14 + $15}' "/proc/$1/stat"; }
+# User ticks alone (utime): with ticks, the user/kernel split.
+uticks() { $bb awk '{print $14}' "/proc/$1/stat"; }
 # Non-idle ticks of the whole guest (user nice system irq softirq steal):
 # client, backend and kernel threads too, such as kTLS work deferred to
 # kworkers, which the server's own figures miss.
@@ -53,27 +55,35 @@ busy() { $bb awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 ns() { $bb cat /proc/"$1"/task/*/schedstat | $bb awk '{ s += $1 } END { printf "%.0f", s }'; }
 tlsstat() { echo "tlsstat $1 $2 $($bb awk '{printf "%s=%s ", $1, $2}' /proc/net/tls_stat)"; }
 # One client run of --max $2 requests; prints ktern-load's summary line.
+# $plain: --plain for the floor (nginx's plain-HTTP listener).
+plain=
 load() {
-  /opt/ktern-load http --addr "127.0.0.1:$1" --conns "$conns" --max "$2" --seconds 600 --body-bytes "$body"
+  /opt/ktern-load http --addr "127.0.0.1:$1" --conns "$conns" --max "$2" --seconds 600 --body-bytes "$body" $plain
   # The server handles the closes before its ticks are read.
   $bb sleep 1
 }
 count() { echo "$1" | $bb sed -n 's/^requests=\([0-9]*\) .*/\1/p'; }
+# The last run is the floor: nginx proxying the same requests over plain
+# TCP, no TLS on either side (the TCP work of the exchange and nginx's HTTP
+# work alone).
 for run in nginx:19440:$nginx ktern-off:19441:$ktern_off ktern-auto:19442:$ktern_auto \
-  ktern-required:19443:$ktern_required; do
+  ktern-required:19443:$ktern_required floor:19444:$nginx; do
   name=${run%%:*} rest=${run#*:}
   port=${rest%%:*} pid=${rest#*:}
+  plain=
+  [ "$name" != floor ] || plain=--plain
   tlsstat "$name" before
   # Warm-up: first allocations, the backend pool (fewer for bulk bodies).
   load "$port" $((n1 < 200 ? n1 : 200)) > /dev/null
-  t0=$(ticks "$pid") s0=$(ns "$pid") b0=$(busy)
+  t0=$(ticks "$pid") u0=$(uticks "$pid") s0=$(ns "$pid") b0=$(busy)
   out1=$(load "$port" "$n1")
-  t1=$(ticks "$pid") s1=$(ns "$pid") b1=$(busy)
+  t1=$(ticks "$pid") u1=$(uticks "$pid") s1=$(ns "$pid") b1=$(busy)
   out2=$(load "$port" "$n2")
-  t2=$(ticks "$pid") s2=$(ns "$pid") b2=$(busy)
+  t2=$(ticks "$pid") u2=$(uticks "$pid") s2=$(ns "$pid") b2=$(busy)
   tlsstat "$name" after
   echo "http $name n1=$(count "$out1") ticks1=$((t1 - t0)) ns1=$((s1 - s0)) busy1=$((b1 - b0))" \
-    "n2=$(count "$out2") ticks2=$((t2 - t1)) ns2=$((s2 - s1)) busy2=$((b2 - b1)) threads=$($bb ls /proc/"$pid"/task | $bb wc -l)"
+    "n2=$(count "$out2") ticks2=$((t2 - t1)) ns2=$((s2 - s1)) busy2=$((b2 - b1))" \
+    "user1=$((u1 - u0)) user2=$((u2 - u1)) threads=$($bb ls /proc/"$pid"/task | $bb wc -l)"
   echo "  $out1"
   echo "  $out2"
   case "$out1 $out2" in *" errors=0 "*" errors=0 "*) ;; *) echo "client errors on $name"; fail=1 ;; esac
@@ -92,7 +102,7 @@ for run in nginx:19440:$nginx ktern-off:19441:$ktern_off ktern-auto:19442:$ktern
     /opt/perf report -i "/tmp/perf-$name.data" --no-children --sort symbol --stdio 2>/dev/null |
       $bb awk -v n="$name" '/^ +[0-9.]+%/ { p = $1 + 0; s = $NF == "-" ? $(NF-2) : $NF;
           if (s ~ /aes_gcm|aesni|ghash|gcm_|aes_hw/) c += p;
-          if (++i <= 8) top = top sprintf(" %s %.1f%%", s, p) }
+          if (++i <= 12) top = top sprintf(" %s %.1f%%", s, p) }
         END { printf "perf %s crypto=%.1f top:%s\n", n, c, top }'
   fi
 done

@@ -63,6 +63,8 @@ http {
   }
   server {
     listen 127.0.0.1:19440 ssl;
+    # The floor: the same proxying over plain TCP (no TLS either side).
+    listen 127.0.0.1:19444;
     ssl_certificate $1/cert.pem;
     ssl_certificate_key $1/key.pem;
     ssl_protocols TLSv1.3;
@@ -114,28 +116,37 @@ runs = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2)
         for m in re.finditer(r"^http (\S+) (.*)$", text, re.M)}
 # -icount shift=0: one instruction per ns of guest time; a tick is 10 ms.
 tick = 1e7
-print(f"\n{'server':14} {'instr/request':>13} {'vs nginx':>9} {'from ticks':>11} {'one run':>9}"
+print(f"\n{'server':14} {'instr/request':>13} {'vs nginx':>9} {'vs floor':>9} {'from ticks':>11} {'user/kernel':>13} {'one run':>9}"
       f" {'per connection':>14} {'whole guest':>12}")
+def steady_of(r):
+    return (r["ns2"] - r["ns1"]) / (r["n2"] - r["n1"])
 base = None
+floor = steady_of(runs["floor"]) if "floor" in runs else None
 for name, r in runs.items():
     n1, n2 = r["n1"], r["n2"]
-    steady = (r["ns2"] - r["ns1"]) / (n2 - n1)
+    steady = steady_of(r)
     base = base or steady
+    vs_floor = f"{steady / floor:8.2f}x" if floor else f"{'-':>9}"
     ticks = (r["ticks2"] - r["ticks1"]) * tick / (n2 - n1)
+    user = (r["user2"] - r["user1"]) * tick / (n2 - n1) if "user2" in r else float("nan")
+    split = f"{user / 1e3:5.1f}/{(ticks - user) / 1e3:5.1f} k"
     fixed = (r["ns2"] - steady * n2) / conns
     guest = (r["busy2"] - r["busy1"]) * tick / (n2 - n1)
-    print(f"{name:14} {steady / 1e3:11.1f} k {steady / base:8.2f}x {ticks / 1e3:9.1f} k"
+    print(f"{name:14} {steady / 1e3:11.1f} k {steady / base:8.2f}x {vs_floor} {ticks / 1e3:9.1f} k {split:>13}"
           f" {r['ns2'] / n2 / 1e3:7.1f} k {fixed / 1e6:12.2f} M {guest / 1e3:10.1f} k")
 if runs:
     r = next(iter(runs.values()))
     n1, n2 = r["n1"], r["n2"]
     print(f"instr/request: the server's run time (all threads, schedstat) over the {n2} - {n1} requests"
           f" between its two runs, so handshakes cancel; from ticks: the same from utime + stime,"
+          f" and user/kernel that split (utime, stime),"
           f" ±{2 * tick / (n2 - n1) / 1e3:.1f} k (a tick per reading); one run: the {n2}-request run with"
           f" its {conns} handshakes, per request; per connection: that run's instructions beyond"
           f" instr/request, per connection (handshake, accept, close; rough: instr/request's error"
           f" times {n2}); whole guest: all non-idle ticks over the same difference (client, backend,"
-          f" kernel threads)")
+          f" kernel threads); floor: nginx proxying the same requests over plain TCP, no TLS on"
+          f" either side (the exchange's TCP work and nginx's HTTP work, the part no TLS server"
+          f" can shed)")
 stats = {}
 for m in re.finditer(r"^tlsstat (\S+) (before|after) (.*)$", text, re.M):
     stats.setdefault(m.group(1), {})[m.group(2)] = dict(kv.split("=") for kv in m.group(3).split())

@@ -182,6 +182,11 @@ enum Mode {
         /// Expected body length of every response (checked if given).
         #[arg(long)]
         body_bytes: Option<u64>,
+        /// No TLS: the same requests over plain TCP, for the floor a
+        /// proxied HTTPS request is measured against (a server's plain
+        /// HTTP listener proxying to the same backend).
+        #[arg(long)]
+        plain: bool,
     },
     /// A plain TCP backend for the benchmarks (runs for `--seconds`).
     Backend {
@@ -418,6 +423,7 @@ fn download(addr: SocketAddr, times: u32, bytes: u64) {
 struct HttpLoad {
     addr: SocketAddr,
     cfg: Arc<ClientConfig>,
+    plain: bool,
     request: Vec<u8>,
     body_bytes: Option<u64>,
     /// Time between two sends on one connection (open loop), or none.
@@ -440,17 +446,76 @@ impl HttpLoad {
     }
 }
 
+/// One `http` client connection: TLS, or plain TCP (`--plain`).
+enum HttpConn {
+    Tls(Box<Tls>),
+    Plain(TcpStream),
+}
+
+impl HttpConn {
+    fn open(load: &HttpLoad) -> std::io::Result<HttpConn> {
+        let conn = if load.plain {
+            let sock = TcpStream::connect(load.addr)?;
+            sock.set_nodelay(true)?;
+            HttpConn::Plain(sock)
+        } else {
+            HttpConn::Tls(Box::new(connect(&load.cfg, load.addr)?))
+        };
+        let sock = match &conn {
+            HttpConn::Tls(t) => &t.sock,
+            HttpConn::Plain(s) => s,
+        };
+        // Bounded: a stuck server cannot hold the run past its end for long.
+        sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+        sock.set_write_timeout(Some(Duration::from_secs(5)))?;
+        Ok(conn)
+    }
+
+    /// Ends the connection: close_notify first under TLS.
+    fn close(self) {
+        if let HttpConn::Tls(mut t) = self {
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        }
+    }
+}
+
+impl Read for HttpConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            HttpConn::Tls(t) => t.read(buf),
+            HttpConn::Plain(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for HttpConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            HttpConn::Tls(t) => t.write(buf),
+            HttpConn::Plain(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            HttpConn::Tls(t) => t.flush(),
+            HttpConn::Plain(s) => s.flush(),
+        }
+    }
+}
+
 /// Reads one response from `tls` (bytes already received are in `buf`, and
 /// what follows the response stays there). Checks status 200 and the body
 /// length; returns whether the server asked to close the connection.
 fn read_response(
-    tls: &mut Tls,
+    tls: &mut HttpConn,
     buf: &mut Vec<u8>,
     chunk: &mut [u8],
     body_bytes: Option<u64>,
 ) -> std::io::Result<bool> {
     use std::io::{Error, ErrorKind};
-    let mut fill = |tls: &mut Tls, buf: &mut Vec<u8>| match tls.read(chunk) {
+    let mut fill = |tls: &mut HttpConn, buf: &mut Vec<u8>| match tls.read(chunk) {
         Ok(0) => Err(Error::new(ErrorKind::UnexpectedEof, "connection closed")),
         Ok(n) => {
             buf.extend_from_slice(&chunk[..n]);
@@ -517,14 +582,7 @@ fn http_conn(
     go: &std::sync::Barrier,
 ) -> hdrhistogram::Histogram<u64> {
     let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("valid histogram");
-    let open = |load: &HttpLoad| {
-        connect(&load.cfg, load.addr).and_then(|tls| {
-            // Bounded: a stuck server cannot hold the run past its end for long.
-            tls.sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-            tls.sock.set_write_timeout(Some(Duration::from_secs(5)))?;
-            Ok(tls)
-        })
-    };
+    let open = HttpConn::open;
     // Handshakes before the clock starts.
     let mut tls = match open(load) {
         Ok(t) => Some(t),
@@ -603,9 +661,8 @@ fn http_conn(
             }
         }
     }
-    if let Some(mut t) = tls {
-        t.conn.send_close_notify();
-        let _ = t.flush();
+    if let Some(t) = tls {
+        t.close();
     }
     hist
 }
@@ -620,6 +677,7 @@ fn http(
     path: String,
     host: String,
     body_bytes: Option<u64>,
+    plain: bool,
 ) {
     let conns = conns.max(1);
     let interval = match rate {
@@ -633,6 +691,7 @@ fn http(
     let load = Arc::new(HttpLoad {
         addr,
         cfg: client_config(),
+        plain,
         request: format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes(),
         body_bytes,
         interval,
@@ -976,7 +1035,10 @@ fn main() {
             path,
             host,
             body_bytes,
-        } => http(addr, conns, seconds, rate, max, path, host, body_bytes),
+            plain,
+        } => http(
+            addr, conns, seconds, rate, max, path, host, body_bytes, plain,
+        ),
         Mode::Backend {
             listen,
             kind,
