@@ -644,6 +644,7 @@ fn proxy<'a>(
                     pipes: &shard.pipes,
                     tls: &info,
                     access: gen.gen.access.as_ref(),
+                    clock: None,
                 };
                 // Boxed: the HTTP pump's state is large, and inline it would
                 // sit in every connection's task, `tcp` routes' too (issue

@@ -581,9 +581,9 @@ fn update(
     let old = shard.current();
     let next = Rc::new(ShardGen::new(shard.id, gen, &shard.metrics, Some(&old)));
     let config = next.config();
-    shard.idle.set_period(idle::sweep_period(
-        config.listeners.iter().map(|l| l.route.idle_timeout()),
-    ));
+    shard
+        .idle
+        .set_period(idle::sweep_period(swept_timeouts(config)));
     shard.current.replace(next.clone());
     if !Rc::ptr_eq(&old, &next) {
         // Pools of upstream groups removed or changed: idle backend
@@ -785,4 +785,30 @@ fn dispatch(
             ));
         }
     }
+}
+
+/// Every timeout the shard's sweeper enforces: each route's idle timeout
+/// and, for HTTP/1.1 (whose waits are bounded on the connection's sweeper
+/// entry, `forward::Ctx::within`), the head, send and backend response
+/// timeouts. The sweep period follows the shortest.
+fn swept_timeouts(
+    config: &crate::config::Config,
+) -> impl Iterator<Item = std::time::Duration> + '_ {
+    let http = config.listeners.iter().filter_map(|l| match &l.route {
+        crate::config::Route::Http(h) => Some(h),
+        _ => None,
+    });
+    let any_http = http.clone().next().is_some();
+    config
+        .listeners
+        .iter()
+        .map(|l| l.route.idle_timeout())
+        .chain(http.flat_map(|h| [h.head_timeout, h.send_timeout]))
+        .chain(
+            config
+                .upstreams
+                .iter()
+                .filter(move |_| any_http)
+                .map(|u| u.response_timeout),
+        )
 }

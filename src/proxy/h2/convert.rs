@@ -114,17 +114,15 @@ pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<
     let options = rewrite::connection_options(&resp.fields);
     let mut headers = HeaderMap::with_capacity(resp.fields.iter().count() + extra.len());
     let fields = resp.fields.iter().map(|f| (f.name, f.value));
-    for (name, value) in fields.chain(extra.iter().copied()) {
+    let extra = extra.iter().map(|&(n, v)| (n.as_bytes(), v));
+    for (name, value) in fields.chain(extra) {
         if rewrite::is_hop_by_hop(name, &options) {
             continue;
         }
         // A backend field that is not a valid HTTP/2 field (the parser
         // let through what HTTP/1.1 allows) is dropped rather than sent
         // malformed.
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
             headers.append(n, v);
         }
     }

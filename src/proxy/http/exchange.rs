@@ -243,7 +243,7 @@ pub fn relay(head: &RequestHead, resp: &ResponseHead, closing: bool) -> Relay {
     let coded = resp
         .fields
         .iter()
-        .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
+        .any(|f| f.name.eq_ignore_ascii_case(b"transfer-encoding"));
     // A transfer coding may only go to an HTTP/1.1 client (RFC 9112 §6.1).
     // An HTTP/1.0 client's request went upstream as HTTP/1.0, so a backend
     // answering it with one is broken: 502 rather than an unreadable body.

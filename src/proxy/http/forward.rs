@@ -30,8 +30,7 @@ use crate::metrics::access::{self, Sink};
 use crate::metrics::family::ClassCounters;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::drain::DrainSignal;
-use crate::proxy::idle::Idle;
-use crate::proxy::idle::IdleSweeper;
+use crate::proxy::idle::{self, Idle, IdleSweeper};
 use crate::proxy::tcp::{self, Moved, PipePool, ProxyError};
 use crate::upstream::conn::BackendConn;
 use crate::upstream::pool::Pool;
@@ -97,9 +96,35 @@ pub struct Ctx<'a> {
     pub tls: &'a TlsInfo,
     /// Where access lines go, if anywhere.
     pub access: Option<&'a Sink>,
+    /// The connection's wait clock when it waits for one thing at a time
+    /// (HTTP/1.1, set by [`serve`]): an entry of the shard's sweeper that
+    /// bounds each wait in turn. `None` (HTTP/2, whose streams wait side
+    /// by side): each wait gets a timer of its own.
+    pub clock: Option<Rc<Idle>>,
 }
 
 impl Ctx<'_> {
+    /// Runs `fut` for at most `timeout`. On the connection's clock this
+    /// costs no allocation and no timer (the expiry is found by the
+    /// shard's sweeper, at most a quarter of the shortest timeout late,
+    /// see `idle::sweep_period`); without one, a boxed monoio timer (boxed,
+    /// so its 128-byte alignment does not spread to the caller's future).
+    pub(crate) async fn within<F: Future>(
+        &self,
+        timeout: Duration,
+        fut: F,
+    ) -> Result<F::Output, idle::Elapsed> {
+        match &self.clock {
+            Some(clock) => {
+                self.idle.arm(clock, timeout);
+                idle::bounded(clock, fut).await
+            }
+            None => Box::pin(monoio::time::timeout(timeout, fut))
+                .await
+                .map_err(|_| idle::Elapsed),
+        }
+    }
+
     /// Draining, or the connection's config was replaced more than a
     /// keep-alive timeout ago: keep-alive ends after the current response.
     pub(crate) fn closing(&self) -> bool {
@@ -202,9 +227,11 @@ enum Next {
 pub async fn serve(
     mut reader: TlsReader,
     mut writer: TlsWriter,
-    ctx: Ctx<'_>,
+    mut ctx: Ctx<'_>,
 ) -> Result<(), HttpError> {
-    let result = serve_requests(&mut reader, &mut writer, &ctx).await;
+    let clock = ctx.idle.register(ctx.route.keepalive_timeout);
+    ctx.clock = Some(clock.clone());
+    let result = serve_requests(&mut reader, &mut writer, &ctx, &clock).await;
     if let Err(HttpError::Downstream(_)) = &result {
         // Boxed: its timer (640 bytes) exists only while an alert goes out.
         Box::pin(writer.abort()).await;
@@ -216,25 +243,18 @@ async fn serve_requests(
     reader: &mut TlsReader,
     writer: &mut TlsWriter,
     ctx: &Ctx<'_>,
+    clock: &Rc<Idle>,
 ) -> Result<(), HttpError> {
     let mut inbuf = reader.take_pending();
     let mut first = true;
-    // The keep-alive clock, registered at the first wait and re-armed for
-    // each one after.
-    let mut idle: Option<Rc<Idle>> = None;
     loop {
         if inbuf.is_empty() && !first {
             // The userspace record buffer (as large as the last response's
             // biggest write) is not kept while the client is idle.
             writer.release_buffers();
-            let idle = match &idle {
-                Some(i) => {
-                    ctx.idle.rearm(i);
-                    i
-                }
-                None => idle.insert(ctx.idle.register(ctx.route.keepalive_timeout)),
-            };
-            match next_request(reader, idle, ctx).await? {
+            // The keep-alive wait, on the connection's clock.
+            ctx.idle.arm(clock, ctx.route.keepalive_timeout);
+            match next_request(reader, clock, ctx).await? {
                 Wake::Input => {}
                 Wake::Idle => break,
             }
@@ -483,7 +503,8 @@ async fn read_head(
     // input that woke us may be a request, which is answered (with
     // `Connection: close` while draining), never dropped.
     let mut waiting = inbuf.is_empty() && !first;
-    let mut deadline = monoio::time::Instant::now()
+    // One deadline for the whole head, however many reads it takes.
+    let mut deadline = Instant::now()
         + if waiting {
             ctx.route.keepalive_timeout
         } else {
@@ -495,15 +516,15 @@ async fn read_head(
             Ok(None) => {}
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
-        let read = Box::pin(reader.read_chunk());
-        let chunk = match monoio::time::timeout_at(deadline, read).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = match ctx.within(left, reader.read_chunk()).await {
             Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
             Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
             Ok(r) => r?,
         };
         if waiting && chunk.as_ref().is_some_and(|c| !c.is_empty()) {
             waiting = false;
-            deadline = monoio::time::Instant::now() + ctx.route.head_timeout;
+            deadline = Instant::now() + ctx.route.head_timeout;
         }
         match chunk {
             None if inbuf.is_empty() => return Ok(HeadOutcome::Closed),
@@ -523,8 +544,10 @@ async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(
     // nginx's send_timeout: a client that stops reading would otherwise
     // hold this connection, its backend connection and buffers for ever.
     // A record may be half sent, so the connection cannot go on.
-    let write = Box::pin(writer.write_all(bytes));
-    let Ok((res, sent)) = monoio::time::timeout(ctx.route.send_timeout, write).await else {
+    let Ok((res, sent)) = ctx
+        .within(ctx.route.send_timeout, writer.write_all(bytes))
+        .await
+    else {
         M::inc(&ctx.metrics.http_send_timeouts);
         return Err(HttpError::ClientStalled);
     };
@@ -739,7 +762,6 @@ async fn forward(
         }
         Relay::Body { rechunk, close } => (rechunk, close),
     };
-    let mut out = Vec::with_capacity(resp.len + 64);
     let mut extra: Vec<(&str, &[u8])> = Vec::new();
     if let Some(v) = route.hsts.as_deref() {
         extra.push(("Strict-Transport-Security", v.as_bytes()));
@@ -747,7 +769,6 @@ async fn forward(
     if rechunk {
         extra.push(("Transfer-Encoding", b"chunked"));
     }
-    rewrite::response(&resp, close, &extra, &mut out);
     if let Framing::Length(n) = resp.framing {
         bulk_ahead(writer, n, ctx)?;
     }
@@ -762,6 +783,13 @@ async fn forward(
     } else {
         scanner.scan(body).map_err(abort)?
     };
+    // Room for the head as rewritten (a few fields more or fewer, the
+    // extra ones) and a coalesced body with its chunk framing: one
+    // allocation, where growing it took a realloc per response.
+    let extra_len: usize = extra.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+    let coalesced = if ready <= COALESCE { ready + 16 } else { 0 };
+    let mut out = Vec::with_capacity(resp.len + 64 + extra_len + coalesced);
+    rewrite::response(&resp, close, &extra, &mut out);
     // A small body that came with the head goes out in the same write: one
     // TLS record and one TCP segment instead of two per response. Head and
     // body leave `rbuf` together, so a buffer holding nothing else is just
@@ -1388,7 +1416,7 @@ pub(crate) async fn finish_attempt(
     attempt: u32,
 ) -> Step<Response> {
     let timeout = ctx.upstreams[group].response_timeout;
-    match Box::pin(read_response(&mut at.backend, head.method(), timeout)).await {
+    match read_response(&mut at.backend, head.method(), timeout, ctx).await {
         Ok(r) => {
             M::inc(if at.reused {
                 &ctx.metrics.pool_hits
@@ -1469,8 +1497,9 @@ pub(crate) async fn read_response(
     backend: &mut BackendConn,
     method: &str,
     timeout: Duration,
+    ctx: &Ctx<'_>,
 ) -> Result<Response, UpstreamFault> {
-    let deadline = monoio::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     let mut rbuf: Vec<u8> = Vec::new();
     // Once an interim response came back, the backend has answered: a
     // close after it is a fault, not a reason to retry elsewhere.
@@ -1492,8 +1521,8 @@ pub(crate) async fn read_response(
             }
             Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
         }
-        let res = match monoio::time::timeout_at(deadline, Box::pin(backend.read_some(READ))).await
-        {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let res = match ctx.within(left, backend.read_some(READ)).await {
             Ok(r) => r,
             Err(_) => return Err(UpstreamFault::Timeout),
         };

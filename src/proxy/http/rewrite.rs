@@ -73,18 +73,19 @@ impl<'a> Forwarding<'a> {
 }
 
 /// True for a field named `X-Client-Cert-*`.
-fn is_client_cert_field(name: &str) -> bool {
+fn is_client_cert_field(name: &[u8]) -> bool {
     name.len() >= CLIENT_CERT_PREFIX.len()
-        && name.as_bytes()[..CLIENT_CERT_PREFIX.len()]
-            .eq_ignore_ascii_case(CLIENT_CERT_PREFIX.as_bytes())
+        && name[..CLIENT_CERT_PREFIX.len()].eq_ignore_ascii_case(CLIENT_CERT_PREFIX.as_bytes())
 }
 
 /// True if `name` must not be forwarded, given the `Connection` options.
-pub(crate) fn is_hop_by_hop(name: &str, connection_options: &[&str]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+pub(crate) fn is_hop_by_hop(name: &[u8], connection_options: &[&str]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
         || connection_options
             .iter()
-            .any(|o| name.eq_ignore_ascii_case(o))
+            .any(|o| name.eq_ignore_ascii_case(o.as_bytes()))
 }
 
 /// Fields a `Connection` option cannot remove. RFC 9110 §7.6.1 has a
@@ -103,8 +104,8 @@ pub(crate) fn connection_options(fields: &Fields) -> Vec<&str> {
         .collect()
 }
 
-pub(crate) fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+pub(crate) fn push_field(out: &mut Vec<u8>, name: impl AsRef<[u8]>, value: &[u8]) {
+    out.extend_from_slice(name.as_ref());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -181,13 +182,16 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         if is_client_cert_field(f.name) {
             continue;
         }
-        if FORWARDING.iter().any(|h| f.name.eq_ignore_ascii_case(h)) {
+        if FORWARDING
+            .iter()
+            .any(|h| f.name.eq_ignore_ascii_case(h.as_bytes()))
+        {
             if fwd.trusted {
-                if f.name.eq_ignore_ascii_case("x-forwarded-for") && fwd.x_forwarded {
+                if f.name.eq_ignore_ascii_case(b"x-forwarded-for") && fwd.x_forwarded {
                     prior_xff.push(f.value);
                     continue;
                 }
-                if f.name.eq_ignore_ascii_case("forwarded") && fwd.forwarded {
+                if f.name.eq_ignore_ascii_case(b"forwarded") && fwd.forwarded {
                     prior_forwarded.push(f.value);
                     continue;
                 }
@@ -269,8 +273,8 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
 /// is RFC 9110 §8.6's "forward one value when all are equal": a list such as
 /// `2, 2`, or the field repeated, never reaches the other side, which might
 /// read it differently.
-fn content_length_once(name: &str, value: &[u8], sent: &mut bool, out: &mut Vec<u8>) -> bool {
-    if !name.eq_ignore_ascii_case("content-length") {
+fn content_length_once(name: &[u8], value: &[u8], sent: &mut bool, out: &mut Vec<u8>) -> bool {
+    if !name.eq_ignore_ascii_case(b"content-length") {
         return false;
     }
     if !*sent {
@@ -300,7 +304,7 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
     let mut length_sent = false;
     for f in head.fields.iter() {
         // A 101 keeps Upgrade (and gets its own Connection below).
-        if switching && f.name.eq_ignore_ascii_case("upgrade") {
+        if switching && f.name.eq_ignore_ascii_case(b"upgrade") {
             push_field(out, f.name, f.value);
             continue;
         }
@@ -309,7 +313,7 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
         // without chunked (read until close, RFC 9112 §6.3) keeps its
         // field. Only sent to HTTP/1.1 clients (the caller's check).
         if matches!(head.framing, Framing::UntilClose | Framing::Chunked)
-            && f.name.eq_ignore_ascii_case("transfer-encoding")
+            && f.name.eq_ignore_ascii_case(b"transfer-encoding")
         {
             push_field(out, f.name, f.value);
             continue;
