@@ -249,6 +249,15 @@ impl Balancer {
     /// then those marked down. `key` is the hash key (`None`: no key, or
     /// not hashing).
     pub fn plan_at(&self, now: Instant, key: Option<&[u8]>) -> Vec<SocketAddr> {
+        self.order_at(now, key)
+            .into_iter()
+            .map(|i| self.backends[i].addr)
+            .collect()
+    }
+
+    /// [`Balancer::plan_at`] as indexes into the backends (one allocation
+    /// per request fewer where the addresses are read one at a time).
+    fn order_at(&self, now: Instant, key: Option<&[u8]>) -> Vec<usize> {
         let n = self.backends.len();
         let order: Vec<usize> = match (&self.balance, key) {
             (Balance::Hash(_), Some(key)) if !self.ring.is_empty() => {
@@ -292,7 +301,7 @@ impl Balancer {
         // Usable first; the sort is stable, so each part keeps its order.
         let mut order = order;
         order.sort_by_key(|&i| !self.usable(i, now));
-        order.into_iter().map(|i| self.backends[i].addr).collect()
+        order
     }
 
     /// nginx's smooth weighted round robin over the usable backends: each
@@ -404,13 +413,21 @@ impl Balancer {
         // Re-read after each failed connect, which may have waited up to
         // `timeout`: pooled connections are aged against the real time.
         let mut now = now;
-        for addr in self.plan_at(now, key) {
+        for addr in self
+            .order_at(now, key)
+            .into_iter()
+            .map(|i| self.backends[i].addr)
+        {
             let lease = self.lease(addr);
             if let Some(s) = take(addr, now) {
                 return Ok((s, addr, true, lease));
             }
             tried += 1;
-            let res = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+            // Boxed: the timer is over-aligned, and inline it would make
+            // every caller's boxed `acquire` a `posix_memalign`, pool hits
+            // included.
+            let connect = monoio::time::timeout(timeout, TcpStream::connect_addr(addr));
+            let res = match Box::pin(connect).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
             };

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# ktern's own instructions per keep-alive proxied HTTPS request, counted by
+# callgrind (valgrind): userspace only, exact, no noise from the machine,
+# and with each function's share, so a change to the request path reads as
+# instructions gained or lost. The same set-up as compare-http.sh (an
+# `http` route, pool_size 64, `ktern-load backend --kind http`, 1 KiB
+# bodies, TLS 1.3, 20 keep-alive connections), one ktern shard under
+# callgrind. Two measured runs of --requests/5 and --requests requests,
+# each on 20 fresh connections: their difference over the difference of the
+# counts cancels the handshakes. The kernel's share of each request is not
+# counted here (bench/vm-http.sh counts both, under qemu's -icount).
+# Usage: bench/callgrind-http.sh [--requests 5000] [--top 25]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=5000 top=25
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --requests) requests=$2; shift 2 ;;
+    --top) top=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ "$requests" -ge 100 ] || { echo "--requests must be at least 100" >&2; exit 2; }
+command -v valgrind > /dev/null ||
+  apt-get install -y -qq --no-install-recommends valgrind > /dev/null
+bench_name=callgrind-http
+# shellcheck source=bench/common.sh
+. bench/common.sh
+
+backend=127.0.0.1:19013 addr=127.0.0.1:19455
+"$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
+KTERN_CPU=0 ktern_http_conf "$addr" "$backend" 64 > "$work/ktern.toml"
+(cd "$work" && exec valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+  "$bin/ktern" run -c ktern.toml > ktern.out 2> ktern.log) & pids+=($!)
+wait_listening "$addr" "$backend"
+# The client's own bound is --seconds; this is a backstop.
+load() {
+  timeout -k 5 900 "$bin/ktern-load" http --addr "$addr" --conns 20 --body-bytes 1024 \
+    --max "$1" --seconds 600
+}
+check() { case "$1" in *" errors=0 "*) ;; *) echo "client errors: $1" >&2; exit 1 ;; esac; }
+# Warm-up (the backend pool, first allocations), then zeroed counters.
+out=$(load 200); check "$out"
+callgrind_control -z > /dev/null
+n1=$((requests / 5))
+out1=$(load "$n1"); check "$out1"
+callgrind_control -d > /dev/null
+callgrind_control -z > /dev/null
+out2=$(load "$requests"); check "$out2"
+callgrind_control -d > /dev/null
+echo "run 1: $out1"
+echo "run 2: $out2"
+python3 - "$work" "$out1" "$out2" "$top" <<'PY'
+import collections, glob, re, sys
+work, out1, out2, top = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+def profile(path):
+    """Self cost (Ir) per function, and calls per callee, from a dump."""
+    names, cost, calls = {}, collections.Counter(), collections.Counter()
+    fn, skip = None, False
+    def name(s):
+        m = re.match(r"\((\d+)\)(?: (.*))?", s)
+        if not m:
+            return s
+        if m.group(2):
+            names[m.group(1)] = m.group(2)
+        return names.get(m.group(1), s)
+    cfn = None
+    for line in open(path):
+        if line.startswith("fn="):
+            fn = name(line[3:].strip())
+        elif line.startswith("cfn="):
+            cfn = name(line[4:].strip())
+        elif line.startswith("calls="):
+            calls[cfn] += int(line[6:].split()[0])
+            skip = True  # the next cost line is the call's, not fn's own
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            parts = line.split()
+            if len(parts) >= 2:
+                if not skip:
+                    cost[fn] += int(parts[-1])
+                skip = False
+    return cost, calls
+
+dumps = sorted(glob.glob(f"{work}/cg.*.[0-9]*"), key=lambda p: int(p.rsplit(".", 1)[1]))
+if len(dumps) < 2:
+    sys.exit(f"expected two callgrind dumps in {work}, found {dumps}")
+(c1, k1), (c2, k2) = profile(dumps[-2]), profile(dumps[-1])
+count = lambda out: int(re.search(r"requests=(\d+)", out).group(1))
+dn = count(out2) - count(out1)
+per = lambda a, b: (b - a) / dn
+total = per(sum(c1.values()), sum(c2.values()))
+allocs = per(sum(k1[f] for f in ("malloc", "posix_memalign", "realloc", "calloc")),
+             sum(k2[f] for f in ("malloc", "posix_memalign", "realloc", "calloc")))
+aligned = per(k1["posix_memalign"], k2["posix_memalign"])
+print(f"\nktern's userspace instructions per keep-alive request: {total:,.0f}"
+      f" ({dn} requests between the runs; handshakes cancel)")
+print(f"allocations per request: {allocs:.1f} (of which posix_memalign: {aligned:.1f})")
+print(f"\n{'instructions':>12} {'share':>6}  function (self cost per request)")
+rows = sorted(((per(c1.get(f, 0), c2[f]), f) for f in c2), reverse=True)[:top]
+for v, f in rows:
+    print(f"{v:12,.0f} {100 * v / total:5.1f}%  {f[:110]}")
+PY
