@@ -31,7 +31,12 @@ backend=127.0.0.1:19013 addr=127.0.0.1:19455
 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
 KTERN_CPU=0 ktern_http_conf "$addr" "$backend" 64 > "$work/ktern.toml"
 (cd "$work" && exec valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
-  "$bin/ktern" run -c ktern.toml > ktern.out 2> ktern.log) & pids+=($!)
+  "$bin/ktern" run -c ktern.toml > ktern.out 2> ktern.log) &
+vg=$!
+pids+=("$vg")
+# ktern drains on SIGTERM, slowly under valgrind: killed outright at the
+# end (its counts are dumped by then).
+trap 'kill -9 "$vg" 2>/dev/null || true; cleanup' EXIT
 wait_listening "$addr" "$backend"
 # The client's own bound is --seconds; this is a backstop.
 load() {
@@ -41,13 +46,13 @@ load() {
 check() { case "$1" in *" errors=0 "*) ;; *) echo "client errors: $1" >&2; exit 1 ;; esac; }
 # Warm-up (the backend pool, first allocations), then zeroed counters.
 out=$(load 200); check "$out"
-callgrind_control -z > /dev/null
+callgrind_control -z "$vg" > /dev/null
 n1=$((requests / 5))
 out1=$(load "$n1"); check "$out1"
-callgrind_control -d > /dev/null
-callgrind_control -z > /dev/null
+callgrind_control -d "$vg" > /dev/null
+callgrind_control -z "$vg" > /dev/null
 out2=$(load "$requests"); check "$out2"
-callgrind_control -d > /dev/null
+callgrind_control -d "$vg" > /dev/null
 echo "run 1: $out1"
 echo "run 2: $out2"
 python3 - "$work" "$out1" "$out2" "$top" <<'PY'
