@@ -7,8 +7,8 @@
 //! coarse timer nginx and HAProxy also use for idle timeouts).
 //!
 //! A connection that waits for one thing at a time (HTTP/1.1) bounds its
-//! other waits on the same entry ([`IdleSweeper::arm`], [`bounded`]): the
-//! request head, the backend's response head, each write to the client.
+//! other waits on the same entry ([`IdleSweeper::arm`], [`bounded`]): most
+//! of a request's reads and writes (ARCHITECTURE.md lists which).
 //! A monoio timer per wait cost an aligned allocation (its entry is
 //! `repr(align(128))`, and so is every future that holds one inline) and
 //! two timer-wheel operations: three per keep-alive request, 7% of
@@ -91,24 +91,20 @@ impl Default for IdleSweeper {
 }
 
 impl IdleSweeper {
-    /// Starts another wait on `idle` (a keep-alive connection between two
-    /// requests): its clock restarts, and an entry the sweeper dropped
-    /// (it expired during a request longer than the timeout) is put back.
-    /// One entry per connection, not one per wait: a new entry per request
-    /// stayed allocated, with its slot in `entries`, until the next sweep
-    /// (40,000 of them a second on a busy shard).
-    pub fn rearm(&self, idle: &Rc<Idle>) {
+    /// Starts another wait of `timeout` on `idle` (the keep-alive wait
+    /// between two requests, or one of a request's own, see [`bounded`]):
+    /// its clock restarts, and an entry the sweeper dropped (it expired
+    /// during an earlier wait) is put back. The entry keeps that timeout
+    /// until the next `arm`. One entry per connection, not one per wait:
+    /// a new entry per request stayed allocated, with its slot in
+    /// `entries`, until the next sweep (40,000 of them a second on a busy
+    /// shard).
+    pub fn arm(&self, idle: &Rc<Idle>, timeout: Duration) {
+        idle.timeout.set(timeout);
         idle.touch();
         if idle.expired.replace(false) {
             self.entries.borrow_mut().push(Rc::downgrade(idle));
         }
-    }
-
-    /// Starts a wait of `timeout` on `idle`, from now (see [`bounded`]).
-    /// The entry keeps that timeout until the next `arm`.
-    pub fn arm(&self, idle: &Rc<Idle>, timeout: Duration) {
-        idle.timeout.set(timeout);
-        self.rearm(idle);
     }
 
     /// Registers a connection; dropping the returned `Rc` unregisters it
@@ -204,14 +200,14 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         // Waits re-armed one after another keep one entry.
         for _ in 0..3 {
-            sweeper.rearm(&idle);
+            sweeper.arm(&idle, Duration::from_secs(10));
         }
         assert_eq!(sweeper.entries.borrow().len(), 1);
         // A request longer than the timeout: the sweeper marks and drops it.
         assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(11)), 1);
         assert!(sweeper.entries.borrow().is_empty());
         // The next wait starts a fresh clock and is swept again.
-        sweeper.rearm(&idle);
+        sweeper.arm(&idle, Duration::from_secs(10));
         assert!(idle.poll_expired(&mut cx).is_pending());
         assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(9)), 0);
         assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(11)), 1);

@@ -248,6 +248,7 @@ impl Balancer {
     /// `now`: the policy's choice first, then the other usable backends,
     /// then those marked down. `key` is the hash key (`None`: no key, or
     /// not hashing).
+    #[cfg(test)]
     pub fn plan_at(&self, now: Instant, key: Option<&[u8]>) -> Vec<SocketAddr> {
         self.order_at(now, key)
             .into_iter()
@@ -255,8 +256,8 @@ impl Balancer {
             .collect()
     }
 
-    /// [`Balancer::plan_at`] as indexes into the backends (one allocation
-    /// per request fewer where the addresses are read one at a time).
+    /// The plan as indexes into the backends: `acquire` reads the
+    /// addresses one at a time, so no second `Vec` per request.
     fn order_at(&self, now: Instant, key: Option<&[u8]>) -> Vec<usize> {
         let n = self.backends.len();
         let order: Vec<usize> = match (&self.balance, key) {
