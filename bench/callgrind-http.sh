@@ -9,20 +9,25 @@
 # each on 20 fresh connections: their difference over the difference of the
 # counts cancels the handshakes. The kernel's share of each request is not
 # counted here (bench/vm-http.sh counts both, under qemu's -icount).
-# Usage: bench/callgrind-http.sh [--requests 5000] [--top 25]
+# --h2: the same over HTTP/2 (h2load, 20 connections with 10 streams each,
+# as compare-h2.sh's load scaled down).
+# Usage: bench/callgrind-http.sh [--requests 5000] [--top 25] [--h2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-requests=5000 top=25
+requests=5000 top=25 h2=
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) requests=$2; shift 2 ;;
     --top) top=$2; shift 2 ;;
+    --h2) h2=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ "$requests" -ge 100 ] || { echo "--requests must be at least 100" >&2; exit 2; }
 command -v valgrind > /dev/null ||
   apt-get install -y -qq --no-install-recommends valgrind > /dev/null
+[ -z "$h2" ] || command -v h2load > /dev/null ||
+  apt-get install -y -qq --no-install-recommends nghttp2-client > /dev/null
 bench_name=callgrind-http
 # shellcheck source=bench/common.sh
 . bench/common.sh
@@ -39,9 +44,18 @@ pids+=("$vg")
 trap 'kill -9 "$vg" 2>/dev/null || true; cleanup' EXIT
 wait_listening "$addr" "$backend"
 # The client's own bound is --seconds; this is a backstop.
+# Each prints one line with requests=N (the requests served) and errors=E.
 load() {
-  timeout -k 5 900 "$bin/ktern-load" http --addr "$addr" --conns 20 --body-bytes 1024 \
-    --max "$1" --seconds 600
+  if [ -n "$h2" ]; then
+    local out ok bad
+    out=$(timeout -k 5 900 h2load -c 20 -m 10 -n "$1" "https://$addr/" 2>&1)
+    ok=$(sed -nE 's/^requests: .* ([0-9]+) succeeded.*/\1/p' <<<"$out")
+    bad=$(sed -nE 's/^requests: .* ([0-9]+) failed, ([0-9]+) errored.*/\1+\2/p' <<<"$out")
+    echo "requests=${ok:-0} errors=$(( ${bad:-1} )) (h2load)"
+  else
+    timeout -k 5 900 "$bin/ktern-load" http --addr "$addr" --conns 20 --body-bytes 1024 \
+      --max "$1" --seconds 600
+  fi
 }
 check() { case "$1" in *" errors=0 "*) ;; *) echo "client errors: $1" >&2; exit 1 ;; esac; }
 # Warm-up (the backend pool, first allocations), then zeroed counters.

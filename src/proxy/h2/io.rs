@@ -178,7 +178,13 @@ impl H2Io {
                         self.write = WriteState::Busy { fut, closing };
                         return Poll::Pending;
                     }
-                    Poll::Ready((w, r)) => {
+                    Poll::Ready((mut w, r)) => {
+                        // Nothing more to send: the userspace record buffer
+                        // goes back to the pool rather than stay with an
+                        // idle connection (a pool hit when it writes again).
+                        if self.staged.is_empty() {
+                            w.release_buffers();
+                        }
                         self.write = if closing {
                             WriteState::Closed
                         } else {

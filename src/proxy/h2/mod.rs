@@ -15,6 +15,7 @@ pub mod io;
 mod stream;
 pub mod watch;
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -28,7 +29,8 @@ use self::io::{H2Io, Signals};
 use self::watch::FrameWatch;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
 use crate::metrics::ShardMetrics as M;
-use crate::proxy::http::forward::{Ctx, HttpError};
+use crate::proxy::http::forward::{boxed, Ctx, HttpError};
+use crate::proxy::idle::Idle;
 
 /// Serves an HTTP/2 connection until the client closes it, it idles out,
 /// the drain or a reload ends it (GOAWAY; streams in flight finish), or a
@@ -61,6 +63,12 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
         Ok(Ok(c)) => c,
     };
     let ctx = &ctx;
+    // Each stream waits for one thing at a time, bounded on a sweeper
+    // entry of its own (`Ctx::clock`), as an HTTP/1.1 connection is: no
+    // timer and no over-aligned box per stream. An ended stream's entry
+    // goes to the next one, so a connection holds at most as many as it
+    // ever had streams open at once.
+    let clocks: RefCell<Vec<Rc<Idle>>> = RefCell::default();
     let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = stream::End> + '_>>> =
         FuturesUnordered::new();
     let mut drain = ctx.drain.watch();
@@ -100,7 +108,16 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
                     M::inc(&ctx.metrics.h2_streams);
-                    streams.push(Box::pin(stream::exchange(req, respond, ctx)));
+                    let clock = clocks.borrow_mut().pop();
+                    let clock = clock.unwrap_or_else(|| ctx.idle.register(route.head_timeout));
+                    let mut own = ctx.clone();
+                    own.clock = Some(clock.clone());
+                    let clocks = &clocks;
+                    streams.push(boxed(async move {
+                        let end = stream::exchange(req, respond, &own).await;
+                        clocks.borrow_mut().push(clock);
+                        end
+                    }));
                     progressed = true;
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),

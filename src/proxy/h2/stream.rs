@@ -276,10 +276,10 @@ async fn forward(
                 break;
             }
             // Backpressure: read no more than the client may take now.
-            let room = capacity(&mut send, route.send_timeout).await?;
+            let room = capacity(&mut send, ctx, route.send_timeout).await?;
             let want = room.clamp(1, READ);
             let read = Box::pin(backend.read_some(want));
-            let Ok(res) = monoio::time::timeout(upstream.response_timeout, read).await else {
+            let Ok(res) = ctx.within(upstream.response_timeout, read).await else {
                 return Err(abort(&mut send, UpstreamAbort::Stalled));
             };
             match res {
@@ -322,13 +322,17 @@ fn abort(send: &mut SendStream<Bytes>, e: UpstreamAbort) -> Cut {
 /// Waits until the client's window and h2's send buffer have room for
 /// response bytes; returns how much. A window shut for `stall` ends the
 /// stream (nginx's `send_timeout`).
-async fn capacity(send: &mut SendStream<Bytes>, stall: Duration) -> Result<usize, Cut> {
+async fn capacity(
+    send: &mut SendStream<Bytes>,
+    ctx: &Ctx<'_>,
+    stall: Duration,
+) -> Result<usize, Cut> {
     send.reserve_capacity(READ);
     if send.capacity() > 0 {
         return Ok(send.capacity());
     }
     let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
-    match monoio::time::timeout(stall, wait).await {
+    match ctx.within(stall, wait).await {
         Err(_) => {
             send.send_reset(Reason::CANCEL);
             Err(Cut::Stalled)
@@ -352,7 +356,7 @@ async fn send_body(
     let chunked = head.framing == Framing::Chunked;
     let mut total = 0u64;
     while !body.is_end_stream() {
-        let data = match monoio::time::timeout(ctx.route.head_timeout, body.data()).await {
+        let data = match ctx.within(ctx.route.head_timeout, body.data()).await {
             Err(_) => return BodySent::Refused(408),
             Ok(None) => break,
             // Reset by the client, a content-length that disagrees with
@@ -379,7 +383,7 @@ async fn send_body(
         } else {
             Box::pin(backend.write_bytes(data))
         };
-        match monoio::time::timeout(backend_timeout, write).await {
+        match ctx.within(backend_timeout, write).await {
             Err(_) => return BodySent::BackendStalled,
             Ok(Err(_)) => return BodySent::BackendFailed,
             Ok(Ok(())) => {}
@@ -389,13 +393,16 @@ async fn send_body(
         let _ = body.flow_control().release_capacity(n);
     }
     if chunked {
-        let trailers = match monoio::time::timeout(ctx.route.head_timeout, body.trailers()).await {
+        let trailers = match ctx.within(ctx.route.head_timeout, body.trailers()).await {
             Err(_) => return BodySent::Refused(408),
             Ok(Err(_)) => return BodySent::ClientGone,
             Ok(Ok(t)) => t,
         };
         let last = convert::last_chunk(trailers.as_ref());
-        match monoio::time::timeout(backend_timeout, backend.write_bytes(last.into())).await {
+        match ctx
+            .within(backend_timeout, backend.write_bytes(last.into()))
+            .await
+        {
             Err(_) => return BodySent::BackendStalled,
             Ok(Err(_)) => return BodySent::BackendFailed,
             Ok(Ok(())) => {}
@@ -449,7 +456,7 @@ async fn serve_file(
     };
     let mut left = count;
     while left > 0 {
-        let room = capacity(&mut send, ctx.route.send_timeout).await?;
+        let room = capacity(&mut send, ctx, ctx.route.send_timeout).await?;
         let want = (left as usize).min(room.clamp(1, READ));
         let mut buf = vec![0; want];
         let n = match file.read_at(&mut buf, offset) {

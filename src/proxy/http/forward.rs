@@ -56,6 +56,7 @@ const MIN_ROOM: usize = 16 << 10;
 const DRAIN_GRACE: Duration = Duration::from_millis(50);
 
 /// What the pump needs from its shard.
+#[derive(Clone)]
 pub struct Ctx<'a> {
     /// The listener's route.
     pub route: &'a HttpRoute,
@@ -96,10 +97,11 @@ pub struct Ctx<'a> {
     pub tls: &'a TlsInfo,
     /// Where access lines go, if anywhere.
     pub access: Option<&'a Sink>,
-    /// The connection's wait clock when it waits for one thing at a time
-    /// (HTTP/1.1, set by [`serve`]): an entry of the shard's sweeper that
-    /// bounds each wait in turn. `None` (HTTP/2, whose streams wait side
-    /// by side): each wait gets a timer of its own.
+    /// The wait clock of whatever waits for one thing at a time: an
+    /// HTTP/1.1 connection (set by [`serve`]) or one HTTP/2 stream (set
+    /// per stream by `h2::serve`). An entry of the shard's sweeper that
+    /// bounds each wait in turn. `None` until one of them sets it; a wait
+    /// without one gets a timer of its own.
     pub clock: Option<Rc<Idle>>,
 }
 
@@ -282,7 +284,7 @@ async fn serve_requests(
 /// of the same size): three per keep-alive request before issue 13's
 /// work. A plain function, so no borrowed local of the caller's async
 /// state outlives the move (it would keep a copy of the future inline).
-fn boxed<F: Future>(f: F) -> std::pin::Pin<Box<F>> {
+pub(crate) fn boxed<F: Future>(f: F) -> std::pin::Pin<Box<F>> {
     const {
         assert!(
             std::mem::align_of::<F>() <= 16,

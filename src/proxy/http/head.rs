@@ -245,7 +245,9 @@ fn parse_request_from(
     let head = &buf[..len];
     // httparse accepts a bare LF as a line end (RFC 9112 §2.2 lets a
     // recipient do so); a bare CR anywhere is invalid and must be refused.
-    if head.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n') {
+    // (memchr: a few instructions per 32 bytes, where a byte loop took
+    // several per byte of every head.)
+    if memchr::memchr_iter(b'\r', head).any(|i| head.get(i + 1) != Some(&b'\n')) {
         return Err(HeadError::BadRequest("bare CR"));
     }
     let method = span(head, req.method.unwrap_or_default().as_bytes());
@@ -316,38 +318,28 @@ fn parse_request_from(
     }))
 }
 
-/// Enforces line-length limits on whatever part of the head has arrived.
+/// Enforces line-length limits on whatever part of the head has arrived:
+/// every line up to the blank one that ends the head, and a last line
+/// still incomplete. One pass over the line ends.
 fn check_lines(buf: &[u8], limits: &Limits) -> Result<(), HeadError> {
-    let end = find_head_end(buf).unwrap_or(buf.len());
-    let head = &buf[..end];
-    let mut lines = head.split(|&b| b == b'\n');
-    let first = lines.next().unwrap_or_default();
-    if first.len() > limits.request_line {
-        return Err(HeadError::UriTooLong);
-    }
-    for line in lines {
-        if line.len() > limits.header_line {
-            return Err(HeadError::HeadersTooLarge("field line over the limit"));
+    let check = |line: usize, first: bool| match first {
+        true if line > limits.request_line => Err(HeadError::UriTooLong),
+        false if line > limits.header_line => {
+            Err(HeadError::HeadersTooLarge("field line over the limit"))
         }
-    }
-    Ok(())
-}
-
-/// Offset just past the blank line ending a head, if present.
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(p) = buf[i..].iter().position(|&b| b == b'\n') {
-        let nl = i + p;
-        let next = &buf[nl + 1..];
-        if next.starts_with(b"\r\n") {
-            return Some(nl + 3);
+        _ => Ok(()),
+    };
+    let mut start = 0;
+    for nl in memchr::memchr_iter(b'\n', buf) {
+        let line = &buf[start..nl];
+        check(line.len(), start == 0)?;
+        // A blank line after the first ends the head.
+        if start > 0 && (line.is_empty() || line == b"\r") {
+            return Ok(());
         }
-        if next.starts_with(b"\n") {
-            return Some(nl + 2);
-        }
-        i = nl + 1;
+        start = nl + 1;
     }
-    None
+    check(buf.len() - start, start == 0)
 }
 
 /// Comma-separated list elements (RFC 9110 §5.6.1), trimmed, empties dropped.
