@@ -37,6 +37,10 @@ pub struct Signals {
     pub flood: Cell<bool>,
     /// Streams reset as malformed since the connection loop last looked.
     pub malformed: Cell<u64>,
+    /// No stream is open: a write that leaves nothing staged gives the
+    /// userspace record buffer back rather than keep it while idle (kept
+    /// while streams are open: a small one is freed, not pooled).
+    pub idle: Cell<bool>,
 }
 
 type Owned<T, R> = Pin<Box<dyn Future<Output = (T, R)>>>;
@@ -179,10 +183,7 @@ impl H2Io {
                         return Poll::Pending;
                     }
                     Poll::Ready((mut w, r)) => {
-                        // Nothing more to send: the userspace record buffer
-                        // goes back to the pool rather than stay with an
-                        // idle connection (a pool hit when it writes again).
-                        if self.staged.is_empty() {
+                        if self.staged.is_empty() && self.signals.idle.get() {
                             w.release_buffers();
                         }
                         self.write = if closing {

@@ -93,6 +93,7 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
             going_away = true;
             conn.graceful_shutdown();
         }
+        signals.idle.set(streams.is_empty());
         // No stream open for the keep-alive timeout: GOAWAY too.
         if streams.is_empty() {
             let entry = idle.get_or_insert_with(|| ctx.idle.register(route.keepalive_timeout));
