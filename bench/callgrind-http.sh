@@ -10,16 +10,22 @@
 # counts cancels the handshakes. The kernel's share of each request is not
 # counted here (bench/vm-http.sh counts both, under qemu's -icount).
 # --h2: the same over HTTP/2 (h2load, 20 connections with 10 streams each,
-# as compare-h2.sh's load scaled down).
-# Usage: bench/callgrind-http.sh [--requests 5000] [--top 25] [--h2]
+# as compare-h2.sh's load scaled down). --handshakes: full TLS 1.3
+# handshakes instead, each a connection through a `tcp` route to an echo
+# backend with one byte each way (compare.sh's and vm-handshake.sh's unit);
+# --resumed: the same, resumed with ktern's tickets. --requests then counts
+# handshakes.
+# Usage: bench/callgrind-http.sh [--requests 5000] [--top 25] [--h2 | --handshakes | --resumed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-requests=5000 top=25 h2=
+requests=5000 top=25 h2= hs=
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) requests=$2; shift 2 ;;
     --top) top=$2; shift 2 ;;
     --h2) h2=1; shift ;;
+    --handshakes) hs=full; shift ;;
+    --resumed) hs=resumed resume_flag=--resume; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -34,7 +40,13 @@ bench_name=callgrind-http
 
 backend=127.0.0.1:19013 addr=127.0.0.1:19455
 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
-KTERN_CPU=0 ktern_http_conf "$addr" "$backend" 64 > "$work/ktern.toml"
+if [ -n "$hs" ]; then
+  backend=127.0.0.1:19014
+  "$bin/ktern-load" backend --listen "$backend" --kind echo --seconds 3600 & pids+=($!)
+  { printf '[runtime]\ncpus = [0]\n'; ktern_tcp_listener "$addr" "$backend"; } > "$work/ktern.toml"
+else
+  KTERN_CPU=0 ktern_http_conf "$addr" "$backend" 64 > "$work/ktern.toml"
+fi
 (cd "$work" && exec valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
   "$bin/ktern" run -c ktern.toml > ktern.out 2> ktern.log) &
 vg=$!
@@ -46,7 +58,18 @@ wait_listening "$addr" "$backend"
 # The client's own bound is --seconds; this is a backstop.
 # Each prints one line with requests=N (the requests served) and errors=E.
 load() {
-  if [ -n "$h2" ]; then
+  if [ -n "$hs" ]; then
+    local out
+    out=$(timeout -k 5 900 "$bin/ktern-load" handshakes --addr "$addr" --threads 1 --max "$1" \
+      --seconds 600 ${resume_flag:-})
+    # The count of the kind measured: resumed ones on a resuming run
+    # (each run's first handshake is full).
+    if [ "$hs" = resumed ]; then
+      sed -E 's/.*resumed=([0-9]+) failed=([0-9]+).*/requests=\1 errors=\2 (resumed handshakes)/' <<<"$out"
+    else
+      sed -E 's/.*handshakes=([0-9]+) resumed=[0-9]+ failed=([0-9]+).*/requests=\1 errors=\2 (handshakes)/' <<<"$out"
+    fi
+  elif [ -n "$h2" ]; then
     local out ok bad
     out=$(timeout -k 5 900 h2load -c 20 -m 10 -n "$1" "https://$addr/" 2>&1)
     ok=$(sed -nE 's/^requests: .* ([0-9]+) succeeded.*/\1/p' <<<"$out")
@@ -112,7 +135,9 @@ total = per(sum(c1.values()), sum(c2.values()))
 allocs = per(sum(k1[f] for f in ("malloc", "posix_memalign", "realloc", "calloc")),
              sum(k2[f] for f in ("malloc", "posix_memalign", "realloc", "calloc")))
 aligned = per(k1["posix_memalign"], k2["posix_memalign"])
-print(f"\nktern's userspace instructions per keep-alive request: {total:,.0f}"
+unit = {"handshakes": "full TLS 1.3 handshake", "resumed": "resumed TLS 1.3 handshake"}.get(
+    re.search(r"\((\w+)", out2).group(1) if "(" in out2 else "", "keep-alive request")
+print(f"\nktern's userspace instructions per {unit}: {total:,.0f}"
       f" ({dn} requests between the runs; handshakes cancel)")
 print(f"allocations per request: {allocs:.1f} (of which posix_memalign: {aligned:.1f})")
 print(f"\n{'instructions':>12} {'share':>6}  function (self cost per request)")

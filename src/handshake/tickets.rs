@@ -30,7 +30,9 @@
 use std::sync::{Arc, Mutex};
 
 use crate::provider::prims::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+#[cfg(test)]
 use crate::provider::prims::hkdf;
+use crate::provider::prims::hmac;
 use crate::provider::prims::rand::{SecureRandom, SystemRandom};
 
 pub use crate::config::MIN_TICKET_SECRET as MIN_SECRET;
@@ -51,9 +53,10 @@ const EXTRACT_SALT: &[u8] = b"ktern session tickets v1";
 enum Source {
     /// One pseudorandom key for every epoch (the epoch is in each
     /// ticket key's info).
-    Fleet(hkdf::Prk),
+    /// Boxed: an aws-lc-rs HMAC key holds its keyed state, 1.2 KB.
+    Fleet(Box<hmac::Key>),
     /// A random key per epoch: (epoch, key), the current and the previous.
-    Random(Mutex<Vec<(u64, hkdf::Prk)>>),
+    Random(Mutex<Vec<(u64, hmac::Key)>>),
 }
 
 /// The ticket keys of one source and rotation period, shared by every
@@ -84,11 +87,26 @@ pub enum TicketKeyError {
 /// HKDF-Extract (RFC 5869 §2.2: PRK = HMAC-Hash(salt, IKM)), done here
 /// rather than by `Salt::extract`: aws-lc-rs's extracted key keeps the
 /// secret and reruns the extract in every expansion, twice per resumed
-/// handshake (one ticket opened, one sealed).
-fn extract(secret: &[u8]) -> hkdf::Prk {
-    use crate::provider::prims::hmac;
+/// handshake (one ticket opened, one sealed). The PRK is kept as an HMAC
+/// key, keyed once ([`expand`]).
+fn extract(secret: &[u8]) -> hmac::Key {
     let prk = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, EXTRACT_SALT), secret);
-    hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, prk.as_ref())
+    hmac::Key::new(hmac::HMAC_SHA256, prk.as_ref())
+}
+
+/// HKDF-Expand (RFC 5869 §2.3) of 32 bytes, one hash length: T(1) =
+/// HMAC-Hash(PRK, info | 0x01), on the PRK's keyed HMAC. `Prk::expand`
+/// keys a new HMAC with the PRK for every call (two SHA-256 blocks, and
+/// copies of the HMAC state), and a full handshake seals two tickets.
+fn expand(prk: &hmac::Key, info: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = hmac::Context::with_key(prk);
+    for part in info {
+        ctx.update(part);
+    }
+    ctx.update(&[1]);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&ctx.sign().as_ref()[..32]);
+    out
 }
 
 impl TicketKeys {
@@ -99,7 +117,7 @@ impl TicketKeys {
             return Err(TicketKeyError::ShortSecret(secret.len()));
         }
         Ok(TicketKeys {
-            source: Source::Fleet(extract(secret)),
+            source: Source::Fleet(Box::new(extract(secret))),
             rotation: rotation_secs.max(1),
             rng: SystemRandom::new(),
         })
@@ -138,12 +156,8 @@ impl TicketKeys {
             context,
             salt,
         ];
-        let mut bytes = [0u8; 32];
-        let expand = |prk: &hkdf::Prk, out: &mut [u8; 32]| -> Option<()> {
-            prk.expand(&info, &aead::AES_256_GCM).ok()?.fill(out).ok()
-        };
-        match &self.source {
-            Source::Fleet(prk) => expand(prk, &mut bytes)?,
+        let bytes = match &self.source {
+            Source::Fleet(prk) => expand(prk, &info),
             Source::Random(keys) => {
                 let mut keys = keys.lock().unwrap_or_else(|e| e.into_inner());
                 if issue && keys.last().is_none_or(|(e, _)| *e < epoch) {
@@ -154,9 +168,9 @@ impl TicketKeys {
                     keys.retain(|(e, _)| e.saturating_add(1) >= epoch);
                 }
                 let (_, prk) = keys.iter().find(|(e, _)| *e == epoch)?;
-                expand(prk, &mut bytes)?;
+                expand(prk, &info)
             }
-        }
+        };
         Some(LessSafeKey::new(
             UnboundKey::new(&aead::AES_256_GCM, &bytes).ok()?,
         ))
@@ -283,23 +297,39 @@ mod tests {
     /// The start of an epoch of one hour.
     const T0: u64 = 500_000 * 3600;
 
-    /// The explicit extract derives what `Salt::extract` does, so hosts
-    /// of a fleet running the releases before and after it share tickets.
+    /// The explicit extract and expand derive what `Salt::extract` and
+    /// `Prk::expand` do, so hosts of a fleet running the releases before
+    /// and after them share tickets.
     #[test]
-    fn the_extract_is_hkdfs() {
-        let (mut ours, mut theirs) = ([0u8; 32], [0u8; 32]);
-        extract(SECRET)
-            .expand(&[b"x"], &aead::AES_256_GCM)
-            .unwrap()
-            .fill(&mut ours)
-            .unwrap();
+    fn the_extract_and_expand_are_hkdfs() {
+        let info: [&[u8]; 3] = [b"ticket key", b"\x00\x01", b"listener and salt"];
+        let ours = expand(&extract(SECRET), &info);
+        let mut theirs = [0u8; 32];
         hkdf::Salt::new(hkdf::HKDF_SHA256, EXTRACT_SALT)
             .extract(SECRET)
-            .expand(&[b"x"], &aead::AES_256_GCM)
+            .expand(&info, &aead::AES_256_GCM)
             .unwrap()
             .fill(&mut theirs)
             .unwrap();
         assert_eq!(ours, theirs);
+        // And a known answer: RFC 5869 test case 1's expansion (L = 32
+        // of its 42 bytes), from its PRK.
+        let prk = hmac::Key::new(
+            hmac::HMAC_SHA256,
+            &hex("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5"),
+        );
+        let okm = expand(&prk, &[&hex("f0f1f2f3f4f5f6f7f8f9")]);
+        assert_eq!(
+            okm.to_vec(),
+            hex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf")
+        );
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
