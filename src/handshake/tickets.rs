@@ -24,8 +24,8 @@
 //! epoch, the listener and a random salt, so the nonce can be fixed: a
 //! fleet issuing more than 2^32 tickets per epoch under one key would push
 //! random 96-bit GCM nonces past their collision bound (NIST SP 800-38D
-//! §8.3); per-ticket keys have no such limit. Costs one HMAC pair per
-//! ticket, noise beside the handshake's signature.
+//! §8.3); per-ticket keys have no such limit. Costs one HMAC per ticket,
+//! on the PRK's state keyed once: noise beside the handshake's signature.
 
 use std::sync::{Arc, Mutex};
 

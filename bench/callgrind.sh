@@ -15,7 +15,7 @@
 # backend with one byte each way (compare.sh's and vm-handshake.sh's unit);
 # --resumed: the same, resumed with ktern's tickets. --requests then counts
 # handshakes.
-# Usage: bench/callgrind-http.sh [--requests 5000] [--top 25] [--h2 | --handshakes | --resumed]
+# Usage: bench/callgrind.sh [--requests 5000] [--top 25] [--h2 | --handshakes | --resumed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=5000 top=25 h2= hs=
@@ -34,7 +34,7 @@ command -v valgrind > /dev/null ||
   apt-get install -y -qq --no-install-recommends valgrind > /dev/null
 [ -z "$h2" ] || command -v h2load > /dev/null ||
   apt-get install -y -qq --no-install-recommends nghttp2-client > /dev/null
-bench_name=callgrind-http
+bench_name=callgrind
 # shellcheck source=bench/common.sh
 . bench/common.sh
 
