@@ -6,9 +6,10 @@
 //! timeout period, waking the connections whose timeout has passed (the
 //! coarse timer nginx and HAProxy also use for idle timeouts).
 //!
-//! A connection that waits for one thing at a time (HTTP/1.1) bounds its
-//! other waits on the same entry ([`IdleSweeper::arm`], [`bounded`]): most
-//! of a request's reads and writes (ARCHITECTURE.md lists which).
+//! Whatever waits for one thing at a time (an HTTP/1.1 connection, one
+//! HTTP/2 stream) bounds its other waits on an entry of its own
+//! ([`IdleSweeper::arm`], [`bounded`]): most of a request's reads and
+//! writes (ARCHITECTURE.md lists which).
 //! A monoio timer per wait cost an aligned allocation (its entry is
 //! `repr(align(128))`, and so is every future that holds one inline) and
 //! two timer-wheel operations: three per keep-alive request, 7% of

@@ -32,6 +32,11 @@ use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::forward::{boxed, Ctx, HttpError};
 use crate::proxy::idle::Idle;
 
+/// Ended streams' sweeper entries an HTTP/2 connection keeps for its next
+/// streams: as many as h2load's or a browser page's usual streams in
+/// flight; more open at once register their own.
+const CLOCKS_KEPT: usize = 16;
+
 /// Serves an HTTP/2 connection until the client closes it, it idles out,
 /// the drain or a reload ends it (GOAWAY; streams in flight finish), or a
 /// protocol error or flood closes it.
@@ -66,8 +71,8 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
     // Each stream waits for one thing at a time, bounded on a sweeper
     // entry of its own (`Ctx::clock`), as an HTTP/1.1 connection is: no
     // timer and no over-aligned box per stream. An ended stream's entry
-    // goes to the next one, so a connection holds at most as many as it
-    // ever had streams open at once.
+    // goes to the next one; up to CLOCKS_KEPT are kept (a burst of streams
+    // leaves no more behind: each entry is about 100 bytes).
     let clocks: RefCell<Vec<Rc<Idle>>> = RefCell::default();
     let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = stream::End> + '_>>> =
         FuturesUnordered::new();
@@ -116,7 +121,10 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
                     let clocks = &clocks;
                     streams.push(boxed(async move {
                         let end = stream::exchange(req, respond, &own).await;
-                        clocks.borrow_mut().push(clock);
+                        let mut kept = clocks.borrow_mut();
+                        if kept.len() < CLOCKS_KEPT {
+                            kept.push(clock);
+                        }
                         end
                     }));
                     progressed = true;

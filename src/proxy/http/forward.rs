@@ -89,7 +89,7 @@ pub struct Ctx<'a> {
     pub local: Option<SocketAddr>,
     /// Bytes moved, for the connection's log line.
     pub moved: &'a Cell<Moved>,
-    /// The shard's idle sweeper (for upgraded tunnels).
+    /// The shard's idle sweeper: the clock's entries, and upgraded tunnels'.
     pub idle: &'a IdleSweeper,
     /// The shard's pipes (for upgraded tunnels under kTLS).
     pub pipes: &'a PipePool,
