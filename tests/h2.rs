@@ -95,8 +95,23 @@ fn backend_failures_and_local_answers_reach_the_stream_only() {
         assert_eq!(e.reason(), Some(::h2::Reason::INTERNAL_ERROR), "{e}");
         // The connection serves on.
         assert_eq!(h2c::get(&mut c, "/x").await.body, b"a");
+        // A backend slower than response_timeout (1 s; it answers after
+        // 3 s): 504, bounded by the stream's own sweeper entry.
+        assert_eq!(h2c::get(&mut c, "/slow").await.status, 504);
+        // A body that stops mid-way: the stream is reset after
+        // response_timeout, before the backend's own close (4 s).
+        let started = Instant::now();
+        let stalled = h2c::request(&mut c, "GET", "/stall", b"", 1, false).await;
+        let e = stalled.expect_err("a stalled body must not complete");
+        assert_eq!(e.reason(), Some(::h2::Reason::INTERNAL_ERROR), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "reset after {:?}, not by response_timeout",
+            started.elapsed()
+        );
+        assert_eq!(h2c::get(&mut c, "/x").await.body, b"a");
     });
-    assert!(k.metric("ktern_upstream_errors_total") >= 2);
+    assert!(k.metric("ktern_upstream_errors_total") >= 3);
     assert_offloaded_in_vm(&k);
 }
 
