@@ -14,16 +14,19 @@
 # handshakes instead, each a connection through a `tcp` route to an echo
 # backend with one byte each way (compare.sh's and vm-handshake.sh's unit);
 # --resumed: the same, resumed with ktern's tickets. --requests then counts
-# handshakes.
-# Usage: bench/callgrind.sh [--requests 5000] [--top 25] [--h2 | --handshakes | --resumed]
+# handshakes. --rate R (with --h2): each connection sends R requests/s
+# (h2load --rps), so requests arrive one at a time as in compare-h2.sh's
+# open-loop run, not in the closed loop's batches.
+# Usage: bench/callgrind.sh [--requests 5000] [--top 25] [--h2 [--rate R] | --handshakes | --resumed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-requests=5000 top=25 h2= hs=
+requests=5000 top=25 h2= hs= rate=
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) requests=$2; shift 2 ;;
     --top) top=$2; shift 2 ;;
     --h2) h2=1; shift ;;
+    --rate) rate=$2; shift 2 ;;
     --handshakes) hs=full; shift ;;
     --resumed) hs=resumed resume_flag=--resume; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$requests" -ge 100 ] || { echo "--requests must be at least 100" >&2; exit 2; }
 [ -z "$h2" ] || [ -z "$hs" ] || { echo "--h2 and --handshakes/--resumed exclude each other" >&2; exit 2; }
+[ -z "$rate" ] || [ -n "$h2" ] || { echo "--rate needs --h2" >&2; exit 2; }
 command -v valgrind > /dev/null ||
   apt-get install -y -qq --no-install-recommends valgrind > /dev/null
 [ -z "$h2" ] || command -v h2load > /dev/null ||
@@ -75,7 +79,7 @@ load() {
     fi
   elif [ -n "$h2" ]; then
     local out ok bad
-    out=$(timeout -k 5 900 h2load -c 20 -m 10 -n "$1" "https://$addr/" 2>&1)
+    out=$(timeout -k 5 900 h2load -c 20 -m 10 ${rate:+--rps "$rate"} -n "$1" "https://$addr/" 2>&1)
     ok=$(sed -nE 's/^requests: .* ([0-9]+) succeeded.*/\1/p' <<<"$out")
     bad=$(sed -nE 's/^requests: .* ([0-9]+) failed, ([0-9]+) errored.*/\1+\2/p' <<<"$out")
     echo "requests=${ok:-0} errors=$(( ${bad:-1} )) (h2load)"

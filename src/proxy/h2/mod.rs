@@ -19,10 +19,13 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::task::{waker_ref, ArcWake, AtomicWaker};
 use h2::Reason;
 
 use self::io::{H2Io, Signals};
@@ -36,6 +39,41 @@ use crate::proxy::idle::Idle;
 /// streams: as many as h2load's or a browser page's usual streams in
 /// flight; more open at once register their own.
 const CLOCKS_KEPT: usize = 16;
+
+/// The waker the `h2` connection is polled with: it wakes the connection's
+/// task and notes that the connection itself has work (its socket's read
+/// or write completed, a stream queued frames, a handle was dropped). The
+/// task is also woken by its streams' backends, several times per request;
+/// polling the whole connection then (a read attempt, `poll_complete`, a
+/// flush: about 4 k instructions) found nothing to do. Requests that arrive
+/// one at a time, as under an open-loop load, paid that on every wake.
+/// A wake while the task runs (a stream queued frames) only marks the
+/// connection due: the same poll sends them, with no second poll after it.
+#[derive(Default)]
+struct ConnWake {
+    due: AtomicBool,
+    running: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for ConnWake {
+    fn wake_by_ref(this: &Arc<Self>) {
+        this.due.store(true, Ordering::Relaxed);
+        if !this.running.load(Ordering::Relaxed) {
+            this.task.wake();
+        }
+    }
+}
+
+impl ConnWake {
+    fn due(&self) {
+        self.due.store(true, Ordering::Relaxed);
+    }
+
+    fn take(&self) -> bool {
+        self.due.swap(false, Ordering::Relaxed)
+    }
+}
 
 /// Serves an HTTP/2 connection until the client closes it, it idles out,
 /// the drain or a reload ends it (GOAWAY; streams in flight finish), or a
@@ -82,79 +120,111 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
     let mut accepting = true;
     let mut flooded = false;
     let mut stalled = false;
-    let ended = std::future::poll_fn(|cx| loop {
-        let malformed = signals.malformed.take();
-        if malformed > 0 {
-            M::add(&ctx.metrics.h2_malformed, malformed);
-        }
-        if signals.flood.get() && !flooded {
-            flooded = true;
-            tracing::info!(peer = %ctx.peer, "HTTP/2 control-frame flood: GOAWAY ENHANCE_YOUR_CALM");
-            conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-        }
-        // Drain, or a reload that retired this connection's config: GOAWAY
-        // (RFC 9113 §6.8), and the streams in flight finish.
-        if !going_away && (drain.poll_on(cx).is_ready() || ctx.closing()) {
-            going_away = true;
-            conn.graceful_shutdown();
-        }
-        signals.idle.set(streams.is_empty());
-        // No stream open for the keep-alive timeout: GOAWAY too.
-        if streams.is_empty() {
-            let entry = idle.get_or_insert_with(|| ctx.idle.register(route.keepalive_timeout));
-            if !going_away && entry.poll_expired(cx).is_ready() {
+    let wake = Arc::new(ConnWake::default());
+    wake.due();
+    let ended = std::future::poll_fn(|cx| {
+        wake.task.register(cx.waker());
+        wake.running.store(true, Ordering::Relaxed);
+        let mut passes = 0;
+        let conn_waker = waker_ref(&wake);
+        let mut conn_cx = Context::from_waker(&conn_waker);
+        loop {
+            let malformed = signals.malformed.take();
+            if malformed > 0 {
+                M::add(&ctx.metrics.h2_malformed, malformed);
+            }
+            if signals.flood.get() && !flooded {
+                flooded = true;
+                tracing::info!(peer = %ctx.peer, "HTTP/2 control-frame flood: GOAWAY ENHANCE_YOUR_CALM");
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                wake.due();
+            }
+            // Drain, or a reload that retired this connection's config: GOAWAY
+            // (RFC 9113 §6.8), and the streams in flight finish.
+            if !going_away && (drain.poll_on(cx).is_ready() || ctx.closing()) {
                 going_away = true;
                 conn.graceful_shutdown();
+                wake.due();
             }
-        } else {
-            idle = None;
-        }
-        let mut progressed = false;
-        if accepting {
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    M::inc(&ctx.metrics.h2_streams);
-                    let clock = clocks.borrow_mut().pop();
-                    let clock = clock.unwrap_or_else(|| ctx.idle.register(route.head_timeout));
-                    let mut own = ctx.clone();
-                    own.clock = Some(clock.clone());
-                    let clocks = &clocks;
-                    streams.push(boxed(async move {
-                        let end = stream::exchange(req, respond, &own).await;
-                        let mut kept = clocks.borrow_mut();
-                        if kept.len() < CLOCKS_KEPT {
-                            kept.push(clock);
-                        }
-                        end
-                    }));
+            signals.idle.set(streams.is_empty());
+            // No stream open for the keep-alive timeout: GOAWAY too.
+            if streams.is_empty() {
+                let entry = idle.get_or_insert_with(|| ctx.idle.register(route.keepalive_timeout));
+                if !going_away && entry.poll_expired(cx).is_ready() {
+                    going_away = true;
+                    conn.graceful_shutdown();
+                    wake.due();
+                }
+            } else {
+                idle = None;
+            }
+            let mut progressed = false;
+            if accepting && wake.take() {
+                match conn.poll_accept(&mut conn_cx) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        M::inc(&ctx.metrics.h2_streams);
+                        let clock = clocks.borrow_mut().pop();
+                        let clock = clock.unwrap_or_else(|| ctx.idle.register(route.head_timeout));
+                        let mut own = ctx.clone();
+                        own.clock = Some(clock.clone());
+                        let clocks = &clocks;
+                        streams.push(boxed(async move {
+                            let end = stream::exchange(req, respond, &own).await;
+                            let mut kept = clocks.borrow_mut();
+                            if kept.len() < CLOCKS_KEPT {
+                                kept.push(clock);
+                            }
+                            end
+                        }));
+                        // Ready registered no waker: poll again for the next.
+                        wake.due();
+                        progressed = true;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        wake.running.store(false, Ordering::Relaxed);
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Ready(None) => accepting = false,
+                    Poll::Pending => {}
+                }
+                // The frame watch may have flagged a flood during that poll's
+                // reads: act on it now, not at the next wake (which a client
+                // that sent its whole flood at once never causes).
+                if signals.flood.get() && !flooded {
                     progressed = true;
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => accepting = false,
-                Poll::Pending => {}
             }
-            // The frame watch may have flagged a flood during that poll's
-            // reads: act on it now, not at the next wake (which a client
-            // that sent its whole flood at once never causes).
-            if signals.flood.get() && !flooded {
+            while let Poll::Ready(Some(end)) = streams.poll_next_unpin(cx) {
                 progressed = true;
+                // A client that leaves a stream unread for send_timeout holds
+                // the connection's buffers: the connection ends, with GOAWAY
+                // ENHANCE_YOUR_CALM (its other streams are reset with it).
+                if end == stream::End::Stalled && !stalled && !flooded {
+                    stalled = true;
+                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    wake.due();
+                }
             }
-        }
-        while let Poll::Ready(Some(end)) = streams.poll_next_unpin(cx) {
-            progressed = true;
-            // A client that leaves a stream unread for send_timeout holds
-            // the connection's buffers: the connection ends, with GOAWAY
-            // ENHANCE_YOUR_CALM (its other streams are reset with it).
-            if end == stream::End::Stalled && !stalled && !flooded {
-                stalled = true;
-                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+            if !accepting && streams.is_empty() {
+                wake.running.store(false, Ordering::Relaxed);
+                return Poll::Ready(Ok(()));
             }
-        }
-        if !accepting && streams.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        if !progressed {
-            return Poll::Pending;
+            // A stream polled above may have queued frames (waking `wake`):
+            // the connection sends them in this poll, not the next.
+            if !progressed {
+                if !(accepting && wake.due.load(Ordering::Relaxed)) {
+                    wake.running.store(false, Ordering::Relaxed);
+                    return Poll::Pending;
+                }
+                // Streams that keep the connection due (a body sent as
+                // windows open) yield to the shard's other tasks now and then.
+                passes += 1;
+                if passes == 8 {
+                    wake.running.store(false, Ordering::Relaxed);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
         }
     })
     .await;
