@@ -141,11 +141,18 @@ pub fn take_over(path: &Path) -> Result<Inherited, UpgradeError> {
     let mut fds = fds.into_iter();
     let mut sockets = Vec::new();
     for meta in offer.sockets {
-        let set = fds
+        let set: Vec<std::net::TcpListener> = fds
             .by_ref()
             .take(meta.fds)
             .map(std::net::TcpListener::from)
             .collect();
+        // Accepted connections inherit Nagle's flag from their listener
+        // (`shard::no_nagle`); an older ktern's listeners lack it.
+        for l in &set {
+            if let Err(e) = crate::shard::no_nagle(l) {
+                tracing::warn!(addr = %meta.addr, error = %e, "upgrade: cannot set TCP_NODELAY on an inherited listener");
+            }
+        }
         sockets.push((meta, set));
     }
     let admin = offer

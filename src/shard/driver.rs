@@ -194,7 +194,7 @@ async fn passthrough(
         return None;
     };
     let m = &shard.metrics;
-    let _ = socket.set_nodelay(true);
+    // TCP_NODELAY came from the listener (`shard::no_nagle`).
     let (peer, mut first) = match &config.proxy_protocol {
         None => (peer, Vec::new()),
         Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
@@ -314,7 +314,7 @@ async fn establish(
 ) -> Option<(TlsConn, TlsInfo, SocketAddr)> {
     let m = &shard.metrics;
     let accepted = std::time::Instant::now();
-    let _ = socket.set_nodelay(true);
+    // TCP_NODELAY came from the listener (`shard::no_nagle`).
     let (peer, first_bytes) = match &gen.config().listeners[listener].proxy_protocol {
         None => (peer, Vec::new()),
         Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
