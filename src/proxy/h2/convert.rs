@@ -7,6 +7,7 @@
 //! requests get, and nothing reaches a backend that an HTTP/1.1 client
 //! could not have sent.
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::proxy::http::body::Framing;
@@ -113,8 +114,11 @@ pub fn request_head(
 pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<()> {
     let options = rewrite::connection_options(&resp.fields);
     let mut headers = HeaderMap::with_capacity(resp.fields.iter().count() + extra.len());
-    let fields = resp.fields.iter().map(|f| (f.name, f.value));
-    let extra = extra.iter().map(|&(n, v)| (n.as_bytes(), v));
+    // Values are slices of the backend's head, shared: no copy each.
+    let fields = resp.fields.shared();
+    let extra = extra
+        .iter()
+        .map(|&(n, v)| (n.as_bytes(), Bytes::copy_from_slice(v)));
     for (name, value) in fields.chain(extra) {
         if rewrite::is_hop_by_hop(name, &options) {
             continue;
@@ -122,7 +126,10 @@ pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<
         // A backend field that is not a valid HTTP/2 field (the parser
         // let through what HTTP/1.1 allows) is dropped rather than sent
         // malformed.
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_maybe_shared(value),
+        ) {
             headers.append(n, v);
         }
     }

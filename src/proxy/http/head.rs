@@ -5,6 +5,8 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
+
 use super::body::Framing;
 
 /// Limits on a request head, with nginx-like defaults.
@@ -135,6 +137,24 @@ impl Fields {
                     .is_some_and(|n| n.eq_ignore_ascii_case(name.as_bytes()))
             })
             .map(|(_, v)| self.raw.get(v.clone()).unwrap_or_default())
+    }
+
+    /// The fields in order, each value a slice of one shared copy of the
+    /// head (HTTP/2's `HeaderValue`s hold `Bytes`): one allocation for all
+    /// of them, where `HeaderValue::from_bytes` made one per field.
+    pub fn shared(&self) -> impl Iterator<Item = (&[u8], Bytes)> + '_ {
+        let shared = match self.spans.is_empty() {
+            true => Bytes::new(),
+            false => Bytes::copy_from_slice(&self.raw),
+        };
+        self.spans.iter().map(move |(name, value)| {
+            let name = self.raw.get(name.clone()).unwrap_or_default();
+            let value = match self.raw.get(value.clone()) {
+                Some(_) => shared.slice(value.clone()),
+                None => Bytes::new(),
+            };
+            (name, value)
+        })
     }
 }
 
@@ -590,6 +610,28 @@ mod tests {
             .unwrap();
         assert_eq!(r.reason(), "Not  Here");
         assert_eq!(r.fields.values("a").collect::<Vec<_>>(), vec![&b"1"[..]]);
+    }
+
+    #[test]
+    fn shared_values_are_slices_of_one_copy_of_the_head() {
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-A: one\r\nEmpty:\r\n\r\n",
+            "GET",
+            1024,
+        )
+        .unwrap()
+        .unwrap();
+        let shared: Vec<(&[u8], Bytes)> = r.fields.shared().collect();
+        let plain: Vec<(&[u8], &[u8])> = r.fields.iter().map(|f| (f.name, f.value)).collect();
+        assert_eq!(shared.len(), plain.len());
+        for ((n, v), (pn, pv)) in shared.iter().zip(&plain) {
+            assert_eq!((*n, &v[..]), (*pn, *pv));
+        }
+        // One copy: the second value lies as far after the first in the
+        // shared bytes as in the head.
+        let gap = |a: &[u8], b: &[u8]| b.as_ptr() as usize - a.as_ptr() as usize;
+        assert_eq!(gap(&shared[0].1, &shared[1].1), gap(plain[0].1, plain[1].1));
+        assert!(shared[2].1.is_empty());
     }
 
     #[test]
