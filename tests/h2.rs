@@ -605,6 +605,32 @@ fn a_reload_ends_old_http2_connections_with_goaway_after_the_keepalive_timeout()
     assert_offloaded_in_vm(&k);
 }
 
+/// `keepalive_timeout` bounds the time with no stream open, not the
+/// connection's life: requests a third of it apart keep a connection
+/// served for longer than it, and once it idles past it, GOAWAY closes it.
+#[test]
+fn an_http2_connection_idles_out_only_after_keepalive_timeout_without_streams() {
+    let (pki, k, _a) = setup("h2-keepalive", "keepalive_timeout = \"1s\"");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(2500) {
+            let r = h2c::request(&mut c, "GET", "/x", b"", 1, false).await;
+            assert_eq!(r.expect("served while busy").status, 200);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3 * slow() as u64)).await;
+        assert!(
+            h2c::request(&mut c, "GET", "/x", b"", 1, false)
+                .await
+                .is_err(),
+            "still open after idling past keepalive_timeout"
+        );
+    });
+    assert_offloaded_in_vm(&k);
+}
+
 /// Request trailers (HTTP/2 trailing HEADERS) reach the backend as the
 /// chunked body's trailer section; fields not allowed there are dropped.
 #[test]

@@ -115,7 +115,12 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
     let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = stream::End> + '_>>> =
         FuturesUnordered::new();
     let mut drain = ctx.drain.watch();
-    let mut idle = None;
+    // One keep-alive entry for the connection's life, armed again each
+    // time its last stream ends: a new entry per idle spell cost an
+    // allocation and a sweeper slot per request when requests come one at
+    // a time. While streams are open it is not consulted.
+    let idle = ctx.idle.register(route.keepalive_timeout);
+    let mut busy = false;
     let mut going_away = false;
     let mut accepting = true;
     let mut flooded = false;
@@ -149,14 +154,16 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
             signals.idle.set(streams.is_empty());
             // No stream open for the keep-alive timeout: GOAWAY too.
             if streams.is_empty() {
-                let entry = idle.get_or_insert_with(|| ctx.idle.register(route.keepalive_timeout));
-                if !going_away && entry.poll_expired(cx).is_ready() {
+                if std::mem::take(&mut busy) {
+                    ctx.idle.arm(&idle, route.keepalive_timeout);
+                }
+                if !going_away && idle.poll_expired(cx).is_ready() {
                     going_away = true;
                     conn.graceful_shutdown();
                     wake.due();
                 }
             } else {
-                idle = None;
+                busy = true;
             }
             let mut progressed = false;
             if accepting && wake.take() {
@@ -178,6 +185,7 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
                         }));
                         // Ready registered no waker: poll again for the next.
                         wake.due();
+                        busy = true;
                         progressed = true;
                     }
                     Poll::Ready(Some(Err(e))) => {
