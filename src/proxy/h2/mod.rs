@@ -236,6 +236,11 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
         }
     })
     .await;
+    // What the last pass's reads flagged, when it ended the connection.
+    let malformed = signals.malformed.take();
+    if malformed > 0 {
+        M::add(&ctx.metrics.h2_malformed, malformed);
+    }
     if flooded {
         return Err(HttpError::H2(Reason::ENHANCE_YOUR_CALM.into()));
     }
