@@ -73,6 +73,10 @@ impl ConnWake {
     fn take(&self) -> bool {
         self.due.swap(false, Ordering::Relaxed)
     }
+
+    fn is_due(&self) -> bool {
+        self.due.load(Ordering::Relaxed)
+    }
 }
 
 /// Serves an HTTP/2 connection until the client closes it, it idles out,
@@ -115,12 +119,11 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
     let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = stream::End> + '_>>> =
         FuturesUnordered::new();
     let mut drain = ctx.drain.watch();
-    // One keep-alive entry for the connection's life, armed again each
-    // time its last stream ends: a new entry per idle spell cost an
-    // allocation and a sweeper slot per request when requests come one at
-    // a time. While streams are open it is not consulted.
+    // One keep-alive entry for the connection's life, armed again when its
+    // last stream ends: a new entry per idle spell cost an allocation and a
+    // sweeper slot per request when requests come one at a time. While
+    // streams are open it is not consulted.
     let idle = ctx.idle.register(route.keepalive_timeout);
-    let mut busy = false;
     let mut going_away = false;
     let mut accepting = true;
     let mut flooded = false;
@@ -133,7 +136,7 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
         let mut passes = 0;
         let conn_waker = waker_ref(&wake);
         let mut conn_cx = Context::from_waker(&conn_waker);
-        loop {
+        let polled = loop {
             let malformed = signals.malformed.take();
             if malformed > 0 {
                 M::add(&ctx.metrics.h2_malformed, malformed);
@@ -153,17 +156,10 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
             }
             signals.idle.set(streams.is_empty());
             // No stream open for the keep-alive timeout: GOAWAY too.
-            if streams.is_empty() {
-                if std::mem::take(&mut busy) {
-                    ctx.idle.arm(&idle, route.keepalive_timeout);
-                }
-                if !going_away && idle.poll_expired(cx).is_ready() {
-                    going_away = true;
-                    conn.graceful_shutdown();
-                    wake.due();
-                }
-            } else {
-                busy = true;
+            if streams.is_empty() && !going_away && idle.poll_expired(cx).is_ready() {
+                going_away = true;
+                conn.graceful_shutdown();
+                wake.due();
             }
             let mut progressed = false;
             if accepting && wake.take() {
@@ -185,13 +181,9 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
                         }));
                         // Ready registered no waker: poll again for the next.
                         wake.due();
-                        busy = true;
                         progressed = true;
                     }
-                    Poll::Ready(Some(Err(e))) => {
-                        wake.running.store(false, Ordering::Relaxed);
-                        return Poll::Ready(Err(e));
-                    }
+                    Poll::Ready(Some(Err(e))) => break Poll::Ready(Err(e)),
                     Poll::Ready(None) => accepting = false,
                     Poll::Pending => {}
                 }
@@ -212,28 +204,30 @@ pub async fn serve(reader: TlsReader, writer: TlsWriter, ctx: Ctx<'_>) -> Result
                     conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                     wake.due();
                 }
+                if streams.is_empty() {
+                    ctx.idle.arm(&idle, route.keepalive_timeout);
+                }
             }
             if !accepting && streams.is_empty() {
-                wake.running.store(false, Ordering::Relaxed);
-                return Poll::Ready(Ok(()));
+                break Poll::Ready(Ok(()));
             }
             // A stream polled above may have queued frames (waking `wake`):
             // the connection sends them in this poll, not the next.
             if !progressed {
-                if !(accepting && wake.due.load(Ordering::Relaxed)) {
-                    wake.running.store(false, Ordering::Relaxed);
-                    return Poll::Pending;
+                if !(accepting && wake.is_due()) {
+                    break Poll::Pending;
                 }
                 // Streams that keep the connection due (a body sent as
                 // windows open) yield to the shard's other tasks now and then.
                 passes += 1;
                 if passes == 8 {
-                    wake.running.store(false, Ordering::Relaxed);
                     cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                    break Poll::Pending;
                 }
             }
-        }
+        };
+        wake.running.store(false, Ordering::Relaxed);
+        polled
     })
     .await;
     // What the last pass's reads flagged, when it ended the connection.
