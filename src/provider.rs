@@ -37,51 +37,96 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
 /// expands each of its three secrets several times; in the kTLS VM,
 /// where the emulated CPU has no SHA extensions, SHA-256 was 36% of the
 /// instructions of a resumed handshake (`bench/vm-handshake.sh --perf`).
-/// rustls' own `HkdfUsingHmac` over aws-lc-rs's HMAC does the same
-/// derivations (RFC 5869) without the repeats. The suites are otherwise
+/// rustls' own `HkdfUsingHmac` does the same derivations (RFC 5869)
+/// without the repeats, here over an HMAC on aws-lc's SHA states
+/// (`sys::sha`), where aws-lc-rs's `hmac` spent about 40 k instructions of
+/// a full handshake managing its contexts. The suites are otherwise
 /// rustls' (same AEAD, hash, limits, kTLS key extraction).
 #[cfg(feature = "aws-lc-rs")]
 mod hkdf {
     use std::sync::LazyLock;
 
-    use aws_lc_rs::hmac;
     use rustls::crypto::hash::HashAlgorithm;
     use rustls::crypto::hmac::{Hmac, Key, Tag};
     use rustls::crypto::tls13::HkdfUsingHmac;
     use rustls::{CipherSuiteCommon, SupportedCipherSuite, Tls13CipherSuite};
 
-    struct AwsHmac(hmac::Algorithm);
+    use crate::sys::sha::{Sha, ShaState, MAX_OUT};
 
-    struct AwsKey(hmac::Key);
+    /// HMAC (RFC 2104) over aws-lc's SHA states: keyed once into an inner
+    /// and an outer state, which every tag copies (`sys::sha` says why not
+    /// aws-lc-rs's `hmac`).
+    struct ShaHmac(Sha);
 
-    impl Hmac for AwsHmac {
+    struct ShaKey {
+        inner: ShaState,
+        outer: ShaState,
+        sha: Sha,
+    }
+
+    impl Hmac for ShaHmac {
         fn with_key(&self, key: &[u8]) -> Box<dyn Key> {
-            Box::new(AwsKey(hmac::Key::new(self.0, key)))
+            let sha = self.0;
+            // RFC 2104 §2: a key longer than a block is hashed first; the
+            // key is then padded with zeros to one block.
+            let mut block = [0u8; 128];
+            let block = &mut block[..sha.block_len()];
+            if key.len() > block.len() {
+                let mut h = ShaState::new(sha);
+                h.update(key);
+                let mut out = [0u8; MAX_OUT];
+                let n = h.finish(&mut out);
+                block[..n].copy_from_slice(&out[..n]);
+                zeroize::Zeroize::zeroize(&mut out);
+            } else {
+                block[..key.len()].copy_from_slice(key);
+            }
+            let mut inner = ShaState::new(sha);
+            let mut outer = ShaState::new(sha);
+            block.iter_mut().for_each(|b| *b ^= 0x36);
+            inner.update(block);
+            // 0x36 ^ 0x5c: from the inner pad to the outer one.
+            block.iter_mut().for_each(|b| *b ^= 0x36 ^ 0x5c);
+            outer.update(block);
+            zeroize::Zeroize::zeroize(block);
+            Box::new(ShaKey { inner, outer, sha })
         }
         fn hash_output_len(&self) -> usize {
-            self.0.digest_algorithm().output_len()
+            self.0.output_len()
         }
     }
 
-    impl Key for AwsKey {
+    impl Key for ShaKey {
         fn sign_concat(&self, first: &[u8], middle: &[&[u8]], last: &[u8]) -> Tag {
-            // A copy of the keyed state: the key's two padded blocks were
-            // hashed once, in `with_key`.
-            let mut ctx = hmac::Context::with_key(&self.0);
-            ctx.update(first);
+            let mut inner = self.inner;
+            inner.update(first);
             for m in middle {
-                ctx.update(m);
+                inner.update(m);
             }
-            ctx.update(last);
-            Tag::new(ctx.sign().as_ref())
+            inner.update(last);
+            let mut out = [0u8; MAX_OUT];
+            let n = inner.finish(&mut out);
+            let mut outer = self.outer;
+            outer.update(&out[..n]);
+            let n = outer.finish(&mut out);
+            let tag = Tag::new(&out[..n]);
+            zeroize::Zeroize::zeroize(&mut out);
+            tag
         }
         fn tag_len(&self) -> usize {
-            self.0.algorithm().digest_algorithm().output_len()
+            self.sha.output_len()
         }
     }
 
-    static SHA256: AwsHmac = AwsHmac(hmac::HMAC_SHA256);
-    static SHA384: AwsHmac = AwsHmac(hmac::HMAC_SHA384);
+    impl Drop for ShaKey {
+        fn drop(&mut self) {
+            self.inner.wipe();
+            self.outer.wipe();
+        }
+    }
+
+    static SHA256: ShaHmac = ShaHmac(Sha::Sha256);
+    static SHA384: ShaHmac = ShaHmac(Sha::Sha384);
     static HKDF_SHA256: HkdfUsingHmac<'static> = HkdfUsingHmac(&SHA256);
     static HKDF_SHA384: HkdfUsingHmac<'static> = HkdfUsingHmac(&SHA384);
 
@@ -158,6 +203,65 @@ mod hkdf {
                 .fill(&mut theirs)
                 .unwrap();
             assert_eq!(okm, theirs);
+        }
+
+        fn tag(hmac: &super::ShaHmac, key: &[u8], parts: (&[u8], &[&[u8]], &[u8])) -> Vec<u8> {
+            use rustls::crypto::hmac::Hmac;
+            hmac.with_key(key)
+                .sign_concat(parts.0, parts.1, parts.2)
+                .as_ref()
+                .to_vec()
+        }
+
+        /// RFC 4231 §4.2 and §4.7 (test cases 1 and 6: a short key, and
+        /// a 131-byte key, longer than either hash's block), SHA-256 and
+        /// SHA-384.
+        #[test]
+        fn hmac_matches_rfc4231() {
+            let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            let case1 = ([0x0b; 20].as_slice(), b"Hi There".as_slice());
+            let case6 = (
+                [0xaa; 131].as_slice(),
+                b"Test Using Larger Than Block-Size Key - Hash Key First".as_slice(),
+            );
+            for (hmac, (key, data), want) in [
+                (&super::SHA256, case1, "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
+                (&super::SHA384, case1, "afd03944d84895626b0825f4ab46907f15f9dadbe4101ec682aa034c7cebc59cfaea9ea9076ede7f4af152e8b2fa9cb6"),
+                (&super::SHA256, case6, "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"),
+                (&super::SHA384, case6, "4ece084485813e9088d2c63a041bc5b44f9ef1012a2b588f3cd11f05033ac4c60c2ef6ab4030fe8296248df163f44952"),
+            ] {
+                assert_eq!(hex(tag(hmac, key, (data, &[], &[]))), want);
+                // The same message in pieces gives the same tag.
+                let (a, b) = data.split_at(3);
+                let (b, c) = b.split_at(2);
+                assert_eq!(hex(tag(hmac, key, (a, &[b], c))), want);
+            }
+        }
+
+        /// Against aws-lc-rs's own HMAC, every key length around the
+        /// block sizes, one key signing twice.
+        #[test]
+        fn hmac_matches_aws_lc_for_every_key_length() {
+            use aws_lc_rs::hmac;
+            use rustls::crypto::hmac::Hmac;
+            for (ours, theirs) in [
+                (&super::SHA256, hmac::HMAC_SHA256),
+                (&super::SHA384, hmac::HMAC_SHA384),
+            ] {
+                for len in 0..=140 {
+                    let key: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+                    let k = ours.with_key(&key);
+                    let want = hmac::Key::new(theirs, &key);
+                    for msg in [&b"label"[..], &[0x42; 200][..]] {
+                        let got = k.sign_concat(&[], &[msg], &[]);
+                        assert_eq!(
+                            got.as_ref(),
+                            hmac::sign(&want, msg).as_ref(),
+                            "key length {len}"
+                        );
+                    }
+                }
+            }
         }
 
         #[test]

@@ -6,6 +6,9 @@
 //! never be closed while a call here uses it.
 #![allow(unsafe_code)]
 
+#[cfg(feature = "aws-lc-rs")]
+pub mod sha;
+
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
