@@ -98,7 +98,7 @@ mod hkdf {
 
     impl Key for ShaKey {
         fn sign_concat(&self, first: &[u8], middle: &[&[u8]], last: &[u8]) -> Tag {
-            let mut inner = self.inner;
+            let mut inner = self.inner.clone();
             inner.update(first);
             for m in middle {
                 inner.update(m);
@@ -106,7 +106,7 @@ mod hkdf {
             inner.update(last);
             let mut out = [0u8; MAX_OUT];
             let n = inner.finish(&mut out);
-            let mut outer = self.outer;
+            let mut outer = self.outer.clone();
             outer.update(&out[..n]);
             let n = outer.finish(&mut out);
             let tag = Tag::new(&out[..n]);

@@ -44,9 +44,10 @@ impl Sha {
     }
 }
 
-/// A running hash: `Copy`, so a prefix absorbed once (an HMAC key's
-/// padded block) is reused by copying the state.
-#[derive(Clone, Copy)]
+/// A running hash. Cloning copies the plain struct, so a prefix absorbed
+/// once (an HMAC key's padded block) is reused by cloning the state; not
+/// `Copy`, so no copy of keyed state is made without saying so.
+#[derive(Clone)]
 pub enum ShaState {
     /// A SHA-256 state.
     S256(SHA256_CTX),
@@ -59,20 +60,26 @@ impl ShaState {
     pub fn new(sha: Sha) -> ShaState {
         match sha {
             Sha::Sha256 => {
-                let mut ctx = std::mem::MaybeUninit::<SHA256_CTX>::uninit();
-                // SAFETY: `SHA256_Init` initialises every field of the
-                // context it is given (it cannot fail: it returns 1).
+                // Zeroed first: the struct is plain integers and bytes, for
+                // which all zeros is a valid value, whatever Init writes.
+                let mut ctx = std::mem::MaybeUninit::<SHA256_CTX>::zeroed();
+                // SAFETY: `ctx` is a valid (zeroed) SHA256_CTX owned here;
+                // `SHA256_Init` sets it up in place (it returns 1).
                 unsafe {
-                    SHA256_Init(ctx.as_mut_ptr());
+                    let ok = SHA256_Init(ctx.as_mut_ptr());
+                    debug_assert_eq!(ok, 1);
                     ShaState::S256(ctx.assume_init())
                 }
             }
             Sha::Sha384 => {
-                let mut ctx = std::mem::MaybeUninit::<SHA512_CTX>::uninit();
-                // SAFETY: as above, `SHA384_Init` initialises the whole
-                // SHA-512 context.
+                // Zeroed first: `SHA384_Init` sets the chaining values,
+                // counts and lengths but leaves the block buffer `p` as it
+                // finds it.
+                let mut ctx = std::mem::MaybeUninit::<SHA512_CTX>::zeroed();
+                // SAFETY: as above, for the SHA-512 context.
                 unsafe {
-                    SHA384_Init(ctx.as_mut_ptr());
+                    let ok = SHA384_Init(ctx.as_mut_ptr());
+                    debug_assert_eq!(ok, 1);
                     ShaState::S384(ctx.assume_init())
                 }
             }
@@ -99,23 +106,22 @@ impl ShaState {
     }
 
     /// The digest, in the first `output_len` bytes of `out`; returns that
-    /// length. The state is consumed and wiped (aws-lc's final step leaves
-    /// it as it was).
-    pub fn finish(mut self, out: &mut [u8; MAX_OUT]) -> usize {
-        let n = match &mut self {
+    /// length. The state is wiped after (aws-lc's Final does not cleanse
+    /// it: the last block, with the message's tail, stays in its buffer)
+    /// and must not be used again.
+    pub fn finish(&mut self, out: &mut [u8; MAX_OUT]) -> usize {
+        let n = match self {
             ShaState::S256(ctx) => {
                 // SAFETY: the context is initialised and owned here; `out`
                 // holds 48 bytes, more than the 32 `SHA256_Final` writes.
-                unsafe {
-                    SHA256_Final(out.as_mut_ptr(), ctx);
-                }
+                let ok = unsafe { SHA256_Final(out.as_mut_ptr(), ctx) };
+                debug_assert_eq!(ok, 1);
                 32
             }
             ShaState::S384(ctx) => {
                 // SAFETY: as above; `SHA384_Final` writes 48 bytes.
-                unsafe {
-                    SHA384_Final(out.as_mut_ptr(), ctx);
-                }
+                let ok = unsafe { SHA384_Final(out.as_mut_ptr(), ctx) };
+                debug_assert_eq!(ok, 1);
                 48
             }
         };
@@ -124,8 +130,8 @@ impl ShaState {
     }
 
     /// Overwrites the state with zeros, so key material absorbed into it
-    /// does not outlive its use (best effort: a `Copy` state may have left
-    /// copies on the stack, as moves of any Rust value may).
+    /// does not outlive its use (best effort: moves of any Rust value may
+    /// leave copies on the stack).
     pub fn wipe(&mut self) {
         use zeroize::Zeroize;
         match self {
@@ -160,7 +166,7 @@ mod tests {
         let mut out = [0u8; MAX_OUT];
         let mut s = ShaState::new(Sha::Sha256);
         s.update(b"a");
-        let mut copy = s;
+        let mut copy = s.clone();
         s.update(b"bc");
         let n = s.finish(&mut out);
         assert_eq!(
@@ -172,12 +178,17 @@ mod tests {
         assert_eq!(copy.finish(&mut again), 32);
         assert_eq!(out, again);
         let mut s = ShaState::new(Sha::Sha384);
-        s.update(b"abc");
+        s.update(b"a");
+        let mut copy = s.clone();
+        s.update(b"bc");
         let n = s.finish(&mut out);
         assert_eq!(
             hex(&out[..n]),
             "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed\
              8086072ba1e7cc2358baeca134c825a7"
         );
+        copy.update(b"bc");
+        assert_eq!(copy.finish(&mut again), 48);
+        assert_eq!(out, again);
     }
 }
