@@ -225,9 +225,15 @@ fn write_traffic<C: Unbuffered>(
                 WriteStep::Again
             }
             Ok(ConnectionState::WriteTraffic(mut wt)) => WriteStep::Done(match op {
-                WriteOp::Encrypt(plain, guess) => handshake::encode_sized(tls_out, guess, |o| {
-                    wt.encrypt(plain, o)
-                })
+                WriteOp::Encrypt(plain, guess) => {
+                    // A connection idle between requests gave its buffer
+                    // back (`TlsWriter::release_buffers`): a small batch
+                    // takes one from the shard's cache, not from malloc.
+                    if tls_out.capacity() == 0 && guess <= crate::buffers::SMALL {
+                        *tls_out = crate::buffers::take_small();
+                    }
+                    handshake::encode_sized(tls_out, guess, |o| wt.encrypt(plain, o))
+                }
                 .map_err(|e| match e {
                     handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
                     _ => StreamError::ConfidentialityLimit,
