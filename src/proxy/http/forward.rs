@@ -807,10 +807,16 @@ async fn forward(
     };
     // Room for the head as rewritten (a few fields more or fewer, the
     // extra ones) and a coalesced body with its chunk framing: one
-    // allocation, where growing it took a realloc per response.
+    // allocation, where growing it took a realloc per response; from the
+    // shard's small buffers when it fits one (`send` gives it back).
     let extra_len: usize = extra.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
     let coalesced = if ready <= COALESCE { ready + 16 } else { 0 };
-    let mut out = Vec::with_capacity(resp.len + 64 + extra_len + coalesced);
+    let room = resp.len + 64 + extra_len + coalesced;
+    let mut out = if room <= buffers::SMALL {
+        buffers::take_small()
+    } else {
+        Vec::with_capacity(room)
+    };
     rewrite::response(&resp, close, &extra, &mut out);
     // A small body that came with the head goes out in the same write: one
     // TLS record and one TCP segment instead of two per response. Head and
