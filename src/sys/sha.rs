@@ -44,6 +44,22 @@ impl Sha {
     }
 }
 
+/// A context of `T` (`SHA256_CTX` or `SHA512_CTX` only), set up by its
+/// `init` in place. Zeroed first: both are plain integers and bytes, for
+/// which all zeros is a valid value, and `SHA384_Init` leaves the block
+/// buffer as it finds it.
+fn fresh<T>(init: unsafe extern "C" fn(*mut T) -> std::os::raw::c_int) -> T {
+    let mut ctx = std::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: `T` is one of the two aws-lc SHA contexts (the callers
+    // above), valid when zeroed; `ctx` is owned here and `init` sets its
+    // fields in place (it returns 1).
+    unsafe {
+        let ok = init(ctx.as_mut_ptr());
+        debug_assert_eq!(ok, 1);
+        ctx.assume_init()
+    }
+}
+
 /// A running hash. Cloning copies the plain struct, so a prefix absorbed
 /// once (an HMAC key's padded block) is reused by cloning the state; not
 /// `Copy`, so no copy of keyed state is made without saying so.
@@ -59,30 +75,8 @@ impl ShaState {
     /// A fresh state for `sha`.
     pub fn new(sha: Sha) -> ShaState {
         match sha {
-            Sha::Sha256 => {
-                // Zeroed first: the struct is plain integers and bytes, for
-                // which all zeros is a valid value, whatever Init writes.
-                let mut ctx = std::mem::MaybeUninit::<SHA256_CTX>::zeroed();
-                // SAFETY: `ctx` is a valid (zeroed) SHA256_CTX owned here;
-                // `SHA256_Init` sets it up in place (it returns 1).
-                unsafe {
-                    let ok = SHA256_Init(ctx.as_mut_ptr());
-                    debug_assert_eq!(ok, 1);
-                    ShaState::S256(ctx.assume_init())
-                }
-            }
-            Sha::Sha384 => {
-                // Zeroed first: `SHA384_Init` sets the chaining values,
-                // counts and lengths but leaves the block buffer `p` as it
-                // finds it.
-                let mut ctx = std::mem::MaybeUninit::<SHA512_CTX>::zeroed();
-                // SAFETY: as above, for the SHA-512 context.
-                unsafe {
-                    let ok = SHA384_Init(ctx.as_mut_ptr());
-                    debug_assert_eq!(ok, 1);
-                    ShaState::S384(ctx.assume_init())
-                }
-            }
+            Sha::Sha256 => ShaState::S256(fresh(SHA256_Init)),
+            Sha::Sha384 => ShaState::S384(fresh(SHA384_Init)),
         }
     }
 
@@ -163,32 +157,29 @@ mod tests {
     /// midway continuing independently.
     #[test]
     fn digests_match_fips_180_4_and_copies_are_independent() {
-        let mut out = [0u8; MAX_OUT];
-        let mut s = ShaState::new(Sha::Sha256);
-        s.update(b"a");
-        let mut copy = s.clone();
-        s.update(b"bc");
-        let n = s.finish(&mut out);
-        assert_eq!(
-            hex(&out[..n]),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        copy.update(b"bc");
-        let mut again = [0u8; MAX_OUT];
-        assert_eq!(copy.finish(&mut again), 32);
-        assert_eq!(out, again);
-        let mut s = ShaState::new(Sha::Sha384);
-        s.update(b"a");
-        let mut copy = s.clone();
-        s.update(b"bc");
-        let n = s.finish(&mut out);
-        assert_eq!(
-            hex(&out[..n]),
-            "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed\
-             8086072ba1e7cc2358baeca134c825a7"
-        );
-        copy.update(b"bc");
-        assert_eq!(copy.finish(&mut again), 48);
-        assert_eq!(out, again);
+        for (sha, want) in [
+            (
+                Sha::Sha256,
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            ),
+            (
+                Sha::Sha384,
+                "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed\
+                 8086072ba1e7cc2358baeca134c825a7",
+            ),
+        ] {
+            let mut out = [0u8; MAX_OUT];
+            let mut s = ShaState::new(sha);
+            s.update(b"a");
+            let mut copy = s.clone();
+            s.update(b"bc");
+            let n = s.finish(&mut out);
+            assert_eq!(n, sha.output_len());
+            assert_eq!(hex(&out[..n]), want);
+            copy.update(b"bc");
+            let mut again = [0u8; MAX_OUT];
+            assert_eq!(copy.finish(&mut again), n);
+            assert_eq!(out, again);
+        }
     }
 }
