@@ -763,7 +763,17 @@ impl TlsWriter {
                 Engine::User(u) => {
                     u.writing = false;
                     if u.tls_out.is_empty() {
-                        u.tls_out = sent;
+                        // A small buffer goes back to the shard's cache
+                        // after each write (the next small batch takes one
+                        // again), so a connection that waits between
+                        // writes, streaming a body or with HTTP/2 streams
+                        // open, holds none; a large one is kept for the
+                        // next batch.
+                        if sent.capacity() == crate::buffers::SMALL {
+                            crate::buffers::give(sent);
+                        } else {
+                            u.tls_out = sent;
+                        }
                         None
                     } else {
                         // The reader queued something (an alert, a

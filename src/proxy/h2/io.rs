@@ -38,8 +38,9 @@ pub struct Signals {
     /// Streams reset as malformed since the connection loop last looked.
     pub malformed: Cell<u64>,
     /// No stream is open: a write that leaves nothing staged gives the
-    /// userspace record buffer back rather than keep it while idle (kept
-    /// while streams are open: a small one is freed, not pooled).
+    /// userspace record buffer back rather than keep it while idle (while
+    /// streams are open a large one is kept; a small one goes back to the
+    /// shard's cache after every write, `TlsWriter::write_all`).
     pub idle: Cell<bool>,
 }
 
