@@ -43,15 +43,15 @@ thread_local! {
     static SMALL_CACHE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An empty buffer of [`SMALL`] capacity, for up to that many bytes.
-pub fn take_small() -> Vec<u8> {
-    SMALL_CACHE
-        .with(|c| c.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(SMALL))
-}
-
-/// An empty buffer with at least `cap` bytes of capacity.
+/// An empty buffer with at least `cap` bytes of capacity: of the small
+/// class up to [`SMALL`], of the large one from `MIN` to `CLASS`, else
+/// exactly `cap`.
 pub fn take(cap: usize) -> Vec<u8> {
+    if cap <= SMALL {
+        return SMALL_CACHE
+            .with(|c| c.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(SMALL));
+    }
     let cached = CACHE.with(|c| {
         let mut c = c.borrow_mut();
         let i = c.iter().rposition(|b| b.capacity() >= cap)?;
@@ -115,12 +115,12 @@ mod tests {
 
     #[test]
     fn small_buffers_come_back_and_only_their_class_is_kept() {
-        let mut b = take_small();
+        let mut b = take(1200);
         assert_eq!(b.capacity(), SMALL);
         b.extend_from_slice(b"sealed");
         let ptr = b.as_ptr();
         give(b);
-        let again = take_small();
+        let again = take(SMALL);
         assert_eq!(again.as_ptr(), ptr, "reused");
         assert!(again.is_empty());
         // Grown past the class, or of another size: not kept as small.

@@ -61,7 +61,6 @@ mod hkdf {
     struct ShaKey {
         inner: ShaState,
         outer: ShaState,
-        sha: Sha,
     }
 
     impl Hmac for ShaHmac {
@@ -89,7 +88,7 @@ mod hkdf {
             block.iter_mut().for_each(|b| *b ^= 0x36 ^ 0x5c);
             outer.update(block);
             zeroize::Zeroize::zeroize(block);
-            Box::new(ShaKey { inner, outer, sha })
+            Box::new(ShaKey { inner, outer })
         }
         fn hash_output_len(&self) -> usize {
             self.0.output_len()
@@ -114,7 +113,7 @@ mod hkdf {
             tag
         }
         fn tag_len(&self) -> usize {
-            self.sha.output_len()
+            self.inner.sha().output_len()
         }
     }
 

@@ -225,15 +225,9 @@ fn write_traffic<C: Unbuffered>(
                 WriteStep::Again
             }
             Ok(ConnectionState::WriteTraffic(mut wt)) => WriteStep::Done(match op {
-                WriteOp::Encrypt(plain, guess) => {
-                    // A connection idle between requests gave its buffer
-                    // back (`TlsWriter::release_buffers`): a small batch
-                    // takes one from the shard's cache, not from malloc.
-                    if tls_out.capacity() == 0 && guess <= crate::buffers::SMALL {
-                        *tls_out = crate::buffers::take_small();
-                    }
-                    handshake::encode_sized(tls_out, guess, |o| wt.encrypt(plain, o))
-                }
+                WriteOp::Encrypt(plain, guess) => handshake::encode_sized(tls_out, guess, |o| {
+                    wt.encrypt(plain, o)
+                })
                 .map_err(|e| match e {
                     handshake::HandshakeError::Tls(t) => StreamError::Tls(t),
                     _ => StreamError::ConfidentialityLimit,
@@ -264,11 +258,14 @@ pub(super) fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamErr
     // Per record: 5-byte header, content type byte, 16-byte tag (RFC 8446
     // §5.2); TLS 1.2 adds an 8-byte explicit nonce. 32 covers both.
     let guess = plain.len() + 32 * (plain.len() / (16 << 10) + 1);
-    if u.tls_out.is_empty() && u.tls_out.capacity() < guess && guess >= 16 << 10 {
-        // A large batch: seal into a buffer of the shard's one large size
-        // (see `buffers::CLASS`), not a fresh allocation of this size.
-        let small = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
-        crate::buffers::give(small);
+    if u.tls_out.is_empty() && u.tls_out.capacity() < guess {
+        // Seal into a buffer of the shard's cache where the batch fits a
+        // class: a large batch into the one large size (`buffers::CLASS`),
+        // a small one (a small response, after the connection gave its
+        // buffer back while idle) into a 4 KiB one, not a fresh
+        // allocation of this size each time.
+        let old = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
+        crate::buffers::give(old);
     }
     with_write_traffic(u, WriteOp::Encrypt(plain, guess))
 }

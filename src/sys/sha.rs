@@ -80,6 +80,14 @@ impl ShaState {
         }
     }
 
+    /// The hash this state computes.
+    pub fn sha(&self) -> Sha {
+        match self {
+            ShaState::S256(_) => Sha::Sha256,
+            ShaState::S384(_) => Sha::Sha384,
+        }
+    }
+
     /// Absorbs `data`.
     pub fn update(&mut self, data: &[u8]) {
         if data.is_empty() {

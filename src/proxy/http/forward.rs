@@ -811,12 +811,7 @@ async fn forward(
     // shard's small buffers when it fits one (`send` gives it back).
     let extra_len: usize = extra.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
     let coalesced = if ready <= COALESCE { ready + 16 } else { 0 };
-    let room = resp.len + 64 + extra_len + coalesced;
-    let mut out = if room <= buffers::SMALL {
-        buffers::take_small()
-    } else {
-        Vec::with_capacity(room)
-    };
+    let mut out = buffers::take(resp.len + 64 + extra_len + coalesced);
     rewrite::response(&resp, close, &extra, &mut out);
     // A small body that came with the head goes out in the same write: one
     // TLS record and one TCP segment instead of two per response. Head and
