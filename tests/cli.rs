@@ -257,6 +257,7 @@ fn systemd_unit_verifies() {
         "ExecReload=",
         "LimitNOFILE=",
         "LimitMEMLOCK=",
+        "GLIBC_TUNABLES=glibc.malloc.tcache_count=64",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "NoNewPrivileges=yes",
     ] {
