@@ -66,9 +66,19 @@ pub fn take(cap: usize) -> Vec<u8> {
     })
 }
 
+/// Whether [`give`] keeps a buffer of this capacity (the small class, or a
+/// large one from `MIN` to `MAX`): a holder that would otherwise keep such
+/// a buffer between uses can give it back and take one again, at no cost.
+pub fn pooled(capacity: usize) -> bool {
+    capacity == SMALL || (MIN..=MAX).contains(&capacity)
+}
+
 /// Returns a buffer for reuse (dropped if huge, of no class, or its cache
 /// is full).
 pub fn give(mut buf: Vec<u8>) {
+    if !pooled(buf.capacity()) {
+        return;
+    }
     if buf.capacity() == SMALL {
         buf.clear();
         SMALL_CACHE.with(|c| {
@@ -77,9 +87,6 @@ pub fn give(mut buf: Vec<u8>) {
                 c.push(buf);
             }
         });
-        return;
-    }
-    if !(MIN..=MAX).contains(&buf.capacity()) {
         return;
     }
     buf.clear();
@@ -133,5 +140,19 @@ mod tests {
             give(Vec::with_capacity(SMALL));
         }
         SMALL_CACHE.with(|c| assert_eq!(c.borrow().len(), KEEP_SMALL));
+    }
+
+    #[test]
+    fn pooled_says_which_sizes_give_keeps() {
+        for cap in [SMALL, MIN, CLASS, MAX] {
+            assert!(pooled(cap), "{cap}");
+        }
+        for cap in [0, 100, SMALL - 1, SMALL + 1, MIN - 1, MAX + 1] {
+            assert!(!pooled(cap), "{cap}");
+            give(Vec::with_capacity(cap));
+            let kept = CACHE.with(|c| c.borrow().iter().any(|b| b.capacity() == cap))
+                || SMALL_CACHE.with(|c| c.borrow().iter().any(|b| b.capacity() == cap));
+            assert!(!kept, "{cap} was kept");
+        }
     }
 }

@@ -750,7 +750,8 @@ impl TlsWriter {
         (res, Vec::new())
     }
 
-    /// Sends sealed records, keeping the buffer for the next write (see
+    /// Sends sealed records; the buffer goes back to the shard's cache, or
+    /// is kept for the next write if the cache does not keep its size (see
     /// [`TlsWriter::release_buffers`]).
     async fn send_ciphertext(&mut self, mut out: Vec<u8>) -> Result<(), StreamError> {
         loop {
@@ -763,13 +764,13 @@ impl TlsWriter {
                 Engine::User(u) => {
                     u.writing = false;
                     if u.tls_out.is_empty() {
-                        // A small buffer goes back to the shard's cache
-                        // after each write (the next small batch takes one
-                        // again), so a connection that waits between
-                        // writes, streaming a body or with HTTP/2 streams
-                        // open, holds none; a large one is kept for the
-                        // next batch.
-                        if sent.capacity() == crate::buffers::SMALL {
+                        // A buffer the shard's cache keeps goes back to it
+                        // after each write (the next batch takes one again,
+                        // `seal_userspace`), so a connection that waits
+                        // between writes, streaming a body or with HTTP/2
+                        // streams open, holds none; one of another size is
+                        // kept for the next batch.
+                        if crate::buffers::pooled(sent.capacity()) {
                             crate::buffers::give(sent);
                         } else {
                             u.tls_out = sent;

@@ -39,8 +39,8 @@ pub struct Signals {
     pub malformed: Cell<u64>,
     /// No stream is open: a write that leaves nothing staged gives the
     /// userspace record buffer back rather than keep it while idle (while
-    /// streams are open a large one is kept; a small one goes back to the
-    /// shard's cache after every write, `TlsWriter::write_all`).
+    /// streams are open, one of a size the shard's cache keeps goes back to
+    /// it after every write, `TlsWriter::write_all`; another is kept).
     pub idle: Cell<bool>,
 }
 
