@@ -9,6 +9,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -105,25 +106,46 @@ pub struct Ctx<'a> {
     pub clock: Option<Rc<Idle>>,
 }
 
+pin_project_lite::pin_project! {
+    /// [`Ctx::within`]'s future: `fut` inline once (see `idle::Bounded`
+    /// for why not an `async fn`), or boxed with its timer.
+    #[project = WithinProj]
+    pub(crate) enum Within<'a, F: Future> {
+        Clock { #[pin] wait: idle::Bounded<'a, F> },
+        Timer { wait: Pin<Box<monoio::time::Timeout<F>>> },
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, idle::Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            WithinProj::Clock { wait } => wait.poll(cx),
+            WithinProj::Timer { wait } => wait.as_mut().poll(cx).map_err(|_| idle::Elapsed),
+        }
+    }
+}
+
 impl Ctx<'_> {
     /// Runs `fut` for at most `timeout`. On the connection's clock this
     /// costs no allocation and no timer (the expiry is found by the
     /// shard's sweeper, at most a quarter of the shortest timeout late,
     /// see `idle::sweep_period`); without one, a boxed monoio timer (boxed,
     /// so its 128-byte alignment does not spread to the caller's future).
-    pub(crate) async fn within<F: Future>(
-        &self,
-        timeout: Duration,
-        fut: F,
-    ) -> Result<F::Output, idle::Elapsed> {
+    /// The wait starts when this is called (the clock is armed, or the
+    /// timer set, here): await it at once.
+    pub(crate) fn within<F: Future>(&self, timeout: Duration, fut: F) -> Within<'_, F> {
         match &self.clock {
             Some(clock) => {
                 self.idle.arm(clock, timeout);
-                idle::bounded(clock, fut).await
+                Within::Clock {
+                    wait: idle::bounded(clock, fut),
+                }
             }
-            None => Box::pin(monoio::time::timeout(timeout, fut))
-                .await
-                .map_err(|_| idle::Elapsed),
+            None => Within::Timer {
+                wait: Box::pin(monoio::time::timeout(timeout, fut)),
+            },
         }
     }
 
@@ -1569,6 +1591,20 @@ pub(crate) async fn read_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_within_a_timeout_stores_the_future_once() {
+        // A request's state holds several such waits; as `async fn`s each
+        // held its future twice (see `idle::Bounded`). Here: the future,
+        // the entry's reference, the variant's tag.
+        type Waited = std::future::Ready<[u8; 512]>;
+        let waited = std::mem::size_of::<Waited>();
+        let within = std::mem::size_of::<Within<'static, Waited>>();
+        assert!(
+            within <= waited + 16,
+            "{within} bytes for a {waited}-byte future"
+        );
+    }
 
     #[test]
     fn take_front_moves_or_splits() {
