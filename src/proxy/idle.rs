@@ -74,6 +74,7 @@ pin_project_lite::pin_project! {
     /// write or read it bounded (a 360-byte record write became 760
     /// bytes here and 1,152 in `forward::Ctx::within`), and a request's
     /// boxed state grew with every such layer.
+    #[must_use = "a bounded wait does nothing unless awaited"]
     pub struct Bounded<'a, F> {
         idle: &'a Idle,
         #[pin]

@@ -186,7 +186,12 @@ async fn forward(
     let mut attempt = 0;
     let (mut backend, addr, (resp, rbuf), _lease) = loop {
         attempt += 1;
-        let begun = forward::begin_attempt(ctx, group, head, attempt, &mut out, started, ex);
+        // Boxed here, not in HTTP/1.1's request state: at 792 bytes it
+        // would be the largest part of each stream's boxed state (2,008 ->
+        // 2,312 bytes), where HTTP/1.1's rare upgrade is larger still.
+        let begun = Box::pin(forward::begin_attempt(
+            ctx, group, head, attempt, &mut out, started, ex,
+        ));
         let mut at = match begun.await {
             Step::Go(at) => at,
             Step::Retry => continue,
@@ -374,16 +379,19 @@ async fn send_body(
         if n == 0 {
             continue;
         }
-        let write = if chunked {
+        let bytes = if chunked {
             let mut framed = Vec::with_capacity(n + 12);
             framed.extend_from_slice(format!("{n:x}\r\n").as_bytes());
             framed.extend_from_slice(&data);
             framed.extend_from_slice(b"\r\n");
-            Box::pin(backend.write_bytes(Bytes::from(framed)))
+            Bytes::from(framed)
         } else {
-            Box::pin(backend.write_bytes(data))
+            data
         };
-        match ctx.within(backend_timeout, write).await {
+        match ctx
+            .within(backend_timeout, backend.write_bytes(bytes))
+            .await
+        {
             Err(_) => return BodySent::BackendStalled,
             Ok(Err(_)) => return BodySent::BackendFailed,
             Ok(Ok(())) => {}
