@@ -425,8 +425,9 @@ impl Balancer {
             }
             tried += 1;
             // Boxed: the timer is over-aligned, and inline it would make
-            // every caller's boxed `acquire` a `posix_memalign`, pool hits
-            // included.
+            // the futures `acquire` sits in over-aligned too: HTTP/1.1's
+            // request state (which `forward::boxed` refuses at compile
+            // time) and HTTP/2's boxed `begin_attempt`, pool hits included.
             let connect = monoio::time::timeout(timeout, TcpStream::connect_addr(addr));
             let res = match Box::pin(connect).await {
                 Ok(r) => r,

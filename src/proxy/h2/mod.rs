@@ -83,48 +83,51 @@ impl ConnWake {
 /// the drain or a reload ends it (GOAWAY; streams in flight finish), or a
 /// protocol error or flood closes it.
 ///
-/// A plain function around an `async` block that owns `ctx`: an `async fn`
-/// taking it by value kept it twice in the connection's state (its argument
-/// and the copy it borrowed), 240 bytes for the connection's life.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "as an async fn, ctx would be stored twice (see above)"
-)]
+/// A plain function that sets the connection up (the transport, the h2
+/// builder, the preface's timer) and returns an `async` block owning what
+/// the connection keeps: an `async fn` keeps each argument in its state
+/// for the connection's life, also once moved out (rustc issue 62958), so
+/// taking the halves and `ctx` by value kept dead copies of them (`ctx`,
+/// 240 bytes, twice).
 pub fn serve<'a>(
     reader: TlsReader,
     writer: TlsWriter,
     ctx: Ctx<'a>,
 ) -> impl Future<Output = Result<(), HttpError>> + 'a {
-    async move { serve_on(reader, writer, &ctx).await }
-}
-
-async fn serve_on(reader: TlsReader, writer: TlsWriter, ctx: &Ctx<'_>) -> Result<(), HttpError> {
-    let route = ctx.route;
-    let lim = &route.http2;
+    let lim = &ctx.route.http2;
     M::inc(&ctx.metrics.h2_connections);
     let signals = Rc::new(Signals::default());
     let watch = FrameWatch::new(lim.max_control_frames);
     let io = H2Io::new(reader, writer, watch, signals.clone());
-    // The builder in a block of its own: it is not needed past the
-    // handshake, and would otherwise stay in the state (144 bytes).
-    let handshake = {
-        let mut builder = h2::server::Builder::new();
-        builder
-            .max_concurrent_streams(lim.max_concurrent_streams)
-            .max_header_list_size(lim.max_header_list_size)
-            .initial_window_size(lim.stream_window)
-            .initial_connection_window_size(lim.connection_window)
-            .max_send_buffer_size(lim.send_buffer)
-            .max_pending_accept_reset_streams(lim.max_pending_resets)
-            .max_local_error_reset_streams(Some(lim.max_error_resets));
-        builder.handshake::<_, Bytes>(io)
-    };
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(lim.max_concurrent_streams)
+        .max_header_list_size(lim.max_header_list_size)
+        .initial_window_size(lim.stream_window)
+        .initial_connection_window_size(lim.connection_window)
+        .max_send_buffer_size(lim.send_buffer)
+        .max_pending_accept_reset_streams(lim.max_pending_resets)
+        .max_local_error_reset_streams(Some(lim.max_error_resets));
     // The preface and first SETTINGS within the head timeout, as an
     // HTTP/1.1 request head. Boxed: a monoio timer inline (its entry is
     // `repr(align(128))`) made the whole connection's state a 2,816-byte,
     // 128-byte-aligned allocation for the connection's life, for a wait
     // that ends with the handshake.
-    let handshake = Box::pin(monoio::time::timeout(route.head_timeout, handshake));
+    let handshake = Box::pin(monoio::time::timeout(
+        ctx.route.head_timeout,
+        builder.handshake::<_, Bytes>(io),
+    ));
+    async move { serve_on(handshake, signals, &ctx).await }
+}
+
+type Preface = Pin<Box<monoio::time::Timeout<h2::server::Handshake<H2Io, Bytes>>>>;
+
+async fn serve_on(
+    handshake: Preface,
+    signals: Rc<Signals>,
+    ctx: &Ctx<'_>,
+) -> Result<(), HttpError> {
+    let route = ctx.route;
     let mut conn = match handshake.await {
         Err(_) => {
             tracing::debug!(peer = %ctx.peer, "HTTP/2 preface not received in time");

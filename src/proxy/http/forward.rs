@@ -253,7 +253,9 @@ enum Next {
 /// A plain function around an `async` block that owns the halves and
 /// `ctx` and lends them: an `async fn` taking them by value kept each
 /// twice in the connection's state (its argument and the `mut` copy it
-/// borrowed), 288 bytes for the connection's life, idle ones included.
+/// borrowed), 304 bytes for the connection's life, idle ones included.
+/// The keep-alive clock is registered when this is called: await it at
+/// once.
 pub fn serve<'a>(
     mut reader: TlsReader,
     mut writer: TlsWriter,
