@@ -8,6 +8,7 @@
 //! h2's per-stream send buffer allow, so neither a slow backend nor a slow
 //! client makes ktern hold a whole body.
 
+use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::upstream::conn::BackendConn;
@@ -186,10 +187,11 @@ async fn forward(
     let mut attempt = 0;
     let (mut backend, addr, (resp, rbuf), _lease) = loop {
         attempt += 1;
-        // Boxed here, not in HTTP/1.1's request state: at 792 bytes it
+        // Boxed here (by `boxed`, which refuses an over-aligned future at
+        // compile time), not in HTTP/1.1's request state: at 792 bytes it
         // would be the largest part of each stream's boxed state (2,008 ->
         // 2,312 bytes), where HTTP/1.1's rare upgrade is larger still.
-        let begun = Box::pin(forward::begin_attempt(
+        let begun = forward::boxed(forward::begin_attempt(
             ctx, group, head, attempt, &mut out, started, ex,
         ));
         let mut at = match begun.await {
@@ -381,7 +383,8 @@ async fn send_body(
         }
         let bytes = if chunked {
             let mut framed = Vec::with_capacity(n + 12);
-            framed.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            // Into the frame's own buffer: a `format!` was a String per chunk.
+            let _ = write!(framed, "{n:x}\r\n");
             framed.extend_from_slice(&data);
             framed.extend_from_slice(b"\r\n");
             Bytes::from(framed)
