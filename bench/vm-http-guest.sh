@@ -6,9 +6,11 @@
 # and their requests (ktern-load's count: up to CONNS-1 past --max), and
 # /proc/net/tls_stat before and after each server's runs; under `-icount
 # shift=0` a ns is one guest instruction, a tick 10^7.
-# Usage: vm-http-guest.sh N1 N2 BODY CONNS
+# H2=1: the client is h2load, ten streams per connection (HTTPS with ALPN
+# h2; the floor in cleartext, prior knowledge).
+# Usage: vm-http-guest.sh N1 N2 BODY CONNS [H2]
 bb=/bin/busybox
-n1=$1 n2=$2 body=$3 conns=$4
+n1=$1 n2=$2 body=$3 conns=$4 h2=${5:-0}
 cd /tmp/b || exit 1
 # nginx resolves `user root root` at start; the initramfs has no user database.
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > /etc/passwd
@@ -54,11 +56,19 @@ busy() { $bb awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 # scheduler's sum_exec_runtime, which /proc/PID/stat rounds down to ticks).
 ns() { $bb cat /proc/"$1"/task/*/schedstat | $bb awk '{ s += $1 } END { printf "%.0f", s }'; }
 tlsstat() { echo "tlsstat $1 $2 $($bb awk '{printf "%s=%s ", $1, $2}' /proc/net/tls_stat)"; }
-# One client run of --max $2 requests; prints ktern-load's summary line.
+# One client run of --max $2 requests; prints ktern-load's summary line
+# (h2load's counts in the same form under H2).
 # $plain: --plain for the floor (nginx's plain-HTTP listener).
 plain=
 load() {
-  /opt/ktern-load http --addr "127.0.0.1:$1" --conns "$conns" --max "$2" --seconds 600 --body-bytes "$body" $plain
+  if [ "$h2" = 1 ]; then
+    scheme=https
+    [ -z "$plain" ] || scheme=http
+    /opt/h2load -c "$conns" -m 10 -n "$2" "$scheme://127.0.0.1:$1/" |
+      $bb awk '/^requests:/ { printf "requests=%s errors=%d client=h2load\n", $8, $10 + $12 + $14 }'
+  else
+    /opt/ktern-load http --addr "127.0.0.1:$1" --conns "$conns" --max "$2" --seconds 600 --body-bytes "$body" $plain
+  fi
   # The server handles the closes before its ticks are read.
   $bb sleep 1
 }

@@ -18,12 +18,18 @@
 # only (for example an allocator experiment: LD_PRELOAD, GLIBC_TUNABLES).
 # Bulk: --body 33554432 --requests 8 --conns 2 (32 MiB responses; under
 # kTLS ktern splices them from the backend, see ktern_http_spliced_bytes_total).
+# --h2: the clients speak HTTP/2 (h2load -m 10: ten streams in flight on
+# each connection, as bench/compare-h2.sh), to nginx with `http2` and to
+# ktern (ALPN h2), both still proxying to the HTTP/1.1 backend; the floor is
+# nginx proxying cleartext HTTP/2 (h2c, prior knowledge). Both servers keep
+# up to 256 idle backend connections (200 requests in flight at the default
+# --conns), or each would open and close backend connections per request.
 # --perf profiles a third run of each server in the guest with the host's perf
 # (the AES-GCM share: the record crypto floor, and the top symbols).
-# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024] [--conns 20] [--ktern-env N=V] [--perf]
+# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024] [--conns 20] [--h2] [--ktern-env N=V] [--perf]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kernel=6.18 requests=20000 body=1024 conns=20 ktern_env=() perf=()
+kernel=6.18 requests=20000 body=1024 conns=20 ktern_env=() perf=() h2=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --kernel) kernel=$2; shift 2 ;;
@@ -32,12 +38,19 @@ while [ $# -gt 0 ]; do
     --conns) conns=$2; shift 2 ;;
     --ktern-env) ktern_env+=("$2"); shift 2 ;;
     --perf) perf=(--file /usr/bin/perf:/opt/perf); shift ;;
+    --h2) h2=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ "$requests" -ge 8 ] || { echo "--requests must be at least 8" >&2; exit 2; }
 command -v nginx > /dev/null ||
   apt-get install -y -qq --no-install-recommends nginx > /dev/null
+h2load=() pool=64 http2=
+if [ "$h2" = 1 ]; then
+  command -v h2load > /dev/null ||
+    apt-get install -y -qq --no-install-recommends nghttp2-client > /dev/null
+  h2load=(--file "$(command -v h2load):/opt/h2load") pool=256 http2=" http2"
+fi
 bench_name=vm-http
 # shellcheck source=bench/common.sh
 . bench/common.sh
@@ -58,13 +71,13 @@ http {
   keepalive_requests 1000000;
   upstream b {
     server $backend;
-    keepalive 64;
+    keepalive $pool;
     keepalive_requests 1000000;
   }
   server {
-    listen 127.0.0.1:19440 ssl;
+    listen 127.0.0.1:19440 ssl$http2;
     # The floor: the same proxying over plain TCP (no TLS either side).
-    listen 127.0.0.1:19444;
+    listen 127.0.0.1:19444$http2;
     ssl_certificate $1/cert.pem;
     ssl_certificate_key $1/key.pem;
     ssl_protocols TLSv1.3;
@@ -83,12 +96,12 @@ nginx -t -q -p "$work" -c "$work/nginx-check.conf" -e "$work/nginx-check.log" ||
   { cat "$work/nginx-check.log" >&2; exit 1; }
 nginx_vm_conf /tmp/b > "$work/nginx-vm.conf"
 
-# ktern on the guest's one CPU: an `http` route to the backend. pool_size 64
-# as nginx's `keepalive 64`; pool_idle_timeout as nginx's upstream
+# ktern on the guest's one CPU: an `http` route to the backend. pool_size as
+# nginx's `keepalive`; pool_idle_timeout as nginx's upstream
 # keepalive_timeout (60s), so no pooled connection closes between runs.
 for k in off:19441 auto:19442 required:19443; do
   KTERN_CPU=0 KTERN_RUNTIME="ktls = \"${k%%:*}\"" \
-    ktern_http_conf "127.0.0.1:${k#*:}" "$backend" 64 'pool_idle_timeout = "60s"' > "$work/ktern-${k%%:*}.toml"
+    ktern_http_conf "127.0.0.1:${k#*:}" "$backend" "$pool" 'pool_idle_timeout = "60s"' > "$work/ktern-${k%%:*}.toml"
 done
 for f in off auto required; do
   "$bin/ktern" check -c "$work/ktern-$f.toml" > "$work/check-$f.log" 2>&1 ||
@@ -104,7 +117,7 @@ n1=$((requests / 4)) n2=$requests
 start=$(date +%s)
 KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel" --mem 2048 --timeout 3000 \
   --file "$bin/ktern:/opt/ktern" --file "$bin/ktern-load:/opt/ktern-load" --file /usr/sbin/nginx:/opt/nginx \
-  "${preload[@]}" "${perf[@]}" --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" > "$work/guest.log" ||
+  "${preload[@]}" "${perf[@]}" "${h2load[@]}" --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" "$h2" > "$work/guest.log" ||
   { grep -v '^\[' "$work/guest.log" | tail -40 >&2; exit 1; }
 echo "VM run: $(($(date +%s) - start)) s (guest log: $work/guest.log)"
 grep -E '^(http|tlsstat|ktls|perf) |KTERN-VM-EXIT' "$work/guest.log"

@@ -183,6 +183,93 @@ fn static_files_and_the_access_log_over_http2() {
     assert_offloaded_in_vm(&k);
 }
 
+/// `runtime.ktls_after` over HTTP/2 (the default hand-over, here at 64
+/// KiB): the connection's records stay on rustls while its streams
+/// exchange small messages, and its keys go to the kernel, mid-connection,
+/// at the first response of 64 KiB or more on any stream: a proxied body
+/// with a length, a chunked one once 64 KiB went out, a static file. The
+/// connection goes on, both ways, on the kernel's records; in the kTLS VM
+/// the kernel's counters show the hand-over and the access log says which
+/// records carried each request.
+#[test]
+fn http2_connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
+    let pki = Pki::new("h2-ktlsafter");
+    let a = start_http_backend("a");
+    let www = pki.dir.join("www");
+    std::fs::create_dir_all(www.join("files")).unwrap();
+    let file = pattern(200_000, 7);
+    std::fs::write(www.join("files/f.bin"), &file).unwrap();
+    let log = pki.dir.join("access.log");
+    let runtime = format!(
+        "ktls_after = \"64k\"\n\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    let rules = format!(
+        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
+        www.display()
+    );
+    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], &rules, ""));
+    let vm = in_vm();
+    let base = tls_stat();
+    let sw = || ["TlsTxSw", "TlsRxSw"].map(|c| tls_stat_since(&base, c));
+    let rt = h2c::runtime();
+    let cases = ["/bytes/200000", "/chunked-bytes/300000", "/files/f.bin"];
+    for (i, path) in cases.into_iter().enumerate() {
+        let i = i as u64;
+        rt.block_on(async {
+            let mut c = h2c::connect(k.addr(), &pki).await;
+            let small = |r: h2c::Reply| assert_eq!((r.status, r.body.as_slice()), (200, &b"a"[..]));
+            for _ in 0..3 {
+                small(h2c::get(&mut c, "/x").await);
+            }
+            // A body just under the threshold stays on rustls.
+            let r = h2c::get(&mut c, "/bytes/60000").await;
+            assert!(r.body == pattern(60_000, 60_000));
+            if vm {
+                assert_eq!(k.metric("ktern_ktls_deferred_total"), i + 1);
+                assert_eq!(k.metric("ktern_ktls_promoted_total"), i, "{path}");
+                assert_eq!(sw(), [i; 2], "{path}: nothing in the kernel yet");
+            }
+            let r = h2c::get(&mut c, path).await;
+            let want = match path {
+                "/files/f.bin" => file.clone(),
+                "/bytes/200000" => pattern(200_000, 200_000),
+                _ => pattern(300_000, 300_000),
+            };
+            assert_eq!((r.status, r.body.len()), (200, want.len()), "{path}");
+            assert!(r.body == want, "{path}: body differs");
+            // The same connection goes on, both directions, on the new path.
+            small(h2c::get(&mut c, "/x").await);
+            let up = pattern(100_000, 9);
+            let r = h2c::request(&mut c, "POST", "/sum", &up, 16_000, true)
+                .await
+                .unwrap();
+            assert_eq!(r.body, format!("100000 {}", sha256(&up)).into_bytes());
+            small(h2c::get(&mut c, "/x").await);
+        });
+        if vm {
+            assert_eq!(k.metric("ktern_ktls_promoted_total"), i + 1, "{path}");
+            assert_eq!(k.metric("ktern_ktls_offloaded_total"), i + 1);
+            assert_eq!(sw(), [i + 1; 2], "{path}: the kernel took both keys");
+            assert_eq!(k.metric("ktern_ktls_userspace_total"), 0);
+        }
+    }
+    if !vm {
+        // No kTLS here: every connection stayed on rustls, nothing deferred.
+        assert_eq!(k.metric("ktern_ktls_deferred_total"), 0);
+        assert_eq!(k.metric("ktern_ktls_userspace_total"), 3);
+    }
+    // Which records carried each request: rustls' until the bulk
+    // response, the kernel's from it on (3 small, the 60 KB one, the bulk
+    // one, then 3 more), connection after connection.
+    let lines = json_log_lines(&log, 3 * 8);
+    assert_eq!(lines.len(), 3 * 8);
+    let ktls: Vec<bool> = lines.iter().map(|l| l["ktls"] == true).collect();
+    let one = [false, false, false, false, vm, vm, vm, vm];
+    assert_eq!(ktls, one.repeat(3), "{lines:?}");
+    assert_eq!(k.metric("ktern_http2_connections_total"), 3);
+}
+
 #[test]
 fn alpn_picks_h2_by_default_and_http11_when_configured() {
     let (pki, k, a) = setup("h2-alpn", "");

@@ -865,6 +865,16 @@ impl TlsWriter {
         Ok(true)
     }
 
+    /// While rustls carries a connection whose keys may still go to the
+    /// kernel: the size of a bulk transfer from which they do
+    /// ([`TlsWriter::bulk_ahead`]). `None` once they went, or never will.
+    pub fn defer_after(&self) -> Option<u64> {
+        match &*self.shared.borrow() {
+            Engine::User(u) => u.defer.as_ref().map(|d| d.after),
+            Engine::Kernel(_) | Engine::Lost => None,
+        }
+    }
+
     /// About how many plaintext bytes a write would hand to the kernel now
     /// without waiting (see `sys::send_room`; records add a little, which
     /// the estimate's margin covers). On error, unlimited: the write

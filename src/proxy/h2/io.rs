@@ -42,6 +42,28 @@ pub struct Signals {
     /// streams are open, one of a size the shard's cache keeps goes back to
     /// it after every write, `TlsWriter::write_all`; another is kept).
     pub idle: Cell<bool>,
+    /// The largest response a stream is about to send, or has sent so far
+    /// of a body of unknown length, since the transport last looked: on a
+    /// connection rustls carries until its first bulk transfer
+    /// (`runtime.ktls_after`), the transport hands the keys to the kernel
+    /// at its next write from that size on ([`Signals::bulk_ahead`]).
+    pub bulk: Cell<u64>,
+    /// The keys went to the kernel mid-connection (the connection loop
+    /// counts it once).
+    pub promoted: Cell<bool>,
+    /// The kernel carries the records now: at the handshake, or since a
+    /// bulk transfer (each stream's access line says which).
+    pub kernel: Cell<bool>,
+}
+
+impl Signals {
+    /// A stream is about to send `bytes` of response body (its length, or
+    /// what it has sent so far of one of unknown length).
+    pub fn bulk_ahead(&self, bytes: u64) {
+        if bytes > self.bulk.get() {
+            self.bulk.set(bytes);
+        }
+    }
 }
 
 type Owned<T, R> = Pin<Box<dyn Future<Output = (T, R)>>>;
@@ -200,6 +222,35 @@ impl H2Io {
         }
     }
 
+    /// A connection rustls carries until its first bulk transfer: when a
+    /// stream announced one of `runtime.ktls_after` or more, the keys go
+    /// to the kernel now, with nothing staged or in flight (the writer's
+    /// `bulk_ahead` also waits for a record boundary on the read side: a
+    /// later write tries again). A smaller announcement is dropped: a
+    /// stream with a body of unknown length announces again as it grows.
+    fn promote(&mut self) -> io::Result<()> {
+        let bytes = self.signals.bulk.get();
+        if bytes == 0 || !self.staged.is_empty() {
+            return Ok(());
+        }
+        let WriteState::Idle(w) = &mut self.write else {
+            return Ok(());
+        };
+        match w.defer_after() {
+            Some(after) if bytes >= after => match w.bulk_ahead(bytes) {
+                Ok(true) => {
+                    self.signals.bulk.set(0);
+                    self.signals.promoted.set(true);
+                    self.signals.kernel.set(true);
+                }
+                Ok(false) => {}
+                Err(e) => return Err(self.fail(e)),
+            },
+            _ => self.signals.bulk.set(0),
+        }
+        Ok(())
+    }
+
     /// Records `n` bytes of `bufs` as sent (or staged: they go out in
     /// this order).
     fn sent(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
@@ -344,11 +395,17 @@ impl AsyncWrite for H2Io {
                     // Still drive the write in flight, so progress does
                     // not wait for h2's flush.
                     let _ = this.drive_write(cx, false)?;
+                    if this.staged.is_empty() && matches!(this.write, WriteState::Idle(_)) {
+                        // It finished: this write starts the next batch
+                        // (straight to the kernel, or after a hand-over).
+                        continue;
+                    }
                     return Poll::Ready(Ok(this.stage(bufs)));
                 }
                 std::task::ready!(this.drive_write(cx, true))?;
                 continue;
             }
+            this.promote()?;
             let WriteState::Idle(mut w) = std::mem::replace(&mut this.write, WriteState::Gone)
             else {
                 return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));

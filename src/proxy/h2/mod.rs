@@ -15,7 +15,7 @@ pub mod io;
 mod stream;
 pub mod watch;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -96,7 +96,10 @@ pub fn serve<'a>(
 ) -> impl Future<Output = Result<(), HttpError>> + 'a {
     let lim = &ctx.route.http2;
     M::inc(&ctx.metrics.h2_connections);
-    let signals = Rc::new(Signals::default());
+    let signals = Rc::new(Signals {
+        kernel: Cell::new(ctx.tls.kernel),
+        ..Signals::default()
+    });
     let watch = FrameWatch::new(lim.max_control_frames);
     let io = H2Io::new(reader, writer, watch, signals.clone());
     let mut builder = h2::server::Builder::new();
@@ -167,6 +170,7 @@ async fn serve_on(
             if malformed > 0 {
                 M::add(&ctx.metrics.h2_malformed, malformed);
             }
+            promoted(&signals, ctx);
             if signals.flood.get() && !flooded {
                 flooded = true;
                 tracing::info!(peer = %ctx.peer, "HTTP/2 control-frame flood: GOAWAY ENHANCE_YOUR_CALM");
@@ -197,8 +201,9 @@ async fn serve_on(
                         let mut own = ctx.clone();
                         own.clock = Some(clock.clone());
                         let clocks = &clocks;
+                        let link = &*signals;
                         streams.push(boxed(async move {
-                            let end = stream::exchange(req, respond, &own).await;
+                            let end = stream::exchange(req, respond, &own, link).await;
                             let mut kept = clocks.borrow_mut();
                             if kept.len() < CLOCKS_KEPT {
                                 kept.push(clock);
@@ -261,6 +266,7 @@ async fn serve_on(
     if malformed > 0 {
         M::add(&ctx.metrics.h2_malformed, malformed);
     }
+    promoted(&signals, ctx);
     if flooded {
         return Err(HttpError::H2(Reason::ENHANCE_YOUR_CALM.into()));
     }
@@ -268,6 +274,16 @@ async fn serve_on(
         return Err(HttpError::ClientStalled);
     }
     ended.map_err(|e| failure(e, &signals))
+}
+
+/// Counts (once) the transport's hand-over of the keys to the kernel at a
+/// bulk response (`runtime.ktls_after`), as HTTP/1.1's `bulk_ahead` does.
+fn promoted(signals: &Signals, ctx: &Ctx<'_>) {
+    if signals.promoted.take() {
+        M::inc(&ctx.metrics.ktls_offloaded);
+        M::inc(&ctx.metrics.ktls_promoted);
+        tracing::debug!(peer = %ctx.peer, "keys to the kernel for a bulk HTTP/2 response");
+    }
 }
 
 /// The connection's error, typed: the client's socket or TLS (as the

@@ -17,6 +17,7 @@ use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 
 use super::convert::{self, Refusal};
+use super::io::Signals;
 use crate::buffers;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::body::{BodyScanner, Decoded, Framing};
@@ -57,10 +58,13 @@ pub(super) enum End {
 
 /// Serves one stream to its end. Never panics and never fails the
 /// connection itself: it only reports a client that stopped reading.
+/// `link`: the connection transport's signals (a bulk response ahead;
+/// which records carry the connection now).
 pub(super) async fn exchange(
     req: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     ctx: &Ctx<'_>,
+    link: &Signals,
 ) -> End {
     let started = Instant::now();
     let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
@@ -77,7 +81,10 @@ pub(super) async fn exchange(
         }
         Err(Refusal::Status(status, why)) => {
             tracing::info!(peer = %ctx.peer, status, why, "HTTP/2 request refused");
-            let mut ex = Exchange::default();
+            let mut ex = Exchange {
+                kernel: Some(link.kernel.get()),
+                ..Exchange::default()
+            };
             let out = local(&mut respond, ctx, &mut ex, status);
             forward::record(ctx, None, &ex, (0, out), PROTOCOL, wall, started);
             return End::Done;
@@ -89,7 +96,20 @@ pub(super) async fn exchange(
         ..Exchange::default()
     };
     let mut moved = (head.len as u64, 0u64);
-    let result = forward(&head, body, &mut respond, ctx, &mut ex, &mut moved, started).await;
+    let result = forward(
+        &head,
+        body,
+        &mut respond,
+        ctx,
+        link,
+        &mut ex,
+        &mut moved,
+        started,
+    )
+    .await;
+    // The records that carried the response: the kernel's if the
+    // connection's keys went there before it or for it.
+    ex.kernel = Some(link.kernel.get());
     let mut m = ctx.moved.get();
     m.up += moved.0 - head.len as u64;
     m.down += moved.1;
@@ -146,11 +166,13 @@ fn local(respond: &mut SendResponse<Bytes>, ctx: &Ctx<'_>, ex: &mut Exchange, st
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     head: &RequestHead,
     mut body: RecvStream,
     respond: &mut SendResponse<Bytes>,
     ctx: &Ctx<'_>,
+    link: &Signals,
     ex: &mut Exchange,
     moved: &mut (u64, u64),
     started: Instant,
@@ -164,7 +186,7 @@ async fn forward(
         }
         exchange::Plan::Static { root, .. } => {
             ex.answered_by = Some(ctx.upstreams.len());
-            return serve_file(head, root, respond, ctx, ex, moved).await;
+            return serve_file(head, root, respond, ctx, link, ex, moved).await;
         }
         exchange::Plan::Upstream {
             group,
@@ -259,6 +281,17 @@ async fn forward(
     let mut send = respond
         .send_response(convert::response(&resp, &extra), no_body)
         .map_err(|_| Cut::Client)?;
+    // A bulk response moves the connection's keys to the kernel, if they
+    // wait for one (`runtime.ktls_after`): one with a length now, one of
+    // unknown length once that much of it went out.
+    let known = match resp.framing {
+        Framing::Length(n) if !no_body => {
+            link.bulk_ahead(n);
+            true
+        }
+        _ => false,
+    };
+    let mut streamed = 0u64;
     let mut scanner = BodyScanner::new(resp.framing);
     let mut decoded = Decoded::default();
     let after_head = rbuf.get(resp.len..).unwrap_or_default();
@@ -276,6 +309,10 @@ async fn forward(
             if !decoded.data.is_empty() {
                 let data = Bytes::from(std::mem::take(&mut decoded.data));
                 moved.1 += data.len() as u64;
+                streamed += data.len() as u64;
+                if !known {
+                    link.bulk_ahead(streamed);
+                }
                 ended = scanner.is_done() && !convert::has_trailers(&decoded.trailers);
                 send.send_data(data, ended).map_err(|_| Cut::Client)?;
             }
@@ -430,6 +467,7 @@ async fn serve_file(
     root: &std::path::Path,
     respond: &mut SendResponse<Bytes>,
     ctx: &Ctx<'_>,
+    link: &Signals,
     ex: &mut Exchange,
     moved: &mut (u64, u64),
 ) -> Result<(), Cut> {
@@ -465,6 +503,7 @@ async fn serve_file(
     let Some((mut offset, count)) = body else {
         return Ok(());
     };
+    link.bulk_ahead(count);
     let mut left = count;
     while left > 0 {
         let room = capacity(&mut send, ctx, ctx.route.send_timeout).await?;
