@@ -246,6 +246,14 @@ async fn serve_on(
             // the connection sends them in this poll, not the next.
             if !progressed {
                 if !(accepting && wake.is_due()) {
+                    // No stream open and nothing to do: h2's read and write
+                    // buffers (8 and 16 KiB, empty now) go back to the
+                    // allocator until the client sends again, as nginx
+                    // frees an idle connection's buffers (vendor/README.md:
+                    // an idle connection 27 -> 16 KB, tests/h2.rs).
+                    if streams.is_empty() {
+                        conn.release_idle_buffers();
+                    }
                     break Poll::Pending;
                 }
                 // Streams that keep the connection due (a body sent as
