@@ -193,25 +193,16 @@ fn static_files_and_the_access_log_over_http2() {
 /// records carried each request.
 #[test]
 fn http2_connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
-    let pki = Pki::new("h2-ktlsafter");
-    let a = start_http_backend("a");
-    let www = pki.dir.join("www");
-    std::fs::create_dir_all(www.join("files")).unwrap();
-    let file = pattern(200_000, 7);
-    std::fs::write(www.join("files/f.bin"), &file).unwrap();
-    let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "ktls_after = \"64k\"\n\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
-        log.display()
-    );
-    let rules = format!(
-        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
-        www.display()
-    );
-    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], &rules, ""));
+    let BulkHandover {
+        pki,
+        k,
+        file,
+        log,
+        backend: _backend,
+    } = bulk_handover("h2-ktlsafter");
     let vm = in_vm();
     let base = tls_stat();
-    let sw = || ["TlsTxSw", "TlsRxSw"].map(|c| tls_stat_since(&base, c));
+    let sw = || software_sessions_since(&base);
     let rt = h2c::runtime();
     let cases = ["/bytes/200000", "/chunked-bytes/300000", "/files/f.bin"];
     for (i, path) in cases.into_iter().enumerate() {

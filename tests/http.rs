@@ -1237,27 +1237,18 @@ fn upstream_groups_speak_tls_to_their_backends() {
 /// hand-over and the access log says which records carried each request.
 #[test]
 fn connections_move_their_keys_to_the_kernel_at_their_first_bulk_response() {
-    let pki = Pki::new("ktlsafter");
-    let a = start_http_backend("a");
-    let www = pki.dir.join("www");
-    std::fs::create_dir_all(www.join("files")).unwrap();
-    let file = pattern(200_000, 7);
-    std::fs::write(www.join("files/f.bin"), &file).unwrap();
-    let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "ktls_after = \"64k\"\n\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
-        log.display()
-    );
-    let rules = format!(
-        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
-        www.display()
-    );
-    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], &rules, ""));
+    let BulkHandover {
+        pki,
+        k,
+        file,
+        log,
+        backend: _backend,
+    } = bulk_handover("ktlsafter");
     let vm = in_vm();
     // Kernel TLS sessions set up since ktern is listening (its start-up
     // probe of the kernel's ciphers sets up some of its own before).
     let base = tls_stat();
-    let sw = || ["TlsTxSw", "TlsRxSw"].map(|c| tls_stat_since(&base, c));
+    let sw = || software_sessions_since(&base);
     let small = |c: &mut Client| {
         let r = exchange(c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!((r.status, r.body.as_slice()), (200, &b"a"[..]));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{pattern, sha256, Client};
+use super::{pattern, sha256, Client, Ktern, Pki};
 
 /// A test backend named `name`; counts accepted connections.
 pub struct Backend {
@@ -213,6 +213,49 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
 }
 
 /// One rule sending every request to upstream `a`.
+/// ktern with `runtime.ktls_after = "64k"` and a JSON access log, its
+/// `http` route serving `/files/` from a static root that holds
+/// `files/f.bin` (`file`: 200,000 bytes) and sending the rest to backend
+/// "a": the set-up of the tests of the hand-over at a connection's first
+/// bulk response (tests/http.rs over HTTP/1.1, tests/h2.rs over HTTP/2).
+pub struct BulkHandover {
+    pub pki: Pki,
+    pub k: Ktern,
+    pub file: Vec<u8>,
+    pub log: std::path::PathBuf,
+    pub backend: Backend,
+}
+
+pub fn bulk_handover(tag: &str) -> BulkHandover {
+    let pki = Pki::new(tag);
+    let backend = start_http_backend("a");
+    let www = pki.dir.join("www");
+    std::fs::create_dir_all(www.join("files")).unwrap();
+    let file = pattern(200_000, 7);
+    std::fs::write(www.join("files/f.bin"), &file).unwrap();
+    let log = pki.dir.join("access.log");
+    let runtime = format!(
+        "ktls_after = \"64k\"\n\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    let rules = format!(
+        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
+        www.display()
+    );
+    let k = Ktern::start(
+        &pki,
+        &runtime,
+        &http_config(&[("a", backend.addr)], &rules, ""),
+    );
+    BulkHandover {
+        pki,
+        k,
+        file,
+        log,
+        backend,
+    }
+}
+
 pub const ANY_TO_A: &str = "[[listener.route.rule]]\nupstream = \"a\"\n";
 
 pub fn http_config(backends: &[(&str, SocketAddr)], rules: &str, extra: &str) -> String {

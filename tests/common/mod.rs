@@ -788,6 +788,13 @@ pub fn tls_stat_since(before: &std::collections::HashMap<String, u64>, counter: 
     tls_stat().get(counter).copied().unwrap_or(0) - before.get(counter).copied().unwrap_or(0)
 }
 
+/// How far the kernel's software kTLS sessions (`TlsTxSw`, `TlsRxSw`)
+/// moved since `before` (a [`tls_stat`] snapshot): one each per connection
+/// whose keys went to the kernel.
+pub fn software_sessions_since(before: &std::collections::HashMap<String, u64>) -> [u64; 2] {
+    ["TlsTxSw", "TlsRxSw"].map(|c| tls_stat_since(before, c))
+}
+
 /// Two active health checks ran, and none failed.
 pub fn assert_health_checks_pass(k: &Ktern) {
     assert!(
