@@ -42,11 +42,12 @@ pub struct Signals {
     /// streams are open, one of a size the shard's cache keeps goes back to
     /// it after every write, `TlsWriter::write_all`; another is kept).
     pub idle: Cell<bool>,
-    /// The largest response a stream is about to send, or has sent so far
-    /// of a body of unknown length, since the transport last looked: on a
-    /// connection rustls carries until its first bulk transfer
-    /// (`runtime.ktls_after`), the transport hands the keys to the kernel
-    /// at its next write from that size on ([`Signals::bulk_ahead`]).
+    /// While rustls carries the connection until its first bulk transfer:
+    /// that transfer's size (`runtime.ktls_after`, from the writer).
+    pub after: Cell<Option<u64>>,
+    /// The largest bulk response announced since the transport last
+    /// looked ([`Signals::bulk_ahead`]): the keys go to the kernel at its
+    /// next write.
     pub bulk: Cell<u64>,
     /// The keys went to the kernel mid-connection (the connection loop
     /// counts it once).
@@ -58,10 +59,19 @@ pub struct Signals {
 
 impl Signals {
     /// A stream is about to send `bytes` of response body (its length, or
-    /// what it has sent so far of one of unknown length).
-    pub fn bulk_ahead(&self, bytes: u64) {
-        if bytes > self.bulk.get() {
-            self.bulk.set(bytes);
+    /// what it has sent so far of one of unknown length, more to come).
+    /// `true` when that is a bulk transfer on a connection rustls carries
+    /// until one: the keys go to the kernel before the response's next
+    /// write, so it goes out on the kernel's records.
+    pub fn bulk_ahead(&self, bytes: u64) -> bool {
+        match self.after.get() {
+            Some(after) if bytes >= after => {
+                if bytes > self.bulk.get() {
+                    self.bulk.set(bytes);
+                }
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -151,6 +161,7 @@ impl H2Io {
         watch: FrameWatch,
         signals: Rc<Signals>,
     ) -> H2Io {
+        signals.after.set(writer.defer_after());
         H2Io {
             read: ReadState::Idle(reader),
             spill: Vec::new(),
@@ -183,6 +194,9 @@ impl H2Io {
     /// `start` is false).
     fn drive_write(&mut self, cx: &mut Context<'_>, start: bool) -> Poll<io::Result<()>> {
         loop {
+            if start && !self.staged.is_empty() && matches!(self.write, WriteState::Idle(_)) {
+                self.promote()?;
+            }
             match std::mem::replace(&mut self.write, WriteState::Gone) {
                 WriteState::Idle(w) if start && !self.staged.is_empty() => {
                     let out = std::mem::take(&mut self.staged);
@@ -223,14 +237,15 @@ impl H2Io {
     }
 
     /// A connection rustls carries until its first bulk transfer: when a
-    /// stream announced one of `runtime.ktls_after` or more, the keys go
-    /// to the kernel now, with nothing staged or in flight (the writer's
+    /// stream announced one (`Signals::bulk_ahead`), the keys go to the
+    /// kernel now, with no write in flight: before a direct write, or
+    /// before a staged batch starts (staged bytes are plaintext, not yet
+    /// sealed, so they go out on the kernel's records). The writer's
     /// `bulk_ahead` also waits for a record boundary on the read side: a
-    /// later write tries again). A smaller announcement is dropped: a
-    /// stream with a body of unknown length announces again as it grows.
+    /// later write tries again.
     fn promote(&mut self) -> io::Result<()> {
         let bytes = self.signals.bulk.get();
-        if bytes == 0 || !self.staged.is_empty() {
+        if bytes == 0 {
             return Ok(());
         }
         let WriteState::Idle(w) = &mut self.write else {
@@ -246,7 +261,13 @@ impl H2Io {
                 Ok(false) => {}
                 Err(e) => return Err(self.fail(e)),
             },
-            _ => self.signals.bulk.set(0),
+            // Not deferred (any more: the hand-over found the client gone
+            // and left the connection on rustls): nothing to announce.
+            None => {
+                self.signals.bulk.set(0);
+                self.signals.after.set(None);
+            }
+            Some(_) => self.signals.bulk.set(0),
         }
         Ok(())
     }

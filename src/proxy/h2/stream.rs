@@ -108,8 +108,10 @@ pub(super) async fn exchange(
     )
     .await;
     // The records that carried the response: the kernel's if the
-    // connection's keys went there before it or for it.
-    ex.kernel = Some(link.kernel.get());
+    // connection's keys went there before it ended, or go there for it
+    // (it announced a bulk transfer, which the transport acts on at its
+    // next write, possibly after the last DATA was queued).
+    ex.kernel = Some(link.kernel.get() || ex.kernel == Some(true));
     let mut m = ctx.moved.get();
     m.up += moved.0 - head.len as u64;
     m.down += moved.1;
@@ -283,10 +285,15 @@ async fn forward(
         .map_err(|_| Cut::Client)?;
     // A bulk response moves the connection's keys to the kernel, if they
     // wait for one (`runtime.ktls_after`): one with a length now, one of
-    // unknown length once that much of it went out.
+    // unknown length once that much of it went out with more to come (so
+    // a body that ends there leaves no announcement behind for whatever
+    // is written next). `ex.kernel`: this response goes out on the
+    // kernel's records from its next write.
     let known = match resp.framing {
         Framing::Length(n) if !no_body => {
-            link.bulk_ahead(n);
+            if link.bulk_ahead(n) {
+                ex.kernel = Some(true);
+            }
             true
         }
         _ => false,
@@ -310,8 +317,8 @@ async fn forward(
                 let data = Bytes::from(std::mem::take(&mut decoded.data));
                 moved.1 += data.len() as u64;
                 streamed += data.len() as u64;
-                if !known {
-                    link.bulk_ahead(streamed);
+                if !known && !scanner.is_done() && link.bulk_ahead(streamed) {
+                    ex.kernel = Some(true);
                 }
                 ended = scanner.is_done() && !convert::has_trailers(&decoded.trailers);
                 send.send_data(data, ended).map_err(|_| Cut::Client)?;
@@ -503,7 +510,9 @@ async fn serve_file(
     let Some((mut offset, count)) = body else {
         return Ok(());
     };
-    link.bulk_ahead(count);
+    if link.bulk_ahead(count) {
+        ex.kernel = Some(true);
+    }
     let mut left = count;
     while left > 0 {
         let room = capacity(&mut send, ctx, ctx.route.send_timeout).await?;
