@@ -251,23 +251,23 @@ impl H2Io {
         let WriteState::Idle(w) = &mut self.write else {
             return Ok(());
         };
-        match w.defer_after() {
-            Some(after) if bytes >= after => match w.bulk_ahead(bytes) {
-                Ok(true) => {
-                    self.signals.bulk.set(0);
-                    self.signals.promoted.set(true);
-                    self.signals.kernel.set(true);
-                }
-                Ok(false) => {}
-                Err(e) => return Err(self.fail(e)),
-            },
-            // Not deferred (any more: the hand-over found the client gone
-            // and left the connection on rustls): nothing to announce.
-            None => {
+        // `Signals::bulk_ahead` keeps only announcements of `after` bytes or
+        // more; the writer checks the size again, and the boundary.
+        match w.bulk_ahead(bytes) {
+            Ok(true) => {
+                self.signals.bulk.set(0);
+                self.signals.promoted.set(true);
+                self.signals.kernel.set(true);
+            }
+            // Not deferred any more (the hand-over found the client gone and
+            // left the connection on rustls): nothing more to announce.
+            Ok(false) if w.defer_after().is_none() => {
                 self.signals.bulk.set(0);
                 self.signals.after.set(None);
             }
-            Some(_) => self.signals.bulk.set(0),
+            // Not at a record boundary yet: the next write tries again.
+            Ok(false) => {}
+            Err(e) => return Err(self.fail(e)),
         }
         Ok(())
     }

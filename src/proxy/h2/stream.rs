@@ -298,7 +298,6 @@ async fn forward(
         }
         _ => false,
     };
-    let mut streamed = 0u64;
     let mut scanner = BodyScanner::new(resp.framing);
     let mut decoded = Decoded::default();
     let after_head = rbuf.get(resp.len..).unwrap_or_default();
@@ -315,9 +314,9 @@ async fn forward(
         loop {
             if !decoded.data.is_empty() {
                 let data = Bytes::from(std::mem::take(&mut decoded.data));
+                // `moved.1`: this stream's body bytes so far.
                 moved.1 += data.len() as u64;
-                streamed += data.len() as u64;
-                if !known && !scanner.is_done() && link.bulk_ahead(streamed) {
+                if !known && !scanner.is_done() && link.bulk_ahead(moved.1) {
                     ex.kernel = Some(true);
                 }
                 ended = scanner.is_done() && !convert::has_trailers(&decoded.trailers);
