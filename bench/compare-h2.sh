@@ -5,8 +5,10 @@
 # loaded from CPU 0 by the same client: h2load -c 50 -m 10 (TLS 1.3, ALPN
 # h2), 1 KiB responses from the same HTTP/1.1 backend (ktern-load backend).
 # Reports server CPU per request and peak requests/s (closed loop), p99 in
-# an open-loop run at half of nginx's peak (h2load --rps per client), and
-# the memory one idle HTTP/2 connection costs each server. Bounded in count
+# an open-loop run at half of nginx's peak (h2load --rps per client), the
+# floor both ways (nginx serving cleartext h2c: the same proxying without
+# TLS), and the memory one idle HTTP/2 connection costs each server. The
+# backend shares CPU 0 with h2load, or has CPU 2 from 4 CPUs on. Bounded in count
 # and time. Usage: bench/compare-h2.sh [--seconds 10] [--conns 50] [--idle 500] [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,11 +39,14 @@ body=1024
 # 20% of ktern's CPU went to connect()'s port search past TIME_WAITs).
 pool=512
 backend=127.0.0.1:19013 ktern_addr=127.0.0.1:19455 nginx_addr=127.0.0.1:19555 haproxy_addr=127.0.0.1:19655
-taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
+floor_addr=127.0.0.1:19556
+taskset -c "$backend_cpu" "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
 ktern_http_conf "$ktern_addr" "$backend" "$pool" > "$work/ktern.toml"
 RUST_LOG=warn taskset -c 1 "$bin/ktern" run -c "$work/ktern.toml" > "$work/ktern.out" 2> "$work/ktern.log" & pids+=($!)
 ktern_pid=$!
-nginx_conf "$nginx_addr ssl http2" "$backend" "$pool" > "$work/nginx.conf"
+# nginx also serves cleartext HTTP/2 (h2c, prior knowledge) on $floor_addr:
+# the floor, the same streams and proxying without TLS.
+nginx_conf "$nginx_addr ssl http2; listen $floor_addr http2" "$backend" "$pool" > "$work/nginx.conf"
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf"
 { haproxy_conf http
   cat <<CONF
@@ -54,7 +59,7 @@ backend be
 CONF
 } > "$work/haproxy.cfg"
 haproxy_start
-wait_listening "$ktern_addr" "$nginx_addr" "$haproxy_addr" "$backend"
+wait_listening "$ktern_addr" "$nginx_addr" "$haproxy_addr" "$floor_addr" "$backend"
 nginx_master=$(cat "$work/nginx.pid")
 nginx_pids() { echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"; }
 
@@ -62,11 +67,12 @@ hz=$(getconf CLK_TCK)
 declare -A res
 measure() { # name addr label rate(0: closed loop) pids...
   local name=$1 addr=$2 label=$3 rate=$4; shift 4
-  local u0 s0 u1 s1 out n args=()
+  local u0 s0 u1 s1 out n args=() scheme=https
   [ "$rate" = 0 ] || args=(--rps "$(python3 -c "print(max(1, round($rate / $conns)))")")
+  [ "$name" != floor ] || scheme=http
   read -r u0 s0 <<<"$(ticks "$@")"
   out=$(timeout -k 5 $((seconds + 60)) taskset -c 0 h2load -c "$conns" -m 10 -D "$seconds" --warm-up-time=1 \
-    --log-file="$work/$name.$label.log" "${args[@]}" "https://${addr}/" 2>&1)
+    --log-file="$work/$name.$label.log" "${args[@]}" "$scheme://${addr}/" 2>&1)
   read -r u1 s1 <<<"$(ticks "$@")"
   n=$(sed -nE 's/^requests: .* ([0-9]+) succeeded.*/\1/p' <<<"$out")
   res[$name.$label.rps]=$(python3 -c "print(f'{$n/$seconds:.0f}')")
@@ -109,12 +115,18 @@ measure ktern "$ktern_addr" peak 0 "$ktern_pid"
 # shellcheck disable=SC2046
 measure nginx "$nginx_addr" peak 0 $(nginx_pids)
 measure haproxy "$haproxy_addr" peak 0 "$haproxy_pid"
+# shellcheck disable=SC2046
+measure floor "$floor_addr" peak 0 $(nginx_pids)
 half=$(python3 -c "print(f'{${res[nginx.peak.rps]}/2:.0f}')")
 echo "open loop at half of nginx's peak: $half requests/s"
 measure ktern "$ktern_addr" half "$half" "$ktern_pid"
 # shellcheck disable=SC2046
 measure nginx "$nginx_addr" half "$half" $(nginx_pids)
 measure haproxy "$haproxy_addr" half "$half" "$haproxy_pid"
+# The floor's tail at the same rate: less work than any server above, so a
+# p99 of its above theirs is the load generator's (bench/README.md, "p99").
+# shellcheck disable=SC2046
+measure floor "$floor_addr" half "$half" $(nginx_pids)
 res[half.rate]=$half
 
 res_json "$json"
@@ -122,10 +134,11 @@ args=()
 for m in peak.cpu peak.user peak.sys peak.rps half.p99 half.cpu idle; do
   args+=("${res[ktern.$m]}" "${res[nginx.$m]}" "${res[haproxy.$m]}")
 done
-python3 - "$half" "${args[@]}" <<'PY'
+python3 - "$half" "${res[floor.peak.cpu]}" "${res[floor.half.p99]}" "${args[@]}" <<'PY'
 import sys
 half = sys.argv[1]
-v = list(map(float, sys.argv[2:]))
+floor = list(map(float, sys.argv[2:4]))
+v = list(map(float, sys.argv[4:]))
 rows = [v[i:i + 3] for i in range(0, len(v), 3)]
 labels = [("server CPU per request, peak (us)", "<= 0.8", 2), ("  of which user (us)", "(info)", 2),
           ("  of which kernel (us)", "(info)", 2), ("peak requests/s (closed loop)", "", 0),
@@ -136,4 +149,8 @@ r = lambda a, b: a / b if b else float("nan")
 print(f"\n{'metric':44} {'ktern':>10} {'nginx':>10} {'haproxy':>10} {'ktern/nginx':>12} {'ktern/haproxy':>14}  target (ktern/nginx)")
 for (name, t, d), (k, n, h) in zip(labels, rows):
     print(f"{name:44} {k:10.{d}f} {n:10.{d}f} {h:10.{d}f} {r(k, n):12.2f} {r(k, h):14.2f}  {t}")
+print(f"\nfloor (nginx proxying the same streams over cleartext h2c): {floor[0]:.2f} us per request at the peak;"
+      f" ktern {r(rows[0][0], floor[0]):.2f}x the floor, nginx {r(rows[0][1], floor[0]):.2f}x")
+print(f"floor's p99 at {half}/s: {floor[1]:.0f} us ({r(floor[1], rows[4][1]):.2f}x nginx's"
+      + ("; above it, so this run's p99 measures the load generator more than the servers)" if floor[1] > rows[4][1] else ")"))
 PY

@@ -6,7 +6,9 @@
 # TLS 1.3, X25519, `--conns` keep-alive connections). Both proxy to the same
 # HTTP/1.1 backend (ktern-load backend --kind http), 1 KiB response bodies.
 # Reports server CPU per request and peak requests/s (closed loop), and p99
-# latency in an open-loop run at half of nginx's peak rate, with ratios.
+# latency in an open-loop run at half of nginx's peak rate, with ratios; the
+# floor (nginx without TLS) both ways. The backend runs on CPU 0 too, or on
+# CPU 2 from 4 CPUs on (bench/common.sh).
 # Every load is bounded in count and time. Usage:
 #   bench/compare-http.sh [--seconds 10] [--conns 50] [--json FILE]
 # KTERN_RUNTIME adds lines to ktern's [runtime] section (for example
@@ -33,7 +35,7 @@ bench_name=bench-http
 body=1024
 backend=127.0.0.1:19003 ktern_addr=127.0.0.1:19445 nginx_addr=127.0.0.1:19545 haproxy_addr=127.0.0.1:19645
 floor_addr=127.0.0.1:19546
-taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
+taskset -c "$backend_cpu" "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes $body --seconds 3600 & pids+=($!)
 
 ktern_http_conf "$ktern_addr" "$backend" 64 > "$work/ktern.toml"
 # pool_size = 64 matches nginx's `keepalive 64` below. With ktern's default (32), below the
@@ -113,6 +115,10 @@ measure ktern "$ktern_addr" half "$half" "$ktern_pid"
 # shellcheck disable=SC2046
 measure nginx "$nginx_addr" half "$half" $(nginx_pids)
 measure haproxy "$haproxy_addr" half "$half" "$haproxy_pid"
+# The floor's tail at the same rate: less work than any server above, so a
+# p99 of its above theirs is the load generator's (bench/README.md, "p99").
+# shellcheck disable=SC2046
+measure floor "$floor_addr" half "$half" $(nginx_pids)
 res[half.rate]=$half
 
 [ -s "$work/nginx-error.log" ] && { echo "nginx error log:"; tail -5 "$work/nginx-error.log"; }
@@ -124,11 +130,11 @@ args=()
 for m in peak.cpu peak.user peak.sys peak.rps half.p99 half.cpu; do
   args+=("${res[ktern.$m]}" "${res[nginx.$m]}" "${res[haproxy.$m]}")
 done
-python3 - "$half" "${res[floor.peak.cpu]}" "${res[floor.peak.user]}" "${res[floor.peak.sys]}" "${args[@]}" <<'PY'
+python3 - "$half" "${res[floor.peak.cpu]}" "${res[floor.peak.user]}" "${res[floor.peak.sys]}" "${res[floor.half.p99]}" "${args[@]}" <<'PY'
 import sys
 half = sys.argv[1]
-floor = list(map(float, sys.argv[2:5]))
-v = list(map(float, sys.argv[5:]))
+floor = list(map(float, sys.argv[2:6]))
+v = list(map(float, sys.argv[6:]))
 rows = [v[i:i + 3] for i in range(0, len(v), 3)]
 labels = [("server CPU per request, peak (us)", "<= 0.75", 2), ("  of which user (us)", "<= 0.5", 2),
           ("  of which kernel (us)", "<= 0.9", 2), ("peak requests/s (closed loop)", "", 0),
@@ -141,4 +147,6 @@ for (name, t, d), (k, n, h) in zip(labels, rows):
 print(f"\nfloor (nginx proxying the same requests over plain TCP): {floor[0]:.2f} us per request"
       f" (user {floor[1]:.2f}, kernel {floor[2]:.2f}); ktern {r(rows[0][0], floor[0]):.2f}x the floor"
       f" (kernel {r(rows[2][0], floor[2]):.2f}x), nginx {r(rows[0][1], floor[0]):.2f}x (kernel {r(rows[2][1], floor[2]):.2f}x)")
+print(f"floor's p99 at {half}/s: {floor[3]:.0f} us ({r(floor[3], rows[4][1]):.2f}x nginx's"
+      + ("; above it, so this run's p99 measures the load generator more than the servers)" if floor[3] > rows[4][1] else ")"))
 PY

@@ -31,7 +31,7 @@ hz=$(getconf CLK_TCK)
 bytes=$((64 << 20))
 ca_issued_cert
 
-taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19702 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
+taskset -c "$backend_cpu" "$bin/ktern-load" backend --listen 127.0.0.1:19702 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
 # The TLS backend both servers talk to: ktern terminating TLS on CPU 0.
 cat > "$work/backend.toml" <<TOML
 [runtime]
@@ -45,7 +45,7 @@ key = "backend.key"
 kind = "tcp"
 backends = ["127.0.0.1:19702"]
 TOML
-RUST_LOG=warn taskset -c 0 "$bin/ktern" run -c "$work/backend.toml" > /dev/null 2> "$work/backend.log" & pids+=($!)
+RUST_LOG=warn taskset -c "$backend_cpu" "$bin/ktern" run -c "$work/backend.toml" > /dev/null 2> "$work/backend.log" & pids+=($!)
 
 cat > "$work/ktern.toml" <<TOML
 [runtime]

@@ -29,8 +29,8 @@ done
 . bench/common.sh
 
 bytes=$((64 << 20))
-taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19001 --kind echo --seconds 3600 & pids+=($!)
-taskset -c 0 "$bin/ktern-load" backend --listen 127.0.0.1:19002 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
+taskset -c "$backend_cpu" "$bin/ktern-load" backend --listen 127.0.0.1:19001 --kind echo --seconds 3600 & pids+=($!)
+taskset -c "$backend_cpu" "$bin/ktern-load" backend --listen 127.0.0.1:19002 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
 
 { printf '[runtime]\ncpus = [1]\nktls = "auto"\n'
   ktern_tcp_listener 127.0.0.1:19443 127.0.0.1:19001

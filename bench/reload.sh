@@ -28,7 +28,7 @@ bench_name=reload
 . bench/common.sh
 
 backend=127.0.0.1:19013 addr=127.0.0.1:19455 admin=127.0.0.1:19456
-taskset -c 0 "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
+taskset -c "$backend_cpu" "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
 {
   KTERN_RUNTIME='log_format = "text"' ktern_http_conf "$addr" "$backend" 64
   printf '[admin]\naddress = "%s"\n' "$admin"

@@ -6,11 +6,13 @@
 # (a plain-TCP connection, the handshake's crypto, AES-GCM per byte) measured
 # in the same run. Several rounds; the report takes each figure's median and
 # writes bench/RESULTS.md (machine, kernel, CPU model, crypto speed per core,
-# date, every round's figures). Each server runs on CPU 1 and the load on
-# CPU 0, so the machine needs 2 CPUs; every load is bounded in count and time.
+# date, every round's figures). Each server runs on CPU 1 and the client on
+# CPU 0, so the machine needs 2 CPUs; the backends share CPU 0 on 2 or 3
+# CPUs and have CPU 2 from 4 on (bench/common.sh says why). Every load is
+# bounded in count and time.
 # Usage:
 #   bench/run.sh [--rounds 3] [--seconds 10] [--idle 2000] [--vm] [--out bench/RESULTS.md]
-# --vm adds the kTLS VM's instruction counts (bench/vm-http.sh,
+# --vm adds the kTLS VM's instruction counts (bench/vm-http.sh over HTTP/1.1 and HTTP/2,
 # bench/vm-l4-tls.sh and bench/vm-handshake.sh under qemu -icount; needs
 # scripts/ktls-vm.sh's kernels).
 set -euo pipefail
@@ -54,6 +56,7 @@ echo "raw results in $data"
   echo "date=$(date -u +%Y-%m-%dT%H:%MZ)"
   echo "cpu=$(lscpu | sed -nE 's/^Model name: +//p' | head -1)"
   echo "cpus=$(nproc)"
+  echo "backend_cpu=${KTERN_BENCH_BACKEND_CPU:-$([ "$(nproc)" -ge 4 ] && echo 2 || echo 0)}"
   echo "memory=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
   echo "kernel=$(uname -r)"
   echo "ktls=$( (modprobe tls 2>/dev/null; [ -e /proc/net/tls_stat ]) && echo yes || echo no)"
@@ -80,6 +83,7 @@ done
 if [ "$vm" = 1 ]; then
   echo "=== kTLS VM ==="
   bench/vm-http.sh --requests 20000 | tee "$data/vm-http.txt"
+  bench/vm-http.sh --h2 --requests 20000 | tee "$data/vm-h2.txt"
   bench/vm-http.sh --requests 8 --body 33554432 --conns 2 | tee "$data/vm-bulk.txt"
   bench/vm-l4-tls.sh --downloads 2 --mib 32 | tee "$data/vm-l4.txt"
   bench/vm-handshake.sh | tee "$data/vm-handshake.txt"
