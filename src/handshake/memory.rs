@@ -6,20 +6,36 @@ use std::time::{Duration, Instant};
 
 use rustls::ClientConnection;
 
-use super::{Handshake, Step};
+use super::{Established, Handshake, Step};
+
+/// What is measured of the server's share of a handshake: every call into
+/// the driver runs through [`Meter::server`], the client's work outside it.
+pub trait Meter {
+    /// Runs one call into the driver.
+    fn server<R>(&mut self, call: impl FnOnce() -> R) -> R;
+}
+
+/// The time spent inside the driver's calls.
+impl Meter for Duration {
+    fn server<R>(&mut self, call: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = call();
+        *self += t.elapsed();
+        r
+    }
+}
 
 /// Moves bytes between `client` and the driver until the driver is done
 /// or waits for input the client has not produced; returns the last step.
 /// `hold_back`: bytes of each client flight kept back (a flight split
-/// across reads). `server_time` accumulates the time spent inside the
-/// driver's calls.
+/// across reads). `meter` measures the driver's calls.
 ///
 /// Test and benchmark support: panics on any TLS error.
 pub fn pump(
     client: &mut ClientConnection,
     hs: &mut Handshake,
     hold_back: usize,
-    server_time: &mut Duration,
+    meter: &mut impl Meter,
 ) -> Step {
     loop {
         let mut to_server = Vec::new();
@@ -27,17 +43,18 @@ pub fn pump(
             client.write_tls(&mut to_server).expect("client flight");
         }
         let now = &to_server[..to_server.len().saturating_sub(hold_back)];
-        let t = Instant::now();
-        if !now.is_empty() {
-            hs.handle_input(now).expect("server takes the flight");
-        }
-        let step = hs.poll().expect("server step");
-        let out = (step == Step::Transmit).then(|| hs.take_output());
-        *server_time += t.elapsed();
+        let (step, out) = meter.server(|| {
+            if !now.is_empty() {
+                hs.handle_input(now).expect("server takes the flight");
+            }
+            let step = hs.poll().expect("server step");
+            let out = (step == Step::Transmit).then(|| hs.take_output());
+            (step, out)
+        });
         match out {
             Some(out) => {
                 deliver(client, &out);
-                hs.output_sent(out);
+                meter.server(|| hs.output_sent(out));
             }
             None if now.is_empty() || hold_back > 0 => return step,
             None => {}
@@ -45,27 +62,36 @@ pub fn pump(
     }
 }
 
-/// One full handshake of `client` (naming `sni`) against a server for
-/// `server`, in memory; the time spent inside the server driver. The
+/// One whole handshake of `client` (naming `sni`) against a server for
+/// `server`, in memory, from the driver's creation to `finish`, with
+/// `meter` measuring the server's share; the connection as it is handed
+/// on. The client has the tickets the server held (`Established::unsent`),
+/// so a resuming client can resume with them next time.
+pub fn handshake(
+    server: &super::ServerTls,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+    sni: &str,
+    meter: &mut impl Meter,
+) -> Established {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("a DNS name");
+    let mut c = ClientConnection::new(client.clone(), name).expect("client config");
+    let mut hs = meter.server(|| Handshake::new(server).expect("server config"));
+    let step = pump(&mut c, &mut hs, 0, meter);
+    assert_eq!(step, Step::Done);
+    let est = meter.server(|| hs.finish());
+    deliver(&mut c, &est.unsent);
+    est
+}
+
+/// [`handshake`], timed: the time spent inside the server driver. The
 /// handshake benchmarks' unit of work.
 pub fn timed_handshake(
     server: &super::ServerTls,
     client: &std::sync::Arc<rustls::ClientConfig>,
     sni: &str,
 ) -> Duration {
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("a DNS name");
-    let mut c = ClientConnection::new(client.clone(), name).expect("client config");
-    let t = Instant::now();
-    let mut hs = Handshake::new(server).expect("server config");
-    let mut server_time = t.elapsed();
-    let step = pump(&mut c, &mut hs, 0, &mut server_time);
-    assert_eq!(step, Step::Done);
-    let t = Instant::now();
-    let est = std::hint::black_box(hs.finish());
-    let server_time = server_time + t.elapsed();
-    // The held tickets, as the first record would carry them: a resuming
-    // client keeps them for its next handshake.
-    deliver(&mut c, &est.unsent);
+    let mut server_time = Duration::ZERO;
+    std::hint::black_box(handshake(server, client, sni, &mut server_time));
     server_time
 }
 

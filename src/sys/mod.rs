@@ -1,4 +1,6 @@
-//! Every `unsafe` syscall wrapper in ktern lives here, behind safe functions.
+//! Every `unsafe` syscall wrapper in ktern lives here, behind safe functions
+//! (and beside them the other two users of `unsafe`: `sha`, a binding, and
+//! `alloc`, a counting allocator for tests).
 //!
 //! The rest of the crate is `#![deny(unsafe_code)]`. Each block below carries a
 //! `// SAFETY:` line naming who owns the fd or buffer and why the lengths the
@@ -6,6 +8,7 @@
 //! never be closed while a call here uses it.
 #![allow(unsafe_code)]
 
+pub mod alloc;
 #[cfg(feature = "aws-lc-rs")]
 pub mod sha;
 

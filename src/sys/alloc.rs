@@ -1,0 +1,88 @@
+//! A global allocator that counts, per thread, what a stretch of code
+//! allocates: support for tests that bound work which does not jitter
+//! with the machine (`tests/handshake_cost.rs`). A binary opts in with
+//! `#[global_allocator] static A: ktern::sys::alloc::Counting = Counting;`;
+//! ktern itself keeps the system allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+thread_local! {
+    // Const-initialized, without destructors: using them never allocates,
+    // so the allocator itself can.
+    static ON: Cell<bool> = const { Cell::new(false) };
+    static SEEN: Cell<Allocations> = const { Cell::new(Allocations { calls: 0, bytes: 0 }) };
+}
+
+/// What a stretch of code asked the allocator for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocations {
+    /// Allocations and reallocations.
+    pub calls: u64,
+    /// Bytes asked for by them (a reallocation counts its new size).
+    pub bytes: u64,
+}
+
+/// The system allocator, counting for [`count`].
+pub struct Counting;
+
+fn note(bytes: usize) {
+    // `try_with`: while a thread's slots are torn down nothing is counted.
+    let _ = ON.try_with(|on| {
+        if on.get() {
+            SEEN.with(|seen| {
+                let a = seen.get();
+                seen.set(Allocations {
+                    calls: a.calls + 1,
+                    bytes: a.bytes + bytes as u64,
+                });
+            });
+        }
+    });
+}
+
+// SAFETY: every method passes its caller's arguments unchanged to
+// `System`, so the caller's guarantees are `System`'s; the counting touches
+// only this thread's const-initialized cells, which never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: the caller's `alloc` contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: the caller's `alloc_zeroed` contract, passed on.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, that is from `System`,
+        // with `layout` (the caller's `dealloc` contract).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        // SAFETY: as for `dealloc`, and the caller's `realloc` contract
+        // for `new_size`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Runs `f` and returns what this thread allocated while it ran. Where
+/// [`Counting`] is not the binary's global allocator, nothing: a test
+/// checks that a known allocation is seen first.
+pub fn count<R>(f: impl FnOnce() -> R) -> (R, Allocations) {
+    let was = ON.with(|on| on.replace(true));
+    let before = SEEN.with(Cell::get);
+    let r = f();
+    let after = SEEN.with(Cell::get);
+    ON.with(|on| on.set(was));
+    let seen = Allocations {
+        calls: after.calls - before.calls,
+        bytes: after.bytes - before.bytes,
+    };
+    (r, seen)
+}
