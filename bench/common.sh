@@ -16,13 +16,14 @@ fi
 work=$(mktemp -d "/tmp/ktern-${bench_name:-bench}.XXXXXX")
 # Where the backends run. The server under test has CPU 1 (each script's
 # taskset, nginx_head's worker_cpu_affinity) and the client CPU 0. On two
-# CPUs the backend shares CPU 0 with the client; from four on it gets CPU 2
-# of its own, because the scheduler's sharing of one CPU between a client
-# and a backend that are both busy adds milliseconds to a request's
-# latency that neither server caused: on this project's 2-CPU machine the
-# open-loop p99 of the floor (nginx without TLS, less work than any server
-# measured) was above nginx's with TLS (bench/README.md, "p99").
-# KTERN_BENCH_BACKEND_CPU overrides.
+# CPUs the backend shares CPU 0 with the client; from four on it gets
+# CPU 2: on this project's 2-CPU machine the open-loop p99 of the floor
+# (nginx without TLS, less work than any server measured) was often above
+# nginx's with TLS, so the tail there was mostly the load generator's side
+# (bench/README.md, "p99"), and a backend off the client's CPU is the first
+# thing to try against that. KTERN_BENCH_BACKEND_CPU overrides (run.sh sets
+# it, by the same rule, for every script); where CPU 2 is CPU 0's
+# hyperthread sibling, name another.
 backend_cpu=${KTERN_BENCH_BACKEND_CPU:-$([ "$(nproc)" -ge 4 ] && echo 2 || echo 0)}
 pids=()
 # A second signal ends ktern's drain at once, so the next run can bind the

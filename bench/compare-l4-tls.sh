@@ -2,7 +2,8 @@
 # L4 bulk with TLS on both legs: ktern's `tcp` route with `tls` against
 # nginx's stream module with `proxy_ssl on`, each pinned to CPU 1, the
 # same client (ktern-load download, CPU 0), the same TLS backend (a second
-# ktern on CPU 0 terminating TLS in front of a plain source backend) and
+# ktern terminating TLS in front of a plain source backend, on CPU 0 or from
+# 4 CPUs on CPU 2: bench/common.sh) and
 # certificate. Reports MB moved per server CPU-second and the floor measured
 # in the same run: the record crypto alone (one AES-128-GCM pass for the
 # client leg, one AES-256-GCM pass for the backend leg, `openssl speed` on
@@ -32,10 +33,11 @@ bytes=$((64 << 20))
 ca_issued_cert
 
 taskset -c "$backend_cpu" "$bin/ktern-load" backend --listen 127.0.0.1:19702 --kind source --bytes $bytes --seconds 3600 & pids+=($!)
-# The TLS backend both servers talk to: ktern terminating TLS on CPU 0.
+# The TLS backend both servers talk to: ktern terminating TLS on the
+# backends' CPU (its runtime.cpus must be one the taskset allows).
 cat > "$work/backend.toml" <<TOML
 [runtime]
-cpus = [0]
+cpus = [$backend_cpu]
 [[listener]]
 address = "127.0.0.1:19700"
 [[listener.certificate]]

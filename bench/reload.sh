@@ -6,7 +6,8 @@
 # (`runtime.cpus`; its control and admin threads, which build each new
 # generation, are not pinned, as in production), the client (ktern-load
 # http, open loop at a fixed rate, so latency includes any stall) and the
-# backend on CPU 0. Rounds alternate baseline and reloads, so drift
+# backend on CPU 0 (CPU 2 from 4 CPUs on: bench/common.sh). Rounds
+# alternate baseline and reloads, so drift
 # of the shared machine hits both. Bounded in count and time. Usage:
 #   bench/reload.sh [--seconds 10] [--rate 4000] [--conns 20] [--rounds 2]
 set -euo pipefail

@@ -48,6 +48,9 @@ if [ -z "${KTERN_BENCH_BIN:-}" ]; then
   cargo build --release --quiet --bins
   export KTERN_BENCH_BIN=$PWD/target/release
 fi
+# The backends' CPU, fixed once for every script (bench/common.sh's rule),
+# so that machine.txt says what they used.
+export KTERN_BENCH_BACKEND_CPU=${KTERN_BENCH_BACKEND_CPU:-$([ "$(nproc)" -ge 4 ] && echo 2 || echo 0)}
 data=$(mktemp -d /tmp/ktern-run.XXXXXX)
 echo "raw results in $data"
 
@@ -56,7 +59,7 @@ echo "raw results in $data"
   echo "date=$(date -u +%Y-%m-%dT%H:%MZ)"
   echo "cpu=$(lscpu | sed -nE 's/^Model name: +//p' | head -1)"
   echo "cpus=$(nproc)"
-  echo "backend_cpu=${KTERN_BENCH_BACKEND_CPU:-$([ "$(nproc)" -ge 4 ] && echo 2 || echo 0)}"
+  echo "backend_cpu=$KTERN_BENCH_BACKEND_CPU"
   echo "memory=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
   echo "kernel=$(uname -r)"
   echo "ktls=$( (modprobe tls 2>/dev/null; [ -e /proc/net/tls_stat ]) && echo yes || echo no)"

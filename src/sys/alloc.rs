@@ -1,15 +1,16 @@
 //! A global allocator that counts, per thread, what a stretch of code
 //! allocates: support for tests that bound work which does not jitter
 //! with the machine (`tests/handshake_cost.rs`). A binary opts in with
-//! `#[global_allocator] static A: ktern::sys::alloc::Counting = Counting;`;
-//! ktern itself keeps the system allocator.
+//! `#[global_allocator] static A: ktern::sys::alloc::Counting =
+//! ktern::sys::alloc::Counting;`; ktern itself keeps the system allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 thread_local! {
-    // Const-initialized, without destructors: using them never allocates,
-    // so the allocator itself can.
+    // Const-initialized, of types without destructors: on Linux these are
+    // plain `#[thread_local]` statics, which never allocate and are never
+    // torn down, so the allocator itself can use them at any time.
     static ON: Cell<bool> = const { Cell::new(false) };
     static SEEN: Cell<Allocations> = const { Cell::new(Allocations { calls: 0, bytes: 0 }) };
 }
@@ -27,18 +28,15 @@ pub struct Allocations {
 pub struct Counting;
 
 fn note(bytes: usize) {
-    // `try_with`: while a thread's slots are torn down nothing is counted.
-    let _ = ON.try_with(|on| {
-        if on.get() {
-            SEEN.with(|seen| {
-                let a = seen.get();
-                seen.set(Allocations {
-                    calls: a.calls + 1,
-                    bytes: a.bytes + bytes as u64,
-                });
+    if ON.with(Cell::get) {
+        SEEN.with(|seen| {
+            let a = seen.get();
+            seen.set(Allocations {
+                calls: a.calls + 1,
+                bytes: a.bytes + bytes as u64,
             });
-        }
-    });
+        });
+    }
 }
 
 // SAFETY: every method passes its caller's arguments unchanged to
@@ -72,14 +70,20 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 /// Runs `f` and returns what this thread allocated while it ran. Where
-/// [`Counting`] is not the binary's global allocator, nothing: a test
-/// checks that a known allocation is seen first.
+/// [`Counting`] is not the binary's global allocator, nothing: a budget
+/// test bounds its counts from below too.
 pub fn count<R>(f: impl FnOnce() -> R) -> (R, Allocations) {
-    let was = ON.with(|on| on.replace(true));
+    /// Puts the counting switch back as it was, also if `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON.with(|on| on.set(self.0));
+        }
+    }
+    let _restore = Restore(ON.with(|on| on.replace(true)));
     let before = SEEN.with(Cell::get);
     let r = f();
     let after = SEEN.with(Cell::get);
-    ON.with(|on| on.set(was));
     let seen = Allocations {
         calls: after.calls - before.calls,
         bytes: after.bytes - before.bytes,
