@@ -9,10 +9,6 @@ command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz
 # cargo fuzz passes -Z flags; RUSTC_BOOTSTRAP lets the stable toolchain take
 # them. No sanitizer (-s none): coverage-guided, and panics still abort.
 export RUSTC_BOOTSTRAP=1
-# Lints of dependencies capped at warnings, as cargo caps registry crates':
-# the vendored h2 (vendor/README.md) is a path dependency, so its
-# `#![deny(missing_docs)]` would fail on its `cfg(fuzzing)` module.
-export RUSTFLAGS="${RUSTFLAGS:-} --cap-lints warn"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for target in $(cargo fuzz list); do
