@@ -6,7 +6,8 @@
 //! target was once undone. In memory, the sans-IO driver against a rustls
 //! client, and only the driver's own calls are counted (`memory::Meter`).
 //! aws-lc's own C allocations do not pass through Rust's allocator and are
-//! not counted; the crypto they serve is bounded by the VM's benchmark.
+//! not counted; the crypto they serve is only measured, by the VM's
+//! benchmark (`bench/vm-handshake.sh`), not bounded here.
 
 #[allow(dead_code)]
 #[path = "../tools/anycert.rs"]
