@@ -17,15 +17,21 @@
 # handshakes. --rate R (with --h2): each connection sends R requests/s
 # (h2load --rps), so requests arrive one at a time as in compare-h2.sh's
 # open-loop run, not in the closed loop's batches.
-# Usage: bench/callgrind.sh [--requests 5000] [--top 25] [--h2 [--rate R] | --handshakes | --resumed]
+# --nginx: nginx (Debian's, one process: master_process off) under
+# callgrind instead of ktern, with compare-http.sh's and compare-h2.sh's
+# config (the same backend pools): the noise-free side of the user-time
+# ratio the host benchmarks time. Instructions are not time (the two
+# servers' instructions per cycle differ), but they do not jitter.
+# Usage: bench/callgrind.sh [--nginx] [--requests 5000] [--top 25] [--h2 [--rate R] | --handshakes | --resumed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-requests=5000 top=25 h2= hs= rate=
+requests=5000 top=25 h2= hs= rate= server=ktern
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) requests=$2; shift 2 ;;
     --top) top=$2; shift 2 ;;
     --h2) h2=1; shift ;;
+    --nginx) server=nginx; shift ;;
     --rate) rate=$2; shift 2 ;;
     --handshakes) hs=full; shift ;;
     --resumed) hs=resumed resume_flag=--resume; shift ;;
@@ -35,10 +41,14 @@ done
 [ "$requests" -ge 100 ] || { echo "--requests must be at least 100" >&2; exit 2; }
 [ -z "$h2" ] || [ -z "$hs" ] || { echo "--h2 and --handshakes/--resumed exclude each other" >&2; exit 2; }
 [ -z "$rate" ] || [ -n "$h2" ] || { echo "--rate needs --h2" >&2; exit 2; }
+[ "$server" = ktern ] || [ -z "$hs" ] ||
+  { echo "--nginx measures requests: not with --handshakes/--resumed" >&2; exit 2; }
 command -v valgrind > /dev/null ||
   apt-get install -y -qq --no-install-recommends valgrind > /dev/null
 [ -z "$h2" ] || command -v h2load > /dev/null ||
   apt-get install -y -qq --no-install-recommends nghttp2-client > /dev/null
+[ "$server" = ktern ] || dpkg-query -W -f='${Status}' nginx 2>/dev/null | grep -q "ok installed" ||
+  apt-get install -y -qq --no-install-recommends nginx > /dev/null
 bench_name=callgrind
 # shellcheck source=bench/common.sh
 . bench/common.sh
@@ -49,10 +59,22 @@ if [ -n "$hs" ]; then
   { printf '[runtime]\ncpus = [0]\n'; ktern_tcp_listener "$addr" "$backend"; } > "$work/ktern.toml"
 else
   "$bin/ktern-load" backend --listen "$backend" --kind http --body-bytes 1024 --seconds 3600 & pids+=($!)
-  KTERN_CPU=0 ktern_http_conf "$addr" "$backend" 64 > "$work/ktern.toml"
+  # The backend pools of compare-http.sh (64) and compare-h2.sh (512).
+  pool=64
+  [ -z "$h2" ] || pool=512
+  KTERN_CPU=0 ktern_http_conf "$addr" "$backend" $pool > "$work/ktern.toml"
+  nginx_conf "$addr ssl${h2:+ http2}" "$backend" $pool > "$work/nginx.conf"
 fi
-(cd "$work" && exec valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
-  "$bin/ktern" run -c ktern.toml > ktern.out 2> ktern.log) &
+if [ "$server" = nginx ]; then
+  # In the foreground, one process: the pid valgrind runs is the one
+  # serving, and `nginx -s stop` in common.sh's cleanup finds it.
+  (cd "$work" && exec valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+    nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off; master_process off;' \
+    > nginx.out 2> nginx.log) &
+else
+  (cd "$work" && exec valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+    "$bin/ktern" run -c ktern.toml > ktern.out 2> ktern.log) &
+fi
 vg=$!
 pids+=("$vg")
 # ktern drains on SIGTERM, slowly under valgrind: killed outright at the
@@ -100,9 +122,9 @@ out2=$(load "$requests"); check "$out2"
 callgrind_control -d "$vg" > /dev/null
 echo "run 1: $out1"
 echo "run 2: $out2"
-python3 - "$work" "$out1" "$out2" "$top" <<'PY'
+python3 - "$work" "$out1" "$out2" "$top" "$server" <<'PY'
 import collections, glob, re, sys
-work, out1, out2, top = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+work, out1, out2, top, server = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 
 def profile(path):
     """Self cost (Ir) per function, and calls per callee, from a dump."""
@@ -145,7 +167,7 @@ allocs = per(sum(k1[f] for f in ("malloc", "posix_memalign", "realloc", "calloc"
 aligned = per(k1["posix_memalign"], k2["posix_memalign"])
 unit = {"handshakes": "full TLS 1.3 handshake", "resumed": "resumed TLS 1.3 handshake"}.get(
     re.search(r"\((\w+)", out2).group(1) if "(" in out2 else "", "keep-alive request")
-print(f"\nktern's userspace instructions per {unit}: {total:,.0f}"
+print(f"\n{server}'s userspace instructions per {unit}: {total:,.0f}"
       f" ({dn} more in the second run than in the first: what both runs share cancels)")
 print(f"allocations per {unit}: {allocs:.1f} (of which posix_memalign: {aligned:.1f})")
 print(f"\n{'instructions':>12} {'share':>6}  function (self cost per {unit})")

@@ -28,6 +28,12 @@ pub struct Idle {
     /// The current wait's bound (the keep-alive timeout between requests).
     timeout: Cell<Duration>,
     expired: Cell<bool>,
+    /// A second, shorter bound of the current wait, zero when none: once
+    /// the connection has been idle this long the sweeper wakes it once,
+    /// without expiring it, so it can give back what it keeps only for
+    /// work (an HTTP/2 connection's buffers, [`Idle::nudge_after`]).
+    nudge: Cell<Duration>,
+    nudged: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
 
@@ -53,6 +59,25 @@ impl Idle {
     /// The current wait's timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout.get()
+    }
+
+    /// Asks the sweeper to wake the connection once it has been idle for
+    /// `after` (rounded up to its next pass) during the current wait, for
+    /// [`Idle::take_nudged`]. The next [`IdleSweeper::arm`] cancels it.
+    pub fn nudge_after(&self, after: Duration) {
+        self.nudge.set(after.max(Duration::from_nanos(1)));
+        self.nudged.set(false);
+    }
+
+    /// Whether a nudge is set and not yet due.
+    pub fn nudge_pending(&self) -> bool {
+        !self.nudge.get().is_zero()
+    }
+
+    /// Whether the sweeper found the connection idle past
+    /// [`Idle::nudge_after`]'s bound since this was last asked.
+    pub fn take_nudged(&self) -> bool {
+        self.nudged.replace(false)
     }
 }
 
@@ -122,6 +147,8 @@ impl IdleSweeper {
     /// shard).
     pub fn arm(&self, idle: &Rc<Idle>, timeout: Duration) {
         idle.timeout.set(timeout);
+        idle.nudge.set(Duration::ZERO);
+        idle.nudged.set(false);
         idle.touch();
         if idle.expired.replace(false) {
             self.entries.borrow_mut().push(Rc::downgrade(idle));
@@ -135,27 +162,40 @@ impl IdleSweeper {
             last: Cell::new(Instant::now()),
             timeout: Cell::new(timeout),
             expired: Cell::new(false),
+            nudge: Cell::new(Duration::ZERO),
+            nudged: Cell::new(false),
             waker: RefCell::new(None),
         });
         self.entries.borrow_mut().push(Rc::downgrade(&idle));
         idle
     }
 
-    /// One pass at time `now`: marks and wakes expired entries, forgets
-    /// finished connections. Returns how many were woken.
+    /// One pass at time `now`: marks and wakes expired entries, wakes
+    /// those idle past their nudge (once, unexpired), forgets finished
+    /// connections. Returns how many were woken.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut woken = 0;
         self.entries.borrow_mut().retain(|weak| {
             let Some(idle) = weak.upgrade() else {
                 return false;
             };
-            if now.saturating_duration_since(idle.last.get()) >= idle.timeout.get() {
+            let quiet = now.saturating_duration_since(idle.last.get());
+            if quiet >= idle.timeout.get() {
                 idle.expired.set(true);
                 if let Some(w) = idle.waker.borrow_mut().take() {
                     w.wake();
                 }
                 woken += 1;
                 return false;
+            }
+            let nudge = idle.nudge.get();
+            if !nudge.is_zero() && quiet >= nudge {
+                idle.nudge.set(Duration::ZERO);
+                idle.nudged.set(true);
+                if let Some(w) = &*idle.waker.borrow() {
+                    w.wake_by_ref();
+                }
+                woken += 1;
             }
             true
         });
@@ -211,6 +251,41 @@ mod tests {
         assert!(!flag.0.load(std::sync::atomic::Ordering::SeqCst));
         assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(11)), 1);
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(idle.poll_expired(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn a_nudge_wakes_once_past_its_bound_without_expiring_and_arm_cancels_it() {
+        let sweeper = IdleSweeper::default();
+        let idle = sweeper.register(Duration::from_secs(75));
+        let flag = Arc::new(Flag(Default::default()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woke = || flag.0.swap(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(!idle.nudge_pending());
+        idle.nudge_after(Duration::from_secs(1));
+        assert!(idle.poll_expired(&mut cx).is_pending());
+        assert_eq!(sweeper.sweep(Instant::now()), 0);
+        assert!(!woke() && !idle.take_nudged() && idle.nudge_pending());
+        assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(2)), 1);
+        assert!(woke() && !idle.nudge_pending());
+        assert!(idle.take_nudged());
+        assert!(!idle.take_nudged(), "a nudge is taken once");
+        // Once: later passes neither wake it again nor expire it.
+        assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(3)), 0);
+        assert!(!woke() && !idle.take_nudged());
+        assert!(idle.poll_expired(&mut cx).is_pending());
+        // The next wait (arm) cancels a nudge not yet due, and one
+        // already found but not taken.
+        idle.nudge_after(Duration::from_secs(1));
+        sweeper.arm(&idle, Duration::from_secs(75));
+        assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(2)), 0);
+        idle.nudge_after(Duration::from_secs(1));
+        assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(2)), 1);
+        sweeper.arm(&idle, Duration::from_secs(75));
+        assert!(!idle.take_nudged());
+        // The timeout still expires the entry.
+        assert_eq!(sweeper.sweep(Instant::now() + Duration::from_secs(76)), 1);
         assert!(idle.poll_expired(&mut cx).is_ready());
     }
 

@@ -1,11 +1,13 @@
-//! A global allocator that counts, per thread, what a stretch of code
-//! allocates: support for tests that bound work which does not jitter
-//! with the machine (`tests/handshake_cost.rs`). A binary opts in with
+//! A global allocator that counts what a stretch of code allocates, on
+//! its own thread or in every thread of the process: support for tests
+//! that bound work which does not jitter with the machine
+//! (`tests/handshake_cost.rs`, `tests/request_cost.rs`). A binary opts in with
 //! `#[global_allocator] static A: ktern::sys::alloc::Counting =
 //! ktern::sys::alloc::Counting;`; ktern itself keeps the system allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 thread_local! {
     // Const-initialized, of types without destructors: on Linux these are
@@ -14,6 +16,12 @@ thread_local! {
     static ON: Cell<bool> = const { Cell::new(false) };
     static SEEN: Cell<Allocations> = const { Cell::new(Allocations { calls: 0, bytes: 0 }) };
 }
+
+/// [`count_process`]'s switch and counts: every thread's allocations,
+/// shards' included, which a thread-local switch cannot reach.
+static EVERY_THREAD: AtomicBool = AtomicBool::new(false);
+static PROCESS_CALLS: AtomicU64 = AtomicU64::new(0);
+static PROCESS_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// What a stretch of code asked the allocator for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,6 +36,10 @@ pub struct Allocations {
 pub struct Counting;
 
 fn note(bytes: usize) {
+    if EVERY_THREAD.load(Ordering::Relaxed) {
+        PROCESS_CALLS.fetch_add(1, Ordering::Relaxed);
+        PROCESS_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
     if ON.with(Cell::get) {
         SEEN.with(|seen| {
             let a = seen.get();
@@ -87,6 +99,34 @@ pub fn count<R>(f: impl FnOnce() -> R) -> (R, Allocations) {
     let seen = Allocations {
         calls: after.calls - before.calls,
         bytes: after.bytes - before.bytes,
+    };
+    (r, seen)
+}
+
+/// Runs `f` and returns what every thread of the process allocated while
+/// it ran: for work done on threads the caller does not run, such as a
+/// server's shards serving a load generator in another process. Whatever
+/// else runs meanwhile counts too, so a test keeps its binary to itself
+/// and cancels fixed costs by difference. Calls do not nest.
+pub fn count_process<R>(f: impl FnOnce() -> R) -> (R, Allocations) {
+    /// Turns the switch off again, also if `f` panics.
+    struct Off;
+    impl Drop for Off {
+        fn drop(&mut self) {
+            EVERY_THREAD.store(false, Ordering::SeqCst);
+        }
+    }
+    let before = Allocations {
+        calls: PROCESS_CALLS.load(Ordering::SeqCst),
+        bytes: PROCESS_BYTES.load(Ordering::SeqCst),
+    };
+    EVERY_THREAD.store(true, Ordering::SeqCst);
+    let off = Off;
+    let r = f();
+    drop(off);
+    let seen = Allocations {
+        calls: PROCESS_CALLS.load(Ordering::SeqCst) - before.calls,
+        bytes: PROCESS_BYTES.load(Ordering::SeqCst) - before.bytes,
     };
     (r, seen)
 }

@@ -176,8 +176,10 @@ impl BackendConn {
     pub async fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
         match self {
             BackendConn::Plain(s) => {
+                // A buffer of `max`'s class: a response head's first read
+                // asks for a small one (see `buffers::SMALL`).
                 let max = max.clamp(1, READ);
-                let (res, buf) = s.read(buffers::take(READ).slice_mut(..max)).await;
+                let (res, buf) = s.read(buffers::take(max).slice_mut(..max)).await;
                 let buf = buf.into_inner();
                 match res {
                     Ok(_) => Ok(buf),

@@ -40,6 +40,15 @@ use crate::proxy::idle::Idle;
 /// flight; more open at once register their own.
 const CLOCKS_KEPT: usize = 16;
 
+/// How long a busy HTTP/2 connection (its client came back within this
+/// after its last idle spell) keeps its empty read and write buffers with
+/// no stream open: the shard's idle sweeper finds it at its first pass
+/// after that (passes are at most 1 s apart), so they go back within 2 s.
+/// Any other connection gives them back at once: a burst of connections
+/// that each make one request and idle does not hold 24 KiB apiece for a
+/// second (RSS kept after a burst, tests/h2.rs).
+const BUFFERS_KEPT_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The waker the `h2` connection is polled with: it wakes the connection's
 /// task and notes that the connection itself has work (its socket's read
 /// or write completed, a stream queued frames, a handle was dropped). The
@@ -157,6 +166,9 @@ async fn serve_on(
     let mut accepting = true;
     let mut flooded = false;
     let mut stalled = false;
+    // The client came back within BUFFERS_KEPT_IDLE after its last idle
+    // spell: its buffers are kept through the next spell's first second.
+    let mut busy = false;
     let wake = Arc::new(ConnWake::default());
     wake.due();
     let ended = std::future::poll_fn(|cx| {
@@ -196,6 +208,12 @@ async fn serve_on(
                 match conn.poll_accept(&mut conn_cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         M::inc(&ctx.metrics.h2_streams);
+                        // The first stream after an idle spell: a client
+                        // back within BUFFERS_KEPT_IDLE (its nudge not yet
+                        // due) is busy, and keeps its buffers from now on.
+                        if streams.is_empty() {
+                            busy = idle.nudge_pending();
+                        }
                         let clock = clocks.borrow_mut().pop();
                         let clock = clock.unwrap_or_else(|| ctx.idle.register(route.head_timeout));
                         let mut own = ctx.clone();
@@ -237,6 +255,7 @@ async fn serve_on(
                 }
                 if streams.is_empty() {
                     ctx.idle.arm(&idle, route.keepalive_timeout);
+                    idle.nudge_after(BUFFERS_KEPT_IDLE);
                 }
             }
             if !accepting && streams.is_empty() {
@@ -250,9 +269,14 @@ async fn serve_on(
                     // buffers (8 and 16 KiB, empty now) go back to the
                     // allocator until the client sends again, as nginx
                     // frees an idle connection's buffers (vendor/README.md:
-                    // an idle connection 27 -> 16 KB, tests/h2.rs).
-                    if streams.is_empty() {
+                    // an idle connection 27 -> 16 KB, tests/h2.rs). At once,
+                    // unless the client is busy: then after BUFFERS_KEPT_IDLE,
+                    // or every pause between its requests would free and
+                    // allocate them again (two allocations and 24 KiB of
+                    // fresh memory per request).
+                    if streams.is_empty() && (!busy || idle.take_nudged()) {
                         conn.release_idle_buffers();
+                        busy = false;
                     }
                     break Poll::Pending;
                 }
