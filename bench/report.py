@@ -6,12 +6,14 @@ Usage: report.py DATA_DIR ROUNDS > RESULTS.md
 DATA_DIR holds machine.txt (key=value) and, per round N, the JSON objects of
 compare.sh (l4.N.json), compare-http.sh (http.N.json), compare-h2.sh
 (h2.N.json) and compare-files.sh (files.N.json); optionally the kTLS VM's
-outputs (vm-http.txt, vm-h2.txt, vm-bulk.txt, vm-l4.txt, vm-handshake.txt). Every figure in the tables is
+outputs (vm-http.txt, vm-h2.txt, vm-bulk.txt, vm-l4.txt, vm-handshake.txt) and
+callgrind.sh's (cg-SERVER-http.txt, cg-SERVER-h2.txt). Every timed figure in the tables is
 the median over the rounds; the per-round figures follow them, so the spread
 is on the page too.
 """
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -213,6 +215,29 @@ for label, key in [("1 MiB files", "1m.bin"), ("64 MiB files", "64m.bin")]:
                f"{fmt(ratio(n, files_floor), 2)} | ≤ 0.55 nginx and ≤ 2.5 floor: {'met' if ok else '**not met**'} |")
 out.append(f"\nThe floor measured by that script in the same rounds: {fmt(files_floor, 3)} CPU-s per GB (AES-128-GCM, "
            "the suite the client negotiates). Without kTLS in the kernel both servers seal records in userspace.\n")
+
+# callgrind.sh's counts: exact, one run each (not timed, so no rounds).
+counts = {}
+for server in ("ktern", "nginx"):
+    for proto in ("http", "h2"):
+        path = os.path.join(data, f"cg-{server}-{proto}.txt")
+        text = open(path).read() if os.path.exists(path) else ""
+        n = re.search(r"userspace instructions per keep-alive request: ([\d,]+)", text)
+        a = re.search(r"allocations per keep-alive request: (-?[\d.]+)", text)
+        if n and a:
+            counts[server, proto] = (int(n.group(1).replace(",", "")), float(a.group(1)))
+if counts:
+    out.append("### Userspace instructions per request (`bench/callgrind.sh`, ktern and `--nginx`)\n")
+    out.append("Counted, not timed: the machine's load does not move them (runs differ by about 2%, with how "
+               "requests fall into reads and flushes), but instructions are not time (the two servers' "
+               "instructions per cycle differ), and the kernel's share is not counted. One run each: 20 "
+               "connections (HTTP/2: 10 streams each), 5,000 requests, 1 KiB bodies, the compare scripts' configs.\n")
+    out.append("| per request | ktern instructions | nginx instructions | ktern/nginx | ktern allocations | nginx allocations |\n|---|---|---|---|---|---|")
+    for proto, label in (("http", "HTTP/1.1 keep-alive"), ("h2", "HTTP/2, closed loop")):
+        k, n = counts.get(("ktern", proto)), counts.get(("nginx", proto))
+        if k and n:
+            out.append(f"| {label} | {k[0]:,} | {n[0]:,} | {k[0] / n[0]:.2f} | {k[1]:.1f} | {n[1]:.1f} |")
+    out.append("")
 
 out.append("## Targets\n")
 out.append("| target | ktern | bound | |\n|---|---|---|---|")

@@ -6,7 +6,8 @@
 # (a plain-TCP connection, the handshake's crypto, AES-GCM per byte) measured
 # in the same run. Several rounds; the report takes each figure's median and
 # writes bench/RESULTS.md (machine, kernel, CPU model, crypto speed per core,
-# date, every round's figures). Each server runs on CPU 1 and the client on
+# date, every round's figures), and, once, each server's userspace
+# instructions per request under callgrind. Each server runs on CPU 1 and the client on
 # CPU 0, so the machine needs 2 CPUs; the backends share CPU 0 on 2 or 3
 # CPUs and have CPU 2 from 4 on (bench/common.sh says why). Every load is
 # bounded in count and time.
@@ -82,6 +83,16 @@ for r in $(seq 1 "$rounds"); do
   bench/compare-http.sh --seconds "$seconds" --json "$data/http.$r.json"
   bench/compare-h2.sh --seconds "$seconds" --json "$data/h2.$r.json"
   bench/compare-files.sh --json "$data/files.$r.json"
+done
+# Userspace instructions and allocations per request, ktern's and nginx's,
+# counted by callgrind: exact, so once, not per round (bench/callgrind.sh;
+# valgrind is installed if missing).
+echo "=== userspace instructions per request (callgrind) ==="
+for s in ktern nginx; do
+  flag=()
+  [ "$s" = ktern ] || flag=(--nginx)
+  bench/callgrind.sh "${flag[@]}" --top 0 | tee "$data/cg-$s-http.txt"
+  bench/callgrind.sh "${flag[@]}" --h2 --top 0 | tee "$data/cg-$s-h2.txt"
 done
 if [ "$vm" = 1 ]; then
   echo "=== kTLS VM ==="
