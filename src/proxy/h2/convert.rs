@@ -221,7 +221,7 @@ mod tests {
         let h = request_head(&parts(req), false, &Limits::default()).unwrap();
         assert_eq!(h.method(), "POST");
         assert_eq!(h.target(), "/a/b?q=1");
-        assert_eq!(h.host.as_deref(), Some("app.example:8443"));
+        assert_eq!(h.host(), Some("app.example:8443"));
         assert_eq!(h.framing, Framing::Chunked);
         assert_eq!(
             h.values("cookie").collect::<Vec<_>>(),

@@ -56,7 +56,7 @@ pub fn plan<'r>(route: &'r HttpRoute, head: &RequestHead, sni: Option<&str>) -> 
     // A local answer before the body was read leaves the body in the
     // stream; closing afterwards keeps it from being read as a request.
     let close_after_local = !head.keep_alive || has_body;
-    let host = strip_port(head.host.as_deref().unwrap_or_default());
+    let host = strip_port(head.host().unwrap_or_default());
     let Some(rule) = find_rule(&route.rules, host, sni, target_path(head.target())) else {
         return Plan::Local {
             status: 404,

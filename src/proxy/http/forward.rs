@@ -495,7 +495,7 @@ pub(crate) fn record(
         tls: ctx.tls,
         kernel: ex.kernel.unwrap_or(ctx.tls.kernel),
         method: head.map_or("-", |h| h.method()),
-        host: head.and_then(|h| h.host.as_deref()).unwrap_or(""),
+        host: head.and_then(|h| h.host()).unwrap_or(""),
         target: head.map_or("-", |h| h.target()),
         protocol,
         status,

@@ -179,8 +179,8 @@ pub struct RequestHead {
     pub minor: u8,
     /// How the body is delimited.
     pub framing: Framing,
-    /// `Host` value, if any (lower-cased, port kept).
-    pub host: Option<String>,
+    /// `Host` value, if any (lower-cased, port kept): see [`RequestHead::host`].
+    host: Option<Host>,
     /// The client wants the connection kept open after this exchange.
     pub keep_alive: bool,
     /// `Expect: 100-continue` was sent.
@@ -191,7 +191,26 @@ pub struct RequestHead {
     pub len: usize,
 }
 
+/// Where a request's `Host` value is: in its head's bytes as sent when
+/// that is already lower case (nearly always), else a lower-cased copy.
+/// A `String` per request was one of a keep-alive request's allocations.
+#[derive(Debug, Clone)]
+enum Host {
+    At(Range<usize>),
+    Lowered(String),
+}
+
 impl RequestHead {
+    /// `Host` value, if any (lower-cased, surrounding spaces trimmed, port
+    /// kept).
+    pub fn host(&self) -> Option<&str> {
+        match &self.host {
+            None => None,
+            Some(Host::At(r)) => Some(self.fields.text(r)),
+            Some(Host::Lowered(h)) => Some(h),
+        }
+    }
+
     /// Method token.
     pub fn method(&self) -> &str {
         self.fields.text(&self.method)
@@ -302,8 +321,12 @@ fn parse_request_from(
                 return Err(HeadError::BadRequest("repeated Host"));
             }
             let v = std::str::from_utf8(f.value)
-                .map_err(|_| HeadError::BadRequest("non-ASCII Host"))?;
-            host = Some(v.trim().to_ascii_lowercase());
+                .map_err(|_| HeadError::BadRequest("non-ASCII Host"))?
+                .trim();
+            host = Some(match v.bytes().any(|b| b.is_ascii_uppercase()) {
+                true => Host::Lowered(v.to_ascii_lowercase()),
+                false => Host::At(span(&fields.raw, v.as_bytes())),
+            });
         } else if f.name.eq_ignore_ascii_case(b"connection") {
             for token in list_tokens(f.value) {
                 if token.eq_ignore_ascii_case("close") {
@@ -570,13 +593,32 @@ mod tests {
     }
 
     #[test]
+    fn host_is_trimmed_and_lower_cased_whether_sent_so_or_not() {
+        for (sent, want) in [
+            ("app.example:8443", "app.example:8443"),
+            ("  app.example \t", "app.example"),
+            ("App.Example", "app.example"),
+            ("", ""),
+        ] {
+            let h = req(&format!("GET / HTTP/1.1\r\nX: y\r\nHost: {sent}\r\n\r\n"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(h.host(), Some(want), "{sent:?}");
+            // The head's bytes are forwarded as sent.
+            assert_eq!(h.values("host").next(), Some(sent.trim().as_bytes()));
+        }
+        let h = req("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.host(), None);
+    }
+
+    #[test]
     fn simple_get_with_defaults() {
         let h = req("GET /a?b=1 HTTP/1.1\r\nHost: Example.COM:443\r\nAccept: */*\r\n\r\nrest")
             .unwrap()
             .unwrap();
         assert_eq!(h.method(), "GET");
         assert_eq!(h.target(), "/a?b=1");
-        assert_eq!(h.host.as_deref(), Some("example.com:443"));
+        assert_eq!(h.host(), Some("example.com:443"));
         assert!(h.keep_alive);
         assert_eq!(h.framing, Framing::Length(0));
         assert_eq!(

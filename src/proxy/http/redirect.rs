@@ -78,12 +78,7 @@ pub async fn serve(mut socket: TcpStream, https_port: Option<u16>, challenges: A
     let response = loop {
         match head::parse_request(&buf, &limits) {
             Ok(Some(h)) => {
-                break respond(
-                    h.host.as_deref().unwrap_or(""),
-                    h.target(),
-                    https_port,
-                    &challenges,
-                );
+                break respond(h.host().unwrap_or(""), h.target(), https_port, &challenges);
             }
             Ok(None) => {}
             Err(e) => {

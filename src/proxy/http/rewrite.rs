@@ -201,7 +201,7 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         }
         push_field(out, f.name, f.value);
     }
-    if head.host.is_none() {
+    if head.host().is_none() {
         // Upstream requests always carry Host (HTTP/1.1 requires it); an
         // HTTP/1.0 request without one has no authority, so it is empty
         // (RFC 9112 §3.2).
@@ -228,7 +228,7 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         push_ip(out, ip);
         out.extend_from_slice(b"\r\n");
         push_field(out, "X-Forwarded-Proto", b"https");
-        if let Some(host) = &head.host {
+        if let Some(host) = head.host() {
             push_field(out, "X-Forwarded-Host", host.as_bytes());
         }
     }
@@ -248,7 +248,7 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
             out.extend_from_slice(b"]\"");
         }
         out.extend_from_slice(b";proto=https");
-        if let Some(host) = &head.host {
+        if let Some(host) = head.host() {
             out.extend_from_slice(b";host=");
             push_forwarded_value(out, host);
         }
@@ -518,7 +518,7 @@ mod tests {
         let again = parse_request(out.as_bytes(), &Limits::default())
             .unwrap()
             .unwrap();
-        assert_eq!(again.host.as_deref(), Some(""));
+        assert_eq!(again.host(), Some(""));
     }
 
     #[test]
