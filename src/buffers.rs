@@ -66,6 +66,12 @@ pub fn take(cap: usize) -> Vec<u8> {
     })
 }
 
+/// Whether a large buffer is cached, so that [`take`] of one up to
+/// `CLASS` allocates nothing.
+pub fn large_cached() -> bool {
+    CACHE.with(|c| !c.borrow().is_empty())
+}
+
 /// Whether [`give`] keeps a buffer of this capacity (the small class, or a
 /// large one from `MIN` to `MAX`): a holder that would otherwise keep such
 /// a buffer between uses can give it back and take one again, at no cost.

@@ -53,7 +53,8 @@ fn note(bytes: usize) {
 
 // SAFETY: every method passes its caller's arguments unchanged to
 // `System`, so the caller's guarantees are `System`'s; the counting touches
-// only this thread's const-initialized cells, which never allocate.
+// only this thread's const-initialized cells and process-wide atomics,
+// none of which allocate.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());

@@ -176,10 +176,15 @@ impl BackendConn {
     pub async fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
         match self {
             BackendConn::Plain(s) => {
-                // A buffer of `max`'s class: a response head's first read
-                // asks for a small one (see `buffers::SMALL`).
+                // A small buffer for a small read (a response head's
+                // first, when no large one is cached), else a large one.
                 let max = max.clamp(1, READ);
-                let (res, buf) = s.read(buffers::take(max).slice_mut(..max)).await;
+                let class = if max <= buffers::SMALL {
+                    buffers::SMALL
+                } else {
+                    READ
+                };
+                let (res, buf) = s.read(buffers::take(class).slice_mut(..max)).await;
                 let buf = buf.into_inner();
                 match res {
                     Ok(_) => Ok(buf),

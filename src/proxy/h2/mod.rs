@@ -166,8 +166,9 @@ async fn serve_on(
     let mut accepting = true;
     let mut flooded = false;
     let mut stalled = false;
-    // The client came back within BUFFERS_KEPT_IDLE after its last idle
-    // spell: its buffers are kept through the next spell's first second.
+    // The client came back after its last idle spell before the sweeper
+    // found that spell BUFFERS_KEPT_IDLE old (so within 1-2 s): its
+    // buffers are kept through the next spell's first second.
     let mut busy = false;
     let wake = Arc::new(ConnWake::default());
     wake.due();
@@ -209,8 +210,9 @@ async fn serve_on(
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         M::inc(&ctx.metrics.h2_streams);
                         // The first stream after an idle spell: a client
-                        // back within BUFFERS_KEPT_IDLE (its nudge not yet
-                        // due) is busy, and keeps its buffers from now on.
+                        // back before the sweeper found the spell
+                        // BUFFERS_KEPT_IDLE old (its nudge still pending)
+                        // is busy, and keeps its buffers from now on.
                         if streams.is_empty() {
                             busy = idle.nudge_pending();
                         }

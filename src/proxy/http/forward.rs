@@ -1578,17 +1578,17 @@ pub(crate) async fn read_response(
             Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        // The first read into a page, as nginx's `proxy_buffer_size`: a
-        // head (and a small body with it) fits, and the buffer comes from
-        // the shard's cache of small ones. A 64 KiB one was held for the
-        // whole wait for the backend, and with more exchanges waiting
-        // than the large cache keeps (32), each of the rest allocated and
-        // freed 68 KiB (tests/request_cost.rs: HTTP/2 at 20 connections
-        // of 10 streams, 0.3 per request).
-        let want = if rbuf.is_empty() {
-            buffers::SMALL
-        } else {
-            READ
+        // The first read takes a cached large buffer (the head and up to
+        // 64 KiB of body in one read, a body up to COALESCE sent with the
+        // head); with none cached, a page from the small ones (nginx's
+        // `proxy_buffer_size`): the buffer is held through the backend's
+        // whole wait, and with more exchanges waiting than the large cache
+        // keeps (32), each of the rest allocated and freed 68 KiB
+        // (tests/request_cost.rs: HTTP/2 at 20 connections of 10 streams,
+        // 0.3 per request).
+        let want = match rbuf.is_empty() && !buffers::large_cached() {
+            true => buffers::SMALL,
+            false => READ,
         };
         let res = match ctx.within(left, backend.read_some(want)).await {
             Ok(r) => r,
