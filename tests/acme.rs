@@ -65,20 +65,6 @@ impl Pebble {
         let (cert, key) = ktern::builtin::self_signed(&["localhost", "127.0.0.1"]).unwrap();
         std::fs::write(dir.join("pebble.pem"), cert).unwrap();
         std::fs::write(dir.join("pebble.key"), key).unwrap();
-        let acme: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = dir.join("pebble.json");
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"pebble": {{"listenAddress": "{acme}", "managementListenAddress": "{management}",
-  "certificate": "{d}/pebble.pem", "privateKey": "{d}/pebble.key",
-  "httpPort": {http_port}, "tlsPort": {tls_port}, "ocspResponderURL": "",
-  "externalAccountBindingRequired": false, "certificateValidityPeriod": {validity}}}}}"#,
-                d = dir.display()
-            ),
-        )
-        .unwrap();
         let dns_port = free_port();
         let dns = Command::new("pebble-challtestsrv")
             .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
@@ -89,21 +75,55 @@ impl Pebble {
             .stderr(log_file(dir, "challtestsrv"))
             .spawn()
             .unwrap();
+        let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
         let mut p = Pebble {
-            pebble: spawn_pebble(dir, &config, dns_port),
+            pebble: Command::new("true").spawn().unwrap(),
             dns,
             dir: dir.to_path_buf(),
-            acme,
-            management,
-            config,
+            acme: port(),
+            management: port(),
+            config: dir.join("pebble.json"),
             dns_port,
             held: None,
         };
-        p.wait_up();
+        // A port picked free can be taken by a parallel test before
+        // pebble binds it (CI, 2026-12-03: its management port): then
+        // the start is tried again on others.
+        for attempt in 1.. {
+            p.write_config(http_port, tls_port, validity);
+            // The one before (a placeholder, or an attempt that exited)
+            // is reaped.
+            let _ = std::mem::replace(&mut p.pebble, spawn_pebble(dir, &p.config, dns_port)).wait();
+            match p.wait_up() {
+                Ok(()) => break,
+                Err(log) if attempt < 5 && log.contains("address already in use") => {
+                    (p.acme, p.management) = (port(), port());
+                }
+                Err(log) => panic!("pebble exited: {log}"),
+            }
+        }
         p
     }
 
-    fn wait_up(&mut self) {
+    fn write_config(&self, http_port: u16, tls_port: u16, validity: u64) {
+        std::fs::write(
+            &self.config,
+            format!(
+                r#"{{"pebble": {{"listenAddress": "{acme}", "managementListenAddress": "{management}",
+  "certificate": "{d}/pebble.pem", "privateKey": "{d}/pebble.key",
+  "httpPort": {http_port}, "tlsPort": {tls_port}, "ocspResponderURL": "",
+  "externalAccountBindingRequired": false, "certificateValidityPeriod": {validity}}}}}"#,
+                acme = self.acme,
+                management = self.management,
+                d = self.dir.display()
+            ),
+        )
+        .unwrap();
+    }
+
+    /// Waits for pebble to listen; its log if it exited first. The log is
+    /// read afresh for each start (`spawn_pebble` truncates it).
+    fn wait_up(&mut self) -> Result<(), String> {
         let until = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(self.acme).is_err() || TcpStream::connect(self.management).is_err()
         {
@@ -112,13 +132,12 @@ impl Pebble {
                 "pebble did not start: {}",
                 self.log()
             );
-            assert!(
-                self.pebble.try_wait().unwrap().is_none(),
-                "pebble exited: {}",
-                self.log()
-            );
+            if self.pebble.try_wait().unwrap().is_some() {
+                return Err(self.log());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     fn directory(&self) -> String {
@@ -157,7 +176,9 @@ impl Pebble {
     fn restart(&mut self) {
         self.held = None;
         self.pebble = spawn_pebble(&self.dir, &self.config, self.dns_port);
-        self.wait_up();
+        if let Err(log) = self.wait_up() {
+            panic!("pebble exited: {log}");
+        }
     }
 
     fn log(&self) -> String {
@@ -174,6 +195,7 @@ fn log_file(dir: &Path, name: &str) -> std::fs::File {
 }
 
 fn spawn_pebble(dir: &Path, config: &Path, dns_port: u16) -> Child {
+    let _ = std::fs::remove_file(dir.join("pebble.log"));
     Command::new("pebble")
         .arg("-config")
         .arg(config)
