@@ -6,8 +6,8 @@ Usage: report.py DATA_DIR ROUNDS > RESULTS.md
 DATA_DIR holds machine.txt (key=value) and, per round N, the JSON objects of
 compare.sh (l4.N.json), compare-http.sh (http.N.json), compare-h2.sh
 (h2.N.json) and compare-files.sh (files.N.json); optionally the kTLS VM's
-outputs (vm-http.txt, vm-h2.txt, vm-bulk.txt, vm-l4.txt, vm-handshake.txt) and
-callgrind.sh's (cg-SERVER-http.txt, cg-SERVER-h2.txt). Every timed figure in the tables is
+outputs (vm-http.txt, vm-h2.txt, vm-bulk.txt, vm-static.txt, vm-l4.txt,
+vm-l4-plain.txt, vm-handshake.txt) and callgrind.sh's (cg-SERVER-http.txt, cg-SERVER-h2.txt). Every timed figure in the tables is
 the median over the rounds; the per-round figures follow them, so the spread
 is on the page too.
 """
@@ -266,7 +266,9 @@ out.append("")
 for name, title in [("vm-http.txt", "kTLS VM: keep-alive requests (`bench/vm-http.sh`)"),
                     ("vm-h2.txt", "kTLS VM: HTTP/2 requests, h2load 20 connections × 10 streams (`bench/vm-http.sh --h2`)"),
                     ("vm-bulk.txt", "kTLS VM: 32 MiB proxied downloads (`bench/vm-http.sh --body 33554432`)"),
+                    ("vm-static.txt", "kTLS VM: 32 MiB static files (`bench/vm-http.sh --static --body 33554432`)"),
                     ("vm-l4.txt", "kTLS VM: L4 with TLS both ways (`bench/vm-l4-tls.sh`)"),
+                    ("vm-l4-plain.txt", "kTLS VM: L4 to a plain backend, spliced (`bench/vm-l4-tls.sh --plain-backend`)"),
                     ("vm-handshake.txt", "kTLS VM: full and resumed handshakes (`bench/vm-handshake.sh`)")]:
     path = os.path.join(data, name)
     if os.path.exists(path):

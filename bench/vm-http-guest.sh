@@ -8,9 +8,13 @@
 # shift=0` a ns is one guest instruction, a tick 10^7.
 # H2=1: the client is h2load, ten streams per connection (HTTPS with ALPN
 # h2; the floor in cleartext, prior knowledge).
-# Usage: vm-http-guest.sh N1 N2 BODY CONNS [H2]
+# STATIC=1: every request is for /files/f.bin (BODY bytes), which nginx
+# and ktern serve from /tmp/b/www; the floor sends it over plain HTTP.
+# Usage: vm-http-guest.sh N1 N2 BODY CONNS [H2] [STATIC]
 bb=/bin/busybox
-n1=$1 n2=$2 body=$3 conns=$4 h2=${5:-0}
+n1=$1 n2=$2 body=$3 conns=$4 h2=${5:-0} static=${6:-0}
+path=/
+[ "$static" = 0 ] || path=/files/f.bin
 cd /tmp/b || exit 1
 # nginx resolves `user root root` at start; the initramfs has no user database.
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > /etc/passwd
@@ -67,7 +71,8 @@ load() {
     /opt/h2load -c "$conns" -m 10 -n "$2" "$scheme://127.0.0.1:$1/" |
       $bb awk '/^requests:/ { printf "requests=%s errors=%d client=h2load\n", $8, $10 + $12 + $14 }'
   else
-    /opt/ktern-load http --addr "127.0.0.1:$1" --conns "$conns" --max "$2" --seconds 600 --body-bytes "$body" $plain
+    /opt/ktern-load http --addr "127.0.0.1:$1" --conns "$conns" --max "$2" --seconds 600 --body-bytes "$body" \
+      --path "$path" $plain
   fi
   # The server handles the closes before its ticks are read.
   $bb sleep 1
@@ -101,7 +106,8 @@ for run in nginx:19440:$nginx ktern-off:19441:$ktern_off ktern-auto:19442:$ktern
     # A third, profiled run (after the measured ones, which perf would
     # disturb): cpu-clock samples, which under icount track instructions;
     # the share of AES-GCM (the kernel's aes_gcm_*/aesni, aws-lc's
-    # aesni/ghash/gcm_/aes_hw) and the top symbols.
+    # aesni/ghash/gcm_/aes_hw), of the kernel's page zeroing (clear_page_*,
+    # init_on_alloc) and the top symbols.
     echo 0 > /proc/sys/kernel/kptr_restrict
     /opt/perf record -e cpu-clock -F 1000 -p "$pid" -o "/tmp/perf-$name.data" > /dev/null 2>&1 &
     perf=$!
@@ -111,9 +117,9 @@ for run in nginx:19440:$nginx ktern-off:19441:$ktern_off ktern-auto:19442:$ktern
     $bb sleep 2
     /opt/perf report -i "/tmp/perf-$name.data" --no-children --sort symbol --stdio 2>/dev/null |
       $bb awk -v n="$name" '/^ +[0-9.]+%/ { p = $1 + 0; s = $NF == "-" ? $(NF-2) : $NF;
-          if (s ~ /aes_gcm|aesni|ghash|gcm_|aes_hw/) c += p;
+          if (s ~ /aes_gcm|aesni|ghash|gcm_|aes_hw/) c += p; else if (s ~ /clear_page/) z += p;
           if (++i <= 12) top = top sprintf(" %s %.1f%%", s, p) }
-        END { printf "perf %s crypto=%.1f top:%s\n", n, c, top }'
+        END { printf "perf %s crypto=%.1f zeroing=%.1f top:%s\n", n, c, z, top }'
   fi
 done
 if [ -s /tmp/b/nginx-error.log ]; then

@@ -24,12 +24,24 @@
 # nginx proxying cleartext HTTP/2 (h2c, prior knowledge). Both servers keep
 # up to 256 idle backend connections (200 requests in flight at the default
 # --conns), or each would open and close backend connections per request.
+# --static: a static file of --body bytes instead of the backend's
+# responses (ktern's `static` rule, nginx's `root` with `sendfile on`):
+# under kTLS ktern sends it with `sendfile`, so the kernel seals it; `off`
+# reads and seals it in userspace. The ratio of `auto` to `off` is issue
+# 13's static-file figure (target 0.35x); the floor is nginx sending the
+# same file over plain HTTP with sendfile (the page cache and TCP work no
+# TLS server can shed). For example --static --body 33554432 --requests 8
+# --conns 2. nginx asks OpenSSL for kTLS (`ssl_conf_command Options KTLS`),
+# which it uses where OpenSSL was built with it (tls_stat says).
+# --no-init-on-alloc boots the guest without the kernel's page zeroing on
+# allocation (Debian's default `init_on_alloc=1` zeroes every page the
+# kernel allocates for a kTLS record).
 # --perf profiles a third run of each server in the guest with the host's perf
 # (the AES-GCM share: the record crypto floor, and the top symbols).
-# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024] [--conns 20] [--h2] [--ktern-env N=V] [--perf]
+# Usage: bench/vm-http.sh [--kernel 6.18] [--requests 20000] [--body 1024] [--conns 20] [--h2 | --static] [--no-init-on-alloc] [--ktern-env N=V] [--perf]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kernel=6.18 requests=20000 body=1024 conns=20 ktern_env=() perf=() h2=0
+kernel=6.18 requests=20000 body=1024 conns=20 ktern_env=() perf=() h2=0 static=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --kernel) kernel=$2; shift 2 ;;
@@ -39,10 +51,13 @@ while [ $# -gt 0 ]; do
     --ktern-env) ktern_env+=("$2"); shift 2 ;;
     --perf) perf=(--file /usr/bin/perf:/opt/perf); shift ;;
     --h2) h2=1; shift ;;
+    --static) static=1; shift ;;
+    --no-init-on-alloc) export KTERN_VM_APPEND="${KTERN_VM_APPEND:-} init_on_alloc=0"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ "$requests" -ge 8 ] || { echo "--requests must be at least 8" >&2; exit 2; }
+[ "$h2" = 0 ] || [ "$static" = 0 ] || { echo "--h2 and --static exclude each other" >&2; exit 2; }
 command -v nginx > /dev/null ||
   apt-get install -y -qq --no-install-recommends nginx > /dev/null
 h2load=() pool=64 http2=
@@ -56,6 +71,10 @@ bench_name=vm-http
 . bench/common.sh
 backend=127.0.0.1:19702
 
+# --static: nginx asks OpenSSL for kTLS (sendfile through it where OpenSSL
+# was built with it); the other measures keep nginx's default.
+nginx_ktls=
+[ "$static" = 0 ] || nginx_ktls=$'\n    ssl_conf_command Options KTLS;'
 # nginx for the guest, files under $1 (/tmp/b there): common.sh's
 # nginx_vm_head, with the settings of its nginx_conf.
 nginx_vm_conf() {
@@ -81,6 +100,8 @@ http {
     ssl_certificate $1/cert.pem;
     ssl_certificate_key $1/key.pem;
     ssl_protocols TLSv1.3;
+    sendfile on;$nginx_ktls
+    location /files/ { root $1/www; }
     location / {
       proxy_pass http://b;
       proxy_http_version 1.1;
@@ -99,12 +120,22 @@ nginx_vm_conf /tmp/b > "$work/nginx-vm.conf"
 # ktern on the guest's one CPU: an `http` route to the backend. pool_size as
 # nginx's `keepalive`; pool_idle_timeout as nginx's upstream
 # keepalive_timeout (60s), so no pooled connection closes between runs.
+# --static: a file of $body bytes under www/files (nginx's `root` and
+# ktern's `static` rule serve the same one).
+rules=
+if [ "$static" = 1 ]; then
+  mkdir -p "$work/www/files"
+  head -c "$body" /dev/urandom > "$work/www/files/f.bin"
+  rules=$(printf '[[listener.route.rule]]\npath = "/files/"\nstatic = "/tmp/b/www"')
+fi
 for k in off:19441 auto:19442 required:19443; do
-  KTERN_CPU=0 KTERN_RUNTIME="ktls = \"${k%%:*}\"" \
+  KTERN_CPU=0 KTERN_RUNTIME="ktls = \"${k%%:*}\"" KTERN_RULES="$rules" \
     ktern_http_conf "127.0.0.1:${k#*:}" "$backend" "$pool" 'pool_idle_timeout = "60s"' > "$work/ktern-${k%%:*}.toml"
 done
 for f in off auto required; do
-  "$bin/ktern" check -c "$work/ktern-$f.toml" > "$work/check-$f.log" 2>&1 ||
+  # The static rule's root is the guest's path: checked with a copy.
+  sed "s|/tmp/b/www|$work/www|" "$work/ktern-$f.toml" > "$work/check-$f.toml"
+  "$bin/ktern" check -c "$work/check-$f.toml" > "$work/check-$f.log" 2>&1 ||
     { echo "ktern check $f:" >&2; cat "$work/check-$f.log" >&2; exit 1; }
 done
 
@@ -117,14 +148,14 @@ n1=$((requests / 4)) n2=$requests
 start=$(date +%s)
 KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel" --mem 2048 --timeout 3000 \
   --file "$bin/ktern:/opt/ktern" --file "$bin/ktern-load:/opt/ktern-load" --file /usr/sbin/nginx:/opt/nginx \
-  "${preload[@]}" "${perf[@]}" "${h2load[@]}" --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" "$h2" > "$work/guest.log" ||
+  "${preload[@]}" "${perf[@]}" "${h2load[@]}" --file "$work:/tmp/b" -- "$PWD/bench/vm-http-guest.sh" "$n1" "$n2" "$body" "$conns" "$h2" "$static" > "$work/guest.log" ||
   { grep -v '^\[' "$work/guest.log" | tail -40 >&2; exit 1; }
 echo "VM run: $(($(date +%s) - start)) s (guest log: $work/guest.log)"
 grep -E '^(http|tlsstat|ktls|perf) |KTERN-VM-EXIT' "$work/guest.log"
-python3 - "$work/guest.log" "$conns" <<'PY'
+python3 - "$work/guest.log" "$conns" "$body" "$static" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-conns = int(sys.argv[2])
+conns, body, static = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 runs = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
         for m in re.finditer(r"^http (\S+) (.*)$", text, re.M)}
 # -icount shift=0: one instruction per ns of guest time; a tick is 10 ms.
@@ -157,9 +188,29 @@ if runs:
           f" its {conns} handshakes, per request; per connection: that run's instructions beyond"
           f" instr/request, per connection (handshake, accept, close; rough: instr/request's error"
           f" times {n2}); whole guest: all non-idle ticks over the same difference (client, backend,"
-          f" kernel threads); floor: nginx proxying the same requests over plain TCP, no TLS on"
-          f" either side (the exchange's TCP work and nginx's HTTP work, the part no TLS server"
-          f" can shed)")
+          f" kernel threads); floor: "
+          + ("nginx sending the same file over plain HTTP with sendfile (the page cache and TCP"
+             " work no TLS server can shed)" if static else
+             "nginx proxying the same requests over plain TCP, no TLS on either side (the"
+             " exchange's TCP work and nginx's HTTP work, the part no TLS server can shed)"))
+# Bulk bodies: per GB, the kernel's record paths against ktern's userspace
+# one (issue 13: at most 0.35x), and where the instructions go (--perf).
+if runs and body >= 1 << 20:
+    per = {name: steady_of(r) / (body / 1e9) for name, r in runs.items()}
+    print("\nper GB of body: " + ", ".join(f"{n} {v / 1e9:.2f} G" for n, v in per.items()))
+    for n in ("nginx", "ktern-auto", "ktern-required"):
+        if n in per and "ktern-off" in per:
+            print(f"{n} / ktern-off: {per[n] / per['ktern-off']:.2f}" + ("" if n == "nginx" else "  (target <= 0.35)"))
+    shares = {m.group(1): (float(m.group(2)), float(m.group(3)))
+              for m in re.finditer(r"^perf (\S+) crypto=([\d.]+) zeroing=([\d.]+)", text, re.M)}
+    for n, (c, z) in shares.items():
+        if n in per:
+            print(f"{n:14} record crypto {per[n] * c / 100 / 1e9:5.2f} G/GB ({c:.0f}%),"
+                  f" page zeroing {per[n] * z / 100 / 1e9:5.2f} G/GB ({z:.0f}%)")
+    if "ktern-auto" in shares and "ktern-off" in per:
+        c = per["ktern-auto"] * shares["ktern-auto"][0] / 100
+        print(f"the record crypto alone is {c / per['ktern-off']:.2f}x ktern's userspace path:"
+              " no record path goes below that")
 stats = {}
 for m in re.finditer(r"^tlsstat (\S+) (before|after) (.*)$", text, re.M):
     stats.setdefault(m.group(1), {})[m.group(2)] = dict(kv.split("=") for kv in m.group(3).split())

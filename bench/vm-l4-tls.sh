@@ -8,15 +8,20 @@
 # crypto's share of the instructions (the floor: the same AES-GCM either
 # way) and the kernel's page zeroing (`init_on_alloc`, Debian's default;
 # --no-init-on-alloc boots without it).
-# Usage: bench/vm-l4-tls.sh [--kernel 6.18] [--downloads 4] [--mib 32] [--no-init-on-alloc]
+# --plain-backend: the same two ktern with a plain TCP backend (no `tls` on
+# the route): the client leg alone in the kernel, the backend's bytes
+# spliced into it, against rustls sealing them in userspace (issue 13's
+# "L4 splice route", target 0.35x).
+# Usage: bench/vm-l4-tls.sh [--kernel 6.18] [--downloads 4] [--mib 32] [--no-init-on-alloc] [--plain-backend]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kernel=6.18 downloads=4 mib=32
+kernel=6.18 downloads=4 mib=32 plain=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --kernel) kernel=$2; shift 2 ;;
     --downloads) downloads=$2; shift 2 ;;
     --mib) mib=$2; shift 2 ;;
+    --plain-backend) plain=1; shift ;;
     --no-init-on-alloc) export KTERN_VM_APPEND="${KTERN_VM_APPEND:-} init_on_alloc=0"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -42,9 +47,11 @@ $4
 TOML
 }
 listener 19700 auto 127.0.0.1:19702 "" backend.pem backend.key > "$work/backend.toml"
-tls='tls = { ca = "ca.pem", server_name = "localhost" }'
-listener 19443 required 127.0.0.1:19700 "$tls" > "$work/ktern-required.toml"
-listener 19444 off 127.0.0.1:19700 "$tls" > "$work/ktern-off.toml"
+tls='tls = { ca = "ca.pem", server_name = "localhost" }' upstream=127.0.0.1:19700 what=kTLS-to-kTLS
+# --plain-backend: straight to the source backend, in cleartext.
+[ "$plain" = 0 ] || { tls='' upstream=127.0.0.1:19702 what="kTLS-to-plain (spliced)"; }
+listener 19443 required "$upstream" "$tls" > "$work/ktern-required.toml"
+listener 19444 off "$upstream" "$tls" > "$work/ktern-off.toml"
 bytes=$((mib << 20))
 perf=()
 [ -x /usr/bin/perf ] && perf=(--file /usr/bin/perf:/opt/perf)
@@ -52,9 +59,10 @@ out=$(KTERN_VM_QEMU_ARGS="-icount shift=0" scripts/ktls-vm.sh --kernel "$kernel"
   --file "$bin/ktern:/opt/ktern" --file "$bin/ktern-load:/opt/ktern-load" --file "$work:/tmp/b" \
   "${perf[@]}" -- "$PWD/bench/vm-l4-tls-guest.sh" "$downloads" "$bytes")
 echo "$out" | grep -E '^l4tls|^perf|^Tls(Curr|Tx|Rx)|KTERN-VM-EXIT'
-python3 - "$downloads" "$bytes" <<PY
+python3 - "$downloads" "$bytes" "$what" <<PY
 import re, sys
-downloads, nbytes = map(int, sys.argv[1:])
+downloads, nbytes = map(int, sys.argv[1:3])
+what = sys.argv[3]
 text = """$out"""
 t = {m.group(1): int(m.group(2)) for m in re.finditer(r"^l4tls (\w+) ticks=(\d+)", text, re.M)}
 gb = downloads * nbytes / 1e9
@@ -63,7 +71,7 @@ per_gb = {k: v * 1e7 / gb for k, v in t.items()}
 for k, v in per_gb.items():
     print(f"{k:10} {v / 1e9:6.2f} G instructions per GB (ktern's utime + stime, kernel record crypto included)")
 if "required" in per_gb and "off" in per_gb:
-    print(f"kTLS-to-kTLS / userspace: {per_gb['required'] / per_gb['off']:.2f}  (target <= 0.35)")
+    print(f"{what} / userspace: {per_gb['required'] / per_gb['off']:.2f}  (target <= 0.35)")
 shares = {m.group(1): (float(m.group(2)), float(m.group(3)))
           for m in re.finditer(r"^perf (\w+) crypto=([\d.]+) zeroing=([\d.]+)", text, re.M)}
 for k, (c, z) in shares.items():
