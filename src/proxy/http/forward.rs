@@ -1561,7 +1561,12 @@ pub(crate) async fn read_response(
     // close after it is a fault, not a reason to retry elsewhere.
     let mut interim = false;
     loop {
-        match head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD) {
+        // Nothing read yet (the first pass): nothing to parse.
+        let parsed = match rbuf.is_empty() {
+            true => Ok(None),
+            false => head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD),
+        };
+        match parsed {
             Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                 rbuf.drain(..h.len);
                 interim = true;

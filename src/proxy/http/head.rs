@@ -112,10 +112,14 @@ impl Fields {
     /// The text at `r` (empty if it is not there or not UTF-8, which the
     /// parser's own checks rule out for the parts read this way).
     fn text(&self, r: &Range<usize>) -> &str {
-        self.raw
-            .get(r.clone())
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .unwrap_or_default()
+        std::str::from_utf8(self.bytes(r)).unwrap_or_default()
+    }
+
+    /// The bytes at `r` (empty if it is not there): [`Fields::text`]
+    /// without the UTF-8 check, for a caller that copies them on (five
+    /// checks per proxied request were 370 instructions, callgrind).
+    fn bytes(&self, r: &Range<usize>) -> &[u8] {
+        self.raw.get(r.clone()).unwrap_or_default()
     }
 
     /// The fields in order.
@@ -209,6 +213,25 @@ impl RequestHead {
             Some(Host::At(r)) => Some(self.fields.text(r)),
             Some(Host::Lowered(h)) => Some(h),
         }
+    }
+
+    /// [`RequestHead::host`] as bytes (no UTF-8 check: the parser made one).
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        match &self.host {
+            None => None,
+            Some(Host::At(r)) => Some(self.fields.bytes(r)),
+            Some(Host::Lowered(h)) => Some(h.as_bytes()),
+        }
+    }
+
+    /// [`RequestHead::method`] as bytes.
+    pub fn method_bytes(&self) -> &[u8] {
+        self.fields.bytes(&self.method)
+    }
+
+    /// [`RequestHead::target`] as bytes.
+    pub fn target_bytes(&self) -> &[u8] {
+        self.fields.bytes(&self.target)
     }
 
     /// Method token.
@@ -604,11 +627,13 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!(h.host(), Some(want), "{sent:?}");
+            assert_eq!(h.host_bytes(), Some(want.as_bytes()), "{sent:?}");
             // The head's bytes are forwarded as sent.
             assert_eq!(h.values("host").next(), Some(sent.trim().as_bytes()));
         }
         let h = req("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.host(), None);
+        assert_eq!(h.host_bytes(), None);
     }
 
     #[test]
@@ -619,6 +644,10 @@ mod tests {
         assert_eq!(h.method(), "GET");
         assert_eq!(h.target(), "/a?b=1");
         assert_eq!(h.host(), Some("example.com:443"));
+        assert_eq!(
+            (h.method_bytes(), h.target_bytes()),
+            (&b"GET"[..], &b"/a?b=1"[..])
+        );
         assert!(h.keep_alive);
         assert_eq!(h.framing, Framing::Length(0));
         assert_eq!(

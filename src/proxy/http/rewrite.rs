@@ -160,9 +160,9 @@ fn push_forwarded_value(out: &mut Vec<u8>, v: &str) {
 /// HTTP/1.0 for an HTTP/1.0 client, so the backend never answers it with
 /// a transfer coding the client could not read (RFC 9112 §6.1).
 pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
-    out.extend_from_slice(head.method().as_bytes());
+    out.extend_from_slice(head.method_bytes());
     out.push(b' ');
-    out.extend_from_slice(head.target().as_bytes());
+    out.extend_from_slice(head.target_bytes());
     out.extend_from_slice(if head.minor == 0 {
         b" HTTP/1.0\r\n"
     } else {
@@ -201,7 +201,7 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         }
         push_field(out, f.name, f.value);
     }
-    if head.host().is_none() {
+    if head.host_bytes().is_none() {
         // Upstream requests always carry Host (HTTP/1.1 requires it); an
         // HTTP/1.0 request without one has no authority, so it is empty
         // (RFC 9112 §3.2).
@@ -228,8 +228,8 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         push_ip(out, ip);
         out.extend_from_slice(b"\r\n");
         push_field(out, "X-Forwarded-Proto", b"https");
-        if let Some(host) = head.host() {
-            push_field(out, "X-Forwarded-Host", host.as_bytes());
+        if let Some(host) = head.host_bytes() {
+            push_field(out, "X-Forwarded-Host", host);
         }
     }
     if fwd.forwarded {
