@@ -213,7 +213,7 @@ if files_aes != files_aes:
     files_aes = med("files", "floor")
 out.append("### Static files over TLS (`bench/compare-files.sh`; HAProxy serves no files)\n")
 out.append("| CPU-seconds per GB (median of rounds) | ktern | nginx | ktern/nginx | ktern / AES-128-GCM floor | nginx / AES floor "
-           "| the floor: plain + AES | floor/nginx | ktern / floor | issue 13 target |\n|---|---|---|---|---|---|---|---|---|---|")
+           "| reference floor: plain + AES | reference/nginx | ktern / reference | issue 13 target |\n|---|---|---|---|---|---|---|---|---|---|")
 for label, key in [("1 MiB files", "1m.bin"), ("64 MiB files", "64m.bin")]:
     k, n = med("files", f"ktern.{key}"), med("files", f"nginx.{key}")
     fl = med("files", f"floor.{key}") + files_aes
@@ -223,16 +223,17 @@ for label, key in [("1 MiB files", "1m.bin"), ("64 MiB files", "64m.bin")]:
                f"{fmt(ratio(n, files_aes), 2)} | {fmt(fl, 3)} | {fmt(ratio(fl, n), 2)} | {fmt(ratio(k, fl), 2)} | "
                f"≤ 0.55 nginx and ≤ 2.5 AES floor: {'met' if ok else '**not met**'} |")
 out.append(f"\nThe AES floor measured by that script in the same rounds: {fmt(files_aes, 3)} CPU-s per GB (AES-128-GCM, "
-           "the suite the client negotiates). The plain floor: the same nginx serving the same files over plain HTTP with "
-           "`sendfile off`, so the file is read into userspace and written to the socket, the copies and TCP work of "
-           "any server that seals records in userspace; plus the AES floor, it is the least such a server could cost "
-           "here (floor/nginx: the lowest ratio to nginx within reach; floor / AES above 2.5 puts that bound out of "
-           "reach on this machine). Without kTLS in the kernel both servers seal records in userspace.\n")
+           "the suite the client negotiates). The reference floor: the same nginx serving the same files over plain HTTP "
+           "with `sendfile off` (the file read into userspace and written to the socket: the copies and TCP work of "
+           "any server that seals records in userspace) plus the AES floor; nginx's own read and write path and "
+           "`openssl speed`'s best case, so a reference, not a proven bound (reference/nginx: about the lowest "
+           "ratio to nginx within reach; reference / AES above 2.5 puts that bound out of reach on this machine). "
+           "Without kTLS in the kernel both servers seal records in userspace.\n")
 for key in ("1m.bin", "64m.bin"):
     user, sys_ = med("files", f"ktern.{key}.user"), med("files", f"ktern.{key}.sys")
     if user == user:
         out.append(f"ktern's split for {key}: user {fmt(user, 3)}, kernel {fmt(sys_, 3)} CPU-s per GB; "
-                   f"the plain floor's kernel {fmt(med('files', f'floor.{key}.sys'), 3)}.\n")
+                   f"the plain HTTP floor's kernel {fmt(med('files', f'floor.{key}.sys'), 3)}.\n")
 
 # callgrind.sh's counts: exact, one run each (not timed, so no rounds).
 counts = {}

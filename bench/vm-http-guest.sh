@@ -80,7 +80,8 @@ load() {
 count() { echo "$1" | $bb sed -n 's/^requests=\([0-9]*\) .*/\1/p'; }
 # The last run is the floor: nginx proxying the same requests over plain
 # TCP, no TLS on either side (the TCP work of the exchange and nginx's HTTP
-# work alone).
+# work alone); under STATIC, nginx sending the same file over plain HTTP
+# with sendfile.
 for run in nginx:19440:$nginx ktern-off:19441:$ktern_off ktern-auto:19442:$ktern_auto \
   ktern-required:19443:$ktern_required floor:19444:$nginx; do
   name=${run%%:*} rest=${run#*:}

@@ -1561,7 +1561,8 @@ pub(crate) async fn read_response(
     // close after it is a fault, not a reason to retry elsewhere.
     let mut interim = false;
     loop {
-        // Nothing read yet (the first pass): nothing to parse.
+        // Nothing buffered (the first pass, or an interim response took
+        // it all): nothing to parse.
         let parsed = match rbuf.is_empty() {
             true => Ok(None),
             false => head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD),
