@@ -576,14 +576,14 @@ fn idle_http2_connections_stay_within_their_memory_budget() {
         }
     });
     assert_eq!(left, 0, "{}", k.log());
-    let before = ktern::sys::rss_of(k.pid()).unwrap();
+    let before = k.rss();
     let held = open(n);
     assert_eq!(
         k.wait_metric("ktern_connections_active", n as u64),
         n as u64
     );
     std::thread::sleep(Duration::from_millis(300));
-    let per = ktern::sys::rss_of(k.pid()).unwrap().saturating_sub(before) as f64 / n as f64;
+    let per = k.rss().saturating_sub(before) as f64 / n as f64;
     drop(held);
     // h2's 16 KiB write and 8 KiB read buffers go back while no stream is
     // open (ktern's h2 patch, vendor/README.md). Measured: 16.0-16.5 KB on

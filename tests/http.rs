@@ -1047,11 +1047,11 @@ fn slow_readers_hold_at_most_a_read_buffer_and_a_record() {
         // a small n (99 KiB "per reader" in one 6.1 VM run with n = 40).
         drop((0..warm).map(|_| open_slow(path)).collect::<Vec<_>>());
         assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
-        let before = ktern::sys::rss_of(k.pid()).unwrap();
+        let before = k.rss();
         let held: Vec<Client> = (0..n).map(|_| open_slow(path)).collect();
         // Let every response run into the full socket buffers.
         std::thread::sleep(Duration::from_millis(1500) * slow());
-        let after = ktern::sys::rss_of(k.pid()).unwrap();
+        let after = k.rss();
         // Under kTLS in the VM the readers were offloaded, not a userspace
         // fallback (whose budget differs).
         assert_offloaded_in_vm(&k);

@@ -435,7 +435,7 @@ fn memory_freed_by_a_flood_goes_back_to_the_kernel() {
     let pki = Pki::new("trim");
     let backend = start_backend();
     let k = Ktern::start(&pki, "cpus = [0]", &tcp_listener(backend, ""));
-    let rss = || ktern::sys::rss_of(k.pid()).unwrap();
+    let rss = || k.rss();
     let baseline = rss();
     let cfg = Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -482,7 +482,7 @@ fn cost_per_idle_connection<T>(k: &Ktern, n: usize, mut open: impl FnMut() -> T)
     // backend pool).
     drop((0..100).map(|_| open()).collect::<Vec<_>>());
     assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
-    let before = ktern::sys::rss_of(k.pid()).unwrap();
+    let before = k.rss();
     let fds_before = k.fds();
     let held: Vec<T> = (0..n).map(|_| open()).collect();
     assert_eq!(
@@ -490,7 +490,7 @@ fn cost_per_idle_connection<T>(k: &Ktern, n: usize, mut open: impl FnMut() -> T)
         n as u64
     );
     std::thread::sleep(Duration::from_millis(300));
-    let after = ktern::sys::rss_of(k.pid()).unwrap();
+    let after = k.rss();
     let fds = k.fds().saturating_sub(fds_before);
     drop(held);
     (

@@ -620,7 +620,7 @@ fn sighup_flood_ends_with_the_last_config_live_and_no_leak() {
         }
     };
     let (fds, threads) = steady(&k);
-    let rss = ktern::sys::rss_of(k.pid()).unwrap();
+    let rss = k.rss();
     let reloads = flood(&k, "a");
     assert_eq!(ask(), b"a", "the last config must be live");
     assert!(reloads >= 2);
@@ -630,7 +630,7 @@ fn sighup_flood_ends_with_the_last_config_live_and_no_leak() {
         (fds, threads),
         "fds and threads must not grow across reloads"
     );
-    let rss2 = ktern::sys::rss_of(k.pid()).unwrap();
+    let rss2 = k.rss();
     assert!(
         rss2 < rss + (4 << 20),
         "RSS grew from {rss} to {rss2} over a second flood of reloads"

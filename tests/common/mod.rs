@@ -325,6 +325,10 @@ impl Ktern {
             None => Command::new(ktern),
         };
         let tls_stat_at_start = tls_stat();
+        // Memory bounds count 4 KiB pages: no huge page collapsed under
+        // them on khugepaged's schedule (see the function). Inherited by
+        // every ktern started from here on.
+        ktern::sys::disable_transparent_huge_pages().unwrap();
         let mut child = cmd
             .args(["run", "-c"])
             .arg(path)
@@ -367,6 +371,18 @@ impl Ktern {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// ktern's resident memory in bytes, for the memory budgets. Checks that
+    /// it runs without transparent huge pages, which would move the figure
+    /// by 2 MiB at a time (`THP_enabled`, Linux 5.0+; older kernels do not
+    /// say).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        if let Some(thp) = status.lines().find_map(|l| l.strip_prefix("THP_enabled:")) {
+            assert_eq!(thp.trim(), "0", "ktern runs with transparent huge pages");
+        }
+        ktern::sys::rss_of(self.pid()).unwrap()
     }
 
     /// Sends a signal by name (`HUP`, `TERM`, …) with kill(1).
