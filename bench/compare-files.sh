@@ -10,8 +10,8 @@
 # the same files over plain HTTP with `sendfile off` (the file read into
 # userspace and written to the socket: the copies and TCP work that any
 # server sealing records in userspace does besides the crypto) plus the
-# AES-128-GCM of every byte; its ratio to nginx is the least any such
-# server could reach on this machine. Bounded in count and time. Usage:
+# AES-128-GCM of every byte: a reference floor for such a server on this
+# machine (measured, not a proven bound). Bounded in count and time. Usage:
 #   bench/compare-files.sh [--small 2000] [--large 32] [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,13 +112,13 @@ python3 - "${res[aes]}" "${res[ktern.1m.bin]}" "${res[nginx.1m.bin]}" "${res[flo
   "${res[ktern.64m.bin]}" "${res[nginx.64m.bin]}" "${res[floor.64m.bin]}" <<'PY'
 import sys
 aes, k1, n1, f1, k64, n64, f64 = map(float, sys.argv[1:])
-print(f"\n{'server CPU-seconds per GB':16} {'ktern':>7} {'nginx':>7} {'plain':>7} {'floor':>7} {'ktern/nginx':>11}"
+print(f"\n{'CPU-s per GB':16} {'ktern':>7} {'nginx':>7} {'plain':>7} {'floor':>7} {'ktern/nginx':>11}"
       f" {'floor/nginx':>11} {'ktern/AES':>9} {'ktern/floor':>11}  target")
 for name, k, n, f in [("1 MiB files", k1, n1, f1), ("64 MiB files", k64, n64, f64)]:
     fl = f + aes
     print(f"{name:16} {k:7.3f} {n:7.3f} {f:7.3f} {fl:7.3f} {k / n:11.2f} {fl / n:11.2f} {k / aes:9.2f} {k / fl:11.2f}"
           "  <= 0.55 nginx, <= 2.5 AES")
 print(f"AES: AES-128-GCM alone, one core ({aes:.3f} s/GB); plain: nginx serving the same files over plain HTTP,"
-      " sendfile off (read and write: a userspace sealer's copies and TCP work); floor: plain + AES, the least a"
-      " server sealing records in userspace could cost here")
+      " sendfile off (read and write: a userspace sealer's copies and TCP work); floor: plain + AES, a reference"
+      " floor for a server sealing records in userspace here")
 PY

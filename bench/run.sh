@@ -102,7 +102,7 @@ if [ "$vm" = 1 ]; then
   bench/vm-http.sh --requests 20000 | tee "$data/vm-http.txt"
   bench/vm-http.sh --h2 --requests 20000 | tee "$data/vm-h2.txt"
   bench/vm-http.sh --requests 8 --body 33554432 --conns 2 | tee "$data/vm-bulk.txt"
-  bench/vm-http.sh --requests 8 --body 33554432 --conns 2 --static | tee "$data/vm-static.txt"
+  bench/vm-http.sh --requests 8 --body 33554432 --conns 2 --static --perf | tee "$data/vm-static.txt"
   bench/vm-l4-tls.sh --downloads 2 --mib 32 | tee "$data/vm-l4.txt"
   bench/vm-l4-tls.sh --downloads 2 --mib 32 --plain-backend | tee "$data/vm-l4-plain.txt"
   bench/vm-handshake.sh | tee "$data/vm-handshake.txt"
