@@ -8,7 +8,21 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let limits = head::Limits::default();
-    if let Ok(Some(req)) = head::parse_request(data, &limits) {
+    // A connection's read buffer gives up exactly the head that
+    // `parse_request` reads from the same bytes, and keeps what follows.
+    let parsed = head::parse_request(data, &limits);
+    let mut buf = data.to_vec();
+    match (&parsed, head::parse_request_in(&mut buf, &limits)) {
+        (Ok(None), Ok(None)) => assert_eq!(buf, data),
+        (Ok(Some(a)), Ok(Some(b))) => {
+            assert_eq!((a.len, a.framing, a.target()), (b.len, b.framing, b.target()));
+            assert!(a.fields.iter().eq(b.fields.iter()));
+            assert_eq!(buf, &data[a.len..]);
+        }
+        (Err(a), Err(b)) => assert_eq!(a, &b),
+        (a, b) => panic!("parse_request {a:?} but parse_request_in {b:?}"),
+    }
+    if let Ok(Some(req)) = parsed {
         let id = ktern::handshake::client_auth::ClientIdentity {
             subject: "CN=svc, O=Example".into(),
             common_name: Some("svc".into()),

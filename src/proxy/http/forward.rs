@@ -416,7 +416,7 @@ async fn exchange(
     // The wall clock is only read when a line will be written.
     let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
     let before = ctx.moved.get();
-    inbuf.drain(..head.len);
+    // The head left `inbuf` when it was parsed.
     if inbuf.is_empty() {
         // Nothing pipelined: hold no read buffer while the client is idle.
         buffers::give(std::mem::take(inbuf));
@@ -564,7 +564,7 @@ async fn read_head(
             ctx.route.head_timeout
         };
     loop {
-        match head::parse_request(inbuf, limits) {
+        match head::parse_request_in(inbuf, limits) {
             Ok(Some(h)) => return Ok(HeadOutcome::Head(h)),
             Ok(None) => {}
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),

@@ -81,14 +81,40 @@ pub struct Field<'a> {
     pub value: &'a [u8],
 }
 
-/// A head's bytes, copied once, and where each part lies in them. One
-/// allocation per head instead of two per field: at tens of thousands of
-/// requests a second per shard, the per-field strings showed in profiles.
+/// Where one field lies in its head's bytes: name and value as start and
+/// end offsets. `u32`s (a head is bounded by `Limits::head`, far below
+/// 4 GiB; one that did not fit would read as empty, never panic): 16
+/// bytes a field where two `Range<usize>` took 32. Kept on the heap, not
+/// inline: heads sit in a request's boxed state several times over, and
+/// 8 fields inline grew it by 800 bytes per request in flight
+/// (`tests/request_cost.rs`) to save an allocation per head.
+#[derive(Debug, Clone, Copy)]
+struct Span([u32; 4]);
+
+impl Span {
+    fn new(name: Range<usize>, value: Range<usize>) -> Span {
+        let at = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        Span([at(name.start), at(name.end), at(value.start), at(value.end)])
+    }
+
+    fn name(&self) -> Range<usize> {
+        self.0[0] as usize..self.0[1] as usize
+    }
+
+    fn value(&self) -> Range<usize> {
+        self.0[2] as usize..self.0[3] as usize
+    }
+}
+
+/// A head's bytes, copied once (or taken whole: [`parse_request_in`]), and
+/// where each part lies in them. One allocation per head at most, instead
+/// of two per field: at tens of thousands of requests a second per shard,
+/// the per-field strings showed in profiles.
 #[derive(Debug, Clone, Default)]
 pub struct Fields {
     raw: Vec<u8>,
-    /// Per field: name and value, as ranges of `raw`.
-    spans: Vec<(Range<usize>, Range<usize>)>,
+    /// Per field: name and value, as places in `raw`.
+    spans: Vec<Span>,
 }
 
 impl Fields {
@@ -102,10 +128,10 @@ impl Fields {
     }
 
     /// Where each field lies in `head`.
-    fn spans(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<(Range<usize>, Range<usize>)> {
+    fn spans(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Span> {
         headers
             .iter()
-            .map(|h| (span(head, h.name.as_bytes()), span(head, h.value)))
+            .map(|h| Span::new(span(head, h.name.as_bytes()), span(head, h.value)))
             .collect()
     }
 
@@ -124,9 +150,9 @@ impl Fields {
 
     /// The fields in order.
     pub fn iter(&self) -> impl Iterator<Item = Field<'_>> + '_ {
-        self.spans.iter().map(|(name, value)| Field {
-            name: self.raw.get(name.clone()).unwrap_or_default(),
-            value: self.raw.get(value.clone()).unwrap_or_default(),
+        self.spans.iter().map(|s| Field {
+            name: self.raw.get(s.name()).unwrap_or_default(),
+            value: self.raw.get(s.value()).unwrap_or_default(),
         })
     }
 
@@ -135,12 +161,12 @@ impl Fields {
         // Names compared as bytes: no UTF-8 check per field per lookup.
         self.spans
             .iter()
-            .filter(move |(n, _)| {
+            .filter(move |s| {
                 self.raw
-                    .get(n.clone())
+                    .get(s.name())
                     .is_some_and(|n| n.eq_ignore_ascii_case(name.as_bytes()))
             })
-            .map(|(_, v)| self.raw.get(v.clone()).unwrap_or_default())
+            .map(|s| self.raw.get(s.value()).unwrap_or_default())
     }
 
     /// The fields in order, each value a slice of one shared copy of the
@@ -151,10 +177,10 @@ impl Fields {
             true => Bytes::new(),
             false => Bytes::copy_from_slice(&self.raw),
         };
-        self.spans.iter().map(move |(name, value)| {
-            let name = self.raw.get(name.clone()).unwrap_or_default();
-            let value = match self.raw.get(value.clone()) {
-                Some(_) => shared.slice(value.clone()),
+        self.spans.iter().map(move |s| {
+            let name = self.raw.get(s.name()).unwrap_or_default();
+            let value = match self.raw.get(s.value()) {
+                Some(_) => shared.slice(s.value()),
                 None => Bytes::new(),
             };
             (name, value)
@@ -255,23 +281,65 @@ impl RequestHead {
 /// `Ok(None)`: incomplete, read more (the limits are already enforced on
 /// what is there, so a client cannot grow the buffer past them).
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
-    parse_request_from(std::borrow::Cow::Borrowed(buf), limits)
+    match scan_request(buf, limits)? {
+        Some(scan) => build_request(buf[..scan.len].to_vec(), scan).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// [`parse_request`] of a head ktern built itself (an HTTP/2 request
 /// restated): the head keeps `buf` instead of a copy of it.
 pub fn parse_request_owned(
-    buf: Vec<u8>,
+    mut buf: Vec<u8>,
     limits: &Limits,
 ) -> Result<Option<RequestHead>, HeadError> {
-    parse_request_from(std::borrow::Cow::Owned(buf), limits)
+    match scan_request(&buf, limits)? {
+        Some(scan) => {
+            buf.truncate(scan.len);
+            build_request(buf, scan).map(Some)
+        }
+        None => Ok(None),
+    }
 }
 
-fn parse_request_from(
-    input: std::borrow::Cow<'_, [u8]>,
+/// [`parse_request`] of the head at the start of a connection's read
+/// buffer, which gives the head up once it is complete, refused or not
+/// (a refused head ends the connection). When the head is all `buf` holds
+/// in a small buffer (a request without a body, nothing pipelined behind
+/// it: nearly every keep-alive request on the userspace record path), the
+/// head takes the buffer itself instead of a copy: one allocation and a
+/// copy fewer per request. A large buffer (the kTLS path reads 16 KiB at a
+/// time) is not held for the exchange: the head is copied out of it.
+pub fn parse_request_in(
+    buf: &mut Vec<u8>,
     limits: &Limits,
 ) -> Result<Option<RequestHead>, HeadError> {
-    let buf = &*input;
+    let Some(scan) = scan_request(buf, limits)? else {
+        return Ok(None);
+    };
+    let raw = if scan.len == buf.len() && buf.capacity() <= crate::buffers::SMALL {
+        std::mem::take(buf)
+    } else {
+        let raw = buf[..scan.len].to_vec();
+        buf.drain(..scan.len);
+        raw
+    };
+    build_request(raw, scan).map(Some)
+}
+
+/// What parsing a request head's bytes found, as places in them: no
+/// borrow of the input, so the caller then decides whether the head
+/// takes those bytes or a copy.
+struct Scan {
+    len: usize,
+    method: Range<usize>,
+    target: Range<usize>,
+    minor: u8,
+    spans: Vec<Span>,
+}
+
+/// httparse's part, and the limits and bytes it does not check.
+fn scan_request(buf: &[u8], limits: &Limits) -> Result<Option<Scan>, HeadError> {
     check_lines(buf, limits)?;
     // On the stack (4 KiB): a heap allocation of this size per request
     // showed in profiles (glibc consolidates its fast bins for it).
@@ -312,20 +380,26 @@ fn parse_request_from(
     if memchr::memchr_iter(b'\r', head).any(|i| head.get(i + 1) != Some(&b'\n')) {
         return Err(HeadError::BadRequest("bare CR"));
     }
-    let method = span(head, req.method.unwrap_or_default().as_bytes());
-    let target = span(head, req.path.unwrap_or_default().as_bytes());
-    let minor = req.version.unwrap_or(1);
-    let spans = Fields::spans(head, req.headers);
-    let fields = Fields {
-        raw: match input {
-            std::borrow::Cow::Owned(mut raw) => {
-                raw.truncate(len);
-                raw
-            }
-            std::borrow::Cow::Borrowed(b) => b[..len].to_vec(),
-        },
+    Ok(Some(Scan {
+        len,
+        method: span(head, req.method.unwrap_or_default().as_bytes()),
+        target: span(head, req.path.unwrap_or_default().as_bytes()),
+        minor: req.version.unwrap_or(1),
+        spans: Fields::spans(head, req.headers),
+    }))
+}
+
+/// The framing, Host and connection rules over a scanned head, whose
+/// bytes `raw` now are.
+fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
+    let Scan {
+        len,
+        method,
+        target,
+        minor,
         spans,
-    };
+    } = scan;
+    let fields = Fields { raw, spans };
     let framing = request_framing(&fields)?;
     if minor == 0 && framing == Framing::Chunked {
         // RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means
@@ -370,7 +444,7 @@ fn parse_request_from(
     if minor == 1 && host.is_none() {
         return Err(HeadError::BadRequest("missing Host"));
     }
-    Ok(Some(RequestHead {
+    Ok(RequestHead {
         fields,
         method,
         target,
@@ -381,7 +455,7 @@ fn parse_request_from(
         expect_continue,
         upgrade: conn_upgrade && has_upgrade,
         len,
-    }))
+    })
 }
 
 /// Enforces line-length limits on whatever part of the head has arrived:
@@ -877,5 +951,73 @@ mod tests {
             Err(ResponseError::TooLarge)
         ));
         assert!(r("HTTP/1.1 200 OK\r\nX: 1\r\n", "GET").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_read_buffer_gives_up_its_head_and_keeps_what_follows() {
+        let limits = Limits::default();
+        // The head is all a small buffer holds: taken whole, no copy.
+        let mut buf = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let at = buf.as_ptr();
+        let h = parse_request_in(&mut buf, &limits).unwrap().unwrap();
+        assert!(buf.is_empty());
+        assert_eq!((h.target(), h.host()), ("/a", Some("x")));
+        assert_eq!(h.fields.raw.as_ptr(), at, "the head took the buffer");
+        // A body and a pipelined request behind the head stay in the buffer.
+        let mut buf =
+            b"POST /b HTTP/1.1\r\nHost: y\r\nContent-Length: 2\r\n\r\nhiGET /c HTTP/1.1\r\n"
+                .to_vec();
+        let h = parse_request_in(&mut buf, &limits).unwrap().unwrap();
+        assert_eq!((h.method(), h.framing), ("POST", Framing::Length(2)));
+        assert_eq!(buf, b"hiGET /c HTTP/1.1\r\n");
+        // Incomplete: nothing taken.
+        let mut rest = buf.split_off(2);
+        assert!(parse_request_in(&mut rest, &limits).unwrap().is_none());
+        assert_eq!(rest, b"GET /c HTTP/1.1\r\n");
+        // A large buffer (the kTLS path's 16 KiB reads) is not held by the
+        // head: copied out, and the buffer left empty for reuse.
+        let mut buf = Vec::with_capacity(16 << 10);
+        buf.extend_from_slice(b"GET /d HTTP/1.1\r\nHost: z\r\n\r\n");
+        let h = parse_request_in(&mut buf, &limits).unwrap().unwrap();
+        assert!(buf.is_empty() && buf.capacity() == 16 << 10);
+        assert_eq!(h.fields.raw.capacity(), h.len);
+        assert_eq!(h.target(), "/d");
+        // A refused head: the status, as from `parse_request`.
+        let mut buf = b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec();
+        assert_eq!(
+            parse_request_in(&mut buf, &limits).unwrap_err().status(),
+            400
+        );
+    }
+
+    #[test]
+    fn every_field_keeps_its_place_in_requests_and_responses() {
+        for n in [0, 1, 8, 40] {
+            let mut text = String::from("GET / HTTP/1.1\r\nHost: h\r\n");
+            for i in 0..n {
+                text.push_str(&format!("X-F{i}: v{i}\r\n"));
+            }
+            text.push_str("\r\n");
+            let h = req(&text).unwrap().unwrap();
+            assert_eq!(h.fields.iter().count(), n + 1);
+            for i in 0..n {
+                let want = format!("v{i}");
+                assert_eq!(
+                    h.values(&format!("x-f{i}")).collect::<Vec<_>>(),
+                    [want.as_bytes()]
+                );
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n{}\r\n",
+                (0..n)
+                    .map(|i| format!("Y-{i}: w{i}\r\n"))
+                    .collect::<String>()
+            );
+            let r = parse_response(resp.as_bytes(), "GET", 8192)
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.fields.iter().count(), n + 1);
+            assert_eq!(r.fields.values("y-0").next(), (n > 0).then_some(&b"w0"[..]));
+        }
     }
 }
