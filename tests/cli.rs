@@ -365,15 +365,8 @@ fn ktern_load_measures_the_handshake_crypto_floor() {
 #[test]
 fn ktern_load_reports_json_with_the_same_fields() {
     let load = env!("CARGO_BIN_EXE_ktern-load");
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let mut backend = std::process::Command::new(load)
-        .args(["backend", "--listen", &addr.to_string(), "--kind", "echo"])
-        .args(["--seconds", "30"])
-        .spawn()
-        .unwrap();
+    // Listening once it has printed its address.
+    let (_backend, addr) = load_backend(&["--kind", "echo", "--seconds", "30"]);
     let run = |json: bool| {
         let mut c = std::process::Command::new(load);
         if json {
@@ -386,16 +379,6 @@ fn ktern_load_reports_json_with_the_same_fields() {
             .unwrap();
         String::from_utf8(out.stdout).unwrap()
     };
-    // Runs only once the backend listens: connections refused before that
-    // count as failed handshakes (a retry loop on the output raced it).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "backend never listened"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     let text = run(true);
     let v: serde_json::Value = serde_json::from_str(text.trim()).expect(&text);
     assert!(v["handshakes"].as_u64().unwrap() >= 20, "{v}");
@@ -411,6 +394,4 @@ fn ktern_load_reports_json_with_the_same_fields() {
     let mut keys = keys;
     keys.sort_unstable();
     assert_eq!(keys, json_keys);
-    let _ = backend.kill();
-    let _ = backend.wait();
 }

@@ -20,9 +20,8 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::Pki;
 use ktern::sys::alloc::{count_process, Allocations, Counting};
@@ -30,42 +29,11 @@ use ktern::sys::alloc::{count_process, Allocations, Counting};
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// The backend, stopped with the test.
-struct Backend(Child);
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `ktern-load backend --kind http`: keep-alive responses with 1 KiB
-/// bodies, as the benchmarks' (bench/compare-http.sh). Returns once it
-/// accepts connections.
-fn start_backend() -> (Backend, SocketAddr) {
-    // A free port, taken back from the kernel just before the backend
-    // binds it (it has no port-0 mode that reports its address).
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ktern-load"))
-        .args(["backend", "--kind", "http", "--body-bytes", "1024"])
-        .args(["--listen", &addr.to_string(), "--seconds", "300"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start ktern-load backend");
-    let backend = Backend(child);
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            Instant::now() < until,
-            "the backend never listened on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (backend, addr)
+/// bodies, as the benchmarks' (bench/compare-http.sh), on a port the
+/// kernel picks.
+fn start_backend() -> (common::LoadBackend, SocketAddr) {
+    common::load_backend(&["--kind", "http", "--body-bytes", "1024", "--seconds", "300"])
 }
 
 /// ktern, in this process: one shard, records in userspace (this host's

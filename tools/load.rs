@@ -190,6 +190,8 @@ enum Mode {
     },
     /// A plain TCP backend for the benchmarks (runs for `--seconds`).
     Backend {
+        /// Address to listen on; with port 0 the kernel picks one, and the
+        /// backend prints `backend ADDR` on stdout once it listens.
         #[arg(long)]
         listen: SocketAddr,
         /// `echo`, `source` (sends `--bytes` then closes), or `http`
@@ -752,6 +754,11 @@ fn backend(listen: SocketAddr, kind: String, bytes: u64, body_bytes: usize, seco
         .expect("runtime");
     rt.block_on(async move {
         let listener = monoio::net::TcpListener::bind(listen).expect("bind backend");
+        if listen.port() == 0 {
+            // For a caller that must not pick a free port and release it
+            // before this binds it (another process may take it between).
+            println!("backend {}", listener.local_addr().expect("bound address"));
+        }
         let payload: std::rc::Rc<Vec<u8>> = std::rc::Rc::new(vec![0x5a; 1 << 20]);
         let mut response = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {body_bytes}\r\n\

@@ -135,6 +135,39 @@ pub fn sha256(data: &[u8]) -> String {
         .collect()
 }
 
+/// A `ktern-load backend` with `args` (its `--kind` and so on) on a
+/// port the kernel picks, and its address: no free port picked and
+/// released first, which another process could take in between. Killed
+/// when dropped.
+pub fn load_backend(args: &[&str]) -> (LoadBackend, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ktern-load"))
+        .args(["backend", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start ktern-load backend");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let backend = LoadBackend(child);
+    let addr = line
+        .strip_prefix("backend ")
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("ktern-load backend printed {line:?}, not its address"));
+    (backend, addr)
+}
+
+/// [`load_backend`]'s process.
+pub struct LoadBackend(Child);
+
+impl Drop for LoadBackend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A backend speaking a tiny protocol, one command per connection:
 /// - `DOWN <n> <seed>\n`: sends `pattern(n, seed)` and closes.
 /// - `UP\n`: reads to EOF (the client's half-close), then replies with the
