@@ -65,16 +65,7 @@ impl Pebble {
         let (cert, key) = ktern::builtin::self_signed(&["localhost", "127.0.0.1"]).unwrap();
         std::fs::write(dir.join("pebble.pem"), cert).unwrap();
         std::fs::write(dir.join("pebble.key"), key).unwrap();
-        let dns_port = free_port();
-        let dns = Command::new("pebble-challtestsrv")
-            .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-management", &format!("127.0.0.1:{}", free_port())])
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .stdout(log_file(dir, "challtestsrv"))
-            .stderr(log_file(dir, "challtestsrv"))
-            .spawn()
-            .unwrap();
+        let (dns, dns_port) = start_challtestsrv(dir);
         let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
         let mut p = Pebble {
             pebble: Command::new("true").spawn().unwrap(),
@@ -184,6 +175,51 @@ impl Pebble {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default()
     }
+}
+
+/// pebble-challtestsrv, pebble's DNS, on ports picked free, and its DNS
+/// port once it is up. As for pebble, a port can be taken by a parallel
+/// test before it binds it: it then exits, and starts again on others.
+fn start_challtestsrv(dir: &Path) -> (Child, u16) {
+    let log = dir.join("challtestsrv.log");
+    for attempt in 1.. {
+        let _ = std::fs::remove_file(&log);
+        let (dns_port, management) = (free_port(), free_port());
+        let mut dns = Command::new("pebble-challtestsrv")
+            .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", &format!("127.0.0.1:{management}")])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .stdout(log_file(dir, "challtestsrv"))
+            .stderr(log_file(dir, "challtestsrv"))
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        let up = loop {
+            // Its servers start together: once management answers, a
+            // DNS port it could not bind has ended the process too.
+            if TcpStream::connect(("127.0.0.1", management)).is_ok() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            if let Some(status) = dns.try_wait().unwrap() {
+                break Err(format!(
+                    "{status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            if TcpStream::connect(("127.0.0.1", management)).is_ok() {
+                break Ok(());
+            }
+            assert!(Instant::now() < until, "pebble-challtestsrv did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        match up {
+            Ok(()) => return (dns, dns_port),
+            Err(why) if attempt < 5 && why.contains("address already in use") => {}
+            Err(why) => panic!("pebble-challtestsrv exited: {why}"),
+        }
+    }
+    unreachable!("the last attempt returns or panics")
 }
 
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
