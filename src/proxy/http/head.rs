@@ -303,13 +303,16 @@ pub fn parse_request_owned(
 }
 
 /// [`parse_request`] of the head at the start of a connection's read
-/// buffer, which gives the head up once it is complete, refused or not
-/// (a refused head ends the connection). When the head is all `buf` holds
-/// in a small buffer (a request without a body, nothing pipelined behind
-/// it: nearly every keep-alive request on the userspace record path), the
-/// head takes the buffer itself instead of a copy: one allocation and a
-/// copy fewer per request. A large buffer (the kTLS path reads 16 KiB at a
-/// time) is not held for the exchange: the head is copied out of it.
+/// buffer. The head leaves `buf` once it has been read whole, even when a
+/// later rule refuses it (a refused head ends the connection); an
+/// incomplete head, or one refused while it is read (httparse, the
+/// limits, a bare CR), leaves `buf` as it was. When the head is all `buf`
+/// holds, in a small buffer (a request without a body, nothing pipelined
+/// behind it: nearly every keep-alive request on the userspace record
+/// path), the head takes the buffer itself instead of a copy: one
+/// allocation and a copy fewer per request. A large buffer (the kTLS path
+/// reads 16 KiB at a time) is not held for the exchange: the head is
+/// copied out of it.
 pub fn parse_request_in(
     buf: &mut Vec<u8>,
     limits: &Limits,
