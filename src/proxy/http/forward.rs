@@ -416,9 +416,11 @@ async fn exchange(
     // The wall clock is only read when a line will be written.
     let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
     let before = ctx.moved.get();
-    // The head left `inbuf` when it was parsed.
-    if inbuf.is_empty() {
-        // Nothing pipelined: hold no read buffer while the client is idle.
+    // The head left `inbuf` when it was parsed: with nothing pipelined
+    // behind it, hold no read buffer while the client is idle. (When the
+    // head took the buffer itself, `inbuf` has no capacity left and this
+    // gives nothing back.)
+    if inbuf.is_empty() && inbuf.capacity() > 0 {
         buffers::give(std::mem::take(inbuf));
     }
     let mut ex = Exchange {

@@ -281,10 +281,7 @@ impl RequestHead {
 /// `Ok(None)`: incomplete, read more (the limits are already enforced on
 /// what is there, so a client cannot grow the buffer past them).
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
-    match scan_request(buf, limits)? {
-        Some(scan) => build_request(buf[..scan.len].to_vec(), scan).map(Some),
-        None => Ok(None),
-    }
+    read_request(scan_request(buf, limits), |len| buf[..len].to_vec())
 }
 
 /// [`parse_request`] of a head ktern built itself (an HTTP/2 request
@@ -293,13 +290,10 @@ pub fn parse_request_owned(
     mut buf: Vec<u8>,
     limits: &Limits,
 ) -> Result<Option<RequestHead>, HeadError> {
-    match scan_request(&buf, limits)? {
-        Some(scan) => {
-            buf.truncate(scan.len);
-            build_request(buf, scan).map(Some)
-        }
-        None => Ok(None),
-    }
+    read_request(scan_request(&buf, limits), move |len| {
+        buf.truncate(len);
+        buf
+    })
 }
 
 /// [`parse_request`] of the head at the start of a connection's read
@@ -317,17 +311,28 @@ pub fn parse_request_in(
     buf: &mut Vec<u8>,
     limits: &Limits,
 ) -> Result<Option<RequestHead>, HeadError> {
-    let Some(scan) = scan_request(buf, limits)? else {
-        return Ok(None);
-    };
-    let raw = if scan.len == buf.len() && buf.capacity() <= crate::buffers::SMALL {
-        std::mem::take(buf)
-    } else {
-        let raw = buf[..scan.len].to_vec();
-        buf.drain(..scan.len);
-        raw
-    };
-    build_request(raw, scan).map(Some)
+    read_request(scan_request(buf, limits), |len| {
+        if len == buf.len() && buf.capacity() <= crate::buffers::SMALL {
+            std::mem::take(buf)
+        } else {
+            let raw = buf[..len].to_vec();
+            buf.drain(..len);
+            raw
+        }
+    })
+}
+
+/// The three `parse_request*` differ only in where the head's bytes come
+/// from: `raw(len)` hands over the first `len` bytes once a whole head has
+/// been scanned.
+fn read_request(
+    scanned: Result<Option<Scan>, HeadError>,
+    raw: impl FnOnce(usize) -> Vec<u8>,
+) -> Result<Option<RequestHead>, HeadError> {
+    match scanned? {
+        Some(scan) => build_request(raw(scan.len), scan).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// What parsing a request head's bytes found, as places in them: no
