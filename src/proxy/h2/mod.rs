@@ -32,7 +32,7 @@ use self::io::{H2Io, Signals};
 use self::watch::FrameWatch;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
 use crate::metrics::ShardMetrics as M;
-use crate::proxy::http::forward::{boxed, Ctx, HttpError};
+use crate::proxy::http::forward::{Ctx, HttpError};
 use crate::proxy::idle::Idle;
 
 /// Ended streams' sweeper entries an HTTP/2 connection keeps for its next
@@ -132,6 +132,19 @@ pub fn serve<'a>(
     async move { serve_on(handshake, signals, &ctx).await }
 }
 
+/// A stream's future as FuturesUnordered holds it (inline in its task's
+/// allocation), refused at compile time when over-aligned, as
+/// [`boxed`](crate::proxy::http::forward::boxed) refuses one: an over-aligned task is a `posix_memalign`.
+fn inline<F: Future<Output = stream::End>>(f: F) -> F {
+    const {
+        assert!(
+            std::mem::align_of::<F>() <= 16,
+            "a timer inline in a per-stream future"
+        )
+    };
+    f
+}
+
 type Preface = Pin<Box<monoio::time::Timeout<h2::server::Handshake<H2Io, Bytes>>>>;
 
 async fn serve_on(
@@ -154,8 +167,10 @@ async fn serve_on(
     // goes to the next one; up to CLOCKS_KEPT are kept (a burst of streams
     // leaves no more behind: each entry is about 100 bytes).
     let clocks: RefCell<Vec<Rc<Idle>>> = RefCell::default();
-    let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = stream::End> + '_>>> =
-        FuturesUnordered::new();
+    // The stream futures are held inline in FuturesUnordered's own task
+    // allocation: boxing them first cost a second allocation (and free) per
+    // stream.
+    let mut streams = FuturesUnordered::new();
     let mut drain = ctx.drain.watch();
     // One keep-alive entry for the connection's life, armed again when its
     // last stream ends: a new entry per idle spell cost an allocation and a
@@ -222,7 +237,7 @@ async fn serve_on(
                         own.clock = Some(clock.clone());
                         let clocks = &clocks;
                         let link = &*signals;
-                        streams.push(boxed(async move {
+                        streams.push(inline(async move {
                             let end = stream::exchange(req, respond, &own, link).await;
                             let mut kept = clocks.borrow_mut();
                             if kept.len() < CLOCKS_KEPT {
