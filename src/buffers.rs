@@ -9,6 +9,10 @@
 //! only held between `take` and `give`.
 
 use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+
+use recycle_box::RecycleBox;
 
 /// Buffers kept per thread: enough for the reads in flight on a busy
 /// shard, bounded so a burst does not pin memory (32 × 66 KiB ≈ 2 MiB).
@@ -38,9 +42,46 @@ pub const SMALL: usize = 4 << 10;
 /// Small buffers kept per thread (64 × 4 KiB = 256 KiB at most).
 const KEEP_SMALL: usize = 64;
 
+/// Heap blocks kept per thread for per-request futures ([`future`]): as
+/// many as requests a busy shard has in flight at once, bounded (64 of
+/// the HTTP/1.1 exchange's ~2 KiB: 128 KiB at most).
+const KEEP_FUTURES: usize = 64;
+
 thread_local! {
     static CACHE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     static SMALL_CACHE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static FUTURES: RefCell<Vec<RecycleBox<()>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` on the heap, in a block of the shard's cache when it has one that
+/// fits (else a new one): for a future made once per request and too big
+/// for glibc's thread cache (1,032 bytes), whose fresh box per request
+/// cost a `_int_malloc` and an `_int_free`. Refuses an over-aligned future
+/// at compile time, as `forward::boxed` does. Hand the block back with
+/// [`give_future`] once the future is done; one dropped instead is freed.
+pub fn future<F: Future>(f: F) -> Pin<RecycleBox<F>> {
+    const {
+        assert!(
+            std::mem::align_of::<F>() <= 16,
+            "a timer inline in a per-request future"
+        )
+    };
+    let b = match FUTURES.with(|c| c.borrow_mut().pop()) {
+        Some(spare) => RecycleBox::recycle(spare, f),
+        None => RecycleBox::new(f),
+    };
+    RecycleBox::into_pin(b)
+}
+
+/// Drops a future made by [`future`] and keeps its block for the next.
+pub fn give_future<F>(f: Pin<RecycleBox<F>>) {
+    let spare = RecycleBox::vacate_pinned(f);
+    FUTURES.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() < KEEP_FUTURES {
+            c.push(spare);
+        }
+    });
 }
 
 /// An empty buffer with at least `cap` bytes of capacity: of the small
@@ -124,6 +165,29 @@ mod tests {
             give(Vec::with_capacity(MIN));
         }
         CACHE.with(|c| assert_eq!(c.borrow().len(), KEEP));
+    }
+
+    #[test]
+    fn future_blocks_are_reused_and_a_bounded_number_kept() {
+        // Over glibc's thread cache, as the HTTP/1.1 exchange is.
+        async fn big(x: u8) -> u8 {
+            let a = [x; 1500];
+            std::future::ready(()).await;
+            a[1499]
+        }
+        FUTURES.with(|c| c.borrow_mut().clear());
+        let mut f = future(big(7));
+        let block = &*f as *const _ as *const u8;
+        let out = futures_util::FutureExt::now_or_never(f.as_mut());
+        assert_eq!(out, Some(7));
+        give_future(f);
+        let g = future(big(8));
+        assert_eq!(&*g as *const _ as *const u8, block, "reused");
+        assert_eq!(futures_util::FutureExt::now_or_never(g), Some(8));
+        for _ in 0..KEEP_FUTURES + 5 {
+            give_future(RecycleBox::into_pin(RecycleBox::new(async {})));
+        }
+        FUTURES.with(|c| assert_eq!(c.borrow().len(), KEEP_FUTURES));
     }
 
     #[test]

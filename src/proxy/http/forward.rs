@@ -293,13 +293,17 @@ async fn serve_requests(
                 Wake::Idle => break,
             }
         }
-        // Boxed: a request's state (head parsing, backend connect, body
-        // and response streaming) exists only while one runs; between
+        // On the heap: a request's state (head parsing, backend connect,
+        // body and response streaming) exists only while one runs; between
         // requests an idle keep-alive connection holds just this loop's
         // state (issue 12's idle budget). Its waits are bounded on the
         // connection's clock or by boxed timers, never by a monoio timer
-        // inline (see `boxed`).
-        match boxed(exchange(reader, writer, &mut inbuf, first, ctx)).await? {
+        // inline (see `boxed`). In a block of the shard's cache, given back
+        // when the request is done.
+        let mut one = buffers::future(exchange(reader, writer, &mut inbuf, first, ctx));
+        let next = one.as_mut().await;
+        buffers::give_future(one);
+        match next? {
             Next::KeepAlive => first = false,
             Next::Close => break,
             Next::Ended => return Ok(()),
