@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use recycle_box::RecycleBox;
 
@@ -54,12 +55,13 @@ thread_local! {
 }
 
 /// `f` on the heap, in a block of the shard's cache when it has one that
-/// fits (else a new one): for a future made once per request and too big
-/// for glibc's thread cache (1,032 bytes), whose fresh box per request
-/// cost a `_int_malloc` and an `_int_free`. Refuses an over-aligned future
-/// at compile time, as `forward::boxed` does. Hand the block back with
-/// [`give_future`] once the future is done; one dropped instead is freed.
-pub fn future<F: Future>(f: F) -> Pin<RecycleBox<F>> {
+/// fits (else a new one), and the block back to the cache when `f` is
+/// done: for a future made once per request and too big for glibc's
+/// thread cache (1,032 bytes), whose fresh box per request cost a
+/// `_int_malloc` and an `_int_free`. One dropped before it is done is
+/// freed. Refuses an over-aligned future at compile time, as
+/// `forward::boxed` does.
+pub fn future<F: Future>(f: F) -> Pooled<F> {
     const {
         assert!(
             std::mem::align_of::<F>() <= 16,
@@ -70,18 +72,32 @@ pub fn future<F: Future>(f: F) -> Pin<RecycleBox<F>> {
         Some(spare) => RecycleBox::recycle(spare, f),
         None => RecycleBox::new(f),
     };
-    RecycleBox::into_pin(b)
+    Pooled(Some(RecycleBox::into_pin(b)))
 }
 
-/// Drops a future made by [`future`] and keeps its block for the next.
-pub fn give_future<F>(f: Pin<RecycleBox<F>>) {
-    let spare = RecycleBox::vacate_pinned(f);
-    FUTURES.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() < KEEP_FUTURES {
-            c.push(spare);
+/// A future made by [`future`].
+pub struct Pooled<F>(Option<Pin<RecycleBox<F>>>);
+
+impl<F: Future> Future for Pooled<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(f) = self.0.as_mut() else {
+            // As a finished `async` block would, but without the panic.
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(f.as_mut().poll(cx));
+        if let Some(done) = self.0.take() {
+            let spare = RecycleBox::vacate_pinned(done);
+            FUTURES.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() < KEEP_FUTURES {
+                    c.push(spare);
+                }
+            });
         }
-    });
+        Poll::Ready(out)
+    }
 }
 
 /// An empty buffer with at least `cap` bytes of capacity: of the small
@@ -169,6 +185,7 @@ mod tests {
 
     #[test]
     fn future_blocks_are_reused_and_a_bounded_number_kept() {
+        use futures_util::FutureExt;
         // Over glibc's thread cache, as the HTTP/1.1 exchange is.
         async fn big(x: u8) -> u8 {
             let a = [x; 1500];
@@ -176,16 +193,21 @@ mod tests {
             a[1499]
         }
         FUTURES.with(|c| c.borrow_mut().clear());
-        let mut f = future(big(7));
-        let block = &*f as *const _ as *const u8;
-        let out = futures_util::FutureExt::now_or_never(f.as_mut());
-        assert_eq!(out, Some(7));
-        give_future(f);
+        let f = future(big(7));
+        let block = |f: &Pooled<_>| &**f.0.as_ref().unwrap() as *const _ as usize;
+        let first = block(&f);
+        let mut f = f;
+        assert_eq!((&mut f).now_or_never(), Some(7));
+        assert_eq!((&mut f).now_or_never(), None, "done: pending, no panic");
+        FUTURES.with(|c| assert_eq!(c.borrow().len(), 1, "given back when done"));
         let g = future(big(8));
-        assert_eq!(&*g as *const _ as *const u8, block, "reused");
-        assert_eq!(futures_util::FutureExt::now_or_never(g), Some(8));
-        for _ in 0..KEEP_FUTURES + 5 {
-            give_future(RecycleBox::into_pin(RecycleBox::new(async {})));
+        assert_eq!(block(&g), first, "reused");
+        drop(g);
+        FUTURES.with(|c| assert!(c.borrow().is_empty(), "one dropped undone is freed"));
+        // As many in flight at once as a busy shard has, then all done.
+        let mut many: Vec<_> = (0..KEEP_FUTURES + 5).map(|_| future(big(1))).collect();
+        for f in &mut many {
+            assert_eq!(f.now_or_never(), Some(1));
         }
         FUTURES.with(|c| assert_eq!(c.borrow().len(), KEEP_FUTURES));
     }

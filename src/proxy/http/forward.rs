@@ -300,10 +300,7 @@ async fn serve_requests(
         // connection's clock or by boxed timers, never by a monoio timer
         // inline (see `boxed`). In a block of the shard's cache, given back
         // when the request is done.
-        let mut one = buffers::future(exchange(reader, writer, &mut inbuf, first, ctx));
-        let next = one.as_mut().await;
-        buffers::give_future(one);
-        match next? {
+        match buffers::future(exchange(reader, writer, &mut inbuf, first, ctx)).await? {
             Next::KeepAlive => first = false,
             Next::Close => break,
             Next::Ended => return Ok(()),
