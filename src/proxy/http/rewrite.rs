@@ -139,9 +139,30 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
 /// Appends `v` as a Forwarded value: as is if it is an RFC 9110 token,
 /// else as a quoted-string with `\` and `"` escaped (RFC 7239 §4).
 fn push_forwarded_value(out: &mut Vec<u8>, v: &str) {
-    let token = !v.is_empty()
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    // tchar (RFC 9110 §5.6.2), as a match: `contains` on the set was a
+    // byte-loop memchr per byte of the value (a Host of "a.b:443"), 0.6%
+    // of a proxied HTTP/2 request's user instructions.
+    let tchar = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            )
+    };
+    let token = !v.is_empty() && v.bytes().all(tchar);
     if token {
         out.extend_from_slice(v.as_bytes());
         return;
