@@ -30,6 +30,7 @@ use h2::Reason;
 
 use self::io::{H2Io, Signals};
 use self::watch::FrameWatch;
+use crate::buffers;
 use crate::ktls::{StreamError, TlsReader, TlsWriter};
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::forward::{Ctx, HttpError};
@@ -132,19 +133,6 @@ pub fn serve<'a>(
     async move { serve_on(handshake, signals, &ctx).await }
 }
 
-/// A stream's future as FuturesUnordered holds it (inline in its task's
-/// allocation), refused at compile time when over-aligned, as
-/// [`boxed`](crate::proxy::http::forward::boxed) refuses one: an over-aligned task is a `posix_memalign`.
-fn inline<F: Future<Output = stream::End>>(f: F) -> F {
-    const {
-        assert!(
-            std::mem::align_of::<F>() <= 16,
-            "a timer inline in a per-stream future"
-        )
-    };
-    f
-}
-
 type Preface = Pin<Box<monoio::time::Timeout<h2::server::Handshake<H2Io, Bytes>>>>;
 
 async fn serve_on(
@@ -167,9 +155,12 @@ async fn serve_on(
     // goes to the next one; up to CLOCKS_KEPT are kept (a burst of streams
     // leaves no more behind: each entry is about 100 bytes).
     let clocks: RefCell<Vec<Rc<Idle>>> = RefCell::default();
-    // The stream futures are held inline in FuturesUnordered's own task
-    // allocation: boxing them first cost a second allocation (and free) per
-    // stream.
+    // Each stream's future in a block of the shard's cache
+    // (`buffers::future`): a fresh box was an allocation per stream too
+    // big for glibc's thread cache. Not inline in FuturesUnordered's
+    // task: its queue keeps a stub task of the future's size for the
+    // connection's life, 4 KB more per idle connection (tests/h2.rs's
+    // budget, 20 KiB, failed at 20.8 KB).
     let mut streams = FuturesUnordered::new();
     let mut drain = ctx.drain.watch();
     // One keep-alive entry for the connection's life, armed again when its
@@ -237,7 +228,7 @@ async fn serve_on(
                         own.clock = Some(clock.clone());
                         let clocks = &clocks;
                         let link = &*signals;
-                        streams.push(inline(async move {
+                        streams.push(buffers::future(async move {
                             let end = stream::exchange(req, respond, &own, link).await;
                             let mut kept = clocks.borrow_mut();
                             if kept.len() < CLOCKS_KEPT {
