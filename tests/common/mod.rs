@@ -348,7 +348,12 @@ impl Ktern {
         prefix: &[&str],
     ) -> Ktern {
         let stderr_path = dir.join(format!("ktern-{}.log", unique()));
-        let ktern = env!("CARGO_BIN_EXE_ktern");
+        // KTERN_TEST_BIN: another build of ktern to start (scripts/test.sh
+        // runs the memory budgets against the release build, the one
+        // operators run: its futures, so its idle connections, differ in
+        // size from the debug build's).
+        let ktern = std::env::var_os("KTERN_TEST_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_ktern").into());
         let mut cmd = match prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
