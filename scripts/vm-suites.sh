@@ -1,18 +1,22 @@
 #!/bin/busybox sh
 # Guest side of scripts/vm-tests.sh: runs several test binaries in one VM
 # boot (booting is most of a short suite's time under TCG). Arguments are
-# groups separated by "::": TEST-BINARY [FILTER...]. Each binary runs with
-# --test-threads=1; the exit status is 0 only if every one passed.
+# groups separated by "::": [NAME=VALUE] TEST-BINARY [FILTER...]. Each binary
+# runs with --test-threads=1, with NAME=VALUE in its environment if given; the
+# exit status is 0 only if every one passed.
 status=0
 run() {
 	[ $# -gt 0 ] || return 0
+	envs=""
+	case $1 in *=*) envs=$1; shift ;; esac
 	bin=$1
 	shift
-	echo "=== suite $(basename "$bin") ==="
-	if "$bin" --test-threads=1 "$@"; then
-		echo "=== suite $(basename "$bin"): PASS ==="
+	name="$(basename "$bin")${envs:+ ($envs)}"
+	echo "=== suite $name ==="
+	if env ${envs:+"$envs"} "$bin" --test-threads=1 "$@"; then
+		echo "=== suite $name: PASS ==="
 	else
-		echo "=== suite $(basename "$bin"): FAIL ==="
+		echo "=== suite $name: FAIL ==="
 		status=1
 	fi
 }
