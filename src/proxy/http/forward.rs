@@ -318,12 +318,7 @@ async fn serve_requests(
 /// work. A plain function, so no borrowed local of the caller's async
 /// state outlives the move (it would keep a copy of the future inline).
 pub(crate) fn boxed<F: Future>(f: F) -> std::pin::Pin<Box<F>> {
-    const {
-        assert!(
-            std::mem::align_of::<F>() <= 16,
-            "a timer inline in a per-request future"
-        )
-    };
+    const { buffers::refuse_over_aligned::<F>() };
     Box::pin(f)
 }
 
