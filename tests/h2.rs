@@ -59,7 +59,7 @@ fn requests_bodies_and_trailers_cross_http2_to_http11_backends() {
         let mut tasks = Vec::new();
         for i in 0..64 {
             let mut c = c.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.push(tokio::task::spawn_local(async move {
                 let r = h2c::get(&mut c, &format!("/wait/{}", i % 7)).await;
                 (r.status, r.body)
             }));
@@ -304,7 +304,8 @@ fn drain_sends_goaway_and_streams_in_flight_finish() {
         assert_eq!(h2c::get(&mut c, "/x").await.status, 200);
         let mut slow = c.clone();
         // Within the backend's response_timeout (1 s).
-        let in_flight = tokio::spawn(async move { h2c::get(&mut slow, "/wait/800").await });
+        let in_flight =
+            tokio::task::spawn_local(async move { h2c::get(&mut slow, "/wait/800").await });
         tokio::time::sleep(Duration::from_millis(200)).await;
         // (Before the drain: the admin endpoint goes with the process.)
         assert_offloaded_in_vm(&k);

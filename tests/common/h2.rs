@@ -20,12 +20,30 @@ pub fn tls_config(pki: &Pki, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
-/// A current-thread runtime for one test.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+/// A current-thread runtime for one test, whose tasks run on its thread
+/// (`tokio::task::spawn_local`): ktern's h2 keeps a connection's stream
+/// state in `Rc`s (`vendor/README.md`), so its handles are not `Send`.
+pub struct Runtime {
+    rt: tokio::runtime::Runtime,
+    local: tokio::task::LocalSet,
+}
+
+impl Runtime {
+    /// Runs `f` to its end, with the tasks it spawns.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.local.block_on(&self.rt, f)
+    }
+}
+
+/// A [`Runtime`] for one test.
+pub fn runtime() -> Runtime {
+    Runtime {
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        local: tokio::task::LocalSet::new(),
+    }
 }
 
 /// Connects, negotiates `h2` and starts the connection task.
@@ -37,7 +55,7 @@ pub async fn connect(addr: SocketAddr, pki: &Pki) -> SendRequest<Bytes> {
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN");
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
+    tokio::task::spawn_local(async move {
         let _ = conn.await;
     });
     send
@@ -182,7 +200,7 @@ pub async fn connect_rekeying(
         trigger: trigger.clone(),
     };
     let (send, conn) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(async move {
+    tokio::task::spawn_local(async move {
         let _ = conn.await;
     });
     (send, trigger)
