@@ -40,7 +40,7 @@ pub struct Idle {
 impl Idle {
     /// Records that bytes moved now.
     pub fn touch(&self) {
-        self.last.set(Instant::now());
+        self.last.set(crate::clock::coarse_now());
     }
 
     /// Ready once the sweeper found the connection idle for its timeout.
@@ -159,7 +159,7 @@ impl IdleSweeper {
     /// (the sweeper drops dead entries on its next pass).
     pub fn register(&self, timeout: Duration) -> Rc<Idle> {
         let idle = Rc::new(Idle {
-            last: Cell::new(Instant::now()),
+            last: Cell::new(crate::clock::coarse_now()),
             timeout: Cell::new(timeout),
             expired: Cell::new(false),
             nudge: Cell::new(Duration::ZERO),
@@ -211,7 +211,7 @@ impl IdleSweeper {
     pub async fn run(self: Rc<Self>) {
         loop {
             monoio::time::sleep(self.period.get()).await;
-            self.sweep(Instant::now());
+            self.sweep(crate::clock::coarse_now());
         }
     }
 }

@@ -802,6 +802,28 @@ pub fn trim_heap() {
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE`: the monotonic clock as of the last timer
+/// tick (4 ms here: `CONFIG_HZ=250`), read from the vDSO without reading
+/// the TSC: 5.7 ns a call on this project's host, against 19.6 ns for
+/// `CLOCK_MONOTONIC` (`Instant::now`). `None` if the kernel refuses it
+/// (it has had it since 2.6.32).
+pub fn monotonic_coarse() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec for the call's duration;
+    // clock_gettime writes only into it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
+}
+
 /// Is this process running with effective uid 0?
 pub fn is_root() -> bool {
     // SAFETY: geteuid reads no user memory and cannot fail.

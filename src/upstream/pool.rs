@@ -84,7 +84,7 @@ impl Pool {
         idle.push(Idle {
             stream,
             addr,
-            since: Instant::now(),
+            since: crate::clock::coarse_now(),
         });
     }
 

@@ -23,6 +23,7 @@ use super::files::{self, FileError, Plan, Resolved};
 use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
 use crate::buffers;
+use crate::clock;
 use crate::config::{HttpRoute, Upstream};
 use crate::handshake::TlsInfo;
 use crate::ktls::Path;
@@ -555,7 +556,8 @@ async fn read_head(
     // `Connection: close` while draining), never dropped.
     let mut waiting = inbuf.is_empty() && !first;
     // One deadline for the whole head, however many reads it takes.
-    let mut deadline = Instant::now()
+    // The coarse clock: a bound in seconds, checked by the idle sweeper.
+    let mut deadline = clock::coarse_now()
         + if waiting {
             ctx.route.keepalive_timeout
         } else {
@@ -567,7 +569,7 @@ async fn read_head(
             Ok(None) => {}
             Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(clock::coarse_now());
         let chunk = match ctx.within(left, reader.read_chunk()).await {
             Err(_) if inbuf.is_empty() => return Ok(HeadOutcome::Idle),
             Err(_) => return Ok(HeadOutcome::Refused(408, reason(408))),
@@ -575,7 +577,7 @@ async fn read_head(
         };
         if waiting && chunk.as_ref().is_some_and(|c| !c.is_empty()) {
             waiting = false;
-            deadline = Instant::now() + ctx.route.head_timeout;
+            deadline = clock::coarse_now() + ctx.route.head_timeout;
         }
         match chunk {
             None if inbuf.is_empty() => return Ok(HeadOutcome::Closed),
@@ -1553,7 +1555,7 @@ pub(crate) async fn read_response(
     timeout: Duration,
     ctx: &Ctx<'_>,
 ) -> Result<Response, UpstreamFault> {
-    let deadline = Instant::now() + timeout;
+    let deadline = clock::coarse_now() + timeout;
     let mut rbuf: Vec<u8> = Vec::new();
     // Once an interim response came back, the backend has answered: a
     // close after it is a fault, not a reason to retry elsewhere.
@@ -1581,7 +1583,7 @@ pub(crate) async fn read_response(
             }
             Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(clock::coarse_now());
         // The first read takes a cached large buffer (the head and up to
         // 64 KiB of body in one read, a body up to COALESCE sent with the
         // head); with none cached, a page from the small ones (nginx's
