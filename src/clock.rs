@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 /// head and response deadlines, a pooled connection's idle age), never
 /// for a latency that is measured or logged. A keep-alive HTTP/1.1
 /// request read the clock 13.4 times (`bench/callgrind.sh`), 2% of the
-/// server's CPU per request (`perf`); this read costs a third of one.
+/// server's CPU per request (`perf`). The coarse clock's own read is 5.7
+/// ns against 19.6 ns for `CLOCK_MONOTONIC` (a C loop on this project's
+/// host); this function adds a thread-local lookup and an addition.
 pub fn coarse_now() -> Instant {
     thread_local! {
         // One precise reading and the coarse clock at the same moment:
