@@ -32,11 +32,8 @@ cargo test --no-default-features --features ring --all-targets
 # between builds; one change once passed these in debug and failed them in
 # release, tests/h2.rs's idle budget by 0.4 KB).
 echo "=== memory budgets against the release build ==="
-cargo build --release --quiet --bin ktern
-# Where cargo put it: the target directory moves with CARGO_TARGET_DIR.
-release_bin=$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/ktern
-[ -x "$release_bin" ] || { echo "test.sh: release ktern binary not found" >&2; exit 1; }
+. scripts/lib.sh
+release_bin=$(release_ktern)
 KTERN_TEST_BIN=$release_bin cargo test --test l4 --test http --test h2 --test live -- \
   idle_connections_stay_within_their_memory_budget \
   memory_freed_by_a_flood_goes_back_to_the_kernel \

@@ -23,14 +23,7 @@ done
 
 # Build the ktern binary and the test binary; find both paths from cargo
 # (they move with CARGO_TARGET_DIR).
-artifacts() {
-  python3 -c 'import json,sys
-want = sys.argv[1]
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == want:
-        print(m["executable"])' "$1"
-}
+. scripts/lib.sh
 ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts ktern)
 [ -x "$ktern_bin" ] || { echo "vm-tests: ktern binary not found" >&2; exit 1; }
 # Suite and test filters (empty: every test). The live suite's reload and
@@ -57,8 +50,7 @@ declare -A release_filters=([l4]="idle_connections_stay" [h2]="idle_http2")
 base_files=(--file "$ktern_bin:$ktern_bin")
 for t in "${suites[@]}"; do
   [ -n "${release_filters[$t]:-}" ] || continue
-  release_bin=$(cargo build --release --quiet --bin ktern --message-format=json | artifacts ktern)
-  [ -x "$release_bin" ] || { echo "vm-tests: release ktern binary not found" >&2; exit 1; }
+  release_bin=$(release_ktern)
   base_files+=(--file "$release_bin:$release_bin")
   break
 done

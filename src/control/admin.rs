@@ -161,8 +161,8 @@ fn route(method: &str, target: &str, control: &Control) -> Answer {
     }
 }
 
-/// Every shard's counters summed, the kernel's kTLS counters and the
-/// current certificates' expiry.
+/// Every shard's counters summed, the kernel's kTLS counters, the
+/// current certificates' expiry and the build.
 fn metrics(control: &Control) -> String {
     let mut out = String::with_capacity(16 << 10);
     crate::metrics::render_into(&mut out, &control.metric_sets());
@@ -171,6 +171,7 @@ fn metrics(control: &Control) -> String {
         crate::metrics::render_kernel_tls(&mut out, &stat);
     }
     crate::metrics::render_cert_expiry(&mut out, &control.current().config);
+    crate::metrics::render_build_info(&mut out);
     out
 }
 

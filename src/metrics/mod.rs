@@ -143,6 +143,26 @@ pub fn render_into(out: &mut String, shards: &[Arc<ShardMetrics>]) {
     family::render(out, &shards.iter().map(|s| &s.families).collect::<Vec<_>>());
 }
 
+/// `ktern_build_info`: the version and build profile of the running
+/// binary, as a constant 1 with labels (Prometheus' `*_build_info`
+/// convention), so a dashboard can tell builds apart and the test
+/// harness can check that its release pass started the release build
+/// (`tests/common`, whenever `KTERN_TEST_BIN` names the binary).
+pub fn render_build_info(out: &mut String) {
+    let name = "ktern_build_info";
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let _ = writeln!(
+        out,
+        "# HELP {name} The running binary: version and build profile.\n# TYPE {name} gauge\n\
+         {name}{{version=\"{}\",profile=\"{profile}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
 /// `ktern_certificate_expiry_timestamp_seconds`: each configured
 /// certificate's notAfter (Unix time), so an alert can fire on
 /// `... - time() < 14 * 86400`.
@@ -219,6 +239,23 @@ mod tests {
         );
         let names: std::collections::HashSet<_> = COUNTERS.iter().map(|c| c.0).collect();
         assert_eq!(names.len(), COUNTERS.len(), "metric names must be unique");
+    }
+
+    #[test]
+    fn build_info_names_this_build() {
+        let mut out = String::new();
+        render_build_info(&mut out);
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        let line = format!(
+            "ktern_build_info{{version=\"{}\",profile=\"{profile}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(out.contains("# TYPE ktern_build_info gauge\n"), "{out}");
+        assert!(out.ends_with(&line), "{out}");
     }
 
     #[test]

@@ -396,7 +396,7 @@ impl Ktern {
             let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
             panic!("ktern did not start:\n{log}");
         };
-        Ktern {
+        let ktern = Ktern {
             child,
             addrs,
             redirects,
@@ -404,7 +404,20 @@ impl Ktern {
             stderr_path,
             config_path: path.to_path_buf(),
             tls_stat_at_start,
+        };
+        // The release pass (scripts/test.sh, scripts/vm-tests.sh) names the
+        // release binary: check that the ktern it started is one, so a
+        // wrong path cannot pass the memory budgets on the debug build's
+        // figures unseen.
+        if std::env::var_os("KTERN_TEST_BIN").is_some() {
+            let (_, body) = ktern.admin_request("GET", "/metrics");
+            let build = body.lines().find(|l| l.starts_with("ktern_build_info{"));
+            assert!(
+                build.is_some_and(|l| l.contains("profile=\"release\"")),
+                "KTERN_TEST_BIN started {build:?}, not a release build"
+            );
         }
+        ktern
     }
 
     pub fn pid(&self) -> u32 {
