@@ -13,13 +13,14 @@ for l in sys.stdin:
         print(m["executable"])' "$1"
 }
 
-# Builds the release ktern (fat LTO: minutes when not cached) and prints its
-# path; fails if cargo named none. The memory budgets run against it once
-# more (KTERN_TEST_BIN): an idle connection's size depends on the build's
-# future layouts, and operators run this build.
-release_ktern() {
+# Builds ktern (the `dev` profile, or with --release the release profile:
+# fat LTO, minutes when not cached) and prints the binary's path; fails if
+# cargo named none. The memory budgets run a second time against the
+# release build (KTERN_TEST_BIN): an idle connection's size depends on the
+# build's future layouts, and operators run that build.
+ktern_binary() {
   local bin
-  bin=$(cargo build --release --quiet --bin ktern --message-format=json | artifacts ktern)
-  [ -x "$bin" ] || { echo "release ktern binary not found" >&2; return 1; }
+  bin=$(cargo build "$@" --quiet --bin ktern --message-format=json | artifacts ktern)
+  [ -x "$bin" ] || { echo "ktern binary (${*:-dev}) not found" >&2; return 1; }
   echo "$bin"
 }

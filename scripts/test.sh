@@ -33,7 +33,7 @@ cargo test --no-default-features --features ring --all-targets
 # release, tests/h2.rs's idle budget by 0.4 KB).
 echo "=== memory budgets against the release build ==="
 . scripts/lib.sh
-release_bin=$(release_ktern)
+release_bin=$(ktern_binary --release)
 KTERN_TEST_BIN=$release_bin cargo test --test l4 --test http --test h2 --test live -- \
   idle_connections_stay_within_their_memory_budget \
   memory_freed_by_a_flood_goes_back_to_the_kernel \

@@ -24,8 +24,7 @@ done
 # Build the ktern binary and the test binary; find both paths from cargo
 # (they move with CARGO_TARGET_DIR).
 . scripts/lib.sh
-ktern_bin=$(cargo build --quiet --bin ktern --message-format=json | artifacts ktern)
-[ -x "$ktern_bin" ] || { echo "vm-tests: ktern binary not found" >&2; exit 1; }
+ktern_bin=$(ktern_binary)
 # Suite and test filters (empty: every test). The live suite's reload and
 # drain tests run here so that offloaded connections are shown to survive a
 # reload and to be drained with close_notify; l4's idle-memory test holds
@@ -50,7 +49,7 @@ declare -A release_filters=([l4]="idle_connections_stay" [h2]="idle_http2")
 base_files=(--file "$ktern_bin:$ktern_bin")
 for t in "${suites[@]}"; do
   [ -n "${release_filters[$t]:-}" ] || continue
-  release_bin=$(release_ktern)
+  release_bin=$(ktern_binary --release)
   base_files+=(--file "$release_bin:$release_bin")
   break
 done

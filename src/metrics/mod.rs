@@ -150,18 +150,21 @@ pub fn render_into(out: &mut String, shards: &[Arc<ShardMetrics>]) {
 /// (`tests/common`, whenever `KTERN_TEST_BIN` names the binary).
 pub fn render_build_info(out: &mut String) {
     let name = "ktern_build_info";
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
     let _ = writeln!(
         out,
         "# HELP {name} The running binary: version and build profile.\n# TYPE {name} gauge\n\
-         {name}{{version=\"{}\",profile=\"{profile}\"}} 1",
+         {name}{{version=\"{}\",profile=\"{BUILD_PROFILE}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
 }
+
+/// The build profile `ktern_build_info` reports: `debug` with debug
+/// assertions (cargo's `dev` profile), else `release`.
+pub const BUILD_PROFILE: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
 
 /// `ktern_certificate_expiry_timestamp_seconds`: each configured
 /// certificate's notAfter (Unix time), so an alert can fire on
@@ -245,13 +248,11 @@ mod tests {
     fn build_info_names_this_build() {
         let mut out = String::new();
         render_build_info(&mut out);
-        let profile = if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        };
+        // `cargo test` builds with debug assertions, as `dev` does.
+        #[cfg(debug_assertions)]
+        assert_eq!(BUILD_PROFILE, "debug");
         let line = format!(
-            "ktern_build_info{{version=\"{}\",profile=\"{profile}\"}} 1\n",
+            "ktern_build_info{{version=\"{}\",profile=\"{BUILD_PROFILE}\"}} 1\n",
             env!("CARGO_PKG_VERSION")
         );
         assert!(out.contains("# TYPE ktern_build_info gauge\n"), "{out}");
