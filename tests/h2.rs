@@ -375,6 +375,109 @@ fn curl_nghttp_and_h2load_speak_http2_through_ktern() {
     assert!(text.contains("status codes: 2000 2xx"), "h2load: {text}");
 }
 
+/// WebSocket over HTTP/2 (RFC 8441) to an HTTP/1.1 backend: ktern offers
+/// extended CONNECT, restates it as the HTTP/1.1 upgrade with a key of its
+/// own, checks the backend's accept for that key, answers 200 without it,
+/// and carries the new protocol's bytes both ways with half-closes. Also
+/// in the kTLS VM (a Rust client: no Python there).
+#[test]
+fn websockets_cross_http2_as_extended_connect() {
+    let (pki, k, _a) = setup("h2-ws", "");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        assert!(h2c::extended_connect_offered(&mut c).await);
+        let mut ws = h2c::websocket(&mut c, "/ws", &[("sec-websocket-protocol", "chat, x")])
+            .await
+            .unwrap();
+        assert_eq!(ws.status, 200);
+        // The backend's chosen subprotocol comes through; the accept that
+        // answered ktern's key does not (RFC 8441 §5), nor hop-by-hop
+        // fields.
+        assert_eq!(ws.headers["sec-websocket-protocol"], "chat");
+        for gone in ["sec-websocket-accept", "upgrade", "connection"] {
+            assert!(ws.headers.get(gone).is_none(), "{gone}: {:?}", ws.headers);
+        }
+        // The backend's greeting, sent with its 101, then an echo per
+        // message, including one larger than a DATA frame.
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend_from_slice(&h2c::next_data(&mut ws.recv).await.unwrap());
+        }
+        assert_eq!(got, b"hi");
+        let big = pattern(200_000, 3);
+        for msg in [&b"ping"[..], &big] {
+            ws.send
+                .send_data(bytes::Bytes::copy_from_slice(msg), false)
+                .unwrap();
+            let mut echo = Vec::new();
+            while echo.len() < msg.len() {
+                echo.extend_from_slice(&h2c::next_data(&mut ws.recv).await.unwrap());
+            }
+            assert_eq!(echo, msg);
+        }
+        // The client's END_STREAM half-closes the backend connection;
+        // the backend's close ends the stream.
+        ws.send.send_data(bytes::Bytes::new(), true).unwrap();
+        assert_eq!(h2c::next_data(&mut ws.recv).await, None);
+
+        // A backend whose accept does not answer ktern's key is not a
+        // WebSocket server ktern can vouch for: 502.
+        let ws = h2c::websocket(&mut c, "/ws-wrong-accept", &[])
+            .await
+            .unwrap();
+        assert_eq!(ws.status, 502);
+        // A 2xx would tell the client its WebSocket is open (RFC 8441
+        // §5): a backend that answers one without switching is not a
+        // WebSocket server, 502.
+        let ws = h2c::websocket(&mut c, "/head", &[]).await.unwrap();
+        assert_eq!(ws.status, 502);
+        // A backend's refusal reaches the client as it is; what the
+        // backend received was the HTTP/1.1 upgrade (`/head-403` echoes
+        // its head).
+        let mut ws = h2c::websocket(&mut c, "/head-403", &[]).await.unwrap();
+        assert_eq!(ws.status, 403);
+        let mut body = Vec::new();
+        while let Some(d) = h2c::next_data(&mut ws.recv).await {
+            body.extend_from_slice(&d);
+        }
+        let head = String::from_utf8(body).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /head-403 http/1.1\r\n"), "{head}");
+        for field in [
+            "connection: upgrade",
+            "upgrade: websocket",
+            "sec-websocket-version: 13",
+        ] {
+            assert!(
+                head.contains(&format!("\r\n{field}\r\n")),
+                "{field}: {head}"
+            );
+        }
+        let key = head.split("\r\nsec-websocket-key: ").nth(1).unwrap();
+        assert_eq!(key.split("\r\n").next().unwrap().len(), 24, "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        // The connection still serves requests.
+        assert_eq!(h2c::get(&mut c, "/x").await.status, 200);
+    });
+    assert_eq!(
+        k.metric("ktern_upstream_errors_total"),
+        2,
+        "the wrong accept, the 2xx without a switch"
+    );
+    assert_offloaded_in_vm(&k);
+}
+
+/// With `websocket = false` ktern does not offer extended CONNECT.
+#[test]
+fn websockets_over_http2_can_be_turned_off() {
+    let (pki, k, _a) = setup("h2-ws-off", "[listener.route.http2]\nwebsocket = false");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        assert!(!h2c::extended_connect_offered(&mut c).await);
+    });
+}
+
 /// Runs one case of `tests/common/h2_hostile.py`; its JSON outcome.
 fn hostile(k: &Ktern, case: &str) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/h2_hostile.py");

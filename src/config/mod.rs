@@ -659,6 +659,9 @@ pub struct Http2 {
     /// allowed per connection beyond ten per request; more is
     /// ENHANCE_YOUR_CALM.
     pub max_control_frames: u32,
+    /// WebSocket over HTTP/2 (RFC 8441 extended CONNECT) to HTTP/1.1
+    /// backends: SETTINGS_ENABLE_CONNECT_PROTOCOL is sent.
+    pub websocket: bool,
 }
 
 impl Default for Http2 {
@@ -1873,6 +1876,7 @@ impl Validator<'_> {
             max_pending_resets: raw.max_pending_resets,
             max_error_resets: raw.max_error_resets,
             max_control_frames: raw.max_control_frames,
+            websocket: raw.websocket,
         };
         if !(1..=10_000).contains(&http2.max_concurrent_streams) {
             self.problem(

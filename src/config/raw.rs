@@ -395,6 +395,8 @@ pub(super) struct Http2Section {
     pub max_error_resets: usize,
     #[serde(default = "default_h2_control_frames")]
     pub max_control_frames: u32,
+    #[serde(default = "default_true")]
+    pub websocket: bool,
 }
 
 impl Default for Http2Section {
@@ -408,6 +410,7 @@ impl Default for Http2Section {
             max_pending_resets: default_h2_pending_resets(),
             max_error_resets: default_h2_error_resets(),
             max_control_frames: default_h2_control_frames(),
+            websocket: true,
         }
     }
 }

@@ -252,7 +252,7 @@ pub async fn tls_tunnel(
             moved,
             false
         ));
-        both_or_first_error(up, down, idle).await
+        both_or_first_error(up, down, idle, ProxyError::Idle).await
     };
     match &result {
         Err(ProxyError::Idle(_)) => {
@@ -379,7 +379,7 @@ impl Passthrough {
             moved,
             false
         ));
-        both_or_first_error(up, down, idle).await
+        both_or_first_error(up, down, idle, ProxyError::Idle).await
     }
 }
 
@@ -453,7 +453,7 @@ pub async fn tunnel(
         let down = pin!(backend_to_client(
             backend_rd, writer, pipes, idle, moved, &burst, metrics
         ));
-        both_or_first_error(up, down, idle).await
+        both_or_first_error(up, down, idle, ProxyError::Idle).await
     };
     match &result {
         // Our decision, nothing in flight: end politely with close_notify.
@@ -693,15 +693,18 @@ async fn drain_pipe(pipe: &Pipe, to: &mut WriteSide, mut n: usize) -> io::Result
 }
 
 /// Polls both directions; finishes when both are done, at the first error,
-/// or when the shard's sweeper finds the connection idle.
-async fn both_or_first_error<A, B>(
+/// or when the shard's sweeper finds the connection idle (`idled`: that
+/// error, given the timeout). Also an upgraded HTTP/2 stream's two
+/// directions (`proxy::h2::stream`).
+pub(crate) async fn both_or_first_error<A, B, E>(
     mut up: std::pin::Pin<&mut A>,
     mut down: std::pin::Pin<&mut B>,
     idle: &Idle,
-) -> Result<(), ProxyError>
+    idled: impl Fn(Duration) -> E,
+) -> Result<(), E>
 where
-    A: Future<Output = Result<(), ProxyError>>,
-    B: Future<Output = Result<(), ProxyError>>,
+    A: Future<Output = Result<(), E>>,
+    B: Future<Output = Result<(), E>>,
 {
     let mut up_done = false;
     let mut down_done = false;
@@ -722,7 +725,7 @@ where
             return Poll::Ready(Ok(()));
         }
         if idle.poll_expired(cx).is_ready() {
-            return Poll::Ready(Err(ProxyError::Idle(idle.timeout())));
+            return Poll::Ready(Err(idled(idle.timeout())));
         }
         Poll::Pending
     })

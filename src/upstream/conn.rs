@@ -202,3 +202,95 @@ impl BackendConn {
         }
     }
 }
+
+/// The reading half of a [`BackendConn`] split for a tunnel, whose two
+/// directions run at once ([`BackendConn::split`]).
+pub enum BackendRead {
+    /// Plain TCP's read side (readiness, then `recv`).
+    Plain(sys::ReadSide),
+    /// TLS's reading half.
+    Tls(TlsReader),
+}
+
+/// The writing half of a [`BackendConn`] split for a tunnel.
+pub enum BackendWrite {
+    /// Plain TCP's write side (io_uring sends).
+    Plain(sys::WriteSide),
+    /// TLS's writing half.
+    Tls(TlsWriter),
+}
+
+impl BackendConn {
+    /// The two directions apart, for a tunnel (an upgraded HTTP/2
+    /// stream): one task reads while another writes.
+    pub fn split(self) -> io::Result<(BackendRead, BackendWrite)> {
+        Ok(match self {
+            BackendConn::Plain(s) => {
+                let (r, w) = sys::split_stream(s)?;
+                (BackendRead::Plain(r), BackendWrite::Plain(w))
+            }
+            BackendConn::Tls(t) => {
+                let (r, w) = *t;
+                (BackendRead::Tls(r), BackendWrite::Tls(w))
+            }
+        })
+    }
+}
+
+impl BackendRead {
+    /// What the backend sent, at most `max` bytes on plain TCP (on TLS one
+    /// chunk of plaintext); empty at its end of stream. Plain TCP waits
+    /// for readiness and reads with one `recv`, as the `tcp` route does.
+    /// The buffer may go back to [`buffers::give`].
+    pub async fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        match self {
+            BackendRead::Plain(r) => {
+                let max = max.clamp(1, READ);
+                loop {
+                    r.get().readable(false).await?;
+                    let mut buf = buffers::take(READ);
+                    buf.clear();
+                    match sys::recv_upto(sys::borrow_fd(r), &mut buf, max) {
+                        Ok(_) => return Ok(buf),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                            ) =>
+                        {
+                            buffers::give(buf)
+                        }
+                        Err(e) => {
+                            buffers::give(buf);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            BackendRead::Tls(r) => match r.read_chunk().await {
+                Ok(Some(chunk)) => Ok(chunk),
+                Ok(None) => Ok(Vec::new()),
+                Err(e) => Err(io::Error::other(e)),
+            },
+        }
+    }
+}
+
+impl BackendWrite {
+    /// Writes all of `buf`.
+    pub async fn write_bytes(&mut self, buf: bytes::Bytes) -> io::Result<()> {
+        match self {
+            BackendWrite::Plain(w) => w.get_mut().write_all(buf).await.0.map(drop),
+            BackendWrite::Tls(w) => w.write_all(buf.into()).await.0.map_err(io::Error::other),
+        }
+    }
+
+    /// Half-close: nothing more will be sent (a FIN, or TLS's
+    /// close_notify); the backend's side may still send.
+    pub async fn finish(&mut self) -> io::Result<()> {
+        match self {
+            BackendWrite::Plain(w) => sys::shutdown_write(sys::borrow_fd(w)),
+            BackendWrite::Tls(w) => w.close().await.map_err(io::Error::other),
+        }
+    }
+}

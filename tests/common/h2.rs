@@ -123,6 +123,71 @@ pub async fn request(
     })
 }
 
+/// An open WebSocket over HTTP/2 (RFC 8441): the response's status and
+/// fields, and the stream both ways.
+pub struct WebSocket {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub recv: h2::RecvStream,
+    pub send: h2::SendStream<Bytes>,
+}
+
+/// Waits (up to 5 s) for the server's SETTINGS to say whether it takes
+/// extended CONNECT (RFC 8441 §3); the answer.
+pub async fn extended_connect_offered(send: &mut SendRequest<Bytes>) -> bool {
+    // A finished exchange means every SETTINGS sent before its response
+    // was read.
+    let _ = get(send, "/").await;
+    send.is_extended_connect_protocol_enabled()
+}
+
+/// Opens a WebSocket to `path` with an extended CONNECT (`:protocol`
+/// websocket, `sec-websocket-version: 13` and `fields`).
+pub async fn websocket(
+    send: &mut SendRequest<Bytes>,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> Result<WebSocket, h2::Error> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://localhost{path}"))
+        .header("sec-websocket-version", "13");
+    for (n, v) in fields {
+        req = req.header(*n, *v);
+    }
+    let mut req = req.body(()).unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let ready = send.clone().ready().await?;
+    *send = ready;
+    let (resp, stream) = send.send_request(req, false)?;
+    let resp = tokio::time::timeout(Duration::from_secs(20) * super::slow(), resp)
+        .await
+        .expect("WebSocket response in time")?;
+    Ok(WebSocket {
+        status: resp.status().as_u16(),
+        headers: resp.headers().clone(),
+        recv: resp.into_body(),
+        send: stream,
+    })
+}
+
+/// The next bytes `recv` carries (their window released; empty DATA
+/// frames, as an END_STREAM of its own, are skipped), `None` at
+/// END_STREAM; fails the test after 20 s.
+pub async fn next_data(recv: &mut h2::RecvStream) -> Option<Bytes> {
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(20) * super::slow(), recv.data())
+            .await
+            .expect("DATA in time")?
+            .expect("DATA");
+        if !d.is_empty() {
+            recv.flow_control().release_capacity(d.len()).unwrap();
+            return Some(d);
+        }
+    }
+}
+
 /// `request` with a deadline, for tests that must not hang (four times
 /// longer in the VM, whose emulated CPU moves a 64 MiB body in about a
 /// minute).

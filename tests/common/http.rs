@@ -121,6 +121,13 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
                 out.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")?
             }
             "/head" => reply(&mut out, head.as_bytes())?,
+            "/head-403" => {
+                // The head received, refused (as a WebSocket endpoint
+                // refusing an upgrade would).
+                let mut answer = format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n", head.len()).into_bytes();
+                answer.extend_from_slice(head.as_bytes());
+                out.write_all(&answer)?;
+            }
             "/sum" => reply(&mut out, format!("{} {}", body.len(), sha256(&body)).as_bytes())?,
             // The request's chunked trailer section, as received.
             "/trailers" => reply(&mut out, trailers.as_bytes())?,
@@ -171,8 +178,26 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
                 out.write_all(b"SSH-2.0-nope\r\n\r\n")?;
                 return Ok(());
             }
-            "/ws" => {
-                out.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi")?;
+            "/ws" | "/ws-wrong-accept" => {
+                // The accept for the request's key (RFC 6455 §4.2.2), when
+                // it has one; `/ws-wrong-accept` answers another key's.
+                let field = |name: &str| {
+                    let at = lower.find(&format!("\r\n{name}: "))? + name.len() + 4;
+                    Some(head[at..].lines().next()?.trim().to_string())
+                };
+                let mut switch =
+                    String::from("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
+                if let Some(key) = field("sec-websocket-key") {
+                    let key = if path == "/ws" { key } else { format!("{key}x") };
+                    let accept = ktern::proxy::h2::convert::websocket_accept(&key);
+                    switch.push_str(&format!("Sec-WebSocket-Accept: {accept}\r\n"));
+                }
+                if let Some(p) = field("sec-websocket-protocol") {
+                    let first = p.split(',').next().unwrap_or("").trim().to_string();
+                    switch.push_str(&format!("Sec-WebSocket-Protocol: {first}\r\n"));
+                }
+                switch.push_str("\r\nhi");
+                out.write_all(switch.as_bytes())?;
                 // Echo the new protocol's bytes until the client half-closes.
                 let mut buf = [0u8; 4096];
                 loop {

@@ -34,18 +34,68 @@ const CONNECTION_SPECIFIC: &[&str] = &[
     "upgrade",
 ];
 
+/// The GUID of RFC 6455 §1.3, which a WebSocket server appends to the
+/// client's key before hashing it into `Sec-WebSocket-Accept`.
+const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Whether `parts` opens a WebSocket: an extended CONNECT (RFC 8441 §4)
+/// whose `:protocol` is `websocket`. Its HTTP/1.1 restatement needs a
+/// `Sec-WebSocket-Key` ([`websocket_key`]), which HTTP/2 clients do not
+/// send (RFC 8441 §5: the key and accept handshake is HTTP/1.1's).
+pub fn is_websocket(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::CONNECT
+        && parts
+            .extensions
+            .get::<h2::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// A `Sec-WebSocket-Key` from 16 random bytes (RFC 6455 §4.1: a nonce,
+/// base64-encoded).
+pub fn websocket_key(nonce: &[u8; 16]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(nonce)
+}
+
+/// The `Sec-WebSocket-Accept` a backend must answer `key` with (RFC 6455
+/// §4.2.2): base64 of the SHA-1 of the key and the GUID. ktern, as the
+/// backend's WebSocket client, checks it (§4.1: else the connection
+/// fails), since its HTTP/2 client never sees it.
+pub fn websocket_accept(key: &str) -> String {
+    use crate::provider::prims::digest;
+    use base64::Engine;
+    let mut ctx = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes());
+    ctx.update(WEBSOCKET_GUID);
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
+}
+
 /// The HTTP/1.1 head `parts` stands for. `end_stream`: the request has no
-/// body (its HEADERS frame ended the stream).
+/// body (its HEADERS frame ended the stream). `ws_key`: the
+/// `Sec-WebSocket-Key` for a WebSocket's extended CONNECT
+/// ([`is_websocket`]), which becomes the `GET` with `Upgrade: websocket`
+/// that an HTTP/1.1 backend expects (RFC 8441 §5); `None` refuses one.
 pub fn request_head(
     parts: &http::request::Parts,
     end_stream: bool,
     limits: &Limits,
+    ws_key: Option<&str>,
 ) -> Result<RequestHead, Refusal> {
-    if parts.method == http::Method::CONNECT {
-        // Extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not
-        // offered; a plain CONNECT asks for a tunnel ktern does not open.
-        return Err(Refusal::Status(405, "CONNECT over HTTP/2"));
-    }
+    let websocket = match (parts.method == http::Method::CONNECT, ws_key) {
+        (true, Some(key)) if is_websocket(parts) => Some(key),
+        (true, _) if parts.extensions.get::<h2::ext::Protocol>().is_some() => {
+            // h2 takes `:protocol` only once ktern offered extended
+            // CONNECT; a protocol other than WebSocket has no HTTP/1.1
+            // upgrade to restate it as.
+            return Err(Refusal::Status(
+                501,
+                "extended CONNECT for another protocol",
+            ));
+        }
+        // A plain CONNECT asks for a tunnel ktern does not open.
+        (true, _) => return Err(Refusal::Status(405, "CONNECT over HTTP/2")),
+        (false, _) => None,
+    };
     let authority = match parts.uri.authority() {
         Some(a) => a.as_str(),
         // RFC 9113 §8.3.1: without :authority, Host carries it.
@@ -56,14 +106,29 @@ pub fn request_head(
             None => return Err(Refusal::Malformed("no :authority and no host")),
         },
     };
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = match parts.uri.path_and_query() {
+        Some(p) => p.as_str(),
+        // RFC 8441 §4: an extended CONNECT carries `:path`.
+        None if websocket.is_some() => {
+            return Err(Refusal::Malformed("extended CONNECT without :path"))
+        }
+        None => "/",
+    };
+    let method = match websocket {
+        Some(_) => "GET",
+        None => parts.method.as_str(),
+    };
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(authority.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if let Some(key) = websocket {
+        out.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
+        rewrite::push_field(&mut out, "sec-websocket-key", key.as_bytes());
+    }
     let mut cookies: Vec<&[u8]> = Vec::new();
     for (name, value) in &parts.headers {
         let n = name.as_str();
@@ -72,6 +137,9 @@ pub fn request_head(
         }
         match n {
             "host" => continue,
+            // The key is ktern's own (above); an HTTP/2 client has none to
+            // send (RFC 8441 §5).
+            "sec-websocket-key" | "sec-websocket-accept" if websocket.is_some() => continue,
             // HTTP/2 may split cookies into several fields; HTTP/1.1 has
             // one (RFC 9113 §8.2.3).
             "cookie" => {
@@ -95,8 +163,12 @@ pub fn request_head(
         }
         out.extend_from_slice(b"\r\n");
     }
-    // A body of unknown length goes upstream chunked.
-    if !end_stream && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+    // A body of unknown length goes upstream chunked. A WebSocket's stream
+    // carries the new protocol's bytes after the 101, not a body.
+    if !end_stream
+        && websocket.is_none()
+        && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+    {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -137,6 +209,17 @@ pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<
     *r.status_mut() =
         http::StatusCode::from_u16(resp.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
     *r.headers_mut() = headers;
+    r
+}
+
+/// The HTTP/2 response for a backend's `101` to a WebSocket's extended
+/// CONNECT: `200` (RFC 8441 §5), with the backend's end-to-end fields
+/// (`Sec-WebSocket-Protocol`, `-Extensions`) but not its
+/// `Sec-WebSocket-Accept`, which answered ktern's key, not the client's.
+pub fn websocket_response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<()> {
+    let mut r = response(resp, extra);
+    *r.status_mut() = http::StatusCode::OK;
+    r.headers_mut().remove("sec-websocket-accept");
     r
 }
 
@@ -218,7 +301,7 @@ mod tests {
             .header("x-id", "7")
             .body(())
             .unwrap();
-        let h = request_head(&parts(req), false, &Limits::default()).unwrap();
+        let h = request_head(&parts(req), false, &Limits::default(), None).unwrap();
         assert_eq!(h.method(), "POST");
         assert_eq!(h.target(), "/a/b?q=1");
         assert_eq!(h.host(), Some("app.example:8443"));
@@ -240,10 +323,10 @@ mod tests {
             .header("content-length", "5")
             .body(())
             .unwrap();
-        let h = request_head(&parts(req), false, &Limits::default()).unwrap();
+        let h = request_head(&parts(req), false, &Limits::default(), None).unwrap();
         assert_eq!(h.framing, Framing::Length(5));
         let req = http::Request::get("https://a/").body(()).unwrap();
-        let h = request_head(&parts(req), true, &Limits::default()).unwrap();
+        let h = request_head(&parts(req), true, &Limits::default(), None).unwrap();
         assert_eq!(h.framing, Framing::Length(0));
     }
 
@@ -254,7 +337,7 @@ mod tests {
                 .header(name, value)
                 .body(())
                 .unwrap();
-            request_head(&parts(req), true, &Limits::default())
+            request_head(&parts(req), true, &Limits::default(), None)
         };
         for (n, v) in [
             ("connection", "close"),
@@ -272,7 +355,7 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(
-            request_head(&parts(req), false, &Limits::default()),
+            request_head(&parts(req), false, &Limits::default(), None),
             Err(Refusal::Malformed(_))
         ));
         let req = http::Request::builder()
@@ -281,14 +364,100 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(
-            request_head(&parts(req), true, &Limits::default()).err(),
+            request_head(&parts(req), true, &Limits::default(), None).err(),
             Some(Refusal::Status(405, "CONNECT over HTTP/2"))
         );
         let req = http::Request::get("/x").body(()).unwrap();
         assert!(matches!(
-            request_head(&parts(req), true, &Limits::default()),
+            request_head(&parts(req), true, &Limits::default(), None),
             Err(Refusal::Malformed("no :authority and no host"))
         ));
+    }
+
+    fn extended_connect(protocol: &'static str) -> http::request::Parts {
+        let mut req = http::Request::builder()
+            .method("CONNECT")
+            .uri("https://a.example/chat?room=1")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-protocol", "chat")
+            // Not an HTTP/2 client's to send (RFC 8441 §5): replaced.
+            .header("sec-websocket-key", "theirs")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static(protocol));
+        parts(req)
+    }
+
+    #[test]
+    fn the_websocket_key_and_accept_are_rfc_6455s() {
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        // The sample nonce of RFC 6455 §4.1 is "the sample nonce".
+        assert_eq!(
+            websocket_key(b"the sample nonce"),
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        );
+    }
+
+    #[test]
+    fn a_websocket_connect_becomes_an_http11_upgrade() {
+        let p = extended_connect("websocket");
+        assert!(is_websocket(&p));
+        let h = request_head(
+            &p,
+            false,
+            &Limits::default(),
+            Some("a2V5a2V5a2V5a2V5a2V5aw=="),
+        )
+        .unwrap();
+        assert_eq!(h.method(), "GET");
+        assert_eq!(h.target(), "/chat?room=1");
+        assert_eq!(h.host(), Some("a.example"));
+        assert!(h.upgrade);
+        // No body precedes the 101: nothing is framed as one.
+        assert_eq!(h.framing, Framing::Length(0));
+        let one = |n| h.values(n).collect::<Vec<_>>();
+        assert_eq!(
+            one("sec-websocket-key"),
+            vec![&b"a2V5a2V5a2V5a2V5a2V5aw=="[..]]
+        );
+        assert_eq!(one("upgrade"), vec![&b"websocket"[..]]);
+        assert_eq!(one("sec-websocket-version"), vec![&b"13"[..]]);
+        assert_eq!(one("sec-websocket-protocol"), vec![&b"chat"[..]]);
+        // Without a key (the route does not offer it), as a CONNECT.
+        assert_eq!(
+            request_head(&p, false, &Limits::default(), None).err(),
+            Some(Refusal::Status(
+                501,
+                "extended CONNECT for another protocol"
+            ))
+        );
+        // Another protocol has no HTTP/1.1 upgrade to become.
+        let p = extended_connect("connect-udp");
+        assert!(!is_websocket(&p));
+        assert_eq!(
+            request_head(&p, false, &Limits::default(), Some("k")).err(),
+            Some(Refusal::Status(
+                501,
+                "extended CONNECT for another protocol"
+            ))
+        );
+    }
+
+    #[test]
+    fn a_websockets_101_becomes_200_without_the_accept() {
+        let text = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+        let resp = head::parse_response(text.as_bytes(), "GET", 1 << 16)
+            .unwrap()
+            .unwrap();
+        let r = websocket_response(&resp, &[]);
+        assert_eq!(r.status(), 200);
+        let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["sec-websocket-protocol"]);
     }
 
     #[test]

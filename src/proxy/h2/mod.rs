@@ -121,6 +121,11 @@ pub fn serve<'a>(
         .max_send_buffer_size(lim.send_buffer)
         .max_pending_accept_reset_streams(lim.max_pending_resets)
         .max_local_error_reset_streams(Some(lim.max_error_resets));
+    // WebSocket over HTTP/2 (RFC 8441 §3): SETTINGS_ENABLE_CONNECT_PROTOCOL
+    // in the first SETTINGS.
+    if lim.websocket {
+        builder.enable_connect_protocol();
+    }
     // The preface and first SETTINGS within the head timeout, as an
     // HTTP/1.1 request head. Boxed: a monoio timer inline (its entry is
     // `repr(align(128))`) made the whole connection's state a 2,816-byte,

@@ -44,6 +44,9 @@ enum Cut {
     Upstream(UpstreamAbort),
     /// A static file failed mid-response (ktern's own side).
     File(FileAbort),
+    /// A WebSocket moved no byte either way for this long (the route's
+    /// `keepalive_timeout`, as an HTTP/1.1 upgrade's tunnel).
+    Idle(Duration),
 }
 
 /// How a stream ended, for its connection.
@@ -69,7 +72,28 @@ pub(super) async fn exchange(
     let started = Instant::now();
     let wall = ctx.access.map_or(UNIX_EPOCH, |_| SystemTime::now());
     let (parts, body) = req.into_parts();
-    let head = match convert::request_head(&parts, body.is_end_stream(), &Limits::default()) {
+    // A WebSocket's extended CONNECT (RFC 8441; h2 takes one only where
+    // the route offered it) goes upstream as an HTTP/1.1 upgrade, with a
+    // key of ktern's.
+    let ws_key = if ctx.route.http2.websocket && convert::is_websocket(&parts) {
+        match nonce() {
+            Some(n) => Some(convert::websocket_key(&n)),
+            None => {
+                M::inc(&ctx.metrics.internal_errors);
+                tracing::warn!(peer = %ctx.peer, "internal: no random bytes for a WebSocket key: stream reset");
+                respond.send_reset(Reason::INTERNAL_ERROR);
+                return End::Done;
+            }
+        }
+    } else {
+        None
+    };
+    let head = match convert::request_head(
+        &parts,
+        body.is_end_stream(),
+        &Limits::default(),
+        ws_key.as_deref(),
+    ) {
         Ok(h) => h,
         Err(Refusal::Malformed(why)) => {
             // RFC 9113 §8.1.1: a malformed request is a stream error of
@@ -105,6 +129,7 @@ pub(super) async fn exchange(
         &mut ex,
         &mut moved,
         started,
+        ws_key.as_deref(),
     )
     .await;
     // The records that carried the response: the kernel's if the
@@ -135,6 +160,9 @@ pub(super) async fn exchange(
         Err(Cut::Upstream(e)) => {
             M::inc(&ctx.metrics.upstream_errors);
             tracing::warn!(peer = %ctx.peer, backend = ?ex.upstream, error = %e, "upstream failed mid-response: stream reset");
+        }
+        Err(Cut::Idle(after)) => {
+            tracing::debug!(peer = %ctx.peer, ?after, "HTTP/2 WebSocket idle: stream reset");
         }
     }
     forward::record(ctx, Some(&head), &ex, moved, PROTOCOL, wall, started);
@@ -178,12 +206,19 @@ async fn forward(
     ex: &mut Exchange,
     moved: &mut (u64, u64),
     started: Instant,
+    ws_key: Option<&str>,
 ) -> Result<(), Cut> {
     let route = ctx.route;
     let group = match exchange::plan(route, head, ctx.tls.sni.as_deref()) {
         exchange::Plan::Local { status, group, .. } => {
             ex.answered_by = group;
             moved.1 += local(respond, ctx, ex, status);
+            return Ok(());
+        }
+        exchange::Plan::Static { .. } if ws_key.is_some() => {
+            // A file's 200 would tell the client its WebSocket is open.
+            ex.answered_by = Some(ctx.upstreams.len());
+            moved.1 += local(respond, ctx, ex, 405);
             return Ok(());
         }
         exchange::Plan::Static { root, .. } => {
@@ -228,7 +263,9 @@ async fn forward(
         };
         // A request without a body (END_STREAM on its HEADERS, as every
         // GET) has nothing to send: no body future is built for it.
-        let sent = if body.is_end_stream() && head.framing != Framing::Chunked {
+        // A WebSocket's stream carries no body before the backend's 101.
+        let sent = if ws_key.is_some() || (body.is_end_stream() && head.framing != Framing::Chunked)
+        {
             BodySent::Done
         } else {
             let sent = send_body(
@@ -262,11 +299,39 @@ async fn forward(
     let ttfb = started.elapsed();
     ctx.metrics.families.upstream_ttfb_seconds.observe(ttfb);
     ex.upstream_time = Some(ttfb);
-    let refused = match exchange::relay(head, &resp, false) {
-        Relay::Body { .. } => None,
-        Relay::Refuse(why) => Some(why),
-        // HTTP/2 has no Upgrade (RFC 9113 §8.6); the request carried none.
-        Relay::Upgrade => Some("101 to an HTTP/2 request"),
+    let refused = match (exchange::relay(head, &resp, false), ws_key) {
+        // A 2xx tells an extended CONNECT's client that its tunnel is open
+        // (RFC 8441 §5); a backend that did not switch sends no WebSocket.
+        (Relay::Body { .. }, Some(_)) if (200..300).contains(&resp.status) => {
+            Some("a 2xx to a WebSocket upgrade, without switching")
+        }
+        (Relay::Body { .. }, _) => None,
+        (Relay::Refuse(why), _) => Some(why),
+        (Relay::Upgrade, Some(key)) => {
+            if !resp
+                .fields
+                .values("sec-websocket-accept")
+                .eq([convert::websocket_accept(key).as_bytes()])
+            {
+                Some("101 without the Sec-WebSocket-Accept for ktern's key")
+            } else {
+                let mut extra: Vec<(&str, &[u8])> = Vec::new();
+                if let Some(v) = route.hsts.as_deref() {
+                    extra.push(("strict-transport-security", v.as_bytes()));
+                }
+                let send = respond
+                    .send_response(convert::websocket_response(&resp, &extra), false)
+                    .map_err(|_| Cut::Client)?;
+                ex.status = 200;
+                // Bytes the backend sent after its 101 are the new
+                // protocol's.
+                let early = rbuf.get(resp.len..).unwrap_or_default().to_vec();
+                buffers::give(rbuf);
+                return websocket(body, send, backend, early, ctx, moved).await;
+            }
+        }
+        // HTTP/2 has no Upgrade (RFC 9113 §8.6) but a WebSocket's.
+        (Relay::Upgrade, None) => Some("101 to an HTTP/2 request"),
     };
     if let Some(why) = refused {
         M::inc(&ctx.metrics.upstream_errors);
@@ -360,6 +425,93 @@ async fn forward(
         ctx.pools[group].put(0, backend, addr, upstream.pool_size);
     }
     Ok(())
+}
+
+/// A WebSocket over an HTTP/2 stream (RFC 8441), once the backend
+/// switched protocols: DATA both ways, each direction's end a half-close
+/// (END_STREAM to a FIN or close_notify and back), until both ended, one
+/// side failed, or no byte moved for the route's `keepalive_timeout`.
+/// Under flow control as a body: the client's window is released only for
+/// what the backend took, and the backend is read no faster than the
+/// client's window opens (a window shut for `send_timeout` resets the
+/// stream, as for a response).
+async fn websocket(
+    mut body: RecvStream,
+    mut send: SendStream<Bytes>,
+    backend: BackendConn,
+    early: Vec<u8>,
+    ctx: &Ctx<'_>,
+    moved: &mut (u64, u64),
+) -> Result<(), Cut> {
+    let upstream = |e| Cut::Upstream(UpstreamAbort::Io(e));
+    let (mut from_backend, mut to_backend) = backend.split().map_err(upstream)?;
+    let idle = ctx.idle.register(ctx.route.keepalive_timeout);
+    let (up, down) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let result = {
+        let client_to_backend = std::pin::pin!(async {
+            while let Some(data) = body.data().await {
+                // A reset stream or an ended connection.
+                let data = data.map_err(|_| Cut::Client)?;
+                let n = data.len();
+                if n == 0 {
+                    continue;
+                }
+                to_backend.write_bytes(data).await.map_err(upstream)?;
+                idle.touch();
+                up.set(up.get() + n as u64);
+                let _ = body.flow_control().release_capacity(n);
+            }
+            to_backend.finish().await.map_err(upstream)
+        });
+        let send = &mut send;
+        let backend_to_client = std::pin::pin!(async {
+            if !early.is_empty() {
+                down.set(early.len() as u64);
+                send.send_data(Bytes::from(early), false)
+                    .map_err(|_| Cut::Client)?;
+            }
+            loop {
+                let room = capacity(send, ctx, ctx.route.send_timeout).await?;
+                let buf = from_backend.read_some(room.clamp(1, READ)).await;
+                let buf = buf.map_err(upstream)?;
+                if buf.is_empty() {
+                    buffers::give(buf);
+                    return send.send_data(Bytes::new(), true).map_err(|_| Cut::Client);
+                }
+                // A copy the size of what came: the read buffer is the
+                // cache's 64 KiB one, which a small message would pin
+                // until h2 wrote it.
+                let data = Bytes::copy_from_slice(&buf);
+                buffers::give(buf);
+                idle.touch();
+                down.set(down.get() + data.len() as u64);
+                send.send_data(data, false).map_err(|_| Cut::Client)?;
+            }
+        });
+        crate::proxy::tcp::both_or_first_error(
+            client_to_backend,
+            backend_to_client,
+            &idle,
+            Cut::Idle,
+        )
+        .await
+    };
+    moved.0 += up.get();
+    moved.1 += down.get();
+    match &result {
+        Ok(()) | Err(Cut::Stalled) => {}
+        Err(Cut::Upstream(_)) => send.send_reset(Reason::INTERNAL_ERROR),
+        Err(_) => send.send_reset(Reason::CANCEL),
+    }
+    result
+}
+
+/// A fresh WebSocket key's 16 random bytes.
+fn nonce() -> Option<[u8; 16]> {
+    use crate::provider::prims::rand::{SecureRandom, SystemRandom};
+    let mut n = [0u8; 16];
+    SystemRandom::new().fill(&mut n).ok()?;
+    Some(n)
 }
 
 /// A backend failure mid-response: the stream is reset (INTERNAL_ERROR),
