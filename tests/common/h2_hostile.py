@@ -139,6 +139,15 @@ def main():
         c.send(c.headers(sid, req(extra=[(":foo", "bar")])))
     elif case == "missing_path":
         c.send(c.headers(sid, [(":method", "GET"), (":scheme", "https"), (":authority", "localhost")]))
+    elif case == "protocol_on_get":
+        # RFC 8441 §4: :protocol only on a CONNECT.
+        c.send(c.headers(sid, req("/ws", extra=[(":protocol", "websocket")]), end_stream=False))
+    elif case == "connect_other_protocol":
+        c.send(c.headers(sid, [(":method", "CONNECT"), (":protocol", "connect-udp"), (":scheme", "https"),
+                               (":authority", "localhost"), (":path", "/x")], end_stream=False))
+    elif case == "websocket_without_path":
+        c.send(c.headers(sid, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+                               (":authority", "localhost")], end_stream=False))
     elif case == "data_on_stream_zero":
         # RFC 9113 §6.1: DATA on stream 0 is a connection error.
         c.send(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
