@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::h2 as h2c;
@@ -382,44 +383,63 @@ fn curl_nghttp_and_h2load_speak_http2_through_ktern() {
 /// in the kTLS VM (a Rust client: no Python there).
 #[test]
 fn websockets_cross_http2_as_extended_connect() {
-    let (pki, k, _a) = setup("h2-ws", "");
+    let (pki, k, a) = setup("h2-ws", "");
     let rt = h2c::runtime();
     rt.block_on(async {
         let mut c = h2c::connect(k.addr(), &pki).await;
         assert!(h2c::extended_connect_offered(&mut c).await);
-        let mut ws = h2c::websocket(&mut c, "/ws", &[("sec-websocket-protocol", "chat, x")])
-            .await
-            .unwrap();
-        assert_eq!(ws.status, 200);
+        let headers =
+            h2c::websocket_round_trip(&mut c, &[("sec-websocket-protocol", "chat, x")]).await;
         // The backend's chosen subprotocol comes through; the accept that
         // answered ktern's key does not (RFC 8441 §5), nor hop-by-hop
         // fields.
-        assert_eq!(ws.headers["sec-websocket-protocol"], "chat");
+        assert_eq!(headers["sec-websocket-protocol"], "chat");
         for gone in ["sec-websocket-accept", "upgrade", "connection"] {
-            assert!(ws.headers.get(gone).is_none(), "{gone}: {:?}", ws.headers);
+            assert!(headers.get(gone).is_none(), "{gone}: {headers:?}");
         }
-        // The backend's greeting, sent with its 101, then an echo per
-        // message, including one larger than a DATA frame.
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            got.extend_from_slice(&h2c::next_data(&mut ws.recv).await.unwrap());
-        }
-        assert_eq!(got, b"hi");
-        let big = pattern(200_000, 3);
-        for msg in [&b"ping"[..], &big] {
+        assert_eq!(a.ws_ended.load(Ordering::SeqCst), 1);
+
+        // A client's reset while its own upload waits on a backend that
+        // reads nothing (and sends nothing) ends the stream at once, not
+        // when the backend reads again (`/ws-deaf`: after 10 s).
+        let mut ws = h2c::websocket(&mut c, "/ws-deaf", &[]).await.unwrap();
+        assert_eq!(
+            h2c::next_data(&mut ws.recv).await.as_deref(),
+            Some(&b"hi"[..])
+        );
+        // More than the loopback sockets' buffers hold.
+        for _ in 0..16 {
             ws.send
-                .send_data(bytes::Bytes::copy_from_slice(msg), false)
+                .send_data(bytes::Bytes::from(vec![7u8; 1 << 20]), false)
                 .unwrap();
-            let mut echo = Vec::new();
-            while echo.len() < msg.len() {
-                echo.extend_from_slice(&h2c::next_data(&mut ws.recv).await.unwrap());
-            }
-            assert_eq!(echo, msg);
         }
-        // The client's END_STREAM half-closes the backend connection;
-        // the backend's close ends the stream.
-        ws.send.send_data(bytes::Bytes::new(), true).unwrap();
-        assert_eq!(h2c::next_data(&mut ws.recv).await, None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ws.send.send_reset(::h2::Reason::CANCEL);
+        let deadline = Instant::now() + Duration::from_secs(3) * slow();
+        while k.metric("ktern_http2_stream_resets_total") < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the reset was not seen while the backend was deaf"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // A client's reset mid-tunnel closes the backend connection (its
+        // echo loop ends), while the backend sends nothing.
+        let mut ws = h2c::websocket(&mut c, "/ws", &[]).await.unwrap();
+        assert_eq!(
+            h2c::next_data(&mut ws.recv).await.as_deref(),
+            Some(&b"hi"[..])
+        );
+        ws.send.send_reset(::h2::Reason::CANCEL);
+        let deadline = Instant::now() + Duration::from_secs(10) * slow();
+        while a.ws_ended.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the backend connection outlived the reset"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
         // A backend whose accept does not answer ktern's key is not a
         // WebSocket server ktern can vouch for: 502.
@@ -546,6 +566,11 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
         (
             "connect_other_protocol",
             r#"{"event": "response", "status": 501}"#,
+        ),
+        // RFC 9110 §9.3.6: a CONNECT has no content to announce.
+        (
+            "websocket_content_length",
+            r#"{"event": "reset", "code": 1}"#,
         ),
     ];
     // h2 treats invalid field names and values and unknown pseudo-fields

@@ -835,9 +835,10 @@ fn websocket_round_trip(k: &Ktern, pki: &Pki) {
     let mut echoed = vec![0u8; data.len()];
     c.read_exact(&mut echoed).unwrap();
     assert_eq!(sha256(&echoed), sha256(&data));
+    // A half-close: the backend still answers after the client's end.
     c.conn.send_close_notify();
     c.flush().unwrap();
-    assert!(read_to_close_notify(&mut c).is_empty());
+    assert_eq!(read_to_close_notify(&mut c), b"bye");
 }
 
 #[test]
@@ -1199,12 +1200,14 @@ fn upstream_groups_speak_tls_to_their_backends() {
     // An upgrade runs as a tunnel over the TLS backend connection.
     websocket_round_trip(&k, &pki);
 
-    // HTTP/2 clients reach the same TLS backends.
+    // HTTP/2 clients reach the same TLS backends, WebSockets too (the
+    // backend connection's TLS halves, `BackendConn::split`).
     let rt = common::h2::runtime();
     rt.block_on(async {
         let mut h = common::h2::connect(k.addr(), &pki).await;
         let r = common::h2::get(&mut h, "/x").await;
         assert_eq!(r.status, 200);
+        common::h2::websocket_round_trip(&mut h, &[]).await;
     });
     if in_vm() {
         let upstream = k.metric("ktern_upstream_ktls_offloaded_total");

@@ -132,8 +132,8 @@ pub struct WebSocket {
     pub send: h2::SendStream<Bytes>,
 }
 
-/// Waits (up to 5 s) for the server's SETTINGS to say whether it takes
-/// extended CONNECT (RFC 8441 §3); the answer.
+/// Whether the server's SETTINGS offer extended CONNECT (RFC 8441 §3),
+/// read after one finished request (bounded as [`get`] is).
 pub async fn extended_connect_offered(send: &mut SendRequest<Bytes>) -> bool {
     // A finished exchange means every SETTINGS sent before its response
     // was read.
@@ -186,6 +186,42 @@ pub async fn next_data(recv: &mut h2::RecvStream) -> Option<Bytes> {
             return Some(d);
         }
     }
+}
+
+/// A WebSocket over HTTP/2 to the test backend's `/ws`
+/// (`http::start_http_backend`): its greeting ("hi", sent with its 101),
+/// an echo of each message (one larger than a DATA frame), and after the
+/// client's END_STREAM, a half-close, the backend's "bye" and the stream's
+/// end. The response's fields (status 200 checked).
+pub async fn websocket_round_trip(
+    send: &mut SendRequest<Bytes>,
+    fields: &[(&str, &str)],
+) -> http::HeaderMap {
+    let mut ws = websocket(send, "/ws", fields).await.unwrap();
+    assert_eq!(ws.status, 200);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.extend_from_slice(&next_data(&mut ws.recv).await.unwrap());
+    }
+    assert_eq!(got, b"hi");
+    let big = super::pattern(200_000, 3);
+    for msg in [&b"ping"[..], &big] {
+        ws.send
+            .send_data(Bytes::copy_from_slice(msg), false)
+            .unwrap();
+        let mut echo = Vec::new();
+        while echo.len() < msg.len() {
+            echo.extend_from_slice(&next_data(&mut ws.recv).await.unwrap());
+        }
+        assert_eq!(echo, msg);
+    }
+    ws.send.send_data(Bytes::new(), true).unwrap();
+    let mut after = Vec::new();
+    while let Some(d) = next_data(&mut ws.recv).await {
+        after.extend_from_slice(&d);
+    }
+    assert_eq!(after, b"bye");
+    ws.headers
 }
 
 /// `request` with a deadline, for tests that must not hang (four times

@@ -148,6 +148,10 @@ def main():
     elif case == "websocket_without_path":
         c.send(c.headers(sid, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
                                (":authority", "localhost")], end_stream=False))
+    elif case == "websocket_content_length":
+        c.send(c.headers(sid, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+                               (":authority", "localhost"), (":path", "/ws"), ("content-length", "5")],
+                         end_stream=False))
     elif case == "data_on_stream_zero":
         # RFC 9113 §6.1: DATA on stream 0 is a connection error.
         c.send(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")

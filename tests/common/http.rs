@@ -15,6 +15,8 @@ pub struct Backend {
     pub accepted: Arc<AtomicUsize>,
     /// What `/healthz` answers: 200 while true, 503 while false.
     pub healthy: Arc<AtomicBool>,
+    /// `/ws` tunnels whose connection ended (the peer's close or reset).
+    pub ws_ended: Arc<AtomicUsize>,
 }
 
 pub fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
@@ -52,13 +54,14 @@ pub fn start_http_backend(name: &'static str) -> Backend {
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let healthy = Arc::new(AtomicBool::new(true));
-    let (count, health) = (accepted.clone(), healthy.clone());
+    let ws_ended = Arc::new(AtomicUsize::new(0));
+    let (count, health, ended) = (accepted.clone(), healthy.clone(), ws_ended.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             count.fetch_add(1, Ordering::SeqCst);
-            let health = health.clone();
+            let (health, ended) = (health.clone(), ended.clone());
             std::thread::spawn(move || {
-                let _ = http_backend_conn(name, conn, &health);
+                let _ = http_backend_conn(name, conn, &health, &ended);
             });
         }
     });
@@ -66,10 +69,16 @@ pub fn start_http_backend(name: &'static str) -> Backend {
         addr,
         accepted,
         healthy,
+        ws_ended,
     }
 }
 
-pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> std::io::Result<()> {
+pub fn http_backend_conn(
+    name: &str,
+    conn: TcpStream,
+    healthy: &AtomicBool,
+    ws_ended: &AtomicUsize,
+) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     loop {
@@ -178,7 +187,7 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
                 out.write_all(b"SSH-2.0-nope\r\n\r\n")?;
                 return Ok(());
             }
-            "/ws" | "/ws-wrong-accept" => {
+            "/ws" | "/ws-wrong-accept" | "/ws-deaf" => {
                 // The accept for the request's key (RFC 6455 §4.2.2), when
                 // it has one; `/ws-wrong-accept` answers another key's.
                 let field = |name: &str| {
@@ -188,7 +197,7 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
                 let mut switch =
                     String::from("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
                 if let Some(key) = field("sec-websocket-key") {
-                    let key = if path == "/ws" { key } else { format!("{key}x") };
+                    let key = if path == "/ws-wrong-accept" { format!("{key}x") } else { key };
                     let accept = ktern::proxy::h2::convert::websocket_accept(&key);
                     switch.push_str(&format!("Sec-WebSocket-Accept: {accept}\r\n"));
                 }
@@ -198,15 +207,27 @@ pub fn http_backend_conn(name: &str, conn: TcpStream, healthy: &AtomicBool) -> s
                 }
                 switch.push_str("\r\nhi");
                 out.write_all(switch.as_bytes())?;
-                // Echo the new protocol's bytes until the client half-closes.
+                if path == "/ws-deaf" {
+                    // Reads nothing for 10 s (a client's upload fills the
+                    // sockets' buffers behind it), then drains to the end.
+                    std::thread::sleep(Duration::from_secs(10));
+                    let drained = std::io::copy(&mut r, &mut std::io::sink());
+                    ws_ended.fetch_add(1, Ordering::SeqCst);
+                    return drained.map(drop);
+                }
+                // Echo the new protocol's bytes until the client
+                // half-closes, then say "bye" (the tunnel carries the
+                // backend's direction on after the client's ended).
                 let mut buf = [0u8; 4096];
-                loop {
+                let echo = (|| loop {
                     let n = r.read(&mut buf)?;
                     if n == 0 {
-                        return Ok(());
+                        return out.write_all(b"bye");
                     }
                     out.write_all(&buf[..n])?;
-                }
+                })();
+                ws_ended.fetch_add(1, Ordering::SeqCst);
+                return echo;
             }
             "/cut" => {
                 out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;

@@ -140,6 +140,13 @@ pub fn request_head(
             // The key is ktern's own (above); an HTTP/2 client has none to
             // send (RFC 8441 §5).
             "sec-websocket-key" | "sec-websocket-accept" if websocket.is_some() => continue,
+            // A CONNECT has no content (RFC 9110 §9.3.6): a length would
+            // go upstream on the GET with no body behind it, and a backend
+            // that refused the upgrade would read the pooled connection's
+            // next request as that body.
+            "content-length" if websocket.is_some() => {
+                return Err(Refusal::Malformed("content-length on an extended CONNECT"));
+            }
             // HTTP/2 may split cookies into several fields; HTTP/1.1 has
             // one (RFC 9113 §8.2.3).
             "cookie" => {
@@ -215,11 +222,15 @@ pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<
 /// The HTTP/2 response for a backend's `101` to a WebSocket's extended
 /// CONNECT: `200` (RFC 8441 §5), with the backend's end-to-end fields
 /// (`Sec-WebSocket-Protocol`, `-Extensions`) but not its
-/// `Sec-WebSocket-Accept`, which answered ktern's key, not the client's.
+/// `Sec-WebSocket-Accept`, which answered ktern's key, not the client's,
+/// nor a `Content-Length` (none in a 2xx to CONNECT, RFC 9110 §8.6; an
+/// h2 client would hold the tunnel's bytes to it).
 pub fn websocket_response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<()> {
     let mut r = response(resp, extra);
     *r.status_mut() = http::StatusCode::OK;
-    r.headers_mut().remove("sec-websocket-accept");
+    let h = r.headers_mut();
+    h.remove("sec-websocket-accept");
+    h.remove(http::header::CONTENT_LENGTH);
     r
 }
 
@@ -428,7 +439,17 @@ mod tests {
         assert_eq!(one("upgrade"), vec![&b"websocket"[..]]);
         assert_eq!(one("sec-websocket-version"), vec![&b"13"[..]]);
         assert_eq!(one("sec-websocket-protocol"), vec![&b"chat"[..]]);
-        // Without a key (the route does not offer it), as a CONNECT.
+        // A length on a CONNECT announces content that never comes.
+        let mut with_length = extended_connect("websocket");
+        with_length
+            .headers
+            .insert("content-length", http::HeaderValue::from_static("5"));
+        assert_eq!(
+            request_head(&with_length, false, &Limits::default(), Some("k")).err(),
+            Some(Refusal::Malformed("content-length on an extended CONNECT"))
+        );
+        // Without a key (the route does not offer it: h2 refuses the
+        // stream before ktern sees it), refused all the same.
         assert_eq!(
             request_head(&p, false, &Limits::default(), None).err(),
             Some(Refusal::Status(
@@ -450,7 +471,7 @@ mod tests {
 
     #[test]
     fn a_websockets_101_becomes_200_without_the_accept() {
-        let text = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+        let text = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\nContent-Length: 0\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
         let resp = head::parse_response(text.as_bytes(), "GET", 1 << 16)
             .unwrap()
             .unwrap();

@@ -8,7 +8,10 @@
 //! h2's per-stream send buffer allow, so neither a slow backend nor a slow
 //! client makes ktern hold a whole body.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::io::Write;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::upstream::conn::BackendConn;
@@ -327,7 +330,9 @@ async fn forward(
                 // protocol's.
                 let early = rbuf.get(resp.len..).unwrap_or_default().to_vec();
                 buffers::give(rbuf);
-                return websocket(body, send, backend, early, ctx, moved).await;
+                // Boxed: its state would otherwise be part of every
+                // stream's future.
+                return Box::pin(websocket(body, send, backend, early, ctx, moved)).await;
             }
         }
         // HTTP/2 has no Upgrade (RFC 9113 §8.6) but a WebSocket's.
@@ -430,11 +435,14 @@ async fn forward(
 /// A WebSocket over an HTTP/2 stream (RFC 8441), once the backend
 /// switched protocols: DATA both ways, each direction's end a half-close
 /// (END_STREAM to a FIN or close_notify and back), until both ended, one
-/// side failed, or no byte moved for the route's `keepalive_timeout`.
-/// Under flow control as a body: the client's window is released only for
-/// what the backend took, and the backend is read no faster than the
-/// client's window opens (a window shut for `send_timeout` resets the
-/// stream, as for a response).
+/// side failed, the client reset the stream, or no byte moved for the
+/// route's `keepalive_timeout`; an abort is RST_STREAM CANCEL (§5). Under
+/// flow control as a body: the client's window is released only for what
+/// the backend took, and the backend is read no faster than the client's
+/// window opens. A shut window only holds the backend back (h2 buffers at
+/// most `send_buffer`); it does not end the connection as a response's
+/// `send_timeout` does: a WebSocket may rightly go unread for a while, and
+/// the idle bound ends one where nothing moves at all.
 async fn websocket(
     mut body: RecvStream,
     mut send: SendStream<Bytes>,
@@ -443,10 +451,24 @@ async fn websocket(
     ctx: &Ctx<'_>,
     moved: &mut (u64, u64),
 ) -> Result<(), Cut> {
+    let (mut from_backend, mut to_backend) = match backend.split() {
+        Ok(halves) => halves,
+        Err(e) => {
+            // ktern's own: the socket could not be made non-blocking.
+            M::inc(&ctx.metrics.internal_errors);
+            tracing::warn!(peer = %ctx.peer, error = %e, "internal: cannot split a backend connection for a WebSocket: stream reset");
+            send.send_reset(Reason::CANCEL);
+            return Ok(());
+        }
+    };
     let upstream = |e| Cut::Upstream(UpstreamAbort::Io(e));
-    let (mut from_backend, mut to_backend) = backend.split().map_err(upstream)?;
     let idle = ctx.idle.register(ctx.route.keepalive_timeout);
-    let (up, down) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let (up, down) = (Cell::new(0u64), Cell::new(0u64));
+    // Each direction's end. Once the backend's has ended (its END_STREAM
+    // queued), a failed write towards the backend only ends the client's
+    // direction (the backend closed first, a WebSocket's usual end), and
+    // no reset may go out: h2 would discard the DATA it still holds.
+    let (up_done, down_done) = (Cell::new(false), Cell::new(false));
     let result = {
         let client_to_backend = std::pin::pin!(async {
             while let Some(data) = body.data().await {
@@ -456,12 +478,24 @@ async fn websocket(
                 if n == 0 {
                     continue;
                 }
-                to_backend.write_bytes(data).await.map_err(upstream)?;
+                if let Err(e) = to_backend.write_bytes(data).await {
+                    return if down_done.get() {
+                        Ok(())
+                    } else {
+                        Err(upstream(e))
+                    };
+                }
                 idle.touch();
                 up.set(up.get() + n as u64);
                 let _ = body.flow_control().release_capacity(n);
             }
-            to_backend.finish().await.map_err(upstream)
+            match to_backend.finish().await {
+                Err(e) if !down_done.get() => Err(upstream(e)),
+                _ => {
+                    up_done.set(true);
+                    Ok(())
+                }
+            }
         });
         let send = &mut send;
         let backend_to_client = std::pin::pin!(async {
@@ -471,12 +505,39 @@ async fn websocket(
                     .map_err(|_| Cut::Client)?;
             }
             loop {
-                let room = capacity(send, ctx, ctx.route.send_timeout).await?;
-                let buf = from_backend.read_some(room.clamp(1, READ)).await;
-                let buf = buf.map_err(upstream)?;
+                // Room in the client's window; the client's reset ends the
+                // wait (and the read below): its own direction may be
+                // waiting on a backend that does not read.
+                send.reserve_capacity(READ);
+                let room = match send.capacity() {
+                    0 => {
+                        std::future::poll_fn(|cx| {
+                            if send.poll_reset(cx).is_ready() {
+                                return Poll::Ready(Err(Cut::Client));
+                            }
+                            match send.poll_capacity(cx) {
+                                Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n.max(1))),
+                                Poll::Ready(_) => Poll::Ready(Err(Cut::Client)),
+                                Poll::Pending => Poll::Pending,
+                            }
+                        })
+                        .await?
+                    }
+                    n => n,
+                };
+                let mut read = std::pin::pin!(from_backend.read_some(room.clamp(1, READ)));
+                let buf = std::future::poll_fn(|cx| {
+                    if send.poll_reset(cx).is_ready() {
+                        return Poll::Ready(Err(Cut::Client));
+                    }
+                    read.as_mut().poll(cx).map_err(upstream)
+                })
+                .await?;
                 if buf.is_empty() {
                     buffers::give(buf);
-                    return send.send_data(Bytes::new(), true).map_err(|_| Cut::Client);
+                    send.send_data(Bytes::new(), true)
+                        .map_err(|_| Cut::Client)?;
+                    break;
                 }
                 // A copy the size of what came: the read buffer is the
                 // cache's 64 KiB one, which a small message would pin
@@ -487,6 +548,19 @@ async fn websocket(
                 down.set(down.get() + data.len() as u64);
                 send.send_data(data, false).map_err(|_| Cut::Client)?;
             }
+            down_done.set(true);
+            // Still watching for the client's reset while its direction
+            // runs (polled after it: its end is seen in the same pass).
+            std::future::poll_fn(|cx| {
+                if up_done.get() {
+                    Poll::Ready(Ok(()))
+                } else if send.poll_reset(cx).is_ready() {
+                    Poll::Ready(Err(Cut::Client))
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await
         });
         crate::proxy::tcp::both_or_first_error(
             client_to_backend,
@@ -498,10 +572,8 @@ async fn websocket(
     };
     moved.0 += up.get();
     moved.1 += down.get();
-    match &result {
-        Ok(()) | Err(Cut::Stalled) => {}
-        Err(Cut::Upstream(_)) => send.send_reset(Reason::INTERNAL_ERROR),
-        Err(_) => send.send_reset(Reason::CANCEL),
+    if result.is_err() && !down_done.get() {
+        send.send_reset(Reason::CANCEL);
     }
     result
 }
