@@ -194,12 +194,17 @@ impl BackendConn {
                     }
                 }
             }
-            BackendConn::Tls(t) => match t.0.read_chunk().await {
-                Ok(Some(chunk)) => Ok(chunk),
-                Ok(None) => Ok(Vec::new()),
-                Err(e) => Err(io::Error::other(e)),
-            },
+            BackendConn::Tls(t) => read_chunk(&mut t.0).await,
         }
+    }
+}
+
+/// One chunk of a TLS backend's plaintext; empty at its end of stream.
+async fn read_chunk(r: &mut TlsReader) -> io::Result<Vec<u8>> {
+    match r.read_chunk().await {
+        Ok(Some(chunk)) => Ok(chunk),
+        Ok(None) => Ok(Vec::new()),
+        Err(e) => Err(io::Error::other(e)),
     }
 }
 
@@ -267,11 +272,7 @@ impl BackendRead {
                     }
                 }
             }
-            BackendRead::Tls(r) => match r.read_chunk().await {
-                Ok(Some(chunk)) => Ok(chunk),
-                Ok(None) => Ok(Vec::new()),
-                Err(e) => Err(io::Error::other(e)),
-            },
+            BackendRead::Tls(r) => read_chunk(r).await,
         }
     }
 }

@@ -219,6 +219,26 @@ pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<
     r
 }
 
+/// Why a backend's answer to a WebSocket's upgrade (ktern's `key`) cannot
+/// go to the HTTP/2 client, if it cannot: a 101 whose
+/// `Sec-WebSocket-Accept` does not answer the key (RFC 6455 §4.1: the
+/// client fails such a connection, and ktern is the client here), or a
+/// 2xx without a switch, which would tell the client its tunnel is open
+/// (RFC 8441 §5). Any other answer (a refusal) is relayed as it is.
+pub fn websocket_refusal(resp: &ResponseHead, key: &str) -> Option<&'static str> {
+    match resp.status {
+        101 if !resp
+            .fields
+            .values("sec-websocket-accept")
+            .eq([websocket_accept(key).as_bytes()]) =>
+        {
+            Some("101 without the Sec-WebSocket-Accept for ktern's key")
+        }
+        200..=299 => Some("a 2xx to a WebSocket upgrade, without switching"),
+        _ => None,
+    }
+}
+
 /// The HTTP/2 response for a backend's `101` to a WebSocket's extended
 /// CONNECT: `200` (RFC 8441 §5), with the backend's end-to-end fields
 /// (`Sec-WebSocket-Protocol`, `-Extensions`) but not its
@@ -466,6 +486,41 @@ mod tests {
                 501,
                 "extended CONNECT for another protocol"
             ))
+        );
+    }
+
+    #[test]
+    fn a_websocket_upgrade_is_answered_by_the_accept_for_its_key_or_refused() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let answer = |text: &str| {
+            let resp = head::parse_response(text.as_bytes(), "GET", 1 << 16)
+                .unwrap()
+                .unwrap();
+            websocket_refusal(&resp, key)
+        };
+        let switch =
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+        // RFC 6455 §1.3's accept for that key.
+        assert_eq!(
+            answer(&format!(
+                "{switch}Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+            )),
+            None
+        );
+        for wrong in ["", "Sec-WebSocket-Accept: x\r\n", "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"] {
+            assert_eq!(
+                answer(&format!("{switch}{wrong}\r\n")),
+                Some("101 without the Sec-WebSocket-Accept for ktern's key"),
+                "{wrong}"
+            );
+        }
+        assert_eq!(
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            Some("a 2xx to a WebSocket upgrade, without switching")
+        );
+        assert_eq!(
+            answer("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"),
+            None
         );
     }
 

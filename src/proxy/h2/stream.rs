@@ -302,38 +302,27 @@ async fn forward(
     let ttfb = started.elapsed();
     ctx.metrics.families.upstream_ttfb_seconds.observe(ttfb);
     ex.upstream_time = Some(ttfb);
+    // The HSTS field, on whatever this stream's answer is.
+    let mut extra: Vec<(&str, &[u8])> = Vec::new();
+    if let Some(v) = route.hsts.as_deref() {
+        extra.push(("strict-transport-security", v.as_bytes()));
+    }
+    let ws_refused = ws_key.and_then(|key| convert::websocket_refusal(&resp, key));
     let refused = match (exchange::relay(head, &resp, false), ws_key) {
-        // A 2xx tells an extended CONNECT's client that its tunnel is open
-        // (RFC 8441 §5); a backend that did not switch sends no WebSocket.
-        (Relay::Body { .. }, Some(_)) if (200..300).contains(&resp.status) => {
-            Some("a 2xx to a WebSocket upgrade, without switching")
-        }
+        _ if ws_refused.is_some() => ws_refused,
         (Relay::Body { .. }, _) => None,
         (Relay::Refuse(why), _) => Some(why),
-        (Relay::Upgrade, Some(key)) => {
-            if !resp
-                .fields
-                .values("sec-websocket-accept")
-                .eq([convert::websocket_accept(key).as_bytes()])
-            {
-                Some("101 without the Sec-WebSocket-Accept for ktern's key")
-            } else {
-                let mut extra: Vec<(&str, &[u8])> = Vec::new();
-                if let Some(v) = route.hsts.as_deref() {
-                    extra.push(("strict-transport-security", v.as_bytes()));
-                }
-                let send = respond
-                    .send_response(convert::websocket_response(&resp, &extra), false)
-                    .map_err(|_| Cut::Client)?;
-                ex.status = 200;
-                // Bytes the backend sent after its 101 are the new
-                // protocol's.
-                let early = rbuf.get(resp.len..).unwrap_or_default().to_vec();
-                buffers::give(rbuf);
-                // Boxed: its state would otherwise be part of every
-                // stream's future.
-                return Box::pin(websocket(body, send, backend, early, ctx, moved)).await;
-            }
+        (Relay::Upgrade, Some(_)) => {
+            let send = respond
+                .send_response(convert::websocket_response(&resp, &extra), false)
+                .map_err(|_| Cut::Client)?;
+            ex.status = 200;
+            // Bytes the backend sent after its 101 are the new protocol's.
+            let early = rbuf.get(resp.len..).unwrap_or_default().to_vec();
+            buffers::give(rbuf);
+            // Boxed: its state would otherwise be part of every stream's
+            // future.
+            return Box::pin(websocket(body, send, backend, early, ctx, moved)).await;
         }
         // HTTP/2 has no Upgrade (RFC 9113 §8.6) but a WebSocket's.
         (Relay::Upgrade, None) => Some("101 to an HTTP/2 request"),
@@ -343,10 +332,6 @@ async fn forward(
         tracing::warn!(peer = %ctx.peer, backend = %addr, why, "unusable upstream response");
         moved.1 += local(respond, ctx, ex, 502);
         return Ok(());
-    }
-    let mut extra: Vec<(&str, &[u8])> = Vec::new();
-    if let Some(v) = route.hsts.as_deref() {
-        extra.push(("strict-transport-security", v.as_bytes()));
     }
     let no_body = ex.head_only || resp.framing == Framing::Length(0);
     ex.status = resp.status;
