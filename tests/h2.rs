@@ -487,6 +487,118 @@ fn websockets_cross_http2_as_extended_connect() {
     assert_offloaded_in_vm(&k);
 }
 
+/// A WebSocket's ends other than a close: a backend that resets its
+/// connection mid-tunnel resets the stream with CONNECT_ERROR (RFC 9113
+/// §8.5) and counts an upstream error; a tunnel where nothing moves for
+/// the route's `keepalive_timeout` is reset (CANCEL) and its backend
+/// connection closed; a `static` rule is no WebSocket endpoint (405). The
+/// access log names each the client's `CONNECT`, not the `GET` that went
+/// upstream.
+#[test]
+fn websocket_tunnels_end_on_a_backend_reset_and_when_idle() {
+    let pki = Pki::new("h2-ws-ends");
+    let a = start_http_backend("a");
+    let root = pki.dir.join("www");
+    std::fs::create_dir_all(root.join("files")).unwrap();
+    std::fs::write(root.join("files/f.txt"), b"file").unwrap();
+    let log = pki.dir.join("access.log");
+    let runtime = format!(
+        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    let rules = format!(
+        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
+        root.display()
+    );
+    let k = Ktern::start(
+        &pki,
+        &runtime,
+        &http_config(&[("a", a.addr)], &rules, "keepalive_timeout = \"1s\""),
+    );
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        let ws = h2c::websocket(&mut c, "/files/f.txt", &[]).await.unwrap();
+        assert_eq!(ws.status, 405);
+
+        let mut ws = h2c::websocket(&mut c, "/ws-reset", &[]).await.unwrap();
+        assert_eq!(ws.status, 200);
+        assert_eq!(
+            h2c::next_data(&mut ws.recv).await.as_deref(),
+            Some(&b"hi"[..])
+        );
+        ws.send
+            .send_data(bytes::Bytes::from_static(b"x"), false)
+            .unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(10) * slow(), ws.recv.data())
+            .await
+            .expect("the backend's reset reaches the client");
+        let e = end.expect("a reset, not END_STREAM").unwrap_err();
+        assert_eq!(e.reason(), Some(::h2::Reason::CONNECT_ERROR), "{e}");
+        assert_eq!(k.metric("ktern_upstream_errors_total"), 1);
+
+        // Idle: the greeting, then nothing either way.
+        let mut ws = h2c::websocket(&mut c, "/ws", &[]).await.unwrap();
+        assert_eq!(
+            h2c::next_data(&mut ws.recv).await.as_deref(),
+            Some(&b"hi"[..])
+        );
+        let quiet = Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(10) * slow(), ws.recv.data())
+            .await
+            .expect("the idle tunnel ends");
+        let e = end.expect("a reset, not END_STREAM").unwrap_err();
+        assert_eq!(e.reason(), Some(::h2::Reason::CANCEL), "{e}");
+        // The keep-alive timeout's, not an earlier end.
+        assert!(
+            quiet.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            quiet.elapsed()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10) * slow();
+        while a.ws_ended.load(Ordering::SeqCst) < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the idle tunnel's backend connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert_eq!(k.metric("ktern_upstream_errors_total"), 1);
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let seen: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["method"].as_str().unwrap(),
+                l["path"].as_str().unwrap(),
+                l["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("CONNECT", "/files/f.txt", 405),
+            ("CONNECT", "/ws-reset", 200),
+            ("CONNECT", "/ws", 200)
+        ]
+    );
+    assert_offloaded_in_vm(&k);
+}
+
 /// With `websocket = false` ktern does not offer extended CONNECT.
 #[test]
 fn websockets_over_http2_can_be_turned_off() {

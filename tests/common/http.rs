@@ -187,7 +187,7 @@ pub fn http_backend_conn(
                 out.write_all(b"SSH-2.0-nope\r\n\r\n")?;
                 return Ok(());
             }
-            "/ws" | "/ws-wrong-accept" | "/ws-deaf" => {
+            "/ws" | "/ws-wrong-accept" | "/ws-deaf" | "/ws-reset" => {
                 // The accept for the request's key (RFC 6455 §4.2.2), when
                 // it has one; `/ws-wrong-accept` answers another key's.
                 let field = |name: &str| {
@@ -207,6 +207,14 @@ pub fn http_backend_conn(
                 }
                 switch.push_str("\r\nhi");
                 out.write_all(switch.as_bytes())?;
+                if path == "/ws-reset" {
+                    // Takes the client's first byte, then resets the
+                    // connection mid-tunnel (SO_LINGER 0: RST, not FIN).
+                    let mut first = [0u8; 1];
+                    r.read_exact(&mut first)?;
+                    socket2::SockRef::from(&out).set_linger(Some(Duration::ZERO))?;
+                    return Ok(());
+                }
                 if path == "/ws-deaf" {
                     // Reads nothing for 10 s (a client's upload fills the
                     // sockets' buffers behind it), then drains to the end.

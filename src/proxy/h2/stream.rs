@@ -120,6 +120,7 @@ pub(super) async fn exchange(
     M::inc(&ctx.metrics.http_requests);
     let mut ex = Exchange {
         head_only: head.method() == "HEAD",
+        client_method: ws_key.as_ref().map(|_| "CONNECT"),
         ..Exchange::default()
     };
     let mut moved = (head.len as u64, 0u64);
@@ -421,7 +422,8 @@ async fn forward(
 /// switched protocols: DATA both ways, each direction's end a half-close
 /// (END_STREAM to a FIN or close_notify and back), until both ended, one
 /// side failed, the client reset the stream, or no byte moved for the
-/// route's `keepalive_timeout`; an abort is RST_STREAM CANCEL (§5). Under
+/// route's `keepalive_timeout`; an abort is RST_STREAM: CONNECT_ERROR for
+/// the backend's connection failing (RFC 9113 §8.5), else CANCEL. Under
 /// flow control as a body: the client's window is released only for what
 /// the backend took, and the backend is read no faster than the client's
 /// window opens. A shut window only holds the backend back (h2 buffers at
@@ -557,8 +559,14 @@ async fn websocket(
     };
     moved.0 += up.get();
     moved.1 += down.get();
-    if result.is_err() && !down_done.get() {
-        send.send_reset(Reason::CANCEL);
+    if !down_done.get() {
+        match &result {
+            Ok(()) => {}
+            // RFC 9113 §8.5: an error on the proxied TCP connection (a
+            // reset among them) is a stream error of type CONNECT_ERROR.
+            Err(Cut::Upstream(_)) => send.send_reset(Reason::CONNECT_ERROR),
+            Err(_) => send.send_reset(Reason::CANCEL),
+        }
     }
     result
 }

@@ -178,6 +178,10 @@ pub(crate) struct Exchange {
     /// The kernel carried the records at the end (none: as at the
     /// handshake, `TlsInfo::kernel`).
     pub(crate) kernel: Option<bool>,
+    /// The client's method where it is not the upstream head's: an
+    /// HTTP/2 WebSocket's CONNECT goes upstream as a `GET` (RFC 8441),
+    /// and the access line says what the client sent.
+    pub(crate) client_method: Option<&'static str>,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -493,7 +497,9 @@ pub(crate) fn record(
         client: ctx.peer,
         tls: ctx.tls,
         kernel: ex.kernel.unwrap_or(ctx.tls.kernel),
-        method: head.map_or("-", |h| h.method()),
+        method: ex
+            .client_method
+            .unwrap_or_else(|| head.map_or("-", |h| h.method())),
         host: head.and_then(|h| h.host()).unwrap_or(""),
         target: head.map_or("-", |h| h.target()),
         protocol,
