@@ -689,6 +689,62 @@ fn bad_requests_get_the_exact_status() {
     assert!(!k.log().contains("panicked"));
 }
 
+/// `max_conns` (nginx's per-server cap, process-wide here): a backend
+/// with that many requests in flight is skipped for the next; with every
+/// backend full the request gets 503 at once, counted, and nothing is
+/// tried; a finished request frees its slot.
+#[test]
+fn backends_at_max_conns_are_skipped_then_answered_503() {
+    let pki = Pki::new("max-conns");
+    let (a, b) = (start_http_backend("a"), start_http_backend("b"));
+    let config = http_config(&[], "[[listener.route.rule]]\nupstream = \"app\"\n", "")
+        + &format!(
+            "[upstream.app]\nbackends = [\"{}\", \"{}\"]\nmax_conns = 1\nresponse_timeout = \"20s\"\n",
+            a.addr, b.addr
+        );
+    let k = Ktern::start(&pki, "", &config);
+    // Two slow requests (3 s each) take both backends' one slot.
+    let slow_ones: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = connect(k.addr(), &pki, ClientOpts::default());
+            std::thread::spawn(move || exchange(&mut c, "GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"))
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
+    while a.accepted.load(Ordering::SeqCst) + b.accepted.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow requests never reached both backends"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 503, "every backend is full");
+    assert_eq!(k.metric("ktern_upstream_full_total"), 1);
+    let mut answered: Vec<String> = slow_ones
+        .into_iter()
+        .map(|t| {
+            let r = t.join().unwrap();
+            assert_eq!((r.status, &r.body[..]), (200, &b"late"[..]));
+            r.header("x-backend").unwrap().to_string()
+        })
+        .collect();
+    answered.sort();
+    assert_eq!(
+        answered,
+        ["a", "b"],
+        "the second slow request skipped the full backend"
+    );
+    // The slots are free again. (The 503, like a 502, closed its
+    // connection.)
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(k.metric("ktern_upstream_full_total"), 1);
+    assert_eq!(k.metric("ktern_upstream_connect_failures_total"), 0);
+}
+
 #[test]
 fn backend_faults_map_to_502_504_and_aborts() {
     let pki = Pki::new("faults");

@@ -746,6 +746,10 @@ pub struct WeightedBackend {
     pub addr: SocketAddr,
     /// Relative weight (1 unless `weight=N`).
     pub weight: u32,
+    /// Connections in use at once, for the whole process (`max_conns=N`,
+    /// or the group's `max_conns`; 0: no cap). Idle pooled connections
+    /// are not counted, as in nginx.
+    pub max_conns: u32,
 }
 
 /// How an upstream group picks a backend for each request.
@@ -1347,7 +1351,9 @@ impl Validator<'_> {
                 .backends
                 .iter()
                 .enumerate()
-                .filter_map(|(i, b)| self.weighted(&format!("{at}.backends[{i}]"), b))
+                .filter_map(|(i, b)| {
+                    self.weighted(&format!("{at}.backends[{i}]"), b, raw.max_conns)
+                })
                 .collect();
             for (i, b) in backends.iter().enumerate() {
                 // Health and in-flight counts are kept per address: a
@@ -1395,24 +1401,45 @@ impl Validator<'_> {
         out
     }
 
-    /// `ip:port` or `ip:port weight=N` (nginx's spelling; 1..=1000).
-    fn weighted(&mut self, field: &str, raw: &str) -> Option<WeightedBackend> {
+    /// `ip:port`, then optionally `weight=N` (1..=1000) and `max_conns=N`
+    /// (nginx's spellings); `max_conns` is the group's unless given.
+    fn weighted(&mut self, field: &str, raw: &str, max_conns: u32) -> Option<WeightedBackend> {
         let mut parts = raw.split_whitespace();
         let addr = self.addr(field, parts.next().unwrap_or(""))?;
-        let mut weight = 1;
+        let mut b = WeightedBackend {
+            addr,
+            weight: 1,
+            max_conns,
+        };
         for p in parts {
-            match p.strip_prefix("weight=").map(str::parse::<u32>) {
-                Some(Ok(w)) if (1..=1000).contains(&w) => weight = w,
-                _ => {
-                    self.problem(
-                        field,
-                        format!("{p:?}: expected \"weight=N\" with N from 1 to 1000"),
-                    );
-                    return None;
+            if let Some(w) = p.strip_prefix("weight=") {
+                match w.parse::<u32>() {
+                    Ok(w) if (1..=1000).contains(&w) => b.weight = w,
+                    _ => {
+                        self.problem(field, format!("{p:?}: weight must be from 1 to 1000"));
+                        return None;
+                    }
                 }
+            } else if let Some(m) = p.strip_prefix("max_conns=") {
+                match m.parse::<u32>() {
+                    Ok(m) => b.max_conns = m,
+                    Err(_) => {
+                        self.problem(
+                            field,
+                            format!("{p:?}: max_conns must be a whole number (0: no cap)"),
+                        );
+                        return None;
+                    }
+                }
+            } else {
+                self.problem(
+                    field,
+                    format!("{p:?}: expected \"weight=N\" or \"max_conns=N\" after the address"),
+                );
+                return None;
             }
         }
-        Some(WeightedBackend { addr, weight })
+        Some(b)
     }
 
     fn balance(&mut self, at: &str, raw: &str, key: Option<&str>) -> Option<Balance> {

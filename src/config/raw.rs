@@ -481,6 +481,8 @@ pub(super) struct UpstreamSection {
     pub max_fails: u32,
     #[serde(default = "default_fail_timeout")]
     pub fail_timeout: String,
+    #[serde(default)]
+    pub max_conns: u32,
     #[serde(default = "default_balance")]
     pub balance: String,
     pub hash_key: Option<String>,

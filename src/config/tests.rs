@@ -382,6 +382,40 @@ fn balancing_weights_and_health_checks() {
     assert_eq!(e.problems[0].field, "upstream.api.hash_key");
 }
 
+/// `max_conns`: the group's applies to each backend without its own
+/// (nginx's per-server `max_conns=N`); 0 is no cap.
+#[test]
+fn max_conns_per_backend_and_per_group() {
+    let text = HTTP.replace(
+        "backends = [\"127.0.0.1:9002\", \"127.0.0.1:9003\"]",
+        "backends = [\"127.0.0.1:9002 weight=2 max_conns=5\", \"127.0.0.1:9003\", \"127.0.0.1:9004 max_conns=0\"]\nmax_conns = 40",
+    );
+    let c = Config::from_toml(&text, "m.toml", Path::new("."), &pems()).unwrap();
+    let api = c.upstreams.iter().find(|u| u.name == "api").unwrap();
+    let caps: Vec<_> = api
+        .backends
+        .iter()
+        .map(|b| (b.weight, b.max_conns))
+        .collect();
+    assert_eq!(caps, [(2, 5), (1, 40), (1, 0)]);
+    let web = c.upstreams.iter().find(|u| u.name == "web").unwrap();
+    assert_eq!(web.backends[0].max_conns, 0, "no cap unless set");
+
+    for (bad, why) in [
+        ("max_conns=-1", "max_conns must be a whole number"),
+        ("max_conns=", "max_conns must be a whole number"),
+        ("maxconn=3", "expected \"weight=N\" or \"max_conns=N\""),
+    ] {
+        let text = HTTP.replace(
+            "backends = [\"127.0.0.1:9002\", \"127.0.0.1:9003\"]",
+            &format!("backends = [\"127.0.0.1:9002\", \"127.0.0.1:9003 {bad}\"]"),
+        );
+        let e = Config::from_toml(&text, "m.toml", Path::new("."), &pems()).unwrap_err();
+        assert_eq!(e.problems[0].field, "upstream.api.backends[1]", "{e}");
+        assert!(e.problems[0].reason.contains(why), "{bad}: {e}");
+    }
+}
+
 #[test]
 fn static_rules_need_an_existing_directory() {
     let dir = std::env::temp_dir().join(format!("ktern-cfg-static-{}", std::process::id()));

@@ -229,6 +229,7 @@ impl Control {
             number: 1,
             tls: tls_configs(&config, cpus.len(), &own_tickets, &challenges)?,
             health: checks.states.clone(),
+            in_use: crate::upstream::in_use_counts(&config, None),
             slots: plan.slots,
             access: open_access_log(&config)?,
             challenges: challenges.clone(),
@@ -512,6 +513,10 @@ impl Control {
             number: inner.current.number + 1,
             tls,
             health: checks.states.clone(),
+            in_use: crate::upstream::in_use_counts(
+                &config,
+                Some((&inner.current.config, &inner.current.in_use)),
+            ),
             slots: plan.slots,
             access,
             challenges: self.challenges.clone(),

@@ -68,6 +68,7 @@ counters! {
     tls_limit_closes => "ktern_tls_confidentiality_limit_closes_total", "Connections closed at the cipher's confidentiality limit.";
     downstream_errors => "ktern_downstream_errors_total", "Connections ended by a client-side error after the handshake.";
     upstream_connect_failures => "ktern_upstream_connect_failures_total", "Backend connects refused, failed or timed out.";
+    upstream_full => "ktern_upstream_full_total", "Requests answered 503, and passthrough connections closed, because every backend of their upstream group had max_conns connections in use.";
     local_exhaustion => "ktern_local_resource_errors_total", "Accepts and backend connects that failed because ktern ran out of file descriptors, buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).";
     memory_trims => "ktern_memory_trims_total", "Times a shard gave freed heap memory back to the kernel after a burst of connections ended (runtime.memory_trim).";
     accept_errors => "ktern_accept_errors_total", "Accepts that failed (every kind; the log says so at most once per 10 s per shard).";

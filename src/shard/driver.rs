@@ -238,10 +238,7 @@ async fn passthrough(
     let (mut backend, addr, _lease) = match connected {
         Ok(c) => c,
         Err(e) => {
-            M::inc(match e {
-                crate::upstream::UpstreamError::Local { .. } => &m.local_exhaustion,
-                _ => &m.upstream_connect_failures,
-            });
+            M::inc(e.counter(m));
             tracing::warn!(%peer, upstream = %upstream.name, error = %e, "passthrough: upstream connect failed");
             return None;
         }
@@ -587,10 +584,7 @@ fn proxy<'a>(
                         Err(e) => Err(Failure::Tcp(e)),
                     },
                     Err(e) => {
-                        M::inc(match e {
-                            crate::upstream::UpstreamError::Local { .. } => &m.local_exhaustion,
-                            _ => &m.upstream_connect_failures,
-                        });
+                        M::inc(e.counter(m));
                         tracing::warn!(%peer, error = %e, "upstream connect failed");
                         // Tell the client we are closing; it gets no data.
                         let (_, mut writer) = conn.split();

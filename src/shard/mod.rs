@@ -28,7 +28,7 @@ use crate::proxy::drain::DrainSignal;
 use crate::proxy::idle::{self, IdleSweeper};
 use crate::proxy::tcp::PipePool;
 use crate::upstream::pool::Pool;
-use crate::upstream::{Balancer, HealthState};
+use crate::upstream::{Balancer, HealthState, InUse};
 
 pub mod driver;
 pub mod proxy_header;
@@ -45,6 +45,9 @@ pub struct Generation {
     pub tls: Vec<Vec<crate::handshake::ServerTls>>,
     /// Active-health verdicts per upstream group (`None`: no checks).
     pub health: Vec<Option<Arc<HealthState>>>,
+    /// Connections in use per backend of each upstream group with a
+    /// `max_conns` (`None`: no cap), shared by every shard.
+    pub in_use: Vec<Option<Arc<InUse>>>,
     /// Which listening socket (by key) serves which listener.
     pub slots: Vec<(u64, Slot)>,
     /// The access log, opened for this generation (a reload reopens it,
@@ -183,15 +186,15 @@ impl ShardGen {
         let (upstream_balancers, pools) = config
             .upstreams
             .iter()
-            .zip(gen.health.iter())
-            .map(|(u, h)| {
+            .zip(gen.health.iter().zip(&gen.in_use))
+            .map(|(u, (h, in_use))| {
                 let same = previous.and_then(|p| {
                     let i = p.config().upstreams.iter().position(|o| o == u)?;
                     Some((p.upstream_balancers[i].clone(), p.pools[i].clone()))
                 });
                 same.unwrap_or_else(|| {
                     (
-                        Rc::new(Balancer::for_upstream(u, id, h.clone())),
+                        Rc::new(Balancer::for_upstream(u, id, h.clone(), in_use.clone())),
                         Rc::new(Pool::new(1)),
                     )
                 })

@@ -4,14 +4,15 @@
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 use smallvec::SmallVec;
 
-use crate::config::{Balance, Upstream, WeightedBackend};
+use crate::config::{Balance, Config, Upstream, WeightedBackend};
+use crate::metrics::ShardMetrics;
 
 /// A plan: backends' indexes in the order to try them.
 type Order = SmallVec<[usize; 8]>;
@@ -44,6 +45,13 @@ pub enum UpstreamError {
         /// The OS error (EMFILE, ENFILE, ENOBUFS, ENOMEM).
         source: io::Error,
     },
+    /// Every backend of the group had `max_conns` connections in use: none
+    /// was tried.
+    #[error("every backend is at its max_conns ({backends} backends)")]
+    Full {
+        /// Backends skipped for it.
+        backends: usize,
+    },
     /// The PROXY header (`send_proxy`) could not be written to the new
     /// backend connection.
     #[error("cannot send the PROXY header to {addr}: {source}")]
@@ -53,6 +61,17 @@ pub enum UpstreamError {
         /// The write's error.
         source: io::Error,
     },
+}
+
+impl UpstreamError {
+    /// The counter this failure is counted in.
+    pub fn counter<'m>(&self, m: &'m ShardMetrics) -> &'m AtomicU64 {
+        match self {
+            UpstreamError::Local { .. } => &m.local_exhaustion,
+            UpstreamError::Full { .. } => &m.upstream_full,
+            _ => &m.upstream_connect_failures,
+        }
+    }
 }
 
 /// Errors that say this process, not the peer, ran out of something.
@@ -83,6 +102,8 @@ struct Backend {
     down_until: Cell<Option<Instant>>,
     /// Requests or connections in flight on this shard (least_conn).
     active: Cell<u32>,
+    /// Connections in use at once, process-wide (0: no cap).
+    max_conns: u32,
     /// Smooth weighted round robin state (nginx's `current_weight`).
     current: Cell<i64>,
 }
@@ -106,6 +127,69 @@ pub struct Balancer {
     max_fails: u32,
     fail_timeout: Duration,
     health: Option<Arc<HealthState>>,
+    /// Process-wide connections in use per backend, where one has
+    /// `max_conns`.
+    in_use: Option<Arc<InUse>>,
+}
+
+/// Connections in use per backend of one upstream group, for
+/// `max_conns`: one count per backend for the whole process, shared by
+/// every shard's balancer, so the cap is the backend's total (nginx counts
+/// per worker unless the group has a shared-memory zone). Idle pooled
+/// connections are not in use.
+#[derive(Debug)]
+pub struct InUse {
+    counts: Box<[AtomicU32]>,
+}
+
+impl InUse {
+    /// `n` backends, none in use.
+    pub fn new(n: usize) -> InUse {
+        InUse {
+            counts: (0..n).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    /// Takes a connection slot on backend `i`, if it has fewer than `max`
+    /// in use (atomically: two shards cannot both take the last one).
+    fn take(&self, i: usize, max: u32) -> Option<&AtomicU32> {
+        let c = self.counts.get(i)?;
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+        Some(c)
+    }
+
+    /// Backend `i`'s connections in use now.
+    pub fn get(&self, i: usize) -> u32 {
+        self.counts.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// The in-use counts of each upstream group of `config` with a capped
+/// backend (`None` for the others). A group unchanged since `previous`
+/// keeps its counts (its shards keep their balancers too), so a reload
+/// does not forget the connections in use; a changed group counts
+/// afresh, and its old configuration's connections finish uncounted.
+pub fn in_use_counts(
+    config: &Config,
+    previous: Option<(&Config, &[Option<Arc<InUse>>])>,
+) -> Vec<Option<Arc<InUse>>> {
+    config
+        .upstreams
+        .iter()
+        .map(|u| {
+            if u.backends.iter().all(|b| b.max_conns == 0) {
+                return None;
+            }
+            let old = previous.and_then(|(c, counts)| {
+                let i = c.upstreams.iter().position(|o| o == u)?;
+                counts.get(i)?.clone()
+            });
+            Some(old.unwrap_or_else(|| Arc::new(InUse::new(u.backends.len()))))
+        })
+        .collect()
 }
 
 /// Backends' active-health verdicts, written by the checker thread and
@@ -136,15 +220,20 @@ impl HealthState {
     }
 }
 
-/// Holds one in-flight slot on a backend (least connections); released on drop.
+/// Holds one in-flight slot on a backend (least connections), and its
+/// connection slot under `max_conns`; released on drop.
 pub struct Lease<'a> {
     backend: Option<&'a Backend>,
+    slot: Option<&'a AtomicU32>,
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.backend {
             b.active.set(b.active.get().saturating_sub(1));
+        }
+        if let Some(s) = self.slot {
+            s.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -155,7 +244,11 @@ impl Balancer {
     pub fn new(backends: Vec<SocketAddr>, start: usize) -> Balancer {
         let backends = backends
             .into_iter()
-            .map(|addr| WeightedBackend { addr, weight: 1 })
+            .map(|addr| WeightedBackend {
+                addr,
+                weight: 1,
+                max_conns: 0,
+            })
             .collect();
         Balancer::with_policy(
             backends,
@@ -164,11 +257,18 @@ impl Balancer {
             DEFAULT_MAX_FAILS,
             DEFAULT_FAIL_TIMEOUT,
             None,
+            None,
         )
     }
 
-    /// A balancer for an upstream group's settings.
-    pub fn for_upstream(u: &Upstream, start: usize, health: Option<Arc<HealthState>>) -> Balancer {
+    /// A balancer for an upstream group's settings, with the process'
+    /// health verdicts and in-use counts for the group.
+    pub fn for_upstream(
+        u: &Upstream,
+        start: usize,
+        health: Option<Arc<HealthState>>,
+        in_use: Option<Arc<InUse>>,
+    ) -> Balancer {
         Balancer::with_policy(
             u.backends.clone(),
             start,
@@ -176,6 +276,7 @@ impl Balancer {
             u.max_fails,
             u.fail_timeout,
             health,
+            in_use,
         )
     }
 
@@ -188,6 +289,7 @@ impl Balancer {
         max_fails: u32,
         fail_timeout: Duration,
         health: Option<Arc<HealthState>>,
+        in_use: Option<Arc<InUse>>,
     ) -> Balancer {
         let start = if backends.is_empty() {
             0
@@ -216,6 +318,7 @@ impl Balancer {
                     fails: Cell::new(0),
                     down_until: Cell::new(None),
                     active: Cell::new(0),
+                    max_conns: b.max_conns,
                     current: Cell::new(0),
                 })
                 .collect(),
@@ -225,6 +328,7 @@ impl Balancer {
             max_fails,
             fail_timeout,
             health,
+            in_use,
         }
     }
 
@@ -336,13 +440,32 @@ impl Balancer {
     }
 
     /// Counts a request (or connection) in flight on `addr` until the
-    /// lease drops (least connections).
+    /// lease drops (least connections), beyond any `max_conns`.
+    #[cfg(test)]
     pub fn lease(&self, addr: SocketAddr) -> Lease<'_> {
         let backend = self.backends.iter().find(|b| b.addr == addr);
         if let Some(b) = backend {
             b.active.set(b.active.get().saturating_add(1));
         }
-        Lease { backend }
+        Lease {
+            backend,
+            slot: None,
+        }
+    }
+
+    /// A lease on backend `i`, with a connection slot where it has
+    /// `max_conns`; `None` when it has that many in use.
+    fn lease_at(&self, i: usize) -> Option<Lease<'_>> {
+        let b = &self.backends[i];
+        let slot = match &self.in_use {
+            Some(u) if b.max_conns > 0 => Some(u.take(i, b.max_conns)?),
+            _ => None,
+        };
+        b.active.set(b.active.get().saturating_add(1));
+        Some(Lease {
+            backend: Some(b),
+            slot,
+        })
     }
 
     /// Records a failure (connect refused or timed out, or a broken
@@ -416,16 +539,18 @@ impl Balancer {
         now: Instant,
     ) -> Result<(T, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
-        let mut tried = 0;
+        let (mut tried, mut full) = (0, 0);
         // Re-read after each failed connect, which may have waited up to
         // `timeout`: pooled connections are aged against the real time.
         let mut now = now;
-        for addr in self
-            .order_at(now, key)
-            .into_iter()
-            .map(|i| self.backends[i].addr)
-        {
-            let lease = self.lease(addr);
+        for i in self.order_at(now, key) {
+            let addr = self.backends[i].addr;
+            // A backend at its max_conns is skipped, as nginx does; the
+            // plan's next one takes the request.
+            let Some(lease) = self.lease_at(i) else {
+                full += 1;
+                continue;
+            };
             if let Some(s) = take(addr, now) {
                 return Ok((s, addr, true, lease));
             }
@@ -459,6 +584,9 @@ impl Balancer {
                     last = Some((addr, e));
                 }
             }
+        }
+        if tried == 0 && full > 0 {
+            return Err(UpstreamError::Full { backends: full });
         }
         let (addr, source) = last.unwrap_or_else(|| {
             (
@@ -532,12 +660,24 @@ mod tests {
     fn weighted(a: &[SocketAddr], w: &[u32]) -> Vec<WeightedBackend> {
         a.iter()
             .zip(w)
-            .map(|(&addr, &weight)| WeightedBackend { addr, weight })
+            .map(|(&addr, &weight)| WeightedBackend {
+                addr,
+                weight,
+                max_conns: 0,
+            })
             .collect()
     }
 
     fn balancer(a: &[SocketAddr], w: &[u32], balance: Balance) -> Balancer {
-        Balancer::with_policy(weighted(a, w), 0, balance, 1, Duration::from_secs(10), None)
+        Balancer::with_policy(
+            weighted(a, w),
+            0,
+            balance,
+            1,
+            Duration::from_secs(10),
+            None,
+            None,
+        )
     }
 
     #[test]
@@ -646,6 +786,7 @@ mod tests {
             0,
             Duration::ZERO,
             Some(h.clone()),
+            None,
         );
         let now = Instant::now();
         h.set(0, false);
@@ -654,6 +795,74 @@ mod tests {
         }
         h.set(0, true);
         assert!((0..4).any(|_| b.plan_at(now, None)[0] == a[0]));
+    }
+
+    /// A pooled connection, for `acquire_from` without a network.
+    struct Pooled;
+
+    type Acquired<'b> = Result<(Pooled, SocketAddr, bool, Lease<'b>), UpstreamError>;
+
+    impl From<TcpStream> for Pooled {
+        fn from(_: TcpStream) -> Pooled {
+            Pooled
+        }
+    }
+
+    /// `max_conns`: a backend with that many leases held is skipped (the
+    /// plan's next one is used), on every shard's balancer alike (one
+    /// process-wide count); a dropped lease frees its slot; with every
+    /// backend full, `Full`, and nothing was tried.
+    #[test]
+    fn backends_at_max_conns_are_skipped_on_every_shard() {
+        let a = addrs(2);
+        let mut backends = weighted(&a, &[1, 1]);
+        backends[0].max_conns = 2;
+        backends[1].max_conns = 1;
+        let counts = Arc::new(InUse::new(2));
+        let shard = |start| {
+            Balancer::with_policy(
+                backends.clone(),
+                start,
+                Balance::RoundRobin,
+                1,
+                Duration::from_secs(10),
+                None,
+                Some(counts.clone()),
+            )
+        };
+        let (one, two) = (shard(0), shard(1));
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap();
+        let mut take = |b| {
+            rt.block_on(Balancer::acquire_from(
+                b,
+                |_, _| Some(Pooled),
+                None,
+                Duration::from_secs(1),
+                Instant::now(),
+            ))
+        };
+        let got = |r: &Acquired<'_>| r.as_ref().ok().map(|(_, addr, _, _)| *addr);
+        let l1 = take(&one);
+        let l2 = take(&two);
+        let l3 = take(&one);
+        let mut held: Vec<_> = [&l1, &l2, &l3].iter().map(|r| got(r).unwrap()).collect();
+        held.sort();
+        assert_eq!(held, [a[0], a[0], a[1]], "each backend up to its cap");
+        assert_eq!((counts.get(0), counts.get(1)), (2, 1));
+        let full = take(&two);
+        assert!(
+            matches!(full, Err(UpstreamError::Full { backends: 2 })),
+            "{:?}",
+            full.err()
+        );
+        // A freed slot is taken again, from the other shard too.
+        let freed = got(&l2).unwrap();
+        drop(l2);
+        assert_eq!(got(&take(&one)), Some(freed));
+        drop((l1, l3));
+        assert_eq!((counts.get(0), counts.get(1)), (0, 0));
     }
 
     #[test]
@@ -676,6 +885,7 @@ mod tests {
             Balance::RoundRobin,
             2,
             Duration::from_secs(10),
+            None,
             None,
         );
         let t0 = Instant::now();

@@ -1359,10 +1359,13 @@ pub(crate) async fn begin_attempt<'b>(
             c
         }
         Err(e) => {
-            M::inc(match e {
-                crate::upstream::UpstreamError::Local { .. } => &ctx.metrics.local_exhaustion,
-                _ => &ctx.metrics.upstream_connect_failures,
-            });
+            M::inc(e.counter(ctx.metrics));
+            if let crate::upstream::UpstreamError::Full { .. } = e {
+                // Not the backends' failure: they are busy. 503, as
+                // HAProxy answers a full queue (nginx: 502).
+                tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream full: 503");
+                return Step::Answer(503);
+            }
             tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
             return Step::NoBackend;
         }
