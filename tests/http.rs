@@ -699,15 +699,18 @@ fn backends_at_max_conns_are_skipped_then_answered_503() {
     let (a, b) = (start_http_backend("a"), start_http_backend("b"));
     let config = http_config(&[], "[[listener.route.rule]]\nupstream = \"app\"\n", "")
         + &format!(
-            "[upstream.app]\nbackends = [\"{}\", \"{}\"]\nmax_conns = 1\nresponse_timeout = \"20s\"\n",
+            "[upstream.app]\nbackends = [\"{}\", \"{}\"]\nmax_conns = 1\nresponse_timeout = \"60s\"\n",
             a.addr, b.addr
         );
     let k = Ktern::start(&pki, "", &config);
-    // Two slow requests (3 s each) take both backends' one slot.
+    // Two slow requests (3 s each, longer in the VM) take both backends'
+    // one slot.
+    let sleep = format!("GET /sleep/{} HTTP/1.1\r\nHost: a\r\n\r\n", 3000 * slow());
     let slow_ones: Vec<_> = (0..2)
         .map(|_| {
             let mut c = connect(k.addr(), &pki, ClientOpts::default());
-            std::thread::spawn(move || exchange(&mut c, "GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"))
+            let sleep = sleep.clone();
+            std::thread::spawn(move || exchange(&mut c, &sleep))
         })
         .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
@@ -717,6 +720,11 @@ fn backends_at_max_conns_are_skipped_then_answered_503() {
             "the slow requests never reached both backends"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+    for backend in [a.addr, b.addr] {
+        let series =
+            format!("ktern_upstream_backend_in_use{{upstream=\"app\",backend=\"{backend}\"}}");
+        assert_eq!(k.metric(&series), 1, "{series}");
     }
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");

@@ -968,10 +968,13 @@ fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
         pki.cert.display().to_string(),
         pki.key.display().to_string(),
     );
-    let listeners = http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)]).replace(
-        "[[listener.route.rule]]\n",
-        "[[listener.route.rule]]\npath = \"/api/\"\n",
-    );
+    // A `max_conns` too, so its gauges are in the exposition.
+    let listeners = http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)])
+        .replace(
+            "[[listener.route.rule]]\n",
+            "[[listener.route.rule]]\npath = \"/api/\"\n",
+        )
+        .replace("response_timeout", "max_conns = 8\nresponse_timeout");
     let k = Ktern::start(&pki, &runtime(""), &listeners);
     let cfg = client_config(&[&pki.der]);
     // Connection 1 (full handshake): three proxied requests on one
@@ -1044,6 +1047,12 @@ fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     );
     assert_eq!(value("ktern_connections_accepted_total"), 2);
     assert_eq!(value("ktern_config_generation"), 1);
+    let backend = format!("{{upstream=\"a\",backend=\"{}\"}}", a.addr);
+    assert_eq!(
+        value(&format!("ktern_upstream_backend_max_conns{backend}")),
+        8
+    );
+    assert_eq!(value(&format!("ktern_upstream_backend_in_use{backend}")), 0);
     if std::env::var_os("KTERN_IN_VM").is_some() {
         assert_eq!(value("ktern_ktls_offloaded_total"), 2);
     } else {

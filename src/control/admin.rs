@@ -170,7 +170,17 @@ fn metrics(control: &Control) -> String {
     if let Ok(stat) = std::fs::read_to_string("/proc/net/tls_stat") {
         crate::metrics::render_kernel_tls(&mut out, &stat);
     }
-    crate::metrics::render_cert_expiry(&mut out, &control.current().config);
+    let gen = control.current();
+    crate::metrics::render_cert_expiry(&mut out, &gen.config);
+    let capped = gen.config.upstreams.iter().zip(&gen.in_use);
+    let rows = capped.flat_map(|(u, counts)| {
+        let counts = counts.as_deref();
+        u.backends.iter().enumerate().filter_map(move |(i, b)| {
+            let counts = counts.filter(|_| b.max_conns > 0)?;
+            Some((u.name.as_str(), b.addr, counts.get(i), b.max_conns))
+        })
+    });
+    crate::metrics::render_backend_in_use(&mut out, rows);
     crate::metrics::render_build_info(&mut out);
     out
 }

@@ -190,6 +190,42 @@ pub fn render_cert_expiry(out: &mut String, config: &crate::config::Config) {
     }
 }
 
+/// `ktern_upstream_backend_in_use` and `_max_conns`: each capped
+/// backend's connections in use (process-wide) beside its `max_conns`,
+/// as HAProxy's `scur` and `slim`: rows of (upstream, backend, in use,
+/// cap).
+pub fn render_backend_in_use<'a>(
+    out: &mut String,
+    rows: impl Iterator<Item = (&'a str, std::net::SocketAddr, u32, u32)> + Clone,
+) {
+    for (name, help, cap) in [
+        (
+            "ktern_upstream_backend_in_use",
+            "Connections in use on each backend with a max_conns, for the whole process (gauge).",
+            false,
+        ),
+        (
+            "ktern_upstream_backend_max_conns",
+            "The max_conns of each backend that has one.",
+            true,
+        ),
+    ] {
+        // No capped backend: no family (none of its samples can exist).
+        if rows.clone().next().is_none() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (upstream, backend, in_use, max) in rows.clone() {
+            let _ = writeln!(
+                out,
+                "{name}{{upstream=\"{}\",backend=\"{backend}\"}} {}",
+                family::escape(upstream),
+                if cap { max } else { in_use }
+            );
+        }
+    }
+}
+
 /// Mirrors the kernel's kTLS counters (`/proc/net/tls_stat`, Linux 5.6+)
 /// as `ktern_kernel_tls_*`: `TlsCurrTxSw` becomes the gauge
 /// `ktern_kernel_tls_curr_tx_sw`, `TlsTxSw` the counter
@@ -303,6 +339,8 @@ mod tests {
                 missing.push(name.to_string());
             }
         }
+        let backend = std::net::SocketAddr::from(([127, 0, 0, 1], 80));
+        render_backend_in_use(&mut out, [("u", backend, 1, 2)].into_iter());
         for fixed in [
             "ktern_kernel_tls_*",
             "ktern_certificate_expiry_timestamp_seconds",

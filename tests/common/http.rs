@@ -183,6 +183,12 @@ pub fn http_backend_conn(
                 std::thread::sleep(Duration::from_secs(3));
                 reply(&mut out, b"late")?;
             }
+            p if p.starts_with("/sleep/") => {
+                // `/sleep/N`: answers after N ms.
+                let ms = p["/sleep/".len()..].parse().unwrap_or(0);
+                std::thread::sleep(Duration::from_millis(ms));
+                reply(&mut out, b"late")?;
+            }
             "/bad" => {
                 out.write_all(b"SSH-2.0-nope\r\n\r\n")?;
                 return Ok(());
