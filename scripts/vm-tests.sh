@@ -47,12 +47,14 @@ done
 # both out): a fat-LTO release build takes minutes.
 declare -A release_filters=([l4]="idle_connections_stay" [h2]="idle_http2")
 base_files=(--file "$ktern_bin:$ktern_bin")
+release_wanted=
 for t in "${suites[@]}"; do
-  [ -n "${release_filters[$t]:-}" ] || continue
+  [ -z "${release_filters[$t]:-}" ] || release_wanted=1
+done
+if [ -n "$release_wanted" ]; then
   release_bin=$(ktern_binary --release)
   base_files+=(--file "$release_bin:$release_bin")
-  break
-done
+fi
 
 # One boot per kernel runs every suite (scripts/vm-suites.sh in the guest).
 status=0
