@@ -27,6 +27,37 @@ pub fn coarse_now() -> Instant {
     since.unwrap_or_else(Instant::now)
 }
 
+/// A log line at most once per [`LogEvery::INTERVAL`] for a recurring
+/// event (a flood of failed accepts, or of requests refused at
+/// `max_conns`, must not become a flood of log lines), with how many
+/// happened since the last line. Metrics count every one. Per shard.
+#[derive(Debug, Default)]
+pub struct LogEvery {
+    last: std::cell::Cell<Option<Instant>>,
+    since: std::cell::Cell<u64>,
+}
+
+impl LogEvery {
+    /// At most one line per this long.
+    pub const INTERVAL: Duration = Duration::from_secs(10);
+
+    /// Notes one event; `Some(events since the last line)` when a line is
+    /// due now.
+    pub fn due(&self) -> Option<u64> {
+        let now = coarse_now();
+        self.since.set(self.since.get() + 1);
+        if self
+            .last
+            .get()
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::INTERVAL)
+        {
+            return None;
+        }
+        self.last.set(Some(now));
+        Some(self.since.replace(0))
+    }
+}
+
 /// Now, in Unix seconds (0 if the clock is before 1970).
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -37,6 +68,18 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_every_says_the_first_then_holds_the_rest_within_its_interval() {
+        let log = LogEvery::default();
+        assert_eq!(log.due(), Some(1));
+        for _ in 0..5 {
+            assert_eq!(log.due(), None);
+        }
+        // The next line, when due, carries the five held back and itself.
+        log.last.set(coarse_now().checked_sub(LogEvery::INTERVAL));
+        assert_eq!(log.due(), Some(6));
+    }
 
     #[test]
     fn coarse_now_follows_the_precise_clock_within_a_tick() {

@@ -332,6 +332,8 @@ mod tests {
         f.responses_for("l", "u").record(200);
         f.active_for("l");
         family::render(&mut out, &[f]);
+        let backend = std::net::SocketAddr::from(([127, 0, 0, 1], 80));
+        render_backend_in_use(&mut out, [("u", backend, 1, 2)].into_iter());
         let mut missing = Vec::new();
         for line in out.lines().filter(|l| l.starts_with("# TYPE ")) {
             let name = line.split_whitespace().nth(2).unwrap();
@@ -339,8 +341,6 @@ mod tests {
                 missing.push(name.to_string());
             }
         }
-        let backend = std::net::SocketAddr::from(([127, 0, 0, 1], 80));
-        render_backend_in_use(&mut out, [("u", backend, 1, 2)].into_iter());
         for fixed in [
             "ktern_kernel_tls_*",
             "ktern_certificate_expiry_timestamp_seconds",

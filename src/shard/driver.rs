@@ -239,7 +239,13 @@ async fn passthrough(
         Ok(c) => c,
         Err(e) => {
             M::inc(e.counter(m));
-            tracing::warn!(%peer, upstream = %upstream.name, error = %e, "passthrough: upstream connect failed");
+            if let crate::upstream::UpstreamError::Full { .. } = e {
+                if let Some(count) = balancer.full_log.due() {
+                    tracing::warn!(upstream = %upstream.name, error = %e, count, "passthrough: upstream full, connection closed ({count} since the last such line; at most one line per 10 s)");
+                }
+            } else {
+                tracing::warn!(%peer, upstream = %upstream.name, error = %e, "passthrough: upstream connect failed");
+            }
             return None;
         }
     };

@@ -237,31 +237,7 @@ pub struct Shard {
     pub drain: DrainSignal,
     current: RefCell<Rc<ShardGen>>,
     accepting: RefCell<Vec<(u64, Rc<AcceptStop>)>>,
-    accept_log: LogEvery,
-}
-
-/// A log line at most once per interval for a recurring error (a flood of
-/// failed accepts must not become a flood of log lines), with how many
-/// happened since the last line. The counter counts every one.
-#[derive(Default)]
-struct LogEvery {
-    last: std::cell::Cell<Option<std::time::Instant>>,
-    since: std::cell::Cell<u64>,
-}
-
-impl LogEvery {
-    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
-    fn note(&self, shard: usize, e: &io::Error) {
-        let now = std::time::Instant::now();
-        self.since.set(self.since.get() + 1);
-        if self.last.get().is_some_and(|t| now - t < Self::INTERVAL) {
-            return;
-        }
-        let count = self.since.replace(0);
-        self.last.set(Some(now));
-        tracing::warn!(shard, error = %e, count, "accept failed ({count} since the last such line; at most one line per 10 s)");
-    }
+    accept_log: crate::clock::LogEvery,
 }
 
 impl Shard {
@@ -497,7 +473,7 @@ async fn shard_main(
         drain: DrainSignal::default(),
         current: RefCell::new(Rc::new(ShardGen::new(id, gen.clone(), &metrics, None))),
         accepting: RefCell::default(),
-        accept_log: LogEvery::default(),
+        accept_log: crate::clock::LogEvery::default(),
     });
     monoio::spawn(shard.idle.clone().run());
     monoio::spawn(trim_loop(shard.clone()));
@@ -708,7 +684,9 @@ async fn accept_loop(
                 if local {
                     ShardMetrics::inc(&shard.metrics.local_exhaustion);
                 }
-                shard.accept_log.note(shard.id, &e);
+                if let Some(count) = shard.accept_log.due() {
+                    tracing::warn!(shard = shard.id, error = %e, count, "accept failed ({count} since the last such line; at most one line per 10 s)");
+                }
                 // Out of fds or memory: the queue waits in the kernel while
                 // this shard backs off (nginx pauses accepting 500 ms);
                 // anything else, briefly, so the loop never spins.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 use smallvec::SmallVec;
 
-use crate::config::{Balance, Config, Upstream, WeightedBackend};
+use crate::config::{Balance, Upstream, WeightedBackend};
 use crate::metrics::ShardMetrics;
 
 /// A plan: backends' indexes in the order to try them.
@@ -130,6 +130,8 @@ pub struct Balancer {
     /// Process-wide connections in use per backend, where one has
     /// `max_conns`.
     in_use: Option<Arc<InUse>>,
+    /// Refusals at `max_conns`, logged at most once per 10 s per shard.
+    pub full_log: crate::clock::LogEvery,
 }
 
 /// Connections in use per backend of one upstream group, for
@@ -139,20 +141,26 @@ pub struct Balancer {
 /// connections are not in use.
 #[derive(Debug)]
 pub struct InUse {
-    counts: Box<[AtomicU32]>,
+    /// By backend index; shared with the group's earlier generations,
+    /// whose connections still count (see [`in_use_counts`]).
+    counts: Box<[Arc<AtomicU32>]>,
 }
 
 impl InUse {
     /// `n` backends, none in use.
     pub fn new(n: usize) -> InUse {
         InUse {
-            counts: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            counts: (0..n).map(|_| Arc::default()).collect(),
         }
     }
 
     /// Takes a connection slot on backend `i`, if it has fewer than `max`
     /// in use (atomically: two shards cannot both take the last one).
     fn take(&self, i: usize, max: u32) -> Option<&AtomicU32> {
+        debug_assert!(
+            i < self.counts.len(),
+            "counts out of step with the backends"
+        );
         let c = self.counts.get(i)?;
         c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < max).then_some(n + 1)
@@ -167,27 +175,41 @@ impl InUse {
     }
 }
 
-/// The in-use counts of each upstream group of `config` with a capped
-/// backend (`None` for the others). A group unchanged since `previous`
-/// keeps its counts (its shards keep their balancers too), so a reload
-/// does not forget the connections in use; a changed group counts
-/// afresh, and its old configuration's connections finish uncounted.
+/// The in-use counts of each group of `upstreams` with a capped backend
+/// (`None` for the others), given the groups `before` a reload and their
+/// `counts` (both empty at start). A reload keeps each backend's count
+/// while the backend (by address) stays in a group of the same name,
+/// whatever else changed (its cap too: the next lease is checked against
+/// the new one), so the connections in use under the old configuration
+/// still count; a backend new to the group starts at 0. A group with no
+/// cap before counts from the reload on.
 pub fn in_use_counts(
-    config: &Config,
-    previous: Option<(&Config, &[Option<Arc<InUse>>])>,
+    upstreams: &[Upstream],
+    before: &[Upstream],
+    counts: &[Option<Arc<InUse>>],
 ) -> Vec<Option<Arc<InUse>>> {
-    config
-        .upstreams
+    upstreams
         .iter()
         .map(|u| {
             if u.backends.iter().all(|b| b.max_conns == 0) {
                 return None;
             }
-            let old = previous.and_then(|(c, counts)| {
-                let i = c.upstreams.iter().position(|o| o == u)?;
-                counts.get(i)?.clone()
-            });
-            Some(old.unwrap_or_else(|| Arc::new(InUse::new(u.backends.len()))))
+            let old = before
+                .iter()
+                .position(|o| o.name == u.name)
+                .and_then(|i| Some((&before[i], counts.get(i)?.as_deref()?)));
+            let counts = u
+                .backends
+                .iter()
+                .map(|b| {
+                    old.and_then(|(o, counts)| {
+                        let j = o.backends.iter().position(|ob| ob.addr == b.addr)?;
+                        counts.counts.get(j).cloned()
+                    })
+                    .unwrap_or_default()
+                })
+                .collect();
+            Some(Arc::new(InUse { counts }))
         })
         .collect()
 }
@@ -329,6 +351,7 @@ impl Balancer {
             fail_timeout,
             health,
             in_use,
+            full_log: crate::clock::LogEvery::default(),
         }
     }
 
@@ -545,6 +568,12 @@ impl Balancer {
         let mut now = now;
         for i in self.order_at(now, key) {
             let addr = self.backends[i].addr;
+            // Backends marked down come last and are tried when no other
+            // is left; not when others are only full: that is load to
+            // shed at once (503), not a connect to wait out.
+            if full > 0 && !self.usable(i, now) {
+                continue;
+            }
             // A backend at its max_conns is skipped, as nginx does; the
             // plan's next one takes the request.
             let Some(lease) = self.lease_at(i) else {
@@ -811,16 +840,17 @@ mod tests {
     /// `max_conns`: a backend with that many leases held is skipped (the
     /// plan's next one is used), on every shard's balancer alike (one
     /// process-wide count); a dropped lease frees its slot; with every
-    /// backend full, `Full`, and nothing was tried.
+    /// usable backend full, `Full`, and nothing was tried: not the backend
+    /// marked down, which would take the overflow otherwise.
     #[test]
     fn backends_at_max_conns_are_skipped_on_every_shard() {
-        let a = addrs(2);
-        let mut backends = weighted(&a, &[1, 1]);
+        let a = addrs(3);
+        let mut backends = weighted(&a, &[1, 1, 1]);
         backends[0].max_conns = 2;
         backends[1].max_conns = 1;
-        let counts = Arc::new(InUse::new(2));
+        let counts = Arc::new(InUse::new(3));
         let shard = |start| {
-            Balancer::with_policy(
+            let b = Balancer::with_policy(
                 backends.clone(),
                 start,
                 Balance::RoundRobin,
@@ -828,7 +858,10 @@ mod tests {
                 Duration::from_secs(10),
                 None,
                 Some(counts.clone()),
-            )
+            );
+            // a[2]: no cap, but down (one failure, max_fails 1).
+            b.failed(a[2], Instant::now());
+            b
         };
         let (one, two) = (shard(0), shard(1));
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -854,8 +887,8 @@ mod tests {
         let full = take(&two);
         assert!(
             matches!(full, Err(UpstreamError::Full { backends: 2 })),
-            "{:?}",
-            full.err()
+            "not Full: {:?}",
+            full.as_ref().map(|r| r.1)
         );
         // A freed slot is taken again, from the other shard too.
         let freed = got(&l2).unwrap();
@@ -863,6 +896,57 @@ mod tests {
         assert_eq!(got(&take(&one)), Some(freed));
         drop((l1, l3));
         assert_eq!((counts.get(0), counts.get(1)), (0, 0));
+    }
+
+    fn group(name: &str, backends: &[(u16, u32)]) -> Upstream {
+        Upstream {
+            name: name.into(),
+            backends: backends
+                .iter()
+                .map(|&(port, max_conns)| WeightedBackend {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    weight: 1,
+                    max_conns,
+                })
+                .collect(),
+            balance: Balance::RoundRobin,
+            health: None,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            pool_size: 1,
+            pool_idle_timeout: Duration::from_secs(1),
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(1),
+            send_proxy: None,
+            tls: None,
+        }
+    }
+
+    /// A reload keeps each backend's count while it stays (by address) in
+    /// a group of the same name, whatever else changed: the connections in
+    /// use under the old configuration still count against the new cap.
+    #[test]
+    fn in_use_counts_follow_backends_across_a_reload() {
+        let before = [group("a", &[(1, 2), (2, 2)]), group("free", &[(9, 0)])];
+        let counts = in_use_counts(&before, &[], &[]);
+        assert!(counts[1].is_none(), "no cap, no count");
+        let old = counts[0].clone().unwrap();
+        let held = [old.take(0, 2).unwrap(), old.take(1, 2).unwrap()];
+        // Port 1's cap lowered to 1, port 2 gone, port 3 new, the other
+        // group capped now.
+        let after = [group("free", &[(9, 5)]), group("a", &[(3, 1), (1, 1)])];
+        let new = in_use_counts(&after, &before, &counts);
+        let a = new[1].clone().unwrap();
+        assert_eq!((a.get(0), a.get(1)), (0, 1), "port 3 new, port 1 kept");
+        assert!(
+            a.take(1, 1).is_none(),
+            "the old connection fills the new cap"
+        );
+        assert_eq!(new[0].as_ref().unwrap().get(0), 0);
+        // The old generation's lease ends: the slot is free in the new one.
+        held[0].fetch_sub(1, Ordering::AcqRel);
+        assert!(a.take(1, 1).is_some());
+        assert_eq!(held[1].load(Ordering::Relaxed), 1, "port 2's own count");
     }
 
     #[test]

@@ -777,8 +777,11 @@ async fn forward(
         let mut at = match begin_attempt(ctx, group, head, attempt, &mut out, started, ex).await {
             Step::Go(at) => at,
             Step::Retry => continue,
+            // Before any of the request body was read: the connection
+            // can go on (a 503 at max_conns must not cost the client a
+            // new handshake while the backends are saturated).
             Step::NoBackend => return local(writer, ctx, ex, 502, close_after_local).await,
-            Step::Answer(status) => return local(writer, ctx, ex, status, true).await,
+            Step::Answer(status) => return local(writer, ctx, ex, status, close_after_local).await,
         };
         let sent = send_body(
             reader,
@@ -1293,7 +1296,8 @@ pub(crate) enum Step<T> {
     /// No backend could be connected: 502, before the request body was
     /// read.
     NoBackend,
-    /// Give up with this status; the backend was marked failed.
+    /// Give up with this status (a backend that failed was marked so;
+    /// 503: every backend was at its `max_conns`).
     Answer(u16),
 }
 
@@ -1362,8 +1366,12 @@ pub(crate) async fn begin_attempt<'b>(
             M::inc(e.counter(ctx.metrics));
             if let crate::upstream::UpstreamError::Full { .. } = e {
                 // Not the backends' failure: they are busy. 503, as
-                // HAProxy answers a full queue (nginx: 502).
-                tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream full: 503");
+                // HAProxy answers a full queue (nginx: 502). A normal
+                // state at capacity: counted each time, logged at most
+                // once per 10 s per shard.
+                if let Some(count) = balancer.full_log.due() {
+                    tracing::warn!(upstream = %upstream.name, error = %e, count, "upstream full: 503 ({count} since the last such line; at most one line per 10 s)");
+                }
                 return Step::Answer(503);
             }
             tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
