@@ -960,6 +960,56 @@ fn started_as_root_every_thread_runs_as_the_runtime_user() {
     assert!(k.log().contains("dropped root"));
 }
 
+/// `max_conns` across a reload that changes the group (its cap lowered,
+/// a timeout changed): a request in flight under the old configuration
+/// still holds its backend's slot under the new one, so the next request
+/// gets 503; once it ends the slot is free again.
+#[test]
+fn max_conns_counts_carry_across_a_reload() {
+    let pki = Pki::new("live-max-conns");
+    let a = start_http_backend("a");
+    let (cert, key) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let listeners = |cap: u32, timeout: &str| {
+        http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)]).replace(
+            "response_timeout = \"10s\"",
+            &format!("max_conns = {cap}\nresponse_timeout = \"{timeout}\""),
+        )
+    };
+    let k = Ktern::start(&pki, &runtime(""), &listeners(2, "60s"));
+    let cfg = client_config(&[&pki.der]);
+    let mut slow_client = try_connect(k.addr(), &cfg).unwrap();
+    let sleep = format!("GET /sleep/{} HTTP/1.1\r\nHost: h\r\n\r\n", 3000 * slow());
+    let slow_request = std::thread::spawn(move || try_exchange(&mut slow_client, &sleep));
+    let deadline = Instant::now() + Duration::from_secs(10) * slow();
+    while a.accepted.load(Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the backend"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rewrite(&k, &pki, &runtime(""), &listeners(1, "61s"));
+    let (status, body) = reload_via_admin(&k);
+    assert_eq!(status, 200, "{body}");
+    let series = |name: &str| format!("{name}{{upstream=\"a\",backend=\"{}\"}}", a.addr);
+    assert_eq!(k.metric(&series("ktern_upstream_backend_max_conns")), 1);
+    assert_eq!(k.metric(&series("ktern_upstream_backend_in_use")), 1);
+    let mut c = try_connect(k.addr(), &cfg).unwrap();
+    let r = try_exchange(&mut c, "GET /x HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    assert_eq!(
+        r.status, 503,
+        "the old generation's request holds the one slot"
+    );
+    let r = slow_request.join().unwrap().unwrap();
+    assert_eq!((r.status, &r.body[..]), (200, &b"late"[..]));
+    let r = try_exchange(&mut c, "GET /x HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(k.metric("ktern_upstream_full_total"), 1);
+}
+
 #[test]
 fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     let pki = Pki::new("live-metrics");
