@@ -312,6 +312,57 @@ fn connection_cap_refuses_new_connections_and_keeps_serving_the_others() {
     }
 }
 
+/// `max_conns_per_client`: one client (one address) holds at most that
+/// many connections, counted across the shards; more are closed before
+/// any TLS work and counted; another client is not affected; a closed
+/// connection frees its place.
+#[test]
+fn one_client_holds_at_most_max_conns_per_client() {
+    let pki = Pki::new("per-client");
+    let backend = start_backend();
+    let k = Ktern::start(&pki, "", &tcp_listener(backend, "max_conns_per_client = 2"));
+    // Each connection's first `echo` starts the backend's echo mode.
+    let started = std::cell::RefCell::new(std::collections::HashSet::new());
+    let echo = |c: &mut Client| {
+        if started.borrow_mut().insert(c.sock.local_addr().unwrap()) {
+            c.write_all(b"ECHO\n").unwrap();
+        }
+        c.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+    };
+    let one: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let mut a = connect_from(one, k.addr(), &pki);
+    let mut b = connect_from(one, k.addr(), &pki);
+    echo(&mut a);
+    echo(&mut b);
+    let mut third = tcp_from(one, k.addr()).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = third.write_all(&[22, 3, 1, 0, 1]);
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(third.read(&mut buf), Ok(0) | Err(_)),
+        "a third connection from one client must be closed"
+    );
+    assert_eq!(k.metric("ktern_connections_refused_per_client_total"), 1);
+    // Another client gets its own two.
+    let two: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut c = connect_from(two, k.addr(), &pki);
+    let mut d = connect_from(two, k.addr(), &pki);
+    echo(&mut c);
+    echo(&mut d);
+    // A closed connection gives its place back.
+    drop(a);
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 3), 3);
+    let mut e = connect_from(one, k.addr(), &pki);
+    echo(&mut e);
+    echo(&mut b);
+    assert_eq!(k.metric("ktern_connections_refused_per_client_total"), 1);
+}
+
 #[test]
 fn idle_connections_are_closed_after_the_idle_timeout() {
     let pki = Pki::new("idle");

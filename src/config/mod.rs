@@ -276,6 +276,11 @@ pub struct Listener {
     /// Refuse a hello whose SNI is missing or matches no certificate
     /// (`unrecognized_name`) instead of serving the default.
     pub strict_sni: bool,
+    /// Connections one client (an IPv4 address or IPv6 /64; the PROXY
+    /// header's address where there is one) may hold open across the
+    /// process and every listener, counted here; more are closed at
+    /// once. 0: no limit.
+    pub max_conns_per_client: u32,
     /// Connections start with a PROXY protocol header (v1 or v2) from a
     /// load balancer in front; `None`: they do not.
     pub proxy_protocol: Option<ProxyProtocol>,
@@ -307,6 +312,7 @@ impl Listener {
             backlog: 16,
             certificates: vec![certificate],
             strict_sni: false,
+            max_conns_per_client: 0,
             proxy_protocol: None,
             client_auth: None,
             tls_versions,
@@ -1855,6 +1861,7 @@ impl Validator<'_> {
             backlog: raw.backlog,
             certificates,
             strict_sni: raw.strict_sni,
+            max_conns_per_client: raw.max_conns_per_client,
             proxy_protocol,
             client_auth,
             tls_versions,

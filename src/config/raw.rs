@@ -227,6 +227,8 @@ pub(super) struct ListenerSection {
     pub certificate: Vec<CertificateSection>,
     #[serde(default)]
     pub strict_sni: bool,
+    #[serde(default)]
+    pub max_conns_per_client: u32,
     pub proxy_protocol: Option<ProxyProtocolSection>,
     pub client_auth: Option<ClientAuthSection>,
     #[serde(default = "default_tls_versions")]

@@ -32,6 +32,7 @@ counters! {
     accepted => "ktern_connections_accepted_total", "TCP connections accepted.";
     active => "ktern_connections_active", "Connections open now (gauge: accepted minus closed).";
     refused_over_cap => "ktern_connections_refused_total", "Connections closed at accept: the shard was at runtime.max_connections.";
+    refused_per_client => "ktern_connections_refused_per_client_total", "Connections closed before any TLS work: their client (an IPv4 address or IPv6 /64) had the listener's max_conns_per_client open.";
     handshakes => "ktern_handshakes_total", "TLS handshakes completed.";
     hs_fail_tls => "ktern_handshake_failures_tls_total", "Handshakes failed: client sent invalid TLS or negotiation failed (alert sent).";
     hs_fail_sni => "ktern_handshake_failures_unknown_sni_total", "Handshakes refused: strict_sni and the SNI was missing or matched no certificate (unrecognized_name sent).";

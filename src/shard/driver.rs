@@ -9,6 +9,7 @@ use std::rc::Rc;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
+use super::clients::{ClientKey, ClientSlot};
 use super::{Shard, ShardGen};
 use crate::config::{KtlsMode, Route};
 use crate::handshake::{self, HandshakeError, TlsInfo};
@@ -42,7 +43,7 @@ pub fn serve(
     M::inc(&gen.active[listener]);
     // A passthrough connection is served whole by its stage (it has no
     // TLS of ours); the others hand an established connection on.
-    type First = std::pin::Pin<Box<dyn Future<Output = Option<(TlsConn, TlsInfo, SocketAddr)>>>>;
+    type First = std::pin::Pin<Box<dyn Future<Output = Option<Established>>>>;
     let first: First = match &gen.config().listeners[listener].route {
         Route::Passthrough(_) => Box::pin(passthrough(
             shard.clone(),
@@ -60,11 +61,45 @@ pub fn serve(
         )),
     };
     async move {
-        if let Some((conn, info, peer)) = first.await {
+        if let Some((conn, info, peer, _client)) = first.await {
+            // `_client`: the connection's place in its client's count,
+            // held to the end.
             proxy(&shard, &gen, listener, conn, info, peer).await;
         }
         M::dec(&shard.metrics.active);
         M::dec(&gen.active[listener]);
+    }
+}
+
+/// A connection after its handshake: the record path, what the handshake
+/// settled, the client's address, and its place in the client's count
+/// (`max_conns_per_client`).
+type Established = (TlsConn, TlsInfo, SocketAddr, Option<ClientSlot>);
+
+/// The connection's place in its client's count, where the listener
+/// limits connections per client (`Ok(None)` where it does not); `Err`
+/// when the client already has the limit open: the connection is then
+/// closed before any TLS work (counted; logged at most once per 10 s per
+/// shard), as at `runtime.max_connections`.
+fn admit_client(
+    shard: &Shard,
+    gen: &ShardGen,
+    listener: usize,
+    peer: SocketAddr,
+) -> Result<Option<ClientSlot>, ()> {
+    let limit = gen.config().listeners[listener].max_conns_per_client;
+    if limit == 0 {
+        return Ok(None);
+    }
+    match gen.gen.clients.admit(ClientKey::of(peer.ip()), limit) {
+        Some(slot) => Ok(Some(slot)),
+        None => {
+            M::inc(&shard.metrics.refused_per_client);
+            if let Some(count) = shard.client_log.due() {
+                tracing::warn!(shard = shard.id, %peer, limit, count, "client at max_conns_per_client: connection closed ({count} since the last such line; at most one line per 10 s)");
+            }
+            Err(())
+        }
     }
 }
 
@@ -187,7 +222,7 @@ async fn passthrough(
     listener: usize,
     mut socket: TcpStream,
     peer: SocketAddr,
-) -> Option<(TlsConn, TlsInfo, SocketAddr)> {
+) -> Option<Established> {
     use monoio::io::AsyncWriteRentExt;
     let config = &gen.config().listeners[listener];
     let Route::Passthrough(route) = &config.route else {
@@ -199,6 +234,8 @@ async fn passthrough(
         None => (peer, Vec::new()),
         Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
     };
+    // Held for the connection's life (this stage serves it whole).
+    let _client = admit_client(&shard, &gen, listener, peer).ok()?;
     let hello = match monoio::time::timeout(
         route.hello_timeout,
         read_hello(&mut socket, &mut first),
@@ -314,7 +351,7 @@ async fn establish(
     listener: usize,
     mut socket: TcpStream,
     peer: SocketAddr,
-) -> Option<(TlsConn, TlsInfo, SocketAddr)> {
+) -> Option<Established> {
     let m = &shard.metrics;
     let accepted = std::time::Instant::now();
     // TCP_NODELAY came from the listener (`shard::no_nagle`).
@@ -322,6 +359,7 @@ async fn establish(
         None => (peer, Vec::new()),
         Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
     };
+    let client = admit_client(&shard, &gen, listener, peer).ok()?;
     let hs = match handshake::Handshake::new(&gen.tls[listener]) {
         Ok(hs) => hs,
         Err(e) => {
@@ -444,7 +482,7 @@ async fn establish(
                 });
             }
             tracing::debug!(shard = shard.id, %peer, sni = info.sni.as_deref(), version = info.version_name(), cipher = info.cipher_name(), ?path, "handshake done");
-            Some((conn, info, peer))
+            Some((conn, info, peer, client))
         }
         Err(e) => {
             M::inc(&m.ktls_offload_errors);

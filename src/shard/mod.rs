@@ -30,6 +30,7 @@ use crate::proxy::tcp::PipePool;
 use crate::upstream::pool::Pool;
 use crate::upstream::{Balancer, HealthState, InUse};
 
+pub mod clients;
 pub mod driver;
 pub mod proxy_header;
 
@@ -48,6 +49,9 @@ pub struct Generation {
     /// Connections in use per backend of each upstream group with a
     /// `max_conns` (`None`: no cap), shared by every shard.
     pub in_use: Vec<Option<Arc<InUse>>>,
+    /// Connections open per client (`max_conns_per_client`): one table
+    /// for the process, handed from generation to generation.
+    pub clients: Arc<clients::ClientTable>,
     /// Which listening socket (by key) serves which listener.
     pub slots: Vec<(u64, Slot)>,
     /// The access log, opened for this generation (a reload reopens it,
@@ -238,6 +242,8 @@ pub struct Shard {
     current: RefCell<Rc<ShardGen>>,
     accepting: RefCell<Vec<(u64, Rc<AcceptStop>)>>,
     accept_log: crate::clock::LogEvery,
+    /// Connections refused at `max_conns_per_client`.
+    pub client_log: crate::clock::LogEvery,
 }
 
 impl Shard {
@@ -474,6 +480,7 @@ async fn shard_main(
         current: RefCell::new(Rc::new(ShardGen::new(id, gen.clone(), &metrics, None))),
         accepting: RefCell::default(),
         accept_log: crate::clock::LogEvery::default(),
+        client_log: crate::clock::LogEvery::default(),
     });
     monoio::spawn(shard.idle.clone().run());
     monoio::spawn(trim_loop(shard.clone()));

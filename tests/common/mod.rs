@@ -751,6 +751,29 @@ pub fn try_connect(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> std::io
 
 /// A connected rustls client that trusts `pki`, handshake completed.
 pub fn connect(addr: SocketAddr, pki: &Pki, opts: ClientOpts) -> Client {
+    connect_over(TcpStream::connect(addr).unwrap(), pki, opts)
+}
+
+/// [`connect`] from the local address `source` (loopback has all of
+/// 127.0.0.0/8: a second client on one machine).
+pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr, pki: &Pki) -> Client {
+    connect_over(tcp_from(source, addr).unwrap(), pki, ClientOpts::default())
+}
+
+/// A TCP connection to `addr` from the local address `source`.
+pub fn tcp_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.bind(&SocketAddr::new(source, 0).into())?;
+    s.connect(&addr.into())?;
+    Ok(s.into())
+}
+
+/// The TLS client handshake over `sock`, trusting `pki`.
+pub fn connect_over(sock: TcpStream, pki: &Pki, opts: ClientOpts) -> Client {
     let mut provider = provider();
     if let Some(suite) = opts.suite {
         provider.cipher_suites.retain(|s| s.suite() == suite);
@@ -776,7 +799,6 @@ pub fn connect(addr: SocketAddr, pki: &Pki, opts: ClientOpts) -> Client {
         ServerName::try_from(opts.server_name.unwrap_or("localhost")).unwrap(),
     )
     .unwrap();
-    let sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut s = StreamOwned::new(conn, sock);
