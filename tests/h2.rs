@@ -163,19 +163,8 @@ fn static_files_and_the_access_log_over_http2() {
         assert_eq!((r.status, r.body.len()), (200, 0));
         assert_eq!(h2c::get(&mut c, "/files/none").await.status, 404);
     });
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 4 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 4, "{text}");
+    let lines = json_log_lines(&log, 4);
+    assert_eq!(lines.len(), 4, "{lines:?}");
     for l in &lines {
         assert_eq!(l["protocol"], "HTTP/2.0", "{l}");
     }
@@ -566,19 +555,8 @@ fn websocket_tunnels_end_on_a_backend_reset_and_when_idle() {
         }
     });
     assert_eq!(k.metric("ktern_upstream_errors_total"), 1);
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 3 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    let lines = json_log_lines(&log, 3);
+    assert_eq!(lines.len(), 3, "{lines:?}");
     let seen: Vec<_> = lines
         .iter()
         .map(|l| {

@@ -348,6 +348,13 @@ fn one_client_holds_at_most_max_conns_per_client() {
         "a third connection from one client must be closed"
     );
     assert_eq!(k.metric("ktern_connections_refused_per_client_total"), 1);
+    // Refused before any TLS work: no handshake began to fail.
+    for failed in ["eof", "tls", "timeout"] {
+        assert_eq!(
+            k.metric(&format!("ktern_handshake_failures_{failed}_total")),
+            0
+        );
+    }
     // Another client gets its own two.
     let two: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let mut c = connect_from(two, k.addr(), &pki);

@@ -94,6 +94,36 @@ fn the_headers_client_address_is_the_clients_everywhere() {
     assert_offloaded_in_vm(&k);
 }
 
+/// `max_conns_per_client` on a PROXY listener counts the header's
+/// address, not the balancer's (every connection here comes from
+/// 127.0.0.1): a client's second connection is closed, another client
+/// behind the same balancer is served, and headers that carry no address
+/// (UNKNOWN, as LOCAL health checks) are not counted.
+#[test]
+fn max_conns_per_client_counts_the_headers_address() {
+    let pki = Pki::new("pp-per-client");
+    let backend = start_http_backend("a");
+    let config = http_config(&[("a", backend.addr)], ANY_TO_A, "").replacen(
+        "[[listener]]\n",
+        "[[listener]]\nmax_conns_per_client = 1\nproxy_protocol = { trusted = [\"127.0.0.0/8\"], timeout = \"1s\" }\n",
+        1,
+    );
+    let k = Ktern::start(&pki, "", &config);
+    let served = |header: &[u8]| {
+        let (mut c, _) = tls_after(&k, &pki, header);
+        while c.conn.is_handshaking() {
+            c.conn.complete_io(&mut c.sock).unwrap();
+        }
+        c
+    };
+    let _first = served(&v2([192, 0, 2, 7], 1000));
+    assert!(closed_after(&k, &v2([192, 0, 2, 7], 1001)));
+    assert_eq!(k.metric("ktern_connections_refused_per_client_total"), 1);
+    let _other = served(&v2([192, 0, 2, 8], 1002));
+    let _unknown = [served(b"PROXY UNKNOWN\r\n"), served(b"PROXY UNKNOWN\r\n")];
+    assert_eq!(k.metric("ktern_connections_refused_per_client_total"), 1);
+}
+
 #[test]
 fn untrusted_sources_and_bad_or_slow_headers_are_closed_and_counted() {
     let (_pki, k) = ktern("pp-untrusted", "\"10.9.9.0/24\"");

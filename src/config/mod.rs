@@ -277,9 +277,9 @@ pub struct Listener {
     /// (`unrecognized_name`) instead of serving the default.
     pub strict_sni: bool,
     /// Connections one client (an IPv4 address or IPv6 /64; the PROXY
-    /// header's address where there is one) may hold open across the
-    /// process and every listener, counted here; more are closed at
-    /// once. 0: no limit.
+    /// header's address where there is one) may hold open on this
+    /// listener, counted across the process; more are closed at once.
+    /// 0: no limit.
     pub max_conns_per_client: u32,
     /// Connections start with a PROXY protocol header (v1 or v2) from a
     /// load balancer in front; `None`: they do not.

@@ -400,6 +400,17 @@ fn max_conns_per_backend_and_per_group() {
     assert_eq!(caps, [(2, 5), (1, 40), (1, 0)]);
     let web = c.upstreams.iter().find(|u| u.name == "web").unwrap();
     assert_eq!(web.backends[0].max_conns, 0, "no cap unless set");
+    assert_eq!(
+        c.listeners[0].max_conns_per_client, 0,
+        "no limit unless set"
+    );
+    let text = HTTP.replacen(
+        "[[listener]]\n",
+        "[[listener]]\nmax_conns_per_client = 64\n",
+        1,
+    );
+    let c = Config::from_toml(&text, "m.toml", Path::new("."), &pems()).unwrap();
+    assert_eq!(c.listeners[0].max_conns_per_client, 64);
 
     for (bad, why) in [
         ("max_conns=-1", "max_conns must be a whole number"),

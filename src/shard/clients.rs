@@ -7,7 +7,8 @@
 //! One table for the process, shared by every shard and carried from
 //! generation to generation: `SO_REUSEPORT` spreads one client's
 //! connections over the shards, so a per-shard count would let it hold the
-//! limit once per CPU. The table is split into locked parts by the key's
+//! limit once per CPU. Each listener (by name, which a reload keeps)
+//! counts its own connections. The table is split into locked parts by the key's
 //! hash, so shards taking connections from different clients rarely meet
 //! on one lock; a client's entry exists only while it has a connection.
 
@@ -20,11 +21,18 @@ use std::sync::{Arc, Mutex};
 /// is held for one hash-map update).
 const PARTS: usize = 64;
 
-/// Who a connection counts against: an IPv4 address, or an IPv6 /64 (the
-/// prefix a single host or customer is normally given, RFC 6177: a
-/// per-address count would let one host use 2^64 addresses).
+/// Who a connection counts against: on one listener, an IPv4 address, or
+/// an IPv6 /64 (the prefix a single host or customer is normally given,
+/// RFC 6177: a per-address count would let one host use 2^64 addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClientKey {
+pub struct ClientKey {
+    /// The listener's name, hashed (a fixed hash: every shard agrees).
+    listener: u64,
+    client: Client,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Client {
     /// An IPv4 address (an IPv4-mapped IPv6 address counts as its IPv4).
     V4(u32),
     /// The first 64 bits of an IPv6 address.
@@ -32,17 +40,22 @@ pub enum ClientKey {
 }
 
 impl ClientKey {
-    /// The key of a connection from `ip`.
-    pub fn of(ip: IpAddr) -> ClientKey {
-        match ip.to_canonical() {
-            IpAddr::V4(a) => ClientKey::V4(u32::from(a)),
-            IpAddr::V6(a) => ClientKey::V6((u128::from(a) >> 64) as u64),
+    /// The key of a connection from `ip` on the listener named `listener`.
+    pub fn on(listener: &str, ip: IpAddr) -> ClientKey {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        listener.hash(&mut h);
+        ClientKey {
+            listener: h.finish(),
+            client: match ip.to_canonical() {
+                IpAddr::V4(a) => Client::V4(u32::from(a)),
+                IpAddr::V6(a) => Client::V6((u128::from(a) >> 64) as u64),
+            },
         }
     }
 }
 
 /// Connections open per client, for the whole process.
-#[derive(Debug)]
 pub struct ClientTable {
     parts: Box<[Mutex<HashMap<ClientKey, u32>>]>,
     hasher: std::collections::hash_map::RandomState,
@@ -54,6 +67,16 @@ impl Default for ClientTable {
             parts: (0..PARTS).map(|_| Mutex::default()).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
         }
+    }
+}
+
+/// Without the clients' addresses: a generation's `Debug` must not dump
+/// them into a log.
+impl std::fmt::Debug for ClientTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTable")
+            .field("clients", &self.clients())
+            .finish()
     }
 }
 
@@ -127,11 +150,16 @@ mod tests {
     #[test]
     fn a_client_gets_up_to_its_limit_and_a_closed_connection_frees_a_place() {
         let t = Arc::new(ClientTable::default());
-        let a = ClientKey::of("192.0.2.1".parse().unwrap());
-        let b = ClientKey::of("192.0.2.2".parse().unwrap());
+        let a = ClientKey::on("web", "192.0.2.1".parse().unwrap());
+        let b = ClientKey::on("web", "192.0.2.2".parse().unwrap());
+        let a_elsewhere = ClientKey::on("api", "192.0.2.1".parse().unwrap());
         let mut held: Vec<_> = (0..3).map(|_| t.admit(a, 3).unwrap()).collect();
         assert!(t.admit(a, 3).is_none());
         assert!(t.admit(b, 3).is_some(), "another client is not affected");
+        assert!(
+            t.admit(a_elsewhere, 3).is_some(),
+            "each listener counts its own"
+        );
         assert_eq!(t.open(a), 3);
         drop(held.pop());
         assert_eq!(t.open(a), 2);
@@ -142,12 +170,16 @@ mod tests {
         // clients leaves nothing behind.
         drop(t.admit(b, 3));
         assert_eq!(t.clients(), 1);
-        assert!(t.admit(a, 0).is_none(), "a limit of 0 admits nothing here");
+        // A refused newcomer leaves no entry behind.
+        assert!(t.admit(b, 0).is_none());
+        assert_eq!(t.clients(), 1);
+        assert!(format!("{t:?}").contains("clients: 1"));
+        assert!(!format!("{t:?}").contains("192"));
     }
 
     #[test]
     fn ipv6_clients_count_by_their_64_bit_prefix_and_mapped_ipv4_as_ipv4() {
-        let k = |s: &str| ClientKey::of(s.parse().unwrap());
+        let k = |s: &str| ClientKey::on("web", s.parse().unwrap());
         assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
         assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
         assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));

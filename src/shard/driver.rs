@@ -76,22 +76,28 @@ pub fn serve(
 /// (`max_conns_per_client`).
 type Established = (TlsConn, TlsInfo, SocketAddr, Option<ClientSlot>);
 
-/// The connection's place in its client's count, where the listener
-/// limits connections per client (`Ok(None)` where it does not); `Err`
-/// when the client already has the limit open: the connection is then
-/// closed before any TLS work (counted; logged at most once per 10 s per
-/// shard), as at `runtime.max_connections`.
+/// The connection's place in its client's count on this listener, where
+/// the listener limits connections per client (`Ok(None)` where it does
+/// not); `Err` when the client already has the limit open: the connection
+/// is then closed before any TLS work (counted; logged at most once per
+/// 10 s per shard), as at `runtime.max_connections`. `from_client`: false
+/// for a PROXY header that carried no address (LOCAL: the load balancer's
+/// own health checks; UNKNOWN), which is not counted: the address there
+/// is the balancer's, and counting it would cap the balancer itself.
 fn admit_client(
     shard: &Shard,
     gen: &ShardGen,
     listener: usize,
     peer: SocketAddr,
+    from_client: bool,
 ) -> Result<Option<ClientSlot>, ()> {
-    let limit = gen.config().listeners[listener].max_conns_per_client;
-    if limit == 0 {
+    let config = &gen.config().listeners[listener];
+    let limit = config.max_conns_per_client;
+    if limit == 0 || !from_client {
         return Ok(None);
     }
-    match gen.gen.clients.admit(ClientKey::of(peer.ip()), limit) {
+    let key = ClientKey::on(&config.name, peer.ip());
+    match gen.gen.clients.admit(key, limit) {
         Some(slot) => Ok(Some(slot)),
         None => {
             M::inc(&shard.metrics.refused_per_client);
@@ -104,15 +110,15 @@ fn admit_client(
 }
 
 /// The PROXY protocol header, when the listener expects one: the client
-/// address it carries (or `peer` for LOCAL/UNKNOWN) and the bytes read
-/// after it, which begin the TLS stream. `None` when the connection was
+/// address it carries (or `peer` for LOCAL/UNKNOWN), the bytes read after
+/// it, which begin the TLS stream, and whether it carried an address. `None` when the connection was
 /// closed instead (untrusted source, bad or slow header: logged, counted).
 async fn read_proxy_header(
     shard: &Shard,
     socket: &mut TcpStream,
     peer: SocketAddr,
     config: &crate::config::ProxyProtocol,
-) -> Option<(SocketAddr, Vec<u8>)> {
+) -> Option<(SocketAddr, Vec<u8>, bool)> {
     use super::proxy_header::{self, Verdict, MAX_HEADER};
     use monoio::buf::SliceMut;
     use monoio::io::AsyncReadRent;
@@ -141,7 +147,7 @@ async fn read_proxy_header(
                 Verdict::NeedMore => {}
                 Verdict::Done { source, len } => {
                     buf.drain(..len);
-                    return Ok((source.unwrap_or(peer), buf));
+                    return Ok((source, buf));
                 }
                 Verdict::Bad(why) => return Err(why),
             }
@@ -150,7 +156,7 @@ async fn read_proxy_header(
     match monoio::time::timeout(config.timeout, read).await {
         Ok(Ok((client, rest))) => {
             M::inc(&m.pp_headers);
-            Some((client, rest))
+            Some((client.unwrap_or(peer), rest, client.is_some()))
         }
         Ok(Err(why)) => {
             M::inc(&m.pp_invalid);
@@ -230,12 +236,12 @@ async fn passthrough(
     };
     let m = &shard.metrics;
     // TCP_NODELAY came from the listener (`shard::no_nagle`).
-    let (peer, mut first) = match &config.proxy_protocol {
-        None => (peer, Vec::new()),
+    let (peer, mut first, from_client) = match &config.proxy_protocol {
+        None => (peer, Vec::new(), true),
         Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
     };
     // Held for the connection's life (this stage serves it whole).
-    let _client = admit_client(&shard, &gen, listener, peer).ok()?;
+    let _client = admit_client(&shard, &gen, listener, peer, from_client).ok()?;
     let hello = match monoio::time::timeout(
         route.hello_timeout,
         read_hello(&mut socket, &mut first),
@@ -355,11 +361,11 @@ async fn establish(
     let m = &shard.metrics;
     let accepted = std::time::Instant::now();
     // TCP_NODELAY came from the listener (`shard::no_nagle`).
-    let (peer, first_bytes) = match &gen.config().listeners[listener].proxy_protocol {
-        None => (peer, Vec::new()),
+    let (peer, first_bytes, from_client) = match &gen.config().listeners[listener].proxy_protocol {
+        None => (peer, Vec::new(), true),
         Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
     };
-    let client = admit_client(&shard, &gen, listener, peer).ok()?;
+    let client = admit_client(&shard, &gen, listener, peer, from_client).ok()?;
     let hs = match handshake::Handshake::new(&gen.tls[listener]) {
         Ok(hs) => hs,
         Err(e) => {
