@@ -111,8 +111,9 @@ fn admit_client(
 
 /// The PROXY protocol header, when the listener expects one: the client
 /// address it carries (or `peer` for LOCAL/UNKNOWN), the bytes read after
-/// it, which begin the TLS stream, and whether it carried an address. `None` when the connection was
-/// closed instead (untrusted source, bad or slow header: logged, counted).
+/// it, which begin the TLS stream, and whether it carried an address.
+/// `None` when the connection was closed instead (untrusted source, bad
+/// or slow header: logged, counted).
 async fn read_proxy_header(
     shard: &Shard,
     socket: &mut TcpStream,
