@@ -122,19 +122,8 @@ fn backend_failures_and_local_answers_reach_the_stream_only() {
 fn static_files_and_the_access_log_over_http2() {
     let pki = Pki::new("h2-static");
     let a = start_http_backend("a");
-    let root = pki.dir.join("www");
-    std::fs::create_dir_all(root.join("files")).unwrap();
     let data = pattern(200_000, 3);
-    std::fs::write(root.join("files/f.bin"), &data).unwrap();
-    let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
-        log.display()
-    );
-    let rules = format!(
-        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
-        root.display()
-    );
+    let (rules, runtime, log) = files_and_json_log(&pki, "f.bin", &data);
     let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], &rules, ""));
     let rt = h2c::runtime();
     rt.block_on(async {
@@ -487,18 +476,7 @@ fn websockets_cross_http2_as_extended_connect() {
 fn websocket_tunnels_end_on_a_backend_reset_and_when_idle() {
     let pki = Pki::new("h2-ws-ends");
     let a = start_http_backend("a");
-    let root = pki.dir.join("www");
-    std::fs::create_dir_all(root.join("files")).unwrap();
-    std::fs::write(root.join("files/f.txt"), b"file").unwrap();
-    let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
-        log.display()
-    );
-    let rules = format!(
-        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
-        root.display()
-    );
+    let (rules, runtime, log) = files_and_json_log(&pki, "f.txt", b"file");
     let k = Ktern::start(
         &pki,
         &runtime,

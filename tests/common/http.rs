@@ -286,22 +286,36 @@ pub struct BulkHandover {
     pub backend: Backend,
 }
 
-pub fn bulk_handover(tag: &str) -> BulkHandover {
-    let pki = Pki::new(tag);
-    let backend = start_http_backend("a");
+/// A static directory under `pki.dir` holding `files/NAME` = `body`,
+/// and a JSON access log beside it: the rules (`/files/` from the
+/// directory, then `ANY_TO_A`), the `[access_log]` section for the
+/// runtime part of the config, and the log's path.
+pub fn files_and_json_log(
+    pki: &Pki,
+    name: &str,
+    body: &[u8],
+) -> (String, String, std::path::PathBuf) {
     let www = pki.dir.join("www");
     std::fs::create_dir_all(www.join("files")).unwrap();
-    let file = pattern(200_000, 7);
-    std::fs::write(www.join("files/f.bin"), &file).unwrap();
+    std::fs::write(www.join("files").join(name), body).unwrap();
     let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "ktls_after = \"64k\"\n\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+    let access = format!(
+        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
         log.display()
     );
     let rules = format!(
         "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n{ANY_TO_A}",
         www.display()
     );
+    (rules, access, log)
+}
+
+pub fn bulk_handover(tag: &str) -> BulkHandover {
+    let pki = Pki::new(tag);
+    let backend = start_http_backend("a");
+    let file = pattern(200_000, 7);
+    let (rules, access, log) = files_and_json_log(&pki, "f.bin", &file);
+    let runtime = format!("ktls_after = \"64k\"\n{access}");
     let k = Ktern::start(
         &pki,
         &runtime,
