@@ -348,6 +348,9 @@ fn one_client_holds_at_most_max_conns_per_client() {
         "a third connection from one client must be closed"
     );
     assert_eq!(k.metric("ktern_connections_refused_per_client_total"), 1);
+    // Refused at accept (no PROXY header to wait for), and counted as
+    // accepted too, as the README says.
+    assert_eq!(k.metric("ktern_connections_accepted_total"), 3);
     // Refused before any TLS work: no handshake began to fail.
     for failed in ["eof", "tls", "timeout"] {
         assert_eq!(

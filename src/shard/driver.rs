@@ -36,6 +36,7 @@ pub fn serve(
     listener: usize,
     socket: TcpStream,
     peer: SocketAddr,
+    admitted: Option<ClientSlot>,
 ) -> impl Future<Output = ()> {
     let m = &shard.metrics;
     M::inc(&m.accepted);
@@ -51,6 +52,7 @@ pub fn serve(
             listener,
             socket,
             peer,
+            admitted,
         )),
         _ => Box::pin(establish(
             shard.clone(),
@@ -58,6 +60,7 @@ pub fn serve(
             listener,
             socket,
             peer,
+            admitted,
         )),
     };
     async move {
@@ -75,6 +78,47 @@ pub fn serve(
 /// settled, the client's address, and its place in the client's count
 /// (`max_conns_per_client`).
 type Established = (TlsConn, TlsInfo, SocketAddr, Option<ClientSlot>);
+
+/// The connection's place in its client's count, taken at accept where
+/// the client is known then: on a listener without PROXY protocol, so a
+/// connection over `max_conns_per_client` is closed before a task exists
+/// for it, as one over `runtime.max_connections` is. `Ok(None)` on a
+/// `proxy_protocol` listener (its client is counted after the header,
+/// [`client_of`]) or where there is no limit. A refused connection counts
+/// as accepted too, as one refused after a PROXY header does.
+pub(super) fn admit_at_accept(
+    shard: &Shard,
+    gen: &ShardGen,
+    listener: usize,
+    peer: SocketAddr,
+) -> Result<Option<ClientSlot>, ()> {
+    if gen.config().listeners[listener].proxy_protocol.is_some() {
+        return Ok(None);
+    }
+    admit_client(shard, gen, listener, peer, true).inspect_err(|()| M::inc(&shard.metrics.accepted))
+}
+
+/// The connection's client, its place in that client's count and the
+/// bytes read past a PROXY header (which begin the TLS stream): from the
+/// header on a `proxy_protocol` listener, else the peer with the place
+/// `admit_at_accept` took. `None` when the connection was closed instead.
+async fn client_of(
+    shard: &Shard,
+    gen: &ShardGen,
+    listener: usize,
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    admitted: Option<ClientSlot>,
+) -> Option<(SocketAddr, Vec<u8>, Option<ClientSlot>)> {
+    match &gen.config().listeners[listener].proxy_protocol {
+        None => Some((peer, Vec::new(), admitted)),
+        Some(pp) => {
+            let (peer, first, from_client) = read_proxy_header(shard, socket, peer, pp).await?;
+            let slot = admit_client(shard, gen, listener, peer, from_client).ok()?;
+            Some((peer, first, slot))
+        }
+    }
+}
 
 /// The connection's place in its client's count on this listener, where
 /// the listener limits connections per client (`Ok(None)` where it does
@@ -229,6 +273,7 @@ async fn passthrough(
     listener: usize,
     mut socket: TcpStream,
     peer: SocketAddr,
+    admitted: Option<ClientSlot>,
 ) -> Option<Established> {
     use monoio::io::AsyncWriteRentExt;
     let config = &gen.config().listeners[listener];
@@ -236,13 +281,10 @@ async fn passthrough(
         return None;
     };
     let m = &shard.metrics;
-    // TCP_NODELAY came from the listener (`shard::no_nagle`).
-    let (peer, mut first, from_client) = match &config.proxy_protocol {
-        None => (peer, Vec::new(), true),
-        Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
-    };
-    // Held for the connection's life (this stage serves it whole).
-    let _client = admit_client(&shard, &gen, listener, peer, from_client).ok()?;
+    // TCP_NODELAY came from the listener (`shard::no_nagle`). `_client`:
+    // held for the connection's life (this stage serves it whole).
+    let (peer, mut first, _client) =
+        client_of(&shard, &gen, listener, &mut socket, peer, admitted).await?;
     let hello = match monoio::time::timeout(
         route.hello_timeout,
         read_hello(&mut socket, &mut first),
@@ -358,15 +400,13 @@ async fn establish(
     listener: usize,
     mut socket: TcpStream,
     peer: SocketAddr,
+    admitted: Option<ClientSlot>,
 ) -> Option<Established> {
     let m = &shard.metrics;
     let accepted = std::time::Instant::now();
     // TCP_NODELAY came from the listener (`shard::no_nagle`).
-    let (peer, first_bytes, from_client) = match &gen.config().listeners[listener].proxy_protocol {
-        None => (peer, Vec::new(), true),
-        Some(pp) => read_proxy_header(&shard, &mut socket, peer, pp).await?,
-    };
-    let client = admit_client(&shard, &gen, listener, peer, from_client).ok()?;
+    let (peer, first_bytes, client) =
+        client_of(&shard, &gen, listener, &mut socket, peer, admitted).await?;
     let hs = match handshake::Handshake::new(&gen.tls[listener]) {
         Ok(hs) => hs,
         Err(e) => {

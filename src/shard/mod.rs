@@ -770,7 +770,10 @@ fn dispatch(
                 tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
                 return;
             }
-            let fut = driver::serve(shard.clone(), gen, index, socket, peer);
+            let Ok(client) = driver::admit_at_accept(shard, &gen, index, peer) else {
+                return;
+            };
+            let fut = driver::serve(shard.clone(), gen, index, socket, peer, client);
             tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
             monoio::spawn(fut);
         }
