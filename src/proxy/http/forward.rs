@@ -772,7 +772,7 @@ async fn forward(
     // ago; that is retried once on a fresh connection when nothing of the
     // response came back and the request can safely be repeated.
     let mut attempt = 0;
-    let (mut backend, addr, response, _lease) = loop {
+    let (mut backend, addr, response, lease) = loop {
         attempt += 1;
         let mut at = match begin_attempt(ctx, group, head, attempt, &mut out, started, ex).await {
             Step::Go(at) => at,
@@ -796,15 +796,21 @@ async fn forward(
         if let BodySent::ClientGone = sent {
             return Ok(Next::Close);
         }
+        // An answer of ktern's own from here on: the backend connection
+        // and its `max_conns` slot go first, not after the write to the
+        // client (which a slow reader can hold for `send_timeout`).
         if let Some(status) = body_verdict(ctx, at.addr, &sent) {
+            drop(at);
             return local(writer, ctx, ex, status, true).await;
         }
-        match finish_attempt(ctx, group, head, &mut at, attempt).await {
+        let status = match finish_attempt(ctx, group, head, &mut at, attempt).await {
             Step::Go(r) => break (at.backend, at.addr, r, at.lease),
             Step::Retry => continue,
-            Step::NoBackend => return local(writer, ctx, ex, 502, true).await,
-            Step::Answer(status) => return local(writer, ctx, ex, status, true).await,
-        }
+            Step::NoBackend => 502,
+            Step::Answer(status) => status,
+        };
+        drop(at);
+        return local(writer, ctx, ex, status, true).await;
     };
     let (resp, mut rbuf) = response;
     balancer.succeeded(addr);
@@ -818,7 +824,9 @@ async fn forward(
     let (rechunk, close) = match exchange::relay(head, &resp, ctx.closing()) {
         Relay::Upgrade => return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await,
         Relay::Refuse(why) => {
-            // The backend connection is dropped, never pooled.
+            // The backend connection is dropped, never pooled, and its
+            // slot given back before the answer is written.
+            drop((backend, lease));
             M::inc(&ctx.metrics.upstream_errors);
             tracing::warn!(peer = %ctx.peer, backend = %addr, why, "unusable upstream response");
             return local(writer, ctx, ex, 502, true).await;
