@@ -29,7 +29,7 @@ macro_rules! counters {
 }
 
 counters! {
-    accepted => "ktern_connections_accepted_total", "TCP connections accepted.";
+    accepted => "ktern_connections_accepted_total", "TCP connections accepted (not those closed at once over runtime.max_connections).";
     active => "ktern_connections_active", "Connections open now (gauge: accepted minus closed).";
     refused_over_cap => "ktern_connections_refused_total", "Connections closed at accept: the shard was at runtime.max_connections.";
     refused_per_client => "ktern_connections_refused_per_client_total", "Connections closed before any TLS work: their client (an IPv4 address or IPv6 /64) had the listener's max_conns_per_client open.";
