@@ -199,6 +199,10 @@ pub fn render_backend_in_use<'a>(
     out: &mut String,
     rows: impl Iterator<Item = (&'a str, std::net::SocketAddr, u32, u32)> + Clone,
 ) {
+    // No capped backend: no family (none of its samples can exist).
+    if rows.clone().next().is_none() {
+        return;
+    }
     for (name, help, cap) in [
         (
             "ktern_upstream_backend_in_use",
@@ -211,10 +215,6 @@ pub fn render_backend_in_use<'a>(
             true,
         ),
     ] {
-        // No capped backend: no family (none of its samples can exist).
-        if rows.clone().next().is_none() {
-            return;
-        }
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for (upstream, backend, in_use, max) in rows.clone() {
             let _ = writeln!(

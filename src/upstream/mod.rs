@@ -147,8 +147,10 @@ pub struct InUse {
 }
 
 impl InUse {
-    /// `n` backends, none in use.
-    pub fn new(n: usize) -> InUse {
+    /// `n` backends, none in use (the shards' counts come from
+    /// `in_use_counts`, which carries them across reloads).
+    #[cfg(test)]
+    fn new(n: usize) -> InUse {
         InUse {
             counts: (0..n).map(|_| Arc::default()).collect(),
         }
