@@ -16,6 +16,8 @@ apt_install() {
 command -v h2load >/dev/null || apt_install nghttp2-client
 # strace: tests/http.rs counts the syscalls of a keep-alive request with it.
 command -v strace >/dev/null || apt_install strace
+# testssl.sh: tests/http.rs audits a listener's TLS with it.
+command -v testssl >/dev/null || apt_install testssl.sh
 # nginx: the PROXY-protocol backend of tests/proxy_protocol.rs.
 [ -x /usr/sbin/nginx ] || apt_install nginx
 python3 -c 'import h2' 2>/dev/null ||

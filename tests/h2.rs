@@ -299,13 +299,6 @@ fn drain_sends_goaway_and_streams_in_flight_finish() {
     });
 }
 
-fn tool(name: &str) -> bool {
-    let found = Command::new(name).arg("--version").output().is_ok();
-    // The VM has none of these; CI's host has them all (.ci/run installs them).
-    assert!(found || in_vm(), "{name} is not installed");
-    found
-}
-
 #[test]
 fn curl_nghttp_and_h2load_speak_http2_through_ktern() {
     if in_vm() {

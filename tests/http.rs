@@ -1454,3 +1454,87 @@ fn a_keep_alive_request_costs_a_bounded_number_of_syscalls() {
         "the trace missed the shard's ring: {calls:?}"
     );
 }
+
+/// testssl.sh (Debian's), the tool operators audit a TLS endpoint with,
+/// run against an `http` listener as configured by default: its protocols,
+/// cipher categories, cipher order, forward secrecy, server defaults,
+/// HTTP headers and every vulnerability it checks. Nothing may be rated
+/// above LOW except what belongs to the test's certificate (self-signed,
+/// trusted here with `--add-ca`; no CRL or OCSP address; valid for
+/// centuries) and the security headers that are the application's to
+/// send. About 20 s.
+#[test]
+fn testssl_finds_nothing_to_fix_on_an_http_listener() {
+    if !tool("testssl") {
+        return;
+    }
+    let (pki, k, _a, _b) = setup("testssl", ANY_TO_A, "");
+    let json = pki.dir.join("testssl.json");
+    let out = Command::new("timeout")
+        .args([
+            "300",
+            "testssl",
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+        ])
+        .arg("--add-ca")
+        .arg(&pki.cert)
+        .arg("--jsonfile")
+        .arg(&json)
+        // Protocols, cipher categories, forward secrecy, vulnerabilities,
+        // server defaults, server preferences, HTTP headers.
+        .args(["-p", "-f", "-U", "-S", "-P", "-h", "-s"])
+        .arg(format!("localhost:{}", k.addr().port()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json).unwrap())
+        .unwrap_or_else(|e| panic!("testssl wrote no findings ({e}): {text}"));
+    let field = |f: &serde_json::Value, key: &str| f[key].as_str().unwrap_or("").to_string();
+    let by_id = |id: &str| {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .map(|f| (field(f, "severity"), field(f, "finding")))
+            .unwrap_or_else(|| panic!("no finding {id}: {text}"))
+    };
+    // The certificate's and the application's.
+    let theirs = ["cert_revocation", "cert_validityPeriod", "security_headers"];
+    let serious: Vec<String> = findings
+        .iter()
+        .filter(|f| ["MEDIUM", "HIGH", "CRITICAL"].contains(&f["severity"].as_str().unwrap_or("")))
+        .filter(|f| !theirs.contains(&f["id"].as_str().unwrap_or("")))
+        .map(|f| {
+            format!(
+                "{} {}: {}",
+                field(f, "severity"),
+                field(f, "id"),
+                field(f, "finding")
+            )
+        })
+        .collect();
+    assert!(serious.is_empty(), "{serious:#?}\n{text}");
+    for old in ["SSLv2", "SSLv3", "TLS1", "TLS1_1"] {
+        assert!(
+            by_id(old).1.starts_with("not offered"),
+            "{old}: {:?}",
+            by_id(old)
+        );
+    }
+    assert!(
+        by_id("TLS1_3").1.starts_with("offered"),
+        "{:?}",
+        by_id("TLS1_3")
+    );
+    assert_eq!(by_id("ALPN_HTTP2").1, "h2");
+    // The server's order decides (`prefer_server_ciphers`): rated OK, where
+    // the client's order was rated HIGH ("NOT a cipher order configured").
+    assert_eq!(by_id("cipher_order").0, "OK", "{:?}", by_id("cipher_order"));
+    assert_eq!(by_id("cert_chain_of_trust").0, "OK");
+    // Whatever was tested was answered: the scan ran to its end.
+    assert!(by_id("scanTime").1.parse::<u32>().is_ok());
+    assert!(by_id("heartbleed").0 == "OK" && by_id("secure_client_renego").0 == "OK");
+}

@@ -288,9 +288,16 @@ pub struct Listener {
     pub client_auth: Option<ClientAuth>,
     /// TLS versions offered.
     pub tls_versions: TlsVersions,
-    /// Cipher suites offered (every one of them in the build's provider);
-    /// empty: all of the provider's, in its order.
+    /// Cipher suites offered (every one of them in the build's provider),
+    /// most preferred first; empty: all of the provider's, AES-128-GCM
+    /// before AES-256-GCM before ChaCha20-Poly1305
+    /// (`handshake::listener_provider`).
     pub cipher_suites: Vec<rustls::CipherSuite>,
+    /// The server's suite order decides, not the client's (nginx's
+    /// `ssl_prefer_server_ciphers`), except for a client that lists a
+    /// ChaCha20-Poly1305 suite first (no AES instructions, most likely):
+    /// it gets its own order.
+    pub prefer_server_ciphers: bool,
     /// Key exchange groups, most preferred first; empty: the provider's
     /// (X25519MLKEM768, X25519, P-256, P-384 with aws-lc-rs).
     pub kx_groups: Vec<rustls::NamedGroup>,
@@ -317,6 +324,7 @@ impl Listener {
             client_auth: None,
             tls_versions,
             cipher_suites: Vec::new(),
+            prefer_server_ciphers: true,
             kx_groups: Vec::new(),
             alpn: Vec::new(),
             route: Route::Tcp(TcpRoute {
@@ -1778,6 +1786,7 @@ impl Validator<'_> {
                 ("client_auth", raw.client_auth.is_some()),
                 ("alpn", raw.alpn.is_some()),
                 ("cipher_suites", raw.cipher_suites.is_some()),
+                ("prefer_server_ciphers", raw.prefer_server_ciphers.is_some()),
                 ("kx_groups", raw.kx_groups.is_some()),
                 ("strict_sni", raw.strict_sni),
             ];
@@ -1866,6 +1875,7 @@ impl Validator<'_> {
             client_auth,
             tls_versions,
             cipher_suites,
+            prefer_server_ciphers: raw.prefer_server_ciphers.unwrap_or(true),
             kx_groups,
             alpn,
             route: route?,

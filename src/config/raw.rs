@@ -227,6 +227,7 @@ pub(super) struct ListenerSection {
     pub certificate: Vec<CertificateSection>,
     #[serde(default)]
     pub strict_sni: bool,
+    pub prefer_server_ciphers: Option<bool>,
     #[serde(default)]
     pub max_conns_per_client: u32,
     pub proxy_protocol: Option<ProxyProtocolSection>,

@@ -533,6 +533,14 @@ fn certificate_names_come_from_the_san_unless_given_and_are_checked() {
         ["www.example.com", "*.api.example.com", "127.0.0.1"]
     );
     assert!(!l.strict_sni);
+    // The server's suite order by default; `false` for the client's.
+    assert!(l.prefer_server_ciphers);
+    let client_order = GOOD.replace(
+        "[[listener]]",
+        "[[listener]]\nprefer_server_ciphers = false",
+    );
+    let c = Config::from_toml(&client_order, "t.toml", Path::new("."), &pems).unwrap();
+    assert!(!c.listeners[0].prefer_server_ciphers);
     let given = GOOD.replace(
         "key = \"inline:k\"",
         "key = \"inline:k\"\nserver_names = [\"A.test\", \"*.b.test\"]",
@@ -890,7 +898,7 @@ fn passthrough_listeners_refuse_tls_settings_and_unknown_groups() {
     let text = PASSTHROUGH
         .replace(
             "address = \"127.0.0.1:0\"\n",
-            "address = \"127.0.0.1:0\"\nalpn = [\"h2\"]\nclient_auth = { ca = \"inline:c\" }\n[[listener.certificate]]\ncert = \"inline:c\"\nkey = \"inline:k\"\n",
+            "address = \"127.0.0.1:0\"\nalpn = [\"h2\"]\nprefer_server_ciphers = false\nclient_auth = { ca = \"inline:c\" }\n[[listener.certificate]]\ncert = \"inline:c\"\nkey = \"inline:k\"\n",
         )
         .replace("upstream = \"wild\"", "upstream = \"nowhere\"")
         .replace("default = \"fallback\"", "default = \"gone\"\nhello_timeout = \"0s\"");
@@ -902,6 +910,7 @@ fn passthrough_listeners_refuse_tls_settings_and_unknown_groups() {
             "listener[0].certificate",
             "listener[0].client_auth",
             "listener[0].alpn",
+            "listener[0].prefer_server_ciphers",
             "listener[0].route.rule[0].upstream",
             "listener[0].route.default",
             "listener[0].route.hello_timeout",
@@ -912,7 +921,7 @@ fn passthrough_listeners_refuse_tls_settings_and_unknown_groups() {
         e.problems[0].reason.contains("does not terminate TLS"),
         "{e}"
     );
-    assert!(e.problems[3].reason.contains("[upstream.nowhere]"), "{e}");
+    assert!(e.problems[4].reason.contains("[upstream.nowhere]"), "{e}");
     let empty =
         "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.route]\nkind = \"passthrough\"\n";
     let e = Config::from_toml(empty, "t.toml", Path::new("."), &[]).unwrap_err();

@@ -46,6 +46,11 @@ pub struct Hello {
     pub sni_malformed: bool,
     /// The hello offers a TLS 1.3 PSK (a ticket): it asks to resume.
     pub psk: bool,
+    /// The client's most preferred cipher suite (GREASE and signalling
+    /// values aside) is a ChaCha20-Poly1305 one: a client that puts it
+    /// first usually has no AES instructions, and AES-GCM in software is
+    /// several times slower for it (OpenSSL's `PRIORITIZE_CHACHA` rule).
+    pub chacha_first: bool,
 }
 
 /// Parses the ClientHello at the start of `input` (the connection's first
@@ -164,9 +169,15 @@ fn parse_hello(msg: &[u8]) -> Option<Hello> {
     let mut r = Reader(msg);
     r.take(2 + 32)?; // legacy_version, random
     r.vec(1)?; // legacy_session_id
-    r.vec(2)?; // cipher_suites
+    let mut suites = r.vec(2)?;
     r.vec(1)?; // legacy_compression_methods
     let mut hello = Hello::default();
+    while let Some(suite) = suites.u16() {
+        if !signalling(suite) {
+            hello.chacha_first = is_chacha(suite);
+            break;
+        }
+    }
     if r.0.is_empty() {
         // No extensions at all (old TLS 1.2 clients): no SNI.
         return Some(hello);
@@ -191,6 +202,20 @@ fn parse_hello(msg: &[u8]) -> Option<Hello> {
         }
     }
     Some(hello)
+}
+
+/// A cipher suite value that names no cipher: GREASE (RFC 8701 §2:
+/// 0x0A0A, 0x1A1A, ... 0xFAFA), the renegotiation SCSV (RFC 5746 §3.3)
+/// and the fallback SCSV (RFC 7507 §2).
+fn signalling(suite: u16) -> bool {
+    let [hi, lo] = suite.to_be_bytes();
+    (hi == lo && lo & 0x0f == 0x0a) || suite == 0x00ff || suite == 0x5600
+}
+
+/// TLS_CHACHA20_POLY1305_SHA256 (RFC 8446 §B.4) and the TLS 1.2
+/// ChaCha20-Poly1305 suites (RFC 7905 §2: 0xCCA8 to 0xCCAE).
+fn is_chacha(suite: u16) -> bool {
+    suite == 0x1303 || (0xcca8..=0xccae).contains(&suite)
 }
 
 /// A server_name extension that breaks RFC 6066 §3.
@@ -369,6 +394,66 @@ mod tests {
         let mut trailing = list(&[entry(b"a.test")]);
         trailing.push(0);
         assert_eq!(sni(&trailing), Err(()));
+    }
+
+    #[test]
+    fn a_client_that_lists_chacha20_first_is_seen() {
+        // A hello record with these suites, no session id and no
+        // extensions (the TLS 1.2 layout the peek reads).
+        let hello = |suites: &[u16]| {
+            let mut body = vec![3, 3];
+            body.extend_from_slice(&[0; 32]);
+            body.push(0);
+            body.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());
+            for s in suites {
+                body.extend_from_slice(&s.to_be_bytes());
+            }
+            body.extend_from_slice(&[1, 0]);
+            let mut msg = vec![1, 0];
+            msg.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            msg.extend_from_slice(&body);
+            let mut rec = vec![22, 3, 1];
+            rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            rec.extend_from_slice(&msg);
+            match peek(&rec) {
+                Peeked::Hello(h) => h.chacha_first,
+                p => panic!("{p:?}"),
+            }
+        };
+        // TLS 1.3 and TLS 1.2 ChaCha20 first, after GREASE and the SCSVs.
+        assert!(hello(&[0x1303, 0x1301]));
+        assert!(hello(&[0x3a3a, 0x00ff, 0x5600, 0xcca9, 0xc02b]));
+        // AES first, ChaCha20 later or not at all, or no suite at all.
+        assert!(!hello(&[0x1302, 0x1303]));
+        assert!(!hello(&[0xfafa, 0xc02b, 0xcca9]));
+        assert!(!hello(&[]));
+        // 0x1313 is no GREASE value (its low nibble is not 0xa).
+        assert!(!hello(&[0x1313, 0x1303]));
+        // A rustls client in its default order (AES-256-GCM first) and
+        // with ChaCha20 moved first.
+        let rustls_hello = |chacha_first: bool| {
+            let mut provider = crate::handshake::crypto_provider();
+            if chacha_first {
+                provider.cipher_suites.sort_by_key(|s| {
+                    s.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+                });
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            let server = rustls_pki_types::ServerName::try_from("a.test").unwrap();
+            let mut c = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server).unwrap();
+            let mut out = Vec::new();
+            c.write_tls(&mut out).unwrap();
+            match peek(&out) {
+                Peeked::Hello(h) => h.chacha_first,
+                p => panic!("{p:?}"),
+            }
+        };
+        assert!(!rustls_hello(false));
+        assert!(rustls_hello(true));
     }
 
     #[test]

@@ -461,3 +461,89 @@ fn a_resuming_client_gets_one_new_ticket_and_a_full_handshake_two() {
     );
     assert_eq!(counts, [2, 3, 4], "tickets received after each handshake");
 }
+
+/// The suite a handshake with `l` settles on, for a client whose suites
+/// are its provider's with `first` moved to the front (TLS 1.2 only, or
+/// its safe default versions), and whether it resumed: `resume` runs a
+/// first handshake for a ticket, then the measured one offering it.
+fn negotiated(
+    l: &Listener,
+    first: rustls::CipherSuite,
+    tls12_only: bool,
+    resume: bool,
+) -> (rustls::CipherSuite, Option<rustls::HandshakeKind>) {
+    let tls = server_config(l, &cert_store(l), &ticketer()).unwrap();
+    let mut provider = crypto_provider();
+    provider.cipher_suites.sort_by_key(|s| s.suite() != first);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(l.certificates[0].key.cert[0].clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider));
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let cfg = Arc::new(
+        builder
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut last = None;
+    for _ in 0..(1 + usize::from(resume)) {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = ClientConnection::new(cfg.clone(), name).unwrap();
+        let mut hs = Handshake::new(&tls).unwrap();
+        assert_eq!(pump(&mut c, &mut hs, 0), Step::Done);
+        let est = hs.finish();
+        super::memory::deliver(&mut c, &est.unsent);
+        let server = est.conn.negotiated_cipher_suite().map(|s| s.suite());
+        let client = c.negotiated_cipher_suite().map(|s| s.suite());
+        assert_eq!(server, client);
+        last = Some((client.unwrap(), est.conn.handshake_kind()));
+    }
+    last.unwrap()
+}
+
+#[test]
+fn the_servers_suite_order_decides_except_for_clients_that_put_chacha20_first() {
+    use rustls::CipherSuite::*;
+    use rustls::HandshakeKind::{Full, Resumed};
+    let (mut l, _) = listener(true, true);
+    // AES-256-GCM first (rustls' and OpenSSL's own order): AES-128-GCM,
+    // the server's first, in both versions.
+    let aes256 = TLS13_AES_256_GCM_SHA384;
+    let aes256_12 = TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384;
+    assert_eq!(
+        negotiated(&l, aes256, false, false),
+        (TLS13_AES_128_GCM_SHA256, Some(Full))
+    );
+    assert_eq!(
+        negotiated(&l, aes256_12, true, false).0,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    );
+    // ChaCha20 first: the client's choice, resumed too.
+    let chacha = TLS13_CHACHA20_POLY1305_SHA256;
+    let chacha12 = TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256;
+    assert_eq!(negotiated(&l, chacha, false, false), (chacha, Some(Full)));
+    assert_eq!(negotiated(&l, chacha, false, true), (chacha, Some(Resumed)));
+    assert_eq!(negotiated(&l, chacha12, true, false).0, chacha12);
+    assert_eq!(
+        negotiated(&l, aes256, false, true),
+        (TLS13_AES_128_GCM_SHA256, Some(Resumed))
+    );
+    // A listener's own list is its order.
+    l.cipher_suites = vec![aes256, chacha, TLS13_AES_128_GCM_SHA256, aes256_12];
+    assert_eq!(
+        negotiated(&l, TLS13_AES_128_GCM_SHA256, false, false).0,
+        aes256
+    );
+    assert_eq!(negotiated(&l, chacha, false, false).0, chacha);
+    // prefer_server_ciphers = false: the client's order, whatever it is.
+    l.cipher_suites.clear();
+    l.prefer_server_ciphers = false;
+    assert_eq!(negotiated(&l, aes256, false, false).0, aes256);
+    assert_eq!(negotiated(&l, aes256_12, true, false).0, aes256_12);
+    assert_eq!(negotiated(&l, chacha, false, false).0, chacha);
+}

@@ -850,6 +850,14 @@ pub fn in_vm() -> bool {
     std::env::var_os("KTERN_IN_VM").is_some()
 }
 
+/// Whether the outside tool `name` is installed: it must be on the host
+/// (scripts/test.sh installs each one); the VM has none of them.
+pub fn tool(name: &str) -> bool {
+    let found = Command::new(name).arg("--version").output().is_ok();
+    assert!(found || in_vm(), "{name} is not installed");
+    found
+}
+
 /// Under qemu's TCG everything is several times slower: timing margins grow.
 pub fn slow() -> u32 {
     if in_vm() {
