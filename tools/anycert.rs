@@ -69,8 +69,9 @@ pub fn resuming_client() -> Arc<rustls::ClientConfig> {
         .kx_groups
         .retain(|g| g.name() == rustls::NamedGroup::X25519);
     // Browsers' suite order (Chrome and Firefox offer AES-128-GCM first;
-    // rustls' own client, AES-256): the server follows the client's order,
-    // so this picks the SHA-256 key schedule, as for most real clients.
+    // rustls' own client, AES-256): nginx follows the client's order
+    // (ktern's own puts AES-128-GCM first anyway), so both servers run
+    // the SHA-256 key schedule, as for most real clients.
     provider
         .cipher_suites
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);

@@ -237,7 +237,8 @@ pub(super) struct ListenerSection {
     /// ALPN protocols offered, most preferred first (default: `http/1.1`
     /// on `http` routes, none on `tcp`).
     pub alpn: Option<Vec<String>>,
-    /// IANA cipher suite names (default: the provider's, in its order).
+    /// IANA cipher suite names, most preferred first (default: the
+    /// provider's, AES-128-GCM first: `handshake::listener_provider`).
     pub cipher_suites: Option<Vec<String>>,
     /// Key exchange groups, most preferred first (default: the
     /// provider's).

@@ -1,6 +1,7 @@
-//! ClientHello peek: reads the server name (SNI, RFC 6066 §3) and the ALPN
-//! list (RFC 7301 §3.1) from the first bytes a client sends, without
-//! answering it. Sans-IO: a pure function of the connection's first bytes.
+//! ClientHello peek: reads the server name (SNI, RFC 6066 §3), the ALPN
+//! list (RFC 7301 §3.1), whether a ticket is offered and whether
+//! ChaCha20-Poly1305 is the most preferred suite from the first bytes a
+//! client sends, without answering it. Sans-IO: a pure function of the connection's first bytes.
 //!
 //! rustls' unbuffered server API does not expose the SNI after the
 //! handshake, and routing by SNI (and, later, passing TLS through by SNI
