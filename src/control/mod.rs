@@ -641,6 +641,7 @@ fn tls_configs(
                 crate::handshake::cert_store(l),
                 ListenerTickets::for_listener(&keys, &l.name),
                 acme,
+                crate::handshake::session_cache(),
             ))
         })
         .collect::<Result<_, rustls::Error>>()?;
@@ -650,8 +651,9 @@ fn tls_configs(
                 .listeners
                 .iter()
                 .zip(&stores)
-                .map(|(l, (store, tickets, acme))| {
-                    let mut tls = crate::handshake::server_config(l, store, tickets)?;
+                .map(|(l, (store, tickets, acme, sessions))| {
+                    let mut tls =
+                        crate::handshake::server_config_sharing(l, store, tickets, sessions)?;
                     tls.acme = acme.clone();
                     Ok(tls)
                 })
