@@ -611,7 +611,7 @@ fn unchangeable(old: &Config, new: &Config) -> Result<(), ConfigError> {
 }
 
 /// One rustls config per shard per listener, all of a listener's sharing
-/// one certificate store.
+/// one certificate store, its ticket keys and one session-id cache.
 fn tls_configs(
     config: &Config,
     shards: usize,
@@ -641,7 +641,7 @@ fn tls_configs(
                 crate::handshake::cert_store(l),
                 ListenerTickets::for_listener(&keys, &l.name),
                 acme,
-                crate::handshake::session_cache(),
+                crate::handshake::session_cache(shards),
             ))
         })
         .collect::<Result<_, rustls::Error>>()?;

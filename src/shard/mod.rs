@@ -41,8 +41,9 @@ pub struct Generation {
     pub number: u64,
     /// The validated config.
     pub config: Arc<Config>,
-    /// rustls server configs, `[shard][listener]` (one per shard, so the
-    /// TLS 1.2 session cache and its lock stay on one thread).
+    /// rustls server configs, `[shard][listener]` (one per shard; a
+    /// listener's certificate store, ticket keys and TLS 1.2 session-id
+    /// cache are shared by its shards' configs).
     pub tls: Vec<Vec<crate::handshake::ServerTls>>,
     /// Active-health verdicts per upstream group (`None`: no checks).
     pub health: Vec<Option<Arc<HealthState>>>,
