@@ -215,7 +215,7 @@ fn signalling(suite: u16) -> bool {
 
 /// TLS_CHACHA20_POLY1305_SHA256 (RFC 8446 §B.4) and the TLS 1.2
 /// ChaCha20-Poly1305 suites (RFC 7905 §2: 0xCCA8 to 0xCCAE).
-fn is_chacha(suite: u16) -> bool {
+pub(crate) fn is_chacha(suite: u16) -> bool {
     suite == 0x1303 || (0xcca8..=0xccae).contains(&suite)
 }
 

@@ -153,14 +153,7 @@ pub fn server_config_sharing(
     // order (OpenSSL's `PRIORITIZE_CHACHA`, BoringSSL's equal-preference
     // groups), from configs that follow the client's order, picked by the
     // hello peek as the resumption config is.
-    let chacha = |s: &rustls::SupportedCipherSuite| {
-        matches!(
-            s.suite(),
-            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
-        )
-    };
+    let chacha = |s: &rustls::SupportedCipherSuite| hello::is_chacha(u16::from(s.suite()));
     let client_order = (listener.prefer_server_ciphers
         && cfg.crypto_provider().cipher_suites.iter().any(chacha))
     .then(|| (Arc::new(cfg.clone()), Arc::new(resumption.clone())));
