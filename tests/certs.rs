@@ -539,6 +539,37 @@ fn tickets_resume_across_a_rotation_boundary() {
 }
 
 #[test]
+fn tls12_session_ids_resume_for_one_rotation_after_the_full_handshake() {
+    let pki = Pki::new("session-id-lifetime");
+    let backend = start_backend();
+    let k = ticket_host(&pki, backend, "rotation = \"5s\"");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.der.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(8)
+        .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+    let cfg = Arc::new(cfg);
+    assert!(!resumed(k.addr(), &cfg), "the first handshake is full");
+    // ktern stored the session before the client saw its Finished.
+    let stored = std::time::Instant::now();
+    assert!(resumed(k.addr(), &cfg), "at once: resumed");
+    assert!(
+        resumed(k.addr(), &cfg),
+        "again: a resumption does not use it up"
+    );
+    let left = Duration::from_millis(5_300).saturating_sub(stored.elapsed());
+    std::thread::sleep(left);
+    assert!(!resumed(k.addr(), &cfg), "after the rotation: full");
+    // That full handshake stored a new session.
+    assert!(resumed(k.addr(), &cfg), "the new session resumes");
+    assert_offloaded_in_vm(&k);
+}
+
+#[test]
 fn bad_ticket_settings_are_config_errors_and_a_loose_secret_a_warning() {
     let pki = Pki::new("tickets-bad");
     let short = pki.dir.join("short.key");

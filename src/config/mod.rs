@@ -148,6 +148,9 @@ pub struct Tickets {
     pub rotation: Duration,
 }
 
+/// `tickets.rotation` when the config sets none: 12 hours.
+pub const DEFAULT_TICKET_ROTATION: Duration = Duration::from_secs(43_200);
+
 /// The longest `tickets.rotation`: 84 hours, so a ticket (open for up to
 /// two rotations) never outlives 7 days.
 pub const MAX_TICKET_ROTATION: u64 = 302_400;
@@ -1056,7 +1059,7 @@ impl Validator<'_> {
             tickets: tickets.unwrap_or(Tickets {
                 secret: None,
                 secret_file: None,
-                rotation: Duration::from_secs(43_200),
+                rotation: DEFAULT_TICKET_ROTATION,
             }),
             acme: self.acme.clone().unwrap_or(AcmeSettings {
                 state_dir: PathBuf::from("/var/lib/ktern/acme"),

@@ -641,7 +641,7 @@ fn tls_configs(
                 crate::handshake::cert_store(l),
                 ListenerTickets::for_listener(&keys, &l.name),
                 acme,
-                crate::handshake::session_cache(shards),
+                crate::handshake::session_cache(shards, config.tickets.rotation),
             ))
         })
         .collect::<Result<_, rustls::Error>>()?;

@@ -22,6 +22,7 @@ pub mod client_auth;
 pub mod hello;
 pub mod memory;
 pub mod pump;
+pub mod sessions;
 pub mod tickets;
 
 pub use crate::provider::crypto_provider;
@@ -35,7 +36,9 @@ pub use crate::provider::crypto_provider;
 /// and with `[tickets] secret_file`, on any host.
 pub fn ticketer() -> Arc<dyn rustls::server::ProducesTickets> {
     tickets::ListenerTickets::for_listener(
-        &Arc::new(tickets::TicketKeys::random(43_200)),
+        &Arc::new(tickets::TicketKeys::random(
+            config::DEFAULT_TICKET_ROTATION.as_secs(),
+        )),
         "standalone",
     )
 }
@@ -73,23 +76,30 @@ pub struct ServerTls {
 }
 
 /// Builds the rustls server config for one listener, with a session-id
-/// cache of its own ([`server_config_sharing`] shares one).
+/// cache of its own ([`server_config_sharing`] shares one) whose sessions
+/// last the default `tickets.rotation`.
 pub fn server_config(
     listener: &config::Listener,
     certs: &Arc<certs::CertStore>,
     tickets: &Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<ServerTls, rustls::Error> {
-    server_config_sharing(listener, certs, tickets, &session_cache(1))
+    let sessions = session_cache(1, config::DEFAULT_TICKET_ROTATION);
+    server_config_sharing(listener, certs, tickets, &sessions)
 }
 
 /// The TLS 1.2 session-id cache of one listener served by `shards` shards:
 /// 1,024 sessions per shard (the size each shard's own cache had), about
 /// 0.4 KiB each without client certificates (an entry keeps the client's
-/// chain). rustls stores every TLS 1.2 full handshake's session there,
-/// also of clients that take a ticket (whose next hello offers the ticket,
-/// so their entries are never read), and evicts the oldest first.
-pub fn session_cache(shards: usize) -> Arc<dyn rustls::server::StoresServerSessions> {
-    rustls::server::ServerSessionMemoryCache::new(1024 * shards.max(1))
+/// chain), each resumable for `lifetime` (`tickets.rotation`, the
+/// lifetime a ticket's hint gives: [`sessions`]). rustls stores every TLS
+/// 1.2 full handshake's session there, also of clients that take a ticket
+/// (whose next hello offers the ticket, so their entries are never read),
+/// and evicts the oldest first.
+pub fn session_cache(
+    shards: usize,
+    lifetime: std::time::Duration,
+) -> Arc<dyn rustls::server::StoresServerSessions> {
+    Arc::new(sessions::SessionIds::new(1024 * shards.max(1), lifetime))
 }
 
 /// Builds the rustls server config for one listener. Each shard gets its
