@@ -661,6 +661,11 @@ fn bad_requests_get_the_exact_status() {
         (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        // Absolute-form naming another host than Host (RFC 9112 §3.2.2:
+        // the backend would serve that one), and targets of no form.
+        (b"GET http://internal/admin HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET admin HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 400),
         (long_uri.as_bytes(), 414),
         (big_field.as_bytes(), 431),
         (many.as_bytes(), 431),
@@ -674,13 +679,20 @@ fn bad_requests_get_the_exact_status() {
             String::from_utf8_lossy(&req[..req.len().min(80)])
         );
     }
+    // Absolute-form naming the Host goes upstream in origin form.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET http://a/head HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let seen = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(seen.starts_with("GET /head HTTP/1.1\r\n"), "{seen}");
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     // A slow head: 408 after head_timeout.
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap();
     let r = read_response(&mut BufReader::new(&mut c), false).unwrap();
     assert_eq!(r.status, 408);
-    // None of them reached the backend.
-    assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
+    // None of the bad ones reached the backend.
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     // A bad chunk size is only seen once the body streams: the backend got
     // the head, then its connection is dropped mid-body (it can never read
     // a complete, different request); the client gets 400.

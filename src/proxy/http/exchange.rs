@@ -100,16 +100,14 @@ pub fn find_rule<'r>(
         .find(|r| r.host.matches(host) && r.sni.matches_sni(sni) && path.starts_with(&r.path))
 }
 
-/// The path part of a request target (origin-form, or absolute-form's path).
+/// The path a rule matches against: the target itself (origin-form, the
+/// only form with a path after `head::build_request`), or `/` for
+/// OPTIONS' `*`.
 pub fn target_path(target: &str) -> &str {
     if target.starts_with('/') {
-        return target;
-    }
-    match target.find("://") {
-        Some(i) => target[i + 3..]
-            .find('/')
-            .map_or("/", |p| &target[i + 3 + p..]),
-        None => "/",
+        target
+    } else {
+        "/"
     }
 }
 
@@ -365,7 +363,7 @@ mod tests {
                 close_after_local: false
             }
         );
-        // Absolute-form targets route by their path.
+        // An absolute-form target naming the Host routes by its path.
         assert_eq!(plan(&r, &get("x", "http://x/app/y"), None), upstream(0));
         assert_eq!(
             plan(&r, &get("x", "/nothing"), None),
@@ -510,8 +508,6 @@ mod tests {
     #[test]
     fn paths_and_hosts() {
         assert_eq!(target_path("/a/b?c"), "/a/b?c");
-        assert_eq!(target_path("http://x.example/a"), "/a");
-        assert_eq!(target_path("http://x.example"), "/");
         assert_eq!(target_path("*"), "/");
         assert_eq!(strip_port("a.example:8443"), "a.example");
         assert_eq!(strip_port("a.example"), "a.example");

@@ -452,6 +452,12 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
     if minor == 1 && host.is_none() {
         return Err(HeadError::BadRequest("missing Host"));
     }
+    let host_text = match &host {
+        None => None,
+        Some(Host::At(r)) => Some(fields.bytes(r)),
+        Some(Host::Lowered(h)) => Some(h.as_bytes()),
+    };
+    let target = origin_form(&fields, &method, target, host_text)?;
     Ok(RequestHead {
         fields,
         method,
@@ -464,6 +470,63 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
         upgrade: conn_upgrade && has_upgrade,
         len,
     })
+}
+
+/// The request target as origin-form (RFC 9112 §3.2), where every later
+/// stage (routing, the line sent upstream, the log) reads it. Before, any
+/// target httparse took went through as it came: a target not starting
+/// with `/` routed as `/`, while the backend may read it otherwise.
+/// - origin-form (`/path?query`): as it is;
+/// - asterisk-form (`*`): with OPTIONS only (§3.2.4);
+/// - absolute-form (`http://authority/path`, a client talking to a proxy):
+///   its origin-form part. The authority names the host, and a recipient
+///   ignores Host (§3.2.2), so ktern, which routes by Host, takes it only
+///   when Host is identical to it, as a client MUST send (§3.2). With
+///   another Host, ktern would route by one host while the backend served
+///   the other (past a rule that matches on Host or SNI): 400. So is
+///   userinfo (RFC 9110 §4.2.4) and an empty path;
+/// - anything else, CONNECT's authority-form too (a tunnel ktern does not
+///   open, as over HTTP/2): 400.
+fn origin_form(
+    fields: &Fields,
+    method: &Range<usize>,
+    target: Range<usize>,
+    host: Option<&[u8]>,
+) -> Result<Range<usize>, HeadError> {
+    let t = fields.bytes(&target);
+    match t {
+        [b'/', ..] => return Ok(target),
+        b"*" if fields.bytes(method) == b"OPTIONS" => return Ok(target),
+        b"*" => {
+            return Err(HeadError::BadRequest(
+                "* target on a method other than OPTIONS",
+            ))
+        }
+        _ => {}
+    }
+    let scheme = |s: &[u8]| t.len() > s.len() && t[..s.len()].eq_ignore_ascii_case(s);
+    let rest = match () {
+        () if scheme(b"http://") => &t[7..],
+        () if scheme(b"https://") => &t[8..],
+        () => return Err(HeadError::BadRequest("request target not in origin form")),
+    };
+    let end = rest
+        .iter()
+        .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.contains(&b'@') {
+        return Err(HeadError::BadRequest("userinfo in the request target"));
+    }
+    if !path.starts_with(b"/") {
+        return Err(HeadError::BadRequest("absolute-form target without a path"));
+    }
+    if !host.is_some_and(|h| h.eq_ignore_ascii_case(authority)) {
+        return Err(HeadError::BadRequest(
+            "Host differs from the request target's authority",
+        ));
+    }
+    Ok(target.end - path.len()..target.end)
 }
 
 /// Enforces line-length limits on whatever part of the head has arrived:
@@ -490,11 +553,15 @@ fn check_lines(buf: &[u8], limits: &Limits) -> Result<(), HeadError> {
     check(buf.len() - start, start == 0)
 }
 
-/// Comma-separated list elements (RFC 9110 §5.6.1), trimmed, empties dropped.
+/// Comma-separated list elements (RFC 9110 §5.6.1), trimmed, empties
+/// dropped. An element that is not UTF-8 stays in the list as U+FFFD,
+/// which names no coding or option: dropped, it let a backend's
+/// `chunked, \xff` (a final coding that is not chunked, so a client reads
+/// to the close) read as chunked here while the value went on as it came.
 pub fn list_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
     value
         .split(|&b| b == b',')
-        .filter_map(|t| std::str::from_utf8(t).ok())
+        .map(|t| std::str::from_utf8(t).unwrap_or("\u{fffd}"))
         .map(|t| t.trim_matches(|c| c == ' ' || c == '\t'))
         .filter(|t| !t.is_empty())
 }
@@ -860,6 +927,47 @@ mod tests {
     }
 
     #[test]
+    fn targets_are_origin_form_or_refused() {
+        let target = |text: &str| req(text).map(|h| h.map(|h| h.target().to_string()));
+        for (text, want) in [
+            ("GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n", "/a?b"),
+            ("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", "*"),
+            // Absolute-form naming the Host: its origin-form part.
+            (
+                "GET http://x.example/a?b HTTP/1.1\r\nHost: x.example\r\n\r\n",
+                "/a?b",
+            ),
+            (
+                "GET HTTPS://X.example:8443/ HTTP/1.1\r\nHost: x.EXAMPLE:8443\r\n\r\n",
+                "/",
+            ),
+        ] {
+            assert_eq!(target(text).unwrap().as_deref(), Some(want), "{text:?}");
+        }
+        for text in [
+            // Another host than Host's: routing and backend would disagree.
+            "GET http://internal.example/admin HTTP/1.1\r\nHost: public.example\r\n\r\n",
+            "GET http://x.example/a HTTP/1.1\r\nHost: x.example:443\r\n\r\n",
+            "GET http://x.example/a HTTP/1.0\r\n\r\n",
+            "GET http://u@x.example/a HTTP/1.1\r\nHost: x.example\r\n\r\n",
+            "GET http://x.example HTTP/1.1\r\nHost: x.example\r\n\r\n",
+            "GET http://x.example?a HTTP/1.1\r\nHost: x.example\r\n\r\n",
+            "GET ftp://x.example/a HTTP/1.1\r\nHost: x.example\r\n\r\n",
+            "GET http:// HTTP/1.1\r\nHost: x.example\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "CONNECT x.example:443 HTTP/1.1\r\nHost: x.example:443\r\n\r\n",
+            "GET ?x HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET foo HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET @evil/x HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            match target(text) {
+                Err(e) => assert_eq!(e.status(), 400, "{text:?}: {e}"),
+                Ok(t) => panic!("{text:?} accepted as {t:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn limits_give_414_and_431_before_the_head_is_complete() {
         let limits = Limits {
             request_line: 64,
@@ -929,6 +1037,17 @@ mod tests {
         assert_eq!(h.framing, Framing::Chunked);
         let h = r("HTTP/1.1 200 OK\r\n\r\n", "GET").unwrap().unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
+        // A final coding that is not UTF-8 is not chunked, so chunked is
+        // misplaced (502), as in `chunked, gzip`; it read as chunked here
+        // while the client, given the value as it came, read to the close.
+        assert!(matches!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, \xff\r\n\r\n",
+                "GET",
+                8192,
+            ),
+            Err(ResponseError::Framing("misplaced chunked"))
+        ));
         let h = r("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", "GET")
             .unwrap()
             .unwrap();
