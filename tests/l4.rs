@@ -199,6 +199,51 @@ fn refused_backend_closes_the_client_cleanly_and_is_counted() {
     assert_eq!(k.wait_metric("ktern_upstream_connect_failures_total", 1), 1);
 }
 
+/// The client's Finished, then in the same write a record holding only the
+/// first three bytes of a KeyUpdate (a handshake message may span records,
+/// RFC 8446 §5.1). rustls kept that record in the handshake's buffer, the
+/// record path started from another, and rustls' next call panicked: the
+/// shard's thread (the only one here) died with everything on it. Now the
+/// handshake fails, is counted, and the shard serves the next client.
+#[test]
+fn a_keyupdate_cut_across_records_with_the_finished_fails_and_ktern_keeps_serving() {
+    let (pki, k) = ktern_with_backend("cut-keyupdate", "cpus = [0]");
+    let mut cfg = (*client_config(&[&pki.der])).clone();
+    cfg.enable_secret_extraction = true;
+    let mut c =
+        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut s = TcpStream::connect(k.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    while c.is_handshaking() {
+        while c.wants_write() {
+            c.write_tls(&mut s).unwrap();
+        }
+        c.read_tls(&mut s).unwrap();
+        c.process_new_packets().unwrap();
+    }
+    let mut flight = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut flight).unwrap();
+    }
+    flight.extend(ktern::handshake::memory::sealed_record(
+        c,
+        rustls::ContentType::Handshake,
+        &[24, 0, 0],
+    ));
+    s.write_all(&flight).unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert_eq!(
+        k.wait_metric("ktern_handshake_failures_tls_total", 1),
+        1,
+        "{}",
+        k.log()
+    );
+    download(k.addr(), &pki, ClientOpts::default(), 1000);
+    assert!(!k.log().contains("panicked"), "{}", k.log());
+}
+
 #[test]
 fn oversized_record_after_the_handshake_gets_an_alert() {
     let (pki, k) = ktern_with_backend("oversize", "");

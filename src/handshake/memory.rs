@@ -115,3 +115,41 @@ pub fn deliver(client: &mut ClientConnection, bytes: &[u8]) {
     }
     client.process_new_packets().expect("client processes");
 }
+
+/// A TLS 1.3 record of content type `typ` holding `payload`, sealed under
+/// `client`'s traffic key at its next sequence number as rustls would
+/// seal it: for tests that send what rustls' own API never writes (a
+/// handshake message cut across records). The client must have finished
+/// its handshake with `enable_secret_extraction` set; it is used up.
+///
+/// Test support: panics on anything else.
+pub fn sealed_record(
+    client: ClientConnection,
+    typ: rustls::ContentType,
+    payload: &[u8],
+) -> Vec<u8> {
+    use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+    let Some(rustls::SupportedCipherSuite::Tls13(suite)) = client.negotiated_cipher_suite() else {
+        panic!("a TLS 1.3 connection");
+    };
+    let secrets = client
+        .dangerous_extract_secrets()
+        .expect("extractable secrets");
+    let (seq, (key, iv)) = match secrets.tx {
+        (seq, rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }) => (seq, (key, iv)),
+        (seq, rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }) => (seq, (key, iv)),
+        (seq, rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }) => (seq, (key, iv)),
+        _ => panic!("a TLS 1.3 suite"),
+    };
+    let message = OutboundPlainMessage {
+        typ,
+        version: rustls::ProtocolVersion::TLSv1_2,
+        payload: OutboundChunks::Single(payload),
+    };
+    suite
+        .aead_alg
+        .encrypter(key, iv)
+        .encrypt(message, seq)
+        .expect("sealed")
+        .encode()
+}

@@ -843,6 +843,20 @@ pub(crate) fn advance<C: Unbuffered>(
                 input.clear();
             }
             if done {
+                // rustls leaves a complete record in `input` only while a
+                // handshake message in it is unfinished: it joins a message
+                // that spans records (RFC 8446 §5.1) in place, and its
+                // offsets point into this buffer. After the handshake that
+                // is a post-handshake message (a KeyUpdate) cut across
+                // records. The record paths start from a buffer of their
+                // own, where rustls' next call indexed past the end (a
+                // panic of the shard's thread), and the kernel path would
+                // lose the bytes: the handshake fails instead.
+                if !input.is_empty() && partial_record_remaining(input) == 0 {
+                    return Err(Stalled::Tls(rustls::Error::General(
+                        "a post-handshake message cut across records at the handshake's end".into(),
+                    )));
+                }
                 return match partial_record_remaining(input) {
                     0 => Ok(Step::Done),
                     _ if eof => Err(Stalled::Eof),
@@ -976,8 +990,10 @@ impl EncodeLike for rustls::unbuffered::EncryptError {
 }
 
 /// How many more bytes complete the record that starts `buf` (0 if `buf` is
-/// empty). rustls consumes every complete record, so whatever is left after
-/// the handshake is at most one partial record.
+/// empty, or starts with a complete record). rustls consumes every complete
+/// record except one holding part of a handshake message (which `advance`
+/// refuses at the handshake's end), so whatever is left after the handshake
+/// is at most one partial record.
 pub fn partial_record_remaining(buf: &[u8]) -> usize {
     match buf.len() {
         0 => 0,

@@ -547,3 +547,64 @@ fn the_servers_suite_order_decides_except_for_clients_that_put_chacha20_first() 
     assert_eq!(negotiated(&l, aes256_12, true, false).0, aes256_12);
     assert_eq!(negotiated(&l, chacha, false, false).0, chacha);
 }
+
+/// A record after the client's Finished holding only the start of a
+/// post-handshake message (RFC 8446 §5.1 lets a handshake message span
+/// records). rustls keeps such a record in the driver's input, joining the
+/// message in place; a done handshake dropped that input, and rustls' next
+/// call on a fresh buffer indexed past its end: a panic of the shard's
+/// thread, by any client. The handshake fails instead.
+#[test]
+fn a_post_handshake_message_cut_across_records_fails_the_handshake() {
+    let (l, root) = listener(false, true);
+    let mut hs = start(&l);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.enable_secret_extraction = true;
+    let mut c =
+        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+    // Until the server waits for the client's Finished.
+    let mut step = hs.poll().unwrap();
+    let finished = loop {
+        match step {
+            Step::Transmit => {
+                let out = hs.take_output();
+                super::memory::deliver(&mut c, &out);
+                hs.output_sent(out);
+            }
+            Step::Read(None) => {
+                let mut buf = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut buf).unwrap();
+                }
+                if !c.is_handshaking() {
+                    break buf;
+                }
+                hs.handle_input(&buf).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        step = hs.poll().unwrap();
+    };
+    // The first record under the client's traffic key: a KeyUpdate's first
+    // three bytes (of its four-byte header).
+    let sealed = super::memory::sealed_record(c, rustls::ContentType::Handshake, &[24, 0, 0]);
+    let mut flight = finished;
+    flight.extend_from_slice(&sealed);
+    hs.handle_input(&flight).unwrap();
+    let mut step = hs.poll();
+    while matches!(step, Ok(Step::Transmit)) {
+        let out = hs.take_output();
+        hs.output_sent(out);
+        step = hs.poll();
+    }
+    assert!(
+        matches!(step, Err(HandshakeError::Tls(_))),
+        "got {step:?}: the handshake must fail, not finish with a record rustls still holds"
+    );
+}
