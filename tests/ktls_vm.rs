@@ -363,3 +363,56 @@ fn a_deferred_connection_hands_over_only_at_a_record_boundary() {
     assert_eq!(tls_stat_since(&before, "TlsTxSw"), 1);
     assert_eq!(tls_stat_since(&before, "TlsRxSw"), 1);
 }
+
+/// A client's KeyUpdate asking for ours, read while a deferred connection's
+/// records are rustls': rustls switched its sending key and holds the reply
+/// until it seals the next record. The keys go to the kernel only after
+/// that record: a hand-over before it gave the kernel the new key with the
+/// reply never sent, and the client could read none of the bulk.
+#[test]
+fn a_deferred_connection_sends_its_keyupdate_reply_before_the_hand_over() {
+    if !ktls_here() {
+        return;
+    }
+    let pki = Pki::new("deferred-keyupdate");
+    let (addr, server) = serve_one(&pki, move |sock, est| async move {
+        let support = ktern::ktls::probe();
+        let mode = (ktern::config::KtlsMode::Auto, &support);
+        let conn = ktern::ktls::establish(sock, est, mode, Some(1000)).unwrap();
+        assert_eq!(conn.path(), ktern::ktls::Path::Userspace);
+        let (mut rd, mut wr) = conn.split();
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            got.extend(rd.read_chunk().await.unwrap().unwrap());
+        }
+        assert_eq!(got, b"ping");
+        assert!(
+            !wr.bulk_ahead(1 << 20).unwrap(),
+            "handed over with the KeyUpdate reply still held"
+        );
+        let (res, _) = wr.write_all(b"pong".to_vec()).await;
+        res.unwrap();
+        assert!(wr.bulk_ahead(1 << 20).unwrap(), "after the reply went out");
+        assert_eq!(wr.path(), ktern::ktls::Path::Kernel);
+        let (res, _) = wr.write_all(pattern(300_000, 7)).await;
+        res.unwrap();
+        wr.close().await.unwrap();
+    });
+    let mut c = connect(addr, &pki, ClientOpts::default());
+    // KeyUpdate with update_requested (RFC 8446 §4.6.3), then a record.
+    c.conn.refresh_traffic_keys().unwrap();
+    c.write_all(b"ping").unwrap();
+    c.flush().unwrap();
+    let mut pong = [0u8; 4];
+    c.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong");
+    // After the server's probe of the kernel's ciphers (its own sessions).
+    let before = tls_stat();
+    let mut bulk = vec![0u8; 300_000];
+    c.read_exact(&mut bulk).unwrap();
+    assert!(bulk == pattern(300_000, 7), "bulk bytes differ");
+    assert!(read_to_close_notify(&mut c).is_empty());
+    server.join().unwrap();
+    // The bulk was the kernel's records.
+    assert_eq!(tls_stat_since(&before, "TlsTxSw"), 1);
+}

@@ -632,9 +632,10 @@ impl TlsReader {
         }
         if result.is_ok() && !u.writing && u.tls_out.len() > u.lazy {
             // rustls answered something while reading (a renegotiation
-            // refusal, a KeyUpdate reply): the client may be waiting for it
-            // and send nothing more, and the writer may have nothing to
-            // write for a long time. Send it now, if the socket takes it;
+            // refusal; not a KeyUpdate reply, which it holds until it
+            // seals the next record: `User::reply_owed`): the client may
+            // be waiting for it and send nothing more, and the writer may
+            // have nothing to write for a long time. Send it now, if the socket takes it;
             // what it does not take waits for the writer, in order.
             let out = u.take_out();
             match sys::send_now(sys::borrow_fd(&self.sock), &out) {
@@ -777,8 +778,8 @@ impl TlsWriter {
                         }
                         None
                     } else {
-                        // The reader queued something (an alert, a
-                        // KeyUpdate reply) while this write was in flight.
+                        // The reader queued something (an alert) while
+                        // this write was in flight.
                         Some(u.take_out())
                     }
                 }
@@ -830,7 +831,13 @@ impl TlsWriter {
         let mut shared = self.shared.borrow_mut();
         let rekey = match &mut *shared {
             Engine::User(u) => match u.defer {
-                Some(d) if bytes >= d.after && !u.writing && !u.failed && u.inbuf.is_empty() => {
+                Some(d)
+                    if bytes >= d.after
+                        && !u.writing
+                        && !u.failed
+                        && !u.reply_owed
+                        && u.inbuf.is_empty() =>
+                {
                     // Held tickets (`Established::unsent`) go out first, if
                     // the socket takes them whole (a new connection's send
                     // buffer does): the kernel's records follow them.

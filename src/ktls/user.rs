@@ -29,8 +29,8 @@ pub(super) struct User {
     pub(super) inbuf: Vec<u8>,
     /// Ciphertext queued by either half. The writer sends it with its
     /// records; the reader sends what rustls queued while reading (a
-    /// `no_renegotiation` warning, a KeyUpdate reply) itself, at once, when
-    /// no write is in flight.
+    /// `no_renegotiation` warning; rustls holds a KeyUpdate reply itself,
+    /// see `reply_owed`) at once, when no write is in flight.
     pub(super) tls_out: Vec<u8>,
     /// How many bytes at the start of `tls_out` may wait for the writer's
     /// first records: the handshake's held tickets (see
@@ -47,6 +47,15 @@ pub(super) struct User {
     pub(super) failed: bool,
     /// The keys may still go to the kernel (`runtime.ktls_after`).
     pub(super) defer: Option<Deferral>,
+    /// The client sent a record that was not application data (a TLS 1.3
+    /// KeyUpdate) since ktern last sealed one. rustls answers a KeyUpdate
+    /// asking for ours by switching its sending key at once and holding
+    /// the reply, sealed under the old key, until it seals the next
+    /// application record; the reply is not in what it queues to send, and
+    /// a hand-over to the kernel then would give the kernel the new key
+    /// while the reply was never sent (the client cannot read another
+    /// record). The keys move only once a record went out after it.
+    pub(super) reply_owed: bool,
 }
 
 /// A connection carried by rustls for now whose keys go to the kernel
@@ -71,6 +80,7 @@ impl User {
             writing: false,
             failed: false,
             defer: None,
+            reply_owed: false,
         }
     }
 
@@ -96,12 +106,43 @@ pub(super) fn decrypt_available(
     plain: &mut Vec<u8>,
     eof: &mut bool,
 ) -> Result<(), StreamError> {
-    match &mut u.conn {
+    // Complete records now in `inbuf`: rustls consumes each whole (one
+    // holding part of a handshake message stays, and is not counted again).
+    let records = complete_records(&u.inbuf);
+    let opened = match &mut u.conn {
         UserConn::Server(c) => decrypt(c, &mut u.inbuf, &mut u.tls_out, &mut u.failed, plain, eof),
-        UserConn::Client(c) => decrypt(c, &mut u.inbuf, &mut u.tls_out, &mut u.failed, plain, eof),
+        // A backend's post-handshake messages are tickets (RFC 8446
+        // §4.6.1), which ask for no reply.
+        UserConn::Client(c) => {
+            decrypt(c, &mut u.inbuf, &mut u.tls_out, &mut u.failed, plain, eof)?;
+            return Ok(());
+        }
+    }?;
+    // Fewer application records than records read: one was a KeyUpdate
+    // (the only post-handshake message a server takes), or an empty record
+    // rustls does not hand on; either way the hand-over waits for the
+    // next sealed record, which carries any reply out first.
+    if opened < records.saturating_sub(complete_records(&u.inbuf)) {
+        u.reply_owed = true;
     }
+    Ok(())
 }
 
+/// How many complete TLS records `buf` starts with.
+fn complete_records(mut buf: &[u8]) -> usize {
+    let mut n = 0;
+    while let [_, _, _, hi, lo, ..] = *buf {
+        let len = 5 + usize::from(u16::from_be_bytes([hi, lo]));
+        match buf.get(len..) {
+            Some(rest) => buf = rest,
+            None => break,
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Returns how many application records were opened.
 fn decrypt<C: Unbuffered>(
     conn: &mut C,
     inbuf: &mut Vec<u8>,
@@ -109,7 +150,7 @@ fn decrypt<C: Unbuffered>(
     failed: &mut bool,
     plain: &mut Vec<u8>,
     eof: &mut bool,
-) -> Result<(), StreamError> {
+) -> Result<usize, StreamError> {
     // Plaintext is never longer than the ciphertext holding it.
     plain.reserve(inbuf.len());
     // Records read so far: removed from `inbuf` once at the end. (Draining
@@ -117,6 +158,7 @@ fn decrypt<C: Unbuffered>(
     // read of four records moved 96 KiB, the largest copy on the userspace
     // record path.)
     let mut consumed = 0;
+    let mut opened = 0;
     let result = loop {
         let UnbufferedStatus { discard, state } = conn.process(&mut inbuf[consumed..]);
         let mut stop = false;
@@ -125,7 +167,10 @@ fn decrypt<C: Unbuffered>(
                 let mut res = Ok(());
                 while let Some(rec) = r.next_record() {
                     match rec {
-                        Ok(rec) => plain.extend_from_slice(rec.payload),
+                        Ok(rec) => {
+                            plain.extend_from_slice(rec.payload);
+                            opened += 1;
+                        }
                         Err(e) => {
                             res = Err(e.into());
                             break;
@@ -170,7 +215,7 @@ fn decrypt<C: Unbuffered>(
             if *eof {
                 inbuf.clear();
             }
-            Ok(())
+            Ok(opened)
         }
     }
 }
@@ -267,9 +312,38 @@ pub(super) fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamErr
         let old = std::mem::replace(&mut u.tls_out, crate::buffers::take(guess));
         crate::buffers::give(old);
     }
-    with_write_traffic(u, WriteOp::Encrypt(plain, guess))
+    with_write_traffic(u, WriteOp::Encrypt(plain, guess))?;
+    // rustls writes a held KeyUpdate reply before a record it seals (not
+    // for an empty write, which seals nothing).
+    u.reply_owed &= plain.is_empty();
+    Ok(())
 }
 
 pub(super) fn queue_close_notify(u: &mut User) -> Result<(), StreamError> {
     with_write_traffic(u, WriteOp::CloseNotify)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::complete_records;
+
+    #[test]
+    fn complete_records_counts_whole_records_only() {
+        let record = |len: u16| {
+            let mut r = vec![23, 3, 3];
+            r.extend_from_slice(&len.to_be_bytes());
+            r.resize(5 + usize::from(len), 0);
+            r
+        };
+        assert_eq!(complete_records(&[]), 0);
+        assert_eq!(complete_records(&record(0)), 1);
+        let two = [record(30), record(17)].concat();
+        assert_eq!(complete_records(&two), 2);
+        assert_eq!(
+            complete_records(&two[..two.len() - 1]),
+            1,
+            "the second cut short"
+        );
+        assert_eq!(complete_records(&two[..3]), 0, "half a header");
+    }
 }
