@@ -543,16 +543,7 @@ fn tls12_session_ids_resume_for_one_rotation_after_the_full_handshake() {
     let pki = Pki::new("session-id-lifetime");
     let backend = start_backend();
     let k = ticket_host(&pki, backend, "rotation = \"5s\"");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.der.clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.resumption = rustls::client::Resumption::in_memory_sessions(8)
-        .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
-    let cfg = Arc::new(cfg);
+    let cfg = tls12_session_id_client(&pki.der);
     assert!(!resumed(k.addr(), &cfg), "the first handshake is full");
     // ktern stored the session before the client saw its Finished.
     let stored = std::time::Instant::now();

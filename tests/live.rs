@@ -735,16 +735,7 @@ fn tls12_session_ids_resume_on_every_shard() {
     let pki = Pki::new("live-session-id");
     let backend = start_backend();
     let k = Ktern::start(&pki, "cpus = [0, 0]", &tcp_listener(backend, ""));
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.der.clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider()))
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.resumption = rustls::client::Resumption::in_memory_sessions(8)
-        .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
-    let cfg = std::sync::Arc::new(cfg);
+    let cfg = tls12_session_id_client(&pki.der);
     let total = 16;
     let mut kinds = Vec::new();
     for _ in 0..total {

@@ -110,23 +110,20 @@ fn completes_tls12_and_hands_over_keys() {
     complete(true);
 }
 
-#[test]
-fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
-    let (l, root) = listener(true, true);
-    let mut hs = start(&l);
-    let mut c = client(root, false);
-    // Run until the server waits for the client's Finished.
+/// Runs the handshake until the server waits for the client's Finished,
+/// which the client holds, not yet written.
+fn until_the_clients_finished(hs: &mut Handshake, c: &mut ClientConnection) {
     let mut step = hs.poll().unwrap();
     loop {
         match step {
             Step::Transmit => {
                 let out = hs.take_output();
-                super::memory::deliver(&mut c, &out);
+                super::memory::deliver(c, &out);
                 hs.output_sent(out);
             }
             Step::Read(None) => {
                 if !c.is_handshaking() {
-                    break;
+                    return;
                 }
                 let mut buf = Vec::new();
                 while c.wants_write() {
@@ -138,6 +135,14 @@ fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
         }
         step = hs.poll().unwrap();
     }
+}
+
+#[test]
+fn data_sent_with_the_final_flight_is_decrypted_not_lost() {
+    let (l, root) = listener(true, true);
+    let mut hs = start(&l);
+    let mut c = client(root, false);
+    until_the_clients_finished(&mut hs, &mut c);
     // Client Finished plus two application records in one "segment", the
     // last one cut short: the driver must ask for exactly the missing bytes.
     c.writer().write_all(b"first record").unwrap();
@@ -568,33 +573,14 @@ fn a_post_handshake_message_cut_across_records_fails_the_handshake() {
     cfg.enable_secret_extraction = true;
     let mut c =
         ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
-    // Until the server waits for the client's Finished.
-    let mut step = hs.poll().unwrap();
-    let finished = loop {
-        match step {
-            Step::Transmit => {
-                let out = hs.take_output();
-                super::memory::deliver(&mut c, &out);
-                hs.output_sent(out);
-            }
-            Step::Read(None) => {
-                let mut buf = Vec::new();
-                while c.wants_write() {
-                    c.write_tls(&mut buf).unwrap();
-                }
-                if !c.is_handshaking() {
-                    break buf;
-                }
-                hs.handle_input(&buf).unwrap();
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        step = hs.poll().unwrap();
-    };
+    until_the_clients_finished(&mut hs, &mut c);
+    let mut flight = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut flight).unwrap();
+    }
     // The first record under the client's traffic key: a KeyUpdate's first
     // three bytes (of its four-byte header).
     let sealed = super::memory::sealed_record(c, rustls::ContentType::Handshake, &[24, 0, 0]);
-    let mut flight = finished;
     flight.extend_from_slice(&sealed);
     hs.handle_input(&flight).unwrap();
     let mut step = hs.poll();

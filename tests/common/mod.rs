@@ -735,6 +735,23 @@ pub fn client_config(
     )
 }
 
+/// A TLS 1.2 client trusting `root` that resumes by session id only (no
+/// tickets), with its own session cache.
+pub fn tls12_session_id_client(
+    root: &rustls::pki_types::CertificateDer<'static>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(8)
+        .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+    Arc::new(cfg)
+}
+
 /// Connects with `cfg` and completes the handshake; errors instead of
 /// panicking (load tests count them).
 pub fn try_connect(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> std::io::Result<Client> {
