@@ -56,12 +56,9 @@ impl Challenges {
     /// path: `Some(Some(key_authorization))` for a published token,
     /// `Some(None)` for an unknown one (a 404), `None` for other paths.
     pub fn http_answer(&self, target: &str) -> Option<Option<String>> {
-        // The absolute form too (RFC 9112 §3.2.2: servers must accept it).
-        let path = match target.strip_prefix("http://") {
-            Some(rest) => &rest[rest.find('/')?..],
-            None => target,
-        };
-        let token = path.strip_prefix(HTTP01_PREFIX)?;
+        // Origin-form: an absolute-form target (RFC 9112 §3.2.2) arrives
+        // as its origin-form part (`head::build_request`).
+        let token = target.strip_prefix(HTTP01_PREFIX)?;
         Some(lock(&self.http).get(token).cloned())
     }
 
@@ -92,11 +89,6 @@ mod tests {
             c.http_answer("/.well-known/acme-challenge/abc"),
             Some(Some("abc.thumb".to_string()))
         );
-        assert_eq!(
-            c.http_answer("http://a.example/.well-known/acme-challenge/abc"),
-            Some(Some("abc.thumb".to_string()))
-        );
-        assert_eq!(c.http_answer("http://a.example"), None);
         assert!(!c.is_empty());
         c.remove("example.com", "abc");
         assert_eq!(c.http_answer("/.well-known/acme-challenge/abc"), Some(None));

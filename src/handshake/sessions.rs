@@ -6,9 +6,11 @@
 //! long as the ticket hint says a ticket does (nginx's
 //! `ssl_session_timeout` and HAProxy's `tune.ssl.lifetime` bound both
 //! kinds by one setting too). A resumption does not extend it: rustls
-//! stores a session only after a full handshake.
+//! stores a session only after a full handshake. Expired sessions leave
+//! memory when asked for or when the next session is stored.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::server::{ServerSessionMemoryCache, StoresServerSessions};
@@ -21,6 +23,13 @@ type Clock = Box<dyn Fn() -> Instant + Send + Sync>;
 /// it was stored (8 bytes, big-endian).
 pub struct SessionIds {
     cache: Arc<ServerSessionMemoryCache>,
+    /// The keys in the order they were stored, with their stamps: each
+    /// `put` takes the expired ones at the front out of `cache`, so an
+    /// expired master secret that nobody asks for again does not stay in
+    /// memory until eviction. At most `size` (rustls' cache evicts the
+    /// oldest beyond that, in the same order).
+    order: Mutex<VecDeque<(u64, Vec<u8>)>>,
+    size: usize,
     lifetime: Duration,
     born: Instant,
     clock: Clock,
@@ -45,6 +54,8 @@ impl SessionIds {
     fn with_clock(size: usize, lifetime: Duration, clock: Clock) -> SessionIds {
         SessionIds {
             cache: ServerSessionMemoryCache::new(size),
+            order: Mutex::new(VecDeque::new()),
+            size: size.max(1),
             lifetime,
             born: clock(),
             clock,
@@ -56,12 +67,15 @@ impl SessionIds {
         u64::try_from(age.as_millis()).unwrap_or(u64::MAX)
     }
 
+    fn expired(&self, now: u64, at: u64) -> bool {
+        u128::from(now.saturating_sub(at)) >= self.lifetime.as_millis()
+    }
+
     /// The value stored under `key` if it is still within its lifetime. An
-    /// expired entry is taken out, so its secret does not wait for eviction.
+    /// expired entry asked for is taken out at once.
     fn fresh(&self, key: &[u8], stored: Vec<u8>) -> Option<Vec<u8>> {
         let (at, value) = stored.split_first_chunk::<8>()?;
-        let age = self.millis().saturating_sub(u64::from_be_bytes(*at));
-        if u128::from(age) >= self.lifetime.as_millis() {
+        if self.expired(self.millis(), u64::from_be_bytes(*at)) {
             self.cache.take(key);
             return None;
         }
@@ -71,9 +85,24 @@ impl SessionIds {
 
 impl StoresServerSessions for SessionIds {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let now = self.millis();
         let mut stamped = Vec::with_capacity(8 + value.len());
-        stamped.extend_from_slice(&self.millis().to_be_bytes());
+        stamped.extend_from_slice(&now.to_be_bytes());
         stamped.extend_from_slice(&value);
+        // Once per TLS 1.2 full handshake, beside its key exchange.
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((at, _)) = order.front() {
+            let expired = self.expired(now, *at);
+            if !expired && order.len() < self.size {
+                break;
+            }
+            if let Some((_, old)) = order.pop_front() {
+                if expired {
+                    self.cache.take(&old);
+                }
+            }
+        }
+        order.push_back((now, key.clone()));
         self.cache.put(key, stamped)
     }
 
@@ -134,6 +163,21 @@ mod tests {
     }
 
     #[test]
+    fn storing_takes_out_the_expired_sessions_nobody_asked_for() {
+        let (ids, now) = store(4, Duration::from_secs(10));
+        ids.put(b"a".to_vec(), b"secret a".to_vec());
+        now.store(4_000, Ordering::Relaxed);
+        ids.put(b"b".to_vec(), b"secret b".to_vec());
+        now.store(10_500, Ordering::Relaxed);
+        ids.put(b"c".to_vec(), b"secret c".to_vec());
+        // `a` is gone from rustls' cache itself, not only refused.
+        assert_eq!(ids.cache.get(b"a"), None);
+        assert!(ids.cache.get(b"b").is_some());
+        assert_eq!(ids.get(b"b").as_deref(), Some(&b"secret b"[..]));
+        assert_eq!(ids.order.lock().unwrap().len(), 2);
+    }
+
+    #[test]
     fn the_oldest_sessions_are_evicted_at_the_size() {
         let (ids, _) = store(2, Duration::from_secs(60));
         for key in [b"a", b"b", b"c"] {
@@ -141,6 +185,8 @@ mod tests {
         }
         assert_eq!(ids.get(b"a"), None);
         assert_eq!(ids.get(b"c").as_deref(), Some(&b"c"[..]));
+        // The order of keys stays within the size too.
+        assert_eq!(ids.order.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //!
 //! Rules that keep the record stream correct:
 //! - Only the writer writes application records. The reader queues what the
-//!   peer's messages require us to send (a KeyUpdate reply) and the writer
-//!   sends it before its next record, as RFC 8446 §4.6.3 allows.
+//!   peer's messages require us to send (an alert; under kTLS our KeyUpdate
+//!   reply) and the writer sends it before its next record, as RFC 8446
+//!   §4.6.3 allows. On rustls' records rustls holds a KeyUpdate reply itself
+//!   and writes it before the next record it seals (`User::reply_owed`).
 //! - Under kTLS the reader may send one alert record itself before failing;
 //!   the kernel seals each `sendmsg` as whole records, so it cannot split one
 //!   of the writer's records.

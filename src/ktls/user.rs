@@ -111,8 +111,9 @@ pub(super) fn decrypt_available(
     let records = complete_records(&u.inbuf);
     let opened = match &mut u.conn {
         UserConn::Server(c) => decrypt(c, &mut u.inbuf, &mut u.tls_out, &mut u.failed, plain, eof),
-        // A backend's post-handshake messages are tickets (RFC 8446
-        // §4.6.1), which ask for no reply.
+        // Not counted: only a client's connection is deferred (a backend's
+        // keys go to the kernel at its handshake or never), and a
+        // backend's tickets (RFC 8446 §4.6.1) would read as owing a reply.
         UserConn::Client(c) => {
             decrypt(c, &mut u.inbuf, &mut u.tls_out, &mut u.failed, plain, eof)?;
             return Ok(());
@@ -238,7 +239,8 @@ enum WriteOp<'a> {
 }
 
 /// Drives rustls until it offers `WriteTraffic`, encoding anything it
-/// queued first (e.g. a KeyUpdate reply), then does `op` on it.
+/// queued first, then does `op` on it (rustls writes a KeyUpdate reply it
+/// holds inside `encrypt`, before the record).
 fn with_write_traffic(u: &mut User, op: WriteOp<'_>) -> Result<(), StreamError> {
     if u.failed {
         return Err(StreamError::Unexpected("the connection failed"));

@@ -780,11 +780,12 @@ fn dispatch(
         }
         Slot::Redirect(r) => {
             let https_port = gen.config().redirects.get(r).and_then(|r| r.https_port);
-            monoio::spawn(crate::proxy::http::redirect::serve(
-                socket,
-                https_port,
-                gen.gen.challenges.clone(),
-            ));
+            let work =
+                crate::proxy::http::redirect::serve(socket, https_port, gen.gen.challenges.clone());
+            let shard = shard.clone();
+            monoio::spawn(
+                async move { driver::contained(&shard.metrics, shard.id, peer, work).await },
+            );
         }
     }
 }

@@ -265,7 +265,8 @@ impl RequestHead {
         self.fields.text(&self.method)
     }
 
-    /// Request target as sent.
+    /// Request target in origin form (an absolute-form target's origin
+    /// part), or `*` for OPTIONS: [`origin_form`].
     pub fn target(&self) -> &str {
         self.fields.text(&self.target)
     }
