@@ -364,21 +364,32 @@ fn a_deferred_connection_hands_over_only_at_a_record_boundary() {
     assert_eq!(tls_stat_since(&before, "TlsRxSw"), 1);
 }
 
-/// A client's KeyUpdate asking for ours, read while a deferred connection's
-/// records are rustls': rustls switched its sending key and holds the reply
-/// until it seals the next record. The keys go to the kernel only after
-/// that record: a hand-over before it gave the kernel the new key with the
-/// reply never sent, and the client could read none of the bulk.
-#[test]
-fn a_deferred_connection_sends_its_keyupdate_reply_before_the_hand_over() {
-    if !ktls_here() {
-        return;
-    }
-    let pki = Pki::new("deferred-keyupdate");
-    let (addr, server) = serve_one(&pki, move |sock, est| async move {
+/// A server for one connection whose client sent a KeyUpdate asking for
+/// ours, then "ping": rustls switched its sending key and holds the reply
+/// until it seals a record. With `mode` and `defer`, the keys must stay
+/// with rustls until "pong" carried the reply out, then go to the kernel
+/// for a bulk transfer of 300,000 bytes of `pattern(_, seed)`, once the
+/// client says go (after its `tls_stat` snapshot). `with_finished`: the
+/// KeyUpdate came in the Finished's flight.
+fn keyupdate_then_bulk_server(
+    pki: &Pki,
+    mode: ktern::config::KtlsMode,
+    defer: Option<u64>,
+    with_finished: bool,
+    seed: u64,
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (addr, server) = serve_one(pki, move |sock, est| async move {
+        assert_eq!(
+            est.reply_owed, with_finished,
+            "a reply owed at the handshake"
+        );
         let support = ktern::ktls::probe();
-        let mode = (ktern::config::KtlsMode::Auto, &support);
-        let conn = ktern::ktls::establish(sock, est, mode, Some(1000)).unwrap();
+        let conn = ktern::ktls::establish(sock, est, (mode, &support), defer).unwrap();
         assert_eq!(conn.path(), ktern::ktls::Path::Userspace);
         let (mut rd, mut wr) = conn.split();
         let mut got = Vec::new();
@@ -392,27 +403,91 @@ fn a_deferred_connection_sends_its_keyupdate_reply_before_the_hand_over() {
         );
         let (res, _) = wr.write_all(b"pong".to_vec()).await;
         res.unwrap();
+        go_rx.recv().unwrap();
         assert!(wr.bulk_ahead(1 << 20).unwrap(), "after the reply went out");
         assert_eq!(wr.path(), ktern::ktls::Path::Kernel);
-        let (res, _) = wr.write_all(pattern(300_000, 7)).await;
+        let (res, _) = wr.write_all(pattern(300_000, seed)).await;
         res.unwrap();
         wr.close().await.unwrap();
     });
+    (addr, server, go_tx)
+}
+
+/// The client's side of [`keyupdate_then_bulk_server`] after its "ping":
+/// "pong", then the bulk, which must be the kernel's records.
+fn pong_then_bulk(
+    mut c: Client,
+    server: std::thread::JoinHandle<()>,
+    go: std::sync::mpsc::Sender<()>,
+    seed: u64,
+) {
+    let mut pong = [0u8; 4];
+    c.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong");
+    // After the server's probe of the kernel's ciphers (its own sessions),
+    // before the hand-over.
+    let before = tls_stat();
+    go.send(()).unwrap();
+    let mut bulk = vec![0u8; 300_000];
+    c.read_exact(&mut bulk).unwrap();
+    assert!(bulk == pattern(300_000, seed), "bulk bytes differ");
+    assert!(read_to_close_notify(&mut c).is_empty());
+    server.join().unwrap();
+    assert_eq!(tls_stat_since(&before, "TlsTxSw"), 1);
+}
+
+/// The same KeyUpdate in the client's last flight, after its Finished:
+/// rustls read it in the handshake. A connection that would have gone to
+/// the kernel at once (`required`, no deferral) stays on rustls until its
+/// first record carries the reply out, then hands over at its first bulk
+/// transfer.
+#[test]
+fn a_keyupdate_with_the_finished_keeps_the_keys_until_the_reply_went_out() {
+    if !ktls_here() {
+        return;
+    }
+    let pki = Pki::new("finished-keyupdate");
+    let required = ktern::config::KtlsMode::Required;
+    let (addr, server, go) = keyupdate_then_bulk_server(&pki, required, None, true, 8);
+    let mut conn =
+        rustls::ClientConnection::new(client_config(&[&pki.der]), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            conn.write_tls(&mut sock).unwrap();
+        }
+        conn.read_tls(&mut sock).unwrap();
+        conn.process_new_packets().unwrap();
+    }
+    // Finished, KeyUpdate (update_requested) and a record, in one write.
+    conn.refresh_traffic_keys().unwrap();
+    conn.writer().write_all(b"ping").unwrap();
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    sock.write_all(&flight).unwrap();
+    pong_then_bulk(rustls::StreamOwned::new(conn, sock), server, go, 8);
+}
+
+/// A client's KeyUpdate asking for ours, read while a deferred connection's
+/// records are rustls': the keys go to the kernel only after the next
+/// record carried the reply out. A hand-over before it gave the kernel the
+/// new key with the reply never sent, and the client could read none of
+/// the bulk (`DecryptError`).
+#[test]
+fn a_deferred_connection_sends_its_keyupdate_reply_before_the_hand_over() {
+    if !ktls_here() {
+        return;
+    }
+    let pki = Pki::new("deferred-keyupdate");
+    let auto = ktern::config::KtlsMode::Auto;
+    let (addr, server, go) = keyupdate_then_bulk_server(&pki, auto, Some(1000), false, 7);
     let mut c = connect(addr, &pki, ClientOpts::default());
     // KeyUpdate with update_requested (RFC 8446 §4.6.3), then a record.
     c.conn.refresh_traffic_keys().unwrap();
     c.write_all(b"ping").unwrap();
     c.flush().unwrap();
-    let mut pong = [0u8; 4];
-    c.read_exact(&mut pong).unwrap();
-    assert_eq!(&pong, b"pong");
-    // After the server's probe of the kernel's ciphers (its own sessions).
-    let before = tls_stat();
-    let mut bulk = vec![0u8; 300_000];
-    c.read_exact(&mut bulk).unwrap();
-    assert!(bulk == pattern(300_000, 7), "bulk bytes differ");
-    assert!(read_to_close_notify(&mut c).is_empty());
-    server.join().unwrap();
-    // The bulk was the kernel's records.
-    assert_eq!(tls_stat_since(&before, "TlsTxSw"), 1);
+    pong_then_bulk(c, server, go, 7);
 }

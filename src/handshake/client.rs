@@ -74,12 +74,16 @@ impl ClientHandshake {
     /// Advances as far as the buffered input allows. On error, the output
     /// may hold rustls' alert for the backend (best effort).
     pub fn poll(&mut self) -> Result<Step, BackendTlsError> {
+        // A backend's records after the handshake are its tickets: no
+        // reply is owed (and its keys go to the kernel at once or never).
+        let mut owed = false;
         let result = advance(
             &mut self.conn,
             &mut self.input,
             &mut self.output,
             &mut self.early_plaintext,
             &mut self.peer_closed,
+            &mut owed,
             self.eof,
         );
         match result {

@@ -381,6 +381,11 @@ pub struct Established {
     pub unsent: Vec<u8>,
     /// The client already sent close_notify.
     pub peer_closed: bool,
+    /// A record the client sent after its Finished was not application
+    /// data: a KeyUpdate (RFC 8446 §4.6.3), whose reply rustls holds,
+    /// sealed under its old key, until it seals the next record. The keys
+    /// may go to the kernel only after that record (`User::reply_owed`).
+    pub reply_owed: bool,
     /// The server name the client asked for (SNI), lower case.
     pub sni: Option<Box<str>>,
     /// A CA's TLS-ALPN-01 validation (the hello was switched to the
@@ -451,6 +456,9 @@ pub struct Handshake {
     output: Vec<u8>,
     early_plaintext: Vec<u8>,
     peer_closed: bool,
+    /// A client record after the handshake was not application data (a
+    /// KeyUpdate): see [`Established::reply_owed`].
+    reply_owed: bool,
     eof: bool,
     /// The connection's first bytes, kept only until the ClientHello peek
     /// has an answer (and only when the hello spans reads).
@@ -508,6 +516,7 @@ impl Handshake {
             output: Vec::new(),
             early_plaintext: Vec::new(),
             peer_closed: false,
+            reply_owed: false,
             eof: false,
             hello_prefix: Vec::new(),
             hello_peek: hello::HelloPeek::default(),
@@ -642,6 +651,7 @@ impl Handshake {
             &mut self.output,
             &mut self.early_plaintext,
             &mut self.peer_closed,
+            &mut self.reply_owed,
             self.eof,
         );
         match result {
@@ -678,6 +688,7 @@ impl Handshake {
             early_plaintext: self.early_plaintext,
             unsent: self.output,
             peer_closed: self.peer_closed,
+            reply_owed: self.reply_owed,
             sni: self.sni,
             acme_validation: self.acme_validation,
         }
@@ -746,16 +757,27 @@ pub(crate) enum Stalled {
 
 /// Runs rustls' handshake state machine, on either end, as far as `input`
 /// allows: the core of both drivers' `poll`. Queues what must be sent in
-/// `output`, application data that came with the last flight in `early`.
+/// `output`, application data that came with the last flight in `early`;
+/// sets `owed` when a record read after the handshake ended was not
+/// application data ([`Established::reply_owed`]).
 pub(crate) fn advance<C: Unbuffered>(
     conn: &mut C,
     input: &mut Vec<u8>,
     output: &mut Vec<u8>,
     early: &mut Vec<u8>,
     peer_closed: &mut bool,
+    owed: &mut bool,
     eof: bool,
 ) -> Result<Step, Stalled> {
     loop {
+        // Records read by a call that starts after the handshake ended
+        // are the client's traffic. rustls hands back the tickets it
+        // seals at the client's Finished before it reads on, so a
+        // KeyUpdate in the same flight is read by a later call (without
+        // tickets it may be read by the Finished's own, and is missed).
+        let traffic = !conn.is_handshaking();
+        let records = if traffic { complete_records(input) } else { 0 };
+        let mut opened = 0;
         let UnbufferedStatus { discard, state } = conn.process(input);
         let mut flush = false;
         let mut blocked = false;
@@ -776,7 +798,10 @@ pub(crate) fn advance<C: Unbuffered>(
                 let mut res = Ok(());
                 while let Some(rec) = r.next_record() {
                     match rec {
-                        Ok(rec) => early.extend_from_slice(rec.payload),
+                        Ok(rec) => {
+                            early.extend_from_slice(rec.payload);
+                            opened += 1;
+                        }
                         Err(e) => {
                             res = Err(Stalled::Tls(e));
                             break;
@@ -818,6 +843,9 @@ pub(crate) fn advance<C: Unbuffered>(
         };
         if discard > 0 {
             input.drain(..discard);
+        }
+        if traffic && opened < records.saturating_sub(complete_records(input)) {
+            *owed = true;
         }
         result?;
         // What rustls sealed after the handshake (TLS 1.3 tickets) waits
@@ -1003,6 +1031,20 @@ pub fn partial_record_remaining(buf: &[u8]) -> usize {
             total.saturating_sub(n)
         }
     }
+}
+
+/// How many complete TLS records `buf` starts with.
+pub(crate) fn complete_records(mut buf: &[u8]) -> usize {
+    let mut n = 0;
+    while let [_, _, _, hi, lo, ..] = *buf {
+        let len = 5 + usize::from(u16::from_be_bytes([hi, lo]));
+        match buf.get(len..) {
+            Some(rest) => buf = rest,
+            None => break,
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Session data type the rest of the crate names.

@@ -110,6 +110,37 @@ fn completes_tls12_and_hands_over_keys() {
     complete(true);
 }
 
+/// A TLS 1.3 client whose secrets can be extracted, to seal records of
+/// its own (`memory::sealed_record`).
+fn extracting_client(root: CertificateDer<'static>) -> ClientConnection {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.enable_secret_extraction = true;
+    ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap()
+}
+
+/// A TLS 1.3 handshake given the client's Finished and, in the same read,
+/// the first record under its traffic key: `payload` as content `typ`,
+/// sealed as rustls would (to send what its API never writes).
+fn after_the_finished(typ: rustls::ContentType, payload: &[u8]) -> Handshake {
+    let (l, root) = listener(false, true);
+    let mut hs = start(&l);
+    let mut c = extracting_client(root);
+    until_the_clients_finished(&mut hs, &mut c);
+    let mut flight = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut flight).unwrap();
+    }
+    flight.extend(super::memory::sealed_record(c, typ, payload));
+    hs.handle_input(&flight).unwrap();
+    hs
+}
+
 /// Runs the handshake until the server waits for the client's Finished,
 /// which the client holds, not yet written.
 fn until_the_clients_finished(hs: &mut Handshake, c: &mut ClientConnection) {
@@ -234,6 +265,26 @@ fn partial_record_arithmetic() {
     assert_eq!(partial_record_remaining(&[23, 3]), 3);
     assert_eq!(partial_record_remaining(&[23, 3, 3, 0, 10, 1, 2]), 8);
     assert_eq!(partial_record_remaining(&[23, 3, 3, 0, 1, 9]), 0);
+}
+
+#[test]
+fn complete_records_counts_whole_records_only() {
+    let record = |len: u16| {
+        let mut r = vec![23, 3, 3];
+        r.extend_from_slice(&len.to_be_bytes());
+        r.resize(5 + usize::from(len), 0);
+        r
+    };
+    assert_eq!(complete_records(&[]), 0);
+    assert_eq!(complete_records(&record(0)), 1);
+    let two = [record(30), record(17)].concat();
+    assert_eq!(complete_records(&two), 2);
+    assert_eq!(
+        complete_records(&two[..two.len() - 1]),
+        1,
+        "the second cut short"
+    );
+    assert_eq!(complete_records(&two[..3]), 0, "half a header");
 }
 
 #[test]
@@ -561,28 +612,8 @@ fn the_servers_suite_order_decides_except_for_clients_that_put_chacha20_first() 
 /// thread, by any client. The handshake fails instead.
 #[test]
 fn a_post_handshake_message_cut_across_records_fails_the_handshake() {
-    let (l, root) = listener(false, true);
-    let mut hs = start(&l);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.enable_secret_extraction = true;
-    let mut c =
-        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
-    until_the_clients_finished(&mut hs, &mut c);
-    let mut flight = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut flight).unwrap();
-    }
-    // The first record under the client's traffic key: a KeyUpdate's first
-    // three bytes (of its four-byte header).
-    let sealed = super::memory::sealed_record(c, rustls::ContentType::Handshake, &[24, 0, 0]);
-    flight.extend_from_slice(&sealed);
-    hs.handle_input(&flight).unwrap();
+    // A KeyUpdate's first three bytes (of its four-byte header).
+    let mut hs = after_the_finished(rustls::ContentType::Handshake, &[24, 0, 0]);
     let mut step = hs.poll();
     while matches!(step, Ok(Step::Transmit)) {
         let out = hs.take_output();
@@ -593,4 +624,32 @@ fn a_post_handshake_message_cut_across_records_fails_the_handshake() {
         matches!(step, Err(HandshakeError::Tls(_))),
         "got {step:?}: the handshake must fail, not finish with a record rustls still holds"
     );
+}
+
+/// A KeyUpdate asking for ours in the client's last flight, after its
+/// Finished: rustls switches its sending key and holds the reply until it
+/// seals a record, so the connection must say a reply is owed (the keys
+/// may not go to the kernel before that record). Application data alone
+/// owes nothing.
+#[test]
+fn a_keyupdate_with_the_finished_leaves_a_reply_owed() {
+    for key_update in [true, false] {
+        // KeyUpdate, update_requested (RFC 8446 §4.6.3), or application data.
+        let (typ, payload): (_, &[u8]) = match key_update {
+            true => (rustls::ContentType::Handshake, &[24, 0, 0, 1, 1]),
+            false => (rustls::ContentType::ApplicationData, b"ping"),
+        };
+        let mut hs = after_the_finished(typ, payload);
+        let mut step = hs.poll().unwrap();
+        while step == Step::Transmit {
+            let out = hs.take_output();
+            hs.output_sent(out);
+            step = hs.poll().unwrap();
+        }
+        assert_eq!(step, Step::Done);
+        let est = hs.finish();
+        assert_eq!(est.reply_owed, key_update, "key_update={key_update}");
+        let want: &[u8] = if key_update { b"" } else { b"ping" };
+        assert_eq!(est.early_plaintext, want);
+    }
 }

@@ -252,6 +252,12 @@ pub fn establish(
     if let Some(after) = defer {
         return stream::TlsConn::deferred(socket, established, after, support.rekey);
     }
+    // A KeyUpdate came with the client's Finished: rustls holds the reply
+    // until it seals a record, so the keys move at the first bulk transfer
+    // after that record, as a deferred connection's do, not now.
+    if established.reply_owed {
+        return stream::TlsConn::deferred(socket, established, 0, support.rekey);
+    }
     if attach_ulp(sys::borrow_fd(&socket))? {
         stream::TlsConn::kernel(socket, established, support.rekey)
     } else {

@@ -126,6 +126,7 @@ impl TlsConn {
             early_plaintext,
             unsent,
             peer_closed,
+            reply_owed: _,
             sni: _,
             acme_validation: _,
         } = est;
@@ -158,6 +159,7 @@ impl TlsConn {
         let mut user = User::new(UserConn::Server(est.conn));
         user.hold(est.unsent);
         user.defer = Some(Deferral { after, rekey });
+        user.reply_owed = est.reply_owed;
         let engine = Engine::User(Box::new(user));
         TlsConn::assemble(socket, engine, est.early_plaintext, est.peer_closed)
     }

@@ -8,7 +8,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 
 use super::stream::StreamError;
-use crate::handshake::{self, Unbuffered};
+use crate::handshake::{self, complete_records, Unbuffered};
 
 /// rustls' connection on the userspace path, for either end.
 pub(super) enum UserConn {
@@ -127,20 +127,6 @@ pub(super) fn decrypt_available(
         u.reply_owed = true;
     }
     Ok(())
-}
-
-/// How many complete TLS records `buf` starts with.
-fn complete_records(mut buf: &[u8]) -> usize {
-    let mut n = 0;
-    while let [_, _, _, hi, lo, ..] = *buf {
-        let len = 5 + usize::from(u16::from_be_bytes([hi, lo]));
-        match buf.get(len..) {
-            Some(rest) => buf = rest,
-            None => break,
-        }
-        n += 1;
-    }
-    n
 }
 
 /// Returns how many application records were opened.
@@ -323,29 +309,4 @@ pub(super) fn seal_userspace(u: &mut User, plain: &[u8]) -> Result<(), StreamErr
 
 pub(super) fn queue_close_notify(u: &mut User) -> Result<(), StreamError> {
     with_write_traffic(u, WriteOp::CloseNotify)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::complete_records;
-
-    #[test]
-    fn complete_records_counts_whole_records_only() {
-        let record = |len: u16| {
-            let mut r = vec![23, 3, 3];
-            r.extend_from_slice(&len.to_be_bytes());
-            r.resize(5 + usize::from(len), 0);
-            r
-        };
-        assert_eq!(complete_records(&[]), 0);
-        assert_eq!(complete_records(&record(0)), 1);
-        let two = [record(30), record(17)].concat();
-        assert_eq!(complete_records(&two), 2);
-        assert_eq!(
-            complete_records(&two[..two.len() - 1]),
-            1,
-            "the second cut short"
-        );
-        assert_eq!(complete_records(&two[..3]), 0, "half a header");
-    }
 }
