@@ -436,23 +436,15 @@ fn pong_then_bulk(
     assert_eq!(tls_stat_since(&before, "TlsTxSw"), 1);
 }
 
-/// The same KeyUpdate in the client's last flight, after its Finished:
-/// rustls read it in the handshake. A connection that would have gone to
-/// the kernel at once (`required`, no deferral) stays on rustls until its
-/// first record carries the reply out, then hands over at its first bulk
-/// transfer.
-#[test]
-fn a_keyupdate_with_the_finished_keeps_the_keys_until_the_reply_went_out() {
-    if !ktls_here() {
-        return;
-    }
-    let pki = Pki::new("finished-keyupdate");
-    let required = ktern::config::KtlsMode::Required;
-    let (addr, server, go) = keyupdate_then_bulk_server(&pki, required, None, true, 8);
+/// A client that sends its Finished, a KeyUpdate asking for ours and
+/// "ping" in one write.
+fn finished_with_keyupdate(addr: std::net::SocketAddr, pki: &Pki) -> Client {
     let mut conn =
         rustls::ClientConnection::new(client_config(&[&pki.der]), "localhost".try_into().unwrap())
             .unwrap();
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
     while conn.is_handshaking() {
         while conn.wants_write() {
             conn.write_tls(&mut sock).unwrap();
@@ -460,7 +452,6 @@ fn a_keyupdate_with_the_finished_keeps_the_keys_until_the_reply_went_out() {
         conn.read_tls(&mut sock).unwrap();
         conn.process_new_packets().unwrap();
     }
-    // Finished, KeyUpdate (update_requested) and a record, in one write.
     conn.refresh_traffic_keys().unwrap();
     conn.writer().write_all(b"ping").unwrap();
     let mut flight = Vec::new();
@@ -468,7 +459,42 @@ fn a_keyupdate_with_the_finished_keeps_the_keys_until_the_reply_went_out() {
         conn.write_tls(&mut flight).unwrap();
     }
     sock.write_all(&flight).unwrap();
-    pong_then_bulk(rustls::StreamOwned::new(conn, sock), server, go, 8);
+    rustls::StreamOwned::new(conn, sock)
+}
+
+/// The same KeyUpdate in the client's last flight, after its Finished:
+/// rustls read it in the handshake. A deferred connection hands over only
+/// after its first record carried the reply out. One whose keys go to the
+/// kernel at the handshake (`required`, no deferral) is closed: deferred,
+/// it would wait for a bulk transfer some routes never announce.
+#[test]
+fn a_keyupdate_with_the_finished_defers_the_hand_over_or_closes_at_once() {
+    if !ktls_here() {
+        return;
+    }
+    let pki = Pki::new("finished-keyupdate");
+    let auto = ktern::config::KtlsMode::Auto;
+    let (addr, server, go) = keyupdate_then_bulk_server(&pki, auto, Some(1000), true, 8);
+    pong_then_bulk(finished_with_keyupdate(addr, &pki), server, go, 8);
+    let (addr, server) = serve_one(&pki, move |sock, est| async move {
+        assert!(est.reply_owed, "the KeyUpdate came with the Finished");
+        let support = ktern::ktls::probe();
+        let required = (ktern::config::KtlsMode::Required, &support);
+        let res = ktern::ktls::establish(sock, est, required, None);
+        assert!(
+            matches!(res, Err(ktern::ktls::OffloadError::ReplyOwed)),
+            "{:?}",
+            res.err()
+        );
+    });
+    let mut c = finished_with_keyupdate(addr, &pki);
+    let mut buf = [0u8; 16];
+    let read = c.read(&mut buf);
+    assert!(
+        !matches!(read, Ok(n) if n > 0),
+        "closed, not served: {read:?}"
+    );
+    server.join().unwrap();
 }
 
 /// A client's KeyUpdate asking for ours, read while a deferred connection's

@@ -198,6 +198,12 @@ pub enum OffloadError {
     /// take the keys (internal: the driver sends them first).
     #[error("handshake records still unsent")]
     Unsent,
+    /// The client sent a KeyUpdate with its Finished, on a connection
+    /// whose keys go to the kernel at the handshake: rustls holds the reply
+    /// until it seals a record, and the kernel could not send it (the
+    /// client's doing, not ktern's: [`Established::reply_owed`]).
+    #[error("a KeyUpdate came with the client's Finished; its reply cannot reach the kernel")]
+    ReplyOwed,
 }
 
 /// Where a connection's records are sealed and opened.
@@ -253,10 +259,13 @@ pub fn establish(
         return stream::TlsConn::deferred(socket, established, after, support.rekey);
     }
     // A KeyUpdate came with the client's Finished: rustls holds the reply
-    // until it seals a record, so the keys move at the first bulk transfer
-    // after that record, as a deferred connection's do, not now.
+    // until it seals a record. Deferred here, these keys would wait for a
+    // bulk transfer some routes never announce (a `tcp` route with `tls`
+    // picks its path once), and stay with rustls for good under
+    // `required`: the connection is closed instead. No client does this
+    // but one testing servers.
     if established.reply_owed {
-        return stream::TlsConn::deferred(socket, established, 0, support.rekey);
+        return Err(OffloadError::ReplyOwed);
     }
     if attach_ulp(sys::borrow_fd(&socket))? {
         stream::TlsConn::kernel(socket, established, support.rekey)
