@@ -357,6 +357,25 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
     );
     let other = ticket_host(&pki, backend, &secret(&pki, "two.key", 2));
     let lone = ticket_host(&pki, backend, "");
+    // The fleet's secret and the same listener name, but asking for client
+    // certificates: a session from a host that asked none must not resume
+    // there (a resumed session is not asked for a certificate).
+    let (_, ca_pem) = client_ca("ticket test client CA");
+    std::fs::write(pki.dir.join("clients.pem"), &ca_pem).unwrap();
+    let mtls = Ktern::start(
+        &pki,
+        "",
+        &format!(
+            "[tickets]\n{one}\n{}",
+            tcp_listener(
+                backend,
+                &format!(
+                    "client_auth = {{ ca = \"{}\", mode = \"optional\" }}",
+                    pki.dir.join("clients.pem").display()
+                )
+            )
+        ),
+    );
     // The fleet's secret, but another listener: its tickets are its own.
     let renamed = Ktern::start(
         &pki,
@@ -380,6 +399,7 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
             (&other, "other secret"),
             (&lone, "no secret"),
             (&renamed, "other listener"),
+            (&mtls, "client certificates asked"),
         ] {
             let cfg = resuming_client(&pki, tls12);
             assert!(!resumed(a.addr(), &cfg), "tls12={tls12}");
@@ -387,7 +407,7 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
             assert!(resumed(k.addr(), &cfg), "tls12={tls12}: {what}: own ticket");
         }
     }
-    for k in [&a, &b, &other, &lone, &renamed] {
+    for k in [&a, &b, &other, &lone, &renamed, &mtls] {
         assert_offloaded_in_vm(k);
     }
 }

@@ -312,6 +312,19 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// What binds this listener's session tickets: its name (a ticket
+    /// issued on one listener never resumes on another), and its client
+    /// authentication's fingerprint, since rustls checks neither on
+    /// resumption (a resumed session skips the certificate request).
+    pub fn ticket_context(&self) -> Vec<u8> {
+        let mut context = self.name.as_bytes().to_vec();
+        if let Some(auth) = &self.client_auth {
+            context.extend_from_slice(b"\0client_auth\0");
+            context.extend_from_slice(&auth.fingerprint);
+        }
+        context
+    }
+
     /// A listener with one certificate and a `tcp` route to nowhere: what
     /// the handshake needs from a config, for tools, fuzzing, benchmarks
     /// and tests that build a server without a config file.
@@ -905,6 +918,36 @@ pub struct ClientAuth {
     /// rustls' verifier for the bundle and CRLs, built at load (so a
     /// bundle rustls refuses is a config error).
     pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// SHA-256 over the mode, the depth, the CAs and the CRLs: it binds the
+    /// listener's session tickets ([`Listener::ticket_context`]), so a
+    /// change to any of them (a revoked client, `required` added by a
+    /// reload) is not bypassed by resuming a session from before it.
+    pub fingerprint: [u8; 32],
+}
+
+/// [`ClientAuth::fingerprint`]: each DER length-prefixed, so no two
+/// different lists hash alike.
+fn client_auth_fingerprint(
+    required: bool,
+    verify_depth: u8,
+    roots: &[CertificateDer<'static>],
+    crls: &[rustls_pki_types::CertificateRevocationListDer<'static>],
+) -> [u8; 32] {
+    use crate::provider::prims::digest;
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(&[u8::from(required), verify_depth]);
+    let ders = roots.iter().map(|c| c.as_ref());
+    for (tag, der) in ders
+        .map(|d| (b'c', d))
+        .chain(crls.iter().map(|c| (b'r', c.as_ref())))
+    {
+        ctx.update(&[tag]);
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// rustls' verifier for `roots` and `crls`.
@@ -1029,6 +1072,20 @@ impl Validator<'_> {
                     format!("{} is already used by another listener", a.address),
                 );
             }
+            // The name binds a listener's session tickets (a ticket issued
+            // on one never resumes on another, handshake::tickets), its
+            // metrics and its log lines: two listeners of one name would
+            // let a ticket from one resume on the other, skipping the
+            // other's required client certificate.
+            if listeners[..i].iter().any(|b| b.name == a.name) {
+                self.problem(
+                    format!("listener[{i}].name"),
+                    format!(
+                        "{:?} is already the name of another listener (unnamed listeners are \"listener<index>\")",
+                        a.name
+                    ),
+                );
+            }
         }
         let admin = raw
             .admin
@@ -1038,13 +1095,28 @@ impl Validator<'_> {
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let address = self.addr(&format!("redirect[{i}].address"), &r.address)?;
+                let at = format!("redirect[{i}].address");
+                let address = self.addr(&at, &r.address)?;
+                // Sockets of one address join one SO_REUSEPORT group: a
+                // redirect there would take a share of the TLS listener's
+                // connections (on a reload; at start the bind fails).
+                if listeners.iter().any(|l| l.address == address) {
+                    self.problem(&at, format!("{address} is already used by a listener"));
+                }
                 Some(Redirect {
                     address,
                     https_port: r.https_port,
                 })
             })
             .collect();
+        for (i, r) in redirects.iter().enumerate() {
+            if redirects[..i].iter().any(|b| b.address == r.address) {
+                self.problem(
+                    format!("redirect[{i}].address"),
+                    format!("{} is already used by another redirect", r.address),
+                );
+            }
+        }
         self.acme_orders(&listeners, &redirects);
         let access_log = raw.access_log.and_then(|a| self.access_log(a));
         let tickets = self.tickets(raw.tickets);
@@ -2000,11 +2072,13 @@ impl Validator<'_> {
         if raw.verify_depth == 0 {
             return None;
         }
+        let fingerprint = client_auth_fingerprint(required, raw.verify_depth, &roots, &crls);
         match client_verifier(roots, crls, required) {
             Ok(verifier) => Some(ClientAuth {
                 required,
                 verify_depth: raw.verify_depth,
                 verifier,
+                fingerprint,
             }),
             Err(e) => {
                 self.problem(
@@ -2555,6 +2629,16 @@ impl Validator<'_> {
 
     fn duration(&mut self, field: &str, text: &str) -> Option<Duration> {
         match parse_duration(text) {
+            // Deadlines are `Instant + duration`, which panics past the
+            // clock's range: a bound far above any sane setting keeps that
+            // out of reach.
+            Some(d) if d > MAX_DURATION => {
+                self.problem(
+                    field,
+                    format!("{text:?} is longer than the longest duration ktern takes (365 days)"),
+                );
+                None
+            }
             Some(d) => Some(d),
             None => {
                 self.problem(
@@ -2581,6 +2665,9 @@ pub fn parse_size(text: &str) -> Option<u64> {
     }
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
+
+/// The longest duration a setting takes: a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(text: &str) -> Option<Duration> {

@@ -182,6 +182,62 @@ fn durations() {
     assert_eq!(parse_duration("s"), None);
     assert_eq!(parse_duration("-1s"), None);
     assert_eq!(parse_duration("99999999999999999999h"), None);
+    // Parsed, but past what a deadline (`Instant + duration`) can hold:
+    // refused at load, naming the field, not a panic at the first request.
+    let idle = |d: &str| {
+        let text = GOOD.replace(
+            "kind = \"tcp\"",
+            &format!("kind = \"tcp\"\nidle_timeout = \"{d}\""),
+        );
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    let e = idle("10000000000000000000s").unwrap_err();
+    assert_eq!(e.problems[0].field, "listener[0].route.idle_timeout", "{e}");
+    assert!(e.problems[0].reason.contains("365 days"), "{e}");
+    assert!(idle("8760h").is_ok());
+}
+
+#[test]
+fn listener_names_and_redirect_addresses_are_unique() {
+    let two = |first: &str, second: &str| {
+        let text = format!(
+            "{}{}",
+            GOOD.replace("[[listener]]", &format!("[[listener]]\n{first}")),
+            GOOD.replace("[[listener]]", &format!("[[listener]]\n{second}"))
+                .replace("127.0.0.1:0", "127.0.0.1:1")
+        );
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    assert!(two("name = \"a\"", "name = \"b\"").is_ok());
+    // Named alike by hand, or like an unnamed one's default.
+    for (first, second) in [
+        ("name = \"a\"", "name = \"a\""),
+        ("", "name = \"listener0\""),
+    ] {
+        let e = two(first, second).unwrap_err();
+        let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["listener[1].name"], "{e}");
+    }
+    let redirect = |address: &str| {
+        let text = format!("{GOOD}\n[[redirect]]\naddress = \"{address}\"\n[[redirect]]\naddress = \"{address}\"\n");
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    let e = redirect("127.0.0.1:0").unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "redirect[0].address",
+            "redirect[1].address",
+            "redirect[1].address"
+        ],
+        "{e}"
+    );
+    assert!(
+        e.problems[0].reason.contains("already used by a listener"),
+        "{e}"
+    );
+    assert!(e.problems[2].reason.contains("another redirect"), "{e}");
 }
 
 const HTTP: &str = r#"

@@ -589,6 +589,11 @@ fn unchangeable(old: &Config, new: &Config) -> Result<(), ConfigError> {
         "runtime.uring_entries",
         old.runtime.uring_entries == new.runtime.uring_entries,
     );
+    // The rings' setup flags: fixed when each shard's ring was built.
+    check(
+        "runtime.uring_taskrun",
+        old.runtime.uring_taskrun == new.runtime.uring_taskrun,
+    );
     check("runtime.user", old.runtime.user == new.runtime.user);
     check("runtime.group", old.runtime.group == new.runtime.group);
     check("admin.address", old.admin == new.admin);
@@ -639,7 +644,7 @@ fn tls_configs(
                 .transpose()?;
             Ok((
                 crate::handshake::cert_store(l),
-                ListenerTickets::for_listener(&keys, &l.name),
+                ListenerTickets::for_listener(&keys, &l.ticket_context()),
                 acme,
                 crate::handshake::session_cache(shards, config.tickets.rotation),
             ))
@@ -935,5 +940,47 @@ impl upgrade::Offerer for UpgradeOffer {
             tracing::error!(error = %e, "cannot start the drain thread: exiting now");
             std::process::exit(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(runtime: &str) -> Config {
+        let (cert, key) = crate::builtin::self_signed(&["localhost"]).unwrap();
+        let text = format!(
+            "[runtime]\n{runtime}\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.certificate]]\ncert = \"inline:c\"\nkey = \"inline:k\"\n[listener.route]\nkind = \"tcp\"\nbackends = [\"127.0.0.1:9\"]\n"
+        );
+        Config::from_toml(
+            &text,
+            "t.toml",
+            std::path::Path::new("."),
+            &[("c".into(), cert), ("k".into(), key)],
+        )
+        .unwrap()
+    }
+
+    /// What shapes the shards' threads and rings is refused by a reload,
+    /// naming each field (README: "Reload").
+    #[test]
+    fn a_reload_refuses_what_only_a_restart_changes() {
+        let old = config("uring_taskrun = \"coop\"\nuring_entries = 1024");
+        assert!(unchangeable(
+            &old,
+            &config("uring_taskrun = \"coop\"\nuring_entries = 1024")
+        )
+        .is_ok());
+        let e = unchangeable(
+            &old,
+            &config("uring_taskrun = \"defer\"\nuring_entries = 2048"),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["runtime.uring_entries", "runtime.uring_taskrun"],
+            "{e}"
+        );
     }
 }

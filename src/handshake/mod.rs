@@ -39,7 +39,7 @@ pub fn ticketer() -> Arc<dyn rustls::server::ProducesTickets> {
         &Arc::new(tickets::TicketKeys::random(
             config::DEFAULT_TICKET_ROTATION.as_secs(),
         )),
-        "standalone",
+        b"standalone",
     )
 }
 

@@ -17,7 +17,10 @@
 //!
 //! Every key also binds the listener's name, so a ticket issued on one
 //! listener never resumes on another (rustls checks only the suite and
-//! the SNI on resumption; another listener may front other backends).
+//! the SNI on resumption; another listener may front other backends), and
+//! its client authentication settings (a resumed session is not asked for
+//! a certificate: a CA, CRL or mode changed by a reload must not be
+//! bypassed by a session from before it).
 //!
 //! Ticket: `epoch (8, big-endian) | salt (16) | AES-256-GCM(state) | tag (16)`.
 //! Each ticket has its own key, HKDF-SHA256-expanded (RFC 5869) with the
@@ -253,14 +256,15 @@ pub struct ListenerTickets {
 }
 
 impl ListenerTickets {
-    /// `keys` for the listener named `name`.
+    /// `keys` for the listener whose [`crate::config::Listener::ticket_context`]
+    /// is `context`.
     pub fn for_listener(
         keys: &Arc<TicketKeys>,
-        name: &str,
+        context: &[u8],
     ) -> Arc<dyn rustls::server::ProducesTickets> {
         Arc::new(ListenerTickets {
             keys: keys.clone(),
-            context: name.as_bytes().into(),
+            context: context.into(),
         })
     }
 }
@@ -410,10 +414,13 @@ mod tests {
             Err(TicketKeyError::ShortSecret(31))
         ));
         let keys = Arc::new(TicketKeys::fleet(SECRET, 43_200).unwrap());
-        assert_eq!(ListenerTickets::for_listener(&keys, "l").lifetime(), 43_200);
+        assert_eq!(
+            ListenerTickets::for_listener(&keys, b"l").lifetime(),
+            43_200
+        );
         let long = Arc::new(TicketKeys::random(30 * 86_400));
         assert_eq!(
-            ListenerTickets::for_listener(&long, "l").lifetime(),
+            ListenerTickets::for_listener(&long, b"l").lifetime(),
             MAX_LIFETIME
         );
     }
