@@ -728,6 +728,20 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
     // counted.
     // (The stream's RST_STREAM may or may not go out before the GOAWAY
     // that closes the connection.)
+    // A stream reset while its backend works ends then, with its backend
+    // connection: h2 frees a reset stream's slot at once, so work that
+    // went on until the backend answered let a client keep resetting and
+    // reopening streams with no bound on the requests in flight upstream.
+    let resets = k.metric("ktern_http2_stream_resets_total");
+    assert_eq!(
+        hostile(&k, "reset_while_waiting"),
+        r#"{"event": "response", "status": 200}"#
+    );
+    assert_eq!(
+        k.metric("ktern_http2_stream_resets_total"),
+        resets + 1,
+        "the reset stream still waits for its backend (5 s)"
+    );
     let got = hostile(&k, "never_reads");
     assert!(
         got == r#"[{"event": "goaway", "code": 11}]"#

@@ -165,6 +165,16 @@ def main():
             frames += [c.headers(s, req("/wait/50")), RstStreamFrame(s, error_code=8)]
         c.send(*frames)
         sid = None
+    elif case == "reset_while_waiting":
+        # A request whose backend takes 5 s, reset while ktern waits for
+        # the answer; then another request on the same connection. The
+        # reset stream's work ends at the reset, not when the backend
+        # answers (tests/h2.rs reads the counter right after).
+        c.send(c.headers(sid, req("/sleep/5000")))
+        time.sleep(0.3)
+        c.send(RstStreamFrame(sid, error_code=8))
+        sid = 3
+        c.send(c.headers(sid, req("/ok")))
     elif case == "continuation_flood":
         first = HeadersFrame(sid)
         first.data = c.enc.encode(req())

@@ -106,6 +106,12 @@ pub fn request_head(
             None => return Err(Refusal::Malformed("no :authority and no host")),
         },
     };
+    // RFC 9113 §8.3.1: no userinfo in an https authority (`evil@api.example`
+    // would route as api.example's and reach the backend as another
+    // host); HTTP/1.1's absolute form refuses it likewise (head.rs).
+    if authority.contains('@') {
+        return Err(Refusal::Malformed("userinfo in :authority"));
+    }
     let target = match parts.uri.path_and_query() {
         Some(p) => p.as_str(),
         // RFC 8441 §4: an extended CONNECT carries `:path`.
@@ -198,9 +204,21 @@ pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<
     let extra = extra
         .iter()
         .map(|&(n, v)| (n.as_bytes(), Bytes::copy_from_slice(v)));
-    for (name, value) in fields.chain(extra) {
+    let mut length_sent = false;
+    for (name, mut value) in fields.chain(extra) {
         if rewrite::is_hop_by_hop(name, &options) {
             continue;
+        }
+        // One content-length, of one value (RFC 9113 §8.1.1): the head's
+        // parser let through identical repeats (`5, 5`, or the field
+        // twice), which HTTP/2 clients refuse.
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if std::mem::replace(&mut length_sent, true) {
+                continue;
+            }
+            let first = value.split(|&b| b == b',').next().unwrap_or_default();
+            let one = value.slice_ref(first.trim_ascii());
+            value = one;
         }
         // A backend field that is not a valid HTTP/2 field (the parser
         // let through what HTTP/1.1 allows) is dropped rather than sent
@@ -296,11 +314,14 @@ pub fn trailers_from_h1(section: &[u8]) -> Option<HeaderMap> {
 }
 
 /// A stream's trailers as the end of a chunked HTTP/1.1 body: the last
-/// chunk, the allowed trailer fields, the final CRLF.
+/// chunk, the allowed trailer fields, the final CRLF. Forwarding and
+/// client-certificate fields never come from a client's trailers: the
+/// head's are dropped or replaced (rewrite.rs), and a backend that merges
+/// trailers into its headers would otherwise read the client's word.
 pub fn last_chunk(trailers: Option<&HeaderMap>) -> Vec<u8> {
     let mut out = b"0\r\n".to_vec();
     for (name, value) in trailers.into_iter().flatten() {
-        if trailer_allowed(name.as_str()) {
+        if trailer_allowed(name.as_str()) && !rewrite::asserts_for_ktern(name.as_str().as_bytes()) {
             rewrite::push_field(&mut out, name.as_str(), value.as_bytes());
         }
     }
@@ -403,6 +424,22 @@ mod tests {
             request_head(&parts(req), true, &Limits::default(), None),
             Err(Refusal::Malformed("no :authority and no host"))
         ));
+        // RFC 9113 §8.3.1: no userinfo, in :authority or in Host.
+        let req = http::Request::get("https://evil@a.example/x")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            request_head(&parts(req), true, &Limits::default(), None).err(),
+            Some(Refusal::Malformed("userinfo in :authority"))
+        );
+        let req = http::Request::get("/x")
+            .header("host", "evil@a.example")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            request_head(&parts(req), true, &Limits::default(), None).err(),
+            Some(Refusal::Malformed("userinfo in :authority"))
+        );
     }
 
     fn extended_connect(protocol: &'static str) -> http::request::Parts {
@@ -546,6 +583,32 @@ mod tests {
         assert_eq!(r.status(), 200);
         let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-end", "strict-transport-security"]);
+    }
+
+    #[test]
+    fn a_repeated_content_length_goes_out_once() {
+        for text in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length:  5 \r\n\r\n",
+        ] {
+            let resp = head::parse_response(text.as_bytes(), "GET", 1 << 16)
+                .unwrap()
+                .unwrap();
+            let r = response(&resp, &[]);
+            let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
+            assert_eq!(lengths, vec!["5"], "{text:?}");
+        }
+    }
+
+    #[test]
+    fn client_trailers_cannot_speak_for_ktern() {
+        let mut map = HeaderMap::new();
+        map.insert("x-sum", HeaderValue::from_static("7"));
+        map.insert("x-client-cert-verify", HeaderValue::from_static("SUCCESS"));
+        map.insert("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
+        map.insert("forwarded", HeaderValue::from_static("for=127.0.0.1"));
+        map.insert("x-real-ip", HeaderValue::from_static("127.0.0.1"));
+        assert_eq!(last_chunk(Some(&map)), b"0\r\nx-sum: 7\r\n\r\n");
     }
 
     #[test]

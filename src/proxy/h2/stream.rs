@@ -110,6 +110,8 @@ pub(super) async fn exchange(
             tracing::info!(peer = %ctx.peer, status, why, "HTTP/2 request refused");
             let mut ex = Exchange {
                 kernel: Some(link.kernel.get()),
+                // A refused HEAD's answer has no body either (RFC 9110 §9.3.2).
+                head_only: parts.method == http::Method::HEAD,
                 ..Exchange::default()
             };
             let out = local(&mut respond, ctx, &mut ex, status);
@@ -171,6 +173,29 @@ pub(super) async fn exchange(
     }
     forward::record(ctx, Some(&head), &ex, moved, PROTOCOL, wall, started);
     end
+}
+
+/// `work`, unless the stream is reset first (by the client's RST_STREAM,
+/// by h2 for an error of the client's, or with the connection): then
+/// `Cut::Client`, and `work` drops with what it holds (a backend
+/// connection, its lease). h2 frees a reset stream's concurrency slot at
+/// once, so a stream left waiting on its backend (up to
+/// `response_timeout` per wait) would let a client keep resetting and
+/// reopening streams with no bound on the backend requests in flight
+/// (rapid reset, CVE-2023-44487; "MadeYouReset", with the resets h2 sends
+/// for the client's errors). `reset`: the stream's `poll_reset`.
+async fn until_reset<F: std::future::Future>(
+    mut reset: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<Result<Reason, h2::Error>>,
+    work: F,
+) -> Result<F::Output, Cut> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Ok(out));
+        }
+        reset(cx).map(|_| Err(Cut::Client))
+    })
+    .await
 }
 
 /// ktern's own answer; returns the body bytes sent.
@@ -257,7 +282,7 @@ async fn forward(
         let begun = forward::boxed(forward::begin_attempt(
             ctx, group, head, attempt, &mut out, started, ex,
         ));
-        let mut at = match begun.await {
+        let mut at = match until_reset(|cx| respond.poll_reset(cx), begun).await? {
             Step::Go(at) => at,
             Step::Retry => continue,
             gave_up => {
@@ -289,7 +314,8 @@ async fn forward(
             moved.1 += local(respond, ctx, ex, status);
             return Ok(());
         }
-        match forward::finish_attempt(ctx, group, head, &mut at, attempt).await {
+        let finished = forward::finish_attempt(ctx, group, head, &mut at, attempt);
+        match until_reset(|cx| respond.poll_reset(cx), finished).await? {
             Step::Go(r) => break (at.backend, at.addr, r, at.lease),
             Step::Retry => continue,
             gave_up => {
@@ -335,10 +361,11 @@ async fn forward(
         return Ok(());
     }
     let no_body = ex.head_only || resp.framing == Framing::Length(0);
-    ex.status = resp.status;
     let mut send = respond
         .send_response(convert::response(&resp, &extra), no_body)
         .map_err(|_| Cut::Client)?;
+    // Only once it went: a stream reset before is logged as the client's.
+    ex.status = resp.status;
     // A bulk response moves the connection's keys to the kernel, if they
     // wait for one (`runtime.ktls_after`): one with a length now, one of
     // unknown length once that much of it went out with more to come (so
@@ -385,7 +412,8 @@ async fn forward(
             let room = capacity(&mut send, ctx, route.send_timeout).await?;
             let want = room.clamp(1, READ);
             let read = Box::pin(backend.read_some(want));
-            let Ok(res) = ctx.within(upstream.response_timeout, read).await else {
+            let read = ctx.within(upstream.response_timeout, read);
+            let Ok(res) = until_reset(|cx| send.poll_reset(cx), read).await? else {
                 return Err(abort(&mut send, UpstreamAbort::Stalled));
             };
             match res {

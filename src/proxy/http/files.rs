@@ -321,6 +321,15 @@ pub enum Plan {
     MethodNotAllowed,
 }
 
+/// Whether `If-None-Match` (its field lines) lists `*`: RFC 9110 §13.1.2,
+/// the condition is then false for any file that exists, and a GET or
+/// HEAD gets 304. ktern makes no ETags, so no other member can match.
+pub fn none_match_any<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
+    values
+        .flat_map(super::head::list_tokens)
+        .any(|member| member == "*")
+}
+
 /// Decides the answer to `method` for a file of `len` bytes last modified
 /// at `modified`, given the request's `If-Modified-Since`, `Range` and
 /// `If-Range` values (each `Some` only when the field came exactly once).
@@ -937,6 +946,19 @@ mod tests {
             plan("POST", Some(DATE), Some(b"bytes=0-0"), None, 100, mtime()),
             Plan::MethodNotAllowed
         );
+    }
+
+    #[test]
+    fn if_none_match_star_matches_any_file() {
+        let any = |v: &[&[u8]]| none_match_any(v.iter().copied());
+        assert!(any(&[b"*"]));
+        assert!(any(&[b" * "]));
+        assert!(any(&[b"\"x\"", b"*"]));
+        assert!(any(&[b"\"x\", *"]));
+        assert!(!any(&[b"\"x\""]));
+        assert!(!any(&[b"W/\"*\""]));
+        assert!(!any(&[b"\"*\""]));
+        assert!(!any(&[]));
     }
 
     #[test]

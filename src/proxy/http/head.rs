@@ -701,6 +701,11 @@ pub fn parse_response(
         return Err(ResponseError::TooLarge);
     }
     let status = res.code.unwrap_or(0);
+    // httparse takes any three digits; RFC 9110 §15 defines 100-599, and
+    // a code under 100 has no class to frame or relay it by.
+    if status < 100 {
+        return Err(ResponseError::Malformed);
+    }
     let minor = res.version.unwrap_or(1);
     let head = &buf[..len];
     let reason = span(head, res.reason.unwrap_or_default().as_bytes());
@@ -716,10 +721,11 @@ pub fn parse_response(
         }
     }
     let (te, cl) = framing_fields(&fields).map_err(ResponseError::Framing)?;
-    let bodiless = method.eq_ignore_ascii_case("HEAD")
-        || (100..200).contains(&status)
-        || status == 204
-        || status == 304;
+    // Methods are case-sensitive (RFC 9110 §9.1): a `head` request is not
+    // HEAD, and a backend may answer it with a body, which read as
+    // bodiless would be left on a pooled connection for the next request.
+    let bodiless =
+        method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if bodiless {
         Framing::Length(0)
     } else if !te.is_empty() {
@@ -1020,6 +1026,20 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(h.framing, Framing::Length(0));
+        // Methods are case-sensitive: `head` is another method, whose
+        // answer has the body its length says.
+        let h = r("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "head")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+        // A status under 100 has no class to relay it by.
+        for status in ["000 Zero", "099 Low"] {
+            let t = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            assert!(
+                matches!(r(&t, "GET"), Err(ResponseError::Malformed)),
+                "{status}"
+            );
+        }
         for status in ["204 No Content", "304 Not Modified", "100 Continue"] {
             let h = r(
                 &format!("HTTP/1.1 {status}\r\nContent-Length: 5\r\n\r\n"),

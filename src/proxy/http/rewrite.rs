@@ -24,10 +24,18 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Forwarding fields a client could forge; dropped unless it is trusted.
+/// Beside the ones ktern writes, those that backends' proxy filters read
+/// to rebuild the client's address or URLs (Spring's
+/// `ForwardedHeaderFilter`, Werkzeug's `ProxyFix`, nginx's `real_ip`):
+/// from an untrusted client they would be the client's own word.
 const FORWARDING: &[&str] = &[
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-real-ip",
     "forwarded",
 ];
 
@@ -70,6 +78,15 @@ impl<'a> Forwarding<'a> {
                 .map(|verify| (verify, tls.client.as_deref())),
         }
     }
+}
+
+/// True for a field that speaks for ktern or a trusted proxy: a
+/// forwarding field or `X-Client-Cert-*`.
+pub(crate) fn asserts_for_ktern(name: &[u8]) -> bool {
+    is_client_cert_field(name)
+        || FORWARDING
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// True for a field named `X-Client-Cert-*`.
@@ -503,10 +520,11 @@ mod tests {
     #[test]
     fn forwarding_fields_are_replaced_for_untrusted_clients() {
         let out = rewrite(
-            "GET / HTTP/1.1\r\nHost: App.Example\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: App.Example\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Port: 6666\r\nX-Forwarded-Prefix: //6.6.6.6\r\nX-Forwarded-Server: 6.6.6.6\r\n\r\n",
             false,
         );
         assert!(!out.contains("6.6.6.6"), "{out}");
+        assert!(!out.contains("6666"), "{out}");
         assert!(out.contains("X-Forwarded-For: 192.0.2.7\r\n"), "{out}");
         assert!(out.contains("X-Forwarded-Proto: https\r\n"));
         assert!(out.contains("X-Forwarded-Host: app.example\r\n"));
@@ -519,9 +537,10 @@ mod tests {
     #[test]
     fn trusted_proxies_are_extended_not_replaced() {
         let out = rewrite(
-            "GET / HTTP/1.1\r\nHost: a:8443\r\nX-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a:8443\r\nX-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\nX-Real-IP: 10.0.0.1\r\n\r\n",
             true,
         );
+        assert!(out.contains("X-Real-IP: 10.0.0.1\r\n"), "{out}");
         assert!(
             out.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
             "{out}"
