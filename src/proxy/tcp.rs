@@ -68,6 +68,10 @@ pub enum ProxyError {
     /// No bytes moved for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// ktern ran out of something of its own: a pipe for splice (EMFILE,
+    /// ENFILE).
+    #[error("internal: cannot make a pipe: {0}")]
+    Local(io::Error),
 }
 
 /// Which side an error of one direction's read or write is charged to.
@@ -300,7 +304,7 @@ async fn tls_through(
         loop {
             let pipe = match held.take() {
                 Some(p) => p,
-                None => pipes.take().map_err(ProxyError::Upstream)?,
+                None => pipes.take().map_err(ProxyError::Local)?,
             };
             match from.splice_to(&pipe, SPLICE_CHUNK).await.map_err(reading)? {
                 Spliced::Bytes(n) => {
@@ -403,7 +407,7 @@ async fn splice_through(
     loop {
         let pipe = match held.take() {
             Some(p) => p,
-            None => pipes.take().map_err(ProxyError::Upstream)?,
+            None => pipes.take().map_err(ProxyError::Local)?,
         };
         match sys::splice(sys::borrow_fd(from), pipe.tx.as_fd(), SPLICE_CHUNK) {
             Ok(0) => {
@@ -516,7 +520,7 @@ async fn client_to_backend(
         loop {
             let pipe = match held.take() {
                 Some(p) => p,
-                None => pipes.take().map_err(ProxyError::Upstream)?,
+                None => pipes.take().map_err(ProxyError::Local)?,
             };
             match reader.splice_to(&pipe, SPLICE_CHUNK).await? {
                 Spliced::Bytes(n) => {
@@ -564,7 +568,7 @@ async fn backend_to_client(
     loop {
         let pipe = match held.take() {
             Some(p) => p,
-            None => pipes.take().map_err(ProxyError::Upstream)?,
+            None => pipes.take().map_err(ProxyError::Local)?,
         };
         match sys::splice(sys::borrow_fd(backend), pipe.tx.as_fd(), SPLICE_CHUNK) {
             Ok(0) => {

@@ -63,38 +63,65 @@ pub fn serve(
             admitted,
         )),
     };
+    // Counted out when the task's state drops: at the end, or when a
+    // panic caught by [`contained`] drops the rest of it.
+    let open = Open {
+        shard,
+        gen,
+        listener,
+    };
     async move {
         if let Some((conn, info, peer, _client)) = first.await {
             // `_client`: the connection's place in its client's count,
             // held to the end.
-            proxy(&shard, &gen, listener, conn, info, peer).await;
+            proxy(&open.shard, &open.gen, open.listener, conn, info, peer).await;
         }
-        M::dec(&shard.metrics.active);
-        M::dec(&gen.active[listener]);
     }
 }
 
-/// Runs a connection's `work`, catching a panic in it. monoio does not
-/// catch a task's panic: one unwound the shard's thread, ending every
-/// connection on it and its listeners (any client could do that once,
-/// `a_keyupdate_cut_across_records_...` in tests/l4.rs). A panic is a bug
-/// all the same; caught here it ends its connection alone (the
-/// connection's state drops as it unwinds, and the shard's locks tolerate
-/// poisoning), logged and counted as an internal error. Used for the
-/// redirect listener's connections; around a TLS connection's task
-/// (`serve`) it cost 229 bytes per idle connection in the kTLS VM (4,325
-/// against the 4 KiB budget, tests/l4.rs), so those are not wrapped.
-pub(super) async fn contained(
-    m: &M,
-    shard: usize,
-    peer: SocketAddr,
-    work: impl Future<Output = ()>,
-) {
-    let caught = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work)).await;
-    if caught.is_err() {
-        M::inc(&m.internal_errors);
-        tracing::error!(shard, %peer, "internal: the connection's task panicked; connection closed");
+/// An open connection's place in the shard's and its listener's counts
+/// (`ktern_connections_active`, and what `runtime.max_connections` is
+/// checked against), given back on drop so that a caught panic does not
+/// leave it counted for good. It owns the connection's generation and
+/// shard: no byte more than before in the connection's task.
+struct Open {
+    shard: Rc<Shard>,
+    gen: Rc<ShardGen>,
+    listener: usize,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        M::dec(&self.shard.metrics.active);
+        M::dec(&self.gen.active[self.listener]);
     }
+}
+
+/// Runs a connection's task, catching a panic in it. monoio does not
+/// catch a task's panic: one unwound the shard's thread, ending every
+/// connection on it, and its listeners stayed open in their `SO_REUSEPORT`
+/// groups (the control thread keeps a copy of each), so the kernel kept
+/// queueing a share of new connections where nobody accepted them (any
+/// client could do that once, `a_keyupdate_cut_across_records_...` in
+/// tests/l4.rs). A panic is a bug all the same; caught here it ends its
+/// connection alone: the task's state drops (closing the socket and giving
+/// back its counts, [`Open`]), and the shard's locks tolerate poisoning.
+/// Logged and counted as an internal error.
+///
+/// The wrapper stores nothing of its own (the counters are the thread's
+/// shard's, [`super::on_task_panic`]): an earlier one, an `async fn`
+/// taking the task and the peer's address, kept its argument beside the
+/// moved task and cost 229 bytes per idle connection in the kTLS VM
+/// (4,325 against the 4 KiB budget of tests/l4.rs).
+pub(super) fn contained(work: impl Future<Output = ()>) -> impl Future<Output = ()> {
+    use futures_util::FutureExt as _;
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .map(|caught| {
+            if caught.is_err() {
+                super::on_task_panic();
+            }
+        })
 }
 
 /// A connection after its handshake: the record path, what the handshake
@@ -624,12 +651,20 @@ async fn backend_tls(
         (gen.config().runtime.ktls, &shard.ktls),
     )
     .await;
+    let balancer = &gen.balancers[listener];
     match started {
         Ok(s) => {
+            balancer.succeeded(addr);
             s.count(m);
             Some(s.conn)
         }
         Err(e) => {
+            // The backend's handshake failing counts towards its
+            // `max_fails`, as a failed connect does; ktern's own failures
+            // do not.
+            if let crate::upstream::conn::StartTlsError::Handshake(_) = e {
+                balancer.failed(addr, std::time::Instant::now());
+            }
             M::inc(e.counter(m));
             tracing::warn!(%peer, backend = %addr, error = %e, "upstream TLS handshake failed");
             None
@@ -690,8 +725,9 @@ fn proxy<'a>(
                             }
                         }
                     }
-                    Ok((backend, _addr)) => match tcp::Session::new(*conn, backend) {
+                    Ok((backend, addr)) => match tcp::Session::new(*conn, backend) {
                         Ok(mut session) => {
+                            balancer.succeeded(addr);
                             let idle = shard.idle.register(route.idle_timeout);
                             // Boxed: the tunnel's state is the `tcp` route's
                             // alone; inline, every connection's task (an
@@ -822,6 +858,7 @@ impl Failure {
                 ProxyError::Upstream(_) | ProxyError::UpstreamTls(_) => {
                     (&m.upstream_errors, "upstream")
                 }
+                ProxyError::Local(_) => (&m.local_exhaustion, "internal"),
                 ProxyError::Downstream(s) => (stream_counter(m, s), "downstream"),
             },
             // A deferred connection's hand-over to the kernel failed.
@@ -857,18 +894,31 @@ mod tests {
 
     #[test]
     fn a_panic_in_a_connection_ends_that_connection_counted_not_the_shard() {
-        let m = M::default();
-        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let m = std::sync::Arc::new(M::default());
+        super::super::set_thread_shard(0, m.clone());
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()
             .unwrap();
+        // What the panicking task held is dropped, as a connection's
+        // socket and counts are.
+        let held = Rc::new(());
         let served = rt.block_on(async {
-            contained(&m, 0, peer, async { panic!("a bug in a connection") }).await;
+            let h = held.clone();
+            contained(async move {
+                let _h = h;
+                panic!("a bug in a connection")
+            })
+            .await;
             let served = Cell::new(false);
-            contained(&m, 0, peer, async { served.set(true) }).await;
+            contained(async { served.set(true) }).await;
             served.get()
         });
         assert!(served, "the next connection is served");
+        assert_eq!(
+            Rc::strong_count(&held),
+            1,
+            "the panicked task's state was dropped"
+        );
         let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(count(&m.internal_errors), 1);
     }

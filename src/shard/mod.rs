@@ -459,6 +459,33 @@ pub fn spawn(
     })
 }
 
+thread_local! {
+    /// The shard this thread runs, for what has none at hand: a connection
+    /// task's caught panic ([`driver::contained`], whose wrapper stores
+    /// nothing so that an idle connection's task does not grow).
+    static THREAD_SHARD: RefCell<Option<(usize, Arc<ShardMetrics>)>> = const { RefCell::new(None) };
+}
+
+fn set_thread_shard(id: usize, metrics: Arc<ShardMetrics>) {
+    THREAD_SHARD.with(|s| *s.borrow_mut() = Some((id, metrics)));
+}
+
+/// A connection task on this thread panicked and was caught: logged and
+/// counted (`ktern_internal_errors_total`). The panic's message and place
+/// are already on stderr (Rust's panic hook).
+fn on_task_panic() {
+    THREAD_SHARD.with(|s| match &*s.borrow() {
+        Some((shard, m)) => {
+            ShardMetrics::inc(&m.internal_errors);
+            tracing::error!(
+                shard,
+                "internal: a connection's task panicked; that connection closed"
+            );
+        }
+        None => tracing::error!("internal: a connection's task panicked; that connection closed"),
+    });
+}
+
 async fn shard_main(
     id: usize,
     support: Arc<crate::ktls::Support>,
@@ -483,6 +510,7 @@ async fn shard_main(
         accept_log: crate::clock::LogEvery::default(),
         client_log: crate::clock::LogEvery::default(),
     });
+    set_thread_shard(id, metrics.clone());
     monoio::spawn(shard.idle.clone().run());
     monoio::spawn(trim_loop(shard.clone()));
     update(&shard, gen, sockets, done);
@@ -774,7 +802,14 @@ fn dispatch(
             let Ok(client) = driver::admit_at_accept(shard, &gen, index, peer) else {
                 return;
             };
-            let fut = driver::serve(shard.clone(), gen, index, socket, peer, client);
+            let fut = driver::contained(driver::serve(
+                shard.clone(),
+                gen,
+                index,
+                socket,
+                peer,
+                client,
+            ));
             tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
             monoio::spawn(fut);
         }
@@ -782,10 +817,7 @@ fn dispatch(
             let https_port = gen.config().redirects.get(r).and_then(|r| r.https_port);
             let work =
                 crate::proxy::http::redirect::serve(socket, https_port, gen.gen.challenges.clone());
-            let shard = shard.clone();
-            monoio::spawn(
-                async move { driver::contained(&shard.metrics, shard.id, peer, work).await },
-            );
+            monoio::spawn(driver::contained(work));
         }
     }
 }

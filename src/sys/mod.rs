@@ -490,7 +490,7 @@ pub fn split_stream(stream: monoio::net::TcpStream) -> io::Result<(ReadSide, Wri
 /// Sets O_NONBLOCK with one `ioctl(FIONBIO)`: `fcntl` would take two
 /// calls (F_GETFL, then F_SETFL), and every proxied connection sets it on
 /// two sockets.
-fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut on: libc::c_int = 1;
     // SAFETY: `fd` is borrowed and open; FIONBIO reads one `int` from `on`,
     // a live local.

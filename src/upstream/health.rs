@@ -101,19 +101,28 @@ pub enum Probe {
     Local(String),
 }
 
-/// Classifies a check response from its first bytes.
+/// Classifies a check response from its first bytes. Interim (1xx)
+/// responses before the final one are skipped, as the proxy skips them
+/// (RFC 9110 §15.2: `103 Early Hints`, `102 Processing`).
 pub fn classify(buf: &[u8]) -> Probe {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Probe::NeedMore,
-        Ok(httparse::Status::Partial) => Probe::Fail("response head too large".into()),
-        Ok(httparse::Status::Complete(_)) => match resp.code {
-            Some(200..=399) => Probe::Pass,
-            Some(c) => Probe::Fail(format!("status {c}")),
-            None => Probe::Fail("no status".into()),
-        },
-        Err(e) => Probe::Fail(format!("not HTTP/1.x: {e}")),
+    let mut rest = buf;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; crate::proxy::http::head::MAX_FIELDS];
+        let mut resp = httparse::Response::new(&mut headers);
+        return match resp.parse(rest) {
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Probe::NeedMore,
+            Ok(httparse::Status::Partial) => Probe::Fail("response head too large".into()),
+            Ok(httparse::Status::Complete(len)) => match resp.code {
+                Some(100..=199) if resp.code != Some(101) => {
+                    rest = &rest[len..];
+                    continue;
+                }
+                Some(200..=399) => Probe::Pass,
+                Some(c) => Probe::Fail(format!("status {c}")),
+                None => Probe::Fail("no status".into()),
+            },
+            Err(e) => Probe::Fail(format!("not HTTP/1.x: {e}")),
+        };
     }
 }
 
@@ -410,6 +419,30 @@ mod tests {
         let mut big = b"HTTP/1.1 200 OK\r\n".to_vec();
         big.resize(MAX_HEAD + 1, b'a');
         assert!(matches!(classify(&big), Probe::Fail(_)));
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_for_the_final_status() {
+        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n";
+        assert_eq!(classify(hints), Probe::NeedMore);
+        let mut ok = hints.to_vec();
+        ok.extend_from_slice(b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(classify(&ok), Probe::Pass);
+        let mut bad = hints.to_vec();
+        bad.extend_from_slice(b"HTTP/1.1 500 Oops\r\n\r\n");
+        assert_eq!(classify(&bad), Probe::Fail("status 500".into()));
+        // 101 is final for a check that asked no upgrade: a failure.
+        assert_eq!(
+            classify(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+            Probe::Fail("status 101".into())
+        );
+        // More fields than the old 64-field array held.
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..100 {
+            many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(classify(&many), Probe::Pass);
     }
 
     #[test]

@@ -514,6 +514,8 @@ impl Balancer {
     }
 
     /// Connects to the next backend, trying each once, healthy ones first.
+    /// The caller records the backend's success ([`Balancer::succeeded`])
+    /// once what it connected for worked (a TLS handshake).
     pub async fn connect(
         &self,
         timeout: Duration,
@@ -525,14 +527,18 @@ impl Balancer {
 
     /// A new connection in plan order for `key` (`balance = "hash"`), with
     /// its lease (held for the connection's life: `least_conn` counts it).
+    /// For bytes passed through: the connect is all there is to judge the
+    /// backend by, so it counts as its success.
     pub async fn connect_keyed(
         &self,
         key: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr, Lease<'_>), UpstreamError> {
-        self.acquire_from(|_, _| None, key, timeout, Instant::now())
-            .await
-            .map(|(s, a, _, lease)| (s, a, lease))
+        let (s, addr, _, lease) = self
+            .acquire_from(|_, _| None, key, timeout, Instant::now())
+            .await?;
+        self.succeeded(addr);
+        Ok((s, addr, lease))
     }
 
     /// A backend connection for one request: in plan order, an idle pooled
@@ -600,7 +606,9 @@ impl Balancer {
                     // Proxied bytes are already batched by the client; no
                     // Nagle delay on top (nginx sets TCP_NODELAY likewise).
                     let _ = s.set_nodelay(true);
-                    self.succeeded(addr);
+                    // Not yet a success: a backend that accepts and then
+                    // fails every request (or TLS handshake) must reach
+                    // `max_fails`. The caller says when it worked.
                     return Ok((s.into(), addr, false, lease));
                 }
                 Err(e) if is_local_exhaustion(&e) => {

@@ -173,6 +173,26 @@ pub fn http_backend_conn(
                 }
                 out.write_all(b"0\r\n\r\n")?;
             }
+            p if p.starts_with("/pause-bytes/") => {
+                // /pause-bytes/N?until=PATH: N bytes as /bytes/N, of which
+                // the first 100,000 go at once; then `PATH.paused` is
+                // created, and the rest waits until PATH exists (10 s at
+                // most).
+                let (n, gate) = p["/pause-bytes/".len()..]
+                    .split_once("?until=")
+                    .unwrap_or_default();
+                let n: usize = n.parse().unwrap_or(0);
+                let body = pattern(n, n as u64);
+                let (first, rest) = body.split_at(100_000.min(n));
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n")?;
+                out.write_all(first)?;
+                std::fs::write(format!("{gate}.paused"), b"")?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !std::path::Path::new(gate).exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                out.write_all(rest)?;
+            }
             p if p.starts_with("/wait/") => {
                 // /wait/MS: answers after MS milliseconds.
                 let ms = p["/wait/".len()..].parse().unwrap_or(0);

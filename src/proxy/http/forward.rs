@@ -646,6 +646,14 @@ async fn splice_body(
 ) -> Result<(), Spliced> {
     use std::os::fd::AsFd;
     let fail = |e: HttpError| Spliced::Failed(e);
+    // SPLICE_F_NONBLOCK makes only the pipe's side non-blocking: TCP's
+    // splice read waits on the socket's own O_NONBLOCK (`tcp_splice_read`,
+    // `sock_rcvtimeo`), and io_uring's connect hands out blocking sockets.
+    // Without this a backend pausing mid-body stopped the whole shard in
+    // the kernel until it sent more. Its io_uring sends and receives are
+    // the same on a non-blocking socket.
+    crate::sys::set_nonblocking(crate::sys::borrow_fd(sock))
+        .map_err(|e| fail(UpstreamAbort::Io(e).into()))?;
     while left > 0 {
         let want = left.min(tcp::SPLICE_CHUNK as u64) as usize;
         match crate::sys::splice(crate::sys::borrow_fd(sock), pipe.tx.as_fd(), want) {
@@ -1003,21 +1011,29 @@ pub(crate) fn static_answer(
             _ => None,
         }
     };
-    // With If-None-Match, If-Modified-Since is ignored (RFC 9110 §13.1.3);
-    // ktern makes no ETags for it to match.
-    let ims = if head.values("if-none-match").next().is_some() {
+    // With If-None-Match, If-Modified-Since is ignored (RFC 9110 §13.1.3).
+    let none_match = head.values("if-none-match").next().is_some();
+    let ims = if none_match {
         None
     } else {
         once("if-modified-since")
     };
-    let plan = files::plan(
+    let plan = match files::plan(
         head.method(),
         ims,
         once("range"),
         once("if-range"),
         len,
         modified,
-    );
+    ) {
+        // Before Range (§13.2.2), for the GET and HEAD that reach these.
+        Plan::Full | Plan::Partial { .. } | Plan::Unsatisfiable
+            if none_match && files::none_match_any(head.values("if-none-match")) =>
+        {
+            Plan::NotModified
+        }
+        plan => plan,
+    };
     let status = match plan {
         Plan::Full => 200,
         Plan::Partial { .. } => 206,
@@ -1389,10 +1405,13 @@ pub(crate) async fn begin_attempt<'b>(
     if !reused {
         backend = match Box::pin(set_up(ctx, group, backend, addr)).await {
             Ok(b) => b,
-            Err(()) => {
+            Err(blame) => {
                 // Logged and counted. A new connection: nothing to retry
-                // on.
-                balancer.failed(addr, Instant::now());
+                // on. Only the backend's own failures count towards its
+                // `max_fails`: one of ktern's must not take it out.
+                if let Blame::Backend = blame {
+                    balancer.failed(addr, Instant::now());
+                }
                 return Step::Answer(502);
             }
         };
@@ -1421,21 +1440,34 @@ pub(crate) async fn begin_attempt<'b>(
 /// A new backend connection's set-up: the PROXY header (`send_proxy`),
 /// then TLS (`tls`: the handshake within `connect_timeout`, then kTLS when
 /// the kernel carries the suite). Failures are logged and counted here.
+/// Whose failure stopped [`set_up`].
+enum Blame {
+    /// The backend's: its TLS handshake, or the PROXY header's write.
+    Backend,
+    /// ktern's own (logged as internal, counted as such).
+    Local,
+}
+
 async fn set_up(
     ctx: &Ctx<'_>,
     group: usize,
     conn: BackendConn,
     addr: SocketAddr,
-) -> Result<BackendConn, ()> {
+) -> Result<BackendConn, Blame> {
     let upstream = &ctx.upstreams[group];
     let BackendConn::Plain(mut stream) = conn else {
         return Ok(conn);
     };
     if let Some(version) = upstream.send_proxy {
-        if let Err(e) = Box::pin(send_proxy(&mut stream, version, ctx)).await {
+        let Some(local) = ctx.local else {
+            M::inc(&ctx.metrics.internal_errors);
+            tracing::error!(peer = %ctx.peer, backend = %addr, "internal: the client connection's local address is unknown: no PROXY header to send");
+            return Err(Blame::Local);
+        };
+        if let Err(e) = Box::pin(send_proxy(&mut stream, version, ctx, local)).await {
             M::inc(&ctx.metrics.upstream_errors);
             tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
-            return Err(());
+            return Err(Blame::Backend);
         }
     }
     let Some(tls) = &upstream.tls else {
@@ -1450,7 +1482,7 @@ async fn set_up(
     let Some(config) = config else {
         M::inc(&m.internal_errors);
         tracing::error!(peer = %ctx.peer, backend = %addr, "internal: no TLS config for this backend");
-        return Err(());
+        return Err(Blame::Local);
     };
     let started = crate::upstream::conn::start_tls(
         stream,
@@ -1468,7 +1500,10 @@ async fn set_up(
         Err(e) => {
             M::inc(e.counter(m));
             tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream TLS handshake failed");
-            Err(())
+            Err(match e {
+                crate::upstream::conn::StartTlsError::Handshake(_) => Blame::Backend,
+                _ => Blame::Local,
+            })
         }
     }
 }
@@ -1481,10 +1516,8 @@ async fn send_proxy(
     backend: &mut TcpStream,
     version: crate::config::ProxyVersion,
     ctx: &Ctx<'_>,
+    local: SocketAddr,
 ) -> std::io::Result<()> {
-    let local = ctx
-        .local
-        .ok_or_else(|| std::io::Error::other("the client connection's local address is unknown"))?;
     crate::upstream::conn::send_proxy(backend, version, (ctx.peer, local), ctx.tls).await
 }
 
