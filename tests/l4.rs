@@ -684,6 +684,122 @@ fn idle_connections_stay_within_their_memory_budget() {
 /// records with nothing from the client in between (a bulk download). Every byte before and after
 /// arrives intact, both ways, on TLS 1.3 and 1.2; in the kTLS VM the
 /// kernel's own counters show the hand-over and when it happened.
+/// A TCP stream that keeps a copy of every byte read: the server's
+/// records as they crossed the wire.
+struct Recorded {
+    sock: TcpStream,
+    seen: Vec<u8>,
+}
+
+impl std::io::Read for Recorded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.seen.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Recorded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// TLS 1.2 AES-GCM records carry an 8-byte explicit nonce (RFC 5288 §3)
+/// that must never repeat under one key: the server's records after its
+/// ChangeCipherSpec, read off the wire, all have their own, whether the
+/// kernel took the keys at the handshake or after rustls sealed records
+/// of its own (a deferred hand-over). The kernel counts up from the nonce
+/// it is given, where rustls XORs its sequence number in: given rustls'
+/// exported base, the kernel's first record reused the Finished's nonce.
+/// In the VM the kernel sealed them (checked); here rustls did.
+#[test]
+fn tls12_records_never_repeat_an_explicit_nonce() {
+    use std::io::BufRead;
+    let pki = Pki::new("tls12nonce");
+    let backend = start_backend();
+    for after in ["0", "64k"] {
+        let k = Ktern::start(
+            &pki,
+            &format!("ktls_after = \"{after}\"\n"),
+            &tcp_listener(backend, ""),
+        );
+        for suite in [
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ] {
+            let opts = ClientOpts {
+                tls12: true,
+                suite: Some(suite),
+                ..ClientOpts::default()
+            };
+            let sock = TcpStream::connect(k.addr()).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let recorded = Recorded {
+                sock,
+                seen: Vec::new(),
+            };
+            let mut c = std::io::BufReader::new(rustls::StreamOwned::new(
+                client_conn(&pki, opts),
+                recorded,
+            ));
+            c.get_mut().write_all(b"LINES\n").unwrap();
+            // Small exchanges (rustls' records on a deferred connection),
+            // then a burst that moves the keys, then more small ones.
+            for what in ["one", "two", "three"] {
+                writeln!(c.get_mut(), "{what}").unwrap();
+                let mut line = String::new();
+                c.read_line(&mut line).unwrap();
+                assert_eq!(line, format!("{what}\n"));
+            }
+            writeln!(c.get_mut(), "DOWN 200000 9").unwrap();
+            let mut got = vec![0; 200_000];
+            c.read_exact(&mut got).unwrap();
+            assert!(got == pattern(200_000, 9));
+            writeln!(c.get_mut(), "last").unwrap();
+            let mut line = String::new();
+            c.read_line(&mut line).unwrap();
+            assert_eq!(line, "last\n");
+            let wire = std::mem::take(&mut c.get_mut().sock.seen);
+            // The server's records: type, version, length, then the
+            // payload; from the ChangeCipherSpec on, each payload starts
+            // with its explicit nonce.
+            let (mut at, mut encrypted, mut nonces) = (0, false, Vec::new());
+            while at + 5 <= wire.len() {
+                let len = u16::from_be_bytes([wire[at + 3], wire[at + 4]]) as usize;
+                let payload = &wire[at + 5..(at + 5 + len).min(wire.len())];
+                if encrypted && payload.len() >= 8 {
+                    nonces.push(u64::from_be_bytes(payload[..8].try_into().unwrap()));
+                }
+                if wire[at] == 20 {
+                    encrypted = true;
+                }
+                at += 5 + len;
+            }
+            // The Finished, three echoes, the download's records, one more.
+            assert!(
+                nonces.len() > 15,
+                "{after} {suite:?}: {} records",
+                nonces.len()
+            );
+            let distinct: std::collections::HashSet<_> = nonces.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                nonces.len(),
+                "{after} {suite:?}: an explicit nonce repeats: {nonces:x?}"
+            );
+        }
+        if in_vm() {
+            // The kernel sealed the download on every connection.
+            assert_eq!(k.metric("ktern_ktls_offloaded_total"), 2, "{after}");
+        }
+    }
+}
+
 #[test]
 fn a_tcp_connection_moves_its_keys_to_the_kernel_at_the_backends_first_bulk_burst() {
     use std::io::BufRead;
@@ -937,6 +1053,15 @@ fn passthrough_closes_unknown_names_garbage_and_slow_hellos_and_counts_them() {
     // A hello that claims 16 MiB.
     assert!(closed(&[22, 3, 1, 0, 4, 1, 0xff, 0xff, 0xff]).0);
     assert_eq!(k.wait_metric("ktern_passthrough_bad_hello_total", 2), 2);
+    // A client that connects and closes (a TCP health check) sent no bad
+    // hello: counted as a client gone mid-handshake.
+    let eof = k.metric("ktern_handshake_failures_eof_total");
+    drop(TcpStream::connect(k.addr()).unwrap());
+    assert_eq!(
+        k.wait_metric("ktern_handshake_failures_eof_total", eof + 1),
+        eof + 1
+    );
+    assert_eq!(k.metric("ktern_passthrough_bad_hello_total"), 2);
     // Half a hello, then silence: closed at hello_timeout (1s).
     let (gone, took) = closed(&[22, 3, 1, 0, 200, 1, 0, 0]);
     assert!(gone && took < Duration::from_secs(8), "{took:?}");

@@ -108,6 +108,44 @@ pub(super) fn crypto_info(
         .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))
 }
 
+/// TLS 1.2 AES-GCM sends an 8-byte explicit nonce in each record
+/// (RFC 5288 §3), which must never repeat under one key. rustls makes it
+/// `E xor seq` (E: the key block's IV part) and exports E; the kernel
+/// starts from the exported value and adds one per record
+/// (`tls_advance_record_sn`: no XOR for TLS 1.2 AES-GCM). Started at E
+/// its first record reused the nonce of rustls' record 0 (the
+/// Finished), and after a deferred hand-over more of them: a repeated
+/// GCM nonce gives away the authentication key and the XOR of the two
+/// plaintexts. So the kernel starts where rustls' values cannot be:
+/// [`fresh_explicit_nonce`]. The peer reads each record's nonce from the
+/// record and needs nothing else. TLS 1.3 and ChaCha20 derive the nonce
+/// from the sequence number on both sides: nothing to do.
+fn tls12_fresh_explicit_nonces(info: &mut ktls::CryptoInfo, sealed: u64) {
+    let iv = match info {
+        ktls::CryptoInfo::AesGcm128(i) => &mut i.iv,
+        ktls::CryptoInfo::AesGcm256(i) => &mut i.iv,
+        _ => return,
+    };
+    *iv = fresh_explicit_nonce(u64::from_be_bytes(*iv), sealed).to_be_bytes();
+}
+
+/// The first explicit nonce the kernel may use after rustls sealed
+/// `sealed` records with nonces `base xor j` (j < `sealed`): those differ
+/// from `base` only in the low `b` bits (b: the bit length of
+/// `sealed - 1`), so counting up from the next multiple of 2^b above
+/// `base`'s high part meets none of them for 2^64 - 2^b records.
+fn fresh_explicit_nonce(base: u64, sealed: u64) -> u64 {
+    if sealed == 0 {
+        return base;
+    }
+    let b = u64::BITS - (sealed - 1).leading_zeros();
+    if b >= u64::BITS {
+        // 2^63 records sealed: not reachable (the AES-GCM limit is 2^24.5).
+        return base.wrapping_add(1);
+    }
+    ((base >> b).wrapping_add(1)) << b
+}
+
 impl Kernel {
     /// Takes the keys out of rustls' connection, with its sequence numbers,
     /// and hands them to the kernel on `fd` (its ULP attached): after the
@@ -142,8 +180,11 @@ impl Kernel {
         // Records the current keys already took (non-zero when rustls
         // carried the connection first): counted against their limits.
         let (tx_seq, rx_seq) = (secrets.tx.0, secrets.rx.0);
-        let tx =
+        let mut tx =
             crypto_info(suite, secrets.tx).map_err(|e| OffloadError::Kernel("TX cipher", e))?;
+        if let rustls::SupportedCipherSuite::Tls12(_) = suite {
+            tls12_fresh_explicit_nonces(&mut tx, tx_seq);
+        }
         let rx =
             crypto_info(suite, secrets.rx).map_err(|e| OffloadError::Kernel("RX cipher", e))?;
         sys::set_crypto_info(fd, KeyDirection::Transmit, &tx)
@@ -287,5 +328,61 @@ impl Kernel {
             conn.handle_new_session_ticket(payload)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's nonces (`start + k`) never meet rustls' (`base xor j`,
+    /// j < sealed), whatever the base, for every count of records sealed
+    /// before the hand-over up to 2^12 and more kernel records than that.
+    #[test]
+    fn the_kernels_tls12_nonces_never_repeat_rustls_ones() {
+        let bases = [
+            0u64,
+            1,
+            0x0123_4567_89ab_cdef,
+            u64::MAX,
+            u64::MAX - 5,
+            0xffff_ffff_ffff_f000,
+            1 << 63,
+        ];
+        for base in bases {
+            for sealed in (0..=300).chain([1023, 1024, 1025, 4096]) {
+                let start = fresh_explicit_nonce(base, sealed);
+                let used: std::collections::HashSet<u64> = (0..sealed).map(|j| base ^ j).collect();
+                for k in 0..(2 * sealed + 64) {
+                    let n = start.wrapping_add(k);
+                    assert!(
+                        !used.contains(&n),
+                        "base {base:#x}, {sealed} sealed: kernel record {k} reuses {n:#x}"
+                    );
+                }
+            }
+        }
+        // Nothing sealed yet: the exported value is fresh.
+        assert_eq!(fresh_explicit_nonce(7, 0), 7);
+    }
+
+    #[test]
+    fn only_tls12_aes_gcm_transmit_info_moves() {
+        let mut gcm =
+            ktls::CryptoInfo::AesGcm128(ktls_sys::bindings::tls12_crypto_info_aes_gcm_128 {
+                info: ktls_sys::bindings::tls_crypto_info {
+                    version: 0x0303,
+                    cipher_type: ktls_sys::bindings::TLS_CIPHER_AES_GCM_128 as _,
+                },
+                iv: 5u64.to_be_bytes(),
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq: 1u64.to_be_bytes(),
+            });
+        tls12_fresh_explicit_nonces(&mut gcm, 1);
+        let ktls::CryptoInfo::AesGcm128(i) = gcm else {
+            unreachable!()
+        };
+        assert_eq!(u64::from_be_bytes(i.iv), 6);
     }
 }

@@ -791,6 +791,18 @@ pub fn tcp_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<T
 
 /// The TLS client handshake over `sock`, trusting `pki`.
 pub fn connect_over(sock: TcpStream, pki: &Pki, opts: ClientOpts) -> Client {
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut s = StreamOwned::new(client_conn(pki, opts), sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+/// A rustls client connection (no handshake yet) trusting `pki`, with
+/// `opts`' version, suite and SNI.
+pub fn client_conn(pki: &Pki, opts: ClientOpts) -> ClientConnection {
     let mut provider = provider();
     if let Some(suite) = opts.suite {
         provider.cipher_suites.retain(|s| s.suite() == suite);
@@ -811,18 +823,11 @@ pub fn connect_over(sock: TcpStream, pki: &Pki, opts: ClientOpts) -> Client {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let conn = ClientConnection::new(
+    ClientConnection::new(
         Arc::new(cfg),
         ServerName::try_from(opts.server_name.unwrap_or("localhost")).unwrap(),
     )
-    .unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut s = StreamOwned::new(conn, sock);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).unwrap();
-    }
-    s
+    .unwrap()
 }
 
 /// Reads to the end of the TLS stream. Returns the bytes; panics unless the
