@@ -939,8 +939,54 @@ fn redirect_listener_answers_301_to_https() {
         "[[redirect]]\naddress = \"127.0.0.1:0\"\nhttps_port = 8443\n{}",
         http_config(&[("a", a.addr)], ANY_TO_A, "")
     );
-    let k = Ktern::start(&pki, "", &cfg);
+    let k = Ktern::start(&pki, "cpus = [0]\nmax_connections = 2", &cfg);
     let redirect = k.redirects[0];
+    // Its connections count against runtime.max_connections as TLS ones
+    // do: past it, closed at accept.
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(redirect).unwrap())
+        .collect();
+    k.wait_metric("ktern_connections_active", 2);
+    let mut over = TcpStream::connect(redirect).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut nothing = Vec::new();
+    let _ = over.read_to_end(&mut nothing);
+    assert!(nothing.is_empty());
+    assert_eq!(k.metric("ktern_connections_refused_total"), 1);
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while k.metric("ktern_connections_active") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed connections stay counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One deadline for the whole head (10 s), however slowly it trickles:
+    // a byte every second is cut off before the 15th.
+    let mut slow = TcpStream::connect(redirect).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut cut = false;
+    for b in b"GET / HTTP/1.1\r\nHost: www.example.com\r\n" {
+        if slow.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        let mut one = [0u8; 1];
+        match slow.read(&mut one) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(_) => panic!("an answer before the head ended"),
+            Err(_) => {} // the second's wait
+        }
+    }
+    assert!(
+        cut,
+        "a trickled head kept its connection past the head deadline"
+    );
     let mut s = TcpStream::connect(redirect).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\n\r\n")

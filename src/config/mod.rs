@@ -1100,7 +1100,8 @@ impl Validator<'_> {
                 // Sockets of one address join one SO_REUSEPORT group: a
                 // redirect there would take a share of the TLS listener's
                 // connections (on a reload; at start the bind fails).
-                if listeners.iter().any(|l| l.address == address) {
+                // (Port 0 asks the kernel for a free port each: no clash.)
+                if address.port() != 0 && listeners.iter().any(|l| l.address == address) {
                     self.problem(&at, format!("{address} is already used by a listener"));
                 }
                 Some(Redirect {
@@ -1110,7 +1111,7 @@ impl Validator<'_> {
             })
             .collect();
         for (i, r) in redirects.iter().enumerate() {
-            if redirects[..i].iter().any(|b| b.address == r.address) {
+            if r.address.port() != 0 && redirects[..i].iter().any(|b| b.address == r.address) {
                 self.problem(
                     format!("redirect[{i}].address"),
                     format!("{} is already used by another redirect", r.address),

@@ -222,7 +222,14 @@ fn listener_names_and_redirect_addresses_are_unique() {
         let text = format!("{GOOD}\n[[redirect]]\naddress = \"{address}\"\n[[redirect]]\naddress = \"{address}\"\n");
         Config::from_toml(&text, "t.toml", Path::new("."), &pems())
     };
-    let e = redirect("127.0.0.1:0").unwrap_err();
+    // Port 0: a free port each, no clash.
+    assert!(redirect("127.0.0.1:0").is_ok());
+    let text = GOOD.replace("127.0.0.1:0", "127.0.0.1:8443");
+    let redirect = |address: &str| {
+        let text = format!("{text}\n[[redirect]]\naddress = \"{address}\"\n[[redirect]]\naddress = \"{address}\"\n");
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    let e = redirect("127.0.0.1:8443").unwrap_err();
     let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
     assert_eq!(
         fields,

@@ -76,14 +76,14 @@ impl ClientHandshake {
     pub fn poll(&mut self) -> Result<Step, BackendTlsError> {
         // A backend's records after the handshake are its tickets: no
         // reply is owed (and its keys go to the kernel at once or never).
-        let mut owed = false;
+        let mut unanswered = 0;
         let result = advance(
             &mut self.conn,
             &mut self.input,
             &mut self.output,
             &mut self.early_plaintext,
             &mut self.peer_closed,
-            &mut owed,
+            &mut unanswered,
             self.eof,
         );
         match result {

@@ -129,8 +129,8 @@ pub fn refused(e: &rustls::Error) -> Option<Refused> {
 /// value can go into a header field or a log line as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientIdentity {
-    /// The subject DN, RFC 4514 order as x509-parser prints it
-    /// (`CN=client, O=Example`).
+    /// The subject DN in the certificate's order (`CN=client,
+    /// O=Example`), values escaped as RFC 4514 says (`CN=Doe\, John`).
     pub subject: Box<str>,
     /// The subject's first common name, if it has one.
     pub common_name: Option<Box<str>>,
@@ -178,7 +178,9 @@ impl ClientIdentity {
                 if !sans.is_empty() {
                     sans.push_str(", ");
                 }
-                let _ = write!(sans, "{kind}:{}", printable(&value));
+                // A comma inside a value (a URI may have one) as `\x2C`:
+                // it must not read as the list's next name.
+                let _ = write!(sans, "{kind}:{}", printable(&value).replace(',', "\\x2C"));
             }
         }
         let digest =
@@ -188,11 +190,69 @@ impl ClientIdentity {
             let _ = write!(fingerprint, "{b:02x}");
         }
         Some(ClientIdentity {
-            subject: printable(&cert.subject().to_string()),
+            subject: subject(cert.subject()).into(),
             common_name,
             sans: sans.into(),
             fingerprint: fingerprint.into(),
         })
+    }
+}
+
+/// The subject DN as one printable-ASCII string (RDNs in the
+/// certificate's order, `, ` between them, ` + ` within one), each value
+/// escaped as RFC 4514 §2.4 says, as nginx's `$ssl_client_s_dn` is: a CN
+/// of `mallory, O=Admins` must not read as a second attribute, and a
+/// backslash always starts an escape. A value that is not a string type
+/// is `#` and its hex (§2.4's form).
+fn subject(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use std::fmt::Write as _;
+    use x509_parser::objects::{oid2abbrev, oid_registry};
+    let mut out = String::new();
+    for (i, rdn) in name.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push_str(" + ");
+            }
+            match oid2abbrev(atv.attr_type(), oid_registry()) {
+                Ok(abbrev) => out.push_str(abbrev),
+                Err(_) => out.push_str(&atv.attr_type().to_id_string()),
+            }
+            out.push('=');
+            match atv.as_str() {
+                Ok(value) => escape_dn_value(value.as_bytes(), &mut out),
+                Err(_) => {
+                    out.push('#');
+                    for b in atv.as_slice() {
+                        let _ = write!(out, "{b:02X}");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// RFC 4514 §2.4: `"` `+` `,` `;` `<` `>` `\\` anywhere, `#` or a space
+/// first and a space last after a backslash; bytes outside printable
+/// ASCII (controls, UTF-8) as a backslash and two hex digits.
+fn escape_dn_value(value: &[u8], out: &mut String) {
+    use std::fmt::Write as _;
+    let last = value.len().saturating_sub(1);
+    for (i, &b) in value.iter().enumerate() {
+        let special = matches!(b, b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\')
+            || (i == 0 && matches!(b, b'#' | b' '))
+            || (i == last && b == b' ');
+        if special {
+            out.push('\\');
+            out.push(b as char);
+        } else if (0x20..0x7f).contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "\\{b:02X}");
+        }
     }
 }
 
@@ -235,7 +295,7 @@ mod tests {
         let id = ClientIdentity::read(cert.der()).unwrap();
         assert_eq!(id.common_name.as_deref(), Some("svc\\x0D\\x0AX-Evil: 1"));
         assert!(
-            id.subject.contains("CN=svc\\x0D\\x0AX-Evil: 1"),
+            id.subject.contains("CN=svc\\0D\\0AX-Evil: 1"),
             "{}",
             id.subject
         );
@@ -250,5 +310,31 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert!(ClientIdentity::read(b"not a certificate").is_none());
+    }
+
+    #[test]
+    fn subject_values_cannot_pose_as_other_attributes() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["svc.example".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mallory, O=Admins");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "#Users; <a+b> \"q\" ");
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "https://a/x, URI:spiffe://admin".try_into().unwrap(),
+        ));
+        let cert = params.self_signed(&key).unwrap();
+        let id = ClientIdentity::read(cert.der()).unwrap();
+        assert_eq!(
+            &*id.subject,
+            "CN=mallory\\, O=Admins, O=\\#Users\\; \\<a\\+b\\> \\\"q\\\"\\ "
+        );
+        assert_eq!(
+            &*id.sans,
+            "DNS:svc.example, URI:https://a/x\\x2C URI:spiffe://admin"
+        );
     }
 }

@@ -456,9 +456,11 @@ pub struct Handshake {
     output: Vec<u8>,
     early_plaintext: Vec<u8>,
     peer_closed: bool,
-    /// A client record after the handshake was not application data (a
-    /// KeyUpdate): see [`Established::reply_owed`].
-    reply_owed: bool,
+    /// Client records read after the handshake that were neither
+    /// application data nor its close_notify (a KeyUpdate): see
+    /// [`Established::reply_owed`]. Signed: a close_notify is read by one
+    /// `process` call and reported by the next.
+    unanswered: i64,
     eof: bool,
     /// The connection's first bytes, kept only until the ClientHello peek
     /// has an answer (and only when the hello spans reads).
@@ -516,7 +518,7 @@ impl Handshake {
             output: Vec::new(),
             early_plaintext: Vec::new(),
             peer_closed: false,
-            reply_owed: false,
+            unanswered: 0,
             eof: false,
             hello_prefix: Vec::new(),
             hello_peek: hello::HelloPeek::default(),
@@ -651,7 +653,7 @@ impl Handshake {
             &mut self.output,
             &mut self.early_plaintext,
             &mut self.peer_closed,
-            &mut self.reply_owed,
+            &mut self.unanswered,
             self.eof,
         );
         match result {
@@ -688,7 +690,7 @@ impl Handshake {
             early_plaintext: self.early_plaintext,
             unsent: self.output,
             peer_closed: self.peer_closed,
-            reply_owed: self.reply_owed,
+            reply_owed: self.unanswered > 0,
             sni: self.sni,
             acme_validation: self.acme_validation,
         }
@@ -758,15 +760,16 @@ pub(crate) enum Stalled {
 /// Runs rustls' handshake state machine, on either end, as far as `input`
 /// allows: the core of both drivers' `poll`. Queues what must be sent in
 /// `output`, application data that came with the last flight in `early`;
-/// sets `owed` when a record read after the handshake ended was not
-/// application data ([`Established::reply_owed`]).
+/// counts in `unanswered` the records read after the handshake ended that
+/// were neither application data nor the close_notify
+/// ([`Established::reply_owed`]: one may be a KeyUpdate).
 pub(crate) fn advance<C: Unbuffered>(
     conn: &mut C,
     input: &mut Vec<u8>,
     output: &mut Vec<u8>,
     early: &mut Vec<u8>,
     peer_closed: &mut bool,
-    owed: &mut bool,
+    unanswered: &mut i64,
     eof: bool,
 ) -> Result<Step, Stalled> {
     loop {
@@ -812,6 +815,11 @@ pub(crate) fn advance<C: Unbuffered>(
             }
             Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
                 *peer_closed = true;
+                // The close_notify record is the client's last: no
+                // KeyUpdate, nothing owed for it.
+                if traffic {
+                    opened += 1;
+                }
                 // Before the handshake finishes a close_notify is an abort;
                 // after it, the stream stage reports EOF.
                 if conn.is_handshaking() {
@@ -844,8 +852,9 @@ pub(crate) fn advance<C: Unbuffered>(
         if discard > 0 {
             input.drain(..discard);
         }
-        if traffic && opened < records.saturating_sub(complete_records(input)) {
-            *owed = true;
+        if traffic {
+            let read = records.saturating_sub(complete_records(input));
+            *unanswered += read as i64 - opened as i64;
         }
         result?;
         // What rustls sealed after the handshake (TLS 1.3 tickets) waits

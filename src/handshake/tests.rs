@@ -653,3 +653,34 @@ fn a_keyupdate_with_the_finished_leaves_a_reply_owed() {
         assert_eq!(est.early_plaintext, want);
     }
 }
+
+/// A client that sends its request and its close_notify with its
+/// Finished owes no KeyUpdate reply: the alert record is no KeyUpdate
+/// (it was counted as one, and a connection whose keys go to the kernel
+/// at the handshake was closed unserved).
+#[test]
+fn a_close_notify_with_the_finished_owes_no_reply() {
+    use std::io::Write as _;
+    let (l, root) = listener(false, true);
+    let mut hs = start(&l);
+    let mut c = extracting_client(root);
+    until_the_clients_finished(&mut hs, &mut c);
+    c.writer().write_all(b"ping").unwrap();
+    c.send_close_notify();
+    let mut flight = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut flight).unwrap();
+    }
+    hs.handle_input(&flight).unwrap();
+    let mut step = hs.poll().unwrap();
+    while step == Step::Transmit {
+        let out = hs.take_output();
+        hs.output_sent(out);
+        step = hs.poll().unwrap();
+    }
+    assert_eq!(step, Step::Done);
+    let est = hs.finish();
+    assert!(!est.reply_owed);
+    assert!(est.peer_closed);
+    assert_eq!(est.early_plaintext, b"ping");
+}

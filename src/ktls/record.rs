@@ -21,6 +21,8 @@ pub mod alert {
     pub const UNEXPECTED_MESSAGE: u8 = 10;
     /// decode_error.
     pub const DECODE_ERROR: u8 = 50;
+    /// user_canceled.
+    pub const USER_CANCELED: u8 = 90;
     /// internal_error.
     pub const INTERNAL_ERROR: u8 = 80;
 }
@@ -56,6 +58,9 @@ pub enum Control {
     /// client): the record's whole body, one or more messages (RFC 8446
     /// §4.6.1), for [`session_tickets`] to split.
     SessionTickets,
+    /// An alert that does not end the connection: TLS 1.3's
+    /// user_canceled, a TLS 1.2 warning. Read on.
+    Ignored,
     /// Anything else: a post-handshake message we do not accept
     /// (renegotiation ClientHello, client NewSessionTicket, …), a malformed
     /// record, or an unknown content type. Answered with `alert` and a close.
@@ -75,6 +80,13 @@ pub fn classify(record_type: u8, body: &[u8], tls13: bool, from_server: bool) ->
     match record_type {
         content::ALERT => match body {
             [_, alert::CLOSE_NOTIFY] => Control::CloseNotify,
+            // RFC 8446 §6.1: user_canceled comes before a close_notify
+            // (JDK clients send it when they close); in TLS 1.2 a warning
+            // does not end the connection (RFC 5246 §7.2). rustls ignores
+            // both on the userspace path; so does the kernel path.
+            [_, alert::USER_CANCELED] if tls13 => Control::Ignored,
+            [1, _] if !tls13 => Control::Ignored,
+            // Any other alert ends it, whatever its level (RFC 8446 §6).
             [_, desc] => Control::Alert(*desc),
             _ => Control::Unexpected {
                 alert: alert::DECODE_ERROR,
@@ -193,6 +205,14 @@ mod tests {
     fn alerts() {
         assert_eq!(classify(21, &[1, 0], true, false), Control::CloseNotify);
         assert_eq!(classify(21, &[2, 40], true, false), Control::Alert(40));
+        // user_canceled, then the close_notify that follows it.
+        assert_eq!(classify(21, &[1, 90], true, false), Control::Ignored);
+        // TLS 1.3: a warning level does not soften any other alert.
+        assert_eq!(classify(21, &[1, 40], true, false), Control::Alert(40));
+        // TLS 1.2: warnings are ignored, fatal alerts end it.
+        assert_eq!(classify(21, &[1, 100], false, false), Control::Ignored);
+        assert_eq!(classify(21, &[2, 40], false, false), Control::Alert(40));
+        assert_eq!(classify(21, &[1, 0], false, false), Control::CloseNotify);
         assert!(matches!(
             classify(21, &[2], true, false),
             Control::Unexpected { .. }

@@ -551,6 +551,7 @@ impl TlsReader {
                 Ok(None)
             }
             Control::Alert(desc) => Err(StreamError::PeerAlert(desc)),
+            Control::Ignored => Ok(None),
             Control::Unexpected { alert, what } => {
                 let _ = sys::send_record(fd, record::content::ALERT, &record::fatal_alert(alert));
                 Err(StreamError::Unexpected(what))

@@ -54,7 +54,7 @@ counters! {
     passthrough_bad_hello => "ktern_passthrough_bad_hello_total", "Passthrough connections closed: the first bytes were not a TLS ClientHello, or it was larger than 64 KiB.";
     passthrough_hello_timeout => "ktern_passthrough_hello_timeout_total", "Passthrough connections closed: no whole ClientHello within hello_timeout.";
     hs_fail_timeout => "ktern_handshake_failures_timeout_total", "Handshakes failed: deadline passed.";
-    hs_fail_eof => "ktern_handshake_failures_eof_total", "Handshakes failed: client closed or reset mid-handshake.";
+    hs_fail_eof => "ktern_handshake_failures_eof_total", "Handshakes failed: client closed or reset mid-handshake (on a passthrough listener: before its ClientHello ended).";
     ktls_offloaded => "ktern_ktls_offloaded_total", "Connections whose record crypto went to the kernel.";
     ktls_userspace => "ktern_ktls_userspace_total", "Connections kept on userspace rustls records.";
     ktls_deferred => "ktern_ktls_deferred_total", "Connections started on userspace records under ktls auto, their keys to go to the kernel at their first bulk transfer of `ktls_after` bytes.";

@@ -79,6 +79,25 @@ pub fn serve(
     }
 }
 
+/// A redirect listener's connection in the shard's counts
+/// (`ktern_connections_accepted_total`, `_active`, what
+/// `runtime.max_connections` is checked against), given back on drop.
+pub(super) struct Opened(std::sync::Arc<M>);
+
+impl Opened {
+    pub(super) fn new(m: std::sync::Arc<M>) -> Opened {
+        M::inc(&m.accepted);
+        M::inc(&m.active);
+        Opened(m)
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        M::dec(&self.0.active);
+    }
+}
+
 /// An open connection's place in the shard's and its listener's counts
 /// (`ktern_connections_active`, and what `runtime.max_connections` is
 /// checked against), given back on drop so that a caught panic does not
@@ -274,12 +293,21 @@ async fn read_proxy_header(
 /// [`MAX_HELLO`]: handshake::hello::MAX_HELLO
 const PASSTHROUGH_PEEK_MAX: usize = 2 * handshake::hello::MAX_HELLO;
 
+/// Why a passthrough connection has no ClientHello to route by.
+enum NoHello {
+    /// Its first bytes are not one (the reason).
+    Bad(&'static str),
+    /// The client closed or reset first: a TCP health check or a port
+    /// scan, not a protocol error (the reason).
+    Gone(&'static str),
+}
+
 /// Reads a connection's first bytes onto `buf` until they hold a whole
-/// ClientHello (returned), or are not one (`Err`, the reason).
+/// ClientHello (returned), or are not one.
 async fn read_hello(
     socket: &mut TcpStream,
     buf: &mut Vec<u8>,
-) -> Result<handshake::hello::Hello, &'static str> {
+) -> Result<handshake::hello::Hello, NoHello> {
     use handshake::hello::{HelloPeek, Peeked};
     use monoio::buf::SliceMut;
     use monoio::io::AsyncReadRent;
@@ -288,13 +316,13 @@ async fn read_hello(
         if !buf.is_empty() {
             match peek.feed(buf) {
                 Peeked::Hello(h) => return Ok(h),
-                Peeked::NotHello => return Err("not a TLS ClientHello"),
+                Peeked::NotHello => return Err(NoHello::Bad("not a TLS ClientHello")),
                 Peeked::NeedMore => {}
             }
         }
         let have = buf.len();
         if have >= PASSTHROUGH_PEEK_MAX {
-            return Err("no whole ClientHello in the first 128 KiB");
+            return Err(NoHello::Bad("no whole ClientHello in the first 128 KiB"));
         }
         if buf.capacity() == have {
             buf.reserve(have.clamp(2048, PASSTHROUGH_PEEK_MAX - have));
@@ -305,9 +333,17 @@ async fn read_hello(
             .await;
         *buf = b.into_inner();
         match res {
-            Ok(0) => return Err("the client closed before its ClientHello ended"),
+            Ok(0) => {
+                return Err(NoHello::Gone(
+                    "the client closed before its ClientHello ended",
+                ))
+            }
             Ok(_) => {}
-            Err(_) => return Err("the client's socket failed before its ClientHello ended"),
+            Err(_) => {
+                return Err(NoHello::Gone(
+                    "the client's socket failed before its ClientHello ended",
+                ))
+            }
         }
     }
 }
@@ -342,9 +378,14 @@ async fn passthrough(
     .await
     {
         Ok(Ok(hello)) => hello,
-        Ok(Err(why)) => {
+        Ok(Err(NoHello::Bad(why))) => {
             M::inc(&m.passthrough_bad_hello);
             tracing::info!(%peer, "passthrough: connection closed: {why}");
+            return None;
+        }
+        Ok(Err(NoHello::Gone(why))) => {
+            M::inc(&m.hs_fail_eof);
+            tracing::debug!(%peer, "passthrough: {why}");
             return None;
         }
         Err(_) => {

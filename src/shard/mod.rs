@@ -814,10 +814,25 @@ fn dispatch(
             monoio::spawn(fut);
         }
         Slot::Redirect(r) => {
+            // Counted and capped as TLS connections are: a plain-HTTP
+            // listener is as public, and its connections hold fds too.
+            let active = shard
+                .metrics
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if active >= gen.config().runtime.max_connections {
+                ShardMetrics::inc(&shard.metrics.refused_over_cap);
+                tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
+                return;
+            }
+            let open = driver::Opened::new(shard.metrics.clone());
             let https_port = gen.config().redirects.get(r).and_then(|r| r.https_port);
             let work =
                 crate::proxy::http::redirect::serve(socket, https_port, gen.gen.challenges.clone());
-            monoio::spawn(driver::contained(work));
+            monoio::spawn(driver::contained(async move {
+                let _open = open;
+                work.await
+            }));
         }
     }
 }

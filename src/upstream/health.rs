@@ -101,13 +101,18 @@ pub enum Probe {
     Local(String),
 }
 
+/// Fields a check response head may have: as many as the proxy takes in
+/// a backend's response (`proxy::http::head::MAX_FIELDS`; not imported:
+/// `upstream` is below `proxy` in the module graph).
+const MAX_FIELDS: usize = 128;
+
 /// Classifies a check response from its first bytes. Interim (1xx)
 /// responses before the final one are skipped, as the proxy skips them
 /// (RFC 9110 §15.2: `103 Early Hints`, `102 Processing`).
 pub fn classify(buf: &[u8]) -> Probe {
     let mut rest = buf;
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; crate::proxy::http::head::MAX_FIELDS];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut resp = httparse::Response::new(&mut headers);
         return match resp.parse(rest) {
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Probe::NeedMore,

@@ -14,7 +14,9 @@ use super::head::{self, Limits};
 use super::rewrite;
 use crate::challenges::Challenges;
 
-/// Time a client has to send its request head.
+/// Time a client has to send its whole request head: one deadline, not
+/// one per read (a client sending a byte every few seconds would hold the
+/// connection for days, its head re-parsed at each byte).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `Location` for a request to `host` (may carry a port) and `target`.
@@ -74,23 +76,39 @@ pub fn respond(
 /// Answers one plain-HTTP connection.
 pub async fn serve(mut socket: TcpStream, https_port: Option<u16>, challenges: Arc<Challenges>) {
     let limits = Limits::default();
-    let mut buf: Vec<u8> = Vec::new();
-    let response = loop {
-        match head::parse_request(&buf, &limits) {
-            Ok(Some(h)) => {
-                break respond(h.host().unwrap_or(""), h.target(), https_port, &challenges);
+    let head = async {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            match head::parse_request(&buf, &limits) {
+                Ok(Some(h)) => {
+                    return Some(respond(
+                        h.host().unwrap_or(""),
+                        h.target(),
+                        https_port,
+                        &challenges,
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let body = format!("{}\n", e);
+                    return Some(rewrite::local_response(
+                        e.status(),
+                        "Error",
+                        true,
+                        &[],
+                        &body,
+                        false,
+                    ));
+                }
             }
-            Ok(None) => {}
-            Err(e) => {
-                let body = format!("{}\n", e);
-                break rewrite::local_response(e.status(), "Error", true, &[], &body, false);
+            match socket.read(Vec::with_capacity(4096)).await {
+                (Ok(n), chunk) if n > 0 => buf.extend_from_slice(&chunk),
+                _ => return None,
             }
         }
-        let read = monoio::time::timeout(HEAD_TIMEOUT, socket.read(Vec::with_capacity(4096))).await;
-        match read {
-            Ok((Ok(n), chunk)) if n > 0 => buf.extend_from_slice(&chunk),
-            _ => return,
-        }
+    };
+    let Ok(Some(response)) = monoio::time::timeout(HEAD_TIMEOUT, head).await else {
+        return;
     };
     let _ = socket.write_all(response).await;
 }
