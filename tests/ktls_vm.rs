@@ -117,6 +117,37 @@ fn ktls_off_keeps_records_in_userspace() {
     assert_eq!(k.metric("ktern_ktls_offloaded_total"), 0);
 }
 
+/// A client's KeyUpdates with no application data between them: 32 are
+/// taken on the kernel path, as rustls takes them on the userspace path;
+/// the 33rd ends the connection with unexpected_message (each costs a key
+/// derivation and a setsockopt for a 27-byte record). Kernels with rekey.
+#[test]
+fn keyupdates_without_data_are_capped_on_the_kernel_path() {
+    if !ktls_here() || !tls_stat().contains_key("TlsRxRekeyOk") {
+        return;
+    }
+    let (pki, k) = ktern("keyupdates", "ktls = \"required\"");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"ECHO\nfirst").unwrap();
+    let mut echoed = [0u8; 5];
+    c.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"first");
+    assert_eq!(k.metric("ktern_ktls_offloaded_total"), 1);
+    for _ in 0..32 {
+        c.conn.refresh_traffic_keys().unwrap();
+    }
+    c.write_all(b"again").unwrap();
+    c.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"again", "32 KeyUpdates in a row are taken");
+    for _ in 0..33 {
+        c.conn.refresh_traffic_keys().unwrap();
+    }
+    let _ = c.flush();
+    let err = c.read_exact(&mut echoed).expect_err("the 33rd ends it");
+    assert!(format!("{err:?}").contains("UnexpectedMessage"), "{err:?}");
+    assert_eq!(k.wait_metric("ktern_ktls_rekey_rx_total", 64), 64);
+}
+
 #[test]
 fn client_key_update_rekeys_or_closes_with_an_alert() {
     if !ktls_here() {

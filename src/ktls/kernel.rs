@@ -73,10 +73,19 @@ pub(super) struct Kernel {
     request_peer_update: bool,
     /// The peer requested a KeyUpdate; the writer sends ours before its next record.
     tx_update_pending: bool,
+    /// KeyUpdates received since the last application data
+    /// ([`MAX_KEY_UPDATES_IN_A_ROW`]).
+    key_updates_in_a_row: u8,
     /// Counters the shard reads after the connection.
     pub(super) rx_rekeys: u64,
     pub(super) tx_rekeys: u64,
 }
+
+/// KeyUpdates a peer may send with no application data between them, as
+/// rustls allows on the userspace path (its `allowed_key_update_requests`,
+/// BoringSSL's too): each costs a key derivation and a `setsockopt` on
+/// the shard's thread for a 27-byte record.
+const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
 
 /// What a write must do first.
 pub(super) enum TxStep {
@@ -204,6 +213,7 @@ impl Kernel {
             rx_budget: RecordBudget::starting_at(limit, rx_seq),
             request_peer_update: false,
             tx_update_pending: false,
+            key_updates_in_a_row: 0,
             rx_rekeys: 0,
             tx_rekeys: 0,
         })
@@ -213,6 +223,9 @@ impl Kernel {
     /// TLS 1.3 connection on a rekey-capable kernel asks the peer for a
     /// KeyUpdate (through the writer's next KeyUpdate).
     pub(super) fn charge_rx(&mut self, n: usize) -> RxStep {
+        if n > 0 {
+            self.key_updates_in_a_row = 0;
+        }
         self.rx_budget.charge(n);
         if !self.rx_budget.exhausted() || self.request_peer_update {
             return RxStep::Fine;
@@ -287,6 +300,14 @@ impl Kernel {
         fd: BorrowedFd<'_>,
         update_requested: bool,
     ) -> Result<(), StreamError> {
+        if self.key_updates_in_a_row >= MAX_KEY_UPDATES_IN_A_ROW {
+            let alert = record::fatal_alert(record::alert::UNEXPECTED_MESSAGE);
+            let _ = sys::send_record(fd, record::content::ALERT, &alert);
+            return Err(StreamError::Unexpected(
+                "too many KeyUpdates without application data",
+            ));
+        }
+        self.key_updates_in_a_row += 1;
         // Always ask the kernel: Linux < 6.13 answers EBUSY (no rekey),
         // newer ones install the key and resume decrypting.
         match self.next_key(fd, KeyDirection::Receive) {

@@ -117,7 +117,23 @@ impl BodyScanner {
 
     /// Scans `input`, returning how many leading bytes belong to the body.
     pub fn scan(&mut self, input: &[u8]) -> Result<usize, BodyError> {
-        self.advance(input, None)
+        self.advance(input, None, false)
+    }
+
+    /// As [`BodyScanner::scan`], but stops where a chunked body's trailer
+    /// section begins (after the last chunk's size line): the caller takes
+    /// the section with [`BodyScanner::decode`] and forwards what it
+    /// allows of it ([`BodyScanner::in_trailers`]).
+    pub fn scan_to_trailers(&mut self, input: &[u8]) -> Result<usize, BodyError> {
+        if self.in_trailers() {
+            return Ok(0);
+        }
+        self.advance(input, None, true)
+    }
+
+    /// In a chunked body's trailer section.
+    pub fn in_trailers(&self) -> bool {
+        matches!(self.state, State::Chunked(Chunk::Trailer { .. }))
     }
 
     /// As [`BodyScanner::scan`], also appending the body's content to
@@ -125,10 +141,15 @@ impl BodyScanner {
     /// lines. For a peer that frames bodies its own way (HTTP/2 DATA
     /// frames and trailing HEADERS).
     pub fn decode(&mut self, input: &[u8], out: &mut Decoded) -> Result<usize, BodyError> {
-        self.advance(input, Some(out))
+        self.advance(input, Some(out), false)
     }
 
-    fn advance(&mut self, input: &[u8], mut out: Option<&mut Decoded>) -> Result<usize, BodyError> {
+    fn advance(
+        &mut self,
+        input: &[u8],
+        mut out: Option<&mut Decoded>,
+        stop_at_trailers: bool,
+    ) -> Result<usize, BodyError> {
         let mut used = 0;
         while used < input.len() {
             match &mut self.state {
@@ -151,10 +172,13 @@ impl BodyScanner {
                     }
                 }
                 State::Chunked(chunk) => {
-                    let (n, done) = scan_chunked(chunk, &input[used..], out.as_deref_mut())?;
+                    let (n, done) =
+                        scan_chunked(chunk, &input[used..], out.as_deref_mut(), stop_at_trailers)?;
                     used += n;
                     if done {
                         self.state = State::Done;
+                    } else if stop_at_trailers && self.in_trailers() {
+                        break;
                     }
                 }
             }
@@ -178,6 +202,7 @@ fn scan_chunked(
     chunk: &mut Chunk,
     input: &[u8],
     mut out: Option<&mut Decoded>,
+    stop_at_trailers: bool,
 ) -> Result<(usize, bool), BodyError> {
     let mut i = 0;
     while i < input.len() {
@@ -239,6 +264,9 @@ fn scan_chunked(
                     } else {
                         Chunk::Data { left: *size }
                     };
+                    if stop_at_trailers && matches!(chunk, Chunk::Trailer { .. }) {
+                        return Ok((i, false));
+                    }
                     continue;
                 }
                 match b {
@@ -305,6 +333,28 @@ fn scan_chunked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scan_to_trailers_stops_where_the_trailer_section_begins() {
+        let body = b"3\r\nabc\r\n0\r\nX-A: 1\r\n\r\nNEXT";
+        let mut s = BodyScanner::new(Framing::Chunked);
+        let n = s.scan_to_trailers(body).unwrap();
+        assert_eq!(&body[..n], b"3\r\nabc\r\n0\r\n");
+        assert!(s.in_trailers() && !s.is_done());
+        assert_eq!(s.scan_to_trailers(&body[n..]).unwrap(), 0);
+        let mut section = Decoded::default();
+        let m = s.decode(&body[n..], &mut section).unwrap();
+        assert_eq!(section.trailers, b"X-A: 1\r\n\r\n");
+        assert!(s.is_done());
+        assert_eq!(&body[n + m..], b"NEXT");
+        // Byte by byte, the same stop.
+        let mut s = BodyScanner::new(Framing::Chunked);
+        let mut at = 0;
+        while !s.in_trailers() {
+            at += s.scan_to_trailers(&body[at..at + 1]).unwrap();
+        }
+        assert_eq!(at, n);
+    }
 
     #[test]
     fn decode_strips_chunk_framing_and_keeps_trailers() {

@@ -56,6 +56,17 @@ pub fn plan<'r>(route: &'r HttpRoute, head: &RequestHead, sni: Option<&str>) -> 
     // A local answer before the body was read leaves the body in the
     // stream; closing afterwards keeps it from being read as a request.
     let close_after_local = !head.keep_alive || has_body;
+    // A `.` or `..` segment (literal or `%2e`): rules match the path as
+    // sent, and a backend that resolves `/v2/../admin` would serve what no
+    // rule routed to it (browsers remove them before sending). 400, the
+    // connection kept, as nginx answers one that climbs above the root.
+    if super::head::has_dot_segment(head.target().as_bytes()) {
+        return Plan::Local {
+            status: 400,
+            close: close_after_local,
+            group: None,
+        };
+    }
     let host = strip_port(head.host().unwrap_or_default());
     let Some(rule) = find_rule(&route.rules, host, sni, target_path(head.target())) else {
         return Plan::Local {
@@ -373,6 +384,19 @@ mod tests {
                 group: None
             }
         );
+        // A dot-segment would reach what no rule routes: 400, the
+        // connection kept.
+        for path in ["/v1/../admin", "/v1/%2E%2e/admin", "/app/./x"] {
+            assert_eq!(
+                plan(&r, &get("api.example.com", path), None),
+                Plan::Local {
+                    status: 400,
+                    close: false,
+                    group: None
+                },
+                "{path}"
+            );
+        }
     }
 
     #[test]

@@ -1569,6 +1569,9 @@ async fn send_body(
 ) -> Result<BodySent, HttpError> {
     let mut scanner = BodyScanner::new(head.framing);
     let mut total = 0u64;
+    // A chunked body's trailer section, once reached: held (at most 8 KiB,
+    // the scanner's bound) and sent as `rewrite::client_trailers` allows.
+    let mut trailers: Option<crate::proxy::http::body::Decoded> = None;
     while !scanner.is_done() {
         if inbuf.is_empty() {
             match ctx.within(timeout, reader.read_chunk()).await {
@@ -1582,7 +1585,18 @@ async fn send_body(
                 Ok(Err(e)) => return Err(HttpError::Downstream(e)),
             }
         }
-        let n = match scanner.scan(inbuf) {
+        if let Some(section) = trailers.as_mut() {
+            let n = match scanner.decode(inbuf, section) {
+                Ok(n) => n,
+                Err(_) => return Ok(BodySent::Refused(400)),
+            };
+            inbuf.drain(..n);
+            let mut m = ctx.moved.get();
+            m.up += n as u64;
+            ctx.moved.set(m);
+            continue;
+        }
+        let n = match scanner.scan_to_trailers(inbuf) {
             Ok(n) => n,
             Err(_) => return Ok(BodySent::Refused(400)),
         };
@@ -1590,11 +1604,22 @@ async fn send_body(
         if total > max_body {
             return Ok(BodySent::Refused(413));
         }
+        if scanner.in_trailers() {
+            trailers = Some(Default::default());
+        }
         let chunk = take_front(inbuf, n);
         let mut m = ctx.moved.get();
         m.up += chunk.len() as u64;
         ctx.moved.set(m);
         match ctx.within(backend_timeout, backend.write_all(chunk)).await {
+            Err(_) => return Ok(BodySent::BackendStalled),
+            Ok((Err(_), _)) => return Ok(BodySent::BackendFailed),
+            Ok((Ok(_), _)) => {}
+        }
+    }
+    if let Some(section) = trailers {
+        let out = super::rewrite::client_trailers(&section.trailers);
+        match ctx.within(backend_timeout, backend.write_all(out)).await {
             Err(_) => return Ok(BodySent::BackendStalled),
             Ok((Err(_), _)) => return Ok(BodySent::BackendFailed),
             Ok((Ok(_), _)) => {}

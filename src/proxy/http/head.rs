@@ -428,7 +428,10 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
             }
             let v = std::str::from_utf8(f.value)
                 .map_err(|_| HeadError::BadRequest("non-ASCII Host"))?
-                .trim();
+                .trim_matches([' ', '\t']);
+            if !valid_host(v.as_bytes()) {
+                return Err(HeadError::BadRequest("invalid Host"));
+            }
             host = Some(match v.bytes().any(|b| b.is_ascii_uppercase()) {
                 true => Host::Lowered(v.to_ascii_lowercase()),
                 false => Host::At(span(&fields.raw, v.as_bytes())),
@@ -528,6 +531,93 @@ fn origin_form(
         ));
     }
     Ok(target.end - path.len()..target.end)
+}
+
+/// RFC 9112 §3.2: `Host = uri-host [ ":" port ]`; anything else is a 400.
+/// uri-host is an IP-literal in brackets or a reg-name (unreserved,
+/// sub-delims and percent signs, RFC 3986 §3.2.2). Routing matches rules
+/// on this value and the backend gets it: `evil.tld/.example.com` must not
+/// pass for a name under `*.example.com`. Empty is allowed (an HTTP/1.0
+/// request, or a URI without authority).
+fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = match host {
+        [b'[', ..] => match host.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inside = &host[1..end];
+                let literal = !inside.is_empty()
+                    && inside
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+                if !literal {
+                    return false;
+                }
+                (&host[..0], &host[end + 1..])
+            }
+            None => return false,
+        },
+        _ => match host.iter().position(|&b| b == b':') {
+            Some(colon) => (&host[..colon], &host[colon..]),
+            None => (host, &host[host.len()..]),
+        },
+    };
+    let name_ok = name.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    });
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    name_ok && port_ok
+}
+
+/// Whether the path part of an origin-form target has a `.` or `..`
+/// segment, literal or percent-encoded (`%2e`): rules match the target's
+/// path as sent, and a backend that resolves `/v2/../admin` would serve a
+/// path outside the rule that routed it (RFC 3986 §5.2.4; browsers remove
+/// them before sending, so only a crafted request has one).
+pub fn has_dot_segment(target: &[u8]) -> bool {
+    let path = match target.iter().position(|&b| matches!(b, b'?' | b'#')) {
+        Some(end) => &target[..end],
+        None => target,
+    };
+    path.split(|&b| b == b'/').any(|segment| {
+        let mut dots = 0;
+        let mut rest = segment;
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && (rest[2] | 0x20) == b'e'
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
 }
 
 /// Enforces line-length limits on whatever part of the head has arrived:
@@ -934,6 +1024,31 @@ mod tests {
     }
 
     #[test]
+    fn dot_segments_are_found_literal_or_encoded() {
+        for path in [
+            "/v2/../admin",
+            "/v2/%2e%2E/admin",
+            "/v2/.%2e",
+            "/./x",
+            "/x/..",
+            "/x/.?a",
+        ] {
+            assert!(has_dot_segment(path.as_bytes()), "{path}");
+        }
+        // Dots inside names, and after the path, are no segments.
+        for path in [
+            "/",
+            "/a.b/..c/.../x",
+            "/x?../",
+            "/x#/../",
+            "/%2e%2e%2e/",
+            "/.well-known/x",
+        ] {
+            assert!(!has_dot_segment(path.as_bytes()), "{path}");
+        }
+    }
+
+    #[test]
     fn targets_are_origin_form_or_refused() {
         let target = |text: &str| req(text).map(|h| h.map(|h| h.target().to_string()));
         for (text, want) in [
@@ -948,6 +1063,9 @@ mod tests {
                 "GET HTTPS://X.example:8443/ HTTP/1.1\r\nHost: x.EXAMPLE:8443\r\n\r\n",
                 "/",
             ),
+            ("GET / HTTP/1.1\r\nHost: [2001:db8::1]:8443\r\n\r\n", "/"),
+            ("GET / HTTP/1.1\r\nHost: a_b.example\t\r\n\r\n", "/"),
+            ("GET / HTTP/1.0\r\nHost:\r\n\r\n", "/"),
         ] {
             assert_eq!(target(text).unwrap().as_deref(), Some(want), "{text:?}");
         }
@@ -966,6 +1084,15 @@ mod tests {
             "GET ?x HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET foo HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET @evil/x HTTP/1.1\r\nHost: x\r\n\r\n",
+            // Host must be uri-host [":" port] (RFC 9112 §3.2).
+            "GET / HTTP/1.1\r\nHost: evil.tld/.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: evil.tld#.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
         ] {
             match target(text) {
                 Err(e) => assert_eq!(e.status(), 400, "{text:?}: {e}"),

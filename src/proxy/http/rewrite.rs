@@ -83,16 +83,77 @@ impl<'a> Forwarding<'a> {
 /// True for a field that speaks for ktern or a trusted proxy: a
 /// forwarding field or `X-Client-Cert-*`.
 pub(crate) fn asserts_for_ktern(name: &[u8]) -> bool {
-    is_client_cert_field(name)
-        || FORWARDING
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    is_client_cert_field(name) || is_forwarding_field(name)
+}
+
+/// A client's trailer section (field lines then the final CRLF, as
+/// `body::Decoded` keeps it) as it goes to the backend: only lines that
+/// are fields, and none that frames, routes or describes the message
+/// (RFC 9110 §6.5.1: content-length, host, te, trailer, content-encoding,
+/// content-type, the hop-by-hop ones), or that speaks for ktern or a
+/// trusted proxy ([`asserts_for_ktern`]): a backend that merges trailers
+/// into its headers would otherwise read the client's word, which the
+/// head's fields cannot carry. HTTP/2 clients' trailers pass the same
+/// rule (`h2::convert::last_chunk`).
+pub(crate) fn client_trailers(section: &[u8]) -> Vec<u8> {
+    const BARRED: &[&str] = &[
+        "content-length",
+        "host",
+        "te",
+        "trailer",
+        "content-encoding",
+        "content-type",
+    ];
+    let mut out = Vec::new();
+    for line in section.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        let token = !name.is_empty()
+            && name
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token
+            || BARRED
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            || HOP_BY_HOP
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            || asserts_for_ktern(name)
+        {
+            continue;
+        }
+        push_field(&mut out, name, value.trim_ascii());
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// True for a field named `X-Client-Cert-*`.
 fn is_client_cert_field(name: &[u8]) -> bool {
     name.len() >= CLIENT_CERT_PREFIX.len()
-        && name[..CLIENT_CERT_PREFIX.len()].eq_ignore_ascii_case(CLIENT_CERT_PREFIX.as_bytes())
+        && same_name(&name[..CLIENT_CERT_PREFIX.len()], CLIENT_CERT_PREFIX)
+}
+
+/// `name` is `wanted` (lower case, with `-`), ignoring case and taking `_`
+/// for `-`: backends that map fields to CGI-style names (`HTTP_X_REAL_IP`:
+/// WSGI and Rack servers) read `X_Real_IP` as `X-Real-IP`, so a field that
+/// must not come from a client must not in either spelling (nginx drops
+/// names with `_` by default for this reason).
+fn same_name(name: &[u8], wanted: &str) -> bool {
+    name.len() == wanted.len()
+        && name
+            .iter()
+            .zip(wanted.bytes())
+            .all(|(&a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+}
+
+/// True for one of [`FORWARDING`], in either spelling ([`same_name`]).
+fn is_forwarding_field(name: &[u8]) -> bool {
+    FORWARDING.iter().any(|h| same_name(name, h))
 }
 
 /// True if `name` must not be forwarded, given the `Connection` options.
@@ -220,10 +281,7 @@ pub fn request(head: &RequestHead, fwd: &Forwarding, out: &mut Vec<u8>) {
         if is_client_cert_field(f.name) {
             continue;
         }
-        if FORWARDING
-            .iter()
-            .any(|h| f.name.eq_ignore_ascii_case(h.as_bytes()))
-        {
+        if is_forwarding_field(f.name) {
             if fwd.trusted {
                 if f.name.eq_ignore_ascii_case(b"x-forwarded-for") && fwd.x_forwarded {
                     prior_xff.push(f.value);
@@ -532,6 +590,23 @@ mod tests {
             out.contains("Forwarded: for=192.0.2.7;proto=https;host=app.example\r\n"),
             "{out}"
         );
+        // The CGI spelling (`_` for `-`) of the same fields goes too.
+        let out = rewrite(
+            "GET / HTTP/1.1\r\nHost: a\r\nX_Real_IP: 6.6.6.6\r\nX_Forwarded_Host: evil\r\nX_Client_Cert_Subject: CN=admin\r\nX_Other: kept\r\n\r\n",
+            false,
+        );
+        assert!(
+            !out.contains("6.6.6.6") && !out.contains("evil") && !out.contains("admin"),
+            "{out}"
+        );
+        assert!(out.contains("X_Other: kept\r\n"), "{out}");
+    }
+
+    #[test]
+    fn client_trailers_keep_only_plain_fields() {
+        let section = b"X-Sum: 7\r\nX-Client-Cert-Subject: CN=admin\r\nX_Real_IP: 1.2.3.4\r\nHost: other\r\nContent-Length: 9\r\nGET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nbad name: 1\r\nX-Last:  yes \r\n\r\n";
+        assert_eq!(client_trailers(section), b"X-Sum: 7\r\nX-Last: yes\r\n\r\n");
+        assert_eq!(client_trailers(b"\r\n"), b"\r\n");
     }
 
     #[test]
@@ -642,16 +717,19 @@ mod tests {
 
     #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
-        let head = parse_request(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", &Limits::default())
-            .unwrap()
-            .unwrap();
+        let head = parse_request(
+            b"GET / HTTP/1.1\r\nHost: a:8443\r\n\r\n",
+            &Limits::default(),
+        )
+        .unwrap()
+        .unwrap();
         let mut out = Vec::new();
         let mut f = fwd(false);
         f.client = "[2001:db8::1]:443".parse().unwrap();
         request(&head, &f, &mut out);
         let out = String::from_utf8(out).unwrap();
         assert!(
-            out.contains("\r\nForwarded: for=\"[2001:db8::1]\";proto=https;host=\"a b\"\r\n"),
+            out.contains("\r\nForwarded: for=\"[2001:db8::1]\";proto=https;host=\"a:8443\"\r\n"),
             "{out}"
         );
         assert!(
