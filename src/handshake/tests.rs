@@ -640,13 +640,7 @@ fn a_keyupdate_with_the_finished_leaves_a_reply_owed() {
             false => (rustls::ContentType::ApplicationData, b"ping"),
         };
         let mut hs = after_the_finished(typ, payload);
-        let mut step = hs.poll().unwrap();
-        while step == Step::Transmit {
-            let out = hs.take_output();
-            hs.output_sent(out);
-            step = hs.poll().unwrap();
-        }
-        assert_eq!(step, Step::Done);
+        assert_eq!(until_not_transmitting(&mut hs), Step::Done);
         let est = hs.finish();
         assert_eq!(est.reply_owed, key_update, "key_update={key_update}");
         let want: &[u8] = if key_update { b"" } else { b"ping" };
@@ -672,15 +666,21 @@ fn a_close_notify_with_the_finished_owes_no_reply() {
         c.write_tls(&mut flight).unwrap();
     }
     hs.handle_input(&flight).unwrap();
+    assert_eq!(until_not_transmitting(&mut hs), Step::Done);
+    let est = hs.finish();
+    assert!(!est.reply_owed);
+    assert!(est.peer_closed);
+    assert_eq!(est.early_plaintext, b"ping");
+}
+
+/// Polls, sending (to nobody) what the server transmits, until it asks for
+/// something else: that step.
+fn until_not_transmitting(hs: &mut Handshake) -> Step {
     let mut step = hs.poll().unwrap();
     while step == Step::Transmit {
         let out = hs.take_output();
         hs.output_sent(out);
         step = hs.poll().unwrap();
     }
-    assert_eq!(step, Step::Done);
-    let est = hs.finish();
-    assert!(!est.reply_owed);
-    assert!(est.peer_closed);
-    assert_eq!(est.early_plaintext, b"ping");
+    step
 }

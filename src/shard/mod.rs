@@ -788,15 +788,7 @@ fn dispatch(
     };
     match slot {
         Slot::Tls(index) => {
-            let active = shard
-                .metrics
-                .active
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if active >= gen.config().runtime.max_connections {
-                // Refused fast: closed before any TLS work; served
-                // connections are unaffected.
-                ShardMetrics::inc(&shard.metrics.refused_over_cap);
-                tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
+            if over_cap(shard, &gen, peer) {
                 return;
             }
             let Ok(client) = driver::admit_at_accept(shard, &gen, index, peer) else {
@@ -816,13 +808,7 @@ fn dispatch(
         Slot::Redirect(r) => {
             // Counted and capped as TLS connections are: a plain-HTTP
             // listener is as public, and its connections hold fds too.
-            let active = shard
-                .metrics
-                .active
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if active >= gen.config().runtime.max_connections {
-                ShardMetrics::inc(&shard.metrics.refused_over_cap);
-                tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
+            if over_cap(shard, &gen, peer) {
                 return;
             }
             let open = driver::Opened::new(shard.metrics.clone());
@@ -835,6 +821,22 @@ fn dispatch(
             }));
         }
     }
+}
+
+/// Whether the shard is at `runtime.max_connections`: the connection is
+/// then refused fast, closed before any work (counted, logged at debug);
+/// served connections are unaffected.
+fn over_cap(shard: &Shard, gen: &ShardGen, peer: SocketAddr) -> bool {
+    let active = shard
+        .metrics
+        .active
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if active < gen.config().runtime.max_connections {
+        return false;
+    }
+    ShardMetrics::inc(&shard.metrics.refused_over_cap);
+    tracing::debug!(shard = shard.id, %peer, active, "connection cap reached");
+    true
 }
 
 /// Every timeout the shard's sweeper enforces: each route's idle timeout
