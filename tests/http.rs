@@ -1446,6 +1446,9 @@ fn a_backend_pausing_mid_splice_stops_only_its_response() {
     if in_vm() {
         assert!(k.metric("ktern_http_spliced_bytes_total") > 0);
         assert_eq!(k.metric("ktern_ktls_promoted_total"), 1);
+        // The kernel's own count: it set up TX crypto for the promoted
+        // connection (splice reaches only a socket whose records it seals).
+        assert!(tls_stat_since(&k.tls_stat_at_start, "TlsTxSw") >= 1);
     }
 }
 

@@ -127,6 +127,7 @@ fn keyupdates_without_data_are_capped_on_the_kernel_path() {
         return;
     }
     let (pki, k) = ktern("keyupdates", "ktls = \"required\"");
+    let before = tls_stat();
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     c.write_all(b"ECHO\nfirst").unwrap();
     let mut echoed = [0u8; 5];
@@ -146,6 +147,9 @@ fn keyupdates_without_data_are_capped_on_the_kernel_path() {
     let err = c.read_exact(&mut echoed).expect_err("the 33rd ends it");
     assert!(format!("{err:?}").contains("UnexpectedMessage"), "{err:?}");
     assert_eq!(k.wait_metric("ktern_ktls_rekey_rx_total", 64), 64);
+    // The kernel installed those 64 keys itself (rustls, on a silent
+    // fallback, would have too).
+    assert_eq!(tls_stat_since(&before, "TlsRxRekeyOk"), 64);
 }
 
 #[test]

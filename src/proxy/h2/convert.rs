@@ -272,15 +272,6 @@ pub fn websocket_response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http:
     r
 }
 
-/// Fields that may not appear as trailers (RFC 9110 §6.5.1: framing,
-/// routing, and HTTP/2's connection-specific fields).
-fn trailer_allowed(name: &str) -> bool {
-    !matches!(
-        name,
-        "content-length" | "host" | "te" | "trailer" | "content-encoding" | "content-type"
-    ) && !CONNECTION_SPECIFIC.contains(&name)
-}
-
 /// Whether an HTTP/1.1 trailer section (as the body decoder keeps it)
 /// holds any field: more than its final CRLF.
 pub fn has_trailers(section: &[u8]) -> bool {
@@ -305,7 +296,7 @@ pub fn trailers_from_h1(section: &[u8]) -> Option<HeaderMap> {
             HeaderName::from_bytes(f.name.as_bytes()),
             HeaderValue::from_bytes(f.value),
         ) {
-            if trailer_allowed(n.as_str()) {
+            if rewrite::trailer_allowed(n.as_str().as_bytes()) {
                 map.append(n, v);
             }
         }
@@ -321,7 +312,7 @@ pub fn trailers_from_h1(section: &[u8]) -> Option<HeaderMap> {
 pub fn last_chunk(trailers: Option<&HeaderMap>) -> Vec<u8> {
     let mut out = b"0\r\n".to_vec();
     for (name, value) in trailers.into_iter().flatten() {
-        if trailer_allowed(name.as_str()) && !rewrite::asserts_for_ktern(name.as_str().as_bytes()) {
+        if rewrite::client_trailer_allowed(name.as_str().as_bytes()) {
             rewrite::push_field(&mut out, name.as_str(), value.as_bytes());
         }
     }

@@ -1437,9 +1437,6 @@ pub(crate) async fn begin_attempt<'b>(
     })
 }
 
-/// A new backend connection's set-up: the PROXY header (`send_proxy`),
-/// then TLS (`tls`: the handshake within `connect_timeout`, then kTLS when
-/// the kernel carries the suite). Failures are logged and counted here.
 /// Whose failure stopped [`set_up`].
 enum Blame {
     /// The backend's: its TLS handshake, or the PROXY header's write.
@@ -1448,6 +1445,9 @@ enum Blame {
     Local,
 }
 
+/// A new backend connection's set-up: the PROXY header (`send_proxy`),
+/// then TLS (`tls`: the handshake within `connect_timeout`, then kTLS when
+/// the kernel carries the suite). Failures are logged and counted here.
 async fn set_up(
     ctx: &Ctx<'_>,
     group: usize,

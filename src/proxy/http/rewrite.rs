@@ -96,14 +96,6 @@ pub(crate) fn asserts_for_ktern(name: &[u8]) -> bool {
 /// head's fields cannot carry. HTTP/2 clients' trailers pass the same
 /// rule (`h2::convert::last_chunk`).
 pub(crate) fn client_trailers(section: &[u8]) -> Vec<u8> {
-    const BARRED: &[&str] = &[
-        "content-length",
-        "host",
-        "te",
-        "trailer",
-        "content-encoding",
-        "content-type",
-    ];
     let mut out = Vec::new();
     for line in section.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -115,21 +107,37 @@ pub(crate) fn client_trailers(section: &[u8]) -> Vec<u8> {
             && name
                 .iter()
                 .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token
-            || BARRED
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-            || HOP_BY_HOP
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-            || asserts_for_ktern(name)
-        {
+        if !token || !client_trailer_allowed(name) {
             continue;
         }
         push_field(&mut out, name, value.trim_ascii());
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Whether a field may travel as a trailer (RFC 9110 §6.5.1): none that
+/// frames, routes or describes the message, and no hop-by-hop one (which
+/// covers HTTP/2's connection-specific fields). Both protocols' trailers,
+/// both ways, pass this rule.
+pub(crate) fn trailer_allowed(name: &[u8]) -> bool {
+    const BARRED: &[&str] = &[
+        "content-length",
+        "host",
+        "trailer",
+        "content-encoding",
+        "content-type",
+    ];
+    !BARRED
+        .iter()
+        .chain(HOP_BY_HOP)
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
+/// [`trailer_allowed`] for a client's trailers, which also may not speak
+/// for ktern ([`asserts_for_ktern`]).
+pub(crate) fn client_trailer_allowed(name: &[u8]) -> bool {
+    trailer_allowed(name) && !asserts_for_ktern(name)
 }
 
 /// True for a field named `X-Client-Cert-*`.
