@@ -13,7 +13,11 @@ run() {
 	shift
 	name="$(basename "$bin")${envs:+ ($envs)}"
 	echo "=== suite $name ==="
-	if env ${envs:+"$envs"} "$bin" --test-threads=1 "$@"; then
+	# Each test's time in the log (libtest's --report-time, unstable:
+	# RUSTC_BOOTSTRAP lets a stable build's test binary take it), to see
+	# where the guest's minutes go.
+	if env RUSTC_BOOTSTRAP=1 ${envs:+"$envs"} "$bin" --test-threads=1 \
+		-Z unstable-options --report-time "$@"; then
 		echo "=== suite $name: PASS ==="
 	else
 		echo "=== suite $name: FAIL ==="

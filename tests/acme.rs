@@ -21,12 +21,28 @@ use common::*;
 
 /// A loopback port free now (pebble and ktern's validated listeners need
 /// their ports known before either starts).
+///
+/// Picked below the kernel's ephemeral range (`ip_local_port_range`,
+/// 32768-60999 by default), which both `bind(0)` and every outgoing
+/// connection draw from: a port found by binding 0 and letting go was
+/// taken by a parallel test's connection before ktern bound it (CI,
+/// 2026-12-05: "listener[0].address: cannot listen on 127.0.0.1:44649:
+/// Address already in use"). Below that range only explicit binds compete:
+/// the counter keeps this process's picks apart, the bind check skips a
+/// port another process holds, and the start point moves with the pid.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20000;
+    const SPAN: u16 = 12000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// pebble and its DNS, killed on drop.
