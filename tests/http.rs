@@ -616,6 +616,106 @@ fn one_shard(tag: &str) -> (Pki, Ktern, Backend) {
     (pki, k, a)
 }
 
+/// A backend that answers an upload before it has read the body (a 413),
+/// then resets the connection or stops reading it: the client gets that
+/// answer, not a 502 or 504 of ktern's (RFC 9112 §9.5). curl, which
+/// watches for an answer while it sends, uploads 32 MiB: more than the
+/// loopback socket buffers between ktern and a backend that stopped
+/// reading hold, so ktern's writes stall (for `response_timeout`, 1 s).
+/// HTTP/2's is in tests/h2.rs (Debian 12's curl 7.88 fails a stream
+/// reset with NO_ERROR after its response, RFC 9113 §8.1, as an error).
+#[test]
+fn an_answer_before_the_end_of_an_upload_is_relayed() {
+    // curl is not in the VM's image.
+    if in_vm() {
+        return;
+    }
+    let pki = Pki::new("early");
+    let a = start_http_backend("a");
+    let k = Ktern::start(
+        &pki,
+        "cpus = [0]",
+        &http_config(&[("a", a.addr)], ANY_TO_A, "max_body = \"64m\""),
+    );
+    let upload = pki.dir.join("upload.bin");
+    std::fs::write(&upload, vec![7u8; 32 << 20]).unwrap();
+    for how in ["close", "hold"] {
+        let out = Command::new("curl")
+            .args([
+                "-sk",
+                "--http1.1",
+                "-H",
+                "Expect:",
+                "-w",
+                "status=%{http_code}",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", upload.display()))
+            .arg(format!("https://127.0.0.1:{}/early/{how}", k.addr().port()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.ends_with("too large\nstatus=413"),
+            "{how}: {text} {out:?}\n{}",
+            k.log()
+        );
+    }
+    assert!(k
+        .log()
+        .contains("backend answered before the end of the request body"));
+    // None counted as a backend failure, and none pooled: a held
+    // connection, whose answer allowed keep-alive, would stall the next
+    // request on it.
+    assert_eq!(k.metric("ktern_upstream_errors_total"), 0);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,
+        b"a"
+    );
+    assert_eq!(k.metric("ktern_upstream_pool_hits_total"), 0);
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 3);
+}
+
+/// An HTTP/1.0 client that asks for keep-alive is told it was kept
+/// (RFC 9112 Appendix C.2.2): HTTP/1.0 closes by default, so without
+/// `Connection: keep-alive` it waits for the close (ApacheBench `-k`).
+#[test]
+fn http_1_0_keep_alive_clients_are_told_their_connection_is_kept() {
+    let (pki, k, _a) = one_shard("keep10");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let kept = "GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n";
+    for _ in 0..2 {
+        let r = exchange(&mut c, kept);
+        assert_eq!(
+            (r.status, r.body.as_slice(), r.header("connection")),
+            (200, &b"a"[..], Some("keep-alive"))
+        );
+    }
+    // ktern's own answers say the same.
+    let r = exchange(
+        &mut c,
+        "GET /x/../y HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    );
+    assert_eq!(
+        (r.status, r.header("connection")),
+        (400, Some("keep-alive"))
+    );
+    // Still the same connection.
+    assert_eq!(
+        exchange(&mut c, kept).header("connection"),
+        Some("keep-alive")
+    );
+    assert_eq!(k.metric("ktern_connections_accepted_total"), 1);
+    // Without the token HTTP/1.0 closes, and is told so.
+    let r = exchange(&mut c, "GET / HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    // An HTTP/1.1 client is told nothing: keeping is its default.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.header("connection")), (200, None));
+}
+
 #[test]
 fn backend_connections_after_http_1_0_requests_are_not_pooled() {
     let (pki, k, a) = one_shard("pool10");
@@ -1181,7 +1281,16 @@ fn slow_readers_hold_at_most_a_read_buffer_and_a_record() {
         &http_config(&[("a", a.addr)], &rules, "send_timeout = \"60s\""),
     );
     let open_slow = |path: &str| {
-        let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        // A small receive buffer, set before connecting (the window scale
+        // is fixed at the handshake): ktern can then push this and its own
+        // send buffer before the client's window shuts, not the megabytes
+        // loopback autotuning grows to, which under the VM's emulated AES
+        // took a minute per batch. What ktern itself holds is the same.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(64 << 10).unwrap();
+        sock.connect(&k.addr().into()).unwrap();
+        let mut c = connect_over(sock.into(), &pki, ClientOpts::default());
         c.write_all(format!("GET {path} HTTP/1.1\r\nHost: s\r\n\r\n").as_bytes())
             .unwrap();
         c.flush().unwrap();

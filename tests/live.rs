@@ -953,7 +953,23 @@ fn sighup_without_a_config_change_never_kills_and_admin_answers_bad_requests() {
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
-    // Metrics still answer afterwards.
+    // What a web page's script or form sends is refused (DNS rebinding,
+    // cross-site POST); what the operator types into a browser is not.
+    let raw = |head: &str| {
+        let mut s = TcpStream::connect(k.admin).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let reload = "POST /reload HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n";
+    assert!(raw(reload).starts_with("HTTP/1.1 403 "));
+    let rebound =
+        "GET /metrics HTTP/1.1\r\nHost: evil.example:9090\r\nSec-Fetch-Site: same-origin\r\n\r\n";
+    assert!(raw(rebound).starts_with("HTTP/1.1 403 "));
+    let typed = "GET /healthz HTTP/1.1\r\nHost: x\r\nSec-Fetch-Site: none\r\n\r\n";
+    assert!(raw(typed).starts_with("HTTP/1.1 200 "));
+    // Metrics still answer afterwards, and the refused reload did nothing.
     assert_eq!(k.metric("ktern_config_generation"), 2);
 }
 

@@ -56,7 +56,8 @@ fuzz_target!(|data: &[u8]| {
     // ktern read it from the backend.
     if let Ok(Some(resp)) = head::parse_response(data, "GET", 16 << 10) {
         let mut out = Vec::new();
-        rewrite::response(&resp, data.len() % 3 == 0, &[], &mut out);
+        let persist = [head::Persist::Close, head::Persist::Keep, head::Persist::KeepHttp10];
+        rewrite::response(&resp, persist[data.len() % 3], &[], &mut out);
         match head::parse_response(&out, "GET", 1 << 20) {
             Ok(Some(again)) => assert_eq!(again.framing, resp.framing),
             // The rewrite adds up to two fields, which can pass the

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
 
 use ktern::proxy::http::files::{self, Resolved};
-use ktern::proxy::http::head::parse_response;
+use ktern::proxy::http::head::{parse_response, Persist};
 use libfuzzer_sys::fuzz_target;
 
 fn root() -> &'static PathBuf {
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         if let Some((off, count)) = files::body_range(&plan, len) {
             assert!(off.checked_add(count).is_some_and(|end| end <= len));
         }
-        let head = files::response_head(&plan, len, modified, "text/plain", true, &[]);
+        let head = files::response_head(&plan, len, modified, "text/plain", Persist::Keep, &[]);
         let resp = parse_response(&head, method, 64 << 10)
             .expect("our own head parses")
             .expect("complete");

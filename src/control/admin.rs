@@ -10,6 +10,13 @@
 //! - `GET /certs`: the current generation's certificates as JSON.
 //! - `POST /reload`: re-read the config; 200 with the new generation, or
 //!   422/409/500 with every reason, as JSON.
+//!
+//! A request a web page's script (or form) made is refused with 403
+//! ([`from_a_web_page`]): a page in a browser on the host, or one that
+//! rebinds its own DNS name to this address, must not reload ktern, nor
+//! (in browsers that send Fetch Metadata) read its backends and names.
+//! Prometheus, curl and an operator typing the URL into a browser are
+//! served.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -115,6 +122,10 @@ fn handle(mut conn: TcpStream, control: &Control) {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) if from_a_web_page(req.headers) => {
+                tracing::warn!("admin: request from a web page refused");
+                break text(403, "refused: requests from web pages are not served\n");
+            }
             Ok(httparse::Status::Complete(_)) => {
                 break route(req.method.unwrap_or(""), req.path.unwrap_or(""), control)
             }
@@ -131,6 +142,23 @@ fn handle(mut conn: TcpStream, control: &Control) {
     );
     let _ = conn.write_all(head.as_bytes());
     let _ = conn.write_all(body.as_bytes());
+}
+
+/// Whether a browser sent this request for a page's script or form rather
+/// than for its user. Browsers say so in `Sec-Fetch-Site` (Fetch Metadata:
+/// `none` for a URL the user typed or bookmarked; Chrome 76, Firefox 90,
+/// Safari 16.4), and send `Origin` with every cross-origin request and
+/// every POST from a page, older ones too. A DNS-rebinding page reaches
+/// the endpoint as its own origin, which a Host check would have to
+/// guess at (Prometheus scrapes by any name): its POST carries `Origin`,
+/// its GET only `Sec-Fetch-Site` (so a browser older than those versions
+/// can still be made to read `/metrics`, never to reload). No client
+/// other than a browser sends either.
+fn from_a_web_page(headers: &[httparse::Header<'_>]) -> bool {
+    headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("origin")
+            || (h.name.eq_ignore_ascii_case("sec-fetch-site") && h.value != b"none")
+    })
 }
 
 fn route(method: &str, target: &str, control: &Control) -> Answer {
@@ -265,6 +293,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
@@ -273,5 +302,35 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::from_a_web_page;
+
+    fn page(fields: &[(&'static str, &'static [u8])]) -> bool {
+        let headers: Vec<httparse::Header<'_>> = fields
+            .iter()
+            .map(|&(name, value)| httparse::Header { name, value })
+            .collect();
+        from_a_web_page(&headers)
+    }
+
+    #[test]
+    fn only_requests_a_web_page_made_are_refused() {
+        // curl, Prometheus: neither field.
+        assert!(!page(&[("Host", b"lb7.internal:9090"), ("Accept", b"*/*")]));
+        // The operator typed the URL into a browser.
+        assert!(!page(&[
+            ("Sec-Fetch-Site", b"none"),
+            ("Sec-Fetch-Mode", b"navigate")
+        ]));
+        // A page's script, cross-site or rebound to this address.
+        assert!(page(&[("sec-fetch-site", b"cross-site")]));
+        assert!(page(&[("Sec-Fetch-Site", b"same-origin")]));
+        // A form's POST, from a browser without Fetch Metadata.
+        assert!(page(&[("Origin", b"http://evil.example")]));
+        assert!(page(&[("origin", b"null")]));
     }
 }

@@ -9,3 +9,12 @@ pub mod h2;
 pub mod http;
 pub mod idle;
 pub mod tcp;
+
+/// How long a closing connection keeps reading what the client still
+/// sends, and how much of it (nginx's `lingering_close`): closing a socket
+/// with the client's bytes unread sends a TCP reset, which can destroy
+/// ktern's last answer (a GOAWAY, a 413 to an upload) before the client
+/// reads it.
+pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+/// See [`LINGER`].
+pub(crate) const LINGER_BYTES: usize = 1 << 20;

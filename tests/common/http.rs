@@ -95,6 +95,26 @@ pub fn http_backend_conn(
         }
         let lower = head.to_ascii_lowercase();
         let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        // `/early/close` and `/early/hold`: a 413 before any of the body is
+        // read, as servers answer an upload they refuse; then a close (a
+        // reset, with the body unread), or the connection held unread,
+        // the answer not saying `Connection: close` (so only ktern's own
+        // rule keeps it out of the pool).
+        if let Some(how) = path.strip_prefix("/early/") {
+            let close = if how == "hold" {
+                ""
+            } else {
+                "Connection: close\r\n"
+            };
+            write!(
+                out,
+                "HTTP/1.1 413 Content Too Large\r\nContent-Length: 10\r\n{close}\r\ntoo large\n"
+            )?;
+            if how == "hold" {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            return Ok(());
+        }
         let mut trailers = String::new();
         let body = if lower.contains("transfer-encoding: chunked") {
             let (body, t) = read_chunked_trailers(&mut r)?;

@@ -14,6 +14,7 @@
 //! Writes on the slow path are staged: h2 writes its frames one by one
 //! and then flushes, so a flush seals and sends them as one batch.
 
+use crate::proxy::{LINGER, LINGER_BYTES};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
@@ -104,15 +105,10 @@ enum WriteState {
 /// that matters: see `max_send_buffer_size`).
 const STAGE_MAX: usize = 64 << 10;
 
-/// How long a closing connection keeps reading what the client still
-/// sends, and how much of it (nginx's `lingering_close`): a client cut off
-/// mid-flood, or whose last frames crossed our GOAWAY, would otherwise get
-/// a TCP reset that can destroy the GOAWAY before it reads it.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
-const LINGER_BYTES: usize = 1 << 20;
-
 /// Reads and drops the client's bytes until it closes, [`LINGER`] passes
-/// or [`LINGER_BYTES`] were read. The read side may be mid-wait or
+/// or [`LINGER_BYTES`] were read (nginx's `lingering_close`: a client cut
+/// off mid-flood, or whose last frames crossed our GOAWAY, would otherwise
+/// get a reset). The read side may be mid-wait or
 /// mid-read: that finishes first, within the same deadline.
 async fn linger(read: ReadState) {
     let deadline = monoio::time::Instant::now() + LINGER;

@@ -273,6 +273,9 @@ async fn forward(
     let balancer = &ctx.balancers[group];
     let mut out = forward::upstream_head(ctx, head);
     let mut attempt = 0;
+    // The backend answered before it took the whole body
+    // (`forward::early_answer`): never pooled afterwards.
+    let mut answered_early = false;
     let (mut backend, addr, (resp, rbuf), _lease) = loop {
         attempt += 1;
         // Boxed here (by `boxed`, which refuses an over-aligned future at
@@ -309,6 +312,11 @@ async fn forward(
         };
         if let BodySent::ClientGone = sent {
             return Err(Cut::Client);
+        }
+        let answered = forward::early_answer(ctx, head, &mut at, &sent);
+        if let Some(r) = until_reset(|cx| respond.poll_reset(cx), answered).await? {
+            answered_early = true;
+            break (at.backend, at.addr, r, at.lease);
         }
         if let Some(status) = forward::body_verdict(ctx, at.addr, &sent) {
             moved.1 += local(respond, ctx, ex, status);
@@ -440,7 +448,7 @@ async fn forward(
             .map_err(|_| Cut::Client)?;
         }
     }
-    if exchange::reusable(head, &resp, leftover) {
+    if !answered_early && exchange::reusable(head, &resp, leftover) {
         ctx.pools[group].put(0, backend, addr, upstream.pool_size);
     }
     Ok(())

@@ -15,6 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::head::Persist;
+
 /// The file served for a directory target ending in `/`.
 const INDEX: &str = "index.html";
 
@@ -509,7 +511,7 @@ pub fn response_head(
     len: u64,
     modified: SystemTime,
     content_type: &str,
-    keep_alive: bool,
+    persist: Persist,
     extra: &[(&str, &[u8])],
 ) -> Vec<u8> {
     let status = match plan {
@@ -565,8 +567,8 @@ pub fn response_head(
             push_field(&mut out, name, value);
         }
     }
-    if !keep_alive {
-        push_field(&mut out, "connection", b"close");
+    if let Some(v) = persist.field() {
+        push_field(&mut out, "connection", v);
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -1144,7 +1146,7 @@ mod tests {
             100,
             mtime(),
             "text/plain; charset=utf-8",
-            true,
+            Persist::Keep,
             &[("Strict-Transport-Security", b"max-age=63072000")],
         );
         assert_eq!(
@@ -1168,7 +1170,7 @@ mod tests {
             100,
             mtime(),
             "text/html; charset=utf-8",
-            false,
+            Persist::Close,
             &[],
         );
         assert_eq!(
@@ -1183,7 +1185,16 @@ mod tests {
 
     #[test]
     fn head_200_416_405_exact() {
-        let h = |plan: Plan| text(response_head(&plan, 100, mtime(), "image/png", true, &[]));
+        let h = |plan: Plan| {
+            text(response_head(
+                &plan,
+                100,
+                mtime(),
+                "image/png",
+                Persist::Keep,
+                &[],
+            ))
+        };
         assert_eq!(
             h(Plan::Full),
             "HTTP/1.1 200 OK\r\n\
@@ -1231,11 +1242,11 @@ mod tests {
             Plan::MethodNotAllowed,
         ];
         for plan in plans {
-            for keep_alive in [true, false] {
-                let head = response_head(&plan, 100, mtime(), "a/b", keep_alive, &[]);
+            for persist in [Persist::Keep, Persist::KeepHttp10, Persist::Close] {
+                let head = response_head(&plan, 100, mtime(), "a/b", persist, &[]);
                 let parsed = parse_response(&head, "GET", 8192).unwrap().unwrap();
                 assert_eq!(parsed.len, head.len(), "{plan:?}");
-                assert_eq!(parsed.keep_alive, keep_alive, "{plan:?}");
+                assert_eq!(parsed.keep_alive, !persist.closes(), "{plan:?}");
                 let count = body_range(&plan, 100).map_or(0, |(_, n)| n);
                 assert_eq!(parsed.framing, Framing::Length(count), "{plan:?}");
             }
@@ -1245,7 +1256,14 @@ mod tests {
     #[test]
     fn dates_out_of_range_are_clamped() {
         let last_modified = |t: SystemTime| {
-            let head = text(response_head(&Plan::NotModified, 1, t, "", true, &[]));
+            let head = text(response_head(
+                &Plan::NotModified,
+                1,
+                t,
+                "",
+                Persist::Keep,
+                &[],
+            ));
             head.lines().nth(1).unwrap().to_string()
         };
         assert_eq!(
@@ -1265,7 +1283,7 @@ mod tests {
             0,
             mtime(),
             "",
-            true,
+            Persist::Keep,
             &[
                 ("x-ok", b"1"),
                 ("x-bad", b"1\r\nset-cookie: a=b"),

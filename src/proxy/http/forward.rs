@@ -20,7 +20,7 @@ use monoio::net::TcpStream;
 use super::body::{BodyError, BodyScanner, Framing};
 use super::exchange::{self, Relay, UpstreamFault, Verdict};
 use super::files::{self, FileError, Plan, Resolved};
-use super::head::{self, HeadError, Limits, RequestHead, ResponseError};
+use super::head::{self, HeadError, Limits, Persist, RequestHead, ResponseError};
 use super::rewrite::{self, Forwarding};
 use crate::buffers;
 use crate::clock;
@@ -173,6 +173,8 @@ pub(crate) struct Exchange {
     pub(crate) upstream_time: Option<Duration>,
     /// The request was HEAD: ktern's own answers carry no body.
     pub(crate) head_only: bool,
+    /// The request was HTTP/1.0: a kept connection is said to be kept.
+    pub(crate) http10: bool,
     /// Index into `Ctx::responses` of who answered (none: ktern itself).
     pub(crate) answered_by: Option<usize>,
     /// The kernel carried the records at the end (none: as at the
@@ -247,6 +249,11 @@ enum Next {
     KeepAlive,
     /// Close cleanly (close_notify).
     Close,
+    /// Close cleanly, then read and drop what the client still sends for
+    /// a while ([`linger`]): it may be mid-body or mid-head, and a close
+    /// with its bytes unread resets the connection, which can destroy the
+    /// last answer (a 413 to an upload) before the client reads it.
+    Linger,
     /// The connection already ended (an upgraded tunnel closed it).
     Ended,
 }
@@ -308,11 +315,34 @@ async fn serve_requests(
         match buffers::future(exchange(reader, writer, &mut inbuf, first, ctx)).await? {
             Next::KeepAlive => first = false,
             Next::Close => break,
+            Next::Linger => {
+                let _ = Box::pin(writer.close()).await;
+                Box::pin(linger(reader, ctx)).await;
+                return Ok(());
+            }
             Next::Ended => return Ok(()),
         }
     }
     let _ = Box::pin(writer.close()).await;
     Ok(())
+}
+
+/// Reads and drops the client's bytes until it closes, `LINGER` passes or
+/// `LINGER_BYTES` were read (nginx's `lingering_close`; HTTP/2's is
+/// `h2::io`'s).
+async fn linger(reader: &mut TlsReader, ctx: &Ctx<'_>) {
+    let deadline = clock::coarse_now() + crate::proxy::LINGER;
+    let mut taken = 0;
+    while taken < crate::proxy::LINGER_BYTES {
+        let left = deadline.saturating_duration_since(clock::coarse_now());
+        match ctx.within(left, reader.read_chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                taken += chunk.len();
+                buffers::give(chunk);
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Boxes a future made once per request, refusing at compile time one
@@ -399,7 +429,7 @@ async fn exchange(
             let before = ctx.moved.get();
             let sent = send(
                 writer,
-                rewrite::local_response(status, reason, true, &[], &body, false),
+                rewrite::local_response(status, reason, Persist::Close, &[], &body, false),
                 ctx,
             )
             .await;
@@ -409,7 +439,9 @@ async fn exchange(
             };
             log(ctx, None, &ex, before, SystemTime::now(), Instant::now());
             sent?;
-            return Ok(Next::Close);
+            // The client may still be sending the head (one over the
+            // limit) or a body behind it.
+            return Ok(Next::Linger);
         }
     };
     M::inc(&ctx.metrics.http_requests);
@@ -426,12 +458,18 @@ async fn exchange(
     }
     let mut ex = Exchange {
         head_only: head.method() == "HEAD",
+        http10: head.minor == 0,
         ..Exchange::default()
     };
     let next = forward(reader, writer, inbuf, &head, ctx, &mut ex, started).await;
     ex.kernel = Some(writer.path() == Path::Kernel);
     log(ctx, Some(&head), &ex, before, wall, started);
-    next
+    // A closing answer to a request with a body, which may be unread (a
+    // 413, a backend's early answer), or with bytes pipelined behind it.
+    next.map(|next| match next {
+        Next::Close if head.framing != Framing::Length(0) || !inbuf.is_empty() => Next::Linger,
+        next => next,
+    })
 }
 
 /// Writes the access line for one exchange (`head` is `None` for a
@@ -569,11 +607,14 @@ async fn read_head(
         } else {
             ctx.route.head_timeout
         };
+    let mut pacer = head::HeadPacer::default();
     loop {
-        match head::parse_request_in(inbuf, limits) {
-            Ok(Some(h)) => return Ok(HeadOutcome::Head(h)),
-            Ok(None) => {}
-            Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
+        if pacer.ready(inbuf) {
+            match head::parse_request_in(inbuf, limits) {
+                Ok(Some(h)) => return Ok(HeadOutcome::Head(h)),
+                Ok(None) => {}
+                Err(e) => return Ok(HeadOutcome::Refused(e.status(), refusal(e))),
+            }
         }
         let left = deadline.saturating_duration_since(clock::coarse_now());
         let chunk = match ctx.within(left, reader.read_chunk()).await {
@@ -617,6 +658,12 @@ async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(
     ctx.moved.set(m);
     Ok(())
 }
+
+/// How long a backend whose request body stopped going through (a write
+/// failed or stalled) has to show an answer it sent before the body's
+/// end. Such an answer is normally there already, ahead of the backend's
+/// close; a backend that closed without one gives end of file at once.
+const EARLY_ANSWER: Duration = Duration::from_secs(1);
 
 /// Bytes of a response body left from which it is spliced (under kTLS,
 /// from a plain backend) instead of read and written: a pipe and two
@@ -780,6 +827,9 @@ async fn forward(
     // ago; that is retried once on a fresh connection when nothing of the
     // response came back and the request can safely be repeated.
     let mut attempt = 0;
+    // The backend answered before it took the whole body: the answer is
+    // relayed, then both connections end.
+    let mut early = false;
     let (mut backend, addr, response, lease) = loop {
         attempt += 1;
         let mut at = match begin_attempt(ctx, group, head, attempt, &mut out, started, ex).await {
@@ -803,6 +853,10 @@ async fn forward(
         .await?;
         if let BodySent::ClientGone = sent {
             return Ok(Next::Close);
+        }
+        if let Some(r) = early_answer(ctx, head, &mut at, &sent).await {
+            early = true;
+            break (at.backend, at.addr, r, at.lease);
         }
         // An answer of ktern's own from here on: the backend connection
         // and its `max_conns` slot go first, not after the write to the
@@ -829,7 +883,9 @@ async fn forward(
     ex.upstream_time = Some(ttfb);
     // Draining: the connection ends after this response, whenever the
     // drain started (the request may have been read before it).
-    let (rechunk, close) = match exchange::relay(head, &resp, ctx.closing()) {
+    // After an early answer the rest of the client's body is unread, so
+    // the client's connection cannot carry another request.
+    let (rechunk, close) = match exchange::relay(head, &resp, ctx.closing() || early) {
         Relay::Upgrade => return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await,
         Relay::Refuse(why) => {
             // The backend connection is dropped, never pooled, and its
@@ -869,7 +925,7 @@ async fn forward(
     let extra_len: usize = extra.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
     let coalesced = if ready <= COALESCE { ready + 16 } else { 0 };
     let mut out = buffers::take(resp.len + 64 + extra_len + coalesced);
-    rewrite::response(&resp, close, &extra, &mut out);
+    rewrite::response(&resp, head.persist(close), &extra, &mut out);
     // A small body that came with the head goes out in the same write: one
     // TLS record and one TCP segment instead of two per response. Head and
     // body leave `rbuf` together, so a buffer holding nothing else is just
@@ -946,7 +1002,7 @@ async fn forward(
             Err(e) => return Err(UpstreamAbort::Io(e).into()),
         }
     }
-    if exchange::reusable(head, &resp, rbuf.len()) {
+    if !early && exchange::reusable(head, &resp, rbuf.len()) {
         ctx.pools[group].put(0, backend, addr, upstream.pool_size);
     }
     buffers::give(rbuf);
@@ -1047,7 +1103,14 @@ pub(crate) fn static_answer(
     if let Some(v) = route.hsts.as_deref() {
         extra.push(("strict-transport-security", v.as_bytes()));
     }
-    let head_bytes = files::response_head(&plan, len, modified, content_type, keep_alive, &extra);
+    let head_bytes = files::response_head(
+        &plan,
+        len,
+        modified,
+        content_type,
+        head.persist(!keep_alive),
+        &extra,
+    );
     let body = match head.method() {
         "HEAD" => None,
         _ => files::body_range(&plan, len),
@@ -1081,7 +1144,7 @@ async fn serve_file(
             let out = rewrite::local_response(
                 301,
                 reason(301),
-                close,
+                head.persist(close),
                 &[("location", location.as_str())],
                 "301 Moved Permanently\n",
                 ex.head_only,
@@ -1183,7 +1246,8 @@ async fn upgrade(
     ctx: &Ctx<'_>,
 ) -> Result<Next, HttpError> {
     let mut out = Vec::with_capacity(resp.len + 64);
-    rewrite::response(&resp, false, &[], &mut out);
+    // A 101 states its own `Connection: upgrade`.
+    rewrite::response(&resp, Persist::Keep, &[], &mut out);
     // Bytes the backend sent after its 101 head belong to the new protocol.
     out.extend(rbuf.drain(resp.len..));
     send(writer, out, ctx).await?;
@@ -1262,7 +1326,14 @@ async fn local(
     let body = format!("{status} {}\n", reason(status));
     send(
         writer,
-        rewrite::local_response(status, reason(status), close, &[], &body, ex.head_only),
+        rewrite::local_response(
+            status,
+            reason(status),
+            Persist::new(close, ex.http10),
+            &[],
+            &body,
+            ex.head_only,
+        ),
         ctx,
     )
     .await?;
@@ -1279,6 +1350,38 @@ pub(crate) enum BodySent {
     BackendFailed,
     /// A write to the backend made no progress within `response_timeout`.
     BackendStalled,
+}
+
+/// The answer a backend gave before it took the whole request body, when
+/// the body stopped going through (a write failed or stalled): servers
+/// answer an upload they refuse (a 413, a 401) and then stop reading or
+/// close, and RFC 9112 §9.5 has a client watch for such an answer while
+/// it sends. That answer is the client's, rather than a 502 or 504 of
+/// ktern's; the backend connection is not pooled after it (the rest of
+/// the body never went).
+pub(crate) async fn early_answer(
+    ctx: &Ctx<'_>,
+    head: &RequestHead,
+    at: &mut Attempt<'_>,
+    sent: &BodySent,
+) -> Option<Response> {
+    if !matches!(sent, BodySent::BackendFailed | BodySent::BackendStalled) {
+        return None;
+    }
+    let r = read_response(&mut at.backend, head.method(), EARLY_ANSWER, ctx)
+        .await
+        .ok()?;
+    // A 101 would turn the unsent rest of the body into tunnel bytes.
+    if r.0.status == 101 {
+        return None;
+    }
+    M::inc(if at.reused {
+        &ctx.metrics.pool_hits
+    } else {
+        &ctx.metrics.pool_misses
+    });
+    tracing::info!(peer = %ctx.peer, backend = %at.addr, status = r.0.status, "backend answered before the end of the request body");
+    Some(r)
 }
 
 /// The status a failed body step answers the client with (counted and

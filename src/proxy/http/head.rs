@@ -196,6 +196,48 @@ fn span(head: &[u8], part: &[u8]) -> Range<usize> {
     start..start.saturating_add(part.len())
 }
 
+/// What a response head tells the client about its connection (RFC 9112
+/// §9.3, §9.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    /// ktern closes the connection after this response: `Connection: close`.
+    Close,
+    /// Kept, for an HTTP/1.1 client: no field, persistence is its default.
+    Keep,
+    /// Kept, for an HTTP/1.0 client that asked for it: `Connection:
+    /// keep-alive`. HTTP/1.0 closes by default (RFC 9112 Appendix C.2.2),
+    /// so without the field such a client (ApacheBench's `-k`) takes the
+    /// response as the connection's last and waits for a close that only
+    /// ktern's keep-alive timeout would bring.
+    KeepHttp10,
+}
+
+impl Persist {
+    /// For the response to an HTTP/1.0 (`http10`) or HTTP/1.1 request,
+    /// ending the connection after it or not.
+    pub fn new(close: bool, http10: bool) -> Persist {
+        match (close, http10) {
+            (true, _) => Persist::Close,
+            (false, true) => Persist::KeepHttp10,
+            (false, false) => Persist::Keep,
+        }
+    }
+
+    /// The `Connection` field's value, when one is sent.
+    pub fn field(self) -> Option<&'static [u8]> {
+        match self {
+            Persist::Close => Some(b"close"),
+            Persist::Keep => None,
+            Persist::KeepHttp10 => Some(b"keep-alive"),
+        }
+    }
+
+    /// ktern closes after this response.
+    pub fn closes(self) -> bool {
+        self == Persist::Close
+    }
+}
+
 /// A parsed, validated request head.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
@@ -231,6 +273,12 @@ enum Host {
 }
 
 impl RequestHead {
+    /// What the response to this request tells the client about its
+    /// connection, when ktern closes it after the response (`close`) or not.
+    pub fn persist(&self, close: bool) -> Persist {
+        Persist::new(close, self.minor == 0)
+    }
+
     /// `Host` value, if any (lower-cased, surrounding spaces trimmed, port
     /// kept).
     pub fn host(&self) -> Option<&str> {
@@ -321,6 +369,71 @@ pub fn parse_request_in(
             raw
         }
     })
+}
+
+/// Paces the parsing of a request head that arrives in pieces: say when
+/// the bytes read so far are worth parsing again.
+///
+/// Parsing is linear in the head, so parsing it again after every read
+/// made a head trickled in small records quadratic: 32 KiB (the head
+/// limit) at a byte per record was half a billion bytes scanned, about a
+/// second of a shard's CPU per connection. A head can only be complete
+/// where a line ends in an empty one, so the head is parsed again when
+/// new bytes hold such an end, or once the bytes have grown by a quarter
+/// (and at least `RESCAN`) since the last parse: the parses' lengths then
+/// grow geometrically and sum to a few times the head's, and a line over
+/// its limit, or a head over its own, is refused at most a quarter of
+/// the limit (and at least `RESCAN`) later. Empty lines before the
+/// request line are dropped (RFC 9112 §2.2: a server SHOULD ignore at
+/// least one), or a flood of them would end a "head" at every byte.
+#[derive(Debug, Default)]
+pub struct HeadPacer {
+    /// How much of the buffer the last parse saw (0: none yet).
+    parsed: usize,
+    /// How much of it the last call looked through for a head's end: an
+    /// end in those bytes would have made that call parse, so each call
+    /// searches only what came since.
+    seen: usize,
+}
+
+impl HeadPacer {
+    /// New bytes that make a parse worthwhile without a head's end in
+    /// them, at the least.
+    const RESCAN: usize = 1 << 10;
+
+    /// Whether `buf` (the head's bytes so far; the caller parses it when
+    /// this says so) is worth parsing now. Drops empty lines before the
+    /// request line.
+    pub fn ready(&mut self, buf: &mut Vec<u8>) -> bool {
+        if self.parsed == 0 {
+            // Whole empty lines only: a bare CR is left for the parser to
+            // refuse (RFC 9112 §2.2), and a CR whose LF has not come yet
+            // waits for it.
+            let mut lead = 0;
+            loop {
+                match &buf[lead..] {
+                    [b'\n', ..] => lead += 1,
+                    [b'\r', b'\n', ..] => lead += 2,
+                    _ => break,
+                }
+            }
+            buf.drain(..lead);
+            if buf.is_empty() || buf.as_slice() == b"\r" {
+                return false;
+            }
+        }
+        // Two bytes back: an end may straddle the last read.
+        let new = buf.get(self.seen.saturating_sub(2)..).unwrap_or(buf);
+        let ready = self.parsed == 0
+            || buf.len() >= self.parsed + Self::RESCAN.max(self.parsed / 4)
+            || memchr::memmem::find(new, b"\n\n").is_some()
+            || memchr::memmem::find(new, b"\n\r\n").is_some();
+        if ready {
+            self.parsed = buf.len();
+        }
+        self.seen = buf.len();
+        ready
+    }
 }
 
 /// The three `parse_request*` differ only in where the head's bytes come
@@ -1294,5 +1407,100 @@ mod tests {
             assert_eq!(r.fields.iter().count(), n + 1);
             assert_eq!(r.fields.values("y-0").next(), (n > 0).then_some(&b"w0"[..]));
         }
+    }
+
+    /// Feeds `input` a byte at a time as the connection's read loop does;
+    /// returns the parse's outcome, how many bytes it took, and how many
+    /// bytes the parses looked at in all.
+    fn trickle(input: &[u8]) -> (Result<Option<RequestHead>, HeadError>, usize, usize) {
+        let limits = Limits::default();
+        let (mut buf, mut pacer, mut scanned) = (Vec::new(), HeadPacer::default(), 0);
+        for (i, &b) in input.iter().enumerate() {
+            buf.push(b);
+            if pacer.ready(&mut buf) {
+                scanned += buf.len();
+                match parse_request_in(&mut buf, &limits) {
+                    Ok(None) => {}
+                    done => return (done, i + 1, scanned),
+                }
+            }
+        }
+        (Ok(None), input.len(), scanned)
+    }
+
+    #[test]
+    fn a_trickled_head_is_parsed_a_bounded_number_of_times() {
+        // Near the head limit: 30 KiB of fields, a byte per read. Parsing
+        // after every byte scanned about 470 M bytes; paced, a few times
+        // the head.
+        let mut text = String::from("GET /p HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..60 {
+            text.push_str(&format!("x-{i:02}: {}\r\n", "v".repeat(500)));
+        }
+        text.push_str("\r\n");
+        let (head, took, scanned) = trickle(text.as_bytes());
+        let head = head.unwrap().unwrap();
+        assert_eq!((head.target(), took), ("/p", text.len()));
+        assert!(
+            scanned < 8 * text.len(),
+            "{scanned} bytes scanned for {}",
+            text.len()
+        );
+        // The end is seen however the last bytes split, a bare LF too.
+        for end in ["\r\n\r\n", "\n\n", "\r\n\n"] {
+            let text = format!("GET / HTTP/1.1\r\nHost: a{end}");
+            let (head, took, _) = trickle(text.as_bytes());
+            assert!(head.unwrap().is_some(), "{end:?}");
+            assert_eq!(took, text.len());
+        }
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_are_dropped_not_rescanned() {
+        let text = format!("{}GET / HTTP/1.1\r\nHost: a\r\n\r\n", "\r\n".repeat(20_000));
+        let (head, took, scanned) = trickle(text.as_bytes());
+        assert!(head.unwrap().is_some());
+        assert_eq!(took, text.len());
+        assert!(scanned < 200, "{scanned}");
+        // Given at once, too (a client's CRLF after a body, RFC 9112 §2.2).
+        let mut buf = b"\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        assert!(HeadPacer::default().ready(&mut buf));
+        assert!(parse_request_in(&mut buf, &Limits::default())
+            .unwrap()
+            .is_some());
+        // A bare CR is not an empty line: the parser refuses it.
+        for bare in [
+            "\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "\r\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            let (refused, _, _) = trickle(bare.as_bytes());
+            assert_eq!(refused.unwrap_err().status(), 400, "{bare:?}");
+        }
+    }
+
+    #[test]
+    fn limits_still_hold_for_a_trickled_head() {
+        let limits = Limits::default();
+        let late = |limit: usize| limit + (limit / 4).max(HeadPacer::RESCAN) + 1;
+        // A request line that never ends: 414, at most a quarter late.
+        let line = format!("GET /{}", "a".repeat(2 * limits.request_line));
+        let (refused, took, _) = trickle(line.as_bytes());
+        assert_eq!(refused.unwrap_err(), HeadError::UriTooLong);
+        assert!(
+            (limits.request_line..=late(limits.request_line)).contains(&took),
+            "{took}"
+        );
+        // A head that never ends (fewer fields than their limit): 431,
+        // at most a quarter late.
+        let mut endless = String::from("GET / HTTP/1.1\r\n");
+        while endless.len() < 2 * limits.head {
+            endless.push_str(&format!("x: {}\r\n", "y".repeat(500)));
+        }
+        let (refused, took, _) = trickle(endless.as_bytes());
+        assert_eq!(
+            refused.unwrap_err(),
+            HeadError::HeadersTooLarge("head over the limit")
+        );
+        assert!((limits.head..=late(limits.head)).contains(&took), "{took}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::head::{self, Limits};
+use super::head::{self, Limits, Persist};
 use super::rewrite;
 use crate::challenges::Challenges;
 
@@ -53,10 +53,24 @@ pub fn respond(
     match challenges.http_answer(target) {
         Some(Some(key_authorization)) => {
             tracing::info!(target, "ACME http-01 validation answered");
-            return rewrite::local_response(200, "OK", true, &[], &key_authorization, false);
+            return rewrite::local_response(
+                200,
+                "OK",
+                Persist::Close,
+                &[],
+                &key_authorization,
+                false,
+            );
         }
         Some(None) => {
-            return rewrite::local_response(404, "Not Found", true, &[], "404 Not Found\n", false)
+            return rewrite::local_response(
+                404,
+                "Not Found",
+                Persist::Close,
+                &[],
+                "404 Not Found\n",
+                false,
+            )
         }
         None => {}
     }
@@ -64,12 +78,19 @@ pub fn respond(
         Some(loc) => rewrite::local_response(
             301,
             "Moved Permanently",
-            true,
+            Persist::Close,
             &[("location", &loc)],
             "",
             false,
         ),
-        None => rewrite::local_response(400, "Bad Request", true, &[], "400 Bad Request\n", false),
+        None => rewrite::local_response(
+            400,
+            "Bad Request",
+            Persist::Close,
+            &[],
+            "400 Bad Request\n",
+            false,
+        ),
     }
 }
 
@@ -78,8 +99,13 @@ pub async fn serve(mut socket: TcpStream, https_port: Option<u16>, challenges: A
     let limits = Limits::default();
     let head = async {
         let mut buf: Vec<u8> = Vec::new();
+        let mut pacer = head::HeadPacer::default();
         loop {
-            match head::parse_request(&buf, &limits) {
+            let parsed = match pacer.ready(&mut buf) {
+                true => head::parse_request(&buf, &limits),
+                false => Ok(None),
+            };
+            match parsed {
                 Ok(Some(h)) => {
                     return Some(respond(
                         h.host().unwrap_or(""),
@@ -94,7 +120,7 @@ pub async fn serve(mut socket: TcpStream, https_port: Option<u16>, challenges: A
                     return Some(rewrite::local_response(
                         e.status(),
                         "Error",
-                        true,
+                        Persist::Close,
                         &[],
                         &body,
                         false,

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::body::Framing;
-use super::head::{list_tokens, Fields, RequestHead, ResponseHead};
+use super::head::{list_tokens, Fields, Persist, RequestHead, ResponseHead};
 use crate::handshake::client_auth::ClientIdentity;
 use crate::handshake::TlsInfo;
 
@@ -389,9 +389,10 @@ fn content_length_once(name: &[u8], value: &[u8], sent: &mut bool, out: &mut Vec
     true
 }
 
-/// Writes the response head to send to the client. `close` says whether
-/// ktern will close the client connection after this response.
-pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: &mut Vec<u8>) {
+/// Writes the response head to send to the client. `persist` says whether
+/// ktern will close the client connection after this response, and what
+/// the client must be told about it.
+pub fn response(head: &ResponseHead, persist: Persist, extra: &[(&str, &[u8])], out: &mut Vec<u8>) {
     // httparse accepts exactly three status digits.
     let s = head.status;
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -435,8 +436,8 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
     }
     if switching {
         push_field(out, "Connection", b"upgrade");
-    } else if close {
-        push_field(out, "Connection", b"close");
+    } else if let Some(v) = persist.field() {
+        push_field(out, "Connection", v);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -448,7 +449,7 @@ pub fn response(head: &ResponseHead, close: bool, extra: &[(&str, &[u8])], out: 
 pub fn local_response(
     status: u16,
     reason: &str,
-    close: bool,
+    persist: Persist,
     extra: &[(&str, &str)],
     body: &str,
     head_only: bool,
@@ -461,8 +462,8 @@ pub fn local_response(
     for (name, value) in extra {
         push_field(&mut out, name, value.as_bytes());
     }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
+    if let Some(v) = persist.field() {
+        push_field(&mut out, "connection", v);
     }
     out.extend_from_slice(b"\r\n");
     if !head_only {
@@ -578,7 +579,7 @@ mod tests {
         .unwrap()
         .unwrap();
         let mut out = Vec::new();
-        response(&head, false, &[], &mut out);
+        response(&head, Persist::Keep, &[], &mut out);
         let out = String::from_utf8(out).unwrap();
         assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
     }
@@ -673,7 +674,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let mut out = Vec::new();
-        response(&head, false, &[], &mut out);
+        response(&head, Persist::Keep, &[], &mut out);
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n");
     }
 
@@ -716,7 +717,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let mut out = Vec::new();
-        response(&head, false, &[], &mut out);
+        response(&head, Persist::Keep, &[], &mut out);
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
@@ -768,7 +769,7 @@ mod tests {
         let mut out = Vec::new();
         response(
             &head,
-            true,
+            Persist::Close,
             &[("Strict-Transport-Security", b"max-age=63072000")],
             &mut out,
         );
@@ -780,18 +781,62 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_http10_client_is_told_keep_alive() {
+        // The backend's own `Connection: keep-alive` is hop-by-hop and
+        // dropped; ktern states its own decision for the client.
+        let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+        let head = parse_response(text.as_bytes(), "GET", 8192)
+            .unwrap()
+            .unwrap();
+        let said = |persist| {
+            let mut out = Vec::new();
+            response(&head, persist, &[], &mut out);
+            let out = String::from_utf8(out).unwrap();
+            let local = local_response(404, "Not Found", persist, &[], "", true);
+            (out, String::from_utf8(local).unwrap())
+        };
+        let (http10, local10) = said(Persist::new(false, true));
+        assert_eq!(
+            http10,
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+        );
+        assert!(
+            local10.ends_with("\r\nconnection: keep-alive\r\n\r\n"),
+            "{local10}"
+        );
+        let (http11, local11) = said(Persist::new(false, false));
+        assert_eq!(http11, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert!(!local11.contains("connection"), "{local11}");
+        for http10 in [true, false] {
+            let (closed, local) = said(Persist::new(true, http10));
+            assert!(
+                closed.ends_with("\r\nConnection: close\r\n\r\n"),
+                "{closed}"
+            );
+            assert!(local.ends_with("\r\nconnection: close\r\n\r\n"), "{local}");
+        }
+    }
+
+    #[test]
     fn local_responses_are_complete() {
         let r = String::from_utf8(local_response(
             400,
             "Bad Request",
-            true,
+            Persist::Close,
             &[],
             "bad request\n",
             false,
         ))
         .unwrap();
         assert_eq!(r, "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n");
-        let head = local_response(404, "Not Found", false, &[], "404 Not Found\n", true);
+        let head = local_response(
+            404,
+            "Not Found",
+            Persist::Keep,
+            &[],
+            "404 Not Found\n",
+            true,
+        );
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "HTTP/1.1 404 Not Found\r\ncontent-type: text/plain\r\ncontent-length: 14\r\n\r\n"
