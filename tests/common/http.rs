@@ -287,11 +287,13 @@ pub fn http_backend_conn(
                 out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")?;
                 return Ok(());
             }
-            "/huge" => {
-                // More than the loopback socket buffers hold on both hops.
+            p if p == "/huge" || p.starts_with("/huge/") => {
+                // More than the loopback socket buffers hold on both hops:
+                // 64 MiB of `h`, or /huge/N: N MiB, sent as it is made.
+                let mib: usize = p.strip_prefix("/huge/").map_or(64, |n| n.parse().unwrap_or(64));
                 let chunk = vec![b'h'; 1 << 20];
-                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 64 << 20)?;
-                for _ in 0..64 {
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", mib << 20)?;
+                for _ in 0..mib {
                     out.write_all(&chunk)?;
                 }
             }
