@@ -22,6 +22,35 @@ fuzz_target!(|data: &[u8]| {
         (Err(a), Err(b)) => assert_eq!(a, &b),
         (a, b) => panic!("parse_request {a:?} but parse_request_in {b:?}"),
     }
+    // The same bytes arriving in pieces (cut where the input's own bytes
+    // say), parsed when `HeadPacer` says: a head read whole is read the
+    // same in pieces (less the empty lines before it, which the pacer
+    // drops), and is never left waiting once all of it is there.
+    if let Ok(Some(whole)) = &parsed {
+        let (mut buf, mut pacer, mut fed, mut got) = (Vec::new(), head::HeadPacer::default(), 0, None);
+        while got.is_none() && fed < data.len() {
+            let step = 1 + usize::from(data[fed] % 7);
+            let end = (fed + step).min(data.len());
+            buf.extend_from_slice(&data[fed..end]);
+            fed = end;
+            if pacer.ready(&mut buf) {
+                match head::parse_request_in(&mut buf, &limits) {
+                    Ok(None) => {}
+                    done => got = Some(done),
+                }
+            }
+        }
+        match got {
+            Some(Ok(Some(paced))) => assert_eq!(
+                (paced.framing, paced.target(), paced.method()),
+                (whole.framing, whole.target(), whole.method())
+            ),
+            // Refused sooner in pieces: only for a limit, which a prefix can
+            // already break (the whole is refused too when over it).
+            Some(Err(e)) => assert_eq!(e.status(), 431, "{e:?}"),
+            other => panic!("paced {other:?}, whole head at {}", whole.len),
+        }
+    }
     if let Ok(Some(req)) = parsed {
         let id = ktern::handshake::client_auth::ClientIdentity {
             subject: "CN=svc, O=Example".into(),
