@@ -99,7 +99,10 @@ pub fn http_backend_conn(
         // read, as servers answer an upload they refuse; then a close (a
         // reset, with the body unread), or the connection held unread,
         // the answer not saying `Connection: close` (so only ktern's own
-        // rule keeps it out of the pool).
+        // rule keeps it out of the pool). The close shuts the write side
+        // first and waits a moment, as a server's lingering close does: a
+        // reset sent at once can discard the answer before it leaves (seen
+        // in CI: ktern read only the reset, and answered 502).
         if let Some(how) = path.strip_prefix("/early/") {
             let close = if how == "hold" {
                 ""
@@ -112,6 +115,9 @@ pub fn http_backend_conn(
             )?;
             if how == "hold" {
                 std::thread::sleep(Duration::from_secs(5));
+            } else {
+                out.shutdown(std::net::Shutdown::Write)?;
+                std::thread::sleep(Duration::from_millis(200));
             }
             return Ok(());
         }
