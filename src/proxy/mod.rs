@@ -18,3 +18,21 @@ pub mod tcp;
 pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// See [`LINGER`].
 pub(crate) const LINGER_BYTES: usize = 1 << 20;
+
+/// Reads and drops the client's bytes until it closes, `deadline` passes
+/// or [`LINGER_BYTES`] were read: the lingering close of both HTTP
+/// versions, after their close_notify. A timer of its own rather than the
+/// idle sweeper's, which could let it run a sweep period (up to 1 s) past
+/// [`LINGER`]; callers box it, so an idle connection never holds it.
+pub(crate) async fn linger(reader: &mut crate::ktls::TlsReader, deadline: monoio::time::Instant) {
+    let mut taken = 0;
+    while taken < LINGER_BYTES {
+        match monoio::time::timeout_at(deadline, reader.read_chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                taken += chunk.len();
+                crate::buffers::give(chunk);
+            }
+            _ => return,
+        }
+    }
+}

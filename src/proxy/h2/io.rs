@@ -14,7 +14,7 @@
 //! Writes on the slow path are staged: h2 writes its frames one by one
 //! and then flushes, so a flush seals and sends them as one batch.
 
-use crate::proxy::{LINGER, LINGER_BYTES};
+use crate::proxy::LINGER;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
@@ -106,7 +106,7 @@ enum WriteState {
 const STAGE_MAX: usize = 64 << 10;
 
 /// Reads and drops the client's bytes until it closes, [`LINGER`] passes
-/// or [`LINGER_BYTES`] were read (nginx's `lingering_close`: a client cut
+/// or [`LINGER_BYTES`](crate::proxy::LINGER_BYTES) were read (nginx's `lingering_close`: a client cut
 /// off mid-flood, or whose last frames crossed our GOAWAY, would otherwise
 /// get a reset). The read side may be mid-wait or
 /// mid-read: that finishes first, within the same deadline.
@@ -123,16 +123,7 @@ async fn linger(read: ReadState) {
         },
         ReadState::Gone => return,
     };
-    let mut taken = 0;
-    while taken < LINGER_BYTES {
-        match monoio::time::timeout_at(deadline, reader.read_chunk()).await {
-            Ok(Ok(Some(chunk))) => {
-                taken += chunk.len();
-                crate::buffers::give(chunk);
-            }
-            _ => return,
-        }
-    }
+    crate::proxy::linger(&mut reader, deadline).await;
 }
 
 /// The HTTP/2 connection's transport.

@@ -317,7 +317,8 @@ async fn serve_requests(
             Next::Close => break,
             Next::Linger => {
                 let _ = Box::pin(writer.close()).await;
-                Box::pin(linger(reader, ctx)).await;
+                let deadline = monoio::time::Instant::now() + crate::proxy::LINGER;
+                Box::pin(crate::proxy::linger(reader, deadline)).await;
                 return Ok(());
             }
             Next::Ended => return Ok(()),
@@ -325,24 +326,6 @@ async fn serve_requests(
     }
     let _ = Box::pin(writer.close()).await;
     Ok(())
-}
-
-/// Reads and drops the client's bytes until it closes, `LINGER` passes or
-/// `LINGER_BYTES` were read (nginx's `lingering_close`; HTTP/2's is
-/// `h2::io`'s).
-async fn linger(reader: &mut TlsReader, ctx: &Ctx<'_>) {
-    let deadline = clock::coarse_now() + crate::proxy::LINGER;
-    let mut taken = 0;
-    while taken < crate::proxy::LINGER_BYTES {
-        let left = deadline.saturating_duration_since(clock::coarse_now());
-        match ctx.within(left, reader.read_chunk()).await {
-            Ok(Ok(Some(chunk))) => {
-                taken += chunk.len();
-                buffers::give(chunk);
-            }
-            _ => return,
-        }
-    }
 }
 
 /// Boxes a future made once per request, refusing at compile time one
@@ -1375,11 +1358,7 @@ pub(crate) async fn early_answer(
     if r.0.status == 101 {
         return None;
     }
-    M::inc(if at.reused {
-        &ctx.metrics.pool_hits
-    } else {
-        &ctx.metrics.pool_misses
-    });
+    at.count_answered(ctx);
     tracing::info!(peer = %ctx.peer, backend = %at.addr, status = r.0.status, "backend answered before the end of the request body");
     Some(r)
 }
@@ -1446,6 +1425,17 @@ pub(crate) struct Attempt<'b> {
     pub(crate) reused: bool,
     /// Held while the exchange runs (least-connections counts it).
     pub(crate) lease: crate::upstream::Lease<'b>,
+}
+
+impl Attempt<'_> {
+    /// Counts a response head this attempt got, as a pool hit or miss.
+    fn count_answered(&self, ctx: &Ctx<'_>) {
+        M::inc(if self.reused {
+            &ctx.metrics.pool_hits
+        } else {
+            &ctx.metrics.pool_misses
+        });
+    }
 }
 
 /// Starts attempt number `attempt` of a request to upstream `group`: a
@@ -1636,11 +1626,7 @@ pub(crate) async fn finish_attempt(
     let timeout = ctx.upstreams[group].response_timeout;
     match read_response(&mut at.backend, head.method(), timeout, ctx).await {
         Ok(r) => {
-            M::inc(if at.reused {
-                &ctx.metrics.pool_hits
-            } else {
-                &ctx.metrics.pool_misses
-            });
+            at.count_answered(ctx);
             Step::Go(r)
         }
         Err(fault) => match exchange::after_fault(attempt, at.reused, head, fault) {
