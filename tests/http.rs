@@ -311,6 +311,72 @@ fn static_files_with_ranges_conditionals_and_no_escape() {
     }
 }
 
+/// An access log nobody reads (a stalled journald, a paused pager on
+/// stdout) never holds requests: the lines past `access_log.queue` are
+/// dropped and counted, and those kept arrive whole once it is read again.
+#[test]
+fn a_stalled_access_log_drops_counted_lines_and_requests_go_on() {
+    use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
+    let pki = Pki::new("access-stall");
+    let a = start_http_backend("a");
+    // A pipe of this process's that nothing reads until the end: ktern
+    // opens it through /proc, as it would a FIFO or its stdout.
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let runtime = format!(
+        "\n[access_log]\npath = \"/proc/{}/fd/{}\"\nformat = \"json\"\nqueue = \"16k\"\n",
+        std::process::id(),
+        writer.as_raw_fd()
+    );
+    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
+    drop(writer);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    // ~400-byte lines: 400 KB, far more than the pipe (64 KiB) and the
+    // queue hold.
+    const N: u64 = 1000;
+    for i in 0..N {
+        let r = exchange(
+            &mut c,
+            &format!("GET /{i} HTTP/1.1\r\nHost: app.test\r\n\r\n"),
+        );
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    let dropped = k.metric("ktern_access_log_dropped_total");
+    assert!(dropped > N / 2, "only {dropped} of {N} lines dropped");
+    // Read again: every line kept arrives, whole.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0; 64 << 10];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut text = Vec::new();
+    let want = (N - dropped) as usize;
+    while text.iter().filter(|&&b| b == b'\n').count() < want {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(bytes) => text.extend(bytes),
+            Err(_) => panic!(
+                "only {} lines of {want} arrived",
+                text.iter().filter(|&&b| b == b'\n').count()
+            ),
+        }
+    }
+    let text = String::from_utf8(text).unwrap();
+    let paths: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a whole line");
+            v["path"].as_str().unwrap()[1..].parse().unwrap()
+        })
+        .collect();
+    assert_eq!(paths.len(), want);
+    assert!(paths.windows(2).all(|w| w[0] < w[1]), "lines in order");
+    assert_eq!(k.metric("ktern_access_log_dropped_total"), dropped);
+}
+
 #[test]
 fn access_log_has_one_json_line_per_request_with_tls_facts() {
     let pki = Pki::new("access");

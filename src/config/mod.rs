@@ -198,6 +198,10 @@ pub struct AccessLog {
     pub path: PathBuf,
     /// Line layout.
     pub format: AccessFormat,
+    /// The most bytes of lines held in memory for the log's writer thread
+    /// while the file or stdout's reader falls behind; lines beyond it are
+    /// dropped (counted), and requests never wait for the log.
+    pub queue: usize,
 }
 
 /// Access-log line layout.
@@ -1383,13 +1387,30 @@ impl Validator<'_> {
                 return None;
             }
         };
+        let queue = match parse_size(&raw.queue) {
+            Some(n) if (MIN_ACCESS_QUEUE..=MAX_ACCESS_QUEUE).contains(&n) => n as usize,
+            _ => {
+                self.problem(
+                    "access_log.queue",
+                    format!(
+                        "{:?} is not a size from 4k to 1g (\"4m\", \"64k\")",
+                        raw.queue
+                    ),
+                );
+                return None;
+            }
+        };
         let path = if raw.path == "-" {
             PathBuf::from("-")
         } else {
             self.base.join(&raw.path)
         };
         if path.as_os_str() == "-" {
-            return Some(AccessLog { path, format });
+            return Some(AccessLog {
+                path,
+                format,
+                queue,
+            });
         }
         let problem = match std::fs::metadata(&path) {
             Ok(m) if m.is_dir() => Some(format!("{} is a directory", path.display())),
@@ -1419,7 +1440,11 @@ impl Validator<'_> {
                 self.problem("access_log.path", reason);
                 None
             }
-            None => Some(AccessLog { path, format }),
+            None => Some(AccessLog {
+                path,
+                format,
+                queue,
+            }),
         }
     }
 
@@ -2651,6 +2676,11 @@ impl Validator<'_> {
         }
     }
 }
+
+/// `access_log.queue` bounds: a few lines at least, and no more memory
+/// than an operator would mean.
+const MIN_ACCESS_QUEUE: u64 = 4 << 10;
+const MAX_ACCESS_QUEUE: u64 = 1 << 30;
 
 /// Parses a byte size: `"1048576"`, `"512k"`, `"1m"`, `"2g"` (binary units).
 pub fn parse_size(text: &str) -> Option<u64> {

@@ -127,6 +127,12 @@ pub(super) struct AccessLogSection {
     pub path: String,
     #[serde(default = "default_access_format")]
     pub format: String,
+    #[serde(default = "default_access_queue")]
+    pub queue: String,
+}
+
+fn default_access_queue() -> String {
+    "4m".into()
 }
 
 fn default_access_format() -> String {

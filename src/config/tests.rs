@@ -371,7 +371,19 @@ fn sni_patterns_and_access_log_are_validated() {
     let log = c.access_log.expect("configured");
     assert_eq!(log.path, dir.join("logs/access.log"));
     assert_eq!(log.format, AccessFormat::Combined);
+    assert_eq!(log.queue, 4 << 20, "the default queue");
     assert!(!dir.join("logs/access.log").exists());
+    for (queue, ok) in [("64k", true), ("1k", false), ("2g", false), ("lots", false)] {
+        let text = format!("{HTTP}\n[access_log]\npath = \"-\"\nqueue = \"{queue}\"\n");
+        match Config::from_toml(&text, "a.toml", &dir, &pems()) {
+            Ok(c) => assert!(ok, "{queue} taken: {:?}", c.access_log),
+            Err(e) => {
+                assert!(!ok, "{queue}: {e}");
+                assert_eq!(e.problems[0].field, "access_log.queue", "{e}");
+                assert!(e.problems[0].reason.contains(queue), "{e}");
+            }
+        }
+    }
     assert!(HostMatch::Any.matches_sni(None));
     assert!(!HostMatch::Exact("a".into()).matches_sni(None));
     assert!(HostMatch::Suffix(".b".into()).matches_sni(Some("a.b")));

@@ -15,7 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, Problem};
-use crate::metrics::access::Sink;
+use crate::metrics::access::{OpenError, Sink};
 use crate::metrics::ShardMetrics as M;
 use crate::shard::{self, Command, Generation, ShardLink, Slot};
 use crate::upstream::health::{self, Checks};
@@ -81,14 +81,18 @@ fn open_access_log(config: &Config) -> Result<Option<Sink>, ReloadError> {
     let Some(log) = &config.access_log else {
         return Ok(None);
     };
-    Sink::open(log).map(Some).map_err(|e| {
-        ReloadError::Config(ConfigError {
+    Sink::open(log).map(Some).map_err(|e| match e {
+        OpenError::File(e) => ReloadError::Config(ConfigError {
             file: config.source.clone(),
             problems: vec![Problem {
                 field: "access_log.path".into(),
                 reason: format!("cannot open {} for appending: {e}", log.path.display()),
             }],
-        })
+        }),
+        OpenError::Thread(source) => ReloadError::Io {
+            what: "access log writer thread",
+            source,
+        },
     })
 }
 
@@ -398,6 +402,7 @@ impl Control {
         } else {
             tracing::info!("drained: every connection finished");
         }
+        crate::metrics::access::flush(Duration::from_secs(2));
         std::process::exit(0)
     }
 

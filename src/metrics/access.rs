@@ -4,10 +4,12 @@
 //! Every field that came from the client is escaped: a hostile path or
 //! header cannot forge a second line or break the JSON.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::handshake::TlsInfo;
@@ -54,10 +56,57 @@ pub struct Record<'a> {
 pub use crate::config::AccessFormat as Format;
 
 /// Where access lines go. Cheap to clone (one `Arc`).
+///
+/// Shards never write the log themselves: a full pipe on stdout (a stalled
+/// journald, a paused `| less`) or a slow disk would stop every request of
+/// every shard. Lines go into a bounded queue in memory that one writer
+/// thread empties, gathering them into few `write` calls; what does not fit
+/// is dropped and counted (`ktern_access_log_dropped_total`), as HAProxy
+/// drops log lines rather than wait.
 #[derive(Debug, Clone)]
 pub struct Sink {
-    target: Arc<Target>,
+    queue: Arc<Handle>,
     format: Format,
+}
+
+/// The queue's last handle: dropping it (the generation that opened the log
+/// is gone) lets the writer finish what is queued, close the file and end.
+#[derive(Debug)]
+struct Handle(Arc<Queue>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
+#[derive(Debug)]
+struct Queue {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    /// `access_log.queue`.
+    limit: usize,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Whole lines, each ending in `\n`.
+    bytes: Vec<u8>,
+    /// How many lines `bytes` holds (a failed write says how many it lost).
+    lines: u64,
+    /// Lines dropped since the writer last caught up (logged then).
+    dropped: u64,
+    /// Set by the last `Sink`'s drop.
+    closed: bool,
+}
+
+impl Queue {
+    /// A shard that panicked holding the lock left whole lines behind (the
+    /// queue only ever grows by a whole line): the data is still good.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[derive(Debug)]
@@ -66,45 +115,161 @@ enum Target {
     File(std::fs::File),
 }
 
+/// The writer waits this long after the first line of a batch for more, so
+/// that a busy log costs one `write` per batch, not one per request: about
+/// what a line can lag behind its request.
+const GATHER: Duration = Duration::from_millis(20);
+/// ...unless this much is queued (or half the queue, if smaller).
+const BATCH: usize = 64 << 10;
+/// A writer's spare buffer is kept up to this size between bursts.
+const KEEP: usize = 256 << 10;
+
+/// Bytes queued or being written, over every open log (this generation's
+/// and any a reload replaced): what `flush` waits for.
+static UNWRITTEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Why a log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The file (a config problem: permissions, a read-only filesystem).
+    #[error("{0}")]
+    File(#[source] std::io::Error),
+    /// The writer thread (internal).
+    #[error("cannot start the access log's writer thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
 impl Sink {
     /// Opens the configured log (append mode, created if missing; `-` is
-    /// stdout).
-    pub fn open(log: &crate::config::AccessLog) -> std::io::Result<Sink> {
-        let (path, format) = (&log.path, log.format);
-        let target = if path.as_os_str() == "-" {
+    /// stdout) and starts its writer thread.
+    pub fn open(log: &crate::config::AccessLog) -> Result<Sink, OpenError> {
+        let target = if log.path.as_os_str() == "-" {
             Target::Stdout
         } else {
             Target::File(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(path)?,
+                    .open(&log.path)
+                    .map_err(OpenError::File)?,
             )
         };
+        let queue = Arc::new(Queue {
+            pending: Mutex::default(),
+            wake: Condvar::new(),
+            limit: log.queue,
+        });
+        let writer = queue.clone();
+        std::thread::Builder::new()
+            .name("ktern-access-log".into())
+            .spawn(move || write_out(&writer, target))
+            .map_err(OpenError::Thread)?;
         Ok(Sink {
-            target: Arc::new(target),
-            format,
+            queue: Arc::new(Handle(queue)),
+            format: log.format,
         })
     }
 
-    /// Formats `r` into `line` (cleared first) and writes it with one
-    /// `write` call: with `O_APPEND`, lines from different shards never
-    /// interleave. The write is synchronous: a few µs per request, the
-    /// same trade nginx makes without `buffer=`.
-    pub fn write(&self, r: &Record<'_>, line: &mut String) {
-        line.clear();
-        match self.format {
-            Format::Combined => combined(r, line),
-            Format::Json => json(r, line),
+    /// Formats `r` and queues it for the writer thread, or drops it (counted
+    /// in `dropped`) when the queue holds `access_log.queue` bytes already.
+    /// Never waits for I/O: the lock is held for a copy of one line.
+    pub fn write(&self, r: &Record<'_>, dropped: &AtomicU64) {
+        thread_local! {
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
         }
-        line.push('\n');
-        let res = match &*self.target {
-            Target::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
-            Target::File(f) => (&*f).write_all(line.as_bytes()),
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            match self.format {
+                Format::Combined => combined(r, line),
+                Format::Json => json(r, line),
+            }
+            line.push('\n');
+            let queue = &self.queue.0;
+            let mut p = queue.lock();
+            let before = p.bytes.len();
+            // An empty queue takes any line, however long: only a backlog
+            // drops lines.
+            if before > 0 && before + line.len() > queue.limit {
+                p.dropped += 1;
+                let first = p.dropped == 1;
+                drop(p);
+                crate::metrics::ShardMetrics::inc(dropped);
+                if first {
+                    tracing::warn!(
+                        queue = queue.limit,
+                        "access log: the writer is behind by access_log.queue bytes, dropping lines \
+                         (counted in ktern_access_log_dropped_total) until it catches up"
+                    );
+                }
+                return;
+            }
+            p.bytes.extend_from_slice(line.as_bytes());
+            p.lines += 1;
+            let batch = BATCH.min(queue.limit / 2);
+            let wake = before == 0 || (before < batch && p.bytes.len() >= batch);
+            // Under the lock: the writer's subtraction follows its take.
+            UNWRITTEN.fetch_add(line.len(), Ordering::Relaxed);
+            drop(p);
+            // A futex wake per batch, not per line: the writer is asleep
+            // only when the queue was empty, or gathering below `batch`.
+            if wake {
+                queue.wake.notify_one();
+            }
+        });
+    }
+}
+
+/// The writer thread: takes what is queued (after gathering for `GATHER`)
+/// and writes it with one call; blocking here holds no request.
+fn write_out(queue: &Queue, mut target: Target) {
+    let mut batch = Vec::new();
+    loop {
+        let (lines, dropped) = {
+            let mut p = queue.lock();
+            while p.bytes.is_empty() && !p.closed {
+                p = queue.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if p.bytes.is_empty() {
+                return;
+            }
+            let full = BATCH.min(queue.limit / 2);
+            p = queue
+                .wake
+                .wait_timeout_while(p, GATHER, |p| p.bytes.len() < full && !p.closed)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            std::mem::swap(&mut p.bytes, &mut batch);
+            (std::mem::take(&mut p.lines), std::mem::take(&mut p.dropped))
         };
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "access log write failed");
+        let res = match &mut target {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&batch).and_then(|()| out.flush())
+            }
+            Target::File(f) => f.write_all(&batch),
+        };
+        match res {
+            Err(e) => tracing::warn!(error = %e, lines, "access log write failed: lines lost"),
+            Ok(()) if dropped > 0 => {
+                tracing::warn!(
+                    dropped,
+                    "access log: the writer caught up after dropping lines"
+                );
+            }
+            Ok(()) => {}
         }
+        UNWRITTEN.fetch_sub(batch.len(), Ordering::Relaxed);
+        batch.clear();
+        batch.shrink_to(KEEP);
+    }
+}
+
+/// Waits until every queued line is written, or `timeout` passes (a log
+/// whose reader has stopped): called before the process exits.
+pub fn flush(timeout: Duration) {
+    let until = std::time::Instant::now() + timeout;
+    while UNWRITTEN.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -282,6 +447,46 @@ mod tests {
             total: Duration::from_millis(3),
             upstream_time: Some(Duration::from_millis(2)),
         }
+    }
+
+    /// A reader that stops reading (a full pipe) never holds the caller:
+    /// lines beyond the queue are dropped and counted, the others all
+    /// arrive whole once the reader reads again, and none is lost unseen.
+    #[test]
+    fn a_stalled_reader_drops_counted_lines_and_never_blocks() {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let log = crate::config::AccessLog {
+            path: format!("/proc/self/fd/{}", writer.as_raw_fd()).into(),
+            format: Format::Json,
+            queue: 4096,
+        };
+        let sink = Sink::open(&log).unwrap();
+        drop(writer);
+        let tls = info();
+        let dropped = AtomicU64::new(0);
+        // ~400-byte lines: 400 KB, six times what a pipe holds.
+        const N: u64 = 1000;
+        for i in 0..N {
+            sink.write(&record(&tls, &format!("/{i}")), &dropped);
+        }
+        let dropped = dropped.load(Ordering::Relaxed);
+        assert!(dropped > N / 2, "only {dropped} of {N} lines dropped");
+        // The last handle closes the queue: the writer writes the rest and
+        // closes its end, so the read below ends.
+        drop(sink);
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        let mut paths = Vec::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a whole line");
+            paths.push(v["path"].as_str().unwrap()[1..].parse::<u64>().unwrap());
+        }
+        assert_eq!(paths.len() as u64 + dropped, N);
+        assert!(paths.windows(2).all(|w| w[0] < w[1]), "lines in order");
+        assert_eq!(paths[0], 0, "the first lines are kept, later ones dropped");
+        assert!(text.ends_with('\n'));
     }
 
     #[test]

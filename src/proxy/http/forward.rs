@@ -533,7 +533,7 @@ pub(crate) fn record(
         total,
         upstream_time: ex.upstream_time,
     };
-    sink.write(&record, &mut String::with_capacity(256));
+    sink.write(&record, &ctx.metrics.access_log_dropped);
 }
 
 enum HeadOutcome {
