@@ -77,6 +77,115 @@ fn an_answer_before_the_end_of_an_upload_ends_the_stream() {
     assert_offloaded_in_vm(&k);
 }
 
+/// A response waiting on a slow backend holds none of the client's
+/// connection window: this client keeps the default 65,535 bytes (as
+/// hyperium's h2 does), which a stream that reserved its next 64 KiB while
+/// it waited took whole, and the connection's other responses waited for
+/// its end.
+#[test]
+fn a_slow_response_leaves_the_connection_window_to_other_streams() {
+    let (pki, k, _a) = setup("h2-slow-window", "");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        let req = ::http::Request::get("https://localhost/trickle")
+            .body(())
+            .unwrap();
+        c = c.clone().ready().await.unwrap();
+        let (resp, _) = c.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let slow_body = async move {
+            let mut body = resp.into_body();
+            let mut got = Vec::new();
+            while let Some(d) = h2c::next_data(&mut body).await {
+                got.extend_from_slice(&d);
+            }
+            (got, std::time::Instant::now())
+        };
+        let other = async {
+            let r = h2c::get(&mut c, "/x").await;
+            (r, std::time::Instant::now())
+        };
+        let ((got, slow_done), (r, other_done)) = tokio::join!(slow_body, other);
+        assert_eq!((r.status, &r.body[..]), (200, &b"a"[..]));
+        assert_eq!(got, b"half done\n");
+        assert!(
+            other_done < slow_done,
+            "the other stream waited for the slow one's end"
+        );
+    });
+}
+
+/// A stream answered early gives back the connection window its unread
+/// upload held, at once, not when its response ends: with a connection
+/// window no larger than a stream's, another upload on the connection
+/// goes through while the early answer is still trickling out.
+#[test]
+fn an_early_answer_frees_the_connection_window_while_it_is_relayed() {
+    let pki = Pki::new("h2-early-window");
+    let a = start_http_backend("a");
+    let k = Ktern::start(
+        &pki,
+        "cpus = [0]",
+        &http_config(
+            &[("a", a.addr)],
+            ANY_TO_A,
+            "max_body = \"64m\"\n[listener.route.http2]\nstream_window = \"64k\"\nconnection_window = \"64k\"",
+        ),
+    );
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        let n = 32usize << 20;
+        let req = ::http::Request::builder()
+            .method("POST")
+            .uri("https://localhost/trickle")
+            .header("content-length", n)
+            .body(())
+            .unwrap();
+        c = c.clone().ready().await.unwrap();
+        let (resp, mut upload) = c.send_request(req, false).unwrap();
+        upload.send_data(vec![7u8; n].into(), true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(30) * slow(), resp)
+            .await
+            .expect("an answer in time")
+            .expect("the backend's answer, not a reset");
+        assert_eq!(resp.status(), 200);
+        // The early answer's body trickles for about 3 s.
+        let slow_body = async move {
+            let mut body = resp.into_body();
+            let mut got = Vec::new();
+            while let Some(d) = h2c::next_data(&mut body).await {
+                got.extend_from_slice(&d);
+            }
+            (got, std::time::Instant::now())
+        };
+        // Meanwhile another upload, larger than the connection window.
+        let body = pattern(300_000, 3);
+        let upload = async {
+            let r = h2c::request(&mut c, "POST", "/sum", &body, 16_000, true)
+                .await
+                .unwrap();
+            (r, std::time::Instant::now())
+        };
+        let ((got, relayed), (r, uploaded)) = tokio::join!(slow_body, upload);
+        assert_eq!(
+            String::from_utf8(r.body).unwrap(),
+            format!("300000 {}", sha256(&body))
+        );
+        assert_eq!(got, b"half done\n");
+        assert!(
+            uploaded < relayed,
+            "the second upload waited for the early answer's end"
+        );
+    });
+    assert!(k
+        .log()
+        .contains("backend answered before the end of the request body"));
+    assert_offloaded_in_vm(&k);
+}
+
 #[test]
 fn requests_bodies_and_trailers_cross_http2_to_http11_backends() {
     let (pki, k, _a) = setup("h2-basic", "hsts = \"max-age=600\"");

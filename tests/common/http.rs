@@ -103,6 +103,18 @@ pub fn http_backend_conn(
         // first and waits a moment, as a server's lingering close does: a
         // reset sent at once can discard the answer before it leaves (seen
         // in CI: ktern read only the reset, and answered 502).
+        // `/trickle`: a 200 whose 10-byte body trickles out over 3 s, each
+        // gap within the tests' 1 s `response_timeout`; any request body is
+        // left unread (an early answer to an upload), the connection held.
+        if path == "/trickle" {
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf ")?;
+            for b in b"done\n" {
+                std::thread::sleep(Duration::from_millis(600));
+                out.write_all(&[*b])?;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            return Ok(());
+        }
         if let Some(how) = path.strip_prefix("/early/") {
             let close = if how == "hold" {
                 ""

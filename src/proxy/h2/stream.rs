@@ -332,6 +332,12 @@ async fn forward(
             }
         }
     };
+    // An early answer ends the request side: the upload's unread DATA
+    // (up to a stream window) would hold the connection's window until the
+    // answer is relayed, however long that takes, and stall every other
+    // upload on the connection. Dropped now, h2 gives it back, and frees
+    // what the client still sends before the stream's reset.
+    let body = (!answered_early).then_some(body);
     balancer.succeeded(addr);
     ex.upstream = Some(addr);
     let ttfb = started.elapsed();
@@ -347,18 +353,23 @@ async fn forward(
         _ if ws_refused.is_some() => ws_refused,
         (Relay::Body { .. }, _) => None,
         (Relay::Refuse(why), _) => Some(why),
-        (Relay::Upgrade, Some(_)) => {
-            let send = respond
-                .send_response(convert::websocket_response(&resp, &extra), false)
-                .map_err(|_| Cut::Client)?;
-            ex.status = 200;
-            // Bytes the backend sent after its 101 are the new protocol's.
-            let early = rbuf.get(resp.len..).unwrap_or_default().to_vec();
-            buffers::give(rbuf);
-            // Boxed: its state would otherwise be part of every stream's
-            // future.
-            return Box::pin(websocket(body, send, backend, early, ctx, moved)).await;
-        }
+        (Relay::Upgrade, Some(_)) => match body {
+            Some(body) => {
+                let send = respond
+                    .send_response(convert::websocket_response(&resp, &extra), false)
+                    .map_err(|_| Cut::Client)?;
+                ex.status = 200;
+                // Bytes the backend sent after its 101 are the new protocol's.
+                let early = rbuf.get(resp.len..).unwrap_or_default().to_vec();
+                buffers::give(rbuf);
+                // Boxed: its state would otherwise be part of every stream's
+                // future.
+                return Box::pin(websocket(body, send, backend, early, ctx, moved)).await;
+            }
+            // `early_answer` refuses a 101: the body is gone only after
+            // another status.
+            None => Some("101 as an early answer"),
+        },
         // HTTP/2 has no Upgrade (RFC 9113 §8.6) but a WebSocket's.
         (Relay::Upgrade, None) => Some("101 to an HTTP/2 request"),
     };
@@ -548,6 +559,10 @@ async fn websocket(
                     }
                     n => n,
                 };
+                // Learned, not kept, while the backend is awaited (see
+                // `capacity`): a quiet WebSocket must not hold the
+                // connection's window.
+                send.reserve_capacity(0);
                 let mut read = std::pin::pin!(from_backend.read_some(room.clamp(1, READ)));
                 let buf = std::future::poll_fn(|cx| {
                     if send.poll_reset(cx).is_ready() {
@@ -625,25 +640,38 @@ fn abort(send: &mut SendStream<Bytes>, e: UpstreamAbort) -> Cut {
 /// Waits until the client's window and h2's send buffer have room for
 /// response bytes; returns how much. A window shut for `stall` ends the
 /// stream (nginx's `send_timeout`).
+///
+/// The room is learned, not kept: the reservation goes back to the
+/// connection before the caller waits on its backend. A reservation held
+/// through that wait holds the connection's window with it, and a client
+/// that keeps the default 65,535-byte window (RFC 9113 §6.9.2; hyperium's
+/// h2 does) then gets nothing on its other streams while one response
+/// waits on a slow backend or a WebSocket is quiet. The bytes read
+/// afterwards (no more than the room) are buffered by h2 and sent as the
+/// windows allow, so the next call finds no room until they went.
 async fn capacity(
     send: &mut SendStream<Bytes>,
     ctx: &Ctx<'_>,
     stall: Duration,
 ) -> Result<usize, Cut> {
     send.reserve_capacity(READ);
-    if send.capacity() > 0 {
-        return Ok(send.capacity());
-    }
-    let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
-    match ctx.within(stall, wait).await {
-        Err(_) => {
-            send.send_reset(Reason::CANCEL);
-            Err(Cut::Stalled)
+    let room = match send.capacity() {
+        0 => {
+            let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
+            match ctx.within(stall, wait).await {
+                Err(_) => {
+                    send.send_reset(Reason::CANCEL);
+                    return Err(Cut::Stalled);
+                }
+                Ok(Some(Ok(n))) if n > 0 => n,
+                Ok(Some(Ok(_))) => send.capacity().max(1),
+                Ok(_) => return Err(Cut::Client),
+            }
         }
-        Ok(Some(Ok(n))) if n > 0 => Ok(n),
-        Ok(Some(Ok(_))) => Ok(send.capacity().max(1)),
-        Ok(_) => Err(Cut::Client),
-    }
+        n => n,
+    };
+    send.reserve_capacity(0);
+    Ok(room)
 }
 
 /// Streams the request body to the backend as DATA arrives, releasing the
@@ -687,13 +715,19 @@ async fn send_body(
         } else {
             data
         };
-        match ctx
+        let sent = match ctx
             .within(backend_timeout, backend.write_bytes(bytes))
             .await
         {
-            Err(_) => return BodySent::BackendStalled,
-            Ok(Err(_)) => return BodySent::BackendFailed,
-            Ok(Ok(())) => {}
+            Err(_) => BodySent::BackendStalled,
+            Ok(Err(_)) => BodySent::BackendFailed,
+            Ok(Ok(())) => BodySent::Done,
+        };
+        if !matches!(sent, BodySent::Done) {
+            // Never to be sent: its window goes back with the rest of the
+            // unread body's when the stream ends or answers early.
+            let _ = body.flow_control().release_capacity(n);
+            return sent;
         }
         moved.0 += n as u64;
         // The backend took it: the client may send as much again.
