@@ -449,6 +449,36 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(k.wait_metric("ktern_idle_timeouts_total", 1), 1);
 }
 
+/// A client that stops reading while a download fills its socket: no byte
+/// moves, so the idle timeout ends the tunnel and the connection closes
+/// (the write in flight is cancelled; the close_notify after it is bounded
+/// by `CLOSE_NOTIFY_WAIT` in any case).
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
+    let pki = Pki::new("idle-full");
+    let backend = start_backend();
+    let k = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(backend, "")
+            .replace("kind = \"tcp\"", "kind = \"tcp\"\nidle_timeout = \"1s\""),
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    // More than the loopback buffers on both sides hold; never read.
+    c.write_all(b"DOWN 33554432 5\n").unwrap();
+    c.flush().unwrap();
+    assert_eq!(k.wait_metric("ktern_idle_timeouts_total", 1), 1);
+    let until = Instant::now() + Duration::from_secs(10) * slow();
+    while k.metric("ktern_connections_active") > 0 {
+        assert!(
+            Instant::now() < until,
+            "the connection is still open 10 s after its idle timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(c);
+}
+
 #[test]
 fn backend_reset_aborts_the_client_instead_of_a_clean_close() {
     let (pki, k) = ktern_with_backend("reset", "");

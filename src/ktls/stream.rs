@@ -34,6 +34,11 @@ use crate::handshake::client::ClientEstablished;
 use crate::handshake::{Established, MAX_RECORD};
 use crate::sys::{self, Pipe};
 
+/// How long `close` waits to send close_notify: nginx gives its
+/// `SSL_shutdown` 3 s (`ngx_ssl_shutdown`'s timer) before it drops the
+/// connection.
+pub const CLOSE_NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Why a TLS stream stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -985,8 +990,18 @@ impl TlsWriter {
     }
 
     /// Ends our direction cleanly: close_notify (RFC 8446 §6.1), then a TCP FIN.
+    ///
+    /// The close_notify waits at most `CLOSE_NOTIFY_WAIT` for room in the
+    /// socket: a client that stopped reading with the send buffer full
+    /// would otherwise hold the connection for good. What was written
+    /// before it still goes out after the socket is closed; the client
+    /// then misses only the close_notify.
     pub async fn close(&mut self) -> Result<(), StreamError> {
-        match self.close_notify().await {
+        let Ok(notified) = monoio::time::timeout(CLOSE_NOTIFY_WAIT, self.close_notify()).await
+        else {
+            return Err(StreamError::Io(io::ErrorKind::TimedOut.into()));
+        };
+        match notified {
             // A client that already closed both ways cannot take our
             // close_notify; every byte before it was delivered.
             Err(StreamError::Io(e))
