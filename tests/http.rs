@@ -690,6 +690,39 @@ fn one_shard(tag: &str) -> (Pki, Ktern, Backend) {
 /// reading hold, so ktern's writes stall (for `response_timeout`, 1 s).
 /// HTTP/2's is in tests/h2.rs (Debian 12's curl 7.88 fails a stream
 /// reset with NO_ERROR after its response, RFC 9113 §8.1, as an error).
+/// A connection that closes after a request whose body was read whole has
+/// nothing of the client's left to drain: it goes at once, without the
+/// lingering close a refused or unread body gets.
+#[test]
+fn only_a_close_with_the_body_unread_lingers() {
+    let pki = Pki::new("linger");
+    let a = start_http_backend("a");
+    let k = Ktern::start(
+        &pki,
+        "",
+        &http_config(&[("a", a.addr)], ANY_TO_A, "max_body = \"1k\""),
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(
+        &mut c,
+        "POST /sum HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    assert_eq!(r.status, 200);
+    assert!(read_to_close_notify(&mut c).is_empty());
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    assert!(!k.log().contains("lingering close"), "{}", k.log());
+    // Over max_body: refused before the body is read, so it lingers.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(
+        &mut c,
+        "POST /sum HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n",
+    );
+    assert_eq!(r.status, 413);
+    drop(c);
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    assert!(k.log().contains("lingering close"), "{}", k.log());
+}
+
 #[test]
 fn an_answer_before_the_end_of_an_upload_is_relayed() {
     // curl is not in the VM's image.

@@ -184,6 +184,9 @@ pub(crate) struct Exchange {
     /// HTTP/2 WebSocket's CONNECT goes upstream as a `GET` (RFC 8441),
     /// and the access line says what the client sent.
     pub(crate) client_method: Option<&'static str>,
+    /// The request body was read to its end (it went to the backend
+    /// whole): a close after it leaves none of it unread.
+    pub(crate) body_read: bool,
 }
 
 /// Why an HTTP connection ended abnormally.
@@ -316,6 +319,7 @@ async fn serve_requests(
             Next::KeepAlive => first = false,
             Next::Close => break,
             Next::Linger => {
+                tracing::debug!(peer = %ctx.peer, "lingering close: the client's bytes may be unread");
                 let _ = Box::pin(writer.close()).await;
                 let deadline = monoio::time::Instant::now() + crate::proxy::LINGER;
                 Box::pin(crate::proxy::linger(reader, deadline)).await;
@@ -447,10 +451,13 @@ async fn exchange(
     let next = forward(reader, writer, inbuf, &head, ctx, &mut ex, started).await;
     ex.kernel = Some(writer.path() == Path::Kernel);
     log(ctx, Some(&head), &ex, before, wall, started);
-    // A closing answer to a request with a body, which may be unread (a
-    // 413, a backend's early answer), or with bytes pipelined behind it.
+    // A closing answer to a request whose body was not read whole (a 413,
+    // a local answer, a backend's early answer), or with bytes pipelined
+    // behind it. A body that went to the backend whole leaves nothing to
+    // wait for: the connection goes at once.
+    let unread = head.framing != Framing::Length(0) && !ex.body_read;
     next.map(|next| match next {
-        Next::Close if head.framing != Framing::Length(0) || !inbuf.is_empty() => Next::Linger,
+        Next::Close if unread || !inbuf.is_empty() => Next::Linger,
         next => next,
     })
 }
@@ -837,6 +844,7 @@ async fn forward(
         if let BodySent::ClientGone = sent {
             return Ok(Next::Close);
         }
+        ex.body_read = matches!(sent, BodySent::Done);
         if let Some(r) = early_answer(ctx, head, &mut at, &sent).await {
             early = true;
             break (at.backend, at.addr, r, at.lease);
