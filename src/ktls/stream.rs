@@ -34,7 +34,7 @@ use crate::handshake::client::ClientEstablished;
 use crate::handshake::{Established, MAX_RECORD};
 use crate::sys::{self, Pipe};
 
-/// How long `close` waits to send close_notify: nginx gives its
+/// How long `end` waits to send close_notify: nginx gives its
 /// `SSL_shutdown` 3 s (`ngx_ssl_shutdown`'s timer) before it drops the
 /// connection.
 pub const CLOSE_NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -989,19 +989,25 @@ impl TlsWriter {
         Ok(())
     }
 
-    /// Ends our direction cleanly: close_notify (RFC 8446 §6.1), then a TCP FIN.
-    ///
-    /// The close_notify waits at most `CLOSE_NOTIFY_WAIT` for room in the
+    /// Ends the connection's output, as [`close`](Self::close) does, with
+    /// the close_notify waiting at most `CLOSE_NOTIFY_WAIT` for room in the
     /// socket: a client that stopped reading with the send buffer full
     /// would otherwise hold the connection for good. What was written
-    /// before it still goes out after the socket is closed; the client
-    /// then misses only the close_notify.
+    /// before it still goes out once the socket is closed (the peer then
+    /// misses only the close_notify). For a connection's end only: a
+    /// tunnel direction's half-close uses `close`, bounded by the tunnel's
+    /// idle timeout, since a download's last bytes to a slow reader may
+    /// rightly take longer than this to leave.
+    pub async fn end(&mut self) -> Result<(), StreamError> {
+        match monoio::time::timeout(CLOSE_NOTIFY_WAIT, self.close()).await {
+            Ok(r) => r,
+            Err(_) => Err(StreamError::Io(io::ErrorKind::TimedOut.into())),
+        }
+    }
+
+    /// Ends our direction cleanly: close_notify (RFC 8446 §6.1), then a TCP FIN.
     pub async fn close(&mut self) -> Result<(), StreamError> {
-        let Ok(notified) = monoio::time::timeout(CLOSE_NOTIFY_WAIT, self.close_notify()).await
-        else {
-            return Err(StreamError::Io(io::ErrorKind::TimedOut.into()));
-        };
-        match notified {
+        match self.close_notify().await {
             // A client that already closed both ways cannot take our
             // close_notify; every byte before it was delivered.
             Err(StreamError::Io(e))

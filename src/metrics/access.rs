@@ -63,14 +63,21 @@ pub use crate::config::AccessFormat as Format;
 /// thread empties, gathering them into few `write` calls; what does not fit
 /// is dropped and counted (`ktern_access_log_dropped_total`), as HAProxy
 /// drops log lines rather than wait.
+///
+/// One queue and writer per target for the whole process: a reload that
+/// keeps the target hands the writer its newly opened file (a log rotated
+/// before the reload moves on to the new file) rather than start a second
+/// writer, so lines stay in order across generations, and a target that
+/// stalls holds one thread and one queue however often ktern reloads.
 #[derive(Debug, Clone)]
 pub struct Sink {
     queue: Arc<Handle>,
     format: Format,
 }
 
-/// The queue's last handle: dropping it (the generation that opened the log
-/// is gone) lets the writer finish what is queued, close the file and end.
+/// The writer's queue, shared by every generation logging to its target:
+/// the last one's drop lets the writer finish what is queued, close the
+/// file and end.
 #[derive(Debug)]
 struct Handle(Arc<Queue>);
 
@@ -85,8 +92,6 @@ impl Drop for Handle {
 struct Queue {
     pending: Mutex<Pending>,
     wake: Condvar,
-    /// `access_log.queue`.
-    limit: usize,
 }
 
 #[derive(Debug, Default)]
@@ -95,8 +100,15 @@ struct Pending {
     bytes: Vec<u8>,
     /// How many lines `bytes` holds (a failed write says how many it lost).
     lines: u64,
-    /// Lines dropped since the writer last caught up (logged then).
+    /// Bytes of the batch being written: they count against `limit` too,
+    /// so what the log holds in memory stays within it.
+    writing: usize,
+    /// `access_log.queue`, the newest generation's.
+    limit: usize,
+    /// Lines dropped since the writer last took the queue.
     dropped: u64,
+    /// A reload's newly opened file, for the writer's next batch.
+    reopen: Option<std::fs::File>,
     /// Set by the last `Sink`'s drop.
     closed: bool,
 }
@@ -123,10 +135,20 @@ const GATHER: Duration = Duration::from_millis(20);
 const BATCH: usize = 64 << 10;
 /// A writer's spare buffer is kept up to this size between bursts.
 const KEEP: usize = 256 << 10;
+/// A shard's line buffer is kept up to this size (a line with a 64 KiB
+/// target escaped is four times that, once).
+const LINE_KEEP: usize = 4 << 10;
 
-/// Bytes queued or being written, over every open log (this generation's
-/// and any a reload replaced): what `flush` waits for.
+fn batch(limit: usize) -> usize {
+    BATCH.min(limit / 2)
+}
+
+/// Bytes queued or being written, over every open log: what `flush`
+/// waits for.
 static UNWRITTEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The open logs by target (`-` for stdout), for a reload to find.
+static OPEN: Mutex<Vec<(std::path::PathBuf, std::sync::Weak<Handle>)>> = Mutex::new(Vec::new());
 
 /// Why a log could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +163,8 @@ pub enum OpenError {
 
 impl Sink {
     /// Opens the configured log (append mode, created if missing; `-` is
-    /// stdout) and starts its writer thread.
+    /// stdout): a new writer thread for a target no generation logs to, or
+    /// the running one, given the new file and queue size.
     pub fn open(log: &crate::config::AccessLog) -> Result<Sink, OpenError> {
         let target = if log.path.as_os_str() == "-" {
             Target::Stdout
@@ -154,25 +177,50 @@ impl Sink {
                     .map_err(OpenError::File)?,
             )
         };
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, h)| h.strong_count() > 0);
+        let running = open
+            .iter()
+            .find(|(path, _)| *path == log.path)
+            .and_then(|(_, h)| h.upgrade());
+        if let Some(queue) = running {
+            let mut p = queue.0.lock();
+            p.limit = log.queue;
+            if let Target::File(f) = target {
+                p.reopen = Some(f);
+            }
+            drop(p);
+            return Ok(Sink {
+                queue,
+                format: log.format,
+            });
+        }
         let queue = Arc::new(Queue {
-            pending: Mutex::default(),
+            pending: Mutex::new(Pending {
+                limit: log.queue,
+                ..Pending::default()
+            }),
             wake: Condvar::new(),
-            limit: log.queue,
         });
         let writer = queue.clone();
         std::thread::Builder::new()
             .name("ktern-access-log".into())
             .spawn(move || write_out(&writer, target))
             .map_err(OpenError::Thread)?;
+        let queue = Arc::new(Handle(queue));
+        open.push((log.path.clone(), Arc::downgrade(&queue)));
         Ok(Sink {
-            queue: Arc::new(Handle(queue)),
+            queue,
             format: log.format,
         })
     }
 
     /// Formats `r` and queues it for the writer thread, or drops it (counted
-    /// in `dropped`) when the queue holds `access_log.queue` bytes already.
-    /// Never waits for I/O: the lock is held for a copy of one line.
+    /// in `dropped`) when the log holds `access_log.queue` bytes already.
+    /// Never waits for I/O, and never logs (a warning goes to stderr, which
+    /// under systemd is the same journal as a stalled stdout): the writer
+    /// says when dropping starts and ends. The lock is held for a copy of
+    /// one line.
     pub fn write(&self, r: &Record<'_>, dropped: &AtomicU64) {
         thread_local! {
             static LINE: RefCell<String> = const { RefCell::new(String::new()) };
@@ -184,47 +232,52 @@ impl Sink {
                 Format::Json => json(r, line),
             }
             line.push('\n');
-            let queue = &self.queue.0;
-            let mut p = queue.lock();
-            let before = p.bytes.len();
-            // An empty queue takes any line, however long: only a backlog
-            // drops lines.
-            if before > 0 && before + line.len() > queue.limit {
-                p.dropped += 1;
-                let first = p.dropped == 1;
-                drop(p);
-                crate::metrics::ShardMetrics::inc(dropped);
-                if first {
-                    tracing::warn!(
-                        queue = queue.limit,
-                        "access log: the writer is behind by access_log.queue bytes, dropping lines \
-                         (counted in ktern_access_log_dropped_total) until it catches up"
-                    );
-                }
-                return;
-            }
-            p.bytes.extend_from_slice(line.as_bytes());
-            p.lines += 1;
-            let batch = BATCH.min(queue.limit / 2);
-            let wake = before == 0 || (before < batch && p.bytes.len() >= batch);
-            // Under the lock: the writer's subtraction follows its take.
-            UNWRITTEN.fetch_add(line.len(), Ordering::Relaxed);
-            drop(p);
-            // A futex wake per batch, not per line: the writer is asleep
-            // only when the queue was empty, or gathering below `batch`.
-            if wake {
-                queue.wake.notify_one();
+            self.queue_line(line.as_bytes(), dropped);
+            if line.capacity() > LINE_KEEP {
+                line.clear();
+                line.shrink_to(LINE_KEEP / 4);
             }
         });
+    }
+
+    fn queue_line(&self, line: &[u8], dropped: &AtomicU64) {
+        let queue = &self.queue.0;
+        let mut p = queue.lock();
+        let before = p.bytes.len();
+        let held = before + p.writing;
+        // An empty log takes any line, however long: only a backlog drops
+        // lines.
+        if held > 0 && held + line.len() > p.limit {
+            p.dropped += 1;
+            drop(p);
+            crate::metrics::ShardMetrics::inc(dropped);
+            return;
+        }
+        p.bytes.extend_from_slice(line);
+        p.lines += 1;
+        let batch = batch(p.limit);
+        // A futex wake per batch, not per line: the writer waits on the
+        // condition only when it has nothing (neither queued nor being
+        // written), or while it gathers a batch below `batch`.
+        let wake = held == 0 || (before < batch && p.bytes.len() >= batch);
+        // Under the lock: the writer's subtraction follows its take.
+        UNWRITTEN.fetch_add(line.len(), Ordering::Relaxed);
+        drop(p);
+        if wake {
+            queue.wake.notify_one();
+        }
     }
 }
 
 /// The writer thread: takes what is queued (after gathering for `GATHER`)
-/// and writes it with one call; blocking here holds no request.
+/// and writes it with one call; blocking here holds no request. It logs
+/// when lines start being dropped and when it has caught up again.
 fn write_out(queue: &Queue, mut target: Target) {
     let mut batch = Vec::new();
+    // Lines dropped since dropping started (none: not dropping).
+    let mut lost = 0u64;
     loop {
-        let (lines, dropped) = {
+        let (lines, dropped, reopen) = {
             let mut p = queue.lock();
             while p.bytes.is_empty() && !p.closed {
                 p = queue.wake.wait(p).unwrap_or_else(|e| e.into_inner());
@@ -232,15 +285,31 @@ fn write_out(queue: &Queue, mut target: Target) {
             if p.bytes.is_empty() {
                 return;
             }
-            let full = BATCH.min(queue.limit / 2);
+            let full = self::batch(p.limit);
             p = queue
                 .wake
                 .wait_timeout_while(p, GATHER, |p| p.bytes.len() < full && !p.closed)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             std::mem::swap(&mut p.bytes, &mut batch);
-            (std::mem::take(&mut p.lines), std::mem::take(&mut p.dropped))
+            p.writing = batch.len();
+            (
+                std::mem::take(&mut p.lines),
+                std::mem::take(&mut p.dropped),
+                p.reopen.take(),
+            )
         };
+        if let Some(f) = reopen {
+            target = Target::File(f);
+        }
+        if dropped > 0 && lost == 0 {
+            tracing::warn!(
+                "access log: the writer is access_log.queue bytes behind (a slow disk, a stalled \
+                 reader of stdout): dropping lines until it catches up \
+                 (ktern_access_log_dropped_total)"
+            );
+        }
+        lost += dropped;
         let res = match &mut target {
             Target::Stdout => {
                 let mut out = std::io::stdout().lock();
@@ -248,19 +317,21 @@ fn write_out(queue: &Queue, mut target: Target) {
             }
             Target::File(f) => f.write_all(&batch),
         };
-        match res {
-            Err(e) => tracing::warn!(error = %e, lines, "access log write failed: lines lost"),
-            Ok(()) if dropped > 0 => {
-                tracing::warn!(
-                    dropped,
-                    "access log: the writer caught up after dropping lines"
-                );
-            }
-            Ok(()) => {}
+        if let Err(e) = res {
+            tracing::warn!(error = %e, lines, "access log write failed: lines lost");
         }
         UNWRITTEN.fetch_sub(batch.len(), Ordering::Relaxed);
         batch.clear();
         batch.shrink_to(KEEP);
+        let caught_up = {
+            let mut p = queue.lock();
+            p.writing = 0;
+            p.dropped == 0 && p.bytes.len() < p.limit / 2
+        };
+        if lost > 0 && caught_up {
+            tracing::warn!(dropped = lost, "access log: the writer caught up");
+            lost = 0;
+        }
     }
 }
 
@@ -463,7 +534,6 @@ mod tests {
             queue: 4096,
         };
         let sink = Sink::open(&log).unwrap();
-        drop(writer);
         let tls = info();
         let dropped = AtomicU64::new(0);
         // ~400-byte lines: 400 KB, six times what a pipe holds.
@@ -474,8 +544,10 @@ mod tests {
         let dropped = dropped.load(Ordering::Relaxed);
         assert!(dropped > N / 2, "only {dropped} of {N} lines dropped");
         // The last handle closes the queue: the writer writes the rest and
-        // closes its end, so the read below ends.
+        // closes its end, so the read below ends. (Our own end is kept open
+        // until then: its number names the log's target while it is open.)
         drop(sink);
+        drop(writer);
         let mut text = String::new();
         reader.read_to_string(&mut text).unwrap();
         let mut paths = Vec::new();
@@ -487,6 +559,62 @@ mod tests {
         assert!(paths.windows(2).all(|w| w[0] < w[1]), "lines in order");
         assert_eq!(paths[0], 0, "the first lines are kept, later ones dropped");
         assert!(text.ends_with('\n'));
+    }
+
+    /// A reload that keeps the target shares the running writer, which
+    /// moves to the newly opened file: a log rotated (renamed) before the
+    /// reload keeps the lines before it, the new file gets those after.
+    #[test]
+    fn a_reload_hands_the_running_writer_its_new_file() {
+        let dir = std::env::temp_dir().join(format!("ktern-access-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = crate::config::AccessLog {
+            path: dir.join("access.log"),
+            format: Format::Json,
+            queue: 1 << 20,
+        };
+        let tls = info();
+        let dropped = AtomicU64::new(0);
+        // (`flush` waits for every log of the process, other tests' too.)
+        let written = |name: &str, n: usize| {
+            for _ in 0..1000 {
+                let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+                if text.lines().count() >= n {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let first = Sink::open(&log).unwrap();
+        first.write(&record(&tls, "/1"), &dropped);
+        written("access.log", 1);
+        std::fs::rename(&log.path, dir.join("access.log.1")).unwrap();
+        let second = Sink::open(&log).unwrap();
+        assert!(Arc::ptr_eq(&first.queue, &second.queue), "one writer");
+        second.write(&record(&tls, "/2"), &dropped);
+        // The old generation still logs, in order with the new one.
+        first.write(&record(&tls, "/3"), &dropped);
+        drop(first);
+        drop(second);
+        written("access.log", 2);
+        let paths = |name: &str| -> Vec<String> {
+            std::fs::read_to_string(dir.join(name))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["path"].as_str().unwrap().to_string()
+                })
+                .collect()
+        };
+        assert_eq!(paths("access.log.1"), ["/1"]);
+        assert_eq!(paths("access.log"), ["/2", "/3"]);
+        assert_eq!(dropped.load(Ordering::Relaxed), 0);
+        // Every handle gone: the next open starts a writer of its own.
+        let third = Sink::open(&log).unwrap();
+        assert_eq!(Arc::strong_count(&third.queue), 1);
+        drop(third);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -260,8 +260,8 @@ pub async fn tls_tunnel(
     };
     match &result {
         Err(ProxyError::Idle(_)) => {
-            let _ = Box::pin(writer.close()).await;
-            let _ = Box::pin(backend_writer.close()).await;
+            let _ = Box::pin(writer.end()).await;
+            let _ = Box::pin(backend_writer.end()).await;
         }
         Err(_) => {
             Box::pin(writer.abort()).await;
@@ -462,7 +462,7 @@ pub async fn tunnel(
     match &result {
         // Our decision, nothing in flight: end politely with close_notify.
         Err(ProxyError::Idle(_)) => {
-            let _ = Box::pin(writer.close()).await;
+            let _ = Box::pin(writer.end()).await;
         }
         Err(_) => Box::pin(writer.abort()).await,
         Ok(()) => {}

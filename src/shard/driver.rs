@@ -761,7 +761,7 @@ fn proxy<'a>(
                                 // Logged and counted; the client gets a
                                 // close_notify and no data.
                                 let (_, mut writer) = conn.split();
-                                let _ = Box::pin(writer.close()).await;
+                                let _ = Box::pin(writer.end()).await;
                                 Ok(())
                             }
                         }
@@ -784,7 +784,7 @@ fn proxy<'a>(
                         tracing::warn!(%peer, error = %e, "upstream connect failed");
                         // Tell the client we are closing; it gets no data.
                         let (_, mut writer) = conn.split();
-                        let _ = Box::pin(writer.close()).await;
+                        let _ = Box::pin(writer.end()).await;
                         Ok(())
                     }
                 }

@@ -95,6 +95,27 @@ pub fn http_backend_conn(
         }
         let lower = head.to_ascii_lowercase();
         let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        // `/trickle` and `/trickle/N`: a 200 with `half ` at once, then N
+        // more bytes (5: `done\n`, else dots) one every 600 ms, each gap
+        // within the tests' 1 s `response_timeout`; any request body is
+        // left unread (an early answer to an upload), the connection held.
+        if let Some(n) = path.strip_prefix("/trickle") {
+            let rest = match n.strip_prefix('/').map(str::parse::<usize>) {
+                Some(Ok(n)) => vec![b'.'; n],
+                _ => b"done\n".to_vec(),
+            };
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nhalf ",
+                5 + rest.len()
+            )?;
+            for b in rest {
+                std::thread::sleep(Duration::from_millis(600));
+                out.write_all(&[b])?;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            return Ok(());
+        }
         // `/early/close` and `/early/hold`: a 413 before any of the body is
         // read, as servers answer an upload they refuse; then a close (a
         // reset, with the body unread), or the connection held unread,
@@ -103,18 +124,6 @@ pub fn http_backend_conn(
         // first and waits a moment, as a server's lingering close does: a
         // reset sent at once can discard the answer before it leaves (seen
         // in CI: ktern read only the reset, and answered 502).
-        // `/trickle`: a 200 whose 10-byte body trickles out over 3 s, each
-        // gap within the tests' 1 s `response_timeout`; any request body is
-        // left unread (an early answer to an upload), the connection held.
-        if path == "/trickle" {
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf ")?;
-            for b in b"done\n" {
-                std::thread::sleep(Duration::from_millis(600));
-                out.write_all(&[*b])?;
-            }
-            std::thread::sleep(Duration::from_secs(2));
-            return Ok(());
-        }
         if let Some(how) = path.strip_prefix("/early/") {
             let close = if how == "hold" {
                 ""

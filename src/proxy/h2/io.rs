@@ -472,7 +472,7 @@ impl AsyncWrite for H2Io {
                 // own close; then a lingering read.
                 this.write = WriteState::Busy {
                     fut: Box::pin(async move {
-                        let r = w.close().await;
+                        let r = w.end().await;
                         if r.is_ok() {
                             linger(read).await;
                         }

@@ -320,7 +320,7 @@ async fn serve_requests(
             Next::Close => break,
             Next::Linger => {
                 tracing::debug!(peer = %ctx.peer, "lingering close: the client's bytes may be unread");
-                let _ = Box::pin(writer.close()).await;
+                let _ = Box::pin(writer.end()).await;
                 let deadline = monoio::time::Instant::now() + crate::proxy::LINGER;
                 Box::pin(crate::proxy::linger(reader, deadline)).await;
                 return Ok(());
@@ -328,7 +328,7 @@ async fn serve_requests(
             Next::Ended => return Ok(()),
         }
     }
-    let _ = Box::pin(writer.close()).await;
+    let _ = Box::pin(writer.end()).await;
     Ok(())
 }
 
