@@ -109,6 +109,9 @@ struct Pending {
     dropped: u64,
     /// A reload's newly opened file, for the writer's next batch.
     reopen: Option<std::fs::File>,
+    /// The writer waits for a shard's wake-up (it found no line for
+    /// `IDLE_POLLS` polls); otherwise it polls, and shards never wake it.
+    asleep: bool,
     /// Set by the last `Sink`'s drop.
     closed: bool,
 }
@@ -127,11 +130,16 @@ enum Target {
     File(std::fs::File),
 }
 
-/// The writer waits this long after the first line of a batch for more, so
-/// that a busy log costs one `write` per batch, not one per request: about
-/// what a line can lag behind its request.
+/// The writer looks for lines this often while they come, so that a busy
+/// log costs one `write` per batch, not one per request, and the shards no
+/// wake-up at all (a futex call): about what a line can lag behind its
+/// request.
 const GATHER: Duration = Duration::from_millis(20);
-/// ...unless this much is queued (or half the queue, if smaller).
+/// After this many polls that found nothing (1 s), the writer sleeps until
+/// a shard wakes it with the next line: an idle ktern has no timer.
+const IDLE_POLLS: u32 = 50;
+/// A shard wakes a polling writer early when this much is queued (or half
+/// the queue, if smaller).
 const BATCH: usize = 64 << 10;
 /// A writer's spare buffer is kept up to this size between bursts.
 const KEEP: usize = 256 << 10;
@@ -256,10 +264,9 @@ impl Sink {
         p.bytes.extend_from_slice(line);
         p.lines += 1;
         let batch = batch(p.limit);
-        // A futex wake per batch, not per line: the writer waits on the
-        // condition only when it has nothing (neither queued nor being
-        // written), or while it gathers a batch below `batch`.
-        let wake = held == 0 || (before < batch && p.bytes.len() >= batch);
+        // A futex wake only for an asleep writer, or a batch's worth: a
+        // polling writer finds the line within `GATHER`.
+        let wake = std::mem::take(&mut p.asleep) || (before < batch && p.bytes.len() >= batch);
         // Under the lock: the writer's subtraction follows its take.
         UNWRITTEN.fetch_add(line.len(), Ordering::Relaxed);
         drop(p);
@@ -269,28 +276,46 @@ impl Sink {
     }
 }
 
-/// The writer thread: takes what is queued (after gathering for `GATHER`)
-/// and writes it with one call; blocking here holds no request. It logs
-/// when lines start being dropped and when it has caught up again.
+/// The writer thread: takes what is queued every `GATHER` and writes it
+/// with one call; blocking here holds no request. Idle for `IDLE_POLLS`
+/// polls, it sleeps until a shard's next line (then gathers for `GATHER`
+/// before it writes). It logs when lines start being dropped and when it
+/// has caught up again.
 fn write_out(queue: &Queue, mut target: Target) {
     let mut batch = Vec::new();
     // Lines dropped since dropping started (none: not dropping).
     let mut lost = 0u64;
+    let mut idle = 0;
     loop {
         let (lines, dropped, reopen) = {
             let mut p = queue.lock();
-            while p.bytes.is_empty() && !p.closed {
-                p = queue.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+            let full = self::batch(p.limit);
+            while p.bytes.len() < full && !p.closed {
+                if p.bytes.is_empty() && idle >= IDLE_POLLS {
+                    p.asleep = true;
+                    p = queue
+                        .wake
+                        .wait_while(p, |p| p.bytes.is_empty() && !p.closed)
+                        .unwrap_or_else(|e| e.into_inner());
+                    p.asleep = false;
+                    idle = 0;
+                    continue;
+                }
+                p = queue
+                    .wake
+                    .wait_timeout(p, GATHER)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                if !p.bytes.is_empty() {
+                    break;
+                }
+                idle += 1;
             }
             if p.bytes.is_empty() {
+                // Closed, with nothing left.
                 return;
             }
-            let full = self::batch(p.limit);
-            p = queue
-                .wake
-                .wait_timeout_while(p, GATHER, |p| p.bytes.len() < full && !p.closed)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            idle = 0;
             std::mem::swap(&mut p.bytes, &mut batch);
             p.writing = batch.len();
             (
