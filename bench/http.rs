@@ -1,9 +1,12 @@
 //! Criterion: HTTP/1.1 request-head parsing and forwarding rewrite, on a
-//! typical browser request (about 600 bytes, 12 fields).
+//! typical browser request (about 600 bytes, 12 fields); body scanning;
+//! and formatting that request's access line (combined and JSON).
 //! `cargo bench --bench http`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ktern::metrics::access;
 use ktern::proxy::http::{body, head, rewrite};
+use std::time::{Duration, SystemTime};
 
 const REQUEST: &[u8] = b"GET /static/app.js?v=3 HTTP/1.1\r\n\
 Host: www.example.com\r\n\
@@ -65,6 +68,48 @@ fn bench(c: &mut Criterion) {
             s.scan(std::hint::black_box(&chunked)).unwrap()
         })
     });
+    g.finish();
+
+    let tls = ktern::handshake::TlsInfo {
+        sni: Some("www.example.com".into()),
+        version: Some(rustls::ProtocolVersion::TLSv1_3),
+        suite: Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+        kernel: true,
+        alpn_h2: false,
+        resumed: false,
+        client_auth: false,
+        client: None,
+    };
+    let record = access::Record {
+        time: SystemTime::now(),
+        client: "198.51.100.4:50000".parse().unwrap(),
+        tls: &tls,
+        kernel: true,
+        method: parsed.method(),
+        host: parsed.host().unwrap_or(""),
+        target: parsed.target(),
+        protocol: "HTTP/1.1",
+        status: 200,
+        bytes_in: REQUEST.len() as u64,
+        bytes_out: 1100,
+        referer: parsed.values("referer").next(),
+        user_agent: parsed.values("user-agent").next(),
+        upstream: Some("10.0.0.7:8080".parse().unwrap()),
+        total: Duration::from_micros(3_250),
+        upstream_time: Some(Duration::from_micros(2_100)),
+    };
+    let mut g = c.benchmark_group("access_line");
+    for (name, format) in [
+        ("combined", access::Format::Combined),
+        ("json", access::Format::Json),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                access::format(format, std::hint::black_box(&record), &mut out);
+            })
+        });
+    }
     g.finish();
 }
 

@@ -5,7 +5,6 @@
 //! header cannot forge a second line or break the JSON.
 
 use std::cell::RefCell;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -231,16 +230,12 @@ impl Sink {
     /// one line.
     pub fn write(&self, r: &Record<'_>, dropped: &AtomicU64) {
         thread_local! {
-            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+            static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
         LINE.with_borrow_mut(|line| {
             line.clear();
-            match self.format {
-                Format::Combined => combined(r, line),
-                Format::Json => json(r, line),
-            }
-            line.push('\n');
-            self.queue_line(line.as_bytes(), dropped);
+            format(self.format, r, line);
+            self.queue_line(line, dropped);
             if line.capacity() > LINE_KEEP {
                 line.clear();
                 line.shrink_to(LINE_KEEP / 4);
@@ -369,95 +364,230 @@ pub fn flush(timeout: Duration) {
     }
 }
 
+/// Appends `r` to `out` as one line in `format`, newline included (what
+/// the log writes; public for `bench/`).
+pub fn format(format: Format, r: &Record<'_>, out: &mut Vec<u8>) {
+    match format {
+        Format::Combined => combined(r, out),
+        Format::Json => json(r, out),
+    }
+    out.push(b'\n');
+}
+
 /// `client - - [time] "request" status bytes "referer" "agent"` (nginx's
 /// combined), then `key=value` pairs for what combined lacks.
-fn combined(r: &Record<'_>, out: &mut String) {
-    let _ = write!(out, "{} - - [", r.client.ip());
+fn combined(r: &Record<'_>, out: &mut Vec<u8>) {
+    ip(r.client.ip(), out);
+    out.extend_from_slice(b" - - [");
     clf_time(r.time, out);
-    out.push_str("] \"");
+    out.extend_from_slice(b"] \"");
     escape_text(r.method.as_bytes(), out);
-    out.push(' ');
+    out.push(b' ');
     escape_text(r.target.as_bytes(), out);
-    let _ = write!(out, " {}\" {} {} \"", r.protocol, r.status, r.bytes_out);
+    out.push(b' ');
+    out.extend_from_slice(r.protocol.as_bytes());
+    out.extend_from_slice(b"\" ");
+    num(r.status, out);
+    out.push(b' ');
+    num(r.bytes_out, out);
+    out.extend_from_slice(b" \"");
     escape_text(r.referer.unwrap_or(b"-"), out);
-    out.push_str("\" \"");
+    out.extend_from_slice(b"\" \"");
     escape_text(r.user_agent.unwrap_or(b"-"), out);
-    out.push_str("\" host=\"");
+    out.extend_from_slice(b"\" host=\"");
     escape_text(r.host.as_bytes(), out);
-    out.push_str("\" sni=");
-    out.push_str(r.tls.sni.as_deref().unwrap_or("-"));
-    let _ = write!(
-        out,
-        " tls={} cipher={} ktls={} in={} out={} upstream=",
-        r.tls.version_name(),
-        r.tls.cipher_name(),
-        u8::from(r.kernel),
-        r.bytes_in,
-        r.bytes_out
-    );
+    out.extend_from_slice(b"\" sni=");
+    out.extend_from_slice(r.tls.sni.as_deref().unwrap_or("-").as_bytes());
+    out.extend_from_slice(b" tls=");
+    out.extend_from_slice(r.tls.version_name().as_bytes());
+    out.extend_from_slice(b" cipher=");
+    out.extend_from_slice(r.tls.cipher_name().as_bytes());
+    out.extend_from_slice(if r.kernel {
+        b" ktls=1 in="
+    } else {
+        b" ktls=0 in="
+    });
+    num(r.bytes_in, out);
+    out.extend_from_slice(b" out=");
+    num(r.bytes_out, out);
+    out.extend_from_slice(b" upstream=");
     match r.upstream {
+        Some(a) if a.is_ipv4() => {
+            ip(a.ip(), out);
+            out.push(b':');
+            num(a.port(), out);
+        }
         Some(a) => {
             let _ = write!(out, "{a}");
         }
-        None => out.push('-'),
+        None => out.push(b'-'),
     }
-    let _ = write!(out, " rt={:.3} urt=", r.total.as_secs_f64());
+    out.extend_from_slice(b" rt=");
+    seconds(r.total, out);
+    out.extend_from_slice(b" urt=");
     match r.upstream_time {
-        Some(t) => {
-            let _ = write!(out, "{:.3}", t.as_secs_f64());
-        }
-        None => out.push('-'),
+        Some(t) => seconds(t, out),
+        None => out.push(b'-'),
     }
     // Only on listeners that ask for client certificates.
     if let Some(verify) = r.tls.client_verify() {
-        let _ = write!(out, " client_verify={verify}");
+        out.extend_from_slice(b" client_verify=");
+        out.extend_from_slice(verify.as_bytes());
         if let Some(id) = &r.tls.client {
-            out.push_str(" client_dn=\"");
+            out.extend_from_slice(b" client_dn=\"");
             escape_text(id.subject.as_bytes(), out);
-            let _ = write!(out, "\" client_fp={}", id.fingerprint);
+            out.extend_from_slice(b"\" client_fp=");
+            out.extend_from_slice(id.fingerprint.as_bytes());
         }
     }
+}
+
+/// The line is built from byte pieces and integers by `itoa` (already in
+/// the tree, under serde_json), not `write!`: each `core::fmt` call costs a
+/// few hundred instructions, and a combined line made with a dozen of them
+/// took about 9 k, a third of a proxied request's own.
+fn num(n: impl itoa::Integer, out: &mut Vec<u8>) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `n` with at least `width` digits, zeros in front.
+fn padded(n: u32, width: usize, out: &mut Vec<u8>) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(n).as_bytes();
+    out.extend(std::iter::repeat_n(
+        b'0',
+        width.saturating_sub(digits.len()),
+    ));
+    out.extend_from_slice(digits);
+}
+
+/// An IPv4 address by its octets; IPv6 through `Display` (RFC 5952's
+/// compressed form is not worth a copy here).
+fn ip(addr: std::net::IpAddr, out: &mut Vec<u8>) {
+    match addr {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            num(a, out);
+            for o in [b, c, d] {
+                out.push(b'.');
+                num(o, out);
+            }
+        }
+        v6 => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// `1.234`: seconds to the millisecond, as nginx's `$request_time`, from
+/// integers.
+fn seconds(t: Duration, out: &mut Vec<u8>) {
+    let ms = t.as_millis();
+    num(ms / 1000, out);
+    out.push(b'.');
+    padded((ms % 1000) as u32, 3, out);
 }
 
 /// Bytes outside printable ASCII, `"` and `\` become `\xHH` (as nginx
 /// escapes its variables), so a line is always one line.
-fn escape_text(bytes: &[u8], out: &mut String) {
+fn escape_text(bytes: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in bytes {
         if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
-            out.push(b as char);
+            out.push(b);
         } else {
-            let _ = write!(out, "\\x{b:02X}");
+            out.extend_from_slice(&[
+                b'\\',
+                b'x',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]);
         }
     }
 }
 
-fn json(r: &Record<'_>, out: &mut String) {
-    let lossy = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
-    let v = serde_json::json!({
-        "time": rfc3339(r.time),
-        "client": r.client.ip().to_string(),
-        "client_port": r.client.port(),
-        "sni": r.tls.sni.as_deref(),
-        "tls_version": r.tls.version_name(),
-        "cipher": r.tls.cipher_name(),
-        "ktls": r.kernel,
-        "client_verify": r.tls.client_verify(),
-        "client_dn": r.tls.client.as_ref().map(|c| &*c.subject),
-        "client_fingerprint": r.tls.client.as_ref().map(|c| &*c.fingerprint),
-        "method": r.method,
-        "host": r.host,
-        "path": r.target,
-        "protocol": r.protocol,
-        "status": r.status,
-        "bytes_in": r.bytes_in,
-        "bytes_out": r.bytes_out,
-        "referer": lossy(r.referer),
-        "user_agent": lossy(r.user_agent),
-        "upstream": r.upstream.map(|a| a.to_string()),
-        "duration_ms": r.total.as_secs_f64() * 1e3,
-        "upstream_ms": r.upstream_time.map(|t| t.as_secs_f64() * 1e3),
-    });
-    out.push_str(&v.to_string());
+/// One JSON line, serialized straight into the line buffer: borrowed
+/// fields and `Display` values, no `serde_json::Value` (a map of owned keys
+/// and strings: dozens of allocations a line).
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    time: Shown<Rfc3339>,
+    client: Shown<std::net::IpAddr>,
+    client_port: u16,
+    sni: Option<&'a str>,
+    tls_version: &'static str,
+    cipher: &'static str,
+    ktls: bool,
+    client_verify: Option<&'static str>,
+    client_dn: Option<&'a str>,
+    client_fingerprint: Option<&'a str>,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    protocol: &'a str,
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    referer: Option<std::borrow::Cow<'a, str>>,
+    user_agent: Option<std::borrow::Cow<'a, str>>,
+    upstream: Option<Shown<SocketAddr>>,
+    duration_ms: f64,
+    upstream_ms: Option<f64>,
+}
+
+/// A value serialized as a JSON string of its `Display`, escaped as it is
+/// formatted (serde_json's `collect_str`), with no `String` of its own.
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> serde::Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// `2026-11-23T10:00:00.123Z`.
+struct Rfc3339(SystemTime);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (y, mo, d, h, mi, s, ms) = civil(self.0);
+        write!(f, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+    }
+}
+
+fn json(r: &Record<'_>, out: &mut Vec<u8>) {
+    let client = r.tls.client.as_deref();
+    let line = JsonLine {
+        time: Shown(Rfc3339(r.time)),
+        client: Shown(r.client.ip()),
+        client_port: r.client.port(),
+        sni: r.tls.sni.as_deref(),
+        tls_version: r.tls.version_name(),
+        cipher: r.tls.cipher_name(),
+        ktls: r.kernel,
+        client_verify: r.tls.client_verify(),
+        client_dn: client.map(|c| &*c.subject),
+        client_fingerprint: client.map(|c| &*c.fingerprint),
+        method: r.method,
+        host: r.host,
+        path: r.target,
+        protocol: r.protocol,
+        status: r.status,
+        bytes_in: r.bytes_in,
+        bytes_out: r.bytes_out,
+        referer: r.referer.map(String::from_utf8_lossy),
+        user_agent: r.user_agent.map(String::from_utf8_lossy),
+        upstream: r.upstream.map(Shown),
+        duration_ms: r.total.as_secs_f64() * 1e3,
+        upstream_ms: r.upstream_time.map(|t| t.as_secs_f64() * 1e3),
+    };
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, &line).is_err() {
+        // Not reached (a `Vec` takes every write): a line cut short would
+        // be no JSON at all.
+        out.truncate(start);
+        out.extend_from_slice(b"{}");
+    }
 }
 
 /// UTC civil date and time from a Unix time (Howard Hinnant's
@@ -487,23 +617,22 @@ fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
     )
 }
 
-/// `2026-11-23T10:00:00.123Z`.
-fn rfc3339(t: SystemTime) -> String {
-    let (y, mo, d, h, mi, s, ms) = civil(t);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
-}
-
 /// `23/Nov/2026:10:00:00 +0000` (Common Log Format).
-fn clf_time(t: SystemTime, out: &mut String) {
+fn clf_time(t: SystemTime, out: &mut Vec<u8>) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     let (y, mo, d, h, mi, s, _) = civil(t);
-    let _ = write!(
-        out,
-        "{d:02}/{}/{y:04}:{h:02}:{mi:02}:{s:02} +0000",
-        MONTHS[(mo - 1) as usize]
-    );
+    padded(d, 2, out);
+    out.push(b'/');
+    out.extend_from_slice(MONTHS[(mo - 1) as usize].as_bytes());
+    out.push(b'/');
+    padded(y.clamp(0, 9999) as u32, 4, out);
+    for v in [h, mi, s] {
+        out.push(b':');
+        padded(v, 2, out);
+    }
+    out.extend_from_slice(b" +0000");
 }
 
 #[cfg(test)]
@@ -644,6 +773,7 @@ mod tests {
 
     #[test]
     fn civil_dates() {
+        let rfc3339 = |t| Rfc3339(t).to_string();
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         // 2000-02-29 (leap day), 2024-12-31 23:59:59.
         assert_eq!(
@@ -659,8 +789,9 @@ mod tests {
     #[test]
     fn combined_line_has_tls_fields_and_escapes_client_bytes() {
         let tls = info();
-        let mut line = String::new();
+        let mut line = Vec::new();
         combined(&record(&tls, "/a\"b\n"), &mut line);
+        let line = String::from_utf8(line).unwrap();
         assert_eq!(
             line,
             "192.0.2.7 - - [23/Nov/2026:10:20:30 +0000] \"GET /a\\x22b\\x0A HTTP/1.1\" 200 1100 \
@@ -669,14 +800,35 @@ mod tests {
              rt=0.003 urt=0.002"
         );
         assert!(!line.contains('\n'));
+        // Zero-padded dates, IPv6 peers, a userspace connection, no backend.
+        let mut r = record(&tls, "/");
+        r.time = UNIX_EPOCH + Duration::from_secs(3_723);
+        r.client = "[2001:db8::7]:443".parse().unwrap();
+        r.kernel = false;
+        r.upstream = Some("[2001:db8::9]:8080".parse().unwrap());
+        r.upstream_time = None;
+        r.total = Duration::from_millis(12_345);
+        let mut line = Vec::new();
+        combined(&r, &mut line);
+        let line = String::from_utf8(line).unwrap();
+        assert!(
+            line.starts_with(
+                "2001:db8::7 - - [01/Jan/1970:01:02:03 +0000] \"GET / HTTP/1.1\" 200 1100 "
+            ),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(" ktls=0 in=80 out=1100 upstream=[2001:db8::9]:8080 rt=12.345 urt=-"),
+            "{line}"
+        );
     }
 
     #[test]
     fn json_line_parses_back() {
         let tls = info();
-        let mut line = String::new();
+        let mut line = Vec::new();
         json(&record(&tls, "/\u{0}\"}"), &mut line);
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["path"], "/\u{0}\"}");
         assert_eq!(v["time"], "2026-11-23T10:20:30.456Z");
         assert_eq!(v["sni"], "app.test");
@@ -687,6 +839,42 @@ mod tests {
         assert_eq!(v["upstream"], "127.0.0.1:9000");
         assert_eq!(v["referer"], serde_json::Value::Null);
         assert_eq!(v["client_verify"], serde_json::Value::Null);
+        assert_eq!(v["user_agent"], "curl/8 \"x\"");
+        assert_eq!(v["duration_ms"], 3.0);
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want = [
+            "time",
+            "client",
+            "client_port",
+            "sni",
+            "tls_version",
+            "cipher",
+            "ktls",
+            "client_verify",
+            "client_dn",
+            "client_fingerprint",
+            "method",
+            "host",
+            "path",
+            "protocol",
+            "status",
+            "bytes_in",
+            "bytes_out",
+            "referer",
+            "user_agent",
+            "upstream",
+            "duration_ms",
+            "upstream_ms",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        // Bytes that are not UTF-8 come out as U+FFFD, the line still JSON.
+        let mut r = record(&tls, "/");
+        r.user_agent = Some(b"a\xff\"b");
+        line.clear();
+        json(&r, &mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["user_agent"], "a\u{fffd}\"b");
     }
 
     #[test]
@@ -694,9 +882,10 @@ mod tests {
         use crate::handshake::client_auth::ClientIdentity;
         let mut tls = info();
         tls.client_auth = true;
-        let mut line = String::new();
+        let mut line = Vec::new();
         combined(&record(&tls, "/"), &mut line);
-        assert!(line.ends_with(" urt=0.002 client_verify=NONE"), "{line}");
+        let text = String::from_utf8_lossy(&line);
+        assert!(text.ends_with(" urt=0.002 client_verify=NONE"), "{text}");
         tls.client = Some(Box::new(ClientIdentity {
             subject: "CN=svc \"x\", O=Example".into(),
             common_name: Some("svc".into()),
@@ -705,16 +894,17 @@ mod tests {
         }));
         line.clear();
         combined(&record(&tls, "/"), &mut line);
+        let text = String::from_utf8_lossy(&line);
         assert!(
-            line.ends_with(&format!(
+            text.ends_with(&format!(
                 " client_verify=SUCCESS client_dn=\"CN=svc \\x22x\\x22, O=Example\" client_fp={}",
                 "ab".repeat(32)
             )),
-            "{line}"
+            "{text}"
         );
         line.clear();
         json(&record(&tls, "/"), &mut line);
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["client_verify"], "SUCCESS");
         assert_eq!(v["client_dn"], "CN=svc \"x\", O=Example");
         assert_eq!(v["client_fingerprint"], "ab".repeat(32));
