@@ -39,29 +39,9 @@ fn an_answer_before_the_end_of_an_upload_ends_the_stream() {
     rt.block_on(async {
         let mut c = h2c::connect(k.addr(), &pki).await;
         for how in ["close", "hold"] {
-            let n = 32usize << 20;
-            let req = ::http::Request::builder()
-                .method("POST")
-                .uri(format!("https://localhost/early/{how}"))
-                .header("content-length", n)
-                .body(())
-                .unwrap();
-            c = c.clone().ready().await.unwrap();
-            let (resp, mut upload) = c.send_request(req, false).unwrap();
-            // Queued whole: h2 sends it as the windows open, and drops
-            // what is left when the stream ends.
-            upload.send_data(vec![7u8; n].into(), true).unwrap();
-            let resp = tokio::time::timeout(Duration::from_secs(30) * slow(), resp)
-                .await
-                .expect("an answer in time")
-                .expect("the backend's answer, not a reset");
+            let resp = h2c::upload_queued(&mut c, &format!("/early/{how}"), 32 << 20).await;
             assert_eq!(resp.status(), 413, "{how}");
-            let mut body = resp.into_body();
-            let mut got = Vec::new();
-            while let Some(d) = h2c::next_data(&mut body).await {
-                got.extend_from_slice(&d);
-            }
-            assert_eq!(got, b"too large\n", "{how}");
+            assert_eq!(h2c::body_ended(resp).await.0, b"too large\n", "{how}");
         }
         // The connection serves on, on a fresh backend connection: the
         // held one (its answer allowed keep-alive) was not pooled.
@@ -95,14 +75,7 @@ fn a_slow_response_leaves_the_connection_window_to_other_streams() {
         let (resp, _) = c.send_request(req, true).unwrap();
         let resp = resp.await.unwrap();
         assert_eq!(resp.status(), 200);
-        let slow_body = async move {
-            let mut body = resp.into_body();
-            let mut got = Vec::new();
-            while let Some(d) = h2c::next_data(&mut body).await {
-                got.extend_from_slice(&d);
-            }
-            (got, std::time::Instant::now())
-        };
+        let slow_body = h2c::body_ended(resp);
         let other = async {
             let r = h2c::get(&mut c, "/x").await;
             (r, std::time::Instant::now())
@@ -137,32 +110,12 @@ fn an_early_answer_frees_the_connection_window_while_it_is_relayed() {
     let rt = h2c::runtime();
     rt.block_on(async {
         let mut c = h2c::connect(k.addr(), &pki).await;
-        let n = 32usize << 20;
         // The answer trickles for 3 s (12 s in the VM, where the upload
         // takes longer to stall and the other upload to go through).
         let trickle = 5 * slow() as usize;
-        let req = ::http::Request::builder()
-            .method("POST")
-            .uri(format!("https://localhost/trickle/{trickle}"))
-            .header("content-length", n)
-            .body(())
-            .unwrap();
-        c = c.clone().ready().await.unwrap();
-        let (resp, mut upload) = c.send_request(req, false).unwrap();
-        upload.send_data(vec![7u8; n].into(), true).unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(30) * slow(), resp)
-            .await
-            .expect("an answer in time")
-            .expect("the backend's answer, not a reset");
+        let resp = h2c::upload_queued(&mut c, &format!("/trickle/{trickle}"), 32 << 20).await;
         assert_eq!(resp.status(), 200);
-        let slow_body = async move {
-            let mut body = resp.into_body();
-            let mut got = Vec::new();
-            while let Some(d) = h2c::next_data(&mut body).await {
-                got.extend_from_slice(&d);
-            }
-            (got, std::time::Instant::now())
-        };
+        let slow_body = h2c::body_ended(resp);
         // Meanwhile another upload, larger than the connection window.
         let body = pattern(300_000, 3);
         let upload = async {

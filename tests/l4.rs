@@ -418,16 +418,21 @@ fn one_client_holds_at_most_max_conns_per_client() {
     assert_eq!(k.metric("ktern_connections_refused_per_client_total"), 1);
 }
 
-#[test]
-fn idle_connections_are_closed_after_the_idle_timeout() {
-    let pki = Pki::new("idle");
-    let backend = start_backend();
+/// ktern with a `tcp` route to the echo backend, idle after 1 s.
+fn idle_ktern(tag: &str) -> (Pki, Ktern) {
+    let pki = Pki::new(tag);
     let k = Ktern::start(
         &pki,
         "",
-        &tcp_listener(backend, "")
+        &tcp_listener(start_backend(), "")
             .replace("kind = \"tcp\"", "kind = \"tcp\"\nidle_timeout = \"1s\""),
     );
+    (pki, k)
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let (pki, k) = idle_ktern("idle");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     c.write_all(b"ECHO\nping").unwrap();
     let mut buf = [0u8; 4];
@@ -455,14 +460,7 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
 /// by `CLOSE_NOTIFY_WAIT` in any case).
 #[test]
 fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
-    let pki = Pki::new("idle-full");
-    let backend = start_backend();
-    let k = Ktern::start(
-        &pki,
-        "",
-        &tcp_listener(backend, "")
-            .replace("kind = \"tcp\"", "kind = \"tcp\"\nidle_timeout = \"1s\""),
-    );
+    let (pki, k) = idle_ktern("idle-full");
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     // More than the loopback buffers on both sides hold; never read.
     c.write_all(b"DOWN 33554432 5\n").unwrap();

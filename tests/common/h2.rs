@@ -172,6 +172,41 @@ pub async fn websocket(
     })
 }
 
+/// POSTs `n` bytes to `path`, all queued at once (h2 sends them as the
+/// windows open, and drops what is left when the stream ends), and waits
+/// for the response head: for backends that answer before reading.
+#[allow(dead_code)] // Not every test binary uploads.
+pub async fn upload_queued(
+    c: &mut SendRequest<Bytes>,
+    path: &str,
+    n: usize,
+) -> http::Response<h2::RecvStream> {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost{path}"))
+        .header("content-length", n)
+        .body(())
+        .unwrap();
+    *c = c.clone().ready().await.unwrap();
+    let (resp, mut upload) = c.send_request(req, false).unwrap();
+    upload.send_data(vec![7u8; n].into(), true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30) * super::slow(), resp)
+        .await
+        .expect("an answer in time")
+        .expect("the backend's answer, not a reset")
+}
+
+/// The whole body of `resp`, and when it ended.
+#[allow(dead_code)] // Not every test binary reads bodies this way.
+pub async fn body_ended(resp: http::Response<h2::RecvStream>) -> (Vec<u8>, std::time::Instant) {
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = next_data(&mut body).await {
+        got.extend_from_slice(&d);
+    }
+    (got, std::time::Instant::now())
+}
+
 /// The next bytes `recv` carries (their window released; empty DATA
 /// frames, as an END_STREAM of its own, are skipped), `None` at
 /// END_STREAM; fails the test after 20 s.
