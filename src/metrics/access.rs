@@ -197,6 +197,7 @@ impl Sink {
                 p.reopen = Some(f);
             }
             drop(p);
+            queue.0.wake.notify_one();
             return Ok(Sink {
                 queue,
                 format: log.format,
@@ -286,11 +287,16 @@ fn write_out(queue: &Queue, mut target: Target) {
             let mut p = queue.lock();
             let full = self::batch(p.limit);
             while p.bytes.len() < full && !p.closed {
+                // A reload's file, taken at once (an idle log would
+                // otherwise keep a rotated file open until its next line).
+                if let Some(f) = p.reopen.take() {
+                    target = Target::File(f);
+                }
                 if p.bytes.is_empty() && idle >= IDLE_POLLS {
                     p.asleep = true;
                     p = queue
                         .wake
-                        .wait_while(p, |p| p.bytes.is_empty() && !p.closed)
+                        .wait_while(p, |p| p.bytes.is_empty() && !p.closed && p.reopen.is_none())
                         .unwrap_or_else(|e| e.into_inner());
                     p.asleep = false;
                     idle = 0;
@@ -768,6 +774,58 @@ mod tests {
         let third = Sink::open(&log).unwrap();
         assert_eq!(Arc::strong_count(&third.queue), 1);
         drop(third);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// After a second with no line the writer sleeps; the next line wakes
+    /// it, and a reload's file replaces the old one without waiting for a
+    /// line (a rotated file is not held open by an idle log).
+    #[test]
+    fn a_sleeping_writer_wakes_for_a_line_and_for_a_reload() {
+        let dir = std::env::temp_dir().join(format!("ktern-access-sleep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = crate::config::AccessLog {
+            path: dir.join("access.log"),
+            format: Format::Combined,
+            queue: 1 << 20,
+        };
+        let tls = info();
+        let dropped = AtomicU64::new(0);
+        let sink = Sink::open(&log).unwrap();
+        let asleep = || {
+            for _ in 0..500 {
+                if sink.queue.0.lock().asleep {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        };
+        assert!(asleep(), "the writer sleeps once idle");
+        sink.write(&record(&tls, "/woken"), &dropped);
+        let mut text = String::new();
+        for _ in 0..500 {
+            text = std::fs::read_to_string(&log.path).unwrap();
+            if !text.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(text.contains("/woken"), "{text:?}");
+        // Asleep again, then a reload: the writer takes the new file now.
+        assert!(asleep());
+        std::fs::rename(&log.path, dir.join("access.log.1")).unwrap();
+        let reloaded = Sink::open(&log).unwrap();
+        let mut taken = false;
+        for _ in 0..500 {
+            if reloaded.queue.0.lock().reopen.is_none() {
+                taken = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(taken, "the reload's file waited for a line");
+        drop((sink, reloaded));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
