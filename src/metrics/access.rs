@@ -7,8 +7,8 @@
 use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::handshake::TlsInfo;
@@ -97,8 +97,6 @@ struct Queue {
 struct Pending {
     /// Whole lines, each ending in `\n`.
     bytes: Vec<u8>,
-    /// How many lines `bytes` holds (a failed write says how many it lost).
-    lines: u64,
     /// Bytes of the batch being written: they count against `limit` too,
     /// so what the log holds in memory stays within it.
     writing: usize,
@@ -150,12 +148,11 @@ fn batch(limit: usize) -> usize {
     BATCH.min(limit / 2)
 }
 
-/// Bytes queued or being written, over every open log: what `flush`
-/// waits for.
-static UNWRITTEN: AtomicUsize = AtomicUsize::new(0);
-
-/// The open logs by target (`-` for stdout), for a reload to find.
-static OPEN: Mutex<Vec<(std::path::PathBuf, std::sync::Weak<Handle>)>> = Mutex::new(Vec::new());
+/// The logs by target (`-` for stdout): a generation's handle, for a
+/// reload to find, and the queue, alive while its writer runs, for
+/// `flush` to wait on.
+#[allow(clippy::type_complexity)]
+static OPEN: Mutex<Vec<(std::path::PathBuf, Weak<Handle>, Weak<Queue>)>> = Mutex::new(Vec::new());
 
 /// Why a log could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -185,11 +182,11 @@ impl Sink {
             )
         };
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|(_, h)| h.strong_count() > 0);
+        open.retain(|(_, _, q)| q.strong_count() > 0);
         let running = open
             .iter()
-            .find(|(path, _)| *path == log.path)
-            .and_then(|(_, h)| h.upgrade());
+            .find(|(path, ..)| *path == log.path)
+            .and_then(|(_, h, _)| h.upgrade());
         if let Some(queue) = running {
             let mut p = queue.0.lock();
             p.limit = log.queue;
@@ -215,8 +212,9 @@ impl Sink {
             .name("ktern-access-log".into())
             .spawn(move || write_out(&writer, target))
             .map_err(OpenError::Thread)?;
+        let weak = Arc::downgrade(&queue);
         let queue = Arc::new(Handle(queue));
-        open.push((log.path.clone(), Arc::downgrade(&queue)));
+        open.push((log.path.clone(), Arc::downgrade(&queue), weak));
         Ok(Sink {
             queue,
             format: log.format,
@@ -258,13 +256,10 @@ impl Sink {
             return;
         }
         p.bytes.extend_from_slice(line);
-        p.lines += 1;
         let batch = batch(p.limit);
         // A futex wake only for an asleep writer, or a batch's worth: a
         // polling writer finds the line within `GATHER`.
         let wake = std::mem::take(&mut p.asleep) || (before < batch && p.bytes.len() >= batch);
-        // Under the lock: the writer's subtraction follows its take.
-        UNWRITTEN.fetch_add(line.len(), Ordering::Relaxed);
         drop(p);
         if wake {
             queue.wake.notify_one();
@@ -283,14 +278,20 @@ fn write_out(queue: &Queue, mut target: Target) {
     let mut lost = 0u64;
     let mut idle = 0;
     loop {
-        let (lines, dropped, reopen) = {
+        let dropped = {
             let mut p = queue.lock();
             let full = self::batch(p.limit);
-            while p.bytes.len() < full && !p.closed {
-                // A reload's file, taken at once (an idle log would
-                // otherwise keep a rotated file open until its next line).
+            // Lines found after a poll (or a gather) are written.
+            let mut polled = false;
+            loop {
+                // A reload's file, taken at once and before any line after
+                // it (an idle log would otherwise keep a rotated file open
+                // until its next line).
                 if let Some(f) = p.reopen.take() {
                     target = Target::File(f);
+                }
+                if p.bytes.len() >= full || p.closed || (polled && !p.bytes.is_empty()) {
+                    break;
                 }
                 if p.bytes.is_empty() && idle >= IDLE_POLLS {
                     p.asleep = true;
@@ -300,6 +301,8 @@ fn write_out(queue: &Queue, mut target: Target) {
                         .unwrap_or_else(|e| e.into_inner());
                     p.asleep = false;
                     idle = 0;
+                    // The first line after a sleep gathers for a poll.
+                    polled = false;
                     continue;
                 }
                 p = queue
@@ -307,10 +310,10 @@ fn write_out(queue: &Queue, mut target: Target) {
                     .wait_timeout(p, GATHER)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
-                if !p.bytes.is_empty() {
-                    break;
+                polled = true;
+                if p.bytes.is_empty() {
+                    idle += 1;
                 }
-                idle += 1;
             }
             if p.bytes.is_empty() {
                 // Closed, with nothing left.
@@ -319,15 +322,8 @@ fn write_out(queue: &Queue, mut target: Target) {
             idle = 0;
             std::mem::swap(&mut p.bytes, &mut batch);
             p.writing = batch.len();
-            (
-                std::mem::take(&mut p.lines),
-                std::mem::take(&mut p.dropped),
-                p.reopen.take(),
-            )
+            std::mem::take(&mut p.dropped)
         };
-        if let Some(f) = reopen {
-            target = Target::File(f);
-        }
         if dropped > 0 && lost == 0 {
             tracing::warn!(
                 "access log: the writer is access_log.queue bytes behind (a slow disk, a stalled \
@@ -344,9 +340,10 @@ fn write_out(queue: &Queue, mut target: Target) {
             Target::File(f) => f.write_all(&batch),
         };
         if let Err(e) = res {
+            // A rare path: the lines are counted here, not on every queue.
+            let lines = batch.iter().filter(|&&b| b == b'\n').count();
             tracing::warn!(error = %e, lines, "access log write failed: lines lost");
         }
-        UNWRITTEN.fetch_sub(batch.len(), Ordering::Relaxed);
         batch.clear();
         batch.shrink_to(KEEP);
         let caught_up = {
@@ -365,8 +362,21 @@ fn write_out(queue: &Queue, mut target: Target) {
 /// whose reader has stopped): called before the process exits.
 pub fn flush(timeout: Duration) {
     let until = std::time::Instant::now() + timeout;
-    while UNWRITTEN.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(5));
+    let queues: Vec<Arc<Queue>> = OPEN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|(_, _, q)| q.upgrade())
+        .collect();
+    for q in queues {
+        while std::time::Instant::now() < until {
+            let p = q.lock();
+            if p.bytes.is_empty() && p.writing == 0 {
+                break;
+            }
+            drop(p);
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -644,6 +654,30 @@ fn clf_time(t: SystemTime, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// Whether `done` holds within 5 s, asked every 10 ms (the writer
+    /// thread works on its own time).
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        (0..500).any(|_| {
+            done() || {
+                std::thread::sleep(Duration::from_millis(10));
+                false
+            }
+        })
+    }
+
+    /// A log file `access.log` in a directory of this test's own.
+    fn file_log(tag: &str, format: Format) -> (std::path::PathBuf, crate::config::AccessLog) {
+        let dir = std::env::temp_dir().join(format!("ktern-access-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = crate::config::AccessLog {
+            path: dir.join("access.log"),
+            format,
+            queue: 1 << 20,
+        };
+        (dir, log)
+    }
 
     fn info() -> TlsInfo {
         TlsInfo {
@@ -726,24 +760,17 @@ mod tests {
     /// reload keeps the lines before it, the new file gets those after.
     #[test]
     fn a_reload_hands_the_running_writer_its_new_file() {
-        let dir = std::env::temp_dir().join(format!("ktern-access-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = crate::config::AccessLog {
-            path: dir.join("access.log"),
-            format: Format::Json,
-            queue: 1 << 20,
-        };
+        let (dir, log) = file_log("reload", Format::Json);
         let tls = info();
         let dropped = AtomicU64::new(0);
         // (`flush` waits for every log of the process, other tests' too.)
         let written = |name: &str, n: usize| {
-            for _ in 0..1000 {
-                let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-                if text.lines().count() >= n {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let lines = || std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            assert!(
+                eventually(|| lines().lines().count() >= n),
+                "{name}: {:?}",
+                lines()
+            );
         };
         let first = Sink::open(&log).unwrap();
         first.write(&record(&tls, "/1"), &dropped);
@@ -782,49 +809,23 @@ mod tests {
     /// line (a rotated file is not held open by an idle log).
     #[test]
     fn a_sleeping_writer_wakes_for_a_line_and_for_a_reload() {
-        let dir = std::env::temp_dir().join(format!("ktern-access-sleep-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = crate::config::AccessLog {
-            path: dir.join("access.log"),
-            format: Format::Combined,
-            queue: 1 << 20,
-        };
+        let (dir, log) = file_log("sleep", Format::Combined);
         let tls = info();
         let dropped = AtomicU64::new(0);
         let sink = Sink::open(&log).unwrap();
-        let asleep = || {
-            for _ in 0..500 {
-                if sink.queue.0.lock().asleep {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            false
-        };
+        let asleep = || eventually(|| sink.queue.0.lock().asleep);
         assert!(asleep(), "the writer sleeps once idle");
         sink.write(&record(&tls, "/woken"), &dropped);
-        let mut text = String::new();
-        for _ in 0..500 {
-            text = std::fs::read_to_string(&log.path).unwrap();
-            if !text.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(text.contains("/woken"), "{text:?}");
+        let text = || std::fs::read_to_string(&log.path).unwrap();
+        assert!(eventually(|| text().contains("/woken")), "{:?}", text());
         // Asleep again, then a reload: the writer takes the new file now.
         assert!(asleep());
         std::fs::rename(&log.path, dir.join("access.log.1")).unwrap();
         let reloaded = Sink::open(&log).unwrap();
-        let mut taken = false;
-        for _ in 0..500 {
-            if reloaded.queue.0.lock().reopen.is_none() {
-                taken = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(taken, "the reload's file waited for a line");
+        assert!(
+            eventually(|| reloaded.queue.0.lock().reopen.is_none()),
+            "the reload's file waited for a line"
+        );
         drop((sink, reloaded));
         std::fs::remove_dir_all(dir).unwrap();
     }
