@@ -273,9 +273,6 @@ async fn forward(
     let balancer = &ctx.balancers[group];
     let mut out = forward::upstream_head(ctx, head);
     let mut attempt = 0;
-    // The backend answered before it took the whole body
-    // (`forward::early_answer`): never pooled afterwards.
-    let mut answered_early = false;
     let (mut backend, addr, (resp, rbuf), _lease) = loop {
         attempt += 1;
         // Boxed here (by `boxed`, which refuses an over-aligned future at
@@ -313,9 +310,9 @@ async fn forward(
         if let BodySent::ClientGone = sent {
             return Err(Cut::Client);
         }
+        ex.body_read = matches!(sent, BodySent::Done);
         let answered = forward::early_answer(ctx, head, &mut at, &sent);
         if let Some(r) = until_reset(|cx| respond.poll_reset(cx), answered).await? {
-            answered_early = true;
             break (at.backend, at.addr, r, at.lease);
         }
         if let Some(status) = forward::body_verdict(ctx, at.addr, &sent) {
@@ -332,12 +329,14 @@ async fn forward(
             }
         }
     };
-    // An early answer ends the request side: the upload's unread DATA
-    // (up to a stream window) would hold the connection's window until the
-    // answer is relayed, however long that takes, and stall every other
-    // upload on the connection. Dropped now, h2 gives it back, and frees
-    // what the client still sends before the stream's reset.
-    let body = (!answered_early).then_some(body);
+    // A response here whose request body did not go whole is a backend's
+    // early answer (`forward::early_answer`): never pooled afterwards, and
+    // the request side ends. The upload's unread DATA (up to a stream
+    // window) would hold the connection's window until the answer is
+    // relayed, however long that takes, and stall every other upload on
+    // the connection. Dropped now, h2 gives it back, and frees what the
+    // client still sends before the stream's reset.
+    let body = ex.body_read.then_some(body);
     balancer.succeeded(addr);
     ex.upstream = Some(addr);
     let ttfb = started.elapsed();
@@ -459,7 +458,7 @@ async fn forward(
             .map_err(|_| Cut::Client)?;
         }
     }
-    if !answered_early && exchange::reusable(head, &resp, leftover) {
+    if ex.body_read && exchange::reusable(head, &resp, leftover) {
         ctx.pools[group].put(0, backend, addr, upstream.pool_size);
     }
     Ok(())

@@ -817,9 +817,6 @@ async fn forward(
     // ago; that is retried once on a fresh connection when nothing of the
     // response came back and the request can safely be repeated.
     let mut attempt = 0;
-    // The backend answered before it took the whole body: the answer is
-    // relayed, then both connections end.
-    let mut early = false;
     let (mut backend, addr, response, lease) = loop {
         attempt += 1;
         let mut at = match begin_attempt(ctx, group, head, attempt, &mut out, started, ex).await {
@@ -846,7 +843,6 @@ async fn forward(
         }
         ex.body_read = matches!(sent, BodySent::Done);
         if let Some(r) = early_answer(ctx, head, &mut at, &sent).await {
-            early = true;
             break (at.backend, at.addr, r, at.lease);
         }
         // An answer of ktern's own from here on: the backend connection
@@ -874,8 +870,10 @@ async fn forward(
     ex.upstream_time = Some(ttfb);
     // Draining: the connection ends after this response, whenever the
     // drain started (the request may have been read before it).
-    // After an early answer the rest of the client's body is unread, so
-    // the client's connection cannot carry another request.
+    // A response here whose request body did not go whole is a backend's
+    // early answer (`early_answer`): the rest of the client's body is
+    // unread, so neither connection can carry another request.
+    let early = !ex.body_read;
     let (rechunk, close) = match exchange::relay(head, &resp, ctx.closing() || early) {
         Relay::Upgrade => return upgrade(reader, writer, inbuf, backend, resp, rbuf, ctx).await,
         Relay::Refuse(why) => {
