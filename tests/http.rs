@@ -724,6 +724,44 @@ fn only_a_close_with_the_body_unread_lingers() {
     assert!(k.log().contains("lingering close"), "{}", k.log());
 }
 
+/// A close of ktern's (the drain's `Connection: close`) while the client's
+/// next request already waits in the socket, pipelined behind an answer
+/// that is still being sent: the close lingers, and the answer arrives
+/// whole. A plain close with that request unread sends a reset, which
+/// drops what ktern's send queue still holds: the client read a cut body
+/// and ECONNRESET (seen without the check).
+#[test]
+fn a_close_with_a_pipelined_request_unread_still_delivers_the_answer() {
+    let pki = Pki::new("pipelined-close");
+    let a = start_http_backend("a");
+    let k = Ktern::start(&pki, "", &http_config(&[("a", a.addr)], ANY_TO_A, ""));
+    // A small receive buffer keeps most of the answer in ktern's send
+    // queue until the client reads.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(16 << 10).unwrap();
+    sock.connect(&k.addr().into()).unwrap();
+    let mut c = connect_over(sock.into(), &pki, ClientOpts::default());
+    assert_offloaded_in_vm(&k);
+    let n = 4 << 20;
+    c.write_all(format!("GET /wait-bytes/600/{n} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .unwrap();
+    // ktern has read the first request and waits for the backend; the
+    // second stays in the socket (ktern reads the next request only after
+    // this answer).
+    std::thread::sleep(Duration::from_millis(200));
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    k.signal("TERM");
+    // The answer (after the backend's 600 ms) fills the socket buffers;
+    // the client reads once ktern's last write has gone into its queue.
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = read_response(&mut BufReader::new(&mut c), false).expect("the whole answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(r.body == pattern(n, n as u64), "the body arrived intact");
+    assert!(k.log().contains("lingering close"), "{}", k.log());
+}
+
 /// A backend that answers an upload before it has read the body (a 413),
 /// then resets the connection or stops reading it: the client gets that
 /// answer, not a 502 or 504 of ktern's (RFC 9112 §9.5). curl, which

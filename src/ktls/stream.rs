@@ -421,6 +421,23 @@ impl TlsReader {
         }
     }
 
+    /// Whether the client sent bytes not read yet: plaintext or a partial
+    /// record held here, or anything in the socket's receive queue (one
+    /// non-blocking `recv(MSG_PEEK)`; also true at a FIN or a kTLS control
+    /// record, which a lingering read then takes at once). Asked before
+    /// closing a connection the client meant to keep: a close with bytes
+    /// still queued sends a reset (RFC 9293 §3.6.1, Linux's `tcp_close`),
+    /// which drops what ktern's send queue still holds of its last answer.
+    pub fn unread_input(&self) -> bool {
+        let partial = match &*self.shared.borrow() {
+            Engine::User(u) => !u.inbuf.is_empty(),
+            Engine::Kernel(_) | Engine::Lost => false,
+        };
+        !self.pending.is_empty()
+            || partial
+            || (!self.eof && sys::input_pending(sys::borrow_fd(&self.sock)))
+    }
+
     /// Waits until the client socket has something to read.
     pub async fn readable(&self) -> io::Result<()> {
         self.sock.get().readable(false).await

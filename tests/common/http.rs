@@ -240,6 +240,13 @@ pub fn http_backend_conn(
                 }
                 out.write_all(rest)?;
             }
+            p if p.starts_with("/wait-bytes/") => {
+                // /wait-bytes/MS/N: /bytes/N after MS milliseconds.
+                let (ms, n) = p["/wait-bytes/".len()..].split_once('/').unwrap_or_default();
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+                let n = n.parse().unwrap_or(0);
+                reply(&mut out, &pattern(n, n as u64))?;
+            }
             p if p.starts_with("/wait/") => {
                 // /wait/MS: answers after MS milliseconds.
                 let ms = p["/wait/".len()..].parse().unwrap_or(0);

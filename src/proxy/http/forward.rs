@@ -399,15 +399,8 @@ async fn exchange(
     ctx: &Ctx<'_>,
 ) -> Result<Next, HttpError> {
     let limits = Limits::default();
-    let head = match read_head(reader, inbuf, &limits, ctx, first).await? {
-        HeadOutcome::Head(mut h) => {
-            if ctx.closing() {
-                // Draining, or reloaded: this response says
-                // `Connection: close`.
-                h.keep_alive = false;
-            }
-            h
-        }
+    let mut head = match read_head(reader, inbuf, &limits, ctx, first).await? {
+        HeadOutcome::Head(h) => h,
         HeadOutcome::Closed | HeadOutcome::Idle => return Ok(Next::Close),
         HeadOutcome::Refused(status, reason) => {
             M::inc(&ctx.metrics.http_local_errors);
@@ -431,6 +424,14 @@ async fn exchange(
             return Ok(Next::Linger);
         }
     };
+    // Whether the client means to keep the connection (RFC 9112 §9.3): it
+    // may then send its next request before this answer ends (pipelining),
+    // which a close of ktern's must not reset.
+    let client_keeps = head.keep_alive;
+    if ctx.closing() {
+        // Draining, or reloaded: this response says `Connection: close`.
+        head.keep_alive = false;
+    }
     M::inc(&ctx.metrics.http_requests);
     let started = Instant::now();
     // The wall clock is only read when a line will be written.
@@ -453,11 +454,15 @@ async fn exchange(
     log(ctx, Some(&head), &ex, before, wall, started);
     // A closing answer to a request whose body was not read whole (a 413,
     // a local answer, a backend's early answer), or with bytes pipelined
-    // behind it. A body that went to the backend whole leaves nothing to
-    // wait for: the connection goes at once.
+    // behind it, read or still in the socket (a close of ktern's: a drain,
+    // a reload, a backend that ended the body with its close). A body that
+    // went to the backend whole and a client that asked for the close leave
+    // nothing to wait for: the connection goes at once.
     let unread = head.framing != Framing::Length(0) && !ex.body_read;
     next.map(|next| match next {
-        Next::Close if unread || !inbuf.is_empty() => Next::Linger,
+        Next::Close if unread || !inbuf.is_empty() || (client_keeps && reader.unread_input()) => {
+            Next::Linger
+        }
         next => next,
     })
 }
