@@ -12,6 +12,10 @@ use clap::{Parser, Subcommand};
 use ktern::config::{Config, KtlsMode, LogFormat, BUILTIN_BACKEND_PLACEHOLDER, EMBEDDED_DEFAULT};
 use ktern::control::{Control, Source};
 
+/// How long a second stop signal waits for queued access lines (the
+/// drain's own exit waits 2 s).
+const SECOND_SIGNAL_FLUSH: Duration = Duration::from_millis(500);
+
 #[derive(Parser)]
 #[command(
     name = "ktern",
@@ -328,6 +332,10 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
                     connections = left,
                     "second stop signal: exiting now"
                 );
+                // The access lines already queued go first: a log that
+                // keeps up takes them in milliseconds, and a stalled one
+                // does not hold the exit past this.
+                ktern::metrics::access::flush(SECOND_SIGNAL_FLUSH);
                 std::process::exit(0);
             }
             _ => {

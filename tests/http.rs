@@ -316,18 +316,12 @@ fn static_files_with_ranges_conditionals_and_no_escape() {
 /// dropped and counted, and those kept arrive whole once it is read again.
 #[test]
 fn a_stalled_access_log_drops_counted_lines_and_requests_go_on() {
-    use std::io::Read as _;
-    use std::os::fd::AsRawFd as _;
     let pki = Pki::new("access-stall");
     let a = start_http_backend("a");
-    // A pipe of this process's that nothing reads until the end: ktern
-    // opens it through /proc, as it would a FIFO or its stdout.
-    let (mut reader, writer) = std::io::pipe().unwrap();
-    let runtime = format!(
-        "\n[access_log]\npath = \"/proc/{}/fd/{}\"\nformat = \"json\"\nqueue = \"16k\"\n",
-        std::process::id(),
-        writer.as_raw_fd()
-    );
+    // A pipe that nothing reads until the end.
+    let (reader, writer, path) = log_pipe();
+    let runtime =
+        format!("\n[access_log]\npath = \"{path}\"\nformat = \"json\"\nqueue = \"16k\"\n");
     let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
     drop(writer);
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
@@ -344,15 +338,7 @@ fn a_stalled_access_log_drops_counted_lines_and_requests_go_on() {
     let dropped = k.metric("ktern_access_log_dropped_total");
     assert!(dropped > N / 2, "only {dropped} of {N} lines dropped");
     // Read again: every line kept arrives, whole.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0; 64 << 10];
-        while let Ok(n @ 1..) = reader.read(&mut buf) {
-            if tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = read_in_background(reader);
     // The last request's line is queued (or dropped) just after its
     // response went: read until lines and drops account for every request.
     let mut text = Vec::new();
@@ -384,6 +370,73 @@ fn a_stalled_access_log_drops_counted_lines_and_requests_go_on() {
     assert_eq!(paths.len(), want);
     assert!(paths.windows(2).all(|w| w[0] < w[1]), "lines in order");
     assert_eq!(k.metric("ktern_access_log_dropped_total"), dropped);
+}
+
+/// A second stop signal exits at once, but writes the access lines
+/// already queued first (for at most 0.5 s): ktern logs into a pipe that
+/// nothing reads until after the signal, so most of the lines are still
+/// queued when it comes. Every one arrives (without the flush, only what
+/// the pipe held: 64 KiB of some 240 KB).
+#[test]
+fn a_second_stop_signal_writes_the_queued_access_lines_first() {
+    let pki = Pki::new("access-exit");
+    let a = start_http_backend("a");
+    let (reader, writer, path) = log_pipe();
+    // The drain holds (its delay) until the second signal.
+    let runtime =
+        format!("drain_delay = \"30s\"\n[access_log]\npath = \"{path}\"\nformat = \"json\"\n");
+    let mut k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
+    drop(writer);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    const N: usize = 600;
+    for i in 0..N {
+        let r = exchange(
+            &mut c,
+            &format!("GET /{i} HTTP/1.1\r\nHost: app.test\r\n\r\n"),
+        );
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    k.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    k.signal("TERM");
+    let rx = read_in_background(reader);
+    let status = k
+        .wait_exit(Duration::from_secs(5))
+        .expect("a second SIGTERM must exit at once");
+    assert!(status.success());
+    // The pipe's end: ktern has exited, and nothing else holds its write end.
+    let mut text = Vec::new();
+    while let Ok(bytes) = rx.recv_timeout(Duration::from_secs(10)) {
+        text.extend(bytes);
+    }
+    let lines = text.iter().filter(|&&b| b == b'\n').count();
+    assert_eq!(lines, N, "every queued line written before the exit");
+}
+
+/// A pipe of this process's for ktern's access log, which ktern opens
+/// through /proc as it would a FIFO or its stdout: the read end, the
+/// write end (drop it once ktern runs, so the reader sees ktern's exit)
+/// and the path.
+fn log_pipe() -> (std::io::PipeReader, std::io::PipeWriter, String) {
+    use std::os::fd::AsRawFd as _;
+    let (reader, writer) = std::io::pipe().unwrap();
+    let path = format!("/proc/{}/fd/{}", std::process::id(), writer.as_raw_fd());
+    (reader, writer, path)
+}
+
+/// Reads `reader` on a thread of its own until its end, handing over what
+/// each read got.
+fn read_in_background(mut reader: std::io::PipeReader) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0; 64 << 10];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 #[test]
