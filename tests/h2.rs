@@ -39,7 +39,7 @@ fn an_answer_before_the_end_of_an_upload_ends_the_stream() {
     rt.block_on(async {
         let mut c = h2c::connect(k.addr(), &pki).await;
         for how in ["close", "hold"] {
-            let resp = h2c::upload_queued(&mut c, &format!("/early/{how}"), 32 << 20).await;
+            let resp = h2c::upload_queued(&mut c, &format!("/early/{how}"), 32 << 20, true).await;
             assert_eq!(resp.status(), 413, "{how}");
             assert_eq!(h2c::body_ended(resp).await.0, b"too large\n", "{how}");
         }
@@ -54,6 +54,35 @@ fn an_answer_before_the_end_of_an_upload_ends_the_stream() {
     assert_eq!(k.metric("ktern_upstream_pool_hits_total"), 0);
     assert_eq!(k.metric("ktern_http2_connections_total"), 1);
     assert_eq!(a.accepted.load(Ordering::SeqCst), 3);
+    assert_offloaded_in_vm(&k);
+}
+
+/// An upload over `max_body` gets ktern's 413 over HTTP/2 as over
+/// HTTP/1.1: at its head when it declares its length, at the DATA frame
+/// that crosses the limit when it does not (what came before has gone to
+/// the backend, on a connection then dropped, never pooled). The stream
+/// ends and the connection serves on.
+#[test]
+fn an_upload_over_max_body_gets_413_and_the_connection_serves_on() {
+    let pki = Pki::new("h2-413");
+    let a = start_http_backend("a");
+    let k = Ktern::start(
+        &pki,
+        "",
+        &http_config(&[("a", a.addr)], ANY_TO_A, "max_body = \"1m\""),
+    );
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        for declare in [true, false] {
+            let resp = h2c::upload_queued(&mut c, "/sum", 4 << 20, declare).await;
+            assert_eq!(resp.status(), 413, "declared {declare}");
+            h2c::body_ended(resp).await;
+        }
+        assert_eq!(h2c::get(&mut c, "/x").await.body, b"a");
+    });
+    assert_eq!(k.metric("ktern_http2_connections_total"), 1);
+    assert_eq!(k.metric("ktern_upstream_pool_hits_total"), 0);
     assert_offloaded_in_vm(&k);
 }
 
@@ -115,7 +144,7 @@ fn an_early_answer_frees_the_connection_window_while_it_is_relayed() {
         // The answer trickles for 3 s (12 s in the VM, where the upload
         // takes longer to stall and the other upload to go through).
         let trickle = 5 * slow() as usize;
-        let resp = h2c::upload_queued(&mut c, &format!("/trickle/{trickle}"), 32 << 20).await;
+        let resp = h2c::upload_queued(&mut c, &format!("/trickle/{trickle}"), 32 << 20, true).await;
         assert_eq!(resp.status(), 200);
         let slow_body = h2c::body_ended(resp);
         // Meanwhile another upload, larger than the connection window.

@@ -699,6 +699,8 @@ async fn send_body(
         let n = data.len();
         total += n as u64;
         if total > ctx.route.max_body {
+            // Never to be sent either, as below.
+            let _ = body.flow_control().release_capacity(n);
             return BodySent::Refused(413);
         }
         if n == 0 {
