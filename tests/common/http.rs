@@ -241,11 +241,12 @@ pub fn http_backend_conn(
                 out.write_all(rest)?;
             }
             p if p.starts_with("/wait-bytes/") => {
-                // /wait-bytes/MS/N: /bytes/N after MS milliseconds.
+                // /wait-bytes/MS/N: N bytes of `w` after MS milliseconds
+                // (cheap to make: in the VM a pattern of some MiB took
+                // longer than the tests' response timeout).
                 let (ms, n) = p["/wait-bytes/".len()..].split_once('/').unwrap_or_default();
                 std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
-                let n = n.parse().unwrap_or(0);
-                reply(&mut out, &pattern(n, n as u64))?;
+                reply(&mut out, &vec![b'w'; n.parse().unwrap_or(0)])?;
             }
             p if p.starts_with("/wait/") => {
                 // /wait/MS: answers after MS milliseconds.

@@ -533,6 +533,7 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
     let mut conn_upgrade = false;
     let mut expect_continue = false;
     let mut has_upgrade = false;
+    let mut h2c = false;
     for f in fields.iter() {
         if f.name.eq_ignore_ascii_case(b"host") {
             if host.is_some() {
@@ -562,6 +563,14 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
         } else if f.name.eq_ignore_ascii_case(b"expect") {
             expect_continue |= f.value.eq_ignore_ascii_case(b"100-continue");
         } else if f.name.eq_ignore_ascii_case(b"upgrade") {
+            // h2c (RFC 7540 §3.2; gone from RFC 9113, §3.1): a backend that
+            // took it would serve HTTP/2 requests ktern never sees, past
+            // its rules and forwarding fields ("h2c smuggling"). The
+            // request goes on without the upgrade, as to a server that
+            // offers no h2c (HAProxy and Envoy do the same).
+            if list_tokens(f.value).any(|t| t.eq_ignore_ascii_case("h2c")) {
+                h2c = true;
+            }
             has_upgrade = true;
         }
     }
@@ -584,7 +593,7 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
         host,
         keep_alive: !conn_close,
         expect_continue,
-        upgrade: conn_upgrade && has_upgrade,
+        upgrade: conn_upgrade && has_upgrade && !h2c,
         len,
     })
 }
@@ -706,15 +715,26 @@ fn valid_host(host: &[u8]) -> bool {
 /// segment, literal or percent-encoded (`%2e`): rules match the target's
 /// path as sent, and a backend that resolves `/v2/../admin` would serve a
 /// path outside the rule that routed it (RFC 3986 §5.2.4; browsers remove
-/// them before sending, so only a crafted request has one).
+/// them before sending, so only a crafted request has one). Segments end
+/// where some backend ends them, not only at `/`: at `\` (IIS), at `%2f`
+/// and `%5c` (a backend that decodes before it resolves, as nginx does
+/// `%2F`), and a segment's dots end at `;` (path parameters, RFC 3986 §3.3,
+/// which Tomcat drops first: `/app/..;/admin` is its `/admin`).
 pub fn has_dot_segment(target: &[u8]) -> bool {
     let path = match target.iter().position(|&b| matches!(b, b'?' | b'#')) {
         Some(end) => &target[..end],
         None => target,
     };
-    path.split(|&b| b == b'/').any(|segment| {
+    // The length of the separator at the start of `rest` (0: none).
+    let separator = |rest: &[u8]| match rest {
+        [b'/' | b'\\', ..] => 1,
+        [b'%', b'2', c, ..] if c | 0x20 == b'f' => 3,
+        [b'%', b'5', c, ..] if c | 0x20 == b'c' => 3,
+        _ => 0,
+    };
+    let dots_only = |segment: &[u8]| {
+        let mut rest = segment.split(|&b| b == b';').next().unwrap_or_default();
         let mut dots = 0;
-        let mut rest = segment;
         while !rest.is_empty() {
             if rest[0] == b'.' {
                 rest = &rest[1..];
@@ -730,7 +750,21 @@ pub fn has_dot_segment(target: &[u8]) -> bool {
             dots += 1;
         }
         dots == 1 || dots == 2
-    })
+    };
+    let (mut start, mut i) = (0, 0);
+    while i < path.len() {
+        match separator(&path[i..]) {
+            0 => i += 1,
+            n => {
+                if dots_only(&path[start..i]) {
+                    return true;
+                }
+                i += n;
+                start = i;
+            }
+        }
+    }
+    dots_only(&path[start..])
 }
 
 /// Enforces line-length limits on whatever part of the head has arrived:
@@ -1087,6 +1121,11 @@ mod tests {
         );
         let up = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap().unwrap();
         assert!(up.upgrade);
+        // h2c is not upgraded to, alone or among others.
+        for offer in ["h2c", "websocket, H2C"] {
+            let h2c = req(&format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {offer}\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")).unwrap().unwrap();
+            assert!(!h2c.upgrade, "{offer}");
+        }
         let e =
             req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
                 .unwrap()
@@ -1145,6 +1184,15 @@ mod tests {
             "/./x",
             "/x/..",
             "/x/.?a",
+            // Where backends end a segment: path parameters, `\\`, and
+            // an encoded `/` or `\\`.
+            "/app/..;/admin",
+            "/app/.;x/admin",
+            "/app/..\\admin",
+            "/app/..%2fadmin",
+            "/app/%2e%2e%2Fadmin",
+            "/app/..%5Cadmin",
+            "/app%2f..%2fadmin",
         ] {
             assert!(has_dot_segment(path.as_bytes()), "{path}");
         }
@@ -1156,6 +1204,9 @@ mod tests {
             "/x#/../",
             "/%2e%2e%2e/",
             "/.well-known/x",
+            "/a%2fb/c;d/e\\f",
+            "/a/..b;../c",
+            "/x;..",
         ] {
             assert!(!has_dot_segment(path.as_bytes()), "{path}");
         }
