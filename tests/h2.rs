@@ -735,6 +735,50 @@ fn hostile(k: &Ktern, case: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Clients that take no part in closing: one that never answers the PING
+/// confirming the keep-alive GOAWAY, and one that opens every window, asks
+/// for 64 MiB and stops reading, so neither the response nor the GOAWAY
+/// can go out. Each is dropped `send_timeout` after its last stream ended
+/// (as HTTP/1.1 drops a client that stops reading), not held for good.
+#[test]
+fn clients_that_take_no_part_in_closing_are_dropped() {
+    if in_vm() {
+        return;
+    }
+    let (_pki, k, _a) = setup(
+        "h2-winding",
+        "keepalive_timeout = \"1s\"\nsend_timeout = \"1s\"",
+    );
+    assert_eq!(
+        hostile(&k, "silent_after_goaway 15"),
+        r#"{"event": "closed", "goaway": true}"#
+    );
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/h2_hostile.py");
+    let mut reader = Command::new("python3")
+        .arg(script)
+        .arg("127.0.0.1")
+        .arg(k.addr().port().to_string())
+        .args(["stops_reading", "30"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    k.wait_metric("ktern_http2_connections_total", 2);
+    let left = k.wait_metric_down_to("ktern_connections_active", 0);
+    let _ = reader.kill();
+    let _ = reader.wait();
+    assert_eq!(left, 0, "the connection that stopped reading was held");
+    // Each connection counted once: the first at its drop, the second at
+    // its stream's stall.
+    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 2);
+    assert_eq!(
+        k.log().matches("took no part in closing").count(),
+        2,
+        "{}",
+        k.log()
+    );
+}
+
 /// A response's last DATA frame carries END_STREAM itself, as nginx
 /// sends it, with no empty DATA frame after it; only trailers, or a body
 /// whose end the backend's close tells, end the stream after the data.

@@ -213,6 +213,30 @@ def main():
                 seen.append({"event": "goaway", "code": f.error_code})
                 print(json.dumps(seen))
                 return
+    elif case == "silent_after_goaway":
+        # Takes the server's SETTINGS and answers nothing else, the PING
+        # that confirms a graceful GOAWAY (RFC 9113 §6.8) included, for
+        # argv[4] seconds: whether a GOAWAY came, and whether the server
+        # then closed the connection.
+        deadline = time.time() + float(sys.argv[4])
+        goaway = False
+        while True:
+            f = c.read_frame(deadline)
+            if f is None or f == "closed":
+                print(json.dumps({"event": "timeout" if f is None else "closed", "goaway": goaway}))
+                return
+            if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                c.send(SettingsFrame(0, flags=["ACK"]))
+            goaway |= isinstance(f, GoAwayFrame)
+    elif case == "stops_reading":
+        # Opens every window as far as it goes, asks for 64 MiB and never
+        # reads again, for argv[4] seconds: the server's writes stall in
+        # the socket buffers, its GOAWAY's with them.
+        wide = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        c.send(wide, WindowUpdateFrame(0, window_increment=2**31 - 1 - 65535), c.headers(sid, req("/huge")))
+        time.sleep(float(sys.argv[4]))
+        print(json.dumps({"event": "slept"}))
+        return
     elif case == "response_frames":
         # Not hostile: the frames of one response to GET argv[4], as "HEADERS" or
         # "DATA <length>", with "+END" on the one that ends the stream.

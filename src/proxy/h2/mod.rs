@@ -177,6 +177,15 @@ async fn serve_on(
     let mut accepting = true;
     let mut flooded = false;
     let mut stalled = false;
+    // Once a GOAWAY is on its way and no stream of ktern's is left, h2
+    // still waits on the client: for the PING that confirms a graceful
+    // GOAWAY (RFC 9113 §6.8), for windows to send DATA it holds, for the
+    // socket to take the GOAWAY itself. A client that gives none of them
+    // would hold the connection for good; it gets `send_timeout`, as a
+    // client that stops reading a response does, and the connection is
+    // then dropped.
+    let mut winding_down = false;
+    let mut abandoned = false;
     // The client came back after its last idle spell before the sweeper
     // found that spell BUFFERS_KEPT_IDLE old (so within 1-2 s): its
     // buffers are kept through the next spell's first second.
@@ -266,13 +275,23 @@ async fn serve_on(
                     conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                     wake.due();
                 }
-                if streams.is_empty() {
+                if streams.is_empty() && !winding_down {
                     ctx.idle.arm(&idle, route.keepalive_timeout);
                     idle.nudge_after(BUFFERS_KEPT_IDLE);
                 }
             }
             if !accepting && streams.is_empty() {
                 break Poll::Ready(Ok(()));
+            }
+            if (going_away || flooded || stalled) && streams.is_empty() {
+                if !winding_down {
+                    winding_down = true;
+                    ctx.idle.arm(&idle, route.send_timeout);
+                }
+                if idle.poll_expired(cx).is_ready() {
+                    abandoned = true;
+                    break Poll::Ready(Ok(()));
+                }
             }
             // A stream polled above may have queued frames (waking `wake`):
             // the connection sends them in this poll, not the next.
@@ -312,10 +331,17 @@ async fn serve_on(
         M::add(&ctx.metrics.h2_malformed, malformed);
     }
     promoted(&signals, ctx);
+    if abandoned {
+        tracing::info!(peer = %ctx.peer, "HTTP/2 client took no part in closing within send_timeout: dropped");
+        // A stalled stream counted the connection already.
+        if !stalled {
+            M::inc(&ctx.metrics.http_send_timeouts);
+        }
+    }
     if flooded {
         return Err(HttpError::H2(Reason::ENHANCE_YOUR_CALM.into()));
     }
-    if stalled {
+    if stalled || abandoned {
         return Err(HttpError::ClientStalled);
     }
     ended.map_err(|e| failure(e, &signals))
