@@ -183,10 +183,13 @@ impl Sink {
         };
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|(_, _, q)| q.strong_count() > 0);
+        // The target's live writer. An older one may still be listed for
+        // it, stalled with no generation left (its queue lives while it
+        // blocks): the live one is the one with a handle.
         let running = open
             .iter()
-            .find(|(path, ..)| *path == log.path)
-            .and_then(|(_, h, _)| h.upgrade());
+            .filter(|(path, ..)| *path == log.path)
+            .find_map(|(_, h, _)| h.upgrade());
         if let Some(queue) = running {
             let mut p = queue.0.lock();
             p.limit = log.queue;
@@ -753,6 +756,45 @@ mod tests {
         assert!(paths.windows(2).all(|w| w[0] < w[1]), "lines in order");
         assert_eq!(paths[0], 0, "the first lines are kept, later ones dropped");
         assert!(text.ends_with('\n'));
+    }
+
+    /// A writer stalled with no generation left (its target's reader
+    /// stopped) stays listed while it blocks; the target's next writer is
+    /// the one later reloads share, not a new one per reload.
+    #[test]
+    fn reloads_share_the_live_writer_past_a_stalled_one() {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let log = crate::config::AccessLog {
+            path: format!("/proc/self/fd/{}", writer.as_raw_fd()).into(),
+            format: Format::Json,
+            queue: 1 << 20,
+        };
+        let tls = info();
+        let dropped = AtomicU64::new(0);
+        let stalled = Sink::open(&log).unwrap();
+        // More than the pipe holds: the writer blocks in its write.
+        for i in 0..1000 {
+            stalled.write(&record(&tls, &format!("/{i}")), &dropped);
+        }
+        let queue = Arc::downgrade(&stalled.queue.0);
+        drop(stalled);
+        assert!(
+            queue.upgrade().is_some(),
+            "the stalled writer's queue lives"
+        );
+        let live = Sink::open(&log).unwrap();
+        let again = Sink::open(&log).unwrap();
+        assert!(Arc::ptr_eq(&live.queue, &again.queue), "one live writer");
+        drop((live, again, writer));
+        // Reading lets every writer finish; the pipe then ends.
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        assert_eq!(
+            text.lines().count() as u64 + dropped.load(Ordering::Relaxed),
+            1000
+        );
     }
 
     /// A reload that keeps the target shares the running writer, which
