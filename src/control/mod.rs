@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, Problem};
+use crate::config::{Config, ConfigError, KtlsMode, Problem};
 use crate::metrics::access::{OpenError, Sink};
 use crate::metrics::ShardMetrics as M;
 use crate::shard::{self, Command, Generation, ShardLink, Slot};
@@ -599,6 +599,14 @@ fn unchangeable(old: &Config, new: &Config) -> Result<(), ConfigError> {
         "runtime.uring_taskrun",
         old.runtime.uring_taskrun == new.runtime.uring_taskrun,
     );
+    // Started with `off`, the kernel's kTLS was never probed (nor its
+    // module loaded): a later generation could not offload, and
+    // `required` would be refused as if the kernel had none. Any other
+    // change is a generation's own.
+    check(
+        "runtime.ktls",
+        old.runtime.ktls != KtlsMode::Off || new.runtime.ktls == KtlsMode::Off,
+    );
     check("runtime.user", old.runtime.user == new.runtime.user);
     check("runtime.group", old.runtime.group == new.runtime.group);
     check("admin.address", old.admin == new.admin);
@@ -987,5 +995,25 @@ mod tests {
             ["runtime.uring_entries", "runtime.uring_taskrun"],
             "{e}"
         );
+        // kTLS cannot be turned on after a start without it; any other
+        // change is fine.
+        for (from, to) in [("off", "auto"), ("off", "required")] {
+            let e = unchangeable(
+                &config(&format!("ktls = \"{from}\"")),
+                &config(&format!("ktls = \"{to}\"")),
+            )
+            .unwrap_err();
+            assert_eq!(e.problems[0].field, "runtime.ktls", "{from} -> {to}");
+        }
+        for (from, to) in [("auto", "required"), ("required", "off"), ("auto", "off")] {
+            assert!(
+                unchangeable(
+                    &config(&format!("ktls = \"{from}\"")),
+                    &config(&format!("ktls = \"{to}\""))
+                )
+                .is_ok(),
+                "{from} -> {to}"
+            );
+        }
     }
 }
