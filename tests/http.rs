@@ -188,6 +188,67 @@ fn active_health_checks_take_a_backend_out_and_bring_it_back() {
     assert_eq!(k.metric("ktern_health_marked_down_total"), 1);
 }
 
+/// A reload keeps what the health checks found for a group whose
+/// backends and checks it leaves as they were, a TLS group too (its
+/// verifier is built anew at every reload, so the group never compared
+/// equal, and its backends found down were up again until checked anew).
+#[test]
+fn a_reload_keeps_a_tls_groups_health_verdicts() {
+    let pki = Pki::new("health-tls");
+    // Not HTTP: every check fails.
+    let backend = start_tls_backend("echo", &pki);
+    let cfg = format!(
+        "{}[upstream.app]\nbackends = [\"{backend}\"]\ntls = {{ ca = \"{}\", server_name = \"localhost\" }}\n\
+         [upstream.app.health]\npath = \"/healthz\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n",
+        http_config(&[], ANY_TO_APP, ""),
+        pki.cert.display()
+    );
+    let k = Ktern::start(&pki, "", &cfg);
+    assert_eq!(k.wait_metric("ktern_health_marked_down_total", 1), 1);
+    k.signal("HUP");
+    assert_eq!(k.wait_metric("ktern_config_generation", 2), 2);
+    // Checks of the new generation, each failing.
+    let checks = k.metric("ktern_health_checks_total");
+    assert!(k.wait_metric("ktern_health_checks_total", checks + 3) >= checks + 3);
+    assert_eq!(
+        k.metric("ktern_health_marked_down_total"),
+        1,
+        "the reload forgot the verdict"
+    );
+    assert_eq!(k.metric("ktern_upstream_backends_down"), 1);
+}
+
+/// A replaced generation's checker (a thread) ends within a second of the
+/// reload, whatever its interval: reloads more frequent than a long
+/// interval do not pile them up (each slept out its interval first).
+#[test]
+fn reloads_do_not_pile_up_health_checkers() {
+    let pki = Pki::new("health-reloads");
+    let a = start_http_backend("a");
+    let cfg = app_config(
+        &[&a],
+        "[upstream.app.health]\npath = \"/healthz\"\ninterval = \"1h\"",
+    );
+    let k = Ktern::start(&pki, "", &cfg);
+    let threads = k.threads();
+    for generation in 2..=4 {
+        k.signal("HUP");
+        assert_eq!(
+            k.wait_metric("ktern_config_generation", generation),
+            generation
+        );
+    }
+    let settled = (0..250).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        k.threads() <= threads
+    });
+    assert!(
+        settled,
+        "{} threads after three reloads, {threads} before",
+        k.threads()
+    );
+}
+
 #[test]
 fn static_files_with_ranges_conditionals_and_no_escape() {
     let pki = Pki::new("static");

@@ -189,8 +189,13 @@ pub fn start(
         .iter()
         .map(|u| {
             u.health.as_ref()?;
+            // The same backends checked the same way: any other change to
+            // the group (its timeouts, its pool, its TLS, whose verifier is
+            // new at every reload) leaves what the checks found true.
             let old = previous.and_then(|(c, checks)| {
-                let i = c.upstreams.iter().position(|o| o == u)?;
+                let i = c.upstreams.iter().position(|o| {
+                    o.name == u.name && o.backends == u.backends && o.health == u.health
+                })?;
                 checks.states.get(i)?.clone()
             });
             Some(old.unwrap_or_else(|| Arc::new(HealthState::new(u.backends.len()))))
@@ -283,7 +288,7 @@ async fn run(job: Job, metrics: Arc<M>) {
         // ktern itself out of fds or memory says nothing about the backend.
         if let Probe::Local(e) = &verdict {
             tracing::debug!(upstream = %job.upstream, backend = %job.addr, error = %e, "health check skipped: local resources exhausted");
-            monoio::time::sleep(job.check.interval).await;
+            pause(job.check.interval, &job.alive).await;
             continue;
         }
         M::inc(&metrics.health_checks);
@@ -313,7 +318,22 @@ async fn run(job: Job, metrics: Arc<M>) {
         // cannot leave a stale verdict behind for long.
         job.state.set(job.index, !down);
         let next = job.check.interval.saturating_sub(started.elapsed());
-        monoio::time::sleep(next.max(Duration::from_millis(10))).await;
+        pause(next.max(Duration::from_millis(10)), &job.alive).await;
+    }
+}
+
+/// Sleeps `d`, or less once a reload retired the checks: a replaced
+/// generation's checker (a thread with its own runtime) then ends within
+/// a second, not an `interval` later (up to a year), so reloads more
+/// frequent than the interval do not pile them up.
+async fn pause(d: Duration, alive: &std::sync::atomic::AtomicBool) {
+    let until = Instant::now() + d;
+    while alive.load(std::sync::atomic::Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        monoio::time::sleep(left.min(Duration::from_secs(1))).await;
     }
 }
 
