@@ -501,9 +501,6 @@ impl Control {
         for i in 0..shards {
             fresh.push(fresh_for(&plan.picks, i)?);
         }
-        // Opened (and created) last of what can refuse the reload, so a
-        // refused reload leaves no new file behind.
-        let access = open_access_log(&config)?;
         // Verdicts of unchanged groups carry over: a backend known to be
         // down does not get traffic again after every reload.
         let previous = Some((&*inner.current.config, &inner.checks));
@@ -514,6 +511,17 @@ impl Control {
                     source,
                 }
             })?;
+        // Opened (and created) last of what can refuse the reload, so a
+        // refused reload leaves no new file behind, and the running log
+        // (which a kept target shares) gets no queue size or file of a
+        // refused generation's.
+        let access = match open_access_log(&config) {
+            Ok(a) => a,
+            Err(e) => {
+                checks.retire();
+                return Err(e);
+            }
+        };
         // Nothing below can be refused: the generation goes live.
         let gen = Arc::new(Generation {
             number: inner.current.number + 1,
