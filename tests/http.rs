@@ -1094,7 +1094,9 @@ fn bad_requests_get_the_exact_status() {
         // the backend would serve that one), and targets of no form.
         (b"GET http://internal/admin HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (b"GET admin HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 400),
+        // CONNECT, in any form: ktern is no forward proxy (RFC 9110 §9.3.6).
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
+        (b"CONNECT /x HTTP/1.1\r\nHost: a\r\n\r\n", 501),
         (long_uri.as_bytes(), 414),
         (big_field.as_bytes(), 431),
         (many.as_bytes(), 431),
