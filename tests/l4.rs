@@ -1115,28 +1115,28 @@ fn passthrough_sends_a_proxy_header_with_the_sni_then_the_hello_untouched() {
     let mut conn = passthrough_client(&pki, "a.sni.test", &[]);
     let mut hello = Vec::new();
     conn.write_tls(&mut hello).unwrap();
-    let mut sock = TcpStream::connect(k.addr()).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let client = sock.local_addr().unwrap();
-    sock.write_all(&hello).unwrap();
-    let header = read_proxy_header_echo(&mut sock);
-    let parsed = ppp::v2::Header::try_from(&header[..]).unwrap();
-    match parsed.addresses {
-        ppp::v2::Addresses::IPv4(a) => {
-            assert_eq!(
-                (a.source_address, a.source_port),
-                (
-                    match client.ip() {
-                        std::net::IpAddr::V4(v4) => v4,
-                        _ => unreachable!(),
-                    },
-                    client.port()
-                )
-            );
-        }
+    // The header the backend got for `before` (a PROXY-in header) and the
+    // hello, and the client's address.
+    let sent = |k: &Ktern, before: &[u8]| {
+        let mut sock = TcpStream::connect(k.addr()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let client = sock.local_addr().unwrap();
+        sock.write_all(&[before, &hello[..]].concat()).unwrap();
+        let header = read_proxy_header_echo(&mut sock);
+        let mut echoed = vec![0u8; hello.len()];
+        sock.read_exact(&mut echoed).unwrap();
+        assert!(echoed == hello, "the hello reached the backend changed");
+        (header, client)
+    };
+    let addresses = |header: &[u8]| match ktern::shard::proxy_header::parse(header) {
+        ktern::shard::proxy_header::Verdict::Done { addresses, .. } => addresses.unwrap(),
         other => panic!("{other:?}"),
-    }
+    };
+    let (header, client) = sent(&k, b"");
+    let got = addresses(&header);
+    assert_eq!((got.source, got.destination), (client, k.addr()));
+    let parsed = ppp::v2::Header::try_from(&header[..]).unwrap();
     let tlvs: Vec<_> = parsed.tlvs().map(|t| t.unwrap()).collect();
     assert_eq!(
         tlvs.len(),
@@ -1144,9 +1144,25 @@ fn passthrough_sends_a_proxy_header_with_the_sni_then_the_hello_untouched() {
         "the SNI alone: ktern saw no TLS it terminated"
     );
     assert_eq!((tlvs[0].kind, &*tlvs[0].value), (0x02, &b"a.sni.test"[..]));
-    let mut echoed = vec![0u8; hello.len()];
-    sock.read_exact(&mut echoed).unwrap();
-    assert!(echoed == hello, "the hello reached the backend changed");
+    // Behind a balancer: both addresses of its header go on.
+    let k = Ktern::start(
+        &pki,
+        "",
+        &config.replacen(
+            "[[listener]]\n",
+            "[[listener]]\nproxy_protocol = { trusted = [\"127.0.0.0/8\"] }\n",
+            1,
+        ),
+    );
+    let (header, _) = sent(&k, b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n");
+    let got = addresses(&header);
+    assert_eq!(
+        (got.source, got.destination),
+        (
+            "192.0.2.7:4242".parse().unwrap(),
+            "10.0.0.1:443".parse().unwrap()
+        )
+    );
 }
 
 /// A `tcp` route to `backend` speaking TLS to it with `tls` (the inside

@@ -208,14 +208,17 @@ fn the_access_log_uses_the_headers_address() {
     }
 }
 
-/// What the backend saw: the PROXY header's source, and the bytes after
-/// it (`hello` echoed). `before`: bytes sent ahead of TLS (a PROXY-in
-/// header).
+/// What the backend saw: the PROXY header's addresses, and the bytes
+/// after it (`hello` echoed); and the client's own address. `before`:
+/// bytes sent ahead of TLS (a PROXY-in header).
 fn through(
     k: &Ktern,
     pki: &Pki,
     before: &[u8],
-) -> (Option<std::net::SocketAddr>, std::net::SocketAddr) {
+) -> (
+    Option<ktern::shard::proxy_header::Addresses>,
+    std::net::SocketAddr,
+) {
     let (mut tls, client) = tls_after(k, pki, before);
     tls.write_all(b"hello").unwrap();
     let header = read_proxy_header_echo(&mut tls);
@@ -223,14 +226,14 @@ fn through(
     let mut echo = [0u8; 5];
     tls.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, b"hello");
-    let source = match ktern::shard::proxy_header::parse(&header) {
-        ktern::shard::proxy_header::Verdict::Done { source, len: n } => {
+    let addresses = match ktern::shard::proxy_header::parse(&header) {
+        ktern::shard::proxy_header::Verdict::Done { addresses, len: n } => {
             assert_eq!(n, len);
-            source
+            addresses
         }
         other => panic!("the backend got no PROXY header: {other:?} {header:?}"),
     };
-    (source, client)
+    (addresses, client)
 }
 
 #[test]
@@ -246,11 +249,17 @@ fn send_proxy_tells_the_backend_the_clients_address_in_v1_and_v2() {
                 &format!("kind = \"tcp\"\nsend_proxy = \"{version}\"\n"),
             ),
         );
-        let (source, client) = through(&k, &pki, b"");
-        assert_eq!(source, Some(client), "{version}");
+        let (addresses, client) = through(&k, &pki, b"");
+        let want = ktern::shard::proxy_header::Addresses {
+            source: client,
+            destination: k.addr(),
+        };
+        assert_eq!(addresses, Some(want), "{version}");
         assert_offloaded_in_vm(&k);
     }
-    // Behind a balancer: the PROXY-in header's client goes on.
+    // Behind a balancer: the PROXY-in header's client and destination go
+    // on (HAProxy's accept-proxy with send-proxy), not ktern's own
+    // address behind the balancer.
     let pki = Pki::new("pp-in-out");
     let k = Ktern::start(
         &pki,
@@ -258,8 +267,12 @@ fn send_proxy_tells_the_backend_the_clients_address_in_v1_and_v2() {
         &tcp_listener(backend, "proxy_protocol = { trusted = [\"127.0.0.0/8\"] }")
             .replace("kind = \"tcp\"\n", "kind = \"tcp\"\nsend_proxy = \"v2\"\n"),
     );
-    let (source, _) = through(&k, &pki, b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n");
-    assert_eq!(source, Some("192.0.2.7:4242".parse().unwrap()));
+    let (addresses, _) = through(&k, &pki, b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n");
+    let want = ktern::shard::proxy_header::Addresses {
+        source: "192.0.2.7:4242".parse().unwrap(),
+        destination: "10.0.0.1:443".parse().unwrap(),
+    };
+    assert_eq!(addresses, Some(want));
 }
 
 /// `send_proxy` on an `http` upstream group, with nginx as the backend
@@ -300,15 +313,19 @@ fn http_upstreams_send_each_clients_address_to_nginx() {
         let k = Ktern::start(&pki, "cpus = [0]", &config);
         // A check passes only if nginx takes its header.
         assert_health_checks_pass(&k);
-        // Client `n` and the address nginx must report for it.
+        // Client `n` and the addresses nginx must report for it: behind a
+        // balancer, both as its PROXY-in header said them.
         let client = |n: u16| -> (Client, String) {
             if proxy_in {
                 let header = format!("PROXY TCP4 192.0.2.{n} 10.0.0.1 {} 443\r\n", 4000 + n);
                 let (tls, _) = tls_after(&k, &pki, header.as_bytes());
-                (tls, format!("pp=192.0.2.{n}:{}", 4000 + n))
+                (tls, format!("pp=192.0.2.{n}:{}>10.0.0.1:443", 4000 + n))
             } else {
                 let (tls, addr) = tls_after(&k, &pki, b"");
-                (tls, format!("pp={}:{}", addr.ip(), addr.port()))
+                (
+                    tls,
+                    format!("pp={}:{}>{}", addr.ip(), addr.port(), k.addr()),
+                )
             }
         };
         let (mut a, a_want) = client(1);
@@ -352,5 +369,5 @@ fn http_upstreams_send_each_clients_address_to_nginx() {
     );
     let (mut tls, addr) = tls_after(&k, &pki, b"");
     let (pp, _) = answer(&mut tls);
-    assert_eq!(pp, format!("pp={}:{}", addr.ip(), addr.port()));
+    assert_eq!(pp, format!("pp={}:{}>{}", addr.ip(), addr.port(), k.addr()));
 }

@@ -99,15 +99,6 @@ pub(super) enum TxStep {
     Limit,
 }
 
-/// What `n` received bytes did to the RX key.
-pub(super) enum RxStep {
-    /// Within the limit, or a KeyUpdate asking the peer to rekey is now
-    /// queued for the writer.
-    Fine,
-    /// Spent and no rekey possible: end with close_notify.
-    Limit,
-}
-
 /// The kernel's TLS crypto info for one direction's secrets.
 pub(super) fn crypto_info(
     suite: rustls::SupportedCipherSuite,
@@ -221,21 +212,19 @@ impl Kernel {
 
     /// Charges `n` received bytes to the RX key. Near the cipher's limit, a
     /// TLS 1.3 connection on a rekey-capable kernel asks the peer for a
-    /// KeyUpdate (through the writer's next KeyUpdate).
-    pub(super) fn charge_rx(&mut self, n: usize) -> RxStep {
+    /// KeyUpdate (through the writer's next KeyUpdate). Otherwise nothing
+    /// happens: the limit binds the side that encrypts (RFC 8446 §5.5),
+    /// and rustls' userspace path sets none on what it receives. Ending the
+    /// connection here dropped the bytes of the read that crossed it.
+    pub(super) fn charge_rx(&mut self, n: usize) {
         if n > 0 {
             self.key_updates_in_a_row = 0;
         }
         self.rx_budget.charge(n);
-        if !self.rx_budget.exhausted() || self.request_peer_update {
-            return RxStep::Fine;
-        }
-        if self.rekey {
+        if self.rx_budget.exhausted() && self.rekey && !self.request_peer_update {
             self.request_peer_update = true;
             self.tx_update_pending = true;
-            return RxStep::Fine;
         }
-        RxStep::Limit
     }
 
     /// Charges a write of `bytes` to the TX key and says what must go

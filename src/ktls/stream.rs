@@ -24,7 +24,7 @@ use std::rc::Rc;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::kernel::{Kernel, RxStep, TxStep};
+use super::kernel::{Kernel, TxStep};
 use super::record::{self, Control};
 use super::user::{
     decrypt_available, queue_close_notify, seal_userspace, Deferral, User, UserConn,
@@ -368,7 +368,7 @@ impl TlsReader {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.hot = n == CHUNK;
-                    self.charge_rx(n)?;
+                    self.charge_rx(n);
                     return Ok(Some(buf));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.hot = false,
@@ -386,24 +386,11 @@ impl TlsReader {
         }
     }
 
-    /// Charges `n` received bytes to the RX key. Near the cipher's limit, a
-    /// TLS 1.3 connection on a rekey-capable kernel asks the peer for a
-    /// KeyUpdate (through the writer's next KeyUpdate); otherwise it ends
-    /// with close_notify.
-    fn charge_rx(&mut self, n: usize) -> Result<(), StreamError> {
-        let mut shared = self.shared.borrow_mut();
-        let Engine::Kernel(k) = &mut *shared else {
-            return Ok(());
-        };
-        if let RxStep::Fine = k.charge_rx(n) {
-            return Ok(());
+    /// Charges `n` received bytes to the RX key ([`Kernel::charge_rx`]).
+    fn charge_rx(&mut self, n: usize) {
+        if let Engine::Kernel(k) = &mut *self.shared.borrow_mut() {
+            k.charge_rx(n);
         }
-        let _ = sys::send_record(
-            sys::borrow_fd(&self.sock),
-            record::content::ALERT,
-            &record::CLOSE_NOTIFY,
-        );
-        Err(StreamError::ConfidentialityLimit)
     }
 
     /// Sends held tickets (`Established::unsent`) now rather than with the
@@ -480,7 +467,7 @@ impl TlsReader {
                 Ok(Attempt::Done(0))
             }
             Ok(n) => {
-                self.charge_rx(n)?;
+                self.charge_rx(n);
                 Ok(Attempt::Done(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -510,7 +497,7 @@ impl TlsReader {
                     return Ok(Spliced::Eof);
                 }
                 Ok(n) => {
-                    self.charge_rx(n)?;
+                    self.charge_rx(n);
                     return Ok(Spliced::Bytes(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Spliced::WouldBlock),

@@ -71,10 +71,19 @@ pub fn serve(
         listener,
     };
     async move {
-        if let Some((conn, info, peer, _client)) = first.await {
+        if let Some((conn, info, peer, _client, dest)) = first.await {
             // `_client`: the connection's place in its client's count,
             // held to the end.
-            proxy(&open.shard, &open.gen, open.listener, conn, info, peer).await;
+            proxy(
+                &open.shard,
+                &open.gen,
+                open.listener,
+                conn,
+                info,
+                peer,
+                dest,
+            )
+            .await;
         }
     }
 }
@@ -144,9 +153,17 @@ pub(super) fn contained(work: impl Future<Output = ()>) -> impl Future<Output = 
 }
 
 /// A connection after its handshake: the record path, what the handshake
-/// settled, the client's address, and its place in the client's count
-/// (`max_conns_per_client`).
-type Established = (TlsConn, TlsInfo, SocketAddr, Option<ClientSlot>);
+/// settled, the client's address, its place in the client's count
+/// (`max_conns_per_client`), and the address it connected to when a PROXY
+/// header in front said it (boxed: 8 bytes in every connection's state,
+/// not 32, for what only PROXY listeners have).
+type Established = (
+    TlsConn,
+    TlsInfo,
+    SocketAddr,
+    Option<ClientSlot>,
+    Option<Box<SocketAddr>>,
+);
 
 /// The connection's place in its client's count, taken at accept where
 /// the client is known then: on a listener without PROXY protocol, so a
@@ -167,10 +184,12 @@ pub(super) fn admit_at_accept(
     admit_client(shard, gen, listener, peer, true).inspect_err(|()| M::inc(&shard.metrics.accepted))
 }
 
-/// The connection's client, its place in that client's count and the
-/// bytes read past a PROXY header (which begin the TLS stream): from the
-/// header on a `proxy_protocol` listener, else the peer with the place
-/// `admit_at_accept` took. `None` when the connection was closed instead.
+/// The connection's client, its place in that client's count, the bytes
+/// read past a PROXY header (which begin the TLS stream) and the address
+/// the client connected to as the header said it: from the header on a
+/// `proxy_protocol` listener, else the peer with the place
+/// `admit_at_accept` took (and the socket's own address, asked where it
+/// is needed). `None` when the connection was closed instead.
 async fn client_of(
     shard: &Shard,
     gen: &ShardGen,
@@ -178,13 +197,13 @@ async fn client_of(
     socket: &mut TcpStream,
     peer: SocketAddr,
     admitted: Option<ClientSlot>,
-) -> Option<(SocketAddr, Vec<u8>, Option<ClientSlot>)> {
+) -> Option<(SocketAddr, Vec<u8>, Option<ClientSlot>, Option<SocketAddr>)> {
     match &gen.config().listeners[listener].proxy_protocol {
-        None => Some((peer, Vec::new(), admitted)),
+        None => Some((peer, Vec::new(), admitted, None)),
         Some(pp) => {
-            let (peer, first, from_client) = read_proxy_header(shard, socket, peer, pp).await?;
-            let slot = admit_client(shard, gen, listener, peer, from_client).ok()?;
-            Some((peer, first, slot))
+            let (peer, first, dest) = read_proxy_header(shard, socket, peer, pp).await?;
+            let slot = admit_client(shard, gen, listener, peer, dest.is_some()).ok()?;
+            Some((peer, first, slot, dest))
         }
     }
 }
@@ -224,7 +243,8 @@ fn admit_client(
 
 /// The PROXY protocol header, when the listener expects one: the client
 /// address it carries (or `peer` for LOCAL/UNKNOWN), the bytes read after
-/// it, which begin the TLS stream, and whether it carried an address.
+/// it, which begin the TLS stream, and the address the client connected
+/// to, when it carried addresses.
 /// `None` when the connection was closed instead (untrusted source, bad
 /// or slow header: logged, counted).
 async fn read_proxy_header(
@@ -232,7 +252,7 @@ async fn read_proxy_header(
     socket: &mut TcpStream,
     peer: SocketAddr,
     config: &crate::config::ProxyProtocol,
-) -> Option<(SocketAddr, Vec<u8>, bool)> {
+) -> Option<(SocketAddr, Vec<u8>, Option<SocketAddr>)> {
     use super::proxy_header::{self, Verdict, MAX_HEADER};
     use monoio::buf::SliceMut;
     use monoio::io::AsyncReadRent;
@@ -259,18 +279,21 @@ async fn read_proxy_header(
             }
             match proxy_header::parse(&buf) {
                 Verdict::NeedMore => {}
-                Verdict::Done { source, len } => {
+                Verdict::Done { addresses, len } => {
                     buf.drain(..len);
-                    return Ok((source, buf));
+                    return Ok((addresses, buf));
                 }
                 Verdict::Bad(why) => return Err(why),
             }
         }
     };
     match monoio::time::timeout(config.timeout, read).await {
-        Ok(Ok((client, rest))) => {
+        Ok(Ok((addresses, rest))) => {
             M::inc(&m.pp_headers);
-            Some((client.unwrap_or(peer), rest, client.is_some()))
+            Some(match addresses {
+                Some(a) => (a.source, rest, Some(a.destination)),
+                None => (peer, rest, None),
+            })
         }
         Ok(Err(why)) => {
             M::inc(&m.pp_invalid);
@@ -369,7 +392,7 @@ async fn passthrough(
     let m = &shard.metrics;
     // TCP_NODELAY came from the listener (`shard::no_nagle`). `_client`:
     // held for the connection's life (this stage serves it whole).
-    let (peer, mut first, _client) =
+    let (peer, mut first, _client, dest) =
         client_of(&shard, &gen, listener, &mut socket, peer, admitted).await?;
     let hello = match monoio::time::timeout(
         route.hello_timeout,
@@ -430,9 +453,11 @@ async fn passthrough(
     // write: the backend's TLS stack sees the hello where it expects it.
     let mut out = match route.send_proxy {
         None => Vec::new(),
-        Some(version) => match socket.local_addr().and_then(|local| {
-            crate::upstream::proxy_out::header(version, peer, local, hello.sni.as_deref(), None)
-        }) {
+        Some(version) => match dest
+            .map_or_else(|| socket.local_addr(), Ok)
+            .and_then(|local| {
+                crate::upstream::proxy_out::header(version, peer, local, hello.sni.as_deref(), None)
+            }) {
             Ok(h) => h,
             Err(e) => {
                 M::inc(&m.upstream_errors);
@@ -496,7 +521,7 @@ async fn establish(
     let m = &shard.metrics;
     let accepted = std::time::Instant::now();
     // TCP_NODELAY came from the listener (`shard::no_nagle`).
-    let (peer, first_bytes, client) =
+    let (peer, first_bytes, client, dest) =
         client_of(&shard, &gen, listener, &mut socket, peer, admitted).await?;
     let hs = match handshake::Handshake::new(&gen.tls[listener]) {
         Ok(hs) => hs,
@@ -620,7 +645,7 @@ async fn establish(
                 });
             }
             tracing::debug!(shard = shard.id, %peer, sni = info.sni.as_deref(), version = info.version_name(), cipher = info.cipher_name(), ?path, "handshake done");
-            Some((conn, info, peer, client))
+            Some((conn, info, peer, client, dest.map(Box::new)))
         }
         Err(ktls::OffloadError::ReplyOwed) => {
             M::inc(&m.downstream_errors);
@@ -644,10 +669,11 @@ async fn send_proxy(
     addr: SocketAddr,
     version: crate::config::ProxyVersion,
     peer: SocketAddr,
+    dest: Option<&SocketAddr>,
     conn: &TlsConn,
     tls: &TlsInfo,
 ) -> Result<(TcpStream, SocketAddr), crate::upstream::UpstreamError> {
-    let written = match conn.local_addr() {
+    let written = match dest.map_or_else(|| conn.local_addr(), |d| Ok(*d)) {
         Ok(local) => {
             crate::upstream::conn::send_proxy(&mut backend, version, (peer, local), tls).await
         }
@@ -721,6 +747,7 @@ fn proxy<'a>(
     conn: TlsConn,
     info: TlsInfo,
     peer: SocketAddr,
+    dest: Option<Box<SocketAddr>>,
 ) -> impl Future<Output = ()> + 'a {
     let path = conn.path();
     // Boxed while the backend connect runs, so the long-lived future stores
@@ -738,7 +765,16 @@ fn proxy<'a>(
                 let Some(conn) = conn.take() else { return };
                 let connected = match (connected, route.send_proxy) {
                     (Ok((backend, addr)), Some(version)) => {
-                        Box::pin(send_proxy(backend, addr, version, peer, &conn, &info)).await
+                        Box::pin(send_proxy(
+                            backend,
+                            addr,
+                            version,
+                            peer,
+                            dest.as_deref(),
+                            &conn,
+                            &info,
+                        ))
+                        .await
                     }
                     (c, _) => c,
                 };
@@ -813,7 +849,7 @@ fn proxy<'a>(
                     Vec::new()
                 };
                 let local = if proxied {
-                    conn.local_addr().ok()
+                    dest.as_deref().copied().or_else(|| conn.local_addr().ok())
                 } else {
                     None
                 };

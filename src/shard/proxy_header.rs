@@ -21,17 +21,42 @@ pub const MAX_HEADER: usize = 4096;
 pub enum Verdict {
     /// A header has started but is not complete.
     NeedMore,
-    /// A complete header of `len` bytes. `source` is the client's address
-    /// it carries; `None` for `LOCAL` (a health check of the balancer
-    /// itself) and `UNKNOWN`: the connection's own peer stands.
+    /// A complete header of `len` bytes, with the addresses it carries;
+    /// `None` for `LOCAL` (a health check of the balancer itself) and
+    /// `UNKNOWN`: the connection's own stand.
     Done {
-        /// The client address carried.
-        source: Option<SocketAddr>,
+        /// The client's address, and the one it connected to.
+        addresses: Option<Addresses>,
         /// Header length; what follows is the TLS stream.
         len: usize,
     },
     /// Not a PROXY header, malformed, or longer than [`MAX_HEADER`].
     Bad(String),
+}
+
+/// What a header says of the connection it stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    /// The client.
+    pub source: SocketAddr,
+    /// The address the client connected to (the balancer's), which a
+    /// PROXY header of ktern's to a backend passes on, as HAProxy's
+    /// `accept-proxy` with `send-proxy` does.
+    pub destination: SocketAddr,
+}
+
+impl Addresses {
+    fn of(
+        source: impl Into<std::net::IpAddr>,
+        source_port: u16,
+        destination: impl Into<std::net::IpAddr>,
+        destination_port: u16,
+    ) -> Addresses {
+        Addresses {
+            source: SocketAddr::new(source.into(), source_port),
+            destination: SocketAddr::new(destination.into(), destination_port),
+        }
+    }
 }
 
 /// v1's longest line, CRLF included (spec §2.1).
@@ -67,9 +92,19 @@ fn v1_verdict(input: &[u8]) -> Verdict {
     match v1::Header::try_from(&input[..end + 2]) {
         Ok(h) => Verdict::Done {
             len: end + 2,
-            source: match h.addresses {
-                v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+            addresses: match h.addresses {
+                v1::Addresses::Tcp4(a) => Some(Addresses::of(
+                    a.source_address,
+                    a.source_port,
+                    a.destination_address,
+                    a.destination_port,
+                )),
+                v1::Addresses::Tcp6(a) => Some(Addresses::of(
+                    a.source_address,
+                    a.source_port,
+                    a.destination_address,
+                    a.destination_port,
+                )),
                 v1::Addresses::Unknown => None,
             },
         },
@@ -93,17 +128,27 @@ fn v2_verdict(input: &[u8]) -> Verdict {
             // Addresses are taken only from PROXY over TCP (family/protocol
             // 0x11 or 0x21, as HAProxy does); LOCAL (a health check of the
             // balancer itself), UNSPEC, UDP and UNIX keep the connection's.
-            let source = match (h.command, h.protocol, h.addresses) {
+            let addresses = match (h.command, h.protocol, h.addresses) {
                 (v2::Command::Proxy, v2::Protocol::Stream, v2::Addresses::IPv4(a)) => {
-                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                    Some(Addresses::of(
+                        a.source_address,
+                        a.source_port,
+                        a.destination_address,
+                        a.destination_port,
+                    ))
                 }
                 (v2::Command::Proxy, v2::Protocol::Stream, v2::Addresses::IPv6(a)) => {
-                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                    Some(Addresses::of(
+                        a.source_address,
+                        a.source_port,
+                        a.destination_address,
+                        a.destination_port,
+                    ))
                 }
                 _ => None,
             };
             Verdict::Done {
-                source,
+                addresses,
                 len: h.len(),
             }
         }
@@ -131,14 +176,17 @@ mod tests {
     }
 
     #[test]
-    fn v1_and_v2_headers_give_the_client_address_and_their_length() {
+    fn v1_and_v2_headers_give_both_addresses_and_their_length() {
         let v1 = b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 443\r\n";
         let mut input = v1.to_vec();
         input.extend_from_slice(&[22, 3, 1]); // the ClientHello begins
         assert_eq!(
             parse(&input),
             Verdict::Done {
-                source: Some("192.0.2.7:4242".parse().unwrap()),
+                addresses: Some(Addresses {
+                    source: "192.0.2.7:4242".parse().unwrap(),
+                    destination: "10.0.0.1:443".parse().unwrap(),
+                }),
                 len: v1.len()
             }
         );
@@ -146,14 +194,17 @@ mod tests {
         assert_eq!(
             parse(v6),
             Verdict::Done {
-                source: Some("[2001:db8::7]:4242".parse().unwrap()),
+                addresses: Some(Addresses {
+                    source: "[2001:db8::7]:4242".parse().unwrap(),
+                    destination: "[2001:db8::1]:443".parse().unwrap(),
+                }),
                 len: v6.len()
             }
         );
         assert_eq!(
             parse(b"PROXY UNKNOWN\r\n"),
             Verdict::Done {
-                source: None,
+                addresses: None,
                 len: 15
             }
         );
@@ -161,14 +212,23 @@ mod tests {
         assert_eq!(
             parse(&v2),
             Verdict::Done {
-                source: Some("198.51.100.9:5555".parse().unwrap()),
+                addresses: Some(Addresses {
+                    source: "198.51.100.9:5555".parse().unwrap(),
+                    destination: "10.0.0.1:443".parse().unwrap(),
+                }),
                 len: v2.len()
             }
         );
         // LOCAL: the balancer's own connection (a health check).
         let mut local = v2.clone();
         local[12] = 0x20;
-        assert!(matches!(parse(&local), Verdict::Done { source: None, .. }));
+        assert!(matches!(
+            parse(&local),
+            Verdict::Done {
+                addresses: None,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -209,13 +269,19 @@ mod tests {
         assert_eq!(
             parse(&unspec),
             Verdict::Done {
-                source: None,
+                addresses: None,
                 len: 16
             }
         );
         let mut udp = v2.clone();
         udp[13] = 0x12;
-        assert!(matches!(parse(&udp), Verdict::Done { source: None, .. }));
+        assert!(matches!(
+            parse(&udp),
+            Verdict::Done {
+                addresses: None,
+                ..
+            }
+        ));
         // A v2 header announcing more than MAX_HEADER: refused at byte 16.
         let mut early = v2[..16].to_vec();
         early[14..16].copy_from_slice(&u16::MAX.to_be_bytes());

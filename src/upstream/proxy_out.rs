@@ -201,7 +201,7 @@ mod tests {
         // Still read back by ktern's own PROXY-in parser.
         let h = header(ProxyVersion::V2, src, dst, info.sni.as_deref(), Some(&info)).unwrap();
         assert!(
-            matches!(parse(&h), Verdict::Done { len, source: Some(s) } if len == h.len() && s == src)
+            matches!(parse(&h), Verdict::Done { len, addresses: Some(a) } if len == h.len() && a.source == src && a.destination == dst)
         );
     }
 
@@ -218,9 +218,11 @@ mod tests {
             for v in [ProxyVersion::V1, ProxyVersion::V2] {
                 let h = header(v, src, dst, None, Some(&tls())).unwrap();
                 match parse(&h) {
-                    Verdict::Done { source, len } => {
+                    Verdict::Done { addresses, len } => {
                         assert_eq!(len, h.len(), "{v:?}");
-                        assert_eq!(source, Some(want.parse().unwrap()), "{v:?}");
+                        let a = addresses.unwrap();
+                        assert_eq!(a.source, want.parse().unwrap(), "{v:?}");
+                        assert_eq!(a.destination, dst, "{v:?}");
                     }
                     other => panic!("{v:?}: {other:?}"),
                 }
@@ -243,7 +245,7 @@ mod tests {
         for v in [ProxyVersion::V1, ProxyVersion::V2] {
             let h = local(v);
             assert!(
-                matches!(parse(&h), Verdict::Done { len, source: None } if len == h.len()),
+                matches!(parse(&h), Verdict::Done { len, addresses: None } if len == h.len()),
                 "{v:?}: {:?}",
                 parse(&h)
             );

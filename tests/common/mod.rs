@@ -1099,8 +1099,9 @@ pub fn start_tls_backend_with(
 
 /// nginx started by a test as an HTTP backend that takes PROXY headers
 /// (`listen … proxy_protocol`): it answers every request with
-/// `pp=$proxy_protocol_addr:$proxy_protocol_port conn=$connection` and
-/// logs the same line. Killed on drop.
+/// `pp=CLIENT>SERVER conn=$connection`, the PROXY header's two addresses
+/// (`$proxy_protocol_addr:$proxy_protocol_port` and the `_server_` pair),
+/// and logs the same line. Killed on drop.
 pub struct NginxProxyBackend {
     child: Child,
     pub addr: SocketAddr,
@@ -1136,9 +1137,9 @@ impl NginxProxyBackend {
                 "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
                  events {{ worker_connections 64; }}\n\
                  http {{\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                 log_format pp 'pp=$proxy_protocol_addr:$proxy_protocol_port conn=$connection';\n  access_log {d}/access.log pp;\n\
+                 log_format pp 'pp=$proxy_protocol_addr:$proxy_protocol_port>$proxy_protocol_server_addr:$proxy_protocol_server_port conn=$connection';\n  access_log {d}/access.log pp;\n\
                  keepalive_requests 1000;\n\
-                 server {{\n    listen {addr} proxy_protocol;\n    location / {{ return 200 \"pp=$proxy_protocol_addr:$proxy_protocol_port conn=$connection\\n\"; }}\n  }}\n}}\n"
+                 server {{\n    listen {addr} proxy_protocol;\n    location / {{ return 200 \"pp=$proxy_protocol_addr:$proxy_protocol_port>$proxy_protocol_server_addr:$proxy_protocol_server_port conn=$connection\\n\"; }}\n  }}\n}}\n"
             ),
         )
         .unwrap();
