@@ -473,7 +473,20 @@ async fn passthrough(
     drop(first);
     let sni = hello.sni;
     drop(hello.alpn);
-    if let Err(e) = Box::pin(backend.write_all(out)).await.0 {
+    // The tunnel's idle bound from here: a backend that takes not even
+    // the hello within it (wedged, its window shut) is left, not waited on
+    // for good.
+    let idle = shard.idle.register(route.idle_timeout);
+    let written = Box::pin(crate::proxy::idle::bounded(&idle, backend.write_all(out))).await;
+    let failed = match written {
+        Ok((Ok(_), _)) => None,
+        Ok((Err(e), _)) => Some(e),
+        Err(_) => Some(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the backend took no bytes within idle_timeout",
+        )),
+    };
+    if let Some(e) = failed {
         M::inc(&m.upstream_errors);
         tracing::warn!(%peer, backend = %addr, error = %e, "passthrough: backend write failed");
         return None;
@@ -483,10 +496,7 @@ async fn passthrough(
         ..Moved::default()
     });
     let result = match tcp::Passthrough::new(socket, backend) {
-        Ok(mut session) => {
-            let idle = shard.idle.register(route.idle_timeout);
-            Box::pin(session.run(&idle, &shard.pipes, &moved)).await
-        }
+        Ok(mut session) => Box::pin(session.run(&idle, &shard.pipes, &moved)).await,
         Err(e) => Err(e),
     };
     let moved = moved.get();
