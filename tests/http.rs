@@ -389,13 +389,7 @@ fn a_stalled_access_log_drops_counted_lines_and_requests_go_on() {
     // ~400-byte lines: 400 KB, far more than the pipe (64 KiB) and the
     // queue hold.
     const N: u64 = 1000;
-    for i in 0..N {
-        let r = exchange(
-            &mut c,
-            &format!("GET /{i} HTTP/1.1\r\nHost: app.test\r\n\r\n"),
-        );
-        assert_eq!(r.status, 200, "request {i}");
-    }
+    numbered_requests(&mut c, N as usize);
     let dropped = k.metric("ktern_access_log_dropped_total");
     assert!(dropped > N / 2, "only {dropped} of {N} lines dropped");
     // Read again: every line kept arrives, whole.
@@ -450,13 +444,7 @@ fn a_second_stop_signal_writes_the_queued_access_lines_first() {
     drop(writer);
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     const N: usize = 600;
-    for i in 0..N {
-        let r = exchange(
-            &mut c,
-            &format!("GET /{i} HTTP/1.1\r\nHost: app.test\r\n\r\n"),
-        );
-        assert_eq!(r.status, 200, "request {i}");
-    }
+    numbered_requests(&mut c, N);
     k.signal("TERM");
     std::thread::sleep(Duration::from_millis(200));
     k.signal("TERM");
@@ -472,6 +460,15 @@ fn a_second_stop_signal_writes_the_queued_access_lines_first() {
     }
     let lines = text.iter().filter(|&&b| b == b'\n').count();
     assert_eq!(lines, N, "every queued line written before the exit");
+}
+
+/// `GET /0` to `/{n-1}` on `c`, each answered 200: access lines that
+/// say their order.
+fn numbered_requests(c: &mut Client, n: usize) {
+    for i in 0..n {
+        let r = exchange(c, &format!("GET /{i} HTTP/1.1\r\nHost: app.test\r\n\r\n"));
+        assert_eq!(r.status, 200, "request {i}");
+    }
 }
 
 /// A pipe of this process's for ktern's access log, which ktern opens

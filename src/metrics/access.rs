@@ -682,6 +682,25 @@ mod tests {
         (dir, log)
     }
 
+    /// A JSON log into a pipe of this process's (its number names the
+    /// target while the write end is open): the two ends and the config.
+    fn pipe_log(
+        queue: usize,
+    ) -> (
+        std::io::PipeReader,
+        std::io::PipeWriter,
+        crate::config::AccessLog,
+    ) {
+        use std::os::fd::AsRawFd as _;
+        let (reader, writer) = std::io::pipe().unwrap();
+        let log = crate::config::AccessLog {
+            path: format!("/proc/self/fd/{}", writer.as_raw_fd()).into(),
+            format: Format::Json,
+            queue,
+        };
+        (reader, writer, log)
+    }
+
     fn info() -> TlsInfo {
         TlsInfo {
             sni: Some("app.test".into()),
@@ -723,13 +742,7 @@ mod tests {
     #[test]
     fn a_stalled_reader_drops_counted_lines_and_never_blocks() {
         use std::io::Read as _;
-        use std::os::fd::AsRawFd as _;
-        let (mut reader, writer) = std::io::pipe().unwrap();
-        let log = crate::config::AccessLog {
-            path: format!("/proc/self/fd/{}", writer.as_raw_fd()).into(),
-            format: Format::Json,
-            queue: 4096,
-        };
+        let (mut reader, writer, log) = pipe_log(4096);
         let sink = Sink::open(&log).unwrap();
         let tls = info();
         let dropped = AtomicU64::new(0);
@@ -764,13 +777,7 @@ mod tests {
     #[test]
     fn reloads_share_the_live_writer_past_a_stalled_one() {
         use std::io::Read as _;
-        use std::os::fd::AsRawFd as _;
-        let (mut reader, writer) = std::io::pipe().unwrap();
-        let log = crate::config::AccessLog {
-            path: format!("/proc/self/fd/{}", writer.as_raw_fd()).into(),
-            format: Format::Json,
-            queue: 1 << 20,
-        };
+        let (mut reader, writer, log) = pipe_log(1 << 20);
         let tls = info();
         let dropped = AtomicU64::new(0);
         let stalled = Sink::open(&log).unwrap();
