@@ -257,7 +257,7 @@ impl Control {
                 }
             })?;
             links.push(link);
-            acks.push(ack);
+            acks.push((i, ack));
         }
         wait_all(acks)?;
         let metrics = Arc::new(M::default());
@@ -433,7 +433,7 @@ impl Control {
         for (i, link) in self.links.iter().enumerate() {
             let (done, ack) = mpsc::sync_channel(1);
             match link.send(cmd(done)) {
-                Ok(()) => acks.push(ack),
+                Ok(()) => acks.push((i, ack)),
                 Err(_) => failed = Some(i),
             }
         }
@@ -548,13 +548,18 @@ impl Control {
         inner.sockets = commit(old, plan.picks);
         inner.current = gen.clone();
         self.publish(gen.clone());
-        // Every shard gets the generation, even if one has failed.
+        // Every shard gets the generation, even if one has failed. The
+        // generation is live by now (published, the sockets committed): a
+        // shard that does not confirm it (only after a bug of its own) is
+        // logged, and the reload reported as what it is, applied.
         let mut fresh = fresh.into_iter();
-        self.tell_all(|done| Command::Update {
+        if let Err(e) = self.tell_all(|done| Command::Update {
             gen: gen.clone(),
             sockets: fresh.next().unwrap_or_default(),
             done,
-        })?;
+        }) {
+            tracing::error!(generation = gen.number, error = %e, "reload live, but a shard did not confirm it");
+        }
         let (listeners, _) = bound_of(inner);
         Ok(Reloaded {
             generation: inner.current.number,
@@ -689,8 +694,10 @@ fn tls_configs(
         .map_err(ReloadError::from)
 }
 
-fn wait_all(acks: Vec<mpsc::Receiver<u64>>) -> Result<(), ReloadError> {
-    for (i, ack) in acks.into_iter().enumerate() {
+/// Waits for each shard's answer; `Err` names the first shard (by its
+/// number) that gave none.
+fn wait_all(acks: Vec<(usize, mpsc::Receiver<u64>)>) -> Result<(), ReloadError> {
+    for (i, ack) in acks {
         ack.recv_timeout(SHARD_ANSWER)
             .map_err(|_| ReloadError::Shard(i))?;
     }
