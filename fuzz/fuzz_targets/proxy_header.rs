@@ -8,9 +8,15 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let verdict = parse(data);
-    if let Verdict::Done { len, source } = &verdict {
+    if let Verdict::Done { len, addresses } = &verdict {
         assert!(*len <= data.len() && *len <= MAX_HEADER);
-        assert_eq!(parse(&data[..*len]), Verdict::Done { len: *len, source: *source });
+        assert_eq!(
+            parse(&data[..*len]),
+            Verdict::Done {
+                len: *len,
+                addresses: *addresses
+            }
+        );
     }
     let line_ended = data.starts_with(b"PROXY")
         && data[..data.len().min(107)].windows(2).any(|w| w == b"\r\n");
