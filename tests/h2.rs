@@ -754,6 +754,14 @@ fn clients_that_take_no_part_in_closing_are_dropped() {
         r#"{"event": "closed", "goaway": true}"#
     );
     assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    // A stream opened after that GOAWAY (before a PING confirmed it) is
+    // served whole, though it lasts longer than send_timeout (2.4 s): the
+    // bound starts when it has ended.
+    assert_eq!(
+        hostile(&k, "stream_after_goaway /trickle/4"),
+        r#"{"event": "closed", "status": 200, "ended": true, "body": 9}"#
+    );
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/h2_hostile.py");
     let mut reader = Command::new("python3")
         .arg(script)
@@ -763,17 +771,17 @@ fn clients_that_take_no_part_in_closing_are_dropped() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    k.wait_metric("ktern_http2_connections_total", 2);
+    k.wait_metric("ktern_http2_connections_total", 3);
     let left = k.wait_metric_down_to("ktern_connections_active", 0);
     let _ = reader.kill();
     let _ = reader.wait();
     assert_eq!(left, 0, "the connection that stopped reading was held");
-    // Each connection counted once: the first at its drop, the second at
-    // its stream's stall.
-    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 2);
+    // Each connection counted once: the first two at their drop, the
+    // last at its stream's stall.
+    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 3);
     assert_eq!(
         k.log().matches("took no part in closing").count(),
-        2,
+        3,
         "{}",
         k.log()
     );

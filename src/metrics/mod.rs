@@ -66,7 +66,7 @@ counters! {
     ktls_rekey_unsupported => "ktern_ktls_rekey_unsupported_total", "Connections closed with an alert: KeyUpdate but the kernel cannot rekey.";
     tls_unexpected => "ktern_tls_unexpected_records_total", "Connections closed with an alert: unexpected post-handshake record.";
     tls_peer_alerts => "ktern_tls_peer_alerts_total", "Connections the client aborted with a fatal alert.";
-    tls_limit_closes => "ktern_tls_confidentiality_limit_closes_total", "Connections closed at the cipher's confidentiality limit.";
+    tls_limit_closes => "ktern_tls_confidentiality_limit_closes_total", "Connections closed at the cipher's confidentiality limit for what ktern sends (where no rekey is possible).";
     downstream_errors => "ktern_downstream_errors_total", "Connections ended by a client-side error after the handshake.";
     upstream_connect_failures => "ktern_upstream_connect_failures_total", "Backend connects refused, failed or timed out.";
     upstream_full => "ktern_upstream_full_total", "Requests answered 503, and passthrough connections closed, because every backend of their upstream group had max_conns connections in use.";
@@ -85,7 +85,7 @@ counters! {
     h2_protocol_errors => "ktern_http2_protocol_errors_total", "HTTP/2 connections closed with GOAWAY for the client's protocol error (bad frames, invalid or connection-level field errors).";
     h2_floods => "ktern_http2_flood_closes_total", "HTTP/2 connections closed with GOAWAY ENHANCE_YOUR_CALM: rapid reset, CONTINUATION floods, streams the server had to reset, or a flood of control frames.";
     h2_stream_resets => "ktern_http2_stream_resets_total", "HTTP/2 streams the client reset before their response ended.";
-    http_send_timeouts => "ktern_http_send_timeouts_total", "HTTP connections aborted because the client took no response bytes within send_timeout.";
+    http_send_timeouts => "ktern_http_send_timeouts_total", "HTTP connections aborted because the client took no response bytes within send_timeout (HTTP/2: also one that, after a GOAWAY, took no part in closing within it).";
     upstream_timeouts => "ktern_upstream_timeouts_total", "Backend exchanges that timed out (no response head within response_timeout: 504).";
     pool_hits => "ktern_upstream_pool_hits_total", "Backend responses received on a pooled keep-alive connection.";
     pool_misses => "ktern_upstream_pool_misses_total", "Backend responses received on a new connection (none pooled, or the pooled one was stale).";

@@ -491,6 +491,8 @@ async fn passthrough(
         tracing::warn!(%peer, backend = %addr, error = %e, "passthrough: backend write failed");
         return None;
     }
+    // The tunnel's own idle wait starts now, whatever the write took.
+    shard.idle.arm(&idle, route.idle_timeout);
     let moved = Cell::new(Moved {
         up: hello_len,
         ..Moved::default()

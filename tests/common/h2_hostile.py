@@ -228,6 +228,32 @@ def main():
             if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
                 c.send(SettingsFrame(0, flags=["ACK"]))
             goaway |= isinstance(f, GoAwayFrame)
+    elif case == "stream_after_goaway":
+        # Answers no PING, so the server's graceful GOAWAY stays open to
+        # new streams (RFC 9113 §6.8), and opens a stream for argv[4] once
+        # that GOAWAY came; then reads to the connection's end. Reports
+        # how it ended, the response's status, whether its stream ended
+        # (END_STREAM) first, and its body's length.
+        deadline = time.time() + 20
+        sent, status, ended, body = False, None, False, 0
+        while True:
+            f = c.read_frame(deadline)
+            if f is None or f == "closed":
+                print(json.dumps({"event": "timeout" if f is None else "closed",
+                                  "status": status, "ended": ended, "body": body}))
+                return
+            if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                c.send(SettingsFrame(0, flags=["ACK"]))
+            if isinstance(f, GoAwayFrame) and not sent:
+                c.send(c.headers(sid, req(sys.argv[4])))
+                sent = True
+            if isinstance(f, HeadersFrame) and f.stream_id == sid and status is None:
+                fields = dict(c.dec.decode(f.data))
+                status = int(fields[b":status"] if b":status" in fields else fields[":status"])
+            if isinstance(f, DataFrame) and f.stream_id == sid:
+                body += len(f.data)
+            if f.stream_id == sid and "END_STREAM" in f.flags:
+                ended = True
     elif case == "stops_reading":
         # Opens every window as far as it goes, asks for 64 MiB and never
         # reads again, for argv[4] seconds: the server's writes stall in

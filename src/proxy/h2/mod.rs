@@ -229,6 +229,11 @@ async fn serve_on(
                 match conn.poll_accept(&mut conn_cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         M::inc(&ctx.metrics.h2_streams);
+                        // A stream accepted after a graceful GOAWAY (sent
+                        // before the client's PING confirmed it) is served
+                        // whole: the close's bound starts again when it,
+                        // and any other, has ended.
+                        winding_down = false;
                         // The first stream after an idle spell: a client
                         // back before the sweeper found the spell
                         // BUFFERS_KEPT_IDLE old (its nudge still pending)
