@@ -416,13 +416,17 @@ impl TlsReader {
     /// still queued sends a reset (RFC 9293 §3.6.1, Linux's `tcp_close`),
     /// which drops what ktern's send queue still holds of its last answer.
     pub fn unread_input(&self) -> bool {
+        self.holds_input() || (!self.eof && sys::input_pending(sys::borrow_fd(&self.sock)))
+    }
+
+    /// Plaintext decrypted and not handed out, or a partial record read
+    /// (userspace path): input already here, no socket asked.
+    fn holds_input(&self) -> bool {
         let partial = match &*self.shared.borrow() {
             Engine::User(u) => !u.inbuf.is_empty(),
             Engine::Kernel(_) | Engine::Lost => false,
         };
-        !self.pending.is_empty()
-            || partial
-            || (!self.eof && sys::input_pending(sys::borrow_fd(&self.sock)))
+        !self.pending.is_empty() || partial
     }
 
     /// Waits until the client socket has something to read.
@@ -436,11 +440,7 @@ impl TlsReader {
     /// The next read then goes straight to the socket, without a second
     /// readiness round trip.
     pub async fn input(&mut self) -> io::Result<()> {
-        let partial = match &*self.shared.borrow() {
-            Engine::User(u) => !u.inbuf.is_empty(),
-            Engine::Kernel(_) | Engine::Lost => false,
-        };
-        if !self.pending.is_empty() || self.eof || partial {
+        if self.eof || self.holds_input() {
             return Ok(());
         }
         // `hot` may be left over from the previous request's last read
