@@ -412,6 +412,38 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
     }
 }
 
+/// The process's own ticket keys (no fleet secret) outlive reloads, also
+/// after a reload that changed the rotation: that one made new keys, and
+/// every reload after it used to make new keys again (it compared each
+/// config's rotation with the start-up keys' forever), so every SIGHUP,
+/// admin or ACME reload turned all outstanding tickets into full
+/// handshakes.
+#[test]
+fn own_ticket_keys_outlive_reloads_after_a_rotation_change() {
+    let pki = Pki::new("tickets-rotation-reload");
+    let backend = start_backend();
+    let k = ticket_host(&pki, backend, "rotation = \"12h\"");
+    let text = std::fs::read_to_string(&k.config_path).unwrap();
+    let cfg = resuming_client(&pki, false);
+    assert!(!resumed(k.addr(), &cfg), "the first is full");
+    assert!(resumed(k.addr(), &cfg));
+    // The rotation changes: new keys, so the old ticket is refused.
+    std::fs::write(
+        &k.config_path,
+        text.replace("rotation = \"12h\"", "rotation = \"6h\""),
+    )
+    .unwrap();
+    assert_eq!(k.admin_request("POST", "/reload").0, 200);
+    assert!(!resumed(k.addr(), &cfg), "keys of another rotation");
+    assert!(resumed(k.addr(), &cfg));
+    // Reloads that change nothing keep those keys.
+    for _ in 0..2 {
+        assert_eq!(k.admin_request("POST", "/reload").0, 200);
+        assert!(resumed(k.addr(), &cfg), "a reload kept the keys");
+    }
+    assert_offloaded_in_vm(&k);
+}
+
 /// A TLS 1.3 client whose first bytes ride with its Finished gets its
 /// tickets with ktern's first record, not on their own (a segment and its
 /// ACK less per connection), and they are good: the next connection

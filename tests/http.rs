@@ -76,6 +76,17 @@ fn routes_by_host_wildcard_and_path() {
     }
     let r = exchange(&mut c, "GET / HTTP/1.1\r\nHost: example.org\r\n\r\n");
     assert_eq!(r.status, 404);
+    // A host that ends in `.example.com` but names another host to a
+    // backend that splits lists or parameters is no host under it; nor is
+    // a target with a fragment that hides a dot segment.
+    for head in [
+        "GET / HTTP/1.1\r\nHost: evil.tld,other.example.com\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: evil.tld;other.example.com\r\n\r\n",
+        "GET /v2/#/../admin HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    ] {
+        let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        assert_eq!(exchange(&mut c, head).status, 400, "{head:?}");
+    }
 }
 
 #[test]

@@ -109,6 +109,15 @@ impl AcmeCert {
             && self.ca == other.ca
             && self.challenge == other.challenge
     }
+
+    /// Whether a certificate kept by an order of `issued_by`'s directory
+    /// is this order's: one from another CA (staging's, before a switch
+    /// to production) is due for a new order at once, whatever its
+    /// lifetime. A version kept before ktern recorded its directory
+    /// (`None`) counts as this CA's.
+    pub fn from_this_ca(&self, issued_by: Option<&str>) -> bool {
+        issued_by.is_none_or(|d| d == self.directory)
+    }
 }
 
 /// A certificate ktern obtains and renews itself (`certificate[].acme`).
@@ -130,6 +139,10 @@ pub struct AcmeCert {
     /// Whether the certificate served now came from the CA (`false`: a
     /// self-signed stand-in until the first order succeeds).
     pub issued: bool,
+    /// The directory URL that issued the served certificate, as its
+    /// version recorded it (`None`: a stand-in, or a version kept before
+    /// ktern recorded it).
+    pub issued_by: Option<String>,
 }
 
 /// The shortest ticket secret accepted: 256 bits (RFC 5869 §3.3: the
@@ -453,7 +466,12 @@ impl Certificate {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| bad("certificate"))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| bad("key"))?;
-        let mut info = CertInfo::from_leaf(chain[0].as_ref()).unwrap_or_default();
+        // Text with no CERTIFICATE block parses as an empty chain: a CA's
+        // answer that is no certificate, or an emptied state file.
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad("certificate: none in it"))?;
+        let mut info = CertInfo::from_leaf(leaf.as_ref()).unwrap_or_default();
         let key = CertifiedKey::from_der(chain, key, &crate::provider::crypto_provider())?;
         info.key_type = format!("{:?}", key.key.algorithm());
         Ok(Certificate {
@@ -468,22 +486,49 @@ impl Certificate {
 /// The symlink in an ACME order's directory naming the version served.
 pub const ACME_CURRENT: &str = "current";
 
+/// The file in an ACME version naming the directory URL that issued it.
+pub const ACME_ISSUED_BY: &str = "directory";
+
+/// A certificate an ACME order kept, and the CA directory it came from
+/// (`None` for a version kept before ktern recorded it).
+pub struct Held {
+    /// The certificate and key, ready to serve.
+    pub certificate: Certificate,
+    /// The directory URL recorded beside them.
+    pub issued_by: Option<String>,
+}
+
 /// The certificate an ACME order left in `dir` (the version
-/// `dir/current` links to: its `cert.pem` and `key.pem`), if both are
-/// there, match and have not expired at `now`. The link is resolved once,
-/// so both files come from one version even while a new one is swapped in.
-pub fn held_certificate(dir: &Path, now: i64) -> Option<Certificate> {
-    let version = dir.join(std::fs::read_link(dir.join(ACME_CURRENT)).ok()?);
+/// `dir/current` links to: its `cert.pem` and `key.pem`), if there is one
+/// that has not expired at `now`. The link is resolved once, so both files
+/// come from one version even while a new one is swapped in. No link yet
+/// is `Ok(None)`; a version whose files cannot be read, or do not make a
+/// certificate and its key (a hand-edited or half-restored state
+/// directory), is an error naming the file.
+pub fn held_certificate(dir: &Path, now: i64) -> Result<Option<Held>, String> {
+    let link = dir.join(ACME_CURRENT);
+    let version = match std::fs::read_link(&link) {
+        Ok(v) => dir.join(v),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", link.display())),
+    };
     let (cert_file, key_file) = (version.join("cert.pem"), version.join("key.pem"));
-    let chain = std::fs::read_to_string(&cert_file).ok()?;
-    let key = std::fs::read_to_string(&key_file).ok()?;
-    let mut c = Certificate::from_pem(&chain, &key).ok()?;
+    let read = |f: &Path| std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()));
+    let (chain, key) = (read(&cert_file)?, read(&key_file)?);
+    let mut c = Certificate::from_pem(&chain, &key)
+        .map_err(|e| format!("{} with {}: {e}", cert_file.display(), key_file.display()))?;
     if c.info.not_after <= now {
-        return None;
+        return Ok(None);
     }
     c.info.cert_file = cert_file.display().to_string();
     c.info.key_file = key_file.display().to_string();
-    Some(c)
+    let issued_by = std::fs::read_to_string(version.join(ACME_ISSUED_BY))
+        .ok()
+        .map(|d| d.trim().to_string());
+    Ok(Some(Held {
+        certificate: c,
+        issued_by,
+    }))
 }
 
 /// Facts about a certificate, read once when the config is loaded.
@@ -1287,8 +1332,14 @@ impl Validator<'_> {
             return None;
         }
         let dir = settings.state_dir.join(&domains[0]);
-        let (held, issued) = match held_certificate(&dir, crate::clock::unix_now()) {
-            Some(c) => (c, true),
+        let kept = held_certificate(&dir, crate::clock::unix_now()).unwrap_or_else(|why| {
+            // The ACME thread orders anew, as for an empty state directory;
+            // meanwhile the stand-in serves.
+            tracing::warn!(field = %field, problem = %why, "ACME: the state directory's certificate cannot be served; serving the stand-in and ordering anew");
+            None
+        });
+        let (held, issued, issued_by) = match kept {
+            Some(h) => (h.certificate, true, h.issued_by),
             None => {
                 let names: Vec<&str> = domains.iter().map(String::as_str).collect();
                 let stand_in = crate::builtin::self_signed(&names)
@@ -1301,7 +1352,7 @@ impl Validator<'_> {
                     Ok(mut c) => {
                         c.info.cert_file =
                             format!("acme stand-in (self-signed until {} is issued)", domains[0]);
-                        (c, false)
+                        (c, false, None)
                     }
                     Err(why) => {
                         self.problem(field, why);
@@ -1320,6 +1371,7 @@ impl Validator<'_> {
                 challenge,
                 dir,
                 issued,
+                issued_by,
             })),
             ..held
         })

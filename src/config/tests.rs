@@ -782,8 +782,34 @@ fn acme_certificates_serve_a_stand_in_then_what_the_state_directory_holds() {
         Some((cert.info.not_before, cert.info.not_after))
     );
     // Expired at `now` is as good as absent.
-    assert!(held_certificate(&dir.join("state/a.example"), i64::MAX).is_none());
-    assert!(held_certificate(&dir.join("state/a.example"), 0).is_some());
+    let held = |now| held_certificate(&dir.join("state/a.example"), now).unwrap();
+    assert!(held(i64::MAX).is_none());
+    assert!(held(0).is_some());
+    // Another CA's certificate (staging's, before a switch to production)
+    // is served until this CA's comes, but due at once; this CA's is not.
+    let marker = dir
+        .join("state/a.example/v1")
+        .join(crate::config::ACME_ISSUED_BY);
+    std::fs::write(&marker, "https://staging.test/dir\n").unwrap();
+    let c = load();
+    assert!(c.listeners[0].certificates[0].acme.as_ref().unwrap().issued);
+    assert_eq!(crate::control::acme::orders(&c)[0].1, None);
+    let directory = &c.listeners[0].certificates[0]
+        .acme
+        .as_ref()
+        .unwrap()
+        .directory;
+    std::fs::write(&marker, directory).unwrap();
+    assert!(crate::control::acme::orders(&load())[0].1.is_some());
+    // A certificate file with no certificate in it serves the stand-in
+    // (and is ordered anew), where it had panicked.
+    let pem_before = std::fs::read(dir.join("state/a.example/v1/cert.pem")).unwrap();
+    std::fs::write(dir.join("state/a.example/v1/cert.pem"), "no PEM here\n").unwrap();
+    assert!(held_certificate(&dir.join("state/a.example"), 0).is_err());
+    let c = load();
+    assert!(!c.listeners[0].certificates[0].acme.as_ref().unwrap().issued);
+    assert_eq!(crate::control::acme::orders(&c)[0].1, None);
+    std::fs::write(dir.join("state/a.example/v1/cert.pem"), pem_before).unwrap();
     // A held certificate that misses a configured name is due at once.
     let (pem, key) = crate::builtin::self_signed(&["a.example"]).unwrap();
     std::fs::write(dir.join("state/a.example/v1/cert.pem"), &pem).unwrap();

@@ -8,6 +8,7 @@
 //! socket here, on the caller's thread; only when all of that succeeded does
 //! each shard get a pointer to swap. A refused reload changes nothing.
 
+use crate::handshake::tickets::for_config;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,6 +134,12 @@ struct Inner {
     sockets: Vec<Bound>,
     checks: Checks,
     next_key: u64,
+    /// This process's random ticket keys (one per epoch, forgotten after
+    /// two): without a fleet secret every generation with the same
+    /// rotation uses them, so a reload does not turn outstanding tickets
+    /// into full handshakes. A reload that changes the rotation replaces
+    /// them, and later reloads keep the new ones.
+    own_tickets: Arc<crate::handshake::tickets::TicketKeys>,
 }
 
 /// The running process, as the control side sees it.
@@ -151,11 +158,6 @@ pub struct Control {
     pub notify: notify::Notifier,
     /// The admin endpoint's configured address, listener copy and stop flag.
     admin: Mutex<Option<(SocketAddr, std::net::TcpListener, Arc<AtomicBool>)>>,
-    /// This process's random ticket keys (one per epoch, forgotten after
-    /// two): without a fleet secret every generation with the same
-    /// rotation uses them, so a reload does not turn outstanding tickets
-    /// into full handshakes.
-    own_tickets: Arc<crate::handshake::tickets::TicketKeys>,
     /// What the kernel can offload (`ktls = "required"` checks each
     /// reload's cipher suites against it).
     support: Arc<crate::ktls::Support>,
@@ -231,7 +233,12 @@ impl Control {
         let challenges = Arc::new(crate::challenges::Challenges::default());
         let gen = Arc::new(Generation {
             number: 1,
-            tls: tls_configs(&config, cpus.len(), &own_tickets, &challenges)?,
+            tls: tls_configs(
+                &config,
+                cpus.len(),
+                &for_config(&config.tickets, &own_tickets)?,
+                &challenges,
+            )?,
             health: checks.states.clone(),
             in_use: crate::upstream::in_use_counts(&config.upstreams, &[], &[]),
             clients: Arc::default(),
@@ -269,13 +276,13 @@ impl Control {
                 sockets: commit(inherited, plan.picks),
                 checks,
                 next_key,
+                own_tickets,
             }),
             status: Status::default(),
             metrics,
             health_metrics,
             links,
             source,
-            own_tickets,
             support: support.clone(),
             expiry_nudge,
             acme_nudge,
@@ -494,7 +501,8 @@ impl Control {
             }));
         }
         let shards = self.links.len();
-        let tls = tls_configs(&config, shards, &self.own_tickets, &self.challenges)?;
+        let keys = for_config(&config.tickets, &inner.own_tickets)?;
+        let tls = tls_configs(&config, shards, &keys, &self.challenges)?;
         let mut next_key = inner.next_key;
         let plan = plan_sockets(&inner.sockets, &config, shards, &mut next_key)?;
         let mut fresh = Vec::new();
@@ -523,6 +531,9 @@ impl Control {
             }
         };
         // Nothing below can be refused: the generation goes live.
+        if config.tickets.secret.is_none() {
+            inner.own_tickets = keys;
+        }
         let gen = Arc::new(Generation {
             number: inner.current.number + 1,
             tls,
@@ -646,11 +657,10 @@ fn unchangeable(old: &Config, new: &Config) -> Result<(), ConfigError> {
 fn tls_configs(
     config: &Config,
     shards: usize,
-    own_tickets: &Arc<crate::handshake::tickets::TicketKeys>,
+    keys: &Arc<crate::handshake::tickets::TicketKeys>,
     challenges: &Arc<crate::challenges::Challenges>,
 ) -> Result<Vec<Vec<crate::handshake::ServerTls>>, ReloadError> {
-    use crate::handshake::tickets::{for_config, ListenerTickets};
-    let keys = for_config(&config.tickets, own_tickets)?;
+    use crate::handshake::tickets::ListenerTickets;
     for l in &config.listeners {
         for c in &l.certificates {
             if let (Some(file), Some(why)) = (&c.info.ocsp_file, &c.info.ocsp_problem) {
@@ -670,7 +680,7 @@ fn tls_configs(
                 .transpose()?;
             Ok((
                 crate::handshake::cert_store(l),
-                ListenerTickets::for_listener(&keys, &l.ticket_context()),
+                ListenerTickets::for_listener(keys, &l.ticket_context()),
                 acme,
                 crate::handshake::session_cache(shards, config.tickets.rotation),
             ))

@@ -94,8 +94,9 @@ pub fn orders(config: &Config) -> Vec<(Arc<AcmeCert>, Option<Validity>)> {
         if out.iter().any(|(o, _)| o.dir == a.dir) {
             continue;
         }
-        let held = (a.issued && covers(&c.info, &a.domains))
-            .then_some((c.info.not_before, c.info.not_after));
+        let held =
+            (a.issued && a.from_this_ca(a.issued_by.as_deref()) && covers(&c.info, &a.domains))
+                .then_some((c.info.not_before, c.info.not_after));
         out.push((a.clone(), held));
     }
     out
@@ -127,6 +128,11 @@ struct Track {
     ari: Ari,
     /// An order that named the certificate it replaces failed.
     replaces_failed: bool,
+    /// A certificate the CA issued that could not be written to the state
+    /// directory (a full disk): the retry writes it again rather than
+    /// ordering another (each order counts against the CA's limits: five
+    /// of the same names a week, at Let's Encrypt).
+    unkept: Option<Issued>,
 }
 
 /// ACME Renewal Information (RFC 9773) about one order's certificate.
@@ -240,8 +246,16 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                 reload_at: 0,
                 ari: Ari::Unknown,
                 replaces_failed: false,
+                unkept: None,
             });
+            // A state directory that cannot be read is as good as empty
+            // (the config's load logged why); so is another CA's
+            // certificate, or one that misses a name.
             let held = crate::config::held_certificate(&order.dir, now)
+                .ok()
+                .flatten()
+                .filter(|h| order.from_this_ca(h.issued_by.as_deref()))
+                .map(|h| h.certificate)
                 .filter(|c| covers(&c.info, &order.domains));
             let on_disk = held.as_ref().map(|c| (c.info.not_before, c.info.not_after));
             // The certificate the CA gave (the one in the state directory),
@@ -348,25 +362,39 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
             let replaces = held_id
                 .clone()
                 .filter(|_| !t.replaces_failed && matches!(t.ari, Ari::Known { due: Some(_), .. }));
-            tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if live.is_some() { "renewal due" } else { "no certificate from the CA yet" }, replaces = replaces.as_ref().map(|r| r.to_string()), "ACME: ordering a certificate");
-            let result = rt
-                .block_on(async {
-                    match tokio::time::timeout(
-                        ORDER_TIMEOUT,
-                        order::obtain(
-                            &order,
-                            &config.acme.state_dir,
-                            &challenges,
-                            replaces.clone(),
-                        ),
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(AcmeError::Timeout(ORDER_TIMEOUT)),
+            let obtained = match t.unkept.take().filter(|i| i.validity.1 > now) {
+                Some(issued) => {
+                    tracing::info!(domains = ?order.domains, dir = %order.dir.display(), "ACME: writing the certificate the CA issued again");
+                    Ok(issued)
+                }
+                None => {
+                    tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if live.is_some() { "renewal due" } else { "no certificate from the CA yet" }, replaces = replaces.as_ref().map(|r| r.to_string()), "ACME: ordering a certificate");
+                    rt.block_on(async {
+                        match tokio::time::timeout(
+                            ORDER_TIMEOUT,
+                            order::obtain(
+                                &order,
+                                &config.acme.state_dir,
+                                &challenges,
+                                replaces.clone(),
+                            ),
+                        )
+                        .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => Err(AcmeError::Timeout(ORDER_TIMEOUT)),
+                        }
+                    })
+                }
+            };
+            let result =
+                obtained.and_then(|issued| match keep(&order.dir, &order.directory, &issued) {
+                    Ok(()) => Ok(issued),
+                    Err(e) => {
+                        t.unkept = Some(issued);
+                        Err(e)
                     }
-                })
-                .and_then(|issued| keep(&order.dir, &issued).map(|()| issued));
+                });
             drop(lock);
             now = crate::clock::unix_now();
             match result {
@@ -384,7 +412,8 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                     }
                 }
                 Err(e) => {
-                    t.replaces_failed |= replaces.is_some();
+                    // Only the CA's refusal says anything about `replaces`.
+                    t.replaces_failed |= replaces.is_some() && t.unkept.is_none();
                     wake = wake.min(failed(t, &e, &config.acme, &metrics, now));
                 }
             }
@@ -479,30 +508,44 @@ pub struct Issued {
     pub validity: Validity,
 }
 
-/// Keeps a certificate and its key as one version: both files go into a
-/// new directory `dir/v<notBefore>-<pid>`, then the symlink `dir/current`
+/// Keeps a certificate and its key as one version: both files, and the
+/// directory URL that issued them (`ACME_ISSUED_BY`), go into a new
+/// directory `dir/v<notBefore>-<pid>[-n]`, then the symlink `dir/current`
 /// is swapped to it by a rename. A reader (the config load) resolves the
 /// link once and reads both files from the same version, so no crash or
 /// concurrent reload ever sees a key with another version's chain. The
 /// version it replaced stays (a load that resolved the link just before
-/// still finds its files); older ones are removed.
-fn keep(dir: &Path, issued: &Issued) -> Result<(), AcmeError> {
+/// still finds its files); older ones are removed. A name already taken
+/// (two certificates with one notBefore, as CAs that start the validity
+/// at midnight give; or what a failed write left) gets a suffix: an
+/// existing version may be the one served.
+fn keep(dir: &Path, directory: &str, issued: &Issued) -> Result<(), AcmeError> {
     use std::os::unix::fs::DirBuilderExt;
     let state = |path: &Path| {
         let path = path.to_path_buf();
         move |source| AcmeError::State { path, source }
     };
     std::fs::create_dir_all(dir).map_err(state(dir))?;
-    let name = format!("v{}-{}", issued.validity.0, std::process::id());
-    let version = dir.join(&name);
-    if version.exists() {
-        std::fs::remove_dir_all(&version).map_err(state(&version))?;
-    }
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&version)
-        .map_err(state(&version))?;
+    let base = format!("v{}-{}", issued.validity.0, std::process::id());
+    let mut n = 0;
+    let (name, version) = loop {
+        let name = match n {
+            0 => base.clone(),
+            _ => format!("{base}-{n}"),
+        };
+        let version = dir.join(&name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&version) {
+            Ok(()) => break (name, version),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(state(&version)(e)),
+        }
+    };
     write_atomic(&version.join("key.pem"), issued.key_pem.as_bytes(), 0o600)?;
+    write_atomic(
+        &version.join(crate::config::ACME_ISSUED_BY),
+        directory.as_bytes(),
+        0o644,
+    )?;
     write_atomic(
         &version.join("cert.pem"),
         issued.chain_pem.as_bytes(),
@@ -671,21 +714,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let now = crate::clock::unix_now();
         let (mut names, mut leaves) = (Vec::new(), Vec::new());
-        for i in 0..3 {
+        let pid = std::process::id();
+        // The last two share a notBefore (a CA that starts validity at
+        // midnight, and a second order that day): the second gets its own
+        // version, and the one it replaced stays.
+        for (i, not_before, name) in [
+            (0, 0, format!("v0-{pid}")),
+            (1, 1, format!("v1-{pid}")),
+            (2, 1, format!("v1-{pid}-1")),
+        ] {
             let (chain_pem, key_pem) = crate::builtin::self_signed(&["a.example"]).unwrap();
             let issued = Issued {
                 chain_pem,
                 key_pem,
-                validity: (i, now + 100),
+                validity: (not_before, now + 100),
             };
-            keep(&dir, &issued).unwrap();
-            names.push(format!("v{i}-{}", std::process::id()));
-            let held = crate::config::held_certificate(&dir, now).expect("served");
-            leaves.push(held.key.cert[0].clone());
+            keep(&dir, "https://ca.test/dir", &issued).unwrap();
+            names.push(name);
+            let held = crate::config::held_certificate(&dir, now)
+                .unwrap()
+                .expect("served");
+            assert_eq!(held.issued_by.as_deref(), Some("https://ca.test/dir"));
+            leaves.push(held.certificate.key.cert[0].clone());
             assert!(held
+                .certificate
                 .info
                 .cert_file
-                .ends_with(&format!("{}/cert.pem", names[i as usize])));
+                .ends_with(&format!("{}/cert.pem", names[i])));
         }
         assert_ne!(leaves[1], leaves[2]);
         // The current version and the one it replaced; the oldest is gone.
@@ -697,6 +752,14 @@ mod tests {
         assert_eq!(
             left,
             vec!["current".to_string(), names[1].clone(), names[2].clone()]
+        );
+        // A version whose certificate file holds no certificate (emptied,
+        // half restored) is an error naming the file, not a crash.
+        std::fs::write(dir.join(&names[2]).join("cert.pem"), "").unwrap();
+        let why = crate::config::held_certificate(&dir, now).err().unwrap();
+        assert!(
+            why.contains("cert.pem") && why.contains("none in it"),
+            "{why}"
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

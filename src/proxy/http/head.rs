@@ -627,6 +627,13 @@ fn origin_form(
     if fields.bytes(method) == b"CONNECT" {
         return Err(HeadError::Connect);
     }
+    // RFC 9112 §3.2.1: origin-form is a path and a query; a fragment is
+    // never sent. Dot segments are looked for up to a `#` (past it is no
+    // path), while a backend that takes `#` into its path would resolve
+    // `/v2/#/../admin` to `/admin`, past the rule that routed `/v2/`.
+    if t.contains(&b'#') {
+        return Err(HeadError::BadRequest("fragment in the request target"));
+    }
     match t {
         [b'/', ..] => return Ok(target),
         b"*" if fields.bytes(method) == b"OPTIONS" => return Ok(target),
@@ -663,11 +670,17 @@ fn origin_form(
 }
 
 /// RFC 9112 §3.2: `Host = uri-host [ ":" port ]`; anything else is a 400.
-/// uri-host is an IP-literal in brackets or a reg-name (unreserved,
-/// sub-delims and percent signs, RFC 3986 §3.2.2). Routing matches rules
-/// on this value and the backend gets it: `evil.tld/.example.com` must not
-/// pass for a name under `*.example.com`. Empty is allowed (an HTTP/1.0
-/// request, or a URI without authority).
+/// uri-host is an IP-literal in brackets or a name. RFC 3986 §3.2.2's
+/// reg-name also allows sub-delims (`,;=!$&'()*+`), `~` and
+/// percent-encoding, but no DNS name has them, and a host that ends in
+/// `.example.com` must name a host under it: routing matches `*.example.com`
+/// on this value and the backend gets it, in Host and in the forwarding
+/// fields, where `evil.tld,x.example.com` reads as `evil.tld` to the
+/// frameworks that split lists (Express's `req.hostname`, Spring's
+/// `X-Forwarded-Host`), and `evil.tld/.example.com` as a path. So a name is
+/// letters, digits, `-`, `.` and `_` (as in internal service names), as
+/// HAProxy's and Envoy's strict modes require. Empty is allowed (an
+/// HTTP/1.0 request, or a URI without authority).
 fn valid_host(host: &[u8]) -> bool {
     let (name, port) = match host {
         [b'[', ..] => match host.iter().position(|&b| b == b']') {
@@ -689,27 +702,9 @@ fn valid_host(host: &[u8]) -> bool {
             None => (host, &host[host.len()..]),
         },
     };
-    let name_ok = name.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-            )
-    });
+    let name_ok = name
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     let port_ok = match port {
         [] => true,
         [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
@@ -1265,6 +1260,16 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
+            // Sub-delims and percent-encoding: in no DNS name, and a list
+            // or parameter separator to whoever reads the forwarded host.
+            "GET / HTTP/1.1\r\nHost: evil.tld,x.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: evil.tld;x.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: evil.tld%2cx.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a=b.example.com\r\n\r\n",
+            // A fragment is no part of a request target (RFC 9112 §3.2.1).
+            "GET /v2/#/../admin HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http://x.example/a#b HTTP/1.1\r\nHost: x.example\r\n\r\n",
         ] {
             match target(text) {
                 Err(e) => assert_eq!(e.status(), 400, "{text:?}: {e}"),
