@@ -319,13 +319,26 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     control.notify.ready(1);
+    // Whether a stop signal came: a process that handed its sockets to a
+    // new binary is draining already, and the first SIGTERM it gets
+    // (`systemctl stop`, a deploy script's `kill`) means "drain", as it
+    // does for any process, not "second signal: exit now".
+    let mut stop_signalled = false;
     for sig in signals.forever() {
         match sig {
             signal_hook::consts::SIGHUP => {
                 // Logged and counted inside, success or not.
                 let _ = control.reload();
             }
-            _ if control.status.draining.load(Ordering::Relaxed) => {
+            _ if !stop_signalled && control.status.draining.load(Ordering::Relaxed) => {
+                stop_signalled = true;
+                tracing::info!(
+                    signal = sig,
+                    connections = control.active_connections(),
+                    "stop signal: already draining (handed over to a new process); a second one exits now"
+                );
+            }
+            _ if stop_signalled => {
                 let left = control.active_connections();
                 tracing::warn!(
                     signal = sig,
@@ -339,6 +352,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
                 std::process::exit(0);
             }
             _ => {
+                stop_signalled = true;
                 let control = control.clone();
                 let delay = control.current().config.runtime.drain_delay;
                 std::thread::Builder::new()

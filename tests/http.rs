@@ -473,6 +473,68 @@ fn a_second_stop_signal_writes_the_queued_access_lines_first() {
     assert_eq!(lines, N, "every queued line written before the exit");
 }
 
+/// logrotate renames the log, then reloads (`postrotate`): the log is
+/// reopened even when that reload is refused (a config being edited, a
+/// change that needs a restart), where the lines went on into the rotated
+/// file until a reload succeeded. And an access log on a named pipe that
+/// nothing reads refuses the reload at once, naming the field: opening it
+/// blocked for good, holding the control lock (and, on SIGHUP, the signal
+/// thread, so a SIGTERM went unheard).
+#[test]
+fn a_refused_reload_still_reopens_the_access_log_and_a_pipe_without_reader_is_refused() {
+    let pki = Pki::new("access-rotate");
+    let a = start_http_backend("a");
+    let log = pki.dir.join("access.log");
+    let runtime = format!(
+        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    let mut k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
+    let get = "GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(exchange(&mut c, get).status, 200);
+    assert_eq!(json_log_lines(&log, 1).len(), 1);
+    let rotated = pki.dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    // A config that does not load: the reload is refused.
+    let text = std::fs::read_to_string(&k.config_path).unwrap();
+    std::fs::write(&k.config_path, format!("{text}\n[nonsense\n")).unwrap();
+    let (status, body) = k.admin_request("POST", "/reload");
+    assert_ne!(status, 200, "{body}");
+    assert_eq!(exchange(&mut c, get).status, 200);
+    assert_eq!(
+        json_log_lines(&log, 1).len(),
+        1,
+        "the next line, in the new file"
+    );
+    assert_eq!(
+        json_log_lines(&rotated, 2).len(),
+        1,
+        "none more in the rotated one"
+    );
+    // A FIFO with no reader.
+    let fifo = pki.dir.join("access.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let on_fifo = text.replace(&log.display().to_string(), &fifo.display().to_string());
+    assert_ne!(on_fifo, text);
+    std::fs::write(&k.config_path, on_fifo).unwrap();
+    let (status, body) = k.admin_request("POST", "/reload");
+    assert_ne!(status, 200, "{body}");
+    assert!(
+        body.contains("access_log.path") && body.contains("no reader"),
+        "{body}"
+    );
+    assert_eq!(exchange(&mut c, get).status, 200);
+    drop(c);
+    k.signal("TERM");
+    let status = k.wait_exit(Duration::from_secs(10) * slow());
+    assert!(status.expect("drained and exited").success());
+}
+
 /// `GET /0` to `/{n-1}` on `c`, each answered 200: access lines that
 /// say their order.
 fn numbered_requests(c: &mut Client, n: usize) {

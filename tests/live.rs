@@ -1311,6 +1311,60 @@ fn binary_upgrade_under_load_fails_no_connection() {
     assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
 }
 
+/// After a binary upgrade the old process drains. The first SIGTERM it
+/// then gets (`systemctl stop`, a deploy script's `kill` of the old pid)
+/// lets it drain on: a request in flight still gets its whole answer. It
+/// was read as a second stop signal (the hand-over had set "draining"),
+/// and the old process exited at once under the request.
+#[test]
+fn a_stop_signal_to_a_handed_over_process_lets_it_drain() {
+    let pki = Pki::new("live-upgrade-term");
+    let a = start_http_backend("a");
+    let (cert, key) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let sock = pki.dir.join("upgrade.sock");
+    let rt = runtime(&format!(
+        "upgrade_socket = \"{}\"\ndrain_timeout = \"20s\"",
+        sock.display()
+    ));
+    let mut old = Ktern::start(
+        &pki,
+        &rt,
+        &http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)]),
+    );
+    let cfg = client_config(&[&pki.der]);
+    let mut c = try_connect(old.addr(), &cfg).unwrap();
+    let wait = 2500 * slow();
+    let in_flight = std::thread::spawn(move || {
+        try_exchange(
+            &mut c,
+            &format!("GET /wait/{wait} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let new = Ktern::start_args(
+        &pki.dir,
+        &old.config_path,
+        &[],
+        &["--upgrade-from", sock.to_str().unwrap()],
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the request ended before the upgrade: make it wait longer"
+    );
+    old.signal("TERM");
+    let r = in_flight.join().unwrap().expect("the answer in flight");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"a"[..]));
+    let status = old
+        .wait_exit(Duration::from_secs(20) * slow())
+        .expect("the old process must drain and exit");
+    assert!(status.success(), "{status:?}");
+    assert!(old.log().contains("already draining"), "{}", old.log());
+    assert_eq!(new.admin_request("GET", "/ready").0, 200);
+}
+
 #[test]
 fn after_a_reload_old_keep_alive_connections_run_on_for_a_keepalive_timeout_and_pools_stay() {
     let pki = Pki::new("live-reload-idle");

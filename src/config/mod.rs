@@ -1537,9 +1537,9 @@ impl Validator<'_> {
                 .health
                 .and_then(|h| self.health(&format!("{at}.health"), h));
             let connect_timeout =
-                self.duration(&format!("{at}.connect_timeout"), &raw.connect_timeout);
+                self.timeout(&format!("{at}.connect_timeout"), &raw.connect_timeout);
             let response_timeout =
-                self.duration(&format!("{at}.response_timeout"), &raw.response_timeout);
+                self.timeout(&format!("{at}.response_timeout"), &raw.response_timeout);
             let pool_idle_timeout =
                 self.duration(&format!("{at}.pool_idle_timeout"), &raw.pool_idle_timeout);
             let fail_timeout = self.duration(&format!("{at}.fail_timeout"), &raw.fail_timeout);
@@ -1810,10 +1810,10 @@ impl Validator<'_> {
                 0
             }
         };
-        let head_timeout = self.duration(&format!("{at}.head_timeout"), &raw.head_timeout);
+        let head_timeout = self.timeout(&format!("{at}.head_timeout"), &raw.head_timeout);
         let keepalive_timeout =
             self.duration(&format!("{at}.keepalive_timeout"), &raw.keepalive_timeout);
-        let send_timeout = self.duration(&format!("{at}.send_timeout"), &raw.send_timeout);
+        let send_timeout = self.timeout(&format!("{at}.send_timeout"), &raw.send_timeout);
         let mut trusted = Vec::new();
         for (i, t) in raw.trusted_proxies.iter().enumerate() {
             match t.parse() {
@@ -1861,8 +1861,13 @@ impl Validator<'_> {
                 );
             }
         }
+        if raw.max_connections == 0 {
+            // Elsewhere 0 means "no limit" (max_conns, max_conns_per_client);
+            // here it would close every connection at accept.
+            self.problem("runtime.max_connections", "must be at least 1");
+        }
         let handshake_timeout = self
-            .duration("runtime.handshake_timeout", &raw.handshake_timeout)
+            .timeout("runtime.handshake_timeout", &raw.handshake_timeout)
             .unwrap_or(Duration::from_secs(10));
         let drain_delay = self
             .duration("runtime.drain_delay", &raw.drain_delay)
@@ -2309,8 +2314,8 @@ impl Validator<'_> {
             .enumerate()
             .filter_map(|(i, b)| self.addr(&format!("{at}.backends[{i}]"), b))
             .collect();
-        let connect_timeout = self.duration(&format!("{at}.connect_timeout"), &raw.connect_timeout);
-        let idle_timeout = self.duration(&format!("{at}.idle_timeout"), &raw.idle_timeout);
+        let connect_timeout = self.timeout(&format!("{at}.connect_timeout"), &raw.connect_timeout);
+        let idle_timeout = self.timeout(&format!("{at}.idle_timeout"), &raw.idle_timeout);
         let send_proxy = self.send_proxy(at, raw.send_proxy.as_deref()).ok()?;
         let tls = match raw.tls {
             None => None,
@@ -2506,11 +2511,8 @@ impl Validator<'_> {
             .default
             .as_ref()
             .map(|name| self.passthrough_upstream(&format!("{at}.default"), name, upstreams));
-        let idle_timeout = self.duration(&format!("{at}.idle_timeout"), &raw.idle_timeout);
-        let hello_timeout = self.duration(&format!("{at}.hello_timeout"), &raw.hello_timeout);
-        if hello_timeout == Some(Duration::ZERO) {
-            self.problem(format!("{at}.hello_timeout"), "must be more than 0s");
-        }
+        let idle_timeout = self.timeout(&format!("{at}.idle_timeout"), &raw.idle_timeout);
+        let hello_timeout = self.timeout(&format!("{at}.hello_timeout"), &raw.hello_timeout);
         let send_proxy = self.send_proxy(at, raw.send_proxy.as_deref()).ok()?;
         Some(Route::Passthrough(PassthroughRoute {
             rules,
@@ -2703,6 +2705,18 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// A duration that bounds a wait: 0 would end every handshake,
+    /// connect or request at once, a silent outage rather than "no
+    /// limit", so it is refused (nginx takes no 0 for its timeouts either).
+    fn timeout(&mut self, field: &str, text: &str) -> Option<Duration> {
+        let d = self.duration(field, text)?;
+        if d.is_zero() {
+            self.problem(field, "must be more than 0s");
+            return None;
+        }
+        Some(d)
     }
 
     fn duration(&mut self, field: &str, text: &str) -> Option<Duration> {

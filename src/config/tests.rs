@@ -197,6 +197,56 @@ fn durations() {
     assert!(idle("8760h").is_ok());
 }
 
+/// A zero timeout or connection limit would end every handshake,
+/// connect, request or connection at once: refused, naming the field,
+/// not a config that loads and serves nothing.
+#[test]
+fn zero_timeouts_and_connection_limits_are_refused() {
+    let problem = |text: String| {
+        let e = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.problems[0].reason.contains("more than 0s")
+                || e.problems[0].reason.contains("at least 1"),
+            "{e}"
+        );
+        e.problems[0].field.clone()
+    };
+    let tcp = |field: &str| {
+        GOOD.replace(
+            "kind = \"tcp\"",
+            &format!("kind = \"tcp\"\n{field} = \"0s\""),
+        )
+    };
+    assert_eq!(
+        problem(tcp("idle_timeout")),
+        "listener[0].route.idle_timeout"
+    );
+    assert_eq!(
+        problem(tcp("connect_timeout")),
+        "listener[0].route.connect_timeout"
+    );
+    for field in ["head_timeout", "send_timeout"] {
+        let text = HTTP.replace(
+            "kind = \"http\"",
+            &format!("kind = \"http\"\n{field} = \"0s\""),
+        );
+        assert_eq!(problem(text), format!("listener[0].route.{field}"));
+    }
+    for field in ["connect_timeout", "response_timeout"] {
+        let text = HTTP.replace("pool_size = 8", &format!("pool_size = 8\n{field} = \"0s\""));
+        assert_eq!(problem(text), format!("upstream.api.{field}"));
+    }
+    assert_eq!(
+        problem(format!("[runtime]\nhandshake_timeout = \"0s\"\n{GOOD}")),
+        "runtime.handshake_timeout"
+    );
+    assert_eq!(
+        problem(format!("[runtime]\nmax_connections = 0\n{GOOD}")),
+        "runtime.max_connections"
+    );
+}
+
 #[test]
 fn listener_names_and_redirect_addresses_are_unique() {
     let two = |first: &str, second: &str| {

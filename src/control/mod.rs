@@ -83,7 +83,7 @@ fn open_access_log(config: &Config) -> Result<Option<Sink>, ReloadError> {
         return Ok(None);
     };
     Sink::open(log).map(Some).map_err(|e| match e {
-        OpenError::File(e) => ReloadError::Config(ConfigError {
+        OpenError::File(_) | OpenError::NoReader => ReloadError::Config(ConfigError {
             file: config.source.clone(),
             problems: vec![Problem {
                 field: "access_log.path".into(),
@@ -478,6 +478,16 @@ impl Control {
                         }
                     }
                     other => tracing::error!(generation, error = %other, "reload refused"),
+                }
+                // A reload is also logrotate's `postrotate`: the running
+                // log is reopened even when the new config is refused, or
+                // its lines would go on into the rotated file (and, once
+                // that is removed, into an unlinked one) until a reload
+                // succeeds.
+                if let Some(log) = &inner.current.config.access_log {
+                    if let Err(e) = Sink::open(log) {
+                        tracing::error!(generation, path = %log.path.display(), error = %e, "cannot reopen the access log; it goes on into the file it had");
+                    }
                 }
             }
         }

@@ -160,9 +160,35 @@ pub enum OpenError {
     /// The file (a config problem: permissions, a read-only filesystem).
     #[error("{0}")]
     File(#[source] std::io::Error),
+    /// A FIFO that no process reads (a config problem: start the reader
+    /// first).
+    #[error("a named pipe with no reader (start the process that reads it first)")]
+    NoReader,
     /// The writer thread (internal).
     #[error("cannot start the access log's writer thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+/// Opens a log file to append to, created if missing. Opened
+/// non-blocking: a FIFO (a log shipper's) with no reader would block the
+/// open for good, and with it the start or the reload (which holds the
+/// control lock, and on SIGHUP the signal thread, so SIGTERM went
+/// unheard). No reader is an error; then writes block again, so a slow
+/// reader slows the writer thread, not the shards.
+fn open_file(path: &std::path::Path) -> Result<std::fs::File, OpenError> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => OpenError::NoReader,
+            _ => OpenError::File(e),
+        })?;
+    crate::sys::set_blocking(file.as_fd()).map_err(OpenError::File)?;
+    Ok(file)
 }
 
 impl Sink {
@@ -173,13 +199,7 @@ impl Sink {
         let target = if log.path.as_os_str() == "-" {
             Target::Stdout
         } else {
-            Target::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log.path)
-                    .map_err(OpenError::File)?,
-            )
+            Target::File(open_file(&log.path)?)
         };
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|(_, _, q)| q.strong_count() > 0);

@@ -498,6 +498,17 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Clears O_NONBLOCK (`ioctl(FIONBIO)`, as [`set_nonblocking`] sets it):
+/// for a file opened non-blocking only so that the open could not block
+/// (a FIFO with no reader), whose writes should wait.
+pub fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut on: libc::c_int = 0;
+    // SAFETY: `fd` is borrowed and open; FIONBIO reads one `int` from `on`,
+    // a live local.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONBIO, &mut on) })?;
+    Ok(())
+}
+
 /// The reading direction of a [`split_stream`] socket: readiness and the fd.
 pub struct ReadSide(std::rc::Rc<std::cell::UnsafeCell<monoio::net::TcpStream>>);
 
