@@ -1745,6 +1745,75 @@ fn alpn_offers_http11_on_http_routes_and_what_is_configured_on_tcp() {
     assert_eq!(c.conn.alpn_protocol(), None);
 }
 
+/// A TLS backend that ends its stream with its answer: the response and
+/// a close_notify in one write, and its FIN only later (a server that
+/// closes after a lingering wait). The response says nothing of closing,
+/// so ktern pools the connection; the close_notify was already read with
+/// the response, while the socket is quiet. The next request must not go
+/// to that connection: a POST (not retried) got a 502 there.
+#[test]
+fn a_tls_backend_connection_ended_by_close_notify_is_not_reused() {
+    let pki = Pki::new("up-tls-notify");
+    let cfg = tls_server_config(&pki, None);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let back = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                // One request head (these carry no body): up to its end.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut byte), Ok(1)) {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                s.conn
+                    .writer()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .unwrap();
+                s.conn.send_close_notify();
+                while s.conn.wants_write() {
+                    s.conn.write_tls(&mut s.sock).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(1500));
+            });
+        }
+    });
+    let config = format!(
+        "{}[upstream.b]\nbackends = [\"{back}\"]\npool_size = 4\n\
+         tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
+        http_config(&[], "[[listener.route.rule]]\nupstream = \"b\"\n", ""),
+        pki.cert.display(),
+    );
+    let k = Ktern::start(&pki, "cpus = [0]", &config);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: app\r\n\r\n");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+    let r = exchange(
+        &mut c,
+        "POST /x HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"ok"[..]),
+        "{}",
+        k.log()
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a new connection for each"
+    );
+}
+
 /// `tls` on an upstream group (nginx's `proxy_ssl_*` for `proxy_pass`):
 /// the backend here is a second ktern terminating TLS in front of the test
 /// backend. Requests and bodies both ways, keep-alive over one pooled TLS

@@ -419,6 +419,15 @@ impl TlsReader {
         self.holds_input() || (!self.eof && sys::input_pending(sys::borrow_fd(&self.sock)))
     }
 
+    /// Nothing read and not handed out, and no end seen: what a pooled
+    /// backend connection must be, besides a quiet socket. On the
+    /// userspace path a close_notify (or a stray record) can arrive with
+    /// the last response's records, in one read: the socket is quiet then
+    /// (its FIN may still be on the way), but the stream has ended.
+    pub fn at_rest(&self) -> bool {
+        !self.eof && !self.holds_input()
+    }
+
     /// Plaintext decrypted and not handed out, or a partial record read
     /// (userspace path): input already here, no socket asked.
     fn holds_input(&self) -> bool {

@@ -141,9 +141,14 @@ impl BackendConn {
 
     /// Still usable after idling in the pool: no byte, no close and no
     /// record (a close_notify, which kTLS reports as a non-data record)
-    /// waiting on the socket.
+    /// waiting on the socket, nor already read by TLS (a close_notify
+    /// that came with the last response's records).
     pub fn usable_when_idle(&self) -> bool {
-        sys::idle_socket_usable(self.fd())
+        let at_rest = match self {
+            BackendConn::Plain(_) => true,
+            BackendConn::Tls(t) => t.0.at_rest(),
+        };
+        at_rest && sys::idle_socket_usable(self.fd())
     }
 
     /// Writes all of `buf`, which comes back whatever the outcome (a

@@ -1032,33 +1032,7 @@ pub fn start_tls_backend_with(
     pki: &Pki,
     client_cas: Option<&[CertificateDer<'static>]>,
 ) -> SocketAddr {
-    use rustls::pki_types::PrivateKeyDer;
-    let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
-    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_cas {
-        None => builder.with_no_client_auth(),
-        Some(cas) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in cas {
-                roots.add(ca.clone()).unwrap();
-            }
-            builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    Arc::new(provider()),
-                )
-                .build()
-                .unwrap(),
-            )
-        }
-    };
-    let mut cfg = builder
-        .with_single_cert(vec![pki.der.clone()], key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let cfg = Arc::new(cfg);
+    let cfg = tls_server_config(pki, client_cas);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -1095,6 +1069,42 @@ pub fn start_tls_backend_with(
         }
     });
     addr
+}
+
+/// A rustls server config for a test's TLS backend: `pki`'s certificate,
+/// ALPN h2 and http/1.1, and a client certificate from `client_cas`
+/// required when given.
+pub fn tls_server_config(
+    pki: &Pki,
+    client_cas: Option<&[CertificateDer<'static>]>,
+) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::PrivateKeyDer;
+    let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_cas {
+        None => builder.with_no_client_auth(),
+        Some(cas) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in cas {
+                roots.add(ca.clone()).unwrap();
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::new(provider()),
+                )
+                .build()
+                .unwrap(),
+            )
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(vec![pki.der.clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(cfg)
 }
 
 /// nginx started by a test as an HTTP backend that takes PROXY headers
