@@ -321,12 +321,44 @@ pub enum Plan {
     Unsatisfiable,
     /// 405 with `Allow: GET, HEAD`: a file takes no other method.
     MethodNotAllowed,
+    /// 412: an `If-Match` or `If-Unmodified-Since` that does not hold
+    /// (RFC 9110 §13.2.2 steps 1 and 2): the client's copy is not this
+    /// file (a resumed download whose file changed must not get a range of
+    /// the new one).
+    PreconditionFailed,
 }
 
-/// Whether `If-None-Match` (its field lines) lists `*`: RFC 9110 §13.1.2,
-/// the condition is then false for any file that exists, and a GET or
-/// HEAD gets 304. ktern makes no ETags, so no other member can match.
-pub fn none_match_any<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
+/// RFC 9110 §13.2.2 steps 1 and 2, for a file that exists: `If-Match`
+/// (`Some(lists *)`) holds only for `*`, as ktern makes no ETags and so
+/// no entity tag can match (§13.1.1); without it, `If-Unmodified-Since`
+/// holds when the file is not newer than the date (an invalid date is
+/// ignored, §13.1.4). Seconds, as for the other dates here.
+pub fn preconditions_hold(
+    if_match: Option<bool>,
+    if_unmodified_since: Option<&[u8]>,
+    modified: SystemTime,
+) -> bool {
+    match if_match {
+        Some(any) => any,
+        None => if_unmodified_since
+            .and_then(parse_date)
+            .is_none_or(|since| date_secs(modified) <= since),
+    }
+}
+
+/// Whether `modified`, as a Last-Modified date, is strong at `now`
+/// (RFC 9110 §8.8.2.2): at least a second in the past, so no change
+/// within the same second can hide behind it. A weak date makes an
+/// `If-Range` false (§13.1.5): the whole file is sent.
+pub fn strong_date(modified: SystemTime, now: SystemTime) -> bool {
+    date_secs(modified) < date_secs(now)
+}
+
+/// Whether an `If-None-Match` or `If-Match` (its field lines) lists `*`,
+/// which matches any file that exists (RFC 9110 §13.1.1, §13.1.2): an
+/// If-None-Match is then false (304), an If-Match true. ktern makes no
+/// ETags, so no other member can match.
+pub fn lists_any<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
     values
         .flat_map(super::head::list_tokens)
         .any(|member| member == "*")
@@ -369,7 +401,8 @@ pub fn plan(
     };
     // §13.1.5: with no ETag, If-Range holds only for a date equal to
     // Last-Modified; an entity tag or anything else sends the whole file.
-    // (Whether that date is strong, §8.8.2.2, needs a clock: taken as so.)
+    // (Whether that date is strong, §8.8.2.2, needs a clock: the caller
+    // passes no Range when it is not, [`strong_date`].)
     if let Some(v) = if_range {
         if parse_date(v) != Some(modified) {
             return Plan::Full;
@@ -520,6 +553,7 @@ pub fn response_head(
         Plan::NotModified => "304 Not Modified",
         Plan::Unsatisfiable => "416 Range Not Satisfiable",
         Plan::MethodNotAllowed => "405 Method Not Allowed",
+        Plan::PreconditionFailed => "412 Precondition Failed",
     };
     let mut out = format!("HTTP/1.1 {status}\r\n").into_bytes();
     let last_modified = http_date(modified);
@@ -559,6 +593,9 @@ pub fn response_head(
             push_field(&mut out, "allow", b"GET, HEAD");
             push_field(&mut out, "content-length", b"0");
         }
+        Plan::PreconditionFailed => {
+            push_field(&mut out, "content-length", b"0");
+        }
     }
     for &(name, value) in extra {
         let bad_name = name.is_empty() || name.bytes().any(|b| b <= b' ' || b == b':' || b == 0x7f);
@@ -592,7 +629,10 @@ pub fn body_range(plan: &Plan, len: u64) -> Option<(u64, u64)> {
             start,
             end_inclusive,
         } => Some((start, end_inclusive - start + 1)),
-        Plan::NotModified | Plan::Unsatisfiable | Plan::MethodNotAllowed => None,
+        Plan::NotModified
+        | Plan::Unsatisfiable
+        | Plan::MethodNotAllowed
+        | Plan::PreconditionFailed => None,
     }
 }
 
@@ -952,7 +992,7 @@ mod tests {
 
     #[test]
     fn if_none_match_star_matches_any_file() {
-        let any = |v: &[&[u8]]| none_match_any(v.iter().copied());
+        let any = |v: &[&[u8]]| lists_any(v.iter().copied());
         assert!(any(&[b"*"]));
         assert!(any(&[b" * "]));
         assert!(any(&[b"\"x\"", b"*"]));
@@ -961,6 +1001,39 @@ mod tests {
         assert!(!any(&[b"W/\"*\""]));
         assert!(!any(&[b"\"*\""]));
         assert!(!any(&[]));
+    }
+
+    #[test]
+    fn if_match_and_if_unmodified_since() {
+        let hold = |m: Option<bool>, ius: Option<&[u8]>| preconditions_hold(m, ius, mtime());
+        // If-Match: only `*` matches a file without an ETag; it wins over
+        // If-Unmodified-Since (RFC 9110 §13.2.2).
+        assert!(hold(Some(true), None));
+        assert!(!hold(Some(false), None));
+        assert!(!hold(Some(false), Some(DATE)));
+        assert!(hold(Some(true), Some(b"Thu, 01 Jan 1970 00:00:00 GMT")));
+        // If-Unmodified-Since: holds unless the file is newer.
+        assert!(hold(None, Some(DATE)));
+        assert!(hold(None, Some(b"Sun, 01 Jan 2090 00:00:00 GMT")));
+        assert!(!hold(None, Some(b"Thu, 01 Jan 1970 00:00:00 GMT")));
+        // An invalid date is ignored (§13.1.4), as is no field.
+        assert!(hold(None, Some(b"yesterday")));
+        assert!(hold(None, None));
+    }
+
+    #[test]
+    fn a_last_modified_in_the_current_second_is_weak() {
+        let m = mtime();
+        assert!(!strong_date(m, m));
+        assert!(!strong_date(m, m + Duration::from_millis(999) - subsec(m)));
+        assert!(strong_date(m, m + Duration::from_secs(1)));
+        // A file dated in the future (a clock set back) is weak too.
+        assert!(!strong_date(m + Duration::from_secs(60), m));
+    }
+
+    /// The fraction of a second in `t`.
+    fn subsec(t: SystemTime) -> Duration {
+        Duration::from_nanos(t.duration_since(UNIX_EPOCH).unwrap().subsec_nanos().into())
     }
 
     #[test]

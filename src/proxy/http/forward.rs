@@ -1061,24 +1061,33 @@ pub(crate) fn static_answer(
             _ => None,
         }
     };
-    // With If-None-Match, If-Modified-Since is ignored (RFC 9110 §13.1.3).
+    // With If-None-Match, If-Modified-Since is ignored (RFC 9110 §13.1.3);
+    // with If-Match, If-Unmodified-Since (§13.1.4).
     let none_match = head.values("if-none-match").next().is_some();
     let ims = if none_match {
         None
     } else {
         once("if-modified-since")
     };
-    let plan = match files::plan(
-        head.method(),
-        ims,
-        once("range"),
-        once("if-range"),
-        len,
-        modified,
-    ) {
-        // Before Range (§13.2.2), for the GET and HEAD that reach these.
+    let if_match = head
+        .values("if-match")
+        .next()
+        .is_some()
+        .then(|| files::lists_any(head.values("if-match")));
+    let now = SystemTime::now();
+    // An If-Range on a date that is not strong is false (§13.1.5): the
+    // whole file, as if no Range came.
+    let range =
+        once("range").filter(|_| once("if-range").is_none() || files::strong_date(modified, now));
+    let plan = match files::plan(head.method(), ims, range, once("if-range"), len, modified) {
+        Plan::MethodNotAllowed => Plan::MethodNotAllowed,
+        // First of all for the GET and HEAD that reach here (§13.2.2).
+        _ if !files::preconditions_hold(if_match, once("if-unmodified-since"), modified) => {
+            Plan::PreconditionFailed
+        }
+        // Before Range (§13.2.2).
         Plan::Full | Plan::Partial { .. } | Plan::Unsatisfiable
-            if none_match && files::none_match_any(head.values("if-none-match")) =>
+            if none_match && files::lists_any(head.values("if-none-match")) =>
         {
             Plan::NotModified
         }
@@ -1090,9 +1099,10 @@ pub(crate) fn static_answer(
         Plan::NotModified => 304,
         Plan::Unsatisfiable => 416,
         Plan::MethodNotAllowed => 405,
+        Plan::PreconditionFailed => 412,
     };
     // An origin server with a clock sends Date (RFC 9110 §6.6.1).
-    let date = httpdate::fmt_http_date(SystemTime::now());
+    let date = httpdate::fmt_http_date(now);
     let mut extra: Vec<(&str, &[u8])> = vec![("date", date.as_bytes())];
     if let Some(v) = route.hsts.as_deref() {
         extra.push(("strict-transport-security", v.as_bytes()));
