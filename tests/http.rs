@@ -260,6 +260,60 @@ fn reloads_do_not_pile_up_health_checkers() {
     );
 }
 
+/// A static file that shrinks while it is sent ends the connection (the
+/// client was told the length, and sees a short body and no
+/// close_notify), counted as ktern's own failure, not the client's: on
+/// the userspace path here, and on sendfile's in the kTLS VM (where it was
+/// counted as the client's error).
+#[test]
+fn a_static_file_that_shrinks_while_sent_is_aborted_and_counted_as_internal() {
+    let pki = Pki::new("static-shrink");
+    let files = pki.dir.join("www/files");
+    std::fs::create_dir_all(&files).unwrap();
+    let path = files.join("big.bin");
+    const LEN: usize = 32 << 20;
+    std::fs::write(&path, vec![7u8; LEN]).unwrap();
+    let rules = format!(
+        "[[listener.route.rule]]\npath = \"/files/\"\nstatic = \"{}\"\n",
+        pki.dir.join("www").display()
+    );
+    let k = Ktern::start(&pki, "", &http_config(&[], &rules, ""));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"GET /files/big.bin HTTP/1.1\r\nHost: s\r\n\r\n")
+        .unwrap();
+    c.flush().unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    while got < 1 << 20 {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "the file ended early");
+        got += n;
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let clean_end = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(_) => break false,
+        }
+    };
+    assert!(!clean_end, "no close_notify after a short body");
+    assert!(got < LEN, "{got} bytes of {LEN}: the file shrank");
+    assert_eq!(
+        k.wait_metric("ktern_internal_errors_total", 1),
+        1,
+        "{}",
+        k.log()
+    );
+    assert_eq!(k.metric("ktern_downstream_errors_total"), 0);
+    assert_offloaded_in_vm(&k);
+}
+
 #[test]
 fn static_files_with_ranges_conditionals_and_no_escape() {
     let pki = Pki::new("static");

@@ -19,7 +19,7 @@ pub mod record;
 pub mod stream;
 mod user;
 
-pub use stream::{StreamError, TlsConn, TlsReader, TlsWriter};
+pub use stream::{SendfileError, StreamError, TlsConn, TlsReader, TlsWriter};
 
 /// The ciphers kTLS handles, as the kernel names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -39,6 +39,18 @@ use crate::sys::{self, Pipe};
 /// connection.
 pub const CLOSE_NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Why a `sendfile` stopped: the stream, or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SendfileError {
+    /// The stream failed (the peer's side).
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The file ended before the length promised (it shrank while being
+    /// sent): the connection must end, the client was told the length.
+    #[error("file shorter than its length")]
+    FileShort,
+}
+
 /// Why a TLS stream stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -949,16 +961,16 @@ impl TlsWriter {
 
     /// Kernel path: sends `count` bytes of `file` from `offset` with
     /// sendfile; the kernel reads the page cache and seals the records.
-    /// A file shorter than promised is an error (the client was told the
-    /// length). A client that takes nothing for `stall` is an `Io` error of
-    /// kind `TimedOut`.
+    /// A file shorter than promised is `FileShort` (the client was told the
+    /// length: the file's fault, not the client's). A client that takes
+    /// nothing for `stall` is an `Io` error of kind `TimedOut`.
     pub async fn sendfile(
         &mut self,
         file: &std::fs::File,
         mut offset: u64,
         count: u64,
         stall: std::time::Duration,
-    ) -> Result<(), StreamError> {
+    ) -> Result<(), SendfileError> {
         use std::os::fd::AsFd;
         let mut left = count;
         while left > 0 {
@@ -973,28 +985,22 @@ impl TlsWriter {
                     &mut offset,
                     step - sent_step,
                 ) {
-                    Ok(0) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "file shorter than its length",
-                        )
-                        .into())
-                    }
+                    Ok(0) => return Err(SendfileError::FileShort),
                     Ok(m) => sent_step += m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         match monoio::time::timeout(stall, self.sock.get().writable(false)).await {
-                            Ok(r) => r?,
+                            Ok(r) => r.map_err(StreamError::from)?,
                             Err(_) => {
-                                return Err(io::Error::new(
+                                return Err(StreamError::from(io::Error::new(
                                     io::ErrorKind::TimedOut,
                                     "client took nothing for send_timeout",
-                                )
+                                ))
                                 .into())
                             }
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(StreamError::from(e).into()),
                 }
             }
             left -= step as u64;

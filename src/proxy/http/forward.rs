@@ -27,7 +27,7 @@ use crate::clock;
 use crate::config::{HttpRoute, Upstream};
 use crate::handshake::TlsInfo;
 use crate::ktls::Path;
-use crate::ktls::{StreamError, TlsReader, TlsWriter};
+use crate::ktls::{SendfileError, StreamError, TlsReader, TlsWriter};
 use crate::metrics::access::{self, Sink};
 use crate::metrics::family::ClassCounters;
 use crate::metrics::ShardMetrics as M;
@@ -1171,11 +1171,19 @@ async fn serve_file(
         // Boxed: sendfile's stall timer is over-aligned (128 bytes), and
         // inline it would make every request's boxed state so.
         match Box::pin(writer.sendfile(&file, offset, count, ctx.route.send_timeout)).await {
-            Err(StreamError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(SendfileError::Stream(StreamError::Io(e)))
+                if e.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 M::inc(&ctx.metrics.http_send_timeouts);
                 return Err(HttpError::ClientStalled);
             }
-            r => r?,
+            // Shorter than its length now: the connection is aborted, as
+            // on the userspace path below, and counted as internal.
+            Err(SendfileError::FileShort) => {
+                return Err(HttpError::FileAborted(FileAbort::Shrank(path)))
+            }
+            Err(SendfileError::Stream(e)) => return Err(e.into()),
+            Ok(()) => {}
         }
         let mut m = ctx.moved.get();
         m.down += count;
