@@ -118,8 +118,10 @@ pub(crate) fn client_trailers(section: &[u8]) -> Vec<u8> {
 
 /// Whether a field may travel as a trailer (RFC 9110 §6.5.1): none that
 /// frames, routes or describes the message, and no hop-by-hop one (which
-/// covers HTTP/2's connection-specific fields). Both protocols' trailers,
-/// both ways, pass this rule.
+/// covers HTTP/2's connection-specific fields). Clients' trailers of both
+/// protocols pass this rule, and a backend's to HTTP/2 clients; a
+/// backend's chunked body goes to an HTTP/1.1 client as the backend framed
+/// it, its trailer section included (checked for framing, not filtered).
 pub(crate) fn trailer_allowed(name: &[u8]) -> bool {
     const BARRED: &[&str] = &[
         "content-length",
