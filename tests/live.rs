@@ -973,6 +973,47 @@ fn sighup_without_a_config_change_never_kills_and_admin_answers_bad_requests() {
     assert_eq!(k.metric("ktern_config_generation"), 2);
 }
 
+/// Every admin slot taken (32 connections that send nothing): one more
+/// is told so with a 503, not closed unanswered; and the slots come back
+/// once the silent ones reach their head deadline (2 s), so a scrape
+/// then gets its answer.
+#[test]
+fn busy_admin_slots_answer_503_and_come_back() {
+    let pki = Pki::new("live-admin-busy");
+    let backend = start_backend();
+    let k = Ktern::start(&pki, &runtime(""), &tcp_listener(backend, ""));
+    let silent: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(k.admin).unwrap())
+        .collect();
+    // The accept loop takes them in order: the 33rd finds none free.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = TcpStream::connect(k.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text:?}");
+    assert!(
+        text.ends_with("busy: every admin slot is taken\n"),
+        "{text:?}"
+    );
+    let until = Instant::now() + Duration::from_secs(10) * slow();
+    loop {
+        // A 503 closes at once, unread: the request may meet a reset.
+        let answer = TcpStream::connect(k.admin).and_then(|mut s| {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        if answer.is_ok_and(|t| t.starts_with("HTTP/1.1 200 ")) {
+            break;
+        }
+        assert!(Instant::now() < until, "the slots never came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(silent);
+}
+
 #[test]
 fn started_as_root_every_thread_runs_as_the_runtime_user() {
     let pki = Pki::new("live-user");

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use super::{Control, ReloadError};
 
-/// Admin connections served at once; more are closed at accept.
+/// Admin connections served at once; more get a 503 at accept.
 const MAX_CONNECTIONS: usize = 32;
 /// Largest request head read.
 const MAX_HEAD: usize = 8 << 10;
@@ -76,24 +76,27 @@ pub fn serve(
                         continue;
                     }
                 };
+                if busy.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    busy.fetch_sub(1, Ordering::Relaxed);
+                    // Said, not just closed: a scraper or `ktern reload`
+                    // learns why. One write into an empty socket buffer,
+                    // still non-blocking: this thread never waits on it.
+                    let _ = (&conn).write(BUSY);
+                    continue;
+                }
+                let slot = Slot(busy.clone());
                 if conn.set_nonblocking(false).is_err() {
                     continue;
                 }
-                if busy.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    busy.fetch_sub(1, Ordering::Relaxed);
-                    continue;
-                }
                 let control = control.clone();
-                let busy_done = busy.clone();
                 let spawned = std::thread::Builder::new()
                     .name("ktern-admin-conn".into())
                     .spawn(move || {
+                        // Given back however `handle` ends, a panic too.
+                        let _slot = slot;
                         handle(conn, &control);
-                        busy_done.fetch_sub(1, Ordering::Relaxed);
                     });
-                if spawned.is_err() {
-                    busy.fetch_sub(1, Ordering::Relaxed);
-                }
+                drop(spawned);
             }
             tracing::info!("admin endpoint handed over");
         })?;
@@ -103,8 +106,43 @@ pub fn serve(
 /// A response: status, content type, body.
 struct Answer(u16, &'static str, String);
 
+/// The answer when every admin slot is taken.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 32\r\nconnection: close\r\n\r\nbusy: every admin slot is taken\n";
+
+/// One of the `MAX_CONNECTIONS` admin slots, given back when dropped (by
+/// the connection's thread, or here when that thread cannot start).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long one admin connection may take to receive its answer: a
+/// reader that takes a byte now and then (a `/metrics` body is tens of KB)
+/// cannot hold a slot for good.
+const WRITE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Writes `bytes` by `until`; gives up then.
+fn write_within(conn: &mut TcpStream, bytes: &[u8], until: std::time::Instant) -> bool {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || conn.set_write_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match conn.write(rest) {
+            Ok(0) => return false,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 fn handle(mut conn: TcpStream, control: &Control) {
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
     // One deadline for the whole request head: a client dripping a byte at
     // a time cannot hold one of the few admin slots for long.
     let until = std::time::Instant::now() + Duration::from_secs(2);
@@ -140,8 +178,9 @@ fn handle(mut conn: TcpStream, control: &Control) {
         reason(status),
         body.len()
     );
-    let _ = conn.write_all(head.as_bytes());
-    let _ = conn.write_all(body.as_bytes());
+    let until = std::time::Instant::now() + WRITE_WITHIN;
+    let _ = write_within(&mut conn, head.as_bytes(), until)
+        && write_within(&mut conn, body.as_bytes(), until);
 }
 
 /// Whether a browser sent this request for a page's script or form rather
