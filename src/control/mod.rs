@@ -799,8 +799,20 @@ fn plan_sockets(
             continue;
         }
         // A new address: refuse one that another program listens on,
-        // rather than joining its SO_REUSEPORT group.
-        let ours = old.iter().any(|b| b.addr == configured);
+        // rather than joining its SO_REUSEPORT group. Not when a socket of
+        // ours overlaps it (the same address, or one of them the wildcard:
+        // a move from `10.0.0.5:443` to `0.0.0.0:443`, or both in one
+        // config): the probe would find ours, while the SO_REUSEPORT bind
+        // below may share the port with them.
+        let planned = picks.iter().filter_map(|p| match p {
+            Pick::New(b) => Some(b.addr),
+            Pick::Keep(..) => None,
+        });
+        let ours = old
+            .iter()
+            .map(|b| b.addr)
+            .chain(planned)
+            .any(|a| overlaps(a, configured));
         if !ours {
             if let Err(e) = shard::probe_free(configured) {
                 problems.push(Problem {
@@ -849,6 +861,14 @@ fn plan_sockets(
             problems,
         })
     }
+}
+
+/// Whether two listening addresses share a port: the same family and
+/// port, and the same address or either one the wildcard.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Shard `i`'s copy of every newly bound socket.
@@ -1007,6 +1027,50 @@ mod tests {
             &[("c".into(), cert), ("k".into(), key)],
         )
         .unwrap()
+    }
+
+    /// A listener moved from an address to its port's wildcard (or the
+    /// reverse) is planned, not refused: the free-port probe found ktern's
+    /// own socket. Another program's socket on a port is still refused.
+    #[test]
+    fn a_listener_moves_between_an_address_and_its_ports_wildcard() {
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let at = |addr: String| {
+            let mut c = config("");
+            c.listeners[0].address = addr.parse().unwrap();
+            c
+        };
+        let port = free();
+        let mut key = 0;
+        let first = plan_sockets(&[], &at(format!("127.0.0.1:{port}")), 1, &mut key).unwrap();
+        let old = commit(Vec::new(), first.picks);
+        let moved = plan_sockets(&old, &at(format!("0.0.0.0:{port}")), 1, &mut key);
+        assert!(moved.is_ok(), "{:?}", moved.err());
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = other.local_addr().unwrap().port();
+        let Err(e) = plan_sockets(&old, &at(format!("0.0.0.0:{taken}")), 1, &mut key) else {
+            panic!("another program's port was planned");
+        };
+        assert_eq!(e.problems[0].field, "listener[0].address", "{e}");
+        assert!(overlaps(
+            "0.0.0.0:1".parse().unwrap(),
+            "10.0.0.5:1".parse().unwrap()
+        ));
+        assert!(!overlaps(
+            "10.0.0.6:1".parse().unwrap(),
+            "10.0.0.5:1".parse().unwrap()
+        ));
+        assert!(!overlaps(
+            "[::]:1".parse().unwrap(),
+            "10.0.0.5:1".parse().unwrap()
+        ));
+        assert!(!overlaps(
+            "0.0.0.0:2".parse().unwrap(),
+            "10.0.0.5:1".parse().unwrap()
+        ));
     }
 
     /// What shapes the shards' threads and rings is refused by a reload,
