@@ -179,7 +179,16 @@ pub fn render_cert_expiry(out: &mut String, config: &crate::config::Config) {
         "# HELP {name} notAfter of each certificate the current config serves (seconds since the Unix epoch).\n# TYPE {name} gauge"
     );
     for l in &config.listeners {
-        for c in &l.certificates {
+        for (i, c) in l.certificates.iter().enumerate() {
+            // One series per (listener, file, certificate): the same file
+            // listed twice (two ACME entries for one state directory) would
+            // repeat it, which Prometheus refuses.
+            let repeated = l.certificates[..i]
+                .iter()
+                .any(|o| o.info.cert_file == c.info.cert_file && o.info.sha256 == c.info.sha256);
+            if repeated {
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "{name}{{listener=\"{}\",cert_file=\"{}\",sha256=\"{}\"}} {}",
@@ -266,6 +275,28 @@ pub fn render_kernel_tls(out: &mut String, stat: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A certificate file listed twice on one listener is one series.
+    #[test]
+    fn a_certificate_listed_twice_is_one_expiry_series() {
+        let (cert, key) = crate::builtin::self_signed(&["localhost"]).unwrap();
+        let entry = "[[listener.certificate]]\ncert = \"inline:c\"\nkey = \"inline:k\"\n";
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n{entry}{entry}[listener.route]\nkind = \"tcp\"\nbackends = [\"127.0.0.1:9\"]\n"
+        );
+        let config = crate::config::Config::from_toml(
+            &text,
+            "t.toml",
+            std::path::Path::new("."),
+            &[("c".into(), cert), ("k".into(), key)],
+        )
+        .unwrap();
+        assert_eq!(config.listeners[0].certificates.len(), 2);
+        let mut out = String::new();
+        render_cert_expiry(&mut out, &config);
+        let series = out.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(series, 1, "{out}");
+    }
 
     #[test]
     fn render_sums_shards_and_types_counters() {
