@@ -227,6 +227,18 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     .context("cannot install signal handlers")?;
     let admin = config.admin;
     let upgrade_socket = config.runtime.upgrade_socket.clone();
+    // The switch to runtime.user comes once the shards listen: one that
+    // cannot happen (root without CAP_SETUID/CAP_SETGID, as in a container
+    // that drops them) is refused now, before a socket is bound or an
+    // upgrade takes one, not after connections were accepted.
+    if let Some(user) = &config.runtime.user {
+        if ktern::sys::is_root() && !ktern::sys::can_change_ids() {
+            anyhow::bail!(
+                "{}: runtime.user: cannot switch to {user:?}: ktern runs as root without CAP_SETUID and CAP_SETGID",
+                config.source
+            );
+        }
+    }
     // Binary upgrade: the running ktern's sockets, before binding anything.
     let mut inherited = match &upgrade_from {
         Some(path) => {

@@ -195,6 +195,42 @@ fn an_address_in_use_is_refused_once_with_its_file_and_field() {
     );
 }
 
+/// Root without CAP_SETUID and CAP_SETGID (a container that drops them)
+/// cannot switch to `runtime.user`: refused before anything is bound,
+/// naming the file and field, not after the shards took connections
+/// (during an upgrade those would be reset).
+#[test]
+fn a_user_switch_that_cannot_happen_is_refused_before_binding() {
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    if !root || !tool("setpriv") {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let pki = Pki::new("nocaps");
+    let cfg = pki.dir.join("nocaps.toml");
+    let text = format!(
+        "[runtime]\nuser = \"nobody\"\n{}",
+        tcp_listener("127.0.0.1:9".parse().unwrap(), "")
+            .replace("@CERT@", "cert.pem")
+            .replace("@KEY@", "key.pem")
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-setuid,-setgid", "--"])
+        .arg(env!("CARGO_BIN_EXE_ktern"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}: runtime.user: cannot switch", cfg.display())),
+        "{err}"
+    );
+    assert!(!err.contains("started"), "refused before the start: {err}");
+}
+
 #[test]
 fn embedded_default_serves_the_builtin_backend() {
     let mut child = ktern()

@@ -906,6 +906,23 @@ pub fn lookup_group(name: &str) -> io::Result<u32> {
     Ok(unsafe { nss_lookup("group", name, 64 << 10, libc::getgrnam_r)? }.gr_gid)
 }
 
+/// Whether this process may change its user and groups: CAP_SETUID (7)
+/// and CAP_SETGID (6) in its effective set (`CapEff` in
+/// /proc/self/status). Root in a container that drops them cannot, and
+/// learns it before binding anything rather than after its shards took
+/// connections.
+pub fn can_change_ids() -> bool {
+    const SETGID: u64 = 1 << 6;
+    const SETUID: u64 = 1 << 7;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (SETGID | SETUID) == SETGID | SETUID)
+}
+
 /// Drops root for good: supplementary groups to just `gid`, then gid, then
 /// uid (in that order: after setuid the others are no longer allowed).
 /// glibc applies each change to every thread of the process.
