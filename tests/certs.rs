@@ -357,6 +357,18 @@ fn hosts_sharing_a_ticket_secret_resume_each_others_sessions() {
     );
     let other = ticket_host(&pki, backend, &secret(&pki, "two.key", 2));
     let lone = ticket_host(&pki, backend, "");
+    // Each logs its secret's fingerprint: the same on hosts that share it.
+    let fingerprint = |k: &Ktern| {
+        let log = k.log();
+        let line = log.lines().find(|l| l.contains("fleet secret"));
+        line.and_then(|l| l.split("fingerprint=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no fingerprint logged: {log}"))
+    };
+    assert_eq!(fingerprint(&a), fingerprint(&b));
+    assert_ne!(fingerprint(&a), fingerprint(&other));
+    assert_eq!(fingerprint(&a).len(), 16);
     // The fleet's secret and the same listener name, but asking for client
     // certificates: a session from a host that asked none must not resume
     // there (a resumed session is not asked for a certificate).

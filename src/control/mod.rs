@@ -671,6 +671,13 @@ fn tls_configs(
     challenges: &Arc<crate::challenges::Challenges>,
 ) -> Result<Vec<Vec<crate::handshake::ServerTls>>, ReloadError> {
     use crate::handshake::tickets::ListenerTickets;
+    if let (Some(secret), Some(file)) = (&config.tickets.secret, &config.tickets.secret_file) {
+        tracing::info!(
+            file = %file.display(),
+            fingerprint = %crate::handshake::tickets::fingerprint(&secret.0),
+            "session tickets: fleet secret (hosts that log the same fingerprint share tickets)"
+        );
+    }
     for l in &config.listeners {
         for c in &l.certificates {
             if let (Some(file), Some(why)) = (&c.info.ocsp_file, &c.info.ocsp_problem) {

@@ -87,6 +87,21 @@ pub enum TicketKeyError {
     ShortSecret(usize),
 }
 
+/// A fleet secret's fingerprint, for the log: 8 bytes of an HMAC keyed by
+/// the secret over a fixed label, in hex. Hosts that log the same one
+/// share tickets; one that read a half-written file logs another. Reveals
+/// nothing of the secret (HMAC is a PRF keyed by it).
+pub fn fingerprint(secret: &[u8]) -> String {
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, secret),
+        b"ktern ticket secret fingerprint",
+    );
+    tag.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// HKDF-Extract (RFC 5869 §2.2: PRK = HMAC-Hash(salt, IKM)), done here
 /// rather than by `Salt::extract`: aws-lc-rs's extracted key keeps the
 /// secret and reruns the extract in every expansion, twice per resumed
