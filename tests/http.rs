@@ -385,7 +385,7 @@ fn static_files_with_ranges_conditionals_and_no_escape() {
     // than the file hold.
     let old = "Thu, 01 Jan 1970 00:00:01 GMT";
     for (extra, want) in [
-        (format!("If-Match: \"v1\"\r\nRange: bytes=0-0\r\n"), 412),
+        ("If-Match: \"v1\"\r\nRange: bytes=0-0\r\n".to_string(), 412),
         (
             format!("If-Unmodified-Since: {old}\r\nRange: bytes=0-0\r\n"),
             412,
