@@ -457,6 +457,38 @@ fn tls_alpn_01_issues_renews_and_rides_out_a_ca_outage() {
     );
 }
 
+/// The CA issued, but the certificate could not be written (a full disk;
+/// here the order's state directory is a file in the way): the retry
+/// writes the same certificate again, not a new order each time (every
+/// order counts against the CA's limits: at Let's Encrypt, five of the
+/// same names a week).
+#[test]
+fn a_certificate_that_could_not_be_written_is_written_again_not_ordered_again() {
+    let pki = Pki::new("acme-unkept");
+    let port = free_port();
+    let pebble = Pebble::start(&pki.dir, port, free_port(), 3600);
+    let config = acme_listener(port, start_backend(), &pebble, &pki.dir, "");
+    let in_the_way = pki.dir.join("acme/a.acme.test");
+    std::fs::create_dir_all(pki.dir.join("acme")).unwrap();
+    std::fs::write(&in_the_way, "a file").unwrap();
+    let k = Ktern::start(&pki, "", &config);
+    wait_failure(&k, 0, &in_the_way.display().to_string());
+    std::fs::remove_file(&in_the_way).unwrap();
+    let roots = [pebble.root()];
+    wait_for_new_leaf(&k, "a.acme.test", &roots, None, Duration::from_secs(30));
+    let log = k.log();
+    assert_eq!(
+        log.matches("ACME: ordering a certificate").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("writing the certificate the CA issued again"),
+        "{log}"
+    );
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 1);
+}
+
 /// ACME Renewal Information (RFC 9773): the CA's suggested window moves
 /// a renewal sooner than two thirds of the lifetime. pebble 2.4 has no
 /// ARI, so tests/common/ari_ca.py adds it in front of pebble: a window
