@@ -853,7 +853,10 @@ fn proxy<'a>(
                         .iter()
                         .zip(&gen.pools)
                         .map(|(u, shared)| match u.send_proxy {
-                            Some(_) => Rc::new(crate::upstream::pool::Pool::new(1)),
+                            Some(_) => Rc::new(crate::upstream::pool::Pool::capped(
+                                1,
+                                crate::upstream::pool::PRIVATE_CAP,
+                            )),
                             None => shared.clone(),
                         })
                         .collect()

@@ -16,20 +16,38 @@ struct Idle {
 }
 
 /// Idle connections for each upstream group, newest last.
-#[derive(Default)]
 pub struct Pool {
     groups: RefCell<Vec<Vec<Idle>>>,
     /// Set when a reload replaced this pool's config generation: idle
     /// connections are closed and no more are kept.
     retired: std::cell::Cell<bool>,
+    /// The most idle connections kept per group, whatever the group's
+    /// `pool_size`: [`PRIVATE_CAP`] for a client connection's own pool.
+    cap: usize,
 }
+
+/// Idle connections a client connection's own pool keeps per group (a
+/// `send_proxy` group: each connection carries that client's header).
+/// `pool_size` sizes a shard's pool; here it would let every client
+/// connection keep up to that many (an HTTP/2 client's burst of
+/// concurrent streams leaves one per stream), outside `max_conns` and
+/// aged only when a request comes back to the same backend. Four serve a
+/// client's next burst partly warm.
+pub const PRIVATE_CAP: usize = 4;
 
 impl Pool {
     /// A pool for `groups` upstream groups.
     pub fn new(groups: usize) -> Pool {
+        Pool::capped(groups, usize::MAX)
+    }
+
+    /// A pool for `groups` groups that keeps at most `cap` idle
+    /// connections in each.
+    pub fn capped(groups: usize, cap: usize) -> Pool {
         Pool {
             groups: RefCell::new((0..groups).map(|_| Vec::new()).collect()),
             retired: std::cell::Cell::new(false),
+            cap,
         }
     }
 
@@ -72,12 +90,13 @@ impl Pool {
         let Some(idle) = groups.get_mut(group) else {
             return;
         };
+        let max = max.min(self.cap);
         if max == 0 || self.retired.get() {
             // `pool_size = 0`, or a retired generation: the connection
             // closes here.
             return;
         }
-        if idle.len() >= max {
+        while idle.len() >= max {
             // Oldest out: it is the likeliest to be closed by the backend.
             idle.remove(0);
         }
@@ -167,6 +186,23 @@ mod tests {
             }
             assert!(seen_closed, "a closed idle connection was handed out");
             assert_eq!(pool.idle(0), 0);
+        });
+    }
+
+    /// A client connection's own pool keeps `PRIVATE_CAP` whatever the
+    /// group's `pool_size`.
+    #[test]
+    fn a_private_pool_keeps_its_cap() {
+        runtime().block_on(async {
+            let (listener, addr) = listen();
+            let pool = Pool::capped(1, PRIVATE_CAP);
+            let mut peers = Vec::new();
+            for _ in 0..PRIVATE_CAP + 3 {
+                let s = TcpStream::connect_addr(addr).await.unwrap();
+                peers.push(listener.accept().unwrap());
+                pool.put(0, s, addr, 32);
+            }
+            assert_eq!(pool.idle(0), PRIVATE_CAP);
         });
     }
 
