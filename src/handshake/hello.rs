@@ -165,6 +165,10 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The most ALPN names a hello may offer (browsers and curl offer 2 or 3,
+/// a GREASE value aside).
+const MAX_ALPN: usize = 64;
+
 /// ClientHello body (RFC 8446 §4.1.2; the TLS 1.2 layout is the same).
 fn parse_hello(msg: &[u8]) -> Option<Hello> {
     let mut r = Reader(msg);
@@ -195,7 +199,15 @@ fn parse_hello(msg: &[u8]) -> Option<Hello> {
             EXT_ALPN => {
                 let mut list = body.vec(2)?;
                 while !list.0.is_empty() {
-                    hello.alpn.push(list.vec(1)?.0.to_vec());
+                    // RFC 7301 §3.1: a name is 1 to 255 bytes. And a list
+                    // longer than any client sends is malformed here: 64 KiB
+                    // of 1-byte names made 20 000 allocations per hello, held
+                    // on a passthrough connection across its backend connect.
+                    let name = list.vec(1)?.0;
+                    if name.is_empty() || hello.alpn.len() == MAX_ALPN {
+                        return None;
+                    }
+                    hello.alpn.push(name.to_vec());
                 }
             }
             EXT_PRE_SHARED_KEY => hello.psk = true,
@@ -290,6 +302,33 @@ mod tests {
         };
         assert_eq!(h.sni.as_deref(), Some("app.example.com"));
         assert_eq!(h.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
+
+    /// 64 names are read; one more, or an empty name (RFC 7301 §3.1),
+    /// makes the hello malformed.
+    #[test]
+    fn alpn_lists_are_bounded() {
+        let names = |n: usize, len: usize| -> Vec<Vec<u8>> {
+            (0..n).map(|i| vec![b'a' + (i % 26) as u8; len]).collect()
+        };
+        let hello = |list: &[Vec<u8>]| {
+            let refs: Vec<&[u8]> = list.iter().map(Vec::as_slice).collect();
+            peek(&client_hello("a.test", &refs))
+        };
+        let Peeked::Hello(h) = hello(&names(64, 1)) else {
+            panic!("64 names refused");
+        };
+        assert_eq!(h.alpn.len(), 64);
+        assert_eq!(hello(&names(65, 1)), Peeked::NotHello);
+        // ["h2", "x"] with "x" (length 1) made two empty names: the
+        // lengths around them stay right (rustls makes no empty name).
+        let mut bytes = client_hello("a.test", &[b"h2", b"x"]);
+        let at = bytes
+            .windows(5)
+            .position(|w| w == b"\x02h2\x01x")
+            .expect("the ALPN list");
+        bytes[at + 3..at + 5].copy_from_slice(&[0, 0]);
+        assert_eq!(peek(&bytes), Peeked::NotHello);
     }
 
     #[test]
