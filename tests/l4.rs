@@ -160,6 +160,26 @@ fn garbage_instead_of_client_hello_is_closed_and_ktern_keeps_serving() {
     assert!(failures >= inputs.len() as u64, "failures={failures}");
     download(k.addr(), &pki, ClientOpts::default(), 1000);
     assert!(!k.log().contains("panicked"));
+    // Many more, as a scan or plain HTTP on port 443 would send: each is
+    // counted, but logged at most once per 10 s per shard (the rest at
+    // debug, which this test's ktern logs too), not a line each.
+    let before = k.metric("ktern_handshake_failures_tls_total");
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(k.addr()).unwrap();
+        s.write_all(&inputs[0]).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    k.wait_metric("ktern_handshake_failures_tls_total", before + 200);
+    let lines = k
+        .log()
+        .matches("at most one line per 10 s, the others at debug")
+        .count();
+    // (One per shard per 10 s: two shards here, and the VM's slower run
+    // may span a few such windows.)
+    assert!(
+        (1..=6).contains(&lines),
+        "{lines} info lines for 205 failures"
+    );
 }
 
 #[test]

@@ -241,6 +241,20 @@ fn admit_client(
     }
 }
 
+/// Logs a failed client handshake (each is counted by the caller): one
+/// line per 10 s per shard, with how many since, the others at debug.
+/// Anyone can make one (a port scan, a load balancer's TCP check, plain
+/// HTTP on 443), and a line each would let them flood the log, which is
+/// written on the shard's own thread.
+fn handshake_failed(shard: &Shard, peer: SocketAddr, e: &dyn std::fmt::Display) {
+    match shard.handshake_log.due() {
+        Some(count) => {
+            tracing::info!(shard = shard.id, %peer, error = %e, count, "handshake failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
+        }
+        None => tracing::debug!(%peer, error = %e, "handshake failed"),
+    }
+}
+
 /// The PROXY protocol header, when the listener expects one: the client
 /// address it carries (or `peer` for LOCAL/UNKNOWN), the bytes read after
 /// it, which begin the TLS stream, and the address the client connected
@@ -565,7 +579,7 @@ async fn establish(
                     });
                 }
             }
-            tracing::info!(%peer, error = %e, "handshake failed");
+            handshake_failed(&shard, peer, &e);
             return None;
         }
     };
@@ -603,7 +617,7 @@ async fn establish(
         let (res, _) = socket.write_all(std::mem::take(&mut est.unsent)).await;
         if let Err(e) = res {
             M::inc(&m.hs_fail_eof);
-            tracing::info!(%peer, error = %e, "handshake failed");
+            handshake_failed(&shard, peer, &e);
             return None;
         }
     }

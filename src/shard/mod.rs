@@ -245,6 +245,8 @@ pub struct Shard {
     accept_log: crate::clock::LogEvery,
     /// Connections refused at `max_conns_per_client`.
     pub client_log: crate::clock::LogEvery,
+    /// Failed client handshakes.
+    pub handshake_log: crate::clock::LogEvery,
 }
 
 impl Shard {
@@ -509,6 +511,7 @@ async fn shard_main(
         accepting: RefCell::default(),
         accept_log: crate::clock::LogEvery::default(),
         client_log: crate::clock::LogEvery::default(),
+        handshake_log: crate::clock::LogEvery::default(),
     });
     set_thread_shard(id, metrics.clone());
     monoio::spawn(shard.idle.clone().run());
