@@ -388,6 +388,10 @@ mod tests {
             ("te", "gzip"),
             ("upgrade", "websocket"),
             ("keep-alive", "5"),
+            // Framing fields spelled with `_` (head.rs's check, after the
+            // HTTP/1.1 head is made).
+            ("transfer_encoding", "chunked"),
+            ("content_length", "5"),
         ] {
             assert!(matches!(with(n, v), Err(Refusal::Malformed(_))), "{n}");
         }

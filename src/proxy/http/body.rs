@@ -103,6 +103,17 @@ impl BodyScanner {
         }
     }
 
+    /// Bytes of the chunk being read that its size line declared and that
+    /// have not come yet (0 outside chunk data): what a size line commits
+    /// the body to before its data arrives, to check against a limit
+    /// before the line is forwarded.
+    pub fn chunk_left(&self) -> u64 {
+        match self.state {
+            State::Chunked(Chunk::Data { left }) => left,
+            _ => 0,
+        }
+    }
+
     /// The input ended. Fine for a close-delimited body; otherwise the body
     /// was truncated (and must not look complete to the next hop).
     pub fn finish(&mut self) -> Result<(), BodyError> {
@@ -333,6 +344,17 @@ fn scan_chunked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_size_line_declares_what_its_chunk_still_owes() {
+        let mut s = BodyScanner::new(Framing::Chunked);
+        assert_eq!(s.chunk_left(), 0);
+        assert_eq!(s.scan(b"100000005\r\nhel").unwrap(), 14);
+        assert_eq!(s.chunk_left(), 0x1_0000_0005 - 3);
+        let mut s = BodyScanner::new(Framing::Chunked);
+        assert_eq!(s.scan(b"5\r\nhello\r\n").unwrap(), 10);
+        assert_eq!(s.chunk_left(), 0);
+    }
 
     #[test]
     fn scan_to_trailers_stops_where_the_trailer_section_begins() {

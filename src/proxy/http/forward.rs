@@ -1719,7 +1719,11 @@ async fn send_body(
             Err(_) => return Ok(BodySent::Refused(400)),
         };
         total += n as u64;
-        if total > max_body {
+        // What a chunk-size line promises counts before its data comes:
+        // the line is not forwarded when its chunk cannot fit (a backend
+        // that keeps chunk sizes in 32 bits would read `100000005` as 5,
+        // and what follows as another request, as Jetty did: CVE-2017-7657).
+        if total.saturating_add(scanner.chunk_left()) > max_body {
             return Ok(BodySent::Refused(413));
         }
         if scanner.in_trailers() {

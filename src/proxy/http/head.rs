@@ -832,11 +832,18 @@ fn request_framing(fields: &Fields) -> Result<Framing, HeadError> {
 
 /// The framing fields of a message: every transfer coding (lower case, in
 /// order) and the Content-Length, which must be one valid number (repeats
-/// only if identical, RFC 9110 §8.6).
+/// only if identical, RFC 9110 §8.6). A framing field's name spelled with
+/// `_` for `-` (`Transfer_Encoding`) is refused: ktern does not frame by
+/// it, but servers whose parsers come from Mongrel's (Puma before 6.4.3,
+/// unicorn) read `_` as `-` and would frame by it, so the request would end
+/// elsewhere for them (CVE-2024-45614); nginx drops such names by default.
 fn framing_fields(fields: &Fields) -> Result<(Vec<String>, Option<u64>), &'static str> {
     let mut te: Vec<String> = Vec::new();
     let mut cl: Option<u64> = None;
     for f in fields.iter() {
+        if underscored(f.name, b"transfer-encoding") || underscored(f.name, b"content-length") {
+            return Err("a framing field named with an underscore");
+        }
         if f.name.eq_ignore_ascii_case(b"transfer-encoding") {
             if list_tokens(f.value).next().is_none() {
                 return Err("empty Transfer-Encoding");
@@ -853,6 +860,17 @@ fn framing_fields(fields: &Fields) -> Result<(Vec<String>, Option<u64>), &'stati
         }
     }
     Ok((te, cl))
+}
+
+/// Whether `name` is `field` (lower case, with `-`) with at least one `-`
+/// written as `_`.
+fn underscored(name: &[u8], field: &[u8]) -> bool {
+    name.len() == field.len()
+        && name.contains(&b'_')
+        && name
+            .iter()
+            .zip(field)
+            .all(|(&n, &f)| n.to_ascii_lowercase() == f || (n == b'_' && f == b'-'))
 }
 
 /// `1*DIGIT` with optional surrounding whitespace, no sign, no overflow.
@@ -1140,6 +1158,10 @@ mod tests {
     fn ambiguous_framing_is_refused() {
         let cases: &[(&str, u16)] = &[
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            // Framing fields spelled with `_`: some backends read `-`.
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 39\r\nTransfer_Encoding: chunked\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nCONTENT_LENGTH: 5\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", 400),
