@@ -1280,9 +1280,11 @@ fn json_logs_are_one_object_per_line() {
     assert!(seen_reload, "{log}");
 }
 
-#[test]
-fn binary_upgrade_under_load_fails_no_connection() {
-    let pki = Pki::new("live-upgrade");
+/// A ktern with an upgrade socket and `drain_timeout`, its HTTP listener
+/// in front of backend "a": its PKI, the backend, the socket's path and
+/// the process.
+fn upgradable(tag: &str, drain_timeout: &str) -> (Pki, Backend, std::path::PathBuf, Ktern) {
+    let pki = Pki::new(tag);
     let a = start_http_backend("a");
     let (cert, key) = (
         pki.cert.display().to_string(),
@@ -1290,14 +1292,20 @@ fn binary_upgrade_under_load_fails_no_connection() {
     );
     let sock = pki.dir.join("upgrade.sock");
     let rt = runtime(&format!(
-        "upgrade_socket = \"{}\"\ndrain_timeout = \"5s\"",
+        "upgrade_socket = \"{}\"\ndrain_timeout = \"{drain_timeout}\"",
         sock.display()
     ));
-    let mut old = Ktern::start(
+    let k = Ktern::start(
         &pki,
         &rt,
         &http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)]),
     );
+    (pki, a, sock, k)
+}
+
+#[test]
+fn binary_upgrade_under_load_fails_no_connection() {
+    let (pki, _a, sock, mut old) = upgradable("live-upgrade", "5s");
     let addr = old.addr();
     let cfg = client_config(&[&pki.der]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -1359,22 +1367,7 @@ fn binary_upgrade_under_load_fails_no_connection() {
 /// and the old process exited at once under the request.
 #[test]
 fn a_stop_signal_to_a_handed_over_process_lets_it_drain() {
-    let pki = Pki::new("live-upgrade-term");
-    let a = start_http_backend("a");
-    let (cert, key) = (
-        pki.cert.display().to_string(),
-        pki.key.display().to_string(),
-    );
-    let sock = pki.dir.join("upgrade.sock");
-    let rt = runtime(&format!(
-        "upgrade_socket = \"{}\"\ndrain_timeout = \"20s\"",
-        sock.display()
-    ));
-    let mut old = Ktern::start(
-        &pki,
-        &rt,
-        &http_listener("127.0.0.1:0", &cert, &key, "a", &[("a", a.addr)]),
-    );
+    let (pki, _a, sock, mut old) = upgradable("live-upgrade-term", "20s");
     let cfg = client_config(&[&pki.der]);
     let mut c = try_connect(old.addr(), &cfg).unwrap();
     let wait = 2500 * slow();
