@@ -588,11 +588,7 @@ fn a_second_stop_signal_writes_the_queued_access_lines_first() {
 fn a_refused_reload_still_reopens_the_access_log_and_a_pipe_without_reader_is_refused() {
     let pki = Pki::new("access-rotate");
     let a = start_http_backend("a");
-    let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
-        log.display()
-    );
+    let (log, runtime) = json_access_log(&pki.dir);
     let mut k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
     let get = "GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n";
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
@@ -678,11 +674,7 @@ fn read_in_background(mut reader: std::io::PipeReader) -> std::sync::mpsc::Recei
 fn access_log_has_one_json_line_per_request_with_tls_facts() {
     let pki = Pki::new("access");
     let a = start_http_backend("a");
-    let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
-        log.display()
-    );
+    let (log, runtime) = json_access_log(&pki.dir);
     let rules = "[[listener.route.rule]]\npath = \"/app/\"\nupstream = \"a\"\n";
     let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], rules, ""));
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
@@ -818,11 +810,7 @@ fn expect_100_continue_and_pipelining() {
 fn an_exchange_the_client_abandons_is_logged_499_with_its_upstream() {
     let pki = Pki::new("access-499");
     let a = start_http_backend("a");
-    let log = pki.dir.join("access.log");
-    let runtime = format!(
-        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
-        log.display()
-    );
+    let (log, runtime) = json_access_log(&pki.dir);
     let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
     let mut c = connect(k.addr(), &pki, ClientOpts::default());
     // Half the announced body, then the client leaves.

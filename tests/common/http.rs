@@ -505,6 +505,17 @@ pub fn upload_checked(c: &mut Client, host: &str, body: &[u8]) {
 
 /// The JSON access log at `path` once it has `n` lines (waits up to 5 s;
 /// the lines are written after each response), one object per line.
+/// An `[access_log]` section writing JSON lines to `access.log` in `dir`:
+/// the file's path and the section, to add to a config's runtime part.
+pub fn json_access_log(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let log = dir.join("access.log");
+    let section = format!(
+        "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    (log, section)
+}
+
 pub fn json_log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
     let mut lines = Vec::new();
     for _ in 0..100 {

@@ -1075,11 +1075,11 @@ pub(crate) fn static_answer(
         .is_some()
         .then(|| files::lists_any(head.values("if-match")));
     let now = SystemTime::now();
+    let if_range = once("if-range");
     // An If-Range on a date that is not strong is false (§13.1.5): the
     // whole file, as if no Range came.
-    let range =
-        once("range").filter(|_| once("if-range").is_none() || files::strong_date(modified, now));
-    let plan = match files::plan(head.method(), ims, range, once("if-range"), len, modified) {
+    let range = once("range").filter(|_| if_range.is_none() || files::strong_date(modified, now));
+    let plan = match files::plan(head.method(), ims, range, if_range, len, modified) {
         Plan::MethodNotAllowed => Plan::MethodNotAllowed,
         // First of all for the GET and HEAD that reach here (§13.2.2).
         _ if !files::preconditions_hold(if_match, once("if-unmodified-since"), modified) => {
