@@ -805,6 +805,25 @@ fn a_response_ends_on_its_last_data_frame() {
     assert_eq!(frames("/close"), r#"["HEADERS", "DATA 11", "DATA 0+END"]"#);
 }
 
+/// A request body trickled a byte at a time, each inside `head_timeout`,
+/// gets 408 once it falls below `min_body_rate` after `head_timeout`,
+/// rather than holding its backend connection while `max_body` lasts.
+#[test]
+fn a_trickled_request_body_gets_408() {
+    if in_vm() {
+        return;
+    }
+    let (_pki, k, _a) = setup(
+        "h2-trickle",
+        "head_timeout = \"1s\"\nmin_body_rate = \"100\"",
+    );
+    assert_eq!(
+        hostile(&k, "trickle_body 10"),
+        r#"{"event": "response", "status": 408}"#
+    );
+    assert_eq!(k.wait_metric("ktern_http_slow_request_bodies_total", 1), 1);
+}
+
 #[test]
 fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
     if in_vm() {

@@ -1232,7 +1232,7 @@ fn bad_requests_get_the_exact_status() {
     let (pki, k, a, _) = setup(
         "badreq",
         ANY_TO_A,
-        "max_body = \"1k\"\nhead_timeout = \"1s\"",
+        "max_body = \"1k\"\nhead_timeout = \"1s\"\nmin_body_rate = \"100\"",
     );
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(9000));
     let big_field = format!(
@@ -1291,6 +1291,31 @@ fn bad_requests_get_the_exact_status() {
     assert_eq!(r.status, 408);
     // None of the bad ones reached the backend.
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    // A body trickled a byte every 300 ms, each inside head_timeout: 408
+    // once it falls below min_body_rate (100 B/s after the first second),
+    // not held while max_body lasts (10 s here, then given up).
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
+        .unwrap();
+    c.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut answer = Vec::new();
+    for _ in 0..33 {
+        let _ = c.write_all(b"x").and_then(|_| c.flush());
+        let mut buf = [0u8; 512];
+        match c.read(&mut buf) {
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert_eq!(k.wait_metric("ktern_http_slow_request_bodies_total", 1), 1);
     // A bad chunk size is only seen once the body streams: the backend got
     // the head, then its connection is dropped mid-body (it can never read
     // a complete, different request); the client gets 400.

@@ -699,6 +699,9 @@ pub struct HttpRoute {
     /// Time allowed for each write of response bytes to the client (a
     /// client that stops reading is aborted after it).
     pub send_timeout: Duration,
+    /// Least average rate of a request body, in bytes a second, once
+    /// `head_timeout` has passed since it began (408 below it); 0: none.
+    pub min_body_rate: u64,
     /// Clients whose X-Forwarded-*/Forwarded fields are kept and extended.
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Add X-Forwarded-For/-Proto/-Host.
@@ -1814,6 +1817,16 @@ impl Validator<'_> {
         let keepalive_timeout =
             self.duration(&format!("{at}.keepalive_timeout"), &raw.keepalive_timeout);
         let send_timeout = self.timeout(&format!("{at}.send_timeout"), &raw.send_timeout);
+        let min_body_rate = parse_size(&raw.min_body_rate).or_else(|| {
+            self.problem(
+                format!("{at}.min_body_rate"),
+                format!(
+                    "{:?} is not a rate in bytes a second (e.g. \"500\", \"1k\"; \"0\" for none)",
+                    raw.min_body_rate
+                ),
+            );
+            None
+        });
         let mut trusted = Vec::new();
         for (i, t) in raw.trusted_proxies.iter().enumerate() {
             match t.parse() {
@@ -1832,6 +1845,7 @@ impl Validator<'_> {
             head_timeout: head_timeout?,
             keepalive_timeout: keepalive_timeout?,
             send_timeout: send_timeout?,
+            min_body_rate: min_body_rate?,
             trusted_proxies: trusted,
             x_forwarded: raw.x_forwarded,
             forwarded: raw.forwarded,

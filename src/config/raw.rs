@@ -374,6 +374,8 @@ pub(super) struct HttpRouteSection {
     pub keepalive_timeout: String,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: String,
+    #[serde(default = "default_min_body_rate")]
+    pub min_body_rate: String,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     #[serde(default = "yes")]
@@ -625,6 +627,11 @@ fn default_keepalive_timeout() -> String {
 /// nginx's `send_timeout` default.
 fn default_send_timeout() -> String {
     "60s".into()
+}
+/// Apache mod_reqtimeout's default `MinRate`: far below any real upload
+/// (a slow mobile link moves tens of KiB a second), far above a trickle.
+fn default_min_body_rate() -> String {
+    "500".into()
 }
 fn default_path() -> String {
     "/".into()

@@ -197,6 +197,32 @@ fn durations() {
     assert!(idle("8760h").is_ok());
 }
 
+/// `min_body_rate` is bytes a second, written as a size; 0 turns it off.
+#[test]
+fn a_body_rate_is_a_size() {
+    let rate = |r: &str| {
+        let text = HTTP.replace(
+            "kind = \"http\"",
+            &format!("kind = \"http\"\nmin_body_rate = \"{r}\""),
+        );
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems())
+    };
+    let e = rate("500B/s").unwrap_err();
+    assert_eq!(
+        e.problems[0].field, "listener[0].route.min_body_rate",
+        "{e}"
+    );
+    assert!(e.problems[0].reason.contains("bytes a second"), "{e}");
+    let http = |c: Config| match &c.listeners[0].route {
+        crate::config::Route::Http(h) => h.min_body_rate,
+        _ => unreachable!(),
+    };
+    assert_eq!(http(rate("1k").unwrap()), 1024);
+    assert_eq!(http(rate("0").unwrap()), 0);
+    let default = Config::from_toml(HTTP, "t.toml", Path::new("."), &pems()).unwrap();
+    assert_eq!(http(default), 500);
+}
+
 /// A zero timeout or connection limit would end every handshake,
 /// connect, request or connection at once: refused, naming the field,
 /// not a config that loads and serves nothing.

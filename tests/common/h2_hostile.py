@@ -263,6 +263,19 @@ def main():
         time.sleep(float(sys.argv[4]))
         print(json.dumps({"event": "slept"}))
         return
+    elif case == "trickle_body":
+        # A POST of 1000 bytes sent a byte every 300 ms, each well inside
+        # the server's wait for the next, for at most argv[4] seconds.
+        c.send(c.headers(sid, req("/sum", "POST", [("content-length", "1000")]), end_stream=False))
+        until = time.time() + float(sys.argv[4])
+        while time.time() < until:
+            c.send(DataFrame(sid, b"x"))
+            out = c.outcome(sid, seconds=0.3)
+            if out["event"] != "timeout":
+                print(json.dumps(out))
+                return
+        print(json.dumps({"event": "timeout"}))
+        return
     elif case == "response_frames":
         # Not hostile: the frames of one response to GET argv[4], as "HEADERS" or
         # "DATA <length>", with "+END" on the one that ends the stream.

@@ -22,6 +22,7 @@ use h2::{Reason, RecvStream, SendStream};
 use super::convert::{self, Refusal};
 use super::io::Signals;
 use crate::buffers;
+use crate::clock;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::body::{BodyScanner, Decoded, Framing};
 use crate::proxy::http::exchange::{self, Relay};
@@ -685,9 +686,21 @@ async fn send_body(
 ) -> BodySent {
     let chunked = head.framing == Framing::Chunked;
     let mut total = 0u64;
+    let per_read = ctx.route.head_timeout;
+    let mut pace = exchange::BodyPace::new(per_read, ctx.route.min_body_rate);
+    let slow = || {
+        M::inc(&ctx.metrics.http_slow_bodies);
+        BodySent::Refused(408)
+    };
     while !body.is_end_stream() {
-        let data = match ctx.within(ctx.route.head_timeout, body.data()).await {
-            Err(_) => return BodySent::Refused(408),
+        let Some(wait) = pace.wait(total, per_read) else {
+            return slow();
+        };
+        let began = clock::coarse_now();
+        let data = ctx.within(wait, body.data()).await;
+        pace.waited(clock::coarse_now().saturating_duration_since(began));
+        let data = match data {
+            Err(_) => return slow(),
             Ok(None) => break,
             // Reset by the client, a content-length that disagrees with
             // the DATA sent (h2 resets it: PROTOCOL_ERROR), or the
@@ -735,8 +748,11 @@ async fn send_body(
         let _ = body.flow_control().release_capacity(n);
     }
     if chunked {
-        let trailers = match ctx.within(ctx.route.head_timeout, body.trailers()).await {
-            Err(_) => return BodySent::Refused(408),
+        let Some(wait) = pace.wait(total, per_read) else {
+            return slow();
+        };
+        let trailers = match ctx.within(wait, body.trailers()).await {
+            Err(_) => return slow(),
             Ok(Err(_)) => return BodySent::ClientGone,
             Ok(Ok(t)) => t,
         };

@@ -10,6 +10,7 @@
 //! set of decisions.
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::body::Framing;
 use super::head::{RequestHead, ResponseHead};
@@ -276,6 +277,59 @@ pub fn reusable(head: &RequestHead, resp: &ResponseHead, leftover: usize) -> boo
     resp.keep_alive && head.minor == 1 && leftover == 0 && resp.framing != Framing::UntilClose
 }
 
+/// The least pace a request body must keep: `per_read` for each wait (as
+/// nginx's `client_body_timeout`), and on average `rate` bytes a second
+/// once it has waited `grace` for the client (Apache's mod_reqtimeout
+/// `MinRate`, Kestrel's `MinRequestBodyDataRate`). A per-read bound alone
+/// let a client that sends a byte just inside each wait hold its backend
+/// connection and `max_conns` place for as long as `max_body` lasts: a
+/// 1 MiB body at a byte a minute is two years. With the rate, holding N
+/// backend connections costs the client N times `rate` of bandwidth.
+///
+/// Only time spent waiting for the client counts: a backend that takes
+/// the body slowly holds its reads back (HTTP/1.1 reads no further, and
+/// HTTP/2 opens no window), and that is not the client's doing.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyPace {
+    waited: Duration,
+    grace: Duration,
+    /// Bytes a second; 0: no rate, only `per_read`.
+    rate: u64,
+}
+
+impl BodyPace {
+    /// A body that has not been waited for yet.
+    pub fn new(grace: Duration, rate: u64) -> Self {
+        BodyPace {
+            waited: Duration::ZERO,
+            grace,
+            rate,
+        }
+    }
+
+    /// Adds one wait for the client's bytes.
+    pub fn waited(&mut self, d: Duration) {
+        self.waited = self.waited.saturating_add(d);
+    }
+
+    /// How long the next read may wait, `received` bytes in: `per_read`,
+    /// or less when the body's allowance (`grace`, plus a second per
+    /// `rate` bytes received) ends sooner. `None` once it has ended: the
+    /// body is too slow (408).
+    pub fn wait(&self, received: u64, per_read: Duration) -> Option<Duration> {
+        if self.rate == 0 {
+            return Some(per_read);
+        }
+        // Milliseconds: u64 holds a max_body of 18 PB at 1 byte a second.
+        let earned = Duration::from_millis(received.saturating_mul(1000) / self.rate);
+        let allowed = self.grace.saturating_add(earned);
+        allowed
+            .checked_sub(self.waited)
+            .filter(|left| !left.is_zero())
+            .map(|left| left.min(per_read))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,11 +387,63 @@ mod tests {
             head_timeout: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(1),
             send_timeout: Duration::from_secs(1),
+            min_body_rate: 500,
             trusted_proxies: Vec::new(),
             x_forwarded: true,
             forwarded: false,
             hsts: None,
         }
+    }
+
+    #[test]
+    fn a_body_keeps_each_read_within_the_wait_and_its_average_above_the_rate() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let mut pace = BodyPace::new(s(60), 500);
+        // Within the grace: each read gets the whole per-read wait, or
+        // what is left of the grace if less.
+        assert_eq!(pace.wait(0, s(60)), Some(s(60)));
+        pace.waited(s(50));
+        assert_eq!(pace.wait(0, s(60)), Some(s(10)));
+        // After it, each 500 bytes earn a second.
+        pace.waited(s(10));
+        assert_eq!(pace.wait(0, s(60)), None);
+        assert_eq!(pace.wait(5000, s(60)), Some(s(10)));
+        pace.waited(s(10));
+        assert_eq!(pace.wait(5000, s(60)), None);
+        // A fast body is held to the per-read wait only.
+        assert_eq!(pace.wait(1 << 20, s(60)), Some(s(60)));
+        // A byte a minute, each read just inside the wait: cut off when
+        // the grace has gone, however many reads came.
+        let mut pace = BodyPace::new(s(60), 500);
+        let mut got = 0;
+        while let Some(w) = pace.wait(got, s(60)) {
+            if w < s(59) {
+                // The wait ends before the next byte comes.
+                pace.waited(w);
+                break;
+            }
+            pace.waited(s(59));
+            got += 1;
+        }
+        assert_eq!((got, pace.waited), (1, s(60) + ms(2)));
+        // A client at the rate exactly is never cut off, however long.
+        let (mut pace, mut got) = (BodyPace::new(s(60), 500), 0);
+        for _ in 0..100_000 {
+            assert!(pace.wait(got, s(60)).is_some());
+            pace.waited(ms(2));
+            got += 1;
+        }
+        // Rate 0: no rate; nor an overflow for sizes past u64
+        // milliseconds, or waits past Duration's range.
+        let mut none = BodyPace::new(s(1), 0);
+        none.waited(s(3600));
+        assert_eq!(none.wait(0, s(5)), Some(s(5)));
+        assert_eq!(BodyPace::new(s(1), 500).wait(u64::MAX, s(5)), Some(s(5)));
+        let mut long = BodyPace::new(Duration::MAX, 1);
+        long.waited(Duration::MAX);
+        long.waited(s(1));
+        assert_eq!(long.wait(u64::MAX, s(5)), None);
     }
 
     #[test]

@@ -1687,14 +1687,30 @@ async fn send_body(
 ) -> Result<BodySent, HttpError> {
     let mut scanner = BodyScanner::new(head.framing);
     let mut total = 0u64;
+    // Bytes read for this body: what earns it time under the pace.
+    let mut received = 0u64;
+    let mut pace = exchange::BodyPace::new(timeout, ctx.route.min_body_rate);
     // A chunked body's trailer section, once reached: held (at most 8 KiB,
     // the scanner's bound) and sent as `rewrite::client_trailers` allows.
     let mut trailers: Option<crate::proxy::http::body::Decoded> = None;
     while !scanner.is_done() {
         if inbuf.is_empty() {
-            match ctx.within(timeout, reader.read_chunk()).await {
-                Err(_) => return Ok(BodySent::Refused(408)),
-                Ok(Ok(Some(c))) => inbuf.extend_from_slice(&c),
+            let Some(wait) = pace.wait(received, timeout) else {
+                M::inc(&ctx.metrics.http_slow_bodies);
+                return Ok(BodySent::Refused(408));
+            };
+            let began = clock::coarse_now();
+            let read = ctx.within(wait, reader.read_chunk()).await;
+            pace.waited(clock::coarse_now().saturating_duration_since(began));
+            match read {
+                Err(_) => {
+                    M::inc(&ctx.metrics.http_slow_bodies);
+                    return Ok(BodySent::Refused(408));
+                }
+                Ok(Ok(Some(c))) => {
+                    received += c.len() as u64;
+                    inbuf.extend_from_slice(&c);
+                }
                 // The client vanished mid-body: this backend connection
                 // carries half a request and is dropped, never pooled.
                 Ok(Ok(None)) => return Ok(BodySent::ClientGone),
