@@ -113,8 +113,9 @@ struct Backend {
 /// Policies: smooth weighted round robin (nginx's), least connections per
 /// weight, or consistent hashing on a key. Health: a backend that failed
 /// `max_fails` times in a row (passive), or that active checks marked
-/// down, is tried last: still tried when every backend is down, rather
-/// than failing outright. A failed connect moves to the next backend.
+/// down, is tried last, and one such per request: still tried when every
+/// backend is down, rather than failing outright, but not every one of
+/// them. A failed connect moves to the next backend.
 #[derive(Debug)]
 pub struct Balancer {
     backends: Vec<Backend>,
@@ -571,6 +572,9 @@ impl Balancer {
     ) -> Result<(T, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
         let (mut tried, mut full) = (0, 0);
+        let planned = now;
+        // Whether a connect to a backend marked down was tried.
+        let mut probed = false;
         // Re-read after each failed connect, which may have waited up to
         // `timeout`: pooled connections are aged against the real time.
         let mut now = now;
@@ -580,6 +584,16 @@ impl Balancer {
             // is left; not when others are only full: that is load to
             // shed at once (503), not a connect to wait out.
             if full > 0 && !self.usable(i, now) {
+                continue;
+            }
+            // And then one of them per request, in the policy's order, so
+            // the next request probes the next: with every backend down
+            // (an outage, a blackholed network), a request waits for one
+            // connect, not for `connect_timeout` times the group's size,
+            // and a recovering group is not met by a connect storm. nginx
+            // answers 502 without trying any ("no live upstreams").
+            let down = !self.usable(i, planned);
+            if down && probed {
                 continue;
             }
             // A backend at its max_conns is skipped, as nginx does; the
@@ -592,6 +606,7 @@ impl Balancer {
                 return Ok((s, addr, true, lease));
             }
             tried += 1;
+            probed |= down;
             // Boxed: the timer is over-aligned, and inline it would make
             // the futures `acquire` sits in over-aligned too: HTTP/1.1's
             // request state (which `forward::boxed` refuses at compile
@@ -906,6 +921,58 @@ mod tests {
         assert_eq!(got(&take(&one)), Some(freed));
         drop((l1, l3));
         assert_eq!((counts.get(0), counts.get(1)), (0, 0));
+    }
+
+    /// Ports on 127.0.0.1 that refuse connections (bound, then closed).
+    fn refusing(n: usize) -> Vec<SocketAddr> {
+        let held: Vec<_> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        held.iter().map(|l| l.local_addr().unwrap()).collect()
+    }
+
+    #[test]
+    fn one_backend_marked_down_is_tried_per_request() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let a = refusing(3);
+        let b = Balancer::with_policy(
+            weighted(&a, &[1, 1, 1]),
+            0,
+            Balance::RoundRobin,
+            1,
+            Duration::from_secs(60),
+            None,
+            None,
+        );
+        let connect =
+            |rt: &mut monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>>| match rt
+                .block_on(b.connect(Duration::from_secs(5)))
+            {
+                Err(UpstreamError::Connect { tried, addr, .. }) => (tried, addr),
+                other => panic!("{:?}", other.map(|(_, addr)| addr)),
+            };
+        // Healthy at first: every backend is tried (and each now down).
+        assert_eq!(connect(&mut rt).0, 3);
+        // All down: one per request, each request the next in rotation.
+        let probes: Vec<_> = (0..3).map(|_| connect(&mut rt)).collect();
+        assert!(probes.iter().all(|&(tried, _)| tried == 1), "{probes:?}");
+        let mut seen: Vec<_> = probes.iter().map(|&(_, addr)| addr).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 3, "{probes:?}");
+        // A usable backend that fails is tried before the one probe.
+        b.succeeded(a[1]);
+        assert_eq!(connect(&mut rt).0, 2);
+        // A backend that came back is found by the probes in turn.
+        let back = std::net::TcpListener::bind(a[2]).unwrap();
+        let found = (0..3).find_map(|_| rt.block_on(b.connect(Duration::from_secs(5))).ok());
+        assert_eq!(
+            found.map(|(_, addr)| addr),
+            Some(back.local_addr().unwrap())
+        );
     }
 
     fn group(name: &str, backends: &[(u16, u32)]) -> Upstream {
