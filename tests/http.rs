@@ -760,7 +760,18 @@ fn bodies_stream_in_both_framings_and_chunked_responses_keep_trailers() {
         (r.status, r.header("transfer-encoding")),
         (200, Some("chunked"))
     );
-    assert_eq!(r.body, b"hello world");
+    assert_eq!(
+        (&r.body[..], &r.trailers[..]),
+        (&b"hello world"[..], "X-Trailer: yes\r\n")
+    );
+    // A backend's trailers reach the client as HTTP/2 clients get them:
+    // none that frames the message or is hop-by-hop; the connection (and
+    // the backend's, pooled) goes on.
+    let r = exchange(&mut c, "GET /framing-trailers HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (&r.body[..], &r.trailers[..]),
+        (&b"hello"[..], "X-Trailer: yes\r\n")
+    );
     // A client's trailers reach the backend as fields only, and none that
     // speaks for ktern (stripped from the head, so from here too) or
     // frames the message; the connection goes on.

@@ -188,6 +188,8 @@ pub fn http_backend_conn(
             // The request's chunked trailer section, as received.
             "/trailers" => reply(&mut out, trailers.as_bytes())?,
             "/chunked" => out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n")?,
+            // Trailers that frame or describe the message: not for clients.
+            "/framing-trailers" => out.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nContent-Length: 99\r\nX-Trailer: yes\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?,
             "/close" => {
                 out.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close")?;
                 return Ok(());
@@ -427,6 +429,8 @@ pub struct Resp {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// A chunked body's trailer section's lines, as received.
+    pub trailers: String,
 }
 
 impl Resp {
@@ -464,12 +468,13 @@ pub fn read_response(r: &mut BufReader<&mut Client>, head_request: bool) -> std:
         status,
         headers,
         body: Vec::new(),
+        trailers: String::new(),
     };
     if head_request || status == 100 || status == 204 || status == 304 {
         return Ok(resp);
     }
     if resp.header("transfer-encoding") == Some("chunked") {
-        resp.body = read_chunked(r)?;
+        (resp.body, resp.trailers) = read_chunked_trailers(r)?;
     } else if let Some(n) = resp.header("content-length") {
         let mut b = vec![0; n.parse().unwrap()];
         r.read_exact(&mut b)?;

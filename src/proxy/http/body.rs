@@ -142,6 +142,28 @@ impl BodyScanner {
         self.advance(input, None, true)
     }
 
+    /// As [`BodyScanner::scan`], for a body forwarded as framed but for
+    /// its trailer section, which is taken into `held` (at most 8 KiB, the
+    /// scanner's bound) for the caller to filter and send once the body
+    /// [`BodyScanner::is_done`]. Returns (bytes to forward, bytes used):
+    /// those between the two were the trailer section's.
+    pub fn scan_holding_trailers(
+        &mut self,
+        input: &[u8],
+        held: &mut Option<Decoded>,
+    ) -> Result<(usize, usize), BodyError> {
+        let mut forward = 0;
+        if held.is_none() {
+            forward = self.scan_to_trailers(input)?;
+            if !self.in_trailers() {
+                return Ok((forward, forward));
+            }
+        }
+        let section = held.get_or_insert_with(Decoded::default);
+        let used = forward + self.decode(&input[forward..], section)?;
+        Ok((forward, used))
+    }
+
     /// In a chunked body's trailer section.
     pub fn in_trailers(&self) -> bool {
         matches!(self.state, State::Chunked(Chunk::Trailer { .. }))
@@ -354,6 +376,41 @@ mod tests {
         let mut s = BodyScanner::new(Framing::Chunked);
         assert_eq!(s.scan(b"5\r\nhello\r\n").unwrap(), 10);
         assert_eq!(s.chunk_left(), 0);
+    }
+
+    #[test]
+    fn trailers_are_held_apart_from_what_is_forwarded() {
+        let body = b"3\r\nabc\r\n0\r\nX-A: 1\r\n\r\nNEXT";
+        let mut s = BodyScanner::new(Framing::Chunked);
+        let mut held = None;
+        assert_eq!(s.scan_holding_trailers(body, &mut held).unwrap(), (11, 21));
+        assert!(s.is_done());
+        assert_eq!(held.unwrap().trailers, b"X-A: 1\r\n\r\n");
+        // Split anywhere, the same bytes forwarded and the same section.
+        for cut in 1..body.len() - 4 {
+            let mut s = BodyScanner::new(Framing::Chunked);
+            let mut held = None;
+            let (mut forwarded, mut used) = (Vec::new(), 0);
+            for part in [&body[..cut], &body[cut..]] {
+                let (f, u) = s.scan_holding_trailers(part, &mut held).unwrap();
+                forwarded.extend_from_slice(&part[..f]);
+                used += u;
+                if s.is_done() {
+                    break;
+                }
+            }
+            assert_eq!(forwarded, b"3\r\nabc\r\n0\r\n", "cut at {cut}");
+            assert_eq!(used, 21, "cut at {cut}");
+            assert_eq!(held.unwrap().trailers, b"X-A: 1\r\n\r\n", "cut at {cut}");
+        }
+        // Framed by length: all forwarded, nothing held.
+        let mut s = BodyScanner::new(Framing::Length(3));
+        let mut held = None;
+        assert_eq!(
+            s.scan_holding_trailers(b"abcdef", &mut held).unwrap(),
+            (3, 3)
+        );
+        assert!(held.is_none() && s.is_done());
     }
 
     #[test]

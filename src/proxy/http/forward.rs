@@ -903,15 +903,23 @@ async fn forward(
     }
     let mut scanner = BodyScanner::new(resp.framing);
     let abort = |e: BodyError| HttpError::UpstreamAborted(e.into());
+    // A chunked body's trailer section, once reached: held, and sent as
+    // `rewrite::backend_trailers` allows when the body has ended.
+    let mut trailers = None;
     // Body bytes after the head that the scanner has passed and that are
     // not sent yet. (The scanner takes every byte it is given until the
-    // body ends, so anything after them is past the body.)
-    let body = rbuf.get(resp.len..).unwrap_or_default();
-    let mut ready = if body.is_empty() {
-        0
+    // body ends, so anything after them, once the trailer section's bytes
+    // are taken out, is past the body.)
+    let mut ready = if rbuf.len() > resp.len {
+        let (ready, used) = scanner
+            .scan_holding_trailers(&rbuf[resp.len..], &mut trailers)
+            .map_err(abort)?;
+        rbuf.drain(resp.len + ready..resp.len + used);
+        ready
     } else {
-        scanner.scan(body).map_err(abort)?
+        0
     };
+    let body = rbuf.get(resp.len..).unwrap_or_default();
     // Room for the head as rewritten (a few fields more or fewer, the
     // extra ones) and a coalesced body with its chunk framing: one
     // allocation, where growing it took a realloc per response; from the
@@ -928,6 +936,9 @@ async fn forward(
         frame(&mut out, &body[..ready], rechunk);
         rbuf.drain(..resp.len + ready);
         ready = 0;
+        if scanner.is_done() {
+            push_trailers(&mut out, &mut trailers);
+        }
     } else {
         rbuf.drain(..resp.len);
     }
@@ -939,7 +950,7 @@ async fn forward(
         if ready > 0 {
             streamed += ready as u64;
             bulk_ahead(writer, streamed, ctx)?;
-            let chunk = if rechunk {
+            let mut chunk = if rechunk {
                 let mut framed = Vec::with_capacity(ready + 16);
                 frame(&mut framed, &rbuf[..ready], true);
                 rbuf.drain(..ready);
@@ -947,9 +958,18 @@ async fn forward(
             } else {
                 take_front(&mut rbuf, ready)
             };
+            if scanner.is_done() {
+                push_trailers(&mut chunk, &mut trailers);
+            }
             send(writer, chunk, ctx).await?;
         }
         if scanner.is_done() {
+            // The trailer section, when it came in a read of its own.
+            if trailers.is_some() {
+                let mut out = Vec::new();
+                push_trailers(&mut out, &mut trailers);
+                send(writer, out, ctx).await?;
+            }
             break;
         }
         // The rest of a long body of known length, under kTLS from a plain
@@ -991,7 +1011,11 @@ async fn forward(
             }
             Ok(buf) => {
                 buffers::give(std::mem::replace(&mut rbuf, buf));
-                ready = scanner.scan(&rbuf).map_err(abort)?;
+                let used;
+                (ready, used) = scanner
+                    .scan_holding_trailers(&rbuf, &mut trailers)
+                    .map_err(abort)?;
+                rbuf.drain(ready..used);
             }
             Err(e) => return Err(UpstreamAbort::Io(e).into()),
         }
@@ -1001,6 +1025,17 @@ async fn forward(
     }
     buffers::give(rbuf);
     Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+/// Appends a backend's held trailer section, as the client may have it,
+/// to `out` (once: `held` is emptied).
+fn push_trailers(out: &mut Vec<u8>, held: &mut Option<super::body::Decoded>) {
+    match held.take() {
+        // Most chunked bodies have none: no second buffer for the CRLF.
+        Some(section) if section.trailers == b"\r\n" => out.extend_from_slice(b"\r\n"),
+        Some(section) => out.extend_from_slice(&rewrite::backend_trailers(&section.trailers)),
+        None => {}
+    }
 }
 
 /// What a `static` rule answers a request, decided (and the file opened)

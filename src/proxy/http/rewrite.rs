@@ -96,6 +96,20 @@ pub(crate) fn asserts_for_ktern(name: &[u8]) -> bool {
 /// head's fields cannot carry. HTTP/2 clients' trailers pass the same
 /// rule (`h2::convert::last_chunk`).
 pub(crate) fn client_trailers(section: &[u8]) -> Vec<u8> {
+    kept_trailers(section, client_trailer_allowed)
+}
+
+/// A backend's trailer section as it goes to an HTTP/1.1 client: the
+/// fields [`trailer_allowed`] lets through, as for HTTP/2 clients. A
+/// `Content-Length` or `Transfer-Encoding` there means nothing to the
+/// client and a cache or proxy after ktern may read it differently.
+pub(crate) fn backend_trailers(section: &[u8]) -> Vec<u8> {
+    kept_trailers(section, trailer_allowed)
+}
+
+/// The field lines of `section` whose names are tokens that `allowed`
+/// takes, then the final CRLF.
+fn kept_trailers(section: &[u8], allowed: fn(&[u8]) -> bool) -> Vec<u8> {
     let mut out = Vec::new();
     for line in section.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -107,7 +121,7 @@ pub(crate) fn client_trailers(section: &[u8]) -> Vec<u8> {
             && name
                 .iter()
                 .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token || !client_trailer_allowed(name) {
+        if !token || !allowed(name) {
             continue;
         }
         push_field(&mut out, name, value.trim_ascii());
@@ -119,9 +133,9 @@ pub(crate) fn client_trailers(section: &[u8]) -> Vec<u8> {
 /// Whether a field may travel as a trailer (RFC 9110 §6.5.1): none that
 /// frames, routes or describes the message, and no hop-by-hop one (which
 /// covers HTTP/2's connection-specific fields). Clients' trailers of both
-/// protocols pass this rule, and a backend's to HTTP/2 clients; a
-/// backend's chunked body goes to an HTTP/1.1 client as the backend framed
-/// it, its trailer section included (checked for framing, not filtered).
+/// protocols pass this rule, and a backend's to clients of both (an
+/// HTTP/1.1 client gets the rest of a chunked body as the backend framed
+/// it).
 pub(crate) fn trailer_allowed(name: &[u8]) -> bool {
     const BARRED: &[&str] = &[
         "content-length",
@@ -618,6 +632,13 @@ mod tests {
         let section = b"X-Sum: 7\r\nX-Client-Cert-Subject: CN=admin\r\nX_Real_IP: 1.2.3.4\r\nHost: other\r\nContent-Length: 9\r\nGET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nbad name: 1\r\nX-Last:  yes \r\n\r\n";
         assert_eq!(client_trailers(section), b"X-Sum: 7\r\nX-Last: yes\r\n\r\n");
         assert_eq!(client_trailers(b"\r\n"), b"\r\n");
+        // A backend's may speak for ktern (it is the backend's answer),
+        // but not frame or describe the message.
+        let section = b"X-Forwarded-For: 1.2.3.4\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nServer-Timing: db;dur=5\r\n\r\n";
+        assert_eq!(
+            backend_trailers(section),
+            b"X-Forwarded-For: 1.2.3.4\r\nServer-Timing: db;dur=5\r\n\r\n"
+        );
     }
 
     #[test]
