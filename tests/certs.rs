@@ -1346,6 +1346,35 @@ fn client_certificates_are_verified_with_the_right_alert_and_counted() {
         Ok(())
     );
 
+    // An expired CRL says nothing of what was revoked since: every client
+    // certificate is refused (as OpenSSL does), and `ktern check` says why.
+    let stale = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2020, 1, 1),
+        next_update: rcgen::date_time_ymd(2020, 1, 8),
+        crl_number: rcgen::SerialNumber::from(2u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca)
+    .unwrap();
+    std::fs::write(pki.dir.join("stale.pem"), stale.pem().unwrap()).unwrap();
+    let stale_auth = format!(
+        "client_auth = {{ ca = \"{}\", crl = \"{}\" }}",
+        pki.dir.join("clients.pem").display(),
+        pki.dir.join("stale.pem").display()
+    );
+    let (ok, out, _) = check_config(&pki, &tcp_listener(backend, &stale_auth), None);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("listener[0].client_auth.crl") && out.contains("nextUpdate passed"),
+        "{out}"
+    );
+    let k = Ktern::start(&pki, "", &tcp_listener(backend, &stale_auth));
+    let err = mtls_echo(&k, &pki, Some((vec![good.clone()], &good_key))).unwrap_err();
+    assert!(err.contains("UnknownCA"), "{err}");
+    assert!(k.log().contains("the CRL has expired"), "{}", k.log());
+
     // `optional`: no certificate is served; a bad one is still refused.
     let k = Ktern::start(&pki, "", &listener("optional"));
     assert_eq!(mtls_echo(&k, &pki, None), Ok(()));

@@ -43,6 +43,11 @@ impl fmt::Display for Finding {
     }
 }
 
+/// A CRL whose nextUpdate is this close is reported: CAs issue CRLs for
+/// days, not months, and refresh them well ahead, so only one that is
+/// about to lapse is news.
+const CRL_WARN_SECONDS: i64 = 86_400;
+
 /// Certificates expiring within this many days are reported.
 pub const EXPIRY_WARN_DAYS: i64 = 30;
 
@@ -74,6 +79,22 @@ pub fn lint(config: &Config, now: i64, roots: Option<&rustls::RootCertStore>) ->
             }
         }
         names(i, &l.certificates, &mut out);
+        if let Some(when) = l.client_auth.as_ref().and_then(|a| a.crl_next_update) {
+            let field = format!("listener[{i}].client_auth.crl");
+            if when <= now {
+                let days = (now - when) / 86_400;
+                let message = format!(
+                    "the CRL's nextUpdate passed {days} day(s) ago: every client certificate is refused (unknown_ca) until a fresh CRL is loaded"
+                );
+                push(&mut out, Severity::Error, field, message);
+            } else if when - now < CRL_WARN_SECONDS {
+                let hours = (when - now) / 3600;
+                let message = format!(
+                    "the CRL's nextUpdate is in {hours} hour(s): after it every client certificate is refused until a reload reads a fresh CRL"
+                );
+                push(&mut out, Severity::Warning, field, message);
+            }
+        }
     }
     if let Some(path) = &config.tickets.secret_file {
         use std::os::unix::fs::PermissionsExt as _;

@@ -975,6 +975,10 @@ pub struct ClientAuth {
     /// change to any of them (a revoked client, `required` added by a
     /// reload) is not bypassed by resuming a session from before it.
     pub fingerprint: [u8; 32],
+    /// The earliest nextUpdate of the CRLs (Unix seconds), if any: past
+    /// it every client certificate is refused, as OpenSSL (nginx,
+    /// HAProxy) refuses on an expired CRL, until a reload reads a fresh one.
+    pub crl_next_update: Option<i64>,
 }
 
 /// [`ClientAuth::fingerprint`]: each DER length-prefixed, so no two
@@ -1015,7 +1019,11 @@ fn client_verifier(
         Arc::new(store),
         Arc::new(crate::provider::crypto_provider()),
     )
-    .with_crls(crls);
+    .with_crls(crls)
+    // An expired CRL no longer says which certificates are revoked (RFC
+    // 5280 §5.1.2.5): rustls' default reads it as current for ever, so a
+    // client revoked after it was issued would be let in with no sign.
+    .enforce_revocation_expiration();
     if !required {
         builder = builder.allow_unauthenticated();
     }
@@ -2170,12 +2178,20 @@ impl Validator<'_> {
             return None;
         }
         let fingerprint = client_auth_fingerprint(required, raw.verify_depth, &roots, &crls);
+        let crl_next_update = crls
+            .iter()
+            .filter_map(|c| {
+                let (_, crl) = x509_parser::parse_x509_crl(c.as_ref()).ok()?;
+                Some(crl.next_update()?.timestamp())
+            })
+            .min();
         match client_verifier(roots, crls, required) {
             Ok(verifier) => Some(ClientAuth {
                 required,
                 verify_depth: raw.verify_depth,
                 verifier,
                 fingerprint,
+                crl_next_update,
             }),
             Err(e) => {
                 self.problem(

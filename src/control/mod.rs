@@ -678,7 +678,15 @@ fn tls_configs(
             "session tickets: fleet secret (hosts that log the same fingerprint share tickets)"
         );
     }
+    let now = crate::clock::unix_now();
     for l in &config.listeners {
+        let crl_lapsed = l.client_auth.as_ref().and_then(|a| a.crl_next_update);
+        if let Some(when) = crl_lapsed.filter(|&t| t <= now) {
+            tracing::warn!(
+                listener = %l.name, next_update = when,
+                "client_auth: the CRL has expired: every client certificate is refused until a reload reads a fresh one"
+            );
+        }
         for c in &l.certificates {
             if let (Some(file), Some(why)) = (&c.info.ocsp_file, &c.info.ocsp_problem) {
                 tracing::warn!(

@@ -188,9 +188,22 @@ fn parse_hello(msg: &[u8]) -> Option<Hello> {
         return Some(hello);
     }
     let mut exts = r.vec(2)?;
+    // RFC 8446 §4.2: no two extensions of one type. Of those routed on, a
+    // second would be read here while a backend's TLS stack reads the
+    // first, or refuses the hello (rustls, OpenSSL, BoringSSL and Go do):
+    // malformed.
+    let (mut named, mut listed) = (false, false);
     while !exts.0.is_empty() {
         let ty = exts.u16()?;
         let mut body = exts.vec(2)?;
+        let seen = match ty {
+            EXT_SERVER_NAME => &mut named,
+            EXT_ALPN => &mut listed,
+            _ => &mut false,
+        };
+        if std::mem::replace(seen, true) {
+            return None;
+        }
         match ty {
             EXT_SERVER_NAME => match server_name(&mut body) {
                 Ok(sni) => hello.sni = sni,
@@ -329,6 +342,44 @@ mod tests {
             .expect("the ALPN list");
         bytes[at + 3..at + 5].copy_from_slice(&[0, 0]);
         assert_eq!(peek(&bytes), Peeked::NotHello);
+    }
+
+    /// `bytes` (one record holding a ClientHello) with `ext` appended to
+    /// its extensions, every length put right.
+    fn with_extension(bytes: &[u8], ext: &[u8]) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        out.extend_from_slice(ext);
+        let grow = |at: usize, width: usize, out: &mut Vec<u8>| {
+            let mut n = 0usize;
+            for b in &out[at..at + width] {
+                n = n << 8 | usize::from(*b);
+            }
+            let n = (n + ext.len()).to_be_bytes();
+            out[at..at + width].copy_from_slice(&n[n.len() - width..]);
+        };
+        // Record, handshake message, then the extensions' own length after
+        // version and random, session id, suites and compression methods.
+        grow(3, 2, &mut out);
+        grow(6, 3, &mut out);
+        let mut at = 9 + 2 + 32;
+        at += 1 + usize::from(out[at]);
+        at += 2 + usize::from(u16::from_be_bytes([out[at], out[at + 1]]));
+        at += 1 + usize::from(out[at]);
+        grow(at, 2, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_second_server_name_or_alpn_extension_is_malformed() {
+        let bytes = client_hello("a.test", &[b"h2"]);
+        // An unknown extension appended: still read (the helper is right).
+        let other = with_extension(&bytes, &[0xfe, 0xed, 0, 1, 0]);
+        assert!(matches!(peek(&other), Peeked::Hello(h) if h.sni.as_deref() == Some("a.test")));
+        // server_name for b.test: list length, host_name, name length, name.
+        let sni = [&[0, 0, 0, 11, 0, 9, 0, 0, 6][..], b"b.test"].concat();
+        assert_eq!(peek(&with_extension(&bytes, &sni)), Peeked::NotHello);
+        let alpn = [&[0, 16, 0, 5, 0, 3, 2][..], b"h3"].concat();
+        assert_eq!(peek(&with_extension(&bytes, &alpn)), Peeked::NotHello);
     }
 
     #[test]

@@ -362,7 +362,9 @@ async fn read_hello(
             return Err(NoHello::Bad("no whole ClientHello in the first 128 KiB"));
         }
         if buf.capacity() == have {
-            buf.reserve(have.clamp(2048, PASSTHROUGH_PEEK_MAX - have));
+            // Not `clamp`, which panics when its bounds cross (`have` past
+            // 126 KiB of a full buffer).
+            buf.reserve(have.max(2048).min(PASSTHROUGH_PEEK_MAX - have));
         }
         let want = (PASSTHROUGH_PEEK_MAX - have).min(buf.capacity() - have);
         let (res, b) = socket
@@ -474,8 +476,10 @@ async fn passthrough(
             }) {
             Ok(h) => h,
             Err(e) => {
-                M::inc(&m.upstream_errors);
-                tracing::warn!(%peer, backend = %addr, error = %e, "passthrough: cannot build the PROXY header");
+                // The local address or the header builder: ktern's side,
+                // before any byte reached the backend.
+                M::inc(&m.internal_errors);
+                tracing::warn!(%peer, backend = %addr, error = %e, "internal: passthrough cannot build the PROXY header");
                 return None;
             }
         },
@@ -691,17 +695,24 @@ async fn establish(
 /// listener takes one), the address it connected to, and (v2) the TLS
 /// facts with the client certificate's common name.
 async fn send_proxy(
-    mut backend: TcpStream,
-    addr: SocketAddr,
+    (mut backend, addr): (TcpStream, SocketAddr),
     version: crate::config::ProxyVersion,
     peer: SocketAddr,
     dest: Option<&SocketAddr>,
     conn: &TlsConn,
     tls: &TlsInfo,
+    balancer: &crate::upstream::Balancer,
 ) -> Result<(TcpStream, SocketAddr), crate::upstream::UpstreamError> {
     let written = match dest.map_or_else(|| conn.local_addr(), |d| Ok(*d)) {
         Ok(local) => {
-            crate::upstream::conn::send_proxy(&mut backend, version, (peer, local), tls).await
+            let sent =
+                crate::upstream::conn::send_proxy(&mut backend, version, (peer, local), tls).await;
+            // A backend that takes no bytes counts towards its
+            // `max_fails`, as on the `http` route.
+            if sent.is_err() {
+                balancer.failed(addr, std::time::Instant::now());
+            }
+            sent
         }
         Err(e) => Err(e),
     };
@@ -792,13 +803,13 @@ fn proxy<'a>(
                 let connected = match (connected, route.send_proxy) {
                     (Ok((backend, addr)), Some(version)) => {
                         Box::pin(send_proxy(
-                            backend,
-                            addr,
+                            (backend, addr),
                             version,
                             peer,
                             dest.as_deref(),
                             &conn,
                             &info,
+                            balancer,
                         ))
                         .await
                     }
