@@ -209,6 +209,11 @@ fn requests_bodies_and_trailers_cross_http2_to_http11_backends() {
         // A response delimited by the backend's close.
         let r = h2c::get(&mut c, "/close").await;
         assert_eq!(r.body, b"until close");
+        // A transfer coding HTTP/2 cannot carry (gzip, until close): 502,
+        // not the coded bytes passed off as the content.
+        let r = h2c::get(&mut c, "/gzip-close").await;
+        assert_eq!((r.status, r.body.is_empty()), (502, false));
+        assert!(!String::from_utf8_lossy(&r.body).contains("GZDATA"));
         // Many streams at once on the one connection.
         let mut tasks = Vec::new();
         for i in 0..64 {
@@ -715,6 +720,63 @@ fn websockets_over_http2_can_be_turned_off() {
         let mut c = h2c::connect(k.addr(), &pki).await;
         assert!(!h2c::extended_connect_offered(&mut c).await);
     });
+}
+
+/// A client's GOAWAY with an error code is its complaint: counted as a
+/// client-side error, not as a protocol error or flood ktern caught.
+#[test]
+fn a_clients_goaway_with_an_error_is_not_counted_as_its_protocol_error() {
+    if in_vm() {
+        return;
+    }
+    let (_pki, k, _a) = setup("h2-goaway-in", "");
+    assert_eq!(
+        hostile(&k, "goaway_error"),
+        r#"{"event": "goaway", "code": 0, "debug": ""}"#
+    );
+    assert_eq!(k.wait_metric("ktern_downstream_errors_total", 1), 1);
+    assert_eq!(k.metric("ktern_http2_protocol_errors_total"), 0);
+    assert_eq!(k.metric("ktern_http2_flood_closes_total"), 0);
+}
+
+/// A stream reset while ktern waits to write its body to a backend that
+/// stopped reading ends the stream's task at the reset (h2 has freed its
+/// slot already), and with it the backend connection and its `max_conns`
+/// place: the next request is served, not refused (503) until the write
+/// times out (`response_timeout`, 30 s here).
+#[test]
+fn a_reset_upload_gives_its_backend_back_at_once() {
+    if in_vm() {
+        return;
+    }
+    let pki = Pki::new("h2-reset-upload");
+    let a = start_http_backend("a");
+    let rules = "[[listener.route.rule]]\nupstream = \"app\"\n";
+    let config = http_config(&[], rules, "max_body = \"128m\"")
+        + &format!(
+            "[upstream.app]\nbackends = [\"{}\"]\nmax_conns = 1\nresponse_timeout = \"30s\"\n",
+            a.addr
+        );
+    let k = Ktern::start(&pki, "", &config);
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        let req = ::http::Request::post("https://localhost/deaf")
+            .header("content-length", 64 << 20)
+            .body(())
+            .unwrap();
+        c = c.clone().ready().await.unwrap();
+        let (resp, mut upload) = c.send_request(req, false).unwrap();
+        upload.send_data(vec![7u8; 64 << 20].into(), false).unwrap();
+        // The socket buffers towards the deaf backend fill in far less.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        upload.send_reset(::h2::Reason::CANCEL);
+        drop(resp);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = h2c::get(&mut c, "/x").await;
+        assert_eq!(r.status, 200);
+    });
+    assert_eq!(k.metric("ktern_upstream_full_total"), 0);
 }
 
 /// Runs one case of `tests/common/h2_hostile.py`; its JSON outcome.

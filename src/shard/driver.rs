@@ -986,6 +986,12 @@ impl Failure {
             Failure::Http(HttpError::ClientStalled) => (&m.downstream_errors, "downstream"),
             Failure::Http(HttpError::UpstreamAborted(_)) => (&m.upstream_errors, "upstream"),
             Failure::Http(HttpError::FileAborted(_)) => (&m.internal_errors, "internal"),
+            // The client's own GOAWAY with an error code: its word about
+            // ktern (or itself), not a protocol error or flood ktern
+            // caught. h2 reports both alike but for `is_remote`.
+            Failure::Http(HttpError::H2(e)) if e.is_remote() => {
+                (&m.downstream_errors, "downstream")
+            }
             Failure::Http(HttpError::H2(e)) => match e.reason() {
                 Some(h2::Reason::ENHANCE_YOUR_CALM) => (&m.h2_floods, "downstream"),
                 _ => (&m.h2_protocol_errors, "downstream"),

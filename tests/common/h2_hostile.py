@@ -263,6 +263,10 @@ def main():
         time.sleep(float(sys.argv[4]))
         print(json.dumps({"event": "slept"}))
         return
+    elif case == "goaway_error":
+        # The client ends the connection with GOAWAY(PROTOCOL_ERROR): its
+        # complaint, not one of ktern's.
+        c.send(GoAwayFrame(0, last_stream_id=0, error_code=1))
     elif case == "trickle_body":
         # A POST of 1000 bytes sent a byte every 300 ms, each well inside
         # the server's wait for the next, for at most argv[4] seconds.

@@ -142,6 +142,12 @@ pub fn http_backend_conn(
             }
             return Ok(());
         }
+        // `/deaf`: neither reads the body nor answers, for 10 s (a backend
+        // that stopped reading mid-upload).
+        if path == "/deaf" {
+            std::thread::sleep(Duration::from_secs(10));
+            return Ok(());
+        }
         let mut trailers = String::new();
         let body = if lower.contains("transfer-encoding: chunked") {
             let (body, t) = read_chunked_trailers(&mut r)?;

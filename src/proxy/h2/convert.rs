@@ -99,12 +99,18 @@ pub fn request_head(
     let authority = match parts.uri.authority() {
         Some(a) => a.as_str(),
         // RFC 9113 §8.3.1: without :authority, Host carries it.
-        None => match parts.headers.get(http::header::HOST) {
-            Some(h) => h
-                .to_str()
-                .map_err(|_| Refusal::Malformed("host is not text"))?,
-            None => return Err(Refusal::Malformed("no :authority and no host")),
-        },
+        None => {
+            let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+            match (hosts.next(), hosts.next()) {
+                (Some(h), None) => h
+                    .to_str()
+                    .map_err(|_| Refusal::Malformed("host is not text"))?,
+                // Two would name two hosts; HTTP/1.1's head is refused
+                // alike (400).
+                (Some(_), Some(_)) => return Err(Refusal::Malformed("more than one host")),
+                (None, _) => return Err(Refusal::Malformed("no :authority and no host")),
+            }
+        }
     };
     // RFC 9113 §8.3.1: no userinfo in an https authority (`evil@api.example`
     // would route as api.example's and reach the backend as another
@@ -118,7 +124,11 @@ pub fn request_head(
         None if websocket.is_some() => {
             return Err(Refusal::Malformed("extended CONNECT without :path"))
         }
-        None => "/",
+        // RFC 9113 §8.3.1: every request but CONNECT carries `:path`. (h2
+        // refuses one with `:authority` and no `:path`; with neither, the
+        // `http` crate's empty URI reads as `/`, which cannot be told
+        // from a `:path` of `/` here.)
+        None => return Err(Refusal::Malformed("no :path")),
     };
     let method = match websocket {
         Some(_) => "GET",
@@ -419,6 +429,22 @@ mod tests {
             request_head(&parts(req), true, &Limits::default(), None),
             Err(Refusal::Malformed("no :authority and no host"))
         ));
+        let req = http::Request::get("/x")
+            .header("host", "a.example")
+            .header("host", "b.example")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            request_head(&parts(req), true, &Limits::default(), None).err(),
+            Some(Refusal::Malformed("more than one host"))
+        );
+        // A URI with no path: refused, not sent as `/`.
+        let req = http::Request::get("a.example").body(()).unwrap();
+        assert_eq!(req.uri().path_and_query(), None);
+        assert_eq!(
+            request_head(&parts(req), true, &Limits::default(), None).err(),
+            Some(Refusal::Malformed("no :path"))
+        );
         // RFC 9113 §8.3.1: no userinfo, in :authority or in Host.
         let req = http::Request::get("https://evil@a.example/x")
             .body(())

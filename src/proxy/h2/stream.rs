@@ -306,7 +306,12 @@ async fn forward(
                 upstream.response_timeout,
                 moved,
             );
-            Box::pin(sent).await
+            // A reset ends the wait at once: h2 frees the stream's slot at
+            // the reset, so a task held here in a write to a backend that
+            // stopped reading (up to response_timeout a write) would
+            // outlive it, its backend connection with it, beyond
+            // max_concurrent_streams.
+            until_reset(|cx| respond.poll_reset(cx), Box::pin(sent)).await?
         };
         if let BodySent::ClientGone = sent {
             return Err(Cut::Client);
@@ -351,6 +356,9 @@ async fn forward(
     let ws_refused = ws_key.and_then(|key| convert::websocket_refusal(&resp, key));
     let refused = match (exchange::relay(head, &resp, false), ws_key) {
         _ if ws_refused.is_some() => ws_refused,
+        (Relay::Body { .. }, _) if exchange::coded_beyond_chunked(&resp) => {
+            Some("a transfer coding other than chunked, which HTTP/2 cannot carry")
+        }
         (Relay::Body { .. }, _) => None,
         (Relay::Refuse(why), _) => Some(why),
         (Relay::Upgrade, Some(_)) => match body {

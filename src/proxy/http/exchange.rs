@@ -268,6 +268,19 @@ pub fn relay(head: &RequestHead, resp: &ResponseHead, closing: bool) -> Relay {
     Relay::Body { rechunk, close }
 }
 
+/// Whether a response carries a transfer coding other than chunked
+/// (`gzip`, `gzip, chunked`). HTTP/2 has none (RFC 9113 §8.2.2: the field
+/// is connection-specific), and the `content-encoding` does not say it, so
+/// an HTTP/2 client would take the coded bytes for the content: 502, as
+/// nginx answers. (HTTP/1.1 clients get the coding, named.)
+pub fn coded_beyond_chunked(resp: &ResponseHead) -> bool {
+    resp.fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case(b"transfer-encoding"))
+        .flat_map(|f| f.value.split(|&b| b == b','))
+        .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
 /// Whether the backend connection goes back to the pool once the response
 /// was relayed: only one whose response ended exactly at its framing
 /// (`leftover` bytes past it: none), that said keep-alive, and not after
@@ -616,6 +629,17 @@ mod tests {
         assert!(matches!(relay(&old, &chunked, false), Relay::Refuse(_)));
         assert_eq!(relay(&upgrade, &switching, false), Relay::Upgrade);
         assert!(matches!(relay(&keep, &switching, false), Relay::Refuse(_)));
+        // Codings HTTP/2 cannot carry; chunked alone (in any case) it can.
+        let coded = |te: &str| {
+            let r = resp(
+                &format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n"),
+                "GET",
+            );
+            coded_beyond_chunked(&r)
+        };
+        assert!(!coded("chunked") && !coded("Chunked"));
+        assert!(coded("gzip, chunked") && coded("gzip"));
+        assert!(!coded_beyond_chunked(&sized));
     }
 
     #[test]
