@@ -593,9 +593,6 @@ impl Balancer {
             // and a recovering group is not met by a connect storm. nginx
             // answers 502 without trying any ("no live upstreams").
             let down = !self.usable(i, planned);
-            if down && probed {
-                continue;
-            }
             // A backend at its max_conns is skipped, as nginx does; the
             // plan's next one takes the request.
             let Some(lease) = self.lease_at(i) else {
@@ -604,6 +601,11 @@ impl Balancer {
             };
             if let Some(s) = take(addr, now) {
                 return Ok((s, addr, true, lease));
+            }
+            // Only the connect is skipped: an idle pooled connection to
+            // a backend marked down is still taken above.
+            if down && probed {
+                continue;
             }
             tried += 1;
             probed |= down;
@@ -963,6 +965,22 @@ mod tests {
         seen.sort();
         seen.dedup();
         assert_eq!(seen.len(), 3, "{probes:?}");
+        // An idle pooled connection to a down backend is still taken after
+        // the one probe: only connects are limited. (Whichever backend
+        // the rotation starts at, the probe fails first or the pool hits.)
+        for pooled in &a {
+            let got = rt.block_on(Balancer::acquire_from(
+                &b,
+                |addr, _| (addr == *pooled).then_some(Pooled),
+                None,
+                Duration::from_secs(5),
+                Instant::now(),
+            ));
+            assert_eq!(
+                got.map(|(_, addr, hit, _)| (addr, hit)).ok(),
+                Some((*pooled, true))
+            );
+        }
         // A usable backend that fails is tried before the one probe.
         b.succeeded(a[1]);
         assert_eq!(connect(&mut rt).0, 2);

@@ -706,7 +706,12 @@ async fn send_body(
         };
         let began = clock::coarse_now();
         let data = ctx.within(wait, body.data()).await;
-        pace.waited(clock::coarse_now().saturating_duration_since(began));
+        // At most the wait allowed (the coarse clock may read a tick more).
+        pace.waited(
+            clock::coarse_now()
+                .saturating_duration_since(began)
+                .min(wait),
+        );
         let data = match data {
             Err(_) => return slow(),
             Ok(None) => break,
@@ -756,10 +761,9 @@ async fn send_body(
         let _ = body.flow_control().release_capacity(n);
     }
     if chunked {
-        let Some(wait) = pace.wait(total, per_read) else {
-            return slow();
-        };
-        let trailers = match ctx.within(wait, body.trailers()).await {
+        // The body has ended (END_STREAM came): the trailers, if any,
+        // came with it, so this wait is not the body's to be paced.
+        let trailers = match ctx.within(per_read, body.trailers()).await {
             Err(_) => return slow(),
             Ok(Err(_)) => return BodySent::ClientGone,
             Ok(Ok(t)) => t,

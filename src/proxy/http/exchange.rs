@@ -277,8 +277,8 @@ pub fn coded_beyond_chunked(resp: &ResponseHead) -> bool {
     resp.fields
         .iter()
         .filter(|f| f.name.eq_ignore_ascii_case(b"transfer-encoding"))
-        .flat_map(|f| f.value.split(|&b| b == b','))
-        .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .flat_map(|f| super::head::list_tokens(f.value))
+        .any(|c| !c.eq_ignore_ascii_case("chunked"))
 }
 
 /// Whether the backend connection goes back to the pool once the response
@@ -638,6 +638,8 @@ mod tests {
             coded_beyond_chunked(&r)
         };
         assert!(!coded("chunked") && !coded("Chunked"));
+        // Empty list items are none (RFC 9110 §5.6.1), as the parser reads them.
+        assert!(!coded("chunked,") && !coded(", chunked"));
         assert!(coded("gzip, chunked") && coded("gzip"));
         assert!(!coded_beyond_chunked(&sized));
     }

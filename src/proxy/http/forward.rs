@@ -1722,8 +1722,9 @@ async fn send_body(
 ) -> Result<BodySent, HttpError> {
     let mut scanner = BodyScanner::new(head.framing);
     let mut total = 0u64;
-    // Bytes read for this body: what earns it time under the pace.
-    let mut received = 0u64;
+    // Bytes read for this body, those that came with the head included:
+    // what earns it time under the pace.
+    let mut received = inbuf.len() as u64;
     let mut pace = exchange::BodyPace::new(timeout, ctx.route.min_body_rate);
     // A chunked body's trailer section, once reached: held (at most 8 KiB,
     // the scanner's bound) and sent as `rewrite::client_trailers` allows.
@@ -1736,7 +1737,13 @@ async fn send_body(
             };
             let began = clock::coarse_now();
             let read = ctx.within(wait, reader.read_chunk()).await;
-            pace.waited(clock::coarse_now().saturating_duration_since(began));
+            // At most the wait allowed: the coarse clock may read a tick
+            // more, which would cut off a body that made it in time.
+            pace.waited(
+                clock::coarse_now()
+                    .saturating_duration_since(began)
+                    .min(wait),
+            );
             match read {
                 Err(_) => {
                     M::inc(&ctx.metrics.http_slow_bodies);
