@@ -22,7 +22,6 @@ use h2::{Reason, RecvStream, SendStream};
 use super::convert::{self, Refusal};
 use super::io::Signals;
 use crate::buffers;
-use crate::clock;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::body::{BodyScanner, Decoded, Framing};
 use crate::proxy::http::exchange::{self, Relay};
@@ -696,31 +695,16 @@ async fn send_body(
     let mut total = 0u64;
     let per_read = ctx.route.head_timeout;
     let mut pace = exchange::BodyPace::new(per_read, ctx.route.min_body_rate);
-    let slow = || {
-        M::inc(&ctx.metrics.http_slow_bodies);
-        BodySent::Refused(408)
-    };
     while !body.is_end_stream() {
-        let Some(wait) = pace.wait(total, per_read) else {
-            return slow();
-        };
-        let began = clock::coarse_now();
-        let data = ctx.within(wait, body.data()).await;
-        // At most the wait allowed (the coarse clock may read a tick more).
-        pace.waited(
-            clock::coarse_now()
-                .saturating_duration_since(began)
-                .min(wait),
-        );
-        let data = match data {
-            Err(_) => return slow(),
-            Ok(None) => break,
+        let data = match ctx.paced(&mut pace, total, per_read, body.data()).await {
+            None => return BodySent::Refused(408),
+            Some(None) => break,
             // Reset by the client, a content-length that disagrees with
             // the DATA sent (h2 resets it: PROTOCOL_ERROR), or the
             // connection ended: this backend connection carries half a
             // request and is dropped, never pooled.
-            Ok(Some(Err(_))) => return BodySent::ClientGone,
-            Ok(Some(Ok(d))) => d,
+            Some(Some(Err(_))) => return BodySent::ClientGone,
+            Some(Some(Ok(d))) => d,
         };
         let n = data.len();
         total += n as u64;
@@ -764,7 +748,10 @@ async fn send_body(
         // The body has ended (END_STREAM came): the trailers, if any,
         // came with it, so this wait is not the body's to be paced.
         let trailers = match ctx.within(per_read, body.trailers()).await {
-            Err(_) => return slow(),
+            Err(_) => {
+                M::inc(&ctx.metrics.http_slow_bodies);
+                return BodySent::Refused(408);
+            }
             Ok(Err(_)) => return BodySent::ClientGone,
             Ok(Ok(t)) => t,
         };

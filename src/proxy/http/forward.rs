@@ -137,6 +137,38 @@ impl Ctx<'_> {
     /// so its 128-byte alignment does not spread to the caller's future).
     /// The wait starts when this is called (the clock is armed, or the
     /// timer set, here): await it at once.
+    /// `fut`, one wait for a request body's next bytes under `pace`
+    /// (`received` so far, `per_read` for each wait): `None`, counted,
+    /// when the body is too slow (the pace ran out, or this wait did).
+    /// Both protocols' pumps wait this way, so both time it alike.
+    pub(crate) async fn paced<F: Future>(
+        &self,
+        pace: &mut exchange::BodyPace,
+        received: u64,
+        per_read: Duration,
+        fut: F,
+    ) -> Option<F::Output> {
+        let out = match pace.wait(received, per_read) {
+            Some(wait) => {
+                let began = clock::coarse_now();
+                let out = self.within(wait, fut).await.ok();
+                // At most the wait allowed: the coarse clock may read a
+                // tick more, which would cut off a body that made it in time.
+                pace.waited(
+                    clock::coarse_now()
+                        .saturating_duration_since(began)
+                        .min(wait),
+                );
+                out
+            }
+            None => None,
+        };
+        if out.is_none() {
+            M::inc(&self.metrics.http_slow_bodies);
+        }
+        out
+    }
+
     pub(crate) fn within<F: Future>(&self, timeout: Duration, fut: F) -> Within<'_, F> {
         match &self.clock {
             Some(clock) => {
@@ -1731,34 +1763,19 @@ async fn send_body(
     let mut trailers: Option<crate::proxy::http::body::Decoded> = None;
     while !scanner.is_done() {
         if inbuf.is_empty() {
-            let Some(wait) = pace.wait(received, timeout) else {
-                M::inc(&ctx.metrics.http_slow_bodies);
-                return Ok(BodySent::Refused(408));
-            };
-            let began = clock::coarse_now();
-            let read = ctx.within(wait, reader.read_chunk()).await;
-            // At most the wait allowed: the coarse clock may read a tick
-            // more, which would cut off a body that made it in time.
-            pace.waited(
-                clock::coarse_now()
-                    .saturating_duration_since(began)
-                    .min(wait),
-            );
-            match read {
-                Err(_) => {
-                    M::inc(&ctx.metrics.http_slow_bodies);
-                    return Ok(BodySent::Refused(408));
-                }
-                Ok(Ok(Some(c))) => {
+            let read = ctx.paced(&mut pace, received, timeout, reader.read_chunk());
+            match read.await {
+                None => return Ok(BodySent::Refused(408)),
+                Some(Ok(Some(c))) => {
                     received += c.len() as u64;
                     inbuf.extend_from_slice(&c);
                 }
                 // The client vanished mid-body: this backend connection
                 // carries half a request and is dropped, never pooled.
-                Ok(Ok(None)) => return Ok(BodySent::ClientGone),
+                Some(Ok(None)) => return Ok(BodySent::ClientGone),
                 // Bad TLS mid-body: the connection ends with rustls' alert
                 // (the caller aborts); the exchange is logged 499.
-                Ok(Err(e)) => return Err(HttpError::Downstream(e)),
+                Some(Err(e)) => return Err(HttpError::Downstream(e)),
             }
         }
         if let Some(section) = trailers.as_mut() {
