@@ -130,13 +130,6 @@ impl<F: Future> Future for Within<'_, F> {
 }
 
 impl Ctx<'_> {
-    /// Runs `fut` for at most `timeout`. On the connection's clock this
-    /// costs no allocation and no timer (the expiry is found by the
-    /// shard's sweeper, at most a quarter of the shortest timeout late,
-    /// see `idle::sweep_period`); without one, a boxed monoio timer (boxed,
-    /// so its 128-byte alignment does not spread to the caller's future).
-    /// The wait starts when this is called (the clock is armed, or the
-    /// timer set, here): await it at once.
     /// `fut`, one wait for a request body's next bytes under `pace`
     /// (`received` so far, `per_read` for each wait): `None`, counted,
     /// when the body is too slow (the pace ran out, or this wait did).
@@ -169,6 +162,13 @@ impl Ctx<'_> {
         out
     }
 
+    /// Runs `fut` for at most `timeout`. On the connection's clock this
+    /// costs no allocation and no timer (the expiry is found by the
+    /// shard's sweeper, at most a quarter of the shortest timeout late,
+    /// see `idle::sweep_period`); without one, a boxed monoio timer (boxed,
+    /// so its 128-byte alignment does not spread to the caller's future).
+    /// The wait starts when this is called (the clock is armed, or the
+    /// timer set, here): await it at once.
     pub(crate) fn within<F: Future>(&self, timeout: Duration, fut: F) -> Within<'_, F> {
         match &self.clock {
             Some(clock) => {
@@ -1754,22 +1754,18 @@ async fn send_body(
 ) -> Result<BodySent, HttpError> {
     let mut scanner = BodyScanner::new(head.framing);
     let mut total = 0u64;
-    // Bytes read for this body, those that came with the head included:
-    // what earns it time under the pace.
-    let mut received = inbuf.len() as u64;
     let mut pace = exchange::BodyPace::new(timeout, ctx.route.min_body_rate);
     // A chunked body's trailer section, once reached: held (at most 8 KiB,
     // the scanner's bound) and sent as `rewrite::client_trailers` allows.
     let mut trailers: Option<crate::proxy::http::body::Decoded> = None;
     while !scanner.is_done() {
         if inbuf.is_empty() {
-            let read = ctx.paced(&mut pace, received, timeout, reader.read_chunk());
+            // `total`: every byte read so far has been scanned when the
+            // buffer is empty, those that came with the head included.
+            let read = ctx.paced(&mut pace, total, timeout, reader.read_chunk());
             match read.await {
                 None => return Ok(BodySent::Refused(408)),
-                Some(Ok(Some(c))) => {
-                    received += c.len() as u64;
-                    inbuf.extend_from_slice(&c);
-                }
+                Some(Ok(Some(c))) => inbuf.extend_from_slice(&c),
                 // The client vanished mid-body: this backend connection
                 // carries half a request and is dropped, never pooled.
                 Some(Ok(None)) => return Ok(BodySent::ClientGone),
