@@ -552,3 +552,119 @@ fn a_deferred_connection_sends_its_keyupdate_reply_before_the_hand_over() {
     c.flush().unwrap();
     pong_then_bulk(c, server, go, 7);
 }
+
+/// How [`half_a_record_then_a_fin_is_truncation_on_the_kernel_path`]'s
+/// server reads: the HTTP/1.1 path's `read_chunk`, HTTP/2's `try_read`, or
+/// the `tcp` route's `splice_to`.
+#[derive(Clone, Copy, Debug)]
+enum ReadBy {
+    Chunks,
+    Try,
+    Splice,
+}
+
+/// Reads the client's plaintext on the kernel path until the stream ends
+/// (`Ok`) or fails (`Err` with the error's kind), with what came before.
+async fn read_to_end(
+    rd: &mut ktern::ktls::TlsReader,
+    by: ReadBy,
+) -> (Vec<u8>, Result<(), &'static str>) {
+    use ktern::ktls::stream::{Attempt, Spliced};
+    use std::io::Read;
+    let mut got = Vec::new();
+    let pipe = ktern::sys::Pipe::new(0).unwrap();
+    let mut out = std::fs::File::from(pipe.rx.try_clone().unwrap());
+    loop {
+        let step = match by {
+            ReadBy::Chunks => match rd.read_chunk().await {
+                Ok(Some(chunk)) => {
+                    got.extend(chunk);
+                    continue;
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.kind()),
+            },
+            ReadBy::Try => {
+                let mut space = [std::mem::MaybeUninit::uninit(); 1 << 14];
+                let mut buf = tokio::io::ReadBuf::uninit(&mut space);
+                match rd.try_read(&mut buf) {
+                    Ok(Attempt::Done(0)) => Ok(()),
+                    Ok(Attempt::Done(_)) => {
+                        got.extend_from_slice(buf.filled());
+                        continue;
+                    }
+                    Ok(Attempt::WouldBlock) => {
+                        rd.readable().await.unwrap();
+                        continue;
+                    }
+                    Ok(Attempt::Slow) => panic!("a data record read the slow way"),
+                    Err(e) => Err(e.kind()),
+                }
+            }
+            ReadBy::Splice => match rd.splice_to(&pipe, 1 << 16).await {
+                Ok(Spliced::Bytes(n)) => {
+                    let mut buf = vec![0u8; n];
+                    out.read_exact(&mut buf).unwrap();
+                    got.extend(buf);
+                    continue;
+                }
+                Ok(Spliced::WouldBlock) => {
+                    rd.readable().await.unwrap();
+                    continue;
+                }
+                Ok(Spliced::Eof) => Ok(()),
+                Err(e) => Err(e.kind()),
+            },
+        };
+        return (got, step);
+    }
+}
+
+/// A client that sends a record, then half of the next and a FIN, has cut
+/// its stream short. The kernel's `recv` returns 0 for it as for a FIN at a
+/// record boundary; ktern must report it as truncated (as its userspace
+/// path does), or a `tcp` route would pass the cut-off stream to its backend
+/// as a complete one (a normal half-close). A FIN at a record boundary stays
+/// a clean end.
+#[test]
+fn half_a_record_then_a_fin_is_truncation_on_the_kernel_path() {
+    if !ktls_here() {
+        return;
+    }
+    let pki = Pki::new("truncated");
+    for by in [ReadBy::Chunks, ReadBy::Try, ReadBy::Splice] {
+        for cut in [true, false] {
+            // The keys go to the kernel before the client sends: a socket
+            // that has had its FIN takes no ULP (ENOTCONN).
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+            let (addr, server) = serve_one(&pki, move |sock, est| async move {
+                let support = ktern::ktls::probe();
+                let mode = (ktern::config::KtlsMode::Required, &support);
+                let conn = ktern::ktls::establish(sock, est, mode, None).unwrap();
+                assert_eq!(conn.path(), ktern::ktls::Path::Kernel);
+                ready_tx.send(()).unwrap();
+                let (mut rd, _wr) = conn.split();
+                read_to_end(&mut rd, by).await
+            });
+            let mut c = connect(addr, &pki, ClientOpts::default());
+            ready_rx.recv().unwrap();
+            c.write_all(b"whole record").unwrap();
+            c.conn.writer().write_all(b"cut off").unwrap();
+            let mut record = Vec::new();
+            while c.conn.wants_write() {
+                c.conn.write_tls(&mut record).unwrap();
+            }
+            let end = if cut { record.len() / 2 } else { record.len() };
+            c.sock.write_all(&record[..end]).unwrap();
+            c.sock.shutdown(std::net::Shutdown::Write).unwrap();
+            let (got, end) = server.join().unwrap();
+            if cut {
+                assert_eq!(got, b"whole record", "{by:?}");
+                assert_eq!(end, Err("truncated"), "{by:?}: half a record, then FIN");
+            } else {
+                assert_eq!(got, b"whole recordcut off", "{by:?}");
+                assert_eq!(end, Ok(()), "{by:?}: FIN at a record boundary");
+            }
+        }
+    }
+}

@@ -377,7 +377,7 @@ impl TlsReader {
             self.wait_input().await?;
             let mut buf = Vec::with_capacity(CHUNK);
             match sys::recv_spare(sys::borrow_fd(&self.sock), &mut buf) {
-                Ok(0) => self.eof = true,
+                Ok(0) => self.kernel_eof()?,
                 Ok(n) => {
                     self.hot = n == CHUNK;
                     self.charge_rx(n);
@@ -395,6 +395,22 @@ impl TlsReader {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Kernel path: `recv` returned 0. The kernel says so at a FIN whether
+    /// or not a record was cut off by it (tls_rx_rec_wait returns 0 on
+    /// RCV_SHUTDOWN with half a record queued), so the bytes still in TCP's
+    /// queue tell the two apart: none is the end of the stream, as on the
+    /// userspace path; some are a truncated record ([`StreamError::Truncated`],
+    /// as the userspace path reports it), and the caller aborts rather than
+    /// pass the cut-off stream on as complete.
+    fn kernel_eof(&mut self) -> Result<(), StreamError> {
+        self.eof = true;
+        match sys::unread_bytes(sys::borrow_fd(&self.sock)) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(StreamError::Truncated),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -484,7 +500,7 @@ impl TlsReader {
         }
         match sys::recv_readbuf(sys::borrow_fd(&self.sock), buf) {
             Ok(0) => {
-                self.eof = true;
+                self.kernel_eof()?;
                 Ok(Attempt::Done(0))
             }
             Ok(n) => {
@@ -514,7 +530,7 @@ impl TlsReader {
             }
             match sys::splice(sys::borrow_fd(&self.sock), pipe.tx.as_fd(), max) {
                 Ok(0) => {
-                    self.eof = true;
+                    self.kernel_eof()?;
                     return Ok(Spliced::Eof);
                 }
                 Ok(n) => {
@@ -562,9 +578,9 @@ impl TlsReader {
         };
         buf.truncate(n);
         if rtype == record::content::APPLICATION_DATA {
-            if n == 0 && rtype == record::content::APPLICATION_DATA {
+            if n == 0 {
                 // recvmsg returning 0 is the TCP FIN.
-                self.eof = true;
+                self.kernel_eof()?;
             }
             return Ok(Some(n));
         }

@@ -234,6 +234,21 @@ pub fn send_vectored_now(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Re
     })
 }
 
+/// Bytes the kernel has received on a TCP socket and nobody has read yet
+/// (`ioctl(SIOCINQ)`, which is `FIONREAD`: tcp_inq; a received FIN is not
+/// counted). On a kTLS
+/// socket these are ciphertext: since Linux 6.0 the record parser
+/// (tls_strp) leaves a partial record in TCP's queue until it is whole, and
+/// the TLS ULP does not override `ioctl`, so after `recv` returned 0 a
+/// non-zero count is a record cut off by the FIN.
+pub fn unread_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `fd` is borrowed and open; FIONREAD writes one int into `n`,
+    // which we own.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Whether a read would find something now (data, EOF or an error such as
 /// a kTLS control record's EIO), without consuming it: one non-blocking
 /// `recv(MSG_PEEK)` of one byte. `false` only on `EAGAIN`.
