@@ -291,6 +291,18 @@ where
     (addr, server)
 }
 
+/// Sends the tickets a handshake held for the first record
+/// (`Established::unsent`), as the driver does before the keys go to the
+/// kernel at the handshake.
+async fn send_held_tickets(
+    sock: &mut monoio::net::TcpStream,
+    est: &mut ktern::handshake::Established,
+) {
+    use monoio::io::AsyncWriteRentExt;
+    let (res, _) = sock.write_all(std::mem::take(&mut est.unsent)).await;
+    res.unwrap();
+}
+
 fn test_listener(pki: &Pki) -> ktern::config::Listener {
     let pem = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
     let cert = ktern::config::Certificate::from_pem(&pem(&pki.cert), &pem(&pki.key)).unwrap();
@@ -420,7 +432,8 @@ fn keyupdate_then_bulk_server(
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (addr, server) = serve_one(pki, move |sock, est| async move {
         assert_eq!(
-            est.reply_owed, with_finished,
+            est.after_finished.maybe_owed(),
+            with_finished,
             "a reply owed at the handshake"
         );
         let support = ktern::ktls::probe();
@@ -511,8 +524,12 @@ fn a_keyupdate_with_the_finished_defers_the_hand_over_or_closes_at_once() {
     let auto = ktern::config::KtlsMode::Auto;
     let (addr, server, go) = keyupdate_then_bulk_server(&pki, auto, Some(1000), true, 8);
     pong_then_bulk(finished_with_keyupdate(addr, &pki), server, go, 8);
-    let (addr, server) = serve_one(&pki, move |sock, est| async move {
-        assert!(est.reply_owed, "the KeyUpdate came with the Finished");
+    let (addr, server) = serve_one(&pki, move |mut sock, mut est| async move {
+        assert!(
+            est.after_finished.maybe_owed(),
+            "the KeyUpdate came with the Finished"
+        );
+        send_held_tickets(&mut sock, &mut est).await;
         let support = ktern::ktls::probe();
         let required = (ktern::config::KtlsMode::Required, &support);
         let res = ktern::ktls::establish(sock, est, required, None);
@@ -530,6 +547,74 @@ fn a_keyupdate_with_the_finished_defers_the_hand_over_or_closes_at_once() {
         "closed, not served: {read:?}"
     );
     server.join().unwrap();
+}
+
+/// JDK clients send a `user_canceled` warning alert in the flight of
+/// their Finished. TLS 1.3 hides its type, so the handshake counts it as a
+/// record that may be a KeyUpdate; the read sequence number at extraction
+/// says it was not. With the keys going to the kernel at the handshake
+/// (`required`), the connection is served and the kernel opens the
+/// client's later records. (It was closed unserved.)
+#[test]
+fn a_user_canceled_alert_with_the_finished_owes_no_reply() {
+    if !ktls_here() {
+        return;
+    }
+    let pki = Pki::new("finished-alert");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (addr, server) = serve_one(&pki, move |mut sock, mut est| async move {
+        assert!(
+            est.after_finished.maybe_owed(),
+            "the alert was read with the Finished"
+        );
+        send_held_tickets(&mut sock, &mut est).await;
+        let support = ktern::ktls::probe();
+        let required = (ktern::config::KtlsMode::Required, &support);
+        let conn = ktern::ktls::establish(sock, est, required, None).unwrap();
+        assert_eq!(conn.path(), ktern::ktls::Path::Kernel);
+        assert_eq!(conn.kernel_ulp().unwrap(), "tls");
+        ready_tx.send(()).unwrap();
+        let (mut rd, _wr) = conn.split();
+        let mut got = Vec::new();
+        while let Some(chunk) = rd.read_chunk().await.unwrap() {
+            got.extend(chunk);
+        }
+        got
+    });
+    let mut cfg = (*client_config(&[&pki.der])).clone();
+    cfg.enable_secret_extraction = true;
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            conn.write_tls(&mut sock).unwrap();
+        }
+        conn.read_tls(&mut sock).unwrap();
+        conn.process_new_packets().unwrap();
+    }
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    // A warning (1) user_canceled (90) alert, then data; later, more data
+    // that only the kernel's key can open.
+    let records = ktern::handshake::memory::sealed_records(
+        conn,
+        &[
+            (rustls::ContentType::Alert, &[1, 90]),
+            (rustls::ContentType::ApplicationData, b"ping"),
+            (rustls::ContentType::ApplicationData, b" later"),
+        ],
+    );
+    flight.extend_from_slice(&records[0]);
+    flight.extend_from_slice(&records[1]);
+    sock.write_all(&flight).unwrap();
+    ready_rx.recv().unwrap();
+    sock.write_all(&records[2]).unwrap();
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(server.join().unwrap(), b"ping later");
 }
 
 /// A client's KeyUpdate asking for ours, read while a deferred connection's

@@ -128,6 +128,15 @@ pub fn sealed_record(
     typ: rustls::ContentType,
     payload: &[u8],
 ) -> Vec<u8> {
+    sealed_records(client, &[(typ, payload)]).concat()
+}
+
+/// [`sealed_record`] for several records, at consecutive sequence numbers:
+/// each record's bytes, to be sent together or apart.
+pub fn sealed_records(
+    client: ClientConnection,
+    records: &[(rustls::ContentType, &[u8])],
+) -> Vec<Vec<u8>> {
     use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
     let Some(rustls::SupportedCipherSuite::Tls13(suite)) = client.negotiated_cipher_suite() else {
         panic!("a TLS 1.3 connection");
@@ -141,15 +150,16 @@ pub fn sealed_record(
         (seq, rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }) => (seq, (key, iv)),
         _ => panic!("a TLS 1.3 suite"),
     };
-    let message = OutboundPlainMessage {
-        typ,
-        version: rustls::ProtocolVersion::TLSv1_2,
-        payload: OutboundChunks::Single(payload),
-    };
-    suite
-        .aead_alg
-        .encrypter(key, iv)
-        .encrypt(message, seq)
-        .expect("sealed")
-        .encode()
+    let mut sealer = suite.aead_alg.encrypter(key, iv);
+    (seq..)
+        .zip(records)
+        .map(|(seq, &(typ, payload))| {
+            let message = OutboundPlainMessage {
+                typ,
+                version: rustls::ProtocolVersion::TLSv1_2,
+                payload: OutboundChunks::Single(payload),
+            };
+            sealer.encrypt(message, seq).expect("sealed").encode()
+        })
+        .collect()
 }

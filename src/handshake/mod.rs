@@ -381,11 +381,9 @@ pub struct Established {
     pub unsent: Vec<u8>,
     /// The client already sent close_notify.
     pub peer_closed: bool,
-    /// A record the client sent after its Finished was not application
-    /// data: a KeyUpdate (RFC 8446 §4.6.3), whose reply rustls holds,
-    /// sealed under its old key, until it seals the next record. The keys
-    /// may go to the kernel only after that record (`User::reply_owed`).
-    pub reply_owed: bool,
+    /// What the client sent after its Finished that rustls read in the
+    /// handshake: whether a KeyUpdate reply may be owed.
+    pub after_finished: AfterFinished,
     /// The server name the client asked for (SNI), lower case.
     pub sni: Option<Box<str>>,
     /// A CA's TLS-ALPN-01 validation (the hello was switched to the
@@ -445,6 +443,42 @@ impl TlsInfo {
     }
 }
 
+/// The client's records after its Finished that the handshake read. One
+/// that was neither application data nor close_notify may be a KeyUpdate
+/// (RFC 8446 §4.6.3), whose reply rustls holds, sealed under its old key,
+/// until it seals the next record: the keys may go to the kernel only after
+/// that record (`User::reply_owed`). TLS 1.3 hides the record's type, and
+/// rustls does not say which it read; it may as well have been a warning
+/// alert (`user_canceled`, which JDK clients send).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AfterFinished {
+    /// Records counted after the Finished, all under the client's first
+    /// traffic key unless one was a KeyUpdate. (Those read by the same call
+    /// as the Finished are not counted: rustls hands back the tickets it
+    /// seals then before it reads on, when it seals any.)
+    pub records: u64,
+    /// Of them, neither application data nor close_notify.
+    pub other: u64,
+}
+
+impl AfterFinished {
+    /// Before the keys are extracted, all that is known: a record may have
+    /// been a KeyUpdate.
+    pub fn maybe_owed(&self) -> bool {
+        self.other > 0
+    }
+
+    /// With the read sequence number the client's key had when rustls gave
+    /// it up (`ExtractedSecrets::rx`): rustls restarts that number at each
+    /// KeyUpdate (a new key), so without one every counted record took a
+    /// number under the first key and it is at least `records`. Below it, a
+    /// KeyUpdate was read and its reply may be held; at or above it the
+    /// other records were alerts, and nothing is owed.
+    pub fn owed(&self, rx_seq: u64) -> bool {
+        self.maybe_owed() && rx_seq < self.records
+    }
+}
+
 /// Sans-IO TLS server handshake.
 ///
 /// Call order: loop on [`Handshake::poll`]; on `Transmit` send the output and
@@ -456,11 +490,11 @@ pub struct Handshake {
     output: Vec<u8>,
     early_plaintext: Vec<u8>,
     peer_closed: bool,
-    /// Client records read after the handshake that were neither
-    /// application data nor its close_notify (a KeyUpdate): see
-    /// [`Established::reply_owed`]. Signed: a close_notify is read by one
-    /// `process` call and reported by the next.
-    unanswered: i64,
+    /// Client records read after the handshake ([`AfterFinished`]), and
+    /// those that were neither application data nor its close_notify.
+    /// Signed: a close_notify is read by one `process` call and reported
+    /// by the next.
+    after_finished: (u64, i64),
     eof: bool,
     /// The connection's first bytes, kept only until the ClientHello peek
     /// has an answer (and only when the hello spans reads).
@@ -518,7 +552,7 @@ impl Handshake {
             output: Vec::new(),
             early_plaintext: Vec::new(),
             peer_closed: false,
-            unanswered: 0,
+            after_finished: (0, 0),
             eof: false,
             hello_prefix: Vec::new(),
             hello_peek: hello::HelloPeek::default(),
@@ -653,7 +687,7 @@ impl Handshake {
             &mut self.output,
             &mut self.early_plaintext,
             &mut self.peer_closed,
-            &mut self.unanswered,
+            &mut self.after_finished,
             self.eof,
         );
         match result {
@@ -690,7 +724,10 @@ impl Handshake {
             early_plaintext: self.early_plaintext,
             unsent: self.output,
             peer_closed: self.peer_closed,
-            reply_owed: self.unanswered > 0,
+            after_finished: AfterFinished {
+                records: self.after_finished.0,
+                other: u64::try_from(self.after_finished.1).unwrap_or(0),
+            },
             sni: self.sni,
             acme_validation: self.acme_validation,
         }
@@ -760,16 +797,16 @@ pub(crate) enum Stalled {
 /// Runs rustls' handshake state machine, on either end, as far as `input`
 /// allows: the core of both drivers' `poll`. Queues what must be sent in
 /// `output`, application data that came with the last flight in `early`;
-/// counts in `unanswered` the records read after the handshake ended that
-/// were neither application data nor the close_notify
-/// ([`Established::reply_owed`]: one may be a KeyUpdate).
+/// counts in `after_finished` the records read after the handshake ended,
+/// and those that were neither application data nor the close_notify
+/// ([`AfterFinished`]: one may be a KeyUpdate).
 pub(crate) fn advance<C: Unbuffered>(
     conn: &mut C,
     input: &mut Vec<u8>,
     output: &mut Vec<u8>,
     early: &mut Vec<u8>,
     peer_closed: &mut bool,
-    unanswered: &mut i64,
+    after_finished: &mut (u64, i64),
     eof: bool,
 ) -> Result<Step, Stalled> {
     loop {
@@ -854,7 +891,8 @@ pub(crate) fn advance<C: Unbuffered>(
         }
         if traffic {
             let read = records.saturating_sub(complete_records(input));
-            *unanswered += read as i64 - opened as i64;
+            after_finished.0 += read as u64;
+            after_finished.1 += read as i64 - opened as i64;
         }
         result?;
         // What rustls sealed after the handshake (TLS 1.3 tickets) waits

@@ -629,22 +629,32 @@ fn a_post_handshake_message_cut_across_records_fails_the_handshake() {
 /// A KeyUpdate asking for ours in the client's last flight, after its
 /// Finished: rustls switches its sending key and holds the reply until it
 /// seals a record, so the connection must say a reply is owed (the keys
-/// may not go to the kernel before that record). Application data alone
-/// owes nothing.
+/// may not go to the kernel before that record). A warning alert there
+/// (`user_canceled`, as JDK clients send) looks the same to the count,
+/// and the read sequence number at extraction tells it apart: it owes
+/// nothing (such a client was closed unserved where the keys go to the
+/// kernel at the handshake). Application data alone owes nothing.
 #[test]
 fn a_keyupdate_with_the_finished_leaves_a_reply_owed() {
-    for key_update in [true, false] {
-        // KeyUpdate, update_requested (RFC 8446 §4.6.3), or application data.
-        let (typ, payload): (_, &[u8]) = match key_update {
-            true => (rustls::ContentType::Handshake, &[24, 0, 0, 1, 1]),
-            false => (rustls::ContentType::ApplicationData, b"ping"),
-        };
+    use rustls::ContentType::{Alert, ApplicationData, Handshake as Hs};
+    // KeyUpdate, update_requested (RFC 8446 §4.6.3); a warning (1)
+    // user_canceled (90) alert (RFC 8446 §6); application data.
+    let cases: [(_, &[u8], bool, bool); 3] = [
+        (Hs, &[24, 0, 0, 1, 1], true, true),
+        (Alert, &[1, 90], true, false),
+        (ApplicationData, b"ping", false, false),
+    ];
+    for (typ, payload, maybe, owed) in cases {
         let mut hs = after_the_finished(typ, payload);
         assert_eq!(until_not_transmitting(&mut hs), Step::Done);
         let est = hs.finish();
-        assert_eq!(est.reply_owed, key_update, "key_update={key_update}");
-        let want: &[u8] = if key_update { b"" } else { b"ping" };
+        let after = est.after_finished;
+        assert_eq!(after.records, 1, "{typ:?}");
+        assert_eq!(after.maybe_owed(), maybe, "{typ:?}");
+        let want: &[u8] = if typ == ApplicationData { b"ping" } else { b"" };
         assert_eq!(est.early_plaintext, want);
+        let (secrets, _) = est.conn.dangerous_into_kernel_connection().unwrap();
+        assert_eq!(after.owed(secrets.rx.0), owed, "{typ:?}");
     }
 }
 
@@ -668,7 +678,7 @@ fn a_close_notify_with_the_finished_owes_no_reply() {
     hs.handle_input(&flight).unwrap();
     assert_eq!(until_not_transmitting(&mut hs), Step::Done);
     let est = hs.finish();
-    assert!(!est.reply_owed);
+    assert!(!est.after_finished.maybe_owed());
     assert!(est.peer_closed);
     assert_eq!(est.early_plaintext, b"ping");
 }

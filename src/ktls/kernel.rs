@@ -155,7 +155,14 @@ impl Kernel {
         conn: UserConn,
         rekey: bool,
     ) -> Result<Kernel, OffloadError> {
-        let (secrets, kconn) = match conn {
+        let (secrets, kconn) = Kernel::extract(conn)?;
+        Kernel::offload(fd, secrets, kconn, rekey)
+    }
+
+    /// Takes the keys, with their sequence numbers, out of rustls'
+    /// connection, which is left as the part that handles control records.
+    pub(super) fn extract(conn: UserConn) -> Result<(ExtractedSecrets, KernelConn), OffloadError> {
+        match conn {
             UserConn::Server(c) => c
                 .dangerous_into_kernel_connection()
                 .map(|(s, k)| (s, KernelConn::Server(k))),
@@ -163,14 +170,13 @@ impl Kernel {
                 .dangerous_into_kernel_connection()
                 .map(|(s, k)| (s, KernelConn::Client(k))),
         }
-        .map_err(OffloadError::Extract)?;
-        Kernel::offload(fd, secrets, kconn, rekey)
+        .map_err(OffloadError::Extract)
     }
 
     /// Hands the session keys to the kernel on `fd`, whose `tls` ULP is
     /// attached (`super::attach_ulp`): the TX and RX keys. `rekey`: the
     /// running kernel installs new keys.
-    fn offload(
+    pub(super) fn offload(
         fd: BorrowedFd<'_>,
         secrets: ExtractedSecrets,
         kconn: KernelConn,

@@ -201,7 +201,7 @@ pub enum OffloadError {
     /// The client sent a KeyUpdate with its Finished, on a connection
     /// whose keys go to the kernel at the handshake: rustls holds the reply
     /// until it seals a record, and the kernel could not send it (the
-    /// client's doing, not ktern's: [`Established::reply_owed`]).
+    /// client's doing, not ktern's: [`crate::handshake::AfterFinished::owed`]).
     #[error("a KeyUpdate came with the client's Finished; its reply cannot reach the kernel")]
     ReplyOwed,
 }
@@ -257,15 +257,6 @@ pub fn establish(
     }
     if let Some(after) = defer {
         return stream::TlsConn::deferred(socket, established, after, support.rekey);
-    }
-    // A KeyUpdate came with the client's Finished: rustls holds the reply
-    // until it seals a record. Deferred here, these keys would wait for a
-    // bulk transfer some routes never announce (a `tcp` route with `tls`
-    // picks its path once), and stay with rustls for good under
-    // `required`: the connection is closed instead. No client does this
-    // but one testing servers.
-    if established.reply_owed {
-        return Err(OffloadError::ReplyOwed);
     }
     if attach_ulp(sys::borrow_fd(&socket))? {
         stream::TlsConn::kernel(socket, established, support.rekey)
