@@ -168,6 +168,20 @@ pub fn give(mut buf: Vec<u8>) {
     });
 }
 
+/// Appends `bytes` to `buf`, growing it by doubling as `extend` does, but
+/// never past `cap`, the most it may ever hold: a buffer that fills slowly
+/// up to its limit (a ClientHello read by a hostile client a few bytes at a
+/// time) ends at the limit, not at the next power of two, which can be
+/// nearly twice it. The caller checks the limit.
+pub fn extend_capped(buf: &mut Vec<u8>, bytes: &[u8], cap: usize) {
+    let need = buf.len() + bytes.len();
+    if need > buf.capacity() {
+        let room = need.max(2 * buf.capacity()).min(cap.max(need));
+        buf.reserve_exact(room - buf.len());
+    }
+    buf.extend_from_slice(bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,12 @@ pub struct HelloPeek {
 }
 
 impl HelloPeek {
+    /// Bytes held for a hello across records (its capacity).
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.joined.capacity()
+    }
+
     /// `input`: every byte of the connection so far (those an earlier call
     /// saw, then more). The common case, the whole hello in the first
     /// record, copies nothing.
@@ -99,10 +105,17 @@ impl HelloPeek {
             };
             rest = &rest[5 + len..];
             self.consumed += 5 + len;
+            // The joined message grows to its own length at most (once its
+            // header is in), not to twice it.
+            let most = |joined: &[u8]| match message_len(joined) {
+                Ok(Some(end)) => end,
+                _ => 4 + MAX_HELLO,
+            };
             let msg: &[u8] = if self.joined.is_empty() {
                 fragment
             } else {
-                self.joined.extend_from_slice(fragment);
+                let cap = most(&self.joined);
+                crate::buffers::extend_capped(&mut self.joined, fragment, cap);
                 &self.joined
             };
             match message_len(msg) {
@@ -114,7 +127,9 @@ impl HelloPeek {
                     };
                 }
                 // Only the first record's fragment is still borrowed.
-                Ok(_) if self.joined.is_empty() => self.joined.extend_from_slice(fragment),
+                Ok(_) if self.joined.is_empty() => {
+                    crate::buffers::extend_capped(&mut self.joined, fragment, most(fragment))
+                }
                 Ok(_) => {}
             }
         }

@@ -496,10 +496,8 @@ pub struct Handshake {
     /// by the next.
     after_finished: (u64, i64),
     eof: bool,
-    /// The connection's first bytes, kept only until the ClientHello peek
-    /// has an answer (and only when the hello spans reads).
-    hello_prefix: Vec<u8>,
-    /// The peek's progress through `hello_prefix` (records already read).
+    /// The ClientHello peek's progress through `input` (records already
+    /// read), until it has an answer.
     hello_peek: hello::HelloPeek,
     hello_seen: bool,
     sni: Option<Box<str>>,
@@ -554,7 +552,6 @@ impl Handshake {
             peer_closed: false,
             after_finished: (0, 0),
             eof: false,
-            hello_prefix: Vec::new(),
             hello_peek: hello::HelloPeek::default(),
             hello_seen: false,
             sni: None,
@@ -573,9 +570,9 @@ impl Handshake {
         if self.input.len() + bytes.len() > MAX_INPUT {
             return Err(HandshakeError::TooLarge);
         }
-        self.input.extend_from_slice(bytes);
+        crate::buffers::extend_capped(&mut self.input, bytes, MAX_INPUT);
         if !self.hello_seen {
-            self.peek_hello(bytes);
+            self.peek_hello();
             // A CA's TLS-ALPN-01 validation gets the challenge config. rustls
             // has seen no byte yet: on such a listener `poll` waits for the
             // whole hello (see there), however it is split.
@@ -609,22 +606,12 @@ impl Handshake {
         Ok(())
     }
 
-    /// Runs the ClientHello peek over the bytes seen so far. The common
-    /// case (the whole hello in the first read) copies nothing.
-    fn peek_hello(&mut self, bytes: &[u8]) {
-        let peeked = if self.hello_prefix.is_empty() {
-            match hello::peek(bytes) {
-                hello::Peeked::NeedMore => {
-                    self.hello_prefix.extend_from_slice(bytes);
-                    return;
-                }
-                p => p,
-            }
-        } else {
-            self.hello_prefix.extend_from_slice(bytes);
-            self.hello_peek.feed(&self.hello_prefix)
-        };
-        match peeked {
+    /// Runs the ClientHello peek over the bytes seen so far: `input`, which
+    /// rustls has not touched until the peek's answer (`poll`), so no copy
+    /// of it is kept. The common case (the whole hello in one record)
+    /// copies nothing; a hello across records is joined by the peek.
+    fn peek_hello(&mut self) {
+        match self.hello_peek.feed(&self.input) {
             hello::Peeked::NeedMore => return,
             hello::Peeked::Hello(h) => {
                 self.sni = h.sni;
@@ -637,7 +624,6 @@ impl Handshake {
             hello::Peeked::NotHello => self.sni_malformed = true,
         }
         self.hello_seen = true;
-        self.hello_prefix = Vec::new();
         self.hello_peek = hello::HelloPeek::default();
     }
 

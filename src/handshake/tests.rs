@@ -356,6 +356,59 @@ fn sni_is_read_when_the_hello_arrives_a_byte_at_a_time() {
     assert_eq!(hs.poll().unwrap(), Step::Transmit);
 }
 
+/// A ClientHello that never completes, read a little at a time, is held
+/// in the handshake's input, whose capacity stops at its cap, and in the
+/// peek's joined fragments, which stop at the message's length. (A second
+/// copy of the input was kept, and each grew by doubling: about 350 KiB
+/// held for 82 KiB sent.)
+#[test]
+fn a_slow_hello_is_held_within_its_caps() {
+    use super::hello::MAX_HELLO;
+    let (l, _root) = listener(true, true);
+    // A ClientHello (type 1) whose header claims MAX_HELLO bytes.
+    let mut msg = vec![1];
+    msg.extend_from_slice(&(MAX_HELLO as u32).to_be_bytes()[1..]);
+    msg.resize(4 + MAX_HELLO, 0);
+    let records = |fragments: &mut dyn Iterator<Item = &[u8]>| {
+        let mut wire = Vec::new();
+        for fragment in fragments {
+            wire.extend_from_slice(&[22, 3, 1]);
+            wire.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+            wire.extend_from_slice(fragment);
+        }
+        wire
+    };
+    // In 1-byte records, up to the input's cap.
+    let mut hs = start(&l);
+    let wire = records(&mut msg.chunks(1));
+    for read in wire[..MAX_INPUT].chunks(1000) {
+        hs.handle_input(read).unwrap();
+    }
+    assert_eq!(hs.poll().unwrap(), Step::Read(None), "the peek waits");
+    assert!(
+        hs.input.capacity() <= MAX_INPUT,
+        "input: {} bytes held for {MAX_INPUT}",
+        hs.input.capacity()
+    );
+    // In full records, all but the message's last two bytes.
+    let mut hs = start(&l);
+    let wire = records(&mut msg[..msg.len() - 2].chunks(1 << 14));
+    for read in wire.chunks(1000) {
+        hs.handle_input(read).unwrap();
+    }
+    assert_eq!(hs.poll().unwrap(), Step::Read(None), "the peek waits");
+    assert!(
+        hs.hello_peek.held() <= msg.len(),
+        "joined: {} bytes held for a message of {}",
+        hs.hello_peek.held(),
+        msg.len()
+    );
+    // The rest completes it, and the peek judges it.
+    hs.handle_input(&records(&mut [&msg[msg.len() - 2..]].into_iter()))
+        .unwrap();
+    assert!(hs.hello_seen);
+}
+
 /// A client offering `alpn`, trusting `root`, naming `localhost`.
 fn client_alpn(root: CertificateDer<'static>, alpn: &[&[u8]]) -> ClientConnection {
     let mut roots = rustls::RootCertStore::empty();
