@@ -779,6 +779,69 @@ fn a_reset_upload_gives_its_backend_back_at_once() {
     assert_eq!(k.metric("ktern_upstream_full_total"), 0);
 }
 
+/// Uploads that a backend takes slowly hold their own streams' windows,
+/// never the connection's from its other streams: by default (`auto`) the
+/// connection's window has room for every stream's. Here two uploads to a
+/// backend that stopped reading fill their windows while a third upload
+/// goes through. With a connection window of one stream's window (the
+/// 1 MiB default was sixteen; each deaf upload holds at least half its
+/// window, what h2 lets go unannounced) the third waited for the deaf
+/// ones, and got a 408 counted as a slow body.
+#[test]
+fn uploads_a_backend_stopped_reading_leave_the_connection_window_to_other_streams() {
+    if in_vm() {
+        return;
+    }
+    let pki = Pki::new("h2-deaf-window");
+    let a = start_http_backend("a");
+    for (window, served) in [("", true), ("connection_window = \"64k\"\n", false)] {
+        let extra = format!(
+            "max_body = \"128m\"\nhead_timeout = \"3s\"\n[listener.route.http2]\nmax_concurrent_streams = 3\n{window}"
+        );
+        // The deaf backend's writes wait up to response_timeout (the
+        // tests' 1 s would give them up before the third upload).
+        let rules = "[[listener.route.rule]]\nupstream = \"app\"\n";
+        let config = http_config(&[], rules, &extra)
+            + &format!(
+                "[upstream.app]\nbackends = [\"{}\"]\nresponse_timeout = \"30s\"\n",
+                a.addr
+            );
+        let k = Ktern::start(&pki, "", &config);
+        let rt = h2c::runtime();
+        rt.block_on(async {
+            let mut c = h2c::connect(k.addr(), &pki).await;
+            let mut deaf = Vec::new();
+            for _ in 0..2 {
+                let req = ::http::Request::post("https://localhost/deaf")
+                    .header("content-length", 64 << 20)
+                    .body(())
+                    .unwrap();
+                c = c.clone().ready().await.unwrap();
+                let (resp, mut upload) = c.send_request(req, false).unwrap();
+                upload.send_data(vec![7u8; 64 << 20].into(), false).unwrap();
+                deaf.push((resp, upload));
+            }
+            // The socket buffers towards the deaf backend fill in far less.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let body = pattern(300_000, 4);
+            let r = h2c::request(&mut c, "POST", "/sum", &body, 16_000, true).await;
+            let want = format!("300000 {}", sha256(&body));
+            let got = r.map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()));
+            if served {
+                assert_eq!(got.unwrap(), (200, want));
+            } else {
+                assert!(
+                    !matches!(&got, Ok((200, _))),
+                    "served through a full connection window: {got:?}"
+                );
+            }
+            drop(deaf);
+        });
+        let slow = k.metric("ktern_http_slow_request_bodies_total");
+        assert_eq!(slow, u64::from(!served), "{window}");
+    }
+}
+
 /// Runs one case of `tests/common/h2_hostile.py`; its JSON outcome.
 fn hostile(k: &Ktern, case: &str) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/h2_hostile.py");

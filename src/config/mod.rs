@@ -2079,6 +2079,23 @@ impl Validator<'_> {
         // RFC 9113 §6.9.1: windows are at most 2^31-1; the initial stream
         // window at least what an empty body needs.
         const WINDOW_MAX: u64 = (1 << 31) - 1;
+        let stream_window = size(self, "stream_window", &raw.stream_window, 1024, WINDOW_MAX);
+        // `auto`: room for every stream's window at once, so uploads that
+        // backends take slowly (whose DATA ktern releases only as they do)
+        // never close the connection's window on its other streams (nginx
+        // opens its to 2^31-1 at once). ktern then holds at most a
+        // stream's window per stream, 6.25 MiB for a connection by default.
+        let connection_window = if raw.connection_window == "auto" {
+            (u64::from(raw.max_concurrent_streams) * stream_window).clamp(65_535, WINDOW_MAX)
+        } else {
+            size(
+                self,
+                "connection_window",
+                &raw.connection_window,
+                65_535,
+                WINDOW_MAX,
+            )
+        };
         let http2 = Http2 {
             max_concurrent_streams: raw.max_concurrent_streams,
             max_header_list_size: size(
@@ -2088,14 +2105,8 @@ impl Validator<'_> {
                 1024,
                 1 << 20,
             ) as u32,
-            stream_window: size(self, "stream_window", &raw.stream_window, 1024, WINDOW_MAX) as u32,
-            connection_window: size(
-                self,
-                "connection_window",
-                &raw.connection_window,
-                65_535,
-                WINDOW_MAX,
-            ) as u32,
+            stream_window: stream_window as u32,
+            connection_window: connection_window as u32,
             send_buffer: size(self, "send_buffer", &raw.send_buffer, 1024, 16 << 20) as usize,
             max_pending_resets: raw.max_pending_resets,
             max_error_resets: raw.max_error_resets,

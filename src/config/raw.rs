@@ -441,8 +441,9 @@ fn default_h2_header_list() -> String {
 fn default_h2_stream_window() -> String {
     "64k".into()
 }
+/// `auto`: `max_concurrent_streams` × `stream_window` (`config::Http2`).
 fn default_h2_connection_window() -> String {
-    "1m".into()
+    "auto".into()
 }
 /// Response bytes h2 buffers per stream for a client that has not opened
 /// its window (h2's default is 400 KiB).

@@ -223,6 +223,42 @@ fn a_body_rate_is_a_size() {
     assert_eq!(http(default), 500);
 }
 
+/// An HTTP/2 connection's window is by default every stream's window at
+/// once, and follows both; a size set is kept, within RFC 9113's bounds.
+#[test]
+fn the_http2_connection_window_is_auto_or_a_size() {
+    let window = |section: &str| {
+        let text = format!("{HTTP}\n[listener.route.http2]\n{section}\n");
+        Config::from_toml(&text, "t.toml", Path::new("."), &pems()).map(|c| {
+            match &c.listeners[0].route {
+                crate::config::Route::Http(h) => h.http2.connection_window,
+                _ => unreachable!(),
+            }
+        })
+    };
+    assert_eq!(window("").unwrap(), 100 * 65_536);
+    assert_eq!(
+        window("max_concurrent_streams = 2\nstream_window = \"16k\"").unwrap(),
+        65_535,
+        "at least the protocol's initial window"
+    );
+    assert_eq!(
+        window("max_concurrent_streams = 10000\nstream_window = \"1m\"").unwrap(),
+        (1 << 31) - 1,
+        "at most 2^31-1"
+    );
+    assert_eq!(
+        window("connection_window = \"auto\"\nstream_window = \"128k\"").unwrap(),
+        100 * 131_072
+    );
+    assert_eq!(window("connection_window = \"1m\"").unwrap(), 1 << 20);
+    let e = window("connection_window = \"automatic\"").unwrap_err();
+    assert_eq!(
+        e.problems[0].field, "listener[0].route.http2.connection_window",
+        "{e}"
+    );
+}
+
 /// A zero timeout or connection limit would end every handshake,
 /// connect, request or connection at once: refused, naming the field,
 /// not a config that loads and serves nothing.
