@@ -290,13 +290,65 @@ impl Sink {
     }
 }
 
+/// Whether the target is a pipe or FIFO (`| logger`, a log shipper's).
+fn is_pipe(target: &Target) -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match target {
+        // A duplicate of fd 1, closed again: the metadata of the file it is.
+        Target::Stdout => std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(|fd| std::fs::File::from(fd).metadata()),
+        Target::File(f) => f.metadata(),
+    };
+    meta.is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// Writes a batch of lines. Into a pipe, in writes of whole lines of at
+/// most PIPE_BUF bytes: the kernel keeps each such write whole (pipe(7)),
+/// so two processes on one pipe (an upgrade's old and new ktern on one
+/// `| logger`) cannot interleave their lines mid-line; a larger write may
+/// be split anywhere. (A file opened to append takes each write whole at
+/// its end.)
+fn write_batch(out: &mut impl std::io::Write, batch: &[u8], pipe: bool) -> std::io::Result<()> {
+    if !pipe {
+        return out.write_all(batch);
+    }
+    atomic_pieces(batch).try_for_each(|piece| out.write_all(piece))
+}
+
+/// `batch` cut at line ends into pieces of at most PIPE_BUF bytes; a line
+/// longer than that is a piece of its own (no write keeps it whole).
+fn atomic_pieces(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let cut = if rest.len() <= libc::PIPE_BUF {
+            rest.len()
+        } else {
+            match memchr::memrchr(b'\n', &rest[..libc::PIPE_BUF]) {
+                Some(i) => i + 1,
+                None => memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1),
+            }
+        };
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 /// The writer thread: takes what is queued every `GATHER` and writes it
-/// with one call; blocking here holds no request. Idle for `IDLE_POLLS`
+/// with one call (into a pipe, in pieces: `write_batch`); blocking here
+/// holds no request. Idle for `IDLE_POLLS`
 /// polls, it sleeps until a shard's next line (then gathers for `GATHER`
 /// before it writes). It logs when lines start being dropped and when it
 /// has caught up again.
 fn write_out(queue: &Queue, mut target: Target) {
     let mut batch = Vec::new();
+    let mut pipe = is_pipe(&target);
     // Lines dropped since dropping started (none: not dropping).
     let mut lost = 0u64;
     let mut idle = 0;
@@ -312,6 +364,7 @@ fn write_out(queue: &Queue, mut target: Target) {
                 // until its next line).
                 if let Some(f) = p.reopen.take() {
                     target = Target::File(f);
+                    pipe = is_pipe(&target);
                 }
                 if p.bytes.len() >= full || p.closed || (polled && !p.bytes.is_empty()) {
                     break;
@@ -358,9 +411,9 @@ fn write_out(queue: &Queue, mut target: Target) {
         let res = match &mut target {
             Target::Stdout => {
                 let mut out = std::io::stdout().lock();
-                out.write_all(&batch).and_then(|()| out.flush())
+                write_batch(&mut out, &batch, pipe).and_then(|()| out.flush())
             }
-            Target::File(f) => f.write_all(&batch),
+            Target::File(f) => write_batch(f, &batch, pipe),
         };
         if let Err(e) = res {
             // A rare path: the lines are counted here, not on every queue.
@@ -789,6 +842,72 @@ mod tests {
         assert!(paths.windows(2).all(|w| w[0] < w[1]), "lines in order");
         assert_eq!(paths[0], 0, "the first lines are kept, later ones dropped");
         assert!(text.ends_with('\n'));
+    }
+
+    /// A batch for a pipe is cut at line ends into writes of at most
+    /// PIPE_BUF bytes, in order and losing nothing; a longer line goes
+    /// whole.
+    #[test]
+    fn pipe_writes_are_whole_lines_within_pipe_buf() {
+        let line = |n: usize| [vec![b'x'; n - 1], vec![b'\n']].concat();
+        let mut batch = Vec::new();
+        for n in [100, 4000, 50, 4096, 9000, 1, 3000, 2000] {
+            batch.extend(line(n));
+        }
+        batch.extend(b"no end");
+        let pieces: Vec<&[u8]> = atomic_pieces(&batch).collect();
+        let lens: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        assert_eq!(lens, [100, 4050, 4096, 9000, 3001, 2006]);
+        assert_eq!(pieces.concat(), batch);
+        assert!(pieces[..5].iter().all(|p| p.ends_with(b"\n")));
+        assert_eq!(atomic_pieces(b"").count(), 0);
+    }
+
+    /// Two processes' writers on one pipe (an upgrade's old and new ktern
+    /// on one `| logger`; here two writer threads, the pipe named by two
+    /// descriptors) never interleave their lines mid-line.
+    #[test]
+    fn two_writers_on_one_pipe_keep_their_lines_whole() {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let (mut reader, writer, log) = pipe_log(16 << 20);
+        let second = writer.try_clone().unwrap();
+        let log2 = crate::config::AccessLog {
+            path: format!("/proc/self/fd/{}", second.as_raw_fd()).into(),
+            ..log.clone()
+        };
+        let tls = info();
+        let reading = std::thread::spawn(move || {
+            let mut text = String::new();
+            reader.read_to_string(&mut text).unwrap();
+            text
+        });
+        let dropped = AtomicU64::new(0);
+        let sinks = [Sink::open(&log).unwrap(), Sink::open(&log2).unwrap()];
+        assert!(!Arc::ptr_eq(&sinks[0].queue, &sinks[1].queue), "two writers");
+        // ~400-byte lines, 2.4 MB from each writer, while the pipe (64 KiB)
+        // is read as it fills: each write meets the other's.
+        const N: usize = 6000;
+        std::thread::scope(|s| {
+            for sink in &sinks {
+                s.spawn(|| {
+                    for i in 0..N {
+                        sink.write(&record(&tls, &format!("/{i}")), &dropped);
+                    }
+                });
+            }
+        });
+        drop(sinks);
+        drop((writer, second));
+        let text = reading.join().unwrap();
+        assert_eq!(dropped.load(Ordering::Relaxed), 0);
+        let mut lines = 0;
+        for line in text.lines() {
+            let v: Result<serde_json::Value, _> = serde_json::from_str(line);
+            assert!(v.is_ok(), "a line cut by the other writer: {line}");
+            lines += 1;
+        }
+        assert_eq!(lines, 2 * N);
     }
 
     /// A writer stalled with no generation left (its target's reader
