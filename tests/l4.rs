@@ -516,6 +516,42 @@ fn backend_reset_aborts_the_client_instead_of_a_clean_close() {
     download(k.addr(), &pki, ClientOpts::default(), 100);
 }
 
+/// A client whose FIN cuts its last record short has not ended its stream
+/// whole: the backend gets a reset, not the FIN a complete stream ends with
+/// (a backend commits an upload at its end). Here on rustls' records; in
+/// the VM on the kernel's (`ktls_after = 0`), where the kernel's read
+/// returns 0 for the cut as for a FIN at a record boundary.
+#[test]
+fn a_record_cut_by_the_clients_fin_resets_the_backend() {
+    let pki = Pki::new("cut-record");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let k = Ktern::start(&pki, "ktls_after = \"0\"", &tcp_listener(backend, ""));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let (mut b, _) = listener.accept().unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"whole record").unwrap();
+    let mut got = [0u8; 12];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"whole record");
+    c.conn.writer().write_all(b"cut off").unwrap();
+    let mut record = Vec::new();
+    while c.conn.wants_write() {
+        c.conn.write_tls(&mut record).unwrap();
+    }
+    c.sock.write_all(&record[..record.len() / 2]).unwrap();
+    c.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let end = b.read_to_end(&mut rest).map_err(|e| e.kind());
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend read {rest:?} and then a clean end"
+    );
+    assert_eq!(k.wait_metric("ktern_downstream_errors_total", 1), 1);
+    assert_offloaded_in_vm(&k);
+}
+
 #[test]
 fn running_out_of_fds_at_accept_backs_off_counts_and_logs_rarely() {
     let pki = Pki::new("emfile");

@@ -2085,16 +2085,21 @@ impl Validator<'_> {
         // never close the connection's window on its other streams (nginx
         // opens its to 2^31-1 at once). ktern then holds at most a
         // stream's window per stream, 6.25 MiB for a connection by default.
-        let connection_window = if raw.connection_window == "auto" {
-            (u64::from(raw.max_concurrent_streams) * stream_window).clamp(65_535, WINDOW_MAX)
-        } else {
-            size(
-                self,
-                "connection_window",
-                &raw.connection_window,
-                65_535,
-                WINDOW_MAX,
-            )
+        let connection_window = match parse_size(&raw.connection_window) {
+            _ if raw.connection_window == "auto" => {
+                (u64::from(raw.max_concurrent_streams) * stream_window).clamp(65_535, WINDOW_MAX)
+            }
+            Some(n) if (65_535..=WINDOW_MAX).contains(&n) => n,
+            _ => {
+                self.problem(
+                    format!("{at}.connection_window"),
+                    format!(
+                        "{:?} must be \"auto\" or a size from 65535 to {WINDOW_MAX} bytes",
+                        raw.connection_window
+                    ),
+                );
+                65_535
+            }
         };
         let http2 = Http2 {
             max_concurrent_streams: raw.max_concurrent_streams,

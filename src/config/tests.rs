@@ -257,6 +257,7 @@ fn the_http2_connection_window_is_auto_or_a_size() {
         e.problems[0].field, "listener[0].route.http2.connection_window",
         "{e}"
     );
+    assert!(e.problems[0].reason.contains("\"auto\" or a size"), "{e}");
 }
 
 /// A zero timeout or connection limit would end every handshake,

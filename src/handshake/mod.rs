@@ -468,14 +468,19 @@ impl AfterFinished {
         self.other > 0
     }
 
-    /// With the read sequence number the client's key had when rustls gave
-    /// it up (`ExtractedSecrets::rx`): rustls restarts that number at each
-    /// KeyUpdate (a new key), so without one every counted record took a
-    /// number under the first key and it is at least `records`. Below it, a
-    /// KeyUpdate was read and its reply may be held; at or above it the
-    /// other records were alerts, and nothing is owed.
-    pub fn owed(&self, rx_seq: u64) -> bool {
-        self.maybe_owed() && rx_seq < self.records
+    /// With the sequence numbers both keys had when rustls gave them up
+    /// (`ExtractedSecrets::rx`, `::tx`). rustls restarts a number at each
+    /// new key:
+    /// - Read: without a KeyUpdate every counted record took a number under
+    ///   the client's first key, so it is at least `records`; below it, one
+    ///   was read (at or above it, the other records were alerts).
+    /// - Write: a KeyUpdate that asked for ours made rustls seal the reply
+    ///   under its old key and switch to a new one, at 0; the tickets it
+    ///   sealed at the Finished put the number above 0 otherwise. Above 0,
+    ///   no reply is held (the KeyUpdate asked for none); at 0 one may be
+    ///   (or rustls sealed no ticket).
+    pub fn owed(&self, rx_seq: u64, tx_seq: u64) -> bool {
+        self.maybe_owed() && rx_seq < self.records && tx_seq == 0
     }
 }
 

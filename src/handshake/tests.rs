@@ -690,10 +690,12 @@ fn a_post_handshake_message_cut_across_records_fails_the_handshake() {
 #[test]
 fn a_keyupdate_with_the_finished_leaves_a_reply_owed() {
     use rustls::ContentType::{Alert, ApplicationData, Handshake as Hs};
-    // KeyUpdate, update_requested (RFC 8446 §4.6.3); a warning (1)
-    // user_canceled (90) alert (RFC 8446 §6); application data.
-    let cases: [(_, &[u8], bool, bool); 3] = [
+    // KeyUpdate, update_requested, then update_not_requested (RFC 8446
+    // §4.6.3); a warning (1) user_canceled (90) alert (RFC 8446 §6);
+    // application data.
+    let cases: [(_, &[u8], bool, bool); 4] = [
         (Hs, &[24, 0, 0, 1, 1], true, true),
+        (Hs, &[24, 0, 0, 1, 0], true, false),
         (Alert, &[1, 90], true, false),
         (ApplicationData, b"ping", false, false),
     ];
@@ -707,7 +709,7 @@ fn a_keyupdate_with_the_finished_leaves_a_reply_owed() {
         let want: &[u8] = if typ == ApplicationData { b"ping" } else { b"" };
         assert_eq!(est.early_plaintext, want);
         let (secrets, _) = est.conn.dangerous_into_kernel_connection().unwrap();
-        assert_eq!(after.owed(secrets.rx.0), owed, "{typ:?}");
+        assert_eq!(after.owed(secrets.rx.0, secrets.tx.0), owed, "{payload:?}");
     }
 }
 

@@ -159,9 +159,9 @@ impl TlsConn {
         // `tcp` route with `tls` picks its path once), and stay with rustls
         // for good under `required`: the connection is closed instead. No
         // client does this but one testing servers. A warning alert in that
-        // flight (JDK's `user_canceled`) owes nothing: the read sequence
-        // number tells them apart.
-        if after_finished.owed(secrets.rx.0) {
+        // flight (JDK's `user_canceled`), or a KeyUpdate that asked for no
+        // reply, owes nothing: the keys' sequence numbers tell them apart.
+        if after_finished.owed(secrets.rx.0, secrets.tx.0) {
             return Err(OffloadError::ReplyOwed);
         }
         let kernel = Kernel::offload(sys::borrow_fd(&socket), secrets, kconn, rekey)?;
@@ -509,6 +509,10 @@ impl TlsReader {
     pub fn try_read(&mut self, buf: &mut tokio::io::ReadBuf<'_>) -> Result<Attempt, StreamError> {
         if !self.pending.is_empty() || self.eof || self.path() == Path::Userspace {
             return Ok(Attempt::Slow);
+        }
+        // A read of 0 bytes returns 0, which is not the end of the stream.
+        if buf.remaining() == 0 {
+            return Ok(Attempt::Done(0));
         }
         match sys::recv_readbuf(sys::borrow_fd(&self.sock), buf) {
             Ok(0) => {

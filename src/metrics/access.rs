@@ -884,7 +884,10 @@ mod tests {
         });
         let dropped = AtomicU64::new(0);
         let sinks = [Sink::open(&log).unwrap(), Sink::open(&log2).unwrap()];
-        assert!(!Arc::ptr_eq(&sinks[0].queue, &sinks[1].queue), "two writers");
+        assert!(
+            !Arc::ptr_eq(&sinks[0].queue, &sinks[1].queue),
+            "two writers"
+        );
         // ~400-byte lines, 2.4 MB from each writer, while the pipe (64 KiB)
         // is read as it fills: each write meets the other's.
         const N: usize = 6000;

@@ -464,6 +464,13 @@ pub async fn tunnel(
         Err(ProxyError::Idle(_)) => {
             let _ = Box::pin(writer.end()).await;
         }
+        // The client's stream broke (a reset, a record cut short by its
+        // FIN, an alert): a FIN would tell the backend it ended whole, and
+        // a backend commits an upload at its end. It gets a reset.
+        Err(ProxyError::Downstream(_)) => {
+            let _ = sys::reset_on_close(sys::borrow_fd(backend_wr));
+            Box::pin(writer.abort()).await
+        }
         Err(_) => Box::pin(writer.abort()).await,
         Ok(()) => {}
     }

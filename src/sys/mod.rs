@@ -586,6 +586,13 @@ pub fn send_room(fd: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(sndbuf.saturating_sub(usize::try_from(queued).unwrap_or(0)) / 2)
 }
 
+/// Makes the socket's close send a reset, not a FIN (`SO_LINGER` on, 0 s;
+/// unsent bytes are dropped): for a peer that must not read the close as
+/// the end of a complete stream.
+pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
+    socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO))
+}
+
 /// Half-closes the write side of a socket (`shutdown(SHUT_WR)`): the peer reads EOF.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `fd` is borrowed and open; shutdown touches no user memory.
