@@ -751,23 +751,12 @@ fn a_reset_upload_gives_its_backend_back_at_once() {
     }
     let pki = Pki::new("h2-reset-upload");
     let a = start_http_backend("a");
-    let rules = "[[listener.route.rule]]\nupstream = \"app\"\n";
-    let config = http_config(&[], rules, "max_body = \"128m\"")
-        + &format!(
-            "[upstream.app]\nbackends = [\"{}\"]\nmax_conns = 1\nresponse_timeout = \"30s\"\n",
-            a.addr
-        );
+    let config = slow_upstream_config(a.addr, "max_body = \"128m\"", "max_conns = 1\n");
     let k = Ktern::start(&pki, "", &config);
     let rt = h2c::runtime();
     rt.block_on(async {
         let mut c = h2c::connect(k.addr(), &pki).await;
-        let req = ::http::Request::post("https://localhost/deaf")
-            .header("content-length", 64 << 20)
-            .body(())
-            .unwrap();
-        c = c.clone().ready().await.unwrap();
-        let (resp, mut upload) = c.send_request(req, false).unwrap();
-        upload.send_data(vec![7u8; 64 << 20].into(), false).unwrap();
+        let (resp, mut upload) = deaf_upload(&mut c).await;
         // The socket buffers towards the deaf backend fill in far less.
         tokio::time::sleep(Duration::from_secs(2)).await;
         upload.send_reset(::h2::Reason::CANCEL);
@@ -777,6 +766,33 @@ fn a_reset_upload_gives_its_backend_back_at_once() {
         assert_eq!(r.status, 200);
     });
     assert_eq!(k.metric("ktern_upstream_full_total"), 0);
+}
+
+/// A route to one upstream, `app` at `backend`, whose writes may wait
+/// `response_timeout = "30s"` (the tests' 1 s would give up an upload to a
+/// deaf backend at once), with `route` extra route lines and `upstream`
+/// extra upstream lines.
+fn slow_upstream_config(backend: std::net::SocketAddr, route: &str, upstream: &str) -> String {
+    let rules = "[[listener.route.rule]]\nupstream = \"app\"\n";
+    http_config(&[], rules, route)
+        + &format!(
+            "[upstream.app]\nbackends = [\"{backend}\"]\n{upstream}response_timeout = \"30s\"\n"
+        )
+}
+
+/// Starts a 64 MiB upload to the test backend's `/deaf` (it reads none of
+/// it): the response to come and the body's stream.
+async fn deaf_upload(
+    c: &mut ::h2::client::SendRequest<bytes::Bytes>,
+) -> (::h2::client::ResponseFuture, ::h2::SendStream<bytes::Bytes>) {
+    let req = ::http::Request::post("https://localhost/deaf")
+        .header("content-length", 64 << 20)
+        .body(())
+        .unwrap();
+    *c = c.clone().ready().await.unwrap();
+    let (resp, mut upload) = c.send_request(req, false).unwrap();
+    upload.send_data(vec![7u8; 64 << 20].into(), false).unwrap();
+    (resp, upload)
 }
 
 /// Uploads that a backend takes slowly hold their own streams' windows,
@@ -798,28 +814,13 @@ fn uploads_a_backend_stopped_reading_leave_the_connection_window_to_other_stream
         let extra = format!(
             "max_body = \"128m\"\nhead_timeout = \"3s\"\n[listener.route.http2]\nmax_concurrent_streams = 3\n{window}"
         );
-        // The deaf backend's writes wait up to response_timeout (the
-        // tests' 1 s would give them up before the third upload).
-        let rules = "[[listener.route.rule]]\nupstream = \"app\"\n";
-        let config = http_config(&[], rules, &extra)
-            + &format!(
-                "[upstream.app]\nbackends = [\"{}\"]\nresponse_timeout = \"30s\"\n",
-                a.addr
-            );
-        let k = Ktern::start(&pki, "", &config);
+        let k = Ktern::start(&pki, "", &slow_upstream_config(a.addr, &extra, ""));
         let rt = h2c::runtime();
         rt.block_on(async {
             let mut c = h2c::connect(k.addr(), &pki).await;
             let mut deaf = Vec::new();
             for _ in 0..2 {
-                let req = ::http::Request::post("https://localhost/deaf")
-                    .header("content-length", 64 << 20)
-                    .body(())
-                    .unwrap();
-                c = c.clone().ready().await.unwrap();
-                let (resp, mut upload) = c.send_request(req, false).unwrap();
-                upload.send_data(vec![7u8; 64 << 20].into(), false).unwrap();
-                deaf.push((resp, upload));
+                deaf.push(deaf_upload(&mut c).await);
             }
             // The socket buffers towards the deaf backend fill in far less.
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -837,8 +838,9 @@ fn uploads_a_backend_stopped_reading_leave_the_connection_window_to_other_stream
             }
             drop(deaf);
         });
+        // Starved, the second deaf upload may wait for the first too.
         let slow = k.metric("ktern_http_slow_request_bodies_total");
-        assert_eq!(slow, u64::from(!served), "{window}");
+        assert_eq!(slow > 0, !served, "{window}: {slow} slow bodies");
     }
 }
 
