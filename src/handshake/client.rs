@@ -76,7 +76,7 @@ impl ClientHandshake {
     pub fn poll(&mut self) -> Result<Step, BackendTlsError> {
         // A backend's records after the handshake are its tickets: no
         // reply is owed (and its keys go to the kernel at once or never).
-        let mut after_finished = (0, 0);
+        let mut after_finished = super::AfterFinished::default();
         let result = advance(
             &mut self.conn,
             &mut self.input,

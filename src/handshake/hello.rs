@@ -107,14 +107,13 @@ impl HelloPeek {
             self.consumed += 5 + len;
             // The joined message grows to its own length at most (once its
             // header is in), not to twice it.
-            let most = |joined: &[u8]| match message_len(joined) {
-                Ok(Some(end)) => end,
-                _ => 4 + MAX_HELLO,
-            };
             let msg: &[u8] = if self.joined.is_empty() {
                 fragment
             } else {
-                let cap = most(&self.joined);
+                let cap = message_len(&self.joined)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(4 + MAX_HELLO);
                 crate::buffers::extend_capped(&mut self.joined, fragment, cap);
                 &self.joined
             };
@@ -127,9 +126,11 @@ impl HelloPeek {
                     };
                 }
                 // Only the first record's fragment is still borrowed.
-                Ok(_) if self.joined.is_empty() => {
-                    crate::buffers::extend_capped(&mut self.joined, fragment, most(fragment))
-                }
+                Ok(end) if self.joined.is_empty() => crate::buffers::extend_capped(
+                    &mut self.joined,
+                    fragment,
+                    end.unwrap_or(4 + MAX_HELLO),
+                ),
                 Ok(_) => {}
             }
         }

@@ -457,8 +457,10 @@ pub struct AfterFinished {
     /// as the Finished are not counted: rustls hands back the tickets it
     /// seals then before it reads on, when it seals any.)
     pub records: u64,
-    /// Of them, neither application data nor close_notify.
-    pub other: u64,
+    /// Of them, neither application data nor close_notify. Signed while
+    /// the handshake counts: a close_notify is read by one `process` call
+    /// and reported by the next.
+    pub other: i64,
 }
 
 impl AfterFinished {
@@ -495,11 +497,8 @@ pub struct Handshake {
     output: Vec<u8>,
     early_plaintext: Vec<u8>,
     peer_closed: bool,
-    /// Client records read after the handshake ([`AfterFinished`]), and
-    /// those that were neither application data nor its close_notify.
-    /// Signed: a close_notify is read by one `process` call and reported
-    /// by the next.
-    after_finished: (u64, i64),
+    /// Client records read after the handshake.
+    after_finished: AfterFinished,
     eof: bool,
     /// The ClientHello peek's progress through `input` (records already
     /// read), until it has an answer.
@@ -555,7 +554,7 @@ impl Handshake {
             output: Vec::new(),
             early_plaintext: Vec::new(),
             peer_closed: false,
-            after_finished: (0, 0),
+            after_finished: AfterFinished::default(),
             eof: false,
             hello_peek: hello::HelloPeek::default(),
             hello_seen: false,
@@ -715,10 +714,7 @@ impl Handshake {
             early_plaintext: self.early_plaintext,
             unsent: self.output,
             peer_closed: self.peer_closed,
-            after_finished: AfterFinished {
-                records: self.after_finished.0,
-                other: u64::try_from(self.after_finished.1).unwrap_or(0),
-            },
+            after_finished: self.after_finished,
             sni: self.sni,
             acme_validation: self.acme_validation,
         }
@@ -797,7 +793,7 @@ pub(crate) fn advance<C: Unbuffered>(
     output: &mut Vec<u8>,
     early: &mut Vec<u8>,
     peer_closed: &mut bool,
-    after_finished: &mut (u64, i64),
+    after_finished: &mut AfterFinished,
     eof: bool,
 ) -> Result<Step, Stalled> {
     loop {
@@ -882,8 +878,8 @@ pub(crate) fn advance<C: Unbuffered>(
         }
         if traffic {
             let read = records.saturating_sub(complete_records(input));
-            after_finished.0 += read as u64;
-            after_finished.1 += read as i64 - opened as i64;
+            after_finished.records += read as u64;
+            after_finished.other += read as i64 - opened as i64;
         }
         result?;
         // What rustls sealed after the handshake (TLS 1.3 tickets) waits
