@@ -223,14 +223,7 @@ fn the_socket_ulp_is_tls_after_the_handoff() {
     let pki = Pki::new("ulp");
     let (addr, server) = serve_one(&pki, |sock, est| async move {
         {
-            let support = ktern::ktls::probe();
-            let conn = ktern::ktls::establish(
-                sock,
-                est,
-                (ktern::config::KtlsMode::Required, &support),
-                None,
-            )
-            .unwrap();
+            let conn = required(sock, est).unwrap();
             let ulp = conn.kernel_ulp().unwrap();
             let path = conn.path();
             let (mut rd, mut wr) = conn.split();
@@ -289,6 +282,34 @@ where
         })
     });
     (addr, server)
+}
+
+/// The record path for a finished handshake under `ktls = "required"`,
+/// at the handshake (no deferral).
+fn required(
+    sock: monoio::net::TcpStream,
+    est: ktern::handshake::Established,
+) -> Result<ktern::ktls::TlsConn, ktern::ktls::OffloadError> {
+    let support = ktern::ktls::probe();
+    ktern::ktls::establish(
+        sock,
+        est,
+        (ktern::config::KtlsMode::Required, &support),
+        None,
+    )
+}
+
+/// [`required`], which must have given the keys to the kernel: ktern's
+/// path says so, and the socket's ULP is `tls` (`getsockopt(TCP_ULP)`), so
+/// every byte read from it later is the kernel's decryption.
+fn on_the_kernel(
+    sock: monoio::net::TcpStream,
+    est: ktern::handshake::Established,
+) -> ktern::ktls::TlsConn {
+    let conn = required(sock, est).unwrap();
+    assert_eq!(conn.path(), ktern::ktls::Path::Kernel);
+    assert_eq!(conn.kernel_ulp().unwrap(), "tls");
+    conn
 }
 
 /// Sends the tickets a handshake held for the first record
@@ -385,11 +406,7 @@ fn a_deferred_connection_hands_over_only_at_a_record_boundary() {
     c.read_exact(&mut pong).unwrap();
     assert_eq!(&pong, b"pong");
     // One record, sent in two halves.
-    c.conn.writer().write_all(b"split").unwrap();
-    let mut record = Vec::new();
-    while c.conn.wants_write() {
-        c.conn.write_tls(&mut record).unwrap();
-    }
+    let record = sealed_by(&mut c, b"split");
     let half = record.len() / 2;
     c.sock.write_all(&record[..half]).unwrap();
     assert_eq!(step_rx.recv().unwrap(), "held");
@@ -493,20 +510,10 @@ fn finished_with_keyupdate(addr: std::net::SocketAddr, pki: &Pki) -> Client {
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .unwrap();
-    while conn.is_handshaking() {
-        while conn.wants_write() {
-            conn.write_tls(&mut sock).unwrap();
-        }
-        conn.read_tls(&mut sock).unwrap();
-        conn.process_new_packets().unwrap();
-    }
+    until_the_finished(&mut conn, &mut sock);
     conn.refresh_traffic_keys().unwrap();
     conn.writer().write_all(b"ping").unwrap();
-    let mut flight = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut flight).unwrap();
-    }
-    sock.write_all(&flight).unwrap();
+    sock.write_all(&pending_tls(&mut conn)).unwrap();
     rustls::StreamOwned::new(conn, sock)
 }
 
@@ -530,9 +537,7 @@ fn a_keyupdate_with_the_finished_defers_the_hand_over_or_closes_at_once() {
             "the KeyUpdate came with the Finished"
         );
         send_held_tickets(&mut sock, &mut est).await;
-        let support = ktern::ktls::probe();
-        let required = (ktern::config::KtlsMode::Required, &support);
-        let res = ktern::ktls::establish(sock, est, required, None);
+        let res = required(sock, est);
         assert!(
             matches!(res, Err(ktern::ktls::OffloadError::ReplyOwed)),
             "{:?}",
@@ -568,11 +573,7 @@ fn a_user_canceled_alert_with_the_finished_owes_no_reply() {
             "the alert was read with the Finished"
         );
         send_held_tickets(&mut sock, &mut est).await;
-        let support = ktern::ktls::probe();
-        let required = (ktern::config::KtlsMode::Required, &support);
-        let conn = ktern::ktls::establish(sock, est, required, None).unwrap();
-        assert_eq!(conn.path(), ktern::ktls::Path::Kernel);
-        assert_eq!(conn.kernel_ulp().unwrap(), "tls");
+        let conn = on_the_kernel(sock, est);
         ready_tx.send(()).unwrap();
         let (mut rd, _wr) = conn.split();
         let mut got = Vec::new();
@@ -587,17 +588,8 @@ fn a_user_canceled_alert_with_the_finished_owes_no_reply() {
         rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
             .unwrap();
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
-    while conn.is_handshaking() {
-        while conn.wants_write() {
-            conn.write_tls(&mut sock).unwrap();
-        }
-        conn.read_tls(&mut sock).unwrap();
-        conn.process_new_packets().unwrap();
-    }
-    let mut flight = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut flight).unwrap();
-    }
+    until_the_finished(&mut conn, &mut sock);
+    let mut flight = pending_tls(&mut conn);
     // A warning (1) user_canceled (90) alert, then data; later, more data
     // that only the kernel's key can open.
     let records = ktern::handshake::memory::sealed_records(
@@ -723,10 +715,7 @@ fn half_a_record_then_a_fin_is_truncation_on_the_kernel_path() {
             // that has had its FIN takes no ULP (ENOTCONN).
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
             let (addr, server) = serve_one(&pki, move |sock, est| async move {
-                let support = ktern::ktls::probe();
-                let mode = (ktern::config::KtlsMode::Required, &support);
-                let conn = ktern::ktls::establish(sock, est, mode, None).unwrap();
-                assert_eq!(conn.path(), ktern::ktls::Path::Kernel);
+                let conn = on_the_kernel(sock, est);
                 ready_tx.send(()).unwrap();
                 let (mut rd, _wr) = conn.split();
                 read_to_end(&mut rd, by).await
@@ -734,11 +723,7 @@ fn half_a_record_then_a_fin_is_truncation_on_the_kernel_path() {
             let mut c = connect(addr, &pki, ClientOpts::default());
             ready_rx.recv().unwrap();
             c.write_all(b"whole record").unwrap();
-            c.conn.writer().write_all(b"cut off").unwrap();
-            let mut record = Vec::new();
-            while c.conn.wants_write() {
-                c.conn.write_tls(&mut record).unwrap();
-            }
+            let record = sealed_by(&mut c, b"cut off");
             let end = if cut { record.len() / 2 } else { record.len() };
             c.sock.write_all(&record[..end]).unwrap();
             c.sock.shutdown(std::net::Shutdown::Write).unwrap();

@@ -97,20 +97,11 @@ fn a_client_that_closes_with_its_finished_flight_is_still_served() {
     sock.set_read_timeout(Some(Duration::from_secs(20) * slow()))
         .unwrap();
     // The hello out, the server's flight in, until the client's Finished
-    // is queued (rustls counts the handshake done then) but not yet sent.
-    while conn.is_handshaking() {
-        while conn.wants_write() {
-            conn.write_tls(&mut sock).unwrap();
-        }
-        assert!(conn.read_tls(&mut sock).unwrap() > 0, "ktern closed");
-        conn.process_new_packets().unwrap();
-    }
+    // is queued but not yet sent.
+    until_the_finished(&mut conn, &mut sock);
     conn.writer().write_all(b"ECHO\nping").unwrap();
     conn.send_close_notify();
-    let mut flight = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut flight).unwrap();
-    }
+    let flight = pending_tls(&mut conn);
     // Corked, the shutdown's FIN rides on the same segment as the data
     // (tcp_send_fin tacks it onto an unsent skb), so ktern cannot see the
     // Finished before the FIN.
@@ -234,17 +225,8 @@ fn a_keyupdate_cut_across_records_with_the_finished_fails_and_ktern_keeps_servin
         ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
     let mut s = TcpStream::connect(k.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    while c.is_handshaking() {
-        while c.wants_write() {
-            c.write_tls(&mut s).unwrap();
-        }
-        c.read_tls(&mut s).unwrap();
-        c.process_new_packets().unwrap();
-    }
-    let mut flight = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut flight).unwrap();
-    }
+    until_the_finished(&mut c, &mut s);
+    let mut flight = pending_tls(&mut c);
     flight.extend(ktern::handshake::memory::sealed_record(
         c,
         rustls::ContentType::Handshake,
@@ -534,11 +516,7 @@ fn a_record_cut_by_the_clients_fin_resets_the_backend() {
     let mut got = [0u8; 12];
     b.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"whole record");
-    c.conn.writer().write_all(b"cut off").unwrap();
-    let mut record = Vec::new();
-    while c.conn.wants_write() {
-        c.conn.write_tls(&mut record).unwrap();
-    }
+    let record = sealed_by(&mut c, b"cut off");
     c.sock.write_all(&record[..record.len() / 2]).unwrap();
     c.sock.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();

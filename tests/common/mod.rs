@@ -789,6 +789,34 @@ pub fn tcp_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<T
     Ok(s.into())
 }
 
+/// Runs `conn`'s handshake over `sock` until its Finished is queued
+/// (rustls counts the handshake done then) but not yet sent: the caller
+/// sends that last flight, with what it adds ([`pending_tls`]).
+pub fn until_the_finished(conn: &mut ClientConnection, sock: &mut TcpStream) {
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            conn.write_tls(sock).unwrap();
+        }
+        assert!(conn.read_tls(sock).unwrap() > 0, "the server closed");
+        conn.process_new_packets().unwrap();
+    }
+}
+
+/// The TLS bytes `conn` has queued (records sealed, not yet sent).
+pub fn pending_tls(conn: &mut ClientConnection) -> Vec<u8> {
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// `data` sealed by `c` as it would send it, not sent: to send in parts.
+pub fn sealed_by(c: &mut Client, data: &[u8]) -> Vec<u8> {
+    c.conn.writer().write_all(data).unwrap();
+    pending_tls(&mut c.conn)
+}
+
 /// The TLS client handshake over `sock`, trusting `pki`.
 pub fn connect_over(sock: TcpStream, pki: &Pki, opts: ClientOpts) -> Client {
     sock.set_read_timeout(Some(Duration::from_secs(60)))
