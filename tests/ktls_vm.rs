@@ -556,8 +556,8 @@ fn a_keyupdate_with_the_finished_defers_the_hand_over_or_closes_at_once() {
 
 /// JDK clients send a `user_canceled` warning alert in the flight of
 /// their Finished. TLS 1.3 hides its type, so the handshake counts it as a
-/// record that may be a KeyUpdate; the read sequence number at extraction
-/// says it was not. With the keys going to the kernel at the handshake
+/// record that may be a KeyUpdate; the keys' sequence numbers at
+/// extraction say it was not. With the keys going to the kernel at the handshake
 /// (`required`), the connection is served and the kernel opens the
 /// client's later records. (It was closed unserved.)
 #[test]
