@@ -218,11 +218,17 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     // Handlers go in before any shard starts: from here on SIGHUP (whose
     // default action kills: a logrotate or `systemctl reload` must not stop
     // the server) and SIGTERM only wake the loop below, whichever thread
-    // the kernel delivers them to.
+    // the kernel delivers them to. So do the signals nginx gives meanings
+    // to, whose default actions kill (QUIT with a core dump, which holds
+    // private keys): an operator's habit or a logrotate config written for
+    // nginx must not cut every connection.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGHUP,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGQUIT,
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
     ])
     .context("cannot install signal handlers")?;
     let admin = config.admin;
@@ -342,6 +348,14 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
                 // Logged and counted inside, success or not.
                 let _ = control.reload();
             }
+            // nginx: reopen the log files.
+            signal_hook::consts::SIGUSR1 => control.reopen_access_log(),
+            // nginx: start a new binary. ktern's upgrade is started by the
+            // new binary itself.
+            signal_hook::consts::SIGUSR2 => tracing::warn!(
+                "SIGUSR2 ignored: a binary upgrade is `ktern run --upgrade-from <runtime.upgrade_socket>`"
+            ),
+            // SIGQUIT (nginx's graceful stop), SIGINT and SIGTERM: drain.
             _ if !stop_signalled && control.status.draining.load(Ordering::Relaxed) => {
                 stop_signalled = true;
                 tracing::info!(

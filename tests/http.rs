@@ -635,6 +635,50 @@ fn a_refused_reload_still_reopens_the_access_log_and_a_pipe_without_reader_is_re
     assert!(status.expect("drained and exited").success());
 }
 
+/// The signals nginx gives meanings to, whose default actions kill: a
+/// logrotate config written for nginx (`kill -USR1` as `postrotate`)
+/// reopens the log, SIGUSR2 (nginx's upgrade) is ignored with a line
+/// saying how ktern upgrades, and SIGQUIT (nginx's graceful stop)
+/// drains. Each of them killed the process, cutting every connection.
+#[test]
+fn nginx_signals_reopen_the_log_or_drain_and_never_kill() {
+    let pki = Pki::new("access-usr1");
+    let a = start_http_backend("a");
+    let (log, runtime) = json_access_log(&pki.dir);
+    let mut k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
+    let get = "GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(exchange(&mut c, get).status, 200);
+    assert_eq!(json_log_lines(&log, 1).len(), 1);
+    let rotated = pki.dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    k.signal("USR1");
+    k.signal("USR2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
+    while !(k.log().contains("access log reopened") && k.log().contains("SIGUSR2 ignored")) {
+        assert!(std::time::Instant::now() < deadline, "{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(exchange(&mut c, get).status, 200, "the same connection");
+    assert_eq!(
+        json_log_lines(&log, 1).len(),
+        1,
+        "the next line, in the new file"
+    );
+    assert_eq!(
+        json_log_lines(&rotated, 2).len(),
+        1,
+        "none more in the rotated one"
+    );
+    // A graceful stop: the idle keep-alive connection is closed cleanly
+    // (close_notify), and the process exits 0.
+    k.signal("QUIT");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("close_notify");
+    let status = k.wait_exit(Duration::from_secs(20) * slow());
+    assert!(status.expect("drained and exited").success(), "{}", k.log());
+}
+
 /// `GET /0` to `/{n-1}` on `c`, each answered 200: access lines that
 /// say their order.
 fn numbered_requests(c: &mut Client, n: usize) {

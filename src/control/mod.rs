@@ -97,6 +97,21 @@ fn open_access_log(config: &Config) -> Result<Option<Sink>, ReloadError> {
     })
 }
 
+/// Reopens `gen`'s access log (its running writer takes the new file):
+/// whether there was one that opened.
+fn reopen(gen: &Generation) -> bool {
+    let Some(log) = &gen.config.access_log else {
+        return false;
+    };
+    match Sink::open(log) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(generation = gen.number, path = %log.path.display(), error = %e, "cannot reopen the access log; it goes on into the file it had");
+            false
+        }
+    }
+}
+
 /// A reload that went live.
 #[derive(Debug, Clone)]
 pub struct Reloaded {
@@ -484,14 +499,20 @@ impl Control {
                 // its lines would go on into the rotated file (and, once
                 // that is removed, into an unlinked one) until a reload
                 // succeeds.
-                if let Some(log) = &inner.current.config.access_log {
-                    if let Err(e) = Sink::open(log) {
-                        tracing::error!(generation, path = %log.path.display(), error = %e, "cannot reopen the access log; it goes on into the file it had");
-                    }
-                }
+                reopen(&inner.current);
             }
         }
         result
+    }
+
+    /// Reopens the running generation's access log and changes nothing
+    /// else: SIGUSR1, nginx's `postrotate` signal (logrotate configs
+    /// written for nginx send it).
+    pub fn reopen_access_log(&self) {
+        let inner = self.lock();
+        if reopen(&inner.current) {
+            tracing::info!(generation = inner.current.number, "access log reopened");
+        }
     }
 
     fn try_reload(&self, inner: &mut Inner) -> Result<Reloaded, ReloadError> {
