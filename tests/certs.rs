@@ -1189,6 +1189,29 @@ fn mtls_connect(
     pki: &Pki,
     identity: Option<(Vec<CertificateDer<'static>>, &rcgen::KeyPair)>,
 ) -> StreamOwned<ClientConnection, TcpStream> {
+    connect_with(k.addr(), &mtls_client(pki, identity))
+}
+
+/// A TLS connection to `addr` (not yet handshaken) with `cfg`.
+fn connect_with(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> StreamOwned<ClientConnection, TcpStream> {
+    let conn =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    StreamOwned::new(conn, sock)
+}
+
+/// A client config trusting `pki` and sending `identity` as its client
+/// certificate when asked, with rustls' session cache: its connections
+/// after the first resume.
+fn mtls_client(
+    pki: &Pki,
+    identity: Option<(Vec<CertificateDer<'static>>, &rcgen::KeyPair)>,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.der.clone()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -1204,12 +1227,107 @@ fn mtls_connect(
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    let conn =
-        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
-    let sock = TcpStream::connect(k.addr()).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    StreamOwned::new(conn, sock)
+    Arc::new(cfg)
+}
+
+/// An echo through the tcp route on a connection of `cfg`: whether it came
+/// back, and whether the handshake resumed.
+fn echo_with(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> (Result<(), String>, bool) {
+    use std::io::{Read, Write};
+    let mut c = connect_with(addr, cfg);
+    let echoed = c
+        .write_all(b"ECHO\nping")
+        .and_then(|()| {
+            let mut got = [0u8; 4];
+            c.read_exact(&mut got).map(|()| got)
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|got| (&got == b"ping").then_some(()).ok_or(format!("{got:?}")));
+    let resumed = c.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    (echoed, resumed)
+}
+
+/// rustls verifies a client's chain only in a full handshake, and each
+/// resumption carried the chain into a fresh ticket: a client that
+/// reconnected within a ticket's lifetime was admitted for ever, past its
+/// certificate's notAfter and past the CRL's nextUpdate. A resumed
+/// session's chain is verified again, so both end like a full handshake
+/// would, counted by reason; until then resumption works.
+#[test]
+fn a_resumed_session_ends_with_its_client_certificate_or_its_crl() {
+    let pki = Pki::new("mtls-resume");
+    let (ca, ca_pem) = client_ca("ktern test client CA");
+    std::fs::write(pki.dir.join("clients.pem"), &ca_pem).unwrap();
+    let backend = start_backend();
+    let now = time::OffsetDateTime::now_utc();
+    let lifetime = time::Duration::seconds(4);
+    let clients = pki.dir.join("clients.pem").display().to_string();
+    // A certificate that ends soon, on a listener without a CRL.
+    let k = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(backend, &format!("client_auth = {{ ca = \"{clients}\" }}")),
+    );
+    let mut p = rcgen::CertificateParams::new(vec!["brief.client.test".to_string()]).unwrap();
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + lifetime;
+    let brief_key = rcgen::KeyPair::generate().unwrap();
+    let brief = p.signed_by(&brief_key, &ca).unwrap().der().clone();
+    let brief_client = mtls_client(&pki, Some((vec![brief], &brief_key)));
+    // A certificate that lasts, on a listener whose CRL ends soon.
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + lifetime,
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca)
+    .unwrap();
+    std::fs::write(pki.dir.join("brief-crl.pem"), crl.pem().unwrap()).unwrap();
+    let with_crl = Ktern::start(
+        &pki,
+        "",
+        &tcp_listener(
+            backend,
+            &format!(
+                "client_auth = {{ ca = \"{clients}\", crl = \"{}\" }}",
+                pki.dir.join("brief-crl.pem").display()
+            ),
+        ),
+    );
+    let (good, good_key, _) = client_cert(&ca, "good", false, false);
+    let good_client = mtls_client(&pki, Some((vec![good], &good_key)));
+    let cases = [(&k, &brief_client), (&with_crl, &good_client)];
+    for (k, cfg) in cases {
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), false), "full handshake");
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), true), "resumed");
+    }
+    // Past both ends (webpki reads whole seconds).
+    let past = now + lifetime + time::Duration::seconds(2);
+    while time::OffsetDateTime::now_utc() < past {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (k, cfg) in cases {
+        let (echoed, resumed) = echo_with(k.addr(), cfg);
+        assert!(echoed.is_err() && resumed, "{echoed:?}, resumed: {resumed}");
+    }
+    assert_eq!(
+        k.wait_metric("ktern_client_cert_failures_expired_total", 1),
+        1
+    );
+    assert_eq!(
+        with_crl.wait_metric("ktern_client_cert_failures_bad_total", 1),
+        1
+    );
+    // A full handshake refuses them too: nothing was special to resumption.
+    for (k, cfg) in cases {
+        let mut fresh = (**cfg).clone();
+        fresh.resumption = rustls::client::Resumption::disabled();
+        assert!(echo_with(k.addr(), &Arc::new(fresh)).0.is_err());
+    }
 }
 
 #[test]

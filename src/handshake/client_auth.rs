@@ -51,16 +51,7 @@ impl ClientCertVerifier for DepthLimited {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if intermediates.len() >= usize::from(self.depth) {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                rustls::OtherError(Arc::new(TooDeep {
-                    sent: intermediates.len(),
-                    depth: self.depth,
-                })),
-            )));
-        }
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)
+        verify(&*self.inner, self.depth, end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(
@@ -84,6 +75,51 @@ impl ClientCertVerifier for DepthLimited {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// The depth limit, then rustls' verifier.
+fn verify(
+    inner: &dyn ClientCertVerifier,
+    depth: u8,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<ClientCertVerified, rustls::Error> {
+    if intermediates.len() >= usize::from(depth) {
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(TooDeep {
+                sent: intermediates.len(),
+                depth,
+            })),
+        )));
+    }
+    inner.verify_client_cert(end_entity, intermediates, now)
+}
+
+/// A resumed session's client certificate chain, verified again at `now`
+/// with the listener's current CAs, CRLs and depth. rustls verifies a
+/// client's chain only in a full handshake, and every resumption carries
+/// the chain into a new ticket issued then: a client reconnecting within
+/// each ticket's lifetime was admitted for ever, past its certificate's
+/// notAfter and past a CRL's nextUpdate. A chain that no longer holds is
+/// refused as a full handshake would refuse it. No chain (an `optional`
+/// listener's client without one) has nothing to verify.
+pub fn still_valid(
+    auth: &crate::config::ClientAuth,
+    chain: Option<&[CertificateDer<'_>]>,
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
+    let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
+        return Ok(());
+    };
+    verify(
+        &*auth.verifier,
+        auth.verify_depth,
+        end_entity,
+        intermediates,
+        now,
+    )
+    .map(drop)
 }
 
 /// Why a client certificate was refused, for the counters.

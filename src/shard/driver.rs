@@ -246,6 +246,21 @@ fn admit_client(
 /// Anyone can make one (a port scan, a load balancer's TCP check, plain
 /// HTTP on 443), and a line each would let them flood the log, which is
 /// written on the shard's own thread.
+/// A refused client certificate, by reason.
+fn count_refused_certificate(shard: &Shard, e: &rustls::Error) {
+    use handshake::client_auth::Refused;
+    let m = &shard.metrics;
+    if let Some(why) = handshake::client_auth::refused(e) {
+        M::inc(match why {
+            Refused::Missing => &m.client_cert_missing,
+            Refused::UnknownCa => &m.client_cert_unknown_ca,
+            Refused::Expired => &m.client_cert_expired,
+            Refused::Revoked => &m.client_cert_revoked,
+            Refused::Bad => &m.client_cert_bad,
+        });
+    }
+}
+
 fn handshake_failed(shard: &Shard, peer: SocketAddr, e: &dyn std::fmt::Display) {
     match shard.handshake_log.due() {
         Some(count) => {
@@ -572,16 +587,7 @@ async fn establish(
             };
             M::inc(counter);
             if let HandshakeError::Tls(tls) = &e {
-                use handshake::client_auth::Refused;
-                if let Some(why) = handshake::client_auth::refused(tls) {
-                    M::inc(match why {
-                        Refused::Missing => &m.client_cert_missing,
-                        Refused::UnknownCa => &m.client_cert_unknown_ca,
-                        Refused::Expired => &m.client_cert_expired,
-                        Refused::Revoked => &m.client_cert_revoked,
-                        Refused::Bad => &m.client_cert_bad,
-                    });
-                }
+                count_refused_certificate(&shard, tls);
             }
             handshake_failed(&shard, peer, &e);
             return None;
@@ -592,6 +598,20 @@ async fn establish(
         // closes now (RFC 8737 §3); nothing is routed.
         tracing::info!(%peer, sni = est.sni.as_deref(), "ACME tls-alpn-01 validation answered");
         return None;
+    }
+    let resumed = est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if let (true, Some(auth)) = (resumed, &gen.config().listeners[listener].client_auth) {
+        let now = rustls::pki_types::UnixTime::now();
+        if let Err(e) = handshake::client_auth::still_valid(auth, est.conn.peer_certificates(), now)
+        {
+            // The handshake is over: rustls can send no alert now. A reset,
+            // not a FIN, so the client reads a failure, not an end.
+            M::inc(&m.hs_fail_tls);
+            count_refused_certificate(&shard, &e);
+            let _ = crate::sys::reset_on_close(crate::sys::borrow_fd(&socket));
+            handshake_failed(&shard, peer, &HandshakeError::Tls(e));
+            return None;
+        }
     }
     let mode = gen.config().runtime.ktls;
     let carried = ktls::kernel_carries(mode, est.conn.negotiated_cipher_suite(), &shard.ktls);
@@ -634,7 +654,7 @@ async fn establish(
         suite: est.conn.negotiated_cipher_suite().map(|s| s.suite()),
         kernel: false,
         alpn_h2,
-        resumed: est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        resumed,
         client_auth: gen.config().listeners[listener].client_auth.is_some(),
         client: est
             .conn
