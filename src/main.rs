@@ -245,6 +245,9 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
             );
         }
     }
+    // The ids too: an unknown user or group refuses the start (or the
+    // upgrade) now.
+    let switch_to = switch_to(&config)?;
     // Binary upgrade: the running ktern's sockets, before binding anything.
     let mut inherited = match &upgrade_from {
         Some(path) => {
@@ -298,8 +301,6 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         ),
         _ => None,
     };
-    drop_root(&control.current().config)?;
-    control.start_acme();
     if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
         // From here on this process serves whatever happens: the old one
         // may already have stopped accepting.
@@ -313,11 +314,23 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
             }
         }
     }
+    // Published while still root, if started so: the socket waits in a
+    // 0700 directory root made, and goes to a path (`/run/ktern`) root may
+    // own; as runtime.user the rename failed, and no upgrade ever found
+    // the process.
     if let Some(listening) = upgrade_listening {
         if let Err(e) = listening.serve(Arc::new(ktern::control::UpgradeOffer(control.clone()))) {
             tracing::error!(error = %e, "runtime.upgrade_socket: cannot serve it; upgrades will not find this process");
         }
     }
+    if let Some((user, uid, gid)) = switch_to {
+        ktern::sys::drop_privileges(uid, gid)
+            .with_context(|| format!("cannot switch to user {user:?} (uid {uid}, gid {gid})"))?;
+        tracing::info!(user, uid, gid, "dropped root: running as {user}");
+    }
+    // After the switch: the ACME client writes keys and certificates as
+    // runtime.user.
+    control.start_acme();
     // Said once everything is up, the upgrade socket included: whoever reads
     // these lines (an operator, a script, the tests) may upgrade at once.
     for (name, addr) in &listeners {
@@ -391,18 +404,19 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     Ok(())
 }
 
-/// `runtime.user`/`group`: once every socket is bound, a ktern started as
-/// root switches to that user for good (like nginx's workers, but for the
-/// whole process: nothing keeps root). Reloads then read certificates and
-/// keys as that user, and can bind ports below 1024 only with
-/// CAP_NET_BIND_SERVICE.
-fn drop_root(config: &Config) -> anyhow::Result<()> {
+/// `runtime.user`/`group`: once every socket is bound (and the upgrade
+/// socket published), a ktern started as root switches to that user for
+/// good (like nginx's workers, but for the whole process: nothing keeps
+/// root). Reloads then read certificates and keys as that user, and can
+/// bind ports below 1024 only with CAP_NET_BIND_SERVICE. The user's ids
+/// (and group's), or `None` when there is no switch.
+fn switch_to(config: &Config) -> anyhow::Result<Option<(String, u32, u32)>> {
     let Some(user) = &config.runtime.user else {
-        return Ok(());
+        return Ok(None);
     };
     if !ktern::sys::is_root() {
         tracing::warn!(user, "runtime.user ignored: ktern is not running as root");
-        return Ok(());
+        return Ok(None);
     }
     let (uid, mut gid) = ktern::sys::lookup_user(user)
         .with_context(|| format!("{}: runtime.user: {user:?}", config.source))?;
@@ -410,10 +424,7 @@ fn drop_root(config: &Config) -> anyhow::Result<()> {
         gid = ktern::sys::lookup_group(group)
             .with_context(|| format!("{}: runtime.group: {group:?}", config.source))?;
     }
-    ktern::sys::drop_privileges(uid, gid)
-        .with_context(|| format!("cannot switch to user {user:?} (uid {uid}, gid {gid})"))?;
-    tracing::info!(user, uid, gid, "dropped root: running as {user}");
-    Ok(())
+    Ok(Some((user.clone(), uid, gid)))
 }
 
 /// `ktern reload`: asks the running ktern (through the admin endpoint named

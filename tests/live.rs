@@ -1050,6 +1050,53 @@ fn started_as_root_every_thread_runs_as_the_runtime_user() {
     assert!(k.log().contains("dropped root"));
 }
 
+/// Started as root with `runtime.user`, the upgrade socket is published
+/// before the switch: as the user, the rename out of the 0700 directory
+/// root made failed ("cannot serve it"), no upgrade ever found the
+/// process, and each start left its directory behind.
+#[test]
+fn started_as_root_with_a_user_the_upgrade_socket_still_serves() {
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    if !root {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let pki = Pki::new("live-user-upgrade");
+    let backend = start_backend();
+    let sock = pki.dir.join("upgrade.sock");
+    let rt = runtime(&format!(
+        "user = \"nobody\"\nupgrade_socket = \"{}\"",
+        sock.display()
+    ));
+    let mut old = Ktern::start(&pki, &rt, &tcp_listener(backend, ""));
+    assert!(old.log().contains("dropped root"), "{}", old.log());
+    assert!(!old.log().contains("cannot serve it"), "{}", old.log());
+    let new = Ktern::start_args(
+        &pki.dir,
+        &old.config_path,
+        &[],
+        &["--upgrade-from", sock.to_str().unwrap()],
+    );
+    assert_eq!(new.addr(), old.addr());
+    let status = old
+        .wait_exit(Duration::from_secs(10) * slow())
+        .expect("the old process drains after the upgrade");
+    assert!(status.success());
+    download(new.addr(), &pki, ClientOpts::default(), 1000);
+    assert!(new.log().contains("dropped root"), "{}", new.log());
+    assert!(!new.log().contains("cannot serve it"), "{}", new.log());
+    let leftovers: Vec<_> = std::fs::read_dir(&pki.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".ktern-upgrade-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 /// `max_conns` across a reload that changes the group (its cap lowered,
 /// a timeout changed): a request in flight under the old configuration
 /// still holds its backend's slot under the new one, so the next request
