@@ -404,10 +404,28 @@ fn static_files_with_ranges_conditionals_and_no_escape() {
             206,
         ),
         (format!("If-Range: {old}\r\nRange: bytes=0-0\r\n"), 200),
+        // Sent twice, it holds no validator: all.
+        (
+            format!("If-Range: {old}\r\nIf-Range: {old}\r\nRange: bytes=0-0\r\n"),
+            200,
+        ),
     ] {
         let r = get(&mut c, "/files/big.bin", &extra);
         assert_eq!(r.status, want, "{extra:?}");
     }
+    // A file dated in the future is dated now (RFC 9110 §8.8.2.1): a
+    // client keeping the future date would get 304 for every later
+    // version until then.
+    std::fs::write(files.join("future.txt"), b"v1").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(files.join("future.txt"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(10 * 365 * 86400))
+        .unwrap();
+    let r = get(&mut c, "/files/future.txt", "");
+    let dated = |h: &str| httpdate::parse_http_date(r.header(h).unwrap()).unwrap();
+    assert!(dated("last-modified") <= dated("date"), "{:?}", r.headers);
     // A file changed within the current second has a weak date: an
     // If-Range on it sends the whole file (RFC 9110 §13.1.5).
     std::fs::write(files.join("fresh.txt"), b"0123456789").unwrap();
@@ -1570,6 +1588,44 @@ fn backend_faults_map_to_502_504_and_aborts() {
 fn websocket_upgrade_becomes_a_two_way_tunnel() {
     let (pki, k, _, _) = setup("ws", ANY_TO_A, "");
     websocket_round_trip(&k, &pki);
+}
+
+/// A 101 that does not switch to what the client asked for is refused
+/// with 502, not tunnelled: a backend still speaking HTTP behind it would
+/// take the client's next bytes as requests ktern never saw, past its
+/// rules and forwarding fields ("WebSocket smuggling"). The backend
+/// answers each of these with a 101 to `websocket`.
+#[test]
+fn a_101_must_switch_to_what_the_client_asked_for() {
+    let (pki, k, _, _) = setup("ws-switch", ANY_TO_A, "");
+    let ws = |path: &str, version: &str, upgrade: &str| {
+        format!(
+            "GET {path} HTTP/1.{version}\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    // The accept answers another key.
+    assert_eq!(
+        status_of(
+            &k,
+            &pki,
+            ws("/ws-wrong-accept", "1", "websocket").as_bytes()
+        ),
+        502
+    );
+    // The client asked for another protocol.
+    assert_eq!(status_of(&k, &pki, ws("/ws", "1", "foo").as_bytes()), 502);
+    // HTTP/1.0 has no upgrade (RFC 9110 §7.8): the request went up
+    // without one, and the 101 answers nothing that was asked.
+    assert_eq!(
+        status_of(&k, &pki, ws("/ws", "0", "websocket").as_bytes()),
+        502
+    );
+    // The same upgrade, answered as asked, still switches (the head only:
+    // the tunnel stays open).
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(ws("/ws", "1", "websocket").as_bytes()).unwrap();
+    let r = read_response(&mut BufReader::new(&mut c), true).unwrap();
+    assert_eq!(r.status, 101);
 }
 
 /// A WebSocket upgrade to the test backend's `/ws` (it says `hi`, then

@@ -287,7 +287,7 @@ pub fn http_backend_conn(
                     String::from("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
                 if let Some(key) = field("sec-websocket-key") {
                     let key = if path == "/ws-wrong-accept" { format!("{key}x") } else { key };
-                    let accept = ktern::proxy::h2::convert::websocket_accept(&key);
+                    let accept = ktern::proxy::http::exchange::websocket_accept(&key);
                     switch.push_str(&format!("Sec-WebSocket-Accept: {accept}\r\n"));
                 }
                 if let Some(p) = field("sec-websocket-protocol") {

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::proxy::http::body::Framing;
+use crate::proxy::http::exchange;
 use crate::proxy::http::head::{self, Limits, RequestHead, ResponseHead};
 use crate::proxy::http::rewrite;
 
@@ -34,10 +35,6 @@ const CONNECTION_SPECIFIC: &[&str] = &[
     "upgrade",
 ];
 
-/// The GUID of RFC 6455 §1.3, which a WebSocket server appends to the
-/// client's key before hashing it into `Sec-WebSocket-Accept`.
-const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-
 /// Whether `parts` opens a WebSocket: an extended CONNECT (RFC 8441 §4)
 /// whose `:protocol` is `websocket`. Its HTTP/1.1 restatement needs a
 /// `Sec-WebSocket-Key` ([`websocket_key`]), which HTTP/2 clients do not
@@ -55,19 +52,6 @@ pub fn is_websocket(parts: &http::request::Parts) -> bool {
 pub fn websocket_key(nonce: &[u8; 16]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(nonce)
-}
-
-/// The `Sec-WebSocket-Accept` a backend must answer `key` with (RFC 6455
-/// §4.2.2): base64 of the SHA-1 of the key and the GUID. ktern, as the
-/// backend's WebSocket client, checks it (§4.1: else the connection
-/// fails), since its HTTP/2 client never sees it.
-pub fn websocket_accept(key: &str) -> String {
-    use crate::provider::prims::digest;
-    use base64::Engine;
-    let mut ctx = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
-    ctx.update(key.as_bytes());
-    ctx.update(WEBSOCKET_GUID);
-    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
 }
 
 /// The HTTP/1.1 head `parts` stands for. `end_stream`: the request has no
@@ -248,20 +232,15 @@ pub fn response(resp: &ResponseHead, extra: &[(&str, &[u8])]) -> http::Response<
 }
 
 /// Why a backend's answer to a WebSocket's upgrade (ktern's `key`) cannot
-/// go to the HTTP/2 client, if it cannot: a 101 whose
-/// `Sec-WebSocket-Accept` does not answer the key (RFC 6455 §4.1: the
-/// client fails such a connection, and ktern is the client here), or a
-/// 2xx without a switch, which would tell the client its tunnel is open
-/// (RFC 8441 §5). Any other answer (a refusal) is relayed as it is.
+/// go to the HTTP/2 client, if it cannot: a 101 that does not switch to
+/// the WebSocket ktern asked for ([`exchange::switch_refusal`]: ktern is
+/// the backend's client here, and RFC 6455 §4.1 has a client fail such a
+/// connection), or a 2xx without a switch, which would tell the client
+/// its tunnel is open (RFC 8441 §5). Any other answer (a refusal) is
+/// relayed as it is.
 pub fn websocket_refusal(resp: &ResponseHead, key: &str) -> Option<&'static str> {
     match resp.status {
-        101 if !resp
-            .fields
-            .values("sec-websocket-accept")
-            .eq([websocket_accept(key).as_bytes()]) =>
-        {
-            Some("101 without the Sec-WebSocket-Accept for ktern's key")
-        }
+        101 => exchange::switch_refusal(resp, |t| t.eq_ignore_ascii_case("websocket"), Some(key)),
         200..=299 => Some("a 2xx to a WebSocket upgrade, without switching"),
         _ => None,
     }
@@ -482,7 +461,7 @@ mod tests {
     fn the_websocket_key_and_accept_are_rfc_6455s() {
         // RFC 6455 §1.3's example.
         assert_eq!(
-            websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+            exchange::websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
         // The sample nonce of RFC 6455 §4.1 is "the sample nonce".
@@ -568,10 +547,22 @@ mod tests {
         for wrong in ["", "Sec-WebSocket-Accept: x\r\n", "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"] {
             assert_eq!(
                 answer(&format!("{switch}{wrong}\r\n")),
-                Some("101 without the Sec-WebSocket-Accept for ktern's key"),
+                Some("101 without the Sec-WebSocket-Accept for the client's key"),
                 "{wrong}"
             );
         }
+        // A 101 to another protocol, or naming none.
+        let accept = "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n";
+        assert_eq!(
+            answer(&format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n{accept}\r\n"
+            )),
+            Some("101 to a protocol the client did not ask for")
+        );
+        assert_eq!(
+            answer(&format!("HTTP/1.1 101 Switching Protocols\r\n{accept}\r\n")),
+            Some("101 without Upgrade")
+        );
         assert_eq!(
             answer("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
             Some("a 2xx to a WebSocket upgrade, without switching")

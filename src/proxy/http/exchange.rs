@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::body::Framing;
-use super::head::{RequestHead, ResponseHead};
+use super::head::{list_tokens, RequestHead, ResponseHead};
 use crate::config::{Balance, HashKey, HttpRoute, Rule, Target};
 
 /// What to do with a request whose head was accepted.
@@ -243,11 +243,23 @@ pub enum Relay {
 /// or the connection's config generation was replaced (keep-alive ends).
 pub fn relay(head: &RequestHead, resp: &ResponseHead, closing: bool) -> Relay {
     if resp.status == 101 {
-        return if head.upgrade {
-            Relay::Upgrade
-        } else {
+        if !head.upgrade {
             // The backend connection now speaks something else.
-            Relay::Refuse("101 to a request without Upgrade")
+            return Relay::Refuse("101 to a request without Upgrade");
+        }
+        let asked = |t: &str| {
+            head.values("upgrade")
+                .flat_map(list_tokens)
+                .any(|a| a.eq_ignore_ascii_case(t))
+        };
+        let mut keys = head.values("sec-websocket-key");
+        let key = match (keys.next(), keys.next()) {
+            (Some(k), None) => std::str::from_utf8(k).ok(),
+            _ => None,
+        };
+        return match switch_refusal(resp, asked, key) {
+            Some(why) => Relay::Refuse(why),
+            None => Relay::Upgrade,
         };
     }
     let coded = resp
@@ -266,6 +278,63 @@ pub fn relay(head: &RequestHead, resp: &ResponseHead, closing: bool) -> Relay {
         resp.framing == Framing::UntilClose && head.keep_alive && head.minor == 1 && !coded;
     let close = !head.keep_alive || closing || (resp.framing == Framing::UntilClose && !rechunk);
     Relay::Body { rechunk, close }
+}
+
+/// Why a backend's 101 does not switch to what was asked, if it does not.
+/// RFC 9110 §7.8: a 101 names in `Upgrade` the protocols it switches to,
+/// each one the client `asked` for; RFC 6455 §4.1: a WebSocket's
+/// `Sec-WebSocket-Accept` answers the client's `key` (§4.2.2), or the
+/// client fails the connection. Tunnelled anyway, a backend that answered
+/// 101 while still speaking HTTP (a status it reflects, a broken
+/// WebSocket endpoint) would take the client's next bytes as requests of
+/// their own, past every rule, path check and forwarding field ktern
+/// applies ("WebSocket smuggling").
+pub fn switch_refusal(
+    resp: &ResponseHead,
+    asked: impl Fn(&str) -> bool,
+    key: Option<&str>,
+) -> Option<&'static str> {
+    let mut named = resp
+        .fields
+        .values("upgrade")
+        .flat_map(list_tokens)
+        .peekable();
+    if named.peek().is_none() {
+        return Some("101 without Upgrade");
+    }
+    let mut websocket = false;
+    for token in named {
+        if !asked(token) {
+            return Some("101 to a protocol the client did not ask for");
+        }
+        websocket |= token.eq_ignore_ascii_case("websocket");
+    }
+    if websocket {
+        let accepted = key.is_some_and(|key| {
+            resp.fields
+                .values("sec-websocket-accept")
+                .eq([websocket_accept(key).as_bytes()])
+        });
+        if !accepted {
+            return Some("101 without the Sec-WebSocket-Accept for the client's key");
+        }
+    }
+    None
+}
+
+/// The GUID of RFC 6455 §1.3, which a WebSocket server appends to the
+/// client's key before hashing it into `Sec-WebSocket-Accept`.
+const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// The `Sec-WebSocket-Accept` a backend must answer `key` with (RFC 6455
+/// §4.2.2): base64 of the SHA-1 of the key and the GUID.
+pub fn websocket_accept(key: &str) -> String {
+    use crate::provider::prims::digest;
+    use base64::Engine;
+    let mut ctx = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes());
+    ctx.update(WEBSOCKET_GUID);
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
 }
 
 /// Whether a response carries a transfer coding other than chunked
@@ -607,18 +676,25 @@ mod tests {
         let keep = req("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         let closing = req("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let old = req("GET / HTTP/1.0\r\nHost: x\r\n\r\n");
-        let upgrade =
-            req("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let upgrade = req(&format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        ));
         let sized = resp("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "GET");
         let until_close = resp("HTTP/1.1 200 OK\r\n\r\n", "GET");
         let chunked = resp(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET",
         );
-        let switching = resp(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            "GET",
-        );
+        let switch = |fields: &str| {
+            resp(
+                &format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n{fields}\r\n"),
+                "GET",
+            )
+        };
+        // RFC 6455 §1.3's example: this key's accept.
+        let accept = "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n";
+        let switching = switch(&format!("Upgrade: WebSocket\r\n{accept}"));
         let body = |rechunk, close| Relay::Body { rechunk, close };
         assert_eq!(relay(&keep, &sized, false), body(false, false));
         assert_eq!(relay(&keep, &sized, true), body(false, true), "draining");
@@ -629,6 +705,51 @@ mod tests {
         assert!(matches!(relay(&old, &chunked, false), Relay::Refuse(_)));
         assert_eq!(relay(&upgrade, &switching, false), Relay::Upgrade);
         assert!(matches!(relay(&keep, &switching, false), Relay::Refuse(_)));
+        // A 101 must switch to what the client asked for, and a
+        // WebSocket's accept must answer the client's key: else the
+        // backend may still speak HTTP, and the client's next bytes would
+        // reach it as requests ktern never saw.
+        let refused = |r: &ResponseHead| match relay(&upgrade, r, false) {
+            Relay::Refuse(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused(&switch(accept)), "101 without Upgrade");
+        assert_eq!(
+            refused(&switch(&format!("Upgrade: h2c\r\n{accept}"))),
+            "101 to a protocol the client did not ask for"
+        );
+        assert_eq!(
+            refused(&switch(&format!("Upgrade: websocket, tls/1.3\r\n{accept}"))),
+            "101 to a protocol the client did not ask for"
+        );
+        let wrong = "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOx=\r\n";
+        for fields in [
+            "Upgrade: websocket\r\n".to_string(),
+            format!("Upgrade: websocket\r\n{wrong}"),
+            format!("Upgrade: websocket\r\n{accept}{accept}"),
+        ] {
+            assert_eq!(
+                refused(&switch(&fields)),
+                "101 without the Sec-WebSocket-Accept for the client's key",
+                "{fields}"
+            );
+        }
+        // Another protocol the client asked for needs no key.
+        let custom =
+            req("GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo/2, bar\r\n\r\n");
+        assert_eq!(
+            relay(&custom, &switch("Upgrade: BAR\r\n"), false),
+            Relay::Upgrade
+        );
+        // HTTP/1.0 has no upgrade (RFC 9110 §7.8): a 101 to it is refused.
+        let old_upgrade = req(&format!(
+            "GET / HTTP/1.0\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        ));
+        assert!(!old_upgrade.upgrade);
+        assert_eq!(
+            relay(&old_upgrade, &switching, false),
+            Relay::Refuse("101 to a request without Upgrade")
+        );
         // Codings HTTP/2 cannot carry; chunked alone (in any case) it can.
         let coded = |te: &str| {
             let r = resp(
@@ -659,6 +780,57 @@ mod tests {
         assert!(!reusable(&keep, &close, 0));
         assert!(!reusable(&keep, &until_close, 0));
         assert!(!reusable(&old, &sized, 0));
+        // A bodiless status that declares a body may send it anyway, after
+        // the pool's check: not reused (RFC 9112 §6.3 (1)). A 304's
+        // Content-Length is the resource's, and a HEAD's is the GET's.
+        let pooled = |text: &str, method: &str| reusable(&keep, &resp(text, method), 0);
+        assert!(!pooled(
+            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET"
+        ));
+        assert!(!pooled(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 6\r\n\r\n",
+            "GET"
+        ));
+        assert!(!pooled(
+            "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET"
+        ));
+        assert!(pooled(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            "GET"
+        ));
+        assert!(pooled(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 6\r\n\r\n",
+            "GET"
+        ));
+        assert!(pooled(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HEAD"
+        ));
+        // An HTTP/1.0 response with a transfer coding has faulty framing
+        // (§6.1); `close` wins wherever it stands (§9.6).
+        assert!(!pooled("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "GET"));
+        assert!(pooled(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+            "GET"
+        ));
+        assert!(!pooled(
+            "HTTP/1.0 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 2\r\n\r\n",
+            "GET"
+        ));
+        assert!(!pooled(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\n",
+            "GET"
+        ));
+        // The same for a client's request.
+        assert!(
+            !req("GET / HTTP/1.0\r\nHost: x\r\nConnection: close, keep-alive\r\n\r\n").keep_alive
+        );
+        assert!(req("GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        assert!(
+            !req("GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n").keep_alive
+        );
     }
 
     #[test]

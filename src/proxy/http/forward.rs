@@ -1120,6 +1120,12 @@ pub(crate) fn static_answer(
         Ok(o) => o,
         Err(e) => return StaticAnswer::Local(FileError::from(e).status()),
     };
+    let now = SystemTime::now();
+    // A file dated in the future (clock skew, `touch -d`) is dated now
+    // (RFC 9110 §8.8.2.1): a client that kept the future date would send
+    // it as If-Modified-Since and get 304 for every later version, until
+    // that date.
+    let modified = modified.min(now);
     let once = |name| {
         let mut v = head.values(name);
         // A field sent twice is ignored rather than guessed at.
@@ -1141,11 +1147,15 @@ pub(crate) fn static_answer(
         .next()
         .is_some()
         .then(|| files::lists_any(head.values("if-match")));
-    let now = SystemTime::now();
     let if_range = once("if-range");
-    // An If-Range on a date that is not strong is false (§13.1.5): the
-    // whole file, as if no Range came.
-    let range = once("range").filter(|_| if_range.is_none() || files::strong_date(modified, now));
+    // An If-Range that does not hold sends the whole file, as if no Range
+    // came (§13.1.5): one on a date that is not strong, and one sent twice
+    // (no validator, so nothing can match; it was read as none, and a
+    // resumed download got a range of the changed file).
+    let range = once("range").filter(|_| match if_range {
+        Some(_) => files::strong_date(modified, now),
+        None => head.values("if-range").next().is_none(),
+    });
     let plan = match files::plan(head.method(), ims, range, if_range, len, modified) {
         Plan::MethodNotAllowed => Plan::MethodNotAllowed,
         // First of all for the GET and HEAD that reach here (§13.2.2).

@@ -533,7 +533,7 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
         return Err(HeadError::BadRequest("Transfer-Encoding in HTTP/1.0"));
     }
     let mut host = None;
-    let mut conn_close = minor == 0;
+    let (mut conn_close, mut conn_keep) = (false, false);
     let mut conn_upgrade = false;
     let mut expect_continue = false;
     let mut has_upgrade = false;
@@ -558,8 +558,8 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
             for token in list_tokens(f.value) {
                 if token.eq_ignore_ascii_case("close") {
                     conn_close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") && minor == 0 {
-                    conn_close = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    conn_keep = true;
                 } else if token.eq_ignore_ascii_case("upgrade") {
                     conn_upgrade = true;
                 }
@@ -595,9 +595,12 @@ fn build_request(raw: Vec<u8>, scan: Scan) -> Result<RequestHead, HeadError> {
         minor,
         framing,
         host,
-        keep_alive: !conn_close,
+        // `close` wins wherever it stands (RFC 9112 §9.6); an HTTP/1.0
+        // connection persists only if asked to (§9.3).
+        keep_alive: !conn_close && (minor == 1 || conn_keep),
         expect_continue,
-        upgrade: conn_upgrade && has_upgrade && !h2c,
+        // RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
+        upgrade: conn_upgrade && has_upgrade && !h2c && minor == 1,
         len,
     })
 }
@@ -967,17 +970,32 @@ pub fn parse_response(
     let head = &buf[..len];
     let reason = span(head, res.reason.unwrap_or_default().as_bytes());
     let fields = Fields::new(head, res.headers);
-    let mut keep_alive = minor == 1;
+    // `close` wins wherever it stands (RFC 9112 §9.6); an HTTP/1.0
+    // connection persists only if asked to (§9.3).
+    let (mut close, mut keep) = (false, false);
     for value in fields.values("connection") {
         for t in list_tokens(value) {
-            if t.eq_ignore_ascii_case("close") {
-                keep_alive = false;
-            } else if t.eq_ignore_ascii_case("keep-alive") && minor == 0 {
-                keep_alive = true;
-            }
+            close |= t.eq_ignore_ascii_case("close");
+            keep |= t.eq_ignore_ascii_case("keep-alive");
         }
     }
+    let mut keep_alive = !close && (minor == 1 || keep);
     let (te, cl) = framing_fields(&fields).map_err(ResponseError::Framing)?;
+    // §6.1: an HTTP/1.0 message with a Transfer-Encoding has faulty
+    // framing; the connection closes after it.
+    if minor == 0 && !te.is_empty() {
+        keep_alive = false;
+    }
+    // §6.3 (1): a 204 or 304 has no body whatever its fields say, but one
+    // that declares a body (a 304's Content-Length is the resource's, not
+    // a body) may send it anyway, after the head and past any check of
+    // the pool: the next request on that connection would read it as its
+    // response. Such a connection is not reused.
+    if (status == 204 && (!te.is_empty() || cl.is_some_and(|n| n > 0)))
+        || (status == 304 && !te.is_empty())
+    {
+        keep_alive = false;
+    }
     // Methods are case-sensitive (RFC 9110 §9.1): a `head` request is not
     // HEAD, and a backend may answer it with a body, which read as
     // bodiless would be left on a pooled connection for the next request.

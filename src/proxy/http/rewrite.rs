@@ -442,6 +442,11 @@ pub fn response(head: &ResponseHead, persist: Persist, extra: &[(&str, &[u8])], 
         if is_hop_by_hop(f.name, &options) {
             continue;
         }
+        // RFC 9110 §8.6: a 1xx or 204 carries no Content-Length (a client
+        // could read one as a body to wait for).
+        if (switching || head.status == 204) && f.name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
         if content_length_once(f.name, f.value, &mut length_sent, out) {
             continue;
         }
@@ -744,6 +749,31 @@ mod tests {
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn no_content_length_goes_out_with_a_204_or_a_101() {
+        let relayed = |text: &str| {
+            let head = parse_response(text.as_bytes(), "GET", 1 << 16)
+                .unwrap()
+                .unwrap();
+            let mut out = Vec::new();
+            response(&head, Persist::Keep, &[], &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            relayed("HTTP/1.1 204 No Content\r\nContent-Length: 6\r\nX: y\r\n\r\n"),
+            "HTTP/1.1 204 No Content\r\nX: y\r\n\r\n"
+        );
+        assert_eq!(
+            relayed("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n"),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+        );
+        // A 304's is the resource's, and stays.
+        assert!(
+            relayed("HTTP/1.1 304 Not Modified\r\nContent-Length: 6\r\n\r\n")
+                .contains("Content-Length: 6\r\n")
         );
     }
 
