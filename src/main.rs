@@ -268,15 +268,23 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     let inherited_admin = inherited.as_mut().and_then(|i| i.admin.take());
     // Every socket of our own is bound before the shards start: a failure
     // then refuses the start (or the upgrade) before a connection was taken.
-    let admin_listener = match admin {
-        None => None,
-        Some(admin) => Some(match inherited_admin {
-            // The same configured address: serve the socket the old binary
-            // served (a fresh bind would fail while it lives).
-            Some((configured, l)) if configured == admin => l,
-            _ => std::net::TcpListener::bind(admin)
-                .with_context(|| format!("admin.address: cannot listen on {admin}"))?,
-        }),
+    let admin_listener = match (admin, inherited_admin) {
+        // The same configured address: serve the socket the old binary
+        // served (a fresh bind would fail while it lives).
+        (Some(admin), Some((configured, l))) if configured == admin => Some(l),
+        (admin, unused) => {
+            // Another address, or none: the old binary's socket closes now.
+            // Kept, it listened where nobody accepted: a scrape or `ktern
+            // reload` there waited for its timeout instead of being
+            // refused, and an upgrade back to that address could not bind.
+            drop(unused);
+            admin
+                .map(|admin| {
+                    std::net::TcpListener::bind(admin)
+                        .with_context(|| format!("admin.address: cannot listen on {admin}"))
+                })
+                .transpose()?
+        }
     };
     let upgrade_listening = match &upgrade_socket {
         Some(path) => Some(ktern::control::upgrade::bind(path).with_context(|| {

@@ -912,7 +912,7 @@ fn systemd_notify_protocol_ready_reloading_stopping() {
     let backend = start_backend();
     let k = Ktern::start_env(
         &pki,
-        &runtime("drain_delay = \"0s\""),
+        &runtime("drain_delay = \"3s\""),
         &tcp_listener(backend, ""),
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
     );
@@ -935,6 +935,21 @@ fn systemd_notify_protocol_ready_reloading_stopping() {
     );
     k.signal("TERM");
     assert!(next().starts_with("STOPPING=1"));
+    // A reload while draining is refused without a word to systemd: its
+    // RELOADING=1 and READY=1 ("serving") said a stopping process serves.
+    k.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !k.log().contains("reload refused") {
+        assert!(std::time::Instant::now() < deadline, "{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let after = sock
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    assert!(after.is_err(), "{after:?}");
 }
 
 #[test]
@@ -1048,6 +1063,37 @@ fn started_as_root_every_thread_runs_as_the_runtime_user() {
     }
     assert!(n >= 3, "shard, admin and main threads expected");
     assert!(k.log().contains("dropped root"));
+}
+
+/// An upgrade whose config moves the admin endpoint closes the old
+/// binary's admin socket: kept, it listened where nobody accepted, so a
+/// scrape or `ktern reload` there hung until its timeout instead of being
+/// refused.
+#[test]
+fn an_upgrade_that_moves_the_admin_endpoint_closes_the_old_one() {
+    let (pki, _a, sock, mut old) = upgradable("live-upgrade-admin", "5s");
+    let text = std::fs::read_to_string(&old.config_path).unwrap();
+    let moved = text.replace(
+        "[admin]\naddress = \"127.0.0.1:0\"",
+        "[admin]\naddress = \"127.0.0.2:0\"",
+    );
+    assert_ne!(moved, text);
+    let path = pki.dir.join("moved-admin.toml");
+    std::fs::write(&path, moved).unwrap();
+    let new = Ktern::start_args(
+        &pki.dir,
+        &path,
+        &[],
+        &["--upgrade-from", sock.to_str().unwrap()],
+    );
+    assert!(old
+        .wait_exit(Duration::from_secs(10) * slow())
+        .expect("the old process drains after the upgrade")
+        .success());
+    assert_ne!(new.admin, old.admin);
+    assert_eq!(new.admin_request("GET", "/healthz").0, 200);
+    let err = TcpStream::connect(old.admin).expect_err("the old admin address still listens");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
 /// Started as root with `runtime.user`, the upgrade socket is published

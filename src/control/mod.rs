@@ -467,6 +467,15 @@ impl Control {
     /// of it or nothing. Logged and counted either way.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let mut inner = self.lock();
+        // Refused before systemd hears of it: RELOADING=1 and then READY=1
+        // ("serving") after STOPPING=1 told it a stopping process serves.
+        if self.status.draining.load(Ordering::Relaxed) {
+            M::inc(&self.metrics.reload_failures);
+            tracing::error!(generation = inner.current.number, error = %ReloadError::Draining, "reload refused");
+            // Still logrotate's `postrotate` (below).
+            reopen(&inner.current);
+            return Err(ReloadError::Draining);
+        }
         self.notify.reloading();
         let started = std::time::Instant::now();
         let result = self.try_reload(&mut inner);
@@ -516,9 +525,6 @@ impl Control {
     }
 
     fn try_reload(&self, inner: &mut Inner) -> Result<Reloaded, ReloadError> {
-        if self.status.draining.load(Ordering::Relaxed) {
-            return Err(ReloadError::Draining);
-        }
         let Source::File(path) = &self.source else {
             return Err(ReloadError::NoFile);
         };
