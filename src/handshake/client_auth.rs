@@ -51,7 +51,16 @@ impl ClientCertVerifier for DepthLimited {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify(&*self.inner, self.depth, end_entity, intermediates, now)
+        if intermediates.len() >= usize::from(self.depth) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(TooDeep {
+                    sent: intermediates.len(),
+                    depth: self.depth,
+                })),
+            )));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(
@@ -77,25 +86,6 @@ impl ClientCertVerifier for DepthLimited {
     }
 }
 
-/// The depth limit, then rustls' verifier.
-fn verify(
-    inner: &dyn ClientCertVerifier,
-    depth: u8,
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    now: UnixTime,
-) -> Result<ClientCertVerified, rustls::Error> {
-    if intermediates.len() >= usize::from(depth) {
-        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            rustls::OtherError(Arc::new(TooDeep {
-                sent: intermediates.len(),
-                depth,
-            })),
-        )));
-    }
-    inner.verify_client_cert(end_entity, intermediates, now)
-}
-
 /// A resumed session's client certificate chain, verified again at `now`
 /// with the listener's current CAs, CRLs and depth. rustls verifies a
 /// client's chain only in a full handshake, and every resumption carries
@@ -105,21 +95,16 @@ fn verify(
 /// refused as a full handshake would refuse it. No chain (an `optional`
 /// listener's client without one) has nothing to verify.
 pub fn still_valid(
-    auth: &crate::config::ClientAuth,
+    verifier: &DepthLimited,
     chain: Option<&[CertificateDer<'_>]>,
     now: UnixTime,
 ) -> Result<(), rustls::Error> {
     let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
         return Ok(());
     };
-    verify(
-        &*auth.verifier,
-        auth.verify_depth,
-        end_entity,
-        intermediates,
-        now,
-    )
-    .map(drop)
+    verifier
+        .verify_client_cert(end_entity, intermediates, now)
+        .map(drop)
 }
 
 /// Why a client certificate was refused, for the counters.

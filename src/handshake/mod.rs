@@ -73,6 +73,9 @@ pub struct ServerTls {
     /// server's order decides otherwise: `config` and `resumption`
     /// following the client's order.
     pub client_order: Option<(Arc<ServerConfig>, Arc<ServerConfig>)>,
+    /// The listener's client certificate verifier, which a resumed
+    /// session's chain goes through again ([`client_auth::still_valid`]).
+    pub client_auth: Option<Arc<client_auth::DepthLimited>>,
 }
 
 /// Builds the rustls server config for one listener, with a session-id
@@ -120,11 +123,14 @@ pub fn server_config_sharing(
 ) -> Result<ServerTls, rustls::Error> {
     let builder = ServerConfig::builder_with_provider(Arc::new(listener_provider(listener)))
         .with_protocol_versions(&listener_versions(listener))?;
-    let builder = match &listener.client_auth {
-        Some(auth) => builder.with_client_cert_verifier(Arc::new(client_auth::DepthLimited {
+    let client_auth = listener.client_auth.as_ref().map(|auth| {
+        Arc::new(client_auth::DepthLimited {
             inner: auth.verifier.clone(),
             depth: auth.verify_depth,
-        })),
+        })
+    });
+    let builder = match &client_auth {
+        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(certs.clone());
@@ -175,6 +181,7 @@ pub fn server_config_sharing(
         acme: None,
         resumption: Arc::new(resumption),
         client_order,
+        client_auth,
     })
 }
 
@@ -528,6 +535,13 @@ pub struct Handshake {
     client_order: Option<(Arc<ServerConfig>, Arc<ServerConfig>)>,
     /// The hello lists a ChaCha20-Poly1305 suite first.
     chacha_hello: bool,
+    /// [`ServerTls::client_auth`], and rustls' clock (the config's).
+    client_auth: Option<(
+        Arc<client_auth::DepthLimited>,
+        Arc<dyn rustls::time_provider::TimeProvider>,
+    )>,
+    /// The handshake's end was seen (and a resumed chain checked).
+    ended: bool,
 }
 
 /// A plaintext fatal `handshake_failure` alert record (RFC 8446 §6; the
@@ -562,6 +576,11 @@ impl Handshake {
             sni_malformed: false,
             certs: tls.certs.clone(),
             transmitted: false,
+            client_auth: tls
+                .client_auth
+                .as_ref()
+                .map(|v| (v.clone(), tls.config.time_provider.clone())),
+            ended: false,
         })
     }
 
@@ -681,7 +700,22 @@ impl Handshake {
             self.eof,
         );
         match result {
-            Ok(step) => Ok(step),
+            Ok(step) if self.ended || self.conn.is_handshaking() => Ok(step),
+            Ok(step) => {
+                self.ended = true;
+                match self.resumed_chain_holds() {
+                    Ok(()) => Ok(step),
+                    Err(e) => {
+                        // The tickets rustls sealed at the end carry the
+                        // same chain: the client must not get them, so its
+                        // next connection is a full handshake (with a
+                        // renewed certificate, if it has one). The
+                        // handshake is over, so rustls makes no alert.
+                        self.output.clear();
+                        Err(HandshakeError::Tls(e))
+                    }
+                }
+            }
             Err(Stalled::Eof) => Err(HandshakeError::Eof),
             Err(Stalled::Closed) => {
                 self.collect_alert();
@@ -704,6 +738,21 @@ impl Handshake {
 
     fn collect_alert(&mut self) {
         collect_alert(&mut self.conn, &mut self.input, &mut self.output);
+    }
+
+    /// A resumed session's client certificate chain, verified again, on
+    /// rustls' clock ([`client_auth::still_valid`]).
+    fn resumed_chain_holds(&self) -> Result<(), rustls::Error> {
+        let Some((verifier, clock)) = &self.client_auth else {
+            return Ok(());
+        };
+        if self.conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+            return Ok(());
+        }
+        let now = clock
+            .current_time()
+            .ok_or(rustls::Error::FailedToGetCurrentTime)?;
+        client_auth::still_valid(verifier, self.conn.peer_certificates(), now)
     }
 
     /// Finishes a handshake that reported [`Step::Done`].

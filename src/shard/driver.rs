@@ -600,19 +600,6 @@ async fn establish(
         return None;
     }
     let resumed = est.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    if let (true, Some(auth)) = (resumed, &gen.config().listeners[listener].client_auth) {
-        let now = rustls::pki_types::UnixTime::now();
-        if let Err(e) = handshake::client_auth::still_valid(auth, est.conn.peer_certificates(), now)
-        {
-            // The handshake is over: rustls can send no alert now. A reset,
-            // not a FIN, so the client reads a failure, not an end.
-            M::inc(&m.hs_fail_tls);
-            count_refused_certificate(&shard, &e);
-            let _ = crate::sys::reset_on_close(crate::sys::borrow_fd(&socket));
-            handshake_failed(&shard, peer, &HandshakeError::Tls(e));
-            return None;
-        }
-    }
     let mode = gen.config().runtime.ktls;
     let carried = ktls::kernel_carries(mode, est.conn.negotiated_cipher_suite(), &shard.ktls);
     let alpn_h2 = est.conn.alpn_protocol() == Some(b"h2");
