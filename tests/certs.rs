@@ -1256,6 +1256,81 @@ fn echo_with(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> (Result<(), S
     (echoed, resumed)
 }
 
+/// A CRL (or CA bundle) refreshed by a reload keeps the sessions: they
+/// are verified again at each resumption, so binding their tickets to the
+/// CRL sent every client to a full handshake after each refresh, and split
+/// a fleet's tickets while its hosts reloaded at different times. The
+/// mode stays bound: where a reload makes certificates required, a
+/// session without one does not resume.
+#[test]
+fn a_crl_refresh_keeps_sessions_and_required_ends_those_without_a_certificate() {
+    let pki = Pki::new("mtls-refresh");
+    let (ca, ca_pem) = client_ca("ktern test client CA");
+    let clients = pki.dir.join("clients.pem");
+    std::fs::write(&clients, &ca_pem).unwrap();
+    let crl_path = pki.dir.join("crl.pem");
+    let crl = |number: u64| {
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca)
+        .unwrap()
+        .pem()
+        .unwrap()
+    };
+    std::fs::write(&crl_path, crl(1)).unwrap();
+    let backend = start_backend();
+    let auth = |mode: &str| {
+        format!(
+            "client_auth = {{ ca = \"{}\", crl = \"{}\", mode = \"{mode}\" }}",
+            clients.display(),
+            crl_path.display()
+        )
+    };
+    let k = Ktern::start(&pki, "", &tcp_listener(backend, &auth("optional")));
+    let (good, good_key, _) = client_cert(&ca, "good", false, false);
+    let with_cert = mtls_client(&pki, Some((vec![good], &good_key)));
+    let without = mtls_client(&pki, None);
+    for cfg in [&with_cert, &without] {
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), false));
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), true));
+    }
+    let reload = |k: &Ktern| {
+        let (status, body) = k.admin_request("POST", "/reload");
+        assert_eq!(status, 200, "{body}");
+    };
+    std::fs::write(&crl_path, crl(2)).unwrap();
+    reload(&k);
+    for cfg in [&with_cert, &without] {
+        assert_eq!(
+            echo_with(k.addr(), cfg),
+            (Ok(()), true),
+            "after a CRL refresh"
+        );
+    }
+    let text = std::fs::read_to_string(&k.config_path).unwrap();
+    let required = text.replace("mode = \"optional\"", "mode = \"required\"");
+    assert_ne!(required, text);
+    std::fs::write(&k.config_path, required).unwrap();
+    reload(&k);
+    assert_eq!(
+        echo_with(k.addr(), &with_cert),
+        (Ok(()), false),
+        "a new mode: a full handshake"
+    );
+    let (echoed, resumed) = echo_with(k.addr(), &without);
+    assert!(echoed.is_err() && !resumed, "{echoed:?}");
+    assert_eq!(
+        k.wait_metric("ktern_client_cert_failures_missing_total", 1),
+        1
+    );
+}
+
 /// rustls verifies a client's chain only in a full handshake, and each
 /// resumption carried the chain into a fresh ticket: a client that
 /// reconnected within a ticket's lifetime was admitted for ever, past its

@@ -330,14 +330,20 @@ pub struct Listener {
 
 impl Listener {
     /// What binds this listener's session tickets: its name (a ticket
-    /// issued on one listener never resumes on another), and its client
-    /// authentication's fingerprint, since rustls checks neither on
-    /// resumption (a resumed session skips the certificate request).
+    /// issued on one listener never resumes on another), and whether it
+    /// asks for client certificates and requires one, since rustls checks
+    /// neither on resumption (a resumed session skips the certificate
+    /// request): a session without a certificate must not resume where
+    /// one became required. The CAs, CRLs and depth are not bound: a
+    /// resumed session's chain is verified again against the current ones
+    /// (`handshake::client_auth::still_valid`), so a CRL refreshed every
+    /// few hours no longer sends every client to a full handshake, nor
+    /// splits a fleet's tickets while its hosts reload at different times.
     pub fn ticket_context(&self) -> Vec<u8> {
         let mut context = self.name.as_bytes().to_vec();
         if let Some(auth) = &self.client_auth {
             context.extend_from_slice(b"\0client_auth\0");
-            context.extend_from_slice(&auth.fingerprint);
+            context.push(u8::from(auth.required));
         }
         context
     }
@@ -970,40 +976,10 @@ pub struct ClientAuth {
     /// rustls' verifier for the bundle and CRLs, built at load (so a
     /// bundle rustls refuses is a config error).
     pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-    /// SHA-256 over the mode, the depth, the CAs and the CRLs: it binds the
-    /// listener's session tickets ([`Listener::ticket_context`]), so a
-    /// change to any of them (a revoked client, `required` added by a
-    /// reload) is not bypassed by resuming a session from before it.
-    pub fingerprint: [u8; 32],
     /// The earliest nextUpdate of the CRLs (Unix seconds), if any: past
     /// it every client certificate is refused, as OpenSSL (nginx,
     /// HAProxy) refuses on an expired CRL, until a reload reads a fresh one.
     pub crl_next_update: Option<i64>,
-}
-
-/// [`ClientAuth::fingerprint`]: each DER length-prefixed, so no two
-/// different lists hash alike.
-fn client_auth_fingerprint(
-    required: bool,
-    verify_depth: u8,
-    roots: &[CertificateDer<'static>],
-    crls: &[rustls_pki_types::CertificateRevocationListDer<'static>],
-) -> [u8; 32] {
-    use crate::provider::prims::digest;
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(&[u8::from(required), verify_depth]);
-    let ders = roots.iter().map(|c| c.as_ref());
-    for (tag, der) in ders
-        .map(|d| (b'c', d))
-        .chain(crls.iter().map(|c| (b'r', c.as_ref())))
-    {
-        ctx.update(&[tag]);
-        ctx.update(&(der.len() as u64).to_be_bytes());
-        ctx.update(der);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
 }
 
 /// rustls' verifier for `roots` and `crls`.
@@ -2193,7 +2169,6 @@ impl Validator<'_> {
         if raw.verify_depth == 0 {
             return None;
         }
-        let fingerprint = client_auth_fingerprint(required, raw.verify_depth, &roots, &crls);
         let crl_next_update = crls
             .iter()
             .filter_map(|c| {
@@ -2206,7 +2181,6 @@ impl Validator<'_> {
                 required,
                 verify_depth: raw.verify_depth,
                 verifier,
-                fingerprint,
                 crl_next_update,
             }),
             Err(e) => {
