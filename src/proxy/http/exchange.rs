@@ -193,8 +193,8 @@ impl UpstreamFault {
 pub enum Verdict {
     /// Once more, on a new connection.
     Retry,
-    /// Give up: answer the client with `status` and close; the backend is
-    /// marked failed.
+    /// Give up: answer the client with `status` and close (the backend
+    /// is marked failed if [`backend_at_fault`]).
     Answer(u16),
 }
 
@@ -218,6 +218,23 @@ pub fn after_fault(
         UpstreamFault::Timeout => Verdict::Answer(504),
         _ => Verdict::Answer(502),
     }
+}
+
+/// Whether a failed attempt counts against its backend (`max_fails`).
+/// Not a pooled connection's first close: a backend whose keep-alive
+/// timeout is shorter than `pool_idle_timeout` (gunicorn's 2 s against
+/// ktern's 4 s) closes it an instant before ktern writes, a race, not a
+/// failure. Whether the request could be retried or got a 502 (a POST)
+/// does not change whose fault it was; counted, one race took a healthy
+/// backend out of the shard's rotation for `fail_timeout` with the
+/// default `max_fails = 1`. A timeout or a bad response is the backend's.
+pub fn backend_at_fault(attempt: u32, reused: bool, fault: UpstreamFault) -> bool {
+    let first_on_pooled = reused && attempt == 1;
+    !(first_on_pooled
+        && matches!(
+            fault,
+            UpstreamFault::WriteFailed | UpstreamFault::NothingBack
+        ))
 }
 
 /// How a backend's response head is handled.
@@ -658,6 +675,14 @@ mod tests {
         );
         // Nothing was delivered when the head could not be written.
         assert_eq!(after_fault(1, true, &post, WriteFailed), Verdict::Retry);
+        // A pooled connection's first close is a race, whatever the client
+        // got: not counted against the backend. A fresh one's is.
+        assert!(!backend_at_fault(1, true, NothingBack));
+        assert!(!backend_at_fault(1, true, WriteFailed));
+        assert!(backend_at_fault(1, true, Timeout));
+        assert!(backend_at_fault(1, true, Bad("x")));
+        assert!(backend_at_fault(1, false, NothingBack));
+        assert!(backend_at_fault(2, false, WriteFailed));
         // Once only, and never on a fresh connection.
         assert_eq!(
             after_fault(2, false, &get, NothingBack),

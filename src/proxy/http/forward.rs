@@ -1738,7 +1738,9 @@ pub(crate) async fn finish_attempt(
         Err(fault) => match exchange::after_fault(attempt, at.reused, head, fault) {
             Verdict::Retry => Step::Retry,
             Verdict::Answer(status) => {
-                ctx.balancers[group].failed(at.addr, Instant::now());
+                if exchange::backend_at_fault(attempt, at.reused, fault) {
+                    ctx.balancers[group].failed(at.addr, Instant::now());
+                }
                 M::inc(&ctx.metrics.upstream_errors);
                 if fault == UpstreamFault::Timeout {
                     M::inc(&ctx.metrics.upstream_timeouts);
