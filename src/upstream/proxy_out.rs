@@ -102,19 +102,36 @@ fn ssl_tlv(tls: &TlsInfo) -> Vec<u8> {
     let mut out = vec![client];
     out.extend_from_slice(&verify.to_be_bytes());
     let mut sub = |kind: Type, value: &[u8]| {
-        // A sub-TLV's length is 16 bits; a name longer than that is cut
-        // (a CN is at most 64 characters by RFC 5280's upper bound).
-        let value = &value[..value.len().min(usize::from(u16::MAX))];
         out.push(kind as u8);
         out.extend_from_slice(&(value.len() as u16).to_be_bytes());
         out.extend_from_slice(value);
     };
     sub(Type::SSLVersion, tls.version_name().as_bytes());
     if let Some(cn) = tls.client.as_ref().and_then(|c| c.common_name.as_deref()) {
-        sub(Type::SSLCommonName, cn.as_bytes());
+        sub(Type::SSLCommonName, capped_name(cn.as_bytes()));
     }
     sub(Type::SSLCipher, tls.cipher_name().as_bytes());
     out
+}
+
+/// The most of a common name `PP2_SUBTYPE_SSL_CN` carries. The whole
+/// header's length is 16 bits, and a CA may sign a CN of any length
+/// (RFC 5280's bound, 64 characters, is not enforced): about 16 KB of
+/// UTF-8, four times that as `\xHH`, made a header too long to build, and
+/// every request of that client failed against its backend. 64 characters
+/// of 4-byte UTF-8, escaped, fit.
+const MAX_CN: usize = 1024;
+
+/// `cn` cut to [`MAX_CN`] bytes, not inside a `\xHH` escape.
+fn capped_name(cn: &[u8]) -> &[u8] {
+    if cn.len() <= MAX_CN {
+        return cn;
+    }
+    let cut = &cn[..MAX_CN];
+    match cut[MAX_CN - 3..].iter().rposition(|&b| b == b'\\') {
+        Some(i) => &cut[..MAX_CN - 3 + i],
+        None => cut,
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +212,24 @@ mod tests {
                 (0x22, "svc.internal".to_string())
             );
         }
+        // A CA-signed name far past RFC 5280's bound, every byte escaped:
+        // cut, so the header still builds (it did not, and the backend was
+        // blamed), and not inside an escape.
+        for pad in 0..4 {
+            let long = format!("{}{}", "a".repeat(pad), "\\xC3\\xA9".repeat(9000));
+            info.client.as_mut().unwrap().common_name = Some(long.into());
+            let h = header(ProxyVersion::V2, src, dst, info.sni.as_deref(), Some(&info)).unwrap();
+            let t = tlvs(&h);
+            let cn = &sub_tlvs(&t[1].1[5..])[1];
+            assert_eq!(cn.0, 0x22);
+            assert!(
+                cn.1.len() <= MAX_CN && cn.1.len() > MAX_CN - 4,
+                "{}",
+                cn.1.len()
+            );
+            assert!(cn.1[pad..].len() % 4 == 0, "cut inside an escape: {pad}");
+        }
+        info.client.as_mut().unwrap().common_name = Some("svc.internal".into());
         // Passed-through TLS: the SNI, no TLS facts.
         let t = tlvs(&header(ProxyVersion::V2, src, dst, Some("app.example"), None).unwrap());
         assert_eq!(t, [(0x02, b"app.example".to_vec())]);
