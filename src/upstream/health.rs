@@ -365,7 +365,11 @@ async fn probe(addr: SocketAddr, way: &Way, req: &[u8], timeout: Duration) -> Pr
     use super::conn::BackendConn;
     let mut stream = match TcpStream::connect_addr(addr).await {
         Ok(s) => s,
-        Err(e) if crate::upstream::is_local_exhaustion(&e) => return Probe::Local(e.to_string()),
+        Err(e)
+            if crate::upstream::is_local_exhaustion(&e) || crate::upstream::is_out_of_ports(&e) =>
+        {
+            return Probe::Local(e.to_string())
+        }
         Err(e) => return Probe::Fail(format!("connect: {e}")),
     };
     if !way.preface.is_empty() {

@@ -82,6 +82,14 @@ pub fn is_local_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// No local port left towards one address (`EADDRNOTAVAIL` from
+/// `connect`: the ephemeral range spent, most of it in TIME_WAIT, see
+/// tuning.md). Ours, not the backend's, but only towards that address:
+/// another backend may still have ports.
+pub fn is_out_of_ports(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+}
+
 /// nginx's defaults: one failure takes a backend out for 10 s.
 pub const DEFAULT_MAX_FAILS: u32 = 1;
 /// See [`DEFAULT_MAX_FAILS`].
@@ -571,6 +579,7 @@ impl Balancer {
         now: Instant,
     ) -> Result<(T, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
+        let mut out_of_ports = None;
         let (mut tried, mut full) = (0, 0);
         let planned = now;
         // Whether a connect to a backend marked down was tried.
@@ -633,6 +642,12 @@ impl Balancer {
                     // and do not blame this one.
                     return Err(UpstreamError::Local { addr, source: e });
                 }
+                Err(e) if is_out_of_ports(&e) => {
+                    // Not this backend's failure: the next one is tried,
+                    // and this one stays in the rotation.
+                    tracing::debug!(backend = %addr, error = %e, "no local port left towards the backend");
+                    out_of_ports = Some((addr, e));
+                }
                 Err(e) => {
                     tracing::debug!(backend = %addr, error = %e, "backend connect failed");
                     now = Instant::now();
@@ -643,6 +658,9 @@ impl Balancer {
         }
         if tried == 0 && full > 0 {
             return Err(UpstreamError::Full { backends: full });
+        }
+        if let (None, Some((addr, source))) = (&last, out_of_ports) {
+            return Err(UpstreamError::Local { addr, source });
         }
         let (addr, source) = last.unwrap_or_else(|| {
             (

@@ -227,7 +227,10 @@ mod tests {
                 "{}",
                 cn.1.len()
             );
-            assert!(cn.1[pad..].len() % 4 == 0, "cut inside an escape: {pad}");
+            assert!(
+                cn.1[pad..].len().is_multiple_of(4),
+                "cut inside an escape: {pad}"
+            );
         }
         info.client.as_mut().unwrap().common_name = Some("svc.internal".into());
         // Passed-through TLS: the SNI, no TLS facts.
