@@ -1848,10 +1848,14 @@ pub(crate) async fn read_response(
     // Once an interim response came back, the backend has answered: a
     // close after it is a fault, not a reason to retry elsewhere.
     let mut interim = false;
+    // Bytes of `rbuf` parsed without finding the head's end.
+    let mut scanned = 0;
     loop {
         // Nothing buffered (the first pass, or an interim response took
-        // it all): nothing to parse.
-        let parsed = match rbuf.is_empty() {
+        // it all): nothing to parse; nor when no empty line came since
+        // the last parse.
+        let parsed = match rbuf.is_empty() || !head::may_end_head(&rbuf, scanned, MAX_RESPONSE_HEAD)
+        {
             true => Ok(None),
             false => head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD),
         };
@@ -1859,6 +1863,7 @@ pub(crate) async fn read_response(
             Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                 rbuf.drain(..h.len);
                 interim = true;
+                scanned = 0;
                 continue;
             }
             Ok(Some(h)) => return Ok((h, rbuf)),
@@ -1871,6 +1876,7 @@ pub(crate) async fn read_response(
             }
             Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
         }
+        scanned = rbuf.len();
         let left = deadline.saturating_duration_since(clock::coarse_now());
         // The first read takes a cached large buffer (the head and up to
         // 64 KiB of body in one read, a body up to COALESCE sent with the
