@@ -868,6 +868,81 @@ fn ktern_check_lints_names_dates_chains_and_shadowing() {
     );
 }
 
+/// A reload refuses to put a certificate clients would refuse in place of
+/// one they accept: a renewal written with the wrong intermediate or an
+/// expired file copied back went live ("exit 0: live") while `ktern
+/// check` refused the same config. A sound renewal goes live, and an
+/// unchanged certificate past its date does not block reloads.
+#[test]
+fn a_reload_refuses_a_changed_certificate_clients_would_refuse() {
+    let pki = Pki::new("reload-lint");
+    let dir = &pki.dir;
+    let backend = start_backend();
+    let (good_crt, good_key) = dated(&["localhost"], 300);
+    let served = entry(dir, "served", &good_crt, &good_key, "");
+    let k = Ktern::start(&pki, "", &listener(backend, "", &served));
+    // Full handshakes only: a resumed one shows no certificate.
+    let mut client = (*any_cert_client(provider())).clone();
+    client.resumption = rustls::client::Resumption::disabled();
+    let client = Arc::new(client);
+    let first = leaf(k.addr(), &client, Some("localhost")).unwrap();
+    let reload = || k.admin_request("POST", "/reload");
+    // Written over the served files: an expired certificate, then a chain
+    // whose second certificate did not issue the first.
+    let (old_crt, old_key) = dated(&["localhost"], -2);
+    let other_crt = {
+        let mut p = rcgen::CertificateParams::new(vec!["unrelated.test".to_string()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "an unrelated certificate");
+        p.self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem()
+    };
+    for (what, crt, key, want) in [
+        ("expired", &old_crt, &old_key, "expired 2 day(s) ago"),
+        (
+            "out of order",
+            &(good_crt.clone() + &other_crt),
+            &good_key,
+            "chain out of order",
+        ),
+    ] {
+        entry(dir, "served", crt, key, "");
+        let (status, body) = reload();
+        assert_ne!(status, 200, "{what}: {body}");
+        assert!(
+            body.contains("listener[0].certificate[0].cert") && body.contains(want),
+            "{what}: {body}"
+        );
+        assert_eq!(
+            leaf(k.addr(), &client, Some("localhost")).unwrap(),
+            first,
+            "{what}"
+        );
+    }
+    // A sound renewal goes live.
+    let (new_crt, new_key) = dated(&["localhost"], 90);
+    entry(dir, "served", &new_crt, &new_key, "");
+    let (status, body) = reload();
+    assert_eq!(status, 200, "{body}");
+    let renewed = leaf(k.addr(), &client, Some("localhost")).unwrap();
+    assert_ne!(renewed, first);
+    // An unchanged certificate that expires while served does not block a
+    // reload (one that changes something else, or replaces it).
+    let (brief_crt, brief_key) = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+        (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    };
+    entry(dir, "served", &brief_crt, &brief_key, "");
+    assert_eq!(reload().0, 200);
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = reload();
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A fresh OCSP response for `cert` (a file of tests/fixtures/ocsp),
 /// signed by the fixture CA with `openssl ocsp`, written to `out`.
 fn ocsp_response(dir: &std::path::Path, cert: &str, out: &str) -> PathBuf {

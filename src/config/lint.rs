@@ -156,6 +156,16 @@ pub fn rsa_bits(leaf: &[u8]) -> Option<usize> {
     }
 }
 
+/// The errors of [`lint`] for one certificate on its own (dates, chain
+/// order): what clients refuse. A reload checks each certificate it
+/// changes with it.
+pub fn certificate_errors(at: &str, c: &Certificate, now: i64) -> Vec<Finding> {
+    let mut out = Vec::new();
+    certificate(at, c, now, &mut out);
+    out.retain(|f| f.severity == Severity::Error);
+    out
+}
+
 /// One certificate on its own: names, dates, key, chain order.
 fn certificate(at: &str, c: &Certificate, now: i64, out: &mut Vec<Finding>) {
     if let Some(a) = &c.acme {

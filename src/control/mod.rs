@@ -97,6 +97,39 @@ fn open_access_log(config: &Config) -> Result<Option<Sink>, ReloadError> {
     })
 }
 
+/// What a reload must not put in place of a certificate clients accept:
+/// one that changed and that `ktern check` finds an error in (a renewal
+/// written with the old intermediate or out of order, an expired file
+/// copied back). Clients that do not fetch intermediates (curl, Go,
+/// Python, Android) or check dates would refuse it, and the running
+/// generation serves a good one. An unchanged certificate is served as
+/// before whatever its date: refusing every reload once one expired
+/// would also refuse the reload that replaces it.
+fn broken_certificates(running: &Config, next: &Config, now: i64) -> Vec<Problem> {
+    let served: Vec<_> = running
+        .listeners
+        .iter()
+        .flat_map(|l| &l.certificates)
+        .map(|c| &c.key.cert[..])
+        .collect();
+    let mut out = Vec::new();
+    for (i, l) in next.listeners.iter().enumerate() {
+        for (j, c) in l.certificates.iter().enumerate() {
+            if served.contains(&&c.key.cert[..]) {
+                continue;
+            }
+            let at = format!("listener[{i}].certificate[{j}]");
+            for f in crate::config::lint::certificate_errors(&at, c, now) {
+                out.push(Problem {
+                    field: f.field,
+                    reason: f.message,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Reopens `gen`'s access log (its running writer takes the new file):
 /// whether there was one that opened.
 fn reopen(gen: &Generation) -> bool {
@@ -530,6 +563,16 @@ impl Control {
         };
         let config = Config::load(path)?;
         unchangeable(&inner.current.config, &config)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let broken = broken_certificates(&inner.current.config, &config, now);
+        if !broken.is_empty() {
+            return Err(ReloadError::Config(ConfigError {
+                file: config.source.clone(),
+                problems: broken,
+            }));
+        }
         let gaps = crate::ktls::offload_gaps(&config, &self.support);
         if !gaps.is_empty() {
             return Err(ReloadError::Config(ConfigError {
