@@ -1183,7 +1183,9 @@ impl Validator<'_> {
     /// orders sharing a state directory (their first name) must be the
     /// same order.
     fn acme_orders(&mut self, listeners: &[Listener], redirects: &[Redirect]) {
-        let mut seen: Vec<&AcmeCert> = Vec::new();
+        // By state directory: tens of thousands of orders are looked up
+        // in constant time each (a list made each load quadratic).
+        let mut seen: std::collections::HashMap<&Path, &AcmeCert> = Default::default();
         for (i, l) in listeners.iter().enumerate() {
             for (j, c) in l.certificates.iter().enumerate() {
                 let Some(a) = &c.acme else { continue };
@@ -1194,7 +1196,7 @@ impl Validator<'_> {
                         "http-01 is answered on a [[redirect]] listener (port 80): add one, or use tls-alpn-01",
                     );
                 }
-                match seen.iter().find(|s| s.dir == a.dir) {
+                match seen.get(a.dir.as_path()) {
                     Some(s) if !s.same_order(a) => {
                         self.problem(
                             format!("{at}.domains"),
@@ -1205,7 +1207,9 @@ impl Validator<'_> {
                         )
                     }
                     Some(_) => {}
-                    None => seen.push(a),
+                    None => {
+                        seen.insert(&a.dir, a);
+                    }
                 }
             }
         }

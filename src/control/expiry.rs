@@ -53,7 +53,7 @@ impl Warned {
 /// Logs what is due for every certificate of `config`, and forgets the
 /// certificates it no longer has.
 pub fn check(config: &Config, now: i64, warned: &mut Warned) {
-    let mut seen = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for l in &config.listeners {
         for c in &l.certificates {
             let key = format!("{} {}", l.name, c.info.sha256);
@@ -67,10 +67,10 @@ pub fn check(config: &Config, now: i64, warned: &mut Warned) {
                         "OCSP response went stale (nextUpdate passed): no longer stapled; fetch a fresh one and reload"
                     );
                 }
-                seen.push(ocsp);
+                seen.insert(ocsp);
             }
             let due = warned.due(&key, c.info.not_after, now);
-            seen.push(key);
+            seen.insert(key);
             let Some(st) = due else {
                 continue;
             };

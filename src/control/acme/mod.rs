@@ -89,9 +89,12 @@ fn jitter() -> f64 {
 /// a certificate that does not cover every configured name.
 pub fn orders(config: &Config) -> Vec<(Arc<AcmeCert>, Option<Validity>)> {
     let mut out: Vec<(Arc<AcmeCert>, Option<Validity>)> = Vec::new();
+    // By state directory, in constant time (a fleet host may hold tens of
+    // thousands of orders, and this runs at each reload).
+    let mut dirs = std::collections::HashSet::new();
     for c in config.listeners.iter().flat_map(|l| &l.certificates) {
         let Some(a) = &c.acme else { continue };
-        if out.iter().any(|(o, _)| o.dir == a.dir) {
+        if !dirs.insert(a.dir.as_path()) {
             continue;
         }
         let held =
@@ -230,11 +233,16 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
         let (metrics, challenges) = (c.metrics.clone(), c.challenges.clone());
         drop(c);
         let orders = orders(&config);
+        let by_dir: HashMap<&Path, &AcmeCert> = orders
+            .iter()
+            .map(|(o, _)| (o.dir.as_path(), &**o))
+            .collect();
         tracks.retain(|dir, t| {
-            orders
-                .iter()
-                .any(|(o, _)| &o.dir == dir && o.same_order(&t.order))
+            by_dir
+                .get(dir.as_path())
+                .is_some_and(|o| o.same_order(&t.order))
         });
+        drop(by_dir);
         let mut now = crate::clock::unix_now();
         let mut wake = now + PERIOD;
         let retry_secs = config.acme.retry.as_secs().max(1) as i64;
