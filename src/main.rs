@@ -245,9 +245,18 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
             );
         }
     }
-    // The ids too: an unknown user or group refuses the start (or the
-    // upgrade) now.
+    // The ids too: an unknown user or group, or a switch the kernel would
+    // refuse, refuses the start (or the upgrade) now. The switch itself
+    // comes after an upgrade's old process was released.
     let switch_to = switch_to(&config)?;
+    if let Some((user, uid, gid)) = &switch_to {
+        ktern::sys::try_privileges(*uid, *gid).with_context(|| {
+            format!(
+                "{}: runtime.user: cannot switch to {user:?} (uid {uid}, gid {gid})",
+                config.source
+            )
+        })?;
+    }
     // Binary upgrade: the running ktern's sockets, before binding anything.
     let mut inherited = match &upgrade_from {
         Some(path) => {

@@ -1143,6 +1143,55 @@ fn started_as_root_with_a_user_the_upgrade_socket_still_serves() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// A new binary that could not switch to `runtime.user` finds out before
+/// it tells the old process to drain: in a user namespace where `nobody`
+/// is unmapped, `setuid` is EINVAL though every capability is there. The
+/// switch used to be tried after the hand-over, so the new process exited
+/// while the old one drained: neither served.
+#[test]
+fn an_upgrade_that_cannot_switch_user_leaves_the_old_process_serving() {
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    let userns = Command::new("unshare")
+        .args(["--user", "--map-root-user", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !root || !userns {
+        eprintln!("skipped: needs root and user namespaces");
+        return;
+    }
+    let (pki, _a, sock, mut old) = upgradable("live-upgrade-userns", "5s");
+    let text = std::fs::read_to_string(&old.config_path).unwrap();
+    let with_user = text.replace("[runtime]\n", "[runtime]\nuser = \"nobody\"\n");
+    assert_ne!(with_user, text);
+    let path = pki.dir.join("userns.toml");
+    std::fs::write(&path, with_user).unwrap();
+    let out = Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            env!("CARGO_BIN_EXE_ktern"),
+            "run",
+            "-c",
+        ])
+        .arg(&path)
+        .args(["--upgrade-from", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("runtime.user: cannot switch to \"nobody\""),
+        "{stderr}"
+    );
+    // The old process was not told to drain: it serves, and stays ready.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(old.wait_exit(Duration::ZERO).is_none());
+    assert_eq!(old.admin_request("GET", "/ready").0, 200);
+    let mut c = try_connect(old.addr(), &client_config(&[&pki.der])).unwrap();
+    let r = try_exchange(&mut c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!((r.status, r.header("connection")), (200, None));
+}
+
 /// `max_conns` across a reload that changes the group (its cap lowered,
 /// a timeout changed): a request in flight under the old configuration
 /// still holds its backend's slot under the new one, so the next request

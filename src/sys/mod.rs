@@ -959,6 +959,46 @@ pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether [`drop_privileges`] to (`uid`, `gid`) would succeed, tried in
+/// a child process so that nothing here changes. Capabilities alone do not
+/// say it: in a user namespace an unmapped id is EINVAL, and `setgroups`
+/// may be denied. A binary upgrade asks before it tells the old process to
+/// drain, so a switch that fails refuses the upgrade instead of leaving
+/// neither process serving.
+pub fn try_privileges(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: after fork in a multi-threaded process the child may only
+    // make async-signal-safe calls: it makes raw system calls (no glibc
+    // wrapper that broadcasts to threads it no longer has), reads errno
+    // and `_exit`s, touching no lock and no allocation.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: see above; `gid` is a local of this frame, copied into
+        // the child.
+        unsafe {
+            let groups = [gid];
+            let failed = libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setgid, gid) != 0
+                || libc::syscall(libc::SYS_setuid, uid) != 0;
+            libc::_exit(if failed { *libc::__errno_location() } else { 0 })
+        }
+    }
+    cvt(pid)?;
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a local the call writes one int into.
+        match cvt(unsafe { libc::waitpid(pid, &mut status, 0) }) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
+        break;
+    }
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0) => Ok(()),
+        (true, errno) => Err(io::Error::from_raw_os_error(errno)),
+        _ => Err(io::Error::other("the trial switch's child did not exit")),
+    }
+}
+
 const _: () = assert!(size_of::<libc::cmsghdr>() + 8 <= 32);
 
 #[cfg(test)]
