@@ -1287,10 +1287,19 @@ fn mtls_client(
     pki: &Pki,
     identity: Option<(Vec<CertificateDer<'static>>, &rcgen::KeyPair)>,
 ) -> Arc<rustls::ClientConfig> {
+    mtls_client_of(pki, identity, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`mtls_client`] speaking only `versions`.
+fn mtls_client_of(
+    pki: &Pki,
+    identity: Option<(Vec<CertificateDer<'static>>, &rcgen::KeyPair)>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.der.clone()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
     let cfg = match identity {
@@ -1305,17 +1314,28 @@ fn mtls_client(
     Arc::new(cfg)
 }
 
+const FULL: Option<rustls::HandshakeKind> = Some(rustls::HandshakeKind::Full);
+const RESUMED: Option<rustls::HandshakeKind> = Some(rustls::HandshakeKind::Resumed);
+
 /// An echo through the tcp route on a connection of `cfg`: whether it came
-/// back, and whether the handshake resumed. The client's Finished goes
-/// alone, so ktern sends its tickets at once, and the client reads them
-/// before it writes, as a client does that reads while it writes.
-fn echo_with(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> (Result<(), String>, bool) {
+/// back (else the error, with the alert ktern sent), and the handshake's
+/// kind as the client saw it (`None`: refused at its hello). In TLS 1.3
+/// the client's Finished goes alone, so ktern sends its tickets at once,
+/// and the client reads them before it writes, as a client does that
+/// reads while it writes.
+fn echo_with(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> (Result<(), String>, Option<rustls::HandshakeKind>) {
     use std::io::{Read, Write};
     let mut c = connect_with(addr, cfg);
     let echoed = c
         .conn
         .complete_io(&mut c.sock)
         .and_then(|_| {
+            if c.conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+                return Ok((0, 0));
+            }
             // Read alone by ktern, not with the bytes below.
             std::thread::sleep(Duration::from_millis(100));
             c.conn.complete_io(&mut c.sock)
@@ -1327,8 +1347,7 @@ fn echo_with(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> (Result<(), S
         })
         .map_err(|e| e.to_string())
         .and_then(|got| (&got == b"ping").then_some(()).ok_or(format!("{got:?}")));
-    let resumed = c.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    (echoed, resumed)
+    (echoed, c.conn.handshake_kind())
 }
 
 /// A CRL (or CA bundle) refreshed by a reload keeps the sessions: they
@@ -1372,8 +1391,8 @@ fn a_crl_refresh_keeps_sessions_and_required_ends_those_without_a_certificate() 
     let with_cert = mtls_client(&pki, Some((vec![good], &good_key)));
     let without = mtls_client(&pki, None);
     for cfg in [&with_cert, &without] {
-        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), false));
-        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), true));
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), FULL));
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), RESUMED));
     }
     let reload = |k: &Ktern| {
         let (status, body) = k.admin_request("POST", "/reload");
@@ -1384,7 +1403,7 @@ fn a_crl_refresh_keeps_sessions_and_required_ends_those_without_a_certificate() 
     for cfg in [&with_cert, &without] {
         assert_eq!(
             echo_with(k.addr(), cfg),
-            (Ok(()), true),
+            (Ok(()), RESUMED),
             "after a CRL refresh"
         );
     }
@@ -1395,11 +1414,11 @@ fn a_crl_refresh_keeps_sessions_and_required_ends_those_without_a_certificate() 
     reload(&k);
     assert_eq!(
         echo_with(k.addr(), &with_cert),
-        (Ok(()), false),
+        (Ok(()), FULL),
         "a new mode: a full handshake"
     );
-    let (echoed, resumed) = echo_with(k.addr(), &without);
-    assert!(echoed.is_err() && !resumed, "{echoed:?}");
+    let (echoed, kind) = echo_with(k.addr(), &without);
+    assert!(echoed.is_err() && kind == FULL, "{echoed:?} {kind:?}");
     assert_eq!(
         k.wait_metric("ktern_client_cert_failures_missing_total", 1),
         1
@@ -1410,8 +1429,10 @@ fn a_crl_refresh_keeps_sessions_and_required_ends_those_without_a_certificate() 
 /// resumption carried the chain into a fresh ticket: a client that
 /// reconnected within a ticket's lifetime was admitted for ever, past its
 /// certificate's notAfter and past the CRL's nextUpdate. A resumed
-/// session's chain is verified again, so both end like a full handshake
-/// would, counted by reason; until then resumption works.
+/// session's chain is verified again as rustls restores it, before the
+/// answer to the hello goes out, so both end like a full handshake would,
+/// with its alert, counted by reason, and no new ticket (in TLS 1.2 one
+/// rides in that answer); until then resumption works.
 #[test]
 fn a_resumed_session_ends_with_its_client_certificate_or_its_crl() {
     let pki = Pki::new("mtls-resume");
@@ -1433,7 +1454,12 @@ fn a_resumed_session_ends_with_its_client_certificate_or_its_crl() {
     p.not_after = now + lifetime;
     let brief_key = rcgen::KeyPair::generate().unwrap();
     let brief = p.signed_by(&brief_key, &ca).unwrap().der().clone();
-    let brief_client = mtls_client(&pki, Some((vec![brief], &brief_key)));
+    let brief_client = mtls_client(&pki, Some((vec![brief.clone()], &brief_key)));
+    let brief_tls12 = mtls_client_of(
+        &pki,
+        Some((vec![brief], &brief_key)),
+        &[&rustls::version::TLS12],
+    );
     // A certificate that lasts, on a listener whose CRL ends soon.
     let crl = rcgen::CertificateRevocationListParams {
         this_update: now - time::Duration::hours(1),
@@ -1459,30 +1485,37 @@ fn a_resumed_session_ends_with_its_client_certificate_or_its_crl() {
     );
     let (good, good_key, _) = client_cert(&ca, "good", false, false);
     let good_client = mtls_client(&pki, Some((vec![good], &good_key)));
-    let cases = [(&k, &brief_client), (&with_crl, &good_client)];
-    for (k, cfg) in cases {
-        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), false), "full handshake");
-        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), true), "resumed");
+    let cases = [
+        (&k, &brief_client, "CertificateExpired"),
+        (&k, &brief_tls12, "CertificateExpired"),
+        (&with_crl, &good_client, "UnknownCA"),
+    ];
+    for (k, cfg, _) in cases {
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), FULL), "full handshake");
+        assert_eq!(echo_with(k.addr(), cfg), (Ok(()), RESUMED), "resumed");
     }
     // Past both ends (webpki reads whole seconds).
     let past = now + lifetime + time::Duration::seconds(2);
     while time::OffsetDateTime::now_utc() < past {
         std::thread::sleep(Duration::from_millis(100));
     }
-    for (k, cfg) in cases {
-        let (echoed, resumed) = echo_with(k.addr(), cfg);
-        assert!(echoed.is_err() && resumed, "{echoed:?}, resumed: {resumed}");
+    // Refused at the hello (the client saw no ServerHello), with the alert
+    // a full handshake ends with.
+    for (k, cfg, alert) in cases {
+        let (echoed, kind) = echo_with(k.addr(), cfg);
+        let err = echoed.expect_err("resumed past the end");
+        assert!(err.contains(alert) && kind.is_none(), "{err}, {kind:?}");
     }
     assert_eq!(
-        k.wait_metric("ktern_client_cert_failures_expired_total", 1),
-        1
+        k.wait_metric("ktern_client_cert_failures_expired_total", 2),
+        2
     );
     assert_eq!(
         with_crl.wait_metric("ktern_client_cert_failures_bad_total", 1),
         1
     );
     // A full handshake refuses them too: nothing was special to resumption.
-    for (k, cfg) in cases {
+    for (k, cfg, _) in cases {
         let mut fresh = (**cfg).clone();
         fresh.resumption = rustls::client::Resumption::disabled();
         assert!(echo_with(k.addr(), &Arc::new(fresh)).0.is_err());
@@ -1492,15 +1525,15 @@ fn a_resumed_session_ends_with_its_client_certificate_or_its_crl() {
     // its sessions (rustls' clients do not: a new config resumes none)
     // would resume into a refusal again and again. So it runs out of the
     // tickets it holds and gets a full handshake.
-    let mut attempts = Vec::new();
-    while attempts.len() < 6 && attempts.last().is_none_or(|(_, resumed)| *resumed) {
-        let (echoed, resumed) = echo_with(k.addr(), &brief_client);
-        attempts.push((echoed.is_ok(), resumed));
+    let mut attempts: Vec<(bool, Option<rustls::HandshakeKind>)> = Vec::new();
+    while attempts.len() < 6 && attempts.last().is_none_or(|(_, kind)| kind.is_none()) {
+        let (echoed, kind) = echo_with(k.addr(), &brief_client);
+        attempts.push((echoed.is_ok(), kind));
     }
     let last = attempts.len() - 1;
-    assert_eq!(attempts[last], (false, false), "{attempts:?}");
+    assert_eq!(attempts[last], (false, FULL), "{attempts:?}");
     assert!(
-        attempts[..last] == vec![(false, true); last],
+        attempts[..last] == vec![(false, None); last],
         "{attempts:?}"
     );
     assert!(last <= 2, "{attempts:?}");

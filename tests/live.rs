@@ -1071,7 +1071,19 @@ fn started_as_root_every_thread_runs_as_the_runtime_user() {
 /// refused.
 #[test]
 fn an_upgrade_that_moves_the_admin_endpoint_closes_the_old_one() {
-    let (pki, _a, sock, mut old) = upgradable("live-upgrade-admin", "5s");
+    let (pki, _a, sock, mut old) = upgradable("live-upgrade-admin", "10s");
+    // A request in flight keeps the old process draining meanwhile.
+    let cfg = client_config(&[&pki.der]);
+    let mut busy = try_connect(old.addr(), &cfg).unwrap();
+    let wait = 3000 * slow();
+    let slow_request = std::thread::spawn(move || {
+        try_exchange(
+            &mut busy,
+            &format!("GET /sleep/{wait} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .map(|r| r.status)
+    });
+    std::thread::sleep(Duration::from_millis(200));
     let text = std::fs::read_to_string(&old.config_path).unwrap();
     let moved = text.replace(
         "[admin]\naddress = \"127.0.0.1:0\"",
@@ -1086,14 +1098,25 @@ fn an_upgrade_that_moves_the_admin_endpoint_closes_the_old_one() {
         &[],
         &["--upgrade-from", sock.to_str().unwrap()],
     );
+    assert_ne!(new.admin, old.admin);
+    assert_eq!(new.admin_request("GET", "/healthz").0, 200);
+    // Refused while the old process still drains (its admin thread stops
+    // within its 200 ms poll).
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let refused = loop {
+        match TcpStream::connect(old.admin) {
+            Err(e) => break e,
+            Ok(_) => assert!(std::time::Instant::now() < until, "still listening"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(old.wait_exit(Duration::ZERO).is_none(), "drained already");
+    assert_eq!(slow_request.join().unwrap().unwrap(), 200);
     assert!(old
         .wait_exit(Duration::from_secs(10) * slow())
         .expect("the old process drains after the upgrade")
         .success());
-    assert_ne!(new.admin, old.admin);
-    assert_eq!(new.admin_request("GET", "/healthz").0, 200);
-    let err = TcpStream::connect(old.admin).expect_err("the old admin address still listens");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
 /// Started as root with `runtime.user`, the upgrade socket is published

@@ -106,7 +106,8 @@ fn open_access_log(config: &Config) -> Result<Option<Sink>, ReloadError> {
 /// before whatever its date: refusing every reload once one expired
 /// would also refuse the reload that replaces it.
 fn broken_certificates(running: &Config, next: &Config, now: i64) -> Vec<Problem> {
-    let served: Vec<_> = running
+    // A set: tens of thousands of certificates are each looked up once.
+    let served: std::collections::HashSet<_> = running
         .listeners
         .iter()
         .flat_map(|l| &l.certificates)
@@ -424,8 +425,13 @@ impl Control {
     /// host); then the listeners close; open connections get
     /// `runtime.drain_timeout` to finish; then the process exits 0.
     pub fn drain(&self, delay: Duration) -> ! {
-        self.status.draining.store(true, Ordering::Relaxed);
-        self.notify.stopping();
+        // Under the control lock: a reload under way finishes first (its
+        // READY=1 before our STOPPING=1), and any later one sees the flag.
+        {
+            let _inner = self.lock();
+            self.status.draining.store(true, Ordering::Relaxed);
+            self.notify.stopping();
+        }
         let timeout = self.current().config.runtime.drain_timeout;
         tracing::info!(
             ?delay,
@@ -1076,9 +1082,19 @@ impl upgrade::Offerer for UpgradeOffer {
     }
 
     fn hand_over(&self) {
-        // The new process serves the admin socket from now on.
-        if let Some((_, _, stop)) = &*self.0.admin.lock().unwrap_or_else(|e| e.into_inner()) {
+        // The new process serves the admin socket from now on, or (moved
+        // or dropped by its config) closed its copy: ours closes too (the
+        // admin thread drops its own as it stops), or the address would
+        // listen unserved for the whole drain.
+        let admin = self
+            .0
+            .admin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((_, listener, stop)) = admin {
             stop.store(true, Ordering::Relaxed);
+            drop(listener);
         }
         self.0.status.draining.store(true, Ordering::Relaxed);
         if let Err(e) = self.0.stop_accepting() {

@@ -540,8 +540,8 @@ pub struct Handshake {
         Arc<client_auth::DepthLimited>,
         Arc<dyn rustls::time_provider::TimeProvider>,
     )>,
-    /// The handshake's end was seen (and a resumed chain checked).
-    ended: bool,
+    /// A resumed session's chain was checked.
+    chain_checked: bool,
 }
 
 /// A plaintext fatal `handshake_failure` alert record (RFC 8446 §6; the
@@ -580,7 +580,7 @@ impl Handshake {
                 .client_auth
                 .as_ref()
                 .map(|v| (v.clone(), tls.config.time_provider.clone())),
-            ended: false,
+            chain_checked: false,
         })
     }
 
@@ -700,18 +700,37 @@ impl Handshake {
             self.eof,
         );
         match result {
-            Ok(step) if self.ended || self.conn.is_handshaking() => Ok(step),
+            // rustls restores a resumed session's chain and says it resumed
+            // while it answers the hello, before its answer goes out: the
+            // check comes then, so nothing of the resumption reaches the
+            // client (in TLS 1.2 the new ticket rides in that answer).
+            Ok(step)
+                if self.chain_checked
+                    || self.conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) =>
+            {
+                Ok(step)
+            }
             Ok(step) => {
-                self.ended = true;
+                self.chain_checked = true;
                 match self.resumed_chain_holds() {
                     Ok(()) => Ok(step),
                     Err(e) => {
-                        // The tickets rustls sealed at the end carry the
-                        // same chain: the client must not get them, so its
-                        // next connection is a full handshake (with a
-                        // renewed certificate, if it has one). The
-                        // handshake is over, so rustls makes no alert.
+                        // Instead of the ServerHello (still plaintext, after
+                        // a HelloRetryRequest too): the alert a full
+                        // handshake would end with. The client gets no
+                        // ticket, and a fatal alert makes it drop the
+                        // session (OpenSSL), so its next connection is a
+                        // full handshake, with a renewed certificate if it
+                        // has one.
                         self.output.clear();
+                        let code = match &e {
+                            rustls::Error::InvalidCertificate(c) => {
+                                u8::from(rustls::AlertDescription::from(c.clone()))
+                            }
+                            _ => HANDSHAKE_FAILURE[6],
+                        };
+                        self.output.extend_from_slice(&HANDSHAKE_FAILURE[..6]);
+                        self.output.push(code);
                         Err(HandshakeError::Tls(e))
                     }
                 }
@@ -741,14 +760,12 @@ impl Handshake {
     }
 
     /// A resumed session's client certificate chain, verified again, on
-    /// rustls' clock ([`client_auth::still_valid`]).
+    /// rustls' clock, the config's time provider, as rustls reads it
+    /// itself ([`client_auth::still_valid`]).
     fn resumed_chain_holds(&self) -> Result<(), rustls::Error> {
         let Some((verifier, clock)) = &self.client_auth else {
             return Ok(());
         };
-        if self.conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
-            return Ok(());
-        }
         let now = clock
             .current_time()
             .ok_or(rustls::Error::FailedToGetCurrentTime)?;

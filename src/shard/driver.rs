@@ -241,11 +241,6 @@ fn admit_client(
     }
 }
 
-/// Logs a failed client handshake (each is counted by the caller): one
-/// line per 10 s per shard, with how many since, the others at debug.
-/// Anyone can make one (a port scan, a load balancer's TCP check, plain
-/// HTTP on 443), and a line each would let them flood the log, which is
-/// written on the shard's own thread.
 /// A refused client certificate, by reason.
 fn count_refused_certificate(shard: &Shard, e: &rustls::Error) {
     use handshake::client_auth::Refused;
@@ -261,6 +256,11 @@ fn count_refused_certificate(shard: &Shard, e: &rustls::Error) {
     }
 }
 
+/// Logs a failed client handshake (each is counted by the caller): one
+/// line per 10 s per shard, with how many since, the others at debug.
+/// Anyone can make one (a port scan, a load balancer's TCP check, plain
+/// HTTP on 443), and a line each would let them flood the log, which is
+/// written on the shard's own thread.
 fn handshake_failed(shard: &Shard, peer: SocketAddr, e: &dyn std::fmt::Display) {
     match shard.handshake_log.due() {
         Some(count) => {

@@ -85,7 +85,9 @@ pub fn is_local_exhaustion(e: &io::Error) -> bool {
 /// No local port left towards one address (`EADDRNOTAVAIL` from
 /// `connect`: the ephemeral range spent, most of it in TIME_WAIT, see
 /// tuning.md). Ours, not the backend's, but only towards that address:
-/// another backend may still have ports.
+/// another backend may still have ports. (The same error says the host
+/// has no source address for the backend's family, an IPv6 backend
+/// without a routable IPv6 address: ours too, and it fails at once.)
 pub fn is_out_of_ports(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }
