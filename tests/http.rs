@@ -1292,6 +1292,47 @@ fn a_request_that_got_an_interim_answer_is_not_retried() {
     );
 }
 
+/// Interim responses are skipped however many come (a WebDAV backend
+/// sends 102 for as long as it works), each byte looked at once: a
+/// buffer shifted down after each of 20 000 of them cost the shard
+/// seconds (quadratic).
+#[test]
+fn many_interim_responses_are_skipped_to_the_answer() {
+    let (pki, k, _) = one_shard("interims");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /many-interim HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"after the interims"[..])
+    );
+    // The connection is still in step.
+    assert_eq!(
+        exchange(&mut c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").body,
+        b"a"
+    );
+}
+
+/// A browser may send a request for another name its certificate covers
+/// on a connection it opened for the first (HTTP/2 coalescing, RFC 9113
+/// §9.1.1). Where a rule wants that host on connections opened for it,
+/// the request gets 421 (RFC 9110 §15.5.20) and the browser opens one,
+/// instead of a catch-all rule answering from the wrong backend.
+#[test]
+fn a_host_on_a_connection_opened_for_another_name_gets_421() {
+    let rules = "[[listener.route.rule]]\nhost = \"other.test\"\nsni = \"other.test\"\nupstream = \"b\"\n[[listener.route.rule]]\nupstream = \"a\"\n";
+    let (pki, k, _, _) = setup("misdirected", rules, "");
+    // The test client opens its connections for `localhost`.
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: other.test\r\n\r\n");
+    assert_eq!(r.status, 421);
+    let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"a"[..]),
+        "the same connection"
+    );
+}
+
 /// Sends `request` on a fresh connection and returns the status ktern answers.
 fn status_of(k: &Ktern, pki: &Pki, request: &[u8]) -> u16 {
     let mut c = connect(k.addr(), pki, ClientOpts::default());

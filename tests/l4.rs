@@ -530,6 +530,90 @@ fn a_record_cut_by_the_clients_fin_resets_the_backend() {
     assert_offloaded_in_vm(&k);
 }
 
+/// The same over a `tcp` route with `tls`: a lenient TLS backend (Go's at
+/// a record boundary, OpenSSL with IGNORE_UNEXPECTED_EOF) takes a FIN
+/// without close_notify as a whole stream's end, so the client's cut one
+/// reaches it as a reset.
+#[test]
+fn a_record_cut_by_the_clients_fin_resets_a_tls_backend() {
+    let pki = Pki::new("cut-record-tls");
+    let backend_pki = Pki::new("cut-record-tls-backend");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = tls_server_config(&backend_pki, None);
+    let accepted = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let conn = rustls::ServerConnection::new(server).unwrap();
+        let mut b = rustls::StreamOwned::new(conn, sock);
+        let mut got = [0u8; 12];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"whole record");
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).map_err(|e| e.kind())
+    });
+    let k = Ktern::start(
+        &pki,
+        "ktls_after = \"0\"",
+        &format!(
+            "{}tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
+            tcp_listener(backend, ""),
+            backend_pki.cert.display()
+        ),
+    );
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"whole record").unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let record = sealed_by(&mut c, b"cut off");
+    c.sock.write_all(&record[..record.len() / 2]).unwrap();
+    c.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(
+        accepted.join().unwrap(),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend read a FIN, as at the end of a whole stream"
+    );
+    assert_eq!(k.wait_metric("ktern_downstream_errors_total", 1), 1);
+}
+
+/// Passthrough relays TCP, resets included: a client's reset reaches the
+/// backend as one, not as the FIN of a whole stream.
+#[test]
+fn passthrough_passes_a_clients_reset_on() {
+    let pki = Pki::new("passthrough-reset");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let k = Ktern::start(
+        &pki,
+        "",
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.route]\nkind = \"passthrough\"\ndefault = \"raw\"\n[upstream.raw]\nbackends = [\"{backend}\"]\n"
+        ),
+    );
+    let mut conn = passthrough_client(&pki, "any.test", &[]);
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let mut c = TcpStream::connect(k.addr()).unwrap();
+    c.write_all(&hello).unwrap();
+    c.write_all(b"and then some").unwrap();
+    let (mut b, _) = listener.accept().unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = vec![0u8; hello.len() + 13];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got[hello.len()..], b"and then some");
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let mut rest = Vec::new();
+    assert_eq!(
+        b.read_to_end(&mut rest).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend read a FIN, as at the end of a whole stream"
+    );
+}
+
 #[test]
 fn running_out_of_fds_at_accept_backs_off_counts_and_logs_rarely() {
     let pki = Pki::new("emfile");

@@ -133,6 +133,24 @@ fn untrusted_sources_and_bad_or_slow_headers_are_closed_and_counted() {
     ));
     assert_eq!(k.wait_metric("ktern_proxy_protocol_untrusted_total", 1), 1);
     assert_eq!(k.metric("ktern_proxy_protocol_headers_total"), 0);
+    // Anyone can send these: every one counted, at most a line per shard
+    // per 10 s (a line each, written on the shard's thread, was a flood).
+    for _ in 0..200 {
+        drop(TcpStream::connect(k.addr()).unwrap());
+    }
+    assert_eq!(
+        k.wait_metric("ktern_proxy_protocol_untrusted_total", 201),
+        201
+    );
+    let lines = k
+        .log()
+        .lines()
+        .filter(|l| l.contains("untrusted address") && !l.contains("DEBUG"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} lines for 201 connections"
+    );
 
     let (pki, k) = ktern("pp-bad", "\"127.0.0.1\"");
     let mut bad_signature = v2([1, 2, 3, 4], 1);

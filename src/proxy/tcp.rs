@@ -263,7 +263,14 @@ pub async fn tls_tunnel(
             let _ = Box::pin(writer.end()).await;
             let _ = Box::pin(backend_writer.end()).await;
         }
-        Err(_) => {
+        Err(e) => {
+            // As `tunnel`: the client's stream broke, and the backend must
+            // not read the end of a whole one. A lenient TLS backend (Go's
+            // at a record boundary, OpenSSL with IGNORE_UNEXPECTED_EOF)
+            // takes a FIN without close_notify as one; a reset it cannot.
+            if let ProxyError::Downstream(_) = e {
+                let _ = sys::reset_on_close(backend_reader.fd());
+            }
             Box::pin(writer.abort()).await;
             Box::pin(backend_writer.abort()).await;
         }
@@ -383,7 +390,16 @@ impl Passthrough {
             moved,
             false
         ));
-        both_or_first_error(up, down, idle, ProxyError::Idle).await
+        let result = both_or_first_error(up, down, idle, ProxyError::Idle).await;
+        // A relay of TCP passes a broken stream on as one: the side that
+        // did not fail gets a reset, not the FIN of a whole stream (the
+        // other side's reset, or a write to it that failed).
+        let _ = match &result {
+            Err(ProxyError::Downstream(_)) => sys::reset_on_close(sys::borrow_fd(&self.backend_rd)),
+            Err(ProxyError::Upstream(_)) => sys::reset_on_close(sys::borrow_fd(&self.client_rd)),
+            _ => Ok(()),
+        };
+        result
     }
 }
 

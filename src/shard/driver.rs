@@ -270,6 +270,19 @@ fn handshake_failed(shard: &Shard, peer: SocketAddr, e: &dyn std::fmt::Display) 
     }
 }
 
+/// Logs a connection closed before TLS for what any peer can cause (an
+/// untrusted PROXY source; a passthrough hello that is bad, late or
+/// unrouted), each counted by the caller: as [`handshake_failed`], one
+/// line per 10 s per shard with how many since, the others at debug.
+fn closed_before_tls(shard: &Shard, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
+    match shard.peer_log.due() {
+        Some(count) => {
+            tracing::info!(shard = shard.id, %peer, count, "connection closed: {why} ({count} since the last such line; at most one line per 10 s, the others at debug)")
+        }
+        None => tracing::debug!(%peer, "connection closed: {why}"),
+    }
+}
+
 /// The PROXY protocol header, when the listener expects one: the client
 /// address it carries (or `peer` for LOCAL/UNKNOWN), the bytes read after
 /// it, which begin the TLS stream, and the address the client connected
@@ -288,7 +301,11 @@ async fn read_proxy_header(
     let m = &shard.metrics;
     if !config.trusted.iter().any(|c| c.contains(peer.ip())) {
         M::inc(&m.pp_untrusted);
-        tracing::info!(%peer, "PROXY protocol: connection from an untrusted address closed");
+        closed_before_tls(
+            shard,
+            peer,
+            format_args!("PROXY protocol: an untrusted address"),
+        );
         return None;
     }
     let read = async {
@@ -425,32 +442,39 @@ async fn passthrough(
     // held for the connection's life (this stage serves it whole).
     let (peer, mut first, _client, dest) =
         client_of(&shard, &gen, listener, &mut socket, peer, admitted).await?;
-    let hello = match monoio::time::timeout(
-        route.hello_timeout,
-        read_hello(&mut socket, &mut first),
-    )
-    .await
-    {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(NoHello::Bad(why))) => {
-            M::inc(&m.passthrough_bad_hello);
-            tracing::info!(%peer, "passthrough: connection closed: {why}");
-            return None;
-        }
-        Ok(Err(NoHello::Gone(why))) => {
-            M::inc(&m.hs_fail_eof);
-            tracing::debug!(%peer, "passthrough: {why}");
-            return None;
-        }
-        Err(_) => {
-            M::inc(&m.passthrough_hello_timeout);
-            tracing::info!(%peer, timeout = ?route.hello_timeout, "passthrough: no whole ClientHello in time, connection closed");
-            return None;
-        }
-    };
+    let hello =
+        match monoio::time::timeout(route.hello_timeout, read_hello(&mut socket, &mut first)).await
+        {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(NoHello::Bad(why))) => {
+                M::inc(&m.passthrough_bad_hello);
+                closed_before_tls(&shard, peer, format_args!("passthrough: {why}"));
+                return None;
+            }
+            Ok(Err(NoHello::Gone(why))) => {
+                M::inc(&m.hs_fail_eof);
+                tracing::debug!(%peer, "passthrough: {why}");
+                return None;
+            }
+            Err(_) => {
+                M::inc(&m.passthrough_hello_timeout);
+                let timeout = route.hello_timeout;
+                closed_before_tls(
+                    &shard,
+                    peer,
+                    format_args!("passthrough: no whole ClientHello within {timeout:?}"),
+                );
+                return None;
+            }
+        };
     let Some(group) = route.pick(hello.sni.as_deref(), &hello.alpn) else {
         M::inc(&m.passthrough_no_route);
-        tracing::info!(%peer, sni = hello.sni.as_deref(), "passthrough: no rule for this server name and no default; connection closed");
+        let sni = hello.sni.as_deref().unwrap_or("(none)");
+        closed_before_tls(
+            &shard,
+            peer,
+            format_args!("passthrough: no rule for server name {sni:?} and no default"),
+        );
         return None;
     };
     M::inc(&m.passthrough_routed);
@@ -475,7 +499,14 @@ async fn passthrough(
                     tracing::warn!(upstream = %upstream.name, error = %e, count, "passthrough: upstream full, connection closed ({count} since the last such line; at most one line per 10 s)");
                 }
             } else {
-                tracing::warn!(%peer, upstream = %upstream.name, error = %e, "passthrough: upstream connect failed");
+                match balancer.connect_log.due() {
+                    Some(count) => {
+                        tracing::warn!(%peer, upstream = %upstream.name, error = %e, count, "passthrough: upstream connect failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
+                    }
+                    None => {
+                        tracing::debug!(%peer, upstream = %upstream.name, error = %e, "passthrough: upstream connect failed")
+                    }
+                }
             }
             return None;
         }
@@ -861,7 +892,12 @@ fn proxy<'a>(
                     },
                     Err(e) => {
                         M::inc(e.counter(m));
-                        tracing::warn!(%peer, error = %e, "upstream connect failed");
+                        match balancer.connect_log.due() {
+                            Some(count) => {
+                                tracing::warn!(%peer, error = %e, count, "upstream connect failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
+                            }
+                            None => tracing::debug!(%peer, error = %e, "upstream connect failed"),
+                        }
                         // Tell the client we are closing; it gets no data.
                         let (_, mut writer) = conn.split();
                         let _ = Box::pin(writer.end()).await;

@@ -247,6 +247,8 @@ pub struct Shard {
     pub client_log: crate::clock::LogEvery,
     /// Failed client handshakes.
     pub handshake_log: crate::clock::LogEvery,
+    /// Connections closed before TLS for what any peer can cause.
+    pub peer_log: crate::clock::LogEvery,
 }
 
 impl Shard {
@@ -512,6 +514,7 @@ async fn shard_main(
         accept_log: crate::clock::LogEvery::default(),
         client_log: crate::clock::LogEvery::default(),
         handshake_log: crate::clock::LogEvery::default(),
+        peer_log: crate::clock::LogEvery::default(),
     });
     set_thread_shard(id, metrics.clone());
     monoio::spawn(shard.idle.clone().run());

@@ -143,6 +143,10 @@ pub struct Balancer {
     in_use: Option<Arc<InUse>>,
     /// Refusals at `max_conns`, logged at most once per 10 s per shard.
     pub full_log: crate::clock::LogEvery,
+    /// Failed connects (every backend tried), logged at most once per
+    /// 10 s per shard: while the group is down each request fails so, and
+    /// any client can send requests.
+    pub connect_log: crate::clock::LogEvery,
 }
 
 /// Connections in use per backend of one upstream group, for
@@ -365,6 +369,7 @@ impl Balancer {
             health,
             in_use,
             full_log: crate::clock::LogEvery::default(),
+            connect_log: crate::clock::LogEvery::default(),
         }
     }
 

@@ -340,6 +340,11 @@ pub fn http_backend_conn(
                     out.write_all(&chunk)?;
                 }
             }
+            "/many-interim" => {
+                // 20 000 interim responses in a few writes, then the answer.
+                out.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n".repeat(20_000))?;
+                reply(&mut out, b"after the interims")?;
+            }
             "/hint-close" => {
                 out.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")?;
                 return Ok(());

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::body::Framing;
 use super::head::{list_tokens, RequestHead, ResponseHead};
-use crate::config::{Balance, HashKey, HttpRoute, Rule, Target};
+use crate::config::{Balance, HashKey, HostMatch, HttpRoute, Rule, Target};
 
 /// What to do with a request whose head was accepted.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,7 +69,23 @@ pub fn plan<'r>(route: &'r HttpRoute, head: &RequestHead, sni: Option<&str>) -> 
         };
     }
     let host = strip_port(head.host().unwrap_or_default());
-    let Some(rule) = find_rule(&route.rules, host, sni, target_path(head.target())) else {
+    let path = target_path(head.target());
+    let found = find_rule(&route.rules, host, sni, path);
+    // A rule names this host but another server name: the client reused
+    // a connection for a name it did not open it for (a browser
+    // coalescing HTTP/2 connections across its certificate's names, RFC
+    // 9113 §9.1.1). 421 sends it to a connection of its own (RFC 9110
+    // §15.5.20), where a catch-all would have answered from the wrong
+    // route. A rule that names the host for any server name still wins.
+    if found.is_none_or(|r| r.host == HostMatch::Any) && misdirected(&route.rules, host, sni, path)
+    {
+        return Plan::Local {
+            status: 421,
+            close: close_after_local,
+            group: None,
+        };
+    }
+    let Some(rule) = found else {
         return Plan::Local {
             status: 404,
             close: close_after_local,
@@ -110,6 +126,24 @@ pub fn find_rule<'r>(
     rules
         .iter()
         .find(|r| r.host.matches(host) && r.sni.matches_sni(sni) && path.starts_with(&r.path))
+}
+
+/// Whether a rule names `host` (not any host) for `path` on connections
+/// opened for that very name, and this one (`sni`) was opened for
+/// another: a connection of its own, where the client sends the host as
+/// its server name, reaches the rule. (A rule for other server names than
+/// the host's is a gate, not a misdirection: the request falls through.)
+fn misdirected(rules: &[Rule], host: &str, sni: Option<&str>, path: &str) -> bool {
+    // Without a server name (a health check by address) nothing was
+    // coalesced, and a retry would send none either: it falls through.
+    sni.is_some()
+        && rules.iter().any(|r| {
+            r.host != HostMatch::Any
+                && r.host.matches(host)
+                && path.starts_with(&r.path)
+                && r.sni.matches(host)
+                && !r.sni.matches_sni(sni)
+        })
 }
 
 /// The path a rule matches against: the target itself (origin-form, the
@@ -432,7 +466,6 @@ impl BodyPace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HostMatch;
     use crate::proxy::http::head::{parse_request, parse_response, Limits};
     use std::path::PathBuf;
     use std::time::Duration;
@@ -572,6 +605,18 @@ mod tests {
             plan(&r, &get("www.example.com", "/app/"), None),
             upstream(0)
         );
+        // A host whose rule wants a connection opened for it, on one opened
+        // for another name (HTTP/2 coalescing, RFC 9113 §9.1.1): 421, so
+        // the client opens its own, instead of the catch-all answering.
+        let secure = get("secure.example.com", "/app/");
+        let misdirected = Plan::Local {
+            status: 421,
+            close: false,
+            group: None,
+        };
+        assert_eq!(plan(&r, &secure, Some("www.example.com")), misdirected);
+        assert_eq!(plan(&r, &secure, None), upstream(0));
+        assert_eq!(plan(&r, &secure, Some("secure.example.com")), upstream(2));
         assert_eq!(
             plan(&r, &get("x", "/files/a.txt"), None),
             Plan::Static {

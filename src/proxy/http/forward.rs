@@ -599,12 +599,16 @@ pub(crate) fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         408 => "Request Timeout",
         405 => "Method Not Allowed",
+        412 => "Precondition Failed",
         413 => "Content Too Large",
         414 => "URI Too Long",
+        416 => "Range Not Satisfiable",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
         502 => "Bad Gateway",
+        503 => "Service Unavailable",
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Error",
@@ -1597,7 +1601,14 @@ pub(crate) async fn begin_attempt<'b>(
                 }
                 return Step::Answer(503);
             }
-            tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed");
+            match balancer.connect_log.due() {
+                Some(count) => {
+                    tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, count, "upstream connect failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
+                }
+                None => {
+                    tracing::debug!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed")
+                }
+            }
             return Step::NoBackend;
         }
     };
@@ -1848,25 +1859,33 @@ pub(crate) async fn read_response(
     // Once an interim response came back, the backend has answered: a
     // close after it is a fault, not a reason to retry elsewhere.
     let mut interim = false;
-    // Bytes of `rbuf` parsed without finding the head's end.
+    // Bytes of `rbuf` interim responses took: dropped once per read, not
+    // once per response (a backend that sent thousands of 100s in one read
+    // had the buffer shifted down after each, quadratic on the shard).
+    let mut start = 0;
+    // Bytes after `start` parsed without finding the head's end.
     let mut scanned = 0;
     loop {
-        // Nothing buffered (the first pass, or an interim response took
-        // it all): nothing to parse; nor when no empty line came since
-        // the last parse.
-        let parsed = match rbuf.is_empty() || !head::may_end_head(&rbuf, scanned, MAX_RESPONSE_HEAD)
+        // Nothing buffered (the first pass, or interim responses took it
+        // all): nothing to parse; nor when no empty line came since the
+        // last parse.
+        let head = &rbuf[start..];
+        let parsed = match head.is_empty() || !head::may_end_head(head, scanned, MAX_RESPONSE_HEAD)
         {
             true => Ok(None),
-            false => head::parse_response(&rbuf, method, MAX_RESPONSE_HEAD),
+            false => head::parse_response(head, method, MAX_RESPONSE_HEAD),
         };
         match parsed {
             Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
-                rbuf.drain(..h.len);
+                start += h.len;
                 interim = true;
                 scanned = 0;
                 continue;
             }
-            Ok(Some(h)) => return Ok((h, rbuf)),
+            Ok(Some(h)) => {
+                rbuf.drain(..start);
+                return Ok((h, rbuf));
+            }
             Ok(None) => {}
             Err(ResponseError::TooLarge) => {
                 return Err(UpstreamFault::Bad("response head too large"))
@@ -1876,6 +1895,8 @@ pub(crate) async fn read_response(
             }
             Err(ResponseError::Framing(why)) => return Err(UpstreamFault::Bad(why)),
         }
+        rbuf.drain(..start);
+        start = 0;
         scanned = rbuf.len();
         let left = deadline.saturating_duration_since(clock::coarse_now());
         // The first read takes a cached large buffer (the head and up to
