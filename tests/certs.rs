@@ -1238,6 +1238,36 @@ fn client_cert(
     (cert.der().clone(), key, p)
 }
 
+/// A CRL of `ca`'s in PEM, numbered `number`, valid from `this_update`
+/// until `next_update`, revoking `serials`.
+fn crl_pem(
+    ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    number: u64,
+    (this_update, next_update): (time::OffsetDateTime, time::OffsetDateTime),
+    serials: &[u64],
+) -> String {
+    rcgen::CertificateRevocationListParams {
+        this_update,
+        next_update,
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|&serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(serial),
+                revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(ca)
+    .unwrap()
+    .pem()
+    .unwrap()
+}
+
 /// An echo through the tcp route with `identity` as the client
 /// certificate: `Ok` when it came back, else the error text (the alert
 /// ktern sent).
@@ -1363,20 +1393,11 @@ fn a_crl_refresh_keeps_sessions_and_required_ends_those_without_a_certificate() 
     let clients = pki.dir.join("clients.pem");
     std::fs::write(&clients, &ca_pem).unwrap();
     let crl_path = pki.dir.join("crl.pem");
-    let crl = |number: u64| {
-        rcgen::CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(2024, 1, 1),
-            next_update: rcgen::date_time_ymd(2100, 1, 1),
-            crl_number: rcgen::SerialNumber::from(number),
-            issuing_distribution_point: None,
-            revoked_certs: Vec::new(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(&ca)
-        .unwrap()
-        .pem()
-        .unwrap()
-    };
+    let valid = (
+        rcgen::date_time_ymd(2024, 1, 1),
+        rcgen::date_time_ymd(2100, 1, 1),
+    );
+    let crl = |number: u64| crl_pem(&ca, number, valid, &[]);
     std::fs::write(&crl_path, crl(1)).unwrap();
     let backend = start_backend();
     let auth = |mode: &str| {
@@ -1461,17 +1482,13 @@ fn a_resumed_session_ends_with_its_client_certificate_or_its_crl() {
         &[&rustls::version::TLS12],
     );
     // A certificate that lasts, on a listener whose CRL ends soon.
-    let crl = rcgen::CertificateRevocationListParams {
-        this_update: now - time::Duration::hours(1),
-        next_update: now + lifetime,
-        crl_number: rcgen::SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs: Vec::new(),
-        key_identifier_method: rcgen::KeyIdMethod::Sha256,
-    }
-    .signed_by(&ca)
-    .unwrap();
-    std::fs::write(pki.dir.join("brief-crl.pem"), crl.pem().unwrap()).unwrap();
+    let crl = crl_pem(
+        &ca,
+        1,
+        (now - time::Duration::hours(1), now + lifetime),
+        &[],
+    );
+    std::fs::write(pki.dir.join("brief-crl.pem"), crl).unwrap();
     let with_crl = Ktern::start(
         &pki,
         "",
@@ -1634,22 +1651,11 @@ fn client_certificates_are_verified_with_the_right_alert_and_counted() {
     p.serial_number = Some(rcgen::SerialNumber::from(4242u64));
     let gone_key = rcgen::KeyPair::generate().unwrap();
     let gone = p.signed_by(&gone_key, &ca).unwrap().der().clone();
-    let crl = rcgen::CertificateRevocationListParams {
-        this_update: rcgen::date_time_ymd(2024, 1, 1),
-        next_update: rcgen::date_time_ymd(2100, 1, 1),
-        crl_number: rcgen::SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs: vec![rcgen::RevokedCertParams {
-            serial_number: rcgen::SerialNumber::from(4242u64),
-            revocation_time: rcgen::date_time_ymd(2024, 1, 1),
-            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-            invalidity_date: None,
-        }],
-        key_identifier_method: rcgen::KeyIdMethod::Sha256,
-    }
-    .signed_by(&ca)
-    .unwrap();
-    std::fs::write(pki.dir.join("revoked.pem"), crl.pem().unwrap()).unwrap();
+    let valid = (
+        rcgen::date_time_ymd(2024, 1, 1),
+        rcgen::date_time_ymd(2100, 1, 1),
+    );
+    std::fs::write(pki.dir.join("revoked.pem"), crl_pem(&ca, 1, valid, &[4242])).unwrap();
     let k = Ktern::start(
         &pki,
         "",
@@ -1675,17 +1681,11 @@ fn client_certificates_are_verified_with_the_right_alert_and_counted() {
 
     // An expired CRL says nothing of what was revoked since: every client
     // certificate is refused (as OpenSSL does), and `ktern check` says why.
-    let stale = rcgen::CertificateRevocationListParams {
-        this_update: rcgen::date_time_ymd(2020, 1, 1),
-        next_update: rcgen::date_time_ymd(2020, 1, 8),
-        crl_number: rcgen::SerialNumber::from(2u64),
-        issuing_distribution_point: None,
-        revoked_certs: Vec::new(),
-        key_identifier_method: rcgen::KeyIdMethod::Sha256,
-    }
-    .signed_by(&ca)
-    .unwrap();
-    std::fs::write(pki.dir.join("stale.pem"), stale.pem().unwrap()).unwrap();
+    let lapsed = (
+        rcgen::date_time_ymd(2020, 1, 1),
+        rcgen::date_time_ymd(2020, 1, 8),
+    );
+    std::fs::write(pki.dir.join("stale.pem"), crl_pem(&ca, 2, lapsed, &[])).unwrap();
     let stale_auth = format!(
         "client_auth = {{ ca = \"{}\", crl = \"{}\" }}",
         pki.dir.join("clients.pem").display(),

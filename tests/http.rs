@@ -595,6 +595,55 @@ fn a_second_stop_signal_writes_the_queued_access_lines_first() {
     assert_eq!(lines, N, "every queued line written before the exit");
 }
 
+/// A ktern with a JSON access log and one request on `c` logged, then the
+/// log renamed away as logrotate does.
+struct Rotated {
+    pki: Pki,
+    _a: Backend,
+    k: Ktern,
+    c: Client,
+    log: std::path::PathBuf,
+    rotated: std::path::PathBuf,
+}
+
+const LOGGED_GET: &str = "GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n";
+
+fn rotated(tag: &str) -> Rotated {
+    let pki = Pki::new(tag);
+    let a = start_http_backend("a");
+    let (log, runtime) = json_access_log(&pki.dir);
+    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    assert_eq!(exchange(&mut c, LOGGED_GET).status, 200);
+    assert_eq!(json_log_lines(&log, 1).len(), 1);
+    let rotated = pki.dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    Rotated {
+        pki,
+        _a: a,
+        k,
+        c,
+        log,
+        rotated,
+    }
+}
+
+/// One more request on `c`: its line is in the new `log`, none more in
+/// the `rotated` one.
+fn next_line_in_the_new_file(c: &mut Client, log: &std::path::Path, rotated: &std::path::Path) {
+    assert_eq!(exchange(c, LOGGED_GET).status, 200);
+    assert_eq!(
+        json_log_lines(log, 1).len(),
+        1,
+        "the next line, in the new file"
+    );
+    assert_eq!(
+        json_log_lines(rotated, 2).len(),
+        1,
+        "none more in the rotated one"
+    );
+}
+
 /// logrotate renames the log, then reloads (`postrotate`): the log is
 /// reopened even when that reload is refused (a config being edited, a
 /// change that needs a restart), where the lines went on into the rotated
@@ -604,32 +653,20 @@ fn a_second_stop_signal_writes_the_queued_access_lines_first() {
 /// thread, so a SIGTERM went unheard).
 #[test]
 fn a_refused_reload_still_reopens_the_access_log_and_a_pipe_without_reader_is_refused() {
-    let pki = Pki::new("access-rotate");
-    let a = start_http_backend("a");
-    let (log, runtime) = json_access_log(&pki.dir);
-    let mut k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
-    let get = "GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n";
-    let mut c = connect(k.addr(), &pki, ClientOpts::default());
-    assert_eq!(exchange(&mut c, get).status, 200);
-    assert_eq!(json_log_lines(&log, 1).len(), 1);
-    let rotated = pki.dir.join("access.log.1");
-    std::fs::rename(&log, &rotated).unwrap();
+    let Rotated {
+        pki,
+        _a,
+        mut k,
+        mut c,
+        log,
+        rotated,
+    } = rotated("access-rotate");
     // A config that does not load: the reload is refused.
     let text = std::fs::read_to_string(&k.config_path).unwrap();
     std::fs::write(&k.config_path, format!("{text}\n[nonsense\n")).unwrap();
     let (status, body) = k.admin_request("POST", "/reload");
     assert_ne!(status, 200, "{body}");
-    assert_eq!(exchange(&mut c, get).status, 200);
-    assert_eq!(
-        json_log_lines(&log, 1).len(),
-        1,
-        "the next line, in the new file"
-    );
-    assert_eq!(
-        json_log_lines(&rotated, 2).len(),
-        1,
-        "none more in the rotated one"
-    );
+    next_line_in_the_new_file(&mut c, &log, &rotated);
     // A FIFO with no reader.
     let fifo = pki.dir.join("access.fifo");
     assert!(Command::new("mkfifo")
@@ -646,7 +683,7 @@ fn a_refused_reload_still_reopens_the_access_log_and_a_pipe_without_reader_is_re
         body.contains("access_log.path") && body.contains("no reader"),
         "{body}"
     );
-    assert_eq!(exchange(&mut c, get).status, 200);
+    assert_eq!(exchange(&mut c, LOGGED_GET).status, 200);
     drop(c);
     k.signal("TERM");
     let status = k.wait_exit(Duration::from_secs(10) * slow());
@@ -660,16 +697,14 @@ fn a_refused_reload_still_reopens_the_access_log_and_a_pipe_without_reader_is_re
 /// drains. Each of them killed the process, cutting every connection.
 #[test]
 fn nginx_signals_reopen_the_log_or_drain_and_never_kill() {
-    let pki = Pki::new("access-usr1");
-    let a = start_http_backend("a");
-    let (log, runtime) = json_access_log(&pki.dir);
-    let mut k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], ANY_TO_A, ""));
-    let get = "GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n";
-    let mut c = connect(k.addr(), &pki, ClientOpts::default());
-    assert_eq!(exchange(&mut c, get).status, 200);
-    assert_eq!(json_log_lines(&log, 1).len(), 1);
-    let rotated = pki.dir.join("access.log.1");
-    std::fs::rename(&log, &rotated).unwrap();
+    let Rotated {
+        pki: _pki,
+        _a,
+        mut k,
+        mut c,
+        log,
+        rotated,
+    } = rotated("access-usr1");
     k.signal("USR1");
     k.signal("USR2");
     let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
@@ -677,17 +712,7 @@ fn nginx_signals_reopen_the_log_or_drain_and_never_kill() {
         assert!(std::time::Instant::now() < deadline, "{}", k.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(exchange(&mut c, get).status, 200, "the same connection");
-    assert_eq!(
-        json_log_lines(&log, 1).len(),
-        1,
-        "the next line, in the new file"
-    );
-    assert_eq!(
-        json_log_lines(&rotated, 2).len(),
-        1,
-        "none more in the rotated one"
-    );
+    next_line_in_the_new_file(&mut c, &log, &rotated);
     // A graceful stop: the idle keep-alive connection is closed cleanly
     // (close_notify), and the process exits 0.
     k.signal("QUIT");

@@ -1073,16 +1073,7 @@ fn started_as_root_every_thread_runs_as_the_runtime_user() {
 fn an_upgrade_that_moves_the_admin_endpoint_closes_the_old_one() {
     let (pki, _a, sock, mut old) = upgradable("live-upgrade-admin", "10s");
     // A request in flight keeps the old process draining meanwhile.
-    let cfg = client_config(&[&pki.der]);
-    let mut busy = try_connect(old.addr(), &cfg).unwrap();
-    let wait = 3000 * slow();
-    let slow_request = std::thread::spawn(move || {
-        try_exchange(
-            &mut busy,
-            &format!("GET /sleep/{wait} HTTP/1.1\r\nHost: x\r\n\r\n"),
-        )
-        .map(|r| r.status)
-    });
+    let slow_request = in_flight(&old, &pki, &format!("/wait/{}", 3000 * slow()));
     std::thread::sleep(Duration::from_millis(200));
     let text = std::fs::read_to_string(&old.config_path).unwrap();
     let moved = text.replace(
@@ -1092,12 +1083,7 @@ fn an_upgrade_that_moves_the_admin_endpoint_closes_the_old_one() {
     assert_ne!(moved, text);
     let path = pki.dir.join("moved-admin.toml");
     std::fs::write(&path, moved).unwrap();
-    let new = Ktern::start_args(
-        &pki.dir,
-        &path,
-        &[],
-        &["--upgrade-from", sock.to_str().unwrap()],
-    );
+    let new = upgrade_from(&pki, &path, &sock);
     assert_ne!(new.admin, old.admin);
     assert_eq!(new.admin_request("GET", "/healthz").0, 200);
     // Refused while the old process still drains (its admin thread stops
@@ -1112,7 +1098,7 @@ fn an_upgrade_that_moves_the_admin_endpoint_closes_the_old_one() {
     };
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     assert!(old.wait_exit(Duration::ZERO).is_none(), "drained already");
-    assert_eq!(slow_request.join().unwrap().unwrap(), 200);
+    assert_eq!(slow_request.join().unwrap().unwrap().status, 200);
     assert!(old
         .wait_exit(Duration::from_secs(10) * slow())
         .expect("the old process drains after the upgrade")
@@ -1140,30 +1126,13 @@ fn started_as_root_with_a_user_the_upgrade_socket_still_serves() {
     let mut old = Ktern::start(&pki, &rt, &tcp_listener(backend, ""));
     assert!(old.log().contains("dropped root"), "{}", old.log());
     assert!(!old.log().contains("cannot serve it"), "{}", old.log());
-    let new = Ktern::start_args(
-        &pki.dir,
-        &old.config_path,
-        &[],
-        &["--upgrade-from", sock.to_str().unwrap()],
-    );
+    let new = upgrade_from(&pki, &old.config_path, &sock);
     assert_eq!(new.addr(), old.addr());
-    let status = old
-        .wait_exit(Duration::from_secs(10) * slow())
-        .expect("the old process drains after the upgrade");
-    assert!(status.success());
+    assert_drained(&mut old);
     download(new.addr(), &pki, ClientOpts::default(), 1000);
     assert!(new.log().contains("dropped root"), "{}", new.log());
     assert!(!new.log().contains("cannot serve it"), "{}", new.log());
-    let leftovers: Vec<_> = std::fs::read_dir(&pki.dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".ktern-upgrade-")
-        })
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_no_private_socket_dir(&pki);
 }
 
 /// A new binary that could not switch to `runtime.user` finds out before
@@ -1188,20 +1157,16 @@ fn an_upgrade_that_cannot_switch_user_leaves_the_old_process_serving() {
     assert_ne!(with_user, text);
     let path = pki.dir.join("userns.toml");
     std::fs::write(&path, with_user).unwrap();
-    let out = Command::new("unshare")
-        .args([
-            "--user",
-            "--map-root-user",
-            env!("CARGO_BIN_EXE_ktern"),
-            "run",
-            "-c",
-        ])
-        .arg(&path)
-        .args(["--upgrade-from", sock.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--user",
+        "--map-root-user",
+        env!("CARGO_BIN_EXE_ktern"),
+        "run",
+        "-c",
+    ])
+    .arg(&path);
+    let stderr = refused_upgrade(cmd, &sock);
     assert!(
         stderr.contains("runtime.user: cannot switch to \"nobody\""),
         "{stderr}"
@@ -1448,6 +1413,58 @@ fn json_logs_are_one_object_per_line() {
 /// A ktern with an upgrade socket and `drain_timeout`, its HTTP listener
 /// in front of backend "a": its PKI, the backend, the socket's path and
 /// the process.
+/// A new ktern of `config` taking over the sockets of the one behind the
+/// upgrade socket `sock`.
+fn upgrade_from(pki: &Pki, config: &std::path::Path, sock: &std::path::Path) -> Ktern {
+    Ktern::start_args(
+        &pki.dir,
+        config,
+        &[],
+        &["--upgrade-from", sock.to_str().unwrap()],
+    )
+}
+
+/// No upgrade socket's private directory is left in `pki`'s.
+fn assert_no_private_socket_dir(pki: &Pki) {
+    let leftovers: Vec<_> = std::fs::read_dir(&pki.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".ktern-upgrade-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// `GET path` to `k` on a thread: the answer, when it comes.
+fn in_flight(k: &Ktern, pki: &Pki, path: &str) -> std::thread::JoinHandle<std::io::Result<Resp>> {
+    let mut c = try_connect(k.addr(), &client_config(&[&pki.der])).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    std::thread::spawn(move || try_exchange(&mut c, &request))
+}
+
+/// `cmd` (a `ktern run`) taking over from the process behind `sock`,
+/// refused: it exits 1; its stderr.
+fn refused_upgrade(mut cmd: Command, sock: &std::path::Path) -> String {
+    let out = cmd
+        .args(["--upgrade-from", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+/// `old` drains after an upgrade and exits 0.
+fn assert_drained(old: &mut Ktern) {
+    let status = old
+        .wait_exit(Duration::from_secs(10) * slow())
+        .expect("the old process drains after the upgrade and exits");
+    assert!(status.success(), "{status:?}");
+}
+
 fn upgradable(tag: &str, drain_timeout: &str) -> (Pki, Backend, std::path::PathBuf, Ktern) {
     let pki = Pki::new(tag);
     let a = start_http_backend("a");
@@ -1489,18 +1506,10 @@ fn binary_upgrade_under_load_fails_no_connection() {
     std::thread::sleep(Duration::from_millis(300));
     let before = rep.ok.load(Ordering::Relaxed);
     // The new binary (the same one here) takes the sockets over.
-    let new = Ktern::start_args(
-        &pki.dir,
-        &old.config_path,
-        &[],
-        &["--upgrade-from", sock.to_str().unwrap()],
-    );
+    let new = upgrade_from(&pki, &old.config_path, &sock);
     assert_eq!(new.addr(), addr, "the new process serves the same sockets");
     assert_eq!(new.admin, old.admin, "and the same admin socket");
-    let status = old
-        .wait_exit(Duration::from_secs(10) * slow())
-        .expect("the old process must drain and exit");
-    assert!(status.success(), "{status:?}");
+    assert_drained(&mut old);
     let at_exit = rep.ok.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(500));
     let ok = rep.finish(&stop, workers);
@@ -1533,22 +1542,9 @@ fn binary_upgrade_under_load_fails_no_connection() {
 #[test]
 fn a_stop_signal_to_a_handed_over_process_lets_it_drain() {
     let (pki, _a, sock, mut old) = upgradable("live-upgrade-term", "20s");
-    let cfg = client_config(&[&pki.der]);
-    let mut c = try_connect(old.addr(), &cfg).unwrap();
-    let wait = 2500 * slow();
-    let in_flight = std::thread::spawn(move || {
-        try_exchange(
-            &mut c,
-            &format!("GET /wait/{wait} HTTP/1.1\r\nHost: x\r\n\r\n"),
-        )
-    });
+    let in_flight = in_flight(&old, &pki, &format!("/wait/{}", 2500 * slow()));
     std::thread::sleep(Duration::from_millis(200));
-    let new = Ktern::start_args(
-        &pki.dir,
-        &old.config_path,
-        &[],
-        &["--upgrade-from", sock.to_str().unwrap()],
-    );
+    let new = upgrade_from(&pki, &old.config_path, &sock);
     assert!(
         !in_flight.is_finished(),
         "the request ended before the upgrade: make it wait longer"
@@ -1671,14 +1667,9 @@ fn a_failed_upgrade_leaves_the_old_process_serving_and_upgradable() {
     );
     let bad_path = pki.dir.join("bad.toml");
     std::fs::write(&bad_path, Ktern::config_text(&pki, &rt, &bad)).unwrap();
-    let out = ktern_cmd()
-        .args(["run", "-c"])
-        .arg(&bad_path)
-        .args(["--upgrade-from", sock.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let mut cmd = ktern_cmd();
+    cmd.args(["run", "-c"]).arg(&bad_path);
+    let stderr = refused_upgrade(cmd, &sock);
     assert!(
         stderr.contains("listener[1].address") && stderr.contains("in use"),
         "{stderr}"
@@ -1686,27 +1677,10 @@ fn a_failed_upgrade_leaves_the_old_process_serving_and_upgradable() {
     // The old process still serves, and the path still reaches it.
     download(old.addr(), &pki, ClientOpts::default(), 2000);
     assert!(old.wait_exit(Duration::ZERO).is_none());
-    let new = Ktern::start_args(
-        &pki.dir,
-        &old.config_path,
-        &[],
-        &["--upgrade-from", sock.to_str().unwrap()],
-    );
+    let new = upgrade_from(&pki, &old.config_path, &sock);
     assert_eq!(new.addr(), old.addr());
-    let status = old
-        .wait_exit(Duration::from_secs(10) * slow())
-        .expect("old process drains after the good upgrade");
-    assert!(status.success());
+    assert_drained(&mut old);
     download(new.addr(), &pki, ClientOpts::default(), 2000);
     // No private socket directory is left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(&pki.dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".ktern-upgrade-")
-        })
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_no_private_socket_dir(&pki);
 }
