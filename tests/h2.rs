@@ -862,6 +862,50 @@ fn hostile(k: &Ktern, case: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// A stream whose window its client leaves shut (a browser's paused video)
+/// while the client reads other streams is reset alone at send_timeout
+/// (CANCEL), and the connection serves on: flow control is per stream
+/// (RFC 9113 §5.2). It was cut with the connection (GOAWAY
+/// ENHANCE_YOUR_CALM), resetting every other stream. A client that reads
+/// nothing at all still loses the connection (`hostile`'s never_reads).
+#[test]
+fn a_stream_left_unread_is_reset_alone_while_its_client_reads_others() {
+    let (pki, k, _a) = setup("h2-paused", "send_timeout = \"1s\"");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        // A browser's windows: a large connection window, the default
+        // stream window.
+        let mut builder = ::h2::client::Builder::new();
+        builder.initial_connection_window_size(16 << 20);
+        let mut c = h2c::connect_with(k.addr(), &pki, &builder).await;
+        let paused = ::http::Request::get("https://localhost/bytes/4000000")
+            .body(())
+            .unwrap();
+        let (paused, _) = c.send_request(paused, true).unwrap();
+        let paused = paused.await.unwrap();
+        assert_eq!(paused.status(), 200);
+        let mut paused = paused.into_body();
+        // Other streams read meanwhile, past the paused one's timeout.
+        let until = std::time::Instant::now() + Duration::from_millis(1500) * slow();
+        while std::time::Instant::now() < until {
+            let r = h2c::get(&mut c, "/bytes/300000").await;
+            assert_eq!(r.body.len(), 300_000);
+        }
+        // The paused stream was reset (CANCEL), not the connection.
+        let reset = loop {
+            match paused.data().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e,
+                None => panic!("the paused stream ended whole"),
+            }
+        };
+        assert_eq!(reset.reason(), Some(::h2::Reason::CANCEL), "{reset}");
+        assert_eq!(h2c::get(&mut c, "/x").await.body, b"a");
+    });
+    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 1);
+    assert_eq!(k.metric("ktern_http2_connections_total"), 1);
+}
+
 /// Clients that take no part in closing: one that never answers the PING
 /// confirming the keep-alive GOAWAY, and one that opens every window, asks
 /// for 64 MiB and stops reading, so neither the response nor the GOAWAY

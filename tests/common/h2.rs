@@ -48,13 +48,22 @@ pub fn runtime() -> Runtime {
 
 /// Connects, negotiates `h2` and starts the connection task.
 pub async fn connect(addr: SocketAddr, pki: &Pki) -> SendRequest<Bytes> {
+    connect_with(addr, pki, &h2::client::Builder::new()).await
+}
+
+/// [`connect`] with the client's settings from `builder`.
+pub async fn connect_with(
+    addr: SocketAddr,
+    pki: &Pki,
+    builder: &h2::client::Builder,
+) -> SendRequest<Bytes> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(tls_config(pki, &[b"h2", b"http/1.1"]))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN");
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    let (send, conn) = builder.handshake(tls).await.unwrap();
     tokio::task::spawn_local(async move {
         let _ = conn.await;
     });

@@ -56,6 +56,8 @@ pub struct Signals {
     /// The kernel carries the records now: at the handshake, or since a
     /// bulk transfer (each stream's access line says which).
     pub kernel: Cell<bool>,
+    /// WINDOW_UPDATE frames the client has sent (the frame watch's count).
+    pub window_updates: Cell<u64>,
 }
 
 impl Signals {
@@ -308,6 +310,7 @@ impl AsyncRead for H2Io {
             if this.watch.feed(&buf.filled()[before..]) == Verdict::Flood {
                 this.signals.flood.set(true);
             }
+            this.signals.window_updates.set(this.watch.window_updates());
         }
         polled
     }

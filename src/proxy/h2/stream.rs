@@ -41,8 +41,12 @@ const READ: usize = 64 << 10;
 enum Cut {
     /// The client reset the stream, or the connection ended.
     Client,
-    /// The client's window stayed shut for `send_timeout`.
+    /// The client's window stayed shut for `send_timeout`, and it sent no
+    /// WINDOW_UPDATE meanwhile: it reads nothing.
     Stalled,
+    /// The stream's window stayed shut for `send_timeout` while the client
+    /// read others (a paused video): this stream's matter alone.
+    Paused,
     /// The backend failed mid-response.
     Upstream(UpstreamAbort),
     /// A static file failed mid-response (ktern's own side).
@@ -158,6 +162,10 @@ pub(super) async fn exchange(
         Err(Cut::Stalled) => {
             M::inc(&ctx.metrics.http_send_timeouts);
             tracing::info!(peer = %ctx.peer, "HTTP/2 stream: client window shut for send_timeout");
+        }
+        Err(Cut::Paused) => {
+            M::inc(&ctx.metrics.http_send_timeouts);
+            tracing::debug!(peer = %ctx.peer, "HTTP/2 stream: its window shut for send_timeout while the client read others: stream reset");
         }
         Err(Cut::File(e)) => {
             M::inc(&ctx.metrics.internal_errors);
@@ -435,7 +443,7 @@ async fn forward(
                 break;
             }
             // Backpressure: read no more than the client may take now.
-            let room = capacity(&mut send, ctx, route.send_timeout).await?;
+            let room = capacity(&mut send, ctx, route.send_timeout, link).await?;
             let want = room.clamp(1, READ);
             let read = Box::pin(backend.read_some(want));
             let read = ctx.within(upstream.response_timeout, read);
@@ -646,7 +654,10 @@ fn abort(send: &mut SendStream<Bytes>, e: UpstreamAbort) -> Cut {
 
 /// Waits until the client's window and h2's send buffer have room for
 /// response bytes; returns how much. A window shut for `stall` ends the
-/// stream (nginx's `send_timeout`).
+/// stream (nginx's `send_timeout`): alone, if the client sent
+/// WINDOW_UPDATEs meanwhile (it reads other streams: flow control is per
+/// stream, RFC 9113 §5.2, and a browser leaves a paused video's stream
+/// unread); with the connection otherwise ([`Cut::Stalled`]).
 ///
 /// The room is learned, not kept: the reservation goes back to the
 /// connection before the caller waits on its backend. A reservation held
@@ -660,15 +671,20 @@ async fn capacity(
     send: &mut SendStream<Bytes>,
     ctx: &Ctx<'_>,
     stall: Duration,
+    link: &Signals,
 ) -> Result<usize, Cut> {
     send.reserve_capacity(READ);
     let room = match send.capacity() {
         0 => {
+            let updates = link.window_updates.get();
             let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
             match ctx.within(stall, wait).await {
                 Err(_) => {
                     send.send_reset(Reason::CANCEL);
-                    return Err(Cut::Stalled);
+                    return Err(match link.window_updates.get() > updates {
+                        true => Cut::Paused,
+                        false => Cut::Stalled,
+                    });
                 }
                 Ok(Some(Ok(n))) if n > 0 => n,
                 Ok(Some(Ok(_))) => send.capacity().max(1),
@@ -817,7 +833,7 @@ async fn serve_file(
     }
     let mut left = count;
     while left > 0 {
-        let room = capacity(&mut send, ctx, ctx.route.send_timeout).await?;
+        let room = capacity(&mut send, ctx, ctx.route.send_timeout, link).await?;
         let want = (left as usize).min(room.clamp(1, READ));
         let mut buf = vec![0; want];
         let n = match file.read_at(&mut buf, offset) {

@@ -144,6 +144,8 @@ pub struct FrameWatch {
     resets: u64,
     requests: u64,
     allowance: u64,
+    /// WINDOW_UPDATE frames: the client reads.
+    window_updates: u64,
 }
 
 mod kind {
@@ -171,7 +173,14 @@ impl FrameWatch {
             resets: 0,
             requests: 0,
             allowance: u64::from(allowance),
+            window_updates: 0,
         }
+    }
+
+    /// WINDOW_UPDATE frames so far: a client that sends them reads what
+    /// it is sent, on some stream.
+    pub fn window_updates(&self) -> u64 {
+        self.window_updates
     }
 
     /// Control frames counted so far.
@@ -207,7 +216,11 @@ impl FrameWatch {
                 true
             }
             kind::PRIORITY => true,
-            kind::WINDOW_UPDATE | kind::GOAWAY | kind::PUSH_PROMISE => false,
+            kind::WINDOW_UPDATE => {
+                self.window_updates += 1;
+                false
+            }
+            kind::GOAWAY | kind::PUSH_PROMISE => false,
             // Unknown types are ignored by the receiver (§4.1): free to
             // send, so they must be bounded too.
             _ => true,
