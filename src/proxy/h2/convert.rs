@@ -81,7 +81,23 @@ pub fn request_head(
         (false, _) => None,
     };
     let authority = match parts.uri.authority() {
-        Some(a) => a.as_str(),
+        // RFC 9113 §8.3.1: a Host naming another host than :authority makes
+        // the request malformed (a server SHOULD say so): routing and the
+        // backend read :authority, and a Host that was dropped in silence
+        // left a log or an intermediary reading the other.
+        Some(a) => {
+            let named = |v: &str| exchange::strip_port(v).to_ascii_lowercase();
+            let authority = named(a.as_str());
+            for host in parts.headers.get_all(http::header::HOST) {
+                let host = host
+                    .to_str()
+                    .map_err(|_| Refusal::Malformed("host is not text"))?;
+                if named(host) != authority {
+                    return Err(Refusal::Malformed("host differs from :authority"));
+                }
+            }
+            a.as_str()
+        }
         // RFC 9113 §8.3.1: without :authority, Host carries it.
         None => {
             let mut hosts = parts.headers.get_all(http::header::HOST).iter();
@@ -416,6 +432,20 @@ mod tests {
         assert_eq!(
             request_head(&parts(req), true, &Limits::default(), None).err(),
             Some(Refusal::Malformed("more than one host"))
+        );
+        // A Host beside :authority must name the same host (its port and
+        // case aside), or the request is malformed (RFC 9113 §8.3.1).
+        let with_host = |host: &str| {
+            let req = http::Request::get("https://a.example/x")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            request_head(&parts(req), true, &Limits::default(), None).err()
+        };
+        assert_eq!(with_host("A.example:443"), None);
+        assert_eq!(
+            with_host("b.example"),
+            Some(Refusal::Malformed("host differs from :authority"))
         );
         // A URI with no path: refused, not sent as `/`.
         let req = http::Request::get("a.example").body(()).unwrap();
