@@ -866,8 +866,8 @@ fn hostile(k: &Ktern, case: &str) -> String {
 /// while the client reads other streams is reset alone at send_timeout
 /// (CANCEL), and the connection serves on: flow control is per stream
 /// (RFC 9113 §5.2). It was cut with the connection (GOAWAY
-/// ENHANCE_YOUR_CALM), resetting every other stream. A client that reads
-/// nothing at all still loses the connection (`hostile`'s never_reads).
+/// ENHANCE_YOUR_CALM), resetting every other stream. A client that lets
+/// no DATA out still loses the connection (`hostile`'s never_reads).
 #[test]
 fn a_stream_left_unread_is_reset_alone_while_its_client_reads_others() {
     let (pki, k, _a) = setup("h2-paused", "send_timeout = \"1s\"");
@@ -1141,13 +1141,19 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
         resets + 1,
         "the reset stream still waits for its backend (5 s)"
     );
-    let got = hostile(&k, "never_reads");
-    assert!(
-        got == r#"[{"event": "goaway", "code": 11}]"#
-            || got == r#"[{"event": "reset", "code": 8}, {"event": "goaway", "code": 11}]"#,
-        "{got}"
-    );
-    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 1);
+    // The same with a WINDOW_UPDATE of 1 byte on stream 0 now and then:
+    // it opens no stream's window and lets no DATA out, so it does not
+    // pass for a client reading other streams (whose stalled stream alone
+    // would be reset).
+    for (case, timeouts) in [("never_reads", 1), ("never_reads_but_nudges", 2)] {
+        let got = hostile(&k, case);
+        assert!(
+            got == r#"[{"event": "goaway", "code": 11}]"#
+                || got == r#"[{"event": "reset", "code": 8}, {"event": "goaway", "code": 11}]"#,
+            "{case}: {got}"
+        );
+        assert_eq!(k.metric("ktern_http_send_timeouts_total"), timeouts);
+    }
     assert_eq!(hostile(&k, "ok"), r#"{"event": "response", "status": 200}"#);
 }
 

@@ -195,13 +195,20 @@ def main():
         c.send(c.headers(sid, req("/sum", "POST"), end_stream=False))
         c.send(b"".join(DataFrame(sid, b"").serialize() for _ in range(5000)))
         sid = None
-    elif case == "never_reads":
+    elif case in ("never_reads", "never_reads_but_nudges"):
         # A 64 MiB response to a client whose windows stay at 65535 bytes
-        # (no WINDOW_UPDATE ever): the stream waits, then is cut.
+        # (no WINDOW_UPDATE ever): the stream waits, then is cut. With
+        # nudges: a WINDOW_UPDATE of 1 byte on stream 0 every 0.2 s, which
+        # opens no stream's window (it reads nothing all the same).
         c.send(c.headers(sid, req("/huge")))
         seen = []
+        end = time.time() + 10
         while True:
-            f = c.read_frame(time.time() + 10)
+            if case == "never_reads_but_nudges":
+                c.send(WindowUpdateFrame(0, window_increment=1))
+            f = c.read_frame(min(end, time.time() + 0.2) if case == "never_reads_but_nudges" else end)
+            if f is None and time.time() < end:
+                continue
             if f is None or f == "closed":
                 seen.append({"event": "timeout" if f is None else "closed"})
                 print(json.dumps(seen))

@@ -56,8 +56,9 @@ pub struct Signals {
     /// The kernel carries the records now: at the handshake, or since a
     /// bulk transfer (each stream's access line says which).
     pub kernel: Cell<bool>,
-    /// WINDOW_UPDATE frames the client has sent (the frame watch's count).
-    pub window_updates: Cell<u64>,
+    /// DATA payload bytes handed to the transport (the output watch's
+    /// count).
+    pub data_sent: Cell<u64>,
 }
 
 impl Signals {
@@ -277,6 +278,7 @@ impl H2Io {
             let m = &self.signals.malformed;
             m.set(m.get() + malformed);
         }
+        self.signals.data_sent.set(self.sent.data_sent());
     }
 
     fn stage(&mut self, bufs: &[io::IoSlice<'_>]) -> usize {
@@ -310,7 +312,6 @@ impl AsyncRead for H2Io {
             if this.watch.feed(&buf.filled()[before..]) == Verdict::Flood {
                 this.signals.flood.set(true);
             }
-            this.signals.window_updates.set(this.watch.window_updates());
         }
         polled
     }

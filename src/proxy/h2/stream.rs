@@ -41,11 +41,11 @@ const READ: usize = 64 << 10;
 enum Cut {
     /// The client reset the stream, or the connection ended.
     Client,
-    /// The client's window stayed shut for `send_timeout`, and it sent no
-    /// WINDOW_UPDATE meanwhile: it reads nothing.
+    /// The client's window stayed shut for `send_timeout`, and no DATA
+    /// went out on the connection meanwhile: it reads nothing.
     Stalled,
-    /// The stream's window stayed shut for `send_timeout` while the client
-    /// read others (a paused video): this stream's matter alone.
+    /// The stream's window stayed shut for `send_timeout` while DATA went
+    /// out on others (a paused video): this stream's matter alone.
     Paused,
     /// The backend failed mid-response.
     Upstream(UpstreamAbort),
@@ -654,10 +654,12 @@ fn abort(send: &mut SendStream<Bytes>, e: UpstreamAbort) -> Cut {
 
 /// Waits until the client's window and h2's send buffer have room for
 /// response bytes; returns how much. A window shut for `stall` ends the
-/// stream (nginx's `send_timeout`): alone, if the client sent
-/// WINDOW_UPDATEs meanwhile (it reads other streams: flow control is per
-/// stream, RFC 9113 §5.2, and a browser leaves a paused video's stream
-/// unread); with the connection otherwise ([`Cut::Stalled`]).
+/// stream (nginx's `send_timeout`): alone, if DATA went out on the
+/// connection meanwhile (the client's windows let it out: it reads other
+/// streams; flow control is per stream, RFC 9113 §5.2, and a browser
+/// leaves a paused video's stream unread); with the connection otherwise
+/// ([`Cut::Stalled`]). A client that lets DATA out without reading it
+/// fills the socket's buffers, and then no more goes.
 ///
 /// The room is learned, not kept: the reservation goes back to the
 /// connection before the caller waits on its backend. A reservation held
@@ -676,12 +678,25 @@ async fn capacity(
     send.reserve_capacity(READ);
     let room = match send.capacity() {
         0 => {
-            let updates = link.window_updates.get();
-            let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
-            match ctx.within(stall, wait).await {
+            let mut wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
+            // Progress is judged over the wait's second half: in its first,
+            // the transport may still be sending this stream's own DATA,
+            // queued before its window shut.
+            let first = stall / 2;
+            let waited = match ctx.within(first, &mut wait).await {
                 Err(_) => {
+                    let sent = link.data_sent.get();
+                    ctx.within(stall - first, &mut wait)
+                        .await
+                        .map_err(|_| link.data_sent.get() > sent)
+                }
+                Ok(got) => Ok(got),
+            };
+            drop(wait);
+            match waited {
+                Err(others_moved) => {
                     send.send_reset(Reason::CANCEL);
-                    return Err(match link.window_updates.get() > updates {
+                    return Err(match others_moved {
                         true => Cut::Paused,
                         false => Cut::Stalled,
                     });
