@@ -499,14 +499,7 @@ async fn passthrough(
                     tracing::warn!(upstream = %upstream.name, error = %e, count, "passthrough: upstream full, connection closed ({count} since the last such line; at most one line per 10 s)");
                 }
             } else {
-                match balancer.connect_log.due() {
-                    Some(count) => {
-                        tracing::warn!(%peer, upstream = %upstream.name, error = %e, count, "passthrough: upstream connect failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
-                    }
-                    None => {
-                        tracing::debug!(%peer, upstream = %upstream.name, error = %e, "passthrough: upstream connect failed")
-                    }
-                }
+                balancer.log_connect_failure(peer, "passthrough", &e);
             }
             return None;
         }
@@ -892,12 +885,7 @@ fn proxy<'a>(
                     },
                     Err(e) => {
                         M::inc(e.counter(m));
-                        match balancer.connect_log.due() {
-                            Some(count) => {
-                                tracing::warn!(%peer, error = %e, count, "upstream connect failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
-                            }
-                            None => tracing::debug!(%peer, error = %e, "upstream connect failed"),
-                        }
+                        balancer.log_connect_failure(peer, "tcp", &e);
                         // Tell the client we are closing; it gets no data.
                         let (_, mut writer) = conn.split();
                         let _ = Box::pin(writer.end()).await;

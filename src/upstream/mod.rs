@@ -74,6 +74,21 @@ impl UpstreamError {
     }
 }
 
+impl Balancer {
+    /// Logs a failed connect (every backend tried) for `peer`, on `route`
+    /// (`"http"`, `"tcp"`, `"passthrough"`): at most one line per 10 s per
+    /// shard with how many since, the others at debug. While the group is
+    /// down each request fails so, and any client can send requests.
+    pub fn log_connect_failure(&self, peer: std::net::SocketAddr, route: &str, e: &UpstreamError) {
+        match self.connect_log.due() {
+            Some(count) => {
+                tracing::warn!(%peer, route, error = %e, count, "upstream connect failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
+            }
+            None => tracing::debug!(%peer, route, error = %e, "upstream connect failed"),
+        }
+    }
+}
+
 /// Errors that say this process, not the peer, ran out of something.
 pub fn is_local_exhaustion(e: &io::Error) -> bool {
     matches!(

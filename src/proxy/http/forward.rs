@@ -1601,14 +1601,7 @@ pub(crate) async fn begin_attempt<'b>(
                 }
                 return Step::Answer(503);
             }
-            match balancer.connect_log.due() {
-                Some(count) => {
-                    tracing::warn!(peer = %ctx.peer, upstream = %upstream.name, error = %e, count, "upstream connect failed ({count} since the last such line; at most one line per 10 s, the others at debug)")
-                }
-                None => {
-                    tracing::debug!(peer = %ctx.peer, upstream = %upstream.name, error = %e, "upstream connect failed")
-                }
-            }
+            balancer.log_connect_failure(ctx.peer, "http", &e);
             return Step::NoBackend;
         }
     };
