@@ -575,6 +575,12 @@ fn a_record_cut_by_the_clients_fin_resets_a_tls_backend() {
         "the backend read a FIN, as at the end of a whole stream"
     );
     assert_eq!(k.wait_metric("ktern_downstream_errors_total", 1), 1);
+    // In the VM both sides were the kernel's (the cut read by its record
+    // layer; the backend's records sealed by it): /proc/net/tls_stat moved.
+    assert_offloaded_in_vm(&k);
+    if in_vm() {
+        assert_eq!(k.wait_metric("ktern_upstream_ktls_offloaded_total", 1), 1);
+    }
 }
 
 /// Passthrough relays TCP, resets included: a client's reset reaches the
