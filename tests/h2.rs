@@ -313,14 +313,31 @@ fn static_files_and_the_access_log_over_http2() {
             .unwrap();
         assert_eq!((r.status, r.body.len()), (200, 0));
         assert_eq!(h2c::get(&mut c, "/files/none").await.status, 404);
+        // A malformed request (RFC 9113 §8.3.1: a Host naming another host
+        // than :authority) is reset, and logged as HTTP/1.1 logs a head it
+        // refuses: 400, `-` for method and path.
+        let req = ::http::Request::get("https://localhost/files/f.bin")
+            .header("host", "elsewhere")
+            .body(())
+            .unwrap();
+        let (resp, _) = c.send_request(req, true).unwrap();
+        let err = resp.await.unwrap_err();
+        assert_eq!(err.reason(), Some(::h2::Reason::PROTOCOL_ERROR), "{err}");
     });
-    let lines = json_log_lines(&log, 4);
-    assert_eq!(lines.len(), 4, "{lines:?}");
+    let lines = json_log_lines(&log, 5);
+    assert_eq!(lines.len(), 5, "{lines:?}");
     for l in &lines {
         assert_eq!(l["protocol"], "HTTP/2.0", "{l}");
     }
     assert_eq!(lines[1]["status"], 206);
     assert_eq!(lines[3]["status"], 404);
+    assert_eq!(
+        (&lines[4]["status"], &lines[4]["method"], &lines[4]["path"]),
+        (&400.into(), &"-".into(), &"-".into()),
+        "{}",
+        lines[4]
+    );
+    assert_eq!(k.metric("ktern_http2_malformed_requests_total"), 1);
     assert_offloaded_in_vm(&k);
 }
 

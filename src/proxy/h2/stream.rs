@@ -106,12 +106,21 @@ pub(super) async fn exchange(
             // RFC 9113 §8.1.1: a malformed request is a stream error of
             // type PROTOCOL_ERROR; nothing goes upstream. (Counted by
             // the transport's watch on what is sent, with h2's own.)
-            tracing::info!(peer = %ctx.peer, why, "HTTP/2 request malformed: stream reset");
+            refused(ctx, link, why, 400, "HTTP/2 request malformed: stream reset");
             respond.send_reset(Reason::PROTOCOL_ERROR);
+            // Logged as the 400 HTTP/1.1 answers the same head with (as a
+            // head HTTP/1.1 refuses: `-` for method and path), so the
+            // access log has a line per request on both protocols.
+            let ex = Exchange {
+                status: 400,
+                kernel: Some(link.kernel.get()),
+                ..Exchange::default()
+            };
+            forward::record(ctx, None, &ex, (0, 0), PROTOCOL, wall, started);
             return End::Done;
         }
         Err(Refusal::Status(status, why)) => {
-            tracing::info!(peer = %ctx.peer, status, why, "HTTP/2 request refused");
+            refused(ctx, link, why, status, "HTTP/2 request refused");
             let mut ex = Exchange {
                 kernel: Some(link.kernel.get()),
                 // A refused HEAD's answer has no body either (RFC 9110 §9.3.2).
@@ -181,6 +190,17 @@ pub(super) async fn exchange(
     }
     forward::record(ctx, Some(&head), &ex, moved, PROTOCOL, wall, started);
     end
+}
+
+/// The line for a stream refused before its exchange: one per 10 s per
+/// connection at info (with how many since), the others at debug.
+fn refused(ctx: &Ctx<'_>, link: &Signals, why: &str, status: u16, what: &str) {
+    match link.refusals.due() {
+        Some(count) => {
+            tracing::info!(peer = %ctx.peer, status, why, count, "{what} ({count} on this connection since the last such line; at most one per 10 s, the others at debug)")
+        }
+        None => tracing::debug!(peer = %ctx.peer, status, why, "{what}"),
+    }
 }
 
 /// `work`, unless the stream is reset first (by the client's RST_STREAM,
