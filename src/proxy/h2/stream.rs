@@ -106,7 +106,13 @@ pub(super) async fn exchange(
             // RFC 9113 §8.1.1: a malformed request is a stream error of
             // type PROTOCOL_ERROR; nothing goes upstream. (Counted by
             // the transport's watch on what is sent, with h2's own.)
-            refused(ctx, link, why, 400, "HTTP/2 request malformed: stream reset");
+            refused(
+                ctx,
+                link,
+                why,
+                400,
+                "HTTP/2 request malformed: stream reset",
+            );
             respond.send_reset(Reason::PROTOCOL_ERROR);
             // Logged as the 400 HTTP/1.1 answers the same head with (as a
             // head HTTP/1.1 refuses: `-` for method and path), so the
@@ -380,9 +386,14 @@ async fn forward(
     if let Some(v) = route.hsts.as_deref() {
         extra.push(("strict-transport-security", v.as_bytes()));
     }
-    let ws_refused = ws_key.and_then(|key| convert::websocket_refusal(&resp, key));
-    let refused = match (exchange::relay(head, &resp, false), ws_key) {
-        _ if ws_refused.is_some() => ws_refused,
+    let relay = match ws_key.map(|key| convert::websocket_refusal(&resp, key)) {
+        Some(Some(why)) => Relay::Refuse(why),
+        // The switch was checked just now (its SHA-1 once, not again in
+        // `relay`).
+        Some(None) if resp.status == 101 => Relay::Upgrade,
+        _ => exchange::relay(head, &resp, false),
+    };
+    let refused = match (relay, ws_key) {
         (Relay::Body { .. }, _) if exchange::coded_beyond_chunked(&resp) => {
             Some("a transfer coding other than chunked, which HTTP/2 cannot carry")
         }
