@@ -1174,6 +1174,46 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
     assert_eq!(hostile(&k, "ok"), r#"{"event": "response", "status": 200}"#);
 }
 
+/// A stream in flight when its connection fails (here DATA on stream 0, a
+/// connection error: h2 sends GOAWAY and ends the connection, and ktern's
+/// loop with it) is recorded as a request its client cut, as HTTP/1.1
+/// records one: an access line with 499 and a count. Dropped unpolled
+/// with the connection, it left neither.
+#[test]
+fn a_stream_cut_with_its_connection_is_logged_and_counted() {
+    if in_vm() {
+        return;
+    }
+    let pki = Pki::new("h2-cut");
+    let a = start_http_backend("a");
+    let (rules, runtime, log) = files_and_json_log(&pki, "f.bin", b"f");
+    let k = Ktern::start(&pki, &runtime, &http_config(&[("a", a.addr)], &rules, ""));
+    for (n, (case, outcome)) in [
+        (
+            "cut_in_flight",
+            r#"{"event": "goaway", "code": 1, "debug": ""}"#,
+        ),
+        ("reset_in_flight", r#"{"event": "reset"}"#),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(hostile(&k, case), outcome);
+        let lines = json_log_lines(&log, n + 1);
+        assert_eq!(lines.len(), n + 1, "{case}: {lines:?}");
+        let l = &lines[n];
+        assert_eq!(
+            (&l["status"], &l["path"], &l["protocol"]),
+            (&499.into(), &"/sleep/5000".into(), &"HTTP/2.0".into()),
+            "{case}: {l}"
+        );
+        // Written as the connection ended, not when the backend answered.
+        assert!(l["duration_ms"].as_f64().unwrap() < 3000.0, "{case}: {l}");
+        assert_eq!(k.metric("ktern_http2_stream_resets_total"), n as u64 + 1);
+    }
+    assert_eq!(k.metric("ktern_http2_protocol_errors_total"), 1);
+}
+
 /// Memory per idle HTTP/2 connection (after one request), measured like
 /// the HTTP/1.1 budget in tests/l4.rs: ktern's RSS growth over n held
 /// connections. Reported, and bounded.

@@ -11,6 +11,7 @@ Prints one JSON object: what the server answered first that matters:
 import json
 import socket
 import ssl
+import struct
 import sys
 import time
 
@@ -270,6 +271,20 @@ def main():
         time.sleep(float(sys.argv[4]))
         print(json.dumps({"event": "slept"}))
         return
+    elif case in ("cut_in_flight", "reset_in_flight"):
+        # A request whose backend takes 5 s, then, while ktern waits for
+        # the answer, a connection error (DATA on stream 0, RFC 9113 §6.1)
+        # or a TCP reset (SO_LINGER 0).
+        c.send(c.headers(sid, req("/sleep/5000")))
+        time.sleep(0.3)
+        if case == "cut_in_flight":
+            c.send(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+            sid = None
+        else:
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.sock.close()
+            print(json.dumps({"event": "reset"}))
+            return
     elif case == "goaway_error":
         # The client ends the connection with GOAWAY(PROTOCOL_ERROR): its
         # complaint, not one of ktern's.

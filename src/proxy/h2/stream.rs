@@ -139,33 +139,33 @@ pub(super) async fn exchange(
         }
     };
     M::inc(&ctx.metrics.http_requests);
-    let mut ex = Exchange {
-        head_only: head.method() == "HEAD",
-        client_method: ws_key.as_ref().map(|_| "CONNECT"),
-        ..Exchange::default()
+    let mut rec = Recorded {
+        ctx,
+        head: &head,
+        link,
+        wall,
+        started,
+        ex: Exchange {
+            head_only: head.method() == "HEAD",
+            client_method: ws_key.as_ref().map(|_| "CONNECT"),
+            ..Exchange::default()
+        },
+        moved: (head.len as u64, 0u64),
+        ended: false,
     };
-    let mut moved = (head.len as u64, 0u64);
     let result = forward(
         &head,
         body,
         &mut respond,
         ctx,
         link,
-        &mut ex,
-        &mut moved,
+        &mut rec.ex,
+        &mut rec.moved,
         started,
         ws_key.as_deref(),
     )
     .await;
-    // The records that carried the response: the kernel's if the
-    // connection's keys went there before it ended, or go there for it
-    // (it announced a bulk transfer, which the transport acts on at its
-    // next write, possibly after the last DATA was queued).
-    ex.kernel = Some(link.kernel.get() || ex.kernel == Some(true));
-    let mut m = ctx.moved.get();
-    m.up += moved.0 - head.len as u64;
-    m.down += moved.1;
-    ctx.moved.set(m);
+    rec.ended = true;
     let end = if let Err(Cut::Stalled) = result {
         End::Stalled
     } else {
@@ -188,14 +188,61 @@ pub(super) async fn exchange(
         }
         Err(Cut::Upstream(e)) => {
             M::inc(&ctx.metrics.upstream_errors);
-            tracing::warn!(peer = %ctx.peer, backend = ?ex.upstream, error = %e, "upstream failed mid-response: stream reset");
+            tracing::warn!(peer = %ctx.peer, backend = ?rec.ex.upstream, error = %e, "upstream failed mid-response: stream reset");
         }
         Err(Cut::Idle(after)) => {
             tracing::debug!(peer = %ctx.peer, ?after, "HTTP/2 WebSocket idle: stream reset");
         }
     }
-    forward::record(ctx, Some(&head), &ex, moved, PROTOCOL, wall, started);
+    // `rec` records the stream as it drops.
     end
+}
+
+/// A stream's exchange as it goes, recorded when it drops (its access
+/// line, its response count, its bytes in the connection's), however the
+/// stream ends. One whose connection failed is never polled to its end:
+/// a client's bad frame or reset ends h2's connection, and the connection
+/// loop with it, dropping the streams in flight (as a forced stop drops
+/// every connection). Such a stream is the client's doing: recorded as
+/// HTTP/1.1 records a request its connection cut (499, the bytes moved so
+/// far), and counted as a stream the client reset.
+struct Recorded<'r, 'a> {
+    ctx: &'r Ctx<'a>,
+    head: &'r RequestHead,
+    link: &'r Signals,
+    wall: SystemTime,
+    started: Instant,
+    ex: Exchange,
+    moved: (u64, u64),
+    /// The exchange returned, and its outcome was counted.
+    ended: bool,
+}
+
+impl Drop for Recorded<'_, '_> {
+    fn drop(&mut self) {
+        let ctx = self.ctx;
+        if !self.ended {
+            M::inc(&ctx.metrics.h2_stream_resets);
+        }
+        // The records that carried the response: the kernel's if the
+        // connection's keys went there before it ended, or go there for it
+        // (it announced a bulk transfer, which the transport acts on at its
+        // next write, possibly after the last DATA was queued).
+        self.ex.kernel = Some(self.link.kernel.get() || self.ex.kernel == Some(true));
+        let mut m = ctx.moved.get();
+        m.up += self.moved.0 - self.head.len as u64;
+        m.down += self.moved.1;
+        ctx.moved.set(m);
+        forward::record(
+            ctx,
+            Some(self.head),
+            &self.ex,
+            self.moved,
+            PROTOCOL,
+            self.wall,
+            self.started,
+        );
+    }
 }
 
 /// The line for a stream refused before its exchange: one per 10 s per
