@@ -1171,6 +1171,16 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
         );
         assert_eq!(k.metric("ktern_http_send_timeouts_total"), timeouts);
     }
+    // A slow read (windows opened a byte at a time, each within
+    // send_timeout): the stream is reset alone (CANCEL) once its waits add
+    // up to send_timeout with less than 16 KiB opened, and the connection
+    // serves on. It held its backend connection for as long as the client
+    // kept trickling.
+    assert_eq!(
+        hostile(&k, "trickles_window 8"),
+        r#"[{"event": "reset", "code": 8}, {"event": "response", "status": 200}]"#
+    );
+    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 3);
     assert_eq!(hostile(&k, "ok"), r#"{"event": "response", "status": 200}"#);
 }
 

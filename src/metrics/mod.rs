@@ -86,7 +86,7 @@ counters! {
     h2_floods => "ktern_http2_flood_closes_total", "HTTP/2 connections closed with GOAWAY ENHANCE_YOUR_CALM: rapid reset, CONTINUATION floods, streams the server had to reset, or a flood of control frames.";
     h2_stream_resets => "ktern_http2_stream_resets_total", "HTTP/2 streams the client reset before their response ended.";
     http_slow_bodies => "ktern_http_slow_request_bodies_total", "Requests answered 408 because their body stalled: nothing within head_timeout, or on average less than min_body_rate a second once head_timeout had passed.";
-    http_send_timeouts => "ktern_http_send_timeouts_total", "HTTP connections aborted because the client took no response bytes within send_timeout (HTTP/2: also one that, after a GOAWAY, took no part in closing within it).";
+    http_send_timeouts => "ktern_http_send_timeouts_total", "HTTP connections aborted because the client took no response bytes within send_timeout (HTTP/2: also one that, after a GOAWAY, took no part in closing within it, and a stream reset alone because its window stayed shut while the client read others, or opened by less than 16 KiB over send_timeout of waiting).";
     upstream_timeouts => "ktern_upstream_timeouts_total", "Backend exchanges that timed out (no response head within response_timeout: 504).";
     pool_hits => "ktern_upstream_pool_hits_total", "Backend responses received on a pooled keep-alive connection.";
     pool_misses => "ktern_upstream_pool_misses_total", "Backend responses received on a new connection (none pooled, or the pooled one was stale).";

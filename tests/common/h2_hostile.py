@@ -221,6 +221,38 @@ def main():
                 seen.append({"event": "goaway", "code": f.error_code})
                 print(json.dumps(seen))
                 return
+    elif case == "trickles_window":
+        # A slow read: stream windows of 1 byte (SETTINGS_INITIAL_WINDOW_SIZE),
+        # each opened by 1 byte more every 0.4 s (and the connection's
+        # alike), for a 64 MiB response; each opening comes well within the
+        # server's send_timeout. Reports how the stream ended, then whether
+        # the connection still serves another request.
+        c.send(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1}),
+               c.headers(sid, req("/huge")))
+        end = time.time() + float(sys.argv[4])
+        seen = []
+        while time.time() < end and not seen:
+            c.send(WindowUpdateFrame(sid, window_increment=1), WindowUpdateFrame(0, window_increment=1))
+            tick = min(end, time.time() + 0.4)
+            while not seen:
+                f = c.read_frame(tick)
+                if f is None:
+                    break
+                if f == "closed":
+                    seen.append({"event": "closed"})
+                if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                    c.send(SettingsFrame(0, flags=["ACK"]))
+                if isinstance(f, RstStreamFrame) and f.stream_id == sid:
+                    seen.append({"event": "reset", "code": f.error_code})
+                if isinstance(f, GoAwayFrame):
+                    seen.append({"event": "goaway", "code": f.error_code})
+        if not seen:
+            seen.append({"event": "timeout"})
+        elif seen[-1]["event"] == "reset":
+            c.send(c.headers(3, req("/ok")))
+            seen.append(c.outcome(3))
+        print(json.dumps(seen))
+        return
     elif case == "silent_after_goaway":
         # Takes the server's SETTINGS and answers nothing else, the PING
         # that confirms a graceful GOAWAY (RFC 9113 §6.8) included, for

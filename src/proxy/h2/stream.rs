@@ -47,6 +47,9 @@ enum Cut {
     /// The stream's window stayed shut for `send_timeout` while DATA went
     /// out on others (a paused video): this stream's matter alone.
     Paused,
+    /// The client opened the stream's window by less than [`PROGRESS`]
+    /// over `send_timeout` of waiting for it: a slow read, reset alone.
+    Slow,
     /// The backend failed mid-response.
     Upstream(UpstreamAbort),
     /// A static file failed mid-response (ktern's own side).
@@ -181,6 +184,10 @@ pub(super) async fn exchange(
         Err(Cut::Paused) => {
             M::inc(&ctx.metrics.http_send_timeouts);
             tracing::debug!(peer = %ctx.peer, "HTTP/2 stream: its window shut for send_timeout while the client read others: stream reset");
+        }
+        Err(Cut::Slow) => {
+            M::inc(&ctx.metrics.http_send_timeouts);
+            tracing::debug!(peer = %ctx.peer, "HTTP/2 stream: its window opened by less than 16 KiB over send_timeout: stream reset");
         }
         Err(Cut::File(e)) => {
             M::inc(&ctx.metrics.internal_errors);
@@ -506,6 +513,7 @@ async fn forward(
         // follow (RFC 9113 §8.1), as nginx sends it: no empty frame after
         // it.
         let mut ended = false;
+        let mut pace = Pace::default();
         loop {
             if !decoded.data.is_empty() {
                 let data = Bytes::from(std::mem::take(&mut decoded.data));
@@ -521,7 +529,7 @@ async fn forward(
                 break;
             }
             // Backpressure: read no more than the client may take now.
-            let room = capacity(&mut send, ctx, route.send_timeout, link).await?;
+            let room = capacity(&mut send, ctx, route.send_timeout, link, &mut pace).await?;
             let want = room.clamp(1, READ);
             let read = Box::pin(backend.read_some(want));
             let read = ctx.within(upstream.response_timeout, read);
@@ -739,6 +747,15 @@ fn abort(send: &mut SendStream<Bytes>, e: UpstreamAbort) -> Cut {
 /// ([`Cut::Stalled`]). A client that lets DATA out without reading it
 /// fills the socket's buffers, and then no more goes.
 ///
+/// A client that keeps a stream going by opening its window a little at a
+/// time (a byte per WINDOW_UPDATE, each within `send_timeout`) is a slow
+/// read: it would hold the stream's backend connection for as long as it
+/// likes at a few bytes a minute. The waits are added up (`pace`): once
+/// they reach `stall` with less than [`PROGRESS`] of window opened since
+/// the last time that much was, the stream is reset alone
+/// ([`Cut::Slow`]). HTTP/1.1 has the same bound from TCP: a socket is
+/// writable again only once a good part of its send buffer drained.
+///
 /// The room is learned, not kept: the reservation goes back to the
 /// connection before the caller waits on its backend. A reservation held
 /// through that wait holds the connection's window with it, and a client
@@ -752,10 +769,12 @@ async fn capacity(
     ctx: &Ctx<'_>,
     stall: Duration,
     link: &Signals,
+    pace: &mut Pace,
 ) -> Result<usize, Cut> {
     send.reserve_capacity(READ);
     let room = match send.capacity() {
         0 => {
+            let began = crate::clock::coarse_now();
             let mut wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
             // Progress is judged over the wait's second half: in its first,
             // the transport may still be sending this stream's own DATA,
@@ -771,6 +790,7 @@ async fn capacity(
                 Ok(got) => Ok(got),
             };
             drop(wait);
+            pace.waited += crate::clock::coarse_now().saturating_duration_since(began);
             match waited {
                 Err(others_moved) => {
                     send.send_reset(Reason::CANCEL);
@@ -787,7 +807,27 @@ async fn capacity(
         n => n,
     };
     send.reserve_capacity(0);
+    pace.opened += room as u64;
+    if pace.opened >= PROGRESS {
+        *pace = Pace::default();
+    } else if pace.waited >= stall {
+        send.send_reset(Reason::CANCEL);
+        return Err(Cut::Slow);
+    }
     Ok(room)
+}
+
+/// The least window a client must open for a response per `send_timeout`
+/// it keeps the stream waiting: a full TLS record. A client on a link of
+/// 300 bytes/s meets it with the default 60 s.
+const PROGRESS: u64 = 16 << 10;
+
+/// A response's waits on its client's window since it last opened
+/// [`PROGRESS`] of it (see [`capacity`]).
+#[derive(Default)]
+struct Pace {
+    waited: Duration,
+    opened: u64,
 }
 
 /// Streams the request body to the backend as DATA arrives, releasing the
@@ -925,8 +965,9 @@ async fn serve_file(
         ex.kernel = Some(true);
     }
     let mut left = count;
+    let mut pace = Pace::default();
     while left > 0 {
-        let room = capacity(&mut send, ctx, ctx.route.send_timeout, link).await?;
+        let room = capacity(&mut send, ctx, ctx.route.send_timeout, link, &mut pace).await?;
         let want = (left as usize).min(room.clamp(1, READ));
         let mut buf = vec![0; want];
         let n = match file.read_at(&mut buf, offset) {
