@@ -30,8 +30,7 @@ pub fn coarse_now() -> Instant {
 /// A log line at most once per [`LogEvery::INTERVAL`] for a recurring
 /// event (a flood of failed accepts, or of requests refused at
 /// `max_conns`, must not become a flood of log lines), with how many
-/// happened since the last line. Metrics count every one. Per shard, or
-/// per connection for what one HTTP/2 connection repeats per stream.
+/// happened since the last line. Metrics count every one. Per shard.
 #[derive(Debug, Default)]
 pub struct LogEvery {
     last: std::cell::Cell<Option<Instant>>,

@@ -87,6 +87,21 @@ fn routes_by_host_wildcard_and_path() {
         let mut c = connect(k.addr(), &pki, ClientOpts::default());
         assert_eq!(exchange(&mut c, head).status, 400, "{head:?}");
     }
+    // Any client can send these, a connection each: every one counted, at
+    // most a line per shard per 10 s (the others at debug).
+    for _ in 0..30 {
+        let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        let r = exchange(&mut c, "GET / HTTP/1.1\r\nHost: a,b\r\n\r\n");
+        assert_eq!(r.status, 400);
+    }
+    // And the 404 above.
+    assert_eq!(k.metric("ktern_http_local_responses_total"), 34);
+    let lines = k
+        .log()
+        .lines()
+        .filter(|l| l.contains("request refused") && !l.contains("DEBUG"))
+        .count();
+    assert!((1..=2).contains(&lines), "{lines} lines for 33 refusals");
 }
 
 #[test]

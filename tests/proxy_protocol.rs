@@ -174,7 +174,7 @@ fn untrusted_sources_and_bad_or_slow_headers_are_closed_and_counted() {
     assert_eq!(k.wait_metric("ktern_proxy_protocol_invalid_total", 6), 6);
     assert_eq!(k.metric("ktern_proxy_protocol_timeout_total"), 0);
     assert!(
-        k.log().contains("bad header, connection closed: v2: "),
+        k.log().contains("PROXY protocol: bad header: v2: "),
         "{}",
         k.log()
     );

@@ -283,6 +283,19 @@ fn closed_before_tls(shard: &Shard, peer: SocketAddr, why: std::fmt::Arguments<'
     }
 }
 
+/// Whether the line of a connection that ended with an error on `side`
+/// is due at info: always for a backend's or ktern's own failure; for the
+/// client's (a reset, an alert, a bad record, an HTTP/2 error of its own)
+/// or an idle end, which any client can cause once per connection, at most
+/// one line per 10 s per shard (`Some(how many since the last)`), the
+/// others at debug. Each is counted by side all the same.
+fn ended_line_due(shard: &Shard, side: &str) -> Option<u64> {
+    match side {
+        "downstream" | "idle" => shard.ended_log.due(),
+        _ => Some(1),
+    }
+}
+
 /// The PROXY protocol header, when the listener expects one: the client
 /// address it carries (or `peer` for LOCAL/UNKNOWN), the bytes read after
 /// it, which begin the TLS stream, and the address the client connected
@@ -343,12 +356,23 @@ async fn read_proxy_header(
         }
         Ok(Err(why)) => {
             M::inc(&m.pp_invalid);
-            tracing::info!(%peer, "PROXY protocol: bad header, connection closed: {why}");
+            closed_before_tls(
+                shard,
+                peer,
+                format_args!("PROXY protocol: bad header: {why}"),
+            );
             None
         }
         Err(_) => {
             M::inc(&m.pp_timeout);
-            tracing::info!(%peer, timeout = ?config.timeout, "PROXY protocol: no complete header in time, connection closed");
+            closed_before_tls(
+                shard,
+                peer,
+                format_args!(
+                    "PROXY protocol: no complete header within {:?}",
+                    config.timeout
+                ),
+            );
             None
         }
     }
@@ -545,7 +569,7 @@ async fn passthrough(
     };
     if let Some(e) = failed {
         M::inc(&m.upstream_errors);
-        tracing::warn!(%peer, backend = %addr, error = %e, "passthrough: backend write failed");
+        balancer.log_failure(peer, addr, "passthrough: backend write failed", &e);
         return None;
     }
     // The tunnel's own idle wait starts now, whatever the write took.
@@ -566,7 +590,14 @@ async fn passthrough(
             let failure = Failure::Tcp(e);
             let (counter, side) = failure.classify(m);
             M::inc(counter);
-            tracing::info!(%peer, sni = sni.as_deref(), backend = %addr, up = moved.up, down = moved.down, side, error = %failure, "passthrough connection ended with error");
+            match ended_line_due(&shard, side) {
+                Some(count) => {
+                    tracing::info!(%peer, sni = sni.as_deref(), backend = %addr, up = moved.up, down = moved.down, side, error = %failure, count, "passthrough connection ended with error")
+                }
+                None => {
+                    tracing::debug!(%peer, sni = sni.as_deref(), backend = %addr, up = moved.up, down = moved.down, side, error = %failure, "passthrough connection ended with error")
+                }
+            }
         }
         Ok(()) => {
             tracing::debug!(%peer, sni = sni.as_deref(), backend = %addr, up = moved.up, down = moved.down, "passthrough connection closed")
@@ -710,7 +741,14 @@ async fn establish(
         }
         Err(ktls::OffloadError::ReplyOwed) => {
             M::inc(&m.downstream_errors);
-            tracing::info!(%peer, "client error: a KeyUpdate came with its Finished, whose reply the kernel could not send; closed");
+            match shard.ended_log.due() {
+                Some(count) => {
+                    tracing::info!(%peer, count, "client error: a KeyUpdate came with its Finished, whose reply the kernel could not send; closed ({count} connections ended by their client since the last such line; at most one line per 10 s, the others at debug)")
+                }
+                None => {
+                    tracing::debug!(%peer, "client error: a KeyUpdate came with its Finished, whose reply the kernel could not send; closed")
+                }
+            }
             None
         }
         Err(e) => {
@@ -801,7 +839,7 @@ async fn backend_tls(
                 balancer.failed(addr, std::time::Instant::now());
             }
             M::inc(e.counter(m));
-            tracing::warn!(%peer, backend = %addr, error = %e, "upstream TLS handshake failed");
+            balancer.log_failure(peer, addr, "upstream TLS handshake failed", &e);
             None
         }
     }
@@ -943,6 +981,7 @@ fn proxy<'a>(
                     pipes: &shard.pipes,
                     tls: &info,
                     access: gen.gen.access.as_ref(),
+                    refused_log: &shard.refused_log,
                     clock: None,
                 };
                 // Boxed: the HTTP pump's state is large, and inline it would
@@ -972,7 +1011,14 @@ fn proxy<'a>(
             Err(e) => {
                 let (counter, side) = e.classify(m);
                 M::inc(counter);
-                tracing::info!(%peer, ?path, up = moved.up, down = moved.down, side, error = %e, "connection ended with error");
+                match ended_line_due(&shard, side) {
+                    Some(count) => {
+                        tracing::info!(%peer, ?path, up = moved.up, down = moved.down, side, error = %e, count, "connection ended with error")
+                    }
+                    None => {
+                        tracing::debug!(%peer, ?path, up = moved.up, down = moved.down, side, error = %e, "connection ended with error")
+                    }
+                }
             }
             Ok(()) => {
                 tracing::debug!(%peer, ?path, up = moved.up, down = moved.down, "connection closed")

@@ -249,6 +249,13 @@ pub struct Shard {
     pub handshake_log: crate::clock::LogEvery,
     /// Connections closed before TLS for what any peer can cause.
     pub peer_log: crate::clock::LogEvery,
+    /// HTTP requests refused before their exchange (a bad head; a
+    /// malformed HTTP/2 request): any client can send one per connection,
+    /// or per stream.
+    pub refused_log: crate::clock::LogEvery,
+    /// Connections that ended with the client's error, or idle: any client
+    /// can end each of its connections so.
+    pub ended_log: crate::clock::LogEvery,
 }
 
 impl Shard {
@@ -515,6 +522,8 @@ async fn shard_main(
         client_log: crate::clock::LogEvery::default(),
         handshake_log: crate::clock::LogEvery::default(),
         peer_log: crate::clock::LogEvery::default(),
+        refused_log: crate::clock::LogEvery::default(),
+        ended_log: crate::clock::LogEvery::default(),
     });
     set_thread_shard(id, metrics.clone());
     monoio::spawn(shard.idle.clone().run());

@@ -87,6 +87,27 @@ impl Balancer {
             None => tracing::debug!(%peer, route, error = %e, "upstream connect failed"),
         }
     }
+
+    /// Logs a backend's failure on a request or connection of `peer`
+    /// (`what` failed, with `error`): as [`Balancer::log_connect_failure`],
+    /// one line per 10 s per shard with how many since, the others at
+    /// debug. A backend whose certificate expired, or that answers
+    /// garbage, fails each request so (one marked down is still tried once
+    /// per request).
+    pub fn log_failure(
+        &self,
+        peer: std::net::SocketAddr,
+        backend: std::net::SocketAddr,
+        what: &str,
+        error: &dyn std::fmt::Display,
+    ) {
+        match self.failure_log.due() {
+            Some(count) => {
+                tracing::warn!(%peer, %backend, error = %error, count, "{what} ({count} since the last such line; at most one line per 10 s, the others at debug)")
+            }
+            None => tracing::debug!(%peer, %backend, error = %error, "{what}"),
+        }
+    }
 }
 
 /// Errors that say this process, not the peer, ran out of something.
@@ -162,6 +183,10 @@ pub struct Balancer {
     /// 10 s per shard: while the group is down each request fails so, and
     /// any client can send requests.
     pub connect_log: crate::clock::LogEvery,
+    /// A backend's other failures (its TLS handshake, a write, a response
+    /// ktern cannot use): at most one line per 10 s per shard, for the
+    /// same reason.
+    pub failure_log: crate::clock::LogEvery,
 }
 
 /// Connections in use per backend of one upstream group, for
@@ -385,6 +410,7 @@ impl Balancer {
             in_use,
             full_log: crate::clock::LogEvery::default(),
             connect_log: crate::clock::LogEvery::default(),
+            failure_log: crate::clock::LogEvery::default(),
         }
     }
 

@@ -59,11 +59,6 @@ pub struct Signals {
     /// DATA payload bytes handed to the transport (the output watch's
     /// count).
     pub data_sent: Cell<u64>,
-    /// The info line for a stream refused as malformed or before its
-    /// exchange: at most one per 10 s per connection, the others at
-    /// debug (a client can open streams of them, up to the reset budget;
-    /// each still gets its access line and counter).
-    pub refusals: crate::clock::LogEvery,
 }
 
 impl Signals {

@@ -109,13 +109,7 @@ pub(super) async fn exchange(
             // RFC 9113 §8.1.1: a malformed request is a stream error of
             // type PROTOCOL_ERROR; nothing goes upstream. (Counted by
             // the transport's watch on what is sent, with h2's own.)
-            refused(
-                ctx,
-                link,
-                why,
-                400,
-                "HTTP/2 request malformed: stream reset",
-            );
+            refused(ctx, why, 400, "HTTP/2 request malformed: stream reset");
             respond.send_reset(Reason::PROTOCOL_ERROR);
             // Logged as the 400 HTTP/1.1 answers the same head with (as a
             // head HTTP/1.1 refuses: `-` for method and path), so the
@@ -129,7 +123,7 @@ pub(super) async fn exchange(
             return End::Done;
         }
         Err(Refusal::Status(status, why)) => {
-            refused(ctx, link, why, status, "HTTP/2 request refused");
+            refused(ctx, why, status, "HTTP/2 request refused");
             let mut ex = Exchange {
                 kernel: Some(link.kernel.get()),
                 // A refused HEAD's answer has no body either (RFC 9110 §9.3.2).
@@ -195,7 +189,13 @@ pub(super) async fn exchange(
         }
         Err(Cut::Upstream(e)) => {
             M::inc(&ctx.metrics.upstream_errors);
-            tracing::warn!(peer = %ctx.peer, backend = ?rec.ex.upstream, error = %e, "upstream failed mid-response: stream reset");
+            let what = "upstream failed mid-response: stream reset";
+            match (rec.ex.answered_by, rec.ex.upstream) {
+                (Some(g), Some(addr)) if g < ctx.balancers.len() => {
+                    ctx.balancers[g].log_failure(ctx.peer, addr, what, &e)
+                }
+                _ => tracing::warn!(peer = %ctx.peer, error = %e, "{what}"),
+            }
         }
         Err(Cut::Idle(after)) => {
             tracing::debug!(peer = %ctx.peer, ?after, "HTTP/2 WebSocket idle: stream reset");
@@ -253,11 +253,13 @@ impl Drop for Recorded<'_, '_> {
 }
 
 /// The line for a stream refused before its exchange: one per 10 s per
-/// connection at info (with how many since), the others at debug.
-fn refused(ctx: &Ctx<'_>, link: &Signals, why: &str, status: u16, what: &str) {
-    match link.refusals.due() {
+/// shard at info (with how many since), the others at debug (a client can
+/// open streams of them, up to the reset budget; each still gets its
+/// access line and counter).
+fn refused(ctx: &Ctx<'_>, why: &str, status: u16, what: &str) {
+    match ctx.refused_log.due() {
         Some(count) => {
-            tracing::info!(peer = %ctx.peer, status, why, count, "{what} ({count} on this connection since the last such line; at most one per 10 s, the others at debug)")
+            tracing::info!(peer = %ctx.peer, status, why, count, "{what} ({count} since the last such line; at most one line per 10 s, the others at debug)")
         }
         None => tracing::debug!(peer = %ctx.peer, status, why, "{what}"),
     }
@@ -408,7 +410,7 @@ async fn forward(
         if let Some(r) = until_reset(|cx| respond.poll_reset(cx), answered).await? {
             break (at.backend, at.addr, r, at.lease);
         }
-        if let Some(status) = forward::body_verdict(ctx, at.addr, &sent) {
+        if let Some(status) = forward::body_verdict(ctx, balancer, at.addr, &sent) {
             moved.1 += local(respond, ctx, ex, status);
             return Ok(());
         }
@@ -475,7 +477,7 @@ async fn forward(
     };
     if let Some(why) = refused {
         M::inc(&ctx.metrics.upstream_errors);
-        tracing::warn!(peer = %ctx.peer, backend = %addr, why, "unusable upstream response");
+        balancer.log_failure(ctx.peer, addr, "unusable upstream response", &why);
         moved.1 += local(respond, ctx, ex, 502);
         return Ok(());
     }

@@ -99,6 +99,11 @@ pub struct Ctx<'a> {
     pub tls: &'a TlsInfo,
     /// Where access lines go, if anywhere.
     pub access: Option<&'a Sink>,
+    /// The shard's throttle for the line of a request refused before its
+    /// exchange (a bad head, a malformed HTTP/2 request), which any client
+    /// can cause once per connection or stream: one per 10 s with how many
+    /// since, the others at debug.
+    pub refused_log: &'a crate::clock::LogEvery,
     /// The wait clock of whatever waits for one thing at a time: an
     /// HTTP/1.1 connection (set by [`serve`]) or one HTTP/2 stream (set
     /// per stream by `h2::serve`). An entry of the shard's sweeper that
@@ -436,7 +441,12 @@ async fn exchange(
         HeadOutcome::Closed | HeadOutcome::Idle => return Ok(Next::Close),
         HeadOutcome::Refused(status, reason) => {
             M::inc(&ctx.metrics.http_local_errors);
-            tracing::info!(peer = %ctx.peer, status, reason, "request refused");
+            match ctx.refused_log.due() {
+                Some(count) => {
+                    tracing::info!(peer = %ctx.peer, status, reason, count, "request refused ({count} since the last such line; at most one line per 10 s, the others at debug)")
+                }
+                None => tracing::debug!(peer = %ctx.peer, status, reason, "request refused"),
+            }
             let body = format!("{status} {reason}\n");
             let before = ctx.moved.get();
             let sent = send(
@@ -889,7 +899,7 @@ async fn forward(
         // An answer of ktern's own from here on: the backend connection
         // and its `max_conns` slot go first, not after the write to the
         // client (which a slow reader can hold for `send_timeout`).
-        if let Some(status) = body_verdict(ctx, at.addr, &sent) {
+        if let Some(status) = body_verdict(ctx, balancer, at.addr, &sent) {
             drop(at);
             return local(writer, ctx, ex, status, true).await;
         }
@@ -922,7 +932,7 @@ async fn forward(
             // slot given back before the answer is written.
             drop((backend, lease));
             M::inc(&ctx.metrics.upstream_errors);
-            tracing::warn!(peer = %ctx.peer, backend = %addr, why, "unusable upstream response");
+            balancer.log_failure(ctx.peer, addr, "unusable upstream response", &why);
             return local(writer, ctx, ex, 502, true).await;
         }
         Relay::Body { rechunk, close } => (rechunk, close),
@@ -1469,13 +1479,18 @@ pub(crate) async fn early_answer(
         return None;
     }
     at.count_answered(ctx);
-    tracing::info!(peer = %ctx.peer, backend = %at.addr, status = r.0.status, "backend answered before the end of the request body");
+    tracing::debug!(peer = %ctx.peer, backend = %at.addr, status = r.0.status, "backend answered before the end of the request body");
     Some(r)
 }
 
 /// The status a failed body step answers the client with (counted and
 /// logged here); `None` when the body went through or the client left.
-pub(crate) fn body_verdict(ctx: &Ctx<'_>, addr: SocketAddr, sent: &BodySent) -> Option<u16> {
+pub(crate) fn body_verdict(
+    ctx: &Ctx<'_>,
+    balancer: &Balancer,
+    addr: SocketAddr,
+    sent: &BodySent,
+) -> Option<u16> {
     match sent {
         BodySent::Done | BodySent::ClientGone => None,
         BodySent::Refused(status) => Some(*status),
@@ -1485,7 +1500,12 @@ pub(crate) fn body_verdict(ctx: &Ctx<'_>, addr: SocketAddr, sent: &BodySent) -> 
         }
         BodySent::BackendStalled => {
             M::inc(&ctx.metrics.upstream_errors);
-            tracing::warn!(peer = %ctx.peer, backend = %addr, "backend stopped reading the request body");
+            balancer.log_failure(
+                ctx.peer,
+                addr,
+                "upstream stalled",
+                &"it stopped reading the request body",
+            );
             Some(504)
         }
     }
@@ -1627,7 +1647,7 @@ pub(crate) async fn begin_attempt<'b>(
             Verdict::Answer(status) => {
                 balancer.failed(addr, Instant::now());
                 M::inc(&ctx.metrics.upstream_errors);
-                tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+                balancer.log_failure(ctx.peer, addr, "upstream write failed", &e);
                 return Step::Answer(status);
             }
         }
@@ -1669,7 +1689,7 @@ async fn set_up(
         };
         if let Err(e) = Box::pin(send_proxy(&mut stream, version, ctx, local)).await {
             M::inc(&ctx.metrics.upstream_errors);
-            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream write failed");
+            ctx.balancers[group].log_failure(ctx.peer, addr, "upstream write failed", &e);
             return Err(Blame::Backend);
         }
     }
@@ -1702,7 +1722,7 @@ async fn set_up(
         }
         Err(e) => {
             M::inc(e.counter(m));
-            tracing::warn!(peer = %ctx.peer, backend = %addr, error = %e, "upstream TLS handshake failed");
+            ctx.balancers[group].log_failure(ctx.peer, addr, "upstream TLS handshake failed", &e);
             Err(match e {
                 crate::upstream::conn::StartTlsError::Handshake(_) => Blame::Backend,
                 _ => Blame::Local,
@@ -1749,7 +1769,12 @@ pub(crate) async fn finish_attempt(
                 if fault == UpstreamFault::Timeout {
                     M::inc(&ctx.metrics.upstream_timeouts);
                 }
-                tracing::warn!(peer = %ctx.peer, backend = %at.addr, fault = fault.describe(), "bad upstream response");
+                ctx.balancers[group].log_failure(
+                    ctx.peer,
+                    at.addr,
+                    "bad upstream response",
+                    &fault.describe(),
+                );
                 Step::Answer(status)
             }
         },
