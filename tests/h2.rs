@@ -1224,6 +1224,74 @@ fn a_stream_cut_with_its_connection_is_logged_and_counted() {
     assert_eq!(k.metric("ktern_http2_protocol_errors_total"), 1);
 }
 
+/// A TLS backend's response whose body ends at the close (no length, not
+/// chunked) is complete only with the backend's close_notify (RFC 9112
+/// §9.8): a FIN alone may be anyone's on the path. `/clean` ends with
+/// close_notify, `/cut` with a FIN alone. Over HTTP/1.1 the client gets
+/// the first whole (re-chunked) and the second without its last chunk;
+/// over HTTP/2 the second is reset. Both were passed on as complete. In
+/// the kTLS VM the backend's records are the kernel's.
+#[test]
+fn a_tls_backends_body_ended_by_a_fin_alone_is_incomplete() {
+    let pki = Pki::new("up-tls-unclean");
+    let cfg = tls_server_config(&pki, None);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let back = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut byte), Ok(1)) {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let clean = head.starts_with(b"GET /clean ");
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody");
+                if clean {
+                    s.conn.send_close_notify();
+                }
+                let _ = s.flush();
+                let _ = s.sock.shutdown(std::net::Shutdown::Write);
+                std::thread::sleep(Duration::from_millis(500));
+            });
+        }
+    });
+    let config = format!(
+        "{}[upstream.b]\nbackends = [\"{back}\"]\n\
+         tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
+        http_config(&[], "[[listener.route.rule]]\nupstream = \"b\"\n", ""),
+        pki.cert.display(),
+    );
+    let k = Ktern::start(&pki, "cpus = [0]", &config);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let r = exchange(&mut c, "GET /clean HTTP/1.1\r\nHost: app\r\n\r\n");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"body"[..]));
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    let cut = try_exchange(&mut c, "GET /cut HTTP/1.1\r\nHost: app\r\n\r\n");
+    assert!(
+        cut.is_err(),
+        "a body cut by a FIN alone came whole: {cut:?}"
+    );
+    assert_eq!(k.metric("ktern_upstream_errors_total"), 1);
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        let r = h2c::get(&mut c, "/clean").await;
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"body"[..]));
+        let cut = h2c::request(&mut c, "GET", "/cut", b"", 1, false).await;
+        assert!(cut.is_err(), "a body cut by a FIN alone came whole");
+    });
+    assert_eq!(k.metric("ktern_upstream_errors_total"), 2);
+    assert_offloaded_in_vm(&k);
+}
+
 /// Memory per idle HTTP/2 connection (after one request), measured like
 /// the HTTP/1.1 budget in tests/l4.rs: ktern's RSS growth over n held
 /// connections. Reported, and bounded.

@@ -583,6 +583,75 @@ fn a_record_cut_by_the_clients_fin_resets_a_tls_backend() {
     }
 }
 
+/// The other ends over a `tcp` route with `tls`: each side's end goes on
+/// as it came. A FIN alone, at a record boundary, reaches the other side
+/// as a FIN alone (which a strict TLS peer reads as a possible
+/// truncation, RFC 8446 §6.1), never as ktern's close_notify, which would
+/// vouch for it; a close_notify as one. Both directions: the backend's
+/// end to the client, the client's to the backend.
+#[test]
+fn a_fin_alone_goes_on_without_close_notify_over_tls_both_ways() {
+    let pki = Pki::new("fin-alone-tls");
+    let backend_pki = Pki::new("fin-alone-tls-backend");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = tls_server_config(&backend_pki, None);
+    // Each connection: the backend reads the client's stream to its end
+    // (how it ended reported to the test), then sends `done` and ends as
+    // the client did.
+    let (tx, ends) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            sock.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let conn = rustls::ServerConnection::new(server.clone()).unwrap();
+            let mut b = rustls::StreamOwned::new(conn, sock);
+            let mut got = Vec::new();
+            let end = b.read_to_end(&mut got).map_err(|e| e.kind());
+            let clean = end.is_ok();
+            tx.send((got, end)).unwrap();
+            b.write_all(b"done").unwrap();
+            if clean {
+                b.conn.send_close_notify();
+            }
+            b.flush().unwrap();
+            b.sock.shutdown(std::net::Shutdown::Write).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let k = Ktern::start(
+        &pki,
+        "",
+        &format!(
+            "{}tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
+            tcp_listener(backend, ""),
+            backend_pki.cert.display()
+        ),
+    );
+    for clean in [true, false] {
+        let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        c.write_all(b"request").unwrap();
+        if clean {
+            c.conn.send_close_notify();
+        }
+        c.flush().unwrap();
+        c.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let (got, end) = ends.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(got, b"request");
+        let want = if clean {
+            Ok(())
+        } else {
+            Err(std::io::ErrorKind::UnexpectedEof)
+        };
+        assert_eq!(end.map(|_| ()), want, "the backend's view, clean={clean}");
+        let mut back = Vec::new();
+        let end = c.read_to_end(&mut back).map_err(|e| e.kind());
+        assert_eq!(back, b"done");
+        assert_eq!(end.map(|_| ()), want, "the client's view, clean={clean}");
+    }
+    assert_offloaded_in_vm(&k);
+}
+
 /// Passthrough relays TCP, resets included: a client's reset reaches the
 /// backend as one, not as the FIN of a whole stream.
 #[test]

@@ -231,6 +231,7 @@ impl TlsConn {
                 shared: shared.clone(),
                 pending: early_plaintext,
                 eof: peer_closed,
+                notified: peer_closed,
                 hot: false,
             },
             writer: TlsWriter {
@@ -325,6 +326,10 @@ pub struct TlsReader {
     /// both paths; every record on the userspace path).
     pending: Vec<u8>,
     eof: bool,
+    /// The end came with the peer's close_notify: authenticated. A TCP FIN
+    /// alone (at a record boundary) ends the stream too, but anyone on the
+    /// path can send one (RFC 8446 §6.1; RFC 9112 §9.8).
+    notified: bool,
     /// The last read filled its buffer, so more is probably waiting: read
     /// again at once instead of first waiting for readiness.
     hot: bool,
@@ -354,6 +359,12 @@ impl TlsReader {
     /// The socket (for a pooled backend connection's liveness check).
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         sys::borrow_fd(&self.sock)
+    }
+
+    /// Whether the stream ended with the peer's close_notify (`false` while
+    /// it has not ended, and after a FIN alone).
+    pub fn closed_cleanly(&self) -> bool {
+        self.notified
     }
 
     /// Takes plaintext already decrypted in userspace (must be forwarded
@@ -610,6 +621,7 @@ impl TlsReader {
         match record::classify(rtype, buf, k.tls13, k.is_client()) {
             Control::CloseNotify => {
                 self.eof = true;
+                self.notified = true;
                 Ok(None)
             }
             Control::Alert(desc) => Err(StreamError::PeerAlert(desc)),
@@ -693,6 +705,9 @@ impl TlsReader {
             crate::buffers::give(buf);
         }
         let result = decrypt_available(u, &mut self.pending, &mut self.eof);
+        // rustls ends the stream only at the close_notify (a FIN returned
+        // above).
+        self.notified = self.eof;
         // Keep a buffer only while a record is partly received.
         if u.inbuf.is_empty() {
             crate::buffers::give(std::mem::take(&mut u.inbuf));
@@ -1053,6 +1068,17 @@ impl TlsWriter {
         match monoio::time::timeout(CLOSE_NOTIFY_WAIT, self.close()).await {
             Ok(r) => r,
             Err(_) => Err(StreamError::Io(io::ErrorKind::TimedOut.into())),
+        }
+    }
+
+    /// Ends our direction with a TCP FIN and no close_notify: passes on an
+    /// end that came without one (a tunnel's other side), which this side's
+    /// peer then sees as it was, an end no record vouches for; ktern's own
+    /// close_notify would vouch for it.
+    pub fn close_unclean(&mut self) -> Result<(), StreamError> {
+        match sys::shutdown_write(sys::borrow_fd(&self.sock)) {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            r => r.map_err(Into::into),
         }
     }
 

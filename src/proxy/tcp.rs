@@ -3,7 +3,8 @@
 //! Both directions run at once and end independently (half-close): the
 //! client's close_notify/FIN becomes a FIN to the backend while the backend's
 //! reply still flows back; the backend's FIN becomes close_notify + FIN to the
-//! client. An error on either side aborts both. No bytes moving either way
+//! client (a TLS backend's FIN without close_notify, a FIN alone: see
+//! `tls_through`). An error on either side aborts both. No bytes moving either way
 //! for `idle_timeout` closes the connection.
 //!
 //! Write-side awaits are boxed: they are short and busy, while the two
@@ -339,7 +340,14 @@ async fn tls_through(
             count(n);
         }
     }
-    Box::pin(to.close()).await.map_err(writing)
+    // The end as it came: a FIN alone (at a record boundary) goes on
+    // without close_notify, which would vouch for an end anyone on the
+    // path could have sent (a body delimited by the close, cut short).
+    if from.closed_cleanly() {
+        Box::pin(to.close()).await.map_err(writing)
+    } else {
+        to.close_unclean().map_err(writing)
+    }
 }
 
 /// A `passthrough` connection: the client's TLS bytes go to the backend

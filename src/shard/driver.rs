@@ -1011,7 +1011,7 @@ fn proxy<'a>(
             Err(e) => {
                 let (counter, side) = e.classify(m);
                 M::inc(counter);
-                match ended_line_due(&shard, side) {
+                match ended_line_due(shard, side) {
                     Some(count) => {
                         tracing::info!(%peer, ?path, up = moved.up, down = moved.down, side, error = %e, count, "connection ended with error")
                     }

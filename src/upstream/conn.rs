@@ -174,6 +174,16 @@ impl BackendConn {
         }
     }
 
+    /// Whether the backend's stream, once it ended, ended as its protocol
+    /// vouches for: always on plain TCP (a FIN is all there is); on TLS
+    /// only with its close_notify.
+    pub fn ended_cleanly(&self) -> bool {
+        match self {
+            BackendConn::Plain(_) => true,
+            BackendConn::Tls(t) => t.0.closed_cleanly(),
+        }
+    }
+
     /// Reads what is there, at most `max` bytes on plain TCP (on TLS one
     /// chunk of plaintext, at most a record's worth on the userspace
     /// path). Empty at the end of the backend's stream. The buffer may

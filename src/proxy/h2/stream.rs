@@ -542,6 +542,10 @@ async fn forward(
                 Ok(buf) if buf.is_empty() => {
                     buffers::give(buf);
                     scanner.finish().map_err(|e| abort(&mut send, e.into()))?;
+                    // Only a body delimited by the close gets here whole.
+                    if !backend.ended_cleanly() {
+                        return Err(abort(&mut send, UpstreamAbort::UncleanClose));
+                    }
                     break;
                 }
                 Ok(buf) => {

@@ -266,6 +266,13 @@ pub enum UpstreamAbort {
     /// The read failed (reset).
     #[error("response read: {0}")]
     Io(std::io::Error),
+    /// A body delimited by the close ended with the TLS backend's FIN
+    /// alone: incomplete (RFC 9112 §9.8), since anyone on the path can
+    /// send a FIN, and only its close_notify says the backend ended it.
+    #[error(
+        "the TLS backend closed without close_notify: a body delimited by the close is incomplete"
+    )]
+    UncleanClose,
 }
 
 /// How a static file failed while being sent.
@@ -1050,6 +1057,10 @@ async fn forward(
             Ok(buf) if buf.is_empty() => {
                 buffers::give(buf);
                 scanner.finish().map_err(abort)?;
+                // Only a body delimited by the close gets here whole.
+                if !backend.ended_cleanly() {
+                    return Err(UpstreamAbort::UncleanClose.into());
+                }
                 if rechunk {
                     send(writer, b"0\r\n\r\n".to_vec(), ctx).await?;
                 }
