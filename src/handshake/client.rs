@@ -236,8 +236,16 @@ const SESSIONS_PER_BACKEND: usize = 8;
 
 /// A rustls client config for one backend of a route with `tls`, with its
 /// own session store (built per shard and per backend, so a ticket is
-/// only offered to the server that issued it, and no lock is shared).
-pub fn client_config(tls: &crate::config::UpstreamTls) -> Result<Arc<ClientConfig>, rustls::Error> {
+/// only offered to the server that issued it, and no lock is shared),
+/// offering `alpn`: `http/1.1` to an upstream group's backends (what ktern
+/// speaks to them; a backend that requires ALPN, as gRPC servers do, or
+/// one that would pick h2 otherwise, then knows; RFC 7301 also keeps one
+/// service's connection from being taken for another's, ALPACA), none on
+/// a `tcp` route, whose bytes ktern does not read.
+pub fn client_config(
+    tls: &crate::config::UpstreamTls,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, rustls::Error> {
     let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
     if tls.versions.tls13 {
         versions.push(&rustls::version::TLS13);
@@ -262,6 +270,7 @@ pub fn client_config(tls: &crate::config::UpstreamTls) -> Result<Arc<ClientConfi
     } else {
         rustls::client::Resumption::disabled()
     };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     // Secrets leave rustls for the kernel (kTLS).
     config.enable_secret_extraction = true;
     Ok(Arc::new(config))

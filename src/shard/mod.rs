@@ -157,12 +157,15 @@ impl ShardGen {
             })
             .collect();
         // One client config per backend, each with its own session store.
-        let configs = |tls: Option<&crate::config::UpstreamTls>, n: usize, whose: &str| {
+        let configs = |tls: Option<&crate::config::UpstreamTls>,
+                       n: usize,
+                       whose: &str,
+                       alpn: &[&[u8]]| {
             let Some(tls) = tls else {
                 return Vec::new();
             };
             match (0..n)
-                .map(|_| crate::handshake::client::client_config(tls))
+                .map(|_| crate::handshake::client::client_config(tls, alpn))
                 .collect::<Result<Vec<_>, _>>()
             {
                 Ok(configs) => configs,
@@ -179,14 +182,14 @@ impl ShardGen {
             .listeners
             .iter()
             .map(|l| match &l.route {
-                Route::Tcp(t) => configs(t.tls.as_ref(), t.backends.len(), &l.name),
+                Route::Tcp(t) => configs(t.tls.as_ref(), t.backends.len(), &l.name, &[]),
                 _ => Vec::new(),
             })
             .collect();
         let group_tls = config
             .upstreams
             .iter()
-            .map(|u| configs(u.tls.as_ref(), u.backends.len(), &u.name))
+            .map(|u| configs(u.tls.as_ref(), u.backends.len(), &u.name, &[b"http/1.1"]))
             .collect();
         let (upstream_balancers, pools) = config
             .upstreams

@@ -340,7 +340,7 @@ async fn pause(d: Duration, alive: &std::sync::atomic::AtomicBool) {
 /// The way to `u`'s backends.
 fn way(u: &crate::config::Upstream) -> Way {
     let tls = u.tls.as_ref().and_then(|t| {
-        match crate::handshake::client::client_config(t) {
+        match crate::handshake::client::client_config(t, &[b"http/1.1"]) {
             Ok(c) => Some((t.clone(), c)),
             Err(e) => {
                 // Not expected (both providers do TLS 1.2 and 1.3); the
