@@ -1102,7 +1102,8 @@ impl Validator<'_> {
             .filter_map(|(i, l)| self.listener(i, l, &upstreams))
             .collect::<Vec<_>>();
         for (i, a) in listeners.iter().enumerate() {
-            if listeners[..i].iter().any(|b| b.address == a.address) {
+            // (Port 0 asks the kernel for a free port each: no clash.)
+            if a.address.port() != 0 && listeners[..i].iter().any(|b| b.address == a.address) {
                 self.problem(
                     format!("listener[{i}].address"),
                     format!("{} is already used by another listener", a.address),
@@ -1126,6 +1127,19 @@ impl Validator<'_> {
         let admin = raw
             .admin
             .and_then(|a| self.addr("admin.address", &a.address));
+        // The admin socket is bound first, without SO_REUSEPORT: a listener
+        // on its address would fail to bind at start, blamed on "another
+        // program".
+        if let Some(a) = admin.filter(|a| a.port() != 0) {
+            if listeners.iter().any(|l| l.address == a)
+                || raw.redirect.iter().any(|r| r.address.parse() == Ok(a))
+            {
+                self.problem(
+                    "admin.address",
+                    format!("{a} is already used by a listener or redirect"),
+                );
+            }
+        }
         let redirects: Vec<Redirect> = raw
             .redirect
             .iter()
@@ -1139,6 +1153,12 @@ impl Validator<'_> {
                 // (Port 0 asks the kernel for a free port each: no clash.)
                 if address.port() != 0 && listeners.iter().any(|l| l.address == address) {
                     self.problem(&at, format!("{address} is already used by a listener"));
+                }
+                if r.https_port == Some(0) {
+                    self.problem(
+                        format!("redirect[{i}].https_port"),
+                        "must be from 1 to 65535 (the port clients are sent to)",
+                    );
                 }
                 Some(Redirect {
                     address,
@@ -1563,7 +1583,7 @@ impl Validator<'_> {
     /// (nginx's spellings); `max_conns` is the group's unless given.
     fn weighted(&mut self, field: &str, raw: &str, max_conns: u32) -> Option<WeightedBackend> {
         let mut parts = raw.split_whitespace();
-        let addr = self.addr(field, parts.next().unwrap_or(""))?;
+        let addr = self.backend_addr(field, parts.next().unwrap_or(""))?;
         let mut b = WeightedBackend {
             addr,
             weight: 1,
@@ -1802,8 +1822,19 @@ impl Validator<'_> {
             }
         };
         let head_timeout = self.timeout(&format!("{at}.head_timeout"), &raw.head_timeout);
-        let keepalive_timeout =
-            self.duration(&format!("{at}.keepalive_timeout"), &raw.keepalive_timeout);
+        // More than 0: a WebSocket's tunnel is idle after it too, and 0
+        // ended every one at the first sweep. (nginx's 0 turns keep-alive
+        // off; ktern has no such switch: a short timeout comes closest.)
+        let keepalive_timeout = match parse_duration(&raw.keepalive_timeout) {
+            Some(d) if d.is_zero() => {
+                self.problem(
+                    format!("{at}.keepalive_timeout"),
+                    "must be more than 0s (it also bounds an idle WebSocket; to keep connections briefly, set a short one such as \"1s\")",
+                );
+                None
+            }
+            _ => self.duration(&format!("{at}.keepalive_timeout"), &raw.keepalive_timeout),
+        };
         let send_timeout = self.timeout(&format!("{at}.send_timeout"), &raw.send_timeout);
         let min_body_rate = parse_size(&raw.min_body_rate).or_else(|| {
             self.problem(
@@ -2098,6 +2129,17 @@ impl Validator<'_> {
             max_control_frames: raw.max_control_frames,
             websocket: raw.websocket,
         };
+        // 0 would not mean "no limit": the first SETTINGS, or the first
+        // stream a client resets, would end the connection.
+        for (field, value) in [
+            ("max_pending_resets", http2.max_pending_resets as u64),
+            ("max_error_resets", http2.max_error_resets as u64),
+            ("max_control_frames", u64::from(http2.max_control_frames)),
+        ] {
+            if value == 0 {
+                self.problem(format!("{at}.{field}"), "must be at least 1");
+            }
+        }
         if !(1..=10_000).contains(&http2.max_concurrent_streams) {
             self.problem(
                 format!("{at}.max_concurrent_streams"),
@@ -2336,7 +2378,7 @@ impl Validator<'_> {
             .backends
             .iter()
             .enumerate()
-            .filter_map(|(i, b)| self.addr(&format!("{at}.backends[{i}]"), b))
+            .filter_map(|(i, b)| self.backend_addr(&format!("{at}.backends[{i}]"), b))
             .collect();
         let connect_timeout = self.timeout(&format!("{at}.connect_timeout"), &raw.connect_timeout);
         let idle_timeout = self.timeout(&format!("{at}.idle_timeout"), &raw.idle_timeout);
@@ -2729,6 +2771,21 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// A backend's address: one ktern can connect to (port 0 and the
+    /// unspecified address `0.0.0.0`/`[::]` name none: a connect there
+    /// fails, or reaches whatever listens on the host's loopback).
+    fn backend_addr(&mut self, field: &str, text: &str) -> Option<SocketAddr> {
+        let a = self.addr(field, text)?;
+        if a.port() == 0 || a.ip().is_unspecified() {
+            self.problem(
+                field,
+                format!("{a} names no backend (a port from 1 to 65535 and an address other than 0.0.0.0 or [::])"),
+            );
+            return None;
+        }
+        Some(a)
     }
 
     /// A duration that bounds a wait: 0 would end every handshake,

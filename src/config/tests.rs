@@ -308,6 +308,55 @@ fn zero_timeouts_and_connection_limits_are_refused() {
         problem(format!("[runtime]\nmax_connections = 0\n{GOOD}")),
         "runtime.max_connections"
     );
+    // It also bounds an idle WebSocket, which 0 ended at the first sweep.
+    let text = HTTP.replace(
+        "kind = \"http\"",
+        "kind = \"http\"\nkeepalive_timeout = \"0s\"",
+    );
+    assert_eq!(problem(text), "listener[0].route.keepalive_timeout");
+    // 0 would end a connection at its first SETTINGS or reset stream.
+    for field in [
+        "max_pending_resets",
+        "max_error_resets",
+        "max_control_frames",
+    ] {
+        let text = format!("{HTTP}[listener.route.http2]\n{field} = 0\n");
+        assert_eq!(problem(text), format!("listener[0].route.http2.{field}"));
+    }
+}
+
+/// Addresses that name nothing ktern can use, or that clash with another
+/// of its own sockets, are refused with the field that holds them; two
+/// listeners on port 0 get a free port each and do not clash.
+#[test]
+fn addresses_must_be_usable_and_their_own() {
+    let problems = |text: &str| -> Vec<String> {
+        match Config::from_toml(text, "t.toml", Path::new("."), &pems()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(|p| p.field.clone()).collect(),
+        }
+    };
+    for bad in ["127.0.0.1:0", "0.0.0.0:80", "[::]:80"] {
+        assert_eq!(
+            problems(&GOOD.replace("127.0.0.1:9", bad)),
+            ["listener[0].route.backends[0]"],
+            "{bad}"
+        );
+        let text = HTTP.replace("127.0.0.1:9001", bad);
+        assert_eq!(problems(&text), ["upstream.web.backends[0]"], "{bad}");
+    }
+    assert!(problems(&format!("{GOOD}{GOOD}")).is_empty());
+    let fixed = GOOD.replace("127.0.0.1:0", "127.0.0.1:8443");
+    assert_eq!(
+        problems(&format!("[admin]\naddress = \"127.0.0.1:8443\"\n{fixed}")),
+        ["admin.address"]
+    );
+    assert_eq!(
+        problems(&format!(
+            "{GOOD}\n[[redirect]]\naddress = \"127.0.0.1:0\"\nhttps_port = 0\n"
+        )),
+        ["redirect[0].https_port"]
+    );
 }
 
 #[test]
