@@ -2727,7 +2727,20 @@ impl Validator<'_> {
     fn ca_bundle(&mut self, field: &str, path: &str) -> Option<Vec<CertificateDer<'static>>> {
         self.read_pem(field, path, |pem| {
             match CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>() {
-                Ok(c) if !c.is_empty() => Ok(c),
+                Ok(c) if !c.is_empty() => {
+                    // The verifier's store drops a block it cannot parse in
+                    // silence, and a chain through that CA is then refused
+                    // with no hint of why.
+                    let (_, ignored) =
+                        rustls::RootCertStore::empty().add_parsable_certificates(c.iter().cloned());
+                    if ignored > 0 {
+                        return Err(format!(
+                            "{ignored} of its {} CERTIFICATE blocks do not parse as certificates",
+                            c.len()
+                        ));
+                    }
+                    Ok(c)
+                }
                 Ok(_) => Err("no CERTIFICATE block found".to_string()),
                 Err(e) => Err(format!("not PEM certificates: {e}")),
             }

@@ -1104,6 +1104,22 @@ fn client_auth_is_checked() {
     let auth = c.listeners[0].client_auth.as_ref().expect("client_auth");
     assert!(!auth.required);
     assert_eq!(auth.verify_depth, 1);
+    // A bundle with a block that is no certificate (a corrupt copy): the
+    // verifier's store would drop it in silence.
+    let mut inline = pems();
+    let good = inline[0].1.clone();
+    inline.push((
+        "bad".into(),
+        format!("{good}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+    ));
+    let text = GOOD.replace(
+        "[[listener]]",
+        "[[listener]]\nclient_auth = { ca = \"inline:bad\" }",
+    );
+    let e = Config::from_toml(&text, "t.toml", Path::new("."), &inline).unwrap_err();
+    let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(fields, ["listener[0].client_auth.ca"], "{e}");
+    assert!(e.problems[0].reason.contains("1 of its 2"), "{e}");
 }
 
 const PASSTHROUGH: &str = r#"

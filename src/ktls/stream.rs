@@ -556,10 +556,23 @@ impl TlsReader {
                 return Ok(Spliced::Eof);
             }
             match sys::splice(sys::borrow_fd(&self.sock), pipe.tx.as_fd(), max) {
-                Ok(0) => {
-                    self.kernel_eof()?;
-                    return Ok(Spliced::Eof);
-                }
+                // 0 is the FIN, or a data record with nothing in it (RFC
+                // 8446 §5.4 lets a peer send one; tls_sw_splice_read
+                // returns 0 for it on 6.1, not on 6.18, having consumed it). A
+                // peek tells them apart: `recv` returns 0 only at the FIN
+                // (tls_sw_recvmsg reads on past an empty record).
+                Ok(0) => match sys::peek(sys::borrow_fd(&self.sock)) {
+                    Ok(0) => {
+                        self.kernel_eof()?;
+                        return Ok(Spliced::Eof);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Spliced::WouldBlock)
+                    }
+                    // More is queued (data, a control record, an error):
+                    // the next splice takes it.
+                    _ => {}
+                },
                 Ok(n) => {
                     self.charge_rx(n);
                     return Ok(Spliced::Bytes(n));

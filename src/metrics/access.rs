@@ -290,7 +290,11 @@ impl Sink {
     }
 }
 
-/// Whether the target is a pipe or FIFO (`| logger`, a log shipper's).
+/// Whether the target is a pipe or FIFO (`| logger`, a log shipper's), or
+/// a stream socket (systemd's default stdout: journald's), which old and
+/// new ktern share during an upgrade as they would a pipe. A unix stream
+/// socket takes a small write as one piece in practice (one skb), though
+/// no standard promises it as pipe(7) does for a pipe.
 fn is_pipe(target: &Target) -> bool {
     use std::os::fd::AsFd;
     use std::os::unix::fs::FileTypeExt;
@@ -302,7 +306,7 @@ fn is_pipe(target: &Target) -> bool {
             .and_then(|fd| std::fs::File::from(fd).metadata()),
         Target::File(f) => f.metadata(),
     };
-    meta.is_ok_and(|m| m.file_type().is_fifo())
+    meta.is_ok_and(|m| m.file_type().is_fifo() || m.file_type().is_socket())
 }
 
 /// Writes a batch of lines. Into a pipe, in writes of whole lines of at

@@ -303,7 +303,7 @@ pub fn render(out: &mut String, all: &[&Families]) {
     let name = "ktern_ktls_userspace_reason_total";
     let _ = writeln!(
         out,
-        "# HELP {name} Connections kept on userspace records, by reason (config: ktls = \"off\"; no_kernel_tls; cipher: the kernel lacks the negotiated version and cipher).\n# TYPE {name} counter"
+        "# HELP {name} Connections kept on userspace records, by reason (config: ktls = \"off\"; no_kernel_tls; cipher: the kernel lacks the negotiated version and cipher; peer_closed: the client closed before the keys could go to the kernel).\n# TYPE {name} counter"
     );
     for (i, (_, label)) in UserspaceReason::ALL.iter().enumerate() {
         let n: u64 = all

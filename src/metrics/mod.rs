@@ -70,7 +70,7 @@ counters! {
     downstream_errors => "ktern_downstream_errors_total", "Connections ended by a client-side error after the handshake.";
     upstream_connect_failures => "ktern_upstream_connect_failures_total", "Backend connects refused, failed or timed out.";
     upstream_full => "ktern_upstream_full_total", "Requests answered 503, and passthrough connections closed, because every backend of their upstream group had max_conns connections in use.";
-    local_exhaustion => "ktern_local_resource_errors_total", "Accepts, backend connects and splice pipes that failed because ktern ran out of file descriptors, buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).";
+    local_exhaustion => "ktern_local_resource_errors_total", "Accepts, backend connects and splice pipes that failed because ktern ran out of file descriptors, buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), and requests that found no local port towards any backend (EADDRNOTAVAIL).";
     memory_trims => "ktern_memory_trims_total", "Times a shard gave freed heap memory back to the kernel after a burst of connections ended (runtime.memory_trim).";
     accept_errors => "ktern_accept_errors_total", "Accepts that failed (every kind; the log says so at most once per 10 s per shard).";
     upstream_errors => "ktern_upstream_errors_total", "Connections ended by a backend-side error after connecting.";

@@ -267,6 +267,23 @@ pub fn input_pending(fd: BorrowedFd<'_>) -> bool {
     !matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
+/// One non-blocking `recv(MSG_PEEK)` of one byte, left queued: `Ok(0)` at
+/// the end of the stream, `Ok(1)` with data next, `EAGAIN` with nothing
+/// there, and on a kTLS socket `EIO` with a control record next.
+pub fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is borrowed and open; the kernel writes at most one
+    // byte into `byte`, which we own.
+    cvt_size(unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    })
+}
+
 /// Sends `data` as one record of `record_type` on a kTLS socket (`sendmsg`
 /// with a `TLS_SET_RECORD_TYPE` control message): alerts (21), close_notify,
 /// and our own KeyUpdate (22). Never blocks (`MSG_DONTWAIT`).
