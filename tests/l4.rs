@@ -652,6 +652,63 @@ fn a_fin_alone_goes_on_without_close_notify_over_tls_both_ways() {
     assert_offloaded_in_vm(&k);
 }
 
+/// A data record with nothing in it (RFC 8446 §5.4 lets a peer send one,
+/// to hide traffic's shape) is no end of the stream. The kernel's splice
+/// returns 0 for one, as at a FIN (tls_sw_splice_read on 6.1; 6.18 reads
+/// on): it cut the client's upload there, with a reset to the backend when
+/// more was queued (seen on 6.1). Sealed here by hand (rustls sends none): `abc`, an empty
+/// record, `def`, close_notify, in one write.
+#[test]
+fn an_empty_record_does_not_end_the_stream() {
+    use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+    use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion, SupportedCipherSuite};
+    let pki = Pki::new("empty-record");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let got = std::thread::spawn(move || {
+        let (mut b, _) = listener.accept().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).map(|_| got).map_err(|e| e.kind())
+    });
+    let k = Ktern::start(&pki, "ktls_after = \"0\"", &tcp_listener(backend, ""));
+    let mut cfg = (*client_config(&[&pki.der])).clone();
+    cfg.enable_secret_extraction = true;
+    let c = try_connect(k.addr(), &Arc::new(cfg)).unwrap();
+    let SupportedCipherSuite::Tls13(suite) = c.conn.negotiated_cipher_suite().unwrap() else {
+        panic!("TLS 1.3 expected");
+    };
+    let (conn, mut sock) = (c.conn, c.sock);
+    let (seq, secrets) = conn.dangerous_extract_secrets().unwrap().tx;
+    let (key, iv) = match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+        _ => panic!("a suite this test does not seal"),
+    };
+    let mut seal = suite.aead_alg.encrypter(key, iv);
+    let mut out = Vec::new();
+    for (i, (typ, payload)) in [
+        (ContentType::ApplicationData, &b"abc"[..]),
+        (ContentType::ApplicationData, b""),
+        (ContentType::ApplicationData, b"def"),
+        (ContentType::Alert, &[1, 0]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let msg = OutboundPlainMessage {
+            typ,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        out.extend(seal.encrypt(msg, seq + i as u64).unwrap().encode());
+    }
+    sock.write_all(&out).unwrap();
+    assert_eq!(got.join().unwrap(), Ok(b"abcdef".to_vec()));
+    assert_offloaded_in_vm(&k);
+}
+
 /// Passthrough relays TCP, resets included: a client's reset reaches the
 /// backend as one, not as the FIN of a whole stream.
 #[test]
