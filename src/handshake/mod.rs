@@ -564,7 +564,9 @@ impl Handshake {
             psk_hello: false,
             client_order: tls.client_order.clone(),
             chacha_hello: false,
-            input: Vec::with_capacity(MAX_RECORD),
+            // Grown by what comes (`handle_input`): nothing is held for a
+            // connection that has sent nothing yet.
+            input: Vec::new(),
             output: Vec::new(),
             early_plaintext: Vec::new(),
             peer_closed: false,

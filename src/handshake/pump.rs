@@ -10,6 +10,9 @@ use monoio::net::TcpStream;
 
 use super::{Established, Handshake, HandshakeError, Step, MAX_RECORD};
 
+/// The handshake's first read (see `drive`).
+const FIRST_READ: usize = 4 << 10;
+
 /// What the pump needs of a sans-IO handshake.
 pub trait Driver: Sized {
     /// The finished handshake.
@@ -108,7 +111,13 @@ async fn drive<H: Driver>(
     if !first_bytes.is_empty() {
         hs.handle_input(first_bytes)?;
     }
-    let mut buf = Vec::with_capacity(MAX_RECORD);
+    // The first read waits for the client's first bytes, for as long as
+    // the deadline allows: a small buffer for it, so a connection that
+    // sends nothing (a slowloris, or a flood of them) holds 4 KiB, not a
+    // full record. A ClientHello fits (about 2 KiB with a post-quantum key
+    // share); what follows gets a full record's room.
+    let mut buf = Vec::with_capacity(FIRST_READ);
+    let mut first = true;
     loop {
         match hs.poll()? {
             Step::Transmit => {
@@ -119,7 +128,13 @@ async fn drive<H: Driver>(
             }
             Step::Read(limit) => {
                 buf.clear();
-                let want = limit.unwrap_or(MAX_RECORD).min(MAX_RECORD);
+                let mut want = limit.unwrap_or(MAX_RECORD).min(MAX_RECORD);
+                if first {
+                    want = want.min(FIRST_READ);
+                    first = false;
+                } else {
+                    buf.reserve(want);
+                }
                 let (res, b) = stream.read(SliceMut::new(buf, 0, want)).await;
                 buf = b.into_inner();
                 let n = res?;
