@@ -2133,6 +2133,51 @@ fn a_tls_backend_connection_ended_by_close_notify_is_not_reused() {
     );
 }
 
+/// A backend whose TLS set-up fails (here it speaks plain HTTP) got the
+/// request nothing, so the next backend is tried (nginx's
+/// proxy_next_upstream error): with `max_fails = 0` (never marked down)
+/// round robin picks it every other request, and each of those was a 502.
+#[test]
+fn a_failed_tls_set_up_moves_on_to_the_next_backend() {
+    let a = start_http_backend("a");
+    let back_pki = Pki::new("up-tls-next-back");
+    let back = Ktern::start(
+        &back_pki,
+        "cpus = [0]",
+        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
+    );
+    let plain = start_http_backend("plain");
+    let pki = Pki::new("up-tls-next");
+    let config = format!(
+        "{}[upstream.b]\nbackends = [\"{}\", \"{}\"]\npool_size = 0\nmax_fails = 0\n\
+         tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
+        http_config(&[], "[[listener.route.rule]]\nupstream = \"b\"\n", ""),
+        plain.addr,
+        back.addr(),
+        back_pki.cert.display(),
+    );
+    let k = Ktern::start(&pki, "cpus = [0]", &config);
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    for i in 0..6 {
+        // A POST too: nothing of it went to the failed backend.
+        let r = exchange(
+            &mut c,
+            "POST /x HTTP/1.1\r\nHost: app\r\nContent-Length: 2\r\n\r\nhi",
+        );
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"a"[..]),
+            "request {i}"
+        );
+    }
+    // Every other request met the plain backend first.
+    assert!(
+        k.metric("ktern_upstream_tls_failures_total") >= 3,
+        "{}",
+        k.log()
+    );
+}
+
 /// `tls` on an upstream group (nginx's `proxy_ssl_*` for `proxy_pass`):
 /// the backend here is a second ktern terminating TLS in front of the test
 /// backend. Requests and bodies both ways, keep-alive over one pooled TLS

@@ -47,7 +47,7 @@ counters! {
     pp_timeout => "ktern_proxy_protocol_timeout_total", "Connections closed on a PROXY protocol listener: no complete header within proxy_protocol.timeout.";
     upstream_tls_handshakes => "ktern_upstream_tls_handshakes_total", "TLS handshakes with backends completed (tcp routes and upstream groups with tls).";
     upstream_tls_resumed => "ktern_upstream_tls_resumed_total", "Backend TLS handshakes that resumed a session (session_reuse).";
-    upstream_tls_failures => "ktern_upstream_tls_failures_total", "Backend TLS handshakes failed (certificate refused, backend alert or close, not TLS, timeout); the client was closed (tcp) or answered 502 (http).";
+    upstream_tls_failures => "ktern_upstream_tls_failures_total", "Backend TLS handshakes failed (certificate refused, backend alert or close, not TLS, timeout); the client was closed (tcp), or the request went to the next backend, 502 when none was left (http).";
     upstream_ktls_offloaded => "ktern_upstream_ktls_offloaded_total", "Backend TLS connections whose record crypto went to the kernel.";
     passthrough_routed => "ktern_passthrough_connections_total", "Passthrough connections routed by their ClientHello to an upstream group.";
     passthrough_no_route => "ktern_passthrough_no_route_total", "Passthrough connections closed: no rule matched the SNI (or there was none) and no default is set.";

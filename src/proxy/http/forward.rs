@@ -1598,58 +1598,68 @@ pub(crate) async fn begin_attempt<'b>(
     let ip_key = exchange::ip_key(ctx.peer);
     let key = exchange::hash_key(balancer.balance(), head, &ip_key);
     let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
-    // Inline: no timer in it (a new connection's connect timer is boxed
-    // inside), and a box of its own cost an allocation per request.
-    let acquired = balancer
-        .acquire(
-            pool,
-            key,
-            upstream.connect_timeout,
-            upstream.pool_idle_timeout,
-            if attempt == 1 {
-                started
-            } else {
-                Instant::now()
-            },
-        )
-        .await;
-    let (mut backend, addr, reused, lease) = match acquired {
-        Ok(c) => {
-            // From here on the exchange involves this backend, also in the
-            // access line of one the client abandons (499).
-            ex.upstream = Some(c.1);
-            c
-        }
-        Err(e) => {
-            M::inc(e.counter(ctx.metrics));
-            if let crate::upstream::UpstreamError::Full { .. } = e {
-                // Not the backends' failure: they are busy. 503, as
-                // HAProxy answers a full queue (nginx: 502). A normal
-                // state at capacity: counted each time, logged at most
-                // once per 10 s per shard.
-                if let Some(count) = balancer.full_log.due() {
-                    tracing::warn!(upstream = %upstream.name, error = %e, count, "upstream full: 503 ({count} since the last such line; at most one line per 10 s)");
-                }
-                return Step::Answer(503);
+    // A new connection whose set-up failed (its TLS handshake, its PROXY
+    // header) carried nothing of the request: the next backend is tried,
+    // up to one try per backend (nginx's proxy_next_upstream error).
+    let mut set_up_failures = 0;
+    let (mut backend, addr, reused, lease) = loop {
+        // Inline: no timer in it (a new connection's connect timer is
+        // boxed inside), and a box of its own cost an allocation per
+        // request.
+        let acquired = balancer
+            .acquire(
+                pool,
+                key,
+                upstream.connect_timeout,
+                upstream.pool_idle_timeout,
+                if attempt == 1 && set_up_failures == 0 {
+                    started
+                } else {
+                    Instant::now()
+                },
+            )
+            .await;
+        let (backend, addr, reused, lease) = match acquired {
+            Ok(c) => {
+                // From here on the exchange involves this backend, also in
+                // the access line of one the client abandons (499).
+                ex.upstream = Some(c.1);
+                c
             }
-            balancer.log_connect_failure(ctx.peer, "http", &e);
-            return Step::NoBackend;
-        }
-    };
-    if !reused {
-        backend = match Box::pin(set_up(ctx, group, backend, addr)).await {
-            Ok(b) => b,
-            Err(blame) => {
-                // Logged and counted. A new connection: nothing to retry
-                // on. Only the backend's own failures count towards its
-                // `max_fails`: one of ktern's must not take it out.
-                if let Blame::Backend = blame {
-                    balancer.failed(addr, Instant::now());
+            Err(e) => {
+                M::inc(e.counter(ctx.metrics));
+                if let crate::upstream::UpstreamError::Full { .. } = e {
+                    // Not the backends' failure: they are busy. 503, as
+                    // HAProxy answers a full queue (nginx: 502). A normal
+                    // state at capacity: counted each time, logged at most
+                    // once per 10 s per shard.
+                    if let Some(count) = balancer.full_log.due() {
+                        tracing::warn!(upstream = %upstream.name, error = %e, count, "upstream full: 503 ({count} since the last such line; at most one line per 10 s)");
+                    }
+                    return Step::Answer(503);
                 }
-                return Step::Answer(502);
+                balancer.log_connect_failure(ctx.peer, "http", &e);
+                return Step::NoBackend;
             }
         };
-    }
+        if reused {
+            break (backend, addr, reused, lease);
+        }
+        match Box::pin(set_up(ctx, group, backend, addr)).await {
+            Ok(b) => break (b, addr, reused, lease),
+            // Logged and counted. Only the backend's own failures count
+            // towards its `max_fails`, and move on to the next: one of
+            // ktern's must not take it out.
+            Err(Blame::Backend) => {
+                balancer.failed(addr, Instant::now());
+                set_up_failures += 1;
+                if set_up_failures >= upstream.backends.len() {
+                    return Step::Answer(502);
+                }
+            }
+            Err(Blame::Local) => return Step::Answer(502),
+        }
+    };
     let (res, sent) = backend.write_all(std::mem::take(out)).await;
     *out = sent;
     if let Err(e) = res {
