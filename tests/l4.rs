@@ -1449,6 +1449,39 @@ fn through_upstream_tls(k: &Ktern, pki: &Pki) -> std::io::Result<String> {
     greeting_after_echo(&mut try_connect(k.addr(), &client_config(&[&pki.der]))?)
 }
 
+/// A `tcp` route with `tls` offers its backend the protocol its client
+/// chose by ALPN, and none when the client chose none: a backend that
+/// must see one (gRPC servers refuse a connection without `h2`) or that
+/// speaks several answers in the client's. It was offered none.
+#[test]
+fn upstream_tls_offers_the_backend_the_clients_protocol() {
+    let pki = Pki::new("upstream-tls-alpn");
+    let backend_pki = Pki::new("upstream-tls-alpn-backend");
+    let backend = start_tls_backend("b", &backend_pki);
+    let k = Ktern::start(
+        &pki,
+        "",
+        &format!(
+            "{}tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
+            tcp_listener(backend, "alpn = [\"h2\", \"http/1.1\"]"),
+            backend_pki.cert.display()
+        ),
+    );
+    for (offered, seen) in [
+        (&[&b"h2"[..]][..], "alpn=h2"),
+        (&[b"http/1.1"], "alpn=http/1.1"),
+        (&[], "alpn=-"),
+    ] {
+        let mut cfg = (*client_config(&[&pki.der])).clone();
+        cfg.alpn_protocols = offered.iter().map(|p| p.to_vec()).collect();
+        let mut c = try_connect(k.addr(), &Arc::new(cfg)).unwrap();
+        let greeting = greeting_after_echo(&mut c).unwrap();
+        assert_eq!(greeting, format!("b sni=localhost {seen}"));
+    }
+    // The backend's tickets serve each protocol's connections.
+    assert!(k.metric("ktern_upstream_tls_resumed_total") >= 1);
+}
+
 #[test]
 fn upstream_tls_verifies_the_backend_resumes_and_offloads_both_sides() {
     let pki = Pki::new("upstream-tls");

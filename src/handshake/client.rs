@@ -234,6 +234,25 @@ impl rustls::client::ResolvesClientCert for ClientCert {
 /// server sends two by default; each is single-use) and one TLS 1.2 id.
 const SESSIONS_PER_BACKEND: usize = 8;
 
+/// [`client_config`] once per protocol a `tcp` route's client may have
+/// chosen: `[0]` offers no ALPN (a client that offered none), `[1 + i]`
+/// offers the listener's `alpn[i]` alone, so the backend is asked for
+/// what the client speaks (a gRPC server refuses a connection without
+/// `h2`). They share one session store: a backend's tickets serve each.
+pub fn client_configs_by_alpn(
+    tls: &crate::config::UpstreamTls,
+    alpn: &[String],
+) -> Result<Vec<Arc<ClientConfig>>, rustls::Error> {
+    let base = client_config(tls, &[])?;
+    let mut out = vec![base.clone()];
+    for name in alpn {
+        let mut c = (*base).clone();
+        c.alpn_protocols = vec![name.as_bytes().to_vec()];
+        out.push(Arc::new(c));
+    }
+    Ok(out)
+}
+
 /// A rustls client config for one backend of a route with `tls`, with its
 /// own session store (built per shard and per backend, so a ticket is
 /// only offered to the server that issued it, and no lock is shared),

@@ -413,6 +413,9 @@ pub struct TlsInfo {
     pub kernel: bool,
     /// ALPN chose `h2`: the connection speaks HTTP/2.
     pub alpn_h2: bool,
+    /// The protocol ALPN chose, as its index in the listener's `alpn`
+    /// (a `tcp` route with `tls` offers its backend the same).
+    pub alpn: Option<u8>,
     /// The session was resumed (its client certificate, if any, was
     /// presented on an earlier connection).
     pub resumed: bool,

@@ -785,6 +785,7 @@ mod tests {
             suite: Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
             kernel: true,
             alpn_h2: false,
+            alpn: None,
             resumed: false,
             client_auth: false,
             client: None,

@@ -696,6 +696,13 @@ async fn establish(
         suite: est.conn.negotiated_cipher_suite().map(|s| s.suite()),
         kernel: false,
         alpn_h2,
+        alpn: est.conn.alpn_protocol().and_then(|p| {
+            let names = &gen.config().listeners[listener].alpn;
+            names
+                .iter()
+                .position(|n| n.as_bytes() == p)
+                .and_then(|i| u8::try_from(i).ok())
+        }),
         resumed,
         client_auth: gen.config().listeners[listener].client_auth.is_some(),
         client: est
@@ -799,17 +806,20 @@ async fn backend_tls(
     gen: &ShardGen,
     listener: usize,
     route: &crate::config::TcpRoute,
-    backend: TcpStream,
-    addr: SocketAddr,
+    (backend, addr): (TcpStream, SocketAddr),
     peer: SocketAddr,
+    alpn: Option<u8>,
 ) -> Option<TlsConn> {
     let m = &shard.metrics;
     let tls = route.tls.as_ref()?;
+    // The backend is offered the protocol the client chose (none if it
+    // chose none).
     let config = route
         .backends
         .iter()
         .position(|b| *b == addr)
-        .and_then(|i| gen.upstream_tls[listener].get(i));
+        .and_then(|i| gen.upstream_tls[listener].get(i))
+        .and_then(|by_alpn| by_alpn.get(alpn.map_or(0, |a| usize::from(a) + 1)));
     let Some(config) = config else {
         M::inc(&m.internal_errors);
         tracing::error!(%peer, backend = %addr, "internal: no TLS config for this backend");
@@ -887,7 +897,13 @@ fn proxy<'a>(
                 match connected {
                     Ok((backend, addr)) if route.tls.is_some() => {
                         match Box::pin(backend_tls(
-                            shard, gen, listener, route, backend, addr, peer,
+                            shard,
+                            gen,
+                            listener,
+                            route,
+                            (backend, addr),
+                            peer,
+                            info.alpn,
                         ))
                         .await
                         {

@@ -89,10 +89,11 @@ pub struct ShardGen {
     pub tls: Vec<crate::handshake::ServerTls>,
     /// Backend choice per listener (`tcp` routes; empty for `http`).
     pub balancers: Vec<Balancer>,
-    /// rustls client configs per listener, one per backend in the
-    /// route's order (`tcp` routes with `tls`; empty otherwise): each has
-    /// its own session store, so tickets stay per shard and per backend.
-    pub upstream_tls: Vec<Vec<Arc<rustls::ClientConfig>>>,
+    /// rustls client configs per listener, per backend in the route's
+    /// order (`tcp` routes with `tls`; empty otherwise), per protocol the
+    /// client may have chosen (`client_configs_by_alpn`): each backend's
+    /// share one session store, so tickets stay per shard and per backend.
+    pub upstream_tls: Vec<Vec<Vec<Arc<rustls::ClientConfig>>>>,
     /// The same per upstream group with `tls` (`http` routes), one per
     /// backend in the group's order.
     pub group_tls: Vec<Vec<Arc<rustls::ClientConfig>>>,
@@ -182,7 +183,19 @@ impl ShardGen {
             .listeners
             .iter()
             .map(|l| match &l.route {
-                Route::Tcp(t) => configs(t.tls.as_ref(), t.backends.len(), &l.name, &[]),
+                Route::Tcp(t) => {
+                    let Some(tls) = t.tls.as_ref() else {
+                        return Vec::new();
+                    };
+                    (0..t.backends.len())
+                        .map(|_| crate::handshake::client::client_configs_by_alpn(tls, &l.alpn))
+                        .collect::<Result<Vec<_>, _>>()
+                        .unwrap_or_else(|e| {
+                            // As `configs`: not expected.
+                            tracing::error!(listener = %l.name, error = %e, "internal: cannot build the backend TLS config");
+                            Vec::new()
+                        })
+                }
                 _ => Vec::new(),
             })
             .collect();

@@ -146,6 +146,7 @@ mod tests {
             suite: Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
             kernel: false,
             alpn_h2: false,
+            alpn: None,
             resumed: false,
             client_auth: true,
             client: None,
