@@ -760,6 +760,7 @@ impl Default for Http2 {
             base: Path::new(""),
             inline_pems: &[],
             acme: None,
+            upstream_names: Vec::new(),
         };
         v.http2("", &raw::Http2Section::default())
     }
@@ -1052,7 +1053,7 @@ impl Config {
         };
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
             fail(vec![Problem {
-                field: raw::toml_error_field(&e),
+                field: raw::toml_error_field(text, &e),
                 reason: e.message().to_string() + &raw::toml_error_position(text, &e),
             }])
         })?;
@@ -1061,6 +1062,7 @@ impl Config {
             base,
             inline_pems,
             acme: None,
+            upstream_names: Vec::new(),
         };
         let config = v.config(raw, file);
         if v.problems.is_empty() {
@@ -1078,6 +1080,9 @@ struct Validator<'a> {
     /// `[acme]`, read before the listeners (their ACME certificates live
     /// in its state directory).
     acme: Option<AcmeSettings>,
+    /// Every `[upstream.NAME]` in the file, those with problems too: a
+    /// rule naming one of those is not also told it is undefined.
+    upstream_names: Vec<String>,
 }
 
 impl Validator<'_> {
@@ -1513,12 +1518,20 @@ impl Validator<'_> {
 
     fn upstreams(&mut self, table: toml::Table) -> Vec<Upstream> {
         let mut out = Vec::new();
+        self.upstream_names = table.keys().cloned().collect();
         for (name, value) in table {
             let at = format!("upstream.{name}");
             let raw: raw::UpstreamSection = match value.try_into() {
                 Ok(r) => r,
                 Err(e) => {
-                    self.problem(at, e.message().to_string());
+                    // toml keeps the key's path within the section only in
+                    // its Display ("...\nin `health.rise`"): the field.
+                    let shown = e.to_string();
+                    let field = match shown.trim_end().rsplit_once("\nin `") {
+                        Some((_, path)) => format!("{at}.{}", path.trim_end_matches('`')),
+                        None => at,
+                    };
+                    self.problem(field, e.message().to_string());
                     continue;
                 }
             };
@@ -2500,7 +2513,8 @@ impl Validator<'_> {
     /// The index of upstream group `name`, or a problem at `at`.
     fn upstream_index(&mut self, at: &str, name: &str, upstreams: &[Upstream]) -> Option<usize> {
         let i = upstreams.iter().position(|u| u.name == name);
-        if i.is_none() {
+        // One with problems of its own is defined: those name it.
+        if i.is_none() && !self.upstream_names.iter().any(|n| n == name) {
             self.problem(at, format!("no [upstream.{name}] is defined"));
         }
         i

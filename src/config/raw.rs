@@ -675,21 +675,120 @@ fn default_idle_timeout() -> String {
     "300s".into()
 }
 
-/// Names the field a TOML/serde error is about, from its span's key path when
-/// toml can tell (it cannot always: then the position is all we have).
-pub(super) fn toml_error_field(e: &toml::de::Error) -> String {
+/// Names the field a TOML/serde error is about, as the config's other
+/// problems do (`listener[0].route.backends`): the key its span falls on,
+/// under the table headers before it. "(syntax)" where the text says
+/// nothing (a broken header, no span).
+pub(super) fn toml_error_field(text: &str, e: &toml::de::Error) -> String {
     let msg = e.message();
-    if let Some(rest) = msg.strip_prefix("unknown field `") {
-        if let Some(end) = rest.find('`') {
-            return rest[..end].to_string();
+    let named = ["unknown field `", "missing field `"]
+        .iter()
+        .find_map(|p| msg.strip_prefix(p)?.split('`').next());
+    let Some(span) = e.span() else {
+        return named.map_or_else(|| "(syntax)".into(), str::to_string);
+    };
+    let mut at = span.start.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    // A span that starts at a table's header (a missing key's; any error
+    // in a table serde reads whole first, such as a route, tagged by its
+    // `kind`) is about that table: the one the header opens.
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    if text[at..].starts_with('[') && text[line_start..at].trim().is_empty() {
+        at = text[at..].find('\n').map_or(text.len(), |i| at + i + 1);
+    }
+    let (table, key) = table_and_key_at(text, at);
+    match named.map(str::to_string).or(key) {
+        Some(k) if table.is_empty() => k,
+        Some(k) => format!("{table}.{k}"),
+        None if !table.is_empty() => table,
+        None => "(syntax)".into(),
+    }
+}
+
+/// The table path (`listener[1].route`) in force at byte `at` of `text`,
+/// from the `[table]` and `[[array]]` headers before it (each array
+/// element numbered, a nested array restarting per element of its
+/// parent), and the key whose value `at` falls in: the last `key =` before
+/// it, on its line or the lines above (a value written across lines),
+/// with the keys of the inline tables it sits in (`tls.ca`).
+fn table_and_key_at(text: &str, at: usize) -> (String, Option<String>) {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    let mut table = String::new();
+    let mut since_header = 0;
+    let mut offset = 0;
+    for line in text[..at].split_inclusive('\n') {
+        let t = line.trim();
+        let header = if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let prefix = format!("{name}.");
+            counts.retain(|(k, _)| !k.starts_with(&prefix));
+            match counts.iter_mut().find(|(k, _)| *k == name) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((name.clone(), 1)),
+            }
+            Some(name)
+        } else {
+            t.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|n| n.trim().to_string())
+        };
+        // A header line that ends before `at` starts a new table.
+        if let Some(name) = header.filter(|_| offset + line.len() <= at) {
+            let mut path = String::new();
+            let mut prefix = String::new();
+            for part in name.split('.') {
+                if !prefix.is_empty() {
+                    prefix.push('.');
+                    path.push('.');
+                }
+                prefix.push_str(part.trim());
+                path.push_str(part.trim());
+                if let Some((_, n)) = counts.iter().find(|(k, _)| *k == prefix) {
+                    path.push_str(&format!("[{}]", n - 1));
+                }
+            }
+            table = path;
+            since_header = offset + line.len();
+        }
+        offset += line.len();
+    }
+    (table, key_before(&text[since_header..at]))
+}
+
+/// The key of the value that `body` (a table's text up to a point in a
+/// value) ends in: the last `key =` outside strings, with the keys of the
+/// inline tables still open around it.
+fn key_before(body: &str) -> Option<String> {
+    let mut open: Vec<Option<String>> = Vec::new();
+    let (mut key, mut token) = (None::<String>, String::new());
+    let mut quote = None;
+    for c in body.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '=') => {
+                key = Some(token.trim().trim_matches('"').to_string());
+                token.clear();
+            }
+            (None, '{') => {
+                open.push(key.take());
+                token.clear();
+            }
+            (None, '}') => {
+                key = open.pop().flatten();
+                token.clear();
+            }
+            (None, ',' | '\n' | '[' | ']') => token.clear(),
+            (None, c) => token.push(c),
         }
     }
-    if let Some(rest) = msg.strip_prefix("missing field `") {
-        if let Some(end) = rest.find('`') {
-            return rest[..end].to_string();
-        }
-    }
-    "(syntax)".into()
+    let key = key.filter(|k| !k.is_empty())?;
+    let mut path: Vec<String> = open.into_iter().flatten().collect();
+    path.push(key);
+    Some(path.join("."))
 }
 
 /// " (line L, column C)" for a toml error with a span.

@@ -118,8 +118,55 @@ fn unknown_field_is_named_with_its_position() {
     let text = GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nbakends = []");
     let e = Config::from_toml(&text, "t.toml", Path::new("."), &pems()).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.starts_with("t.toml: bakends:"), "{msg}");
+    assert!(
+        msg.starts_with("t.toml: listener[0].route.bakends:"),
+        "{msg}"
+    );
     assert!(msg.contains("line "), "{msg}");
+}
+
+/// A value of the wrong type, or a key missing, in the main file is named
+/// by its full path, as every other problem is; it was "(syntax)".
+#[test]
+fn toml_errors_name_the_field_by_its_path() {
+    let field = |text: &str| {
+        let e = Config::from_toml(text, "t.toml", Path::new("."), &pems()).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(e.problems[0].reason.contains("line "), "{e}");
+        e.problems[0].field.clone()
+    };
+    let second = format!("{GOOD}{}", GOOD.replace("127.0.0.1:0", "127.0.0.1:1"));
+    assert_eq!(
+        field(&second.replacen("[[listener]]\n", "[[listener]]\nbacklog = \"4096\"\n", 1)),
+        "listener[0].backlog"
+    );
+    let last = second.rfind("[[listener]]").unwrap();
+    let mut text = second.clone();
+    text.insert_str(last + "[[listener]]\n".len(), "backlog = \"4096\"\n");
+    assert_eq!(field(&text), "listener[1].backlog");
+    assert_eq!(
+        field(&format!("[runtime]\nmax_connections = \"5\"\n{GOOD}")),
+        "runtime.max_connections"
+    );
+    // A value across lines, and one in an inline table.
+    // A value across lines, and one in an inline table (a listener's).
+    let text = GOOD.replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\nalpn = [\n  \"h2\",\n  2,\n]",
+    );
+    assert_eq!(field(&text), "listener[0].alpn");
+    let text = GOOD.replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\nproxy_protocol = { trusted = 5 }",
+    );
+    assert_eq!(field(&text), "listener[0].proxy_protocol.trusted");
+    // A route is read whole (tagged by its kind): its table is as far as
+    // toml's span tells.
+    let text = GOOD.replace("backends = [\"127.0.0.1:9\"]", "backends = [9]");
+    assert_eq!(field(&text), "listener[0].route");
+    // A missing key: its table's path.
+    let text = GOOD.replace("address = \"127.0.0.1:0\"\n", "");
+    assert_eq!(field(&text), "listener[0].address");
 }
 
 #[test]
@@ -606,6 +653,21 @@ fn balancing_weights_and_health_checks() {
         "upstream.api.health.path",
     ] {
         assert!(fields.contains(&want), "{want} missing from {fields:?}");
+    }
+    // A value of the wrong type in a group names its field, and the rules
+    // that name the group are not also told it is undefined.
+    for (change, field) in [
+        ("pool_size = \"8\"", "upstream.api.pool_size"),
+        (
+            "pool_size = 8\n[upstream.api.health]\nrise = \"2\"",
+            "upstream.api.health.rise",
+        ),
+    ] {
+        let bad = HTTP.replace("pool_size = 8", change);
+        let e = Config::from_toml(&bad, "b.toml", Path::new("."), &pems()).unwrap_err();
+        let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, [field], "{e}");
+        assert!(e.problems[0].reason.contains("invalid type"), "{e}");
     }
     let bad = HTTP.replace(
         "backends = [\"127.0.0.1:9002\", \"127.0.0.1:9003\"]",
