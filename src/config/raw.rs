@@ -763,11 +763,21 @@ fn table_and_key_at(text: &str, at: usize) -> (String, Option<String>) {
 fn key_before(body: &str) -> Option<String> {
     let mut open: Vec<Option<String>> = Vec::new();
     let (mut key, mut token) = (None::<String>, String::new());
-    let mut quote = None;
+    let (mut quote, mut comment) = (None, false);
     for c in body.chars() {
+        // A comment runs to its line's end (an apostrophe in one, as in
+        // "nginx's", opens no string); a one-line string ends there too.
+        if c == '\n' {
+            comment = false;
+            quote = None;
+        }
+        if comment {
+            continue;
+        }
         match (quote, c) {
             (Some(q), c) if c == q => quote = None,
             (Some(_), _) => {}
+            (None, '#') => comment = true,
             (None, '"' | '\'') => quote = Some(c),
             (None, '=') => {
                 key = Some(token.trim().trim_matches('"').to_string());

@@ -164,6 +164,12 @@ fn toml_errors_name_the_field_by_its_path() {
     // toml's span tells.
     let text = GOOD.replace("backends = [\"127.0.0.1:9\"]", "backends = [9]");
     assert_eq!(field(&text), "listener[0].route");
+    // Comments before it, an apostrophe in one, do not mislead it.
+    let text = GOOD.replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"   # nginx's listen\nname = \"a\" # it's\nbacklog = \"x\"",
+    );
+    assert_eq!(field(&text), "listener[0].backlog");
     // A missing key: its table's path.
     let text = GOOD.replace("address = \"127.0.0.1:0\"\n", "");
     assert_eq!(field(&text), "listener[0].address");

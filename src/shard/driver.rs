@@ -275,7 +275,19 @@ fn handshake_failed(shard: &Shard, peer: SocketAddr, e: &dyn std::fmt::Display) 
 /// unrouted), each counted by the caller: as [`handshake_failed`], one
 /// line per 10 s per shard with how many since, the others at debug.
 fn closed_before_tls(shard: &Shard, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
-    match shard.peer_log.due() {
+    closed_before_tls_on(&shard.peer_log, shard, peer, why)
+}
+
+/// [`closed_before_tls`] with a throttle of its own: a trusted load
+/// balancer's bad or slow PROXY header (its health checks connect and
+/// close) must not be hidden by the lines any untrusted peer can cause.
+fn closed_before_tls_on(
+    log: &crate::clock::LogEvery,
+    shard: &Shard,
+    peer: SocketAddr,
+    why: std::fmt::Arguments<'_>,
+) {
+    match log.due() {
         Some(count) => {
             tracing::info!(shard = shard.id, %peer, count, "connection closed: {why} ({count} since the last such line; at most one line per 10 s, the others at debug)")
         }
@@ -284,14 +296,19 @@ fn closed_before_tls(shard: &Shard, peer: SocketAddr, why: std::fmt::Arguments<'
 }
 
 /// Whether the line of a connection that ended with an error on `side`
-/// is due at info: always for a backend's or ktern's own failure; for the
-/// client's (a reset, an alert, a bad record, an HTTP/2 error of its own)
-/// or an idle end, which any client can cause once per connection, at most
-/// one line per 10 s per shard (`Some(how many since the last)`), the
-/// others at debug. Each is counted by side all the same.
+/// is due at info: always for ktern's own failure; for the client's (a
+/// reset, an alert, a bad record, an HTTP/2 error of its own, a KeyUpdate
+/// this kernel cannot follow) or an idle end, which any client can cause
+/// once per connection, and for a backend's, at most one line per 10 s
+/// per shard each (`Some(how many since the last)`), the others at debug.
+/// Each is counted by side all the same.
 fn ended_line_due(shard: &Shard, side: &str) -> Option<u64> {
     match side {
         "downstream" | "idle" => shard.ended_log.due(),
+        // A failing backend fails each connection or request sent to it
+        // (HTTP/1.1 ends the client's connection on a body cut short):
+        // a throttle of its own.
+        "upstream" => shard.upstream_ended_log.due(),
         _ => Some(1),
     }
 }
@@ -356,7 +373,8 @@ async fn read_proxy_header(
         }
         Ok(Err(why)) => {
             M::inc(&m.pp_invalid);
-            closed_before_tls(
+            closed_before_tls_on(
+                &shard.proxy_header_log,
                 shard,
                 peer,
                 format_args!("PROXY protocol: bad header: {why}"),
@@ -365,7 +383,8 @@ async fn read_proxy_header(
         }
         Err(_) => {
             M::inc(&m.pp_timeout);
-            closed_before_tls(
+            closed_before_tls_on(
+                &shard.proxy_header_log,
                 shard,
                 peer,
                 format_args!(
@@ -849,7 +868,7 @@ async fn backend_tls(
                 balancer.failed(addr, std::time::Instant::now());
             }
             M::inc(e.counter(m));
-            balancer.log_failure(peer, addr, "upstream TLS handshake failed", &e);
+            e.log(balancer, peer, addr);
             None
         }
     }

@@ -272,6 +272,10 @@ pub struct Shard {
     /// Connections that ended with the client's error, or idle: any client
     /// can end each of its connections so.
     pub ended_log: crate::clock::LogEvery,
+    /// Connections that ended with a backend's error.
+    pub upstream_ended_log: crate::clock::LogEvery,
+    /// A trusted load balancer's bad or slow PROXY headers.
+    pub proxy_header_log: crate::clock::LogEvery,
 }
 
 impl Shard {
@@ -540,6 +544,8 @@ async fn shard_main(
         peer_log: crate::clock::LogEvery::default(),
         refused_log: crate::clock::LogEvery::default(),
         ended_log: crate::clock::LogEvery::default(),
+        upstream_ended_log: crate::clock::LogEvery::default(),
+        proxy_header_log: crate::clock::LogEvery::default(),
     });
     set_thread_shard(id, metrics.clone());
     monoio::spawn(shard.idle.clone().run());

@@ -38,6 +38,23 @@ pub enum StartTlsError {
 }
 
 impl StartTlsError {
+    /// Logs it: the backend's failure through its group's throttle (any
+    /// client's request can meet a backend whose certificate expired),
+    /// ktern's own at once.
+    pub fn log(
+        &self,
+        balancer: &super::Balancer,
+        peer: std::net::SocketAddr,
+        backend: std::net::SocketAddr,
+    ) {
+        match self {
+            StartTlsError::Handshake(_) => {
+                balancer.log_failure(peer, backend, "upstream TLS handshake failed", self)
+            }
+            _ => tracing::warn!(%peer, %backend, error = %self, "upstream TLS set-up failed"),
+        }
+    }
+
     /// Its counter: the backend's failures, or ktern's own.
     pub fn counter<'m>(
         &self,

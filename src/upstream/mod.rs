@@ -577,7 +577,7 @@ impl Balancer {
         &self,
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-        self.acquire_from(|_, _| None, None, timeout, Instant::now())
+        self.acquire_from(|_, _| None, None, timeout, Instant::now(), &[])
             .await
             .map(|(s, a, _, _)| (s, a))
     }
@@ -592,7 +592,7 @@ impl Balancer {
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr, Lease<'_>), UpstreamError> {
         let (s, addr, _, lease) = self
-            .acquire_from(|_, _| None, key, timeout, Instant::now())
+            .acquire_from(|_, _| None, key, timeout, Instant::now(), &[])
             .await?;
         self.succeeded(addr);
         Ok((s, addr, lease))
@@ -605,6 +605,9 @@ impl Balancer {
     /// any wait, so a burst planned at once does not all pick one backend
     /// under `least_conn`). `now` is the caller's clock reading for the
     /// request (one per request; re-read here only after a failed connect).
+    /// `tried`: backends this request already failed on (their connection's
+    /// set-up), skipped; if one of them is now marked down, the request
+    /// had its probe of a down backend.
     pub async fn acquire(
         &self,
         pool: Option<(usize, &pool::Pool)>,
@@ -612,9 +615,10 @@ impl Balancer {
         timeout: Duration,
         pool_idle: Duration,
         now: Instant,
+        tried: &[SocketAddr],
     ) -> Result<(conn::BackendConn, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let take = |addr, now| pool.and_then(|(group, p)| p.take_for(group, addr, pool_idle, now));
-        self.acquire_from(take, key, timeout, now).await
+        self.acquire_from(take, key, timeout, now, tried).await
     }
 
     /// [`Balancer::acquire`] with `take` for the pool lookup: `T` is what
@@ -625,18 +629,28 @@ impl Balancer {
         key: Option<&[u8]>,
         timeout: Duration,
         now: Instant,
+        skip: &[SocketAddr],
     ) -> Result<(T, SocketAddr, bool, Lease<'_>), UpstreamError> {
         let mut last = None;
         let mut out_of_ports = None;
         let (mut tried, mut full) = (0, 0);
         let planned = now;
-        // Whether a connect to a backend marked down was tried.
-        let mut probed = false;
+        // Whether a connect to a backend marked down was tried (in this
+        // call, or on one of `skip`, now down).
+        let mut probed = skip.iter().any(|a| {
+            self.backends
+                .iter()
+                .position(|b| b.addr == *a)
+                .is_some_and(|i| !self.usable(i, planned))
+        });
         // Re-read after each failed connect, which may have waited up to
         // `timeout`: pooled connections are aged against the real time.
         let mut now = now;
         for i in self.order_at(now, key) {
             let addr = self.backends[i].addr;
+            if skip.contains(&addr) {
+                continue;
+            }
             // Backends marked down come last and are tried when no other
             // is left; not when others are only full: that is load to
             // shed at once (503), not a connect to wait out.
@@ -930,6 +944,72 @@ mod tests {
         }
     }
 
+    /// A request whose connection's set-up failed on some backends skips
+    /// them on its next try, whatever the policy's order (a hash puts the
+    /// same backend first each time); and when one of them is now marked
+    /// down, the request had its one probe of a down backend: no other is
+    /// connected to (an outage costs a request one try).
+    #[test]
+    fn a_request_skips_backends_it_failed_on_and_probes_one_down_backend() {
+        let a = addrs(3);
+        let b = Balancer::with_policy(
+            weighted(&a, &[1, 1, 1]),
+            0,
+            Balance::Hash(crate::config::HashKey::ClientIp),
+            1,
+            Duration::from_secs(10),
+            None,
+            None,
+        );
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap();
+        let key: &[u8] = b"client";
+        let mut pick = |skip: &[SocketAddr]| {
+            rt.block_on(Balancer::acquire_from(
+                &b,
+                |_, _| Some(Pooled),
+                Some(key),
+                Duration::from_secs(1),
+                Instant::now(),
+                skip,
+            ))
+            .ok()
+            .map(|(_, addr, _, _)| addr)
+        };
+        let first = pick(&[]).unwrap();
+        assert_eq!(
+            pick(&[]),
+            Some(first),
+            "a hash's first is the same each time"
+        );
+        let second = pick(&[first]).unwrap();
+        assert_ne!(second, first);
+        let third = pick(&[first, second]).unwrap();
+        assert!(third != first && third != second);
+        assert_eq!(pick(&a), None, "every one skipped");
+        // Every backend down, one of them already tried by this request:
+        // nothing is connected to (the pool's take is not asked either:
+        // a connect would be next).
+        let now = Instant::now();
+        for &x in &a {
+            b.failed(x, now);
+        }
+        let got = rt.block_on(Balancer::acquire_from(
+            &b,
+            |_, _| None::<Pooled>,
+            Some(key),
+            Duration::from_secs(1),
+            Instant::now(),
+            &[first],
+        ));
+        assert!(
+            matches!(got, Err(UpstreamError::Connect { tried: 0, .. })),
+            "{:?}",
+            got.map(|(_, addr, _, _)| addr)
+        );
+    }
+
     /// `max_conns`: a backend with that many leases held is skipped (the
     /// plan's next one is used), on every shard's balancer alike (one
     /// process-wide count); a dropped lease frees its slot; with every
@@ -967,6 +1047,7 @@ mod tests {
                 None,
                 Duration::from_secs(1),
                 Instant::now(),
+                &[],
             ))
         };
         let got = |r: &Acquired<'_>| r.as_ref().ok().map(|(_, addr, _, _)| *addr);
@@ -1041,6 +1122,7 @@ mod tests {
                 None,
                 Duration::from_secs(5),
                 Instant::now(),
+                &[],
             ));
             assert_eq!(
                 got.map(|(_, addr, hit, _)| (addr, hit)).ok(),

@@ -1599,9 +1599,13 @@ pub(crate) async fn begin_attempt<'b>(
     let key = exchange::hash_key(balancer.balance(), head, &ip_key);
     let pool = (attempt == 1).then_some((0, &*ctx.pools[group]));
     // A new connection whose set-up failed (its TLS handshake, its PROXY
-    // header) carried nothing of the request: the next backend is tried,
-    // up to one try per backend (nginx's proxy_next_upstream error).
-    let mut set_up_failures = 0;
+    // header) carried nothing of the request: the next backend is tried
+    // (nginx's proxy_next_upstream error), each once, within one
+    // connect_timeout for all the set-ups (a handshake that timed out
+    // spends it: no second wait), and with one probe of a down backend
+    // per request as for connects (an outage costs a request one try).
+    let mut failed_set_ups: Vec<SocketAddr> = Vec::new();
+    let first_set_up = Instant::now();
     let (mut backend, addr, reused, lease) = loop {
         // Inline: no timer in it (a new connection's connect timer is
         // boxed inside), and a box of its own cost an allocation per
@@ -1612,11 +1616,12 @@ pub(crate) async fn begin_attempt<'b>(
                 key,
                 upstream.connect_timeout,
                 upstream.pool_idle_timeout,
-                if attempt == 1 && set_up_failures == 0 {
+                if attempt == 1 && failed_set_ups.is_empty() {
                     started
                 } else {
                     Instant::now()
                 },
+                &failed_set_ups,
             )
             .await;
         let (backend, addr, reused, lease) = match acquired {
@@ -1652,8 +1657,10 @@ pub(crate) async fn begin_attempt<'b>(
             // ktern's must not take it out.
             Err(Blame::Backend) => {
                 balancer.failed(addr, Instant::now());
-                set_up_failures += 1;
-                if set_up_failures >= upstream.backends.len() {
+                failed_set_ups.push(addr);
+                if failed_set_ups.len() >= upstream.backends.len()
+                    || first_set_up.elapsed() >= upstream.connect_timeout
+                {
                     return Step::Answer(502);
                 }
             }
@@ -1743,7 +1750,7 @@ async fn set_up(
         }
         Err(e) => {
             M::inc(e.counter(m));
-            ctx.balancers[group].log_failure(ctx.peer, addr, "upstream TLS handshake failed", &e);
+            e.log(&ctx.balancers[group], ctx.peer, addr);
             Err(match e {
                 crate::upstream::conn::StartTlsError::Handshake(_) => Blame::Backend,
                 _ => Blame::Local,
