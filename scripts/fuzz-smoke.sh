@@ -11,7 +11,11 @@ command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-for target in $(cargo fuzz list); do
+# Listed first: a failing `cargo fuzz list` inside the loop's words would
+# run no target and pass.
+targets=$(cargo fuzz list)
+[ -n "$targets" ] || { echo "fuzz-smoke: no fuzz targets listed" >&2; exit 1; }
+for target in $targets; do
   echo "=== fuzz $target for ${secs}s ==="
   # A target's dictionary (fuzz/dicts/TARGET.dict), if it has one.
   dict=()

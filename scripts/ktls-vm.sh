@@ -196,7 +196,9 @@ ensure_packages() {
 	fi
 }
 
-ensure_packages qemu-system-x86 busybox-static cpio kmod xz-utils
+# debian-archive-keyring: the kernels' sources are signed by Debian's keys,
+# which Ubuntu does not ship by default.
+ensure_packages qemu-system-x86 busybox-static cpio kmod xz-utils debian-archive-keyring
 if ((PROBE)); then
 	ensure_packages gcc libc6-dev
 fi

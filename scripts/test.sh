@@ -13,6 +13,16 @@ apt_install() {
   $sudo_cmd apt-get install -y -qq --no-install-recommends "$@" ||
     { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends "$@"; }
 }
+# What the suites assert is there (each panics without it, so that a
+# missing tool cannot pass for a passing test): curl and openssl (the
+# interop clients), pebble (tests/acme.rs's ACME server), prometheus
+# (promtool checks /metrics), iproute2 (tests/fleet.rs's network
+# namespaces).
+missing=()
+for p in curl openssl pebble prometheus iproute2; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 command -v h2load >/dev/null || apt_install nghttp2-client
 # strace: tests/http.rs counts the syscalls of a keep-alive request with it.
 command -v strace >/dev/null || apt_install strace
@@ -23,7 +33,7 @@ command -v testssl >/dev/null || apt_install testssl.sh
 python3 -c 'import h2' 2>/dev/null ||
   python3 -m pip install -q h2 2>/dev/null ||
   apt_install python3-h2 ||
-  echo "warning: could not install Python's h2; tests/h2.rs's hostile-client test will say so" >&2
+  echo "warning: could not install Python's h2; tests/h2.rs's hostile-client test will fail" >&2
 
 t0=$SECONDS
 stamp() { echo "=== $* === [$((SECONDS - t0)) s into scripts/test.sh]"; }
