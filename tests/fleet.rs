@@ -40,8 +40,20 @@ impl Fleet {
             .map(|o| o.stdout == b"0\n")
             .unwrap_or(false);
         let fleet = Fleet { prefix };
-        if !root || !fleet.netns(&["down"]) {
-            eprintln!("skipped: needs root and iproute2 (network namespaces)");
+        // Root is not enough in a container without CAP_SYS_ADMIN: a
+        // scratch namespace says whether namespaces can be made at all
+        // (`down` succeeds either way).
+        let probe = format!("{prefix}probe{}", std::process::id());
+        let can = root
+            && Command::new("ip")
+                .args(["netns", "add", &probe])
+                .status()
+                .is_ok_and(|s| s.success());
+        if can {
+            let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+        }
+        if !can || !fleet.netns(&["down"]) {
+            eprintln!("skipped: needs root, iproute2 and the right to make network namespaces");
             return None;
         }
         assert!(fleet.netns(&["up"]), "scripts/ecmp-netns.sh up failed");

@@ -416,7 +416,7 @@ fn bad_reloads_are_refused_named_counted_and_the_old_certificate_keeps_serving()
         (
             "unknown field",
             good.replace("kind = \"http\"", "kind = \"http\"\nfrobnicate = 1"),
-            "frobnicate",
+            "listener[0].route.frobnicate",
             "unknown field `frobnicate`",
         ),
         (

@@ -180,14 +180,14 @@ pub fn render_cert_expiry(out: &mut String, config: &crate::config::Config) {
         "# HELP {name} notAfter of each certificate the current config serves (seconds since the Unix epoch).\n# TYPE {name} gauge"
     );
     for l in &config.listeners {
-        for (i, c) in l.certificates.iter().enumerate() {
-            // One series per (listener, file, certificate): the same file
-            // listed twice (two ACME entries for one state directory) would
-            // repeat it, which Prometheus refuses.
-            let repeated = l.certificates[..i]
-                .iter()
-                .any(|o| o.info.cert_file == c.info.cert_file && o.info.sha256 == c.info.sha256);
-            if repeated {
+        // One series per (listener, file, certificate): the same file
+        // listed twice (two ACME entries for one state directory) would
+        // repeat it, which Prometheus refuses. A set: each scrape looked
+        // through the listener's earlier certificates for each one
+        // (quadratic: 50,000 certificates, about 10^9 comparisons).
+        let mut seen = std::collections::HashSet::with_capacity(l.certificates.len());
+        for c in &l.certificates {
+            if !seen.insert((c.info.cert_file.as_str(), c.info.sha256.as_str())) {
                 continue;
             }
             let _ = writeln!(

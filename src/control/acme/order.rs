@@ -85,6 +85,11 @@ pub enum AcmeError {
     /// key, or cannot be parsed).
     #[error("the issued certificate does not load")]
     Issued(#[source] rustls::Error),
+    /// What the CA issued loads, but clients would refuse it (an expired
+    /// certificate in its chain, a chain out of order): what a reload
+    /// refuses too.
+    #[error("the issued chain would be refused: {0}")]
+    Unusable(String),
     /// The challenge certificate's key does not load (internal).
     #[error("internal: the challenge key does not load")]
     ChallengeKey(#[source] rustls::Error),
@@ -401,7 +406,7 @@ pub async fn obtain(
         challenge.set_ready().await.map_err(ca("challenge ready"))?;
     }
     let status = new
-        .poll_ready(&RetryPolicy::default())
+        .poll_ready(&patience())
         .await
         .map_err(ca("waiting for validation"))?;
     if status != OrderStatus::Ready {
@@ -428,18 +433,44 @@ pub async fn obtain(
         })?;
     new.finalize_csr(csr.der()).await.map_err(ca("finalize"))?;
     let chain_pem = new
-        .poll_certificate(&RetryPolicy::default())
+        .poll_certificate(&patience())
         .await
         .map_err(ca("certificate"))?;
     let key_pem = key.serialize_pem();
-    // Loaded as the config will load it: a chain the key does not match is
-    // refused here, not at the reload.
-    let loaded = Certificate::from_pem(&chain_pem, &key_pem).map_err(AcmeError::Issued)?;
+    let validity = check_issued(&chain_pem, &key_pem, crate::clock::unix_now())?;
     Ok(Issued {
         chain_pem,
         key_pem,
-        validity: (loaded.info.not_before, loaded.info.not_after),
+        validity,
     })
+}
+
+/// How long to wait for the CA to validate and to issue: polls 1 s apart
+/// at first, each wait 1.3 times the last, for as long as the order may
+/// take (its caller bounds it with `ORDER_TIMEOUT`). instant-acme's default
+/// gives up after about 16 s (250 ms doubling, within 30 s): a CA that
+/// takes longer (ZeroSSL often does, and Let's Encrypt under load) failed
+/// every order, and each withdrew its challenge while the CA validated,
+/// a failed validation counted against the name.
+fn patience() -> RetryPolicy {
+    RetryPolicy::new()
+        .initial_delay(std::time::Duration::from_secs(1))
+        .backoff(1.3)
+        .timeout(super::ORDER_TIMEOUT)
+}
+
+/// An issued chain and key, loaded as the config will load them (a chain
+/// the key does not match is refused here, not at the reload) and checked
+/// as a reload checks a changed certificate (`lint::certificate_errors`):
+/// kept, a chain clients would refuse would make every later reload fail,
+/// the operator's too, until the next order. Its validity when usable.
+fn check_issued(chain_pem: &str, key_pem: &str, now: i64) -> Result<(i64, i64), AcmeError> {
+    let loaded = Certificate::from_pem(chain_pem, key_pem).map_err(AcmeError::Issued)?;
+    let errors = crate::config::lint::certificate_errors("issued", &loaded, now);
+    if let Some(e) = errors.first() {
+        return Err(AcmeError::Unusable(e.message.clone()));
+    }
+    Ok((loaded.info.not_before, loaded.info.not_after))
 }
 
 /// The CA's reason an order did not become ready: the first failed
@@ -506,6 +537,31 @@ mod tests {
         assert_eq!(ext.value, [&[0x04, 32][..], &digest].concat());
         let info = crate::config::CertInfo::from_leaf(ck.cert[0].as_ref()).unwrap();
         assert_eq!(info.names, vec!["a.example".to_string()]);
+    }
+
+    /// An issued chain clients would refuse (here an expired leaf: an
+    /// expired intermediate fails the same check) is refused as the order's
+    /// failure; one that holds is kept.
+    #[test]
+    fn an_issued_chain_a_reload_would_refuse_fails_the_order() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        let now = crate::clock::unix_now();
+        let good = params.self_signed(&key).unwrap().pem();
+        assert!(check_issued(&good, &key.serialize_pem(), now).is_ok());
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let expired = params.self_signed(&key).unwrap().pem();
+        match check_issued(&expired, &key.serialize_pem(), now) {
+            Err(AcmeError::Unusable(why)) => assert!(why.contains("expired"), "{why}"),
+            other => panic!("{:?}", other.map_err(|e| e.to_string())),
+        }
+        // A key that does not match: it does not load.
+        let other = rcgen::KeyPair::generate().unwrap();
+        assert!(matches!(
+            check_issued(&good, &other.serialize_pem(), now),
+            Err(AcmeError::Issued(_))
+        ));
     }
 
     #[test]
