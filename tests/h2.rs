@@ -1236,37 +1236,19 @@ fn a_stream_cut_with_its_connection_is_logged_and_counted() {
 #[test]
 fn a_tls_backends_body_ended_by_a_fin_alone_is_incomplete() {
     let pki = Pki::new("up-tls-unclean");
-    let cfg = tls_server_config(&pki, None);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let back = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for sock in listener.incoming().flatten() {
-            let cfg = cfg.clone();
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let conn = rustls::ServerConnection::new(cfg).unwrap();
-                let mut s = rustls::StreamOwned::new(conn, sock);
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if !matches!(s.read(&mut byte), Ok(1)) {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let clean = head.starts_with(b"GET /clean ");
-                // The body: the protocol ktern offered by ALPN.
-                let alpn = s.conn.alpn_protocol().unwrap_or(b"none").to_vec();
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
-                let _ = s.write_all(&alpn);
-                if clean {
-                    s.conn.send_close_notify();
-                }
-                let _ = s.flush();
-                let _ = s.sock.shutdown(std::net::Shutdown::Write);
-                std::thread::sleep(Duration::from_millis(500));
-            });
+    let (back, _) = tls_backend_answering(&pki, |s, head| {
+        use std::io::Write;
+        let clean = head.starts_with(b"GET /clean ");
+        // The body: the protocol ktern offered by ALPN.
+        let alpn = s.conn.alpn_protocol().unwrap_or(b"none").to_vec();
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let _ = s.write_all(&alpn);
+        if clean {
+            s.conn.send_close_notify();
         }
+        let _ = s.flush();
+        let _ = s.sock.shutdown(std::net::Shutdown::Write);
+        std::thread::sleep(Duration::from_millis(500));
     });
     let config = format!(
         "{}[upstream.b]\nbackends = [\"{back}\"]\n\

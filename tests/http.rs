@@ -2073,38 +2073,17 @@ fn alpn_offers_http11_on_http_routes_and_what_is_configured_on_tcp() {
 #[test]
 fn a_tls_backend_connection_ended_by_close_notify_is_not_reused() {
     let pki = Pki::new("up-tls-notify");
-    let cfg = tls_server_config(&pki, None);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let back = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        for sock in listener.incoming().flatten() {
-            count.fetch_add(1, Ordering::SeqCst);
-            let cfg = cfg.clone();
-            std::thread::spawn(move || {
-                let conn = rustls::ServerConnection::new(cfg).unwrap();
-                let mut s = rustls::StreamOwned::new(conn, sock);
-                // One request head (these carry no body): up to its end.
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if !matches!(s.read(&mut byte), Ok(1)) {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                s.conn
-                    .writer()
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .unwrap();
-                s.conn.send_close_notify();
-                while s.conn.wants_write() {
-                    s.conn.write_tls(&mut s.sock).unwrap();
-                }
-                std::thread::sleep(Duration::from_millis(1500));
-            });
+    // One request head each (these carry no body).
+    let (back, accepted) = tls_backend_answering(&pki, |s, _| {
+        s.conn
+            .writer()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .unwrap();
+        s.conn.send_close_notify();
+        while s.conn.wants_write() {
+            s.conn.write_tls(&mut s.sock).unwrap();
         }
+        std::thread::sleep(Duration::from_millis(1500));
     });
     let config = format!(
         "{}[upstream.b]\nbackends = [\"{back}\"]\npool_size = 4\n\

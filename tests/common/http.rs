@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{pattern, sha256, Client, Ktern, Pki};
+use super::{pattern, sha256, tls_server_config, Client, Ktern, Pki};
 
 /// A test backend named `name`; counts accepted connections.
 pub struct Backend {
@@ -564,4 +564,45 @@ pub fn try_exchange(c: &mut Client, request: &str) -> std::io::Result<Resp> {
         )));
     }
     Ok(resp)
+}
+
+/// A TLS backend (rustls, `pki`'s certificate) for tests of one response
+/// at a time: each connection reads one request head (no body) and hands
+/// it, with the stream, to `answer`, which writes what it likes and ends
+/// the connection as it likes. Returns its address and how many
+/// connections it accepted.
+pub fn tls_backend_answering(
+    pki: &Pki,
+    answer: impl Fn(&mut rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>, &[u8])
+        + Send
+        + Sync
+        + 'static,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Read;
+    let cfg = tls_server_config(pki, None);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (cfg, answer) = (cfg.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut byte), Ok(1)) {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                answer(&mut s, &head);
+            });
+        }
+    });
+    (addr, accepted)
 }
