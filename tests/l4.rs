@@ -630,6 +630,7 @@ fn a_fin_alone_goes_on_without_close_notify_over_tls_both_ways() {
     );
     for clean in [true, false] {
         let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        until_a_ticket(&mut c);
         c.write_all(b"request").unwrap();
         if clean {
             c.conn.send_close_notify();
@@ -674,7 +675,8 @@ fn an_empty_record_does_not_end_the_stream() {
     let k = Ktern::start(&pki, "ktls_after = \"0\"", &tcp_listener(backend, ""));
     let mut cfg = (*client_config(&[&pki.der])).clone();
     cfg.enable_secret_extraction = true;
-    let c = try_connect(k.addr(), &Arc::new(cfg)).unwrap();
+    let mut c = try_connect(k.addr(), &Arc::new(cfg)).unwrap();
+    until_a_ticket(&mut c);
     let SupportedCipherSuite::Tls13(suite) = c.conn.negotiated_cipher_suite().unwrap() else {
         panic!("TLS 1.3 expected");
     };
