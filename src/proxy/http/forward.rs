@@ -1601,11 +1601,10 @@ pub(crate) async fn begin_attempt<'b>(
     // A new connection whose set-up failed (its TLS handshake, its PROXY
     // header) carried nothing of the request: the next backend is tried
     // (nginx's proxy_next_upstream error), each once, within one
-    // connect_timeout for all the set-ups (a handshake that timed out
+    // connect_timeout from the request's start (a handshake that timed out
     // spends it: no second wait), and with one probe of a down backend
     // per request as for connects (an outage costs a request one try).
     let mut failed_set_ups: Vec<SocketAddr> = Vec::new();
-    let first_set_up = Instant::now();
     let (mut backend, addr, reused, lease) = loop {
         // Inline: no timer in it (a new connection's connect timer is
         // boxed inside), and a box of its own cost an allocation per
@@ -1659,7 +1658,7 @@ pub(crate) async fn begin_attempt<'b>(
                 balancer.failed(addr, Instant::now());
                 failed_set_ups.push(addr);
                 if failed_set_ups.len() >= upstream.backends.len()
-                    || first_set_up.elapsed() >= upstream.connect_timeout
+                    || started.elapsed() >= upstream.connect_timeout
                 {
                     return Step::Answer(502);
                 }
