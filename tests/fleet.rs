@@ -103,6 +103,16 @@ impl Fleet {
                     .spawn()
                     .unwrap(),
             ));
+            // ktern answers 502 until its backend listens: start it only
+            // once the backend accepts (under a loaded CI box the backend
+            // came up after the clients' first requests).
+            in_ns(&ns, || {
+                let until = Instant::now() + Duration::from_secs(10);
+                while std::net::TcpStream::connect("127.0.0.1:18080").is_err() {
+                    assert!(Instant::now() < until, "backend in {ns} did not listen");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
             let listeners = format!(
                 "{extra}\n[[listener]]\nname = \"vip\"\naddress = \"{VIP}\"\n[[listener.certificate]]\ncert = \"@CERT@\"\nkey = \"@KEY@\"\n[listener.route]\nkind = \"http\"\n[[listener.route.rule]]\nupstream = \"app\"\n[upstream.app]\nbackends = [\"127.0.0.1:18080\"]\n"
             );
