@@ -177,6 +177,23 @@ fn embedded_default() -> anyhow::Result<Config> {
 }
 
 fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::Result<()> {
+    // Handlers go in first, before the config is read (seconds with many
+    // certificates) or an upgrade takes sockets: from here on SIGHUP (whose
+    // default action kills: a logrotate or `systemctl reload` must not stop
+    // a server that is starting) and SIGTERM only wake the loop below,
+    // whichever thread the kernel delivers them to. So do the signals nginx
+    // gives meanings to, whose default actions kill (QUIT with a core dump,
+    // which holds private keys): an operator's habit or a logrotate config
+    // written for nginx must not cut every connection.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGQUIT,
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
+    ])
+    .context("cannot install signal handlers")?;
     let embedded = config_path.is_none();
     let (config, source) = match config_path {
         Some(p) => (Config::load(&p)?, Source::File(p)),
@@ -215,22 +232,6 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         Ok((soft, _)) => tracing::info!(open_files = soft, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    // Handlers go in before any shard starts: from here on SIGHUP (whose
-    // default action kills: a logrotate or `systemctl reload` must not stop
-    // the server) and SIGTERM only wake the loop below, whichever thread
-    // the kernel delivers them to. So do the signals nginx gives meanings
-    // to, whose default actions kill (QUIT with a core dump, which holds
-    // private keys): an operator's habit or a logrotate config written for
-    // nginx must not cut every connection.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGQUIT,
-        signal_hook::consts::SIGUSR1,
-        signal_hook::consts::SIGUSR2,
-    ])
-    .context("cannot install signal handlers")?;
     let admin = config.admin;
     let upgrade_socket = config.runtime.upgrade_socket.clone();
     // The switch to runtime.user comes once the shards listen: one that
@@ -318,6 +319,27 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         ),
         _ => None,
     };
+    // Signals that came while this process started: handled in the loop
+    // below, first. A stop signal among them, in an upgrade, means "abort
+    // it" (an operator's Ctrl-C, a deploy script's timeout): the old
+    // process is not told to drain (it reads the socket's close and keeps
+    // serving, its upgrade socket still at its path), and this one drains
+    // what it took from the shared accept queues. Released, both would
+    // drain and nothing would listen.
+    let early: Vec<i32> = signals.pending().collect();
+    let aborted = inherited.is_some()
+        && early.iter().any(|s| {
+            [
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGQUIT,
+            ]
+            .contains(s)
+        });
+    if aborted {
+        tracing::warn!("upgrade: a stop signal came while this process started: the old ktern keeps serving, this one drains");
+        drop(inherited.take());
+    }
     if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
         // From here on this process serves whatever happens: the old one
         // may already have stopped accepting.
@@ -335,7 +357,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     // 0700 directory root made, and goes to a path (`/run/ktern`) root may
     // own; as runtime.user the rename failed, and no upgrade ever found
     // the process.
-    if let Some(listening) = upgrade_listening {
+    if let Some(listening) = upgrade_listening.filter(|_| !aborted) {
         if let Err(e) = listening.serve(Arc::new(ktern::control::UpgradeOffer(control.clone()))) {
             tracing::error!(error = %e, "runtime.upgrade_socket: cannot serve it; upgrades will not find this process");
         }
@@ -347,7 +369,9 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     }
     // After the switch: the ACME client writes keys and certificates as
     // runtime.user.
-    control.start_acme();
+    if !aborted {
+        control.start_acme();
+    }
     // Said once everything is up, the upgrade socket included: whoever reads
     // these lines (an operator, a script, the tests) may upgrade at once.
     for (name, addr) in &listeners {
@@ -372,7 +396,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     // (`systemctl stop`, a deploy script's `kill`) means "drain", as it
     // does for any process, not "second signal: exit now".
     let mut stop_signalled = false;
-    for sig in signals.forever() {
+    for sig in early.into_iter().chain(signals.forever()) {
         match sig {
             signal_hook::consts::SIGHUP => {
                 // Logged and counted inside, success or not.

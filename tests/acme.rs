@@ -814,3 +814,56 @@ fn garbage_rate_limits_and_an_unwritable_state_are_logged_counted_and_retried() 
     assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 0);
     assert!(k.child.try_wait().unwrap().is_none(), "ktern exited");
 }
+
+/// A draining process (SIGTERM here; the same after a binary upgrade's
+/// hand-over) orders no more certificates: it may no longer answer the
+/// CA's validation, and each failure counts against the CA's limits.
+/// Before, it went on retrying through `drain_delay` and `drain_timeout`.
+#[test]
+fn a_draining_process_orders_no_more_certificates() {
+    let pki = Pki::new("acme-drain");
+    let (cert, key) = ktern::builtin::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(pki.dir.join("ca.pem"), cert).unwrap();
+    std::fs::write(pki.dir.join("ca.key"), key).unwrap();
+    let answer = pki.dir.join("answer");
+    std::fs::write(&answer, "500\n").unwrap();
+    let (ca_pem, ca_key) = (pki.dir.join("ca.pem"), pki.dir.join("ca.key"));
+    let (_ca, port) = python_ca(
+        "hostile_ca.py",
+        &[ca_pem.as_os_str(), ca_key.as_os_str(), answer.as_os_str()],
+    );
+    let config = format!(
+        "[acme]\nstate_dir = \"{}\"\nretry = \"1s\"\nretry_max = \"1s\"\n\n\
+         [[listener]]\naddress = \"127.0.0.1:{}\"\n\
+         [[listener.certificate]]\nacme = {{ domains = [\"d.acme.test\"], directory = \"https://127.0.0.1:{port}/dir\", ca = \"{}\" }}\n\
+         [listener.route]\nkind = \"tcp\"\nbackends = [\"{}\"]\n",
+        pki.dir.join("acme").display(),
+        free_port(),
+        pki.dir.join("ca.pem").display(),
+        start_backend()
+    );
+    let k = Ktern::start(&pki, "drain_delay = \"10s\"", &config);
+    // Failing and retrying about once a second.
+    let n = wait_failure(&k, 0, "ACME: order failed");
+    wait_failure(&k, n, "ACME: order failed");
+    k.signal("TERM");
+    let until = Instant::now() + Duration::from_secs(5);
+    while k.admin_request("GET", "/ready").0 != 503 {
+        assert!(Instant::now() < until, "/ready did not flip");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // An order under way when the signal came may still fail; none after.
+    let at_drain = k.metric("ktern_acme_order_failures_total");
+    std::thread::sleep(Duration::from_secs(4));
+    let after = k.metric("ktern_acme_order_failures_total");
+    assert!(
+        after <= at_drain + 1,
+        "{} orders failed after the drain began",
+        after - at_drain
+    );
+    assert!(
+        k.log().contains("it orders no more certificates"),
+        "{}",
+        k.log()
+    );
+}

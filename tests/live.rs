@@ -1684,3 +1684,82 @@ fn a_failed_upgrade_leaves_the_old_process_serving_and_upgradable() {
     // No private socket directory is left behind.
     assert_no_private_socket_dir(&pki);
 }
+
+/// A stop signal to a new process while it starts an upgrade (an
+/// operator's Ctrl-C, a deploy script's timeout) aborts the upgrade: the
+/// old process is never told to drain, and the new one drains what it took
+/// and exits 0. Released, both processes drained and nothing listened. The
+/// old process here is the test, speaking the upgrade protocol: it sends no
+/// sockets, and sees whether DRAIN comes (a real old process keeps serving
+/// when the socket closes instead: `a_failed_upgrade_leaves_...`).
+#[test]
+fn a_stop_signal_while_an_upgrade_starts_leaves_the_old_process_serving() {
+    use std::io::{BufRead, BufReader};
+    let pki = Pki::new("live-upgrade-abort");
+    let backend = start_backend();
+    let sock = pki.dir.join("old.sock");
+    let old = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let config = pki.dir.join("new.toml");
+    let rt = runtime("drain_delay = \"0s\"");
+    std::fs::write(
+        &config,
+        Ktern::config_text(&pki, &rt, &tcp_listener(backend, "")),
+    )
+    .unwrap();
+    let log = pki.dir.join("new.log");
+    let mut new = ktern_cmd()
+        .args(["run", "-c"])
+        .arg(&config)
+        .arg("--upgrade-from")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let (conn, _) = old.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30) * slow()))
+        .unwrap();
+    let mut lines = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "FDS\n");
+    // Its handlers are in by now (they come before the request), and it
+    // waits for the offer: a logrotate's HUP goes to the reload it asks
+    // for once started, the TERM aborts the upgrade. Neither interrupts
+    // it (they did: EINTR ended it with exit 1).
+    for sig in ["-HUP", "-TERM"] {
+        let killed = Command::new("kill")
+            .args([sig, &new.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    (&conn)
+        .write_all(b"{\"pid\":1,\"sockets\":[],\"admin\":null}\n")
+        .unwrap();
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "SEND\n");
+    line.clear();
+    let n = lines.read_line(&mut line).unwrap();
+    assert_eq!(
+        (n, line.as_str()),
+        (0, ""),
+        "the old process must not be told to drain"
+    );
+    let until = Instant::now() + Duration::from_secs(20) * slow();
+    let status = loop {
+        if let Some(status) = new.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < until, "the new process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(
+        log.contains("a stop signal came while this process started"),
+        "{log}"
+    );
+    assert!(log.contains("reload: new config live"), "{log}");
+}

@@ -63,14 +63,20 @@ pub struct Inherited {
 }
 
 /// Reads one line a byte at a time, so that nothing after it (fds ride on
-/// the bytes that follow) is consumed by a plain read.
+/// the bytes that follow) is consumed by a plain read. A signal (a
+/// logrotate's SIGHUP, a stop signal that aborts the upgrade once the
+/// process has started) interrupts a read with a timeout however its
+/// handler was installed (signal(7)): the read goes on.
 fn read_line_unbuffered(stream: &UnixStream) -> std::io::Result<String> {
     use std::io::Read as _;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 1 << 20 {
-        if (&*stream).read(&mut byte)? == 0 {
-            break;
+        match (&*stream).read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
         if byte[0] == b'\n' {
             break;
@@ -128,8 +134,10 @@ pub fn take_over(path: &Path) -> Result<Inherited, UpgradeError> {
     let mut fds: Vec<OwnedFd> = Vec::with_capacity(want);
     while fds.len() < want {
         let mut byte = [0u8; 1];
-        let (n, got) =
-            sys::recv_fds(stream.as_fd(), &mut byte, want - fds.len()).map_err(io_err(path))?;
+        let (n, got) = match sys::recv_fds(stream.as_fd(), &mut byte, want - fds.len()) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.map_err(io_err(path))?,
+        };
         if n == 0 {
             return Err(protocol(format!(
                 "closed after {} of {want} fds",

@@ -229,6 +229,9 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
     let mut tracks: HashMap<PathBuf, Track> = HashMap::new();
     loop {
         let Some(c) = control.upgrade() else { return };
+        if draining(&c) {
+            return;
+        }
         let config = c.current().config.clone();
         let (metrics, challenges) = (c.metrics.clone(), c.challenges.clone());
         drop(c);
@@ -344,6 +347,9 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
                 }
                 Next::Order => {}
             }
+            if control.upgrade().is_none_or(|c| draining(&c)) {
+                return;
+            }
             let Some(rt) = runtime_for(&mut runtime) else {
                 return;
             };
@@ -432,6 +438,22 @@ fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// A draining process (a stop signal, or its sockets handed to a new
+/// binary) orders nothing more: it may no longer answer the CA's
+/// validation on the listeners (a failure that counts against the CA's
+/// limits), it would hold the state directory's lock the new process
+/// needs, and a certificate it obtained would reload a process on its way
+/// out. An order already under way runs to its end.
+fn draining(c: &Control) -> bool {
+    let draining = c.status.draining.load(std::sync::atomic::Ordering::Relaxed);
+    if draining {
+        tracing::info!(
+            "ACME: this process drains: it orders no more certificates (the next process does)"
+        );
+    }
+    draining
 }
 
 /// The ACME thread's runtime, made on first need: a config without ACME
