@@ -69,7 +69,14 @@ const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
 /// the max frame size can't be less than 16kb, so not even close).
-const CHAIN_THRESHOLD: usize = 256;
+///
+/// ktern: 4 KiB (h2: 256 bytes). A chained payload holds the encoder
+/// (`has_capacity` is false until it is written), so every response body
+/// of 256 bytes or more took a flush of its own: one `sendmsg` per response
+/// under kTLS, and on userspace records one seal and write per response,
+/// the next response waiting for it. Copied into the 16 KiB buffer, the
+/// small bodies of many streams go out in one write; bulk still chains.
+const CHAIN_THRESHOLD: usize = 4 * 1024;
 
 /// Chain payloads bigger than this when vectored I/O is **not** enabled.
 /// A larger value in this scenario will reduce the number of small and
