@@ -244,6 +244,40 @@ fn a_reload_keeps_a_tls_groups_health_verdicts() {
     assert_eq!(k.metric("ktern_upstream_backends_down"), 1);
 }
 
+/// A backend found down counts once in `ktern_upstream_backends_down`,
+/// across a reload too, and a group a reload removes counts no more at
+/// once. The new generation's probe counted the verdict it took over at
+/// once, the replaced one took it out only once it noticed (within a
+/// second): a scrape in between counted the backend twice, and alerts on
+/// the gauge flapped at every reload.
+#[test]
+fn a_backend_found_down_counts_once_across_a_reload() {
+    let pki = Pki::new("health-gauge");
+    let a = start_http_backend("a");
+    a.healthy.store(false, Ordering::SeqCst);
+    let cfg = app_config(
+        &[&a],
+        "[upstream.app.health]\npath = \"/healthz\"\ninterval = \"1h\"\nfall = 1\nrise = 1",
+    );
+    let k = Ktern::start(&pki, "", &cfg);
+    assert_eq!(k.wait_metric("ktern_upstream_backends_down", 1), 1);
+    k.signal("HUP");
+    assert_eq!(k.wait_metric("ktern_config_generation", 2), 2);
+    for _ in 0..10 {
+        assert_eq!(k.metric("ktern_upstream_backends_down"), 1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The same backend without checks.
+    std::fs::write(
+        &k.config_path,
+        Ktern::config_text(&pki, "", &app_config(&[&a], "")),
+    )
+    .unwrap();
+    k.signal("HUP");
+    assert_eq!(k.wait_metric("ktern_config_generation", 3), 3);
+    assert_eq!(k.metric("ktern_upstream_backends_down"), 0);
+}
+
 /// A replaced generation's checker (a thread) ends within a second of the
 /// reload, whatever its interval: reloads more frequent than a long
 /// interval do not pile them up (each slept out its interval first).

@@ -643,7 +643,7 @@ fn listeners_are_added_and_removed_by_reload() {
     let pki = Pki::new("live-listeners");
     let backend = start_backend();
     let rt = runtime("");
-    let one = tcp_listener(backend, "");
+    let one = tcp_listener(backend, "name = \"gone\"");
     let k = Ktern::start(&pki, &rt, &one);
     let first = k.addr();
     let spare = TcpListener::bind("127.0.0.1:0")
@@ -673,6 +673,18 @@ fn listeners_are_added_and_removed_by_reload() {
     while TcpStream::connect(first).is_ok() {
         assert!(Instant::now() < until, "the removed listener still accepts");
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its connections over, its open-connections series goes too (it
+    // said 0 until the process ended).
+    drop(open);
+    let until = Instant::now() + Duration::from_secs(5);
+    while k
+        .admin_request("GET", "/metrics")
+        .1
+        .contains("ktern_listener_connections_active{listener=\"gone\"}")
+    {
+        assert!(Instant::now() < until, "the removed listener's gauge stays");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -232,6 +232,7 @@ fn route(method: &str, target: &str, control: &Control) -> Answer {
 /// current certificates' expiry and the build.
 fn metrics(control: &Control) -> String {
     let mut out = String::with_capacity(16 << 10);
+    control.refresh_gauges();
     crate::metrics::render_into(&mut out, &control.metric_sets());
     // Absent without kTLS (or before Linux 5.6): nothing to mirror.
     if let Ok(stat) = std::fs::read_to_string("/proc/net/tls_stat") {

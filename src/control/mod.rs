@@ -381,6 +381,22 @@ impl Control {
         bound_of(&self.lock())
     }
 
+    /// Sets the gauges taken from the current generation, before a scrape:
+    /// `ktern_upstream_backends_down` is what its groups' checks found
+    /// (a group a reload removed counts no more, at once).
+    pub fn refresh_gauges(&self) {
+        let down = self
+            .current()
+            .health
+            .iter()
+            .flatten()
+            .map(|h| h.down())
+            .sum();
+        self.health_metrics
+            .backends_down
+            .store(down, Ordering::Relaxed);
+    }
+
     /// Every counter set to sum on `/metrics`: shards, health checker,
     /// control.
     pub fn metric_sets(&self) -> Vec<Arc<M>> {

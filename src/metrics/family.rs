@@ -365,7 +365,12 @@ pub fn render(out: &mut String, all: &[&Families]) {
     );
     let mut active: BTreeMap<String, u64> = BTreeMap::new();
     for f in all {
-        let map = f.active.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = f.active.lock().unwrap_or_else(|e| e.into_inner());
+        // A listener no generation serves any more (a reload removed it,
+        // and the last connection of the generation that had it ended):
+        // only this map holds its gauge, and its series goes, as the
+        // listener did, rather than say 0 until the process ends.
+        map.retain(|_, v| Arc::strong_count(v) > 1);
         for (k, v) in map.iter() {
             *active.entry(k.clone()).or_default() += v.load(Ordering::Relaxed);
         }
@@ -453,10 +458,14 @@ mod tests {
         a.responses_for("web", "api").record(204);
         b.responses_for("web", "api").record(503);
         b.responses_for("web\"x", NONE).record(404);
-        a.active_for("web").fetch_add(2, Ordering::Relaxed);
+        let web = a.active_for("web");
+        web.fetch_add(2, Ordering::Relaxed);
+        // Held by no generation: not rendered.
+        b.active_for("gone");
         a.userspace(UserspaceReason::Cipher);
         let mut out = String::new();
         render(&mut out, &[&a, &b]);
+        assert!(!out.contains("listener=\"gone\""), "{out}");
         assert!(
             out.contains(
                 "ktern_http_responses_total{listener=\"web\",upstream=\"api\",class=\"2xx\"} 2\n"

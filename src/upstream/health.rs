@@ -258,20 +258,17 @@ struct Job {
 async fn run(job: Job, metrics: Arc<M>) {
     let mut tracker = Tracker::new(job.check.rise, job.check.fall);
     let req = request(&job.check, job.addr);
-    // A verdict carried over from the replaced generation (its probe
-    // counted it in the gauge and takes it out when it stops).
+    // A verdict carried over from the replaced generation. (The down
+    // gauge is counted from the current generation's verdicts at each
+    // scrape, `Control::refresh_gauges`: counted here, a backend found down
+    // counted twice from a reload until the old probe noticed it was
+    // retired, up to a second later.)
     let mut down = !job.state.is_up(job.index);
     if down {
         tracker.mark_down();
-        M::inc(&metrics.backends_down);
     }
     loop {
         if !job.alive.load(std::sync::atomic::Ordering::Relaxed) {
-            // A reload replaced this group's checks: this backend's
-            // verdict no longer counts in the down gauge.
-            if down {
-                M::dec(&metrics.backends_down);
-            }
             return;
         }
         let started = Instant::now();
@@ -302,13 +299,11 @@ async fn run(job: Job, metrics: Arc<M>) {
                 job.state.set(job.index, false);
                 down = true;
                 M::inc(&metrics.health_marked_down);
-                M::inc(&metrics.backends_down);
                 tracing::warn!(upstream = %job.upstream, backend = %job.addr, ?verdict, fall = job.check.fall, "backend marked down by health checks");
             }
             Some(Transition::Up) => {
                 job.state.set(job.index, true);
                 down = false;
-                M::dec(&metrics.backends_down);
                 tracing::info!(upstream = %job.upstream, backend = %job.addr, rise = job.check.rise, "backend back up by health checks");
             }
             None => {}

@@ -291,6 +291,14 @@ impl HealthState {
         self.up.get(i).is_some_and(|u| u.load(Ordering::Relaxed))
     }
 
+    /// How many backends are down.
+    pub fn down(&self) -> u64 {
+        self.up
+            .iter()
+            .filter(|u| !u.load(Ordering::Relaxed))
+            .count() as u64
+    }
+
     /// Marks backend `i` up or down.
     pub fn set(&self, i: usize, up: bool) {
         if let Some(u) = self.up.get(i) {

@@ -86,13 +86,14 @@ pub fn request_head(
         // backend read :authority, and a Host that was dropped in silence
         // left a log or an intermediary reading the other.
         Some(a) => {
-            let named = |v: &str| exchange::strip_port(v).to_ascii_lowercase();
-            let authority = named(a.as_str());
+            // Compared in place, no lowercase copy per request (most
+            // clients send no Host beside :authority).
+            let authority = exchange::strip_port(a.as_str());
             for host in parts.headers.get_all(http::header::HOST) {
                 let host = host
                     .to_str()
                     .map_err(|_| Refusal::Malformed("host is not text"))?;
-                if named(host) != authority {
+                if !exchange::strip_port(host).eq_ignore_ascii_case(authority) {
                     return Err(Refusal::Malformed("host differs from :authority"));
                 }
             }
