@@ -746,33 +746,44 @@ fn wait_failure(k: &Ktern, past: u64, why: &str) -> u64 {
     )
 }
 
-#[test]
-fn garbage_rate_limits_and_an_unwritable_state_are_logged_counted_and_retried() {
-    let pki = Pki::new("acme-hostile");
+/// The hostile test CA (`hostile_ca.py`, its certificate made in
+/// `pki.dir`), answering what `pki.dir/answer` says (500 until a test
+/// writes something else), and a config whose `tcp` listener orders one
+/// name from it, retrying every second, with `state_dir`: the CA (killed
+/// on drop) and the config.
+fn hostile_ca_ordering(pki: &Pki, state_dir: &Path) -> (Reaped, String) {
     let (cert, key) = ktern::builtin::self_signed(&["localhost", "127.0.0.1"]).unwrap();
-    std::fs::write(pki.dir.join("ca.pem"), cert).unwrap();
-    std::fs::write(pki.dir.join("ca.key"), key).unwrap();
-    let answer = pki.dir.join("answer");
-    std::fs::write(pki.dir.join("answer.dir"), "200\nthis is not JSON").unwrap();
-    std::fs::write(&answer, "500\n").unwrap();
     let (ca_pem, ca_key) = (pki.dir.join("ca.pem"), pki.dir.join("ca.key"));
-    let (_ca, port) = python_ca(
+    std::fs::write(&ca_pem, cert).unwrap();
+    std::fs::write(&ca_key, key).unwrap();
+    let answer = pki.dir.join("answer");
+    std::fs::write(&answer, "500\n").unwrap();
+    let (ca, port) = python_ca(
         "hostile_ca.py",
         &[ca_pem.as_os_str(), ca_key.as_os_str(), answer.as_os_str()],
     );
-    // The state directory sits under a regular file: nothing can be
-    // written there until the test removes the file.
-    std::fs::write(pki.dir.join("blocked"), "a file").unwrap();
     let config = format!(
         "[acme]\nstate_dir = \"{}\"\nretry = \"1s\"\nretry_max = \"1s\"\n\n\
          [[listener]]\naddress = \"127.0.0.1:{}\"\n\
          [[listener.certificate]]\nacme = {{ domains = [\"d.acme.test\"], directory = \"https://127.0.0.1:{port}/dir\", ca = \"{}\" }}\n\
          [listener.route]\nkind = \"tcp\"\nbackends = [\"{}\"]\n",
-        pki.dir.join("blocked/acme").display(),
+        state_dir.display(),
         free_port(),
-        pki.dir.join("ca.pem").display(),
+        ca_pem.display(),
         start_backend()
     );
+    (ca, config)
+}
+
+#[test]
+fn garbage_rate_limits_and_an_unwritable_state_are_logged_counted_and_retried() {
+    let pki = Pki::new("acme-hostile");
+    let answer = pki.dir.join("answer");
+    std::fs::write(pki.dir.join("answer.dir"), "200\nthis is not JSON").unwrap();
+    // The state directory sits under a regular file: nothing can be
+    // written there until the test removes the file.
+    std::fs::write(pki.dir.join("blocked"), "a file").unwrap();
+    let (_ca, config) = hostile_ca_ordering(&pki, &pki.dir.join("blocked/acme"));
     let mut k = Ktern::start(&pki, "", &config);
 
     // A state directory that cannot be made: an error naming the path,
@@ -822,26 +833,7 @@ fn garbage_rate_limits_and_an_unwritable_state_are_logged_counted_and_retried() 
 #[test]
 fn a_draining_process_orders_no_more_certificates() {
     let pki = Pki::new("acme-drain");
-    let (cert, key) = ktern::builtin::self_signed(&["localhost", "127.0.0.1"]).unwrap();
-    std::fs::write(pki.dir.join("ca.pem"), cert).unwrap();
-    std::fs::write(pki.dir.join("ca.key"), key).unwrap();
-    let answer = pki.dir.join("answer");
-    std::fs::write(&answer, "500\n").unwrap();
-    let (ca_pem, ca_key) = (pki.dir.join("ca.pem"), pki.dir.join("ca.key"));
-    let (_ca, port) = python_ca(
-        "hostile_ca.py",
-        &[ca_pem.as_os_str(), ca_key.as_os_str(), answer.as_os_str()],
-    );
-    let config = format!(
-        "[acme]\nstate_dir = \"{}\"\nretry = \"1s\"\nretry_max = \"1s\"\n\n\
-         [[listener]]\naddress = \"127.0.0.1:{}\"\n\
-         [[listener.certificate]]\nacme = {{ domains = [\"d.acme.test\"], directory = \"https://127.0.0.1:{port}/dir\", ca = \"{}\" }}\n\
-         [listener.route]\nkind = \"tcp\"\nbackends = [\"{}\"]\n",
-        pki.dir.join("acme").display(),
-        free_port(),
-        pki.dir.join("ca.pem").display(),
-        start_backend()
-    );
+    let (_ca, config) = hostile_ca_ordering(&pki, &pki.dir.join("acme"));
     let k = Ktern::start(&pki, "drain_delay = \"10s\"", &config);
     // Failing and retrying about once a second.
     let n = wait_failure(&k, 0, "ACME: order failed");
