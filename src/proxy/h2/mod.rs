@@ -226,42 +226,49 @@ async fn serve_on(
             }
             let mut progressed = false;
             if accepting && wake.take() {
-                match conn.poll_accept(&mut conn_cx) {
-                    Poll::Ready(Some(Ok((req, respond)))) => {
-                        M::inc(&ctx.metrics.h2_streams);
-                        // A stream accepted after a graceful GOAWAY (sent
-                        // before the client's PING confirmed it) is served
-                        // whole: the close's bound starts again when it,
-                        // and any other, has ended.
-                        winding_down = false;
-                        // The first stream after an idle spell: a client
-                        // back before the sweeper found the spell
-                        // BUFFERS_KEPT_IDLE old (its nudge still pending)
-                        // is busy, and keeps its buffers from now on.
-                        if streams.is_empty() {
-                            busy = idle.nudge_pending();
-                        }
-                        let clock = clocks.borrow_mut().pop();
-                        let clock = clock.unwrap_or_else(|| ctx.idle.register(route.head_timeout));
-                        let mut own = ctx.clone();
-                        own.clock = Some(clock.clone());
-                        let clocks = &clocks;
-                        let link = &*signals;
-                        streams.push(buffers::future(async move {
-                            let end = stream::exchange(req, respond, &own, link).await;
-                            let mut kept = clocks.borrow_mut();
-                            if kept.len() < CLOCKS_KEPT {
-                                kept.push(clock);
-                            }
-                            end
-                        }));
-                        // Ready registered no waker: poll again for the next.
-                        wake.due();
-                        progressed = true;
-                    }
+                let mut next = match conn.poll_accept(&mut conn_cx) {
+                    Poll::Ready(Some(Ok(stream))) => Some(stream),
                     Poll::Ready(Some(Err(e))) => break Poll::Ready(Err(e)),
-                    Poll::Ready(None) => accepting = false,
-                    Poll::Pending => {}
+                    Poll::Ready(None) => {
+                        accepting = false;
+                        None
+                    }
+                    Poll::Pending => None,
+                };
+                // The streams that came with the first: taken without a
+                // connection poll each (h2's `try_accept`, ktern's patch).
+                while let Some((req, respond)) = next.take() {
+                    M::inc(&ctx.metrics.h2_streams);
+                    // A stream accepted after a graceful GOAWAY (sent
+                    // before the client's PING confirmed it) is served
+                    // whole: the close's bound starts again when it,
+                    // and any other, has ended.
+                    winding_down = false;
+                    // The first stream after an idle spell: a client
+                    // back before the sweeper found the spell
+                    // BUFFERS_KEPT_IDLE old (its nudge still pending)
+                    // is busy, and keeps its buffers from now on.
+                    if streams.is_empty() {
+                        busy = idle.nudge_pending();
+                    }
+                    let clock = clocks.borrow_mut().pop();
+                    let clock = clock.unwrap_or_else(|| ctx.idle.register(route.head_timeout));
+                    let mut own = ctx.clone();
+                    own.clock = Some(clock.clone());
+                    let clocks = &clocks;
+                    let link = &*signals;
+                    streams.push(buffers::future(async move {
+                        let end = stream::exchange(req, respond, &own, link).await;
+                        let mut kept = clocks.borrow_mut();
+                        if kept.len() < CLOCKS_KEPT {
+                            kept.push(clock);
+                        }
+                        end
+                    }));
+                    // Ready registered no waker: poll again for the next.
+                    wake.due();
+                    progressed = true;
+                    next = conn.try_accept();
                 }
                 // The frame watch may have flagged a flood during that poll's
                 // reads: act on it now, not at the next wake (which a client

@@ -448,6 +448,18 @@ where
         Poll::Pending
     }
 
+    /// ktern: the next stream a poll already received, without polling the
+    /// connection again. `poll_accept` drives the whole connection first
+    /// (reads, writes, a flush) and returns one stream; the others that
+    /// came in the same read are taken this way after it, not with one
+    /// more connection poll each.
+    pub fn try_accept(&mut self) -> Option<(Request<RecvStream>, SendResponse<B>)> {
+        let inner = self.connection.next_incoming()?;
+        let (head, _) = inner.take_request().into_parts();
+        let body = RecvStream::new(FlowControl::new(inner.clone_to_opaque()));
+        Some((Request::from_parts(head, body), SendResponse { inner }))
+    }
+
     /// Sets the target window size for the whole connection.
     ///
     /// If `size` is greater than the current value, then a `WINDOW_UPDATE`
