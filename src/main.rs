@@ -271,6 +271,18 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         }
         None => None,
     };
+    // Signals that came while this process started, handled once it
+    // serves (below). A stop signal in an upgrade means "abort it" (an
+    // operator's Ctrl-C, a deploy script's timeout): before anything of
+    // ours accepts, the process ends here, and the old one reads the
+    // socket's close and keeps serving (its upgrade socket still at its
+    // path). Released, both would drain and nothing would listen.
+    let mut early: Vec<i32> = signals.pending().collect();
+    if inherited.is_some() && early.iter().any(|&s| is_stop(s)) {
+        anyhow::bail!(
+            "upgrade aborted: a stop signal came before this process served (the running ktern keeps serving)"
+        );
+    }
     let sockets = inherited
         .as_mut()
         .map(|i| std::mem::take(&mut i.sockets))
@@ -312,6 +324,33 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         "ktern {} started",
         env!("CARGO_PKG_VERSION")
     );
+    // A stop signal while the shards started, in an upgrade: aborted as
+    // above, but the shards may have taken connections from the shared
+    // accept queues already. This process drains them at once (no drain
+    // delay: the old process still accepts), without the admin endpoint
+    // it would share with the old process (whose /ready it would turn
+    // 503), and does nothing else its start would have done. A signal
+    // after this check and before the release goes to the upgraded
+    // process, as one right after it would.
+    early.extend(signals.pending());
+    let aborted = inherited.is_some() && early.iter().any(|&s| is_stop(s));
+    if aborted {
+        tracing::warn!("upgrade aborted: a stop signal came while this process started; the running ktern keeps serving, this one drains the connections it took");
+        drop(inherited.take());
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name("ktern-drain".into())
+            .spawn(move || control.drain(Duration::ZERO))
+            .context("cannot start the drain thread")?;
+        for sig in signals.forever() {
+            if is_stop(sig) {
+                tracing::warn!(signal = sig, "second stop signal: exiting now");
+                ktern::metrics::access::flush(SECOND_SIGNAL_FLUSH);
+                std::process::exit(0);
+            }
+        }
+        return Ok(());
+    }
     let admin_addr = match (admin, admin_listener) {
         (Some(admin), Some(listener)) => Some(
             ktern::control::admin::serve(admin, listener, control.clone())
@@ -319,27 +358,6 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         ),
         _ => None,
     };
-    // Signals that came while this process started: handled in the loop
-    // below, first. A stop signal among them, in an upgrade, means "abort
-    // it" (an operator's Ctrl-C, a deploy script's timeout): the old
-    // process is not told to drain (it reads the socket's close and keeps
-    // serving, its upgrade socket still at its path), and this one drains
-    // what it took from the shared accept queues. Released, both would
-    // drain and nothing would listen.
-    let early: Vec<i32> = signals.pending().collect();
-    let aborted = inherited.is_some()
-        && early.iter().any(|s| {
-            [
-                signal_hook::consts::SIGINT,
-                signal_hook::consts::SIGTERM,
-                signal_hook::consts::SIGQUIT,
-            ]
-            .contains(s)
-        });
-    if aborted {
-        tracing::warn!("upgrade: a stop signal came while this process started: the old ktern keeps serving, this one drains");
-        drop(inherited.take());
-    }
     if let (Some(old), Some(path)) = (inherited, &upgrade_from) {
         // From here on this process serves whatever happens: the old one
         // may already have stopped accepting.
@@ -357,7 +375,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     // 0700 directory root made, and goes to a path (`/run/ktern`) root may
     // own; as runtime.user the rename failed, and no upgrade ever found
     // the process.
-    if let Some(listening) = upgrade_listening.filter(|_| !aborted) {
+    if let Some(listening) = upgrade_listening {
         if let Err(e) = listening.serve(Arc::new(ktern::control::UpgradeOffer(control.clone()))) {
             tracing::error!(error = %e, "runtime.upgrade_socket: cannot serve it; upgrades will not find this process");
         }
@@ -369,9 +387,21 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     }
     // After the switch: the ACME client writes keys and certificates as
     // runtime.user.
-    if !aborted {
+    // Not in a process told to stop while it started: its drain begins
+    // below, and an order would race it.
+    let stopping = early.iter().any(|&s| is_stop(s));
+    if !stopping {
         control.start_acme();
     }
+    // Several stop signals while it started are one stop (replayed as two,
+    // the second would exit at once instead of draining).
+    let mut stops = 0;
+    early.retain(|&s| {
+        !is_stop(s) || {
+            stops += 1;
+            stops == 1
+        }
+    });
     // Said once everything is up, the upgrade socket included: whoever reads
     // these lines (an operator, a script, the tests) may upgrade at once.
     for (name, addr) in &listeners {
@@ -443,6 +473,16 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// SIGINT, SIGTERM and SIGQUIT (nginx's graceful stop): each drains.
+fn is_stop(sig: i32) -> bool {
+    [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGQUIT,
+    ]
+    .contains(&sig)
 }
 
 /// `runtime.user`/`group`: once every socket is bound (and the upgrade

@@ -638,7 +638,8 @@ fn a_fin_alone_goes_on_without_close_notify_over_tls_both_ways() {
         // which the offload check below would fail (it did, in CI on
         // 6.18: the backend's TLS set-up comes between the two).
         if in_vm() {
-            k.wait_metric("ktern_ktls_offloaded_total", n as u64 + 1);
+            let offloaded = k.wait_metric("ktern_ktls_offloaded_total", n as u64 + 1);
+            assert_eq!(offloaded, n as u64 + 1, "connection {n} was not offloaded");
         }
         c.write_all(b"request").unwrap();
         if clean {
