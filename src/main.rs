@@ -337,6 +337,18 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     if aborted {
         tracing::warn!("upgrade aborted: a stop signal came while this process started; the running ktern keeps serving, this one drains the connections it took");
         drop(inherited.take());
+        // Gone now, not at exit (the drain ends in `exit`, which runs no
+        // destructor): the upgrade socket's private directory, and an
+        // admin listener of our own that nobody would accept on (a scrape
+        // or `ktern reload` there would wait for its timeout).
+        drop(upgrade_listening);
+        drop(admin_listener);
+        // Nothing left needs root while the taken connections finish.
+        if let Some((user, uid, gid)) = switch_to {
+            if let Err(e) = ktern::sys::drop_privileges(uid, gid) {
+                tracing::error!(user, uid, gid, error = %e, "cannot switch user; draining as root");
+            }
+        }
         let control = control.clone();
         std::thread::Builder::new()
             .name("ktern-drain".into())
