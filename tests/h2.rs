@@ -661,6 +661,11 @@ fn websocket_tunnels_end_on_a_backend_reset_and_when_idle() {
         let mut c = h2c::connect(k.addr(), &pki).await;
         let ws = h2c::websocket(&mut c, "/files/f.txt", &[]).await.unwrap();
         assert_eq!(ws.status, 405);
+        // RFC 9110 §15.5.6: with what the files allow.
+        assert_eq!(
+            ws.headers.get("allow").map(|v| v.as_bytes()),
+            Some(&b"GET, HEAD"[..])
+        );
 
         let mut ws = h2c::websocket(&mut c, "/ws-reset", &[]).await.unwrap();
         assert_eq!(ws.status, 200);

@@ -290,6 +290,18 @@ async fn until_reset<F: std::future::Future>(
 
 /// ktern's own answer; returns the body bytes sent.
 fn local(respond: &mut SendResponse<Bytes>, ctx: &Ctx<'_>, ex: &mut Exchange, status: u16) -> u64 {
+    answer(respond, ctx, ex, status, None)
+}
+
+/// [`local`], with an `Allow` field for a 405 (RFC 9110 §15.5.6: it says
+/// what the resource allows).
+fn answer(
+    respond: &mut SendResponse<Bytes>,
+    ctx: &Ctx<'_>,
+    ex: &mut Exchange,
+    status: u16,
+    allow: Option<&'static str>,
+) -> u64 {
     M::inc(&ctx.metrics.http_local_errors);
     ex.status = status;
     let body = format!("{status} {}\n", forward::reason(status));
@@ -302,6 +314,9 @@ fn local(respond: &mut SendResponse<Bytes>, ctx: &Ctx<'_>, ex: &mut Exchange, st
         http::HeaderValue::from_static("text/plain"),
     );
     h.insert(http::header::CONTENT_LENGTH, body.len().into());
+    if let Some(allow) = allow {
+        h.insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    }
     match respond.send_response(resp, ex.head_only) {
         Ok(mut s) if !ex.head_only => {
             let n = body.len() as u64;
@@ -337,7 +352,7 @@ async fn forward(
         exchange::Plan::Static { .. } if ws_key.is_some() => {
             // A file's 200 would tell the client its WebSocket is open.
             ex.answered_by = Some(ctx.upstreams.len());
-            moved.1 += local(respond, ctx, ex, 405);
+            moved.1 += answer(respond, ctx, ex, 405, Some("GET, HEAD"));
             return Ok(());
         }
         exchange::Plan::Static { root, .. } => {

@@ -201,7 +201,8 @@ fn check_name(name: &[u8]) -> Result<(), FileError> {
 
 /// Percent-decodes a path once (RFC 3986 §2.1). A `%` not followed by two
 /// hex digits is refused rather than kept, so no two readings of the
-/// target can differ; so are `%2F`, `%5C` and `%00`.
+/// target can differ; so are `%2F`, `%5C`, `%00` and the other control
+/// bytes.
 fn percent_decode(path: &str) -> Result<Vec<u8>, FileError> {
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -222,6 +223,10 @@ fn percent_decode(path: &str) -> Result<Vec<u8>, FileError> {
         match byte {
             b'/' | b'\\' => return Err(FileError::BadPath("encoded path separator")),
             0 => return Err(FileError::BadPath("NUL")),
+            // Refused encoded as they are raw: a file name with a line
+            // break or an escape sequence is no web page's, and would
+            // reach the logs that name the path.
+            b if b < 0x20 || b == 0x7f => return Err(FileError::BadPath("encoded control byte")),
             _ => out.push(byte),
         }
         i += 3;
@@ -388,10 +393,14 @@ pub fn plan(
         _ => return Plan::MethodNotAllowed,
     };
     let modified = date_secs(modified);
-    // §13.1.3: false (304) when the file is not newer than the date; an
+    // 304 only for the date this file was sent with (nginx's default,
+    // `if_modified_since exact`). §13.1.3 allows "not newer than the
+    // date", but with no ETag nothing else would catch a file replaced by
+    // an older one (a rollback, a deploy by `rsync -t`, `cp -p` or a
+    // tarball keeps the old mtimes): clients kept the newer version. An
     // invalid date is ignored.
     if let Some(since) = if_modified_since.and_then(parse_date) {
-        if modified <= since {
+        if modified == since {
             return Plan::NotModified;
         }
     }
@@ -456,12 +465,15 @@ fn parse_range(value: &[u8], len: u64) -> RangeSpec {
     };
     if first.is_empty() {
         // suffix-range: the last `n` bytes, all of them if the file is
-        // shorter; §14.1.2: a zero suffix-length is unsatisfiable, and so
-        // is any range of an empty file (nothing to overlap).
+        // shorter; §14.1.2: a zero suffix-length is unsatisfiable. A
+        // non-zero one is satisfiable even for an empty file, whose whole
+        // (empty) body no 206 can describe: the 200 with it, which a
+        // player or download tool probing with a suffix range takes, where
+        // a 416 failed them (nginx answers 200 too).
         return match digits(last) {
             None => RangeSpec::Ignore,
             Some(0) => RangeSpec::Unsatisfiable,
-            Some(_) if len == 0 => RangeSpec::Unsatisfiable,
+            Some(_) if len == 0 => RangeSpec::Ignore,
             Some(n) => RangeSpec::Bytes(len.saturating_sub(n), len - 1),
         };
     }
@@ -729,6 +741,10 @@ mod tests {
             "/..\\..\\etc/passwd",
             "/a%00b",
             "/a.txt%00.html",
+            "/a%0ab",
+            "/a%0D%0Ab",
+            "/a%1bb",
+            "/a%7fb",
             "/a%zz",
             "/a%4",
             "/a%",
@@ -1039,17 +1055,13 @@ mod tests {
     #[test]
     fn if_modified_since() {
         let ims = |v: &[u8], m: &str| plan(m, Some(v), None, None, 100, mtime());
-        // Equal at one-second resolution, and newer: not modified.
+        // Equal at one-second resolution: not modified.
         assert_eq!(ims(DATE, "GET"), Plan::NotModified);
         assert_eq!(ims(DATE, "HEAD"), Plan::NotModified);
-        assert_eq!(
-            ims(b"Sun, 06 Nov 1994 08:49:38 GMT", "GET"),
-            Plan::NotModified
-        );
-        assert_eq!(
-            ims(b"Mon, 01 Jan 2024 00:00:00 GMT", "GET"),
-            Plan::NotModified
-        );
+        // A later date: the client holds another version (the file was
+        // rolled back to an older one), so it gets this one.
+        assert_eq!(ims(b"Sun, 06 Nov 1994 08:49:38 GMT", "GET"), Plan::Full);
+        assert_eq!(ims(b"Mon, 01 Jan 2024 00:00:00 GMT", "GET"), Plan::Full);
         assert_eq!(
             ims(b"  Sun, 06 Nov 1994 08:49:37 GMT\t", "GET"),
             Plan::NotModified
@@ -1156,7 +1168,8 @@ mod tests {
         let p = |r: &[u8]| plan("GET", None, Some(r), None, 0, mtime());
         assert_eq!(p(b"bytes=0-"), Plan::Unsatisfiable);
         assert_eq!(p(b"bytes=0-0"), Plan::Unsatisfiable);
-        assert_eq!(p(b"bytes=-5"), Plan::Unsatisfiable);
+        assert_eq!(p(b"bytes=-5"), Plan::Full);
+        assert_eq!(p(b"bytes=-0"), Plan::Unsatisfiable);
         assert_eq!(plan("GET", None, None, None, 0, mtime()), Plan::Full);
     }
 
