@@ -349,16 +349,10 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
                 tracing::error!(user, uid, gid, error = %e, "cannot switch user; draining as root");
             }
         }
-        let control = control.clone();
-        std::thread::Builder::new()
-            .name("ktern-drain".into())
-            .spawn(move || control.drain(Duration::ZERO))
-            .context("cannot start the drain thread")?;
+        start_drain(&control, Duration::ZERO)?;
         for sig in signals.forever() {
             if is_stop(sig) {
-                tracing::warn!(signal = sig, "second stop signal: exiting now");
-                ktern::metrics::access::flush(SECOND_SIGNAL_FLUSH);
-                std::process::exit(0);
+                exit_now(&control, sig);
             }
         }
         return Ok(());
@@ -460,31 +454,38 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
                     "stop signal: already draining (handed over to a new process); a second one exits now"
                 );
             }
-            _ if stop_signalled => {
-                let left = control.active_connections();
-                tracing::warn!(
-                    signal = sig,
-                    connections = left,
-                    "second stop signal: exiting now"
-                );
-                // The access lines already queued go first: a log that
-                // keeps up takes them in milliseconds, and a stalled one
-                // does not hold the exit past this.
-                ktern::metrics::access::flush(SECOND_SIGNAL_FLUSH);
-                std::process::exit(0);
-            }
+            _ if stop_signalled => exit_now(&control, sig),
             _ => {
                 stop_signalled = true;
-                let control = control.clone();
-                let delay = control.current().config.runtime.drain_delay;
-                std::thread::Builder::new()
-                    .name("ktern-drain".into())
-                    .spawn(move || control.drain(delay))
-                    .context("cannot start the drain thread")?;
+                start_drain(&control, control.current().config.runtime.drain_delay)?;
             }
         }
     }
     Ok(())
+}
+
+/// Drains on a thread of its own (the signal loop goes on, for a second
+/// stop signal); the drain ends the process.
+fn start_drain(control: &Arc<Control>, delay: Duration) -> anyhow::Result<()> {
+    let control = control.clone();
+    std::thread::Builder::new()
+        .name("ktern-drain".into())
+        .spawn(move || control.drain(delay))
+        .context("cannot start the drain thread")?;
+    Ok(())
+}
+
+/// A second stop signal: exits now. The access lines already queued go
+/// first: a log that keeps up takes them in milliseconds, and a stalled
+/// one does not hold the exit past `SECOND_SIGNAL_FLUSH`.
+fn exit_now(control: &Control, sig: i32) -> ! {
+    tracing::warn!(
+        signal = sig,
+        connections = control.active_connections(),
+        "second stop signal: exiting now"
+    );
+    ktern::metrics::access::flush(SECOND_SIGNAL_FLUSH);
+    std::process::exit(0)
 }
 
 /// SIGINT, SIGTERM and SIGQUIT (nginx's graceful stop): each drains.
