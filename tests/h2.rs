@@ -1283,6 +1283,9 @@ fn a_tls_backends_body_ended_by_a_fin_alone_is_incomplete() {
     });
     assert_eq!(k.metric("ktern_upstream_errors_total"), 2);
     assert_offloaded_in_vm(&k);
+    // The four backend connections (each response ends it) were the
+    // kernel's records: the FIN alone was read by its record layer.
+    assert_upstream_offloaded_in_vm(&k, 4);
 }
 
 /// Memory per idle HTTP/2 connection (after one request), measured like

@@ -578,9 +578,7 @@ fn a_record_cut_by_the_clients_fin_resets_a_tls_backend() {
     // In the VM both sides were the kernel's (the cut read by its record
     // layer; the backend's records sealed by it): /proc/net/tls_stat moved.
     assert_offloaded_in_vm(&k);
-    if in_vm() {
-        assert_eq!(k.wait_metric("ktern_upstream_ktls_offloaded_total", 1), 1);
-    }
+    assert_upstream_offloaded_in_vm(&k, 1);
 }
 
 /// The other ends over a `tcp` route with `tls`: each side's end goes on
@@ -661,6 +659,9 @@ fn a_fin_alone_goes_on_without_close_notify_over_tls_both_ways() {
         assert_eq!(end.map(|_| ()), want, "the client's view, clean={clean}");
     }
     assert_offloaded_in_vm(&k);
+    // Each client's backend leg too: the ends above crossed the kernel's
+    // record layer on both sides.
+    assert_upstream_offloaded_in_vm(&k, 2);
 }
 
 /// A data record with nothing in it (RFC 8446 §5.4 lets a peer send one,

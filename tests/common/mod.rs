@@ -1006,6 +1006,27 @@ pub fn assert_offloaded_in_vm(k: &Ktern) {
     }
 }
 
+/// In the kTLS VM, `k`'s backend TLS connections, `n` of them, went to
+/// the kernel too: ktern counted `n` (a backend leg that stayed on
+/// userspace records counts none), and the kernel set up software TX and
+/// RX crypto for at least the client legs and those `n` together. Called
+/// beside [`assert_offloaded_in_vm`], which checks the client legs alone.
+/// On the host, nothing to check.
+pub fn assert_upstream_offloaded_in_vm(k: &Ktern, n: u64) {
+    if in_vm() {
+        let upstream = k.wait_metric("ktern_upstream_ktls_offloaded_total", n);
+        assert_eq!(upstream, n, "backend legs offloaded");
+        let sockets = k.metric("ktern_ktls_offloaded_total") + upstream;
+        for counter in ["TlsTxSw", "TlsRxSw"] {
+            let delta = tls_stat_since(&k.tls_stat_at_start, counter);
+            assert!(
+                delta >= sockets,
+                "/proc/net/tls_stat {counter} moved by {delta} since ktern started; it says it offloaded {sockets} (client and backend legs)"
+            );
+        }
+    }
+}
+
 /// A backend that reads a PROXY header (v1 to its CRLF, v2 by its length
 /// field), answers with the header's length on a line and the header, then
 /// echoes what follows (read back with [`read_proxy_header_echo`]).
