@@ -31,6 +31,27 @@ fn byte_exact_transfers_both_ways() {
     assert!(k.wait_metric("ktern_bytes_backend_to_client_total", total) >= total);
 }
 
+/// The byte counters move as a tunnel's bytes do, not at its close: a
+/// tunnel open for hours counted nothing until it ended, then all at once.
+#[test]
+fn byte_counters_move_while_a_tunnel_is_open() {
+    let (pki, k) = ktern_with_backend("live-bytes", "");
+    let mut c = connect(k.addr(), &pki, ClientOpts::default());
+    c.write_all(b"ECHO\n").unwrap();
+    c.write_all(&[7u8; 1000]).unwrap();
+    c.flush().unwrap();
+    let mut back = [0u8; 1000];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, [7u8; 1000]);
+    let up = k.wait_metric("ktern_bytes_client_to_backend_total", 1005);
+    let down = k.wait_metric("ktern_bytes_backend_to_client_total", 1000);
+    assert_eq!((up, down), (1005, 1000), "counted while the tunnel is open");
+    drop(c);
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    assert_eq!(k.metric("ktern_bytes_client_to_backend_total"), 1005);
+    assert_eq!(k.metric("ktern_bytes_backend_to_client_total"), 1000);
+}
+
 #[test]
 fn tls12_and_every_cipher_suite_work() {
     use rustls::CipherSuite::*;

@@ -49,6 +49,42 @@ pub enum SendfileError {
     /// sent): the connection must end, the client was told the length.
     #[error("file shorter than its length")]
     FileShort,
+    /// `sendfile` failed with an error that is not the peer's network's:
+    /// reading the file (`EIO` from the disk, ...), or the kernel's record
+    /// layer. Not the client's doing.
+    #[error("sendfile: {0}")]
+    File(io::Error),
+}
+
+impl SendfileError {
+    /// Which side a failed `sendfile(2)` charges. One call both reads the
+    /// file and writes the socket, and its errno alone says which failed:
+    /// the errors of a connection the peer or the network broke are the
+    /// stream's; anything else (`EIO` from the disk, `ENOMEM`, an error of
+    /// the kernel's TLS layer) is ktern's side, where all of them had been
+    /// charged to the client.
+    fn of(e: io::Error) -> SendfileError {
+        let peer = matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EPIPE
+                    | libc::ECONNRESET
+                    | libc::ECONNABORTED
+                    | libc::ENOTCONN
+                    | libc::ETIMEDOUT
+                    | libc::EHOSTUNREACH
+                    | libc::EHOSTDOWN
+                    | libc::ENETUNREACH
+                    | libc::ENETDOWN
+                    | libc::ENETRESET
+            )
+        );
+        if peer {
+            SendfileError::Stream(StreamError::from(e))
+        } else {
+            SendfileError::File(e)
+        }
+    }
 }
 
 /// Why a TLS stream stopped.
@@ -1023,13 +1059,16 @@ impl TlsWriter {
     /// sendfile; the kernel reads the page cache and seals the records.
     /// A file shorter than promised is `FileShort` (the client was told the
     /// length: the file's fault, not the client's). A client that takes
-    /// nothing for `stall` is an `Io` error of kind `TimedOut`.
+    /// nothing for `stall` is an `Io` error of kind `TimedOut`. `sent`
+    /// counts the bytes the socket took, however it ends (a download cut
+    /// midway is logged with what went out).
     pub async fn sendfile(
         &mut self,
         file: &std::fs::File,
         mut offset: u64,
         count: u64,
         stall: std::time::Duration,
+        sent: &std::cell::Cell<u64>,
     ) -> Result<(), SendfileError> {
         use std::os::fd::AsFd;
         let mut left = count;
@@ -1046,7 +1085,10 @@ impl TlsWriter {
                     step - sent_step,
                 ) {
                     Ok(0) => return Err(SendfileError::FileShort),
-                    Ok(m) => sent_step += m,
+                    Ok(m) => {
+                        sent_step += m;
+                        sent.set(sent.get() + m as u64);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         match monoio::time::timeout(stall, self.sock.get().writable(false)).await {
                             Ok(r) => r.map_err(StreamError::from)?,
@@ -1060,7 +1102,7 @@ impl TlsWriter {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(StreamError::from(e).into()),
+                    Err(e) => return Err(SendfileError::of(e)),
                 }
             }
             left -= step as u64;
@@ -1148,5 +1190,27 @@ impl TlsWriter {
             self.sock.get_mut().write_all(out),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_sendfile_is_charged_to_the_side_that_failed() {
+        for errno in [
+            libc::EPIPE,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::ENOTCONN,
+        ] {
+            let e = SendfileError::of(io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, SendfileError::Stream(_)), "{errno}: {e:?}");
+        }
+        for errno in [libc::EIO, libc::ENOMEM, libc::EBADMSG, libc::EINVAL] {
+            let e = SendfileError::of(io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, SendfileError::File(_)), "{errno}: {e:?}");
+        }
     }
 }

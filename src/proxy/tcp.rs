@@ -78,7 +78,7 @@ pub enum ProxyError {
 /// Which side an error of one direction's read or write is charged to.
 type Blame<E> = fn(E) -> ProxyError;
 
-/// Bytes moved by a finished connection.
+/// Bytes moved by a connection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Moved {
     /// Client to backend.
@@ -89,6 +89,57 @@ pub struct Moved {
     pub rekey_rx: u64,
     /// kTLS TX keys replaced (our KeyUpdates).
     pub rekey_tx: u64,
+}
+
+/// A connection's bytes, counted as they move: in its own tally (its
+/// access and close lines) and at once in the shard's totals
+/// (`ktern_bytes_client_to_backend_total`, `_backend_to_client_total`).
+/// Counted only at the connection's close, as before, a tunnel or a
+/// keep-alive connection open for hours added nothing to a scrape until
+/// it ended, then all at once: a rate graphed from them showed spikes at
+/// closes, not traffic.
+#[derive(Debug)]
+pub struct Meter<'m> {
+    moved: Cell<Moved>,
+    totals: &'m M,
+}
+
+impl<'m> Meter<'m> {
+    /// A meter counting into `totals`, a shard's counters.
+    pub fn new(totals: &'m M) -> Meter<'m> {
+        Meter {
+            moved: Cell::default(),
+            totals,
+        }
+    }
+
+    /// The tally so far.
+    pub fn get(&self) -> Moved {
+        self.moved.get()
+    }
+
+    /// `up` bytes client to backend, `down` backend to client.
+    pub fn add(&self, up: u64, down: u64) {
+        let mut m = self.moved.get();
+        m.up += up;
+        m.down += down;
+        self.moved.set(m);
+        if up > 0 {
+            M::add(&self.totals.bytes_in, up);
+        }
+        if down > 0 {
+            M::add(&self.totals.bytes_out, down);
+        }
+    }
+
+    /// The client reader's kTLS rekeys, in the tally (counted in the
+    /// shard's totals by the connection's close).
+    pub fn set_rekeys(&self, rekeys: crate::ktls::stream::RekeyCounts) {
+        let mut m = self.moved.get();
+        m.rekey_rx = rekeys.rx;
+        m.rekey_tx = rekeys.tx;
+        self.moved.set(m);
+    }
 }
 
 /// A shard's pool of idle, empty pipes.
@@ -149,7 +200,7 @@ impl Session {
         &mut self,
         idle: &Idle,
         pipes: &PipePool,
-        moved: &Cell<Moved>,
+        moved: &Meter<'_>,
         metrics: &M,
     ) -> Result<(), ProxyError> {
         let result = tunnel(
@@ -163,11 +214,7 @@ impl Session {
             metrics,
         )
         .await;
-        let rekeys = self.reader.rekeys();
-        let mut m = moved.get();
-        m.rekey_rx = rekeys.rx;
-        m.rekey_tx = rekeys.tx;
-        moved.set(m);
+        moved.set_rekeys(self.reader.rekeys());
         result
     }
 }
@@ -210,7 +257,7 @@ impl TlsSession {
         &mut self,
         idle: &Idle,
         pipes: &PipePool,
-        moved: &Cell<Moved>,
+        moved: &Meter<'_>,
     ) -> Result<(), ProxyError> {
         let result = tls_tunnel(
             (&mut self.reader, &mut self.writer),
@@ -220,11 +267,7 @@ impl TlsSession {
             moved,
         )
         .await;
-        let rekeys = self.reader.rekeys();
-        let mut m = moved.get();
-        m.rekey_rx = rekeys.rx;
-        m.rekey_tx = rekeys.tx;
-        moved.set(m);
+        moved.set_rekeys(self.reader.rekeys());
         result
     }
 }
@@ -238,7 +281,7 @@ pub async fn tls_tunnel(
     (backend_reader, backend_writer): (&mut TlsReader, &mut TlsWriter),
     idle: &Idle,
     pipes: &PipePool,
-    moved: &Cell<Moved>,
+    moved: &Meter<'_>,
 ) -> Result<(), ProxyError> {
     let result = {
         let up = pin!(tls_through(
@@ -288,7 +331,7 @@ async fn tls_through(
     to: &mut TlsWriter,
     pipes: &PipePool,
     activity: &Idle,
-    moved: &Cell<Moved>,
+    moved: &Meter<'_>,
     up: bool,
 ) -> Result<(), ProxyError> {
     let (reading, writing): (Blame<StreamError>, Blame<StreamError>) = if up {
@@ -380,7 +423,7 @@ impl Passthrough {
         &mut self,
         idle: &Idle,
         pipes: &PipePool,
-        moved: &Cell<Moved>,
+        moved: &Meter<'_>,
     ) -> Result<(), ProxyError> {
         let up = pin!(splice_through(
             &self.client_rd,
@@ -419,7 +462,7 @@ async fn splice_through(
     to: &mut WriteSide,
     pipes: &PipePool,
     activity: &Idle,
-    moved: &Cell<Moved>,
+    moved: &Meter<'_>,
     up: bool,
 ) -> Result<(), ProxyError> {
     let (reading, writing): (Blame<io::Error>, Blame<io::Error>) = if up {
@@ -467,7 +510,7 @@ pub async fn tunnel(
     backend_wr: &mut WriteSide,
     idle: &Idle,
     pipes: &PipePool,
-    moved: &Cell<Moved>,
+    moved: &Meter<'_>,
     metrics: &M,
 ) -> Result<(), ProxyError> {
     // Bytes the backend sent in full-record reads since the client last
@@ -501,12 +544,9 @@ pub async fn tunnel(
     result
 }
 
-fn note(activity: &Idle, moved: &Cell<Moved>, up: u64, down: u64) {
+fn note(activity: &Idle, moved: &Meter<'_>, up: u64, down: u64) {
     activity.touch();
-    let mut m = moved.get();
-    m.up += up;
-    m.down += down;
-    moved.set(m);
+    moved.add(up, down);
 }
 
 async fn client_to_backend(
@@ -514,7 +554,7 @@ async fn client_to_backend(
     backend: &mut WriteSide,
     pipes: &PipePool,
     activity: &Idle,
-    moved: &Cell<Moved>,
+    moved: &Meter<'_>,
     burst: &Cell<u64>,
 ) -> Result<(), ProxyError> {
     // Userspace records, until the other direction hands the keys to the
@@ -582,7 +622,7 @@ async fn backend_to_client(
     writer: &mut TlsWriter,
     pipes: &PipePool,
     activity: &Idle,
-    moved: &Cell<Moved>,
+    moved: &Meter<'_>,
     burst: &Cell<u64>,
     metrics: &M,
 ) -> Result<(), ProxyError> {
@@ -635,7 +675,7 @@ async fn copy_to_client(
     backend: &mut ReadSide,
     writer: &mut TlsWriter,
     activity: &Idle,
-    moved: &Cell<Moved>,
+    moved: &Meter<'_>,
     burst: &Cell<u64>,
     metrics: &M,
 ) -> Result<bool, ProxyError> {

@@ -1,7 +1,6 @@
 //! The connection driver: the one place that knows the order of a
 //! connection's life — handshake → record path (kTLS or userspace) → route.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -17,7 +16,7 @@ use crate::ktls::{self, Path, StreamError, TlsConn};
 use crate::metrics::family::UserspaceReason;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::http::{self, forward::HttpError};
-use crate::proxy::tcp::{self, Moved, ProxyError};
+use crate::proxy::tcp::{self, Meter, ProxyError};
 
 /// Serves one accepted connection to its end. Never panics on peer input:
 /// every failure becomes a log line and a counter.
@@ -593,17 +592,13 @@ async fn passthrough(
     }
     // The tunnel's own idle wait starts now, whatever the write took.
     shard.idle.arm(&idle, route.idle_timeout);
-    let moved = Cell::new(Moved {
-        up: hello_len,
-        ..Moved::default()
-    });
+    let moved = Meter::new(m);
+    moved.add(hello_len, 0);
     let result = match tcp::Passthrough::new(socket, backend) {
         Ok(mut session) => Box::pin(session.run(&idle, &shard.pipes, &moved)).await,
         Err(e) => Err(e),
     };
     let moved = moved.get();
-    M::add(&m.bytes_in, moved.up);
-    M::add(&m.bytes_out, moved.down);
     match result {
         Err(e) => {
             let failure = Failure::Tcp(e);
@@ -891,7 +886,7 @@ fn proxy<'a>(
     let mut conn = Some(Box::new(conn));
     async move {
         let m = &shard.metrics;
-        let moved = Cell::new(Moved::default());
+        let moved = Meter::new(&shard.metrics);
         let result = match &gen.config().listeners[listener].route {
             Route::Tcp(route) => {
                 let balancer = &gen.balancers[listener];
@@ -1029,17 +1024,11 @@ fn proxy<'a>(
                     tracing::trace!(bytes = std::mem::size_of_val(&*serving), "http task size");
                     serving.await
                 };
-                let rekeys = probe.counts();
-                let mut m = moved.get();
-                m.rekey_rx = rekeys.rx;
-                m.rekey_tx = rekeys.tx;
-                moved.set(m);
+                moved.set_rekeys(probe.counts());
                 served.map_err(Failure::Http)
             }
         };
         let moved = moved.get();
-        M::add(&m.bytes_in, moved.up);
-        M::add(&m.bytes_out, moved.down);
         M::add(&m.ktls_rekey_rx, moved.rekey_rx);
         M::add(&m.ktls_rekey_tx, moved.rekey_tx);
         match result {
@@ -1144,7 +1133,7 @@ mod tests {
                 panic!("a bug in a connection")
             })
             .await;
-            let served = Cell::new(false);
+            let served = std::cell::Cell::new(false);
             contained(async { served.set(true) }).await;
             served.get()
         });

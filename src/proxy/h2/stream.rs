@@ -236,10 +236,8 @@ impl Drop for Recorded<'_, '_> {
         // (it announced a bulk transfer, which the transport acts on at its
         // next write, possibly after the last DATA was queued).
         self.ex.kernel = Some(self.link.kernel.get() || self.ex.kernel == Some(true));
-        let mut m = ctx.moved.get();
-        m.up += self.moved.0 - self.head.len as u64;
-        m.down += self.moved.1;
-        ctx.moved.set(m);
+        ctx.moved
+            .add(self.moved.0 - self.head.len as u64, self.moved.1);
         forward::record(
             ctx,
             Some(self.head),

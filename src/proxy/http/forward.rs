@@ -33,7 +33,7 @@ use crate::metrics::family::ClassCounters;
 use crate::metrics::ShardMetrics as M;
 use crate::proxy::drain::DrainSignal;
 use crate::proxy::idle::{self, Idle, IdleSweeper};
-use crate::proxy::tcp::{self, Moved, PipePool, ProxyError};
+use crate::proxy::tcp::{self, Meter, Moved, PipePool, ProxyError};
 use crate::upstream::conn::BackendConn;
 use crate::upstream::pool::Pool;
 use crate::upstream::Balancer;
@@ -90,7 +90,7 @@ pub struct Ctx<'a> {
     /// PROXY headers (read only then: one `getsockname` per connection).
     pub local: Option<SocketAddr>,
     /// Bytes moved, for the connection's log line.
-    pub moved: &'a Cell<Moved>,
+    pub moved: &'a Meter<'a>,
     /// The shard's idle sweeper: the clock's entries, and upgraded tunnels'.
     pub idle: &'a IdleSweeper,
     /// The shard's pipes (for upgraded tunnels under kTLS).
@@ -701,9 +701,7 @@ async fn send(writer: &mut TlsWriter, bytes: Vec<u8>, ctx: &Ctx<'_>) -> Result<(
     };
     buffers::give(sent);
     res?;
-    let mut m = ctx.moved.get();
-    m.down += n;
-    ctx.moved.set(m);
+    ctx.moved.add(0, n);
     Ok(())
 }
 
@@ -765,9 +763,7 @@ async fn splice_body(
                     Ok(r) => r.map_err(|e| fail(e.into()))?,
                 }
                 left -= n as u64;
-                let mut m = ctx.moved.get();
-                m.down += n as u64;
-                ctx.moved.set(m);
+                ctx.moved.add(0, n as u64);
                 M::add(&ctx.metrics.http_spliced_bytes, n as u64);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1272,7 +1268,11 @@ async fn serve_file(
         send(writer, out, ctx).await?;
         // Boxed: sendfile's stall timer is over-aligned (128 bytes), and
         // inline it would make every request's boxed state so.
-        match Box::pin(writer.sendfile(&file, offset, count, ctx.route.send_timeout)).await {
+        let sent = Cell::new(0);
+        let result =
+            Box::pin(writer.sendfile(&file, offset, count, ctx.route.send_timeout, &sent)).await;
+        ctx.moved.add(0, sent.get());
+        match result {
             Err(SendfileError::Stream(StreamError::Io(e)))
                 if e.kind() == std::io::ErrorKind::TimedOut =>
             {
@@ -1284,12 +1284,14 @@ async fn serve_file(
             Err(SendfileError::FileShort) => {
                 return Err(HttpError::FileAborted(FileAbort::Shrank(path)))
             }
+            // The file's side (a disk's EIO): internal, as a failed pread
+            // on the userspace path below.
+            Err(SendfileError::File(source)) => {
+                return Err(HttpError::FileAborted(FileAbort::Io { path, source }))
+            }
             Err(SendfileError::Stream(e)) => return Err(e.into()),
             Ok(()) => {}
         }
-        let mut m = ctx.moved.get();
-        m.down += count;
-        ctx.moved.set(m);
     } else {
         use std::os::fd::AsFd;
         let mut left = count;
@@ -1848,9 +1850,7 @@ async fn send_body(
                 Err(_) => return Ok(BodySent::Refused(400)),
             };
             inbuf.drain(..n);
-            let mut m = ctx.moved.get();
-            m.up += n as u64;
-            ctx.moved.set(m);
+            ctx.moved.add(n as u64, 0);
             continue;
         }
         let n = match scanner.scan_to_trailers(inbuf) {
@@ -1869,9 +1869,7 @@ async fn send_body(
             trailers = Some(Default::default());
         }
         let chunk = take_front(inbuf, n);
-        let mut m = ctx.moved.get();
-        m.up += chunk.len() as u64;
-        ctx.moved.set(m);
+        ctx.moved.add(chunk.len() as u64, 0);
         match ctx.within(backend_timeout, backend.write_all(chunk)).await {
             Err(_) => return Ok(BodySent::BackendStalled),
             Ok((Err(_), _)) => return Ok(BodySent::BackendFailed),
