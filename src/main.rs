@@ -115,8 +115,9 @@ fn check(config: &std::path::Path, ca: Option<&std::path::Path>) -> anyhow::Resu
     let roots = match ca {
         None => None,
         Some(path) => {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("--ca: cannot read {}", path.display()))?;
+            let pem =
+                ktern::config::read_capped(path, ktern::config::MAX_CONFIG_FILE, "a CA bundle")
+                    .map_err(|e| anyhow::anyhow!("--ca: {e}"))?;
             let mut roots = rustls::RootCertStore::empty();
             for der in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
                 let der = der.with_context(|| format!("--ca: {} is not PEM", path.display()))?;
@@ -139,7 +140,21 @@ fn check(config: &std::path::Path, ca: Option<&std::path::Path>) -> anyhow::Resu
             return Ok(false);
         }
     };
-    let findings = lint::lint(&c, ktern::clock::unix_now(), roots.as_ref());
+    let mut findings = lint::lint(&c, ktern::clock::unix_now(), roots.as_ref());
+    // What this host's kernel refuses (`ktls = "required"`), as `run`
+    // would: an error here, not a refusal at the start after a deploy.
+    if c.runtime.ktls == KtlsMode::Required {
+        let support = ktern::ktls::probe();
+        findings.extend(
+            ktern::ktls::host_problems(&c, &support)
+                .into_iter()
+                .map(|p| lint::Finding {
+                    severity: lint::Severity::Error,
+                    field: p.field,
+                    message: format!("{} (on this host)", p.reason),
+                }),
+        );
+    }
     for f in &findings {
         eprintln!("{}: {f}", c.source);
     }
@@ -204,13 +219,15 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         KtlsMode::Off => ktern::ktls::Support::default(),
         _ => ktern::ktls::probe(),
     };
+    let problems = ktern::ktls::host_problems(&config, &support);
+    if !problems.is_empty() {
+        return Err(ktern::config::ConfigError {
+            file: config.source.clone(),
+            problems,
+        }
+        .into());
+    }
     match (config.runtime.ktls, support.ulp) {
-        (KtlsMode::Required, false) => anyhow::bail!(
-            "{}: runtime.ktls = \"required\" but this kernel has no kTLS: {} \
-             (load it with `modprobe tls`, or set ktls = \"auto\")",
-            config.source,
-            support.describe()
-        ),
         (KtlsMode::Off, _) => {
             tracing::info!("kTLS off by config: records are encrypted in userspace")
         }
@@ -219,14 +236,6 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
             support.describe()
         ),
         (_, true) => tracing::info!("{}", support.describe()),
-    }
-    let gaps = ktern::ktls::offload_gaps(&config, &support);
-    if !gaps.is_empty() {
-        return Err(ktern::config::ConfigError {
-            file: config.source.clone(),
-            problems: gaps,
-        }
-        .into());
     }
     match ktern::sys::raise_nofile_limit() {
         Ok((soft, _)) => tracing::info!(open_files = soft, "file descriptor limit"),
@@ -529,8 +538,8 @@ fn reload(config: &std::path::Path, admin: Option<String>) -> anyhow::Result<boo
     let admin = match admin {
         Some(a) => a,
         None => {
-            let text = std::fs::read_to_string(config)
-                .with_context(|| format!("{}: cannot read", config.display()))?;
+            let text = ktern::config::read_text_capped(config, "a config file")
+                .map_err(anyhow::Error::msg)?;
             let table: toml::Table = toml::from_str(&text)
                 .with_context(|| format!("{}: not valid TOML", config.display()))?;
             table

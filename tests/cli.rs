@@ -144,6 +144,19 @@ fn ktls_required_refuses_to_start_without_ktls() {
             .replace("@KEY@", "key.pem")
     );
     std::fs::write(&cfg, text).unwrap();
+    // `ktern check` says so too, as an error: it passes only what `run`
+    // would take on this host.
+    let check = ktern().args(["check", "-c"]).arg(&cfg).output().unwrap();
+    let said = String::from_utf8_lossy(&check.stderr);
+    if kernel_has_ktls() {
+        assert!(check.status.success(), "{said}");
+    } else {
+        assert_eq!(check.status.code(), Some(1), "{said}");
+        assert!(
+            said.contains("runtime.ktls: error: \"required\", but this kernel has no kTLS"),
+            "{said}"
+        );
+    }
     let mut child = ktern()
         .args(["run", "-c"])
         .arg(&cfg)
@@ -165,7 +178,7 @@ fn ktls_required_refuses_to_start_without_ktls() {
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("ktls = \"required\" but this kernel has no kTLS"),
+            err.contains("runtime.ktls: \"required\", but this kernel has no kTLS"),
             "{err}"
         );
     }

@@ -168,30 +168,61 @@ pub const DEFAULT_TICKET_ROTATION: Duration = Duration::from_secs(43_200);
 /// two rotations) never outlives 7 days.
 pub const MAX_TICKET_ROTATION: u64 = 302_400;
 
-/// The largest secret file read (a secret is 32 bytes; a path to a device
-/// such as /dev/urandom must not be read forever).
+/// The largest secret file read (a secret is 32 bytes).
 const MAX_SECRET_FILE: u64 = 4096;
 
-/// Reads a secret file: a regular file of at most [`MAX_SECRET_FILE`] bytes.
-fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
+/// The largest file named by the config (and the config itself) that is
+/// read whole: certificate chains, keys, CA bundles, CRLs, OCSP responses.
+/// Far above any of them (every public root CA in one bundle is about
+/// 200 KiB), so that a wrong path (a log, a disk image) is refused with a
+/// reason instead of filling memory at a reload.
+pub const MAX_CONFIG_FILE: u64 = 64 << 20;
+
+/// Reads a regular file of at most `max` bytes whole. Anything else is
+/// refused, not read: a device such as /dev/zero or /dev/urandom would be
+/// read forever, a FIFO would block the reload (it is opened without
+/// waiting for a writer, then refused), and a file over `max` bytes (or
+/// one that grew past it while read) could fill memory. `what` names the
+/// kind of file in the error.
+pub fn read_capped(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
     use std::io::Read as _;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
-    if meta.len() > MAX_SECRET_FILE {
-        return Err(format!(
-            "{} has {} bytes; a ticket secret file holds at most {MAX_SECRET_FILE}",
-            path.display(),
-            meta.len()
-        ));
+    let too_big = |n: u64| {
+        format!(
+            "{} has {n} bytes; {what} holds at most {max}",
+            path.display()
+        )
+    };
+    if meta.len() > max {
+        return Err(too_big(meta.len()));
     }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_SECRET_FILE).read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    file.take(max + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    if bytes.len() as u64 > max {
+        return Err(too_big(bytes.len() as u64));
+    }
     Ok(bytes)
+}
+
+/// [`read_capped`] for text: a config file or a PEM file.
+pub fn read_text_capped(path: &Path, what: &str) -> Result<String, String> {
+    String::from_utf8(read_capped(path, MAX_CONFIG_FILE, what)?)
+        .map_err(|_| format!("cannot read {}: not UTF-8 text", path.display()))
+}
+
+/// Reads a secret file: a regular file of at most [`MAX_SECRET_FILE`] bytes.
+fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    read_capped(path, MAX_SECRET_FILE, "a ticket secret file")
 }
 
 /// Secret bytes, never printed.
@@ -519,7 +550,7 @@ pub fn held_certificate(dir: &Path, now: i64) -> Result<Option<Held>, String> {
         Err(e) => return Err(format!("{}: {e}", link.display())),
     };
     let (cert_file, key_file) = (version.join("cert.pem"), version.join("key.pem"));
-    let read = |f: &Path| std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()));
+    let read = |f: &Path| read_text_capped(f, "a PEM file");
     let (chain, key) = (read(&cert_file)?, read(&key_file)?);
     let mut c = Certificate::from_pem(&chain, &key)
         .map_err(|e| format!("{} with {}: {e}", cert_file.display(), key_file.display()))?;
@@ -1027,11 +1058,11 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_text_capped(path, "a config file").map_err(|reason| ConfigError {
             file: file.clone(),
             problems: vec![Problem {
                 field: "(file)".into(),
-                reason: format!("cannot read: {e}"),
+                reason,
             }],
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -1327,15 +1358,13 @@ impl Validator<'_> {
             None => None,
             Some(file) => {
                 let path = self.base.join(file);
-                let roots = std::fs::read(&path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
-                    .and_then(|pem| {
-                        match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
-                            Ok(c) if !c.is_empty() => Ok(()),
-                            Ok(_) => Err(format!("{}: no CERTIFICATE block found", path.display())),
-                            Err(e) => Err(format!("{}: not PEM certificates: {e}", path.display())),
-                        }
-                    });
+                let roots = read_capped(&path, MAX_CONFIG_FILE, "a CA bundle").and_then(|pem| {
+                    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+                        Ok(c) if !c.is_empty() => Ok(()),
+                        Ok(_) => Err(format!("{}: no CERTIFICATE block found", path.display())),
+                        Err(e) => Err(format!("{}: not PEM certificates: {e}", path.display())),
+                    }
+                });
                 if let Err(why) = roots {
                     self.problem(format!("{field}.ca"), why);
                     ok = false;
@@ -2680,13 +2709,10 @@ impl Validator<'_> {
             None => None,
             Some(file) => {
                 let full = self.base.join(file);
-                match std::fs::read(&full) {
+                match read_capped(&full, MAX_CONFIG_FILE, "an OCSP response") {
                     Ok(der) => Some(der),
                     Err(e) => {
-                        self.problem(
-                            format!("{at}.ocsp"),
-                            format!("cannot read {}: {e}", full.display()),
-                        );
+                        self.problem(format!("{at}.ocsp"), e);
                         return None;
                     }
                 }
@@ -2775,8 +2801,7 @@ impl Validator<'_> {
                 .unwrap_or_else(|| Err(format!("no inline PEM named {name:?}")))
         } else {
             let full: PathBuf = self.base.join(path);
-            std::fs::read_to_string(&full)
-                .map_err(|e| format!("cannot read {}: {e}", full.display()))
+            read_text_capped(&full, "a PEM file")
         };
         match text.and_then(|t| parse(&t)) {
             Ok(v) => Some(v),

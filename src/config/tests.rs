@@ -1371,3 +1371,60 @@ fn upstream_tls_is_checked_at_load() {
         "{e}"
     );
 }
+
+/// A file the config names is read whole only if it is a regular file of
+/// bounded size, and the refusal names the field: `/dev/zero` as a
+/// certificate was read until memory ran out, a FIFO blocked the load (a
+/// reload, or `ktern check`) until some writer came.
+#[test]
+fn named_files_that_are_devices_fifos_or_too_big_are_refused_by_field() {
+    let dir = std::env::temp_dir().join(format!("ktern-cfg-capped-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("chain.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for (cert, want) in [
+        (
+            "/dev/zero".to_string(),
+            "/dev/zero is not a regular file".to_string(),
+        ),
+        (
+            fifo.display().to_string(),
+            format!("{} is not a regular file", fifo.display()),
+        ),
+    ] {
+        let text = GOOD.replace("inline:c", &cert);
+        let e = Config::from_toml(&text, "t.toml", &dir, &pems()).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].field, "listener[0].certificate[0].cert");
+        assert!(e.problems[0].reason.contains(&want), "{e}");
+    }
+    // Past the cap (small here), by its size; and by what was read, for a
+    // file whose size says less than it holds (as one that grew after
+    // the size check, or a /proc file, sized 0): one byte more than the
+    // cap is read, then refused.
+    let big = dir.join("big.pem");
+    std::fs::write(&big, [b'x'; 10]).unwrap();
+    assert_eq!(read_capped(&big, 10, "a PEM file").unwrap().len(), 10);
+    let e = read_capped(&big, 9, "a PEM file").unwrap_err();
+    assert!(
+        e.ends_with("big.pem has 10 bytes; a PEM file holds at most 9"),
+        "{e}"
+    );
+    let proc = Path::new("/proc/self/status");
+    assert_eq!(std::fs::metadata(proc).unwrap().len(), 0);
+    let e = read_capped(proc, 9, "a PEM file").unwrap_err();
+    assert!(
+        e.ends_with("status has 10 bytes; a PEM file holds at most 9"),
+        "{e}"
+    );
+    assert!(read_text_capped(&big, "a PEM file").is_ok());
+    std::fs::write(&big, [0xff, 0xfe]).unwrap();
+    let e = read_text_capped(&big, "a PEM file").unwrap_err();
+    assert!(e.ends_with("big.pem: not UTF-8 text"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

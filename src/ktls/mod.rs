@@ -285,6 +285,29 @@ pub fn establish_client(
     }
 }
 
+/// What this host's kernel refuses of `config` (`support`, from
+/// [`probe`]): with `ktls = "required"`, a kernel without kTLS at all, or
+/// a listener's suites it cannot offload ([`offload_gaps`]). `ktern run`
+/// refuses to start on them and a reload to go live; `ktern check` reports
+/// them as errors, so that it passes only a config `run` would take on the
+/// host it runs on.
+pub fn host_problems(
+    config: &crate::config::Config,
+    support: &Support,
+) -> Vec<crate::config::Problem> {
+    if config.runtime.ktls == crate::config::KtlsMode::Required && !support.ulp {
+        return vec![crate::config::Problem {
+            field: "runtime.ktls".into(),
+            reason: format!(
+                "\"required\", but this kernel has no kTLS: {} \
+                 (load it with `modprobe tls`, or set ktls = \"auto\")",
+                support.describe()
+            ),
+        }];
+    }
+    offload_gaps(config, support)
+}
+
 /// With `ktls = "required"`: one problem per listener whose cipher suites
 /// include one the kernel cannot offload (ChaCha20-Poly1305 before Linux
 /// 5.11). Such a connection would be served on userspace records, which
