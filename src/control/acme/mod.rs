@@ -167,8 +167,13 @@ pub fn ari_due(start: i64, end: i64, r: f64) -> i64 {
 /// How long until renewal information is asked again: the CA's
 /// Retry-After, no sooner than `acme.retry` and no later than six hours
 /// (RFC 9773 §4.3.2 asks clients to bound it).
+/// An `acme.retry` above six hours gives six hours (`clamp` with its
+/// bounds crossed panicked, and took the ACME thread with it).
 fn ask_again(retry_after: Duration, min: i64) -> i64 {
-    (retry_after.as_secs() as i64).clamp(min, 6 * 3600)
+    const MAX: i64 = 6 * 3600;
+    i64::try_from(retry_after.as_secs())
+        .unwrap_or(MAX)
+        .clamp(min.min(MAX), MAX)
 }
 
 /// What to do about one order now.
@@ -220,11 +225,53 @@ pub fn next(
 pub fn spawn(control: Weak<Control>, nudged: mpsc::Receiver<()>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ktern-acme".into())
-        .spawn(move || run(control, nudged))?;
+        .spawn(move || {
+            supervised(
+                || run(&control, &nudged),
+                || {
+                    let Some(c) = control.upgrade() else {
+                        return false;
+                    };
+                    M::inc(&c.metrics.internal_errors);
+                    let pause = c.current().config.acme.retry.max(Duration::from_secs(1));
+                    drop(c);
+                    std::thread::sleep(pause);
+                    control.upgrade().is_some_and(|c| !draining(&c))
+                },
+            )
+        })?;
     Ok(())
 }
 
-fn run(control: Weak<Control>, nudged: mpsc::Receiver<()>) {
+/// Runs `pass` until it returns, and again each time it panics, once
+/// `again` (which waits) says to go on. A panic in the ACME thread ended it
+/// for good: no certificate was ordered or renewed again, and only stderr
+/// said so. Its passes run crates on a CA's answers (instant-acme adds a
+/// CA's `Retry-After` seconds to the clock unchecked, which panics on a
+/// huge one), so a bug there must cost one pass, not every renewal to
+/// come. What a pass learned (backoffs, renewal information) is
+/// forgotten; the state directory keeps what matters. Returns the panics
+/// caught.
+fn supervised(mut pass: impl FnMut(), mut again: impl FnMut() -> bool) -> u32 {
+    let mut panics = 0;
+    loop {
+        let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut pass)) else {
+            return panics;
+        };
+        panics += 1;
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, "internal: the ACME thread panicked; it starts again after acme.retry");
+        if !again() {
+            return panics;
+        }
+    }
+}
+
+fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
     let mut runtime = None;
     let mut tracks: HashMap<PathBuf, Track> = HashMap::new();
     loop {
@@ -736,6 +783,40 @@ mod tests {
         assert_eq!(ask_again(Duration::from_secs(0), 60), 60);
         assert_eq!(ask_again(Duration::from_secs(600), 60), 600);
         assert_eq!(ask_again(Duration::from_secs(86_400 * 7), 60), 6 * 3600);
+        // An acme.retry above six hours (allowed: up to retry_max): six
+        // hours, where the crossed bounds panicked; and a Retry-After past
+        // i64 seconds.
+        assert_eq!(ask_again(Duration::from_secs(60), 7 * 3600), 6 * 3600);
+        assert_eq!(ask_again(Duration::MAX, 60), 6 * 3600);
+    }
+
+    #[test]
+    fn a_panicking_pass_is_run_again_until_it_returns() {
+        let mut passes = 0;
+        let mut pauses = 0;
+        let panics = supervised(
+            || {
+                passes += 1;
+                if passes < 3 {
+                    panic!("pass {passes}");
+                }
+            },
+            || {
+                pauses += 1;
+                true
+            },
+        );
+        assert_eq!((panics, passes, pauses), (2, 3, 2));
+        // Told to stop (the process drains): no pass more.
+        let mut passes = 0;
+        let panics = supervised(
+            || {
+                passes += 1;
+                panic!("always");
+            },
+            || false,
+        );
+        assert_eq!((panics, passes), (1, 1));
     }
 
     #[test]
