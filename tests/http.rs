@@ -35,7 +35,10 @@ fn keep_alive_reuses_the_client_and_the_backend_connection() {
     // The byte counters move with each response, while the connection
     // stays open (they moved only at its close before).
     let down = k.wait_metric("ktern_bytes_backend_to_client_total", 3);
-    assert!(down >= 3, "3 responses on an open connection: {down} bytes");
+    assert!(
+        down >= 3,
+        "counted while the connection is open: {down} bytes"
+    );
     assert_eq!(
         a.accepted.load(Ordering::SeqCst),
         1,
@@ -50,6 +53,9 @@ fn keep_alive_reuses_the_client_and_the_backend_connection() {
         r.header("strict-transport-security"),
         Some("max-age=63072000")
     );
+    // And with the next two, the connection still open.
+    let more = k.wait_metric("ktern_bytes_backend_to_client_total", down + 2);
+    assert!(more >= down + 2, "{down} bytes, then {more}");
     assert_eq!(k.metric("ktern_http_requests_total"), 5);
     if std::env::var_os("KTERN_IN_VM").is_some() {
         // In the kTLS VM the same exchange must have run on kernel records.

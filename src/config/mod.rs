@@ -180,17 +180,24 @@ pub const MAX_CONFIG_FILE: u64 = 64 << 20;
 
 /// Reads a regular file of at most `max` bytes whole. Anything else is
 /// refused, not read: a device such as /dev/zero or /dev/urandom would be
-/// read forever, a FIFO would block the reload (it is opened without
-/// waiting for a writer, then refused), and a file over `max` bytes (or
-/// one that grew past it while read) could fill memory. `what` names the
-/// kind of file in the error.
+/// read forever, a FIFO would block the reload, and a file over `max`
+/// bytes (or one that grew past it while read) could fill memory. `what`
+/// names the kind of file in the error.
 pub fn read_capped(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    // The type from the path, before any open: opening a FIFO waits for a
+    // writer, and opening some devices does something (a watchdog arms).
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    // No O_NONBLOCK: an open under a lease (an NFS delegation) must wait
+    // for its break, not fail. O_NOCTTY, should the path be swapped for a
+    // terminal after the check.
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NOCTTY)
         .open(path)
         .map_err(cannot)?;
     let meta = file.metadata().map_err(cannot)?;

@@ -595,7 +595,7 @@ impl Control {
                 problems: broken,
             }));
         }
-        let gaps = crate::ktls::host_problems(&config, &self.support);
+        let gaps = crate::ktls::host_problems(&config, &self.support, true);
         if !gaps.is_empty() {
             return Err(ReloadError::Config(ConfigError {
                 file: config.source.clone(),

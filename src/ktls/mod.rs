@@ -291,16 +291,26 @@ pub fn establish_client(
 /// refuses to start on them and a reload to go live; `ktern check` reports
 /// them as errors, so that it passes only a config `run` would take on the
 /// host it runs on.
+///
+/// `running`: the probe was made when this process started, and a reload
+/// is asking (a running ktern probes once, so loading the module later
+/// takes a restart or a binary upgrade to be seen).
 pub fn host_problems(
     config: &crate::config::Config,
     support: &Support,
+    running: bool,
 ) -> Vec<crate::config::Problem> {
     if config.runtime.ktls == crate::config::KtlsMode::Required && !support.ulp {
+        let remedy = if running {
+            "this process found none at its start: load it (`modprobe tls`) and restart or \
+             upgrade ktern, or set ktls = \"auto\""
+        } else {
+            "load it with `modprobe tls`, or set ktls = \"auto\""
+        };
         return vec![crate::config::Problem {
             field: "runtime.ktls".into(),
             reason: format!(
-                "\"required\", but this kernel has no kTLS: {} \
-                 (load it with `modprobe tls`, or set ktls = \"auto\")",
+                "\"required\", but this kernel has no kTLS: {} ({remedy})",
                 support.describe()
             ),
         }];

@@ -49,40 +49,27 @@ pub enum SendfileError {
     /// sent): the connection must end, the client was told the length.
     #[error("file shorter than its length")]
     FileShort,
-    /// `sendfile` failed with an error that is not the peer's network's:
-    /// reading the file (`EIO` from the disk, ...), or the kernel's record
-    /// layer. Not the client's doing.
+    /// `sendfile` failed reading the file (`EIO` from the disk, ...): not
+    /// the client's doing.
     #[error("sendfile: {0}")]
     File(io::Error),
 }
 
 impl SendfileError {
     /// Which side a failed `sendfile(2)` charges. One call both reads the
-    /// file and writes the socket, and its errno alone says which failed:
-    /// the errors of a connection the peer or the network broke are the
-    /// stream's; anything else (`EIO` from the disk, `ENOMEM`, an error of
-    /// the kernel's TLS layer) is ktern's side, where all of them had been
-    /// charged to the client.
+    /// file and writes the socket, and its errno alone says which failed.
+    /// Only the errors of reading a file are ktern's side (a disk's `EIO`,
+    /// a stale NFS handle); every other is the stream's. A list of the
+    /// peer's errors instead would miss some: the record layer of older
+    /// kernels turns a TCP send's `EPIPE` into `EBADMSG` (`tls_tx_records`
+    /// aborts the socket with it), so a kTLS socket whose client reset it
+    /// fails its sends with `EBADMSG`, the client's doing all the same.
     fn of(e: io::Error) -> SendfileError {
-        let peer = matches!(
-            e.raw_os_error(),
-            Some(
-                libc::EPIPE
-                    | libc::ECONNRESET
-                    | libc::ECONNABORTED
-                    | libc::ENOTCONN
-                    | libc::ETIMEDOUT
-                    | libc::EHOSTUNREACH
-                    | libc::EHOSTDOWN
-                    | libc::ENETUNREACH
-                    | libc::ENETDOWN
-                    | libc::ENETRESET
-            )
-        );
-        if peer {
-            SendfileError::Stream(StreamError::from(e))
-        } else {
-            SendfileError::File(e)
+        match e.raw_os_error() {
+            Some(libc::EIO | libc::ESTALE | libc::ENXIO | libc::EOVERFLOW) => {
+                SendfileError::File(e)
+            }
+            _ => SendfileError::Stream(StreamError::from(e)),
         }
     }
 }
@@ -1059,16 +1046,17 @@ impl TlsWriter {
     /// sendfile; the kernel reads the page cache and seals the records.
     /// A file shorter than promised is `FileShort` (the client was told the
     /// length: the file's fault, not the client's). A client that takes
-    /// nothing for `stall` is an `Io` error of kind `TimedOut`. `sent`
-    /// counts the bytes the socket took, however it ends (a download cut
-    /// midway is logged with what went out).
+    /// nothing for `stall` is an `Io` error of kind `TimedOut`. `sent` is
+    /// told each run of bytes the socket took, as it takes them (a large
+    /// file's bytes are counted as they go, and a download cut midway is
+    /// logged with what went out).
     pub async fn sendfile(
         &mut self,
         file: &std::fs::File,
         mut offset: u64,
         count: u64,
         stall: std::time::Duration,
-        sent: &std::cell::Cell<u64>,
+        sent: &dyn Fn(u64),
     ) -> Result<(), SendfileError> {
         use std::os::fd::AsFd;
         let mut left = count;
@@ -1087,7 +1075,7 @@ impl TlsWriter {
                     Ok(0) => return Err(SendfileError::FileShort),
                     Ok(m) => {
                         sent_step += m;
-                        sent.set(sent.get() + m as u64);
+                        sent(m as u64);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         match monoio::time::timeout(stall, self.sock.get().writable(false)).await {
@@ -1204,11 +1192,13 @@ mod tests {
             libc::ECONNRESET,
             libc::ETIMEDOUT,
             libc::ENOTCONN,
+            // A kTLS socket whose client reset it, on older kernels.
+            libc::EBADMSG,
         ] {
             let e = SendfileError::of(io::Error::from_raw_os_error(errno));
             assert!(matches!(e, SendfileError::Stream(_)), "{errno}: {e:?}");
         }
-        for errno in [libc::EIO, libc::ENOMEM, libc::EBADMSG, libc::EINVAL] {
+        for errno in [libc::EIO, libc::ESTALE] {
             let e = SendfileError::of(io::Error::from_raw_os_error(errno));
             assert!(matches!(e, SendfileError::File(_)), "{errno}: {e:?}");
         }

@@ -1268,11 +1268,8 @@ async fn serve_file(
         send(writer, out, ctx).await?;
         // Boxed: sendfile's stall timer is over-aligned (128 bytes), and
         // inline it would make every request's boxed state so.
-        let sent = Cell::new(0);
-        let result =
-            Box::pin(writer.sendfile(&file, offset, count, ctx.route.send_timeout, &sent)).await;
-        ctx.moved.add(0, sent.get());
-        match result {
+        let sent = |n| ctx.moved.add(0, n);
+        match Box::pin(writer.sendfile(&file, offset, count, ctx.route.send_timeout, &sent)).await {
             Err(SendfileError::Stream(StreamError::Io(e)))
                 if e.kind() == std::io::ErrorKind::TimedOut =>
             {
