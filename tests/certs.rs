@@ -1580,6 +1580,17 @@ fn client_certificates_are_verified_with_the_right_alert_and_counted() {
         Ok(())
     );
     assert_offloaded_in_vm(&k);
+    // A client that sends its CA's certificate too (a "full chain" file):
+    // the CA is the bundle's, not an intermediate, so verify_depth 1 (the
+    // default) takes it, as nginx does. It was refused as too deep.
+    let root = {
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()
+    };
+    assert_eq!(
+        mtls_echo(&k, &pki, Some((vec![good.clone(), root], &good_key))),
+        Ok(())
+    );
 
     let refused: [(&str, Option<Identity>, &str, &str); 5] = [
         ("no certificate", None, "CertificateRequired", "missing"),

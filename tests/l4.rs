@@ -1575,6 +1575,46 @@ fn upstream_tls_verifies_the_backend_resumes_and_offloads_both_sides() {
     }
 }
 
+/// A backend that sends the certificate of its CA too (a "full chain"
+/// file, common): that CA is the bundle's, not an intermediate, and
+/// `verify_depth = 1` (the default) takes it, as nginx's
+/// `proxy_ssl_verify_depth` does. It was refused as too deep.
+#[test]
+fn upstream_tls_does_not_count_a_ca_of_the_bundle_the_backend_sends() {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    let pki = Pki::new("upstream-tls-root-sent");
+    let backend_pki = Pki::new("upstream-tls-root-sent-backend");
+    // The backend's certificate is self-signed: the bundle's CA itself,
+    // sent once as its own and once more as the chain's next.
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![backend_pki.der.clone(), backend_pki.der.clone()],
+            PrivateKeyDer::from_pem_file(&backend_pki.key).unwrap(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let backend = start_tls_backend_on("b", Arc::new(cfg));
+    let k = Ktern::start(
+        &pki,
+        "",
+        &upstream_tls_listener(
+            backend,
+            &format!(
+                "ca = \"{}\", server_name = \"localhost\"",
+                backend_pki.cert.display()
+            ),
+        ),
+    );
+    assert_eq!(
+        through_upstream_tls(&k, &pki).unwrap(),
+        "b sni=localhost alpn=-"
+    );
+    assert_eq!(k.metric("ktern_upstream_tls_failures_total"), 0);
+}
+
 /// The first line through `r` (the backend's greeting).
 fn c_line(r: &mut impl std::io::BufRead, line: &mut String) {
     r.read_line(line).unwrap();

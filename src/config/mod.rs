@@ -981,6 +981,9 @@ pub struct UpstreamTls {
     /// The longest chain, the backend certificate included (as
     /// `client_auth.verify_depth`).
     pub verify_depth: u8,
+    /// The `ca` bundle's certificates: a backend that sends one of them
+    /// too does not have it counted against `verify_depth`.
+    pub anchors: Arc<[CertificateDer<'static>]>,
     /// The name sent as SNI and verified; `None`: each backend's IP
     /// address (verified against IP SANs; no SNI is sent for an address).
     pub server_name: Option<rustls::pki_types::ServerName<'static>>,
@@ -1012,6 +1015,9 @@ pub struct ClientAuth {
     /// certificate issued by a CA of the bundle; each more allows one
     /// intermediate.
     pub verify_depth: u8,
+    /// The bundle's certificates: a client that sends one of them too
+    /// does not have it counted against `verify_depth`.
+    pub anchors: Arc<[CertificateDer<'static>]>,
     /// rustls' verifier for the bundle and CRLs, built at load (so a
     /// bundle rustls refuses is a config error).
     pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -2271,10 +2277,12 @@ impl Validator<'_> {
                 Some(crl.next_update()?.timestamp())
             })
             .min();
+        let anchors: Arc<[CertificateDer<'static>]> = roots.clone().into();
         match client_verifier(roots, crls, required) {
             Ok(verifier) => Some(ClientAuth {
                 required,
                 verify_depth: raw.verify_depth,
+                anchors,
                 verifier,
                 crl_next_update,
             }),
@@ -2507,6 +2515,7 @@ impl Validator<'_> {
         if raw.verify_depth == 0 || !(versions.tls12 || versions.tls13) {
             return None;
         }
+        let anchors: Arc<[CertificateDer<'static>]> = roots.clone().into();
         let mut store = rustls::RootCertStore::empty();
         let (_added, _ignored) = store.add_parsable_certificates(roots);
         match rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -2518,6 +2527,7 @@ impl Validator<'_> {
             Ok(verifier) => Some(UpstreamTls {
                 verifier,
                 verify_depth: raw.verify_depth,
+                anchors,
                 server_name,
                 verify_name: raw.verify_name,
                 client_cert,

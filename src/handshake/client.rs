@@ -154,6 +154,7 @@ impl super::pump::Driver for ClientHandshake {
 struct BackendVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     depth: u8,
+    anchors: Arc<[rustls::pki_types::CertificateDer<'static>]>,
     verify_name: bool,
 }
 
@@ -167,10 +168,11 @@ impl rustls::client::danger::ServerCertVerifier for BackendVerifier {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         use rustls::CertificateError as C;
-        if intermediates.len() >= usize::from(self.depth) {
+        let sent = super::client_auth::counted(intermediates, &self.anchors);
+        if sent >= usize::from(self.depth) {
             return Err(rustls::Error::InvalidCertificate(C::Other(
                 rustls::OtherError(Arc::new(super::client_auth::TooDeep {
-                    sent: intermediates.len(),
+                    sent,
                     depth: self.depth,
                 })),
             )));
@@ -278,6 +280,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(BackendVerifier {
             inner: tls.verifier.clone(),
             depth: tls.verify_depth,
+            anchors: tls.anchors.clone(),
             verify_name: tls.verify_name,
         }));
     let mut config = match &tls.client_cert {

@@ -11,14 +11,28 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 
 /// rustls' verifier, refusing chains longer than `depth` (nginx's
 /// `ssl_verify_depth`): a client may send at most `depth - 1`
-/// intermediates. Counted on what the client sends, so a client that also
-/// sends the root needs one more.
+/// intermediates, not counting a CA of the bundle ([`counted`]).
 #[derive(Debug)]
 pub struct DepthLimited {
     /// The WebPKI verifier.
     pub inner: Arc<dyn ClientCertVerifier>,
     /// The longest chain, the client certificate included.
     pub depth: u8,
+    /// The bundle's certificates.
+    pub anchors: Arc<[CertificateDer<'static>]>,
+}
+
+/// The certificates a peer sent beside its own that count against
+/// `verify_depth`: not those of the CA bundle itself. Many clients and
+/// servers send their root too (a "full chain" file), which the chain
+/// ends at anyway; OpenSSL (nginx, HAProxy) counts the path it builds,
+/// which ends at the bundle's copy, so a root sent never counts there.
+/// Counted, it refused with `verify_depth = 1` a client nginx takes.
+pub fn counted(intermediates: &[CertificateDer<'_>], anchors: &[CertificateDer<'static>]) -> usize {
+    intermediates
+        .iter()
+        .filter(|c| !anchors.iter().any(|a| a.as_ref() == c.as_ref()))
+        .count()
 }
 
 /// A chain longer than `verify_depth` (rustls answers an error of ours
@@ -51,10 +65,11 @@ impl ClientCertVerifier for DepthLimited {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if intermediates.len() >= usize::from(self.depth) {
+        let sent = counted(intermediates, &self.anchors);
+        if sent >= usize::from(self.depth) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(TooDeep {
-                    sent: intermediates.len(),
+                    sent,
                     depth: self.depth,
                 })),
             )));

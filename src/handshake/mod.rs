@@ -127,6 +127,7 @@ pub fn server_config_sharing(
         Arc::new(client_auth::DepthLimited {
             inner: auth.verifier.clone(),
             depth: auth.verify_depth,
+            anchors: auth.anchors.clone(),
         })
     });
     let builder = match &client_auth {

@@ -1097,7 +1097,11 @@ pub fn start_tls_backend_with(
     pki: &Pki,
     client_cas: Option<&[CertificateDer<'static>]>,
 ) -> SocketAddr {
-    let cfg = tls_server_config(pki, client_cas);
+    start_tls_backend_on(name, tls_server_config(pki, client_cas))
+}
+
+/// [`start_tls_backend`] with its rustls config given.
+pub fn start_tls_backend_on(name: &'static str, cfg: Arc<rustls::ServerConfig>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
