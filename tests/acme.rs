@@ -457,6 +457,44 @@ fn tls_alpn_01_issues_renews_and_rides_out_a_ca_outage() {
     );
 }
 
+/// Certificates obtained in one pass go live by one reload, not one each:
+/// each reload reads every certificate of the config again, and a first
+/// start ordering a thousand names did a thousand of them.
+#[test]
+fn certificates_obtained_together_go_live_by_one_reload() {
+    let pki = Pki::new("acme-batch");
+    let port = free_port();
+    let pebble = Pebble::start(&pki.dir, port, free_port(), 3600);
+    let mut config = acme_listener(port, start_backend(), &pebble, &pki.dir, "");
+    // Two more certificates on the same listener (the last [[listener]]).
+    for name in ["c.acme.test", "d.acme.test"] {
+        config.push_str(&format!(
+            "[[listener.certificate]]\nacme = {{ domains = [\"{name}\"], directory = \"{}\", ca = \"{}\" }}\n",
+            pebble.directory(),
+            pki.dir.join("pebble.pem").display()
+        ));
+    }
+    let k = Ktern::start(&pki, "", &config);
+    let roots = [pebble.root()];
+    for name in ["a.acme.test", "c.acme.test", "d.acme.test"] {
+        wait_for_new_leaf(&k, name, &roots, None, Duration::from_secs(60));
+    }
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 3);
+    // One reload for the three (two, should the pass have run past
+    // RELOAD_EVERY, 30 s, between them); it was three.
+    let reloads = k.metric("ktern_reloads_total");
+    assert!(
+        (1..=2).contains(&reloads),
+        "{reloads} reloads for 3 certificates"
+    );
+    assert!(
+        k.log()
+            .contains("ACME: reloaded to serve the new certificates"),
+        "{}",
+        k.log()
+    );
+}
+
 /// The CA issued, but the certificate could not be written (a full disk;
 /// here the order's state directory is a file in the way): the retry
 /// writes the same certificate again, not a new order each time (every

@@ -44,6 +44,13 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
 /// How often the thread looks when nothing is due sooner.
 const PERIOD: i64 = 3600;
 
+/// The longest a certificate obtained (or found on disk) waits to be
+/// served while more orders of the same pass run: their certificates go
+/// live by one reload, at the pass's end or this long after the first.
+/// One reload per certificate read every certificate of the config again
+/// each time: a first start ordering n names did n full reloads, n² reads.
+const RELOAD_EVERY: i64 = 30;
+
 /// The validity of the certificate being served: notBefore, notAfter.
 pub type Validity = (i64, i64);
 
@@ -296,7 +303,17 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
         let mut now = crate::clock::unix_now();
         let mut wake = now + PERIOD;
         let retry_secs = config.acme.retry.as_secs().max(1) as i64;
+        // This pass's certificates waiting for their reload, and since when.
+        let mut unserved: Vec<PathBuf> = Vec::new();
+        let mut unserved_since = now;
         for (order, live) in orders {
+            if !unserved.is_empty() && now - unserved_since >= RELOAD_EVERY {
+                let Some(failed) = serve(control, &mut unserved, &mut tracks, now + retry_secs)
+                else {
+                    return;
+                };
+                wake = wake.min(failed.unwrap_or(wake));
+            }
             let t = tracks.entry(order.dir.clone()).or_insert_with(|| Track {
                 order: order.clone(),
                 failures: 0,
@@ -379,17 +396,14 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                     continue;
                 }
                 Next::Reload => {
+                    // Not asked again before the reload had its chance.
                     t.reload_at = now + retry_secs;
                     wake = wake.min(t.reload_at);
-                    let Some(c) = control.upgrade() else { return };
-                    match c.reload() {
-                        Ok(_) => {
-                            tracing::info!(dir = %order.dir.display(), "ACME: serving the certificate the state directory holds")
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, dir = %order.dir.display(), "ACME: a newer certificate is on disk but the reload to serve it was refused; retrying")
-                        }
+                    tracing::info!(dir = %order.dir.display(), "ACME: the state directory holds a newer certificate than the one served; served after the next reload");
+                    if unserved.is_empty() {
+                        unserved_since = now;
                     }
+                    unserved.push(order.dir.clone());
                     continue;
                 }
                 Next::Order => {}
@@ -464,13 +478,11 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                     t.failures = 0;
                     t.replaces_failed = false;
                     t.retry_at = 0;
-                    tracing::info!(domains = ?order.domains, dir = %order.dir.display(), not_after = issued.validity.1, "ACME: certificate obtained; reloading to serve it");
-                    let Some(c) = control.upgrade() else { return };
-                    if let Err(e) = c.reload() {
-                        t.reload_at = now + retry_secs;
-                        wake = wake.min(t.reload_at);
-                        tracing::error!(error = %e, dir = %order.dir.display(), "ACME: the new certificate is on disk but the reload to serve it was refused; retrying");
+                    tracing::info!(domains = ?order.domains, dir = %order.dir.display(), not_after = issued.validity.1, "ACME: certificate obtained; served after the next reload");
+                    if unserved.is_empty() {
+                        unserved_since = now;
                     }
+                    unserved.push(order.dir.clone());
                 }
                 Err(e) => {
                     // Only the CA's refusal says anything about `replaces`.
@@ -479,10 +491,45 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                 }
             }
         }
+        if !unserved.is_empty() {
+            let Some(failed) = serve(control, &mut unserved, &mut tracks, now + retry_secs) else {
+                return;
+            };
+            wake = wake.min(failed.unwrap_or(wake));
+        }
         let wait = Duration::from_secs((wake - now).clamp(1, PERIOD) as u64);
         match nudged.recv_timeout(wait) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Serves the certificates of `unserved` (state directories) by one
+/// reload, and empties it. A refused reload is tried again from
+/// `retry_at` (each one's `reload_at`), which is returned; `None`: the
+/// process is gone.
+fn serve(
+    control: &Weak<Control>,
+    unserved: &mut Vec<PathBuf>,
+    tracks: &mut HashMap<PathBuf, Track>,
+    retry_at: i64,
+) -> Option<Option<i64>> {
+    let c = control.upgrade()?;
+    let dirs = std::mem::take(unserved);
+    match c.reload() {
+        Ok(_) => {
+            tracing::info!(certificates = dirs.len(), dirs = ?dirs, "ACME: reloaded to serve the new certificates");
+            Some(None)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, dirs = ?dirs, "ACME: new certificates are on disk but the reload to serve them was refused; retrying");
+            for dir in &dirs {
+                if let Some(t) = tracks.get_mut(dir) {
+                    t.reload_at = retry_at;
+                }
+            }
+            Some(Some(retry_at))
         }
     }
 }
