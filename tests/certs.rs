@@ -1588,11 +1588,15 @@ fn client_certificates_are_verified_with_the_right_alert_and_counted() {
         CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()
     };
     assert_eq!(
-        mtls_echo(&k, &pki, Some((vec![good.clone(), root], &good_key))),
+        mtls_echo(
+            &k,
+            &pki,
+            Some((vec![good.clone(), root.clone()], &good_key))
+        ),
         Ok(())
     );
 
-    let refused: [(&str, Option<Identity>, &str, &str); 5] = [
+    let refused: [(&str, Option<Identity>, &str, &str); 6] = [
         ("no certificate", None, "CertificateRequired", "missing"),
         (
             "another CA",
@@ -1623,6 +1627,19 @@ fn client_certificates_are_verified_with_the_right_alert_and_counted() {
             },
             // rustls' alert for a refusal of ktern's own (its "other"
             // certificate error): the chain itself may be fine.
+            "CertificateUnknown",
+            "bad",
+        ),
+        (
+            // Only the bundle's CA is let off: the intermediate counts.
+            "an intermediate and the bundle's CA (verify_depth 1)",
+            {
+                let (inter, inter_key, inter_params) =
+                    client_cert(&ca, "intermediate-2", false, true);
+                let inter_issuer = rcgen::Issuer::new(inter_params, inter_key);
+                let (c, key, _) = client_cert(&inter_issuer, "deep-2", false, false);
+                Some((vec![c, inter, root], key))
+            },
             "CertificateUnknown",
             "bad",
         ),

@@ -1477,6 +1477,17 @@ fn upstream_tls_listener(backend: std::net::SocketAddr, tls: &str) -> String {
     format!("{}tls = {{ {tls} }}\n", tcp_listener(backend, ""))
 }
 
+/// ktern (`pki`'s certificate) on a `tcp` route with `tls` to `backend`,
+/// whose certificate for `localhost` is `backend_pki`'s, trusted as the
+/// route's `ca`.
+fn ktern_to_tls_backend(pki: &Pki, backend: std::net::SocketAddr, backend_pki: &Pki) -> Ktern {
+    let tls = format!(
+        "ca = \"{}\", server_name = \"localhost\"",
+        backend_pki.cert.display()
+    );
+    Ktern::start(pki, "", &upstream_tls_listener(backend, &tls))
+}
+
 /// Through ktern to a [`start_tls_backend`]: its greeting line, after an
 /// echo round trip; an error when ktern closed instead.
 fn through_upstream_tls(k: &Ktern, pki: &Pki) -> std::io::Result<String> {
@@ -1521,17 +1532,7 @@ fn upstream_tls_verifies_the_backend_resumes_and_offloads_both_sides() {
     let pki = Pki::new("upstream-tls");
     let backend_pki = Pki::new("upstream-tls-backend");
     let backend = start_tls_backend("b", &backend_pki);
-    let k = Ktern::start(
-        &pki,
-        "",
-        &upstream_tls_listener(
-            backend,
-            &format!(
-                "ca = \"{}\", server_name = \"localhost\"",
-                backend_pki.cert.display()
-            ),
-        ),
-    );
+    let k = ktern_to_tls_backend(&pki, backend, &backend_pki);
     for _ in 0..3 {
         assert_eq!(
             through_upstream_tls(&k, &pki).unwrap(),
@@ -1597,17 +1598,7 @@ fn upstream_tls_does_not_count_a_ca_of_the_bundle_the_backend_sends() {
         .unwrap();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let backend = start_tls_backend_on("b", Arc::new(cfg));
-    let k = Ktern::start(
-        &pki,
-        "",
-        &upstream_tls_listener(
-            backend,
-            &format!(
-                "ca = \"{}\", server_name = \"localhost\"",
-                backend_pki.cert.display()
-            ),
-        ),
-    );
+    let k = ktern_to_tls_backend(&pki, backend, &backend_pki);
     assert_eq!(
         through_upstream_tls(&k, &pki).unwrap(),
         "b sni=localhost alpn=-"

@@ -28,10 +28,26 @@ pub struct DepthLimited {
 /// ends at anyway; OpenSSL (nginx, HAProxy) counts the path it builds,
 /// which ends at the bundle's copy, so a root sent never counts there.
 /// Counted, it refused with `verify_depth = 1` a client nginx takes.
+/// Each CA of the bundle is let off once: copies of it sent again count,
+/// or a client could send dozens of copies past the depth check, each
+/// tried by the path search (two signature checks a copy).
 pub fn counted(intermediates: &[CertificateDer<'_>], anchors: &[CertificateDer<'static>]) -> usize {
+    let mut let_off = vec![false; anchors.len()];
     intermediates
         .iter()
-        .filter(|c| !anchors.iter().any(|a| a.as_ref() == c.as_ref()))
+        .filter(|c| {
+            let found = anchors
+                .iter()
+                .zip(let_off.iter_mut())
+                .find(|(a, off)| !**off && a.as_ref() == c.as_ref());
+            match found {
+                Some((_, off)) => {
+                    *off = true;
+                    false
+                }
+                None => true,
+            }
+        })
         .count()
 }
 
@@ -309,6 +325,23 @@ fn printable(s: &str) -> Box<str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_of_the_bundle_sent_along_is_let_off_once() {
+        let (a, b, x) = (
+            CertificateDer::from(vec![1u8, 2, 3]),
+            CertificateDer::from(vec![4u8, 5]),
+            CertificateDer::from(vec![6u8]),
+        );
+        let anchors = [a.clone(), b.clone()];
+        assert_eq!(counted(&[], &anchors), 0);
+        assert_eq!(counted(std::slice::from_ref(&x), &anchors), 1);
+        assert_eq!(counted(&[x.clone(), a.clone()], &anchors), 1);
+        assert_eq!(counted(&[a.clone(), b.clone()], &anchors), 0);
+        // Copies sent again count: a flood of them is refused by depth.
+        assert_eq!(counted(&[a.clone(), a.clone(), a.clone()], &anchors), 2);
+        assert_eq!(counted(&[x, a], &[]), 2);
+    }
 
     #[test]
     fn identity_reads_subject_names_and_fingerprint_and_escapes_controls() {
