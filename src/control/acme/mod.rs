@@ -44,9 +44,11 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
 /// How often the thread looks when nothing is due sooner.
 const PERIOD: i64 = 3600;
 
-/// The longest a certificate obtained (or found on disk) waits to be
+/// How long a certificate obtained (or found on disk) may wait to be
 /// served while more orders of the same pass run: their certificates go
-/// live by one reload, at the pass's end or this long after the first.
+/// live by one reload, at the pass's end or before the next order once
+/// the first has waited this long (an order under way, up to
+/// ORDER_TIMEOUT, finishes first).
 /// One reload per certificate read every certificate of the config again
 /// each time: a first start ordering n names did n full reloads, n² reads.
 const RELOAD_EVERY: i64 = 30;
@@ -136,6 +138,8 @@ struct Track {
     reload_at: i64,
     /// What the CA's renewal information says.
     ari: Ari,
+    /// Failures to get it in a row.
+    ari_failures: u32,
     /// An order that named the certificate it replaces failed.
     replaces_failed: bool,
     /// A certificate the CA issued that could not be written to the state
@@ -181,6 +185,16 @@ fn ask_again(retry_after: Duration, min: i64) -> i64 {
     i64::try_from(retry_after.as_secs())
         .unwrap_or(MAX)
         .clamp(min.min(MAX), MAX)
+}
+
+/// When to ask again for renewal information the CA failed to give,
+/// after `failures` failures in a row: `acme.retry` doubled per failure
+/// and jittered, as an order's retry, up to `acme.retry_max` and six
+/// hours. At a flat `acme.retry` (10 minutes by default) every
+/// certificate asked that often for as long as the CA's endpoint failed.
+fn ari_retry(failures: u32, acme: &AcmeSettings, jitter: f64) -> i64 {
+    let max = acme.retry_max.min(Duration::from_secs(6 * 3600));
+    backoff(failures, acme.retry, max, jitter).as_secs().max(1) as i64
 }
 
 /// What to do about one order now.
@@ -266,11 +280,7 @@ fn supervised(mut pass: impl FnMut(), mut again: impl FnMut() -> bool) -> u32 {
             return panics;
         };
         panics += 1;
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let what = panic_message(&*panic);
         tracing::error!(panic = %what, "internal: the ACME thread panicked; it starts again after acme.retry");
         if !again() {
             return panics;
@@ -303,16 +313,21 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
         let mut now = crate::clock::unix_now();
         let mut wake = now + PERIOD;
         let retry_secs = config.acme.retry.as_secs().max(1) as i64;
-        // This pass's certificates waiting for their reload, and since when.
+        // This pass's certificates waiting for their reload, and since
+        // when; those whose reload was refused, to be tried again.
         let mut unserved: Vec<PathBuf> = Vec::new();
         let mut unserved_since = now;
+        let mut refused: Vec<PathBuf> = Vec::new();
         for (order, live) in orders {
-            if !unserved.is_empty() && now - unserved_since >= RELOAD_EVERY {
-                let Some(failed) = serve(control, &mut unserved, &mut tracks, now + retry_secs)
-                else {
-                    return;
-                };
-                wake = wake.min(failed.unwrap_or(wake));
+            for dir in refused.drain(..) {
+                if let Some(t) = tracks.get_mut(&dir) {
+                    t.reload_at = now + retry_secs;
+                    wake = wake.min(t.reload_at);
+                }
+            }
+            if now - unserved_since >= RELOAD_EVERY && !serve(control, &mut unserved, &mut refused)
+            {
+                return;
             }
             let t = tracks.entry(order.dir.clone()).or_insert_with(|| Track {
                 order: order.clone(),
@@ -320,6 +335,7 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                 retry_at: 0,
                 reload_at: 0,
                 ari: Ari::Unknown,
+                ari_failures: 0,
                 replaces_failed: false,
                 unkept: None,
             });
@@ -351,7 +367,7 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
             };
             let rt = if ask { runtime_for(&mut runtime) } else { None };
             if let (Some(id), Some(rt)) = (&held_id, rt) {
-                let asked = rt.block_on(async {
+                let asked = guarded(rt, &metrics, async {
                     tokio::time::timeout(
                         ORDER_TIMEOUT,
                         order::renewal_window(&order, &config.acme.state_dir, id),
@@ -360,6 +376,11 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                     .unwrap_or(Err(AcmeError::Timeout(ORDER_TIMEOUT)))
                 });
                 now = crate::clock::unix_now();
+                t.ari_failures = if asked.is_err() {
+                    t.ari_failures.saturating_add(1)
+                } else {
+                    0
+                };
                 t.ari = match asked {
                     Ok(None) => Ari::Unsupported,
                     Ok(Some(w)) => {
@@ -378,7 +399,7 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                         Ari::Known {
                             id: id.clone(),
                             due: None,
-                            ask_at: now + ask_again(Duration::ZERO, retry_secs),
+                            ask_at: now + ari_retry(t.ari_failures, &config.acme, jitter()),
                         }
                     }
                 };
@@ -412,6 +433,7 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                 return;
             }
             let Some(rt) = runtime_for(&mut runtime) else {
+                serve(control, &mut unserved, &mut refused);
                 return;
             };
             // One ordering process per state directory: during a binary
@@ -443,8 +465,17 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                     Ok(issued)
                 }
                 None => {
+                    // The certificates obtained before this order (which
+                    // may take up to ORDER_TIMEOUT) go live first, once
+                    // they have waited RELOAD_EVERY.
+                    now = crate::clock::unix_now();
+                    if now - unserved_since >= RELOAD_EVERY
+                        && !serve(control, &mut unserved, &mut refused)
+                    {
+                        return;
+                    }
                     tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if live.is_some() { "renewal due" } else { "no certificate from the CA yet" }, replaces = replaces.as_ref().map(|r| r.to_string()), "ACME: ordering a certificate");
-                    rt.block_on(async {
+                    guarded(rt, &metrics, async {
                         match tokio::time::timeout(
                             ORDER_TIMEOUT,
                             order::obtain(
@@ -491,11 +522,14 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                 }
             }
         }
-        if !unserved.is_empty() {
-            let Some(failed) = serve(control, &mut unserved, &mut tracks, now + retry_secs) else {
-                return;
-            };
-            wake = wake.min(failed.unwrap_or(wake));
+        if !serve(control, &mut unserved, &mut refused) {
+            return;
+        }
+        for dir in refused.drain(..) {
+            if let Some(t) = tracks.get_mut(&dir) {
+                t.reload_at = now + retry_secs;
+                wake = wake.min(t.reload_at);
+            }
         }
         let wait = Duration::from_secs((wake - now).clamp(1, PERIOD) as u64);
         match nudged.recv_timeout(wait) {
@@ -506,32 +540,60 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
 }
 
 /// Serves the certificates of `unserved` (state directories) by one
-/// reload, and empties it. A refused reload is tried again from
-/// `retry_at` (each one's `reload_at`), which is returned; `None`: the
-/// process is gone.
-fn serve(
-    control: &Weak<Control>,
-    unserved: &mut Vec<PathBuf>,
-    tracks: &mut HashMap<PathBuf, Track>,
-    retry_at: i64,
-) -> Option<Option<i64>> {
-    let c = control.upgrade()?;
+/// reload, and empties it; those of a refused reload go to `refused`, to
+/// be tried again from `acme.retry` on. Nothing to do when it is empty.
+/// `false`: the process is gone or draining (a draining process serves
+/// nothing new; the next one reads the state directory).
+fn serve(control: &Weak<Control>, unserved: &mut Vec<PathBuf>, refused: &mut Vec<PathBuf>) -> bool {
+    if unserved.is_empty() {
+        return true;
+    }
+    let Some(c) = control.upgrade() else {
+        return false;
+    };
+    if draining(&c) {
+        return false;
+    }
     let dirs = std::mem::take(unserved);
     match c.reload() {
         Ok(_) => {
             tracing::info!(certificates = dirs.len(), dirs = ?dirs, "ACME: reloaded to serve the new certificates");
-            Some(None)
         }
         Err(e) => {
             tracing::error!(error = %e, dirs = ?dirs, "ACME: new certificates are on disk but the reload to serve them was refused; retrying");
-            for dir in &dirs {
-                if let Some(t) = tracks.get_mut(dir) {
-                    t.reload_at = retry_at;
-                }
-            }
-            Some(Some(retry_at))
+            refused.extend(dirs);
         }
     }
+    true
+}
+
+/// `fut` run to its end on `rt`. A panic in it (a dependency's, on what a
+/// CA answered) is an error of this one order, counted as ktern's own:
+/// caught only around the whole thread ([`supervised`]), the same answer
+/// would end every pass at the same order, and no order listed after it
+/// would ever be renewed.
+fn guarded<T>(
+    rt: &tokio::runtime::Runtime,
+    metrics: &M,
+    fut: impl std::future::Future<Output = Result<T, AcmeError>>,
+) -> Result<T, AcmeError> {
+    use futures_util::FutureExt as _;
+    match rt.block_on(std::panic::AssertUnwindSafe(fut).catch_unwind()) {
+        Ok(result) => result,
+        Err(panic) => {
+            M::inc(&metrics.internal_errors);
+            Err(AcmeError::Panicked(panic_message(&*panic)))
+        }
+    }
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// A draining process (a stop signal, or its sockets handed to a new
@@ -835,6 +897,25 @@ mod tests {
         // i64 seconds.
         assert_eq!(ask_again(Duration::from_secs(60), 7 * 3600), 6 * 3600);
         assert_eq!(ask_again(Duration::MAX, 60), 6 * 3600);
+    }
+
+    #[test]
+    fn renewal_information_that_fails_is_asked_for_less_and_less_often() {
+        let acme = AcmeSettings {
+            state_dir: PathBuf::new(),
+            retry: Duration::from_secs(600),
+            retry_max: Duration::from_secs(86_400),
+        };
+        // Jitter 1.0: the whole delay. Doubled per failure from
+        // acme.retry, where it stayed at 600 s before.
+        let delays: Vec<i64> = (1..=8).map(|n| ari_retry(n, &acme, 1.0)).collect();
+        assert_eq!(
+            delays,
+            [600, 1200, 2400, 4800, 9600, 19_200, 21_600, 21_600],
+            "at most six hours, below retry_max"
+        );
+        // Jittered between half and all of it, as an order's retry.
+        assert_eq!(ari_retry(1, &acme, 0.0), 300);
     }
 
     #[test]

@@ -55,6 +55,12 @@ pub enum AcmeError {
         /// The configured challenge type.
         challenge: &'static str,
     },
+    /// The ACME client panicked on what the CA answered (instant-acme adds
+    /// a CA's `Retry-After` seconds to the clock unchecked): ktern's side.
+    /// The order counts as failed and is retried with backoff; the other
+    /// orders go on.
+    #[error("internal: the ACME client panicked: {0}")]
+    Panicked(String),
     /// The order did not become ready or valid.
     #[error("the order ended {status:?}{}", .problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default())]
     Order {
