@@ -175,16 +175,19 @@ pub fn ari_due(start: i64, end: i64, r: f64) -> i64 {
     start + ((end - start) as f64 * r.clamp(0.0, 1.0)) as i64
 }
 
+/// The longest wait before renewal information is asked again (RFC 9773
+/// §4.3.2 asks clients to bound the CA's Retry-After).
+const ARI_MAX: i64 = 6 * 3600;
+
 /// How long until renewal information is asked again: the CA's
 /// Retry-After, no sooner than `acme.retry` and no later than six hours
 /// (RFC 9773 §4.3.2 asks clients to bound it).
 /// An `acme.retry` above six hours gives six hours (`clamp` with its
 /// bounds crossed panicked, and took the ACME thread with it).
 fn ask_again(retry_after: Duration, min: i64) -> i64 {
-    const MAX: i64 = 6 * 3600;
     i64::try_from(retry_after.as_secs())
-        .unwrap_or(MAX)
-        .clamp(min.min(MAX), MAX)
+        .unwrap_or(ARI_MAX)
+        .clamp(min.min(ARI_MAX), ARI_MAX)
 }
 
 /// When to ask again for renewal information the CA failed to give,
@@ -193,7 +196,7 @@ fn ask_again(retry_after: Duration, min: i64) -> i64 {
 /// hours. At a flat `acme.retry` (10 minutes by default) every
 /// certificate asked that often for as long as the CA's endpoint failed.
 fn ari_retry(failures: u32, acme: &AcmeSettings, jitter: f64) -> i64 {
-    let max = acme.retry_max.min(Duration::from_secs(6 * 3600));
+    let max = acme.retry_max.min(Duration::from_secs(ARI_MAX as u64));
     backoff(failures, acme.retry, max, jitter).as_secs().max(1) as i64
 }
 
@@ -314,19 +317,13 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
         let mut wake = now + PERIOD;
         let retry_secs = config.acme.retry.as_secs().max(1) as i64;
         // This pass's certificates waiting for their reload, and since
-        // when; those whose reload was refused, to be tried again.
+        // when. Each has its track's `reload_at` set: should the reload be
+        // refused, the next pass finds it newer on disk than served
+        // (`Next::Reload`) from then on.
         let mut unserved: Vec<PathBuf> = Vec::new();
         let mut unserved_since = now;
-        let mut refused: Vec<PathBuf> = Vec::new();
         for (order, live) in orders {
-            for dir in refused.drain(..) {
-                if let Some(t) = tracks.get_mut(&dir) {
-                    t.reload_at = now + retry_secs;
-                    wake = wake.min(t.reload_at);
-                }
-            }
-            if now - unserved_since >= RELOAD_EVERY && !serve(control, &mut unserved, &mut refused)
-            {
+            if now - unserved_since >= RELOAD_EVERY && !serve(control, &mut unserved) {
                 return;
             }
             let t = tracks.entry(order.dir.clone()).or_insert_with(|| Track {
@@ -433,7 +430,7 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                 return;
             }
             let Some(rt) = runtime_for(&mut runtime) else {
-                serve(control, &mut unserved, &mut refused);
+                serve(control, &mut unserved);
                 return;
             };
             // One ordering process per state directory: during a binary
@@ -469,9 +466,7 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                     // may take up to ORDER_TIMEOUT) go live first, once
                     // they have waited RELOAD_EVERY.
                     now = crate::clock::unix_now();
-                    if now - unserved_since >= RELOAD_EVERY
-                        && !serve(control, &mut unserved, &mut refused)
-                    {
+                    if now - unserved_since >= RELOAD_EVERY && !serve(control, &mut unserved) {
                         return;
                     }
                     tracing::info!(domains = ?order.domains, directory = %order.directory, reason = if live.is_some() { "renewal due" } else { "no certificate from the CA yet" }, replaces = replaces.as_ref().map(|r| r.to_string()), "ACME: ordering a certificate");
@@ -510,6 +505,8 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                     t.replaces_failed = false;
                     t.retry_at = 0;
                     tracing::info!(domains = ?order.domains, dir = %order.dir.display(), not_after = issued.validity.1, "ACME: certificate obtained; served after the next reload");
+                    t.reload_at = now + retry_secs;
+                    wake = wake.min(t.reload_at);
                     if unserved.is_empty() {
                         unserved_since = now;
                     }
@@ -522,14 +519,8 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
                 }
             }
         }
-        if !serve(control, &mut unserved, &mut refused) {
+        if !serve(control, &mut unserved) {
             return;
-        }
-        for dir in refused.drain(..) {
-            if let Some(t) = tracks.get_mut(&dir) {
-                t.reload_at = now + retry_secs;
-                wake = wake.min(t.reload_at);
-            }
         }
         let wait = Duration::from_secs((wake - now).clamp(1, PERIOD) as u64);
         match nudged.recv_timeout(wait) {
@@ -540,11 +531,11 @@ fn run(control: &Weak<Control>, nudged: &mpsc::Receiver<()>) {
 }
 
 /// Serves the certificates of `unserved` (state directories) by one
-/// reload, and empties it; those of a refused reload go to `refused`, to
-/// be tried again from `acme.retry` on. Nothing to do when it is empty.
-/// `false`: the process is gone or draining (a draining process serves
-/// nothing new; the next one reads the state directory).
-fn serve(control: &Weak<Control>, unserved: &mut Vec<PathBuf>, refused: &mut Vec<PathBuf>) -> bool {
+/// reload, and empties it; a refused one is tried again by a later pass
+/// (their tracks' `reload_at`). Nothing to do when it is empty. `false`:
+/// the process is gone or draining (a draining process serves nothing
+/// new; the next one reads the state directory).
+fn serve(control: &Weak<Control>, unserved: &mut Vec<PathBuf>) -> bool {
     if unserved.is_empty() {
         return true;
     }
@@ -561,7 +552,6 @@ fn serve(control: &Weak<Control>, unserved: &mut Vec<PathBuf>, refused: &mut Vec
         }
         Err(e) => {
             tracing::error!(error = %e, dirs = ?dirs, "ACME: new certificates are on disk but the reload to serve them was refused; retrying");
-            refused.extend(dirs);
         }
     }
     true
