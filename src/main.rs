@@ -149,24 +149,22 @@ fn check(config: &std::path::Path, ca: Option<&std::path::Path>) -> anyhow::Resu
     if c.runtime.ktls == KtlsMode::Required {
         let support = ktern::ktls::probe();
         let unsure = !support.ulp && !ktern::sys::is_root();
+        let (severity, context) = if unsure {
+            (
+                lint::Severity::Warning,
+                "on this host, checked without root: the kernel loads its tls module only for \
+                 root, as ktern run starts; check as root to be sure",
+            )
+        } else {
+            (lint::Severity::Error, "on this host")
+        };
         findings.extend(
             ktern::ktls::host_problems(&c, &support, false)
                 .into_iter()
-                .map(|p| match unsure {
-                    true => lint::Finding {
-                        severity: lint::Severity::Warning,
-                        field: p.field,
-                        message: format!(
-                            "{} (on this host, checked without root: the kernel loads its tls \
-                             module only for root, as ktern run starts; check as root to be sure)",
-                            p.reason
-                        ),
-                    },
-                    false => lint::Finding {
-                        severity: lint::Severity::Error,
-                        field: p.field,
-                        message: format!("{} (on this host)", p.reason),
-                    },
+                .map(|p| lint::Finding {
+                    severity,
+                    field: p.field,
+                    message: format!("{} ({context})", p.reason),
                 }),
         );
     }

@@ -566,7 +566,7 @@ pub fn held_certificate(dir: &Path, now: i64) -> Result<Option<Held>, String> {
     }
     c.info.cert_file = cert_file.display().to_string();
     c.info.key_file = key_file.display().to_string();
-    let issued_by = std::fs::read_to_string(version.join(ACME_ISSUED_BY))
+    let issued_by = read_text_capped(&version.join(ACME_ISSUED_BY), "an ACME issuer file")
         .ok()
         .map(|d| d.trim().to_string());
     Ok(Some(Held {

@@ -1373,9 +1373,10 @@ fn upstream_tls_is_checked_at_load() {
 }
 
 /// A file the config names is read whole only if it is a regular file of
-/// bounded size, and the refusal names the field: `/dev/zero` as a
-/// certificate was read until memory ran out, a FIFO blocked the load (a
-/// reload, or `ktern check`) until some writer came.
+/// bounded size, and the refusal names the field. Read whole with no
+/// bound as before, `/dev/zero` as a certificate would fill memory, and a
+/// FIFO would block the load (a reload, or `ktern check`) until some
+/// writer came: neither case could return.
 #[test]
 fn named_files_that_are_devices_fifos_or_too_big_are_refused_by_field() {
     let dir = std::env::temp_dir().join(format!("ktern-cfg-capped-{}", std::process::id()));

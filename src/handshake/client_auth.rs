@@ -30,23 +30,16 @@ pub struct DepthLimited {
 /// Counted, it refused with `verify_depth = 1` a client nginx takes.
 /// Each CA of the bundle is let off once: copies of it sent again count,
 /// or a client could send dozens of copies past the depth check, each
-/// tried by the path search (two signature checks a copy).
+/// tried by the path search (two signature checks a copy). No allocation:
+/// this runs in every handshake with a certificate.
 pub fn counted(intermediates: &[CertificateDer<'_>], anchors: &[CertificateDer<'static>]) -> usize {
-    let mut let_off = vec![false; anchors.len()];
+    let same = |a: &[u8], b: &[u8]| a == b;
     intermediates
         .iter()
-        .filter(|c| {
-            let found = anchors
-                .iter()
-                .zip(let_off.iter_mut())
-                .find(|(a, off)| !**off && a.as_ref() == c.as_ref());
-            match found {
-                Some((_, off)) => {
-                    *off = true;
-                    false
-                }
-                None => true,
-            }
+        .enumerate()
+        .filter(|&(i, c)| {
+            let first = !intermediates[..i].iter().any(|p| same(p, c));
+            !(first && anchors.iter().any(|a| same(a, c)))
         })
         .count()
 }
@@ -340,7 +333,13 @@ mod tests {
         assert_eq!(counted(&[a.clone(), b.clone()], &anchors), 0);
         // Copies sent again count: a flood of them is refused by depth.
         assert_eq!(counted(&[a.clone(), a.clone(), a.clone()], &anchors), 2);
-        assert_eq!(counted(&[x, a], &[]), 2);
+        assert_eq!(counted(&[x.clone(), a.clone()], &[]), 2);
+        // A bundle that lists a CA twice (files concatenated) lets it off
+        // once all the same.
+        let twice = [a.clone(), a.clone()];
+        assert_eq!(counted(std::slice::from_ref(&a), &twice), 0);
+        assert_eq!(counted(&[a.clone(), x], &twice), 1);
+        assert_eq!(counted(&[a.clone(), a], &twice), 1);
     }
 
     #[test]

@@ -323,10 +323,7 @@ pub fn host_problems(
 /// 5.11). Such a connection would be served on userspace records, which
 /// `required` promises never happens; so the start or the reload is
 /// refused instead, naming the suites.
-pub fn offload_gaps(
-    config: &crate::config::Config,
-    support: &Support,
-) -> Vec<crate::config::Problem> {
+fn offload_gaps(config: &crate::config::Config, support: &Support) -> Vec<crate::config::Problem> {
     if config.runtime.ktls != crate::config::KtlsMode::Required {
         return Vec::new();
     }

@@ -1198,7 +1198,7 @@ mod tests {
             let e = SendfileError::of(io::Error::from_raw_os_error(errno));
             assert!(matches!(e, SendfileError::Stream(_)), "{errno}: {e:?}");
         }
-        for errno in [libc::EIO, libc::ESTALE] {
+        for errno in [libc::EIO, libc::ESTALE, libc::ENXIO, libc::EOVERFLOW] {
             let e = SendfileError::of(io::Error::from_raw_os_error(errno));
             assert!(matches!(e, SendfileError::File(_)), "{errno}: {e:?}");
         }
