@@ -638,15 +638,7 @@ fn a_fin_alone_goes_on_without_close_notify_over_tls_both_ways() {
             std::thread::sleep(Duration::from_millis(300));
         }
     });
-    let k = Ktern::start(
-        &pki,
-        "",
-        &format!(
-            "{}tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
-            tcp_listener(backend, ""),
-            backend_pki.cert.display()
-        ),
-    );
+    let k = ktern_to_tls_backend(&pki, backend, &backend_pki);
     for (n, clean) in [true, false].into_iter().enumerate() {
         let mut c = connect(k.addr(), &pki, ClientOpts::default());
         until_a_ticket(&mut c);
