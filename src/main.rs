@@ -497,8 +497,9 @@ fn start_drain(control: &Arc<Control>, delay: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A second stop signal: exits now. The access lines already queued go
-/// first: a log that keeps up takes them in milliseconds, and a stalled
+/// A second stop signal: exits now. The connections still open are cut
+/// first (`Control::cut`: their requests in flight get access lines), and
+/// the access lines queued go out: a log that keeps up takes them in milliseconds, and a stalled
 /// one does not hold the exit past `SECOND_SIGNAL_FLUSH`.
 fn exit_now(control: &Control, sig: i32) -> ! {
     tracing::warn!(
@@ -506,6 +507,7 @@ fn exit_now(control: &Control, sig: i32) -> ! {
         connections = control.active_connections(),
         "second stop signal: exiting now"
     );
+    control.cut();
     ktern::metrics::access::flush(SECOND_SIGNAL_FLUSH);
     std::process::exit(0)
 }

@@ -679,6 +679,129 @@ fn a_second_stop_signal_writes_the_queued_access_lines_first() {
     assert_eq!(lines, N, "every queued line written before the exit");
 }
 
+/// The requests still in flight when the drain ends get their access lines:
+/// at the end of `drain_timeout`, and at a second stop signal. One that
+/// had no response head yet is logged as 444 (nginx's "closed without a
+/// response"), over HTTP/1.1 and HTTP/2; one cut mid-body with its status
+/// and the bytes sent. Before, the process exited with them open and
+/// wrote no line for them.
+#[test]
+fn requests_cut_by_the_end_of_the_drain_get_their_access_lines() {
+    let pki = Pki::new("drain-cut");
+    let a = start_http_backend("a");
+    let (log, section) = json_access_log(&pki.dir);
+    let config = http_config(&[("a", a.addr)], ANY_TO_A, "");
+    let timeout = Duration::from_secs(1) * slow();
+    let runtime = format!(
+        "drain_delay = \"100ms\"\ndrain_timeout = \"{}ms\"\n{section}",
+        timeout.as_millis()
+    );
+    let mut k = Ktern::start(&pki, &runtime, &config);
+    // No answer for 10 s.
+    let mut waiting = connect(k.addr(), &pki, ClientOpts::default());
+    waiting
+        .write_all(b"GET /wait/10000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .unwrap();
+    waiting.flush().unwrap();
+    // A head and 10 of 100 bytes, then nothing for 4 s.
+    let mut stalled = connect(k.addr(), &pki, ClientOpts::default());
+    stalled
+        .write_all(b"GET /stall HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .unwrap();
+    stalled.flush().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"only ten b") {
+        let n = stalled.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The same wait over HTTP/2 (curl on the host; the VM has none).
+    let mut h2 = None;
+    if !in_vm() && tool("curl") {
+        let url = format!("https://localhost:{}/wait/10000", k.addr().port());
+        let resolve = format!("localhost:{}:127.0.0.1", k.addr().port());
+        let ca = pki.cert.display().to_string();
+        h2 = Some(
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "--http2",
+                    "--cacert",
+                    &ca,
+                    "--resolve",
+                    &resolve,
+                    &url,
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let expected = 2 + u64::from(h2.is_some());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
+    while k.metric("ktern_http_requests_total") < expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests not in flight"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    k.signal("TERM");
+    let status = k
+        .wait_exit(Duration::from_secs(5) * slow())
+        .expect("no exit after the drain timeout");
+    assert!(status.success());
+    assert!(k.log().contains("drain timeout"), "{}", k.log());
+    let lines = json_log_lines(&log, expected as usize);
+    assert_eq!(lines.len(), expected as usize, "{lines:?}");
+    let line = |path: &str, protocol: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path && l["protocol"] == protocol)
+            .unwrap_or_else(|| panic!("no line for {path} over {protocol}: {lines:?}"))
+    };
+    assert_eq!(line("/wait/10000", "HTTP/1.1")["status"], 444);
+    let cut = line("/stall", "HTTP/1.1");
+    assert_eq!(cut["status"], 200);
+    // The head and the 10 bytes of the body the client read.
+    assert_eq!(cut["bytes_out"].as_u64(), Some(got.len() as u64), "{cut}");
+    if let Some(mut curl) = h2 {
+        assert_eq!(line("/wait/10000", "HTTP/2.0")["status"], 444);
+        let _ = curl.kill();
+        let _ = curl.wait();
+    }
+
+    // A second stop signal cuts at once.
+    std::fs::remove_file(&log).unwrap();
+    let runtime = format!("drain_delay = \"30s\"\n{section}");
+    let mut k = Ktern::start(&pki, &runtime, &config);
+    let mut waiting = connect(k.addr(), &pki, ClientOpts::default());
+    waiting
+        .write_all(b"GET /wait/10000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .unwrap();
+    waiting.flush().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
+    while k.metric("ktern_http_requests_total") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request not in flight"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    k.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    k.signal("TERM");
+    let status = k
+        .wait_exit(Duration::from_secs(5))
+        .expect("a second SIGTERM must exit at once");
+    assert!(status.success());
+    let lines = json_log_lines(&log, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["status"], 444, "{lines:?}");
+}
+
 /// A ktern with a JSON access log and one request on `c` logged, then the
 /// log renamed away as logrotate does.
 struct Rotated {

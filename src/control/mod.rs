@@ -31,6 +31,10 @@ pub mod upgrade;
 /// this only fires if one is wedged (a bug).
 const SHARD_ANSWER: Duration = Duration::from_secs(30);
 
+/// How long the cut at the drain's end waits for the shards to drop their
+/// connections (each drops them at its next turn: milliseconds).
+const CUT_WAIT: Duration = Duration::from_secs(1);
+
 /// Where the config comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -476,11 +480,29 @@ impl Control {
                 connections = left,
                 "drain timeout: closing what is still open"
             );
+            self.cut();
         } else {
             tracing::info!("drained: every connection finished");
         }
         crate::metrics::access::flush(Duration::from_secs(2));
         std::process::exit(0)
+    }
+
+    /// Drain, last step: every shard drops the connections still open, so
+    /// the requests in flight write their access lines (a cut request
+    /// that got no response head is logged as 444, nginx's "closed without
+    /// a response"; one cut mid-response with its status and the bytes
+    /// sent). Waits until they are gone, at most [`CUT_WAIT`], with no
+    /// answer awaited: a wedged shard does not hold the exit.
+    pub fn cut(&self) {
+        for link in &self.links {
+            let (done, _unread) = mpsc::sync_channel(1);
+            let _ = link.send(Command::Cut { done });
+        }
+        let until = std::time::Instant::now() + CUT_WAIT;
+        while self.active_connections() > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Drain, second step (after `runtime.drain_delay`): every shard takes

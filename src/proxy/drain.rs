@@ -3,22 +3,78 @@
 //! and connections waiting idle between requests close at once
 //! (close_notify), as nginx's graceful shutdown does. Tunnels are not
 //! interrupted: they get `runtime.drain_timeout` to finish.
+//!
+//! At the end of `drain_timeout` the shard cuts what is still open
+//! ([`DrainSignal::cut`]): each connection's task drops its state, so every
+//! request in flight writes its access line (as HAProxy logs the sessions
+//! its hard stop kills) before the process exits.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+/// Tasks waiting for one event, in a slot table whose free slots are
+/// reused, so a wait allocates nothing once the table has grown to the
+/// number of waiters at once. A waiter keeps its slot number (`None`
+/// until its first wait) and gives it back when it is done.
+#[derive(Debug, Default)]
+struct Waiters {
+    slots: RefCell<Vec<Option<Waker>>>,
+    free: RefCell<Vec<u32>>,
+}
+
+impl Waiters {
+    /// Registers `cx`'s waker in `slot`, taking a slot at the first wait.
+    fn register(&self, slot: &mut Option<u32>, cx: &Context<'_>) {
+        let i = *slot.get_or_insert_with(|| {
+            self.free.borrow_mut().pop().unwrap_or_else(|| {
+                let mut slots = self.slots.borrow_mut();
+                slots.push(None);
+                // A slot per task waiting at once: far below u32's range.
+                u32::try_from(slots.len() - 1).unwrap_or(u32::MAX)
+            })
+        }) as usize;
+        let mut slots = self.slots.borrow_mut();
+        let Some(entry) = slots.get_mut(i) else {
+            return;
+        };
+        match entry {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => *entry = Some(cx.waker().clone()),
+        }
+    }
+
+    /// Gives `slot` back.
+    fn release(&self, slot: Option<u32>) {
+        if let Some(i) = slot {
+            if let Some(w) = self.slots.borrow_mut().get_mut(i as usize) {
+                *w = None;
+            }
+            self.free.borrow_mut().push(i);
+        }
+    }
+
+    fn wake_all(&self) {
+        // Taken out first: a woken task may run (and register) at once.
+        let woken: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        woken.into_iter().for_each(Waker::wake);
+    }
+}
+
 /// One shard's drain state. Lives on the shard's thread.
-///
-/// Waiters sit in a slot table whose free slots are reused, so a wait
-/// (one per keep-alive request) allocates nothing once the table has grown
-/// to the number of connections waiting at once.
 #[derive(Debug, Default)]
 pub struct DrainSignal {
     on: Cell<bool>,
-    slots: RefCell<Vec<Option<Waker>>>,
-    free: RefCell<Vec<usize>>,
+    waiters: Waiters,
+    cut: Cell<bool>,
+    /// Every connection task, for the cut ([`UntilCut`](crate::shard)).
+    tasks: Waiters,
 }
 
 impl DrainSignal {
@@ -30,11 +86,37 @@ impl DrainSignal {
     /// Starts the drain: every waiter wakes.
     pub fn start(&self) {
         self.on.set(true);
-        for w in self.slots.borrow_mut().iter_mut() {
-            if let Some(waker) = w.take() {
-                waker.wake();
-            }
+        self.waiters.wake_all();
+    }
+
+    /// Has the drain timeout cut the shard's connections?
+    pub fn is_cut(&self) -> bool {
+        self.cut.get()
+    }
+
+    /// The drain timeout has passed: every connection task wakes and drops
+    /// its connection (see [`DrainSignal::poll_cut`]).
+    pub fn cut(&self) {
+        self.on.set(true);
+        self.cut.set(true);
+        self.waiters.wake_all();
+        self.tasks.wake_all();
+    }
+
+    /// Ready once the shard cuts its connections; otherwise wakes `cx`
+    /// then. `slot` is the task's own (`None` at first), given back with
+    /// [`DrainSignal::forget_cut`].
+    pub fn poll_cut(&self, slot: &mut Option<u32>, cx: &Context<'_>) -> Poll<()> {
+        if self.cut.get() {
+            return Poll::Ready(());
         }
+        self.tasks.register(slot, cx);
+        Poll::Pending
+    }
+
+    /// A connection task that waited with [`DrainSignal::poll_cut`] ended.
+    pub fn forget_cut(&self, slot: Option<u32>) {
+        self.tasks.release(slot);
     }
 
     /// Runs `fut` until it finishes (`Some`) or the drain starts (`None`;
@@ -69,17 +151,12 @@ impl DrainSignal {
 /// See [`DrainSignal::watch`].
 pub struct Watch<'a> {
     signal: &'a DrainSignal,
-    slot: Option<usize>,
+    slot: Option<u32>,
 }
 
 impl Drop for Watch<'_> {
     fn drop(&mut self) {
-        if let Some(i) = self.slot {
-            if let Some(w) = self.signal.slots.borrow_mut().get_mut(i) {
-                *w = None;
-            }
-            self.signal.free.borrow_mut().push(i);
-        }
+        self.signal.waiters.release(self.slot);
     }
 }
 
@@ -90,18 +167,7 @@ impl Watch<'_> {
         if signal.on.get() {
             return Poll::Ready(());
         }
-        let i = *self.slot.get_or_insert_with(|| {
-            signal.free.borrow_mut().pop().unwrap_or_else(|| {
-                let mut slots = signal.slots.borrow_mut();
-                slots.push(None);
-                slots.len() - 1
-            })
-        });
-        let mut slots = signal.slots.borrow_mut();
-        match &slots[i] {
-            Some(old) if old.will_wake(cx.waker()) => {}
-            _ => slots[i] = Some(cx.waker().clone()),
-        }
+        signal.waiters.register(&mut self.slot, cx);
         Poll::Pending
     }
 }
@@ -134,6 +200,37 @@ mod tests {
     }
 
     #[test]
+    fn the_cut_wakes_every_task_waiting_on_it_and_slots_are_reused() {
+        let drain = Rc::new(DrainSignal::default());
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiters: Vec<_> = (0..3)
+                .map(|_| {
+                    let d = drain.clone();
+                    monoio::spawn(async move {
+                        let mut slot = None;
+                        std::future::poll_fn(|cx| d.poll_cut(&mut slot, cx)).await;
+                        d.forget_cut(slot);
+                    })
+                })
+                .collect();
+            monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+            assert_eq!(drain.tasks.slots.borrow().len(), 3);
+            drain.start();
+            assert!(!drain.is_cut(), "the drain alone cuts nothing");
+            drain.cut();
+            for w in waiters {
+                w.await;
+            }
+        });
+        assert!(drain.is_cut() && drain.is_on());
+        assert_eq!(drain.tasks.free.borrow().len(), 3, "every slot given back");
+    }
+
+    #[test]
     fn finished_waits_give_their_slot_back() {
         let drain = DrainSignal::default();
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -147,7 +244,7 @@ mod tests {
                 assert_eq!(wait.await, Some(()));
             }
         });
-        assert_eq!(drain.slots.borrow().len(), 1, "one slot, reused");
-        assert_eq!(drain.free.borrow().len(), 1);
+        assert_eq!(drain.waiters.slots.borrow().len(), 1, "one slot, reused");
+        assert_eq!(drain.waiters.free.borrow().len(), 1);
     }
 }

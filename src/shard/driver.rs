@@ -3,7 +3,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -149,6 +151,60 @@ pub(super) fn contained(work: impl Future<Output = ()>) -> impl Future<Output = 
                 super::on_task_panic();
             }
         })
+}
+
+pin_project_lite::pin_project! {
+    /// A connection task that the drain timeout can cut: once the shard
+    /// cuts ([`DrainSignal::cut`](crate::proxy::drain::DrainSignal::cut)),
+    /// `work` is dropped inside this poll, so within [`contained`]'s
+    /// catch: each request in flight writes its access line from its
+    /// guard, the connection's counts are given back, its sockets close
+    /// (nginx's `worker_shutdown_timeout` closes them with no line). 16
+    /// bytes beside `work`: the shard and the task's slot in its table.
+    pub(super) struct UntilCut<F> {
+        #[pin]
+        work: Option<F>,
+        shard: Rc<Shard>,
+        slot: Option<u32>,
+    }
+    impl<F> PinnedDrop for UntilCut<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.shard.drain.forget_cut(this.slot.take());
+        }
+    }
+}
+
+impl<F> UntilCut<F> {
+    pub(super) fn new(shard: Rc<Shard>, work: F) -> UntilCut<F> {
+        UntilCut {
+            work: Some(work),
+            shard,
+            slot: None,
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for UntilCut<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if !this.shard.drain.is_cut() {
+            let Some(work) = this.work.as_mut().as_pin_mut() else {
+                return Poll::Ready(());
+            };
+            if work.poll(cx).is_ready() {
+                this.work.set(None);
+                return Poll::Ready(());
+            }
+            if this.shard.drain.poll_cut(this.slot, cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        this.work.set(None);
+        Poll::Ready(())
+    }
 }
 
 /// A connection after its handshake: the record path, what the handshake

@@ -313,6 +313,14 @@ pub enum Command {
         /// Acknowledgement, once every listener is closed.
         done: mpsc::SyncSender<u64>,
     },
+    /// Drain, last step (`runtime.drain_timeout` has passed, or a second
+    /// stop signal): every connection still open is dropped, writing the
+    /// access lines of its requests in flight.
+    Cut {
+        /// Acknowledgement, once the connections are told (they drop as
+        /// the shard runs them next).
+        done: mpsc::SyncSender<u64>,
+    },
 }
 
 /// The control thread's end of a running shard.
@@ -580,6 +588,10 @@ async fn shard_main(
                     let _ = done.send(shard.current().gen.number);
                 }
                 Command::StopAccepting { done } => stop_accepting(&shard, done).await,
+                Command::Cut { done } => {
+                    shard.drain.cut();
+                    let _ = done.send(shard.current().gen.number);
+                }
             }
         }
     }
@@ -831,13 +843,9 @@ fn dispatch(
             let Ok(client) = driver::admit_at_accept(shard, &gen, index, peer) else {
                 return;
             };
-            let fut = driver::contained(driver::serve(
+            let fut = driver::contained(driver::UntilCut::new(
                 shard.clone(),
-                gen,
-                index,
-                socket,
-                peer,
-                client,
+                driver::serve(shard.clone(), gen, index, socket, peer, client),
             ));
             tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
             monoio::spawn(fut);
@@ -852,10 +860,13 @@ fn dispatch(
             let https_port = gen.config().redirects.get(r).and_then(|r| r.https_port);
             let work =
                 crate::proxy::http::redirect::serve(socket, https_port, gen.gen.challenges.clone());
-            monoio::spawn(driver::contained(async move {
-                let _open = open;
-                work.await
-            }));
+            monoio::spawn(driver::contained(driver::UntilCut::new(
+                shard.clone(),
+                async move {
+                    let _open = open;
+                    work.await
+                },
+            )));
         }
     }
 }

@@ -228,7 +228,8 @@ struct Recorded<'r, 'a> {
 impl Drop for Recorded<'_, '_> {
     fn drop(&mut self) {
         let ctx = self.ctx;
-        if !self.ended {
+        // A stream the drain timeout cut is ktern's doing, not a reset.
+        if !self.ended && !ctx.drain.is_cut() {
             M::inc(&ctx.metrics.h2_stream_resets);
         }
         // The records that carried the response: the kernel's if the

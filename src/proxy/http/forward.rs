@@ -493,14 +493,23 @@ async fn exchange(
     if inbuf.is_empty() && inbuf.capacity() > 0 {
         buffers::give(std::mem::take(inbuf));
     }
-    let mut ex = Exchange {
-        head_only: head.method() == "HEAD",
-        http10: head.minor == 0,
-        ..Exchange::default()
+    let mut rec = Logged {
+        ctx,
+        ex: Exchange {
+            head_only: head.method() == "HEAD",
+            http10: head.minor == 0,
+            ..Exchange::default()
+        },
+        head,
+        before,
+        wall,
+        started,
+        done: false,
     };
-    let next = forward(reader, writer, inbuf, &head, ctx, &mut ex, started).await;
-    ex.kernel = Some(writer.path() == Path::Kernel);
-    log(ctx, Some(&head), &ex, before, wall, started);
+    let next = forward(reader, writer, inbuf, &rec.head, ctx, &mut rec.ex, started).await;
+    rec.ex.kernel = Some(writer.path() == Path::Kernel);
+    rec.log();
+    let (head, ex) = (&rec.head, &rec.ex);
     // A closing answer to a request whose body was not read whole (a 413,
     // a local answer, a backend's early answer), or with bytes pipelined
     // behind it, read or still in the socket (a close of ktern's: a drain,
@@ -514,6 +523,43 @@ async fn exchange(
         }
         next => next,
     })
+}
+
+/// A request's access line, written when its exchange returns
+/// ([`Logged::log`]) or, if the exchange is dropped before (the drain
+/// timeout cut its connection, `DrainSignal::cut`), when it drops, with
+/// what it had sent by then.
+struct Logged<'r, 'a> {
+    ctx: &'r Ctx<'a>,
+    head: RequestHead,
+    ex: Exchange,
+    before: Moved,
+    wall: SystemTime,
+    started: Instant,
+    done: bool,
+}
+
+impl Logged<'_, '_> {
+    fn log(&mut self) {
+        self.done = true;
+        log(
+            self.ctx,
+            Some(&self.head),
+            &self.ex,
+            self.before,
+            self.wall,
+            self.started,
+        );
+    }
+}
+
+impl Drop for Logged<'_, '_> {
+    fn drop(&mut self) {
+        // Not while a panic unwinds: the access log may be what panicked.
+        if !self.done && !std::thread::panicking() {
+            self.log();
+        }
+    }
 }
 
 /// Writes the access line for one exchange (`head` is `None` for a
@@ -555,9 +601,11 @@ pub(crate) fn record(
     started: Instant,
 ) {
     let total = started.elapsed();
-    // A parsed request that got no answer: the client went away first
-    // (nginx's 499, "client closed request").
+    // A parsed request that got no answer: the drain timeout cut it
+    // (nginx's 444, "closed without a response"), or the client went away
+    // first (nginx's 499, "client closed request").
     let status = match (ex.status, head) {
+        (0, Some(_)) if ctx.drain.is_cut() => 444,
         (0, Some(_)) => 499,
         (s, _) => s,
     };
