@@ -528,6 +528,50 @@ fn curl_nghttp_and_h2load_speak_http2_through_ktern() {
     assert!(text.contains("status codes: 2000 2xx"), "h2load: {text}");
 }
 
+/// The byte counters move while an HTTP/2 stream runs, as HTTP/1.1's do:
+/// a WebSocket's bytes are counted as they cross, each once (they were
+/// added at the stream's end, all at once).
+#[test]
+fn http2_byte_counters_move_while_a_websocket_is_open() {
+    let (pki, k, _a) = setup("h2-ws-bytes", "");
+    let rt = h2c::runtime();
+    rt.block_on(async {
+        let mut c = h2c::connect(k.addr(), &pki).await;
+        assert!(h2c::extended_connect_offered(&mut c).await);
+        let up = "ktern_bytes_client_to_backend_total";
+        let down = "ktern_bytes_backend_to_client_total";
+        // The GET's body: counted at its end, which has come.
+        let before = k.wait_metric(down, 1);
+        assert_eq!(k.metric(up), 0);
+        let mut ws = h2c::websocket(&mut c, "/ws", &[]).await.unwrap();
+        assert_eq!(ws.status, 200);
+        assert_eq!(
+            h2c::next_data(&mut ws.recv).await.as_deref(),
+            Some(&b"hi"[..])
+        );
+        ws.send
+            .send_data(bytes::Bytes::from_static(b"ping"), false)
+            .unwrap();
+        assert_eq!(
+            h2c::next_data(&mut ws.recv).await.as_deref(),
+            Some(&b"ping"[..])
+        );
+        // Still open: its greeting, the message and its echo counted.
+        assert_eq!(k.wait_metric(up, 4), 4);
+        assert_eq!(k.wait_metric(down, before + 6), before + 6);
+        ws.send.send_data(bytes::Bytes::new(), true).unwrap();
+        let mut after = Vec::new();
+        while let Some(d) = h2c::next_data(&mut ws.recv).await {
+            after.extend_from_slice(&d);
+        }
+        assert_eq!(after, b"bye");
+        // Ended: its "bye" too, and nothing twice.
+        assert_eq!(k.wait_metric(down, before + 9), before + 9);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!((k.metric(up), k.metric(down)), (4, before + 9));
+    });
+}
+
 /// WebSocket over HTTP/2 (RFC 8441) to an HTTP/1.1 backend: ktern offers
 /// extended CONNECT, restates it as the HTTP/1.1 upgrade with a key of its
 /// own, checks the backend's accept for that key, answers 200 without it,

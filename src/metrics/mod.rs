@@ -90,8 +90,8 @@ counters! {
     upstream_timeouts => "ktern_upstream_timeouts_total", "Backend exchanges that timed out (no response head within response_timeout: 504).";
     pool_hits => "ktern_upstream_pool_hits_total", "Backend responses received on a pooled keep-alive connection.";
     pool_misses => "ktern_upstream_pool_misses_total", "Backend responses received on a new connection (none pooled, or the pooled one was stale).";
-    bytes_in => "ktern_bytes_client_to_backend_total", "Plaintext bytes forwarded client to backend, counted as they move (HTTP/2: at each stream's end).";
-    bytes_out => "ktern_bytes_backend_to_client_total", "Plaintext bytes forwarded backend to client, counted as they move (HTTP/2: at each stream's end).";
+    bytes_in => "ktern_bytes_client_to_backend_total", "Plaintext bytes forwarded client to backend, counted as they move.";
+    bytes_out => "ktern_bytes_backend_to_client_total", "Plaintext bytes forwarded backend to client, counted as they move.";
     health_checks => "ktern_health_checks_total", "Active health checks run (all upstream groups).";
     health_check_failures => "ktern_health_check_failures_total", "Active health checks that failed (refused, timeout, status outside 2xx/3xx).";
     health_marked_down => "ktern_health_marked_down_total", "Times a backend was marked down after `fall` failed checks.";

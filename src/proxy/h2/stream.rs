@@ -29,6 +29,7 @@ use crate::proxy::http::forward::{
     self, BodySent, Ctx, Exchange, FileAbort, StaticAnswer, Step, UpstreamAbort,
 };
 use crate::proxy::http::head::{self, Limits, RequestHead};
+use crate::proxy::tcp::Meter;
 
 /// Logged as the request's protocol.
 const PROTOCOL: &str = "HTTP/2.0";
@@ -147,7 +148,7 @@ pub(super) async fn exchange(
             client_method: ws_key.as_ref().map(|_| "CONNECT"),
             ..Exchange::default()
         },
-        moved: (head.len as u64, 0u64),
+        moved: Tally::new(ctx.moved),
         ended: false,
     };
     let result = forward(
@@ -157,7 +158,7 @@ pub(super) async fn exchange(
         ctx,
         link,
         &mut rec.ex,
-        &mut rec.moved,
+        &rec.moved,
         started,
         ws_key.as_deref(),
     )
@@ -206,13 +207,15 @@ pub(super) async fn exchange(
 }
 
 /// A stream's exchange as it goes, recorded when it drops (its access
-/// line, its response count, its bytes in the connection's), however the
-/// stream ends. One whose connection failed is never polled to its end:
-/// a client's bad frame or reset ends h2's connection, and the connection
-/// loop with it, dropping the streams in flight (as a forced stop drops
-/// every connection). Such a stream is the client's doing: recorded as
-/// HTTP/1.1 records a request its connection cut (499, the bytes moved so
-/// far), and counted as a stream the client reset.
+/// line, its response count; its bytes went to the connection's as they
+/// moved, [`Tally`]), however the stream ends. One whose connection failed
+/// is never polled to its end: a client's bad frame or reset ends h2's
+/// connection, and the connection loop with it, dropping the streams in
+/// flight. Such a stream is the client's doing: recorded as HTTP/1.1
+/// records a request its connection cut (499, the bytes moved so far),
+/// and counted as a stream the client reset. One the drain timeout cut
+/// (`DrainSignal::cut`) is ktern's: 444 if it had no answer yet, and no
+/// reset counted.
 struct Recorded<'r, 'a> {
     ctx: &'r Ctx<'a>,
     head: &'r RequestHead,
@@ -220,7 +223,7 @@ struct Recorded<'r, 'a> {
     wall: SystemTime,
     started: Instant,
     ex: Exchange,
-    moved: (u64, u64),
+    moved: Tally<'r>,
     /// The exchange returned, and its outcome was counted.
     ended: bool,
 }
@@ -237,17 +240,55 @@ impl Drop for Recorded<'_, '_> {
         // (it announced a bulk transfer, which the transport acts on at its
         // next write, possibly after the last DATA was queued).
         self.ex.kernel = Some(self.link.kernel.get() || self.ex.kernel == Some(true));
-        ctx.moved
-            .add(self.moved.0 - self.head.len as u64, self.moved.1);
         forward::record(
             ctx,
             Some(self.head),
             &self.ex,
-            self.moved,
+            (
+                self.head.len as u64 + self.moved.up.get(),
+                self.moved.down.get(),
+            ),
             PROTOCOL,
             self.wall,
             self.started,
         );
+    }
+}
+
+/// A stream's body bytes each way (and its local answers'), counted in
+/// the connection's meter, so in the shard's byte counters, as they move,
+/// as HTTP/1.1's are: a long download or WebSocket over HTTP/2 shows in
+/// a scrape while it runs, not all at once at its end. Kept for the
+/// stream's access line.
+pub(super) struct Tally<'m> {
+    up: Cell<u64>,
+    down: Cell<u64>,
+    meter: &'m Meter<'m>,
+}
+
+impl<'m> Tally<'m> {
+    fn new(meter: &'m Meter<'m>) -> Tally<'m> {
+        Tally {
+            up: Cell::new(0),
+            down: Cell::new(0),
+            meter,
+        }
+    }
+
+    /// `n` bytes of the request body went to the backend.
+    fn up(&self, n: u64) {
+        self.up.set(self.up.get() + n);
+        self.meter.add(n, 0);
+    }
+
+    /// `n` bytes of a response body went to h2 for the client.
+    fn down(&self, n: u64) {
+        self.down.set(self.down.get() + n);
+        self.meter.add(0, n);
+    }
+
+    fn down_so_far(&self) -> u64 {
+        self.down.get()
     }
 }
 
@@ -337,7 +378,7 @@ async fn forward(
     ctx: &Ctx<'_>,
     link: &Signals,
     ex: &mut Exchange,
-    moved: &mut (u64, u64),
+    moved: &Tally<'_>,
     started: Instant,
     ws_key: Option<&str>,
 ) -> Result<(), Cut> {
@@ -345,13 +386,13 @@ async fn forward(
     let group = match exchange::plan(route, head, ctx.tls.sni.as_deref()) {
         exchange::Plan::Local { status, group, .. } => {
             ex.answered_by = group;
-            moved.1 += local(respond, ctx, ex, status);
+            moved.down(local(respond, ctx, ex, status));
             return Ok(());
         }
         exchange::Plan::Static { .. } if ws_key.is_some() => {
             // A file's 200 would tell the client its WebSocket is open.
             ex.answered_by = Some(ctx.upstreams.len());
-            moved.1 += answer(respond, ctx, ex, 405, Some("GET, HEAD"));
+            moved.down(answer(respond, ctx, ex, 405, Some("GET, HEAD")));
             return Ok(());
         }
         exchange::Plan::Static { root, .. } => {
@@ -390,7 +431,7 @@ async fn forward(
             Step::Go(at) => at,
             Step::Retry => continue,
             gave_up => {
-                moved.1 += local(respond, ctx, ex, gave_up.status());
+                moved.down(local(respond, ctx, ex, gave_up.status()));
                 return Ok(());
             }
         };
@@ -425,7 +466,7 @@ async fn forward(
             break (at.backend, at.addr, r, at.lease);
         }
         if let Some(status) = forward::body_verdict(ctx, balancer, at.addr, &sent) {
-            moved.1 += local(respond, ctx, ex, status);
+            moved.down(local(respond, ctx, ex, status));
             return Ok(());
         }
         let finished = forward::finish_attempt(ctx, group, head, &mut at, attempt);
@@ -433,7 +474,7 @@ async fn forward(
             Step::Go(r) => break (at.backend, at.addr, r, at.lease),
             Step::Retry => continue,
             gave_up => {
-                moved.1 += local(respond, ctx, ex, gave_up.status());
+                moved.down(local(respond, ctx, ex, gave_up.status()));
                 return Ok(());
             }
         }
@@ -492,7 +533,7 @@ async fn forward(
     if let Some(why) = refused {
         M::inc(&ctx.metrics.upstream_errors);
         balancer.log_failure(ctx.peer, addr, "unusable upstream response", &why);
-        moved.1 += local(respond, ctx, ex, 502);
+        moved.down(local(respond, ctx, ex, 502));
         return Ok(());
     }
     let no_body = ex.head_only || resp.framing == Framing::Length(0);
@@ -533,9 +574,9 @@ async fn forward(
         loop {
             if !decoded.data.is_empty() {
                 let data = Bytes::from(std::mem::take(&mut decoded.data));
-                // `moved.1`: this stream's body bytes so far.
-                moved.1 += data.len() as u64;
-                if !known && !scanner.is_done() && link.bulk_ahead(moved.1) {
+                moved.down(data.len() as u64);
+                // This stream's body bytes so far (nothing else went down).
+                if !known && !scanner.is_done() && link.bulk_ahead(moved.down_so_far()) {
                     ex.kernel = Some(true);
                 }
                 ended = scanner.is_done() && !convert::has_trailers(&decoded.trailers);
@@ -604,7 +645,7 @@ async fn websocket(
     backend: BackendConn,
     early: Vec<u8>,
     ctx: &Ctx<'_>,
-    moved: &mut (u64, u64),
+    moved: &Tally<'_>,
 ) -> Result<(), Cut> {
     let (mut from_backend, mut to_backend) = match backend.split() {
         Ok(halves) => halves,
@@ -618,7 +659,6 @@ async fn websocket(
     };
     let upstream = |e| Cut::Upstream(UpstreamAbort::Io(e));
     let idle = ctx.idle.register(ctx.route.keepalive_timeout);
-    let (up, down) = (Cell::new(0u64), Cell::new(0u64));
     // Each direction's end. Once the backend's has ended (its END_STREAM
     // queued), a failed write towards the backend only ends the client's
     // direction (the backend closed first, a WebSocket's usual end), and
@@ -641,7 +681,7 @@ async fn websocket(
                     };
                 }
                 idle.touch();
-                up.set(up.get() + n as u64);
+                moved.up(n as u64);
                 let _ = body.flow_control().release_capacity(n);
             }
             match to_backend.finish().await {
@@ -655,7 +695,7 @@ async fn websocket(
         let send = &mut send;
         let backend_to_client = std::pin::pin!(async {
             if !early.is_empty() {
-                down.set(early.len() as u64);
+                moved.down(early.len() as u64);
                 send.send_data(Bytes::from(early), false)
                     .map_err(|_| Cut::Client)?;
             }
@@ -704,7 +744,7 @@ async fn websocket(
                 let data = Bytes::copy_from_slice(&buf);
                 buffers::give(buf);
                 idle.touch();
-                down.set(down.get() + data.len() as u64);
+                moved.down(data.len() as u64);
                 send.send_data(data, false).map_err(|_| Cut::Client)?;
             }
             down_done.set(true);
@@ -729,8 +769,6 @@ async fn websocket(
         )
         .await
     };
-    moved.0 += up.get();
-    moved.1 += down.get();
     if !down_done.get() {
         match &result {
             Ok(()) => {}
@@ -858,7 +896,7 @@ async fn send_body(
     head: &RequestHead,
     ctx: &Ctx<'_>,
     backend_timeout: Duration,
-    moved: &mut (u64, u64),
+    moved: &Tally<'_>,
 ) -> BodySent {
     let chunked = head.framing == Framing::Chunked;
     let mut total = 0u64;
@@ -909,7 +947,7 @@ async fn send_body(
             let _ = body.flow_control().release_capacity(n);
             return sent;
         }
-        moved.0 += n as u64;
+        moved.up(n as u64);
         // The backend took it: the client may send as much again.
         let _ = body.flow_control().release_capacity(n);
     }
@@ -947,12 +985,12 @@ async fn serve_file(
     ctx: &Ctx<'_>,
     link: &Signals,
     ex: &mut Exchange,
-    moved: &mut (u64, u64),
+    moved: &Tally<'_>,
 ) -> Result<(), Cut> {
     use std::os::unix::fs::FileExt;
     let (bytes, body, file, path) = match forward::static_answer(head, root, ctx.route, true) {
         StaticAnswer::Local(status) => {
-            moved.1 += local(respond, ctx, ex, status);
+            moved.down(local(respond, ctx, ex, status));
             return Ok(());
         }
         StaticAnswer::Redirect(location) => {
@@ -972,7 +1010,7 @@ async fn serve_file(
     };
     let Ok(Some(resp)) = head::parse_response(&bytes, head.method(), bytes.len()) else {
         // ktern's own head; unparsable would be a bug here, not the client's.
-        moved.1 += local(respond, ctx, ex, 500);
+        moved.down(local(respond, ctx, ex, 500));
         return Ok(());
     };
     let mut send = respond
@@ -1005,7 +1043,7 @@ async fn serve_file(
         buf.truncate(n);
         offset += n as u64;
         left -= n as u64;
-        moved.1 += n as u64;
+        moved.down(n as u64);
         send.send_data(Bytes::from(buf), left == 0)
             .map_err(|_| Cut::Client)?;
     }
