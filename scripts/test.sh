@@ -28,6 +28,9 @@ command -v h2load >/dev/null || apt_install nghttp2-client
 command -v strace >/dev/null || apt_install strace
 # testssl.sh: tests/http.rs audits a listener's TLS with it.
 command -v testssl >/dev/null || apt_install testssl.sh
+# python3-seccomp: tests/http.rs serves static files under a seccomp filter
+# that refuses openat2, as old container profiles do.
+/usr/bin/python3 -c 'import seccomp' 2>/dev/null || apt_install python3-seccomp
 # nginx: the PROXY-protocol backend of tests/proxy_protocol.rs.
 [ -x /usr/sbin/nginx ] || apt_install nginx
 python3 -c 'import h2' 2>/dev/null ||

@@ -531,7 +531,8 @@ fn a_certificate_that_could_not_be_written_is_written_again_not_ordered_again() 
 /// a renewal sooner than two thirds of the lifetime. pebble 2.4 has no
 /// ARI, so tests/common/ari_ca.py adds it in front of pebble: a window
 /// that has passed for the certificates the test lists, one 30 days
-/// ahead for the others.
+/// ahead for the others. Then, on the same CA: a Retry-After that panics
+/// the ACME client, and a renewal whose reload is refused.
 #[test]
 fn renewal_information_from_the_ca_brings_renewal_forward() {
     let pki = Pki::new("acme-ari");
@@ -597,8 +598,54 @@ fn renewal_information_from_the_ca_brings_renewal_forward() {
     assert!(log.contains("replaces field mismatch"), "{log}");
     assert_eq!(k.metric("ktern_acme_order_failures_total"), 1);
     // The new certificate is asked about in turn, and left be.
-    assert_ne!(asked_and_left_be(&second, 2), first_id);
+    let second_id = asked_and_left_be(&second, 2);
+    assert_ne!(second_id, first_id);
     assert_eq!(k.metric("ktern_acme_order_failures_total"), 1);
+
+    // A Retry-After that overflows the clock: instant-acme 0.8.5 adds it to
+    // `SystemTime::now()` unchecked and panics. That question fails alone
+    // (`guarded`), counted as ktern's own; the ACME thread goes on, and
+    // once the CA answers sanely again it renews when the window says so.
+    let internal = k.metric("ktern_internal_errors_total");
+    std::fs::write(state.with_extension("retry"), u64::MAX.to_string()).unwrap();
+    wait_for(&k, Duration::from_secs(20), "no panic caught", || {
+        (k.metric("ktern_internal_errors_total") > internal).then_some(())
+    });
+    let log = k.log();
+    assert!(log.contains("no renewal information from the CA"), "{log}");
+    assert!(log.contains("the ACME client panicked"), "{log}");
+    std::fs::remove_file(state.with_extension("retry")).unwrap();
+
+    // A renewal while the config file is half edited: the certificate is
+    // obtained, but the reload that would serve it is refused, and the old
+    // one serves on. Once the file is whole a later pass reloads, with no
+    // new order.
+    let whole = std::fs::read_to_string(&k.config_path).unwrap();
+    std::fs::write(&k.config_path, "[runtime\n").unwrap();
+    let refused = k.metric("ktern_reload_failures_total");
+    std::fs::write(state.with_extension("now"), &second_id).unwrap();
+    wait_for(&k, Duration::from_secs(60), "no refused reload", || {
+        (k.metric("ktern_reload_failures_total") > refused).then_some(())
+    });
+    assert!(
+        k.log().contains("the reload to serve them was refused"),
+        "{}",
+        k.log()
+    );
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 3);
+    assert_eq!(
+        served_leaf(k.addr(), "a.acme.test", &roots).as_ref(),
+        Some(&second)
+    );
+    std::fs::write(&k.config_path, whole).unwrap();
+    wait_for_new_leaf(
+        &k,
+        "a.acme.test",
+        &roots,
+        Some(&second),
+        Duration::from_secs(30),
+    );
+    assert_eq!(k.metric("ktern_acme_certificates_issued_total"), 3);
 }
 
 #[test]

@@ -5,7 +5,8 @@ GET /dir answers pebble's directory with "renewalInfo" added (pebble's own
 URLs are kept: everything else goes to pebble directly). GET
 /renewal-info/ID appends ID to STATE.asked and answers a suggested window:
 one that has passed (renew at once) for the IDs listed in STATE.now, else
-one 30 days ahead; Retry-After: 1.
+one 30 days ahead; Retry-After: 1, or what STATE.retry holds (a value no
+client should take at face value: tests/acme.rs writes u64::MAX).
 
 Usage: ari_ca.py CERT KEY PEBBLE_DIRECTORY STATE
 Prints the port it listens on, then serves until killed.
@@ -31,9 +32,13 @@ def stamp(t):
 class Handler(http.server.BaseHTTPRequestHandler):
     def reply(self, status, body):
         data = json.dumps(body).encode()
+        retry = "1"
+        if os.path.exists(state + ".retry"):
+            with open(state + ".retry", encoding="utf-8") as f:
+                retry = f.read().strip()
         self.send_response(status)
         self.send_header("content-type", "application/json")
-        self.send_header("retry-after", "1")
+        self.send_header("retry-after", retry)
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

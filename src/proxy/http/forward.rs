@@ -1370,9 +1370,14 @@ async fn serve_file(
 /// Opens a file `files::resolve` found under `root`, so that nothing
 /// swapped in since can lead outside it: `openat2` with RESOLVE_BENEATH
 /// from the root (the kernel refuses any escape during the open itself),
-/// or on kernels before 5.6 a plain open with O_NOFOLLOW (a swapped last
-/// component is refused; a swapped directory is not). O_NONBLOCK: a FIFO
-/// cannot block the shard in open(2); the caller requires a regular file.
+/// or where `openat2` is missing a plain open with O_NOFOLLOW (a swapped
+/// last component is refused; a swapped directory is not): on kernels
+/// before 5.6 (`ENOSYS`), and under a seccomp filter that refuses the
+/// syscall (`EPERM`: container runtimes' default profiles before they
+/// knew it, Docker's before 20.10; openat2 itself gives EPERM only for
+/// O_NOATIME and sealed files, neither of which applies). Each file
+/// answered 403 there before. O_NONBLOCK: a FIFO cannot block the shard in
+/// open(2); the caller requires a regular file.
 fn open_static(root: &std::path::Path, path: &std::path::Path) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -1386,10 +1391,16 @@ fn open_static(root: &std::path::Path, path: &std::path::Path) -> std::io::Resul
     match crate::sys::open_beneath(dir.as_fd(), rel, flags) {
         Ok(fd) => Ok(std::fs::File::from(fd)),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Err(escaped()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(error = %e, "openat2 unavailable (an old kernel, or a seccomp filter): static files are opened with O_NOFOLLOW only, so a directory swapped for a symlink under a static root is followed");
+            });
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path)
+        }
         Err(e) => Err(e),
     }
 }
