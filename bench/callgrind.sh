@@ -79,7 +79,7 @@ vg=$!
 pids+=("$vg")
 # ktern drains on SIGTERM, slowly under valgrind: killed outright at the
 # end (its counts are dumped by then).
-trap 'kill -9 "$vg" 2>/dev/null || true; cleanup' EXIT
+trap 'status=$?; kill -9 "$vg" 2>/dev/null || true; (exit "$status"); cleanup' EXIT
 wait_listening "$addr" "$backend"
 # The client's own bound is --seconds; this is a backstop.
 # Each prints one line with requests=N (the requests served) and errors=E.

@@ -8,7 +8,8 @@ dpkg-query -W -f='${Status}' openssl 2>/dev/null | grep -q "ok installed" ||
 # KTERN_BENCH_BIN names a directory of prebuilt binaries (ktern, ktern-load)
 # to use instead of building, e.g. while another build holds the machine.
 if [ -n "${KTERN_BENCH_BIN:-}" ]; then
-  bin=$KTERN_BENCH_BIN
+  # Absolute: some scripts start the servers from inside $work.
+  bin=$(realpath "$KTERN_BENCH_BIN")
 else
   cargo build --release --quiet --bins
   bin=$PWD/target/release
@@ -28,12 +29,21 @@ backend_cpu=${KTERN_BENCH_BACKEND_CPU:-$([ "$(nproc)" -ge 4 ] && echo 2 || echo 
 pids=()
 # A second signal ends ktern's drain at once, so the next run can bind the
 # same address (ktern refuses to start on an address another process
-# holds); an nginx started with $work's config is stopped.
+# holds); an nginx started with $work's config is stopped. $work (its
+# servers' logs, compare-files.sh's 64 MiB files, callgrind's dumps) is
+# removed after a run that succeeded, unless KTERN_BENCH_KEEP is set, and
+# kept, named on stderr, after one that failed.
 cleanup() {
+  local status=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.2
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ ! -f "$work/nginx.conf" ] || nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true
+  if [ "$status" -eq 0 ] && [ -z "${KTERN_BENCH_KEEP:-}" ]; then
+    rm -rf "$work"
+  else
+    echo "scratch directory kept: $work" >&2
+  fi
 }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"

@@ -132,6 +132,7 @@ pub(super) async fn exchange(
                 ..Exchange::default()
             };
             let out = local(&mut respond, ctx, &mut ex, status);
+            ctx.moved.add(0, out);
             forward::record(ctx, None, &ex, (0, out), PROTOCOL, wall, started);
             return End::Done;
         }

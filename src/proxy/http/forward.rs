@@ -557,6 +557,12 @@ impl Drop for Logged<'_, '_> {
     fn drop(&mut self) {
         // Not while a panic unwinds: the access log may be what panicked.
         if !self.done && !std::thread::panicking() {
+            // `ex.status` is set when the answer is decided (the backend's
+            // head read, a local answer made), before its head is written:
+            // cut with no byte of it sent, the client saw none (444).
+            if self.ctx.drain.is_cut() && self.ctx.moved.get().down == self.before.down {
+                self.ex.status = 0;
+            }
             self.log();
         }
     }
