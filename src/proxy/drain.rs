@@ -105,12 +105,17 @@ impl DrainSignal {
 
     /// Ready once the shard cuts its connections; otherwise wakes `cx`
     /// then. `slot` is the task's own (`None` at first), given back with
-    /// [`DrainSignal::forget_cut`].
+    /// [`DrainSignal::forget_cut`]. For a spawned task's outermost future
+    /// only: its waker is registered at its first wait and not looked at
+    /// again (a monoio task is always polled with its own waker), so the
+    /// polls after it cost one flag read, not a table lookup each.
     pub fn poll_cut(&self, slot: &mut Option<u32>, cx: &Context<'_>) -> Poll<()> {
         if self.cut.get() {
             return Poll::Ready(());
         }
-        self.tasks.register(slot, cx);
+        if slot.is_none() {
+            self.tasks.register(slot, cx);
+        }
         Poll::Pending
     }
 
