@@ -757,13 +757,26 @@ fn requests_cut_by_the_end_of_the_drain_get_their_access_lines() {
     let config = http_config(&[("a", a.addr)], ANY_TO_A, "")
         .replace("response_timeout = \"1s\"", "response_timeout = \"60s\"");
     let runtime = format!("drain_delay = \"100ms\"\ndrain_timeout = \"1s\"\n{section}");
+    // A request with no answer for 10 s, and a wait for `n` in flight.
+    let waiting = |k: &Ktern| {
+        let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        c.write_all(b"GET /wait/10000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .unwrap();
+        c.flush().unwrap();
+        c
+    };
+    let in_flight = |k: &Ktern, n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
+        while k.metric("ktern_http_requests_total") < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests not in flight"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     let mut k = Ktern::start(&pki, &runtime, &config);
-    // No answer for 10 s.
-    let mut waiting = connect(k.addr(), &pki, ClientOpts::default());
-    waiting
-        .write_all(b"GET /wait/10000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .unwrap();
-    waiting.flush().unwrap();
+    let _waiting = waiting(&k);
     // A head and 10 of 100 bytes, then nothing for 4 s.
     let mut stalled = connect(k.addr(), &pki, ClientOpts::default());
     stalled
@@ -801,14 +814,7 @@ fn requests_cut_by_the_end_of_the_drain_get_their_access_lines() {
         );
     }
     let expected = 2 + u64::from(h2.is_some());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
-    while k.metric("ktern_http_requests_total") < expected {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "requests not in flight"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    in_flight(&k, expected);
     k.signal("TERM");
     let status = k
         .wait_exit(Duration::from_secs(5) * slow())
@@ -840,19 +846,8 @@ fn requests_cut_by_the_end_of_the_drain_get_their_access_lines() {
     std::fs::remove_file(&log).unwrap();
     let runtime = format!("drain_delay = \"30s\"\n{section}");
     let mut k = Ktern::start(&pki, &runtime, &config);
-    let mut waiting = connect(k.addr(), &pki, ClientOpts::default());
-    waiting
-        .write_all(b"GET /wait/10000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .unwrap();
-    waiting.flush().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10) * slow();
-    while k.metric("ktern_http_requests_total") < 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "request not in flight"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _waiting = waiting(&k);
+    in_flight(&k, 1);
     k.signal("TERM");
     std::thread::sleep(Duration::from_millis(200));
     k.signal("TERM");

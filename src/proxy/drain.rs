@@ -182,13 +182,17 @@ mod tests {
     use super::*;
     use std::rc::Rc;
 
+    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn a_waiting_future_ends_when_the_drain_starts() {
         let drain = Rc::new(DrainSignal::default());
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
+        let mut rt = runtime();
         rt.block_on(async {
             let d = drain.clone();
             let waiter =
@@ -207,10 +211,7 @@ mod tests {
     #[test]
     fn the_cut_wakes_every_task_waiting_on_it_and_slots_are_reused() {
         let drain = Rc::new(DrainSignal::default());
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
+        let mut rt = runtime();
         rt.block_on(async {
             let waiters: Vec<_> = (0..3)
                 .map(|_| {
@@ -238,10 +239,7 @@ mod tests {
     #[test]
     fn finished_waits_give_their_slot_back() {
         let drain = DrainSignal::default();
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
+        let mut rt = runtime();
         rt.block_on(async {
             for _ in 0..1000 {
                 // Pending once (a slot taken), then done.
