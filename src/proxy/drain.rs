@@ -73,7 +73,7 @@ pub struct DrainSignal {
     on: Cell<bool>,
     waiters: Waiters,
     cut: Cell<bool>,
-    /// Every connection task, for the cut ([`UntilCut`](crate::shard)).
+    /// Every connection task, for the cut (the shard driver's `UntilCut`).
     tasks: Waiters,
 }
 
