@@ -442,6 +442,8 @@ pub struct Resp {
     pub body: Vec<u8>,
     /// A chunked body's trailer section's lines, as received.
     pub trailers: String,
+    /// The head's bytes on the wire: status line, fields, blank line.
+    pub head_len: usize,
 }
 
 impl Resp {
@@ -457,7 +459,7 @@ impl Resp {
 /// or until close).
 pub fn read_response(r: &mut BufReader<&mut Client>, head_request: bool) -> std::io::Result<Resp> {
     let mut status_line = String::new();
-    r.read_line(&mut status_line)?;
+    let mut head_len = r.read_line(&mut status_line)?;
     let status: u16 = status_line
         .split_whitespace()
         .nth(1)
@@ -466,7 +468,7 @@ pub fn read_response(r: &mut BufReader<&mut Client>, head_request: bool) -> std:
     let mut headers = Vec::new();
     loop {
         let mut line = String::new();
-        r.read_line(&mut line)?;
+        head_len += r.read_line(&mut line)?;
         if line == "\r\n" {
             break;
         }
@@ -480,6 +482,7 @@ pub fn read_response(r: &mut BufReader<&mut Client>, head_request: bool) -> std:
         headers,
         body: Vec::new(),
         trailers: String::new(),
+        head_len,
     };
     if head_request || status == 100 || status == 204 || status == 304 {
         return Ok(resp);
