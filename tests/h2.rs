@@ -540,7 +540,7 @@ fn http2_byte_counters_move_while_a_websocket_is_open() {
         assert!(h2c::extended_connect_offered(&mut c).await);
         let up = "ktern_bytes_client_to_backend_total";
         let down = "ktern_bytes_backend_to_client_total";
-        // The GET's body: counted at its end, which has come.
+        // The GET's body, counted as it went out.
         let before = k.wait_metric(down, 1);
         assert_eq!(k.metric(up), 0);
         let mut ws = h2c::websocket(&mut c, "/ws", &[]).await.unwrap();

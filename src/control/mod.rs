@@ -470,11 +470,7 @@ impl Control {
             connections = open,
             "drain: listeners closed, waiting for open connections"
         );
-        let until = std::time::Instant::now() + timeout;
-        while self.active_connections() > 0 && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let left = self.active_connections();
+        let left = self.wait_connections(timeout);
         if left > 0 {
             tracing::warn!(
                 connections = left,
@@ -499,10 +495,17 @@ impl Control {
             let (done, _unread) = mpsc::sync_channel(1);
             let _ = link.send(Command::Cut { done });
         }
-        let until = std::time::Instant::now() + CUT_WAIT;
+        self.wait_connections(CUT_WAIT);
+    }
+
+    /// Waits until no connection is open, at most `limit` (checked every
+    /// 5 ms); returns how many are still open.
+    fn wait_connections(&self, limit: Duration) -> u64 {
+        let until = std::time::Instant::now() + limit;
         while self.active_connections() > 0 && std::time::Instant::now() < until {
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.active_connections()
     }
 
     /// Drain, second step (after `runtime.drain_delay`): every shard takes
