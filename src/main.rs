@@ -255,6 +255,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let admin = config.admin;
+    let file = config.source.clone();
     let upgrade_socket = config.runtime.upgrade_socket.clone();
     // The switch to runtime.user comes once the shards listen: one that
     // cannot happen (root without CAP_SETUID/CAP_SETGID, as in a container
@@ -325,7 +326,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
             admin
                 .map(|admin| {
                     std::net::TcpListener::bind(admin)
-                        .with_context(|| format!("admin.address: cannot listen on {admin}"))
+                        .with_context(|| format!("{file}: admin.address: cannot listen on {admin}"))
                 })
                 .transpose()?
         }
@@ -333,7 +334,7 @@ fn run(config_path: Option<PathBuf>, upgrade_from: Option<PathBuf>) -> anyhow::R
     let upgrade_listening = match &upgrade_socket {
         Some(path) => Some(ktern::control::upgrade::bind(path).with_context(|| {
             format!(
-                "runtime.upgrade_socket: cannot listen on {}",
+                "{file}: runtime.upgrade_socket: cannot listen on {}",
                 path.display()
             )
         })?),
@@ -617,7 +618,10 @@ fn init_logs(format: LogFormat) {
     use std::io::IsTerminal as _;
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+            // h2's own warnings are about what a client sent (an
+            // unsolicited PING acknowledgement, one line per frame, with no
+            // peer address): ktern logs and counts those itself, once.
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=error"))
     };
     let terminal = std::io::stderr().is_terminal();
     let json = match format {

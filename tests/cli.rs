@@ -206,6 +206,16 @@ fn an_address_in_use_is_refused_once_with_its_file_and_field() {
         err.contains(&format!("{}: {problem}", cfg.display())),
         "{err}"
     );
+    // The admin endpoint's address, bound before the listeners: the same.
+    let text = tcp_listener("127.0.0.1:9".parse().unwrap(), "")
+        .replace("@CERT@", "cert.pem")
+        .replace("@KEY@", "key.pem");
+    std::fs::write(&cfg, format!("[admin]\naddress = \"{addr}\"\n{text}")).unwrap();
+    let out = ktern().args(["run", "-c"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let problem = format!("{}: admin.address: cannot listen on {addr}", cfg.display());
+    assert_eq!(err.matches(&problem).count(), 1, "{err}");
 }
 
 /// Root without CAP_SETUID and CAP_SETGID (a container that drops them)

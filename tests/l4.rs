@@ -1315,6 +1315,50 @@ fn passthrough_routes_tls_by_sni_and_alpn_without_terminating_it() {
     assert!(k.wait_metric("ktern_bytes_client_to_backend_total", moved) >= moved);
 }
 
+/// A passthrough group's connect checks (`check = "tcp"`, HAProxy's plain
+/// `check`): a backend that refuses connections is marked down and
+/// skipped; one that takes them stays up, though it speaks no HTTP in the
+/// clear (an HTTP check, which the config refuses here, failed on every
+/// TLS backend and marked them all down).
+#[test]
+fn passthrough_backends_are_health_checked_by_connect() {
+    let pki = Pki::new("passthrough-health");
+    let live = start_tls_backend("live", &pki);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let k = Ktern::start(
+        &pki,
+        "",
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.route]\nkind = \"passthrough\"\ndefault = \"pool\"\n\
+             [upstream.pool]\nbackends = [\"{dead}\", \"{live}\"]\n\
+             [upstream.pool.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n"
+        ),
+    );
+    assert_eq!(k.wait_metric("ktern_health_marked_down_total", 1), 1);
+    // Checks of both go on; only the dead one fails.
+    let checks = k.metric("ktern_health_checks_total");
+    assert!(k.wait_metric("ktern_health_checks_total", checks + 6) >= checks + 6);
+    assert_eq!(k.metric("ktern_health_marked_down_total"), 1);
+    assert_eq!(k.metric("ktern_upstream_backends_down"), 1);
+    let (checks, failures) = (
+        k.metric("ktern_health_checks_total"),
+        k.metric("ktern_health_check_failures_total"),
+    );
+    assert!(
+        failures * 2 <= checks + 2,
+        "{failures} of {checks} checks failed"
+    );
+    // Round robin over the two, and every connection reaches the live one.
+    for _ in 0..4 {
+        let got = through_passthrough(&k, passthrough_client(&pki, "a.sni.test", &[])).unwrap();
+        assert_eq!(got, "live sni=a.sni.test alpn=-");
+    }
+    assert_eq!(k.metric("ktern_upstream_connect_failures_total"), 0);
+}
+
 #[test]
 fn passthrough_takes_a_hello_split_into_one_byte_records() {
     let pki = Pki::new("passthrough-split");

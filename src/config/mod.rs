@@ -900,12 +900,15 @@ pub enum HashKey {
     Header(String),
 }
 
-/// Active health checks: `GET path` on every backend each `interval`.
+/// Active health checks: `GET path` (or a bare connect) on every backend
+/// each `interval`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
-    /// Request path.
+    /// What a check does.
+    pub kind: HealthKind,
+    /// Request path (`Http`).
     pub path: String,
-    /// Host header (default: the backend's address).
+    /// Host header (default: the backend's address; `Http`).
     pub host: Option<String>,
     /// Time between checks of one backend.
     pub interval: Duration,
@@ -915,6 +918,18 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that take it out.
     pub fall: u32,
+}
+
+/// What an active health check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthKind {
+    /// `GET path` (over the group's PROXY header and TLS, if it has them);
+    /// a 2xx or 3xx passes.
+    Http,
+    /// A TCP connect (and the group's PROXY header) passes, as HAProxy's
+    /// plain `check`: for backends that speak no HTTP in the clear, such as
+    /// a passthrough route's, which get the client's TLS.
+    Tcp,
 }
 
 /// A named group of HTTP backends.
@@ -1177,15 +1192,24 @@ impl Validator<'_> {
             .admin
             .and_then(|a| self.addr("admin.address", &a.address));
         // The admin socket is bound first, without SO_REUSEPORT: a listener
-        // on its address would fail to bind at start, blamed on "another
-        // program".
+        // sharing its port (the same address, or either one the wildcard)
+        // would fail to bind at start, blamed on "another program". An
+        // IPv6 wildcard admin socket takes IPv4 too (it is dual-stack;
+        // listeners are IPv6-only).
         if let Some(a) = admin.filter(|a| a.port() != 0) {
-            if listeners.iter().any(|l| l.address == a)
-                || raw.redirect.iter().any(|r| r.address.parse() == Ok(a))
+            let clash = |b: SocketAddr| {
+                overlaps(a, b)
+                    || (a.ip() == std::net::Ipv6Addr::UNSPECIFIED && a.port() == b.port())
+            };
+            if listeners.iter().any(|l| clash(l.address))
+                || raw
+                    .redirect
+                    .iter()
+                    .any(|r| r.address.parse().is_ok_and(clash))
             {
                 self.problem(
                     "admin.address",
-                    format!("{a} is already used by a listener or redirect"),
+                    format!("{a} shares its port with a listener or redirect on the same or a wildcard address"),
                 );
             }
         }
@@ -1721,7 +1745,30 @@ impl Validator<'_> {
     fn health(&mut self, at: &str, raw: raw::HealthSection) -> Option<HealthCheck> {
         let interval = self.duration(&format!("{at}.interval"), &raw.interval);
         let timeout = self.duration(&format!("{at}.timeout"), &raw.timeout);
-        if !raw.path.starts_with('/') || raw.path.bytes().any(|b| !b.is_ascii_graphic()) {
+        let kind = match raw.check.as_deref() {
+            None | Some("http") => HealthKind::Http,
+            Some("tcp") => HealthKind::Tcp,
+            Some(other) => {
+                self.problem(
+                    format!("{at}.check"),
+                    format!("{other:?}: \"http\" (GET path) or \"tcp\" (a connect)"),
+                );
+                return None;
+            }
+        };
+        if kind == HealthKind::Tcp {
+            for (name, set) in [("path", raw.path.is_some()), ("host", raw.host.is_some())] {
+                if set {
+                    self.problem(
+                        format!("{at}.{name}"),
+                        "a check = \"tcp\" sends no request: leave it out, or use check = \"http\"",
+                    );
+                    return None;
+                }
+            }
+        }
+        let path = raw.path.unwrap_or_else(|| "/".into());
+        if !path.starts_with('/') || path.bytes().any(|b| !b.is_ascii_graphic()) {
             self.problem(
                 format!("{at}.path"),
                 "an origin-form path: starts with /, no spaces or control bytes",
@@ -1751,7 +1798,8 @@ impl Validator<'_> {
             }
         }
         Some(HealthCheck {
-            path: raw.path,
+            kind,
+            path,
             host: raw.host,
             interval,
             timeout,
@@ -1760,29 +1808,43 @@ impl Validator<'_> {
         })
     }
 
-    /// A rule's `host` or `sni` pattern: absent or `*` (any), an exact
-    /// name, or `*.example.com`.
-    fn host_match(&mut self, field: &str, raw: Option<&str>) -> Option<HostMatch> {
+    /// A rule's `host` or (`sni`) server-name pattern: absent or `*` (any),
+    /// an exact name, or `*.example.com`. Both are matched
+    /// without a trailing dot (the Host a request is routed by loses it,
+    /// as in nginx, and the ClientHello's server name never has one, RFC
+    /// 6066 §3), so a pattern with one names the same host. What no
+    /// request's name can be is refused: a rule that could never match.
+    fn host_match(&mut self, field: &str, raw: Option<&str>, sni: bool) -> Option<HostMatch> {
         let Some(h) = raw.map(str::to_ascii_lowercase) else {
             return Some(HostMatch::Any);
         };
         if h == "*" {
             return Some(HostMatch::Any);
         }
-        match h.strip_prefix('*') {
-            Some(suffix) if suffix.starts_with('.') && !suffix[1..].contains('*') => {
-                Some(HostMatch::Suffix(suffix.to_string()))
+        let h = h.strip_suffix('.').unwrap_or(&h);
+        if let Some(parent) = h.strip_prefix("*.") {
+            if names::is_dns_name(parent) {
+                return Some(HostMatch::Suffix(format!(".{parent}")));
             }
-            Some(_) => {
-                self.problem(field, "wildcards must look like \"*.example.com\"");
-                None
-            }
-            None if h.contains('*') || h.contains(':') || h.is_empty() => {
-                self.problem(field, "a host name without port or wildcards in the middle");
-                None
-            }
-            None => Some(HostMatch::Exact(h)),
+        } else if names::is_dns_name(h) || (!sni && h.parse::<std::net::Ipv4Addr>().is_ok()) {
+            // A Host may be an IPv4 address (a request by address); a
+            // server name never is.
+            return Some(HostMatch::Exact(h.to_string()));
         }
+        let what = if h.contains('*') {
+            "wildcards must look like \"*.example.com\"".to_string()
+        } else if h.contains(':') {
+            format!("{h:?}: a host name without a port")
+        } else if sni && h.parse::<std::net::IpAddr>().is_ok() {
+            format!("{h:?} is an IP address, which clients never send as SNI (RFC 6066 §3)")
+        } else {
+            format!(
+                "{h:?} is not a host name (dot-separated labels of letters, digits, - and _){}",
+                if sni { "" } else { " or an IPv4 address" }
+            )
+        };
+        self.problem(field, what);
+        None
     }
 
     fn http_route(
@@ -1801,8 +1863,8 @@ impl Validator<'_> {
         for (i, r) in raw.rule.iter().enumerate() {
             let field = format!("{at}.rule[{i}]");
             let (Some(host), Some(sni)) = (
-                self.host_match(&format!("{field}.host"), r.host.as_deref()),
-                self.host_match(&format!("{field}.sni"), r.sni.as_deref()),
+                self.host_match(&format!("{field}.host"), r.host.as_deref(), false),
+                self.host_match(&format!("{field}.sni"), r.sni.as_deref(), true),
             ) else {
                 continue;
             };
@@ -2589,6 +2651,17 @@ impl Validator<'_> {
                 format!("[upstream.{name}] has send_proxy; on a passthrough listener set send_proxy on the route"),
             );
         }
+        // A GET in the clear to backends that expect the client's TLS
+        // fails every time: all of them would be marked down.
+        if u.health
+            .as_ref()
+            .is_some_and(|h| h.kind == HealthKind::Http)
+        {
+            self.problem(
+                at,
+                format!("[upstream.{name}.health] sends an HTTP request in the clear, but a passthrough route's backends get the client's TLS; set check = \"tcp\" there (a connect check)"),
+            );
+        }
         Some(i)
     }
 
@@ -2607,7 +2680,7 @@ impl Validator<'_> {
         let mut rules = Vec::new();
         for (i, r) in raw.rule.iter().enumerate() {
             let field = format!("{at}.rule[{i}]");
-            let sni = self.host_match(&format!("{field}.sni"), Some(&r.sni));
+            let sni = self.host_match(&format!("{field}.sni"), Some(&r.sni), true);
             let upstream =
                 self.passthrough_upstream(&format!("{field}.upstream"), &r.upstream, upstreams);
             let alpn = match &r.alpn {
@@ -2929,6 +3002,14 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
     }
+}
+
+/// Whether two listening addresses share a port: the same family and
+/// port, and the same address or either one the wildcard.
+pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 #[cfg(test)]

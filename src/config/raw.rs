@@ -507,8 +507,9 @@ pub(super) struct UpstreamSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct HealthSection {
-    #[serde(default = "default_health_path")]
-    pub path: String,
+    /// "http" (the default) or "tcp".
+    pub check: Option<String>,
+    pub path: Option<String>,
     pub host: Option<String>,
     #[serde(default = "default_health_interval")]
     pub interval: String,
@@ -522,10 +523,6 @@ pub(super) struct HealthSection {
 
 fn default_balance() -> String {
     "round_robin".into()
-}
-
-fn default_health_path() -> String {
-    "/".into()
 }
 
 /// HAProxy's `inter` default.

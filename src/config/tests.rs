@@ -399,11 +399,34 @@ fn addresses_must_be_usable_and_their_own() {
         assert_eq!(problems(&text), ["upstream.web.backends[0]"], "{bad}");
     }
     assert!(problems(&format!("{GOOD}{GOOD}")).is_empty());
-    let fixed = GOOD.replace("127.0.0.1:0", "127.0.0.1:8443");
-    assert_eq!(
-        problems(&format!("[admin]\naddress = \"127.0.0.1:8443\"\n{fixed}")),
-        ["admin.address"]
-    );
+    // The admin socket shares no port with a listener or redirect through
+    // a wildcard either (it is bound first, without SO_REUSEPORT), and an
+    // IPv6 wildcard one is dual-stack; an IPv6-only listener or another
+    // port does not clash.
+    for (admin, listener, clash) in [
+        ("127.0.0.1:8443", "127.0.0.1:8443", true),
+        ("0.0.0.0:8443", "127.0.0.1:8443", true),
+        ("127.0.0.1:8443", "0.0.0.0:8443", true),
+        ("[::]:8443", "0.0.0.0:8443", true),
+        ("[::]:8443", "[::1]:8443", true),
+        ("127.0.0.1:8443", "[::]:8443", false),
+        ("0.0.0.0:8443", "127.0.0.1:8444", false),
+    ] {
+        let want: &[&str] = if clash { &["admin.address"] } else { &[] };
+        let text = format!(
+            "[admin]\naddress = \"{admin}\"\n{}",
+            GOOD.replace("127.0.0.1:0", listener)
+        );
+        assert_eq!(
+            problems(&text),
+            want,
+            "{admin} with a listener on {listener}"
+        );
+        let redirect = format!(
+            "[admin]\naddress = \"{admin}\"\n{GOOD}\n[[redirect]]\naddress = \"{listener}\"\n"
+        );
+        assert_eq!(problems(&redirect), want, "{admin} with a redirect");
+    }
     assert_eq!(
         problems(&format!(
             "{GOOD}\n[[redirect]]\naddress = \"127.0.0.1:0\"\nhttps_port = 0\n"
@@ -546,6 +569,62 @@ fn http_config_problems_are_named() {
         "{fields:?}"
     );
     assert!(fields.contains(&"upstream.web"), "{fields:?}");
+}
+
+/// A rule's host and server-name patterns: the name a request can carry,
+/// without the trailing dot (requests are routed without it); anything
+/// else is refused, naming the field, instead of a rule that never matches.
+#[test]
+fn rule_names_are_host_names_and_lose_a_trailing_dot() {
+    let with = |field: &str, value: &str| {
+        let text = HTTP.replace(
+            "[[listener.route.rule]]\nhost = \"*.example.com\"",
+            &format!("[[listener.route.rule]]\n{field} = \"{value}\""),
+        );
+        assert_ne!(text, HTTP);
+        Config::from_toml(&text, "r.toml", Path::new("."), &pems())
+    };
+    let rule = |c: Config| {
+        let Route::Http(h) = &c.listeners[0].route else {
+            panic!("http route expected")
+        };
+        h.rules
+            .iter()
+            .map(|r| (r.host.clone(), r.sni.clone()))
+            .collect::<Vec<_>>()
+    };
+    let exact = |h: &str| HostMatch::Exact(h.into());
+    let ok = rule(with("host", "App.Example.com.").unwrap());
+    assert!(
+        ok.contains(&(exact("app.example.com"), HostMatch::Any)),
+        "{ok:?}"
+    );
+    let ok = rule(with("sni", "*.Example.com.").unwrap());
+    assert!(
+        ok.contains(&(HostMatch::Any, HostMatch::Suffix(".example.com".into()))),
+        "{ok:?}"
+    );
+    // A request by address carries it as its Host; a ClientHello never.
+    let ok = rule(with("host", "192.0.2.7").unwrap());
+    assert!(ok.contains(&(exact("192.0.2.7"), HostMatch::Any)), "{ok:?}");
+    for (field, bad, says) in [
+        ("sni", "192.0.2.7", "IP address"),
+        ("host", "app example.com", "not a host name"),
+        ("sni", "app..example.com", "not a host name"),
+        ("host", "app.example.com:443", "without a port"),
+        ("host", "*.", "wildcards"),
+        ("sni", "a.*.example.com", "wildcards"),
+        ("host", ".example.com", "not a host name"),
+    ] {
+        let e = with(field, bad).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{bad}: {e}");
+        assert_eq!(
+            e.problems[0].field,
+            format!("listener[0].route.rule[1].{field}"),
+            "{e}"
+        );
+        assert!(e.problems[0].reason.contains(says), "{bad}: {e}");
+    }
 }
 
 #[test]
@@ -1318,6 +1397,70 @@ fn upstream_groups_take_tls_except_under_passthrough() {
     );
     assert!(e.problems[0].reason.contains("has tls"), "{e}");
     assert!(e.problems[1].reason.contains("send_proxy"), "{e}");
+}
+
+/// A passthrough route's backends get the client's TLS: an HTTP check in
+/// the clear would fail on every one and mark them all down. Refused, and
+/// a connect check (`check = "tcp"`) taken instead, with no request
+/// fields.
+#[test]
+fn health_checks_are_http_or_tcp_and_tcp_under_passthrough() {
+    let with = |health: &str| {
+        let text = PASSTHROUGH.replace(
+            "[upstream.app]\nbackends = [\"127.0.0.1:9002\"]",
+            &format!(
+                "[upstream.app]\nbackends = [\"127.0.0.1:9002\"]\n[upstream.app.health]\n{health}"
+            ),
+        );
+        assert_ne!(text, PASSTHROUGH);
+        Config::from_toml(&text, "p.toml", Path::new("."), &pems())
+    };
+    let c = with("check = \"tcp\"\ninterval = \"5s\"").unwrap();
+    let app = c.upstreams.iter().find(|u| u.name == "app").unwrap();
+    let h = app.health.as_ref().expect("health");
+    assert_eq!(
+        (h.kind, h.interval),
+        (HealthKind::Tcp, Duration::from_secs(5))
+    );
+    for (health, field, says) in [
+        (
+            "path = \"/healthz\"",
+            "listener[0].route.rule[1].upstream",
+            "in the clear",
+        ),
+        (
+            "check = \"http\"",
+            "listener[0].route.rule[1].upstream",
+            "check = \"tcp\"",
+        ),
+        (
+            "check = \"tcp\"\npath = \"/\"",
+            "upstream.app.health.path",
+            "sends no request",
+        ),
+        (
+            "check = \"tcp\"\nhost = \"a\"",
+            "upstream.app.health.host",
+            "sends no request",
+        ),
+        ("check = \"ping\"", "upstream.app.health.check", "\"ping\""),
+    ] {
+        let e = with(health).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{health}: {e}");
+        assert_eq!(e.problems[0].field, field, "{health}: {e}");
+        assert!(e.problems[0].reason.contains(says), "{health}: {e}");
+    }
+    // An HTTP route's group takes either; the default is "http", GET /.
+    let c = Config::from_toml(
+        &format!("{HTTP}[upstream.web.health]\n"),
+        "h.toml",
+        Path::new("."),
+        &pems(),
+    )
+    .unwrap();
+    let web = c.upstreams.iter().find(|u| u.name == "web").unwrap();
+    let h = web.health.as_ref().expect("health");
+    assert_eq!((h.kind, h.path.as_str()), (HealthKind::Http, "/"));
 }
 
 #[test]

@@ -944,7 +944,7 @@ fn plan_sockets(
             .iter()
             .map(|b| b.addr)
             .chain(planned)
-            .any(|a| overlaps(a, configured));
+            .any(|a| crate::config::overlaps(a, configured));
         if !ours {
             if let Err(e) = shard::probe_free(configured) {
                 problems.push(Problem {
@@ -993,14 +993,6 @@ fn plan_sockets(
             problems,
         })
     }
-}
-
-/// Whether two listening addresses share a port: the same family and
-/// port, and the same address or either one the wildcard.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.is_ipv4() == b.is_ipv4()
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Shard `i`'s copy of every newly bound socket.
@@ -1197,19 +1189,19 @@ mod tests {
             panic!("another program's port was planned");
         };
         assert_eq!(e.problems[0].field, "listener[0].address", "{e}");
-        assert!(overlaps(
+        assert!(crate::config::overlaps(
             "0.0.0.0:1".parse().unwrap(),
             "10.0.0.5:1".parse().unwrap()
         ));
-        assert!(!overlaps(
+        assert!(!crate::config::overlaps(
             "10.0.0.6:1".parse().unwrap(),
             "10.0.0.5:1".parse().unwrap()
         ));
-        assert!(!overlaps(
+        assert!(!crate::config::overlaps(
             "[::]:1".parse().unwrap(),
             "10.0.0.5:1".parse().unwrap()
         ));
-        assert!(!overlaps(
+        assert!(!crate::config::overlaps(
             "0.0.0.0:2".parse().unwrap(),
             "10.0.0.5:1".parse().unwrap()
         ));

@@ -901,26 +901,35 @@ unsafe fn nss_lookup<T>(
 ) -> io::Result<T> {
     let cname = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in {what} name")))?;
-    let mut buf = vec![0u8; buf_len];
+    // A record larger than the buffer (a directory group with thousands
+    // of members) is ERANGE: the buffer doubles, up to a bound no real
+    // record reaches (glibc's own getgrnam grows its buffer the same way).
+    const MAX_BUF: usize = 64 << 20;
+    let mut buf = vec![0u8; buf_len.max(1)];
     // SAFETY: the caller guarantees all-zero is a valid T (see above);
     // `call` overwrites it on success.
     let mut record: T = unsafe { MaybeUninit::zeroed().assume_init() };
     let mut result: *mut T = std::ptr::null_mut();
-    // SAFETY: every pointer is to memory we own for the call's duration,
-    // and `buf.len()` is the buffer's real size; the function writes
-    // strings into `buf`, the record into `record`, and sets `result` to
-    // `&record` or null.
-    let rc = unsafe {
-        call(
-            cname.as_ptr(),
-            &mut record,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
+    loop {
+        // SAFETY: every pointer is to memory we own for the call's
+        // duration, and `buf.len()` is the buffer's real size; the function
+        // writes strings into `buf`, the record into `record`, and sets
+        // `result` to `&record` or null.
+        let rc = unsafe {
+            call(
+                cname.as_ptr(),
+                &mut record,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        match rc {
+            0 => break,
+            libc::EINTR => {}
+            libc::ERANGE if buf.len() < MAX_BUF => buf.resize(buf.len() * 2, 0),
+            _ => return Err(io::Error::from_raw_os_error(rc)),
+        }
     }
     if result.is_null() {
         return Err(io::Error::new(
@@ -1023,6 +1032,22 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::path::Path;
+
+    /// A record larger than the first buffer (a directory group with
+    /// thousands of members) is found, not refused with ERANGE: here a
+    /// one-byte buffer, which no record fits.
+    #[test]
+    fn user_and_group_records_larger_than_the_buffer_are_found() {
+        // SAFETY: group and passwd are the records these functions fill.
+        let group = unsafe { nss_lookup("group", "root", 1, libc::getgrnam_r) }.unwrap();
+        assert_eq!(group.gr_gid, 0);
+        // SAFETY: as above.
+        let user = unsafe { nss_lookup("user", "root", 1, libc::getpwnam_r) }.unwrap();
+        assert_eq!((user.pw_uid, user.pw_gid), (0, 0));
+        assert_eq!(lookup_group("root").unwrap(), 0);
+        let missing = lookup_group("ktern-no-such-group").unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound, "{missing}");
+    }
 
     /// The thread's CPU clock counts this thread's work, not wall time: a
     /// sleep adds (next to) nothing, a busy loop adds its time.

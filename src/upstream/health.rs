@@ -1,5 +1,6 @@
-//! Active health checks: every `interval`, `GET path` on each backend of an
-//! upstream group that has `[upstream.NAME.health]`; `rise` passes in a row
+//! Active health checks: every `interval`, `GET path` (or with `check =
+//! "tcp"`, a connect) on each backend of an upstream group that has
+//! `[upstream.NAME.health]`; `rise` passes in a row
 //! bring a backend back, `fall` failures in a row take it out (HAProxy's
 //! model). Verdicts go to a [`HealthState`] that every shard's balancer
 //! reads; a backend marked down is tried last, as with passive health.
@@ -18,7 +19,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::HealthState;
-use crate::config::{Config, HealthCheck};
+use crate::config::{Config, HealthCheck, HealthKind};
 use crate::metrics::ShardMetrics as M;
 
 /// Largest response head read from a check (the body is ignored).
@@ -257,7 +258,7 @@ struct Job {
 /// Checks one backend forever.
 async fn run(job: Job, metrics: Arc<M>) {
     let mut tracker = Tracker::new(job.check.rise, job.check.fall);
-    let req = request(&job.check, job.addr);
+    let req = (job.check.kind == HealthKind::Http).then(|| request(&job.check, job.addr));
     // A verdict carried over from the replaced generation. (The down
     // gauge is counted from the current generation's verdicts at each
     // scrape, `Control::refresh_gauges`: counted here, a backend found down
@@ -272,7 +273,7 @@ async fn run(job: Job, metrics: Arc<M>) {
             return;
         }
         let started = Instant::now();
-        let probe = probe(job.addr, &job.way, &req, job.check.timeout);
+        let probe = probe(job.addr, &job.way, req.as_deref(), job.check.timeout);
         let verdict = match monoio::time::timeout(job.check.timeout, probe).await {
             Ok(v) => v,
             Err(_) => Probe::Fail(format!("no response within {:?}", job.check.timeout)),
@@ -354,9 +355,10 @@ fn way(u: &crate::config::Upstream) -> Way {
     }
 }
 
-/// One check: connect, the PROXY header and TLS when the group has them,
-/// send, read until the status is known.
-async fn probe(addr: SocketAddr, way: &Way, req: &[u8], timeout: Duration) -> Probe {
+/// One check: connect and the PROXY header when the group has one; then,
+/// with a request (`check = "http"`), TLS when the group has it, send,
+/// read until the status is known. Without one the connect passes.
+async fn probe(addr: SocketAddr, way: &Way, req: Option<&[u8]>, timeout: Duration) -> Probe {
     use super::conn::BackendConn;
     let mut stream = match TcpStream::connect_addr(addr).await {
         Ok(s) => s,
@@ -372,6 +374,9 @@ async fn probe(addr: SocketAddr, way: &Way, req: &[u8], timeout: Duration) -> Pr
             return Probe::Fail(format!("PROXY header: {e}"));
         }
     }
+    let Some(req) = req else {
+        return Probe::Pass;
+    };
     let mut conn = match &way.tls {
         None => BackendConn::Plain(stream),
         Some((tls, config)) => {
@@ -472,6 +477,7 @@ mod tests {
     #[test]
     fn request_names_path_and_host() {
         let check = HealthCheck {
+            kind: HealthKind::Http,
             path: "/healthz".into(),
             host: None,
             interval: Duration::from_secs(1),

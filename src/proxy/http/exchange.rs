@@ -68,7 +68,7 @@ pub fn plan<'r>(route: &'r HttpRoute, head: &RequestHead, sni: Option<&str>) -> 
             group: None,
         };
     }
-    let host = strip_port(head.host().unwrap_or_default());
+    let host = route_host(head.host().unwrap_or_default());
     let path = target_path(head.target());
     let found = find_rule(&route.rules, host, sni, path);
     // A rule names this host but another server name: the client reused
@@ -158,6 +158,18 @@ pub fn target_path(target: &str) -> &str {
 }
 
 /// A Host value without its port (IPv6 literals keep their brackets).
+/// The name a request's host is routed by: no port, and no trailing dot.
+/// `app.example.com.` is the same host as `app.example.com` (RFC 1034
+/// §3.1: the dot only marks the name absolute); clients send it as typed
+/// (curl does), the server name in the ClientHello goes without it (RFC
+/// 6066 §3), and nginx drops it from Host before matching `server_name`.
+/// One dot only: `a..` stays unmatched.
+pub fn route_host(host: &str) -> &str {
+    let host = strip_port(host);
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// `host` without its `:port`.
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.find(']').map_or(host, |i| &host[..=i]);
@@ -592,6 +604,11 @@ mod tests {
             plan(&r, &get("api.example.com:8443", "/v1/x"), None),
             upstream(1)
         );
+        // The absolute form of the name (a trailing dot, as curl sends what
+        // was typed) is the same host; the SNI arrives without the dot.
+        for host in ["api.example.com.", "api.example.com.:8443"] {
+            assert_eq!(plan(&r, &get(host, "/v1/x"), None), upstream(1), "{host}");
+        }
         // The suffix rule needs its SNI; without it the request falls through.
         assert_eq!(
             plan(
@@ -910,5 +927,10 @@ mod tests {
         assert_eq!(strip_port("a.example:8443"), "a.example");
         assert_eq!(strip_port("a.example"), "a.example");
         assert_eq!(strip_port("[::1]:443"), "[::1]");
+        assert_eq!(route_host("a.example.:8443"), "a.example");
+        assert_eq!(route_host("a.example."), "a.example");
+        assert_eq!(route_host("a.example"), "a.example");
+        assert_eq!(route_host("a.example.."), "a.example.");
+        assert_eq!(route_host("[::1]:443"), "[::1]");
     }
 }
