@@ -1145,6 +1145,10 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
             r#"{"event": "goaway", "code": 11, "debug": ""}"#,
         ),
         (
+            "ping_ack_flood",
+            r#"{"event": "goaway", "code": 11, "debug": ""}"#,
+        ),
+        (
             "priority_flood",
             r#"{"event": "goaway", "code": 11, "debug": ""}"#,
         ),
@@ -1233,6 +1237,73 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
     );
     assert_eq!(k.metric("ktern_http_send_timeouts_total"), 3);
     assert_eq!(hostile(&k, "ok"), r#"{"event": "response", "status": 200}"#);
+}
+
+/// A client that keeps its socket full of frames h2 must decode
+/// (WINDOW_UPDATE on stream 0: valid, uncounted, 13 bytes each) does not
+/// hold its shard: h2 reads until a read would block, so the connection
+/// loop ran for as long as the client sent faster than ktern decoded,
+/// and every other connection of the shard waited. One shard here, so the
+/// other client's requests share it; they are answered while the flood
+/// still runs (which ends on its own only after 20 s).
+#[test]
+fn a_client_that_keeps_the_socket_full_does_not_hold_the_shard() {
+    use std::io::Write as _;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let pki = Pki::new("h2-budget");
+    let a = start_http_backend("a");
+    let k = Ktern::start(
+        &pki,
+        "cpus = [0]",
+        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let (stop, flooding, addr) = (stop.clone(), flooding.clone(), k.addr());
+        let mut cfg = (*client_config(&[&pki.der])).clone();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let cfg = Arc::new(cfg);
+        std::thread::spawn(move || {
+            let mut s = try_connect(addr, &cfg).unwrap();
+            assert_eq!(s.conn.alpn_protocol(), Some(&b"h2"[..]));
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .unwrap();
+            let update = [0u8, 0, 4, 0x8, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+            let chunk = update.repeat(5000);
+            let until = Instant::now() + Duration::from_secs(20);
+            let mut sent = 0usize;
+            while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len();
+                if sent >= 4 << 20 {
+                    flooding.store(true, Ordering::SeqCst);
+                }
+            }
+            (sent, stop.load(Ordering::SeqCst))
+        })
+    };
+    // The flood is under way (4 MiB more than the socket buffers hold).
+    while !flooding.load(Ordering::SeqCst) {
+        assert!(!flooder.is_finished(), "the flood ended early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..5 {
+        let mut c = connect(k.addr(), &pki, ClientOpts::default());
+        let r = exchange(&mut c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (sent, stopped) = flooder.join().unwrap();
+    assert!(
+        stopped,
+        "the requests were answered only after the flood ended ({sent} bytes sent)"
+    );
+    // The flood was not a flood of counted frames: nothing closed it.
+    assert_eq!(k.metric("ktern_http2_flood_closes_total"), 0);
 }
 
 /// A stream in flight when its connection fails (here DATA on stream 0, a

@@ -189,6 +189,11 @@ def main():
     elif case == "ping_flood":
         c.send(b"".join(PingFrame(0, opaque_data=b"12345678").serialize() for _ in range(5000)))
         sid = None
+    elif case == "ping_ack_flood":
+        # Acknowledgements of PINGs the server never sent.
+        c.send(b"".join(PingFrame(0, opaque_data=b"12345678", flags=["ACK"]).serialize()
+                        for _ in range(5000)))
+        sid = None
     elif case == "priority_flood":
         c.send(b"".join(PriorityFrame(3, depends_on=1, stream_weight=16).serialize() for _ in range(5000)))
         sid = None

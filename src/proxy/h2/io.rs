@@ -108,6 +108,15 @@ enum WriteState {
 /// that matters: see `max_send_buffer_size`).
 const STAGE_MAX: usize = 64 << 10;
 
+/// Bytes h2 may read in one go before the transport says "not now" (and
+/// wakes the connection at once). h2 reads and decodes frames until a read
+/// would block, so a client that keeps the socket full (cheap frames, or a
+/// fast upload) held the shard's thread, every other connection and the
+/// idle sweeper with it, for as long as it kept sending. With this budget
+/// the connection loop runs at most eight such turns before it yields to
+/// the shard's other tasks: 256 KiB, a few milliseconds of frame decoding.
+const READ_BUDGET: usize = 32 << 10;
+
 /// Reads and drops the client's bytes until it closes, [`LINGER`] passes
 /// or [`LINGER_BYTES`](crate::proxy::LINGER_BYTES) were read (nginx's `lingering_close`: a client cut
 /// off mid-flood, or whose last frames crossed our GOAWAY, would otherwise
@@ -135,6 +144,8 @@ pub struct H2Io {
     /// Plaintext the async read path returned that h2 has not taken yet.
     spill: Vec<u8>,
     spill_at: usize,
+    /// Bytes handed to h2 since a read last returned `Pending`.
+    read_run: usize,
     write: WriteState,
     /// Plaintext accepted from h2 and not yet handed to the writer.
     staged: Vec<u8>,
@@ -156,6 +167,7 @@ impl H2Io {
             read: ReadState::Idle(reader),
             spill: Vec::new(),
             spill_at: 0,
+            read_run: 0,
             write: WriteState::Idle(writer),
             staged: Vec::new(),
             watch,
@@ -306,12 +318,33 @@ impl AsyncRead for H2Io {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // A flood flagged: nothing more is read of it. The connection loop
+        // checks the flag after this poll and closes with GOAWAY; no wake
+        // is registered for reading (a wake here would spin while that
+        // GOAWAY waits for a client that does not read).
+        if this.signals.flood.get() {
+            return Poll::Pending;
+        }
+        // This turn's budget spent: not now. The wake (the connection
+        // loop's own, not the task's) brings the loop back at once; after a
+        // few turns it lets the shard's other tasks run first.
+        if this.read_run >= READ_BUDGET {
+            this.read_run = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         let polled = this.read_into(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            if this.watch.feed(&buf.filled()[before..]) == Verdict::Flood {
-                this.signals.flood.set(true);
+        match polled {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                this.read_run += got.len();
+                if this.watch.feed(got) == Verdict::Flood {
+                    this.signals.flood.set(true);
+                }
             }
+            Poll::Pending => this.read_run = 0,
+            Poll::Ready(Err(_)) => {}
         }
         polled
     }

@@ -325,10 +325,12 @@ async fn serve_on(
                     break Poll::Pending;
                 }
                 // Streams that keep the connection due (a body sent as
-                // windows open) yield to the shard's other tasks now and then.
+                // windows open, a client that keeps the socket full: the
+                // transport's read budget) yield to the shard's other tasks
+                // now and then.
                 passes += 1;
                 if passes == 8 {
-                    cx.waker().wake_by_ref();
+                    yield_to_others(cx.waker());
                     break Poll::Pending;
                 }
             }
@@ -357,6 +359,21 @@ async fn serve_on(
         return Err(HttpError::ClientStalled);
     }
     ended.map_err(|e| failure(e, &signals))
+}
+
+/// Wakes the task of `waker` after the shard's other queued tasks have
+/// run. Not `waker.wake_by_ref()` before returning `Pending`: monoio (0.2.4,
+/// `LocalScheduler::yield_now`) puts a task woken while it runs at the
+/// front of the run queue, so it ran again at once, and a connection that
+/// always had more to do held the shard: no other connection, no accept,
+/// no timer (`a_client_that_keeps_the_socket_full_does_not_hold_the_shard`
+/// in tests/h2.rs). A task spawned now goes to the back of the queue; when
+/// it runs, what was queued before it has run, and its wake puts this one
+/// at the back in turn. One small task per yield, and a yield comes at
+/// most once per eight busy passes.
+fn yield_to_others(waker: &std::task::Waker) {
+    let waker = waker.clone();
+    monoio::spawn(async move { waker.wake() });
 }
 
 /// Counts (once) the transport's hand-over of the keys to the kernel at a

@@ -1,7 +1,8 @@
 //! Sans-IO watch over a client's HTTP/2 frames, for the floods the `h2`
 //! crate answers but does not stop: SETTINGS and PING it must acknowledge,
-//! PRIORITY and unknown frames it ignores, empty DATA and CONTINUATION
-//! frames that cost a wake each, RST_STREAM after RST_STREAM. It reads only
+//! PING acknowledgements, PRIORITY and unknown frames it ignores, empty
+//! DATA and CONTINUATION frames that cost a wake each, RST_STREAM after
+//! RST_STREAM. It reads only
 //! the 9-byte frame headers (RFC 9113 §4.1) of the bytes h2 is handed, and
 //! says when the control frames outnumber what a real client sends: a
 //! fixed allowance plus ten per request (nginx and HAProxy judge the same
@@ -201,7 +202,11 @@ impl FrameWatch {
             }
             kind::DATA => len == 0 && flags & END_STREAM == 0,
             kind::CONTINUATION => len == 0,
-            kind::SETTINGS | kind::PING => flags & ACK == 0,
+            kind::SETTINGS => flags & ACK == 0,
+            // An ACK too: ktern sends one PING in a connection's life (the
+            // graceful GOAWAY's), and h2 answers every other ACK with a log
+            // line and nothing more, so unsolicited ones flood for free.
+            kind::PING => true,
             kind::RST_STREAM => {
                 self.resets += 1;
                 true
@@ -315,7 +320,6 @@ mod tests {
             frames.push(frame(kind::PRIORITY, 0, 1, &[0, 0, 0, 0, 16]));
         }
         frames.push(frame(kind::SETTINGS, ACK, 0, &[]));
-        frames.push(frame(kind::PING, ACK, 0, &[0; 8]));
         frames.push(frame(kind::DATA, END_STREAM, 1, &[]));
         frames.push(frame(kind::DATA, 0, 1, &[1, 2, 3]));
         frames.push(frame(kind::WINDOW_UPDATE, 0, 0, &[0, 0, 1, 0]));
@@ -324,6 +328,19 @@ mod tests {
         // An empty DATA frame that does not end the stream is a control
         // frame; the eleventh is over.
         assert_eq!(w.feed(&frame(kind::DATA, 0, 1, &[])), Verdict::Flood);
+    }
+
+    /// A PING acknowledgement answers a PING ktern sent, and it sends one
+    /// per connection: unsolicited ones, which h2 only logs, are counted
+    /// like the PINGs a client sends.
+    #[test]
+    fn ping_acks_count_as_control_frames() {
+        let mut w = FrameWatch::new(3);
+        let ack = frame(kind::PING, ACK, 0, &[0; 8]);
+        assert_eq!(w.feed(&stream_of(std::slice::from_ref(&ack))), Verdict::Fine);
+        assert_eq!(w.feed(&[ack.clone(), ack.clone()].concat()), Verdict::Fine);
+        assert_eq!(w.control_frames(), 3);
+        assert_eq!(w.feed(&ack), Verdict::Flood);
     }
 
     #[test]
