@@ -1001,6 +1001,32 @@ fn clients_that_take_no_part_in_closing_are_dropped() {
         r#"{"event": "closed", "status": 200, "ended": true, "body": 9}"#
     );
     assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    // A client that never acknowledges that GOAWAY's PING and keeps
+    // opening streams: served for the GOAWAY's grace (5 s), then the final
+    // GOAWAY names the last stream served, later ones are ignored, and h2
+    // closes the connection once that stream has ended (no send timeout:
+    // the client had no part left to take).
+    let got: serde_json::Value =
+        serde_json::from_str(&hostile(&k, "streams_after_goaway 20")).unwrap();
+    assert_eq!(got["event"], "closed", "{got}");
+    let goaways = got["goaways"].as_array().unwrap();
+    assert_eq!(goaways.len(), 2, "{got}");
+    assert_eq!(goaways[0], (1u64 << 31) - 1, "{got}");
+    let last = goaways[1].as_u64().unwrap();
+    let answered: Vec<u64> = got["answered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(answered.len() >= 3, "{got}");
+    assert_eq!(answered.last(), Some(&last), "{got}");
+    assert!(
+        got["sent"].as_u64().unwrap() > answered.len() as u64,
+        "{got}"
+    );
+    assert_eq!(k.wait_metric_down_to("ktern_connections_active", 0), 0);
+    assert_eq!(k.metric("ktern_http_send_timeouts_total"), 2);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/h2_hostile.py");
     let mut reader = Command::new("python3")
         .arg(script)
@@ -1010,7 +1036,7 @@ fn clients_that_take_no_part_in_closing_are_dropped() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    k.wait_metric("ktern_http2_connections_total", 3);
+    k.wait_metric("ktern_http2_connections_total", 4);
     let left = k.wait_metric_down_to("ktern_connections_active", 0);
     let _ = reader.kill();
     let _ = reader.wait();

@@ -299,6 +299,36 @@ def main():
                 body += len(f.data)
             if f.stream_id == sid and "END_STREAM" in f.flags:
                 ended = True
+    elif case == "streams_after_goaway":
+        # Answers no PING, so the server's graceful GOAWAY names no last
+        # stream, and opens a stream every 0.5 s from the first GOAWAY on,
+        # for argv[4] seconds. Reports how it ended, each GOAWAY's last
+        # stream id, and which streams were answered.
+        deadline = time.time() + float(sys.argv[4])
+        goaways, answered, next_at, sid = [], [], None, 1
+        while True:
+            if next_at is not None and time.time() >= next_at:
+                c.send(c.headers(sid, req("/ok")))
+                sid += 2
+                next_at = time.time() + 0.5
+            wait = deadline if next_at is None else min(deadline, next_at)
+            f = c.read_frame(wait)
+            if f == "closed" or (f is None and time.time() >= deadline):
+                print(json.dumps({"event": "timeout" if f is None else "closed",
+                                  "goaways": goaways, "answered": answered, "sent": (sid - 1) // 2}))
+                return
+            if f is None:
+                continue
+            if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                c.send(SettingsFrame(0, flags=["ACK"]))
+            if isinstance(f, GoAwayFrame):
+                goaways.append(f.last_stream_id)
+                if next_at is None:
+                    next_at = time.time()
+            if isinstance(f, HeadersFrame):
+                fields = dict(c.dec.decode(f.data))
+                if fields.get(b":status", fields.get(":status")) in (b"200", "200"):
+                    answered.append(f.stream_id)
     elif case == "stops_reading":
         # Opens every window as far as it goes, asks for 64 MiB and never
         # reads again, for argv[4] seconds: the server's writes stall in

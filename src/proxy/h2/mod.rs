@@ -186,6 +186,12 @@ async fn serve_on(
     // then dropped.
     let mut winding_down = false;
     let mut abandoned = false;
+    // A graceful GOAWAY names no stream (2^31-1) until the client
+    // acknowledges its PING (RFC 9113 §6.8): a client that never does and
+    // keeps opening streams was served for good, on the config generation
+    // a reload retired. After GOAWAY_GRACE the final GOAWAY names the last
+    // stream anyway; later ones are ignored, and the connection winds down.
+    let mut goaway_since: Option<std::time::Instant> = None;
     // The client came back after its last idle spell before the sweeper
     // found that spell BUFFERS_KEPT_IDLE old (so within 1-2 s): its
     // buffers are kept through the next spell's first second.
@@ -214,6 +220,7 @@ async fn serve_on(
             // (RFC 9113 §6.8), and the streams in flight finish.
             if !going_away && (drain.poll_on(cx).is_ready() || ctx.closing()) {
                 going_away = true;
+                goaway_since = Some(crate::clock::coarse_now());
                 conn.graceful_shutdown();
                 wake.due();
             }
@@ -221,7 +228,15 @@ async fn serve_on(
             // No stream open for the keep-alive timeout: GOAWAY too.
             if streams.is_empty() && !going_away && idle.poll_expired(cx).is_ready() {
                 going_away = true;
+                goaway_since = Some(crate::clock::coarse_now());
                 conn.graceful_shutdown();
+                wake.due();
+            }
+            if goaway_since
+                .is_some_and(|t| crate::clock::coarse_now().saturating_duration_since(t) >= GOAWAY_GRACE)
+            {
+                goaway_since = None;
+                conn.finish_graceful_shutdown();
                 wake.due();
             }
             let mut progressed = false;
@@ -360,6 +375,14 @@ async fn serve_on(
     }
     ended.map_err(|e| failure(e, &signals))
 }
+
+/// How long a graceful GOAWAY waits for the client's PING acknowledgement
+/// before the final GOAWAY names the last stream anyway: Envoy's default
+/// `drain_timeout` between its two GOAWAYs, many round trips on any path
+/// (nginx sends the final one at once). Streams the client opened before it
+/// learned of the first are served; one opened later than this is ignored,
+/// and the client, told so by the final GOAWAY, retries it elsewhere.
+const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Wakes the task of `waker` after the shard's other queued tasks have
 /// run. Not `waker.wake_by_ref()` before returning `Pending`: monoio (0.2.4,

@@ -337,7 +337,10 @@ mod tests {
     fn ping_acks_count_as_control_frames() {
         let mut w = FrameWatch::new(3);
         let ack = frame(kind::PING, ACK, 0, &[0; 8]);
-        assert_eq!(w.feed(&stream_of(std::slice::from_ref(&ack))), Verdict::Fine);
+        assert_eq!(
+            w.feed(&stream_of(std::slice::from_ref(&ack))),
+            Verdict::Fine
+        );
         assert_eq!(w.feed(&[ack.clone(), ack.clone()].concat()), Verdict::Fine);
         assert_eq!(w.control_frames(), 3);
         assert_eq!(w.feed(&ack), Verdict::Flood);

@@ -570,6 +570,16 @@ where
         self.connection.release_idle_buffers();
     }
 
+    /// ktern: ends a graceful shutdown without waiting for the client's
+    /// acknowledgement of its PING: the final GOAWAY, naming the last
+    /// stream processed, goes out now, as the acknowledgement would have
+    /// sent it. Streams above it are ignored; those at or below finish. No
+    /// effect before `graceful_shutdown`. (A ktern patch, see
+    /// vendor/README.md.)
+    pub fn finish_graceful_shutdown(&mut self) {
+        self.connection.finish_going_away();
+    }
+
     /// Takes a `PingPong` instance from the connection.
     ///
     /// # Note

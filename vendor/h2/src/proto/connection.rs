@@ -681,6 +681,16 @@ where
         // for a pong before proceeding.
         self.inner.ping_pong.ping_shutdown();
     }
+
+    /// ktern: see `server::Connection::finish_graceful_shutdown`.
+    pub fn finish_going_away(&mut self) {
+        if !self.inner.go_away.is_going_away() {
+            return;
+        }
+        let mut inner = self.inner.as_dyn();
+        let last_processed_id = inner.streams.last_processed_id();
+        inner.go_away(last_processed_id, Reason::NO_ERROR);
+    }
 }
 
 impl<T, P, B> Drop for Connection<T, P, B>
