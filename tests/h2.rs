@@ -13,9 +13,18 @@ use common::http::*;
 use common::*;
 
 fn setup(tag: &str, extra: &str) -> (Pki, Ktern, Backend) {
+    setup_with_runtime(tag, "", extra)
+}
+
+/// [`setup`] with `runtime` in the `[runtime]` table.
+fn setup_with_runtime(tag: &str, runtime: &str, extra: &str) -> (Pki, Ktern, Backend) {
     let pki = Pki::new(tag);
     let a = start_http_backend("a");
-    let k = Ktern::start(&pki, "", &http_config(&[("a", a.addr)], ANY_TO_A, extra));
+    let k = Ktern::start(
+        &pki,
+        runtime,
+        &http_config(&[("a", a.addr)], ANY_TO_A, extra),
+    );
     (pki, k, a)
 }
 
@@ -1277,13 +1286,7 @@ fn a_client_that_keeps_the_socket_full_does_not_hold_the_shard() {
     use std::io::Write as _;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    let pki = Pki::new("h2-budget");
-    let a = start_http_backend("a");
-    let k = Ktern::start(
-        &pki,
-        "cpus = [0]",
-        &http_config(&[("a", a.addr)], ANY_TO_A, ""),
-    );
+    let (pki, k, _a) = setup_with_runtime("h2-budget", "cpus = [0]", "");
     let stop = Arc::new(AtomicBool::new(false));
     let flooding = Arc::new(AtomicBool::new(false));
     let flooder = {
