@@ -1279,14 +1279,16 @@ fn hostile_clients_get_their_error_code_and_others_are_unaffected() {
 /// hold its shard: h2 reads until a read would block, so the connection
 /// loop ran for as long as the client sent faster than ktern decoded,
 /// and every other connection of the shard waited. One shard here, so the
-/// other client's requests share it; they are answered while the flood
-/// still runs (which ends on its own only after 20 s).
+/// other clients share it: their requests are answered, and a silent
+/// connection's handshake timeout fires, while the flood still runs
+/// (which ends on its own only after 20 s).
 #[test]
 fn a_client_that_keeps_the_socket_full_does_not_hold_the_shard() {
     use std::io::Write as _;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    let (pki, k, _a) = setup_with_runtime("h2-budget", "cpus = [0]", "");
+    let (pki, k, _a) =
+        setup_with_runtime("h2-budget", "cpus = [0]\nhandshake_timeout = \"1s\"", "");
     let stop = Arc::new(AtomicBool::new(false));
     let flooding = Arc::new(AtomicBool::new(false));
     let flooder = {
@@ -1319,6 +1321,26 @@ fn a_client_that_keeps_the_socket_full_does_not_hold_the_shard() {
     while !flooding.load(Ordering::SeqCst) {
         assert!(!flooder.is_finished(), "the flood ended early");
         std::thread::sleep(Duration::from_millis(10));
+    }
+    // The shard's timers fire meanwhile: a connection that sends nothing
+    // is closed at its handshake timeout (1 s). monoio fires timers only
+    // when its run queue empties, which the connection's yields kept from
+    // happening: it stayed open (8 s here) for as long as the flood went on.
+    {
+        use std::io::Read as _;
+        let mut silent = std::net::TcpStream::connect(k.addr()).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .unwrap();
+        let closed = silent.read(&mut [0u8; 16]);
+        assert!(
+            matches!(closed, Ok(0))
+                || closed
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "a silent connection outlived its handshake timeout under the flood: {closed:?}"
+        );
+        assert!(!flooder.is_finished(), "the flood ended first");
     }
     for _ in 0..5 {
         let mut c = connect(k.addr(), &pki, ClientOpts::default());

@@ -1826,21 +1826,28 @@ impl Validator<'_> {
             if names::is_dns_name(parent) {
                 return Some(HostMatch::Suffix(format!(".{parent}")));
             }
-        } else if names::is_dns_name(h) || (!sni && h.parse::<std::net::Ipv4Addr>().is_ok()) {
-            // A Host may be an IPv4 address (a request by address); a
-            // server name never is.
+        } else if names::is_dns_name(h)
+            || (!sni && h.parse::<std::net::Ipv4Addr>().is_ok())
+            || (!sni
+                && h.strip_prefix('[')
+                    .and_then(|v6| v6.strip_suffix(']'))
+                    .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok()))
+        {
+            // A Host may be an IP address (a request by address; IPv6 in
+            // brackets, as the Host carries it); a server name never is.
             return Some(HostMatch::Exact(h.to_string()));
         }
+        let bare = h.strip_prefix('[').and_then(|v| v.strip_suffix(']'));
         let what = if h.contains('*') {
             "wildcards must look like \"*.example.com\"".to_string()
-        } else if h.contains(':') {
-            format!("{h:?}: a host name without a port")
-        } else if sni && h.parse::<std::net::IpAddr>().is_ok() {
+        } else if sni && bare.unwrap_or(h).parse::<std::net::IpAddr>().is_ok() {
             format!("{h:?} is an IP address, which clients never send as SNI (RFC 6066 §3)")
+        } else if h.contains(':') {
+            format!("{h:?}: a host name without a port (an IPv6 address in brackets: \"[::1]\")")
         } else {
             format!(
                 "{h:?} is not a host name (dot-separated labels of letters, digits, - and _){}",
-                if sni { "" } else { " or an IPv4 address" }
+                if sni { "" } else { " or an IP address" }
             )
         };
         self.problem(field, what);

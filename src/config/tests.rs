@@ -607,11 +607,18 @@ fn rule_names_are_host_names_and_lose_a_trailing_dot() {
     // A request by address carries it as its Host; a ClientHello never.
     let ok = rule(with("host", "192.0.2.7").unwrap());
     assert!(ok.contains(&(exact("192.0.2.7"), HostMatch::Any)), "{ok:?}");
+    let ok = rule(with("host", "[2001:DB8::7]").unwrap());
+    assert!(
+        ok.contains(&(exact("[2001:db8::7]"), HostMatch::Any)),
+        "{ok:?}"
+    );
     for (field, bad, says) in [
         ("sni", "192.0.2.7", "IP address"),
         ("host", "app example.com", "not a host name"),
         ("sni", "app..example.com", "not a host name"),
         ("host", "app.example.com:443", "without a port"),
+        ("host", "2001:db8::7", "without a port"),
+        ("sni", "[2001:db8::7]", "IP address"),
         ("host", "*.", "wildcards"),
         ("sni", "a.*.example.com", "wildcards"),
         ("host", ".example.com", "not a host name"),

@@ -125,6 +125,8 @@ pub struct IdleSweeper {
     entries: RefCell<Vec<Weak<Idle>>>,
     /// Time between passes; a reload may change the timeouts and so this.
     period: Cell<Duration>,
+    /// When the last pass ran (its timer fired).
+    swept: Cell<Instant>,
 }
 
 impl Default for IdleSweeper {
@@ -132,6 +134,7 @@ impl Default for IdleSweeper {
         IdleSweeper {
             entries: RefCell::default(),
             period: Cell::new(Duration::from_secs(1)),
+            swept: Cell::new(crate::clock::coarse_now()),
         }
     }
 }
@@ -211,8 +214,23 @@ impl IdleSweeper {
     pub async fn run(self: Rc<Self>) {
         loop {
             monoio::time::sleep(self.period.get()).await;
-            self.sweep(crate::clock::coarse_now());
+            let now = crate::clock::coarse_now();
+            self.swept.set(now);
+            self.sweep(now);
         }
+    }
+
+    /// Whether the shard's timers are starved: the last pass is two
+    /// periods (and 50 ms) old. monoio (0.2.4, `TimeDriver::park_internal`)
+    /// fires timers only when its run queue is empty and it parks; a
+    /// connection that always has more to do and yields through a spawned
+    /// task keeps the queue full, and then no timer on the shard fires
+    /// (measured: a 1 s handshake timeout still open after 8 s under one
+    /// client's flood). Such a connection yields through a timer instead,
+    /// which lets the queue drain and the runtime park.
+    pub fn overdue(&self) -> bool {
+        let late = crate::clock::coarse_now().saturating_duration_since(self.swept.get());
+        late > self.period.get() * 2 + Duration::from_millis(50)
     }
 }
 

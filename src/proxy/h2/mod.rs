@@ -198,7 +198,15 @@ async fn serve_on(
     let mut busy = false;
     let wake = Arc::new(ConnWake::default());
     wake.due();
+    let yielded = Rc::new(Cell::new(false));
     let ended = std::future::poll_fn(|cx| {
+        // Run again before the yield's own wake: a stream woken during the
+        // poll that yielded wakes the task while it runs, and monoio puts
+        // it back at the front of the queue (`yield_to_others`). The
+        // yield's wake comes after the others have run.
+        if yielded.get() {
+            return Poll::Pending;
+        }
         wake.task.register(cx.waker());
         wake.running.store(true, Ordering::Relaxed);
         let mut passes = 0;
@@ -212,6 +220,7 @@ async fn serve_on(
             promoted(&signals, ctx);
             if signals.flood.get() && !flooded {
                 flooded = true;
+                goaway_since = None;
                 tracing::info!(peer = %ctx.peer, "HTTP/2 control-frame flood: GOAWAY ENHANCE_YOUR_CALM");
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 wake.due();
@@ -299,6 +308,7 @@ async fn serve_on(
                 // ENHANCE_YOUR_CALM (its other streams are reset with it).
                 if end == stream::End::Stalled && !stalled && !flooded {
                     stalled = true;
+                    goaway_since = None;
                     conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                     wake.due();
                 }
@@ -322,32 +332,32 @@ async fn serve_on(
             }
             // A stream polled above may have queued frames (waking `wake`):
             // the connection sends them in this poll, not the next.
-            if !progressed {
-                if !(accepting && wake.is_due()) {
-                    // No stream open and nothing to do: h2's read and write
-                    // buffers (8 and 16 KiB, empty now) go back to the
-                    // allocator until the client sends again, as nginx
-                    // frees an idle connection's buffers (vendor/README.md:
-                    // an idle connection 27 -> 16 KB, tests/h2.rs). At once,
-                    // unless the client is busy: then after BUFFERS_KEPT_IDLE,
-                    // or every pause between its requests would free and
-                    // allocate them again (two allocations and 24 KiB of
-                    // fresh memory per request).
-                    if streams.is_empty() && (!busy || idle.take_nudged()) {
-                        conn.release_idle_buffers();
-                        busy = false;
-                    }
-                    break Poll::Pending;
+            passes += 1;
+            if !(progressed || accepting && wake.is_due()) {
+                // No stream open and nothing to do: h2's read and write
+                // buffers (8 and 16 KiB, empty now) go back to the
+                // allocator until the client sends again, as nginx
+                // frees an idle connection's buffers (vendor/README.md:
+                // an idle connection 27 -> 16 KB, tests/h2.rs). At once,
+                // unless the client is busy: then after BUFFERS_KEPT_IDLE,
+                // or every pause between its requests would free and
+                // allocate them again (two allocations and 24 KiB of
+                // fresh memory per request).
+                if streams.is_empty() && (!busy || idle.take_nudged()) {
+                    conn.release_idle_buffers();
+                    busy = false;
                 }
-                // Streams that keep the connection due (a body sent as
-                // windows open, a client that keeps the socket full: the
-                // transport's read budget) yield to the shard's other tasks
-                // now and then.
-                passes += 1;
-                if passes == 8 {
-                    yield_to_others(cx.waker());
-                    break Poll::Pending;
-                }
+                break Poll::Pending;
+            }
+            // A connection that always has more to do yields to the shard's
+            // other tasks after eight passes: streams that keep it due (a
+            // body sent as windows open), a client that keeps the socket
+            // full (each pass reads at most the transport's budget), and
+            // one whose requests keep coming (each pass accepts and answers
+            // some).
+            if passes == 8 {
+                yield_to_others(cx.waker(), &yielded, ctx.idle.overdue());
+                break Poll::Pending;
             }
         };
         wake.running.store(false, Ordering::Relaxed);
@@ -392,11 +402,25 @@ const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// no timer (`a_client_that_keeps_the_socket_full_does_not_hold_the_shard`
 /// in tests/h2.rs). A task spawned now goes to the back of the queue; when
 /// it runs, what was queued before it has run, and its wake puts this one
-/// at the back in turn. One small task per yield, and a yield comes at
-/// most once per eight busy passes.
-fn yield_to_others(waker: &std::task::Waker) {
-    let waker = waker.clone();
-    monoio::spawn(async move { waker.wake() });
+/// at the back in turn. Until then `yielded` is set, and a poll that comes
+/// first (a wake of the task during the poll that yielded) does nothing.
+/// One small task per yield, and a yield comes at most once per eight
+/// passes.
+///
+/// With `starved` (the shard's timers have not fired for a while,
+/// `IdleSweeper::overdue`) the wake waits for a timer of 1 ms as well:
+/// monoio fires timers only once its run queue is empty, which a spawned
+/// wake never lets happen while this connection stays busy.
+fn yield_to_others(waker: &std::task::Waker, yielded: &Rc<Cell<bool>>, starved: bool) {
+    let (waker, yielded) = (waker.clone(), yielded.clone());
+    yielded.set(true);
+    monoio::spawn(async move {
+        if starved {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        yielded.set(false);
+        waker.wake();
+    });
 }
 
 /// Counts (once) the transport's hand-over of the keys to the kernel at a

@@ -157,7 +157,6 @@ pub fn target_path(target: &str) -> &str {
     }
 }
 
-/// A Host value without its port (IPv6 literals keep their brackets).
 /// The name a request's host is routed by: no port, and no trailing dot.
 /// `app.example.com.` is the same host as `app.example.com` (RFC 1034
 /// §3.1: the dot only marks the name absolute); clients send it as typed
@@ -169,7 +168,7 @@ pub fn route_host(host: &str) -> &str {
     host.strip_suffix('.').unwrap_or(host)
 }
 
-/// `host` without its `:port`.
+/// A Host value without its port (IPv6 literals keep their brackets).
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.find(']').map_or(host, |i| &host[..=i]);

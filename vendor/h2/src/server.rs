@@ -574,7 +574,9 @@ where
     /// acknowledgement of its PING: the final GOAWAY, naming the last
     /// stream processed, goes out now, as the acknowledgement would have
     /// sent it. Streams above it are ignored; those at or below finish. No
-    /// effect before `graceful_shutdown`. (A ktern patch, see
+    /// effect unless a graceful shutdown still waits for its PING (before
+    /// `graceful_shutdown`, after the PING came back, or after an abrupt
+    /// shutdown or a connection error). (A ktern patch, see
     /// vendor/README.md.)
     pub fn finish_graceful_shutdown(&mut self) {
         self.connection.finish_going_away();

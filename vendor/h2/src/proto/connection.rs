@@ -684,7 +684,10 @@ where
 
     /// ktern: see `server::Connection::finish_graceful_shutdown`.
     pub fn finish_going_away(&mut self) {
-        if !self.inner.go_away.is_going_away() {
+        // Only a graceful shutdown still waiting for its PING: not after
+        // the final GOAWAY went (the PING came back), nor after an abrupt
+        // one or a connection error, whose frame this would replace.
+        if !self.inner.go_away.is_awaiting_final() {
             return;
         }
         let mut inner = self.inner.as_dyn();

@@ -94,6 +94,15 @@ impl GoAway {
         self.is_user_initiated
     }
 
+    /// ktern: whether a graceful shutdown's first GOAWAY (naming no stream)
+    /// is the last one scheduled, its final one still to come.
+    pub fn is_awaiting_final(&self) -> bool {
+        !self.close_now
+            && self.going_away.as_ref().is_some_and(|g| {
+                g.last_processed_id == StreamId::MAX && g.reason == Reason::NO_ERROR
+            })
+    }
+
     /// Returns the going away info, if any.
     pub fn going_away(&self) -> Option<&GoingAway> {
         self.going_away.as_ref()
