@@ -1822,22 +1822,20 @@ impl Validator<'_> {
             return Some(HostMatch::Any);
         }
         let h = h.strip_suffix('.').unwrap_or(&h);
+        // An IPv6 address comes in brackets, as a Host carries it.
+        let bare = h.strip_prefix('[').and_then(|v| v.strip_suffix(']'));
         if let Some(parent) = h.strip_prefix("*.") {
             if names::is_dns_name(parent) {
                 return Some(HostMatch::Suffix(format!(".{parent}")));
             }
         } else if names::is_dns_name(h)
             || (!sni && h.parse::<std::net::Ipv4Addr>().is_ok())
-            || (!sni
-                && h.strip_prefix('[')
-                    .and_then(|v6| v6.strip_suffix(']'))
-                    .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok()))
+            || (!sni && bare.is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok()))
         {
             // A Host may be an IP address (a request by address; IPv6 in
             // brackets, as the Host carries it); a server name never is.
             return Some(HostMatch::Exact(h.to_string()));
         }
-        let bare = h.strip_prefix('[').and_then(|v| v.strip_suffix(']'));
         let what = if h.contains('*') {
             "wildcards must look like \"*.example.com\"".to_string()
         } else if sni && bare.unwrap_or(h).parse::<std::net::IpAddr>().is_ok() {

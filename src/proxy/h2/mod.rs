@@ -225,17 +225,15 @@ async fn serve_on(
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 wake.due();
             }
-            // Drain, or a reload that retired this connection's config: GOAWAY
-            // (RFC 9113 §6.8), and the streams in flight finish.
-            if !going_away && (drain.poll_on(cx).is_ready() || ctx.closing()) {
-                going_away = true;
-                goaway_since = Some(crate::clock::coarse_now());
-                conn.graceful_shutdown();
-                wake.due();
-            }
             signals.idle.set(streams.is_empty());
-            // No stream open for the keep-alive timeout: GOAWAY too.
-            if streams.is_empty() && !going_away && idle.poll_expired(cx).is_ready() {
+            // Drain, a reload that retired this connection's config, or no
+            // stream open for the keep-alive timeout: GOAWAY (RFC 9113
+            // §6.8), and the streams in flight finish.
+            if !going_away
+                && (drain.poll_on(cx).is_ready()
+                    || ctx.closing()
+                    || streams.is_empty() && idle.poll_expired(cx).is_ready())
+            {
                 going_away = true;
                 goaway_since = Some(crate::clock::coarse_now());
                 conn.graceful_shutdown();

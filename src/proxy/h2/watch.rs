@@ -2,8 +2,8 @@
 //! crate answers but does not stop: SETTINGS and PING it must acknowledge,
 //! PING acknowledgements, PRIORITY and unknown frames it ignores, empty
 //! DATA and CONTINUATION frames that cost a wake each, RST_STREAM after
-//! RST_STREAM. It reads only
-//! the 9-byte frame headers (RFC 9113 §4.1) of the bytes h2 is handed, and
+//! RST_STREAM. It reads only the 9-byte frame headers (RFC 9113 §4.1) of
+//! the bytes h2 is handed, and
 //! says when the control frames outnumber what a real client sends: a
 //! fixed allowance plus ten per request (nginx and HAProxy judge the same
 //! floods by frames per request).
